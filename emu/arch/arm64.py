@@ -1,0 +1,128 @@
+"""arm64 (AArch64) facts: registers, AAPCS64, the asm-generic syscall ABI, BRK traps."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import capstone as cs
+import keystone as ks
+import unicorn as uc
+from unicorn import arm64_const as A
+
+from emu.arch.base import Arch
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+_REGS = {f"x{i}": getattr(A, f"UC_ARM64_REG_X{i}") for i in range(29)}
+_REGS.update({
+    "x29": A.UC_ARM64_REG_X29, "x30": A.UC_ARM64_REG_X30, "sp": A.UC_ARM64_REG_SP,
+    "pc": A.UC_ARM64_REG_PC, "nzcv": A.UC_ARM64_REG_NZCV, "pstate": A.UC_ARM64_REG_PSTATE,
+    "tpidr_el0": A.UC_ARM64_REG_TPIDR_EL0, "cpacr_el1": A.UC_ARM64_REG_CPACR_EL1,
+})
+
+# asm-generic numbers (include/uapi/asm-generic/unistd.h)
+_SYSCALLS = dict(
+    getcwd=17, dup=23, dup3=24, fcntl=25, ioctl=29, mkdirat=34, unlinkat=35, faccessat=48, chdir=49,
+    fchdir=50, openat=56, close=57, pipe2=59, getdents64=61, lseek=62, read=63, write=64, readv=65,
+    writev=66, pread64=67, pwrite64=68, sendfile=71, pselect6=72, ppoll=73, readlinkat=78,
+    newfstatat=79, fstat=80, fsync=82, exit=93, exit_group=94, set_tid_address=96, futex=98,
+    set_robust_list=99, nanosleep=101, clock_gettime=113, clock_getres=114, clock_nanosleep=115,
+    sched_getaffinity=123, sched_yield=124, kill=129, tkill=130, tgkill=131, sigaltstack=132,
+    rt_sigaction=134, rt_sigprocmask=135, rt_sigreturn=139, setpgid=154, getpgid=155, uname=160,
+    getrlimit=163, getrusage=165, umask=166, prctl=167, gettimeofday=169, getpid=172, getppid=173,
+    getuid=174, geteuid=175, getgid=176, getegid=177, gettid=178, sysinfo=179, socket=198,
+    connect=203, getpeername=205, brk=214, munmap=215, mremap=216, clone=220, execve=221, mmap=222,
+    mprotect=226, madvise=233, wait4=260, prlimit64=261, getrandom=278, statx=291, rseq=293,
+    clone3=435, close_range=436, faccessat2=439,
+)
+
+# Unicorn's exception numbers for AArch64 (qemu's EXCP_*)
+EXCP_UDEF, EXCP_SWI, EXCP_BKPT = 1, 2, 7
+# system registers read with MRS that must not see host time: (op0, op1, crn, crm, op2)
+CNTVCT_EL0, CNTPCT_EL0, CNTFRQ_EL0, PMCCNTR_EL0 = (3, 3, 14, 0, 2), (3, 3, 14, 0, 1), (3, 3, 14, 0, 0), (3, 3, 9, 13, 0)
+
+UART_DATA, EXIT_DEVICE = 0x0900_0000, 0x0910_0000
+
+
+class Arm64Arch(Arch):
+    def install_hooks(self, m: "Machine") -> None:
+        regs, pc = m.regs, self.regs["pc"]
+
+        def on_intr(intno: int) -> None:
+            addr = regs.read(pc)
+            if intno == EXCP_SWI:
+                m.on_syscall()
+            elif intno == EXCP_BKPT:
+                word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
+                m.on_break(addr, (word >> 5) & 0xFFFF)
+            elif intno == EXCP_UDEF:
+                word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
+                if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
+                    m.request_halt()
+                else:
+                    m.on_undefined(addr)
+            else:
+                m.on_cpu_exception(addr, intno)
+
+        m.hooks.intr(on_intr)
+        m.uc.hook_add(uc.UC_HOOK_INSN, self._on_mrs, m, 1, 0, A.UC_ARM64_INS_MRS)
+
+    @staticmethod
+    def _on_mrs(_uc, reg, cp, m: "Machine") -> int:
+        key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
+        clock = m.clock
+        if key == CNTVCT_EL0 or key == CNTPCT_EL0:
+            value = clock.read_counter()
+        elif key == PMCCNTR_EL0:
+            value = clock.read_cycles()
+        elif key == CNTFRQ_EL0:
+            value = clock.counter_hz
+        else:
+            return 0
+        m.regs.write(reg, value)
+        return 1
+
+    def set_tls(self, m: "Machine", value: int) -> None:
+        m.regs.write(self.regs["tpidr_el0"], value)
+
+    def halted(self, m: "Machine") -> bool:
+        return False                                     # HLT arrives as an exception
+
+    def pack_stat(self, st: dict) -> bytes:
+        """asm-generic struct stat (128 bytes)."""
+        return struct.pack("<QQIIIIQQqiiqqQqQqQII", st["dev"], st["ino"], st["mode"], st["nlink"],
+                           st["uid"], st["gid"], st["rdev"], 0, st["size"], st["blksize"], 0,
+                           st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0)
+
+    def reset_cpu(self, m: "Machine") -> None:
+        m.regs.write(self.regs["cpacr_el1"], 3 << 20)   # FP/SIMD usable at EL0 and EL1
+
+    def install_bare_devices(self, m: "Machine") -> None:
+        def uart_write(_uc, offset, size, value, _ud):
+            if offset == 0:
+                m.console_write(bytes([value & 0xFF]))
+
+        def exit_write(_uc, offset, size, value, _ud):
+            m.request_exit(value & 0xFFFFFFFF)
+
+        m.uc.mmio_map(UART_DATA, 0x1000, lambda *a: 0, None, uart_write, None)
+        m.uc.mmio_map(EXIT_DEVICE, 0x1000, lambda *a: 0, None, exit_write, None)
+        m.memory.note_region(UART_DATA, 0x1000, "uart-pl011")
+        m.memory.note_region(EXIT_DEVICE, 0x1000, "exit-device")
+
+
+ARM64 = Arm64Arch(
+    name="arm64", uc_arch=uc.UC_ARCH_ARM64, uc_mode=uc.UC_MODE_ARM,
+    cs_arch=cs.CS_ARCH_ARM64, cs_mode=cs.CS_MODE_ARM,
+    ks_arch=ks.KS_ARCH_ARM64, ks_mode=ks.KS_MODE_LITTLE_ENDIAN,
+    elf_machine="EM_AARCH64", regs=_REGS, pc="pc", sp="sp", ret="x0",
+    args=tuple(f"x{i}" for i in range(8)), link="x30",
+    syscall_nr="x8", syscall_args=tuple(f"x{i}" for i in range(6)), syscall_ret="x0",
+    syscalls=_SYSCALLS, breakpoint=(0xD4200080).to_bytes(4, "little"), insn_align=4,
+    max_insn_size=4, platform="aarch64",
+    # fp asimd evtstrm aes pmull sha1 sha2 crc32: what Unicorn's default Cortex-A72 runs.
+    hwcap=0xFF, hwcap2=0,
+    bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
+    flags_reg="nzcv", aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+)

@@ -1,0 +1,111 @@
+"""x86-64 facts: registers, SysV AMD64 calling convention, the syscall ABI, int3 traps."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import capstone as cs
+import keystone as ks
+import unicorn as uc
+from unicorn import x86_const as X
+
+from emu.arch.base import Arch
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+_NAMES = ("rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
+          "cs ss ds es fs gs fs_base gs_base").split()
+_REGS = {n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in _NAMES}
+_REGS.update({"eflags": X.UC_X86_REG_EFLAGS})
+
+_SYSCALLS = dict(
+    read=0, write=1, open=2, close=3, stat=4, fstat=5, lstat=6, poll=7, lseek=8, mmap=9,
+    mprotect=10, munmap=11, brk=12, rt_sigaction=13, rt_sigprocmask=14, rt_sigreturn=15, ioctl=16,
+    pread64=17, pwrite64=18, readv=19, writev=20, access=21, pipe=22, select=23, sched_yield=24,
+    mremap=25, madvise=28, dup=32, dup2=33, nanosleep=35, getpid=39, sendfile=40, socket=41,
+    connect=42, getpeername=52, clone=56, fork=57, vfork=58, execve=59, exit=60, wait4=61, kill=62,
+    uname=63, fcntl=72, fsync=74, getdents=78, getcwd=79, chdir=80, fchdir=81, mkdir=83, unlink=87,
+    readlink=89, umask=95, gettimeofday=96, getrlimit=97, getrusage=98, sysinfo=99, getuid=102,
+    getgid=104, geteuid=107, getegid=108, setpgid=109, getppid=110, getpgrp=111, getpgid=121,
+    sigaltstack=131, prctl=157, arch_prctl=158, gettid=186, tkill=200, time=201, futex=202,
+    sched_getaffinity=204, getdents64=217, set_tid_address=218, clock_gettime=228,
+    clock_getres=229, clock_nanosleep=230, exit_group=231, tgkill=234, openat=257, mkdirat=258,
+    newfstatat=262, unlinkat=263, readlinkat=267, faccessat=269, pselect6=270, ppoll=271,
+    set_robust_list=273, dup3=292, pipe2=293, prlimit64=302, getrandom=318, statx=332, rseq=334,
+    clone3=435, close_range=436, faccessat2=439,
+)
+
+INT3_VECTOR = 3
+CONSOLE_PORT, EXIT_PORT = 0x3F8, 0xF4
+
+
+class X86_64Arch(Arch):
+    def install_hooks(self, m: "Machine") -> None:
+        regs, rip = m.regs, self.regs["rip"]
+
+        def on_intr(intno: int) -> None:
+            addr = regs.read(rip)
+            if intno == INT3_VECTOR:
+                m.on_break(addr - 1, INT3_VECTOR)   # the CPU reports the byte after the int3
+            else:
+                m.on_cpu_exception(addr, intno)
+
+        m.hooks.intr(on_intr)
+        m.hooks.insn_syscall(m.on_syscall, X.UC_X86_INS_SYSCALL)
+        rax, rdx, rcx = self.regs["rax"], self.regs["rdx"], self.regs["rcx"]
+
+        def tsc(with_aux: bool):
+            def read() -> int:
+                value = m.clock.read_cycles()
+                regs.write(rax, value & 0xFFFFFFFF)
+                regs.write(rdx, value >> 32)
+                if with_aux:
+                    regs.write(rcx, 0)              # IA32_TSC_AUX: cpu 0
+                return 1
+            return read
+
+        m.hooks.insn_counter(tsc(False), X.UC_X86_INS_RDTSC)
+        m.hooks.insn_counter(tsc(True), X.UC_X86_INS_RDTSCP)
+
+    def set_tls(self, m: "Machine", value: int) -> None:
+        m.regs.write(self.regs["fs_base"], value)
+
+    def halted(self, m: "Machine") -> bool:
+        """Unicorn returns from emu_start after `hlt` with rip past it."""
+        pc = m.pc
+        return m.memory.read_safe(pc - 1, 1) == b"\xf4"
+
+    def pack_stat(self, st: dict) -> bytes:
+        """x86-64 struct stat (144 bytes)."""
+        return struct.pack("<QQQIIIIQqqqQQQQQQqqq", st["dev"], st["ino"], st["nlink"], st["mode"],
+                           st["uid"], st["gid"], 0, st["rdev"], st["size"], st["blksize"],
+                           st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0, 0)
+
+    def reset_cpu(self, m: "Machine") -> None:
+        pass
+
+    def install_bare_devices(self, m: "Machine") -> None:
+        def on_out(_uc, port, size, value, _ud):
+            if port == CONSOLE_PORT:
+                m.console_write(bytes([value & 0xFF]))
+            elif port == EXIT_PORT:
+                m.request_exit(value & 0xFFFFFFFF)
+
+        m.uc.hook_add(uc.UC_HOOK_INSN, on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        m.uc.hook_add(uc.UC_HOOK_INSN, lambda *a: 0, None, 1, 0, X.UC_X86_INS_IN)
+
+
+X86_64 = X86_64Arch(
+    name="x86_64", uc_arch=uc.UC_ARCH_X86, uc_mode=uc.UC_MODE_64,
+    cs_arch=cs.CS_ARCH_X86, cs_mode=cs.CS_MODE_64, ks_arch=ks.KS_ARCH_X86, ks_mode=ks.KS_MODE_64,
+    elf_machine="EM_X86_64", regs=_REGS, pc="rip", sp="rsp", ret="rax",
+    args=("rdi", "rsi", "rdx", "rcx", "r8", "r9"), link=None,
+    syscall_nr="rax", syscall_args=("rdi", "rsi", "rdx", "r10", "r8", "r9"), syscall_ret="rax",
+    syscalls=_SYSCALLS, breakpoint=b"\xcc", insn_align=1, max_insn_size=15, platform="x86_64",
+    hwcap=0x178BFBFF, hwcap2=0,
+    bare_base=0x0, bare_ram_size=0x0800_0000, bare_stack_top=0x0800_0000,
+    flags_reg="rflags",
+    aliases={"ip": "rip", "flags": "rflags", "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
+             "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp"},
+)

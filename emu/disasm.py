@@ -1,0 +1,52 @@
+"""Capstone listings with addresses and symbol+offset labels."""
+from __future__ import annotations
+
+import capstone
+
+from emu.elf import ElfImage
+from emu.errors import UsageError
+from emu.symbols import SymbolTable
+
+
+def image_bytes(image: ElfImage, addr: int, size: int) -> bytes:
+    for s in image.segments:
+        if s.vaddr <= addr < s.vaddr + len(s.data):
+            return s.data[addr - s.vaddr: addr - s.vaddr + size]
+    return b""
+
+
+def parse_location(symbols: SymbolTable, spec: str) -> int:
+    """`SYM`, `SYM+OFF` or an address, as the kprobe and disasm commands take them."""
+    name, _, off = spec.partition("+")
+    try:
+        return int(spec, 0)
+    except ValueError:
+        pass
+    sym = symbols.lookup(name)
+    if sym is None:
+        raise UsageError(f"unknown symbol {name!r}")
+    try:
+        return sym.addr + (int(off, 0) if off else 0)
+    except ValueError:
+        raise UsageError(f"bad offset in {spec!r}") from None
+
+
+def disassemble(arch, code: bytes, addr: int, symbols: SymbolTable | None = None) -> list[str]:
+    md = capstone.Cs(arch.cs_arch, arch.cs_mode)
+    out = []
+    for insn in md.disasm(code, addr):
+        label = f" <{symbols.format(insn.address, with_size=False)}>" if symbols else ""
+        out.append(f"{insn.address:#014x}{label}:  {insn.bytes.hex(' '):<24} "
+                   f"{insn.mnemonic} {insn.op_str}".rstrip())
+    return out
+
+
+def disassemble_symbol(image: ElfImage, spec: str) -> list[str]:
+    symbols = SymbolTable(image.symbols)
+    addr = parse_location(symbols, spec)
+    sym = symbols.find(addr)
+    size = (sym.end - addr) if sym and sym.size else 64
+    code = image_bytes(image, addr, size)
+    if not code:
+        raise UsageError(f"{spec}: not in a loaded segment")
+    return disassemble(image.arch, code, addr, symbols)

@@ -1,0 +1,1 @@
+"""Linux user mode for static binaries: process image, file descriptors, syscalls."""

@@ -1,0 +1,180 @@
+"""File descriptors and the guest's view of the host file system.
+
+Guests are untrusted: host files are visible only under the directory the user grants
+(`--fs DIR`), read-only unless writes are granted too. Paths are resolved on the host
+(symlinks included) and must stay inside the granted directory; anything else is ENOENT,
+as if the file did not exist. stdin/stdout/stderr pass through."""
+from __future__ import annotations
+
+import errno
+import os
+import stat as st
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+O_ACCMODE, O_WRONLY, O_RDWR = 3, 1, 2
+O_CREAT, O_TRUNC, O_APPEND, O_DIRECTORY = 0o100, 0o1000, 0o2000, 0o200000
+AT_FDCWD = -100
+
+
+class FsError(Exception):
+    def __init__(self, err: int) -> None:
+        super().__init__(errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+@dataclass
+class OpenFile:
+    """An open file description (shared by dup'ed descriptors)."""
+    kind: str                    # "stream" | "host" | "dir" | "null" | "pipe"
+    path: str = ""
+    flags: int = 0
+    stream: BinaryIO | None = None
+    host_fd: int | None = None
+    pipe: bytearray | None = None
+    dir_entries: list[tuple[str, int, int]] | None = None
+    dir_pos: int = 0
+
+    def read(self, n: int) -> bytes:
+        if self.kind == "stream":
+            return _read_stream(self.stream, n)
+        if self.kind == "host":
+            return os.read(self.host_fd, n)
+        if self.kind == "pipe":
+            data = bytes(self.pipe[:n])
+            del self.pipe[:n]
+            return data
+        if self.kind == "dir":
+            raise FsError(errno.EISDIR)
+        return b""
+
+    def write(self, data: bytes) -> int:
+        if (self.flags & O_ACCMODE) == 0 and self.kind not in ("stream", "pipe"):
+            raise FsError(errno.EBADF)
+        if self.kind == "stream":
+            self.stream.write(data)
+            return len(data)
+        if self.kind == "host":
+            return os.write(self.host_fd, data)
+        if self.kind == "pipe":
+            self.pipe += data
+            return len(data)
+        if self.kind == "dir":
+            raise FsError(errno.EISDIR)
+        return len(data)
+
+    def close(self) -> None:
+        if self.host_fd is not None:
+            os.close(self.host_fd)
+            self.host_fd = None
+
+
+def _read_stream(stream: BinaryIO | None, n: int) -> bytes:
+    if stream is None:
+        return b""
+    try:
+        fileno = stream.fileno()
+    except (OSError, AttributeError, ValueError):
+        return stream.read(n) or b""
+    return os.read(fileno, n)     # like read(2): what is available, not necessarily n bytes
+
+
+@dataclass
+class FileSystem:
+    """The granted root (None: no host files) and the guest's working directory."""
+    root: str | None = None
+    writable: bool = False
+    cwd: str = "/"
+    exe_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.root is not None:
+            self.root = os.path.realpath(self.root)
+            here = os.path.realpath(os.getcwd())
+            self.cwd = here if _inside(here, self.root) else self.root
+
+    def resolve(self, path: str, base: str | None = None) -> str:
+        """The host path for a guest path, or FsError(ENOENT) outside the granted root."""
+        if not path:
+            raise FsError(errno.ENOENT)
+        full = os.path.normpath(os.path.join(base or self.cwd, path))
+        if self.root is None:
+            raise FsError(errno.ENOENT)
+        real = os.path.realpath(full)
+        if not _inside(real, self.root):
+            raise FsError(errno.ENOENT)
+        return real
+
+    def open(self, path: str, flags: int, mode: int, base: str | None = None) -> OpenFile:
+        if path == "/dev/null":
+            return OpenFile("null", path, flags)
+        if path in ("/dev/tty", "/dev/console"):
+            raise FsError(errno.ENXIO)
+        host = self.resolve(path, base)
+        wants_write = (flags & O_ACCMODE) != 0 or flags & (O_CREAT | O_TRUNC | O_APPEND)
+        if wants_write and not self.writable:
+            raise FsError(errno.EROFS)
+        try:
+            if os.path.isdir(host):
+                if (flags & O_ACCMODE) != 0:
+                    raise FsError(errno.EISDIR)
+                return OpenFile("dir", host, flags, dir_entries=_dir_entries(host))
+            if flags & O_DIRECTORY:
+                raise FsError(errno.ENOTDIR if os.path.exists(host) else errno.ENOENT)
+            host_flags = (flags & (O_ACCMODE | O_CREAT | O_TRUNC | O_APPEND)) | os.O_CLOEXEC
+            return OpenFile("host", host, flags, host_fd=os.open(host, host_flags, mode & 0o777))
+        except OSError as e:
+            raise FsError(e.errno) from None
+
+    def stat(self, path: str, base: str | None = None, follow: bool = True) -> os.stat_result:
+        host = self.resolve(path, base)
+        try:
+            return os.stat(host) if follow else os.lstat(host)
+        except OSError as e:
+            raise FsError(e.errno) from None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _dir_entries(host: str) -> list[tuple[str, int, int]]:
+    """(name, ino, d_type) sorted by name so listings are deterministic."""
+    out = [(".", 1, 4), ("..", 2, 4)]
+    for name in sorted(os.listdir(host)):
+        try:
+            s = os.lstat(os.path.join(host, name))
+        except OSError:
+            continue
+        dtype = 4 if st.S_ISDIR(s.st_mode) else 10 if st.S_ISLNK(s.st_mode) else 8
+        out.append((name, s.st_ino, dtype))
+    return out
+
+
+@dataclass
+class FdTable:
+    files: dict[int, OpenFile] = field(default_factory=dict)
+    cloexec: set[int] = field(default_factory=set)
+
+    def get(self, fd: int) -> OpenFile:
+        f = self.files.get(fd)
+        if f is None:
+            raise FsError(errno.EBADF)
+        return f
+
+    def install(self, f: OpenFile, lowest: int = 0) -> int:
+        fd = lowest
+        while fd in self.files:
+            fd += 1
+        if fd >= 1024:
+            raise FsError(errno.EMFILE)
+        self.files[fd] = f
+        return fd
+
+    def close(self, fd: int) -> None:
+        f = self.files.pop(fd, None)
+        if f is None:
+            raise FsError(errno.EBADF)
+        self.cloexec.discard(fd)
+        if f not in self.files.values():
+            f.close()

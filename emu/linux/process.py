@@ -1,0 +1,133 @@
+"""A Linux process image for a static binary: segments, brk, stack with argv/envp/auxv,
+and the state the syscalls keep (mm, fds, signals, ids)."""
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+
+from emu.elf import ElfImage
+from emu.linux.fs import FdTable, FileSystem, OpenFile
+from emu.machine import Machine
+from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_down, page_up
+
+STACK_TOP = 0x7FFF_FFFF_F000
+STACK_SIZE = 8 << 20
+MMAP_BASE = 0x7E00_0000_0000
+
+AT = dict(NULL=0, PHDR=3, PHENT=4, PHNUM=5, PAGESZ=6, BASE=7, FLAGS=8, ENTRY=9, UID=11, EUID=12,
+          GID=13, EGID=14, PLATFORM=15, HWCAP=16, CLKTCK=17, SECURE=23, RANDOM=25, HWCAP2=26,
+          EXECFN=31)
+
+
+@dataclass
+class Credentials:
+    pid: int = 1000
+    ppid: int = 1
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class LinuxProcess:
+    machine: Machine
+    image: ElfImage
+    fs: FileSystem
+    creds: Credentials = field(default_factory=Credentials)
+    fds: FdTable = field(default_factory=FdTable)
+    brk_start: int = 0
+    brk: int = 0
+    comm: bytes = b""
+    sigactions: dict[int, bytes] = field(default_factory=dict)
+    sigmask: int = 0
+    seed: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+    strace: bool = False
+    umask: int = 0o022
+    dispatcher_name: str = ""        # the syscall being served (aliases share a handler)
+    killed_by: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+
+def map_image(m: Machine, image: ElfImage) -> None:
+    """Map PT_LOAD segments page-rounded; pages shared by two segments get both perms."""
+    pages: dict[int, int] = {}
+    for seg in image.segments:
+        for page in range(page_down(seg.vaddr), page_up(seg.vaddr + seg.memsz), PAGE):
+            pages[page] = pages.get(page, 0) | seg.prot
+    run_start, run_prot, prev = None, 0, None
+    for page in sorted(pages) + [None]:
+        if page is not None and run_start is not None and page == prev + PAGE and pages[page] == run_prot:
+            prev = page
+            continue
+        if run_start is not None:
+            m.memory.map(run_start, prev + PAGE - run_start, run_prot, _name(image, run_prot))
+        if page is not None:
+            run_start, run_prot, prev = page, pages[page], page
+    for seg in image.segments:
+        m.memory.write(seg.vaddr, seg.data)      # the rest up to memsz is zero (fresh pages)
+    m.symbols = _symbols(image)
+    m.image = image
+    m.entry = image.entry
+
+
+def _name(image: ElfImage, prot: int) -> str:
+    base = image.path.rsplit("/", 1)[-1]
+    return f"{base}:{'text' if prot & 4 else 'data' if prot & 2 else 'rodata'}"
+
+
+def _symbols(image: ElfImage):
+    from emu.symbols import SymbolTable
+    return SymbolTable(image.symbols)
+
+
+def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
+                  fs: FileSystem, stdin, seed: int = 0) -> LinuxProcess:
+    map_image(m, image)
+    proc = LinuxProcess(m, image, fs, seed=seed)
+    proc.brk_start = proc.brk = page_up(image.high_end)
+    proc.comm = argv[0].rsplit("/", 1)[-1].encode()[:15] if argv else b"guest"
+    fs.exe_path = image.path
+    proc.fds.files.update({0: OpenFile("stream", "<stdin>", 0, stream=stdin),
+                           1: OpenFile("stream", "<stdout>", 1, stream=m.stdout),
+                           2: OpenFile("stream", "<stderr>", 1, stream=m.stderr)})
+    m.memory.map(STACK_TOP - STACK_SIZE, STACK_SIZE, PROT_READ | PROT_WRITE, "[stack]")
+    m.sp = build_stack(m, image, argv, envp, proc.rng)
+    # Unicorn starts with every register zero, so _start's rtld_fini (rdx / x0) is NULL.
+    m.pc = image.entry
+    return proc
+
+
+def build_stack(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
+                rng: random.Random) -> int:
+    """The initial stack: argc, argv, envp, auxv, then strings and AT_RANDOM bytes."""
+    arch, sp = m.arch, STACK_TOP
+    blob = bytearray()
+
+    def put(data: bytes) -> int:
+        nonlocal blob
+        blob = bytearray(data) + blob
+        return sp - len(blob)
+
+    execfn = put(image.path.encode() + b"\0")
+    platform = put(arch.platform.encode() + b"\0")
+    random_bytes = put(rng.randbytes(16))
+    env_ptrs = [put(e.encode() + b"\0") for e in reversed(envp)][::-1]
+    arg_ptrs = [put(a.encode() + b"\0") for a in reversed(argv)][::-1]
+    strings_bottom = sp - len(blob)
+    auxv = [(AT["PHDR"], image.phdr_addr), (AT["PHENT"], image.phentsize), (AT["PHNUM"], image.phnum),
+            (AT["PAGESZ"], PAGE), (AT["BASE"], 0), (AT["FLAGS"], 0), (AT["ENTRY"], image.entry),
+            (AT["UID"], 0), (AT["EUID"], 0), (AT["GID"], 0), (AT["EGID"], 0),
+            (AT["HWCAP"], arch.hwcap), (AT["HWCAP2"], arch.hwcap2), (AT["CLKTCK"], 100),
+            (AT["RANDOM"], random_bytes), (AT["SECURE"], 0), (AT["EXECFN"], execfn),
+            (AT["PLATFORM"], platform), (AT["NULL"], 0)]
+    words = [len(argv), *arg_ptrs, 0, *env_ptrs, 0]
+    for key, value in auxv:
+        words += [key, value]
+    table = struct.pack(f"<{len(words)}Q", *words)
+    top = (strings_bottom - len(table)) & ~0xF
+    m.memory.write(top, table)
+    m.memory.write(strings_bottom, bytes(blob))
+    return top

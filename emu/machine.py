@@ -1,0 +1,260 @@
+"""The machine: one Unicorn CPU, its memory, registers, the run loop and the one trap
+dispatcher every other layer registers with (as the kernel's break hooks).
+
+The machine never imports `probes`: the probe layer registers break handlers keyed by
+the arch's trap code (arm64 BRK immediate; x86 int3) and writes text through
+`text_poke`, the only writer of guest text."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import BinaryIO, Callable
+
+import capstone
+from unicorn import Uc, UcError
+from unicorn import unicorn_const as UC
+
+from emu.arch import Arch, get_arch
+from emu.clock import Clock
+from emu.errors import GuestFault
+from emu.memory import Memory
+from emu.symbols import SymbolTable
+from emu.ucfast import RawHooks, RegAccess
+
+# emu_start's `until`: a non-canonical address no guest can reach without faulting first.
+_NEVER = 0xDEAD_0000_0000_0000
+
+SIGTRAP, SIGILL, SIGSEGV = 5, 4, 11
+
+_MEM_KIND = {
+    UC.UC_MEM_READ_UNMAPPED: "read of unmapped address",
+    UC.UC_MEM_WRITE_UNMAPPED: "write to unmapped address",
+    UC.UC_MEM_FETCH_UNMAPPED: "fetch from unmapped address",
+    UC.UC_MEM_READ_PROT: "read of protected address",
+    UC.UC_MEM_WRITE_PROT: "write to protected address",
+    UC.UC_MEM_FETCH_PROT: "fetch from non-executable address",
+}
+
+
+class StopReason(Enum):
+    EXIT = "exit"
+    FAULT = "fault"
+    LIMIT = "limit"
+    HALT = "halt"
+
+
+@dataclass
+class Fault:
+    kind: str           # "read of unmapped address", "undefined instruction", ...
+    pc: int
+    addr: int | None
+    signal: int
+
+
+@dataclass
+class RunResult:
+    reason: StopReason
+    exit_code: int
+    message: str = ""
+    fault: Fault | None = None
+
+
+BreakHandler = Callable[[int], bool]    # (trap address) -> handled?
+
+
+@dataclass
+class Patch:
+    """One text_poke: kept so inspection can show the bytes before and after."""
+    addr: int
+    old: bytes
+    new: bytes
+
+
+class Machine:
+    """An arm64 or x86-64 CPU with named memory, a symbol table and a deterministic clock."""
+
+    def __init__(self, arch: Arch | str, stdout: BinaryIO | None = None,
+                 stderr: BinaryIO | None = None) -> None:
+        self.arch = get_arch(arch) if isinstance(arch, str) else arch
+        self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
+        self.regs = RegAccess(self.uc)
+        self.hooks = RawHooks(self.uc)
+        self.memory = Memory(self.uc)
+        self.symbols = SymbolTable()
+        self.clock = Clock()
+        self.stdout = stdout if stdout is not None else sys.stdout.buffer
+        self.stderr = stderr if stderr is not None else sys.stderr.buffer
+        self.break_handlers: dict[int, list[BreakHandler]] = {}
+        self.syscall_handler: Callable[[], None] | None = None
+        self.patches: list[Patch] = []
+        self.entry: int = 0
+        self.image = None           # the loaded ElfImage, if any
+        self._stop: RunResult | None = None
+        self._mem_fault: tuple[int, int] | None = None
+        self._pc_id = self.arch.regs[self.arch.pc]
+        self._sp_id = self.arch.regs[self.arch.sp]
+        self.arch.reset_cpu(self)
+        self.arch.install_hooks(self)
+        self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
+        self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
+
+    # --- registers --------------------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.regs.read(self.arch.reg_id(name))
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.regs.write(self.arch.reg_id(name), value)
+
+    @property
+    def pc(self) -> int:
+        return self.regs.read(self._pc_id)
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self.regs.write(self._pc_id, value)
+
+    @property
+    def sp(self) -> int:
+        return self.regs.read(self._sp_id)
+
+    @sp.setter
+    def sp(self, value: int) -> None:
+        self.regs.write(self._sp_id, value)
+
+    def arg(self, n: int) -> int:
+        """Argument n (0-based) of the C calling convention, register-passed ones only."""
+        return self.reg(self.arch.args[n])
+
+    @property
+    def return_value(self) -> int:
+        return self.reg(self.arch.ret)
+
+    # --- text -------------------------------------------------------------------------------
+    def text_poke(self, addr: int, data: bytes) -> bytes:
+        """Write guest text and invalidate translated code for the range; returns the old
+        bytes. The only way any layer modifies code (unicorn-notes: TB cache rules 1-2)."""
+        old = self.memory.read(addr, len(data))
+        self.uc.mem_write(addr, bytes(data))
+        self.uc.ctl_remove_cache(addr, addr + len(data))
+        self.patches.append(Patch(addr, old, bytes(data)))
+        return old
+
+    def invalidate(self, addr: int, size: int) -> None:
+        self.uc.ctl_remove_cache(addr, addr + size)
+
+    def disasm_one(self, addr: int) -> str:
+        code = self.memory.read_safe(addr, self.arch.max_insn_size)
+        if code is None:
+            return "<unmapped>"
+        for insn in self._cs.disasm(code, addr, 1):
+            return f"{insn.mnemonic} {insn.op_str}".strip()
+        return f"<undecodable: {code[:4].hex()}>"
+
+    def describe(self, addr: int) -> str:
+        """`0x401234 <main+0x14>`, the way faults and reports name an address."""
+        s = self.symbols.find(addr)
+        return f"{addr:#x} <{s.name}+{addr - s.addr:#x}>" if s else f"{addr:#x}"
+
+    # --- trap dispatch ----------------------------------------------------------------------
+    def register_break_handler(self, code: int, handler: BreakHandler) -> None:
+        """Handlers for a trap code are asked in turn until one returns True."""
+        self.break_handlers.setdefault(code, []).append(handler)
+
+    def unregister_break_handler(self, code: int, handler: BreakHandler) -> None:
+        self.break_handlers.get(code, []).remove(handler)
+
+    def on_break(self, addr: int, code: int) -> None:
+        for handler in self.break_handlers.get(code, ()):
+            if handler(addr):
+                return
+        self.stop_fault(Fault("breakpoint trap (no handler)", addr, None, SIGTRAP))
+
+    def on_syscall(self) -> None:
+        self.clock.advance(self.clock.syscall_cost, "syscall")
+        if self.syscall_handler is None:
+            self.stop_fault(Fault("system call with no OS (bare metal)", self.pc, None, SIGILL))
+        else:
+            self.syscall_handler()
+
+    def on_undefined(self, addr: int) -> None:
+        self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
+
+    def on_cpu_exception(self, addr: int, intno: int) -> None:
+        self.stop_fault(Fault(f"CPU exception {intno}", addr, None, SIGSEGV))
+
+    def _on_mem_invalid(self, _uc, access, addr, size, value, _ud) -> bool:
+        self._mem_fault = (access, addr)
+        return False
+
+    # --- stopping ---------------------------------------------------------------------------
+    def request_exit(self, code: int) -> None:
+        self._stop = RunResult(StopReason.EXIT, code)
+        self.uc.emu_stop()
+
+    def request_halt(self) -> None:
+        self._stop = RunResult(StopReason.HALT, 0, "halted")
+        self.uc.emu_stop()
+
+    def stop_fault(self, fault: Fault) -> None:
+        self._stop = RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
+        self.uc.emu_stop()
+
+    def fault_report(self, f: Fault) -> str:
+        where = f" {f.addr:#x}" if f.addr is not None else ""
+        return f"guest fault: {f.kind}{where} at pc {self.describe(f.pc)}: {self.disasm_one(f.pc)}"
+
+    def console_write(self, data: bytes) -> None:
+        self.stdout.write(data)
+
+    # --- running ----------------------------------------------------------------------------
+    def run(self, begin: int | None = None, max_insns: int = 0, timeout: float = 0.0) -> RunResult:
+        """Run from `begin` (default: the current pc) until exit, fault, halt or a limit."""
+        start = self.pc if begin is None else begin
+        self._stop, self._mem_fault = None, None
+        self.hooks.errors.clear()
+        t0 = time.monotonic()
+        try:
+            self.uc.emu_start(start, _NEVER, timeout=int(timeout * 1e6), count=max_insns)
+        except UcError as e:
+            if self.hooks.errors:
+                raise self.hooks.errors[0] from None
+            if self._stop is None:
+                self._stop = self._fault_from_uc(e)
+        if self.hooks.errors:
+            raise self.hooks.errors[0]
+        if self._stop is None:
+            self._stop = self._stopped_without_reason(max_insns, timeout, time.monotonic() - t0)
+        return self._stop
+
+    def _fault_from_uc(self, e: UcError) -> RunResult:
+        pc = self.pc
+        if self._mem_fault is not None:
+            access, addr = self._mem_fault
+            kind = _MEM_KIND.get(access, f"memory access ({access})")
+            if access in (UC.UC_MEM_FETCH_UNMAPPED, UC.UC_MEM_FETCH_PROT):
+                pc = addr
+            fault = Fault(kind, pc, addr, SIGSEGV)
+        elif e.errno == UC.UC_ERR_INSN_INVALID:
+            fault = Fault("undefined instruction", pc, None, SIGILL)
+        else:
+            fault = Fault(f"CPU error: {e}", pc, None, SIGSEGV)
+        return RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
+
+    def _stopped_without_reason(self, max_insns: int, timeout: float, elapsed: float) -> RunResult:
+        if timeout and elapsed >= timeout * 0.99:
+            return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of {timeout:g} s reached "
+                                                    f"at pc {self.describe(self.pc)}")
+        if self.arch.halted(self):
+            return RunResult(StopReason.HALT, 0, "halted")
+        if max_insns:
+            return RunResult(StopReason.LIMIT, 124, f"instruction limit of {max_insns} reached "
+                                                    f"at pc {self.describe(self.pc)}")
+        return RunResult(StopReason.HALT, 0, "stopped")
+
+    def check(self, result: RunResult) -> RunResult:
+        """Raise GuestFault for a faulting run (for callers that want exceptions)."""
+        if result.reason is StopReason.FAULT:
+            raise GuestFault(result.message)
+        return result

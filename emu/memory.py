@@ -1,0 +1,150 @@
+"""Guest memory: Unicorn mappings with names and permissions, and a deterministic allocator
+for mmap-style requests. Every mapping goes through here so faults and `emu info` can name
+the region an address falls in."""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from unicorn import Uc, UcError
+from unicorn import unicorn_const as UC
+
+PAGE = 0x1000
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+
+
+def page_down(x: int) -> int:
+    return x & ~(PAGE - 1)
+
+
+def page_up(x: int) -> int:
+    return (x + PAGE - 1) & ~(PAGE - 1)
+
+
+def perms_to_uc(prot: int) -> int:
+    """Linux PROT_* bits and Unicorn's UC_PROT_* bits coincide (R=1, W=2, X=4)."""
+    return prot & (UC.UC_PROT_READ | UC.UC_PROT_WRITE | UC.UC_PROT_EXEC)
+
+
+def perms_str(prot: int) -> str:
+    return "".join(c if prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+
+
+@dataclass
+class Region:
+    start: int
+    end: int
+    prot: int
+    name: str
+
+    def __contains__(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+class Memory:
+    """Page-granular guest mappings on one Unicorn instance."""
+
+    def __init__(self, uc: Uc) -> None:
+        self.uc = uc
+        self.regions: list[Region] = []   # sorted by start, non-overlapping
+
+    # --- mapping ----------------------------------------------------------------------------
+    def map(self, start: int, size: int, prot: int, name: str) -> None:
+        start, end = page_down(start), page_up(start + size)
+        self.uc.mem_map(start, end - start, perms_to_uc(prot))
+        self._insert(Region(start, end, prot, name))
+
+    def note_region(self, start: int, size: int, name: str) -> None:
+        """Record a region mapped elsewhere (MMIO) so faults and listings can name it."""
+        self._insert(Region(start, start + size, PROT_READ | PROT_WRITE, name))
+
+    def _insert(self, region: Region) -> None:
+        bisect.insort(self.regions, region, key=lambda r: r.start)
+
+    def unmap(self, start: int, size: int) -> None:
+        start, end = page_down(start), page_up(start + size)
+        for r in list(self.overlapping(start, end)):
+            lo, hi = max(r.start, start), min(r.end, end)
+            self.uc.mem_unmap(lo, hi - lo)
+            self._split(r, lo, hi, None)
+
+    def protect(self, start: int, size: int, prot: int) -> None:
+        start, end = page_down(start), page_up(start + size)
+        for r in list(self.overlapping(start, end)):
+            lo, hi = max(r.start, start), min(r.end, end)
+            self.uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
+            self._split(r, lo, hi, prot)
+
+    def _split(self, r: Region, lo: int, hi: int, prot: int | None) -> None:
+        """Replace r by its parts outside [lo, hi) and, if prot is given, [lo, hi) with prot."""
+        self.regions.remove(r)
+        if r.start < lo:
+            self._insert(Region(r.start, lo, r.prot, r.name))
+        if hi < r.end:
+            self._insert(Region(hi, r.end, r.prot, r.name))
+        if prot is not None:
+            self._insert(Region(lo, hi, prot, r.name))
+
+    def overlapping(self, start: int, end: int):
+        return [r for r in self.regions if r.start < end and start < r.end]
+
+    def is_mapped(self, start: int, size: int = 1) -> bool:
+        addr = start
+        while addr < start + size:
+            r = self.find(addr)
+            if r is None:
+                return False
+            addr = r.end
+        return True
+
+    def find(self, addr: int) -> Region | None:
+        i = bisect.bisect_right(self.regions, addr, key=lambda r: r.start) - 1
+        if i >= 0 and addr in self.regions[i]:
+            return self.regions[i]
+        return None
+
+    def find_free(self, size: int, lo: int, hi: int) -> int | None:
+        """Lowest page-aligned gap of `size` bytes in [lo, hi): a first-fit, deterministic."""
+        size = page_up(size)
+        cursor = page_up(lo)
+        for r in self.regions:
+            if r.end <= cursor:
+                continue
+            if r.start >= cursor + size:
+                break
+            cursor = page_up(r.end)
+        return cursor if cursor + size <= hi else None
+
+    # --- access -----------------------------------------------------------------------------
+    def read(self, addr: int, size: int) -> bytes:
+        return bytes(self.uc.mem_read(addr, size))
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.uc.mem_write(addr, bytes(data))
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.uc.mem_read(addr, 8), "little")
+
+    def read_u32(self, addr: int) -> int:
+        return int.from_bytes(self.uc.mem_read(addr, 4), "little")
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.uc.mem_write(addr, (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
+
+    def read_cstr(self, addr: int, limit: int = 4096) -> bytes:
+        out = bytearray()
+        while len(out) < limit:
+            chunk = self.read_safe(addr + len(out), min(256, PAGE - ((addr + len(out)) % PAGE)))
+            if chunk is None:
+                raise UcError(UC.UC_ERR_READ_UNMAPPED)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                return bytes(out + chunk[:nul])
+            out += chunk
+        return bytes(out[:limit])
+
+    def read_safe(self, addr: int, size: int) -> bytes | None:
+        try:
+            return bytes(self.uc.mem_read(addr, size))
+        except UcError:
+            return None

@@ -1,0 +1,75 @@
+"""A session: one guest plus whatever other layers attached to it (probes, tracers, BPF).
+
+Layers attach through `Session.attach`: an attachment gets the machine, may report at exit
+and may add keys to the `--stats` JSON. emu/ never imports those layers itself; the CLI
+hands the parsed arguments to each registered option provider."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO, Protocol
+
+from emu.loader import Guest, GuestConfig, load_guest
+from emu.machine import RunResult, StopReason
+
+
+class Attachment(Protocol):
+    def report(self, out: IO[str]) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+# Option providers (e.g. the probe layer) register here: fn(session, args) -> None.
+RUN_OPTION_HANDLERS: list = []
+
+
+@dataclass
+class Session:
+    guest: Guest
+    attachments: list[Attachment] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None,
+             stderr: BinaryIO | None = None) -> "Session":
+        return cls(load_guest(cfg, stdin, stdout, stderr))
+
+    @classmethod
+    def from_args(cls, args, guest_args: list[str]) -> "Session":
+        cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=guest_args,
+                          fs_root=args.fs, fs_writable=args.fs_write, seed=args.seed,
+                          strace=args.strace)
+        session = cls.load(cfg)
+        for handler in RUN_OPTION_HANDLERS:
+            handler(session, args)
+        return session
+
+    @property
+    def machine(self):
+        return self.guest.machine
+
+    def attach(self, attachment: Attachment) -> None:
+        self.attachments.append(attachment)
+
+    def run(self, max_insns: int = 0, timeout: float = 0.0) -> RunResult:
+        result = self.machine.run(max_insns=max_insns, timeout=timeout)
+        for stream in (self.machine.stdout, self.machine.stderr):
+            if hasattr(stream, "flush"):
+                stream.flush()
+        return result
+
+    def report(self, out: IO[str]) -> None:
+        for a in self.attachments:
+            a.report(out)
+
+    def stats(self, result: RunResult) -> dict[str, Any]:
+        m = self.machine
+        data: dict[str, Any] = {
+            "file": self.guest.image.path, "arch": m.arch.name,
+            "mode": "bare" if self.guest.process is None else "linux-user",
+            "exit_code": result.exit_code, "stop_reason": result.reason.value,
+        }
+        if result.reason is StopReason.FAULT:
+            data["fault"] = result.message
+        if self.guest.process is not None:
+            data["syscalls"] = dict(sorted(m.syscall_handler.counts.items()))
+        for a in self.attachments:
+            data.update(a.stats())
+        return data

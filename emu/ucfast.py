@@ -1,0 +1,107 @@
+"""Fast paths around the Unicorn binding, measured in shared/reference/unicorn-notes.md.
+
+The binding's reg_read/reg_write cost ~1.3 µs each and its hooks ~270 ns a call; raw
+`uc_reg_*` with a prebuilt c_uint64 cost ~0.3 µs and raw CFUNCTYPE hooks ~115 ns. Hooks
+registered here store the first exception they raise on `errors`, stop the emulation and
+let the machine re-raise it after `emu_start` (ctypes would otherwise print and drop it)."""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+from unicorn import Uc
+from unicorn import unicorn_const as UC
+import unicorn.unicorn_py3.unicorn as _ucmod
+
+uclib = _ucmod.uclib
+# A second handle on uc_hook_add without the binding's fixed argtypes: UC_HOOK_INSN takes a
+# variadic instruction id after `end`.
+_hook_add_va = ctypes.CDLL(uclib._name).uc_hook_add
+_hook_add_va.restype = ctypes.c_int
+
+INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+CODE_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+INSN_SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+INSN_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class RegAccess:
+    """Register reads and writes through raw libunicorn calls (4x faster than the binding)."""
+
+    __slots__ = ("_uch", "_buf", "_ref", "_read", "_write")
+
+    def __init__(self, uc: Uc) -> None:
+        self._uch = uc._uch
+        self._buf = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._buf)
+        self._read = uclib.uc_reg_read
+        self._write = uclib.uc_reg_write
+
+    def read(self, reg_id: int) -> int:
+        self._read(self._uch, reg_id, self._ref)
+        return self._buf.value
+
+    def write(self, reg_id: int, value: int) -> None:
+        self._buf.value = value & 0xFFFFFFFFFFFFFFFF
+        self._write(self._uch, reg_id, self._ref)
+
+
+class RawHooks:
+    """Owns raw hooks on one Uc: keeps the ctypes objects alive and funnels exceptions."""
+
+    def __init__(self, uc: Uc) -> None:
+        self.uc = uc
+        self.errors: list[BaseException] = []
+        self._keep: list[object] = []
+
+    def _guard(self, fn: Callable, default=None) -> Callable:
+        errors, uc = self.errors, self.uc
+
+        def guarded(*args):
+            try:
+                return fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                uc.emu_stop()
+                return default
+
+        return guarded
+
+    def _add(self, htype: int, cfunc, begin: int, end: int, *extra) -> int:
+        handle = ctypes.c_size_t()
+        self._keep.append(cfunc)
+        err = _hook_add_va(self.uc._uch, ctypes.byref(handle), ctypes.c_int(htype),
+                           ctypes.cast(cfunc, ctypes.c_void_p), None,
+                           ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
+        if err:
+            raise RuntimeError(f"uc_hook_add failed: {err}")
+        return handle.value
+
+    def intr(self, fn: Callable[[int], None]) -> int:
+        guarded = self._guard(fn)
+        return self._add(UC.UC_HOOK_INTR, INTR_CB(lambda _uc, intno, _ud: guarded(intno)), 1, 0)
+
+    def code(self, fn: Callable[[int, int], None], begin: int = 1, end: int = 0) -> int:
+        guarded = self._guard(fn)
+        return self._add(UC.UC_HOOK_CODE, CODE_CB(lambda _uc, addr, size, _ud: guarded(addr, size)),
+                         begin, end)
+
+    def block(self, fn: Callable[[int, int], None], begin: int = 1, end: int = 0) -> int:
+        guarded = self._guard(fn)
+        return self._add(UC.UC_HOOK_BLOCK, CODE_CB(lambda _uc, addr, size, _ud: guarded(addr, size)),
+                         begin, end)
+
+    def insn_syscall(self, fn: Callable[[], None], insn_id: int) -> int:
+        guarded = self._guard(fn)
+        return self._add(UC.UC_HOOK_INSN, INSN_SYSCALL_CB(lambda _uc, _ud: guarded()), 1, 0,
+                         ctypes.c_int(insn_id))
+
+    def insn_counter(self, fn: Callable[[], int], insn_id: int) -> int:
+        """A hook on rdtsc/rdtscp: `fn` writes the result registers and returns 1 to skip."""
+        guarded = self._guard(fn, default=1)
+        return self._add(UC.UC_HOOK_INSN, INSN_RDTSC_CB(lambda _uc, _ud: guarded()), 1, 0,
+                         ctypes.c_int(insn_id))
+
+    def delete(self, handle: int) -> None:
+        uclib.uc_hook_del(self.uc._uch, handle)
