@@ -65,7 +65,7 @@
 #define NAME_LEN 16
 #define NR_INODES 16
 #define NR_FILES 12
-#define NR_OPEN 8
+#define NR_OPEN 10
 #define TMP_DATA 32
 
 #define MAX_ERRNO 4095
@@ -833,9 +833,10 @@ static const struct request requests[] = {
 	{ NR_open, { S("/tmp/newfile"), O_CREAT | O_EXCL | O_WRONLY, 0600 } },
 	{ NR_open, { S("/etc/passwd"), O_WRONLY, 0 } },
 	{ NR_write, { 3, S("x"), 1 } },
+	{ NR_write, { 7, S("x"), 1 } },
 	{ NR_open, { S("/dev/null"), O_WRONLY, 0 } },
-	{ NR_write, { 7, S("discard"), 7 } },
-	{ NR_lseek, { 7, 0, SEEK_SET } },
+	{ NR_write, { 8, S("discard"), 7 } },
+	{ NR_lseek, { 8, 0, SEEK_SET } },
 	{ NR_open, { S("/dev/null"), O_RDONLY, 0 } },
 	{ NR_open, { S("/dev/null"), O_RDONLY, 0 } },
 	{ NR_close, { 3 } },
@@ -849,6 +850,8 @@ static const struct request requests[] = {
 	{ NR_close, { 5 } },
 	{ NR_close, { 6 } },
 	{ NR_close, { 7 } },
+	{ NR_close, { 8 } },
+	{ NR_close, { 9 } },
 	{ NR_close, { 42 } },
 };
 
