@@ -87,10 +87,14 @@ class Machine:
         self.stdout = stdout if stdout is not None else sys.stdout.buffer
         self.stderr = stderr if stderr is not None else sys.stderr.buffer
         self.break_handlers: dict[int, list[BreakHandler]] = {}
+        self.break_addrs: dict[int, BreakHandler] = {}   # fast path: exact trap addresses
+        self.fault_notifiers: list[Callable[[Fault], None]] = []
+        self.live_patches: dict[int, int] = {}            # addr -> original byte under a patch
         self.syscall_handler: Callable[[], None] | None = None
         self.patches: list[Patch] = []
         self.entry: int = 0
         self.image = None           # the loaded ElfImage, if any
+        self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
         self._pc_id = self.arch.regs[self.arch.pc]
@@ -139,15 +143,32 @@ class Machine:
         self.uc.mem_write(addr, bytes(data))
         self.uc.ctl_remove_cache(addr, addr + len(data))
         self.patches.append(Patch(addr, old, bytes(data)))
+        for i, (was, now) in enumerate(zip(old, data)):
+            orig = self.live_patches.setdefault(addr + i, was)
+            if orig == now:
+                del self.live_patches[addr + i]
         return old
+
+    def original_text(self, addr: int, size: int) -> bytes:
+        """Guest bytes as they were before any text_poke still in place (what the
+        disassembly of a fault or an inspection should show)."""
+        data = bytearray(self.memory.read(addr, size))
+        for i in range(size):
+            orig = self.live_patches.get(addr + i)
+            if orig is not None:
+                data[i] = orig
+        return bytes(data)
 
     def invalidate(self, addr: int, size: int) -> None:
         self.uc.ctl_remove_cache(addr, addr + size)
 
     def disasm_one(self, addr: int) -> str:
-        code = self.memory.read_safe(addr, self.arch.max_insn_size)
-        if code is None:
+        if self.memory.read_safe(addr, 1) is None:
             return "<unmapped>"
+        size = self.arch.max_insn_size
+        while size > 1 and not self.memory.is_mapped(addr, size):
+            size -= 1
+        code = self.original_text(addr, size)
         for insn in self._cs.disasm(code, addr, 1):
             return f"{insn.mnemonic} {insn.op_str}".strip()
         return f"<undecodable: {code[:4].hex()}>"
@@ -165,7 +186,20 @@ class Machine:
     def unregister_break_handler(self, code: int, handler: BreakHandler) -> None:
         self.break_handlers.get(code, []).remove(handler)
 
-    def on_break(self, addr: int, code: int) -> None:
+    def register_break_addr(self, addr: int, handler: BreakHandler) -> None:
+        """Own the trap at exactly `addr` (a probe, a slot's step trap, a trampoline): the
+        dispatcher asks this handler first without decoding the trapping instruction."""
+        self.break_addrs[addr] = handler
+
+    def unregister_break_addr(self, addr: int) -> None:
+        self.break_addrs.pop(addr, None)
+
+    def on_break(self, addr: int, code: int | None = None) -> None:
+        handler = self.break_addrs.get(addr)
+        if handler is not None and handler(addr):
+            return
+        if code is None:
+            code = self.arch.break_code(self, addr)
         for handler in self.break_handlers.get(code, ()):
             if handler(addr):
                 return
@@ -198,6 +232,8 @@ class Machine:
         self.uc.emu_stop()
 
     def stop_fault(self, fault: Fault) -> None:
+        for notify in self.fault_notifiers:
+            notify(fault)
         self._stop = RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
         self.uc.emu_stop()
 
@@ -240,6 +276,8 @@ class Machine:
             fault = Fault("undefined instruction", pc, None, SIGILL)
         else:
             fault = Fault(f"CPU error: {e}", pc, None, SIGSEGV)
+        for notify in self.fault_notifiers:
+            notify(fault)               # e.g. a fault in a kprobe slot is reported at the probe
         return RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
 
     def _stopped_without_reason(self, max_insns: int, timeout: float, elapsed: float) -> RunResult:

@@ -14,10 +14,12 @@ from unicorn import unicorn_const as UC
 import unicorn.unicorn_py3.unicorn as _ucmod
 
 uclib = _ucmod.uclib
-# A second handle on uc_hook_add without the binding's fixed argtypes: UC_HOOK_INSN takes a
-# variadic instruction id after `end`.
-_hook_add_va = ctypes.CDLL(uclib._name).uc_hook_add
+# Second handles on libunicorn without the binding's argtypes: UC_HOOK_INSN takes a variadic
+# instruction id after `end`, and argtype conversion doubles the cost of a register access.
+_raw = ctypes.CDLL(uclib._name)
+_hook_add_va = _raw.uc_hook_add
 _hook_add_va.restype = ctypes.c_int
+_reg_read, _reg_write = _raw.uc_reg_read, _raw.uc_reg_write
 
 INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 CODE_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
@@ -34,8 +36,8 @@ class RegAccess:
         self._uch = uc._uch
         self._buf = ctypes.c_uint64()
         self._ref = ctypes.byref(self._buf)
-        self._read = uclib.uc_reg_read
-        self._write = uclib.uc_reg_write
+        self._read = _reg_read
+        self._write = _reg_write
 
     def read(self, reg_id: int) -> int:
         self._read(self._uch, reg_id, self._ref)

@@ -54,8 +54,7 @@ class Arm64Arch(Arch):
             if intno == EXCP_SWI:
                 m.on_syscall()
             elif intno == EXCP_BKPT:
-                word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
-                m.on_break(addr, (word >> 5) & 0xFFFF)
+                m.on_break(addr)
             elif intno == EXCP_UDEF:
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
                 if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
@@ -85,6 +84,9 @@ class Arm64Arch(Arch):
 
     def set_tls(self, m: "Machine", value: int) -> None:
         m.regs.write(self.regs["tpidr_el0"], value)
+
+    def break_code(self, m: "Machine", addr: int) -> int:
+        return (int.from_bytes(m.uc.mem_read(addr, 4), "little") >> 5) & 0xFFFF
 
     def halted(self, m: "Machine") -> bool:
         return False                                     # HLT arrives as an exception
@@ -116,7 +118,7 @@ ARM64 = Arm64Arch(
     name="arm64", uc_arch=uc.UC_ARCH_ARM64, uc_mode=uc.UC_MODE_ARM,
     cs_arch=cs.CS_ARCH_ARM64, cs_mode=cs.CS_MODE_ARM,
     ks_arch=ks.KS_ARCH_ARM64, ks_mode=ks.KS_MODE_LITTLE_ENDIAN,
-    elf_machine="EM_AARCH64", regs=_REGS, pc="pc", sp="sp", ret="x0",
+    elf_machine="EM_AARCH64", regs={k: int(v) for k, v in _REGS.items()}, pc="pc", sp="sp", ret="x0",
     args=tuple(f"x{i}" for i in range(8)), link="x30",
     syscall_nr="x8", syscall_args=tuple(f"x{i}" for i in range(6)), syscall_ret="x0",
     syscalls=_SYSCALLS, breakpoint=(0xD4200080).to_bytes(4, "little"), insn_align=4,

@@ -64,6 +64,10 @@ class Arch:
         """The arch's Linux `struct stat` from a dict of fields."""
         raise NotImplementedError
 
+    def break_code(self, machine: "Machine", addr: int) -> int:  # pragma: no cover
+        """The trap code of the breakpoint at addr (arm64: the BRK immediate)."""
+        raise NotImplementedError
+
     def reg_id(self, name: str) -> int:
         name = self.aliases.get(name, name)
         return self.regs[name]

@@ -71,6 +71,9 @@ class X86_64Arch(Arch):
     def set_tls(self, m: "Machine", value: int) -> None:
         m.regs.write(self.regs["fs_base"], value)
 
+    def break_code(self, m: "Machine", addr: int) -> int:
+        return INT3_VECTOR
+
     def halted(self, m: "Machine") -> bool:
         """Unicorn returns from emu_start after `hlt` with rip past it."""
         pc = m.pc
@@ -99,7 +102,7 @@ class X86_64Arch(Arch):
 X86_64 = X86_64Arch(
     name="x86_64", uc_arch=uc.UC_ARCH_X86, uc_mode=uc.UC_MODE_64,
     cs_arch=cs.CS_ARCH_X86, cs_mode=cs.CS_MODE_64, ks_arch=ks.KS_ARCH_X86, ks_mode=ks.KS_MODE_64,
-    elf_machine="EM_X86_64", regs=_REGS, pc="rip", sp="rsp", ret="rax",
+    elf_machine="EM_X86_64", regs={k: int(v) for k, v in _REGS.items()}, pc="rip", sp="rsp", ret="rax",
     args=("rdi", "rsi", "rdx", "rcx", "r8", "r9"), link=None,
     syscall_nr="rax", syscall_args=("rdi", "rsi", "rdx", "r10", "r8", "r9"), syscall_ret="rax",
     syscalls=_SYSCALLS, breakpoint=b"\xcc", insn_align=1, max_insn_size=15, platform="x86_64",

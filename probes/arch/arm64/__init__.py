@@ -1,0 +1,1 @@
+"""arm64 kprobes (arch/arm64/kernel/probes): decode-insn, simulate-insn, kprobes."""

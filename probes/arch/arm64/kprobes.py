@@ -1,0 +1,50 @@
+"""arm64 kprobes (arch/arm64/kernel/probes/kprobes.c): BRK #4 at the probe, simulation or
+an 8-byte slot `[insn][BRK #6]`.
+
+The kernel masks DAIF while stepping; Unicorn delivers no interrupts to the guest, so
+there is nothing to mask and PSTATE is left alone."""
+from __future__ import annotations
+
+import errno
+
+import capstone
+
+from emu.machine import Machine
+from emu.symbols import Symbol
+from probes.arch.arm64.decode import Verdict, arm_probe_decode_insn, in_atomic_sequence
+from probes.arch.common import KIND_SIMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
+
+BRK64_OPCODE_KPROBES = 0xD4200080
+BRK64_OPCODE_KPROBES_SS = 0xD42000C0
+
+
+class Arm64Kprobes(BreakpointKprobes):
+    slot_size = 8
+    ss_break = BRK64_OPCODE_KPROBES_SS.to_bytes(4, "little")
+
+    def __init__(self, machine: Machine) -> None:
+        super().__init__(machine)
+        self._cs = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+
+    def mnemonic(self, word: int, addr: int) -> str:
+        for insn in self._cs.disasm(word.to_bytes(4, "little"), addr, 1):
+            return f"{insn.mnemonic} {insn.op_str}".strip()
+        return f".inst {word:#010x}"
+
+    def decode(self, addr: int, sym: Symbol | None) -> ArchSpecificInsn:
+        if addr & 3:
+            raise reject(errno.EINVAL, "address is not 4-byte aligned", addr)
+        word = int.from_bytes(self.m.original_text(addr, 4), "little")
+        text = self.mnemonic(word, addr)
+        verdict, handler, why = arm_probe_decode_insn(word)
+        if verdict is Verdict.REJECTED:
+            raise reject(errno.EINVAL, f"cannot probe `{text}`: {why}", addr)
+        if sym is not None and addr > sym.addr:
+            start = max(sym.addr, addr - 4 * 32)
+            raw = self.m.original_text(start, addr - start)
+            words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+            if in_atomic_sequence(words):
+                raise reject(errno.EINVAL, f"cannot probe `{text}`: inside an exclusive "
+                                           "load/store (LL/SC) sequence", addr)
+        kind = KIND_SIMULATE if verdict is Verdict.GOOD_NO_SLOT else KIND_SLOT
+        return ArchSpecificInsn(kind=kind, length=4, mnemonic=text, handler=handler)

@@ -1,0 +1,125 @@
+"""What both arches share: a breakpoint written over the first bytes of the probed
+instruction, an out-of-line slot `[copied insn][step trap]` from the insn-slot pages, and
+resumption at the next instruction after the step. The arch supplies the decoder."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from emu.machine import Machine
+from probes.errors import KprobeError
+from probes.insn_slots import InsnSlots
+
+if TYPE_CHECKING:
+    from emu.symbols import Symbol
+    from probes.kprobes import Kprobe
+    from probes.regs import PtRegs
+
+KIND_SIMULATE = "simulate"     # arm64 GOOD_NO_SLOT: the handler computes the effect
+KIND_EMULATE = "emulate"       # x86 emulate_op: the same idea, the kernel's word
+KIND_SLOT = "out-of-line"      # GOOD: stepped in the slot
+
+
+@dataclass
+class ArchSpecificInsn:
+    """struct arch_specific_insn: the decode verdict and what it needs at a hit."""
+    kind: str
+    length: int
+    mnemonic: str
+    handler: Callable[["Kprobe", "PtRegs"], None] | None = None
+    slot: int | None = None
+    slot_code: bytes = b""
+    armed: bool = False
+    boostable: bool = False
+
+    @property
+    def ss_trap(self) -> int | None:
+        return None if self.slot is None else self.slot + self.length
+
+
+
+class BreakpointKprobes:
+    """The arch-independent half of arch_prepare/arm/disarm/remove_kprobe."""
+
+    slot_size = 16
+    handler_ip_offset = 0          # x86 handlers see ip = addr + 1
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.breakpoint = machine.arch.breakpoint
+        self.slots = InsnSlots(machine, self.slot_size)
+
+    # --- supplied by the arch ---------------------------------------------------------------
+    ss_break: bytes = b""
+
+    def decode(self, addr: int, sym: "Symbol | None") -> ArchSpecificInsn:  # pragma: no cover
+        raise NotImplementedError
+
+    def copy_to_slot(self, insn: ArchSpecificInsn, addr: int, slot: int) -> bytes:
+        """The instruction bytes as they must stand in `slot` (x86 fixes RIP-relative)."""
+        return self.m.original_text(addr, insn.length)
+
+    def adjust_kprobe_addr(self, addr: int, sym: "Symbol") -> tuple[int, bool]:
+        return addr, addr == sym.addr
+
+    # --- shared -----------------------------------------------------------------------------
+    def prepare(self, p: "Kprobe") -> None:
+        sym = self.m.symbols.find(p.addr)
+        insn = self.decode(p.addr, sym)
+        p.opcode = self.m.original_text(p.addr, len(self.breakpoint))
+        if insn.kind == KIND_SLOT:
+            slot = self.slots.get(near=p.addr)
+            try:
+                code = self.copy_to_slot(insn, p.addr, slot)
+            except KprobeError:
+                self.slots.put(slot)
+                raise
+            insn.slot, insn.slot_code = slot, code + self.ss_break
+            self.m.text_poke(slot, insn.slot_code)
+        p.ainsn = insn
+
+    def arm(self, p: "Kprobe") -> None:
+        self.m.text_poke(p.addr, self.breakpoint)
+        p.ainsn.armed = True
+
+    def disarm(self, p: "Kprobe") -> None:
+        self.m.text_poke(p.addr, p.opcode)
+        p.ainsn.armed = False
+
+    def remove(self, p: "Kprobe") -> None:
+        insn = p.ainsn
+        if insn is not None and insn.slot is not None:
+            self.m.unregister_break_addr(insn.ss_trap)
+            self.slots.put(insn.slot)
+            insn.slot = None
+
+    def handler_ip(self, p: "Kprobe") -> int:
+        return p.addr + self.handler_ip_offset
+
+    def simulate(self, p: "Kprobe", regs: "PtRegs") -> bool:
+        handler = p.ainsn.handler
+        if handler is None:
+            return False
+        handler(p, regs)
+        return True
+
+    def prepare_step(self, p: "Kprobe", regs: "PtRegs") -> None:
+        regs.ip = p.ainsn.slot
+
+    def resume_after_step(self, p: "Kprobe", regs: "PtRegs") -> None:
+        regs.ip = p.addr + p.ainsn.length
+
+    def in_slot(self, p: "Kprobe", addr: int) -> bool:
+        slot = p.ainsn.slot
+        return slot is not None and slot <= addr < slot + self.slot_size
+
+    def owns(self, addr: int) -> bool:
+        return self.slots.owns(addr)
+
+
+def reject(err: int, reason: str, addr: int) -> KprobeError:
+    return KprobeError(err, reason, f"{addr:#x}")
+
+
+EINVAL, EILSEQ, EOPNOTSUPP, ERANGE = errno.EINVAL, errno.EILSEQ, errno.EOPNOTSUPP, errno.ERANGE

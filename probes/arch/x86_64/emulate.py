@@ -1,0 +1,113 @@
+"""x86-64 instruction emulation at a probe hit (core.c kprobe_emulate_*): the effect of
+control-flow and IF-modifying instructions computed on pt_regs at the probe address."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from probes.kprobes import Kprobe
+    from probes.regs import PtRegs
+
+MASK64 = (1 << 64) - 1
+CF, PF, ZF, SF, IF, OF = 1 << 0, 1 << 2, 1 << 6, 1 << 7, 1 << 9, 1 << 11
+GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def _sext(v: int, bits: int) -> int:
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >> (bits - 1) else v
+
+
+def _next(p: "Kprobe") -> int:
+    return p.addr + p.ainsn.length
+
+
+def _push(regs: "PtRegs", value: int) -> None:
+    sp = (regs.sp - 8) & MASK64
+    regs.machine.memory.write_u64(sp, value)
+    regs.sp = sp
+
+
+def _pop(regs: "PtRegs") -> int:
+    sp = regs.sp
+    value = regs.machine.memory.read_u64(sp)
+    regs.sp = sp + 8
+    return value
+
+
+def jcc_taken(cc: int, flags: int) -> bool:
+    """The 16 x86 condition codes (low nibble of Jcc) on RFLAGS."""
+    cf, zf, sf, of, pf = bool(flags & CF), bool(flags & ZF), bool(flags & SF), bool(flags & OF), bool(flags & PF)
+    base = (of, cf, zf, cf or zf, sf, pf, sf != of, zf or sf != of)[cc >> 1]
+    return base != bool(cc & 1)
+
+
+def make_call(rel: int) -> Callable:
+    def kprobe_emulate_call(p: "Kprobe", regs: "PtRegs") -> None:
+        _push(regs, _next(p))
+        regs.ip = (_next(p) + rel) & MASK64
+    return kprobe_emulate_call
+
+
+def make_jmp(rel: int) -> Callable:
+    def kprobe_emulate_jmp(p: "Kprobe", regs: "PtRegs") -> None:
+        regs.ip = (_next(p) + rel) & MASK64
+    return kprobe_emulate_jmp
+
+
+def make_jcc(cc: int, rel: int) -> Callable:
+    def kprobe_emulate_jcc(p: "Kprobe", regs: "PtRegs") -> None:
+        regs.ip = (_next(p) + rel) & MASK64 if jcc_taken(cc, regs.flags) else _next(p)
+    return kprobe_emulate_jcc
+
+
+def make_loop(op: int, rel: int, width: int) -> Callable:
+    mask = (1 << width) - 1
+
+    def kprobe_emulate_loop(p: "Kprobe", regs: "PtRegs") -> None:
+        cx = regs["rcx"]
+        if op == 0xE3:                                     # jrcxz/jecxz: no decrement
+            taken = cx & mask == 0
+        else:
+            cx = (cx & ~mask) | ((cx - 1) & mask)
+            regs["rcx"] = cx
+            taken = cx & mask != 0
+            if op == 0xE0:
+                taken = taken and not regs.flags & ZF     # loopne
+            elif op == 0xE1:
+                taken = taken and bool(regs.flags & ZF)   # loope
+        regs.ip = (_next(p) + rel) & MASK64 if taken else _next(p)
+    return kprobe_emulate_loop
+
+
+def make_ret(imm16: int) -> Callable:
+    def kprobe_emulate_ret(p: "Kprobe", regs: "PtRegs") -> None:
+        regs.ip = _pop(regs)
+        regs.sp = regs.sp + imm16
+    return kprobe_emulate_ret
+
+
+def make_indirect(reg: int, call: bool) -> Callable:
+    name = GPRS[reg]
+
+    def kprobe_emulate_indirect(p: "Kprobe", regs: "PtRegs") -> None:
+        target = regs[name]                               # read before the push moves rsp
+        if call:
+            _push(regs, _next(p))
+        regs.ip = target
+    return kprobe_emulate_indirect
+
+
+def make_ifmodifier(op: int) -> Callable:
+    def kprobe_emulate_ifmodifiers(p: "Kprobe", regs: "PtRegs") -> None:
+        if op == 0xFA:
+            regs.flags = regs.flags & ~IF
+        elif op == 0xFB:
+            regs.flags = regs.flags | IF
+        elif op == 0x9C:
+            _push(regs, regs.flags)
+        else:                                             # popf
+            regs.flags = _pop(regs)
+        regs.ip = _next(p)
+    return kprobe_emulate_ifmodifiers

@@ -1,0 +1,124 @@
+"""x86-64 kprobes (arch/x86/kernel/kprobes/core.c): int3 at the probe, emulation of
+control flow, or a slot `[copied insn with RIP-relative disp fixed][int3]`."""
+from __future__ import annotations
+
+import errno
+import struct
+
+from emu.symbols import Symbol
+from probes.arch.common import KIND_EMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
+from probes.arch.x86_64 import emulate as em
+from probes.arch.x86_64.decode import (X86Decoder, X86Insn, copy_refusal, exception_insn, modrm_mod,
+                                       modrm_reg, modrm_rm)
+
+ENDBR64, ENDBR32, ENDBR_POISON = b"\xf3\x0f\x1e\xfa", b"\xf3\x0f\x1e\xfb", b"\x66\x0f\x1f\x00"
+
+
+class X86Kprobes(BreakpointKprobes):
+    slot_size = 16                  # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
+    handler_ip_offset = 1           # handlers see ip = addr + 1, as after int3
+    ss_break = b"\xcc"
+
+    def __init__(self, machine) -> None:
+        super().__init__(machine)
+        self.decoder = X86Decoder()
+
+    def adjust_kprobe_addr(self, addr: int, sym: Symbol) -> tuple[int, bool]:
+        """IBT: offsets 0 and 4 of a function starting with ENDBR both mean its entry."""
+        offset = addr - sym.addr
+        if self.m.original_text(sym.addr, 4) in (ENDBR64, ENDBR32, ENDBR_POISON) and offset in (0, 4):
+            return sym.addr + 4, True
+        return addr, offset == 0
+
+    def decode_at(self, addr: int) -> X86Insn | None:
+        return self.decoder.decode(self.m.original_text(addr, 16), addr)
+
+    def _on_boundary(self, addr: int, sym: Symbol | None) -> bool:
+        """can_probe(): decode from the function start; the probe must land on a boundary."""
+        if sym is None or addr == sym.addr:
+            return True
+        code = self.m.original_text(sym.addr, addr - sym.addr + 16)
+        for a, _n in self.decoder.lengths(code, sym.addr):
+            if a == addr:
+                return True
+            if a > addr:
+                return False
+        return False
+
+    def decode(self, addr: int, sym: Symbol | None) -> ArchSpecificInsn:
+        if not self._on_boundary(addr, sym):
+            raise reject(errno.EILSEQ, "address is not on an instruction boundary", addr)
+        insn = self.decode_at(addr)
+        if insn is None:
+            raise reject(errno.EILSEQ, "cannot decode the instruction", addr)
+        if exception_insn(insn):
+            raise reject(errno.EILSEQ, f"cannot probe `{insn.text}`: trap or undefined instruction", addr)
+        why = copy_refusal(insn)
+        if why:
+            raise reject(errno.EINVAL, f"cannot probe `{insn.text}`: {why}", addr)
+        handler = self.prepare_emulation(insn)
+        kind = KIND_EMULATE if handler is not None else KIND_SLOT
+        return ArchSpecificInsn(kind=kind, length=insn.length, mnemonic=insn.text, handler=handler)
+
+    def prepare_emulation(self, insn: X86Insn):
+        """prepare_emulation(): the emulate_op for control flow and IF modifiers, or None to
+        single-step; raises -EOPNOTSUPP for what the kernel will not handle."""
+        op, raw, n, addr = insn.op1, insn.raw, insn.length, insn.addr
+
+        def refuse(what: str):
+            return reject(errno.EOPNOTSUPP, f"cannot probe `{insn.text}`: {what}", addr)
+
+        def rel(size: int) -> int:
+            return struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
+
+        if op in (0xFA, 0xFB, 0x9C, 0x9D):
+            return em.make_ifmodifier(op)
+        if op == 0xC3:
+            return em.make_ret(0)
+        if op == 0xC2:
+            return em.make_ret(struct.unpack("<H", raw[n - 2:])[0])
+        if op in (0xCA, 0xCB):
+            raise refuse("far return")
+        if op in (0x9A, 0xEA):
+            raise refuse("far call/jmp is not emulated")
+        if op in (0xCC, 0xCD, 0xCE, 0xCF):
+            raise refuse("interrupt-related instruction")
+        if op == 0xE8:
+            return em.make_call(rel(4))
+        if op in (0xE9, 0xEB):
+            return em.make_jmp(rel(4 if op == 0xE9 else 1))
+        if 0x70 <= op <= 0x7F:
+            return em.make_jcc(op & 0xF, rel(1))
+        if op == 0x0F and len(insn.opcode) > 1:
+            op2 = insn.opcode[1]
+            if op2 & 0xF0 == 0x80:
+                return em.make_jcc(op2 & 0xF, rel(4))
+            if op2 == 0x01 and insn.modrm is not None and modrm_reg(insn.modrm) == 0 \
+                    and modrm_mod(insn.modrm) == 3:
+                raise refuse("VM extension instruction")
+            return None
+        if 0xE0 <= op <= 0xE3:
+            return em.make_loop(op, rel(1), 32 if insn.addr_bytes == 4 else 64)
+        if op == 0xFF and insn.modrm is not None:
+            reg = modrm_reg(insn.modrm)
+            if reg in (3, 5):
+                raise refuse("far indirect call/jmp")
+            if reg not in (2, 4):
+                return None
+            if insn.addr_bytes != 8 or modrm_mod(insn.modrm) != 3:
+                raise refuse("indirect call/jmp through memory is not emulated")
+            return em.make_indirect(modrm_rm(insn.modrm) + (8 if insn.rex & 1 else 0), call=reg == 2)
+        return None
+
+    def copy_to_slot(self, ainsn: ArchSpecificInsn, addr: int, slot: int) -> bytes:
+        """__copy_instruction(): copy, fixing a RIP-relative displacement for the slot."""
+        insn = self.decode_at(addr)
+        code = bytearray(insn.raw)
+        off = insn.rip_disp_offset
+        if off is not None:
+            disp = struct.unpack_from("<i", code, off)[0]
+            new = disp + addr - slot
+            if not -(1 << 31) <= new < (1 << 31):
+                raise reject(errno.ERANGE, "RIP-relative target out of reach of the slot", addr)
+            struct.pack_into("<i", code, off, new)
+        return bytes(code)

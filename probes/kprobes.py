@@ -1,0 +1,418 @@
+"""The generic kprobe core (kernel/kprobes.c) over a narrow per-arch interface.
+
+Registration resolves and checks the address, lets the arch decode and prepare the
+instruction (slot or simulation), and arms the breakpoint with `text_poke`. A hit arrives
+through the machine's trap dispatcher at exactly the probe's address; the arch simulates
+the instruction or sends the CPU through the out-of-line slot, whose trailing trap brings it
+back here for the post handler. Several probes on one address share an aggregator.
+
+Left out: module text (GONE), jump-label/static-call/BUG sites, the global
+`kprobes/enabled` switch as a sysctl (see `disarm_all`/`arm_all`)."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from emu.machine import Fault, Machine
+from probes.arch import ArchKprobes, get_arch_kprobes
+from probes.blacklist import Blacklist
+from probes.errors import KprobeError
+from probes.regs import PtRegs
+
+KPROBE_FLAG_GONE = 1
+KPROBE_FLAG_DISABLED = 2
+KPROBE_FLAG_OPTIMIZED = 4
+KPROBE_FLAG_FTRACE = 8
+KPROBE_FLAG_ON_FUNC_ENTRY = 16
+
+KPROBE_HIT_ACTIVE = 0x1
+KPROBE_HIT_SS = 0x2
+KPROBE_REENTER = 0x4
+KPROBE_HIT_SSDONE = 0x8
+
+PreHandler = Callable[["Kprobe", PtRegs], Optional[int]]
+PostHandler = Callable[["Kprobe", PtRegs, int], None]
+FaultHandler = Callable[["Kprobe", PtRegs, int], Optional[int]]
+
+
+@dataclass(eq=False)
+class Kprobe:
+    """struct kprobe. Give `symbol_name` (+ `offset`) or `addr`. `hits` is ours: how often
+    the probe's handlers ran (kprobe_profile's hit column)."""
+    symbol_name: str | None = None
+    offset: int = 0
+    addr: int | None = None
+    pre_handler: PreHandler | None = None
+    post_handler: PostHandler | None = None
+    fault_handler: FaultHandler | None = None
+    flags: int = 0
+    nmissed: int = 0
+    opcode: bytes = b""
+    ainsn: Any = None
+    hits: int = 0
+    list: list["Kprobe"] = field(default_factory=list)     # children, if an aggregator
+    is_aggr: bool = False
+
+    def disabled(self) -> bool:
+        """kprobe_disabled()"""
+        return bool(self.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE))
+
+    @property
+    def kind(self) -> str:
+        return self.ainsn.kind if self.ainsn is not None else "unprepared"
+
+
+@dataclass
+class KprobeCtlblk:
+    """struct kprobe_ctlblk plus current_kprobe (one CPU)."""
+    current: Kprobe | None = None
+    status: int = 0
+    prev: list[tuple[Kprobe | None, int]] = field(default_factory=list)
+
+    def save(self) -> None:
+        self.prev.append((self.current, self.status))
+
+    def restore(self) -> None:
+        self.current, self.status = self.prev.pop() if self.prev else (None, 0)
+
+
+class Kprobes:
+    """The kprobe state of one machine: the probe table keyed by address and the control
+    block. Get it with `kprobes_of(machine)`."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.arch: ArchKprobes = get_arch_kprobes(machine)
+        self.table: dict[int, Kprobe] = {}
+        self.kcb = KprobeCtlblk()
+        self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
+        self._registered: set[int] = set()        # id() of registered struct kprobes
+        machine.fault_notifiers.append(self._on_fault)
+
+    # --- registration -----------------------------------------------------------------------
+    def register_kprobe(self, p: Kprobe) -> None:
+        if id(p) in self._registered:
+            raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
+        addr, on_entry = self._kprobe_addr(p)
+        self._check_kprobe_address(p, addr)
+        p.addr = addr
+        p.flags = (p.flags & KPROBE_FLAG_DISABLED) | (KPROBE_FLAG_ON_FUNC_ENTRY if on_entry else 0)
+        p.nmissed, p.hits, p.list, p.is_aggr = 0, 0, [], False
+        old = self.table.get(addr)
+        if old is not None:
+            self._register_aggr(old, p)
+        else:
+            self.arch.prepare(p)
+            self.table[addr] = p
+            if not p.disabled():
+                self._arm(p)
+        self._registered.add(id(p))
+
+    def register_kprobes(self, kps: list[Kprobe]) -> None:
+        if not kps:
+            raise KprobeError(errno.EINVAL, "no kprobes given")
+        done = []
+        try:
+            for p in kps:
+                self.register_kprobe(p)
+                done.append(p)
+        except KprobeError:
+            self.unregister_kprobes(done)
+            raise
+
+    def unregister_kprobe(self, p: Kprobe) -> None:
+        top = self._top(p)
+        if top is None:
+            p.addr = None                       # as the kernel does for an invalid probe
+            return
+        self._registered.discard(id(p))
+        if top is p:
+            self._remove(top)
+            return
+        top.list.remove(p)
+        if not top.list:
+            self._remove(top)
+        else:
+            self._refresh_aggr(top)
+
+    def unregister_kprobes(self, kps: list[Kprobe]) -> None:
+        for p in kps:
+            self.unregister_kprobe(p)
+
+    def get_kprobe(self, addr: int) -> Kprobe | None:
+        return self.table.get(addr)
+
+    def enable_kprobe(self, p: Kprobe) -> None:
+        top = self._top(p)
+        if top is None:
+            raise KprobeError(errno.EINVAL, "kprobe is not registered", _where(p))
+        if p.flags & KPROBE_FLAG_GONE:
+            raise KprobeError(errno.EINVAL, "kprobe is gone", _where(p))
+        p.flags &= ~KPROBE_FLAG_DISABLED
+        if top is not p and top.disabled():
+            top.flags &= ~KPROBE_FLAG_DISABLED
+            self._arm(top)
+        elif top is p and p.ainsn is not None and not p.ainsn.armed:
+            self._arm(p)
+
+    def disable_kprobe(self, p: Kprobe) -> None:
+        top = self._top(p)
+        if top is None:
+            raise KprobeError(errno.EINVAL, "kprobe is not registered", _where(p))
+        p.flags |= KPROBE_FLAG_DISABLED
+        if top is p or all(c.disabled() for c in top.list):
+            top.flags |= KPROBE_FLAG_DISABLED
+            self._disarm(top)
+
+    def probes(self) -> list[Kprobe]:
+        """Every registered user probe (children of aggregators included), by address."""
+        out = []
+        for addr in sorted(self.table):
+            top = self.table[addr]
+            out.extend(top.list if top.is_aggr else [top])
+        return out
+
+    # --- address checks ---------------------------------------------------------------------
+    def _kprobe_addr(self, p: Kprobe) -> tuple[int, bool]:
+        """_kprobe_addr() + arch_adjust_kprobe_addr(): the address and whether it is the
+        function entry."""
+        syms = self.m.symbols
+        if (p.symbol_name is None) == (p.addr is None):
+            raise KprobeError(errno.EINVAL, "give exactly one of symbol_name and addr", _where(p))
+        if p.symbol_name is not None:
+            sym = syms.lookup(p.symbol_name)
+            if sym is None:
+                raise KprobeError(errno.ENOENT, f"unknown symbol {p.symbol_name!r}", _where(p))
+            addr = sym.addr + p.offset
+        else:
+            addr = p.addr + p.offset
+        sym = syms.find(addr)
+        if sym is None:
+            if len(syms) and not self._stripped_text(addr):
+                raise KprobeError(errno.ENOENT, f"address {addr:#x} is in no symbol", _where(p))
+            return addr, False                  # stripped binary: probe by raw address
+        return self.arch.adjust_kprobe_addr(addr, sym)
+
+    def _stripped_text(self, addr: int) -> bool:
+        image = self.m.image
+        return image is not None and image.stripped
+
+    def _check_kprobe_address(self, p: Kprobe, addr: int) -> None:
+        region = self.m.memory.find(addr)
+        if region is None or not region.prot & 4 or self.arch.owns(addr):
+            raise KprobeError(errno.EINVAL, f"address {addr:#x} is not in guest text", _where(p))
+        reason = self.blacklist.reason(addr)
+        if reason:
+            raise KprobeError(errno.EINVAL, f"address {addr:#x} is blacklisted ({reason})", _where(p))
+
+    # --- aggregation ------------------------------------------------------------------------
+    def _register_aggr(self, old: Kprobe, p: Kprobe) -> None:
+        if not old.is_aggr:
+            ap = Kprobe(addr=old.addr, flags=old.flags, opcode=old.opcode, ainsn=old.ainsn,
+                        is_aggr=True, symbol_name=None)
+            ap.list = [old]
+            ap.pre_handler = self._aggr_pre_handler
+            self.table[old.addr] = ap
+            old = ap
+        p.opcode, p.ainsn = old.opcode, old.ainsn
+        old.list.insert(0, p)                   # list_add: newest first, as the kernel
+        if not p.disabled() and old.disabled():
+            old.flags &= ~KPROBE_FLAG_DISABLED
+            self._arm(old)
+        self._refresh_aggr(old)
+
+    def _refresh_aggr(self, ap: Kprobe) -> None:
+        ap.post_handler = self._aggr_post_handler if any(c.post_handler for c in ap.list) else None
+        ap.fault_handler = self._aggr_fault_handler if any(c.fault_handler for c in ap.list) else None
+
+    @staticmethod
+    def _aggr_pre_handler(ap: Kprobe, regs: PtRegs) -> int:
+        for kp in ap.list:
+            if kp.pre_handler is not None and not kp.disabled():
+                kp.hits += 1
+                if kp.pre_handler(kp, regs):
+                    return 1
+            elif not kp.disabled():
+                kp.hits += 1
+        return 0
+
+    @staticmethod
+    def _aggr_post_handler(ap: Kprobe, regs: PtRegs, flags: int) -> None:
+        for kp in ap.list:
+            if kp.post_handler is not None and not kp.disabled():
+                kp.post_handler(kp, regs, flags)
+
+    @staticmethod
+    def _aggr_fault_handler(ap: Kprobe, regs: PtRegs, trapnr: int) -> int:
+        for kp in ap.list:
+            if kp.fault_handler is not None and kp.fault_handler(kp, regs, trapnr):
+                return 1
+        return 0
+
+    def _top(self, p: Kprobe) -> Kprobe | None:
+        if p.addr is None or id(p) not in self._registered:
+            return None
+        top = self.table.get(p.addr)
+        if top is p or (top is not None and p in top.list):
+            return top
+        return None
+
+    # --- arming -----------------------------------------------------------------------------
+    def _arm(self, p: Kprobe) -> None:
+        if p.ainsn.armed:
+            return
+        self.m.register_break_addr(p.addr, self.kprobe_handler)
+        self.arch.arm(p)
+
+    def _disarm(self, p: Kprobe) -> None:
+        if not p.ainsn.armed:
+            return
+        self.arch.disarm(p)
+        self.m.unregister_break_addr(p.addr)
+
+    def _remove(self, top: Kprobe) -> None:
+        self._disarm(top)
+        self.arch.remove(top)
+        del self.table[top.addr]
+
+    def disarm_all(self) -> None:
+        for p in self.table.values():
+            self._disarm(p)
+
+    def arm_all(self) -> None:
+        for p in self.table.values():
+            if not p.disabled():
+                self._arm(p)
+
+    # --- the hit path -----------------------------------------------------------------------
+    def kprobe_handler(self, addr: int) -> bool:
+        """The breakpoint at a probe's address trapped (kprobe_handler/kprobe_int3_handler)."""
+        p = self.table.get(addr)
+        if p is None:
+            return False
+        kcb = self.kcb
+        regs = PtRegs(self.m, self.arch.handler_ip(p))
+        if kcb.current is not None:
+            self._reenter(p, regs)
+            return True
+        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+        if not p.is_aggr:
+            p.hits += 1
+        if p.pre_handler is not None and p.pre_handler(p, regs):
+            # The handler set ip itself: no single-step, no post handler.
+            regs.flush()
+            kcb.current, kcb.status = None, 0
+            return True
+        self._setup_singlestep(p, regs, reenter=False)
+        return True
+
+    def _reenter(self, p: Kprobe, regs: PtRegs) -> None:
+        kcb = self.kcb
+        if kcb.status == KPROBE_REENTER:
+            raise KprobeError(errno.EFAULT, f"unrecoverable kprobe reentry at {p.addr:#x}")
+        self.kprobes_inc_nmissed_count(p)
+        kcb.save()
+        kcb.current, kcb.status = p, KPROBE_REENTER
+        self._setup_singlestep(p, regs, reenter=True)
+
+    @staticmethod
+    def kprobes_inc_nmissed_count(p: Kprobe) -> None:
+        if not p.is_aggr:
+            p.nmissed += 1
+        else:
+            for kp in p.list:
+                kp.nmissed += 1
+
+    def _setup_singlestep(self, p: Kprobe, regs: PtRegs, reenter: bool) -> None:
+        if self.arch.simulate(p, regs):          # simulated/emulated: done already
+            regs.flush()
+            self._post_kprobe(p, regs)
+            return
+        if not reenter:
+            self.kcb.status = KPROBE_HIT_SS
+        self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
+        self.arch.prepare_step(p, regs)
+        regs.flush()
+
+    def ss_handler(self, addr: int) -> bool:
+        """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
+        kcb, p = self.kcb, self.kcb.current
+        if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER) or p.ainsn.ss_trap != addr:
+            return False
+        regs = PtRegs(self.m)
+        self.arch.resume_after_step(p, regs)
+        regs.flush()
+        self._post_kprobe(p, regs)
+        return True
+
+    def _post_kprobe(self, p: Kprobe, regs: PtRegs) -> None:
+        kcb = self.kcb
+        if kcb.status == KPROBE_REENTER:
+            kcb.restore()
+            return
+        kcb.status = KPROBE_HIT_SSDONE
+        if p.post_handler is not None:
+            p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
+            regs.flush()
+        kcb.current, kcb.status = None, 0
+
+    def _on_fault(self, fault: Fault) -> None:
+        """A fault while stepping in a slot: report it at the probed instruction and give
+        the probe's fault_handler its turn (kprobe_fault_handler)."""
+        kcb, p = self.kcb, self.kcb.current
+        if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER):
+            return
+        if not self.arch.in_slot(p, fault.pc):
+            return
+        fault.pc = p.addr
+        self.m.pc = p.addr
+        if kcb.status == KPROBE_REENTER:
+            kcb.restore()
+        else:
+            if p.fault_handler is not None:
+                p.fault_handler(p, PtRegs(self.m), fault.signal)
+            kcb.current, kcb.status = None, 0
+
+
+def _where(p: Kprobe) -> str:
+    if p.symbol_name is not None:
+        return f"{p.symbol_name}+{p.offset:#x}" if p.offset else p.symbol_name
+    return f"{(p.addr or 0) + p.offset:#x}"
+
+
+def kprobes_of(machine: Machine) -> Kprobes:
+    """The machine's kprobe state, created on first use."""
+    kp = machine.layers.get("kprobes")
+    if kp is None:
+        kp = machine.layers["kprobes"] = Kprobes(machine)
+    return kp
+
+
+# Kernel-style entry points on a machine.
+def register_kprobe(machine: Machine, p: Kprobe) -> None:
+    kprobes_of(machine).register_kprobe(p)
+
+
+def unregister_kprobe(machine: Machine, p: Kprobe) -> None:
+    kprobes_of(machine).unregister_kprobe(p)
+
+
+def register_kprobes(machine: Machine, kps: list[Kprobe]) -> None:
+    kprobes_of(machine).register_kprobes(kps)
+
+
+def unregister_kprobes(machine: Machine, kps: list[Kprobe]) -> None:
+    kprobes_of(machine).unregister_kprobes(kps)
+
+
+def enable_kprobe(machine: Machine, p: Kprobe) -> None:
+    kprobes_of(machine).enable_kprobe(p)
+
+
+def disable_kprobe(machine: Machine, p: Kprobe) -> None:
+    kprobes_of(machine).disable_kprobe(p)
+
+
+def get_kprobe(machine: Machine, addr: int) -> Kprobe | None:
+    return kprobes_of(machine).get_kprobe(addr)

@@ -1,0 +1,115 @@
+"""pt_regs: the register view handlers receive.
+
+Registers are read from the CPU on first use and written back only if changed, so a hit
+whose handler touches nothing costs no register traffic. Names are the arch's (x0..x30,
+sp, pc, pstate / rax.., rip, rflags); `ip`, `sp`, `return_value` and `arg(n)` are the
+arch-neutral accessors (regs_get_kernel_argument, regs_return_value, instruction_pointer)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+
+class PtRegs:
+    __slots__ = ("_m", "_arch", "_cache", "_dirty", "_ip_override")
+
+    def __init__(self, machine: "Machine", ip: int | None = None) -> None:
+        self._m = machine
+        self._arch = machine.arch
+        self._cache: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        if ip is not None:                         # the ip handlers see (kernel convention)
+            self._cache[self._arch.pc] = ip
+
+    def _name(self, name: str) -> str:
+        return self._arch.aliases.get(name, name)
+
+    def __getitem__(self, name: str) -> int:
+        name = self._name(name)
+        if name == "x31" or name == "xzr":
+            return 0
+        v = self._cache.get(name)
+        if v is None:
+            v = self._cache[name] = self._m.regs.read(self._arch.regs[name])
+        return v
+
+    def __setitem__(self, name: str, value: int) -> None:
+        name = self._name(name)
+        if name == "x31" or name == "xzr":
+            return
+        if name not in self._arch.regs:
+            raise KeyError(name)
+        self._cache[name] = value & 0xFFFFFFFFFFFFFFFF
+        self._dirty.add(name)
+
+    def get(self, name: str, default: int | None = None) -> int | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    # arch-neutral accessors
+    @property
+    def ip(self) -> int:
+        return self[self._arch.pc]
+
+    @ip.setter
+    def ip(self, value: int) -> None:
+        self[self._arch.pc] = value
+
+    @property
+    def sp(self) -> int:
+        return self[self._arch.sp]
+
+    @sp.setter
+    def sp(self, value: int) -> None:
+        self[self._arch.sp] = value
+
+    @property
+    def return_value(self) -> int:
+        return self[self._arch.ret]
+
+    @return_value.setter
+    def return_value(self, value: int) -> None:
+        self[self._arch.ret] = value
+
+    @property
+    def flags(self) -> int:
+        return self[self._arch.flags_reg]
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self[self._arch.flags_reg] = value
+
+    def arg(self, n: int) -> int:
+        """Argument n (1-based, as $argN): registers, then the stack (x86: after the
+        return address)."""
+        regs = self._arch.args
+        if n <= len(regs):
+            return self[regs[n - 1]]
+        if self._arch.link is not None:      # arm64 $argN beyond x7 reads as 0 (kernel)
+            return 0
+        return self._m.memory.read_u64(self.sp + 8 * (n - len(regs)))   # stack[0] = return addr
+
+    @property
+    def machine(self) -> "Machine":
+        return self._m
+
+    def ip_changed(self) -> bool:
+        return self._arch.pc in self._dirty
+
+    def flush(self) -> None:
+        """Write changed registers back to the CPU."""
+        write, ids = self._m.regs.write, self._arch.regs
+        for name in self._dirty:
+            write(ids[name], self._cache[name])
+        self._dirty.clear()
+
+    def snapshot(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        return {n: self[n] for n in (names or tuple(self._arch.regs))}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._cache.items()))
+        return f"PtRegs({shown})"
