@@ -24,7 +24,7 @@ def _add_run(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of getrandom and AT_RANDOM")
     p.add_argument("--stats", metavar="FILE.json", help="write a JSON run summary")
     p.add_argument("file")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="guest arguments (after --)")
+    p.add_argument("args", nargs="*", help="guest arguments (after --)")
     p.set_defaults(func=cmd_run)
     try:
         from probes.cli_options import add_run_options
@@ -36,8 +36,7 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     from emu.session import Session
 
-    guest_args = args.args[1:] if args.args[:1] == ["--"] else args.args
-    session = Session.from_args(args, guest_args)
+    session = Session.from_args(args, args.args)
     result = session.run(max_insns=args.max_insns, timeout=args.timeout)
     sys.stdout.flush()
     if result.reason is StopReason.FAULT:
@@ -110,8 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` belongs to the guest (argparse would take `-n` as ours).
+    guest_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, guest_args = argv[:i], argv[i + 1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "args"):
+        args.args = list(args.args) + guest_args
     try:
         return args.func(args)
     except KprobeEmuError as e:

@@ -39,9 +39,11 @@ class Guest:
 
 
 def load_guest(cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None,
-               stderr: BinaryIO | None = None) -> Guest:
-    want = None if cfg.arch == "auto" else get_arch(cfg.arch)
-    image = load_elf(cfg.path, want)
+               stderr: BinaryIO | None = None, image: ElfImage | None = None) -> Guest:
+    """A machine with the guest loaded, ready to run. Pass an already parsed `image` to
+    load the same file many times (the sweep does)."""
+    if image is None:
+        image = load_elf(cfg.path, None if cfg.arch == "auto" else get_arch(cfg.arch))
     m = Machine(image.arch, stdout=stdout, stderr=stderr)
     if cfg.bare:
         if not image_fits_ram(m, image):

@@ -30,7 +30,7 @@ from .isa import (
     BPF_MEMSX, BPF_MOD, BPF_MOV, BPF_NEG, BPF_PSEUDO_BTF_ID,
     BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX,
     BPF_PSEUDO_MAP_IDX_VALUE, BPF_PSEUDO_MAP_VALUE, BPF_ST, BPF_STORE_REL,
-    BPF_STX, BPF_TO_BE, BPF_TO_LE, BPF_X, BPF_XCHG, Insn, JMP_OP_NAMES,
+    BPF_STX, BPF_TO_BE, BPF_TO_LE, BPF_W, BPF_X, BPF_XCHG, Insn, JMP_OP_NAMES,
     SIZE_SUFFIX, encode, sext32,
 )
 
@@ -126,8 +126,7 @@ def parse_mem(text: str) -> tuple[int, int]:
     reg = parse_reg(m.group(1))
     if not m.group(2):
         return reg, 0
-    off = parse_off(m.group(3))
-    return reg, -off if m.group(2) == "-" else off
+    return reg, parse_off(m.group(2) + m.group(3))
 
 
 def _split_operands(text: str) -> list[str]:

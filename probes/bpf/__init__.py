@@ -1,0 +1,49 @@
+"""The eBPF virtual machine: ISA, assembler/disassembler, verifier,
+interpreter and compiled engine, maps, helpers, and a loader for
+clang-compiled objects. It knows nothing of probes: a caller hands a
+program its context bytes, a guest-memory accessor and a run environment.
+
+    from probes import bpf
+    code = bpf.assemble("mov r0, 1\\nexit")
+    bpf.run(code)                       # -> 1
+    obj = bpf.load_object("prog.o")
+    obj.programs["handler"].run(ctx_bytes, bpf.BpfRunContext(pid=42))
+"""
+from .asm import assemble, assemble_insns
+from .context import BpfRunContext, FlatGuestMemory, GuestMemory
+from .disasm import disassemble, disassemble_llvm, format_insn
+from .errors import (
+    AsmError, BpfError, BpfRuntimeError, LoaderError, MapError, VerifierError,
+)
+from .helpers import KERNEL_HELPERS, BpfArgType, BpfFuncProto, BpfRetType
+from .isa import Insn, decode, encode
+from .maps import (
+    BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfMap, BpfMapType, create_map,
+)
+from .program import BpfProg, run
+from .prog_types import BpfProgType
+
+
+def verify(code: bytes, prog_type: BpfProgType = BpfProgType.BPF_PROG_TYPE_UNSPEC,
+           log_level: int = 1, **kw: object) -> str:
+    """Verify raw bytecode; returns the log or raises VerifierError."""
+    return BpfProg.from_bytes(code, prog_type=prog_type, **kw).load(log_level)  # type: ignore[arg-type]
+
+
+def load_object(path: str, **kw: object) -> "BpfObject":
+    """Load a clang ``-target bpf`` ELF object (see loader.py)."""
+    from .loader import load_object as _load
+
+    return _load(path, **kw)  # type: ignore[arg-type]
+
+
+from .loader import BpfObject  # noqa: E402  (after load_object for readers)
+
+__all__ = [
+    "assemble", "assemble_insns", "disassemble", "disassemble_llvm", "format_insn",
+    "run", "verify", "load_object", "BpfObject", "BpfProg", "BpfProgType", "BpfRunContext",
+    "GuestMemory", "FlatGuestMemory", "BpfError", "VerifierError", "BpfRuntimeError",
+    "AsmError", "MapError", "LoaderError", "BpfMap", "BpfMapType", "create_map",
+    "BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "Insn", "decode", "encode",
+    "KERNEL_HELPERS", "BpfFuncProto", "BpfArgType", "BpfRetType",
+]

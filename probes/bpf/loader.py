@@ -1,0 +1,3 @@
+"""placeholder"""
+class BpfObject:  # replaced below
+    pass

@@ -1,0 +1,642 @@
+"""BPF maps: the kernel's map types with their user-space API and errors.
+
+Mirrors kernel/bpf/{arraymap,hashtab,bpf_lru_list,ringbuf,stackmap}.c and
+the perf event array of kernel/trace/bpf_trace.c as far as a program and a
+user see them. User-space calls (``lookup``, ``update``, ``delete``,
+``get_next_key``) raise ``MapError`` with the kernel's errno; the
+program-side calls used by helpers return ``-errno`` as the helpers do.
+Keys and values are bytes; ints are accepted and packed little-endian.
+
+A map owns its value buffers (bytearrays); a program gets a pointer into
+one through the machine's ``VmMemory``, so its writes land in the map.
+Left out: map-in-map, queue/stack, bloom filter, the BPF_F_LOCK spin lock.
+"""
+from __future__ import annotations
+
+import errno
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable
+
+from .errors import MapError
+
+ENOTSUPP = 524  # kernel-internal errno the ring buffer returns for lookups
+
+
+class BpfMapType(IntEnum):
+    BPF_MAP_TYPE_UNSPEC = 0
+    BPF_MAP_TYPE_HASH = 1
+    BPF_MAP_TYPE_ARRAY = 2
+    BPF_MAP_TYPE_PROG_ARRAY = 3
+    BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+    BPF_MAP_TYPE_PERCPU_HASH = 5
+    BPF_MAP_TYPE_PERCPU_ARRAY = 6
+    BPF_MAP_TYPE_STACK_TRACE = 7
+    BPF_MAP_TYPE_LRU_HASH = 9
+    BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+    BPF_MAP_TYPE_RINGBUF = 27
+
+
+# update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+BPF_F_LOCK = 4
+# map_flags
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_RDONLY = 1 << 3
+BPF_F_WRONLY = 1 << 4
+BPF_F_RDONLY_PROG = 1 << 7
+BPF_F_WRONLY_PROG = 1 << 8
+BPF_F_MMAPABLE = 1 << 10
+# get_stackid flags
+BPF_F_SKIP_FIELD_MASK = 0xFF
+BPF_F_USER_STACK = 1 << 8
+BPF_F_FAST_STACK_CMP = 1 << 9
+BPF_F_REUSE_STACKID = 1 << 10
+# perf_event_output flags
+BPF_F_INDEX_MASK = 0xFFFFFFFF
+BPF_F_CURRENT_CPU = BPF_F_INDEX_MASK
+# ring buffer flags
+BPF_RB_NO_WAKEUP = 1
+BPF_RB_FORCE_WAKEUP = 2
+BPF_RB_AVAIL_DATA = 0
+BPF_RB_RING_SIZE = 1
+BPF_RB_CONS_POS = 2
+BPF_RB_PROD_POS = 3
+BPF_RINGBUF_HDR_SZ = 8
+PAGE_SIZE = 4096
+PERF_MAX_STACK_DEPTH = 127
+
+
+def _round8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _raise(err: int) -> None:
+    if err < 0:
+        raise MapError(-err)
+
+
+@dataclass(eq=False)
+class BpfMap:
+    """struct bpf_map: what every map has. Attributes mirror the kernel's
+    bpf_map_def/bpf_attr (map_type, key_size, value_size, max_entries,
+    map_flags), plus ``name``, ``nr_cpus`` (for per-CPU maps) and ``fd``
+    (set by whoever installs the map in a program's fd table)."""
+
+    map_type: BpfMapType
+    key_size: int
+    value_size: int
+    max_entries: int
+    map_flags: int = 0
+    name: str = ""
+    nr_cpus: int = 1
+    fd: int | None = None
+
+    # -- key/value coercion --
+    def _key(self, key: bytes | int | None) -> bytes:
+        if isinstance(key, int):
+            key = key.to_bytes(self.key_size, "little", signed=key < 0)
+        if key is None or len(key) != self.key_size:
+            raise MapError(errno.EINVAL, f"key must be {self.key_size} bytes")
+        return bytes(key)
+
+    def _value(self, value: bytes | int) -> bytes:
+        if isinstance(value, int):
+            value = value.to_bytes(self.value_size, "little", signed=value < 0)
+        if len(value) != self.value_size:
+            raise MapError(errno.EINVAL, f"value must be {self.value_size} bytes")
+        return bytes(value)
+
+    @property
+    def prog_writable(self) -> bool:
+        return not self.map_flags & BPF_F_RDONLY_PROG
+
+    # -- program side: overridden per type; defaults say "not supported" --
+    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+        """The (buffer, offset) of the value for ``key`` on ``cpu``, or None."""
+        return None
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        return -errno.EINVAL
+
+    def delete_elem(self, key: bytes) -> int:
+        return -errno.EINVAL
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        return -errno.EINVAL
+
+    # -- user-space API --
+    def lookup(self, key: bytes | int) -> Any:
+        slot = self.value_slot(self._key(key), 0)
+        if slot is None:
+            raise MapError(errno.ENOENT)
+        buf, off = slot
+        return bytes(buf[off:off + self.value_size])
+
+    def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _raise(self.update_elem(self._key(key), self._value(value), flags))
+
+    def delete(self, key: bytes | int) -> None:
+        _raise(self.delete_elem(self._key(key)))
+
+    def get_next_key(self, key: bytes | int | None = None) -> bytes:
+        res = self.next_key(None if key is None else self._key(key))
+        if isinstance(res, int):
+            raise MapError(-res)
+        return res
+
+    def keys(self) -> list[bytes]:
+        out, key = [], None
+        while True:
+            try:
+                key = self.get_next_key(key)
+            except MapError:
+                return out
+            out.append(key)
+
+    def items(self) -> list[tuple[bytes, Any]]:
+        return [(k, self.lookup(k)) for k in self.keys()]
+
+
+def _check_update_flags(flags: int) -> int:
+    if flags & ~BPF_F_LOCK > BPF_EXIST:
+        return -errno.EINVAL
+    return 0
+
+
+# --- arrays --------------------------------------------------------------------
+
+@dataclass(eq=False)
+class ArrayMap(BpfMap):
+    """BPF_MAP_TYPE_ARRAY: preallocated, zero-filled, u32 index keys; one
+    contiguous buffer with 8-byte aligned elements as in arraymap.c."""
+
+    values: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self.elem_size = _round8(self.value_size)
+        if not self.values:
+            self.values = bytearray(self.elem_size * self.max_entries)
+
+    def _index(self, key: bytes) -> int:
+        return int.from_bytes(key, "little")
+
+    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+        idx = self._index(key)
+        if idx >= self.max_entries:
+            return None
+        return self.values, idx * self.elem_size
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        if _check_update_flags(flags):
+            return -errno.EINVAL
+        idx = self._index(key)
+        if idx >= self.max_entries:
+            return -errno.E2BIG
+        if flags & ~BPF_F_LOCK == BPF_NOEXIST:
+            return -errno.EEXIST  # every element of an array always exists
+        off = idx * self.elem_size
+        self.values[off:off + self.value_size] = value
+        return 0
+
+    def delete_elem(self, key: bytes) -> int:
+        return -errno.EINVAL
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        idx = self._index(key) if key is not None else self.max_entries
+        if idx >= self.max_entries:
+            nxt = 0
+        elif idx == self.max_entries - 1:
+            return -errno.ENOENT
+        else:
+            nxt = idx + 1
+        return nxt.to_bytes(4, "little")
+
+
+@dataclass(eq=False)
+class PercpuArrayMap(ArrayMap):
+    """BPF_MAP_TYPE_PERCPU_ARRAY: one array per CPU. User lookups return a
+    list with one value per CPU; an update takes one value (set on every
+    CPU) or a list of per-CPU values."""
+
+    percpu: list[bytearray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.elem_size = _round8(self.value_size)
+        self.percpu = [bytearray(self.elem_size * self.max_entries) for _ in range(self.nr_cpus)]
+        self.values = self.percpu[0]
+
+    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+        idx = self._index(key)
+        if idx >= self.max_entries or not 0 <= cpu < self.nr_cpus:
+            return None
+        return self.percpu[cpu], idx * self.elem_size
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        if _check_update_flags(flags):
+            return -errno.EINVAL
+        idx = self._index(key)
+        if idx >= self.max_entries:
+            return -errno.E2BIG
+        if flags & ~BPF_F_LOCK == BPF_NOEXIST:
+            return -errno.EEXIST
+        off = idx * self.elem_size
+        for c, buf in enumerate(self.percpu):
+            if cpu is None or c == cpu:
+                buf[off:off + self.value_size] = value
+        return 0
+
+    def lookup(self, key: bytes | int) -> list[bytes]:
+        k = self._key(key)
+        if self._index(k) >= self.max_entries:
+            raise MapError(errno.ENOENT)
+        return [bytes(b[o:o + self.value_size]) for b, o in
+                (self.value_slot(k, c) for c in range(self.nr_cpus))]  # type: ignore[misc]
+
+    def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        k = self._key(key)
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.nr_cpus:
+                raise MapError(errno.EINVAL, "need one value per CPU")
+            _raise(self.update_elem(k, self._value(value[0]), flags))
+            for c, v in enumerate(value):
+                _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
+        else:
+            _raise(self.update_elem(k, self._value(value), flags))
+
+
+# --- hashes ----------------------------------------------------------------------
+
+@dataclass(eq=False)
+class HashMap(BpfMap):
+    """BPF_MAP_TYPE_HASH. Iteration (get_next_key) follows insertion order;
+    a key that is not present restarts iteration at the first key, as the
+    kernel does."""
+
+    table: "OrderedDict[bytes, list[bytearray]]" = field(default_factory=OrderedDict)
+
+    def _cpus(self) -> int:
+        return 1
+
+    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+        vals = self.table.get(key)
+        if vals is None:
+            return None
+        return vals[cpu if len(vals) > 1 else 0], 0
+
+    def _make_room(self) -> bool:
+        return len(self.table) < self.max_entries
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        if _check_update_flags(flags):
+            return -errno.EINVAL
+        flags &= ~BPF_F_LOCK
+        vals = self.table.get(key)
+        if vals is not None and flags == BPF_NOEXIST:
+            return -errno.EEXIST
+        if vals is None and flags == BPF_EXIST:
+            return -errno.ENOENT
+        if vals is None:
+            if not self._make_room():
+                return -errno.E2BIG
+            vals = [bytearray(self.value_size) for _ in range(self._cpus())]
+            self.table[key] = vals
+        for c, buf in enumerate(vals):
+            if cpu is None or c == cpu:
+                buf[:] = value
+        self._touch(key)
+        return 0
+
+    def _touch(self, key: bytes) -> None:
+        """Recency hook for LRU maps."""
+
+    def delete_elem(self, key: bytes) -> int:
+        if self.table.pop(key, None) is None:
+            return -errno.ENOENT
+        return 0
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        keys = list(self.table)
+        if key is None or key not in self.table:
+            return keys[0] if keys else -errno.ENOENT
+        pos = keys.index(key)
+        return keys[pos + 1] if pos + 1 < len(keys) else -errno.ENOENT
+
+
+@dataclass(eq=False)
+class PercpuHashMap(HashMap):
+    """BPF_MAP_TYPE_PERCPU_HASH: a value per CPU under each key."""
+
+    def _cpus(self) -> int:
+        return self.nr_cpus
+
+    def lookup(self, key: bytes | int) -> list[bytes]:
+        vals = self.table.get(self._key(key))
+        if vals is None:
+            raise MapError(errno.ENOENT)
+        return [bytes(v) for v in vals]
+
+    def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        k = self._key(key)
+        if not isinstance(value, (list, tuple)):
+            _raise(self.update_elem(k, self._value(value), flags))
+            return
+        if len(value) != self.nr_cpus:
+            raise MapError(errno.EINVAL, "need one value per CPU")
+        _raise(self.update_elem(k, self._value(value[0]), flags))
+        for c, v in enumerate(value):
+            _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
+
+
+class _LruMixin:
+    """Least-recently-used eviction: a full map drops its oldest entry
+    instead of failing with E2BIG (bpf_lru_list.c, without its per-CPU
+    free lists)."""
+
+    table: "OrderedDict[bytes, list[bytearray]]"
+    max_entries: int
+
+    def _make_room(self) -> bool:
+        if len(self.table) >= self.max_entries:
+            self.table.popitem(last=False)
+        return True
+
+    def _touch(self, key: bytes) -> None:
+        self.table.move_to_end(key)
+
+    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+        vals = self.table.get(key)
+        if vals is None:
+            return None
+        self.table.move_to_end(key)
+        return vals[cpu if len(vals) > 1 else 0], 0
+
+
+@dataclass(eq=False)
+class LruHashMap(_LruMixin, HashMap):
+    """BPF_MAP_TYPE_LRU_HASH."""
+
+
+@dataclass(eq=False)
+class LruPercpuHashMap(_LruMixin, PercpuHashMap):
+    """BPF_MAP_TYPE_LRU_PERCPU_HASH."""
+
+
+# --- program array -----------------------------------------------------------------
+
+@dataclass(eq=False)
+class ProgArrayMap(BpfMap):
+    """BPF_MAP_TYPE_PROG_ARRAY: slots of programs for bpf_tail_call. User
+    updates take a BpfProg, or a prog fd resolved by ``prog_resolver``."""
+
+    progs: dict[int, Any] = field(default_factory=dict)
+    prog_resolver: Callable[[int], Any] | None = None
+
+    def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        idx = int.from_bytes(self._key(key), "little")
+        if _check_update_flags(flags):
+            raise MapError(errno.EINVAL)
+        if idx >= self.max_entries:
+            raise MapError(errno.E2BIG)
+        if flags == BPF_NOEXIST:
+            raise MapError(errno.EEXIST)
+        prog = value
+        if isinstance(value, (bytes, int)):
+            fd = int.from_bytes(value, "little") if isinstance(value, bytes) else value
+            prog = self.prog_resolver(fd) if self.prog_resolver else None
+            if prog is None:
+                raise MapError(errno.EBADF, f"no program with fd {fd}")
+        self.progs[idx] = prog
+
+    def lookup(self, key: bytes | int) -> Any:
+        prog = self.progs.get(int.from_bytes(self._key(key), "little"))
+        if prog is None:
+            raise MapError(errno.ENOENT)
+        return prog
+
+    def delete_elem(self, key: bytes) -> int:
+        return 0 if self.progs.pop(int.from_bytes(key, "little"), None) is not None \
+            else -errno.ENOENT
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        return ArrayMap.next_key(self, key)  # type: ignore[arg-type]
+
+    def _index(self, key: bytes) -> int:
+        return int.from_bytes(key, "little")
+
+    def get_prog(self, index: int) -> Any:
+        return self.progs.get(index)
+
+
+# --- perf event array --------------------------------------------------------------
+
+@dataclass(eq=False)
+class PerfEventArrayMap(BpfMap):
+    """BPF_MAP_TYPE_PERF_EVENT_ARRAY: per-CPU output buffers. A slot must be
+    opened (user update with any fd, or ``open_all()``, as perf_buffer__new
+    does) before bpf_perf_event_output can write to it (else -ENOENT).
+    ``events`` holds (cpu, bytes) samples in output order."""
+
+    opened: dict[int, int] = field(default_factory=dict)
+    events: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        idx = int.from_bytes(key, "little")
+        if idx >= self.max_entries:
+            return -errno.E2BIG
+        self.opened[idx] = int.from_bytes(value, "little")
+        return 0
+
+    def delete_elem(self, key: bytes) -> int:
+        return 0 if self.opened.pop(int.from_bytes(key, "little"), None) is not None \
+            else -errno.ENOENT
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        return ArrayMap.next_key(self, key)  # type: ignore[arg-type]
+
+    def _index(self, key: bytes) -> int:
+        return int.from_bytes(key, "little")
+
+    def open_all(self) -> None:
+        for idx in range(self.max_entries):
+            self.opened.setdefault(idx, idx)
+
+    def output(self, index: int, data: bytes) -> int:
+        if index >= self.max_entries:
+            return -errno.E2BIG
+        if index not in self.opened:
+            return -errno.ENOENT
+        self.events.append((index, bytes(data)))
+        return 0
+
+    def drain(self) -> list[tuple[int, bytes]]:
+        out, self.events = self.events, []
+        return out
+
+
+# --- ring buffer --------------------------------------------------------------------
+
+@dataclass(eq=False)
+class RingbufRecord:
+    data: bytearray
+    pos: int
+    state: str = "busy"  # busy -> committed | discarded
+
+
+@dataclass(eq=False)
+class RingbufMap(BpfMap):
+    """BPF_MAP_TYPE_RINGBUF: max_entries is the data size in bytes (a power
+    of 2 and a multiple of the page size). Each record takes its length
+    plus an 8-byte header, rounded up to 8, until consumed. ``consume()``
+    returns committed records in reservation order, stopping at a record
+    still reserved (as a user-space consumer would)."""
+
+    records: list[RingbufRecord] = field(default_factory=list)
+    prod_pos: int = 0
+    cons_pos: int = 0
+
+    def lookup(self, key: bytes | int) -> Any:
+        raise MapError(ENOTSUPP, "ring buffers have no lookup")
+
+    def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        raise MapError(ENOTSUPP, "ring buffers have no update")
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        return -ENOTSUPP
+
+    def reserve(self, size: int) -> RingbufRecord | None:
+        need = _round8(size + BPF_RINGBUF_HDR_SZ)
+        if size > self.max_entries or self.prod_pos + need - self.cons_pos > self.max_entries:
+            return None
+        rec = RingbufRecord(bytearray(size), self.prod_pos)
+        self.prod_pos += need
+        self.records.append(rec)
+        return rec
+
+    def commit(self, rec: RingbufRecord, discard: bool) -> None:
+        rec.state = "discarded" if discard else "committed"
+
+    def output(self, data: bytes) -> int:
+        rec = self.reserve(len(data))
+        if rec is None:
+            return -errno.EAGAIN
+        rec.data[:] = data
+        self.commit(rec, False)
+        return 0
+
+    def avail_data(self) -> int:
+        return self.prod_pos - self.cons_pos
+
+    def consume(self) -> list[bytes]:
+        out = []
+        while self.records and self.records[0].state != "busy":
+            rec = self.records.pop(0)
+            self.cons_pos += _round8(len(rec.data) + BPF_RINGBUF_HDR_SZ)
+            if rec.state == "committed":
+                out.append(bytes(rec.data))
+        return out
+
+
+# --- stack traces -----------------------------------------------------------------
+
+@dataclass(eq=False)
+class StackTraceMap(BpfMap):
+    """BPF_MAP_TYPE_STACK_TRACE: stack id -> array of u64 instruction
+    pointers (value_size / 8 of them). Ids are a hash of the stack modulo
+    max_entries; a different stack in a taken bucket gives -EEXIST unless
+    BPF_F_REUSE_STACKID."""
+
+    buckets: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def get_stackid(self, ips: list[int], flags: int) -> int:
+        depth = self.value_size // 8
+        ips = tuple(ips[flags & BPF_F_SKIP_FIELD_MASK:][:depth])
+        if not ips:
+            return -errno.EFAULT
+        raw = b"".join((ip & ((1 << 64) - 1)).to_bytes(8, "little") for ip in ips)
+        bucket = zlib.crc32(raw) % self.max_entries
+        old = self.buckets.get(bucket)
+        if old is not None and old != ips and not flags & BPF_F_REUSE_STACKID:
+            return -errno.EEXIST
+        self.buckets[bucket] = ips
+        return bucket
+
+    def lookup(self, key: bytes | int) -> bytes:
+        ips = self.buckets.get(int.from_bytes(self._key(key), "little"))
+        if ips is None:
+            raise MapError(errno.ENOENT)
+        raw = b"".join(ip.to_bytes(8, "little") for ip in ips)
+        return raw.ljust(self.value_size, b"\0")
+
+    def delete_elem(self, key: bytes) -> int:
+        return 0 if self.buckets.pop(int.from_bytes(key, "little"), None) is not None \
+            else -errno.ENOENT
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        ids = sorted(self.buckets)
+        cur = int.from_bytes(key, "little") if key is not None else -1
+        later = [i for i in ids if i > cur]
+        return later[0].to_bytes(4, "little") if later else -errno.ENOENT
+
+
+# --- creation ------------------------------------------------------------------------
+
+_CLASSES: dict[BpfMapType, type[BpfMap]] = {
+    BpfMapType.BPF_MAP_TYPE_HASH: HashMap,
+    BpfMapType.BPF_MAP_TYPE_ARRAY: ArrayMap,
+    BpfMapType.BPF_MAP_TYPE_PROG_ARRAY: ProgArrayMap,
+    BpfMapType.BPF_MAP_TYPE_PERF_EVENT_ARRAY: PerfEventArrayMap,
+    BpfMapType.BPF_MAP_TYPE_PERCPU_HASH: PercpuHashMap,
+    BpfMapType.BPF_MAP_TYPE_PERCPU_ARRAY: PercpuArrayMap,
+    BpfMapType.BPF_MAP_TYPE_STACK_TRACE: StackTraceMap,
+    BpfMapType.BPF_MAP_TYPE_LRU_HASH: LruHashMap,
+    BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH: LruPercpuHashMap,
+    BpfMapType.BPF_MAP_TYPE_RINGBUF: RingbufMap,
+}
+_ARRAY_LIKE = {BpfMapType.BPF_MAP_TYPE_ARRAY, BpfMapType.BPF_MAP_TYPE_PERCPU_ARRAY,
+               BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, BpfMapType.BPF_MAP_TYPE_PERF_EVENT_ARRAY}
+KMALLOC_MAX_SIZE = 1 << 22
+
+
+def _check_attr(t: BpfMapType, key_size: int, value_size: int, max_entries: int) -> str:
+    """Why bpf(BPF_MAP_CREATE) would say EINVAL, or ''."""
+    if t == BpfMapType.BPF_MAP_TYPE_RINGBUF:
+        if key_size or value_size:
+            return "ring buffer key_size and value_size must be 0"
+        if max_entries < PAGE_SIZE or max_entries & (max_entries - 1):
+            return "ring buffer size must be a power of 2 and a multiple of the page size"
+        return ""
+    if max_entries == 0:
+        return "max_entries must be > 0"
+    if t in _ARRAY_LIKE and key_size != 4:
+        return "array maps need key_size 4"
+    if t in (BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, BpfMapType.BPF_MAP_TYPE_PERF_EVENT_ARRAY) \
+            and value_size != 4:
+        return "value_size must be 4 (an fd)"
+    if t == BpfMapType.BPF_MAP_TYPE_STACK_TRACE and (key_size != 4 or value_size % 8
+                                                      or value_size // 8 > PERF_MAX_STACK_DEPTH):
+        return "stack trace maps need key_size 4 and value_size a multiple of 8"
+    if key_size == 0 or value_size == 0 or value_size > KMALLOC_MAX_SIZE:
+        return "key_size and value_size must be > 0"
+    return ""
+
+
+def create_map(map_type: int, key_size: int, value_size: int, max_entries: int,
+               map_flags: int = 0, name: str = "", nr_cpus: int = 1) -> BpfMap:
+    """bpf(BPF_MAP_CREATE): a new map, or MapError(EINVAL) for bad attributes."""
+    try:
+        t = BpfMapType(map_type)
+    except ValueError:
+        raise MapError(errno.EINVAL, f"unsupported map type {map_type}") from None
+    if t not in _CLASSES:
+        raise MapError(errno.EINVAL, f"unsupported map type {t.name}")
+    if t == BpfMapType.BPF_MAP_TYPE_PERF_EVENT_ARRAY and max_entries == 0:
+        max_entries = nr_cpus  # the kernel sizes it to the possible CPUs
+    why = _check_attr(t, key_size, value_size, max_entries)
+    if why:
+        raise MapError(errno.EINVAL, why)
+    return _CLASSES[t](t, key_size, value_size, max_entries, map_flags, name, nr_cpus)

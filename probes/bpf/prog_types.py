@@ -1,0 +1,64 @@
+"""Program types and what each lets a program do (include/linux/bpf_types.h).
+
+Each type says how its context may be accessed, which helpers it may call
+(the kernel's per-type ``get_func_proto``), and how strict the verifier is.
+``BPF_PROG_TYPE_UNSPEC`` is this machine's "conformance" type: the context
+is the caller's writable memory with its length in r2, and the verifier
+accepts what the ISA defines but the kernel refuses (division by an
+immediate zero, shifts by an immediate >= width, unreachable code, callx).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class BpfProgType(IntEnum):
+    BPF_PROG_TYPE_UNSPEC = 0
+    BPF_PROG_TYPE_SOCKET_FILTER = 1
+    BPF_PROG_TYPE_KPROBE = 2
+    BPF_PROG_TYPE_SCHED_CLS = 3
+    BPF_PROG_TYPE_SCHED_ACT = 4
+    BPF_PROG_TYPE_TRACEPOINT = 5
+    BPF_PROG_TYPE_XDP = 6
+    BPF_PROG_TYPE_PERF_EVENT = 7
+    BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+    BPF_PROG_TYPE_TRACING = 26
+
+
+# Helper groups by kernel id (see helpers.py for the protos)
+BASE_HELPERS = frozenset({1, 2, 3, 5, 6, 7, 8, 12, 118, 125, 130, 131, 132, 133, 134, 160, 208})
+TRACING_HELPERS = BASE_HELPERS | frozenset(
+    {4, 14, 15, 16, 25, 27, 35, 36, 45, 67, 112, 113, 114, 115, 173, 174})
+NET_HELPERS = BASE_HELPERS | frozenset({25})
+
+
+@dataclass(frozen=True)
+class ProgTypeInfo:
+    """``ctx_writable``: the program may store into its context.
+    ``helpers``: allowed helper ids (None = all known).
+    ``lenient``: ISA-conformance verifier rules (see module doc).
+    ``entry_regs``: registers initialised at entry besides r10."""
+
+    ctx_writable: bool
+    helpers: frozenset[int] | None
+    lenient: bool = False
+    entry_regs: tuple[int, ...] = (1,)
+
+
+PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
+    BpfProgType.BPF_PROG_TYPE_UNSPEC: ProgTypeInfo(True, None, lenient=True, entry_regs=(1, 2)),
+    BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(False, NET_HELPERS | {26}),
+    BpfProgType.BPF_PROG_TYPE_SCHED_CLS: ProgTypeInfo(False, NET_HELPERS | {26}),
+    BpfProgType.BPF_PROG_TYPE_SCHED_ACT: ProgTypeInfo(False, NET_HELPERS | {26}),
+    BpfProgType.BPF_PROG_TYPE_XDP: ProgTypeInfo(False, NET_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_KPROBE: ProgTypeInfo(False, TRACING_HELPERS | {58}),
+    BpfProgType.BPF_PROG_TYPE_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_PERF_EVENT: ProgTypeInfo(False, TRACING_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_TRACING: ProgTypeInfo(False, TRACING_HELPERS),
+}
+
+# Types whose context the machine builds around a packet (xdp_md, __sk_buff)
+PACKET_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER, BpfProgType.BPF_PROG_TYPE_XDP,
+                          BpfProgType.BPF_PROG_TYPE_SCHED_CLS, BpfProgType.BPF_PROG_TYPE_SCHED_ACT})

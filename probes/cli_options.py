@@ -1,0 +1,70 @@
+"""`emu run` options of the probe layer: --kprobe, and the probe table / JSON at exit."""
+from __future__ import annotations
+
+import argparse
+from typing import IO, Any
+
+from emu.disasm import parse_location
+from emu.session import RUN_OPTION_HANDLERS, Session
+from probes.kprobes import Kprobe, Kprobes, kprobes_of
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kprobe", action="append", default=[], metavar="SYM[+OFF]|ADDR",
+                   help="place a kprobe (repeatable)")
+    if attach_from_args not in RUN_OPTION_HANDLERS:
+        RUN_OPTION_HANDLERS.append(attach_from_args)
+
+
+def kprobe_from_spec(spec: str) -> Kprobe:
+    """`SYM`, `SYM+OFF` or an address (0x...), as --kprobe and `emu inspect` take them."""
+    try:
+        return Kprobe(addr=int(spec, 0))
+    except ValueError:
+        pass
+    name, _, off = spec.partition("+")
+    try:
+        return Kprobe(symbol_name=name, offset=int(off, 0) if off else 0)
+    except ValueError:
+        from emu.errors import UsageError
+        raise UsageError(f"bad probe location {spec!r} (SYM, SYM+OFF or ADDR)") from None
+
+
+def attach_from_args(session: Session, args) -> None:
+    specs = getattr(args, "kprobe", None) or []
+    if not specs:
+        return
+    kp = kprobes_of(session.machine)
+    for spec in specs:
+        kp.register_kprobe(kprobe_from_spec(spec))
+    session.attach(ProbeReport(kp))
+
+
+class ProbeReport:
+    """The exit table (stderr) and the "probes" list of the --stats JSON."""
+
+    def __init__(self, kp: Kprobes) -> None:
+        self.kp = kp
+
+    def rows(self) -> list[dict[str, Any]]:
+        syms, rows = self.kp.m.symbols, []
+        for p in self.kp.probes():
+            sym = syms.find(p.addr)
+            rows.append({
+                "symbol": sym.name if sym else None,
+                "offset": p.addr - sym.addr if sym else None,
+                "addr": p.addr, "kind": "kprobe", "step": p.ainsn.kind,
+                "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
+            })
+        return rows
+
+    def report(self, out: IO[str]) -> None:
+        rows = self.rows()
+        out.write(f"{'PROBE':<32} {'ADDR':>18}  {'KIND':<8} {'STEP':<12} {'HITS':>10} {'NMISSED':>8}\n")
+        for r in rows:
+            name = f"{r['symbol']}+{r['offset']:#x}" if r["symbol"] else f"{r['addr']:#x}"
+            out.write(f"{name:<32} {r['addr']:>#18x}  {r['kind']:<8} {r['step']:<12} "
+                      f"{r['hits']:>10} {r['nmissed']:>8}\n")
+
+    def stats(self) -> dict[str, Any]:
+        return {"probes": self.rows()}

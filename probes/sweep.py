@@ -1,0 +1,247 @@
+"""The probe-everywhere sweep: for every instruction boundary of the chosen functions, run
+the program once with a kprobe there (counting pre and post handlers) and compare what the
+guest did — stdout, stderr, exit code, final registers and written memory — with the
+unprobed run. A probe must never change guest behaviour; this checks it exhaustively.
+
+Verdicts per offset: ok (with hit counts), rejected (the kernel's errno and reason), or
+MISMATCH (the first difference, or a probe that was not hit where the function ran)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from emu.elf import ElfImage, load_elf
+from emu.loader import GuestConfig, load_guest
+from emu.machine import Machine, RunResult
+from emu.symbols import Symbol, SymbolTable
+from probes.errors import KprobeError
+from probes.kprobes import Kprobe, kprobes_of
+
+
+@dataclass
+class SweepConfig:
+    path: str
+    arch: str = "auto"
+    bare: bool = False
+    argv: list[str] = field(default_factory=list)
+    stdin: bytes = b""
+    funcs: list[str] = field(default_factory=list)     # empty: every function
+    jobs: int = 1
+    timeout: float = 20.0
+    # How each run is probed: (machine, address) -> list of probe objects whose `hits` /
+    # `nmissed` are summed into the report. Defaults to one kprobe with counting handlers.
+    probe_factory: Callable[[Machine, int], list] | None = None
+
+
+@dataclass
+class Outcome:
+    """What a run did, reduced to what the guest could observe."""
+    exit_code: int
+    reason: str
+    stdout: bytes
+    stderr: bytes
+    regs: dict[str, int]
+    memory_digest: str
+
+    def first_difference(self, ref: "Outcome") -> str | None:
+        if self.reason != ref.reason or self.exit_code != ref.exit_code:
+            return f"exit {self.reason}/{self.exit_code} != {ref.reason}/{ref.exit_code}"
+        if self.stdout != ref.stdout:
+            return f"stdout differs at byte {_first_diff(self.stdout, ref.stdout)}"
+        if self.stderr != ref.stderr:
+            return f"stderr differs at byte {_first_diff(self.stderr, ref.stderr)}"
+        for name, value in ref.regs.items():
+            if self.regs.get(name) != value:
+                return f"register {name} = {self.regs.get(name, 0):#x}, expected {value:#x}"
+        if self.memory_digest != ref.memory_digest:
+            return "written memory differs"
+        return None
+
+
+@dataclass
+class OffsetResult:
+    function: str
+    offset: int
+    addr: int
+    verdict: str                # "ok" | "rejected" | "MISMATCH"
+    insn: str = ""
+    step: str = ""
+    hits: int = 0
+    post_hits: int = 0
+    nmissed: int = 0
+    detail: str = ""
+
+
+@dataclass
+class SweepResult:
+    path: str
+    arch: str
+    results: list[OffsetResult]
+
+    @property
+    def checked(self) -> int:
+        return sum(r.verdict == "ok" for r in self.results)
+
+    @property
+    def rejected(self) -> int:
+        return sum(r.verdict == "rejected" for r in self.results)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(r.verdict == "MISMATCH" for r in self.results)
+
+    def to_json(self) -> dict:
+        funcs: dict[str, list[dict]] = {}
+        for r in self.results:
+            funcs.setdefault(r.function, []).append(asdict(r))
+        return {"file": self.path, "arch": self.arch, "checked": self.checked,
+                "rejected": self.rejected, "mismatches": self.mismatches, "functions": funcs}
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# --- one run ---------------------------------------------------------------------------------
+def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None) -> tuple[Outcome, Machine]:
+    out, err = io.BytesIO(), io.BytesIO()
+    guest = load_guest(GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv),
+                       stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
+    m = guest.machine
+    if setup is not None:
+        setup(m)
+    result = m.run(timeout=cfg.timeout)
+    return _outcome(m, result, out.getvalue(), err.getvalue()), m
+
+
+def _outcome(m: Machine, result: RunResult, stdout: bytes, stderr: bytes) -> Outcome:
+    regs = {n: m.reg(n) for n in m.arch.regs}
+    h = hashlib.sha256()
+    for r in m.memory.regions:
+        if r.prot & 2 and not r.name.startswith(("uart", "exit")):      # writable guest memory
+            h.update(r.start.to_bytes(8, "little"))
+            h.update(m.memory.read(r.start, r.end - r.start))
+    return Outcome(result.exit_code, result.reason.value, stdout, stderr, regs, h.hexdigest())
+
+
+def counting_kprobe(m: Machine, addr: int) -> list:
+    p = Kprobe(addr=addr, pre_handler=_count_pre, post_handler=_count_post)
+    p.post_hits = 0
+    kprobes_of(m).register_kprobe(p)
+    return [p]
+
+
+def _count_pre(p, regs) -> int:
+    return 0
+
+
+def _count_post(p, regs, flags) -> None:
+    p.post_hits += 1
+
+
+# --- the sweep -------------------------------------------------------------------------------
+def instruction_boundaries(image: ElfImage, sym: Symbol) -> list[tuple[int, str]]:
+    """(address, text) of each instruction of a function, decoded linearly from its start."""
+    import capstone
+    from emu.disasm import image_bytes
+    md = capstone.Cs(image.arch.cs_arch, image.arch.cs_mode)
+    code = image_bytes(image, sym.addr, sym.size)
+    out, off = [], 0
+    while off < len(code):
+        insn = next(md.disasm(code[off:off + 16], sym.addr + off, 1), None)
+        size = insn.size if insn else image.arch.insn_align if image.arch.insn_align > 1 else 1
+        out.append((sym.addr + off, f"{insn.mnemonic} {insn.op_str}".strip() if insn else "(bad)"))
+        off += size
+    return out
+
+
+def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) -> set[int]:
+    """Addresses of the chosen functions the unprobed run executes (one traced run)."""
+    seen: set[int] = set()
+
+    def setup(m: Machine) -> None:
+        for lo, hi in ranges:
+            m.hooks.code(lambda addr, size: seen.add(addr), lo, hi - 1)
+    _run(cfg, image, setup)
+    return seen
+
+
+def _check(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int],
+           func: str, sym_addr: int, addr: int, insn: str) -> OffsetResult:
+    res = OffsetResult(func, addr - sym_addr, addr, "ok", insn)
+    probes: list = []
+    factory = cfg.probe_factory or counting_kprobe
+
+    def setup(m: Machine) -> None:
+        probes.extend(factory(m, addr))
+    try:
+        outcome, _m = _run(cfg, image, setup)
+    except KprobeError as e:
+        res.verdict, res.detail = "rejected", f"-{errno.errorcode.get(e.errno, e.errno)}: {e.reason}"
+        return res
+    res.hits = sum(p.hits for p in probes)
+    res.post_hits = sum(getattr(p, "post_hits", 0) for p in probes)
+    res.nmissed = sum(p.nmissed for p in probes)
+    res.step = getattr(getattr(probes[0], "ainsn", None), "kind", "") if probes else ""
+    diff = outcome.first_difference(ref)
+    if diff is None and (addr in executed) != (res.hits > 0):
+        diff = f"hits={res.hits} but the unprobed run {'executed' if addr in executed else 'skipped'} it"
+    if diff is not None:
+        res.verdict, res.detail = "MISMATCH", diff
+    return res
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int]) -> None:
+    _WORKER.update(cfg=cfg, image=image, ref=ref, executed=executed)
+
+
+def _work(task: tuple[str, int, int, str]) -> OffsetResult:
+    w = _WORKER
+    return _check(w["cfg"], w["image"], w["ref"], w["executed"], *task)
+
+
+def sweep(cfg: SweepConfig) -> SweepResult:
+    from emu.arch import get_arch
+    image = load_elf(cfg.path, None if cfg.arch == "auto" else get_arch(cfg.arch))
+    symbols = SymbolTable(image.symbols)
+    funcs = [symbols.lookup(f) for f in cfg.funcs] if cfg.funcs else symbols.functions()
+    missing = [f for f, s in zip(cfg.funcs, funcs) if s is None]
+    if missing:
+        from emu.errors import UsageError
+        raise UsageError(f"unknown function(s): {', '.join(missing)}")
+    funcs = [f for f in funcs if f.size and _in_text(image, f)]
+    ref, _m = _run(cfg, image, None)
+    executed = _executed(cfg, image, [(f.addr, f.end) for f in funcs])
+    tasks = [(f.name, f.addr, a, text) for f in funcs for a, text in instruction_boundaries(image, f)]
+    if cfg.jobs > 1 and len(tasks) > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(cfg.jobs, _init_worker, (cfg, image, ref, executed)) as pool:
+            results = pool.map(_work, tasks, chunksize=max(1, len(tasks) // (cfg.jobs * 8)))
+    else:
+        _init_worker(cfg, image, ref, executed)
+        results = [_work(t) for t in tasks]
+    return SweepResult(image.path, image.arch.name, results)
+
+
+def _in_text(image: ElfImage, sym: Symbol) -> bool:
+    return any(s.vaddr <= sym.addr < s.vaddr + s.memsz and s.prot & 4 for s in image.segments)
+
+
+def format_table(result: SweepResult) -> str:
+    lines = [f"{'FUNCTION+OFF':<34} {'VERDICT':<9} {'STEP':<12} {'HITS':>8}  INSN / DETAIL"]
+    for r in result.results:
+        where = f"{r.function}+{r.offset:#x}"
+        tail = r.insn + (f"  [{r.detail}]" if r.detail else "")
+        lines.append(f"{where:<34} {r.verdict:<9} {r.step:<12} {r.hits:>8}  {tail}")
+    lines.append(f"checked {result.checked}, rejected {result.rejected}, mismatches {result.mismatches}")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Testing probe patching: a `ProbeLab` loads a guest (an ELF, or functions assembled with
+keystone), places probes that record what they saw, runs, and exposes the bytes before and
+after arming, the slot, the decode verdict. The assertion helpers fail with disassembly side
+by side. The pytest plugin (probes/pytest_plugin.py) hands these out as fixtures."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Callable
+
+from emu.arch import get_arch
+from emu.loader import Guest, GuestConfig, load_guest
+from emu.machine import Machine, RunResult
+from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
+from probes.kprobes import Kprobe, Kprobes, kprobes_of
+
+ASM_BASE = 0x40_0000
+ASM_DATA = 0x60_0000
+ASM_STACK_TOP = 0x80_0000
+HALT = {"arm64": "hlt #0", "x86_64": "hlt"}
+
+
+@dataclass
+class Hit:
+    """One handler call: which handler, the ip it saw and the registers asked for."""
+    handler: str
+    ip: int
+    regs: dict[str, int] = field(default_factory=dict)
+
+
+class ProbeLab:
+    def __init__(self, machine: Machine, stdout: io.BytesIO | None = None,
+                 stderr: io.BytesIO | None = None) -> None:
+        self.machine = machine
+        self._stdout, self._stderr = stdout, stderr
+        self.halt_addr: int | None = None
+        self.result: RunResult | None = None
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, *, argv: list[str] | tuple = (), bare: bool = False, arch: str = "auto",
+             stdin: bytes = b"", fs: str | None = None) -> "ProbeLab":
+        out, err = io.BytesIO(), io.BytesIO()
+        guest: Guest = load_guest(GuestConfig(path=str(path), arch=arch, bare=bare, argv=list(argv),
+                                              fs_root=fs), io.BytesIO(stdin), out, err)
+        return cls(guest.machine, out, err)
+
+    @classmethod
+    def from_asm(cls, arch: str, functions: dict[str, str], data: bytes = b"") -> "ProbeLab":
+        """Assemble each function (keystone syntax) one after another at ASM_BASE and name
+        it; `data` is mapped read-write at ASM_DATA. Calls return into a halt stub."""
+        import keystone
+        a = get_arch(arch)
+        ks = keystone.Ks(a.ks_arch, a.ks_mode)
+        m = Machine(a, stdout=io.BytesIO(), stderr=io.BytesIO())
+        m.memory.map(ASM_BASE, 0x10000, PROT_READ | PROT_EXEC, "asm:text")
+        m.memory.map(ASM_DATA, 0x10000, PROT_READ | PROT_WRITE, "asm:data")
+        m.memory.map(ASM_STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE, "[stack]")
+        addr = ASM_BASE
+        for name, source in [*functions.items(), ("__lab_halt", HALT[a.name])]:
+            code = bytes(ks.asm(source, addr)[0] or b"")
+            m.memory.write(addr, code)
+            m.symbols.add(name, addr, len(code), "func")
+            addr = (addr + len(code) + 15) & ~15
+        if data:
+            m.memory.write(ASM_DATA, data)
+        m.symbols.add("__lab_data", ASM_DATA, max(len(data), 1), "object")
+        lab = cls(m)
+        lab.halt_addr = m.symbols.lookup("__lab_halt").addr
+        m.sp = ASM_STACK_TOP - 0x100
+        return lab
+
+    # --- probes -----------------------------------------------------------------------------
+    @property
+    def kprobes(self) -> Kprobes:
+        return kprobes_of(self.machine)
+
+    def kprobe(self, where: str | int, *, pre: Callable | None = None, post: Callable | None = None,
+               fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True) -> Kprobe:
+        """A kprobe at SYM, SYM+OFF or an address that records each handler call in
+        `p.events` (with the registers named in `record`), then calls pre/post/fault."""
+        p = _kprobe_at(where)
+        p.events = []
+
+        def pre_handler(kp, regs):
+            kp.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
+            return pre(kp, regs) if pre else 0
+
+        def post_handler(kp, regs, flags):
+            kp.events.append(Hit("post", regs.ip, {r: regs[r] for r in record}))
+            if post:
+                post(kp, regs, flags)
+
+        def fault_handler(kp, regs, trapnr):
+            kp.events.append(Hit("fault", regs.ip))
+            return fault(kp, regs, trapnr) if fault else 0
+
+        p.pre_handler, p.post_handler, p.fault_handler = pre_handler, post_handler, fault_handler
+        if register:
+            self.kprobes.register_kprobe(p)
+        return p
+
+    # --- running ----------------------------------------------------------------------------
+    def run(self, max_insns: int = 0, timeout: float = 30.0) -> RunResult:
+        self.result = self.machine.run(max_insns=max_insns, timeout=timeout)
+        return self.result
+
+    def call(self, func: str | int, *args: int, regs: dict[str, int] | None = None,
+             timeout: float = 10.0) -> int:
+        """Call a guest function with integer arguments; returns its return value."""
+        m = self.machine
+        addr = func if isinstance(func, int) else m.symbols.lookup(func).addr
+        for name, value in zip(m.arch.args, args):
+            m.set_reg(name, value)
+        for name, value in (regs or {}).items():
+            m.set_reg(name, value)
+        ret = self.halt_addr if self.halt_addr is not None else 0
+        if m.arch.link is not None:
+            m.set_reg(m.arch.link, ret)
+        else:
+            m.sp = m.sp - 8
+            m.memory.write_u64(m.sp, ret)
+        self.result = m.run(begin=addr, timeout=timeout)
+        return m.return_value
+
+    @property
+    def stdout(self) -> bytes:
+        return self._stdout.getvalue() if self._stdout else self.machine.stdout.getvalue()
+
+    @property
+    def stderr(self) -> bytes:
+        return self._stderr.getvalue() if self._stderr else self.machine.stderr.getvalue()
+
+    # --- looking at the patch ---------------------------------------------------------------
+    def addr_of(self, where: str | int) -> int:
+        if isinstance(where, int):
+            return where
+        name, _, off = where.partition("+")
+        return self.machine.symbols.lookup(name).addr + (int(off, 0) if off else 0)
+
+    def text(self, where: str | int, size: int) -> bytes:
+        """Guest bytes now (what the guest itself would read)."""
+        return self.machine.memory.read(self.addr_of(where), size)
+
+    def original(self, where: str | int, size: int) -> bytes:
+        return self.machine.original_text(self.addr_of(where), size)
+
+    def slot(self, p: Kprobe) -> bytes:
+        return self.machine.memory.read(p.ainsn.slot, len(p.ainsn.slot_code)) if p.ainsn.slot else b""
+
+    def inspect(self, p: Kprobe | str | int) -> Inspection:
+        return inspect_kprobe(self.machine, p if isinstance(p, Kprobe) else _kprobe_at(p))
+
+    def disasm(self, where: str | int, size: int, original: bool = False) -> list[str]:
+        addr = self.addr_of(where)
+        code = self.original(addr, size) if original else self.text(addr, size)
+        return listing(self.machine, code, addr)
+
+
+def _kprobe_at(where: str | int) -> Kprobe:
+    if isinstance(where, int):
+        return Kprobe(addr=where)
+    name, _, off = where.partition("+")
+    return Kprobe(symbol_name=name, offset=int(off, 0) if off else 0)
+
+
+# --- assertions with disassembly in the failure message ----------------------------------------
+def _compare(lab: ProbeLab, addr: int, want: bytes, title: str) -> None:
+    got = lab.machine.memory.read(addr, len(want))
+    if got != want:
+        raise AssertionError(f"{title} at {addr:#x}: bytes {got.hex(' ')} != expected {want.hex(' ')}\n"
+                             + side_by_side("expected", listing(lab.machine, want, addr, 2),
+                                            "in guest memory", listing(lab.machine, got, addr, 2)))
+
+
+def assert_armed(lab: ProbeLab, p: Kprobe) -> None:
+    """The arch breakpoint stands at the probe address."""
+    _compare(lab, p.addr, lab.machine.arch.breakpoint, "probe not armed")
+
+
+def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
+    """The original bytes are back."""
+    _compare(lab, addr, original, "text not restored")
+
+
+def assert_slot_holds(lab: ProbeLab, p: Kprobe, insn: bytes) -> None:
+    """The out-of-line slot starts with `insn` (as copied, fixed for the slot)."""
+    if p.ainsn.slot is None:
+        raise AssertionError(f"probe at {p.addr:#x} has no slot (verdict {p.ainsn.kind})")
+    _compare(lab, p.ainsn.slot, insn, "slot contents")
+
+
+def assert_hits(p: Kprobe, hits: int, nmissed: int = 0) -> None:
+    if (p.hits, p.nmissed) != (hits, nmissed):
+        raise AssertionError(f"probe at {p.addr:#x} ({p.ainsn.mnemonic if p.ainsn else '?'}): "
+                             f"hits={p.hits} nmissed={p.nmissed}, expected hits={hits} nmissed={nmissed}")
+
+
+def assert_same_run(probed: ProbeLab, plain: ProbeLab) -> None:
+    """A probe must not change what the guest did: exit, stdout, stderr."""
+    a, b = probed.result, plain.result
+    if (a.reason, a.exit_code) != (b.reason, b.exit_code):
+        raise AssertionError(f"probed run stopped with {a.reason.value}/{a.exit_code} ({a.message}), "
+                             f"unprobed with {b.reason.value}/{b.exit_code} ({b.message})")
+    if probed.stdout != plain.stdout:
+        raise AssertionError(f"stdout differs:\n--- probed\n{probed.stdout[-400:]!r}\n"
+                             f"--- unprobed\n{plain.stdout[-400:]!r}")
+    if probed.stderr != plain.stderr:
+        raise AssertionError("stderr differs")
