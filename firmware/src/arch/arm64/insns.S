@@ -57,6 +57,8 @@ ENDF(t_ldr_lit)
 
 /* literal placed *before* t_ldr_lit_w: negative imm19 */
 	.p2align 3
+	.type	t_ldr_lit_w_data, %object
+	.size	t_ldr_lit_w_data, 8
 t_ldr_lit_w_data:
 	.word	0xdeadbeef
 	.word	0
