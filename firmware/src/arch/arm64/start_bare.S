@@ -31,4 +31,13 @@ _start:
 	.size	_start, . - _start
 	.ltorg
 
+/* Always present so the RW PT_LOAD segment is never empty. */
+	.data
+	.p2align 3
+	.globl	boot_magic
+	.type	boot_magic, %object
+boot_magic:
+	.ascii	"kprobemu"
+	.size	boot_magic, 8
+
 	.section .note.GNU-stack, "", %progbits

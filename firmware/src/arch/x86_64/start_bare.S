@@ -22,4 +22,13 @@ _start:
 	jmp	1b
 	.size	_start, . - _start
 
+/* Always present so the RW PT_LOAD segment is never empty. */
+	.data
+	.p2align 3
+	.globl	boot_magic
+	.type	boot_magic, @object
+boot_magic:
+	.ascii	"kprobemu"
+	.size	boot_magic, 8
+
 	.section .note.GNU-stack, "", @progbits
