@@ -20,7 +20,7 @@ from .disasm import format_insn
 from .errors import BpfRuntimeError
 from .helpers import BpfFuncProto
 from .isa import (
-    BPF_ADD, BPF_ALU, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_DW,
+    BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV,
     BPF_FETCH, BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE,
     BPF_JSET, BPF_JSGE, BPF_JSGT, BPF_JSLE, BPF_JSLT, BPF_LOAD_ACQ, BPF_LSH,
     BPF_MOD, BPF_MOV, BPF_MUL, BPF_OR, BPF_PSEUDO_BTF_ID, BPF_PSEUDO_FUNC,
@@ -146,6 +146,13 @@ class Interpreter:
     def execute(self, r1: int, r2: int = 0) -> int:
         self.regs[1], self.regs[2] = r1, r2
         self.regs[10] = self.run.new_stack()
+        return self.resume()
+
+    def resume(self, catch_exit: bool = True) -> int:
+        """Run from ``pc`` with the current registers until the program ends.
+        The compiled path resumes here to stop at exactly the instruction
+        that exhausts the budget; it wants a failed LD_ABS passed up
+        (``catch_exit=False``)."""
         run = self.run
         try:
             while self.result is None:
@@ -155,6 +162,8 @@ class Interpreter:
                 insn = self.prog.insns[self.pc]
                 HANDLERS[insn.code](self, insn)
         except ProgramExit as e:
+            if not catch_exit:
+                raise
             return e.r0
         except (MemoryFault, GuestFault) as e:
             self._fail(str(e))
@@ -205,7 +214,7 @@ def _do_end(vm: Interpreter, insn: Insn) -> None:
 def _do_ldx(vm: Interpreter, insn: Insn) -> None:
     size = SIZE_BYTES[insn.size]
     v = vm.run.mem.load((vm.regs[insn.src_reg] + insn.off) & U64, size)
-    if insn.kind_sx if False else OPCODES[insn.code].kind == "ldxsx":
+    if OPCODES[insn.code].kind == "ldxsx":
         v = _signed(v, size * 8) & U64
     vm.regs[insn.dst_reg] = v
     vm.pc += 1
@@ -353,5 +362,3 @@ _BY_KIND: dict[str, Callable[[Interpreter, Insn], None]] = {
 }
 HANDLERS: dict[int, Callable[[Interpreter, Insn], None]] = {
     code: _BY_KIND[spec.kind] for code, spec in OPCODES.items()}
-
-_ = (BPF_ALU, BPF_DW)  # kept importable for readers comparing with isa.py
