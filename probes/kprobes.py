@@ -104,6 +104,8 @@ class Kprobes:
             self._register_aggr(old, p)
         else:
             self.arch.prepare(p)
+            if p.ainsn.ss_trap is not None:
+                self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
             self.table[addr] = p
             if not p.disabled():
                 self._arm(p)
@@ -273,6 +275,8 @@ class Kprobes:
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)
+        if top.ainsn.ss_trap is not None:
+            self.m.unregister_break_addr(top.ainsn.ss_trap)
         self.arch.remove(top)
         del self.table[top.addr]
 
@@ -287,23 +291,27 @@ class Kprobes:
 
     # --- the hit path -----------------------------------------------------------------------
     def kprobe_handler(self, addr: int) -> bool:
-        """The breakpoint at a probe's address trapped (kprobe_handler/kprobe_int3_handler)."""
+        """The breakpoint at a probe's address trapped (kprobe_handler/kprobe_int3_handler).
+        This is the hot path: registers are touched only when a handler or the arch needs
+        them."""
         p = self.table.get(addr)
         if p is None:
             return False
         kcb = self.kcb
-        regs = PtRegs(self.m, self.arch.handler_ip(p))
         if kcb.current is not None:
-            self._reenter(p, regs)
+            self._reenter(p, PtRegs(self.m, self.arch.handler_ip(p)))
             return True
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
         if not p.is_aggr:
             p.hits += 1
-        if p.pre_handler is not None and p.pre_handler(p, regs):
-            # The handler set ip itself: no single-step, no post handler.
-            regs.flush()
-            kcb.current, kcb.status = None, 0
-            return True
+        regs = None
+        if p.pre_handler is not None:
+            regs = PtRegs(self.m, self.arch.handler_ip(p))
+            if p.pre_handler(p, regs):
+                # The handler set ip itself: no single-step, no post handler.
+                regs.flush()
+                kcb.current, kcb.status = None, 0
+                return True
         self._setup_singlestep(p, regs, reenter=False)
         return True
 
@@ -324,35 +332,39 @@ class Kprobes:
             for kp in p.list:
                 kp.nmissed += 1
 
-    def _setup_singlestep(self, p: Kprobe, regs: PtRegs, reenter: bool) -> None:
-        if self.arch.simulate(p, regs):          # simulated/emulated: done already
+    def _setup_singlestep(self, p: Kprobe, regs: PtRegs | None, reenter: bool) -> None:
+        ainsn = p.ainsn
+        if ainsn.handler is not None:           # simulated/emulated: done right here
+            if regs is None:
+                regs = PtRegs(self.m, self.arch.handler_ip(p))
+            ainsn.handler(p, regs)
             regs.flush()
             self._post_kprobe(p, regs)
             return
         if not reenter:
             self.kcb.status = KPROBE_HIT_SS
-        self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
-        self.arch.prepare_step(p, regs)
-        regs.flush()
+        if regs is not None:
+            regs.flush()
+        self.m.pc = ainsn.slot                  # arch_prepare_ss: run the slot
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER) or p.ainsn.ss_trap != addr:
             return False
-        regs = PtRegs(self.m)
-        self.arch.resume_after_step(p, regs)
-        regs.flush()
-        self._post_kprobe(p, regs)
+        self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
+        self._post_kprobe(p, None)
         return True
 
-    def _post_kprobe(self, p: Kprobe, regs: PtRegs) -> None:
+    def _post_kprobe(self, p: Kprobe, regs: PtRegs | None) -> None:
         kcb = self.kcb
         if kcb.status == KPROBE_REENTER:
             kcb.restore()
             return
         kcb.status = KPROBE_HIT_SSDONE
         if p.post_handler is not None:
+            if regs is None:
+                regs = PtRegs(self.m)
             p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
             regs.flush()
         kcb.current, kcb.status = None, 0

@@ -107,6 +107,11 @@ class PtRegs:
             write(ids[name], self._cache[name])
         self._dirty.clear()
 
+    def refresh(self) -> None:
+        """Forget cached values (after something else wrote the CPU's registers)."""
+        self.flush()
+        self._cache.clear()
+
     def snapshot(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
         return {n: self[n] for n in (names or tuple(self._arch.regs))}
 

@@ -19,6 +19,7 @@ ASM_BASE = 0x40_0000
 ASM_DATA = 0x60_0000
 ASM_STACK_TOP = 0x80_0000
 HALT = {"arm64": "hlt #0", "x86_64": "hlt"}
+HALT_BYTES = {"arm64": (0xD4400000).to_bytes(4, "little"), "x86_64": b"\xf4"}
 
 
 @dataclass
@@ -115,7 +116,9 @@ class ProbeLab:
             m.set_reg(name, value)
         for name, value in (regs or {}).items():
             m.set_reg(name, value)
-        ret = self.halt_addr if self.halt_addr is not None else 0
+        if self.halt_addr is None:
+            self.halt_addr = self._map_halt_stub()
+        ret = self.halt_addr
         if m.arch.link is not None:
             m.set_reg(m.arch.link, ret)
         else:
@@ -123,6 +126,15 @@ class ProbeLab:
             m.memory.write_u64(m.sp, ret)
         self.result = m.run(begin=addr, timeout=timeout)
         return m.return_value
+
+    def _map_halt_stub(self) -> int:
+        """A page holding the arch's halt instruction, for calls into a loaded ELF."""
+        from probes.insn_slots import place_near
+        m = self.machine
+        page = place_near(m, m.entry or m.pc, 0x1000)
+        m.memory.map(page, 0x1000, PROT_READ | PROT_EXEC, "[lab halt stub]")
+        m.memory.write(page, HALT_BYTES[m.arch.name])
+        return page
 
     @property
     def stdout(self) -> bytes:

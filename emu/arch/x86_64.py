@@ -52,8 +52,17 @@ class X86_64Arch(Arch):
                 m.on_cpu_exception(addr, intno)
 
         m.hooks.intr(on_intr)
-        m.hooks.insn_syscall(m.on_syscall, X.UC_X86_INS_SYSCALL)
         rax, rdx, rcx = self.regs["rax"], self.regs["rdx"], self.regs["rcx"]
+        r11, rflags = self.regs["r11"], self.regs["rflags"]
+
+        def on_syscall() -> None:
+            # The CPU's side of `syscall`, which Unicorn's hook skips: RCX = return
+            # address, R11 = RFLAGS (Linux returns with both clobbered).
+            regs.write(rcx, regs.read(rip) + 2)
+            regs.write(r11, regs.read(rflags))
+            m.on_syscall()
+
+        m.hooks.insn_syscall(on_syscall, X.UC_X86_INS_SYSCALL)
 
         def tsc(with_aux: bool):
             def read() -> int:

@@ -90,25 +90,11 @@ class BreakpointKprobes:
     def remove(self, p: "Kprobe") -> None:
         insn = p.ainsn
         if insn is not None and insn.slot is not None:
-            self.m.unregister_break_addr(insn.ss_trap)
             self.slots.put(insn.slot)
             insn.slot = None
 
     def handler_ip(self, p: "Kprobe") -> int:
         return p.addr + self.handler_ip_offset
-
-    def simulate(self, p: "Kprobe", regs: "PtRegs") -> bool:
-        handler = p.ainsn.handler
-        if handler is None:
-            return False
-        handler(p, regs)
-        return True
-
-    def prepare_step(self, p: "Kprobe", regs: "PtRegs") -> None:
-        regs.ip = p.ainsn.slot
-
-    def resume_after_step(self, p: "Kprobe", regs: "PtRegs") -> None:
-        regs.ip = p.addr + p.ainsn.length
 
     def in_slot(self, p: "Kprobe", addr: int) -> bool:
         slot = p.ainsn.slot

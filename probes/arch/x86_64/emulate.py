@@ -111,3 +111,16 @@ def make_ifmodifier(op: int) -> Callable:
             regs.flags = _pop(regs)
         regs.ip = _next(p)
     return kprobe_emulate_ifmodifiers
+
+
+def make_syscall() -> Callable:
+    """`syscall` served in place (our deviation): stepped in a slot, RCX would receive the
+    slot's address, which a user-mode guest can see; the kernel never meets it in its text."""
+    def kprobe_emulate_syscall(p: "Kprobe", regs: "PtRegs") -> None:
+        regs["rcx"] = _next(p)              # what the CPU does for `syscall` (see emu/arch)
+        regs["r11"] = regs.flags
+        regs.ip = _next(p)
+        regs.flush()
+        regs.machine.on_syscall()
+        regs.refresh()
+    return kprobe_emulate_syscall

@@ -93,6 +93,8 @@ class X86Kprobes(BreakpointKprobes):
             op2 = insn.opcode[1]
             if op2 & 0xF0 == 0x80:
                 return em.make_jcc(op2 & 0xF, rel(4))
+            if op2 == 0x05:
+                return em.make_syscall()
             if op2 == 0x01 and insn.modrm is not None and modrm_reg(insn.modrm) == 0 \
                     and modrm_mod(insn.modrm) == 3:
                 raise refuse("VM extension instruction")
