@@ -17,6 +17,11 @@ class Clock:
     counter_hz: int = 25_000_000        # arm64 generic timer (cntfrq_el0)
     syscall_cost: int = 1_000           # cycles a syscall round trip adds (modelling choice)
     counter_read_cost: int = 20         # keeps consecutive counter reads strictly increasing
+    # Costs the probe layer charges (the cycle model's CPU profile replaces these):
+    exc_entry: int = 100                # taking a trap (BRK / int3)
+    exc_return: int = 100               # returning from it
+    single_step: int = 150              # the extra of an out-of-line single-step round trip
+    handler_cost: int = 200             # a host (Python) handler, per call: a modelling choice
     cycles: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 

@@ -297,7 +297,8 @@ class Kprobes:
         p = self.table.get(addr)
         if p is None:
             return False
-        kcb = self.kcb
+        kcb, clock = self.kcb, self.m.clock
+        clock.advance(clock.exc_entry + clock.exc_return, "trap")
         if kcb.current is not None:
             self._reenter(p, PtRegs(self.m, self.arch.handler_ip(p)))
             return True
@@ -306,6 +307,7 @@ class Kprobes:
             p.hits += 1
         regs = None
         if p.pre_handler is not None:
+            clock.advance(clock.handler_cost, "handler")
             regs = PtRegs(self.m, self.arch.handler_ip(p))
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
@@ -352,6 +354,8 @@ class Kprobes:
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER) or p.ainsn.ss_trap != addr:
             return False
+        clock = self.m.clock
+        clock.advance(clock.exc_entry + clock.exc_return + clock.single_step, "step")
         self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
         self._post_kprobe(p, None)
         return True
@@ -363,6 +367,7 @@ class Kprobes:
             return
         kcb.status = KPROBE_HIT_SSDONE
         if p.post_handler is not None:
+            self.m.clock.advance(self.m.clock.handler_cost, "handler")
             if regs is None:
                 regs = PtRegs(self.m)
             p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
