@@ -194,6 +194,17 @@ class Machine:
     def unregister_break_addr(self, addr: int) -> None:
         self.break_addrs.pop(addr, None)
 
+    def add_host_entry(self, addr: int, fn: Callable[[int], None]) -> int:
+        """Enter host code when the guest reaches `addr`, an address of a trampoline or
+        detour the caller wrote into the guest (never a probed address: probes trap).
+        Returns a handle for remove_host_entry."""
+        handle = self.hooks.code(lambda a, _size: fn(a), addr, addr)
+        self.uc.ctl_remove_cache(addr, addr + 1)     # a new hook on cached code (notes rule 3)
+        return handle
+
+    def remove_host_entry(self, handle: int) -> None:
+        self.hooks.delete(handle)
+
     def on_break(self, addr: int, code: int | None = None) -> None:
         handler = self.break_addrs.get(addr)
         if handler is not None and handler(addr):

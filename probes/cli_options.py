@@ -12,6 +12,8 @@ from probes.kprobes import Kprobe, Kprobes, kprobes_of
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kprobe", action="append", default=[], metavar="SYM[+OFF]|ADDR",
                    help="place a kprobe (repeatable)")
+    p.add_argument("--kretprobe", action="append", default=[], metavar="SYM|ADDR",
+                   help="place a return probe on a function (repeatable)")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.append(attach_from_args)
 
@@ -32,12 +34,32 @@ def kprobe_from_spec(spec: str) -> Kprobe:
 
 def attach_from_args(session: Session, args) -> None:
     specs = getattr(args, "kprobe", None) or []
-    if not specs:
+    rspecs = getattr(args, "kretprobe", None) or []
+    if not specs and not rspecs:
         return
     kp = kprobes_of(session.machine)
     for spec in specs:
         kp.register_kprobe(kprobe_from_spec(spec))
+    if rspecs:
+        from probes.kretprobes import Kretprobe, kretprobes_of
+        krp = kretprobes_of(session.machine)
+        for spec in rspecs:
+            krp.register_kretprobe(Kretprobe(kp=kprobe_from_spec(spec)))
     session.attach(ProbeReport(kp))
+
+
+def probe_kind(p: Kprobe) -> str:
+    """kprobe, kretprobe, boosted, optimized, ftrace: what `emu inspect` and --stats call it."""
+    if p.kretprobe is not None:
+        return "kretprobe"
+    ainsn = p.ainsn
+    if getattr(ainsn, "optimized", False):
+        return "optimized"
+    if getattr(ainsn, "ftrace", False):
+        return "ftrace"
+    if getattr(ainsn, "boosted", False):
+        return "boosted"
+    return "kprobe"
 
 
 class ProbeReport:
@@ -50,20 +72,24 @@ class ProbeReport:
         syms, rows = self.kp.m.symbols, []
         for p in self.kp.probes():
             sym = syms.find(p.addr)
-            rows.append({
+            row = {
                 "symbol": sym.name if sym else None,
                 "offset": p.addr - sym.addr if sym else None,
-                "addr": p.addr, "kind": "kprobe", "step": p.ainsn.kind,
+                "addr": p.addr, "kind": probe_kind(p), "step": p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
-            })
+            }
+            if p.kretprobe is not None:
+                row["returns"] = p.kretprobe.hits
+                row["nmissed"] = p.nmissed + p.kretprobe.nmissed   # as kprobe_profile
+            rows.append(row)
         return rows
 
     def report(self, out: IO[str]) -> None:
         rows = self.rows()
-        out.write(f"{'PROBE':<32} {'ADDR':>18}  {'KIND':<8} {'STEP':<12} {'HITS':>10} {'NMISSED':>8}\n")
+        out.write(f"{'PROBE':<32} {'ADDR':>18}  {'KIND':<10} {'STEP':<12} {'HITS':>10} {'NMISSED':>8}\n")
         for r in rows:
             name = f"{r['symbol']}+{r['offset']:#x}" if r["symbol"] else f"{r['addr']:#x}"
-            out.write(f"{name:<32} {r['addr']:>#18x}  {r['kind']:<8} {r['step']:<12} "
+            out.write(f"{name:<32} {r['addr']:>#18x}  {r['kind']:<10} {r['step']:<12} "
                       f"{r['hits']:>10} {r['nmissed']:>8}\n")
 
     def stats(self) -> dict[str, Any]:

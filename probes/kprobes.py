@@ -53,6 +53,7 @@ class Kprobe:
     hits: int = 0
     list: list["Kprobe"] = field(default_factory=list)     # children, if an aggregator
     is_aggr: bool = False
+    kretprobe: Any = None                                   # the Kretprobe this entry serves
 
     def disabled(self) -> bool:
         """kprobe_disabled()"""

@@ -15,13 +15,15 @@ if TYPE_CHECKING:
 class PtRegs:
     __slots__ = ("_m", "_arch", "_cache", "_dirty", "_ip_override")
 
-    def __init__(self, machine: "Machine", ip: int | None = None) -> None:
+    def __init__(self, machine: "Machine", ip: int | None = None, sp: int | None = None) -> None:
         self._m = machine
         self._arch = machine.arch
         self._cache: dict[str, int] = {}
         self._dirty: set[str] = set()
         if ip is not None:                         # the ip handlers see (kernel convention)
             self._cache[self._arch.pc] = ip
+        if sp is not None:                         # sp as saved by a trampoline's frame
+            self._cache[self._arch.sp] = sp
 
     def _name(self, name: str) -> str:
         return self._arch.aliases.get(name, name)

@@ -49,6 +49,8 @@ class BreakpointKprobes:
         self.m = machine
         self.breakpoint = machine.arch.breakpoint
         self.slots = InsnSlots(machine, self.slot_size)
+        # Trampolines and detour buffers: return trampoline, optprobe detours, ftrace.
+        self.tramps = InsnSlots(machine, 64, name="[kprobe trampolines]")
 
     # --- supplied by the arch ---------------------------------------------------------------
     ss_break: bytes = b""
@@ -101,7 +103,29 @@ class BreakpointKprobes:
         return slot is not None and slot <= addr < slot + self.slot_size
 
     def owns(self, addr: int) -> bool:
-        return self.slots.owns(addr)
+        return self.slots.owns(addr) or self.tramps.owns(addr)
+
+    # --- kretprobe support ------------------------------------------------------------------
+    kretprobe_trampoline_code: bytes = b""
+
+    def map_kretprobe_trampoline(self, handler: Callable[[int], bool]) -> int:
+        """Write the return trampoline into a probe-layer page; returns its address."""
+        addr = self.tramps.get(near=self.m.entry or self.m.pc)
+        self.m.text_poke(addr, self.kretprobe_trampoline_code)
+        self.enter_trampoline(addr, handler)
+        return addr
+
+    def enter_trampoline(self, addr: int, handler: Callable[[int], bool]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def arch_prepare_kretprobe(self, ri, regs: "PtRegs", trampoline: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def kretprobe_frame(self, m: Machine) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def charge_kretprobe_return(self, m: Machine) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
 def reject(err: int, reason: str, addr: int) -> KprobeError:

@@ -18,6 +18,8 @@ from .errors import AsmError
 
 _KNOWN = {"asm", "raw", "mem", "result", "error", "error pattern", "c", "no register offset",
           "no jit", "description", "reload", "unload"}
+# sections of this project's own case tables (tests/data/bpf/*.cases)
+_EXTENSIONS = {"type", "maps", "name"}
 
 
 @dataclass
@@ -76,17 +78,23 @@ def parse_raw(lines: list[str]) -> bytes:
     return bytes(out)
 
 
-def parse_data_file(path: str | Path) -> DataFile:
+def parse_data_file(path: str | Path, extensions: bool = False) -> DataFile:
     """Parse one ``.data`` file; raise AsmError for an unknown directive."""
     path = Path(path)
+    return parse_data_text(path.read_text(), path, extensions)
+
+
+def parse_data_text(text: str, path: Path, extensions: bool = False,
+                    first_line: int = 1) -> DataFile:
     df = DataFile(path)
+    known = _KNOWN | _EXTENSIONS if extensions else _KNOWN
     current: list[str] | None = None
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), first_line):
         line = raw.split("#", 1)[0].rstrip()
         if line.lstrip().startswith("--"):
             name, _, side = line.strip()[2:].strip().partition("@")
             name = name.strip()
-            if name not in _KNOWN:
+            if name not in known:
                 raise AsmError(f"unknown directive {line.strip()!r}", lineno)
             if name in ("reload", "unload"):
                 df.flags.add(name)
@@ -98,3 +106,20 @@ def parse_data_file(path: str | Path) -> DataFile:
         if current is not None and line.strip():
             current.append(line.strip())
     return df
+
+
+def parse_case_table(path: str | Path) -> list[tuple[str, DataFile]]:
+    """A table of cases in one file: each starts with ``=== name`` and holds
+    ``.data`` sections plus ``-- type`` (program type) and ``-- maps``
+    (lines ``fd type key_size value_size max_entries [flags]``)."""
+    path = Path(path)
+    cases: list[tuple[str, DataFile]] = []
+    name, start, lines = None, 0, []
+    for lineno, line in enumerate(path.read_text().splitlines() + ["=== "], 1):
+        if line.startswith("=== "):
+            if name is not None:
+                cases.append((name, parse_data_text("\n".join(lines), path, True, start)))
+            name, start, lines = line[4:].strip(), lineno + 1, []
+        elif name is not None:
+            lines.append(line)
+    return cases

@@ -325,9 +325,9 @@ _PROTOS = [
                  (A.ARG_CONST_MAP_PTR, A.ARG_PTR_TO_MAP_KEY)),
     BpfFuncProto(4, "probe_read", _probe_read, _MEM_SIZE, gpl_only=True),
     BpfFuncProto(5, "ktime_get_ns", _ktime),
-    BpfFuncProto(6, "trace_printk", _trace_printk,
-                 (A.ARG_PTR_TO_MEM, A.ARG_CONST_SIZE, A.ARG_ANYTHING, A.ARG_ANYTHING,
-                  A.ARG_ANYTHING), gpl_only=True),
+    # r3-r5 are variadic: the kernel's proto leaves them unchecked
+    BpfFuncProto(6, "trace_printk", _trace_printk, (A.ARG_PTR_TO_MEM, A.ARG_CONST_SIZE),
+                 gpl_only=True),
     BpfFuncProto(7, "get_prandom_u32", _prandom),
     BpfFuncProto(8, "get_smp_processor_id", _cpu),
     BpfFuncProto(12, "tail_call", _tail_call,

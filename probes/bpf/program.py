@@ -31,18 +31,22 @@ class BpfProg:
     Attributes: ``insns`` (slots after relocation), ``prog_type``,
     ``name``, ``maps`` (fd -> BpfMap, what lddw map_fd immediates refer
     to), ``license``, ``section`` (ELF section it came from), ``helpers``
-    (id -> proto), ``fd``, ``verifier_log`` (after ``load``).
+    (id -> proto), ``fd``, ``attach_kind``/``attach_point`` (from the
+    section name: "kprobe"/"do_sys_openat2", "tracepoint"/"syscalls/..."),
+    ``verifier_log`` (after ``load``).
     """
 
-    insns: list[Insn]
+    insns: list[Insn] = field(repr=False)
     prog_type: BpfProgType = BpfProgType.BPF_PROG_TYPE_UNSPEC
     name: str = ""
-    maps: dict[int, BpfMap] = field(default_factory=dict)
+    maps: dict[int, BpfMap] = field(default_factory=dict, repr=False)
     license: str = ""
     section: str = ""
-    helpers: dict[int, BpfFuncProto] = field(default_factory=lambda: KERNEL_HELPERS)
+    helpers: dict[int, BpfFuncProto] = field(default_factory=lambda: KERNEL_HELPERS, repr=False)
     fd: int | None = None
-    verifier_log: str = ""
+    attach_kind: str = ""
+    attach_point: str = ""
+    verifier_log: str = field(default="", repr=False)
     loaded: bool = False
     _compiled: Any = field(default=None, repr=False)
 

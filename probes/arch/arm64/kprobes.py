@@ -16,6 +16,7 @@ from probes.arch.common import KIND_SIMULATE, KIND_SLOT, ArchSpecificInsn, Break
 
 BRK64_OPCODE_KPROBES = 0xD4200080
 BRK64_OPCODE_KPROBES_SS = 0xD42000C0
+BRK64_OPCODE_KRETPROBES = 0xD42000E0
 
 
 class Arm64Kprobes(BreakpointKprobes):
@@ -25,6 +26,22 @@ class Arm64Kprobes(BreakpointKprobes):
     def __init__(self, machine: Machine) -> None:
         super().__init__(machine)
         self._cs = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+
+    kretprobe_trampoline_code = BRK64_OPCODE_KRETPROBES.to_bytes(4, "little")
+
+    def enter_trampoline(self, addr: int, handler) -> None:
+        self.m.register_break_addr(addr, handler)            # BRK #7 traps
+
+    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> None:
+        ri.ret_addr = regs["x30"]
+        ri.fp = regs["x29"]
+        regs["x30"] = trampoline
+
+    def kretprobe_frame(self, m: Machine) -> int:
+        return m.reg("x29")
+
+    def charge_kretprobe_return(self, m: Machine) -> None:
+        m.clock.advance(m.clock.exc_entry + m.clock.exc_return, "trap")
 
     def mnemonic(self, word: int, addr: int) -> str:
         for insn in self._cs.disasm(word.to_bytes(4, "little"), addr, 1):

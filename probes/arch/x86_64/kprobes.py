@@ -23,6 +23,26 @@ class X86Kprobes(BreakpointKprobes):
         super().__init__(machine)
         self.decoder = X86Decoder()
 
+    # The rethook trampoline is entered from guest code, without a trap; its byte is an
+    # int3 so that reaching it without the host entry would still stop loudly.
+    kretprobe_trampoline_code = b"\xcc"
+
+    def enter_trampoline(self, addr: int, handler) -> None:
+        self.m.add_host_entry(addr, handler)
+
+    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> None:
+        sp = regs.sp
+        mem = self.m.memory
+        ri.ret_addr = mem.read_u64(sp)
+        ri.fp = sp
+        mem.write_u64(sp, trampoline)
+
+    def kretprobe_frame(self, m) -> int:
+        return m.sp - 8                      # `ret` popped the slot the entry hijacked
+
+    def charge_kretprobe_return(self, m) -> None:
+        m.clock.advance(getattr(m.clock, "detour_cost", 40), "detour")
+
     def adjust_kprobe_addr(self, addr: int, sym: Symbol) -> tuple[int, bool]:
         """IBT: offsets 0 and 4 of a function starting with ENDBR both mean its entry."""
         offset = addr - sym.addr

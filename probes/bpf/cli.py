@@ -1,0 +1,156 @@
+"""``emu bpf``: run, disassemble and verify BPF programs from the shell.
+
+    emu bpf run    (--asm FILE | --hex HEX | --obj FILE.o --prog NAME) [--mem HEX]
+    emu bpf disasm (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--llvm]
+    emu bpf verify (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--type TYPE]
+
+``--asm`` also takes a conformance ``.data`` file (its program, and its
+memory unless ``--mem`` is given). Errors are one line on stderr; ``run``
+and ``verify`` exit 1 when the program is refused or faults.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .asm import assemble
+from .datafile import parse_data_file
+from .disasm import disassemble, disassemble_llvm
+from .errors import BpfError, VerifierError
+from .program import BpfProg
+from .prog_types import BpfProgType
+
+_TYPES = {t.name[len("BPF_PROG_TYPE_"):].lower(): t for t in BpfProgType}
+
+
+def _source_options(p: argparse.ArgumentParser, prog_required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--asm", metavar="FILE", help="assembler text (or a conformance .data file)")
+    src.add_argument("--hex", metavar="HEX", help="bytecode as hex (spaces allowed)")
+    src.add_argument("--obj", metavar="FILE.o", help="a clang -target bpf object")
+    p.add_argument("--prog", metavar="NAME", required=False,
+                   help="program name in --obj" + (" (required)" if prog_required else ""))
+    p.add_argument("--type", choices=sorted(_TYPES), default="unspec",
+                   help="program type for --asm/--hex (default: unspec, the conformance type)")
+
+
+class _Input:
+    """The programs named on the command line and the memory to run them on."""
+
+    def __init__(self, progs: list[BpfProg], mem: bytes):
+        self.progs, self.mem = progs, mem
+
+
+def _read_input(args: argparse.Namespace, want_one: bool) -> _Input:
+    ptype = _TYPES[args.type]
+    mem = b""
+    if args.obj:
+        from .loader import load_object
+
+        obj = load_object(args.obj, verify=False)
+        if args.prog:
+            if args.prog not in obj.programs:
+                raise BpfError(f"{args.obj}: no program {args.prog!r} "
+                               f"(has {', '.join(obj.programs)})")
+            progs = [obj.programs[args.prog]]
+        elif want_one:
+            raise BpfError(f"--prog is required with --obj (programs: {', '.join(obj.programs)})")
+        else:
+            progs = list(obj.programs.values())
+        return _Input(progs, mem)
+    if args.hex is not None:
+        code = bytes.fromhex("".join(args.hex.split()))
+    elif args.asm.endswith(".data"):
+        df = parse_data_file(args.asm)
+        code = assemble(df.asm) if df.asm is not None else (df.raw or b"")
+        mem = df.mem
+    else:
+        with open(args.asm) as f:
+            code = assemble(f.read())
+    return _Input([BpfProg.from_bytes(code, prog_type=ptype, name=args.prog or "")], mem)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    inp = _read_input(args, want_one=True)
+    mem = bytes.fromhex("".join(args.mem.split())) if args.mem is not None else inp.mem
+    result = inp.progs[0].run(bytearray(mem), engine=args.engine)
+    print(f"r0 = {result:#x}")
+    return 0
+
+
+def cmd_disasm(args: argparse.Namespace) -> int:
+    for prog in _read_input(args, want_one=False).progs:
+        if prog.section:
+            print(f"Disassembly of {prog.name} ({prog.section}):")
+        print(disassemble_llvm(prog.insns) if args.llvm else disassemble(prog.insns), end="")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    status = 0
+    for prog in _read_input(args, want_one=False).progs:
+        try:
+            print(prog.load(log_level=1 if args.verbose else 0))
+            print(f"{prog.name or 'program'}: accepted")
+        except VerifierError as e:
+            print(e.log)
+            print(f"{prog.name or 'program'}: refused: {e.reason}")
+            status = 1
+    return status
+
+
+def add_subcommands(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``bpf run|disasm|verify`` to a parser's subcommands."""
+    bpf = subparsers.add_parser("bpf", help="run, disassemble and verify BPF programs")
+    sub = bpf.add_subparsers(dest="bpf_command", required=True)
+    run = sub.add_parser("run", help="verify and run a program, print r0")
+    _source_options(run, prog_required=True)
+    run.add_argument("--mem", metavar="HEX", help="memory passed in r1 (its length in r2)")
+    run.add_argument("--engine", choices=("jit", "interp"), default="jit")
+    run.set_defaults(func=_guarded(cmd_run))
+    dis = sub.add_parser("disasm", help="disassemble a program")
+    _source_options(dis, prog_required=False)
+    dis.add_argument("--llvm", action="store_true", help="llvm-objdump style listing")
+    dis.set_defaults(func=_guarded(cmd_disasm))
+    ver = sub.add_parser("verify", help="print the verifier log; exit 1 when refused")
+    _source_options(ver, prog_required=False)
+    ver.add_argument("-v", "--verbose", action="store_true", help="list every instruction")
+    ver.set_defaults(func=_guarded(cmd_verify))
+
+
+def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn errors into one line on stderr and exit status 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except BpfError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+            return 1
+        except ValueError as e:  # bad --hex / --mem text
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    run.__name__ = cmd.__name__
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: ``main(["bpf", "run", "--hex", "..."])`` (the
+    leading "bpf" may be left out)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "bpf":
+        argv.insert(0, "bpf")
+    parser = argparse.ArgumentParser(prog="emu")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

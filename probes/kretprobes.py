@@ -1,0 +1,163 @@
+"""Return probes (kernel/kprobes.c kretprobe part; x86 rethook semantics).
+
+A kretprobe is a kprobe at function entry whose pre handler takes an instance from the
+probe's pool, saves the real return address (arm64 x30 / x86 the word at sp) and replaces
+it with the address of a return trampoline the layer mapped into the guest. When the
+function returns there, the trampoline handler finds the instances of this frame on the
+task's LIFO list, runs their handlers with the return value, and resumes at the real
+return address. arm64's trampoline is `BRK #7` (classic kretprobe); x86's is entered
+through a host entry on the trampoline address (rethook has no trap)."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from emu.machine import Machine
+from probes.errors import KprobeError
+from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.regs import PtRegs
+
+KRETPROBE_MAXACTIVE_MAX = 4096
+KRETPROBE_DATA_MAX = 4096
+NUM_POSSIBLE_CPUS = 1
+
+
+@dataclass(eq=False)
+class KretprobeInstance:
+    """struct kretprobe_instance: one pending return of one call."""
+    rp: "Kretprobe"
+    ret_addr: int = 0
+    fp: int = 0                 # the frame key: arm64 x29, x86 the return-address slot
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(eq=False)
+class Kretprobe:
+    """struct kretprobe. Give the function in `kp` (symbol_name or addr, offset 0)."""
+    kp: Kprobe = field(default_factory=Kprobe)
+    handler: Optional[Callable[[KretprobeInstance, PtRegs], int]] = None
+    entry_handler: Optional[Callable[[KretprobeInstance, PtRegs], int]] = None
+    data_size: int = 0
+    maxactive: int = 0
+    nmissed: int = 0
+    hits: int = 0               # returns handled (ours)
+    free_instances: list[KretprobeInstance] = field(default_factory=list)
+
+
+class Kretprobes:
+    """The return-probe state of a machine: trampoline and the per-task instance list."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.kprobes: Kprobes = kprobes_of(machine)
+        self.arch = self.kprobes.arch
+        self.instances: list[KretprobeInstance] = []          # the task's LIFO
+        self.registered: list[Kretprobe] = []
+        self.frame_warnings = 0
+        self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
+
+    # --- registration -----------------------------------------------------------------------
+    def register_kretprobe(self, rp: Kretprobe) -> None:
+        kp = rp.kp
+        if rp.data_size > KRETPROBE_DATA_MAX:
+            raise KprobeError(errno.E2BIG, f"data_size {rp.data_size} > {KRETPROBE_DATA_MAX}")
+        if rp.maxactive > KRETPROBE_MAXACTIVE_MAX:
+            raise KprobeError(errno.E2BIG, f"maxactive {rp.maxactive} > {KRETPROBE_MAXACTIVE_MAX}")
+        if rp.maxactive <= 0:
+            rp.maxactive = max(10, 2 * NUM_POSSIBLE_CPUS)
+        kp.pre_handler = self._pre_handler_kretprobe
+        kp.post_handler = None
+        kp.kretprobe = rp
+        self.kprobes.register_kprobe(kp)
+        if not kp.flags & 16:                                 # KPROBE_FLAG_ON_FUNC_ENTRY
+            self.kprobes.unregister_kprobe(kp)
+            raise KprobeError(errno.EINVAL, "a kretprobe must be at a function entry",
+                              kp.symbol_name or f"{kp.addr:#x}")
+        rp.nmissed, rp.hits = 0, 0
+        rp.free_instances = [KretprobeInstance(rp, data=bytearray(rp.data_size))
+                             for _ in range(rp.maxactive)]
+        self.registered.append(rp)
+
+    def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        self.kprobes.unregister_kprobe(rp.kp)
+        if rp in self.registered:
+            self.registered.remove(rp)
+        # Pending instances keep their hijacked return addresses: the trampoline still
+        # resumes the guest correctly, it just runs no handler for this rp any more.
+
+    # --- entry ------------------------------------------------------------------------------
+    def _pre_handler_kretprobe(self, p: Kprobe, regs: PtRegs) -> int:
+        rp: Kretprobe = p.kretprobe
+        if not rp.free_instances:
+            rp.nmissed += 1
+            return 0
+        ri = rp.free_instances.pop()
+        if rp.entry_handler is not None and rp.entry_handler(ri, regs):
+            rp.free_instances.append(ri)
+            return 0
+        self.arch.arch_prepare_kretprobe(ri, regs, self.trampoline)
+        self.instances.append(ri)
+        return 0
+
+    # --- return -----------------------------------------------------------------------------
+    def trampoline_handler(self, _addr: int) -> bool:
+        """__kretprobe_trampoline_handler: handle every instance of the returning frame."""
+        m, kcb = self.m, self.kprobes.kcb
+        frame = self.arch.kretprobe_frame(m)
+        # The instances of this return: from the top, down to the first that holds a real
+        # return address (those above it were hijacked by other kretprobes on the same call).
+        n = len(self.instances)
+        i = n - 1
+        while i >= 0 and self.instances[i].ret_addr == self.trampoline:
+            i -= 1
+        if i < 0:
+            raise KprobeError(errno.EFAULT, "kretprobe trampoline reached with no pending instance")
+        batch = self.instances[i:][::-1]
+        del self.instances[i:]
+        correct = batch[-1].ret_addr
+        regs = PtRegs(m, ip=correct)
+        saved = (kcb.current, kcb.status)
+        for ri in batch:
+            rp = ri.rp
+            if ri.fp != frame:               # WARN_ON_ONCE in the kernel: no more handlers
+                self.frame_warnings += 1
+                frame = None
+            if rp.handler is not None and rp in self.registered and frame is not None:
+                kcb.current = rp.kp                          # probes hit in here are missed
+                m.clock.advance(m.clock.handler_cost, "handler")
+                rp.handler(ri, regs)
+            rp.hits += 1
+            rp.free_instances.append(ri)
+        kcb.current, kcb.status = saved
+        regs.flush()
+        m.pc = correct
+        self.arch.charge_kretprobe_return(m)
+        return True
+
+    def kretprobe_find_ret_addr(self, addr: int, cursor: int = 0) -> tuple[int, int]:
+        """For unwinders: the real address behind the `cursor`-th trampoline address met
+        while walking the stack (0 = innermost). Returns (address, next cursor)."""
+        seen = 0
+        for ri in reversed(self.instances):
+            if ri.ret_addr == self.trampoline:
+                continue
+            if seen == cursor:
+                return ri.ret_addr, cursor + 1
+            seen += 1
+        return addr, cursor
+
+
+def kretprobes_of(machine: Machine) -> Kretprobes:
+    state = machine.layers.get("kretprobes")
+    if state is None:
+        state = machine.layers["kretprobes"] = Kretprobes(machine)
+    return state
+
+
+def register_kretprobe(machine: Machine, rp: Kretprobe) -> None:
+    kretprobes_of(machine).register_kretprobe(rp)
+
+
+def unregister_kretprobe(machine: Machine, rp: Kretprobe) -> None:
+    kretprobes_of(machine).unregister_kretprobe(rp)
