@@ -3,7 +3,9 @@ __copy_instruction, prepare_emulation), on capstone's decoder.
 
 Deviations (safe, documented in README): `ret imm16` (C2) also releases its imm16 bytes
 (the kernel's emulation ignores them), and far returns (CA/CB), which the kernel would
-emulate as near returns, are refused with -EOPNOTSUPP."""
+emulate as near returns, are refused with -EOPNOTSUPP. PUSHF/POPF with an operand-size
+prefix (66 9c/9d) move 2 bytes, as the CPU does (the kernel's emulation moves 8); near
+ret/call/jmp/Jcc with that prefix (16-bit ip) are refused with -EOPNOTSUPP."""
 from __future__ import annotations
 
 import errno

@@ -10,6 +10,10 @@ if TYPE_CHECKING:
 
 MASK64 = (1 << 64) - 1
 CF, PF, ZF, SF, IF, OF = 1 << 0, 1 << 2, 1 << 6, 1 << 7, 1 << 9, 1 << 11
+FLAGS_FIXED = 1 << 1            # reads as 1 whatever is popped
+# What POPF may change at CPL 0 in 64-bit mode (CF PF AF ZF SF TF IF DF OF IOPL NT AC ID); RF,
+# VM, VIF and VIP end up clear. The CPU applies this when the kernel's iret loads the flags.
+POPF_MASK = 0x247FD5
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
@@ -70,7 +74,9 @@ def make_loop(op: int, rel: int, width: int) -> Callable:
         if op == 0xE3:                                     # jrcxz/jecxz: no decrement
             taken = cx & mask == 0
         else:
-            cx = (cx & ~mask) | ((cx - 1) & mask)
+            # A 32-bit count write zero-extends into rcx, as every 32-bit register write
+            # (the kernel's emulation keeps the upper half).
+            cx = (cx - 1) & mask
             regs["rcx"] = cx
             taken = cx & mask != 0
             if op == 0xE0:
@@ -99,16 +105,25 @@ def make_indirect(reg: int, call: bool) -> Callable:
     return kprobe_emulate_indirect
 
 
-def make_ifmodifier(op: int) -> Callable:
+def make_ifmodifier(op: int, size: int = 8) -> Callable:
+    """cli/sti/pushf/popf. `size` 2 for the operand-size prefixed PUSHF/POPF (66 9c/9d),
+    which move only FLAGS' low 16 bits; the kernel's emulation always moves 8 bytes."""
     def kprobe_emulate_ifmodifiers(p: "Kprobe", regs: "PtRegs") -> None:
         if op == 0xFA:
             regs.flags = regs.flags & ~IF
         elif op == 0xFB:
             regs.flags = regs.flags | IF
+        elif op == 0x9C and size == 2:
+            regs.sp = (regs.sp - 2) & MASK64
+            regs.machine.memory.write(regs.sp, (regs.flags & 0xFFFF).to_bytes(2, "little"))
         elif op == 0x9C:
             _push(regs, regs.flags)
+        elif size == 2:                                   # popf (16-bit)
+            value = int.from_bytes(regs.machine.memory.read(regs.sp, 2), "little")
+            regs.sp = regs.sp + 2
+            regs.flags = (regs.flags & ~0xFFFF) | (value & POPF_MASK & 0xFFFF) | FLAGS_FIXED
         else:                                             # popf
-            regs.flags = _pop(regs)
+            regs.flags = (_pop(regs) & POPF_MASK) | FLAGS_FIXED
         regs.ip = _next(p)
     return kprobe_emulate_ifmodifiers
 

@@ -92,7 +92,9 @@ class X86Kprobes(BreakpointKprobes):
             return struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
 
         if op in (0xFA, 0xFB, 0x9C, 0x9D):
-            return em.make_ifmodifier(op)
+            return em.make_ifmodifier(op, 2 if 0x66 in insn.prefixes else 8)
+        if 0x66 in insn.prefixes and _near_branch(insn):
+            raise refuse("operand-size prefixed near branch (16-bit ip) is not emulated")
         if op == 0xC3:
             return em.make_ret(0)
         if op == 0xC2:
@@ -144,3 +146,14 @@ class X86Kprobes(BreakpointKprobes):
                 raise reject(errno.ERANGE, "RIP-relative target out of reach of the slot", addr)
             struct.pack_into("<i", code, off, new)
         return bytes(code)
+
+
+def _near_branch(insn: X86Insn) -> bool:
+    """ret/call/jmp/Jcc near forms whose 66 prefix the CPU honours (ip truncated to 16 bits,
+    rel16): the kernel's decoder and ours would emulate them as 64-bit."""
+    op = insn.op1
+    if op in (0xC2, 0xC3, 0xE8, 0xE9, 0xEB) or 0x70 <= op <= 0x7F:
+        return True
+    if op == 0x0F and len(insn.opcode) > 1 and insn.opcode[1] & 0xF0 == 0x80:
+        return True
+    return op == 0xFF and insn.modrm is not None and modrm_reg(insn.modrm) in (2, 4)
