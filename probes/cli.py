@@ -22,6 +22,8 @@ def add_subcommands(sub) -> None:
     s.add_argument("--func", dest="funcs", action="append", default=[], metavar="NAME")
     s.add_argument("--jobs", type=int, default=1, metavar="N")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--mode", default="kprobe", choices=["kprobe", "optprobe", "kretprobe"],
+                   help="probe each instruction (kprobe, optprobe) or each function (kretprobe)")
     s.add_argument("--timeout", type=float, default=20.0, help="per-run wall-clock limit (s)")
     s.add_argument("file")
     s.add_argument("args", nargs="*", help="guest arguments (after --)")
@@ -46,7 +48,8 @@ def cmd_sweep(args) -> int:
     from probes.sweep import SweepConfig, format_table, sweep
 
     cfg = SweepConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
-                      funcs=args.funcs, jobs=max(1, args.jobs), timeout=args.timeout)
+                      funcs=args.funcs, jobs=max(1, args.jobs), timeout=args.timeout,
+                      mode=args.mode)
     result = sweep(cfg)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

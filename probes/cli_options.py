@@ -14,6 +14,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="place a kprobe (repeatable)")
     p.add_argument("--kretprobe", action="append", default=[], metavar="SYM|ADDR",
                    help="place a return probe on a function (repeatable)")
+    p.add_argument("--optimize", action="store_true",
+                   help="let eligible kprobes be jump-optimized (after their first hit)")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.append(attach_from_args)
 
@@ -38,6 +40,9 @@ def attach_from_args(session: Session, args) -> None:
     if not specs and not rspecs:
         return
     kp = kprobes_of(session.machine)
+    if getattr(args, "optimize", False):
+        from probes.optprobes import enable_optprobes
+        enable_optprobes(kp)
     for spec in specs:
         kp.register_kprobe(kprobe_from_spec(spec))
     if rspecs:

@@ -89,6 +89,7 @@ class Kprobes:
         self.kcb = KprobeCtlblk()
         self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
         self._registered: set[int] = set()        # id() of registered struct kprobes
+        self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -227,6 +228,10 @@ class Kprobes:
 
     def _refresh_aggr(self, ap: Kprobe) -> None:
         ap.post_handler = self._aggr_post_handler if any(c.post_handler for c in ap.list) else None
+        if ap.post_handler is not None:
+            self.arch.unboost(ap)               # a post handler needs the step trap
+            if self.optimizer is not None:
+                self.optimizer.unoptimize_kprobe(ap)
         ap.fault_handler = self._aggr_fault_handler if any(c.fault_handler for c in ap.list) else None
 
     @staticmethod
@@ -265,21 +270,32 @@ class Kprobes:
     def _arm(self, p: Kprobe) -> None:
         if p.ainsn.armed:
             return
+        opt = self.optimizer
+        if opt is not None:
+            opt.before_arm(p.addr)
         self.m.register_break_addr(p.addr, self.kprobe_handler)
         self.arch.arm(p)
+        if opt is not None:
+            opt.try_to_optimize_kprobe(p)
 
     def _disarm(self, p: Kprobe) -> None:
         if not p.ainsn.armed:
             return
+        if self.optimizer is not None:
+            self.optimizer.unoptimize_kprobe(p)
         self.arch.disarm(p)
         self.m.unregister_break_addr(p.addr)
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)
+        if self.optimizer is not None:
+            self.optimizer.release(top)
         if top.ainsn.ss_trap is not None:
             self.m.unregister_break_addr(top.ainsn.ss_trap)
         self.arch.remove(top)
         del self.table[top.addr]
+        if self.optimizer is not None:
+            self.optimizer.after_remove(top.addr)
 
     def disarm_all(self) -> None:
         for p in self.table.values():
@@ -315,6 +331,12 @@ class Kprobes:
                 regs.flush()
                 kcb.current, kcb.status = None, 0
                 return True
+        if p.flags & KPROBE_FLAG_OPTIMIZED and self.optimizer is not None:
+            if regs is not None:
+                regs.flush()
+            if self.optimizer.handle_queued_hit(p):
+                kcb.current, kcb.status = None, 0
+                return True
         self._setup_singlestep(p, regs, reenter=False)
         return True
 
@@ -344,11 +366,18 @@ class Kprobes:
             regs.flush()
             self._post_kprobe(p, regs)
             return
-        if not reenter:
-            self.kcb.status = KPROBE_HIT_SS
         if regs is not None:
             regs.flush()
         self.m.pc = ainsn.slot                  # arch_prepare_ss: run the slot
+        if ainsn.boosted and p.post_handler is None:
+            # Boosted: the slot jumps back by itself; no step trap, nothing more to do.
+            if reenter:
+                self.kcb.restore()
+            else:
+                self.kcb.current, self.kcb.status = None, 0
+            return
+        if not reenter:
+            self.kcb.status = KPROBE_HIT_SS
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
@@ -358,6 +387,8 @@ class Kprobes:
         clock = self.m.clock
         clock.advance(clock.exc_entry + clock.exc_return + clock.single_step, "step")
         self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
+        if kcb.status == KPROBE_HIT_SS and p.post_handler is None:
+            self.arch.boost(p)                  # the step worked: later hits may skip it
         self._post_kprobe(p, None)
         return True
 

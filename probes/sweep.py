@@ -32,9 +32,9 @@ class SweepConfig:
     funcs: list[str] = field(default_factory=list)     # empty: every function
     jobs: int = 1
     timeout: float = 20.0
-    # How each run is probed: (machine, address) -> list of probe objects whose `hits` /
-    # `nmissed` are summed into the report. Defaults to one kprobe with counting handlers.
-    probe_factory: Callable[[Machine, int], list] | None = None
+    # How each run is probed: "kprobe" (every instruction), "optprobe" (every instruction,
+    # jump-optimized where can_optimize allows) or "kretprobe" (each function entry).
+    mode: str = "kprobe"
 
 
 @dataclass
@@ -138,6 +138,28 @@ def counting_kprobe(m: Machine, addr: int) -> list:
     return [p]
 
 
+def optimized_kprobe(m: Machine, addr: int) -> list:
+    """A pre-only kprobe with jump optimization, optimized at once where allowed."""
+    from probes.optprobes import enable_optprobes
+    kp = kprobes_of(m)
+    opt = enable_optprobes(kp)
+    p = Kprobe(addr=addr, pre_handler=_count_pre)
+    kp.register_kprobe(p)
+    opt.kick_kprobe_optimizer()
+    return [p]
+
+
+def counting_kretprobe(m: Machine, addr: int) -> list:
+    from probes.kretprobes import Kretprobe, kretprobes_of
+    rp = Kretprobe(kp=Kprobe(addr=addr), handler=lambda ri, regs: 0)
+    kretprobes_of(m).register_kretprobe(rp)
+    rp.kp.post_hits = 0
+    return [rp.kp]
+
+
+MODES = {"kprobe": counting_kprobe, "optprobe": optimized_kprobe, "kretprobe": counting_kretprobe}
+
+
 def _count_pre(p, regs) -> int:
     return 0
 
@@ -177,7 +199,7 @@ def _check(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int],
            func: str, sym_addr: int, addr: int, insn: str) -> OffsetResult:
     res = OffsetResult(func, addr - sym_addr, addr, "ok", insn)
     probes: list = []
-    factory = cfg.probe_factory or counting_kprobe
+    factory = MODES[cfg.mode]
 
     def setup(m: Machine) -> None:
         probes.extend(factory(m, addr))
@@ -189,13 +211,20 @@ def _check(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int],
     res.hits = sum(p.hits for p in probes)
     res.post_hits = sum(getattr(p, "post_hits", 0) for p in probes)
     res.nmissed = sum(p.nmissed for p in probes)
-    res.step = getattr(getattr(probes[0], "ainsn", None), "kind", "") if probes else ""
+    res.step = _step(probes[0]) if probes else ""
     diff = outcome.first_difference(ref)
     if diff is None and (addr in executed) != (res.hits > 0):
         diff = f"hits={res.hits} but the unprobed run {'executed' if addr in executed else 'skipped'} it"
     if diff is not None:
         res.verdict, res.detail = "MISMATCH", diff
     return res
+
+
+def _step(p) -> str:
+    from probes.cli_options import probe_kind
+    ainsn = getattr(p, "ainsn", None)
+    kind = probe_kind(p)
+    return ainsn.kind if kind == "kprobe" else kind
 
 
 _WORKER: dict = {}
@@ -222,7 +251,10 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     funcs = [f for f in funcs if f.size and _in_text(image, f)]
     ref, _m = _run(cfg, image, None)
     executed = _executed(cfg, image, [(f.addr, f.end) for f in funcs])
-    tasks = [(f.name, f.addr, a, text) for f in funcs for a, text in instruction_boundaries(image, f)]
+    if cfg.mode == "kretprobe":
+        tasks = [(f.name, f.addr, f.addr, "(function entry)") for f in funcs]
+    else:
+        tasks = [(f.name, f.addr, a, text) for f in funcs for a, text in instruction_boundaries(image, f)]
     if cfg.jobs > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(cfg.jobs, _init_worker, (cfg, image, ref, executed)) as pool:

@@ -49,3 +49,106 @@ def arch(request) -> str:
 @pytest.fixture
 def emu_cli():
     return run_emu
+
+
+# --- tiny hand-made guests (machine-foundation tests) -----------------------------------------
+import struct as _struct
+
+_EM = {"arm64": 183, "x86_64": 62}
+_KS_CACHE: dict = {}
+
+
+def assemble(arch: str, source: str, addr: int) -> bytes:
+    """Keystone, one Ks per arch reused (unicorn-notes: reuse + retry avoids a keystone quirk)."""
+    import keystone
+    from emu.arch import get_arch
+
+    a = get_arch(arch)
+    ks = _KS_CACHE.get(arch) or _KS_CACHE.setdefault(arch, keystone.Ks(a.ks_arch, a.ks_mode))
+    for attempt in range(3):
+        try:
+            enc, _ = ks.asm(source, addr)
+            return bytes(enc or b"")
+        except keystone.KsError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def tiny_elf(arch: str, functions: list[tuple[str, str]], *, base: int = 0x400000,
+             data: bytes = b"", data_prot: int = 6, etype: int = 2, bss: int = 0) -> bytes:
+    """A static ELF64 built from assembly, one named function after another (the first is the
+    entry). Text is one R-X PT_LOAD at `base` (headers included), `data` one PT_LOAD at
+    base+0x100000 with `data_prot` (PF_X=1, PF_W=2, PF_R=4) and `bss` extra zero bytes. A
+    .symtab names every function (size = its code) plus `data_start` for the data segment.
+    Functions see `{data}` (the data address) and `{sym:NAME}` (a function's address,
+    resolved in a second pass) in their source."""
+    text_vaddr = base + 0x1000
+    data_vaddr = base + 0x100000
+    addrs = {name: 0 for name, _ in functions}
+    for _pass in range(2):
+        code, syms, addr = b"", [], text_vaddr
+        for name, src in functions:
+            src = src.replace("{data}", hex(data_vaddr))
+            for other, a in addrs.items():
+                src = src.replace("{sym:%s}" % other, hex(a or text_vaddr))
+            blob = assemble(arch, src, addr)
+            syms.append((name, addr, len(blob)))
+            addrs[name] = addr
+            code += blob
+            addr += len(blob)
+    segs = [(1, 0, base, 0x1000 + len(code), 0x1000 + len(code), 5)]     # PT_LOAD R-X
+    data_off = 0x1000 + ((len(code) + 0xFFF) & ~0xFFF)
+    if data or bss:
+        segs.append((1, data_off, data_vaddr, len(data), len(data) + bss, data_prot))
+    shstr = b"\0.text\0.data\0.symtab\0.strtab\0.shstrtab\0"
+    strtab, symtab = b"\0", bytes(24)
+    all_syms = [(n, a, s, 2, 1) for n, a, s in syms] + ([("data_start", data_vaddr, len(data) + bss,
+                                                         1, 2)] if data or bss else [])
+    for name, a, size, kind, shndx in all_syms:
+        symtab += _struct.pack("<IBBHQQ", len(strtab), (1 << 4) | kind, 0, shndx, a, size)
+        strtab += name.encode() + b"\0"
+    body = bytearray(data_off)
+    body[0x1000:0x1000 + len(code)] = code
+    body += data
+    sym_off = len(body)
+    body += symtab
+    str_off = len(body)
+    body += strtab
+    shstr_off = len(body)
+    body += shstr
+    while len(body) % 8:
+        body.append(0)
+    sh_off = len(body)
+    sections = [bytes(64),
+                _struct.pack("<IIQQQQIIQQ", 1, 1, 6, text_vaddr, 0x1000, len(code), 0, 0, 16, 0),
+                _struct.pack("<IIQQQQIIQQ", 7, 1, 3, data_vaddr, data_off, len(data), 0, 0, 16, 0),
+                _struct.pack("<IIQQQQIIQQ", 13, 2, 0, 0, sym_off, len(symtab), 4, 1, 8, 24),
+                _struct.pack("<IIQQQQIIQQ", 21, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0),
+                _struct.pack("<IIQQQQIIQQ", 29, 3, 0, 0, shstr_off, len(shstr), 0, 0, 1, 0)]
+    for s in sections:
+        body += s
+    phoff = 64
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += _struct.pack("<HHIQQQIHHHHHH", etype, _EM[arch], 1, text_vaddr, phoff, sh_off, 0,
+                         64, 56, len(segs), 64, len(sections), 5)
+    phdrs = b"".join(_struct.pack("<IIQQQQQQ", t, flags, off, va, va, fs, ms, 0x1000)
+                     for t, off, va, fs, ms, flags in segs)
+    body[0:64 + len(phdrs)] = ehdr + phdrs
+    return bytes(body)
+
+
+# Linux exit_group(code) / write(1, buf, len) snippets for tiny guests.
+LINUX_EXIT = {"arm64": "mov x0, #{code}; mov x8, #94; svc #0",
+              "x86_64": "mov edi, {code}; mov eax, 231; syscall"}
+
+
+@pytest.fixture
+def make_tiny(tmp_path):
+    """make_tiny(arch, functions, name=..., **kw) -> Path of a tiny_elf written to tmp_path."""
+    def make(arch: str, functions, name: str = "tiny", **kw) -> Path:
+        path = tmp_path / f"{name}-{arch}.elf"
+        path.write_bytes(tiny_elf(arch, functions, **kw))
+        path.chmod(0o755)
+        return path
+    return make

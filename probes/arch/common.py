@@ -32,6 +32,11 @@ class ArchSpecificInsn:
     slot_code: bytes = b""
     armed: bool = False
     boostable: bool = False
+    boosted: bool = False
+    optimized: bool = False          # the jump to the detour is in place
+    optinsn: object = None           # OptInsn once a detour was prepared
+    opt_reason: str = ""             # why can_optimize said no
+    ftrace: bool = False             # served by the ftrace site, no breakpoint
 
     @property
     def ss_trap(self) -> int | None:
@@ -105,6 +110,17 @@ class BreakpointKprobes:
     def owns(self, addr: int) -> bool:
         return self.slots.owns(addr) or self.tramps.owns(addr)
 
+    def boost(self, p: "Kprobe") -> bool:
+        """Let later hits skip the step trap, where the arch can (x86); False if not."""
+        return False
+
+    def unboost(self, p: "Kprobe") -> None:
+        pass
+
+    # --- optprobe support (arch/*/opt.py) ------------------------------------------------
+    def can_optimize(self, p: "Kprobe", kp) -> tuple[bool, str]:
+        return False, "no jump optimization on this arch"
+
     # --- kretprobe support ------------------------------------------------------------------
     kretprobe_trampoline_code: bytes = b""
 
@@ -126,6 +142,13 @@ class BreakpointKprobes:
 
     def charge_kretprobe_return(self, m: Machine) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def callback_at(addr: int, callback: Callable[[int], None]) -> Callable[[int], None]:
+    """A host entry that calls `callback(addr)` for the probe at `addr`."""
+    def enter(_pc: int) -> None:
+        callback(addr)
+    return enter
 
 
 def reject(err: int, reason: str, addr: int) -> KprobeError:

@@ -17,9 +17,9 @@ from typing import Callable
 
 from .errors import VerifierError
 from .isa import (
-    BPF_ALU64, BPF_ARSH, BPF_COMPLEXITY_LIMIT_INSNS, BPF_DIV, BPF_LDDW, BPF_LSH, BPF_MOD,
-    BPF_PSEUDO_BTF_ID, BPF_PSEUDO_FUNC, BPF_RSH, MAX_CALL_FRAMES, OPCODES, Insn,
-    check_fields, check_lddw_second,
+    BPF_ARSH, BPF_COMPLEXITY_LIMIT_INSNS, BPF_DIV, BPF_LSH, BPF_MOD, BPF_PSEUDO_BTF_ID,
+    BPF_PSEUDO_FUNC, BPF_RSH, MAX_CALL_FRAMES, OPCODES, Insn, check_fields,
+    check_lddw_second,
 )
 
 # kinds whose successor is only the next instruction
@@ -75,11 +75,11 @@ def successors(insn: Insn, kind: str, pc: int) -> list[int]:
 class _Checker:
     """Runs the structural checks; ``fail`` raises with the log so far."""
 
-    def __init__(self, insns: list[Insn], lenient: bool, check_helper: Callable[[Insn, int], str | None],
-                 log: list[str]):
+    def __init__(self, insns: list[Insn], lenient: bool,
+                 check_insn: Callable[[Insn, str, int], str | None], log: list[str]):
         self.insns = insns
         self.lenient = lenient
-        self.check_helper = check_helper
+        self.check_insn = check_insn
         self.log = log
 
     def fail(self, reason: str, pc: int | None = None, err: int = errno.EINVAL) -> None:
@@ -104,6 +104,9 @@ class _Checker:
                     self.fail(why, pc + 1)
                 if insn.src_reg == BPF_PSEUDO_BTF_ID:
                     self.fail("kernel variables (BPF_PSEUDO_BTF_ID) are not supported", pc)
+                why = self.check_insn(insn, kind, pc)
+                if why:
+                    self.fail(why, pc)
                 kinds.append(None)
                 pc += 2
                 continue
@@ -116,7 +119,7 @@ class _Checker:
         if kind == "callx" and not self.lenient:
             self.fail(f"unknown opcode {insn.code:02x}", pc)
         if kind == "call" and insn.src_reg == 0:
-            why = self.check_helper(insn, pc)
+            why = self.check_insn(insn, kind, pc)
             if why:
                 self.fail(why, pc)
         if kind == "call" and insn.src_reg == 2:
@@ -217,15 +220,20 @@ class _Checker:
                 continue
             alive.add(pc)
             todo.extend(preds.get(pc, ()))
-        stuck = sorted(reach - alive)
+        stuck = reach - alive
         if stuck:
-            self.fail(f"infinite loop detected at insn {stuck[0]}", stuck[0])
+            # name the head of the loop: a stuck instruction a later one jumps back to
+            heads = [pc for pc in stuck if any(p >= pc for p in preds.get(pc, ()) if p in stuck)]
+            at = min(heads or stuck)
+            self.fail(f"infinite loop detected at insn {at}", at)
 
 
 def check_structure(insns: list[Insn], lenient: bool,
-                    check_helper: Callable[[Insn, int], str | None], log: list[str]) -> Cfg:
-    """Run the structural pass; raise VerifierError on the first problem."""
-    checker = _Checker(insns, lenient, check_helper, log)
+                    check_insn: Callable[[Insn, str, int], str | None], log: list[str]) -> Cfg:
+    """Run the structural pass; raise VerifierError on the first problem.
+    ``check_insn`` vets what depends on the program's environment (helper
+    ids, map fds of lddw) and returns a reason to refuse, or None."""
+    checker = _Checker(insns, lenient, check_insn, log)
     if not insns:
         checker.fail("the program has no instructions")
     if len(insns) > BPF_COMPLEXITY_LIMIT_INSNS:
@@ -241,5 +249,3 @@ def check_structure(insns: list[Insn], lenient: bool,
     reach = checker.check_flow(kinds, subprogs, owner, warnings)
     return Cfg(insns, kinds, subprogs, owner, reach, warnings)
 
-
-_ = (BPF_ALU64, BPF_LDDW)

@@ -19,7 +19,7 @@ from .errors import AsmError
 _KNOWN = {"asm", "raw", "mem", "result", "error", "error pattern", "c", "no register offset",
           "no jit", "description", "reload", "unload"}
 # sections of this project's own case tables (tests/data/bpf/*.cases)
-_EXTENSIONS = {"type", "maps", "name"}
+_EXTENSIONS = {"type", "maps", "license"}
 
 
 @dataclass
@@ -110,8 +110,8 @@ def parse_data_text(text: str, path: Path, extensions: bool = False,
 
 def parse_case_table(path: str | Path) -> list[tuple[str, DataFile]]:
     """A table of cases in one file: each starts with ``=== name`` and holds
-    ``.data`` sections plus ``-- type`` (program type) and ``-- maps``
-    (lines ``fd type key_size value_size max_entries [flags]``)."""
+    ``.data`` sections plus ``-- type`` (program type), ``-- license`` and
+    ``-- maps`` (lines ``fd type key_size value_size max_entries [flags]``)."""
     path = Path(path)
     cases: list[tuple[str, DataFile]] = []
     name, start, lines = None, 0, []

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .cfg import Cfg, check_structure, successors
 from .disasm import format_insn_llvm
@@ -518,10 +518,19 @@ class _AtInsn(Exception):
 
 # --- driver ------------------------------------------------------------------------
 
-def _helper_checker(prog: "BpfProg", lenient: bool):
+def _insn_checker(prog: "BpfProg", lenient: bool) -> Callable[[Insn, str, int], str | None]:
+    """What the structural pass asks about helpers and map references."""
     info = prog.type_info
 
-    def check(insn: Insn, pc: int) -> str | None:
+    def check(insn: Insn, kind: str, pc: int) -> str | None:
+        if kind == "lddw":
+            if insn.src_reg in (BPF_PSEUDO_FUNC, 0):
+                return None
+            try:
+                prog.map_for(insn)
+            except VerifierError as e:
+                return e.reason
+            return None
         proto = prog.helpers.get(insn.imm)
         if proto is None:
             return f"invalid func unknown#{insn.imm}"
@@ -558,7 +567,7 @@ def verify(prog: "BpfProg", log_level: int = 0) -> str:
     """
     lenient = prog.type_info.lenient
     log: list[str] = []
-    cfg = check_structure(prog.insns, lenient, _helper_checker(prog, lenient), log)
+    cfg = check_structure(prog.insns, lenient, _insn_checker(prog, lenient), log)
     log.extend(cfg.warnings)
     if log_level >= 1:
         log.extend(_listing(cfg))

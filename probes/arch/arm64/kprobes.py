@@ -12,6 +12,7 @@ import capstone
 from emu.machine import Machine
 from emu.symbols import Symbol
 from probes.arch.arm64.decode import Verdict, arm_probe_decode_insn, in_atomic_sequence
+from probes.arch.arm64.opt import Arm64OptMixin
 from probes.arch.common import KIND_SIMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
 
 BRK64_OPCODE_KPROBES = 0xD4200080
@@ -19,7 +20,7 @@ BRK64_OPCODE_KPROBES_SS = 0xD42000C0
 BRK64_OPCODE_KRETPROBES = 0xD42000E0
 
 
-class Arm64Kprobes(BreakpointKprobes):
+class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
     slot_size = 8
     ss_break = BRK64_OPCODE_KPROBES_SS.to_bytes(4, "little")
 

@@ -110,4 +110,42 @@ def copy_refusal(insn: X86Insn) -> str | None:
     return None
 
 
+def _ranges(spec: str) -> frozenset[int]:
+    out = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo, 16), int(hi or lo, 16) + 1))
+    return frozenset(out)
+
+
+# 0F xx opcodes that may run from a slot with a jmp back (core.c twobyte_is_boostable)
+TWOBYTE_BOOSTABLE = _ranges("02-03,06,08-09,1F-23,31,40-4F,60-6B,6E-6F,74-77,7E-7F,90-A1,A3-A5,"
+                            "A8-A9,AB-AD,AF-B7,BB-C1,C8-CF,D1-D3,D5,D8-D9,DB-DD,DF,E1-E2,E5,E8-E9,"
+                            "EB-ED,EF,F1-F3,F5,F8-FA,FC-FE")
+ONEBYTE_NOT_BOOSTABLE = _ranges("62,70-7F,9A,CC-CE,D6,D8-DF,E0-E3,E8-E9,EB,F0-F4")
+
+
+def can_boost(insn: X86Insn) -> bool:
+    """can_boost(): may the instruction run from a slot followed by a jmp back?"""
+    if len(insn.opcode) == 2:
+        return insn.opcode[1] in TWOBYTE_BOOSTABLE
+    if len(insn.opcode) != 1:
+        return False
+    if 0x2E in insn.prefixes or 0x67 in insn.prefixes:     # CS override, address size
+        return False
+    op = insn.op1
+    if op in ONEBYTE_NOT_BOOSTABLE:
+        return False
+    reg = modrm_reg(insn.modrm) if insn.modrm is not None else 0
+    if op in (0xC0, 0xC1, 0xD0, 0xD1, 0xD2, 0xD3):
+        return reg != 0b110
+    if op in (0xF6, 0xF7):
+        return reg != 0b001
+    if op == 0xFE:
+        return reg in (0b000, 0b001)
+    if op == 0xFF:
+        return reg in (0b000, 0b001, 0b100)
+    return True
+
+
 EOPNOTSUPP = errno.EOPNOTSUPP

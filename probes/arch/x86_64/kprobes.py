@@ -8,13 +8,16 @@ import struct
 from emu.symbols import Symbol
 from probes.arch.common import KIND_EMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
 from probes.arch.x86_64 import emulate as em
-from probes.arch.x86_64.decode import (X86Decoder, X86Insn, copy_refusal, exception_insn, modrm_mod,
-                                       modrm_reg, modrm_rm)
+from probes.arch.x86_64.opt import X86OptMixin
+from probes.arch.x86_64.decode import (X86Decoder, X86Insn, can_boost, copy_refusal, exception_insn,
+                                       modrm_mod, modrm_reg, modrm_rm)
+
+MAX_INSN_SIZE, JMP32_INSN_SIZE = 15, 5
 
 ENDBR64, ENDBR32, ENDBR_POISON = b"\xf3\x0f\x1e\xfa", b"\xf3\x0f\x1e\xfb", b"\x66\x0f\x1f\x00"
 
 
-class X86Kprobes(BreakpointKprobes):
+class X86Kprobes(X86OptMixin, BreakpointKprobes):
     slot_size = 16                  # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
     handler_ip_offset = 1           # handlers see ip = addr + 1, as after int3
     ss_break = b"\xcc"
@@ -78,7 +81,27 @@ class X86Kprobes(BreakpointKprobes):
             raise reject(errno.EINVAL, f"cannot probe `{insn.text}`: {why}", addr)
         handler = self.prepare_emulation(insn)
         kind = KIND_EMULATE if handler is not None else KIND_SLOT
-        return ArchSpecificInsn(kind=kind, length=insn.length, mnemonic=insn.text, handler=handler)
+        boostable = handler is None and can_boost(insn) and insn.length + JMP32_INSN_SIZE <= MAX_INSN_SIZE
+        return ArchSpecificInsn(kind=kind, length=insn.length, mnemonic=insn.text, handler=handler,
+                                boostable=boostable)
+
+    def boost(self, p) -> bool:
+        """After a successful single-step: put `jmp addr+len` behind the copy in the slot, so
+        later hits need no second trap (the kernel's boosting)."""
+        ainsn = p.ainsn
+        if not ainsn.boostable or ainsn.boosted or ainsn.slot is None:
+            return False
+        jmp_at = ainsn.slot + ainsn.length
+        rel = p.addr + ainsn.length - (jmp_at + JMP32_INSN_SIZE)
+        self.m.text_poke(jmp_at, b"\xe9" + struct.pack("<i", rel))
+        ainsn.boosted = True
+        return True
+
+    def unboost(self, p) -> None:
+        ainsn = p.ainsn
+        if ainsn.boosted:
+            self.m.text_poke(ainsn.slot + ainsn.length, self.ss_break + bytes(JMP32_INSN_SIZE - 1))
+            ainsn.boosted = False
 
     def prepare_emulation(self, insn: X86Insn):
         """prepare_emulation(): the emulate_op for control flow and IF modifiers, or None to

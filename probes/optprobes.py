@@ -1,0 +1,152 @@
+"""Jump optimization of kprobes (kernel/kprobes.c optimizer part, arch/x86/kernel/kprobes/opt.c,
+and the unmerged arm64 series): the breakpoint is replaced by a jump to a detour buffer
+that enters the handlers at a probe-layer address, runs the relocated original
+instructions and jumps back — no trap at all.
+
+Optimization is delayed as in the kernel: a probe starts as a breakpoint probe, is marked
+OPTIMIZED and queued; the optimizer runs when kicked (`kick_kprobe_optimizer`) or, in this
+deterministic machine, at the first hit of a queued probe (whose pre handlers run and which
+then resumes in the detour instead of single-stepping). Unoptimization — when the probe is
+disabled or unregistered, gains a post handler, or another probe is armed inside the
+replaced bytes — restores the breakpoint first, as the kernel's forced unoptimize does."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from probes.kprobes import KPROBE_FLAG_OPTIMIZED, KPROBE_HIT_ACTIVE, Kprobe, Kprobes
+from probes.regs import PtRegs
+
+
+@dataclass
+class OptInsn:
+    """struct arch_optimized_insn: the detour and what it replaced."""
+    detour: int                 # host entry point (start of the buffer)
+    resume: int                 # the relocated copies (TMPL_END), where a queued hit resumes
+    size: int                   # bytes of original text replaced by the jump
+    code: bytes = b""
+    copied: list[str] = field(default_factory=list)
+    handle: int | None = None   # the host entry hook
+    patched: bool = False
+
+
+class Optimizer:
+    """Per-machine optimizer state; attach with `enable_optprobes(kprobes)`."""
+
+    def __init__(self, kp: Kprobes) -> None:
+        self.kp = kp
+        self.m = kp.m
+        self.arch = kp.arch
+        self.queue: list[Kprobe] = []
+        self.blocked: dict[int, Kprobe] = {}     # inner probe addr -> outer probe it blocks
+        self.enabled = True                      # sysctl debug.kprobes-optimization
+
+    # --- deciding ---------------------------------------------------------------------------
+    def try_to_optimize_kprobe(self, p: Kprobe) -> None:
+        """Queue `p` (a table entry) if it may be optimized; records why not otherwise."""
+        ainsn = p.ainsn
+        if not self.enabled or ainsn.optimized or p.disabled() or p.post_handler is not None:
+            return
+        if ainsn.ftrace:
+            return
+        ok, reason = self.arch.can_optimize(p, self.kp)
+        if not ok:
+            ainsn.opt_reason = reason
+            return
+        if ainsn.optinsn is None:
+            try:
+                ainsn.optinsn = self.arch.prepare_optimized_kprobe(p, self.optimized_callback)
+            except ValueError as e:               # e.g. a branch out of range from the detour
+                ainsn.opt_reason = str(e)
+                return
+        p.flags |= KPROBE_FLAG_OPTIMIZED
+        ainsn.opt_reason = ""
+        if p not in self.queue:
+            self.queue.append(p)
+
+    def kick_kprobe_optimizer(self) -> int:
+        """Run the optimizer now: patch every queued probe. Returns how many were patched."""
+        done = 0
+        for p in list(self.queue):
+            self.queue.remove(p)
+            if p.flags & KPROBE_FLAG_OPTIMIZED and p.ainsn.armed and not p.ainsn.optimized:
+                self.arch.arch_optimize_kprobe(p)
+                p.ainsn.optimized = True
+                done += 1
+        return done
+
+    def handle_queued_hit(self, p: Kprobe) -> bool:
+        """A breakpoint hit on a probe marked OPTIMIZED but not patched yet: after its pre
+        handlers it resumes in the detour's copies instead of single-stepping."""
+        if not p.flags & KPROBE_FLAG_OPTIMIZED or p.ainsn.optinsn is None:
+            return False
+        self.m.pc = p.ainsn.optinsn.resume
+        self.kick_kprobe_optimizer()
+        return True
+
+    # --- undoing ----------------------------------------------------------------------------
+    def unoptimize_kprobe(self, p: Kprobe) -> None:
+        """Forced unoptimization: the probe is a breakpoint probe again."""
+        if p in self.queue:
+            self.queue.remove(p)
+        if p.ainsn is not None and p.ainsn.optimized:
+            self.arch.arch_unoptimize_kprobe(p)
+            p.ainsn.optimized = False
+        p.flags &= ~KPROBE_FLAG_OPTIMIZED
+
+    def before_arm(self, addr: int) -> None:
+        """A probe is about to be armed at `addr`: an optimized probe whose jump covers it
+        must give its bytes back first (and is re-optimized when the inner one goes)."""
+        for other in self.kp.table.values():
+            oi = other.ainsn.optinsn if other.ainsn is not None else None
+            if oi is not None and other.addr < addr < other.addr + oi.size:
+                if other.ainsn.optimized or other.flags & KPROBE_FLAG_OPTIMIZED:
+                    self.unoptimize_kprobe(other)
+                    self.blocked[addr] = other
+
+    def after_remove(self, addr: int) -> None:
+        outer = self.blocked.pop(addr, None)
+        if outer is not None and self.kp.table.get(outer.addr) is outer:
+            self.try_to_optimize_kprobe(outer)
+
+    def release(self, p: Kprobe) -> None:
+        """The probe goes away: unoptimize and free its detour."""
+        self.unoptimize_kprobe(p)
+        oi = p.ainsn.optinsn if p.ainsn is not None else None
+        if oi is not None:
+            self.arch.free_optimized_kprobe(p)
+            p.ainsn.optinsn = None
+
+    # --- the detour's host entry --------------------------------------------------------------
+    def optimized_callback(self, addr: int) -> None:
+        """optimized_callback(): run the pre handlers of the probe at `addr`; return values
+        and ip changes are ignored (post handlers never run: such probes are not optimized)."""
+        p = self.kp.table.get(addr)
+        if p is None or p.disabled():
+            return
+        m, kcb = self.m, self.kp.kcb
+        clock = m.clock
+        clock.advance(getattr(clock, "detour_cost", 40), "detour")
+        if kcb.current is not None:
+            self.kp.kprobes_inc_nmissed_count(p)
+            return
+        if not p.is_aggr:
+            p.hits += 1
+        if p.pre_handler is None:
+            return
+        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+        clock.advance(clock.handler_cost, "handler")
+        regs = PtRegs(m, self.arch.handler_ip(p))
+        p.pre_handler(p, regs)
+        regs._dirty.discard(m.arch.pc)
+        regs.flush()
+        kcb.current, kcb.status = None, 0
+
+
+def enable_optprobes(kp: Kprobes) -> Optimizer:
+    """Turn on jump optimization for a machine's kprobes (`--optimize`)."""
+    if kp.optimizer is None:
+        kp.optimizer = Optimizer(kp)
+        for p in list(kp.table.values()):
+            if p.ainsn.armed:
+                kp.optimizer.try_to_optimize_kprobe(p)
+    return kp.optimizer
