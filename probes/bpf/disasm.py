@@ -212,8 +212,8 @@ _LLVM: dict[str, Callable[[Insn], str]] = {
     "ldx": lambda i: f"r{i.dst_reg} = *({_USIZE[SIZE_BYTES[i.size]]} *){_llvm_mem(i.src_reg, i.off)}",
     "ldxsx": lambda i: f"r{i.dst_reg} = *(s{SIZE_BYTES[i.size] * 8} *){_llvm_mem(i.src_reg, i.off)}",
     "st": lambda i: f"*({_USIZE[SIZE_BYTES[i.size]]} *){_llvm_mem(i.dst_reg, i.off)} = {i.imm}",
-    "stx": lambda i: f"*({_USIZE[SIZE_BYTES[i.size]]} *){_llvm_mem(i.dst_reg, i.off)} = "
-                     f"{'r' if i.size == BPF_DW else 'w'}{i.src_reg}",
+    # llvm-objdump 14 names the source rN whatever the store size
+    "stx": lambda i: f"*({_USIZE[SIZE_BYTES[i.size]]} *){_llvm_mem(i.dst_reg, i.off)} = r{i.src_reg}",
     "ldabs": lambda i: f"r0 = *({_USIZE[SIZE_BYTES[i.size]]} *)skb[{i.imm}]",
     "ldind": lambda i: f"r0 = *({_USIZE[SIZE_BYTES[i.size]]} *)skb[r{i.src_reg} + {i.imm}]",
     "ja": lambda i: f"goto {_rel(i.off)}",
