@@ -160,10 +160,11 @@ def _emit(st: _State, insn: Insn, line: int, label: str | None = None,
     st.slots.append(_Slot(insn, line, label, label_field))
 
 
-def _target(text: str) -> tuple[int, str | None]:
-    """A jump target: a signed slot offset or a label name."""
+def _target(text: str, wide: bool = False) -> tuple[int, str | None]:
+    """A jump target: a signed slot offset (16 bits, or 32 in ``imm`` for
+    ja32 and local calls) or a label name."""
     if re.match(r"[+-]?(0x[0-9a-fA-F]+|\d+)$", text):
-        return parse_off(text), None
+        return (parse_imm32(text) if wide else parse_off(text)), None
     if not re.match(r"[A-Za-z_.$][\w.$]*$", text):
         raise AsmError(f"Invalid label: {text}")
     return 0, text
@@ -299,7 +300,7 @@ def _enc_jmp(st: _State, mn: str, ops: list[str], line: int) -> None:
 
 def _enc_ja(st: _State, mn: str, ops: list[str], line: int) -> None:
     _want(mn, ops, 1)
-    off, label = _target(ops[0])
+    off, label = _target(ops[0], wide=mn != "ja")
     if mn == "ja":
         _emit(st, Insn(BPF_JA_OP, 0, 0, off), line, label)
     else:  # ja32 / gotol: the offset lives in imm
@@ -319,7 +320,7 @@ def _enc_call(st: _State, mn: str, ops: list[str], line: int) -> None:
     elif mode == "helper":
         _emit(st, Insn(BPF_CALL_OP, 0, 0, 0, parse_imm32(target)), line)
     elif mode == "local":
-        off, label = _target(target)
+        off, label = _target(target, wide=True)
         _emit(st, Insn(BPF_CALL_OP, 0, 1, 0, off), line, label, "imm")
     elif mode in ("runtime", "kfunc"):
         _emit(st, Insn(BPF_CALL_OP, 0, 2, 0, parse_imm32(target)), line)
