@@ -315,6 +315,7 @@ def _call_helper(vm: Interpreter, func_id: int) -> None:
 
 
 def _enter_tail_call(vm: Interpreter, target: "BpfProg", ctx: int) -> None:
+    target.ensure_loaded()
     vm.prog = vm.run.prog = target
     vm.run.bind_maps(target)
     vm.regs = [0] * 11

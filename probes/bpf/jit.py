@@ -163,15 +163,15 @@ def _emit_mem(insn: Insn, kind: str, pc: int) -> list[str]:
     size = SIZE_BYTES[insn.size]
     lines = [f"p = {pc}"]
     if kind == "ldx":
-        lines.append(f"r{insn.dst_reg} = ld({_addr(insn.src_reg, insn.off)}, {size})")
+        lines.append(f"r{insn.dst_reg} = ld{size}({_addr(insn.src_reg, insn.off)})")
     elif kind == "ldxsx":
         sign = 1 << (size * 8 - 1)
-        lines.append(f"r{insn.dst_reg} = ((ld({_addr(insn.src_reg, insn.off)}, {size}) ^ {sign})"
+        lines.append(f"r{insn.dst_reg} = ((ld{size}({_addr(insn.src_reg, insn.off)}) ^ {sign})"
                      f" - {sign}) & {U64}")
     elif kind == "st":
-        lines.append(f"st({_addr(insn.dst_reg, insn.off)}, {size}, {insn.imm})")
+        lines.append(f"st{size}({_addr(insn.dst_reg, insn.off)}, {insn.imm})")
     else:
-        lines.append(f"st({_addr(insn.dst_reg, insn.off)}, {size}, r{insn.src_reg})")
+        lines.append(f"st{size}({_addr(insn.dst_reg, insn.off)}, r{insn.src_reg})")
     return lines
 
 
@@ -180,15 +180,15 @@ def _emit_atomic(insn: Insn, pc: int) -> list[str]:
     mask = (1 << (size * 8)) - 1
     s, op = f"r{insn.src_reg}", insn.imm
     if op == BPF_LOAD_ACQ:
-        return [f"p = {pc}", f"r{insn.dst_reg} = ld({_addr(insn.src_reg, insn.off)}, {size})"]
+        return [f"p = {pc}", f"r{insn.dst_reg} = ld{size}({_addr(insn.src_reg, insn.off)})"]
     if op == BPF_STORE_REL:
-        return [f"p = {pc}", f"st({_addr(insn.dst_reg, insn.off)}, {size}, {s})"]
-    lines = [f"p = {pc}", f"a = {_addr(insn.dst_reg, insn.off)}", f"o = ld(a, {size})"]
+        return [f"p = {pc}", f"st{size}({_addr(insn.dst_reg, insn.off)}, {s})"]
+    lines = [f"p = {pc}", f"a = {_addr(insn.dst_reg, insn.off)}", f"o = ld{size}(a)"]
     if op == BPF_CMPXCHG:
-        return lines + [f"if o == (r0 & {mask}):", f"    st(a, {size}, {s})", "r0 = o"]
+        return lines + [f"if o == (r0 & {mask}):", f"    st{size}(a, {s})", "r0 = o"]
     if op == BPF_XCHG:
-        return lines + [f"st(a, {size}, {s})", f"{s} = o"]
-    lines.append(f"st(a, {size}, o {_ALU_SYM[op & ~BPF_FETCH]} {s})")
+        return lines + [f"st{size}(a, {s})", f"{s} = o"]
+    lines.append(f"st{size}(a, o {_ALU_SYM[op & ~BPF_FETCH]} {s})")
     if op & BPF_FETCH:
         lines.append(f"{s} = o")
     return lines
@@ -300,7 +300,12 @@ def _block_source(gen: _Gen, lead: int, pcs: list[int], next_lead: int | None) -
             target = pc + 1 + (insn.off if kind == "ja" else insn.imm)
             return lines + [f"b = {target}", "continue"]
         if kind in ("jmp", "jmp32"):
-            return lines + [f"if {_cond(insn)}:", f"    b = {pc + 1 + insn.off}", "    continue",
+            target = pc + 1 + insn.off
+            if target == lead:  # a loop of one block: iterate without dispatching
+                return (["while True:"] + ["    " + line for line in lines]
+                        + [f"    if {_cond(insn)}:", "        continue", "    break",
+                           f"b = {pc + 1}", "continue"])
+            return lines + [f"if {_cond(insn)}:", f"    b = {target}", "    continue",
                             f"b = {pc + 1}", "continue"]
         lines += _emit_insn(gen, insn, kind, pc)
     return lines + [f"b = {next_lead}", "continue"]
@@ -321,12 +326,16 @@ def _function_source(gen: _Gen, start: int, end: int) -> list[str]:
     for i, (lead, pcs) in enumerate(blocks):
         nxt = blocks[i + 1][0] if i + 1 < len(blocks) else None
         bodies.append((lead, _block_source(gen, lead, pcs, nxt)))
+    body = "\n".join(line for _, lines in bodies for line in lines)
+    # bind only the accessors this function uses: the prologue runs on every call
+    accessors = [f"    {kind}{size} = run.mem.{kind}s[{size}]".replace("lds", "loads")
+                 .replace("sts", "stores")
+                 for kind in ("ld", "st") for size in (1, 2, 4, 8) if f"{kind}{size}(" in body]
     return ([f"def F{start}(run, r1, r2, r3, r4, r5):",
              "    r0 = r6 = r7 = r8 = r9 = t = a = o = 0",
-             "    r10 = run.new_stack()",
-             "    mem = run.mem",
-             "    ld, st = mem.load, mem.store",
-             "    B, n, p = run.budget, run.insn_count, " + str(start),
+             "    r10 = run.new_stack()"]
+            + accessors +
+            ["    B, n, p = run.budget, run.insn_count, " + str(start),
              f"    b = {start}",
              "    try:",
              "        while True:"]

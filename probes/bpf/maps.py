@@ -410,6 +410,7 @@ class ProgArrayMap(BpfMap):
             prog = self.prog_resolver(fd) if self.prog_resolver else None
             if prog is None:
                 raise MapError(errno.EBADF, f"no program with fd {fd}")
+        prog.ensure_loaded()  # only loaded (verified) programs have fds to store
         self.progs[idx] = prog
 
     def lookup(self, key: bytes | int) -> Any:

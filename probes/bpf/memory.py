@@ -41,7 +41,7 @@ class MemoryFault(Exception):
         super().__init__(f"invalid {verb} of {size} bytes at {addr:#x}: {why}")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Region:
     """A piece of memory at ``base``. ``data`` is shared with its owner
     (a map element, the caller's context buffer), so writes are visible."""
@@ -56,14 +56,49 @@ class Region:
         return self.base + len(self.data)
 
 
+def _make_load(regions: dict[int, Region], size: int):
+    """A load of ``size`` bytes bound to one address space (the compiled path
+    calls these in its inner loops, so they avoid attribute lookups)."""
+    unpack = _UNPACK[size].unpack_from
+
+    def load(addr: int) -> int:
+        region = regions.get(addr >> 32)
+        if region is not None:
+            off = addr - region.base
+            if 0 <= off and off + size <= len(region.data):
+                return unpack(region.data, off)[0]
+        raise MemoryFault(addr, size, "read")
+    return load
+
+
+def _make_store(regions: dict[int, Region], size: int):
+    pack = _UNPACK[size].pack_into
+    mask = (1 << (size * 8)) - 1
+
+    def store(addr: int, value: int) -> None:
+        region = regions.get(addr >> 32)
+        if region is not None:
+            off = addr - region.base
+            if 0 <= off and off + size <= len(region.data):
+                if not region.writable:
+                    raise MemoryFault(addr, size, "write+ro")
+                pack(region.data, off, value & mask)
+                return
+        raise MemoryFault(addr, size, "write")
+    return store
+
+
 class VmMemory:
     """The regions of one program run. Attributes: ``regions`` (key ->
-    Region, key = address >> 32)."""
+    Region, key = address >> 32); ``loads``/``stores`` (size -> bound
+    accessor, for the compiled path)."""
 
     def __init__(self) -> None:
         self.regions: dict[int, Region] = {}
         self._next_key = DYN_BASE_KEY
         self._by_buffer: dict[int, Region] = {}
+        self.loads = {size: _make_load(self.regions, size) for size in _UNPACK}
+        self.stores = {size: _make_store(self.regions, size) for size in _UNPACK}
 
     def add(self, region: Region) -> Region:
         key = region.base >> 32

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .program import BpfProg
 
 
+_ZERO_STACK = bytes(MAX_BPF_STACK)
+
+
 class GuestFault(Exception):
     """A guest-memory read failed (helpers report -EFAULT)."""
 
@@ -144,7 +147,11 @@ class BpfRun:
         if self.depth >= MAX_CALL_FRAMES:
             raise BpfRuntimeError(f"the call stack of {self.depth + 1} frames is too deep")
         base = STACK_BASE + (self.depth << 32)
-        self.mem.add(Region(base, bytearray(MAX_BPF_STACK), True, f"stack{self.depth}"))
+        region = self.mem.regions.get(base >> 32)
+        if region is None:
+            self.mem.add(Region(base, bytearray(MAX_BPF_STACK), True, f"stack{self.depth}"))
+        else:
+            region.data[:] = _ZERO_STACK  # a new frame starts zeroed, as on first use
         return base + MAX_BPF_STACK
 
     # -- ring buffer reservations --
