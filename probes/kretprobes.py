@@ -130,10 +130,16 @@ class Kretprobes:
             rp.hits += 1
             rp.free_instances.append(ri)
         kcb.current, kcb.status = saved
+        self.arch.kretprobe_fixup_return(regs, correct)
         regs.flush()
         m.pc = correct
         self.arch.charge_kretprobe_return(m)
         return True
+
+    def pending_ret_addrs(self) -> list[int]:
+        """Real return addresses of the pending instances, innermost first (what an
+        unwinder substitutes for each trampoline address it meets)."""
+        return [ri.ret_addr for ri in reversed(self.instances) if ri.ret_addr != self.trampoline]
 
     def kretprobe_find_ret_addr(self, addr: int, cursor: int = 0) -> tuple[int, int]:
         """For unwinders: the real address behind the `cursor`-th trampoline address met

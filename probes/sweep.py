@@ -8,7 +8,6 @@ MISMATCH (the first difference, or a probe that was not hit where the function r
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import multiprocessing
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,8 @@ class Outcome:
     stdout: bytes
     stderr: bytes
     regs: dict[str, int]
-    memory_digest: str
+    memory: dict[int, bytes]        # start -> live writable bytes
+    stale_word: bytes | None = None  # a word only a kretprobe hijack writes (its trampoline)
 
     def first_difference(self, ref: "Outcome") -> str | None:
         if self.reason != ref.reason or self.exit_code != ref.exit_code:
@@ -57,8 +57,21 @@ class Outcome:
         for name, value in ref.regs.items():
             if self.regs.get(name) != value:
                 return f"register {name} = {self.regs.get(name, 0):#x}, expected {value:#x}"
-        if self.memory_digest != ref.memory_digest:
-            return "written memory differs"
+        return self._memory_difference(ref)
+
+    def _memory_difference(self, ref: "Outcome") -> str | None:
+        if self.memory.keys() != ref.memory.keys():
+            return "live memory layout differs"
+        for start, data in self.memory.items():
+            want = ref.memory[start]
+            if data == want:
+                continue
+            if len(data) != len(want):
+                return f"live memory at {start:#x} differs in size"
+            for off in range(0, len(data), 8):
+                a, b = data[off:off + 8], want[off:off + 8]
+                if a != b and a != self.stale_word:
+                    return f"written memory differs at {start + off:#x}"
         return None
 
 
@@ -127,13 +140,51 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
 
 
 def _outcome(m: Machine, result: RunResult, stdout: bytes, stderr: bytes) -> Outcome:
+    """The state the guest can still observe: registers and writable memory, without the
+    dead stack below sp, with pending kretprobe hijacks undone as an unwinder would."""
     regs = {n: m.reg(n) for n in m.arch.regs}
-    h = hashlib.sha256()
+    sp = m.sp & ~7
+    unwind = _kretprobe_unwinder(m)
+    memory: dict[int, bytes] = {}
     for r in m.memory.regions:
-        if r.prot & 2 and not r.name.startswith(("uart", "exit")):      # writable guest memory
-            h.update(r.start.to_bytes(8, "little"))
-            h.update(m.memory.read(r.start, r.end - r.start))
-    return Outcome(result.exit_code, result.reason.value, stdout, stderr, regs, h.hexdigest())
+        if not r.prot & 2 or r.name.startswith(("uart", "exit")):      # writable guest memory
+            continue
+        start = sp if r.start <= sp < r.end else r.start
+        data = m.memory.read(start, r.end - start)
+        if unwind is not None and start == sp:
+            data = unwind.stack(data)
+        memory[start] = data
+    stale = None
+    if unwind is not None:
+        regs = unwind.regs(regs)
+        stale = unwind.tramp.to_bytes(8, "little")
+    return Outcome(result.exit_code, result.reason.value, stdout, stderr, regs, memory, stale)
+
+
+class _Unwinder:
+    """Replaces trampoline addresses by the real return addresses, innermost first
+    (kretprobe_find_ret_addr), in the live stack and in registers."""
+
+    def __init__(self, trampoline: int, pending: list[int]) -> None:
+        self.tramp, self.pending = trampoline, pending
+
+    def stack(self, data: bytes) -> bytes:
+        out, i, want = bytearray(data), 0, self.tramp.to_bytes(8, "little")
+        for off in range(0, len(out) - 7, 8):
+            if out[off:off + 8] == want and i < len(self.pending):
+                out[off:off + 8] = self.pending[i].to_bytes(8, "little")
+                i += 1
+        return bytes(out)
+
+    def regs(self, regs: dict[str, int]) -> dict[str, int]:
+        return {n: (self.pending[0] if v == self.tramp and self.pending else v) for n, v in regs.items()}
+
+
+def _kretprobe_unwinder(m: Machine) -> _Unwinder | None:
+    state = m.layers.get("kretprobes")
+    if state is None:
+        return None
+    return _Unwinder(state.trampoline, state.pending_ret_addrs())
 
 
 def counting_kprobe(m: Machine, addr: int) -> list:

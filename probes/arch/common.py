@@ -137,6 +137,9 @@ class BreakpointKprobes:
     def arch_prepare_kretprobe(self, ri, regs: "PtRegs", trampoline: int) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def kretprobe_fixup_return(self, regs: "PtRegs", ret_addr: int) -> None:
+        """Registers as the trampoline leaves them besides ip (arm64: lr = ret_addr)."""
+
     def kretprobe_frame(self, m: Machine) -> int:  # pragma: no cover
         raise NotImplementedError
 

@@ -38,6 +38,9 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
         ri.fp = regs["x29"]
         regs["x30"] = trampoline
 
+    def kretprobe_fixup_return(self, regs, ret_addr: int) -> None:
+        regs["x30"] = ret_addr               # the trampoline returns with lr restored
+
     def kretprobe_frame(self, m: Machine) -> int:
         return m.reg("x29")
 
