@@ -16,6 +16,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="place a return probe on a function (repeatable)")
     p.add_argument("--optimize", action="store_true",
                    help="let eligible kprobes be jump-optimized (after their first hit)")
+    p.add_argument("--ftrace-filter", action="append", default=[], metavar="GLOB",
+                   help="function tracer on functions matching GLOB (repeatable, or comma-separated)")
+    p.add_argument("--trace-out", metavar="FILE", help="write trace lines to FILE (default: stderr)")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.append(attach_from_args)
 
@@ -37,6 +40,9 @@ def kprobe_from_spec(spec: str) -> Kprobe:
 def attach_from_args(session: Session, args) -> None:
     specs = getattr(args, "kprobe", None) or []
     rspecs = getattr(args, "kretprobe", None) or []
+    filters = [f for spec in getattr(args, "ftrace_filter", None) or [] for f in spec.split(",") if f]
+    if filters:
+        session.attach(TraceReport(session, filters, getattr(args, "trace_out", None)))
     if not specs and not rspecs:
         return
     kp = kprobes_of(session.machine)
@@ -51,6 +57,27 @@ def attach_from_args(session: Session, args) -> None:
         for spec in rspecs:
             krp.register_kretprobe(Kretprobe(kp=kprobe_from_spec(spec)))
     session.attach(ProbeReport(kp))
+
+
+class TraceReport:
+    """The function tracer of `--ftrace-filter`, and its summary in --stats."""
+
+    def __init__(self, session: Session, filters: list[str], path: str | None) -> None:
+        import sys
+        from probes.ftrace import FunctionTracer
+        self.out = open(path, "w") if path else sys.stderr
+        self.tracer = FunctionTracer(session.machine, filters, self.out)
+        if not self.tracer.enabled_sites:
+            from emu.errors import UsageError
+            raise UsageError(f"--ftrace-filter {','.join(filters)}: no ftrace site matches "
+                             "(build with -pg -mfentry -mnop-mcount / -fpatchable-function-entry=2)")
+
+    def report(self, out: IO[str]) -> None:
+        self.out.flush()
+
+    def stats(self) -> dict[str, Any]:
+        return {"ftrace": {"filters": self.tracer.ops.filters, "sites": self.tracer.enabled_sites,
+                           "lines": self.tracer.lines}}
 
 
 def probe_kind(p: Kprobe) -> str:

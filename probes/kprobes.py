@@ -105,7 +105,8 @@ class Kprobes:
         if old is not None:
             self._register_aggr(old, p)
         else:
-            self.arch.prepare(p)
+            if not self._prepare_ftrace(p):
+                self.arch.prepare(p)
             if p.ainsn.ss_trap is not None:
                 self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
             self.table[addr] = p
@@ -270,6 +271,10 @@ class Kprobes:
     def _arm(self, p: Kprobe) -> None:
         if p.ainsn.armed:
             return
+        if p.ainsn.ftrace:
+            self.ftrace.attach_to_site(self.ftrace.sites[p.addr], self._ftrace_ops)
+            p.ainsn.armed = True
+            return
         opt = self.optimizer
         if opt is not None:
             opt.before_arm(p.addr)
@@ -280,6 +285,10 @@ class Kprobes:
 
     def _disarm(self, p: Kprobe) -> None:
         if not p.ainsn.armed:
+            return
+        if p.ainsn.ftrace:
+            self.ftrace._remove(self.ftrace.sites[p.addr], self._ftrace_ops)
+            p.ainsn.armed = False
             return
         if self.optimizer is not None:
             self.optimizer.unoptimize_kprobe(p)
@@ -404,6 +413,53 @@ class Kprobes:
                 regs = PtRegs(self.m)
             p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
             regs.flush()
+        kcb.current, kcb.status = None, 0
+
+    # --- kprobes on ftrace sites (arch/x86/kernel/kprobes/ftrace.c) ----------------------------
+    @property
+    def ftrace(self):
+        from probes.ftrace import ftrace_of
+        return ftrace_of(self.m)
+
+    def _prepare_ftrace(self, p: Kprobe) -> bool:
+        """A probe on an ftrace site is served by ftrace: no breakpoint, no slot."""
+        site = self.ftrace.ftrace_location(p.addr)
+        if site is None:
+            return False
+        from probes.arch.common import ArchSpecificInsn
+        from probes.ftrace import FtraceOps
+        if not hasattr(self, "_ftrace_ops"):
+            self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True)
+        nop = self.arch.ftrace_nop
+        p.flags |= KPROBE_FLAG_FTRACE
+        p.opcode = b""
+        p.ainsn = ArchSpecificInsn(kind="ftrace", length=len(nop), mnemonic="nop (ftrace site)",
+                                   ftrace=True)
+        return True
+
+    def kprobe_ftrace_handler(self, ip: int, parent_ip: int, ops, regs: PtRegs) -> None:
+        p = self.table.get(ip)
+        if p is None or p.disabled():
+            return
+        kcb, m = self.kcb, self.m
+        if kcb.current is not None:
+            self.kprobes_inc_nmissed_count(p)
+            return
+        pc = m.arch.pc
+        regs._cache[pc] = self.arch.handler_ip(p)       # as if a breakpoint had hit
+        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+        if not p.is_aggr:
+            p.hits += 1
+        if p.pre_handler is not None:
+            m.clock.advance(m.clock.handler_cost, "handler")
+        if p.pre_handler is None or not p.pre_handler(p, regs):
+            regs._cache[pc] = p.addr + p.ainsn.length   # "single-step" over the nop
+            regs._dirty.discard(pc)
+            if p.post_handler is not None:
+                kcb.status = KPROBE_HIT_SSDONE
+                m.clock.advance(m.clock.handler_cost, "handler")
+                p.post_handler(p, regs, 0)
+            regs._dirty.discard(pc)
         kcb.current, kcb.status = None, 0
 
     def _on_fault(self, fault: Fault) -> None:

@@ -92,6 +92,12 @@ def test_disasm_both_styles(asm_file, capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out.splitlines()[0] == "       0:\tb7 00 00 00 2a 00 00 00\tr0 = 42"
 
 
+def test_packet_program(asm_file, capsys: pytest.CaptureFixture[str]) -> None:
+    path = asm_file("ldxw r2, [r1]\nldxw r3, [r1+4]\nmov r0, r3\nsub r0, r2\nexit\n")
+    assert main(["run", "--asm", path, "--type", "xdp", "--packet", "01 02 03"]) == 0
+    assert capsys.readouterr().out == "r0 = 0x3\n"
+
+
 def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
     assert "one of the arguments --asm --hex --obj is required" in capsys.readouterr().err
@@ -105,6 +111,8 @@ def test_objects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                    check=True)
     assert main(["run", "--obj", str(obj), "--prog", "fib_tp", "--mem", "00" * 64]) == 0
     assert capsys.readouterr().out == f"r0 = {6765 + 4:#x}\n"
+    assert main(["run", "--obj", str(obj), "--prog", "calc"]) == 0     # zeroed pt_regs
+    assert capsys.readouterr().out == "r0 = 0xa\n"                   # 0 + 0 + 9 + 1
     assert main(["run", "--obj", str(obj)]) == 1
     assert "--prog is required" in capsys.readouterr().err
     assert main(["verify", "--obj", str(obj)]) == 0

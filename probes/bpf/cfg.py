@@ -182,8 +182,7 @@ class _Checker:
             return 1 + max((depth(c, path + (idx,)) for c in subprogs[idx].callees), default=0)
         depth(0, ())
 
-    def check_flow(self, kinds: list[str | None], subprogs: list[Subprog], owner: list[int],
-                   warnings: list[str]) -> set[int]:
+    def check_flow(self, kinds: list[str | None], warnings: list[str]) -> set[int]:
         """Reachability from the entry, and a way to an exit from everywhere."""
         reach, todo = set(), [0]
         preds: dict[int, list[int]] = {}
@@ -246,6 +245,6 @@ def check_structure(insns: list[Insn], lenient: bool,
     for sp in subprogs:
         log.append(f"func#{subprogs.index(sp)} @{sp.start}")
     warnings: list[str] = []
-    reach = checker.check_flow(kinds, subprogs, owner, warnings)
+    reach = checker.check_flow(kinds, warnings)
     return Cfg(insns, kinds, subprogs, owner, reach, warnings)
 

@@ -1,6 +1,6 @@
 """``emu bpf``: run, disassemble and verify BPF programs from the shell.
 
-    emu bpf run    (--asm FILE | --hex HEX | --obj FILE.o --prog NAME) [--mem HEX]
+    emu bpf run    (--asm FILE | --hex HEX | --obj FILE.o --prog NAME) [--mem HEX] [--packet HEX]
     emu bpf disasm (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--llvm]
     emu bpf verify (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--type TYPE]
 
@@ -19,7 +19,7 @@ from .datafile import parse_data_file
 from .disasm import disassemble, disassemble_llvm
 from .errors import BpfError, VerifierError
 from .program import BpfProg
-from .prog_types import BpfProgType
+from .prog_types import PACKET_TYPES, BpfProgType
 
 _TYPES = {t.name[len("BPF_PROG_TYPE_"):].lower(): t for t in BpfProgType}
 
@@ -71,10 +71,22 @@ def _read_input(args: argparse.Namespace, want_one: bool) -> _Input:
     return _Input([BpfProg.from_bytes(code, prog_type=ptype, name=args.prog or "")], mem)
 
 
+DEFAULT_CTX_SIZE = 512  # a zeroed context big enough for pt_regs on x86-64 and arm64
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     inp = _read_input(args, want_one=True)
-    mem = bytes.fromhex("".join(args.mem.split())) if args.mem is not None else inp.mem
-    result = inp.progs[0].run(bytearray(mem), engine=args.engine)
+    prog = inp.progs[0]
+    packet = bytes.fromhex("".join(args.packet.split())) if args.packet is not None else None
+    if args.mem is not None:
+        mem = bytes.fromhex("".join(args.mem.split()))
+    elif packet is not None or prog.prog_type in PACKET_TYPES:
+        mem, packet = b"", packet or b""  # the machine builds xdp_md / __sk_buff
+    elif prog.prog_type != BpfProgType.BPF_PROG_TYPE_UNSPEC and not inp.mem:
+        mem = bytes(DEFAULT_CTX_SIZE)
+    else:
+        mem = inp.mem
+    result = prog.run(bytearray(mem), packet=packet, engine=args.engine)
     print(f"r0 = {result:#x}")
     return 0
 
@@ -106,7 +118,10 @@ def add_subcommands(subparsers: "argparse._SubParsersAction[argparse.ArgumentPar
     sub = bpf.add_subparsers(dest="bpf_command", required=True)
     run = sub.add_parser("run", help="verify and run a program, print r0")
     _source_options(run, prog_required=True)
-    run.add_argument("--mem", metavar="HEX", help="memory passed in r1 (its length in r2)")
+    run.add_argument("--mem", metavar="HEX",
+                     help="the context r1 points to (its length in r2 for the default type); "
+                          "kernel types get 512 zero bytes when omitted")
+    run.add_argument("--packet", metavar="HEX", help="packet for socket/xdp/tc programs")
     run.add_argument("--engine", choices=("jit", "interp"), default="jit")
     run.set_defaults(func=_guarded(cmd_run))
     dis = sub.add_parser("disasm", help="disassemble a program")

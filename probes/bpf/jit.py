@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .disasm import format_insn
 from .errors import BpfRuntimeError
 from .helpers import BPF_FUNC_tail_call
-from .interpreter import Interpreter, _sdiv, _smod, load_packet, pseudo_value
+from .interpreter import Interpreter, _sdiv, _smod, load_packet
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
@@ -394,4 +394,3 @@ def compile_prog(prog: "BpfProg") -> CompiledProg:
     return CompiledProg(prog, text, namespace["F0"])
 
 
-_ = (BPF_LSH, BPF_RSH, BPF_MOV, pseudo_value)

@@ -136,4 +136,3 @@ def run(code: bytes, mem: bytes = b"", *, env: BpfRunContext | None = None,
     return prog.run(bytearray(mem), env, engine=engine)
 
 
-_ = BpfRuntimeError

@@ -33,7 +33,7 @@ from .helpers import GPL_COMPATIBLE, BpfArgType as A, BpfFuncProto, BpfRetType a
 from .interpreter import alu
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_CMPXCHG, BPF_COMPLEXITY_LIMIT_INSNS, BPF_FETCH, BPF_JEQ,
-    BPF_JMP, BPF_JNE, BPF_LOAD_ACQ, BPF_MOV, BPF_NEG, BPF_PSEUDO_FUNC,
+    BPF_JMP, BPF_JNE, BPF_LOAD_ACQ, BPF_MOV, BPF_PSEUDO_FUNC,
     BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX, BPF_REG_FP, BPF_STORE_REL, BPF_SUB,
     MAX_BPF_STACK, SIZE_BYTES, U64, Insn, lddw_imm64,
 )
@@ -190,8 +190,8 @@ def _alu_ptr(env: VerifierEnv, insn: Insn, dst: Reg, src: Reg) -> Reg:
         delta = src.val if insn.op == BPF_ADD else -src.val
         delta = delta - (1 << 64) if delta >= 1 << 63 else delta
         return Reg(dst.type, dst.val + delta, dst.ref)
-    if insn.op == BPF_SUB and src.type == dst.type and insn.cls == BPF_ALU64:
-        return SCALAR  # pointer difference
+    if insn.op == BPF_SUB and src.type in _POINTERS and insn.cls == BPF_ALU64:
+        return SCALAR  # pointer difference (privileged programs may compute it)
     if env.lenient or dst.type == "unknown":
         return SCALAR
     if insn.cls != BPF_ALU64:
@@ -585,4 +585,3 @@ def verify(prog: "BpfProg", log_level: int = 0) -> str:
     return "\n".join(log)
 
 
-_ = (BPF_NEG,)

@@ -47,6 +47,32 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
     def charge_kretprobe_return(self, m: Machine) -> None:
         m.clock.advance(m.clock.exc_entry + m.clock.exc_return, "trap")
 
+    # --- ftrace (arch/arm64/kernel/ftrace.c, DYNAMIC_FTRACE_WITH_ARGS) ------------------------
+    ftrace_section = "__patchable_function_entries"
+    ftrace_nop = bytes.fromhex("1f2003d5") * 2
+    # host entry (nop), then swap x9 <-> x30 with three EORs and `ret x9`: back in the
+    # function with lr = the caller's return address (x9 is a scratch register at entry).
+    ftrace_trampoline_code = b"".join(w.to_bytes(4, "little") for w in
+                                      (0xD503201F, 0xCA1E0129, 0xCA0903DE, 0xCA1E0129, 0xD65F0120))
+
+    def ftrace_call_insn(self, site: int, tramp: int) -> bytes:
+        from probes.arch.arm64.opt import b_insn
+        mov_x9_lr = 0xAA1E03E9
+        return mov_x9_lr.to_bytes(4, "little") + b_insn(site + 4, tramp, link=True).to_bytes(4, "little")
+
+    def ftrace_site_and_parent(self, m) -> tuple[int, int]:
+        return m.reg("x30") - 8, m.reg("x9")
+
+    def ftrace_regs(self, m, site: int):
+        from probes.regs import PtRegs
+        regs = PtRegs(m, ip=site)
+        regs._cache["x30"] = m.reg("x9")                  # lr as at the site
+        return regs
+
+    def ftrace_return_to(self, m, new_ip: int) -> None:
+        m.set_reg("x30", m.reg("x9"))
+        m.pc = new_ip
+
     def mnemonic(self, word: int, addr: int) -> str:
         for insn in self._cs.disasm(word.to_bytes(4, "little"), addr, 1):
             return f"{insn.mnemonic} {insn.op_str}".strip()

@@ -46,6 +46,27 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
     def charge_kretprobe_return(self, m) -> None:
         m.clock.advance(getattr(m.clock, "detour_cost", 40), "detour")
 
+    # --- ftrace (arch/x86/kernel/ftrace.c) ------------------------------------------------
+    ftrace_section = "__mcount_loc"
+    ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
+    # The trampoline: a host entry byte, then `ret` back to the instruction after the call.
+    ftrace_trampoline_code = b"\x90\xc3"
+
+    def ftrace_call_insn(self, site: int, tramp: int) -> bytes:
+        return b"\xe8" + struct.pack("<i", tramp - (site + 5))
+
+    def ftrace_site_and_parent(self, m) -> tuple[int, int]:
+        sp = m.sp
+        return m.memory.read_u64(sp) - 5, m.memory.read_u64(sp + 8)
+
+    def ftrace_regs(self, m, site: int):
+        from probes.regs import PtRegs
+        return PtRegs(m, ip=site + len(self.ftrace_nop), sp=m.sp + 8)   # sp as at the site
+
+    def ftrace_return_to(self, m, new_ip: int) -> None:
+        m.sp = m.sp + 8                                   # drop the call's return address
+        m.pc = new_ip
+
     def adjust_kprobe_addr(self, addr: int, sym: Symbol) -> tuple[int, bool]:
         """IBT: offsets 0 and 4 of a function starting with ENDBR both mean its entry."""
         offset = addr - sym.addr
