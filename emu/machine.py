@@ -92,9 +92,11 @@ class Machine:
         self.live_patches: dict[int, int] = {}            # addr -> original byte under a patch
         self.syscall_handler: Callable[[], None] | None = None
         self.patches: list[Patch] = []
+        self.text_listeners: list[Callable[[int, int], None]] = []   # (addr, size) of changed text
         self.entry: int = 0
         self.image = None           # the loaded ElfImage, if any
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
+        self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
         self._pc_id = self.arch.regs[self.arch.pc]
@@ -143,6 +145,8 @@ class Machine:
         self.uc.mem_write(addr, bytes(data))
         self.uc.ctl_remove_cache(addr, addr + len(data))
         self.patches.append(Patch(addr, old, bytes(data)))
+        for listener in self.text_listeners:
+            listener(addr, len(data))
         for i, (was, now) in enumerate(zip(old, data)):
             orig = self.live_patches.setdefault(addr + i, was)
             if orig == now:
@@ -161,6 +165,14 @@ class Machine:
 
     def invalidate(self, addr: int, size: int) -> None:
         self.uc.ctl_remove_cache(addr, addr + size)
+        for listener in self.text_listeners:
+            listener(addr, size)
+
+    def enable_cycle_model(self, profile=None, **kw):
+        """Charge every executed block its modelled cost (emu/cycles); `profile` is a CPU
+        profile name or None for the arch's default. Returns the CycleModel."""
+        from emu.cycles import enable_cycle_model
+        return enable_cycle_model(self, profile, **kw)
 
     def disasm_one(self, addr: int) -> str:
         if self.memory.read_safe(addr, 1) is None:

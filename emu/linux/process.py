@@ -89,6 +89,7 @@ def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
     proc = LinuxProcess(m, image, fs, seed=seed)
     proc.brk_start = proc.brk = page_up(image.high_end)
     proc.comm = argv[0].rsplit("/", 1)[-1].encode()[:15] if argv else b"guest"
+    m.task = (proc.comm.decode(errors="replace"), proc.creds.pid)
     fs.exe_path = image.path
     proc.fds.files.update({0: OpenFile("stream", "<stdin>", 0, stream=stdin),
                            1: OpenFile("stream", "<stdout>", 1, stream=m.stdout),

@@ -6,6 +6,7 @@ there is nothing to mask and PSTATE is left alone."""
 from __future__ import annotations
 
 import errno
+import struct
 
 import capstone
 
@@ -27,6 +28,8 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
     def __init__(self, machine: Machine) -> None:
         super().__init__(machine)
         self._cs = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+        self._ftrace_stubs: dict[int, int] = {}           # site -> its trampoline
+        self._ftrace_sites: dict[int, int] = {}           # trampoline -> site
 
     kretprobe_trampoline_code = BRK64_OPCODE_KRETPROBES.to_bytes(4, "little")
 
@@ -47,30 +50,30 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
     def charge_kretprobe_return(self, m: Machine) -> None:
         m.clock.advance(m.clock.exc_entry + m.clock.exc_return, "trap")
 
-    # --- ftrace (arch/arm64/kernel/ftrace.c, DYNAMIC_FTRACE_WITH_ARGS) ------------------------
+    # --- ftrace (arch/arm64/kernel/ftrace.c; see probes/ftrace.py for the per-site branch) ---
     ftrace_section = "__patchable_function_entries"
     ftrace_nop = bytes.fromhex("1f2003d5") * 2
-    # host entry (nop), then swap x9 <-> x30 with three EORs and `ret x9`: back in the
-    # function with lr = the caller's return address (x9 is a scratch register at entry).
-    ftrace_trampoline_code = b"".join(w.to_bytes(4, "little") for w in
-                                      (0xD503201F, 0xCA1E0129, 0xCA0903DE, 0xCA1E0129, 0xD65F0120))
 
-    def ftrace_call_insn(self, site: int, tramp: int) -> bytes:
-        from probes.arch.arm64.opt import b_insn
-        mov_x9_lr = 0xAA1E03E9
-        return mov_x9_lr.to_bytes(4, "little") + b_insn(site + 4, tramp, link=True).to_bytes(4, "little")
+    def ftrace_make_call(self, site: int, caller) -> bytes:
+        from probes.arch.arm64.opt import NOP, b_insn
+        stub = self._ftrace_stubs.get(site)
+        if stub is None:
+            stub = self.tramps.get(near=site)
+            code = struct.pack("<II", NOP, b_insn(stub + 4, site + 4))
+            self.m.text_poke(stub, code)
+            self.m.add_host_entry(stub, caller)
+            self._ftrace_stubs[site] = stub
+            self._ftrace_sites[stub] = site
+        return struct.pack("<I", b_insn(site, stub)) + self.ftrace_nop[4:]
 
-    def ftrace_site_and_parent(self, m) -> tuple[int, int]:
-        return m.reg("x30") - 8, m.reg("x9")
+    def ftrace_site_and_parent(self, m: Machine, pc: int) -> tuple[int, int]:
+        return self._ftrace_sites[pc], m.reg("x30")
 
-    def ftrace_regs(self, m, site: int):
+    def ftrace_regs(self, m: Machine, site: int):
         from probes.regs import PtRegs
-        regs = PtRegs(m, ip=site)
-        regs._cache["x30"] = m.reg("x9")                  # lr as at the site
-        return regs
+        return PtRegs(m, ip=site)
 
-    def ftrace_return_to(self, m, new_ip: int) -> None:
-        m.set_reg("x30", m.reg("x9"))
+    def ftrace_return_to(self, m: Machine, new_ip: int) -> None:
         m.pc = new_ip
 
     def mnemonic(self, word: int, addr: int) -> str:

@@ -51,11 +51,16 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
     ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
     # The trampoline: a host entry byte, then `ret` back to the instruction after the call.
     ftrace_trampoline_code = b"\x90\xc3"
+    _ftrace_tramp: int | None = None
 
-    def ftrace_call_insn(self, site: int, tramp: int) -> bytes:
-        return b"\xe8" + struct.pack("<i", tramp - (site + 5))
+    def ftrace_make_call(self, site: int, caller) -> bytes:
+        if self._ftrace_tramp is None:
+            self._ftrace_tramp = self.tramps.get(near=site)
+            self.m.text_poke(self._ftrace_tramp, self.ftrace_trampoline_code)
+            self.m.add_host_entry(self._ftrace_tramp, caller)
+        return b"\xe8" + struct.pack("<i", self._ftrace_tramp - (site + 5))
 
-    def ftrace_site_and_parent(self, m) -> tuple[int, int]:
+    def ftrace_site_and_parent(self, m, pc: int) -> tuple[int, int]:
         sp = m.sp
         return m.memory.read_u64(sp) - 5, m.memory.read_u64(sp + 8)
 

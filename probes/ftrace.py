@@ -1,0 +1,163 @@
+"""Dynamic ftrace (kernel/trace/ftrace.c, arch/x86/kernel/ftrace.c, arch/arm64/kernel/ftrace.c)
+and kprobes on ftrace sites (arch/x86/kernel/kprobes/ftrace.c).
+
+Binaries built with function-entry patch sites (x86-64 `-pg -mfentry -mnop-mcount
+-mrecord-mcount`: a 5-byte nop listed in `__mcount_loc`; arm64
+`-fpatchable-function-entry=2`: two nops listed in `__patchable_function_entries`) carry
+a table of their sites, as the kernel's mcount_loc. A site stays a nop until some
+`FtraceOps` wants its function; then text_poke turns it into a call to a trampoline the
+layer owns, whose first instruction is a host entry that runs the ops: x86 `call tramp`
+(one shared trampoline ending in `ret`, as the kernel's); arm64 `b` to a per-site
+trampoline `[host entry][b site+4]`. (Deviation: the kernel's arm64 sequence
+`mov x9, x30; bl ftrace_caller` clobbers x9 and hides lr behind it; the per-site branch
+changes no register, so return probes on the same function keep their lr hijack.)
+
+A kprobe placed on a site takes the FTRACE path: no breakpoint, no single-step;
+kprobe_ftrace_handler presents regs as after a breakpoint (x86 ip = site + 1) and skips
+the nop. Mainline arm64 has no kprobes on ftrace; here the patchable entry serves alike."""
+from __future__ import annotations
+
+import fnmatch
+import struct
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from emu.machine import Machine
+from probes.regs import PtRegs
+
+FtraceFunc = Callable[[int, int, "FtraceOps", PtRegs], None]   # (ip, parent_ip, ops, regs)
+
+
+@dataclass(eq=False)
+class FtraceOps:
+    """struct ftrace_ops: a callback and the functions it wants (glob patterns; empty =
+    every function with a site)."""
+    func: FtraceFunc
+    filters: list[str] = field(default_factory=list)
+    ipmodify: bool = False          # FTRACE_OPS_FL_IPMODIFY: may change regs.ip
+
+    def wants(self, name: str) -> bool:
+        return not self.filters or any(fnmatch.fnmatchcase(name, f) for f in self.filters)
+
+
+@dataclass
+class FtraceSite:
+    """struct dyn_ftrace: one patch site."""
+    addr: int
+    func: str
+    ops: list[FtraceOps] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ops)
+
+
+class Ftrace:
+    """The ftrace state of a machine."""
+
+    def __init__(self, machine: Machine) -> None:
+        from probes.kprobes import kprobes_of
+        self.m = machine
+        self.arch = kprobes_of(machine).arch
+        self.sites: dict[int, FtraceSite] = {}
+        self.ops: list[FtraceOps] = []
+        self._discover()
+
+    def _discover(self) -> None:
+        image = self.m.image
+        section = self.arch.ftrace_section
+        if image is None or section not in image.sections:
+            return
+        _addr, data = image.sections[section]
+        for (site,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8]):
+            site += image.bias if site < image.bias else 0
+            sym = self.m.symbols.find(site)
+            if sym is None or self.m.original_text(site, len(self.arch.ftrace_nop)) != self.arch.ftrace_nop:
+                continue                     # not a pristine nop site: leave it alone
+            self.sites[site] = FtraceSite(site, sym.name)
+
+    def ftrace_location(self, addr: int) -> FtraceSite | None:
+        return self.sites.get(addr)
+
+    # --- ops ---------------------------------------------------------------------------------
+    def register_ftrace_function(self, ops: FtraceOps) -> int:
+        """Attach `ops` to every site whose function it wants; returns how many."""
+        self.ops.append(ops)
+        count = 0
+        for site in self.sites.values():
+            if ops.wants(site.func):
+                self._add(site, ops)
+                count += 1
+        return count
+
+    def unregister_ftrace_function(self, ops: FtraceOps) -> None:
+        if ops in self.ops:
+            self.ops.remove(ops)
+        for site in self.sites.values():
+            if ops in site.ops:
+                self._remove(site, ops)
+
+    def attach_to_site(self, site: FtraceSite, ops: FtraceOps) -> None:
+        if ops not in site.ops:
+            self._add(site, ops)
+
+    def _add(self, site: FtraceSite, ops: FtraceOps) -> None:
+        site.ops.append(ops)
+        if len(site.ops) == 1:           # ftrace_make_call: nop -> call of a trampoline
+            self.m.text_poke(site.addr, self.arch.ftrace_make_call(site.addr, self._ftrace_caller))
+
+    def _remove(self, site: FtraceSite, ops: FtraceOps) -> None:
+        site.ops.remove(ops)
+        if not site.ops:                 # ftrace_make_nop
+            self.m.text_poke(site.addr, self.arch.ftrace_nop)
+
+    # --- the trampoline's host entry --------------------------------------------------------------
+    def _ftrace_caller(self, pc: int) -> None:
+        m = self.m
+        site_addr, parent_ip = self.arch.ftrace_site_and_parent(m, pc)
+        site = self.sites.get(site_addr)
+        if site is None:
+            return
+        m.clock.advance(getattr(m.clock, "detour_cost", 40), "detour")
+        regs = self.arch.ftrace_regs(m, site_addr)
+        for ops in list(site.ops):
+            ops.func(site_addr, parent_ip, ops, regs)
+        if regs.ip_changed():
+            new_ip = regs.ip
+            regs._dirty.discard(m.arch.pc)
+            regs.flush()
+            self.arch.ftrace_return_to(m, new_ip)     # leave the trampoline for new_ip
+        else:
+            regs._dirty.discard(m.arch.sp)
+            regs.flush()
+
+
+def ftrace_of(machine: Machine) -> Ftrace:
+    state = machine.layers.get("ftrace")
+    if state is None:
+        state = machine.layers["ftrace"] = Ftrace(machine)
+    return state
+
+
+# --- the function tracer ---------------------------------------------------------------------
+class FunctionTracer:
+    """The `function` tracer: one line per traced call, as in the kernel's trace file:
+    `<comm>-<pid> [cpu] flags timestamp: func <-parent`."""
+
+    def __init__(self, machine: Machine, filters: list[str], out: IO[str]) -> None:
+        self.m = machine
+        self.out = out
+        self.lines = 0
+        self.ops = FtraceOps(self._trace, filters)
+        self.enabled_sites = ftrace_of(machine).register_ftrace_function(self.ops)
+
+    def _trace(self, ip: int, parent_ip: int, ops: FtraceOps, regs: PtRegs) -> None:
+        m = self.m
+        comm, pid = getattr(m, "task", ("swapper/0", 0))
+        ns = m.clock.monotonic_ns()
+        func = m.symbols.find(ip)
+        parent = m.symbols.find(parent_ip)
+        self.out.write(f"{comm[:16]:>16}-{pid:<7} [000] ..... {ns // 1_000_000_000:5d}."
+                       f"{ns // 1000 % 1_000_000:06d}: {func.name if func else hex(ip)} "
+                       f"<-{parent.name if parent else hex(parent_ip)}\n")
+        self.lines += 1
