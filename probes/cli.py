@@ -12,9 +12,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
     p.add_argument("--bare", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--optimize", action="store_true", help="jump-optimize eligible probes at once")
+    p.add_argument("--run", action="store_true",
+                   help="run the guest first (its output is discarded) and show the state after")
     p.add_argument("file")
     p.add_argument("location", nargs="+", metavar="SYM[+OFF]|ADDR")
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, args=[])
 
     s = sub.add_parser("sweep", help="probe every instruction of functions; compare with the unprobed run")
     s.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
@@ -34,9 +37,20 @@ def cmd_inspect(args) -> int:
     from probes.cli_options import kprobe_from_spec
     from probes.inspect import inspect_kprobe
 
-    guest = load_guest(GuestConfig(path=args.file, arch=args.arch, bare=args.bare),
-                       stdin=sys.stdin.buffer)
-    results = [inspect_kprobe(guest.machine, kprobe_from_spec(loc)) for loc in args.location]
+    import io
+    guest = load_guest(GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args),
+                       stdin=io.BytesIO(), stdout=io.BytesIO(), stderr=io.BytesIO())
+    m = guest.machine
+    probes = [kprobe_from_spec(loc) for loc in args.location]
+    results = [inspect_kprobe(m, p) for p in probes]        # registers them
+    if args.optimize:
+        from probes.kprobes import kprobes_of
+        from probes.optprobes import enable_optprobes
+        enable_optprobes(kprobes_of(m)).kick_kprobe_optimizer()
+    if args.run:
+        m.run(timeout=60)
+    if args.optimize or args.run:
+        results = [inspect_kprobe(m, p) if r.verdict != "rejected" else r for p, r in zip(probes, results)]
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
     else:

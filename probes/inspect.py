@@ -16,7 +16,12 @@ from probes.kprobes import Kprobe, kprobes_of
 class Inspection:
     where: str
     addr: int | None
-    verdict: str                         # "simulate" | "emulate" | "out-of-line" | "rejected"
+    verdict: str                         # "simulate" | "emulate" | "out-of-line" | "ftrace" | "rejected"
+    kind: str = ""                       # kprobe | boosted | optimized | ftrace | kretprobe
+    hits: int = 0
+    opt_reason: str = ""                 # why jump optimization was refused, if it was
+    detour: int | None = None
+    detour_code: bytes = b""
     reason: str = ""
     errno: str = ""
     insn: str = ""
@@ -28,7 +33,7 @@ class Inspection:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("original", "patched", "slot_code"):
+        for k in ("original", "patched", "slot_code", "detour_code"):
             d[k] = d[k].hex()
         return d
 
@@ -38,10 +43,16 @@ class Inspection:
             lines.append(f"verdict:  rejected (-{self.errno}): {self.reason}")
             return "\n".join(lines)
         lines.append(f"verdict:  {self.verdict}  `{self.insn}`")
-        lines.append(side_by_side("original", self.listing["original"], "armed", self.listing["patched"]))
+        lines.append(f"kind:     {self.kind}  (hits {self.hits})"
+                     + (f"  [not optimized: {self.opt_reason}]" if self.opt_reason else ""))
+        lines.append(side_by_side("original", self.listing["original"], "in guest memory",
+                                  self.listing["patched"]))
         if self.slot is not None:
             lines.append(f"slot at {self.slot:#x}:")
             lines.extend("  " + line for line in self.listing["slot"])
+        if self.detour is not None:
+            lines.append(f"detour at {self.detour:#x} (host entry at its first instruction):")
+            lines.extend("  " + line for line in self.listing["detour"])
         return "\n".join(lines)
 
 
@@ -77,15 +88,24 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
         except KprobeError as e:
             import errno as _e
             return Inspection(where, None, "rejected", e.reason, _e.errorcode.get(e.errno, str(e.errno)))
-    ainsn = p.ainsn
-    n = max(ainsn.length, len(m.arch.breakpoint))
+    from probes.cli_options import probe_kind
+    top = kp.table[p.addr]
+    ainsn = top.ainsn
+    oi = ainsn.optinsn
+    n = max(ainsn.length, len(m.arch.breakpoint), oi.size if oi is not None and ainsn.optimized else 0)
     original = m.original_text(p.addr, n)
     patched = m.memory.read(p.addr, n)
+    slot_code = m.memory.read(ainsn.slot, len(ainsn.slot_code) + 4) if ainsn.slot is not None else b""
     ins = Inspection(where=m.symbols.format(p.addr, with_size=False) if m.symbols.find(p.addr) else where,
-                     addr=p.addr, verdict=ainsn.kind, insn=ainsn.mnemonic, original=original,
-                     patched=patched, slot=ainsn.slot, slot_code=ainsn.slot_code)
-    ins.listing["original"] = listing(m, original, p.addr, 1)
-    ins.listing["patched"] = listing(m, patched, p.addr, 1)
+                     addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p), hits=p.hits,
+                     opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,
+                     patched=patched, slot=ainsn.slot, slot_code=slot_code)
+    count = len(listing(m, original, p.addr))
+    ins.listing["original"] = listing(m, original, p.addr, count)
+    ins.listing["patched"] = listing(m, patched, p.addr, count)
     if ainsn.slot is not None:
-        ins.listing["slot"] = listing(m, m.memory.read(ainsn.slot, len(ainsn.slot_code)), ainsn.slot)
+        ins.listing["slot"] = listing(m, slot_code, ainsn.slot, 3 if ainsn.boosted else 2)
+    if oi is not None:
+        ins.detour, ins.detour_code = oi.detour, oi.code
+        ins.listing["detour"] = listing(m, m.memory.read(oi.detour, len(oi.code)), oi.detour)
     return ins
