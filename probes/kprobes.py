@@ -90,6 +90,7 @@ class Kprobes:
         self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
+        self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -396,7 +397,7 @@ class Kprobes:
         clock = self.m.clock
         clock.advance(clock.exc_entry + clock.exc_return + clock.single_step, "step")
         self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
-        if kcb.status == KPROBE_HIT_SS and p.post_handler is None:
+        if kcb.status == KPROBE_HIT_SS and p.post_handler is None and not self.preemptible:
             self.arch.boost(p)                  # the step worked: later hits may skip it
         self._post_kprobe(p, None)
         return True

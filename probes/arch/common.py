@@ -110,6 +110,8 @@ class BreakpointKprobes:
     def owns(self, addr: int) -> bool:
         return self.slots.owns(addr) or self.tramps.owns(addr)
 
+    boost_supported = False
+
     def boost(self, p: "Kprobe") -> bool:
         """Let later hits skip the step trap, where the arch can (x86); False if not."""
         return False

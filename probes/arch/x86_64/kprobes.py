@@ -20,6 +20,7 @@ ENDBR64, ENDBR32, ENDBR_POISON = b"\xf3\x0f\x1e\xfa", b"\xf3\x0f\x1e\xfb", b"\x6
 class X86Kprobes(X86OptMixin, BreakpointKprobes):
     slot_size = 16                  # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
     handler_ip_offset = 1           # handlers see ip = addr + 1, as after int3
+    boost_supported = True
     ss_break = b"\xcc"
 
     def __init__(self, machine) -> None:
