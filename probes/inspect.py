@@ -87,7 +87,8 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
             kp.register_kprobe(p)
         except KprobeError as e:
             import errno as _e
-            return Inspection(where, None, "rejected", e.reason, _e.errorcode.get(e.errno, str(e.errno)))
+            return Inspection(where=where, addr=None, verdict="rejected", reason=e.reason,
+                              errno=_e.errorcode.get(e.errno, str(e.errno)))
     from probes.cli_options import probe_kind
     top = kp.table[p.addr]
     ainsn = top.ainsn
@@ -95,7 +96,7 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     n = max(ainsn.length, len(m.arch.breakpoint), oi.size if oi is not None and ainsn.optimized else 0)
     original = m.original_text(p.addr, n)
     patched = m.memory.read(p.addr, n)
-    slot_code = m.memory.read(ainsn.slot, len(ainsn.slot_code) + 4) if ainsn.slot is not None else b""
+    slot_code = m.memory.read(ainsn.slot, len(ainsn.slot_code)) if ainsn.slot is not None else b""
     ins = Inspection(where=m.symbols.format(p.addr, with_size=False) if m.symbols.find(p.addr) else where,
                      addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p), hits=p.hits,
                      opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,

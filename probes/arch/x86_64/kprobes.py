@@ -120,7 +120,9 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
             return False
         jmp_at = ainsn.slot + ainsn.length
         rel = p.addr + ainsn.length - (jmp_at + JMP32_INSN_SIZE)
-        self.m.text_poke(jmp_at, b"\xe9" + struct.pack("<i", rel))
+        jmp = b"\xe9" + struct.pack("<i", rel)
+        self.m.text_poke(jmp_at, jmp)
+        ainsn.slot_code = ainsn.slot_code[:ainsn.length] + jmp
         ainsn.boosted = True
         return True
 
@@ -128,6 +130,7 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         ainsn = p.ainsn
         if ainsn.boosted:
             self.m.text_poke(ainsn.slot + ainsn.length, self.ss_break + bytes(JMP32_INSN_SIZE - 1))
+            ainsn.slot_code = ainsn.slot_code[:ainsn.length] + self.ss_break
             ainsn.boosted = False
 
     def prepare_emulation(self, insn: X86Insn):
