@@ -182,6 +182,8 @@ def run_probed(probe_lab, row: dict):
             after.append(Snapshot.take(m, regs.snapshot()))
 
     regs = prepare_state(lab, row)
+    addr = resolve(lab, row.get("probe", "f"), lab.sp0)
+    lab.text_before = lab.text(addr, 16)
     p = lab.kprobe(row.get("probe", "f"), post=post)
     lab.call(row.get("entry", "f"), regs=regs)
     assert after, f"the post handler never ran ({lab.result})"
@@ -267,5 +269,6 @@ def test_insn(row: dict, probe_lab, kprobe_asserts) -> None:
     diff = end.diff(plain_end)
     assert diff is None, f"at the end, probed vs unprobed: {diff}"
     kprobe_asserts.armed(lab, p)
+    assert lab.original(addr, 16) == lab.text_before
     lab.kprobes.unregister_kprobe(p)
-    kprobe_asserts.disarmed(lab, addr, lab.original(addr, p.ainsn.length))
+    kprobe_asserts.disarmed(lab, addr, lab.text_before)
