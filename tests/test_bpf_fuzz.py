@@ -123,3 +123,56 @@ def test_mutated_conformance_programs(seed: int) -> None:
         for _ in range(rng.randrange(1, 4)):
             code[rng.randrange(len(code))] = rng.randrange(256)
         check(bytes(code))
+
+
+def _helper_program(rng: random.Random) -> tuple[str, bytes]:
+    """A call of a random kernel helper whose arguments have the kinds the
+    verifier wants but hostile run-time values (sizes, offsets) read from memory."""
+    from probes.bpf.helpers import KERNEL_HELPERS, BpfArgType as A
+    from probes.bpf.maps import BpfMapType as T
+
+    fid, proto = rng.choice(sorted(KERNEL_HELPERS.items()))
+    map_fd = {frozenset({T.BPF_MAP_TYPE_RINGBUF}): 4, frozenset({T.BPF_MAP_TYPE_PROG_ARRAY}): 5,
+              frozenset({T.BPF_MAP_TYPE_PERF_EVENT_ARRAY}): 6,
+              frozenset({T.BPF_MAP_TYPE_STACK_TRACE}): 7}.get(proto.map_types, 3)
+    lines = ["mov r9, r1"]
+    for reg in range(1, 6):
+        kind = proto.args[reg - 1] if reg <= len(proto.args) else A.ARG_ANYTHING
+        if kind == A.ARG_CONST_MAP_PTR:
+            lines.append(f"lddw r{reg}, map_fd({map_fd})")
+        elif kind == A.ARG_PTR_TO_CTX:
+            lines.append(f"mov r{reg}, r9")
+        else:
+            lines.append(f"ldxdw r{reg}, [r9+{8 * reg}]")
+            if kind not in (A.ARG_ANYTHING, A.ARG_CONST_SIZE, A.ARG_CONST_SIZE_OR_ZERO,
+                            A.ARG_CONST_ALLOC_SIZE_OR_ZERO):
+                lines.append(f"add r{reg}, r10")  # a stack pointer, offset unknown
+    values = [rng.choice([0, 1, 8, 16, -8, -512, -1, 2**63, 2**40, 4096, 1 << 29,
+                          rng.randrange(2**64)]) & (2**64 - 1) for _ in range(6)]
+    mem = b"".join(v.to_bytes(8, "little") for v in values) + bytes(64)
+    return "\n".join(lines) + f"\ncall {fid}\nexit", mem
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_helpers_with_hostile_arguments(seed: int) -> None:
+    from probes.bpf.maps import BpfMapType as T
+
+    rng = random.Random(3000 + seed)
+    for _ in range(100):
+        src, mem = _helper_program(rng)
+        outcomes = []
+        for engine in ("interp", "jit"):
+            maps = {3: bpf.create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4),
+                    4: bpf.create_map(T.BPF_MAP_TYPE_RINGBUF, 0, 0, 4096),
+                    5: bpf.create_map(T.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2),
+                    6: bpf.create_map(T.BPF_MAP_TYPE_PERF_EVENT_ARRAY, 4, 4, 1),
+                    7: bpf.create_map(T.BPF_MAP_TYPE_STACK_TRACE, 4, 16, 4)}
+            env = bpf.BpfRunContext(memory=bpf.FlatGuestMemory({0x1000: b"abc\0"}),
+                                    stack_trace=lambda user: [1, 2, 3])
+            prog = bpf.BpfProg(bpf.assemble_insns(src), maps=maps, license="GPL")
+            try:
+                outcomes.append(("ok", prog.run(bytearray(mem), env, engine=engine)))
+            except bpf.BpfError as e:
+                assert "unexpected" not in str(e), src
+                outcomes.append(("error", str(e)))
+        assert outcomes[0] == outcomes[1], src

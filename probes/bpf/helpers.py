@@ -6,6 +6,10 @@ has an id, argument kinds, a return kind, a GPL-only flag and, for a map
 argument, the map types it accepts (check_map_func_compatibility). An
 implementation is ``impl(run, r1, r2, r3, r4, r5) -> int``; it returns
 the helper's result, negative errnos included (the machine masks to u64).
+Arguments typed as pointers are read from the machine's own memory
+(``run.mem``); only the source of probe_read* and ``%s`` strings may be
+guest memory, and every destination is bounds-checked before anything is
+read, so a hostile size can never make the host allocate.
 
 A caller may run a program with its own table (``helpers=``) to add or
 replace helpers; ``KERNEL_HELPERS`` is the default.
@@ -97,6 +101,7 @@ def _cpu_arg(run: "BpfRun", m: BpfMap) -> int | None:
 
 
 def _fill(run: "BpfRun", dst: int, size: int, data: bytes) -> None:
+    run.check_write(dst, size)
     run.write(dst, data.ljust(size, b"\0")[:size])
 
 
@@ -104,18 +109,18 @@ def _fill(run: "BpfRun", dst: int, size: int, data: bytes) -> None:
 
 def bpf_map_lookup_elem(run: "BpfRun", r1: int, r2: int, *_: int) -> int:
     m = _map(run, r1)
-    return run.map_value_ptr(m, run.read(r2, m.key_size))
+    return run.map_value_ptr(m, run.mem.read(r2, m.key_size))
 
 
 def bpf_map_update_elem(run: "BpfRun", r1: int, r2: int, r3: int, r4: int, *_: int) -> int:
     m = _map(run, r1)
-    key, value = run.read(r2, m.key_size), run.read(r3, m.value_size)
+    key, value = run.mem.read(r2, m.key_size), run.mem.read(r3, m.value_size)
     return m.update_elem(key, value, r4, _cpu_arg(run, m))
 
 
 def bpf_map_delete_elem(run: "BpfRun", r1: int, r2: int, *_: int) -> int:
     m = _map(run, r1)
-    return m.delete_elem(run.read(r2, m.key_size))
+    return m.delete_elem(run.mem.read(r2, m.key_size))
 
 
 # --- memory -------------------------------------------------------------------
@@ -123,6 +128,7 @@ def bpf_map_delete_elem(run: "BpfRun", r1: int, r2: int, *_: int) -> int:
 def _probe_read(run: "BpfRun", dst: int, size: int, src: int, *_: int) -> int:
     from .runtime import GuestFault
 
+    run.check_write(dst, size)  # bounds the read: the buffer must exist first
     try:
         data = run.read(src, size)
     except (MemoryFault, GuestFault):
@@ -137,6 +143,7 @@ def _probe_read_str(run: "BpfRun", dst: int, size: int, src: int, *_: int) -> in
 
     if size == 0:
         return 0
+    run.check_write(dst, size)
     try:
         text = run.read_str(src, size - 1)
     except (MemoryFault, GuestFault):
@@ -147,12 +154,13 @@ def _probe_read_str(run: "BpfRun", dst: int, size: int, src: int, *_: int) -> in
 
 
 def _probe_write_user(run: "BpfRun", dst: int, src: int, size: int, *_: int) -> int:
+    data = run.mem.read(src, size)  # from the program's memory, so size is bounded
     guest = run.env.memory
     writer = getattr(guest, "write", None)
     if writer is None:
         return -errno.EFAULT
     try:
-        writer(dst, run.read(src, size))
+        writer(dst, data)
     except Exception:
         return -errno.EFAULT
     return 0
@@ -185,6 +193,7 @@ def _uid_gid(run: "BpfRun", *_: int) -> int:
 
 
 def _comm(run: "BpfRun", buf: int, size: int, *_: int) -> int:
+    run.check_write(buf, size)
     comm = run.env.comm[:15][:max(size - 1, 0)]
     _fill(run, buf, size, comm)
     return 0
@@ -209,7 +218,7 @@ def _numa_node(run: "BpfRun", *_: int) -> int:
 # --- tracing output -----------------------------------------------------------------
 
 def _trace_printk(run: "BpfRun", fmt: int, size: int, a1: int, a2: int, a3: int) -> int:
-    raw = run.read(fmt, size)
+    raw = run.mem.read(fmt, size)
     if not raw or raw[-1] != 0:
         return -errno.EINVAL  # the format must be NUL-terminated within fmt_size
     try:
@@ -225,7 +234,7 @@ def _perf_event_output(run: "BpfRun", ctx: int, mp: int, flags: int, data: int, 
     if flags & ~BPF_F_INDEX_MASK:
         return -errno.EINVAL
     index = run.env.cpu if flags == BPF_F_CURRENT_CPU else flags
-    return m.output(index, run.read(data, size))  # type: ignore[attr-defined]
+    return m.output(index, run.mem.read(data, size))  # type: ignore[attr-defined]
 
 
 def _stack(run: "BpfRun", flags: int) -> list[int]:
@@ -243,6 +252,7 @@ def _get_stackid(run: "BpfRun", ctx: int, mp: int, flags: int, *_: int) -> int:
 
 
 def _get_stack(run: "BpfRun", ctx: int, buf: int, size: int, flags: int, *_: int) -> int:
+    run.check_write(buf, size)
     if flags & ~(BPF_F_SKIP_FIELD_MASK | BPF_F_USER_STACK) or size % 8:
         _fill(run, buf, size, b"")
         return -errno.EINVAL
@@ -273,7 +283,7 @@ def _ringbuf_output(run: "BpfRun", mp: int, data: int, size: int, flags: int, *_
     m = _map(run, mp, RingbufMap)
     if flags & ~(BPF_RB_NO_WAKEUP | BPF_RB_FORCE_WAKEUP):
         return -errno.EINVAL
-    return m.output(run.read(data, size))  # type: ignore[attr-defined]
+    return m.output(run.mem.read(data, size))  # type: ignore[attr-defined]
 
 
 def _ringbuf_reserve(run: "BpfRun", mp: int, size: int, flags: int, *_: int) -> int:
@@ -300,6 +310,7 @@ def _ringbuf_query(run: "BpfRun", mp: int, flags: int, *_: int) -> int:
 
 
 def _skb_load_bytes(run: "BpfRun", skb: int, off: int, to: int, size: int, *_: int) -> int:
+    run.check_write(to, size)
     packet = run.packet if run.packet is not None else run.env.packet
     off = sext64(off)
     if packet is None or off < 0 or off + size > len(packet):

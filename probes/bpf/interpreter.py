@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .disasm import format_insn
-from .errors import BpfRuntimeError
+from .errors import BpfError, BpfRuntimeError
 from .helpers import BpfFuncProto
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV,
@@ -120,6 +120,11 @@ def atomic(op: int, old: int, src: int, bits: int) -> int:
     return alu(base, 0, old, src & ((1 << bits) - 1), bits)
 
 
+def unexpected(e: Exception) -> str:
+    """How an exception that is not the machine's own is reported."""
+    return f"unexpected {type(e).__name__} in a helper or the machine: {e}"
+
+
 # --- the machine ---------------------------------------------------------------
 
 @dataclass
@@ -171,6 +176,10 @@ class Interpreter:
             if e.pc is None:
                 self._fail(e.reason)
             raise
+        except BpfError:
+            raise
+        except Exception as e:  # a helper's bug must not take the host down
+            self._fail(unexpected(e))
         return self.result
 
     def _fail(self, reason: str) -> None:

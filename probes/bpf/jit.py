@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .disasm import format_insn
-from .errors import BpfRuntimeError
+from .errors import BpfError, BpfRuntimeError
 from .helpers import BPF_FUNC_tail_call
-from .interpreter import Interpreter, _sdiv, _smod, load_packet
+from .interpreter import Interpreter, _sdiv, _smod, load_packet, unexpected
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
@@ -345,7 +345,11 @@ def _function_source(gen: _Gen, start: int, end: int) -> list[str]:
                "    except BpfRuntimeError as e:",
                "        if e.pc is None:",
                "            raise _fault(PROG, p, e.reason) from None",
-               "        raise", ""])
+               "        raise",
+               "    except (BpfError, ProgramExit):",
+               "        raise",
+               "    except Exception as e:",
+               "        raise _fault(PROG, p, unexpected(e)) from e", ""])
 
 
 def _function_starts(insns: list[Insn]) -> list[int]:
@@ -386,6 +390,7 @@ def compile_prog(prog: "BpfProg") -> CompiledProg:
     text = "\n".join(source)
     namespace: dict[str, Any] = {
         "PROG": prog, "HELPERS": prog.helpers, "BpfRuntimeError": BpfRuntimeError,
+        "BpfError": BpfError, "ProgramExit": ProgramExit, "unexpected": unexpected,
         "MemoryFault": MemoryFault, "GuestFault": GuestFault, "_fault": _fault,
         "_slow_path": _slow_path, "_tail_call": _tail_call, "_callx": _callx,
         "_sdiv": _sdiv, "_smod": _smod, "_bswap": _bswap, "load_packet": load_packet,

@@ -141,6 +141,16 @@ class BpfRun:
     def write(self, addr: int, data: bytes) -> None:
         self.mem.write(addr, data)
 
+    def check_write(self, addr: int, size: int) -> None:
+        """Raise MemoryFault unless [addr, addr+size) is writable machine memory."""
+        if size == 0:
+            return
+        hit = self.mem.find(addr, size)
+        if hit is None:
+            raise MemoryFault(addr, size, "write")
+        if not hit[0].writable:
+            raise MemoryFault(addr, size, "write+ro")
+
     # -- stacks --
     def new_stack(self) -> int:
         """A fresh zeroed 512-byte stack for the current depth; returns r10."""
