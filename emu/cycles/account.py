@@ -1,0 +1,270 @@
+"""Run-time accounting: a BLOCK hook adds each executed block's static cost to the clock.
+
+A block's cost is computed the first time it runs (decode with capstone, then
+blockcost) and kept in a process-wide cache keyed by (profile, address, bytes), so a block
+re-translated after a text_poke with the same bytes is not recomputed. The hook itself is
+native (native.c) when gcc is available: one hash lookup and a few adds per block. Taken
+branches (next block ≠ previous fall-through) add `branch_taken`; with
+`mispredict_rate` 1, a 1-bit predictor per block-ending conditional branch adds
+`branch_mispredict` on each change of direction.
+
+Counter reads inside a block see only the block's prefix up to the reading instruction
+(`Clock.pending`), so `rdtsc; ...; rdtsc` measures what lies between."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import IO, Any
+
+from unicorn import unicorn_const as UC
+
+from emu.clock import FP_SHIFT
+from emu.cycles import native
+from emu.cycles.blockcost import BlockCost, block_cost
+from emu.cycles.ops import decode_block, disassembler
+from emu.cycles.profile import Profile, profile_for
+from emu.ucfast import _hook_add_va
+
+CM_COND, CM_PROBE = 1, 8
+PROBE_REGION_WORDS = ("kprobe", "probe", "slot", "trampoline", "detour", "ftrace", "optinsn")
+
+
+@dataclass(frozen=True)
+class Block:
+    cost: BlockCost
+    offsets: tuple[int, ...]         # byte offset of each instruction
+    flags: int
+
+
+_CACHE: dict[tuple[str, int, bytes], Block] = {}
+
+
+class CycleModel:
+    """The cycle model attached to one machine. Get it with `CycleModel.attach(m, profile)`
+    (or emu.cycles.enable_cycle_model); `machine.layers["cycles"]` holds it."""
+
+    def __init__(self, machine, profile: Profile, use_native: bool | None = None,
+                 cost_source: str = "model") -> None:
+        self.m = machine
+        self.profile = profile
+        self.cost_source = cost_source
+        self._md = disassembler(profile.isa)
+        self._mca = None
+        if cost_source == "llvm-mca":
+            from emu.cycles.mca import McaCostCache
+            self._mca = McaCostCache(profile.isa, profile.llvm_mcpu, native.cache_dir())
+        elif cost_source != "model":
+            raise ValueError(f"unknown cost source {cost_source!r} (model or llvm-mca)")
+        self.blocks: dict[tuple[int, int], Block] = {}
+        self.lib = native.load() if use_native is not False else None
+        if use_native and self.lib is None:
+            raise RuntimeError("native block counter unavailable (no C compiler?)")
+        self.native = self.lib is not None
+        self.state: native.CmState | None = None
+        self._py_prev_end = 0
+        self._py_cur: tuple[int, int] = (0, 0)
+        self._py = dict.fromkeys(("code_fp", "probe_fp", "taken_fp", "mispredict_fp", "insns",
+                                  "blocks"), 0)
+        self._hook = None
+
+    # --- attaching --------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, machine, profile: Profile | str | None = None, use_native: bool | None = None,
+               cost_source: str = "model") -> "CycleModel":
+        existing = machine.layers.get("cycles")
+        if existing is not None:
+            return existing
+        if not isinstance(profile, Profile):
+            profile = profile_for(machine.arch.name, profile)
+        elif profile.isa != machine.arch.name:
+            profile = profile_for(machine.arch.name, profile.name)      # raises the mismatch
+        model = cls(machine, profile, use_native, cost_source)
+        model._install()
+        machine.layers["cycles"] = model
+        return model
+
+    def _install(self) -> None:
+        m, p, clock = self.m, self.profile, self.m.clock
+        clock.freq_hz, clock.counter_hz = p.freq_hz, p.counter_hz
+        clock.exc_entry, clock.exc_return = p.exc_entry, p.exc_return
+        clock.single_step, clock.handler_cost = p.single_step, p.handler
+        clock.syscall_cost, clock.counter_read_cost = p.syscall_cost, p.counter_read
+        clock.bpf_entry_cost, clock.bpf_insn_cost = p.bpf_entry, p.bpf_insn
+        clock.profile = p.name
+        old = clock.acc
+        if self.native:
+            st = self.state = native.CmState()
+            st.taken_cost = p.branch_taken << FP_SHIFT
+            st.mispredict_cost = (p.branch_mispredict << FP_SHIFT) if p.mispredict_rate else 0
+            self._miss_cb = native.MISS_CB(self._on_miss)
+            st.miss = self._miss_cb
+            if self.lib.cm_init(ctypes.byref(st), 1024):
+                raise MemoryError("cycle model: table allocation failed")
+            st.fp = old.fp
+            clock.acc = st
+            self._hook = self._add_native_hook()
+        else:
+            self._hook = m.hooks.block(self._py_block)
+        clock.pending = self.pending_fp
+        clock.model_counts = self.counts
+        m.text_listeners.append(self.invalidate)
+        m.uc.ctl_flush_tb()          # hooks are not called for already-translated blocks
+
+    def _add_native_hook(self) -> int:
+        handle = ctypes.c_size_t()
+        fn = ctypes.cast(self.lib.cm_on_block, ctypes.c_void_p)
+        err = _hook_add_va(self.m.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
+                           fn, ctypes.c_void_p(ctypes.addressof(self.state)),
+                           ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"uc_hook_add (cycle model) failed: {err}")
+        return handle.value
+
+    def __del__(self) -> None:
+        lib, st = getattr(self, "lib", None), getattr(self, "state", None)
+        if lib is not None and st is not None and st.table:
+            lib.cm_free(ctypes.byref(st))
+
+    # --- block costs ------------------------------------------------------------------------
+    def block(self, addr: int, size: int) -> Block:
+        key = (addr, size)
+        b = self.blocks.get(key)
+        if b is None:
+            code = bytes(self.m.uc.mem_read(addr, size))
+            ckey = (self.profile.name + ":" + self.cost_source, addr, code)
+            b = _CACHE.get(ckey)
+            if b is None:
+                b = _CACHE[ckey] = self._compute(addr, code)
+            self.blocks[key] = b
+        return b
+
+    def _compute(self, addr: int, code: bytes) -> Block:
+        insns = list(self._md.disasm(code, addr))
+        from emu.cycles.ops import decoder_for
+        decode = decoder_for(self.profile.isa)
+        ops = [decode(i) for i in insns]
+        cost = block_cost(self.profile, ops)
+        if self._mca is not None:
+            cost = self._mca_cost(code, cost)
+        flags = CM_COND if cost.cond else 0
+        if self._is_probe_code(addr):
+            flags |= CM_PROBE
+        return Block(cost, tuple(i.address - addr for i in insns), flags)
+
+    def _mca_cost(self, code: bytes, cost: BlockCost) -> BlockCost:
+        """llvm-mca's cost in place of the model's (prefixes scaled to it)."""
+        fp = self._mca.get(code)
+        if fp is None:
+            return cost
+        fp = max(1, fp)
+        prefix = tuple(p * fp // cost.cost for p in cost.prefix[:-1]) + (fp,)
+        return BlockCost(fp, prefix, cost.n, cost.cond, cost.branch)
+
+    def _is_probe_code(self, addr: int) -> bool:
+        region = self.m.memory.find(addr)
+        name = (region.name if region is not None else "").lower()
+        return name.startswith("[") and any(w in name for w in PROBE_REGION_WORDS)
+
+    def _on_miss(self, _uc, addr: int, size: int, _ud) -> None:
+        try:
+            b = self.block(addr, size)
+            self.lib.cm_insert(ctypes.byref(self.state), addr, size, b.cost.cost, b.cost.n, b.flags)
+        except BaseException as exc:   # noqa: BLE001 - re-raised after emu_start
+            if not self.m.hooks.errors:
+                self.m.hooks.errors.append(exc)
+            self.m.uc.emu_stop()
+
+    def _py_block(self, addr: int, size: int) -> None:
+        """The Python twin of cm_on_block (no compiler available; no predictor)."""
+        b = self.blocks.get((addr, size)) or self.block(addr, size)
+        acc, p, c = self.m.clock.acc, self.profile, self._py
+        if self._py_prev_end and self._py_prev_end != addr:
+            acc.fp += p.branch_taken << FP_SHIFT
+            c["taken_fp"] += p.branch_taken << FP_SHIFT
+        cost = b.cost.cost
+        acc.fp += cost
+        c["code_fp"] += cost
+        if b.flags & CM_PROBE:
+            c["probe_fp"] += cost
+        c["insns"] += b.cost.n
+        c["blocks"] += 1
+        self._py_prev_end = addr + size
+        self._py_cur = (addr, size)
+
+    def counts(self) -> dict[str, int]:
+        """code_fp, probe_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
+        if not self.native:
+            return dict(self._py)
+        st = self.state
+        out = (ctypes.c_uint64 * 4)()
+        self.lib.cm_totals(ctypes.byref(st), out)
+        return {"code_fp": out[0], "probe_fp": out[1], "insns": out[2], "blocks": out[3],
+                "taken_fp": st.taken * st.taken_cost, "mispredict_fp": st.mispredicts * st.mispredict_cost}
+
+    def invalidate(self, addr: int, size: int) -> None:
+        """Text at [addr, addr+size) changed: forget the costs of blocks overlapping it."""
+        lo, hi = addr, addr + size
+        for key in [k for k in self.blocks if k[0] < hi and k[0] + k[1] > lo]:
+            del self.blocks[key]
+        if self.native:
+            self.lib.cm_invalidate(ctypes.byref(self.state), lo, hi)
+
+    def warm_up_mca(self) -> None:
+        """Cost source llvm-mca: ask llvm-mca once for every block seen so far."""
+        if self._mca is None:
+            return
+        codes = [bytes(self.m.uc.mem_read(a, s)) for a, s in self.blocks]
+        self._mca.fill(codes)
+        for k in [k for k in _CACHE if k[0].endswith(":llvm-mca")]:
+            del _CACHE[k]
+        self.blocks.clear()
+        if self.native:
+            self.lib.cm_invalidate(ctypes.byref(self.state), 0, 2**64 - 1)
+
+    # --- where are we -----------------------------------------------------------------------
+    def current_block(self) -> tuple[int, int]:
+        if self.native:
+            cur = self.state.cur
+            return (cur.contents.addr, cur.contents.size) if cur else (0, 0)
+        return self._py_cur
+
+    def pending_fp(self) -> int:
+        """1/256 cycles of the running block after the instruction at pc (charged at block
+        entry, not yet reached)."""
+        addr, size = self.current_block()
+        if not size:
+            return 0
+        pc = self.m.pc
+        if not addr <= pc < addr + size:
+            return 0
+        b = self.blocks.get((addr, size))
+        if b is None:
+            return 0
+        off = pc - addr
+        idx = 0
+        for i, o in enumerate(b.offsets):
+            if o <= off:
+                idx = i
+        return b.cost.cost - b.cost.prefix[idx] if idx < len(b.cost.prefix) else 0
+
+    # --- results ----------------------------------------------------------------------------
+    @property
+    def instructions(self) -> int:
+        return self.counts()["insns"]
+
+    def stats(self) -> dict[str, Any]:
+        clock, counts = self.m.clock, self.counts()
+        return {"cycles": clock.cycles, "instructions": counts["insns"],
+                "profile": self.profile.name, "freq_hz": clock.freq_hz,
+                "cycles_by_reason": dict(sorted(clock.breakdown().items())),
+                "blocks_executed": counts["blocks"], "blocks_costed": len(self.blocks),
+                "cycle_counter": "native" if self.native else "python"}
+
+    def report(self, out: IO[str]) -> None:
+        clock = self.m.clock
+        out.write(f"cycles: {clock.cycles} instructions: {clock.instructions} "
+                  f"profile: {self.profile.name}\n")
+
+
+def cycle_model_of(machine) -> CycleModel | None:
+    return machine.layers.get("cycles")

@@ -1,0 +1,201 @@
+/*
+ * The cycle model's per-block accounting as a native Unicorn BLOCK hook
+ * (built by emu/cycles/native.py with gcc at first use; a Python fallback
+ * does the same work ~100x slower).
+ *
+ * One open-addressing table maps (block start, size) to the block's static
+ * cost in 1/256 cycles. A block not in the table calls back into Python once
+ * (cm_state.miss), which computes the cost and inserts it with cm_insert().
+ * The hot path only adds to the clock and counts executions per entry;
+ * instruction counts and the per-reason shares are summed from the entries
+ * when asked (cm_totals). Everything is integer arithmetic.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CM_COND 1u              /* block ends in a conditional branch */
+#define CM_SEEN 2u              /* predictor: the branch has run before */
+#define CM_TAKEN 4u             /* predictor: its last direction */
+#define CM_PROBE 8u             /* code the probe layer wrote (slots, trampolines) */
+
+typedef struct {
+	uint64_t addr;              /* 0: empty slot */
+	uint64_t cost;              /* 1/256 cycles */
+	uint64_t count;             /* executions */
+	uint32_t size;
+	uint32_t n;                 /* instructions */
+	uint32_t flags;
+	uint32_t pad;
+} cm_entry;
+
+typedef void (*cm_miss_fn)(void *uc, uint64_t addr, uint32_t size, void *ud);
+
+typedef struct {
+	uint64_t fp;                /* the clock: total cycles, 1/256 fixed point */
+	uint64_t prev_end;          /* fall-through of the previous block; 0: none */
+	uint64_t taken_cost;        /* branch_taken, 1/256 cycles */
+	uint64_t mispredict_cost;   /* branch_mispredict, 1/256 cycles; 0: no predictor */
+	uint64_t taken;             /* taken branches */
+	uint64_t mispredicts;
+	uint64_t misses;            /* blocks costed (calls to miss) */
+	uint64_t unknown;           /* blocks run without a cost (miss failed) */
+	uint64_t count;             /* entries in the table */
+	uint64_t mask;              /* table size - 1 (a power of two) */
+	uint64_t gone[4];           /* cm_totals of entries dropped by cm_invalidate */
+	cm_entry *table;
+	cm_entry *cur;              /* entry of the block being executed */
+	cm_miss_fn miss;
+} cm_state;
+
+static inline uint64_t cm_hash(uint64_t addr, uint32_t size)
+{
+	return ((addr ^ ((uint64_t)size << 40)) * 0x9E3779B97F4A7C15ull) >> 20;
+}
+
+static inline cm_entry *cm_find(cm_state *st, uint64_t addr, uint32_t size)
+{
+	uint64_t i = cm_hash(addr, size) & st->mask;
+	for (;;) {
+		cm_entry *e = &st->table[i];
+		if (e->addr == addr && e->size == size)
+			return e;
+		if (e->addr == 0)
+			return NULL;
+		i = (i + 1) & st->mask;
+	}
+}
+
+static void cm_put(cm_entry *table, uint64_t mask, const cm_entry *src)
+{
+	uint64_t i = cm_hash(src->addr, src->size) & mask;
+	while (table[i].addr != 0 && !(table[i].addr == src->addr && table[i].size == src->size))
+		i = (i + 1) & mask;
+	table[i] = *src;
+}
+
+static void cm_add_totals(const cm_entry *e, uint64_t *out)
+{
+	out[0] += e->count * e->cost;                           /* code, 1/256 cycles */
+	out[1] += (e->flags & CM_PROBE) ? e->count * e->cost : 0;   /* probe-layer code */
+	out[2] += e->count * e->n;                              /* instructions */
+	out[3] += e->count;                                     /* blocks */
+}
+
+/* Copy the table into one of new_size slots, dropping entries overlapping [lo, hi). */
+static int cm_rebuild(cm_state *st, uint64_t new_size, uint64_t lo, uint64_t hi)
+{
+	cm_entry *old = st->table, *nt = calloc(new_size, sizeof(cm_entry));
+	uint64_t n = 0, cur_addr = st->cur ? st->cur->addr : 0, cur_size = st->cur ? st->cur->size : 0;
+	if (!nt)
+		return -1;
+	for (uint64_t i = 0; old && i <= st->mask; i++) {
+		cm_entry *e = &old[i];
+		if (e->addr == 0)
+			continue;
+		if (e->addr < hi && e->addr + e->size > lo) {
+			cm_add_totals(e, st->gone);
+			continue;
+		}
+		cm_put(nt, new_size - 1, e);
+		n++;
+	}
+	st->table = nt;
+	st->mask = new_size - 1;
+	st->count = n;
+	st->cur = cur_addr ? cm_find(st, cur_addr, (uint32_t)cur_size) : NULL;
+	free(old);
+	return 0;
+}
+
+int cm_init(cm_state *st, uint64_t size)
+{
+	st->table = NULL;
+	st->cur = NULL;
+	st->mask = 0;
+	return cm_rebuild(st, size, 0, 0);
+}
+
+void cm_free(cm_state *st)
+{
+	free(st->table);
+	st->table = NULL;
+	st->cur = NULL;
+}
+
+int cm_insert(cm_state *st, uint64_t addr, uint32_t size, uint64_t cost, uint32_t n, uint32_t flags)
+{
+	cm_entry e = {addr, cost, 0, size, n, flags, 0}, *old;
+	if ((st->count + 1) * 2 > st->mask + 1 && cm_rebuild(st, (st->mask + 1) * 2, 0, 0))
+		return -1;
+	old = cm_find(st, addr, size);
+	if (old) {
+		old->cost = cost;
+		old->n = n;
+		old->flags = flags;
+		return 0;
+	}
+	st->count++;
+	cm_put(st->table, st->mask, &e);
+	return 0;
+}
+
+/* Forget every block overlapping [lo, hi): its bytes changed. */
+int cm_invalidate(cm_state *st, uint64_t lo, uint64_t hi)
+{
+	return cm_rebuild(st, st->mask + 1, lo, hi);
+}
+
+/* out[0..3]: code (1/256 cycles), probe-layer code (1/256 cycles), instructions, blocks. */
+void cm_totals(const cm_state *st, uint64_t *out)
+{
+	memcpy(out, st->gone, sizeof(st->gone));
+	for (uint64_t i = 0; st->table && i <= st->mask; i++)
+		if (st->table[i].addr)
+			cm_add_totals(&st->table[i], out);
+}
+
+/* 1-bit predictor on the previous block's conditional branch. */
+static uint64_t cm_predict(cm_state *st, uint64_t addr)
+{
+	cm_entry *p = st->cur;
+	uint32_t taken, f;
+	if (!p || !(p->flags & CM_COND))
+		return 0;
+	taken = st->prev_end != addr ? CM_TAKEN : 0;
+	f = p->flags;
+	p->flags = (f & ~CM_TAKEN) | CM_SEEN | taken;
+	if ((f & CM_SEEN) && (f & CM_TAKEN) == taken)
+		return 0;
+	st->mispredicts++;
+	return st->mispredict_cost;
+}
+
+/* The BLOCK hook: charge the block about to run. */
+void cm_on_block(void *uc, uint64_t addr, uint32_t size, void *ud)
+{
+	cm_state *st = ud;
+	cm_entry *e = cm_find(st, addr, size);
+	uint64_t fp;
+	if (__builtin_expect(!e, 0)) {
+		st->misses++;
+		st->miss(uc, addr, size, ud);
+		e = cm_find(st, addr, size);
+	}
+	fp = st->fp;
+	if (st->mispredict_cost)
+		fp += cm_predict(st, addr);
+	if (st->prev_end != addr && st->prev_end) {
+		fp += st->taken_cost;
+		st->taken++;
+	}
+	st->prev_end = addr + size;
+	st->cur = e;
+	if (e) {
+		fp += e->cost;
+		e->count++;
+	} else {
+		st->unknown++;
+	}
+	st->fp = fp;
+}
