@@ -3,11 +3,12 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+FW      := firmware/bin
 
-.PHONY: demo test install firmware clean bench
+.PHONY: demo test install firmware clean bench sweep
 
 $(STAMP): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -15,17 +16,27 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/emu run firmware/bin/x86_64/demo.elf --kprobe do_sys_open --kprobe parse_packet
-	$(BIN)/emu run firmware/bin/arm64/demo.elf --kprobe do_sys_open --kprobe parse_packet
+	@echo "== kprobes, a kretprobe and a boosted/simulated mix on x86-64 and arm64 firmware"
+	$(BIN)/emu run $(FW)/x86_64/demo.elf --kprobe do_sys_open --kprobe parse_packet --kretprobe fib > /dev/null
+	$(BIN)/emu run $(FW)/arm64/demo.elf --kprobe do_sys_open --kprobe parse_packet --kretprobe fib > /dev/null
+	@echo "== how a probe patches the guest: breakpoint, slot, simulation, jump optimization"
+	$(BIN)/emu inspect $(FW)/arm64/demo.elf do_sys_open t_adr
+	$(BIN)/emu inspect --optimize $(FW)/x86_64/demo.elf do_sys_open
+	@echo "== the function tracer on an ftrace build"
+	$(BIN)/emu run $(FW)/x86_64/callpath.ftrace.elf --ftrace-filter 'do_sys_open,getname*' --trace-out /dev/stdout | grep -m6 ' <-'
 
 test: $(STAMP)
-	$(BIN)/pytest -n auto -p no:cacheprovider tests 2>/dev/null || $(BIN)/pytest tests
+	$(BIN)/pytest tests
 
 firmware:
 	$(MAKE) -C firmware
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_kprobes.py
+	$(BIN)/python benchmarks/bench_bpf.py
+
+sweep: $(STAMP)
+	$(BIN)/python benchmarks/sweep_all.py --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info
