@@ -126,3 +126,8 @@ def test_disassembly_names_helpers() -> None:
 
 def test_disassembly_of_invalid_opcode() -> None:
     assert bpf.disassemble(bytes.fromhex("ff00000000000000")).startswith(".invalid ff")
+
+
+def test_disassembly_marks_reserved_fields() -> None:
+    text = bpf.disassemble(bytes.fromhex("0700010001000000"))
+    assert text == ".invalid 07 00 01 00 01 00 00 00 # opcode 07 uses reserved fields (off=1)\n"

@@ -176,3 +176,15 @@ def test_helpers_with_hostile_arguments(seed: int) -> None:
                 assert "unexpected" not in str(e), src
                 outcomes.append(("error", str(e)))
         assert outcomes[0] == outcomes[1], src
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_disassembler_on_random_bytes(seed: int) -> None:
+    """Any bytes disassemble; whatever is not marked .invalid assembles back."""
+    rng = random.Random(4000 + seed)
+    for _ in range(300):
+        code = bytes(rng.randrange(256) for _ in range(8 * rng.randrange(1, 6)))
+        bpf.disassemble_llvm(code)
+        text = bpf.disassemble(code)
+        if ".invalid" not in text:
+            assert bpf.assemble(text) == code, text

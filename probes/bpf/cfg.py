@@ -171,16 +171,26 @@ class _Checker:
         return subprogs, owner
 
     def check_call_graph(self, subprogs: list[Subprog]) -> None:
-        """No recursion, at most MAX_CALL_FRAMES nested frames."""
-        def depth(idx: int, path: tuple[int, ...]) -> int:
-            if idx in path:
+        """No recursion, at most MAX_CALL_FRAMES nested frames. Depths are
+        memoised, so a hostile call graph costs linear time."""
+        depth: dict[int, int] = {}
+        active: list[int] = []
+
+        def visit(idx: int) -> int:
+            if idx in active:
                 self.fail(f"recursive call to the function at insn {subprogs[idx].start}",
-                          subprogs[path[-1]].start)
-            if len(path) >= MAX_CALL_FRAMES:
-                self.fail(f"the call stack of {len(path) + 1} frames is too deep",
-                          subprogs[idx].start)
-            return 1 + max((depth(c, path + (idx,)) for c in subprogs[idx].callees), default=0)
-        depth(0, ())
+                          subprogs[active[-1]].start)
+            if idx not in depth:
+                if len(active) >= MAX_CALL_FRAMES:  # also bounds this recursion
+                    self.fail(f"the call stack of {len(active) + 1} frames is too deep",
+                              subprogs[idx].start)
+                active.append(idx)
+                depth[idx] = 1 + max((visit(c) for c in sorted(subprogs[idx].callees)), default=0)
+                active.pop()
+            return depth[idx]
+        frames = visit(0)
+        if frames > MAX_CALL_FRAMES:
+            self.fail(f"the call stack of {frames} frames is too deep", subprogs[0].start)
 
     def check_flow(self, kinds: list[str | None], warnings: list[str]) -> set[int]:
         """Reachability from the entry, and a way to an exit from everywhere."""

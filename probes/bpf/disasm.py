@@ -13,7 +13,7 @@ from .isa import (
     ALU_OP_NAMES, ATOMIC_ALU_OPS, BPF_ALU, BPF_ALU64, BPF_ARSH, BPF_CMPXCHG,
     BPF_DW, BPF_FETCH, BPF_LDDW, BPF_LOAD_ACQ, BPF_NEG, BPF_STORE_REL,
     BPF_TO_BE, BPF_XCHG, JMP_OP_NAMES, OPCODES, SIZE_BYTES, SIZE_SUFFIX,
-    BPF_JMP32, Insn, decode, lddw_imm64,
+    BPF_JMP32, Insn, check_fields, check_lddw_second, decode, lddw_imm64,
 )
 
 _PSEUDO_NAMES = {1: "map_fd", 2: "map_value", 3: "btf_id", 4: "func", 5: "map_idx",
@@ -111,13 +111,20 @@ _ASM: dict[str, Callable[[Insn], str]] = {
 
 def format_insn(insn: Insn, second: Insn | None = None) -> str:
     """One instruction in assembler syntax (``second`` = lddw's next slot)."""
+    try:
+        return _format_insn(insn, second)
+    except (KeyError, IndexError):  # fields no valid instruction has
+        return f".invalid {insn.encode().hex(' ')}"
+
+
+def _format_insn(insn: Insn, second: Insn | None) -> str:
     spec = OPCODES.get(insn.code)
     if spec is None:
         return f".invalid {insn.encode().hex(' ')}"
     if spec.kind == "lddw":
         hi = second.imm if second is not None else 0
         if insn.src_reg:
-            args = str(insn.imm) + (f", {hi}" if insn.src_reg in (2, 6) else "")
+            args = str(insn.imm) + (f", {hi}" if insn.src_reg in (2, 6) or hi else "")
             return f"lddw r{insn.dst_reg}, {_PSEUDO_NAMES[insn.src_reg]}({args})"
         return f"lddw r{insn.dst_reg}, {hex(lddw_imm64(insn, second or Insn(0)))}"
     return _ASM[spec.kind](insn)
@@ -128,13 +135,29 @@ def _as_insns(code: bytes | Sequence[Insn]) -> list[Insn]:
 
 
 def disassemble(code: bytes | Sequence[Insn]) -> str:
-    """Bytecode to assembler text, one instruction a line."""
+    """Bytecode to assembler text, one instruction a line. What the syntax
+    cannot express (reserved fields set, unknown opcodes) shows as
+    ``.invalid <bytes> # why``; everything else assembles back to the same
+    bytes."""
+    from .asm import assemble_insns  # the check below is the assembler itself
+    from .errors import AsmError
+
     insns = _as_insns(code)
     lines, pc = [], 0
     while pc < len(insns):
         insn = insns[pc]
         second = insns[pc + 1] if insn.code == BPF_LDDW and pc + 1 < len(insns) else None
-        lines.append(format_insn(insn, second))
+        text = format_insn(insn, second)
+        try:
+            exact = assemble_insns(text) == [insn] + ([second] if second is not None else [])
+        except AsmError:
+            exact = False
+        if not exact:
+            why = check_fields(insn) or (second and check_lddw_second(second)) or "not expressible"
+            lines.append(f".invalid {insn.encode().hex(' ')} # {why}")
+            pc += 1
+            continue
+        lines.append(text)
         pc += 2 if second is not None else 1
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -225,6 +248,13 @@ _LLVM: dict[str, Callable[[Insn], str]] = {
 
 
 def format_insn_llvm(insn: Insn, second: Insn | None = None) -> str:
+    try:
+        return _format_insn_llvm(insn, second)
+    except (KeyError, IndexError):
+        return "<unknown>"
+
+
+def _format_insn_llvm(insn: Insn, second: Insn | None) -> str:
     spec = OPCODES.get(insn.code)
     if spec is None:
         return "<unknown>"
