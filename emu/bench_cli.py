@@ -1,0 +1,45 @@
+"""`emu bench`: the kernel's kprobe overhead table measured here (probes/bench.py)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from emu.errors import UsageError
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("bench", help="kprobe overhead per hit: modelled cycles and host time "
+                                     "(the kprobes.rst overhead table)")
+    p.add_argument("--arch", default="all", choices=["arm64", "x86_64", "all"])
+    p.add_argument("--profile", metavar="NAME",
+                   help="CPU profile (cortex-a72, cortex-a55, skylake); default per arch")
+    p.add_argument("--kind", action="append", metavar="KIND",
+                   help="only these probe kinds (k b o f r rb ro kr; repeatable)")
+    p.add_argument("--calls", type=int, metavar="N", help="argument of the called guest function "
+                   "(default per kind: 2000 hot_leaf calls, fib(15))")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="timed calls per row (best)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the table as bars (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    try:
+        from probes import bench
+        from probes.bench_kinds import KINDS
+    except ImportError as e:
+        raise UsageError(f"emu bench needs the probe layer: {e}") from None
+    kinds = tuple(args.kind) if args.kind else KINDS
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise UsageError(f"unknown probe kind {bad[0]!r} (one of {' '.join(KINDS)})")
+    arches = bench.resolve_arches(args.arch, args.profile)
+    rows = bench.run_bench(arches, args.profile, kinds, args.calls, args.repeat)
+    if args.plot:
+        bench.plot(rows, args.plot)
+    if args.json:
+        json.dump([r.to_json() for r in rows], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        bench.format_table(rows, sys.stdout)
+    return 0

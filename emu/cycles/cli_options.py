@@ -1,0 +1,38 @@
+"""`emu run --cycles [--profile NAME]`: attach the cycle model, print the modelled cycles
+and instructions at exit (stderr) and add them to the --stats JSON."""
+from __future__ import annotations
+
+import argparse
+from typing import IO, Any
+
+from emu.session import RUN_OPTION_HANDLERS, Session
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cycles", action="store_true",
+                   help="model CPU cycles (deterministic): print cycles and instructions at exit")
+    p.add_argument("--profile", metavar="NAME",
+                   help="CPU profile of the cycle model, implies --cycles: cortex-a72 (arm64 "
+                        "default), cortex-a55 (arm64), skylake (x86_64 default)")
+    if attach_from_args not in RUN_OPTION_HANDLERS:
+        RUN_OPTION_HANDLERS.insert(0, attach_from_args)     # before probes arm anything
+
+
+def attach_from_args(session: Session, args) -> None:
+    if not (getattr(args, "cycles", False) or getattr(args, "profile", None)):
+        return
+    from emu.cycles import enable_cycle_model
+    session.attach(CycleReport(enable_cycle_model(session.machine, args.profile)))
+
+
+class CycleReport:
+    """The exit line and the --stats keys: cycles, instructions, profile, cycles_by_reason."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def report(self, out: IO[str]) -> None:
+        self.model.report(out)
+
+    def stats(self) -> dict[str, Any]:
+        return self.model.stats()
