@@ -169,16 +169,19 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 
 
 def format_table(rows: list[BenchRow], out: IO[str]) -> None:
-    out.write("kprobe overhead per hit: modelled cycles (deterministic) and host time against one\n"
-              "bare Unicorn code-hook callback on the same address (same run)\n\n")
-    out.write(f"{'arch':<7} {'profile':<11} {'kind':<5} {'bpf':<4} {'cycles/hit':>10}  "
-              f"{'breakdown (cycles/hit)':<46} {'host µs/hit':>11} {'hook µs':>8} {'ratio':>6}\n")
+    out.write("kprobe overhead per hit: modelled cycles (deterministic), host time against one\n"
+              "bare Unicorn code-hook callback on the same address (same run), cycles by reason\n\n")
+    out.write(f"{'arch':<7} {'profile':<11} {'kind':<4} {'bpf':<4} {'cycles/hit':>10} "
+              f"{'host µs/hit':>11} {'hook µs':>8} {'ratio':>6}  breakdown (cycles/hit)\n")
     for r in rows:
-        parts = [f"{k} {v:g}" for k, v in sorted(r.breakdown.items(), key=_reason_order) if abs(v) >= 0.5]
-        bd = ", ".join(parts) if r.cycles_per_hit is not None else (r.note[:46] if r.note else "")
-        out.write(f"{r.arch:<7} {r.profile:<11} {r.kind:<5} {'yes' if r.bpf else '-':<4} "
-                  f"{_fmt(r.cycles_per_hit):>10}  {bd:<46} {_fmt(r.host_us_per_hit, 2):>11} "
-                  f"{_fmt(r.baseline_us_per_hit, 2):>8} {_fmt(r.ratio, 1):>6}\n")
+        if r.cycles_per_hit is None:
+            detail = r.note
+        else:
+            detail = ", ".join(f"{k} {v:g}" for k, v in sorted(r.breakdown.items(), key=_reason_order)
+                               if abs(v) >= 0.5)
+        out.write(f"{r.arch:<7} {r.profile:<11} {r.kind:<4} {'yes' if r.bpf else '-':<4} "
+                  f"{_fmt(r.cycles_per_hit):>10} {_fmt(r.host_us_per_hit, 2):>11} "
+                  f"{_fmt(r.baseline_us_per_hit, 2):>8} {_fmt(r.ratio, 1):>6}  {detail}\n")
 
 
 def _reason_order(item) -> tuple[int, str]:

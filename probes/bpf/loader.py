@@ -68,9 +68,11 @@ SECTION_DEFS: list[tuple[str, BpfProgType, str]] = [
 def section_prog_type(sec_name: str) -> tuple[BpfProgType, str, str] | None:
     """(type, attach kind, attach point) for a program section name."""
     for prefix, ptype, kind in SECTION_DEFS:
-        if sec_name == prefix.rstrip("/") or sec_name.startswith(prefix):
-            rest = sec_name[len(prefix):] if prefix.endswith("/") else sec_name[len(prefix):].lstrip("/")
-            return ptype, kind, rest
+        base = prefix.rstrip("/")
+        if sec_name == base:
+            return ptype, kind, ""
+        if sec_name.startswith(base + "/"):
+            return ptype, kind, sec_name[len(base) + 1:]
     return None
 
 
