@@ -218,9 +218,8 @@ class Machine:
         self.hooks.delete(handle)
 
     def on_break(self, addr: int, code: int | None = None) -> None:
-        handler = self.break_addrs.get(addr)
-        if handler is not None and handler(addr):
-            return
+        """A breakpoint no owner of its exact address took: ask the handlers of its code.
+        (The arch hooks try `break_addrs` first, on the hot path.)"""
         if code is None:
             code = self.arch.break_code(self, addr)
         for handler in self.break_handlers.get(code, ()):

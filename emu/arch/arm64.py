@@ -47,14 +47,16 @@ UART_DATA, EXIT_DEVICE = 0x0900_0000, 0x0910_0000
 
 class Arm64Arch(Arch):
     def install_hooks(self, m: "Machine") -> None:
-        regs, pc = m.regs, self.regs["pc"]
+        regs, pc, owned = m.regs, self.regs["pc"], m.break_addrs
 
         def on_intr(intno: int) -> None:
             addr = regs.read(pc)
-            if intno == EXCP_SWI:
+            if intno == EXCP_BKPT:
+                handler = owned.get(addr)          # the hot path: a trap the probe layer owns
+                if handler is None or not handler(addr):
+                    m.on_break(addr)
+            elif intno == EXCP_SWI:
                 m.on_syscall()
-            elif intno == EXCP_BKPT:
-                m.on_break(addr)
             elif intno == EXCP_UDEF:
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
                 if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt

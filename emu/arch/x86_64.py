@@ -42,14 +42,16 @@ CONSOLE_PORT, EXIT_PORT = 0x3F8, 0xF4
 
 class X86_64Arch(Arch):
     def install_hooks(self, m: "Machine") -> None:
-        regs, rip = m.regs, self.regs["rip"]
+        regs, rip, owned = m.regs, self.regs["rip"], m.break_addrs
 
         def on_intr(intno: int) -> None:
-            addr = regs.read(rip)
+            addr = regs.read(rip) - 1               # the CPU reports the byte after the int3
             if intno == INT3_VECTOR:
-                m.on_break(addr - 1, INT3_VECTOR)   # the CPU reports the byte after the int3
+                handler = owned.get(addr)           # the hot path: a trap the probe layer owns
+                if handler is None or not handler(addr):
+                    m.on_break(addr, INT3_VECTOR)
             else:
-                m.on_cpu_exception(addr, intno)
+                m.on_cpu_exception(addr + 1, intno)
 
         m.hooks.intr(on_intr)
         rax, rdx, rcx = self.regs["rax"], self.regs["rdx"], self.regs["rcx"]
