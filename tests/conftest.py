@@ -152,3 +152,60 @@ def make_tiny(tmp_path):
         path.chmod(0o755)
         return path
     return make
+
+
+# --- glibc programs and reference runs (machine-foundation tests) -----------------------------
+import platform as _platform
+import shutil as _shutil
+
+MACHINE_DATA = ROOT / "tests" / "data" / "machine"
+CROSS_CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
+_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
+    _platform.machine().lower())
+_QEMU = {"x86_64": "qemu-x86_64", "arm64": "qemu-aarch64"}
+
+
+def reference_prefix(arch: str) -> list[str]:
+    """How to run a guest for reference: natively on its own host arch, else under qemu-user
+    (qemu-aarch64 is the documented arm64 reference). Skips the test if neither is possible."""
+    if arch == _HOST_ARCH:
+        return []
+    qemu = _shutil.which(_QEMU[arch])
+    if qemu is None:
+        pytest.skip(f"{_QEMU[arch]} not installed: no {arch} reference")
+    return [qemu]
+
+
+def run_reference(arch: str, argv: list[str], stdin: bytes = b"", timeout: float = 60) -> CliResult:
+    proc = subprocess.run([*reference_prefix(arch), *argv], input=stdin, capture_output=True,
+                          timeout=timeout)
+    rc = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode   # killed: shell style
+    return CliResult(rc, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def glibc_prog(tmp_path_factory):
+    """glibc_prog(arch, name, link="static"|"static-pie"|"dynamic") -> Path of
+    tests/data/machine/<name>.c compiled for arch (cached for the session; skips if the
+    cross compiler or its libc is missing)."""
+    cache = tmp_path_factory.mktemp("glibc-progs")
+    built: dict[tuple[str, str, str], Path] = {}
+
+    def build(arch: str, name: str, link: str = "static") -> Path:
+        key = (arch, name, link)
+        if key not in built:
+            cc = _shutil.which(CROSS_CC[arch])
+            if cc is None:
+                pytest.skip(f"{CROSS_CC[arch]} not installed")
+            out = cache / f"{name}-{link}.{arch}"
+            flags = {"static": ["-static"], "static-pie": ["-static-pie"], "dynamic": []}[link]
+            proc = subprocess.run([cc, "-O2", *flags, "-o", str(out), str(MACHINE_DATA / f"{name}.c")],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                if "cannot find -lc" in proc.stderr or "crt1.o" in proc.stderr:
+                    pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
+                raise AssertionError(f"{cc} failed:\n{proc.stderr}")
+            built[key] = out
+        return built[key]
+
+    return build

@@ -146,6 +146,19 @@ def test_xdp(setup) -> None:
     assert obj.maps["verdicts"].lookup(1) == (1).to_bytes(8, "little")
 
 
+def test_tracing_tool_patterns(setup) -> None:
+    load, engine = setup
+    obj = load("patterns")
+    prog = obj.programs["on_write"]
+    for comm, size in [(b"bash", 1000), (b"bash", 3), (b"zsh", 50), (b"basil", 1)]:
+        prog.run(pt_regs(si=size), bpf.BpfRunContext(comm=comm, tgid=3), engine=engine)
+    stats = {k[4:20].rstrip(b"\0"): struct.unpack("<10Q", v) for k, v in obj.maps["stats"].items()}
+    assert stats == {b"bash": (2, 1003, 0, 1, 0, 0, 0, 0, 0, 1),   # log2 slots 1 and 7 (clamped)
+                     b"basil": (1, 1, 1, 0, 0, 0, 0, 0, 0, 0)}
+    assert obj.programs["on_write_ret"].run(pt_regs(ax=-5), engine=engine) == 5
+    assert obj.programs["on_write_ret"].attach_kind == "kretprobe"
+
+
 def test_legacy_maps_section(setup) -> None:
     load, engine = setup
     obj = load("legacy_maps")

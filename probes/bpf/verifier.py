@@ -127,8 +127,11 @@ def _set(regs: list[Reg], reg: int, value: Reg) -> None:
 
 # --- memory access checks ------------------------------------------------------------
 
-def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write: bool) -> None:
-    """Can [ptr + off, + size) be accessed? Unknown offsets are left to run time."""
+def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write: bool,
+               direct: bool = True) -> None:
+    """Can [ptr + off, + size) be accessed? Unknown offsets are left to run
+    time. Alignment matters only for the program's own loads and stores
+    (``direct``), not for buffers handed to helpers."""
     kind = ptr.type
     if kind not in _MEMORY:
         raise _Refuse(f"R{reg} invalid mem access '{kind}'")
@@ -137,7 +140,7 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
         if start < -MAX_BPF_STACK or start + size > 0:
             verb = "write to" if write else "read from"
             raise _Refuse(f"invalid {verb} stack R{reg} off={start} size={size}")
-        if not env.lenient and start % size:
+        if direct and not env.lenient and start % size:
             raise _Refuse(f"misaligned stack access off {start} size {size}")
         env.max_stack = max(env.max_stack, -start)
     elif kind == "map_value" and ptr.val is not None:
@@ -313,7 +316,7 @@ def _check_mem_arg(env: VerifierEnv, reg: int, ptr: Reg, size: int | None) -> No
     if ptr.type == "scalar" or ptr.type not in _MEMORY:
         raise _Refuse(f"R{reg} type={ptr.type} expected={_EXPECTED}")
     if size is not None and size > 0:
-        _check_mem(env, ptr, reg, 0, size, False)
+        _check_mem(env, ptr, reg, 0, size, False, direct=False)
 
 
 def _size_arg(st: State, reg: int, kind: A) -> int | None:
