@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError as _PyElfError
@@ -88,11 +89,39 @@ def load_elf(path: str, want_arch: Arch | None = None) -> ElfImage:
         raise ElfError(f"{path}: malformed ELF ({type(e).__name__}: {e})") from None
 
 
-def _parse(path: str, blob: bytes, want_arch: Arch | None) -> ElfImage:
-    if len(blob) < 16 or blob[4] != 2:
+EHDR_SIZE, PHDR_SIZE, SHDR_SIZE = 64, 56, 64
+
+
+def _check_header(path: str, blob: bytes) -> None:
+    """What pyelftools would report obscurely (or not at all), as one clear line."""
+    if len(blob) < 6:
+        raise ElfError(f"{path}: truncated ELF header ({len(blob)} bytes)")
+    if blob[4] != 2:
         raise ElfError(f"{path}: unsupported ELF class (only 64-bit ELF is supported)")
     if blob[5] != 1:
         raise ElfError(f"{path}: unsupported ELF data encoding (only little-endian is supported)")
+    if len(blob) < EHDR_SIZE:
+        raise ElfError(f"{path}: truncated ELF header ({len(blob)} bytes)")
+    phoff, = struct.unpack_from("<Q", blob, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", blob, 0x36)
+    if phnum and phentsize < PHDR_SIZE:
+        raise ElfError(f"{path}: malformed ELF (e_phentsize {phentsize})")
+    if phoff + phnum * phentsize > len(blob):
+        raise ElfError(f"{path}: truncated ELF (program headers run past the end of the file)")
+
+
+def _check_section_headers(path: str, blob: bytes) -> None:
+    """After the segments, so a file cut inside a segment is reported as such."""
+    shoff, = struct.unpack_from("<Q", blob, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", blob, 0x3A)
+    if shnum and shentsize < SHDR_SIZE:
+        raise ElfError(f"{path}: malformed ELF (e_shentsize {shentsize})")
+    if shoff + shnum * shentsize > len(blob):
+        raise ElfError(f"{path}: truncated ELF (section headers run past the end of the file)")
+
+
+def _parse(path: str, blob: bytes, want_arch: Arch | None) -> ElfImage:
+    _check_header(path, blob)
     elf = ELFFile(io.BytesIO(blob))
     arch = arch_for_elf_machine(elf["e_machine"])
     if arch is None:
@@ -114,6 +143,8 @@ def _parse(path: str, blob: bytes, want_arch: Arch | None) -> ElfImage:
         off, filesz = ph["p_offset"], ph["p_filesz"]
         if off + filesz > len(blob) or filesz > ph["p_memsz"]:
             raise ElfError(f"{path}: truncated ELF (segment at offset {off:#x} runs past the end)")
+        if ph["p_vaddr"] + ph["p_memsz"] > 1 << 64:
+            raise ElfError(f"{path}: segment at {ph['p_vaddr']:#x} wraps around the address space")
         flags = ph["p_flags"]
         prot = (1 if flags & P_FLAGS.PF_R else 0) | (2 if flags & P_FLAGS.PF_W else 0) | \
                (4 if flags & P_FLAGS.PF_X else 0)
@@ -123,6 +154,7 @@ def _parse(path: str, blob: bytes, want_arch: Arch | None) -> ElfImage:
     bias = STATIC_PIE_BASE if etype == "ET_DYN" and min(s.vaddr for s in segments) < 0x10000 else 0
     for s in segments:
         s.vaddr += bias
+    _check_section_headers(path, blob)
     symbols, sections, stripped = _symbols(elf, bias)
     image = ElfImage(path=os.path.abspath(path), arch=arch, etype=etype, entry=elf["e_entry"] + bias,
                      bias=bias, phoff=elf["e_phoff"], phentsize=elf["e_phentsize"], phnum=elf["e_phnum"],

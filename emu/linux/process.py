@@ -6,7 +6,10 @@ import random
 import struct
 from dataclasses import dataclass, field
 
+from unicorn import UcError
+
 from emu.elf import ElfImage
+from emu.errors import ElfError
 from emu.linux.fs import FdTable, FileSystem, OpenFile
 from emu.machine import Machine
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_down, page_up
@@ -14,6 +17,7 @@ from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_down, page_up
 STACK_TOP = 0x7FFF_FFFF_F000
 STACK_SIZE = 8 << 20
 MMAP_BASE = 0x7E00_0000_0000
+MMAP_MIN_ADDR = 0x10000          # Linux's default vm.mmap_min_addr
 
 AT = dict(NULL=0, PHDR=3, PHENT=4, PHNUM=5, PAGESZ=6, BASE=7, FLAGS=8, ENTRY=9, UID=11, EUID=12,
           GID=13, EGID=14, PLATFORM=15, HWCAP=16, CLKTCK=17, SECURE=23, RANDOM=25, HWCAP2=26,
@@ -52,25 +56,42 @@ class LinuxProcess:
 
 
 def map_image(m: Machine, image: ElfImage) -> None:
-    """Map PT_LOAD segments page-rounded; pages shared by two segments get both perms."""
-    pages: dict[int, int] = {}
-    for seg in image.segments:
-        for page in range(page_down(seg.vaddr), page_up(seg.vaddr + seg.memsz), PAGE):
-            pages[page] = pages.get(page, 0) | seg.prot
-    run_start, run_prot, prev = None, 0, None
-    for page in sorted(pages) + [None]:
-        if page is not None and run_start is not None and page == prev + PAGE and pages[page] == run_prot:
-            prev = page
+    """Map PT_LOAD segments page-rounded; pages shared by two segments get both perms.
+    Works on extents, not pages, so a hostile p_memsz cannot make it loop for ever."""
+    spans = [(page_down(s.vaddr), page_up(s.vaddr + s.memsz), s.prot) for s in image.segments]
+    cuts = sorted({x for lo, hi, _ in spans for x in (lo, hi)})
+    pieces: list[list[int]] = []                     # [start, end, prot], merged when equal
+    for lo, hi in zip(cuts, cuts[1:]):
+        covering = [p for a, b, p in spans if a < hi and lo < b]
+        if not covering:
             continue
-        if run_start is not None:
-            m.memory.map(run_start, prev + PAGE - run_start, run_prot, _name(image, run_prot))
-        if page is not None:
-            run_start, run_prot, prev = page, pages[page], page
+        prot = 0
+        for p in covering:
+            prot |= p
+        if pieces and pieces[-1][1] == lo and pieces[-1][2] == prot:
+            pieces[-1][1] = hi
+        else:
+            pieces.append([lo, hi, prot])
+    for lo, hi, prot in pieces:
+        try:
+            m.memory.map(lo, hi - lo, prot, _name(image, prot))
+        except UcError as e:
+            raise ElfError(f"{image.path}: cannot map segment {lo:#x}-{hi:#x} ({e})") from None
     for seg in image.segments:
         m.memory.write(seg.vaddr, seg.data)      # the rest up to memsz is zero (fresh pages)
     m.symbols = _symbols(image)
     m.image = image
     m.entry = image.entry
+
+
+def check_user_layout(image: ElfImage) -> None:
+    """Linux refuses to exec an image that overlaps page 0..mmap_min_addr or the stack."""
+    for s in image.segments:
+        lo, hi = page_down(s.vaddr), page_up(s.vaddr + s.memsz)
+        if lo < MMAP_MIN_ADDR or hi > STACK_TOP - STACK_SIZE:
+            raise ElfError(f"{image.path}: segment {s.vaddr:#x}-{s.vaddr + s.memsz:#x} lies outside "
+                           f"the user address space ({MMAP_MIN_ADDR:#x}-"
+                           f"{STACK_TOP - STACK_SIZE:#x})")
 
 
 def _name(image: ElfImage, prot: int) -> str:
@@ -85,6 +106,7 @@ def _symbols(image: ElfImage):
 
 def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
                   fs: FileSystem, stdin, seed: int = 0) -> LinuxProcess:
+    check_user_layout(image)
     map_image(m, image)
     proc = LinuxProcess(m, image, fs, seed=seed)
     proc.brk_start = proc.brk = page_up(image.high_end)
