@@ -328,8 +328,7 @@ def _function_source(gen: _Gen, start: int, end: int) -> list[str]:
         bodies.append((lead, _block_source(gen, lead, pcs, nxt)))
     body = "\n".join(line for _, lines in bodies for line in lines)
     # bind only the accessors this function uses: the prologue runs on every call
-    accessors = [f"    {kind}{size} = run.mem.{kind}s[{size}]".replace("lds", "loads")
-                 .replace("sts", "stores")
+    accessors = [f"    {kind}{size} = run.mem.{'loader' if kind == 'ld' else 'storer'}({size})"
                  for kind in ("ld", "st") for size in (1, 2, 4, 8) if f"{kind}{size}(" in body]
     return ([f"def F{start}(run, r1, r2, r3, r4, r5):",
              "    r0 = r6 = r7 = r8 = r9 = t = a = o = 0",

@@ -90,15 +90,27 @@ def _make_store(regions: dict[int, Region], size: int):
 
 class VmMemory:
     """The regions of one program run. Attributes: ``regions`` (key ->
-    Region, key = address >> 32); ``loads``/``stores`` (size -> bound
-    accessor, for the compiled path)."""
+    Region, key = address >> 32)."""
 
     def __init__(self) -> None:
         self.regions: dict[int, Region] = {}
         self._next_key = DYN_BASE_KEY
         self._by_buffer: dict[int, Region] = {}
-        self.loads = {size: _make_load(self.regions, size) for size in _UNPACK}
-        self.stores = {size: _make_store(self.regions, size) for size in _UNPACK}
+        self._accessors: dict[tuple[str, int], object] = {}
+
+    def loader(self, size: int):  # -> Callable[[int], int]
+        """A load of ``size`` bytes bound to this address space, made on first
+        use (the compiled path calls these in its inner loops)."""
+        fn = self._accessors.get(("ld", size))
+        if fn is None:
+            fn = self._accessors[("ld", size)] = _make_load(self.regions, size)
+        return fn
+
+    def storer(self, size: int):  # -> Callable[[int, int], None]
+        fn = self._accessors.get(("st", size))
+        if fn is None:
+            fn = self._accessors[("st", size)] = _make_store(self.regions, size)
+        return fn
 
     def add(self, region: Region) -> Region:
         key = region.base >> 32

@@ -102,22 +102,25 @@ class BpfProg:
         xdp_md / __sk_buff pointing at it. Raises VerifierError on first use
         if the program is refused, BpfRuntimeError on a fault.
         """
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}")
-        self.ensure_loaded()
-        env = env if env is not None else BpfRunContext()
-        ctx_buf = ctx if isinstance(ctx, bytearray) else bytearray(ctx)
+        if not self.loaded:
+            self.load()
+        if env is None:
+            env = BpfRunContext()
+        ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
         if packet is not None and not ctx_buf and self.prog_type in PACKET_TYPES:
             ctx_buf = (xdp_md(PACKET_ADDR, len(packet))
                        if self.prog_type == BpfProgType.BPF_PROG_TYPE_XDP
                        else sk_buff(PACKET_ADDR, bytes(packet)))
         run = BpfRun(self, ctx_buf, env, packet)
-        if engine == "interp":
+        if engine == "jit":
+            compiled = self._compiled if self._compiled is not None else self.compiled()
+            result = compiled.execute(run, CTX_ADDR, len(ctx_buf))
+        elif engine == "interp":
             from .interpreter import Interpreter
 
             result = Interpreter(run, self.helpers).execute(CTX_ADDR, len(ctx_buf))
         else:
-            result = self.compiled().execute(run, CTX_ADDR, len(ctx_buf))
+            raise ValueError(f"engine must be one of {ENGINES}")
         run.finish()
         return result
 
