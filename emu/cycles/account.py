@@ -56,13 +56,20 @@ class CycleModel:
         elif cost_source != "model":
             raise ValueError(f"unknown cost source {cost_source!r} (model or llvm-mca)")
         self.blocks: dict[tuple[int, int], Block] = {}
+        # Everything a block cost depends on (a modified copy of a profile keeps its name).
+        self._cost_key = repr((profile.name, cost_source, profile.width, profile.in_order,
+                               profile.inorder_writeback, sorted(profile.ports.items()),
+                               sorted(profile.classes.items()), sorted(profile.forwarding.items()),
+                               sorted(profile.overrides.items())))
         self.lib = native.load() if use_native is not False else None
         if use_native and self.lib is None:
             raise RuntimeError("native block counter unavailable (no C compiler?)")
         self.native = self.lib is not None
         self.state: native.CmState | None = None
-        self._py_prev_end = 0
+        self._py_prev_end = 1
         self._py_cur: tuple[int, int] = (0, 0)
+        self._py_prev: Block | None = None
+        self._py_dir: dict[tuple[int, int], bool] = {}     # 1-bit predictor: last direction
         self._py = dict.fromkeys(("code_fp", "probe_fp", "taken_fp", "mispredict_fp", "insns",
                                   "blocks"), 0)
         self._hook = None
@@ -101,6 +108,7 @@ class CycleModel:
             if self.lib.cm_init(ctypes.byref(st), 1024):
                 raise MemoryError("cycle model: table allocation failed")
             st.fp = old.fp
+            st.prev_end = 1          # entering the first block counts as a taken branch
             clock.acc = st
             self._hook = self._add_native_hook()
         else:
@@ -131,7 +139,7 @@ class CycleModel:
         b = self.blocks.get(key)
         if b is None:
             code = bytes(self.m.uc.mem_read(addr, size))
-            ckey = (self.profile.name + ":" + self.cost_source, addr, code)
+            ckey = (self._cost_key, addr, code)
             b = _CACHE.get(ckey)
             if b is None:
                 b = _CACHE[ckey] = self._compute(addr, code)
@@ -175,10 +183,18 @@ class CycleModel:
             self.m.uc.emu_stop()
 
     def _py_block(self, addr: int, size: int) -> None:
-        """The Python twin of cm_on_block (no compiler available; no predictor)."""
+        """The Python twin of cm_on_block (no compiler available)."""
         b = self.blocks.get((addr, size)) or self.block(addr, size)
         acc, p, c = self.m.clock.acc, self.profile, self._py
-        if self._py_prev_end and self._py_prev_end != addr:
+        prev_end = self._py_prev_end
+        if p.mispredict_rate and self._py_prev is not None and self._py_prev.flags & CM_COND:
+            taken = prev_end != addr
+            last = self._py_dir.get(self._py_cur)
+            self._py_dir[self._py_cur] = taken
+            if last is None or last != taken:
+                acc.fp += p.branch_mispredict << FP_SHIFT
+                c["mispredict_fp"] += p.branch_mispredict << FP_SHIFT
+        if prev_end and prev_end != addr:
             acc.fp += p.branch_taken << FP_SHIFT
             c["taken_fp"] += p.branch_taken << FP_SHIFT
         cost = b.cost.cost
@@ -190,6 +206,7 @@ class CycleModel:
         c["blocks"] += 1
         self._py_prev_end = addr + size
         self._py_cur = (addr, size)
+        self._py_prev = b
 
     def counts(self) -> dict[str, int]:
         """code_fp, probe_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
@@ -215,7 +232,7 @@ class CycleModel:
             return
         codes = [bytes(self.m.uc.mem_read(a, s)) for a, s in self.blocks]
         self._mca.fill(codes)
-        for k in [k for k in _CACHE if k[0].endswith(":llvm-mca")]:
+        for k in [k for k in _CACHE if k[0] == self._cost_key]:
             del _CACHE[k]
         self.blocks.clear()
         if self.native:
