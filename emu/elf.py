@@ -49,6 +49,9 @@ class ElfImage:
     sections: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # name -> (addr, data)
     tls: tuple[int, int, int] | None = None   # (vaddr, filesz, memsz) of PT_TLS
     stripped: bool = False
+    # (name, addr, size, executable) of every allocated section: text vs data inside an RX
+    # segment, and the sections the kernel refuses to probe (.kprobes.text, .noinstr.text)
+    section_ranges: list[tuple[str, int, int, bool]] = field(default_factory=list)
 
     @property
     def phdr_addr(self) -> int:
@@ -156,9 +159,13 @@ def _parse(path: str, blob: bytes, want_arch: Arch | None) -> ElfImage:
         s.vaddr += bias
     _check_section_headers(path, blob)
     symbols, sections, stripped = _symbols(elf, bias)
+    ranges = [(sec.name, sec["sh_addr"] + bias, sec["sh_size"], bool(sec["sh_flags"] & 0x4))
+              for sec in elf.iter_sections()
+              if sec["sh_flags"] & 0x2 and sec["sh_size"] and sec.name]          # SHF_ALLOC
     image = ElfImage(path=os.path.abspath(path), arch=arch, etype=etype, entry=elf["e_entry"] + bias,
                      bias=bias, phoff=elf["e_phoff"], phentsize=elf["e_phentsize"], phnum=elf["e_phnum"],
                      segments=segments, symbols=symbols, sections=sections, stripped=stripped,
+                     section_ranges=ranges,
                      tls=tls)
     if not any(s.vaddr <= image.entry < s.vaddr + s.memsz for s in segments):
         raise ElfError(f"{path}: entry point {image.entry:#x} is outside every loadable segment")

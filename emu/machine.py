@@ -99,6 +99,7 @@ class Machine:
         self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
+        self._depth = 0                              # nested runs (a handler calling the guest)
         self._pc_id = self.arch.regs[self.arch.pc]
         self._sp_id = self.arch.regs[self.arch.sp]
         self.arch.reset_cpu(self)
@@ -267,24 +268,49 @@ class Machine:
         self.stdout.write(data)
 
     # --- running ----------------------------------------------------------------------------
-    def run(self, begin: int | None = None, max_insns: int = 0, timeout: float = 0.0) -> RunResult:
-        """Run from `begin` (default: the current pc) until exit, fault, halt or a limit."""
+    def run(self, begin: int | None = None, max_insns: int = 0, timeout: float = 0.0,
+            until: int | None = None) -> RunResult:
+        """Run from `begin` (default: the current pc) until exit, fault, halt, a limit, or
+        reaching `until`. A run started from inside a hook (a handler calling into the
+        guest) is nested: it must give `until`, and ignores limits (Unicorn stops the
+        outer run when a nested one counts instructions or times out)."""
         start = self.pc if begin is None else begin
+        nested = self._depth > 0
+        if nested:
+            if until is None:
+                raise ValueError("a nested run needs `until`")
+            saved, max_insns, timeout = (self._stop, self._mem_fault), 0, 0.0
         self._stop, self._mem_fault = None, None
-        self.hooks.errors.clear()
+        if not nested:
+            self.hooks.errors.clear()
         t0 = time.monotonic()
+        self._depth += 1
         try:
-            self.uc.emu_start(start, _NEVER, timeout=int(timeout * 1e6), count=max_insns)
+            self.uc.emu_start(start, _NEVER if until is None else until,
+                              timeout=int(timeout * 1e6), count=max_insns)
         except UcError as e:
             if self.hooks.errors:
                 raise self.hooks.errors[0] from None
             if self._stop is None:
                 self._stop = self._fault_from_uc(e)
-        if self.hooks.errors:
+        finally:
+            self._depth -= 1
+        if self.hooks.errors and not nested:
             raise self.hooks.errors[0]
         if self._stop is None:
-            self._stop = self._stopped_without_reason(max_insns, timeout, time.monotonic() - t0)
-        return self._stop
+            if until is not None and self.pc == until:
+                self._stop = RunResult(StopReason.HALT, 0, f"reached {self.describe(until)}")
+            else:
+                self._stop = self._stopped_without_reason(max_insns, timeout, time.monotonic() - t0)
+        result = self._stop
+        if nested:
+            self._stop, self._mem_fault = saved
+        return result
+
+    @property
+    def running(self) -> bool:
+        """True inside a hook of a run (so a new run would be nested)."""
+        return self._depth > 0
 
     def _fault_from_uc(self, e: UcError) -> RunResult:
         pc = self.pc

@@ -10,6 +10,9 @@ from typing import Callable
 from emu.machine import Machine
 
 SECTION = "_kprobe_blacklist"
+# Whole sections the kernel never probes: __kprobes functions, noinstr, entry code.
+REFUSED_SECTIONS = {".kprobes.text": "__kprobes section", ".noinstr.text": "noinstr section",
+                    ".entry.text": "entry text"}
 
 
 @dataclass
@@ -21,7 +24,12 @@ class Blacklist:
     def from_machine(cls, m: Machine, owned: Callable[[int], bool]) -> "Blacklist":
         bl = cls(owned=owned)
         image = m.image
-        if image is None or SECTION not in image.sections:
+        if image is None:
+            return bl
+        for name, addr, size, _x in image.section_ranges:
+            if name in REFUSED_SECTIONS:
+                bl.add(addr, size, REFUSED_SECTIONS[name])
+        if SECTION not in image.sections:
             return bl
         _addr, data = image.sections[SECTION]
         names = set()
@@ -44,5 +52,5 @@ class Blacklist:
             return "probe layer's own code"
         for start, end, name in self.ranges:
             if start <= addr < end:
-                return f"NOKPROBE_SYMBOL({name})"
+                return name if " " in name else f"NOKPROBE_SYMBOL({name})"
         return None

@@ -194,6 +194,9 @@ class Kprobes:
         else:
             addr = p.addr + p.offset
         sym = syms.find(addr)
+        if sym is None and self.arch.owns(addr):
+            raise KprobeError(errno.EINVAL, f"address {addr:#x} is the probe layer's own code",
+                              _where(p))
         if sym is None:
             if len(syms) and not self._stripped_text(addr):
                 raise KprobeError(errno.ENOENT, f"address {addr:#x} is in no symbol", _where(p))
@@ -205,8 +208,14 @@ class Kprobes:
         return image is not None and image.stripped
 
     def _check_kprobe_address(self, p: Kprobe, addr: int) -> None:
+        """kernel_text_address(): executable memory, and where the image has section
+        headers, an executable section (rodata can share the R-X segment)."""
         region = self.m.memory.find(addr)
-        if region is None or not region.prot & 4 or self.arch.owns(addr):
+        text = region is not None and region.prot & 4 and not self.arch.owns(addr)
+        image = self.m.image
+        if text and image is not None and image.section_ranges:
+            text = any(x and a <= addr < a + n for _name, a, n, x in image.section_ranges)
+        if not text:
             raise KprobeError(errno.EINVAL, f"address {addr:#x} is not in guest text", _where(p))
         reason = self.blacklist.reason(addr)
         if reason:

@@ -109,8 +109,11 @@ class ProbeLab:
 
     def call(self, func: str | int, *args: int, regs: dict[str, int] | None = None,
              timeout: float = 10.0) -> int:
-        """Call a guest function with integer arguments; returns its return value."""
+        """Call a guest function with integer arguments; returns its return value. From
+        inside a handler (the machine is running) the call is nested: it runs to the
+        return address and every register is restored afterwards."""
         m = self.machine
+        saved = m.uc.context_save() if m.running else None
         addr = func if isinstance(func, int) else m.symbols.lookup(func).addr
         for name, value in zip(m.arch.args, args):
             m.set_reg(name, value)
@@ -124,8 +127,15 @@ class ProbeLab:
         else:
             m.sp = m.sp - 8
             m.memory.write_u64(m.sp, ret)
-        self.result = m.run(begin=addr, timeout=timeout)
-        return m.return_value
+        # Top level: run into the halt stub (its hlt stops the run, hooks on it fire);
+        # nested: stop at it without emu_stop, which would also end the outer run.
+        result = m.run(begin=addr, timeout=timeout, until=ret if saved is not None else None)
+        value = m.return_value
+        if saved is not None:
+            m.uc.context_restore(saved)
+        else:
+            self.result = result
+        return value
 
     def _map_halt_stub(self) -> int:
         """A page holding the arch's halt instruction, for calls into a loaded ELF."""

@@ -139,8 +139,6 @@ def test_nokprobe_symbol_einval(arch, probe_lab, func):
     assert not lab.machine.patches
 
 
-@pytest.mark.xfail(strict=True, reason="probes/blacklist.py knows only _kprobe_blacklist; the "
-                   "kernel also refuses all of .kprobes.text (__kprobes) and .noinstr.text")
 @pytest.mark.parametrize("func", ["handle_bad_syscall", "enter_from_user_mode"])
 def test_kprobes_text_and_noinstr_einval(arch, probe_lab, func):
     lab = probe_lab(firmware_elf(arch, "callpath"))
@@ -157,18 +155,12 @@ def test_data_address_einval(arch, probe_lab):
     assert e.errno == errno.EINVAL and "not in guest text" in e.reason
 
 
-@pytest.mark.xfail(strict=True, reason="probes/kprobes.py _check_kprobe_address accepts any "
-                   "address in an executable *segment*; .rodata shares the R-X segment, the "
-                   "kernel (core_kernel_text) refuses it with -EINVAL")
 def test_rodata_address_einval(arch, probe_lab):
     lab = probe_lab(firmware_elf(arch, "insns"))
     sym = {"arm64": "t_rodata_q", "x86_64": "jcc_pairs"}[arch]
     assert refused(lab, Kprobe(symbol_name=sym)).errno == errno.EINVAL
 
 
-@pytest.mark.xfail(strict=True, reason="probes/kprobes.py _kprobe_addr answers -ENOENT: the slot "
-                   "page has no symbol; the kernel names it (kallsyms kprobe_insn_page) and then "
-                   "refuses it as not kernel text, -EINVAL")
 def test_slot_page_address_einval(arch, probe_lab):
     lab = asm_lab(probe_lab, arch)
     p = lab.kprobe("wild")                      # a load: stepped in a slot
@@ -444,20 +436,11 @@ def test_nmissed_on_recursion(arch, probe_lab, kprobe_asserts):
 
 def test_nested_run_resumes_outer(arch, probe_lab, kprobe_asserts):
     """After the pre_handler's nested run the outer run must go on: outer(1) = 102, and
-    inner's own hit (from outer's bl/call) runs its handlers.
-
-    Fails on arm64 with the current Machine (xfail below, with the state it leaves): the
-    nested run ends on the lab's `hlt #0`, which Machine.request_halt() turns into
-    uc.emu_stop(); that stop request also ends the *outer* emu_start as soon as the break
-    handler returns, so the outer Machine.run returns HALT with pc still in outer's
-    out-of-line slot (machine.run() from there then finishes with 102). On x86 the nested
-    run ends on `hlt` without emu_stop and the outer run continues."""
+    inner's own hit (from outer's bl/call) runs its handlers. (A nested Machine.run stops
+    at its return address with `until`, not with emu_stop, which would also end the outer
+    run.)"""
     lab, outer, inner, nested = _nested_call_lab(probe_lab, arch)
     ret = lab.call("outer", 1, timeout=0)
-    if arch == "arm64" and ret != 102:
-        assert lab.result.reason.value == "halt" and lab.machine.pc == outer.ainsn.slot
-        assert lab.machine.run().reason.value == "halt" and lab.machine.return_value == 102
-        pytest.xfail("nested Machine.run: the inner run's emu_stop also stops the outer run")
     assert ret == 102 and lab.result.reason.value == "halt"
     assert lab.kprobes.kcb.current is None and not lab.kprobes.kcb.prev
     kprobe_asserts.hits(inner, 1, nmissed=1)
