@@ -36,7 +36,7 @@ class Clock:
                  syscall_cost: int = 1_000, counter_read_cost: int = 20, exc_entry: int = 100,
                  exc_return: int = 100, single_step: int = 150, handler_cost: int = 200,
                  cycles: int = 0, by_reason: dict[str, int] | None = None,
-                 bpf_entry_cost: int = 20, bpf_insn_cost: int = 1) -> None:
+                 bpf_entry_cost: int = 20, bpf_insn_cost: int = 1, detour_cost: int = 40) -> None:
         self.freq_hz = freq_hz              # modelling choice until a CPU profile says otherwise
         self.counter_hz = counter_hz
         self.syscall_cost = syscall_cost    # a syscall round trip (modelling choice)
@@ -46,6 +46,9 @@ class Clock:
         self.exc_return = exc_return        # returning from it
         self.single_step = single_step      # the extra of an out-of-line single-step round trip
         self.handler_cost = handler_cost    # a host (Python) handler, per call: a modelling choice
+        # The register save/restore of a detour or trampoline that enters the host without a
+        # trap (optprobe detour, x86 rethook trampoline, ftrace caller): a modelling choice.
+        self.detour_cost = detour_cost
         self.bpf_entry_cost = bpf_entry_cost  # entering a BPF program (modelling choice)
         self.bpf_insn_cost = bpf_insn_cost  # per executed BPF instruction (modelling choice)
         self.by_reason: dict[str, int] = dict(by_reason or {})

@@ -211,7 +211,7 @@ class Machine:
         """Enter host code when the guest reaches `addr`, an address of a trampoline or
         detour the caller wrote into the guest (never a probed address: probes trap).
         Returns a handle for remove_host_entry."""
-        handle = self.hooks.code(lambda a, _size: fn(a), addr, addr)
+        handle = self.hooks.entry(fn, addr)
         self.uc.ctl_remove_cache(addr, addr + 1)     # a new hook on cached code (notes rule 3)
         return handle
 

@@ -89,6 +89,20 @@ class RawHooks:
         return self._add(UC.UC_HOOK_CODE, CODE_CB(lambda _uc, addr, size, _ud: guarded(addr, size)),
                          begin, end)
 
+    def entry(self, fn: Callable[[int], None], addr: int) -> int:
+        """A code hook on exactly `addr` calling fn(addr), with no wrapper frames: the hot
+        path of trampolines and detours."""
+        errors, uc = self.errors, self.uc
+
+        def cb(_uc, a, _size, _ud):
+            try:
+                fn(a)
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                uc.emu_stop()
+        return self._add(UC.UC_HOOK_CODE, CODE_CB(cb), addr, addr)
+
     def block(self, fn: Callable[[int, int], None], begin: int = 1, end: int = 0) -> int:
         guarded = self._guard(fn)
         return self._add(UC.UC_HOOK_BLOCK, CODE_CB(lambda _uc, addr, size, _ud: guarded(addr, size)),

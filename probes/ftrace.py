@@ -118,7 +118,7 @@ class Ftrace:
         site = self.sites.get(site_addr)
         if site is None:
             return
-        m.clock.advance(getattr(m.clock, "detour_cost", 40), "detour")
+        m.clock.advance(m.clock.detour_cost, "detour")
         regs = self.arch.ftrace_regs(m, site_addr)
         for ops in list(site.ops):
             ops.func(site_addr, parent_ip, ops, regs)

@@ -125,7 +125,7 @@ class Optimizer:
             return
         m, kcb = self.m, self.kp.kcb
         clock = m.clock
-        clock.advance(getattr(clock, "detour_cost", 40), "detour")
+        clock.advance(clock.detour_cost, "detour")
         if kcb.current is not None:
             self.kp.kprobes_inc_nmissed_count(p)
             return

@@ -150,10 +150,9 @@ class BreakpointKprobes:
 
 
 def callback_at(addr: int, callback: Callable[[int], None]) -> Callable[[int], None]:
-    """A host entry that calls `callback(addr)` for the probe at `addr`."""
-    def enter(_pc: int) -> None:
-        callback(addr)
-    return enter
+    """A host entry that calls `callback(addr)` for the probe at `addr` (the detour's
+    address is where the guest is; the probe's is what the callback needs)."""
+    return lambda _pc: callback(addr)
 
 
 def reject(err: int, reason: str, addr: int) -> KprobeError:

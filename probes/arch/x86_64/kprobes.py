@@ -45,7 +45,7 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
 
     def charge_kretprobe_return(self, m) -> None:
-        m.clock.advance(getattr(m.clock, "detour_cost", 40), "detour")
+        m.clock.advance(m.clock.detour_cost, "detour")
 
     # --- ftrace (arch/x86/kernel/ftrace.c) ------------------------------------------------
     ftrace_section = "__mcount_loc"
