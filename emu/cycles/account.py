@@ -120,7 +120,8 @@ class CycleModel:
 
     def _add_native_hook(self) -> int:
         handle = ctypes.c_size_t()
-        fn = ctypes.cast(self.lib.cm_on_block, ctypes.c_void_p)
+        hook = self.lib.cm_on_block_bp if self.profile.mispredict_rate else self.lib.cm_on_block
+        fn = ctypes.cast(hook, ctypes.c_void_p)
         err = _hook_add_va(self.m.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
                            fn, ctypes.c_void_p(ctypes.addressof(self.state)),
                            ctypes.c_uint64(1), ctypes.c_uint64(0))

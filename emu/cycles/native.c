@@ -171,31 +171,48 @@ static uint64_t cm_predict(cm_state *st, uint64_t addr)
 	return st->mispredict_cost;
 }
 
-/* The BLOCK hook: charge the block about to run. */
-void cm_on_block(void *uc, uint64_t addr, uint32_t size, void *ud)
+/* Look the block up (costing it first if new). */
+static inline cm_entry *cm_enter(cm_state *st, void *uc, uint64_t addr, uint32_t size)
 {
-	cm_state *st = ud;
 	cm_entry *e = cm_find(st, addr, size);
-	uint64_t fp;
 	if (__builtin_expect(!e, 0)) {
 		st->misses++;
-		st->miss(uc, addr, size, ud);
+		st->miss(uc, addr, size, st);
 		e = cm_find(st, addr, size);
+		if (!e)
+			st->unknown++;
 	}
-	fp = st->fp;
-	if (st->mispredict_cost)
-		fp += cm_predict(st, addr);
-	if (st->prev_end != addr && st->prev_end) {
+	return e;
+}
+
+static inline void cm_on_block_tail(cm_state *st, cm_entry *e, uint64_t addr, uint32_t size)
+{
+	uint64_t fp = st->fp;
+	if (st->prev_end != addr) {
 		fp += st->taken_cost;
 		st->taken++;
 	}
 	st->prev_end = addr + size;
 	st->cur = e;
-	if (e) {
+	if (__builtin_expect(e != NULL, 1)) {
 		fp += e->cost;
 		e->count++;
-	} else {
-		st->unknown++;
 	}
 	st->fp = fp;
+}
+
+/* The BLOCK hook: charge the block about to run (and a taken branch into it). */
+void cm_on_block(void *uc, uint64_t addr, uint32_t size, void *ud)
+{
+	cm_state *st = ud;
+	cm_on_block_tail(st, cm_enter(st, uc, addr, size), addr, size);
+}
+
+/* The same with the 1-bit branch predictor (profiles with mispredict_rate 1). */
+void cm_on_block_bp(void *uc, uint64_t addr, uint32_t size, void *ud)
+{
+	cm_state *st = ud;
+	cm_entry *e = cm_enter(st, uc, addr, size);
+	st->fp += cm_predict(st, addr);
+	cm_on_block_tail(st, e, addr, size);
 }
