@@ -63,3 +63,25 @@ def test_block_costs_track_llvm_mca(name, record_property):
     max_mape, min_within = BOUNDS[name]
     assert mape <= max_mape, f"{name}: MAPE {mape:.1%} > {max_mape:.0%}"
     assert within >= min_within, f"{name}: only {within:.1%} of blocks within ±50 %"
+
+
+@pytest.mark.skipif(llvm_mca_path() is None, reason="llvm-mca is not installed")
+def test_cost_source_llvm_mca_after_a_warm_up(tmp_path, monkeypatch):
+    """Optional run-time source: the blocks of a warm-up run go to llvm-mca in one batch,
+    cached on disk; later runs are charged llvm-mca's costs."""
+    from conftest import firmware_elf
+    from probes.testing import ProbeLab
+    monkeypatch.setenv("KPROBE_EMU_CACHE", str(tmp_path))
+    lab = ProbeLab.load(firmware_elf("x86_64", "hotloop"))
+    model = lab.machine.enable_cycle_model("skylake", cost_source="llvm-mca")
+    clock = lab.machine.clock
+    c0 = clock.cycles
+    lab.call("hot_loop", 1000)
+    modelled = clock.cycles - c0
+    model.warm_up_mca()
+    assert list(tmp_path.glob("mca-*-skylake.json"))
+    c1 = clock.cycles
+    lab.call("hot_loop", 1000)
+    from_mca = clock.cycles - c1
+    assert from_mca != modelled
+    assert abs(from_mca - modelled) <= modelled * 0.2      # the model tracks llvm-mca here
