@@ -115,6 +115,9 @@ class FileSystem:
         if wants_write and not self.writable:
             raise FsError(errno.EROFS)
         try:
+            mode_bits = os.stat(host).st_mode if os.path.exists(host) else 0
+            if st.S_ISFIFO(mode_bits) or st.S_ISSOCK(mode_bits):
+                raise FsError(errno.ENXIO)      # opening a host FIFO would block the emulator
             if os.path.isdir(host):
                 if (flags & O_ACCMODE) != 0:
                     raise FsError(errno.EISDIR)

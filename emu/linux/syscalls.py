@@ -11,7 +11,9 @@ import sys
 from typing import Callable
 
 from emu.linux.fs import AT_FDCWD, FsError, OpenFile
-from emu.linux.process import MMAP_BASE, STACK_TOP, STACK_SIZE, LinuxProcess
+from unicorn import UcError
+
+from emu.linux.process import MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess
 from emu.memory import PROT_READ, PROT_WRITE, page_up
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
@@ -24,6 +26,8 @@ TCGETS, TIOCGWINSZ = 0x5401, 0x5413
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
 ARCH_SET_FS, ARCH_GET_FS = 0x1002, 0x1003
 PR_SET_NAME, PR_GET_NAME = 15, 16
+TASK_SIZE = 1 << 47                 # top of the x86-64 / arm64 (48-bit VA) user address space
+NOFILE = 1024                       # RLIMIT_NOFILE soft limit reported by prlimit64
 
 Handler = Callable[..., int]
 SYSCALLS: dict[str, Handler] = {}
@@ -77,22 +81,81 @@ class SyscallDispatcher:
                 ret = -e.errno
             except MemoryFault:
                 ret = -E.EFAULT
+            except BrokenPipeError:
+                raise                   # our own stdout closed: the CLI exits 141 (SIGPIPE)
+            except OSError as e:        # a host call on the guest's behalf failed: its errno
+                ret = -(e.errno or E.EIO)
+            except OverflowError:       # a register value no host call accepts
+                ret = -E.EINVAL
         if self.proc.strace:
+            self._strace_len = args[2]      # the byte count of write-like calls
             self._strace(name, args, ret)
         if self.m._stop is None:
             regs.write(self.ret_id, ret)
 
     def _strace(self, name: str, args: list[int], ret: int) -> None:
-        shown = ", ".join(f"{a:#x}" for a in args[:_ARGC.get(name, 3)])
-        res = f"-1 {E.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})" if -4096 < ret < 0 \
-            else (f"{ret:#x}" if ret > 0xFFFF else str(ret))
+        """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
+        (No such file or directory)`."""
+        kinds = _STRACE_ARGS.get(name, "xxx")
+        shown = ", ".join(self._strace_arg(k, a, ret) for k, a in zip(kinds, args))
+        if name in ("exit", "exit_group"):
+            res = "?"
+        elif -4096 < ret < 0:
+            res = f"-1 {E.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})"
+        else:
+            res = f"{ret:#x}" if ret > 0xFFFF else str(ret)
         self.m.stderr.write(f"{name}({shown}) = {res}\n".encode())
 
+    def _strace_arg(self, kind: str, value: int, ret: int) -> str:
+        if kind == "d":
+            return str(s32(value))
+        if kind == "f":
+            return "AT_FDCWD" if s32(value) == AT_FDCWD else str(s32(value))
+        if kind == "u":
+            return str(value)
+        if kind == "s" and value:
+            try:
+                text = self.m.memory.read_cstr(value, 4096)
+            except Exception:       # an unmapped path: the call itself answered EFAULT
+                return f"{value:#x}"
+            return _quote(text, limit=4096)        # strace prints paths whole
+        if kind in "bo" and value:              # b: buffer of the call's size, o: of its result
+            n = self._strace_len if kind == "b" else max(ret, 0)
+            data = self.m.memory.read_safe(value, min(n, _STRACE_STR))
+            if data is not None:
+                return _quote(data) + ("..." if n > _STRACE_STR else "")
+        if value == 0:
+            return "NULL" if kind in "sbo" else "0"
+        return f"{value:#x}"
 
-_ARGC = dict(exit_group=1, exit=1, brk=1, close=1, write=3, read=3, mmap=6, munmap=2, mprotect=3,
-             openat=4, uname=1, getpid=0, getuid=0, geteuid=0, getgid=0, getegid=0, gettid=0,
-             getppid=0, set_tid_address=1, arch_prctl=2, rseq=4, set_robust_list=2,
-             prlimit64=4, getrandom=3, readlinkat=4, newfstatat=4, ioctl=3)
+
+_STRACE_STR = 32                        # strace's default -s
+
+
+def _quote(data: bytes, limit: int = _STRACE_STR) -> str:
+    esc = {9: "\\t", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
+    return '"' + "".join(esc.get(c) or (chr(c) if 32 <= c < 127 else f"\\x{c:02x}")
+                         for c in data[:limit]) + '"'
+
+
+# Argument kinds: d signed int/fd, f dirfd, u unsigned, x hex, s C string, b buffer of the
+# byte count that follows it, o buffer filled by the call (its result is the length).
+_STRACE_ARGS = dict(
+    exit_group="d", exit="d", brk="x", close="d", write="dbu", read="dou", pread64="doud",
+    pwrite64="dbux", writev="dxd", readv="dxd", mmap="xuxxdx", munmap="xu", mprotect="xux",
+    mremap="xuux", openat="fsxx", open="sxx", uname="x", getpid="", getuid="", geteuid="",
+    getgid="", getegid="", gettid="", getppid="", getpgrp="", set_tid_address="x",
+    arch_prctl="xx", rseq="xuxx", set_robust_list="xu", prlimit64="ddxx", getrandom="xux",
+    readlinkat="fsxu", readlink="sxu", newfstatat="fsxx", fstat="dx", stat="sx", lstat="sx",
+    statx="fsxxx", ioctl="dxx", fcntl="ddx", dup="d", dup2="dd", dup3="ddx", lseek="ddd",
+    faccessat="fsx", faccessat2="fsxx", access="sx", chdir="s", fchdir="d", getcwd="xu",
+    getdents64="dxu", sendfile="ddxu", pipe2="xx", clock_gettime="dx", gettimeofday="xx",
+    clock_nanosleep="ddxx", nanosleep="xx", rt_sigaction="dxxu", rt_sigprocmask="dxxu",
+    prctl="dxxxx", kill="dd", tgkill="ddd", tkill="dd", sysinfo="x", getrusage="dx",
+    umask="x", poll="xud", ppoll="xuxxu", futex="xdux", madvise="xud", mkdirat="fsx",
+    unlinkat="fsx", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
+    close_range="uud", clock_getres="dx", time="x",
+)
 
 
 class MemoryFault(Exception):
@@ -100,10 +163,22 @@ class MemoryFault(Exception):
 
 
 # --- guest memory helpers ------------------------------------------------------------------
+def _user_access_ok(p: LinuxProcess, addr: int, n: int, prot: int) -> bool:
+    """access_ok + the page permissions copy_{from,to}_user would meet: Unicorn's host-side
+    mem_write ignores protections, so a read(fd, text_addr, n) would patch guest code."""
+    mem, end = p.machine.memory, addr + n
+    while addr < end:
+        r = mem.find(addr)
+        if r is None or not r.prot & prot:
+            return False
+        addr = r.end
+    return True
+
+
 def rd(p: LinuxProcess, addr: int, n: int) -> bytes:
     if n == 0:
         return b""
-    if not p.machine.memory.is_mapped(addr, n):
+    if not _user_access_ok(p, addr, n, PROT_READ):
         raise MemoryFault()
     return p.machine.memory.read(addr, n)
 
@@ -111,7 +186,7 @@ def rd(p: LinuxProcess, addr: int, n: int) -> bytes:
 def wr(p: LinuxProcess, addr: int, data: bytes) -> None:
     if not data:
         return
-    if not p.machine.memory.is_mapped(addr, len(data)):
+    if not _user_access_ok(p, addr, len(data), PROT_WRITE):
         raise MemoryFault()
     p.machine.memory.write(addr, data)
 
@@ -362,6 +437,8 @@ def sys_time(p, tloc, *_):
 def sys_nanosleep(p, *args):
     req = args[2] if p.dispatcher_name == "clock_nanosleep" else args[0]
     secs, nsec = struct.unpack("<qq", rd(p, req, 16))
+    if secs < 0 or not 0 <= nsec < 1_000_000_000:
+        return -E.EINVAL                 # else a negative sleep would turn the clock back
     c = p.machine.clock
     c.advance((secs * 1_000_000_000 + nsec) * c.freq_hz // 1_000_000_000, "sleep")
     return 0
@@ -371,13 +448,16 @@ def sys_nanosleep(p, *args):
 @syscall("brk")
 def sys_brk(p, addr, *_):
     mem = p.machine.memory
-    if addr <= p.brk_start:
+    if addr < p.brk_start:              # brk(0) asks; brk(start) empties the heap
         return p.brk
     old_end, new_end = page_up(p.brk), page_up(addr)
     if new_end > old_end:
-        if not mem.find_free(new_end - old_end, old_end, new_end) == old_end:
+        if new_end > MMAP_BASE or mem.find_free(new_end - old_end, old_end, new_end) != old_end:
             return p.brk
-        mem.map(old_end, new_end - old_end, PROT_READ | PROT_WRITE, "[heap]")
+        try:
+            mem.map(old_end, new_end - old_end, PROT_READ | PROT_WRITE, "[heap]")
+        except UcError:             # the host cannot back it: brk fails as on ENOMEM
+            return p.brk
     elif new_end < old_end:
         mem.unmap(new_end, old_end - new_end)
     p.brk = addr
@@ -389,25 +469,37 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
     mem = p.machine.memory
     if length == 0 or off & 0xFFF:
         return -E.EINVAL
+    if length > TASK_SIZE:
+        return -E.ENOMEM
     size = page_up(length)
-    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
-        if addr & 0xFFF:
-            return -E.EINVAL
-        if flags & MAP_FIXED_NOREPLACE and mem.overlapping(addr, addr + size):
-            return -E.EEXIST
-        mem.unmap(addr, size)
-    else:
-        hint = addr if addr and mem.find_free(size, addr, addr + size) == addr else None
-        addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
-        if addr is None:
-            return -E.ENOMEM
-    data = b""
+    f = None
     if not flags & MAP_ANONYMOUS:
         f = p.fds.get(s32(fd))
         if f.kind != "host":
             return -E.ENODEV
-        data = os.pread(f.host_fd, length, off)
-    mem.map(addr, size, prot & 7, "[anon]" if not data else f"[mmap {os.path.basename(f.path)}]")
+    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+        if addr & 0xFFF:
+            return -E.EINVAL
+        if addr < MMAP_MIN_ADDR:
+            return -E.EPERM
+        if addr + size > TASK_SIZE:
+            return -E.ENOMEM
+        if flags & MAP_FIXED_NOREPLACE and mem.overlapping(addr, addr + size):
+            return -E.EEXIST
+        mem.unmap(addr, size)
+    else:
+        hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= TASK_SIZE and \
+            mem.find_free(size, addr, addr + size) == addr else None
+        addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
+        if addr is None:
+            return -E.ENOMEM
+    data = b""
+    if f is not None:               # read no more than the file holds (pread allocates `n`)
+        data = os.pread(f.host_fd, max(0, min(length, os.fstat(f.host_fd).st_size - off)), off)
+    try:
+        mem.map(addr, size, prot & 7, f"[mmap {os.path.basename(f.path)}]" if f else "[anon]")
+    except UcError:
+        return -E.ENOMEM
     if data:
         mem.write(addr, data)
     return addr
@@ -437,23 +529,31 @@ def sys_mprotect(p, addr, length, prot, *_):
 @syscall("mremap")
 def sys_mremap(p, old, old_size, new_size, flags, *_):
     mem = p.machine.memory
+    if old & 0xFFF or old_size == 0 or new_size == 0:
+        return -E.EINVAL
+    if new_size > TASK_SIZE:
+        return -E.ENOMEM
     old_size, new_size = page_up(old_size), page_up(new_size)
-    if old & 0xFFF or not mem.is_mapped(old, old_size):
+    if not mem.is_mapped(old, old_size):
         return -E.EFAULT
     if new_size <= old_size:
         if new_size < old_size:
             mem.unmap(old + new_size, old_size - new_size)
         return old
     region = mem.find(old)
-    if mem.find_free(new_size - old_size, old + old_size, old + new_size) == old + old_size:
-        mem.map(old + old_size, new_size - old_size, region.prot, region.name)
-        return old
-    if not flags & MREMAP_MAYMOVE:
+    try:
+        if old + new_size <= TASK_SIZE and mem.find_free(
+                new_size - old_size, old + old_size, old + new_size) == old + old_size:
+            mem.map(old + old_size, new_size - old_size, region.prot, region.name)
+            return old
+        if not flags & MREMAP_MAYMOVE:
+            return -E.ENOMEM
+        new = mem.find_free(new_size, MMAP_BASE, STACK_TOP - STACK_SIZE)
+        if new is None:
+            return -E.ENOMEM
+        mem.map(new, new_size, region.prot, region.name)
+    except UcError:
         return -E.ENOMEM
-    new = mem.find_free(new_size, MMAP_BASE, STACK_TOP - STACK_SIZE)
-    if new is None:
-        return -E.ENOMEM
-    mem.map(new, new_size, region.prot, region.name)
     mem.write(new, mem.read(old, old_size))
     mem.unmap(old, old_size)
     return new
@@ -611,7 +711,8 @@ def sys_statx(p, dirfd, path, flags, mask, buf, *_):
                       d["mode"] & 0xFFFF, 0)
     out += struct.pack("<QQQQ", d["ino"], d["size"], d["blocks"], 0)
     out += ts(d["atime"]) + ts(0) + ts(d["ctime"]) + ts(d["mtime"])
-    out += struct.pack("<IIII", d["rdev"] >> 8, d["rdev"] & 0xFF, d["dev"] >> 8, d["dev"] & 0xFF)
+    out += struct.pack("<IIII", os.major(d["rdev"]), os.minor(d["rdev"]), os.major(d["dev"]),
+                       os.minor(d["dev"]))
     wr(p, buf, out.ljust(256, b"\0"))
     return 0
 
@@ -734,6 +835,8 @@ def sys_dup(p, fd, *_):
 def sys_dup3(p, old, new, flags=0, *_):
     old, new = s32(old), s32(new)
     f = p.fds.get(old)
+    if not 0 <= new < NOFILE:
+        return -E.EBADF
     if old == new:
         return -E.EINVAL if p.dispatcher_name == "dup3" else new
     if new in p.fds.files:
