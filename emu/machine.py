@@ -93,6 +93,7 @@ class Machine:
         self.syscall_handler: Callable[[], None] | None = None
         self.patches: list[Patch] = []
         self.text_listeners: list[Callable[[int, int], None]] = []   # (addr, size) of changed text
+        self.stop_listeners: list[Callable[[], None]] = []   # after every emu_start returns
         self.entry: int = 0
         self.image = None           # the loaded ElfImage, if any
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
@@ -295,6 +296,8 @@ class Machine:
                 self._stop = self._fault_from_uc(e)
         finally:
             self._depth -= 1
+            for listener in self.stop_listeners:
+                listener()
         if self.hooks.errors and not nested:
             raise self.hooks.errors[0]
         if self._stop is None:

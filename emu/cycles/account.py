@@ -21,7 +21,7 @@ from unicorn import unicorn_const as UC
 from emu.clock import FP_SHIFT
 from emu.cycles import native
 from emu.cycles.blockcost import BlockCost, block_cost
-from emu.cycles.ops import decode_block, disassembler
+from emu.cycles.ops import decoder_for, disassembler
 from emu.cycles.profile import Profile, profile_for
 from emu.ucfast import _hook_add_va
 
@@ -49,6 +49,7 @@ class CycleModel:
         self.profile = profile
         self.cost_source = cost_source
         self._md = disassembler(profile.isa)
+        self._decode = decoder_for(profile.isa)
         self._mca = None
         if cost_source == "llvm-mca":
             from emu.cycles.mca import McaCostCache
@@ -72,6 +73,8 @@ class CycleModel:
         self._py_dir: dict[tuple[int, int], bool] = {}     # 1-bit predictor: last direction
         self._py = dict.fromkeys(("code_fp", "probe_fp", "taken_fp", "mispredict_fp", "insns",
                                   "blocks"), 0)
+        # The parts of blocks charged at entry but not run (execution stopped inside them).
+        self._unrun = dict.fromkeys(("code_fp", "probe_fp", "insns"), 0)
         self._hook = None
 
     # --- attaching --------------------------------------------------------------------------
@@ -97,6 +100,7 @@ class CycleModel:
         clock.single_step, clock.handler_cost = p.single_step, p.handler
         clock.syscall_cost, clock.counter_read_cost = p.syscall_cost, p.counter_read
         clock.bpf_entry_cost, clock.bpf_insn_cost = p.bpf_entry, p.bpf_insn
+        clock.detour_cost = p.detour
         clock.profile = p.name
         old = clock.acc
         if self.native:
@@ -116,6 +120,7 @@ class CycleModel:
         clock.pending = self.pending_fp
         clock.model_counts = self.counts
         m.text_listeners.append(self.invalidate)
+        m.stop_listeners.append(self.settle)
         m.uc.ctl_flush_tb()          # hooks are not called for already-translated blocks
 
     def _add_native_hook(self) -> int:
@@ -149,9 +154,7 @@ class CycleModel:
 
     def _compute(self, addr: int, code: bytes) -> Block:
         insns = list(self._md.disasm(code, addr))
-        from emu.cycles.ops import decoder_for
-        decode = decoder_for(self.profile.isa)
-        ops = [decode(i) for i in insns]
+        ops = [self._decode(i) for i in insns]
         cost = block_cost(self.profile, ops)
         if self._mca is not None:
             cost = self._mca_cost(code, cost)
@@ -211,13 +214,18 @@ class CycleModel:
 
     def counts(self) -> dict[str, int]:
         """code_fp, probe_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
-        if not self.native:
-            return dict(self._py)
-        st = self.state
-        out = (ctypes.c_uint64 * 4)()
-        self.lib.cm_totals(ctypes.byref(st), out)
-        return {"code_fp": out[0], "probe_fp": out[1], "insns": out[2], "blocks": out[3],
-                "taken_fp": st.taken * st.taken_cost, "mispredict_fp": st.mispredicts * st.mispredict_cost}
+        if self.native:
+            st = self.state
+            out = (ctypes.c_uint64 * 4)()
+            self.lib.cm_totals(ctypes.byref(st), out)
+            c = {"code_fp": out[0], "probe_fp": out[1], "insns": out[2], "blocks": out[3],
+                 "taken_fp": st.taken * st.taken_cost,
+                 "mispredict_fp": st.mispredicts * st.mispredict_cost}
+        else:
+            c = dict(self._py)
+        for k, v in self._unrun.items():
+            c[k] -= v
+        return c
 
     def invalidate(self, addr: int, size: int) -> None:
         """Text at [addr, addr+size) changed: forget the costs of blocks overlapping it."""
@@ -258,12 +266,39 @@ class CycleModel:
         b = self.blocks.get((addr, size))
         if b is None:
             return 0
-        off = pc - addr
-        idx = 0
+        idx = self._index(b, addr, pc)
+        return b.cost.cost - b.cost.prefix[idx] if idx < len(b.cost.prefix) else 0
+
+    def _index(self, b: Block, addr: int, pc: int) -> int:
+        off, idx = pc - addr, 0
         for i, o in enumerate(b.offsets):
             if o <= off:
                 idx = i
-        return b.cost.cost - b.cost.prefix[idx] if idx < len(b.cost.prefix) else 0
+        return idx
+
+    def settle(self) -> None:
+        """Emulation stopped (machine stop listener): if it stopped inside a block, take back
+        the cost and instructions of the part not run, from the instruction at pc on; the run
+        that resumes there starts a new block without a taken branch."""
+        addr, size = self.current_block()
+        if not size:
+            return
+        pc = self.m.pc
+        b = self.blocks.get((addr, size))
+        if b is None or not addr <= pc < addr + size:
+            return
+        idx = self._index(b, addr, pc)
+        back = b.cost.cost - (b.cost.prefix[idx - 1] if idx else 0)
+        self.m.clock.acc.fp -= back
+        self._unrun["code_fp"] += back
+        if b.flags & CM_PROBE:
+            self._unrun["probe_fp"] += back
+        self._unrun["insns"] += b.cost.n - idx
+        if self.native:
+            self.state.prev_end = pc
+            self.state.cur = ctypes.POINTER(native.CmEntry)()
+        else:
+            self._py_prev_end, self._py_cur, self._py_prev = pc, (0, 0), None
 
     # --- results ----------------------------------------------------------------------------
     @property

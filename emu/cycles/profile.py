@@ -26,7 +26,8 @@ DEFAULT_PROFILE = {"arm64": "cortex-a72", "x86_64": "skylake"}
 
 _PARAMS = ("freq_hz", "counter_hz", "in_order", "inorder_writeback", "width", "branch_taken", "branch_mispredict",
            "mispredict_rate", "exc_entry", "exc_return", "single_step", "syscall_entry_exit",
-           "mitigation_extra", "mitigations", "counter_read", "handler", "bpf_insn", "bpf_entry")
+           "mitigation_extra", "mitigations", "counter_read", "handler", "detour", "bpf_insn",
+           "bpf_entry")
 
 
 class ProfileError(UsageError):
@@ -75,6 +76,7 @@ class Profile:
     mitigations: bool
     counter_read: int
     handler: int
+    detour: int                     # register save/restore of a trapless entry to the host
     bpf_insn: int
     bpf_entry: int
     ports: dict[str, tuple[str, ...]]
@@ -155,6 +157,7 @@ def parse_profile(data: dict, path: str = "") -> Profile:
         syscall_entry_exit=int(params["syscall_entry_exit"]),
         mitigation_extra=int(params["mitigation_extra"]), mitigations=bool(params["mitigations"]),
         counter_read=int(params["counter_read"]), handler=int(params["handler"]),
+        detour=int(params["detour"]),
         bpf_insn=int(params["bpf_insn"]), bpf_entry=int(params["bpf_entry"]),
         ports=ports, classes=classes, forwarding=forwarding, overrides=overrides,
         basis=basis, path=path)
