@@ -60,6 +60,13 @@ class Kretprobes:
     # --- registration -----------------------------------------------------------------------
     def register_kretprobe(self, rp: Kretprobe) -> None:
         kp = rp.kp
+        # kprobe_on_func_entry() first, as the kernel: an offset that is not the entry is
+        # -EINVAL (even mid-instruction on x86), an unknown symbol -ENOENT; and nothing is
+        # written into guest text or into rp.kp before the checks pass.
+        _addr, on_entry = self.kprobes._kprobe_addr(kp)
+        if not on_entry:
+            raise KprobeError(errno.EINVAL, "a kretprobe must be at a function entry",
+                              kp.symbol_name or f"{kp.addr:#x}")
         if rp.data_size > KRETPROBE_DATA_MAX:
             raise KprobeError(errno.E2BIG, f"data_size {rp.data_size} > {KRETPROBE_DATA_MAX}")
         if rp.maxactive > KRETPROBE_MAXACTIVE_MAX:
@@ -70,10 +77,6 @@ class Kretprobes:
         kp.post_handler = None
         kp.kretprobe = rp
         self.kprobes.register_kprobe(kp)
-        if not kp.flags & 16:                                 # KPROBE_FLAG_ON_FUNC_ENTRY
-            self.kprobes.unregister_kprobe(kp)
-            raise KprobeError(errno.EINVAL, "a kretprobe must be at a function entry",
-                              kp.symbol_name or f"{kp.addr:#x}")
         rp.nmissed, rp.hits = 0, 0
         rp.free_instances = [KretprobeInstance(rp, data=bytearray(rp.data_size))
                              for _ in range(rp.maxactive)]
