@@ -107,3 +107,15 @@ def test_bench_plot(tmp_path):
     rc, _ = bench_main(["--arch", "x86_64", "--kind", "k", "--calls", "100", "--repeat", "1",
                         "--plot", str(png)])
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_emu_bench_subcommand():
+    from conftest import run_emu
+    from emu.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    if "bench" not in sub.choices:
+        pytest.skip("emu bench is not wired into emu/cli.py build_parser yet (emu.bench_cli)")
+    r = run_emu("bench", "--arch", "x86_64", "--kind", "k", "--calls", "100", "--repeat", "1",
+                "--json")
+    assert r.rc == 0, r.err
+    assert json.loads(r.stdout)[0]["kind"] == "k"

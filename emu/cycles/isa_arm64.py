@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-import capstone
 from capstone import arm64_const as A
 
 from emu.cycles.ops import PRIMARY, Op, make_op
@@ -76,7 +75,7 @@ def _class(m: str, insn, vec: bool) -> str:
         return "mul"
     if m in DIV:
         return "div"
-    if vec or m.startswith("f"):
+    if vec or m.startswith("f") or insn.group(A.ARM64_GRP_FPARMV8):
         return "vec" if vec and not m.startswith("f") else "fp"
     shifted = any(op.type == _REG and (op.shift.type != 0 or op.ext != 0) for op in insn.operands)
     return "alu_shift" if shifted else "alu"
@@ -105,7 +104,7 @@ def decode(insn) -> Op:
         return make_op(m, "nop", (), (), (), size=size)
     mem = _mem(insn)
     regs = _regs(insn, ops)
-    vec = any(r.startswith("v") for r in regs)
+    vec = any(r.startswith("v") for r in regs) or insn.group(A.ARM64_GRP_NEON)
     if base.startswith("ld") and (mem is not None or any(op.type == _IMM for op in ops)):
         return _load(insn, m, base, mem, regs, vec)
     if base.startswith("st") and mem is not None:

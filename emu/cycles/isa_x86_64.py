@@ -46,6 +46,9 @@ STRINGS = {f"{op}{w}" for op in ("movs", "stos", "lods", "cmps", "scas") for w i
 COMPARES = {"cmp", "test", "bt", "ptest", "vptest", "ucomiss", "ucomisd", "comiss", "comisd",
             "vucomiss", "vucomisd", "vcomiss", "vcomisd"}
 NO_DATA_DEPS = {"nop", "lea"}
+VEC_GROUPS = (X.X86_GRP_SSE1, X.X86_GRP_SSE2, X.X86_GRP_SSE3, X.X86_GRP_SSSE3, X.X86_GRP_SSE41,
+              X.X86_GRP_SSE42, X.X86_GRP_SSE4A, X.X86_GRP_AVX, X.X86_GRP_AVX2, X.X86_GRP_AVX512,
+              X.X86_GRP_MMX)
 
 
 def reg(name: str) -> str | None:
@@ -64,6 +67,8 @@ def _fold(insn, ids) -> list[str]:
 
 
 def _vector(insn) -> bool:
+    if any(insn.group(g) for g in VEC_GROUPS):
+        return True
     for op in insn.operands:
         if op.type == _REG and insn.reg_name(op.reg)[:3] in ("xmm", "ymm", "zmm"):
             return True
@@ -92,6 +97,8 @@ def _base_class(m: str, insn, vec: bool) -> str:
         return "xchg"
     if vec:
         return "vec"
+    if insn.group(X.X86_GRP_FPU):
+        return "fp"
     return "alu"
 
 
