@@ -119,3 +119,17 @@ def test_emu_bench_subcommand():
                 "--json")
     assert r.rc == 0, r.err
     assert json.loads(r.stdout)[0]["kind"] == "k"
+
+
+def test_bench_plot_without_matplotlib_is_a_usage_error(monkeypatch):
+    import builtins
+    from emu.errors import UsageError
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(UsageError, match=r"--plot needs matplotlib"):
+        bench.plot([], "x.png")
