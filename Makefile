@@ -10,7 +10,7 @@ FW      := firmware/bin
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

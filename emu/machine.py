@@ -27,6 +27,7 @@ from emu.ucfast import RawHooks, RegAccess
 _NEVER = 0xDEAD_0000_0000_0000
 
 SIGTRAP, SIGILL, SIGSEGV = 5, 4, 11
+FAULT_EXIT = 139          # every guest fault: the shell's code for a SIGSEGV death
 
 _MEM_KIND = {
     UC.UC_MEM_READ_UNMAPPED: "read of unmapped address",
@@ -258,7 +259,7 @@ class Machine:
     def stop_fault(self, fault: Fault) -> None:
         for notify in self.fault_notifiers:
             notify(fault)
-        self._stop = RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
+        self._stop = RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
         self.uc.emu_stop()
 
     def fault_report(self, f: Fault) -> str:
@@ -329,7 +330,7 @@ class Machine:
             fault = Fault(f"CPU error: {e}", pc, None, SIGSEGV)
         for notify in self.fault_notifiers:
             notify(fault)               # e.g. a fault in a kprobe slot is reported at the probe
-        return RunResult(StopReason.FAULT, 128 + fault.signal, self.fault_report(fault), fault)
+        return RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
 
     def _stopped_without_reason(self, max_insns: int, timeout: float, elapsed: float) -> RunResult:
         if timeout and elapsed >= timeout * 0.99:

@@ -100,8 +100,6 @@ def test_fault_cli_exits_139_with_one_line(arch, make_tiny, name):
     assert " at pc 0x" in lines[0]
 
 
-@pytest.mark.xfail(strict=True, reason="emu/machine.py exits 128+signal (132 for SIGILL); "
-                   "the issue asks 139 for every guest fault")
 def test_undefined_instruction_cli(arch, make_tiny):
     """The issue: a guest fault (undefined instruction included) exits 139 after the report."""
     r = run_emu("run", str(fault_elf(make_tiny, arch, "undefined")))
