@@ -61,20 +61,22 @@ def _lab(arch: str, elf: str, profile: str) -> ProbeLab:
     return lab
 
 
-def _timed(lab: ProbeLab, call: str, arg: int, repeat: int) -> tuple[float, int, dict[str, int]]:
-    """Best host seconds of `repeat` calls; modelled cycles and breakdown of the last."""
-    clock = lab.machine.clock
-    best = float("inf")
-    cycles, reasons = 0, {}
+def _timed(labs: dict[str, ProbeLab], call: str, arg: int, repeat: int) -> dict[str, tuple]:
+    """Per lab: the best host seconds of `repeat` calls (CPU time of this thread, the labs
+    interleaved, so other load on the host disturbs little), and the modelled cycles and
+    breakdown of the last call."""
+    best = dict.fromkeys(labs, float("inf"))
+    model: dict[str, tuple[int, dict[str, int]]] = {}
     for _ in range(repeat):
-        c0, r0 = clock.cycles, clock.breakdown()
-        t = time.perf_counter()
-        lab.call(call, arg, timeout=600)
-        best = min(best, time.perf_counter() - t)
-        r1 = clock.breakdown()
-        cycles = clock.cycles - c0
-        reasons = {k: r1.get(k, 0) - r0.get(k, 0) for k in set(r0) | set(r1)}
-    return best, cycles, reasons
+        for name, lab in labs.items():
+            clock = lab.machine.clock
+            c0, r0 = clock.cycles, clock.breakdown()
+            t = time.thread_time()
+            lab.call(call, arg, timeout=600)
+            best[name] = min(best[name], time.thread_time() - t)
+            r1 = clock.breakdown()
+            model[name] = (clock.cycles - c0, {k: r1.get(k, 0) - r0.get(k, 0) for k in set(r0) | set(r1)})
+    return {name: (best[name], *model[name]) for name in labs}
 
 
 def _count_calls(arch: str, elf: str, func: str, call: str, arg: int) -> int:
@@ -99,7 +101,7 @@ def _setup(kind: str, lab: ProbeLab, func: str, bpf: bool) -> list:
 
 
 def measure(arch: str, kind: str, profile: str | None = None, bpf: bool = False,
-            arg: int | None = None, repeat: int = 3) -> BenchRow:
+            arg: int | None = None, repeat: int = 5) -> BenchRow:
     """One row: `kind` on its KIND_GUESTS function, against the unprobed run."""
     prof = profile_for(arch, profile).name
     elf, func, call, default_arg = bench_kinds.KIND_GUESTS[kind]
@@ -118,9 +120,9 @@ def measure(arch: str, kind: str, profile: str | None = None, bpf: bool = False,
     hooked.machine.uc.hook_add(UC_HOOK_CODE, lambda *a: None, None, addr, addr)
     for lab in (plain, hooked, probed):          # warm up: translation, boosting, optimizing
         lab.call(call, arg, timeout=600)
-    t_plain, c_plain, r_plain = _timed(plain, call, arg, repeat)
-    t_hook, _, _ = _timed(hooked, call, arg, repeat)
-    t_probe, c_probe, r_probe = _timed(probed, call, arg, repeat)
+    runs = _timed({"plain": plain, "hook": hooked, "probe": probed}, call, arg, repeat)
+    (t_plain, c_plain, r_plain), (t_hook, _, _), (t_probe, c_probe, r_probe) = \
+        runs["plain"], runs["hook"], runs["probe"]
     row.hits = hits
     row.cycles_per_hit = round((c_probe - c_plain) / hits, 2)
     row.breakdown = {k: round((r_probe.get(k, 0) - r_plain.get(k, 0)) / hits, 2)
@@ -134,7 +136,7 @@ def measure(arch: str, kind: str, profile: str | None = None, bpf: bool = False,
 
 
 def run_bench(arches: list[str], profile: str | None = None, kinds=bench_kinds.KINDS,
-              arg: int | None = None, repeat: int = 3) -> list[BenchRow]:
+              arg: int | None = None, repeat: int = 5) -> list[BenchRow]:
     rows = []
     for arch in arches:
         prof = profile if profile and _profile_isa(profile) == arch else None
