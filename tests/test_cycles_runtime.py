@@ -183,6 +183,16 @@ def test_back_to_back_counter_reads_strictly_increase(arch):
     assert lab.call("f") >= lab.machine.clock.counter_read_cost
 
 
+def test_one_cycle_model_per_machine():
+    from emu.cycles import ProfileError
+    lab = ProbeLab.load(firmware_elf("arm64", "hotloop"))
+    model = lab.machine.enable_cycle_model("cortex-a55")
+    assert lab.machine.enable_cycle_model() is model
+    assert lab.machine.enable_cycle_model("cortex-a55") is model
+    with pytest.raises(ProfileError, match="already on with profile cortex-a55"):
+        lab.machine.enable_cycle_model("cortex-a72")
+
+
 def test_clock_conversions_are_integer_math():
     c = Clock()
     prof = profile_for("x86_64")

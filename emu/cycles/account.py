@@ -83,6 +83,11 @@ class CycleModel:
                cost_source: str = "model") -> "CycleModel":
         existing = machine.layers.get("cycles")
         if existing is not None:
+            wanted = profile.name if isinstance(profile, Profile) else profile
+            if wanted is not None and wanted != existing.profile.name:
+                from emu.cycles.profile import ProfileError
+                raise ProfileError(f"the cycle model is already on with profile "
+                                   f"{existing.profile.name}, not {wanted}")
             return existing
         if not isinstance(profile, Profile):
             profile = profile_for(machine.arch.name, profile)
