@@ -38,7 +38,7 @@ def test_two_runs_same_cycles_instructions_output(profile):
     arch = load_profile(profile).isa
     a_clock, a_model, a_out = run_guest(arch, "callpath", profile)
     b_clock, b_model, b_out = run_guest(arch, "callpath", profile)
-    assert a_out == b_out and b"summary" in a_out or a_out
+    assert a_out == b_out and b"open(" in a_out
     assert a_clock.acc.fp == b_clock.acc.fp > 0
     assert a_model.counts() == b_model.counts()
     assert a_clock.breakdown() == b_clock.breakdown()

@@ -6,6 +6,7 @@ Classes a profile does not define fall back along `CLASS_FALLBACK` (e.g. a profi
 without a `push` class charges push as a `store`)."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import capstone
@@ -57,14 +58,14 @@ def make_op(mnemonic: str, cls: str, uses, dsts, srcs, addr_srcs=(), addr_path=(
     return Op(mnemonic, cls, tuple(uses), slots, tuple(edges), reads, writes, branch, cond, size)
 
 
+_DECODERS = {"arm64": "emu.cycles.isa_arm64", "x86_64": "emu.cycles.isa_x86_64"}
+
+
 def decoder_for(isa: str):
-    if isa == "arm64":
-        from emu.cycles.isa_arm64 import decode
-    elif isa == "x86_64":
-        from emu.cycles.isa_x86_64 import decode
-    else:
+    """The ISA's `decode(capstone insn) -> Op`."""
+    if isa not in _DECODERS:
         raise ValueError(f"no cycle-model decoder for {isa!r}")
-    return decode
+    return importlib.import_module(_DECODERS[isa]).decode
 
 
 def disassembler(isa: str) -> capstone.Cs:
