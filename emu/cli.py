@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_info(sub)
     _add_disasm(sub)
-    for module in ("probes.cli", "probes.bpf.cli"):
+    for module in ("probes.cli", "probes.bpf.cli", "emu.bench_cli"):
         try:
             mod = __import__(module, fromlist=["add_subcommands"])
         except ImportError:

@@ -245,21 +245,29 @@ class Kprobes:
                 self.optimizer.unoptimize_kprobe(ap)
         ap.fault_handler = self._aggr_fault_handler if any(c.fault_handler for c in ap.list) else None
 
-    @staticmethod
-    def _aggr_pre_handler(ap: Kprobe, regs: PtRegs) -> int:
+    def _aggr_pre_handler(self, ap: Kprobe, regs: PtRegs) -> int:
+        """aggr_pre_handler: every enabled child, newest first; the first that returns
+        non-zero ends the chain. Each host handler call is charged (the hit path charged one)."""
+        clock, first = self.m.clock, True
         for kp in ap.list:
-            if kp.pre_handler is not None and not kp.disabled():
-                kp.hits += 1
+            if kp.disabled():
+                continue
+            kp.hits += 1
+            if kp.pre_handler is not None:
+                if not first:
+                    clock.advance(clock.handler_cost, "handler")
+                first = False
                 if kp.pre_handler(kp, regs):
                     return 1
-            elif not kp.disabled():
-                kp.hits += 1
         return 0
 
-    @staticmethod
-    def _aggr_post_handler(ap: Kprobe, regs: PtRegs, flags: int) -> None:
+    def _aggr_post_handler(self, ap: Kprobe, regs: PtRegs, flags: int) -> None:
+        clock, first = self.m.clock, True
         for kp in ap.list:
             if kp.post_handler is not None and not kp.disabled():
+                if not first:
+                    clock.advance(clock.handler_cost, "handler")
+                first = False
                 kp.post_handler(kp, regs, flags)
 
     @staticmethod
