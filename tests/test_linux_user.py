@@ -395,3 +395,17 @@ def test_syscall_fuzz_never_raises(arch, tmp_path):
                 raise AssertionError(f"{name}({', '.join(map(hex, args))}) raised {e!r}") from e
             assert isinstance(ret, int)
             sys.m._stop = None                    # exit/kill only request a stop
+
+
+def test_tls_register(arch, tmp_path):
+    """x86-64 sets FS base through arch_prctl; arm64 writes tpidr_el0 itself (no syscall)."""
+    sys = Syscalls(arch, tmp_path)
+    if arch == "x86_64":
+        assert sys("arch_prctl", 0x1002, 0x500100) == 0                    # ARCH_SET_FS
+        assert sys.m.reg("fs_base") == 0x500100
+        assert sys("arch_prctl", 0x1003, SCRATCH + 0x200) == 0              # ARCH_GET_FS
+        assert sys.m.memory.read_u64(SCRATCH + 0x200) == 0x500100
+        assert sys("arch_prctl", 0x9999, 0) == -errno.EINVAL
+    else:
+        assert "arch_prctl" not in sys.arch.syscalls
+        assert sys.m.reg("tpidr_el0") == 0
