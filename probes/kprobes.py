@@ -91,6 +91,7 @@ class Kprobes:
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
+        self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -342,17 +343,19 @@ class Kprobes:
         if p is None:
             return False
         kcb, clock = self.kcb, self.m.clock
-        clock.advance(clock.exc_entry + clock.exc_return, "trap")
         if kcb.current is not None:
+            clock.advance(clock.exc_entry + clock.exc_return, "trap")
             self._reenter(p, PtRegs(self.m, self.arch.handler_ip(p)))
             return True
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
         if not p.is_aggr:
             p.hits += 1
         regs = None
-        if p.pre_handler is not None:
-            clock.advance(clock.handler_cost, "handler")
-            regs = PtRegs(self.m, self.arch.handler_ip(p))
+        if p.pre_handler is None:
+            clock.advance(clock.exc_entry + clock.exc_return, "trap")
+        else:
+            clock.advance2(clock.exc_entry + clock.exc_return, "trap", clock.handler_cost, "handler")
+            regs = PtRegs(self.m, p.addr + self.ip_offset)
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
                 regs.flush()
@@ -412,9 +415,18 @@ class Kprobes:
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER) or p.ainsn.ss_trap != addr:
             return False
         clock = self.m.clock
-        clock.advance(clock.exc_entry + clock.exc_return + clock.single_step, "step")
+        step = clock.exc_entry + clock.exc_return + clock.single_step
         self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
-        if kcb.status == KPROBE_HIT_SS and p.post_handler is None and not self.preemptible:
+        if kcb.status == KPROBE_HIT_SS and p.post_handler is not None:
+            clock.advance2(step, "step", clock.handler_cost, "handler")
+            kcb.status = KPROBE_HIT_SSDONE
+            regs = PtRegs(self.m)
+            p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
+            regs.flush()
+            kcb.current, kcb.status = None, 0
+            return True
+        clock.advance(step, "step")
+        if kcb.status == KPROBE_HIT_SS and not self.preemptible:
             self.arch.boost(p)                  # the step worked: later hits may skip it
         self._post_kprobe(p, None)
         return True

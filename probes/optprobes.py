@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from probes.kprobes import KPROBE_FLAG_OPTIMIZED, KPROBE_HIT_ACTIVE, Kprobe, Kprobes
+from probes.kprobes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KPROBE_FLAG_OPTIMIZED,
+                            KPROBE_HIT_ACTIVE, Kprobe, Kprobes)
 from probes.regs import PtRegs
 
 
@@ -39,6 +40,7 @@ class Optimizer:
         self.queue: list[Kprobe] = []
         self.blocked: dict[int, Kprobe] = {}     # inner probe addr -> outer probe it blocks
         self.enabled = True                      # sysctl debug.kprobes-optimization
+        self.ip_offset = kp.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
 
     # --- deciding ---------------------------------------------------------------------------
     def try_to_optimize_kprobe(self, p: Kprobe) -> None:
@@ -119,26 +121,30 @@ class Optimizer:
     # --- the detour's host entry --------------------------------------------------------------
     def optimized_callback(self, addr: int) -> None:
         """optimized_callback(): run the pre handlers of the probe at `addr`; return values
-        and ip changes are ignored (post handlers never run: such probes are not optimized)."""
+        and ip changes are ignored (post handlers never run: such probes are not optimized).
+        The hot path of the cheapest probe kind: kept flat."""
         p = self.kp.table.get(addr)
-        if p is None or p.disabled():
+        if p is None or p.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE):
             return
         m, kcb = self.m, self.kp.kcb
         clock = m.clock
-        clock.advance(clock.detour_cost, "detour")
         if kcb.current is not None:
+            clock.advance(clock.detour_cost, "detour")
             self.kp.kprobes_inc_nmissed_count(p)
             return
         if not p.is_aggr:
             p.hits += 1
-        if p.pre_handler is None:
+        handler = p.pre_handler
+        if handler is None:
+            clock.advance(clock.detour_cost, "detour")
             return
+        clock.advance2(clock.detour_cost, "detour", clock.handler_cost, "handler")
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
-        clock.advance(clock.handler_cost, "handler")
-        regs = PtRegs(m, self.arch.handler_ip(p))
-        p.pre_handler(p, regs)
-        regs._dirty.discard(m.arch.pc)
-        regs.flush()
+        regs = PtRegs(m, addr + self.ip_offset)
+        handler(p, regs)
+        if regs._dirty:
+            regs._dirty.discard(m.arch.pc)
+            regs.flush()
         kcb.current, kcb.status = None, 0
 
 

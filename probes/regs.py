@@ -16,14 +16,13 @@ class PtRegs:
     __slots__ = ("_m", "_arch", "_cache", "_dirty", "_ip_override")
 
     def __init__(self, machine: "Machine", ip: int | None = None, sp: int | None = None) -> None:
+        # Built on every probe hit: keep it to a few stores.
         self._m = machine
-        self._arch = machine.arch
-        self._cache: dict[str, int] = {}
+        self._arch = arch = machine.arch
+        self._cache: dict[str, int] = {} if ip is None else {arch.pc: ip}   # ip: kernel convention
         self._dirty: set[str] = set()
-        if ip is not None:                         # the ip handlers see (kernel convention)
-            self._cache[self._arch.pc] = ip
         if sp is not None:                         # sp as saved by a trampoline's frame
-            self._cache[self._arch.sp] = sp
+            self._cache[arch.sp] = sp
 
     def _name(self, name: str) -> str:
         return self._arch.aliases.get(name, name)
