@@ -38,7 +38,6 @@ class Optimizer:
         self.m = kp.m
         self.arch = kp.arch
         self.queue: list[Kprobe] = []
-        self.blocked: dict[int, Kprobe] = {}     # inner probe addr -> outer probe it blocks
         self.enabled = True                      # sysctl debug.kprobes-optimization
         self.ip_offset = kp.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
 
@@ -95,19 +94,29 @@ class Optimizer:
             p.ainsn.optimized = False
         p.flags &= ~KPROBE_FLAG_OPTIMIZED
 
+    def get_optimized_kprobe(self, addr: int) -> Kprobe | None:
+        """get_optimized_kprobe(): the nearest probe below `addr` if it has a detour whose
+        replaced bytes cover `addr` (whether or not its jump is in place right now)."""
+        below = [a for a in self.kp.table if a < addr]
+        if not below:
+            return None
+        p = self.kp.table[max(below)]
+        oi = p.ainsn.optinsn if p.ainsn is not None else None
+        return p if oi is not None and addr < p.addr + oi.size else None
+
     def before_arm(self, addr: int) -> None:
         """A probe is about to be armed at `addr`: an optimized probe whose jump covers it
-        must give its bytes back first (and is re-optimized when the inner one goes)."""
-        for other in self.kp.table.values():
-            oi = other.ainsn.optinsn if other.ainsn is not None else None
-            if oi is not None and other.addr < addr < other.addr + oi.size:
-                if other.ainsn.optimized or other.flags & KPROBE_FLAG_OPTIMIZED:
-                    self.unoptimize_kprobe(other)
-                    self.blocked[addr] = other
+        must give its bytes back first (__arm_kprobe's forced unoptimize)."""
+        other = self.get_optimized_kprobe(addr)
+        if other is not None and (other.ainsn.optimized or other.flags & KPROBE_FLAG_OPTIMIZED):
+            self.unoptimize_kprobe(other)
 
     def after_remove(self, addr: int) -> None:
-        outer = self.blocked.pop(addr, None)
-        if outer is not None and self.kp.table.get(outer.addr) is outer:
+        """The probe at `addr` is gone: the probe whose replaced bytes cover it may be
+        optimized again (__disarm_kprobe with reopt). It is found afresh, not remembered:
+        another probe may have blocked it meanwhile, or gone before this one."""
+        outer = self.get_optimized_kprobe(addr)
+        if outer is not None and outer.ainsn.armed:
             self.try_to_optimize_kprobe(outer)
 
     def release(self, p: Kprobe) -> None:

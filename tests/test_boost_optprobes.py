@@ -360,6 +360,25 @@ def test_second_probe_in_range_unoptimizes(arch):
         lab.original("fib", size)[5 if arch == "x86_64" else 4:]
 
 
+@pytest.mark.parametrize("order", [(1, 3), (3, 1)])
+def test_x86_two_probes_in_range_reoptimize_after_both_go(order):
+    """Two probes inside fib's replaced bytes (fib+1 and fib+3): whichever goes last, the
+    outer probe is optimized again afterwards (the kernel looks the covering probe up
+    afresh at each disarm: get_optimized_kprobe)."""
+    lab = ProbeLab.load(str(firmware_elf("x86_64", "recurse")))
+    outer = try_optimize(lab, "fib")
+    inner = {off: probe(lab, f"fib+{off}") for off in (1, 3)}
+    assert not outer.ainsn.optimized
+    opt = lab.kprobes.optimizer
+    for off in order:
+        lab.kprobes.unregister_kprobe(inner[off])
+        opt.kick_kprobe_optimizer()
+    assert outer.ainsn.optimized, outer.ainsn.opt_reason
+    assert jump_target("x86_64", lab.text("fib", 5), outer.addr) == outer.ainsn.optinsn.detour
+    lab.run()
+    assert outer.hits == 2155 and lab.result.exit_code == 0
+
+
 def test_optimized_handler_view(arch):
     """optimized_callback: the pre handler sees ip = addr+1 (x86) / addr (arm64) and the
     registers of the probed instruction; its ip change and return value are ignored."""
