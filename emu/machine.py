@@ -102,6 +102,9 @@ class Machine:
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
         self._depth = 0                              # nested runs (a handler calling the guest)
+        # Layers that may stop a run for a limit of their own (the cycle model's
+        # --max-cycles) say so here: fn() -> message or None.
+        self.limit_checks: list[Callable[[], str | None]] = []
         self._pc_id = self.arch.regs[self.arch.pc]
         self._sp_id = self.arch.regs[self.arch.sp]
         self.arch.reset_cpu(self)
@@ -333,6 +336,10 @@ class Machine:
         return RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
 
     def _stopped_without_reason(self, max_insns: int, timeout: float, elapsed: float) -> RunResult:
+        for check in self.limit_checks:
+            message = check()
+            if message:
+                return RunResult(StopReason.LIMIT, 124, message)
         if timeout and elapsed >= timeout * 0.99:
             return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of {timeout:g} s reached "
                                                     f"at pc {self.describe(self.pc)}")

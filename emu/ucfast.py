@@ -27,6 +27,11 @@ INSN_SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 INSN_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 
 
+def uc_emu_stop_address() -> int:
+    """libunicorn's uc_emu_stop, for native hooks that stop a run themselves."""
+    return ctypes.cast(_raw.uc_emu_stop, ctypes.c_void_p).value
+
+
 class RegAccess:
     """Register reads and writes through raw libunicorn calls (4x faster than the binding)."""
 

@@ -73,6 +73,8 @@ class CycleModel:
         self._py_dir: dict[tuple[int, int], bool] = {}     # 1-bit predictor: last direction
         self._py = dict.fromkeys(("code_fp", "probe_fp", "taken_fp", "mispredict_fp", "insns",
                                   "blocks"), 0)
+        self.max_cycles = 0                   # --max-cycles: stop the run there (0: none)
+        self._py_limit_hit = False
         # The parts of blocks charged at entry but not run (execution stopped inside them).
         self._unrun = dict.fromkeys(("code_fp", "probe_fp", "insns"), 0)
         self._hook = None
@@ -216,6 +218,24 @@ class CycleModel:
         self._py_prev_end = addr + size
         self._py_cur = (addr, size)
         self._py_prev = b
+        if self.max_cycles and acc.fp >= self.max_cycles << FP_SHIFT and not self._py_limit_hit:
+            self._py_limit_hit = True
+            self.m.uc.emu_stop()
+
+    def set_cycle_limit(self, max_cycles: int) -> None:
+        """Stop the run once the clock reaches `max_cycles` (checked per block)."""
+        self.max_cycles = max_cycles
+        if self.state is not None:
+            from emu.ucfast import uc_emu_stop_address
+            self.state.limit_fp = max_cycles << FP_SHIFT
+            self.state.stop = uc_emu_stop_address()
+        self.m.limit_checks.append(self._limit_reached)
+
+    def _limit_reached(self) -> str | None:
+        hit = self.state.limit_hit if self.state is not None else self._py_limit_hit
+        if hit:
+            return f"cycle limit of {self.max_cycles} modelled cycles reached at pc {self.m.describe(self.m.pc)}"
+        return None
 
     def counts(self) -> dict[str, int]:
         """code_fp, probe_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""

@@ -14,15 +14,21 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="NAME",
                    help="CPU profile of the cycle model, implies --cycles: cortex-a72 (arm64 "
                         "default), cortex-a55 (arm64), skylake (x86_64 default)")
+    p.add_argument("--max-cycles", type=int, default=0, metavar="N",
+                   help="stop after N modelled cycles (exit 124); implies --cycles")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.insert(0, attach_from_args)     # before probes arm anything
 
 
 def attach_from_args(session: Session, args) -> None:
-    if not (getattr(args, "cycles", False) or getattr(args, "profile", None)):
+    max_cycles = getattr(args, "max_cycles", 0) or 0
+    if not (getattr(args, "cycles", False) or getattr(args, "profile", None) or max_cycles):
         return
     from emu.cycles import enable_cycle_model
-    session.attach(CycleReport(enable_cycle_model(session.machine, args.profile)))
+    model = enable_cycle_model(session.machine, args.profile)
+    if max_cycles:
+        model.set_cycle_limit(max_cycles)
+    session.attach(CycleReport(model))
 
 
 class CycleReport:

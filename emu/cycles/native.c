@@ -30,6 +30,7 @@ typedef struct {
 } cm_entry;
 
 typedef void (*cm_miss_fn)(void *uc, uint64_t addr, uint32_t size, void *ud);
+typedef int (*cm_stop_fn)(void *uc);
 
 typedef struct {
 	uint64_t fp;                /* the clock: total cycles, 1/256 fixed point */
@@ -46,6 +47,9 @@ typedef struct {
 	cm_entry *table;
 	cm_entry *cur;              /* entry of the block being executed */
 	cm_miss_fn miss;
+	uint64_t limit_fp;          /* stop the run once fp reaches this; 0: no limit */
+	cm_stop_fn stop;            /* uc_emu_stop */
+	uint64_t limit_hit;         /* set when the limit stopped the run */
 } cm_state;
 
 static inline uint64_t cm_hash(uint64_t addr, uint32_t size)
@@ -185,7 +189,7 @@ static inline cm_entry *cm_enter(cm_state *st, void *uc, uint64_t addr, uint32_t
 	return e;
 }
 
-static inline void cm_on_block_tail(cm_state *st, cm_entry *e, uint64_t addr, uint32_t size)
+static inline void cm_on_block_tail(cm_state *st, void *uc, cm_entry *e, uint64_t addr, uint32_t size)
 {
 	uint64_t fp = st->fp;
 	if (st->prev_end != addr) {
@@ -199,13 +203,17 @@ static inline void cm_on_block_tail(cm_state *st, cm_entry *e, uint64_t addr, ui
 		e->count++;
 	}
 	st->fp = fp;
+	if (__builtin_expect(st->limit_fp != 0 && fp >= st->limit_fp, 0) && !st->limit_hit) {
+		st->limit_hit = 1;
+		st->stop(uc);
+	}
 }
 
 /* The BLOCK hook: charge the block about to run (and a taken branch into it). */
 void cm_on_block(void *uc, uint64_t addr, uint32_t size, void *ud)
 {
 	cm_state *st = ud;
-	cm_on_block_tail(st, cm_enter(st, uc, addr, size), addr, size);
+	cm_on_block_tail(st, uc, cm_enter(st, uc, addr, size), addr, size);
 }
 
 /* The same with the 1-bit branch predictor (profiles with mispredict_rate 1). */
@@ -214,5 +222,5 @@ void cm_on_block_bp(void *uc, uint64_t addr, uint32_t size, void *ud)
 	cm_state *st = ud;
 	cm_entry *e = cm_enter(st, uc, addr, size);
 	st->fp += cm_predict(st, addr);
-	cm_on_block_tail(st, e, addr, size);
+	cm_on_block_tail(st, uc, e, addr, size);
 }

@@ -32,7 +32,8 @@ class CmState(ctypes.Structure):
         "fp", "prev_end", "taken_cost", "mispredict_cost", "taken", "mispredicts", "misses",
         "unknown", "count", "mask")] + [
         ("gone", ctypes.c_uint64 * 4), ("table", ctypes.c_void_p),
-        ("cur", ctypes.POINTER(CmEntry)), ("miss", MISS_CB)]
+        ("cur", ctypes.POINTER(CmEntry)), ("miss", MISS_CB),
+        ("limit_fp", ctypes.c_uint64), ("stop", ctypes.c_void_p), ("limit_hit", ctypes.c_uint64)]
 
 
 def cache_dir() -> Path:
