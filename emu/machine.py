@@ -112,6 +112,13 @@ class Machine:
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
 
+    def layer(self, key: str, factory: Callable[["Machine"], object]):
+        """The per-machine state of another layer (kprobes, ftrace, ...), made on first use."""
+        state = self.layers.get(key)
+        if state is None:
+            state = self.layers[key] = factory(self)
+        return state
+
     # --- registers --------------------------------------------------------------------------
     def reg(self, name: str) -> int:
         return self.regs.read(self.arch.reg_id(name))

@@ -135,10 +135,7 @@ class Ftrace:
 
 
 def ftrace_of(machine: Machine) -> Ftrace:
-    state = machine.layers.get("ftrace")
-    if state is None:
-        state = machine.layers["ftrace"] = Ftrace(machine)
-    return state
+    return machine.layer("ftrace", Ftrace)
 
 
 # --- the function tracer ---------------------------------------------------------------------

@@ -518,10 +518,7 @@ def _where(p: Kprobe) -> str:
 
 def kprobes_of(machine: Machine) -> Kprobes:
     """The machine's kprobe state, created on first use."""
-    kp = machine.layers.get("kprobes")
-    if kp is None:
-        kp = machine.layers["kprobes"] = Kprobes(machine)
-    return kp
+    return machine.layer("kprobes", Kprobes)
 
 
 # Kernel-style entry points on a machine.

@@ -158,10 +158,7 @@ class Kretprobes:
 
 
 def kretprobes_of(machine: Machine) -> Kretprobes:
-    state = machine.layers.get("kretprobes")
-    if state is None:
-        state = machine.layers["kretprobes"] = Kretprobes(machine)
-    return state
+    return machine.layer("kretprobes", Kretprobes)
 
 
 def register_kretprobe(machine: Machine, rp: Kretprobe) -> None:
