@@ -47,8 +47,6 @@ def test_kretprobe_mode_recurse(arch, prog):
     assert by["main"].hits == 1
 
 
-@pytest.mark.xfail(strict=True, reason="sweep.py: kretprobe mode reports only the entry kprobe's "
-                   "nmissed, not rp.nmissed (kprobe_profile and `emu run --stats` add both)")
 def test_kretprobe_mode_reports_instance_misses(arch):
     res = sweep(SweepConfig(path=str(firmware_elf(arch, "recurse")), mode="kretprobe",
                             funcs=["sum_rec"]))
@@ -123,9 +121,6 @@ def test_cli_sweep_modes(arch, emu_cli):
     assert "optimized" in lines[1] and lines[-1].endswith("mismatches 0")
 
 
-@pytest.mark.xfail(strict=True, reason="emu: on arm64 bare metal the pc after the exit-device "
-                   "store is sys_exit+0x4 unprobed but sys_exit+0x0 (the block start) whenever a "
-                   "breakpoint is armed in guest text, and the sweep compares pc")
 def test_sweep_arm64_bare():
     res = sweep(SweepConfig(path=str(firmware_elf("arm64", "insns.bare")), bare=True,
                             funcs=["t_plain"], mode="kretprobe"))
