@@ -308,3 +308,24 @@ def test_symbol_table_lookup_and_format():
     assert syms.find(0x1040) is None and syms.format(0x1040) == "0x1040"
     assert syms.lookup("nope") is None
     assert [s.name for s in syms.functions()] == ["func_alias", "outer", "inner"]
+
+
+def test_bare_fault_outside_ram(arch, make_tiny):
+    """Page 0 (x86-64) and anything outside RAM/devices (arm64) is unmapped in bare metal."""
+    code = {"arm64": "movz x0, #0x2000, lsl #16; ldr x1, [x0]",       # 0x20000000: no RAM
+            "x86_64": "mov eax, 0x10; mov rbx, [rax]"}[arch]           # the zero page
+    r = run_emu("run", "--bare", str(make_tiny(arch, [("_start", "nop"), ("peek", code)],
+                                               base=BARE_BASE[arch])))
+    addr = {"arm64": "0x20000000", "x86_64": "0x10"}[arch]
+    assert r.rc == 139 and r.out == ""
+    assert re.fullmatch(rf"emu: guest fault: read of unmapped address {addr} at pc 0x[0-9a-f]+ "
+                        r"<peek\+0x[0-9a-f]+>: \S.*\n", r.err), r.err
+
+
+@pytest.mark.xfail(strict=True, reason="emu/machine.py + arch: `hlt` ends a Linux user-mode run "
+                   "with exit 0 (Machine._stopped_without_reason / Arm64Arch HLT) instead of a "
+                   "privileged-instruction fault")
+def test_hlt_in_linux_user_mode_is_a_fault(arch, make_tiny):
+    code = {"arm64": "nop; hlt #0", "x86_64": "nop; hlt"}[arch]
+    r = run_emu("run", str(make_tiny(arch, [("_start", code)])))
+    assert r.rc == 139 and "guest fault" in r.err
