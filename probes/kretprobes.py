@@ -63,10 +63,16 @@ class Kretprobes:
         # kprobe_on_func_entry() first, as the kernel: an offset that is not the entry is
         # -EINVAL (even mid-instruction on x86), an unknown symbol -ENOENT; and nothing is
         # written into guest text or into rp.kp before the checks pass.
-        _addr, on_entry = self.kprobes._kprobe_addr(kp)
+        addr, on_entry = self.kprobes._kprobe_addr(kp)
         if not on_entry:
             raise KprobeError(errno.EINVAL, "a kretprobe must be at a function entry",
                               kp.symbol_name or f"{kp.addr:#x}")
+        if self._program_entry(addr):
+            # As the kernel's kretprobe_blacklist (-EINVAL): the program entry is jumped to,
+            # not called, so there is no return address to hijack; on x86 the word at sp is
+            # argc (Linux) or lies past the end of RAM (bare metal).
+            raise KprobeError(errno.EINVAL, "the program entry point has no return address",
+                              kp.symbol_name or f"{addr:#x}")
         if rp.data_size > KRETPROBE_DATA_MAX:
             raise KprobeError(errno.E2BIG, f"data_size {rp.data_size} > {KRETPROBE_DATA_MAX}")
         if rp.maxactive > KRETPROBE_MAXACTIVE_MAX:
@@ -81,6 +87,10 @@ class Kretprobes:
         rp.free_instances = [KretprobeInstance(rp, data=bytearray(rp.data_size))
                              for _ in range(rp.maxactive)]
         self.registered.append(rp)
+
+    def _program_entry(self, addr: int) -> bool:
+        image = self.m.image
+        return image is not None and image.entry == addr
 
     def unregister_kretprobe(self, rp: Kretprobe) -> None:
         self.kprobes.unregister_kprobe(rp.kp)

@@ -245,6 +245,21 @@ def test_not_at_function_entry_einval(arch):
     assert exc.value.errno == errno.ENOENT
 
 
+@pytest.mark.parametrize("prog,bare", [("recurse", False), ("insns.bare", True)])
+def test_program_entry_refused(arch, prog, bare):
+    """The program entry is jumped to, never called: refused with -EINVAL, as the kernel's
+    kretprobe_blacklist. (Hijacking the word at sp there overwrote argc on x86 Linux and
+    read past the end of RAM on x86 bare metal, a Python error.)"""
+    lab = ProbeLab.load(str(firmware_elf(arch, prog)), bare=bare)
+    assert lab.machine.symbols.lookup("_start").addr == lab.machine.image.entry
+    with pytest.raises(KprobeError) as exc:
+        register(lab, Kretprobe(kp=Kprobe(symbol_name="_start")))
+    assert exc.value.errno == errno.EINVAL and "entry point" in exc.value.reason
+    assert not guest_patches(lab)
+    lab.run()
+    assert lab.result.exit_code == 0
+
+
 # --- several probes on one function -------------------------------------------------------------
 def test_two_kretprobes_on_one_function(arch):
     """Both return handlers run for every call, in LIFO order of their hijacks, and the
