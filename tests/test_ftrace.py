@@ -191,6 +191,40 @@ def test_kprobe_on_ftrace_site(arch):
     assert lab.text("fib", len(NOP[arch])) == NOP[arch]
 
 
+def test_ftrace_kprobe_disable_enable_and_aggregate(arch):
+    """Disabling the only ftrace kprobe on a site puts the nop back (other sites keep
+    their calls); enabling re-patches it; two probes on one site share it (aggregated)
+    and the nop returns when both are gone."""
+    lab = load(arch)
+    p, q = lab.kprobe("fib"), lab.kprobe("factorial")
+    patched = lab.text("fib", len(NOP[arch]))
+    lab.kprobes.disable_kprobe(p)
+    assert lab.text("fib", len(NOP[arch])) == NOP[arch]
+    assert lab.text("factorial", len(NOP[arch])) != NOP[arch]
+    assert lab.call("fib", 10) == 55 and p.hits == 0
+    lab.kprobes.enable_kprobe(p)
+    assert lab.text("fib", len(NOP[arch])) == patched
+    assert lab.call("fib", 10) == 55 and p.hits == 177
+    r = lab.kprobe("fib")
+    assert lab.call("fib", 2) == 1 and (p.hits, r.hits) == (180, 3)
+    assert [e.handler for e in r.events] == ["pre", "post"] * 3
+    lab.kprobes.unregister_kprobe(p)
+    assert lab.text("fib", len(NOP[arch])) == patched
+    lab.kprobes.unregister_kprobe(r)
+    assert lab.text("fib", len(NOP[arch])) == NOP[arch] and q.hits == 0
+
+
+def test_emu_inspect_ftrace_site(arch, emu_cli):
+    r = emu_cli("inspect", str(firmware_elf(arch, "recurse.ftrace")), "fib")
+    assert r.rc == 0, r.err
+    assert "verdict:  ftrace" in r.out and "kind:     ftrace" in r.out
+    row = [line for line in r.out.splitlines() if line.strip().startswith("0x")][0]
+    at = row.index("0x", row.index("0x") + 1)          # where the "in guest memory" column starts
+    original, patched = row[:at], row[at:]
+    assert "nop" in original and ("call 0x" if arch == "x86_64" else "b #0x") in patched
+    assert "int3" not in r.out and "brk" not in r.out
+
+
 def test_kprobe_after_the_site_is_a_breakpoint_probe(arch):
     """Only the site itself is served by ftrace: the first real instruction after it gets
     an ordinary breakpoint."""
