@@ -25,8 +25,10 @@ NUM_POSSIBLE_CPUS = 1
 
 @dataclass(eq=False)
 class KretprobeInstance:
-    """struct kretprobe_instance: one pending return of one call."""
-    rp: "Kretprobe"
+    """struct kretprobe_instance: one pending return of one call. `rp` becomes None when
+    its kretprobe is unregistered while the call is pending (the kernel's rethook_free
+    clears the handler): the return still goes back to the caller, with no handler."""
+    rp: Optional["Kretprobe"]
     ret_addr: int = 0
     fp: int = 0                 # the frame key: arm64 x29, x86 the return-address slot
     data: bytearray = field(default_factory=bytearray)
@@ -97,7 +99,11 @@ class Kretprobes:
         if rp in self.registered:
             self.registered.remove(rp)
         # Pending instances keep their hijacked return addresses: the trampoline still
-        # resumes the guest correctly, it just runs no handler for this rp any more.
+        # resumes the guest correctly, it just runs no handler for them any more, even if
+        # rp is registered again meanwhile (they do not return to its new pool either).
+        for ri in self.instances:
+            if ri.rp is rp:
+                ri.rp = None
 
     # --- entry ------------------------------------------------------------------------------
     def _pre_handler_kretprobe(self, p: Kprobe, regs: PtRegs) -> int:
@@ -132,11 +138,13 @@ class Kretprobes:
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)
         for ri in batch:
-            rp = ri.rp
-            if ri.fp != frame:               # WARN_ON_ONCE in the kernel: no more handlers
+            rp = ri.rp                       # None: its kretprobe was unregistered
+            if frame is not None and ri.fp != frame:   # WARN_ON_ONCE: no more handlers
                 self.frame_warnings += 1
                 frame = None
-            if rp.handler is not None and rp in self.registered and frame is not None:
+            if rp is None:
+                continue
+            if rp.handler is not None and frame is not None:
                 kcb.current = rp.kp                          # probes hit in here are missed
                 m.clock.advance(m.clock.handler_cost, "handler")
                 rp.handler(ri, regs)

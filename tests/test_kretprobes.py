@@ -405,6 +405,34 @@ def test_unregister_with_pending_instances(arch):
     assert lab.text("sum_rec", 1) == lab.original("sum_rec", 1)
 
 
+def test_reregister_with_pending_instances(arch):
+    """Unregistered and registered again while 51 calls are pending: those 51 returns run
+    no handler (they belong to the old registration, as the kernel's freed rethook) and do
+    not swell the new pool; the 50 calls made after it are handled."""
+    lab = load(arch)
+    krp = kretprobes_of(lab.machine)
+    handled = []
+    rp = register(lab, Kretprobe(kp=Kprobe(symbol_name="sum_rec"), maxactive=200,
+                                 handler=lambda ri, regs: handled.append(regs.return_value)))
+    done = []
+
+    def pre(p, regs):
+        if regs.arg(1) == 50 and not done:
+            krp.unregister_kretprobe(rp)
+            rp.kp = Kprobe(symbol_name="sum_rec")
+            register(lab, rp)
+            done.append(len(krp.instances))
+        return 0
+
+    second = {"arm64": 4, "x86_64": 1}[arch]
+    lab.kprobes.register_kprobe(Kprobe(symbol_name="sum_rec", offset=second, pre_handler=pre))
+    lab.run()
+    assert lab.stdout == expected_out(arch) and done == [51]
+    assert handled == [n * (n + 1) // 2 for n in range(50)]
+    assert rp.hits == 50 and len(rp.free_instances) == rp.maxactive == 200
+    assert not krp.instances and krp.frame_warnings == 0
+
+
 # --- the CLI ---------------------------------------------------------------------------------------
 def test_emu_run_kretprobe_stats(arch, emu_cli, tmp_path):
     stats = tmp_path / "stats.json"
