@@ -178,6 +178,32 @@ def test_return_values_with_fast_entry_probe(arch, entry_kind):
         assert rp.kp.ainsn.optimized
 
 
+def test_return_handler_changes_return_value(arch):
+    """A return handler's change of the return register reaches the caller (its ip change
+    does not: the trampoline always goes to the real return address)."""
+    lab = load(arch)
+
+    def entry(ri, regs):
+        ri.data[0] = regs.arg(1)
+        return 0
+
+    def ret(ri, regs):
+        if ri.data[0] == 5:
+            regs.return_value = 99
+            regs.ip = 0x1234
+        return 0
+
+    register(lab, Kretprobe(kp=Kprobe(symbol_name="factorial"), entry_handler=entry,
+                            handler=ret, data_size=1, maxactive=32))
+    lab.run()
+    # factorial(12) and (20) go through n = 5 too: n!/5! * 99
+    want = expected_out(arch)
+    for n in (5, 12, 20):
+        want = want.replace(f"factorial({n}) = {factorial(n)} ".encode(),
+                            f"factorial({n}) = {factorial(n) // 120 * 99 & U64} ".encode())
+    assert want != expected_out(arch) and lab.stdout == want
+
+
 def test_maxactive_exhaustion_counts_nmissed(arch):
     """sum_rec(100) nests 101 calls; with 10 instances the 10 outermost calls get one, the
     91 inner calls count rp.nmissed and do not reach the entry handler."""
