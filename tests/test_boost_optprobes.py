@@ -73,7 +73,7 @@ def jump_target(arch: str, code: bytes, addr: int) -> int | None:
     return addr + (off - (1 << 28) if off & (1 << 27) else off)
 
 
-# === boosting ===================================================================================
+# === boosting =================================================================================
 BOOST = table("x86_boost.toml")
 
 
@@ -198,7 +198,7 @@ def test_arm64_never_boosts():
             setup_kind(kind, hot_lab("arm64"), "hot_leaf")
 
 
-# === optprobes: refusals ==========================================================================
+# === optprobes: refusals ======================================================================
 def opt_lab(arch: str, functions: dict[str, str], data: bytes = b"") -> ProbeLab:
     lab = ProbeLab.from_asm(arch, functions, data)
     enable_optprobes(lab.kprobes)
@@ -307,7 +307,8 @@ def test_arm64_refused_out_of_branch_range():
 def test_not_optimized_preconditions(arch, what):
     """optimize_kprobe's preconditions: no post handler, not disabled, optimization on,
     and not an ftrace-based probe."""
-    lab = ProbeLab.load(str(firmware_elf(arch, "recurse.ftrace" if what == "ftrace" else "recurse")))
+    prog = "recurse.ftrace" if what == "ftrace" else "recurse"
+    lab = ProbeLab.load(str(firmware_elf(arch, prog)))
     opt = enable_optprobes(lab.kprobes)
     if what == "sysctl_off":
         opt.enabled = False
@@ -325,7 +326,7 @@ def test_not_optimized_preconditions(arch, what):
         assert jump_target(arch, lab.text("fib", 5), p.addr) is None
 
 
-# === optprobes: behaviour ==========================================================================
+# === optprobes: behaviour =====================================================================
 def test_second_probe_in_range_unoptimizes(arch):
     """x86: a probe armed inside the 5 replaced bytes force-unoptimizes the outer one (int3
     back, the covered bytes restored) and the outer is re-optimized when the inner goes.
@@ -505,8 +506,9 @@ def test_aggregated_post_handler_removed_reoptimizes(arch):
     assert a.ainsn.optimized
 
 
-# === arm64: relocation of PC-relative instructions ================================================
-COND = ["eq", "ne", "hs", "lo", "mi", "pl", "vs", "vc", "hi", "ls", "ge", "lt", "gt", "le", "al", "nv"]
+# === arm64: relocation of PC-relative instructions ============================================
+COND = ["eq", "ne", "hs", "lo", "mi", "pl", "vs", "vc", "hi", "ls", "ge", "lt", "gt", "le",
+        "al", "nv"]
 NZCV = [0, 8 << 28, 4 << 28, 2 << 28, 1 << 28, 9 << 28, 6 << 28, 0xF << 28]
 RELOC = table("arm64_optprobe.toml") + [
     {"name": f"b.{c}", "asm": f"b.{c} t\nmov x0, #1\nret\n.space 0x1000\nt: mov x0, #2\nret",
@@ -561,7 +563,7 @@ def test_arm64_insns_firmware_optimized_sweep():
     assert len(run) > 60 and all(r.step == "optimized" for r in run)
 
 
-# === emu inspect ====================================================================================
+# === emu inspect ==============================================================================
 def test_emu_inspect_kinds(arch, emu_cli):
     """Breakpoint, boosted and optimized probes as `emu inspect` shows them: the kind, the
     replaced bytes, and the slot or the detour disassembled."""

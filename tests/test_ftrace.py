@@ -19,7 +19,7 @@ import pytest
 
 from conftest import FIRMWARE, firmware_elf
 from probes.ftrace import FtraceOps, FunctionTracer, ftrace_of
-from probes.kprobes import KPROBE_FLAG_FTRACE, Kprobe
+from probes.kprobes import KPROBE_FLAG_FTRACE
 from probes.testing import ProbeLab
 
 NOP = {"x86_64": bytes.fromhex("0f1f440000"), "arm64": bytes.fromhex("1f2003d5") * 2}
@@ -48,7 +48,9 @@ def site_of(lab: ProbeLab, func: str):
 def call_target(arch: str, code: bytes, addr: int) -> int | None:
     """Where the patched site transfers to (x86 `call rel32`, arm64 `b imm26`)."""
     if arch == "x86_64":
-        return addr + 5 + int.from_bytes(code[1:5], "little", signed=True) if code[0] == 0xE8 else None
+        if code[0] != 0xE8:
+            return None
+        return addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
     word = int.from_bytes(code[:4], "little")
     if word & 0xFC000000 != 0x14000000:
         return None

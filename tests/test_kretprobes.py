@@ -20,7 +20,7 @@ from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_FTRACE, Kprobe
 from probes.kretprobes import KRETPROBE_DATA_MAX, Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
-from probes.testing import ProbeLab
+from probes.testing import ASM_BASE, ProbeLab
 
 U64 = (1 << 64) - 1
 
@@ -380,9 +380,11 @@ LEAF = {"arm64": {"f": "add x0, x0, #1\nret",
 
 
 def leaf_lab(arch: str) -> ProbeLab:
-    first = ProbeLab.from_asm(arch, {"f": LEAF[arch]["f"], "g": LEAF[arch]["g"].replace("{f}", "0x400000")})
-    f = first.addr_of("f")
-    return ProbeLab.from_asm(arch, {"f": LEAF[arch]["f"], "g": LEAF[arch]["g"].replace("{f}", hex(f))})
+    """f comes first, at ASM_BASE, so g can call it by address."""
+    src = {"f": LEAF[arch]["f"], "g": LEAF[arch]["g"].replace("{f}", hex(ASM_BASE))}
+    lab = ProbeLab.from_asm(arch, src)
+    assert lab.addr_of("f") == ASM_BASE
+    return lab
 
 
 def test_registers_after_return_match_unprobed(arch):
@@ -459,7 +461,7 @@ def test_reregister_with_pending_instances(arch):
     assert not krp.instances and krp.frame_warnings == 0
 
 
-# --- the CLI ---------------------------------------------------------------------------------------
+# --- the CLI ------------------------------------------------------------------------------
 def test_emu_run_kretprobe_stats(arch, emu_cli, tmp_path):
     stats = tmp_path / "stats.json"
     r = emu_cli("run", "--kretprobe", "factorial", "--stats", str(stats),
