@@ -115,7 +115,9 @@ def test_cli_sweep_modes(arch, emu_cli):
     data = json.loads(r.out)
     assert (data["checked"], data["mismatches"]) == (1, 0)
     (row,) = data["functions"]["factorial"]
-    assert (row["verdict"], row["step"], row["hits"]) == ("ok", "kretprobe", 39)
+    # default maxactive 10: factorial(20) misses 10 instances, factorial(12) two
+    assert (row["verdict"], row["step"], row["hits"], row["nmissed"]) == \
+        ("ok", "kretprobe", 39, 12)
     r = emu_cli("sweep", "--mode", "optprobe", "--func", "is_odd", path)
     assert r.rc == 0, r.err
     lines = r.out.splitlines()
@@ -138,3 +140,12 @@ def test_sweep_x86_bare(mode):
     assert not mismatches(res) and res.checked >= 2
     if mode == "kretprobe":
         assert [r.verdict for r in res.results] == ["rejected", "ok", "ok"]
+
+
+@pytest.mark.xfail(strict=True, reason="emu: x86 bare metal keeps executing after the `out` to "
+                   "the exit port (0xf4): a probe on sys_exit's `hlt` is hit although the "
+                   "unprobed run never gets there")
+def test_sweep_x86_bare_exit_path():
+    res = sweep(SweepConfig(path=str(firmware_elf("x86_64", "insns.bare")), bare=True,
+                            funcs=["sys_exit"], mode="kprobe"))
+    assert not mismatches(res)
