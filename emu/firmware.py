@@ -28,6 +28,7 @@ def setup_bare(m: Machine, image: ElfImage) -> None:
     if cursor < ram_hi:
         m.memory.map(cursor, ram_hi - cursor, PROT_READ | PROT_WRITE | PROT_EXEC, "ram")
     arch.install_bare_devices(m)
+    m.halt_allowed = True
     m.sp = arch.bare_stack_top
     m.pc = image.entry
 

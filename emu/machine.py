@@ -99,6 +99,7 @@ class Machine:
         self.image = None           # the loaded ElfImage, if any
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
         self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
+        self.halt_allowed = False   # bare metal: the halt instruction ends the run (else a fault)
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
         self._depth = 0                              # nested runs (a handler calling the guest)
@@ -251,7 +252,8 @@ class Machine:
         self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
 
     def on_cpu_exception(self, addr: int, intno: int) -> None:
-        self.stop_fault(Fault(f"CPU exception {intno}", addr, None, SIGSEGV))
+        self.stop_fault(Fault(self.arch.exception_names.get(intno, f"CPU exception {intno}"),
+                              addr, None, SIGSEGV))
 
     def _on_mem_invalid(self, _uc, access, addr, size, value, _ud) -> bool:
         self._mem_fault = (access, addr)
@@ -262,7 +264,13 @@ class Machine:
         self._stop = RunResult(StopReason.EXIT, code)
         self.uc.emu_stop()
 
-    def request_halt(self) -> None:
+    def request_halt(self, addr: int | None = None) -> None:
+        """The guest's halt instruction: the end of a bare-metal run; in user mode it is
+        privileged, a fault."""
+        if not self.halt_allowed:
+            pc = self.pc if addr is None else addr
+            self.stop_fault(Fault("privileged instruction", pc, None, SIGSEGV))
+            return
         self._stop = RunResult(StopReason.HALT, 0, "halted")
         self.uc.emu_stop()
 
@@ -351,6 +359,9 @@ class Machine:
             return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of {timeout:g} s reached "
                                                     f"at pc {self.describe(self.pc)}")
         if self.arch.halted(self):
+            if not self.halt_allowed:
+                fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None, SIGSEGV)
+                return RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
             return RunResult(StopReason.HALT, 0, "halted")
         if max_insns:
             return RunResult(StopReason.LIMIT, 124, f"instruction limit of {max_insns} reached "

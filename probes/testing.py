@@ -68,6 +68,7 @@ class ProbeLab:
             m.memory.write(ASM_DATA, data)
         m.symbols.add("__lab_data", ASM_DATA, max(len(data), 1), "object")
         lab = cls(m)
+        m.halt_allowed = True                # calls end on the lab's own halt stub
         lab.halt_addr = m.symbols.lookup("__lab_halt").addr
         m.sp = ASM_STACK_TOP - 0x100
         return lab
@@ -144,6 +145,7 @@ class ProbeLab:
         page = place_near(m, m.entry or m.pc, 0x1000)
         m.memory.map(page, 0x1000, PROT_READ | PROT_EXEC, "[lab halt stub]")
         m.memory.write(page, HALT_BYTES[m.arch.name])
+        m.halt_allowed = True                # calls end on this stub's halt
         return page
 
     @property

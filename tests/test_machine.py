@@ -322,9 +322,6 @@ def test_bare_fault_outside_ram(arch, make_tiny):
                         r"<peek\+0x[0-9a-f]+>: \S.*\n", r.err), r.err
 
 
-@pytest.mark.xfail(strict=True, reason="emu/machine.py + arch: `hlt` ends a Linux user-mode run "
-                   "with exit 0 (Machine._stopped_without_reason / Arm64Arch HLT) instead of a "
-                   "privileged-instruction fault")
 def test_hlt_in_linux_user_mode_is_a_fault(arch, make_tiny):
     code = {"arm64": "nop; hlt #0", "x86_64": "nop; hlt"}[arch]
     r = run_emu("run", str(make_tiny(arch, [("_start", code)])))

@@ -60,7 +60,7 @@ class Arm64Arch(Arch):
             elif intno == EXCP_UDEF:
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
                 if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
-                    m.request_halt()
+                    m.request_halt(addr)
                 else:
                     m.on_undefined(addr)
             else:
@@ -128,5 +128,5 @@ ARM64 = Arm64Arch(
     # fp asimd evtstrm aes pmull sha1 sha2 crc32: what Unicorn's default Cortex-A72 runs.
     hwcap=0xFF, hwcap2=0,
     bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
-    flags_reg="nzcv", aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+    flags_reg="nzcv", halt_size=0, aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
 )

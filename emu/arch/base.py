@@ -42,7 +42,9 @@ class Arch:
     bare_ram_size: int
     bare_stack_top: int
     flags_reg: str
+    halt_size: int                 # bytes of the halt instruction (x86 reports pc after it)
     aliases: dict[str, str] = field(default_factory=dict)
+    exception_names: dict[int, str] = field(default_factory=dict)   # CPU exception number -> kind
 
     def install_hooks(self, machine: "Machine") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

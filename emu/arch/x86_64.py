@@ -51,7 +51,11 @@ class X86_64Arch(Arch):
                 if handler is None or not handler(addr):
                     m.on_break(addr, INT3_VECTOR)
             else:
-                m.on_cpu_exception(addr + 1, intno)
+                pc = addr + 1
+                # `int n` (cd nn) reports the address after itself; name the instruction.
+                if m.memory.read_safe(pc - 2, 2) == bytes((0xCD, intno)):
+                    pc -= 2
+                m.on_cpu_exception(pc, intno)
 
         m.hooks.intr(on_intr)
         rax, rdx, rcx = self.regs["rax"], self.regs["rdx"], self.regs["rcx"]
@@ -119,7 +123,9 @@ X86_64 = X86_64Arch(
     syscalls=_SYSCALLS, breakpoint=b"\xcc", insn_align=1, max_insn_size=15, platform="x86_64",
     hwcap=0x178BFBFF, hwcap2=0,
     bare_base=0x0, bare_ram_size=0x0800_0000, bare_stack_top=0x0800_0000,
-    flags_reg="rflags",
+    flags_reg="rflags", halt_size=1,
     aliases={"ip": "rip", "flags": "rflags", "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
              "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp"},
+    exception_names={0: "divide error", 1: "debug trap", 4: "overflow (into)", 5: "bound range",
+                     6: "undefined instruction", 13: "general protection", 0x80: "int 0x80"},
 )
