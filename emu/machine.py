@@ -91,6 +91,7 @@ class Machine:
         self.break_addrs: dict[int, BreakHandler] = {}   # fast path: exact trap addresses
         self.fault_notifiers: list[Callable[[Fault], None]] = []
         self.live_patches: dict[int, int] = {}            # addr -> original byte under a patch
+        self.owned_text: list[tuple[int, int]] = []       # pages a layer writes its own code in
         self.syscall_handler: Callable[[], None] | None = None
         self.patches: list[Patch] = []
         self.text_listeners: list[Callable[[int, int], None]] = []   # (addr, size) of changed text
@@ -166,6 +167,11 @@ class Machine:
             if orig == now:
                 del self.live_patches[addr + i]
         return old
+
+    def claim_text(self, addr: int, size: int) -> None:
+        """Mark [addr, addr+size) as code a layer writes itself (slots, trampolines): its
+        pokes are not patches of guest text."""
+        self.owned_text.append((addr, addr + size))
 
     def original_text(self, addr: int, size: int) -> bytes:
         """Guest bytes as they were before any text_poke still in place (what the

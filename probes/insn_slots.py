@@ -42,6 +42,7 @@ class InsnSlots:
     def _grow(self, near: int) -> None:
         page = place_near(self.machine, near, PAGE)
         self.machine.memory.map(page, PAGE, PROT_READ | PROT_EXEC, self.name)
+        self.machine.claim_text(page, PAGE)
         self.pages.append(page)
         self.free.extend(range(page, page + PAGE - self.slot_size + 1, self.slot_size))
 

@@ -142,6 +142,8 @@ class Kprobes:
             self._remove(top)
         else:
             self._refresh_aggr(top)
+            if self.optimizer is not None and top.ainsn.armed:
+                self.optimizer.try_to_optimize_kprobe(top)   # e.g. the post handler went
 
     def unregister_kprobes(self, kps: list[Kprobe]) -> None:
         for p in kps:
@@ -313,6 +315,8 @@ class Kprobes:
             self.optimizer.unoptimize_kprobe(p)
         self.arch.disarm(p)
         self.m.unregister_break_addr(p.addr)
+        if self.optimizer is not None:
+            self.optimizer.after_remove(p.addr)   # a covering probe may be optimized again
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)

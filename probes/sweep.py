@@ -251,8 +251,11 @@ def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) 
     seen: set[int] = set()
 
     def setup(m: Machine) -> None:
+        def saw(addr: int, _size: int) -> None:
+            if m._stop is None:         # Unicorn ends the block after an exit request
+                seen.add(addr)
         for lo, hi in ranges:
-            m.hooks.code(lambda addr, size: seen.add(addr), lo, hi - 1)
+            m.hooks.code(saw, lo, hi - 1)
     _run(cfg, image, setup)
     return seen
 

@@ -79,9 +79,12 @@ class ProbeLab:
         return kprobes_of(self.machine)
 
     def kprobe(self, where: str | int, *, pre: Callable | None = None, post: Callable | None = None,
-               fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True) -> Kprobe:
+               fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True,
+               post_events: bool = True) -> Kprobe:
         """A kprobe at SYM, SYM+OFF or an address that records each handler call in
-        `p.events` (with the registers named in `record`), then calls pre/post/fault."""
+        `p.events` (with the registers named in `record`), then calls pre/post/fault.
+        `post_events=False` (and no `post`) installs no post handler, so the probe may be
+        boosted or jump-optimized like a pre-only kernel probe."""
         p = _kprobe_at(where)
         p.events = []
 
@@ -98,7 +101,8 @@ class ProbeLab:
             kp.events.append(Hit("fault", regs.ip))
             return fault(kp, regs, trapnr) if fault else 0
 
-        p.pre_handler, p.post_handler, p.fault_handler = pre_handler, post_handler, fault_handler
+        p.pre_handler, p.fault_handler = pre_handler, fault_handler
+        p.post_handler = post_handler if (post is not None or post_events) else None
         if register:
             self.kprobes.register_kprobe(p)
         return p

@@ -379,9 +379,6 @@ def test_x86_two_probes_in_range_reoptimize_after_both_go(order):
     assert outer.hits == 2155 and lab.result.exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason="kprobes.py: _disarm does not give the optimizer a "
-                   "chance to re-optimize the covering probe (kernel: __disarm_kprobe(p, reopt) "
-                   "calls optimize_kprobe(get_optimized_kprobe(p->addr)))")
 def test_x86_disabling_inner_probe_reoptimizes_outer():
     lab = ProbeLab.load(str(firmware_elf("x86_64", "recurse")))
     outer = try_optimize(lab, "fib")
@@ -506,9 +503,6 @@ def test_aggregated_post_handler_unoptimizes(arch):
     assert set(posts) == {a.addr + a.ainsn.length}
 
 
-@pytest.mark.xfail(strict=True, reason="kprobes.py: unregistering the last child with a post "
-                   "handler does not re-optimize the aggregator (kernel: optimize_kprobe(ap) "
-                   "in __unregister_kprobe_top)")
 def test_aggregated_post_handler_removed_reoptimizes(arch):
     lab = hot_lab(arch)
     a = try_optimize(lab, "hot_leaf")

@@ -142,9 +142,6 @@ def test_sweep_x86_bare(mode):
         assert [r.verdict for r in res.results] == ["rejected", "ok", "ok"]
 
 
-@pytest.mark.xfail(strict=True, reason="emu: x86 bare metal keeps executing after the `out` to "
-                   "the exit port (0xf4): a probe on sys_exit's `hlt` is hit although the "
-                   "unprobed run never gets there")
 def test_sweep_x86_bare_exit_path():
     res = sweep(SweepConfig(path=str(firmware_elf("x86_64", "insns.bare")), bare=True,
                             funcs=["sys_exit"], mode="kprobe"))

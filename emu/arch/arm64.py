@@ -50,6 +50,9 @@ class Arm64Arch(Arch):
         regs, pc, owned = m.regs, self.regs["pc"], m.break_addrs
 
         def on_intr(intno: int) -> None:
+            if m._stop is not None:                # the run already ended (an exit device
+                m.uc.emu_stop()                    # write); the rest of the block is moot
+                return
             addr = regs.read(pc)
             if intno == EXCP_BKPT:
                 handler = owned.get(addr)          # the hot path: a trap the probe layer owns
