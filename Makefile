@@ -32,7 +32,10 @@ firmware:
 	$(MAKE) -C firmware
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_machine.py
 	$(BIN)/python benchmarks/bench_kprobes.py
+	$(BIN)/python benchmarks/bench_overhead.py --arch all
+	$(BIN)/python benchmarks/bench_cycles.py
 	$(BIN)/python benchmarks/bench_bpf.py
 
 sweep: $(STAMP)
