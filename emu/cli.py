@@ -8,7 +8,7 @@ import json
 import sys
 import traceback
 
-from emu.errors import KprobeEmuError, UsageError
+from emu.errors import KprobeEmuError
 from emu.machine import StopReason
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from emu.loader import GuestConfig, load_guest
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import IO, Any
 
-from emu.disasm import parse_location
 from emu.session import RUN_OPTION_HANDLERS, Session
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
 

@@ -6,7 +6,7 @@ turn the CPU's traps into the machine's arch-neutral events."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from emu.machine import Machine
@@ -79,4 +79,3 @@ class Arch:
         return {nr: name for name, nr in self.syscalls.items()}
 
 
-TrapHandler = Callable[[int, int], bool]

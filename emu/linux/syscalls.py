@@ -7,7 +7,6 @@ import errno as E
 import os
 import stat as st
 import struct
-import sys
 from typing import Callable
 
 from emu.linux.fs import AT_FDCWD, FsError, OpenFile

@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from emu.machine import Machine
     from emu.symbols import Symbol
     from probes.kprobes import Kprobe
-    from probes.regs import PtRegs
 
 
 class ArchKprobes(Protocol):

@@ -3,7 +3,6 @@ instruction, an out-of-line slot `[copied insn][step trap]` from the insn-slot p
 resumption at the next instruction after the step. The arch supplies the decoder."""
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -159,4 +158,3 @@ def reject(err: int, reason: str, addr: int) -> KprobeError:
     return KprobeError(err, reason, f"{addr:#x}")
 
 
-EINVAL, EILSEQ, EOPNOTSUPP, ERANGE = errno.EINVAL, errno.EILSEQ, errno.EOPNOTSUPP, errno.ERANGE

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .context import BpfRunContext, sk_buff, xdp_md
-from .errors import BpfRuntimeError, VerifierError
+from .errors import VerifierError
 from .helpers import KERNEL_HELPERS, BpfFuncProto
 from .isa import (
     BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE, Insn, decode, encode,
