@@ -60,6 +60,7 @@ class RawHooks:
         self.uc = uc
         self.errors: list[BaseException] = []
         self._keep: list[object] = []
+        self.installed: dict[int, tuple[int, int, int]] = {}   # handle -> (type, begin, end)
 
     def _guard(self, fn: Callable, default=None) -> Callable:
         errors, uc = self.errors, self.uc
@@ -83,6 +84,7 @@ class RawHooks:
                            ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
         if err:
             raise RuntimeError(f"uc_hook_add failed: {err}")
+        self.installed[handle.value] = (htype, begin, end)
         return handle.value
 
     def intr(self, fn: Callable[[int], None]) -> int:
@@ -126,3 +128,9 @@ class RawHooks:
 
     def delete(self, handle: int) -> None:
         uclib.uc_hook_del(self.uc._uch, handle)
+        self.installed.pop(handle, None)
+
+    def per_instruction(self) -> list[tuple[int, int, int]]:
+        """CODE or BLOCK hooks not limited to one address: the ones that slow all code."""
+        return [h for h in self.installed.values()
+                if h[0] in (UC.UC_HOOK_CODE, UC.UC_HOOK_BLOCK) and not (h[1] == h[2])]

@@ -30,7 +30,8 @@ def test_kprobe_row_breaks_down_by_reason(arch):
     assert r.breakdown["handler"] == 2 * prof.handler          # pre and post handler
     assert r.breakdown["step"] >= prof.single_step
     assert r.cycles_per_hit == pytest.approx(sum(r.breakdown.values()), abs=1)
-    assert r.host_us_per_hit > 0 and r.baseline_us_per_hit > 0
+    # Host times are measured, never asserted (they are differences of noisy timings).
+    assert isinstance(r.host_us_per_hit, float) and isinstance(r.baseline_us_per_hit, float)
     assert row(arch, "k").cycles_per_hit == r.cycles_per_hit    # modelled: deterministic
 
 
