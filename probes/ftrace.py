@@ -101,6 +101,10 @@ class Ftrace:
         if ops not in site.ops:
             self._add(site, ops)
 
+    def detach_from_site(self, site: FtraceSite, ops: FtraceOps) -> None:
+        if ops in site.ops:
+            self._remove(site, ops)
+
     def _add(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.append(ops)
         if len(site.ops) == 1:           # ftrace_make_call: nop -> call of a trampoline

@@ -92,6 +92,7 @@ class Kprobes:
         self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
         self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
+        self._ftrace_ops = None                   # the FtraceOps serving FTRACE probes
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -201,12 +202,12 @@ class Kprobes:
             raise KprobeError(errno.EINVAL, f"address {addr:#x} is the probe layer's own code",
                               _where(p))
         if sym is None:
-            if len(syms) and not self._stripped_text(addr):
+            if len(syms) and not self._stripped():
                 raise KprobeError(errno.ENOENT, f"address {addr:#x} is in no symbol", _where(p))
             return addr, False                  # stripped binary: probe by raw address
         return self.arch.adjust_kprobe_addr(addr, sym)
 
-    def _stripped_text(self, addr: int) -> bool:
+    def _stripped(self) -> bool:
         image = self.m.image
         return image is not None and image.stripped
 
@@ -308,7 +309,7 @@ class Kprobes:
         if not p.ainsn.armed:
             return
         if p.ainsn.ftrace:
-            self.ftrace._remove(self.ftrace.sites[p.addr], self._ftrace_ops)
+            self.ftrace.detach_from_site(self.ftrace.sites[p.addr], self._ftrace_ops)
             p.ainsn.armed = False
             return
         if self.optimizer is not None:
@@ -462,7 +463,7 @@ class Kprobes:
             return False
         from probes.arch.common import ArchSpecificInsn
         from probes.ftrace import FtraceOps
-        if not hasattr(self, "_ftrace_ops"):
+        if self._ftrace_ops is None:
             self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True)
         nop = self.arch.ftrace_nop
         p.flags |= KPROBE_FLAG_FTRACE
