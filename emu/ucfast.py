@@ -20,6 +20,7 @@ _raw = ctypes.CDLL(uclib._name)
 _hook_add_va = _raw.uc_hook_add
 _hook_add_va.restype = ctypes.c_int
 _reg_read, _reg_write = _raw.uc_reg_read, _raw.uc_reg_write
+_mem_read = _raw.uc_mem_read
 
 INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 CODE_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
@@ -51,6 +52,12 @@ class RegAccess:
     def write(self, reg_id: int, value: int) -> None:
         self._buf.value = value & 0xFFFFFFFFFFFFFFFF
         self._write(self._uch, reg_id, self._ref)
+
+    def read_u64(self, addr: int) -> int:
+        """8 bytes of guest memory, little-endian (raw uc_mem_read: hot paths only)."""
+        if _mem_read(self._uch, ctypes.c_uint64(addr), self._ref, ctypes.c_size_t(8)):
+            raise ValueError(f"unmapped guest memory at {addr:#x}")
+        return self._buf.value
 
 
 class RawHooks:

@@ -35,6 +35,7 @@ class FtraceOps:
     func: FtraceFunc
     filters: list[str] = field(default_factory=list)
     ipmodify: bool = False          # FTRACE_OPS_FL_IPMODIFY: may change regs.ip
+    wants_parent: bool = True       # False: parent_ip is passed as 0 (saves a stack read)
 
     def wants(self, name: str) -> bool:
         return not self.filters or any(fnmatch.fnmatchcase(name, f) for f in self.filters)
@@ -118,14 +119,17 @@ class Ftrace:
     # --- the trampoline's host entry --------------------------------------------------------------
     def _ftrace_caller(self, pc: int) -> None:
         m = self.m
-        site_addr, parent_ip = self.arch.ftrace_site_and_parent(m, pc)
-        site = self.sites.get(site_addr)
+        sp = m.sp
+        site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
         if site is None:
             return
         m.clock.advance(m.clock.detour_cost, "detour")
-        regs = self.arch.ftrace_regs(m, site_addr)
+        regs = self.arch.ftrace_regs(m, site.addr, sp)
+        parent_ip = None
         for ops in list(site.ops):
-            ops.func(site_addr, parent_ip, ops, regs)
+            if ops.wants_parent and parent_ip is None:
+                parent_ip = self.arch.ftrace_parent(m, sp)
+            ops.func(site.addr, parent_ip or 0, ops, regs)
         # ftrace_regs_caller writes back the general registers and (IPMODIFY) ip, but sp
         # comes from its own frame: a handler's change of regs.sp is ignored, on both paths.
         regs._dirty.discard(m.arch.sp)

@@ -464,7 +464,8 @@ class Kprobes:
         from probes.arch.common import ArchSpecificInsn
         from probes.ftrace import FtraceOps
         if self._ftrace_ops is None:
-            self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True)
+            self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True,
+                                         wants_parent=False)
         nop = self.arch.ftrace_nop
         p.flags |= KPROBE_FLAG_FTRACE
         p.opcode = b""

@@ -66,10 +66,13 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
             self._ftrace_sites[stub] = site
         return struct.pack("<I", b_insn(site, stub)) + self.ftrace_nop[4:]
 
-    def ftrace_site_and_parent(self, m: Machine, pc: int) -> tuple[int, int]:
-        return self._ftrace_sites[pc], m.reg("x30")
+    def ftrace_site(self, m: Machine, pc: int, sp: int) -> int:
+        return self._ftrace_sites[pc]                     # each site has its own trampoline
 
-    def ftrace_regs(self, m: Machine, site: int):
+    def ftrace_parent(self, m: Machine, sp: int) -> int:
+        return m.reg("x30")                               # lr: untouched by the branch
+
+    def ftrace_regs(self, m: Machine, site: int, sp: int):
         from probes.regs import PtRegs
         return PtRegs(m, ip=site)
 

@@ -61,13 +61,15 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
             self.m.add_host_entry(self._ftrace_tramp, caller)
         return b"\xe8" + struct.pack("<i", self._ftrace_tramp - (site + 5))
 
-    def ftrace_site_and_parent(self, m, pc: int) -> tuple[int, int]:
-        sp = m.sp
-        return m.memory.read_u64(sp) - 5, m.memory.read_u64(sp + 8)
+    def ftrace_site(self, m, pc: int, sp: int) -> int:
+        return m.regs.read_u64(sp) - 5                    # the call's return address - 5
 
-    def ftrace_regs(self, m, site: int):
+    def ftrace_parent(self, m, sp: int) -> int:
+        return m.regs.read_u64(sp + 8)                    # the function's own return address
+
+    def ftrace_regs(self, m, site: int, sp: int):
         from probes.regs import PtRegs
-        return PtRegs(m, ip=site + len(self.ftrace_nop), sp=m.sp + 8)   # sp as at the site
+        return PtRegs(m, ip=site + len(self.ftrace_nop), sp=sp + 8)     # sp as at the site
 
     def ftrace_return_to(self, m, new_ip: int) -> None:
         m.sp = m.sp + 8                                   # drop the call's return address
