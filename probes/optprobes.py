@@ -40,6 +40,7 @@ class Optimizer:
         self.queue: list[Kprobe] = []
         self.enabled = True                      # sysctl debug.kprobes-optimization
         self.ip_offset = kp.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
+        self._regs = PtRegs(self.m)                 # one view reused by every detour hit
 
     # --- deciding ---------------------------------------------------------------------------
     def try_to_optimize_kprobe(self, p: Kprobe) -> None:
@@ -128,7 +129,7 @@ class Optimizer:
             p.ainsn.optinsn = None
 
     # --- the detour's host entry --------------------------------------------------------------
-    def optimized_callback(self, addr: int) -> None:
+    def optimized_callback(self, addr: int, _pc: int = 0) -> None:
         """optimized_callback(): run the pre handlers of the probe at `addr`; return values
         and ip changes are ignored (post handlers never run: such probes are not optimized).
         The hot path of the cheapest probe kind: kept flat."""
@@ -149,7 +150,7 @@ class Optimizer:
             return
         clock.advance2(clock.detour_cost, "detour", clock.handler_cost, "handler")
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
-        regs = PtRegs(m, addr + self.ip_offset)
+        regs = self._regs.reset(addr + self.ip_offset)
         handler(p, regs)
         if regs._dirty:
             regs._dirty.discard(m.arch.pc)

@@ -108,6 +108,13 @@ class PtRegs:
             write(ids[name], self._cache[name])
         self._dirty.clear()
 
+    def reset(self, ip: int) -> "PtRegs":
+        """Reuse this view for a new hit (hot paths keep one per probe, as the kernel's
+        pt_regs frame lives only for the call): forget everything, present `ip`."""
+        self._cache = {self._arch.pc: ip}
+        self._dirty.clear()
+        return self
+
     def refresh(self) -> None:
         """Forget cached values (after something else wrote the CPU's registers)."""
         self.flush()

@@ -3,6 +3,7 @@ instruction, an out-of-line slot `[copied insn][step trap]` from the insn-slot p
 resumption at the next instruction after the step. The arch supplies the decoder."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -148,10 +149,11 @@ class BreakpointKprobes:
         raise NotImplementedError
 
 
-def callback_at(addr: int, callback: Callable[[int], None]) -> Callable[[int], None]:
-    """A host entry that calls `callback(addr)` for the probe at `addr` (the detour's
-    address is where the guest is; the probe's is what the callback needs)."""
-    return lambda _pc: callback(addr)
+def callback_at(addr: int, callback: Callable[[int, int], None]) -> Callable[[int], None]:
+    """A host entry that calls `callback(addr, pc)` for the probe at `addr` (the detour's
+    address is where the guest is; the probe's is what the callback needs). A partial,
+    not a lambda: one Python frame less on every hit."""
+    return functools.partial(callback, addr)
 
 
 def reject(err: int, reason: str, addr: int) -> KprobeError:
