@@ -386,10 +386,29 @@ class LruPercpuHashMap(_LruMixin, PercpuHashMap):
     """BPF_MAP_TYPE_LRU_PERCPU_HASH."""
 
 
-# --- program array -----------------------------------------------------------------
+# --- fd arrays: program array, perf event array ---------------------------------------
 
 @dataclass(eq=False)
-class ProgArrayMap(BpfMap):
+class _FdArrayMap(BpfMap):
+    """What the fd arrays share: slots indexed by a u32 key, kept in `slots()` (a dict
+    index -> object), iterated like an array."""
+
+    def slots(self) -> dict[int, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delete_elem(self, key: bytes) -> int:
+        return 0 if self.slots().pop(int.from_bytes(key, "little"), None) is not None \
+            else -errno.ENOENT
+
+    def next_key(self, key: bytes | None) -> bytes | int:
+        return ArrayMap.next_key(self, key)  # type: ignore[arg-type]
+
+    def _index(self, key: bytes) -> int:
+        return int.from_bytes(key, "little")
+
+
+@dataclass(eq=False)
+class ProgArrayMap(_FdArrayMap):
     """BPF_MAP_TYPE_PROG_ARRAY: slots of programs for bpf_tail_call. User
     updates take a BpfProg, or a prog fd resolved by ``prog_resolver``."""
 
@@ -419,15 +438,8 @@ class ProgArrayMap(BpfMap):
             raise MapError(errno.ENOENT)
         return prog
 
-    def delete_elem(self, key: bytes) -> int:
-        return 0 if self.progs.pop(int.from_bytes(key, "little"), None) is not None \
-            else -errno.ENOENT
-
-    def next_key(self, key: bytes | None) -> bytes | int:
-        return ArrayMap.next_key(self, key)  # type: ignore[arg-type]
-
-    def _index(self, key: bytes) -> int:
-        return int.from_bytes(key, "little")
+    def slots(self) -> dict[int, Any]:
+        return self.progs
 
     def get_prog(self, index: int) -> Any:
         return self.progs.get(index)
@@ -436,7 +448,7 @@ class ProgArrayMap(BpfMap):
 # --- perf event array --------------------------------------------------------------
 
 @dataclass(eq=False)
-class PerfEventArrayMap(BpfMap):
+class PerfEventArrayMap(_FdArrayMap):
     """BPF_MAP_TYPE_PERF_EVENT_ARRAY: per-CPU output buffers. A slot must be
     opened (user update with any fd, or ``open_all()``, as perf_buffer__new
     does) before bpf_perf_event_output can write to it (else -ENOENT).
@@ -452,15 +464,8 @@ class PerfEventArrayMap(BpfMap):
         self.opened[idx] = int.from_bytes(value, "little")
         return 0
 
-    def delete_elem(self, key: bytes) -> int:
-        return 0 if self.opened.pop(int.from_bytes(key, "little"), None) is not None \
-            else -errno.ENOENT
-
-    def next_key(self, key: bytes | None) -> bytes | int:
-        return ArrayMap.next_key(self, key)  # type: ignore[arg-type]
-
-    def _index(self, key: bytes) -> int:
-        return int.from_bytes(key, "little")
+    def slots(self) -> dict[int, Any]:
+        return self.opened
 
     def open_all(self) -> None:
         for idx in range(self.max_entries):
