@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/emu inspect $(FW)/arm64/demo.elf do_sys_open t_adr
 	$(BIN)/emu inspect --optimize $(FW)/x86_64/demo.elf do_sys_open
 	@echo "== the function tracer on an ftrace build"
-	$(BIN)/emu run $(FW)/x86_64/callpath.ftrace.elf --ftrace-filter 'do_sys_open,getname*' --trace-out /dev/stdout | grep -m6 ' <-'
+	$(BIN)/emu run --cycles $(FW)/x86_64/callpath.ftrace.elf --ftrace-filter 'do_sys_open,getname*' --trace-out /dev/stdout | grep -m6 ' <-'
 
 test: $(STAMP)
 	$(BIN)/pytest tests
