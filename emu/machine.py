@@ -18,7 +18,6 @@ from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch
 from emu.clock import Clock
-from emu.errors import GuestFault
 from emu.memory import Memory
 from emu.symbols import SymbolTable
 from emu.ucfast import RawHooks, RegAccess
@@ -182,17 +181,6 @@ class Machine:
             if orig is not None:
                 data[i] = orig
         return bytes(data)
-
-    def invalidate(self, addr: int, size: int) -> None:
-        self.uc.ctl_remove_cache(addr, addr + size)
-        for listener in self.text_listeners:
-            listener(addr, size)
-
-    def enable_cycle_model(self, profile=None, **kw):
-        """Charge every executed block its modelled cost (emu/cycles); `profile` is a CPU
-        profile name or None for the arch's default. Returns the CycleModel."""
-        from emu.cycles import enable_cycle_model
-        return enable_cycle_model(self, profile, **kw)
 
     def disasm_one(self, addr: int) -> str:
         if self.memory.read_safe(addr, 1) is None:
@@ -373,9 +361,3 @@ class Machine:
             return RunResult(StopReason.LIMIT, 124, f"instruction limit of {max_insns} reached "
                                                     f"at pc {self.describe(self.pc)}")
         return RunResult(StopReason.HALT, 0, "stopped")
-
-    def check(self, result: RunResult) -> RunResult:
-        """Raise GuestFault for a faulting run (for callers that want exceptions)."""
-        if result.reason is StopReason.FAULT:
-            raise GuestFault(result.message)
-        return result

@@ -125,9 +125,6 @@ class Memory:
     def read_u64(self, addr: int) -> int:
         return int.from_bytes(self.uc.mem_read(addr, 8), "little")
 
-    def read_u32(self, addr: int) -> int:
-        return int.from_bytes(self.uc.mem_read(addr, 4), "little")
-
     def write_u64(self, addr: int, value: int) -> None:
         self.uc.mem_write(addr, (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
 

@@ -27,7 +27,6 @@ class OptInsn:
     code: bytes = b""
     copied: list[str] = field(default_factory=list)
     handle: int | None = None   # the host entry hook
-    patched: bool = False
 
 
 class Optimizer:
