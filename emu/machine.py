@@ -324,6 +324,11 @@ class Machine:
         return result
 
     @property
+    def stopping(self) -> bool:
+        """A stop (exit, fault, halt) was requested; the current block may still finish."""
+        return self._stop is not None
+
+    @property
     def running(self) -> bool:
         """True inside a hook of a run (so a new run would be nested)."""
         return self._depth > 0

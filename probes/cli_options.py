@@ -5,7 +5,7 @@ import argparse
 from typing import IO, Any
 
 from emu.session import RUN_OPTION_HANDLERS, Session
-from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.kprobes import Kprobe, Kprobes, kprobes_of, probe_kind
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -77,20 +77,6 @@ class TraceReport:
     def stats(self) -> dict[str, Any]:
         return {"ftrace": {"filters": self.tracer.ops.filters, "sites": self.tracer.enabled_sites,
                            "lines": self.tracer.lines}}
-
-
-def probe_kind(p: Kprobe) -> str:
-    """kprobe, kretprobe, boosted, optimized, ftrace: what `emu inspect` and --stats call it."""
-    if p.kretprobe is not None:
-        return "kretprobe"
-    ainsn = p.ainsn
-    if getattr(ainsn, "optimized", False):
-        return "optimized"
-    if getattr(ainsn, "ftrace", False):
-        return "ftrace"
-    if getattr(ainsn, "boosted", False):
-        return "boosted"
-    return "kprobe"
 
 
 class ProbeReport:

@@ -132,10 +132,10 @@ class Ftrace:
             ops.func(site.addr, parent_ip or 0, ops, regs)
         # ftrace_regs_caller writes back the general registers and (IPMODIFY) ip, but sp
         # comes from its own frame: a handler's change of regs.sp is ignored, on both paths.
-        regs._dirty.discard(m.arch.sp)
+        regs.forget(m.arch.sp)
         if regs.ip_changed():
             new_ip = regs.ip
-            regs._dirty.discard(m.arch.pc)
+            regs.forget(m.arch.pc)
             regs.flush()
             self.arch.ftrace_return_to(m, new_ip)     # leave the trampoline for new_ip
         else:

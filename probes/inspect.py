@@ -9,7 +9,7 @@ import capstone
 
 from emu.machine import Machine
 from probes.errors import KprobeError
-from probes.kprobes import Kprobe, kprobes_of
+from probes.kprobes import Kprobe, kprobes_of, probe_kind
 
 
 @dataclass
@@ -82,14 +82,13 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     where = p.symbol_name or (f"{p.addr:#x}" if p.addr is not None else "?")
     if p.offset:
         where += f"+{p.offset:#x}"
-    if kp._top(p) is None:
+    if not kp.is_registered(p):
         try:
             kp.register_kprobe(p)
         except KprobeError as e:
             import errno as _e
             return Inspection(where=where, addr=None, verdict="rejected", reason=e.reason,
                               errno=_e.errorcode.get(e.errno, str(e.errno)))
-    from probes.cli_options import probe_kind
     top = kp.table[p.addr]
     ainsn = top.ainsn
     oi = ainsn.optinsn

@@ -281,6 +281,9 @@ class Kprobes:
                 return 1
         return 0
 
+    def is_registered(self, p: Kprobe) -> bool:
+        return self._top(p) is not None
+
     def _top(self, p: Kprobe) -> Kprobe | None:
         if p.addr is None or id(p) not in self._registered:
             return None
@@ -482,20 +485,19 @@ class Kprobes:
             self.kprobes_inc_nmissed_count(p)
             return
         pc = m.arch.pc
-        regs._cache[pc] = self.arch.handler_ip(p)       # as if a breakpoint had hit
+        regs.present(pc, self.arch.handler_ip(p))        # as if a breakpoint had hit
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
         if not p.is_aggr:
             p.hits += 1
         if p.pre_handler is not None:
             m.clock.advance(m.clock.handler_cost, "handler")
         if p.pre_handler is None or not p.pre_handler(p, regs):
-            regs._cache[pc] = p.addr + p.ainsn.length   # "single-step" over the nop
-            regs._dirty.discard(pc)
+            regs.present(pc, p.addr + p.ainsn.length)    # "single-step" over the nop
             if p.post_handler is not None:
                 kcb.status = KPROBE_HIT_SSDONE
                 m.clock.advance(m.clock.handler_cost, "handler")
                 p.post_handler(p, regs, 0)
-            regs._dirty.discard(pc)
+            regs.forget(pc)
         kcb.current, kcb.status = None, 0
 
     def _on_fault(self, fault: Fault) -> None:
@@ -514,6 +516,21 @@ class Kprobes:
             if p.fault_handler is not None:
                 p.fault_handler(p, PtRegs(self.m), fault.signal)
             kcb.current, kcb.status = None, 0
+
+
+def probe_kind(p: Kprobe) -> str:
+    """kprobe, kretprobe, boosted, optimized, ftrace: what `emu inspect`, the sweep and
+    --stats call a probe."""
+    if p.kretprobe is not None:
+        return "kretprobe"
+    ainsn = p.ainsn
+    if ainsn.optimized:
+        return "optimized"
+    if ainsn.ftrace:
+        return "ftrace"
+    if ainsn.boosted:
+        return "boosted"
+    return "kprobe"
 
 
 def _where(p: Kprobe) -> str:

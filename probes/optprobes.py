@@ -151,9 +151,8 @@ class Optimizer:
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
         regs = self._regs.reset(addr + self.ip_offset)
         handler(p, regs)
-        if regs._dirty:
-            regs._dirty.discard(m.arch.pc)
-            regs.flush()
+        regs.forget(m.arch.pc)                      # ip changes are ignored here
+        regs.flush()
         kcb.current, kcb.status = None, 0
 
 

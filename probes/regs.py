@@ -101,6 +101,17 @@ class PtRegs:
     def ip_changed(self) -> bool:
         return self._arch.pc in self._dirty
 
+    def present(self, name: str, value: int) -> None:
+        """Show handlers `value` for a register without writing it to the CPU (the
+        kernel's view of pt_regs: ip after a breakpoint, sp of a trampoline's frame)."""
+        name = self._name(name)
+        self._cache[name] = value
+        self._dirty.discard(name)
+
+    def forget(self, name: str) -> None:
+        """Drop a handler's pending change of a register (those a path ignores)."""
+        self._dirty.discard(self._name(name))
+
     def flush(self) -> None:
         """Write changed registers back to the CPU."""
         write, ids = self._m.regs.write, self._arch.regs

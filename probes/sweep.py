@@ -18,7 +18,7 @@ from emu.loader import GuestConfig, load_guest
 from emu.machine import Machine, RunResult
 from emu.symbols import Symbol, SymbolTable
 from probes.errors import KprobeError
-from probes.kprobes import Kprobe, kprobes_of
+from probes.kprobes import Kprobe, kprobes_of, probe_kind
 
 
 @dataclass
@@ -252,7 +252,7 @@ def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) 
 
     def setup(m: Machine) -> None:
         def saw(addr: int, _size: int) -> None:
-            if m._stop is None:         # Unicorn ends the block after an exit request
+            if not m.stopping:          # Unicorn ends the block after an exit request
                 seen.add(addr)
         for lo, hi in ranges:
             m.hooks.code(saw, lo, hi - 1)
@@ -309,7 +309,6 @@ def _watch_patched_text(m: Machine, addr: int, seen: list[int]) -> None:
 
 
 def _step(p) -> str:
-    from probes.cli_options import probe_kind
     ainsn = getattr(p, "ainsn", None)
     kind = probe_kind(p)
     return ainsn.kind if kind == "kprobe" else kind

@@ -50,7 +50,7 @@ class Arm64Arch(Arch):
         regs, pc, owned = m.regs, self.regs["pc"], m.break_addrs
 
         def on_intr(intno: int) -> None:
-            if m._stop is not None:                # the run already ended (an exit device
+            if m.stopping:                # the run already ended (an exit device
                 m.uc.emu_stop()                    # write); the rest of the block is moot
                 return
             addr = regs.read(pc)

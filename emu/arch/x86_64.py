@@ -45,7 +45,7 @@ class X86_64Arch(Arch):
         regs, rip, owned = m.regs, self.regs["rip"], m.break_addrs
 
         def on_intr(intno: int) -> None:
-            if m._stop is not None:                 # the run already ended (`out` to the exit
+            if m.stopping:                 # the run already ended (`out` to the exit
                 m.uc.emu_stop()                     # port); the rest of the block is moot
                 return
             addr = regs.read(rip) - 1               # the CPU reports the byte after the int3

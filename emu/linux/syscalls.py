@@ -89,7 +89,7 @@ class SyscallDispatcher:
         if self.proc.strace:
             self._strace_len = args[2]      # the byte count of write-like calls
             self._strace(name, args, ret)
-        if self.m._stop is None:
+        if not self.m.stopping:
             regs.write(self.ret_id, ret)
 
     def _strace(self, name: str, args: list[int], ret: int) -> None:
