@@ -132,15 +132,18 @@ class _Checker:
         if insn.op in (BPF_LSH, BPF_RSH, BPF_ARSH) and not 0 <= insn.imm < width:
             self.fail(f"invalid shift {insn.imm}", pc)
 
+    def jumps(self, kinds: list[str | None]):
+        """(pc, kind, target) of every instruction that names another one."""
+        for pc, kind in enumerate(kinds):
+            if kind is not None:
+                target = jump_target(self.insns[pc], kind, pc)
+                if target is not None:
+                    yield pc, kind, target
+
     def check_targets(self, kinds: list[str | None]) -> list[int]:
         """Every jump lands on an instruction; returns subprogram starts."""
         starts = {0}
-        for pc, kind in enumerate(kinds):
-            if kind is None:
-                continue
-            target = jump_target(self.insns[pc], kind, pc)
-            if target is None:
-                continue
+        for pc, kind, target in self.jumps(kinds):
             if not 0 <= target < len(kinds):
                 self.fail(f"jump out of range from insn {pc} to {target}", pc)
             if kinds[target] is None:
@@ -157,12 +160,7 @@ class _Checker:
             last = sp.end - 1 if kinds[sp.end - 1] is not None else sp.end - 2
             if kinds[last] not in ("exit", "ja", "ja32"):
                 self.fail("last insn is not an exit or jmp", last)
-        for pc, kind in enumerate(kinds):
-            if kind is None:
-                continue
-            target = jump_target(self.insns[pc], kind, pc)
-            if target is None:
-                continue
+        for pc, kind, target in self.jumps(kinds):
             if kind in ("call", "lddw"):
                 if kind == "call":
                     subprogs[owner[pc]].callees.add(owner[target])

@@ -191,7 +191,8 @@ class ArrayMap(BpfMap):
             return None
         return self.values, idx * self.elem_size
 
-    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+    def _update_offset(self, key: bytes, flags: int) -> int:
+        """Byte offset of the element an update writes, or -errno."""
         if _check_update_flags(flags):
             return -errno.EINVAL
         idx = self._index(key)
@@ -199,7 +200,12 @@ class ArrayMap(BpfMap):
             return -errno.E2BIG
         if flags & ~BPF_F_LOCK == BPF_NOEXIST:
             return -errno.EEXIST  # every element of an array always exists
-        off = idx * self.elem_size
+        return idx * self.elem_size
+
+    def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
+        off = self._update_offset(key, flags)
+        if off < 0:
+            return off
         self.values[off:off + self.value_size] = value
         return 0
 
@@ -237,14 +243,9 @@ class PercpuArrayMap(ArrayMap):
         return self.percpu[cpu], idx * self.elem_size
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
-        if _check_update_flags(flags):
-            return -errno.EINVAL
-        idx = self._index(key)
-        if idx >= self.max_entries:
-            return -errno.E2BIG
-        if flags & ~BPF_F_LOCK == BPF_NOEXIST:
-            return -errno.EEXIST
-        off = idx * self.elem_size
+        off = self._update_offset(key, flags)
+        if off < 0:
+            return off
         for c, buf in enumerate(self.percpu):
             if cpu is None or c == cpu:
                 buf[off:off + self.value_size] = value
