@@ -14,7 +14,14 @@ from emu.machine import Machine
 from emu.symbols import Symbol
 from probes.arch.arm64.decode import Verdict, arm_probe_decode_insn, in_atomic_sequence
 from probes.arch.arm64.opt import Arm64OptMixin
-from probes.arch.common import KIND_SIMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
+from probes.arch.common import (
+    KIND_SIMULATE,
+    KIND_SLOT,
+    ArchSpecificInsn,
+    BreakpointKprobes,
+    reject,
+)
+from probes.regs import PtRegs
 
 BRK64_OPCODE_KPROBES = 0xD4200080
 BRK64_OPCODE_KPROBES_SS = 0xD42000C0
@@ -73,7 +80,6 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
         return m.reg("x30")                               # lr: untouched by the branch
 
     def ftrace_regs(self, m: Machine, site: int, sp: int):
-        from probes.regs import PtRegs
         return PtRegs(m, ip=site)
 
     def ftrace_return_to(self, m: Machine, new_ip: int) -> None:

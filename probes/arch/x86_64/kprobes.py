@@ -6,11 +6,26 @@ import errno
 import struct
 
 from emu.symbols import Symbol
-from probes.arch.common import KIND_EMULATE, KIND_SLOT, ArchSpecificInsn, BreakpointKprobes, reject
+from probes.arch.common import (
+    KIND_EMULATE,
+    KIND_SLOT,
+    ArchSpecificInsn,
+    BreakpointKprobes,
+    reject,
+)
 from probes.arch.x86_64 import emulate as em
+from probes.arch.x86_64.decode import (
+    X86Decoder,
+    X86Insn,
+    can_boost,
+    copy_refusal,
+    exception_insn,
+    modrm_mod,
+    modrm_reg,
+    modrm_rm,
+)
 from probes.arch.x86_64.opt import X86OptMixin
-from probes.arch.x86_64.decode import (X86Decoder, X86Insn, can_boost, copy_refusal, exception_insn,
-                                       modrm_mod, modrm_reg, modrm_rm)
+from probes.regs import PtRegs
 
 MAX_INSN_SIZE, JMP32_INSN_SIZE = 15, 5
 
@@ -68,7 +83,6 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         return m.regs.read_u64(sp + 8)                    # the function's own return address
 
     def ftrace_regs(self, m, site: int, sp: int):
-        from probes.regs import PtRegs
         return PtRegs(m, ip=site + len(self.ftrace_nop), sp=sp + 8)     # sp as at the site
 
     def ftrace_return_to(self, m, new_ip: int) -> None:
