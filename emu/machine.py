@@ -182,6 +182,12 @@ class Machine:
                 data[i] = orig
         return bytes(data)
 
+    def enable_cycle_model(self, profile=None, **kw):
+        """Charge every executed block its modelled cost (emu/cycles); `profile` is a CPU
+        profile name or None for the arch's default. Returns the CycleModel."""
+        from emu.cycles import enable_cycle_model
+        return enable_cycle_model(self, profile, **kw)
+
     def disasm_one(self, addr: int) -> str:
         if self.memory.read_safe(addr, 1) is None:
             return "<unmapped>"
