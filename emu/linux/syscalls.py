@@ -14,6 +14,7 @@ from unicorn import UcError
 
 from emu.linux.process import MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess
 from emu.memory import PROT_READ, PROT_WRITE, page_up
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
             7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
@@ -161,33 +162,19 @@ class MemoryFault(Exception):
     pass
 
 
-# --- guest memory helpers ------------------------------------------------------------------
-def _user_access_ok(p: LinuxProcess, addr: int, n: int, prot: int) -> bool:
-    """access_ok + the page permissions copy_{from,to}_user would meet: Unicorn's host-side
-    mem_write ignores protections, so a read(fd, text_addr, n) would patch guest code."""
-    mem, end = p.machine.memory, addr + n
-    while addr < end:
-        r = mem.find(addr)
-        if r is None or not r.prot & prot:
-            return False
-        addr = r.end
-    return True
-
-
+# --- guest memory helpers: every copy goes through emu.uaccess ---------------------------
 def rd(p: LinuxProcess, addr: int, n: int) -> bytes:
-    if n == 0:
-        return b""
-    if not _user_access_ok(p, addr, n, PROT_READ):
-        raise MemoryFault()
-    return p.machine.memory.read(addr, n)
+    try:
+        return copy_from_user(p.machine.memory, addr, n)
+    except UserFault:
+        raise MemoryFault() from None
 
 
 def wr(p: LinuxProcess, addr: int, data: bytes) -> None:
-    if not data:
-        return
-    if not _user_access_ok(p, addr, len(data), PROT_WRITE):
-        raise MemoryFault()
-    p.machine.memory.write(addr, data)
+    try:
+        copy_to_user(p.machine.memory, addr, data)
+    except UserFault:
+        raise MemoryFault() from None
 
 
 def cstr(p: LinuxProcess, addr: int) -> str:
