@@ -100,8 +100,13 @@ class Machine:
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
         self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
         self.halt_allowed = False   # bare metal: the halt instruction ends the run (else a fault)
+        self.user_mode = False      # set by start_thread: the guest runs at CPL3 / EL0
+        # time.monotonic() past which the run must stop (run(timeout=...)); blocking host
+        # work done for the guest (a read from a pipe) checks it and calls stop_limit.
+        self.deadline: float | None = None
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
+        self._timeout = 0.0
         self._depth = 0                              # nested runs (a handler calling the guest)
         # Layers that may stop a run for a limit of their own (the cycle model's
         # --max-cycles) say so here: fn() -> message or None.
@@ -112,6 +117,13 @@ class Machine:
         self.arch.install_hooks(self)
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
+
+    def start_thread(self, pc: int, sp: int) -> None:
+        """Enter user mode at pc with stack sp in the state Linux's start_thread gives a
+        new process (x86 CPL3, arm64 EL0; the arch has the facts)."""
+        self.arch.start_thread(self, pc, sp)
+        self.user_mode = True
+        self.pc, self.sp = pc, sp
 
     def layer(self, key: str, factory: Callable[["Machine"], object]):
         """The per-machine state of another layer (kprobes, ftrace, ...), made on first use."""
@@ -251,6 +263,10 @@ class Machine:
     def on_undefined(self, addr: int) -> None:
         self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
 
+    def on_privileged(self, addr: int) -> None:
+        """A privileged instruction in user mode (arm64: undefined at EL0, SIGILL)."""
+        self.stop_fault(Fault("privileged instruction", addr, None, SIGILL))
+
     def on_cpu_exception(self, addr: int, intno: int) -> None:
         self.stop_fault(Fault(self.arch.exception_names.get(intno, f"CPU exception {intno}"),
                               addr, None, SIGSEGV))
@@ -273,6 +289,18 @@ class Machine:
             return
         self._stop = RunResult(StopReason.HALT, 0, "halted")
         self.uc.emu_stop()
+
+    def stop_limit(self, message: str) -> None:
+        """End the run as a limit (exit 124) from inside a hook or a syscall handler."""
+        self._stop = RunResult(StopReason.LIMIT, 124, message)
+        self.uc.emu_stop()
+
+    def timeout_message(self) -> str:
+        return f"wall-clock limit of {self._timeout:g} s reached at pc {self.describe(self.pc)}"
+
+    def past_deadline(self) -> bool:
+        """--timeout has run out (blocking work for the guest polls this)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def stop_fault(self, fault: Fault) -> None:
         for notify in self.fault_notifiers:
@@ -301,9 +329,11 @@ class Machine:
                 raise ValueError("a nested run needs `until`")
             saved, max_insns, timeout = (self._stop, self._mem_fault), 0, 0.0
         self._stop, self._mem_fault = None, None
+        t0 = time.monotonic()
         if not nested:
             self.hooks.errors.clear()
-        t0 = time.monotonic()
+            self._timeout = timeout
+            self.deadline = t0 + timeout if timeout else None
         self._depth += 1
         try:
             self.uc.emu_start(start, _NEVER if until is None else until,
@@ -361,8 +391,7 @@ class Machine:
             if message:
                 return RunResult(StopReason.LIMIT, 124, message)
         if timeout and elapsed >= timeout * 0.99:
-            return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of {timeout:g} s reached "
-                                                    f"at pc {self.describe(self.pc)}")
+            return RunResult(StopReason.LIMIT, 124, self.timeout_message())
         if self.arch.halted(self):
             if not self.halt_allowed:
                 fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None, SIGSEGV)

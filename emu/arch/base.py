@@ -56,6 +56,17 @@ class Arch:
         raise NotImplementedError
 
     def reset_cpu(self, machine: "Machine") -> None:  # pragma: no cover
+        """The state of a new CPU, before any mode is chosen: the privileged (bare-metal)
+        mode, with the floating-point unit as software finds it after its reset."""
+        raise NotImplementedError
+
+    def start_thread(self, machine: "Machine", pc: int, sp: int) -> None:  # pragma: no cover
+        """Linux's start_thread: enter user mode (x86 CPL3 / arm64 EL0) at pc with stack sp,
+        in the register state a new process gets from exec."""
+        raise NotImplementedError
+
+    def cpu_state(self, machine: "Machine") -> dict[str, int]:  # pragma: no cover
+        """The control state tests and reports compare: privilege level and FP control."""
         raise NotImplementedError
 
     def halted(self, machine: "Machine") -> bool:  # pragma: no cover
