@@ -336,8 +336,7 @@ class Machine:
             self.deadline = t0 + timeout if timeout else None
         self._depth += 1
         try:
-            self.uc.emu_start(start, _NEVER if until is None else until,
-                              timeout=int(timeout * 1e6), count=max_insns)
+            self._emulate(start, _NEVER if until is None else until, max_insns, timeout, t0)
         except UcError as e:
             if self.hooks.errors:
                 raise self.hooks.errors[0] from None
@@ -358,6 +357,28 @@ class Machine:
         if nested:
             self._stop, self._mem_fault = saved
         return result
+
+    def _emulate(self, start: int, end: int, max_insns: int, timeout: float, t0: float) -> None:
+        left = timeout
+        while True:
+            self.uc.emu_start(start, end, timeout=int(left * 1e6), count=max_insns)
+            if not self._resume_after_wait(end):
+                return
+            start = self.pc
+            if timeout:                      # what is left of it (a wait loop still ends)
+                left = timeout - (time.monotonic() - t0)
+                if left <= 0:
+                    return
+
+    def _resume_after_wait(self, end: int) -> bool:
+        """A user process steps over a wait-for-interrupt (Linux emulates a trapped WFI);
+        Unicorn's CPU halted on it instead, ending emu_start. (With --max-insns the count
+        starts again after each wait.)"""
+        if self._stop is not None or self.hooks.errors or not self.user_mode:
+            return False
+        if self.pc == end or not self.arch.waited(self):
+            return False
+        return not any(check() for check in self.limit_checks)
 
     @property
     def stopping(self) -> bool:

@@ -48,12 +48,14 @@ UART_DATA, EXIT_DEVICE = 0x0900_0000, 0x0910_0000
 CPACR_FPEN = 3 << 20             # FP/SIMD usable at EL0 and EL1
 PSR_MODE_EL0t = 0x0              # start_thread_common: EL0, DAIF clear
 # SCTLR_EL1 bits Linux sets for EL0 (INIT_SCTLR_EL1_MMU_ON): DC ZVA, CTR_EL0 reads, WFE and
-# cache maintenance by VA allowed. nTWI stays clear: WFI traps, and the kernel skips it.
+# cache maintenance by VA allowed. Linux leaves nTWI clear (WFI traps and the kernel steps
+# over it); here it is set, because Unicorn stops a run at `until` with an imitation WFI that
+# must not trap: a guest WFI then ends emu_start, and Machine.run resumes after it.
 SCTLR_DZE, SCTLR_UCT, SCTLR_nTWI, SCTLR_nTWE, SCTLR_UCI = 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 26
 SCTLR_EL1 = (1, 0, 3, 0, 0)                  # (crn, crm, op0, op1, op2) for UC_ARM64_REG_CP_REG
 CNTKCTL_EL1, CNTKCTL_EL0VCTEN = (14, 1, 3, 0, 0), 1 << 1    # arch_timer: EL0 reads CNTVCT
-# Trapped at EL0, where Linux gives SIGILL (do_el0_undef) or, for WFI, steps over it.
-WFI, WFE = 0xD503207F, 0xD503205F
+WFI = 0xD503207F
+# Undefined at EL0, where Linux gives SIGILL (do_el0_undef):
 SYSTEM_INSN = (0xFFC00000, 0xD5000000)       # MSR/MRS/SYS/SYSL and the hints (mask, value)
 EXCEPTION_GEN = (0xFF000000, 0xD4000000)     # SVC/HVC/SMC/BRK/HLT/DCPS
 ERET_FAMILY = (0xFE000000, 0xD6000000)       # unconditional branch (register): ERET, DRPS
@@ -84,8 +86,6 @@ class Arm64Arch(Arch):
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
                 if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
                     m.request_halt(addr)
-                elif word == WFI and m.user_mode:         # trapped WFI: Linux steps over it
-                    regs.write(pc, addr + 4)
                 elif m.user_mode and _is_privileged(word):
                     m.on_privileged(addr)
                 else:
@@ -120,6 +120,10 @@ class Arm64Arch(Arch):
     def halted(self, m: "Machine") -> bool:
         return False                                     # HLT arrives as an exception
 
+    def waited(self, m: "Machine") -> bool:
+        """The run stopped just after a WFI (Unicorn halts the CPU on it)."""
+        return m.memory.read_safe(m.pc - 4, 4) == WFI.to_bytes(4, "little")
+
     def pack_stat(self, st: dict) -> bytes:
         """asm-generic struct stat (128 bytes)."""
         return struct.pack("<QQIIIIQQqiiqqQqQqQII", st["dev"], st["ino"], st["mode"], st["nlink"],
@@ -144,7 +148,7 @@ class Arm64Arch(Arch):
         cntkctl = uc.reg_read(A.UC_ARM64_REG_CP_REG, CNTKCTL_EL1)
         uc.reg_write(A.UC_ARM64_REG_CP_REG, (*CNTKCTL_EL1, cntkctl | CNTKCTL_EL0VCTEN))
         sctlr = uc.reg_read(A.UC_ARM64_REG_CP_REG, SCTLR_EL1)
-        sctlr = (sctlr | SCTLR_DZE | SCTLR_UCT | SCTLR_nTWE | SCTLR_UCI) & ~SCTLR_nTWI
+        sctlr |= SCTLR_DZE | SCTLR_UCT | SCTLR_nTWI | SCTLR_nTWE | SCTLR_UCI
         uc.reg_write(A.UC_ARM64_REG_CP_REG, (*SCTLR_EL1, sctlr))
         uc.ctl_flush_tb()
 

@@ -73,6 +73,11 @@ class Arch:
         """Did the last emu_start end on the arch's halt instruction?"""
         raise NotImplementedError
 
+    def waited(self, machine: "Machine") -> bool:  # pragma: no cover
+        """Did the last emu_start end on a wait-for-interrupt a user process steps over
+        (arm64 WFI, which halts Unicorn's CPU)?"""
+        raise NotImplementedError
+
     def pack_stat(self, st: dict) -> bytes:  # pragma: no cover
         """The arch's Linux `struct stat` from a dict of fields."""
         raise NotImplementedError

@@ -124,6 +124,9 @@ class X86_64Arch(Arch):
         pc = m.pc
         return m.memory.read_safe(pc - 1, 1) == b"\xf4"
 
+    def waited(self, m: "Machine") -> bool:
+        return False                # `hlt` is the only wait, and it is privileged
+
     def pack_stat(self, st: dict) -> bytes:
         """x86-64 struct stat (144 bytes)."""
         return struct.pack("<QQQIIIIQqqqQQQQQQqqq", st["dev"], st["ino"], st["nlink"], st["mode"],
