@@ -117,6 +117,8 @@ class Machine:
         self.arch.install_hooks(self)
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
+        from emu.cycles.work import WorkClock
+        WorkClock.attach(self)          # guest time moves with guest code (native, ~1 ns/block)
 
     def start_thread(self, pc: int, sp: int) -> None:
         """Enter user mode at pc with stack sp in the state Linux's start_thread gives a
