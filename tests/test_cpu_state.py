@@ -119,7 +119,8 @@ def test_privileged_instructions_fault(arch, cpu_prog):
         assert ref.rc == 128 + SIGNAL[arch], (case, ref)
         m, result, out = run_guest(prog, case)
         assert result.reason is StopReason.FAULT and result.exit_code == 139, (case, result)
-        assert result.fault.signal == SIGNAL[arch] and result.fault.kind == KIND[arch], case
+        kind = "privileged instruction" if case == "hlt" else KIND[arch]   # the halt path
+        assert result.fault.signal == SIGNAL[arch] and result.fault.kind == kind, case
         sym = m.symbols.find(result.fault.pc)
         assert sym is not None and sym.name.startswith(case.split("_")[0][:3]), (case, result.message)
         assert out == b""

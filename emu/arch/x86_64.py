@@ -38,6 +38,7 @@ _SYSCALLS = dict(
 
 INT3_VECTOR = 3
 GP_VECTOR = 13
+HLT = b"\xf4"
 CONSOLE_PORT, EXIT_PORT = 0x3F8, 0xF4
 
 # --- the CPU state Linux gives a process --------------------------------------------------------
@@ -85,6 +86,9 @@ class X86_64Arch(Arch):
                 # `int n` (cd nn) reports the address after itself; name the instruction.
                 if m.memory.read_safe(pc - 2, 2) == bytes((0xCD, intno)):
                     pc -= 2
+                elif intno == GP_VECTOR and m.memory.read_safe(pc, 1) == HLT:
+                    m.request_halt(pc)              # CPL3: a fault unless a halt is allowed
+                    return
                 m.on_cpu_exception(pc, intno)
 
         m.hooks.intr(on_intr)
