@@ -119,6 +119,8 @@ class Machine:
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
         from emu.cycles.work import WorkClock
         WorkClock.attach(self)          # guest time moves with guest code (native, ~1 ns/block)
+        from emu.arch.hwrng import GuestRandom
+        self.random = GuestRandom()     # RDRAND/RDSEED; seed_random gives it --seed
 
     def start_thread(self, pc: int, sp: int) -> None:
         """Enter user mode at pc with stack sp in the state Linux's start_thread gives a
@@ -126,6 +128,10 @@ class Machine:
         self.arch.start_thread(self, pc, sp)
         self.user_mode = True
         self.pc, self.sp = pc, sp
+
+    def seed_random(self, seed: int) -> None:
+        """Seed the guest's hardware random instructions (--seed, as getrandom)."""
+        self.random.seed(seed)
 
     def layer(self, key: str, factory: Callable[["Machine"], object]):
         """The per-machine state of another layer (kprobes, ftrace, ...), made on first use."""
@@ -337,6 +343,7 @@ class Machine:
             self._timeout = timeout
             self.deadline = t0 + timeout if timeout else None
         self._depth += 1
+        self.random.select()
         try:
             self._emulate(start, _NEVER if until is None else until, max_insns, timeout, t0)
         except UcError as e:

@@ -63,8 +63,12 @@ ERET_FAMILY = (0xFE000000, 0xD6000000)       # unconditional branch (register): 
 
 def _is_privileged(word: int) -> bool:
     """A system, exception-generating or ERET-class instruction: at EL0 these are the ones
-    that are undefined for lack of privilege (the rest of UDEF is plain undefined)."""
-    return any(word & mask == value for mask, value in (SYSTEM_INSN, EXCEPTION_GEN, ERET_FAMILY))
+    that are undefined for lack of privilege (the rest of UDEF is plain undefined). A system
+    register or SYS op with op1 = 3 is an EL0 one: undefined only if this CPU lacks it."""
+    if word & SYSTEM_INSN[0] == SYSTEM_INSN[1]:
+        op0, op1 = (word >> 19) & 3, (word >> 16) & 7
+        return op0 == 0 or op1 != 3
+    return any(word & mask == value for mask, value in (EXCEPTION_GEN, ERET_FAMILY))
 
 
 class Arm64Arch(Arch):

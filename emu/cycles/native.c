@@ -248,3 +248,44 @@ void cm_on_block_bytes(void *uc, uint64_t addr, uint32_t size, void *ud)
 	st->bytes += size;
 	st->fp = cm_sat_add(st->fp, size * st->byte_cost);
 }
+
+/*
+ * Guest-visible hardware randomness (x86 RDRAND/RDSEED): Unicorn draws it from a
+ * host-seeded generator in qemu_guest_getrandom, with no hook. emu/arch/hwrng.py
+ * redirects that function here, to a splitmix64 stream per machine seeded by --seed;
+ * the machine selects its stream before each run.
+ */
+typedef struct {
+	uint64_t state;
+	uint64_t draws;             /* 8-byte words handed out */
+} cm_rng;
+
+static cm_rng cm_rng_none;      /* runs of machines that never selected a stream */
+static cm_rng *cm_rng_current = &cm_rng_none;
+
+void cm_rng_select(cm_rng *r)
+{
+	cm_rng_current = r ? r : &cm_rng_none;
+}
+
+static uint64_t cm_splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+	return z ^ (z >> 31);
+}
+
+int cm_guest_getrandom(void *buf, size_t len)
+{
+	unsigned char *p = buf;
+	while (len) {
+		uint64_t v = cm_splitmix64(&cm_rng_current->state);
+		size_t n = len < 8 ? len : 8;
+		memcpy(p, &v, n);
+		p += n;
+		len -= n;
+		cm_rng_current->draws++;
+	}
+	return 0;
+}
