@@ -368,21 +368,32 @@ class Machine:
         return result
 
     def _emulate(self, start: int, end: int, max_insns: int, timeout: float, t0: float) -> None:
-        left = timeout
+        """emu_start, resumed after each wait-for-interrupt with what is left of the limits
+        (a wait loop must not escape --max-insns or --timeout)."""
+        left, count, retired0, waits = timeout, max_insns, self._retired(), 0
         while True:
-            self.uc.emu_start(start, end, timeout=int(left * 1e6), count=max_insns)
+            self.uc.emu_start(start, end, timeout=int(left * 1e6), count=count)
             if not self._resume_after_wait(end):
                 return
-            start = self.pc
-            if timeout:                      # what is left of it (a wait loop still ends)
+            start, waits = self.pc, waits + 1
+            if timeout:
                 left = timeout - (time.monotonic() - t0)
                 if left <= 0:
                     return
+            if max_insns:
+                count = max_insns - max(self._retired() - retired0, waits)
+                if count <= 0:
+                    return
+
+    def _retired(self) -> int:
+        """Instructions retired so far, as well as the clock knows (the cycle model counts
+        them; the work clock counts code bytes, exact on fixed-size ISAs)."""
+        c = self.clock.counts()
+        return c["insns"] if "insns" in c else c.get("code_bytes", 0) // self.arch.insn_align
 
     def _resume_after_wait(self, end: int) -> bool:
         """A user process steps over a wait-for-interrupt (Linux emulates a trapped WFI);
-        Unicorn's CPU halted on it instead, ending emu_start. (With --max-insns the count
-        starts again after each wait.)"""
+        Unicorn's CPU halted on it instead, ending emu_start."""
         if self._stop is not None or self.hooks.errors or not self.user_mode:
             return False
         if self.pc == end or not self.arch.waited(self):

@@ -143,3 +143,31 @@ def test_fault_report_cli(arch, cpu_prog):
     assert r.rc == 139 and len(r.err.splitlines()) == 1
     insn = {"x86_64": ": rdmsr", "arm64": ": mrs x0, sctlr_el1"}[arch]
     assert r.err.startswith(f"emu: guest fault: {KIND[arch]} at pc 0x") and r.err.rstrip().endswith(insn)
+
+
+# --- item 3: wait instructions in user mode ---------------------------------------------------
+WAIT_LOOP = {"arm64": "movz x0, #{n}; l: wfi; wfe; yield; subs x0, x0, #1; b.ne l; "
+                      "mov x0, #7; mov x8, #94; svc #0",
+             "x86_64": "mov ecx, {n}; l: pause; dec ecx; jnz l; mov edi, 7; mov eax, 231; syscall"}
+SPIN = {"arm64": "l: wfi; b l", "x86_64": "l: pause; jmp l"}
+
+
+def test_wait_instructions_continue(arch, make_tiny):
+    r = run_emu("run", str(make_tiny(arch, [("_start", WAIT_LOOP[arch].format(n=500))])))
+    assert (r.rc, r.err) == (7, "")
+
+
+def test_wait_loop_obeys_limits(arch, make_tiny):
+    """A guest spinning on WFI (each one ends Unicorn's emu_start) still meets --max-insns
+    and --timeout."""
+    path = str(make_tiny(arch, [("_start", SPIN[arch])]))
+    r = run_emu("run", "--max-insns", "5000", path, timeout=60)
+    assert r.rc == 124 and r.err.startswith("emu: instruction limit of 5000 reached"), r.err
+    r = run_emu("run", "--timeout", "1", path, timeout=60)
+    assert r.rc == 124 and r.err.startswith("emu: wall-clock limit of 1 s reached"), r.err
+    guest = load_guest(GuestConfig(path=path), io.BytesIO(), io.BytesIO(), io.BytesIO())
+    result = guest.machine.run(max_insns=5000)
+    assert result.reason is StopReason.LIMIT
+    bytes_run = guest.machine.clock.counts().get("code_bytes")
+    if arch == "arm64" and bytes_run is not None:      # 4-byte instructions: an exact count
+        assert 5000 <= bytes_run // 4 <= 5000 + 4
