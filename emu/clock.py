@@ -64,6 +64,9 @@ class Clock:
         # (code_fp, probe_fp, taken_fp, mispredict_fp, insns, blocks).
         self.pending: Callable[[], int] | None = None
         self.model_counts: Callable[[], dict[str, int]] | None = None
+        # Called once, at the first read of the clock (the machine starts its work clock
+        # there, so guests that never look at the time pay nothing for it).
+        self.on_first_read: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return (f"Clock(cycles={self.cycles}, freq_hz={self.freq_hz}, profile={self.profile!r}, "
@@ -102,6 +105,9 @@ class Clock:
 
     def now(self) -> int:
         """Cycles at the current instruction: the running block's prefix, not all of it."""
+        if self.on_first_read is not None:
+            first, self.on_first_read = self.on_first_read, None
+            first()
         fp = self.acc.fp
         if self.pending is not None and fp < FP_MAX:   # saturated: the rest of a block is moot
             fp -= self.pending()

@@ -18,7 +18,7 @@ from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch
 from emu.clock import Clock
-from emu.memory import Memory
+from emu.memory import PROT_EXEC, Memory
 from emu.symbols import SymbolTable
 from emu.ucfast import RawHooks, RegAccess
 
@@ -117,8 +117,7 @@ class Machine:
         self.arch.install_hooks(self)
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
-        from emu.cycles.work import WorkClock
-        WorkClock.attach(self)          # guest time moves with guest code (native, ~1 ns/block)
+        self.clock.on_first_read = self._start_work_clock
         from emu.arch.hwrng import GuestRandom
         self.random = GuestRandom()     # RDRAND/RDSEED; seed_random gives it --seed
 
@@ -128,6 +127,16 @@ class Machine:
         self.arch.start_thread(self, pc, sp)
         self.user_mode = True
         self.pc, self.sp = pc, sp
+
+    def _start_work_clock(self) -> None:
+        """The guest (or a trace) reads the time for the first time: from here on time moves
+        with the code the guest runs (emu/cycles/work.py). Blocks translated before get the
+        new hook once retranslated (unicorn-notes rule 3; no flush inside a callback)."""
+        from emu.cycles.work import WorkClock
+        if WorkClock.attach(self) is not None:
+            for r in self.memory.regions:
+                if r.prot & PROT_EXEC:
+                    self.uc.ctl_remove_cache(r.start, r.end)
 
     def seed_random(self, seed: int) -> None:
         """Seed the guest's hardware random instructions (--seed, as getrandom)."""

@@ -47,6 +47,8 @@ def test_work_clock_rule(arch, make_tiny):
     loop = {"arm64": "movz x0, #1000; l: subs x0, x0, #1; b.ne l; " + LINUX_EXIT["arm64"].format(code=0),
             "x86_64": "mov ecx, 1000; l: dec ecx; jnz l; " + LINUX_EXIT["x86_64"].format(code=0)}[arch]
     m, _ = load(make_tiny(arch, [("_start", loop)]))
+    assert "work-clock" not in m.layers       # nothing has read the time yet: no hook
+    m.clock.now()
     assert "work-clock" in m.layers
     assert m.run().reason is StopReason.EXIT
     loop_bytes = {"arm64": 8, "x86_64": 4}[arch]       # subs+b.ne / dec ecx (2) + jnz (2)
@@ -55,6 +57,22 @@ def test_work_clock_rule(arch, make_tiny):
     assert m.clock.counts()["code_fp"] == code * (1 << FP_SHIFT) // BYTES_PER_CYCLE
     # the syscall costs come on top of the code
     assert m.clock.cycles == code // BYTES_PER_CYCLE + m.clock.by_reason["syscall"]
+
+
+@needs_native
+def test_work_clock_starts_at_the_first_read(arch, make_tiny):
+    """A guest that never reads the time runs with no block hook at all; the first read
+    (here rdtsc / cntvct_el0 inside the run) starts the count for the code after it."""
+    read = {"arm64": "mrs x1, cntvct_el0", "x86_64": "rdtsc"}[arch]
+    loop = {"arm64": "movz x0, #1000; l: subs x0, x0, #1; b.ne l; ",
+            "x86_64": "mov ecx, 1000; l: dec ecx; jnz l; "}[arch]
+    quiet, _ = load(make_tiny(arch, [("_start", loop + LINUX_EXIT[arch].format(code=0))]))
+    assert quiet.run().reason is StopReason.EXIT and "work-clock" not in quiet.layers
+    reader, _ = load(make_tiny(arch, [("_start", read + "; " + loop + LINUX_EXIT[arch].format(code=0))],
+                               name="reader"))
+    assert reader.run().reason is StopReason.EXIT and "work-clock" in reader.layers
+    loop_bytes = {"arm64": 8, "x86_64": 4}[arch]
+    assert 1000 * loop_bytes <= reader.clock.counts()["code_bytes"] < 1000 * loop_bytes + 64
 
 
 @needs_native

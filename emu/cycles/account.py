@@ -109,6 +109,7 @@ class CycleModel:
         clock.bpf_entry_cost, clock.bpf_insn_cost = p.bpf_entry, p.bpf_insn
         clock.detour_cost = p.detour
         clock.profile = p.name
+        clock.on_first_read = None      # no work clock: the model charges code
         work = m.layers.pop("work-clock", None)
         if work is not None:
             work.detach()               # the model charges code from now on

@@ -1,9 +1,12 @@
 """The clock's default source: guest time moves with the code the guest executes.
 
-Without the cycle model (`--cycles`), every executed block advances the clock by one cycle
-per BYTES_PER_CYCLE bytes of its code: exactly one cycle per instruction on arm64, about one
-per instruction on x86-64 (whose instructions average near 4 bytes). Syscalls, traps and
-counter reads add their fixed costs (emu/clock.py) on top. The native block counter
+Without the cycle model (`--cycles`), from the first time the guest or a trace reads the
+clock, every executed block advances it by one cycle per BYTES_PER_CYCLE bytes of its code:
+exactly one cycle per instruction on arm64, about one per instruction on x86-64 (whose
+instructions average near 4 bytes). Syscalls, traps and counter reads add their fixed costs
+(emu/clock.py) on top. Starting at the first read keeps guests that never look at the time
+at full speed (the hook costs 3-6 ns per block); differences between reads, which is what
+time means to a program, count all the work between them. The native block counter
 (native.c, cm_on_block_bytes) does the counting, ~1 ns per block with no Python; a block is
 charged whole when it starts, so the sum is the code executed however Unicorn cuts it into
 blocks, and two runs of the same guest read the same times. Without a C compiler there is
