@@ -379,11 +379,14 @@ class Machine:
     def _emulate(self, start: int, end: int, max_insns: int, timeout: float, t0: float) -> None:
         """emu_start, resumed after each wait-for-interrupt with what is left of the limits
         (a wait loop must not escape --max-insns or --timeout)."""
-        left, count, retired0, waits = timeout, max_insns, self._retired(), 0
+        left, count, waits = timeout, max_insns, 0
+        retired0 = self._retired() if max_insns else 0
         while True:
             self.uc.emu_start(start, end, timeout=int(left * 1e6), count=count)
             if not self._resume_after_wait(end):
                 return
+            if max_insns and not waits:
+                self.clock.now()        # starts the work clock if off: it counts the rest
             start, waits = self.pc, waits + 1
             if timeout:
                 left = timeout - (time.monotonic() - t0)
