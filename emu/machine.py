@@ -281,8 +281,8 @@ class Machine:
         self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
 
     def on_privileged(self, addr: int) -> None:
-        """A privileged instruction in user mode (arm64: undefined at EL0, SIGILL)."""
-        self.stop_fault(Fault("privileged instruction", addr, None, SIGILL))
+        """A privileged instruction in user mode (the arch says which signal Linux sends)."""
+        self.stop_fault(Fault("privileged instruction", addr, None, self.arch.privileged_signal))
 
     def on_cpu_exception(self, addr: int, intno: int) -> None:
         self.stop_fault(Fault(self.arch.exception_names.get(intno, f"CPU exception {intno}"),
@@ -302,7 +302,7 @@ class Machine:
         privileged, a fault."""
         if not self.halt_allowed:
             pc = self.pc if addr is None else addr
-            self.stop_fault(Fault("privileged instruction", pc, None, SIGSEGV))
+            self.stop_fault(Fault("privileged instruction", pc, None, self.arch.privileged_signal))
             return
         self._stop = RunResult(StopReason.HALT, 0, "halted")
         self.uc.emu_stop()
@@ -447,7 +447,8 @@ class Machine:
             return RunResult(StopReason.LIMIT, 124, self.timeout_message())
         if self.arch.halted(self):
             if not self.halt_allowed:
-                fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None, SIGSEGV)
+                fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None,
+                              self.arch.privileged_signal)
                 return RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
             return RunResult(StopReason.HALT, 0, "halted")
         if max_insns:

@@ -100,7 +100,7 @@ PRIVILEGED = {
     "x86_64": ["cli", "sti", "hlt", "in", "out", "out_dx", "rdmsr", "wrmsr", "read_cr0",
                "write_cr3", "invlpg", "lgdt", "wbinvd", "swapgs", "mov_dr7"],
     "arm64": ["daifset", "read_sctlr", "write_vbar", "tlbi", "eret", "hvc", "smc", "ic_iallu",
-              "at_s1e1r", "read_esr"],
+              "at_s1e1r", "read_esr", "hlt"],
 }
 ALLOWED = {
     "x86_64": ["ok_rdtsc", "ok_pause", "ok_tls_read", "ok_popf_if"],

@@ -191,4 +191,5 @@ ARM64 = Arm64Arch(
     hwcap=0xFF, hwcap2=0,
     bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
     flags_reg="nzcv", halt_size=0, aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+    privileged_signal=4,
 )

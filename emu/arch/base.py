@@ -45,6 +45,9 @@ class Arch:
     halt_size: int                 # bytes of the halt instruction (x86 reports pc after it)
     aliases: dict[str, str] = field(default_factory=dict)
     exception_names: dict[int, str] = field(default_factory=dict)   # CPU exception number -> kind
+    # The signal Linux sends a process that runs a privileged instruction: SIGSEGV for the
+    # #GP of x86, SIGILL for arm64's undefined-at-EL0.
+    privileged_signal: int = 11
 
     def install_hooks(self, machine: "Machine") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -50,6 +50,7 @@ CASE(smc, "smc #0")
 CASE(ic_iallu, "ic iallu")
 CASE(at_s1e1r, "mov x0, sp; at s1e1r, x0")
 CASE(read_esr, "mrs x0, esr_el1")
+CASE(hlt, "hlt #0")
 CASE(wfi, "wfi")
 CASE(wfe, "sevl; wfe")
 CASE(yield, "yield")
@@ -63,7 +64,7 @@ CASE(fp, "fmov d0, #1.0; fadd d0, d0, d0")
 static const struct insn_case cases[] = {
 	{"daifset", daifset}, {"read_sctlr", read_sctlr}, {"write_vbar", write_vbar},
 	{"tlbi", tlbi}, {"eret", eret}, {"hvc", hvc}, {"smc", smc}, {"ic_iallu", ic_iallu},
-	{"at_s1e1r", at_s1e1r}, {"read_esr", read_esr},
+	{"at_s1e1r", at_s1e1r}, {"read_esr", read_esr}, {"hlt", hlt},
 	{"ok_wfi", wfi}, {"ok_wfe", wfe}, {"ok_yield", yield}, {"ok_cntvct", cntvct},
 	{"ok_cntfrq", cntfrq}, {"ok_tpidr", tpidr}, {"ok_ctr", ctr}, {"ok_dc_zva", dc_zva},
 	{"ok_fp", fp},
