@@ -173,3 +173,18 @@ def test_wait_loop_obeys_limits(arch, make_tiny):
         # the first wait started the work clock; with 4-byte instructions its count is exact
         bytes_run = guest.machine.clock.counts()["code_bytes"]
         assert 5000 - 8 <= bytes_run // 4 <= 5000 + 4
+
+
+def test_probes_work_unprivileged(arch, cpu_prog, tmp_path):
+    """The probe layer's own traps (BRK/int3, the slots' step traps, the kretprobe
+    trampoline) work with the guest at CPL3 / EL0."""
+    import json
+    prog = str(cpu_prog(arch, "privileged"))
+    case = ALLOWED[arch][0]
+    stats = tmp_path / "stats.json"
+    r = run_emu("run", "--stats", str(stats), "--kprobe", "main", "--kprobe", "fflush",
+                "--kretprobe", "main", prog, "--", case)
+    assert (r.rc, r.out) == (0, f"survived {case}\n"), r.err
+    hits = {(p["symbol"], p["kind"]): p["hits"] for p in json.loads(stats.read_text())["probes"]}
+    entry = {sym: h for (sym, kind), h in hits.items() if kind != "kretprobe"}   # kprobe/boosted
+    assert hits[("main", "kretprobe")] == 1 and entry["main"] == 1 and entry["fflush"] >= 1
