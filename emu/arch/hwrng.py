@@ -6,8 +6,8 @@ reads a generator seeded from the host. At first use this module redirects that 
 emu/cycles/native.c: an absolute jump written over its first instruction, in the process's
 own copy of libunicorn. Each machine owns a splitmix64 stream and selects it before a run.
 
-Where the redirect is impossible (no C compiler, a host that is not x86-64, a libunicorn
-whose helper does not look as expected), `available()` is False and RDRAND stays host-random;
+Where the redirect is impossible (no C compiler, a host that is not x86-64, a Unicorn other
+than the pinned 2.1.4, a helper that does not look as expected), `available()` is False and RDRAND stays host-random;
 the arm64 CPU model has no RNDR, so arm64 guests have no hardware random instruction."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import platform
 
 from emu.cycles import native
 
+PINNED_UNICORN = "2.1.4"
 _STATE: dict[str, object] = {}
 
 
@@ -55,6 +56,9 @@ def _install():
     _STATE["lib"] = None
     lib = native.load()
     if lib is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    import unicorn
+    if unicorn.__version__ != PINNED_UNICORN:     # the code read below is this build's
         return None
     from emu.ucfast import uclib
     try:
