@@ -7,7 +7,11 @@ same counter and sets the costs below from its CPU profile.
 
 The count is kept in 1/256-cycle fixed point (`acc.fp`) so fractional block costs add up
 exactly; `cycles` is its integer part. With the native block counter attached, `acc` is
-the counter's C struct, so block costs and the events charged here land in one integer."""
+the counter's C struct, so block costs and the events charged here land in one integer.
+
+The counter saturates at FP_MAX (2^64 - 1, the C counter's width: 2^56 cycles, about 416
+days at 2 GHz) and never wraps: a guest that sleeps past it sees time stop there, never go
+backwards, and a cycle limit below it still fires."""
 from __future__ import annotations
 
 from typing import Callable
@@ -15,6 +19,7 @@ from typing import Callable
 # The wall-clock epoch the guest sees at cycle 0 (2026-01-01T00:00:00Z): a fixed choice.
 EPOCH_NS = 1_767_225_600 * 1_000_000_000
 FP_SHIFT = 8                      # cycles are counted in 1/256 cycle
+FP_MAX = (1 << 64) - 1            # saturation point of the counter (uint64 in native.c)
 
 
 class Accumulator:
@@ -59,6 +64,9 @@ class Clock:
         # (code_fp, probe_fp, taken_fp, mispredict_fp, insns, blocks).
         self.pending: Callable[[], int] | None = None
         self.model_counts: Callable[[], dict[str, int]] | None = None
+        # Called once, at the first read of the clock (the machine starts its work clock
+        # there, so guests that never look at the time pay nothing for it).
+        self.on_first_read: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return (f"Clock(cycles={self.cycles}, freq_hz={self.freq_hz}, profile={self.profile!r}, "
@@ -71,16 +79,22 @@ class Clock:
 
     @cycles.setter
     def cycles(self, value: int) -> None:
-        self.acc.fp = value << FP_SHIFT
+        self.acc.fp = min(max(value, 0) << FP_SHIFT, FP_MAX)
+
+    @property
+    def saturated(self) -> bool:
+        return self.acc.fp >= FP_MAX
 
     def advance(self, n: int, reason: str | None = None) -> None:
-        self.acc.fp += n << FP_SHIFT
+        fp = self.acc.fp + (n << FP_SHIFT)
+        self.acc.fp = fp if fp < FP_MAX else FP_MAX
         if reason is not None:
             self.by_reason[reason] = self.by_reason.get(reason, 0) + n
 
     def advance2(self, n1: int, reason1: str, n2: int, reason2: str) -> None:
         """Two charges at once (hot paths: a detour and its handler)."""
-        self.acc.fp += (n1 + n2) << FP_SHIFT
+        fp = self.acc.fp + ((n1 + n2) << FP_SHIFT)
+        self.acc.fp = fp if fp < FP_MAX else FP_MAX
         by = self.by_reason
         by[reason1] = by.get(reason1, 0) + n1
         by[reason2] = by.get(reason2, 0) + n2
@@ -91,8 +105,11 @@ class Clock:
 
     def now(self) -> int:
         """Cycles at the current instruction: the running block's prefix, not all of it."""
+        if self.on_first_read is not None:
+            first, self.on_first_read = self.on_first_read, None
+            first()
         fp = self.acc.fp
-        if self.pending is not None:
+        if self.pending is not None and fp < FP_MAX:   # saturated: the rest of a block is moot
             fp -= self.pending()
         return fp >> FP_SHIFT
 

@@ -18,7 +18,7 @@ from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch
 from emu.clock import Clock
-from emu.memory import Memory
+from emu.memory import PROT_EXEC, Memory
 from emu.symbols import SymbolTable
 from emu.ucfast import RawHooks, RegAccess
 
@@ -100,8 +100,13 @@ class Machine:
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
         self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
         self.halt_allowed = False   # bare metal: the halt instruction ends the run (else a fault)
+        self.user_mode = False      # set by start_thread: the guest runs at CPL3 / EL0
+        # time.monotonic() past which the run must stop (run(timeout=...)); blocking host
+        # work done for the guest (a read from a pipe) checks it and calls stop_limit.
+        self.deadline: float | None = None
         self._stop: RunResult | None = None
         self._mem_fault: tuple[int, int] | None = None
+        self._timeout = 0.0
         self._depth = 0                              # nested runs (a handler calling the guest)
         # Layers that may stop a run for a limit of their own (the cycle model's
         # --max-cycles) say so here: fn() -> message or None.
@@ -112,6 +117,30 @@ class Machine:
         self.arch.install_hooks(self)
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
+        self.clock.on_first_read = self._start_work_clock
+        from emu.arch.hwrng import GuestRandom
+        self.random = GuestRandom()     # RDRAND/RDSEED; seed_random gives it --seed
+
+    def start_thread(self, pc: int, sp: int) -> None:
+        """Enter user mode at pc with stack sp in the state Linux's start_thread gives a
+        new process (x86 CPL3, arm64 EL0; the arch has the facts)."""
+        self.arch.start_thread(self, pc, sp)
+        self.user_mode = True
+        self.pc, self.sp = pc, sp
+
+    def _start_work_clock(self) -> None:
+        """The guest (or a trace) reads the time for the first time: from here on time moves
+        with the code the guest runs (emu/cycles/work.py). Blocks translated before get the
+        new hook once retranslated (unicorn-notes rule 3; no flush inside a callback)."""
+        from emu.cycles.work import WorkClock
+        if WorkClock.attach(self) is not None:
+            for r in self.memory.regions:
+                if r.prot & PROT_EXEC:
+                    self.uc.ctl_remove_cache(r.start, r.end)
+
+    def seed_random(self, seed: int) -> None:
+        """Seed the guest's hardware random instructions (--seed, as getrandom)."""
+        self.random.seed(seed)
 
     def layer(self, key: str, factory: Callable[["Machine"], object]):
         """The per-machine state of another layer (kprobes, ftrace, ...), made on first use."""
@@ -251,6 +280,10 @@ class Machine:
     def on_undefined(self, addr: int) -> None:
         self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
 
+    def on_privileged(self, addr: int) -> None:
+        """A privileged instruction in user mode (the arch says which signal Linux sends)."""
+        self.stop_fault(Fault("privileged instruction", addr, None, self.arch.privileged_signal))
+
     def on_cpu_exception(self, addr: int, intno: int) -> None:
         self.stop_fault(Fault(self.arch.exception_names.get(intno, f"CPU exception {intno}"),
                               addr, None, SIGSEGV))
@@ -269,10 +302,22 @@ class Machine:
         privileged, a fault."""
         if not self.halt_allowed:
             pc = self.pc if addr is None else addr
-            self.stop_fault(Fault("privileged instruction", pc, None, SIGSEGV))
+            self.stop_fault(Fault("privileged instruction", pc, None, self.arch.privileged_signal))
             return
         self._stop = RunResult(StopReason.HALT, 0, "halted")
         self.uc.emu_stop()
+
+    def stop_limit(self, message: str) -> None:
+        """End the run as a limit (exit 124) from inside a hook or a syscall handler."""
+        self._stop = RunResult(StopReason.LIMIT, 124, message)
+        self.uc.emu_stop()
+
+    def timeout_message(self) -> str:
+        return f"wall-clock limit of {self._timeout:g} s reached at pc {self.describe(self.pc)}"
+
+    def past_deadline(self) -> bool:
+        """--timeout has run out (blocking work for the guest polls this)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def stop_fault(self, fault: Fault) -> None:
         for notify in self.fault_notifiers:
@@ -301,13 +346,15 @@ class Machine:
                 raise ValueError("a nested run needs `until`")
             saved, max_insns, timeout = (self._stop, self._mem_fault), 0, 0.0
         self._stop, self._mem_fault = None, None
+        t0 = time.monotonic()
         if not nested:
             self.hooks.errors.clear()
-        t0 = time.monotonic()
+            self._timeout = timeout
+            self.deadline = t0 + timeout if timeout else None
         self._depth += 1
+        self.random.select()
         try:
-            self.uc.emu_start(start, _NEVER if until is None else until,
-                              timeout=int(timeout * 1e6), count=max_insns)
+            self._emulate(start, _NEVER if until is None else until, max_insns, timeout, t0)
         except UcError as e:
             if self.hooks.errors:
                 raise self.hooks.errors[0] from None
@@ -328,6 +375,42 @@ class Machine:
         if nested:
             self._stop, self._mem_fault = saved
         return result
+
+    def _emulate(self, start: int, end: int, max_insns: int, timeout: float, t0: float) -> None:
+        """emu_start, resumed after each wait-for-interrupt with what is left of the limits
+        (a wait loop must not escape --max-insns or --timeout)."""
+        left, count, waits = timeout, max_insns, 0
+        retired0 = self._retired() if max_insns else 0
+        while True:
+            self.uc.emu_start(start, end, timeout=int(left * 1e6), count=count)
+            if not self._resume_after_wait(end):
+                return
+            if max_insns and not waits:
+                self.clock.now()        # starts the work clock if off: it counts the rest
+            start, waits = self.pc, waits + 1
+            if timeout:
+                left = timeout - (time.monotonic() - t0)
+                if left <= 0:
+                    return
+            if max_insns:
+                count = max_insns - max(self._retired() - retired0, waits)
+                if count <= 0:
+                    return
+
+    def _retired(self) -> int:
+        """Instructions retired so far, as well as the clock knows (the cycle model counts
+        them; the work clock counts code bytes, exact on fixed-size ISAs)."""
+        c = self.clock.counts()
+        return c["insns"] if "insns" in c else c.get("code_bytes", 0) // self.arch.insn_align
+
+    def _resume_after_wait(self, end: int) -> bool:
+        """A user process steps over a wait-for-interrupt (Linux emulates a trapped WFI);
+        Unicorn's CPU halted on it instead, ending emu_start."""
+        if self._stop is not None or self.hooks.errors or not self.user_mode:
+            return False
+        if self.pc == end or not self.arch.waited(self):
+            return False
+        return not any(check() for check in self.limit_checks)
 
     @property
     def stopping(self) -> bool:
@@ -361,11 +444,11 @@ class Machine:
             if message:
                 return RunResult(StopReason.LIMIT, 124, message)
         if timeout and elapsed >= timeout * 0.99:
-            return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of {timeout:g} s reached "
-                                                    f"at pc {self.describe(self.pc)}")
+            return RunResult(StopReason.LIMIT, 124, self.timeout_message())
         if self.arch.halted(self):
             if not self.halt_allowed:
-                fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None, SIGSEGV)
+                fault = Fault("privileged instruction", self.pc - self.arch.halt_size, None,
+                              self.arch.privileged_signal)
                 return RunResult(StopReason.FAULT, FAULT_EXIT, self.fault_report(fault), fault)
             return RunResult(StopReason.HALT, 0, "halted")
         if max_insns:

@@ -166,8 +166,9 @@ def test_timeout_limit(arch, make_tiny):
 
 def test_default_run_has_no_per_instruction_hook(arch, make_tiny):
     """A CODE hook on every instruction runs at ~3.5 MIPS (unicorn-notes): the default mode
-    installs none (nor a BLOCK hook); the cycle model adds exactly one BLOCK hook. (Speed
-    itself is measured in benchmarks/bench_machine.py, not asserted.)"""
+    installs none, nor a Python BLOCK hook (the work clock is one native BLOCK hook,
+    emu/cycles/work.py); the cycle model adds exactly one BLOCK hook. (Speed itself is
+    measured in benchmarks/bench_machine.py, not asserted.)"""
     loop = {"arm64": "movz x0, #0x98, lsl #16; l: subs x0, x0, #1; b.ne l; " + LINUX_EXIT[arch].format(code=0),
             "x86_64": "mov ecx, 0x980000; l: dec ecx; jnz l; " + LINUX_EXIT[arch].format(code=0)}[arch]
     m, _, _ = load(make_tiny(arch, [("_start", loop)]))

@@ -44,6 +44,32 @@ CNTVCT_EL0, CNTPCT_EL0, CNTFRQ_EL0, PMCCNTR_EL0 = (3, 3, 14, 0, 2), (3, 3, 14, 0
 
 UART_DATA, EXIT_DEVICE = 0x0900_0000, 0x0910_0000
 
+# --- the CPU state Linux gives a process --------------------------------------------------------
+CPACR_FPEN = 3 << 20             # FP/SIMD usable at EL0 and EL1
+PSR_MODE_EL0t = 0x0              # start_thread_common: EL0, DAIF clear
+# SCTLR_EL1 bits Linux sets for EL0 (INIT_SCTLR_EL1_MMU_ON): DC ZVA, CTR_EL0 reads, WFE and
+# cache maintenance by VA allowed. Linux leaves nTWI clear (WFI traps and the kernel steps
+# over it); here it is set, because Unicorn stops a run at `until` with an imitation WFI that
+# must not trap: a guest WFI then ends emu_start, and Machine.run resumes after it.
+SCTLR_DZE, SCTLR_UCT, SCTLR_nTWI, SCTLR_nTWE, SCTLR_UCI = 1 << 14, 1 << 15, 1 << 16, 1 << 18, 1 << 26
+SCTLR_EL1 = (1, 0, 3, 0, 0)                  # (crn, crm, op0, op1, op2) for UC_ARM64_REG_CP_REG
+CNTKCTL_EL1, CNTKCTL_EL0VCTEN = (14, 1, 3, 0, 0), 1 << 1    # arch_timer: EL0 reads CNTVCT
+WFI = 0xD503207F
+# Undefined at EL0, where Linux gives SIGILL (do_el0_undef):
+SYSTEM_INSN = (0xFFC00000, 0xD5000000)       # MSR/MRS/SYS/SYSL and the hints (mask, value)
+EXCEPTION_GEN = (0xFF000000, 0xD4000000)     # SVC/HVC/SMC/BRK/HLT/DCPS
+ERET_FAMILY = (0xFE000000, 0xD6000000)       # unconditional branch (register): ERET, DRPS
+
+
+def _is_privileged(word: int) -> bool:
+    """A system, exception-generating or ERET-class instruction: at EL0 these are the ones
+    that are undefined for lack of privilege (the rest of UDEF is plain undefined). A system
+    register or SYS op with op1 = 3 is an EL0 one: undefined only if this CPU lacks it."""
+    if word & SYSTEM_INSN[0] == SYSTEM_INSN[1]:
+        op0, op1 = (word >> 19) & 3, (word >> 16) & 7
+        return op0 == 0 or op1 != 3
+    return any(word & mask == value for mask, value in (EXCEPTION_GEN, ERET_FAMILY))
+
 
 class Arm64Arch(Arch):
     def install_hooks(self, m: "Machine") -> None:
@@ -64,6 +90,8 @@ class Arm64Arch(Arch):
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
                 if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
                     m.request_halt(addr)
+                elif m.user_mode and _is_privileged(word):
+                    m.on_privileged(addr)
                 else:
                     m.on_undefined(addr)
             else:
@@ -96,6 +124,10 @@ class Arm64Arch(Arch):
     def halted(self, m: "Machine") -> bool:
         return False                                     # HLT arrives as an exception
 
+    def waited(self, m: "Machine") -> bool:
+        """The run stopped just after a WFI (Unicorn halts the CPU on it)."""
+        return m.memory.read_safe(m.pc - 4, 4) == WFI.to_bytes(4, "little")
+
     def pack_stat(self, st: dict) -> bytes:
         """asm-generic struct stat (128 bytes)."""
         return struct.pack("<QQIIIIQQqiiqqQqQqQII", st["dev"], st["ino"], st["mode"], st["nlink"],
@@ -103,7 +135,34 @@ class Arm64Arch(Arch):
                            st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0)
 
     def reset_cpu(self, m: "Machine") -> None:
-        m.regs.write(self.regs["cpacr_el1"], 3 << 20)   # FP/SIMD usable at EL0 and EL1
+        """EL1h (Unicorn's reset, DAIF masked) with FP/SIMD enabled; FPCR and FPSR are 0
+        (round to nearest, no trapped exceptions), as Linux gives a process too."""
+        m.regs.write(self.regs["cpacr_el1"], CPACR_FPEN)
+        m.uc.reg_write(A.UC_ARM64_REG_FPCR, 0)
+        m.uc.reg_write(A.UC_ARM64_REG_FPSR, 0)
+
+    def start_thread(self, m: "Machine", pc: int, sp: int) -> None:
+        """PSTATE = EL0t, then the EL1 controls Linux sets for user space. Unicorn rebuilds
+        its translation flags on a system-register write, not on a PSTATE write: the
+        SCTLR_EL1 write comes last."""
+        uc = m.uc
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, PSR_MODE_EL0t)
+        uc.reg_write(A.UC_ARM64_REG_TPIDR_EL0, 0)
+        uc.reg_write(A.UC_ARM64_REG_TPIDRRO_EL0, 0)
+        cntkctl = uc.reg_read(A.UC_ARM64_REG_CP_REG, CNTKCTL_EL1)
+        uc.reg_write(A.UC_ARM64_REG_CP_REG, (*CNTKCTL_EL1, cntkctl | CNTKCTL_EL0VCTEN))
+        sctlr = uc.reg_read(A.UC_ARM64_REG_CP_REG, SCTLR_EL1)
+        sctlr |= SCTLR_DZE | SCTLR_UCT | SCTLR_nTWI | SCTLR_nTWE | SCTLR_UCI
+        uc.reg_write(A.UC_ARM64_REG_CP_REG, (*SCTLR_EL1, sctlr))
+        uc.ctl_flush_tb()
+
+    def cpu_state(self, m: "Machine") -> dict[str, int]:
+        uc = m.uc
+        pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
+        return {"el": (pstate >> 2) & 3, "pstate": pstate, "fpcr": uc.reg_read(A.UC_ARM64_REG_FPCR),
+                "fpsr": uc.reg_read(A.UC_ARM64_REG_FPSR),
+                "cpacr_el1": uc.reg_read(A.UC_ARM64_REG_CPACR_EL1),
+                "sctlr_el1": uc.reg_read(A.UC_ARM64_REG_CP_REG, SCTLR_EL1)}
 
     def install_bare_devices(self, m: "Machine") -> None:
         def uart_write(_uc, offset, size, value, _ud):
@@ -132,4 +191,5 @@ ARM64 = Arm64Arch(
     hwcap=0xFF, hwcap2=0,
     bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
     flags_reg="nzcv", halt_size=0, aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+    privileged_signal=4,
 )

@@ -45,6 +45,9 @@ class Arch:
     halt_size: int                 # bytes of the halt instruction (x86 reports pc after it)
     aliases: dict[str, str] = field(default_factory=dict)
     exception_names: dict[int, str] = field(default_factory=dict)   # CPU exception number -> kind
+    # The signal Linux sends a process that runs a privileged instruction: SIGSEGV for the
+    # #GP of x86, SIGILL for arm64's undefined-at-EL0.
+    privileged_signal: int = 11
 
     def install_hooks(self, machine: "Machine") -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -56,10 +59,26 @@ class Arch:
         raise NotImplementedError
 
     def reset_cpu(self, machine: "Machine") -> None:  # pragma: no cover
+        """The state of a new CPU, before any mode is chosen: the privileged (bare-metal)
+        mode, with the floating-point unit as software finds it after its reset."""
+        raise NotImplementedError
+
+    def start_thread(self, machine: "Machine", pc: int, sp: int) -> None:  # pragma: no cover
+        """Linux's start_thread: enter user mode (x86 CPL3 / arm64 EL0) at pc with stack sp,
+        in the register state a new process gets from exec."""
+        raise NotImplementedError
+
+    def cpu_state(self, machine: "Machine") -> dict[str, int]:  # pragma: no cover
+        """The control state tests and reports compare: privilege level and FP control."""
         raise NotImplementedError
 
     def halted(self, machine: "Machine") -> bool:  # pragma: no cover
         """Did the last emu_start end on the arch's halt instruction?"""
+        raise NotImplementedError
+
+    def waited(self, machine: "Machine") -> bool:  # pragma: no cover
+        """Did the last emu_start end on a wait-for-interrupt a user process steps over
+        (arm64 WFI, which halts Unicorn's CPU)?"""
         raise NotImplementedError
 
     def pack_stat(self, st: dict) -> bytes:  # pragma: no cover

@@ -37,7 +37,35 @@ _SYSCALLS = dict(
 )
 
 INT3_VECTOR = 3
+GP_VECTOR = 13
+HLT = b"\xf4"
 CONSOLE_PORT, EXIT_PORT = 0x3F8, 0xF4
+
+# --- the CPU state Linux gives a process --------------------------------------------------------
+# x87 and SSE control as after FNINIT and as fpstate_init_user() leaves them (fpu/core.c):
+# round to nearest, 64-bit precision, every exception masked, the register stack empty.
+FPU_RESET = {"fpcw": 0x37F, "fpsw": 0, "fptag": 0xFFFF, "mxcsr": 0x1F80}
+X86_CR0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x4_0000   # PE MP ET NE WP AM (PG: Unicorn maps flat)
+X86_CR4_OSXMMEXCPT = 1 << 10     # unmasked SIMD FP exceptions raise #XM, not #UD
+# asm/segment.h: GDT entries 2, 3 (kernel CS/DS), 5, 6 (user DS/CS); user selectors RPL 3.
+KERNEL_CS, KERNEL_DS, USER_DS, USER_CS = 0x10, 0x18, 0x2B, 0x33
+X86_EFLAGS_FIXED, X86_EFLAGS_IF = 0x2, 0x200
+# The GDT lives in the page above the last user page (TASK_SIZE = 0x7ffffffff000), which
+# Linux never maps for a process either; segment loads by the guest still find it.
+GDT_PAGE = 0x7FFF_FFFF_F000
+
+
+def _descriptor(code: bool, dpl: int) -> bytes:
+    """A flat 64-bit code (L) or data segment descriptor, accessed bit set so loading it
+    never writes to the read-only GDT."""
+    access = 0x80 | dpl << 5 | 0x10 | (0x0A if code else 0x02) | 0x01
+    flags = 0xA if code else 0xC                      # G + L, or G + D/B
+    return (0xFFFF | access << 40 | 0xF << 48 | flags << 52).to_bytes(8, "little")
+
+
+GDT = (bytes(16) + _descriptor(True, 0) + _descriptor(False, 0) + bytes(8)
+       + _descriptor(False, 3) + _descriptor(True, 3))
+IRETQ = b"\x48\xcf"
 
 
 class X86_64Arch(Arch):
@@ -58,6 +86,9 @@ class X86_64Arch(Arch):
                 # `int n` (cd nn) reports the address after itself; name the instruction.
                 if m.memory.read_safe(pc - 2, 2) == bytes((0xCD, intno)):
                     pc -= 2
+                elif intno == GP_VECTOR and m.memory.read_safe(pc, 1) == HLT:
+                    m.request_halt(pc)              # CPL3: a fault unless a halt is allowed
+                    return
                 m.on_cpu_exception(pc, intno)
 
         m.hooks.intr(on_intr)
@@ -97,6 +128,9 @@ class X86_64Arch(Arch):
         pc = m.pc
         return m.memory.read_safe(pc - 1, 1) == b"\xf4"
 
+    def waited(self, m: "Machine") -> bool:
+        return False                # `hlt` is the only wait, and it is privileged
+
     def pack_stat(self, st: dict) -> bytes:
         """x86-64 struct stat (144 bytes)."""
         return struct.pack("<QQQIIIIQqqqQQQQQQqqq", st["dev"], st["ino"], st["nlink"], st["mode"],
@@ -104,7 +138,55 @@ class X86_64Arch(Arch):
                            st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0, 0)
 
     def reset_cpu(self, m: "Machine") -> None:
-        pass
+        """Unicorn leaves the FPU control words at 0 (single precision, every exception
+        unmasked) and the x87 tags "valid": give the FNINIT state instead."""
+        uc = m.uc
+        for name, value in FPU_RESET.items():
+            uc.reg_write(getattr(X, f"UC_X86_REG_{name.upper()}"), value)
+        uc.reg_write(X.UC_X86_REG_CR0, X86_CR0)
+        uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | X86_CR4_OSXMMEXCPT)
+        uc.reg_write(X.UC_X86_REG_RFLAGS, X86_EFLAGS_FIXED)
+
+    def start_thread(self, m: "Machine", pc: int, sp: int) -> None:
+        """Unicorn sets the CPL only from a real segment load, so enter CPL3 as the kernel
+        does: `iretq` from CPL0 through a frame of user CS/SS, RFLAGS = IF."""
+        from emu.memory import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
+        uc = m.uc
+        m.memory.map(GDT_PAGE, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, "[gdt]")
+        stub, frame = GDT_PAGE + 0x100, GDT_PAGE + 0x200
+        m.memory.write(GDT_PAGE, GDT)
+        m.memory.write(stub, IRETQ)
+        m.memory.write(frame, struct.pack("<5Q", pc, USER_CS, X86_EFLAGS_IF | X86_EFLAGS_FIXED,
+                                          sp, USER_DS))
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT_PAGE, len(GDT) - 1, 0))
+        uc.reg_write(X.UC_X86_REG_CS, KERNEL_CS)
+        uc.reg_write(X.UC_X86_REG_SS, KERNEL_DS)
+        uc.reg_write(X.UC_X86_REG_RSP, frame)
+        uc.emu_start(stub, pc)
+        uc.ctl_remove_cache(pc, pc + 1)     # the block at `until` was translated to stop there
+        m.memory.protect(GDT_PAGE, PAGE, PROT_READ)
+        self._trap_port_io(m)
+
+    @staticmethod
+    def _trap_port_io(m: "Machine") -> None:
+        """At CPL3 with IOPL 0 `in`/`out` raise #GP; Unicorn's port I/O skips the check
+        (and the TSS bitmap), so the instruction hooks raise it."""
+        rip = m.arch.regs["rip"]
+
+        def gp(_uc, *_args):
+            pc = m.regs.read(rip)
+            m.on_cpu_exception(pc, GP_VECTOR)
+            m.regs.write(rip, pc)            # a PC write leaves the block at once
+            return 0
+
+        m.uc.hook_add(uc.UC_HOOK_INSN, gp, None, 1, 0, X.UC_X86_INS_OUT)
+        m.uc.hook_add(uc.UC_HOOK_INSN, gp, None, 1, 0, X.UC_X86_INS_IN)
+
+    def cpu_state(self, m: "Machine") -> dict[str, int]:
+        uc = m.uc
+        return {"cpl": uc.reg_read(X.UC_X86_REG_CS) & 3, "cs": uc.reg_read(X.UC_X86_REG_CS),
+                "ss": uc.reg_read(X.UC_X86_REG_SS), "rflags": uc.reg_read(X.UC_X86_REG_RFLAGS),
+                **{name: uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}")) for name in FPU_RESET}}
 
     def install_bare_devices(self, m: "Machine") -> None:
         def on_out(_uc, port, size, value, _ud):

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from unicorn import unicorn_const as UC
 
-from emu.clock import FP_SHIFT
+from emu.clock import FP_MAX, FP_SHIFT
 from emu.cycles import native
 from emu.cycles.blockcost import BlockCost, block_cost
 from emu.cycles.ops import decoder_for, disassembler
@@ -109,6 +109,10 @@ class CycleModel:
         clock.bpf_entry_cost, clock.bpf_insn_cost = p.bpf_entry, p.bpf_insn
         clock.detour_cost = p.detour
         clock.profile = p.name
+        clock.on_first_read = None      # no work clock: the model charges code
+        work = m.layers.pop("work-clock", None)
+        if work is not None:
+            work.detach()               # the model charges code from now on
         old = clock.acc
         if self.native:
             st = self.state = native.CmState()
@@ -209,7 +213,7 @@ class CycleModel:
             acc.fp += p.branch_taken << FP_SHIFT
             c["taken_fp"] += p.branch_taken << FP_SHIFT
         cost = b.cost.cost
-        acc.fp += cost
+        acc.fp = min(acc.fp + cost, FP_MAX)
         c["code_fp"] += cost
         if b.flags & CM_PROBE:
             c["probe_fp"] += cost
@@ -218,7 +222,8 @@ class CycleModel:
         self._py_prev_end = addr + size
         self._py_cur = (addr, size)
         self._py_prev = b
-        if self.max_cycles and acc.fp >= self.max_cycles << FP_SHIFT and not self._py_limit_hit:
+        if self.max_cycles and acc.fp >= min(self.max_cycles << FP_SHIFT, FP_MAX) \
+                and not self._py_limit_hit:
             self._py_limit_hit = True
             self.m.uc.emu_stop()
 
@@ -227,7 +232,7 @@ class CycleModel:
         self.max_cycles = max_cycles
         if self.state is not None:
             from emu.ucfast import uc_emu_stop_address
-            self.state.limit_fp = max_cycles << FP_SHIFT
+            self.state.limit_fp = min(max_cycles << FP_SHIFT, FP_MAX)
             self.state.stop = uc_emu_stop_address()
         self.m.limit_checks.append(self._limit_reached)
 
@@ -314,6 +319,8 @@ class CycleModel:
             return
         idx = self._index(b, addr, pc)
         back = b.cost.cost - (b.cost.prefix[idx - 1] if idx else 0)
+        if self.m.clock.saturated:
+            back = 0                    # the block's cost was never all added: keep time still
         self.m.clock.acc.fp -= back
         self._unrun["code_fp"] += back
         if b.flags & CM_PROBE:

@@ -9,6 +9,12 @@
  * The hot path only adds to the clock and counts executions per entry;
  * instruction counts and the per-reason shares are summed from the entries
  * when asked (cm_totals). Everything is integer arithmetic.
+ *
+ * The clock saturates at UINT64_MAX instead of wrapping (a guest sleep can
+ * bring it there): time never runs backwards and a cycle limit still fires.
+ *
+ * Without the cycle model, cm_on_block_bytes is the machine's default work
+ * clock: each executed block adds its size in bytes times byte_cost.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,7 +56,15 @@ typedef struct {
 	uint64_t limit_fp;          /* stop the run once fp reaches this; 0: no limit */
 	cm_stop_fn stop;            /* uc_emu_stop */
 	uint64_t limit_hit;         /* set when the limit stopped the run */
+	uint64_t byte_cost;         /* work clock: 1/256 cycles per executed code byte */
+	uint64_t bytes;             /* work clock: code bytes executed */
 } cm_state;
+
+static inline uint64_t cm_sat_add(uint64_t a, uint64_t b)
+{
+	uint64_t r;
+	return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
 
 static inline uint64_t cm_hash(uint64_t addr, uint32_t size)
 {
@@ -193,13 +207,13 @@ static inline void cm_on_block_tail(cm_state *st, void *uc, cm_entry *e, uint64_
 {
 	uint64_t fp = st->fp;
 	if (st->prev_end != addr) {
-		fp += st->taken_cost;
+		fp = cm_sat_add(fp, st->taken_cost);
 		st->taken++;
 	}
 	st->prev_end = addr + size;
 	st->cur = e;
 	if (__builtin_expect(e != NULL, 1)) {
-		fp += e->cost;
+		fp = cm_sat_add(fp, e->cost);
 		e->count++;
 	}
 	st->fp = fp;
@@ -221,6 +235,57 @@ void cm_on_block_bp(void *uc, uint64_t addr, uint32_t size, void *ud)
 {
 	cm_state *st = ud;
 	cm_entry *e = cm_enter(st, uc, addr, size);
-	st->fp += cm_predict(st, addr);
+	st->fp = cm_sat_add(st->fp, cm_predict(st, addr));
 	cm_on_block_tail(st, uc, e, addr, size);
+}
+
+/* The work clock's BLOCK hook: time moves with the code executed, no table, no callback. */
+void cm_on_block_bytes(void *uc, uint64_t addr, uint32_t size, void *ud)
+{
+	cm_state *st = ud;
+	(void)uc;
+	(void)addr;
+	st->bytes += size;
+	st->fp = cm_sat_add(st->fp, size * st->byte_cost);
+}
+
+/*
+ * Guest-visible hardware randomness (x86 RDRAND/RDSEED): Unicorn draws it from a
+ * host-seeded generator in qemu_guest_getrandom, with no hook. emu/arch/hwrng.py
+ * redirects that function here, to a splitmix64 stream per machine seeded by --seed;
+ * the machine selects its stream before each run.
+ */
+typedef struct {
+	uint64_t state;
+	uint64_t draws;             /* 8-byte words handed out */
+} cm_rng;
+
+static cm_rng cm_rng_none;      /* runs of machines that never selected a stream */
+static cm_rng *cm_rng_current = &cm_rng_none;
+
+void cm_rng_select(cm_rng *r)
+{
+	cm_rng_current = r ? r : &cm_rng_none;
+}
+
+static uint64_t cm_splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+	return z ^ (z >> 31);
+}
+
+int cm_guest_getrandom(void *buf, size_t len)
+{
+	unsigned char *p = buf;
+	while (len) {
+		uint64_t v = cm_splitmix64(&cm_rng_current->state);
+		size_t n = len < 8 ? len : 8;
+		memcpy(p, &v, n);
+		p += n;
+		len -= n;
+		cm_rng_current->draws++;
+	}
+	return 0;
 }

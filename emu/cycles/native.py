@@ -33,7 +33,8 @@ class CmState(ctypes.Structure):
         "unknown", "count", "mask")] + [
         ("gone", ctypes.c_uint64 * 4), ("table", ctypes.c_void_p),
         ("cur", ctypes.POINTER(CmEntry)), ("miss", MISS_CB),
-        ("limit_fp", ctypes.c_uint64), ("stop", ctypes.c_void_p), ("limit_hit", ctypes.c_uint64)]
+        ("limit_fp", ctypes.c_uint64), ("stop", ctypes.c_void_p), ("limit_hit", ctypes.c_uint64),
+        ("byte_cost", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 def cache_dir() -> Path:

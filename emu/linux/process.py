@@ -117,9 +117,9 @@ def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
                            1: OpenFile("stream", "<stdout>", 1, stream=m.stdout),
                            2: OpenFile("stream", "<stderr>", 1, stream=m.stderr)})
     m.memory.map(STACK_TOP - STACK_SIZE, STACK_SIZE, PROT_READ | PROT_WRITE, "[stack]")
-    m.sp = build_stack(m, image, argv, envp, proc.rng)
     # Unicorn starts with every register zero, so _start's rtld_fini (rdx / x0) is NULL.
-    m.pc = image.entry
+    m.seed_random(seed)                 # RDRAND/RDSEED, seeded like getrandom
+    m.start_thread(image.entry, build_stack(m, image, argv, envp, proc.rng))
     return proc
 
 
