@@ -9,12 +9,16 @@ import stat as st
 import struct
 from typing import Callable
 
-from emu.linux.fs import AT_FDCWD, FsError, OpenFile
 from unicorn import UcError
 
-from emu.linux.process import MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess
-from emu.memory import PROT_READ, PROT_WRITE, page_up
-from emu.uaccess import UserFault, copy_from_user, copy_to_user
+from emu.clock import FP_SHIFT
+from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
+                          OpenFile, ReadPastDeadline)
+from emu.linux.pipe import Pipe, WouldBlockForever
+from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
+                               stop_as_limit)
+from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
+from emu.uaccess import UserFault, access_ok, copy_from_user, copy_to_user, strncpy_from_user
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
             7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
@@ -24,10 +28,18 @@ MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x10, 0x20, 0x100000
 MREMAP_MAYMOVE = 1
 TCGETS, TIOCGWINSZ = 0x5401, 0x5413
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+O_CLOEXEC = 0o2000000
+_SETFL_MASK = 0o2000 | O_NONBLOCK      # O_APPEND | O_NONBLOCK (O_ASYNC, O_DIRECT... ignored)
 ARCH_SET_FS, ARCH_GET_FS = 0x1002, 0x1003
 PR_SET_NAME, PR_GET_NAME = 15, 16
 TASK_SIZE = 1 << 47                 # top of the x86-64 / arm64 (48-bit VA) user address space
 NOFILE = 1024                       # RLIMIT_NOFILE soft limit reported by prlimit64
+MAX_RW_COUNT = 0x7FFFF000           # INT_MAX & PAGE_MASK: the most one read/write transfers
+UIO_MAXIOV = 1024
+IO_CHUNK = 64 << 10                 # host bytes held at once while streaming a guest's I/O
+READ_MAX = 1 << 20                  # one read returns at most this much (a short read)
+MAP_SHARED, MAP_TYPE = 0x01, 0x0F
+SEEK_DATA, SEEK_HOLE = 3, 4
 
 Handler = Callable[..., int]
 SYSCALLS: dict[str, Handler] = {}
@@ -87,6 +99,14 @@ class SyscallDispatcher:
                 ret = -(e.errno or E.EIO)
             except OverflowError:       # a register value no host call accepts
                 ret = -E.EINVAL
+            except WouldBlockForever as e:
+                ret = -E.EINTR
+                stop_as_limit(self.m, f"guest blocked for ever in {name}: {e.what} "
+                                      f"(at pc {self.m.describe(self.m.pc)})")
+            except ReadPastDeadline:
+                ret = -E.EINTR
+                stop_as_limit(self.m, f"wall-clock limit reached while the guest waited in "
+                                      f"{name} at pc {self.m.describe(self.m.pc)}")
         if self.proc.strace:
             self._strace_len = args[2]      # the byte count of write-like calls
             self._strace(name, args, ret)
@@ -178,12 +198,22 @@ def wr(p: LinuxProcess, addr: int, data: bytes) -> None:
 
 
 def cstr(p: LinuxProcess, addr: int) -> str:
+    """A path argument (getname): EFAULT, ENAMETOOLONG at PATH_MAX, else the bytes as an
+    os.fsdecode'd str (host calls encode them back byte for byte)."""
     if addr == 0:
         raise MemoryFault()
     try:
-        return p.machine.memory.read_cstr(addr).decode("utf-8", "surrogateescape")
-    except Exception:
+        raw = strncpy_from_user(p.machine.memory, addr, PATH_MAX)
+    except UserFault:
         raise MemoryFault() from None
+    if len(raw) >= PATH_MAX:
+        raise FsError(E.ENAMETOOLONG)
+    return os.fsdecode(raw)
+
+
+def deadline(p: LinuxProcess) -> float | None:
+    """When a blocking host read must give up: the run's --timeout deadline."""
+    return getattr(p.machine, "deadline", None) or p.deadline
 
 
 def base_dir(p: LinuxProcess, dirfd: int) -> str | None:
@@ -369,10 +399,18 @@ def _signal_self(p, sig: int) -> int:
     return 0
 
 
+FUTEX_PRIVATE_FLAG = 128
+
+
 @syscall("futex")
 def sys_futex(p, uaddr, op, val, *_):
     cmd = op & 0x7F
+    if uaddr & 3:
+        return -E.EINVAL
     if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
+        # get_futex_key: a shared futex must be a mapped page, a private one only in range
+        if uaddr >= TASK_SIZE or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
+            return -E.EFAULT
         return 0
     if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
         (cur,) = struct.unpack("<I", rd(p, uaddr, 4))
@@ -385,17 +423,36 @@ def _timespec(ns: int) -> bytes:
     return struct.pack("<qq", ns // 1_000_000_000, ns % 1_000_000_000)
 
 
+# Clock ids (uapi/linux/time.h): REALTIME 0, MONOTONIC 1, PROCESS/THREAD_CPUTIME 2/3,
+# MONOTONIC_RAW 4, REALTIME/MONOTONIC_COARSE 5/6, BOOTTIME 7, REALTIME/BOOTTIME_ALARM 8/9,
+# TAI 11 (10 was removed). The wall-clock ones read the epoch-based time, all others the
+# one monotonic model time.
+_CLOCKS = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11}
+_WALL_CLOCKS = {0, 5, 8, 11}
+TIMER_ABSTIME = 1
+# Sleeps stop where the 1/256-cycle counter would leave 62 bits (about 100 days of model
+# time at 2 GHz): nothing wraps, so --max-cycles still fires and time never runs back.
+CLOCK_CEILING = (1 << 62) >> FP_SHIFT
+
+
+def _clock_ns(p, clk: int) -> int:
+    c = p.machine.clock
+    return c.realtime_ns() if clk in _WALL_CLOCKS else c.monotonic_ns()
+
+
 @syscall("clock_gettime")
 def sys_clock_gettime(p, clk, ts, *_):
-    c = p.machine.clock
-    ns = c.realtime_ns() if clk in (0, 5, 8, 11) else c.monotonic_ns()   # REALTIME(_COARSE)/TAI
-    if ts:
-        wr(p, ts, _timespec(ns))
+    clk = s32(clk)
+    if clk not in _CLOCKS:
+        return -E.EINVAL
+    wr(p, ts, _timespec(_clock_ns(p, clk)))      # a NULL ts is EFAULT, as in Linux
     return 0
 
 
 @syscall("clock_getres")
 def sys_clock_getres(p, clk, ts, *_):
+    if s32(clk) not in _CLOCKS:
+        return -E.EINVAL
     if ts:
         wr(p, ts, _timespec(1))
     return 0
@@ -421,12 +478,21 @@ def sys_time(p, tloc, *_):
 
 @syscall("nanosleep", "clock_nanosleep")
 def sys_nanosleep(p, *args):
-    req = args[2] if p.dispatcher_name == "clock_nanosleep" else args[0]
+    """Sleeping advances model time (clamped below CLOCK_CEILING); clock_nanosleep takes
+    a clock id and TIMER_ABSTIME."""
+    clk, flags, req = (s32(args[0]), args[1], args[2]) if p.dispatcher_name == "clock_nanosleep" \
+        else (1, 0, args[0])
+    if clk not in _CLOCKS or clk == 3:            # THREAD_CPUTIME cannot be slept on
+        return -E.EINVAL
     secs, nsec = struct.unpack("<qq", rd(p, req, 16))
     if secs < 0 or not 0 <= nsec < 1_000_000_000:
         return -E.EINVAL                 # else a negative sleep would turn the clock back
+    ns = min(secs * 1_000_000_000 + nsec, 1 << 80)
+    if flags & TIMER_ABSTIME:
+        ns = max(0, ns - _clock_ns(p, clk))
     c = p.machine.clock
-    c.advance((secs * 1_000_000_000 + nsec) * c.freq_hz // 1_000_000_000, "sleep")
+    cycles = min(ns * c.freq_hz // 1_000_000_000, max(0, CLOCK_CEILING - c.cycles))
+    c.advance(cycles, "sleep")
     return 0
 
 
@@ -463,6 +529,10 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
         f = p.fds.get(s32(fd))
         if f.kind != "host":
             return -E.ENODEV
+        acc = f.flags & O_ACCMODE
+        if acc == O_WRONLY or (flags & MAP_TYPE == MAP_SHARED and prot & PROT_WRITE
+                               and acc != O_RDWR):
+            return -E.EACCES
     if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
         if addr & 0xFFF:
             return -E.EINVAL
@@ -479,16 +549,57 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
         addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
         if addr is None:
             return -E.ENOMEM
-    data = b""
-    if f is not None:               # read no more than the file holds (pread allocates `n`)
-        data = os.pread(f.host_fd, max(0, min(length, os.fstat(f.host_fd).st_size - off)), off)
     try:
-        mem.map(addr, size, prot & 7, f"[mmap {os.path.basename(f.path)}]" if f else "[anon]")
+        if f is None:
+            mem.map(addr, size, prot & 7, "[anon]")
+        else:
+            _map_file(mem, f, addr, size, prot & 7, off)
     except UcError:
         return -E.ENOMEM
-    if data:
-        mem.write(addr, data)
     return addr
+
+
+def _map_file(mem, f: OpenFile, addr: int, size: int, prot: int, off: int) -> None:
+    """Map the pages the file backs with `prot` and copy in only the bytes it holds (its
+    data extents, IO_CHUNK at a time; holes and zeros stay fresh zero pages). Pages wholly
+    past EOF are mapped inaccessible: touching them faults, as Linux's SIGBUS."""
+    fsize = os.fstat(f.host_fd).st_size
+    backed = min(size, page_up(max(0, fsize - off)))
+    name = os.path.basename(f.path)
+    if backed:
+        mem.map(addr, backed, prot, f"[mmap {name}]")
+    if backed < size:
+        try:
+            mem.map(addr + backed, size - backed, 0, f"[mmap {name} past EOF]")
+        except UcError:
+            mem.unmap(addr, backed)
+            raise
+    _copy_file_data(mem, f.host_fd, addr, off, min(size, max(0, fsize - off)))
+
+
+def _copy_file_data(mem, fd: int, addr: int, off: int, n: int) -> None:
+    saved = os.lseek(fd, 0, os.SEEK_CUR)     # SEEK_DATA moves the guest's file position
+    try:
+        _copy_extents(mem, fd, addr, off, off + n)
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
+
+
+def _copy_extents(mem, fd: int, addr: int, off: int, end: int) -> None:
+    pos = off
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, SEEK_DATA)
+            hole = min(os.lseek(fd, pos, SEEK_HOLE), end)
+        except OSError:                      # ENXIO: no data past pos
+            return
+        while pos < hole:
+            chunk = os.pread(fd, min(IO_CHUNK, hole - pos), pos)
+            if not chunk:
+                return
+            if chunk.count(0) != len(chunk):     # zeros are already there
+                mem.write(addr + pos - off, chunk)
+            pos += len(chunk)
 
 
 @syscall("munmap")
@@ -540,16 +651,25 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
         mem.map(new, new_size, region.prot, region.name)
     except UcError:
         return -E.ENOMEM
-    mem.write(new, mem.read(old, old_size))
+    for done in range(0, old_size, IO_CHUNK):        # bounded host copies; zeros are there
+        chunk = mem.read(old + done, min(IO_CHUNK, old_size - done))
+        if chunk.count(0) != len(chunk):
+            mem.write(new + done, chunk)
     mem.unmap(old, old_size)
     return new
 
 
 # --- files ----------------------------------------------------------------------------------
+# Every transfer is bounded on the host: a read returns at most READ_MAX bytes (a short
+# read, as from a pipe), writes stream IO_CHUNK bytes at a time, so no guest request —
+# however large, however aliased — makes the host hold more than that.
 @syscall("read")
 def sys_read(p, fd, buf, count, *_):
     f = p.fds.get(s32(fd))
-    data = f.read(min(count, 1 << 20))
+    n = min(count, READ_MAX)
+    if not access_ok(p.machine.memory, buf, n, PROT_WRITE):
+        return -E.EFAULT                 # before consuming input the guest could not receive
+    data = f.read(n, deadline(p))
     wr(p, buf, data)
     return len(data)
 
@@ -559,39 +679,105 @@ def sys_pread64(p, fd, buf, count, off, *_):
     f = p.fds.get(s32(fd))
     if f.kind != "host":
         return -E.ESPIPE
-    data = os.pread(f.host_fd, min(count, 1 << 20), off)
+    if s64(off) < 0:
+        return -E.EINVAL
+    data = os.pread(f.host_fd, min(count, READ_MAX), off)
     wr(p, buf, data)
     return len(data)
 
 
+@syscall("pwrite64")
+def sys_pwrite64(p, fd, buf, count, off, *_):
+    f = p.fds.get(s32(fd))
+    if f.kind != "host":
+        return -E.ESPIPE
+    if s64(off) < 0:
+        return -E.EINVAL
+    if f.flags & O_ACCMODE == 0:
+        return -E.EBADF
+    return _stream(p, buf, min(count, MAX_RW_COUNT),
+                   lambda data, done: os.pwrite(f.host_fd, data, off + done))
+
+
 @syscall("write")
 def sys_write(p, fd, buf, count, *_):
-    return p.fds.get(s32(fd)).write(rd(p, buf, count))
+    f = p.fds.get(s32(fd))
+    return _stream(p, buf, min(count, MAX_RW_COUNT), lambda data, _done: f.write(data))
 
 
-def _iovecs(p, iov, cnt):
-    if cnt > 1024:
+def _stream(p, addr: int, n: int, put) -> int:
+    """Copy n guest bytes at addr to put(data, done) in IO_CHUNK pieces. An error after
+    some progress ends the call with the count so far, as the kernel's partial writes."""
+    done = 0
+    while done < n:
+        want = min(IO_CHUNK, n - done)
+        try:
+            wrote = put(rd(p, addr + done, want), done)
+        except (MemoryFault, FsError, OSError):
+            if done:
+                return done
+            raise
+        done += wrote
+        if wrote < want:
+            break
+    return done
+
+
+def _iovecs(p, iov, cnt) -> list[tuple[int, int]]:
+    """The iovec array (import_iovec): EINVAL past UIO_MAXIOV or for a negative length;
+    the total is truncated at MAX_RW_COUNT."""
+    if cnt > UIO_MAXIOV:
         raise FsError(E.EINVAL)
     raw = rd(p, iov, 16 * cnt)
-    return [struct.unpack_from("<QQ", raw, 16 * i) for i in range(cnt)]
+    out, total = [], 0
+    for i in range(cnt):
+        base, n = struct.unpack_from("<QQ", raw, 16 * i)
+        if n >> 63:
+            raise FsError(E.EINVAL)
+        if base + n > TASK_SIZE:             # access_ok: a range check, before truncation
+            raise MemoryFault()
+        n = min(n, MAX_RW_COUNT - total)
+        total += n
+        out.append((base, n))
+    return out
 
 
 @syscall("writev")
 def sys_writev(p, fd, iov, cnt, *_):
-    f = p.fds.get(s32(fd))
-    return f.write(b"".join(rd(p, base, n) for base, n in _iovecs(p, iov, cnt)))
+    f, total = p.fds.get(s32(fd)), 0
+    for base, n in _iovecs(p, iov, cnt):
+        try:
+            wrote = _stream(p, base, n, lambda data, _done: f.write(data))
+        except (MemoryFault, FsError, OSError):
+            if total:
+                return total
+            raise
+        total += wrote
+        if wrote < n:
+            break
+    return total
 
 
 @syscall("readv")
 def sys_readv(p, fd, iov, cnt, *_):
-    f, total = p.fds.get(s32(fd)), 0
-    for base, n in _iovecs(p, iov, cnt):
-        data = f.read(n)
-        wr(p, base, data)
-        total += len(data)
-        if len(data) < n:
+    """One bounded read scattered over the iovecs (a short read past READ_MAX)."""
+    f = p.fds.get(s32(fd))
+    vecs = _iovecs(p, iov, cnt)
+    mem = p.machine.memory
+    want = min(sum(n for _, n in vecs), READ_MAX)
+    if vecs and not access_ok(mem, vecs[0][0], min(vecs[0][1], want), PROT_WRITE):
+        return -E.EFAULT
+    data, done = f.read(want, deadline(p)), 0
+    for base, n in vecs:
+        if done >= len(data):
             break
-    return total
+        piece = data[done:done + n]
+        try:
+            wr(p, base, piece)
+        except MemoryFault:
+            return done or -E.EFAULT
+        done += len(piece)
+    return done
 
 
 @syscall("openat", "open")
@@ -770,10 +956,10 @@ def sys_getdents64(p, fd, buf, count, *_):
     f = p.fds.get(s32(fd))
     if f.kind != "dir":
         return -E.ENOTDIR
-    out = bytearray()
+    out, count = bytearray(), min(count, READ_MAX)
     while f.dir_pos < len(f.dir_entries):
         name, ino, dtype = f.dir_entries[f.dir_pos]
-        raw = name.encode() + b"\0"
+        raw = name + b"\0"
         reclen = (19 + len(raw) + 7) & ~7
         if len(out) + reclen > count:
             if not out:
@@ -796,6 +982,8 @@ def sys_fcntl(p, fd, cmd, arg, *_):
     fd = s32(fd)
     f = p.fds.get(fd)
     if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+        if arg >= NOFILE:
+            return -E.EINVAL
         new = p.fds.install(f, arg)
         if cmd == F_DUPFD_CLOEXEC:
             p.fds.cloexec.add(new)
@@ -807,7 +995,8 @@ def sys_fcntl(p, fd, cmd, arg, *_):
         return 0
     if cmd == F_GETFL:
         return f.flags
-    if cmd == F_SETFL:
+    if cmd == F_SETFL:              # only the status flags change (O_APPEND, O_NONBLOCK)
+        f.flags = (f.flags & ~_SETFL_MASK) | (arg & _SETFL_MASK)
         return 0
     return -E.EINVAL
 
@@ -833,25 +1022,48 @@ def sys_dup3(p, old, new, flags=0, *_):
 
 @syscall("pipe2", "pipe")
 def sys_pipe2(p, fds_addr, flags=0, *_):
-    buf = bytearray()
-    r = p.fds.install(OpenFile("pipe", "<pipe>", 0, pipe=buf))
-    w = p.fds.install(OpenFile("pipe", "<pipe>", 1, pipe=buf))
+    if p.dispatcher_name == "pipe":
+        flags = 0
+    if flags & ~(O_NONBLOCK | O_CLOEXEC | 0o40000):       # O_DIRECT: packet mode, accepted
+        return -E.EINVAL
+    if not access_ok(p.machine.memory, fds_addr, 8, PROT_WRITE):
+        return -E.EFAULT
+    pipe = Pipe(readers=1, writers=1)
+    r = p.fds.install(OpenFile("pipe", "pipe:[r]", flags & O_NONBLOCK, pipe=pipe))
+    try:
+        w = p.fds.install(OpenFile("pipe", "pipe:[w]", O_WRONLY | flags & O_NONBLOCK, pipe=pipe))
+    except FsError:
+        p.fds.close(r)
+        raise
+    if flags & O_CLOEXEC:
+        p.fds.cloexec.update((r, w))
     wr(p, fds_addr, struct.pack("<ii", r, w))
     return 0
 
 
 @syscall("sendfile")
 def sys_sendfile(p, out_fd, in_fd, off_addr, count, *_):
+    """At most READ_MAX bytes per call (a short transfer), IO_CHUNK at a time."""
     src, dst = p.fds.get(s32(in_fd)), p.fds.get(s32(out_fd))
+    off = None
     if off_addr:
         (off,) = struct.unpack("<q", rd(p, off_addr, 8))
         if src.kind != "host":
             return -E.ESPIPE
-        data = os.pread(src.host_fd, min(count, 1 << 20), off)
-        wr(p, off_addr, struct.pack("<q", off + len(data)))
-    else:
-        data = src.read(min(count, 1 << 20))
-    return dst.write(data)
+        if off < 0:
+            return -E.EINVAL
+    done, n = 0, min(count, READ_MAX)
+    while done < n:
+        want = min(IO_CHUNK, n - done)
+        data = (src.read(want, deadline(p)) if off is None
+                else os.pread(src.host_fd, want, off + done))
+        wrote = dst.write(data) if data else 0
+        done += wrote
+        if wrote < want:
+            break
+    if off is not None:
+        wr(p, off_addr, struct.pack("<q", off + done))
+    return done
 
 
 @syscall("poll", "ppoll")
