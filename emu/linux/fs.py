@@ -143,6 +143,14 @@ class FileSystem:
             raise FsError(errno.ENOENT)
         return real
 
+    def guest_path(self, host: str) -> str:
+        """How the guest may name a host path: itself inside the granted root (the guest
+        sees host paths there), else only its base name under / (no host directory leaks)."""
+        real = os.path.realpath(host) if host else "/"
+        if self.root is not None and _inside(real, self.root):
+            return real
+        return "/" + os.path.basename(real) if real != "/" else "/"
+
     def open(self, path: str, flags: int, mode: int, base: str | None = None) -> OpenFile:
         if path == "/dev/null":
             return OpenFile("null", path, flags)

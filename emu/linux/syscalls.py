@@ -15,6 +15,7 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
+from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
@@ -68,7 +69,7 @@ class SyscallDispatcher:
     def __init__(self, proc: LinuxProcess) -> None:
         m = proc.machine
         self.proc, self.m = proc, m
-        names = m.arch.syscall_names
+        names = {**SYSCALL_NAMES.get(m.arch.name, {}), **m.arch.syscall_names}
         self.table = {nr: (name, SYSCALLS[name]) for nr, name in names.items() if name in SYSCALLS}
         self.names = names
         self.nr_id = m.arch.reg_id(m.arch.syscall_nr)
@@ -107,6 +108,8 @@ class SyscallDispatcher:
                 ret = -E.EINTR
                 stop_as_limit(self.m, f"wall-clock limit reached while the guest waited in "
                                       f"{name} at pc {self.m.describe(self.m.pc)}")
+        if ret == -E.EPIPE and name in _WRITES:
+            _signal_self(self.proc, SIGPIPE)    # a write with no reader: SIGPIPE, then EPIPE
         if self.proc.strace:
             self._strace_len = args[2]      # the byte count of write-like calls
             self._strace(name, args, ret)
@@ -127,6 +130,9 @@ class SyscallDispatcher:
         self.m.stderr.write(f"{name}({shown}) = {res}\n".encode())
 
     def _strace_arg(self, kind: str, value: int, ret: int) -> str:
+        decode = _STRACE_DECODERS.get(kind)
+        if decode is not None:
+            return decode(value)
         if kind == "d":
             return str(s32(value))
         if kind == "f":
@@ -149,6 +155,77 @@ class SyscallDispatcher:
         return f"{value:#x}"
 
 
+def _bits(names: dict[int, str], zero: str = "0"):
+    """A decoder of a flag word as strace prints it: NAME|NAME|0x10 for unknown bits."""
+    def decode(value: int) -> str:
+        value &= 0xFFFFFFFF
+        parts, rest = [], value
+        for bit, name in names.items():
+            if rest & bit == bit and bit:
+                parts.append(name)
+                rest &= ~bit
+        if rest:
+            parts.append(f"{rest:#x}")
+        return "|".join(parts) or zero
+    return decode
+
+
+def _choice(names: dict[int, str], mask: int = 0xFFFFFFFF, rest=None):
+    def decode(value: int) -> str:
+        value &= 0xFFFFFFFF
+        name = names.get(value & mask, str(s32(value & mask)))
+        return name + (rest(value & ~mask) if rest else "")
+    return decode
+
+
+def _open_flags(value: int) -> str:
+    acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[value & 3]
+    more = _bits(_O_FLAGS, "")(value & ~3)
+    return acc + ("|" + more if more else "")
+
+
+_O_FLAGS = {0o100: "O_CREAT", 0o200: "O_EXCL", 0o400: "O_NOCTTY", 0o1000: "O_TRUNC",
+            0o2000: "O_APPEND", 0o4000: "O_NONBLOCK", 0o10000: "O_DSYNC", 0o20000: "O_ASYNC",
+            0o40000: "O_DIRECT", 0o200000: "O_DIRECTORY", 0o400000: "O_NOFOLLOW",
+            0o1000000: "O_NOATIME", 0o2000000: "O_CLOEXEC", 0o10000000: "O_PATH",
+            0o20200000: "O_TMPFILE", 0o4010000: "O_SYNC", 0o100000: "O_LARGEFILE"}
+_PROT = {1: "PROT_READ", 2: "PROT_WRITE", 4: "PROT_EXEC", 0x1000000: "PROT_GROWSDOWN"}
+_MAP = {0x10: "MAP_FIXED", 0x20: "MAP_ANONYMOUS", 0x100: "MAP_GROWSDOWN",
+        0x800: "MAP_DENYWRITE", 0x1000: "MAP_EXECUTABLE", 0x2000: "MAP_LOCKED",
+        0x4000: "MAP_NORESERVE", 0x8000: "MAP_POPULATE", 0x10000: "MAP_NONBLOCK",
+        0x20000: "MAP_STACK", 0x40000: "MAP_HUGETLB", 0x80000: "MAP_SYNC",
+        0x100000: "MAP_FIXED_NOREPLACE"}
+_MAP_TYPE = {0: "0", 1: "MAP_SHARED", 2: "MAP_PRIVATE", 3: "MAP_SHARED_VALIDATE"}
+_AT = {0x100: "AT_SYMLINK_NOFOLLOW", 0x200: "AT_REMOVEDIR", 0x400: "AT_SYMLINK_FOLLOW",
+       0x800: "AT_NO_AUTOMOUNT", 0x1000: "AT_EMPTY_PATH", 0x2000: "AT_STATX_FORCE_SYNC",
+       0x4000: "AT_STATX_DONT_SYNC"}
+_CLOCK = {0: "CLOCK_REALTIME", 1: "CLOCK_MONOTONIC", 2: "CLOCK_PROCESS_CPUTIME_ID",
+          3: "CLOCK_THREAD_CPUTIME_ID", 4: "CLOCK_MONOTONIC_RAW", 5: "CLOCK_REALTIME_COARSE",
+          6: "CLOCK_MONOTONIC_COARSE", 7: "CLOCK_BOOTTIME", 8: "CLOCK_REALTIME_ALARM",
+          9: "CLOCK_BOOTTIME_ALARM", 11: "CLOCK_TAI"}
+_FCNTL = {0: "F_DUPFD", 1: "F_GETFD", 2: "F_SETFD", 3: "F_GETFL", 4: "F_SETFL", 5: "F_GETLK",
+          6: "F_SETLK", 7: "F_SETLKW", 8: "F_SETOWN", 9: "F_GETOWN", 1024: "F_SETLEASE",
+          1025: "F_GETLEASE", 1030: "F_DUPFD_CLOEXEC", 1031: "F_SETPIPE_SZ",
+          1032: "F_GETPIPE_SZ", 1033: "F_ADD_SEALS", 1034: "F_GET_SEALS"}
+_FUTEX = {0: "FUTEX_WAIT", 1: "FUTEX_WAKE", 2: "FUTEX_FD", 3: "FUTEX_REQUEUE",
+          4: "FUTEX_CMP_REQUEUE", 5: "FUTEX_WAKE_OP", 6: "FUTEX_LOCK_PI", 7: "FUTEX_UNLOCK_PI",
+          8: "FUTEX_TRYLOCK_PI", 9: "FUTEX_WAIT_BITSET", 10: "FUTEX_WAKE_BITSET"}
+_FUTEX_FLAGS = {128: "_PRIVATE", 256: "_CLOCK_REALTIME"}
+_SIGHOW = {0: "SIG_BLOCK", 1: "SIG_UNBLOCK", 2: "SIG_SETMASK"}
+_STRACE_DECODERS = {
+    "O": _open_flags, "P": _bits(_PROT, "PROT_NONE"),
+    "M": lambda v: "|".join(x for x in (_MAP_TYPE.get(v & 0xF, f"{v & 0xF:#x}"),
+                                        _bits(_MAP, "")(v & ~0xF)) if x),
+    "A": _bits(_AT), "C": _choice(_CLOCK), "F": _choice(_FCNTL),
+    "X": _choice(_FUTEX, 0x7F, lambda rest: "".join(n for b, n in _FUTEX_FLAGS.items() if rest & b)),
+    "m": lambda v: f"{v & 0o7777:#o}", "S": lambda v: SIGNAMES.get(v, str(s32(v))),
+    "H": _choice(_SIGHOW),
+    "Y": _choice({0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
+                  0x1004: "ARCH_GET_GS"}),
+}
+
+
+_WRITES = {"write", "writev", "pwrite64", "pwritev", "sendfile"}
 _STRACE_STR = 32                        # strace's default -s
 
 
@@ -162,19 +239,20 @@ def _quote(data: bytes, limit: int = _STRACE_STR) -> str:
 # byte count that follows it, o buffer filled by the call (its result is the length).
 _STRACE_ARGS = dict(
     exit_group="d", exit="d", brk="x", close="d", write="dbu", read="dou", pread64="doud",
-    pwrite64="dbux", writev="dxd", readv="dxd", mmap="xuxxdx", munmap="xu", mprotect="xux",
-    mremap="xuux", openat="fsxx", open="sxx", uname="x", getpid="", getuid="", geteuid="",
+    pwrite64="dbux", writev="dxd", readv="dxd", mmap="xuPMdx", munmap="xu", mprotect="xuP",
+    mremap="xuux", openat="fsOm", open="sOm", uname="x", getpid="", getuid="", geteuid="",
     getgid="", getegid="", gettid="", getppid="", getpgrp="", set_tid_address="x",
-    arch_prctl="xx", rseq="xuxx", set_robust_list="xu", prlimit64="ddxx", getrandom="xux",
-    readlinkat="fsxu", readlink="sxu", newfstatat="fsxx", fstat="dx", stat="sx", lstat="sx",
-    statx="fsxxx", ioctl="dxx", fcntl="ddx", dup="d", dup2="dd", dup3="ddx", lseek="ddd",
-    faccessat="fsx", faccessat2="fsxx", access="sx", chdir="s", fchdir="d", getcwd="xu",
-    getdents64="dxu", sendfile="ddxu", pipe2="xx", clock_gettime="dx", gettimeofday="xx",
-    clock_nanosleep="ddxx", nanosleep="xx", rt_sigaction="dxxu", rt_sigprocmask="dxxu",
-    prctl="dxxxx", kill="dd", tgkill="ddd", tkill="dd", sysinfo="x", getrusage="dx",
-    umask="x", poll="xud", ppoll="xuxxu", futex="xdux", madvise="xud", mkdirat="fsx",
-    unlinkat="fsx", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
-    close_range="uud", clock_getres="dx", time="x",
+    arch_prctl="Yx", rseq="xuxx", set_robust_list="xu", prlimit64="ddxx", getrandom="xux",
+    readlinkat="fsxu", readlink="sxu", newfstatat="fsxA", fstat="dx", stat="sx", lstat="sx",
+    statx="fsAxx", ioctl="dxx", fcntl="dFx", dup="d", dup2="dd", dup3="ddO", lseek="ddd",
+    faccessat="fsx", faccessat2="fsxA", access="sx", chdir="s", fchdir="d", getcwd="xu",
+    getdents64="dxu", sendfile="ddxu", pipe2="xO", clock_gettime="Cx", gettimeofday="xx",
+    clock_nanosleep="Cdxx", nanosleep="xx", rt_sigaction="Sxxu", rt_sigprocmask="Hxxu",
+    prctl="dxxxx", kill="dS", tgkill="ddS", tkill="dS", sysinfo="x", getrusage="dx",
+    umask="m", poll="xud", ppoll="xuxxu", futex="xXux", madvise="xud", mkdirat="fsm",
+    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
+    close_range="uud", clock_getres="Cx", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
+    fchownat="fsddA", chown="sdd", fchown="ddd", utimensat="fsxA", pipe="x",
 )
 
 
@@ -263,9 +341,33 @@ def sys_getgid(p, *_):
     return p.creds.gid
 
 
-@syscall("rseq", "clone", "clone3", "fork", "vfork", "execve", "wait4", "socket")
+@syscall("rseq", "socket")
 def sys_unsupported(p, *_):
     return -E.ENOSYS
+
+
+_NOT_YET = {"clone": "threads", "clone3": "threads", "fork": "processes", "vfork": "processes",
+            "execve": "processes", "execveat": "processes"}
+
+
+@syscall(*_NOT_YET)
+def sys_not_yet(p, *_):
+    """One line on stderr the first time each call is made, then ENOSYS, which glibc's
+    fork/pthread_create/posix_spawn report as failures the program can handle."""
+    name = p.dispatcher_name
+    warn_once(p, name, f"emu: {name}: {_NOT_YET[name]} are not supported yet\n")
+    return -E.ENOSYS
+
+
+def warn_once(p, key: str, line: str) -> None:
+    if key not in p.warned:
+        p.warned.add(key)
+        p.machine.stderr.write(line.encode())
+
+
+@syscall("wait4", "waitid")
+def sys_wait4(p, *_):
+    return -E.ECHILD                    # no child can exist
 
 
 @syscall("uname")
@@ -389,12 +491,37 @@ def sys_tgkill(p, tgid, tid, sig, *_):
     return _signal_self(p, sig) if tid == p.creds.pid else -E.ESRCH
 
 
+SIG_DFL, SIG_IGN = 0, 1
+SIGKILL, SIGSTOP, SIGPIPE = 9, 19, 13
+_SIG_DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
+_SIG_DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
+_SIG_REPORTED = {4, 7, 8, 11}                   # SIGILL, SIGBUS, SIGFPE, SIGSEGV: as faults
+
+
 def _signal_self(p, sig: int) -> int:
+    """A signal sent to ourselves. Delivery to handlers is not modelled yet: an ignored
+    signal is dropped, a handled one reported once and dropped; a stop signal is dropped
+    (nobody could continue us); any other default action ends the guest with 128+sig."""
     if sig == 0:
         return 0
     if not 1 <= sig <= 64:
         return -E.EINVAL
-    p.killed_by = sig                # default action of every signal we see: terminate
+    action = p.sigactions.get(sig, bytes(8))
+    handler = int.from_bytes(action[:8], "little")
+    if sig not in (SIGKILL, SIGSTOP):
+        if handler == SIG_IGN or handler == SIG_DFL and sig in _SIG_DEFAULT_IGNORE | _SIG_DEFAULT_STOP:
+            return 0
+        if handler != SIG_DFL:
+            warn_once(p, f"signal {sig}", f"emu: signal {SIGNAMES.get(sig, sig)} has a handler; "
+                                          f"signal delivery is not supported yet (dropped)\n")
+            return 0
+    elif sig == SIGSTOP:
+        return 0
+    p.killed_by = sig
+    if sig in _SIG_REPORTED:
+        m = p.machine
+        m.stderr.write(f"emu: guest killed by {SIGNAMES[sig]} it sent itself, at pc "
+                       f"{m.describe(m.pc)}\n".encode())
     p.machine.request_exit(128 + sig)
     return 0
 
@@ -896,11 +1023,11 @@ def sys_readlinkat(p, *args):
     dirfd, path_addr, buf, size = args[:4]
     path = cstr(p, path_addr)
     if path == "/proc/self/exe":
-        target = p.fs.exe_path.encode()
+        target = os.fsencode(p.fs.guest_path(p.fs.exe_path))
     else:
-        host = p.fs.resolve(path, base_dir(p, dirfd))
+        host = p.fs.resolve(path, base_dir(p, dirfd), follow=False)
         try:
-            target = os.readlink(host).encode()
+            target = os.readlink(os.fsencode(host))
         except OSError as e:
             return -e.errno
     target = target[:size]
@@ -926,7 +1053,7 @@ def sys_faccessat(p, *args):
 
 @syscall("getcwd")
 def sys_getcwd(p, buf, size, *_):
-    cwd = p.fs.cwd.encode() + b"\0"
+    cwd = os.fsencode(p.fs.guest_path(p.fs.cwd)) + b"\0"
     if size < len(cwd):
         return -E.ERANGE
     wr(p, buf, cwd)
@@ -1085,6 +1212,84 @@ def sys_connect(p, *_):
 @syscall("mkdirat", "mkdir", "unlinkat", "unlink")
 def sys_modify_fs(p, *_):
     return -E.EROFS if not p.fs.writable else -E.ENOSYS
+
+
+# --- metadata: honoured inside the jail under --fs-write, EROFS otherwise ----------------------
+def _meta_target(p, dirfd: int, path_addr: int, flags: int = 0) -> str | int:
+    """The host path (or host fd) a chmod/chown/utimensat names, checked writable."""
+    if path_addr == 0 or flags & AT_EMPTY_PATH and not cstr(p, path_addr):
+        f = p.fds.get(s32(dirfd))
+        if f.kind not in ("host", "dir"):
+            raise FsError(E.EPERM)
+        target = f.host_fd if f.kind == "host" else f.path
+    else:
+        target = p.fs.resolve(cstr(p, path_addr), base_dir(p, dirfd),
+                              not flags & AT_SYMLINK_NOFOLLOW)
+        if not os.path.lexists(target):
+            raise FsError(E.ENOENT)
+    if not p.fs.writable:
+        raise FsError(E.EROFS)
+    return target
+
+
+@syscall("fchmodat", "fchmodat2", "chmod", "fchmod")
+def sys_fchmodat(p, *args):
+    name = p.dispatcher_name
+    if name == "chmod":
+        args = (AT_FDCWD & 0xFFFFFFFF, *args)
+    elif name == "fchmod":
+        args = (args[0], 0, args[1])
+    dirfd, path, mode = args[:3]
+    target = _meta_target(p, dirfd, path, args[3] if name == "fchmodat2" else 0)
+    os.chmod(target, mode & 0o7777)
+    return 0
+
+
+@syscall("fchownat", "chown", "lchown", "fchown")
+def sys_fchownat(p, *args):
+    """Ownership cannot change for an unprivileged host: only a no-op (the owner's own
+    ids or -1) succeeds, as it would for a normal user."""
+    name = p.dispatcher_name
+    if name in ("chown", "lchown"):
+        args = (AT_FDCWD & 0xFFFFFFFF, *args[:3], AT_SYMLINK_NOFOLLOW if name == "lchown" else 0)
+    elif name == "fchown":
+        args = (args[0], 0, args[1], args[2], 0)
+    dirfd, path, uid, gid, flags = args[:5]
+    target = _meta_target(p, dirfd, path, flags)
+    st_ = os.stat(target) if isinstance(target, int) else os.lstat(target)
+    for want, have, own in ((s32(uid), st_.st_uid, p.creds.uid), (s32(gid), st_.st_gid, p.creds.gid)):
+        if want not in (-1, have, own):       # the guest's own ids map to the file's owner
+            return -E.EPERM
+    return 0
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+@syscall("utimensat")
+def sys_utimensat(p, dirfd, path, times, flags, *_):
+    target = _meta_target(p, dirfd, path, flags | (AT_EMPTY_PATH if not path else 0))
+    now = p.machine.clock.realtime_ns()
+    old = os.stat(target) if isinstance(target, int) else os.lstat(target)
+    if times:
+        raw = rd(p, times, 32)
+        stamps = []
+        for (sec, nsec), prev in zip(struct.iter_unpack("<qq", raw), (old.st_atime_ns, old.st_mtime_ns)):
+            if nsec == UTIME_NOW:
+                stamps.append(now)
+            elif nsec == UTIME_OMIT:
+                stamps.append(prev)
+            elif not 0 <= nsec < 1_000_000_000:
+                return -E.EINVAL
+            else:
+                stamps.append(sec * 1_000_000_000 + nsec)
+    else:
+        stamps = [now, now]
+    if isinstance(target, int):
+        os.utime(target, ns=tuple(stamps))
+    else:
+        os.utime(target, ns=tuple(stamps), follow_symlinks=not flags & AT_SYMLINK_NOFOLLOW)
+    return 0
 
 
 def install(proc: LinuxProcess) -> SyscallDispatcher:
