@@ -120,6 +120,8 @@ class SyscallDispatcher:
         """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
         (No such file or directory)`."""
         kinds = _STRACE_ARGS.get(name, "xxx")
+        if name in ("open", "openat") and not args[kinds.index("O")] & 0o20100100:
+            kinds = kinds[:-1]           # strace shows the mode only with O_CREAT / O_TMPFILE
         shown = ", ".join(self._strace_arg(k, a, ret) for k, a in zip(kinds, args))
         if name in ("exit", "exit_group"):
             res = "?"
