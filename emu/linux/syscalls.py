@@ -220,7 +220,7 @@ _STRACE_DECODERS = {
                                         _bits(_MAP, "")(v & ~0xF)) if x),
     "A": _bits(_AT), "C": _choice(_CLOCK), "F": _choice(_FCNTL),
     "X": _choice(_FUTEX, 0x7F, lambda rest: "".join(n for b, n in _FUTEX_FLAGS.items() if rest & b)),
-    "m": lambda v: f"{v & 0o7777:#o}", "S": lambda v: SIGNAMES.get(v, str(s32(v))),
+    "m": lambda v: f"{v & 0o7777:#o}", "p": lambda v: f"{v:#x}" if v else "NULL", "S": lambda v: SIGNAMES.get(v, str(s32(v))),
     "H": _choice(_SIGHOW),
     "Y": _choice({0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
                   0x1004: "ARCH_GET_GS"}),
@@ -248,12 +248,12 @@ _STRACE_ARGS = dict(
     readlinkat="fsxu", readlink="sxu", newfstatat="fsxA", fstat="dx", stat="sx", lstat="sx",
     statx="fsAxx", ioctl="dxx", fcntl="dFx", dup="d", dup2="dd", dup3="ddO", lseek="ddd",
     faccessat="fsx", faccessat2="fsxA", access="sx", chdir="s", fchdir="d", getcwd="xu",
-    getdents64="dxu", sendfile="ddxu", pipe2="xO", clock_gettime="Cx", gettimeofday="xx",
+    getdents64="dxu", sendfile="ddxu", pipe2="xO", clock_gettime="Cp", gettimeofday="xx",
     clock_nanosleep="Cdxx", nanosleep="xx", rt_sigaction="Sxxu", rt_sigprocmask="Hxxu",
     prctl="dxxxx", kill="dS", tgkill="ddS", tkill="dS", sysinfo="x", getrusage="dx",
     umask="m", poll="xud", ppoll="xuxxu", futex="xXux", madvise="xud", mkdirat="fsm",
     unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
-    close_range="uud", clock_getres="Cx", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
+    close_range="uud", clock_getres="Cp", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
     fchownat="fsddA", chown="sdd", fchown="ddd", utimensat="fsxA", pipe="x",
 )
 

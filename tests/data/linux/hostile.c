@@ -304,6 +304,11 @@ int main(int argc, char **argv)
 		return cmd_pipe();
 	if (!strcmp(cmd, "pipe-block"))
 		return cmd_pipe_block();
+	if (!strcmp(cmd, "read")) {
+		char b[100];
+		printf("read=%zd\n", read(0, b, sizeof b));
+		return 0;
+	}
 	if (!strcmp(cmd, "readv"))
 		return cmd_readv();
 	if (!strcmp(cmd, "mmap-sparse"))
