@@ -28,6 +28,8 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
     from emu.cycles.cli_options import add_run_options as add_cycle_options
     add_cycle_options(p)
+    from emu.linux.cli_options import add_run_options as add_linux_options
+    add_linux_options(p)
     try:
         from probes.cli_options import add_run_options
     except ImportError:      # the probe layer is optional for the machine

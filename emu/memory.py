@@ -1,6 +1,13 @@
 """Guest memory: Unicorn mappings with names and permissions, and a deterministic allocator
 for mmap-style requests. Every mapping goes through here so faults and `emu info` can name
-the region an address falls in."""
+the region an address falls in.
+
+Every mapping — the image, the stack, the heap, mmaps and the probe layer's slot pages —
+counts against one budget, `max_memory` (`emu run --max-memory`, default 4 GiB), as
+RLIMIT_AS counts a process's address space: past it `map` raises `MemoryLimit`, which the
+syscalls turn into ENOMEM. Adjacent regions with the same permissions and name merge as
+the kernel merges VMAs, and, as vm.max_map_count, at most 65,530 regions exist, so
+thousands of small mmaps stay cheap."""
 from __future__ import annotations
 
 import bisect
@@ -11,6 +18,17 @@ from unicorn import unicorn_const as UC
 
 PAGE = 0x1000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+DEFAULT_MAX_MEMORY = 4 << 30        # bytes of guest mappings (RLIMIT_AS-like), --max-memory
+MAX_MAP_COUNT = 65530               # Linux's default vm.max_map_count
+
+
+class MemoryLimit(UcError):
+    """A mapping refused by the memory budget or the region cap (the guest sees ENOMEM).
+    Attributes: `requested` bytes, `mapped` bytes already mapped, `limit`."""
+
+    def __init__(self, requested: int, mapped: int, limit: int) -> None:
+        super().__init__(UC.UC_ERR_NOMEM)
+        self.requested, self.mapped, self.limit = requested, mapped, limit
 
 
 def page_down(x: int) -> int:
@@ -44,14 +62,20 @@ class Region:
 class Memory:
     """Page-granular guest mappings on one Unicorn instance."""
 
-    def __init__(self, uc: Uc) -> None:
+    def __init__(self, uc: Uc, max_memory: int = DEFAULT_MAX_MEMORY) -> None:
         self.uc = uc
         self.regions: list[Region] = []   # sorted by start, non-overlapping
+        self.max_memory = max_memory
+        self.mapped_bytes = 0             # MMIO noted with note_region is not counted
 
     # --- mapping ----------------------------------------------------------------------------
     def map(self, start: int, size: int, prot: int, name: str) -> None:
+        """Map fresh zero pages; MemoryLimit past the budget or the region cap."""
         start, end = page_down(start), page_up(start + size)
+        if self.mapped_bytes + (end - start) > self.max_memory or len(self.regions) >= MAX_MAP_COUNT:
+            raise MemoryLimit(end - start, self.mapped_bytes, self.max_memory)
         self.uc.mem_map(start, end - start, perms_to_uc(prot))
+        self.mapped_bytes += end - start
         self._insert(Region(start, end, prot, name))
 
     def note_region(self, start: int, size: int, name: str) -> None:
@@ -59,24 +83,41 @@ class Memory:
         self._insert(Region(start, start + size, PROT_READ | PROT_WRITE, name))
 
     def _insert(self, region: Region) -> None:
-        bisect.insort(self.regions, region, key=lambda r: r.start)
+        """Insert, merging with neighbours that touch it and match (as VMAs merge)."""
+        regs = self.regions
+        i = bisect.bisect_left(regs, region.start, key=lambda r: r.start)
+        if i > 0 and _mergeable(regs[i - 1], region):
+            region = Region(regs[i - 1].start, region.end, region.prot, region.name)
+            i -= 1
+            del regs[i]
+        if i < len(regs) and _mergeable(region, regs[i]):
+            region = Region(region.start, regs[i].end, region.prot, region.name)
+            del regs[i]
+        regs.insert(i, region)
 
     def unmap(self, start: int, size: int) -> None:
         start, end = page_down(start), page_up(start + size)
-        for r in list(self.overlapping(start, end)):
+        for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
             self.uc.mem_unmap(lo, hi - lo)
+            self.mapped_bytes -= hi - lo
             self._split(r, lo, hi, None)
 
     def protect(self, start: int, size: int, prot: int) -> None:
+        """Change permissions. Unicorn checks fetch permission only when it translates, so
+        code translated while executable would keep running: drop it (NX after mprotect)."""
         start, end = page_down(start), page_up(start + size)
-        for r in list(self.overlapping(start, end)):
+        for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
             self.uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
+            if r.prot & PROT_EXEC and not prot & PROT_EXEC:
+                self.uc.ctl_remove_cache(lo, hi)
             self._split(r, lo, hi, prot)
 
     def _split(self, r: Region, lo: int, hi: int, prot: int | None) -> None:
-        """Replace r by its parts outside [lo, hi) and, if prot is given, [lo, hi) with prot."""
+        """Replace r by its parts outside [lo, hi) and, if prot is given, [lo, hi) with prot.
+        An earlier step of the same call may have merged r into a neighbour: split that."""
+        r = self.find(lo) or r
         self.regions.remove(r)
         if r.start < lo:
             self._insert(Region(r.start, lo, r.prot, r.name))
@@ -85,8 +126,16 @@ class Memory:
         if prot is not None:
             self._insert(Region(lo, hi, prot, r.name))
 
-    def overlapping(self, start: int, end: int):
-        return [r for r in self.regions if r.start < end and start < r.end]
+    def overlapping(self, start: int, end: int) -> list[Region]:
+        """Regions meeting [start, end), in address order (a bisect, not a scan)."""
+        regs = self.regions
+        i = max(bisect.bisect_right(regs, start, key=lambda r: r.start) - 1, 0)
+        out = []
+        while i < len(regs) and regs[i].start < end:
+            if start < regs[i].end:
+                out.append(regs[i])
+            i += 1
+        return out
 
     def is_mapped(self, start: int, size: int = 1) -> bool:
         addr = start
@@ -107,7 +156,8 @@ class Memory:
         """Lowest page-aligned gap of `size` bytes in [lo, hi): a first-fit, deterministic."""
         size = page_up(size)
         cursor = page_up(lo)
-        for r in self.regions:
+        first = max(bisect.bisect_right(self.regions, cursor, key=lambda r: r.start) - 1, 0)
+        for r in self.regions[first:]:
             if r.end <= cursor:
                 continue
             if r.start >= cursor + size:
@@ -145,3 +195,7 @@ class Memory:
             return bytes(self.uc.mem_read(addr, size))
         except UcError:
             return None
+
+
+def _mergeable(a: Region, b: Region) -> bool:
+    return a.end == b.start and a.prot == b.prot and a.name == b.name

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat as st
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from emu.linux.pipe import Pipe, PipeError
+
 O_ACCMODE, O_WRONLY, O_RDWR = 3, 1, 2
 O_CREAT, O_TRUNC, O_APPEND, O_DIRECTORY = 0o100, 0o1000, 0o2000, 0o200000
+O_NONBLOCK = 0o4000
 AT_FDCWD = -100
+PATH_MAX = 4096
+_WAIT_SLICE = 0.05                 # seconds between deadline checks of a blocking host read
+
+
+class ReadPastDeadline(Exception):
+    """A blocking read of a host stream was still waiting at the run's deadline."""
 
 
 class FsError(Exception):
@@ -31,25 +42,30 @@ class OpenFile:
     flags: int = 0
     stream: BinaryIO | None = None
     host_fd: int | None = None
-    pipe: bytearray | None = None
-    dir_entries: list[tuple[str, int, int]] | None = None
+    pipe: Pipe | None = None
+    dir_entries: list[tuple[bytes, int, int]] | None = None
     dir_pos: int = 0
 
-    def read(self, n: int) -> bytes:
+    @property
+    def nonblock(self) -> bool:
+        return bool(self.flags & O_NONBLOCK)
+
+    def read(self, n: int, deadline: float | None = None) -> bytes:
+        """At most n bytes; a host stream waits no later than `deadline` (time.monotonic)."""
         if self.kind == "stream":
-            return _read_stream(self.stream, n)
+            return _read_stream(self.stream, n, deadline)
         if self.kind == "host":
             return os.read(self.host_fd, n)
         if self.kind == "pipe":
-            data = bytes(self.pipe[:n])
-            del self.pipe[:n]
-            return data
+            if self.flags & O_ACCMODE != 0:
+                raise FsError(errno.EBADF)
+            return _pipe_call(self.pipe.read, n, self.nonblock)
         if self.kind == "dir":
             raise FsError(errno.EISDIR)
         return b""
 
     def write(self, data: bytes) -> int:
-        if (self.flags & O_ACCMODE) == 0 and self.kind not in ("stream", "pipe"):
+        if (self.flags & O_ACCMODE) == 0 and self.kind != "stream":
             raise FsError(errno.EBADF)
         if self.kind == "stream":
             self.stream.write(data)
@@ -57,8 +73,7 @@ class OpenFile:
         if self.kind == "host":
             return os.write(self.host_fd, data)
         if self.kind == "pipe":
-            self.pipe += data
-            return len(data)
+            return _pipe_call(self.pipe.write, data, self.nonblock)
         if self.kind == "dir":
             raise FsError(errno.EISDIR)
         return len(data)
@@ -67,15 +82,32 @@ class OpenFile:
         if self.host_fd is not None:
             os.close(self.host_fd)
             self.host_fd = None
+        if self.pipe is not None:
+            if self.flags & O_ACCMODE:
+                self.pipe.writers -= 1
+            else:
+                self.pipe.readers -= 1
+            self.pipe = None
 
 
-def _read_stream(stream: BinaryIO | None, n: int) -> bytes:
+def _pipe_call(fn, arg, nonblock: bool):
+    try:
+        return fn(arg, nonblock)
+    except PipeError as e:
+        raise FsError(e.errno) from None
+
+
+def _read_stream(stream: BinaryIO | None, n: int, deadline: float | None) -> bytes:
     if stream is None:
         return b""
     try:
         fileno = stream.fileno()
     except (OSError, AttributeError, ValueError):
         return stream.read(n) or b""
+    if deadline is not None:     # wait in slices so --timeout holds while the guest blocks
+        while not select.select([fileno], [], [], _WAIT_SLICE)[0]:
+            if time.monotonic() >= deadline:
+                raise ReadPastDeadline()
     return os.read(fileno, n)     # like read(2): what is available, not necessarily n bytes
 
 
@@ -93,17 +125,31 @@ class FileSystem:
             here = os.path.realpath(os.getcwd())
             self.cwd = here if _inside(here, self.root) else self.root
 
-    def resolve(self, path: str, base: str | None = None) -> str:
-        """The host path for a guest path, or FsError(ENOENT) outside the granted root."""
+    def resolve(self, path: str, base: str | None = None, follow: bool = True) -> str:
+        """The host path for a guest path, or FsError(ENOENT) outside the granted root.
+        With follow=False a symlink in the last component is not followed (lstat,
+        readlink): its directory is resolved and must lie inside the root."""
         if not path:
             raise FsError(errno.ENOENT)
         full = os.path.normpath(os.path.join(base or self.cwd, path))
         if self.root is None:
             raise FsError(errno.ENOENT)
-        real = os.path.realpath(full)
+        head, tail = os.path.split(full)
+        if follow or tail in ("", ".", ".."):
+            real = os.path.realpath(full)
+        else:
+            real = os.path.join(os.path.realpath(head), tail)
         if not _inside(real, self.root):
             raise FsError(errno.ENOENT)
         return real
+
+    def guest_path(self, host: str) -> str:
+        """How the guest may name a host path: itself inside the granted root (the guest
+        sees host paths there), else only its base name under / (no host directory leaks)."""
+        real = os.path.realpath(host) if host else "/"
+        if self.root is not None and _inside(real, self.root):
+            return real
+        return "/" + os.path.basename(real) if real != "/" else "/"
 
     def open(self, path: str, flags: int, mode: int, base: str | None = None) -> OpenFile:
         if path == "/dev/null":
@@ -130,7 +176,7 @@ class FileSystem:
             raise FsError(e.errno) from None
 
     def stat(self, path: str, base: str | None = None, follow: bool = True) -> os.stat_result:
-        host = self.resolve(path, base)
+        host = self.resolve(path, base, follow)
         try:
             return os.stat(host) if follow else os.lstat(host)
         except OSError as e:
@@ -141,12 +187,13 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _dir_entries(host: str) -> list[tuple[str, int, int]]:
-    """(name, ino, d_type) sorted by name so listings are deterministic."""
-    out = [(".", 1, 4), ("..", 2, 4)]
-    for name in sorted(os.listdir(host)):
+def _dir_entries(host: str) -> list[tuple[bytes, int, int]]:
+    """(name, ino, d_type) sorted by name so listings are deterministic; names are the
+    host's bytes (not necessarily UTF-8)."""
+    out = [(b".", 1, 4), (b"..", 2, 4)]
+    for name in sorted(os.listdir(os.fsencode(host))):
         try:
-            s = os.lstat(os.path.join(host, name))
+            s = os.lstat(os.path.join(os.fsencode(host), name))
         except OSError:
             continue
         dtype = 4 if st.S_ISDIR(s.st_mode) else 10 if st.S_ISLNK(s.st_mode) else 8
@@ -179,5 +226,5 @@ class FdTable:
         if f is None:
             raise FsError(errno.EBADF)
         self.cloexec.discard(fd)
-        if f not in self.files.values():
+        if not any(g is f for g in self.files.values()):    # identity: equal-looking files differ
             f.close()

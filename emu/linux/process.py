@@ -2,6 +2,7 @@
 and the state the syscalls keep (mm, fds, signals, ids)."""
 from __future__ import annotations
 
+import os
 import random
 import struct
 from dataclasses import dataclass, field
@@ -50,9 +51,22 @@ class LinuxProcess:
     umask: int = 0o022
     dispatcher_name: str = ""        # the syscall being served (aliases share a handler)
     killed_by: int = 0
+    deadline: float | None = None    # --timeout as time.monotonic(), until Machine keeps one
+    warned: set[str] = field(default_factory=set)    # one-time "not supported" notes given
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+
+def stop_as_limit(m: Machine, message: str) -> None:
+    """End the run as a limit (exit 124) through the machine's limit checks, as
+    --max-cycles does: the check answers once, then removes itself."""
+    def check() -> str | None:
+        if check in m.limit_checks:
+            m.limit_checks.remove(check)
+        return message
+    m.limit_checks.insert(0, check)
+    m.uc.emu_stop()
 
 
 def map_image(m: Machine, image: ElfImage) -> None:
@@ -110,7 +124,7 @@ def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
     map_image(m, image)
     proc = LinuxProcess(m, image, fs, seed=seed)
     proc.brk_start = proc.brk = page_up(image.high_end)
-    proc.comm = argv[0].rsplit("/", 1)[-1].encode()[:15] if argv else b"guest"
+    proc.comm = os.fsencode(argv[0]).rsplit(b"/", 1)[-1][:15] if argv else b"guest"
     m.task = (proc.comm.decode(errors="replace"), proc.creds.pid)
     fs.exe_path = image.path
     proc.fds.files.update({0: OpenFile("stream", "<stdin>", 0, stream=stdin),
@@ -134,11 +148,12 @@ def build_stack(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
         blob = bytearray(data) + blob
         return sp - len(blob)
 
-    execfn = put(image.path.encode() + b"\0")
+    execfn = put(os.fsencode(image.path) + b"\0")
     platform = put(arch.platform.encode() + b"\0")
     random_bytes = put(rng.randbytes(16))
-    env_ptrs = [put(e.encode() + b"\0") for e in reversed(envp)][::-1]
-    arg_ptrs = [put(a.encode() + b"\0") for a in reversed(argv)][::-1]
+    # Arguments are bytes as the host gave them (sys.argv's surrogateescape undone).
+    env_ptrs = [put(os.fsencode(e) + b"\0") for e in reversed(envp)][::-1]
+    arg_ptrs = [put(os.fsencode(a) + b"\0") for a in reversed(argv)][::-1]
     strings_bottom = sp - len(blob)
     auxv = [(AT["PHDR"], image.phdr_addr), (AT["PHENT"], image.phentsize), (AT["PHNUM"], image.phnum),
             (AT["PAGESZ"], PAGE), (AT["BASE"], 0), (AT["FLAGS"], 0), (AT["ENTRY"], image.entry),

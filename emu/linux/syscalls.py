@@ -9,12 +9,17 @@ import stat as st
 import struct
 from typing import Callable
 
-from emu.linux.fs import AT_FDCWD, FsError, OpenFile
 from unicorn import UcError
 
-from emu.linux.process import MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess
-from emu.memory import PROT_READ, PROT_WRITE, page_up
-from emu.uaccess import UserFault, copy_from_user, copy_to_user
+from emu.clock import FP_SHIFT
+from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
+                          OpenFile, ReadPastDeadline)
+from emu.linux.pipe import Pipe, WouldBlockForever
+from emu.linux.unistd_const import SYSCALL_NAMES
+from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
+                               stop_as_limit)
+from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
+from emu.uaccess import UserFault, access_ok, copy_from_user, copy_to_user, strncpy_from_user
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
             7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
@@ -24,10 +29,18 @@ MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x10, 0x20, 0x100000
 MREMAP_MAYMOVE = 1
 TCGETS, TIOCGWINSZ = 0x5401, 0x5413
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+O_CLOEXEC = 0o2000000
+_SETFL_MASK = 0o2000 | O_NONBLOCK      # O_APPEND | O_NONBLOCK (O_ASYNC, O_DIRECT... ignored)
 ARCH_SET_FS, ARCH_GET_FS = 0x1002, 0x1003
 PR_SET_NAME, PR_GET_NAME = 15, 16
 TASK_SIZE = 1 << 47                 # top of the x86-64 / arm64 (48-bit VA) user address space
 NOFILE = 1024                       # RLIMIT_NOFILE soft limit reported by prlimit64
+MAX_RW_COUNT = 0x7FFFF000           # INT_MAX & PAGE_MASK: the most one read/write transfers
+UIO_MAXIOV = 1024
+IO_CHUNK = 64 << 10                 # host bytes held at once while streaming a guest's I/O
+READ_MAX = 1 << 20                  # one read returns at most this much (a short read)
+MAP_SHARED, MAP_TYPE = 0x01, 0x0F
+SEEK_DATA, SEEK_HOLE = 3, 4
 
 Handler = Callable[..., int]
 SYSCALLS: dict[str, Handler] = {}
@@ -56,7 +69,7 @@ class SyscallDispatcher:
     def __init__(self, proc: LinuxProcess) -> None:
         m = proc.machine
         self.proc, self.m = proc, m
-        names = m.arch.syscall_names
+        names = {**SYSCALL_NAMES.get(m.arch.name, {}), **m.arch.syscall_names}
         self.table = {nr: (name, SYSCALLS[name]) for nr, name in names.items() if name in SYSCALLS}
         self.names = names
         self.nr_id = m.arch.reg_id(m.arch.syscall_nr)
@@ -87,6 +100,16 @@ class SyscallDispatcher:
                 ret = -(e.errno or E.EIO)
             except OverflowError:       # a register value no host call accepts
                 ret = -E.EINVAL
+            except WouldBlockForever as e:
+                ret = -E.EINTR
+                stop_as_limit(self.m, f"guest blocked for ever in {name}: {e.what} "
+                                      f"(at pc {self.m.describe(self.m.pc)})")
+            except ReadPastDeadline:
+                ret = -E.EINTR
+                stop_as_limit(self.m, f"wall-clock limit reached while the guest waited in "
+                                      f"{name} at pc {self.m.describe(self.m.pc)}")
+        if ret == -E.EPIPE and name in _WRITES:
+            _signal_self(self.proc, SIGPIPE)    # a write with no reader: SIGPIPE, then EPIPE
         if self.proc.strace:
             self._strace_len = args[2]      # the byte count of write-like calls
             self._strace(name, args, ret)
@@ -97,6 +120,8 @@ class SyscallDispatcher:
         """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
         (No such file or directory)`."""
         kinds = _STRACE_ARGS.get(name, "xxx")
+        if name in ("open", "openat") and not args[kinds.index("O")] & 0o20100100:
+            kinds = kinds[:-1]           # strace shows the mode only with O_CREAT / O_TMPFILE
         shown = ", ".join(self._strace_arg(k, a, ret) for k, a in zip(kinds, args))
         if name in ("exit", "exit_group"):
             res = "?"
@@ -107,6 +132,9 @@ class SyscallDispatcher:
         self.m.stderr.write(f"{name}({shown}) = {res}\n".encode())
 
     def _strace_arg(self, kind: str, value: int, ret: int) -> str:
+        decode = _STRACE_DECODERS.get(kind)
+        if decode is not None:
+            return decode(value)
         if kind == "d":
             return str(s32(value))
         if kind == "f":
@@ -129,6 +157,77 @@ class SyscallDispatcher:
         return f"{value:#x}"
 
 
+def _bits(names: dict[int, str], zero: str = "0"):
+    """A decoder of a flag word as strace prints it: NAME|NAME|0x10 for unknown bits."""
+    def decode(value: int) -> str:
+        value &= 0xFFFFFFFF
+        parts, rest = [], value
+        for bit, name in names.items():
+            if rest & bit == bit and bit:
+                parts.append(name)
+                rest &= ~bit
+        if rest:
+            parts.append(f"{rest:#x}")
+        return "|".join(parts) or zero
+    return decode
+
+
+def _choice(names: dict[int, str], mask: int = 0xFFFFFFFF, rest=None):
+    def decode(value: int) -> str:
+        value &= 0xFFFFFFFF
+        name = names.get(value & mask, str(s32(value & mask)))
+        return name + (rest(value & ~mask) if rest else "")
+    return decode
+
+
+def _open_flags(value: int) -> str:
+    acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[value & 3]
+    more = _bits(_O_FLAGS, "")(value & ~3)
+    return acc + ("|" + more if more else "")
+
+
+_O_FLAGS = {0o100: "O_CREAT", 0o200: "O_EXCL", 0o400: "O_NOCTTY", 0o1000: "O_TRUNC",
+            0o2000: "O_APPEND", 0o4000: "O_NONBLOCK", 0o10000: "O_DSYNC", 0o20000: "O_ASYNC",
+            0o40000: "O_DIRECT", 0o200000: "O_DIRECTORY", 0o400000: "O_NOFOLLOW",
+            0o1000000: "O_NOATIME", 0o2000000: "O_CLOEXEC", 0o10000000: "O_PATH",
+            0o20200000: "O_TMPFILE", 0o4010000: "O_SYNC", 0o100000: "O_LARGEFILE"}
+_PROT = {1: "PROT_READ", 2: "PROT_WRITE", 4: "PROT_EXEC", 0x1000000: "PROT_GROWSDOWN"}
+_MAP = {0x10: "MAP_FIXED", 0x20: "MAP_ANONYMOUS", 0x100: "MAP_GROWSDOWN",
+        0x800: "MAP_DENYWRITE", 0x1000: "MAP_EXECUTABLE", 0x2000: "MAP_LOCKED",
+        0x4000: "MAP_NORESERVE", 0x8000: "MAP_POPULATE", 0x10000: "MAP_NONBLOCK",
+        0x20000: "MAP_STACK", 0x40000: "MAP_HUGETLB", 0x80000: "MAP_SYNC",
+        0x100000: "MAP_FIXED_NOREPLACE"}
+_MAP_TYPE = {0: "0", 1: "MAP_SHARED", 2: "MAP_PRIVATE", 3: "MAP_SHARED_VALIDATE"}
+_AT = {0x100: "AT_SYMLINK_NOFOLLOW", 0x200: "AT_REMOVEDIR", 0x400: "AT_SYMLINK_FOLLOW",
+       0x800: "AT_NO_AUTOMOUNT", 0x1000: "AT_EMPTY_PATH", 0x2000: "AT_STATX_FORCE_SYNC",
+       0x4000: "AT_STATX_DONT_SYNC"}
+_CLOCK = {0: "CLOCK_REALTIME", 1: "CLOCK_MONOTONIC", 2: "CLOCK_PROCESS_CPUTIME_ID",
+          3: "CLOCK_THREAD_CPUTIME_ID", 4: "CLOCK_MONOTONIC_RAW", 5: "CLOCK_REALTIME_COARSE",
+          6: "CLOCK_MONOTONIC_COARSE", 7: "CLOCK_BOOTTIME", 8: "CLOCK_REALTIME_ALARM",
+          9: "CLOCK_BOOTTIME_ALARM", 11: "CLOCK_TAI"}
+_FCNTL = {0: "F_DUPFD", 1: "F_GETFD", 2: "F_SETFD", 3: "F_GETFL", 4: "F_SETFL", 5: "F_GETLK",
+          6: "F_SETLK", 7: "F_SETLKW", 8: "F_SETOWN", 9: "F_GETOWN", 1024: "F_SETLEASE",
+          1025: "F_GETLEASE", 1030: "F_DUPFD_CLOEXEC", 1031: "F_SETPIPE_SZ",
+          1032: "F_GETPIPE_SZ", 1033: "F_ADD_SEALS", 1034: "F_GET_SEALS"}
+_FUTEX = {0: "FUTEX_WAIT", 1: "FUTEX_WAKE", 2: "FUTEX_FD", 3: "FUTEX_REQUEUE",
+          4: "FUTEX_CMP_REQUEUE", 5: "FUTEX_WAKE_OP", 6: "FUTEX_LOCK_PI", 7: "FUTEX_UNLOCK_PI",
+          8: "FUTEX_TRYLOCK_PI", 9: "FUTEX_WAIT_BITSET", 10: "FUTEX_WAKE_BITSET"}
+_FUTEX_FLAGS = {128: "_PRIVATE", 256: "_CLOCK_REALTIME"}
+_SIGHOW = {0: "SIG_BLOCK", 1: "SIG_UNBLOCK", 2: "SIG_SETMASK"}
+_STRACE_DECODERS = {
+    "O": _open_flags, "P": _bits(_PROT, "PROT_NONE"),
+    "M": lambda v: "|".join(x for x in (_MAP_TYPE.get(v & 0xF, f"{v & 0xF:#x}"),
+                                        _bits(_MAP, "")(v & ~0xF)) if x),
+    "A": _bits(_AT), "C": _choice(_CLOCK), "F": _choice(_FCNTL),
+    "X": _choice(_FUTEX, 0x7F, lambda rest: "".join(n for b, n in _FUTEX_FLAGS.items() if rest & b)),
+    "m": lambda v: f"{v & 0o7777:#o}", "p": lambda v: f"{v:#x}" if v else "NULL", "S": lambda v: SIGNAMES.get(v, str(s32(v))),
+    "H": _choice(_SIGHOW),
+    "Y": _choice({0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
+                  0x1004: "ARCH_GET_GS"}),
+}
+
+
+_WRITES = {"write", "writev", "pwrite64", "pwritev", "sendfile"}
 _STRACE_STR = 32                        # strace's default -s
 
 
@@ -142,19 +241,20 @@ def _quote(data: bytes, limit: int = _STRACE_STR) -> str:
 # byte count that follows it, o buffer filled by the call (its result is the length).
 _STRACE_ARGS = dict(
     exit_group="d", exit="d", brk="x", close="d", write="dbu", read="dou", pread64="doud",
-    pwrite64="dbux", writev="dxd", readv="dxd", mmap="xuxxdx", munmap="xu", mprotect="xux",
-    mremap="xuux", openat="fsxx", open="sxx", uname="x", getpid="", getuid="", geteuid="",
+    pwrite64="dbux", writev="dxd", readv="dxd", mmap="xuPMdx", munmap="xu", mprotect="xuP",
+    mremap="xuux", openat="fsOm", open="sOm", uname="x", getpid="", getuid="", geteuid="",
     getgid="", getegid="", gettid="", getppid="", getpgrp="", set_tid_address="x",
-    arch_prctl="xx", rseq="xuxx", set_robust_list="xu", prlimit64="ddxx", getrandom="xux",
-    readlinkat="fsxu", readlink="sxu", newfstatat="fsxx", fstat="dx", stat="sx", lstat="sx",
-    statx="fsxxx", ioctl="dxx", fcntl="ddx", dup="d", dup2="dd", dup3="ddx", lseek="ddd",
-    faccessat="fsx", faccessat2="fsxx", access="sx", chdir="s", fchdir="d", getcwd="xu",
-    getdents64="dxu", sendfile="ddxu", pipe2="xx", clock_gettime="dx", gettimeofday="xx",
-    clock_nanosleep="ddxx", nanosleep="xx", rt_sigaction="dxxu", rt_sigprocmask="dxxu",
-    prctl="dxxxx", kill="dd", tgkill="ddd", tkill="dd", sysinfo="x", getrusage="dx",
-    umask="x", poll="xud", ppoll="xuxxu", futex="xdux", madvise="xud", mkdirat="fsx",
-    unlinkat="fsx", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
-    close_range="uud", clock_getres="dx", time="x",
+    arch_prctl="Yx", rseq="xuxx", set_robust_list="xu", prlimit64="ddxx", getrandom="xux",
+    readlinkat="fsxu", readlink="sxu", newfstatat="fsxA", fstat="dx", stat="sx", lstat="sx",
+    statx="fsAxx", ioctl="dxx", fcntl="dFx", dup="d", dup2="dd", dup3="ddO", lseek="ddd",
+    faccessat="fsx", faccessat2="fsxA", access="sx", chdir="s", fchdir="d", getcwd="xu",
+    getdents64="dxu", sendfile="ddxu", pipe2="xO", clock_gettime="Cp", gettimeofday="xx",
+    clock_nanosleep="Cdxx", nanosleep="xx", rt_sigaction="Sxxu", rt_sigprocmask="Hxxu",
+    prctl="dxxxx", kill="dS", tgkill="ddS", tkill="dS", sysinfo="x", getrusage="dx",
+    umask="m", poll="xud", ppoll="xuxxu", futex="xXux", madvise="xud", mkdirat="fsm",
+    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
+    close_range="uud", clock_getres="Cp", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
+    fchownat="fsddA", chown="sdd", fchown="ddd", utimensat="fsxA", pipe="x",
 )
 
 
@@ -178,12 +278,22 @@ def wr(p: LinuxProcess, addr: int, data: bytes) -> None:
 
 
 def cstr(p: LinuxProcess, addr: int) -> str:
+    """A path argument (getname): EFAULT, ENAMETOOLONG at PATH_MAX, else the bytes as an
+    os.fsdecode'd str (host calls encode them back byte for byte)."""
     if addr == 0:
         raise MemoryFault()
     try:
-        return p.machine.memory.read_cstr(addr).decode("utf-8", "surrogateescape")
-    except Exception:
+        raw = strncpy_from_user(p.machine.memory, addr, PATH_MAX)
+    except UserFault:
         raise MemoryFault() from None
+    if len(raw) >= PATH_MAX:
+        raise FsError(E.ENAMETOOLONG)
+    return os.fsdecode(raw)
+
+
+def deadline(p: LinuxProcess) -> float | None:
+    """When a blocking host read must give up: the run's --timeout deadline."""
+    return getattr(p.machine, "deadline", None) or p.deadline
 
 
 def base_dir(p: LinuxProcess, dirfd: int) -> str | None:
@@ -233,9 +343,33 @@ def sys_getgid(p, *_):
     return p.creds.gid
 
 
-@syscall("rseq", "clone", "clone3", "fork", "vfork", "execve", "wait4", "socket")
+@syscall("rseq", "socket")
 def sys_unsupported(p, *_):
     return -E.ENOSYS
+
+
+_NOT_YET = {"clone": "threads", "clone3": "threads", "fork": "processes", "vfork": "processes",
+            "execve": "processes", "execveat": "processes"}
+
+
+@syscall(*_NOT_YET)
+def sys_not_yet(p, *_):
+    """One line on stderr the first time each call is made, then ENOSYS, which glibc's
+    fork/pthread_create/posix_spawn report as failures the program can handle."""
+    name = p.dispatcher_name
+    warn_once(p, name, f"emu: {name}: {_NOT_YET[name]} are not supported yet\n")
+    return -E.ENOSYS
+
+
+def warn_once(p, key: str, line: str) -> None:
+    if key not in p.warned:
+        p.warned.add(key)
+        p.machine.stderr.write(line.encode())
+
+
+@syscall("wait4", "waitid")
+def sys_wait4(p, *_):
+    return -E.ECHILD                    # no child can exist
 
 
 @syscall("uname")
@@ -359,20 +493,53 @@ def sys_tgkill(p, tgid, tid, sig, *_):
     return _signal_self(p, sig) if tid == p.creds.pid else -E.ESRCH
 
 
+SIG_DFL, SIG_IGN = 0, 1
+SIGKILL, SIGSTOP, SIGPIPE = 9, 19, 13
+_SIG_DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
+_SIG_DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
+_SIG_REPORTED = {4, 7, 8, 11}                   # SIGILL, SIGBUS, SIGFPE, SIGSEGV: as faults
+
+
 def _signal_self(p, sig: int) -> int:
+    """A signal sent to ourselves. Delivery to handlers is not modelled yet: an ignored
+    signal is dropped, a handled one reported once and dropped; a stop signal is dropped
+    (nobody could continue us); any other default action ends the guest with 128+sig."""
     if sig == 0:
         return 0
     if not 1 <= sig <= 64:
         return -E.EINVAL
-    p.killed_by = sig                # default action of every signal we see: terminate
+    action = p.sigactions.get(sig, bytes(8))
+    handler = int.from_bytes(action[:8], "little")
+    if sig not in (SIGKILL, SIGSTOP):
+        if handler == SIG_IGN or handler == SIG_DFL and sig in _SIG_DEFAULT_IGNORE | _SIG_DEFAULT_STOP:
+            return 0
+        if handler != SIG_DFL:
+            warn_once(p, f"signal {sig}", f"emu: signal {SIGNAMES.get(sig, sig)} has a handler; "
+                                          f"signal delivery is not supported yet (dropped)\n")
+            return 0
+    elif sig == SIGSTOP:
+        return 0
+    p.killed_by = sig
+    if sig in _SIG_REPORTED:
+        m = p.machine
+        m.stderr.write(f"emu: guest killed by {SIGNAMES[sig]} it sent itself, at pc "
+                       f"{m.describe(m.pc)}\n".encode())
     p.machine.request_exit(128 + sig)
     return 0
+
+
+FUTEX_PRIVATE_FLAG = 128
 
 
 @syscall("futex")
 def sys_futex(p, uaddr, op, val, *_):
     cmd = op & 0x7F
+    if uaddr & 3:
+        return -E.EINVAL
     if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
+        # get_futex_key: a shared futex must be a mapped page, a private one only in range
+        if uaddr >= TASK_SIZE or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
+            return -E.EFAULT
         return 0
     if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
         (cur,) = struct.unpack("<I", rd(p, uaddr, 4))
@@ -385,17 +552,36 @@ def _timespec(ns: int) -> bytes:
     return struct.pack("<qq", ns // 1_000_000_000, ns % 1_000_000_000)
 
 
+# Clock ids (uapi/linux/time.h): REALTIME 0, MONOTONIC 1, PROCESS/THREAD_CPUTIME 2/3,
+# MONOTONIC_RAW 4, REALTIME/MONOTONIC_COARSE 5/6, BOOTTIME 7, REALTIME/BOOTTIME_ALARM 8/9,
+# TAI 11 (10 was removed). The wall-clock ones read the epoch-based time, all others the
+# one monotonic model time.
+_CLOCKS = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11}
+_WALL_CLOCKS = {0, 5, 8, 11}
+TIMER_ABSTIME = 1
+# Sleeps stop where the 1/256-cycle counter would leave 62 bits (about 100 days of model
+# time at 2 GHz): nothing wraps, so --max-cycles still fires and time never runs back.
+CLOCK_CEILING = (1 << 62) >> FP_SHIFT
+
+
+def _clock_ns(p, clk: int) -> int:
+    c = p.machine.clock
+    return c.realtime_ns() if clk in _WALL_CLOCKS else c.monotonic_ns()
+
+
 @syscall("clock_gettime")
 def sys_clock_gettime(p, clk, ts, *_):
-    c = p.machine.clock
-    ns = c.realtime_ns() if clk in (0, 5, 8, 11) else c.monotonic_ns()   # REALTIME(_COARSE)/TAI
-    if ts:
-        wr(p, ts, _timespec(ns))
+    clk = s32(clk)
+    if clk not in _CLOCKS:
+        return -E.EINVAL
+    wr(p, ts, _timespec(_clock_ns(p, clk)))      # a NULL ts is EFAULT, as in Linux
     return 0
 
 
 @syscall("clock_getres")
 def sys_clock_getres(p, clk, ts, *_):
+    if s32(clk) not in _CLOCKS:
+        return -E.EINVAL
     if ts:
         wr(p, ts, _timespec(1))
     return 0
@@ -421,12 +607,21 @@ def sys_time(p, tloc, *_):
 
 @syscall("nanosleep", "clock_nanosleep")
 def sys_nanosleep(p, *args):
-    req = args[2] if p.dispatcher_name == "clock_nanosleep" else args[0]
+    """Sleeping advances model time (clamped below CLOCK_CEILING); clock_nanosleep takes
+    a clock id and TIMER_ABSTIME."""
+    clk, flags, req = (s32(args[0]), args[1], args[2]) if p.dispatcher_name == "clock_nanosleep" \
+        else (1, 0, args[0])
+    if clk not in _CLOCKS or clk == 3:            # THREAD_CPUTIME cannot be slept on
+        return -E.EINVAL
     secs, nsec = struct.unpack("<qq", rd(p, req, 16))
     if secs < 0 or not 0 <= nsec < 1_000_000_000:
         return -E.EINVAL                 # else a negative sleep would turn the clock back
+    ns = min(secs * 1_000_000_000 + nsec, 1 << 80)
+    if flags & TIMER_ABSTIME:
+        ns = max(0, ns - _clock_ns(p, clk))
     c = p.machine.clock
-    c.advance((secs * 1_000_000_000 + nsec) * c.freq_hz // 1_000_000_000, "sleep")
+    cycles = min(ns * c.freq_hz // 1_000_000_000, max(0, CLOCK_CEILING - c.cycles))
+    c.advance(cycles, "sleep")
     return 0
 
 
@@ -463,6 +658,10 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
         f = p.fds.get(s32(fd))
         if f.kind != "host":
             return -E.ENODEV
+        acc = f.flags & O_ACCMODE
+        if acc == O_WRONLY or (flags & MAP_TYPE == MAP_SHARED and prot & PROT_WRITE
+                               and acc != O_RDWR):
+            return -E.EACCES
     if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
         if addr & 0xFFF:
             return -E.EINVAL
@@ -479,16 +678,57 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
         addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
         if addr is None:
             return -E.ENOMEM
-    data = b""
-    if f is not None:               # read no more than the file holds (pread allocates `n`)
-        data = os.pread(f.host_fd, max(0, min(length, os.fstat(f.host_fd).st_size - off)), off)
     try:
-        mem.map(addr, size, prot & 7, f"[mmap {os.path.basename(f.path)}]" if f else "[anon]")
+        if f is None:
+            mem.map(addr, size, prot & 7, "[anon]")
+        else:
+            _map_file(mem, f, addr, size, prot & 7, off)
     except UcError:
         return -E.ENOMEM
-    if data:
-        mem.write(addr, data)
     return addr
+
+
+def _map_file(mem, f: OpenFile, addr: int, size: int, prot: int, off: int) -> None:
+    """Map the pages the file backs with `prot` and copy in only the bytes it holds (its
+    data extents, IO_CHUNK at a time; holes and zeros stay fresh zero pages). Pages wholly
+    past EOF are mapped inaccessible: touching them faults, as Linux's SIGBUS."""
+    fsize = os.fstat(f.host_fd).st_size
+    backed = min(size, page_up(max(0, fsize - off)))
+    name = os.path.basename(f.path)
+    if backed:
+        mem.map(addr, backed, prot, f"[mmap {name}]")
+    if backed < size:
+        try:
+            mem.map(addr + backed, size - backed, 0, f"[mmap {name} past EOF]")
+        except UcError:
+            mem.unmap(addr, backed)
+            raise
+    _copy_file_data(mem, f.host_fd, addr, off, min(size, max(0, fsize - off)))
+
+
+def _copy_file_data(mem, fd: int, addr: int, off: int, n: int) -> None:
+    saved = os.lseek(fd, 0, os.SEEK_CUR)     # SEEK_DATA moves the guest's file position
+    try:
+        _copy_extents(mem, fd, addr, off, off + n)
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
+
+
+def _copy_extents(mem, fd: int, addr: int, off: int, end: int) -> None:
+    pos = off
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, SEEK_DATA)
+            hole = min(os.lseek(fd, pos, SEEK_HOLE), end)
+        except OSError:                      # ENXIO: no data past pos
+            return
+        while pos < hole:
+            chunk = os.pread(fd, min(IO_CHUNK, hole - pos), pos)
+            if not chunk:
+                return
+            if chunk.count(0) != len(chunk):     # zeros are already there
+                mem.write(addr + pos - off, chunk)
+            pos += len(chunk)
 
 
 @syscall("munmap")
@@ -540,16 +780,25 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
         mem.map(new, new_size, region.prot, region.name)
     except UcError:
         return -E.ENOMEM
-    mem.write(new, mem.read(old, old_size))
+    for done in range(0, old_size, IO_CHUNK):        # bounded host copies; zeros are there
+        chunk = mem.read(old + done, min(IO_CHUNK, old_size - done))
+        if chunk.count(0) != len(chunk):
+            mem.write(new + done, chunk)
     mem.unmap(old, old_size)
     return new
 
 
 # --- files ----------------------------------------------------------------------------------
+# Every transfer is bounded on the host: a read returns at most READ_MAX bytes (a short
+# read, as from a pipe), writes stream IO_CHUNK bytes at a time, so no guest request —
+# however large, however aliased — makes the host hold more than that.
 @syscall("read")
 def sys_read(p, fd, buf, count, *_):
     f = p.fds.get(s32(fd))
-    data = f.read(min(count, 1 << 20))
+    n = min(count, READ_MAX)
+    if not access_ok(p.machine.memory, buf, n, PROT_WRITE):
+        return -E.EFAULT                 # before consuming input the guest could not receive
+    data = f.read(n, deadline(p))
     wr(p, buf, data)
     return len(data)
 
@@ -559,39 +808,105 @@ def sys_pread64(p, fd, buf, count, off, *_):
     f = p.fds.get(s32(fd))
     if f.kind != "host":
         return -E.ESPIPE
-    data = os.pread(f.host_fd, min(count, 1 << 20), off)
+    if s64(off) < 0:
+        return -E.EINVAL
+    data = os.pread(f.host_fd, min(count, READ_MAX), off)
     wr(p, buf, data)
     return len(data)
 
 
+@syscall("pwrite64")
+def sys_pwrite64(p, fd, buf, count, off, *_):
+    f = p.fds.get(s32(fd))
+    if f.kind != "host":
+        return -E.ESPIPE
+    if s64(off) < 0:
+        return -E.EINVAL
+    if f.flags & O_ACCMODE == 0:
+        return -E.EBADF
+    return _stream(p, buf, min(count, MAX_RW_COUNT),
+                   lambda data, done: os.pwrite(f.host_fd, data, off + done))
+
+
 @syscall("write")
 def sys_write(p, fd, buf, count, *_):
-    return p.fds.get(s32(fd)).write(rd(p, buf, count))
+    f = p.fds.get(s32(fd))
+    return _stream(p, buf, min(count, MAX_RW_COUNT), lambda data, _done: f.write(data))
 
 
-def _iovecs(p, iov, cnt):
-    if cnt > 1024:
+def _stream(p, addr: int, n: int, put) -> int:
+    """Copy n guest bytes at addr to put(data, done) in IO_CHUNK pieces. An error after
+    some progress ends the call with the count so far, as the kernel's partial writes."""
+    done = 0
+    while done < n:
+        want = min(IO_CHUNK, n - done)
+        try:
+            wrote = put(rd(p, addr + done, want), done)
+        except (MemoryFault, FsError, OSError):
+            if done:
+                return done
+            raise
+        done += wrote
+        if wrote < want:
+            break
+    return done
+
+
+def _iovecs(p, iov, cnt) -> list[tuple[int, int]]:
+    """The iovec array (import_iovec): EINVAL past UIO_MAXIOV or for a negative length;
+    the total is truncated at MAX_RW_COUNT."""
+    if cnt > UIO_MAXIOV:
         raise FsError(E.EINVAL)
     raw = rd(p, iov, 16 * cnt)
-    return [struct.unpack_from("<QQ", raw, 16 * i) for i in range(cnt)]
+    out, total = [], 0
+    for i in range(cnt):
+        base, n = struct.unpack_from("<QQ", raw, 16 * i)
+        if n >> 63:
+            raise FsError(E.EINVAL)
+        if base + n > TASK_SIZE:             # access_ok: a range check, before truncation
+            raise MemoryFault()
+        n = min(n, MAX_RW_COUNT - total)
+        total += n
+        out.append((base, n))
+    return out
 
 
 @syscall("writev")
 def sys_writev(p, fd, iov, cnt, *_):
-    f = p.fds.get(s32(fd))
-    return f.write(b"".join(rd(p, base, n) for base, n in _iovecs(p, iov, cnt)))
+    f, total = p.fds.get(s32(fd)), 0
+    for base, n in _iovecs(p, iov, cnt):
+        try:
+            wrote = _stream(p, base, n, lambda data, _done: f.write(data))
+        except (MemoryFault, FsError, OSError):
+            if total:
+                return total
+            raise
+        total += wrote
+        if wrote < n:
+            break
+    return total
 
 
 @syscall("readv")
 def sys_readv(p, fd, iov, cnt, *_):
-    f, total = p.fds.get(s32(fd)), 0
-    for base, n in _iovecs(p, iov, cnt):
-        data = f.read(n)
-        wr(p, base, data)
-        total += len(data)
-        if len(data) < n:
+    """One bounded read scattered over the iovecs (a short read past READ_MAX)."""
+    f = p.fds.get(s32(fd))
+    vecs = _iovecs(p, iov, cnt)
+    mem = p.machine.memory
+    want = min(sum(n for _, n in vecs), READ_MAX)
+    if vecs and not access_ok(mem, vecs[0][0], min(vecs[0][1], want), PROT_WRITE):
+        return -E.EFAULT
+    data, done = f.read(want, deadline(p)), 0
+    for base, n in vecs:
+        if done >= len(data):
             break
-    return total
+        piece = data[done:done + n]
+        try:
+            wr(p, base, piece)
+        except MemoryFault:
+            return done or -E.EFAULT
+        done += len(piece)
+    return done
 
 
 @syscall("openat", "open")
@@ -710,11 +1025,11 @@ def sys_readlinkat(p, *args):
     dirfd, path_addr, buf, size = args[:4]
     path = cstr(p, path_addr)
     if path == "/proc/self/exe":
-        target = p.fs.exe_path.encode()
+        target = os.fsencode(p.fs.guest_path(p.fs.exe_path))
     else:
-        host = p.fs.resolve(path, base_dir(p, dirfd))
+        host = p.fs.resolve(path, base_dir(p, dirfd), follow=False)
         try:
-            target = os.readlink(host).encode()
+            target = os.readlink(os.fsencode(host))
         except OSError as e:
             return -e.errno
     target = target[:size]
@@ -740,7 +1055,7 @@ def sys_faccessat(p, *args):
 
 @syscall("getcwd")
 def sys_getcwd(p, buf, size, *_):
-    cwd = p.fs.cwd.encode() + b"\0"
+    cwd = os.fsencode(p.fs.guest_path(p.fs.cwd)) + b"\0"
     if size < len(cwd):
         return -E.ERANGE
     wr(p, buf, cwd)
@@ -770,10 +1085,10 @@ def sys_getdents64(p, fd, buf, count, *_):
     f = p.fds.get(s32(fd))
     if f.kind != "dir":
         return -E.ENOTDIR
-    out = bytearray()
+    out, count = bytearray(), min(count, READ_MAX)
     while f.dir_pos < len(f.dir_entries):
         name, ino, dtype = f.dir_entries[f.dir_pos]
-        raw = name.encode() + b"\0"
+        raw = name + b"\0"
         reclen = (19 + len(raw) + 7) & ~7
         if len(out) + reclen > count:
             if not out:
@@ -796,6 +1111,8 @@ def sys_fcntl(p, fd, cmd, arg, *_):
     fd = s32(fd)
     f = p.fds.get(fd)
     if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+        if arg >= NOFILE:
+            return -E.EINVAL
         new = p.fds.install(f, arg)
         if cmd == F_DUPFD_CLOEXEC:
             p.fds.cloexec.add(new)
@@ -807,7 +1124,8 @@ def sys_fcntl(p, fd, cmd, arg, *_):
         return 0
     if cmd == F_GETFL:
         return f.flags
-    if cmd == F_SETFL:
+    if cmd == F_SETFL:              # only the status flags change (O_APPEND, O_NONBLOCK)
+        f.flags = (f.flags & ~_SETFL_MASK) | (arg & _SETFL_MASK)
         return 0
     return -E.EINVAL
 
@@ -833,25 +1151,48 @@ def sys_dup3(p, old, new, flags=0, *_):
 
 @syscall("pipe2", "pipe")
 def sys_pipe2(p, fds_addr, flags=0, *_):
-    buf = bytearray()
-    r = p.fds.install(OpenFile("pipe", "<pipe>", 0, pipe=buf))
-    w = p.fds.install(OpenFile("pipe", "<pipe>", 1, pipe=buf))
+    if p.dispatcher_name == "pipe":
+        flags = 0
+    if flags & ~(O_NONBLOCK | O_CLOEXEC | 0o40000):       # O_DIRECT: packet mode, accepted
+        return -E.EINVAL
+    if not access_ok(p.machine.memory, fds_addr, 8, PROT_WRITE):
+        return -E.EFAULT
+    pipe = Pipe(readers=1, writers=1)
+    r = p.fds.install(OpenFile("pipe", "pipe:[r]", flags & O_NONBLOCK, pipe=pipe))
+    try:
+        w = p.fds.install(OpenFile("pipe", "pipe:[w]", O_WRONLY | flags & O_NONBLOCK, pipe=pipe))
+    except FsError:
+        p.fds.close(r)
+        raise
+    if flags & O_CLOEXEC:
+        p.fds.cloexec.update((r, w))
     wr(p, fds_addr, struct.pack("<ii", r, w))
     return 0
 
 
 @syscall("sendfile")
 def sys_sendfile(p, out_fd, in_fd, off_addr, count, *_):
+    """At most READ_MAX bytes per call (a short transfer), IO_CHUNK at a time."""
     src, dst = p.fds.get(s32(in_fd)), p.fds.get(s32(out_fd))
+    off = None
     if off_addr:
         (off,) = struct.unpack("<q", rd(p, off_addr, 8))
         if src.kind != "host":
             return -E.ESPIPE
-        data = os.pread(src.host_fd, min(count, 1 << 20), off)
-        wr(p, off_addr, struct.pack("<q", off + len(data)))
-    else:
-        data = src.read(min(count, 1 << 20))
-    return dst.write(data)
+        if off < 0:
+            return -E.EINVAL
+    done, n = 0, min(count, READ_MAX)
+    while done < n:
+        want = min(IO_CHUNK, n - done)
+        data = (src.read(want, deadline(p)) if off is None
+                else os.pread(src.host_fd, want, off + done))
+        wrote = dst.write(data) if data else 0
+        done += wrote
+        if wrote < want:
+            break
+    if off is not None:
+        wr(p, off_addr, struct.pack("<q", off + done))
+    return done
 
 
 @syscall("poll", "ppoll")
@@ -873,6 +1214,84 @@ def sys_connect(p, *_):
 @syscall("mkdirat", "mkdir", "unlinkat", "unlink")
 def sys_modify_fs(p, *_):
     return -E.EROFS if not p.fs.writable else -E.ENOSYS
+
+
+# --- metadata: honoured inside the jail under --fs-write, EROFS otherwise ----------------------
+def _meta_target(p, dirfd: int, path_addr: int, flags: int = 0) -> str | int:
+    """The host path (or host fd) a chmod/chown/utimensat names, checked writable."""
+    if path_addr == 0 or flags & AT_EMPTY_PATH and not cstr(p, path_addr):
+        f = p.fds.get(s32(dirfd))
+        if f.kind not in ("host", "dir"):
+            raise FsError(E.EPERM)
+        target = f.host_fd if f.kind == "host" else f.path
+    else:
+        target = p.fs.resolve(cstr(p, path_addr), base_dir(p, dirfd),
+                              not flags & AT_SYMLINK_NOFOLLOW)
+        if not os.path.lexists(target):
+            raise FsError(E.ENOENT)
+    if not p.fs.writable:
+        raise FsError(E.EROFS)
+    return target
+
+
+@syscall("fchmodat", "fchmodat2", "chmod", "fchmod")
+def sys_fchmodat(p, *args):
+    name = p.dispatcher_name
+    if name == "chmod":
+        args = (AT_FDCWD & 0xFFFFFFFF, *args)
+    elif name == "fchmod":
+        args = (args[0], 0, args[1])
+    dirfd, path, mode = args[:3]
+    target = _meta_target(p, dirfd, path, args[3] if name == "fchmodat2" else 0)
+    os.chmod(target, mode & 0o7777)
+    return 0
+
+
+@syscall("fchownat", "chown", "lchown", "fchown")
+def sys_fchownat(p, *args):
+    """Ownership cannot change for an unprivileged host: only a no-op (the owner's own
+    ids or -1) succeeds, as it would for a normal user."""
+    name = p.dispatcher_name
+    if name in ("chown", "lchown"):
+        args = (AT_FDCWD & 0xFFFFFFFF, *args[:3], AT_SYMLINK_NOFOLLOW if name == "lchown" else 0)
+    elif name == "fchown":
+        args = (args[0], 0, args[1], args[2], 0)
+    dirfd, path, uid, gid, flags = args[:5]
+    target = _meta_target(p, dirfd, path, flags)
+    st_ = os.stat(target) if isinstance(target, int) else os.lstat(target)
+    for want, have, own in ((s32(uid), st_.st_uid, p.creds.uid), (s32(gid), st_.st_gid, p.creds.gid)):
+        if want not in (-1, have, own):       # the guest's own ids map to the file's owner
+            return -E.EPERM
+    return 0
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+@syscall("utimensat")
+def sys_utimensat(p, dirfd, path, times, flags, *_):
+    target = _meta_target(p, dirfd, path, flags | (AT_EMPTY_PATH if not path else 0))
+    now = p.machine.clock.realtime_ns()
+    old = os.stat(target) if isinstance(target, int) else os.lstat(target)
+    if times:
+        raw = rd(p, times, 32)
+        stamps = []
+        for (sec, nsec), prev in zip(struct.iter_unpack("<qq", raw), (old.st_atime_ns, old.st_mtime_ns)):
+            if nsec == UTIME_NOW:
+                stamps.append(now)
+            elif nsec == UTIME_OMIT:
+                stamps.append(prev)
+            elif not 0 <= nsec < 1_000_000_000:
+                return -E.EINVAL
+            else:
+                stamps.append(sec * 1_000_000_000 + nsec)
+    else:
+        stamps = [now, now]
+    if isinstance(target, int):
+        os.utime(target, ns=tuple(stamps))
+    else:
+        os.utime(target, ns=tuple(stamps), follow_symlinks=not flags & AT_SYMLINK_NOFOLLOW)
+    return 0
 
 
 def install(proc: LinuxProcess) -> SyscallDispatcher:
