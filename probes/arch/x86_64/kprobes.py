@@ -6,11 +6,13 @@ import errno
 import struct
 
 from emu.symbols import Symbol
+from emu.uaccess import UserFault, get_user, put_user
 from probes.arch.common import (
     KIND_EMULATE,
     KIND_SLOT,
     ArchSpecificInsn,
     BreakpointKprobes,
+    RpCheck,
     reject,
 )
 from probes.arch.x86_64 import emulate as em
@@ -49,12 +51,21 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
     def enter_trampoline(self, addr: int, handler) -> None:
         self.m.add_host_entry(addr, handler)
 
-    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> None:
+    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> bool:
         sp = regs.sp
         mem = self.m.memory
-        ri.ret_addr = mem.read_u64(sp)
-        ri.fp = sp
-        mem.write_u64(sp, trampoline)
+        try:
+            ri.ret_addr = get_user(mem, sp)
+            put_user(mem, sp, trampoline)
+        except UserFault:
+            return False
+        ri.fp = ri.stack = sp                # the hijacked slot: the return-address word
+        return True
+
+    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:
+        # At a call, sp was just decremented onto the new slot; after `ret`, sp is above
+        # the returning frame's slot but still at or below every caller's.
+        return sp < ri.stack if ctx is RpCheck.CALL else sp <= ri.stack
 
     def kretprobe_frame(self, m) -> int:
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
