@@ -88,10 +88,13 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         return b"\xe8" + struct.pack("<i", self._ftrace_tramp - (site + 5))
 
     def ftrace_site(self, m, pc: int, sp: int) -> int:
-        return m.regs.read_u64(sp) - 5                    # the call's return address - 5
+        return get_user(m.memory, sp) - 5                 # the call's return address - 5
 
     def ftrace_parent(self, m, sp: int) -> int:
-        return m.regs.read_u64(sp + 8)                    # the function's own return address
+        try:
+            return get_user(m.memory, sp + 8)             # the function's own return address
+        except UserFault:        # a function jumped to at the top of its stack: no parent
+            return 0
 
     def ftrace_regs(self, m, site: int, sp: int):
         return PtRegs(m, ip=site + len(self.ftrace_nop), sp=sp + 8)     # sp as at the site

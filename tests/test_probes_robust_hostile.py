@@ -1,0 +1,152 @@
+"""Hostile guests against the probe layer (issue 11): every access the probe layer makes to
+guest memory on the guest's behalf goes through emu/uaccess, so an emulated or simulated
+instruction, a kretprobe hijack or an optprobe detour hit with a bad stack or literal
+address ends in the same one-line fault report (exit 139) the unprobed instruction gives,
+at the probed instruction — never a Python traceback, never a write into read-only text.
+
+Each row is a tiny guest assembled with keystone (`tiny_elf`): the unprobed run and the
+probed run must print the same `emu: guest fault: ...` line, and that line must be the
+one the row expects (so the row really exercises the fault)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_emu, tiny_elf
+
+NOSTACK = 0x10000              # unmapped in every tiny guest
+RO_STACK = 0x400800            # inside the R-X headers page of the text segment
+
+
+def lit(op: int, rt: int, frm: int, to: int) -> str:
+    """A PC-relative literal load (LDR Xt / LDR Wt / LDRSW) from `frm` to `to`, as a word."""
+    return f".long {op | (((to - frm) >> 2) & 0x7FFFF) << 5 | rt:#x}"
+
+
+LDR_X, LDR_W, LDRSW = 0x58000000, 0x18000000, 0x98000000
+TEXT = 0x401000                # the first function (the entry) of a tiny guest
+DATA = 0x500000
+
+def x86_start(sp: int) -> str:
+    return f"mov rsp, {sp:#x}; mov rax, {{sym:other}}; jmp {{sym:victim}}"
+
+
+X86_OTHER = ("other", "mov edi, 3; mov eax, 231; syscall")
+
+# name, arch, functions, probe options, the fault line the unprobed run gives (after "at pc")
+CASES = [
+    ("x86-ret-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                   ("victim", "ret"), X86_OTHER],
+     ["--kprobe", "victim"], "read of unmapped address 0x10000 at pc 0x401010 <victim+0x0>: ret"),
+    ("x86-ret-imm-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                       ("victim", "ret 8"), X86_OTHER],
+     ["--kprobe", "victim"], "read of unmapped address 0x10000 at pc 0x401010 <victim+0x0>: ret 8"),
+    ("x86-call-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                    ("victim", "call {sym:other}"), X86_OTHER],
+     ["--kprobe", "victim"], "write to unmapped address 0xfff8 at pc 0x401010 <victim+0x0>: call 0x401015"),
+    ("x86-call-rotext", "x86_64", [("_start", x86_start(RO_STACK)),
+                                   ("victim", "call {sym:other}"), X86_OTHER],
+     ["--kprobe", "victim"], "write to protected address 0x4007f8 at pc 0x401010 <victim+0x0>: call 0x401015"),
+    ("x86-callreg-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                       ("victim", "call rax"), X86_OTHER],
+     ["--kprobe", "victim"], "write to unmapped address 0xfff8 at pc 0x401010 <victim+0x0>: call rax"),
+    ("x86-pushf-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                     ("victim", "pushfq"), X86_OTHER],
+     ["--kprobe", "victim"], "write to unmapped address 0xfff8 at pc 0x401010 <victim+0x0>: pushfq"),
+    ("x86-pushf-rotext", "x86_64", [("_start", x86_start(RO_STACK)),
+                                    ("victim", "pushfq"), X86_OTHER],
+     ["--kprobe", "victim"], "write to protected address 0x4007f8 at pc 0x401010 <victim+0x0>: pushfq"),
+    ("x86-pushf16-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                       ("victim", ".byte 0x66, 0x9c"), X86_OTHER],
+     ["--kprobe", "victim"], "write to unmapped address 0xfffe at pc 0x401010 <victim+0x0>: pushf"),
+    ("x86-popf-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                    ("victim", "popfq"), X86_OTHER],
+     ["--kprobe", "victim"], "read of unmapped address 0x10000 at pc 0x401010 <victim+0x0>: popfq"),
+    ("x86-popf16-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                      ("victim", ".byte 0x66, 0x9d"), X86_OTHER],
+     ["--kprobe", "victim"], "read of unmapped address 0x10000 at pc 0x401010 <victim+0x0>: popf"),
+    # kretprobe entered with a bad sp: no hijack (as uretprobes); the guest's own `ret` faults.
+    ("x86-kretprobe-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                         ("victim", "mov eax, 1; ret"), X86_OTHER],
+     ["--kretprobe", "victim"], "read of unmapped address 0x10000 at pc 0x401015 <victim+0x5>: ret"),
+    ("x86-kretprobe-rotext", "x86_64", [("_start", x86_start(RO_STACK)),
+                                        ("victim", "mov eax, 1; ret"), X86_OTHER],
+     ["--kretprobe", "victim"], "fetch from unmapped address 0x0 at pc 0x0: <unmapped>"),
+    # optprobe: the first hit of a queued probe resumes in the detour's copy of `push rbp`.
+    ("x86-optprobe-nostack", "x86_64", [("_start", x86_start(NOSTACK)),
+                                        ("victim", "push rbp; mov rbp, rsp; pop rbp; ret"), X86_OTHER],
+     ["--kprobe", "victim", "--optimize"],
+     "write to unmapped address 0xfff8 at pc 0x401010 <victim+0x0>: push rbp"),
+    ("x86-optprobe-rotext", "x86_64", [("_start", x86_start(RO_STACK)),
+                                       ("victim", "push rbp; mov rbp, rsp; pop rbp; ret"), X86_OTHER],
+     ["--kprobe", "victim", "--optimize"],
+     "write to protected address 0x4007f8 at pc 0x401010 <victim+0x0>: push rbp"),
+    # arm64 literal loads (simulated) from an unmapped page and from a PROT_NONE page.
+    ("arm64-ldr-x-unmapped", "arm64", [("victim", lit(LDR_X, 0, TEXT, TEXT + 0x10000))],
+     ["--kprobe", "victim"], "read of unmapped address 0x411000 at pc 0x401000 <victim+0x0>: ldr x0, #0x411000"),
+    ("arm64-ldr-w-unmapped", "arm64", [("victim", lit(LDR_W, 1, TEXT, TEXT + 0x10000))],
+     ["--kprobe", "victim"], "read of unmapped address 0x411000 at pc 0x401000 <victim+0x0>: ldr w1, #0x411000"),
+    ("arm64-ldrsw-unmapped", "arm64", [("victim", lit(LDRSW, 2, TEXT, TEXT + 0x10000))],
+     ["--kprobe", "victim"], "read of unmapped address 0x411000 at pc 0x401000 <victim+0x0>: ldrsw x2, #0x411000"),
+    ("arm64-ldr-protnone", "arm64", [("victim", lit(LDR_X, 0, TEXT, DATA))],
+     ["--kprobe", "victim"], "read of protected address 0x500000 at pc 0x401000 <victim+0x0>: ldr x0, #0x500000"),
+    ("arm64-ldr-optprobe", "arm64", [("victim", lit(LDR_X, 0, TEXT, TEXT + 0x10000))],
+     ["--kprobe", "victim", "--optimize"],
+     "read of unmapped address 0x411000 at pc 0x401000 <victim+0x0>: ldr x0, #0x411000"),
+    # arm64 stack stores: stepped in the slot, and in an optprobe detour.
+    ("arm64-str-nostack-kprobe", "arm64", [("_start", f"mov x9, #{NOSTACK:#x}; mov sp, x9; b {{sym:victim}}"),
+                                           ("victim", "str x0, [sp, #-16]!")],
+     ["--kprobe", "victim"], "write to unmapped address 0xfff0 at pc 0x40100c <victim+0x0>: str x0, [sp, #-0x10]!"),
+    ("arm64-str-nostack-opt", "arm64", [("_start", f"mov x9, #{NOSTACK:#x}; mov sp, x9; b {{sym:victim}}"),
+                                        ("victim", "str x0, [sp, #-16]!")],
+     ["--kprobe", "victim", "--optimize"],
+     "write to unmapped address 0xfff0 at pc 0x40100c <victim+0x0>: str x0, [sp, #-0x10]!"),
+    ("arm64-kretprobe-nostack", "arm64", [("_start", f"mov x9, #{NOSTACK:#x}; mov sp, x9; bl {{sym:victim}}"),
+                                          ("victim", "mov x1, #1; str x0, [sp, #-16]!; ret")],
+     ["--kretprobe", "victim"], "write to unmapped address 0xfff0 at pc 0x401010 <victim+0x4>: str x0, [sp, #-0x10]!"),
+]
+
+
+@pytest.mark.parametrize("name,arch,funcs,probe,fault", CASES, ids=[c[0] for c in CASES])
+def test_hostile_guest_probed_faults_like_unprobed(tmp_path, name, arch, funcs, probe, fault):
+    kw = {"data": bytes(16), "data_prot": 0} if "protnone" in name else {}
+    path = tmp_path / f"{name}.elf"
+    path.write_bytes(tiny_elf(arch, funcs, **kw))
+    plain = run_emu("run", str(path))
+    probed = run_emu("run", *probe, str(path))
+    line = f"emu: guest fault: {fault}"
+    assert (plain.rc, plain.err.splitlines()[0]) == (139, line), plain.err
+    assert probed.rc == 139, probed.err
+    assert probed.err.splitlines()[0] == line, probed.err
+    assert "Traceback" not in probed.err
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_fault_in_detour_copy_reported_at_its_instruction(tmp_path, arch):
+    """A jump-optimized probe whose detour runs copies of two instructions: a fault in the
+    second copy is reported at the second original instruction (the guest's own address),
+    with the unprobed run's fault line."""
+    from emu.loader import GuestConfig, load_guest
+    from probes.kprobes import Kprobe, kprobes_of
+    from probes.optprobes import enable_optprobes
+
+    if arch == "x86_64":
+        funcs = [("_start", x86_start(RO_STACK)), ("victim", "nop; push rbp; mov rbp, rsp; pop rbp; ret"),
+                 X86_OTHER]
+    else:
+        funcs = [("_start", f"mov x9, #{NOSTACK:#x}; mov sp, x9; b {{sym:victim}}"),
+                 ("victim", "str x0, [sp, #-16]!; ret")]
+    path = tmp_path / "victim.elf"
+    path.write_bytes(tiny_elf(arch, funcs))
+    import io
+    plain = load_guest(GuestConfig(path=str(path)), io.BytesIO(), io.BytesIO(), io.BytesIO())
+    want = plain.machine.run(timeout=10)
+    g = load_guest(GuestConfig(path=str(path)), io.BytesIO(), io.BytesIO(), io.BytesIO())
+    kp = kprobes_of(g.machine)
+    opt = enable_optprobes(kp)
+    p = Kprobe(symbol_name="victim")
+    kp.register_kprobe(p)
+    assert opt.kick_kprobe_optimizer() == 1 and p.ainsn.optimized
+    got = g.machine.run(timeout=10)
+    assert (got.exit_code, got.message) == (want.exit_code, want.message) and got.exit_code == 139
+    assert "victim+0x" + ("1" if arch == "x86_64" else "0") in got.message
+    assert p.hits == 1
