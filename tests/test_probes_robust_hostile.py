@@ -150,3 +150,52 @@ def test_fault_in_detour_copy_reported_at_its_instruction(tmp_path, arch):
     assert (got.exit_code, got.message) == (want.exit_code, want.message) and got.exit_code == 139
     assert "victim+0x" + ("1" if arch == "x86_64" else "0") in got.message
     assert p.hits == 1
+
+
+FTRACE_FLAGS = {"x86_64": ["-fno-pie", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount"],
+                "arm64": ["-fpatchable-function-entry=2"]}
+# x86: the trampoline's own stack read (the call's return address) faults at the
+# trampoline; arm64: the per-site stub reads no memory, the function's prologue faults.
+FTRACE_FAULT = {"x86_64": r"read of unmapped address 0x10000 at pc 0x[0-9a-f]+: ",
+                "arm64": r"write to unmapped address 0x[0-9a-f]+ at pc 0x[0-9a-f]+ <traced\+0x8>: stp x29, x30"}
+
+
+@pytest.fixture(scope="module")
+def ftrace_jump(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    from conftest import CROSS_CC, ROOT
+    built = {}
+
+    def build(arch: str):
+        if arch not in built:
+            cc = shutil.which(CROSS_CC[arch])
+            if cc is None:
+                pytest.skip(f"{CROSS_CC[arch]} not installed")
+            out = tmp_path_factory.mktemp("fj") / f"ftrace_jump.{arch}"
+            src = ROOT / "tests" / "data" / "probes_robust" / "ftrace_jump.c"
+            proc = subprocess.run([cc, "-O2", "-static", *FTRACE_FLAGS[arch], "-o", str(out), str(src)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"cannot build an ftrace guest: {proc.stderr.strip()[:200]}")
+            built[arch] = out
+        return built[arch]
+    return build
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+@pytest.mark.parametrize("probe", [["--ftrace-filter", "traced"], ["--kprobe", "traced"]],
+                         ids=["function-tracer", "kprobe-on-site"])
+def test_ftrace_trampoline_reached_with_bad_sp(ftrace_jump, arch, probe):
+    """The guest finds its patched ftrace site, computes the trampoline and jumps there
+    with sp on an unmapped page: a one-line guest fault, no traceback."""
+    import re
+    path = ftrace_jump(arch)
+    plain = run_emu("run", str(path))
+    assert plain.rc == 3 and b"site not patched: 2" in plain.stdout     # nop sites: no jump
+    r = run_emu("run", *probe, str(path))
+    assert r.rc == 139, r.err
+    assert "Traceback" not in r.err
+    fault = [ln for ln in r.err.splitlines() if ln.startswith("emu: guest fault: ")]
+    assert len(fault) == 1 and re.match("emu: guest fault: " + FTRACE_FAULT[arch], fault[0]), r.err
