@@ -216,10 +216,13 @@ class Kretprobes:
         return True
 
     def live_instances(self) -> list[KretprobeInstance]:
-        """The pending instances whose frame is still on the stack at the current sp."""
-        sp = self.m.sp
+        """The pending instances an unwinder can still meet: frame on the stack at the
+        current sp, hijacked return address still in place (stale ones are dropped only
+        at the next entry or return, so a run can end with some left)."""
+        sp, arch, tramp = self.m.sp, self.arch, self.trampoline
         return [ri for ri in self.instances
-                if self.arch.kretprobe_is_alive(ri, RpCheck.CHAIN_CALL, sp)]
+                if arch.kretprobe_is_alive(ri, RpCheck.CHAIN_CALL, sp)
+                and arch.kretprobe_hijack_intact(ri, tramp)]
 
     def pending_ret_addrs(self) -> list[int]:
         """Real return addresses of the pending instances, innermost first (what an

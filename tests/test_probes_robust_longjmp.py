@@ -99,3 +99,16 @@ def test_stale_instances_do_not_exhaust_the_pool(prog, probe_lab):
     kretprobes_of(lab.machine).register_kretprobe(rp)
     assert lab.run(timeout=60).exit_code == 98
     assert rets == [20, 20, 20] and (rp.nmissed, rp.ndropped) == (3, 0)
+
+
+def test_sweep_kretprobe_mode_has_no_mismatch(prog):
+    """`emu sweep --mode kretprobe` compares registers and live memory with the unprobed
+    run: the hijack words left by longjmp'ed frames are the only tolerated difference."""
+    arch, path = prog
+    r = run_emu("sweep", "--mode", "kretprobe", "--json", "--func", "f", "--func", "g",
+                "--func", "deep", str(path))
+    assert r.rc == 0, r.out[-2000:] + r.err
+    data = json.loads(r.out)
+    assert (data["checked"], data["mismatches"]) == (3, 0)
+    hits = {f: rows[0]["hits"] for f, rows in data["functions"].items()}
+    assert hits == ENTRIES

@@ -154,6 +154,11 @@ class BreakpointKprobes:
         """arch_uretprobe_is_alive: is the frame `ri` hijacked still on the stack at `sp`?"""
         raise NotImplementedError
 
+    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
+        """Does the hijacked return address still hold the trampoline, where the arch can
+        tell (x86: the stack slot)? A stale instance's slot is often overwritten."""
+        return True
+
     def kretprobe_fixup_return(self, regs: "PtRegs", ret_addr: int) -> None:
         """Registers as the trampoline leaves them besides ip (arm64: lr = ret_addr)."""
 

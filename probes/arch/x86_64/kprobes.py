@@ -67,6 +67,12 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         # the returning frame's slot but still at or below every caller's.
         return sp < ri.stack if ctx is RpCheck.CALL else sp <= ri.stack
 
+    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
+        try:
+            return get_user(self.m.memory, ri.stack) == trampoline
+        except UserFault:
+            return False
+
     def kretprobe_frame(self, m) -> int:
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
 
