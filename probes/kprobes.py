@@ -530,6 +530,11 @@ class Kprobes:
         the probe's fault_handler its turn (kprobe_fault_handler)."""
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER):
+            # A boosted slot runs with no kprobe current; its copy faults the same way.
+            p = next((q for q in self.table.values() if q.ainsn is not None and q.ainsn.boosted
+                      and self.arch.in_slot(q, fault.pc)), None)
+            if p is not None:
+                fault.pc = self.m.pc = p.addr
             return
         if not self.arch.in_slot(p, fault.pc):
             return

@@ -80,6 +80,11 @@ CASES = [
                                        ("victim", "push rbp; mov rbp, rsp; pop rbp; ret"), X86_OTHER],
      ["--kprobe", "victim", "--optimize"],
      "write to protected address 0x4007f8 at pc 0x401010 <victim+0x0>: push rbp"),
+    # a boosted slot (no kprobe current when its copy runs): the second hit faults there.
+    ("x86-boosted-rotext", "x86_64", [("_start", f"call {{sym:victim}}; mov rsp, {RO_STACK:#x}; "
+                                                 "jmp {sym:victim}"),
+                                      ("victim", "push rbp; pop rbp; ret")],
+     ["--kprobe", "victim"], "write to protected address 0x4007f8 at pc 0x40100e <victim+0x0>: push rbp"),
     # arm64 literal loads (simulated) from an unmapped page and from a PROT_NONE page.
     ("arm64-ldr-x-unmapped", "arm64", [("victim", lit(LDR_X, 0, TEXT, TEXT + 0x10000))],
      ["--kprobe", "victim"], "read of unmapped address 0x411000 at pc 0x401000 <victim+0x0>: ldr x0, #0x411000"),
