@@ -97,6 +97,7 @@ class ProbeReport:
             }
             if p.kretprobe is not None:
                 row["returns"] = p.kretprobe.hits
+                row["dropped"] = p.kretprobe.ndropped       # frames left by longjmp/unwinding
                 row["nmissed"] = p.nmissed + p.kretprobe.nmissed   # as kprobe_profile
             rows.append(row)
         return rows

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from emu.machine import Machine
+from emu.uaccess import UserFault
 from probes.regs import PtRegs
 
 FtraceFunc = Callable[[int, int, "FtraceOps", PtRegs], None]   # (ip, parent_ip, ops, regs)
@@ -120,7 +121,12 @@ class Ftrace:
     def _ftrace_caller(self, pc: int) -> None:
         m = self.m
         sp = m.sp
-        site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
+        try:
+            site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
+        except UserFault as e:   # only a guest that jumps here with a bad sp: the
+            from probes.kprobes import user_fault     # trampoline's own stack read faults
+            m.stop_fault(user_fault(e, pc))
+            return
         if site is None:
             return
         m.clock.advance(m.clock.detour_cost, "detour")

@@ -14,7 +14,8 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from emu.machine import Fault, Machine
+from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
+from emu.uaccess import UserFault
 from probes.arch import ArchKprobes, get_arch_kprobes
 from probes.blacklist import Blacklist
 from probes.errors import KprobeError
@@ -381,7 +382,13 @@ class Kprobes:
     def _reenter(self, p: Kprobe, regs: PtRegs) -> None:
         kcb = self.kcb
         if kcb.status == KPROBE_REENTER:
-            raise KprobeError(errno.EFAULT, f"unrecoverable kprobe reentry at {p.addr:#x}")
+            # "Unrecoverable kprobe detected" (the kernel BUG()s): only a guest that sends
+            # a slot back into its probe gets here, e.g. one that rewrote the slot.
+            kcb.current, kcb.status = None, 0
+            kcb.prev.clear()
+            self.m.pc = p.addr
+            self.m.stop_fault(Fault("unrecoverable kprobe reentry", p.addr, None, SIGTRAP))
+            return
         self.kprobes_inc_nmissed_count(p)
         kcb.save()
         kcb.current, kcb.status = p, KPROBE_REENTER
@@ -400,7 +407,11 @@ class Kprobes:
         if ainsn.handler is not None:           # simulated/emulated: done right here
             if regs is None:
                 regs = PtRegs(self.m, self.arch.handler_ip(p))
-            ainsn.handler(p, regs)
+            try:
+                ainsn.handler(p, regs)
+            except UserFault as e:
+                self._emulation_fault(p, e)
+                return
             regs.flush()
             self._post_kprobe(p, regs)
             return
@@ -416,6 +427,20 @@ class Kprobes:
             return
         if not reenter:
             self.kcb.status = KPROBE_HIT_SS
+
+    def _emulation_fault(self, p: Kprobe, e: UserFault) -> None:
+        """A simulated/emulated instruction met memory the guest cannot access: the fault
+        the instruction itself takes, reported at the probe address as a fault while
+        stepping is (kprobe_fault_handler). Its register changes are not written back."""
+        kcb, m = self.kcb, self.m
+        m.pc = p.addr
+        if kcb.status == KPROBE_REENTER:
+            kcb.restore()
+        else:
+            if p.fault_handler is not None:
+                p.fault_handler(p, PtRegs(m), SIGSEGV)
+            kcb.current, kcb.status = None, 0
+        m.stop_fault(user_fault(e, p.addr))
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
@@ -505,6 +530,11 @@ class Kprobes:
         the probe's fault_handler its turn (kprobe_fault_handler)."""
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER):
+            # A boosted slot runs with no kprobe current; its copy faults the same way.
+            p = next((q for q in self.table.values() if q.ainsn is not None and q.ainsn.boosted
+                      and self.arch.in_slot(q, fault.pc)), None)
+            if p is not None:
+                fault.pc = self.m.pc = p.addr
             return
         if not self.arch.in_slot(p, fault.pc):
             return
@@ -516,6 +546,14 @@ class Kprobes:
             if p.fault_handler is not None:
                 p.fault_handler(p, PtRegs(self.m), fault.signal)
             kcb.current, kcb.status = None, 0
+
+
+def user_fault(e: UserFault, pc: int) -> Fault:
+    """The machine's fault report for a checked access that failed on the guest's behalf,
+    worded as the CPU's own fault on that access (emu.machine's memory fault kinds)."""
+    how = "write to" if e.write else "read of"
+    what = "protected" if e.mapped else "unmapped"
+    return Fault(f"{how} {what} address", pc, e.addr, SIGSEGV)
 
 
 def probe_kind(p: Kprobe) -> str:

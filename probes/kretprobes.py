@@ -6,14 +6,22 @@ it with the address of a return trampoline the layer mapped into the guest. When
 function returns there, the trampoline handler finds the instances of this frame on the
 task's LIFO list, runs their handlers with the return value, and resumes at the real
 return address. arm64's trampoline is `BRK #7` (classic kretprobe); x86's is entered
-through a host entry on the trampoline address (rethook has no trap)."""
+through a host entry on the trampoline address (rethook has no trap).
+
+A guest that leaves frames without returning (longjmp, or an exception unwinder that
+resumes in a caller) leaves stale instances above live ones. As Linux uretprobes do, they
+are dropped by stack pointer when a new instance is pushed (cleanup_return_instances) and
+when the trampoline is reached (handle_trampoline): the arch says whether an instance's
+frame is still alive (arch_uretprobe_is_alive). Dropped instances run no handler and are
+counted in `Kretprobe.ndropped`, so that entries = returns + ndropped + nmissed + pending."""
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from emu.machine import Machine
+from emu.machine import SIGILL, Fault, Machine
+from probes.arch.common import RpCheck
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
 from probes.regs import PtRegs
@@ -31,6 +39,7 @@ class KretprobeInstance:
     rp: Optional["Kretprobe"]
     ret_addr: int = 0
     fp: int = 0                 # the frame key: arm64 x29, x86 the return-address slot
+    stack: int = 0              # sp at the hijack (return_instance.stack): is the frame alive?
     data: bytearray = field(default_factory=bytearray)
 
 
@@ -44,6 +53,7 @@ class Kretprobe:
     maxactive: int = 0
     nmissed: int = 0
     hits: int = 0               # returns handled (ours)
+    ndropped: int = 0           # instances whose frame was left without a return (ours)
     free_instances: list[KretprobeInstance] = field(default_factory=list)
 
 
@@ -57,6 +67,7 @@ class Kretprobes:
         self.instances: list[KretprobeInstance] = []          # the task's LIFO
         self.registered: list[Kretprobe] = []
         self.frame_warnings = 0
+        self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
 
     # --- registration -----------------------------------------------------------------------
@@ -85,7 +96,7 @@ class Kretprobes:
         kp.post_handler = None
         kp.kretprobe = rp
         self.kprobes.register_kprobe(kp)
-        rp.nmissed, rp.hits = 0, 0
+        rp.nmissed, rp.hits, rp.ndropped = 0, 0, 0
         rp.free_instances = [KretprobeInstance(rp, data=bytearray(rp.data_size))
                              for _ in range(rp.maxactive)]
         self.registered.append(rp)
@@ -115,25 +126,72 @@ class Kretprobes:
         if rp.entry_handler is not None and rp.entry_handler(ri, regs):
             rp.free_instances.append(ri)
             return 0
-        self.arch.arch_prepare_kretprobe(ri, regs, self.trampoline)
+        if not self.arch.arch_prepare_kretprobe(ri, regs, self.trampoline):
+            # The return address cannot be read or replaced (a hostile sp): no hijack, as
+            # uretprobes; the stepped instruction meets the fault the guest would meet.
+            rp.free_instances.append(ri)
+            rp.nmissed += 1
+            return 0
+        chained = ri.ret_addr == self.trampoline
+        self._cleanup(RpCheck.CHAIN_CALL if chained else RpCheck.CALL, regs.sp)
+        if chained and not self.instances:
+            # The guest put the trampoline there itself: nothing to chain to. Its return
+            # will meet the trampoline with no instance, a fault (Linux: SIGILL).
+            rp.free_instances.append(ri)
+            rp.nmissed += 1
+            return 0
         self.instances.append(ri)
         return 0
 
+    def _cleanup(self, ctx: RpCheck, sp: int) -> None:
+        """cleanup_return_instances: drop the instances on top whose frame is gone."""
+        inst = self.instances
+        while inst and not self.arch.kretprobe_is_alive(inst[-1], ctx, sp):
+            self._drop(inst.pop())
+
+    def _drop(self, ri: KretprobeInstance) -> None:
+        self.ndropped += 1
+        rp = ri.rp
+        if rp is not None:
+            rp.ndropped += 1
+            rp.free_instances.append(ri)
+
     # --- return -----------------------------------------------------------------------------
-    def trampoline_handler(self, _addr: int) -> bool:
-        """__kretprobe_trampoline_handler: handle every instance of the returning frame."""
-        m, kcb = self.m, self.kprobes.kcb
-        frame = self.arch.kretprobe_frame(m)
-        # The instances of this return: from the top, down to the first that holds a real
-        # return address (those above it were hijacked by other kretprobes on the same call).
-        n = len(self.instances)
-        i = n - 1
+    def _chain_start(self) -> int:
+        """Index of the bottom of the top chain: the first instance from the top that holds
+        a real return address (those above it were hijacked by other kretprobes on the same
+        call, or a tail call); -1 if there is none."""
+        i = len(self.instances) - 1
         while i >= 0 and self.instances[i].ret_addr == self.trampoline:
             i -= 1
-        if i < 0:
-            raise KprobeError(errno.EFAULT, "kretprobe trampoline reached with no pending instance")
-        batch = self.instances[i:][::-1]
-        del self.instances[i:]
+        return i
+
+    def _returning_chain(self, sp: int) -> list[KretprobeInstance] | None:
+        """handle_trampoline's walk: pop chains from the top; a chain is the returning one
+        when the chain below it is still alive (or there is none), else its frames were
+        left by a longjmp and it is dropped. Returns the chain, top first."""
+        while True:
+            i = self._chain_start()
+            if i < 0:
+                return None
+            below = self.instances[i - 1] if i > 0 else None
+            batch = self.instances[i:][::-1]
+            del self.instances[i:]
+            if below is None or self.arch.kretprobe_is_alive(below, RpCheck.RET, sp):
+                return batch
+            for ri in batch:
+                self._drop(ri)
+
+    def trampoline_handler(self, addr: int) -> bool:
+        """__kretprobe_trampoline_handler: handle every instance of the returning frame."""
+        m, kcb = self.m, self.kprobes.kcb
+        batch = self._returning_chain(m.sp)
+        if batch is None:
+            # Reached without a pending instance: the guest jumped here itself.
+            m.stop_fault(Fault("kretprobe trampoline reached with no pending instance",
+                               addr, None, SIGILL))
+            return True
+        frame = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)
@@ -157,16 +215,26 @@ class Kretprobes:
         self.arch.charge_kretprobe_return(m)
         return True
 
+    def live_instances(self) -> list[KretprobeInstance]:
+        """The pending instances an unwinder can still meet: frame on the stack at the
+        current sp, hijacked return address still in place (stale ones are dropped only
+        at the next entry or return, so a run can end with some left)."""
+        sp, arch, tramp = self.m.sp, self.arch, self.trampoline
+        return [ri for ri in self.instances
+                if arch.kretprobe_is_alive(ri, RpCheck.CHAIN_CALL, sp)
+                and arch.kretprobe_hijack_intact(ri, tramp)]
+
     def pending_ret_addrs(self) -> list[int]:
         """Real return addresses of the pending instances, innermost first (what an
         unwinder substitutes for each trampoline address it meets)."""
-        return [ri.ret_addr for ri in reversed(self.instances) if ri.ret_addr != self.trampoline]
+        return [ri.ret_addr for ri in reversed(self.live_instances())
+                if ri.ret_addr != self.trampoline]
 
     def kretprobe_find_ret_addr(self, addr: int, cursor: int = 0) -> tuple[int, int]:
         """For unwinders: the real address behind the `cursor`-th trampoline address met
         while walking the stack (0 = innermost). Returns (address, next cursor)."""
         seen = 0
-        for ri in reversed(self.instances):
+        for ri in reversed(self.live_instances()):
             if ri.ret_addr == self.trampoline:
                 continue
             if seen == cursor:

@@ -40,6 +40,7 @@ class Optimizer:
         self.enabled = True                      # sysctl debug.kprobes-optimization
         self.ip_offset = kp.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
         self._regs = PtRegs(self.m)                 # one view reused by every detour hit
+        self.m.fault_notifiers.append(self._on_fault)
 
     # --- deciding ---------------------------------------------------------------------------
     def try_to_optimize_kprobe(self, p: Kprobe) -> None:
@@ -126,6 +127,19 @@ class Optimizer:
         if oi is not None:
             self.arch.free_optimized_kprobe(p)
             p.ainsn.optinsn = None
+
+    def _on_fault(self, fault) -> None:
+        """A relocated instruction faulted in a detour (a hostile sp, a literal on an
+        unmapped page): report it at the original instruction, where the guest would have
+        taken it, as a fault in a kprobe slot is."""
+        for p in self.kp.table.values():
+            oi = p.ainsn.optinsn if p.ainsn is not None else None
+            if oi is not None and oi.detour <= fault.pc < oi.detour + len(oi.code):
+                orig = self.arch.detour_orig_addr(p, fault.pc)
+                if orig is not None:
+                    fault.pc = orig
+                    self.m.pc = orig
+                return
 
     # --- the detour's host entry --------------------------------------------------------------
     def optimized_callback(self, addr: int, _pc: int = 0) -> None:

@@ -92,7 +92,11 @@ class PtRegs:
             return self[regs[n - 1]]
         if self._arch.link is not None:      # arm64 $argN beyond x7 reads as 0 (kernel)
             return 0
-        return self._m.memory.read_u64(self.sp + 8 * (n - len(regs)))   # stack[0] = return addr
+        from emu.uaccess import UserFault, get_user
+        try:                                 # stack[0] = return addr
+            return get_user(self._m.memory, self.sp + 8 * (n - len(regs)))
+        except UserFault:                    # regs_get_kernel_stack_nth: 0 off the stack
+            return 0
 
     @property
     def machine(self) -> "Machine":

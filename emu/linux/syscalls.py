@@ -645,6 +645,13 @@ def sys_brk(p, addr, *_):
     return p.brk
 
 
+def _layer_pages(p, addr: int, size: int) -> bool:
+    """[addr, addr+size) touches pages another layer mapped for its own code (probe slots,
+    trampolines; Machine.claim_text): not the guest's, as kernel kprobe memory is not in a
+    process's address space, so the guest can neither replace nor change them."""
+    return any(lo < addr + size and addr < hi for lo, hi in p.machine.owned_text)
+
+
 @syscall("mmap")
 def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
     mem = p.machine.memory
@@ -671,6 +678,8 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
             return -E.ENOMEM
         if flags & MAP_FIXED_NOREPLACE and mem.overlapping(addr, addr + size):
             return -E.EEXIST
+        if _layer_pages(p, addr, size):
+            return -E.ENOMEM
         mem.unmap(addr, size)
     else:
         hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= TASK_SIZE and \
@@ -735,7 +744,14 @@ def _copy_extents(mem, fd: int, addr: int, off: int, end: int) -> None:
 def sys_munmap(p, addr, length, *_):
     if addr & 0xFFF or length == 0:
         return -E.EINVAL
-    p.machine.memory.unmap(addr, length)
+    start, end = addr, addr + page_up(length)
+    for lo, hi in sorted(p.machine.owned_text):     # those pages are not the guest's:
+        if lo < end and start < hi:                  # unmap around them (holes are fine)
+            if start < lo:
+                p.machine.memory.unmap(start, lo - start)
+            start = max(start, hi)
+    if start < end:
+        p.machine.memory.unmap(start, end - start)
     return 0
 
 
@@ -746,7 +762,7 @@ def sys_mprotect(p, addr, length, prot, *_):
         return -E.EINVAL
     if length == 0:
         return 0
-    if not mem.is_mapped(addr, length):
+    if not mem.is_mapped(addr, length) or _layer_pages(p, addr, length):
         return -E.ENOMEM
     mem.protect(addr, length, prot & 7)
     return 0
@@ -760,7 +776,7 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
     if new_size > TASK_SIZE:
         return -E.ENOMEM
     old_size, new_size = page_up(old_size), page_up(new_size)
-    if not mem.is_mapped(old, old_size):
+    if not mem.is_mapped(old, old_size) or _layer_pages(p, old, old_size):
         return -E.EFAULT
     if new_size <= old_size:
         if new_size < old_size:

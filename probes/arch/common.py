@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import TYPE_CHECKING, Callable
 
 from emu.machine import Machine
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
 KIND_SIMULATE = "simulate"     # arm64 GOOD_NO_SLOT: the handler computes the effect
 KIND_EMULATE = "emulate"       # x86 emulate_op: the same idea, the kernel's word
 KIND_SLOT = "out-of-line"      # GOOD: stepped in the slot
+
+
+class RpCheck(IntEnum):
+    """enum rp_check (include/linux/uprobes.h): when a return instance's frame is tested."""
+    CALL = 0            # a new instance is pushed at a function entry
+    CHAIN_CALL = 1      # ... whose return address already is the trampoline (tail call)
+    RET = 2             # the trampoline was reached
 
 
 @dataclass
@@ -136,8 +144,20 @@ class BreakpointKprobes:
     def enter_trampoline(self, addr: int, handler: Callable[[int], bool]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def arch_prepare_kretprobe(self, ri, regs: "PtRegs", trampoline: int) -> None:  # pragma: no cover
+    def arch_prepare_kretprobe(self, ri, regs: "PtRegs", trampoline: int) -> bool:  # pragma: no cover
+        """Save the real return address in `ri` (ret_addr, fp, stack = sp at entry) and
+        put `trampoline` in its place; False if the guest's stack cannot be read or
+        written (arch_uretprobe_hijack_return_addr: no hijack, the guest runs on)."""
         raise NotImplementedError
+
+    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:  # pragma: no cover
+        """arch_uretprobe_is_alive: is the frame `ri` hijacked still on the stack at `sp`?"""
+        raise NotImplementedError
+
+    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
+        """Does the hijacked return address still hold the trampoline, where the arch can
+        tell (x86: the stack slot)? A stale instance's slot is often overwritten."""
+        return True
 
     def kretprobe_fixup_return(self, regs: "PtRegs", ret_addr: int) -> None:
         """Registers as the trampoline leaves them besides ip (arm64: lr = ret_addr)."""

@@ -19,6 +19,7 @@ from probes.arch.common import (
     KIND_SLOT,
     ArchSpecificInsn,
     BreakpointKprobes,
+    RpCheck,
     reject,
 )
 from probes.regs import PtRegs
@@ -43,10 +44,17 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
     def enter_trampoline(self, addr: int, handler) -> None:
         self.m.register_break_addr(addr, handler)            # BRK #7 traps
 
-    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> None:
+    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> bool:
         ri.ret_addr = regs["x30"]
         ri.fp = regs["x29"]
+        ri.stack = regs.sp                   # bl does not move sp: the caller's sp
         regs["x30"] = trampoline
+        return True
+
+    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:
+        # A tail call (B) into a probed function keeps sp: the chained instance of the
+        # caller stays alive at an equal sp; otherwise a live frame lies strictly above.
+        return sp <= ri.stack if ctx is RpCheck.CHAIN_CALL else sp < ri.stack
 
     def kretprobe_fixup_return(self, regs, ret_addr: int) -> None:
         regs["x30"] = ret_addr               # the trampoline returns with lr restored

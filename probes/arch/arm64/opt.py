@@ -153,6 +153,11 @@ class Arm64OptMixin:
     def arch_unoptimize_kprobe(self, p) -> None:
         self.m.text_poke(p.addr, self.breakpoint)
 
+    def detour_orig_addr(self, p, pc: int) -> int | None:
+        """Every word after the host entry stands for the one probed instruction (the
+        branch back cannot fault)."""
+        return p.addr if pc >= p.ainsn.optinsn.resume else None
+
     def free_optimized_kprobe(self, p) -> None:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)

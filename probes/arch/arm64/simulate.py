@@ -1,8 +1,12 @@
 """arm64 instruction simulation (arch/arm64/kernel/probes/simulate-insn.c): the effect of
-PC-relative and branch instructions computed on pt_regs at the probe address, no slot."""
+PC-relative and branch instructions computed on pt_regs at the probe address, no slot.
+Literal loads read through emu/uaccess: a literal on a page the guest cannot read raises
+UserFault, reported by the kprobe core at the probe address."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from emu.uaccess import get_user
 
 if TYPE_CHECKING:
     from probes.kprobes import Kprobe
@@ -104,13 +108,13 @@ def _literal_addr(op: int, addr: int) -> int:
 def simulate_ldr_literal(p: "Kprobe", regs: "PtRegs") -> None:
     op, addr = _opcode(p), p.addr
     size = 8 if op & (1 << 30) else 4
-    value = int.from_bytes(regs.machine.memory.read(_literal_addr(op, addr), size), "little")
+    value = get_user(regs.machine.memory, _literal_addr(op, addr), size)
     set_x_reg(regs, op & 0x1F, value)
     regs.ip = addr + 4
 
 
 def simulate_ldrsw_literal(p: "Kprobe", regs: "PtRegs") -> None:
     op, addr = _opcode(p), p.addr
-    value = int.from_bytes(regs.machine.memory.read(_literal_addr(op, addr), 4), "little")
+    value = get_user(regs.machine.memory, _literal_addr(op, addr), 4)
     set_x_reg(regs, op & 0x1F, sign_extend(value, 32))
     regs.ip = addr + 4

@@ -1,8 +1,14 @@
 """x86-64 instruction emulation at a probe hit (core.c kprobe_emulate_*): the effect of
-control-flow and IF-modifying instructions computed on pt_regs at the probe address."""
+control-flow and IF-modifying instructions computed on pt_regs at the probe address.
+
+Stack accesses go through emu/uaccess (the guest's own page permissions): a hostile rsp
+raises UserFault, which the kprobe core reports at the probe address as the fault the
+instruction itself would take. Registers are only flushed after a handler succeeds."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
+
+from emu.uaccess import copy_from_user, copy_to_user, get_user, put_user
 
 if TYPE_CHECKING:
     from probes.kprobes import Kprobe
@@ -24,13 +30,13 @@ def _next(p: "Kprobe") -> int:
 
 def _push(regs: "PtRegs", value: int) -> None:
     sp = (regs.sp - 8) & MASK64
-    regs.machine.memory.write_u64(sp, value)
+    put_user(regs.machine.memory, sp, value)
     regs.sp = sp
 
 
 def _pop(regs: "PtRegs") -> int:
     sp = regs.sp
-    value = regs.machine.memory.read_u64(sp)
+    value = get_user(regs.machine.memory, sp)
     regs.sp = sp + 8
     return value
 
@@ -109,12 +115,13 @@ def make_ifmodifier(op: int, size: int = 8) -> Callable:
         elif op == 0xFB:
             regs.flags = regs.flags | IF
         elif op == 0x9C and size == 2:
-            regs.sp = (regs.sp - 2) & MASK64
-            regs.machine.memory.write(regs.sp, (regs.flags & 0xFFFF).to_bytes(2, "little"))
+            sp = (regs.sp - 2) & MASK64
+            copy_to_user(regs.machine.memory, sp, (regs.flags & 0xFFFF).to_bytes(2, "little"))
+            regs.sp = sp
         elif op == 0x9C:
             _push(regs, regs.flags)
         elif size == 2:                                   # popf (16-bit)
-            value = int.from_bytes(regs.machine.memory.read(regs.sp, 2), "little")
+            value = int.from_bytes(copy_from_user(regs.machine.memory, regs.sp, 2), "little")
             regs.sp = regs.sp + 2
             regs.flags = (regs.flags & ~0xFFFF) | (value & POPF_MASK & 0xFFFF) | FLAGS_FIXED
         else:                                             # popf

@@ -6,11 +6,13 @@ import errno
 import struct
 
 from emu.symbols import Symbol
+from emu.uaccess import UserFault, get_user, put_user
 from probes.arch.common import (
     KIND_EMULATE,
     KIND_SLOT,
     ArchSpecificInsn,
     BreakpointKprobes,
+    RpCheck,
     reject,
 )
 from probes.arch.x86_64 import emulate as em
@@ -49,12 +51,27 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
     def enter_trampoline(self, addr: int, handler) -> None:
         self.m.add_host_entry(addr, handler)
 
-    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> None:
+    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> bool:
         sp = regs.sp
         mem = self.m.memory
-        ri.ret_addr = mem.read_u64(sp)
-        ri.fp = sp
-        mem.write_u64(sp, trampoline)
+        try:
+            ri.ret_addr = get_user(mem, sp)
+            put_user(mem, sp, trampoline)
+        except UserFault:
+            return False
+        ri.fp = ri.stack = sp                # the hijacked slot: the return-address word
+        return True
+
+    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:
+        # At a call, sp was just decremented onto the new slot; after `ret`, sp is above
+        # the returning frame's slot but still at or below every caller's.
+        return sp < ri.stack if ctx is RpCheck.CALL else sp <= ri.stack
+
+    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
+        try:
+            return get_user(self.m.memory, ri.stack) == trampoline
+        except UserFault:
+            return False
 
     def kretprobe_frame(self, m) -> int:
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
@@ -76,11 +93,20 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
             self.m.add_host_entry(self._ftrace_tramp, caller)
         return b"\xe8" + struct.pack("<i", self._ftrace_tramp - (site + 5))
 
+    # The two stack reads below only pick the site and the parent the handlers see; the
+    # guest sees nothing of them. So the hot path reads raw, and only an unmapped stack
+    # (a guest that jumped here itself) goes through uaccess for the fault it reports.
     def ftrace_site(self, m, pc: int, sp: int) -> int:
-        return m.regs.read_u64(sp) - 5                    # the call's return address - 5
+        try:
+            return m.regs.read_u64(sp) - 5                # the call's return address - 5
+        except ValueError:
+            return get_user(m.memory, sp) - 5             # raises UserFault
 
     def ftrace_parent(self, m, sp: int) -> int:
-        return m.regs.read_u64(sp + 8)                    # the function's own return address
+        try:
+            return m.regs.read_u64(sp + 8)                # the function's own return address
+        except ValueError:       # a function jumped to at the top of its stack: no parent
+            return 0
 
     def ftrace_regs(self, m, site: int, sp: int):
         return PtRegs(m, ip=site + len(self.ftrace_nop), sp=sp + 8)     # sp as at the site

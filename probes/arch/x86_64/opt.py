@@ -113,6 +113,13 @@ class X86OptMixin:
         self.m.text_poke(p.addr, self.breakpoint)
         self.m.text_poke(p.addr + 1, self.m.original_text(p.addr + 1, JMP32_INSN_SIZE - 1))
 
+    def detour_orig_addr(self, p, pc: int) -> int | None:
+        """The original instruction a detour address runs a copy of (copies keep their
+        lengths); None outside the copies."""
+        oi = p.ainsn.optinsn
+        off = pc - oi.resume
+        return p.addr + off if 0 <= off < oi.size else None
+
     def free_optimized_kprobe(self, p) -> None:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)
