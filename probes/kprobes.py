@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from emu.machine import Fault, Machine
+from emu.symbols import when_ifunc_resolved
 from probes.arch import ArchKprobes, get_arch_kprobes
 from probes.blacklist import Blacklist
 from probes.errors import KprobeError
@@ -99,6 +100,8 @@ class Kprobes:
     def register_kprobe(self, p: Kprobe) -> None:
         if id(p) in self._registered:
             raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
+        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name, lambda: self.register_kprobe(p)):
+            return          # an IFUNC: armed at the guest's choice once its start-up stores it
         addr, on_entry = self._kprobe_addr(p)
         self._check_kprobe_address(p, addr)
         p.addr = addr
@@ -193,7 +196,8 @@ class Kprobes:
         if p.symbol_name is not None:
             sym = syms.lookup(p.symbol_name)
             if sym is None:
-                raise KprobeError(errno.ENOENT, f"unknown symbol {p.symbol_name!r}", _where(p))
+                raise KprobeError(errno.ENOENT, f"unknown symbol {p.symbol_name!r}"
+                                  f"{syms.hint(p.symbol_name)}", _where(p))
             addr = sym.addr + p.offset
         else:
             addr = p.addr + p.offset
