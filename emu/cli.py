@@ -66,7 +66,9 @@ def cmd_info(args) -> int:
     img = load_elf(args.file, describe=True)
     print(f"file:     {img.path}")
     print(f"arch:     {img.arch.name}")
-    print(f"type:     {img.etype}, {img.kind}{' (bias %#x)' % img.bias if img.bias else ''}")
+    kind = {"static executable": "", "static-pie executable": "static-pie"}.get(img.kind, img.kind)
+    detail = ", ".join(x for x in (kind, f"bias {img.bias:#x}" if img.bias else "") if x)
+    print(f"type:     {img.etype}{f' ({detail})' if detail else ''}")
     if img.interp is not None:
         print(f"interp:   {img.interp}")
     if img.soname is not None:
@@ -80,8 +82,9 @@ def cmd_info(args) -> int:
               f"filesz {len(s.data):#x} memsz {s.memsz:#x}")
     funcs = sum(1 for s in img.symbols if s.kind == "func")
     ifuncs = sum(1 for s in img.symbols if s.kind == "ifunc")
-    print(f"symbols:  {len(img.symbols)} ({funcs} functions{f', {ifuncs} IFUNCs' if ifuncs else ''})"
-          if not img.stripped else "symbols:  none (stripped)")
+    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped else "symbols:  none (stripped)")
+    if ifuncs:
+        print(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; {len(img.irelative)} IRELATIVE slots)")
     return 0
 
 
