@@ -107,10 +107,11 @@ def text_corpus(size: int) -> bytes:
     """Deterministic English-like text (an LCG over a small vocabulary): compressible, not trivial."""
     words = ("the probe kernel trap slot emulated guest instruction return handler machine "
              "symbol address cycle trace buffer event filter step boost optimize").split()
-    out, x = [], 12345
-    while sum(map(len, out)) < size:
+    out, x, n = [], 12345, 0
+    while n < size:
         x = (x * 1103515245 + 12345) & 0x7FFFFFFF
         out.append(words[x % len(words)] + (".\n" if x % 11 == 0 else " "))
+        n += len(out[-1])
     return "".join(out).encode()[:size]
 
 
