@@ -157,7 +157,10 @@ def sources(cache: Path, w: Workload) -> tuple[list[str], list[str]]:
     src = fetch_sdist(cache, w.sdist)
     if w.name == "sqlite3":
         d = src / "sqlite"
-        return [str(d / "shell.c"), str(d / "sqlite3.c")], [
+        stub = cache / "sqlean_stub.c"      # sqlean's amalgamation names its extension bundle
+        stub.write_text("int sqlite3_sqlean_init(void *db, char **err, const void *api)"
+                        " { (void)db; (void)err; (void)api; return 0; }\n")
+        return [str(d / "shell.c"), str(d / "sqlite3.c"), str(stub)], [
             f"-I{d}", "-DSQLITE_THREADSAFE=0", "-DSQLITE_OMIT_LOAD_EXTENSION", "-DHAVE_READLINE=0"]
     driver = cache / f"{w.name}_main.c"
     driver.write_text(ZSTD_DRIVER if w.name == "zstd" else LZ4_DRIVER)
@@ -177,8 +180,11 @@ def build(cache: Path, w: Workload, arch: str) -> Path | None:
         return None
     files, flags = sources(cache, w)
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([CC[arch], "-static", "-O2", *flags, "-o", str(out), *files, "-lm"],
-                   check=True, capture_output=True)
+    proc = subprocess.run([CC[arch], "-static", "-O2", *flags, "-o", str(out), *files, "-lm"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if "error" in line]
+        raise SystemExit(f"building {w.name} for {arch} failed: {' / '.join(errors[:3])}")
     return out
 
 

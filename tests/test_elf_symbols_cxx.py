@@ -64,3 +64,29 @@ def test_fault_report_names_demangled_function(arch, cxx_prog):
     r = run_emu("run", str(cxx_prog(arch)), "--", "1", "crash")
     assert r.rc == 139 and r.err.count("\n") == 1, r.err
     assert "<crash(int volatile*)+0x" in r.err
+
+
+FTRACE_FLAGS = {"x86_64": ["-fno-pic", "-pg", "-mfentry", "-mnop-mcount", "-mrecord-mcount"],
+                "arm64": ["-fpatchable-function-entry=2"]}
+
+
+def test_function_trace_shows_demangled_names(arch, tmp_path):
+    """names.cc with function-entry patch sites (as the kernel builds for ftrace); the trace
+    names functions as C++ does."""
+    import shutil
+    import subprocess
+    from test_elf_symbols_ifunc import CROSS_CXX, DATA
+    cxx = shutil.which(CROSS_CXX[arch])
+    if cxx is None:
+        pytest.skip(f"{CROSS_CXX[arch]} not installed")
+    obj, exe = tmp_path / "names.o", tmp_path / f"names-ftrace.{arch}"
+    subprocess.run([cxx, "-c", "-O1", *FTRACE_FLAGS[arch], "-o", str(obj), str(DATA / "names.cc")],
+                   check=True)
+    link = subprocess.run([cxx, "-static", "-no-pie", "-o", str(exe), str(obj)], capture_output=True,
+                          text=True)
+    if link.returncode:
+        pytest.skip(f"no static C++ library for {arch}: {link.stderr.strip()[:200]}")
+    r = run_emu("run", "--ftrace-filter", "middle*", "--ftrace-filter", "geo::*", str(exe), "--", "2")
+    assert (r.rc, r.out) == (0, "sum 8\n"), r.err
+    funcs = [line.split(": ", 1)[1] for line in r.err.splitlines() if ": " in line]
+    assert funcs == ["middle(int) <-main", "geo::Box::area() const <-main"] * 2, r.err
