@@ -210,16 +210,23 @@ class IfuncWatch:
 
     def __init__(self, m) -> None:
         self.m = m
-        self.waiting: dict[int, tuple[int, list[Callable[[], None]]]] = {}   # slot -> (hook, cbs)
-        self.ready: list[Callable[[], None]] = []
+        # slot -> (hook, [(key, callback)]); `key` lets the owner cancel its wait
+        self.waiting: dict[int, tuple[int, list[tuple[object, Callable[[], None]]]]] = {}
+        self.ready: list[tuple[object, Callable[[], None]]] = []
         self._block_hook: int | None = None
 
-    def add(self, slot: int, callback: Callable[[], None]) -> None:
+    def add(self, slot: int, callback: Callable[[], None], key: object = None) -> None:
         if slot not in self.waiting:
             from unicorn import UC_HOOK_MEM_WRITE
             hook = self.m.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, begin=slot, end=slot + 7)
             self.waiting[slot] = (hook, [])
-        self.waiting[slot][1].append(callback)
+        self.waiting[slot][1].append((key, callback))
+
+    def cancel(self, key: object) -> None:
+        """Forget the callbacks registered with `key` (the slot watch stays: cheap, one-shot)."""
+        for _hook, callbacks in self.waiting.values():
+            callbacks[:] = [(k, cb) for k, cb in callbacks if k is not key]
+        self.ready = [(k, cb) for k, cb in self.ready if k is not key]
 
     def _guarded(self, uc, fn) -> None:
         try:
@@ -249,7 +256,7 @@ class IfuncWatch:
         self._block_hook = None
         ready, self.ready = self.ready, []
         patches = len(self.m.patches)
-        for cb in ready:
+        for _key, cb in ready:
             cb()
         if any(addr < p.addr + len(p.new) and p.addr < addr + size for p in self.m.patches[patches:]):
             self.m.pc = addr                    # leave this stale block, translate it afresh
@@ -262,7 +269,7 @@ def _hook_del(uc, hook: int) -> None:
     uclib.uc_hook_del(uc._uch, hook)
 
 
-def when_ifunc_resolved(m, name: str, callback: Callable[[], None]) -> bool:
+def when_ifunc_resolved(m, name: str, callback: Callable[[], None], key: object = None) -> bool:
     """Pending resolution of IFUNC `name` on machine `m`: True if `callback()` will run once
     the guest stores the implementation into its slot (then `m.symbols.lookup(name)` is that
     implementation); False if `name` is no IFUNC, has no slot, or is resolved already."""
@@ -275,5 +282,12 @@ def when_ifunc_resolved(m, name: str, callback: Callable[[], None]) -> bool:
     if now is not None and initial and now != initial:        # resolved before we watched
         syms.resolve_ifunc(slot, int.from_bytes(now, "little"))
         return False
-    m.layer("ifunc", IfuncWatch).add(slot, callback)
+    m.layer("ifunc", IfuncWatch).add(slot, callback, key)
     return True
+
+
+def cancel_ifunc_wait(m, key: object) -> None:
+    """Drop the pending resolutions registered with `key` (a probe unregistered while pending)."""
+    watch = m.layers.get("ifunc")
+    if watch is not None:
+        watch.cancel(key)

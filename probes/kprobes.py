@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from emu.machine import Fault, Machine
-from emu.symbols import when_ifunc_resolved
+from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from probes.arch import ArchKprobes, get_arch_kprobes
 from probes.blacklist import Blacklist
 from probes.errors import KprobeError
@@ -100,7 +100,7 @@ class Kprobes:
     def register_kprobe(self, p: Kprobe) -> None:
         if id(p) in self._registered:
             raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
-        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name, lambda: self.register_kprobe(p)):
+        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name, lambda: self.register_kprobe(p), p):
             return          # an IFUNC: armed at the guest's choice once its start-up stores it
         addr, on_entry = self._kprobe_addr(p)
         self._check_kprobe_address(p, addr)
@@ -136,6 +136,7 @@ class Kprobes:
         top = self._top(p)
         if top is None:
             p.addr = None                       # as the kernel does for an invalid probe
+            cancel_ifunc_wait(self.m, p)        # or one still waiting for its IFUNC
             return
         self._registered.discard(id(p))
         if top is p:

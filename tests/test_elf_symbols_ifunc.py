@@ -133,3 +133,15 @@ def test_symbol_table_ifunc_resolution():
     syms.resolve_ifunc(0x9000, 0x2000)
     assert syms.lookup("memcpy").name == "__memcpy_fast"
     assert syms.lookup("__new_memcpy").addr == 0x2000                # aliases share the slot
+
+
+def test_pending_ifunc_probe_unregistered_is_never_armed(arch, ifunc_prog):
+    m = _quiet_guest(ifunc_prog(arch), ["3"]).machine
+    kp = kprobes_of(m)
+    p, q = Kprobe(symbol_name="strlen"), Kprobe(symbol_name="memcpy")
+    kp.register_kprobe(p)
+    kp.register_kprobe(q)
+    kp.unregister_kprobe(p)
+    assert m.run().exit_code == 0
+    assert p.addr is None and p.hits == 0 and kp.get_kprobe(m.symbols.lookup("strlen").addr) is None
+    assert q.addr == m.symbols.lookup("memcpy").addr and q.hits >= 3
