@@ -158,3 +158,29 @@ def test_unknown_symbol_without_close_names(arch):
 def test_disasm_suggests_close_names(arch):
     r = run_emu("disasm", str(firmware_elf(arch, "demo")), "do_sys_opne")
     assert r.rc == 2 and "did you mean 'do_sys_open'" in r.err and r.err.count("\n") == 1
+
+
+def test_mutated_headers_never_escape_as_other_errors(tmp_path):
+    """Seeded mutations of every header field of a small ELF: the reader returns an image or
+    raises ElfError, nothing else (no struct.error, IndexError, MemoryError, hang)."""
+    import random
+    rng = random.Random(1234)
+    base = _tiny("arm64")
+    shoff, = struct.unpack_from("<Q", base, 0x28)
+    fields = list(range(0, EHDR + 2 * 56)) + list(range(shoff, len(base)))
+    path = tmp_path / "m.elf"
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(600):
+        blob = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            off = rng.choice(fields)
+            blob[off:off + 8] = rng.choice([b"\xff" * 8, b"\x00" * 8, rng.randbytes(8),
+                                            struct.pack("<Q", rng.randint(0, 1 << 20))])
+        path.write_bytes(bytes(blob[:len(base)]))
+        try:
+            load_elf(str(path))
+            outcomes["ok"] += 1
+        except ElfError as e:
+            assert "\n" not in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["ok"] and outcomes["refused"]
