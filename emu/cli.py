@@ -82,9 +82,11 @@ def cmd_info(args) -> int:
               f"filesz {len(s.data):#x} memsz {s.memsz:#x}")
     funcs = sum(1 for s in img.symbols if s.kind == "func")
     ifuncs = sum(1 for s in img.symbols if s.kind == "ifunc")
-    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped else "symbols:  none (stripped)")
+    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped
+          else "symbols:  none (stripped)")
     if ifuncs:
-        print(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; {len(img.irelative)} IRELATIVE slots)")
+        print(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; "
+              f"{len(img.irelative)} IRELATIVE slots)")
     return 0
 
 

@@ -167,7 +167,8 @@ class SymbolTable:
         plain = {s.addr: s.name for s in self._cxx_names().get(name, ())}
         if len(plain) > 1:
             return "; ambiguous: " + ", ".join(repr(n) for n in sorted(plain.values())[:6])
-        names = {s.linkage_name for s in self._sorted if s.kind != "object" and s.linkage_name[:2] != "_Z"}
+        names = {s.linkage_name for s in self._sorted
+                 if s.kind != "object" and s.linkage_name[:2] != "_Z"}
         names |= {n for n in self._cxx_names()}
         close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
         return "; did you mean " + ", ".join(repr(n) for n in close) + "?" if close else ""

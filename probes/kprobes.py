@@ -100,7 +100,8 @@ class Kprobes:
     def register_kprobe(self, p: Kprobe) -> None:
         if id(p) in self._registered:
             raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
-        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name, lambda: self.register_kprobe(p), p):
+        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name,
+                                                 lambda: self.register_kprobe(p), p):
             return          # an IFUNC: armed at the guest's choice once its start-up stores it
         addr, on_entry = self._kprobe_addr(p)
         self._check_kprobe_address(p, addr)

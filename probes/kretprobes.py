@@ -63,7 +63,8 @@ class Kretprobes:
     # --- registration -----------------------------------------------------------------------
     def register_kretprobe(self, rp: Kretprobe) -> None:
         kp = rp.kp
-        if kp.symbol_name and when_ifunc_resolved(self.m, kp.symbol_name, lambda: self.register_kretprobe(rp), kp):
+        if kp.symbol_name and when_ifunc_resolved(self.m, kp.symbol_name,
+                                                  lambda: self.register_kretprobe(rp), kp):
             return          # an IFUNC: see Kprobes.register_kprobe
         # kprobe_on_func_entry() first, as the kernel: an offset that is not the entry is
         # -EINVAL (even mid-instruction on x86), an unknown symbol -ENOENT; and nothing is
