@@ -204,7 +204,7 @@ sys.stderr.write(f"\nRUN {run_s} EXIT {r.exit_code}\n")
 
 def timed(argv: list[str], stdin: bytes, env: dict | None = None) -> tuple[float, bytes, str]:
     t = time.perf_counter()
-    proc = subprocess.run(argv, input=stdin, capture_output=True, env=env, timeout=1800)
+    proc = subprocess.run(argv, input=stdin, capture_output=True, env=env, cwd=ROOT, timeout=1800)
     return time.perf_counter() - t, proc.stdout, proc.stderr.decode(errors="replace")
 
 

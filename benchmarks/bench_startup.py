@@ -36,7 +36,7 @@ for _ in range(int(sys.argv[2])):
     img = load_elf(sys.argv[1])
     SymbolTable(img.symbols)
     times.append(time.perf_counter() - t)
-print(min(times), len(img.symbols))
+print(min(times), len(img.symbols), sys.modules["emu.elf"].__file__)
 """
 
 FIRST_INSN = r"""
@@ -94,8 +94,11 @@ def env_for(tree: Path) -> dict:
 
 
 def parse_time(tree: Path, path: Path, repeat: int) -> tuple[float, int]:
+    # cwd=tree: `python -c` puts the working directory before PYTHONPATH on sys.path
     out = subprocess.run([sys.executable, "-c", PARSE, str(path), str(repeat)], env=env_for(tree),
-                         capture_output=True, text=True, check=True).stdout.split()
+                         cwd=tree, capture_output=True, text=True, check=True).stdout.split()
+    if not out[2].startswith(str(tree)):
+        raise SystemExit(f"measured {out[2]}, not the tree {tree}")
     return float(out[0]), int(out[1])
 
 
@@ -103,7 +106,7 @@ def first_insn_time(tree: Path, path: Path, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         env = {**env_for(tree), "BENCH_T0": repr(time.time())}
-        out = subprocess.run([sys.executable, "-c", FIRST_INSN, str(path)], env=env,
+        out = subprocess.run([sys.executable, "-c", FIRST_INSN, str(path)], env=env, cwd=tree,
                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if out.returncode:
             raise SystemExit(f"{path}: {out.stderr.strip()[-300:]}")
