@@ -65,17 +65,30 @@ def cmd_info(args) -> int:
     from emu.elf import load_elf
     from emu.memory import perms_str
 
-    img = load_elf(args.file)
+    img = load_elf(args.file, describe=True)
     print(f"file:     {img.path}")
     print(f"arch:     {img.arch.name}")
-    print(f"type:     {img.etype}{' (static-pie, bias %#x)' % img.bias if img.bias else ''}")
-    print(f"entry:    {img.entry:#x}")
+    kind = {"static executable": "", "static-pie executable": "static-pie"}.get(img.kind, img.kind)
+    detail = ", ".join(x for x in (kind, f"bias {img.bias:#x}" if img.bias else "") if x)
+    print(f"type:     {img.etype}{f' ({detail})' if detail else ''}")
+    if img.interp is not None:
+        print(f"interp:   {img.interp}")
+    if img.soname is not None:
+        print(f"soname:   {img.soname}")
+    if img.needed:
+        print(f"needed:   {', '.join(img.needed)}")
+    print(f"entry:    {'none' if img.kind == 'shared library' else f'{img.entry:#x}'}")
     print(f"segments: {len(img.segments)}")
     for s in img.segments:
         print(f"  {s.vaddr:#014x}-{s.vaddr + s.memsz:#014x} {perms_str(s.prot)} "
               f"filesz {len(s.data):#x} memsz {s.memsz:#x}")
     funcs = sum(1 for s in img.symbols if s.kind == "func")
-    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped else "symbols:  none (stripped)")
+    ifuncs = sum(1 for s in img.symbols if s.kind == "ifunc")
+    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped
+          else "symbols:  none (stripped)")
+    if ifuncs:
+        print(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; "
+              f"{len(img.irelative)} IRELATIVE slots)")
     return 0
 
 

@@ -24,7 +24,7 @@ def parse_location(symbols: SymbolTable, spec: str) -> int:
         pass
     sym = symbols.lookup(name)
     if sym is None:
-        raise UsageError(f"unknown symbol {name!r}")
+        raise UsageError(f"unknown symbol {name!r}{symbols.hint(name)}")
     try:
         return sym.addr + (int(off, 0) if off else 0)
     except ValueError:

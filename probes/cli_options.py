@@ -95,6 +95,8 @@ class ProbeReport:
                 "addr": p.addr, "kind": probe_kind(p), "step": p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
             }
+            if p.symbol_name and syms.is_ifunc(p.symbol_name):
+                row["ifunc"] = p.symbol_name           # the name given; "symbol" is the guest's choice
             if p.kretprobe is not None:
                 row["returns"] = p.kretprobe.hits
                 row["dropped"] = p.kretprobe.ndropped       # frames left by longjmp/unwinding
@@ -107,6 +109,7 @@ class ProbeReport:
         out.write(f"{'PROBE':<32} {'ADDR':>18}  {'KIND':<10} {'STEP':<12} {'HITS':>10} {'NMISSED':>8}\n")
         for r in rows:
             name = f"{r['symbol']}+{r['offset']:#x}" if r["symbol"] else f"{r['addr']:#x}"
+            name = f"{r['ifunc']} -> {name}" if "ifunc" in r else name
             out.write(f"{name:<32} {r['addr']:>#18x}  {r['kind']:<10} {r['step']:<12} "
                       f"{r['hits']:>10} {r['nmissed']:>8}\n")
 

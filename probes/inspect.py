@@ -42,6 +42,8 @@ class Inspection:
         if self.verdict == "rejected":
             lines.append(f"verdict:  rejected (-{self.errno}): {self.reason}")
             return "\n".join(lines)
+        if self.verdict == "pending":
+            return "\n".join([*lines, f"verdict:  pending: {self.reason}"])
         lines.append(f"verdict:  {self.verdict}  `{self.insn}`")
         lines.append(f"kind:     {self.kind}  (hits {self.hits})"
                      + (f"  [not optimized: {self.opt_reason}]" if self.opt_reason else ""))
@@ -89,6 +91,9 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
             import errno as _e
             return Inspection(where=where, addr=None, verdict="rejected", reason=e.reason,
                               errno=_e.errorcode.get(e.errno, str(e.errno)))
+    if p.addr is None:          # an IFUNC waiting for the guest's resolver (emu.symbols)
+        return Inspection(where=where, addr=None, verdict="pending",
+                          reason="an IFUNC: armed where the guest's resolver points (use --run)")
     top = kp.table[p.addr]
     ainsn = top.ainsn
     oi = ainsn.optinsn

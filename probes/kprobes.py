@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
+from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
 from probes.arch import ArchKprobes, get_arch_kprobes
 from probes.blacklist import Blacklist
@@ -100,6 +101,9 @@ class Kprobes:
     def register_kprobe(self, p: Kprobe) -> None:
         if id(p) in self._registered:
             raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
+        if p.symbol_name and when_ifunc_resolved(self.m, p.symbol_name,
+                                                 lambda: self.register_kprobe(p), p):
+            return          # an IFUNC: armed at the guest's choice once its start-up stores it
         addr, on_entry = self._kprobe_addr(p)
         self._check_kprobe_address(p, addr)
         p.addr = addr
@@ -134,6 +138,7 @@ class Kprobes:
         top = self._top(p)
         if top is None:
             p.addr = None                       # as the kernel does for an invalid probe
+            cancel_ifunc_wait(self.m, p)        # or one still waiting for its IFUNC
             return
         self._registered.discard(id(p))
         if top is p:
@@ -194,7 +199,8 @@ class Kprobes:
         if p.symbol_name is not None:
             sym = syms.lookup(p.symbol_name)
             if sym is None:
-                raise KprobeError(errno.ENOENT, f"unknown symbol {p.symbol_name!r}", _where(p))
+                raise KprobeError(errno.ENOENT, f"unknown symbol {p.symbol_name!r}"
+                                  f"{syms.hint(p.symbol_name)}", _where(p))
             addr = sym.addr + p.offset
         else:
             addr = p.addr + p.offset

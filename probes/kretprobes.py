@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from emu.machine import SIGILL, Fault, Machine
+from emu.symbols import when_ifunc_resolved
 from probes.arch.common import RpCheck
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
@@ -73,6 +74,9 @@ class Kretprobes:
     # --- registration -----------------------------------------------------------------------
     def register_kretprobe(self, rp: Kretprobe) -> None:
         kp = rp.kp
+        if kp.symbol_name and when_ifunc_resolved(self.m, kp.symbol_name,
+                                                  lambda: self.register_kretprobe(rp), kp):
+            return          # an IFUNC: see Kprobes.register_kprobe
         # kprobe_on_func_entry() first, as the kernel: an offset that is not the entry is
         # -EINVAL (even mid-instruction on x86), an unknown symbol -ENOENT; and nothing is
         # written into guest text or into rp.kp before the checks pass.

@@ -98,6 +98,8 @@ def test_bad_input_run(arch, tmp_path, glibc_prog, name):
 def test_bad_input_other_commands(tmp_path, glibc_prog, cmd):
     paths = _bad_inputs(tmp_path, glibc_prog, "x86_64")
     for name in ("truncated-phdrs", "missing", "dynamic", "wrong-machine"):
+        if name == "dynamic" and cmd == ["info"]:
+            continue                    # info describes dynamic files (test_elf_symbols_input)
         path, part = paths[name]
         extra = ["main"] if cmd == ["disasm"] else []
         one_line_error(run_emu(*cmd, str(path), *extra), part)

@@ -37,7 +37,12 @@ def load_object(path: str, **kw: object) -> "BpfObject":
     return _load(path, **kw)  # type: ignore[arg-type]
 
 
-from .loader import BpfObject  # noqa: E402  (after load_object for readers)
+def __getattr__(name: str):
+    # BpfObject on first use: the loader imports pyelftools, ~0.1 s of every `emu` start-up.
+    if name == "BpfObject":
+        from .loader import BpfObject
+        return BpfObject
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "assemble", "assemble_insns", "disassemble", "disassemble_llvm", "format_insn",
