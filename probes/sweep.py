@@ -4,14 +4,26 @@ guest did — stdout, stderr, exit code, final registers and written memory — 
 unprobed run. A probe must never change guest behaviour; this checks it exhaustively.
 
 Verdicts per offset: ok (with hit counts), rejected (the kernel's errno and reason), or
-MISMATCH (the first difference, or a probe that was not hit where the function ran)."""
+MISMATCH (the first difference, or a probe that was not hit where the function ran).
+
+Every run gets the same inputs as `emu run` would (stdin bytes, a --fs tree, --seed,
+--max-insns, --timeout). A --fs-write tree is copied to a scratch directory per run, so no
+run sees another's writes. Guest output is never held whole: each stream is reduced to a
+hash, a length and a bounded prefix (OutputDigest), so a guest writing gigabytes costs no
+host memory."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from emu.elf import ElfImage, load_elf
 from emu.loader import GuestConfig, load_guest
@@ -31,9 +43,57 @@ class SweepConfig:
     funcs: list[str] = field(default_factory=list)     # empty: every function
     jobs: int = 1
     timeout: float = 20.0
+    max_insns: int = 0
+    fs_root: str | None = None
+    fs_writable: bool = False       # each run writes into its own scratch copy of fs_root
+    seed: int = 0
     # How each run is probed: "kprobe" (every instruction), "optprobe" (every instruction,
     # jump-optimized where can_optimize allows) or "kretprobe" (each function entry).
     mode: str = "kprobe"
+
+
+class OutputDigest(io.RawIOBase):
+    """A write-only guest stream kept as (sha256, length, first PREFIX bytes): two runs are
+    compared by hash and length, and the prefix is there to show."""
+
+    PREFIX = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hash = hashlib.sha256()
+        self.length = 0
+        self.prefix = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self._hash.update(data)
+        self.length += len(data)
+        if len(self.prefix) < self.PREFIX:
+            self.prefix += data[:self.PREFIX - len(self.prefix)]
+        return len(data)
+
+    def summary(self) -> "StreamSummary":
+        return StreamSummary(self._hash.hexdigest(), self.length, bytes(self.prefix))
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    sha256: str
+    length: int
+    prefix: bytes
+
+    def first_difference(self, ref: "StreamSummary") -> int | None:
+        """The first differing byte offset, None if equal; past the prefixes, the shorter
+        length, or the prefix end when only the hashes tell them apart."""
+        if (self.sha256, self.length) == (ref.sha256, ref.length):
+            return None
+        i = _first_diff(self.prefix, ref.prefix)
+        if i < min(len(self.prefix), len(ref.prefix)):
+            return i
+        return min(self.length, ref.length) if self.length != ref.length else len(self.prefix)
 
 
 @dataclass
@@ -41,8 +101,8 @@ class Outcome:
     """What a run did, reduced to what the guest could observe."""
     exit_code: int
     reason: str
-    stdout: bytes
-    stderr: bytes
+    stdout: StreamSummary
+    stderr: StreamSummary
     regs: dict[str, int]
     memory: dict[int, bytes]        # start -> live writable bytes
     stale_word: bytes | None = None  # a word only a kretprobe hijack writes (its trampoline)
@@ -51,10 +111,10 @@ class Outcome:
     def first_difference(self, ref: "Outcome") -> str | None:
         if self.reason != ref.reason or self.exit_code != ref.exit_code:
             return f"exit {self.reason}/{self.exit_code} != {ref.reason}/{ref.exit_code}"
-        if self.stdout != ref.stdout:
-            return f"stdout differs at byte {_first_diff(self.stdout, ref.stdout)}"
-        if self.stderr != ref.stderr:
-            return f"stderr differs at byte {_first_diff(self.stderr, ref.stderr)}"
+        for name in ("stdout", "stderr"):
+            at = getattr(self, name).first_difference(getattr(ref, name))
+            if at is not None:
+                return f"{name} differs at byte {at}"
         for name, value in ref.regs.items():
             if name == self.pc_name and self.reason == "exit":
                 # The guest is gone: its pc is not observable, and Unicorn reports the
@@ -99,6 +159,8 @@ class SweepResult:
     path: str
     arch: str
     results: list[OffsetResult]
+    baseline: Outcome | None = None
+    not_executed: list[str] = field(default_factory=list)   # chosen functions the baseline never ran
 
     @property
     def checked(self) -> int:
@@ -120,9 +182,18 @@ class SweepResult:
         funcs: dict[str, list[dict]] = {}
         for r in self.results:
             funcs.setdefault(r.function, []).append(asdict(r))
-        return {"file": self.path, "arch": self.arch, "checked": self.checked,
+        data = {"file": self.path, "arch": self.arch, "checked": self.checked,
                 "rejected": self.rejected, "mismatches": self.mismatches,
-                "text_reads": self.text_reads, "functions": funcs}
+                "text_reads": self.text_reads, "offsets": len(self.results),
+                "not_executed": self.not_executed, "functions": funcs}
+        if self.baseline is not None:
+            data["baseline"] = baseline_json(self.baseline)
+        return data
+
+
+def baseline_json(b: Outcome) -> dict:
+    return {"exit_code": b.exit_code, "stop_reason": b.reason, "stdout_bytes": b.stdout.length,
+            "stderr_bytes": b.stderr.length, "stdout_sha256": b.stdout.sha256}
 
 
 def _first_diff(a: bytes, b: bytes) -> int:
@@ -134,17 +205,35 @@ def _first_diff(a: bytes, b: bytes) -> int:
 
 # --- one run ---------------------------------------------------------------------------------
 def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None) -> tuple[Outcome, Machine]:
-    out, err = io.BytesIO(), io.BytesIO()
-    guest = load_guest(GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv),
-                       stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
-    m = guest.machine
-    if setup is not None:
-        setup(m)
-    result = m.run(timeout=cfg.timeout)
-    return _outcome(m, result, out.getvalue(), err.getvalue()), m
+    out, err = OutputDigest(), OutputDigest()
+    with _fs_for_run(cfg) as root:
+        gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
+                           fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
+        guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
+        m = guest.machine
+        if setup is not None:
+            setup(m)
+        result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
+    return _outcome(m, result, out.summary(), err.summary()), m
 
 
-def _outcome(m: Machine, result: RunResult, stdout: bytes, stderr: bytes) -> Outcome:
+@contextmanager
+def _fs_for_run(cfg: SweepConfig) -> Iterator[str | None]:
+    """The --fs root of one run: the granted tree itself when read-only, else a scratch copy
+    that goes away after the run (the guest sees the same paths either way)."""
+    if cfg.fs_root is None or not cfg.fs_writable:
+        yield cfg.fs_root
+        return
+    scratch = tempfile.mkdtemp(prefix="emu-sweep-")
+    try:
+        root = os.path.join(scratch, "fs")
+        shutil.copytree(cfg.fs_root, root, symlinks=True)
+        yield root
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _outcome(m: Machine, result: RunResult, stdout: StreamSummary, stderr: StreamSummary) -> Outcome:
     """The state the guest can still observe: registers and writable memory, without the
     dead stack below sp, with pending kretprobe hijacks undone as an unwinder would."""
     regs = {n: m.reg(n) for n in m.arch.regs}
@@ -338,6 +427,12 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     funcs = [f for f in funcs if f.size and _in_text(image, f)]
     ref, _m = _run(cfg, image, None)
     executed = _executed(cfg, image, [(f.addr, f.end) for f in funcs])
+    not_executed: list[str] = []
+    if cfg.funcs:
+        # A function the user chose but the program never runs: every probe there would
+        # just be "not hit"; say so instead of spending a run per instruction on it.
+        not_executed = [f.name for f in funcs if not any(f.addr <= a < f.end for a in executed)]
+        funcs = [f for f in funcs if f.name not in not_executed]
     if cfg.mode == "kretprobe":
         tasks = [(f.name, f.addr, f.addr, "(function entry)") for f in funcs]
     else:
@@ -349,7 +444,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     else:
         _init_worker(cfg, image, ref, executed)
         results = [_work(t) for t in tasks]
-    return SweepResult(image.path, image.arch.name, results)
+    return SweepResult(image.path, image.arch.name, results, ref, not_executed)
 
 
 def _in_text(image: ElfImage, sym: Symbol) -> bool:
@@ -362,6 +457,12 @@ def format_table(result: SweepResult) -> str:
         where = f"{r.function}+{r.offset:#x}"
         tail = r.insn + (f"  [{r.detail}]" if r.detail else "")
         lines.append(f"{where:<34} {r.verdict:<9} {r.step:<12} {r.hits:>8}  {tail}")
+    if result.baseline is not None:
+        b = result.baseline
+        lines.append(f"baseline: {b.reason} {b.exit_code}, stdout {b.stdout.length} bytes, "
+                     f"stderr {b.stderr.length} bytes")
+    if result.not_executed:
+        lines.append(f"not executed by the baseline (not swept): {', '.join(result.not_executed)}")
     lines.append(f"checked {result.checked}, rejected {result.rejected}, text-read {result.text_reads}, "
                  f"mismatches {result.mismatches}")
     return "\n".join(lines)
