@@ -10,7 +10,8 @@ Every run gets the same inputs as `emu run` would (stdin bytes, a --fs tree, --s
 --max-insns, --timeout). A --fs-write tree is copied to a scratch directory per run, so no
 run sees another's writes. Guest output is never held whole: each stream is reduced to a
 hash, a length and a bounded prefix (OutputDigest), so a guest writing gigabytes costs no
-host memory."""
+host memory; live memory is kept by chunk with untouched (all-zero) chunks left out, so a
+guest mapping gigabytes it never writes costs none either."""
 from __future__ import annotations
 
 import errno
@@ -104,7 +105,7 @@ class Outcome:
     stdout: StreamSummary
     stderr: StreamSummary
     regs: dict[str, int]
-    memory: dict[int, bytes]        # start -> live writable bytes
+    memory: dict[int, "MemorySnapshot"]     # start -> live writable bytes
     stale_word: bytes | None = None  # a word only a kretprobe hijack writes (its trampoline)
     pc_name: str = "pc"
 
@@ -127,17 +128,44 @@ class Outcome:
     def _memory_difference(self, ref: "Outcome") -> str | None:
         if self.memory.keys() != ref.memory.keys():
             return "live memory layout differs"
-        for start, data in self.memory.items():
+        for start, snap in self.memory.items():
             want = ref.memory[start]
-            if data == want:
-                continue
-            if len(data) != len(want):
+            if snap.size != want.size:
                 return f"live memory at {start:#x} differs in size"
-            for off in range(0, len(data), 8):
-                a, b = data[off:off + 8], want[off:off + 8]
-                if a != b and a != self.stale_word:
-                    return f"written memory differs at {start + off:#x}"
+            for i, (got, exp) in enumerate(zip(snap.chunks, want.chunks)):
+                if got == exp:
+                    continue
+                base = start + i * MemorySnapshot.CHUNK
+                a, b = got or bytes(len(exp or b"")), exp or bytes(len(got or b""))
+                for off in range(0, len(a), 8):
+                    if a[off:off + 8] != b[off:off + 8] and a[off:off + 8] != self.stale_word:
+                        return f"written memory differs at {base + off:#x}"
         return None
+
+
+@dataclass
+class MemorySnapshot:
+    """A writable region's bytes by CHUNK; None stands for an all-zero chunk, so memory the
+    guest mapped but never wrote costs no host memory (only the time to look at it)."""
+    size: int
+    chunks: list[bytes | None]
+
+    CHUNK = 1 << 16
+
+    @classmethod
+    def take(cls, read: Callable[[int, int], bytes], start: int, size: int,
+             fix: Callable[[bytes], bytes] | None = None) -> "MemorySnapshot":
+        chunks: list[bytes | None] = []
+        for off in range(0, size, cls.CHUNK):
+            data = read(start + off, min(cls.CHUNK, size - off))
+            if fix is not None:
+                data = fix(data)
+            zero = data == _ZERO_CHUNK if len(data) == cls.CHUNK else data.count(0) == len(data)
+            chunks.append(None if zero else data)
+        return cls(size, chunks)
+
+
+_ZERO_CHUNK = bytes(MemorySnapshot.CHUNK)
 
 
 @dataclass
@@ -204,7 +232,8 @@ def _first_diff(a: bytes, b: bytes) -> int:
 
 
 # --- one run ---------------------------------------------------------------------------------
-def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None) -> tuple[Outcome, Machine]:
+def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None,
+         observe: bool = True) -> tuple[Outcome | None, Machine]:
     out, err = OutputDigest(), OutputDigest()
     with _fs_for_run(cfg) as root:
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
@@ -214,7 +243,7 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
         if setup is not None:
             setup(m)
         result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
-    return _outcome(m, result, out.summary(), err.summary()), m
+    return (_outcome(m, result, out.summary(), err.summary()) if observe else None), m
 
 
 @contextmanager
@@ -239,15 +268,13 @@ def _outcome(m: Machine, result: RunResult, stdout: StreamSummary, stderr: Strea
     regs = {n: m.reg(n) for n in m.arch.regs}
     sp = m.sp & ~7
     unwind = _kretprobe_unwinder(m)
-    memory: dict[int, bytes] = {}
+    memory: dict[int, MemorySnapshot] = {}
     for r in m.memory.regions:
         if not r.prot & 2 or r.name.startswith(("uart", "exit")):      # writable guest memory
             continue
         start = sp if r.start <= sp <= r.end else r.start      # sp == end: an empty stack
-        data = m.memory.read(start, r.end - start)
-        if unwind is not None and start == sp:
-            data = unwind.stack(data)
-        memory[start] = data
+        fix = unwind.stack if unwind is not None and start == sp else None
+        memory[start] = MemorySnapshot.take(m.memory.read, start, r.end - start, fix)
     stale = None
     if unwind is not None:
         regs = unwind.regs(regs)
@@ -262,13 +289,15 @@ class _Unwinder:
 
     def __init__(self, trampoline: int, pending: list[int]) -> None:
         self.tramp, self.pending = trampoline, pending
+        self.used = 0
 
     def stack(self, data: bytes) -> bytes:
-        out, i, want = bytearray(data), 0, self.tramp.to_bytes(8, "little")
+        """The next piece of the stack, upwards from sp (pieces of a multiple of 8 bytes)."""
+        out, want = bytearray(data), self.tramp.to_bytes(8, "little")
         for off in range(0, len(out) - 7, 8):
-            if out[off:off + 8] == want and i < len(self.pending):
-                out[off:off + 8] = self.pending[i].to_bytes(8, "little")
-                i += 1
+            if out[off:off + 8] == want and self.used < len(self.pending):
+                out[off:off + 8] = self.pending[self.used].to_bytes(8, "little")
+                self.used += 1
         return bytes(out)
 
     def regs(self, regs: dict[str, int]) -> dict[str, int]:
@@ -345,7 +374,7 @@ def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) 
                 seen.add(addr)
         for lo, hi in ranges:
             m.hooks.code(saw, lo, hi - 1)
-    _run(cfg, image, setup)
+    _run(cfg, image, setup, observe=False)
     return seen
 
 

@@ -186,3 +186,42 @@ def test_sweep_does_not_hold_guest_output(arch, tools_prog):
     assert data["baseline"]["stdout_bytes"] == FLOOD_MIB << 20
     assert data["mismatches"] == 0 and data["checked"] >= 2
     assert rss < FLOOD_MIB // 2, f"peak RSS {rss} MiB for {FLOOD_MIB} MiB of guest output"
+
+
+def test_sweep_does_not_copy_untouched_mappings(arch, tools_prog):
+    """The guest maps 1 GiB and writes two bytes of it: every run's live-memory snapshot
+    keeps only the chunks that hold data."""
+    prog = str(tools_prog(arch, "bigmap"))
+    rc, rss, out = peak_rss("sweep", "--json", "--func", "tick", prog)
+    assert rc == 0
+    data = json.loads(out)
+    assert data["mismatches"] == 0 and data["checked"] >= 2
+    assert rss < 256, f"peak RSS {rss} MiB for a 1 GiB mapping"
+
+
+def test_memory_snapshots_still_find_a_difference():
+    """A byte changed deep inside a mostly-zero region is found, at its address; a word
+    holding only the kretprobe trampoline (stale_word) is not a difference."""
+    from probes.sweep import MemorySnapshot, Outcome, OutputDigest
+
+    size, start = 8 * MemorySnapshot.CHUNK, 0x10000000
+    ref_mem = bytearray(size)
+    ref_mem[5] = 1
+    run_mem = bytearray(ref_mem)
+    run_mem[3 * MemorySnapshot.CHUNK + 0x123] = 0x55
+    stale = (0xDEAD0000).to_bytes(8, "little")
+    run_mem[6 * MemorySnapshot.CHUNK + 8:6 * MemorySnapshot.CHUNK + 16] = stale
+
+    def outcome(mem: bytes, stale_word=None) -> Outcome:
+        snap = MemorySnapshot.take(lambda a, n: bytes(mem[a - start:a - start + n]), start, size)
+        empty = OutputDigest().summary()
+        return Outcome(0, "exit", empty, empty, {}, {start: snap}, stale_word)
+
+    ref = outcome(ref_mem)
+    assert sum(c is not None for c in ref.memory[start].chunks) == 1
+    assert outcome(run_mem, stale).first_difference(ref) == \
+        f"written memory differs at {start + 3 * MemorySnapshot.CHUNK + 0x120:#x}"
+    run_mem[3 * MemorySnapshot.CHUNK + 0x123] = 0
+    assert outcome(run_mem, stale).first_difference(ref) is None
+    assert outcome(run_mem).first_difference(ref) == \
+        f"written memory differs at {start + 6 * MemorySnapshot.CHUNK + 8:#x}"
