@@ -125,12 +125,15 @@ def test_sweep_counts_mismatches(arch, tools_prog, fsdir, monkeypatch):
     assert res.to_json()["mismatches"] == res.mismatches
 
 
-def test_sweep_refuses_bad_inputs(arch, tools_prog, fsdir):
+def test_sweep_refuses_bad_inputs(arch, tools_prog, fsdir, capsys):
+    from emu.cli import main
     prog = str(tools_prog(arch, "sweep_io"))
     for opts in (["--fs-write"], ["--fs", ""], ["--fs", str(fsdir / "in.txt")],
-                 ["--fs", str(fsdir / "missing")], ["--max-insns", "-5"], ["--timeout", "nan"]):
-        r = run_emu("sweep", "--func", "mix", *opts, prog)
-        assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, (opts, r.err)
+                 ["--fs", str(fsdir / "missing")], ["--max-insns", "-5"], ["--timeout", "nan"],
+                 ["--timeout", "0"]):
+        rc = main(["sweep", "--func", "mix", *opts, prog])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("emu: "), (opts, err)
 
 
 def test_sweep_stdin_must_end_within_timeout(arch, tools_prog):
