@@ -28,7 +28,8 @@ def add_subcommands(sub) -> None:
     s.add_argument("--mode", default="kprobe", choices=["kprobe", "optprobe", "kretprobe"],
                    help="probe each instruction (kprobe, optprobe) or each function (kretprobe)")
     s.add_argument("--timeout", type=float, default=20.0, metavar="S", help="per-run wall-clock limit (s)")
-    s.add_argument("--max-insns", type=int, default=0, metavar="N", help="stop each run after N instructions")
+    s.add_argument("--max-insns", type=int, default=0, metavar="N",
+                   help="stop each run after N instructions")
     s.add_argument("--fs", metavar="DIR", help="grant every run read access to host files under DIR")
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")

@@ -93,7 +93,8 @@ class ProbeReport:
                 "symbol": sym.name if sym else None,
                 "offset": p.addr - sym.addr if sym else None,
                 # an optimized probe is not stepped: its detour runs the replaced code
-                "addr": p.addr, "kind": kind, "step": "optimized" if kind == "optimized" else p.ainsn.kind,
+                "addr": p.addr, "kind": kind,
+                "step": "optimized" if kind == "optimized" else p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
             }
             if p.kretprobe is not None:

@@ -90,6 +90,19 @@ def _where(m: Machine, p: Kprobe) -> tuple[str, int | None]:
     return p.symbol_name + (f"+{p.offset:#x}" if p.offset else ""), None
 
 
+def _show_replaced_tail(m: Machine, ins: Inspection, size: int) -> None:
+    """Only an optimized probe's jump is live code; the bytes after it, up to `size`, belong
+    to the replaced instructions and never run: list them as data, not decoded."""
+    md = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
+    jump = next(md.disasm(ins.patched, ins.addr, 1), None)
+    jump_len = jump.size if jump is not None else size
+    ins.replaced_tail = ins.patched[jump_len:size]
+    if ins.replaced_tail:
+        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], ins.addr, 1)
+                                  + [f"{ins.addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
+                                     "(replaced tail)"])
+
+
 def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     """Register `p` (if it is not yet), and describe the patch; rejection is a verdict."""
     kp = kprobes_of(m)
@@ -108,23 +121,14 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     original = m.original_text(p.addr, n)
     patched = m.memory.read(p.addr, n)
     slot_code = m.memory.read(ainsn.slot, len(ainsn.slot_code)) if ainsn.slot is not None else b""
-    ins = Inspection(where=_where(m, p)[0], addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p), hits=p.hits,
-                     opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,
+    ins = Inspection(where=_where(m, p)[0], addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p),
+                     hits=p.hits, opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,
                      patched=patched, slot=ainsn.slot, slot_code=slot_code)
     count = len(listing(m, original, p.addr))
     ins.listing["original"] = listing(m, original, p.addr, count)
     ins.listing["patched"] = listing(m, patched, p.addr, count)
     if ainsn.optimized and oi is not None:
-        # Only the jump is live code; the bytes after it belong to the replaced
-        # instructions and are never executed: show them as data, not decoded.
-        md = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
-        jump = next(md.disasm(patched, p.addr, 1), None)
-        jump_len = jump.size if jump is not None else oi.size
-        ins.replaced_tail = patched[jump_len:oi.size]
-        if ins.replaced_tail:
-            ins.listing["patched"] = (listing(m, patched[:jump_len], p.addr, 1)
-                                      + [f"{p.addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
-                                         "(replaced tail)"])
+        _show_replaced_tail(m, ins, oi.size)
     if ainsn.slot is not None:
         ins.listing["slot"] = listing(m, slot_code, ainsn.slot, 3 if ainsn.boosted else 2)
     if oi is not None:

@@ -256,7 +256,8 @@ def _compare(lab: ProbeLab, addr: int, want: bytes, title: str) -> None:
     m = lab.machine
     got = m.memory.read(addr, len(want))
     if got != want:
-        raise AssertionError(f"{title} at {describe(m, addr)}: bytes {got.hex(' ')} != expected {want.hex(' ')}\n"
+        raise AssertionError(f"{title} at {describe(m, addr)}: bytes {got.hex(' ')} "
+                             f"!= expected {want.hex(' ')}\n"
                              + side_by_side("expected", _labelled(m, want, addr, 2),
                                             "in guest memory", _labelled(m, got, addr, 2)))
 

@@ -82,7 +82,8 @@ def test_sweep_takes_run_inputs(arch, tools_prog, fsdir):
     assert r.rc == 0, r.err
     assert sorted(p.name for p in fsdir.iterdir()) == ["in.txt"]
     lines = r.out.splitlines()
-    assert lines[-2] == f"baseline: exit {mix_hash(stdin) & 0x3F}, stdout {len(expect.stdout)} bytes, stderr 0 bytes"
+    assert lines[-2] == (f"baseline: exit {mix_hash(stdin) & 0x3F}, "
+                         f"stdout {len(expect.stdout)} bytes, stderr 0 bytes")
     assert lines[-1].startswith("checked ") and lines[-1].endswith("mismatches 0")
 
 
