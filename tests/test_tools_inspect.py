@@ -96,6 +96,8 @@ def test_probe_table_step_optimized(arch, tmp_path, tools_prog):
         r = run_emu("run", "--optimize", "--kprobe", sym, "--stats", str(stats), str(path), stdin=b"abc")
         rows = json.loads(stats.read_text())["probes"]
         assert rows[0]["kind"] == "optimized" and rows[0]["step"] == "optimized", rows
-        header, row = r.err.splitlines()[-2:]
+        lines = r.err.splitlines()
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("PROBE "))
+        header, row = lines[at:at + 2]
         cols = row.split()
         assert header.split()[3] == "STEP" and cols[2:4] == ["optimized", "optimized"], r.err
