@@ -33,7 +33,7 @@ def add_subcommands(sub) -> None:
     s.add_argument("--fs", metavar="DIR", help="grant every run read access to host files under DIR")
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")
-    s.add_argument("--seed", type=int, default=0, help="seed of getrandom and AT_RANDOM")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of getrandom and AT_RANDOM")
     s.add_argument("file")
     s.add_argument("args", nargs="*", help="guest arguments (after --)")
     s.set_defaults(func=cmd_sweep)

@@ -77,8 +77,8 @@ def test_sweep_takes_run_inputs(arch, tools_prog, fsdir):
     assert (base["exit_code"], base["stop_reason"]) == (expect.rc, "exit")
     assert base["stdout_bytes"] == len(expect.stdout) and base["stderr_bytes"] == 0
     (fsdir / "out.txt").unlink()                 # the run above wrote into the real tree
-    r = run_emu("sweep", "--func", "mix", "--fs", str(fsdir), "--fs-write", prog, "--",
-                "in.txt", "out.txt", stdin=stdin)
+    r = run_emu("sweep", "--jobs", "2", "--func", "mix", "--fs", str(fsdir), "--fs-write", prog,
+                "--", "in.txt", "out.txt", stdin=stdin)
     assert r.rc == 0, r.err
     assert sorted(p.name for p in fsdir.iterdir()) == ["in.txt"]
     lines = r.out.splitlines()
