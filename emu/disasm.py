@@ -31,13 +31,30 @@ def parse_location(symbols: SymbolTable, spec: str) -> int:
         raise UsageError(f"bad offset in {spec!r}") from None
 
 
+def branch_target(insn) -> int | None:
+    """The immediate target of a direct jump or call (needs a detail-mode Cs), else None."""
+    if not (insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL)):
+        return None
+    imms = [op.imm for op in insn.operands if op.type == capstone.CS_OP_IMM]
+    return imms[-1] if imms else None      # cbz/tbz: the target is the last operand
+
+
+def target_label(symbols: SymbolTable, target: int) -> str:
+    """` <sym+0xoff>` for an address inside a symbol, else nothing."""
+    sym = symbols.find(target)
+    return f" <{sym.name}+{target - sym.addr:#x}>" if sym is not None else ""
+
+
 def disassemble(arch, code: bytes, addr: int, symbols: SymbolTable | None = None) -> list[str]:
     md = capstone.Cs(arch.cs_arch, arch.cs_mode)
+    md.detail = symbols is not None
     out = []
     for insn in md.disasm(code, addr):
         label = f" <{symbols.format(insn.address, with_size=False)}>" if symbols else ""
+        target = branch_target(insn) if symbols else None
+        tail = target_label(symbols, target) if target is not None else ""
         out.append(f"{insn.address:#014x}{label}:  {insn.bytes.hex(' '):<24} "
-                   f"{insn.mnemonic} {insn.op_str}".rstrip())
+                   f"{insn.mnemonic} {insn.op_str}".rstrip() + tail)
     return out
 
 

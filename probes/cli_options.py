@@ -88,11 +88,13 @@ class ProbeReport:
     def rows(self) -> list[dict[str, Any]]:
         syms, rows = self.kp.m.symbols, []
         for p in self.kp.probes():
-            sym = syms.find(p.addr)
+            sym, kind = syms.find(p.addr), probe_kind(p)
             row = {
                 "symbol": sym.name if sym else None,
                 "offset": p.addr - sym.addr if sym else None,
-                "addr": p.addr, "kind": probe_kind(p), "step": p.ainsn.kind,
+                # an optimized probe is not stepped: its detour runs the replaced code
+                "addr": p.addr, "kind": kind,
+                "step": "optimized" if kind == "optimized" else p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
             }
             if p.symbol_name and syms.is_ifunc(p.symbol_name):

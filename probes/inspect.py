@@ -29,11 +29,12 @@ class Inspection:
     patched: bytes = b""
     slot: int | None = None
     slot_code: bytes = b""
+    replaced_tail: bytes = b""           # optimized: text after the jump, replaced but left as it was
     listing: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for k in ("original", "patched", "slot_code", "detour_code"):
+        for k in ("original", "patched", "slot_code", "detour_code", "replaced_tail"):
             d[k] = d[k].hex()
         return d
 
@@ -78,18 +79,42 @@ def listing(m: Machine, code: bytes, addr: int, count: int | None = None) -> lis
     return out or [f"{addr:#x}: {code.hex(' ')} (undecodable)"]
 
 
+def _where(m: Machine, p: Kprobe) -> tuple[str, int | None]:
+    """`sym+off` (or the bare address / the name as given) and the address, if known."""
+    addr = p.addr
+    if addr is None and p.symbol_name:
+        sym = m.symbols.lookup(p.symbol_name)
+        addr = sym.addr + p.offset if sym is not None else None
+    if addr is not None and m.symbols.find(addr) is not None:
+        return m.symbols.format(addr, with_size=False), addr
+    if addr is not None:
+        return f"{addr:#x}", addr
+    return p.symbol_name + (f"+{p.offset:#x}" if p.offset else ""), None
+
+
+def _show_replaced_tail(m: Machine, ins: Inspection, size: int) -> None:
+    """Only an optimized probe's jump is live code; the bytes after it, up to `size`, belong
+    to the replaced instructions and never run: list them as data, not decoded."""
+    md = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
+    jump = next(md.disasm(ins.patched, ins.addr, 1), None)
+    jump_len = jump.size if jump is not None else size
+    ins.replaced_tail = ins.patched[jump_len:size]
+    if ins.replaced_tail:
+        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], ins.addr, 1)
+                                  + [f"{ins.addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
+                                     "(replaced tail)"])
+
+
 def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     """Register `p` (if it is not yet), and describe the patch; rejection is a verdict."""
     kp = kprobes_of(m)
-    where = p.symbol_name or (f"{p.addr:#x}" if p.addr is not None else "?")
-    if p.offset:
-        where += f"+{p.offset:#x}"
     if not kp.is_registered(p):
         try:
             kp.register_kprobe(p)
         except KprobeError as e:
             import errno as _e
-            return Inspection(where=where, addr=None, verdict="rejected", reason=e.reason,
+            where, addr = _where(m, p)
+            return Inspection(where=where, addr=addr, verdict="rejected", reason=e.reason,
                               errno=_e.errorcode.get(e.errno, str(e.errno)))
     if p.addr is None:          # an IFUNC waiting for the guest's resolver (emu.symbols)
         return Inspection(where=where, addr=None, verdict="pending",
@@ -101,13 +126,14 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     original = m.original_text(p.addr, n)
     patched = m.memory.read(p.addr, n)
     slot_code = m.memory.read(ainsn.slot, len(ainsn.slot_code)) if ainsn.slot is not None else b""
-    ins = Inspection(where=m.symbols.format(p.addr, with_size=False) if m.symbols.find(p.addr) else where,
-                     addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p), hits=p.hits,
-                     opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,
+    ins = Inspection(where=_where(m, p)[0], addr=p.addr, verdict=ainsn.kind, kind=probe_kind(p),
+                     hits=p.hits, opt_reason=ainsn.opt_reason, insn=ainsn.mnemonic, original=original,
                      patched=patched, slot=ainsn.slot, slot_code=slot_code)
     count = len(listing(m, original, p.addr))
     ins.listing["original"] = listing(m, original, p.addr, count)
     ins.listing["patched"] = listing(m, patched, p.addr, count)
+    if ainsn.optimized and oi is not None:
+        _show_replaced_tail(m, ins, oi.size)
     if ainsn.slot is not None:
         ins.listing["slot"] = listing(m, slot_code, ainsn.slot, 3 if ainsn.boosted else 2)
     if oi is not None:

@@ -4,14 +4,27 @@ guest did — stdout, stderr, exit code, final registers and written memory — 
 unprobed run. A probe must never change guest behaviour; this checks it exhaustively.
 
 Verdicts per offset: ok (with hit counts), rejected (the kernel's errno and reason), or
-MISMATCH (the first difference, or a probe that was not hit where the function ran)."""
+MISMATCH (the first difference, or a probe that was not hit where the function ran).
+
+Every run gets the same inputs as `emu run` would (stdin bytes, a --fs tree, --seed,
+--max-insns, --timeout). A --fs-write tree is copied to a scratch directory per run, so no
+run sees another's writes. Guest output is never held whole: each stream is reduced to a
+hash, a length and a bounded prefix (OutputDigest), so a guest writing gigabytes costs no
+host memory; live memory is kept by chunk with untouched (all-zero) chunks left out, so a
+guest mapping gigabytes it never writes costs none either."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from emu.elf import ElfImage, load_elf
 from emu.loader import GuestConfig, load_guest
@@ -31,9 +44,57 @@ class SweepConfig:
     funcs: list[str] = field(default_factory=list)     # empty: every function
     jobs: int = 1
     timeout: float = 20.0
+    max_insns: int = 0
+    fs_root: str | None = None
+    fs_writable: bool = False       # each run writes into its own scratch copy of fs_root
+    seed: int = 0
     # How each run is probed: "kprobe" (every instruction), "optprobe" (every instruction,
     # jump-optimized where can_optimize allows) or "kretprobe" (each function entry).
     mode: str = "kprobe"
+
+
+class OutputDigest(io.RawIOBase):
+    """A write-only guest stream kept as (sha256, length, first PREFIX bytes): two runs are
+    compared by hash and length, and the prefix is there to show."""
+
+    PREFIX = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hash = hashlib.sha256()
+        self.length = 0
+        self.prefix = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self._hash.update(data)
+        self.length += len(data)
+        if len(self.prefix) < self.PREFIX:
+            self.prefix += data[:self.PREFIX - len(self.prefix)]
+        return len(data)
+
+    def summary(self) -> "StreamSummary":
+        return StreamSummary(self._hash.hexdigest(), self.length, bytes(self.prefix))
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    sha256: str
+    length: int
+    prefix: bytes
+
+    def first_difference(self, ref: "StreamSummary") -> int | None:
+        """The first differing byte offset, None if equal; past the prefixes, the shorter
+        length, or the prefix end when only the hashes tell them apart."""
+        if (self.sha256, self.length) == (ref.sha256, ref.length):
+            return None
+        i = _first_diff(self.prefix, ref.prefix)
+        if i < min(len(self.prefix), len(ref.prefix)):
+            return i
+        return min(self.length, ref.length) if self.length != ref.length else len(self.prefix)
 
 
 @dataclass
@@ -41,20 +102,20 @@ class Outcome:
     """What a run did, reduced to what the guest could observe."""
     exit_code: int
     reason: str
-    stdout: bytes
-    stderr: bytes
+    stdout: StreamSummary
+    stderr: StreamSummary
     regs: dict[str, int]
-    memory: dict[int, bytes]        # start -> live writable bytes
+    memory: dict[int, "MemorySnapshot"]     # start -> live writable bytes
     stale_word: bytes | None = None  # a word only a kretprobe hijack writes (its trampoline)
     pc_name: str = "pc"
 
     def first_difference(self, ref: "Outcome") -> str | None:
         if self.reason != ref.reason or self.exit_code != ref.exit_code:
             return f"exit {self.reason}/{self.exit_code} != {ref.reason}/{ref.exit_code}"
-        if self.stdout != ref.stdout:
-            return f"stdout differs at byte {_first_diff(self.stdout, ref.stdout)}"
-        if self.stderr != ref.stderr:
-            return f"stderr differs at byte {_first_diff(self.stderr, ref.stderr)}"
+        for name in ("stdout", "stderr"):
+            at = getattr(self, name).first_difference(getattr(ref, name))
+            if at is not None:
+                return f"{name} differs at byte {at}"
         for name, value in ref.regs.items():
             if name == self.pc_name and self.reason == "exit":
                 # The guest is gone: its pc is not observable, and Unicorn reports the
@@ -67,17 +128,45 @@ class Outcome:
     def _memory_difference(self, ref: "Outcome") -> str | None:
         if self.memory.keys() != ref.memory.keys():
             return "live memory layout differs"
-        for start, data in self.memory.items():
+        for start, snap in self.memory.items():
             want = ref.memory[start]
-            if data == want:
-                continue
-            if len(data) != len(want):
+            if snap.size != want.size:
                 return f"live memory at {start:#x} differs in size"
-            for off in range(0, len(data), 8):
-                a, b = data[off:off + 8], want[off:off + 8]
-                if a != b and not _stale(a, b, self.stale_word):
-                    return f"written memory differs at {start + off:#x}"
+            for i, (got, exp) in enumerate(zip(snap.chunks, want.chunks)):
+                if got == exp:
+                    continue
+                base = start + i * MemorySnapshot.CHUNK
+                a, b = got or bytes(len(exp or b"")), exp or bytes(len(got or b""))
+                for off in range(0, len(a), 8):
+                    x, y = a[off:off + 8], b[off:off + 8]
+                    if x != y and not _stale(x, y, self.stale_word):
+                        return f"written memory differs at {base + off:#x}"
         return None
+
+
+@dataclass
+class MemorySnapshot:
+    """A writable region's bytes by CHUNK; None stands for an all-zero chunk, so memory the
+    guest mapped but never wrote costs no host memory (only the time to look at it)."""
+    size: int
+    chunks: list[bytes | None]
+
+    CHUNK = 1 << 16
+
+    @classmethod
+    def take(cls, read: Callable[[int, int], bytes], start: int, size: int,
+             fix: Callable[[bytes], bytes] | None = None) -> "MemorySnapshot":
+        chunks: list[bytes | None] = []
+        for off in range(0, size, cls.CHUNK):
+            data = read(start + off, min(cls.CHUNK, size - off))
+            if fix is not None:
+                data = fix(data)
+            zero = data == _ZERO_CHUNK if len(data) == cls.CHUNK else data.count(0) == len(data)
+            chunks.append(None if zero else data)
+        return cls(size, chunks)
+
+
+_ZERO_CHUNK = bytes(MemorySnapshot.CHUNK)
 
 
 @dataclass
@@ -99,6 +188,8 @@ class SweepResult:
     path: str
     arch: str
     results: list[OffsetResult]
+    baseline: Outcome | None = None
+    not_executed: list[str] = field(default_factory=list)   # chosen functions the baseline never ran
 
     @property
     def checked(self) -> int:
@@ -120,9 +211,18 @@ class SweepResult:
         funcs: dict[str, list[dict]] = {}
         for r in self.results:
             funcs.setdefault(r.function, []).append(asdict(r))
-        return {"file": self.path, "arch": self.arch, "checked": self.checked,
+        data = {"file": self.path, "arch": self.arch, "checked": self.checked,
                 "rejected": self.rejected, "mismatches": self.mismatches,
-                "text_reads": self.text_reads, "functions": funcs}
+                "text_reads": self.text_reads, "offsets": len(self.results),
+                "not_executed": self.not_executed, "functions": funcs}
+        if self.baseline is not None:
+            data["baseline"] = baseline_json(self.baseline)
+        return data
+
+
+def baseline_json(b: Outcome) -> dict:
+    return {"exit_code": b.exit_code, "stop_reason": b.reason, "stdout_bytes": b.stdout.length,
+            "stderr_bytes": b.stderr.length, "stdout_sha256": b.stdout.sha256}
 
 
 def _stale(got: bytes, want: bytes, stale: bytes | None) -> bool:
@@ -141,32 +241,49 @@ def _first_diff(a: bytes, b: bytes) -> int:
 
 
 # --- one run ---------------------------------------------------------------------------------
-def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None) -> tuple[Outcome, Machine]:
-    out, err = io.BytesIO(), io.BytesIO()
-    guest = load_guest(GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv),
-                       stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
-    m = guest.machine
-    if setup is not None:
-        setup(m)
-    result = m.run(timeout=cfg.timeout)
-    return _outcome(m, result, out.getvalue(), err.getvalue()), m
+def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | None,
+         observe: bool = True) -> tuple[Outcome | None, Machine]:
+    out, err = OutputDigest(), OutputDigest()
+    with _fs_for_run(cfg) as root:
+        gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
+                           fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
+        guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
+        m = guest.machine
+        if setup is not None:
+            setup(m)
+        result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
+    return (_outcome(m, result, out.summary(), err.summary()) if observe else None), m
 
 
-def _outcome(m: Machine, result: RunResult, stdout: bytes, stderr: bytes) -> Outcome:
+@contextmanager
+def _fs_for_run(cfg: SweepConfig) -> Iterator[str | None]:
+    """The --fs root of one run: the granted tree itself when read-only, else a scratch copy
+    that goes away after the run (the guest sees the same paths either way)."""
+    if cfg.fs_root is None or not cfg.fs_writable:
+        yield cfg.fs_root
+        return
+    scratch = tempfile.mkdtemp(prefix="emu-sweep-")
+    try:
+        root = os.path.join(scratch, "fs")
+        shutil.copytree(cfg.fs_root, root, symlinks=True)
+        yield root
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _outcome(m: Machine, result: RunResult, stdout: StreamSummary, stderr: StreamSummary) -> Outcome:
     """The state the guest can still observe: registers and writable memory, without the
     dead stack below sp, with pending kretprobe hijacks undone as an unwinder would."""
     regs = {n: m.reg(n) for n in m.arch.regs}
     sp = m.sp & ~7
     unwind = _kretprobe_unwinder(m)
-    memory: dict[int, bytes] = {}
+    memory: dict[int, MemorySnapshot] = {}
     for r in m.memory.regions:
         if not r.prot & 2 or r.name.startswith(("uart", "exit")):      # writable guest memory
             continue
         start = sp if r.start <= sp <= r.end else r.start      # sp == end: an empty stack
-        data = m.memory.read(start, r.end - start)
-        if unwind is not None and start == sp:
-            data = unwind.stack(data)
-        memory[start] = data
+        fix = unwind.stack if unwind is not None and start == sp else None
+        memory[start] = MemorySnapshot.take(m.memory.read, start, r.end - start, fix)
     stale = None
     if unwind is not None:
         regs = unwind.regs(regs)
@@ -181,13 +298,15 @@ class _Unwinder:
 
     def __init__(self, trampoline: int, pending: list[int]) -> None:
         self.tramp, self.pending = trampoline, pending
+        self.used = 0
 
     def stack(self, data: bytes) -> bytes:
-        out, i, want = bytearray(data), 0, self.tramp.to_bytes(8, "little")
+        """The next piece of the stack, upwards from sp (pieces of a multiple of 8 bytes)."""
+        out, want = bytearray(data), self.tramp.to_bytes(8, "little")
         for off in range(0, len(out) - 7, 8):
-            if out[off:off + 8] == want and i < len(self.pending):
-                out[off:off + 8] = self.pending[i].to_bytes(8, "little")
-                i += 1
+            if out[off:off + 8] == want and self.used < len(self.pending):
+                out[off:off + 8] = self.pending[self.used].to_bytes(8, "little")
+                self.used += 1
         return bytes(out)
 
     def regs(self, regs: dict[str, int]) -> dict[str, int]:
@@ -264,7 +383,7 @@ def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) 
                 seen.add(addr)
         for lo, hi in ranges:
             m.hooks.code(saw, lo, hi - 1)
-    _run(cfg, image, setup)
+    _run(cfg, image, setup, observe=False)
     return seen
 
 
@@ -346,6 +465,12 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     funcs = [f for f in funcs if f.size and _in_text(image, f)]
     ref, _m = _run(cfg, image, None)
     executed = _executed(cfg, image, [(f.addr, f.end) for f in funcs])
+    not_executed: list[str] = []
+    if cfg.funcs:
+        # A function the user chose but the program never runs: every probe there would
+        # just be "not hit"; say so instead of spending a run per instruction on it.
+        not_executed = [f.name for f in funcs if not any(f.addr <= a < f.end for a in executed)]
+        funcs = [f for f in funcs if f.name not in not_executed]
     if cfg.mode == "kretprobe":
         tasks = [(f.name, f.addr, f.addr, "(function entry)") for f in funcs]
     else:
@@ -357,7 +482,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     else:
         _init_worker(cfg, image, ref, executed)
         results = [_work(t) for t in tasks]
-    return SweepResult(image.path, image.arch.name, results)
+    return SweepResult(image.path, image.arch.name, results, ref, not_executed)
 
 
 def _in_text(image: ElfImage, sym: Symbol) -> bool:
@@ -370,6 +495,12 @@ def format_table(result: SweepResult) -> str:
         where = f"{r.function}+{r.offset:#x}"
         tail = r.insn + (f"  [{r.detail}]" if r.detail else "")
         lines.append(f"{where:<34} {r.verdict:<9} {r.step:<12} {r.hits:>8}  {tail}")
+    if result.baseline is not None:
+        b = result.baseline
+        lines.append(f"baseline: {b.reason} {b.exit_code}, stdout {b.stdout.length} bytes, "
+                     f"stderr {b.stderr.length} bytes")
+    if result.not_executed:
+        lines.append(f"not executed by the baseline (not swept): {', '.join(result.not_executed)}")
     lines.append(f"checked {result.checked}, rejected {result.rejected}, text-read {result.text_reads}, "
                  f"mismatches {result.mismatches}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from emu.machine import Machine, RunResult
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.kretprobes import Kretprobe, kretprobes_of
 
 ASM_BASE = 0x40_0000
 ASM_DATA = 0x60_0000
@@ -24,10 +25,14 @@ HALT_BYTES = {"arm64": (0xD4400000).to_bytes(4, "little"), "x86_64": b"\xf4"}
 
 @dataclass
 class Hit:
-    """One handler call: which handler, the ip it saw and the registers asked for."""
+    """One handler call: which handler ("pre", "post", "fault"; "entry", "return" for a
+    kretprobe), the ip it saw and the registers asked for. A return also carries the
+    return value and the address the function returned to."""
     handler: str
     ip: int
     regs: dict[str, int] = field(default_factory=dict)
+    retval: int | None = None
+    ret_addr: int | None = None
 
 
 class ProbeLab:
@@ -105,7 +110,33 @@ class ProbeLab:
         p.post_handler = post_handler if (post is not None or post_events) else None
         if register:
             self.kprobes.register_kprobe(p)
+            p.where = describe(self.machine, p.addr)        # for assertion messages
         return p
+
+    def kretprobe(self, where: str | int, *, entry: Callable | None = None,
+                  handler: Callable | None = None, record: tuple[str, ...] = (),
+                  maxactive: int = 0, register: bool = True) -> Kretprobe:
+        """A return probe on the function at SYM or an address that records each call in
+        `rp.events`: an "entry" Hit (ip = the function, registers named in `record`) and a
+        "return" Hit (ip = where it returns, `retval`, `ret_addr`), then calls
+        entry/handler. Misses (no free instance) count in `rp.nmissed`."""
+        rp = Kretprobe(kp=_kprobe_at(where), maxactive=maxactive)
+        rp.events = []
+
+        def entry_handler(ri, regs):
+            rp.events.append(Hit("entry", regs.ip, {r: regs[r] for r in record}))
+            return entry(ri, regs) if entry else 0
+
+        def return_handler(ri, regs):
+            rp.events.append(Hit("return", regs.ip, {r: regs[r] for r in record},
+                                 retval=regs.return_value, ret_addr=ri.ret_addr))
+            return handler(ri, regs) if handler else 0
+
+        rp.entry_handler, rp.handler = entry_handler, return_handler
+        if register:
+            kretprobes_of(self.machine).register_kretprobe(rp)
+            rp.kp.where = describe(self.machine, rp.kp.addr)
+        return rp
 
     # --- running ----------------------------------------------------------------------------
     def run(self, max_insns: int = 0, timeout: float = 30.0) -> RunResult:
@@ -194,12 +225,41 @@ def _kprobe_at(where: str | int) -> Kprobe:
 
 
 # --- assertions with disassembly in the failure message ----------------------------------------
+def describe(m: Machine, addr: int) -> str:
+    """`sym+0xoff (0xaddr)`, or the bare address outside every symbol: how every assertion
+    message names an address."""
+    sym = m.symbols.find(addr)
+    return f"{sym.name}+{addr - sym.addr:#x} ({addr:#x})" if sym is not None else f"{addr:#x}"
+
+
+def _labelled(m: Machine, code: bytes, addr: int, count: int) -> list[str]:
+    """`listing` with each address that lies in a symbol named `<sym+off>`."""
+    out = []
+    for line in listing(m, code, addr, count):
+        head, sep, rest = line.partition(": ")
+        sym = m.symbols.find(int(head, 16)) if sep else None
+        out.append(f"{head} <{sym.name}+{int(head, 16) - sym.addr:#x}>: {rest}" if sym else line)
+    return out
+
+
+def _probe_name(p: Kprobe, lab: "ProbeLab | None") -> str:
+    if lab is not None and p.addr is not None:
+        return describe(lab.machine, p.addr)
+    if getattr(p, "where", None):
+        return p.where
+    if p.symbol_name and p.addr is not None:
+        return f"{p.symbol_name}+{p.offset:#x} ({p.addr:#x})"
+    return f"{p.addr:#x}" if p.addr is not None else "(unregistered)"
+
+
 def _compare(lab: ProbeLab, addr: int, want: bytes, title: str) -> None:
-    got = lab.machine.memory.read(addr, len(want))
+    m = lab.machine
+    got = m.memory.read(addr, len(want))
     if got != want:
-        raise AssertionError(f"{title} at {addr:#x}: bytes {got.hex(' ')} != expected {want.hex(' ')}\n"
-                             + side_by_side("expected", listing(lab.machine, want, addr, 2),
-                                            "in guest memory", listing(lab.machine, got, addr, 2)))
+        raise AssertionError(f"{title} at {describe(m, addr)}: bytes {got.hex(' ')} "
+                             f"!= expected {want.hex(' ')}\n"
+                             + side_by_side("expected", _labelled(m, want, addr, 2),
+                                            "in guest memory", _labelled(m, got, addr, 2)))
 
 
 def assert_armed(lab: ProbeLab, p: Kprobe) -> None:
@@ -215,14 +275,20 @@ def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
 def assert_slot_holds(lab: ProbeLab, p: Kprobe, insn: bytes) -> None:
     """The out-of-line slot starts with `insn` (as copied, fixed for the slot)."""
     if p.ainsn.slot is None:
-        raise AssertionError(f"probe at {p.addr:#x} has no slot (verdict {p.ainsn.kind})")
-    _compare(lab, p.ainsn.slot, insn, "slot contents")
+        raise AssertionError(f"probe at {describe(lab.machine, p.addr)} has no slot "
+                             f"(verdict {p.ainsn.kind})")
+    _compare(lab, p.ainsn.slot, insn, f"slot of the probe at {describe(lab.machine, p.addr)}")
 
 
-def assert_hits(p: Kprobe, hits: int, nmissed: int = 0) -> None:
-    if (p.hits, p.nmissed) != (hits, nmissed):
-        raise AssertionError(f"probe at {p.addr:#x} ({p.ainsn.mnemonic if p.ainsn else '?'}): "
-                             f"hits={p.hits} nmissed={p.nmissed}, expected hits={hits} nmissed={nmissed}")
+def assert_hits(p: Kprobe | Kretprobe, hits: int, nmissed: int = 0, *, lab: ProbeLab | None = None) -> None:
+    """The probe's handlers ran `hits` times and missed `nmissed`; for a kretprobe, its
+    entries and the instances it found no room for (rp.nmissed)."""
+    missed_of = p.nmissed
+    if isinstance(p, Kretprobe):
+        p, missed_of = p.kp, p.nmissed
+    if (p.hits, missed_of) != (hits, nmissed):
+        raise AssertionError(f"probe at {_probe_name(p, lab)} ({p.ainsn.mnemonic if p.ainsn else '?'}): "
+                             f"hits={p.hits} nmissed={missed_of}, expected hits={hits} nmissed={nmissed}")
 
 
 def assert_same_run(probed: ProbeLab, plain: ProbeLab) -> None:

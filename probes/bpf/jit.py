@@ -15,6 +15,16 @@ Results must equal the interpreter's on every program, faults included:
   caller has not reached yet;
 * a memory fault names the instruction through ``p``, the index of the
   last instruction that could fault, set just before it.
+
+Host memory is bounded. CPython's compiler needs 3.3-3.7 KB per generated
+line while it compiles a function (measured; one to ten lines per BPF
+instruction: a 20,000-instruction function with a branch every fourth
+instruction peaked at 240 MB). So each BPF function is compiled on its own,
+one whose source is longer than ``JIT_MAX_FUNC_LINES`` is left to the
+interpreter, and so is every function once the program's compiled source
+reaches ``JIT_MAX_PROG_LINES``. Interpreted and compiled functions call each
+other through the same ``F<start>`` names, so a program runs the same
+either way, only slower in the interpreted parts.
 """
 from __future__ import annotations
 
@@ -38,6 +48,9 @@ from .runtime import BpfRun, GuestFault, ProgramExit
 
 if TYPE_CHECKING:
     from .program import BpfProg
+
+JIT_MAX_FUNC_LINES = 16384      # the compiler's peak stays near 60 MB
+JIT_MAX_PROG_LINES = 1 << 18    # what stays compiled (source and code objects): ~30 MB
 
 _BLOCK_END = {"jmp", "jmp32", "ja", "ja32", "exit", "call", "callx"}
 _CMP = {BPF_JEQ: "==", BPF_JNE: "!=", BPF_JGT: ">", BPF_JGE: ">=", BPF_JLT: "<",
@@ -378,23 +391,40 @@ class CompiledProg:
             return e.r0
 
 
+def _interpreted(prog: "BpfProg", start: int) -> Callable[..., int]:
+    """A BPF function run by the interpreter, callable as a compiled one is."""
+    def run_function(run: BpfRun, r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        vm = Interpreter(run, prog.helpers)
+        vm.prog, vm.pc = prog, start
+        vm.regs = [0, r1, r2, r3, r4, r5, 0, 0, 0, 0, run.new_stack()]
+        return vm.resume(catch_exit=False)
+    return run_function
+
+
 def compile_prog(prog: "BpfProg") -> CompiledProg:
-    """Translate a verified program into Python functions."""
+    """Translate a verified program into Python functions, one compile per BPF function;
+    the functions over the size limits run in the interpreter."""
     gen = _Gen(prog)
     starts = _function_starts(prog.insns)
-    source: list[str] = []
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(prog.insns)
-        source += _function_source(gen, start, end)
-    text = "\n".join(source)
     namespace: dict[str, Any] = {
         "PROG": prog, "HELPERS": prog.helpers, "BpfRuntimeError": BpfRuntimeError,
         "BpfError": BpfError, "ProgramExit": ProgramExit, "unexpected": unexpected,
         "MemoryFault": MemoryFault, "GuestFault": GuestFault, "_fault": _fault,
         "_slow_path": _slow_path, "_tail_call": _tail_call, "_callx": _callx,
-        "_sdiv": _sdiv, "_smod": _smod, "_bswap": _bswap, "load_packet": load_packet,
-        **gen.names}
-    exec(compile(text, f"<bpf:{prog.name or 'prog'}>", "exec"), namespace)
-    return CompiledProg(prog, text, namespace["F0"])
-
-
+        "_sdiv": _sdiv, "_smod": _smod, "_bswap": _bswap, "load_packet": load_packet}
+    source: list[str] = []
+    total = 0
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(prog.insns)
+        # at least a line per instruction: don't even generate what cannot fit
+        lines = _function_source(gen, start, end) if end - start <= JIT_MAX_FUNC_LINES else []
+        if not lines or len(lines) > JIT_MAX_FUNC_LINES or total + len(lines) > JIT_MAX_PROG_LINES:
+            namespace[f"F{start}"] = _interpreted(prog, start)
+            source.append(f"# F{start}: {end - start} instructions, interpreted")
+            continue
+        total += len(lines)
+        text = "\n".join(lines)
+        namespace.update(gen.names)
+        exec(compile(text, f"<bpf:{prog.name or 'prog'}:{start}>", "exec"), namespace)
+        source.append(text)
+    return CompiledProg(prog, "\n".join(source), namespace["F0"])
