@@ -5,9 +5,15 @@ and may add keys to the `--stats` JSON. emu/ never imports those layers itself; 
 hands the parsed arguments to each registered option provider."""
 from __future__ import annotations
 
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Iterator, Protocol
 
+from emu.errors import KprobeEmuError
 from emu.loader import Guest, GuestConfig, load_guest
 from emu.machine import RunResult, StopReason
 
@@ -15,6 +21,66 @@ from emu.machine import RunResult, StopReason
 class Attachment(Protocol):
     def report(self, out: IO[str]) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+class WallClockLimit(KprobeEmuError):
+    """`--timeout` ran out before the guest started (loading, probe set-up). Attributes:
+    `seconds` (the limit), `during` (what was being done)."""
+
+    exit_code = 124
+
+    def __init__(self, seconds: float, during: str) -> None:
+        self.seconds, self.during = seconds, during
+        super().__init__(f"wall-clock limit of {seconds:g} s reached while {during}")
+
+
+class _Expired(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` on the way (the ELF
+    parser turns those into "malformed") swallows it."""
+
+
+@dataclass
+class Deadline:
+    """A wall-clock limit that runs from its creation (`seconds` 0: none), so `--timeout`
+    counts loading and set-up as well as the run."""
+    seconds: float = 0.0
+    start: float = field(default_factory=time.monotonic)
+
+    @property
+    def at(self) -> float | None:
+        """The time.monotonic() value it expires at, or None."""
+        return self.start + self.seconds if self.seconds else None
+
+    def remaining(self) -> float:
+        return math.inf if self.at is None else max(0.0, self.at - time.monotonic())
+
+    @contextmanager
+    def interrupting(self, during: str) -> Iterator[None]:
+        """Raise WallClockLimit if the body outlives the deadline. Python code is interrupted
+        by SIGALRM (main thread only; elsewhere the limit is checked when the body ends)."""
+        if self.at is None:
+            yield
+            return
+        armed = [threading.current_thread() is threading.main_thread()]
+
+        def expire(_sig, _frame) -> None:
+            if armed[0]:
+                raise _Expired
+
+        old = signal.signal(signal.SIGALRM, expire) if armed[0] else None
+        try:
+            if armed[0]:
+                signal.setitimer(signal.ITIMER_REAL, max(self.remaining(), 1e-6))
+            yield
+        except _Expired:
+            raise WallClockLimit(self.seconds, during) from None
+        finally:
+            if armed[0]:
+                armed[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+        if self.remaining() <= 0:
+            raise WallClockLimit(self.seconds, during)
 
 
 # Option providers (e.g. the probe layer) register here: fn(session, args) -> None.
@@ -32,11 +98,12 @@ class Session:
         return cls(load_guest(cfg, stdin, stdout, stderr))
 
     @classmethod
-    def from_args(cls, args, guest_args: list[str]) -> "Session":
+    def from_args(cls, args, guest_args: list[str], stdin: BinaryIO | None = None,
+                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> "Session":
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=guest_args,
                           fs_root=args.fs, fs_writable=args.fs_write, seed=args.seed,
                           strace=args.strace)
-        session = cls.load(cfg)
+        session = cls.load(cfg, stdin, stdout, stderr)
         for handler in RUN_OPTION_HANDLERS:
             handler(session, args)
         return session
@@ -48,7 +115,14 @@ class Session:
     def attach(self, attachment: Attachment) -> None:
         self.attachments.append(attachment)
 
-    def run(self, max_insns: int = 0, timeout: float = 0.0) -> RunResult:
+    def run(self, max_insns: int = 0, timeout: float = 0.0,
+            deadline: Deadline | None = None) -> RunResult:
+        """Run the guest; `deadline` (what is left of it) overrides `timeout`."""
+        if deadline is not None and deadline.at is not None:
+            timeout = deadline.remaining()
+            if timeout <= 0:
+                return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of "
+                                 f"{deadline.seconds:g} s reached before the guest started")
         result = self.machine.run(max_insns=max_insns, timeout=timeout)
         for stream in (self.machine.stdout, self.machine.stderr):
             if hasattr(stream, "flush"):
