@@ -7,6 +7,7 @@ KprobeEmuError its own (bad input 2, a limit 124), an unwritable output 2, a clo
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -191,6 +192,16 @@ class _TextSink(io.RawIOBase):
         return len(data)
 
 
+class _ClosedFd(io.RawIOBase):
+    """What a closed descriptor gives a writer: EBADF."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
 def _binary(stream: Any) -> Any:
     return getattr(stream, "buffer", None) or _TextSink(stream)
 
@@ -229,7 +240,9 @@ def _detach_if_broken(stream: IO[str]) -> None:
 def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
          stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    stdin = stdin or sys.stdin or io.TextIOWrapper(io.BytesIO())         # fd 0 closed: EOF
+    stdout = stdout or sys.stdout or io.TextIOWrapper(_ClosedFd(), write_through=True)
+    stderr = stderr or sys.stderr or open(os.devnull, "w")          # fd 2 closed: nobody to tell
     show_traceback = "--traceback" in argv[: argv.index("--") if "--" in argv else len(argv)]
     try:
         # Commands of other modules print(): the redirection gives them the same streams.
