@@ -23,6 +23,7 @@ from emu.machine import StopReason
 
 EXIT_EPIPE = 128 + 13           # as if killed by SIGPIPE, the shell's convention
 EXIT_INTERNAL = 70              # EX_SOFTWARE: a bug of ours, not the user's input
+RUN_GRACE_S = 0.5               # after --timeout, before the backstop alarm interrupts a run
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,7 +64,10 @@ def cmd_run(args) -> int:
         raise UsageError("--fs-write needs --fs DIR (the directory to make writable)")
     with deadline.interrupting(f"loading {args.file}"):
         session = Session.from_args(args, args.args, *_guest_streams(args))
-    result = session.run(max_insns=args.max_insns, deadline=deadline)
+    # The machine stops itself at the deadline; the alarm a moment later is for a guest held
+    # in a host call (a read of a pipe that never closes) or a hook that never returns.
+    with deadline.interrupting(f"running {args.file}", grace=RUN_GRACE_S):
+        result = session.run(max_insns=args.max_insns, deadline=deadline)
     args.stdout.flush()
     if result.reason in (StopReason.FAULT, StopReason.LIMIT):
         print(f"emu: {result.message}", file=args.stderr)

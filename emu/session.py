@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, BinaryIO, Iterator, Protocol
 
 from emu.errors import KprobeEmuError
@@ -55,9 +55,12 @@ class Deadline:
         return math.inf if self.at is None else max(0.0, self.at - time.monotonic())
 
     @contextmanager
-    def interrupting(self, during: str) -> Iterator[None]:
-        """Raise WallClockLimit if the body outlives the deadline. Python code is interrupted
-        by SIGALRM (main thread only; elsewhere the limit is checked when the body ends)."""
+    def interrupting(self, during: str, grace: float = 0.0) -> Iterator[None]:
+        """Raise WallClockLimit if the body outlives the deadline (plus `grace`). Python code
+        is interrupted by SIGALRM, also inside a blocking host call or a Unicorn hook (the hook
+        layer stops the run and re-raises); main thread only, elsewhere the limit is checked
+        when the body ends. With a grace period the body is expected to stop itself at the
+        deadline (the machine's own timeout) and the alarm is only the backstop."""
         if self.at is None:
             yield
             return
@@ -70,7 +73,7 @@ class Deadline:
         old = signal.signal(signal.SIGALRM, expire) if armed[0] else None
         try:
             if armed[0]:
-                signal.setitimer(signal.ITIMER_REAL, max(self.remaining(), 1e-6))
+                signal.setitimer(signal.ITIMER_REAL, max(self.remaining() + grace, 1e-6))
             yield
         except _Expired:
             raise WallClockLimit(self.seconds, during) from None
@@ -79,8 +82,17 @@ class Deadline:
                 armed[0] = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old)
-        if self.remaining() <= 0:
+        if not grace and self.remaining() <= 0:
             raise WallClockLimit(self.seconds, during)
+
+
+def _limit_as_given(result: RunResult, deadline: Deadline) -> RunResult:
+    """The machine names the time it was given (what was left); the user gave `--timeout`."""
+    prefix = "wall-clock limit of "
+    if result.reason is not StopReason.LIMIT or not result.message.startswith(prefix):
+        return result
+    _, sep, rest = result.message.partition(" s ")
+    return replace(result, message=f"{prefix}{deadline.seconds:g} s {rest}") if sep else result
 
 
 # Option providers (e.g. the probe layer) register here: fn(session, args) -> None.
@@ -124,6 +136,8 @@ class Session:
                 return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of "
                                  f"{deadline.seconds:g} s reached before the guest started")
         result = self.machine.run(max_insns=max_insns, timeout=timeout)
+        if deadline is not None and deadline.at is not None:
+            result = _limit_as_given(result, deadline)
         for stream in (self.machine.stdout, self.machine.stderr):
             if hasattr(stream, "flush"):
                 stream.flush()
