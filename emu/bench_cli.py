@@ -16,11 +16,14 @@ def add_subcommands(sub) -> None:
                    help="CPU profile (cortex-a72, cortex-a55, skylake); default per arch")
     p.add_argument("--kind", action="append", metavar="KIND",
                    help="only these probe kinds (k b o f r rb ro kr; repeatable)")
-    p.add_argument("--calls", type=positive, metavar="N", help="argument of the called guest function "
-                   "(default per kind: 2000 hot_leaf calls, fib(15))")
-    p.add_argument("--repeat", type=positive, default=5, metavar="N", help="timed calls per row (best)")
+    p.add_argument("--calls", type=positive, metavar="N",
+                   help="argument of the called guest function (default per kind: 2000 hot_leaf "
+                        "calls, fib(15))")
+    p.add_argument("--repeat", type=positive, default=5, metavar="N",
+                   help="timed calls per row (best)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw the table as bars (needs matplotlib)")
+    p.add_argument("--plot", type=output_file, metavar="FILE.png",
+                   help="draw the table as bars (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
 

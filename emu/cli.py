@@ -46,7 +46,8 @@ def _add_run(sub) -> None:
     p.add_argument("--fs-write", action="store_true", help="also allow writes under --fs DIR")
     p.add_argument("--strace", action="store_true", help="print each syscall to stderr")
     p.add_argument("--seed", type=u64, default=0, help="seed of getrandom and AT_RANDOM")
-    p.add_argument("--stats", type=output_file, metavar="FILE.json", help="write a JSON run summary")
+    p.add_argument("--stats", type=output_file, metavar="FILE.json",
+                   help="write a JSON run summary")
     p.add_argument("file", type=input_file)
     p.add_argument("args", nargs="*", help="guest arguments (after --)")
     p.set_defaults(func=cmd_run)

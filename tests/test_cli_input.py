@@ -51,7 +51,7 @@ RUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,part", RUN_CASES, ids=[" ".join(c[0][:-1]) or "run" for c in RUN_CASES])
+@pytest.mark.parametrize("argv,part", RUN_CASES, ids=[" ".join(c[0][:-1]) for c in RUN_CASES])
 def test_run_refuses(arch, tmp_path, argv, part):
     fill = {"elf": str(firmware_elf(arch, "hotloop")), "dir": str(tmp_path)}
     refused(emu_main(*[a.format(**fill) for a in argv]), part.format(**fill))
@@ -82,7 +82,8 @@ OTHER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,part", OTHER_CASES, ids=[" ".join(c[0]) or "none" for c in OTHER_CASES])
+@pytest.mark.parametrize("argv,part", OTHER_CASES,
+                         ids=[" ".join(c[0]) or "none" for c in OTHER_CASES])
 def test_other_commands_refuse(tmp_path, argv, part):
     fill = {"elf": str(firmware_elf("x86_64", "hotloop")), "dir": str(tmp_path)}
     refused(emu_main(*[a.format(**fill) for a in argv]), part.format(**fill))

@@ -43,8 +43,9 @@ def emu_closed_pipe(*argv: str) -> CliResult:
 
 # --- files named by options -----------------------------------------------------------------
 def test_stats_missing_directory_refused_before_the_run(arch, tmp_path):
-    r = emu_main("run", "--stats", str(tmp_path / "no" / "s.json"), str(firmware_elf(arch, "hotloop")))
-    one_line(r, 2, f"emu: argument --stats: {tmp_path}/no/s.json: {tmp_path}/no: no such directory\n")
+    missing = tmp_path / "no"
+    r = emu_main("run", "--stats", str(missing / "s.json"), str(firmware_elf(arch, "hotloop")))
+    one_line(r, 2, f"emu: argument --stats: {missing}/s.json: {missing}: no such directory\n")
     assert r.out == ""                              # the guest was not run for nothing
 
 
@@ -125,8 +126,9 @@ def test_stdout_on_a_full_device(arch, argv):
 
 def test_closed_stderr_is_not_a_crash(arch, tmp_path):
     """Nobody to tell: the exit code alone says it (2 for a missing --stats directory)."""
-    p = subprocess.run([sys.executable, "-m", "emu.cli", "run", "--stats", str(tmp_path / "x" / "y"),
-                        str(firmware_elf(arch, "hotloop"))], stderr=subprocess.DEVNULL,
+    p = subprocess.run([sys.executable, "-m", "emu.cli", "run", "--stats",
+                        str(tmp_path / "x" / "y"), str(firmware_elf(arch, "hotloop"))],
+                       stderr=subprocess.DEVNULL,
                        stdout=subprocess.PIPE, cwd=ROOT, timeout=60,
                        preexec_fn=lambda: os.close(2))
     assert (p.returncode, p.stdout) == (2, b"")
@@ -135,11 +137,12 @@ def test_closed_stderr_is_not_a_crash(arch, tmp_path):
 def test_closed_stdout_is_ebadf(arch):
     """`emu run prog >&-`: the guest's writes fail with EBADF as they would natively (the
     firmware guest ignores write errors and exits 0); our own output error is one line."""
-    p = subprocess.run([sys.executable, "-m", "emu.cli", "run", str(firmware_elf(arch, "hotloop"))],
-                       stderr=subprocess.PIPE, cwd=ROOT, timeout=60, preexec_fn=lambda: os.close(1))
+    elf = str(firmware_elf(arch, "hotloop"))
+    p = subprocess.run([sys.executable, "-m", "emu.cli", "run", elf], stderr=subprocess.PIPE,
+                       cwd=ROOT, timeout=60, preexec_fn=lambda: os.close(1))
     assert (p.returncode, p.stderr) == (0, b"")
-    p = subprocess.run([sys.executable, "-m", "emu.cli", "info", str(firmware_elf(arch, "hotloop"))],
-                       stderr=subprocess.PIPE, cwd=ROOT, timeout=60, preexec_fn=lambda: os.close(1))
+    p = subprocess.run([sys.executable, "-m", "emu.cli", "info", elf], stderr=subprocess.PIPE,
+                       cwd=ROOT, timeout=60, preexec_fn=lambda: os.close(1))
     assert (p.returncode, p.stderr) == (2, b"emu: write error: Bad file descriptor\n")
 
 

@@ -30,9 +30,11 @@ _TYPES = {t.name[len("BPF_PROG_TYPE_"):].lower(): t for t in BpfProgType}
 
 def _source_options(p: argparse.ArgumentParser, prog_required: bool) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--asm", type=bounded_input_file, metavar="FILE", help="assembler text (or a conformance .data file)")
+    src.add_argument("--asm", type=bounded_input_file, metavar="FILE",
+                     help="assembler text (or a conformance .data file)")
     src.add_argument("--hex", metavar="HEX", help="bytecode as hex (spaces allowed)")
-    src.add_argument("--obj", type=bounded_input_file, metavar="FILE.o", help="a clang -target bpf object")
+    src.add_argument("--obj", type=bounded_input_file, metavar="FILE.o",
+                     help="a clang -target bpf object")
     p.add_argument("--prog", metavar="NAME", required=False,
                    help="program name in --obj" + (" (required)" if prog_required else ""))
     p.add_argument("--type", choices=sorted(_TYPES), default="unspec",
