@@ -16,6 +16,7 @@ from emu.errors import UsageError
 U63_MAX = (1 << 63) - 1
 MAX_SECONDS = 1e9               # ~31 years; beyond it Unicorn's microsecond count overflows
 MAX_INPUT_BYTES = 256 << 20     # a text or object input (BPF --asm/--obj) read whole
+MAX_ELF_BYTES = 1 << 30         # a guest ELF, read whole by the loader
 
 
 def integer(lo: int = 0, hi: int = U63_MAX, what: str = "an integer"):
@@ -80,29 +81,29 @@ def output_file(text: str) -> str:
     return text
 
 
-def input_file(text: str) -> str:
-    """A file that can be read whole: missing files and directories are left to the loader
-    (its messages), but a FIFO, a device or /dev/zero would block or never end."""
+def input_file(text: str, limit: int = MAX_ELF_BYTES) -> str:
+    """A file that can be read whole: missing files and directories are left to the reader
+    (its messages), but a FIFO, a device or /dev/zero would block or never end, and a file
+    over `limit` bytes would take that much host memory."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name")
     try:
         st = os.stat(text)
     except OSError:
         return text
-    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+    if stat.S_ISDIR(st.st_mode):
+        return text
+    if not stat.S_ISREG(st.st_mode):
         raise argparse.ArgumentTypeError(f"{text}: not a regular file")
+    if st.st_size > limit:
+        raise argparse.ArgumentTypeError(f"{text}: too large ({st.st_size} bytes, at most "
+                                         f"{limit})")
     return text
 
 
 def bounded_input_file(text: str) -> str:
-    """`input_file` that, when it exists, fits in MAX_INPUT_BYTES (it is read whole)."""
-    input_file(text)
-    try:
-        size = os.stat(text).st_size
-    except OSError:
-        return text
-    if size > MAX_INPUT_BYTES:
-        raise argparse.ArgumentTypeError(f"{text}: too large ({size} bytes, at most "
-                                         f"{MAX_INPUT_BYTES})")
-    return text
+    """`input_file` for text and objects (BPF --asm/--obj), at most MAX_INPUT_BYTES."""
+    return input_file(text, MAX_INPUT_BYTES)
 
 
 class OutputError(UsageError):

@@ -60,6 +60,8 @@ def test_run_refuses(arch, tmp_path, argv, part):
 OTHER_CASES = [
     (["info", "/dev/zero"], "/dev/zero: not a regular file"),
     (["info"], "the following arguments are required: file"),
+    (["info", ""], "argument file: empty file name"),
+    (["run", ""], "argument file: empty file name"),
     (["disasm", "/dev/urandom", "main"], "/dev/urandom: not a regular file"),
     (["inspect", "/dev/zero", "main"], "/dev/zero: not a regular file"),
     (["inspect", "--frob", "{elf}", "main"], "unrecognized arguments: --frob"),
@@ -95,6 +97,15 @@ def test_fifo_is_refused_not_read(tmp_path):
     os.mkfifo(fifo)
     for argv in (["info", str(fifo)], ["run", str(fifo)], ["bpf", "run", "--asm", str(fifo)]):
         refused(run_emu(*argv, timeout=60), f"{fifo}: not a regular file")
+
+
+def test_too_large_elf(arch, tmp_path):
+    big = tmp_path / "big.elf"
+    big.write_bytes(firmware_elf(arch, "hotloop").read_bytes())
+    with open(big, "r+b") as f:
+        f.truncate((1 << 30) + 1)                   # sparse: no disk used
+    for argv in (["run", str(big)], ["info", str(big)], ["sweep", str(big)]):
+        refused(emu_main(*argv), f"argument file: {big}: too large ({(1 << 30) + 1} bytes")
 
 
 def test_bpf_too_large_input(tmp_path):
