@@ -170,3 +170,11 @@ def test_no_guest_output_file_left_behind(arch, tmp_path):
     out = tmp_path / "s.json"
     r = emu_main("run", "--stats", str(out), "--timeout", "nan", str(firmware_elf(arch, "hotloop")))
     assert r.rc == 2 and not out.exists()
+
+
+@needs_dev_full
+def test_trace_out_full_device_real_process(arch, tmp_path):
+    """What is left in the trace file's buffer must not fail again at interpreter exit."""
+    r = emu_into(subprocess.DEVNULL, "run", "--ftrace-filter", "fib", "--trace-out", "/dev/full",
+                 str(firmware_elf(arch, "recurse.ftrace")))
+    one_line(r, 2, "emu: write error: No space left on device\n")
