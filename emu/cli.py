@@ -16,8 +16,8 @@ import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from typing import IO, Any, BinaryIO
 
-from emu.cli_checks import (directory, input_file, integer, non_negative, output_file, seconds,
-                            u64, write_output)
+from emu.cli_checks import (directory, glob_list, input_file, integer, non_negative, output_file,
+                            seconds, u64, write_output)
 from emu.errors import KprobeEmuError, UsageError
 from emu.machine import StopReason
 
@@ -141,6 +141,7 @@ AFTER_PARSE_CHECKS = {
     "timeout": seconds,                                 # sweep's per-run limit
     "jobs": integer(1, 64, "a number of jobs"),         # sweep
     "trace_out": output_file,                           # run --trace-out
+    "ftrace_filter": glob_list,                         # run --ftrace-filter (repeatable)
 }
 
 
@@ -150,7 +151,7 @@ def _check_parsed(args: argparse.Namespace) -> None:
         if value is None or isinstance(value, bool):
             continue
         try:
-            check(value if isinstance(value, str) else repr(value))
+            check(value if isinstance(value, (str, list)) else repr(value))
         except argparse.ArgumentTypeError as e:
             name = dest if dest == "file" else "--" + dest.replace("_", "-")
             raise UsageError(f"argument {name}: {e}") from None

@@ -51,6 +51,15 @@ def seconds(text: str) -> float:
     return value
 
 
+def glob_list(values: list[str]) -> list[str]:
+    """Each of a repeatable comma-separated option names at least one pattern (an empty one
+    from an unset variable would otherwise trace nothing, silently)."""
+    for value in values:
+        if not any(value.split(",")):
+            raise argparse.ArgumentTypeError(f"{value!r}: no pattern")
+    return values
+
+
 def directory(text: str) -> str:
     """An existing directory, given explicitly (`realpath("")` would be the cwd)."""
     if not text:

@@ -46,6 +46,9 @@ RUN_CASES = [
     (["run", "--ftrace-filter", "fib", "--trace-out", "{dir}/missing/t", "{elf}"],
      "argument --trace-out"),
     (["run", "--profile", "nope", "{elf}"], "unknown CPU profile 'nope'"),
+    (["run", "--ftrace-filter", "", "{elf}"], "argument --ftrace-filter: '': no pattern"),
+    (["run", "--ftrace-filter", "fib", "--ftrace-filter", ",", "{elf}"],
+     "argument --ftrace-filter: ',': no pattern"),
     (["run", "/dev/zero"], "/dev/zero: not a regular file"),
     (["run", "--arch", "mips", "{elf}"], "argument --arch: invalid choice: 'mips'"),
 ]
