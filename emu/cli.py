@@ -58,7 +58,8 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from emu.session import Deadline, Session
+    from emu.deadline import Deadline
+    from emu.session import Session
 
     deadline = Deadline(args.timeout)           # --timeout counts loading too
     if args.fs_write and args.fs is None:

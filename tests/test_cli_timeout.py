@@ -10,7 +10,7 @@ import pytest
 
 from conftest import LINUX_EXIT, ROOT, CliResult
 from emu import session as session_mod
-from emu.session import Deadline, WallClockLimit
+from emu.deadline import Deadline, WallClockLimit
 from test_cli import emu_main
 
 SPIN = {"arm64": "spin: b spin", "x86_64": "spin: jmp spin"}
