@@ -13,11 +13,11 @@ import json
 import os
 import sys
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
-from typing import IO, Any, BinaryIO
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import IO, Any, BinaryIO, Iterator
 
-from emu.cli_checks import (directory, glob_list, input_file, integer, non_negative, output_file,
-                            seconds, u64, write_output)
+from emu.cli_checks import (OutputError, directory, glob_list, input_file, integer, non_negative,
+                            output_file, seconds, u64, write_output)
 from emu.errors import KprobeEmuError, UsageError
 from emu.machine import StopReason
 
@@ -66,17 +66,33 @@ def cmd_run(args) -> int:
         raise UsageError("--fs-write needs --fs DIR (the directory to make writable)")
     with deadline.interrupting(f"loading {args.file}"):
         session = Session.from_args(args, args.args, *_guest_streams(args))
-    # The machine stops itself at the deadline; the alarm a moment later is for a guest held
-    # in a host call (a read of a pipe that never closes) or a hook that never returns.
-    with deadline.interrupting(f"running {args.file}", grace=RUN_GRACE_S):
-        result = session.run(max_insns=args.max_insns, deadline=deadline)
-    args.stdout.flush()
-    if result.reason in (StopReason.FAULT, StopReason.LIMIT):
-        print(f"emu: {result.message}", file=args.stderr)
-    session.report(args.stderr)
+    with _trace_file_errors(args):
+        # The machine stops itself at the deadline; the alarm a moment later is for a guest
+        # held in a host call (a read of a pipe that never closes) or a hook that never returns.
+        with deadline.interrupting(f"running {args.file}", grace=RUN_GRACE_S):
+            result = session.run(max_insns=args.max_insns, deadline=deadline)
+        args.stdout.flush()
+        if result.reason in (StopReason.FAULT, StopReason.LIMIT):
+            print(f"emu: {result.message}", file=args.stderr)
+        session.report(args.stderr)
     if args.stats:
         write_output("--stats", args.stats, json.dumps(session.stats(result), indent=2) + "\n")
     return result.exit_code
+
+
+@contextmanager
+def _trace_file_errors(args) -> Iterator[None]:
+    """A write error while the guest runs is the trace file's (the guest's own writes get
+    their errno, a closed stdout is EPIPE): name it."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        path = getattr(args, "trace_out", None)
+        if path is None or e.filename is not None:
+            raise
+        raise OutputError("--trace-out", path, e) from None
 
 
 def _add_info(sub) -> None:

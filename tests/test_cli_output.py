@@ -67,7 +67,7 @@ def test_stats_still_written(arch, tmp_path):
 def test_trace_out_on_a_full_device(arch):
     r = emu_main("run", "--ftrace-filter", "*", "--trace-out", "/dev/full",
                  str(firmware_elf(arch, "recurse.ftrace")))
-    one_line(r, 2, "emu: write error: No space left on device\n")
+    one_line(r, 2, "emu: --trace-out /dev/full: No space left on device\n")
 
 
 def test_trace_out_missing_directory(arch, tmp_path):
@@ -177,4 +177,4 @@ def test_trace_out_full_device_real_process(arch, tmp_path):
     """What is left in the trace file's buffer must not fail again at interpreter exit."""
     r = emu_into(subprocess.DEVNULL, "run", "--ftrace-filter", "fib", "--trace-out", "/dev/full",
                  str(firmware_elf(arch, "recurse.ftrace")))
-    one_line(r, 2, "emu: write error: No space left on device\n")
+    one_line(r, 2, "emu: --trace-out /dev/full: No space left on device\n")
