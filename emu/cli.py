@@ -64,6 +64,8 @@ def cmd_run(args) -> int:
     deadline = Deadline(args.timeout)           # --timeout counts loading too
     if args.fs_write and args.fs is None:
         raise UsageError("--fs-write needs --fs DIR (the directory to make writable)")
+    _check_distinct_files(args.file, [("--stats", args.stats),
+                                      ("--trace-out", getattr(args, "trace_out", None))])
     with deadline.interrupting(f"loading {args.file}"):
         session = Session.from_args(args, args.args, *_guest_streams(args))
     with _trace_file_errors(args):
@@ -78,6 +80,19 @@ def cmd_run(args) -> int:
     if args.stats:
         write_output("--stats", args.stats, json.dumps(session.stats(result), indent=2) + "\n")
     return result.exit_code
+
+
+def _check_distinct_files(source: str, outputs: list[tuple[str, str | None]]) -> None:
+    """No output may overwrite the guest file or another output (as the same file)."""
+    seen = [("the guest file", source)]
+    for option, path in outputs:
+        if path is None:
+            continue
+        for what, other in seen:
+            if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other) \
+                    or os.path.abspath(path) == os.path.abspath(other):
+                raise UsageError(f"{option} {path}: is {what}")
+        seen.append((option, path))
 
 
 @contextmanager

@@ -46,6 +46,8 @@ RUN_CASES = [
     (["run", "--ftrace-filter", "fib", "--trace-out", "{dir}/missing/t", "{elf}"],
      "argument --trace-out"),
     (["run", "--profile", "nope", "{elf}"], "unknown CPU profile 'nope'"),
+    (["run", "--stats", "{dir}/o", "--ftrace-filter", "f", "--trace-out", "{dir}/o", "{elf}"],
+     "emu: --trace-out {dir}/o: is --stats"),
     (["run", "--ftrace-filter", "", "{elf}"], "argument --ftrace-filter: '': no pattern"),
     (["run", "--ftrace-filter", "fib", "--ftrace-filter", ",", "{elf}"],
      "argument --ftrace-filter: ',': no pattern"),
@@ -92,6 +94,18 @@ OTHER_CASES = [
 def test_other_commands_refuse(tmp_path, argv, part):
     fill = {"elf": str(firmware_elf("x86_64", "hotloop")), "dir": str(tmp_path)}
     refused(emu_main(*[a.format(**fill) for a in argv]), part.format(**fill))
+
+
+def test_stats_over_the_guest_file(arch, tmp_path):
+    """A copy: a regression would overwrite the ELF with the JSON."""
+    elf = tmp_path / "g.elf"
+    elf.write_bytes(firmware_elf(arch, "hotloop").read_bytes())
+    before = elf.read_bytes()
+    (tmp_path / "link.elf").symlink_to(elf)
+    for stats in (elf, tmp_path / "link.elf"):
+        refused(emu_main("run", "--stats", str(stats), str(elf)),
+                f"--stats {stats}: is the guest file")
+    assert elf.read_bytes() == before
 
 
 def test_fifo_is_refused_not_read(tmp_path):
