@@ -89,10 +89,19 @@ def _check_distinct_files(source: str, outputs: list[tuple[str, str | None]]) ->
         if path is None:
             continue
         for what, other in seen:
-            if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other) \
-                    or os.path.abspath(path) == os.path.abspath(other):
+            if _same_file(path, other):
                 raise UsageError(f"{option} {path}: is {what}")
         seen.append((option, path))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same path, or (both existing) the same inode through links."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @contextmanager
