@@ -17,7 +17,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from typing import IO, Any, BinaryIO, Iterator
 
 from emu.cli_checks import (OutputError, directory, glob_list, input_file, integer, non_negative,
-                            output_file, seconds, u64, write_output)
+                            output_file, probe_locations, seconds, u64, write_output)
 from emu.errors import KprobeEmuError, UsageError
 from emu.machine import StopReason
 
@@ -183,6 +183,9 @@ AFTER_PARSE_CHECKS = {
     "jobs": integer(1, 64, "a number of jobs"),         # sweep
     "trace_out": output_file,                           # run --trace-out
     "ftrace_filter": glob_list,                         # run --ftrace-filter (repeatable)
+    "kprobe": probe_locations,                          # run --kprobe (repeatable)
+    "kretprobe": probe_locations,                       # run --kretprobe (repeatable)
+    "location": probe_locations,                        # inspect SYM[+OFF]|ADDR...
 }
 
 
@@ -194,7 +197,7 @@ def _check_parsed(args: argparse.Namespace) -> None:
         try:
             check(value if isinstance(value, (str, list)) else repr(value))
         except argparse.ArgumentTypeError as e:
-            name = dest if dest == "file" else "--" + dest.replace("_", "-")
+            name = dest if dest in ("file", "location") else "--" + dest.replace("_", "-")
             raise UsageError(f"argument {name}: {e}") from None
 
 

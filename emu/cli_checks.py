@@ -60,6 +60,31 @@ def glob_list(values: list[str]) -> list[str]:
     return values
 
 
+def probe_location(text: str) -> str:
+    """SYM, SYM+OFF or ADDR as kprobe_events takes them: a name, an offset >= 0, an address
+    that fits in 64 bits. (What the name means is the probe layer's to say.)"""
+    try:
+        addr = int(text, 0)
+    except ValueError:
+        addr = None
+    if addr is not None:
+        if not 0 <= addr < 1 << 64:
+            raise argparse.ArgumentTypeError(f"{text}: not a 64-bit address")
+        return text
+    name, plus, off = text.rpartition("+") if "+" in text else (text, "", "")
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: no symbol name")
+    if plus and off.lstrip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text}: negative offset")
+    return text
+
+
+def probe_locations(values: list[str]) -> list[str]:
+    for value in values:
+        probe_location(value)
+    return values
+
+
 def directory(text: str) -> str:
     """An existing directory, given explicitly (`realpath("")` would be the cwd)."""
     if not text:

@@ -52,6 +52,9 @@ RUN_CASES = [
     (["run", "--ftrace-filter", "fib", "--ftrace-filter", ",", "{elf}"],
      "argument --ftrace-filter: ',': no pattern"),
     (["run", "/dev/zero"], "/dev/zero: not a regular file"),
+    (["run", "--kprobe", "", "{elf}"], "argument --kprobe: '': no symbol name"),
+    (["run", "--kprobe", "hot_call+-1", "{elf}"], "--kprobe: hot_call+-1: negative offset"),
+    (["run", "--kretprobe", HUGE, "{elf}"], f"argument --kretprobe: {HUGE}: not a 64-bit address"),
     (["run", "--arch", "mips", "{elf}"], "argument --arch: invalid choice: 'mips'"),
 ]
 
@@ -70,6 +73,7 @@ OTHER_CASES = [
     (["disasm", "/dev/urandom", "main"], "/dev/urandom: not a regular file"),
     (["inspect", "/dev/zero", "main"], "/dev/zero: not a regular file"),
     (["inspect", "--frob", "{elf}", "main"], "unrecognized arguments: --frob"),
+    (["inspect", "{elf}", "hot_call", "hot_call+-4"], "location: hot_call+-4: negative offset"),
     (["sweep", "--jobs", "0", "{elf}"], "argument --jobs: 0 is out of range"),
     (["sweep", "--jobs", "100000", "{elf}"], "argument --jobs: 100000 is out of range"),
     (["sweep", "--timeout", "nan", "{elf}"], "argument --timeout: nan is not a number"),
