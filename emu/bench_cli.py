@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from emu.cli_checks import output_file, positive
 from emu.errors import UsageError
 
 
@@ -15,11 +16,14 @@ def add_subcommands(sub) -> None:
                    help="CPU profile (cortex-a72, cortex-a55, skylake); default per arch")
     p.add_argument("--kind", action="append", metavar="KIND",
                    help="only these probe kinds (k b o f r rb ro kr; repeatable)")
-    p.add_argument("--calls", type=int, metavar="N", help="argument of the called guest function "
-                   "(default per kind: 2000 hot_leaf calls, fib(15))")
-    p.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls per row (best)")
+    p.add_argument("--calls", type=positive, metavar="N",
+                   help="argument of the called guest function (default per kind: 2000 hot_leaf "
+                        "calls, fib(15))")
+    p.add_argument("--repeat", type=positive, default=5, metavar="N",
+                   help="timed calls per row (best)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the table as bars (needs matplotlib)")
+    p.add_argument("--plot", type=output_file, metavar="FILE.png",
+                   help="draw the table as bars (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -37,9 +41,10 @@ def cmd_bench(args) -> int:
     rows = bench.run_bench(arches, args.profile, kinds, args.calls, args.repeat)
     if args.plot:
         bench.plot(rows, args.plot)
+    out = getattr(args, "stdout", None) or sys.stdout
     if args.json:
-        json.dump([r.to_json() for r in rows], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        json.dump([r.to_json() for r in rows], out, indent=2)
+        out.write("\n")
     else:
-        bench.format_table(rows, sys.stdout)
+        bench.format_table(rows, out)
     return 0

@@ -5,9 +5,10 @@ and may add keys to the `--stats` JSON. emu/ never imports those layers itself; 
 hands the parsed arguments to each registered option provider."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, BinaryIO, Protocol
 
+from emu.deadline import Deadline
 from emu.loader import Guest, GuestConfig, load_guest
 from emu.machine import RunResult, StopReason
 
@@ -15,6 +16,15 @@ from emu.machine import RunResult, StopReason
 class Attachment(Protocol):
     def report(self, out: IO[str]) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+def _limit_as_given(result: RunResult, deadline: Deadline) -> RunResult:
+    """The machine names the time it was given (what was left); the user gave `--timeout`."""
+    prefix = "wall-clock limit of "
+    if result.reason is not StopReason.LIMIT or not result.message.startswith(prefix):
+        return result
+    _, sep, rest = result.message.partition(" s ")
+    return replace(result, message=f"{prefix}{deadline.seconds:g} s {rest}") if sep else result
 
 
 # Option providers (e.g. the probe layer) register here: fn(session, args) -> None.
@@ -32,11 +42,12 @@ class Session:
         return cls(load_guest(cfg, stdin, stdout, stderr))
 
     @classmethod
-    def from_args(cls, args, guest_args: list[str]) -> "Session":
+    def from_args(cls, args, guest_args: list[str], stdin: BinaryIO | None = None,
+                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> "Session":
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=guest_args,
                           fs_root=args.fs, fs_writable=args.fs_write, seed=args.seed,
                           strace=args.strace)
-        session = cls.load(cfg)
+        session = cls.load(cfg, stdin, stdout, stderr)
         for handler in RUN_OPTION_HANDLERS:
             handler(session, args)
         return session
@@ -48,8 +59,17 @@ class Session:
     def attach(self, attachment: Attachment) -> None:
         self.attachments.append(attachment)
 
-    def run(self, max_insns: int = 0, timeout: float = 0.0) -> RunResult:
+    def run(self, max_insns: int = 0, timeout: float = 0.0,
+            deadline: Deadline | None = None) -> RunResult:
+        """Run the guest; `deadline` (what is left of it) overrides `timeout`."""
+        if deadline is not None and deadline.at is not None:
+            timeout = deadline.remaining()
+            if timeout <= 0:
+                return RunResult(StopReason.LIMIT, 124, f"wall-clock limit of "
+                                 f"{deadline.seconds:g} s reached before the guest started")
         result = self.machine.run(max_insns=max_insns, timeout=timeout)
+        if deadline is not None and deadline.at is not None:
+            result = _limit_as_given(result, deadline)
         for stream in (self.machine.stdout, self.machine.stderr):
             if hasattr(stream, "flush"):
                 stream.flush()

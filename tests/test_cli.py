@@ -1,14 +1,34 @@
 """The `emu` command as a user meets it: exit codes (the guest's, 139, 124, 2), bad input as
-exactly one stderr line and never a traceback, `emu info` and `emu disasm` on both arches."""
+exactly one stderr line and never a traceback, `emu info` and `emu disasm` on both arches.
+
+Most tests call `emu.cli.main` in-process (`emu_main`, the same result type as conftest's
+`run_emu`); the few that are about real stdio and exit status keep a subprocess."""
 from __future__ import annotations
 
+import io
 import re
 import struct
 
 import pytest
 
-from conftest import LINUX_EXIT, run_emu, tiny_elf
+from conftest import LINUX_EXIT, CliResult, tiny_elf
+from conftest import run_emu as run_emu_subprocess
+from emu.cli import main
 from emu.elf import STATIC_PIE_BASE
+
+
+def emu_main(*argv: str, stdin: bytes = b"") -> CliResult:
+    """`emu ARGV` in this process: text streams over bytes, so the guest's output (written to
+    `.buffer`) and ours interleave as on a terminal."""
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace",
+                                 write_through=True) for _ in range(2))
+    rc = main(list(argv), stdin=io.TextIOWrapper(io.BytesIO(stdin)), stdout=out, stderr=err)
+    out.flush()
+    err.flush()
+    return CliResult(rc, out.buffer.getvalue(), err.buffer.getvalue())
+
+
+run_emu = emu_main
 
 HELLO = {
     "arm64": "adr x1, msg; mov x0, #1; mov x2, #6; mov x8, #64; svc #0; mov x0, #{code}; "
@@ -34,7 +54,7 @@ def one_line_error(r, part: str, rc: int = 2) -> None:
 
 # --- run ---------------------------------------------------------------------------------------
 def test_exit_code_and_stdout_are_the_guests(hello_elf):
-    r = run_emu("run", str(hello_elf))
+    r = run_emu_subprocess("run", str(hello_elf))
     assert (r.rc, r.out, r.err) == (5, "hello\n", "")
 
 
@@ -45,7 +65,7 @@ def test_exit_code_values(arch, make_tiny, code):
 
 
 def test_guest_args_after_double_dash(arch, glibc_prog):
-    r = run_emu("run", str(glibc_prog(arch, "hello")), "--", "3", "--strace", "-x")
+    r = run_emu_subprocess("run", str(glibc_prog(arch, "hello")), "--", "3", "--strace", "-x")
     assert r.rc == 3 and "argv[2]=--strace (8)\nargv[3]=-x (2)\n" in r.out
     assert r.err == "to stderr\n"                 # --strace after -- is the guest's
 
@@ -92,6 +112,8 @@ BAD = ["not-elf", "empty", "truncated-header", "truncated-phdrs", "truncated-hal
 def test_bad_input_run(arch, tmp_path, glibc_prog, name):
     path, part = _bad_inputs(tmp_path, glibc_prog, arch)[name]
     one_line_error(run_emu("run", str(path)), part)
+    if name in ("truncated-half", "dynamic"):           # and the same through real stdio
+        one_line_error(run_emu_subprocess("run", str(path)), part)
 
 
 @pytest.mark.parametrize("cmd", [["info"], ["disasm"], ["run", "--bare"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import IO, Any
 
+from emu.cli_checks import non_negative
 from emu.session import RUN_OPTION_HANDLERS, Session
 
 
@@ -14,7 +15,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="NAME",
                    help="CPU profile of the cycle model, implies --cycles: cortex-a72 (arm64 "
                         "default), cortex-a55 (arm64), skylake (x86_64 default)")
-    p.add_argument("--max-cycles", type=int, default=0, metavar="N",
+    p.add_argument("--max-cycles", type=non_negative, default=0, metavar="N",
                    help="stop after N modelled cycles (exit 124); implies --cycles")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.insert(0, attach_from_args)     # before probes arm anything

@@ -6,13 +6,17 @@
 
 ``--asm`` also takes a conformance ``.data`` file (its program, and its
 memory unless ``--mem`` is given). Errors are one line on stderr; ``run``
-and ``verify`` exit 1 when the program is refused or faults.
+and ``verify`` exit 1 when the program is refused or faults, bad options
+exit 2. Output goes to ``args.stdout`` when the caller (``emu`` main) sets
+it, else to ``sys.stdout``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import IO, Callable
+
+from emu.cli_checks import bounded_input_file
 
 from .asm import assemble
 from .datafile import parse_data_file
@@ -26,9 +30,11 @@ _TYPES = {t.name[len("BPF_PROG_TYPE_"):].lower(): t for t in BpfProgType}
 
 def _source_options(p: argparse.ArgumentParser, prog_required: bool) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--asm", metavar="FILE", help="assembler text (or a conformance .data file)")
+    src.add_argument("--asm", type=bounded_input_file, metavar="FILE",
+                     help="assembler text (or a conformance .data file)")
     src.add_argument("--hex", metavar="HEX", help="bytecode as hex (spaces allowed)")
-    src.add_argument("--obj", metavar="FILE.o", help="a clang -target bpf object")
+    src.add_argument("--obj", type=bounded_input_file, metavar="FILE.o",
+                     help="a clang -target bpf object")
     p.add_argument("--prog", metavar="NAME", required=False,
                    help="program name in --obj" + (" (required)" if prog_required else ""))
     p.add_argument("--type", choices=sorted(_TYPES), default="unspec",
@@ -66,9 +72,17 @@ def _read_input(args: argparse.Namespace, want_one: bool) -> _Input:
         code = assemble(df.asm) if df.asm is not None else (df.raw or b"")
         mem = df.mem
     else:
-        with open(args.asm) as f:
-            code = assemble(f.read())
+        try:
+            with open(args.asm) as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise BpfError(f"{args.asm}: not a text file (assembler expected)") from None
+        code = assemble(text)
     return _Input([BpfProg.from_bytes(code, prog_type=ptype, name=args.prog or "")], mem)
+
+
+def _out(args: argparse.Namespace) -> IO[str]:
+    return getattr(args, "stdout", None) or sys.stdout
 
 
 DEFAULT_CTX_SIZE = 512  # a zeroed context big enough for pt_regs on x86-64 and arm64
@@ -87,27 +101,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         mem = inp.mem
     result = prog.run(bytearray(mem), packet=packet, engine=args.engine)
-    print(f"r0 = {result:#x}")
+    print(f"r0 = {result:#x}", file=_out(args))
     return 0
 
 
 def cmd_disasm(args: argparse.Namespace) -> int:
+    out = _out(args)
     for prog in _read_input(args, want_one=False).progs:
         if prog.section:
-            print(f"Disassembly of {prog.name} ({prog.section}):")
-        print(disassemble_llvm(prog.insns) if args.llvm else disassemble(prog.insns), end="")
+            print(f"Disassembly of {prog.name} ({prog.section}):", file=out)
+        print(disassemble_llvm(prog.insns) if args.llvm else disassemble(prog.insns), end="",
+              file=out)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    status = 0
+    status, out = 0, _out(args)
     for prog in _read_input(args, want_one=False).progs:
         try:
-            print(prog.load(log_level=1 if args.verbose else 0))
-            print(f"{prog.name or 'program'}: accepted")
+            print(prog.load(log_level=1 if args.verbose else 0), file=out)
+            print(f"{prog.name or 'program'}: accepted", file=out)
         except VerifierError as e:
-            print(e.log)
-            print(f"{prog.name or 'program'}: refused: {e.reason}")
+            print(e.log, file=out)
+            print(f"{prog.name or 'program'}: refused: {e.reason}", file=out)
             status = 1
     return status
 
@@ -135,18 +151,22 @@ def add_subcommands(subparsers: "argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn errors into one line on stderr and exit status 1."""
+    """Turn errors into one line on stderr and exit status 1. A closed stdout (EPIPE) is
+    not the program's error: it goes up to the caller."""
     def run(args: argparse.Namespace) -> int:
+        err = getattr(args, "stderr", None) or sys.stderr
         try:
             return cmd(args)
         except BpfError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=err)
             return 1
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+            print(f"error: {e.filename or ''}: {e.strerror}", file=err)
             return 1
-        except ValueError as e:  # bad --hex / --mem text
-            print(f"error: {e}", file=sys.stderr)
+        except (ValueError, UnicodeDecodeError) as e:  # bad --hex / --mem text, a binary --asm
+            print(f"error: {e}", file=err)
             return 1
     run.__name__ = cmd.__name__
     return run
@@ -158,13 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "bpf":
         argv.insert(0, "bpf")
-    parser = argparse.ArgumentParser(prog="emu")
+    parser = _Parser(prog="emu")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        print("error: output closed early (broken pipe)", file=sys.stderr)
+        return 141
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":
