@@ -10,16 +10,18 @@ that stream (the CLI) subscribe to `on_commit` and drain trace_pipe."""
 from __future__ import annotations
 
 import errno
+import struct
 from collections import deque
-from typing import Callable
+from typing import IO, Callable
 
 from emu.machine import Machine
 from probes.trace.ring_buffer import RingBuffer, RingBufferRecord
-from probes.trace.trace_events import TraceEventCall
+from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
 from probes.trace.trace_output import TRACE_HEADER, print_line, record_json
 from probes.trace.trace_probe import TraceProbeError
 
 ERROR_LOG_MAX = 8
+TRACE_FN = 1                       # the function tracer's entry type (kernel/trace/trace.h)
 FIRST_DYNAMIC_EVENT_ID = 2000      # after the static events; any fixed choice keeps runs alike
 PREFIX = "/sys/kernel/tracing/"
 
@@ -41,6 +43,7 @@ class Tracefs:
         self.on_commit: list[Callable[[TraceEventCall, RingBufferRecord], None]] = []
         self._next_id = FIRST_DYNAMIC_EVENT_ID
         self._by_id: dict[int, TraceEventCall] = {}
+        self._streamer = None
 
     # --- events -----------------------------------------------------------------------------
     def new_event(self, system: str, name: str, fields, print_fmt: str, printer,
@@ -80,6 +83,45 @@ class Tracefs:
             for fn in list(self.on_commit):
                 fn(call, rec)
         return True
+
+    def trace_function(self, ip: int, parent_ip: int) -> bool:
+        """The function tracer's record (struct ftrace_entry: ip, parent_ip), TRACE_FN."""
+        call = self._function_event()
+        return self.commit(call, pack_header(TRACE_FN, 0, 0, self.machine.task[1]) +
+                           struct.pack("<QQ", ip, parent_ip))
+
+    def _function_event(self) -> TraceEventCall:
+        call = self._by_id.get(TRACE_FN)
+        if call is None:
+            syms = self.machine.symbols
+
+            def name(addr: int) -> str:
+                s = syms.find(addr)
+                return s.name if s else hex(addr)
+
+            def printer(rec) -> str:
+                ip, parent = struct.unpack_from("<QQ", rec.data, 8)
+                return f"{name(ip)} <-{name(parent)}"
+
+            fields = [FtraceEventField("ip", "unsigned long", 8, 8, False),
+                      FtraceEventField("parent_ip", "unsigned long", 16, 8, False)]
+            call = self.new_event("ftrace", "function", fields,
+                                  '" %ps <-- %ps", (void *)REC->ip, (void *)REC->parent_ip',
+                                  printer, kind="function", event_id=TRACE_FN)
+            call.enabled = True
+        return call
+
+    def stream_to(self, out: IO[str], as_json: bool = False) -> None:
+        """Print every record as it is committed, as `cat trace_pipe` would (one streamer
+        per tracefs: a second call keeps the first output)."""
+        if self._streamer is not None:
+            return
+
+        def drain(_call, _rec) -> None:
+            out.write(self.read_pipe(as_json))
+
+        self._streamer = drain
+        self.on_commit.append(drain)
 
     # --- reading records ----------------------------------------------------------------------
     def format_record(self, rec: RingBufferRecord, as_json: bool = False) -> str:
