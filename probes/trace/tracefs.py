@@ -120,8 +120,19 @@ class Tracefs:
         def drain(_call, _rec) -> None:
             out.write(self.read_pipe(as_json))
 
-        self._streamer = drain
+        self._streamer = (drain, out, as_json)
         self.on_commit.append(drain)
+
+    @property
+    def streaming(self) -> bool:
+        return self._streamer is not None
+
+    def flush_stream(self) -> None:
+        """Drain what is left into the streamer's output and flush it."""
+        if self._streamer is not None:
+            _fn, out, as_json = self._streamer
+            out.write(self.read_pipe(as_json))
+            out.flush()
 
     # --- reading records ----------------------------------------------------------------------
     def format_record(self, rec: RingBufferRecord, as_json: bool = False) -> str:
