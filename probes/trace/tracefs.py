@@ -71,9 +71,9 @@ class Tracefs:
         goes into the CPU's buffer stamped with the machine clock."""
         if not self.tracing_on:
             return False
-        if call.filter is not None and not call.filter.match(data):
-            return False
         comm, pid = self.machine.task
+        if call.filter is not None and not call.filter.match(data, comm, cpu):
+            return False
         self.comms[pid] = comm
         ts = self.machine.clock.monotonic_ns()
         if not self.buffer.write(cpu, ts, data):
