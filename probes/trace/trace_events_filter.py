@@ -74,7 +74,8 @@ class Token:
 def tokenize(text: str) -> list[Token]:
     out, i = [], 0
     while i < len(text):
-        if text[i:].strip() == "":
+        i += len(text[i:]) - len(text[i:].lstrip())
+        if i >= len(text):
             break
         m = _TOKEN.match(text, i)
         if m is None:
