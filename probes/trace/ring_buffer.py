@@ -24,11 +24,13 @@ TRACE_FLAG_NMI = 0x40
 TRACE_FLAG_BH_OFF = 0x80
 
 
-@dataclass
 class RingBufferRecord:
-    ts: int            # ns of the machine clock
-    cpu: int
-    data: bytes
+    """One event: `ts` (ns of the machine clock), `cpu`, `data` (trace_entry + fields)."""
+
+    __slots__ = ("ts", "cpu", "data")
+
+    def __init__(self, ts: int, cpu: int, data: bytes) -> None:
+        self.ts, self.cpu, self.data = ts, cpu, data
 
     @property
     def type(self) -> int:

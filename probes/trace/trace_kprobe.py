@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from probes.trace.tracefs import Tracefs
 
 KPROBE_EVENT_SYSTEM = "kprobes"
+_Q = struct.Struct("<Q")
 HIT_FLAGS, HIT_PREEMPT_COUNT = TRACE_FLAG_IRQS_OFF, 0
 
 
@@ -287,6 +288,7 @@ class TraceKprobeEvents:
         self.fs = tracefs
         self.m = tracefs.machine
         self.probes: list[TraceKprobe] = []
+        self._ctx: FetchContext | None = None
 
     # --- commands ---------------------------------------------------------------------------
     def create(self, argv: list[str]) -> None:
@@ -397,8 +399,12 @@ class TraceKprobeEvents:
 
     # --- dispatchers ------------------------------------------------------------------------
     def _fetch_context(self, entry_args=None) -> FetchContext:
-        return FetchContext(self.m.memory, self.m.symbols, self.m.arch, comm=self.m.task[0],
-                            entry_args=entry_args)
+        # One context reused by every hit (a hit never nests inside another's fetch).
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = FetchContext(self.m.memory, self.m.symbols, self.m.arch)
+        ctx.comm, ctx.entry_args = self.m.task[0], entry_args
+        return ctx
 
     def kprobe_dispatcher(self, tk: TraceKprobe, kp: Kprobe, regs: "PtRegs") -> int:
         """kprobe_dispatcher: count, run the event's BPF programs (their AND decides
@@ -413,9 +419,9 @@ class TraceKprobeEvents:
             if regs.ip_changed():
                 ret = 1
         if record:
-            head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + \
-                struct.pack("<Q", kp.addr)
-            self.fs.commit(call, store_trace_args(tk, regs, self._fetch_context(), head))
+            head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
+            data = store_trace_args(tk, regs, self._fetch_context(), head) if tk.args else head
+            self.fs.commit(call, data)
         return ret
 
     def _save_entry_args(self, tk: TraceKprobe, ri, regs: "PtRegs") -> int:
