@@ -136,3 +136,29 @@ def test_trace_glibc_program(arch, score_elf):
         assert m, line
         body = line[m.end():]
         assert body == start if end is None else (body.startswith(start) and body.endswith(end)), line
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_trace_bare_metal_idle_task(arch):
+    r = run_emu("trace", "--bare", str(firmware_elf(arch, "demo.bare")), "--event",
+                "r:t/rd vfs_read ret=$retval:s64")
+    lines = r.out.splitlines()
+    assert r.rc == 0 and len(lines) == 7
+    assert all(re.match(r"^ {10}<idle>-0 {7}\[000\] d\.\.\.\. ", x) for x in lines)   # pid 0
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_function_tracer_and_events_share_the_buffer(arch, tmp_path):
+    """The function tracer is one more producer: its lines and the kprobe events' come out
+    of one ring buffer in time order."""
+    out = tmp_path / "t.txt"
+    r = run_emu("run", "--ftrace-filter", "is_*", "--event", "p:t/fib fib n=$arg1:u32",
+                "--trace-out", str(out), str(firmware_elf(arch, "recurse.ftrace")))
+    assert r.rc == 0
+    lines = out.read_text().splitlines()
+    kinds = {("fn" if " <-" in x else "ev") for x in lines}
+    assert kinds == {"fn", "ev"}
+    stamps = [float(x.split("] ")[1].split()[1].rstrip(":")) for x in lines]
+    assert stamps == sorted(stamps)
+    assert any(x.endswith(": is_even <-recurse_main") for x in lines)
+    assert any(re.search(r"fib: \(fib\+0x0/0x[0-9a-f]+\) n=\d+$", x) for x in lines)

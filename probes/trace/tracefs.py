@@ -137,7 +137,8 @@ class Tracefs:
     # --- reading records ----------------------------------------------------------------------
     def format_record(self, rec: RingBufferRecord, as_json: bool = False) -> str:
         call = self._by_id.get(rec.type)
-        comm = self.comms.get(rec.header[3], "<...>")
+        pid = rec.header[3]
+        comm = "<idle>" if pid == 0 else self.comms.get(pid, "<...>")   # trace_find_cmdline
         if call is None:
             return f"{comm}: Unknown type {rec.type}"
         return record_json(call, rec, comm) if as_json else print_line(call, rec, comm)
