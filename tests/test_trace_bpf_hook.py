@@ -102,3 +102,25 @@ def test_ip_change_skips_the_step(arch, fake_bpf, monkeypatch):
     rets = [x.rsplit("=", 1)[1] for x in fs.read("trace_pipe").splitlines()]
     # every call returned at once with the program's value (the body never ran)
     assert len(rets) == 7 and set(rets) == {"-9"}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_bpf_printk_lines_in_the_trace(arch, fake_bpf, monkeypatch):
+    """bpf_trace_printk messages are records of bpf_trace/bpf_trace_printk in the same
+    buffer, printed between the events as trace_pipe shows them."""
+    g, fs = _setup(arch)
+    rd = fs.events["b/rd"]
+    rd.prog_array = ["prog"]
+
+    def printk(call, regs):
+        fs.trace_bpf_printk(f"read of {regs.arg(3)} bytes\n")
+        return 1
+
+    monkeypatch.setattr(fake_bpf, "trace_call_bpf", printk)
+    fs.write("events/b/rd/enable", "1")
+    g.machine.run(timeout=60)
+    lines = fs.read("trace_pipe").splitlines()
+    assert len(lines) == 14
+    assert lines[0].endswith(": bpf_trace_printk: read of 16 bytes") and " rd: (vfs_read+0x0/" in lines[1]
+    assert fs.read("events/bpf_trace/bpf_trace_printk/format").endswith(
+        'print fmt: "%s", __get_str(bpf_string)\n')

@@ -15,7 +15,7 @@ from collections import deque
 from typing import IO, Callable
 
 from emu.machine import Machine
-from probes.trace.ring_buffer import RingBuffer, RingBufferRecord
+from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF, RingBuffer, RingBufferRecord
 from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
 from probes.trace.trace_output import TRACE_HEADER, print_line, record_json
 from probes.trace.trace_probe import TraceProbeError
@@ -109,6 +109,30 @@ class Tracefs:
                                   '" %ps <-- %ps", (void *)REC->ip, (void *)REC->parent_ip',
                                   printer, kind="function", event_id=TRACE_FN)
             call.enabled = True
+        return call
+
+    def trace_bpf_printk(self, text: str) -> bool:
+        """A bpf_trace_printk message as the bpf_trace:bpf_trace_printk event records it
+        (a __data_loc string); its line reads `bpf_trace_printk: <text>`. The BPF layer's
+        printk sink."""
+        call = self._printk_event()
+        msg = text[:-1] if text.endswith("\n") else text
+        raw = msg.encode("latin-1", "replace")[:0xFFFE] + b"\0"
+        head = pack_header(call.id, TRACE_FLAG_IRQS_OFF, 0, self.machine.task[1])
+        return self.commit(call, head + struct.pack("<I", len(raw) << 16 | 12) + raw)
+
+    def _printk_event(self) -> TraceEventCall:
+        call = self.find_event("bpf_trace", "bpf_trace_printk")
+        if call is None:
+            field = FtraceEventField("bpf_string", "__data_loc char[]", 8, 4, True, 0, True, True)
+
+            def printer(rec) -> str:
+                v = field.value(rec.data)
+                return "bpf_trace_printk: " + (v or b"").decode("latin-1")
+
+            call = self.new_event("bpf_trace", "bpf_trace_printk", [field], '"%s", __get_str(bpf_string)',
+                                  printer, kind="tracepoint")
+            call.enabled = True            # bpf_trace_printk enables its event when used
         return call
 
     def stream_to(self, out: IO[str], as_json: bool = False) -> None:
