@@ -162,3 +162,14 @@ def test_function_tracer_and_events_share_the_buffer(arch, tmp_path):
     assert stamps == sorted(stamps)
     assert any(x.endswith(": is_even <-recurse_main") for x in lines)
     assert any(re.search(r"fib: \(fib\+0x0/0x[0-9a-f]+\) n=\d+$", x) for x in lines)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_trace_guest_fault_and_limit(arch, glibc_prog):
+    r = run_emu("trace", str(glibc_prog(arch, "crash")), "--event", "p:t/poke poke_wild p=$arg1")
+    assert r.rc == 139 and re.search(r"\] d\.\.\.\. +\d+\.\d{6}: poke: \(poke_wild\+0x0/0x[0-9a-f]+\) "
+                                     r"p=0xdead0000$", r.out)
+    assert r.err.count("emu: guest fault:") == 1 and "Traceback" not in r.err
+    r = run_emu("trace", "--max-insns", "20000", str(firmware_elf(arch, "hotloop")), "--event",
+                "p:t/loop hot_loop")
+    assert r.rc == 124 and "Traceback" not in r.err and r.out.count("loop: (hot_loop+0x0/") == 1
