@@ -189,36 +189,44 @@ class Tracefs:
                 if ret:
                     return ret
             return self._run_commands(text)
-        if path == "trace":
-            self.buffer.reset()
-            return 0
-        if path == "error_log":
-            self.error_log.clear()
-            return 0
-        if path == "tracing_on":
-            v = _bool(text)
-            if v is None:
-                return -errno.EINVAL
-            self.tracing_on = v
-            return 0
-        if path == "buffer_size_kb":
-            try:
-                kb = int(text.strip())
-            except ValueError:
-                return -errno.EINVAL
-            if kb <= 0:
-                return -errno.EINVAL
-            self.buffer.resize(kb)
-            return 0
-        if path == "options/overwrite":
-            v = _bool(text)
-            if v is None:
-                return -errno.EINVAL
-            self.buffer.overwrite = v
-            return 0
         if path.startswith("events/"):
             return self._write_events(path[len("events/"):], text)
-        return -errno.ENOENT
+        writer = {"trace": self._clear_trace, "error_log": self._clear_error_log,
+                  "tracing_on": self._set_tracing_on, "buffer_size_kb": self._set_size,
+                  "options/overwrite": self._set_overwrite}.get(path)
+        return writer(text) if writer is not None else -errno.ENOENT
+
+    def _clear_trace(self, _text: str) -> int:
+        self.buffer.reset()
+        return 0
+
+    def _clear_error_log(self, _text: str) -> int:
+        self.error_log.clear()
+        return 0
+
+    def _set_tracing_on(self, text: str) -> int:
+        v = _bool(text)
+        if v is None:
+            return -errno.EINVAL
+        self.tracing_on = v
+        return 0
+
+    def _set_overwrite(self, text: str) -> int:
+        v = _bool(text)
+        if v is None:
+            return -errno.EINVAL
+        self.buffer.overwrite = v
+        return 0
+
+    def _set_size(self, text: str) -> int:
+        try:
+            kb = int(text.strip())
+        except ValueError:
+            return -errno.EINVAL
+        if kb <= 0:
+            return -errno.EINVAL
+        self.buffer.resize(kb)
+        return 0
 
     def read(self, path: str) -> str:
         path = _norm(path)
