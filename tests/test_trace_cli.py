@@ -173,3 +173,27 @@ def test_trace_guest_fault_and_limit(arch, glibc_prog):
     r = run_emu("trace", "--max-insns", "20000", str(firmware_elf(arch, "hotloop")), "--event",
                 "p:t/loop hot_loop")
     assert r.rc == 124 and "Traceback" not in r.err and r.out.count("loop: (hot_loop+0x0/") == 1
+
+
+def test_option_providers_extend_emu_trace(monkeypatch, capsys):
+    """The place other layers (BPF: --bpf, --dump-maps) plug into `emu trace`."""
+    from emu.cli import main
+    from probes.trace import cli as trace_cli
+
+    seen = []
+
+    class Provider:
+        def add_options(self, p):
+            p.add_argument("--shout", action="store_true")
+
+        def setup(self, machine, tracefs, args):
+            seen.append(("setup", args.shout, sorted(tracefs.events)))
+
+        def finish(self, machine, tracefs, args, out):
+            out.write(f"finished after {tracefs.buffer.written} records\n")
+
+    monkeypatch.setattr(trace_cli, "TRACE_OPTION_PROVIDERS", [Provider()])
+    rc = main(["trace", "--shout", str(firmware_elf("x86_64", "demo")), "--event", OPENR])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and seen == [("setup", True, ["grp/openr"])]
+    assert len(out) == 17 and out[-1] == "finished after 16 records"

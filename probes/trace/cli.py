@@ -3,9 +3,11 @@ would, streamed while the guest runs; and the `--event`/`--filter` options of `e
 (trace to --trace-out). The guest's own stdout goes to stderr (or --guest-output) so
 stdout carries only the trace; the exit code is the guest's.
 
-Other layers add options here (the BPF layer's --bpf/--dump-maps): append an object with
-`add_options(parser)`, `setup(machine, tracefs, args)` and `finish(machine, tracefs, args,
-out)` to TRACE_OPTION_PROVIDERS; both `emu trace` and `emu run` call them."""
+Other layers add `emu trace` options here (the BPF layer's --bpf/--dump-maps): a module
+named in PROVIDER_MODULES is imported when the parser is built and appends an object with
+`add_options(parser)`, `setup(machine, tracefs, args)` (after the events exist, before the
+run) and `finish(machine, tracefs, args, out)` (after the run) to TRACE_OPTION_PROVIDERS.
+`emu run` options of other layers come through probes/cli_options (RUN_OPTION_HANDLERS)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +27,16 @@ class TraceOptionProvider(Protocol):
 
 
 TRACE_OPTION_PROVIDERS: list[TraceOptionProvider] = []
+PROVIDER_MODULES = ("probes.trace.bpf_cli",)
+
+
+def _load_providers() -> None:
+    import importlib
+    for name in PROVIDER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
 
 
 class TraceCommandError(UsageError):
@@ -36,8 +48,6 @@ def _add_event_options(p: argparse.ArgumentParser) -> None:
                    help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1' (repeatable)")
     p.add_argument("--filter", action="append", default=[], nargs=2, metavar=("EVENT", "EXPR"),
                    help="an event filter in the kernel's grammar for [GRP/]EVENT (repeatable)")
-    for prov in TRACE_OPTION_PROVIDERS:
-        prov.add_options(p)
 
 
 def add_subcommand(sub) -> None:
@@ -54,6 +64,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--fs", metavar="DIR", help="grant the guest read access to host files under DIR")
     p.add_argument("--seed", type=int, default=0)
     _add_event_options(p)
+    _load_providers()
+    for prov in TRACE_OPTION_PROVIDERS:
+        prov.add_options(p)
     p.add_argument("file")
     p.add_argument("args", nargs="*", help="guest arguments (after --)")
     p.set_defaults(func=cmd_trace)
@@ -140,14 +153,10 @@ def cmd_trace(args) -> int:
 
 # --- emu run --event ------------------------------------------------------------------------------
 def attach_from_args(session, args) -> None:
-    if not (getattr(args, "event", None) or getattr(args, "filter", None)
-            or getattr(args, "bpf", None)):
+    if not (getattr(args, "event", None) or getattr(args, "filter", None)):
         return
     m = session.machine
-    fs = setup_events(m, args)
-    for prov in TRACE_OPTION_PROVIDERS:
-        prov.setup(m, fs, args)
-    session.attach(EventReport(m, fs, args))
+    session.attach(EventReport(m, setup_events(m, args), args))
 
 
 class EventReport:
@@ -155,7 +164,7 @@ class EventReport:
     counts in --stats."""
 
     def __init__(self, machine, fs: Tracefs, args) -> None:
-        self.m, self.fs, self.args = machine, fs, args
+        self.m, self.fs = machine, fs
         path = getattr(args, "trace_out", None)
         self.own = None
         if not fs.streaming:
@@ -165,8 +174,6 @@ class EventReport:
 
     def report(self, out: IO[str]) -> None:
         self.fs.flush_stream()
-        for prov in TRACE_OPTION_PROVIDERS:
-            prov.finish(self.m, self.fs, self.args, out)
         if self.own is not None:
             self.own.close()
             self.own = None
