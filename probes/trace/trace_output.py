@@ -82,15 +82,17 @@ def print_line(call: "TraceEventCall", rec: RingBufferRecord, comm: str) -> str:
     return print_prefix(rec, comm) + call.print_line(rec)
 
 
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v.decode("latin-1") if isinstance(v, bytes) else v
+
+
 def record_json(call: "TraceEventCall", rec: RingBufferRecord, comm: str) -> str:
     """One JSON object: the header, the event's name and every field's value."""
     _type, flags, pc, pid = rec.header
     out: dict[str, Any] = {"comm": comm, "pid": pid, "cpu": rec.cpu, "flags": lat_flags(flags, pc),
                            "ts_ns": rec.ts, "event": call.full_name}
-    fields = {}
-    for f in call.fields:
-        v = f.value(rec.data)
-        fields[f.name] = v.decode("latin-1") if isinstance(v, bytes) else v
-    out["fields"] = fields
+    out["fields"] = {f.name: _jsonable(f.value(rec.data)) for f in call.fields}
     out["text"] = call.print_line(rec)
     return json.dumps(out, sort_keys=False)
