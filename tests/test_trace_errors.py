@@ -56,7 +56,8 @@ def test_error_log_keeps_last_eight():
 @pytest.mark.parametrize("arch", ARCHES)
 def test_errnos(arch):
     fs = tracefs(arch)
-    assert fs.write("kprobe_events", "p ^non_exist_func", append=True) == -errno.ENOENT
+    assert fs.write("kprobe_events", "p non_exist_func", append=True) == -errno.EINVAL   # parse error
+    assert fs.write("kprobe_events", "p 0x10", append=True) == -errno.ENOENT   # register_kprobe's
     assert fs.write("kprobe_events", "p vfs_read $none", append=True) == -errno.EINVAL
     assert fs.write("kprobe_events", "x vfs_read", append=True) == -errno.EINVAL
     assert fs.write("kprobe_events", "-:nothere", append=True) == -errno.ENOENT
@@ -74,3 +75,37 @@ def test_probe_point_refused_by_core(arch):
     want = {"x86_64": ("BAD_INSN_BNDRY", -errno.EILSEQ), "arm64": ("FAIL_REG_PROBE", -errno.EINVAL)}[arch]
     assert ret == want[1]
     assert log[0].endswith(ERRORS[want[0]]) and log[2] == " " * (11 + 2) + "^"
+
+
+def _last_error(fs) -> list[str]:
+    return fs.read("error_log").splitlines()[-3:]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_non_unique_symbol(arch):
+    fs = tracefs(arch)
+    syms = fs.machine.symbols
+    for name in ("vfs_read", "vfs_write"):       # two functions called `twin`
+        s = syms.lookup(name)
+        syms.add("twin", s.addr, s.size, "func")
+    assert fs.write("kprobe_events", "p twin", append=True) == -errno.EINVAL
+    log = _last_error(fs)
+    assert log[0].endswith(ERRORS["NON_UNIQ_SYMBOL"]) and log[2] == " " * (11 + 2) + "^"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_event_exist_too_big_too_many(arch):
+    fs = tracefs(arch)
+    fs.trace_bpf_printk("x")                      # a non-kprobe event: bpf_trace/bpf_trace_printk
+    assert fs.write("kprobe_events", "p:bpf_trace/bpf_trace_printk vfs_read", append=True) == -errno.EEXIST
+    assert _last_error(fs)[0].endswith(ERRORS["EVENT_EXIST"])
+    big = " ".join(f"a{i}=+0(@11):u64[64]" for i in range(7))    # 7 x 512 bytes > 3072
+    cmd = f"p vfs_read {big}"
+    assert fs.write("kprobe_events", cmd, append=True) == -errno.E2BIG
+    log = _last_error(fs)
+    assert log[0].endswith(ERRORS["EVENT_TOO_BIG"])
+    assert log[2] == " " * (11 + cmd.index("a6=") + 3) + "^"
+    many = "p vfs_read " + " ".join(f"a{i}=@11" for i in range(129))
+    assert fs.write("kprobe_events", many, append=True) == -errno.E2BIG
+    log = _last_error(fs)
+    assert log[0].endswith(ERRORS["TOO_MANY_ARGS"]) and log[2] == " " * (11 + 11) + "^"

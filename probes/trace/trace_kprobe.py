@@ -178,11 +178,17 @@ def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
             event = f"{'r' if is_return else 'p'}_0x{loc.addr:x}"
         event = sanitize_event_name(event)[:MAX_EVENT_NAME_LEN - 1]
     if len(argv) - 2 > MAX_TRACE_ARGS:
-        raise TraceProbeError("TOO_MANY_ARGS", 0, 0, errno.E2BIG)
+        raise TraceProbeError("TOO_MANY_ARGS", 2, 0, errno.E2BIG)
     ctx = ParseContext(m.arch, m.symbols, is_return=is_return, on_entry=on_entry and not is_return)
     cmd = KprobeCommand(group, event, loc, is_return, maxactive)
+    size = 0
     for i, text in enumerate(argv[2:]):
-        cmd.args.append(traceprobe_parse_probe_arg(text, i, cmd.args, ctx))
+        arg = traceprobe_parse_probe_arg(text, i, cmd.args, ctx)
+        size += arg.size
+        if size > MAX_EVENT_SIZE:         # the fields after the probe's own
+            body_at = text.find("=") + 1 if "=" in text else 0
+            raise TraceProbeError("EVENT_TOO_BIG", i + 2, body_at, errno.E2BIG)
+        cmd.args.append(arg)
     return cmd
 
 
@@ -208,8 +214,6 @@ def layout_fields(args: list[FetchArg], is_return: bool) -> list[FtraceEventFiel
             t = a.type
             fields.append(FtraceEventField(a.name, t.fmttype, off, a.size, t.signed, a.count))
         off += fields[-1].size
-    if off > MAX_EVENT_SIZE:
-        raise TraceProbeError("EVENT_TOO_BIG", 0, 0)
     return fields
 
 

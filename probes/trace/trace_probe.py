@@ -601,8 +601,9 @@ def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
         raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
     name, offset = split
     found = [s for s in symbols.lookup_all(name) if s.kind == "func"] or symbols.lookup_all(name)
+    # validate_probe_symbol: both are parse errors, so the write returns -EINVAL
     if not found:
-        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0, errno.ENOENT)
+        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
     if len({s.addr for s in found}) > 1:
-        raise TraceProbeError("NON_UNIQ_SYMBOL", 1, 0, errno.EADDRNOTAVAIL)
+        raise TraceProbeError("NON_UNIQ_SYMBOL", 1, 0)
     return ProbeLocation(name, offset, None, is_return)
