@@ -265,7 +265,10 @@ def store_trace_args(tk: TraceKprobe, regs: "PtRegs", fctx: FetchContext, head: 
     buf[0:len(head)] = head
     for a in tk.args:
         v = a.fetch(regs, fctx)
-        if a.dynamic:
+        if a.plain:
+            end = a.offset + a.type.size
+            buf[a.offset:end] = v.to_bytes(end - a.offset, "little")
+        elif a.type.is_string:
             for i, s in enumerate(v if a.count else [v]):
                 if isinstance(s, str):
                     s = s.encode()

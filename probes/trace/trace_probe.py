@@ -202,6 +202,11 @@ class FetchArg:
     offset: int = 0
     type_text: str = ""
 
+    def __post_init__(self) -> None:
+        # A value stored as fetched (no memory, no string, no array): the hot path.
+        self.plain = not (self.mem or self.derefs or self.type.is_string or self.count)
+        self.mask = (1 << (8 * self.type.size)) - 1
+
     @property
     def is_memory(self) -> bool:
         return self.mem or bool(self.derefs)
@@ -221,6 +226,11 @@ class FetchArg:
     # --- evaluation (process_fetch_insn) ------------------------------------------------------
     def fetch(self, regs: "PtRegs", ctx: "FetchContext") -> Any:
         """The value to record: int, list of ints, bytes (string; None = fault)."""
+        if self.plain:
+            kind, param = self.base
+            v = regs[param] if kind == "reg" else ctx.base_value(kind, param, regs)
+            v &= self.mask
+            return v if self.bitfield is None else self.bitfield.extract(v)
         try:
             addr = self._address(regs, ctx)
         except UserFault:
