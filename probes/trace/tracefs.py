@@ -5,8 +5,9 @@ Files: kprobe_events, dynamic_events, events/enable, events/GRP/enable,
 events/GRP/EVENT/{enable,filter,format,id}, trace, trace_pipe, kprobe_profile, error_log,
 tracing_on, buffer_size_kb, options/overwrite. `write(..., append=False)` is `>` (O_TRUNC:
 kprobe_events deletes every event first, trace clears the buffer), `append=True` is `>>`.
-Producers (kprobe events, the function tracer) commit records through `commit`; consumers
-that stream (the CLI) subscribe to `on_commit` and drain trace_pipe."""
+Producers (kprobe events, the function tracer, bpf_trace_printk) commit records through
+`commit`; consumers that stream (the CLI) subscribe to `on_commit` and drain trace_pipe.
+Reading an empty trace_pipe returns "" where the kernel's would block."""
 from __future__ import annotations
 
 import errno
