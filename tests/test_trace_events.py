@@ -245,3 +245,20 @@ def test_json_records(arch):
     assert recs[0]["fields"]["path"] == "/etc/passwd" and recs[0]["pid"] == 1000
     assert recs[0]["comm"] == "demo.elf" and recs[0]["flags"] == "d...."
     assert recs[0]["fields"]["__probe_func"] == g.machine.symbols.lookup("do_sys_open").addr
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_profile_counts_kretprobe_misses(arch):
+    """maxactive 1 on a recursive function: nested calls find no free instance, and
+    kprobe_profile's misses (entry kprobe's nmissed + the kretprobe's) say how many."""
+    g = guest(arch, "recurse")
+    fs = tracefs_of(g.machine)
+    assert fs.write("kprobe_events", "r1:t/fib fib ret=$retval:u64\np:t/fibe fib") == 0
+    assert fs.read("kprobe_events").startswith("r1:t/fib fib ret=$retval:u64\n")
+    fs.write("events/enable", "1")
+    g.machine.run(timeout=60)
+    rows = {r.split()[0]: (int(r.split()[1]), int(r.split()[2])) for r in fs.read("kprobe_profile").splitlines()}
+    calls = rows["fibe"][0]
+    returns, misses = rows["fib"]
+    assert calls > 10 and misses > 0 and returns + misses == calls
+    assert len([x for x in fs.read("trace_pipe").splitlines() if " fib: " in x]) == returns
