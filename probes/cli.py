@@ -38,6 +38,9 @@ def add_subcommands(sub) -> None:
     s.add_argument("args", nargs="*", help="guest arguments (after --)")
     s.set_defaults(func=cmd_sweep)
 
+    from probes.trace.cli import add_subcommand as add_trace
+    add_trace(sub)
+
 
 def cmd_inspect(args) -> int:
     from probes.cli_options import kprobe_from_spec

@@ -158,19 +158,16 @@ class FunctionTracer:
     `<comm>-<pid> [cpu] flags timestamp: func <-parent`."""
 
     def __init__(self, machine: Machine, filters: list[str], out: IO[str]) -> None:
+        from probes.trace.tracefs import tracefs_of
         self.m = machine
         self.out = out
         self.lines = 0
+        # One more producer into the trace ring buffer; the lines come from its records.
+        self.tracefs = tracefs_of(machine)
+        self.tracefs.stream_to(out)
         self.ops = FtraceOps(self._trace, filters)
         self.enabled_sites = ftrace_of(machine).register_ftrace_function(self.ops)
 
     def _trace(self, ip: int, parent_ip: int, ops: FtraceOps, regs: PtRegs) -> None:
-        m = self.m
-        comm, pid = getattr(m, "task", ("swapper/0", 0))
-        ns = m.clock.monotonic_ns()
-        func = m.symbols.find(ip)
-        parent = m.symbols.find(parent_ip)
-        self.out.write(f"{comm[:16]:>16}-{pid:<7} [000] ..... {ns // 1_000_000_000:5d}."
-                       f"{ns // 1000 % 1_000_000:06d}: {func.name if func else hex(ip)} "
-                       f"<-{parent.name if parent else hex(parent_ip)}\n")
-        self.lines += 1
+        if self.tracefs.trace_function(ip, parent_ip):
+            self.lines += 1

@@ -1,0 +1,187 @@
+"""`emu trace`: run a guest with kprobe events and print the trace as `cat trace_pipe`
+would, streamed while the guest runs; and the `--event`/`--filter` options of `emu run`
+(trace to --trace-out). The guest's own stdout goes to stderr (or --guest-output) so
+stdout carries only the trace; the exit code is the guest's.
+
+Other layers add `emu trace` options here (the BPF layer's --bpf/--dump-maps): a module
+named in PROVIDER_MODULES is imported when the parser is built and appends an object with
+`add_options(parser)`, `setup(machine, tracefs, args)` (after the events exist, before the
+run) and `finish(machine, tracefs, args, out)` (after the run) to TRACE_OPTION_PROVIDERS.
+`emu run` options of other layers come through probes/cli_options (RUN_OPTION_HANDLERS)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import IO, Any, Protocol
+
+from emu.errors import UsageError
+from emu.machine import StopReason
+from probes.trace.tracefs import Tracefs, tracefs_of
+
+
+class TraceOptionProvider(Protocol):
+    def add_options(self, p: argparse.ArgumentParser) -> None: ...
+    def setup(self, machine, tracefs: Tracefs, args) -> None: ...
+    def finish(self, machine, tracefs: Tracefs, args, out: IO[str]) -> None: ...
+
+
+TRACE_OPTION_PROVIDERS: list[TraceOptionProvider] = []
+PROVIDER_MODULES = ("probes.trace.bpf_cli",)
+
+
+def _load_providers() -> None:
+    import importlib
+    for name in PROVIDER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+
+
+class TraceCommandError(UsageError):
+    """A refused --event/--filter: the error_log lines (message, command, caret)."""
+
+
+def _add_event_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--event", action="append", default=[], metavar="CMD",
+                   help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1' (repeatable)")
+    p.add_argument("--filter", action="append", default=[], nargs=2, metavar=("EVENT", "EXPR"),
+                   help="an event filter in the kernel's grammar for [GRP/]EVENT (repeatable)")
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("trace", help="run a guest with kprobe events; print the trace (trace_pipe)")
+    p.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
+    p.add_argument("--bare", action="store_true", help="bare-metal firmware mode (no OS)")
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.add_argument("--guest-output", metavar="FILE", help="the guest's stdout (default: stderr)")
+    p.add_argument("--profile", metavar="NAME", help="CPU profile of the cycle model")
+    p.add_argument("--no-cycles", action="store_true",
+                   help="no cycle model: time advances only by fixed event costs")
+    p.add_argument("--max-insns", type=int, default=0, metavar="N")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="S")
+    p.add_argument("--fs", metavar="DIR", help="grant the guest read access to host files under DIR")
+    p.add_argument("--seed", type=int, default=0)
+    _add_event_options(p)
+    _load_providers()
+    for prov in TRACE_OPTION_PROVIDERS:
+        prov.add_options(p)
+    p.add_argument("file")
+    p.add_argument("args", nargs="*", help="guest arguments (after --)")
+    p.set_defaults(func=cmd_trace)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """`emu run --event/--filter`: the trace goes to --trace-out (default stderr)."""
+    from emu.session import RUN_OPTION_HANDLERS
+    _add_event_options(p)
+    if attach_from_args not in RUN_OPTION_HANDLERS:
+        RUN_OPTION_HANDLERS.append(attach_from_args)
+
+
+# --- setting up events ---------------------------------------------------------------------------
+def setup_events(machine, args) -> Tracefs:
+    """Create and enable each --event, set each --filter; refusals raise TraceCommandError
+    with the lines error_log shows."""
+    fs = tracefs_of(machine)
+    for cmd in getattr(args, "event", None) or []:
+        before = len(fs.error_log)
+        ret = fs.write("kprobe_events", cmd, append=True)
+        if ret:
+            raise _refusal(fs, before, f"--event {cmd!r}", ret)
+        fs.kprobes.probes[-1].call.set_enabled(True)
+    for name, expr in getattr(args, "filter", None) or []:
+        call = find_event(fs, name)
+        before = len(fs.error_log)
+        ret = fs.write(f"events/{call.full_name}/filter", expr)
+        if ret:
+            raise _refusal(fs, before, f"--filter {name} {expr!r}", ret)
+    return fs
+
+
+def _refusal(fs: Tracefs, before: int, what: str, ret: int) -> TraceCommandError:
+    if len(fs.error_log) > before or len(fs.error_log) == fs.error_log.maxlen:
+        entry = fs.error_log[-1].rstrip("\n")
+        return TraceCommandError(entry.split("] ", 1)[1])
+    return TraceCommandError(f"{what}: {os.strerror(-ret)}")
+
+
+def find_event(fs: Tracefs, name: str):
+    """`GRP/EVENT`, or an EVENT name that is unique."""
+    if "/" in name:
+        call = fs.events.get(name)
+    else:
+        found = [c for c in fs.events.values() if c.name == name]
+        call = found[0] if len(found) == 1 else None
+    if call is None:
+        raise TraceCommandError(f"--filter: no event {name!r} (give GRP/EVENT of an --event)")
+    return call
+
+
+# --- emu trace -----------------------------------------------------------------------------------
+def cmd_trace(args) -> int:
+    from emu.loader import GuestConfig, load_guest
+
+    out = sys.stdout
+    guest_out = open(args.guest_output, "wb") if args.guest_output else sys.stderr.buffer
+    try:
+        cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
+                          fs_root=args.fs, seed=args.seed)
+        guest = load_guest(cfg, stdout=guest_out, stderr=sys.stderr.buffer)
+        m = guest.machine
+        if not args.no_cycles:
+            from emu.cycles import enable_cycle_model
+            enable_cycle_model(m, args.profile)   # time advances with guest work
+        fs = setup_events(m, args)
+        for prov in TRACE_OPTION_PROVIDERS:
+            prov.setup(m, fs, args)
+        fs.stream_to(out, args.json)
+        result = m.run(max_insns=args.max_insns, timeout=args.timeout)
+        out.write(fs.read_pipe(args.json))
+        out.flush()
+        guest_out.flush()
+        for prov in TRACE_OPTION_PROVIDERS:
+            prov.finish(m, fs, args, out)
+    finally:
+        if args.guest_output:
+            guest_out.close()
+    if result.reason in (StopReason.FAULT, StopReason.LIMIT):
+        print(f"emu: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+# --- emu run --event ------------------------------------------------------------------------------
+def attach_from_args(session, args) -> None:
+    if not (getattr(args, "event", None) or getattr(args, "filter", None)):
+        return
+    m = session.machine
+    session.attach(EventReport(m, setup_events(m, args), args))
+
+
+class EventReport:
+    """Streams the trace of `emu run --event` to --trace-out (or stderr); the events' hit
+    counts in --stats."""
+
+    def __init__(self, machine, fs: Tracefs, args) -> None:
+        self.m, self.fs = machine, fs
+        path = getattr(args, "trace_out", None)
+        self.own = None
+        if not fs.streaming:
+            self.own = open(path, "w") if path else None
+            fs.stream_to(self.own or sys.stderr)
+        self.out = self.own or sys.stderr
+
+    def report(self, out: IO[str]) -> None:
+        self.fs.flush_stream()
+        if self.own is not None:
+            self.own.close()
+            self.own = None
+
+    def stats(self) -> dict[str, Any]:
+        events = {}
+        for tk in self.fs.kprobes.probes:
+            e = events.setdefault(tk.call.full_name, {"hits": 0, "misses": 0})
+            e["hits"] += tk.nhit
+            e["misses"] += tk.nmissed
+        return {"trace_events": events, "trace_lost": self.fs.buffer.lost}

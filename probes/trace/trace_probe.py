@@ -1,0 +1,619 @@
+"""kernel/trace/trace_probe.c: the fetch-argument and type parser shared by probe events,
+the `SYM[+OFF]|ADDR` location parser, and the error codes error_log shows with a caret.
+
+An argument parses into a `FetchArg`: a base (register, stack slot, $argN, $retval, $comm,
+immediate, memory address), a chain of dereferences, and a type; `fetch()` evaluates it on
+a hit through emu/uaccess (a fault gives 0, or "(fault)" for strings, as the kernel).
+Left out: BTF argument names ($args, bare identifiers), uprobe file offsets, symstr of data."""
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from emu.errors import UsageError
+from emu.uaccess import UserFault, copy_from_user, get_user, strncpy_from_user
+
+if TYPE_CHECKING:
+    from emu.arch.base import Arch
+    from emu.symbols import SymbolTable
+    from probes.regs import PtRegs
+
+MAX_TRACE_ARGS = 128
+MAX_ARGSTR_LEN = 63
+MAX_ARG_NAME_LEN = 32
+MAX_EVENT_NAME_LEN = 64
+MAX_ARRAY_LEN = 64
+FETCH_INSN_MAX = 16
+MAX_STRING_SIZE = 4096               # PATH_MAX: longest string a fetch copies
+PARAM_MAX_STACK = 16384 // 8         # THREAD_SIZE / sizeof(long)
+KRETPROBE_MAXACTIVE_MAX = 4096
+MAX_EVENT_SIZE = 3072                # PAGE_SIZE - ... : the kernel's EVENT_TOO_BIG bound
+FAULT_STRING = "(fault)"
+RESERVED_FIELD_NAMES = ("common_type", "common_flags", "common_preempt_count", "common_pid",
+                        "common_tgid", "__probe_ip", "__probe_ret_ip", "__probe_func")
+
+# kernel/trace/trace_probe.h ERRORS (texts verbatim, the kernel's "valiable" typo included)
+ERRORS = {
+    "FILE_NOT_FOUND": "Failed to find the given file",
+    "NO_REGULAR_FILE": "Not a regular file",
+    "BAD_REFCNT": "Invalid reference counter offset",
+    "REFCNT_OPEN_BRACE": "Reference counter brace is not closed",
+    "BAD_REFCNT_SUFFIX": "Reference counter has wrong suffix",
+    "BAD_UPROBE_OFFS": "Invalid uprobe offset",
+    "BAD_MAXACT_TYPE": "Maxactive is only for function exit",
+    "BAD_MAXACT": "Invalid maxactive number",
+    "MAXACT_TOO_BIG": "Maxactive is too big",
+    "BAD_PROBE_ADDR": "Invalid probed address or symbol",
+    "NON_UNIQ_SYMBOL": "The symbol is not unique",
+    "BAD_RETPROBE": "Retprobe address must be an function entry",
+    "NO_TRACEPOINT": "Tracepoint is not found",
+    "BAD_ADDR_SUFFIX": "Invalid probed address suffix",
+    "NO_GROUP_NAME": "Group name is not specified",
+    "GROUP_TOO_LONG": "Group name is too long",
+    "BAD_GROUP_NAME": "Group name must follow the same rules as C identifiers",
+    "NO_EVENT_NAME": "Event name is not specified",
+    "EVENT_TOO_LONG": "Event name is too long",
+    "BAD_EVENT_NAME": "Event name must follow the same rules as C identifiers",
+    "EVENT_EXIST": "Given group/event name is already used by another event",
+    "RETVAL_ON_PROBE": "$retval is not available on probe",
+    "NO_RETVAL": "This function returns 'void' type",
+    "BAD_STACK_NUM": "Invalid stack number",
+    "BAD_ARG_NUM": "Invalid argument number",
+    "BAD_VAR": "Invalid $-valiable specified",
+    "BAD_REG_NAME": "Invalid register name",
+    "BAD_MEM_ADDR": "Invalid memory address",
+    "BAD_IMM": "Invalid immediate value",
+    "IMMSTR_NO_CLOSE": "String is not closed with '\"'",
+    "FILE_ON_KPROBE": "File offset is not available with kprobe",
+    "BAD_FILE_OFFS": "Invalid file offset value",
+    "SYM_ON_UPROBE": "Symbol is not available with uprobe",
+    "TOO_MANY_OPS": "Dereference is too much nested",
+    "DEREF_NEED_BRACE": "Dereference needs a brace",
+    "BAD_DEREF_OFFS": "Invalid dereference offset",
+    "DEREF_OPEN_BRACE": "Dereference brace is not closed",
+    "COMM_CANT_DEREF": "$comm can not be dereferenced",
+    "BAD_FETCH_ARG": "Invalid fetch argument",
+    "ARRAY_NO_CLOSE": "Array is not closed",
+    "BAD_ARRAY_SUFFIX": "Array has wrong suffix",
+    "BAD_ARRAY_NUM": "Invalid array size",
+    "ARRAY_TOO_BIG": "Array number is too big",
+    "BAD_TYPE": "Unknown type is specified",
+    "BAD_STRING": "String accepts only memory argument",
+    "BAD_SYMSTRING": "Symbol String doesn't accept data/userdata",
+    "BAD_BITFIELD": "Invalid bitfield",
+    "ARG_NAME_TOO_LONG": "Argument name is too long",
+    "NO_ARG_NAME": "Argument name is not specified",
+    "BAD_ARG_NAME": "Argument name must follow the same rules as C identifiers",
+    "USED_ARG_NAME": "This argument name is already used",
+    "ARG_TOO_LONG": "Argument expression is too long",
+    "NO_ARG_BODY": "No argument expression",
+    "BAD_INSN_BNDRY": "Probe point is not an instruction boundary",
+    "FAIL_REG_PROBE": "Failed to register probe event",
+    "DIFF_PROBE_TYPE": "Probe type is different from existing probe",
+    "DIFF_ARG_TYPE": "Argument type or name is different from existing probe",
+    "SAME_PROBE": "There is already the exact same probe event",
+    "NOFENTRY_ARGS": "$arg* can be used only on function entry or exit",
+    "NEED_STRING_TYPE": "$comm and immediate-string only accepts string type",
+    "TOO_MANY_ARGS": "Too many arguments are specified",
+    "EVENT_TOO_BIG": "Event too big (too many fields?)",
+}
+
+
+class TraceProbeError(UsageError):
+    """A refused probe command. `code` names the error (ERRORS), `index` the argv word it
+    is in (0 = `p:...`, 1 = probe point, i+2 = i-th fetcharg), `offset` the column in that
+    word, `errno` what the write returns. `command`/`pos` are filled in by the caller."""
+
+    def __init__(self, code: str, index: int, offset: int, err: int = errno.EINVAL) -> None:
+        self.code, self.index, self.offset, self.errno = code, index, offset, err
+        self.command = ""
+        self.pos = offset
+        super().__init__(ERRORS[code])
+
+    def place(self, argv: list[str]) -> "TraceProbeError":
+        """Set `command` and the caret column `pos` as trace_probe_log_err computes them."""
+        self.command = " ".join(argv)
+        if self.index >= len(argv):
+            self.pos = len(self.command) + 1
+        else:
+            self.pos = sum(len(a) + 1 for a in argv[: self.index]) + self.offset
+        return self
+
+    def log_lines(self, source: str = "trace_kprobe") -> tuple[str, str, str]:
+        return (f"{source}: error: {ERRORS[self.code]}", f"  Command: {self.command}",
+                " " * (11 + self.pos) + "^")
+
+    def __str__(self) -> str:
+        return "\n".join(self.log_lines())
+
+
+def _err(code: str, offset: int, err: int = errno.EINVAL) -> TraceProbeError:
+    return TraceProbeError(code, 0, offset, err)    # index set by the caller
+
+
+# --- types -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FetchType:
+    """struct fetch_type: `name`, `size` in the record, `signed`, how it prints (`kind`:
+    u d x char symbol string) and the C type the format file shows."""
+    name: str
+    size: int
+    signed: bool
+    kind: str
+    fmttype: str
+
+    @property
+    def is_string(self) -> bool:
+        return self.kind == "string"
+
+    def print_fmt(self) -> str:
+        long = "L" if self.size == 8 else ""
+        return {"u": f"%{long}u", "d": f"%{long}d", "x": f"0x%{long}x", "char": "'%c'",
+                "symbol": "%pS", "string": '\\"%s\\"'}[self.kind]
+
+
+def _basic_types() -> dict[str, FetchType]:
+    out = {}
+    for bits in (8, 16, 32, 64):
+        out[f"u{bits}"] = FetchType(f"u{bits}", bits // 8, False, "u", f"u{bits}")
+        out[f"s{bits}"] = FetchType(f"s{bits}", bits // 8, True, "d", f"s{bits}")
+        out[f"x{bits}"] = FetchType(f"x{bits}", bits // 8, False, "x", f"u{bits}")
+    out["char"] = FetchType("char", 1, False, "char", "u8")
+    out["symbol"] = FetchType("symbol", 8, False, "symbol", "u64")
+    for s in ("string", "ustring", "symstr"):
+        out[s] = FetchType(s, 4, True, "string", "__data_loc char[]")
+    return out
+
+
+FETCH_TYPES = _basic_types()
+DEFAULT_FETCH_TYPE = "x64"
+_BITFIELD = re.compile(r"b(\d+)@(\d+)/(\d+)$")
+
+
+@dataclass(frozen=True)
+class Bitfield:
+    width: int
+    offset: int
+    container: int       # bits
+
+    def extract(self, v: int) -> int:
+        c = self.container
+        v = (v << (c - self.width - self.offset)) & ((1 << c) - 1)
+        return v >> (c - self.width)
+
+
+# --- fetch arguments ---------------------------------------------------------------------------
+@dataclass
+class FetchArg:
+    """struct probe_arg: `name`, the original text `comm`, `type`, `count` (array size, 0 if
+    none), `bitfield`, and the fetch program: `base` (kind, param), `derefs` [(offs, user)]
+    innermost first, `mem` (the base is an address to load from: @ADDR/@SYM). `offset` is
+    the field's place in the record (set when the event lays out its fields)."""
+    name: str
+    comm: str
+    type: FetchType
+    base: tuple[str, Any]
+    derefs: list[tuple[int, bool]] = field(default_factory=list)
+    mem: bool = False
+    count: int = 0
+    bitfield: Bitfield | None = None
+    offset: int = 0
+    type_text: str = ""
+
+    def __post_init__(self) -> None:
+        # A value stored as fetched (no memory, no string, no array): the hot path.
+        self.plain = not (self.mem or self.derefs or self.type.is_string or self.count)
+        self.mask = (1 << (8 * self.type.size)) - 1
+
+    @property
+    def is_memory(self) -> bool:
+        return self.mem or bool(self.derefs)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.type.is_string
+
+    @property
+    def size(self) -> int:
+        return self.type.size * (self.count or 1)
+
+    def signature(self) -> tuple:
+        """What must match when a probe is appended to an event (name, type, count)."""
+        return (self.name, self.type.name, self.count, self.bitfield, self.offset)
+
+    # --- evaluation (process_fetch_insn) ------------------------------------------------------
+    def fetch(self, regs: "PtRegs", ctx: "FetchContext") -> Any:
+        """The value to record: int, list of ints, bytes (string; None = fault)."""
+        if self.plain:
+            kind, param = self.base
+            v = regs[param] if kind == "reg" else ctx.base_value(kind, param, regs)
+            v &= self.mask
+            return v if self.bitfield is None else self.bitfield.extract(v)
+        try:
+            addr = self._address(regs, ctx)
+        except UserFault:
+            return self._faulted()
+        if not self.is_memory:
+            if self.type.is_string:          # $comm, immediate string
+                return addr
+            return self._fit(addr)
+        try:
+            if self.count:
+                return [self._load(addr + i * self._elem_stride(), ctx) for i in range(self.count)]
+            return self._load(addr, ctx)
+        except UserFault:
+            return self._faulted()
+
+    def _elem_stride(self) -> int:
+        return 8 if self.type.is_string else self.type.size
+
+    def _faulted(self) -> Any:
+        if self.count:
+            return [None if self.type.is_string else 0] * self.count
+        return None if self.type.is_string else 0
+
+    def _address(self, regs: "PtRegs", ctx: "FetchContext") -> Any:
+        kind, param = self.base
+        v = ctx.base_value(kind, param, regs)
+        if not self.derefs:
+            return v
+        mem = ctx.memory
+        for offs, _user in self.derefs[:-1]:
+            v = get_user(mem, (v + offs) & _U64, 8)
+        return (v + self.derefs[-1][0]) & _U64
+
+    def _load(self, addr: int, ctx: "FetchContext") -> Any:
+        mem = ctx.memory
+        if self.type.is_string:
+            if self.type.name == "symstr":
+                return ctx.symbols.format(get_user(mem, addr, 8)).encode()
+            if self.count:                   # string[N]: an array of char pointers
+                addr = get_user(mem, addr, 8)
+            try:
+                return strncpy_from_user(mem, addr, MAX_STRING_SIZE - 1)
+            except UserFault:
+                return None
+        raw = copy_from_user(mem, addr, self.type.size)
+        return self._fit(int.from_bytes(raw, "little"))
+
+    def _fit(self, v: int) -> int:
+        if isinstance(v, (bytes, bytearray)):
+            return 0
+        v &= (1 << (8 * self.type.size)) - 1
+        if self.bitfield is not None:
+            v = self.bitfield.extract(v)
+        return v
+
+
+_U64 = (1 << 64) - 1
+
+
+@dataclass
+class FetchContext:
+    """What a fetch reads: the machine's memory and symbols, the task's comm, and the
+    entry arguments saved for a return probe's $argN."""
+    memory: Any
+    symbols: "SymbolTable"
+    arch: "Arch"
+    comm: str = ""
+    retval: int | None = None
+    entry_args: tuple[int, ...] | None = None
+
+    def base_value(self, kind: str, param: Any, regs: "PtRegs") -> Any:
+        if kind == "reg":
+            return regs[param]
+        if kind == "imm" or kind == "mem":
+            return param
+        if kind == "stack":
+            return get_user(self.memory, regs.sp + 8 * param, 8)
+        if kind == "stackp":
+            return regs.sp
+        if kind == "retval":
+            return regs.return_value
+        if kind == "arg":
+            if self.entry_args is not None:
+                return self.entry_args[param - 1] if param <= len(self.entry_args) else 0
+            return regs.arg(param)
+        if kind == "comm":
+            return self.comm.encode()
+        if kind == "immstr":
+            return param.encode()
+        raise ValueError(kind)
+
+
+@dataclass
+class ParseContext:
+    """traceprobe_parse_context: the probe's kind and what names resolve against."""
+    arch: "Arch"
+    symbols: "SymbolTable"
+    is_return: bool = False
+    on_entry: bool = False           # TPARG_FL_FENTRY: $argN allowed
+
+
+def is_good_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
+
+
+def is_good_system_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name))
+
+
+def kstrtoul(text: str) -> int | None:
+    """kstrtoul(base 0): `0x` hex, leading 0 octal, else decimal; a leading '+' allowed."""
+    t = text[1:] if text.startswith("+") else text
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
+        return int(t, 16)
+    if re.fullmatch(r"0[0-7]*", t):
+        return int(t, 8)
+    if re.fullmatch(r"[1-9][0-9]*", t):
+        return int(t)
+    return None
+
+
+def kstrtol(text: str) -> int | None:
+    if text.startswith("-"):
+        v = kstrtoul(text[1:]) if not text[1:].startswith("+") else None
+        return None if v is None else -v
+    return kstrtoul(text)
+
+
+def split_symbol_offset(text: str) -> tuple[str, int] | None:
+    """traceprobe_split_symbol_offset: `SYM[+|-OFFS]` -> (sym, offs); None if OFFS is junk."""
+    m = re.search(r"[+-]", text[1:])
+    if m is None:
+        return text, 0
+    i = m.start() + 1
+    off = kstrtol(text[i:])
+    return None if off is None else (text[:i], off)
+
+
+def arch_reg_name(arch: "Arch", name: str) -> str | None:
+    """The pt_regs name `%REG` means on this arch (x86 ax.., r8.., ip; arm64 x0.., lr, sp,
+    pc, pstate), as the arch's register table and aliases spell them; None if unknown."""
+    if name in arch.aliases:
+        return arch.aliases[name]
+    return name if name in arch.regs else None
+
+
+# --- the argument parser (traceprobe_parse_probe_arg and parse_probe_arg) -------------------------
+@dataclass
+class _Prog:
+    """The fetch program being built; `ops` counts fetch_insn slots as the kernel does."""
+    base: tuple[str, Any] | None = None
+    mem: bool = False
+    derefs: list[tuple[int, bool]] = field(default_factory=list)
+    ops: int = 0
+
+    def add_op(self, offset: int) -> None:
+        self.ops += 1
+        if self.ops >= FETCH_INSN_MAX:          # ++code == end (slot 15 is END)
+            raise _err("TOO_MANY_OPS", offset)
+
+
+def parse_probe_arg(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    """One FETCHARG body without its type; `at` = column of `arg` in the argv word."""
+    c = arg[:1]
+    if c == "$":
+        _parse_var(arg, at, prog, ctx)
+    elif c == "%":
+        reg = arch_reg_name(ctx.arch, arg[1:])
+        if reg is None:
+            raise _err("BAD_REG_NAME", at)
+        prog.base = ("reg", reg)
+        prog.add_op(at)
+    elif c == "@":
+        _parse_mem(arg, at, prog, ctx)
+    elif c in "+-" and c:
+        _parse_deref(arg, at, prog, ctx)
+    elif c == "\\":
+        _parse_imm(arg, at, prog)
+    else:
+        raise _err("BAD_FETCH_ARG", at)
+
+
+def _parse_var(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    name = arg[1:]
+    if name == "retval":
+        if not ctx.is_return:
+            raise _err("RETVAL_ON_PROBE", at)
+        prog.base = ("retval", None)
+    elif name in ("comm", "COMM"):
+        prog.base = ("comm", None)
+    elif name.startswith("stack"):
+        if name == "stack":
+            prog.base = ("stackp", None)
+        else:
+            n = kstrtoul(name[5:])
+            if n is None or n > PARAM_MAX_STACK:
+                raise _err("BAD_STACK_NUM", at)
+            prog.base = ("stack", n)
+    elif name.startswith("arg") and name[3:].isdigit():
+        n = kstrtoul(name[3:])
+        if n is None or n == 0 or n > PARAM_MAX_STACK:
+            raise _err("BAD_ARG_NUM", at)
+        if not (ctx.on_entry or ctx.is_return):
+            raise _err("NOFENTRY_ARGS", at)
+        prog.base = ("arg", n)
+    else:
+        raise _err("BAD_VAR", at)
+    prog.add_op(at)
+
+
+def _parse_mem(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    if arg[1:2].isdigit():
+        addr = kstrtoul(arg[1:])
+        if addr is None:
+            raise _err("BAD_MEM_ADDR", at)
+    elif arg[1:2] == "+":
+        raise _err("FILE_ON_KPROBE", at)
+    else:
+        split = split_symbol_offset(arg[1:])
+        if split is None or not split[0]:
+            raise _err("BAD_MEM_ADDR", at)
+        sym = ctx.symbols.lookup(split[0])
+        if sym is None:
+            # traceprobe_update_arg resolves it at registration: -ENOENT there is logged
+            # against the probe point, as a failed register_kprobe would be.
+            raise TraceProbeError("BAD_PROBE_ADDR", 1, 0, errno.ENOENT)
+        addr = sym.addr + split[1]
+    prog.base, prog.mem = ("mem", addr & _U64), True
+    prog.add_op(at)
+    prog.add_op(at)                   # IMM then DEREF, as the kernel's two slots
+
+
+def _parse_deref(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    user = arg[1:2] == "u"
+    sign = "-" if arg[0] == "-" else ""
+    rest = arg[2:] if user else arg[1:]
+    lp = rest.find("(")
+    if lp < 0:
+        raise _err("DEREF_NEED_BRACE", at)
+    offs = kstrtol(sign + rest[:lp]) if rest[:lp] else None
+    if offs is None:
+        raise _err("BAD_DEREF_OFFS", at)
+    inner_at = at + (len(arg) - len(rest)) + lp + 1
+    inner = rest[lp + 1:]
+    rp = inner.rfind(")")
+    if rp < 0:
+        raise _err("DEREF_OPEN_BRACE", inner_at + len(inner))
+    parse_probe_arg(inner[:rp], inner_at, prog, ctx)
+    if prog.base is not None and prog.base[0] in ("comm", "immstr"):
+        raise _err("COMM_CANT_DEREF", inner_at)
+    prog.add_op(inner_at)
+    prog.derefs.append((offs, user))
+
+
+def _parse_imm(arg: str, at: int, prog: _Prog) -> None:
+    if arg[1:2] == '"':
+        if len(arg) < 3 or not arg.endswith('"'):
+            raise _err("IMMSTR_NO_CLOSE", at + len(arg))
+        prog.base = ("immstr", arg[2:-1])
+    else:
+        v = kstrtol(arg[1:]) if arg[1:2] in ("-", "+") or arg[1:2].isdigit() else None
+        if v is None:
+            raise _err("BAD_IMM", at + 1)
+        prog.base = ("imm", v & _U64)
+    prog.add_op(at)
+
+
+def parse_probe_arg_type(text: str, at: int, body: str, prog: _Prog) -> tuple[FetchType, int, Bitfield | None]:
+    """`TYPE[N]` after the ':' (at = its column): the type, array count, bitfield."""
+    count = 0
+    name = text
+    lb = text.find("[")
+    if lb >= 0:
+        name, num = text[:lb], text[lb + 1:]
+        rb = num.find("]")
+        if rb < 0:
+            raise _err("ARRAY_NO_CLOSE", at + len(text))
+        if rb != len(num) - 1:
+            raise _err("BAD_ARRAY_SUFFIX", at + lb + 1 + rb + 1)
+        count = kstrtoul(num[:rb]) or 0
+        if count == 0:
+            raise _err("BAD_ARRAY_NUM", at + lb + 1)
+        if count > MAX_ARRAY_LEN:
+            raise _err("ARRAY_TOO_BIG", at + lb + 1)
+    bitfield = None
+    if name.startswith("b"):
+        m = _BITFIELD.match(name)
+        if m is None:
+            raise _err("BAD_BITFIELD", at)
+        w, o, c = (int(x) for x in m.groups())
+        if c not in (8, 16, 32, 64) or w == 0 or w + o > c:
+            raise _err("BAD_BITFIELD", at)
+        bitfield, name = Bitfield(w, o, c), f"u{c}"
+    ftype = FETCH_TYPES.get(name)
+    if ftype is None:
+        raise _err("BAD_TYPE", at)
+    return ftype, count, bitfield
+
+
+def traceprobe_parse_probe_arg(text: str, index: int, prev: list[FetchArg],
+                               ctx: ParseContext) -> FetchArg:
+    """`[NAME=]FETCHARG[:TYPE]`, the `index`-th argument (0-based; argv word index + 2)."""
+    try:
+        return _parse_arg(text, index, prev, ctx)
+    except TraceProbeError as e:
+        if e.code != "BAD_PROBE_ADDR":
+            e.index = index + 2
+        raise
+
+
+def _parse_arg(text: str, index: int, prev: list[FetchArg], ctx: ParseContext) -> FetchArg:
+    eq = text.find("=")
+    if eq >= 0:
+        if eq > MAX_ARG_NAME_LEN:
+            raise _err("ARG_NAME_TOO_LONG", 0)
+        if eq == 0:
+            raise _err("NO_ARG_NAME", 0)
+        name, body, at = text[:eq], text[eq + 1:], eq + 1
+    else:
+        name, body, at = f"arg{index + 1}", text, 0
+    if not is_good_name(name):
+        raise _err("BAD_ARG_NAME", 0)
+    if name in RESERVED_FIELD_NAMES or any(a.name == name for a in prev):
+        raise _err("USED_ARG_NAME", 0)
+    if len(body) > MAX_ARGSTR_LEN:
+        raise _err("ARG_TOO_LONG", at)
+    if not body:
+        raise _err("NO_ARG_BODY", at)
+    colon = body.find(":")
+    expr, tname = (body[:colon], body[colon + 1:]) if colon >= 0 else (body, None)
+    prog = _Prog()
+    if tname is not None:                    # the type is checked before the body, as the kernel
+        ftype, count, bitfield = parse_probe_arg_type(tname, at + colon + 1, expr, prog)
+    parse_probe_arg(expr, at, prog, ctx)
+    stringy = prog.base[0] in ("comm", "immstr")
+    if tname is None:
+        ftype = FETCH_TYPES["string" if stringy else DEFAULT_FETCH_TYPE]
+        count, bitfield = 0, None
+    type_at = at + colon + 1 if tname is not None else at
+    if stringy and not ftype.is_string:
+        raise _err("NEED_STRING_TYPE", type_at)
+    memory = prog.mem or bool(prog.derefs)
+    if ftype.is_string and not (memory or stringy):
+        raise _err("BAD_STRING", type_at)
+    if ftype.name == "symstr" and not memory:
+        raise _err("BAD_SYMSTRING", type_at)
+    if count and not memory:
+        raise _err("BAD_STRING" if ftype.is_string else "BAD_ARRAY_NUM", type_at)
+    return FetchArg(name=name, comm=body, type=ftype, base=prog.base, derefs=prog.derefs,
+                    mem=prog.mem, count=count, bitfield=bitfield, type_text=tname or "")
+
+
+# --- probe locations -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeLocation:
+    """A parsed probe point: `symbol` + `offset`, or `addr` (MEMADDR); `is_return` for
+    `SYM%return`."""
+    symbol: str | None
+    offset: int
+    addr: int | None
+    is_return: bool = False
+
+
+def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
+    """`SYM[+offs]|MEMADDR[%return]` as trace_kprobe_create reads argv[1]; errors carry the
+    kernel's code and column (index 1)."""
+    addr = kstrtoul(text) if not text.startswith("+") else None
+    if addr is not None:
+        return ProbeLocation(None, 0, addr)
+    sym, is_return = text, False
+    pct = text.find("%")
+    if pct >= 0:
+        if text[pct:] != "%return":
+            raise TraceProbeError("BAD_ADDR_SUFFIX", 1, pct)
+        sym, is_return = text[:pct], True
+    split = split_symbol_offset(sym)
+    if split is None or not split[0] or split[1] < 0 or split[1] > 0xFFFFFFFF:
+        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
+    name, offset = split
+    found = [s for s in symbols.lookup_all(name) if s.kind == "func"] or symbols.lookup_all(name)
+    # validate_probe_symbol: both are parse errors, so the write returns -EINVAL
+    if not found:
+        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
+    if len({s.addr for s in found}) > 1:
+        raise TraceProbeError("NON_UNIQ_SYMBOL", 1, 0)
+    return ProbeLocation(name, offset, None, is_return)

@@ -1,0 +1,353 @@
+"""A tracefs per machine (/sys/kernel/tracing): `write(path, text)` returns 0 or -errno as
+the kernel's file operations do, `read(path)` returns the file's text.
+
+Files: kprobe_events, dynamic_events, events/enable, events/GRP/enable,
+events/GRP/EVENT/{enable,filter,format,id}, trace, trace_pipe, kprobe_profile, error_log,
+tracing_on, buffer_size_kb, options/overwrite. `write(..., append=False)` is `>` (O_TRUNC:
+kprobe_events deletes every event first, trace clears the buffer), `append=True` is `>>`.
+Producers (kprobe events, the function tracer, bpf_trace_printk) commit records through
+`commit`; consumers that stream (the CLI) subscribe to `on_commit` and drain trace_pipe.
+Reading an empty trace_pipe returns "" where the kernel's would block."""
+from __future__ import annotations
+
+import errno
+import struct
+from collections import deque
+from typing import IO, Callable
+
+from emu.machine import Machine
+from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF, RingBuffer, RingBufferRecord
+from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
+from probes.trace.trace_output import TRACE_HEADER, print_line, record_json
+from probes.trace.trace_probe import TraceProbeError
+
+ERROR_LOG_MAX = 8
+TRACE_FN = 1                       # the function tracer's entry type (kernel/trace/trace.h)
+FIRST_DYNAMIC_EVENT_ID = 2000      # after the static events; any fixed choice keeps runs alike
+PREFIX = "/sys/kernel/tracing/"
+
+
+class Tracefs:
+    """Attributes: `machine`, `buffer` (RingBuffer), `events` ("GRP/EVENT" -> call),
+    `kprobes` (TraceKprobeEvents), `error_log` (last 8 entries), `tracing_on`,
+    `comms` (pid -> comm, saved_cmdlines), `on_commit` (callbacks after each record)."""
+
+    def __init__(self, machine: Machine, nr_cpus: int = 1) -> None:
+        from probes.trace.trace_kprobe import TraceKprobeEvents
+        self.machine = machine
+        self.buffer = RingBuffer(nr_cpus)
+        self.events: dict[str, TraceEventCall] = {}
+        self.kprobes = TraceKprobeEvents(self)
+        self.error_log: deque[str] = deque(maxlen=ERROR_LOG_MAX)
+        self.tracing_on = True
+        self.comms: dict[int, str] = {}
+        self.on_commit: list[Callable[[TraceEventCall, RingBufferRecord], None]] = []
+        self._next_id = FIRST_DYNAMIC_EVENT_ID
+        self._by_id: dict[int, TraceEventCall] = {}
+        self._streamer = None
+
+    # --- events -----------------------------------------------------------------------------
+    def new_event(self, system: str, name: str, fields, print_fmt: str, printer,
+                  kind: str = "kprobe", event_id: int | None = None) -> TraceEventCall:
+        if event_id is None:
+            event_id, self._next_id = self._next_id, self._next_id + 1
+        call = TraceEventCall(system, name, event_id, fields, print_fmt, printer, kind)
+        self.events[call.full_name] = call
+        self._by_id[event_id] = call
+        return call
+
+    def remove_event(self, call: TraceEventCall) -> None:
+        self.events.pop(call.full_name, None)
+        self._by_id.pop(call.id, None)
+
+    def find_event(self, system: str, name: str) -> TraceEventCall | None:
+        return self.events.get(f"{system}/{name}")
+
+    def event_by_id(self, event_id: int) -> TraceEventCall | None:
+        return self._by_id.get(event_id)
+
+    # --- producers --------------------------------------------------------------------------
+    def commit(self, call: TraceEventCall, data: bytes, cpu: int = 0) -> bool:
+        """trace_event_buffer_commit: the filter decides on the binary record, then it
+        goes into the CPU's buffer stamped with the machine clock."""
+        if not self.tracing_on:
+            return False
+        comm, pid = self.machine.task
+        if call.filter is not None and not call.filter.match(data, comm, cpu):
+            return False
+        self.comms[pid] = comm
+        ts = self.machine.clock.monotonic_ns()
+        if not self.buffer.write(cpu, ts, data):
+            return False
+        if self.on_commit:
+            rec = self.buffer.cpus[cpu].entries[-1]
+            for fn in list(self.on_commit):
+                fn(call, rec)
+        return True
+
+    def trace_function(self, ip: int, parent_ip: int) -> bool:
+        """The function tracer's record (struct ftrace_entry: ip, parent_ip), TRACE_FN."""
+        call = self._function_event()
+        return self.commit(call, pack_header(TRACE_FN, 0, 0, self.machine.task[1]) +
+                           struct.pack("<QQ", ip, parent_ip))
+
+    def _function_event(self) -> TraceEventCall:
+        call = self._by_id.get(TRACE_FN)
+        if call is None:
+            syms = self.machine.symbols
+
+            def name(addr: int) -> str:
+                s = syms.find(addr)
+                return s.name if s else hex(addr)
+
+            def printer(rec) -> str:
+                ip, parent = struct.unpack_from("<QQ", rec.data, 8)
+                return f"{name(ip)} <-{name(parent)}"
+
+            fields = [FtraceEventField("ip", "unsigned long", 8, 8, False),
+                      FtraceEventField("parent_ip", "unsigned long", 16, 8, False)]
+            call = self.new_event("ftrace", "function", fields,
+                                  '" %ps <-- %ps", (void *)REC->ip, (void *)REC->parent_ip',
+                                  printer, kind="function", event_id=TRACE_FN)
+            call.enabled = True
+        return call
+
+    def trace_bpf_printk(self, text: str) -> bool:
+        """A bpf_trace_printk message as the bpf_trace:bpf_trace_printk event records it
+        (a __data_loc string); its line reads `bpf_trace_printk: <text>`. The BPF layer's
+        printk sink."""
+        call = self._printk_event()
+        msg = text[:-1] if text.endswith("\n") else text
+        raw = msg.encode("latin-1", "replace")[:0xFFFE] + b"\0"
+        head = pack_header(call.id, TRACE_FLAG_IRQS_OFF, 0, self.machine.task[1])
+        return self.commit(call, head + struct.pack("<I", len(raw) << 16 | 12) + raw)
+
+    def _printk_event(self) -> TraceEventCall:
+        call = self.find_event("bpf_trace", "bpf_trace_printk")
+        if call is None:
+            field = FtraceEventField("bpf_string", "__data_loc char[]", 8, 4, True, 0, True, True)
+
+            def printer(rec) -> str:
+                v = field.value(rec.data)
+                return "bpf_trace_printk: " + (v or b"").decode("latin-1")
+
+            call = self.new_event("bpf_trace", "bpf_trace_printk", [field], '"%s", __get_str(bpf_string)',
+                                  printer, kind="tracepoint")
+            call.enabled = True            # bpf_trace_printk enables its event when used
+        return call
+
+    def stream_to(self, out: IO[str], as_json: bool = False) -> None:
+        """Print every record as it is committed, as `cat trace_pipe` would (one streamer
+        per tracefs: a second call keeps the first output)."""
+        if self._streamer is not None:
+            return
+
+        def drain(_call, _rec) -> None:
+            out.write(self.read_pipe(as_json))
+
+        self._streamer = (drain, out, as_json)
+        self.on_commit.append(drain)
+
+    @property
+    def streaming(self) -> bool:
+        return self._streamer is not None
+
+    def flush_stream(self) -> None:
+        """Drain what is left into the streamer's output and flush it."""
+        if self._streamer is not None:
+            _fn, out, as_json = self._streamer
+            out.write(self.read_pipe(as_json))
+            out.flush()
+
+    # --- reading records ----------------------------------------------------------------------
+    def format_record(self, rec: RingBufferRecord, as_json: bool = False) -> str:
+        call = self._by_id.get(rec.type)
+        pid = rec.header[3]
+        comm = "<idle>" if pid == 0 else self.comms.get(pid, "<...>")   # trace_find_cmdline
+        if call is None:
+            return f"{comm}: Unknown type {rec.type}"
+        return record_json(call, rec, comm) if as_json else print_line(call, rec, comm)
+
+    def read_pipe(self, as_json: bool = False) -> str:
+        """Everything in trace_pipe, consumed."""
+        out = []
+        while (rec := self.buffer.consume()) is not None:
+            out.append(self.format_record(rec, as_json) + "\n")
+        return "".join(out)
+
+    def _read_trace(self) -> str:
+        b = self.buffer
+        head = TRACE_HEADER.format(tracer="nop", entries=b.entries, written=b.written,
+                                   ncpu=len(b.cpus))
+        return head + "".join(self.format_record(r) + "\n" for r in b.records())
+
+    # --- the file interface ---------------------------------------------------------------------
+    def write(self, path: str, text: str, append: bool = False) -> int:
+        path = _norm(path)
+        if path in ("kprobe_events", "dynamic_events"):
+            if not append:
+                ret = self.kprobes.release_all()
+                if ret:
+                    return ret
+            return self._run_commands(text)
+        if path.startswith("events/"):
+            return self._write_events(path[len("events/"):], text)
+        writer = {"trace": self._clear_trace, "error_log": self._clear_error_log,
+                  "tracing_on": self._set_tracing_on, "buffer_size_kb": self._set_size,
+                  "options/overwrite": self._set_overwrite}.get(path)
+        return writer(text) if writer is not None else -errno.ENOENT
+
+    def _clear_trace(self, _text: str) -> int:
+        self.buffer.reset()
+        return 0
+
+    def _clear_error_log(self, _text: str) -> int:
+        self.error_log.clear()
+        return 0
+
+    def _set_tracing_on(self, text: str) -> int:
+        v = _bool(text)
+        if v is None:
+            return -errno.EINVAL
+        self.tracing_on = v
+        return 0
+
+    def _set_overwrite(self, text: str) -> int:
+        v = _bool(text)
+        if v is None:
+            return -errno.EINVAL
+        self.buffer.overwrite = v
+        return 0
+
+    def _set_size(self, text: str) -> int:
+        try:
+            kb = int(text.strip())
+        except ValueError:
+            return -errno.EINVAL
+        if kb <= 0:
+            return -errno.EINVAL
+        self.buffer.resize(kb)
+        return 0
+
+    def read(self, path: str) -> str:
+        path = _norm(path)
+        simple = {
+            "kprobe_events": self.kprobes.show, "dynamic_events": self.kprobes.show,
+            "kprobe_profile": self.kprobes.profile, "trace": self._read_trace,
+            "trace_pipe": self.read_pipe, "error_log": lambda: "".join(self.error_log),
+            "tracing_on": lambda: f"{int(self.tracing_on)}\n",
+            "buffer_size_kb": lambda: f"{self.buffer.size_kb}\n",
+            "options/overwrite": lambda: f"{int(self.buffer.overwrite)}\n",
+        }
+        if path in simple:
+            return simple[path]()
+        if path.startswith("events/"):
+            return self._read_events(path[len("events/"):])
+        raise FileNotFoundError(path)
+
+    def _run_commands(self, text: str) -> int:
+        """trace_parse_run_command: one command per line, '#' starts a comment."""
+        for line in text.split("\n"):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            ret = self.run_command(line)
+            if ret:
+                return ret
+        return 0
+
+    def run_command(self, line: str) -> int:
+        argv = line.split()
+        if argv[0].startswith("-"):
+            if not argv[0].startswith("-:"):
+                return -errno.EINVAL
+            group, _, event = argv[0][2:].rpartition("/")
+            return self.kprobes.delete(group or None, event)
+        if argv[0][0] not in "pr":
+            return -errno.EINVAL
+        try:
+            self.kprobes.create(argv)
+        except TraceProbeError as e:
+            e.place(argv)
+            self.log_error(e.log_lines())
+            return -e.errno
+        return 0
+
+    def log_error(self, lines: tuple[str, ...]) -> None:
+        ns = self.machine.clock.monotonic_ns()
+        stamp = f"[{ns // 1_000_000_000:5d}.{ns // 1000 % 1_000_000:06d}] "
+        self.error_log.append(stamp + "\n".join(lines) + "\n")
+
+    # --- events/ ------------------------------------------------------------------------------
+    def _calls(self, system: str | None) -> list[TraceEventCall]:
+        return [c for c in self.events.values() if system is None or c.system == system]
+
+    def _write_events(self, rest: str, text: str) -> int:
+        parts = rest.split("/")
+        if parts == ["enable"] or (len(parts) == 2 and parts[1] == "enable"):
+            v = _bool(text)
+            calls = self._calls(None if len(parts) == 1 else parts[0])
+            if v is None:
+                return -errno.EINVAL
+            if not calls:
+                return -errno.ENOENT
+            for c in calls:
+                c.set_enabled(v)
+            return 0
+        if len(parts) != 3:
+            return -errno.ENOENT
+        call = self.find_event(parts[0], parts[1])
+        if call is None:
+            return -errno.ENOENT
+        if parts[2] == "enable":
+            v = _bool(text)
+            if v is None:
+                return -errno.EINVAL
+            call.set_enabled(v)
+            return 0
+        if parts[2] == "filter":
+            return self._set_filter(call, text)
+        return -errno.EACCES
+
+    def _set_filter(self, call: TraceEventCall, text: str) -> int:
+        from probes.trace.trace_events_filter import FilterError, create_filter
+        text = text.strip()
+        if text in ("", "0"):
+            call.filter, call.filter_text = None, "none"
+            return 0
+        try:
+            call.filter = create_filter(call, text)
+        except FilterError as e:
+            call.filter_text = e.file_text(text)
+            self.log_error((f"event filter parse error: error: {e.message}",
+                            f"  Command: {text}", " " * (11 + e.pos) + "^"))
+            return -errno.EINVAL
+        call.filter_text = text
+        return 0
+
+    def _read_events(self, rest: str) -> str:
+        parts = rest.split("/")
+        if parts == ["enable"] or (len(parts) == 2 and parts[1] == "enable"):
+            states = {c.enabled for c in self._calls(None if len(parts) == 1 else parts[0])}
+            return "X\n" if len(states) > 1 else f"{int(states.pop()) if states else 0}\n"
+        if len(parts) == 3:
+            call = self.find_event(parts[0], parts[1])
+            if call is not None:
+                files = {"enable": lambda: f"{int(call.enabled)}\n", "id": lambda: f"{call.id}\n",
+                         "format": call.format, "filter": lambda: call.filter_text + "\n"}
+                if parts[2] in files:
+                    return files[parts[2]]()
+        raise FileNotFoundError("events/" + rest)
+
+
+def _norm(path: str) -> str:
+    return path[len(PREFIX):] if path.startswith(PREFIX) else path.lstrip("/")
+
+
+def _bool(text: str) -> bool | None:
+    t = text.strip()
+    return {"0": False, "1": True}.get(t)
+
+
+def tracefs_of(machine: Machine) -> Tracefs:
+    return machine.layer("tracefs", Tracefs)
