@@ -1,0 +1,51 @@
+"""arm64 `struct pt_regs` as BPF kprobe programs see it (arch/arm64/include/asm/ptrace.h).
+
+A BPF_PROG_TYPE_KPROBE program's context is `bpf_user_pt_regs_t` = `struct
+user_pt_regs` (regs[31], sp, pc, pstate: 272 bytes), embedded at the start of the
+kernel's pt_regs (336 bytes: orig_x0, syscallno, ... after it), and the verifier bounds
+reads by the kernel struct, so 272..335 are readable too. `pack_pt_regs` builds the
+whole 336-byte image from the probe layer's PtRegs view; `unpack_pt_regs` writes back
+what changed."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from probes.regs import PtRegs
+
+PT_REGS_FIELDS: tuple[str, ...] = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
+USER_PT_REGS_SIZE = 8 * len(PT_REGS_FIELDS)   # 272
+PT_REGS_SIZE = 336                            # kernel struct pt_regs
+ORIG_X0_OFF = 272
+SYSCALLNO_OFF = 280
+NO_SYSCALL = -1                               # kernel_entry stores it for every exception
+_PACK = struct.Struct(f"<{len(PT_REGS_FIELDS)}Q")
+
+FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8] = lr
+SYSCALL_PREFIX = "__arm64_sys_"
+
+
+def pack_pt_regs(regs: "PtRegs") -> bytearray:
+    """The 336-byte pt_regs image of `regs` (user_pt_regs, then the kernel's tail)."""
+    image = bytearray(PT_REGS_SIZE)
+    _PACK.pack_into(image, 0, *[regs[n] for n in PT_REGS_FIELDS])
+    struct.pack_into("<i", image, SYSCALLNO_OFF, NO_SYSCALL)
+    return image
+
+
+def unpack_pt_regs(regs: "PtRegs", image: bytes | bytearray) -> None:
+    """Write the registers whose value in `image` differs from `regs` back to the view."""
+    for name, value in zip(PT_REGS_FIELDS, _PACK.unpack_from(image)):
+        if regs[name] != value:
+            regs[name] = value
+
+
+def entry_return_address(regs: "PtRegs") -> int:
+    """At a function's first instruction the return address is still in lr."""
+    return regs["x30"]
+
+
+def override_function_with_return(regs: "PtRegs") -> None:
+    """arch/arm64/kernel/probes/kprobes.c: pc = lr."""
+    regs.ip = regs["x30"]
