@@ -20,6 +20,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-out", metavar="FILE", help="write trace lines to FILE (default: stderr)")
     if attach_from_args not in RUN_OPTION_HANDLERS:
         RUN_OPTION_HANDLERS.append(attach_from_args)
+    from probes.trace.bpf_cli import add_run_options as add_bpf_options
+    add_bpf_options(p)
 
 
 def kprobe_from_spec(spec: str) -> Kprobe:
