@@ -64,14 +64,18 @@ class KprobePerfEvent:
     kp: Kprobe | None = None
     rp: "Kretprobe | None" = None
 
-    @property
-    def func_ip(self) -> int:
-        return (self.rp.kp if self.rp is not None else self.kp).addr  # type: ignore[union-attr]
+    func_ip: int = 0            # bpf_get_func_ip: the probed function's entry
+    at_entry: bool = False      # a kprobe on a function's first instruction
 
-    @property
-    def at_entry(self) -> bool:
+    def __post_init__(self) -> None:
+        if self.kp is not None or self.rp is not None:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        """After registration (the addresses are known; a hit must not look them up)."""
+        self.func_ip = (self.rp.kp if self.rp is not None else self.kp).addr  # type: ignore
         sym = self.machine.symbols.find(self.func_ip)
-        return not self.is_return and sym is not None and sym.addr == self.func_ip
+        self.at_entry = not self.is_return and sym is not None and sym.addr == self.func_ip
 
     def register(self) -> None:
         if self.is_return:
@@ -82,6 +86,7 @@ class KprobePerfEvent:
             self.kp = Kprobe(symbol_name=self.symbol, offset=self.offset,
                              pre_handler=self.kprobe_perf_func)
             kprobes_of(self.machine).register_kprobe(self.kp)
+        self._resolve()
 
     def unregister(self) -> None:
         if self.rp is not None:

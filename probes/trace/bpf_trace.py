@@ -15,9 +15,11 @@ name them), the dummy-program replacement on allocation failure, kprobe_multi.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 import itertools
+import struct
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -245,6 +247,42 @@ class UserMemory:
         copy_to_user(self.mem, addr, data)
 
 
+class PtRegsImage:
+    """Builds the arch's pt_regs image on a hit in one raw `uc_reg_read_batch` straight into
+    the image's slots (~1 µs; 34 single reads through the binding cost ~20 µs), then lays
+    the view's own values (the ip it presents, registers a handler changed) over them.
+    Equal to the arch module's `pack_pt_regs`, which is the readable reference."""
+
+    def __init__(self, machine: "Machine", ptrace: ModuleType) -> None:
+        import unicorn.unicorn_py3.unicorn as ucmod
+        lib = ctypes.CDLL(ucmod.uclib._name)
+        self._read = lib.uc_reg_read_batch
+        self._read.restype = ctypes.c_int
+        self._uch = machine.uc._uch
+        self._template = ptrace.PT_REGS_TEMPLATE
+        self._buf = ctypes.create_string_buffer(len(self._template))
+        base = ctypes.addressof(self._buf)
+        ids = machine.arch.regs
+        slots = ptrace.PT_REGS_SLOTS
+        self._n = ctypes.c_int(len(slots))
+        self._ids = (ctypes.c_int * len(slots))(*[ids[name] for _off, name in slots])
+        self._ptrs = (ctypes.c_void_p * len(slots))(*[base + off for off, _name in slots])
+        self._offset = {name: off for off, name in slots}
+
+    def pack(self, regs: "PtRegs") -> bytearray:
+        buf = self._buf
+        ctypes.memmove(buf, self._template, len(self._template))
+        if self._read(self._uch, self._ids, self._ptrs, self._n):
+            raise RuntimeError("uc_reg_read_batch failed")
+        image = bytearray(buf.raw)
+        offset = self._offset
+        for name, value in regs.shown().items():
+            off = offset.get(name)
+            if off is not None:
+                struct.pack_into("<Q", image, off, value)
+        return image
+
+
 PrintkSink = Callable[[str], None]
 Consumer = Callable[[bytes], None]
 PerfConsumer = Callable[[int, bytes], None]
@@ -260,6 +298,7 @@ class BpfTrace:
     def __init__(self, machine: "Machine") -> None:
         self.m = machine
         self.ptrace = arch_ptrace(machine)
+        self.image = PtRegsImage(machine, self.ptrace)
         self.bpf_prog_active = 0
         self.printk_lines: list[str] = []
         self.printk_sink: PrintkSink = self.printk_lines.append
@@ -303,7 +342,7 @@ class BpfTrace:
         """The body of trace_call_bpf once the guard is taken: AND of the u32 results."""
         env = self._task(func_ip)
         self.regs, self.at_entry = regs, at_entry
-        ctx = self.ptrace.pack_pt_regs(regs)
+        ctx = self.image.pack(regs)
         clock, ret = self.m.clock, 1
         for item in array.items:
             env.attach_cookie, env.override_rc = item.bpf_cookie, None
@@ -319,7 +358,7 @@ class BpfTrace:
             if env.override_rc is not None:       # bpf_override_return changed regs
                 regs.return_value = env.override_rc
                 self.ptrace.override_function_with_return(regs)
-                ctx = self.ptrace.pack_pt_regs(regs)
+                ctx = self.image.pack(regs)
         self.regs = None
         self._deliver()
         return ret
