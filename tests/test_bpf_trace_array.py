@@ -264,3 +264,60 @@ def test_load_for_arch_sets_ctx_size(demo, arch, tmp_path) -> None:
     else:
         obj.load(demo.machine)
         assert p.ctx_size == 336
+
+
+# --- on the guest: image, override on ftrace-based probes, a faulting program -------------------
+
+def _kprobe_prog(asm: str, point: str):
+    from probes.bpf.libbpf import BpfObject
+    from probes.bpf.loader import BpfObject as Loaded
+    p = prog(asm, name="p")
+    p.attach_kind, p.attach_point, p.section = "kprobe", point, f"kprobe/{point}"
+    return BpfObject(Loaded(path="mem.o", programs={"p": p}))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_fast_image_equals_the_reference_packing(demo, arch) -> None:
+    m = demo.machine
+    pt, trace, seen = arch_ptrace(m), bpf_trace_of(m), []
+
+    def check(p, regs):
+        regs[m.arch.args[0]] = 0x5A5A            # a change not flushed yet: the image shows it
+        seen.append((trace.image.pack(regs), pt.pack_pt_regs(regs), regs.ip))
+        regs.forget(m.arch.args[0])
+        return 0
+    kprobes_of(m).register_kprobe(Kprobe(symbol_name="vfs_read", pre_handler=check))
+    m.run()
+    assert seen and all(fast == ref for fast, ref, _ip in seen)
+    ip_off = {"x86_64": 128, "arm64": 256}[arch]
+    assert all(struct.unpack_from("<Q", fast, ip_off)[0] == ip for fast, _r, ip in seen)
+    assert struct.unpack_from("<Q", seen[0][0], {"x86_64": 112, "arm64": 0}[arch])[0] == 0x5A5A
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_override_on_an_ftrace_site(arch) -> None:
+    """A kprobe on an ftrace site (IPMODIFY): the override returns through the arch's
+    just_return_func / lr; fib() returns 1 without running its body."""
+    import io
+    from probes.trace.error_inject import error_injection_list
+    out = io.BytesIO()
+    m = load_guest(GuestConfig(path=str(firmware_elf(arch, "recurse.ftrace"))), stdout=out).machine
+    error_injection_list(m).allow("fib")
+    obj = _kprobe_prog("mov r2, 1\ncall 58\nmov r0, 0\nexit", "fib").load(m)
+    link = obj.attach(m, "p")
+    assert link.call.kp.ainsn.kind == "ftrace"
+    assert m.run().exit_code == 0
+    text = out.getvalue().decode()
+    assert "fib(10) = 1 calls=0\n" in text and "factorial(5) = 120 calls=5\n" in text
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_program_that_overruns_its_budget_stops_the_run(demo, arch) -> None:
+    from probes.trace.bpf_trace import BpfTraceError
+    m = demo.machine
+    obj = _kprobe_prog("mov r1, 0\nl: add r1, 1\njlt r1, 2000000, l\nmov r0, 0\nexit",
+                       "do_sys_open").load(m)
+    obj.attach(m, "p")
+    with pytest.raises(BpfTraceError) as e:
+        m.run()
+    assert e.value.prog == "p" and e.value.exit_code == 2

@@ -268,6 +268,7 @@ class PtRegsImage:
         self._ids = (ctypes.c_int * len(slots))(*[ids[name] for _off, name in slots])
         self._ptrs = (ctypes.c_void_p * len(slots))(*[base + off for off, _name in slots])
         self._offset = {name: off for off, name in slots}
+        self._narrow = ptrace.NARROW
 
     def pack(self, regs: "PtRegs") -> bytearray:
         buf = self._buf
@@ -279,7 +280,7 @@ class PtRegsImage:
         for name, value in regs.shown().items():
             off = offset.get(name)
             if off is not None:
-                struct.pack_into("<Q", image, off, value)
+                struct.pack_into("<Q", image, off, value & self._narrow.get(name, 0xFFFFFFFFFFFFFFFF))
         return image
 
 

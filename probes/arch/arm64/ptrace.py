@@ -27,11 +27,15 @@ FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8]
 SYSCALL_PREFIX = "__arm64_sys_"
 
 
+# Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
+NARROW = {"pstate": 0xFFFFFFFF}
+
+
 def pack_pt_regs(regs: "PtRegs") -> bytearray:
     """The 336-byte pt_regs image of `regs` (user_pt_regs, then the kernel's tail)."""
     image = bytearray(PT_REGS_TEMPLATE)
     for off, name in PT_REGS_SLOTS:
-        struct.pack_into("<Q", image, off, regs[name])
+        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
     return image
 
 

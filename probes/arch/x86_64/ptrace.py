@@ -32,11 +32,15 @@ FRAME_POINTER = "rbp"         # the frame pointer the kernel's FP unwinder follo
 SYSCALL_PREFIX = "__x64_sys_"  # SYSCALL_DEFINE wrappers, as libbpf's ksyscall resolves them
 
 
+# Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
+NARROW = {"cs": 0xFFFF, "ss": 0xFFFF}
+
+
 def pack_pt_regs(regs: "PtRegs") -> bytearray:
     """The 168-byte pt_regs image of `regs`."""
     image = bytearray(PT_REGS_TEMPLATE)
     for off, name in PT_REGS_SLOTS:
-        struct.pack_into("<Q", image, off, regs[name])
+        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
     return image
 
 
@@ -53,8 +57,19 @@ def entry_return_address(regs: "PtRegs") -> int:
     return get_user(regs.machine.memory, regs.sp)
 
 
+def just_return_func(machine) -> int:
+    """The kernel's just_return_func: a lone `ret` in the probe layer's trampoline pages
+    (made once per machine)."""
+    def make(m) -> int:
+        from probes.kprobes import kprobes_of
+        addr = kprobes_of(m).arch.tramps.get(near=m.pc)
+        m.text_poke(addr, b"\xc3")
+        return addr
+    return machine.layer("just_return_func", make)
+
+
 def override_function_with_return(regs: "PtRegs") -> None:
-    """The kernel sets ip = just_return_func, a lone `ret`. Here that `ret` is applied to
-    the view directly: ip = the return address at sp, sp += 8."""
-    regs.ip = entry_return_address(regs)
-    regs.sp = regs.sp + 8
+    """arch/x86/kernel/kprobes/core.c: ip = just_return_func, whose `ret` pops the return
+    address the probed function's caller pushed (sp is untouched, so this also holds on
+    ftrace-based probes, which ignore a changed sp)."""
+    regs.ip = just_return_func(regs.machine)
