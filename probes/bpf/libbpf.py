@@ -80,7 +80,8 @@ class KprobePerfEvent:
     def register(self) -> None:
         if self.is_return:
             from probes.kretprobes import Kretprobe, kretprobes_of
-            self.rp = Kretprobe(kp=Kprobe(symbol_name=self.symbol), handler=self.kretprobe_perf_func)
+            self.rp = Kretprobe(kp=Kprobe(symbol_name=self.symbol),
+                                handler=self.kretprobe_perf_func)
             kretprobes_of(self.machine).register_kretprobe(self.rp)
         else:
             self.kp = Kprobe(symbol_name=self.symbol, offset=self.offset,
@@ -213,7 +214,8 @@ class BpfObject:
         try:
             call.register()
         except KprobeError as e:
-            raise LibbpfError(e.errno, f"program {name}: {symbol}+{offset:#x}: {e.reason}") from None
+            raise LibbpfError(e.errno,
+                              f"program {name}: {symbol}+{offset:#x}: {e.reason}") from None
         eil = error_injection_list(machine)
         event = PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE,
                           func_entry=offset == 0,

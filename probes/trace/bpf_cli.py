@@ -75,7 +75,8 @@ class BpfAttachment:
                 if isinstance(mp, RingbufMap):
                     trace.ring_buffer(mp, self._record_cb(name, None))
                 elif isinstance(mp, PerfEventArrayMap):
-                    trace.perf_buffer(mp, lambda cpu, data, name=name: self._record(name, cpu, data))
+                    trace.perf_buffer(mp, lambda cpu, data, name=name:
+                                      self._record(name, cpu, data))
             self.objects.append(obj)
 
     @property
@@ -86,7 +87,8 @@ class BpfAttachment:
         """A bpf_trace_printk message as trace_pipe shows it."""
         comm, pid = self.m.task
         ns = self.m.clock.monotonic_ns()
-        self.stream.write(f"{comm:>16}-{pid:<7} [000] d..31 {ns // 10**9:5d}.{ns // 1000 % 10**6:06d}: "
+        stamp = f"{ns // 10**9:5d}.{ns // 1000 % 10**6:06d}"
+        self.stream.write(f"{comm:>16}-{pid:<7} [000] d..31 {stamp}: "
                           f"bpf_trace_printk: {text.rstrip(chr(10))}\n")
 
     def _record_cb(self, name: str, cpu: int | None):

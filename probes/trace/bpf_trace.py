@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import importlib
 import itertools
 import struct
@@ -247,6 +248,16 @@ class UserMemory:
         copy_to_user(self.mem, addr, data)
 
 
+@functools.cache
+def _uc_reg_read_batch() -> Any:
+    """libunicorn's uc_reg_read_batch without the binding's argument conversion (a second
+    handle on the library, as emu/ucfast.py takes one)."""
+    import unicorn.unicorn_py3.unicorn as ucmod
+    fn = ctypes.CDLL(ucmod.uclib._name).uc_reg_read_batch
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class PtRegsImage:
     """Builds the arch's pt_regs image on a hit in one raw `uc_reg_read_batch` straight into
     the image's slots (~1 µs; 34 single reads through the binding cost ~20 µs), then lays
@@ -254,10 +265,7 @@ class PtRegsImage:
     Equal to the arch module's `pack_pt_regs`, which is the readable reference."""
 
     def __init__(self, machine: "Machine", ptrace: ModuleType) -> None:
-        import unicorn.unicorn_py3.unicorn as ucmod
-        lib = ctypes.CDLL(ucmod.uclib._name)
-        self._read = lib.uc_reg_read_batch
-        self._read.restype = ctypes.c_int
+        self._read = _uc_reg_read_batch()
         self._uch = machine.uc._uch
         self._template = ptrace.PT_REGS_TEMPLATE
         self._buf = ctypes.create_string_buffer(len(self._template))
@@ -280,7 +288,8 @@ class PtRegsImage:
         for name, value in regs.shown().items():
             off = offset.get(name)
             if off is not None:
-                struct.pack_into("<Q", image, off, value & self._narrow.get(name, 0xFFFFFFFFFFFFFFFF))
+                mask = self._narrow.get(name, 0xFFFFFFFFFFFFFFFF)
+                struct.pack_into("<Q", image, off, value & mask)
         return image
 
 
