@@ -16,7 +16,7 @@ import pytest
 
 from emu.loader import GuestConfig, load_guest
 from probes.bpf.libbpf import BpfObject, LibbpfError
-from probes.trace.bpf_trace import bpf_trace_of, prog_stats
+from probes.trace.bpf_trace import bpf_trace_of, prog_stats, symbolize_stack
 
 from conftest import ARCHES, firmware_elf, run_emu
 
@@ -210,6 +210,24 @@ def test_stack_id_map(arch, bpf_obj, victim) -> None:
     first = [e["frames"][0] for e in dump]
     assert all(f.startswith("leaf+0x1/" if arch == "x86_64" else "leaf+0x0/") for f in first)
     assert {e["frames"][3] for e in dump}.__len__() == 2          # main's two call sites
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_get_stack_frames(arch, bpf_obj, victim) -> None:
+    guest, _ = _guest(victim(arch))
+    m = guest.machine
+    obj = BpfObject.open(bpf_obj("stacks", arch)).load(m)
+    obj.attach(m, "on_middle")
+    recs: list[bytes] = []
+    obj.ring_buffer(m, "frames", recs.append)
+    m.run()
+    assert len(recs) == 2
+    for rec in recs:
+        n, *ips = struct.unpack("<q6Q", rec)
+        depth = {"x86_64": 4, "arm64": 6}[arch]  # x86: glibc's start code has no frame pointer
+        assert n == 8 * depth and ips[depth:] == [0] * (6 - depth)
+        names = [f.split("+")[0] for f in symbolize_stack(m, ips[:depth])]
+        assert names[:4] == ["middle", "outer", "main", "__libc_start_call_main"]
 
 
 @pytest.mark.parametrize("arch", ARCHES)

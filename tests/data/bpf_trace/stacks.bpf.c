@@ -27,3 +27,19 @@ int on_leaf(struct pt_regs *ctx)
 		bpf_map_update_elem(&hits, &id, &one, BPF_NOEXIST);
 	return 0;
 }
+
+/* bpf_get_stack: the raw frames of each call of middle, to user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} frames SEC(".maps");
+
+SEC("kprobe/middle")
+int on_middle(struct pt_regs *ctx)
+{
+	struct { __s64 n; __u64 ips[6]; } rec = {};
+
+	rec.n = bpf_get_stack(ctx, rec.ips, sizeof(rec.ips), 0);
+	bpf_ringbuf_output(&frames, &rec, sizeof(rec), 0);
+	return 0;
+}
