@@ -17,9 +17,9 @@ from typing import IO, Any
 
 from emu.errors import UsageError
 from emu.session import RUN_OPTION_HANDLERS, Session
-from probes.bpf.libbpf import BpfObject
-from probes.bpf.maps import PerfEventArrayMap, RingbufMap
-from probes.trace.bpf_trace import bpf_trace_of, prog_stats
+
+# The BPF machine and loader are imported when --bpf is given: `emu run` without it must
+# not pay their ~0.2 s of import time.
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -57,11 +57,14 @@ class BpfAttachment:
 
     def __init__(self, session: Session, specs: list[str], dump_maps: bool = False,
                  fmt: str = "hex", out: IO[str] | None = None) -> None:
+        from probes.bpf.libbpf import BpfObject
+        from probes.bpf.maps import PerfEventArrayMap, RingbufMap
+        from probes.trace.bpf_trace import bpf_trace_of
         self.m = session.machine
         self.dump = dump_maps
         self.fmt = fmt
         self.out = out
-        self.objects: list[BpfObject] = []
+        self.objects: list[Any] = []            # libbpf BpfObjects
         self.records = 0
         trace = bpf_trace_of(self.m)
         trace.printk_sink = self.printk
@@ -112,6 +115,7 @@ class BpfAttachment:
             out.write(json.dumps(dumps) + "\n")
 
     def stats(self) -> dict[str, Any]:
+        from probes.trace.bpf_trace import prog_stats
         progs = []
         for obj in self.objects:
             for name, prog in sorted(obj.programs.items()):
