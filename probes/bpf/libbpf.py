@@ -14,6 +14,9 @@ event (create_local_trace_kprobe) through the probe core, no tracefs involved, a
 the program on it (PERF_EVENT_IOC_SET_BPF). Sections: `kprobe/SYM[+OFF]`,
 `kretprobe/SYM`, `ksyscall/NAME` and `kretsyscall/NAME` (the arch's syscall wrapper
 `__x64_sys_NAME` / `__arm64_sys_NAME`, else the guest's `sys_NAME`).
+
+This is the user-space side, so unlike the rest of probes/bpf it knows the probe core.
+Errors are LibbpfError (a UsageError: one line and exit 2 in the CLI) with libbpf's errno.
 """
 from __future__ import annotations
 
