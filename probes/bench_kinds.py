@@ -2,9 +2,11 @@
 `emu bench` places them: k (kprobe), b (boosted), o (optimized), f (on an ftrace site),
 r (kretprobe), rb, ro, kr (kprobe + kretprobe on one function).
 
-`setup_kind(kind, lab, func)` registers the probe(s) of one kind on guest function `func`
-and returns them; a kind not implemented yet raises NotImplementedError (the bench prints
-"n/a" for it). `KIND_GUESTS` names the guest each kind is measured on."""
+`setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
+function `func` and returns them; with `bpf`, every probe also runs a small counting BPF
+program through trace_call_bpf (the kprobe-PMU event libbpf makes). A kind not
+implemented yet raises NotImplementedError (the bench prints "n/a" for it). `KIND_GUESTS`
+names the guest each kind is measured on."""
 from __future__ import annotations
 
 from probes.kprobes import Kprobe
@@ -54,10 +56,60 @@ def _need_boost(lab, kind: str) -> None:
                                   "(the kernel boosts on x86 only)")
 
 
-def setup_kind(kind: str, lab, func: str) -> list:
-    """Register the probe(s) of `kind` on `func` in `lab` (a probes.testing.ProbeLab).
-    Boosting happens at the first hit and optimization is kicked at once, so a warm-up
-    call puts every kind in its steady state."""
+# The counting program of the bpf rows: counts[0] += 1 (11 instructions per run).
+COUNTER_ASM = """
+    stw [r10-4], 0
+    mov r2, r10
+    add r2, -4
+    lddw r1, map_fd(3)
+    call 1
+    jeq r0, 0, +2
+    mov r1, 1
+    lock add [r0], r1
+    mov r0, 0
+    exit
+"""
+
+
+def counting_prog():
+    """A KPROBE program and its one-slot array map (the map is `prog.maps[3]`)."""
+    from probes.bpf import BpfProgType, assemble, create_map
+    from probes.bpf.maps import BpfMapType
+    from probes.bpf.program import BpfProg
+    counts = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="counts")
+    return BpfProg.from_bytes(assemble(COUNTER_ASM), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="count", license="GPL", maps={3: counts})
+
+
+def attach_counter(lab, func: str, probes: list) -> None:
+    """Give each probe's handler to a kprobe-PMU event that runs the counting program."""
+    from probes.bpf.libbpf import KprobePerfEvent
+    from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, perf_event_attach_bpf_prog
+    prog = counting_prog()
+    for p in probes:
+        if isinstance(p, Kretprobe):
+            call = KprobePerfEvent(lab.machine, func, is_return=True, rp=p)
+            p.handler = call.kretprobe_perf_func
+        else:
+            call = KprobePerfEvent(lab.machine, func, kp=p)
+            p.pre_handler = call.kprobe_perf_func
+        err = perf_event_attach_bpf_prog(PerfEvent(call, PerfType.PERF_TYPE_KPROBE,
+                                                   EventKind.KPROBE), prog)
+        if err:
+            raise RuntimeError(f"attaching the counting program failed: {err}")
+
+
+def setup_kind(kind: str, lab, func: str, bpf: bool = False) -> list:
+    """Register the probe(s) of `kind` on `func` in `lab` (a probes.testing.ProbeLab),
+    with the counting BPF program on each if `bpf`. Boosting happens at the first hit and
+    optimization is kicked at once, so a warm-up call puts every kind in its steady state."""
+    probes = _setup_kind(kind, lab, func)
+    if bpf:
+        attach_counter(lab, func, probes)
+    return probes
+
+
+def _setup_kind(kind: str, lab, func: str) -> list:
     kp = lab.kprobes
     if kind == "k":
         # A post_handler keeps the probe from being boosted: every hit single-steps.

@@ -22,6 +22,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         RUN_OPTION_HANDLERS.append(attach_from_args)
     from probes.trace.cli import add_run_options as add_trace_options
     add_trace_options(p)                     # --event / --filter (after the probes above)
+    from probes.trace.bpf_cli import add_run_options as add_bpf_options
+    add_bpf_options(p)
 
 
 def kprobe_from_spec(spec: str) -> Kprobe:

@@ -135,6 +135,11 @@ class PtRegs:
         self.flush()
         self._cache.clear()
 
+    def shown(self) -> dict[str, int]:
+        """What the view holds by canonical name (read, presented or changed), i.e. what a
+        copy of the CPU's registers must take over (a pt_regs image for BPF). Read-only."""
+        return self._cache
+
     def snapshot(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
         return {n: self[n] for n in (names or tuple(self._arch.regs))}
 

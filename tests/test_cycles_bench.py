@@ -86,7 +86,8 @@ def test_bench_json_rows():
                           "--json"])
     assert rc == 0
     rows = json.loads(out)
-    assert len(rows) == 1
+    assert len(rows) == 2                      # the kind, then the kind with a BPF program
+    assert rows[1]["bpf"] and rows[1]["kind"] == "k"
     r = rows[0]
     assert {"arch", "kind", "bpf", "cycles_per_hit", "host_us_per_hit",
             "baseline_us_per_hit"} <= set(r)

@@ -38,12 +38,21 @@ class ProgTypeInfo:
     """``ctx_writable``: the program may store into its context.
     ``helpers``: allowed helper ids (None = all known).
     ``lenient``: ISA-conformance verifier rules (see module doc).
-    ``entry_regs``: registers initialised at entry besides r10."""
+    ``entry_regs``: registers initialised at entry besides r10.
+    ``ctx_size``: bytes of context a load may touch, aligned to its size (the type's
+    ``is_valid_access``); None leaves context bounds to run time. A program's own
+    ``ctx_size`` (set at load for the target arch) wins over the type's."""
 
     ctx_writable: bool
     helpers: frozenset[int] | None
     lenient: bool = False
     entry_regs: tuple[int, ...] = (1,)
+    ctx_size: int | None = None
+
+
+# sizeof(struct pt_regs) per arch (kprobe_prog_is_valid_access bounds by the kernel
+# struct): x86-64 168, arm64 336. Without a target arch the larger one applies.
+KPROBE_CTX_SIZE = {"x86_64": 168, "arm64": 336}
 
 
 PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
@@ -52,7 +61,8 @@ PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_SCHED_CLS: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_SCHED_ACT: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_XDP: ProgTypeInfo(False, NET_HELPERS),
-    BpfProgType.BPF_PROG_TYPE_KPROBE: ProgTypeInfo(False, TRACING_HELPERS | {58}),
+    BpfProgType.BPF_PROG_TYPE_KPROBE: ProgTypeInfo(False, TRACING_HELPERS | {58},
+                                                  ctx_size=max(KPROBE_CTX_SIZE.values())),
     BpfProgType.BPF_PROG_TYPE_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),
     BpfProgType.BPF_PROG_TYPE_PERF_EVENT: ProgTypeInfo(False, TRACING_HELPERS),
     BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),

@@ -47,6 +47,7 @@ class BpfProg:
     attach_kind: str = ""
     attach_point: str = ""
     verifier_log: str = field(default="", repr=False)
+    ctx_size: int | None = None   # context bytes for the target arch (kprobe: its pt_regs)
     loaded: bool = False
     _compiled: Any = field(default=None, repr=False)
 

@@ -160,6 +160,11 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
             raise _Refuse("invalid bpf_context access (the context is read-only)")
         if ptr.val is None and not env.lenient:
             raise _Refuse(f"variable ctx access R{reg} disallowed")
+        limit = env.prog.ctx_size or env.prog.type_info.ctx_size
+        if limit is not None and ptr.val is not None:
+            start = ptr.val + off     # kprobe_prog_is_valid_access: in bounds, size-aligned
+            if start < 0 or start + size > limit or (direct and start % size):
+                raise _Refuse(f"invalid bpf_context access off={start} size={size}")
 
 
 def _ctx_load(env: VerifierEnv, ptr: Reg, off: int, size: int) -> Reg:

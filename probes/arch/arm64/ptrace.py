@@ -1,0 +1,57 @@
+"""arm64 `struct pt_regs` as BPF kprobe programs see it (arch/arm64/include/asm/ptrace.h).
+
+A BPF_PROG_TYPE_KPROBE program's context is `bpf_user_pt_regs_t` = `struct
+user_pt_regs` (regs[31], sp, pc, pstate: 272 bytes) at the start of the kernel's
+pt_regs (336 bytes: orig_x0, syscallno, ... after it); the verifier bounds reads by the
+kernel struct, so 272..335 are readable too. `PT_REGS_SLOTS` maps each CPU register to
+its offset; `pack_pt_regs` builds the whole image from the probe layer's PtRegs view,
+`unpack_pt_regs` writes back what changed."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from probes.regs import PtRegs
+
+PT_REGS_FIELDS: tuple[str, ...] = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
+USER_PT_REGS_SIZE = 8 * len(PT_REGS_FIELDS)   # 272
+PT_REGS_SIZE = 336                            # kernel struct pt_regs
+ORIG_X0_OFF = 272
+SYSCALLNO_OFF = 280                           # s32; kernel_entry stores NO_SYSCALL (-1)
+PT_REGS_SLOTS: tuple[tuple[int, str], ...] = tuple((8 * i, n) for i, n in enumerate(PT_REGS_FIELDS))
+PT_REGS_TEMPLATE = (bytes(SYSCALLNO_OFF) + b"\xff\xff\xff\xff"
+                    + bytes(PT_REGS_SIZE - SYSCALLNO_OFF - 4))
+
+FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8] = lr
+SYSCALL_PREFIX = "__arm64_sys_"
+
+
+# Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
+NARROW = {"pstate": 0xFFFFFFFF}
+
+
+def pack_pt_regs(regs: "PtRegs") -> bytearray:
+    """The 336-byte pt_regs image of `regs` (user_pt_regs, then the kernel's tail)."""
+    image = bytearray(PT_REGS_TEMPLATE)
+    for off, name in PT_REGS_SLOTS:
+        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
+    return image
+
+
+def unpack_pt_regs(regs: "PtRegs", image: bytes | bytearray) -> None:
+    """Write the registers whose value in `image` differs from `regs` back to the view."""
+    for off, name in PT_REGS_SLOTS:
+        value = struct.unpack_from("<Q", image, off)[0]
+        if regs[name] != value:
+            regs[name] = value
+
+
+def entry_return_address(regs: "PtRegs") -> int:
+    """At a function's first instruction the return address is still in lr."""
+    return regs["x30"]
+
+
+def override_function_with_return(regs: "PtRegs") -> None:
+    """arch/arm64/kernel/probes/kprobes.c: pc = lr."""
+    regs.ip = regs["x30"]

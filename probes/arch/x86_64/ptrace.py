@@ -1,0 +1,75 @@
+"""x86-64 `struct pt_regs` as BPF kprobe programs see it (arch/x86/include/asm/ptrace.h).
+
+The context of a BPF_PROG_TYPE_KPROBE program is the kernel's pt_regs: 21 longs, 168
+bytes. `PT_REGS_SLOTS` maps each CPU register to its offset; `pack_pt_regs` builds the
+image from the probe layer's PtRegs view (its ip, so a pre handler's image shows probe
+address + 1, as after an int3); `unpack_pt_regs` writes back what changed. The
+frame-pointer and error-injection facts the BPF trace layer needs live here too
+(asm/stacktrace.h, kprobes/core.c override_function_with_return)."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from emu.uaccess import get_user
+
+if TYPE_CHECKING:
+    from probes.regs import PtRegs
+
+# Kernel field order; orig_ax is no CPU register.
+PT_REGS_FIELDS: tuple[str, ...] = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+    "rdx", "rsi", "rdi", "orig_ax", "rip", "cs", "rflags", "rsp", "ss")
+PT_REGS_SIZE = 8 * len(PT_REGS_FIELDS)        # sizeof(struct pt_regs) = 168
+USER_PT_REGS_SIZE = PT_REGS_SIZE              # bpf_user_pt_regs_t is pt_regs itself
+ORIG_AX_OFF = 8 * PT_REGS_FIELDS.index("orig_ax")
+PT_REGS_SLOTS: tuple[tuple[int, str], ...] = tuple(
+    (8 * i, n) for i, n in enumerate(PT_REGS_FIELDS) if n != "orig_ax")
+# int3 enters with orig_ax = -1 (no syscall); every other non-register byte is 0.
+PT_REGS_TEMPLATE = bytes(ORIG_AX_OFF) + b"\xff" * 8 + bytes(PT_REGS_SIZE - ORIG_AX_OFF - 8)
+
+FRAME_POINTER = "rbp"         # the frame pointer the kernel's FP unwinder follows
+SYSCALL_PREFIX = "__x64_sys_"  # SYSCALL_DEFINE wrappers, as libbpf's ksyscall resolves them
+
+
+# Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
+NARROW = {"cs": 0xFFFF, "ss": 0xFFFF}
+
+
+def pack_pt_regs(regs: "PtRegs") -> bytearray:
+    """The 168-byte pt_regs image of `regs`."""
+    image = bytearray(PT_REGS_TEMPLATE)
+    for off, name in PT_REGS_SLOTS:
+        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
+    return image
+
+
+def unpack_pt_regs(regs: "PtRegs", image: bytes | bytearray) -> None:
+    """Write the registers whose value in `image` differs from `regs` back to the view."""
+    for off, name in PT_REGS_SLOTS:
+        value = struct.unpack_from("<Q", image, off)[0]
+        if regs[name] != value:
+            regs[name] = value
+
+
+def entry_return_address(regs: "PtRegs") -> int:
+    """At a function's first instruction the return address is the word at sp."""
+    return get_user(regs.machine.memory, regs.sp)
+
+
+def just_return_func(machine) -> int:
+    """The kernel's just_return_func: a lone `ret` in the probe layer's trampoline pages
+    (made once per machine)."""
+    def make(m) -> int:
+        from probes.kprobes import kprobes_of
+        addr = kprobes_of(m).arch.tramps.get(near=m.pc)
+        m.text_poke(addr, b"\xc3")
+        return addr
+    return machine.layer("just_return_func", make)
+
+
+def override_function_with_return(regs: "PtRegs") -> None:
+    """arch/x86/kernel/kprobes/core.c: ip = just_return_func, whose `ret` pops the return
+    address the probed function's caller pushed (sp is untouched, so this also holds on
+    ftrace-based probes, which ignore a changed sp)."""
+    regs.ip = just_return_func(regs.machine)

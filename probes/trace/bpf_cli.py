@@ -1,0 +1,127 @@
+"""`emu run` options of the BPF trace layer: `--bpf OBJ[:PROG]` (repeatable) and
+`--dump-maps`. `emu trace` reuses the same provider (`attach_from_args`).
+
+Each object is opened, loaded for the guest's arch and every program in it attached by
+its SEC name (`OBJ:PROG`: only PROG). While the guest runs, bpf_trace_printk messages are
+written as trace_pipe lines, and every ring-buffer record and perf sample as one line
+(`--bpf-format hex`, the default) or one JSON object with the raw bytes
+(`--bpf-format json`), to `BpfAttachment.out` (stderr unless a caller sets it). At exit
+`--dump-maps` prints every map in `bpftool map dump -j` layout."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import IO, Any
+
+from emu.errors import UsageError
+from emu.session import RUN_OPTION_HANDLERS, Session
+
+# The BPF machine and loader are imported when --bpf is given: `emu run` without it must
+# not pay their ~0.2 s of import time.
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bpf", action="append", default=[], metavar="OBJ[:PROG]",
+                   help="load a clang BPF object and attach its programs by SEC name "
+                        "(kprobe/SYM, kretprobe/SYM, ksyscall/NAME); OBJ:PROG for one (repeatable)")
+    p.add_argument("--dump-maps", action="store_true",
+                   help="print every BPF map at exit (bpftool map dump -j layout)")
+    p.add_argument("--bpf-format", choices=("hex", "json"), default="hex",
+                   help="ring-buffer records and perf samples as hex lines or JSON objects")
+    if attach_from_args not in RUN_OPTION_HANDLERS:
+        RUN_OPTION_HANDLERS.append(attach_from_args)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """`OBJ` or `OBJ:PROG`; a path that exists as given wins over a split."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, _, prog = spec.rpartition(":")
+    return path, prog or None
+
+
+def attach_from_args(session: Session, args: Any) -> None:
+    specs = getattr(args, "bpf", None) or []
+    if not specs:
+        if getattr(args, "dump_maps", False):
+            raise UsageError("--dump-maps needs --bpf OBJ")
+        return
+    session.attach(BpfAttachment(session, specs, getattr(args, "dump_maps", False),
+                                 getattr(args, "bpf_format", "hex")))
+
+
+class BpfAttachment:
+    """The objects of `--bpf`, their output while the guest runs, and the map dump."""
+
+    def __init__(self, session: Session, specs: list[str], dump_maps: bool = False,
+                 fmt: str = "hex", out: IO[str] | None = None) -> None:
+        from probes.bpf.libbpf import BpfObject
+        from probes.bpf.maps import PerfEventArrayMap, RingbufMap
+        from probes.trace.bpf_trace import bpf_trace_of
+        self.m = session.machine
+        self.dump = dump_maps
+        self.fmt = fmt
+        self.out = out
+        self.objects: list[Any] = []            # libbpf BpfObjects
+        self.records = 0
+        trace = bpf_trace_of(self.m)
+        trace.printk_sink = self.printk
+        for spec in specs:
+            path, prog = split_spec(spec)
+            if not os.path.exists(path):
+                raise UsageError(f"--bpf {spec}: no such file {path!r}")
+            obj = BpfObject.open(path).load(self.m)
+            obj.attach_all(self.m, prog)
+            for name, mp in sorted(obj.maps.items()):
+                if isinstance(mp, RingbufMap):
+                    trace.ring_buffer(mp, self._record_cb(name, None))
+                elif isinstance(mp, PerfEventArrayMap):
+                    trace.perf_buffer(mp, lambda cpu, data, name=name:
+                                      self._record(name, cpu, data))
+            self.objects.append(obj)
+
+    @property
+    def stream(self) -> IO[str]:
+        return self.out or sys.stderr
+
+    def printk(self, text: str) -> None:
+        """A bpf_trace_printk message as trace_pipe shows it."""
+        comm, pid = self.m.task
+        ns = self.m.clock.monotonic_ns()
+        stamp = f"{ns // 10**9:5d}.{ns // 1000 % 10**6:06d}"
+        self.stream.write(f"{comm:>16}-{pid:<7} [000] d..31 {stamp}: "
+                          f"bpf_trace_printk: {text.rstrip(chr(10))}\n")
+
+    def _record_cb(self, name: str, cpu: int | None):
+        return lambda data: self._record(name, cpu, data)
+
+    def _record(self, name: str, cpu: int | None, data: bytes) -> None:
+        self.records += 1
+        kind = "ringbuf" if cpu is None else "perf"
+        if self.fmt == "json":
+            obj: dict[str, Any] = {"map": name, "kind": kind, "bytes": list(data)}
+            if cpu is not None:
+                obj["cpu"] = cpu
+            self.stream.write(json.dumps(obj) + "\n")
+        else:
+            where = f"{name}" if cpu is None else f"{name} cpu {cpu}"
+            self.stream.write(f"bpf {kind} {where}: {data.hex()}\n")
+
+    def report(self, out: IO[str]) -> None:
+        if self.dump:
+            dumps = [d for obj in self.objects for d in obj.dump_maps()]
+            out.write(json.dumps(dumps) + "\n")
+
+    def stats(self) -> dict[str, Any]:
+        from probes.trace.bpf_trace import prog_stats
+        progs = []
+        for obj in self.objects:
+            for name, prog in sorted(obj.programs.items()):
+                st = prog_stats(prog)
+                progs.append({"name": name, "section": prog.section, "id": st.id,
+                              "run_cnt": st.run_cnt, "run_insns": st.run_insns,
+                              "misses": st.misses})
+        return {"bpf": {"programs": progs, "records": self.records,
+                        "maps": [d for obj in self.objects for d in obj.dump_maps()]}}
