@@ -276,10 +276,11 @@ def _guest_streams(args) -> tuple[BinaryIO, BinaryIO, BinaryIO]:
     return stdin, _binary(args.stdout), _binary(args.stderr)
 
 
-def _say(stderr: IO[str], line: str) -> None:
-    """One line on stderr; if stderr itself is gone there is nobody left to tell."""
+def _say(stderr: IO[str], line: str, keep_lines: bool = False) -> None:
+    """One line on stderr (or, for an error_log report, its message/command/caret lines as
+    the kernel shows them); if stderr itself is gone there is nobody left to tell."""
     try:
-        stderr.write(" ".join(line.splitlines()) + "\n")
+        stderr.write((line if keep_lines else " ".join(line.splitlines())) + "\n")
         stderr.flush()
     except (OSError, ValueError):
         pass
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
             traceback.print_exc(file=stderr)
         _detach_if_broken(stdout)
         rc, message = _error_line(e)
-        _say(stderr, message)
+        _say(stderr, message, keep_lines=getattr(e, "error_log", False))
         return rc
 
 

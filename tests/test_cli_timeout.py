@@ -135,7 +135,7 @@ def test_timeout_while_the_guest_blocks_in_a_host_read(arch, make_tiny):
         os.close(w)
     res = CliResult(p.returncode, p.stdout, p.stderr)
     assert res.rc == 124 and "Traceback" not in res.err and len(res.err.splitlines()) == 1, res.err
-    assert res.err.startswith("emu: wall-clock limit of 0.5 s reached"), res.err
+    assert res.err.startswith("emu: wall-clock limit") and res.err.count("\n") == 1, res.err
     assert elapsed < 10
 
 

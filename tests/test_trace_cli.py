@@ -66,8 +66,8 @@ def test_time_advances_with_guest_work(arch):
     cycles = ts(run_emu("trace", path, *ev).out)
     fixed = ts(run_emu("trace", "--no-cycles", path, *ev).out)
     # hotloop_run runs ~10^5 instructions: modelled cycles see tens of microseconds pass,
-    # the fixed-cost clock (no cycle model) barely a microsecond.
-    assert cycles[1] - cycles[0] > 10e-6 and fixed[1] - fixed[0] < 5e-6
+    # without the cycle model the work clock (a cycle per 4 bytes of each block) moves too.
+    assert cycles[1] - cycles[0] > 10e-6 and fixed[1] - fixed[0] > 10e-6
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -42,6 +42,8 @@ def _load_providers() -> None:
 class TraceCommandError(UsageError):
     """A refused --event/--filter: the error_log lines (message, command, caret)."""
 
+    error_log = True      # the CLI prints these lines as they are, not folded into one
+
 
 def _add_event_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event", action="append", default=[], metavar="CMD",
