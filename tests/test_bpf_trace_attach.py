@@ -301,3 +301,20 @@ def test_cli_json_records_and_errors(bpf_obj, victim) -> None:
     assert nop.rc == 2 and "no program 'nope'" in nop.err
     dump_only = run_emu("run", "--dump-maps", str(exe))
     assert dump_only.rc == 2 and "--dump-maps needs --bpf" in dump_only.err
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_emu_trace_bpf_printk_joins_the_trace(arch, bpf_obj, victim) -> None:
+    """`emu trace --bpf`: bpf_trace_printk lines are events in the trace itself, beside
+    the kprobe events; records and the map dump go to the trace's stdout."""
+    exe = victim(arch)
+    argv = ["trace", "--bpf", f"{bpf_obj('events', arch)}:on_lookup", "--dump-maps",
+            "--event", "p:t/lookup check_perm", str(exe)]
+    r = run_emu(*argv)
+    assert r.rc == 0, r.err
+    lines = r.out.splitlines()
+    printk = [l for l in lines if "bpf_trace_printk: open /etc/hostname mode 4" in l]
+    assert len(printk) == 1 and "lookup: (check_perm+0x0/" in r.out
+    assert [l for l in lines if l.startswith("bpf ringbuf events: ")]
+    assert {d["name"] for d in json.loads(lines[-1])} >= {"events"}
+    assert run_emu(*argv).out == r.out

@@ -125,3 +125,46 @@ class BpfAttachment:
                               "misses": st.misses})
         return {"bpf": {"programs": progs, "records": self.records,
                         "maps": [d for obj in self.objects for d in obj.dump_maps()]}}
+
+
+class _MachineOnly:
+    """What BpfAttachment needs of a Session: the machine."""
+
+    def __init__(self, machine) -> None:
+        self.machine = machine
+
+
+class TraceBpfProvider:
+    """`emu trace --bpf OBJ[:PROG] [--dump-maps]`: programs attach as under `emu run`; their
+    bpf_trace_printk messages become bpf_trace_printk events in the same ring buffer (so
+    they interleave with the kprobe events as trace_pipe shows them), their records and
+    the map dump go to the trace's stdout."""
+
+    def add_options(self, p: argparse.ArgumentParser) -> None:
+        add_run_options(p)
+
+    def setup(self, machine, tracefs, args) -> None:
+        specs = getattr(args, "bpf", None) or []
+        if not specs:
+            if getattr(args, "dump_maps", False):
+                raise UsageError("--dump-maps needs --bpf OBJ")
+            return
+        from probes.trace.bpf_trace import bpf_trace_of
+        att = BpfAttachment(_MachineOnly(machine), specs, args.dump_maps, args.bpf_format,
+                            out=getattr(args, "stdout", None) or sys.stdout)
+        bpf_trace_of(machine).printk_sink = tracefs.trace_bpf_printk
+        args._bpf_attachment = att
+
+    def finish(self, machine, tracefs, args, out: IO[str]) -> None:
+        att = getattr(args, "_bpf_attachment", None)
+        if att is not None:
+            att.report(out)
+
+
+def _register_trace_provider() -> None:
+    from probes.trace.cli import TRACE_OPTION_PROVIDERS
+    if not any(isinstance(p, TraceBpfProvider) for p in TRACE_OPTION_PROVIDERS):
+        TRACE_OPTION_PROVIDERS.append(TraceBpfProvider())
+
+
+_register_trace_provider()
