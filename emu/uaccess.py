@@ -33,7 +33,7 @@ class UserFault(Exception):
     @property
     def kind(self) -> str:
         if self.write:
-            return "write of protected address" if self.mapped else "write to unmapped address"
+            return "write to protected address" if self.mapped else "write to unmapped address"
         return "read of protected address" if self.mapped else "read of unmapped address"
 
 

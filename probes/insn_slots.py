@@ -3,10 +3,11 @@ buffers and trampolines (kernel/kprobes.c kprobe_insn_slots). Pages are placed n
 probed text so PC-relative fixes fit (x86 ±2 GiB; arm64 B ±128 MiB)."""
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
 from emu.machine import Machine
-from emu.memory import PAGE, PROT_EXEC, PROT_READ
+from emu.memory import PAGE, PROT_EXEC, PROT_READ, MemoryLimit
 
 WINDOW = 64 << 20          # search this far below the text, then above it
 
@@ -41,7 +42,12 @@ class InsnSlots:
 
     def _grow(self, near: int) -> None:
         page = place_near(self.machine, near, PAGE)
-        self.machine.memory.map(page, PAGE, PROT_READ | PROT_EXEC, self.name)
+        try:
+            self.machine.memory.map(page, PAGE, PROT_READ | PROT_EXEC, self.name)
+        except MemoryLimit as e:    # --max-memory covers the probe layer's pages too
+            from probes.errors import KprobeError
+            raise KprobeError(errno.ENOMEM, f"no room for an instruction slot page "
+                              f"({e.mapped} of {e.limit} bytes mapped)") from None
         self.machine.claim_text(page, PAGE)
         self.pages.append(page)
         self.free.extend(range(page, page + PAGE - self.slot_size + 1, self.slot_size))

@@ -557,9 +557,7 @@ class Kprobes:
 def user_fault(e: UserFault, pc: int) -> Fault:
     """The machine's fault report for a checked access that failed on the guest's behalf,
     worded as the CPU's own fault on that access (emu.machine's memory fault kinds)."""
-    how = "write to" if e.write else "read of"
-    what = "protected" if e.mapped else "unmapped"
-    return Fault(f"{how} {what} address", pc, e.addr, SIGSEGV)
+    return Fault(e.kind, pc, e.addr, SIGSEGV)
 
 
 def probe_kind(p: Kprobe) -> str:
