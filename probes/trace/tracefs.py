@@ -35,6 +35,9 @@ class Tracefs:
     def __init__(self, machine: Machine, nr_cpus: int = 1) -> None:
         from probes.trace.trace_kprobe import TraceKprobeEvents
         self.machine = machine
+        # Start the work clock now (it starts at its first read): a timestamp must not
+        # depend on whether a filter let an earlier event read the clock.
+        machine.clock.now()
         self.buffer = RingBuffer(nr_cpus)
         self.events: dict[str, TraceEventCall] = {}
         self.kprobes = TraceKprobeEvents(self)
