@@ -6,6 +6,7 @@ sp, pc, pstate / rax.., rip, rflags); `ip`, `sp`, `return_value` and `arg(n)` ar
 arch-neutral accessors (regs_get_kernel_argument, regs_return_value, instruction_pointer)."""
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -146,3 +147,22 @@ class PtRegs:
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:#x}" for k, v in sorted(self._cache.items()))
         return f"PtRegs({shown})"
+
+
+def pack_pt_regs_image(regs: "PtRegs", slots, template: bytes,
+                       narrow: dict[str, int]) -> bytearray:
+    """A `struct pt_regs` image: `template` with each (offset, register) slot filled from
+    the view, narrow registers masked to the bytes the CPU defines. The arch's ptrace
+    module gives the layout."""
+    image = bytearray(template)
+    for off, name in slots:
+        struct.pack_into("<Q", image, off, regs[name] & narrow.get(name, 0xFFFFFFFFFFFFFFFF))
+    return image
+
+
+def unpack_pt_regs_image(regs: "PtRegs", image: bytes | bytearray, slots) -> None:
+    """Write the registers whose value in `image` differs from the view back to it."""
+    for off, name in slots:
+        value = struct.unpack_from("<Q", image, off)[0]
+        if regs[name] != value:
+            regs[name] = value

@@ -8,8 +8,9 @@ its offset; `pack_pt_regs` builds the whole image from the probe layer's PtRegs 
 `unpack_pt_regs` writes back what changed."""
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
+
+from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
 if TYPE_CHECKING:
     from probes.regs import PtRegs
@@ -33,18 +34,12 @@ NARROW = {"pstate": 0xFFFFFFFF}
 
 def pack_pt_regs(regs: "PtRegs") -> bytearray:
     """The 336-byte pt_regs image of `regs` (user_pt_regs, then the kernel's tail)."""
-    image = bytearray(PT_REGS_TEMPLATE)
-    for off, name in PT_REGS_SLOTS:
-        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
-    return image
+    return pack_pt_regs_image(regs, PT_REGS_SLOTS, PT_REGS_TEMPLATE, NARROW)
 
 
 def unpack_pt_regs(regs: "PtRegs", image: bytes | bytearray) -> None:
     """Write the registers whose value in `image` differs from `regs` back to the view."""
-    for off, name in PT_REGS_SLOTS:
-        value = struct.unpack_from("<Q", image, off)[0]
-        if regs[name] != value:
-            regs[name] = value
+    unpack_pt_regs_image(regs, image, PT_REGS_SLOTS)
 
 
 def entry_return_address(regs: "PtRegs") -> int:

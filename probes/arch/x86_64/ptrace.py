@@ -8,8 +8,9 @@ frame-pointer and error-injection facts the BPF trace layer needs live here too
 (asm/stacktrace.h, kprobes/core.c override_function_with_return)."""
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
+
+from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
 from emu.uaccess import get_user
 
@@ -38,18 +39,12 @@ NARROW = {"cs": 0xFFFF, "ss": 0xFFFF}
 
 def pack_pt_regs(regs: "PtRegs") -> bytearray:
     """The 168-byte pt_regs image of `regs`."""
-    image = bytearray(PT_REGS_TEMPLATE)
-    for off, name in PT_REGS_SLOTS:
-        struct.pack_into("<Q", image, off, regs[name] & NARROW.get(name, 0xFFFFFFFFFFFFFFFF))
-    return image
+    return pack_pt_regs_image(regs, PT_REGS_SLOTS, PT_REGS_TEMPLATE, NARROW)
 
 
 def unpack_pt_regs(regs: "PtRegs", image: bytes | bytearray) -> None:
     """Write the registers whose value in `image` differs from `regs` back to the view."""
-    for off, name in PT_REGS_SLOTS:
-        value = struct.unpack_from("<Q", image, off)[0]
-        if regs[name] != value:
-            regs[name] = value
+    unpack_pt_regs_image(regs, image, PT_REGS_SLOTS)
 
 
 def entry_return_address(regs: "PtRegs") -> int:
