@@ -819,13 +819,20 @@ def sys_read(p, fd, buf, count, *_):
     return len(data)
 
 
-@syscall("pread64")
-def sys_pread64(p, fd, buf, count, off, *_):
+def _positional(p, fd: int, off: int) -> OpenFile | int:
+    """The file a pread64/pwrite64 at `off` works on, or -errno (ESPIPE: no offset to
+    seek on; EINVAL: a negative offset)."""
     f = p.fds.get(s32(fd))
     if f.kind != "host":
         return -E.ESPIPE
-    if s64(off) < 0:
-        return -E.EINVAL
+    return -E.EINVAL if s64(off) < 0 else f
+
+
+@syscall("pread64")
+def sys_pread64(p, fd, buf, count, off, *_):
+    f = _positional(p, fd, off)
+    if isinstance(f, int):
+        return f
     data = os.pread(f.host_fd, min(count, READ_MAX), off)
     wr(p, buf, data)
     return len(data)
@@ -833,11 +840,9 @@ def sys_pread64(p, fd, buf, count, off, *_):
 
 @syscall("pwrite64")
 def sys_pwrite64(p, fd, buf, count, off, *_):
-    f = p.fds.get(s32(fd))
-    if f.kind != "host":
-        return -E.ESPIPE
-    if s64(off) < 0:
-        return -E.EINVAL
+    f = _positional(p, fd, off)
+    if isinstance(f, int):
+        return f
     if f.flags & O_ACCMODE == 0:
         return -E.EBADF
     return _stream(p, buf, min(count, MAX_RW_COUNT),
