@@ -52,7 +52,8 @@ def load_guest(cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO
         setup_bare(m, image)
         return Guest(m, image, None)
     fs = FileSystem(cfg.fs_root, cfg.fs_writable)
-    argv = [image.path, *cfg.argv]
+    # argv[0] and AT_EXECFN are the path as the user gave it, as execve(2) passes them.
+    argv = [cfg.path, *cfg.argv]
     env = DEFAULT_ENV if cfg.env is None else cfg.env
     proc = setup_process(m, image, argv, env, fs, stdin if stdin is not None else sys.stdin.buffer,
                          seed=cfg.seed)

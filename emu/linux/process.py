@@ -148,7 +148,7 @@ def build_stack(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
         blob = bytearray(data) + blob
         return sp - len(blob)
 
-    execfn = put(os.fsencode(image.path) + b"\0")
+    execfn = put(os.fsencode(argv[0] if argv else image.path) + b"\0")
     platform = put(arch.platform.encode() + b"\0")
     random_bytes = put(rng.randbytes(16))
     # Arguments are bytes as the host gave them (sys.argv's surrogateescape undone).
