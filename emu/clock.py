@@ -14,12 +14,38 @@ days at 2 GHz) and never wraps: a guest that sleeps past it sees time stop there
 backwards, and a cycle limit below it still fires."""
 from __future__ import annotations
 
-from typing import Callable
+from enum import StrEnum
+from typing import Callable, Mapping
 
 # The wall-clock epoch the guest sees at cycle 0 (2026-01-01T00:00:00Z): a fixed choice.
 EPOCH_NS = 1_767_225_600 * 1_000_000_000
 FP_SHIFT = 8                      # cycles are counted in 1/256 cycle
 FP_MAX = (1 << 64) - 1            # saturation point of the counter (uint64 in native.c)
+
+
+class Reason(StrEnum):
+    """Why the clock moved, besides the code the guest ran: the key of a cost (cycles per
+    event, from the CPU profile) and of the breakdown. Each layer charges its own."""
+    TRAP = "trap"              # taking a trap (BRK / int3) and returning from it
+    STEP = "step"              # a trap round trip around an out-of-line single-step
+    HANDLER = "handler"        # one call of a host (Python) handler
+    DETOUR = "detour"          # register save/restore of a trapless entry to the host
+    BPF = "bpf"                # entering a BPF program
+    BPF_INSN = "bpf-insn"      # one executed BPF instruction (booked under BPF)
+    SYSCALL = "syscall"        # a syscall round trip
+    COUNTER = "counter"        # one read of the cycle counter
+    SLEEP = "sleep"            # time the guest slept (no cost of its own)
+
+
+# Before a CPU profile is attached: modelling choices, not measurements. A counter read
+# costs something so consecutive reads are strictly increasing.
+DEFAULT_COSTS: dict[Reason, int] = {
+    Reason.TRAP: 200, Reason.STEP: 350, Reason.HANDLER: 200, Reason.DETOUR: 40,
+    Reason.BPF: 20, Reason.BPF_INSN: 1, Reason.SYSCALL: 1_000, Reason.COUNTER: 20,
+    Reason.SLEEP: 0,
+}
+# The parts of a trap the profile gives separately (entry, return, single-step extra).
+DEFAULT_TRAP_PARTS = {"exc_entry": 100, "exc_return": 100, "single_step": 150}
 
 
 class Accumulator:
@@ -32,41 +58,82 @@ class Accumulator:
 
 
 class Clock:
-    """Attributes: freq_hz (cycles -> ns), counter_hz (arm64 cntfrq_el0), the costs in
-    cycles of a syscall, a counter read, a trap's entry and return, a single-step round
-    trip, a host handler call, a BPF program entry and instruction; `by_reason`: cycles
-    charged per reason tag; `profile`: the CPU profile's name once a cycle model is on."""
+    """Attributes: freq_hz (cycles -> ns), counter_hz (arm64 cntfrq_el0), `costs`: the
+    cycles each `Reason` costs per event; `by_reason`: cycles charged per reason tag;
+    `profile`: the CPU profile's name once a cycle model is on."""
 
     def __init__(self, freq_hz: int = 2_000_000_000, counter_hz: int = 25_000_000,
-                 syscall_cost: int = 1_000, counter_read_cost: int = 20, exc_entry: int = 100,
-                 exc_return: int = 100, single_step: int = 150, handler_cost: int = 200,
                  cycles: int = 0, by_reason: dict[str, int] | None = None,
-                 bpf_entry_cost: int = 20, bpf_insn_cost: int = 1, detour_cost: int = 40) -> None:
+                 costs: Mapping[Reason, int] | None = None) -> None:
         self.freq_hz = freq_hz              # modelling choice until a CPU profile says otherwise
         self.counter_hz = counter_hz
-        self.syscall_cost = syscall_cost    # a syscall round trip (modelling choice)
-        self.counter_read_cost = counter_read_cost   # keeps consecutive reads strictly increasing
-        # Costs the probe layer charges (the cycle model's CPU profile replaces these):
-        self.exc_entry = exc_entry          # taking a trap (BRK / int3)
-        self.exc_return = exc_return        # returning from it
-        self.single_step = single_step      # the extra of an out-of-line single-step round trip
-        self.handler_cost = handler_cost    # a host (Python) handler, per call: a modelling choice
-        # The register save/restore of a detour or trampoline that enters the host without a
-        # trap (optprobe detour, x86 rethook trampoline, ftrace caller): a modelling choice.
-        self.detour_cost = detour_cost
-        self.bpf_entry_cost = bpf_entry_cost  # entering a BPF program (modelling choice)
-        self.bpf_insn_cost = bpf_insn_cost  # per executed BPF instruction (modelling choice)
+        self.costs: dict[str, int] = {}
+        self.trap_parts: dict[str, int] = dict(DEFAULT_TRAP_PARTS)
+        self.set_costs(costs or DEFAULT_COSTS)
         self.by_reason: dict[str, int] = dict(by_reason or {})
-        self.acc = Accumulator(cycles << FP_SHIFT)
+        self.acc: Accumulator = Accumulator(cycles << FP_SHIFT)
         self.profile: str | None = None
         # Set by the cycle model: 1/256 cycles of the current block after the current
         # instruction (already charged at block entry, not yet "executed"); and its counts
-        # (code_fp, probe_fp, taken_fp, mispredict_fp, insns, blocks).
+        # (code_fp, layer_fp, taken_fp, mispredict_fp, insns, blocks).
         self.pending: Callable[[], int] | None = None
         self.model_counts: Callable[[], dict[str, int]] | None = None
         # Called once, at the first read of the clock (the machine starts its work clock
         # there, so guests that never look at the time pay nothing for it).
         self.on_first_read: Callable[[], None] | None = None
+        # The owner whose code the cycle model books apart (`layer_fp`), as "<owner>-code".
+        self.layer_code_tag = "layer-code"
+
+    def set_costs(self, costs: Mapping[Reason, int], trap_parts: Mapping[str, int] | None = None) -> None:
+        """Take the cost of every reason (a CPU profile's, emu/cycles/profile.py)."""
+        missing = set(Reason) - set(costs)
+        if missing:
+            raise ValueError(f"costs for {sorted(missing)} missing")
+        # Keyed by the plain string: hot paths look them up with Reason members, equal to it.
+        self.costs = {str(r): int(v) for r, v in costs.items()}
+        if trap_parts is not None:
+            self.trap_parts = dict(trap_parts)
+
+    def cost(self, reason: Reason) -> int:
+        return self.costs[reason]
+
+    def charge(self, reason: Reason, times: int = 1) -> None:
+        """`times` events of `reason`, at the reason's cost."""
+        self.advance(self.costs[reason] * times, reason)
+
+    def charge2(self, reason1: Reason, reason2: Reason) -> None:
+        """One event of each reason at once (hot paths: a trap and its handler)."""
+        costs = self.costs
+        self.advance2(costs[reason1], reason1, costs[reason2], reason2)
+
+    # The profile's numbers under their old names (read-only; the costs are the truth).
+    @property
+    def exc_entry(self) -> int:
+        return self.trap_parts["exc_entry"]
+
+    @property
+    def exc_return(self) -> int:
+        return self.trap_parts["exc_return"]
+
+    @property
+    def single_step(self) -> int:
+        return self.trap_parts["single_step"]
+
+    @property
+    def handler_cost(self) -> int:
+        return self.costs[Reason.HANDLER]
+
+    @property
+    def detour_cost(self) -> int:
+        return self.costs[Reason.DETOUR]
+
+    @property
+    def syscall_cost(self) -> int:
+        return self.costs[Reason.SYSCALL]
+
+    @property
+    def counter_read_cost(self) -> int:
+        return self.costs[Reason.COUNTER]
 
     def __repr__(self) -> str:
         return (f"Clock(cycles={self.cycles}, freq_hz={self.freq_hz}, profile={self.profile!r}, "
@@ -101,7 +168,8 @@ class Clock:
 
     def charge_bpf(self, insns: int) -> None:
         """A BPF program ran `insns` instructions."""
-        self.advance(self.bpf_entry_cost + insns * self.bpf_insn_cost, "bpf")
+        costs = self.costs
+        self.advance(costs[Reason.BPF] + insns * costs[Reason.BPF_INSN], Reason.BPF)
 
     def now(self) -> int:
         """Cycles at the current instruction: the running block's prefix, not all of it."""
@@ -115,7 +183,7 @@ class Clock:
 
     def read_cycles(self) -> int:
         """rdtsc / pmccntr_el0."""
-        self.advance(self.counter_read_cost, "counter")
+        self.advance(self.costs[Reason.COUNTER], Reason.COUNTER)
         return self.now()
 
     def read_counter(self) -> int:
@@ -137,12 +205,12 @@ class Clock:
         return self.counts().get("insns", 0)
 
     def breakdown(self) -> dict[str, int]:
-        """Cycles by reason: "code" (guest blocks), "probe-code" (blocks the probe layer
-        wrote), "branch" (taken branches), "mispredict", plus every tag charged through
-        `advance` (trap, step, handler, syscall, counter, detour, bpf, ...)."""
+        """Cycles by reason: "code" (guest blocks), "<owner>-code" (blocks in pages a layer
+        owns, emu/owners.py), "branch" (taken branches), "mispredict", plus every `Reason`
+        charged (trap, step, handler, syscall, counter, detour, bpf, ...)."""
         c = self.counts()
-        out = {"code": (c.get("code_fp", 0) - c.get("probe_fp", 0)) >> FP_SHIFT,
-               "probe-code": c.get("probe_fp", 0) >> FP_SHIFT,
+        out = {"code": (c.get("code_fp", 0) - c.get("layer_fp", 0)) >> FP_SHIFT,
+               self.layer_code_tag: c.get("layer_fp", 0) >> FP_SHIFT,
                "branch": c.get("taken_fp", 0) >> FP_SHIFT,
                "mispredict": c.get("mispredict_fp", 0) >> FP_SHIFT}
         for k, v in self.by_reason.items():

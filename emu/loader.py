@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from emu.arch import get_arch
+from emu.arch import requested_arch
 from emu.elf import ElfImage, load_elf
 from emu.errors import ElfError
 from emu.firmware import image_fits_ram, setup_bare
@@ -43,7 +43,7 @@ def load_guest(cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO
     """A machine with the guest loaded, ready to run. Pass an already parsed `image` to
     load the same file many times (the sweep does)."""
     if image is None:
-        image = load_elf(cfg.path, None if cfg.arch == "auto" else get_arch(cfg.arch))
+        image = load_elf(cfg.path, requested_arch(cfg.arch))
     m = Machine(image.arch, stdout=stdout, stderr=stderr)
     if cfg.bare:
         if not image_fits_ram(m, image):

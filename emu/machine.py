@@ -17,8 +17,9 @@ from unicorn import Uc, UcError
 from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch
-from emu.clock import Clock
+from emu.clock import Clock, Reason
 from emu.memory import PROT_EXEC, Memory
+from emu.owners import RegionOwner, RegionOwners
 from emu.symbols import SymbolTable
 from emu.ucfast import RawHooks, RegAccess
 
@@ -90,7 +91,7 @@ class Machine:
         self.break_addrs: dict[int, BreakHandler] = {}   # fast path: exact trap addresses
         self.fault_notifiers: list[Callable[[Fault], None]] = []
         self.live_patches: dict[int, int] = {}            # addr -> original byte under a patch
-        self.owned_text: list[tuple[int, int]] = []       # pages a layer writes its own code in
+        self.owners = RegionOwners()     # pages a layer maps for itself (emu/owners.py)
         self.syscall_handler: Callable[[], None] | None = None
         self.patches: list[Patch] = []
         self.text_listeners: list[Callable[[int, int], None]] = []   # (addr, size) of changed text
@@ -118,7 +119,7 @@ class Machine:
         self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
         self.clock.on_first_read = self._start_work_clock
-        from emu.arch.hwrng import GuestRandom
+        from emu.hwrng import GuestRandom
         self.random = GuestRandom()     # RDRAND/RDSEED; seed_random gives it --seed
 
     def start_thread(self, pc: int, sp: int) -> None:
@@ -196,10 +197,16 @@ class Machine:
                 del self.live_patches[addr + i]
         return old
 
-    def claim_text(self, addr: int, size: int) -> None:
-        """Mark [addr, addr+size) as code a layer writes itself (slots, trampolines): its
-        pokes are not patches of guest text."""
-        self.owned_text.append((addr, addr + size))
+    def claim_text(self, addr: int, size: int, owner: RegionOwner, purpose: str = "") -> None:
+        """Record [addr, addr+size) as pages `owner` maps for code of its own (slots,
+        trampolines): its pokes are not patches of guest text, the guest cannot unmap or
+        replace them, and the cycle model books their blocks apart."""
+        self.owners.claim(addr, size, owner, purpose)
+
+    @property
+    def owned_text(self) -> list[tuple[int, int]]:
+        """[start, end) of every range a layer claimed, in address order."""
+        return [(r.start, r.end) for r in self.owners.ranges]
 
     def original_text(self, addr: int, size: int) -> bytes:
         """Guest bytes as they were before any text_poke still in place (what the
@@ -271,7 +278,7 @@ class Machine:
         self.stop_fault(Fault("breakpoint trap (no handler)", addr, None, SIGTRAP))
 
     def on_syscall(self) -> None:
-        self.clock.advance(self.clock.syscall_cost, "syscall")
+        self.clock.charge(Reason.SYSCALL)
         if self.syscall_handler is None:
             self.stop_fault(Fault("system call with no OS (bare metal)", self.pc, None, SIGILL))
         else:

@@ -30,7 +30,16 @@ INSN_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void
 
 def uc_emu_stop_address() -> int:
     """libunicorn's uc_emu_stop, for native hooks that stop a run themselves."""
-    return ctypes.cast(_raw.uc_emu_stop, ctypes.c_void_p).value
+    return lib_symbol("uc_emu_stop") or 0
+
+
+def lib_symbol(name: str) -> int | None:
+    """The address of a symbol libunicorn exports (native code that calls or patches it),
+    None if this build has no such symbol."""
+    try:
+        return ctypes.cast(getattr(_raw, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
 
 
 class RegAccess:
@@ -132,6 +141,19 @@ class RawHooks:
         guarded = self._guard(fn, default=1)
         return self._add(UC.UC_HOOK_INSN, INSN_RDTSC_CB(lambda _uc, _ud: guarded()), 1, 0,
                          ctypes.c_int(insn_id))
+
+    def native_block(self, fn: int, user_data: int) -> int:
+        """A BLOCK hook on all code whose callback is native: `fn` is the address of a C
+        function taking (uc, addr, size, user_data). No Python runs per block; the C code
+        reports its own errors (emu/cycles/native.c)."""
+        handle = ctypes.c_size_t()
+        err = _hook_add_va(self.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
+                           ctypes.c_void_p(fn), ctypes.c_void_p(user_data),
+                           ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"uc_hook_add (native block hook) failed: {err}")
+        self.installed[handle.value] = (UC.UC_HOOK_BLOCK, 1, 0)
+        return handle.value
 
     def delete(self, handle: int) -> None:
         uclib.uc_hook_del(self.uc._uch, handle)

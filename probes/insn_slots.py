@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from emu.machine import Machine
 from emu.memory import PAGE, PROT_EXEC, PROT_READ, MemoryLimit
+from emu.owners import RegionOwner
 
 WINDOW = 64 << 20          # search this far below the text, then above it
 
@@ -48,7 +49,7 @@ class InsnSlots:
             from probes.errors import KprobeError
             raise KprobeError(errno.ENOMEM, f"no room for an instruction slot page "
                               f"({e.mapped} of {e.limit} bytes mapped)") from None
-        self.machine.claim_text(page, PAGE)
+        self.machine.claim_text(page, PAGE, RegionOwner.PROBES, self.name)
         self.pages.append(page)
         self.free.extend(range(page, page + PAGE - self.slot_size + 1, self.slot_size))
 

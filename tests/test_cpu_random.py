@@ -10,7 +10,7 @@ import re
 import pytest
 
 from conftest import run_emu
-from emu.arch import hwrng
+from emu import hwrng
 from test_cpu_state import cpu_prog  # noqa: F401  (fixture)
 
 

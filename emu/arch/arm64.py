@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import Any
 
 import capstone as cs
 import keystone as ks
 import unicorn as uc
 from unicorn import arm64_const as A
 
-from emu.arch.base import Arch
-
-if TYPE_CHECKING:
-    from emu.machine import Machine
+from emu.arch.base import Arch, CpuHost
 
 _REGS = {f"x{i}": getattr(A, f"UC_ARM64_REG_X{i}") for i in range(29)}
 _REGS.update({
@@ -55,6 +52,8 @@ SCTLR_DZE, SCTLR_UCT, SCTLR_nTWI, SCTLR_nTWE, SCTLR_UCI = 1 << 14, 1 << 15, 1 <<
 SCTLR_EL1 = (1, 0, 3, 0, 0)                  # (crn, crm, op0, op1, op2) for UC_ARM64_REG_CP_REG
 CNTKCTL_EL1, CNTKCTL_EL0VCTEN = (14, 1, 3, 0, 0), 1 << 1    # arch_timer: EL0 reads CNTVCT
 WFI = 0xD503207F
+HLT_0 = 0xD4400000                           # hlt #0: the bare-metal halt
+HLT_MASK = 0xFFE0001F                        # HLT #imm16
 # Undefined at EL0, where Linux gives SIGILL (do_el0_undef):
 SYSTEM_INSN = (0xFFC00000, 0xD5000000)       # MSR/MRS/SYS/SYSL and the hints (mask, value)
 EXCEPTION_GEN = (0xFF000000, 0xD4000000)     # SVC/HVC/SMC/BRK/HLT/DCPS
@@ -72,7 +71,7 @@ def _is_privileged(word: int) -> bool:
 
 
 class Arm64Arch(Arch):
-    def install_hooks(self, m: "Machine") -> None:
+    def install_hooks(self, m: CpuHost) -> None:
         regs, pc, owned = m.regs, self.regs["pc"], m.break_addrs
 
         def on_intr(intno: int) -> None:
@@ -88,7 +87,7 @@ class Arm64Arch(Arch):
                 m.on_syscall()
             elif intno == EXCP_UDEF:
                 word = int.from_bytes(m.uc.mem_read(addr, 4), "little")
-                if word & 0xFFE0001F == 0xD4400000:       # HLT #imm: the bare-metal halt
+                if word & HLT_MASK == HLT_0:       # HLT #imm: the bare-metal halt
                     m.request_halt(addr)
                 elif m.user_mode and _is_privileged(word):
                     m.on_privileged(addr)
@@ -101,7 +100,7 @@ class Arm64Arch(Arch):
         m.uc.hook_add(uc.UC_HOOK_INSN, self._on_mrs, m, 1, 0, A.UC_ARM64_INS_MRS)
 
     @staticmethod
-    def _on_mrs(_uc, reg, cp, m: "Machine") -> int:
+    def _on_mrs(_uc, reg, cp, m: CpuHost) -> int:
         key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
         clock = m.clock
         if key == CNTVCT_EL0 or key == CNTPCT_EL0:
@@ -115,33 +114,33 @@ class Arm64Arch(Arch):
         m.regs.write(reg, value)
         return 1
 
-    def set_tls(self, m: "Machine", value: int) -> None:
+    def set_tls(self, m: CpuHost, value: int) -> None:
         m.regs.write(self.regs["tpidr_el0"], value)
 
-    def break_code(self, m: "Machine", addr: int) -> int:
+    def break_code(self, m: CpuHost, addr: int) -> int:
         return (int.from_bytes(m.uc.mem_read(addr, 4), "little") >> 5) & 0xFFFF
 
-    def halted(self, m: "Machine") -> bool:
+    def halted(self, m: CpuHost) -> bool:
         return False                                     # HLT arrives as an exception
 
-    def waited(self, m: "Machine") -> bool:
+    def waited(self, m: CpuHost) -> bool:
         """The run stopped just after a WFI (Unicorn halts the CPU on it)."""
         return m.memory.read_safe(m.pc - 4, 4) == WFI.to_bytes(4, "little")
 
-    def pack_stat(self, st: dict) -> bytes:
+    def pack_stat(self, st: dict[str, Any]) -> bytes:
         """asm-generic struct stat (128 bytes)."""
         return struct.pack("<QQIIIIQQqiiqqQqQqQII", st["dev"], st["ino"], st["mode"], st["nlink"],
                            st["uid"], st["gid"], st["rdev"], 0, st["size"], st["blksize"], 0,
                            st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0)
 
-    def reset_cpu(self, m: "Machine") -> None:
+    def reset_cpu(self, m: CpuHost) -> None:
         """EL1h (Unicorn's reset, DAIF masked) with FP/SIMD enabled; FPCR and FPSR are 0
         (round to nearest, no trapped exceptions), as Linux gives a process too."""
         m.regs.write(self.regs["cpacr_el1"], CPACR_FPEN)
         m.uc.reg_write(A.UC_ARM64_REG_FPCR, 0)
         m.uc.reg_write(A.UC_ARM64_REG_FPSR, 0)
 
-    def start_thread(self, m: "Machine", pc: int, sp: int) -> None:
+    def start_thread(self, m: CpuHost, pc: int, sp: int) -> None:
         """PSTATE = EL0t, then the EL1 controls Linux sets for user space. Unicorn rebuilds
         its translation flags on a system-register write, not on a PSTATE write: the
         SCTLR_EL1 write comes last."""
@@ -156,7 +155,7 @@ class Arm64Arch(Arch):
         uc.reg_write(A.UC_ARM64_REG_CP_REG, (*SCTLR_EL1, sctlr))
         uc.ctl_flush_tb()
 
-    def cpu_state(self, m: "Machine") -> dict[str, int]:
+    def cpu_state(self, m: CpuHost) -> dict[str, int]:
         uc = m.uc
         pstate = uc.reg_read(A.UC_ARM64_REG_PSTATE)
         return {"el": (pstate >> 2) & 3, "pstate": pstate, "fpcr": uc.reg_read(A.UC_ARM64_REG_FPCR),
@@ -164,7 +163,7 @@ class Arm64Arch(Arch):
                 "cpacr_el1": uc.reg_read(A.UC_ARM64_REG_CPACR_EL1),
                 "sctlr_el1": uc.reg_read(A.UC_ARM64_REG_CP_REG, SCTLR_EL1)}
 
-    def install_bare_devices(self, m: "Machine") -> None:
+    def install_bare_devices(self, m: CpuHost) -> None:
         def uart_write(_uc, offset, size, value, _ud):
             if offset == 0:
                 m.console_write(bytes([value & 0xFF]))
@@ -190,6 +189,8 @@ ARM64 = Arm64Arch(
     # fp asimd evtstrm aes pmull sha1 sha2 crc32: what Unicorn's default Cortex-A72 runs.
     hwcap=0xFF, hwcap2=0,
     bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
-    flags_reg="nzcv", halt_size=0, aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+    flags_reg="nzcv", halt_size=0, halt_insn=HLT_0.to_bytes(4, "little"), halt_asm="hlt #0",
+    cpu_profile="cortex-a72", aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
     privileged_signal=4,
 )
+ARCH = ARM64

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import Any
 
 import capstone as cs
 import keystone as ks
 import unicorn as uc
 from unicorn import x86_const as X
 
-from emu.arch.base import Arch
-
-if TYPE_CHECKING:
-    from emu.machine import Machine
+from emu.arch.base import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, Arch, CpuHost
 
 _NAMES = ("rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
           "cs ss ds es fs gs fs_base gs_base").split()
@@ -69,7 +66,7 @@ IRETQ = b"\x48\xcf"
 
 
 class X86_64Arch(Arch):
-    def install_hooks(self, m: "Machine") -> None:
+    def install_hooks(self, m: CpuHost) -> None:
         regs, rip, owned = m.regs, self.regs["rip"], m.break_addrs
 
         def on_intr(intno: int) -> None:
@@ -117,27 +114,27 @@ class X86_64Arch(Arch):
         m.hooks.insn_counter(tsc(False), X.UC_X86_INS_RDTSC)
         m.hooks.insn_counter(tsc(True), X.UC_X86_INS_RDTSCP)
 
-    def set_tls(self, m: "Machine", value: int) -> None:
+    def set_tls(self, m: CpuHost, value: int) -> None:
         m.regs.write(self.regs["fs_base"], value)
 
-    def break_code(self, m: "Machine", addr: int) -> int:
+    def break_code(self, m: CpuHost, addr: int) -> int:
         return INT3_VECTOR
 
-    def halted(self, m: "Machine") -> bool:
+    def halted(self, m: CpuHost) -> bool:
         """Unicorn returns from emu_start after `hlt` with rip past it."""
         pc = m.pc
-        return m.memory.read_safe(pc - 1, 1) == b"\xf4"
+        return m.memory.read_safe(pc - 1, 1) == HLT
 
-    def waited(self, m: "Machine") -> bool:
+    def waited(self, m: CpuHost) -> bool:
         return False                # `hlt` is the only wait, and it is privileged
 
-    def pack_stat(self, st: dict) -> bytes:
+    def pack_stat(self, st: dict[str, Any]) -> bytes:
         """x86-64 struct stat (144 bytes)."""
         return struct.pack("<QQQIIIIQqqqQQQQQQqqq", st["dev"], st["ino"], st["nlink"], st["mode"],
                            st["uid"], st["gid"], 0, st["rdev"], st["size"], st["blksize"],
                            st["blocks"], st["atime"], 0, st["mtime"], 0, st["ctime"], 0, 0, 0, 0)
 
-    def reset_cpu(self, m: "Machine") -> None:
+    def reset_cpu(self, m: CpuHost) -> None:
         """Unicorn leaves the FPU control words at 0 (single precision, every exception
         unmasked) and the x87 tags "valid": give the FNINIT state instead."""
         uc = m.uc
@@ -147,10 +144,9 @@ class X86_64Arch(Arch):
         uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | X86_CR4_OSXMMEXCPT)
         uc.reg_write(X.UC_X86_REG_RFLAGS, X86_EFLAGS_FIXED)
 
-    def start_thread(self, m: "Machine", pc: int, sp: int) -> None:
+    def start_thread(self, m: CpuHost, pc: int, sp: int) -> None:
         """Unicorn sets the CPL only from a real segment load, so enter CPL3 as the kernel
         does: `iretq` from CPL0 through a frame of user CS/SS, RFLAGS = IF."""
-        from emu.memory import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
         uc = m.uc
         m.memory.map(GDT_PAGE, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, "[gdt]")
         stub, frame = GDT_PAGE + 0x100, GDT_PAGE + 0x200
@@ -167,11 +163,10 @@ class X86_64Arch(Arch):
         m.memory.protect(GDT_PAGE, PAGE, PROT_READ)
         self._trap_port_io(m)
 
-    @staticmethod
-    def _trap_port_io(m: "Machine") -> None:
+    def _trap_port_io(self, m: CpuHost) -> None:
         """At CPL3 with IOPL 0 `in`/`out` raise #GP; Unicorn's port I/O skips the check
         (and the TSS bitmap), so the instruction hooks raise it."""
-        rip = m.arch.regs["rip"]
+        rip = self.regs["rip"]
 
         def gp(_uc, *_args):
             pc = m.regs.read(rip)
@@ -182,13 +177,13 @@ class X86_64Arch(Arch):
         m.uc.hook_add(uc.UC_HOOK_INSN, gp, None, 1, 0, X.UC_X86_INS_OUT)
         m.uc.hook_add(uc.UC_HOOK_INSN, gp, None, 1, 0, X.UC_X86_INS_IN)
 
-    def cpu_state(self, m: "Machine") -> dict[str, int]:
+    def cpu_state(self, m: CpuHost) -> dict[str, int]:
         uc = m.uc
         return {"cpl": uc.reg_read(X.UC_X86_REG_CS) & 3, "cs": uc.reg_read(X.UC_X86_REG_CS),
                 "ss": uc.reg_read(X.UC_X86_REG_SS), "rflags": uc.reg_read(X.UC_X86_REG_RFLAGS),
                 **{name: uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}")) for name in FPU_RESET}}
 
-    def install_bare_devices(self, m: "Machine") -> None:
+    def install_bare_devices(self, m: CpuHost) -> None:
         def on_out(_uc, port, size, value, _ud):
             if port == CONSOLE_PORT:
                 m.console_write(bytes([value & 0xFF]))
@@ -208,9 +203,10 @@ X86_64 = X86_64Arch(
     syscalls=_SYSCALLS, breakpoint=b"\xcc", insn_align=1, max_insn_size=15, platform="x86_64",
     hwcap=0x178BFBFF, hwcap2=0,
     bare_base=0x0, bare_ram_size=0x0800_0000, bare_stack_top=0x0800_0000,
-    flags_reg="rflags", halt_size=1,
+    flags_reg="rflags", halt_size=1, halt_insn=HLT, halt_asm="hlt", cpu_profile="skylake",
     aliases={"ip": "rip", "flags": "rflags", "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
              "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp"},
     exception_names={0: "divide error", 1: "debug trap", 4: "overflow (into)", 5: "bound range",
                      6: "undefined instruction", 13: "general protection", 0x80: "int 0x80"},
 )
+ARCH = X86_64

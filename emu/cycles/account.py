@@ -16,17 +16,19 @@ import ctypes
 from dataclasses import dataclass
 from typing import IO, Any
 
-from unicorn import unicorn_const as UC
-
 from emu.clock import FP_MAX, FP_SHIFT
 from emu.cycles import native
 from emu.cycles.blockcost import BlockCost, block_cost
 from emu.cycles.ops import decoder_for, disassembler
 from emu.cycles.profile import Profile, profile_for
-from emu.ucfast import _hook_add_va
+from emu.owners import RegionOwner
+from emu.ucfast import uc_emu_stop_address
 
-CM_COND, CM_PROBE = 1, 8
-PROBE_REGION_WORDS = ("kprobe", "probe", "slot", "trampoline", "detour", "ftrace", "optinsn")
+# Block flags (native.c): ends in a conditional branch; lies in pages a layer owns.
+CM_COND, CM_LAYER = 1, 8
+# The owner whose code is booked apart from the guest's (the native counter has one such
+# bucket); it shows in the breakdown as "<owner>-code".
+BOOKED_APART = RegionOwner.PROBES
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,12 @@ class CycleModel:
         self._py_cur: tuple[int, int] = (0, 0)
         self._py_prev: Block | None = None
         self._py_dir: dict[tuple[int, int], bool] = {}     # 1-bit predictor: last direction
-        self._py = dict.fromkeys(("code_fp", "probe_fp", "taken_fp", "mispredict_fp", "insns",
+        self._py = dict.fromkeys(("code_fp", "layer_fp", "taken_fp", "mispredict_fp", "insns",
                                   "blocks"), 0)
         self.max_cycles = 0                   # --max-cycles: stop the run there (0: none)
         self._py_limit_hit = False
         # The parts of blocks charged at entry but not run (execution stopped inside them).
-        self._unrun = dict.fromkeys(("code_fp", "probe_fp", "insns"), 0)
+        self._unrun = dict.fromkeys(("code_fp", "layer_fp", "insns"), 0)
         self._hook = None
 
     # --- attaching --------------------------------------------------------------------------
@@ -103,11 +105,8 @@ class CycleModel:
     def _install(self) -> None:
         m, p, clock = self.m, self.profile, self.m.clock
         clock.freq_hz, clock.counter_hz = p.freq_hz, p.counter_hz
-        clock.exc_entry, clock.exc_return = p.exc_entry, p.exc_return
-        clock.single_step, clock.handler_cost = p.single_step, p.handler
-        clock.syscall_cost, clock.counter_read_cost = p.syscall_cost, p.counter_read
-        clock.bpf_entry_cost, clock.bpf_insn_cost = p.bpf_entry, p.bpf_insn
-        clock.detour_cost = p.detour
+        clock.set_costs(p.reason_costs(), p.trap_parts())
+        clock.layer_code_tag = f"{BOOKED_APART}-code"
         clock.profile = p.name
         clock.on_first_read = None      # no work clock: the model charges code
         work = m.layers.pop("work-clock", None)
@@ -135,15 +134,8 @@ class CycleModel:
         m.uc.ctl_flush_tb()          # hooks are not called for already-translated blocks
 
     def _add_native_hook(self) -> int:
-        handle = ctypes.c_size_t()
         hook = self.lib.cm_on_block_bp if self.profile.mispredict_rate else self.lib.cm_on_block
-        fn = ctypes.cast(hook, ctypes.c_void_p)
-        err = _hook_add_va(self.m.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
-                           fn, ctypes.c_void_p(ctypes.addressof(self.state)),
-                           ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"uc_hook_add (cycle model) failed: {err}")
-        return handle.value
+        return self.m.hooks.native_block(native.address_of(hook), ctypes.addressof(self.state))
 
     def __del__(self) -> None:
         lib, st = getattr(self, "lib", None), getattr(self, "state", None)
@@ -170,8 +162,8 @@ class CycleModel:
         if self._mca is not None:
             cost = self._mca_cost(code, cost)
         flags = CM_COND if cost.cond else 0
-        if self._is_probe_code(addr):
-            flags |= CM_PROBE
+        if self.m.owners.owner_of(addr) is BOOKED_APART:
+            flags |= CM_LAYER
         return Block(cost, tuple(i.address - addr for i in insns), flags)
 
     def _mca_cost(self, code: bytes, cost: BlockCost) -> BlockCost:
@@ -182,11 +174,6 @@ class CycleModel:
         fp = max(1, fp)
         prefix = tuple(p * fp // cost.cost for p in cost.prefix[:-1]) + (fp,)
         return BlockCost(fp, prefix, cost.n, cost.cond, cost.branch)
-
-    def _is_probe_code(self, addr: int) -> bool:
-        region = self.m.memory.find(addr)
-        name = (region.name if region is not None else "").lower()
-        return name.startswith("[") and any(w in name for w in PROBE_REGION_WORDS)
 
     def _on_miss(self, _uc, addr: int, size: int, _ud) -> None:
         try:
@@ -215,8 +202,8 @@ class CycleModel:
         cost = b.cost.cost
         acc.fp = min(acc.fp + cost, FP_MAX)
         c["code_fp"] += cost
-        if b.flags & CM_PROBE:
-            c["probe_fp"] += cost
+        if b.flags & CM_LAYER:
+            c["layer_fp"] += cost
         c["insns"] += b.cost.n
         c["blocks"] += 1
         self._py_prev_end = addr + size
@@ -231,7 +218,6 @@ class CycleModel:
         """Stop the run once the clock reaches `max_cycles` (checked per block)."""
         self.max_cycles = max_cycles
         if self.state is not None:
-            from emu.ucfast import uc_emu_stop_address
             self.state.limit_fp = min(max_cycles << FP_SHIFT, FP_MAX)
             self.state.stop = uc_emu_stop_address()
         self.m.limit_checks.append(self._limit_reached)
@@ -243,12 +229,12 @@ class CycleModel:
         return None
 
     def counts(self) -> dict[str, int]:
-        """code_fp, probe_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
+        """code_fp, layer_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
         if self.native:
             st = self.state
             out = (ctypes.c_uint64 * 4)()
             self.lib.cm_totals(ctypes.byref(st), out)
-            c = {"code_fp": out[0], "probe_fp": out[1], "insns": out[2], "blocks": out[3],
+            c = {"code_fp": out[0], "layer_fp": out[1], "insns": out[2], "blocks": out[3],
                  "taken_fp": st.taken * st.taken_cost,
                  "mispredict_fp": st.mispredicts * st.mispredict_cost}
         else:
@@ -323,8 +309,8 @@ class CycleModel:
             back = 0                    # the block's cost was never all added: keep time still
         self.m.clock.acc.fp -= back
         self._unrun["code_fp"] += back
-        if b.flags & CM_PROBE:
-            self._unrun["probe_fp"] += back
+        if b.flags & CM_LAYER:
+            self._unrun["layer_fp"] += back
         self._unrun["insns"] += b.cost.n - idx
         if self.native:
             self.state.prev_end = pc

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import capstone
 
-from emu.arch import get_arch
+from emu.arch import ARCH_NAMES, get_arch
+from emu.cycles.ops import isa_module
 from emu.elf import load_elf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,17 +29,6 @@ SAMPLED = "libc-hello"
 SAMPLE = 250
 MAX_INSNS = 40
 
-# Instructions llvm-mca cannot meaningfully time as straight-line code.
-_UNMODELLED = {
-    "arm64": ("bl", "blr", "svc", "hvc", "smc", "brk", "hlt", "mrs", "msr", "isb", "dsb", "dmb",
-              "sys", "sysl", "eret", "wfi", "wfe", "sev", "sevl", "yield", "clrex", "udf",
-              "ldxr", "ldaxr", "stxr", "stlxr", "ldxp", "stxp", "ldaxp", "stlxp", "ldxrb",
-              "ldaxrb", "stxrb", "stlxrb", "ldxrh", "ldaxrh", "stxrh", "stlxrh", "paciasp",
-              "autiasp", "bti", "hint", "dc", "ic", "at", "tlbi", "prfm"),
-    "x86_64": ("call", "syscall", "sysenter", "int3", "int", "into", "int1", "hlt", "rdtsc",
-               "rdtscp", "cpuid", "in", "out", "ud2", "lfence", "mfence", "sfence", "pause",
-               "endbr64", "xgetbv", "rdrand", "rdseed", "lock", "cli", "sti", "iretq", "retf"),
-}
 _BRANCH_GROUPS = (capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL, capstone.CS_GRP_RET,
                   capstone.CS_GRP_IRET)
 
@@ -82,15 +72,14 @@ def function_blocks(md: capstone.Cs, code: bytes, addr: int) -> list[tuple[int, 
 
 
 def _modelled(arch: str, insns: list) -> bool:
-    bad = _UNMODELLED[arch]
+    isa = isa_module(arch)
     for i in insns:
         m = i.mnemonic
-        if m in bad or m.split(".")[0] in bad or i.group(capstone.CS_GRP_INT) or i.group(capstone.CS_GRP_CALL):
+        if m in isa.UNMODELLED or m.split(".")[0] in isa.UNMODELLED \
+                or i.group(capstone.CS_GRP_INT) or i.group(capstone.CS_GRP_CALL):
             return False
-        if arch == "x86_64" and (m.startswith(("rep", "lock")) or "rep" in i.op_str.split(" ")[0:1]):
+        if isa.unmodelled_form(i):
             return False
-        if arch == "x86_64" and any(r in i.op_str for r in ("fs:", "gs:")):
-            return False     # segment bases are not modelled
     return True
 
 
@@ -157,7 +146,7 @@ def corpus_path(arch: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     CORPUS_DIR.mkdir(parents=True, exist_ok=True)
-    for arch in ("arm64", "x86_64"):
+    for arch in ARCH_NAMES:
         blocks = extract(arch)
         write_corpus(arch, blocks, corpus_path(arch))
         print(f"{arch}: {len(blocks)} blocks -> {corpus_path(arch)}")

@@ -161,3 +161,26 @@ def _store(insn, m, base, mem, regs, vec) -> Op:
     wb = _writeback(insn, mem)
     uses = (PRIMARY,) + (("alu",) if wb else ())
     return make_op(m, cls, uses, tuple(dsts), tuple(data), tuple(addr), extra_edges=wb, size=insn.size)
+
+
+# --- llvm-mca, the model's oracle (mca.py, corpus.py) -----------------------------------------
+LLVM_TRIPLE = "aarch64"
+MCA_SYNTAX: int | None = None              # llvm-mc reads capstone's default syntax
+_BRANCH_IMM = re.compile(r"#0x[0-9a-f]+$|#-?\d+$")
+# Instructions llvm-mca cannot meaningfully time as straight-line code.
+UNMODELLED = frozenset((
+    "bl", "blr", "svc", "hvc", "smc", "brk", "hlt", "mrs", "msr", "isb", "dsb", "dmb",
+    "sys", "sysl", "eret", "wfi", "wfe", "sev", "sevl", "yield", "clrex", "udf",
+    "ldxr", "ldaxr", "stxr", "stlxr", "ldxp", "stxp", "ldaxp", "stlxp", "ldxrb",
+    "ldaxrb", "stxrb", "stlxrb", "ldxrh", "ldaxrh", "stxrh", "stlxrh", "paciasp",
+    "autiasp", "bti", "hint", "dc", "ic", "at", "tlbi", "prfm"))
+
+
+def mca_branch(insn, text: str) -> str:
+    """A branch as llvm-mc reads it back: an immediate target becomes `.`."""
+    return _BRANCH_IMM.sub(".", text)
+
+
+def unmodelled_form(insn) -> bool:
+    """Beyond the mnemonic table, nothing on arm64."""
+    return False

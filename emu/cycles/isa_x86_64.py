@@ -183,3 +183,27 @@ def _branch(insn, m, reads, size) -> Op:
     cls = "call" if insn.group(capstone.CS_GRP_CALL) else "ret" if insn.group(capstone.CS_GRP_RET) else "branch"
     srcs = tuple(r for r in reads if r != "rsp")
     return make_op(m, cls, (PRIMARY,), (), srcs, branch=True, cond=bool(cond), size=size)
+
+
+# --- llvm-mca, the model's oracle (mca.py, corpus.py) -----------------------------------------
+LLVM_TRIPLE = "x86_64"
+MCA_SYNTAX: int | None = capstone.CS_OPT_SYNTAX_ATT    # the default syntax of llvm-mc
+# Instructions llvm-mca cannot meaningfully time as straight-line code.
+UNMODELLED = frozenset((
+    "call", "syscall", "sysenter", "int3", "int", "into", "int1", "hlt", "rdtsc",
+    "rdtscp", "cpuid", "in", "out", "ud2", "lfence", "mfence", "sfence", "pause",
+    "endbr64", "xgetbv", "rdrand", "rdseed", "lock", "cli", "sti", "iretq", "retf"))
+
+
+def mca_branch(insn, text: str) -> str:
+    """A direct branch as llvm-mc reads it back: its absolute target becomes `.`."""
+    return text if insn.op_str.startswith("*") else f"{insn.mnemonic} ."
+
+
+def unmodelled_form(insn) -> bool:
+    """String loops and locked forms (prefixes), and segment-based addressing (segment
+    bases are not modelled)."""
+    m = insn.mnemonic
+    if m.startswith(("rep", "lock")) or "rep" in insn.op_str.split(" ")[0:1]:
+        return True
+    return any(r in insn.op_str for r in ("fs:", "gs:"))

@@ -19,9 +19,7 @@ from pathlib import Path
 import capstone
 
 from emu.arch import get_arch
-
-TRIPLE = {"arm64": "aarch64", "x86_64": "x86_64"}
-_BRANCH_IMM_ARM64 = re.compile(r"#0x[0-9a-f]+$|#-?\d+$")
+from emu.cycles.ops import isa_module
 
 
 def llvm_mca_path() -> str | None:
@@ -37,19 +35,16 @@ def llvm_mca_version(exe: str) -> str:
 def block_asm(arch: str, code: bytes, addr: int = 0) -> list[str]:
     """The block as assembly llvm-mc reads back (AT&T on x86-64); branch targets become `.`
     (llvm-mca ignores control flow, and absolute targets do not reassemble)."""
-    a = get_arch(arch)
+    a, isa = get_arch(arch), isa_module(arch)
     md = capstone.Cs(a.cs_arch, a.cs_mode)
     md.detail = True
-    if arch == "x86_64":
-        md.syntax = capstone.CS_OPT_SYNTAX_ATT
+    if isa.MCA_SYNTAX is not None:
+        md.syntax = isa.MCA_SYNTAX
     lines = []
     for insn in md.disasm(code, addr):
         text = f"{insn.mnemonic} {insn.op_str}".strip()
         if insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL):
-            if arch == "arm64":
-                text = _BRANCH_IMM_ARM64.sub(".", text)
-            elif not insn.op_str.startswith("*"):
-                text = f"{insn.mnemonic} ."
+            text = isa.mca_branch(insn, text)
         lines.append(text)
     return lines
 
@@ -70,7 +65,7 @@ def run_mca(arch: str, mcpu: str, blocks: list[tuple[str, bytes]], iterations: i
     if exe is None:
         raise FileNotFoundError("llvm-mca is not installed")
     src = mca_source(arch, blocks)
-    proc = subprocess.run([exe, f"-mtriple={TRIPLE[arch]}", f"-mcpu={mcpu}", "--json",
+    proc = subprocess.run([exe, f"-mtriple={isa_module(arch).LLVM_TRIPLE}", f"-mcpu={mcpu}", "--json",
                            f"-iterations={iterations}", "-"], input=src, capture_output=True,
                           text=True)
     if proc.returncode != 0:

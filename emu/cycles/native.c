@@ -23,7 +23,7 @@
 #define CM_COND 1u              /* block ends in a conditional branch */
 #define CM_SEEN 2u              /* predictor: the branch has run before */
 #define CM_TAKEN 4u             /* predictor: its last direction */
-#define CM_PROBE 8u             /* code the probe layer wrote (slots, trampolines) */
+#define CM_LAYER 8u             /* code in pages a layer owns (emu/owners.py), booked apart */
 
 typedef struct {
 	uint64_t addr;              /* 0: empty slot */
@@ -95,7 +95,7 @@ static void cm_put(cm_entry *table, uint64_t mask, const cm_entry *src)
 static void cm_add_totals(const cm_entry *e, uint64_t *out)
 {
 	out[0] += e->count * e->cost;                           /* code, 1/256 cycles */
-	out[1] += (e->flags & CM_PROBE) ? e->count * e->cost : 0;   /* probe-layer code */
+	out[1] += (e->flags & CM_LAYER) ? e->count * e->cost : 0;   /* layer code */
 	out[2] += e->count * e->n;                              /* instructions */
 	out[3] += e->count;                                     /* blocks */
 }
@@ -164,7 +164,7 @@ int cm_invalidate(cm_state *st, uint64_t lo, uint64_t hi)
 	return cm_rebuild(st, st->mask + 1, lo, hi);
 }
 
-/* out[0..3]: code (1/256 cycles), probe-layer code (1/256 cycles), instructions, blocks. */
+/* out[0..3]: code (1/256 cycles), layer code (1/256 cycles), instructions, blocks. */
 void cm_totals(const cm_state *st, uint64_t *out)
 {
 	memcpy(out, st->gone, sizeof(st->gone));

@@ -37,6 +37,14 @@ class CmState(ctypes.Structure):
         ("byte_cost", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+def address_of(fn: object) -> int:
+    """The address of a function of the loaded library (to register it as a native hook)."""
+    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    if addr is None:
+        raise ValueError("null native function")
+    return addr
+
+
 def cache_dir() -> Path:
     env = os.environ.get("KPROBE_EMU_CACHE")
     if env:

@@ -58,14 +58,18 @@ def make_op(mnemonic: str, cls: str, uses, dsts, srcs, addr_srcs=(), addr_path=(
     return Op(mnemonic, cls, tuple(uses), slots, tuple(edges), reads, writes, branch, cond, size)
 
 
-_DECODERS = {"arm64": "emu.cycles.isa_arm64", "x86_64": "emu.cycles.isa_x86_64"}
+def isa_module(isa: str):
+    """The cycle model's answers for one ISA (emu/cycles/isa_<isa>.py): `decode`, the
+    llvm-mca dialect and what llvm-mca does not model."""
+    from emu.arch import ARCH_NAMES
+    if isa not in ARCH_NAMES:
+        raise ValueError(f"no cycle-model decoder for {isa!r}")
+    return importlib.import_module(f"emu.cycles.isa_{isa}")
 
 
 def decoder_for(isa: str):
     """The ISA's `decode(capstone insn) -> Op`."""
-    if isa not in _DECODERS:
-        raise ValueError(f"no cycle-model decoder for {isa!r}")
-    return importlib.import_module(_DECODERS[isa]).decode
+    return isa_module(isa).decode
 
 
 def disassembler(isa: str) -> capstone.Cs:

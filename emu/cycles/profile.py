@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from emu.arch import ARCH_NAMES, get_arch
+from emu.clock import Reason
 from emu.errors import UsageError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-DEFAULT_PROFILE = {"arm64": "cortex-a72", "x86_64": "skylake"}
+# Each arch names its default profile (emu/arch: `cpu_profile`).
+DEFAULT_PROFILE = {name: get_arch(name).cpu_profile for name in ARCH_NAMES}
 
 _PARAMS = ("freq_hz", "counter_hz", "in_order", "inorder_writeback", "width", "branch_taken", "branch_mispredict",
            "mispredict_rate", "exc_entry", "exc_return", "single_step", "syscall_entry_exit",
@@ -89,6 +92,19 @@ class Profile:
     @property
     def syscall_cost(self) -> int:
         return self.syscall_entry_exit + (self.mitigation_extra if self.mitigations else 0)
+
+    def reason_costs(self) -> dict[Reason, int]:
+        """The cycles each `Reason` the layers charge costs on this CPU (emu/clock.py)."""
+        trap = self.exc_entry + self.exc_return
+        return {Reason.TRAP: trap, Reason.STEP: trap + self.single_step,
+                Reason.HANDLER: self.handler, Reason.DETOUR: self.detour,
+                Reason.BPF: self.bpf_entry, Reason.BPF_INSN: self.bpf_insn,
+                Reason.SYSCALL: self.syscall_cost, Reason.COUNTER: self.counter_read,
+                Reason.SLEEP: 0}
+
+    def trap_parts(self) -> dict[str, int]:
+        return {"exc_entry": self.exc_entry, "exc_return": self.exc_return,
+                "single_step": self.single_step}
 
     def cls(self, name: str) -> ClassCost:
         try:

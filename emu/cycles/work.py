@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import unicorn_const as UC
-
 from emu.clock import FP_SHIFT
 from emu.cycles import native
-from emu.ucfast import _hook_add_va, uclib
 
 BYTES_PER_CYCLE = 4
 LAYER = "work-clock"
@@ -38,14 +35,8 @@ class WorkClock:
         st.byte_cost = (1 << FP_SHIFT) // BYTES_PER_CYCLE
         clock.acc = st                  # the clock and the hook share one counter
         clock.model_counts = self.counts
-        handle = ctypes.c_size_t()
-        err = _hook_add_va(machine.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
-                           ctypes.cast(lib.cm_on_block_bytes, ctypes.c_void_p),
-                           ctypes.c_void_p(ctypes.addressof(st)), ctypes.c_uint64(1),
-                           ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"uc_hook_add (work clock) failed: {err}")
-        self.handle: int | None = handle.value
+        self.handle: int | None = machine.hooks.native_block(
+            native.address_of(lib.cm_on_block_bytes), ctypes.addressof(st))
 
     @classmethod
     def attach(cls, machine) -> "WorkClock | None":
@@ -58,7 +49,7 @@ class WorkClock:
     def detach(self) -> None:
         """Stop counting (the cycle model takes over the clock from the same value)."""
         if self.handle is not None:
-            uclib.uc_hook_del(self.m.uc._uch, ctypes.c_size_t(self.handle))
+            self.m.hooks.delete(self.handle)
             self.handle = None
             if self.m.clock.model_counts == self.counts:
                 self.m.clock.model_counts = None

@@ -60,10 +60,9 @@ def _install():
     import unicorn
     if unicorn.__version__ != PINNED_UNICORN:     # the code read below is this build's
         return None
-    from emu.ucfast import uclib
-    try:
-        helper = ctypes.cast(ctypes.CDLL(uclib._name).helper_rdrand_x86_64, ctypes.c_void_p).value
-    except AttributeError:
+    from emu.ucfast import lib_symbol
+    helper = lib_symbol("helper_rdrand_x86_64")
+    if helper is None:
         return None
     target = _getrandom_address(helper)
     ours = ctypes.cast(lib.cm_guest_getrandom, ctypes.c_void_p).value
