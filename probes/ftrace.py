@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
+from emu.clock import Reason
 from emu.machine import Machine
 from emu.uaccess import UserFault
 from probes.regs import PtRegs
@@ -129,7 +130,7 @@ class Ftrace:
             return
         if site is None:
             return
-        m.clock.advance(m.clock.detour_cost, "detour")
+        m.clock.charge(Reason.DETOUR)
         regs = self.arch.ftrace_regs(m, site.addr, sp)
         parent_ip = None
         for ops in list(site.ops):

@@ -20,6 +20,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from emu.clock import Reason
 from emu.machine import SIGILL, Fault, Machine
 from emu.symbols import when_ifunc_resolved
 from probes.arch.common import RpCheck
@@ -208,7 +209,7 @@ class Kretprobes:
                 continue
             if rp.handler is not None and frame is not None:
                 kcb.current = rp.kp                          # probes hit in here are missed
-                m.clock.advance(m.clock.handler_cost, "handler")
+                m.clock.charge(Reason.HANDLER)
                 rp.handler(ri, regs)
             rp.hits += 1
             rp.free_instances.append(ri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import struct
 
+from emu.clock import Reason
 from emu.symbols import Symbol
 from emu.uaccess import UserFault, get_user, put_user
 from probes.arch.common import (
@@ -77,7 +78,7 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
 
     def charge_kretprobe_return(self, m) -> None:
-        m.clock.advance(m.clock.detour_cost, "detour")
+        m.clock.charge(Reason.DETOUR)
 
     # --- ftrace (arch/x86/kernel/ftrace.c) ------------------------------------------------
     ftrace_section = "__mcount_loc"
