@@ -33,7 +33,9 @@ _MACHINES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S3
              43: "EM_SPARCV9", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV", 247: "EM_BPF",
              258: "EM_LOONGARCH"}
 _STT_KIND = {0: "notype", 1: "object", 2: "func", STT_GNU_IFUNC: "ifunc"}
-_KEEP_SECTIONS = ("_kprobe_blacklist", "__mcount_loc", "__patchable_function_entries")
+# Address tables the probe layer reads (ElfImage.address_table).
+_KEEP_SECTIONS = ("_kprobe_blacklist", "__mcount_loc", "__patchable_function_entries",
+                  "__jump_table")
 
 
 @dataclass
@@ -97,6 +99,18 @@ class ElfImage:
         if self.etype == "ET_DYN" and self.entry == self.bias:
             return "shared library"
         return "static-pie executable" if self.etype == "ET_DYN" else "static executable"
+
+    def address_table(self, section: str) -> list[int]:
+        """The u64 addresses a table section lists (`__mcount_loc`, `_kprobe_blacklist`,
+        `__jump_table`), relocated: a static-PIE keeps link-time addresses in the file's
+        copy (its RELATIVE relocations apply to memory, not to this copy), so an entry
+        below the load bias gets it added. [] when the file has no such section; a
+        trailing partial entry is ignored."""
+        if section not in self.sections:
+            return []
+        data, bias = self.sections[section][1], self.bias
+        return [a + bias if a < bias else a
+                for (a,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8])]
 
     def initial_bytes(self, addr: int, size: int) -> bytes:
         """The file's bytes at a guest address (zeros in bss; b"" outside every segment)."""

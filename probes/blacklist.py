@@ -3,7 +3,6 @@ with NOKPROBE_SYMBOL (their addresses in section `_kprobe_blacklist`, whole exte
 refused), `name.suffix` clones of those, and the probe layer's own pages."""
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,12 +28,9 @@ class Blacklist:
         for name, addr, size, _x in image.section_ranges:
             if name in REFUSED_SECTIONS:
                 bl.add(addr, size, REFUSED_SECTIONS[name])
-        if SECTION not in image.sections:
-            return bl
-        _addr, data = image.sections[SECTION]
         names = set()
-        for (fn,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8]):
-            sym = m.symbols.find(fn + image.bias if fn < image.bias else fn)
+        for fn in image.address_table(SECTION):
+            sym = m.symbols.find(fn)
             if sym is not None:
                 bl.add(sym.addr, max(sym.size, 1), sym.name)
                 names.add(sym.name)

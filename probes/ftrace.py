@@ -18,7 +18,6 @@ the nop. Mainline arm64 has no kprobes on ftrace; here the patchable entry serve
 from __future__ import annotations
 
 import fnmatch
-import struct
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
@@ -68,12 +67,9 @@ class Ftrace:
 
     def _discover(self) -> None:
         image = self.m.image
-        section = self.arch.ftrace_section
-        if image is None or section not in image.sections:
+        if image is None:
             return
-        _addr, data = image.sections[section]
-        for (site,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8]):
-            site += image.bias if site < image.bias else 0
+        for site in image.address_table(self.arch.ftrace_section):
             sym = self.m.symbols.find(site)
             if sym is None or self.m.original_text(site, len(self.arch.ftrace_nop)) != self.arch.ftrace_nop:
                 continue                     # not a pristine nop site: leave it alone

@@ -13,7 +13,7 @@ Counter reads inside a block see only the block's prefix up to the reading instr
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from emu.clock import FP_MAX, FP_SHIFT
@@ -152,6 +152,9 @@ class CycleModel:
             b = _CACHE.get(ckey)
             if b is None:
                 b = _CACHE[ckey] = self._compute(addr, code)
+            # Who owns the page is this machine's fact, not the bytes': never cached.
+            if self.m.owners.owner_of(addr) is BOOKED_APART:
+                b = replace(b, flags=b.flags | CM_LAYER)
             self.blocks[key] = b
         return b
 
@@ -161,10 +164,7 @@ class CycleModel:
         cost = block_cost(self.profile, ops)
         if self._mca is not None:
             cost = self._mca_cost(code, cost)
-        flags = CM_COND if cost.cond else 0
-        if self.m.owners.owner_of(addr) is BOOKED_APART:
-            flags |= CM_LAYER
-        return Block(cost, tuple(i.address - addr for i in insns), flags)
+        return Block(cost, tuple(i.address - addr for i in insns), CM_COND if cost.cond else 0)
 
     def _mca_cost(self, code: bytes, cost: BlockCost) -> BlockCost:
         """llvm-mca's cost in place of the model's (prefixes scaled to it)."""
