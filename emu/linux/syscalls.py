@@ -92,7 +92,7 @@ class SyscallDispatcher:
                 ret = handler(self.proc, *args)
             except FsError as e:
                 ret = -e.errno
-            except MemoryFault:
+            except UserFault:
                 ret = -E.EFAULT
             except BrokenPipeError:
                 raise                   # our own stdout closed: the CLI exits 141 (SIGPIPE)
@@ -258,34 +258,21 @@ _STRACE_ARGS = dict(
 )
 
 
-class MemoryFault(Exception):
-    pass
-
-
 # --- guest memory helpers: every copy goes through emu.uaccess ---------------------------
 def rd(p: LinuxProcess, addr: int, n: int) -> bytes:
-    try:
-        return copy_from_user(p.machine.memory, addr, n)
-    except UserFault:
-        raise MemoryFault() from None
+    return copy_from_user(p.machine.memory, addr, n)
 
 
 def wr(p: LinuxProcess, addr: int, data: bytes) -> None:
-    try:
-        copy_to_user(p.machine.memory, addr, data)
-    except UserFault:
-        raise MemoryFault() from None
+    copy_to_user(p.machine.memory, addr, data)
 
 
 def cstr(p: LinuxProcess, addr: int) -> str:
     """A path argument (getname): EFAULT, ENAMETOOLONG at PATH_MAX, else the bytes as an
     os.fsdecode'd str (host calls encode them back byte for byte)."""
     if addr == 0:
-        raise MemoryFault()
-    try:
-        raw = strncpy_from_user(p.machine.memory, addr, PATH_MAX)
-    except UserFault:
-        raise MemoryFault() from None
+        raise UserFault(0, False, False)
+    raw = strncpy_from_user(p.machine.memory, addr, PATH_MAX)
     if len(raw) >= PATH_MAX:
         raise FsError(E.ENAMETOOLONG)
     return os.fsdecode(raw)
@@ -863,7 +850,7 @@ def _stream(p, addr: int, n: int, put) -> int:
         want = min(IO_CHUNK, n - done)
         try:
             wrote = put(rd(p, addr + done, want), done)
-        except (MemoryFault, FsError, OSError):
+        except (UserFault, FsError, OSError):
             if done:
                 return done
             raise
@@ -885,7 +872,7 @@ def _iovecs(p, iov, cnt) -> list[tuple[int, int]]:
         if n >> 63:
             raise FsError(E.EINVAL)
         if base + n > TASK_SIZE:             # access_ok: a range check, before truncation
-            raise MemoryFault()
+            raise UserFault(base, False, False)
         n = min(n, MAX_RW_COUNT - total)
         total += n
         out.append((base, n))
@@ -898,7 +885,7 @@ def sys_writev(p, fd, iov, cnt, *_):
     for base, n in _iovecs(p, iov, cnt):
         try:
             wrote = _stream(p, base, n, lambda data, _done: f.write(data))
-        except (MemoryFault, FsError, OSError):
+        except (UserFault, FsError, OSError):
             if total:
                 return total
             raise
@@ -924,7 +911,7 @@ def sys_readv(p, fd, iov, cnt, *_):
         piece = data[done:done + n]
         try:
             wr(p, base, piece)
-        except MemoryFault:
+        except UserFault:
             return done or -E.EFAULT
         done += len(piece)
     return done
