@@ -52,7 +52,7 @@ def disassemble(arch, code: bytes, addr: int, symbols: SymbolTable | None = None
     for insn in md.disasm(code, addr):
         label = f" <{symbols.format(insn.address, with_size=False)}>" if symbols else ""
         target = branch_target(insn) if symbols else None
-        tail = target_label(symbols, target) if target is not None else ""
+        tail = target_label(symbols, target) if target is not None and symbols is not None else ""
         out.append(f"{insn.address:#014x}{label}:  {insn.bytes.hex(' '):<24} "
                    f"{insn.mnemonic} {insn.op_str}".rstrip() + tail)
     return out

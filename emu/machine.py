@@ -13,7 +13,8 @@ from enum import Enum
 from typing import BinaryIO, Callable
 
 import capstone
-from unicorn import Uc, UcError
+from unicorn import UcError
+from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers read the Py2 one)
 from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch

@@ -13,7 +13,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from unicorn import Uc, UcError
+from unicorn import UcError
+from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers read the Py2 one)
 from unicorn import unicorn_const as UC
 
 PAGE = 0x1000

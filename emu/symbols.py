@@ -253,8 +253,9 @@ class IfuncWatch:
         self._guarded(uc, lambda: self._arm_ready(uc, addr, size))
 
     def _arm_ready(self, uc, addr: int, size: int) -> None:
-        _hook_del(uc, self._block_hook)
-        self._block_hook = None
+        if self._block_hook is not None:
+            _hook_del(uc, self._block_hook)
+            self._block_hook = None
         ready, self.ready = self.ready, []
         patches = len(self.m.patches)
         for _key, cb in ready:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 from typing import Callable
 
-from unicorn import Uc
+# The Python 3 binding by its module: type checkers read `unicorn.Uc` as the Python 2 one.
+from unicorn.unicorn_py3.unicorn import Uc
 from unicorn import unicorn_const as UC
 import unicorn.unicorn_py3.unicorn as _ucmod
 

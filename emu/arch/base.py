@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from unicorn import Uc
+# The Python 3 binding by its module: type checkers read `unicorn.Uc` as the Python 2 one.
+from unicorn.unicorn_py3.unicorn import Uc
 
 # Linux's page size and PROT_* bits (the arch maps a page of its own on x86: the GDT).
 PAGE = 0x1000

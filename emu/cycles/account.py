@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, replace
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from emu.clock import FP_MAX, FP_SHIFT
 from emu.cycles import native
@@ -23,6 +23,9 @@ from emu.cycles.ops import decoder_for, disassembler
 from emu.cycles.profile import Profile, profile_for
 from emu.owners import RegionOwner
 from emu.ucfast import uc_emu_stop_address
+
+if TYPE_CHECKING:
+    from emu.cycles.mca import McaCostCache
 
 # Block flags (native.c): ends in a conditional branch; lies in pages a layer owns.
 CM_COND, CM_LAYER = 1, 8
@@ -52,7 +55,7 @@ class CycleModel:
         self.cost_source = cost_source
         self._md = disassembler(profile.isa)
         self._decode = decoder_for(profile.isa)
-        self._mca = None
+        self._mca: McaCostCache | None = None
         if cost_source == "llvm-mca":
             from emu.cycles.mca import McaCostCache
             self._mca = McaCostCache(profile.isa, profile.llvm_mcpu, native.cache_dir())
@@ -79,7 +82,7 @@ class CycleModel:
         self._py_limit_hit = False
         # The parts of blocks charged at entry but not run (execution stopped inside them).
         self._unrun = dict.fromkeys(("code_fp", "layer_fp", "insns"), 0)
-        self._hook = None
+        self._hook: int | None = None
 
     # --- attaching --------------------------------------------------------------------------
     @classmethod
@@ -112,19 +115,19 @@ class CycleModel:
         work = m.layers.pop("work-clock", None)
         if work is not None:
             work.detach()               # the model charges code from now on
-        old = clock.acc
-        if self.native:
+        old, lib = clock.acc, self.lib
+        if lib is not None:
             st = self.state = native.CmState()
             st.taken_cost = p.branch_taken << FP_SHIFT
             st.mispredict_cost = (p.branch_mispredict << FP_SHIFT) if p.mispredict_rate else 0
             self._miss_cb = native.MISS_CB(self._on_miss)
             st.miss = self._miss_cb
-            if self.lib.cm_init(ctypes.byref(st), 1024):
+            if lib.cm_init(ctypes.byref(st), 1024):
                 raise MemoryError("cycle model: table allocation failed")
             st.fp = old.fp
             st.prev_end = 1          # entering the first block counts as a taken branch
             clock.acc = st
-            self._hook = self._add_native_hook()
+            self._hook = self._add_native_hook(lib, st)
         else:
             self._hook = m.hooks.block(self._py_block)
         clock.pending = self.pending_fp
@@ -133,9 +136,15 @@ class CycleModel:
         m.stop_listeners.append(self.settle)
         m.uc.ctl_flush_tb()          # hooks are not called for already-translated blocks
 
-    def _add_native_hook(self) -> int:
-        hook = self.lib.cm_on_block_bp if self.profile.mispredict_rate else self.lib.cm_on_block
-        return self.m.hooks.native_block(native.address_of(hook), ctypes.addressof(self.state))
+    def _add_native_hook(self, lib: ctypes.CDLL, st: native.CmState) -> int:
+        hook = lib.cm_on_block_bp if self.profile.mispredict_rate else lib.cm_on_block
+        return self.m.hooks.native_block(native.address_of(hook), ctypes.addressof(st))
+
+    def _native(self) -> tuple[ctypes.CDLL, native.CmState] | None:
+        """The library and the counter's state: native mode, once installed."""
+        if self.lib is None or self.state is None:
+            return None
+        return self.lib, self.state
 
     def __del__(self) -> None:
         lib, st = getattr(self, "lib", None), getattr(self, "state", None)
@@ -163,12 +172,13 @@ class CycleModel:
         ops = [self._decode(i) for i in insns]
         cost = block_cost(self.profile, ops)
         if self._mca is not None:
-            cost = self._mca_cost(code, cost)
+            cost = self._mca_cost(self._mca, code, cost)
         return Block(cost, tuple(i.address - addr for i in insns), CM_COND if cost.cond else 0)
 
-    def _mca_cost(self, code: bytes, cost: BlockCost) -> BlockCost:
+    @staticmethod
+    def _mca_cost(mca: McaCostCache, code: bytes, cost: BlockCost) -> BlockCost:
         """llvm-mca's cost in place of the model's (prefixes scaled to it)."""
-        fp = self._mca.get(code)
+        fp = mca.get(code)
         if fp is None:
             return cost
         fp = max(1, fp)
@@ -178,7 +188,9 @@ class CycleModel:
     def _on_miss(self, _uc, addr: int, size: int, _ud) -> None:
         try:
             b = self.block(addr, size)
-            self.lib.cm_insert(ctypes.byref(self.state), addr, size, b.cost.cost, b.cost.n, b.flags)
+            nat = self._native()
+            if nat is not None:
+                nat[0].cm_insert(ctypes.byref(nat[1]), addr, size, b.cost.cost, b.cost.n, b.flags)
         except BaseException as exc:   # noqa: BLE001 - re-raised after emu_start
             if not self.m.hooks.errors:
                 self.m.hooks.errors.append(exc)
@@ -230,10 +242,11 @@ class CycleModel:
 
     def counts(self) -> dict[str, int]:
         """code_fp, layer_fp, taken_fp, mispredict_fp (1/256 cycles), insns, blocks."""
-        if self.native:
-            st = self.state
+        nat = self._native()
+        if nat is not None:
+            lib, st = nat
             out = (ctypes.c_uint64 * 4)()
-            self.lib.cm_totals(ctypes.byref(st), out)
+            lib.cm_totals(ctypes.byref(st), out)
             c = {"code_fp": out[0], "layer_fp": out[1], "insns": out[2], "blocks": out[3],
                  "taken_fp": st.taken * st.taken_cost,
                  "mispredict_fp": st.mispredicts * st.mispredict_cost}
@@ -248,24 +261,26 @@ class CycleModel:
         lo, hi = addr, addr + size
         for key in [k for k in self.blocks if k[0] < hi and k[0] + k[1] > lo]:
             del self.blocks[key]
-        if self.native:
-            self.lib.cm_invalidate(ctypes.byref(self.state), lo, hi)
+        nat = self._native()
+        if nat is not None:
+            nat[0].cm_invalidate(ctypes.byref(nat[1]), lo, hi)
 
     def warm_up_mca(self) -> None:
         """Cost source llvm-mca: ask llvm-mca once for every block seen so far."""
-        if self._mca is None:
+        mca = self._mca
+        if mca is None:
             return
-        codes = [bytes(self.m.uc.mem_read(a, s)) for a, s in self.blocks]
-        self._mca.fill(codes)
+        mca.fill([bytes(self.m.uc.mem_read(a, s)) for a, s in self.blocks])
         for k in [k for k in _CACHE if k[0] == self._cost_key]:
             del _CACHE[k]
         self.blocks.clear()
-        if self.native:
-            self.lib.cm_invalidate(ctypes.byref(self.state), 0, 2**64 - 1)
+        nat = self._native()
+        if nat is not None:
+            nat[0].cm_invalidate(ctypes.byref(nat[1]), 0, 2**64 - 1)
 
     # --- where are we -----------------------------------------------------------------------
     def current_block(self) -> tuple[int, int]:
-        if self.native:
+        if self.state is not None:
             cur = self.state.cur
             return (cur.contents.addr, cur.contents.size) if cur else (0, 0)
         return self._py_cur
@@ -312,7 +327,7 @@ class CycleModel:
         if b.flags & CM_LAYER:
             self._unrun["layer_fp"] += back
         self._unrun["insns"] += b.cost.n - idx
-        if self.native:
+        if self.state is not None:
             self.state.prev_end = pc
             self.state.cur = ctypes.POINTER(native.CmEntry)()
         else:

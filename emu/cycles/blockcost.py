@@ -75,7 +75,7 @@ def resolve(profile: Profile, op: Op) -> ROp:
     def lat_of(c: str) -> int:
         return plat if c == PRIMARY else profile.classes[resolve_class(profile, c)].lat
 
-    uses = []
+    uses: list[tuple[frozenset[str], int]] = []
     for u in op.uses:
         cc = profile.classes[cls_of(u)]
         occ = pocc if u == PRIMARY else cc.occupancy
@@ -133,7 +133,8 @@ def recurrence(profile: Profile, rops: list[ROp]) -> Fraction:
         new: dict[str, dict[str, int]] = {}
         for d, s, lat, reader in r.edges:
             src = dist[s] if s in dist else {s: 0}
-            f = fwd.get((producer.get(s, last_writer.get(s)), reader), 0)
+            made_by = producer[s] if s in producer else last_writer.get(s, "")
+            f = fwd.get((made_by, reader), 0)
             nd = new.setdefault(d, {})
             for e, v in src.items():
                 x = v + lat - f
@@ -151,22 +152,26 @@ def recurrence(profile: Profile, rops: list[ROp]) -> Fraction:
 
 
 def _max_cycle_mean(n: int, edges: list[tuple[int, int, int]]) -> Fraction:
-    NEG = None
-    D = [[0] * n] + [[NEG] * n for _ in range(n)]
+    # D[k][v]: the heaviest walk of exactly k edges ending at v (None: no such walk)
+    start: list[int | None] = [0] * n
+    D = [start] + [[None] * n for _ in range(n)]
     for k in range(1, n + 1):
         prev, cur = D[k - 1], D[k]
         for u, v, w in edges:
-            if prev[u] is not NEG and (cur[v] is NEG or prev[u] + w > cur[v]):
-                cur[v] = prev[u] + w
-    best = None
+            pu, cv = prev[u], cur[v]
+            if pu is not None and (cv is None or pu + w > cv):
+                cur[v] = pu + w
+    best: Fraction | None = None
     for v in range(n):
-        if D[n][v] is NEG:
+        dn = D[n][v]
+        if dn is None:
             continue
-        worst = None
+        worst: Fraction | None = None
         for k in range(n):
-            if D[k][v] is NEG:
+            dk = D[k][v]
+            if dk is None:
                 continue
-            m = Fraction(D[n][v] - D[k][v], n - k)
+            m = Fraction(dn - dk, n - k)
             if worst is None or m < worst:
                 worst = m
         if worst is not None and (best is None or worst > best):
@@ -240,7 +245,8 @@ def block_cost(profile: Profile, ops: list[Op]) -> BlockCost:
     else:
         fp = max(1, int(ooo_cost(profile, rops) * FP))
         total = sum(r.slots for r in rops)
-        acc, prefix_l = 0, []
+        acc = 0
+        prefix_l: list[int] = []
         for r in rops:
             acc += r.slots
             prefix_l.append(fp * acc // total if total else fp * (len(prefix_l) + 1) // n)

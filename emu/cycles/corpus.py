@@ -60,7 +60,8 @@ def function_blocks(md: capstone.Cs, code: bytes, addr: int) -> list[tuple[int, 
             t = _branch_target(i)
             if t is not None and addr <= t < end:
                 leaders.add(t)
-    blocks, cur = [], []
+    blocks: list[tuple[int, list]] = []
+    cur: list = []
     for i in insns:
         if i.address in leaders and cur:
             blocks.append((cur[0].address, cur))

@@ -94,8 +94,8 @@ def decode(insn) -> Op:
             srcs = ["x30"]
         if base in ("cbz", "cbnz", "tbz", "tbnz"):
             srcs = srcs[:1]
-        dsts = ("x30",) if base.startswith("bl") else ()
-        return make_op(m, "branch", (PRIMARY,), dsts, tuple(srcs), branch=True,
+        links: tuple[str, ...] = ("x30",) if base.startswith("bl") else ()
+        return make_op(m, "branch", (PRIMARY,), links, tuple(srcs), branch=True,
                        cond=base in COND_BRANCHES, size=size)
     if base in SYSTEM:
         return make_op(m, "system", (PRIMARY,), tuple(_regs(insn, ops)[:1]) if base == "mrs" else (),

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
 SOURCE = Path(__file__).with_name("native.c")
 
@@ -28,7 +29,22 @@ class CmEntry(ctypes.Structure):
 
 class CmState(ctypes.Structure):
     """cm_state of native.c (field for field)."""
-    _fields_ = [(name, ctypes.c_uint64) for name in (
+    # The fields Python reads and writes, for type checkers (ctypes makes them from _fields_).
+    fp: int
+    prev_end: int
+    taken_cost: int
+    mispredict_cost: int
+    taken: int
+    mispredicts: int
+    limit_fp: int
+    stop: int | None
+    limit_hit: int
+    byte_cost: int
+    bytes: int
+    table: int | None
+    cur: Any
+    miss: Any
+    _fields_: ClassVar[list[tuple[str, Any]]] = [(name, ctypes.c_uint64) for name in (
         "fp", "prev_end", "taken_cost", "mispredict_cost", "taken", "mispredicts", "misses",
         "unknown", "count", "mask")] + [
         ("gone", ctypes.c_uint64 * 4), ("table", ctypes.c_void_p),
@@ -37,7 +53,7 @@ class CmState(ctypes.Structure):
         ("byte_cost", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
-def address_of(fn: object) -> int:
+def address_of(fn: Any) -> int:
     """The address of a function of the loaded library (to register it as a native hook)."""
     addr = ctypes.cast(fn, ctypes.c_void_p).value
     if addr is None:

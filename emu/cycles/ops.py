@@ -48,7 +48,7 @@ def make_op(mnemonic: str, cls: str, uses, dsts, srcs, addr_srcs=(), addr_path=(
             size: int = 0) -> Op:
     """The usual shape: every dst depends on every src through `cls` and on every address
     register through `addr_path` (a load's latency, or load then cls)."""
-    edges = []
+    edges: list[tuple[str, str, tuple[str, ...]]] = []
     for d in dsts:
         edges.extend((d, s, (PRIMARY,)) for s in srcs)
         edges.extend((d, a, tuple(addr_path)) for a in addr_srcs)
