@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import BinaryIO, Callable
 
 import capstone
@@ -40,7 +40,7 @@ _MEM_KIND = {
 }
 
 
-class StopReason(Enum):
+class StopReason(StrEnum):
     EXIT = "exit"
     FAULT = "fault"
     LIMIT = "limit"
