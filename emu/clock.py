@@ -37,6 +37,14 @@ class Reason(StrEnum):
     SLEEP = "sleep"            # time the guest slept (no cost of its own)
 
 
+# The members as module constants, as `re` exports its flags: on Python 3.11 reading
+# `Reason.TRAP` costs ~0.1 µs (EnumType's __getattr__ takes the slow attribute path), which
+# a probe hit should not pay per charge.
+TRAP, STEP, HANDLER, DETOUR = Reason.TRAP, Reason.STEP, Reason.HANDLER, Reason.DETOUR
+BPF, BPF_INSN, SYSCALL, COUNTER, SLEEP = (Reason.BPF, Reason.BPF_INSN, Reason.SYSCALL,
+                                          Reason.COUNTER, Reason.SLEEP)
+
+
 # Before a CPU profile is attached: modelling choices, not measurements. A counter read
 # costs something so consecutive reads are strictly increasing.
 DEFAULT_COSTS: dict[Reason, int] = {
@@ -67,7 +75,7 @@ class Clock:
                  costs: Mapping[Reason, int] | None = None) -> None:
         self.freq_hz = freq_hz              # modelling choice until a CPU profile says otherwise
         self.counter_hz = counter_hz
-        self.costs: dict[str, int] = {}
+        self.costs: dict[Reason, int] = {}
         self.trap_parts: dict[str, int] = dict(DEFAULT_TRAP_PARTS)
         self.set_costs(costs or DEFAULT_COSTS)
         self.by_reason: dict[str, int] = dict(by_reason or {})
@@ -89,8 +97,7 @@ class Clock:
         missing = set(Reason) - set(costs)
         if missing:
             raise ValueError(f"costs for {sorted(missing)} missing")
-        # Keyed by the plain string: hot paths look them up with Reason members, equal to it.
-        self.costs = {str(r): int(v) for r, v in costs.items()}
+        self.costs = {Reason(r): int(v) for r, v in costs.items()}
         if trap_parts is not None:
             self.trap_parts = dict(trap_parts)
 
@@ -129,19 +136,19 @@ class Clock:
 
     @property
     def handler_cost(self) -> int:
-        return self.costs[Reason.HANDLER]
+        return self.costs[HANDLER]
 
     @property
     def detour_cost(self) -> int:
-        return self.costs[Reason.DETOUR]
+        return self.costs[DETOUR]
 
     @property
     def syscall_cost(self) -> int:
-        return self.costs[Reason.SYSCALL]
+        return self.costs[SYSCALL]
 
     @property
     def counter_read_cost(self) -> int:
-        return self.costs[Reason.COUNTER]
+        return self.costs[COUNTER]
 
     def __repr__(self) -> str:
         return (f"Clock(cycles={self.cycles}, freq_hz={self.freq_hz}, profile={self.profile!r}, "
@@ -177,7 +184,7 @@ class Clock:
     def charge_bpf(self, insns: int) -> None:
         """A BPF program ran `insns` instructions."""
         costs = self.costs
-        self.advance(costs[Reason.BPF] + insns * costs[Reason.BPF_INSN], Reason.BPF)
+        self.advance(costs[BPF] + insns * costs[BPF_INSN], BPF)
 
     def now(self) -> int:
         """Cycles at the current instruction: the running block's prefix, not all of it."""
@@ -191,7 +198,7 @@ class Clock:
 
     def read_cycles(self) -> int:
         """rdtsc / pmccntr_el0."""
-        self.advance(self.costs[Reason.COUNTER], Reason.COUNTER)
+        self.advance(self.costs[COUNTER], COUNTER)
         return self.now()
 
     def read_counter(self) -> int:

@@ -18,7 +18,7 @@ from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers 
 from unicorn import unicorn_const as UC
 
 from emu.arch import Arch, get_arch
-from emu.clock import Clock, Reason
+from emu.clock import SYSCALL, Clock
 from emu.memory import PROT_EXEC, Memory
 from emu.owners import RegionOwner, RegionOwners
 from emu.symbols import SymbolTable
@@ -279,7 +279,7 @@ class Machine:
         self.stop_fault(Fault("breakpoint trap (no handler)", addr, None, SIGTRAP))
 
     def on_syscall(self) -> None:
-        self.clock.charge(Reason.SYSCALL)
+        self.clock.charge(SYSCALL)
         if self.syscall_handler is None:
             self.stop_fault(Fault("system call with no OS (bare metal)", self.pc, None, SIGILL))
         else:

@@ -21,7 +21,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
-from emu.clock import Reason
+from emu.clock import DETOUR
 from emu.machine import Machine
 from emu.uaccess import UserFault
 from probes.regs import PtRegs
@@ -126,7 +126,7 @@ class Ftrace:
             return
         if site is None:
             return
-        m.clock.charge(Reason.DETOUR)
+        m.clock.charge(DETOUR)
         regs = self.arch.ftrace_regs(m, site.addr, sp)
         parent_ip = None
         for ops in list(site.ops):

@@ -14,7 +14,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from emu.clock import Reason
+from emu.clock import HANDLER, STEP, TRAP
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
@@ -267,7 +267,7 @@ class Kprobes:
             kp.hits += 1
             if kp.pre_handler is not None:
                 if not first:
-                    clock.charge(Reason.HANDLER)
+                    clock.charge(HANDLER)
                 first = False
                 if kp.pre_handler(kp, regs):
                     return 1
@@ -278,7 +278,7 @@ class Kprobes:
         for kp in ap.list:
             if kp.post_handler is not None and not kp.disabled():
                 if not first:
-                    clock.charge(Reason.HANDLER)
+                    clock.charge(HANDLER)
                 first = False
                 kp.post_handler(kp, regs, flags)
 
@@ -360,7 +360,7 @@ class Kprobes:
             return False
         kcb, clock = self.kcb, self.m.clock
         if kcb.current is not None:
-            clock.charge(Reason.TRAP)
+            clock.charge(TRAP)
             self._reenter(p, PtRegs(self.m, self.arch.handler_ip(p)))
             return True
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
@@ -368,9 +368,9 @@ class Kprobes:
             p.hits += 1
         regs = None
         if p.pre_handler is None:
-            clock.charge(Reason.TRAP)
+            clock.charge(TRAP)
         else:
-            clock.charge2(Reason.TRAP, Reason.HANDLER)
+            clock.charge2(TRAP, HANDLER)
             regs = PtRegs(self.m, p.addr + self.ip_offset)
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
@@ -457,14 +457,14 @@ class Kprobes:
         clock = self.m.clock
         self.m.pc = p.addr + p.ainsn.length     # resume_execution: the next instruction
         if kcb.status == KPROBE_HIT_SS and p.post_handler is not None:
-            clock.charge2(Reason.STEP, Reason.HANDLER)
+            clock.charge2(STEP, HANDLER)
             kcb.status = KPROBE_HIT_SSDONE
             regs = PtRegs(self.m)
             p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
             regs.flush()
             kcb.current, kcb.status = None, 0
             return True
-        clock.charge(Reason.STEP)
+        clock.charge(STEP)
         if kcb.status == KPROBE_HIT_SS and not self.preemptible:
             self.arch.boost(p)                  # the step worked: later hits may skip it
         self._post_kprobe(p, None)
@@ -477,7 +477,7 @@ class Kprobes:
             return
         kcb.status = KPROBE_HIT_SSDONE
         if p.post_handler is not None:
-            self.m.clock.charge(Reason.HANDLER)
+            self.m.clock.charge(HANDLER)
             if regs is None:
                 regs = PtRegs(self.m)
             p.post_handler(p, regs, 0)          # regs.ip is where execution resumes
@@ -521,12 +521,12 @@ class Kprobes:
         if not p.is_aggr:
             p.hits += 1
         if p.pre_handler is not None:
-            m.clock.charge(Reason.HANDLER)
+            m.clock.charge(HANDLER)
         if p.pre_handler is None or not p.pre_handler(p, regs):
             regs.present(pc, p.addr + p.ainsn.length)    # "single-step" over the nop
             if p.post_handler is not None:
                 kcb.status = KPROBE_HIT_SSDONE
-                m.clock.charge(Reason.HANDLER)
+                m.clock.charge(HANDLER)
                 p.post_handler(p, regs, 0)
             regs.forget(pc)
         kcb.current, kcb.status = None, 0

@@ -20,7 +20,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from emu.clock import Reason
+from emu.clock import HANDLER
 from emu.machine import SIGILL, Fault, Machine
 from emu.symbols import when_ifunc_resolved
 from probes.arch.common import RpCheck
@@ -209,7 +209,7 @@ class Kretprobes:
                 continue
             if rp.handler is not None and frame is not None:
                 kcb.current = rp.kp                          # probes hit in here are missed
-                m.clock.charge(Reason.HANDLER)
+                m.clock.charge(HANDLER)
                 rp.handler(ri, regs)
             rp.hits += 1
             rp.free_instances.append(ri)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from emu.clock import Reason
+from emu.clock import DETOUR, HANDLER
 from probes.kprobes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KPROBE_FLAG_OPTIMIZED,
                             KPROBE_HIT_ACTIVE, Kprobe, Kprobes)
 from probes.regs import PtRegs
@@ -153,16 +153,16 @@ class Optimizer:
         m, kcb = self.m, self.kp.kcb
         clock = m.clock
         if kcb.current is not None:
-            clock.charge(Reason.DETOUR)
+            clock.charge(DETOUR)
             self.kp.kprobes_inc_nmissed_count(p)
             return
         if not p.is_aggr:
             p.hits += 1
         handler = p.pre_handler
         if handler is None:
-            clock.charge(Reason.DETOUR)
+            clock.charge(DETOUR)
             return
-        clock.charge2(Reason.DETOUR, Reason.HANDLER)
+        clock.charge2(DETOUR, HANDLER)
         kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
         regs = self._regs.reset(addr + self.ip_offset)
         handler(p, regs)

@@ -10,7 +10,7 @@ import struct
 
 import capstone
 
-from emu.clock import Reason
+from emu.clock import TRAP
 from emu.machine import Machine
 from emu.symbols import Symbol
 from probes.arch.arm64.decode import Verdict, arm_probe_decode_insn, in_atomic_sequence
@@ -64,7 +64,7 @@ class Arm64Kprobes(Arm64OptMixin, BreakpointKprobes):
         return m.reg("x29")
 
     def charge_kretprobe_return(self, m: Machine) -> None:
-        m.clock.charge(Reason.TRAP)
+        m.clock.charge(TRAP)
 
     # --- ftrace (arch/arm64/kernel/ftrace.c; see probes/ftrace.py for the per-site branch) ---
     ftrace_section = "__patchable_function_entries"

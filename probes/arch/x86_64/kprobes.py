@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import struct
 
-from emu.clock import Reason
+from emu.clock import DETOUR
 from emu.symbols import Symbol
 from emu.uaccess import UserFault, get_user, put_user
 from probes.arch.common import (
@@ -78,7 +78,7 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         return m.sp - 8                      # `ret` popped the slot the entry hijacked
 
     def charge_kretprobe_return(self, m) -> None:
-        m.clock.charge(Reason.DETOUR)
+        m.clock.charge(DETOUR)
 
     # --- ftrace (arch/x86/kernel/ftrace.c) ------------------------------------------------
     ftrace_section = "__mcount_loc"
