@@ -24,6 +24,8 @@ from typing import IO, Callable
 
 from emu.machine import Machine
 from emu.uaccess import UserFault
+from probes.arch import ArchFtrace, arch_probes_of
+from probes.errors import user_fault
 from probes.regs import PtRegs
 
 FtraceFunc = Callable[[int, int, "FtraceOps", PtRegs], None]   # (ip, parent_ip, ops, regs)
@@ -58,9 +60,8 @@ class Ftrace:
     """The ftrace state of a machine."""
 
     def __init__(self, machine: Machine) -> None:
-        from probes.kprobes import kprobes_of
         self.m = machine
-        self.arch = kprobes_of(machine).arch
+        self.arch: ArchFtrace = arch_probes_of(machine).ftrace
         self.sites: dict[int, FtraceSite] = {}
         self.ops: list[FtraceOps] = []
         self._discover()
@@ -80,6 +81,11 @@ class Ftrace:
 
     def ftrace_location(self, addr: int) -> FtraceSite | None:
         return self.sites.get(addr)
+
+    @property
+    def site_size(self) -> int:
+        """Bytes of one patch site (MCOUNT_INSN_SIZE)."""
+        return len(self.arch.ftrace_nop)
 
     # --- ops ---------------------------------------------------------------------------------
     def register_ftrace_function(self, ops: FtraceOps) -> int:
@@ -124,8 +130,7 @@ class Ftrace:
         try:
             site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
         except UserFault as e:   # only a guest that jumps here with a bad sp: the
-            from probes.kprobes import user_fault     # trampoline's own stack read faults
-            m.stop_fault(user_fault(e, pc))
+            m.stop_fault(user_fault(e, pc))           # trampoline's own stack read faults
             return
         if site is None:
             return
@@ -149,7 +154,8 @@ class Ftrace:
 
 
 def ftrace_of(machine: Machine) -> Ftrace:
-    return machine.layer("ftrace", Ftrace)
+    ftrace: Ftrace = machine.layer("ftrace", Ftrace)
+    return ftrace
 
 
 # --- the function tracer ---------------------------------------------------------------------

@@ -107,10 +107,10 @@ def _show_replaced_tail(m: Machine, ins: Inspection, size: int) -> None:
 
 def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     """Register `p` (if it is not yet), and describe the patch; rejection is a verdict."""
-    kp = kprobes_of(m)
-    if not kp.is_registered(p):
+    kprobes = kprobes_of(m)
+    if not kprobes.is_registered(p):
         try:
-            kp.register_kprobe(p)
+            kprobes.register_kprobe(p)
         except KprobeError as e:
             import errno as _e
             where, addr = _where(m, p)
@@ -119,7 +119,7 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     if p.addr is None:          # an IFUNC waiting for the guest's resolver (emu.symbols)
         return Inspection(where=where, addr=None, verdict="pending",
                           reason="an IFUNC: armed where the guest's resolver points (use --run)")
-    top = kp.table[p.addr]
+    top = kprobes.table[p.addr]
     ainsn = top.ainsn
     oi = ainsn.optinsn
     n = max(ainsn.length, len(m.arch.breakpoint), oi.size if oi is not None and ainsn.optimized else 0)

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
-from probes.arch import ArchKprobes, get_arch_kprobes
+from probes.arch import ArchKprobes, arch_probes_of
+from probes.arch.common import ArchSpecificInsn, StepKind
 from probes.blacklist import Blacklist
-from probes.errors import KprobeError
+from probes.errors import KprobeError, user_fault
+from probes.ftrace import Ftrace, FtraceOps, ftrace_of
 from probes.regs import PtRegs
+
+if TYPE_CHECKING:
+    from probes.optprobes import Optimizer
+
+__all__ = ["Kprobe", "Kprobes", "KprobeCtlblk", "ProbeKind", "kprobes_of", "probe_kind",
+           "user_fault", "register_kprobe", "unregister_kprobe", "register_kprobes",
+           "unregister_kprobes", "enable_kprobe", "disable_kprobe", "get_kprobe"]
 
 KPROBE_FLAG_GONE = 1
 KPROBE_FLAG_DISABLED = 2
@@ -38,6 +48,15 @@ PostHandler = Callable[["Kprobe", PtRegs, int], None]
 FaultHandler = Callable[["Kprobe", PtRegs, int], Optional[int]]
 
 
+class ProbeKind(StrEnum):
+    """What `emu inspect`, the sweep and --stats call a probe (the JSON `kind`)."""
+    KPROBE = "kprobe"
+    BOOSTED = "boosted"
+    OPTIMIZED = "optimized"
+    FTRACE = "ftrace"
+    KRETPROBE = "kretprobe"
+
+
 @dataclass(eq=False)
 class Kprobe:
     """struct kprobe. Give `symbol_name` (+ `offset`) or `addr`. `hits` is ours: how often
@@ -51,7 +70,7 @@ class Kprobe:
     flags: int = 0
     nmissed: int = 0
     opcode: bytes = b""
-    ainsn: Any = None
+    ainsn: Any = None                                       # ArchSpecificInsn once prepared
     hits: int = 0
     list: list["Kprobe"] = field(default_factory=list)     # children, if an aggregator
     is_aggr: bool = False
@@ -86,15 +105,15 @@ class Kprobes:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
-        self.arch: ArchKprobes = get_arch_kprobes(machine)
+        self.arch: ArchKprobes = arch_probes_of(machine).kprobes
         self.table: dict[int, Kprobe] = {}
         self.kcb = KprobeCtlblk()
         self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
         self._registered: set[int] = set()        # id() of registered struct kprobes
-        self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
+        self.optimizer: Optimizer | None = None   # set by enable_optprobes
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
         self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
-        self._ftrace_ops = None                   # the FtraceOps serving FTRACE probes
+        self._ftrace_ops: FtraceOps | None = None  # the one serving FTRACE probes
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -183,7 +202,7 @@ class Kprobes:
 
     def probes(self) -> list[Kprobe]:
         """Every registered user probe (children of aggregators included), by address."""
-        out = []
+        out: list[Kprobe] = []
         for addr in sorted(self.table):
             top = self.table[addr]
             out.extend(top.list if top.is_aggr else [top])
@@ -486,28 +505,26 @@ class Kprobes:
 
     # --- kprobes on ftrace sites (arch/x86/kernel/kprobes/ftrace.c) ----------------------------
     @property
-    def ftrace(self):
-        from probes.ftrace import ftrace_of
+    def ftrace(self) -> Ftrace:
         return ftrace_of(self.m)
 
     def _prepare_ftrace(self, p: Kprobe) -> bool:
         """A probe on an ftrace site is served by ftrace: no breakpoint, no slot."""
-        site = self.ftrace.ftrace_location(p.addr)
-        if site is None:
+        assert p.addr is not None
+        ftrace = self.ftrace
+        if ftrace.ftrace_location(p.addr) is None:
             return False
-        from probes.arch.common import ArchSpecificInsn
-        from probes.ftrace import FtraceOps
         if self._ftrace_ops is None:
             self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True,
                                          wants_parent=False)
-        nop = self.arch.ftrace_nop
         p.flags |= KPROBE_FLAG_FTRACE
         p.opcode = b""
-        p.ainsn = ArchSpecificInsn(kind="ftrace", length=len(nop), mnemonic="nop (ftrace site)",
-                                   ftrace=True)
+        p.ainsn = ArchSpecificInsn(kind=StepKind.FTRACE, length=ftrace.site_size,
+                                   mnemonic="nop (ftrace site)", ftrace=True)
         return True
 
-    def kprobe_ftrace_handler(self, ip: int, parent_ip: int, ops, regs: PtRegs) -> None:
+    def kprobe_ftrace_handler(self, ip: int, parent_ip: int, ops: FtraceOps,
+                              regs: PtRegs) -> None:
         p = self.table.get(ip)
         if p is None or p.disabled():
             return
@@ -554,25 +571,19 @@ class Kprobes:
             kcb.current, kcb.status = None, 0
 
 
-def user_fault(e: UserFault, pc: int) -> Fault:
-    """The machine's fault report for a checked access that failed on the guest's behalf,
-    worded as the CPU's own fault on that access (emu.machine's memory fault kinds)."""
-    return Fault(e.kind, pc, e.addr, SIGSEGV)
-
-
-def probe_kind(p: Kprobe) -> str:
+def probe_kind(p: Kprobe) -> ProbeKind:
     """kprobe, kretprobe, boosted, optimized, ftrace: what `emu inspect`, the sweep and
     --stats call a probe."""
     if p.kretprobe is not None:
-        return "kretprobe"
+        return ProbeKind.KRETPROBE
     ainsn = p.ainsn
     if ainsn.optimized:
-        return "optimized"
+        return ProbeKind.OPTIMIZED
     if ainsn.ftrace:
-        return "ftrace"
+        return ProbeKind.FTRACE
     if ainsn.boosted:
-        return "boosted"
-    return "kprobe"
+        return ProbeKind.BOOSTED
+    return ProbeKind.KPROBE
 
 
 def _where(p: Kprobe) -> str:
@@ -583,7 +594,8 @@ def _where(p: Kprobe) -> str:
 
 def kprobes_of(machine: Machine) -> Kprobes:
     """The machine's kprobe state, created on first use."""
-    return machine.layer("kprobes", Kprobes)
+    kprobes: Kprobes = machine.layer("kprobes", Kprobes)
+    return kprobes
 
 
 # Kernel-style entry points on a machine.

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from emu.machine import SIGILL, Fault, Machine
 from emu.symbols import when_ifunc_resolved
+from probes.arch import ArchKretprobes, arch_probes_of
 from probes.arch.common import RpCheck
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
@@ -64,7 +65,7 @@ class Kretprobes:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.kprobes: Kprobes = kprobes_of(machine)
-        self.arch = self.kprobes.arch
+        self.arch: ArchKretprobes = arch_probes_of(machine).kretprobes
         self.instances: list[KretprobeInstance] = []          # the task's LIFO
         self.registered: list[Kretprobe] = []
         self.frame_warnings = 0

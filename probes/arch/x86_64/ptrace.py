@@ -55,9 +55,9 @@ def entry_return_address(regs: "PtRegs") -> int:
 def just_return_func(machine) -> int:
     """The kernel's just_return_func: a lone `ret` in the probe layer's trampoline pages
     (made once per machine)."""
-    def make(m) -> int:
-        from probes.kprobes import kprobes_of
-        addr = kprobes_of(m).arch.tramps.get(near=m.pc)
+    def make(m: "Machine") -> int:
+        from probes.arch import arch_probes_of
+        addr = arch_probes_of(m).pages.tramps.get(near=m.pc)
         m.text_poke(addr, b"\xc3")
         return addr
     return machine.layer("just_return_func", make)
