@@ -12,6 +12,7 @@ from emu.arch import get_arch
 from emu.loader import Guest, GuestConfig, load_guest
 from emu.machine import Machine, RunResult
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+from probes.arch import arch_ptrace
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
 from probes.kretprobes import Kretprobe, kretprobes_of
@@ -19,8 +20,6 @@ from probes.kretprobes import Kretprobe, kretprobes_of
 ASM_BASE = 0x40_0000
 ASM_DATA = 0x60_0000
 ASM_STACK_TOP = 0x80_0000
-HALT = {"arm64": "hlt #0", "x86_64": "hlt"}
-HALT_BYTES = {"arm64": (0xD4400000).to_bytes(4, "little"), "x86_64": b"\xf4"}
 
 
 @dataclass
@@ -64,8 +63,8 @@ class ProbeLab:
         m.memory.map(ASM_DATA, 0x10000, PROT_READ | PROT_WRITE, "asm:data")
         m.memory.map(ASM_STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE, "[stack]")
         addr = ASM_BASE
-        for name, source in [*functions.items(), ("__lab_halt", HALT[a.name])]:
-            code = bytes(ks.asm(source, addr)[0] or b"")
+        for name, source in [*functions.items(), ("__lab_halt", None)]:
+            code = a.halt_insn if source is None else bytes(ks.asm(source, addr)[0] or b"")
             m.memory.write(addr, code)
             m.symbols.add(name, addr, len(code), "func")
             addr = (addr + len(code) + 15) & ~15
@@ -158,11 +157,7 @@ class ProbeLab:
         if self.halt_addr is None:
             self.halt_addr = self._map_halt_stub()
         ret = self.halt_addr
-        if m.arch.link is not None:
-            m.set_reg(m.arch.link, ret)
-        else:
-            m.sp = m.sp - 8
-            m.memory.write_u64(m.sp, ret)
+        arch_ptrace(m.arch.name).set_call_return(m, ret)
         # Top level: run into the halt stub (its hlt stops the run, hooks on it fire);
         # nested: stop at it without emu_stop, which would also end the outer run.
         result = m.run(begin=addr, timeout=timeout, until=ret if saved is not None else None)
@@ -179,7 +174,7 @@ class ProbeLab:
         m = self.machine
         page = place_near(m, m.entry or m.pc, 0x1000)
         m.memory.map(page, 0x1000, PROT_READ | PROT_EXEC, "[lab halt stub]")
-        m.memory.write(page, HALT_BYTES[m.arch.name])
+        m.memory.write(page, m.arch.halt_insn)
         m.halt_allowed = True                # calls end on this stub's halt
         return page
 

@@ -190,6 +190,7 @@ ARM64 = Arm64Arch(
     # fp asimd evtstrm aes pmull sha1 sha2 crc32: what Unicorn's default Cortex-A72 runs.
     hwcap=0xFF, hwcap2=0,
     bare_base=0x4000_0000, bare_ram_size=0x0800_0000, bare_stack_top=0x4800_0000,
-    flags_reg="nzcv", halt_size=0, aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
+    flags_reg="nzcv", halt_size=0, halt_insn=(0xD4400000).to_bytes(4, "little"),
+    aliases={"lr": "x30", "fp": "x29", "xzr": "x31"},
     privileged_signal=4,
 )

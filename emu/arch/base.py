@@ -43,6 +43,7 @@ class Arch:
     bare_stack_top: int
     flags_reg: str
     halt_size: int                 # bytes of the halt instruction (x86 reports pc after it)
+    halt_insn: bytes = b""         # the bare-metal halt instruction (hlt #0 / hlt)
     aliases: dict[str, str] = field(default_factory=dict)
     exception_names: dict[int, str] = field(default_factory=dict)   # CPU exception number -> kind
     # The signal Linux sends a process that runs a privileged instruction: SIGSEGV for the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 from emu.arch import ARCH_NAMES
@@ -175,6 +176,13 @@ def _make(machine: "Machine") -> ArchProbes:
 def arch_probes_of(machine: "Machine") -> ArchProbes:
     """The machine's arch answers, made on first use (one set of pages per machine)."""
     return machine.layer("arch_probes", _make)
+
+
+def arch_ptrace(arch_name: str) -> ModuleType:
+    """The arch's pt_regs module (probes/arch/<name>/ptrace.py): the `struct pt_regs`
+    layout BPF programs see, the register view's facts (ZERO_REGS, STACK_ARGS), and the
+    calling-convention helpers (entry_return_address, set_call_return, ...)."""
+    return importlib.import_module(f"{IMPLS[arch_name]}.ptrace")
 
 
 def get_arch_kprobes(machine: "Machine") -> ArchKprobes:
