@@ -23,6 +23,7 @@ from probes.arch.common import ArchSpecificInsn, StepKind
 from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, ftrace_of
+from probes.location import ProbeLocation, parse_probe_location
 from probes.regs import PtRegs
 
 if TYPE_CHECKING:
@@ -75,6 +76,17 @@ class Kprobe:
     list: list["Kprobe"] = field(default_factory=list)     # children, if an aggregator
     is_aggr: bool = False
     kretprobe: Any = None                                   # the Kretprobe this entry serves
+
+    @classmethod
+    def at(cls, where: "str | int | ProbeLocation") -> "Kprobe":
+        """A kprobe on `SYM[+OFF]|ADDR` (probes.location; LocationError if it does not
+        parse), a parsed location or an address."""
+        if isinstance(where, int):
+            return cls(addr=where)
+        loc = where if isinstance(where, ProbeLocation) else parse_probe_location(where)
+        if loc.addr is not None:
+            return cls(addr=loc.addr)
+        return cls(symbol_name=loc.symbol, offset=loc.offset)
 
     def disabled(self) -> bool:
         """kprobe_disabled()"""

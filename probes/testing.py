@@ -15,6 +15,7 @@ from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from probes.arch import arch_ptrace
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.location import parse_probe_location
 from probes.kretprobes import Kretprobe, kretprobes_of
 
 ASM_BASE = 0x40_0000
@@ -190,8 +191,14 @@ class ProbeLab:
     def addr_of(self, where: str | int) -> int:
         if isinstance(where, int):
             return where
-        name, _, off = where.partition("+")
-        return self.machine.symbols.lookup(name).addr + (int(off, 0) if off else 0)
+        loc = parse_probe_location(where)
+        if loc.addr is not None:
+            return loc.addr
+        assert loc.symbol is not None
+        sym = self.machine.symbols.lookup(loc.symbol)
+        if sym is None:
+            raise KeyError(f"no symbol {loc.symbol!r}")
+        return sym.addr + loc.offset
 
     def text(self, where: str | int, size: int) -> bytes:
         """Guest bytes now (what the guest itself would read)."""
@@ -213,10 +220,7 @@ class ProbeLab:
 
 
 def _kprobe_at(where: str | int) -> Kprobe:
-    if isinstance(where, int):
-        return Kprobe(addr=where)
-    name, _, off = where.partition("+")
-    return Kprobe(symbol_name=name, offset=int(off, 0) if off else 0)
+    return Kprobe.at(where)
 
 
 # --- assertions with disassembly in the failure message ----------------------------------------
