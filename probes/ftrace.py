@@ -27,6 +27,7 @@ from emu.uaccess import UserFault
 from probes.arch import ArchFtrace, arch_probes_of
 from probes.errors import user_fault
 from probes.regs import PtRegs
+from probes.reserved_text import ReservedText, TextUse, reserved_text_of
 
 FtraceFunc = Callable[[int, int, "FtraceOps", PtRegs], None]   # (ip, parent_ip, ops, regs)
 
@@ -62,6 +63,7 @@ class Ftrace:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.arch: ArchFtrace = arch_probes_of(machine).ftrace
+        self.reserved: ReservedText = reserved_text_of(machine)
         self.sites: dict[int, FtraceSite] = {}
         self.ops: list[FtraceOps] = []
         self._discover()
@@ -77,7 +79,8 @@ class Ftrace:
             sym = self.m.symbols.find(site)
             if sym is None or self.m.original_text(site, len(self.arch.ftrace_nop)) != self.arch.ftrace_nop:
                 continue                     # not a pristine nop site: leave it alone
-            self.sites[site] = FtraceSite(site, sym.name)
+            self.sites[site] = rec = FtraceSite(site, sym.name)
+            self.reserved.reserve(site, self.arch.ftrace_patch_size, TextUse.FTRACE, rec)
 
     def ftrace_location(self, addr: int) -> FtraceSite | None:
         return self.sites.get(addr)
@@ -116,12 +119,13 @@ class Ftrace:
     def _add(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.append(ops)
         if len(site.ops) == 1:           # ftrace_make_call: nop -> call of a trampoline
-            self.m.text_poke(site.addr, self.arch.ftrace_make_call(site.addr, self._ftrace_caller))
+            call = self.arch.ftrace_make_call(site.addr, self._ftrace_caller)
+            self.reserved.text_poke(self.m, site.addr, call, site)
 
     def _remove(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.remove(ops)
         if not site.ops:                 # ftrace_make_nop
-            self.m.text_poke(site.addr, self.arch.ftrace_nop)
+            self.reserved.text_poke(self.m, site.addr, self.arch.ftrace_nop, site)
 
     # --- the trampoline's host entry --------------------------------------------------------------
     def _ftrace_caller(self, pc: int) -> None:

@@ -25,6 +25,7 @@ from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
 from probes.regs import PtRegs
+from probes.reserved_text import ReservedText, TextUse, reserved_text_of
 
 if TYPE_CHECKING:
     from probes.optprobes import Optimizer
@@ -121,6 +122,7 @@ class Kprobes:
         self.table: dict[int, Kprobe] = {}
         self.kcb = KprobeCtlblk()
         self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
+        self.reserved: ReservedText = reserved_text_of(machine)
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer: Optimizer | None = None   # set by enable_optprobes
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
@@ -341,6 +343,9 @@ class Kprobes:
         opt = self.optimizer
         if opt is not None:
             opt.before_arm(p.addr)
+        # The text belongs to the address's arch_specific_insn, which an aggregator shares.
+        self.reserved.check(p.addr, len(self.arch.breakpoint), p.ainsn, "kprobe")
+        self.reserved.reserve(p.addr, len(self.arch.breakpoint), TextUse.KPROBE, p.ainsn)
         self.m.register_break_addr(p.addr, self.kprobe_handler)
         self.arch.arm(p)
         if opt is not None:
@@ -356,6 +361,7 @@ class Kprobes:
         if self.optimizer is not None:
             self.optimizer.unoptimize_kprobe(p)
         self.arch.disarm(p)
+        self.reserved.release_owner(p.ainsn, TextUse.KPROBE)
         self.m.unregister_break_addr(p.addr)
         if self.optimizer is not None:
             self.optimizer.after_remove(p.addr)   # a covering probe may be optimized again

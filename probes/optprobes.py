@@ -18,6 +18,7 @@ from probes.errors import OptimizeRefused
 from probes.kprobes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KPROBE_FLAG_OPTIMIZED,
                             KPROBE_HIT_ACTIVE, Kprobe, Kprobes)
 from probes.regs import PtRegs
+from probes.reserved_text import TextBusy, TextUse
 
 OptInsn = ArchOptimizedInsn          # the name before struct arch_optimized_insn moved
 
@@ -49,7 +50,7 @@ class Optimizer:
         if ainsn.ftrace:
             return
         try:
-            self.arch.can_optimize(p, self.kprobes.table)
+            self.arch.can_optimize(p, self.kprobes.reserved)
             if ainsn.optinsn is None:
                 ainsn.optinsn = self.arch.prepare_optimized_kprobe(p, self.optimized_callback)
         except OptimizeRefused as e:              # e.g. a branch out of range from the detour
@@ -66,10 +67,25 @@ class Optimizer:
         for p in list(self.queue):
             self.queue.remove(p)
             if p.flags & KPROBE_FLAG_OPTIMIZED and p.ainsn.armed and not p.ainsn.optimized:
-                self.arch.arch_optimize_kprobe(p)
-                p.ainsn.optimized = True
-                done += 1
+                if self._reserve_jump(p):
+                    self.arch.arch_optimize_kprobe(p)
+                    p.ainsn.optimized = True
+                    done += 1
         return done
+
+    def _reserve_jump(self, p: Kprobe) -> bool:
+        """Record the jump's bytes as this probe's; False (the probe stays a breakpoint
+        probe) if another user holds any of them."""
+        assert p.addr is not None
+        size = p.ainsn.optinsn.size
+        try:
+            self.kprobes.reserved.check(p.addr, size, p.ainsn, "optimized kprobe")
+        except TextBusy as e:
+            p.flags &= ~KPROBE_FLAG_OPTIMIZED
+            p.ainsn.opt_reason = e.reason
+            return False
+        self.kprobes.reserved.reserve(p.addr, size, TextUse.OPTPROBE, p.ainsn)
+        return True
 
     def handle_queued_hit(self, p: Kprobe) -> bool:
         """A breakpoint hit on a probe marked OPTIMIZED but not patched yet: after its pre
@@ -88,6 +104,7 @@ class Optimizer:
         if p.ainsn is not None and p.ainsn.optimized:
             self.arch.arch_unoptimize_kprobe(p)
             p.ainsn.optimized = False
+            self.kprobes.reserved.release_owner(p.ainsn, TextUse.OPTPROBE)
         p.flags &= ~KPROBE_FLAG_OPTIMIZED
 
     def get_optimized_kprobe(self, addr: int) -> Kprobe | None:

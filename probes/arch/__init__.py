@@ -12,7 +12,7 @@ import errno
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from emu.arch import ARCH_NAMES
 from probes.errors import NotApplicable
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from probes.kprobes import Kprobe
     from probes.kretprobes import KretprobeInstance
     from probes.regs import PtRegs
+    from probes.reserved_text import ReservedText
 
 HostEntry = Callable[[int], None]           # called with the pc of the host entry
 BreakHandler = Callable[[int], bool]        # called with the trap address
@@ -88,8 +89,9 @@ class ArchKretprobes(Protocol):
 class ArchOptprobes(Protocol):
     """arch/x86/kernel/kprobes/opt.c and the arm64 series. Refusals raise OptimizeRefused."""
 
-    def can_optimize(self, p: "Kprobe", table: Mapping[int, "Kprobe"]) -> None:
-        """can_optimize + arch_check_optimized_kprobe; `table` is the kprobe table."""
+    def can_optimize(self, p: "Kprobe", reserved: "ReservedText") -> None:
+        """can_optimize + arch_check_optimized_kprobe; `reserved` tells which text other
+        probes hold."""
     def prepare_optimized_kprobe(self, p: "Kprobe",
                                  callback: Callable[[int, int], None]) -> "ArchOptimizedInsn":
         """arch_prepare_optimized_kprobe: build the detour entering `callback(addr, pc)`."""
@@ -108,6 +110,7 @@ class ArchFtrace(Protocol):
 
     ftrace_section: str             # the section listing the sites (__mcount_loc, ...)
     ftrace_nop: bytes               # a site as the compiler left it
+    ftrace_patch_size: int          # the bytes a call/nop switch changes (MCOUNT_INSN_SIZE)
 
     def ftrace_make_call(self, site: int, caller: HostEntry) -> bytes:
         """The bytes that make `site` enter `caller` (the trampoline is made once)."""

@@ -21,6 +21,7 @@ class Arm64Ftrace:
 
     ftrace_section = "__patchable_function_entries"
     ftrace_nop = struct.pack("<I", NOP) * 2
+    ftrace_patch_size = 4                          # only the first nop becomes `b`
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable
 
 from emu.machine import Machine
 from probes.arch.arm64 import decode as d
@@ -22,6 +22,7 @@ from probes.errors import OptimizeRefused
 if TYPE_CHECKING:
     from probes.insn_slots import ProbePages
     from probes.kprobes import Kprobe
+    from probes.reserved_text import ReservedText
 
 NOP = 0xD503201F
 B_RANGE = 1 << 27                     # ±128 MiB
@@ -149,7 +150,7 @@ class Arm64Optprobes:
         assert p.addr is not None
         return int.from_bytes(self.m.original_text(p.addr, 4), "little")
 
-    def can_optimize(self, p: "Kprobe", table: Mapping[int, "Kprobe"]) -> None:
+    def can_optimize(self, p: "Kprobe", reserved: "ReservedText") -> None:
         assert p.addr is not None
         relocate(self._word(p), p.addr, p.addr)         # the rewrite must exist
         near = self.tramps.pages[0] if self.tramps.pages else None

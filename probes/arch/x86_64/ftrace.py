@@ -19,6 +19,7 @@ class X86Ftrace:
 
     ftrace_section = "__mcount_loc"
     ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
+    ftrace_patch_size = 5                              # MCOUNT_INSN_SIZE
     ftrace_trampoline_code = b"\x90\xc3"
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:

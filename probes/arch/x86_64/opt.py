@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable
 
 from emu.machine import Machine
 from emu.symbols import Symbol
 from probes.arch.common import ArchOptimizedInsn, callback_at
 from probes.arch.x86_64.decode import X86Decoder, X86Insn, can_boost, modrm_reg
 from probes.errors import OptimizeRefused
+from probes.reserved_text import ReservedText, TextUse
 
 if TYPE_CHECKING:
     from probes.insn_slots import ProbePages
@@ -88,7 +89,7 @@ class X86Optprobes:
             raise _refuse("the function does not decode")
         return sym, insns
 
-    def can_optimize(self, p: "Kprobe", table: Mapping[int, "Kprobe"]) -> None:
+    def can_optimize(self, p: "Kprobe", reserved: ReservedText) -> None:
         """can_optimize() + the copy rules + arch_check_optimized_kprobe()."""
         assert p.addr is not None
         _sym, insns = self._function_of(p)
@@ -107,9 +108,8 @@ class X86Optprobes:
             raise _refuse("fewer than 5 bytes of instructions before the function end")
         if size > MAX_OPTIMIZED_LENGTH:
             raise _refuse("the replaced instructions are too long", errno.E2BIG)
-        for other in table.values():
-            if other is not p and other.addr is not None and p.addr < other.addr < p.addr + size \
-                    and other.ainsn.armed:
+        for r in reserved.overlapping(p.addr + 1, p.addr + size, TextUse.KPROBE):
+            if r.owner is not p.ainsn:
                 raise _refuse("another kprobe is armed inside the replaced bytes (-EEXIST)",
                               errno.EEXIST)
 
