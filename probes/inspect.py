@@ -3,20 +3,26 @@ with disassembly side by side, and the out-of-line slot. Used by `emu inspect`, 
 pytest plugin and error messages."""
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import capstone
 
 from emu.machine import Machine
+from probes.arch.common import Verdict
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, kprobes_of, probe_kind
+
+
+PENDING = "pending"          # an IFUNC probe waiting for the guest's resolver
 
 
 @dataclass
 class Inspection:
     where: str
     addr: int | None
-    verdict: str                         # "simulate" | "emulate" | "out-of-line" | "ftrace" | "rejected"
+    verdict: str                         # a StepKind, Verdict.REJECTED or PENDING
     kind: str = ""                       # kprobe | boosted | optimized | ftrace | kretprobe
     hits: int = 0
     opt_reason: str = ""                 # why jump optimization was refused, if it was
@@ -32,7 +38,7 @@ class Inspection:
     replaced_tail: bytes = b""           # optimized: text after the jump, replaced but left as it was
     listing: dict[str, list[str]] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("original", "patched", "slot_code", "detour_code", "replaced_tail"):
             d[k] = d[k].hex()
@@ -40,10 +46,10 @@ class Inspection:
 
     def format(self) -> str:
         lines = [f"probe:    {self.where}" + (f" ({self.addr:#x})" if self.addr is not None else "")]
-        if self.verdict == "rejected":
+        if self.verdict == Verdict.REJECTED:
             lines.append(f"verdict:  rejected (-{self.errno}): {self.reason}")
             return "\n".join(lines)
-        if self.verdict == "pending":
+        if self.verdict == PENDING:
             return "\n".join([*lines, f"verdict:  pending: {self.reason}"])
         lines.append(f"verdict:  {self.verdict}  `{self.insn}`")
         lines.append(f"kind:     {self.kind}  (hits {self.hits})"
@@ -112,12 +118,11 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
         try:
             kprobes.register_kprobe(p)
         except KprobeError as e:
-            import errno as _e
             where, addr = _where(m, p)
-            return Inspection(where=where, addr=addr, verdict="rejected", reason=e.reason,
-                              errno=_e.errorcode.get(e.errno, str(e.errno)))
+            return Inspection(where=where, addr=addr, verdict=Verdict.REJECTED, reason=e.reason,
+                              errno=errno.errorcode.get(e.errno, str(e.errno)))
     if p.addr is None:          # an IFUNC waiting for the guest's resolver (emu.symbols)
-        return Inspection(where=where, addr=None, verdict="pending",
+        return Inspection(where=_where(m, p)[0], addr=None, verdict=PENDING,
                           reason="an IFUNC: armed where the guest's resolver points (use --run)")
     top = kprobes.table[p.addr]
     ainsn = top.ainsn
