@@ -95,19 +95,19 @@ def _where(m: Machine, p: Kprobe) -> tuple[str, int | None]:
         return m.symbols.format(addr, with_size=False), addr
     if addr is not None:
         return f"{addr:#x}", addr
-    return p.symbol_name + (f"+{p.offset:#x}" if p.offset else ""), None
+    return f"{p.symbol_name}" + (f"+{p.offset:#x}" if p.offset else ""), None
 
 
-def _show_replaced_tail(m: Machine, ins: Inspection, size: int) -> None:
+def _show_replaced_tail(m: Machine, ins: Inspection, addr: int, size: int) -> None:
     """Only an optimized probe's jump is live code; the bytes after it, up to `size`, belong
     to the replaced instructions and never run: list them as data, not decoded."""
     md = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
-    jump = next(md.disasm(ins.patched, ins.addr, 1), None)
+    jump = next(md.disasm(ins.patched, addr, 1), None)
     jump_len = jump.size if jump is not None else size
     ins.replaced_tail = ins.patched[jump_len:size]
     if ins.replaced_tail:
-        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], ins.addr, 1)
-                                  + [f"{ins.addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
+        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], addr, 1)
+                                  + [f"{addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
                                      "(replaced tail)"])
 
 
@@ -138,7 +138,7 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     ins.listing["original"] = listing(m, original, p.addr, count)
     ins.listing["patched"] = listing(m, patched, p.addr, count)
     if ainsn.optimized and oi is not None:
-        _show_replaced_tail(m, ins, oi.size)
+        _show_replaced_tail(m, ins, p.addr, oi.size)
     if ainsn.slot is not None:
         ins.listing["slot"] = listing(m, slot_code, ainsn.slot, 3 if ainsn.boosted else 2)
     if oi is not None:

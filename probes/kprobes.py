@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Self
 
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
@@ -22,7 +22,7 @@ from probes.arch import ArchKprobes, arch_probes_of
 from probes.arch.common import ArchSpecificInsn, StepKind
 from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
-from probes.ftrace import Ftrace, FtraceOps, ftrace_of
+from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextUse, reserved_text_of
@@ -79,7 +79,7 @@ class Kprobe:
     kretprobe: Any = None                                   # the Kretprobe this entry serves
 
     @classmethod
-    def at(cls, where: "str | int | ProbeLocation") -> "Kprobe":
+    def at(cls, where: "str | int | ProbeLocation") -> Self:
         """A kprobe on `SYM[+OFF]|ADDR` (probes.location; LocationError if it does not
         parse), a parsed location or an address."""
         if isinstance(where, int):
@@ -236,6 +236,7 @@ class Kprobes:
                                   f"{syms.hint(p.symbol_name)}", _where(p))
             addr = sym.addr + p.offset
         else:
+            assert p.addr is not None
             addr = p.addr + p.offset
         sym = syms.find(addr)
         if sym is None and self.arch.owns(addr):
@@ -272,7 +273,7 @@ class Kprobes:
                         is_aggr=True, symbol_name=None)
             ap.list = [old]
             ap.pre_handler = self._aggr_pre_handler
-            self.table[old.addr] = ap
+            self.table[_at(old)] = ap
             old = ap
         p.opcode, p.ainsn = old.opcode, old.ainsn
         old.list.insert(0, p)                   # list_add: newest first, as the kernel
@@ -333,20 +334,25 @@ class Kprobes:
         return None
 
     # --- arming -----------------------------------------------------------------------------
+    def _ftrace_site(self, p: Kprobe) -> tuple[FtraceSite, FtraceOps]:
+        assert self._ftrace_ops is not None             # made by _prepare_ftrace
+        return self.ftrace.sites[_at(p)], self._ftrace_ops
+
     def _arm(self, p: Kprobe) -> None:
         if p.ainsn.armed:
             return
         if p.ainsn.ftrace:
-            self.ftrace.attach_to_site(self.ftrace.sites[p.addr], self._ftrace_ops)
+            self.ftrace.attach_to_site(*self._ftrace_site(p))
             p.ainsn.armed = True
             return
+        addr, size = _at(p), len(self.arch.breakpoint)
         opt = self.optimizer
         if opt is not None:
-            opt.before_arm(p.addr)
+            opt.before_arm(addr)
         # The text belongs to the address's arch_specific_insn, which an aggregator shares.
-        self.reserved.check(p.addr, len(self.arch.breakpoint), p.ainsn, "kprobe")
-        self.reserved.reserve(p.addr, len(self.arch.breakpoint), TextUse.KPROBE, p.ainsn)
-        self.m.register_break_addr(p.addr, self.kprobe_handler)
+        self.reserved.check(addr, size, p.ainsn, "kprobe")
+        self.reserved.reserve(addr, size, TextUse.KPROBE, p.ainsn)
+        self.m.register_break_addr(addr, self.kprobe_handler)
         self.arch.arm(p)
         if opt is not None:
             opt.try_to_optimize_kprobe(p)
@@ -355,16 +361,16 @@ class Kprobes:
         if not p.ainsn.armed:
             return
         if p.ainsn.ftrace:
-            self.ftrace.detach_from_site(self.ftrace.sites[p.addr], self._ftrace_ops)
+            self.ftrace.detach_from_site(*self._ftrace_site(p))
             p.ainsn.armed = False
             return
         if self.optimizer is not None:
             self.optimizer.unoptimize_kprobe(p)
         self.arch.disarm(p)
         self.reserved.release_owner(p.ainsn, TextUse.KPROBE)
-        self.m.unregister_break_addr(p.addr)
+        self.m.unregister_break_addr(_at(p))
         if self.optimizer is not None:
-            self.optimizer.after_remove(p.addr)   # a covering probe may be optimized again
+            self.optimizer.after_remove(_at(p))   # a covering probe may be optimized again
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)
@@ -373,9 +379,9 @@ class Kprobes:
         if top.ainsn.ss_trap is not None:
             self.m.unregister_break_addr(top.ainsn.ss_trap)
         self.arch.remove(top)
-        del self.table[top.addr]
+        del self.table[_at(top)]
         if self.optimizer is not None:
-            self.optimizer.after_remove(top.addr)
+            self.optimizer.after_remove(_at(top))
 
     def disarm_all(self) -> None:
         for p in self.table.values():
@@ -407,7 +413,7 @@ class Kprobes:
             clock.advance(clock.exc_entry + clock.exc_return, "trap")
         else:
             clock.advance2(clock.exc_entry + clock.exc_return, "trap", clock.handler_cost, "handler")
-            regs = PtRegs(self.m, p.addr + self.ip_offset)
+            regs = PtRegs(self.m, addr + self.ip_offset)
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
                 regs.flush()
@@ -429,8 +435,8 @@ class Kprobes:
             # a slot back into its probe gets here, e.g. one that rewrote the slot.
             kcb.current, kcb.status = None, 0
             kcb.prev.clear()
-            self.m.pc = p.addr
-            self.m.stop_fault(Fault("unrecoverable kprobe reentry", p.addr, None, SIGTRAP))
+            self.m.pc = _at(p)
+            self.m.stop_fault(Fault("unrecoverable kprobe reentry", _at(p), None, SIGTRAP))
             return
         self.kprobes_inc_nmissed_count(p)
         kcb.save()
@@ -476,14 +482,14 @@ class Kprobes:
         the instruction itself takes, reported at the probe address as a fault while
         stepping is (kprobe_fault_handler). Its register changes are not written back."""
         kcb, m = self.kcb, self.m
-        m.pc = p.addr
+        m.pc = addr = _at(p)
         if kcb.status == KPROBE_REENTER:
             kcb.restore()
         else:
             if p.fault_handler is not None:
                 p.fault_handler(p, PtRegs(m), SIGSEGV)
             kcb.current, kcb.status = None, 0
-        m.stop_fault(user_fault(e, p.addr))
+        m.stop_fault(user_fault(e, addr))
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
@@ -575,18 +581,23 @@ class Kprobes:
             p = next((q for q in self.table.values() if q.ainsn is not None and q.ainsn.boosted
                       and self.arch.in_slot(q, fault.pc)), None)
             if p is not None:
-                fault.pc = self.m.pc = p.addr
+                fault.pc = self.m.pc = _at(p)
             return
         if not self.arch.in_slot(p, fault.pc):
             return
-        fault.pc = p.addr
-        self.m.pc = p.addr
+        fault.pc = self.m.pc = _at(p)
         if kcb.status == KPROBE_REENTER:
             kcb.restore()
         else:
             if p.fault_handler is not None:
                 p.fault_handler(p, PtRegs(self.m), fault.signal)
             kcb.current, kcb.status = None, 0
+
+
+def _at(p: Kprobe) -> int:
+    """The address of a registered probe (registration sets it)."""
+    assert p.addr is not None, "the kprobe is not registered"
+    return p.addr
 
 
 def probe_kind(p: Kprobe) -> ProbeKind:

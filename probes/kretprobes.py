@@ -196,7 +196,7 @@ class Kretprobes:
             m.stop_fault(Fault("kretprobe trampoline reached with no pending instance",
                                addr, None, SIGILL))
             return True
-        frame = self.arch.kretprobe_frame(m)
+        frame: int | None = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)

@@ -35,6 +35,26 @@ class Hit:
     ret_addr: int | None = None
 
 
+@dataclass(eq=False)
+class LabKprobe(Kprobe):
+    """A Kprobe the lab placed: `events` records every handler call, `where` names it."""
+    events: list[Hit] = field(default_factory=list)
+    where: str = ""
+
+
+@dataclass(eq=False)
+class LabKretprobe(Kretprobe):
+    """A Kretprobe the lab placed: `events` records entries and returns."""
+    events: list[Hit] = field(default_factory=list)
+
+
+def _lookup(m: Machine, name: str) -> int:
+    sym = m.symbols.lookup(name)
+    if sym is None:
+        raise KeyError(f"no symbol {name!r}")
+    return sym.addr
+
+
 class ProbeLab:
     def __init__(self, machine: Machine, stdout: io.BytesIO | None = None,
                  stderr: io.BytesIO | None = None) -> None:
@@ -74,7 +94,7 @@ class ProbeLab:
         m.symbols.add("__lab_data", ASM_DATA, max(len(data), 1), "object")
         lab = cls(m)
         m.halt_allowed = True                # calls end on the lab's own halt stub
-        lab.halt_addr = m.symbols.lookup("__lab_halt").addr
+        lab.halt_addr = _lookup(m, "__lab_halt")
         m.sp = ASM_STACK_TOP - 0x100
         return lab
 
@@ -85,13 +105,12 @@ class ProbeLab:
 
     def kprobe(self, where: str | int, *, pre: Callable | None = None, post: Callable | None = None,
                fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True,
-               post_events: bool = True) -> Kprobe:
+               post_events: bool = True) -> LabKprobe:
         """A kprobe at SYM, SYM+OFF or an address that records each handler call in
         `p.events` (with the registers named in `record`), then calls pre/post/fault.
         `post_events=False` (and no `post`) installs no post handler, so the probe may be
         boosted or jump-optimized like a pre-only kernel probe."""
-        p = _kprobe_at(where)
-        p.events = []
+        p = LabKprobe.at(where)
 
         def pre_handler(kp, regs):
             kp.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
@@ -110,18 +129,19 @@ class ProbeLab:
         p.post_handler = post_handler if (post is not None or post_events) else None
         if register:
             self.kprobes.register_kprobe(p)
-            p.where = describe(self.machine, p.addr)        # for assertion messages
+            if p.addr is not None:                          # (an IFUNC may be pending)
+                p.where = describe(self.machine, p.addr)    # for assertion messages
         return p
 
     def kretprobe(self, where: str | int, *, entry: Callable | None = None,
                   handler: Callable | None = None, record: tuple[str, ...] = (),
-                  maxactive: int = 0, register: bool = True) -> Kretprobe:
+                  maxactive: int = 0, register: bool = True) -> LabKretprobe:
         """A return probe on the function at SYM or an address that records each call in
         `rp.events`: an "entry" Hit (ip = the function, registers named in `record`) and a
         "return" Hit (ip = where it returns, `retval`, `ret_addr`), then calls
         entry/handler. Misses (no free instance) count in `rp.nmissed`."""
-        rp = Kretprobe(kp=_kprobe_at(where), maxactive=maxactive)
-        rp.events = []
+        kp = LabKprobe.at(where)
+        rp = LabKretprobe(kp=kp, maxactive=maxactive)
 
         def entry_handler(ri, regs):
             rp.events.append(Hit("entry", regs.ip, {r: regs[r] for r in record}))
@@ -135,7 +155,8 @@ class ProbeLab:
         rp.entry_handler, rp.handler = entry_handler, return_handler
         if register:
             kretprobes_of(self.machine).register_kretprobe(rp)
-            rp.kp.where = describe(self.machine, rp.kp.addr)
+            if kp.addr is not None:
+                kp.where = describe(self.machine, kp.addr)
         return rp
 
     # --- running ----------------------------------------------------------------------------
@@ -150,7 +171,7 @@ class ProbeLab:
         return address and every register is restored afterwards."""
         m = self.machine
         saved = m.uc.context_save() if m.running else None
-        addr = func if isinstance(func, int) else m.symbols.lookup(func).addr
+        addr = func if isinstance(func, int) else _lookup(m, func)
         for name, value in zip(m.arch.args, args):
             m.set_reg(name, value)
         for name, value in (regs or {}).items():
@@ -181,11 +202,11 @@ class ProbeLab:
 
     @property
     def stdout(self) -> bytes:
-        return self._stdout.getvalue() if self._stdout else self.machine.stdout.getvalue()
+        return _captured(self._stdout or self.machine.stdout)
 
     @property
     def stderr(self) -> bytes:
-        return self._stderr.getvalue() if self._stderr else self.machine.stderr.getvalue()
+        return _captured(self._stderr or self.machine.stderr)
 
     # --- looking at the patch ---------------------------------------------------------------
     def addr_of(self, where: str | int) -> int:
@@ -219,6 +240,12 @@ class ProbeLab:
         return listing(self.machine, code, addr)
 
 
+def _captured(stream: object) -> bytes:
+    """What a lab's in-memory stream holds (labs always write guest output to BytesIO)."""
+    assert isinstance(stream, io.BytesIO)
+    return stream.getvalue()
+
+
 def _kprobe_at(where: str | int) -> Kprobe:
     return Kprobe.at(where)
 
@@ -244,8 +271,9 @@ def _labelled(m: Machine, code: bytes, addr: int, count: int) -> list[str]:
 def _probe_name(p: Kprobe, lab: "ProbeLab | None") -> str:
     if lab is not None and p.addr is not None:
         return describe(lab.machine, p.addr)
-    if getattr(p, "where", None):
-        return p.where
+    where = getattr(p, "where", "")
+    if where:
+        return str(where)
     if p.symbol_name and p.addr is not None:
         return f"{p.symbol_name}+{p.offset:#x} ({p.addr:#x})"
     return f"{p.addr:#x}" if p.addr is not None else "(unregistered)"
@@ -261,9 +289,15 @@ def _compare(lab: ProbeLab, addr: int, want: bytes, title: str) -> None:
                                             "in guest memory", _labelled(m, got, addr, 2)))
 
 
+def _registered_addr(p: Kprobe) -> int:
+    if p.addr is None:
+        raise AssertionError(f"probe {_probe_name(p, None)} is not registered")
+    return p.addr
+
+
 def assert_armed(lab: ProbeLab, p: Kprobe) -> None:
     """The arch breakpoint stands at the probe address."""
-    _compare(lab, p.addr, lab.machine.arch.breakpoint, "probe not armed")
+    _compare(lab, _registered_addr(p), lab.machine.arch.breakpoint, "probe not armed")
 
 
 def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
@@ -273,10 +307,10 @@ def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
 
 def assert_slot_holds(lab: ProbeLab, p: Kprobe, insn: bytes) -> None:
     """The out-of-line slot starts with `insn` (as copied, fixed for the slot)."""
+    where = describe(lab.machine, _registered_addr(p))
     if p.ainsn.slot is None:
-        raise AssertionError(f"probe at {describe(lab.machine, p.addr)} has no slot "
-                             f"(verdict {p.ainsn.kind})")
-    _compare(lab, p.ainsn.slot, insn, f"slot of the probe at {describe(lab.machine, p.addr)}")
+        raise AssertionError(f"probe at {where} has no slot (verdict {p.ainsn.kind})")
+    _compare(lab, p.ainsn.slot, insn, f"slot of the probe at {where}")
 
 
 def assert_hits(p: Kprobe | Kretprobe, hits: int, nmissed: int = 0, *, lab: ProbeLab | None = None) -> None:
@@ -293,6 +327,8 @@ def assert_hits(p: Kprobe | Kretprobe, hits: int, nmissed: int = 0, *, lab: Prob
 def assert_same_run(probed: ProbeLab, plain: ProbeLab) -> None:
     """A probe must not change what the guest did: exit, stdout, stderr."""
     a, b = probed.result, plain.result
+    if a is None or b is None:
+        raise AssertionError("run both labs first")
     if (a.reason, a.exit_code) != (b.reason, b.exit_code):
         raise AssertionError(f"probed run stopped with {a.reason.value}/{a.exit_code} ({a.message}), "
                              f"unprobed with {b.reason.value}/{b.exit_code} ({b.message})")

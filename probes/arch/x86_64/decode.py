@@ -111,7 +111,7 @@ def copy_refusal(insn: X86Insn) -> str | None:
 
 
 def _ranges(spec: str) -> frozenset[int]:
-    out = set()
+    out: set[int] = set()
     for part in spec.split(","):
         lo, _, hi = part.partition("-")
         out.update(range(int(lo, 16), int(hi or lo, 16) + 1))

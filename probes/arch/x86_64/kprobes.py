@@ -161,6 +161,7 @@ class X86Kprobes(BreakpointKprobes):
     def copy_to_slot(self, ainsn: ArchSpecificInsn, addr: int, slot: int) -> bytes:
         """__copy_instruction(): copy, fixing a RIP-relative displacement for the slot."""
         insn = self.decode_at(addr)
+        assert insn is not None                 # decode() accepted it
         code = bytearray(insn.raw)
         off = insn.rip_disp_offset
         if off is not None:

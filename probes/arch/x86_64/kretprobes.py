@@ -2,11 +2,11 @@
 word at sp; the trampoline is entered from guest code through a host entry, no trap."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from emu.machine import Machine
 from emu.uaccess import UserFault, get_user, put_user
-from probes.arch import BreakHandler
+from probes.arch import BreakHandler, HostEntry
 from probes.arch.common import RpCheck
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class X86Kretprobes:
     def map_kretprobe_trampoline(self, handler: BreakHandler) -> int:
         addr = self.pages.tramps.get(near=self.m.entry or self.m.pc)
         self.m.text_poke(addr, self.trampoline_code)
-        self.m.add_host_entry(addr, handler)
+        self.m.add_host_entry(addr, cast(HostEntry, handler))   # its bool is not needed
         return addr
 
     def arch_prepare_kretprobe(self, ri: "KretprobeInstance", regs: "PtRegs",

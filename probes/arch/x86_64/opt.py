@@ -120,12 +120,12 @@ class X86Optprobes:
         detour = self.tramps.get(near=p.addr)
         copies, size, texts = bytearray(), 0, []
         for i in self._replaced(insns, p.addr):
-            code = bytearray(i.raw)
+            copy = bytearray(i.raw)
             if i.rip_disp_offset is not None:
                 new_at = detour + 1 + size
-                disp = struct.unpack_from("<i", code, i.rip_disp_offset)[0] + i.addr - new_at
-                struct.pack_into("<i", code, i.rip_disp_offset, disp)
-            copies += code
+                disp = struct.unpack_from("<i", copy, i.rip_disp_offset)[0] + i.addr - new_at
+                struct.pack_into("<i", copy, i.rip_disp_offset, disp)
+            copies += copy
             size += i.length
             texts.append(i.text)
         back_at = detour + 1 + size
