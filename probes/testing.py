@@ -180,7 +180,7 @@ class ProbeLab:
             self.halt_addr = self._map_halt_stub()
         ret = self.halt_addr
         arch_ptrace(m.arch.name).set_call_return(m, ret)
-        # Top level: run into the halt stub (its hlt stops the run, hooks on it fire);
+        # Top level: run into the halt stub (its halt stops the run, hooks on it fire);
         # nested: stop at it without emu_stop, which would also end the outer run.
         result = m.run(begin=addr, timeout=timeout, until=ret if saved is not None else None)
         value = m.return_value
