@@ -249,7 +249,8 @@ class Kretprobes:
 
 
 def kretprobes_of(machine: Machine) -> Kretprobes:
-    return machine.layer("kretprobes", Kretprobes)
+    kretprobes: Kretprobes = machine.layer("kretprobes", Kretprobes)
+    return kretprobes
 
 
 def register_kretprobe(machine: Machine, rp: Kretprobe) -> None:

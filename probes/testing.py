@@ -14,9 +14,12 @@ from emu.machine import Machine, RunResult
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from probes.arch import arch_ptrace
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
-from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.kprobes import FaultHandler, Kprobe, Kprobes, PostHandler, PreHandler, kprobes_of
 from probes.location import parse_probe_location
-from probes.kretprobes import Kretprobe, kretprobes_of
+from probes.kretprobes import Kretprobe, KretprobeInstance, kretprobes_of
+from probes.regs import PtRegs
+
+RetHandler = Callable[[KretprobeInstance, PtRegs], int]
 
 ASM_BASE = 0x40_0000
 ASM_DATA = 0x60_0000
@@ -65,7 +68,8 @@ class ProbeLab:
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, *, argv: list[str] | tuple = (), bare: bool = False, arch: str = "auto",
+    def load(cls, path: str, *, argv: list[str] | tuple[str, ...] = (), bare: bool = False,
+             arch: str = "auto",
              stdin: bytes = b"", fs: str | None = None) -> "ProbeLab":
         out, err = io.BytesIO(), io.BytesIO()
         guest: Guest = load_guest(GuestConfig(path=str(path), arch=arch, bare=bare, argv=list(argv),
@@ -103,8 +107,9 @@ class ProbeLab:
     def kprobes(self) -> Kprobes:
         return kprobes_of(self.machine)
 
-    def kprobe(self, where: str | int, *, pre: Callable | None = None, post: Callable | None = None,
-               fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True,
+    def kprobe(self, where: str | int, *, pre: PreHandler | None = None,
+               post: PostHandler | None = None, fault: FaultHandler | None = None,
+               record: tuple[str, ...] = (), register: bool = True,
                post_events: bool = True) -> LabKprobe:
         """A kprobe at SYM, SYM+OFF or an address that records each handler call in
         `p.events` (with the registers named in `record`), then calls pre/post/fault.
@@ -112,17 +117,17 @@ class ProbeLab:
         boosted or jump-optimized like a pre-only kernel probe."""
         p = LabKprobe.at(where)
 
-        def pre_handler(kp, regs):
-            kp.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
+        def pre_handler(kp: Kprobe, regs: PtRegs) -> int | None:
+            p.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
             return pre(kp, regs) if pre else 0
 
-        def post_handler(kp, regs, flags):
-            kp.events.append(Hit("post", regs.ip, {r: regs[r] for r in record}))
+        def post_handler(kp: Kprobe, regs: PtRegs, flags: int) -> None:
+            p.events.append(Hit("post", regs.ip, {r: regs[r] for r in record}))
             if post:
                 post(kp, regs, flags)
 
-        def fault_handler(kp, regs, trapnr):
-            kp.events.append(Hit("fault", regs.ip))
+        def fault_handler(kp: Kprobe, regs: PtRegs, trapnr: int) -> int | None:
+            p.events.append(Hit("fault", regs.ip))
             return fault(kp, regs, trapnr) if fault else 0
 
         p.pre_handler, p.fault_handler = pre_handler, fault_handler
@@ -133,8 +138,8 @@ class ProbeLab:
                 p.where = describe(self.machine, p.addr)    # for assertion messages
         return p
 
-    def kretprobe(self, where: str | int, *, entry: Callable | None = None,
-                  handler: Callable | None = None, record: tuple[str, ...] = (),
+    def kretprobe(self, where: str | int, *, entry: RetHandler | None = None,
+                  handler: RetHandler | None = None, record: tuple[str, ...] = (),
                   maxactive: int = 0, register: bool = True) -> LabKretprobe:
         """A return probe on the function at SYM or an address that records each call in
         `rp.events`: an "entry" Hit (ip = the function, registers named in `record`) and a
@@ -143,11 +148,11 @@ class ProbeLab:
         kp = LabKprobe.at(where)
         rp = LabKretprobe(kp=kp, maxactive=maxactive)
 
-        def entry_handler(ri, regs):
+        def entry_handler(ri: KretprobeInstance, regs: PtRegs) -> int:
             rp.events.append(Hit("entry", regs.ip, {r: regs[r] for r in record}))
             return entry(ri, regs) if entry else 0
 
-        def return_handler(ri, regs):
+        def return_handler(ri: KretprobeInstance, regs: PtRegs) -> int:
             rp.events.append(Hit("return", regs.ip, {r: regs[r] for r in record},
                                  retval=regs.return_value, ret_addr=ri.ret_addr))
             return handler(ri, regs) if handler else 0

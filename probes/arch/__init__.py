@@ -173,12 +173,14 @@ def _make(machine: "Machine") -> ArchProbes:
     from probes.insn_slots import ProbePages
     module = importlib.import_module(IMPLS[machine.arch.name])
     pages = ProbePages.for_machine(machine, module.SLOT_SIZE)
-    return module.arch_probes(machine, pages)
+    answers: ArchProbes = module.arch_probes(machine, pages)
+    return answers
 
 
 def arch_probes_of(machine: "Machine") -> ArchProbes:
     """The machine's arch answers, made on first use (one set of pages per machine)."""
-    return machine.layer("arch_probes", _make)
+    answers: ArchProbes = machine.layer("arch_probes", _make)
+    return answers
 
 
 def arch_ptrace(arch_name: str) -> ModuleType:

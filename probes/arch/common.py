@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from probes.regs import PtRegs
 
 
+InsnHandler = Callable[["Kprobe", "PtRegs"], None]   # simulate_*/kprobe_emulate_*
+
+
 class Verdict(StrEnum):
     """The decode verdict (arm64 decode-insn.h enum probes_insn), shared by both decoders;
     the values are the words `emu inspect` prints."""
@@ -65,7 +68,7 @@ class ArchSpecificInsn:
     kind: StepKind
     length: int
     mnemonic: str
-    handler: Callable[["Kprobe", "PtRegs"], None] | None = None
+    handler: InsnHandler | None = None
     slot: int | None = None
     slot_code: bytes = b""
     armed: bool = False

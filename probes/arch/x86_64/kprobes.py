@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from emu.machine import Machine
 from emu.symbols import Symbol
-from probes.arch.common import ArchSpecificInsn, BreakpointKprobes, StepKind, Verdict, reject
+from probes.arch.common import (ArchSpecificInsn, BreakpointKprobes, InsnHandler, StepKind,
+                                Verdict, reject)
+from probes.errors import KprobeError
 from probes.arch.x86_64 import emulate as em
 from probes.arch.x86_64.decode import (
     X86Decoder,
@@ -23,6 +25,7 @@ from probes.arch.x86_64.decode import (
 
 if TYPE_CHECKING:
     from probes.insn_slots import ProbePages
+    from probes.kprobes import Kprobe
 
 MAX_INSN_SIZE, JMP32_INSN_SIZE = 15, 5
 SLOT_SIZE = 16
@@ -83,13 +86,14 @@ class X86Kprobes(BreakpointKprobes):
         return ArchSpecificInsn(kind=kind, length=insn.length, mnemonic=insn.text, handler=handler,
                                 boostable=boostable)
 
-    def boost(self, p) -> bool:
+    def boost(self, p: "Kprobe") -> bool:
         """After a successful single-step: put `jmp addr+len` behind the copy in the slot, so
         later hits need no second trap (the kernel's boosting)."""
         ainsn = p.ainsn
         if not ainsn.boostable or ainsn.boosted or ainsn.slot is None:
             return False
         jmp_at = ainsn.slot + ainsn.length
+        assert p.addr is not None
         rel = p.addr + ainsn.length - (jmp_at + JMP32_INSN_SIZE)
         jmp = b"\xe9" + struct.pack("<i", rel)
         self.m.text_poke(jmp_at, jmp)
@@ -97,23 +101,24 @@ class X86Kprobes(BreakpointKprobes):
         ainsn.boosted = True
         return True
 
-    def unboost(self, p) -> None:
+    def unboost(self, p: "Kprobe") -> None:
         ainsn = p.ainsn
         if ainsn.boosted:
             self.m.text_poke(ainsn.slot + ainsn.length, self.ss_break + bytes(JMP32_INSN_SIZE - 1))
             ainsn.slot_code = ainsn.slot_code[:ainsn.length] + self.ss_break
             ainsn.boosted = False
 
-    def prepare_emulation(self, insn: X86Insn):
+    def prepare_emulation(self, insn: X86Insn) -> InsnHandler | None:
         """prepare_emulation(): the emulate_op for control flow and IF modifiers, or None to
         single-step; raises -EOPNOTSUPP for what the kernel will not handle."""
         op, raw, n, addr = insn.op1, insn.raw, insn.length, insn.addr
 
-        def refuse(what: str):
+        def refuse(what: str) -> KprobeError:
             return reject(errno.EOPNOTSUPP, f"cannot probe `{insn.text}`: {what}", addr)
 
         def rel(size: int) -> int:
-            return struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
+            value: int = struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
+            return value
 
         if op in (0xFA, 0xFB, 0x9C, 0x9D):
             return em.make_ifmodifier(op, 2 if 0x66 in insn.prefixes else 8)

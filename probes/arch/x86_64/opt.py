@@ -35,9 +35,11 @@ def jump_target(insn: X86Insn) -> int | None:
     op, raw, n = insn.op1, insn.raw, insn.length
     if op in JUMP_OPCODES:
         size = 4 if op == 0xE9 else 1
-        return insn.addr + n + struct.unpack("<i" if size == 4 else "<b", raw[n - size:])[0]
+        rel: int = struct.unpack("<i" if size == 4 else "<b", raw[n - size:])[0]
+        return insn.addr + n + rel
     if op == 0x0F and len(insn.opcode) > 1 and insn.opcode[1] & 0xF0 == 0x80:
-        return insn.addr + n + struct.unpack("<i", raw[n - 4:])[0]
+        rel32: int = struct.unpack("<i", raw[n - 4:])[0]
+        return insn.addr + n + rel32
     return None
 
 

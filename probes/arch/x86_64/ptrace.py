@@ -71,7 +71,8 @@ def just_return_func(machine: "Machine") -> int:
         addr = arch_probes_of(m).pages.tramps.get(near=m.pc)
         m.text_poke(addr, b"\xc3")
         return addr
-    return machine.layer("just_return_func", make)
+    addr: int = machine.layer("just_return_func", make)
+    return addr
 
 
 def override_function_with_return(regs: "PtRegs") -> None:
