@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from emu.uaccess import UserFault, get_user
+from probes.arch import arch_ptrace
 
 if TYPE_CHECKING:
     from emu.arch import Arch
@@ -31,20 +32,18 @@ _FACTS: dict[str, RegsFacts] = {}
 def regs_facts(arch: "Arch") -> RegsFacts:
     facts = _FACTS.get(arch.name)
     if facts is None:
-        from probes.arch import arch_ptrace
         pt = arch_ptrace(arch.name)
         facts = _FACTS[arch.name] = RegsFacts(pt.ZERO_REGS, pt.STACK_ARGS)
     return facts
 
 
 class PtRegs:
-    __slots__ = ("_m", "_arch", "_cache", "_dirty", "_zero")
+    __slots__ = ("_m", "_arch", "_cache", "_dirty")
 
     def __init__(self, machine: "Machine", ip: int | None = None, sp: int | None = None) -> None:
         # Built on every probe hit: keep it to a few stores.
         self._m = machine
         self._arch = arch = machine.arch
-        self._zero = (_FACTS.get(arch.name) or regs_facts(arch)).zero_regs
         self._cache: dict[str, int] = {} if ip is None else {arch.pc: ip}   # ip: kernel convention
         self._dirty: set[str] = set()
         if sp is not None:                         # sp as saved by a trampoline's frame
@@ -55,16 +54,16 @@ class PtRegs:
 
     def __getitem__(self, name: str) -> int:
         name = self._name(name)
-        if name in self._zero:
-            return 0
         v = self._cache.get(name)
-        if v is None:
+        if v is None:               # a zero register is never cached: only misses ask
+            if name in regs_facts(self._arch).zero_regs:
+                return 0
             v = self._cache[name] = self._m.regs.read(self._arch.regs[name])
         return v
 
     def __setitem__(self, name: str, value: int) -> None:
         name = self._name(name)
-        if name in self._zero:
+        if name in regs_facts(self._arch).zero_regs:
             return
         if name not in self._arch.regs:
             raise KeyError(name)

@@ -13,6 +13,7 @@ from emu.loader import Guest, GuestConfig, load_guest
 from emu.machine import Machine, RunResult
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from probes.arch import arch_ptrace
+from probes.insn_slots import place_near
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
 from probes.kprobes import FaultHandler, Kprobe, Kprobes, PostHandler, PreHandler, kprobes_of
 from probes.location import parse_probe_location
@@ -197,7 +198,6 @@ class ProbeLab:
 
     def _map_halt_stub(self) -> int:
         """A page holding the arch's halt instruction, for calls into a loaded ELF."""
-        from probes.insn_slots import place_near
         m = self.machine
         page = place_near(m, m.entry or m.pc, 0x1000)
         m.memory.map(page, 0x1000, PROT_READ | PROT_EXEC, "[lab halt stub]")

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from emu.arch import ARCH_NAMES
 from probes.errors import NotApplicable
+from probes.insn_slots import ProbePages
 
 if TYPE_CHECKING:
     from emu.machine import Machine
     from emu.symbols import Symbol
     from probes.arch.common import ArchOptimizedInsn, RpCheck
-    from probes.insn_slots import ProbePages
     from probes.kprobes import Kprobe
     from probes.kretprobes import KretprobeInstance
     from probes.regs import PtRegs
@@ -170,7 +170,6 @@ IMPLS: dict[str, str] = {name: f"probes.arch.{name}" for name in ARCH_NAMES}
 
 
 def _make(machine: "Machine") -> ArchProbes:
-    from probes.insn_slots import ProbePages
     module = importlib.import_module(IMPLS[machine.arch.name])
     pages = ProbePages.for_machine(machine, module.SLOT_SIZE)
     answers: ArchProbes = module.arch_probes(machine, pages)

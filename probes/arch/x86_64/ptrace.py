@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emu.uaccess import get_user
+from probes.arch import arch_probes_of
 from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ def just_return_func(machine: "Machine") -> int:
     """The kernel's just_return_func: a lone `ret` in the probe layer's trampoline pages
     (made once per machine)."""
     def make(m: "Machine") -> int:
-        from probes.arch import arch_probes_of
         addr = arch_probes_of(m).pages.tramps.get(near=m.pc)
         m.text_poke(addr, b"\xc3")
         return addr
