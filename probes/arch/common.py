@@ -40,9 +40,6 @@ class StepKind(StrEnum):
     FTRACE = "ftrace"              # on an ftrace site: the nop is skipped, nothing stepped
 
 
-# The names the core used before the enum; kept for callers outside probes/.
-KIND_SIMULATE, KIND_EMULATE, KIND_SLOT = StepKind.SIMULATE, StepKind.EMULATE, StepKind.OUT_OF_LINE
-
 
 class RpCheck(IntEnum):
     """enum rp_check (include/linux/uprobes.h): when a return instance's frame is tested."""
