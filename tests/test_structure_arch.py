@@ -133,3 +133,15 @@ def test_cannot_optimize_is_a_typed_refusal(arch):
     with pytest.raises(OptimizeRefused) as e:
         opt.can_optimize(p, lab.kprobes.reserved)
     assert (e.value.errno, e.value.reason) == (err, reason)
+
+
+def test_one_error_root_for_probe_bpf_and_location_errors():
+    from emu.errors import KprobeEmuError
+    from probes.bpf.errors import BpfError, VerifierError
+    from probes.errors import KprobeError
+    from probes.location import LocationError
+    from probes.reserved_text import TextBusy
+    for cls in (KprobeError, OptimizeRefused, NotApplicable, TextBusy, LocationError, BpfError,
+                VerifierError):
+        assert issubclass(cls, KprobeEmuError), cls
+    assert not issubclass(OptimizeRefused, KprobeError)   # a refusal to optimize is no failure
