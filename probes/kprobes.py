@@ -25,7 +25,7 @@ from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
 from probes.regs import PtRegs
-from probes.reserved_text import ReservedText, TextUse, reserved_text_of
+from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
 if TYPE_CHECKING:
     from probes.optprobes import Optimizer
@@ -152,7 +152,11 @@ class Kprobes:
                 self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
             self.table[addr] = p
             if not p.disabled():
-                self._arm(p)
+                try:
+                    self._arm(p)
+                except TextBusy:                # someone else's text: refused, nothing left
+                    self._remove(p)
+                    raise
         self._registered.add(id(p))
 
     def register_kprobes(self, kps: list[Kprobe]) -> None:

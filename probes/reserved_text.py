@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from emu.machine import Machine
-from probes.errors import ProbeError
+from probes.errors import KprobeError
 
 
 class TextUse(StrEnum):
@@ -25,8 +25,9 @@ class TextUse(StrEnum):
     JUMP_LABEL = "jump_label"      # a static-key site (to come)
 
 
-class TextBusy(ProbeError):
-    """A patch would overwrite text another user reserved."""
+class TextBusy(KprobeError):
+    """A patch would overwrite text another user reserved (-EBUSY); registering a kprobe
+    there is refused with it."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -96,3 +96,24 @@ def test_registry_overlap_check_and_merging_poke(arch):
     assert m.memory.read(f, 8) == b"\xaa" * 4 + before + b"\xaa" * 2
     reserved.release(res)
     assert reserved.overlapping(f, f + 8) == []
+
+
+def test_kprobe_on_text_someone_else_holds_is_refused_cleanly(arch):
+    """A kprobe whose breakpoint would overwrite text another user reserved (here a
+    jump-label site, as the kernel's jump_label_text_reserved) is refused with -EBUSY and
+    leaves nothing behind; once released, the same address probes fine."""
+    lab = ProbeLab.from_asm(arch, {"f": "nop\nnop\nret"})
+    f = lab.addr_of("f")
+    reserved = reserved_text_of(lab.machine)
+    site = reserved.reserve(f, 1, TextUse.JUMP_LABEL, _Owner())
+    before = lab.text(f, 4)
+    with pytest.raises(TextBusy) as e:
+        lab.kprobe("f")
+    assert e.value.errno == errno.EBUSY and "jump_label" in e.value.reason
+    assert lab.text(f, 4) == before and not lab.kprobes.table
+    assert f not in lab.machine.break_addrs
+    reserved.release(site)
+    p = lab.kprobe("f")
+    assert_armed(lab, p)
+    lab.call("f")
+    assert p.hits == 1
