@@ -12,6 +12,7 @@ import os
 import stat
 
 from emu.errors import UsageError
+from probes.location import LocationError, LocationFault, parse_probe_location
 
 U63_MAX = (1 << 63) - 1
 MAX_SECONDS = 1e9               # ~31 years; beyond it Unicorn's microsecond count overflows
@@ -71,11 +72,11 @@ def probe_location(text: str) -> str:
         if not 0 <= addr < 1 << 64:
             raise argparse.ArgumentTypeError(f"{text}: not a 64-bit address")
         return text
-    name, plus, off = text.rpartition("+") if "+" in text else (text, "", "")
-    if not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: no symbol name")
-    if plus and off.lstrip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"{text}: negative offset")
+    try:
+        parse_probe_location(text)
+    except LocationError as e:
+        shown = repr(text) if e.why is LocationFault.NO_SYMBOL else text
+        raise argparse.ArgumentTypeError(f"{shown}: {e.why.value}") from None
     return text
 
 

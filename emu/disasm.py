@@ -6,6 +6,7 @@ import capstone
 from emu.elf import ElfImage
 from emu.errors import UsageError
 from emu.symbols import SymbolTable
+from probes.location import LocationError, LocationFault, parse_probe_location
 
 
 def image_bytes(image: ElfImage, addr: int, size: int) -> bytes:
@@ -16,19 +17,24 @@ def image_bytes(image: ElfImage, addr: int, size: int) -> bytes:
 
 
 def parse_location(symbols: SymbolTable, spec: str) -> int:
-    """`SYM`, `SYM+OFF` or an address, as the kprobe and disasm commands take them."""
-    name, _, off = spec.partition("+")
+    """`SYM`, `SYM+OFF` or an address, as the kprobe and disasm commands take them. Any
+    Python integer is an address here (a negative one is simply in no segment)."""
     try:
         return int(spec, 0)
     except ValueError:
         pass
+    try:
+        loc = parse_probe_location(spec)
+    except LocationError as e:
+        raise UsageError(f"bad offset in {spec!r}" if e.why is LocationFault.BAD_OFFSET
+                         else str(e)) from None
+    if loc.addr is not None:
+        return loc.addr
+    name = str(loc.symbol)
     sym = symbols.lookup(name)
     if sym is None:
         raise UsageError(f"unknown symbol {name!r}{symbols.hint(name)}")
-    try:
-        return sym.addr + (int(off, 0) if off else 0)
-    except ValueError:
-        raise UsageError(f"bad offset in {spec!r}") from None
+    return sym.addr + loc.offset
 
 
 def branch_target(insn) -> int | None:

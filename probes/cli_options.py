@@ -6,6 +6,7 @@ from typing import IO, Any
 
 from emu.session import RUN_OPTION_HANDLERS, Session
 from probes.kprobes import Kprobe, Kprobes, kprobes_of, probe_kind
+from probes.location import LocationError
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -29,13 +30,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def kprobe_from_spec(spec: str) -> Kprobe:
     """`SYM`, `SYM+OFF` or an address (0x...), as --kprobe and `emu inspect` take them."""
     try:
-        return Kprobe(addr=int(spec, 0))
-    except ValueError:
-        pass
-    name, _, off = spec.partition("+")
-    try:
-        return Kprobe(symbol_name=name, offset=int(off, 0) if off else 0)
-    except ValueError:
+        return Kprobe.at(spec)
+    except LocationError:
         from emu.errors import UsageError
         raise UsageError(f"bad probe location {spec!r} (SYM, SYM+OFF or ADDR)") from None
 

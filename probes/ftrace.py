@@ -24,7 +24,10 @@ from typing import IO, Callable
 from emu.clock import DETOUR
 from emu.machine import Machine
 from emu.uaccess import UserFault
+from probes.arch import ArchFtrace, arch_probes_of
+from probes.errors import user_fault
 from probes.regs import PtRegs
+from probes.reserved_text import ReservedText, TextUse, reserved_text_of
 
 FtraceFunc = Callable[[int, int, "FtraceOps", PtRegs], None]   # (ip, parent_ip, ops, regs)
 
@@ -58,9 +61,9 @@ class Ftrace:
     """The ftrace state of a machine."""
 
     def __init__(self, machine: Machine) -> None:
-        from probes.kprobes import kprobes_of
         self.m = machine
-        self.arch = kprobes_of(machine).arch
+        self.arch: ArchFtrace = arch_probes_of(machine).ftrace
+        self.reserved: ReservedText = reserved_text_of(machine)
         self.sites: dict[int, FtraceSite] = {}
         self.ops: list[FtraceOps] = []
         self._discover()
@@ -73,10 +76,16 @@ class Ftrace:
             sym = self.m.symbols.find(site)
             if sym is None or self.m.original_text(site, len(self.arch.ftrace_nop)) != self.arch.ftrace_nop:
                 continue                     # not a pristine nop site: leave it alone
-            self.sites[site] = FtraceSite(site, sym.name)
+            self.sites[site] = rec = FtraceSite(site, sym.name)
+            self.reserved.reserve(site, self.arch.ftrace_patch_size, TextUse.FTRACE, rec)
 
     def ftrace_location(self, addr: int) -> FtraceSite | None:
         return self.sites.get(addr)
+
+    @property
+    def site_size(self) -> int:
+        """Bytes of one patch site (MCOUNT_INSN_SIZE)."""
+        return len(self.arch.ftrace_nop)
 
     # --- ops ---------------------------------------------------------------------------------
     def register_ftrace_function(self, ops: FtraceOps) -> int:
@@ -107,12 +116,13 @@ class Ftrace:
     def _add(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.append(ops)
         if len(site.ops) == 1:           # ftrace_make_call: nop -> call of a trampoline
-            self.m.text_poke(site.addr, self.arch.ftrace_make_call(site.addr, self._ftrace_caller))
+            call = self.arch.ftrace_make_call(site.addr, self._ftrace_caller)
+            self.reserved.text_poke(self.m, site.addr, call, site)
 
     def _remove(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.remove(ops)
         if not site.ops:                 # ftrace_make_nop
-            self.m.text_poke(site.addr, self.arch.ftrace_nop)
+            self.reserved.text_poke(self.m, site.addr, self.arch.ftrace_nop, site)
 
     # --- the trampoline's host entry --------------------------------------------------------------
     def _ftrace_caller(self, pc: int) -> None:
@@ -121,8 +131,7 @@ class Ftrace:
         try:
             site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
         except UserFault as e:   # only a guest that jumps here with a bad sp: the
-            from probes.kprobes import user_fault     # trampoline's own stack read faults
-            m.stop_fault(user_fault(e, pc))
+            m.stop_fault(user_fault(e, pc))           # trampoline's own stack read faults
             return
         if site is None:
             return
@@ -146,7 +155,8 @@ class Ftrace:
 
 
 def ftrace_of(machine: Machine) -> Ftrace:
-    return machine.layer("ftrace", Ftrace)
+    ftrace: Ftrace = machine.layer("ftrace", Ftrace)
+    return ftrace
 
 
 # --- the function tracer ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from emu.machine import Machine
 from emu.memory import PAGE, PROT_EXEC, PROT_READ, MemoryLimit
 from emu.owners import RegionOwner
+from probes.errors import KprobeError
 
 WINDOW = 64 << 20          # search this far below the text, then above it
 
@@ -46,12 +47,31 @@ class InsnSlots:
         try:
             self.machine.memory.map(page, PAGE, PROT_READ | PROT_EXEC, self.name)
         except MemoryLimit as e:    # --max-memory covers the probe layer's pages too
-            from probes.errors import KprobeError
             raise KprobeError(errno.ENOMEM, f"no room for an instruction slot page "
                               f"({e.mapped} of {e.limit} bytes mapped)") from None
         self.machine.claim_text(page, PAGE, RegionOwner.PROBES, self.name)
         self.pages.append(page)
         self.free.extend(range(page, page + PAGE - self.slot_size + 1, self.slot_size))
+
+
+TRAMPOLINE_SLOT = 64       # a return trampoline, a detour buffer, an ftrace trampoline
+
+
+@dataclass
+class ProbePages:
+    """The probe layer's own executable pages in one machine: the out-of-line slots
+    (kprobe_insn_slots) and the trampoline/detour buffers (kprobe_optinsn_slots). Every
+    arch job that writes code of its own takes them from here."""
+    slots: InsnSlots
+    tramps: InsnSlots
+
+    @classmethod
+    def for_machine(cls, machine: Machine, slot_size: int) -> "ProbePages":
+        return cls(InsnSlots(machine, slot_size),
+                   InsnSlots(machine, TRAMPOLINE_SLOT, name="[kprobe trampolines]"))
+
+    def owns(self, addr: int) -> bool:
+        return self.slots.owns(addr) or self.tramps.owns(addr)
 
 
 def place_near(m: Machine, near: int, size: int) -> int:

@@ -3,20 +3,26 @@ with disassembly side by side, and the out-of-line slot. Used by `emu inspect`, 
 pytest plugin and error messages."""
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import capstone
 
 from emu.machine import Machine
+from probes.arch.common import Verdict
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, kprobes_of, probe_kind
+
+
+PENDING = "pending"          # an IFUNC probe waiting for the guest's resolver
 
 
 @dataclass
 class Inspection:
     where: str
     addr: int | None
-    verdict: str                         # "simulate" | "emulate" | "out-of-line" | "ftrace" | "rejected"
+    verdict: str                         # a StepKind, Verdict.REJECTED or PENDING
     kind: str = ""                       # kprobe | boosted | optimized | ftrace | kretprobe
     hits: int = 0
     opt_reason: str = ""                 # why jump optimization was refused, if it was
@@ -32,7 +38,7 @@ class Inspection:
     replaced_tail: bytes = b""           # optimized: text after the jump, replaced but left as it was
     listing: dict[str, list[str]] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("original", "patched", "slot_code", "detour_code", "replaced_tail"):
             d[k] = d[k].hex()
@@ -40,10 +46,10 @@ class Inspection:
 
     def format(self) -> str:
         lines = [f"probe:    {self.where}" + (f" ({self.addr:#x})" if self.addr is not None else "")]
-        if self.verdict == "rejected":
+        if self.verdict == Verdict.REJECTED:
             lines.append(f"verdict:  rejected (-{self.errno}): {self.reason}")
             return "\n".join(lines)
-        if self.verdict == "pending":
+        if self.verdict == PENDING:
             return "\n".join([*lines, f"verdict:  pending: {self.reason}"])
         lines.append(f"verdict:  {self.verdict}  `{self.insn}`")
         lines.append(f"kind:     {self.kind}  (hits {self.hits})"
@@ -89,37 +95,36 @@ def _where(m: Machine, p: Kprobe) -> tuple[str, int | None]:
         return m.symbols.format(addr, with_size=False), addr
     if addr is not None:
         return f"{addr:#x}", addr
-    return p.symbol_name + (f"+{p.offset:#x}" if p.offset else ""), None
+    return f"{p.symbol_name}" + (f"+{p.offset:#x}" if p.offset else ""), None
 
 
-def _show_replaced_tail(m: Machine, ins: Inspection, size: int) -> None:
+def _show_replaced_tail(m: Machine, ins: Inspection, addr: int, size: int) -> None:
     """Only an optimized probe's jump is live code; the bytes after it, up to `size`, belong
     to the replaced instructions and never run: list them as data, not decoded."""
     md = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
-    jump = next(md.disasm(ins.patched, ins.addr, 1), None)
+    jump = next(md.disasm(ins.patched, addr, 1), None)
     jump_len = jump.size if jump is not None else size
     ins.replaced_tail = ins.patched[jump_len:size]
     if ins.replaced_tail:
-        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], ins.addr, 1)
-                                  + [f"{ins.addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
+        ins.listing["patched"] = (listing(m, ins.patched[:jump_len], addr, 1)
+                                  + [f"{addr + jump_len:#x}: {ins.replaced_tail.hex(' '):<14} "
                                      "(replaced tail)"])
 
 
 def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     """Register `p` (if it is not yet), and describe the patch; rejection is a verdict."""
-    kp = kprobes_of(m)
-    if not kp.is_registered(p):
+    kprobes = kprobes_of(m)
+    if not kprobes.is_registered(p):
         try:
-            kp.register_kprobe(p)
+            kprobes.register_kprobe(p)
         except KprobeError as e:
-            import errno as _e
             where, addr = _where(m, p)
-            return Inspection(where=where, addr=addr, verdict="rejected", reason=e.reason,
-                              errno=_e.errorcode.get(e.errno, str(e.errno)))
+            return Inspection(where=where, addr=addr, verdict=Verdict.REJECTED, reason=e.reason,
+                              errno=errno.errorcode.get(e.errno, str(e.errno)))
     if p.addr is None:          # an IFUNC waiting for the guest's resolver (emu.symbols)
-        return Inspection(where=where, addr=None, verdict="pending",
+        return Inspection(where=_where(m, p)[0], addr=None, verdict=PENDING,
                           reason="an IFUNC: armed where the guest's resolver points (use --run)")
-    top = kp.table[p.addr]
+    top = kprobes.table[p.addr]
     ainsn = top.ainsn
     oi = ainsn.optinsn
     n = max(ainsn.length, len(m.arch.breakpoint), oi.size if oi is not None and ainsn.optimized else 0)
@@ -133,7 +138,7 @@ def inspect_kprobe(m: Machine, p: Kprobe) -> Inspection:
     ins.listing["original"] = listing(m, original, p.addr, count)
     ins.listing["patched"] = listing(m, patched, p.addr, count)
     if ainsn.optimized and oi is not None:
-        _show_replaced_tail(m, ins, oi.size)
+        _show_replaced_tail(m, ins, p.addr, oi.size)
     if ainsn.slot is not None:
         ins.listing["slot"] = listing(m, slot_code, ainsn.slot, 3 if ainsn.boosted else 2)
     if oi is not None:

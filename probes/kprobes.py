@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Callable, Optional, Self
 
 from emu.clock import HANDLER, STEP, TRAP
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
-from probes.arch import ArchKprobes, get_arch_kprobes
+from probes.arch import ArchKprobes, arch_probes_of
+from probes.arch.common import ArchSpecificInsn, StepKind
 from probes.blacklist import Blacklist
-from probes.errors import KprobeError
+from probes.errors import KprobeError, user_fault
+from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
+from probes.location import ProbeLocation, parse_probe_location
 from probes.regs import PtRegs
+from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
+
+if TYPE_CHECKING:
+    from probes.optprobes import Optimizer
+
+__all__ = ["Kprobe", "Kprobes", "KprobeCtlblk", "ProbeKind", "kprobes_of", "probe_kind",
+           "user_fault", "register_kprobe", "unregister_kprobe", "register_kprobes",
+           "unregister_kprobes", "enable_kprobe", "disable_kprobe", "get_kprobe"]
 
 KPROBE_FLAG_GONE = 1
 KPROBE_FLAG_DISABLED = 2
@@ -39,6 +51,15 @@ PostHandler = Callable[["Kprobe", PtRegs, int], None]
 FaultHandler = Callable[["Kprobe", PtRegs, int], Optional[int]]
 
 
+class ProbeKind(StrEnum):
+    """What `emu inspect`, the sweep and --stats call a probe (the JSON `kind`)."""
+    KPROBE = "kprobe"
+    BOOSTED = "boosted"
+    OPTIMIZED = "optimized"
+    FTRACE = "ftrace"
+    KRETPROBE = "kretprobe"
+
+
 @dataclass(eq=False)
 class Kprobe:
     """struct kprobe. Give `symbol_name` (+ `offset`) or `addr`. `hits` is ours: how often
@@ -52,11 +73,22 @@ class Kprobe:
     flags: int = 0
     nmissed: int = 0
     opcode: bytes = b""
-    ainsn: Any = None
+    ainsn: Any = None                                       # ArchSpecificInsn once prepared
     hits: int = 0
     list: list["Kprobe"] = field(default_factory=list)     # children, if an aggregator
     is_aggr: bool = False
     kretprobe: Any = None                                   # the Kretprobe this entry serves
+
+    @classmethod
+    def at(cls, where: "str | int | ProbeLocation") -> Self:
+        """A kprobe on `SYM[+OFF]|ADDR` (probes.location; LocationError if it does not
+        parse), a parsed location or an address."""
+        if isinstance(where, int):
+            return cls(addr=where)
+        loc = where if isinstance(where, ProbeLocation) else parse_probe_location(where)
+        if loc.addr is not None:
+            return cls(addr=loc.addr)
+        return cls(symbol_name=loc.symbol, offset=loc.offset)
 
     def disabled(self) -> bool:
         """kprobe_disabled()"""
@@ -87,15 +119,16 @@ class Kprobes:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
-        self.arch: ArchKprobes = get_arch_kprobes(machine)
+        self.arch: ArchKprobes = arch_probes_of(machine).kprobes
         self.table: dict[int, Kprobe] = {}
         self.kcb = KprobeCtlblk()
         self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
+        self.reserved: ReservedText = reserved_text_of(machine)
         self._registered: set[int] = set()        # id() of registered struct kprobes
-        self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
+        self.optimizer: Optimizer | None = None   # set by enable_optprobes
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
         self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
-        self._ftrace_ops = None                   # the FtraceOps serving FTRACE probes
+        self._ftrace_ops: FtraceOps | None = None  # the one serving FTRACE probes
         machine.fault_notifiers.append(self._on_fault)
 
     # --- registration -----------------------------------------------------------------------
@@ -120,7 +153,11 @@ class Kprobes:
                 self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
             self.table[addr] = p
             if not p.disabled():
-                self._arm(p)
+                try:
+                    self._arm(p)
+                except TextBusy:                # someone else's text: refused, nothing left
+                    self._remove(p)
+                    raise
         self._registered.add(id(p))
 
     def register_kprobes(self, kps: list[Kprobe]) -> None:
@@ -184,7 +221,7 @@ class Kprobes:
 
     def probes(self) -> list[Kprobe]:
         """Every registered user probe (children of aggregators included), by address."""
-        out = []
+        out: list[Kprobe] = []
         for addr in sorted(self.table):
             top = self.table[addr]
             out.extend(top.list if top.is_aggr else [top])
@@ -204,6 +241,7 @@ class Kprobes:
                                   f"{syms.hint(p.symbol_name)}", _where(p))
             addr = sym.addr + p.offset
         else:
+            assert p.addr is not None
             addr = p.addr + p.offset
         sym = syms.find(addr)
         if sym is None and self.arch.owns(addr):
@@ -240,7 +278,7 @@ class Kprobes:
                         is_aggr=True, symbol_name=None)
             ap.list = [old]
             ap.pre_handler = self._aggr_pre_handler
-            self.table[old.addr] = ap
+            self.table[_at(old)] = ap
             old = ap
         p.opcode, p.ainsn = old.opcode, old.ainsn
         old.list.insert(0, p)                   # list_add: newest first, as the kernel
@@ -301,17 +339,25 @@ class Kprobes:
         return None
 
     # --- arming -----------------------------------------------------------------------------
+    def _ftrace_site(self, p: Kprobe) -> tuple[FtraceSite, FtraceOps]:
+        assert self._ftrace_ops is not None             # made by _prepare_ftrace
+        return self.ftrace.sites[_at(p)], self._ftrace_ops
+
     def _arm(self, p: Kprobe) -> None:
         if p.ainsn.armed:
             return
         if p.ainsn.ftrace:
-            self.ftrace.attach_to_site(self.ftrace.sites[p.addr], self._ftrace_ops)
+            self.ftrace.attach_to_site(*self._ftrace_site(p))
             p.ainsn.armed = True
             return
+        addr, size = _at(p), len(self.arch.breakpoint)
         opt = self.optimizer
         if opt is not None:
-            opt.before_arm(p.addr)
-        self.m.register_break_addr(p.addr, self.kprobe_handler)
+            opt.before_arm(addr)
+        # The text belongs to the address's arch_specific_insn, which an aggregator shares.
+        self.reserved.check(addr, size, p.ainsn, "kprobe")
+        self.reserved.reserve(addr, size, TextUse.KPROBE, p.ainsn)
+        self.m.register_break_addr(addr, self.kprobe_handler)
         self.arch.arm(p)
         if opt is not None:
             opt.try_to_optimize_kprobe(p)
@@ -320,15 +366,16 @@ class Kprobes:
         if not p.ainsn.armed:
             return
         if p.ainsn.ftrace:
-            self.ftrace.detach_from_site(self.ftrace.sites[p.addr], self._ftrace_ops)
+            self.ftrace.detach_from_site(*self._ftrace_site(p))
             p.ainsn.armed = False
             return
         if self.optimizer is not None:
             self.optimizer.unoptimize_kprobe(p)
         self.arch.disarm(p)
-        self.m.unregister_break_addr(p.addr)
+        self.reserved.release_owner(p.ainsn, TextUse.KPROBE)
+        self.m.unregister_break_addr(_at(p))
         if self.optimizer is not None:
-            self.optimizer.after_remove(p.addr)   # a covering probe may be optimized again
+            self.optimizer.after_remove(_at(p))   # a covering probe may be optimized again
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)
@@ -337,9 +384,9 @@ class Kprobes:
         if top.ainsn.ss_trap is not None:
             self.m.unregister_break_addr(top.ainsn.ss_trap)
         self.arch.remove(top)
-        del self.table[top.addr]
+        del self.table[_at(top)]
         if self.optimizer is not None:
-            self.optimizer.after_remove(top.addr)
+            self.optimizer.after_remove(_at(top))
 
     def disarm_all(self) -> None:
         for p in self.table.values():
@@ -371,7 +418,7 @@ class Kprobes:
             clock.charge(TRAP)
         else:
             clock.charge2(TRAP, HANDLER)
-            regs = PtRegs(self.m, p.addr + self.ip_offset)
+            regs = PtRegs(self.m, addr + self.ip_offset)
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
                 regs.flush()
@@ -393,8 +440,8 @@ class Kprobes:
             # a slot back into its probe gets here, e.g. one that rewrote the slot.
             kcb.current, kcb.status = None, 0
             kcb.prev.clear()
-            self.m.pc = p.addr
-            self.m.stop_fault(Fault("unrecoverable kprobe reentry", p.addr, None, SIGTRAP))
+            self.m.pc = _at(p)
+            self.m.stop_fault(Fault("unrecoverable kprobe reentry", _at(p), None, SIGTRAP))
             return
         self.kprobes_inc_nmissed_count(p)
         kcb.save()
@@ -440,14 +487,14 @@ class Kprobes:
         the instruction itself takes, reported at the probe address as a fault while
         stepping is (kprobe_fault_handler). Its register changes are not written back."""
         kcb, m = self.kcb, self.m
-        m.pc = p.addr
+        m.pc = addr = _at(p)
         if kcb.status == KPROBE_REENTER:
             kcb.restore()
         else:
             if p.fault_handler is not None:
                 p.fault_handler(p, PtRegs(m), SIGSEGV)
             kcb.current, kcb.status = None, 0
-        m.stop_fault(user_fault(e, p.addr))
+        m.stop_fault(user_fault(e, addr))
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
@@ -486,28 +533,26 @@ class Kprobes:
 
     # --- kprobes on ftrace sites (arch/x86/kernel/kprobes/ftrace.c) ----------------------------
     @property
-    def ftrace(self):
-        from probes.ftrace import ftrace_of
+    def ftrace(self) -> Ftrace:
         return ftrace_of(self.m)
 
     def _prepare_ftrace(self, p: Kprobe) -> bool:
         """A probe on an ftrace site is served by ftrace: no breakpoint, no slot."""
-        site = self.ftrace.ftrace_location(p.addr)
-        if site is None:
+        assert p.addr is not None
+        ftrace = self.ftrace
+        if ftrace.ftrace_location(p.addr) is None:
             return False
-        from probes.arch.common import ArchSpecificInsn
-        from probes.ftrace import FtraceOps
         if self._ftrace_ops is None:
             self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True,
                                          wants_parent=False)
-        nop = self.arch.ftrace_nop
         p.flags |= KPROBE_FLAG_FTRACE
         p.opcode = b""
-        p.ainsn = ArchSpecificInsn(kind="ftrace", length=len(nop), mnemonic="nop (ftrace site)",
-                                   ftrace=True)
+        p.ainsn = ArchSpecificInsn(kind=StepKind.FTRACE, length=ftrace.site_size,
+                                   mnemonic="nop (ftrace site)", ftrace=True)
         return True
 
-    def kprobe_ftrace_handler(self, ip: int, parent_ip: int, ops, regs: PtRegs) -> None:
+    def kprobe_ftrace_handler(self, ip: int, parent_ip: int, ops: FtraceOps,
+                              regs: PtRegs) -> None:
         p = self.table.get(ip)
         if p is None or p.disabled():
             return
@@ -540,12 +585,11 @@ class Kprobes:
             p = next((q for q in self.table.values() if q.ainsn is not None and q.ainsn.boosted
                       and self.arch.in_slot(q, fault.pc)), None)
             if p is not None:
-                fault.pc = self.m.pc = p.addr
+                fault.pc = self.m.pc = _at(p)
             return
         if not self.arch.in_slot(p, fault.pc):
             return
-        fault.pc = p.addr
-        self.m.pc = p.addr
+        fault.pc = self.m.pc = _at(p)
         if kcb.status == KPROBE_REENTER:
             kcb.restore()
         else:
@@ -554,25 +598,25 @@ class Kprobes:
             kcb.current, kcb.status = None, 0
 
 
-def user_fault(e: UserFault, pc: int) -> Fault:
-    """The machine's fault report for a checked access that failed on the guest's behalf,
-    worded as the CPU's own fault on that access (emu.machine's memory fault kinds)."""
-    return Fault(e.kind, pc, e.addr, SIGSEGV)
+def _at(p: Kprobe) -> int:
+    """The address of a registered probe (registration sets it)."""
+    assert p.addr is not None, "the kprobe is not registered"
+    return p.addr
 
 
-def probe_kind(p: Kprobe) -> str:
+def probe_kind(p: Kprobe) -> ProbeKind:
     """kprobe, kretprobe, boosted, optimized, ftrace: what `emu inspect`, the sweep and
     --stats call a probe."""
     if p.kretprobe is not None:
-        return "kretprobe"
+        return ProbeKind.KRETPROBE
     ainsn = p.ainsn
     if ainsn.optimized:
-        return "optimized"
+        return ProbeKind.OPTIMIZED
     if ainsn.ftrace:
-        return "ftrace"
+        return ProbeKind.FTRACE
     if ainsn.boosted:
-        return "boosted"
-    return "kprobe"
+        return ProbeKind.BOOSTED
+    return ProbeKind.KPROBE
 
 
 def _where(p: Kprobe) -> str:
@@ -583,7 +627,8 @@ def _where(p: Kprobe) -> str:
 
 def kprobes_of(machine: Machine) -> Kprobes:
     """The machine's kprobe state, created on first use."""
-    return machine.layer("kprobes", Kprobes)
+    kprobes: Kprobes = machine.layer("kprobes", Kprobes)
+    return kprobes
 
 
 # Kernel-style entry points on a machine.

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from emu.clock import HANDLER
 from emu.machine import SIGILL, Fault, Machine
 from emu.symbols import when_ifunc_resolved
+from probes.arch import ArchKretprobes, arch_probes_of
 from probes.arch.common import RpCheck
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
@@ -65,7 +66,7 @@ class Kretprobes:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.kprobes: Kprobes = kprobes_of(machine)
-        self.arch = self.kprobes.arch
+        self.arch: ArchKretprobes = arch_probes_of(machine).kretprobes
         self.instances: list[KretprobeInstance] = []          # the task's LIFO
         self.registered: list[Kretprobe] = []
         self.frame_warnings = 0
@@ -196,7 +197,7 @@ class Kretprobes:
             m.stop_fault(Fault("kretprobe trampoline reached with no pending instance",
                                addr, None, SIGILL))
             return True
-        frame = self.arch.kretprobe_frame(m)
+        frame: int | None = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)
@@ -249,7 +250,8 @@ class Kretprobes:
 
 
 def kretprobes_of(machine: Machine) -> Kretprobes:
-    return machine.layer("kretprobes", Kretprobes)
+    kretprobes: Kretprobes = machine.layer("kretprobes", Kretprobes)
+    return kretprobes
 
 
 def register_kretprobe(machine: Machine, rp: Kretprobe) -> None:

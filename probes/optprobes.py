@@ -11,37 +11,36 @@ disabled or unregistered, gains a post handler, or another probe is armed inside
 replaced bytes — restores the breakpoint first, as the kernel's forced unoptimize does."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from emu.clock import DETOUR, HANDLER
+from emu.machine import Fault
+from probes.arch import ArchOptprobes, arch_probes_of
+from probes.arch.common import ArchOptimizedInsn
+from probes.errors import OptimizeRefused
 from probes.kprobes import (KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, KPROBE_FLAG_OPTIMIZED,
                             KPROBE_HIT_ACTIVE, Kprobe, Kprobes)
 from probes.regs import PtRegs
+from probes.reserved_text import TextBusy, TextUse
 
-
-@dataclass
-class OptInsn:
-    """struct arch_optimized_insn: the detour and what it replaced."""
-    detour: int                 # host entry point (start of the buffer)
-    resume: int                 # the relocated copies (TMPL_END), where a queued hit resumes
-    size: int                   # bytes of original text replaced by the jump
-    code: bytes = b""
-    copied: list[str] = field(default_factory=list)
-    handle: int | None = None   # the host entry hook
+OptInsn = ArchOptimizedInsn          # the name before struct arch_optimized_insn moved
 
 
 class Optimizer:
     """Per-machine optimizer state; attach with `enable_optprobes(kprobes)`."""
 
-    def __init__(self, kp: Kprobes) -> None:
-        self.kp = kp
-        self.m = kp.m
-        self.arch = kp.arch
+    def __init__(self, kprobes: Kprobes) -> None:
+        self.kprobes = kprobes
+        self.m = kprobes.m
+        self.arch: ArchOptprobes = arch_probes_of(self.m).optprobes
         self.queue: list[Kprobe] = []
         self.enabled = True                      # sysctl debug.kprobes-optimization
-        self.ip_offset = kp.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
+        self.ip_offset = kprobes.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
         self._regs = PtRegs(self.m)                 # one view reused by every detour hit
         self.m.fault_notifiers.append(self._on_fault)
+
+    @property
+    def kp(self) -> Kprobes:
+        """The kprobe table's owner (the name before `kprobes`)."""
+        return self.kprobes
 
     # --- deciding ---------------------------------------------------------------------------
     def try_to_optimize_kprobe(self, p: Kprobe) -> None:
@@ -51,16 +50,13 @@ class Optimizer:
             return
         if ainsn.ftrace:
             return
-        ok, reason = self.arch.can_optimize(p, self.kp)
-        if not ok:
-            ainsn.opt_reason = reason
-            return
-        if ainsn.optinsn is None:
-            try:
+        try:
+            self.arch.can_optimize(p, self.kprobes.reserved)
+            if ainsn.optinsn is None:
                 ainsn.optinsn = self.arch.prepare_optimized_kprobe(p, self.optimized_callback)
-            except ValueError as e:               # e.g. a branch out of range from the detour
-                ainsn.opt_reason = str(e)
-                return
+        except OptimizeRefused as e:              # e.g. a branch out of range from the detour
+            ainsn.opt_reason = e.reason
+            return
         p.flags |= KPROBE_FLAG_OPTIMIZED
         ainsn.opt_reason = ""
         if p not in self.queue:
@@ -72,10 +68,25 @@ class Optimizer:
         for p in list(self.queue):
             self.queue.remove(p)
             if p.flags & KPROBE_FLAG_OPTIMIZED and p.ainsn.armed and not p.ainsn.optimized:
-                self.arch.arch_optimize_kprobe(p)
-                p.ainsn.optimized = True
-                done += 1
+                if self._reserve_jump(p):
+                    self.arch.arch_optimize_kprobe(p)
+                    p.ainsn.optimized = True
+                    done += 1
         return done
+
+    def _reserve_jump(self, p: Kprobe) -> bool:
+        """Record the jump's bytes as this probe's; False (the probe stays a breakpoint
+        probe) if another user holds any of them."""
+        assert p.addr is not None
+        size = p.ainsn.optinsn.size
+        try:
+            self.kprobes.reserved.check(p.addr, size, p.ainsn, "optimized kprobe")
+        except TextBusy as e:
+            p.flags &= ~KPROBE_FLAG_OPTIMIZED
+            p.ainsn.opt_reason = e.reason
+            return False
+        self.kprobes.reserved.reserve(p.addr, size, TextUse.OPTPROBE, p.ainsn)
+        return True
 
     def handle_queued_hit(self, p: Kprobe) -> bool:
         """A breakpoint hit on a probe marked OPTIMIZED but not patched yet: after its pre
@@ -94,15 +105,17 @@ class Optimizer:
         if p.ainsn is not None and p.ainsn.optimized:
             self.arch.arch_unoptimize_kprobe(p)
             p.ainsn.optimized = False
+            self.kprobes.reserved.release_owner(p.ainsn, TextUse.OPTPROBE)
         p.flags &= ~KPROBE_FLAG_OPTIMIZED
 
     def get_optimized_kprobe(self, addr: int) -> Kprobe | None:
         """get_optimized_kprobe(): the nearest probe below `addr` if it has a detour whose
         replaced bytes cover `addr` (whether or not its jump is in place right now)."""
-        below = [a for a in self.kp.table if a < addr]
+        table = self.kprobes.table
+        below = [a for a in table if a < addr]
         if not below:
             return None
-        p = self.kp.table[max(below)]
+        p = table[max(below)]
         oi = p.ainsn.optinsn if p.ainsn is not None else None
         return p if oi is not None and addr < p.addr + oi.size else None
 
@@ -129,11 +142,11 @@ class Optimizer:
             self.arch.free_optimized_kprobe(p)
             p.ainsn.optinsn = None
 
-    def _on_fault(self, fault) -> None:
+    def _on_fault(self, fault: Fault) -> None:
         """A relocated instruction faulted in a detour (a hostile sp, a literal on an
         unmapped page): report it at the original instruction, where the guest would have
         taken it, as a fault in a kprobe slot is."""
-        for p in self.kp.table.values():
+        for p in self.kprobes.table.values():
             oi = p.ainsn.optinsn if p.ainsn is not None else None
             if oi is not None and oi.detour <= fault.pc < oi.detour + len(oi.code):
                 orig = self.arch.detour_orig_addr(p, fault.pc)
@@ -147,14 +160,15 @@ class Optimizer:
         """optimized_callback(): run the pre handlers of the probe at `addr`; return values
         and ip changes are ignored (post handlers never run: such probes are not optimized).
         The hot path of the cheapest probe kind: kept flat."""
-        p = self.kp.table.get(addr)
+        kprobes = self.kprobes
+        p = kprobes.table.get(addr)
         if p is None or p.flags & (KPROBE_FLAG_DISABLED | KPROBE_FLAG_GONE):
             return
-        m, kcb = self.m, self.kp.kcb
+        m, kcb = self.m, kprobes.kcb
         clock = m.clock
         if kcb.current is not None:
             clock.charge(DETOUR)
-            self.kp.kprobes_inc_nmissed_count(p)
+            kprobes.kprobes_inc_nmissed_count(p)
             return
         if not p.is_aggr:
             p.hits += 1
@@ -171,11 +185,11 @@ class Optimizer:
         kcb.current, kcb.status = None, 0
 
 
-def enable_optprobes(kp: Kprobes) -> Optimizer:
+def enable_optprobes(kprobes: Kprobes) -> Optimizer:
     """Turn on jump optimization for a machine's kprobes (`--optimize`)."""
-    if kp.optimizer is None:
-        kp.optimizer = Optimizer(kp)
-        for p in list(kp.table.values()):
+    if kprobes.optimizer is None:
+        optimizer = kprobes.optimizer = Optimizer(kprobes)
+        for p in list(kprobes.table.values()):
             if p.ainsn.armed:
-                kp.optimizer.try_to_optimize_kprobe(p)
-    return kp.optimizer
+                optimizer.try_to_optimize_kprobe(p)
+    return kprobes.optimizer

@@ -14,6 +14,7 @@ addresses as `sym+0xoff (0xaddr)`."""
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from probes import testing
 
 
 class _LabFactory:
-    def __call__(self, path, **kw) -> testing.ProbeLab:
+    def __call__(self, path: str, **kw: Any) -> testing.ProbeLab:
         return testing.ProbeLab.load(path, **kw)
 
     @staticmethod

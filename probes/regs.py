@@ -7,14 +7,38 @@ arch-neutral accessors (regs_get_kernel_argument, regs_return_value, instruction
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from emu.uaccess import UserFault, get_user
+from probes.arch import arch_ptrace
 
 if TYPE_CHECKING:
+    from emu.arch import Arch
     from emu.machine import Machine
 
 
+@dataclass(frozen=True)
+class RegsFacts:
+    """What the view must know of an arch beyond emu/arch's register table; the arch's
+    ptrace module (probes/arch/<name>/ptrace.py) states them."""
+    zero_regs: frozenset[str]       # read as 0, writes dropped (arm64 xzr)
+    stack_args: bool                # $argN beyond the argument registers is on the stack
+
+
+_FACTS: dict[str, RegsFacts] = {}
+
+
+def regs_facts(arch: "Arch") -> RegsFacts:
+    facts = _FACTS.get(arch.name)
+    if facts is None:
+        pt = arch_ptrace(arch.name)
+        facts = _FACTS[arch.name] = RegsFacts(pt.ZERO_REGS, pt.STACK_ARGS)
+    return facts
+
+
 class PtRegs:
-    __slots__ = ("_m", "_arch", "_cache", "_dirty", "_ip_override")
+    __slots__ = ("_m", "_arch", "_cache", "_dirty")
 
     def __init__(self, machine: "Machine", ip: int | None = None, sp: int | None = None) -> None:
         # Built on every probe hit: keep it to a few stores.
@@ -30,16 +54,16 @@ class PtRegs:
 
     def __getitem__(self, name: str) -> int:
         name = self._name(name)
-        if name == "x31" or name == "xzr":
-            return 0
         v = self._cache.get(name)
-        if v is None:
+        if v is None:               # a zero register is never cached: only misses ask
+            if name in regs_facts(self._arch).zero_regs:
+                return 0
             v = self._cache[name] = self._m.regs.read(self._arch.regs[name])
         return v
 
     def __setitem__(self, name: str, value: int) -> None:
         name = self._name(name)
-        if name == "x31" or name == "xzr":
+        if name in regs_facts(self._arch).zero_regs:
             return
         if name not in self._arch.regs:
             raise KeyError(name)
@@ -91,9 +115,8 @@ class PtRegs:
         regs = self._arch.args
         if n <= len(regs):
             return self[regs[n - 1]]
-        if self._arch.link is not None:      # arm64 $argN beyond x7 reads as 0 (kernel)
+        if not regs_facts(self._arch).stack_args:     # arm64: 0 beyond x7 (kernel)
             return 0
-        from emu.uaccess import UserFault, get_user
         try:                                 # stack[0] = return addr
             return get_user(self._m.memory, self.sp + 8 * (n - len(regs)))
         except UserFault:                    # regs_get_kernel_stack_nth: 0 off the stack
@@ -149,7 +172,10 @@ class PtRegs:
         return f"PtRegs({shown})"
 
 
-def pack_pt_regs_image(regs: "PtRegs", slots, template: bytes,
+Slots = Iterable[tuple[int, str]]          # (offset in struct pt_regs, register name)
+
+
+def pack_pt_regs_image(regs: "PtRegs", slots: Slots, template: bytes,
                        narrow: dict[str, int]) -> bytearray:
     """A `struct pt_regs` image: `template` with each (offset, register) slot filled from
     the view, narrow registers masked to the bytes the CPU defines. The arch's ptrace
@@ -160,7 +186,7 @@ def pack_pt_regs_image(regs: "PtRegs", slots, template: bytes,
     return image
 
 
-def unpack_pt_regs_image(regs: "PtRegs", image: bytes | bytearray, slots) -> None:
+def unpack_pt_regs_image(regs: "PtRegs", image: bytes | bytearray, slots: Slots) -> None:
     """Write the registers whose value in `image` differs from the view back to it."""
     for off, name in slots:
         value = struct.unpack_from("<Q", image, off)[0]

@@ -12,15 +12,19 @@ from emu.arch import get_arch
 from emu.loader import Guest, GuestConfig, load_guest
 from emu.machine import Machine, RunResult
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+from probes.arch import arch_ptrace
+from probes.insn_slots import place_near
 from probes.inspect import Inspection, inspect_kprobe, listing, side_by_side
-from probes.kprobes import Kprobe, Kprobes, kprobes_of
-from probes.kretprobes import Kretprobe, kretprobes_of
+from probes.kprobes import FaultHandler, Kprobe, Kprobes, PostHandler, PreHandler, kprobes_of
+from probes.location import parse_probe_location
+from probes.kretprobes import Kretprobe, KretprobeInstance, kretprobes_of
+from probes.regs import PtRegs
+
+RetHandler = Callable[[KretprobeInstance, PtRegs], int]
 
 ASM_BASE = 0x40_0000
 ASM_DATA = 0x60_0000
 ASM_STACK_TOP = 0x80_0000
-HALT = {"arm64": "hlt #0", "x86_64": "hlt"}
-HALT_BYTES = {"arm64": (0xD4400000).to_bytes(4, "little"), "x86_64": b"\xf4"}
 
 
 @dataclass
@@ -35,6 +39,26 @@ class Hit:
     ret_addr: int | None = None
 
 
+@dataclass(eq=False)
+class LabKprobe(Kprobe):
+    """A Kprobe the lab placed: `events` records every handler call, `where` names it."""
+    events: list[Hit] = field(default_factory=list)
+    where: str = ""
+
+
+@dataclass(eq=False)
+class LabKretprobe(Kretprobe):
+    """A Kretprobe the lab placed: `events` records entries and returns."""
+    events: list[Hit] = field(default_factory=list)
+
+
+def _lookup(m: Machine, name: str) -> int:
+    sym = m.symbols.lookup(name)
+    if sym is None:
+        raise KeyError(f"no symbol {name!r}")
+    return sym.addr
+
+
 class ProbeLab:
     def __init__(self, machine: Machine, stdout: io.BytesIO | None = None,
                  stderr: io.BytesIO | None = None) -> None:
@@ -45,7 +69,8 @@ class ProbeLab:
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, *, argv: list[str] | tuple = (), bare: bool = False, arch: str = "auto",
+    def load(cls, path: str, *, argv: list[str] | tuple[str, ...] = (), bare: bool = False,
+             arch: str = "auto",
              stdin: bytes = b"", fs: str | None = None) -> "ProbeLab":
         out, err = io.BytesIO(), io.BytesIO()
         guest: Guest = load_guest(GuestConfig(path=str(path), arch=arch, bare=bare, argv=list(argv),
@@ -64,8 +89,8 @@ class ProbeLab:
         m.memory.map(ASM_DATA, 0x10000, PROT_READ | PROT_WRITE, "asm:data")
         m.memory.map(ASM_STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE, "[stack]")
         addr = ASM_BASE
-        for name, source in [*functions.items(), ("__lab_halt", HALT[a.name])]:
-            code = bytes(ks.asm(source, addr)[0] or b"")
+        for name, source in [*functions.items(), ("__lab_halt", None)]:
+            code = a.halt_insn if source is None else bytes(ks.asm(source, addr)[0] or b"")
             m.memory.write(addr, code)
             m.symbols.add(name, addr, len(code), "func")
             addr = (addr + len(code) + 15) & ~15
@@ -74,7 +99,7 @@ class ProbeLab:
         m.symbols.add("__lab_data", ASM_DATA, max(len(data), 1), "object")
         lab = cls(m)
         m.halt_allowed = True                # calls end on the lab's own halt stub
-        lab.halt_addr = m.symbols.lookup("__lab_halt").addr
+        lab.halt_addr = _lookup(m, "__lab_halt")
         m.sp = ASM_STACK_TOP - 0x100
         return lab
 
@@ -83,51 +108,52 @@ class ProbeLab:
     def kprobes(self) -> Kprobes:
         return kprobes_of(self.machine)
 
-    def kprobe(self, where: str | int, *, pre: Callable | None = None, post: Callable | None = None,
-               fault: Callable | None = None, record: tuple[str, ...] = (), register: bool = True,
-               post_events: bool = True) -> Kprobe:
+    def kprobe(self, where: str | int, *, pre: PreHandler | None = None,
+               post: PostHandler | None = None, fault: FaultHandler | None = None,
+               record: tuple[str, ...] = (), register: bool = True,
+               post_events: bool = True) -> LabKprobe:
         """A kprobe at SYM, SYM+OFF or an address that records each handler call in
         `p.events` (with the registers named in `record`), then calls pre/post/fault.
         `post_events=False` (and no `post`) installs no post handler, so the probe may be
         boosted or jump-optimized like a pre-only kernel probe."""
-        p = _kprobe_at(where)
-        p.events = []
+        p = LabKprobe.at(where)
 
-        def pre_handler(kp, regs):
-            kp.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
+        def pre_handler(kp: Kprobe, regs: PtRegs) -> int | None:
+            p.events.append(Hit("pre", regs.ip, {r: regs[r] for r in record}))
             return pre(kp, regs) if pre else 0
 
-        def post_handler(kp, regs, flags):
-            kp.events.append(Hit("post", regs.ip, {r: regs[r] for r in record}))
+        def post_handler(kp: Kprobe, regs: PtRegs, flags: int) -> None:
+            p.events.append(Hit("post", regs.ip, {r: regs[r] for r in record}))
             if post:
                 post(kp, regs, flags)
 
-        def fault_handler(kp, regs, trapnr):
-            kp.events.append(Hit("fault", regs.ip))
+        def fault_handler(kp: Kprobe, regs: PtRegs, trapnr: int) -> int | None:
+            p.events.append(Hit("fault", regs.ip))
             return fault(kp, regs, trapnr) if fault else 0
 
         p.pre_handler, p.fault_handler = pre_handler, fault_handler
         p.post_handler = post_handler if (post is not None or post_events) else None
         if register:
             self.kprobes.register_kprobe(p)
-            p.where = describe(self.machine, p.addr)        # for assertion messages
+            if p.addr is not None:                          # (an IFUNC may be pending)
+                p.where = describe(self.machine, p.addr)    # for assertion messages
         return p
 
-    def kretprobe(self, where: str | int, *, entry: Callable | None = None,
-                  handler: Callable | None = None, record: tuple[str, ...] = (),
-                  maxactive: int = 0, register: bool = True) -> Kretprobe:
+    def kretprobe(self, where: str | int, *, entry: RetHandler | None = None,
+                  handler: RetHandler | None = None, record: tuple[str, ...] = (),
+                  maxactive: int = 0, register: bool = True) -> LabKretprobe:
         """A return probe on the function at SYM or an address that records each call in
         `rp.events`: an "entry" Hit (ip = the function, registers named in `record`) and a
         "return" Hit (ip = where it returns, `retval`, `ret_addr`), then calls
         entry/handler. Misses (no free instance) count in `rp.nmissed`."""
-        rp = Kretprobe(kp=_kprobe_at(where), maxactive=maxactive)
-        rp.events = []
+        kp = LabKprobe.at(where)
+        rp = LabKretprobe(kp=kp, maxactive=maxactive)
 
-        def entry_handler(ri, regs):
+        def entry_handler(ri: KretprobeInstance, regs: PtRegs) -> int:
             rp.events.append(Hit("entry", regs.ip, {r: regs[r] for r in record}))
             return entry(ri, regs) if entry else 0
 
-        def return_handler(ri, regs):
+        def return_handler(ri: KretprobeInstance, regs: PtRegs) -> int:
             rp.events.append(Hit("return", regs.ip, {r: regs[r] for r in record},
                                  retval=regs.return_value, ret_addr=ri.ret_addr))
             return handler(ri, regs) if handler else 0
@@ -135,7 +161,8 @@ class ProbeLab:
         rp.entry_handler, rp.handler = entry_handler, return_handler
         if register:
             kretprobes_of(self.machine).register_kretprobe(rp)
-            rp.kp.where = describe(self.machine, rp.kp.addr)
+            if kp.addr is not None:
+                kp.where = describe(self.machine, kp.addr)
         return rp
 
     # --- running ----------------------------------------------------------------------------
@@ -150,7 +177,7 @@ class ProbeLab:
         return address and every register is restored afterwards."""
         m = self.machine
         saved = m.uc.context_save() if m.running else None
-        addr = func if isinstance(func, int) else m.symbols.lookup(func).addr
+        addr = func if isinstance(func, int) else _lookup(m, func)
         for name, value in zip(m.arch.args, args):
             m.set_reg(name, value)
         for name, value in (regs or {}).items():
@@ -158,12 +185,8 @@ class ProbeLab:
         if self.halt_addr is None:
             self.halt_addr = self._map_halt_stub()
         ret = self.halt_addr
-        if m.arch.link is not None:
-            m.set_reg(m.arch.link, ret)
-        else:
-            m.sp = m.sp - 8
-            m.memory.write_u64(m.sp, ret)
-        # Top level: run into the halt stub (its hlt stops the run, hooks on it fire);
+        arch_ptrace(m.arch.name).set_call_return(m, ret)
+        # Top level: run into the halt stub (its halt stops the run, hooks on it fire);
         # nested: stop at it without emu_stop, which would also end the outer run.
         result = m.run(begin=addr, timeout=timeout, until=ret if saved is not None else None)
         value = m.return_value
@@ -175,28 +198,33 @@ class ProbeLab:
 
     def _map_halt_stub(self) -> int:
         """A page holding the arch's halt instruction, for calls into a loaded ELF."""
-        from probes.insn_slots import place_near
         m = self.machine
         page = place_near(m, m.entry or m.pc, 0x1000)
         m.memory.map(page, 0x1000, PROT_READ | PROT_EXEC, "[lab halt stub]")
-        m.memory.write(page, HALT_BYTES[m.arch.name])
+        m.memory.write(page, m.arch.halt_insn)
         m.halt_allowed = True                # calls end on this stub's halt
         return page
 
     @property
     def stdout(self) -> bytes:
-        return self._stdout.getvalue() if self._stdout else self.machine.stdout.getvalue()
+        return _captured(self._stdout or self.machine.stdout)
 
     @property
     def stderr(self) -> bytes:
-        return self._stderr.getvalue() if self._stderr else self.machine.stderr.getvalue()
+        return _captured(self._stderr or self.machine.stderr)
 
     # --- looking at the patch ---------------------------------------------------------------
     def addr_of(self, where: str | int) -> int:
         if isinstance(where, int):
             return where
-        name, _, off = where.partition("+")
-        return self.machine.symbols.lookup(name).addr + (int(off, 0) if off else 0)
+        loc = parse_probe_location(where)
+        if loc.addr is not None:
+            return loc.addr
+        assert loc.symbol is not None
+        sym = self.machine.symbols.lookup(loc.symbol)
+        if sym is None:
+            raise KeyError(f"no symbol {loc.symbol!r}")
+        return sym.addr + loc.offset
 
     def text(self, where: str | int, size: int) -> bytes:
         """Guest bytes now (what the guest itself would read)."""
@@ -217,11 +245,14 @@ class ProbeLab:
         return listing(self.machine, code, addr)
 
 
+def _captured(stream: object) -> bytes:
+    """What a lab's in-memory stream holds (labs always write guest output to BytesIO)."""
+    assert isinstance(stream, io.BytesIO)
+    return stream.getvalue()
+
+
 def _kprobe_at(where: str | int) -> Kprobe:
-    if isinstance(where, int):
-        return Kprobe(addr=where)
-    name, _, off = where.partition("+")
-    return Kprobe(symbol_name=name, offset=int(off, 0) if off else 0)
+    return Kprobe.at(where)
 
 
 # --- assertions with disassembly in the failure message ----------------------------------------
@@ -245,8 +276,9 @@ def _labelled(m: Machine, code: bytes, addr: int, count: int) -> list[str]:
 def _probe_name(p: Kprobe, lab: "ProbeLab | None") -> str:
     if lab is not None and p.addr is not None:
         return describe(lab.machine, p.addr)
-    if getattr(p, "where", None):
-        return p.where
+    where = getattr(p, "where", "")
+    if where:
+        return str(where)
     if p.symbol_name and p.addr is not None:
         return f"{p.symbol_name}+{p.offset:#x} ({p.addr:#x})"
     return f"{p.addr:#x}" if p.addr is not None else "(unregistered)"
@@ -262,9 +294,15 @@ def _compare(lab: ProbeLab, addr: int, want: bytes, title: str) -> None:
                                             "in guest memory", _labelled(m, got, addr, 2)))
 
 
+def _registered_addr(p: Kprobe) -> int:
+    if p.addr is None:
+        raise AssertionError(f"probe {_probe_name(p, None)} is not registered")
+    return p.addr
+
+
 def assert_armed(lab: ProbeLab, p: Kprobe) -> None:
     """The arch breakpoint stands at the probe address."""
-    _compare(lab, p.addr, lab.machine.arch.breakpoint, "probe not armed")
+    _compare(lab, _registered_addr(p), lab.machine.arch.breakpoint, "probe not armed")
 
 
 def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
@@ -274,10 +312,10 @@ def assert_disarmed(lab: ProbeLab, addr: int, original: bytes) -> None:
 
 def assert_slot_holds(lab: ProbeLab, p: Kprobe, insn: bytes) -> None:
     """The out-of-line slot starts with `insn` (as copied, fixed for the slot)."""
+    where = describe(lab.machine, _registered_addr(p))
     if p.ainsn.slot is None:
-        raise AssertionError(f"probe at {describe(lab.machine, p.addr)} has no slot "
-                             f"(verdict {p.ainsn.kind})")
-    _compare(lab, p.ainsn.slot, insn, f"slot of the probe at {describe(lab.machine, p.addr)}")
+        raise AssertionError(f"probe at {where} has no slot (verdict {p.ainsn.kind})")
+    _compare(lab, p.ainsn.slot, insn, f"slot of the probe at {where}")
 
 
 def assert_hits(p: Kprobe | Kretprobe, hits: int, nmissed: int = 0, *, lab: ProbeLab | None = None) -> None:
@@ -294,6 +332,8 @@ def assert_hits(p: Kprobe | Kretprobe, hits: int, nmissed: int = 0, *, lab: Prob
 def assert_same_run(probed: ProbeLab, plain: ProbeLab) -> None:
     """A probe must not change what the guest did: exit, stdout, stderr."""
     a, b = probed.result, plain.result
+    if a is None or b is None:
+        raise AssertionError("run both labs first")
     if (a.reason, a.exit_code) != (b.reason, b.exit_code):
         raise AssertionError(f"probed run stopped with {a.reason.value}/{a.exit_code} ({a.message}), "
                              f"unprobed with {b.reason.value}/{b.exit_code} ({b.message})")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from emu.arch import ARCH_NAMES
 from probes.errors import KprobeError
 from probes.testing import ASM_DATA, ASM_STACK_TOP
 
 DATA_DIR = Path(__file__).parent / "data" / "insn"
-ARCHES = ("arm64", "x86_64")
+ARCHES = ARCH_NAMES
 
 FLAG_BITS = {
     "arm64": {"N": 1 << 31, "Z": 1 << 30, "C": 1 << 29, "V": 1 << 28},

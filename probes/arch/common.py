@@ -1,25 +1,44 @@
-"""What both arches share: a breakpoint written over the first bytes of the probed
-instruction, an out-of-line slot `[copied insn][step trap]` from the insn-slot pages, and
-resumption at the next instruction after the step. The arch supplies the decoder."""
+"""What both arches share: the arch structs of a probe (struct arch_specific_insn, struct
+arch_optimized_insn), the typed states they carry, and the breakpoint half of
+arch_prepare/arm/disarm/remove_kprobe — a breakpoint written over the first bytes of the
+probed instruction, an out-of-line slot `[copied insn][step trap]` from the insn-slot
+pages, resumption at the next instruction after the step. The arch supplies the decoder."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from enum import IntEnum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Callable
 
 from emu.machine import Machine
 from probes.errors import KprobeError
-from probes.insn_slots import InsnSlots
 
 if TYPE_CHECKING:
     from emu.symbols import Symbol
+    from probes.insn_slots import ProbePages
     from probes.kprobes import Kprobe
     from probes.regs import PtRegs
 
-KIND_SIMULATE = "simulate"     # arm64 GOOD_NO_SLOT: the handler computes the effect
-KIND_EMULATE = "emulate"       # x86 emulate_op: the same idea, the kernel's word
-KIND_SLOT = "out-of-line"      # GOOD: stepped in the slot
+
+InsnHandler = Callable[["Kprobe", "PtRegs"], None]   # simulate_*/kprobe_emulate_*
+
+
+class Verdict(StrEnum):
+    """The decode verdict (arm64 decode-insn.h enum probes_insn), shared by both decoders;
+    the values are the words `emu inspect` prints."""
+    REJECTED = "rejected"
+    GOOD_NO_SLOT = "simulate"      # the handler computes the effect, no slot
+    GOOD = "out-of-line"           # stepped in the slot
+
+
+class StepKind(StrEnum):
+    """How a hit runs the probed instruction (`ainsn.kind`, the `step` of --stats)."""
+    SIMULATE = "simulate"          # arm64 GOOD_NO_SLOT: simulate_*() on pt_regs
+    EMULATE = "emulate"            # x86 emulate_op: the same idea, the kernel's word
+    OUT_OF_LINE = "out-of-line"    # GOOD: stepped in the slot
+    FTRACE = "ftrace"              # on an ftrace site: the nop is skipped, nothing stepped
+
 
 
 class RpCheck(IntEnum):
@@ -30,19 +49,30 @@ class RpCheck(IntEnum):
 
 
 @dataclass
+class ArchOptimizedInsn:
+    """struct arch_optimized_insn: the detour and what it replaced."""
+    detour: int                 # host entry point (start of the buffer)
+    resume: int                 # the relocated copies (TMPL_END), where a queued hit resumes
+    size: int                   # bytes of original text replaced by the jump
+    code: bytes = b""
+    copied: list[str] = field(default_factory=list)
+    handle: int | None = None   # the host entry hook
+
+
+@dataclass
 class ArchSpecificInsn:
     """struct arch_specific_insn: the decode verdict and what it needs at a hit."""
-    kind: str
+    kind: StepKind
     length: int
     mnemonic: str
-    handler: Callable[["Kprobe", "PtRegs"], None] | None = None
+    handler: InsnHandler | None = None
     slot: int | None = None
     slot_code: bytes = b""
     armed: bool = False
     boostable: bool = False
     boosted: bool = False
     optimized: bool = False          # the jump to the detour is in place
-    optinsn: object = None           # OptInsn once a detour was prepared
+    optinsn: ArchOptimizedInsn | None = None    # once a detour was prepared
     opt_reason: str = ""             # why can_optimize said no
     ftrace: bool = False             # served by the ftrace site, no breakpoint
 
@@ -51,25 +81,24 @@ class ArchSpecificInsn:
         return None if self.slot is None else self.slot + self.length
 
 
+class BreakpointKprobes(ABC):
+    """The arch-independent half of arch_prepare/arm/disarm/remove_kprobe; a subclass is
+    the arch's ArchKprobes and supplies `decode` and the class attributes below."""
 
-class BreakpointKprobes:
-    """The arch-independent half of arch_prepare/arm/disarm/remove_kprobe."""
-
-    slot_size = 16
+    slot_size = 16                 # bytes of one out-of-line slot
     handler_ip_offset = 0          # x86 handlers see ip = addr + 1
+    boost_supported = False        # may a slot jump back by itself (x86)?
+    ss_break: bytes = b""          # the trap that ends a slot
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine
         self.breakpoint = machine.arch.breakpoint
-        self.slots = InsnSlots(machine, self.slot_size)
-        # Trampolines and detour buffers: return trampoline, optprobe detours, ftrace.
-        self.tramps = InsnSlots(machine, 64, name="[kprobe trampolines]")
+        self.pages = pages
+        self.slots = pages.slots
 
-    # --- supplied by the arch ---------------------------------------------------------------
-    ss_break: bytes = b""
-
-    def decode(self, addr: int, sym: "Symbol | None") -> ArchSpecificInsn:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, addr: int, sym: "Symbol | None") -> ArchSpecificInsn:
+        """The verdict for the instruction at `addr`; raises KprobeError if rejected."""
 
     def copy_to_slot(self, insn: ArchSpecificInsn, addr: int, slot: int) -> bytes:
         """The instruction bytes as they must stand in `slot` (x86 fixes RIP-relative)."""
@@ -78,12 +107,12 @@ class BreakpointKprobes:
     def adjust_kprobe_addr(self, addr: int, sym: "Symbol") -> tuple[int, bool]:
         return addr, addr == sym.addr
 
-    # --- shared -----------------------------------------------------------------------------
     def prepare(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         sym = self.m.symbols.find(p.addr)
         insn = self.decode(p.addr, sym)
         p.opcode = self.m.original_text(p.addr, len(self.breakpoint))
-        if insn.kind == KIND_SLOT:
+        if insn.kind is StepKind.OUT_OF_LINE:
             slot = self.slots.get(near=p.addr)
             try:
                 code = self.copy_to_slot(insn, p.addr, slot)
@@ -95,10 +124,12 @@ class BreakpointKprobes:
         p.ainsn = insn
 
     def arm(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         self.m.text_poke(p.addr, self.breakpoint)
         p.ainsn.armed = True
 
     def disarm(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         self.m.text_poke(p.addr, p.opcode)
         p.ainsn.armed = False
 
@@ -109,6 +140,7 @@ class BreakpointKprobes:
             insn.slot = None
 
     def handler_ip(self, p: "Kprobe") -> int:
+        assert p.addr is not None
         return p.addr + self.handler_ip_offset
 
     def in_slot(self, p: "Kprobe", addr: int) -> bool:
@@ -116,57 +148,14 @@ class BreakpointKprobes:
         return slot is not None and slot <= addr < slot + self.slot_size
 
     def owns(self, addr: int) -> bool:
-        return self.slots.owns(addr) or self.tramps.owns(addr)
-
-    boost_supported = False
+        return self.pages.owns(addr)
 
     def boost(self, p: "Kprobe") -> bool:
         """Let later hits skip the step trap, where the arch can (x86); False if not."""
         return False
 
     def unboost(self, p: "Kprobe") -> None:
-        pass
-
-    # --- optprobe support (arch/*/opt.py) ------------------------------------------------
-    def can_optimize(self, p: "Kprobe", kp) -> tuple[bool, str]:
-        return False, "no jump optimization on this arch"
-
-    # --- kretprobe support ------------------------------------------------------------------
-    kretprobe_trampoline_code: bytes = b""
-
-    def map_kretprobe_trampoline(self, handler: Callable[[int], bool]) -> int:
-        """Write the return trampoline into a probe-layer page; returns its address."""
-        addr = self.tramps.get(near=self.m.entry or self.m.pc)
-        self.m.text_poke(addr, self.kretprobe_trampoline_code)
-        self.enter_trampoline(addr, handler)
-        return addr
-
-    def enter_trampoline(self, addr: int, handler: Callable[[int], bool]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def arch_prepare_kretprobe(self, ri, regs: "PtRegs", trampoline: int) -> bool:  # pragma: no cover
-        """Save the real return address in `ri` (ret_addr, fp, stack = sp at entry) and
-        put `trampoline` in its place; False if the guest's stack cannot be read or
-        written (arch_uretprobe_hijack_return_addr: no hijack, the guest runs on)."""
-        raise NotImplementedError
-
-    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:  # pragma: no cover
-        """arch_uretprobe_is_alive: is the frame `ri` hijacked still on the stack at `sp`?"""
-        raise NotImplementedError
-
-    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
-        """Does the hijacked return address still hold the trampoline, where the arch can
-        tell (x86: the stack slot)? A stale instance's slot is often overwritten."""
-        return True
-
-    def kretprobe_fixup_return(self, regs: "PtRegs", ret_addr: int) -> None:
-        """Registers as the trampoline leaves them besides ip (arm64: lr = ret_addr)."""
-
-    def kretprobe_frame(self, m: Machine) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def charge_kretprobe_return(self, m: Machine) -> None:  # pragma: no cover
-        raise NotImplementedError
+        """Undo `boost` (a post handler needs the step trap again)."""
 
 
 def callback_at(addr: int, callback: Callable[[int, int], None]) -> Callable[[int], None]:
@@ -178,5 +167,3 @@ def callback_at(addr: int, callback: Callable[[int, int], None]) -> Callable[[in
 
 def reject(err: int, reason: str, addr: int) -> KprobeError:
     return KprobeError(err, reason, f"{addr:#x}")
-
-

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno as _errno
 
+from emu.errors import KprobeEmuError
 
-class BpfError(Exception):
-    """Root of every error raised by probes.bpf.
+
+class BpfError(KprobeEmuError):
+    """Root of every error raised by probes.bpf (under the product's root).
 
     Attributes: ``errno`` - the kernel errno this error would be reported
     with by bpf(2) (EINVAL unless a subclass says otherwise).
     """
 
     errno: int = _errno.EINVAL
+    exit_code = 2                  # a program or object refused: bad input to the CLI
 
 
 class AsmError(BpfError):

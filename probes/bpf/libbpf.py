@@ -32,6 +32,7 @@ from probes.bpf.maps import BpfMap, BpfMapType, PerfEventArrayMap, RingbufMap, S
 from probes.bpf.program import BpfProg
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, kprobes_of
+from probes.location import LocationError, parse_probe_location
 from probes.trace.bpf_trace import (
     BpfProgArray, EventKind, PerfEvent, PerfType, arch_ptrace, bpf_trace_of,
     perf_event_attach_bpf_prog, perf_event_detach_bpf_prog, symbolize_stack, trace_call_bpf,
@@ -142,11 +143,11 @@ def _ksyscall_symbol(machine: "Machine", name: str) -> str:
 
 
 def _split_offset(point: str) -> tuple[str, int]:
-    sym, plus, off = point.partition("+")
     try:
-        return sym, int(off, 0) if plus else 0
-    except ValueError:
+        loc = parse_probe_location(point)
+    except LocationError:
         raise LibbpfError(errno.EINVAL, f"bad kprobe target {point!r}") from None
+    return loc.symbol or point, loc.offset
 
 
 @dataclass(eq=False)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from emu.errors import UsageError
 from emu.uaccess import UserFault, copy_from_user, get_user, strncpy_from_user
+from probes.location import LocationError, ProbeLocation, kstrtol, kstrtoul, split_symbol_offset
+from probes.location import parse_probe_location as parse_location
 
 if TYPE_CHECKING:
     from emu.arch.base import Arch
@@ -340,35 +342,6 @@ def is_good_system_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name))
 
 
-def kstrtoul(text: str) -> int | None:
-    """kstrtoul(base 0): `0x` hex, leading 0 octal, else decimal; a leading '+' allowed."""
-    t = text[1:] if text.startswith("+") else text
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
-        return int(t, 16)
-    if re.fullmatch(r"0[0-7]*", t):
-        return int(t, 8)
-    if re.fullmatch(r"[1-9][0-9]*", t):
-        return int(t)
-    return None
-
-
-def kstrtol(text: str) -> int | None:
-    if text.startswith("-"):
-        v = kstrtoul(text[1:]) if not text[1:].startswith("+") else None
-        return None if v is None else -v
-    return kstrtoul(text)
-
-
-def split_symbol_offset(text: str) -> tuple[str, int] | None:
-    """traceprobe_split_symbol_offset: `SYM[+|-OFFS]` -> (sym, offs); None if OFFS is junk."""
-    m = re.search(r"[+-]", text[1:])
-    if m is None:
-        return text, 0
-    i = m.start() + 1
-    off = kstrtol(text[i:])
-    return None if off is None else (text[:i], off)
-
-
 def arch_reg_name(arch: "Arch", name: str) -> str | None:
     """The pt_regs name `%REG` means on this arch (x86 ax.., r8.., ip; arm64 x0.., lr, sp,
     pc, pstate), as the arch's register table and aliases spell them; None if unknown."""
@@ -584,36 +557,20 @@ def _parse_arg(text: str, index: int, prev: list[FetchArg], ctx: ParseContext) -
 
 
 # --- probe locations -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProbeLocation:
-    """A parsed probe point: `symbol` + `offset`, or `addr` (MEMADDR); `is_return` for
-    `SYM%return`."""
-    symbol: str | None
-    offset: int
-    addr: int | None
-    is_return: bool = False
-
-
 def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
     """`SYM[+offs]|MEMADDR[%return]` as trace_kprobe_create reads argv[1]; errors carry the
     kernel's code and column (index 1)."""
-    addr = kstrtoul(text) if not text.startswith("+") else None
-    if addr is not None:
-        return ProbeLocation(None, 0, addr)
-    sym, is_return = text, False
-    pct = text.find("%")
-    if pct >= 0:
-        if text[pct:] != "%return":
-            raise TraceProbeError("BAD_ADDR_SUFFIX", 1, pct)
-        sym, is_return = text[:pct], True
-    split = split_symbol_offset(sym)
-    if split is None or not split[0] or split[1] < 0 or split[1] > 0xFFFFFFFF:
-        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
-    name, offset = split
-    found = [s for s in symbols.lookup_all(name) if s.kind == "func"] or symbols.lookup_all(name)
+    try:
+        loc = parse_location(text, suffix=True)
+    except LocationError as e:
+        raise TraceProbeError(e.code, 1, e.pos) from None
+    if loc.symbol is None:
+        return loc
+    found = [s for s in symbols.lookup_all(loc.symbol) if s.kind == "func"] \
+        or symbols.lookup_all(loc.symbol)
     # validate_probe_symbol: both are parse errors, so the write returns -EINVAL
     if not found:
         raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
     if len({s.addr for s in found}) > 1:
         raise TraceProbeError("NON_UNIQ_SYMBOL", 1, 0)
-    return ProbeLocation(name, offset, None, is_return)
+    return loc

@@ -10,10 +10,18 @@ Deviation (safe): SIMD&FP literal loads (LDR St/Dt/Qt, label) are PC-relative bu
 steps them out of line, where they would load from the slot's neighbourhood; we reject them."""
 from __future__ import annotations
 
-from enum import Enum
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+import capstone
 
 from probes.arch.arm64 import simulate as sim
+from probes.arch.common import Verdict
+
+if TYPE_CHECKING:
+    from probes.kprobes import Kprobe
+    from probes.regs import PtRegs
+
+Simulator = Callable[["Kprobe", "PtRegs"], None]
 
 # (mask, value) pairs from arch/arm64/include/asm/insn.h
 B, BL = (0xFC000000, 0x14000000), (0xFC000000, 0x94000000)
@@ -42,10 +50,7 @@ STEPPABLE_HINTS = {0, 7, 8, 10, 24, 25, 26, 27, 32, 34, 36, 38}
 MAX_ATOMIC_CONTEXT_SIZE = 32      # instructions scanned back for an open LL/SC sequence
 
 
-class Verdict(Enum):
-    REJECTED = "rejected"
-    GOOD_NO_SLOT = "simulate"
-    GOOD = "out-of-line"
+__all__ = ["Verdict", "arm_probe_decode_insn", "in_atomic_sequence", "mnemonic", "steppable"]
 
 
 def _is(insn: int, pair: tuple[int, int]) -> bool:
@@ -84,7 +89,7 @@ def steppable(insn: int) -> tuple[bool, str]:
     return True, ""
 
 
-_SIMULATORS: list[tuple[tuple[int, int], Callable, str]] = [
+_SIMULATORS: list[tuple[tuple[int, int], Simulator, str]] = [
     (BCOND, sim.simulate_b_cond, "b.cond"),
     (CBZ, sim.simulate_cbz_cbnz, "cbz"), (CBNZ, sim.simulate_cbz_cbnz, "cbnz"),
     (TBZ, sim.simulate_tbz_tbnz, "tbz"), (TBNZ, sim.simulate_tbz_tbnz, "tbnz"),
@@ -97,7 +102,7 @@ _SIMULATORS: list[tuple[tuple[int, int], Callable, str]] = [
 ]
 
 
-def arm_probe_decode_insn(insn: int) -> tuple[Verdict, Callable | None, str]:
+def arm_probe_decode_insn(insn: int) -> tuple[Verdict, Simulator | None, str]:
     """arm_probe_decode_insn + arm_kprobe_decode_insn's literal cases: verdict, simulate
     handler, reason."""
     ok, why = steppable(insn)
@@ -118,3 +123,15 @@ def in_atomic_sequence(words_before: list[int]) -> bool:
         if _is(insn, LOAD_EX):
             return True
     return False
+
+
+_CS: list[capstone.Cs] = []
+
+
+def mnemonic(word: int, addr: int) -> str:
+    """capstone's text for `word` at `addr`, or `.inst 0x...` if it has none."""
+    if not _CS:
+        _CS.append(capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM))
+    for insn in _CS[0].disasm(word.to_bytes(4, "little"), addr, 1):
+        return f"{insn.mnemonic} {insn.op_str}".strip()
+    return f".inst {word:#010x}"

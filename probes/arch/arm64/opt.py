@@ -9,11 +9,20 @@ branches become branches from the detour (B.cond/CBZ/TBZ through a taken/not-tak
 BL/BLR set x30 to the original return address. Anything else is refused with a reason."""
 from __future__ import annotations
 
+import errno
 import struct
+from typing import TYPE_CHECKING, Callable
 
+from emu.machine import Machine
 from probes.arch.arm64 import decode as d
-from probes.arch.common import callback_at
 from probes.arch.arm64.simulate import sign_extend
+from probes.arch.common import ArchOptimizedInsn, callback_at
+from probes.errors import OptimizeRefused
+
+if TYPE_CHECKING:
+    from probes.insn_slots import ProbePages
+    from probes.kprobes import Kprobe
+    from probes.reserved_text import ReservedText
 
 NOP = 0xD503201F
 B_RANGE = 1 << 27                     # ±128 MiB
@@ -22,7 +31,7 @@ B_RANGE = 1 << 27                     # ±128 MiB
 def b_insn(frm: int, to: int, link: bool = False) -> int:
     off = to - frm
     if not -B_RANGE <= off < B_RANGE:
-        raise ValueError("branch target out of ±128 MiB range")
+        raise OptimizeRefused(errno.ERANGE, "branch target out of ±128 MiB range")
     return (0x94000000 if link else 0x14000000) | ((off >> 2) & 0x03FFFFFF)
 
 
@@ -36,7 +45,7 @@ class Relocator:
     def __init__(self, base: int) -> None:
         self.base = base
         self.words: list[int] = []
-        self.literals: list[tuple[int, int]] = []       # (index of the LDR, value)
+        self.literals: list[tuple[int, int, int]] = []   # (index of the LDR, rt, value)
 
     @property
     def here(self) -> int:
@@ -46,119 +55,141 @@ class Relocator:
         self.words.append(word)
 
     def load_const(self, rt: int, value: int) -> None:
-        self.literals.append((len(self.words), value))
-        self.emit(0)                                     # patched in finish()
+        """`ldr xrt, =value`: the LDR's offset is patched in finish()."""
+        self.literals.append((len(self.words), rt, value))
+        self.emit(0)
 
     def finish(self) -> bytes:
         pool = (self.here + 7) & ~7
-        code = [w for w in self.words]
+        code = list(self.words)
         if pool != self.here:
             code.append(NOP)
         lits = b""
-        for i, (idx, value) in enumerate(self.literals):
-            lit = pool + 8 * i
-            code[idx] = ldr_literal_x(self._rt[idx], self.base + 4 * idx, lit)
+        for i, (idx, rt, value) in enumerate(self.literals):
+            code[idx] = ldr_literal_x(rt, self.base + 4 * idx, pool + 8 * i)
             lits += struct.pack("<Q", value & (2**64 - 1))
         return b"".join(struct.pack("<I", w) for w in code) + lits
 
 
-def relocate(word: int, addr: int, base: int) -> bytes:
-    """The detour for the instruction `word` probed at `addr`, placed at `base`:
-    [nop: host entry][equivalent of word][B addr+4][literals]."""
-    r = Relocator(base)
-    r._rt = {}
+def _refuse(reason: str) -> OptimizeRefused:
+    return OptimizeRefused(errno.EINVAL, reason)
 
-    def const(rt: int, value: int) -> None:
-        r._rt[len(r.words)] = rt
-        r.load_const(rt, value)
 
-    r.emit(NOP)                                          # the host entry point
+def _relocate_literal(r: Relocator, word: int, addr: int) -> None:
+    rt = word & 0x1F
+    if rt == 31:
+        raise _refuse("literal load into xzr")
+    r.load_const(rt, addr + sign_extend(((word >> 5) & 0x7FFFF) << 2, 21))
+    if d._is(word, d.LDRSW_LIT):
+        r.emit(0xB9800000 | (rt << 5) | rt)          # ldrsw xt, [xt]
+    elif word & (1 << 30):
+        r.emit(0xF9400000 | (rt << 5) | rt)          # ldr xt, [xt]
+    else:
+        r.emit(0xB9400000 | (rt << 5) | rt)          # ldr wt, [xt]
+
+
+def _relocate_cond_branch(r: Relocator, word: int, addr: int) -> None:
+    if d._is(word, d.TBZ) or d._is(word, d.TBNZ):
+        target = addr + sign_extend(((word >> 5) & 0x3FFF) << 2, 16)
+        r.emit((word & ~(0x3FFF << 5)) | (2 << 5))   # taken -> +8
+    else:
+        target = addr + sign_extend(((word >> 5) & 0x7FFFF) << 2, 21)
+        r.emit((word & ~(0x7FFFF << 5)) | (2 << 5))
+    r.emit(b_insn(r.here, addr + 4))                 # not taken
+    r.emit(b_insn(r.here, target))                   # taken
+
+
+def _relocate_insn(r: Relocator, word: int, addr: int) -> None:
+    """The equivalent of `word` (probed at `addr`) as it must run from the detour."""
     is_ = d._is
     verdict, _h, why = d.arm_probe_decode_insn(word)
-    if verdict is d.Verdict.GOOD:
+    if verdict is d.Verdict.GOOD or is_(word, d.BR) or is_(word, d.RET):
         r.emit(word)
     elif is_(word, d.ADR) or is_(word, d.ADRP):
         imm = sign_extend((((word >> 5) & 0x7FFFF) << 2) | ((word >> 29) & 3), 21)
         value = (addr & ~0xFFF) + (imm << 12) if word & (1 << 31) else addr + imm
         if word & 0x1F != 31:
-            const(word & 0x1F, value)
+            r.load_const(word & 0x1F, value)
     elif is_(word, d.LDR_LIT) or is_(word, d.LDRSW_LIT):
-        rt = word & 0x1F
-        target = addr + sign_extend(((word >> 5) & 0x7FFFF) << 2, 21)
-        if rt == 31:
-            raise ValueError("literal load into xzr")
-        const(rt, target)
-        if is_(word, d.LDRSW_LIT):
-            r.emit(0xB9800000 | (rt << 5) | rt)          # ldrsw xt, [xt]
-        elif word & (1 << 30):
-            r.emit(0xF9400000 | (rt << 5) | rt)          # ldr xt, [xt]
-        else:
-            r.emit(0xB9400000 | (rt << 5) | rt)          # ldr wt, [xt]
+        _relocate_literal(r, word, addr)
     elif is_(word, d.B) or is_(word, d.BL):
-        target = addr + sign_extend((word & 0x03FFFFFF) << 2, 28)
         if word & (1 << 31):
-            const(30, addr + 4)
-        r.emit(b_insn(r.here, target))
+            r.load_const(30, addr + 4)
+        r.emit(b_insn(r.here, addr + sign_extend((word & 0x03FFFFFF) << 2, 28)))
     elif is_(word, d.BCOND) or any(is_(word, k) for k in (d.CBZ, d.CBNZ, d.TBZ, d.TBNZ)):
-        if is_(word, d.TBZ) or is_(word, d.TBNZ):
-            target = addr + sign_extend(((word >> 5) & 0x3FFF) << 2, 16)
-            r.emit((word & ~(0x3FFF << 5)) | (2 << 5))   # taken -> +8
-        else:
-            target = addr + sign_extend(((word >> 5) & 0x7FFFF) << 2, 21)
-            r.emit((word & ~(0x7FFFF << 5)) | (2 << 5))
-        r.emit(b_insn(r.here, addr + 4))                 # not taken
-        r.emit(b_insn(r.here, target))                   # taken
-    elif is_(word, d.BR) or is_(word, d.RET):
-        r.emit(word)
+        _relocate_cond_branch(r, word, addr)
     elif is_(word, d.BLR):
         rn = (word >> 5) & 0x1F
         if rn == 30:
-            raise ValueError("blr x30 needs a scratch register")
-        const(30, addr + 4)
+            raise _refuse("blr x30 needs a scratch register")
+        r.load_const(30, addr + 4)
         r.emit(0xD61F0000 | (rn << 5))                   # br xn
     else:
-        raise ValueError(why or "cannot relocate")
+        raise _refuse(why or "cannot relocate")
+
+
+def relocate(word: int, addr: int, base: int) -> bytes:
+    """The detour for the instruction `word` probed at `addr`, placed at `base`:
+    [nop: host entry][equivalent of word][B addr+4][literals]. Raises OptimizeRefused."""
+    r = Relocator(base)
+    r.emit(NOP)                                          # the host entry point
+    _relocate_insn(r, word, addr)
     r.emit(b_insn(r.here, addr + 4))
     return r.finish()
 
 
-class Arm64OptMixin:
-    def can_optimize(self, p, kp) -> tuple[bool, str]:
-        word = int.from_bytes(self.m.original_text(p.addr, 4), "little")
-        try:
-            relocate(word, p.addr, p.addr)              # the rewrite must exist
-        except ValueError as e:
-            return False, str(e)
+class Arm64Optprobes:
+    """ArchOptprobes for arm64: `B imm26` to a per-probe detour."""
+
+    def __init__(self, machine: Machine, pages: "ProbePages") -> None:
+        self.m = machine
+        self.tramps = pages.tramps
+        self.breakpoint = machine.arch.breakpoint
+
+    def _word(self, p: "Kprobe") -> int:
+        assert p.addr is not None
+        return int.from_bytes(self.m.original_text(p.addr, 4), "little")
+
+    def can_optimize(self, p: "Kprobe", reserved: "ReservedText") -> None:
+        assert p.addr is not None
+        relocate(self._word(p), p.addr, p.addr)         # the rewrite must exist
         near = self.tramps.pages[0] if self.tramps.pages else None
         if near is not None and not -B_RANGE <= near - p.addr < B_RANGE:
-            return False, "detour buffers out of ±128 MiB branch range (-ERANGE)"
-        return True, ""
+            raise OptimizeRefused(errno.ERANGE, "detour buffers out of ±128 MiB branch "
+                                                "range (-ERANGE)")
 
-    def prepare_optimized_kprobe(self, p, callback):
-        from probes.optprobes import OptInsn
-        word = int.from_bytes(self.m.original_text(p.addr, 4), "little")
+    def prepare_optimized_kprobe(self, p: "Kprobe",
+                                 callback: Callable[[int, int], None]) -> ArchOptimizedInsn:
+        assert p.addr is not None
+        word = self._word(p)
         detour = self.tramps.get(near=p.addr)
-        code = relocate(word, p.addr, detour)
-        if len(code) > self.tramps.slot_size:
-            raise ValueError("detour too large")
+        try:
+            code = relocate(word, p.addr, detour)
+            if len(code) > self.tramps.slot_size:
+                raise OptimizeRefused(errno.E2BIG, "detour too large")
+        except OptimizeRefused:
+            self.tramps.put(detour)
+            raise
         self.m.text_poke(detour, code)
-        oi = OptInsn(detour=detour, resume=detour + 4, size=4, code=code,
-                     copied=[self.mnemonic(word, p.addr)])
+        oi = ArchOptimizedInsn(detour=detour, resume=detour + 4, size=4, code=code,
+                               copied=[d.mnemonic(word, p.addr)])
         oi.handle = self.m.add_host_entry(detour, callback_at(p.addr, callback))
         return oi
 
-    def arch_optimize_kprobe(self, p) -> None:
+    def arch_optimize_kprobe(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         self.m.text_poke(p.addr, struct.pack("<I", b_insn(p.addr, p.ainsn.optinsn.detour)))
 
-    def arch_unoptimize_kprobe(self, p) -> None:
+    def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         self.m.text_poke(p.addr, self.breakpoint)
 
-    def detour_orig_addr(self, p, pc: int) -> int | None:
+    def detour_orig_addr(self, p: "Kprobe", pc: int) -> int | None:
         """Every word after the host entry stands for the one probed instruction (the
         branch back cannot fault)."""
         return p.addr if pc >= p.ainsn.optinsn.resume else None
 
-    def free_optimized_kprobe(self, p) -> None:
+    def free_optimized_kprobe(self, p: "Kprobe") -> None:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)
         self.tramps.put(oi.detour)

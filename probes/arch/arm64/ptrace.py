@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
 if TYPE_CHECKING:
+    from emu.machine import Machine
     from probes.regs import PtRegs
 
 PT_REGS_FIELDS: tuple[str, ...] = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
@@ -26,6 +27,11 @@ PT_REGS_TEMPLATE = (bytes(SYSCALLNO_OFF) + b"\xff\xff\xff\xff"
 
 FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8] = lr
 SYSCALL_PREFIX = "__arm64_sys_"
+
+# The register view's facts (probes/regs.py): XZR reads as 0 and drops writes; an argument
+# beyond x7 reads as 0 (regs_get_kernel_argument has no stack arguments on arm64).
+ZERO_REGS = frozenset({"x31", "xzr"})
+STACK_ARGS = False
 
 
 # Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
@@ -50,3 +56,8 @@ def entry_return_address(regs: "PtRegs") -> int:
 def override_function_with_return(regs: "PtRegs") -> None:
     """arch/arm64/kernel/probes/kprobes.c: pc = lr."""
     regs.ip = regs["x30"]
+
+
+def set_call_return(m: "Machine", ret: int) -> None:
+    """Make the next instruction a callee that returns to `ret` (bl's lr)."""
+    m.set_reg("x30", ret)

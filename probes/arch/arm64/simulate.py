@@ -20,8 +20,11 @@ def sign_extend(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def _opcode(p: "Kprobe") -> int:
-    return int.from_bytes(p.opcode, "little")
+def _insn(p: "Kprobe") -> tuple[int, int]:
+    """The probed instruction word and its address."""
+    addr = p.addr
+    assert addr is not None
+    return int.from_bytes(p.opcode, "little"), addr
 
 
 def get_x_reg(regs: "PtRegs", n: int) -> int:
@@ -51,7 +54,7 @@ def check_condition(cond: int, nzcv: int) -> bool:
 
 
 def simulate_b_bl(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     disp = sign_extend((op & 0x03FFFFFF) << 2, 28)
     if op & (1 << 31):                                   # BL
         set_x_reg(regs, 30, addr + 4)
@@ -59,7 +62,7 @@ def simulate_b_bl(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_b_cond(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     if check_condition(op & 0xF, regs["nzcv"]):
         regs.ip = (addr + sign_extend(((op >> 5) & 0x7FFFF) << 2, 21)) & MASK64
     else:
@@ -67,7 +70,7 @@ def simulate_b_cond(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_br_blr_ret(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     target = get_x_reg(regs, (op >> 5) & 0x1F)           # read before BLR writes x30
     if (op >> 21) & 3 == 1:                              # BLR
         set_x_reg(regs, 30, addr + 4)
@@ -75,7 +78,7 @@ def simulate_br_blr_ret(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_cbz_cbnz(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     rt = op & 0x1F
     value = get_x_reg(regs, rt) if op & (1 << 31) else get_w_reg(regs, rt)
     taken = (value != 0) if op & (1 << 24) else (value == 0)
@@ -83,7 +86,7 @@ def simulate_cbz_cbnz(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_tbz_tbnz(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     bit = ((op >> 26) & 0x20) | ((op >> 19) & 0x1F)
     set_bit = (get_x_reg(regs, op & 0x1F) >> bit) & 1
     taken = set_bit == 1 if op & (1 << 24) else set_bit == 0
@@ -91,7 +94,7 @@ def simulate_tbz_tbnz(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_adr_adrp(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     imm = sign_extend((((op >> 5) & 0x7FFFF) << 2) | ((op >> 29) & 3), 21)
     if op & (1 << 31):                                   # ADRP
         value = (addr & ~0xFFF) + (imm << 12)
@@ -106,7 +109,7 @@ def _literal_addr(op: int, addr: int) -> int:
 
 
 def simulate_ldr_literal(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     size = 8 if op & (1 << 30) else 4
     value = get_user(regs.machine.memory, _literal_addr(op, addr), size)
     set_x_reg(regs, op & 0x1F, value)
@@ -114,7 +117,7 @@ def simulate_ldr_literal(p: "Kprobe", regs: "PtRegs") -> None:
 
 
 def simulate_ldrsw_literal(p: "Kprobe", regs: "PtRegs") -> None:
-    op, addr = _opcode(p), p.addr
+    op, addr = _insn(p)
     value = get_user(regs.machine.memory, _literal_addr(op, addr), 4)
     set_x_reg(regs, op & 0x1F, sign_extend(value, 32))
     regs.ip = addr + 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Iterator
 
 import capstone
 from capstone import x86_const as X
@@ -46,7 +47,7 @@ class X86Decoder:
             return self._convert(insn)
         return None
 
-    def lengths(self, code: bytes, addr: int):
+    def lengths(self, code: bytes, addr: int) -> Iterator[tuple[int, int]]:
         """(address, length) of each instruction decoded linearly from `addr`."""
         off = 0
         while off < len(code):
@@ -57,7 +58,7 @@ class X86Decoder:
             off += insn[1]
 
     @staticmethod
-    def _convert(insn) -> X86Insn:
+    def _convert(insn: capstone.CsInsn) -> X86Insn:
         raw = bytes(insn.bytes)
         i = 0
         while i < len(raw) and raw[i] in LEGACY_PREFIXES:
@@ -79,8 +80,8 @@ class X86Decoder:
                        text=f"{insn.mnemonic} {insn.op_str}".strip())
 
 
-def _has_modrm(insn) -> bool:
-    return insn.modrm_offset != 0 if hasattr(insn, "modrm_offset") else insn.modrm != 0
+def _has_modrm(insn: capstone.CsInsn) -> bool:
+    return bool(insn.modrm_offset != 0 if hasattr(insn, "modrm_offset") else insn.modrm != 0)
 
 
 def modrm_reg(modrm: int) -> int:
@@ -111,7 +112,7 @@ def copy_refusal(insn: X86Insn) -> str | None:
 
 
 def _ranges(spec: str) -> frozenset[int]:
-    out = set()
+    out: set[int] = set()
     for part in spec.split(","):
         lo, _, hi = part.partition("-")
         out.update(range(int(lo, 16), int(hi or lo, 16) + 1))

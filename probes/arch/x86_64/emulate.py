@@ -6,11 +6,12 @@ raises UserFault, which the kprobe core reports at the probe address as the faul
 instruction itself would take. Registers are only flushed after a handler succeeds."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from emu.uaccess import copy_from_user, copy_to_user, get_user, put_user
 
 if TYPE_CHECKING:
+    from probes.arch.common import InsnHandler
     from probes.kprobes import Kprobe
     from probes.regs import PtRegs
 
@@ -25,7 +26,10 @@ GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
 
 
 def _next(p: "Kprobe") -> int:
-    return p.addr + p.ainsn.length
+    addr = p.addr
+    assert addr is not None
+    length: int = p.ainsn.length
+    return addr + length
 
 
 def _push(regs: "PtRegs", value: int) -> None:
@@ -36,7 +40,7 @@ def _push(regs: "PtRegs", value: int) -> None:
 
 def _pop(regs: "PtRegs") -> int:
     sp = regs.sp
-    value = get_user(regs.machine.memory, sp)
+    value: int = get_user(regs.machine.memory, sp)
     regs.sp = sp + 8
     return value
 
@@ -48,26 +52,26 @@ def jcc_taken(cc: int, flags: int) -> bool:
     return base != bool(cc & 1)
 
 
-def make_call(rel: int) -> Callable:
+def make_call(rel: int) -> InsnHandler:
     def kprobe_emulate_call(p: "Kprobe", regs: "PtRegs") -> None:
         _push(regs, _next(p))
         regs.ip = (_next(p) + rel) & MASK64
     return kprobe_emulate_call
 
 
-def make_jmp(rel: int) -> Callable:
+def make_jmp(rel: int) -> InsnHandler:
     def kprobe_emulate_jmp(p: "Kprobe", regs: "PtRegs") -> None:
         regs.ip = (_next(p) + rel) & MASK64
     return kprobe_emulate_jmp
 
 
-def make_jcc(cc: int, rel: int) -> Callable:
+def make_jcc(cc: int, rel: int) -> InsnHandler:
     def kprobe_emulate_jcc(p: "Kprobe", regs: "PtRegs") -> None:
         regs.ip = (_next(p) + rel) & MASK64 if jcc_taken(cc, regs.flags) else _next(p)
     return kprobe_emulate_jcc
 
 
-def make_loop(op: int, rel: int, width: int) -> Callable:
+def make_loop(op: int, rel: int, width: int) -> InsnHandler:
     mask = (1 << width) - 1
 
     def kprobe_emulate_loop(p: "Kprobe", regs: "PtRegs") -> None:
@@ -88,14 +92,14 @@ def make_loop(op: int, rel: int, width: int) -> Callable:
     return kprobe_emulate_loop
 
 
-def make_ret(imm16: int) -> Callable:
+def make_ret(imm16: int) -> InsnHandler:
     def kprobe_emulate_ret(p: "Kprobe", regs: "PtRegs") -> None:
         regs.ip = _pop(regs)
         regs.sp = regs.sp + imm16
     return kprobe_emulate_ret
 
 
-def make_indirect(reg: int, call: bool) -> Callable:
+def make_indirect(reg: int, call: bool) -> InsnHandler:
     name = GPRS[reg]
 
     def kprobe_emulate_indirect(p: "Kprobe", regs: "PtRegs") -> None:
@@ -106,7 +110,7 @@ def make_indirect(reg: int, call: bool) -> Callable:
     return kprobe_emulate_indirect
 
 
-def make_ifmodifier(op: int, size: int = 8) -> Callable:
+def make_ifmodifier(op: int, size: int = 8) -> InsnHandler:
     """cli/sti/pushf/popf. `size` 2 for the operand-size prefixed PUSHF/POPF (66 9c/9d),
     which move only FLAGS' low 16 bits; the kernel's emulation always moves 8 bytes."""
     def kprobe_emulate_ifmodifiers(p: "Kprobe", regs: "PtRegs") -> None:
@@ -130,7 +134,7 @@ def make_ifmodifier(op: int, size: int = 8) -> Callable:
     return kprobe_emulate_ifmodifiers
 
 
-def make_syscall() -> Callable:
+def make_syscall() -> InsnHandler:
     """`syscall` served in place (our deviation): stepped in a slot, RCX would receive the
     slot's address, which a user-mode guest can see; the kernel never meets it in its text."""
     def kprobe_emulate_syscall(p: "Kprobe", regs: "PtRegs") -> None:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import TYPE_CHECKING
 
-from emu.clock import DETOUR
+from emu.machine import Machine
 from emu.symbols import Symbol
-from emu.uaccess import UserFault, get_user, put_user
-from probes.arch.common import (
-    KIND_EMULATE,
-    KIND_SLOT,
-    ArchSpecificInsn,
-    BreakpointKprobes,
-    RpCheck,
-    reject,
-)
+from probes.arch.common import (ArchSpecificInsn, BreakpointKprobes, InsnHandler, StepKind,
+                                Verdict, reject)
+from probes.errors import KprobeError
 from probes.arch.x86_64 import emulate as em
 from probes.arch.x86_64.decode import (
     X86Decoder,
@@ -27,94 +22,28 @@ from probes.arch.x86_64.decode import (
     modrm_reg,
     modrm_rm,
 )
-from probes.arch.x86_64.opt import X86OptMixin
-from probes.regs import PtRegs
+
+if TYPE_CHECKING:
+    from probes.insn_slots import ProbePages
+    from probes.kprobes import Kprobe
 
 MAX_INSN_SIZE, JMP32_INSN_SIZE = 15, 5
+SLOT_SIZE = 16
 
 ENDBR64, ENDBR32, ENDBR_POISON = b"\xf3\x0f\x1e\xfa", b"\xf3\x0f\x1e\xfb", b"\x66\x0f\x1f\x00"
 
 
-class X86Kprobes(X86OptMixin, BreakpointKprobes):
-    slot_size = 16                  # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
+class X86Kprobes(BreakpointKprobes):
+    """ArchKprobes for x86-64: emulation, or a slot that is boosted after its first step."""
+
+    slot_size = SLOT_SIZE           # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
     handler_ip_offset = 1           # handlers see ip = addr + 1, as after int3
     boost_supported = True
     ss_break = b"\xcc"
 
-    def __init__(self, machine) -> None:
-        super().__init__(machine)
+    def __init__(self, machine: Machine, pages: "ProbePages") -> None:
+        super().__init__(machine, pages)
         self.decoder = X86Decoder()
-
-    # The rethook trampoline is entered from guest code, without a trap; its byte is an
-    # int3 so that reaching it without the host entry would still stop loudly.
-    kretprobe_trampoline_code = b"\xcc"
-
-    def enter_trampoline(self, addr: int, handler) -> None:
-        self.m.add_host_entry(addr, handler)
-
-    def arch_prepare_kretprobe(self, ri, regs, trampoline: int) -> bool:
-        sp = regs.sp
-        mem = self.m.memory
-        try:
-            ri.ret_addr = get_user(mem, sp)
-            put_user(mem, sp, trampoline)
-        except UserFault:
-            return False
-        ri.fp = ri.stack = sp                # the hijacked slot: the return-address word
-        return True
-
-    def kretprobe_is_alive(self, ri, ctx: RpCheck, sp: int) -> bool:
-        # At a call, sp was just decremented onto the new slot; after `ret`, sp is above
-        # the returning frame's slot but still at or below every caller's.
-        return sp < ri.stack if ctx is RpCheck.CALL else sp <= ri.stack
-
-    def kretprobe_hijack_intact(self, ri, trampoline: int) -> bool:
-        try:
-            return get_user(self.m.memory, ri.stack) == trampoline
-        except UserFault:
-            return False
-
-    def kretprobe_frame(self, m) -> int:
-        return m.sp - 8                      # `ret` popped the slot the entry hijacked
-
-    def charge_kretprobe_return(self, m) -> None:
-        m.clock.charge(DETOUR)
-
-    # --- ftrace (arch/x86/kernel/ftrace.c) ------------------------------------------------
-    ftrace_section = "__mcount_loc"
-    ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
-    # The trampoline: a host entry byte, then `ret` back to the instruction after the call.
-    ftrace_trampoline_code = b"\x90\xc3"
-    _ftrace_tramp: int | None = None
-
-    def ftrace_make_call(self, site: int, caller) -> bytes:
-        if self._ftrace_tramp is None:
-            self._ftrace_tramp = self.tramps.get(near=site)
-            self.m.text_poke(self._ftrace_tramp, self.ftrace_trampoline_code)
-            self.m.add_host_entry(self._ftrace_tramp, caller)
-        return b"\xe8" + struct.pack("<i", self._ftrace_tramp - (site + 5))
-
-    # The two stack reads below only pick the site and the parent the handlers see; the
-    # guest sees nothing of them. So the hot path reads raw, and only an unmapped stack
-    # (a guest that jumped here itself) goes through uaccess for the fault it reports.
-    def ftrace_site(self, m, pc: int, sp: int) -> int:
-        try:
-            return m.regs.read_u64(sp) - 5                # the call's return address - 5
-        except ValueError:
-            return get_user(m.memory, sp) - 5             # raises UserFault
-
-    def ftrace_parent(self, m, sp: int) -> int:
-        try:
-            return m.regs.read_u64(sp + 8)                # the function's own return address
-        except ValueError:       # a function jumped to at the top of its stack: no parent
-            return 0
-
-    def ftrace_regs(self, m, site: int, sp: int):
-        return PtRegs(m, ip=site + len(self.ftrace_nop), sp=sp + 8)     # sp as at the site
-
-    def ftrace_return_to(self, m, new_ip: int) -> None:
-        m.sp = m.sp + 8                                   # drop the call's return address
-        m.pc = new_ip
 
     def adjust_kprobe_addr(self, addr: int, sym: Symbol) -> tuple[int, bool]:
         """IBT: offsets 0 and 4 of a function starting with ENDBR both mean its entry."""
@@ -150,18 +79,21 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         if why:
             raise reject(errno.EINVAL, f"cannot probe `{insn.text}`: {why}", addr)
         handler = self.prepare_emulation(insn)
-        kind = KIND_EMULATE if handler is not None else KIND_SLOT
-        boostable = handler is None and can_boost(insn) and insn.length + JMP32_INSN_SIZE <= MAX_INSN_SIZE
+        verdict = Verdict.GOOD if handler is None else Verdict.GOOD_NO_SLOT
+        kind = StepKind.OUT_OF_LINE if verdict is Verdict.GOOD else StepKind.EMULATE
+        boostable = verdict is Verdict.GOOD and can_boost(insn) \
+            and insn.length + JMP32_INSN_SIZE <= MAX_INSN_SIZE
         return ArchSpecificInsn(kind=kind, length=insn.length, mnemonic=insn.text, handler=handler,
                                 boostable=boostable)
 
-    def boost(self, p) -> bool:
+    def boost(self, p: "Kprobe") -> bool:
         """After a successful single-step: put `jmp addr+len` behind the copy in the slot, so
         later hits need no second trap (the kernel's boosting)."""
         ainsn = p.ainsn
         if not ainsn.boostable or ainsn.boosted or ainsn.slot is None:
             return False
         jmp_at = ainsn.slot + ainsn.length
+        assert p.addr is not None
         rel = p.addr + ainsn.length - (jmp_at + JMP32_INSN_SIZE)
         jmp = b"\xe9" + struct.pack("<i", rel)
         self.m.text_poke(jmp_at, jmp)
@@ -169,23 +101,24 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
         ainsn.boosted = True
         return True
 
-    def unboost(self, p) -> None:
+    def unboost(self, p: "Kprobe") -> None:
         ainsn = p.ainsn
         if ainsn.boosted:
             self.m.text_poke(ainsn.slot + ainsn.length, self.ss_break + bytes(JMP32_INSN_SIZE - 1))
             ainsn.slot_code = ainsn.slot_code[:ainsn.length] + self.ss_break
             ainsn.boosted = False
 
-    def prepare_emulation(self, insn: X86Insn):
+    def prepare_emulation(self, insn: X86Insn) -> InsnHandler | None:
         """prepare_emulation(): the emulate_op for control flow and IF modifiers, or None to
         single-step; raises -EOPNOTSUPP for what the kernel will not handle."""
         op, raw, n, addr = insn.op1, insn.raw, insn.length, insn.addr
 
-        def refuse(what: str):
+        def refuse(what: str) -> KprobeError:
             return reject(errno.EOPNOTSUPP, f"cannot probe `{insn.text}`: {what}", addr)
 
         def rel(size: int) -> int:
-            return struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
+            value: int = struct.unpack("<b" if size == 1 else "<i", raw[n - size:])[0]
+            return value
 
         if op in (0xFA, 0xFB, 0x9C, 0x9D):
             return em.make_ifmodifier(op, 2 if 0x66 in insn.prefixes else 8)
@@ -233,6 +166,7 @@ class X86Kprobes(X86OptMixin, BreakpointKprobes):
     def copy_to_slot(self, ainsn: ArchSpecificInsn, addr: int, slot: int) -> bytes:
         """__copy_instruction(): copy, fixing a RIP-relative displacement for the slot."""
         insn = self.decode_at(addr)
+        assert insn is not None                 # decode() accepted it
         code = bytearray(insn.raw)
         off = insn.rip_disp_offset
         if off is not None:

@@ -6,18 +6,59 @@ detour's first byte is a host entry (the registers are the CPU's own), charged a
 modelled cost of that save/restore."""
 from __future__ import annotations
 
+import errno
 import struct
+from typing import TYPE_CHECKING, Callable
 
-from probes.arch.common import callback_at
-from probes.arch.x86_64.decode import can_boost, modrm_reg
+from emu.machine import Machine
+from emu.symbols import Symbol
+from probes.arch.common import ArchOptimizedInsn, callback_at
+from probes.arch.x86_64.decode import X86Decoder, X86Insn, can_boost, modrm_reg
+from probes.errors import OptimizeRefused
+from probes.reserved_text import ReservedText, TextUse
+
+if TYPE_CHECKING:
+    from probes.insn_slots import ProbePages
+    from probes.kprobes import Kprobe
 
 JMP32_INSN_SIZE = 5
 MAX_OPTIMIZED_LENGTH = 19            # MAX_INSN_SIZE + DISP32_SIZE
 JUMP_OPCODES = set(range(0x70, 0x80)) | {0xE0, 0xE1, 0xE2, 0xE3, 0xE9, 0xEB}
 
 
-class X86OptMixin:
-    def _function_insns(self, sym):
+def _refuse(reason: str, err: int = errno.EINVAL) -> OptimizeRefused:
+    return OptimizeRefused(err, reason)
+
+
+def jump_target(insn: X86Insn) -> int | None:
+    """The target of a relative jump (insn_jump_into_range's view), else None."""
+    op, raw, n = insn.op1, insn.raw, insn.length
+    if op in JUMP_OPCODES:
+        size = 4 if op == 0xE9 else 1
+        rel: int = struct.unpack("<i" if size == 4 else "<b", raw[n - size:])[0]
+        return insn.addr + n + rel
+    if op == 0x0F and len(insn.opcode) > 1 and insn.opcode[1] & 0xF0 == 0x80:
+        rel32: int = struct.unpack("<i", raw[n - 4:])[0]
+        return insn.addr + n + rel32
+    return None
+
+
+def indirect_jump(insn: X86Insn) -> bool:
+    if insn.op1 == 0xEA:
+        return True
+    return insn.op1 == 0xFF and insn.modrm is not None and modrm_reg(insn.modrm) in (4, 5)
+
+
+class X86Optprobes:
+    """ArchOptprobes for x86-64: `jmp rel32` over whole instructions to a detour."""
+
+    def __init__(self, machine: Machine, pages: "ProbePages", decoder: X86Decoder) -> None:
+        self.m = machine
+        self.tramps = pages.tramps
+        self.decoder = decoder
+        self.breakpoint = machine.arch.breakpoint
+
+    def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
         out, off = [], 0
         while off < len(code):
@@ -28,99 +69,96 @@ class X86OptMixin:
             off += insn.length
         return out
 
-    @staticmethod
-    def _jump_target(insn) -> int | None:
-        op, raw, n = insn.op1, insn.raw, insn.length
-        if op in JUMP_OPCODES:
-            size = 4 if op == 0xE9 else 1
-            return insn.addr + n + struct.unpack("<i" if size == 4 else "<b", raw[n - size:])[0]
-        if op == 0x0F and len(insn.opcode) > 1 and insn.opcode[1] & 0xF0 == 0x80:
-            return insn.addr + n + struct.unpack("<i", raw[n - 4:])[0]
-        return None
-
-    @staticmethod
-    def _indirect_jump(insn) -> bool:
-        if insn.op1 == 0xEA:
-            return True
-        return insn.op1 == 0xFF and insn.modrm is not None and modrm_reg(insn.modrm) in (4, 5)
-
-    def can_optimize(self, p, kp) -> tuple[bool, str]:
-        """can_optimize() + the copy rules + arch_check_optimized_kprobe()."""
-        sym = self.m.symbols.find(p.addr)
-        if sym is None or not sym.size:
-            return False, "not inside a known function"
-        insns = self._function_insns(sym)
-        if insns is None:
-            return False, "the function does not decode"
-        if any(self._indirect_jump(i) for i in insns):
-            return False, "the function contains an indirect jump"
-        for i in insns:
-            t = self._jump_target(i)
-            if t is not None and p.addr + 1 <= t <= p.addr + JMP32_INSN_SIZE:
-                return False, f"a jump at {i.addr:#x} lands inside the replaced bytes"
+    def _replaced(self, insns: list[X86Insn], addr: int) -> list[X86Insn]:
+        """The whole instructions from `addr` that the 5-byte jump covers."""
         size, copied = 0, []
         for i in insns:
-            if i.addr < p.addr:
+            if i.addr < addr:
                 continue
             if size >= JMP32_INSN_SIZE:
                 break
-            if not can_boost(i):
-                return False, f"`{i.text}` at {i.addr:#x} cannot be relocated to the detour"
             copied.append(i)
             size += i.length
-        if size < JMP32_INSN_SIZE:
-            return False, "fewer than 5 bytes of instructions before the function end"
-        if size > MAX_OPTIMIZED_LENGTH:
-            return False, "the replaced instructions are too long"
-        for other in kp.table.values():
-            if other is not p and p.addr < other.addr < p.addr + size and other.ainsn.armed:
-                return False, f"another kprobe is armed inside the replaced bytes (-EEXIST)"
-        return True, ""
+        return copied
 
-    def prepare_optimized_kprobe(self, p, callback):
-        from probes.optprobes import OptInsn
+    def _function_of(self, p: "Kprobe") -> tuple[Symbol, list[X86Insn]]:
+        assert p.addr is not None
         sym = self.m.symbols.find(p.addr)
-        copies, size, texts = bytearray(), 0, []
+        if sym is None or not sym.size:
+            raise _refuse("not inside a known function")
+        insns = self._function_insns(sym)
+        if insns is None:
+            raise _refuse("the function does not decode")
+        return sym, insns
+
+    def can_optimize(self, p: "Kprobe", reserved: ReservedText) -> None:
+        """can_optimize() + the copy rules + arch_check_optimized_kprobe()."""
+        assert p.addr is not None
+        _sym, insns = self._function_of(p)
+        if any(indirect_jump(i) for i in insns):
+            raise _refuse("the function contains an indirect jump")
+        for i in insns:
+            t = jump_target(i)
+            if t is not None and p.addr + 1 <= t <= p.addr + JMP32_INSN_SIZE:
+                raise _refuse(f"a jump at {i.addr:#x} lands inside the replaced bytes")
+        copied = self._replaced(insns, p.addr)
+        for i in copied:
+            if not can_boost(i):
+                raise _refuse(f"`{i.text}` at {i.addr:#x} cannot be relocated to the detour")
+        size = sum(i.length for i in copied)
+        if size < JMP32_INSN_SIZE:
+            raise _refuse("fewer than 5 bytes of instructions before the function end")
+        if size > MAX_OPTIMIZED_LENGTH:
+            raise _refuse("the replaced instructions are too long", errno.E2BIG)
+        for r in reserved.overlapping(p.addr + 1, p.addr + size, TextUse.KPROBE):
+            if r.owner is not p.ainsn:
+                raise _refuse("another kprobe is armed inside the replaced bytes (-EEXIST)",
+                              errno.EEXIST)
+
+    def prepare_optimized_kprobe(self, p: "Kprobe",
+                                 callback: Callable[[int, int], None]) -> ArchOptimizedInsn:
+        assert p.addr is not None
+        _sym, insns = self._function_of(p)
         detour = self.tramps.get(near=p.addr)
-        for i in self._function_insns(sym):
-            if i.addr < p.addr:
-                continue
-            if size >= JMP32_INSN_SIZE:
-                break
-            code = bytearray(i.raw)
+        copies, size, texts = bytearray(), 0, []
+        for i in self._replaced(insns, p.addr):
+            copy = bytearray(i.raw)
             if i.rip_disp_offset is not None:
                 new_at = detour + 1 + size
-                disp = struct.unpack_from("<i", code, i.rip_disp_offset)[0] + i.addr - new_at
-                struct.pack_into("<i", code, i.rip_disp_offset, disp)
-            copies += code
+                disp = struct.unpack_from("<i", copy, i.rip_disp_offset)[0] + i.addr - new_at
+                struct.pack_into("<i", copy, i.rip_disp_offset, disp)
+            copies += copy
             size += i.length
             texts.append(i.text)
         back_at = detour + 1 + size
         jmp = b"\xe9" + struct.pack("<i", p.addr + size - (back_at + JMP32_INSN_SIZE))
         code = b"\x90" + bytes(copies) + jmp
         self.m.text_poke(detour, code)
-        oi = OptInsn(detour=detour, resume=detour + 1, size=size, code=code, copied=texts)
+        oi = ArchOptimizedInsn(detour=detour, resume=detour + 1, size=size, code=code, copied=texts)
         oi.handle = self.m.add_host_entry(detour, callback_at(p.addr, callback))
         return oi
 
-    def arch_optimize_kprobe(self, p) -> None:
+    def arch_optimize_kprobe(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         oi = p.ainsn.optinsn
         rel = oi.detour - (p.addr + JMP32_INSN_SIZE)
         self.m.text_poke(p.addr, b"\xe9" + struct.pack("<i", rel))
 
-    def arch_unoptimize_kprobe(self, p) -> None:
+    def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
+        assert p.addr is not None
         # int3 first, then the bytes the jump covered (text_poke_bp order)
         self.m.text_poke(p.addr, self.breakpoint)
         self.m.text_poke(p.addr + 1, self.m.original_text(p.addr + 1, JMP32_INSN_SIZE - 1))
 
-    def detour_orig_addr(self, p, pc: int) -> int | None:
+    def detour_orig_addr(self, p: "Kprobe", pc: int) -> int | None:
         """The original instruction a detour address runs a copy of (copies keep their
         lengths); None outside the copies."""
+        assert p.addr is not None
         oi = p.ainsn.optinsn
         off = pc - oi.resume
         return p.addr + off if 0 <= off < oi.size else None
 
-    def free_optimized_kprobe(self, p) -> None:
+    def free_optimized_kprobe(self, p: "Kprobe") -> None:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)
         self.tramps.put(oi.detour)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from emu.uaccess import get_user
+from probes.arch import arch_probes_of
 from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
-from emu.uaccess import get_user
-
 if TYPE_CHECKING:
+    from emu.machine import Machine
     from probes.regs import PtRegs
 
 # Kernel field order; orig_ax is no CPU register.
@@ -31,6 +32,11 @@ PT_REGS_TEMPLATE = bytes(ORIG_AX_OFF) + b"\xff" * 8 + bytes(PT_REGS_SIZE - ORIG_
 
 FRAME_POINTER = "rbp"         # the frame pointer the kernel's FP unwinder follows
 SYSCALL_PREFIX = "__x64_sys_"  # SYSCALL_DEFINE wrappers, as libbpf's ksyscall resolves them
+
+# The register view's facts (probes/regs.py): no zero register; arguments beyond the six
+# registers are on the stack, after the return address (regs_get_kernel_argument).
+ZERO_REGS: frozenset[str] = frozenset()
+STACK_ARGS = True
 
 
 # Registers narrower than their 8-byte slot (Unicorn fills only these bytes; the rest is 0)
@@ -52,15 +58,21 @@ def entry_return_address(regs: "PtRegs") -> int:
     return get_user(regs.machine.memory, regs.sp)
 
 
-def just_return_func(machine) -> int:
+def set_call_return(m: "Machine", ret: int) -> None:
+    """Make the next instruction a callee that returns to `ret` (call's pushed word)."""
+    m.sp = m.sp - 8
+    m.memory.write_u64(m.sp, ret)
+
+
+def just_return_func(machine: "Machine") -> int:
     """The kernel's just_return_func: a lone `ret` in the probe layer's trampoline pages
     (made once per machine)."""
-    def make(m) -> int:
-        from probes.kprobes import kprobes_of
-        addr = kprobes_of(m).arch.tramps.get(near=m.pc)
+    def make(m: "Machine") -> int:
+        addr = arch_probes_of(m).pages.tramps.get(near=m.pc)
         m.text_poke(addr, b"\xc3")
         return addr
-    return machine.layer("just_return_func", make)
+    addr: int = machine.layer("just_return_func", make)
+    return addr
 
 
 def override_function_with_return(regs: "PtRegs") -> None:
