@@ -27,6 +27,9 @@ _NEVER = 0xDEAD_0000_0000_0000
 
 SIGTRAP, SIGILL, SIGSEGV = 5, 4, 11
 FAULT_EXIT = 139          # every guest fault: the shell's code for a SIGSEGV death
+# Host address space for translated code, per machine. Unicorn's default reserves 1 GiB per
+# instance, so four live machines exhaust a 4 GiB `ulimit -v`; a full buffer only flushes.
+TCG_BUFFER_SIZE = 64 << 20
 
 _MEM_KIND = {
     UC.UC_MEM_READ_UNMAPPED: "read of unmapped address",
@@ -79,6 +82,7 @@ class Machine:
                  stderr: BinaryIO | None = None) -> None:
         self.arch = get_arch(arch) if isinstance(arch, str) else arch
         self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
+        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         self.regs = RegAccess(self.uc)
         self.hooks = RawHooks(self.uc)
         self.memory = Memory(self.uc)

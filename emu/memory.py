@@ -67,6 +67,9 @@ class Memory:
         self.regions: list[Region] = []   # sorted by start, non-overlapping
         self.max_memory = max_memory
         self.mapped_bytes = 0             # MMIO noted with note_region is not counted
+        # TASK_SIZE: the end of what the guest may map or hand to a syscall. Linux user mode
+        # sets the arch's; above it only the machine's own pages live (x86's [gdt]).
+        self.task_size = 1 << 64
 
     # --- mapping ----------------------------------------------------------------------------
     def map(self, start: int, size: int, prot: int, name: str) -> None:

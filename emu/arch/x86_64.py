@@ -208,7 +208,7 @@ X86_64 = X86_64Arch(
     syscalls=_SYSCALLS, breakpoint=b"\xcc", insn_align=1, max_insn_size=15, platform="x86_64",
     hwcap=0x178BFBFF, hwcap2=0,
     bare_base=0x0, bare_ram_size=0x0800_0000, bare_stack_top=0x0800_0000,
-    flags_reg="rflags", halt_size=1,
+    flags_reg="rflags", halt_size=1, task_size=GDT_PAGE,     # TASK_SIZE_MAX: 2^47 - 4096
     aliases={"ip": "rip", "flags": "rflags", "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
              "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp"},
     exception_names={0: "divide error", 1: "debug trap", 4: "overflow (into)", 5: "bound range",

@@ -33,7 +33,6 @@ O_CLOEXEC = 0o2000000
 _SETFL_MASK = 0o2000 | O_NONBLOCK      # O_APPEND | O_NONBLOCK (O_ASYNC, O_DIRECT... ignored)
 ARCH_SET_FS, ARCH_GET_FS = 0x1002, 0x1003
 PR_SET_NAME, PR_GET_NAME = 15, 16
-TASK_SIZE = 1 << 47                 # top of the x86-64 / arm64 (48-bit VA) user address space
 NOFILE = 1024                       # RLIMIT_NOFILE soft limit reported by prlimit64
 MAX_RW_COUNT = 0x7FFFF000           # INT_MAX & PAGE_MASK: the most one read/write transfers
 UIO_MAXIOV = 1024
@@ -538,7 +537,7 @@ def sys_futex(p, uaddr, op, val, *_):
         return -E.EINVAL
     if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
         # get_futex_key: a shared futex must be a mapped page, a private one only in range
-        if uaddr >= TASK_SIZE or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
+        if uaddr >= p.machine.memory.task_size or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
             return -E.EFAULT
         return 0
     if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
@@ -657,7 +656,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
     mem = p.machine.memory
     if length == 0 or off & 0xFFF:
         return -E.EINVAL
-    if length > TASK_SIZE:
+    if length > mem.task_size:
         return -E.ENOMEM
     size = page_up(length)
     f = None
@@ -674,7 +673,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
             return -E.EINVAL
         if addr < MMAP_MIN_ADDR:
             return -E.EPERM
-        if addr + size > TASK_SIZE:
+        if addr + size > mem.task_size:
             return -E.ENOMEM
         if flags & MAP_FIXED_NOREPLACE and mem.overlapping(addr, addr + size):
             return -E.EEXIST
@@ -682,7 +681,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
             return -E.ENOMEM
         mem.unmap(addr, size)
     else:
-        hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= TASK_SIZE and \
+        hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= mem.task_size and \
             mem.find_free(size, addr, addr + size) == addr else None
         addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
         if addr is None:
@@ -742,7 +741,7 @@ def _copy_extents(mem, fd: int, addr: int, off: int, end: int) -> None:
 
 @syscall("munmap")
 def sys_munmap(p, addr, length, *_):
-    if addr & 0xFFF or length == 0:
+    if addr & 0xFFF or length == 0 or addr + page_up(length) > p.machine.memory.task_size:
         return -E.EINVAL
     start, end = addr, addr + page_up(length)
     for lo, hi in sorted(p.machine.owned_text):     # those pages are not the guest's:
@@ -762,7 +761,8 @@ def sys_mprotect(p, addr, length, prot, *_):
         return -E.EINVAL
     if length == 0:
         return 0
-    if not mem.is_mapped(addr, length) or _layer_pages(p, addr, length):
+    if addr + length > mem.task_size or not mem.is_mapped(addr, length) \
+            or _layer_pages(p, addr, length):
         return -E.ENOMEM
     mem.protect(addr, length, prot & 7)
     return 0
@@ -773,10 +773,11 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
     mem = p.machine.memory
     if old & 0xFFF or old_size == 0 or new_size == 0:
         return -E.EINVAL
-    if new_size > TASK_SIZE:
+    if new_size > mem.task_size:
         return -E.ENOMEM
     old_size, new_size = page_up(old_size), page_up(new_size)
-    if not mem.is_mapped(old, old_size) or _layer_pages(p, old, old_size):
+    if old + old_size > mem.task_size or not mem.is_mapped(old, old_size) \
+            or _layer_pages(p, old, old_size):
         return -E.EFAULT
     if new_size <= old_size:
         if new_size < old_size:
@@ -784,7 +785,7 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
         return old
     region = mem.find(old)
     try:
-        if old + new_size <= TASK_SIZE and mem.find_free(
+        if old + new_size <= mem.task_size and mem.find_free(
                 new_size - old_size, old + old_size, old + new_size) == old + old_size:
             mem.map(old + old_size, new_size - old_size, region.prot, region.name)
             return old
@@ -884,7 +885,7 @@ def _iovecs(p, iov, cnt) -> list[tuple[int, int]]:
         base, n = struct.unpack_from("<QQ", raw, 16 * i)
         if n >> 63:
             raise FsError(E.EINVAL)
-        if base + n > TASK_SIZE:             # access_ok: a range check, before truncation
+        if base + n > p.machine.memory.task_size:             # access_ok: a range check, before truncation
             raise MemoryFault()
         n = min(n, MAX_RW_COUNT - total)
         total += n
