@@ -68,3 +68,26 @@ def test_arm64_touching_task_size_faults(sandbox_prog):
     rc, out, err = emu("run", sandbox_prog("arm64"), "--", "touchtop")
     assert rc == 139
     assert re.search(rf"read of unmapped address {TASK_SIZE['arm64']:#x} at pc", err), err
+
+
+# --- probed privileged IF changes at CPL3 / EL0 ----------------------------------------------
+@pytest.mark.parametrize("insn", ["cli", "sti"])
+def test_probed_interrupt_flag_change_faults_as_unprobed(arch, sandbox_prog, insn):
+    """x86 `cli`/`sti` at CPL3 (IOPL 0) take #GP. The probe layer emulates them, and used to
+    let a probed one run; now the probed instruction gives the unprobed report, at the
+    probe address. arm64's `msr daifset/daifclr` is undefined at EL0 and the kernel refuses
+    to probe it."""
+    prog = sandbox_prog(arch)
+    rc, out, plain = emu("run", prog, "--", insn)
+    assert (rc, out) == (139, "before\n"), plain
+    fault = plain.strip().splitlines()[-1]
+    assert re.fullmatch(rf"emu: guest fault: \w[\w ]+ at pc 0x[0-9a-f]+ <do_{insn}\+0x0>: .+", fault)
+    rc, out, probed = emu("run", prog, "--kprobe", f"do_{insn}", "--", insn)
+    if arch == "x86_64":
+        assert "general protection" in fault
+        assert (rc, out) == (139, "before\n"), probed
+        assert probed.splitlines()[0] == fault
+        assert re.search(rf"do_{insn}\+0x0 .* emulate +1 +0", probed)
+    else:
+        assert "privileged instruction" in fault
+        assert rc == 2 and "-EINVAL" in probed and "MSR writes system state" in probed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from emu.uaccess import copy_from_user, copy_to_user, get_user, put_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user, get_user, put_user
 
 if TYPE_CHECKING:
     from probes.kprobes import Kprobe
@@ -106,10 +106,21 @@ def make_indirect(reg: int, call: bool) -> Callable:
     return kprobe_emulate_indirect
 
 
+class GeneralProtection(UserFault):
+    """cli/sti at CPL3 with IOPL < 3: the #GP the unprobed instruction takes (no address)."""
+    kind = "general protection"   # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        Exception.__init__(self, self.kind)
+        self.addr, self.write, self.mapped = None, False, False   # type: ignore[assignment]
+
+
 def make_ifmodifier(op: int, size: int = 8) -> Callable:
     """cli/sti/pushf/popf. `size` 2 for the operand-size prefixed PUSHF/POPF (66 9c/9d),
     which move only FLAGS' low 16 bits; the kernel's emulation always moves 8 bytes."""
     def kprobe_emulate_ifmodifiers(p: "Kprobe", regs: "PtRegs") -> None:
+        if op in (0xFA, 0xFB) and regs.machine.user_mode and (regs.flags >> 12) & 3 < 3:
+            raise GeneralProtection()
         if op == 0xFA:
             regs.flags = regs.flags & ~IF
         elif op == 0xFB:
