@@ -604,12 +604,18 @@ def sys_time(p, tloc, *_):
     return secs
 
 
-@syscall("nanosleep", "clock_nanosleep")
-def sys_nanosleep(p, *args):
-    """Sleeping advances model time (clamped below CLOCK_CEILING); clock_nanosleep takes
-    a clock id and TIMER_ABSTIME."""
-    clk, flags, req = (s32(args[0]), args[1], args[2]) if p.dispatcher_name == "clock_nanosleep" \
-        else (1, 0, args[0])
+@syscall("nanosleep")
+def sys_nanosleep(p, req, *_):
+    return do_clock_nanosleep(p, 1, 0, req)          # CLOCK_MONOTONIC, relative
+
+
+@syscall("clock_nanosleep")
+def sys_clock_nanosleep(p, clk, flags, req, *_):
+    return do_clock_nanosleep(p, s32(clk), flags, req)
+
+
+def do_clock_nanosleep(p, clk: int, flags: int, req: int) -> int:
+    """Sleeping advances model time (clamped below CLOCK_CEILING)."""
     if clk not in _CLOCKS or clk == 3:            # THREAD_CPUTIME cannot be slept on
         return -E.EINVAL
     secs, nsec = struct.unpack("<qq", rd(p, req, 16))
@@ -931,11 +937,13 @@ def sys_readv(p, fd, iov, cnt, *_):
     return done
 
 
-@syscall("openat", "open")
-def sys_openat(p, *args):
-    if p.dispatcher_name == "open":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path, flags, mode = args[:4]
+@syscall("open")
+def sys_open(p, path, flags, mode, *_):
+    return sys_openat(p, AT_FDCWD & 0xFFFFFFFF, path, flags, mode)
+
+
+@syscall("openat")
+def sys_openat(p, dirfd, path, flags, mode, *_):
     f = p.fs.open(cstr(p, path), flags, mode & ~p.umask, base_dir(p, dirfd))
     fd = p.fds.install(f)
     if flags & 0o2000000:
@@ -1019,11 +1027,14 @@ def sys_newfstatat(p, dirfd, path, buf, flags, *_):
     return 0
 
 
-@syscall("stat", "lstat")
+@syscall("stat")
 def sys_stat(p, path, buf, *_):
-    flags = AT_SYMLINK_NOFOLLOW if p.dispatcher_name == "lstat" else 0
-    wr(p, buf, p.machine.arch.pack_stat(_path_stat(p, AT_FDCWD & 0xFFFFFFFF, path, flags)))
-    return 0
+    return sys_newfstatat(p, AT_FDCWD & 0xFFFFFFFF, path, buf, 0)
+
+
+@syscall("lstat")
+def sys_lstat(p, path, buf, *_):
+    return sys_newfstatat(p, AT_FDCWD & 0xFFFFFFFF, path, buf, AT_SYMLINK_NOFOLLOW)
 
 
 @syscall("statx")
@@ -1040,11 +1051,13 @@ def sys_statx(p, dirfd, path, flags, mask, buf, *_):
     return 0
 
 
-@syscall("readlinkat", "readlink")
-def sys_readlinkat(p, *args):
-    if p.dispatcher_name == "readlink":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path_addr, buf, size = args[:4]
+@syscall("readlink")
+def sys_readlink(p, path_addr, buf, size, *_):
+    return sys_readlinkat(p, AT_FDCWD & 0xFFFFFFFF, path_addr, buf, size)
+
+
+@syscall("readlinkat")
+def sys_readlinkat(p, dirfd, path_addr, buf, size, *_):
     path = cstr(p, path_addr)
     if path == "/proc/self/exe":
         target = os.fsencode(p.fs.guest_path(p.fs.exe_path))
@@ -1059,11 +1072,13 @@ def sys_readlinkat(p, *args):
     return len(target)
 
 
-@syscall("faccessat", "faccessat2", "access")
-def sys_faccessat(p, *args):
-    if p.dispatcher_name == "access":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path_addr, mode = args[:3]
+@syscall("access")
+def sys_access(p, path_addr, mode, *_):
+    return sys_faccessat(p, AT_FDCWD & 0xFFFFFFFF, path_addr, mode)
+
+
+@syscall("faccessat", "faccessat2")
+def sys_faccessat(p, dirfd, path_addr, mode, *_):
     path = cstr(p, path_addr)
     if path == "/dev/null":
         return 0
@@ -1157,24 +1172,35 @@ def sys_dup(p, fd, *_):
     return p.fds.install(p.fds.get(s32(fd)))
 
 
-@syscall("dup2", "dup3")
-def sys_dup3(p, old, new, flags=0, *_):
+@syscall("dup2")
+def sys_dup2(p, old, new, *_):
+    if s32(old) == s32(new):
+        p.fds.get(s32(old))                         # EBADF if old is not open
+        return s32(new)
+    return sys_dup3(p, old, new, 0)
+
+
+@syscall("dup3")
+def sys_dup3(p, old, new, flags, *_):
     old, new = s32(old), s32(new)
     f = p.fds.get(old)
     if not 0 <= new < NOFILE:
         return -E.EBADF
     if old == new:
-        return -E.EINVAL if p.dispatcher_name == "dup3" else new
+        return -E.EINVAL
     if new in p.fds.files:
         p.fds.close(new)
     p.fds.files[new] = f
     return new
 
 
-@syscall("pipe2", "pipe")
-def sys_pipe2(p, fds_addr, flags=0, *_):
-    if p.dispatcher_name == "pipe":
-        flags = 0
+@syscall("pipe")
+def sys_pipe(p, fds_addr, *_):
+    return sys_pipe2(p, fds_addr, 0)
+
+
+@syscall("pipe2")
+def sys_pipe2(p, fds_addr, flags, *_):
     if flags & ~(O_NONBLOCK | O_CLOEXEC | 0o40000):       # O_DIRECT: packet mode, accepted
         return -E.EINVAL
     if not access_ok(p.machine.memory, fds_addr, 8, PROT_WRITE):
@@ -1256,29 +1282,46 @@ def _meta_target(p, dirfd: int, path_addr: int, flags: int = 0) -> str | int:
     return target
 
 
-@syscall("fchmodat", "fchmodat2", "chmod", "fchmod")
-def sys_fchmodat(p, *args):
-    name = p.dispatcher_name
-    if name == "chmod":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    elif name == "fchmod":
-        args = (args[0], 0, args[1])
-    dirfd, path, mode = args[:3]
-    target = _meta_target(p, dirfd, path, args[3] if name == "fchmodat2" else 0)
-    os.chmod(target, mode & 0o7777)
+@syscall("chmod")
+def sys_chmod(p, path, mode, *_):
+    return sys_fchmodat2(p, AT_FDCWD & 0xFFFFFFFF, path, mode, 0)
+
+
+@syscall("fchmod")
+def sys_fchmod(p, fd, mode, *_):
+    return sys_fchmodat2(p, fd, 0, mode, 0)
+
+
+@syscall("fchmodat")
+def sys_fchmodat(p, dirfd, path, mode, *_):
+    return sys_fchmodat2(p, dirfd, path, mode, 0)
+
+
+@syscall("fchmodat2")
+def sys_fchmodat2(p, dirfd, path, mode, flags, *_):
+    os.chmod(_meta_target(p, dirfd, path, flags), mode & 0o7777)
     return 0
 
 
-@syscall("fchownat", "chown", "lchown", "fchown")
-def sys_fchownat(p, *args):
+@syscall("chown")
+def sys_chown(p, path, uid, gid, *_):
+    return sys_fchownat(p, AT_FDCWD & 0xFFFFFFFF, path, uid, gid, 0)
+
+
+@syscall("lchown")
+def sys_lchown(p, path, uid, gid, *_):
+    return sys_fchownat(p, AT_FDCWD & 0xFFFFFFFF, path, uid, gid, AT_SYMLINK_NOFOLLOW)
+
+
+@syscall("fchown")
+def sys_fchown(p, fd, uid, gid, *_):
+    return sys_fchownat(p, fd, 0, uid, gid, 0)
+
+
+@syscall("fchownat")
+def sys_fchownat(p, dirfd, path, uid, gid, flags, *_):
     """Ownership cannot change for an unprivileged host: only a no-op (the owner's own
     ids or -1) succeeds, as it would for a normal user."""
-    name = p.dispatcher_name
-    if name in ("chown", "lchown"):
-        args = (AT_FDCWD & 0xFFFFFFFF, *args[:3], AT_SYMLINK_NOFOLLOW if name == "lchown" else 0)
-    elif name == "fchown":
-        args = (args[0], 0, args[1], args[2], 0)
-    dirfd, path, uid, gid, flags = args[:5]
     target = _meta_target(p, dirfd, path, flags)
     st_ = os.stat(target) if isinstance(target, int) else os.lstat(target)
     for want, have, own in ((s32(uid), st_.st_uid, p.creds.uid), (s32(gid), st_.st_gid, p.creds.gid)):
