@@ -70,6 +70,14 @@ def test_arm64_touching_task_size_faults(sandbox_prog):
     assert re.search(rf"read of unmapped address {TASK_SIZE['arm64']:#x} at pc", err), err
 
 
+# --- many small mappings ------------------------------------------------------------------------
+def test_hundreds_of_unmergeable_mmaps(arch, sandbox_prog):
+    """500 one-page mmaps with alternating protections (none can merge) all succeed and
+    each page keeps its own contents (Unicorn makes thousands slow: benchmarks/bench_mmap.py)."""
+    rc, out, err = emu("run", sandbox_prog(arch), "--", "mmaps", "500")
+    assert (rc, out) == (0, "mapped 500\n"), err
+
+
 # --- probed privileged IF changes at CPL3 / EL0 ----------------------------------------------
 @pytest.mark.parametrize("insn", ["cli", "sti"])
 def test_probed_interrupt_flag_change_faults_as_unprobed(arch, sandbox_prog, insn):
