@@ -99,3 +99,15 @@ def test_probed_interrupt_flag_change_faults_as_unprobed(arch, sandbox_prog, ins
     else:
         assert "privileged instruction" in fault
         assert rc == 2 and "-EINVAL" in probed and "MSR writes system state" in probed
+
+
+def test_probed_popf_cannot_raise_iopl_at_cpl3(sandbox_prog):
+    """x86 only (arm64 has no user-writable interrupt mask to pop). `popf` at CPL3 leaves
+    IOPL, and with IOPL 0 also IF, as they were; the probe layer's emulation used to apply
+    the CPL0 mask, so a probed popf gave the guest IOPL 3 and with it `cli`."""
+    prog = sandbox_prog("x86_64")
+    plain = emu("run", prog, "--", "popf")
+    probed = emu("run", prog, "--kprobe", "do_popf+1", "--", "popf")
+    assert plain[:2] == (0, "iopl=0 if=1\n"), plain[2]
+    assert probed[:2] == plain[:2], probed[2]
+    assert re.search(r"do_popf\+0x1 .* emulate +1 +0", probed[2])

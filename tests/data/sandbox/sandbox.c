@@ -73,7 +73,23 @@ static int mmaps(long n)
 /* cli at CPL3: #GP, SIGSEGV under Linux, probed or not. */
 __attribute__((noinline)) void do_cli(void) { __asm__ volatile("cli"); }
 __attribute__((noinline)) void do_sti(void) { __asm__ volatile("sti"); }
+/* popf at CPL3 cannot raise IOPL, nor (with IOPL 0) change IF. */
+__attribute__((noinline)) void do_popf(unsigned long f)
+{
+    __asm__ volatile("push %0; popf" :: "r"(f) : "cc", "memory");
+}
+
+static int popf(void)
+{
+    unsigned long f;
+    __asm__ volatile("pushf; pop %0" : "=r"(f));
+    do_popf((f | 0x3000) & ~0x200UL);
+    __asm__ volatile("pushf; pop %0" : "=r"(f));
+    printf("iopl=%lu if=%lu\n", (f >> 12) & 3, (f >> 9) & 1);
+    return 0;
+}
 #else
+static int popf(void) { puts("no popf"); return 0; }
 __attribute__((noinline)) void do_cli(void) { __asm__ volatile("msr daifset, #2"); }
 __attribute__((noinline)) void do_sti(void) { __asm__ volatile("msr daifclr, #2"); }
 #endif
@@ -95,9 +111,10 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tasksize")) return tasksize();
     if (!strcmp(cmd, "touchtop")) return touchtop();
     if (!strcmp(cmd, "segload")) return segload();
+    if (!strcmp(cmd, "popf")) return popf();
     if (!strcmp(cmd, "mmaps")) return mmaps(argc > 2 ? atol(argv[2]) : 1000);
     if (!strcmp(cmd, "cli")) { puts("before"); do_cli(); puts("after"); return 0; }
     if (!strcmp(cmd, "sti")) { puts("before"); do_sti(); puts("after"); return 0; }
-    fprintf(stderr, "usage: sandbox tasksize|touchtop|segload|mmaps N|cli|sti\n");
+    fprintf(stderr, "usage: sandbox tasksize|touchtop|segload|mmaps N|cli|sti|popf\n");
     return 2;
 }
