@@ -35,7 +35,14 @@ TCG_BUFFER_SIZE = 32 << 20
 # A machine is a reference cycle (hooks close over it) holding ~40 MiB of native memory the
 # cycle collector cannot see: past this many unreleased machines, collect before making one.
 _machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
-_COLLECT_AT = [8]
+_collect_at = 8
+
+
+def _release_unused_machines() -> None:
+    global _collect_at
+    if len(_machines) >= _collect_at:
+        gc.collect()
+        _collect_at = max(8, 2 * len(_machines))    # machines still in use: back off
 
 _MEM_KIND = {
     UC.UC_MEM_READ_UNMAPPED: "read of unmapped address",
@@ -87,9 +94,7 @@ class Machine:
     def __init__(self, arch: Arch | str, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None) -> None:
         self.arch = get_arch(arch) if isinstance(arch, str) else arch
-        if len(_machines) >= _COLLECT_AT[0]:
-            gc.collect()
-            _COLLECT_AT[0] = max(8, 2 * len(_machines))    # machines still in use: back off
+        _release_unused_machines()
         _machines.add(self)
         self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
