@@ -6,8 +6,10 @@ the arch's trap code (arm64 BRK immediate; x86 int3) and writes text through
 `text_poke`, the only writer of guest text."""
 from __future__ import annotations
 
+import gc
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import BinaryIO, Callable
@@ -29,6 +31,20 @@ _NEVER = 0xDEAD_0000_0000_0000
 
 SIGTRAP, SIGILL, SIGSEGV = 5, 4, 11
 FAULT_EXIT = 139          # every guest fault: the shell's code for a SIGSEGV death
+# Host address space for translated code, per machine. Unicorn's default reserves 1 GiB per
+# instance, so four live machines exhaust a 4 GiB `ulimit -v`; a full buffer only flushes.
+TCG_BUFFER_SIZE = 32 << 20
+# A machine is a reference cycle (hooks close over it) holding ~40 MiB of native memory the
+# cycle collector cannot see: past this many unreleased machines, collect before making one.
+_machines: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_collect_at = 8
+
+
+def _release_unused_machines() -> None:
+    global _collect_at
+    if len(_machines) >= _collect_at:
+        gc.collect()
+        _collect_at = max(8, 2 * len(_machines))    # machines still in use: back off
 
 _MEM_KIND = {
     UC.UC_MEM_READ_UNMAPPED: "read of unmapped address",
@@ -80,7 +96,10 @@ class Machine:
     def __init__(self, arch: Arch | str, stdout: BinaryIO | None = None,
                  stderr: BinaryIO | None = None) -> None:
         self.arch = get_arch(arch) if isinstance(arch, str) else arch
+        _release_unused_machines()
+        _machines.add(self)
         self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
+        self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         self.regs = RegAccess(self.uc)
         self.hooks = RawHooks(self.uc)
         self.memory = Memory(self.uc)

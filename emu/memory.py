@@ -68,6 +68,12 @@ class Memory:
         self.regions: list[Region] = []   # sorted by start, non-overlapping
         self.max_memory = max_memory
         self.mapped_bytes = 0             # MMIO noted with note_region is not counted
+        # TASK_SIZE: the end of what the guest may map or hand to a syscall. Linux user mode
+        # sets the arch's; above it only the machine's own pages live (x86's [gdt]).
+        self.task_size = 1 << 64
+        # find_free's memo, the free-area cache of old Linux: for a `lo`, an address below
+        # which [lo, addr) holds no free page; dropped whenever a region goes away.
+        self._full_below: dict[int, int] = {}
 
     # --- mapping ----------------------------------------------------------------------------
     def map(self, start: int, size: int, prot: int, name: str) -> None:
@@ -86,7 +92,7 @@ class Memory:
     def _insert(self, region: Region) -> None:
         """Insert, merging with neighbours that touch it and match (as VMAs merge)."""
         regs = self.regions
-        i = bisect.bisect_left(regs, region.start, key=lambda r: r.start)
+        i = bisect.bisect_left(regs, region.start, key=_start)
         if i > 0 and _mergeable(regs[i - 1], region):
             region = Region(regs[i - 1].start, region.end, region.prot, region.name)
             i -= 1
@@ -119,7 +125,9 @@ class Memory:
         """Replace r by its parts outside [lo, hi) and, if prot is given, [lo, hi) with prot.
         An earlier step of the same call may have merged r into a neighbour: split that."""
         r = self.find(lo) or r
-        self.regions.remove(r)
+        del self.regions[bisect.bisect_left(self.regions, r.start, key=_start)]
+        if prot is None:
+            self._full_below.clear()
         if r.start < lo:
             self._insert(Region(r.start, lo, r.prot, r.name))
         if hi < r.end:
@@ -130,7 +138,7 @@ class Memory:
     def overlapping(self, start: int, end: int) -> list[Region]:
         """Regions meeting [start, end), in address order (a bisect, not a scan)."""
         regs = self.regions
-        i = max(bisect.bisect_right(regs, start, key=lambda r: r.start) - 1, 0)
+        i = max(bisect.bisect_right(regs, start, key=_start) - 1, 0)
         out = []
         while i < len(regs) and regs[i].start < end:
             if start < regs[i].end:
@@ -148,22 +156,29 @@ class Memory:
         return True
 
     def find(self, addr: int) -> Region | None:
-        i = bisect.bisect_right(self.regions, addr, key=lambda r: r.start) - 1
+        i = bisect.bisect_right(self.regions, addr, key=_start) - 1
         if i >= 0 and addr in self.regions[i]:
             return self.regions[i]
         return None
 
     def find_free(self, size: int, lo: int, hi: int) -> int | None:
-        """Lowest page-aligned gap of `size` bytes in [lo, hi): a first-fit, deterministic."""
-        size = page_up(size)
-        cursor = page_up(lo)
-        first = max(bisect.bisect_right(self.regions, cursor, key=lambda r: r.start) - 1, 0)
-        for r in self.regions[first:]:
-            if r.end <= cursor:
-                continue
-            if r.start >= cursor + size:
-                break
-            cursor = page_up(r.end)
+        """Lowest page-aligned gap of `size` bytes in [lo, hi): a first-fit, deterministic.
+        The scan starts past the fully mapped prefix an earlier call found, so packed
+        mappings do not make every call walk all regions."""
+        size, lo = page_up(size), page_up(lo)
+        cursor = self._full_below.get(lo, lo)
+        regs = self.regions
+        i = max(bisect.bisect_right(regs, cursor, key=_start) - 1, 0)
+        full = None                      # the first hole met: the prefix before it is full
+        while i < len(regs) and regs[i].start < cursor + size:
+            if regs[i].end > cursor:
+                if full is None and regs[i].start > cursor:
+                    full = cursor
+                cursor = page_up(regs[i].end)
+            i += 1
+        if len(self._full_below) >= 64:   # hints give many `lo`s: keep the memo small
+            self._full_below.clear()
+        self._full_below[lo] = cursor if full is None else full
         return cursor if cursor + size <= hi else None
 
     # --- access -----------------------------------------------------------------------------
@@ -196,6 +211,10 @@ class Memory:
             return bytes(self.uc.mem_read(addr, size))
         except UcError:
             return None
+
+
+def _start(r: Region) -> int:
+    return r.start
 
 
 def _mergeable(a: Region, b: Region) -> bool:

@@ -40,8 +40,9 @@ class UserFault(Exception):
 def _check(mem: Memory, addr: int, n: int, prot: int) -> None:
     """Raise UserFault at the first byte of [addr, addr+n) that lacks `prot`."""
     end = addr + n
-    if addr < 0 or end > 1 << 64:
-        raise UserFault(max(addr, 0) & ((1 << 64) - 1), prot == PROT_WRITE, False)
+    if addr < 0 or end > mem.task_size:    # access_ok's range check: nothing above is the guest's
+        bad = addr if addr < 0 or addr >= mem.task_size else mem.task_size
+        raise UserFault(min(max(bad, 0), (1 << 64) - 1), prot == PROT_WRITE, False)
     while addr < end:
         r = mem.find(addr)
         if r is None or not r.prot & prot:

@@ -121,6 +121,9 @@ class Arch(ABC):
     # The signal Linux sends a process that runs a privileged instruction: SIGSEGV for the
     # #GP of x86, SIGILL for arm64's undefined-at-EL0.
     privileged_signal: int = 11
+    # TASK_SIZE: the end of the user address space mmap and friends may reach. arm64 keeps
+    # the 47-bit space the project has always given it (Linux with VA_BITS 48 allows 2^48).
+    task_size: int = 1 << 47
 
     @abstractmethod
     def install_hooks(self, m: CpuHost) -> None:

@@ -121,6 +121,7 @@ def _symbols(image: ElfImage):
 def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
                   fs: FileSystem, stdin, seed: int = 0) -> LinuxProcess:
     check_user_layout(image)
+    m.memory.task_size = m.arch.task_size
     map_image(m, image)
     proc = LinuxProcess(m, image, fs, seed=seed)
     proc.brk_start = proc.brk = page_up(image.high_end)

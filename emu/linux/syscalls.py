@@ -33,7 +33,6 @@ O_CLOEXEC = 0o2000000
 _SETFL_MASK = 0o2000 | O_NONBLOCK      # O_APPEND | O_NONBLOCK (O_ASYNC, O_DIRECT... ignored)
 ARCH_SET_FS, ARCH_GET_FS = 0x1002, 0x1003
 PR_SET_NAME, PR_GET_NAME = 15, 16
-TASK_SIZE = 1 << 47                 # top of the x86-64 / arm64 (48-bit VA) user address space
 NOFILE = 1024                       # RLIMIT_NOFILE soft limit reported by prlimit64
 MAX_RW_COUNT = 0x7FFFF000           # INT_MAX & PAGE_MASK: the most one read/write transfers
 UIO_MAXIOV = 1024
@@ -525,7 +524,7 @@ def sys_futex(p, uaddr, op, val, *_):
         return -E.EINVAL
     if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
         # get_futex_key: a shared futex must be a mapped page, a private one only in range
-        if uaddr >= TASK_SIZE or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
+        if uaddr >= p.machine.memory.task_size or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
             return -E.EFAULT
         return 0
     if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
@@ -592,12 +591,18 @@ def sys_time(p, tloc, *_):
     return secs
 
 
-@syscall("nanosleep", "clock_nanosleep")
-def sys_nanosleep(p, *args):
-    """Sleeping advances model time (clamped below CLOCK_CEILING); clock_nanosleep takes
-    a clock id and TIMER_ABSTIME."""
-    clk, flags, req = (s32(args[0]), args[1], args[2]) if p.dispatcher_name == "clock_nanosleep" \
-        else (1, 0, args[0])
+@syscall("nanosleep")
+def sys_nanosleep(p, req, *_):
+    return do_clock_nanosleep(p, 1, 0, req)          # CLOCK_MONOTONIC, relative
+
+
+@syscall("clock_nanosleep")
+def sys_clock_nanosleep(p, clk, flags, req, *_):
+    return do_clock_nanosleep(p, s32(clk), flags, req)
+
+
+def do_clock_nanosleep(p, clk: int, flags: int, req: int) -> int:
+    """Sleeping advances model time (clamped below CLOCK_CEILING)."""
     if clk not in _CLOCKS or clk == 3:            # THREAD_CPUTIME cannot be slept on
         return -E.EINVAL
     secs, nsec = struct.unpack("<qq", rd(p, req, 16))
@@ -644,7 +649,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
     mem = p.machine.memory
     if length == 0 or off & 0xFFF:
         return -E.EINVAL
-    if length > TASK_SIZE:
+    if length > mem.task_size:
         return -E.ENOMEM
     size = page_up(length)
     f = None
@@ -661,7 +666,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
             return -E.EINVAL
         if addr < MMAP_MIN_ADDR:
             return -E.EPERM
-        if addr + size > TASK_SIZE:
+        if addr + size > mem.task_size:
             return -E.ENOMEM
         if flags & MAP_FIXED_NOREPLACE and mem.overlapping(addr, addr + size):
             return -E.EEXIST
@@ -669,7 +674,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, off, *_):
             return -E.ENOMEM
         mem.unmap(addr, size)
     else:
-        hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= TASK_SIZE and \
+        hint = addr if MMAP_MIN_ADDR <= addr and addr + size <= mem.task_size and \
             mem.find_free(size, addr, addr + size) == addr else None
         addr = hint or mem.find_free(size, MMAP_BASE, STACK_TOP - STACK_SIZE)
         if addr is None:
@@ -729,7 +734,7 @@ def _copy_extents(mem, fd: int, addr: int, off: int, end: int) -> None:
 
 @syscall("munmap")
 def sys_munmap(p, addr, length, *_):
-    if addr & 0xFFF or length == 0:
+    if addr & 0xFFF or length == 0 or addr + page_up(length) > p.machine.memory.task_size:
         return -E.EINVAL
     start, end = addr, addr + page_up(length)
     for lo, hi in sorted(p.machine.owned_text):     # those pages are not the guest's:
@@ -749,7 +754,8 @@ def sys_mprotect(p, addr, length, prot, *_):
         return -E.EINVAL
     if length == 0:
         return 0
-    if not mem.is_mapped(addr, length) or _layer_pages(p, addr, length):
+    if addr + length > mem.task_size or not mem.is_mapped(addr, length) \
+            or _layer_pages(p, addr, length):
         return -E.ENOMEM
     mem.protect(addr, length, prot & 7)
     return 0
@@ -760,10 +766,11 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
     mem = p.machine.memory
     if old & 0xFFF or old_size == 0 or new_size == 0:
         return -E.EINVAL
-    if new_size > TASK_SIZE:
+    if new_size > mem.task_size:
         return -E.ENOMEM
     old_size, new_size = page_up(old_size), page_up(new_size)
-    if not mem.is_mapped(old, old_size) or _layer_pages(p, old, old_size):
+    if old + old_size > mem.task_size or not mem.is_mapped(old, old_size) \
+            or _layer_pages(p, old, old_size):
         return -E.EFAULT
     if new_size <= old_size:
         if new_size < old_size:
@@ -771,7 +778,7 @@ def sys_mremap(p, old, old_size, new_size, flags, *_):
         return old
     region = mem.find(old)
     try:
-        if old + new_size <= TASK_SIZE and mem.find_free(
+        if old + new_size <= mem.task_size and mem.find_free(
                 new_size - old_size, old + old_size, old + new_size) == old + old_size:
             mem.map(old + old_size, new_size - old_size, region.prot, region.name)
             return old
@@ -871,7 +878,7 @@ def _iovecs(p, iov, cnt) -> list[tuple[int, int]]:
         base, n = struct.unpack_from("<QQ", raw, 16 * i)
         if n >> 63:
             raise FsError(E.EINVAL)
-        if base + n > TASK_SIZE:             # access_ok: a range check, before truncation
+        if base + n > p.machine.memory.task_size:   # access_ok: a range check, before truncation
             raise UserFault(base, False, False)
         n = min(n, MAX_RW_COUNT - total)
         total += n
@@ -917,11 +924,13 @@ def sys_readv(p, fd, iov, cnt, *_):
     return done
 
 
-@syscall("openat", "open")
-def sys_openat(p, *args):
-    if p.dispatcher_name == "open":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path, flags, mode = args[:4]
+@syscall("open")
+def sys_open(p, path, flags, mode, *_):
+    return sys_openat(p, AT_FDCWD & 0xFFFFFFFF, path, flags, mode)
+
+
+@syscall("openat")
+def sys_openat(p, dirfd, path, flags, mode, *_):
     f = p.fs.open(cstr(p, path), flags, mode & ~p.umask, base_dir(p, dirfd))
     fd = p.fds.install(f)
     if flags & 0o2000000:
@@ -1005,11 +1014,14 @@ def sys_newfstatat(p, dirfd, path, buf, flags, *_):
     return 0
 
 
-@syscall("stat", "lstat")
+@syscall("stat")
 def sys_stat(p, path, buf, *_):
-    flags = AT_SYMLINK_NOFOLLOW if p.dispatcher_name == "lstat" else 0
-    wr(p, buf, p.machine.arch.pack_stat(_path_stat(p, AT_FDCWD & 0xFFFFFFFF, path, flags)))
-    return 0
+    return sys_newfstatat(p, AT_FDCWD & 0xFFFFFFFF, path, buf, 0)
+
+
+@syscall("lstat")
+def sys_lstat(p, path, buf, *_):
+    return sys_newfstatat(p, AT_FDCWD & 0xFFFFFFFF, path, buf, AT_SYMLINK_NOFOLLOW)
 
 
 @syscall("statx")
@@ -1026,11 +1038,13 @@ def sys_statx(p, dirfd, path, flags, mask, buf, *_):
     return 0
 
 
-@syscall("readlinkat", "readlink")
-def sys_readlinkat(p, *args):
-    if p.dispatcher_name == "readlink":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path_addr, buf, size = args[:4]
+@syscall("readlink")
+def sys_readlink(p, path_addr, buf, size, *_):
+    return sys_readlinkat(p, AT_FDCWD & 0xFFFFFFFF, path_addr, buf, size)
+
+
+@syscall("readlinkat")
+def sys_readlinkat(p, dirfd, path_addr, buf, size, *_):
     path = cstr(p, path_addr)
     if path == "/proc/self/exe":
         target = os.fsencode(p.fs.guest_path(p.fs.exe_path))
@@ -1045,11 +1059,13 @@ def sys_readlinkat(p, *args):
     return len(target)
 
 
-@syscall("faccessat", "faccessat2", "access")
-def sys_faccessat(p, *args):
-    if p.dispatcher_name == "access":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    dirfd, path_addr, mode = args[:3]
+@syscall("access")
+def sys_access(p, path_addr, mode, *_):
+    return sys_faccessat(p, AT_FDCWD & 0xFFFFFFFF, path_addr, mode)
+
+
+@syscall("faccessat", "faccessat2")
+def sys_faccessat(p, dirfd, path_addr, mode, *_):
     path = cstr(p, path_addr)
     if path == "/dev/null":
         return 0
@@ -1143,24 +1159,35 @@ def sys_dup(p, fd, *_):
     return p.fds.install(p.fds.get(s32(fd)))
 
 
-@syscall("dup2", "dup3")
-def sys_dup3(p, old, new, flags=0, *_):
+@syscall("dup2")
+def sys_dup2(p, old, new, *_):
+    if s32(old) == s32(new):
+        p.fds.get(s32(old))                         # EBADF if old is not open
+        return s32(new)
+    return sys_dup3(p, old, new, 0)
+
+
+@syscall("dup3")
+def sys_dup3(p, old, new, flags, *_):
     old, new = s32(old), s32(new)
     f = p.fds.get(old)
     if not 0 <= new < NOFILE:
         return -E.EBADF
     if old == new:
-        return -E.EINVAL if p.dispatcher_name == "dup3" else new
+        return -E.EINVAL
     if new in p.fds.files:
         p.fds.close(new)
     p.fds.files[new] = f
     return new
 
 
-@syscall("pipe2", "pipe")
-def sys_pipe2(p, fds_addr, flags=0, *_):
-    if p.dispatcher_name == "pipe":
-        flags = 0
+@syscall("pipe")
+def sys_pipe(p, fds_addr, *_):
+    return sys_pipe2(p, fds_addr, 0)
+
+
+@syscall("pipe2")
+def sys_pipe2(p, fds_addr, flags, *_):
     if flags & ~(O_NONBLOCK | O_CLOEXEC | 0o40000):       # O_DIRECT: packet mode, accepted
         return -E.EINVAL
     if not access_ok(p.machine.memory, fds_addr, 8, PROT_WRITE):
@@ -1242,29 +1269,46 @@ def _meta_target(p, dirfd: int, path_addr: int, flags: int = 0) -> str | int:
     return target
 
 
-@syscall("fchmodat", "fchmodat2", "chmod", "fchmod")
-def sys_fchmodat(p, *args):
-    name = p.dispatcher_name
-    if name == "chmod":
-        args = (AT_FDCWD & 0xFFFFFFFF, *args)
-    elif name == "fchmod":
-        args = (args[0], 0, args[1])
-    dirfd, path, mode = args[:3]
-    target = _meta_target(p, dirfd, path, args[3] if name == "fchmodat2" else 0)
-    os.chmod(target, mode & 0o7777)
+@syscall("chmod")
+def sys_chmod(p, path, mode, *_):
+    return sys_fchmodat2(p, AT_FDCWD & 0xFFFFFFFF, path, mode, 0)
+
+
+@syscall("fchmod")
+def sys_fchmod(p, fd, mode, *_):
+    return sys_fchmodat2(p, fd, 0, mode, 0)
+
+
+@syscall("fchmodat")
+def sys_fchmodat(p, dirfd, path, mode, *_):
+    return sys_fchmodat2(p, dirfd, path, mode, 0)
+
+
+@syscall("fchmodat2")
+def sys_fchmodat2(p, dirfd, path, mode, flags, *_):
+    os.chmod(_meta_target(p, dirfd, path, flags), mode & 0o7777)
     return 0
 
 
-@syscall("fchownat", "chown", "lchown", "fchown")
-def sys_fchownat(p, *args):
+@syscall("chown")
+def sys_chown(p, path, uid, gid, *_):
+    return sys_fchownat(p, AT_FDCWD & 0xFFFFFFFF, path, uid, gid, 0)
+
+
+@syscall("lchown")
+def sys_lchown(p, path, uid, gid, *_):
+    return sys_fchownat(p, AT_FDCWD & 0xFFFFFFFF, path, uid, gid, AT_SYMLINK_NOFOLLOW)
+
+
+@syscall("fchown")
+def sys_fchown(p, fd, uid, gid, *_):
+    return sys_fchownat(p, fd, 0, uid, gid, 0)
+
+
+@syscall("fchownat")
+def sys_fchownat(p, dirfd, path, uid, gid, flags, *_):
     """Ownership cannot change for an unprivileged host: only a no-op (the owner's own
     ids or -1) succeeds, as it would for a normal user."""
-    name = p.dispatcher_name
-    if name in ("chown", "lchown"):
-        args = (AT_FDCWD & 0xFFFFFFFF, *args[:3], AT_SYMLINK_NOFOLLOW if name == "lchown" else 0)
-    elif name == "fchown":
-        args = (args[0], 0, args[1], args[2], 0)
-    dirfd, path, uid, gid, flags = args[:5]
     target = _meta_target(p, dirfd, path, flags)
     st_ = os.stat(target) if isinstance(target, int) else os.lstat(target)
     for want, have, own in ((s32(uid), st_.st_uid, p.creds.uid), (s32(gid), st_.st_gid, p.creds.gid)):

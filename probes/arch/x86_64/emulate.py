@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emu.uaccess import copy_from_user, copy_to_user, get_user, put_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user, get_user, put_user
 
 if TYPE_CHECKING:
     from probes.arch.common import InsnHandler
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 MASK64 = (1 << 64) - 1
 CF, PF, ZF, SF, IF, OF = 1 << 0, 1 << 2, 1 << 6, 1 << 7, 1 << 9, 1 << 11
+IOPL = 3 << 12
 FLAGS_FIXED = 1 << 1            # reads as 1 whatever is popped
 # What POPF may change at CPL 0 in 64-bit mode (CF PF AF ZF SF TF IF DF OF IOPL NT AC ID); RF,
 # VM, VIF and VIP end up clear. The CPU applies this when the kernel's iret loads the flags.
@@ -110,10 +111,28 @@ def make_indirect(reg: int, call: bool) -> InsnHandler:
     return kprobe_emulate_indirect
 
 
+class GeneralProtection(UserFault):
+    """cli/sti at CPL3 with IOPL < 3: the #GP the unprobed instruction takes (no address)."""
+    kind = "general protection"   # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        Exception.__init__(self, self.kind)
+        self.addr, self.write, self.mapped = None, False, False   # type: ignore[assignment]
+
+
+def _popf_kept(regs: "PtRegs") -> int:
+    """Flags POPF leaves alone in user mode: IOPL at CPL3, and IF unless IOPL is 3 (SDM)."""
+    if not regs.machine.user_mode:
+        return 0
+    return IOPL | (0 if regs.flags & IOPL == IOPL else IF)
+
+
 def make_ifmodifier(op: int, size: int = 8) -> InsnHandler:
     """cli/sti/pushf/popf. `size` 2 for the operand-size prefixed PUSHF/POPF (66 9c/9d),
     which move only FLAGS' low 16 bits; the kernel's emulation always moves 8 bytes."""
     def kprobe_emulate_ifmodifiers(p: "Kprobe", regs: "PtRegs") -> None:
+        if op in (0xFA, 0xFB) and regs.machine.user_mode and regs.flags & IOPL != IOPL:
+            raise GeneralProtection()
         if op == 0xFA:
             regs.flags = regs.flags & ~IF
         elif op == 0xFB:
@@ -127,9 +146,12 @@ def make_ifmodifier(op: int, size: int = 8) -> InsnHandler:
         elif size == 2:                                   # popf (16-bit)
             value = int.from_bytes(copy_from_user(regs.machine.memory, regs.sp, 2), "little")
             regs.sp = regs.sp + 2
-            regs.flags = (regs.flags & ~0xFFFF) | (value & POPF_MASK & 0xFFFF) | FLAGS_FIXED
+            kept = _popf_kept(regs)
+            regs.flags = (regs.flags & (~0xFFFF | kept)) | (value & POPF_MASK & ~kept & 0xFFFF) \
+                | FLAGS_FIXED
         else:                                             # popf
-            regs.flags = (_pop(regs) & POPF_MASK) | FLAGS_FIXED
+            kept = _popf_kept(regs)
+            regs.flags = (regs.flags & kept) | (_pop(regs) & POPF_MASK & ~kept) | FLAGS_FIXED
         regs.ip = _next(p)
     return kprobe_emulate_ifmodifiers
 

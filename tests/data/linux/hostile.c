@@ -102,17 +102,17 @@ static int cmd_readv(void)
 	return 0;
 }
 
-static int cmd_mmap_sparse(const char *path)
+/* Map `gib` GiB (default 8) of a sparse file with data at its start and at the middle. */
+static int cmd_mmap_sparse(const char *path, int gib)
 {
 	int fd = open(path, O_RDONLY);
-	size_t len = (size_t)8 << 30;
+	size_t len = (size_t)gib << 30, mid = len / 2;
 	unsigned char *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
 	if (m == MAP_FAILED) {
 		printf("mmap: %s\n", strerror(errno));
 		return 1;
 	}
-	printf("%c%c %c%c %d\n", m[0], m[1], m[((size_t)4 << 30) + 7], m[((size_t)4 << 30) + 8],
-	       m[len - 1]);
+	printf("%c%c %c%c %d\n", m[0], m[1], m[mid + 7], m[mid + 8], m[len - 1]);
 	void *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	printf("shared-write-on-rdonly=%s\n", w == MAP_FAILED && errno == EACCES ? "EACCES" : "mapped");
 	return 0;
@@ -312,7 +312,7 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "readv"))
 		return cmd_readv();
 	if (!strcmp(cmd, "mmap-sparse"))
-		return cmd_mmap_sparse(argv[2]);
+		return cmd_mmap_sparse(argv[2], argc > 3 ? atoi(argv[3]) : 8);
 	if (!strcmp(cmd, "mmap-eof"))
 		return cmd_mmap_eof(argv[2]);
 	if (!strcmp(cmd, "mmaps"))
