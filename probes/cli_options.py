@@ -1,10 +1,12 @@
-"""`emu run` options of the probe layer: --kprobe, and the probe table / JSON at exit."""
+"""`emu run` options of the probe layer: --kprobe, --kretprobe, --optimize, --ftrace-filter and
+--trace-out; the probe table (stderr) and the "probes" list of --stats at exit."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import IO, Any
 
-from emu.session import RUN_OPTION_HANDLERS, Session
+from emu.session import Session
 from probes.kprobes import Kprobe, Kprobes, kprobes_of, probe_kind
 
 
@@ -18,12 +20,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ftrace-filter", action="append", default=[], metavar="GLOB",
                    help="function tracer on functions matching GLOB (repeatable, or comma-separated)")
     p.add_argument("--trace-out", metavar="FILE", help="write trace lines to FILE (default: stderr)")
-    if attach_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.append(attach_from_args)
-    from probes.trace.cli import add_run_options as add_trace_options
-    add_trace_options(p)                     # --event / --filter (after the probes above)
-    from probes.trace.bpf_cli import add_run_options as add_bpf_options
-    add_bpf_options(p)
 
 
 def kprobe_from_spec(spec: str) -> Kprobe:
@@ -40,12 +36,13 @@ def kprobe_from_spec(spec: str) -> Kprobe:
         raise UsageError(f"bad probe location {spec!r} (SYM, SYM+OFF or ADDR)") from None
 
 
-def attach_from_args(session: Session, args) -> None:
+def attach_from_args(session: Session, args: argparse.Namespace) -> None:
     specs = getattr(args, "kprobe", None) or []
     rspecs = getattr(args, "kretprobe", None) or []
     filters = [f for spec in getattr(args, "ftrace_filter", None) or [] for f in spec.split(",") if f]
     if filters:
-        session.attach(TraceReport(session, filters, getattr(args, "trace_out", None)))
+        session.attach(TraceReport(session, filters, getattr(args, "trace_out", None),
+                                   getattr(args, "stderr", None) or sys.stderr))
     if not specs and not rspecs:
         return
     kp = kprobes_of(session.machine)
@@ -65,18 +62,23 @@ def attach_from_args(session: Session, args) -> None:
 class TraceReport:
     """The function tracer of `--ftrace-filter`, and its summary in --stats."""
 
-    def __init__(self, session: Session, filters: list[str], path: str | None) -> None:
-        import sys
+    def __init__(self, session: Session, filters: list[str], path: str | None,
+                 stderr: IO[str]) -> None:
         from probes.ftrace import FunctionTracer
-        self.out = open(path, "w") if path else sys.stderr
+        self.own = open(path, "w") if path else None      # closed at exit (in-process callers)
+        self.out = self.own or stderr
         self.tracer = FunctionTracer(session.machine, filters, self.out)
         if not self.tracer.enabled_sites:
+            self.report(stderr)
             from emu.errors import UsageError
             raise UsageError(f"--ftrace-filter {','.join(filters)}: no ftrace site matches "
                              "(build with -pg -mfentry -mnop-mcount / -fpatchable-function-entry=2)")
 
     def report(self, out: IO[str]) -> None:
         self.out.flush()
+        if self.own is not None:
+            self.own, own = None, self.own
+            own.close()
 
     def stats(self) -> dict[str, Any]:
         return {"ftrace": {"filters": self.tracer.ops.filters, "sites": self.tracer.enabled_sites,
