@@ -56,7 +56,7 @@ def guest_path(arch: str, elf: str) -> Path:
 
 
 def _lab(arch: str, elf: str, profile: str) -> ProbeLab:
-    lab = ProbeLab.load(guest_path(arch, elf))
+    lab = ProbeLab.load(str(guest_path(arch, elf)))
     lab.machine.enable_cycle_model(profile)
     return lab
 
@@ -80,7 +80,7 @@ def _timed(labs: dict[str, ProbeLab], call: str, arg: int, repeat: int) -> dict[
 
 
 def _count_calls(arch: str, elf: str, func: str, call: str, arg: int) -> int:
-    lab = ProbeLab.load(guest_path(arch, elf))
+    lab = ProbeLab.load(str(guest_path(arch, elf)))
     addr = lab.addr_of(func)
     n = [0]
 

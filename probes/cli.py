@@ -45,15 +45,18 @@ def add_subcommands(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
+    import io
+    from typing import BinaryIO, cast
+
     from probes.cli_options import kprobe_from_spec
     from probes.inspect import inspect_kprobe
-
-    import io
-
     from probes.sweep import OutputDigest
-    # --run discards the guest's output: digest it, never hold it (a guest may write GBs)
+
+    # --run discards the guest's output: digest it, never hold it (a guest may write GBs).
+    # A digest is a write-only sink, all the machine asks of its output streams.
     guest = load_guest(GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args),
-                       stdin=io.BytesIO(), stdout=OutputDigest(), stderr=OutputDigest())
+                       stdin=io.BytesIO(), stdout=cast(BinaryIO, OutputDigest()),
+                       stderr=cast(BinaryIO, OutputDigest()))
     m = guest.machine
     probes = [kprobe_from_spec(loc) for loc in args.location]
     results = [inspect_kprobe(m, p) for p in probes]        # registers them

@@ -76,8 +76,8 @@ class TraceReport:
 
     def report(self, out: IO[str]) -> None:
         self.out.flush()
-        if self.own is not None:
-            self.own, own = None, self.own
+        own, self.own = self.own, None
+        if own is not None:
             own.close()
 
     def stats(self) -> dict[str, Any]:
@@ -94,12 +94,14 @@ class ProbeReport:
     def rows(self) -> list[dict[str, Any]]:
         syms, rows = self.kp.m.symbols, []
         for p in self.kp.probes():
-            sym, kind = syms.find(p.addr), probe_kind(p)
+            addr = p.addr
+            assert addr is not None                 # a registered probe has its address
+            sym, kind = syms.find(addr), probe_kind(p)
             row = {
                 "symbol": sym.name if sym else None,
-                "offset": p.addr - sym.addr if sym else None,
+                "offset": addr - sym.addr if sym else None,
                 # an optimized probe is not stepped: its detour runs the replaced code
-                "addr": p.addr, "kind": kind,
+                "addr": addr, "kind": kind,
                 "step": "optimized" if kind == "optimized" else p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
             }
