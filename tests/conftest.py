@@ -34,38 +34,43 @@ class CliResult:
         return self.stderr.decode(errors="replace")
 
 
-def run_emu(*argv: str, stdin: bytes = b"", timeout: float = 120,
-            subprocess: bool = False) -> CliResult:
-    """Run the `emu` CLI: in this process by default (`emu.cli.main` with its own streams),
-    or with `subprocess=True` as a real process (real stdio, exit status, signals; `timeout`
-    bounds only that one: in-process runs are bounded by their own --timeout/--max-insns)."""
+def run_emu(*argv: str, stdin: bytes = b"", timeout: float = 120, subprocess: bool = False,
+            cwd: Path = ROOT) -> CliResult:
+    """Run the `emu` CLI in `cwd` (default: the checkout): in this process by default
+    (`emu.cli.main` with its own streams), or with `subprocess=True` as a real process (real
+    stdio, exit status, signals; `timeout` bounds only that one: in-process runs are bounded
+    by their own --timeout/--max-insns)."""
     if subprocess:
-        return run_emu_subprocess(*argv, stdin=stdin, timeout=timeout)
-    return run_emu_inprocess(*argv, stdin=stdin)
+        return run_emu_subprocess(*argv, stdin=stdin, timeout=timeout, cwd=cwd)
+    return run_emu_inprocess(*argv, stdin=stdin, cwd=cwd)
 
 
-def run_emu_inprocess(*argv: str, stdin: bytes = b"") -> CliResult:
+def run_emu_inprocess(*argv: str, stdin: bytes = b"", cwd: Path = ROOT) -> CliResult:
     """`emu ARGV` in this process: text streams over bytes, so the guest's output (written to
-    `.buffer`) and ours interleave as on a terminal. Relative paths resolve against the
-    checkout, as for the subprocess."""
+    `.buffer`) and ours interleave as on a terminal. Relative paths resolve against `cwd`,
+    as for the subprocess."""
     from emu.cli import main
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace",
                                  write_through=True) for _ in range(2))
-    cwd = os.getcwd()
-    os.chdir(ROOT)
+    old = os.getcwd()
+    os.chdir(cwd)
     try:
         rc = main(list(argv), stdin=io.TextIOWrapper(io.BytesIO(stdin)), stdout=out, stderr=err)
     finally:
-        os.chdir(cwd)
+        os.chdir(old)
     out.flush()
     err.flush()
     return CliResult(rc, out.buffer.getvalue(), err.buffer.getvalue())
 
 
-def run_emu_subprocess(*argv: str, stdin: bytes = b"", timeout: float = 120) -> CliResult:
-    """Run the `emu` CLI in a subprocess (real stdio, real exit code)."""
+def run_emu_subprocess(*argv: str, stdin: bytes = b"", timeout: float = 120,
+                       cwd: Path = ROOT) -> CliResult:
+    """Run the `emu` CLI in a subprocess (real stdio, real exit code), this checkout's
+    modules first on its path whatever `cwd` is."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run([sys.executable, "-m", "emu.cli", *argv], input=stdin,
-                          capture_output=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, timeout=timeout, cwd=cwd, env=env)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
