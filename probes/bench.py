@@ -25,6 +25,7 @@ from emu.arch import ARCH_NAMES
 from emu.cycles import profile_for
 from emu.errors import UsageError
 from probes import bench_kinds
+from probes.bench_kinds import ALL_ARCHES
 from probes.testing import ProbeLab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,10 +155,8 @@ def _profile_isa(name: str) -> str:
 
 
 def resolve_arches(arch: str, profile: str | None) -> list[str]:
-    if arch == "all":
-        arches = list(ARCH_NAMES)
-    else:
-        arches = [arch]
+    """The arches of `--arch` (an arch name or ALL_ARCHES), checked against `--profile`."""
+    arches = {ALL_ARCHES: list(ARCH_NAMES)}.get(arch, [arch])
     if profile is not None:
         isa = _profile_isa(profile)
         if isa not in arches:

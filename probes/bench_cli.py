@@ -8,13 +8,13 @@ import sys
 from emu.arch import ARCH_NAMES
 from emu.cli_checks import output_file, positive
 from emu.errors import UsageError
-from probes.bench_kinds import KINDS
+from probes.bench_kinds import ALL_ARCHES, KINDS
 
 
 def add_subcommands(sub) -> None:
     p = sub.add_parser("bench", help="kprobe overhead per hit: modelled cycles and host time "
                                      "(the kprobes.rst overhead table)")
-    p.add_argument("--arch", default="all", choices=[*ARCH_NAMES, "all"])
+    p.add_argument("--arch", default=ALL_ARCHES, choices=[*ARCH_NAMES, ALL_ARCHES])
     p.add_argument("--profile", metavar="NAME",
                    help="CPU profile (cortex-a72, cortex-a55, skylake); default per arch")
     p.add_argument("--kind", action="append", metavar="KIND",
