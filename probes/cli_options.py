@@ -65,20 +65,16 @@ class TraceReport:
     def __init__(self, session: Session, filters: list[str], path: str | None,
                  stderr: IO[str]) -> None:
         from probes.ftrace import FunctionTracer
-        self.own = open(path, "w") if path else None      # closed at exit (in-process callers)
-        self.out = self.own or stderr
+        # Not closed at exit: `--event` lines may share the file (one ring buffer, one stream).
+        self.out = open(path, "w") if path else stderr
         self.tracer = FunctionTracer(session.machine, filters, self.out)
         if not self.tracer.enabled_sites:
-            self.report(stderr)
             from emu.errors import UsageError
             raise UsageError(f"--ftrace-filter {','.join(filters)}: no ftrace site matches "
                              "(build with -pg -mfentry -mnop-mcount / -fpatchable-function-entry=2)")
 
     def report(self, out: IO[str]) -> None:
         self.out.flush()
-        own, self.own = self.own, None
-        if own is not None:
-            own.close()
 
     def stats(self) -> dict[str, Any]:
         return {"ftrace": {"filters": self.tracer.ops.filters, "sites": self.tracer.enabled_sites,

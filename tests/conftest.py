@@ -79,6 +79,25 @@ def arch(request) -> str:
     return request.param
 
 
+# The slow tier (`-m slow`; `make test-fast` leaves it out). Whole tests carry
+# @pytest.mark.slow; these are single cases of otherwise quick parametrized tests, chosen
+# by `pytest --durations=60` on a full run.
+SLOW_CASES = {
+    "tests/test_kprobes_firmware.py::test_program_hit_counts[arm64-hotloop-bare]",
+    "tests/test_kprobes_firmware.py::test_program_hit_counts[x86_64-hotloop-bare]",
+    "tests/test_firmware_run.py::test_linux_case[arm64-libc-malloc_sort]",
+    "tests/test_firmware_run.py::test_linux_case[x86_64-libc-malloc_sort]",
+    "tests/test_kprobes_firmware.py::test_libc_program_entry_probe[arm64-libc-malloc_sort]",
+    "tests/test_kprobes_firmware.py::test_libc_program_entry_probe[x86_64-libc-malloc_sort]",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def emu_cli():
     return run_emu

@@ -259,6 +259,7 @@ def test_unknown_symbol_is_a_usage_error(bpf_obj) -> None:
 # --- the CLI ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_cli_bpf_and_dump_maps(arch, bpf_obj, victim, tmp_path) -> None:
     exe = victim(arch)
     argv = ["run", "--bpf", f"{bpf_obj('events', arch)}:on_lookup",
@@ -305,6 +306,7 @@ def test_cli_json_records_and_errors(bpf_obj, victim) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_emu_trace_bpf_printk_joins_the_trace(arch, bpf_obj, victim) -> None:
     """`emu trace --bpf`: bpf_trace_printk lines are events in the trace itself, beside
     the kprobe events; records and the map dump go to the trace's stdout."""

@@ -50,6 +50,7 @@ def test_exit_code_values(arch, make_tiny, code):
     assert (r.rc, r.err) == (code, "")
 
 
+@pytest.mark.slow
 def test_guest_args_after_double_dash(arch, glibc_prog):
     r = run_emu_subprocess("run", str(glibc_prog(arch, "hello")), "--", "3", "--strace", "-x")
     assert r.rc == 3 and "argv[2]=--strace (8)\nargv[3]=-x (2)\n" in r.out

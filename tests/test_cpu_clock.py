@@ -88,6 +88,7 @@ def test_cycle_model_takes_over_the_clock(arch, make_tiny):
 
 
 @needs_native
+@pytest.mark.slow
 def test_sleep_past_the_end_saturates(arch, cpu_prog):
     """nanosleep(LONG_MAX) twice: time jumps forward, then stays (never wraps back); before,
     the second clock_gettime was a traceback."""

@@ -40,6 +40,7 @@ def test_profile_choice_changes_the_modelled_cost():
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_overhead_ordering_matches_the_kernel_documentation(arch):
     """kprobes.rst: o < b < k < r and ro < rb < r (for the kinds implemented here)."""
     cyc = {}
@@ -102,6 +103,7 @@ def test_bench_table_and_profile_check():
         bench_main(["--arch", "arm64", "--profile", "skylake"])
 
 
+@pytest.mark.slow
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "t.png"

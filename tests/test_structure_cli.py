@@ -182,3 +182,17 @@ def test_commands_write_only_to_the_given_streams(arch, tmp_path, capfd, name):
         assert (result["arch"], result["mismatches"]) == (arch, 0) and result["checked"] > 1
     if name == "help":
         assert out.getvalue().startswith("usage: emu info")
+
+
+# --- the fast tier -------------------------------------------------------------------------------
+def test_slow_cases_name_existing_tests():
+    """A renamed test would silently leave the slow tier: every listed case must exist."""
+    import re
+
+    from conftest import ROOT, SLOW_CASES
+    for case in SLOW_CASES:
+        path, _, rest = case.partition("::")
+        func, _, params = rest.partition("[")
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^def {re.escape(func)}\(", source, re.M), case
+        assert params.endswith("]") and params.split("-")[0] in ARCHES, case

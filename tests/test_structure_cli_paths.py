@@ -20,6 +20,7 @@ def _in(directory, arch: str, name: str):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_trace_is_the_same_wherever_the_program_lives(arch, tmp_path):
     near = _in(tmp_path / "a", arch, "libc-hello")
     far = _in(tmp_path / "a-much-longer-directory-name" / "and" / "deeper" / "still", arch,
