@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import IO, Any, BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from emu.arch import ARCH_NAMES
 from emu.cli_checks import (OutputError, directory, glob_list, input_file, integer, non_negative,
