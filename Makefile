@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FW      := firmware/bin
 
-.PHONY: demo test install firmware clean bench sweep
+.PHONY: demo test test-fast typecheck mypy-baseline install firmware clean bench sweep
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,8 +25,21 @@ demo: $(STAMP)
 	@echo "== the function tracer on an ftrace build"
 	$(BIN)/emu run --cycles $(FW)/x86_64/callpath.ftrace.elf --ftrace-filter 'do_sys_open,getname*' --trace-out /dev/stdout | grep -m6 ' <-'
 
-test: $(STAMP)
+# Everything: the type check against its baseline, then the whole suite.
+test: typecheck
 	$(BIN)/pytest tests
+
+# What to run while working: the suite without the tests marked `slow` (under 2 minutes).
+test-fast: $(STAMP)
+	$(BIN)/pytest tests -m "not slow"
+
+# mypy on emu/ and probes/ ([tool.mypy]); fails on an error not in mypy-baseline.txt.
+typecheck: $(STAMP)
+	$(BIN)/python tools/mypy_check.py
+
+# Rewrite mypy-baseline.txt with today's errors (after fixing some: it only shrinks).
+mypy-baseline: $(STAMP)
+	$(BIN)/python tools/mypy_check.py --update
 
 firmware:
 	$(MAKE) -C firmware

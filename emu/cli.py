@@ -1,25 +1,33 @@
 """The `emu` command: one small function per subcommand, each calling the public API and
 only formatting. `main(argv, stdin=, stdout=, stderr=) -> int` so tests can call it in-process;
 each command writes to the streams on its namespace (`args.stdout`, `args.stderr`, text; the
-guest gets their binary buffers). Every error is one line on stderr and an exit code:
-KprobeEmuError its own (bad input 2, a limit 124), an unwritable output 2, a closed stdout 141
-(EPIPE), anything else 70; `--traceback` shows more."""
+guest gets their binary buffers), never to sys.stdout/sys.stderr. Every error is one line on
+stderr and an exit code: KprobeEmuError its own (bad input 2, a limit 124), an unwritable
+output 2, a closed stdout 141 (EPIPE), anything else 70 (an ImportError in a layer included:
+a bug, never a missing command); `--traceback` shows more.
+
+What the other layers add is listed here, explicitly and in order: SUBCOMMAND_MODULES (their
+subcommands) and run_option_providers() (their `emu run` options)."""
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import io
 import json
 import os
 import sys
 import traceback
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
-from typing import IO, Any, BinaryIO, Iterator
+from contextlib import contextmanager
+from typing import IO, BinaryIO, Iterator
 
+from emu.arch import ARCH_NAMES
 from emu.cli_checks import (OutputError, directory, glob_list, input_file, integer, non_negative,
                             output_file, probe_locations, seconds, u64, write_output)
+from emu.cli_streams import binary_of
 from emu.errors import KprobeEmuError, UsageError
 from emu.machine import StopReason
+from emu.session import RunOptionProvider
 
 EXIT_EPIPE = 128 + 13           # as if killed by SIGPIPE, the shell's convention
 EXIT_INTERNAL = 70              # EX_SOFTWARE: a bug of ours, not the user's input
@@ -33,9 +41,27 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def run_option_providers() -> list[RunOptionProvider]:
+    """The layers' `emu run` options, in the order they act on the loaded guest: the memory
+    budget and the cycle model before any probe is armed (arming maps slot pages; probe costs
+    go to the model), the probes before the trace events and BPF programs that sit on them."""
+    from emu.cycles import cli_options as cycles
+    from emu.linux import cli_options as linux
+    from probes import cli_options as kprobes
+    from probes.trace import bpf_cli
+    from probes.trace import cli as trace
+    return [
+        RunOptionProvider("linux", linux.add_run_options, linux.apply_from_args),
+        RunOptionProvider("cycles", cycles.add_run_options, cycles.attach_from_args),
+        RunOptionProvider("kprobes", kprobes.add_run_options, kprobes.attach_from_args),
+        RunOptionProvider("trace events", trace.add_run_options, trace.attach_from_args),
+        RunOptionProvider("bpf", bpf_cli.add_run_options, bpf_cli.attach_from_args),
+    ]
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a guest ELF (Linux user mode or --bare firmware)")
-    p.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
+    p.add_argument("--arch", default="auto", choices=["auto", *ARCH_NAMES])
     p.add_argument("--bare", action="store_true", help="bare-metal firmware mode (no OS)")
     p.add_argument("--max-insns", type=non_negative, default=0, metavar="N",
                    help="stop after N instructions")
@@ -51,12 +77,8 @@ def _add_run(sub) -> None:
     p.add_argument("file", type=input_file)
     p.add_argument("args", nargs="*", help="guest arguments (after --)")
     p.set_defaults(func=cmd_run)
-    from emu.cycles.cli_options import add_run_options as add_cycle_options
-    add_cycle_options(p)
-    from emu.linux.cli_options import add_run_options as add_linux_options
-    add_linux_options(p)
-    from probes.cli_options import add_run_options
-    add_run_options(p)
+    for provider in run_option_providers():
+        provider.add(p)
 
 
 def cmd_run(args) -> int:
@@ -69,7 +91,8 @@ def cmd_run(args) -> int:
     _check_distinct_files(args.file, [("--stats", args.stats),
                                       ("--trace-out", getattr(args, "trace_out", None))])
     with deadline.interrupting(f"loading {args.file}"):
-        session = Session.from_args(args, args.args, *_guest_streams(args))
+        session = Session.from_args(args, args.args, *_guest_streams(args),
+                                    providers=run_option_providers())
     with _trace_file_errors(args):
         # The machine stops itself at the deadline; the alarm a moment later is for a guest
         # held in a host call (a read of a pipe that never closes) or a hook that never returns.
@@ -132,29 +155,28 @@ def cmd_info(args) -> int:
     from emu.memory import perms_str
 
     img = load_elf(args.file, describe=True)
-    print(f"file:     {img.path}")
-    print(f"arch:     {img.arch.name}")
+    lines = [f"file:     {img.path}", f"arch:     {img.arch.name}"]
     kind = {"static executable": "", "static-pie executable": "static-pie"}.get(img.kind, img.kind)
     detail = ", ".join(x for x in (kind, f"bias {img.bias:#x}" if img.bias else "") if x)
-    print(f"type:     {img.etype}{f' ({detail})' if detail else ''}")
+    lines.append(f"type:     {img.etype}{f' ({detail})' if detail else ''}")
     if img.interp is not None:
-        print(f"interp:   {img.interp}")
+        lines.append(f"interp:   {img.interp}")
     if img.soname is not None:
-        print(f"soname:   {img.soname}")
+        lines.append(f"soname:   {img.soname}")
     if img.needed:
-        print(f"needed:   {', '.join(img.needed)}")
-    print(f"entry:    {'none' if img.kind == 'shared library' else f'{img.entry:#x}'}")
-    print(f"segments: {len(img.segments)}")
-    for s in img.segments:
-        print(f"  {s.vaddr:#014x}-{s.vaddr + s.memsz:#014x} {perms_str(s.prot)} "
-              f"filesz {len(s.data):#x} memsz {s.memsz:#x}")
+        lines.append(f"needed:   {', '.join(img.needed)}")
+    lines.append(f"entry:    {'none' if img.kind == 'shared library' else f'{img.entry:#x}'}")
+    lines.append(f"segments: {len(img.segments)}")
+    lines += [f"  {s.vaddr:#014x}-{s.vaddr + s.memsz:#014x} {perms_str(s.prot)} "
+              f"filesz {len(s.data):#x} memsz {s.memsz:#x}" for s in img.segments]
     funcs = sum(1 for s in img.symbols if s.kind == "func")
     ifuncs = sum(1 for s in img.symbols if s.kind == "ifunc")
-    print(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped
-          else "symbols:  none (stripped)")
+    lines.append(f"symbols:  {len(img.symbols)} ({funcs} functions)" if not img.stripped
+                 else "symbols:  none (stripped)")
     if ifuncs:
-        print(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; "
-              f"{len(img.irelative)} IRELATIVE slots)")
+        lines.append(f"ifuncs:   {ifuncs} (resolved by the guest at start-up; "
+                     f"{len(img.irelative)} IRELATIVE slots)")
+    args.stdout.write("".join(line + "\n" for line in lines))
     return 0
 
 
@@ -174,7 +196,12 @@ def cmd_disasm(args) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = ("probes.cli", "probes.bpf.cli", "emu.bench_cli")
+# The other layers' subcommands, in help order: each module's add_subcommands(sub).
+SUBCOMMAND_MODULES = (
+    "probes.cli",               # inspect, sweep, trace
+    "probes.bpf.cli",           # bpf run|disasm|verify
+    "probes.bench_cli",         # bench
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_disasm(sub)
     for module in SUBCOMMAND_MODULES:      # an ImportError here is a bug, not a missing command
-        __import__(module, fromlist=["add_subcommands"]).add_subcommands(sub)
+        importlib.import_module(module).add_subcommands(sub)
     return parser
 
 
@@ -242,21 +269,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-class _TextSink(io.RawIOBase):
-    """Guest bytes into a text stream without a binary buffer (an in-process caller's
-    StringIO): decoded as the terminal would show them."""
-
-    def __init__(self, text: IO[str]) -> None:
-        self.text = text
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.text.write(bytes(data).decode(errors="replace"))
-        return len(data)
-
-
 class _ClosedFd(io.RawIOBase):
     """What a closed descriptor gives a writer: EBADF."""
 
@@ -267,13 +279,9 @@ class _ClosedFd(io.RawIOBase):
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
-def _binary(stream: Any) -> Any:
-    return getattr(stream, "buffer", None) or _TextSink(stream)
-
-
 def _guest_streams(args) -> tuple[BinaryIO, BinaryIO, BinaryIO]:
     stdin = getattr(args.stdin, "buffer", args.stdin)
-    return stdin, _binary(args.stdout), _binary(args.stderr)
+    return stdin, binary_of(args.stdout), binary_of(args.stderr)
 
 
 def _say(stderr: IO[str], line: str, keep_lines: bool = False) -> None:
@@ -311,16 +319,14 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
     stderr = stderr or sys.stderr or open(os.devnull, "w")          # fd 2 closed: nobody to tell
     show_traceback = "--traceback" in argv[: argv.index("--") if "--" in argv else len(argv)]
     try:
-        # Commands of other modules print(): the redirection gives them the same streams.
-        with redirect_stdout(stdout), redirect_stderr(stderr):
-            try:
-                args = parse_args(argv)
-            except SystemExit as e:             # --help
-                return int(e.code or 0)
-            args.stdin, args.stdout, args.stderr = stdin, stdout, stderr
-            rc = args.func(args)
-            stdout.flush()
-            return rc
+        try:
+            args = _parse_to(argv, stdout, stderr)
+        except SystemExit as e:                 # --help, --version
+            return int(e.code or 0)
+        args.stdin, args.stdout, args.stderr = stdin, stdout, stderr
+        rc = args.func(args)
+        stdout.flush()
+        return rc
     except BrokenPipeError:
         _detach_if_broken(stdout)
         _say(stderr, "emu: output closed early (broken pipe)")
@@ -334,6 +340,13 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None,
         rc, message = _error_line(e)
         _say(stderr, message, keep_lines=getattr(e, "error_log", False))
         return rc
+
+
+def _parse_to(argv: list[str], stdout: IO[str], stderr: IO[str]) -> argparse.Namespace:
+    """parse_args, with argparse's --help text (it prints to sys.stdout) on our stdout."""
+    from contextlib import redirect_stderr, redirect_stdout
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        return parse_args(argv)
 
 
 def _error_line(e: Exception) -> tuple[int, str]:

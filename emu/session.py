@@ -1,12 +1,13 @@
 """A session: one guest plus whatever other layers attached to it (probes, tracers, BPF).
 
 Layers attach through `Session.attach`: an attachment gets the machine, may report at exit
-and may add keys to the `--stats` JSON. emu/ never imports those layers itself; the CLI
-hands the parsed arguments to each registered option provider."""
+and may add keys to the `--stats` JSON. emu/ never imports those layers itself: the CLI
+passes `Session.from_args` the option providers it lists, in the order they apply."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, replace
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Callable, Protocol, Sequence
 
 from emu.deadline import Deadline
 from emu.loader import Guest, GuestConfig, load_guest
@@ -27,8 +28,14 @@ def _limit_as_given(result: RunResult, deadline: Deadline) -> RunResult:
     return replace(result, message=f"{prefix}{deadline.seconds:g} s {rest}") if sep else result
 
 
-# Option providers (e.g. the probe layer) register here: fn(session, args) -> None.
-RUN_OPTION_HANDLERS: list = []
+@dataclass(frozen=True)
+class RunOptionProvider:
+    """One layer's `emu run` options. Attributes: `name` (the layer, for messages), `add`
+    (declares the options on the run parser), `apply` (acts on a loaded session with the
+    parsed arguments: sets a budget, attaches probes, a tracer, a model)."""
+    name: str
+    add: Callable[[argparse.ArgumentParser], None]
+    apply: Callable[["Session", argparse.Namespace], None]
 
 
 @dataclass
@@ -42,14 +49,17 @@ class Session:
         return cls(load_guest(cfg, stdin, stdout, stderr))
 
     @classmethod
-    def from_args(cls, args, guest_args: list[str], stdin: BinaryIO | None = None,
-                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> "Session":
+    def from_args(cls, args: argparse.Namespace, guest_args: list[str],
+                  stdin: BinaryIO | None = None, stdout: BinaryIO | None = None,
+                  stderr: BinaryIO | None = None,
+                  providers: Sequence[RunOptionProvider] = ()) -> "Session":
+        """Load the guest of `emu run`, then let each provider act on it, in order."""
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=guest_args,
                           fs_root=args.fs, fs_writable=args.fs_write, seed=args.seed,
                           strace=args.strace)
         session = cls.load(cfg, stdin, stdout, stderr)
-        for handler in RUN_OPTION_HANDLERS:
-            handler(session, args)
+        for provider in providers:
+            provider.apply(session, args)
         return session
 
     @property

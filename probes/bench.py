@@ -25,6 +25,7 @@ from emu.arch import ARCH_NAMES
 from emu.cycles import profile_for
 from emu.errors import UsageError
 from probes import bench_kinds
+from probes.bench_kinds import ALL_ARCHES
 from probes.testing import ProbeLab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def guest_path(arch: str, elf: str) -> Path:
 
 
 def _lab(arch: str, elf: str, profile: str) -> ProbeLab:
-    lab = ProbeLab.load(guest_path(arch, elf))
+    lab = ProbeLab.load(str(guest_path(arch, elf)))
     lab.machine.enable_cycle_model(profile)
     return lab
 
@@ -80,7 +81,7 @@ def _timed(labs: dict[str, ProbeLab], call: str, arg: int, repeat: int) -> dict[
 
 
 def _count_calls(arch: str, elf: str, func: str, call: str, arg: int) -> int:
-    lab = ProbeLab.load(guest_path(arch, elf))
+    lab = ProbeLab.load(str(guest_path(arch, elf)))
     addr = lab.addr_of(func)
     n = [0]
 
@@ -154,10 +155,8 @@ def _profile_isa(name: str) -> str:
 
 
 def resolve_arches(arch: str, profile: str | None) -> list[str]:
-    if arch == "all":
-        arches = list(ARCH_NAMES)
-    else:
-        arches = [arch]
+    """The arches of `--arch` (an arch name or ALL_ARCHES), checked against `--profile`."""
+    arches = {ALL_ARCHES: list(ARCH_NAMES)}.get(arch, [arch])
     if profile is not None:
         isa = _profile_isa(profile)
         if isa not in arches:

@@ -14,6 +14,7 @@ from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
 KINDS = ("k", "b", "o", "f", "r", "rb", "ro", "kr")
+ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
 # The argument is the number of calls of the probed function per bench call (hot_call(n)

@@ -1,15 +1,17 @@
-"""Probe-layer subcommands of `emu`: inspect and sweep."""
+"""Probe-layer subcommands of `emu`: inspect, sweep and (probes/trace/cli.py) trace. Each
+command writes to the streams on its namespace (`args.stdout`, `args.stderr`, `args.stdin`)."""
 from __future__ import annotations
 
 import json
 
+from emu.arch import ARCH_NAMES
 from emu.errors import KprobeEmuError
 from emu.loader import GuestConfig, load_guest
 
 
 def add_subcommands(sub) -> None:
     p = sub.add_parser("inspect", help="show how a kprobe at SYM[+OFF]|ADDR patches the guest")
-    p.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
+    p.add_argument("--arch", default="auto", choices=["auto", *ARCH_NAMES])
     p.add_argument("--bare", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--optimize", action="store_true", help="jump-optimize eligible probes at once")
@@ -20,7 +22,7 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_inspect, args=[])
 
     s = sub.add_parser("sweep", help="probe every instruction of functions; compare with the unprobed run")
-    s.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
+    s.add_argument("--arch", default="auto", choices=["auto", *ARCH_NAMES])
     s.add_argument("--bare", action="store_true")
     s.add_argument("--func", dest="funcs", action="append", default=[], metavar="NAME")
     s.add_argument("--jobs", type=int, default=1, metavar="N")
@@ -43,15 +45,18 @@ def add_subcommands(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
+    import io
+    from typing import BinaryIO, cast
+
     from probes.cli_options import kprobe_from_spec
     from probes.inspect import inspect_kprobe
-
-    import io
-
     from probes.sweep import OutputDigest
-    # --run discards the guest's output: digest it, never hold it (a guest may write GBs)
+
+    # --run discards the guest's output: digest it, never hold it (a guest may write GBs).
+    # A digest is a write-only sink, all the machine asks of its output streams.
     guest = load_guest(GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args),
-                       stdin=io.BytesIO(), stdout=OutputDigest(), stderr=OutputDigest())
+                       stdin=io.BytesIO(), stdout=cast(BinaryIO, OutputDigest()),
+                       stderr=cast(BinaryIO, OutputDigest()))
     m = guest.machine
     probes = [kprobe_from_spec(loc) for loc in args.location]
     results = [inspect_kprobe(m, p) for p in probes]        # registers them
@@ -64,15 +69,13 @@ def cmd_inspect(args) -> int:
     if args.optimize or args.run:
         results = [inspect_kprobe(m, p) if r.verdict != "rejected" else r for p, r in zip(probes, results)]
     if args.json:
-        print(json.dumps([r.to_json() for r in results], indent=2))
+        print(json.dumps([r.to_json() for r in results], indent=2), file=args.stdout)
     else:
-        print("\n\n".join(r.format() for r in results))
+        print("\n\n".join(r.format() for r in results), file=args.stdout)
     return 0
 
 
 def cmd_sweep(args) -> int:
-    import sys
-
     from probes.sweep import SweepConfig, format_table, sweep
 
     _check_run_inputs(args)
@@ -80,15 +83,15 @@ def cmd_sweep(args) -> int:
                       funcs=args.funcs, jobs=max(1, args.jobs), timeout=args.timeout,
                       mode=args.mode, max_insns=args.max_insns, fs_root=args.fs,
                       fs_writable=args.fs_write, seed=args.seed,
-                      stdin=_read_stdin(sys.stdin, args.timeout))
+                      stdin=_read_stdin(args.stdin, args.timeout))
     result = sweep(cfg)
     for name in result.not_executed:
         print(f"emu: sweep: warning: the unprobed run never executes {name}; not swept",
-              file=sys.stderr)
+              file=args.stderr)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json(), indent=2), file=args.stdout)
     else:
-        print(format_table(result))
+        print(format_table(result), file=args.stdout)
     return 1 if result.mismatches else 0
 
 
@@ -129,7 +132,7 @@ def _read_stdin(stream, timeout: float) -> bytes:
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
-        return b""
+        return _read_in_memory(stream)
     if os.isatty(fd):
         return b""
     data, deadline = bytearray(), time.monotonic() + timeout
@@ -144,3 +147,17 @@ def _read_stdin(stream, timeout: float) -> bytes:
         data += chunk
         if len(data) > STDIN_LIMIT:
             raise UsageError(f"stdin is larger than {STDIN_LIMIT >> 20} MiB")
+
+
+def _read_in_memory(stream) -> bytes:
+    """stdin without a descriptor (an in-process caller's stream): read it whole, within
+    STDIN_LIMIT; one that cannot be read at all is empty, as a closed stdin."""
+    from emu.errors import UsageError
+    try:
+        data = getattr(stream, "buffer", stream).read(STDIN_LIMIT + 1)
+    except (AttributeError, OSError, ValueError):
+        return b""
+    data = data.encode() if isinstance(data, str) else bytes(data)
+    if len(data) > STDIN_LIMIT:
+        raise UsageError(f"stdin is larger than {STDIN_LIMIT >> 20} MiB")
+    return data

@@ -1,10 +1,12 @@
-"""`emu run` options of the probe layer: --kprobe, and the probe table / JSON at exit."""
+"""`emu run` options of the probe layer: --kprobe, --kretprobe, --optimize, --ftrace-filter and
+--trace-out; the probe table (stderr) and the "probes" list of --stats at exit."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import IO, Any
 
-from emu.session import RUN_OPTION_HANDLERS, Session
+from emu.session import Session
 from probes.kprobes import Kprobe, Kprobes, kprobes_of, probe_kind
 from probes.location import LocationError
 
@@ -19,12 +21,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ftrace-filter", action="append", default=[], metavar="GLOB",
                    help="function tracer on functions matching GLOB (repeatable, or comma-separated)")
     p.add_argument("--trace-out", metavar="FILE", help="write trace lines to FILE (default: stderr)")
-    if attach_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.append(attach_from_args)
-    from probes.trace.cli import add_run_options as add_trace_options
-    add_trace_options(p)                     # --event / --filter (after the probes above)
-    from probes.trace.bpf_cli import add_run_options as add_bpf_options
-    add_bpf_options(p)
 
 
 def kprobe_from_spec(spec: str) -> Kprobe:
@@ -36,12 +32,13 @@ def kprobe_from_spec(spec: str) -> Kprobe:
         raise UsageError(f"bad probe location {spec!r} (SYM, SYM+OFF or ADDR)") from None
 
 
-def attach_from_args(session: Session, args) -> None:
+def attach_from_args(session: Session, args: argparse.Namespace) -> None:
     specs = getattr(args, "kprobe", None) or []
     rspecs = getattr(args, "kretprobe", None) or []
     filters = [f for spec in getattr(args, "ftrace_filter", None) or [] for f in spec.split(",") if f]
     if filters:
-        session.attach(TraceReport(session, filters, getattr(args, "trace_out", None)))
+        session.attach(TraceReport(session, filters, getattr(args, "trace_out", None),
+                                   getattr(args, "stderr", None) or sys.stderr))
     if not specs and not rspecs:
         return
     kp = kprobes_of(session.machine)
@@ -61,10 +58,11 @@ def attach_from_args(session: Session, args) -> None:
 class TraceReport:
     """The function tracer of `--ftrace-filter`, and its summary in --stats."""
 
-    def __init__(self, session: Session, filters: list[str], path: str | None) -> None:
-        import sys
+    def __init__(self, session: Session, filters: list[str], path: str | None,
+                 stderr: IO[str]) -> None:
         from probes.ftrace import FunctionTracer
-        self.out = open(path, "w") if path else sys.stderr
+        # Not closed at exit: `--event` lines may share the file (one ring buffer, one stream).
+        self.out = open(path, "w") if path else stderr
         self.tracer = FunctionTracer(session.machine, filters, self.out)
         if not self.tracer.enabled_sites:
             from emu.errors import UsageError
@@ -88,12 +86,14 @@ class ProbeReport:
     def rows(self) -> list[dict[str, Any]]:
         syms, rows = self.kp.m.symbols, []
         for p in self.kp.probes():
-            sym, kind = syms.find(p.addr), probe_kind(p)
+            addr = p.addr
+            assert addr is not None                 # a registered probe has its address
+            sym, kind = syms.find(addr), probe_kind(p)
             row = {
                 "symbol": sym.name if sym else None,
-                "offset": p.addr - sym.addr if sym else None,
+                "offset": addr - sym.addr if sym else None,
                 # an optimized probe is not stepped: its detour runs the replaced code
-                "addr": p.addr, "kind": kind,
+                "addr": addr, "kind": kind,
                 "step": "optimized" if kind == "optimized" else p.ainsn.kind,
                 "insn": p.ainsn.mnemonic, "hits": p.hits, "nmissed": p.nmissed,
             }

@@ -34,16 +34,68 @@ class CliResult:
         return self.stderr.decode(errors="replace")
 
 
-def run_emu(*argv: str, stdin: bytes = b"", timeout: float = 120) -> CliResult:
-    """Run the `emu` CLI in a subprocess (real stdio, real exit code)."""
+def run_emu(*argv: str, stdin: bytes = b"", timeout: float = 120, subprocess: bool = False,
+            cwd: Path = ROOT) -> CliResult:
+    """Run the `emu` CLI in `cwd` (default: the checkout): in this process by default
+    (`emu.cli.main` with its own streams), or with `subprocess=True` as a real process (real
+    stdio, exit status, signals; `timeout` bounds only that one: in-process runs are bounded
+    by their own --timeout/--max-insns)."""
+    if subprocess:
+        return run_emu_subprocess(*argv, stdin=stdin, timeout=timeout, cwd=cwd)
+    return run_emu_inprocess(*argv, stdin=stdin, cwd=cwd)
+
+
+def run_emu_inprocess(*argv: str, stdin: bytes = b"", cwd: Path = ROOT) -> CliResult:
+    """`emu ARGV` in this process: text streams over bytes, so the guest's output (written to
+    `.buffer`) and ours interleave as on a terminal. Relative paths resolve against `cwd`,
+    as for the subprocess."""
+    from emu.cli import main
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace",
+                                 write_through=True) for _ in range(2))
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        rc = main(list(argv), stdin=io.TextIOWrapper(io.BytesIO(stdin)), stdout=out, stderr=err)
+    finally:
+        os.chdir(old)
+    out.flush()
+    err.flush()
+    return CliResult(rc, out.buffer.getvalue(), err.buffer.getvalue())
+
+
+def run_emu_subprocess(*argv: str, stdin: bytes = b"", timeout: float = 120,
+                       cwd: Path = ROOT) -> CliResult:
+    """Run the `emu` CLI in a subprocess (real stdio, real exit code), this checkout's
+    modules first on its path whatever `cwd` is."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run([sys.executable, "-m", "emu.cli", *argv], input=stdin,
-                          capture_output=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, timeout=timeout, cwd=cwd, env=env)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 @pytest.fixture(params=ARCHES)
 def arch(request) -> str:
     return request.param
+
+
+# The slow tier (`-m slow`; `make test-fast` leaves it out). Whole tests carry
+# @pytest.mark.slow; these are single cases of otherwise quick parametrized tests, chosen
+# by `pytest --durations=60` on a full run.
+SLOW_CASES = {
+    "tests/test_kprobes_firmware.py::test_program_hit_counts[arm64-hotloop-bare]",
+    "tests/test_kprobes_firmware.py::test_program_hit_counts[x86_64-hotloop-bare]",
+    "tests/test_firmware_run.py::test_linux_case[arm64-libc-malloc_sort]",
+    "tests/test_firmware_run.py::test_linux_case[x86_64-libc-malloc_sort]",
+    "tests/test_kprobes_firmware.py::test_libc_program_entry_probe[arm64-libc-malloc_sort]",
+    "tests/test_kprobes_firmware.py::test_libc_program_entry_probe[x86_64-libc-malloc_sort]",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -557,6 +557,7 @@ def test_arm64_optprobe_relocation(row):
     assert p.hits == row.get("hits", len(row["calls"])) and p.nmissed == 0
 
 
+@pytest.mark.slow
 def test_arm64_insns_firmware_optimized_sweep():
     """The firmware's PC-relative functions (firmware/src/arch/arm64/insns.S) with an
     optimized probe on every instruction: no difference from the unprobed run."""

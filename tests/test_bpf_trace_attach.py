@@ -259,13 +259,15 @@ def test_unknown_symbol_is_a_usage_error(bpf_obj) -> None:
 # --- the CLI ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_cli_bpf_and_dump_maps(arch, bpf_obj, victim, tmp_path) -> None:
     exe = victim(arch)
     argv = ["run", "--bpf", f"{bpf_obj('events', arch)}:on_lookup",
             "--bpf", f"{bpf_obj('override', arch)}:force_ok",
             "--bpf", str(bpf_obj("stacks", arch)), "--dump-maps",
             "--stats", str(tmp_path / "s.json"), str(exe)]
-    r = run_emu(*argv)
+    # A process per run: program ids come from one idr per process (bpf_trace._NEXT_ID).
+    r = run_emu(*argv, subprocess=True)
     assert r.rc == 0, r.err
     assert "check_perm(1000) = 0" in r.out
     lines = r.err.splitlines()
@@ -280,7 +282,7 @@ def test_cli_bpf_and_dump_maps(arch, bpf_obj, victim, tmp_path) -> None:
     progs = {p["name"]: p for p in stats["bpf"]["programs"]}
     assert progs["on_lookup"]["run_cnt"] == 2 and progs["force_ok"]["run_cnt"] == 3
     assert progs["on_leaf"]["run_cnt"] == 2
-    again = run_emu(*argv)                      # deterministic run to run
+    again = run_emu(*argv, subprocess=True)     # deterministic run to run
     assert (again.rc, again.out, again.err) == (r.rc, r.out, r.err)
     assert json.loads((tmp_path / "s.json").read_text()) == stats
 
@@ -304,6 +306,7 @@ def test_cli_json_records_and_errors(bpf_obj, victim) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_emu_trace_bpf_printk_joins_the_trace(arch, bpf_obj, victim) -> None:
     """`emu trace --bpf`: bpf_trace_printk lines are events in the trace itself, beside
     the kprobe events; records and the map dump go to the trace's stdout."""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT, run_emu, run_reference
 
+pytestmark = pytest.mark.slow       # ~60 cases, each against qemu/native; fetches the debs once
+
 DEB_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
 TEXT = b"banana\napple\ncherry\napple\n\tkiwi fruit\nDate 2024\n"
 NUMBERS = b"".join(b"%d\n" % ((i * 7919) % 1000) for i in range(300))

@@ -1,32 +1,18 @@
 """The `emu` command as a user meets it: exit codes (the guest's, 139, 124, 2), bad input as
 exactly one stderr line and never a traceback, `emu info` and `emu disasm` on both arches.
 
-Most tests call `emu.cli.main` in-process (`emu_main`, the same result type as conftest's
-`run_emu`); the few that are about real stdio and exit status keep a subprocess."""
+Most tests call `emu.cli.main` in-process (conftest's `run_emu`, here also `emu_main`); the
+few that are about real stdio and exit status keep a subprocess."""
 from __future__ import annotations
 
-import io
 import re
 import struct
 
 import pytest
 
-from conftest import LINUX_EXIT, CliResult, tiny_elf
-from conftest import run_emu as run_emu_subprocess
-from emu.cli import main
+from conftest import LINUX_EXIT, run_emu_subprocess, tiny_elf
+from conftest import run_emu_inprocess as emu_main
 from emu.elf import STATIC_PIE_BASE
-
-
-def emu_main(*argv: str, stdin: bytes = b"") -> CliResult:
-    """`emu ARGV` in this process: text streams over bytes, so the guest's output (written to
-    `.buffer`) and ours interleave as on a terminal."""
-    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace",
-                                 write_through=True) for _ in range(2))
-    rc = main(list(argv), stdin=io.TextIOWrapper(io.BytesIO(stdin)), stdout=out, stderr=err)
-    out.flush()
-    err.flush()
-    return CliResult(rc, out.buffer.getvalue(), err.buffer.getvalue())
-
 
 run_emu = emu_main
 
@@ -64,6 +50,7 @@ def test_exit_code_values(arch, make_tiny, code):
     assert (r.rc, r.err) == (code, "")
 
 
+@pytest.mark.slow
 def test_guest_args_after_double_dash(arch, glibc_prog):
     r = run_emu_subprocess("run", str(glibc_prog(arch, "hello")), "--", "3", "--strace", "-x")
     assert r.rc == 3 and "argv[2]=--strace (8)\nargv[3]=-x (2)\n" in r.out

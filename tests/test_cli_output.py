@@ -95,6 +95,7 @@ def test_stats_unwritable_directory(arch, tmp_path):
     ["bpf", "disasm", "--hex", "b7 00 00 00 2a 00 00 00 95 00 00 00 00 00 00 00"],
     ["bpf", "run", "--hex", "b7 00 00 00 2a 00 00 00 95 00 00 00 00 00 00 00"],
 ], ids=lambda a: " ".join(a[:2]))
+@pytest.mark.slow
 def test_broken_pipe(arch, argv):
     elf = str(firmware_elf(arch, "hotloop"))
     one_line(emu_closed_pipe(*[a.format(elf=elf) for a in argv]), 141, EPIPE_LINE)
@@ -117,6 +118,7 @@ def test_broken_pipe_standalone_bpf():
 @needs_dev_full
 @pytest.mark.parametrize("argv", [["info", "{elf}"], ["disasm", "{elf}", "hot_call"]],
                          ids=lambda a: a[0])
+@pytest.mark.slow
 def test_stdout_on_a_full_device(arch, argv):
     elf = str(firmware_elf(arch, "hotloop"))
     with open("/dev/full", "wb") as full:

@@ -52,6 +52,7 @@ def test_timeout_while_loading(arch, spin_elf, monkeypatch):
     limit_line(r, f"0.3 s reached while loading {spin_elf}")
 
 
+@pytest.mark.slow
 def test_timeout_counts_loading_time(arch, spin_elf, monkeypatch):
     """0.6 s of loading then a guest that never ends: the run gets what is left of 1.2 s,
     not a fresh 1.2 s."""
@@ -121,6 +122,7 @@ READ_STDIN = {  # read(0, sp - 64, 16); exit(42)
 }
 
 
+@pytest.mark.slow
 def test_timeout_while_the_guest_blocks_in_a_host_read(arch, make_tiny):
     """stdin is a pipe whose writer never writes nor closes: the read blocks in the host."""
     import os

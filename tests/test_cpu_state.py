@@ -111,6 +111,7 @@ SIGNAL = {"x86_64": SIGSEGV, "arm64": SIGILL}         # #GP -> SIGSEGV; EL0 unde
 KIND = {"x86_64": "general protection", "arm64": "privileged instruction"}
 
 
+@pytest.mark.slow
 def test_privileged_instructions_fault(arch, cpu_prog):
     prog = cpu_prog(arch, "privileged")
     listed = run_reference(arch, [str(prog)]).out.split()
@@ -127,6 +128,7 @@ def test_privileged_instructions_fault(arch, cpu_prog):
         assert out == b""
 
 
+@pytest.mark.slow
 def test_unprivileged_instructions_continue(arch, cpu_prog):
     """Counters, TLS, FP, cache and wait hints work at CPL3/EL0; arm64 WFI/WFE continue as
     under Linux and qemu-user instead of ending the run."""
@@ -158,6 +160,7 @@ def test_wait_instructions_continue(arch, make_tiny):
     assert (r.rc, r.err) == (7, "")
 
 
+@pytest.mark.slow
 def test_wait_loop_obeys_limits(arch, make_tiny):
     """A guest spinning on WFI (each one ends Unicorn's emu_start) still meets --max-insns
     and --timeout."""

@@ -9,9 +9,8 @@ import sys
 import pytest
 
 from conftest import ARCHES
-from emu import bench_cli
 from emu.cycles import profile_for
-from probes import bench, bench_kinds
+from probes import bench, bench_cli, bench_kinds
 
 CALLS = {"hotloop": 300, "recurse.ftrace": 10}       # small runs: cycles per hit are exact
 
@@ -41,6 +40,7 @@ def test_profile_choice_changes_the_modelled_cost():
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_overhead_ordering_matches_the_kernel_documentation(arch):
     """kprobes.rst: o < b < k < r and ro < rb < r (for the kinds implemented here)."""
     cyc = {}
@@ -103,6 +103,7 @@ def test_bench_table_and_profile_check():
         bench_main(["--arch", "arm64", "--profile", "skylake"])
 
 
+@pytest.mark.slow
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "t.png"
@@ -113,10 +114,6 @@ def test_bench_plot(tmp_path):
 
 def test_emu_bench_subcommand():
     from conftest import run_emu
-    from emu.cli import build_parser
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "bench" not in sub.choices:
-        pytest.skip("emu bench is not wired into emu/cli.py build_parser yet (emu.bench_cli)")
     r = run_emu("bench", "--arch", "x86_64", "--kind", "k", "--calls", "100", "--repeat", "1",
                 "--json")
     assert r.rc == 0, r.err

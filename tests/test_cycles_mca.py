@@ -45,6 +45,7 @@ def test_mca_source_markers_and_branch_targets():
 
 @pytest.mark.skipif(llvm_mca_path() is None, reason="llvm-mca is not installed")
 @pytest.mark.parametrize("name", sorted(BOUNDS))
+@pytest.mark.slow
 def test_block_costs_track_llvm_mca(name, record_property):
     prof = load_profile(name)
     blocks = read_corpus(corpus_path(prof.isa))

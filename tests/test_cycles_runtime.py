@@ -34,6 +34,7 @@ def run_guest(arch: str, name: str, profile: str | None = None, argv=(), use_nat
 
 # --- determinism and the two counters ---------------------------------------------------------
 @pytest.mark.parametrize("profile", ["cortex-a72", "cortex-a55", "skylake"])
+@pytest.mark.slow
 def test_two_runs_same_cycles_instructions_output(profile):
     arch = load_profile(profile).isa
     a_clock, a_model, a_out = run_guest(arch, "callpath", profile)
@@ -207,6 +208,7 @@ def test_clock_conversions_are_integer_math():
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_clock_gettime_and_traces_are_reproducible(arch, tmp_path):
     outs = []
     for i in range(2):

@@ -162,6 +162,7 @@ def test_disasm_suggests_close_names(arch):
     assert r.rc == 2 and "did you mean 'do_sys_open'" in r.err and r.err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_mutated_headers_never_escape_as_other_errors(tmp_path):
     """Seeded mutations of every header field of a small ELF: the reader returns an image or
     raises ElfError, nothing else (no struct.error, IndexError, MemoryError, hang)."""

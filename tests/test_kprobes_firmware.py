@@ -268,6 +268,7 @@ SWEEP_REJECTED = {"arm64": {("t_ldr_lit", 0): "EINVAL", ("t_ldxr_stxr", 0): "EIN
                   "x86_64": {}}
 
 
+@pytest.mark.slow
 def test_sweep_insns_functions(arch):
     res = sweep(SweepConfig(path=str(firmware_elf(arch, "insns")), funcs=SWEEP[arch], jobs=2))
     assert res.mismatches == 0, "\n".join(f"{r.function}+{r.offset:#x} {r.insn}: {r.detail}"

@@ -54,6 +54,7 @@ def run_rss(tmp_path, *argv) -> tuple[subprocess.CompletedProcess, int]:
 
 
 # --- 1. host allocations a guest can cause are bounded ---------------------------------------
+@pytest.mark.slow
 def test_aliased_writev_and_big_write_stream(arch, hostile, tmp_path):
     """1,024 iovecs aliasing one 1 MiB buffer (1 GiB) used to be joined into one host
     buffer (then copied again by write): now streamed 64 KiB at a time."""
@@ -186,12 +187,14 @@ def test_time_syscalls_hostile(arch, hostile):
                      "futex-wake-unmapped=-14\nfutex-wait-unmapped=-14\n")
 
 
+@pytest.mark.slow
 def test_max_cycles_still_fires_after_a_huge_sleep(arch, hostile):
     r = run_emu("run", "--max-cycles", "1000000000", str(hostile(arch)), "--", "time")
     assert r.rc == 124 and "limit" in r.err, (r.rc, r.err)
 
 
 # --- 5. --timeout while blocked in a host read ---------------------------------------------------
+@pytest.mark.slow
 def test_timeout_holds_in_a_blocking_stdin_read(arch, hostile):
     """stdin is a pipe that never closes: the read waits in slices and stops at the deadline."""
     cmd = [sys.executable, "-m", "emu.cli", "run", "--timeout", "2", str(hostile(arch)), "--", "read"]
@@ -212,6 +215,7 @@ def test_timeout_holds_in_a_blocking_stdin_read(arch, hostile):
 
 
 # --- 6. non-UTF-8 names and arguments --------------------------------------------------------------
+@pytest.mark.slow
 def test_non_utf8_names_and_arguments(arch, hostile, tmp_path):
     jail = tmp_path / os.fsdecode(b"jail\xfe")
     jail.mkdir()

@@ -48,6 +48,7 @@ def test_empty_stdin(arch, glibc_prog):
     assert emu.stdout == b"lines=0 words=0 bytes=0 djb2=00001505\n"
 
 
+@pytest.mark.slow
 def test_malloc_heavy(arch, glibc_prog):
     emu, _ = same_as_reference(arch, glibc_prog(arch, "malloc"))
     assert emu.rc == 0 and emu.stdout.startswith(b"sum=")
@@ -373,6 +374,7 @@ def _fuzz_values(sys_) -> list[int]:
             0xDEAD_0000, 0x7FFF_FFFF_E000]
 
 
+@pytest.mark.slow
 def test_syscall_fuzz_never_raises(arch, tmp_path):
     """Every handler, hostile argument mixes: a -errno or a value, never a Python exception
     (each failure class found here became one of the tests above)."""

@@ -35,6 +35,7 @@ def _rows(path) -> dict:
     return {r["symbol"]: r for r in json.loads(path.read_text())["probes"]}
 
 
+@pytest.mark.slow
 def test_unprobed_matches_reference(prog):
     arch, path = prog
     ref = run_reference(arch, [str(path)])

@@ -33,6 +33,7 @@ def calls_from_output(arch: str, prog: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("prog", ["recurse", "recurse.ftrace"])
+@pytest.mark.slow
 def test_kretprobe_mode_recurse(arch, prog):
     """A kretprobe on every function: the guest is unchanged, and each entry count equals
     the calls the program itself reports (is_even/is_odd share a counter: 96 in all)."""
@@ -56,6 +57,7 @@ def test_kretprobe_mode_reports_instance_misses(arch):
     assert res.results[0].nmissed == 91
 
 
+@pytest.mark.slow
 def test_kretprobe_mode_callpath_ftrace(arch):
     res = sweep(SweepConfig(path=str(firmware_elf(arch, "callpath.ftrace")), mode="kretprobe",
                             jobs=2))
@@ -75,6 +77,7 @@ OPT_SLICE = {
 }
 
 
+@pytest.mark.slow
 def test_optprobe_mode_agrees_with_kprobe_mode(arch):
     """Every instruction of the slice with a jump-optimized probe where can_optimize allows:
     no mismatch, the same verdict and hit count at each offset as the breakpoint sweep,
@@ -99,6 +102,7 @@ def test_optprobe_mode_agrees_with_kprobe_mode(arch):
         assert all(r.step in ("optimized", "simulate") or r.function == "t_adr" for r in run)
 
 
+@pytest.mark.slow
 def test_optprobe_mode_recurse(arch):
     res = sweep(SweepConfig(path=str(firmware_elf(arch, "recurse")), mode="optprobe", jobs=2,
                             funcs=["fib", "sum_rec", "ackermann"]))
@@ -132,6 +136,7 @@ def test_sweep_arm64_bare():
 
 
 @pytest.mark.parametrize("mode", ["kretprobe", "optprobe"])
+@pytest.mark.slow
 def test_sweep_x86_bare(mode):
     """x86 bare metal, including `_start` (entered with sp at the end of RAM: a kretprobe
     there used to end the whole sweep with a Python error)."""

@@ -34,6 +34,7 @@ print(prog.run(b""), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 AS_LIMIT = 2 << 30          # before the bound, compiling this program needed ~12 GB
 
 
+@pytest.mark.slow
 def test_million_insn_program_runs_in_bounded_memory():
     def limit():
         import resource

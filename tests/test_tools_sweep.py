@@ -54,6 +54,7 @@ def fsdir(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_sweep_takes_run_inputs(arch, tools_prog, fsdir):
     """stdin reaches every run (the probed function hashes it, the exit code is the hash);
     each run appends to out.txt in its own scratch copy of --fs (a shared tree would grow
@@ -87,6 +88,7 @@ def test_sweep_takes_run_inputs(arch, tools_prog, fsdir):
     assert lines[-1].startswith("checked ") and lines[-1].endswith("mismatches 0")
 
 
+@pytest.mark.slow
 def test_sweep_seed_and_stdin_change_the_baseline(arch, tools_prog):
     prog = str(tools_prog(arch, "sweep_io"))
     runs = [json.loads(run_emu("sweep", "--json", "--func", "mix", "--seed", seed, prog,
@@ -108,6 +110,7 @@ def test_sweep_max_insns_limit_is_the_baseline(arch, tools_prog):
     assert data["not_executed"] == ["mix"] and data["offsets"] == 0
 
 
+@pytest.mark.slow
 def test_sweep_counts_mismatches(arch, tools_prog, fsdir, monkeypatch):
     """Without the per-run scratch copy every run appends to the same out.txt, so each
     probed run prints a different size than the baseline: the sweep flags every offset and
@@ -137,6 +140,7 @@ def test_sweep_refuses_bad_inputs(arch, tools_prog, fsdir, capsys):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("emu: "), (opts, err)
 
 
+@pytest.mark.slow
 def test_sweep_stdin_must_end_within_timeout(arch, tools_prog):
     """A stdin that never closes is a limit (124), not a hang."""
     prog = str(tools_prog(arch, "sweep_io"))
@@ -174,6 +178,7 @@ def peak_rss(*argv: str) -> tuple[int, int, str]:
     return rc, rss, rest
 
 
+@pytest.mark.slow
 def test_inspect_run_does_not_hold_guest_output(arch, tools_prog):
     prog = str(tools_prog(arch, "flood"))
     rc, rss, out = peak_rss("inspect", "--run", "--json", prog, "tick", "--", str(FLOOD_MIB))
@@ -182,6 +187,7 @@ def test_inspect_run_does_not_hold_guest_output(arch, tools_prog):
     assert rss < FLOOD_MIB // 2, f"peak RSS {rss} MiB for {FLOOD_MIB} MiB of guest output"
 
 
+@pytest.mark.slow
 def test_sweep_does_not_hold_guest_output(arch, tools_prog):
     prog = str(tools_prog(arch, "flood"))
     rc, rss, out = peak_rss("sweep", "--json", "--func", "tick", prog, "--", str(FLOOD_MIB))
@@ -192,6 +198,7 @@ def test_sweep_does_not_hold_guest_output(arch, tools_prog):
     assert rss < FLOOD_MIB // 2, f"peak RSS {rss} MiB for {FLOOD_MIB} MiB of guest output"
 
 
+@pytest.mark.slow
 def test_sweep_does_not_copy_untouched_mappings(arch, tools_prog):
     """The guest maps 1 GiB and writes two bytes of it: every run's live-memory snapshot
     keeps only the chunks that hold data."""

@@ -44,6 +44,7 @@ def score_elf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_trace_firmware_stdout_is_the_trace(arch):
     path = str(firmware_elf(arch, "demo"))
     r = run_emu("trace", path, "--event", OPEN, "--event", OPENR)
@@ -111,6 +112,7 @@ def test_run_event_trace_out(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_trace_glibc_program(arch, score_elf):
     exe = str(score_elf(arch))
     ev = ("p:s/score score name=+0(+0($arg1)):string w=+8($arg1):s32 fl=+12($arg1):x16 "
@@ -139,6 +141,7 @@ def test_trace_glibc_program(arch, score_elf):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_trace_bare_metal_idle_task(arch):
     r = run_emu("trace", "--bare", str(firmware_elf(arch, "demo.bare")), "--event",
                 "r:t/rd vfs_read ret=$retval:s64")
@@ -165,6 +168,7 @@ def test_function_tracer_and_events_share_the_buffer(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.slow
 def test_trace_guest_fault_and_limit(arch, glibc_prog):
     r = run_emu("trace", str(glibc_prog(arch, "crash")), "--event", "p:t/poke poke_wild p=$arg1")
     assert r.rc == 139 and re.search(r"\] d\.\.\.\. +\d+\.\d{6}: poke: \(poke_wild\+0x0/0x[0-9a-f]+\) "

@@ -6,7 +6,7 @@ import argparse
 from typing import IO, Any
 
 from emu.cli_checks import non_negative
-from emu.session import RUN_OPTION_HANDLERS, Session
+from emu.session import Session
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -17,11 +17,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "default), cortex-a55 (arm64), skylake (x86_64 default)")
     p.add_argument("--max-cycles", type=non_negative, default=0, metavar="N",
                    help="stop after N modelled cycles (exit 124); implies --cycles")
-    if attach_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.insert(0, attach_from_args)     # before probes arm anything
 
 
-def attach_from_args(session: Session, args) -> None:
+def attach_from_args(session: Session, args: argparse.Namespace) -> None:
     max_cycles = getattr(args, "max_cycles", 0) or 0
     if not (getattr(args, "cycles", False) or getattr(args, "profile", None) or max_cycles):
         return

@@ -8,7 +8,7 @@ import re
 import time
 
 from emu.memory import DEFAULT_MAX_MEMORY
-from emu.session import RUN_OPTION_HANDLERS, Session
+from emu.session import Session
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -28,8 +28,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
                    help="the guest's memory budget: mappings past it fail with ENOMEM "
                         f"(default {DEFAULT_MAX_MEMORY >> 30}G)")
-    if apply_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.insert(0, apply_from_args)
 
 
 def apply_from_args(session: Session, args) -> None:

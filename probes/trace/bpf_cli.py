@@ -16,7 +16,7 @@ import sys
 from typing import IO, Any
 
 from emu.errors import UsageError
-from emu.session import RUN_OPTION_HANDLERS, Session
+from emu.session import Session
 
 # The BPF machine and loader are imported when --bpf is given: `emu run` without it must
 # not pay their ~0.2 s of import time.
@@ -30,8 +30,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="print every BPF map at exit (bpftool map dump -j layout)")
     p.add_argument("--bpf-format", choices=("hex", "json"), default="hex",
                    help="ring-buffer records and perf samples as hex lines or JSON objects")
-    if attach_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.append(attach_from_args)
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -49,7 +47,7 @@ def attach_from_args(session: Session, args: Any) -> None:
             raise UsageError("--dump-maps needs --bpf OBJ")
         return
     session.attach(BpfAttachment(session, specs, getattr(args, "dump_maps", False),
-                                 getattr(args, "bpf_format", "hex")))
+                                 getattr(args, "bpf_format", "hex"), getattr(args, "stderr", None)))
 
 
 class BpfAttachment:

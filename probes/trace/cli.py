@@ -7,7 +7,7 @@ Other layers add `emu trace` options here (the BPF layer's --bpf/--dump-maps): a
 named in PROVIDER_MODULES is imported when the parser is built and appends an object with
 `add_options(parser)`, `setup(machine, tracefs, args)` (after the events exist, before the
 run) and `finish(machine, tracefs, args, out)` (after the run) to TRACE_OPTION_PROVIDERS.
-`emu run` options of other layers come through probes/cli_options (RUN_OPTION_HANDLERS)."""
+`emu run` options of every layer are listed in emu/cli.py (run_option_providers)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ import os
 import sys
 from typing import IO, Any, Protocol
 
+from emu.cli_streams import binary_of
 from emu.errors import UsageError
 from emu.machine import StopReason
 from probes.trace.tracefs import Tracefs, tracefs_of
@@ -32,11 +33,8 @@ PROVIDER_MODULES = ("probes.trace.bpf_cli",)
 
 def _load_providers() -> None:
     import importlib
-    for name in PROVIDER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            continue
+    for name in PROVIDER_MODULES:       # an ImportError is a bug: it ends the command
+        importlib.import_module(name)
 
 
 class TraceCommandError(UsageError):
@@ -76,10 +74,7 @@ def add_subcommand(sub) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """`emu run --event/--filter`: the trace goes to --trace-out (default stderr)."""
-    from emu.session import RUN_OPTION_HANDLERS
     _add_event_options(p)
-    if attach_from_args not in RUN_OPTION_HANDLERS:
-        RUN_OPTION_HANDLERS.append(attach_from_args)
 
 
 # --- setting up events ---------------------------------------------------------------------------
@@ -125,12 +120,13 @@ def find_event(fs: Tracefs, name: str):
 def cmd_trace(args) -> int:
     from emu.loader import GuestConfig, load_guest
 
-    out = sys.stdout
-    guest_out = open(args.guest_output, "wb") if args.guest_output else sys.stderr.buffer
+    out, err = args.stdout, args.stderr
+    err_bytes = binary_of(err)
+    guest_out = open(args.guest_output, "wb") if args.guest_output else err_bytes
     try:
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
                           fs_root=args.fs, seed=args.seed)
-        guest = load_guest(cfg, stdout=guest_out, stderr=sys.stderr.buffer)
+        guest = load_guest(cfg, stdout=guest_out, stderr=err_bytes)
         m = guest.machine
         if not args.no_cycles:
             from emu.cycles import enable_cycle_model
@@ -149,7 +145,7 @@ def cmd_trace(args) -> int:
         if args.guest_output:
             guest_out.close()
     if result.reason in (StopReason.FAULT, StopReason.LIMIT):
-        print(f"emu: {result.message}", file=sys.stderr)
+        print(f"emu: {result.message}", file=err)
     return result.exit_code
 
 
@@ -169,10 +165,11 @@ class EventReport:
         self.m, self.fs = machine, fs
         path = getattr(args, "trace_out", None)
         self.own = None
+        stderr = getattr(args, "stderr", None) or sys.stderr
         if not fs.streaming:
             self.own = open(path, "w") if path else None
-            fs.stream_to(self.own or sys.stderr)
-        self.out = self.own or sys.stderr
+            fs.stream_to(self.own or stderr)
+        self.out = self.own or stderr
 
     def report(self, out: IO[str]) -> None:
         self.fs.flush_stream()
