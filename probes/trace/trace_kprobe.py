@@ -9,6 +9,7 @@ Left out: module symbols (deferred probes), BTF args, `%return` on fprobes, hash
 from __future__ import annotations
 
 import errno
+import importlib
 import re
 import struct
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ def compare_arg_type(a: list[FetchArg], b: list[FetchArg]) -> int:
     if len(a) != len(b):
         return min(len(a), len(b)) + 1
     for i, (x, y) in enumerate(zip(a, b)):
-        if (x.name, x.type.name, x.count, x.bitfield) != (y.name, y.type.name, y.count, y.bitfield):
+        if (x.name, x.type.name, x.count) != (y.name, y.type.name, y.count):
             return i + 1
     return 0
 
@@ -141,21 +142,37 @@ def parse_event_name(text: str, offset: int) -> tuple[str | None, str | None]:
         if slash >= 0:
             return group, None
         raise TraceProbeError("NO_EVENT_NAME", 0, offset)
-    if len(text) > MAX_EVENT_NAME_LEN:
+    if len(text) >= MAX_EVENT_NAME_LEN:
         raise TraceProbeError("EVENT_TOO_LONG", 0, offset)
     if not is_good_name(text):
         raise TraceProbeError("BAD_EVENT_NAME", 0, offset)
     return group, text
 
 
+def argv_has_var_arg(args: list[str], fentry_or_return: bool) -> None:
+    """argv_has_var_arg, before any argument is parsed: a bare `$arg...` argument needs a
+    function entry or exit, and a number (`$arg*` needs BTF, which guests do not have)."""
+    last = None
+    for i, text in enumerate(args):
+        if not text.startswith("$arg"):
+            continue
+        last = i
+        if not fentry_or_return:
+            raise TraceProbeError("NOFENTRY_ARGS", i + 2, 0)
+        if not text[4:5].isdigit() and text[4:5] != "*":
+            raise TraceProbeError("BAD_VAR", i + 2, 0)
+    if last is not None and any(t.startswith("$arg*") for t in args):
+        raise TraceProbeError("NOSUP_BTFARG", last + 2, 0, errno.EOPNOTSUPP)
+
+
 def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
-    """argv of a `p`/`r` command -> KprobeCommand; TraceProbeError with index/offset."""
+    """argv of a `p`/`r` command -> KprobeCommand; TraceProbeError with index/offset, in
+    the order trace_kprobe_create checks: maxactive, probe point, event name, $arg use,
+    argument count, each argument."""
     m = tracefs.machine
     word = argv[0]
     is_return = word[0] == "r"
     maxactive = _parse_maxactive(word, is_return)
-    if len(argv) < 2:
-        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
     loc = parse_probe_location(argv[1], m.symbols)
     is_return = is_return or loc.is_return
     on_entry = False
@@ -177,9 +194,12 @@ def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
         else:
             event = f"{'r' if is_return else 'p'}_0x{loc.addr:x}"
         event = sanitize_event_name(event)[:MAX_EVENT_NAME_LEN - 1]
+    argv_has_var_arg(argv[2:], on_entry or is_return)
     if len(argv) - 2 > MAX_TRACE_ARGS:
         raise TraceProbeError("TOO_MANY_ARGS", 2, 0, errno.E2BIG)
-    ctx = ParseContext(m.arch, m.symbols, is_return=is_return, on_entry=on_entry and not is_return)
+    ptrace = importlib.import_module(f"probes.arch.{m.arch.name}.ptrace")   # its pt_regs names
+    ctx = ParseContext(m.arch, m.symbols, is_return=is_return, on_entry=on_entry and not is_return,
+                       reg_names=ptrace.REGS_OFFSET_NAMES, reg_consts=ptrace.PT_REGS_CONST)
     cmd = KprobeCommand(group, event, loc, is_return, maxactive)
     size = 0
     for i, text in enumerate(argv[2:]):

@@ -266,8 +266,8 @@ class Tracefs:
                 return -errno.EINVAL
             group, _, event = argv[0][2:].rpartition("/")
             return self.kprobes.delete(group or None, event)
-        if argv[0][0] not in "pr":
-            return -errno.EINVAL
+        if argv[0][0] not in "pr" or len(argv) < 2 or ("/" in argv[1] and ":" in argv[1]):
+            return -errno.EINVAL        # -ECANCELED (not a kprobe command): nothing logged
         try:
             self.kprobes.create(argv)
         except TraceProbeError as e:
