@@ -125,12 +125,18 @@ def find_event(fs: Tracefs, name: str):
 def cmd_trace(args) -> int:
     from emu.loader import GuestConfig, load_guest
 
-    out = sys.stdout
-    guest_out = open(args.guest_output, "wb") if args.guest_output else sys.stderr.buffer
+    from emu.cli import _binary
+
+    out = getattr(args, "stdout", None) or sys.stdout
+    err = getattr(args, "stderr", None) or sys.stderr
+    guest_err = _binary(err)                  # the streams main() was given (in-process too)
+    guest_out = open(args.guest_output, "wb") if args.guest_output else guest_err
     try:
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
                           fs_root=args.fs, seed=args.seed)
-        guest = load_guest(cfg, stdout=guest_out, stderr=sys.stderr.buffer)
+        stdin = getattr(args, "stdin", None)
+        guest = load_guest(cfg, stdout=guest_out, stderr=guest_err,
+                           stdin=getattr(stdin, "buffer", stdin))
         m = guest.machine
         if not args.no_cycles:
             from emu.cycles import enable_cycle_model
@@ -149,7 +155,7 @@ def cmd_trace(args) -> int:
         if args.guest_output:
             guest_out.close()
     if result.reason in (StopReason.FAULT, StopReason.LIMIT):
-        print(f"emu: {result.message}", file=sys.stderr)
+        print(f"emu: {result.message}", file=err)
     return result.exit_code
 
 
