@@ -19,6 +19,7 @@ from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, Kprobe, kprobes_of
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF
 from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
+from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
 from probes.trace.trace_output import format_value
 from probes.trace.trace_probe import (
     MAX_EVENT_NAME_LEN, MAX_EVENT_SIZE, MAX_TRACE_ARGS, KRETPROBE_MAXACTIVE_MAX, FetchArg,
@@ -445,11 +446,19 @@ class TraceKprobeEvents:
                 record = False
             if regs.ip_changed():
                 ret = 1
-        if record:
+        if record and not trace_trigger_soft_disabled(call):
             head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
             data = store_trace_args(tk, regs, self._fetch_context(), head) if tk.args else head
-            self.fs.commit(call, data)
+            self._commit(call, data, regs, True)
         return ret
+
+    def _commit(self, call: TraceEventCall, data: bytes, regs: "PtRegs", at_entry: bool) -> None:
+        fs = self.fs
+        fs.hit = (regs, at_entry)          # where a stacktrace trigger unwinds from
+        try:
+            fs.commit(call, data)
+        finally:
+            fs.hit = None
 
     def _save_entry_args(self, tk: TraceKprobe, ri, regs: "PtRegs") -> int:
         ri.data[:] = b"".join(struct.pack("<Q", regs.arg(n)) for n in range(1, tk.entry_args + 1))
@@ -463,12 +472,13 @@ class TraceKprobeEvents:
             from probes.trace.bpf_trace import trace_call_bpf
             if not trace_call_bpf(call, regs):
                 record = False
-        if record:
+        if record and not trace_trigger_soft_disabled(call):
             entry = struct.unpack(f"<{tk.entry_args}Q", bytes(ri.data[:8 * tk.entry_args])) \
                 if tk.entry_args else None
             head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + \
                 struct.pack("<QQ", tk.probe.addr, ri.ret_addr)
-            self.fs.commit(call, store_trace_args(tk, regs, self._fetch_context(entry), head))
+            self._commit(call, store_trace_args(tk, regs, self._fetch_context(entry), head), regs,
+                         False)
         return 0
 
     # --- files ------------------------------------------------------------------------------
