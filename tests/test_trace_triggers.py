@@ -342,3 +342,16 @@ def test_triggers_on_a_kretprobe_event(arch):
     got = [int(ln.rsplit("ret=", 1)[1]) for ln in fs.read("trace").splitlines() if "ret=" in ln]
     cut = next((i for i, r in enumerate(rets) if r < 0), len(rets) - 1)
     assert got == rets[:cut + 1]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_emu_run_trigger_writes_hist_to_trace_out(arch, tmp_path):
+    out_file = tmp_path / "trace.txt"
+    rc = emu_main(["run", "--event", OPEN, "--trigger", "g/open", "hist:keys=fl:sort=fl",
+                   "--trace-out", str(out_file), str(firmware_elf(arch, "demo"))],
+                  stdout=io.StringIO(), stderr=io.StringIO())
+    assert rc == 0
+    text = out_file.read_text()
+    assert text.count(": open: (do_sys_open+0x0/") == 16
+    assert text[text.index("# event histogram"):] == _hist("fl", "hitcount", "fl", 2048, [
+        (f"{{ fl: {f:>10} }}", n) for f, n in sorted(DEMO_FLAGS.items())])
