@@ -132,3 +132,24 @@ def test_glibc_trace_is_identical_run_to_run(arch, score_elf, monkeypatch):
     first = emu("trace", exe.name, "--event", ev, "--event", "r:s/r score rv=$retval:s64")
     assert first[0] == 13 and first[1].count("\n") == 6
     assert emu("trace", exe.name, "--event", ev, "--event", "r:s/r score rv=$retval:s64") == first
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_events_on_an_ifunc(arch, score_elf, monkeypatch):
+    """strlen is an IFUNC in static glibc: the events are created and enabled before the
+    guest's resolver runs, and fire on the implementation it picked."""
+    exe = score_elf(arch)
+    monkeypatch.chdir(exe.parent)
+    rc, out, err = emu("trace", exe.name, "--event", "p:s/len strlen s=+0($arg1):string",
+                       "--event", "r:s/lenr strlen n=$retval:u64",
+                       "--filter", "s/len", 's == "alpha" || s == "beta" || s == "gamma"')
+    assert rc == 13, err
+    lens = [ln for ln in out.splitlines() if ": len: (" in ln]
+    # each name twice: score() takes its length, then printf("%s") does
+    assert [ln.rsplit("s=", 1)[1] for ln in lens] == [f'"{n}"' for n in ("alpha", "beta", "gamma")
+                                                     for _ in range(2)]
+    impl = lens[0].split(": len: (", 1)[1].split("+0x0/", 1)[0]
+    assert impl.startswith("__strlen_") and all(f"({impl}+0x0/" in ln for ln in lens)
+    rets = [int(ln.rsplit("n=", 1)[1]) for ln in out.splitlines() if ": lenr: (" in ln]
+    assert {5, 4} <= set(rets) and all(f"<- {impl})" in ln for ln in out.splitlines()
+                                       if ": lenr: (" in ln)

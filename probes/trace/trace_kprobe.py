@@ -180,8 +180,10 @@ def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
     if loc.symbol is not None:
         try:
             _addr, on_entry = kprobes_of(m)._kprobe_addr(Kprobe(symbol_name=loc.symbol, offset=loc.offset))
-        except KprobeError:
-            on_entry = False
+        except KprobeError as e:
+            # kprobe_on_func_entry: -ENOENT (an IFUNC not resolved yet) is left to
+            # registration; the symbol is a function, so offset 0 is its entry
+            on_entry = e.errno == errno.ENOENT and loc.offset == 0
         if is_return and not on_entry:
             raise TraceProbeError("BAD_RETPROBE", 1, 0)
     group, event = KPROBE_EVENT_SYSTEM, None
@@ -423,7 +425,13 @@ class TraceKprobeEvents:
 
     def _arm_probe(self, tk: TraceKprobe, on: bool) -> None:
         kps = kprobes_of(self.m)
-        (kps.enable_kprobe if on else kps.disable_kprobe)(tk.probe)
+        p = tk.probe
+        try:
+            (kps.enable_kprobe if on else kps.disable_kprobe)(p)
+        except KprobeError:
+            # Not registered yet (an IFUNC the guest has not resolved): its DISABLED flag
+            # decides whether the registration arms it.
+            p.flags = p.flags & ~KPROBE_FLAG_DISABLED if on else p.flags | KPROBE_FLAG_DISABLED
 
     # --- dispatchers ------------------------------------------------------------------------
     def _fetch_context(self, entry_args=None) -> FetchContext:
