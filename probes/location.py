@@ -58,9 +58,12 @@ class ProbeLocation:
         return base + ("%return" if self.is_return else "")
 
 
-def kstrtoul(text: str) -> int | None:
-    """kstrtoul(base 0): `0x` hex, leading 0 octal, else decimal; a leading '+' allowed."""
+def kstrtoul(text: str, base: int = 0) -> int | None:
+    """kstrtoul: a leading '+' allowed; base 0 reads `0x` hex, a leading 0 octal, else
+    decimal; base 10 decimal digits only. None if anything else is in the text."""
     t = text[1:] if text.startswith("+") else text
+    if base == 10:
+        return int(t) if re.fullmatch(r"[0-9]+", t) else None
     if re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
         return int(t, 16)
     if re.fullmatch(r"0[0-7]*", t):

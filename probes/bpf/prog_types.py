@@ -41,18 +41,22 @@ class ProgTypeInfo:
     ``entry_regs``: registers initialised at entry besides r10.
     ``ctx_size``: bytes of context a load may touch, aligned to its size (the type's
     ``is_valid_access``); None leaves context bounds to run time. A program's own
-    ``ctx_size`` (set at load for the target arch) wins over the type's."""
+    ``ctx_size`` (set at load for the target arch) wins over the type's. ``ctx_min``: the
+    first offset a load may touch (a tracepoint record's common fields are not readable)."""
 
     ctx_writable: bool
     helpers: frozenset[int] | None
     lenient: bool = False
     entry_regs: tuple[int, ...] = (1,)
     ctx_size: int | None = None
+    ctx_min: int = 0
 
 
 # sizeof(struct pt_regs) per arch (kprobe_prog_is_valid_access bounds by the kernel
 # struct): x86-64 168, arm64 336. Without a target arch the larger one applies.
 KPROBE_CTX_SIZE = {"x86_64": 168, "arm64": 336}
+PERF_MAX_TRACE_SIZE = 8192      # tp_prog_is_valid_access: [sizeof(void *), this)
+MAX_BPF_FUNC_ARGS = 12          # raw_tp_prog_is_valid_access: [0, 12 * sizeof(u64))
 
 
 PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
@@ -63,9 +67,11 @@ PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_XDP: ProgTypeInfo(False, NET_HELPERS),
     BpfProgType.BPF_PROG_TYPE_KPROBE: ProgTypeInfo(False, TRACING_HELPERS | {58},
                                                   ctx_size=max(KPROBE_CTX_SIZE.values())),
-    BpfProgType.BPF_PROG_TYPE_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS,
+                                                      ctx_size=PERF_MAX_TRACE_SIZE, ctx_min=8),
     BpfProgType.BPF_PROG_TYPE_PERF_EVENT: ProgTypeInfo(False, TRACING_HELPERS),
-    BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS),
+    BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS,
+                                                          ctx_size=8 * MAX_BPF_FUNC_ARGS),
     BpfProgType.BPF_PROG_TYPE_TRACING: ProgTypeInfo(False, TRACING_HELPERS),
 }
 

@@ -58,6 +58,41 @@ class BpfRun:
         self._maps_at: dict[int, BpfMap] = {}
         self._reservations: dict[int, tuple[Any, RingbufRecord, Region]] = {}
         self.bind_maps(prog)
+        self._static: tuple[dict[int, Region], dict[int, Region], int] | None = None
+
+    # -- reuse across runs (a program attached to a probe runs on every hit) --
+    def prepare_reuse(self) -> "BpfRun":
+        """Keep this run state for every later run of the same program with the same
+        environment: the regions made so far (context, global data, the first stack frame)
+        stay; what a run adds (map values it looked up, records, deeper frames) is dropped
+        by `reset`, so each run sees the addresses a fresh BpfRun would give."""
+        self.new_stack()
+        mem = self.mem
+        self._root = self.prog
+        self._ctx_region = mem.regions[CTX_ADDR >> 32]
+        self._static = (dict(mem.regions), dict(mem._by_buffer), mem._next_key)
+        return self
+
+    def reset(self, ctx: bytearray) -> "BpfRun":
+        """Start the next run over `ctx` (prepare_reuse first); after `finish`."""
+        assert self._static is not None, "prepare_reuse() first"
+        for m, rec, _region in self._reservations.values():   # left by a run that failed
+            m.commit(rec, True)
+        self._reservations.clear()
+        mem = self.mem
+        regions, by_buffer, next_key = self._static
+        if mem._next_key != next_key or len(mem.regions) != len(regions):
+            mem.regions.clear()        # the same dict: compiled loads/stores hold it
+            mem.regions.update(regions)
+            mem._by_buffer.clear()
+            mem._by_buffer.update(by_buffer)
+            mem._next_key = next_key
+        self._ctx_region.data = ctx
+        self.prog = self._root
+        self.insn_count = self.tail_calls = self.depth = 0
+        self.budget = self.env.insn_budget
+        self.pending_tail_call = None
+        return self
 
     # -- maps --
     def bind_maps(self, prog: "BpfProg") -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .cfg import Cfg, check_structure, successors
@@ -44,29 +45,50 @@ if TYPE_CHECKING:
     from .program import BpfProg
 
 
+class RegType(StrEnum):
+    """enum bpf_reg_type (include/linux/bpf.h) by the kernel's names; each value is how the
+    verifier log spells it (reg_type_str: "scalar", "fp", "map_value_or_null", ...).
+    UNKNOWN is this verifier's own: paths that joined disagree on the kind."""
+    NOT_INIT = "not_init"
+    SCALAR_VALUE = "scalar"
+    PTR_TO_CTX = "ctx"
+    CONST_PTR_TO_MAP = "map_ptr"
+    PTR_TO_MAP_VALUE = "map_value"
+    PTR_TO_MAP_VALUE_OR_NULL = "map_value_or_null"   # PTR_TO_MAP_VALUE | PTR_MAYBE_NULL
+    PTR_TO_STACK = "fp"
+    PTR_TO_PACKET = "pkt"
+    PTR_TO_PACKET_END = "pkt_end"
+    PTR_TO_MEM = "mem"
+    PTR_TO_MEM_OR_NULL = "mem_or_null"               # PTR_TO_MEM | PTR_MAYBE_NULL (ringbuf)
+    PTR_TO_FUNC = "func"
+    UNKNOWN = "unknown"
+
+
+T = RegType
+_NOT_NULL = {T.PTR_TO_MAP_VALUE_OR_NULL: T.PTR_TO_MAP_VALUE, T.PTR_TO_MEM_OR_NULL: T.PTR_TO_MEM}
+
+
 class Reg(NamedTuple):
     """The verifier's view of one register (struct bpf_reg_state, reduced).
 
-    ``type`` uses the kernel's names: not_init, scalar, ctx, fp, map_ptr,
-    map_value, map_value_or_null, mem, mem_or_null, pkt, pkt_end, func;
-    plus "unknown" for a register that holds different kinds on different
-    paths. ``val`` is a scalar's value or a pointer's offset (None when not
+    ``type`` is a RegType (the kernel's bpf_reg_type; UNKNOWN for a register
+    that holds different kinds on different paths). ``val`` is a scalar's value or a pointer's offset (None when not
     known); ``ref`` the map (or record size for mem); ``id`` links copies
     of a maybe-NULL pointer so one NULL check refines them all.
     """
 
-    type: str
+    type: RegType
     val: int | None = None
     ref: object = None
     id: int = 0
 
 
-NOT_INIT = Reg("not_init")
-UNKNOWN = Reg("unknown")
-SCALAR = Reg("scalar")
-_POINTERS = {"ctx", "fp", "map_value", "mem", "pkt", "pkt_end", "map_ptr", "func",
-             "map_value_or_null", "mem_or_null"}
-_MEMORY = {"ctx", "fp", "map_value", "mem", "pkt", "unknown"}
+NOT_INIT = Reg(T.NOT_INIT)
+UNKNOWN = Reg(T.UNKNOWN)
+SCALAR = Reg(T.SCALAR_VALUE)
+_POINTERS = set(RegType) - {T.NOT_INIT, T.SCALAR_VALUE, T.UNKNOWN}
+_MEMORY = {T.PTR_TO_CTX, T.PTR_TO_STACK, T.PTR_TO_MAP_VALUE, T.PTR_TO_MEM, T.PTR_TO_PACKET,
+           T.UNKNOWN}
 
 
 class State(NamedTuple):
@@ -77,11 +99,11 @@ class State(NamedTuple):
 def _join_reg(a: Reg, b: Reg) -> Reg:
     if a == b:
         return a
-    if a.type == "not_init" or b.type == "not_init":
+    if a.type == T.NOT_INIT or b.type == T.NOT_INIT:
         return NOT_INIT
     if a.type != b.type or a.ref is not b.ref:
-        if {a.type, b.type} == {"map_value_or_null", "map_value"} and a.ref is b.ref:
-            return Reg("map_value_or_null", None, a.ref, 0)
+        if {a.type, b.type} == {T.PTR_TO_MAP_VALUE_OR_NULL, T.PTR_TO_MAP_VALUE} and a.ref is b.ref:
+            return Reg(T.PTR_TO_MAP_VALUE_OR_NULL, None, a.ref, 0)
         return UNKNOWN
     return Reg(a.type, a.val if a.val == b.val else None, a.ref, a.id if a.id == b.id else 0)
 
@@ -114,7 +136,7 @@ class _Refuse(Exception):
 
 def _read(st: State, reg: int) -> Reg:
     r = st.regs[reg]
-    if r.type == "not_init":
+    if r.type == T.NOT_INIT:
         raise _Refuse(f"R{reg} !read_ok")
     return r
 
@@ -135,7 +157,7 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
     kind = ptr.type
     if kind not in _MEMORY:
         raise _Refuse(f"R{reg} invalid mem access '{kind}'")
-    if kind == "fp" and ptr.val is not None:
+    if kind == T.PTR_TO_STACK and ptr.val is not None:
         start = ptr.val + off
         if start < -MAX_BPF_STACK or start + size > 0:
             verb = "write to" if write else "read from"
@@ -143,7 +165,7 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
         if direct and not env.lenient and start % size:
             raise _Refuse(f"misaligned stack access off {start} size {size}")
         env.max_stack = max(env.max_stack, -start)
-    elif kind == "map_value" and ptr.val is not None:
+    elif kind == T.PTR_TO_MAP_VALUE and ptr.val is not None:
         m: BpfMap = ptr.ref  # type: ignore[assignment]
         start = ptr.val + off
         if start < 0 or start + size > m.value_size:
@@ -151,19 +173,20 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
                           f"off={start} size={size}")
         if write and not m.prog_writable:
             raise _Refuse("write into map forbidden")
-    elif kind == "mem" and ptr.val is not None and isinstance(ptr.ref, int):
+    elif kind == T.PTR_TO_MEM and ptr.val is not None and isinstance(ptr.ref, int):
         start = ptr.val + off
         if start < 0 or start + size > ptr.ref:
             raise _Refuse(f"invalid access to memory, mem_size={ptr.ref} off={start} size={size}")
-    elif kind == "ctx":
+    elif kind == T.PTR_TO_CTX:
         if write and not env.prog.type_info.ctx_writable:
             raise _Refuse("invalid bpf_context access (the context is read-only)")
         if ptr.val is None and not env.lenient:
             raise _Refuse(f"variable ctx access R{reg} disallowed")
-        limit = env.prog.ctx_size or env.prog.type_info.ctx_size
+        info = env.prog.type_info
+        limit = env.prog.ctx_size or info.ctx_size
         if limit is not None and ptr.val is not None:
-            start = ptr.val + off     # kprobe_prog_is_valid_access: in bounds, size-aligned
-            if start < 0 or start + size > limit or (direct and start % size):
+            start = ptr.val + off     # the type's is_valid_access: in bounds, size-aligned
+            if start < info.ctx_min or start + size > limit or (direct and start % size):
                 raise _Refuse(f"invalid bpf_context access off={start} size={size}")
 
 
@@ -172,8 +195,8 @@ def _ctx_load(env: VerifierEnv, ptr: Reg, off: int, size: int) -> Reg:
     if env.prog.prog_type in PACKET_TYPES and ptr.val is not None and size == 4:
         field = ptr.val + off
         if env.prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP:
-            return {0: Reg("pkt", 0), 4: Reg("pkt_end", 0), 8: Reg("pkt", 0)}.get(field, SCALAR)
-        return {76: Reg("pkt", 0), 80: Reg("pkt_end", 0)}.get(field, SCALAR)
+            return {0: Reg(T.PTR_TO_PACKET, 0), 4: Reg(T.PTR_TO_PACKET_END, 0), 8: Reg(T.PTR_TO_PACKET, 0)}.get(field, SCALAR)
+        return {76: Reg(T.PTR_TO_PACKET, 0), 80: Reg(T.PTR_TO_PACKET_END, 0)}.get(field, SCALAR)
     return SCALAR
 
 
@@ -188,10 +211,10 @@ def _spill(stack: dict[int, Reg], start: int, size: int, value: Reg | None) -> N
 
 def _alu_ptr(env: VerifierEnv, insn: Insn, dst: Reg, src: Reg) -> Reg:
     """Pointer arithmetic: only 64-bit add/sub of a scalar keeps a pointer."""
-    if dst.type in ("map_value_or_null", "mem_or_null"):
+    if dst.type in (T.PTR_TO_MAP_VALUE_OR_NULL, T.PTR_TO_MEM_OR_NULL):
         raise _Refuse(f"R{insn.dst_reg} pointer arithmetic on {dst.type} prohibited")
-    if insn.op in (BPF_ADD, BPF_SUB) and insn.cls == BPF_ALU64 and src.type == "scalar":
-        if dst.type in ("map_ptr", "func") and not env.lenient:
+    if insn.op in (BPF_ADD, BPF_SUB) and insn.cls == BPF_ALU64 and src.type == T.SCALAR_VALUE:
+        if dst.type in (T.CONST_PTR_TO_MAP, T.PTR_TO_FUNC) and not env.lenient:
             raise _Refuse(f"R{insn.dst_reg} pointer arithmetic on {dst.type} prohibited")
         if dst.val is None or src.val is None:
             return Reg(dst.type, None, dst.ref)
@@ -200,7 +223,7 @@ def _alu_ptr(env: VerifierEnv, insn: Insn, dst: Reg, src: Reg) -> Reg:
         return Reg(dst.type, dst.val + delta, dst.ref)
     if insn.op == BPF_SUB and src.type in _POINTERS and insn.cls == BPF_ALU64:
         return SCALAR  # pointer difference (privileged programs may compute it)
-    if env.lenient or dst.type == "unknown":
+    if env.lenient or dst.type == T.UNKNOWN:
         return SCALAR
     if insn.cls != BPF_ALU64:
         raise _Refuse(f"R{insn.dst_reg} 32-bit pointer arithmetic prohibited")
@@ -212,30 +235,30 @@ def _do_alu(env: VerifierEnv, st: State, insn: Insn, kind: str, regs: list[Reg])
     mask = (1 << bits) - 1
     if kind in ("neg", "neg64"):
         d = _read(st, insn.dst_reg)
-        val = (-d.val) & mask if d.type == "scalar" and d.val is not None else None
-        _set(regs, insn.dst_reg, Reg("scalar", val))
+        val = (-d.val) & mask if d.type == T.SCALAR_VALUE and d.val is not None else None
+        _set(regs, insn.dst_reg, Reg(T.SCALAR_VALUE, val))
         return
     if kind == "end":
         _read(st, insn.dst_reg)
         _set(regs, insn.dst_reg, SCALAR)
         return
-    src = _read(st, insn.src_reg) if insn.is_reg_src else Reg("scalar", insn.imm & mask)
+    src = _read(st, insn.src_reg) if insn.is_reg_src else Reg(T.SCALAR_VALUE, insn.imm & mask)
     if insn.op == BPF_MOV:
         if insn.is_reg_src and insn.off == 0 and bits == 64:
             _set(regs, insn.dst_reg, src)
-        elif src.type == "scalar" and src.val is not None:
-            _set(regs, insn.dst_reg, Reg("scalar", alu(BPF_MOV, insn.off, 0, src.val & mask, bits)))
+        elif src.type == T.SCALAR_VALUE and src.val is not None:
+            _set(regs, insn.dst_reg, Reg(T.SCALAR_VALUE, alu(BPF_MOV, insn.off, 0, src.val & mask, bits)))
         else:
             _set(regs, insn.dst_reg, SCALAR)
         return
     dst = _read(st, insn.dst_reg)
-    if dst.type != "scalar":
+    if dst.type != T.SCALAR_VALUE:
         _set(regs, insn.dst_reg, _alu_ptr(env, insn, dst, src))
-    elif src.type != "scalar":
-        ptr_plus = insn.op == BPF_ADD and bits == 64 and src.type in _MEMORY - {"unknown"}
+    elif src.type != T.SCALAR_VALUE:
+        ptr_plus = insn.op == BPF_ADD and bits == 64 and src.type in _MEMORY - {T.UNKNOWN}
         _set(regs, insn.dst_reg, Reg(src.type, None, src.ref) if ptr_plus else SCALAR)
     elif dst.val is not None and src.val is not None:
-        _set(regs, insn.dst_reg, Reg("scalar", alu(insn.op, insn.off, dst.val & mask,
+        _set(regs, insn.dst_reg, Reg(T.SCALAR_VALUE, alu(insn.op, insn.off, dst.val & mask,
                                                    src.val & mask, bits)))
     else:
         _set(regs, insn.dst_reg, SCALAR)
@@ -247,9 +270,9 @@ def _do_load(env: VerifierEnv, st: State, insn: Insn, kind: str, regs: list[Reg]
     ptr = _read(st, insn.src_reg)
     _check_mem(env, ptr, insn.src_reg, insn.off, size, False)
     value = SCALAR
-    if ptr.type == "fp" and ptr.val is not None and size == 8 and kind == "ldx":
+    if ptr.type == T.PTR_TO_STACK and ptr.val is not None and size == 8 and kind == "ldx":
         value = stack.get(ptr.val + insn.off, SCALAR)
-    elif ptr.type == "ctx":
+    elif ptr.type == T.PTR_TO_CTX:
         value = _ctx_load(env, ptr, insn.off, size)
     _set(regs, insn.dst_reg, value)
 
@@ -257,9 +280,9 @@ def _do_load(env: VerifierEnv, st: State, insn: Insn, kind: str, regs: list[Reg]
 def _do_store(env: VerifierEnv, st: State, insn: Insn, kind: str, stack: dict[int, Reg]) -> None:
     size = SIZE_BYTES[insn.size]
     ptr = _read(st, insn.dst_reg)
-    value = _read(st, insn.src_reg) if kind == "stx" else Reg("scalar", insn.imm & U64)
+    value = _read(st, insn.src_reg) if kind == "stx" else Reg(T.SCALAR_VALUE, insn.imm & U64)
     _check_mem(env, ptr, insn.dst_reg, insn.off, size, True)
-    if ptr.type == "fp":
+    if ptr.type == T.PTR_TO_STACK:
         if ptr.val is None:
             stack.clear()  # a store somewhere in the frame: forget every spill
         else:
@@ -277,9 +300,9 @@ def _do_atomic(env: VerifierEnv, st: State, insn: Insn, regs: list[Reg],
     ptr = _read(st, insn.dst_reg)
     src = _read(st, insn.src_reg)
     _check_mem(env, ptr, insn.dst_reg, insn.off, size, True)
-    if src.type != "scalar" and src.type != "unknown" and not env.lenient:
+    if src.type != T.SCALAR_VALUE and src.type != T.UNKNOWN and not env.lenient:
         raise _Refuse(f"R{insn.src_reg} leaks addr into mem")
-    if ptr.type == "fp":
+    if ptr.type == T.PTR_TO_STACK:
         if ptr.val is None:
             stack.clear()
         else:
@@ -297,18 +320,18 @@ def _do_lddw(env: VerifierEnv, insn: Insn, pc: int, regs: list[Reg]) -> None:
     second = env.cfg.insns[pc + 1]
     src = insn.src_reg
     if src == 0:
-        value = Reg("scalar", lddw_imm64(insn, second))
+        value = Reg(T.SCALAR_VALUE, lddw_imm64(insn, second))
     elif src == BPF_PSEUDO_FUNC:
-        value = Reg("func", 0)
+        value = Reg(T.PTR_TO_FUNC, 0)
     else:
         m = env.prog.map_for(insn)
         if src in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX):
-            value = Reg("map_ptr", 0, m)
+            value = Reg(T.CONST_PTR_TO_MAP, 0, m)
         else:
             if m.value_size <= second.imm or type(m).__name__ != "ArrayMap":
                 raise _Refuse(f"invalid access to map value pointer, value_size={m.value_size} "
                               f"off={second.imm}")
-            value = Reg("map_value", second.imm, m)
+            value = Reg(T.PTR_TO_MAP_VALUE, second.imm, m)
     _set(regs, insn.dst_reg, value)
 
 
@@ -318,7 +341,7 @@ _EXPECTED = "fp, pkt, pkt_meta, map_key, map_value, mem"
 
 
 def _check_mem_arg(env: VerifierEnv, reg: int, ptr: Reg, size: int | None) -> None:
-    if ptr.type == "scalar" or ptr.type not in _MEMORY:
+    if ptr.type == T.SCALAR_VALUE or ptr.type not in _MEMORY:
         raise _Refuse(f"R{reg} type={ptr.type} expected={_EXPECTED}")
     if size is not None and size > 0:
         _check_mem(env, ptr, reg, 0, size, False, direct=False)
@@ -326,7 +349,7 @@ def _check_mem_arg(env: VerifierEnv, reg: int, ptr: Reg, size: int | None) -> No
 
 def _size_arg(st: State, reg: int, kind: A) -> int | None:
     r = _read(st, reg)
-    if r.type not in ("scalar", "unknown"):
+    if r.type not in (T.SCALAR_VALUE, T.UNKNOWN):
         raise _Refuse(f"R{reg} type={r.type} expected=scalar")
     if r.val is not None:
         signed = r.val - (1 << 64) if r.val >> 63 else r.val
@@ -344,12 +367,12 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
         reg = idx + 1
         r = _read(st, reg) if kind != A.ARG_DONTCARE else NOT_INIT
         if kind == A.ARG_CONST_MAP_PTR:
-            if r.type == "map_ptr":
+            if r.type == T.CONST_PTR_TO_MAP:
                 the_map = r.ref  # type: ignore[assignment]
                 if the_map.map_type not in proto.map_types:  # type: ignore[union-attr]
                     raise _Refuse(f"cannot pass map_type {int(the_map.map_type)} into func "  # type: ignore
                                   f"bpf_{proto.name}#{proto.func_id}")
-            elif r.type != "unknown":
+            elif r.type != T.UNKNOWN:
                 raise _Refuse(f"R{reg} type={r.type} expected=map_ptr")
         elif kind in (A.ARG_PTR_TO_MAP_KEY, A.ARG_PTR_TO_MAP_VALUE):
             m = the_map if isinstance(the_map, BpfMap) else None
@@ -367,12 +390,12 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
                 raise _Refuse(f"R{reg} is not a known constant")
             the_map = the_size if the_size is not None else the_map
         elif kind == A.ARG_PTR_TO_CTX:
-            if r.type not in ("ctx", "unknown"):
+            if r.type not in (T.PTR_TO_CTX, T.UNKNOWN):
                 raise _Refuse(f"R{reg} type={r.type} expected=ctx")
-            if r.type == "ctx" and r.val not in (0, None):
+            if r.type == T.PTR_TO_CTX and r.val not in (0, None):
                 raise _Refuse(f"dereference of modified ctx ptr R{reg} off={r.val} disallowed")
         elif kind == A.ARG_PTR_TO_RINGBUF_MEM:
-            if r.type not in ("mem", "unknown") or (r.type == "mem" and r.val not in (0, None)):
+            if r.type not in (T.PTR_TO_MEM, T.UNKNOWN) or (r.type == T.PTR_TO_MEM and r.val not in (0, None)):
                 raise _Refuse(f"R{reg} type={r.type} expected=ringbuf_mem")
     return the_map
 
@@ -385,10 +408,10 @@ def _do_helper_call(env: VerifierEnv, st: State, proto: BpfFuncProto, regs: list
         regs[0] = NOT_INIT
     elif proto.ret == R.RET_PTR_TO_MAP_VALUE_OR_NULL:
         env.next_id += 1
-        regs[0] = Reg("map_value_or_null", 0, arg, env.next_id)
+        regs[0] = Reg(T.PTR_TO_MAP_VALUE_OR_NULL, 0, arg, env.next_id)
     elif proto.ret == R.RET_PTR_TO_RINGBUF_MEM_OR_NULL:
         env.next_id += 1
-        regs[0] = Reg("mem_or_null", 0, arg if isinstance(arg, int) else None, env.next_id)
+        regs[0] = Reg(T.PTR_TO_MEM_OR_NULL, 0, arg if isinstance(arg, int) else None, env.next_id)
     else:
         regs[0] = SCALAR
 
@@ -399,7 +422,7 @@ def _refine_null(st: State, reg: int, is_null: bool) -> State:
     """After `if rX == 0`: the maybe-NULL pointer (and its copies) is NULL on
     one side and a valid pointer on the other."""
     ptr = st.regs[reg]
-    if ptr.type not in ("map_value_or_null", "mem_or_null"):
+    if ptr.type not in (T.PTR_TO_MAP_VALUE_OR_NULL, T.PTR_TO_MEM_OR_NULL):
         return st
 
     def fix(r: Reg) -> Reg:
@@ -407,8 +430,8 @@ def _refine_null(st: State, reg: int, is_null: bool) -> State:
         if not same:
             return r
         if is_null:
-            return Reg("scalar", 0)
-        return Reg(r.type[:-len("_or_null")], r.val, r.ref)
+            return Reg(T.SCALAR_VALUE, 0)
+        return Reg(_NOT_NULL[r.type], r.val, r.ref)
     return State(tuple(fix(r) for r in st.regs), tuple((o, fix(r)) for o, r in st.stack))
 
 
@@ -465,7 +488,7 @@ def _do_ld_packet(env: VerifierEnv, st: State, insn: Insn, kind: str, regs: list
     allowed = PACKET_TYPES - {BpfProgType.BPF_PROG_TYPE_XDP}
     if not env.lenient and env.prog.prog_type not in allowed:
         raise _Refuse("BPF_LD_[ABS|IND] instructions not allowed for this program type")
-    if not env.lenient and st.regs[6].type != "ctx":
+    if not env.lenient and st.regs[6].type != T.PTR_TO_CTX:
         raise _Refuse("at the time of BPF_LD_ABS|IND R6 != pointer to skb")
     if kind == "ldind":
         _read(st, insn.src_reg)
@@ -480,7 +503,7 @@ def _do_call(env: VerifierEnv, st: State, insn: Insn, pc: int, regs: list[Reg]) 
     # BPF-to-BPF: the callee sees r1-r5 (checked where it reads them); the
     # caller gets r0 back and loses r1-r5.
     target = pc + 1 + insn.imm
-    callee = State(tuple([NOT_INIT] + list(st.regs[1:6]) + [NOT_INIT] * 4 + [Reg("fp", 0)]), ())
+    callee = State(tuple([NOT_INIT] + list(st.regs[1:6]) + [NOT_INIT] * 4 + [Reg(T.PTR_TO_STACK, 0)]), ())
     env.pending_calls.append((target, callee))
     regs[0] = UNKNOWN
     regs[1:6] = [NOT_INIT] * 5
@@ -488,10 +511,10 @@ def _do_call(env: VerifierEnv, st: State, insn: Insn, pc: int, regs: list[Reg]) 
 
 def _entry_state(prog: "BpfProg") -> State:
     regs = [NOT_INIT] * 11
-    regs[1] = Reg("ctx", 0)
+    regs[1] = Reg(T.PTR_TO_CTX, 0)
     for reg in prog.type_info.entry_regs[1:]:
         regs[reg] = SCALAR
-    regs[BPF_REG_FP] = Reg("fp", 0)
+    regs[BPF_REG_FP] = Reg(T.PTR_TO_STACK, 0)
     return State(tuple(regs), ())
 
 

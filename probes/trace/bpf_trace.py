@@ -34,7 +34,9 @@ from probes.bpf import BpfRunContext
 from probes.bpf.errors import BpfRuntimeError
 from probes.bpf.isa import BPF_CALL_OP
 from probes.bpf.maps import PerfEventArrayMap, RingbufMap
+from probes.bpf.memory import CTX_ADDR
 from probes.bpf.prog_types import BpfProgType
+from probes.bpf.runtime import BpfRun
 
 if TYPE_CHECKING:
     from emu.machine import Machine
@@ -260,15 +262,16 @@ def _uc_reg_read_batch() -> Any:
 
 class PtRegsImage:
     """Builds the arch's pt_regs image on a hit in one raw `uc_reg_read_batch` straight into
-    the image's slots (~1 µs; 34 single reads through the binding cost ~20 µs), then lays
-    the view's own values (the ip it presents, registers a handler changed) over them.
+    the slots of one reused bytearray (~1 µs; 34 single reads through the binding cost
+    ~20 µs), then lays the view's own values (the ip it presents, registers a handler changed) over them.
     Equal to the arch module's `pack_pt_regs`, which is the readable reference."""
 
     def __init__(self, machine: "Machine", ptrace: ModuleType) -> None:
         self._read = _uc_reg_read_batch()
         self._uch = machine.uc._uch
         self._template = ptrace.PT_REGS_TEMPLATE
-        self._buf = ctypes.create_string_buffer(len(self._template))
+        self.image = bytearray(self._template)
+        self._buf = (ctypes.c_char * len(self.image)).from_buffer(self.image)  # reads land in it
         base = ctypes.addressof(self._buf)
         ids = machine.arch.regs
         slots = ptrace.PT_REGS_SLOTS
@@ -279,11 +282,16 @@ class PtRegsImage:
         self._narrow = ptrace.NARROW
 
     def pack(self, regs: "PtRegs") -> bytearray:
-        buf = self._buf
-        ctypes.memmove(buf, self._template, len(self._template))
+        """A copy of this hit's image."""
+        return bytearray(self.fill(regs))
+
+    def fill(self, regs: "PtRegs") -> bytearray:
+        """This hit's image in `image`, the one buffer every hit reuses (a kprobe program's
+        context is read-only, and nothing keeps it after the programs ran)."""
+        image = self.image
+        image[:] = self._template
         if self._read(self._uch, self._ids, self._ptrs, self._n):
             raise RuntimeError("uc_reg_read_batch failed")
-        image = bytearray(buf.raw)
         offset = self._offset
         for name, value in regs.shown().items():
             off = offset.get(name)
@@ -318,6 +326,10 @@ class BpfTrace:
         self.at_entry = False
         self.env = BpfRunContext(ktime_ns=machine.clock.monotonic_ns, memory=UserMemory(machine),
                                  stack_trace=self._stack_trace)
+        self._runs: "weakref.WeakKeyDictionary[BpfProg, tuple[BpfRun, Any, BpfProgStats]]" = \
+            weakref.WeakKeyDictionary()
+        self._comm: str | None = None
+        self._entry: dict[int, bool] = {}
 
     # -- consumers --
     def ring_buffer(self, m: RingbufMap, callback: Consumer) -> None:
@@ -343,24 +355,44 @@ class BpfTrace:
         env = self.env
         comm, pid = self.m.task
         env.pid = env.tgid = pid
-        env.comm = comm.encode()[:15]
+        if comm is not self._comm:
+            self._comm, env.comm = comm, comm.encode()[:15]
         env.func_ip = func_ip
         return env
+
+    def _run_state(self, prog: BpfProg) -> tuple[BpfRun, Any, BpfProgStats]:
+        """The program's run state, compiled code and stats, made at its first hit and
+        reused by every later one (verifying, compiling, the address space, map handles)."""
+        state = self._runs.get(prog)
+        if state is None:
+            prog.ensure_loaded()
+            run = BpfRun(prog, self.image.image, self.env).prepare_reuse()
+            state = self._runs[prog] = (run, prog.compiled(), prog_stats(prog))
+        return state
+
+    def at_entry_of(self, addr: int) -> bool:
+        """Whether `addr` is a function's first instruction (cached: asked on every hit)."""
+        entry = self._entry.get(addr)
+        if entry is None:
+            sym = self.m.symbols.find(addr)
+            entry = self._entry[addr] = sym is not None and sym.addr == addr
+        return entry
 
     def run_array(self, array: BpfProgArray, regs: "PtRegs", func_ip: int,
                   at_entry: bool) -> int:
         """The body of trace_call_bpf once the guard is taken: AND of the u32 results."""
         env = self._task(func_ip)
         self.regs, self.at_entry = regs, at_entry
-        ctx = self.image.pack(regs)
+        ctx = self.image.fill(regs)
         clock, ret = self.m.clock, 1
         for item in array.items:
             env.attach_cookie, env.override_rc = item.bpf_cookie, None
+            run, compiled, st = self._run_state(item.prog)
             try:
-                r0 = item.prog.run(ctx, env)
+                r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
+                run.finish()
             except BpfRuntimeError as e:
                 raise BpfTraceError(item.prog.name or item.prog.section, str(e)) from None
-            st = prog_stats(item.prog)
             st.run_cnt += 1
             st.run_insns += env.insn_count
             clock.charge_bpf(env.insn_count)
@@ -368,7 +400,7 @@ class BpfTrace:
             if env.override_rc is not None:       # bpf_override_return changed regs
                 regs.return_value = env.override_rc
                 self.ptrace.override_function_with_return(regs)
-                ctx = self.image.pack(regs)
+                ctx = self.image.fill(regs)
         self.regs = None
         self._deliver()
         return ret
@@ -423,19 +455,18 @@ def bpf_trace_of(machine: "Machine") -> BpfTrace:
     return machine.layer("bpf_trace", BpfTrace)
 
 
-def _func_ip(machine: "Machine", call: Any, regs: "PtRegs") -> tuple[int, bool]:
+def _func_ip(st: BpfTrace, call: Any, regs: "PtRegs") -> tuple[int, bool]:
     """bpf_get_func_ip's answer and whether the hit is at a function's first instruction:
     the call's own `func_ip` if it has one, else the kprobe being handled."""
     ip = getattr(call, "func_ip", None)
     entry = bool(getattr(call, "at_entry", False))
     if ip is None:
         from probes.kprobes import kprobes_of
-        kp = kprobes_of(machine)
+        kp = kprobes_of(st.m)
         cur = kp.kcb.current
         ip = cur.addr if cur is not None else regs.ip
         if cur is not None and regs.ip == kp.arch.handler_ip(cur):   # a pre handler, not a return
-            sym = machine.symbols.find(ip)
-            entry = sym is not None and sym.addr == ip
+            entry = st.at_entry_of(ip)
     return ip, entry
 
 
@@ -454,7 +485,7 @@ def trace_call_bpf(call: Any, regs: "PtRegs") -> int:
         return 1
     st.bpf_prog_active += 1
     try:
-        func_ip, entry = _func_ip(machine, call, regs)
+        func_ip, entry = _func_ip(st, call, regs)
         return st.run_array(array, regs, func_ip, entry)
     finally:
         st.bpf_prog_active -= 1

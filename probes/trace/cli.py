@@ -48,6 +48,10 @@ def _add_event_options(p: argparse.ArgumentParser) -> None:
                    help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1' (repeatable)")
     p.add_argument("--filter", action="append", default=[], nargs=2, metavar=("EVENT", "EXPR"),
                    help="an event filter in the kernel's grammar for [GRP/]EVENT (repeatable)")
+    p.add_argument("--trigger", action="append", default=[], nargs=2, metavar=("EVENT", "TRIGGER"),
+                   help="an event trigger for [GRP/]EVENT, as written to its trigger file: "
+                        "traceon, traceoff, snapshot, stacktrace, enable_event:G:E, "
+                        "disable_event:G:E, hist:keys=... (repeatable); hist files print at exit")
 
 
 def add_subcommand(sub) -> None:
@@ -79,22 +83,36 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 # --- setting up events ---------------------------------------------------------------------------
 def setup_events(machine, args) -> Tracefs:
-    """Create and enable each --event, set each --filter; refusals raise TraceCommandError
-    with the lines error_log shows."""
+    """Create and enable each --event (an event some --trigger's enable_event targets stays
+    soft-disabled until that trigger fires), set each --filter and --trigger; refusals raise
+    TraceCommandError with the lines error_log shows."""
     fs = tracefs_of(machine)
+    triggers = getattr(args, "trigger", None) or []
+    soft = {t.split(":")[1] + "/" + t.split(":")[2] for _e, t in triggers
+            if t.startswith("enable_event:") and t.count(":") >= 2}
     for cmd in getattr(args, "event", None) or []:
         before = len(fs.error_log)
         ret = fs.write("kprobe_events", cmd, append=True)
         if ret:
             raise _refusal(fs, before, f"--event {cmd!r}", ret)
-        fs.kprobes.probes[-1].call.set_enabled(True)
-    for name, expr in getattr(args, "filter", None) or []:
-        call = find_event(fs, name)
-        before = len(fs.error_log)
-        ret = fs.write(f"events/{call.full_name}/filter", expr)
-        if ret:
-            raise _refusal(fs, before, f"--filter {name} {expr!r}", ret)
+        call = fs.kprobes.probes[-1].call
+        if call.full_name not in soft:
+            call.set_enabled(True)
+    for option, files in (("--filter", getattr(args, "filter", None) or []), ("--trigger", triggers)):
+        for name, expr in files:
+            call = find_event(fs, name, option)
+            before = len(fs.error_log)
+            ret = fs.write(f"events/{call.full_name}/{option[2:]}", expr, append=True)
+            if ret:
+                raise _refusal(fs, before, f"{option} {name} {expr!r}", ret)
     return fs
+
+
+def hist_files(fs: Tracefs) -> str:
+    """Every event's `hist` file that has content, as `cat events/*/*/hist` shows them."""
+    from probes.trace.trace_events_hist import hist_show
+    texts = [hist_show(c) for c in fs.events.values()]
+    return "\n".join(t for t in texts if t)
 
 
 def _refusal(fs: Tracefs, before: int, what: str, ret: int) -> TraceCommandError:
@@ -104,7 +122,7 @@ def _refusal(fs: Tracefs, before: int, what: str, ret: int) -> TraceCommandError
     return TraceCommandError(f"{what}: {os.strerror(-ret)}")
 
 
-def find_event(fs: Tracefs, name: str):
+def find_event(fs: Tracefs, name: str, option: str = "--filter"):
     """`GRP/EVENT`, or an EVENT name that is unique."""
     if "/" in name:
         call = fs.events.get(name)
@@ -112,7 +130,7 @@ def find_event(fs: Tracefs, name: str):
         found = [c for c in fs.events.values() if c.name == name]
         call = found[0] if len(found) == 1 else None
     if call is None:
-        raise TraceCommandError(f"--filter: no event {name!r} (give GRP/EVENT of an --event)")
+        raise TraceCommandError(f"{option}: no event {name!r} (give GRP/EVENT of an --event)")
     return call
 
 
@@ -126,7 +144,9 @@ def cmd_trace(args) -> int:
     try:
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
                           fs_root=args.fs, seed=args.seed)
-        guest = load_guest(cfg, stdout=guest_out, stderr=err_bytes)
+        stdin = getattr(args, "stdin", None)
+        guest = load_guest(cfg, stdout=guest_out, stderr=err_bytes,
+                           stdin=getattr(stdin, "buffer", stdin))
         m = guest.machine
         if not args.no_cycles:
             from emu.cycles import enable_cycle_model
@@ -137,6 +157,7 @@ def cmd_trace(args) -> int:
         fs.stream_to(out, args.json)
         result = m.run(max_insns=args.max_insns, timeout=args.timeout)
         out.write(fs.read_pipe(args.json))
+        out.write(hist_files(fs))
         out.flush()
         guest_out.flush()
         for prov in TRACE_OPTION_PROVIDERS:
@@ -151,7 +172,8 @@ def cmd_trace(args) -> int:
 
 # --- emu run --event ------------------------------------------------------------------------------
 def attach_from_args(session, args) -> None:
-    if not (getattr(args, "event", None) or getattr(args, "filter", None)):
+    if not (getattr(args, "event", None) or getattr(args, "filter", None)
+            or getattr(args, "trigger", None)):
         return
     m = session.machine
     session.attach(EventReport(m, setup_events(m, args), args))
@@ -173,6 +195,10 @@ class EventReport:
 
     def report(self, out: IO[str]) -> None:
         self.fs.flush_stream()
+        hist = hist_files(self.fs)
+        if hist:
+            self.out.write(hist)
+            self.out.flush()
         if self.own is not None:
             self.own.close()
             self.own = None

@@ -2,7 +2,8 @@
 `format` file) and its trace_event_file state (enable, filter), the events/ directory's
 enable files. An event's printer (`print_line`) and its producer live with its kind
 (trace_kprobe, the function tracer); this module only knows fields.
-Left out: soft-disable, triggers, per-instance event files, pid filters."""
+Soft mode (sm_ref, SOFT_MODE, SOFT_DISABLED) is the kernel's; the triggers themselves live
+in trace_events_trigger.py. Left out: per-instance event files, pid filters."""
 from __future__ import annotations
 
 import struct
@@ -13,6 +14,7 @@ from probes.trace.ring_buffer import TRACE_ENTRY
 
 if TYPE_CHECKING:
     from probes.trace.trace_events_filter import EventFilter
+    from probes.trace.trace_events_trigger import EventTriggerData, TriggerState
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class TraceEventCall:
     perf_refs: int = 0
     probes: list = field(default_factory=list)
     on_enable: Callable[[bool], None] | None = None
+    sm_ref: int = 0
+    soft_mode: bool = False
+    soft_disabled: bool = False
+    trigger_state: "TriggerState | None" = None
 
     @property
     def full_name(self) -> str:
@@ -119,12 +125,52 @@ class TraceEventCall:
         return "\n".join(lines) + "\n"
 
     def set_enabled(self, on: bool) -> None:
-        """ftrace_event_enable_disable: arm or disarm the probes behind the event."""
-        if on == self.enabled:
-            return
-        self.enabled = on
-        if self.on_enable is not None:
+        """A write to the event's `enable` file."""
+        self.enable_disable(on, soft=False)
+
+    def enable_disable(self, on: bool, soft: bool = False) -> None:
+        """__ftrace_event_enable_disable: register the event (arm its probes) or not; `soft`
+        is a trigger's use (sm_ref): the event is registered but SOFT_DISABLED until a
+        trigger or the enable file enables it."""
+        was = self.enabled
+        if on:
+            if soft:
+                self.sm_ref += 1
+                if self.sm_ref > 1:
+                    return
+                self.soft_mode = True
+            else:
+                self.soft_disabled = False
+            if not self.enabled:
+                self.soft_disabled = soft
+                self.enabled = True
+        else:
+            if soft:
+                self.sm_ref = max(0, self.sm_ref - 1)
+                if self.sm_ref > 0:
+                    return
+                disable = self.soft_disabled
+                self.soft_mode = False
+            else:
+                disable = not self.soft_mode
+            if disable and self.enabled:
+                self.enabled = False
+            self.soft_disabled = self.soft_mode
+        if self.enabled != was and self.on_enable is not None:
             self.on_enable(self.active)
+
+    def enable_text(self) -> str:
+        """Reading `enable`: 1 if enabled and not soft-disabled, `*` in soft mode."""
+        text = "1" if self.enabled and not self.soft_disabled else "0"
+        return text + ("*" if self.soft_disabled or self.soft_mode else "") + "\n"
+
+    @property
+    def recording(self) -> bool:
+        """The event makes records on a hit (TP_FLAG_TRACE: registered for tracing)."""
+        return self.enabled
+
+    def triggers(self) -> list["EventTriggerData"]:
+        return self.trigger_state.triggers if self.trigger_state is not None else []
 
     @property
     def active(self) -> bool:

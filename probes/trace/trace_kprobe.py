@@ -9,6 +9,7 @@ Left out: module symbols (deferred probes), BTF args, `%return` on fprobes, hash
 from __future__ import annotations
 
 import errno
+import importlib
 import re
 import struct
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, Kprobe, kprobes_of
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF
 from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
+from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
 from probes.trace.trace_output import format_value
 from probes.trace.trace_probe import (
     MAX_EVENT_NAME_LEN, MAX_EVENT_SIZE, MAX_TRACE_ARGS, KRETPROBE_MAXACTIVE_MAX, FetchArg,
@@ -87,7 +89,7 @@ def compare_arg_type(a: list[FetchArg], b: list[FetchArg]) -> int:
     if len(a) != len(b):
         return min(len(a), len(b)) + 1
     for i, (x, y) in enumerate(zip(a, b)):
-        if (x.name, x.type.name, x.count, x.bitfield) != (y.name, y.type.name, y.count, y.bitfield):
+        if (x.name, x.type.name, x.count) != (y.name, y.type.name, y.count):
             return i + 1
     return 0
 
@@ -141,29 +143,47 @@ def parse_event_name(text: str, offset: int) -> tuple[str | None, str | None]:
         if slash >= 0:
             return group, None
         raise TraceProbeError("NO_EVENT_NAME", 0, offset)
-    if len(text) > MAX_EVENT_NAME_LEN:
+    if len(text) >= MAX_EVENT_NAME_LEN:
         raise TraceProbeError("EVENT_TOO_LONG", 0, offset)
     if not is_good_name(text):
         raise TraceProbeError("BAD_EVENT_NAME", 0, offset)
     return group, text
 
 
+def argv_has_var_arg(args: list[str], fentry_or_return: bool) -> None:
+    """argv_has_var_arg, before any argument is parsed: a bare `$arg...` argument needs a
+    function entry or exit, and a number (`$arg*` needs BTF, which guests do not have)."""
+    last = None
+    for i, text in enumerate(args):
+        if not text.startswith("$arg"):
+            continue
+        last = i
+        if not fentry_or_return:
+            raise TraceProbeError("NOFENTRY_ARGS", i + 2, 0)
+        if not text[4:5].isdigit() and text[4:5] != "*":
+            raise TraceProbeError("BAD_VAR", i + 2, 0)
+    if last is not None and any(t.startswith("$arg*") for t in args):
+        raise TraceProbeError("NOSUP_BTFARG", last + 2, 0, errno.EOPNOTSUPP)
+
+
 def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
-    """argv of a `p`/`r` command -> KprobeCommand; TraceProbeError with index/offset."""
+    """argv of a `p`/`r` command -> KprobeCommand; TraceProbeError with index/offset, in
+    the order trace_kprobe_create checks: maxactive, probe point, event name, $arg use,
+    argument count, each argument."""
     m = tracefs.machine
     word = argv[0]
     is_return = word[0] == "r"
     maxactive = _parse_maxactive(word, is_return)
-    if len(argv) < 2:
-        raise TraceProbeError("BAD_PROBE_ADDR", 1, 0)
     loc = parse_probe_location(argv[1], m.symbols)
     is_return = is_return or loc.is_return
     on_entry = False
     if loc.symbol is not None:
         try:
             _addr, on_entry = kprobes_of(m)._kprobe_addr(Kprobe(symbol_name=loc.symbol, offset=loc.offset))
-        except KprobeError:
-            on_entry = False
+        except KprobeError as e:
+            # kprobe_on_func_entry: -ENOENT (an IFUNC not resolved yet) is left to
+            # registration; the symbol is a function, so offset 0 is its entry
+            on_entry = e.errno == errno.ENOENT and loc.offset == 0
         if is_return and not on_entry:
             raise TraceProbeError("BAD_RETPROBE", 1, 0)
     group, event = KPROBE_EVENT_SYSTEM, None
@@ -177,9 +197,12 @@ def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
         else:
             event = f"{'r' if is_return else 'p'}_0x{loc.addr:x}"
         event = sanitize_event_name(event)[:MAX_EVENT_NAME_LEN - 1]
+    argv_has_var_arg(argv[2:], on_entry or is_return)
     if len(argv) - 2 > MAX_TRACE_ARGS:
         raise TraceProbeError("TOO_MANY_ARGS", 2, 0, errno.E2BIG)
-    ctx = ParseContext(m.arch, m.symbols, is_return=is_return, on_entry=on_entry and not is_return)
+    ptrace = importlib.import_module(f"probes.arch.{m.arch.name}.ptrace")   # its pt_regs names
+    ctx = ParseContext(m.arch, m.symbols, is_return=is_return, on_entry=on_entry and not is_return,
+                       reg_names=ptrace.REGS_OFFSET_NAMES, reg_consts=ptrace.PT_REGS_CONST)
     cmd = KprobeCommand(group, event, loc, is_return, maxactive)
     size = 0
     for i, text in enumerate(argv[2:]):
@@ -402,7 +425,13 @@ class TraceKprobeEvents:
 
     def _arm_probe(self, tk: TraceKprobe, on: bool) -> None:
         kps = kprobes_of(self.m)
-        (kps.enable_kprobe if on else kps.disable_kprobe)(tk.probe)
+        p = tk.probe
+        try:
+            (kps.enable_kprobe if on else kps.disable_kprobe)(p)
+        except KprobeError:
+            # Not registered yet (an IFUNC the guest has not resolved): its DISABLED flag
+            # decides whether the registration arms it.
+            p.flags = p.flags & ~KPROBE_FLAG_DISABLED if on else p.flags | KPROBE_FLAG_DISABLED
 
     # --- dispatchers ------------------------------------------------------------------------
     def _fetch_context(self, entry_args=None) -> FetchContext:
@@ -425,11 +454,19 @@ class TraceKprobeEvents:
                 record = False
             if regs.ip_changed():
                 ret = 1
-        if record:
+        if record and not trace_trigger_soft_disabled(call):
             head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
             data = store_trace_args(tk, regs, self._fetch_context(), head) if tk.args else head
-            self.fs.commit(call, data)
+            self._commit(call, data, regs, True)
         return ret
+
+    def _commit(self, call: TraceEventCall, data: bytes, regs: "PtRegs", at_entry: bool) -> None:
+        fs = self.fs
+        fs.hit = (regs, at_entry)          # where a stacktrace trigger unwinds from
+        try:
+            fs.commit(call, data)
+        finally:
+            fs.hit = None
 
     def _save_entry_args(self, tk: TraceKprobe, ri, regs: "PtRegs") -> int:
         ri.data[:] = b"".join(struct.pack("<Q", regs.arg(n)) for n in range(1, tk.entry_args + 1))
@@ -443,12 +480,13 @@ class TraceKprobeEvents:
             from probes.trace.bpf_trace import trace_call_bpf
             if not trace_call_bpf(call, regs):
                 record = False
-        if record:
+        if record and not trace_trigger_soft_disabled(call):
             entry = struct.unpack(f"<{tk.entry_args}Q", bytes(ri.data[:8 * tk.entry_args])) \
                 if tk.entry_args else None
             head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + \
                 struct.pack("<QQ", tk.probe.addr, ri.ret_addr)
-            self.fs.commit(call, store_trace_args(tk, regs, self._fetch_context(entry), head))
+            self._commit(call, store_trace_args(tk, regs, self._fetch_context(entry), head), regs,
+                         False)
         return 0
 
     # --- files ------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ ERRORS = {
     "DIFF_PROBE_TYPE": "Probe type is different from existing probe",
     "DIFF_ARG_TYPE": "Argument type or name is different from existing probe",
     "SAME_PROBE": "There is already the exact same probe event",
+    "NOSUP_BTFARG": "BTF is not available or not supported",
     "NOFENTRY_ARGS": "$arg* can be used only on function entry or exit",
     "NEED_STRING_TYPE": "$comm and immediate-string only accepts string type",
     "TOO_MANY_ARGS": "Too many arguments are specified",
@@ -238,6 +239,8 @@ class FetchArg:
         except UserFault:
             return self._faulted()
         if not self.is_memory:
+            if self.type.name == "symstr":   # the fetched value, symbolized
+                return ctx.symbols.format(addr).encode()
             if self.type.is_string:          # $comm, immediate string
                 return addr
             return self._fit(addr)
@@ -306,7 +309,7 @@ class FetchContext:
     def base_value(self, kind: str, param: Any, regs: "PtRegs") -> Any:
         if kind == "reg":
             return regs[param]
-        if kind == "imm" or kind == "mem":
+        if kind == "imm" or kind == "mem" or kind == "regconst":
             return param
         if kind == "stack":
             return get_user(self.memory, regs.sp + 8 * param, 8)
@@ -327,11 +330,15 @@ class FetchContext:
 
 @dataclass
 class ParseContext:
-    """traceprobe_parse_context: the probe's kind and what names resolve against."""
+    """traceprobe_parse_context: the probe's kind and what names resolve against.
+    `reg_names` is the arch's regs_query_register_offset table (kernel name -> pt_regs
+    field), `reg_consts` the pt_regs fields that are no CPU register (x86 orig_ax)."""
     arch: "Arch"
     symbols: "SymbolTable"
     is_return: bool = False
     on_entry: bool = False           # TPARG_FL_FENTRY: $argN allowed
+    reg_names: dict[str, str] = field(default_factory=dict)
+    reg_consts: dict[str, int] = field(default_factory=dict)
 
 
 def is_good_name(name: str) -> bool:
@@ -342,27 +349,54 @@ def is_good_system_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name))
 
 
-def arch_reg_name(arch: "Arch", name: str) -> str | None:
-    """The pt_regs name `%REG` means on this arch (x86 ax.., r8.., ip; arm64 x0.., lr, sp,
-    pc, pstate), as the arch's register table and aliases spell them; None if unknown."""
-    if name in arch.aliases:
-        return arch.aliases[name]
-    return name if name in arch.regs else None
+def simple_strtoul(text: str) -> tuple[int, int]:
+    """simple_strtoul(base 0): the value of the longest number at the start of `text` and
+    how many characters it took (0: none)."""
+    m = re.match(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*", text)
+    if m is None:
+        return 0, 0
+    t = m.group()
+    return int(t, 16 if t[1:2] in ("x", "X") else 8 if t[0] == "0" else 10), len(t)
 
 
 # --- the argument parser (traceprobe_parse_probe_arg and parse_probe_arg) -------------------------
+# The fetch_insn ops a program can end with, as finalize_fetch_insn tests them.
+_BASE_OPS = {"reg": "REG", "regconst": "REG", "stack": "STACK", "stackp": "STACKP",
+             "retval": "RETVAL", "arg": "ARG", "imm": "IMM", "comm": "COMM", "immstr": "DATA"}
+
+
 @dataclass
 class _Prog:
-    """The fetch program being built; `ops` counts fetch_insn slots as the kernel does."""
+    """The fetch program being built. `ops` counts the fetch_insn slots used (the kernel
+    has FETCH_INSN_MAX, the last one END); `final_at` is the parse context's offset when
+    parsing ends (the outermost dereference moves it to its inner argument)."""
     base: tuple[str, Any] | None = None
     mem: bool = False
     derefs: list[tuple[int, bool]] = field(default_factory=list)
     ops: int = 0
+    final_at: int = 0
 
     def add_op(self, offset: int) -> None:
         self.ops += 1
         if self.ops >= FETCH_INSN_MAX:          # ++code == end (slot 15 is END)
             raise _err("TOO_MANY_OPS", offset)
+
+    def next_slot(self, code: str, offset: int, err: int = errno.EINVAL) -> None:
+        """finalize_fetch_insn's `code++; if (code->op != FETCH_OP_NOP)`."""
+        if self.ops >= FETCH_INSN_MAX - 1:
+            raise _err(code, offset, err)
+        self.ops += 1
+
+    def last_op(self, ctx: ParseContext) -> str:
+        if self.derefs:
+            return "UDEREF" if self.derefs[-1][1] else "DEREF"
+        if self.mem:
+            return "DEREF"
+        assert self.base is not None
+        kind = self.base[0]
+        if kind == "arg" and ctx.is_return:
+            return "EDATA"                    # entry data a return probe saved
+        return _BASE_OPS[kind]
 
 
 def parse_probe_arg(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
@@ -371,40 +405,57 @@ def parse_probe_arg(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
     if c == "$":
         _parse_var(arg, at, prog, ctx)
     elif c == "%":
-        reg = arch_reg_name(ctx.arch, arg[1:])
-        if reg is None:
-            raise _err("BAD_REG_NAME", at)
-        prog.base = ("reg", reg)
-        prog.add_op(at)
+        _parse_reg(arg, at, prog, ctx)
     elif c == "@":
         _parse_mem(arg, at, prog, ctx)
-    elif c in "+-" and c:
+    elif c and c in "+-":
         _parse_deref(arg, at, prog, ctx)
     elif c == "\\":
         _parse_imm(arg, at, prog)
+    elif c.isalpha() or c == "_":
+        # A BTF variable name: guests carry no BTF, as a kernel without
+        # CONFIG_PROBE_EVENTS_BTF_ARGS answers.
+        raise _err("NOSUP_BTFARG", at, errno.EOPNOTSUPP)
     else:
         raise _err("BAD_FETCH_ARG", at)
 
 
+def _parse_reg(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    """regs_query_register_offset: only the arch's kernel names."""
+    field_name = ctx.reg_names.get(arg[1:])
+    if field_name is None:
+        raise _err("BAD_REG_NAME", at)
+    if field_name in ctx.reg_consts:
+        prog.base = ("regconst", ctx.reg_consts[field_name])
+    else:
+        prog.base = ("reg", field_name)
+    prog.add_op(at)
+
+
 def _parse_var(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    """parse_probe_vars: $retval, $stack, $stackN, $comm, $argN (a prefix decides)."""
     name = arg[1:]
-    if name == "retval":
+    if name.startswith("retval"):
         if not ctx.is_return:
             raise _err("RETVAL_ON_PROBE", at)
         prog.base = ("retval", None)
-    elif name in ("comm", "COMM"):
-        prog.base = ("comm", None)
     elif name.startswith("stack"):
         if name == "stack":
             prog.base = ("stackp", None)
         else:
-            n = kstrtoul(name[5:])
-            if n is None or n > PARAM_MAX_STACK:
+            n = kstrtoul(name[5:], 10) if name[5:6].isdigit() else None
+            if n is None:
+                raise _err("BAD_VAR", at)
+            if n > PARAM_MAX_STACK:
                 raise _err("BAD_STACK_NUM", at)
             prog.base = ("stack", n)
-    elif name.startswith("arg") and name[3:].isdigit():
-        n = kstrtoul(name[3:])
-        if n is None or n == 0 or n > PARAM_MAX_STACK:
+    elif name in ("comm", "COMM"):
+        prog.base = ("comm", None)
+    elif name.startswith("arg"):
+        n = kstrtoul(name[3:], 10)
+        if n is None:
+            raise _err("BAD_VAR", at)
+        if n == 0 or n > PARAM_MAX_STACK:
             raise _err("BAD_ARG_NUM", at)
         if not (ctx.on_entry or ctx.is_return):
             raise _err("NOFENTRY_ARGS", at)
@@ -415,25 +466,28 @@ def _parse_var(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
 
 
 def _parse_mem(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
+    """`@ADDR` (IMM, DEREF) or `@SYM[+|-offs]` (SYMBOL, IMM, DEREF: three slots); the
+    symbol is resolved as traceprobe_update_arg does at registration, whose failures are
+    logged against the probe point."""
     if arg[1:2].isdigit():
         addr = kstrtoul(arg[1:])
         if addr is None:
             raise _err("BAD_MEM_ADDR", at)
+        prog.add_op(at)                   # IMM
     elif arg[1:2] == "+":
         raise _err("FILE_ON_KPROBE", at)
     else:
+        prog.add_op(at)                   # FETCH_NOP_SYMBOL
+        prog.add_op(at)                   # IMM
         split = split_symbol_offset(arg[1:])
-        if split is None or not split[0]:
-            raise _err("BAD_MEM_ADDR", at)
-        sym = ctx.symbols.lookup(split[0])
+        if split is None:
+            raise TraceProbeError("FAIL_REG_PROBE", 1, 0)
+        sym = ctx.symbols.lookup(split[0]) if split[0] else None
         if sym is None:
-            # traceprobe_update_arg resolves it at registration: -ENOENT there is logged
-            # against the probe point, as a failed register_kprobe would be.
             raise TraceProbeError("BAD_PROBE_ADDR", 1, 0, errno.ENOENT)
         addr = sym.addr + split[1]
     prog.base, prog.mem = ("mem", addr & _U64), True
-    prog.add_op(at)
-    prog.add_op(at)                   # IMM then DEREF, as the kernel's two slots
+    prog.add_op(at)                       # DEREF
 
 
 def _parse_deref(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
@@ -446,16 +500,20 @@ def _parse_deref(arg: str, at: int, prog: _Prog, ctx: ParseContext) -> None:
     offs = kstrtol(sign + rest[:lp]) if rest[:lp] else None
     if offs is None:
         raise _err("BAD_DEREF_OFFS", at)
-    inner_at = at + (len(arg) - len(rest)) + lp + 1
+    # The kernel steps over the 'u' by moving the sign onto it and counts one character
+    # for '+' only, so after `+u`/`-u` its column is one short of the inner argument.
+    inner_at = at + 1 + lp + 1
     inner = rest[lp + 1:]
     rp = inner.rfind(")")
     if rp < 0:
         raise _err("DEREF_OPEN_BRACE", inner_at + len(inner))
     parse_probe_arg(inner[:rp], inner_at, prog, ctx)
-    if prog.base is not None and prog.base[0] in ("comm", "immstr"):
+    if not prog.derefs and not prog.mem and prog.base is not None \
+            and prog.base[0] in ("comm", "immstr"):
         raise _err("COMM_CANT_DEREF", inner_at)
     prog.add_op(inner_at)
     prog.derefs.append((offs, user))
+    prog.final_at = inner_at
 
 
 def _parse_imm(arg: str, at: int, prog: _Prog) -> None:
@@ -464,43 +522,59 @@ def _parse_imm(arg: str, at: int, prog: _Prog) -> None:
             raise _err("IMMSTR_NO_CLOSE", at + len(arg))
         prog.base = ("immstr", arg[2:-1])
     else:
-        v = kstrtol(arg[1:]) if arg[1:2] in ("-", "+") or arg[1:2].isdigit() else None
+        t = arg[1:]
+        v = kstrtoul(t) if t[:1].isdigit() else kstrtol(t) if t[:1] == "-" else \
+            kstrtol(t[1:]) if t[:1] == "+" else None
         if v is None:
             raise _err("BAD_IMM", at + 1)
         prog.base = ("imm", v & _U64)
     prog.add_op(at)
 
 
-def parse_probe_arg_type(text: str, at: int, body: str, prog: _Prog) -> tuple[FetchType, int, Bitfield | None]:
-    """`TYPE[N]` after the ':' (at = its column): the type, array count, bitfield."""
-    count = 0
-    name = text
-    lb = text.find("[")
-    if lb >= 0:
-        name, num = text[:lb], text[lb + 1:]
-        rb = num.find("]")
-        if rb < 0:
-            raise _err("ARRAY_NO_CLOSE", at + len(text))
-        if rb != len(num) - 1:
-            raise _err("BAD_ARRAY_SUFFIX", at + lb + 1 + rb + 1)
-        count = kstrtoul(num[:rb]) or 0
-        if count == 0:
-            raise _err("BAD_ARRAY_NUM", at + lb + 1)
-        if count > MAX_ARRAY_LEN:
-            raise _err("ARRAY_TOO_BIG", at + lb + 1)
-    bitfield = None
+def find_fetch_type(name: str) -> FetchType | None:
+    """find_fetch_type: a bitfield `b<w>@<o>/<c>` is typed by its container u<c> alone."""
     if name.startswith("b"):
-        m = _BITFIELD.match(name)
-        if m is None:
-            raise _err("BAD_BITFIELD", at)
-        w, o, c = (int(x) for x in m.groups())
-        if c not in (8, 16, 32, 64) or w == 0 or w + o > c:
-            raise _err("BAD_BITFIELD", at)
-        bitfield, name = Bitfield(w, o, c), f"u{c}"
-    ftype = FETCH_TYPES.get(name)
-    if ftype is None:
-        raise _err("BAD_TYPE", at)
-    return ftype, count, bitfield
+        slash = name.find("/")
+        c = kstrtoul(name[slash + 1:]) if slash >= 0 else None
+        return FETCH_TYPES.get(f"u{c}") if c in (8, 16, 32, 64) else None
+    return FETCH_TYPES.get(name)
+
+
+def parse_probe_arg_type(body: str, at: int) -> tuple[str, str | None, int]:
+    """parse_probe_arg_type's split: (expression, type text or None, array count), with the
+    array's errors; `at` = column of `body`."""
+    colon = body.find(":")
+    if colon < 0:
+        return body, None, 0
+    expr, tname = body[:colon], body[colon + 1:]
+    lb = tname.find("[")
+    if lb < 0:
+        return expr, tname, 0
+    num_at = at + colon + 1 + lb + 1
+    num = tname[lb + 1:]
+    rb = num.find("]")
+    if rb < 0:
+        raise _err("ARRAY_NO_CLOSE", num_at + len(num))
+    if rb != len(num) - 1:
+        raise _err("BAD_ARRAY_SUFFIX", num_at + rb + 1)
+    count = kstrtoul(num[:rb])
+    if not count or count > 0xFFFFFFFF:
+        raise _err("BAD_ARRAY_NUM", num_at)
+    if count > MAX_ARRAY_LEN:
+        raise _err("ARRAY_TOO_BIG", num_at)
+    return expr, tname[:lb], count
+
+
+def parse_bitfield(text: str, ftype: FetchType) -> Bitfield | None:
+    """__parse_bitfield_probe_arg: `b<w>@<o>/...` with simple_strtoul numbers."""
+    bw, n = simple_strtoul(text[1:])
+    if bw == 0 or text[1 + n:2 + n] != "@":
+        return None
+    rest = text[2 + n:]
+    bo, n = simple_strtoul(rest)
+    if n == 0 or rest[n:n + 1] != "/" or bw + bo > 8 * ftype.size:
+        return None
+    return Bitfield(bw, bo, 8 * ftype.size)
 
 
 def traceprobe_parse_probe_arg(text: str, index: int, prev: list[FetchArg],
@@ -509,7 +583,7 @@ def traceprobe_parse_probe_arg(text: str, index: int, prev: list[FetchArg],
     try:
         return _parse_arg(text, index, prev, ctx)
     except TraceProbeError as e:
-        if e.code != "BAD_PROBE_ADDR":
+        if e.code not in ("BAD_PROBE_ADDR", "FAIL_REG_PROBE"):
             e.index = index + 2
         raise
 
@@ -529,31 +603,64 @@ def _parse_arg(text: str, index: int, prev: list[FetchArg], ctx: ParseContext) -
     if name in RESERVED_FIELD_NAMES or any(a.name == name for a in prev):
         raise _err("USED_ARG_NAME", 0)
     if len(body) > MAX_ARGSTR_LEN:
-        raise _err("ARG_TOO_LONG", at)
+        raise _err("ARG_TOO_LONG", at, errno.E2BIG)
     if not body:
         raise _err("NO_ARG_BODY", at)
-    colon = body.find(":")
-    expr, tname = (body[:colon], body[colon + 1:]) if colon >= 0 else (body, None)
-    prog = _Prog()
-    if tname is not None:                    # the type is checked before the body, as the kernel
-        ftype, count, bitfield = parse_probe_arg_type(tname, at + colon + 1, expr, prog)
+    expr, tname, count = parse_probe_arg_type(body, at)
+    type_at = at + len(expr) + 1 if tname is not None else at
+    if expr in ("$comm", "$COMM") or expr.startswith('\\"'):
+        if count or (tname is not None and tname != "string"):
+            raise _err("NEED_STRING_TYPE", type_at)
+        ftype: FetchType | None = FETCH_TYPES["string"]
+    else:
+        ftype = find_fetch_type(tname if tname is not None else DEFAULT_FETCH_TYPE)
+    if ftype is None:
+        raise _err("BAD_TYPE", type_at)
+    prog = _Prog(final_at=at)
     parse_probe_arg(expr, at, prog, ctx)
-    stringy = prog.base[0] in ("comm", "immstr")
-    if tname is None:
-        ftype = FETCH_TYPES["string" if stringy else DEFAULT_FETCH_TYPE]
-        count, bitfield = 0, None
-    type_at = at + colon + 1 if tname is not None else at
-    if stringy and not ftype.is_string:
-        raise _err("NEED_STRING_TYPE", type_at)
-    memory = prog.mem or bool(prog.derefs)
-    if ftype.is_string and not (memory or stringy):
-        raise _err("BAD_STRING", type_at)
-    if ftype.name == "symstr" and not memory:
-        raise _err("BAD_SYMSTRING", type_at)
-    if count and not memory:
-        raise _err("BAD_STRING" if ftype.is_string else "BAD_ARRAY_NUM", type_at)
+    bitfield = finalize_fetch_insn(prog, ftype, count, tname, type_at, ctx)
+    assert prog.base is not None
+    if ftype.is_string and prog.base is not None and prog.base[0] == "imm" and not prog.derefs:
+        prog.mem = True                  # a string at the immediate address
     return FetchArg(name=name, comm=body, type=ftype, base=prog.base, derefs=prog.derefs,
                     mem=prog.mem, count=count, bitfield=bitfield, type_text=tname or "")
+
+
+_SYMSTR_OPS = ("REG", "STACK", "RETVAL", "ARG", "DEREF")
+_STRING_OPS = ("DEREF", "UDEREF", "IMM", "COMM", "DATA")
+
+
+def finalize_fetch_insn(prog: _Prog, ftype: FetchType, count: int, tname: str | None,
+                        type_at: int, ctx: ParseContext) -> Bitfield | None:
+    """finalize_fetch_insn: the store op the type needs (checked against the last fetch op),
+    the bitfield modifier, the array loop; each extra op takes a slot."""
+    op = prog.last_op(ctx)
+    if ftype.is_string:
+        if ftype.name == "symstr":
+            if op not in _SYMSTR_OPS:
+                raise _err("BAD_SYMSTRING", type_at)
+        elif op not in _STRING_OPS:
+            raise _err("BAD_STRING", type_at)
+        if ftype.name == "symstr" or op in ("IMM", "COMM", "DATA") or count:
+            prog.next_slot("TOO_MANY_OPS", prog.final_at)
+        store = "ST_USTRING" if ftype.name == "ustring" or op == "UDEREF" else \
+            "ST_SYMSTR" if ftype.name == "symstr" else "ST_STRING"
+    elif op in ("DEREF", "UDEREF"):
+        store = "ST_MEM" if op == "DEREF" else "ST_UMEM"
+    else:
+        prog.next_slot("TOO_MANY_OPS", prog.final_at, errno.E2BIG)
+        store = "ST_RAW"
+    bitfield = None
+    if tname is not None and tname.startswith("b"):
+        bitfield = parse_bitfield(tname, ftype)
+        if bitfield is None:
+            raise _err("BAD_BITFIELD", type_at)
+        prog.next_slot("BAD_BITFIELD", type_at)
+    if count:
+        if store not in ("ST_MEM", "ST_STRING", "ST_USTRING"):
+            raise _err("BAD_STRING", type_at)
+        prog.next_slot("TOO_MANY_OPS", prog.final_at, errno.E2BIG)
+    return bitfield
 
 
 # --- probe locations -------------------------------------------------------------------------------

@@ -23,6 +23,22 @@ from probes.trace.trace_probe import TraceProbeError
 
 ERROR_LOG_MAX = 8
 TRACE_FN = 1                       # the function tracer's entry type (kernel/trace/trace.h)
+TRACE_STACK = 4                    # a kernel stack (struct stack_entry: size, caller[])
+FTRACE_STACK_ENTRIES = 8           # callers a stacktrace trigger records, innermost first
+SNAPSHOT_FREED = """\
+# tracer: nop
+#
+#
+# * Snapshot is freed *
+#
+# Snapshot commands:
+# echo 0 > snapshot : Clears and frees snapshot buffer
+# echo 1 > snapshot : Allocates snapshot buffer, if not already allocated.
+#                      Takes a snapshot of the main buffer.
+# echo 2 > snapshot : Clears snapshot buffer (but does not allocate or free)
+#                      (Doesn't have to be '2' works with any number that
+#                       is not a '0' or '1')
+"""
 FIRST_DYNAMIC_EVENT_ID = 2000      # after the static events; any fixed choice keeps runs alike
 PREFIX = "/sys/kernel/tracing/"
 
@@ -48,6 +64,11 @@ class Tracefs:
         self._next_id = FIRST_DYNAMIC_EVENT_ID
         self._by_id: dict[int, TraceEventCall] = {}
         self._streamer = None
+        from probes.trace.trace_events_trigger import TriggerCommands
+        self.trigger_commands = TriggerCommands(self)
+        self.snapshot_buffer: RingBuffer | None = None
+        # the hit being recorded (a dispatcher sets it): where a stacktrace trigger unwinds
+        self.hit: tuple[object, bool] | None = None
 
     # --- events -----------------------------------------------------------------------------
     def new_event(self, system: str, name: str, fields, print_fmt: str, printer,
@@ -71,11 +92,24 @@ class Tracefs:
 
     # --- producers --------------------------------------------------------------------------
     def commit(self, call: TraceEventCall, data: bytes, cpu: int = 0) -> bool:
-        """trace_event_buffer_commit: the filter decides on the binary record, then it
-        goes into the CPU's buffer stamped with the machine clock."""
-        if not self.tracing_on:
-            return False
+        """trace_event_buffer_commit (event_trigger_unlock_commit): a TRIGGER_COND event's
+        triggers see the record first; a soft-disabled event or the filter discards it; it
+        goes into the CPU's buffer stamped with the machine clock; post triggers run last."""
         comm, pid = self.machine.task
+        ts_state = call.trigger_state
+        tt = None
+        if ts_state is not None and ts_state.cond:
+            from probes.trace.trace_events_trigger import event_triggers_call
+            tt = event_triggers_call(call, data, comm, cpu)
+        ok = self._write(call, data, cpu, comm, pid)
+        if tt:
+            from probes.trace.trace_events_trigger import event_triggers_post_call
+            event_triggers_post_call(call, tt)
+        return ok
+
+    def _write(self, call: TraceEventCall, data: bytes, cpu: int, comm: str, pid: int) -> bool:
+        if not self.tracing_on or call.soft_disabled:
+            return False
         if call.filter is not None and not call.filter.match(data, comm, cpu):
             return False
         self.comms[pid] = comm
@@ -87,6 +121,76 @@ class Tracefs:
             for fn in list(self.on_commit):
                 fn(call, rec)
         return True
+
+    # --- snapshot and stack traces (the snapshot and stacktrace triggers) ---------------------
+    def alloc_snapshot(self) -> None:
+        """tracing_alloc_snapshot_instance: a second buffer of the same shape."""
+        if self.snapshot_buffer is None:
+            b = self.buffer
+            self.snapshot_buffer = RingBuffer(len(b.cpus), b.size_kb, b.overwrite)
+
+    def tracing_snapshot(self) -> None:
+        """update_max_tr: swap the live buffer with the snapshot buffer."""
+        self.alloc_snapshot()
+        assert self.snapshot_buffer is not None
+        self.buffer, self.snapshot_buffer = self.snapshot_buffer, self.buffer
+
+    def _write_snapshot(self, text: str) -> int:
+        """echo 0 (free), 1 (allocate and take a snapshot), other numbers (clear)."""
+        try:
+            v = int(text.strip())
+        except ValueError:
+            return -errno.EINVAL
+        if v == 0:
+            self.snapshot_buffer = None
+        elif v == 1:
+            self.tracing_snapshot()
+        elif self.snapshot_buffer is not None:
+            self.snapshot_buffer.reset()
+        return 0
+
+    def _read_snapshot(self) -> str:
+        snap = self.snapshot_buffer
+        if snap is None:
+            return SNAPSHOT_FREED
+        head = TRACE_HEADER.format(tracer="nop", entries=snap.entries, written=snap.written,
+                                   ncpu=len(snap.cpus))
+        return head + "".join(self.format_record(r) + "\n" for r in snap.records())
+
+    def trace_stack(self) -> bool:
+        """__trace_stack: a TRACE_STACK record of the guest's stack at the hit being
+        recorded (a frame-pointer walk from the probed address)."""
+        from probes.trace.bpf_trace import perf_callchain
+        from probes.regs import PtRegs
+        regs, at_entry = self.hit if self.hit is not None else (PtRegs(self.machine), False)
+        ips = perf_callchain(self.machine, regs, at_entry, FTRACE_STACK_ENTRIES)  # type: ignore[arg-type]
+        call = self._stack_event()
+        data = pack_header(TRACE_STACK, TRACE_FLAG_IRQS_OFF, 0, self.machine.task[1]) + \
+            struct.pack(f"<I{len(ips)}Q", len(ips), *ips)
+        comm, pid = self.machine.task
+        return self._write(call, data, 0, comm, pid)
+
+    def _stack_event(self) -> TraceEventCall:
+        call = self._by_id.get(TRACE_STACK)
+        if call is None:
+            syms = self.machine.symbols
+
+            def name(ip: int) -> str:
+                s = syms.find(ip)
+                return s.name if s else f"0x{ip:x}"
+
+            def printer(rec) -> str:
+                (n,) = struct.unpack_from("<I", rec.data, 8)
+                ips = struct.unpack_from(f"<{n}Q", rec.data, 12)
+                return "<stack trace>" + "".join(f"\n => {name(ip)}" for ip in ips)
+
+            fields = [FtraceEventField("size", "int", 8, 4, True),
+                      FtraceEventField("caller", "unsigned long", 12, 8 * FTRACE_STACK_ENTRIES,
+                                       False, FTRACE_STACK_ENTRIES)]
+            call = self.new_event("ftrace", "kernel_stack", fields, '"\\t=> %ps\\n"', printer,
+                                  kind="stack", event_id=TRACE_STACK)
+            call.enabled = True
+        return call
 
     def trace_function(self, ip: int, parent_ip: int) -> bool:
         """The function tracer's record (struct ftrace_entry: ip, parent_ip), TRACE_FN."""
@@ -194,7 +298,9 @@ class Tracefs:
                     return ret
             return self._run_commands(text)
         if path.startswith("events/"):
-            return self._write_events(path[len("events/"):], text)
+            return self._write_events(path[len("events/"):], text, append)
+        if path == "snapshot":
+            return self._write_snapshot(text)
         writer = {"trace": self._clear_trace, "error_log": self._clear_error_log,
                   "tracing_on": self._set_tracing_on, "buffer_size_kb": self._set_size,
                   "options/overwrite": self._set_overwrite}.get(path)
@@ -238,7 +344,7 @@ class Tracefs:
             "kprobe_events": self.kprobes.show, "dynamic_events": self.kprobes.show,
             "kprobe_profile": self.kprobes.profile, "trace": self._read_trace,
             "trace_pipe": self.read_pipe, "error_log": lambda: "".join(self.error_log),
-            "tracing_on": lambda: f"{int(self.tracing_on)}\n",
+            "tracing_on": lambda: f"{int(self.tracing_on)}\n", "snapshot": self._read_snapshot,
             "buffer_size_kb": lambda: f"{self.buffer.size_kb}\n",
             "options/overwrite": lambda: f"{int(self.buffer.overwrite)}\n",
         }
@@ -266,8 +372,8 @@ class Tracefs:
                 return -errno.EINVAL
             group, _, event = argv[0][2:].rpartition("/")
             return self.kprobes.delete(group or None, event)
-        if argv[0][0] not in "pr":
-            return -errno.EINVAL
+        if argv[0][0] not in "pr" or len(argv) < 2 or ("/" in argv[1] and ":" in argv[1]):
+            return -errno.EINVAL        # -ECANCELED (not a kprobe command): nothing logged
         try:
             self.kprobes.create(argv)
         except TraceProbeError as e:
@@ -285,7 +391,7 @@ class Tracefs:
     def _calls(self, system: str | None) -> list[TraceEventCall]:
         return [c for c in self.events.values() if system is None or c.system == system]
 
-    def _write_events(self, rest: str, text: str) -> int:
+    def _write_events(self, rest: str, text: str, append: bool = False) -> int:
         parts = rest.split("/")
         if parts == ["enable"] or (len(parts) == 2 and parts[1] == "enable"):
             v = _bool(text)
@@ -310,6 +416,9 @@ class Tracefs:
             return 0
         if parts[2] == "filter":
             return self._set_filter(call, text)
+        if parts[2] == "trigger":
+            from probes.trace.trace_events_trigger import event_trigger_write
+            return event_trigger_write(self, call, text, append)
         return -errno.EACCES
 
     def _set_filter(self, call: TraceEventCall, text: str) -> int:
@@ -336,8 +445,11 @@ class Tracefs:
         if len(parts) == 3:
             call = self.find_event(parts[0], parts[1])
             if call is not None:
-                files = {"enable": lambda: f"{int(call.enabled)}\n", "id": lambda: f"{call.id}\n",
-                         "format": call.format, "filter": lambda: call.filter_text + "\n"}
+                from probes.trace.trace_events_hist import hist_show
+                from probes.trace.trace_events_trigger import trigger_show
+                files = {"enable": call.enable_text, "id": lambda: f"{call.id}\n",
+                         "format": call.format, "filter": lambda: call.filter_text + "\n",
+                         "trigger": lambda: trigger_show(call), "hist": lambda: hist_show(call)}
                 if parts[2] in files:
                     return files[parts[2]]()
         raise FileNotFoundError("events/" + rest)

@@ -25,6 +25,13 @@ PT_REGS_SLOTS: tuple[tuple[int, str], ...] = tuple((8 * i, n) for i, n in enumer
 PT_REGS_TEMPLATE = (bytes(SYSCALLNO_OFF) + b"\xff\xff\xff\xff"
                     + bytes(PT_REGS_SIZE - SYSCALLNO_OFF - 4))
 
+# regs_query_register_offset (arch/arm64/kernel/ptrace.c regoffset_table): the names
+# kprobe_events accepts as %REG, each to its pt_regs field.
+REGS_OFFSET_NAMES: dict[str, str] = {
+    **{f"x{i}": f"x{i}" for i in range(31)}, "lr": "x30", "sp": "sp", "pc": "pc",
+    "pstate": "pstate"}
+PT_REGS_CONST: dict[str, int] = {}
+
 FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8] = lr
 SYSCALL_PREFIX = "__arm64_sys_"
 

@@ -30,6 +30,15 @@ PT_REGS_SLOTS: tuple[tuple[int, str], ...] = tuple(
 # int3 enters with orig_ax = -1 (no syscall); every other non-register byte is 0.
 PT_REGS_TEMPLATE = bytes(ORIG_AX_OFF) + b"\xff" * 8 + bytes(PT_REGS_SIZE - ORIG_AX_OFF - 8)
 
+# regs_query_register_offset (arch/x86/kernel/ptrace.c regoffset_table, x86-64): the names
+# kprobe_events accepts as %REG, each to its pt_regs field. orig_ax is no CPU register.
+REGS_OFFSET_NAMES: dict[str, str] = {
+    **{f"r{i}": f"r{i}" for i in range(15, 7, -1)},
+    "bx": "rbx", "cx": "rcx", "dx": "rdx", "si": "rsi", "di": "rdi", "bp": "rbp", "ax": "rax",
+    "orig_ax": "orig_ax", "ip": "rip", "cs": "cs", "flags": "rflags", "sp": "rsp", "ss": "ss"}
+# pt_regs fields that are no CPU register, with their value at a breakpoint (int3: -1)
+PT_REGS_CONST: dict[str, int] = {"orig_ax": 0xFFFFFFFFFFFFFFFF}
+
 FRAME_POINTER = "rbp"         # the frame pointer the kernel's FP unwinder follows
 SYSCALL_PREFIX = "__x64_sys_"  # SYSCALL_DEFINE wrappers, as libbpf's ksyscall resolves them
 
