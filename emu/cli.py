@@ -174,7 +174,7 @@ def cmd_disasm(args) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = ("probes.cli", "probes.bpf.cli", "emu.bench_cli")
+SUBCOMMAND_MODULES = ("probes.cli", "probes.bpf.cli", "emu.bench_cli", "net.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
