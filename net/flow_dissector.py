@@ -20,7 +20,7 @@ from .skbuff import (
 MAX_FLOW_DISSECT_HDRS = 15
 ETH_P_RARP = 0x8035
 GRE_PROTO_PPP = 0x880B
-PPP_IP, PPP_IPV6 = 0x21, 0x57
+PPP_IP, PPP_IPV6, PPP_MPLS_UC, PPP_MPLS_MC = 0x21, 0x57, 0x281, 0x283
 PPPOE_SES_HLEN = 8
 
 IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_IGMP, IPPROTO_IPIP, IPPROTO_TCP = 0, 1, 2, 4, 6
@@ -144,17 +144,27 @@ def _vlan(w: _Walk) -> FlowDissectRet:
 
 
 def _pppoe(w: _Walk) -> FlowDissectRet:
+    """PPPoE session: version 1, type 1, code 0; IP, IPv6 and MPLS continue,
+    another valid PPP protocol stops there, anything else cannot be dissected.
+    A compressed (one-byte) protocol field is read as 6.12 reads it (the PFC
+    handling later stable kernels dropped)."""
     hdr = w.get(w.nhoff, PPPOE_SES_HLEN)
-    if hdr is None:
+    if hdr is None or hdr[0] != 0x11 or hdr[1] != 0:
         return FlowDissectRet.OUT_BAD
     ppp_proto = int.from_bytes(hdr[6:8], "big")
-    if ppp_proto & 0x0100:               # a compressed (one-byte) protocol field
+    if ppp_proto & 0x0100:
         ppp_proto >>= 8
         w.nhoff += PPPOE_SES_HLEN - 1
     else:
         w.nhoff += PPPOE_SES_HLEN
-    w.proto = {PPP_IP: ETH_P_IP, PPP_IPV6: ETH_P_IPV6}.get(ppp_proto, 0)
-    return FlowDissectRet.PROTO_AGAIN if w.proto else FlowDissectRet.OUT_BAD
+    inner = {PPP_IP: ETH_P_IP, PPP_IPV6: ETH_P_IPV6, PPP_MPLS_UC: ETH_P_MPLS_UC,
+             PPP_MPLS_MC: ETH_P_MPLS_MC}.get(ppp_proto)
+    if inner is not None:
+        w.proto = inner
+        return FlowDissectRet.PROTO_AGAIN
+    if ppp_proto & 0x0101 == 0x0001:                     # ppp_proto_is_valid
+        return FlowDissectRet.OUT_GOOD
+    return FlowDissectRet.OUT_BAD
 
 
 def _mpls(w: _Walk) -> FlowDissectRet:
