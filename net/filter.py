@@ -75,6 +75,8 @@ ANCILLARY = {SKF_AD_PROTOCOL: "protocol", SKF_AD_PKTTYPE: "pkttype",
              SKF_AD_VLAN_TAG: "vlan_tci", SKF_AD_VLAN_TAG_PRESENT: "vlanp",
              SKF_AD_PAY_OFFSET: "poff", SKF_AD_RANDOM: "rand", SKF_AD_VLAN_TPID: "vlan_tpid"}
 U32 = 0xFFFFFFFF
+SKF_NET_OFF, SKF_LL_OFF = skbuff.SKF_NET_OFF, skbuff.SKF_LL_OFF
+SKF_NET_OFF_K, SKF_LL_OFF_K = SKF_NET_OFF & U32, SKF_LL_OFF & U32   # as a sock_filter's k
 _AD_BASE = SKF_AD_OFF & U32          # k >= this (as u32) is an ancillary load
 
 
@@ -466,6 +468,10 @@ def _convert_one(f: SockFilter, pc: int) -> list[_Item]:
     if cls == BPF_RET:
         ret: list[_Item] = [e_mov32_imm(REG_A, f.k)] if code & BPF_A == 0 else []
         return ret + [e_exit()]
+    if code == BPF_MISC | BPF_TAX:
+        return [e_mov64(REG_X, REG_A)]
+    if code == BPF_MISC | BPF_TXA:
+        return [e_mov64(REG_A, REG_X)]
     reg = REG_A if cls in (BPF_LD, BPF_ST) else REG_X
     if cls in (BPF_ST, BPF_STX):
         return [e_stx(isa.BPF_W, REG_FP, reg, -(f.k * 4 + 4))]
@@ -476,10 +482,6 @@ def _convert_one(f: SockFilter, pc: int) -> list[_Item]:
         return [e_mov32_imm(reg, f.k)]
     if mode == BPF_LEN:
         return [e_ldx(isa.BPF_W, reg, REG_CTX, skbuff.SKB_LEN_OFF)]
-    if code == BPF_MISC | BPF_TAX:
-        return [e_mov64(REG_X, REG_A)]
-    if code == BPF_MISC | BPF_TXA:
-        return [e_mov64(REG_A, REG_X)]
     raise FilterError(f"opcode {code:#04x} cannot be converted", pc)
 
 

@@ -168,9 +168,10 @@ def eth_type_trans(frame: bytes) -> tuple[int, int]:
 def skb_from_ethernet(frame: bytes, **fields: object) -> SkBuff:
     """The skb an AF_PACKET socket filter sees for a received Ethernet frame."""
     protocol, pkt_type = eth_type_trans(frame)
-    kw: dict[str, object] = {"protocol": protocol, "pkt_type": pkt_type}
+    kw: dict[str, object] = {"protocol": protocol, "pkt_type": pkt_type, "mac_header": 0,
+                             "network_header": ETH_HLEN}
     kw.update(fields)
-    return SkBuff(bytes(frame), mac_header=0, network_header=ETH_HLEN, **kw)  # type: ignore[arg-type]
+    return SkBuff(bytes(frame), **kw)  # type: ignore[arg-type]
 
 
 def skb_from_raw_ip(packet: bytes, **fields: object) -> SkBuff:
@@ -178,10 +179,10 @@ def skb_from_raw_ip(packet: bytes, **fields: object) -> SkBuff:
     gives the protocol; the MAC header is at the network header."""
     version = packet[0] >> 4 if packet else 0
     protocol = {4: ETH_P_IP, 6: ETH_P_IPV6}.get(version, 0)
-    kw: dict[str, object] = {"protocol": protocol,
-                             "dev": NetDevice(type=ARPHRD_NONE)}
+    kw: dict[str, object] = {"protocol": protocol, "dev": NetDevice(type=ARPHRD_NONE),
+                             "mac_header": 0, "network_header": 0}
     kw.update(fields)
-    return SkBuff(bytes(packet), mac_header=0, network_header=0, **kw)  # type: ignore[arg-type]
+    return SkBuff(bytes(packet), **kw)  # type: ignore[arg-type]
 
 
 def load_offset(skb: SkBuff, offset: int) -> int | None:
