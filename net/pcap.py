@@ -44,6 +44,22 @@ class Frame:
     data: bytes
 
 
+class _ShortReads:
+    """The capture file, noting a read that returned less than asked: dpkt's
+    pcap reader hands out a cut record as if it were whole."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.short = f, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.short = 0 <= len(data) < n
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def _reader(path: str, f: BinaryIO):
     import dpkt
 
@@ -75,8 +91,9 @@ def read_frames(path: str) -> Iterator[Frame]:
     """The frames of a pcap/pcapng file, in file order."""
     import dpkt
 
-    with _open(path) as f:
-        reader = _reader(path, f)
+    with _open(path) as raw:
+        f = _ShortReads(raw)
+        reader = _reader(path, f)  # type: ignore[arg-type]
         it = iter(reader)
         number = 0
         while True:
@@ -87,6 +104,8 @@ def read_frames(path: str) -> Iterator[Frame]:
             except (ValueError, struct.error, dpkt.Error) as e:
                 raise PcapError(path, f"truncated or corrupt record: {e}", number + 1) from None
             number += 1
+            if f.short:
+                raise PcapError(path, "truncated record", number)
             if len(buf) > MAX_FRAME:
                 raise PcapError(path, f"a frame of {len(buf)} bytes (at most {MAX_FRAME})",
                                 number)
