@@ -90,10 +90,12 @@ def _load_socket_prog(spec: str) -> Any:
 def _runner(args: argparse.Namespace) -> Callable[..., int]:
     """A function skb -> u32 for the program the options name."""
     from net.filter import parse_filter, sk_attach_filter, socket_prog_run
+    from net.filter_helpers import SkbRunContext
 
+    env = SkbRunContext()                 # one run environment for the whole capture
     if args.ebpf:
         prog = _load_socket_prog(args.ebpf)
-        return lambda skb: socket_prog_run(prog, skb, engine=args.engine)
+        return lambda skb: socket_prog_run(prog, skb, env, engine=args.engine)
     if args.expr is not None:
         text = tcpdump_compile(args.expr, args.pcap)
     else:
@@ -103,7 +105,7 @@ def _runner(args: argparse.Namespace) -> Callable[..., int]:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--cbpf {args.cbpf}: {getattr(e, 'strerror', None) or e}") from None
     sk = sk_attach_filter(parse_filter(text))
-    return lambda skb: sk.run(skb, engine=args.engine)
+    return lambda skb: sk.run(skb, env, engine=args.engine)
 
 
 def _addr(raw: bytes) -> str:

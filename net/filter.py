@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from emu.errors import UsageError
 from probes.bpf import isa
 from probes.bpf.isa import Insn
+from probes.bpf.memory import PACKET_ADDR
 
 from . import filter_helpers as fh
 from . import skbuff
@@ -527,9 +528,9 @@ def bpf_convert_filter(prog: Sequence[SockFilter]) -> list[Insn]:
 def socket_prog_run(prog: "BpfProg", skb: skbuff.SkBuff, env: fh.SkbRunContext | None = None,
                     engine: str = "jit") -> int:
     """bpf_prog_run on an skb: a converted classic program or a SEC("socket")
-    eBPF program; the u32 it returns (0 drops, else the bytes to keep)."""
-    from probes.bpf.memory import PACKET_ADDR
-
+    eBPF program; the u32 it returns (0 drops, else the bytes to keep).
+    ``env`` may be reused across packets (its random state goes on, as the
+    kernel's does); it now holds ``skb``."""
     env = env if env is not None else fh.SkbRunContext()
     env.skb = skb
     ctx = skb.ctx_image(PACKET_ADDR)
