@@ -22,10 +22,21 @@ import sys
 from typing import IO, Any, Callable
 
 from emu.cli_checks import bounded_input_file, input_file
-from emu.errors import GuestFault, UsageError
+from emu.errors import GuestFault, KprobeEmuError, UsageError
 
 MAX_PCAP_BYTES = 1 << 40      # read frame by frame: no need to bound the file
 TCPDUMP_TIMEOUT = 30
+
+
+class FilterLimit(KprobeEmuError):
+    """A filter ran past the BPF machine's instruction budget on one packet.
+    Attributes: ``packet`` (1-based)."""
+
+    exit_code = 124
+
+    def __init__(self, packet: int, reason: str):
+        self.packet = packet
+        super().__init__(f"filter stopped on packet {packet}: {reason}")
 
 
 def add_subcommands(sub: Any) -> None:
@@ -131,6 +142,8 @@ def _run_one(run: Callable[..., int], skb: Any, number: int) -> int:
     except VerifierError as e:
         raise UsageError(f"the verifier refused the program: {e}") from None
     except BpfRuntimeError as e:
+        if "budget" in e.reason:
+            raise FilterLimit(number, e.reason) from None
         raise GuestFault(f"filter fault on packet {number}: {e}") from None
 
 

@@ -44,7 +44,7 @@ def expected_udp_or_http(frame: bytes) -> int:
 
 @pytest.mark.parametrize("engine", ["jit", "interp"])
 def test_socket_programs(obj, engine: str) -> None:
-    progs = obj.programs
+    progs = {n: p for n, p in obj.programs.items() if n != "spin"}
     assert {p.prog_type for p in progs.values()} == {BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER}
     kept = 0
     for frame in mixed_frames():
@@ -56,3 +56,24 @@ def test_socket_programs(obj, engine: str) -> None:
             0xFFFF if frame[12:14] == b"\x86\xdd" else 0)
         assert socket_prog_run(progs["tail_bytes"], skb, engine=engine) == 1
     assert kept > 5
+
+
+def test_cli_budget_is_a_limit(obj, tmp_path: Path) -> None:
+    """A program that runs past the instruction budget: one line, exit 124."""
+    import io
+
+    from emu.cli import main
+    from net.pktgen import write_pcap
+
+    pcap = tmp_path / "one.pcap"
+    write_pcap(str(pcap), mixed_frames()[:2])
+    objfile = tmp_path / "sf.o"
+    subprocess.run([CLANG, "-O2", "-g", "-target", "bpf", "-c", str(SRC), "-o", str(objfile)],
+                   check=True, capture_output=True)
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["filter", "--ebpf", f"{objfile}:spin", str(pcap)], stdout=out, stderr=err)
+    assert rc == 124 and err.getvalue().count("\n") == 1
+    assert "filter stopped on packet 1" in err.getvalue() and "budget" in err.getvalue()
+    rc = main(["filter", "--ebpf", f"{objfile}:udp_or_http", str(pcap), "--json"],
+              stdout=out, stderr=err)
+    assert rc == 0

@@ -61,4 +61,15 @@ int tail_bytes(struct __sk_buff *skb)
 	return 2;
 }
 
+/* Runs past the machine's instruction budget: emu filter stops it (exit 124). */
+SEC("socket")
+int spin(struct __sk_buff *skb)
+{
+	volatile __u32 n = 0;
+
+	for (__u32 i = 0; i < 100000000; i++)
+		n += skb->len;
+	return n;
+}
+
 char _license[] SEC("license") = "GPL";
