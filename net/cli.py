@@ -19,7 +19,8 @@ import json
 import shutil
 import subprocess
 import sys
-from typing import IO, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from emu.cli_checks import bounded_input_file, input_file
 from emu.errors import GuestFault, KprobeEmuError, UsageError
@@ -147,57 +148,62 @@ def _run_one(run: Callable[..., int], skb: Any, number: int) -> int:
         raise GuestFault(f"filter fault on packet {number}: {e}") from None
 
 
-def filter_pcap(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the filter over every frame; the JSON document of the result."""
+@dataclass(frozen=True)
+class Verdict:
+    """One packet's outcome: ``returned`` (the program's u32), ``kept`` (bytes
+    the socket keeps, 0 = dropped), ``dissect`` (keys, with --dissect)."""
+
+    number: int
+    returned: int
+    kept: int
+    dissect: dict[str, Any] | None = None
+
+
+def filter_pcap(args: argparse.Namespace) -> Iterator[Verdict]:
+    """Run the filter over every frame of the capture, in order."""
     from net.filter import sk_filter_trim_cap
     from net.pcap import frame_to_skb, linktype, read_frames
 
     link = linktype(args.pcap)
     run = _runner(args)
-    result: dict[str, Any] = {"packets": 0, "accepted": [], "snaplen": {}}
-    returned: dict[int, int] = {}
-    dissect = []
     for frame in read_frames(args.pcap):
         skb = frame_to_skb(frame.data, link)
         ret = _run_one(run, skb, frame.number)
-        result["packets"] = frame.number
-        kept = sk_filter_trim_cap(ret, skb)
-        if kept:
-            result["accepted"].append(frame.number)
-            result["snaplen"][str(frame.number)] = kept
-            returned[frame.number] = ret
-        if args.dissect:
-            dissect.append(dissect_record(frame.number, skb))
-    if args.dissect:
-        result["dissect"] = dissect
-    result["_returned"] = returned
-    return result
+        yield Verdict(frame.number, ret, sk_filter_trim_cap(ret, skb),
+                      dissect_record(frame.number, skb) if args.dissect else None)
 
 
-def _print_text(result: dict[str, Any], out: IO[str]) -> None:
-    accepted = set(result["accepted"])
-    dissect = {d["packet"]: d for d in result.get("dissect", [])}
-    for n in range(1, result["packets"] + 1):
-        if n in accepted:
-            line = f"{n:6d}  accept  keep {result['snaplen'][str(n)]} " \
-                   f"(filter returned {result['_returned'][n]})"
-        else:
-            line = f"{n:6d}  drop"
-        out.write(line + "\n")
-        if n in dissect:
-            d = dissect[n]
-            out.write(f"        {'ok' if d['dissected'] else 'cannot dissect'}: "
-                      f"n_proto {d['n_proto']:#06x} ip_proto {d['ip_proto']} thoff {d['thoff']} "
-                      f"poff {d['poff']} {d['src']}:{d['sport']} > {d['dst']}:{d['dport']}\n")
-    out.write(f"{len(accepted)} of {result['packets']} packets accepted\n")
+def _text_line(v: Verdict) -> str:
+    line = (f"{v.number:6d}  accept  keep {v.kept} (filter returned {v.returned})" if v.kept
+            else f"{v.number:6d}  drop")
+    d = v.dissect
+    if d is not None:
+        line += (f"\n        {'ok' if d['dissected'] else 'cannot dissect'}: "
+                 f"n_proto {d['n_proto']:#06x} ip_proto {d['ip_proto']} thoff {d['thoff']} "
+                 f"poff {d['poff']} {d['src']}:{d['sport']} > {d['dst']}:{d['dport']}")
+    return line + "\n"
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
+    """Text is printed packet by packet; JSON keeps only the accepted packets
+    (and the dissection when asked for)."""
     out = getattr(args, "stdout", None) or sys.stdout
-    result = filter_pcap(args)
+    doc: dict[str, Any] = {"packets": 0, "accepted": [], "snaplen": {}}
+    dissect = []
+    for v in filter_pcap(args):
+        doc["packets"] = v.number
+        if v.kept:
+            doc["accepted"].append(v.number)
+            doc["snaplen"][str(v.number)] = v.kept
+        if args.json:
+            if v.dissect is not None:
+                dissect.append(v.dissect)
+        else:
+            out.write(_text_line(v))
     if args.json:
-        result.pop("_returned")
-        out.write(json.dumps(result, sort_keys=False) + "\n")
+        if args.dissect:
+            doc["dissect"] = dissect
+        out.write(json.dumps(doc) + "\n")
     else:
-        _print_text(result, out)
+        out.write(f"{len(doc['accepted'])} of {doc['packets']} packets accepted\n")
     return 0
