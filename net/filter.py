@@ -23,18 +23,17 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from emu.errors import UsageError
 from probes.bpf import isa
 from probes.bpf.isa import Insn
 from probes.bpf.memory import PACKET_ADDR
+from probes.bpf.program import BpfProg
+from probes.bpf.prog_types import BpfProgType, ProgTypeInfo
 
 from . import filter_helpers as fh
 from . import skbuff
-
-if TYPE_CHECKING:
-    from probes.bpf.program import BpfProg
 
 # Classes, sizes, modes, ops (bpf_common.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
@@ -525,7 +524,7 @@ def bpf_convert_filter(prog: Sequence[SockFilter]) -> list[Insn]:
 
 # --- attaching and running ---------------------------------------------------------------------
 
-def socket_prog_run(prog: "BpfProg", skb: skbuff.SkBuff, env: fh.SkbRunContext | None = None,
+def socket_prog_run(prog: BpfProg, skb: skbuff.SkBuff, env: fh.SkbRunContext | None = None,
                     engine: str = "jit") -> int:
     """bpf_prog_run on an skb: a converted classic program or a SEC("socket")
     eBPF program; the u32 it returns (0 drops, else the bytes to keep).
@@ -551,7 +550,7 @@ class SkFilter:
     conversion (``prog``, type SOCKET_FILTER with the internal helpers)."""
 
     insns: list[SockFilter]
-    prog: "BpfProg"
+    prog: BpfProg
 
     def verify(self, log_level: int = 0) -> str:
         """Run this machine's verifier over the conversion (the kernel does
@@ -563,15 +562,29 @@ class SkFilter:
         return socket_prog_run(self.prog, skb, env, engine)
 
 
+# What the verifier holds a conversion to: it reads the kernel's struct sk_buff,
+# not the uapi view (so sk_filter_is_valid_access does not apply), and only
+# reads; every context load must lie inside the skb image, aligned to its size.
+CONVERTED_PROG_TYPE = ProgTypeInfo(False, None, ctx_size=skbuff.SKB_CTX_SIZE)
+
+
+@dataclass(eq=False)
+class ConvertedProg(BpfProg):
+    """A converted classic program: a socket filter (packet pointers from the
+    context, as for SOCKET_FILTER) with the context rules above."""
+
+    @property
+    def type_info(self) -> ProgTypeInfo:
+        return CONVERTED_PROG_TYPE
+
+
 def sk_attach_filter(rows: Iterable[SockFilter | Sequence[int]]) -> SkFilter:
     """SO_ATTACH_FILTER: check (FilterError), convert, and return the filter.
     Like the kernel, the converted program runs without the eBPF verifier."""
-    from probes.bpf.program import BpfProg
-    from probes.bpf.prog_types import BpfProgType
-
     insns = sock_filters(rows)
     bpf_check_classic(insns)
-    prog = BpfProg(bpf_convert_filter(insns), prog_type=BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER,
-                   name="classic", helpers=fh.SK_FILTER_HELPERS)
+    prog = ConvertedProg(bpf_convert_filter(insns),
+                         prog_type=BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER, name="classic",
+                         helpers=fh.SK_FILTER_HELPERS)
     prog.loaded = True
     return SkFilter(insns, prog)

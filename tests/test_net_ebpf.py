@@ -77,3 +77,4 @@ def test_cli_budget_is_a_limit(obj, tmp_path: Path) -> None:
     rc = main(["filter", "--ebpf", f"{objfile}:udp_or_http", str(pcap), "--json"],
               stdout=out, stderr=err)
     assert rc == 0
+

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
+
+from .skb import sk_filter_is_valid_access
 
 
 class BpfProgType(IntEnum):
@@ -41,13 +44,15 @@ class ProgTypeInfo:
     ``entry_regs``: registers initialised at entry besides r10.
     ``ctx_size``: bytes of context a load may touch, aligned to its size (the type's
     ``is_valid_access``); None leaves context bounds to run time. A program's own
-    ``ctx_size`` (set at load for the target arch) wins over the type's."""
+    ``ctx_size`` (set at load for the target arch) wins over the type's.
+    ``ctx_access``: the type's field rule, (off, size, write) -> refusal or None."""
 
     ctx_writable: bool
     helpers: frozenset[int] | None
     lenient: bool = False
     entry_regs: tuple[int, ...] = (1,)
     ctx_size: int | None = None
+    ctx_access: Callable[[int, int, bool], str | None] | None = None
 
 
 # sizeof(struct pt_regs) per arch (kprobe_prog_is_valid_access bounds by the kernel
@@ -57,7 +62,8 @@ KPROBE_CTX_SIZE = {"x86_64": 168, "arm64": 336}
 
 PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_UNSPEC: ProgTypeInfo(True, None, lenient=True, entry_regs=(1, 2)),
-    BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(False, NET_HELPERS | {26}),
+    BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(True, NET_HELPERS | {26},
+                                                          ctx_access=sk_filter_is_valid_access),
     BpfProgType.BPF_PROG_TYPE_SCHED_CLS: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_SCHED_ACT: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_XDP: ProgTypeInfo(False, NET_HELPERS),

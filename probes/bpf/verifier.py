@@ -160,6 +160,11 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
             raise _Refuse("invalid bpf_context access (the context is read-only)")
         if ptr.val is None and not env.lenient:
             raise _Refuse(f"variable ctx access R{reg} disallowed")
+        rule = env.prog.type_info.ctx_access
+        if rule is not None and ptr.val is not None and direct:
+            refusal = rule(ptr.val + off, size, write)
+            if refusal:
+                raise _Refuse(refusal)
         limit = env.prog.ctx_size or env.prog.type_info.ctx_size
         if limit is not None and ptr.val is not None:
             start = ptr.val + off     # kprobe_prog_is_valid_access: in bounds, size-aligned
