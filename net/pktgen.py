@@ -81,53 +81,72 @@ def gre(proto: int, payload: bytes, flags: int = 0, extra: bytes = b"") -> bytes
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
+def _v4(proto: int, l4: bytes, **kw: object) -> bytes:
+    return ether(0x0800, ipv4(proto, l4, **kw))  # type: ignore[arg-type]
+
+
+def _v6(nexthdr: int, l4: bytes, **kw: int) -> bytes:
+    return ether(0x86DD, ipv6(nexthdr, l4, **kw))
+
+
+def _ipv4_frames() -> list[bytes]:
+    """TCP with every flag and options, UDP, ICMP, fragments, IP options."""
+    f = [_v4(6, tcp(40000 + i, port, flags, b"x" * size), src=src, dst=dst)
+         for i, (port, flags, size, src, dst) in enumerate([
+             (80, SYN, 0, "10.0.0.1", "10.0.0.2"), (80, SYN | ACK, 0, "10.0.0.2", "10.0.0.1"),
+             (443, ACK | PSH, 100, "192.168.1.5", "10.0.0.2"), (22, ACK, 10, "10.0.0.1", "8.8.8.8"),
+             (8080, FIN | ACK, 0, "172.16.3.4", "192.168.1.9"), (25, RST, 0, "10.0.1.1", "10.0.0.2"),
+             (1023, URG | ACK, 1400, "192.168.1.5", "192.168.2.5")])]
+    f.append(_v4(6, tcp(1234, 80, ACK, b"opt", options=b"\x02\x04\x05\xb4\x01\x03\x03\x07")))
+    f.append(_v4(6, tcp(5555, 21, SYN), options=b"\x94\x04\x00\x00"))         # router alert
+    f += [_v4(17, udp(5353, port, b"y" * size), src=src, dst=dst) for port, size, src, dst in [
+        (53, 30, "10.0.0.1", "8.8.8.8"), (123, 48, "192.168.1.5", "10.0.0.2"),
+        (5000, 0, "10.0.0.3", "10.0.0.255"), (5004, 500, "172.16.3.4", "10.0.0.1")]]
+    f += [_v4(1, icmp(t)) for t in (8, 0, 3, 11)]
+    f.append(_v4(17, udp(7000, 7001, b"z" * 24), mf=True))                    # first fragment
+    f.append(_v4(17, b"z" * 24, frag=3, mf=True))                             # middle fragment
+    f.append(_v4(17, b"z" * 16, frag=6))                                      # last fragment
+    f.append(_v4(6, tcp(80, 9999, ACK, b"df"), df=True))
+    return f
+
+
+def _vlan_and_ipv6_frames() -> list[bytes]:
+    f = [ether(0x8100, vlan(10, 0x0800, ipv4(6, tcp(3333, 80, SYN)))),
+         ether(0x8100, vlan(20, 0x0800, ipv4(17, udp(53, 53, b"q" * 12), src="10.9.9.9"))),
+         ether(0x8100, vlan(30, 0x86DD, ipv6(17, udp(546, 547)))),
+         ether(0x88A8, vlan(100, 0x8100, vlan(10, 0x0800, ipv4(6, tcp(1, 80, ACK)))))]
+    f += [_v6(6, tcp(50000, port, flags, b"w" * size)) for port, flags, size in [
+        (80, SYN, 0), (443, ACK | PSH, 64), (22, FIN | ACK, 0)]]
+    f.append(_v6(17, udp(5353, 5353, b"m" * 20), dst=0xFB))
+    f += [_v6(58, icmp(t)) for t in (128, 129, 135, 1)]
+    f.append(_v6(0, ext6(17, udp(1111, 53, b"h" * 4))))                       # hop-by-hop
+    f.append(_v6(43, ext6(6, tcp(2222, 80, SYN), units=2)))                    # routing header
+    f.append(_v6(60, ext6(58, icmp(128))))                                    # destination opts
+    f.append(_v6(44, frag6(17, udp(3333, 53, b"f" * 16), more=True)))          # first fragment
+    f.append(_v6(44, frag6(17, b"f" * 16, offset=3)))                         # later fragment
+    return f
+
+
+def _other_frames() -> list[bytes]:
+    """Tunnels, ARP, truncated and unknown frames, multicast."""
+    return [
+        _v4(47, gre(0x0800, ipv4(6, tcp(4444, 80, SYN), src="10.5.5.5"))),
+        _v4(47, gre(0x6558, ether(0x0800, ipv4(17, udp(1, 2))))),               # GRE TEB
+        _v4(4, ipv4(17, udp(9, 9, b"i" * 3), src="10.7.7.7")),                  # IP in IP
+        ether(0x0806, bytes.fromhex("0001080006040001") + MAC_A + ip4("10.0.0.1")
+              + b"\x00" * 6 + ip4("10.0.0.2"), dst=BROADCAST),
+        ether(0x0800, ipv4(6, tcp(80, 81))[:30]),                                # truncated TCP
+        ether(0x0800, ipv4(17, udp(1, 2))[:12]),                                 # short IPv4
+        ether(0x88B5, b"\x00" * 40),                                             # unknown type
+        ether(0x0800, ipv4(17, udp(5353, 5353), dst="224.0.0.251"),
+              dst=bytes.fromhex("01005e0000fb")),
+    ]
+
+
 def mixed_frames() -> list[bytes]:
     """Ethernet frames of many kinds: IPv4/IPv6, TCP/UDP/ICMP/ICMPv6, VLAN,
     fragments, IP and TCP options, extension headers, GRE, ARP, truncated."""
-    f: list[bytes] = []
-    v4 = lambda proto, l4, **kw: ether(0x0800, ipv4(proto, l4, **kw))  # noqa: E731
-    v6 = lambda nh, l4, **kw: ether(0x86DD, ipv6(nh, l4, **kw))  # noqa: E731
-    f += [v4(6, tcp(40000 + i, port, flags, b"x" * size), src=src, dst=dst)
-          for i, (port, flags, size, src, dst) in enumerate([
-              (80, SYN, 0, "10.0.0.1", "10.0.0.2"), (80, SYN | ACK, 0, "10.0.0.2", "10.0.0.1"),
-              (443, ACK | PSH, 100, "192.168.1.5", "10.0.0.2"), (22, ACK, 10, "10.0.0.1", "8.8.8.8"),
-              (8080, FIN | ACK, 0, "172.16.3.4", "192.168.1.9"), (25, RST, 0, "10.0.1.1", "10.0.0.2"),
-              (1023, URG | ACK, 1400, "192.168.1.5", "192.168.2.5")])]
-    f.append(v4(6, tcp(1234, 80, ACK, b"opt", options=b"\x02\x04\x05\xb4\x01\x03\x03\x07")))
-    f.append(v4(6, tcp(5555, 21, SYN), options=b"\x94\x04\x00\x00"))          # router alert
-    f += [v4(17, udp(5353, port, b"y" * size), src=src, dst=dst) for port, size, src, dst in [
-        (53, 30, "10.0.0.1", "8.8.8.8"), (123, 48, "192.168.1.5", "10.0.0.2"),
-        (5000, 0, "10.0.0.3", "10.0.0.255"), (5004, 500, "172.16.3.4", "10.0.0.1")]]
-    f += [v4(1, icmp(t)) for t in (8, 0, 3, 11)]
-    f.append(v4(17, udp(7000, 7001, b"z" * 24), mf=True))                     # first fragment
-    f.append(v4(17, b"z" * 24, frag=3, mf=True))                              # middle fragment
-    f.append(v4(17, b"z" * 16, frag=6))                                       # last fragment
-    f.append(v4(6, tcp(80, 9999, ACK, b"df"), df=True))
-    f.append(ether(0x8100, vlan(10, 0x0800, ipv4(6, tcp(3333, 80, SYN)))))
-    f.append(ether(0x8100, vlan(20, 0x0800, ipv4(17, udp(53, 53, b"q" * 12), src="10.9.9.9"))))
-    f.append(ether(0x8100, vlan(30, 0x86DD, ipv6(17, udp(546, 547)))))
-    f.append(ether(0x88A8, vlan(100, 0x8100, vlan(10, 0x0800, ipv4(6, tcp(1, 80, ACK)))),
-                   ))
-    f += [v6(6, tcp(50000, port, flags, b"w" * size)) for port, flags, size in [
-        (80, SYN, 0), (443, ACK | PSH, 64), (22, FIN | ACK, 0)]]
-    f.append(v6(17, udp(5353, 5353, b"m" * 20), dst=0xFB))
-    f += [v6(58, icmp(t)) for t in (128, 129, 135, 1)]
-    f.append(v6(0, ext6(17, udp(1111, 53, b"h" * 4))))                        # hop-by-hop
-    f.append(v6(43, ext6(6, tcp(2222, 80, SYN), units=2)))                     # routing header
-    f.append(v6(60, ext6(58, icmp(128))))                                     # destination opts
-    f.append(v6(44, frag6(17, udp(3333, 53, b"f" * 16), more=True)))           # first fragment
-    f.append(v6(44, frag6(17, b"f" * 16, offset=3)))                          # later fragment
-    f.append(v4(47, gre(0x0800, ipv4(6, tcp(4444, 80, SYN), src="10.5.5.5"))))
-    f.append(v4(47, gre(0x6558, ether(0x0800, ipv4(17, udp(1, 2))))))          # GRE TEB
-    f.append(v4(4, ipv4(17, udp(9, 9, b"i" * 3), src="10.7.7.7")))              # IP in IP
-    f.append(ether(0x0806, bytes.fromhex("0001080006040001") + MAC_A + ip4("10.0.0.1")
-                   + b"\x00" * 6 + ip4("10.0.0.2"), dst=BROADCAST))
-    f.append(ether(0x0800, ipv4(6, tcp(80, 81))[:30]))                           # truncated TCP
-    f.append(ether(0x0800, ipv4(17, udp(1, 2))[:12]))                            # short IPv4
-    f.append(ether(0x88B5, b"\x00" * 40))                                        # unknown type
-    f.append(ether(0x0800, ipv4(17, udp(5353, 5353), dst="224.0.0.251"),
-                   dst=bytes.fromhex("01005e0000fb")))
-    return f
+    return _ipv4_frames() + _vlan_and_ipv6_frames() + _other_frames()
 
 
 def write_pcap(path: str, frames: list[bytes], snaplen: int = 65535, linktype: int = 1) -> None:
