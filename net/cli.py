@@ -14,7 +14,6 @@ exit 2; a program fault exits 139.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import shutil
 import subprocess
@@ -121,6 +120,8 @@ def _runner(args: argparse.Namespace) -> Callable[..., int]:
 
 
 def _addr(raw: bytes) -> str:
+    import ipaddress
+
     return str(ipaddress.ip_address(raw)) if len(raw) in (4, 16) else "-"
 
 
