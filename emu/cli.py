@@ -201,6 +201,7 @@ SUBCOMMAND_MODULES = (
     "probes.cli",               # inspect, sweep, trace
     "probes.bpf.cli",           # bpf run|disasm|verify
     "probes.bench_cli",         # bench
+    "net.cli",                  # filter
 )
 
 

@@ -23,6 +23,13 @@ class UsageError(EmuError):
     exit_code = 2
 
 
+class GuestFault(EmuError):
+    """Untrusted input misbehaved outside a guest run (a packet filter's program faulting on a
+    packet): reported on one line, exit 139 like a guest fault."""
+
+    exit_code = 139
+
+
 class ElfError(UsageError):
     """The file is not an ELF we can load (truncated, wrong machine, dynamic, ...)."""
 

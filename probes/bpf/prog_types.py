@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
+
+from .skb import sk_filter_is_valid_access
 
 
 class BpfProgType(IntEnum):
@@ -42,7 +45,8 @@ class ProgTypeInfo:
     ``ctx_size``: bytes of context a load may touch, aligned to its size (the type's
     ``is_valid_access``); None leaves context bounds to run time. A program's own
     ``ctx_size`` (set at load for the target arch) wins over the type's. ``ctx_min``: the
-    first offset a load may touch (a tracepoint record's common fields are not readable)."""
+    first offset a load may touch (a tracepoint record's common fields are not readable).
+    ``ctx_access``: the type's field rule, (off, size, write) -> refusal or None."""
 
     ctx_writable: bool
     helpers: frozenset[int] | None
@@ -50,6 +54,7 @@ class ProgTypeInfo:
     entry_regs: tuple[int, ...] = (1,)
     ctx_size: int | None = None
     ctx_min: int = 0
+    ctx_access: Callable[[int, int, bool], str | None] | None = None
 
 
 # sizeof(struct pt_regs) per arch (kprobe_prog_is_valid_access bounds by the kernel
@@ -61,7 +66,8 @@ MAX_BPF_FUNC_ARGS = 12          # raw_tp_prog_is_valid_access: [0, 12 * sizeof(u
 
 PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_UNSPEC: ProgTypeInfo(True, None, lenient=True, entry_regs=(1, 2)),
-    BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(False, NET_HELPERS | {26}),
+    BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(True, NET_HELPERS | {26},
+                                                          ctx_access=sk_filter_is_valid_access),
     BpfProgType.BPF_PROG_TYPE_SCHED_CLS: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_SCHED_ACT: ProgTypeInfo(False, NET_HELPERS | {26}),
     BpfProgType.BPF_PROG_TYPE_XDP: ProgTypeInfo(False, NET_HELPERS),

@@ -183,6 +183,11 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
         if ptr.val is None and not env.lenient:
             raise _Refuse(f"variable ctx access R{reg} disallowed")
         info = env.prog.type_info
+        rule = info.ctx_access
+        if rule is not None and ptr.val is not None and direct:
+            refusal = rule(ptr.val + off, size, write)
+            if refusal:
+                raise _Refuse(refusal)
         limit = env.prog.ctx_size or info.ctx_size
         if limit is not None and ptr.val is not None:
             start = ptr.val + off     # the type's is_valid_access: in bounds, size-aligned
