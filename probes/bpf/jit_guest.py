@@ -261,8 +261,14 @@ def _guest_base(region: Region) -> tuple[int, int]:
     if region.base & VM_BASE:
         page = region.base & ~VM_BASE
         return page, page + ((span - len(region.data)) & ~15)
-    page = region.base & ~(PAGE - 1)
-    return page, region.base
+    return region.base & ~(PAGE - 1), packet_guest_addr(region.base, len(region.data))
+
+
+def packet_guest_addr(vm_addr: int, size: int) -> int:
+    """Where a packet's bytes sit in the guest: ending exactly at a page end, so a load
+    past data_end faults (the context's data/data_end are built with this address)."""
+    span = (size + PAGE - 1) & ~(PAGE - 1)
+    return (vm_addr & ~(PAGE - 1)) + span - size
 
 
 @dataclass
@@ -297,7 +303,9 @@ class ScratchJit:
         m.claim_text(STUB_BASE, PAGE)
         m.memory.map(DATA_BASE, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]")
         self.return_addr = self._stub("return", lambda addr: None)
-        self.model = m.enable_cycle_model(cycle_profile) if cycle_profile else None
+        self.model = None
+        if cycle_profile is not None:      # "default": the arch's default profile
+            self.model = m.enable_cycle_model(None if cycle_profile == "default" else cycle_profile)
 
     # -- trampolines --
     def _stub(self, key: Hashable, fn: Callable[[int], None]) -> int:
@@ -454,11 +462,17 @@ class ScratchJit:
     # -- windows --
     def to_guest(self, vm: int) -> int:
         w = self._by_vm_key.get(vm >> 32)
-        return vm if w is None else vm - w.region.base + w.gstart
+        if w is None or not (w.region.base & VM_BASE or w.region.base <= vm < w.region.end):
+            return vm
+        return vm - w.region.base + w.gstart
 
     def to_vm(self, guest: int) -> int:
+        """A guest pointer into a window as the machine's address (a region's whole 4 GiB
+        key translates; the packet, which shares key 0 with code, only its own pages)."""
         w = self.windows.get(guest >> 32)
-        return guest if w is None else guest - w.gstart + w.region.base
+        if w is None or not (w.region.base & VM_BASE or w.gpage <= guest < w.gpage + w.size):
+            return guest
+        return guest - w.gstart + w.region.base
 
     def sync_windows(self) -> None:
         """Map new regions of the run into the guest, drop removed ones, copy bytes out."""
@@ -622,9 +636,9 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
     env = env if env is not None else BpfRunContext()
     ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
     if packet is not None and not ctx_buf and prog.prog_type in PACKET_TYPES:
-        ctx_buf = (xdp_md(PACKET_ADDR, len(packet))
-                   if prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP
-                   else sk_buff(PACKET_ADDR, bytes(packet)))
+        addr = packet_guest_addr(PACKET_ADDR, len(packet))
+        ctx_buf = (xdp_md(addr, len(packet)) if prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP
+                   else sk_buff(addr, bytes(packet)))
     jit = ScratchJit(arch, cycle_profile)
     run = jit.prepare(prog, ctx_buf, env, packet)
     r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
