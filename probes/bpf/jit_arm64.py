@@ -83,20 +83,16 @@ def mov_imm(r: str, value: int, is64: bool = True) -> bytes:
     rd = _rnum(r)
     inverted = sum(h == 0xFFFF for h in halves) > sum(h == 0 for h in halves)
     fill = 0xFFFF if inverted else 0
+    keep = [k for k, h in enumerate(halves) if h != fill] or [0]
     out = bytearray()
-    first = True
-    for k, h in enumerate(halves):
-        if h == fill and not (first and k == len(halves) - 1):
-            continue
-        if first:
+    for n, k in enumerate(keep):
+        h = halves[k]
+        if n == 0:
             op = 0x12800000 if inverted else 0x52800000        # MOVN / MOVZ
             imm = (~h & 0xFFFF) if inverted else h
-            first = False
         else:
             op, imm = 0x72800000, h                           # MOVK
         out += _word(sf | op | k << 21 | imm << 5 | rd)
-    if first:        # every half was the fill value
-        out += _word(sf | (0x12800000 if inverted else 0x52800000) | rd)
     return bytes(out)
 
 
@@ -165,6 +161,9 @@ class Arm64Jit:
             if i.op in (BPF_LSH, BPF_RSH, BPF_ARSH):
                 n = i.imm & (63 if is64 else 31)
                 return [asm(f"{_ALU[i.op]} {dst}, {dst}, #{n}" if n else f"mov {dst}, {dst}")]
+            if i.op in (BPF_ADD, BPF_SUB) and -4096 < i.imm < 4096:      # A64_ADD_I / SUB_I
+                neg = (i.op == BPF_ADD) != (i.imm >= 0)
+                return [asm(f"{'sub' if neg else 'add'} {dst}, {dst}, #{abs(i.imm)}")]
             src, pre = r("x10"), mov_imm("x10", i.imm, is64)
         op = i.op
         if op == BPF_MOV:

@@ -321,6 +321,8 @@ class ScratchJit:
         return addr
 
     def _on_trap(self, addr: int) -> bool:
+        # A helper's body is host code: charged as a host handler (a modelling choice).
+        self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
         self._stub_fns[addr](addr)
         if self.emitter.trap_resume:
             self.machine.pc = addr + self.emitter.trap_resume
