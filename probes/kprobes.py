@@ -89,7 +89,9 @@ class Kprobes:
         self.arch: ArchKprobes = get_arch_kprobes(machine)
         self.table: dict[int, Kprobe] = {}
         self.kcb = KprobeCtlblk()
-        self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
+        # the probe layer's pages: slots and trampolines, and claimed text (BPF JIT images)
+        self.blacklist = Blacklist.from_machine(
+            machine, lambda a: self.arch.owns(a) or any(s <= a < e for s, e in machine.owned_text))
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer = None                     # probes.optprobes.Optimizer, if enabled
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then

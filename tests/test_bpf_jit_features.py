@@ -236,3 +236,40 @@ def test_modelled_cycles_repeat_exactly(arch: str) -> None:
     assert len(cycles) == 1
     (r0, n), = cycles
     assert n > 100          # 100 loop iterations of modelled guest code, at least a cycle each
+
+
+PROBE_SRC = "mov r0, 5\nldxdw r0, [r1+0x100]\nadd r0, 7\nldxb r2, [r1+0x7000]\nadd r0, r2\nexit"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_probe_mem_loads_are_fixed_up_through_the_exception_table(arch: str) -> None:
+    """Loads the kernel's verifier marks BPF_PROBE_MEM: a fault zeroes the destination
+    and the program goes on (ex_handler_bpf); without the mark the same load faults."""
+    prog = bpf.BpfProg(bpf.assemble_insns(PROBE_SRC))
+    r0, jit = run_prog(prog, bytearray(16), arch=arch, probe_mem=frozenset({1, 3}))
+    assert r0 == 7                       # both loads faulted and gave 0
+    image = jit.images[id(prog)]
+    assert len(image.extable) == 2
+    assert {image.insn_at(pc) for pc in image.extable} == {1, 3}
+    with pytest.raises(bpf.BpfRuntimeError) as e:
+        run_prog(bpf.BpfProg(bpf.assemble_insns(PROBE_SRC)), bytearray(16), arch=arch)
+    assert e.value.pc == 1 and "in JITed code" in e.value.reason
+    ok = bpf.BpfProg(bpf.assemble_insns("ldxdw r0, [r1+8]\nexit"))
+    assert run_prog(ok, bytearray(range(16)), arch=arch, probe_mem=frozenset({0}))[0] == \
+        int.from_bytes(bytes(range(8, 16)), "little")       # a load that works is untouched
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_jit_images_are_refused_as_kprobe_targets(arch: str) -> None:
+    import errno
+
+    from probes.errors import KprobeError
+    from probes.kprobes import Kprobe, kprobes_of
+
+    prog = bpf.BpfProg(bpf.assemble_insns("mov r0, 1\nexit"))
+    _, jit = run_prog(prog, b"", arch=arch)
+    image = jit.images[id(prog)]
+    with pytest.raises(KprobeError) as e:
+        kprobes_of(jit.machine).register_kprobe(Kprobe(addr=image.insn_addr[1]))
+    assert e.value.errno == errno.EINVAL
+    assert "own code" in str(e.value)

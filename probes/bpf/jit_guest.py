@@ -194,9 +194,11 @@ def _kind(insn: Insn) -> str:
     return OPCODES[insn.code].kind
 
 
-def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None]) -> list[Piece]:
+def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None],
+                 probe_mem: frozenset[int] = frozenset()) -> list[Piece]:
     """The whole program as pieces: per BPF function its prologue, its instructions
-    (each after a ("insn", i) mark), its epilogue after ("exit", start)."""
+    (each after a ("insn", i) mark), its epilogue after ("exit", start). Loads listed in
+    ``probe_mem`` (or in the kernel-internal PROBE_MEM modes) get exception-table entries."""
     insns, out = prog.insns, []
     starts = function_starts(insns)
     bounds = starts[1:] + [len(insns)]
@@ -205,9 +207,9 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
         i = start
         while i < end:
             insn = insns[i]
-            c = InsnCtx(i, insn, _kind(insn), start,
-                        probe=insn.cls == 0x01 and (insn.code & 0xE0) in (BPF_PROBE_MEM,
-                                                                         BPF_PROBE_MEMSX))
+            probe = insn.cls == 0x01 and (i in probe_mem or (insn.code & 0xE0) in (
+                BPF_PROBE_MEM, BPF_PROBE_MEMSX))
+            c = InsnCtx(i, insn, _kind(insn), start, probe=probe)
             resolve(c)
             out.append(Mark(("insn", i)))
             out += em.insn(c)
@@ -329,12 +331,15 @@ class ScratchJit:
         return True
 
     # -- compiling --
-    def compile(self, prog: "BpfProg") -> JitImage:
+    def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
+        """JIT ``prog`` into this machine (once). ``probe_mem``: indices of loads the
+        kernel's verifier would have turned into BPF_PROBE_MEM (loads through untrusted
+        pointers): a fault there zeroes the destination and execution goes on."""
         image = self.images.get(id(prog))
         if image is not None:
             return image
         prog.ensure_loaded()
-        pieces = build_pieces(self.emitter, prog, self._resolve)
+        pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem)
         code, labels, extable = layout(self.emitter, pieces, self._text_end)
         image = self._install(prog, code, labels, extable)
         self.images[id(prog)] = image
@@ -384,7 +389,8 @@ class ScratchJit:
 
     # -- the run --
     def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
-                packet: bytes | bytearray | None) -> BpfRun:
+                packet: bytes | bytearray | None,
+                probe_mem: frozenset[int] = frozenset()) -> BpfRun:
         run = BpfRun(prog, ctx, env, packet)
         stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
         run.mem.add(stack)
@@ -394,7 +400,7 @@ class ScratchJit:
         self.sync_windows()
         for p in _reachable(prog):
             self._cur = p
-            self.compile(p)
+            self.compile(p, probe_mem if p is prog else frozenset())
         return run
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
@@ -449,8 +455,10 @@ class ScratchJit:
         if result.reason is StopReason.LIMIT:
             raise self._fault(image, self.machine.pc,
                               f"instruction budget of {run.budget} exhausted (JIT)")
-        where = result.fault.pc if result.fault is not None else self.machine.pc
-        raise self._fault(image, where, f"JITed code: {result.message}")
+        f = result.fault
+        where = f.pc if f is not None else self.machine.pc
+        what = f"{f.kind}{f' {f.addr:#x}' if f.addr is not None else ''}" if f else result.message
+        raise self._fault(image, where, f"{what} in JITed code at {self.machine.describe(where)}")
 
     def _fault(self, image: JitImage, pc: int, reason: str) -> BpfRuntimeError:
         for img in self.images.values():
@@ -625,8 +633,8 @@ def _reachable(prog: "BpfProg") -> list["BpfProg"]:
 
 
 def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: str,
-             packet: bytes | bytearray | None = None,
-             cycle_profile: str | None = None) -> tuple[int, ScratchJit]:
+             packet: bytes | bytearray | None = None, cycle_profile: str | None = None,
+             probe_mem: frozenset[int] = frozenset()) -> tuple[int, ScratchJit]:
     """Run ``prog`` JITed for ``arch`` in a fresh scratch machine, like BpfProg.run:
     returns (r0, the scratch JIT) and writes the context back into a bytearray ctx."""
     from .context import BpfRunContext, sk_buff, xdp_md
@@ -642,7 +650,7 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
         ctx_buf = (xdp_md(addr, len(packet)) if prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP
                    else sk_buff(addr, bytes(packet)))
     jit = ScratchJit(arch, cycle_profile)
-    run = jit.prepare(prog, ctx_buf, env, packet)
+    run = jit.prepare(prog, ctx_buf, env, packet, probe_mem)
     r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
     run.finish()
     return r0, jit
