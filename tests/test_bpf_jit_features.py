@@ -273,3 +273,15 @@ def test_jit_images_are_refused_as_kprobe_targets(arch: str) -> None:
         kprobes_of(jit.machine).register_kprobe(Kprobe(addr=image.insn_addr[1]))
     assert e.value.errno == errno.EINVAL
     assert "own code" in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_budget_ends_a_loop_that_never_exits(arch: str) -> None:
+    """The JIT charges the run's budget at every backward branch (the kernel needs no
+    budget: its verifier proves termination; this one leaves bounded loops to run time)."""
+    forever = bpf.BpfProg(bpf.assemble_insns("mov r0, 0\nadd r0, 1\njne r0, 0, -2\nexit"))
+    with pytest.raises(bpf.BpfRuntimeError) as e:
+        run_prog(forever, b"", bpf.BpfRunContext(insn_budget=5000), arch=arch)
+    assert "budget of 5000 exhausted" in e.value.reason
+    bounded = bpf.BpfProg(bpf.assemble_insns("mov r0, 0\nadd r0, 1\njlt r0, 4000, -2\nexit"))
+    assert run_prog(bounded, b"", bpf.BpfRunContext(insn_budget=5000), arch=arch)[0] == 4000

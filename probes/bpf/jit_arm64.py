@@ -100,6 +100,7 @@ class Arm64Jit:
     arch = "arm64"
     reg_names = REGS
     helper_ret = "x0"
+    budget_reg = "x27"
     trap_resume = 4                      # BRK leaves the pc on itself: resume at the `ret`
     stub_code = _word(0xD4200100) + _word(0xD65F03C0)     # brk #0x8; ret
 
@@ -299,6 +300,16 @@ class Arm64Jit:
     _ldabs = _ld_packet
     _ldind = _ld_packet
 
+    @staticmethod
+    def back_edge(c: InsnCtx) -> list[Piece]:
+        """A backward branch charges the run's budget (x27, unused by the kernel's
+        map); at zero the budget trampoline ends the run."""
+        if not c.stub:
+            return []
+        go_on = object()     # B.cond reaches 1 MiB only: branch over a B to the trampoline
+        return [asm("subs x27, x27, #1"), Branch("jcc", go_on, "hs"), Branch("jmp", c.stub),
+                Mark(go_on)]
+
     def _jmp(self, c: InsnCtx) -> list[Piece]:
         i = c.insn
         r = (lambda x: x) if i.cls != BPF_JMP32 else w
@@ -312,15 +323,15 @@ class Arm64Jit:
             code = asm(f"cmn {dst}, #{-i.imm}")
         else:
             code = mov_imm("x10", i.imm, i.cls != BPF_JMP32) + asm(f"{cmp} {dst}, {r('x10')}")
-        return [code, Branch("jcc", c.target(i.off), _JCC[i.op])]
+        return self.back_edge(c) + [code, Branch("jcc", c.target(i.off), _JCC[i.op])]
 
     _jmp32 = _jmp
 
     def _ja(self, c: InsnCtx) -> list[Piece]:
-        return [Branch("jmp", c.target(c.insn.off))]
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.off))]
 
     def _ja32(self, c: InsnCtx) -> list[Piece]:
-        return [Branch("jmp", c.target(c.insn.imm))]
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.imm))]
 
     def _call(self, c: InsnCtx) -> list[Piece]:
         if c.insn.src_reg == 1:

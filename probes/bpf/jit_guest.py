@@ -56,7 +56,6 @@ TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
-GUEST_INSNS_PER_BPF = 32       # the budget in guest instructions: generous for atomics loops
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -99,12 +98,14 @@ class Emitter(Protocol):
     arch: str
     reg_names: tuple[str, ...]     # machine register of BPF r0..r10, then AX
     helper_ret: str                # where a helper's result comes back (rax / x0)
+    budget_reg: str                # counts the run's budget down at backward branches
     trap_resume: int               # bytes from a stub's trap to where it resumes (0: the CPU does)
     stub_code: bytes               # trap; ret
 
     def branch_size(self, b: Branch) -> int: ...
     def encode_branch(self, b: Branch, at: int, target: int) -> bytes: ...
     def return_address(self, m: "Machine") -> int: ...
+    def push_return(self, m: "Machine", sp: int, ret: int) -> int: ...
     def call_size(self) -> int: ...
     def prologue(self) -> list[Piece]: ...
     def epilogue(self) -> list[Piece]: ...
@@ -381,6 +382,10 @@ class ScratchJit:
                 c.value = TCC_ADDR
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
+        elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
+            off = c.insn.imm if c.kind == "ja32" else c.insn.off
+            if off < 0:
+                c.stub = self._stub("budget", self._on_budget)
         elif c.kind == "callx":
             c.stub = self._stub("callx", self._on_callx)
         elif c.kind in ("ldabs", "ldind"):
@@ -412,18 +417,21 @@ class ScratchJit:
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
         m.set_reg(regs[2], r2)
-        m.sp = em.push_return(m, sp, self.return_addr)  # type: ignore[attr-defined]
+        m.sp = em.push_return(m, sp, self.return_addr)
         self._pending = _Pending()
-        budget = run.budget * GUEST_INSNS_PER_BPF + 1000
+        # The budget: every backward branch the JITed code evaluates costs one (a register
+        # counts down; see back_edge in the arch JITs). Without backward branches a
+        # program ends by itself: no recursion, at most 33 tail calls.
+        m.set_reg(em.budget_reg, run.budget)
         start, cycles0 = image.entry, m.clock.cycles
         while True:
-            result = m.run(begin=start, until=self.return_addr, max_insns=budget)
+            result = m.run(begin=start, until=self.return_addr)
             resume = self._fixup(result)
             if resume is None:
                 break
             start = resume
         self.cycles = m.clock.cycles - cycles0
-        self.sync_in()
+        self.sync_in(stack=False)
         return self._outcome(result, image)
 
     def _fixup(self, result: Any) -> int | None:
@@ -452,9 +460,6 @@ class ScratchJit:
             return self.machine.reg(self.emitter.helper_ret) & U64
         run = self.run_state
         assert run is not None
-        if result.reason is StopReason.LIMIT:
-            raise self._fault(image, self.machine.pc,
-                              f"instruction budget of {run.budget} exhausted (JIT)")
         f = result.fault
         where = f.pc if f is not None else self.machine.pc
         what = f"{f.kind}{f' {f.addr:#x}' if f.addr is not None else ''}" if f else result.message
@@ -511,15 +516,29 @@ class ScratchJit:
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
         self.sync_out()
 
-    def sync_out(self) -> None:
-        for w in self.windows.values():
-            if w.region.data:
-                self.machine.uc.mem_write(w.gstart, bytes(w.region.data))
+    def _span(self, w: Window, stack: bool) -> tuple[int, int]:
+        """The bytes of a window to copy: of the native stack only the live part above
+        sp (helpers read keys and buffers there), and none of it once the run is over."""
+        if w.region.base != STACK_BASE:
+            return 0, len(w.region.data)
+        if not stack:
+            return 0, 0
+        low = max(self.machine.sp - w.gstart, 0)
+        return low, len(w.region.data)
 
-    def sync_in(self) -> None:
+    def sync_out(self, stack: bool = True) -> None:
+        uc = self.machine.uc
         for w in self.windows.values():
-            if w.region.writable and w.region.data:
-                w.region.data[:] = self.machine.uc.mem_read(w.gstart, len(w.region.data))
+            lo, hi = self._span(w, stack)
+            if hi > lo:
+                uc.mem_write(w.gstart + lo, bytes(w.region.data[lo:hi]))
+
+    def sync_in(self, stack: bool = True) -> None:
+        uc = self.machine.uc
+        for w in self.windows.values():
+            lo, hi = self._span(w, stack)
+            if w.region.writable and hi > lo:
+                w.region.data[lo:hi] = uc.mem_read(w.gstart + lo, hi - lo)
 
     # -- host entries --
     def _helper_trap(self, fid: int) -> Callable[[int], None]:
@@ -571,6 +590,12 @@ class ScratchJit:
     def _stop(self, e: BaseException) -> None:
         self._pending.error = e
         self.machine.uc.emu_stop()
+
+    def _on_budget(self, addr: int) -> None:
+        run = self.run_state
+        assert run is not None
+        self._stop(BpfRuntimeError(f"instruction budget of {run.budget} exhausted "
+                                   "(JIT: backward branches)", None, "", run.prog.name))
 
     def _on_callx(self, addr: int) -> None:
         run = self.run_state

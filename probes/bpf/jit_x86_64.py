@@ -87,6 +87,7 @@ class X86Jit:
     arch = "x86_64"
     reg_names = REGS
     helper_ret = "rax"
+    budget_reg = "r12"
     trap_resume = 0          # int3 reports the byte after it: the `ret` runs next
     stub_code = b"\xcc\xc3"  # int3; ret
 
@@ -305,21 +306,28 @@ class X86Jit:
     _ldabs = _ld_packet
     _ldind = _ld_packet
 
+    @staticmethod
+    def back_edge(c: InsnCtx) -> list[Piece]:
+        """A backward branch charges the run's budget (r12, free in the kernel's map
+        but for arenas); at zero the budget trampoline ends the run."""
+        return [asm("sub r12, 1"), Branch("jcc", c.stub, "b")] if c.stub else []
+
     def _jmp(self, c: InsnCtx) -> list[Piece]:
         i = c.insn
         w = (lambda r: r) if i.cls != BPF_JMP32 else r32
         dst = w(REGS[i.dst_reg])
         other = w(REGS[i.src_reg]) if i.is_reg_src else str(i.imm)
         cmp = "test" if i.op == BPF_JSET else "cmp"
-        return [asm(f"{cmp} {dst}, {other}"), Branch("jcc", c.target(i.off), _JCC[i.op])]
+        return self.back_edge(c) + [asm(f"{cmp} {dst}, {other}"),
+                                    Branch("jcc", c.target(i.off), _JCC[i.op])]
 
     _jmp32 = _jmp
 
     def _ja(self, c: InsnCtx) -> list[Piece]:
-        return [Branch("jmp", c.target(c.insn.off))]
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.off))]
 
     def _ja32(self, c: InsnCtx) -> list[Piece]:
-        return [Branch("jmp", c.target(c.insn.imm))]
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.imm))]
 
     def _call(self, c: InsnCtx) -> list[Piece]:
         if c.insn.src_reg == 1:
