@@ -301,6 +301,7 @@ class ScratchJit:
         self._text_end = TEXT_BASE
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self.run_state: BpfRun | None = None
+        self._stack: Region | None = None
         self.cycles = 0
         m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
         m.claim_text(STUB_BASE, PAGE)
@@ -396,9 +397,12 @@ class ScratchJit:
     def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
                 packet: bytes | bytearray | None,
                 probe_mem: frozenset[int] = frozenset()) -> BpfRun:
+        """A new run (BpfRun) of ``prog`` on this machine: its regions mapped, the
+        program and every program it can tail-call compiled (once per machine)."""
         run = BpfRun(prog, ctx, env, packet)
-        stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
-        run.mem.add(stack)
+        if self._stack is None:           # one native stack for every run: it stays mapped
+            self._stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
+        run.mem.add(self._stack)
         self.run_state = run
         for p in _reachable(prog):
             run.bind_maps(p)
@@ -679,6 +683,50 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
     r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
     run.finish()
     return r0, jit
+
+
+class ProbeJit:
+    """``--bpf-engine jit`` on probe hits: each program runs JITed to the traced
+    machine's arch in a scratch machine kept for it (made and compiled at the first hit),
+    and its modelled cycles are charged to the traced machine's clock when that runs the
+    cycle model (the JITed code on the same CPU profile). Call as ``runner(prog, ctx,
+    env) -> r0``, the signature of ``BpfProg.run``.
+
+    There is no native host-entry path yet: a hit enters the scratch machine from the
+    host, and helpers leave it through the trap trampolines."""
+
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        self.arch = machine.arch.name
+        self.jits: dict[int, ScratchJit] = {}
+
+    def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
+        from .memory import CTX_ADDR
+
+        jit = self.jits.get(id(prog))
+        if jit is None:
+            jit = self.jits[id(prog)] = ScratchJit(self.arch, self.machine.clock.profile)
+        ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
+        run = jit.prepare(prog, ctx_buf, env, None)
+        r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        run.finish()
+        if jit.model is not None:
+            self.machine.clock.advance(jit.cycles, "bpf jit")
+        return r0
+
+
+def install_engine(machine: "Machine", engine: str) -> None:
+    """Select how programs attached to ``machine`` run: "python" (the compiled path,
+    the default), "interp" or "jit" (probe hits run the JITed guest code)."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    trace = bpf_trace_of(machine)
+    if engine == "jit":
+        trace.runner = ProbeJit(machine)
+    elif engine == "interp":
+        trace.runner = lambda prog, ctx, env: prog.run(ctx, env, engine="interp")
+    else:
+        trace.runner = None
 
 
 def jited_listing(prog: "BpfProg", arch: str) -> str:

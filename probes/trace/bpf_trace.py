@@ -318,6 +318,7 @@ class BpfTrace:
         self.at_entry = False
         self.env = BpfRunContext(ktime_ns=machine.clock.monotonic_ns, memory=UserMemory(machine),
                                  stack_trace=self._stack_trace)
+        self.runner = None     # --bpf-engine: (prog, ctx, env) -> r0 instead of prog.run
 
     # -- consumers --
     def ring_buffer(self, m: RingbufMap, callback: Consumer) -> None:
@@ -357,7 +358,7 @@ class BpfTrace:
         for item in array.items:
             env.attach_cookie, env.override_rc = item.bpf_cookie, None
             try:
-                r0 = item.prog.run(ctx, env)
+                r0 = item.prog.run(ctx, env) if self.runner is None else self.runner(item.prog, ctx, env)
             except BpfRuntimeError as e:
                 raise BpfTraceError(item.prog.name or item.prog.section, str(e)) from None
             st = prog_stats(item.prog)
