@@ -59,6 +59,7 @@ TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
+_TRACE_PRINTK = 6
 _POINTER_RETS = {BpfRetType.RET_PTR_TO_MAP_VALUE_OR_NULL, BpfRetType.RET_PTR_TO_RINGBUF_MEM_OR_NULL}
 _NO_MEMORY_ARGS = {BpfArgType.ARG_ANYTHING, BpfArgType.ARG_DONTCARE, BpfArgType.ARG_CONST_SIZE,
                    BpfArgType.ARG_CONST_SIZE_OR_ZERO, BpfArgType.ARG_CONST_ALLOC_SIZE_OR_ZERO}
@@ -302,6 +303,8 @@ class ScratchJit:
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
+        self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
+        self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
         m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
         m.claim_text(STUB_BASE, PAGE)
@@ -553,14 +556,30 @@ class ScratchJit:
             self._call_helper(proto, fid, addr)
         return on_helper
 
+    def _plan(self, proto: BpfFuncProto, fid: int) -> tuple[tuple[int, ...], bool, bool]:
+        """(register ids to read, whether memory must be synchronised, whether r0 is a
+        pointer), worked out once per helper: the hot path of a helper call."""
+        plan = self._plans.get((id(proto), fid))
+        if plan is None:
+            kernel = proto is KERNEL_HELPERS.get(fid)
+            # a kernel helper reads only the registers its proto lists (trace_printk: all
+            # five, its r3-r5 are variadic); a caller's helper may read any
+            n = len(proto.args) if kernel and fid != _TRACE_PRINTK else 5
+            ids = tuple(self.machine.arch.reg_id(r) for r in self.emitter.reg_names[1:n + 1])
+            touches = not kernel or proto.ret in _POINTER_RETS or \
+                any(a not in _NO_MEMORY_ARGS for a in proto.args)
+            plan = self._plans[(id(proto), fid)] = (ids, touches, proto.ret in _POINTER_RETS)
+        return plan
+
     def _call_helper(self, proto: BpfFuncProto | None, fid: int, addr: int) -> None:
-        m, regs, run = self.machine, self.emitter.reg_names, self.run_state
+        m, run = self.machine, self.run_state
         assert run is not None
         if proto is None:
             return self._fail(addr, f"invalid func unknown#{fid}")
-        args = [self.to_vm(m.reg(regs[i])) for i in range(1, 6)]
-        touches = proto is not KERNEL_HELPERS.get(fid) or proto.ret in _POINTER_RETS or \
-            any(a not in _NO_MEMORY_ARGS for a in proto.args)   # a caller's helper: assume so
+        ids, touches, ptr_ret = self._plan(proto, fid)
+        read, to_vm = m.regs.read, self.to_vm
+        args = [to_vm(read(i)) for i in ids]
+        args += [0] * (5 - len(args))
         if touches:
             self.sync_in()
         try:
@@ -579,9 +598,9 @@ class ScratchJit:
             return self._fail(addr, unexpected(e))
         if touches:
             self.sync_windows()
-        if proto.ret in _POINTER_RETS:
+        if ptr_ret:
             r0 = self.to_guest(r0)
-        m.set_reg(self.emitter.helper_ret, r0)
+        m.regs.write(self._ret_id, r0)
         return None
 
     def _fail(self, addr: int, reason: str) -> None:
