@@ -285,3 +285,38 @@ def test_budget_ends_a_loop_that_never_exits(arch: str) -> None:
     assert "budget of 5000 exhausted" in e.value.reason
     bounded = bpf.BpfProg(bpf.assemble_insns("mov r0, 0\nadd r0, 1\njlt r0, 4000, -2\nexit"))
     assert run_prog(bounded, b"", bpf.BpfRunContext(insn_budget=5000), arch=arch)[0] == 4000
+
+
+ARRAY_LOOKUP = """
+    stw [r10-4], {key}
+    lddw r1, map_fd(1)
+    mov r2, r10
+    add r2, -4
+    call 1
+    jeq r0, 0, +4
+    ldxdw r1, [r0]
+    add r1, 5
+    stxdw [r0], r1
+    ldxw r0, [r0+8]
+    exit"""
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("key", [0, 2, 3, 100])
+def test_array_lookups_are_inlined(arch: str, key: int) -> None:
+    """map_lookup_elem on an array map becomes array_map_gen_lookup in the image (no call
+    to a trampoline), and gives what the helper gives, NULL past the end included."""
+    results = []
+    for engine in ("interp", "jit"):
+        arr = bpf.create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 12, 3)   # elem_size 16
+        for k in range(3):
+            arr.update(k, (k * 7).to_bytes(8, "little") + (k + 100).to_bytes(4, "little"))
+        prog = bpf.BpfProg(bpf.assemble_insns(ARRAY_LOOKUP.format(key=key)), maps={1: arr})
+        if engine == "interp":
+            r0 = prog.run(b"", engine="interp")
+        else:
+            r0, jit = run_prog(prog, b"", arch=arch)
+            assert ("helper", 1) not in jit.stubs      # no trampoline: the lookup is inline
+        results.append((r0, arr.items()))
+    assert results[0] == results[1]
+    assert results[1][0] == ((key + 100) if key < 3 else 0)

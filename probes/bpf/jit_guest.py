@@ -37,6 +37,7 @@ from .helpers import KERNEL_HELPERS, BpfArgType, BpfFuncProto, BpfRetType
 from .interpreter import load_packet, pseudo_value, unexpected
 from .isa import (
     BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
+    lddw_imm64,
 )
 from .memory import MemoryFault, Region, STACK_BASE, VM_BASE
 from .runtime import BpfRun, GuestFault, ProgramExit
@@ -196,11 +197,27 @@ def _kind(insn: Insn) -> str:
     return OPCODES[insn.code].kind
 
 
+@dataclass
+class _InlineCtx(InsnCtx):
+    """An instruction of a sequence that replaces one call (map_gen_lookup): its jumps
+    land inside the sequence (("inl", call index, position))."""
+    pos: int = 0
+
+    def target(self, off: int) -> tuple[str, int, int]:  # type: ignore[override]
+        return ("inl", self.idx, self.pos + 1 + off)
+
+
+Inliner = Callable[[int, Insn], Union[list[Insn], None]]
+
+
 def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None],
-                 probe_mem: frozenset[int] = frozenset()) -> list[Piece]:
+                 probe_mem: frozenset[int] = frozenset(),
+                 inline: Inliner | None = None) -> list[Piece]:
     """The whole program as pieces: per BPF function its prologue, its instructions
     (each after a ("insn", i) mark), its epilogue after ("exit", start). Loads listed in
-    ``probe_mem`` (or in the kernel-internal PROBE_MEM modes) get exception-table entries."""
+    ``probe_mem`` (or in the kernel-internal PROBE_MEM modes) get exception-table entries;
+    a call ``inline`` gives BPF instructions for is replaced by them (as the kernel's
+    verifier patches in map_gen_lookup before the JIT runs)."""
     insns, out = prog.insns, []
     starts = function_starts(insns)
     bounds = starts[1:] + [len(insns)]
@@ -209,15 +226,57 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
         i = start
         while i < end:
             insn = insns[i]
+            out.append(Mark(("insn", i)))
+            seq = inline(i, insn) if inline is not None and insn.code == BPF_CALL_OP else None
+            if seq is not None:
+                out += _inlined(em, i, start, seq)
+                i += 1
+                continue
             probe = insn.cls == 0x01 and (i in probe_mem or (insn.code & 0xE0) in (
                 BPF_PROBE_MEM, BPF_PROBE_MEMSX))
             c = InsnCtx(i, insn, _kind(insn), start, probe=probe)
             resolve(c)
-            out.append(Mark(("insn", i)))
             out += em.insn(c)
             i += 2 if insn.code == BPF_LDDW else 1
         out += [Mark(("exit", start)), *em.epilogue()]
     return out
+
+
+def _inlined(em: Emitter, idx: int, func: int, seq: list[Insn]) -> list[Piece]:
+    out: list[Piece] = []
+    pos = 0
+    while pos < len(seq):
+        insn = seq[pos]
+        c = _InlineCtx(idx, insn, _kind(insn), func, pos=pos)
+        if insn.code == BPF_LDDW:
+            c.value = lddw_imm64(insn, seq[pos + 1])
+        out += [Mark(("inl", idx, pos)), *em.insn(c)]
+        if insn.code == BPF_LDDW:
+            out.append(Mark(("inl", idx, pos + 1)))
+            pos += 1
+        pos += 1
+    return out + [Mark(("inl", idx, len(seq)))]
+
+
+def array_map_gen_lookup(base: int, max_entries: int, elem_size: int) -> list[Insn]:
+    """kernel/bpf/arraymap.c array_map_gen_lookup: r0 = &value[*(u32 *)r2], or NULL past
+    the end (r1 and r2 are the call's arguments, dead after it)."""
+    from .isa import BPF_ALU64, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LSH, BPF_LDX, BPF_MEM, BPF_MUL
+
+    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
+             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
+    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
+            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
+            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 3, max_entries),           # past the end: NULL
+            scale,
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_JMP | 0x00, 0, 0, 1),
+            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
 
 
 def layout(em: Emitter, pieces: list[Piece], base: int) -> JitImage | tuple[bytes, dict, dict]:
@@ -303,6 +362,7 @@ class ScratchJit:
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
+        self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
@@ -344,7 +404,8 @@ class ScratchJit:
         if image is not None:
             return image
         prog.ensure_loaded()
-        pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem)
+        pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
+                              self._inliner(prog) if self.inline_maps else None)
         code, labels, extable = layout(self.emitter, pieces, self._text_end)
         image = self._install(prog, code, labels, extable)
         self.images[id(prog)] = image
@@ -395,6 +456,25 @@ class ScratchJit:
         elif c.kind in ("ldabs", "ldind"):
             size = {0x00: 4, 0x08: 2, 0x10: 1}[c.insn.size]
             c.stub = self._stub(("ld_abs", size), self._ld_abs_trap(size))
+
+    def _inliner(self, prog: "BpfProg") -> Inliner:
+        """map_lookup_elem on a plain array map whose lddw reaches the call in a straight
+        line becomes array_map_gen_lookup (the values are in guest memory already)."""
+        from .maps import ArrayMap
+
+        insns = prog.insns
+        targets = _jump_targets(insns)
+        lookup = KERNEL_HELPERS.get(1)
+
+        def inline(idx: int, insn: Insn) -> list[Insn] | None:
+            if insn.src_reg != 0 or insn.imm != 1 or prog.helpers.get(1) is not lookup:
+                return None
+            m = _map_in_r1(prog, insns, targets, idx)
+            if type(m) is not ArrayMap or self.run_state is None:
+                return None
+            base = self.to_guest(self.run_state.global_data_ptr(m, 0))
+            return array_map_gen_lookup(base, m.max_entries, m.elem_size)
+        return inline
 
     # -- the run --
     def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
@@ -657,6 +737,43 @@ class ScratchJit:
             m.set_reg(regs[0], value)
             m.set_reg(regs[11], ok)
         return on_ld_abs
+
+
+def _jump_targets(insns: list[Insn]) -> set[int]:
+    out = set(function_starts(insns))
+    for i, insn in enumerate(insns):
+        kind = OPCODES.get(insn.code)
+        if kind is not None and kind.kind in ("jmp", "jmp32", "ja", "ja32"):
+            out.add(i + 1 + (insn.imm if kind.kind == "ja32" else insn.off))
+    return out
+
+
+def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) -> Any:
+    """The map an lddw put in r1 on the straight path into the call at ``idx`` (what the
+    verifier's insn_aux map_ptr_state says), or None."""
+    from .isa import BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX
+
+    i = idx - 1
+    while i >= 0 and idx - i < 64:
+        if i + 1 in targets:
+            return None              # another path joins before the call
+        insn = insns[i]
+        if i > 0 and insns[i - 1].code == BPF_LDDW:
+            insn, i = insns[i - 1], i - 1
+        if insn.code == BPF_LDDW and insn.dst_reg == 1:
+            ok = insn.src_reg in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX)
+            return prog.map_for(insn) if ok else None
+        kind = OPCODES.get(insn.code)
+        if kind is None or kind.kind in ("call", "callx", "exit", "ja", "ja32", "jmp", "jmp32",
+                                         "ldabs", "ldind"):
+            return None
+        if insn.dst_reg == 1 and kind.kind not in ("st", "stx") and not (
+                kind.kind == "atomic"):
+            return None              # r1 written by something else
+        if kind.kind == "atomic" and insn.src_reg == 1 and insn.imm & 0x01:
+            return None              # a fetch writes its source register
+        i -= 1
+    return None
 
 
 def _reachable(prog: "BpfProg") -> list["BpfProg"]:
