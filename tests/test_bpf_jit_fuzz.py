@@ -94,9 +94,19 @@ def _reinit(rng: random.Random, regs: list[int]) -> list[Insn]:
     return [Insn(BPF_ALU64 | BPF_MOV | BPF_K, r, 0, 0, _imm(rng)) for r in regs]
 
 
-def _call(rng: random.Random) -> list[Insn]:
+def _tail_call(rng: random.Random) -> list[Insn]:
+    """bpf_tail_call(ctx, prog_array (fd 3), index): slot 0 is another program, slot 1
+    the program itself, slot 2 empty, index 5 past the end."""
+    return [Insn(BPF_ALU64 | BPF_MOV | BPF_X, 1, 6), Insn(BPF_LDDW, 2, 1, 0, 3), Insn(0),
+            Insn(BPF_ALU64 | BPF_MOV | BPF_K, 3, 0, 0, rng.choice([0, 1, 2, 5])),
+            Insn(0x85, 0, 0, 0, 12)] + _reinit(rng, [0, 1, 2, 3, 4, 5])
+
+
+def _call(rng: random.Random, tail: bool = False) -> list[Insn]:
     """A helper (r1-r5 are unreadable after it, so they are set again) or, as a
     placeholder patched later, a call of the subprogram."""
+    if tail and rng.random() < 0.4:
+        return _tail_call(rng)
     fid = rng.choice([5, 7, 8, 14, 15, -1])
     if fid < 0:      # the subprogram gets the context in r1
         return [Insn(BPF_ALU64 | BPF_MOV | BPF_X, 1, 6), Insn(0x85, 0, 1, 0, -1)] + \
@@ -104,7 +114,7 @@ def _call(rng: random.Random) -> list[Insn]:
     return [Insn(0x85, 0, 0, 0, fid)] + _reinit(rng, [1, 2, 3, 4, 5])
 
 
-def _body(rng: random.Random, length: int, calls: bool) -> list[list[Insn]]:
+def _body(rng: random.Random, length: int, calls: bool, tail: bool = False) -> list[list[Insn]]:
     out: list[list[Insn]] = []
     while len(out) < length:
         r = rng.random()
@@ -115,16 +125,16 @@ def _body(rng: random.Random, length: int, calls: bool) -> list[list[Insn]]:
         elif r < 0.8:
             out.append(_misc(rng))
         elif r < 0.9 and calls:
-            out.append(_call(rng))
+            out.append(_call(rng, tail))
         else:
             out.append([])          # a jump, filled in once the layout is known
     return out
 
 
-def valid_program(rng: random.Random) -> bytes:
+def valid_program(rng: random.Random, tail: bool = False) -> bytes:
     pre = [Insn(BPF_ALU64 | BPF_MOV | BPF_X, 6, 1)] + _reinit(rng, VALUE_REGS)
     pre += [Insn(BPF_ST | BPF_MEM | 0x18, 10, 0, -8 * k, _imm(rng)) for k in range(1, 9)]
-    groups = _body(rng, rng.randrange(5, 40), calls=True)
+    groups = _body(rng, rng.randrange(5, 40), calls=True, tail=tail)
     sub = [Insn(BPF_ST | BPF_MEM | 0x18, 10, 0, -8 * k, _imm(rng)) for k in range(1, 9)]
     sub += [Insn(BPF_ALU64 | BPF_MOV | BPF_X, 6, 1)] + _reinit(rng, VALUE_REGS)
     sub_groups = _body(rng, rng.randrange(2, 10), calls=False)
@@ -190,6 +200,42 @@ def test_valid_random_programs(arch: str, seed: int) -> None:
         mem = bytes(rng.randrange(256) for _ in range(CTX_SIZE))
         kinds[compare(valid_program(rng), arch, mem)] += 1
     assert kinds["ok"] >= 200 * SCALE, kinds       # the generator makes valid programs
+
+
+def _tail_outcome(main: bytes, other: bytes, arch: str | None, mem: bytes) -> tuple:
+    from probes.bpf.maps import BpfMapType
+
+    jt = bpf.create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 3)
+    prog = BpfProg.from_bytes(main, maps={3: jt})
+    jt.update(0, BpfProg.from_bytes(other, maps={3: jt}))
+    jt.update(1, prog)
+    buf = bytearray(mem)
+    env = bpf.BpfRunContext(insn_budget=50000)
+    try:
+        r0 = run_prog(prog, buf, env, arch=arch)[0] if arch else prog.run(buf, env, engine="interp")
+        return "ok", r0, bytes(buf)
+    except bpf.VerifierError as e:
+        return "refused", e.reason, b""
+    except bpf.BpfRuntimeError as e:
+        return "fault", e.reason, b""
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tail_calls_in_random_programs(arch: str) -> None:
+    """Chains of tail calls between two random programs (one calling itself too), up to
+    MAX_TAIL_CALL_CNT: the same r0 and memory as the interpreter."""
+    rng = random.Random(9000)
+    kinds = {"ok": 0, "refused": 0, "fault": 0}
+    for _ in range(150 * SCALE):
+        mem = bytes(rng.randrange(256) for _ in range(CTX_SIZE))
+        main, other = valid_program(rng, tail=True), valid_program(rng, tail=True)
+        want = _tail_outcome(main, other, None, mem)
+        kinds[want[0]] += 1
+        if want[0] == "refused":
+            continue
+        got = _tail_outcome(main, other, arch, mem)
+        assert got == want, bpf.disassemble(main)
+    assert kinds["ok"] >= 120 * SCALE, kinds
 
 
 @pytest.mark.parametrize("arch", ARCHES)
