@@ -28,7 +28,8 @@ ENGINES = ("interp", "python", "jit")
 
 
 def run(code: bytes, mem: bytes = b"", *, engine: str = "jit", arch: str | None = None,
-        **kw: object) -> int:
+        env: BpfRunContext | None = None, maps: dict[int, BpfMap] | None = None,
+        helpers: dict[int, BpfFuncProto] | None = None) -> int:
     """Verify and run raw bytecode the conformance way (r1 = a writable copy of
     ``mem``, r2 = its length) and return r0.
 
@@ -40,17 +41,13 @@ def run(code: bytes, mem: bytes = b"", *, engine: str = "jit", arch: str | None 
     if engine == "jit" and arch is not None:
         from .jit_guest import run_prog
 
-        prog = BpfProg.from_bytes(code, maps=dict(kw.pop("maps", None) or {}),  # type: ignore[arg-type]
-                                  **({"helpers": kw.pop("helpers")}
-                                     if kw.get("helpers") is not None else {}))  # type: ignore[arg-type]
-        kw.pop("helpers", None)
-        return run_prog(prog, bytearray(mem), kw.pop("env", None), arch=arch)[0]
-    if engine == "python":
-        engine = "jit"
-    elif engine not in ENGINES:
+        prog = BpfProg.from_bytes(code, maps=dict(maps or {}),
+                                  helpers=helpers if helpers is not None else KERNEL_HELPERS)
+        return run_prog(prog, bytearray(mem), env, arch=arch)[0]
+    if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}")
-    return _run_vm(code, mem, engine=engine, **kw)  # type: ignore[arg-type]
-
+    return _run_vm(code, mem, env=env, maps=maps, helpers=helpers,
+                   engine="jit" if engine == "python" else engine)
 
 
 def verify(code: bytes, prog_type: BpfProgType = BpfProgType.BPF_PROG_TYPE_UNSPEC,

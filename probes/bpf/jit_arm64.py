@@ -276,7 +276,7 @@ class Arm64Jit:
                     asm(f"ldxr {r('x11')}, [x10]; stlxr w13, {r(src)}, [x10]"),
                     Branch("cbnz", loop, reg="w13"), asm(f"dmb ish; mov {r(src)}, {r('x11')}")]
         mn = _ALU[op & ~BPF_FETCH]
-        body = [self._ea(dst, i.off), Mark(loop),
+        body: list[Piece] = [self._ea(dst, i.off), Mark(loop),
                 asm(f"ldxr {r('x11')}, [x10]; {mn} {r('x12')}, {r('x11')}, {r(src)}; "
                     f"stlxr w13, {r('x12')}, [x10]" if op & BPF_FETCH else
                     f"ldxr {r('x11')}, [x10]; {mn} {r('x11')}, {r('x11')}, {r(src)}; "

@@ -279,7 +279,7 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-def layout(em: Emitter, pieces: list[Piece], base: int) -> JitImage | tuple[bytes, dict, dict]:
+def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, dict]:
     """Two passes: label addresses (every piece has a fixed size), then the bytes."""
     labels: dict[Hashable, int] = {}
     pc = base

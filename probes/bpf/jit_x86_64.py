@@ -184,9 +184,10 @@ class X86Jit:
         i = c.insn
         w = (lambda r: r) if is64 else r32
         is_div, signed = i.op == BPF_DIV, i.off == 1
-        zero = [asm(f"xor {r32(dst)}, {r32(dst)}")] if is_div else \
+        zero: list[Piece] = [asm(f"xor {r32(dst)}, {r32(dst)}")] if is_div else \
             ([] if is64 else [asm(f"mov {r32(dst)}, {r32(dst)}")])
-        minus1 = [asm(f"neg {w(dst)}")] if is_div else [asm(f"xor {r32(dst)}, {r32(dst)}")]
+        minus1: list[Piece] = [asm(f"neg {w(dst)}")] if is_div else \
+            [asm(f"xor {r32(dst)}, {r32(dst)}")]
         if src is None:
             imm = i.imm if is64 else i.imm & 0xFFFFFFFF
             if i.imm == 0:
@@ -235,13 +236,15 @@ class X86Jit:
         m = mem(size, src, i.off)
         text = {1: f"movzx {r32(dst)}, {m}", 2: f"movzx {r32(dst)}, {m}",
                 4: f"mov {r32(dst)}, {m}", 8: f"mov {dst}, {m}"}[size]
-        return ([Probe(dst)] if c.probe else []) + [asm(text)]
+        out: list[Piece] = [Probe(dst)] if c.probe else []
+        return out + [asm(text)]
 
     def _ldxsx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
         dst, src = REGS[i.dst_reg], REGS[i.src_reg]
         op = "movsxd" if size == 4 else "movsx"
-        return ([Probe(dst)] if c.probe else []) + [asm(f"{op} {dst}, {mem(size, src, i.off)}")]
+        out: list[Piece] = [Probe(dst)] if c.probe else []
+        return out + [asm(f"{op} {dst}, {mem(size, src, i.off)}")]
 
     def _st(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]

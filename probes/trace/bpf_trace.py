@@ -318,7 +318,7 @@ class BpfTrace:
         self.at_entry = False
         self.env = BpfRunContext(ktime_ns=machine.clock.monotonic_ns, memory=UserMemory(machine),
                                  stack_trace=self._stack_trace)
-        self.runner = None     # --bpf-engine: (prog, ctx, env) -> r0 instead of prog.run
+        self.runner: Callable[..., int] | None = None   # --bpf-engine: (prog, ctx, env) -> r0
 
     # -- consumers --
     def ring_buffer(self, m: RingbufMap, callback: Consumer) -> None:
