@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import keystone
 
+from .errors import BpfError
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
@@ -112,10 +113,11 @@ class Arm64Jit:
         off = (target - at) >> 2
         if b.op in ("jmp", "call"):
             if not -(1 << 25) <= off < (1 << 25):
-                raise AssertionError("arm64 JIT branch out of range")
+                raise BpfError("JIT: a branch past B's 128 MiB range (the kernel's JIT fails too)")
             return _word((0x94000000 if b.op == "call" else 0x14000000) | (off & 0x3FFFFFF))
         if not -(1 << 18) <= off < (1 << 18):
-            raise AssertionError("arm64 JIT conditional branch out of range")
+            raise BpfError("JIT: a conditional branch past B.cond's 1 MiB range "
+                           "(the kernel's arm64 JIT fails too)")
         if b.op == "jcc":
             return _word(0x54000000 | (off & 0x7FFFF) << 5 | _COND[b.cond])
         sf = 1 << 31 if b.reg.startswith("x") else 0

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import keystone
 
+from .errors import BpfError
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
@@ -99,7 +100,7 @@ class X86Jit:
         size = self.branch_size(b)
         rel = target - (at + size)
         if not -(1 << 31) <= rel < (1 << 31):
-            raise AssertionError("x86 JIT branch out of rel32 range")
+            raise BpfError("JIT: a branch past rel32 range")
         if b.op == "jcc":
             return bytes((0x0F, 0x80 | _CC[b.cond])) + struct.pack("<i", rel)
         return bytes((0xE8 if b.op == "call" else 0xE9,)) + struct.pack("<i", rel)
