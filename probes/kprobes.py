@@ -122,7 +122,9 @@ class Kprobes:
         self.arch: ArchKprobes = arch_probes_of(machine).kprobes
         self.table: dict[int, Kprobe] = {}
         self.kcb = KprobeCtlblk()
-        self.blacklist = Blacklist.from_machine(machine, self.arch.owns)
+        # the probe layer's pages (slots, trampolines) and claimed text (BPF JIT images)
+        self.blacklist = Blacklist.from_machine(
+            machine, lambda a: self.arch.owns(a) or any(s <= a < e for s, e in machine.owned_text))
         self.reserved: ReservedText = reserved_text_of(machine)
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer: Optimizer | None = None   # set by enable_optprobes

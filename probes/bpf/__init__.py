@@ -20,8 +20,34 @@ from .isa import Insn, decode, encode
 from .maps import (
     BPF_ANY, BPF_EXIST, BPF_NOEXIST, BpfMap, BpfMapType, create_map,
 )
-from .program import BpfProg, run
+from .program import BpfProg
+from .program import run as _run_vm
 from .prog_types import BpfProgType
+
+ENGINES = ("interp", "python", "jit")
+
+
+def run(code: bytes, mem: bytes = b"", *, engine: str = "jit", arch: str | None = None,
+        env: BpfRunContext | None = None, maps: dict[int, BpfMap] | None = None,
+        helpers: dict[int, BpfFuncProto] | None = None) -> int:
+    """Verify and run raw bytecode the conformance way (r1 = a writable copy of
+    ``mem``, r2 = its length) and return r0.
+
+    ``engine``: "interp" (the reference interpreter), "python" (the compiled Python
+    path, jit.py) or "jit" (the program JITed to ``arch``'s machine code and run in a
+    scratch machine of that arch, jit_guest.py). For compatibility, "jit" without an
+    ``arch`` is the compiled Python path, as before the guest JIT existed.
+    """
+    if engine == "jit" and arch is not None:
+        from .jit_guest import run_prog
+
+        prog = BpfProg.from_bytes(code, maps=dict(maps or {}),
+                                  helpers=helpers if helpers is not None else KERNEL_HELPERS)
+        return run_prog(prog, bytearray(mem), env, arch=arch)[0]
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}")
+    return _run_vm(code, mem, env=env, maps=maps, helpers=helpers,
+                   engine="jit" if engine == "python" else engine)
 
 
 def verify(code: bytes, prog_type: BpfProgType = BpfProgType.BPF_PROG_TYPE_UNSPEC,

@@ -1,7 +1,8 @@
 """``emu bpf``: run, disassemble and verify BPF programs from the shell.
 
     emu bpf run    (--asm FILE | --hex HEX | --obj FILE.o --prog NAME) [--mem HEX] [--packet HEX]
-    emu bpf disasm (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--llvm]
+                   [--bpf-engine interp|python|jit [--arch A] [--cycles [--profile P]]]
+    emu bpf disasm (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--llvm | --jited [--arch A]]
     emu bpf verify (--asm FILE | --hex HEX | --obj FILE.o [--prog NAME]) [--type TYPE]
 
 ``--asm`` also takes a conformance ``.data`` file (its program, and its
@@ -100,9 +101,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         mem = bytes(DEFAULT_CTX_SIZE)
     else:
         mem = inp.mem
-    result = prog.run(bytearray(mem), packet=packet, engine=args.engine)
+    engine = args.bpf_engine or ("python" if args.engine == "jit" else args.engine)
+    if engine == "jit":
+        from .jit_guest import run_prog
+
+        profile = args.profile or ("default" if args.cycles else None)
+        result, jit = run_prog(prog, bytearray(mem), packet=packet, arch=args.arch,
+                               cycle_profile=profile)
+        print(f"r0 = {result:#x}", file=_out(args))
+        if profile is not None:
+            print(f"cycles = {jit.cycles} ({args.arch}, {jit.model.profile.name})",  # type: ignore[union-attr]
+                  file=_out(args))
+        return 0
+    if args.cycles:
+        raise BpfError("--cycles needs --bpf-engine jit (only JITed code runs on the cycle model)")
+    result = prog.run(bytearray(mem), packet=packet,
+                      engine="jit" if engine == "python" else engine)
     print(f"r0 = {result:#x}", file=_out(args))
     return 0
+
+
+def _host_arch() -> str:
+    import platform
+
+    return "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
 
 
 def cmd_disasm(args: argparse.Namespace) -> int:
@@ -110,6 +132,11 @@ def cmd_disasm(args: argparse.Namespace) -> int:
     for prog in _read_input(args, want_one=False).progs:
         if prog.section:
             print(f"Disassembly of {prog.name} ({prog.section}):", file=out)
+        if args.jited:
+            from .jit_guest import jited_listing
+
+            print(jited_listing(prog, args.arch), end="", file=out)
+            continue
         print(disassemble_llvm(prog.insns) if args.llvm else disassemble(prog.insns), end="",
               file=out)
     return 0
@@ -138,11 +165,25 @@ def add_subcommands(subparsers: "argparse._SubParsersAction[argparse.ArgumentPar
                      help="the context r1 points to (its length in r2 for the default type); "
                           "kernel types get 512 zero bytes when omitted")
     run.add_argument("--packet", metavar="HEX", help="packet for socket/xdp/tc programs")
-    run.add_argument("--engine", choices=("jit", "interp"), default="jit")
+    run.add_argument("--engine", choices=("jit", "interp"), default="jit",
+                     help="older spelling: jit = the compiled Python path")
+    run.add_argument("--bpf-engine", choices=("interp", "python", "jit"), default=None,
+                     help="interp: the reference interpreter; python: the compiled Python "
+                          "path (default); jit: JITed to --arch code run in a scratch machine")
+    run.add_argument("--arch", choices=("arm64", "x86_64"), default=_host_arch(),
+                     help="the JIT's target (default: the host's)")
+    run.add_argument("--cycles", action="store_true",
+                     help="with --bpf-engine jit: print the modelled cycles of the run")
+    run.add_argument("--profile", metavar="NAME", default=None,
+                     help="CPU profile for --cycles (default: the arch's)")
     run.set_defaults(func=_guarded(cmd_run))
     dis = sub.add_parser("disasm", help="disassemble a program")
     _source_options(dis, prog_required=False)
     dis.add_argument("--llvm", action="store_true", help="llvm-objdump style listing")
+    dis.add_argument("--jited", action="store_true",
+                     help="the JITed --arch code under each BPF instruction (bpftool prog dump jited)")
+    dis.add_argument("--arch", choices=("arm64", "x86_64"), default=_host_arch(),
+                     help="the JIT's target for --jited (default: the host's)")
     dis.set_defaults(func=_guarded(cmd_disasm))
     ver = sub.add_parser("verify", help="print the verifier log; exit 1 when refused")
     _source_options(ver, prog_required=False)

@@ -30,6 +30,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="print every BPF map at exit (bpftool map dump -j layout)")
     p.add_argument("--bpf-format", choices=("hex", "json"), default="hex",
                    help="ring-buffer records and perf samples as hex lines or JSON objects")
+    p.add_argument("--bpf-engine", choices=("interp", "python", "jit"), default="python",
+                   help="how programs run on hits: interpreter, compiled Python, or JITed "
+                        "guest code (probes/bpf/jit_guest.py)")
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -48,6 +51,8 @@ def attach_from_args(session: Session, args: Any) -> None:
         return
     session.attach(BpfAttachment(session, specs, getattr(args, "dump_maps", False),
                                  getattr(args, "bpf_format", "hex"), getattr(args, "stderr", None)))
+    from probes.bpf.jit_guest import install_engine
+    install_engine(session.machine, getattr(args, "bpf_engine", "python"))
 
 
 class BpfAttachment:
@@ -151,6 +156,8 @@ class TraceBpfProvider:
         att = BpfAttachment(_MachineOnly(machine), specs, args.dump_maps, args.bpf_format,
                             out=getattr(args, "stdout", None) or sys.stdout)
         bpf_trace_of(machine).printk_sink = tracefs.trace_bpf_printk
+        from probes.bpf.jit_guest import install_engine
+        install_engine(machine, getattr(args, "bpf_engine", "python"))
         args._bpf_attachment = att
 
     def finish(self, machine, tracefs, args, out: IO[str]) -> None:

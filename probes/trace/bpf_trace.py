@@ -330,6 +330,7 @@ class BpfTrace:
             weakref.WeakKeyDictionary()
         self._comm: str | None = None
         self._entry: dict[int, bool] = {}
+        self.runner: Callable[..., int] | None = None   # --bpf-engine: (prog, ctx, env) -> r0
 
     # -- consumers --
     def ring_buffer(self, m: RingbufMap, callback: Consumer) -> None:
@@ -389,8 +390,11 @@ class BpfTrace:
             env.attach_cookie, env.override_rc = item.bpf_cookie, None
             run, compiled, st = self._run_state(item.prog)
             try:
-                r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
-                run.finish()
+                if self.runner is None:
+                    r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
+                    run.finish()
+                else:
+                    r0 = self.runner(item.prog, ctx, env)
             except BpfRuntimeError as e:
                 raise BpfTraceError(item.prog.name or item.prog.section, str(e)) from None
             st.run_cnt += 1

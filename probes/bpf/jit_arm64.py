@@ -1,0 +1,360 @@
+"""The arm64 BPF JIT (arch/arm64/net/bpf_jit_comp.c, bpf_jit.h): one BPF instruction at a time.
+
+Registers as the kernel maps them: r0 x7, r1-r5 x0-x4, r6-r9 x19-x22, the frame pointer
+x25, AX x9; x10-x13 are scratch. Prologue ``stp x29, x30, [sp, #-16]!; mov x29, sp``,
+the callee-saved pairs, ``mov x25, sp; sub sp, sp, #512``; the epilogue undoes it and
+ends ``mov x0, x7; ret``. A helper returns in x0 and the JIT copies it to x7.
+
+Constants are built with MOVZ/MOVN/MOVK encoded here (emit_a64_mov_i64); the other
+straight instructions go through keystone (exact, cached); branches (B, BL, B.cond,
+CBZ/CBNZ) are encoded here. Atomics are the kernel's LL/SC forms (emit_ll_sc_atomic, the
+path for CPUs without LSE such as the Cortex-A72 Unicorn models): LDXR/STLXR loops, with
+``dmb ish`` after the fetching ones. Division needs no guards: UDIV/SDIV give 0 for a zero
+divisor and INT_MIN for INT_MIN / -1, and MSUB then yields the BPF remainders.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import keystone
+
+from .errors import BpfError
+from .isa import (
+    BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
+    BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
+    BPF_JSLE, BPF_JSLT, BPF_LOAD_ACQ, BPF_LSH, BPF_MOD, BPF_MOV, BPF_MUL, BPF_OR, BPF_RSH,
+    BPF_STORE_REL, BPF_SUB, BPF_TO_BE, BPF_XCHG, BPF_XOR, MAX_BPF_STACK, MAX_TAIL_CALL_CNT,
+    SIZE_BYTES,
+)
+from .jit_guest import Branch, InsnCtx, Mark, Piece, Probe
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+REGS = ("x7", "x0", "x1", "x2", "x3", "x4", "x19", "x20", "x21", "x22", "x25", "x9")
+_COND = {"eq": 0, "ne": 1, "hs": 2, "lo": 3, "mi": 4, "pl": 5, "vs": 6, "vc": 7, "hi": 8,
+         "ls": 9, "ge": 10, "lt": 11, "gt": 12, "le": 13}
+_JCC = {BPF_JEQ: "eq", BPF_JNE: "ne", BPF_JGT: "hi", BPF_JGE: "hs", BPF_JLT: "lo",
+        BPF_JLE: "ls", BPF_JSGT: "gt", BPF_JSGE: "ge", BPF_JSLT: "lt", BPF_JSLE: "le",
+        BPF_JSET: "ne"}
+_ALU = {BPF_ADD: "add", BPF_SUB: "sub", BPF_OR: "orr", BPF_AND: "and", BPF_XOR: "eor",
+        BPF_MUL: "mul", BPF_LSH: "lsl", BPF_RSH: "lsr", BPF_ARSH: "asr"}
+_LD = {1: "ldrb", 2: "ldrh", 4: "ldr", 8: "ldr"}
+_LDU = {1: "ldurb", 2: "ldurh", 4: "ldur", 8: "ldur"}
+_ST = {1: "strb", 2: "strh", 4: "str", 8: "str"}
+_STU = {1: "sturb", 2: "sturh", 4: "stur", 8: "stur"}
+_LDSX = {1: "ldrsb", 2: "ldrsh", 4: "ldrsw"}
+_LDSXU = {1: "ldursb", 2: "ldursh", 4: "ldursw"}
+_SFX = {1: "b", 2: "h", 4: "", 8: ""}
+
+_KS = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)
+
+
+@lru_cache(maxsize=1 << 16)
+def asm(text: str) -> bytes:
+    """Straight instructions (no branches, no labels) to bytes."""
+    for _ in range(3):     # keystone's arm64 parser occasionally fails once (unicorn-notes)
+        try:
+            enc, _n = _KS.asm(text, 0)
+            return bytes(enc or b"")
+        except keystone.KsError as e:
+            err = e
+    raise AssertionError(f"arm64 JIT emitted {text!r}: {err}")
+
+
+def w(r: str) -> str:
+    return "w" + r[1:]
+
+
+def _word(v: int) -> bytes:
+    return v.to_bytes(4, "little")
+
+
+def _rnum(r: str) -> int:
+    return int(r[1:])
+
+
+def mov_imm(r: str, value: int, is64: bool = True) -> bytes:
+    """emit_a64_mov_i64 / emit_a64_mov_i: MOVZ or MOVN then MOVKs for the rest."""
+    bits = 64 if is64 else 32
+    value &= (1 << bits) - 1
+    halves = [(value >> (16 * k)) & 0xFFFF for k in range(bits // 16)]
+    sf = 1 << 31 if is64 else 0
+    rd = _rnum(r)
+    inverted = sum(h == 0xFFFF for h in halves) > sum(h == 0 for h in halves)
+    fill = 0xFFFF if inverted else 0
+    keep = [k for k, h in enumerate(halves) if h != fill] or [0]
+    out = bytearray()
+    for n, k in enumerate(keep):
+        h = halves[k]
+        if n == 0:
+            op = 0x12800000 if inverted else 0x52800000        # MOVN / MOVZ
+            imm = (~h & 0xFFFF) if inverted else h
+        else:
+            op, imm = 0x72800000, h                           # MOVK
+        out += _word(sf | op | k << 21 | imm << 5 | rd)
+    return bytes(out)
+
+
+class Arm64Jit:
+    arch = "arm64"
+    reg_names = REGS
+    helper_ret = "x0"
+    budget_reg = "x27"
+    trap_resume = 4                      # BRK leaves the pc on itself: resume at the `ret`
+    stub_code = _word(0xD4200100) + _word(0xD65F03C0)     # brk #0x8; ret
+
+    # -- branches --
+    def branch_size(self, b: Branch) -> int:
+        return 4
+
+    def encode_branch(self, b: Branch, at: int, target: int) -> bytes:
+        off = (target - at) >> 2
+        if b.op in ("jmp", "call"):
+            if not -(1 << 25) <= off < (1 << 25):
+                raise BpfError("JIT: a branch past B's 128 MiB range (the kernel's JIT fails too)")
+            return _word((0x94000000 if b.op == "call" else 0x14000000) | (off & 0x3FFFFFF))
+        if not -(1 << 18) <= off < (1 << 18):
+            raise BpfError("JIT: a conditional branch past B.cond's 1 MiB range "
+                           "(the kernel's arm64 JIT fails too)")
+        if b.op == "jcc":
+            return _word(0x54000000 | (off & 0x7FFFF) << 5 | _COND[b.cond])
+        sf = 1 << 31 if b.reg.startswith("x") else 0
+        op = 0x34000000 if b.op == "cbz" else 0x35000000
+        return _word(sf | op | (off & 0x7FFFF) << 5 | _rnum(b.reg))
+
+    def call_size(self) -> int:
+        return 4
+
+    def return_address(self, m: "Machine") -> int:
+        return m.reg("x30")
+
+    def push_return(self, m: "Machine", sp: int, ret: int) -> int:
+        m.set_reg("x30", ret)
+        return sp
+
+    # -- frame --
+    def prologue(self) -> list[Piece]:
+        return [asm("stp x29, x30, [sp, #-16]!; mov x29, sp; stp x19, x20, [sp, #-16]!; "
+                    "stp x21, x22, [sp, #-16]!; stp x25, x26, [sp, #-16]!; mov x25, sp; "
+                    f"sub sp, sp, #{MAX_BPF_STACK}")]
+
+    def teardown(self) -> bytes:
+        return asm(f"add sp, sp, #{MAX_BPF_STACK}; ldp x25, x26, [sp], #16; "
+                   "ldp x21, x22, [sp], #16; ldp x19, x20, [sp], #16; ldp x29, x30, [sp], #16")
+
+    def epilogue(self) -> list[Piece]:
+        return [self.teardown() + asm("mov x0, x7; ret")]
+
+    # -- instructions --
+    def insn(self, c: InsnCtx) -> list[Piece]:
+        return getattr(self, "_" + c.kind)(c)
+
+    def _alu(self, c: InsnCtx) -> list[Piece]:
+        i = c.insn
+        is64 = i.cls == BPF_ALU64
+        r = (lambda x: x) if is64 else w
+        dst = r(REGS[i.dst_reg])
+        if i.is_reg_src:
+            src, pre = r(REGS[i.src_reg]), b""
+        else:
+            if i.op == BPF_MOV:
+                return [mov_imm(REGS[i.dst_reg], i.imm, is64)]
+            if i.op in (BPF_LSH, BPF_RSH, BPF_ARSH):
+                n = i.imm & (63 if is64 else 31)
+                return [asm(f"{_ALU[i.op]} {dst}, {dst}, #{n}" if n else f"mov {dst}, {dst}")]
+            if i.op in (BPF_ADD, BPF_SUB) and -4096 < i.imm < 4096:      # A64_ADD_I / SUB_I
+                neg = (i.op == BPF_ADD) != (i.imm >= 0)
+                return [asm(f"{'sub' if neg else 'add'} {dst}, {dst}, #{abs(i.imm)}")]
+            src, pre = r("x10"), mov_imm("x10", i.imm, is64)
+        op = i.op
+        if op == BPF_MOV:
+            return [pre + asm(self._mov(i, is64, dst, src))]
+        if op == BPF_DIV:
+            return [pre + asm(f"{'sdiv' if i.off else 'udiv'} {dst}, {dst}, {src}")]
+        if op == BPF_MOD:
+            t = r("x11")
+            return [pre + asm(f"{'sdiv' if i.off else 'udiv'} {t}, {dst}, {src}; "
+                              f"msub {dst}, {t}, {src}, {dst}")]
+        return [pre + asm(f"{_ALU[op]} {dst}, {dst}, {src}")]
+
+    _alu64 = _alu
+
+    @staticmethod
+    def _mov(i, is64: bool, dst: str, src: str) -> str:
+        if i.off == 8:
+            return f"sxtb {dst}, {w(src)}"
+        if i.off == 16:
+            return f"sxth {dst}, {w(src)}"
+        if i.off == 32:
+            return f"sxtw {dst}, {w(src)}"
+        return f"mov {dst}, {src}"
+
+    def _neg(self, c: InsnCtx) -> list[Piece]:
+        d = w(REGS[c.insn.dst_reg])
+        return [asm(f"neg {d}, {d}")]
+
+    def _neg64(self, c: InsnCtx) -> list[Piece]:
+        d = REGS[c.insn.dst_reg]
+        return [asm(f"neg {d}, {d}")]
+
+    def _end(self, c: InsnCtx) -> list[Piece]:
+        i, d = c.insn, REGS[c.insn.dst_reg]
+        swap = i.cls == BPF_ALU64 or i.code & BPF_TO_BE
+        if not swap:
+            return [{16: asm(f"uxth {w(d)}, {w(d)}"), 32: asm(f"mov {w(d)}, {w(d)}"),
+                     64: b""}[i.imm]]
+        return [{16: asm(f"rev16 {w(d)}, {w(d)}; uxth {w(d)}, {w(d)}"),
+                 32: asm(f"rev {w(d)}, {w(d)}"), 64: asm(f"rev {d}, {d}")}[i.imm]]
+
+    @staticmethod
+    def _addr(base: str, off: int, size: int, fixed: dict, unscaled: dict, reg: str) -> str:
+        """`op reg, [base, #off]` (LDUR range) or through x11 = off."""
+        if -256 <= off < 256:
+            return f"{unscaled[size]} {reg}, [{base}, #{off}]"
+        return f"{fixed[size]} {reg}, [{base}, x11]"
+
+    def _mem(self, base: str, off: int, size: int, fixed: dict, unscaled: dict,
+             reg: str) -> bytes:
+        pre = b"" if -256 <= off < 256 else mov_imm("x11", off)
+        return pre + asm(self._addr(base, off, size, fixed, unscaled, reg))
+
+    def _ldx(self, c: InsnCtx) -> list[Piece]:
+        i, size = c.insn, SIZE_BYTES[c.insn.size]
+        d, s = REGS[i.dst_reg], REGS[i.src_reg]
+        reg = d if size == 8 else w(d)
+        code = self._mem(s, i.off, size, _LD, _LDU, reg)
+        return self._probe(c, d, code)
+
+    def _ldxsx(self, c: InsnCtx) -> list[Piece]:
+        i, size = c.insn, SIZE_BYTES[c.insn.size]
+        d, s = REGS[i.dst_reg], REGS[i.src_reg]
+        return self._probe(c, d, self._mem(s, i.off, size, _LDSX, _LDSXU, d))
+
+    @staticmethod
+    def _probe(c: InsnCtx, d: str, code: bytes) -> list[Piece]:
+        if not c.probe:
+            return [code]
+        return [code[:-4], Probe(d), code[-4:]]      # the load is the last word
+
+    def _st(self, c: InsnCtx) -> list[Piece]:
+        i, size = c.insn, SIZE_BYTES[c.insn.size]
+        reg = "x10" if size == 8 else "w10"
+        return [mov_imm("x10", i.imm) + self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, reg)]
+
+    def _stx(self, c: InsnCtx) -> list[Piece]:
+        i, size = c.insn, SIZE_BYTES[c.insn.size]
+        s = REGS[i.src_reg]
+        return [self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, s if size == 8 else w(s))]
+
+    def _ea(self, base: str, off: int) -> bytes:
+        """x10 = base + off (the atomics and acquire/release take no offset)."""
+        if 0 <= off < 4096:
+            return asm(f"add x10, {base}, #{off}")
+        if -4096 < off < 0:
+            return asm(f"sub x10, {base}, #{-off}")
+        return mov_imm("x10", off) + asm(f"add x10, {base}, x10")
+
+    def _atomic(self, c: InsnCtx) -> list[Piece]:
+        i, size = c.insn, SIZE_BYTES[c.insn.size]
+        dst, src, op = REGS[i.dst_reg], REGS[i.src_reg], i.imm
+        r = (lambda x: x) if size == 8 else w
+        sfx = _SFX[size]
+        if op == BPF_LOAD_ACQ:
+            return [self._ea(src, i.off) + asm(f"ldar{sfx} {r(dst) if size == 8 else w(dst)}, [x10]")]
+        if op == BPF_STORE_REL:
+            return [self._ea(dst, i.off) + asm(f"stlr{sfx} {r(src) if size == 8 else w(src)}, [x10]")]
+        loop = object()
+        if op == BPF_CMPXCHG:
+            out = object()
+            return [self._ea(dst, i.off) + asm(f"mov x12, x7"), Mark(loop),
+                    asm(f"ldxr {r('x7')}, [x10]; eor {r('x11')}, {r('x7')}, {r('x12')}"),
+                    Branch("cbnz", out, reg=r("x11")),
+                    asm(f"stlxr w13, {r(src)}, [x10]"), Branch("cbnz", loop, reg="w13"),
+                    asm("dmb ish"), Mark(out)]
+        if op == BPF_XCHG:
+            return [self._ea(dst, i.off), Mark(loop),
+                    asm(f"ldxr {r('x11')}, [x10]; stlxr w13, {r(src)}, [x10]"),
+                    Branch("cbnz", loop, reg="w13"), asm(f"dmb ish; mov {r(src)}, {r('x11')}")]
+        mn = _ALU[op & ~BPF_FETCH]
+        body: list[Piece] = [self._ea(dst, i.off), Mark(loop),
+                asm(f"ldxr {r('x11')}, [x10]; {mn} {r('x12')}, {r('x11')}, {r(src)}; "
+                    f"stlxr w13, {r('x12')}, [x10]" if op & BPF_FETCH else
+                    f"ldxr {r('x11')}, [x10]; {mn} {r('x11')}, {r('x11')}, {r(src)}; "
+                    f"stxr w13, {r('x11')}, [x10]"),
+                Branch("cbnz", loop, reg="w13")]
+        if op & BPF_FETCH:
+            body.append(asm(f"dmb ish; mov {r(src)}, {r('x11')}"))
+        return body
+
+    def _lddw(self, c: InsnCtx) -> list[Piece]:
+        return [mov_imm(REGS[c.insn.dst_reg], c.value)]
+
+    def _ld_packet(self, c: InsnCtx) -> list[Piece]:
+        i = c.insn
+        load = mov_imm("x9", i.imm, False) if c.kind == "ldabs" else \
+            mov_imm("x10", i.imm, False) + asm(f"add w9, {w(REGS[i.src_reg])}, w10")
+        ok = object()
+        return [load, Branch("call", c.stub), Branch("cbnz", ok, reg="x9"),
+                asm("mov x7, #0"), Branch("jmp", c.exit_label), Mark(ok)]
+
+    _ldabs = _ld_packet
+    _ldind = _ld_packet
+
+    @staticmethod
+    def back_edge(c: InsnCtx) -> list[Piece]:
+        """A backward branch charges the run's budget (x27, unused by the kernel's
+        map); at zero the budget trampoline ends the run."""
+        if not c.stub:
+            return []
+        go_on = object()     # B.cond reaches 1 MiB only: branch over a B to the trampoline
+        return [asm("subs x27, x27, #1"), Branch("jcc", go_on, "hs"), Branch("jmp", c.stub),
+                Mark(go_on)]
+
+    def _jmp(self, c: InsnCtx) -> list[Piece]:
+        i = c.insn
+        r = (lambda x: x) if i.cls != BPF_JMP32 else w
+        dst = r(REGS[i.dst_reg])
+        cmp = "tst" if i.op == BPF_JSET else "cmp"
+        if i.is_reg_src:
+            code = asm(f"{cmp} {dst}, {r(REGS[i.src_reg])}")
+        elif cmp == "cmp" and 0 <= i.imm < 4096:
+            code = asm(f"cmp {dst}, #{i.imm}")
+        elif cmp == "cmp" and -4096 < i.imm < 0:
+            code = asm(f"cmn {dst}, #{-i.imm}")
+        else:
+            code = mov_imm("x10", i.imm, i.cls != BPF_JMP32) + asm(f"{cmp} {dst}, {r('x10')}")
+        return self.back_edge(c) + [code, Branch("jcc", c.target(i.off), _JCC[i.op])]
+
+    _jmp32 = _jmp
+
+    def _ja(self, c: InsnCtx) -> list[Piece]:
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.off))]
+
+    def _ja32(self, c: InsnCtx) -> list[Piece]:
+        return self.back_edge(c) + [Branch("jmp", c.target(c.insn.imm))]
+
+    def _call(self, c: InsnCtx) -> list[Piece]:
+        if c.insn.src_reg == 1:
+            return [Branch("call", ("func", c.idx + 1 + c.insn.imm)), asm("mov x7, x0")]
+        return [Branch("call", c.stub), asm("mov x7, x0")]
+
+    def _callx(self, c: InsnCtx) -> list[Piece]:
+        return [asm(f"mov x9, {REGS[c.insn.dst_reg]}"), Branch("call", c.stub),
+                asm("mov x7, x0")]
+
+    def _tail_call(self, c: InsnCtx) -> list[Piece]:
+        """emit_bpf_tail_call: count < MAX_TAIL_CALL_CNT, the target looked up (bounds,
+        NULL) by the trampoline into x9, count++, drop this frame, branch."""
+        skip = object()
+        return [mov_imm("x10", c.value) + asm(f"ldr w11, [x10]; cmp w11, #{MAX_TAIL_CALL_CNT}"),
+                Branch("jcc", skip, "hs"), Branch("call", c.stub), Branch("cbz", skip, reg="x9"),
+                asm("ldr w11, [x10]; add w11, w11, #1; str w11, [x10]") + self.teardown()
+                + asm("br x9"), Mark(skip)]
+
+    def _exit(self, c: InsnCtx) -> list[Piece]:
+        return [Branch("jmp", c.exit_label)]
+
+
+EMITTER = Arm64Jit()

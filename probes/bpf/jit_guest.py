@@ -1,0 +1,908 @@
+"""The BPF JIT to the guest ISA (arch/{x86,arm64}/net/bpf_jit_comp.c), common part.
+
+A verified program is translated to arm64 or x86-64 machine code by the arch's emitter
+(``jit_arm64.py``, ``jit_x86_64.py``) and run inside a scratch ``Machine`` of that arch,
+where the cycle model can charge it like any guest code. This module holds what the two
+JITs share: the image builder (labels, fixed-size branches resolved in a second pass,
+the per-instruction address map that ``emu bpf disasm --jited`` and fault reports use,
+the exception table), the helper trampolines, and the runner.
+
+Memory. The machine's regions (context, map values, ring-buffer records; see memory.py)
+sit at non-canonical addresses no CPU can load from, so each region gets a guest window:
+the region's key with bit 62 cleared (0x4000_0001_xxxx_xxxx -> 0x1_xxxx_xxxx), the bytes
+placed at the end of the window's pages (rounded to 16) so an access past the end faults
+as it does in the interpreter. The packet keeps its address (xdp_md holds it as a u32).
+The BPF stack is the native stack, as in the kernel's JITs; it is one more region so that
+helpers can read keys and buffers on it.
+
+Helpers. There is no native host-entry path yet, so a helper call is a ``call``/``bl`` to
+a two-instruction trampoline (``int3; ret`` / ``brk #8; ret``) whose trap the machine's
+dispatcher hands to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
+machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
+back in the arch's return register.
+
+Left out (see the report in the issue): inlined map lookups (map_gen_lookup), constant
+tail-call patching, the kernel's short-branch passes (every branch has its long form).
+"""
+from __future__ import annotations
+
+import bisect
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
+
+from .disasm import format_insn
+from .errors import BpfError, BpfRuntimeError
+from .helpers import KERNEL_HELPERS, BpfArgType, BpfFuncProto, BpfRetType
+from .interpreter import load_packet, pseudo_value, unexpected
+from .isa import (
+    BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
+    lddw_imm64,
+)
+from .memory import MemoryFault, Region, STACK_BASE, VM_BASE
+from .runtime import BpfRun, GuestFault, ProgramExit
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+
+    from .program import BpfProg
+
+ARCHES = ("arm64", "x86_64")
+_EMITTERS = {"arm64": "probes.bpf.jit_arm64", "x86_64": "probes.bpf.jit_x86_64"}
+
+PAGE = 0x1000
+STUB_BASE = 0x0010_0000        # helper trampolines (r-x)
+DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counter
+TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
+STUB_SIZE = 16
+NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
+TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
+BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
+BPF_PROBE_MEMSX = 0x40
+
+_TRACE_PRINTK = 6
+_POINTER_RETS = {BpfRetType.RET_PTR_TO_MAP_VALUE_OR_NULL, BpfRetType.RET_PTR_TO_RINGBUF_MEM_OR_NULL}
+_NO_MEMORY_ARGS = {BpfArgType.ARG_ANYTHING, BpfArgType.ARG_DONTCARE, BpfArgType.ARG_CONST_SIZE,
+                   BpfArgType.ARG_CONST_SIZE_OR_ZERO, BpfArgType.ARG_CONST_ALLOC_SIZE_OR_ZERO}
+
+
+# --- the pieces an emitter produces ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mark:
+    """A label at the current position."""
+    label: Hashable
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch resolved at layout time. ``op``: "jmp", "call", "jcc" (with ``cond``),
+    "cbz"/"cbnz" (arm64, with ``reg``). ``target``: a label, or an int (absolute)."""
+    op: str
+    target: Any
+    cond: str = ""
+    reg: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The next bytes are a load that may fault: an exception-table entry (as the
+    kernel's ex_handler_bpf) zeroes ``dst`` and resumes after it."""
+    dst: str
+
+
+Piece = Union[bytes, Mark, Branch, Probe]
+
+
+class Emitter(Protocol):
+    """What an arch JIT provides (jit_arm64.py, jit_x86_64.py)."""
+
+    arch: str
+    reg_names: tuple[str, ...]     # machine register of BPF r0..r10, then AX
+    helper_ret: str                # where a helper's result comes back (rax / x0)
+    budget_reg: str                # counts the run's budget down at backward branches
+    trap_resume: int               # bytes from a stub's trap to where it resumes (0: the CPU does)
+    stub_code: bytes               # trap; ret
+
+    def branch_size(self, b: Branch) -> int: ...
+    def encode_branch(self, b: Branch, at: int, target: int) -> bytes: ...
+    def return_address(self, m: "Machine") -> int: ...
+    def push_return(self, m: "Machine", sp: int, ret: int) -> int: ...
+    def call_size(self) -> int: ...
+    def prologue(self) -> list[Piece]: ...
+    def epilogue(self) -> list[Piece]: ...
+    def insn(self, c: "InsnCtx") -> list[Piece]: ...
+
+
+def get_emitter(arch: str) -> Emitter:
+    """The JIT for ``arch`` (one instance per process; emitters are stateless)."""
+    if arch not in _EMITTERS:
+        raise BpfError(f"no BPF JIT for arch {arch!r} (one of {', '.join(ARCHES)})")
+    return importlib.import_module(_EMITTERS[arch]).EMITTER  # type: ignore[no-any-return]
+
+
+@dataclass
+class InsnCtx:
+    """What an emitter needs to translate one instruction: the instruction (and the
+    second slot of an lddw), labels of its jump targets, resolved constants."""
+    idx: int
+    insn: Insn
+    kind: str
+    func: int                      # first instruction of the enclosing BPF function
+    value: int = 0                 # lddw: the value to load
+    stub: int = 0                  # calls: trampoline address
+    probe: bool = False            # a BPF_PROBE_MEM load
+
+    def target(self, off: int) -> tuple[str, int]:
+        return ("insn", self.idx + 1 + off)
+
+    @property
+    def exit_label(self) -> tuple[str, int]:
+        return ("exit", self.func)
+
+
+# --- the image --------------------------------------------------------------------------------
+
+@dataclass
+class JitImage:
+    """A JITed program (struct bpf_prog's bpf_func and jited_linfo). Attributes: ``addr``,
+    ``code``, ``insn_addr`` (BPF instruction index -> start of its code), ``funcs``
+    (BPF function start -> entry address), ``extable`` (faulting pc -> (resume pc,
+    register to zero))."""
+    prog: "BpfProg"
+    arch: str
+    addr: int
+    code: bytes
+    insn_addr: dict[int, int]
+    funcs: dict[int, int]
+    extable: dict[int, tuple[int, str]] = field(default_factory=dict)
+    _starts: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def entry(self) -> int:
+        return self.funcs[0]
+
+    def insn_at(self, pc: int) -> int | None:
+        """The BPF instruction whose code holds ``pc`` (None: prologue/epilogue)."""
+        if not self._starts:
+            self._starts = sorted((a, i) for i, a in self.insn_addr.items())
+        k = bisect.bisect_right(self._starts, (pc, 1 << 62)) - 1
+        if k < 0 or not self.addr <= pc < self.addr + len(self.code):
+            return None
+        return self._starts[k][1]
+
+    def insn_code(self, idx: int) -> tuple[int, bytes]:
+        """Address and bytes of instruction ``idx``'s code (up to the next marked piece)."""
+        start = self.insn_addr[idx]
+        ends = [a for a in self.insn_addr.values() if a > start]
+        ends += [a for a in self.funcs.values() if a > start] + [a for a in self._exits if a > start]
+        end = min(ends, default=self.addr + len(self.code))
+        return start, self.code[start - self.addr:end - self.addr]
+
+    _exits: list[int] = field(default_factory=list, repr=False)
+
+
+def function_starts(insns: list[Insn]) -> list[int]:
+    starts = {0}
+    for i, insn in enumerate(insns):
+        if insn.code == BPF_CALL_OP and insn.src_reg == BPF_PSEUDO_CALL:
+            starts.add(i + 1 + insn.imm)
+    return sorted(starts)
+
+
+def _kind(insn: Insn) -> str:
+    mode = insn.code & 0xE0
+    if insn.cls == 0x01 and mode in (BPF_PROBE_MEM, BPF_PROBE_MEMSX):
+        return "ldx" if mode == BPF_PROBE_MEM else "ldxsx"
+    return OPCODES[insn.code].kind
+
+
+@dataclass
+class _InlineCtx(InsnCtx):
+    """An instruction of a sequence that replaces one call (map_gen_lookup): its jumps
+    land inside the sequence (("inl", call index, position))."""
+    pos: int = 0
+
+    def target(self, off: int) -> tuple[str, int, int]:  # type: ignore[override]
+        return ("inl", self.idx, self.pos + 1 + off)
+
+
+Inliner = Callable[[int, Insn], Union[list[Insn], None]]
+
+
+def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None],
+                 probe_mem: frozenset[int] = frozenset(),
+                 inline: Inliner | None = None) -> list[Piece]:
+    """The whole program as pieces: per BPF function its prologue, its instructions
+    (each after a ("insn", i) mark), its epilogue after ("exit", start). Loads listed in
+    ``probe_mem`` (or in the kernel-internal PROBE_MEM modes) get exception-table entries;
+    a call ``inline`` gives BPF instructions for is replaced by them (as the kernel's
+    verifier patches in map_gen_lookup before the JIT runs)."""
+    insns, out = prog.insns, []
+    starts = function_starts(insns)
+    bounds = starts[1:] + [len(insns)]
+    for start, end in zip(starts, bounds):
+        out += [Mark(("func", start)), *em.prologue()]
+        i = start
+        while i < end:
+            insn = insns[i]
+            out.append(Mark(("insn", i)))
+            seq = inline(i, insn) if inline is not None and insn.code == BPF_CALL_OP else None
+            if seq is not None:
+                out += _inlined(em, i, start, seq)
+                i += 1
+                continue
+            probe = insn.cls == 0x01 and (i in probe_mem or (insn.code & 0xE0) in (
+                BPF_PROBE_MEM, BPF_PROBE_MEMSX))
+            c = InsnCtx(i, insn, _kind(insn), start, probe=probe)
+            resolve(c)
+            out += em.insn(c)
+            i += 2 if insn.code == BPF_LDDW else 1
+        out += [Mark(("exit", start)), *em.epilogue()]
+    return out
+
+
+def _inlined(em: Emitter, idx: int, func: int, seq: list[Insn]) -> list[Piece]:
+    out: list[Piece] = []
+    pos = 0
+    while pos < len(seq):
+        insn = seq[pos]
+        c = _InlineCtx(idx, insn, _kind(insn), func, pos=pos)
+        if insn.code == BPF_LDDW:
+            c.value = lddw_imm64(insn, seq[pos + 1])
+        out += [Mark(("inl", idx, pos)), *em.insn(c)]
+        if insn.code == BPF_LDDW:
+            out.append(Mark(("inl", idx, pos + 1)))
+            pos += 1
+        pos += 1
+    return out + [Mark(("inl", idx, len(seq)))]
+
+
+def array_map_gen_lookup(base: int, max_entries: int, elem_size: int) -> list[Insn]:
+    """kernel/bpf/arraymap.c array_map_gen_lookup: r0 = &value[*(u32 *)r2], or NULL past
+    the end (r1 and r2 are the call's arguments, dead after it)."""
+    from .isa import BPF_ALU64, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LSH, BPF_LDX, BPF_MEM, BPF_MUL
+
+    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
+             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
+    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
+            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
+            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 3, max_entries),           # past the end: NULL
+            scale,
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_JMP | 0x00, 0, 0, 1),
+            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, dict]:
+    """Two passes: label addresses (every piece has a fixed size), then the bytes."""
+    labels: dict[Hashable, int] = {}
+    pc = base
+    for p in pieces:
+        if isinstance(p, Mark):
+            labels[p.label] = pc
+        elif isinstance(p, Branch):
+            pc += em.branch_size(p)
+        elif isinstance(p, bytes):
+            pc += len(p)
+    code, extable, pc, probe = bytearray(), {}, base, None
+    for p in pieces:
+        if isinstance(p, Branch):
+            target = p.target if isinstance(p.target, int) else labels[p.target]
+            enc = em.encode_branch(p, pc, target)
+            code += enc
+            pc += len(enc)
+        elif isinstance(p, Probe):
+            probe = p.dst
+        elif isinstance(p, bytes):
+            if probe is not None:
+                extable[pc] = (pc + len(p), probe)
+                probe = None
+            code += p
+            pc += len(p)
+    return bytes(code), labels, extable
+
+
+# --- guest windows over the machine's regions -----------------------------------------------
+
+@dataclass
+class Window:
+    region: Region
+    gstart: int          # guest address of region.data[0]
+    gpage: int           # first mapped page
+    size: int            # mapped bytes
+
+
+def _guest_base(region: Region) -> tuple[int, int]:
+    """(first page, guest address of the data) for a region."""
+    span = (len(region.data) + PAGE - 1) & ~(PAGE - 1)
+    if region.base & VM_BASE:
+        page = region.base & ~VM_BASE
+        return page, page + ((span - len(region.data)) & ~15)
+    return region.base & ~(PAGE - 1), packet_guest_addr(region.base, len(region.data))
+
+
+def packet_guest_addr(vm_addr: int, size: int) -> int:
+    """Where a packet's bytes sit in the guest: ending exactly at a page end, so a load
+    past data_end faults (the context's data/data_end are built with this address)."""
+    span = (size + PAGE - 1) & ~(PAGE - 1)
+    return (vm_addr & ~(PAGE - 1)) + span - size
+
+
+@dataclass
+class _Pending:
+    error: BaseException | None = None
+    exit_r0: int | None = None
+
+
+class ScratchJit:
+    """A scratch machine of one arch that holds JIT images and runs them.
+
+    ``compile(prog)`` JITs a program (bpf_int_jit_compile); ``run(prog, ctx, env)``
+    runs it like ``BpfProg.run``. Attributes: ``machine``, ``emitter``, ``images``
+    (id(prog) -> JitImage), ``cycles`` (modelled cycles of the last run, with
+    ``cycle_profile``)."""
+
+    def __init__(self, arch: str, cycle_profile: str | None = None) -> None:
+        from emu.machine import Machine
+        from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+
+        self.emitter = get_emitter(arch)
+        self.arch = arch
+        self.machine = m = Machine(arch)
+        self.images: dict[int, JitImage] = {}
+        self.stubs: dict[Hashable, int] = {}
+        self._stub_fns: dict[int, Callable[[int], None]] = {}
+        self._text_end = TEXT_BASE
+        self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
+        self.run_state: BpfRun | None = None
+        self._stack: Region | None = None
+        self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
+        self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
+        self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
+        self.cycles = 0
+        m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
+        m.claim_text(STUB_BASE, PAGE)
+        m.memory.map(DATA_BASE, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]")
+        self.return_addr = self._stub("return", lambda addr: None)
+        self.model = None
+        if cycle_profile is not None:      # "default": the arch's default profile
+            self.model = m.enable_cycle_model(None if cycle_profile == "default" else cycle_profile)
+
+    # -- trampolines --
+    def _stub(self, key: Hashable, fn: Callable[[int], None]) -> int:
+        addr = self.stubs.get(key)
+        if addr is None:
+            addr = STUB_BASE + len(self.stubs) * STUB_SIZE
+            if addr + STUB_SIZE > STUB_BASE + PAGE:
+                raise BpfError("too many distinct helpers for the JIT's trampoline page")
+            self.stubs[key] = addr
+            self.machine.text_poke(addr, self.emitter.stub_code)
+            self._stub_fns[addr] = fn
+            self.machine.register_break_addr(addr, self._on_trap)
+        return addr
+
+    def _on_trap(self, addr: int) -> bool:
+        # A helper's body is host code: charged as a host handler (a modelling choice).
+        self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
+        self._stub_fns[addr](addr)
+        if self.emitter.trap_resume:
+            self.machine.pc = addr + self.emitter.trap_resume
+        return True
+
+    # -- compiling --
+    def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
+        """JIT ``prog`` into this machine (once). ``probe_mem``: indices of loads the
+        kernel's verifier would have turned into BPF_PROBE_MEM (loads through untrusted
+        pointers): a fault there zeroes the destination and execution goes on."""
+        image = self.images.get(id(prog))
+        if image is not None:
+            return image
+        prog.ensure_loaded()
+        pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
+                              self._inliner(prog) if self.inline_maps else None)
+        code, labels, extable = layout(self.emitter, pieces, self._text_end)
+        image = self._install(prog, code, labels, extable)
+        self.images[id(prog)] = image
+        return image
+
+    def _install(self, prog: "BpfProg", code: bytes, labels: dict, extable: dict) -> JitImage:
+        from emu.memory import PROT_EXEC, PROT_READ
+
+        base = self._text_end
+        size = (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE
+        m = self.machine
+        m.memory.map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]")
+        m.claim_text(base, size)
+        m.text_poke(base, code)
+        self._text_end = base + size
+        name = prog.name or "prog"
+        m.symbols.add(f"bpf_prog_{name}", base, len(code))   # as kallsyms names BPF images
+        named = {k: v for k, v in labels.items() if isinstance(k, tuple)}
+        image = JitImage(prog, self.arch, base, code,
+                         {k[1]: v for k, v in named.items() if k[0] == "insn"},
+                         {k[1]: v for k, v in named.items() if k[0] == "func"}, extable)
+        image._exits = [v for k, v in named.items() if k[0] == "exit"]
+        return image
+
+    def _resolve(self, c: InsnCtx) -> None:
+        """Constants and trampolines an instruction needs, as the kernel's JIT resolves
+        them from the verifier's env (map addresses, helper addresses)."""
+        run = self.run_state
+        if c.kind == "lddw":
+            assert run is not None
+            second = self._cur.insns[c.idx + 1]
+            value = pseudo_value(run, self._cur, c.insn, second, c.idx)
+            c.value = self.to_guest(value) if c.insn.src_reg else value
+        elif c.kind == "call" and c.insn.src_reg == 0:
+            fid = c.insn.imm
+            if fid == 12:          # BPF_FUNC_tail_call: inlined (emit_bpf_tail_call_indirect)
+                c.kind = "tail_call"
+                c.stub = self._stub("tail_call", self._on_tail_call)
+                c.value = TCC_ADDR
+            else:
+                c.stub = self._stub(("helper", fid), self._helper_trap(fid))
+        elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
+            off = c.insn.imm if c.kind == "ja32" else c.insn.off
+            if off < 0:
+                c.stub = self._stub("budget", self._on_budget)
+        elif c.kind == "callx":
+            c.stub = self._stub("callx", self._on_callx)
+        elif c.kind in ("ldabs", "ldind"):
+            size = {0x00: 4, 0x08: 2, 0x10: 1}[c.insn.size]
+            c.stub = self._stub(("ld_abs", size), self._ld_abs_trap(size))
+
+    def _inliner(self, prog: "BpfProg") -> Inliner:
+        """map_lookup_elem on a plain array map whose lddw reaches the call in a straight
+        line becomes array_map_gen_lookup (the values are in guest memory already)."""
+        from .maps import ArrayMap
+
+        insns = prog.insns
+        targets = _jump_targets(insns)
+        lookup = KERNEL_HELPERS.get(1)
+
+        def inline(idx: int, insn: Insn) -> list[Insn] | None:
+            if insn.src_reg != 0 or insn.imm != 1 or prog.helpers.get(1) is not lookup:
+                return None
+            m = _map_in_r1(prog, insns, targets, idx)
+            if type(m) is not ArrayMap or self.run_state is None:
+                return None
+            base = self.to_guest(self.run_state.global_data_ptr(m, 0))
+            return array_map_gen_lookup(base, m.max_entries, m.elem_size)
+        return inline
+
+    # -- the run --
+    def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
+                packet: bytes | bytearray | None,
+                probe_mem: frozenset[int] = frozenset()) -> BpfRun:
+        """A new run (BpfRun) of ``prog`` on this machine: its regions mapped, the
+        program and every program it can tail-call compiled (once per machine)."""
+        run = BpfRun(prog, ctx, env, packet)
+        if self._stack is None:           # one native stack for every run: it stays mapped
+            self._stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
+        run.mem.add(self._stack)
+        self.run_state = run
+        for p in _reachable(prog):
+            run.bind_maps(p)
+        self.sync_windows()
+        for p in _reachable(prog):
+            self._cur = p
+            self.compile(p, probe_mem if p is prog else frozenset())
+        return run
+
+    def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
+        """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
+        m, em = self.machine, self.emitter
+        image = self.images[id(prog)]
+        m.memory.write(TCC_ADDR, bytes(4))
+        sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+        regs = em.reg_names
+        m.set_reg(regs[1], self.to_guest(r1))
+        m.set_reg(regs[2], r2)
+        m.sp = em.push_return(m, sp, self.return_addr)
+        self._pending = _Pending()
+        # The budget: every backward branch the JITed code evaluates costs one (a register
+        # counts down; see back_edge in the arch JITs). Without backward branches a
+        # program ends by itself: no recursion, at most 33 tail calls.
+        m.set_reg(em.budget_reg, run.budget)
+        start, cycles0 = image.entry, m.clock.cycles
+        while True:
+            result = m.run(begin=start, until=self.return_addr)
+            resume = self._fixup(result)
+            if resume is None:
+                break
+            start = resume
+        self.cycles = m.clock.cycles - cycles0
+        self.sync_in(stack=False)
+        return self._outcome(result, image)
+
+    def _fixup(self, result: Any) -> int | None:
+        """A fault at a pc in an exception table: zero the destination, resume after
+        the load (ex_handler_bpf)."""
+        from emu.machine import StopReason
+
+        if result.reason is not StopReason.FAULT or result.fault is None:
+            return None
+        for image in self.images.values():
+            entry = image.extable.get(result.fault.pc)
+            if entry is not None:
+                self.machine.set_reg(entry[1], 0)
+                return entry[0]
+        return None
+
+    def _outcome(self, result: Any, image: JitImage) -> int:
+        from emu.machine import StopReason
+
+        pend = self._pending
+        if pend.exit_r0 is not None:
+            return pend.exit_r0
+        if pend.error is not None:
+            raise pend.error
+        if result.reason is StopReason.HALT and self.machine.pc == self.return_addr:
+            return self.machine.reg(self.emitter.helper_ret) & U64
+        run = self.run_state
+        assert run is not None
+        f = result.fault
+        where = f.pc if f is not None else self.machine.pc
+        what = f"{f.kind}{f' {f.addr:#x}' if f.addr is not None else ''}" if f else result.message
+        raise self._fault(image, where, f"{what} in JITed code at {self.machine.describe(where)}")
+
+    def _fault(self, image: JitImage, pc: int, reason: str) -> BpfRuntimeError:
+        for img in self.images.values():
+            idx = img.insn_at(pc)
+            if idx is not None:
+                insns = img.prog.insns
+                second = insns[idx + 1] if idx + 1 < len(insns) else None
+                return BpfRuntimeError(reason, idx, format_insn(insns[idx], second), img.prog.name)
+        return BpfRuntimeError(reason, None, "", image.prog.name)
+
+    # -- windows --
+    def to_guest(self, vm: int) -> int:
+        w = self._by_vm_key.get(vm >> 32)
+        if w is None or not (w.region.base & VM_BASE or w.region.base <= vm < w.region.end):
+            return vm
+        return vm - w.region.base + w.gstart
+
+    def to_vm(self, guest: int) -> int:
+        """A guest pointer into a window as the machine's address (a region's whole 4 GiB
+        key translates; the packet, which shares key 0 with code, only its own pages)."""
+        w = self.windows.get(guest >> 32)
+        if w is None or not (w.region.base & VM_BASE or w.gpage <= guest < w.gpage + w.size):
+            return guest
+        return guest - w.gstart + w.region.base
+
+    def sync_windows(self) -> None:
+        """Map new regions of the run into the guest, drop removed ones, copy bytes out."""
+        from emu.memory import PROT_READ, PROT_WRITE
+
+        run = self.run_state
+        assert run is not None
+        m = self.machine
+        live = {id(r) for r in run.mem.regions.values()}
+        for key, w in list(self.windows.items()):
+            if id(w.region) not in live:
+                if w.size:
+                    m.memory.unmap(w.gpage, w.size)
+                del self.windows[key]
+        have = {id(w.region) for w in self.windows.values()}
+        for region in list(run.mem.regions.values()):
+            if id(region) in have:
+                continue
+            page, start = _guest_base(region)
+            # an empty region maps nothing: every access faults, as in the interpreter
+            size = ((start - page) + len(region.data) + PAGE - 1) & ~(PAGE - 1)
+            prot = PROT_READ | (PROT_WRITE if region.writable else 0)
+            if size:
+                m.memory.map(page, size, prot, f"[bpf {region.name or 'region'}]")
+            self.windows[page >> 32] = Window(region, start, page, size)
+        self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self.sync_out()
+
+    def _span(self, w: Window, stack: bool) -> tuple[int, int]:
+        """The bytes of a window to copy: of the native stack only the live part above
+        sp (helpers read keys and buffers there), and none of it once the run is over."""
+        if w.region.base != STACK_BASE:
+            return 0, len(w.region.data)
+        if not stack:
+            return 0, 0
+        low = max(self.machine.sp - w.gstart, 0)
+        return low, len(w.region.data)
+
+    def sync_out(self, stack: bool = True) -> None:
+        uc = self.machine.uc
+        for w in self.windows.values():
+            lo, hi = self._span(w, stack)
+            if hi > lo:
+                uc.mem_write(w.gstart + lo, bytes(w.region.data[lo:hi]))
+
+    def sync_in(self, stack: bool = True) -> None:
+        uc = self.machine.uc
+        for w in self.windows.values():
+            lo, hi = self._span(w, stack)
+            if w.region.writable and hi > lo:
+                w.region.data[lo:hi] = uc.mem_read(w.gstart + lo, hi - lo)
+
+    # -- host entries --
+    def _helper_trap(self, fid: int) -> Callable[[int], None]:
+        def on_helper(addr: int) -> None:
+            run = self.run_state
+            assert run is not None
+            proto = run.prog.helpers.get(fid)
+            self._call_helper(proto, fid, addr)
+        return on_helper
+
+    def _plan(self, proto: BpfFuncProto, fid: int) -> tuple[tuple[int, ...], bool, bool]:
+        """(register ids to read, whether memory must be synchronised, whether r0 is a
+        pointer), worked out once per helper: the hot path of a helper call."""
+        plan = self._plans.get((id(proto), fid))
+        if plan is None:
+            kernel = proto is KERNEL_HELPERS.get(fid)
+            # a kernel helper reads only the registers its proto lists (trace_printk: all
+            # five, its r3-r5 are variadic); a caller's helper may read any
+            n = len(proto.args) if kernel and fid != _TRACE_PRINTK else 5
+            ids = tuple(self.machine.arch.reg_id(r) for r in self.emitter.reg_names[1:n + 1])
+            touches = not kernel or proto.ret in _POINTER_RETS or \
+                any(a not in _NO_MEMORY_ARGS for a in proto.args)
+            plan = self._plans[(id(proto), fid)] = (ids, touches, proto.ret in _POINTER_RETS)
+        return plan
+
+    def _call_helper(self, proto: BpfFuncProto | None, fid: int, addr: int) -> None:
+        m, run = self.machine, self.run_state
+        assert run is not None
+        if proto is None:
+            return self._fail(addr, f"invalid func unknown#{fid}")
+        ids, touches, ptr_ret = self._plan(proto, fid)
+        read, to_vm = m.regs.read, self.to_vm
+        args = [to_vm(read(i)) for i in ids]
+        args += [0] * (5 - len(args))
+        if touches:
+            self.sync_in()
+        try:
+            r0 = proto.impl(run, *args) & U64
+        except ProgramExit as e:
+            self._pending.exit_r0 = e.r0
+            m.uc.emu_stop()
+            return None
+        except (MemoryFault, GuestFault) as e:
+            return self._fail(addr, str(e))
+        except BpfRuntimeError as e:
+            return self._fail(addr, e.reason) if e.pc is None else self._stop(e)
+        except BpfError as e:
+            return self._stop(e)
+        except Exception as e:  # a helper's bug must not take the host down
+            return self._fail(addr, unexpected(e))
+        if touches:
+            self.sync_windows()
+        if ptr_ret:
+            r0 = self.to_guest(r0)
+        m.regs.write(self._ret_id, r0)
+        return None
+
+    def _fail(self, addr: int, reason: str) -> None:
+        call = self.emitter.return_address(self.machine) - self.emitter.call_size()
+        for img in self.images.values():
+            if img.insn_at(call) is not None:
+                return self._stop(self._fault(img, call, reason))
+        return self._stop(BpfRuntimeError(reason))
+
+    def _stop(self, e: BaseException) -> None:
+        self._pending.error = e
+        self.machine.uc.emu_stop()
+
+    def _on_budget(self, addr: int) -> None:
+        run = self.run_state
+        assert run is not None
+        self._stop(BpfRuntimeError(f"instruction budget of {run.budget} exhausted "
+                                   "(JIT: backward branches)", None, "", run.prog.name))
+
+    def _on_callx(self, addr: int) -> None:
+        run = self.run_state
+        assert run is not None
+        fid = self.machine.reg(self.emitter.reg_names[11])
+        self._call_helper(run.prog.helpers.get(fid), fid, addr)
+
+    def _on_tail_call(self, addr: int) -> None:
+        """Index bounds and the NULL check of emit_bpf_tail_call_indirect; the count check
+        and increment are inline. Leaves the target's entry (or 0) in AX."""
+        from .maps import ProgArrayMap
+
+        m, regs, run = self.machine, self.emitter.reg_names, self.run_state
+        assert run is not None
+        mp = run.map_at(m.reg(regs[2]))
+        index = m.reg(regs[3]) & 0xFFFFFFFF
+        target = None
+        if isinstance(mp, ProgArrayMap) and index < mp.max_entries:
+            target = mp.get_prog(index)  # type: ignore[attr-defined]
+        image = self.images.get(id(target)) if target is not None else None
+        if image is not None:
+            run.tail_calls += 1
+            run.prog = image.prog
+        m.set_reg(regs[11], image.entry if image is not None else 0)
+
+    def _ld_abs_trap(self, size: int) -> Callable[[int], None]:
+        def on_ld_abs(addr: int) -> None:
+            m, regs, run = self.machine, self.emitter.reg_names, self.run_state
+            assert run is not None
+            off = m.reg(regs[11]) & 0xFFFFFFFF
+            self.sync_in()
+            try:
+                value, ok = load_packet(run, off, size), 1
+            except ProgramExit:
+                value, ok = 0, 0
+            m.set_reg(regs[0], value)
+            m.set_reg(regs[11], ok)
+        return on_ld_abs
+
+
+def _jump_targets(insns: list[Insn]) -> set[int]:
+    out = set(function_starts(insns))
+    for i, insn in enumerate(insns):
+        kind = OPCODES.get(insn.code)
+        if kind is not None and kind.kind in ("jmp", "jmp32", "ja", "ja32"):
+            out.add(i + 1 + (insn.imm if kind.kind == "ja32" else insn.off))
+    return out
+
+
+def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) -> Any:
+    """The map an lddw put in r1 on the straight path into the call at ``idx`` (what the
+    verifier's insn_aux map_ptr_state says), or None."""
+    from .isa import BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX
+
+    i = idx - 1
+    while i >= 0 and idx - i < 64:
+        if i + 1 in targets:
+            return None              # another path joins before the call
+        insn = insns[i]
+        if i > 0 and insns[i - 1].code == BPF_LDDW:
+            insn, i = insns[i - 1], i - 1
+        if insn.code == BPF_LDDW and insn.dst_reg == 1:
+            ok = insn.src_reg in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX)
+            return prog.map_for(insn) if ok else None
+        kind = OPCODES.get(insn.code)
+        if kind is None or kind.kind in ("call", "callx", "exit", "ja", "ja32", "jmp", "jmp32",
+                                         "ldabs", "ldind"):
+            return None
+        if insn.dst_reg == 1 and kind.kind not in ("st", "stx") and not (
+                kind.kind == "atomic"):
+            return None              # r1 written by something else
+        if kind.kind == "atomic" and insn.src_reg == 1 and insn.imm & 0x01:
+            return None              # a fetch writes its source register
+        i -= 1
+    return None
+
+
+def _reachable(prog: "BpfProg") -> list["BpfProg"]:
+    """The program and every program its prog arrays can tail-call, in a fixed order."""
+    from .maps import ProgArrayMap
+
+    out, seen, todo = [], set(), [prog]
+    while todo:
+        p = todo.pop(0)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append(p)
+        for fd in sorted(p.maps):
+            mp = p.maps[fd]
+            if isinstance(mp, ProgArrayMap):
+                for i in range(mp.max_entries):
+                    t = mp.get_prog(i)  # type: ignore[attr-defined]
+                    if t is not None:
+                        todo.append(t)
+    return out
+
+
+def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: str,
+             packet: bytes | bytearray | None = None, cycle_profile: str | None = None,
+             probe_mem: frozenset[int] = frozenset()) -> tuple[int, ScratchJit]:
+    """Run ``prog`` JITed for ``arch`` in a fresh scratch machine, like BpfProg.run:
+    returns (r0, the scratch JIT) and writes the context back into a bytearray ctx."""
+    from .context import BpfRunContext, sk_buff, xdp_md
+    from .memory import CTX_ADDR, PACKET_ADDR
+    from .prog_types import PACKET_TYPES, BpfProgType
+
+    if not prog.loaded:
+        prog.load()
+    env = env if env is not None else BpfRunContext()
+    ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
+    if packet is not None and not ctx_buf and prog.prog_type in PACKET_TYPES:
+        addr = packet_guest_addr(PACKET_ADDR, len(packet))
+        ctx_buf = (xdp_md(addr, len(packet)) if prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP
+                   else sk_buff(addr, bytes(packet)))
+    jit = ScratchJit(arch, cycle_profile)
+    run = jit.prepare(prog, ctx_buf, env, packet, probe_mem)
+    r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+    run.finish()
+    return r0, jit
+
+
+class ProbeJit:
+    """``--bpf-engine jit`` on probe hits: each program runs JITed to the traced
+    machine's arch in a scratch machine kept for it (made and compiled at the first hit),
+    and its modelled cycles are charged to the traced machine's clock when that runs the
+    cycle model (the JITed code on the same CPU profile). Call as ``runner(prog, ctx,
+    env) -> r0``, the signature of ``BpfProg.run``.
+
+    There is no native host-entry path yet: a hit enters the scratch machine from the
+    host, and helpers leave it through the trap trampolines."""
+
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        self.arch = machine.arch.name
+        self.jits: dict[int, ScratchJit] = {}
+
+    def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
+        from .memory import CTX_ADDR
+
+        jit = self.jits.get(id(prog))
+        if jit is None:
+            jit = self.jits[id(prog)] = ScratchJit(self.arch, self.machine.clock.profile)
+        ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
+        run = jit.prepare(prog, ctx_buf, env, None)
+        r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        run.finish()
+        if jit.model is not None:
+            self.machine.clock.advance(jit.cycles, "bpf jit")
+        return r0
+
+
+def install_engine(machine: "Machine", engine: str) -> None:
+    """Select how programs attached to ``machine`` run: "python" (the compiled path,
+    the default), "interp" or "jit" (probe hits run the JITed guest code)."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    trace = bpf_trace_of(machine)
+    if engine == "jit":
+        trace.runner = ProbeJit(machine)
+    elif engine == "interp":
+        trace.runner = lambda prog, ctx, env: prog.run(ctx, env, engine="interp")
+    else:
+        trace.runner = None
+
+
+def jited_listing(prog: "BpfProg", arch: str) -> str:
+    """``bpftool prog dump jited`` with the BPF instruction before its code."""
+    import capstone
+
+    from .context import BpfRunContext
+    from .isa import slot_starts
+
+    jit = ScratchJit(arch)
+    jit.prepare(prog, bytearray(), BpfRunContext(), None)
+    image = jit.images[id(prog)]
+    arch_obj = jit.machine.arch
+    cs = capstone.Cs(arch_obj.cs_arch, arch_obj.cs_mode)
+    lines = [f"bpf_prog_{prog.name or 'prog'}:  ; {arch}, {len(image.code)} bytes at "
+             f"{image.addr:#x}"]
+    insns, starts = prog.insns, slot_starts(prog.insns)
+    func_of = {a: i for i, a in image.funcs.items()}
+    pos = image.addr
+    order = sorted(list(image.insn_addr.items()), key=lambda t: t[1])
+    for idx, addr in order:
+        if pos < addr:
+            lines += _dis(cs, image, pos, addr, "prologue" if pos in func_of else "")
+        second = insns[idx + 1] if idx + 1 < len(insns) else None
+        lines.append(f"; {idx}: {format_insn(insns[idx], second)}")
+        a, code = image.insn_code(idx)
+        lines += _dis(cs, image, a, a + len(code), "")
+        pos = a + len(code)
+    lines += _dis(cs, image, pos, image.addr + len(image.code), "epilogue")
+    del starts
+    return "\n".join(lines) + "\n"
+
+
+def _dis(cs: Any, image: JitImage, start: int, end: int, title: str) -> list[str]:
+    out = [f"; {title}"] if title and start < end else []
+    code = image.code[start - image.addr:end - image.addr]
+    for ins in cs.disasm(code, start):
+        out.append(f"  {ins.address:#x}:  {ins.bytes.hex(' '):<24} {ins.mnemonic} {ins.op_str}".rstrip())
+    return out
+
+
+__all__ = ["ARCHES", "ScratchJit", "JitImage", "run_prog", "jited_listing", "get_emitter",
+           "MAX_TAIL_CALL_CNT", "BPF_PROBE_MEM", "BPF_PROBE_MEMSX"]
