@@ -160,14 +160,16 @@ class ClockState:
 
 def take_clock(m: Machine) -> ClockState:
     c = m.clock
-    work = m.layers.get("work-clock")
+    work: Any = m.layers.get("work-clock")
     return ClockState(c.acc.fp, dict(c.by_reason), c.on_first_read, work,
                       work.state.bytes if work is not None else 0)
 
 
 def restore_clock(m: Machine, st: ClockState) -> None:
     c = m.clock
-    work = m.layers.get("work-clock")
+    if "cycles" in m.layers:
+        raise SnapshotError("the cycle model was turned on since the snapshot; it cannot be undone")
+    work: Any = m.layers.get("work-clock")
     if work is not st.work:
         if st.work is not None:
             raise SnapshotError("the work clock was replaced since the snapshot (cycle model?)")
