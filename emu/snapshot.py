@@ -143,9 +143,21 @@ def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], f
                 want = bytes(size)
             elif got == want:
                 continue
+            if exec_:
+                _drop_code(m, addr, got, want)
             uc.mem_write(addr, want)
+            continue
         if exec_:
             uc.ctl_remove_cache(addr, addr + size)
+
+
+def _drop_code(m: Machine, addr: int, got, want: bytes) -> None:
+    """Drop translated code only around the bytes that differ (a probe's few patched
+    bytes), so the rest of the text stays translated across restores."""
+    step = 64
+    for off in range(0, len(want), step):
+        if got[off:off + step] != want[off:off + step]:
+            m.uc.ctl_remove_cache(addr + off, addr + off + step)
 
 
 # --- clock ----------------------------------------------------------------------------------
