@@ -592,7 +592,9 @@ def check_offset(plan: Plan, runner, func: str, sym_addr: int, addr: int, insn: 
         _watch_patched_text(m, addr, text_reads)
 
     def skip(m: Machine) -> bool:
-        return trace.untouched(m.live_patches)
+        owned = m.owned_text                    # slots and trampolines: the probe's own code
+        return trace.untouched(a for a in m.live_patches
+                               if not any(lo <= a < hi for lo, hi in owned))
     try:
         outcome = runner.run(sym_addr, setup, skip if cfg.snapshots else None)
     except KprobeError as e:
