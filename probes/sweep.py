@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -760,20 +761,23 @@ def sweep(cfg: SweepConfig, backend=None, journal: Journal | None = None,
     plan = prepared.plan
     done = journal.open(plan) if journal is not None else {}
     results: dict[int, list[OffsetResult]] = {}
+    filed: dict[int, list[OffsetResult]] = {}       # results of a task's offsets already filed
     todo = []
     for t in prepared.dispatch_order():
-        known = [done.get((plan.sha256, cfg.mode, t.function, a - t.sym_addr)) for a, _ in t.offsets]
-        if all(k is not None for k in known):
-            results[t.index] = [k for k in known if k is not None]
+        known = {a: done.get((plan.sha256, cfg.mode, t.function, a - t.sym_addr)) for a, _ in t.offsets}
+        filed[t.index] = [k for k in known.values() if k is not None]
+        rest = tuple(o for o in t.offsets if known[o[0]] is None)
+        if rest:
+            todo.append(dataclasses.replace(t, offsets=rest))
         else:
-            todo.append(t)
+            results[t.index] = filed[t.index]
     if progress is not None:
         progress.start(sum(len(t.offsets) for t in prepared.tasks),
-                       sum(len(r) for r in results.values()))
+                       sum(len(r) for r in filed.values()))
     backend = backend if backend is not None else LocalPool(cfg.jobs)
     try:
         for task, res in backend.map(plan, todo):
-            results[task.index] = res
+            results[task.index] = sorted(filed[task.index] + res, key=lambda r: r.offset)
             if journal is not None:
                 journal.write(plan, res)
             if progress is not None:
