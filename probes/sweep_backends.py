@@ -3,6 +3,7 @@ Ray cluster. Every backend yields (task, results) as tasks finish, in any order;
 merges them in task order, so all backends give the same report."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from typing import Iterator, Protocol
 
@@ -42,6 +43,19 @@ class LocalPool:
 
 
 # --- Ray --------------------------------------------------------------------------------------
+def start_local_ray(cpus: int) -> None:
+    """A Ray instance for this process alone: head and workers here, on loopback, with
+    this checkout on the workers' path."""
+    import os
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
 def _ray_check(plan: Plan, task: Task) -> list[OffsetResult]:
     return check_task(plan, task)
 
@@ -68,14 +82,9 @@ class RayBackend:
         if ray.is_initialized():
             return ray, False
         if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            import os
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=self.jobs, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1",
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            start_local_ray(self.jobs)
         return ray, True
 
     def map(self, plan: Plan, tasks: list[Task]) -> Iterator[tuple[Task, list[OffsetResult]]]:
