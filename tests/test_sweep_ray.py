@@ -70,3 +70,16 @@ def test_a_dead_worker_is_retried(local_ray, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "prepare", real)
     assert marker.exists()                      # a worker did die
     assert res.to_json() == sweep(cfg("x86_64"), LocalPool(1)).to_json()
+
+
+def test_cli_backend_ray(local_ray, tmp_path):
+    import io
+    from emu.cli import main
+    outs = []
+    for extra in (["--backend", "ray"], ["--jobs", "1"]):
+        out, err = io.StringIO(), io.StringIO()
+        rc = main(["sweep", "--json", "--progress", "none", "--func", "do_sys_open", *extra,
+                   str(firmware_elf("arm64", "demo"))], stdout=out, stderr=err)
+        assert rc == 0, err.getvalue()
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1]
