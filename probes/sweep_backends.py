@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from probes.sweep import OffsetResult, Plan, Task, check_task, result_key
 
@@ -94,7 +94,7 @@ class RayBackend:
         try:
             remote = ray.remote(max_retries=self.retries, num_cpus=1)(_ray_check)
             plan_ref = ray.put(plan)
-            todo, pending = list(reversed(tasks)), {}
+            todo, pending = list(reversed(tasks)), dict[Any, Task]()
             while todo or pending:
                 while todo and len(pending) < self.window:
                     t = todo.pop()
@@ -116,7 +116,7 @@ class ResultsFile:
 
     def __init__(self, path: str, resume: bool = False) -> None:
         self.path, self.resume = path, resume
-        self._f = None
+        self._f: Any = None
 
     def open(self, plan: Plan) -> dict[tuple, OffsetResult]:
         import json

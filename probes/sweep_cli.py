@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 from emu.errors import KprobeEmuError, UsageError
 
@@ -132,8 +133,8 @@ class BarProgress:
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        self._bar = None
-        self._task = None
+        self._bar: Any = None
+        self._task: Any = None
 
     def start(self, total: int, done: int) -> None:
         from rich.console import Console
