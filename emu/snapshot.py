@@ -26,6 +26,7 @@ machine start from nothing."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import os
 import weakref
@@ -37,6 +38,7 @@ from unicorn import UcError
 from emu.clock import Accumulator
 from emu.errors import KprobeEmuError
 from emu.memory import PROT_EXEC, Region
+from emu.ucfast import uclib
 
 if TYPE_CHECKING:
     from emu.linux.fs import OpenFile
@@ -86,23 +88,46 @@ def _is_mmio(mp: Mapping, mmio: set[tuple[int, int]]) -> bool:
 
 
 def take_memory(m: Machine) -> MemoryImage:
-    layout, mmio = _layout(m), _mmio(m)
+    layout, mmio, reader = _layout(m), _mmio(m), _Reader(m)
     chunks: dict[Mapping, tuple[bytes | None, ...]] = {}
     for mp in layout:
         if _is_mmio(mp, mmio):
             continue
         out: list[bytes | None] = []
         for addr in range(mp[0], mp[1], CHUNK):
-            data = bytes(m.uc.mem_read(addr, min(CHUNK, mp[1] - addr)))
-            out.append(None if _zero(data) else data)
+            n = min(CHUNK, mp[1] - addr)
+            reader.read(addr, n)
+            out.append(None if reader.same(n, _ZERO) else reader.data(n))
         chunks[mp] = tuple(out)
     mem = m.memory
     return MemoryImage(layout, tuple(dataclasses.replace(r) for r in mem.regions),
                        mem.mapped_bytes, mem.max_memory, chunks)
 
 
-def _zero(data: bytes | bytearray) -> bool:
-    return data == _ZERO if len(data) == CHUNK else data.count(0) == len(data)
+class _Reader:
+    """Chunks of guest memory read into one reused buffer and compared there (raw
+    uc_mem_read and memcmp: no Python bytes per chunk unless it must be kept), so a
+    restore over mostly unchanged memory costs little more than the copy itself."""
+
+    def __init__(self, m: Machine) -> None:
+        self.uch = m.uc._uch
+        self.buf = ctypes.create_string_buffer(CHUNK)
+
+    def read(self, addr: int, n: int) -> None:
+        if _raw_read(self.uch, ctypes.c_uint64(addr), self.buf, ctypes.c_size_t(n)):
+            raise SnapshotError(f"cannot read guest memory at {addr:#x}")
+
+    def same(self, n: int, want: bytes) -> bool:
+        return _memcmp(self.buf, want, n) == 0
+
+    def data(self, n: int) -> bytes:
+        return ctypes.string_at(self.buf, n)
+
+
+_raw_read = ctypes.CDLL(uclib._name).uc_mem_read
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
 
 
 def restore_memory(m: Machine, img: MemoryImage) -> None:
@@ -119,14 +144,16 @@ def restore_memory(m: Machine, img: MemoryImage) -> None:
             if mp not in have and mp in img.chunks:
                 uc.mem_map(mp[0], mp[1] - mp[0], mp[2])
                 fresh.add(mp)
+    reader = _Reader(m)
     for mp, chunks in img.chunks.items():
-        _restore_chunks(m, mp, chunks, mp in fresh)
+        _restore_chunks(m, mp, chunks, mp in fresh, reader)
     mem = m.memory
     mem.regions[:] = [dataclasses.replace(r) for r in img.regions]
     mem.mapped_bytes, mem.max_memory = img.mapped_bytes, img.max_memory
 
 
-def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], fresh: bool) -> None:
+def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], fresh: bool,
+                    reader: _Reader) -> None:
     """Write back the chunks that differ (all non-zero ones into fresh zero pages)."""
     uc, exec_ = m.uc, bool(mp[2] & PROT_EXEC)
     for i, want in enumerate(chunks):
@@ -135,20 +162,17 @@ def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], f
         if fresh:
             if want is not None:
                 uc.mem_write(addr, want)
-        else:
-            got = uc.mem_read(addr, size)
-            if want is None:
-                if _zero(got):
-                    continue
-                want = bytes(size)
-            elif got == want:
-                continue
-            if exec_:
-                _drop_code(m, addr, got, want)
-            uc.mem_write(addr, want)
+                if exec_:
+                    uc.ctl_remove_cache(addr, addr + size)
+            continue
+        reader.read(addr, size)
+        if want is None:
+            want = _ZERO[:size] if size < CHUNK else _ZERO
+        if reader.same(size, want):
             continue
         if exec_:
-            uc.ctl_remove_cache(addr, addr + size)
+            _drop_code(m, addr, reader.data(size), want)
+        uc.mem_write(addr, want)
 
 
 def _drop_code(m: Machine, addr: int, got, want: bytes) -> None:
