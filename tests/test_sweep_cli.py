@@ -85,3 +85,27 @@ def test_progress_on_stderr(kind):
 def test_bad_options_are_one_line(opts, word):
     rc, _, err = emu(*sweep_args("x86_64", *opts))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and word in err
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+    """A sweep killed (SIGKILL) mid-way resumes from its file to the uninterrupted report."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    f = tmp_path / "r.jsonl"
+    argv = sweep_args("x86_64", "--jobs", "1", "--progress", "none")
+    proc = subprocess.Popen([sys.executable, "-m", "emu.cli", *argv, "--results", str(f)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and (not f.exists() or f.read_bytes().count(b"\n") < 10):
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    filed = f.read_bytes().count(b"\n")
+    rc, resumed, _ = emu(*argv, "--resume", str(f))
+    rc2, whole, _ = emu(*argv)
+    assert rc == rc2 == 0 and resumed == whole
+    assert filed < len(f.read_bytes().splitlines()) == json.loads(whole)["offsets"]
