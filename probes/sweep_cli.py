@@ -21,6 +21,7 @@ def default_jobs() -> int:
 
 
 def add_subcommand(sub) -> None:
+    from emu.cli_checks import output_file
     s = sub.add_parser("sweep", help="probe every instruction of functions; compare with the unprobed run")
     s.add_argument("--arch", default="auto", choices=["auto", "arm64", "x86_64"])
     s.add_argument("--bare", action="store_true")
@@ -37,8 +38,9 @@ def add_subcommand(sub) -> None:
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of getrandom and AT_RANDOM")
-    s.add_argument("--results", metavar="FILE", help="stream every result to FILE (JSON lines)")
-    s.add_argument("--resume", metavar="FILE",
+    s.add_argument("--results", metavar="FILE", type=output_file,
+                   help="stream every result to FILE (JSON lines)")
+    s.add_argument("--resume", metavar="FILE", type=output_file,
                    help="continue the sweep whose results FILE holds (and append to it)")
     s.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="local process pool, or a Ray cluster (pip install 'kprobe-emu[ray]')")
