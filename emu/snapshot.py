@@ -424,6 +424,11 @@ class Snapshot:
         fds = [h.fd for h in (self.process.hosts.values() if self.process else ())]
         self._finalizer = weakref.finalize(self, _close_all, fds)
 
+    @property
+    def restore_bytes(self) -> int:
+        """Guest memory a restore reads to find what changed (its cost grows with it)."""
+        return sum(mp[1] - mp[0] for mp in self.memory.chunks)
+
     def close(self) -> None:
         self._finalizer()
 

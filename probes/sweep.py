@@ -515,12 +515,18 @@ class SnapshotRunner:
     Functions are visited in the order the guest first ran them, so each snapshot is made
     from the previous one by running on; going back means loading the guest again."""
 
+    # A restore compares every mapped chunk: past this much memory (a bare-metal image's
+    # 128 MiB of RAM) loading the guest afresh is cheaper, so runs start at the entry
+    # (offsets never reached are still not run).
+    RESTORE_LIMIT = 64 << 20
+
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.m: Machine | None = None
         self.snap = None
         self.rank = -1
         self.out = self.err = OutputDigest()
+        self.fresh = False
 
     def _load(self) -> Machine:
         cfg = self.plan.cfg
@@ -550,6 +556,7 @@ class SnapshotRunner:
             self.m = None
             return False
         self.snap, self.rank = m.snapshot(), rank
+        self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
         return True
 
     def _any(self) -> None:
@@ -557,9 +564,12 @@ class SnapshotRunner:
         if self.m is None or self.snap is None:
             self.m = self._load()
             self.snap, self.rank = self.m.snapshot(), -1
+            self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
 
     def run(self, sym_addr: int, setup: Callable[[Machine], None],
             skip: Callable[[Machine], bool] | None) -> Outcome | None:
+        if self.fresh:
+            return FreshRunner(self.plan).run(sym_addr, setup, skip)
         if not self._reach(sym_addr):
             # Never executed here: a probe is only worth a run (from _start) if the guest
             # reads the patched bytes as data.
