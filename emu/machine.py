@@ -170,6 +170,16 @@ class Machine:
             state = self.layers[key] = factory(self)
         return state
 
+    def snapshot(self):
+        """The whole machine's state now, between runs (emu/snapshot.py says what is kept)."""
+        from emu.snapshot import take
+        return take(self)
+
+    def restore(self, snap) -> None:
+        """Put the machine back in the state of `snap`, one of its own snapshots."""
+        from emu.snapshot import restore
+        restore(self, snap)
+
     # --- registers --------------------------------------------------------------------------
     def reg(self, name: str) -> int:
         return self.regs.read(self.arch.reg_id(name))

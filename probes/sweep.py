@@ -14,21 +14,23 @@ host memory; live memory is kept by chunk with untouched (all-zero) chunks left 
 guest mapping gigabytes it never writes costs none either."""
 from __future__ import annotations
 
+import bisect
 import errno
+import functools
 import hashlib
 import io
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from emu.elf import ElfImage, load_elf
 from emu.loader import GuestConfig, load_guest
-from emu.machine import Machine, RunResult
+from emu.machine import Machine, RunResult, StopReason
 from emu.symbols import Symbol, SymbolTable
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, kprobes_of, probe_kind
@@ -51,6 +53,9 @@ class SweepConfig:
     # How each run is probed: "kprobe" (every instruction), "optprobe" (every instruction,
     # jump-optimized where can_optimize allows) or "kretprobe" (each function entry).
     mode: str = "kprobe"
+    # Start each run from a snapshot at the probed function's first execution, and do not
+    # run offsets the unprobed run never executed nor read (False: every run from _start).
+    snapshots: bool = True
 
 
 class OutputDigest(io.RawIOBase):
@@ -75,6 +80,14 @@ class OutputDigest(io.RawIOBase):
         if len(self.prefix) < self.PREFIX:
             self.prefix += data[:self.PREFIX - len(self.prefix)]
         return len(data)
+
+    def snapshot_state(self) -> tuple:
+        """For machine snapshots (emu/snapshot.py): the digest so far."""
+        return self._hash.copy(), self.length, bytes(self.prefix)
+
+    def restore_state(self, state: tuple) -> None:
+        h, self.length, prefix = state
+        self._hash, self.prefix = h.copy(), bytearray(prefix)
 
     def summary(self) -> "StreamSummary":
         return StreamSummary(self._hash.hexdigest(), self.length, bytes(self.prefix))
@@ -357,6 +370,77 @@ def _count_post(p, regs, flags) -> None:
     p.post_hits += 1
 
 
+# --- what the unprobed run did ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Trace:
+    """The unprobed run in the chosen functions: every instruction it executed (address ->
+    size), the text bytes it loaded as data, and, per function, the first address it
+    executed there with that moment's rank in time (where a sweep run starts from)."""
+    executed: dict[int, int]
+    read: frozenset[int]
+    first: dict[int, int]               # function start -> first address executed in it
+    rank: dict[int, int]                # function start -> order of that first execution
+    ranges: tuple[tuple[int, int], ...]     # the traced address ranges, merged
+
+    def untouched(self, addrs) -> bool:
+        """None of these bytes was executed or read by the unprobed run (so a patch there
+        cannot change what the guest does)."""
+        covered = self._covered
+        for a in addrs:
+            if a in self.read or a in covered or not self._traced(a):
+                return False
+        return True
+
+    @functools.cached_property
+    def _covered(self) -> frozenset[int]:
+        return frozenset(a + i for a, n in self.executed.items() for i in range(n))
+
+    def _traced(self, addr: int) -> bool:
+        i = bisect.bisect_right(self.ranges, (addr, float("inf"))) - 1
+        return i >= 0 and self.ranges[i][0] <= addr < self.ranges[i][1]
+
+
+def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def trace_baseline(cfg: SweepConfig, image: ElfImage, funcs: list[Symbol]) -> Trace:
+    """One unprobed run with code and data-read hooks on the chosen functions (the baseline
+    is never probed, so hooks here are not on any probed run)."""
+    from unicorn import UC_HOOK_MEM_READ
+    ranges = _merge([(f.addr, f.end) for f in funcs])
+    seen: dict[int, int] = {}
+    read: set[int] = set()
+
+    def setup(m: Machine) -> None:
+        def saw(addr: int, size: int) -> None:
+            if not m.stopping:          # Unicorn ends the block after an exit request
+                seen.setdefault(addr, size)
+
+        def loaded(_uc, _access, addr, size, _value, _ud) -> None:
+            read.update(range(addr, addr + size))
+        for lo, hi in ranges:
+            m.hooks.code(saw, lo, hi - 1)
+            m.uc.hook_add(UC_HOOK_MEM_READ, loaded, None, lo, hi - 1)
+    _run(cfg, image, setup, observe=False)
+    order = {a: i for i, a in enumerate(seen)}
+    addrs = sorted(seen)
+    first: dict[int, int] = {}
+    rank: dict[int, int] = {}
+    for f in funcs:
+        inside = addrs[bisect.bisect_left(addrs, f.addr):bisect.bisect_left(addrs, f.end)]
+        if inside:
+            a = min(inside, key=order.__getitem__)
+            first[f.addr], rank[f.addr] = a, order[a]
+    return Trace(seen, frozenset(read), first, rank, ranges)
+
+
 # --- the sweep -------------------------------------------------------------------------------
 def instruction_boundaries(image: ElfImage, sym: Symbol) -> list[tuple[int, str]]:
     """(address, text) of each instruction of a function, decoded linearly from its start."""
@@ -373,48 +457,177 @@ def instruction_boundaries(image: ElfImage, sym: Symbol) -> list[tuple[int, str]
     return out
 
 
-def _executed(cfg: SweepConfig, image: ElfImage, ranges: list[tuple[int, int]]) -> set[int]:
-    """Addresses of the chosen functions the unprobed run executes (one traced run)."""
-    seen: set[int] = set()
-
-    def setup(m: Machine) -> None:
-        def saw(addr: int, _size: int) -> None:
-            if not m.stopping:          # Unicorn ends the block after an exit request
-                seen.add(addr)
-        for lo, hi in ranges:
-            m.hooks.code(saw, lo, hi - 1)
-    _run(cfg, image, setup, observe=False)
-    return seen
+@dataclass(frozen=True)
+class Task:
+    """Offsets of one function, checked together (they share the function's snapshot)."""
+    index: int
+    function: str
+    sym_addr: int
+    offsets: tuple[tuple[int, str], ...]       # (address, instruction text)
 
 
-def _check(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int],
-           func: str, sym_addr: int, addr: int, insn: str) -> OffsetResult:
+@dataclass
+class Plan:
+    """Everything a worker needs: the inputs, the parsed binary, the unprobed outcome and
+    trace. `key` names the sweep (the binary's sha256 and every input) for result files."""
+    cfg: SweepConfig
+    image: ElfImage
+    ref: Outcome
+    trace: Trace
+    sha256: str
+    key: str
+
+    @property
+    def resumable(self) -> bool:
+        """Runs may start from snapshots: not with --fs-write (host files are not rolled
+        back; each run gets a scratch tree) nor --max-insns (a budget counts from _start)."""
+        c = self.cfg
+        return c.snapshots and not c.fs_writable and not c.max_insns
+
+
+class FreshRunner:
+    """Each run loads the guest and starts at its entry."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def run(self, sym_addr: int, setup: Callable[[Machine], None],
+            skip: Callable[[Machine], bool] | None) -> Outcome | None:
+        cfg = self.plan.cfg
+        if skip is None:
+            return _run(cfg, self.plan.image, setup)[0]
+        with _fs_for_run(cfg) as root:
+            gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
+                               fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
+            out, err = OutputDigest(), OutputDigest()
+            m = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err,
+                           image=self.plan.image).machine
+            setup(m)
+            if skip(m):
+                return None
+            result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
+        return _outcome(m, result, out.summary(), err.summary())
+
+
+class SnapshotRunner:
+    """Runs start from a snapshot of the unprobed run taken where it first executed the
+    probed function (reached with emu_start's `until`, no hook on the probed address).
+    Functions are visited in the order the guest first ran them, so each snapshot is made
+    from the previous one by running on; going back means loading the guest again."""
+
+    # A restore compares every mapped chunk: past this much memory (a bare-metal image's
+    # 128 MiB of RAM) loading the guest afresh is cheaper, so runs start at the entry
+    # (offsets never reached are still not run).
+    RESTORE_LIMIT = 64 << 20
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.m: Machine | None = None
+        self.snap = None
+        self.rank = -1
+        self.out = self.err = OutputDigest()
+        self.fresh = False
+
+    def _load(self) -> Machine:
+        cfg = self.plan.cfg
+        gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
+                           fs_root=cfg.fs_root, seed=cfg.seed)
+        self.out, self.err = OutputDigest(), OutputDigest()
+        return load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=self.out, stderr=self.err,
+                          image=self.plan.image).machine
+
+    def _reach(self, sym_addr: int) -> bool:
+        """Hold a snapshot at the first execution of the function at sym_addr."""
+        trace = self.plan.trace
+        first, rank = trace.first.get(sym_addr), trace.rank.get(sym_addr, -1)
+        if first is None:
+            return False
+        if self.snap is not None and rank == self.rank:
+            return True
+        if self.m is None or self.snap is None or rank < self.rank:
+            m = self.m = self._load()
+        else:
+            m = self.m
+            m.restore(self.snap)
+        self.snap, self.rank = None, -1
+        m.uc.ctl_remove_cache(first, first + 1)      # a cached block must not run past it
+        r = m.run(until=first, timeout=self.plan.cfg.timeout)
+        if r.reason is not StopReason.HALT or m.pc != first:
+            self.m = None
+            return False
+        self.snap, self.rank = m.snapshot(), rank
+        self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
+        return True
+
+    def _any(self) -> None:
+        """Some snapshot to register probes on: the current one, or the guest at its entry."""
+        if self.m is None or self.snap is None:
+            self.m = self._load()
+            self.snap, self.rank = self.m.snapshot(), -1
+            self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
+
+    def run(self, sym_addr: int, setup: Callable[[Machine], None],
+            skip: Callable[[Machine], bool] | None) -> Outcome | None:
+        if self.fresh:
+            return FreshRunner(self.plan).run(sym_addr, setup, skip)
+        if not self._reach(sym_addr):
+            # Never executed here: a probe is only worth a run (from _start) if the guest
+            # reads the patched bytes as data.
+            if skip is not None:
+                self._any()
+                assert self.m is not None
+                self.m.restore(self.snap)
+                setup(self.m)
+                if skip(self.m):
+                    return None
+            return FreshRunner(self.plan).run(sym_addr, setup, None)
+        m = self.m
+        assert m is not None
+        m.restore(self.snap)
+        setup(m)
+        if skip is not None and skip(m):
+            return None
+        result = m.run(timeout=self.plan.cfg.timeout)
+        return _outcome(m, result, self.out.summary(), self.err.summary())
+
+
+def check_offset(plan: Plan, runner, func: str, sym_addr: int, addr: int, insn: str) -> OffsetResult:
+    cfg, trace = plan.cfg, plan.trace
     res = OffsetResult(func, addr - sym_addr, addr, "ok", insn)
     probes: list = []
     factory = MODES[cfg.mode]
     text_reads: list[int] = []
 
     def setup(m: Machine) -> None:
-        probes.extend(factory(m, addr))
+        probes[:], text_reads[:] = factory(m, addr), []
         _watch_patched_text(m, addr, text_reads)
+
+    def skip(m: Machine) -> bool:
+        owned = m.owned_text                    # slots and trampolines: the probe's own code
+        return trace.untouched(a for a in m.live_patches
+                               if not any(lo <= a < hi for lo, hi in owned))
     try:
-        outcome, _m = _run(cfg, image, setup)
+        outcome = runner.run(sym_addr, setup, skip if cfg.snapshots else None)
     except KprobeError as e:
         res.verdict, res.detail = "rejected", f"-{errno.errorcode.get(e.errno, e.errno)}: {e.reason}"
         return res
+    res.step = _step(probes[0]) if probes else ""
+    if outcome is None:
+        return res          # never executed nor read: the run would be the baseline's
     res.hits = sum(p.hits for p in probes)
     res.post_hits = sum(getattr(p, "post_hits", 0) for p in probes)
     res.nmissed = sum(p.nmissed + (p.kretprobe.nmissed if p.kretprobe is not None else 0)
                       for p in probes)                   # as kprobe_profile counts misses
     res.step = _step(probes[0]) if probes else ""
-    diff = outcome.first_difference(ref)
+    diff = outcome.first_difference(plan.ref)
     if diff is not None and text_reads:
         # The guest loaded the patched bytes as data and saw the breakpoint/jump, as it
         # would under the kernel: a faithful difference, not a probe bug.
         res.verdict, res.detail = "text-read", f"guest read its patched text at {text_reads[0]:#x}; {diff}"
         return res
-    if diff is None and (addr in executed) != (res.hits > 0):
-        diff = f"hits={res.hits} but the unprobed run {'executed' if addr in executed else 'skipped'} it"
+    executed = addr in trace.executed
+    if diff is None and executed != (res.hits > 0):
+        diff = f"hits={res.hits} but the unprobed run {'executed' if executed else 'skipped'} it"
     if diff is not None:
         res.verdict, res.detail = "MISMATCH", diff
     return res
@@ -441,19 +654,38 @@ def _step(p) -> str:
     return ainsn.kind if kind == "kprobe" else kind
 
 
-_WORKER: dict = {}
+_RUNNERS: dict[str, object] = {}        # per process: the runner of the plan being worked on
 
 
-def _init_worker(cfg: SweepConfig, image: ElfImage, ref: Outcome, executed: set[int]) -> None:
-    _WORKER.update(cfg=cfg, image=image, ref=ref, executed=executed)
+def check_task(plan: Plan, task: Task) -> list[OffsetResult]:
+    """The verdicts of one task (run in a worker, or in-process)."""
+    runner = _RUNNERS.get(plan.key)
+    if runner is None:
+        _RUNNERS.clear()                # one plan at a time: drop older snapshots
+        runner = _RUNNERS[plan.key] = SnapshotRunner(plan) if plan.resumable else FreshRunner(plan)
+    return [check_offset(plan, runner, task.function, task.sym_addr, a, insn)
+            for a, insn in task.offsets]
 
 
-def _work(task: tuple[str, int, int, str]) -> OffsetResult:
-    w = _WORKER
-    return _check(w["cfg"], w["image"], w["ref"], w["executed"], *task)
+# --- planning and merging --------------------------------------------------------------------
+TASK_OFFSETS = 32           # offsets per task: progress moves and work spreads across workers
 
 
-def sweep(cfg: SweepConfig) -> SweepResult:
+@dataclass
+class Prepared:
+    """A planned sweep: the plan, its tasks in report order, what the baseline skipped."""
+    plan: Plan
+    tasks: list[Task]
+    not_executed: list[str]
+
+    def dispatch_order(self) -> list[Task]:
+        """Tasks in the order the guest first ran their functions (a worker's snapshot then
+        only ever moves forward); functions it never ran last."""
+        rank = self.plan.trace.rank
+        return sorted(self.tasks, key=lambda t: (rank.get(t.sym_addr, 1 << 62), t.index))
+
+
+def prepare(cfg: SweepConfig) -> Prepared:
     from emu.arch import get_arch
     image = load_elf(cfg.path, None if cfg.arch == "auto" else get_arch(cfg.arch))
     symbols = SymbolTable(image.symbols)
@@ -462,27 +694,110 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     if missing:
         from emu.errors import UsageError
         raise UsageError(f"unknown function(s): {', '.join(missing)}")
-    funcs = [f for f in funcs if f.size and _in_text(image, f)]
+    chosen = [f for f in funcs if f is not None and f.size and _in_text(image, f)]
     ref, _m = _run(cfg, image, None)
-    executed = _executed(cfg, image, [(f.addr, f.end) for f in funcs])
+    trace = trace_baseline(cfg, image, chosen)
     not_executed: list[str] = []
     if cfg.funcs:
         # A function the user chose but the program never runs: every probe there would
         # just be "not hit"; say so instead of spending a run per instruction on it.
-        not_executed = [f.name for f in funcs if not any(f.addr <= a < f.end for a in executed)]
-        funcs = [f for f in funcs if f.name not in not_executed]
-    if cfg.mode == "kretprobe":
-        tasks = [(f.name, f.addr, f.addr, "(function entry)") for f in funcs]
-    else:
-        tasks = [(f.name, f.addr, a, text) for f in funcs for a, text in instruction_boundaries(image, f)]
-    if cfg.jobs > 1 and len(tasks) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(cfg.jobs, _init_worker, (cfg, image, ref, executed)) as pool:
-            results = pool.map(_work, tasks, chunksize=max(1, len(tasks) // (cfg.jobs * 8)))
-    else:
-        _init_worker(cfg, image, ref, executed)
-        results = [_work(t) for t in tasks]
-    return SweepResult(image.path, image.arch.name, results, ref, not_executed)
+        not_executed = [f.name for f in chosen if f.addr not in trace.first]
+        chosen = [f for f in chosen if f.name not in not_executed]
+    sha = _sha256(cfg.path)
+    plan = Plan(cfg, image, ref, trace, sha, _plan_key(cfg, sha))
+    return Prepared(plan, _tasks(cfg, image, chosen), not_executed)
+
+
+def _tasks(cfg: SweepConfig, image: ElfImage, funcs: list[Symbol]) -> list[Task]:
+    tasks: list[Task] = []
+    for f in funcs:
+        if cfg.mode == "kretprobe":
+            offsets = [(f.addr, "(function entry)")]
+        else:
+            offsets = instruction_boundaries(image, f)
+        for i in range(0, len(offsets), TASK_OFFSETS):
+            tasks.append(Task(len(tasks), f.name, f.addr, tuple(offsets[i:i + TASK_OFFSETS])))
+    return tasks
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plan_key(cfg: SweepConfig, sha: str) -> str:
+    """A digest of the binary and every input that changes verdicts (not jobs or paths)."""
+    inputs = [sha, cfg.arch, cfg.bare, cfg.argv, hashlib.sha256(cfg.stdin).hexdigest(),
+              cfg.timeout, cfg.max_insns, cfg.fs_root, cfg.fs_writable, cfg.seed, cfg.mode]
+    return hashlib.sha256(repr(inputs).encode()).hexdigest()[:16]
+
+
+def result_key(plan: Plan, r: OffsetResult) -> tuple[str, str, str, int]:
+    """How a result is filed: (binary sha256, mode, function, offset)."""
+    return (plan.sha256, plan.cfg.mode, r.function, r.offset)
+
+
+def merge(prepared: Prepared, results: dict[int, list[OffsetResult]]) -> SweepResult:
+    """One report in task order, whatever order the tasks finished in."""
+    plan = prepared.plan
+    ordered = [r for t in prepared.tasks for r in results[t.index]]
+    return SweepResult(plan.image.path, plan.image.arch.name, ordered, plan.ref,
+                       prepared.not_executed)
+
+
+class Progress(Protocol):
+    def start(self, total: int, done: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class Journal(Protocol):
+    def open(self, plan: Plan) -> dict[tuple, OffsetResult]: ...
+    def write(self, plan: Plan, results: list[OffsetResult]) -> None: ...
+    def close(self) -> None: ...
+
+
+def sweep(cfg: SweepConfig, backend=None, journal: Journal | None = None,
+          progress: Progress | None = None) -> SweepResult:
+    """Sweep as `cfg` says. `backend` runs the tasks (default: a local pool of cfg.jobs
+    processes, probes/sweep_backends.py); `journal` files each result as it comes and
+    gives back those of an interrupted sweep (which are not run again); `progress` is told
+    the offsets done."""
+    from probes.sweep_backends import LocalPool
+    prepared = prepare(cfg)
+    plan = prepared.plan
+    done = journal.open(plan) if journal is not None else {}
+    results: dict[int, list[OffsetResult]] = {}
+    filed: dict[int, list[OffsetResult]] = {}       # results of a task's offsets already filed
+    todo = []
+    for t in prepared.dispatch_order():
+        known = {a: done.get((plan.sha256, cfg.mode, t.function, a - t.sym_addr)) for a, _ in t.offsets}
+        filed[t.index] = [k for k in known.values() if k is not None]
+        rest = tuple(o for o in t.offsets if known[o[0]] is None)
+        if rest:
+            todo.append(dataclasses.replace(t, offsets=rest))
+        else:
+            results[t.index] = filed[t.index]
+    if progress is not None:
+        progress.start(sum(len(t.offsets) for t in prepared.tasks),
+                       sum(len(r) for r in filed.values()))
+    backend = backend if backend is not None else LocalPool(cfg.jobs)
+    try:
+        for task, res in backend.map(plan, todo):
+            results[task.index] = sorted(filed[task.index] + res, key=lambda r: r.offset)
+            if journal is not None:
+                journal.write(plan, res)
+            if progress is not None:
+                progress.advance(len(res))
+    finally:
+        if journal is not None:
+            journal.close()
+        if progress is not None:
+            progress.finish()
+    return merge(prepared, results)
 
 
 def _in_text(image: ElfImage, sym: Symbol) -> bool:
