@@ -220,7 +220,7 @@ def restore_clock(m: Machine, st: ClockState) -> None:
 
 
 # --- the machine's registries -----------------------------------------------------------------
-_LISTS = ("fault_notifiers", "owned_text", "patches", "text_listeners", "stop_listeners",
+_LISTS = ("fault_notifiers", "patches", "text_listeners", "stop_listeners",
           "limit_checks")
 _DICTS = ("break_addrs", "live_patches", "layers")
 _SCALARS = ("syscall_handler", "entry", "image", "task", "halt_allowed", "user_mode")
@@ -260,6 +260,7 @@ def take_registries(m: Machine) -> Registries:
     values: dict[str, Any] = {n: list(getattr(m, n)) for n in _LISTS}
     values.update({n: dict(getattr(m, n)) for n in _DICTS})
     values.update({n: getattr(m, n) for n in _SCALARS})
+    values["owned"] = list(m.owners.ranges)          # the claims (emu/owners.py; ranges are frozen)
     counts = getattr(m.syscall_handler, "counts", None)
     return Registries(values, {k: list(v) for k, v in m.break_handlers.items()},
                       frozenset(m.hooks.installed), frozenset(getattr(m.uc, "_callbacks", {})),
@@ -275,6 +276,7 @@ def restore_registries(m: Machine, r: Registries) -> None:
         m.uc.hook_del(h)
     for n in _LISTS:
         getattr(m, n)[:] = r.values[n]
+    m.owners.ranges = list(r.values["owned"])
     for n in _DICTS:
         d = getattr(m, n)
         d.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from emu.arch import ARCH_NAMES
-
 from emu.loader import GuestConfig, load_guest
 
 

@@ -176,10 +176,6 @@ STDIN_LIMIT = 64 << 20
 
 def _check_run_inputs(args) -> None:
     """The `emu run` input rules, for the sweep's own copies of those options."""
-    import math
-    import os
-
-    from emu.errors import UsageError
     if args.max_insns < 0:
         raise UsageError(f"--max-insns {args.max_insns}: must be 0 (no limit) or positive")
     if not math.isfinite(args.timeout) or args.timeout <= 0:
@@ -188,6 +184,12 @@ def _check_run_inputs(args) -> None:
         raise UsageError("--fs-write needs --fs DIR")
     if args.fs is not None and (not args.fs or not os.path.isdir(args.fs)):
         raise UsageError(f"--fs {args.fs!r}: not a directory")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    if args.results and args.resume:
+        raise UsageError("--results and --resume: give one file (--resume appends to it)")
+    if args.address and args.backend != "ray":
+        raise UsageError("--address needs --backend ray")
 
 
 def _read_stdin(stream, timeout: float) -> bytes:

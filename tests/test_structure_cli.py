@@ -127,7 +127,8 @@ def test_trace_option_providers_are_not_optional(monkeypatch):
 # --- the subcommands and where they live -------------------------------------------------------
 def test_subcommands_and_their_modules():
     subs = _subparsers(cli.build_parser())
-    assert list(subs) == ["run", "info", "disasm", "inspect", "sweep", "trace", "bpf", "bench"]
+    assert list(subs) == ["run", "info", "disasm", "inspect", "sweep", "trace", "bpf", "bench", "filter"]
+    assert subs["sweep"].get_default("func").__module__ == "probes.sweep_cli"
     assert subs["bench"].get_default("func").__module__ == "probes.bench_cli"
     assert subs["inspect"].get_default("func").__module__ == "probes.cli"
     from conftest import ROOT

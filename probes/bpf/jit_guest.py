@@ -31,6 +31,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 
+from emu.owners import RegionOwner
+
 from .disasm import format_insn
 from .errors import BpfError, BpfRuntimeError
 from .helpers import KERNEL_HELPERS, BpfArgType, BpfFuncProto, BpfRetType
@@ -367,7 +369,7 @@ class ScratchJit:
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
         m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
-        m.claim_text(STUB_BASE, PAGE)
+        m.claim_text(STUB_BASE, PAGE, RegionOwner.BPF, "[bpf jit trampolines]")
         m.memory.map(DATA_BASE, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]")
         self.return_addr = self._stub("return", lambda addr: None)
         self.model = None
@@ -418,7 +420,7 @@ class ScratchJit:
         size = (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE
         m = self.machine
         m.memory.map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]")
-        m.claim_text(base, size)
+        m.claim_text(base, size, RegionOwner.BPF, "[bpf jit]")
         m.text_poke(base, code)
         self._text_end = base + size
         name = prog.name or "prog"
