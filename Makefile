@@ -10,7 +10,7 @@ FW      := firmware/bin
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,plot]'
+	$(BIN)/pip install -q -e '.[dev,plot,net,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

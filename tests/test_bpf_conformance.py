@@ -29,15 +29,15 @@ from probes.bpf.runtime import BpfRun, ProgramExit
 DATA = Path(__file__).resolve().parent / "data" / "bpf"
 
 
-def shared_dir() -> Path:
+def conformance_dir() -> Path:
+    """The corpus vendored in tests/data/conformance (bpf_conformance's data files with their
+    licences); KPROBE_EMU_SHARED=DIR points at another copy's parent (DIR/conformance)."""
     env = os.environ.get("KPROBE_EMU_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+    return Path(env) / "conformance" if env else Path(__file__).resolve().parent / "data" / "conformance"
 
 
-CONFORMANCE = shared_dir() / "conformance"
-if not CONFORMANCE.is_dir():
-    pytest.skip(f"conformance corpus not found at {CONFORMANCE} (set KPROBE_EMU_SHARED)",
-                allow_module_level=True)
+CONFORMANCE = conformance_dir()
+assert CONFORMANCE.is_dir(), f"conformance corpus missing at {CONFORMANCE}"
 
 
 def _exceptions() -> dict[str, str]:

@@ -3,9 +3,7 @@ programs never crash the host (only BpfError escapes), and whenever a
 program runs, the interpreter and the compiled path agree exactly."""
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import pytest
 
@@ -102,10 +100,9 @@ def test_random_instruction_sequences(seed: int) -> None:
 
 
 def _corpus() -> list[bytes]:
-    shared = os.environ.get("KPROBE_EMU_SHARED")
-    root = Path(shared) if shared else Path(__file__).resolve().parents[1].parent / "shared"
+    from test_bpf_conformance import CONFORMANCE
     out = []
-    for path in sorted((root / "conformance").glob("bpf/tests/*.data"))[::5]:
+    for path in sorted(CONFORMANCE.glob("bpf/tests/*.data"))[::5]:
         df = parse_data_file(path)
         if df.asm is not None:
             out.append(bpf.assemble(df.asm))
@@ -116,8 +113,7 @@ def _corpus() -> list[bytes]:
 def test_mutated_conformance_programs(seed: int) -> None:
     rng = random.Random(2000 + seed)
     corpus = _corpus()
-    if not corpus:
-        pytest.skip("conformance corpus not available (set KPROBE_EMU_SHARED)")
+    assert corpus
     for _ in range(150):
         code = bytearray(rng.choice(corpus))
         for _ in range(rng.randrange(1, 4)):
