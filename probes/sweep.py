@@ -686,8 +686,8 @@ class Prepared:
 
 
 def prepare(cfg: SweepConfig) -> Prepared:
-    from emu.arch import get_arch
-    image = load_elf(cfg.path, None if cfg.arch == "auto" else get_arch(cfg.arch))
+    from emu.arch import requested_arch
+    image = load_elf(cfg.path, requested_arch(cfg.arch))
     symbols = SymbolTable(image.symbols)
     funcs = [symbols.lookup(f) for f in cfg.funcs] if cfg.funcs else symbols.functions()
     missing = [f for f, s in zip(cfg.funcs, funcs) if s is None]

@@ -235,29 +235,42 @@ def run_reference(arch: str, argv: list[str], stdin: bytes = b"", timeout: float
     return CliResult(rc, proc.stdout, proc.stderr)
 
 
-@pytest.fixture(scope="session")
-def glibc_prog(tmp_path_factory):
-    """glibc_prog(arch, name, link="static"|"static-pie"|"dynamic") -> Path of
-    tests/data/machine/<name>.c compiled for arch (cached for the session; skips if the
-    cross compiler or its libc is missing)."""
-    cache = tmp_path_factory.mktemp("glibc-progs")
-    built: dict[tuple[str, str, str], Path] = {}
+def _compile_c(cc_name: str, source: Path, out: Path, flags: list[str]) -> Path:
+    """Compile one C file; skip if the compiler or its static libc is missing."""
+    cc = _shutil.which(cc_name)
+    if cc is None:
+        pytest.skip(f"{cc_name} not installed")
+    proc = subprocess.run([cc, "-O2", *flags, "-o", str(out), str(source)], capture_output=True, text=True)
+    if proc.returncode:
+        if "cannot find -lc" in proc.stderr or "crt1.o" in proc.stderr:
+            pytest.skip(f"no static C library for {cc_name}: {proc.stderr.strip()[:200]}")
+        raise AssertionError(f"{cc} failed:\n{proc.stderr}")
+    return out
 
-    def build(arch: str, name: str, link: str = "static") -> Path:
-        key = (arch, name, link)
+
+@pytest.fixture(scope="session")
+def c_prog(tmp_path_factory):
+    """c_prog(arch, source, link="static"|"static-pie"|"dynamic") -> Path of the C file
+    `source` compiled for arch (cached for the session; skips if the cross compiler or its
+    libc is missing)."""
+    cache = tmp_path_factory.mktemp("c-progs")
+    built: dict[tuple[str, Path, str], Path] = {}
+
+    def build(arch: str, source: Path, link: str = "static") -> Path:
+        key = (arch, Path(source), link)
         if key not in built:
-            cc = _shutil.which(CROSS_CC[arch])
-            if cc is None:
-                pytest.skip(f"{CROSS_CC[arch]} not installed")
-            out = cache / f"{name}-{link}.{arch}"
             flags = {"static": ["-static"], "static-pie": ["-static-pie"], "dynamic": []}[link]
-            proc = subprocess.run([cc, "-O2", *flags, "-o", str(out), str(MACHINE_DATA / f"{name}.c")],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                if "cannot find -lc" in proc.stderr or "crt1.o" in proc.stderr:
-                    pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
-                raise AssertionError(f"{cc} failed:\n{proc.stderr}")
-            built[key] = out
+            out = cache / f"{Path(source).stem}-{len(built)}-{link}.{arch}"
+            built[key] = _compile_c(CROSS_CC[arch], Path(source), out, flags)
         return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def glibc_prog(c_prog):
+    """glibc_prog(arch, name, link) -> tests/data/machine/<name>.c compiled (see c_prog)."""
+    def build(arch: str, name: str, link: str = "static") -> Path:
+        return c_prog(arch, MACHINE_DATA / f"{name}.c", link)
 
     return build

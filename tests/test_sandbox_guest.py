@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_CC, ROOT
+from conftest import ROOT
 from emu.cli import main
 
 SOURCE = ROOT / "tests" / "data" / "sandbox" / "sandbox.c"
@@ -19,23 +16,8 @@ TASK_SIZE = {"x86_64": 0x7FFF_FFFF_F000, "arm64": 1 << 47}
 
 
 @pytest.fixture(scope="session")
-def sandbox_prog(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("sandbox")
-    built: dict[str, Path] = {}
-
-    def build(arch: str) -> Path:
-        if arch not in built:
-            cc = shutil.which(CROSS_CC[arch])
-            if cc is None:
-                pytest.skip(f"{CROSS_CC[arch]} not installed")
-            out = cache / f"sandbox.{arch}"
-            proc = subprocess.run([cc, "-O2", "-static", "-o", str(out), str(SOURCE)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                pytest.skip(f"cannot build a static {arch} program: {proc.stderr.strip()[:200]}")
-            built[arch] = out
-        return built[arch]
-    return build
+def sandbox_prog(c_prog):
+    return lambda arch: c_prog(arch, SOURCE)
 
 
 def emu(*argv: str) -> tuple[int, str, str]:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from emu.elf import load_elf
 
-from conftest import ARCHES, CROSS_CC, firmware_elf, run_emu
+from conftest import ARCHES, firmware_elf, run_emu
 
 DATA = Path(__file__).parent / "data" / "trace"
 OPEN = "p:grp/open do_sys_open dfd=$arg1:s32 name=+0($arg2):string"
@@ -22,25 +20,9 @@ OPENR = "r:grp/openr do_sys_open ret=$retval:s32"
 PREFIX = re.compile(r"^ {8}demo\.elf-1000    \[000\] d\.\.\.\. +(\d+\.\d{6}): ")
 
 
-@pytest.fixture(scope="module")
-def score_elf(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trace-progs")
-    built = {}
-
-    def build(arch: str) -> Path:
-        if arch not in built:
-            cc = shutil.which(CROSS_CC[arch])
-            if cc is None:
-                pytest.skip(f"{CROSS_CC[arch]} not installed")
-            exe = out / f"score.{arch}"
-            p = subprocess.run([cc, "-O2", "-static", "-o", str(exe), str(DATA / "score.c")],
-                               capture_output=True, text=True)
-            if p.returncode:
-                pytest.skip(f"cannot build a static glibc program for {arch}: {p.stderr[:200]}")
-            built[arch] = exe
-        return built[arch]
-
-    return build
+@pytest.fixture(scope="session")
+def score_elf(c_prog):
+    return lambda arch: c_prog(arch, DATA / "score.c")
 
 
 @pytest.mark.parametrize("arch", ARCHES)

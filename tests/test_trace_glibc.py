@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import capstone
@@ -17,7 +15,7 @@ import pytest
 from emu.cli import main as emu_main
 from emu.elf import load_elf
 
-from conftest import ARCHES, CROSS_CC
+from conftest import ARCHES
 
 DATA = Path(__file__).parent / "data" / "trace"
 CS = {"x86_64": (capstone.CS_ARCH_X86, capstone.CS_MODE_64),
@@ -28,23 +26,9 @@ RET_ADDR = {"x86_64": "$stack0", "arm64": "%lr"}     # the return address at fun
 ITEMS = [("alpha", 3, 0x1), ("beta", -7, 0x12), ("gamma", 42, 0x300)]
 
 
-@pytest.fixture(scope="module")
-def score_elf(tmp_path_factory):
-    out, built = tmp_path_factory.mktemp("glibc-trace"), {}
-
-    def build(arch: str) -> Path:
-        if arch not in built:
-            cc = shutil.which(CROSS_CC[arch])
-            if cc is None:
-                pytest.skip(f"{CROSS_CC[arch]} not installed")
-            exe = out / f"score.{arch}"
-            p = subprocess.run([cc, "-O2", "-static", "-o", str(exe), str(DATA / "score.c")],
-                               capture_output=True, text=True)
-            if p.returncode:
-                pytest.skip(f"cannot build a static glibc program for {arch}: {p.stderr[:200]}")
-            built[arch] = exe
-        return built[arch]
-    return build
+@pytest.fixture(scope="session")
+def score_elf(c_prog):
+    return lambda arch: c_prog(arch, DATA / "score.c")
 
 
 def return_sites(exe: Path, arch: str) -> tuple[list[int], int]:

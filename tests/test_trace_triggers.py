@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import io
-import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from emu.loader import GuestConfig, load_guest
 from probes.trace.trace_events_trigger import AVAILABLE
 from probes.trace.tracefs import tracefs_of
 
-from conftest import ARCHES, CROSS_CC, firmware_elf
+from conftest import ARCHES, firmware_elf
 
 DATA = Path(__file__).parent / "data" / "trace"
 # do_sys_open's flags ($arg3) over the demo firmware's 16 opens
@@ -267,23 +265,9 @@ def test_hist_errors_in_error_log(arch, cmd, message, at):
     assert log[2] == " " * (11 + (cmd.index(at) if at else 0)) + "^"
 
 
-@pytest.fixture(scope="module")
-def buckets_elf(tmp_path_factory):
-    out, built = tmp_path_factory.mktemp("hist-progs"), {}
-
-    def build(arch: str) -> Path:
-        if arch not in built:
-            cc = shutil.which(CROSS_CC[arch])
-            if cc is None:
-                pytest.skip(f"{CROSS_CC[arch]} not installed")
-            exe = out / f"buckets.{arch}"
-            p = subprocess.run([cc, "-O2", "-static", "-o", str(exe), str(DATA / "buckets.c")],
-                               capture_output=True, text=True)
-            if p.returncode:
-                pytest.skip(f"cannot build a static glibc program for {arch}: {p.stderr[:200]}")
-            built[arch] = exe
-        return built[arch]
-    return build
+@pytest.fixture(scope="session")
+def buckets_elf(c_prog):
+    return lambda arch: c_prog(arch, DATA / "buckets.c")
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -120,7 +120,7 @@ def get_emitter(arch: str) -> Emitter:
     """The JIT for ``arch`` (one instance per process; emitters are stateless)."""
     if arch not in _EMITTERS:
         raise BpfError(f"no BPF JIT for arch {arch!r} (one of {', '.join(ARCHES)})")
-    return importlib.import_module(_EMITTERS[arch]).EMITTER  # type: ignore[no-any-return]
+    return importlib.import_module(_EMITTERS[arch]).EMITTER
 
 
 @dataclass
@@ -719,7 +719,7 @@ class ScratchJit:
         index = m.reg(regs[3]) & 0xFFFFFFFF
         target = None
         if isinstance(mp, ProgArrayMap) and index < mp.max_entries:
-            target = mp.get_prog(index)  # type: ignore[attr-defined]
+            target = mp.get_prog(index)
         image = self.images.get(id(target)) if target is not None else None
         if image is not None:
             run.tail_calls += 1
@@ -793,7 +793,7 @@ def _reachable(prog: "BpfProg") -> list["BpfProg"]:
             mp = p.maps[fd]
             if isinstance(mp, ProgArrayMap):
                 for i in range(mp.max_entries):
-                    t = mp.get_prog(i)  # type: ignore[attr-defined]
+                    t = mp.get_prog(i)
                     if t is not None:
                         todo.append(t)
     return out

@@ -113,7 +113,7 @@ def make_indirect(reg: int, call: bool) -> InsnHandler:
 
 class GeneralProtection(UserFault):
     """cli/sti at CPL3 with IOPL < 3: the #GP the unprobed instruction takes (no address)."""
-    kind = "general protection"   # type: ignore[assignment]
+    kind = "general protection"
 
     def __init__(self) -> None:
         Exception.__init__(self, self.kind)
