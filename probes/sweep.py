@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol, cast
 
 from emu.elf import ElfImage, load_elf
 from emu.loader import GuestConfig, load_guest
@@ -260,7 +260,7 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
     with _fs_for_run(cfg) as root:
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
                            fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
-        guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err, image=image)
+        guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err), image=image)
         m = guest.machine
         if setup is not None:
             setup(m)
@@ -282,6 +282,11 @@ def _fs_for_run(cfg: SweepConfig) -> Iterator[str | None]:
         yield root
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stream(digest: OutputDigest) -> BinaryIO:
+    """The digest as the guest's stream: the guest only ever writes to it."""
+    return cast(BinaryIO, digest)
 
 
 def _outcome(m: Machine, result: RunResult, stdout: StreamSummary, stderr: StreamSummary) -> Outcome:
@@ -330,12 +335,19 @@ def _kretprobe_unwinder(m: Machine) -> _Unwinder | None:
     state = m.layers.get("kretprobes")
     if state is None:
         return None
+    from probes.kretprobes import Kretprobes
+    assert isinstance(state, Kretprobes)
     return _Unwinder(state.trampoline, state.pending_ret_addrs())
 
 
+@dataclass(eq=False)
+class CountingKprobe(Kprobe):
+    """A kprobe that counts its post-handler calls too (the single-step happened)."""
+    post_hits: int = 0
+
+
 def counting_kprobe(m: Machine, addr: int) -> list:
-    p = Kprobe(addr=addr, pre_handler=_count_pre, post_handler=_count_post)
-    p.post_hits = 0
+    p = CountingKprobe(addr=addr, pre_handler=_count_pre, post_handler=_count_post)
     kprobes_of(m).register_kprobe(p)
     return [p]
 
@@ -353,9 +365,8 @@ def optimized_kprobe(m: Machine, addr: int) -> list:
 
 def counting_kretprobe(m: Machine, addr: int) -> list:
     from probes.kretprobes import Kretprobe, kretprobes_of
-    rp = Kretprobe(kp=Kprobe(addr=addr), handler=lambda ri, regs: 0)
+    rp = Kretprobe(kp=CountingKprobe(addr=addr), handler=lambda ri, regs: 0)
     kretprobes_of(m).register_kretprobe(rp)
-    rp.kp.post_hits = 0
     return [rp.kp]
 
 
@@ -500,7 +511,7 @@ class FreshRunner:
             gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
                                fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
             out, err = OutputDigest(), OutputDigest()
-            m = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=out, stderr=err,
+            m = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err),
                            image=self.plan.image).machine
             setup(m)
             if skip(m):
@@ -533,7 +544,7 @@ class SnapshotRunner:
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
                            fs_root=cfg.fs_root, seed=cfg.seed)
         self.out, self.err = OutputDigest(), OutputDigest()
-        return load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=self.out, stderr=self.err,
+        return load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(self.out), stderr=_stream(self.err),
                           image=self.plan.image).machine
 
     def _reach(self, sym_addr: int) -> bool:
@@ -555,16 +566,18 @@ class SnapshotRunner:
         if r.reason is not StopReason.HALT or m.pc != first:
             self.m = None
             return False
-        self.snap, self.rank = m.snapshot(), rank
-        self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
+        snap = self.snap = m.snapshot()
+        self.rank = rank
+        self.fresh = snap.restore_bytes > self.RESTORE_LIMIT
         return True
 
     def _any(self) -> None:
         """Some snapshot to register probes on: the current one, or the guest at its entry."""
         if self.m is None or self.snap is None:
             self.m = self._load()
-            self.snap, self.rank = self.m.snapshot(), -1
-            self.fresh = self.snap.restore_bytes > self.RESTORE_LIMIT
+            snap = self.snap = self.m.snapshot()
+            self.rank = -1
+            self.fresh = snap.restore_bytes > self.RESTORE_LIMIT
 
     def run(self, sym_addr: int, setup: Callable[[Machine], None],
             skip: Callable[[Machine], bool] | None) -> Outcome | None:
@@ -648,10 +661,9 @@ def _watch_patched_text(m: Machine, addr: int, seen: list[int]) -> None:
     m.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, max(0, lo - 16), hi)
 
 
-def _step(p) -> str:
-    ainsn = getattr(p, "ainsn", None)
+def _step(p: Kprobe) -> str:
     kind = probe_kind(p)
-    return ainsn.kind if kind == "kprobe" else kind
+    return str(p.ainsn.kind) if kind == "kprobe" and p.ainsn is not None else kind
 
 
 _RUNNERS: dict[str, object] = {}        # per process: the runner of the plan being worked on
@@ -696,6 +708,7 @@ def prepare(cfg: SweepConfig) -> Prepared:
         raise UsageError(f"unknown function(s): {', '.join(missing)}")
     chosen = [f for f in funcs if f is not None and f.size and _in_text(image, f)]
     ref, _m = _run(cfg, image, None)
+    assert ref is not None                    # observed runs give an outcome
     trace = trace_baseline(cfg, image, chosen)
     not_executed: list[str] = []
     if cfg.funcs:
