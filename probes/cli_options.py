@@ -41,18 +41,18 @@ def attach_from_args(session: Session, args: argparse.Namespace) -> None:
                                    getattr(args, "stderr", None) or sys.stderr))
     if not specs and not rspecs:
         return
-    kp = kprobes_of(session.machine)
+    kprobes = kprobes_of(session.machine)
     if getattr(args, "optimize", False):
         from probes.optprobes import enable_optprobes
-        enable_optprobes(kp)
+        enable_optprobes(kprobes)
     for spec in specs:
-        kp.register_kprobe(kprobe_from_spec(spec))
+        kprobes.register_kprobe(kprobe_from_spec(spec))
     if rspecs:
         from probes.kretprobes import Kretprobe, kretprobes_of
         krp = kretprobes_of(session.machine)
         for spec in rspecs:
             krp.register_kretprobe(Kretprobe(kp=kprobe_from_spec(spec)))
-    session.attach(ProbeReport(kp))
+    session.attach(ProbeReport(kprobes))
 
 
 class TraceReport:
@@ -80,12 +80,12 @@ class TraceReport:
 class ProbeReport:
     """The exit table (stderr) and the "probes" list of the --stats JSON."""
 
-    def __init__(self, kp: Kprobes) -> None:
-        self.kp = kp
+    def __init__(self, kprobes: Kprobes) -> None:
+        self.kprobes = kprobes
 
     def rows(self) -> list[dict[str, Any]]:
-        syms, rows = self.kp.m.symbols, []
-        for p in self.kp.probes():
+        syms, rows = self.kprobes.m.symbols, []
+        for p in self.kprobes.probes():
             addr = p.addr
             assert addr is not None                 # a registered probe has its address
             sym, kind = syms.find(addr), probe_kind(p)
