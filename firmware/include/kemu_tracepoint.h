@@ -71,7 +71,7 @@ kemu_arch_static_branch(struct kemu_static_key *key, int branch)
 		 ".long 1b - ., %l[l_yes] - .\n\t"
 		 ".quad %c0 - .\n\t"
 		 ".popsection\n\t"
-		 : : "i"(&((char *)key)[branch]) : : l_yes);
+		 : : "Si"(&((char *)key)[branch]) : : l_yes);
 	return 0;
 l_yes:
 	return 1;
