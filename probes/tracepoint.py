@@ -24,8 +24,9 @@ from probes.jump_label import JumpLabels, StaticKey, image_section, jump_labels_
 TRACEPOINT_DEFAULT_PRIO = 10
 TRACEPOINTS_PTRS = "__tracepoints_ptrs"
 MAX_TP_ARGS = 6                      # the register-passed arguments of both ABIs
-# struct kemu_tracepoint: name, key{enabled, pad, type}, iterator, num_args, proto, print
-_TP_NAME, _TP_KEY, _TP_ITER, _TP_NARGS, _TP_PROTO, _TP_PRINT = 0, 8, 24, 32, 40, 48
+# struct kemu_tracepoint: name, key{enabled, pad, type}, iterator, num_args, proto, print,
+# system (TRACE_SYSTEM)
+_TP_NAME, _TP_KEY, _TP_ITER, _TP_NARGS, _TP_PROTO, _TP_PRINT, _TP_SYSTEM = 0, 8, 24, 32, 40, 48, 56
 
 TracepointProbe = Callable[[Any, tuple[int, ...]], None]    # func(data, args)
 
@@ -103,6 +104,7 @@ class Tracepoint:
     key: StaticKey
     iterator: int
     args: list[TpArg]
+    system: str = "kemu"           # TRACE_SYSTEM
     fmt: str = ""
     fmt_args: list[str] = field(default_factory=list)
     regfunc: Callable[[], int] | None = None
@@ -160,6 +162,7 @@ class Tracepoints:
             args = parse_proto(strncpy_from_user(mem, get_user(mem, addr + _TP_PROTO)).decode())
             printk = strncpy_from_user(mem, get_user(mem, addr + _TP_PRINT)).decode()
             iterator = get_user(mem, addr + _TP_ITER)
+            system = strncpy_from_user(mem, get_user(mem, addr + _TP_SYSTEM), 256).decode()
         except (UserFault, UnicodeDecodeError) as e:
             raise TracepointError(errno.EFAULT, f"unreadable tracepoint at {addr:#x}: {e}") from None
         if nargs != len(args) or nargs > MAX_TP_ARGS:
@@ -168,7 +171,7 @@ class Tracepoints:
         key = self.labels.keys.get(addr + _TP_KEY) or StaticKey(addr + _TP_KEY, False)
         self.labels.keys.setdefault(key.addr, key)
         fmt, fmt_args = parse_printk(printk)
-        return Tracepoint(name, addr, key, iterator, args, fmt, fmt_args, module=module)
+        return Tracepoint(name, addr, key, iterator, args, system, fmt, fmt_args, module=module)
 
     def lookup(self, name: str) -> Tracepoint | None:
         """for_each_kernel_tracepoint by name: the image first, then modules."""

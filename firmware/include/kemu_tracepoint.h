@@ -22,11 +22,16 @@
  * bytes.  Define KEMU_CREATE_TRACE_POINTS in exactly one translation unit
  * before including the header (the others only get the trace_name() calls).
  *
+ * Define TRACE_SYSTEM (the event group, default kemu) before the include.
  * Build: add -I firmware/include; no other flag is needed (-O1 or higher so
  * the static-branch asm sees constants).
  */
 #ifndef KEMU_TRACEPOINT_H
 #define KEMU_TRACEPOINT_H
+
+#ifndef TRACE_SYSTEM
+#define TRACE_SYSTEM kemu       /* the events' group unless the program names one */
+#endif
 
 #define KEMU_TP_BRK_IMM 0x5e0   /* arm64 trap immediate of __traceiter_*  */
 
@@ -43,6 +48,7 @@ struct kemu_tracepoint {
 	unsigned long num_args;
 	const char *proto;      /* "TP_PROTO(int a, long b)" */
 	const char *print;      /* "TP_printk(\"a=%d\", a)" */
+	const char *system;     /* TRACE_SYSTEM: the event's group */
 };
 
 struct kemu_bpf_raw_event_map {
@@ -130,6 +136,7 @@ l_yes:
 		.num_args = __KEMU_NARGS(_args), \
 		.proto = #_proto, \
 		.print = #_print, \
+		.system = __KEMU_XSTR(TRACE_SYSTEM), \
 	}; \
 	static struct kemu_bpf_raw_event_map __bpf_trace_tp_map_##_name \
 	    __attribute__((used, section("__bpf_raw_tp_map"))) = { \

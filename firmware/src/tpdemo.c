@@ -6,6 +6,7 @@
  * whether the tracepoints are enabled.
  */
 #include "platform.h"
+#define TRACE_SYSTEM tpdemo
 #define KEMU_CREATE_TRACE_POINTS
 #include "kemu_tracepoint.h"
 
