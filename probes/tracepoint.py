@@ -232,8 +232,38 @@ def tracepoints_of(machine: Machine) -> Tracepoints:
 
 
 def tracepoints_from_image(machine: Machine, image: Any, module: Any = None) -> list[Tracepoint]:
-    """A loaded module's tracepoints (duck-typed: `.name`, `.image`; the image needs
-    `.sections` as emu.elf.ElfImage has them): its jump-label sites join the machine's and
-    its tracepoints become findable, after the core image's."""
+    """MODULE_STATE_COMING for tracepoints: a loaded image's jump-label sites join the
+    machine's, its tracepoints become findable (after the core image's), its
+    `__bpf_raw_tp_map` entries join the raw tracepoint lookup and, where a Tracefs exists,
+    its events appear. `module` is duck-typed (`.name`, `.image`); `image` needs
+    `.sections` / `.section_ranges` as emu.elf.ElfImage has them, already in memory."""
     jump_labels_of(machine).add_image(image, module)
-    return tracepoints_of(machine).add_image(image, module)
+    found = tracepoints_of(machine).add_image(image, module)
+    if module is not None:
+        from probes.trace.bpf_tracepoint import bpf_raw_tracepoints_of
+        bpf_raw_tracepoints_of(machine).add_module(module, image)
+    events = _tracepoint_events(machine)
+    if events is not None:
+        events.add_all()
+    return found
+
+
+def tracepoints_release_module(machine: Machine, module: Any) -> list[Tracepoint]:
+    """MODULE_STATE_GOING: the module's events, raw tracepoints, probes and sites go."""
+    tps = tracepoints_of(machine)
+    events = _tracepoint_events(machine)
+    gone = [tp for tp in tps.tps if tp.module is module]
+    if events is not None:
+        for tp in gone:
+            events.remove(tp)
+    from probes.trace.bpf_tracepoint import bpf_raw_tracepoints_of
+    bpf_raw_tracepoints_of(machine).remove_module(module)
+    tps.remove_module(module)
+    jump_labels_of(machine).remove_module(module)
+    return gone
+
+
+def _tracepoint_events(machine: Machine) -> Any:
+    """The Tracefs's tracepoint events if both exist (never made here)."""
+    fs = machine.layers.get("tracefs")
+    return getattr(fs, "_tracepoint_events", None) if fs is not None else None
