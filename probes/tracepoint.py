@@ -126,6 +126,11 @@ class Tracepoints:
         self.labels: JumpLabels = jump_labels_of(machine)
         self.trap_size = len(arch_probes_of(machine).kprobes.breakpoint)
         self.tps: list[Tracepoint] = []
+        self._by_iterator: dict[int, Tracepoint] = {}
+        # the hit path reads registers by id (a name lookup per read costs as much again)
+        arch = machine.arch
+        self._arg_ids = [arch.reg_id(n) for n in arch.args[:MAX_TP_ARGS]]
+        self._pc_id = arch.reg_id(arch.pc)
         if machine.image is not None:
             self.add_image(machine.image)
 
@@ -139,6 +144,7 @@ class Tracepoints:
             rel = int.from_bytes(data[4 * i:4 * i + 4], "little", signed=True)
             found.append(self._read_tracepoint(base + 4 * i + rel, module))
         for tp in found:
+            self._by_iterator[tp.iterator] = tp
             self.m.register_break_addr(tp.iterator, self._iterator_trap)
         self.tps = found + self.tps if module is not None else self.tps + found
         return found
@@ -151,6 +157,7 @@ class Tracepoints:
                 tp.funcs.clear()
                 self.labels.static_key_disable(tp.key)
             self.m.unregister_break_addr(tp.iterator)
+            self._by_iterator.pop(tp.iterator, None)
             self.tps.remove(tp)
         return gone
 
@@ -212,17 +219,18 @@ class Tracepoints:
 
     # --- the call ----------------------------------------------------------------------------
     def _iterator_trap(self, addr: int) -> bool:
-        tp = next((t for t in self.tps if t.iterator == addr), None)
+        tp = self._by_iterator.get(addr)
         if tp is None:
             return False
-        clock = self.m.clock
+        m = self.m
+        clock, read = m.clock, m.regs.read
         clock.charge(TRAP)
-        args = tuple(a.value(self.m.arg(i)) for i, a in enumerate(tp.args))
+        args = tuple([a.value(read(r)) for a, r in zip(tp.args, self._arg_ids)])
         tp.hits += 1
-        for f in list(tp.funcs):          # the array as it was when the call began
+        for f in tp.funcs[:]:             # the array as it was when the call began
             clock.charge(HANDLER)
             f.func(f.data, args)
-        self.m.pc = addr + self.trap_size     # the iterator's `ret` follows its trap
+        m.regs.write(self._pc_id, addr + self.trap_size)   # the iterator's `ret` follows
         return True
 
 

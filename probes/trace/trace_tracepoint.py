@@ -8,12 +8,14 @@ branches); a hit records the arguments through the same commit path as kprobe ev
 from __future__ import annotations
 
 import re
-from typing import Any
+import struct
+from typing import Any, Callable
 
 from emu.uaccess import strncpy_from_user
 from probes.bpf.printk import FormatError, trace_printk_format
 from probes.regs import PtRegs
-from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
+from probes.trace.trace_events import FtraceEventField, TraceEventCall
+from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
 from probes.trace.tracefs import Tracefs
 from probes.tracepoint import Tracepoint, TpArg, tracepoints_of
 
@@ -73,6 +75,7 @@ class TraceTracepointEvents:
         self.fs, self.m = fs, fs.machine
         self.tps = tracepoints_of(self.m)
         self.calls: dict[int, TraceEventCall] = {}       # tracepoint addr -> event
+        self._packers: dict[int, Callable[[int, int, tuple[int, ...]], bytes]] = {}
         self.add_all()
 
     def add_all(self) -> list[TraceEventCall]:
@@ -102,6 +105,7 @@ class TraceTracepointEvents:
         call = self.fs.new_event(tp.system, tp.name, fields, print_fmt_of(tp), print_line,
                                  kind="tracepoint")
         call.on_enable = lambda on: self._reg(tp, call, on)
+        self._packers[call.id] = record_packer(fields)
         self.calls[tp.addr] = call
         return call
 
@@ -117,8 +121,7 @@ class TraceTracepointEvents:
 
     def trace_event_raw_event(self, call: TraceEventCall, args: tuple[int, ...]) -> None:
         """The probe: run the event's BPF programs (perf), then record unless soft-disabled."""
-        from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
-        data = self._record(call, args)
+        data = self._packers[call.id](call.id, self.m.task[1], args)
         if call.prog_array:
             from probes.trace.bpf_tracepoint import perf_trace_run_bpf
             perf_trace_run_bpf(self.m, call, data)
@@ -131,13 +134,21 @@ class TraceTracepointEvents:
         finally:
             fs.hit = None
 
-    def _record(self, call: TraceEventCall, args: tuple[int, ...]) -> bytes:
-        buf = bytearray(pack_header(call.id, HIT_FLAGS, 0, self.m.task[1]))
-        for f, v in zip(call.fields, args):
-            buf.extend(bytes(f.offset - len(buf)))
-            buf.extend((v & ((1 << (8 * f.size)) - 1)).to_bytes(f.size, "little"))
-        buf.extend(bytes(-len(buf) % 8))
-        return bytes(buf)
+
+def record_packer(fields: list[FtraceEventField]) -> Callable[[int, int, tuple[int, ...]], bytes]:
+    """The record of one hit, packed in one go: header, then each argument at its offset
+    (as its unsigned image), padded to 8 bytes."""
+    fmt, off = "<HBBi", COMMON_SIZE
+    for f in fields:
+        fmt += "x" * (f.offset - off) + {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
+        off = f.offset + f.size
+    fmt += "x" * (-off % 8)
+    pack = struct.Struct(fmt).pack
+    masks = [(1 << (8 * f.size)) - 1 for f in fields]
+
+    def packer(call_id: int, pid: int, args: tuple[int, ...]) -> bytes:
+        return pack(call_id, HIT_FLAGS, 0, pid, *[v & mk for v, mk in zip(args, masks)])
+    return packer
 
 
 def tracepoint_events_of(fs: Tracefs) -> TraceTracepointEvents:
