@@ -171,7 +171,8 @@ class Tracepoints:
             iterator = get_user(mem, addr + _TP_ITER)
             system = strncpy_from_user(mem, get_user(mem, addr + _TP_SYSTEM), 256).decode()
         except (UserFault, UnicodeDecodeError) as e:
-            raise TracepointError(errno.EFAULT, f"unreadable tracepoint at {addr:#x}: {e}") from None
+            raise TracepointError(errno.EFAULT,
+                                  f"unreadable tracepoint at {addr:#x}: {e}") from None
         if nargs != len(args) or nargs > MAX_TP_ARGS:
             raise TracepointError(errno.EINVAL, f"tracepoint {name}: {nargs} arguments "
                                                 f"(at most {MAX_TP_ARGS}, as TP_PROTO lists)")

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(CLANG is None, reason="clang is not installed (a
 @pytest.fixture(scope="module")
 def bpf_obj(tmp_path_factory) -> Path:
     obj = tmp_path_factory.mktemp("tp-bpf") / "count_tp.o"
-    proc = subprocess.run([CLANG, "-O2", "-g", "-target", "bpf", "-I", "/usr/include/x86_64-linux-gnu",
+    proc = subprocess.run([CLANG, "-O2", "-g", "-target", "bpf",
+                           "-I", "/usr/include/x86_64-linux-gnu",
                            "-c", str(DATA / "count_tp.bpf.c"), "-o", str(obj)],
                           capture_output=True, text=True)
     if proc.returncode and "linux/bpf.h" in proc.stderr:
@@ -84,7 +85,8 @@ def test_attach_refusals(arch, bpf_obj):
     assert sorted((b.tp.name, b.num_args, b.writable_size) for b in raw.core) == \
         [("tp_done", 2, 0), ("tp_work", 2, 0)]
     done = raw.bpf_get_raw_tracepoint("tp_done")
-    assert done.bpf_func == done.tp.iterator == lab.machine.symbols.lookup("__traceiter_tp_done").addr
+    iterator = lab.machine.symbols.lookup("__traceiter_tp_done").addr
+    assert done.bpf_func == done.tp.iterator == iterator
 
 
 def test_nested_hit_counts_a_miss(arch, bpf_obj):
