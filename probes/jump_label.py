@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emu.machine import Machine
+from emu.memory import PROT_EXEC
 from emu.uaccess import UserFault, copy_from_user, get_user, put_user
 from probes.arch import ArchJumpLabel, arch_probes_of
 from probes.errors import KprobeError
@@ -97,12 +98,17 @@ class JumpLabels:
         if sec is None:
             return []
         added = parse_jump_table(sec[0], sec[1], module)
+        size = self.arch.jump_label_nop_size
+        for e in added:                  # a guest's table is input: sites must be its text
+            if not (self._is_text(e.code, size) and self._is_text(e.target, 1)):
+                raise JumpLabelError(errno.EINVAL, f"__jump_table entry for {e.code:#x} -> "
+                                                   f"{e.target:#x} is not in executable text")
         for e in added:
             key = self.keys.get(e.key)
             if key is None:
                 key = self.keys[e.key] = StaticKey(e.key, self._initial(e.key))
             key.entries.append(e)
-            self.reserved.reserve(e.code, self.arch.jump_label_nop_size, TextUse.JUMP_LABEL, e)
+            self.reserved.reserve(e.code, size, TextUse.JUMP_LABEL, e)
         self.entries.extend(added)
         return added
 
@@ -114,6 +120,10 @@ class JumpLabels:
             key = self.keys.get(e.key)
             if key is not None:
                 key.entries.remove(e)
+
+    def _is_text(self, addr: int, size: int) -> bool:
+        region = self.m.memory.find(addr)
+        return region is not None and bool(region.prot & PROT_EXEC) and addr + size <= region.end
 
     def _initial(self, addr: int) -> bool:
         try:

@@ -12,7 +12,6 @@ import struct
 from typing import Any, Callable
 
 from emu.uaccess import strncpy_from_user
-from probes.bpf.printk import FormatError, trace_printk_format
 from probes.regs import PtRegs
 from probes.trace.trace_events import FtraceEventField, TraceEventCall
 from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
@@ -46,6 +45,8 @@ def print_fmt_of(tp: Tracepoint) -> str:
 
 def render(fmt: str, values: list[int], read_str) -> str:
     """TP_printk output: each conversion formatted as trace_printk does, one at a time."""
+    # imported here: probes.bpf costs ~0.2 s to import, and Tracefs imports this module
+    from probes.bpf.printk import FormatError, trace_printk_format
     out, pos, used = [], 0, 0
     text = fmt.encode().decode("unicode_escape")
     for m in _CONV.finditer(text):
@@ -171,3 +172,18 @@ def tracepoint_event(fs: Tracefs, name: str) -> TraceEventCall:
         known = ", ".join(c.full_name for c in calls) or "none in this guest"
         raise UsageError(f"--event 'tp:{name}': no such tracepoint (tracepoints: {known})")
     return found[0]
+
+
+def add_tracepoint_events(fs: Tracefs) -> None:
+    """At Tracefs creation: the guest's tracepoint events, if it has tracepoints. A table
+    that cannot be read leaves them out here; `--event tp:` reports it."""
+    from probes.errors import ProbeError
+    from probes.jump_label import image_section
+    from probes.tracepoint import TRACEPOINTS_PTRS
+    image = fs.machine.image
+    if image is None or image_section(fs.machine, image, TRACEPOINTS_PTRS) is None:
+        return
+    try:
+        tracepoint_events_of(fs)
+    except ProbeError:
+        pass
