@@ -2,6 +2,8 @@
 events/GRP/NAME/enable files driving the static key, filters, triggers and hist."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import firmware_elf, run_emu
 from probes.testing import ProbeLab
 from probes.trace.trace_tracepoint import render, tracepoint_events_of
@@ -84,3 +86,36 @@ def test_format_file_and_enable_files_drive_the_key(arch):
 def test_render_follows_printf():
     assert render("a=%d b=%lu c=%lx %%", [-1, 2, 255], lambda a, n: b"") == "a=-1 b=2 c=ff %"
     assert render("s=%s", [0x1000], lambda a, n: b"hey") == "s=hey"
+
+
+def test_tracefs_lists_the_events_at_creation(arch):
+    lab = ProbeLab.load(str(firmware_elf(arch, "tpdemo")))
+    fs = tracefs_of(lab.machine)                      # nothing asked for tracepoints
+    assert fs.read("events/tpdemo/tp_done/enable") == "0\n"
+    assert "name: tp_done\n" in fs.read("events/tpdemo/tp_done/format")
+    assert fs.write("events/tpdemo/tp_done/enable", "1") == 0
+    lab.run()
+    assert _texts(fs.read_pipe()) == ["tp_done: n=16 sum=248"]
+
+
+def test_a_jump_table_naming_data_is_refused(arch, tmp_path):
+    import shutil
+    import subprocess
+
+    from conftest import CROSS_CC, ROOT
+    cc = shutil.which(CROSS_CC[arch])
+    if cc is None:
+        pytest.skip(f"{CROSS_CC[arch]} not installed")
+    exe = tmp_path / "bad_table"
+    proc = subprocess.run([cc, "-O2", "-static", "-I", str(ROOT / "firmware" / "include"), "-o",
+                           str(exe), str(ROOT / "tests" / "data" / "tracepoint" / "bad_table.c")],
+                          capture_output=True, text=True)
+    if proc.returncode and ("cannot find -lc" in proc.stderr or "crt1.o" in proc.stderr):
+        pytest.skip(f"no static C library for {arch}")
+    assert proc.returncode == 0, proc.stderr
+    assert run_emu("run", str(exe)).rc == 0           # the table is only read when asked
+    r = run_emu("trace", str(exe), "--event", "tp:kemu/ok")
+    assert r.rc == 2 and "not in executable text" in r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    r = run_emu("trace", str(exe), "--event", "p:g/m main")   # kprobe events still work
+    assert r.rc == 0 and "m: (main+0x0" in r.out
