@@ -119,3 +119,12 @@ def test_a_jump_table_naming_data_is_refused(arch, tmp_path):
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
     r = run_emu("trace", str(exe), "--event", "p:g/m main")   # kprobe events still work
     assert r.rc == 0 and "m: (main+0x0" in r.out
+
+
+def test_stacktrace_trigger_names_the_tracepoint_caller(arch):
+    r = _trace(arch, "--event", "tp:tp_done", "--trigger", "tp_done", "stacktrace", n=2)
+    assert r.rc == 0, r.err
+    lines = r.out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith("<stack trace>"))
+    # the iterator, then the function whose trace_tp_done() branched to it
+    assert lines[at + 1:at + 3] == [" => __traceiter_tp_done", " => work_loop"]

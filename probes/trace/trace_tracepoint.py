@@ -129,7 +129,7 @@ class TraceTracepointEvents:
         if not call.enabled or trace_trigger_soft_disabled(call):
             return
         fs = self.fs
-        fs.hit = (PtRegs(self.m), False)     # a stacktrace trigger unwinds from the caller
+        fs.hit = (PtRegs(self.m), True)      # at the iterator's entry: its caller is next
         try:
             fs.commit(call, data)
         finally:
