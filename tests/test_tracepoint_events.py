@@ -128,3 +128,14 @@ def test_stacktrace_trigger_names_the_tracepoint_caller(arch):
     at = next(i for i, line in enumerate(lines) if line.endswith("<stack trace>"))
     # the iterator, then the function whose trace_tp_done() branched to it
     assert lines[at + 1:at + 3] == [" => __traceiter_tp_done", " => work_loop"]
+
+
+def test_emu_run_event_and_stats(arch, tmp_path):
+    import json
+    out, stats = tmp_path / "trace.txt", tmp_path / "stats.json"
+    r = run_emu("run", "--event", "tp:tp_work", "--trace-out", str(out), "--stats", str(stats),
+                str(firmware_elf(arch, "tpdemo")), "5")
+    assert r.rc == 0 and r.out == "tpdemo n=5 sum=18446744073709551611\n"
+    assert _texts(out.read_text()) == [f"tp_work: i={i} v={3 * i - 7}" for i in range(5)]
+    assert json.loads(stats.read_text())["trace_events"] == {
+        "tpdemo/tp_work": {"hits": 5, "misses": 0}}

@@ -216,4 +216,6 @@ class EventReport:
             e = events.setdefault(tk.call.full_name, {"hits": 0, "misses": 0})
             e["hits"] += tk.nhit
             e["misses"] += tk.nmissed
+        from probes.trace.trace_tracepoint import tracepoint_event_stats
+        events.update(tracepoint_event_stats(self.fs))
         return {"trace_events": events, "trace_lost": self.fs.buffer.lost}

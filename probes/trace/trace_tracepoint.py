@@ -187,3 +187,14 @@ def add_tracepoint_events(fs: Tracefs) -> None:
         tracepoint_events_of(fs)
     except ProbeError:
         pass
+
+
+def tracepoint_event_stats(fs: Tracefs) -> dict[str, dict[str, int]]:
+    """`--stats` trace_events entries of the enabled tracepoint events: the tracepoint's
+    hits (its iterator's calls)."""
+    events = getattr(fs, "_tracepoint_events", None)
+    if events is None:
+        return {}
+    by_addr = {tp.addr: tp for tp in events.tps.tps}
+    return {c.full_name: {"hits": by_addr[a].hits, "misses": 0}
+            for a, c in events.calls.items() if c.enabled and a in by_addr}
