@@ -106,7 +106,8 @@ class JumpLabels:
         for e in added:
             key = self.keys.get(e.key)
             if key is None:
-                key = self.keys[e.key] = StaticKey(e.key, self._initial(e.key))
+                initial = self._initial(e.key)   # STATIC_KEY_INIT_TRUE starts enabled
+                key = self.keys[e.key] = StaticKey(e.key, initial, int(initial))
             key.entries.append(e)
             self.reserved.reserve(e.code, size, TextUse.JUMP_LABEL, e)
         self.entries.extend(added)

@@ -162,3 +162,22 @@ def test_users_program_compiled_with_the_header(arch, tmp_path):
     assert lab._stdout.getvalue() == b"user s=16\n"
     table = lab.machine.symbols.lookup("table").addr
     assert got == [(k - 2, 60000 + k, -k * 1000, table + 4 * (k & 3)) for k in range(6)]
+
+
+def test_parse_jump_table_fields_are_self_relative():
+    import struct
+
+    from probes.jump_label import parse_jump_table
+    base = 0x10000
+    # entry 0: code 0x400100, target 0x400180, key 0x601000 | branch
+    # entry 1: code 0x400200, target 0x400100, key 0x601010 | init
+    data = struct.pack("<iiq", 0x400100 - base, 0x400180 - (base + 4), 0x601001 - (base + 8))
+    data += struct.pack("<iiq", 0x400200 - (base + 16), 0x400100 - (base + 20),
+                        0x601012 - (base + 24))
+    e0, e1 = parse_jump_table(base, data)
+    assert (e0.code, e0.target, e0.key, e0.branch, e0.init) == \
+        (0x400100, 0x400180, 0x601000, True, False)
+    assert (e1.code, e1.target, e1.key, e1.branch, e1.init) == \
+        (0x400200, 0x400100, 0x601010, False, True)
+    with pytest.raises(JumpLabelError):
+        parse_jump_table(base, data[:20])
