@@ -22,7 +22,7 @@ class TextUse(StrEnum):
     KPROBE = "kprobe"              # a breakpoint (or a kprobe served by an ftrace site)
     OPTPROBE = "optprobe"          # an optimized probe's jump and the bytes it replaced
     FTRACE = "ftrace"              # an mcount / patchable-function-entry site
-    JUMP_LABEL = "jump_label"      # a static-key site (to come)
+    JUMP_LABEL = "jump_label"      # a static-key site (probes/jump_label.py)
 
 
 class TextBusy(KprobeError):
@@ -89,7 +89,9 @@ class ReservedText:
         """Refuse a write of [start, start+size) that touches text reserved by another."""
         for r in self.overlapping(start, start + size):
             if r.owner is not owner:
-                raise TextBusy(errno.EBUSY, f"{what} at {start:#x} overlaps the {r.use} "
+                # check_kprobe_address_safe: a jump-label site is -EINVAL, the rest -EBUSY
+                code = errno.EINVAL if r.use is TextUse.JUMP_LABEL else errno.EBUSY
+                raise TextBusy(code, f"{what} at {start:#x} overlaps the {r.use} "
                                             f"text at {r.start:#x}..{r.end:#x}")
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = {"kprobes": ArchKprobes, "kretprobes": ArchKretprobes, "optprobes": ArchOptprobes,
         "ftrace": ArchFtrace}
 CORE = {"kprobes.py": ArchKprobes, "kretprobes.py": ArchKretprobes,
-        "optprobes.py": ArchOptprobes, "ftrace.py": ArchFtrace}
+        "optprobes.py": ArchOptprobes, "ftrace.py": ArchFtrace, "jump_label.py": ArchJumpLabel}
 
 
 def members(proto: type) -> set[str]:
@@ -72,7 +72,11 @@ def test_placeholders_are_declared_and_explicitly_not_applicable(arch):
     assert {"arch_jump_label_transform"} <= members(ArchJumpLabel)
     assert {"unwind_next", "frame_pointer"} <= members(ArchStacktrace)
     answers = arch_probes_of(ProbeLab.from_asm(arch, {"f": "nop"}).machine)
-    for need in (answers.need_jump_label, answers.need_stacktrace):
+    # jump labels have their answer now (probes/arch/<arch>/jump_label.py)
+    jl = answers.need_jump_label()
+    assert jl.arch_jump_label_transform(0x1000, 0x1000, False) == \
+        {"arm64": bytes.fromhex("1f2003d5"), "x86_64": bytes.fromhex("0f1f440000")}[arch]
+    for need in (answers.need_stacktrace,):
         with pytest.raises(NotApplicable) as e:
             need()
         assert e.value.errno == errno.EOPNOTSUPP and arch in e.value.reason

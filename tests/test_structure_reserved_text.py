@@ -100,8 +100,9 @@ def test_registry_overlap_check_and_merging_poke(arch):
 
 def test_kprobe_on_text_someone_else_holds_is_refused_cleanly(arch):
     """A kprobe whose breakpoint would overwrite text another user reserved (here a
-    jump-label site, as the kernel's jump_label_text_reserved) is refused with -EBUSY and
-    leaves nothing behind; once released, the same address probes fine."""
+    jump-label site, as the kernel's jump_label_text_reserved) is refused and leaves
+    nothing behind; once released, the same address probes fine. A jump-label site is
+    -EINVAL, as check_kprobe_address_safe returns for it."""
     lab = ProbeLab.from_asm(arch, {"f": "nop\nnop\nret"})
     f = lab.addr_of("f")
     reserved = reserved_text_of(lab.machine)
@@ -109,7 +110,7 @@ def test_kprobe_on_text_someone_else_holds_is_refused_cleanly(arch):
     before = lab.text(f, 4)
     with pytest.raises(TextBusy) as e:
         lab.kprobe("f")
-    assert e.value.errno == errno.EBUSY and "jump_label" in e.value.reason
+    assert e.value.errno == errno.EINVAL and "jump_label" in e.value.reason
     assert lab.text(f, 4) == before and not lab.kprobes.table
     assert f not in lab.machine.break_addrs
     reserved.release(site)

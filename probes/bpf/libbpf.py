@@ -198,6 +198,11 @@ class BpfObject:
         """bpf_program__attach: by the program's SEC name."""
         prog = self.program(name)
         kind, point = prog.attach_kind, prog.attach_point
+        if kind in ("raw_tp", "tracepoint"):      # guest tracepoints (probes/tracepoint.py)
+            from probes.trace.bpf_tracepoint import attach_tracepoint_link
+            link = attach_tracepoint_link(machine, prog, kind, point, cookie)
+            self.links.append(link)
+            return link
         if kind in ("ksyscall", "kretsyscall"):
             sym, off = _ksyscall_symbol(machine, point), 0
         elif kind in ("kprobe", "kretprobe"):

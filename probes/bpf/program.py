@@ -48,6 +48,7 @@ class BpfProg:
     attach_point: str = ""
     verifier_log: str = field(default="", repr=False)
     ctx_size: int | None = None   # context bytes for the target arch (kprobe: its pt_regs)
+    max_ctx_offset: int = 0       # aux->max_ctx_offset: the verifier's highest ctx byte + 1
     loaded: bool = False
     _compiled: Any = field(default=None, repr=False)
 

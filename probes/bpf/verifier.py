@@ -188,6 +188,8 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
             refusal = rule(ptr.val + off, size, write)
             if refusal:
                 raise _Refuse(refusal)
+        if ptr.val is not None:       # aux->max_ctx_offset: raw tracepoint attach checks it
+            env.prog.max_ctx_offset = max(env.prog.max_ctx_offset, ptr.val + off + size)
         limit = env.prog.ctx_size or info.ctx_size
         if limit is not None and ptr.val is not None:
             start = ptr.val + off     # the type's is_valid_access: in bounds, size-aligned

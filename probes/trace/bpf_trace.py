@@ -409,6 +409,28 @@ class BpfTrace:
         self._deliver()
         return ret
 
+    def run_prog(self, prog: "BpfProg", ctx: bytearray, func_ip: int = 0,
+                 cookie: int = 0) -> int:
+        """One program over a context its caller built (a raw tracepoint's u64 arguments,
+        a tracepoint's record), outside the pt_regs path: r0. The caller holds the
+        recursion guard it needs."""
+        env = self._task(func_ip)
+        env.attach_cookie, env.override_rc = cookie, None
+        run, compiled, st = self._run_state(prog)
+        try:
+            if self.runner is None:
+                r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
+                run.finish()
+            else:
+                r0 = self.runner(prog, ctx, env)
+        except BpfRuntimeError as e:
+            raise BpfTraceError(prog.name or prog.section, str(e)) from None
+        st.run_cnt += 1
+        st.run_insns += env.insn_count
+        self.m.clock.charge_bpf(env.insn_count)
+        self._deliver()
+        return int(r0)
+
     def _deliver(self) -> None:
         lines = self.env.trace_printk
         if lines:

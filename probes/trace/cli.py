@@ -45,7 +45,8 @@ class TraceCommandError(UsageError):
 
 def _add_event_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event", action="append", default=[], metavar="CMD",
-                   help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1' (repeatable)")
+                   help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1', or "
+                        "'tp:GRP/NAME' for a guest tracepoint's event (repeatable)")
     p.add_argument("--filter", action="append", default=[], nargs=2, metavar=("EVENT", "EXPR"),
                    help="an event filter in the kernel's grammar for [GRP/]EVENT (repeatable)")
     p.add_argument("--trigger", action="append", default=[], nargs=2, metavar=("EVENT", "TRIGGER"),
@@ -91,6 +92,12 @@ def setup_events(machine, args) -> Tracefs:
     soft = {t.split(":")[1] + "/" + t.split(":")[2] for _e, t in triggers
             if t.startswith("enable_event:") and t.count(":") >= 2}
     for cmd in getattr(args, "event", None) or []:
+        if cmd.startswith("tp:"):               # a guest tracepoint's event
+            from probes.trace.trace_tracepoint import tracepoint_event
+            call = tracepoint_event(fs, cmd[3:])
+            if call.full_name not in soft:
+                call.set_enabled(True)
+            continue
         before = len(fs.error_log)
         ret = fs.write("kprobe_events", cmd, append=True)
         if ret:
@@ -209,4 +216,6 @@ class EventReport:
             e = events.setdefault(tk.call.full_name, {"hits": 0, "misses": 0})
             e["hits"] += tk.nhit
             e["misses"] += tk.nmissed
+        from probes.trace.trace_tracepoint import tracepoint_event_stats
+        events.update(tracepoint_event_stats(self.fs))
         return {"trace_events": events, "trace_lost": self.fs.buffer.lost}

@@ -69,6 +69,8 @@ class Tracefs:
         self.snapshot_buffer: RingBuffer | None = None
         # the hit being recorded (a dispatcher sets it): where a stacktrace trigger unwinds
         self.hit: tuple[object, bool] | None = None
+        from probes.trace.trace_tracepoint import add_tracepoint_events
+        add_tracepoint_events(self)        # events/<TRACE_SYSTEM>/<name>, as at boot
 
     # --- events -----------------------------------------------------------------------------
     def new_event(self, system: str, name: str, fields, print_fmt: str, printer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from probes.arch import ArchProbes
+from probes.arch.arm64.jump_label import Arm64JumpLabel
 from probes.arch.arm64.ftrace import Arm64Ftrace
 from probes.arch.arm64.kprobes import SLOT_SIZE, Arm64Kprobes
 from probes.arch.arm64.kretprobes import Arm64Kretprobes
@@ -22,4 +23,4 @@ def arch_probes(machine: "Machine", pages: "ProbePages") -> ArchProbes:
     return ArchProbes(pages=pages, kprobes=Arm64Kprobes(machine, pages),
                       kretprobes=Arm64Kretprobes(machine, pages),
                       optprobes=Arm64Optprobes(machine, pages),
-                      ftrace=Arm64Ftrace(machine, pages), arch="arm64")
+                      ftrace=Arm64Ftrace(machine, pages), jump_label=Arm64JumpLabel(), arch="arm64")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from probes.arch import ArchProbes
+from probes.arch.x86_64.jump_label import X86JumpLabel
 from probes.arch.x86_64.ftrace import X86Ftrace
 from probes.arch.x86_64.kprobes import SLOT_SIZE, X86Kprobes
 from probes.arch.x86_64.kretprobes import X86Kretprobes
@@ -21,4 +22,4 @@ def arch_probes(machine: "Machine", pages: "ProbePages") -> ArchProbes:
     kprobes = X86Kprobes(machine, pages)
     return ArchProbes(pages=pages, kprobes=kprobes, kretprobes=X86Kretprobes(machine, pages),
                       optprobes=X86Optprobes(machine, pages, kprobes.decoder),
-                      ftrace=X86Ftrace(machine, pages), arch="x86_64")
+                      ftrace=X86Ftrace(machine, pages), jump_label=X86JumpLabel(), arch="x86_64")
