@@ -23,6 +23,8 @@ from typing import Callable
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import SymbolTableSection
 
 from emu.errors import KprobeEmuError
 from emu.machine import Machine, StopReason
@@ -34,6 +36,10 @@ MODULE_WINDOW = (64 << 20, 120 << 20)   # [lo, hi) past the image's end: in reac
 CALL_RESERVE = 16                       # bytes after the text: the return address of calls
 MODULE_NAME_LEN = 56                    # MODULE_NAME_LEN (64 - sizeof(unsigned long))
 MAX_MODULE_BYTES = 16 << 20             # one module's sections together
+
+
+# What pyelftools raises on a truncated or inconsistent object (indexes past a table, ...).
+MALFORMED = (ELFError, struct.error, ValueError, IndexError, KeyError)
 
 
 class ModuleState(IntEnum):
@@ -144,22 +150,31 @@ class Modules:
             raise ModuleError(f"{path}: bad module name {mod.name!r}", 22)
         if self.find_module(mod.name) is not None:
             raise ModuleError(f"module {mod.name} is already loaded", 17)    # EEXIST
-        layout(self.m, mod)
+        try:
+            layout(self.m, mod)
+        except MALFORMED as e:
+            raise ModuleError(f"{path}: malformed object ({e or type(e).__name__})") from None
         try:
             apply_relocations(self.m, mod)
-        except ModuleError:
+            add_symbols(self.m, mod)
+        except (ModuleError, *MALFORMED) as e:
             self._free(mod)
-            raise
-        add_symbols(self.m, mod)
+            for sym in mod.symbols.values():
+                self.m.symbols.remove(sym)
+            if isinstance(e, ModuleError):
+                raise
+            raise ModuleError(f"{path}: malformed object ({e or type(e).__name__})") from None
         self.modules.insert(0, mod)
         mod.state = ModuleState.COMING
         self._notify(ModuleState.COMING, mod)
         init = mod.symbol("init_module")
-        mod.init_ret = call_guest(self.m, mod, init.addr) if init else 0
+        try:
+            mod.init_ret = call_guest(self.m, mod, init.addr) if init else 0
+        except ModuleError:
+            self._going(mod)            # init crashed: as a failed init, the module goes
+            raise
         if mod.init_ret != 0:
-            mod.state = ModuleState.GOING
-            self._notify(ModuleState.GOING, mod)
-            self._release(mod)
+            self._going(mod)
             raise ModuleError(f"{mod.name}: init_module returned {mod.init_ret}",
                               -mod.init_ret if mod.init_ret < 0 else 22)
         mod.state = ModuleState.LIVE
@@ -172,8 +187,14 @@ class Modules:
             raise ModuleError(f"module {mod.name} is not live", 2)
         mod.state = ModuleState.GOING
         exit_fn = mod.symbol("cleanup_module")
-        if exit_fn is not None:
-            call_guest(self.m, mod, exit_fn.addr)
+        try:
+            if exit_fn is not None:
+                call_guest(self.m, mod, exit_fn.addr)
+        finally:                        # a crashed cleanup still unloads, then reports
+            self._going(mod)
+
+    def _going(self, mod: Module) -> None:
+        mod.state = ModuleState.GOING
         self._notify(ModuleState.GOING, mod)
         self._release(mod)
 
@@ -249,11 +270,12 @@ def layout(m: Machine, mod: Module) -> None:
     base = m.memory.find_free(size, lo, page_up(m.image.high_end) + MODULE_WINDOW[1])
     if base is None:
         raise ModuleError(f"{mod.image.path}: no room for the module near the image", 12)
+    blobs = [(o, s.data()) for _i, s, o in places if s["sh_type"] != "SHT_NOBITS"]
     m.memory.map(base, size, PROT_READ | PROT_WRITE, f"[module {mod.name}]")
+    for o, blob in blobs:
+        m.memory.write(base + o, blob)
     for i, s, o in places:
         mod.image.sections[i] = ModSection(s.name, i, base + o, s["sh_size"], s["sh_flags"])
-        if s["sh_type"] != "SHT_NOBITS":
-            m.memory.write(base + o, s.data())
     mod.base, mod.size, mod.text = base, size, (base, base + text_end - CALL_RESERVE)
     m.memory.protect(base, page_up(text_end), PROT_READ | PROT_EXEC)
 
@@ -276,25 +298,31 @@ def _symbol_value(m: Machine, mod: Module, sym) -> int:
     return sec.addr + int(sym["st_value"])
 
 
+def _symtab(mod: Module) -> SymbolTableSection:
+    symtab = mod.image.elf.get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        raise ModuleError(f"{mod.image.path}: no symbol table")
+    return symtab
+
+
 def apply_relocations(m: Machine, mod: Module) -> None:
     """apply_relocate_add for every SHT_RELA section whose target was loaded."""
     elf = mod.image.elf
-    symtab = elf.get_section_by_name(".symtab")
-    if symtab is None:
-        raise ModuleError(f"{mod.image.path}: no symbol table")
+    symtab = _symtab(mod)
     rel = RELOCATORS.get(m.arch.elf_machine)
     assert rel is not None
     for s in elf.iter_sections():
         if s["sh_type"] == "SHT_REL":
             raise ModuleError(f"{mod.image.path}: REL relocations are not supported")
         target = mod.image.sections.get(s["sh_info"]) if s["sh_type"] == "SHT_RELA" else None
-        if target is None:
+        if target is None or not isinstance(s, RelocationSection):
             continue                   # debug info and the like: not loaded
         for r in s.iter_relocations():
             sym = symtab.get_symbol(r["r_info_sym"])
             value = _symbol_value(m, mod, sym) + r["r_addend"]
             where = target.addr + r["r_offset"]
-            if not target.addr <= where <= target.addr + target.size - 4:
+            if not (target.addr <= where < target.addr + target.size
+                    and where + 8 <= mod.base + mod.size):
                 raise ModuleError(f"{mod.name}: relocation outside {target.name}")
             rel(m, mod, r["r_info_type"], where, value)
 
@@ -374,7 +402,7 @@ RELOCATORS: dict[str, Callable[[Machine, Module, int, int, int], None]] = {
 
 def add_symbols(m: Machine, mod: Module) -> None:
     """The module's functions and objects (locals too, as its kallsyms)."""
-    symtab = mod.image.elf.get_section_by_name(".symtab")
+    symtab = _symtab(mod)
     kinds = {"STT_FUNC": "func", "STT_OBJECT": "object"}
     for sym in symtab.iter_symbols():
         kind = kinds.get(sym["st_info"]["type"])
