@@ -48,13 +48,11 @@ def run_option_providers() -> list[RunOptionProvider]:
     from emu.cycles import cli_options as cycles
     from emu.linux import cli_options as linux
     from probes import cli_options as kprobes
-    from probes import module as modules
     from probes.trace import bpf_cli
     from probes.trace import cli as trace
     return [
         RunOptionProvider("linux", linux.add_run_options, linux.apply_from_args),
         RunOptionProvider("cycles", cycles.add_run_options, cycles.attach_from_args),
-        RunOptionProvider("modules", modules.add_run_options, modules.attach_from_args),
         RunOptionProvider("kprobes", kprobes.add_run_options, kprobes.attach_from_args),
         RunOptionProvider("trace events", trace.add_run_options, trace.attach_from_args),
         RunOptionProvider("bpf", bpf_cli.add_run_options, bpf_cli.attach_from_args),
