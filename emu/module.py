@@ -27,6 +27,7 @@ from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
 from emu.errors import KprobeEmuError
+from emu.elf import ElfSymbol
 from emu.machine import Machine, StopReason
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE, page_up
 from emu.symbols import Symbol
@@ -91,13 +92,26 @@ class Module:
 
 @dataclass
 class ModuleImage:
-    """The parsed object: its sections (with their load addresses once laid out)."""
+    """The parsed object. Once loaded it reads like an ElfImage for the layers that scan
+    an image's tables (`sections`: name -> (address, relocated bytes); `address_table`;
+    `symbols`; `section_ranges`), so tracepoint or ftrace tables find the module's."""
     path: str
     elf: ELFFile
-    sections: dict[int, ModSection] = field(default_factory=dict)
+    by_index: dict[int, ModSection] = field(default_factory=dict)    # loaded sections
+    sections: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    symbols: list[ElfSymbol] = field(default_factory=list)
+    section_ranges: list[tuple[str, int, int, bool]] = field(default_factory=list)
+    bias: int = 0               # addresses in `sections` are final: nothing to add
 
     def section_by_name(self, name: str) -> ModSection | None:
-        return next((s for s in self.sections.values() if s.name == name), None)
+        return next((s for s in self.by_index.values() if s.name == name), None)
+
+    def address_table(self, section: str) -> list[int]:
+        """The u64 addresses a table section lists, as ElfImage.address_table."""
+        if section not in self.sections:
+            return []
+        data = self.sections[section][1]
+        return [a for (a,) in struct.iter_unpack("<Q", data[: len(data) // 8 * 8])]
 
 
 @dataclass(order=True)
@@ -275,7 +289,7 @@ def layout(m: Machine, mod: Module) -> None:
     for o, blob in blobs:
         m.memory.write(base + o, blob)
     for i, s, o in places:
-        mod.image.sections[i] = ModSection(s.name, i, base + o, s["sh_size"], s["sh_flags"])
+        mod.image.by_index[i] = ModSection(s.name, i, base + o, s["sh_size"], s["sh_flags"])
     mod.base, mod.size, mod.text = base, size, (base, base + text_end - CALL_RESERVE)
     m.memory.protect(base, page_up(text_end), PROT_READ | PROT_EXEC)
 
@@ -292,7 +306,7 @@ def _symbol_value(m: Machine, mod: Module, sym) -> int:
         if found is None:
             raise ModuleError(f"{mod.name}: Unknown symbol {sym.name} (err -2)")
         return found.addr
-    sec = mod.image.sections.get(shndx)
+    sec = mod.image.by_index.get(shndx)
     if sec is None:                    # a symbol in a section we did not load
         raise ModuleError(f"{mod.name}: symbol {sym.name} in an unloaded section")
     return sec.addr + int(sym["st_value"])
@@ -314,7 +328,7 @@ def apply_relocations(m: Machine, mod: Module) -> None:
     for s in elf.iter_sections():
         if s["sh_type"] == "SHT_REL":
             raise ModuleError(f"{mod.image.path}: REL relocations are not supported")
-        target = mod.image.sections.get(s["sh_info"]) if s["sh_type"] == "SHT_RELA" else None
+        target = mod.image.by_index.get(s["sh_info"]) if s["sh_type"] == "SHT_RELA" else None
         if target is None or not isinstance(s, RelocationSection):
             continue                   # debug info and the like: not loaded
         for r in s.iter_relocations():
@@ -406,12 +420,18 @@ def add_symbols(m: Machine, mod: Module) -> None:
     kinds = {"STT_FUNC": "func", "STT_OBJECT": "object"}
     for sym in symtab.iter_symbols():
         kind = kinds.get(sym["st_info"]["type"])
-        sec = mod.image.sections.get(sym["st_shndx"]) if isinstance(sym["st_shndx"], int) else None
+        sec = mod.image.by_index.get(sym["st_shndx"]) if isinstance(sym["st_shndx"], int) else None
         if kind is None or sec is None or not sym.name or sym.name in mod.symbols:
             continue
         mod.symbols[sym.name] = m.symbols.add(sym.name, sec.addr + sym["st_value"],
                                               sym["st_size"], kind)
+        mod.image.symbols.append(ElfSymbol(sym.name, sec.addr + sym["st_value"],
+                                           sym["st_size"], kind))
     m.symbols.add_namespace(mod.name, mod.symbols)
+    for sec in mod.image.by_index.values():      # as relocated, NOBITS as zeros
+        mod.image.sections[sec.name] = (sec.addr, bytes(m.memory.read(sec.addr, sec.size)))
+        mod.image.section_ranges.append((sec.name, sec.addr, sec.size,
+                                         bool(sec.flags & SHF_EXECINSTR)))
 
 
 # --- calling into the guest ------------------------------------------------------------------------

@@ -122,6 +122,10 @@ def test_notifier_chain_order_and_states(arch, build):
                 (name, state.name, mod.state.name, m.memory.read_u64(hook_addr) != 0)), prio)
     mod = load_module(m, str(obj))
     unload_module(m, mod)
+    # the object's tables read as an image's (ElfImage.address_table), relocated
+    assert mod.image.address_table("mod_table") == [mod.symbols["mod_work"].addr,
+                                                    mod.symbols["mod_mix"].addr]
+    assert mod.name == "counter_mod" and mod.image.address_table("none") == []
     order = ["high", "first-0", "second-0", "low"]
     # COMING before init (hook unset), LIVE after it, GOING after cleanup_module
     assert calls == ([(n, "COMING", "COMING", False) for n in order]

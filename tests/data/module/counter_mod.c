@@ -28,3 +28,8 @@ void cleanup_module(void)
 {
 	mod_hook = 0;
 }
+
+/* A table of addresses (absolute 64-bit relocations), as __jump_table or __mcount_loc. */
+static long (*const mod_table[])(long, long) __attribute__((section("mod_table"), used)) = {
+	mod_work, mod_mix,
+};
