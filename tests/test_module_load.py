@@ -201,6 +201,9 @@ def test_corrupted_objects_are_refused_cleanly(arch, build):
             outcomes["refused"] += 1
         else:
             outcomes["loaded"] += 1
-            unload_module(m, mod)
+            try:
+                unload_module(m, mod)
+            except ModuleError as e:        # a broken cleanup_module: unloaded all the same
+                assert "did not return" in str(e)
         assert modules_of(m).modules == [] and m.memory.mapped_bytes == mapped
     assert outcomes["refused"] > 0

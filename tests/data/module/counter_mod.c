@@ -30,6 +30,6 @@ void cleanup_module(void)
 }
 
 /* A table of addresses (absolute 64-bit relocations), as __jump_table or __mcount_loc. */
-static long (*const mod_table[])(long, long) __attribute__((section("mod_table"), used)) = {
+static long (*const mod_entries[])(long, long) __attribute__((section("mod_table"), used)) = {
 	mod_work, mod_mix,
 };
