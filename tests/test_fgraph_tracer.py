@@ -206,3 +206,27 @@ def test_refuses_a_guest_without_ftrace_sites(arch):
     r = run_emu("run", "--function-graph", str(firmware_elf(arch, "callpath")))
     assert r.rc == 2 and "no ftrace site" in r.stderr.decode()
     assert FIRMWARE.is_dir()
+
+
+def test_stop_mid_run_leaves_pending_calls_returning(arch):
+    """Stopped from a probe inside graphed calls: nothing more is recorded, and the calls
+    whose return address still points at the trampoline return to their callers."""
+    lab = ProbeLab.load(str(firmware_elf(arch, "callpath.ftrace")))
+    out = io.StringIO()
+    tracer = FunctionGraphTracer(lab.machine, out)
+    stopped = []
+
+    def stop_once(_p, _regs):
+        if not stopped:
+            tracer.stop()
+            stopped.append(len(out.getvalue().splitlines()))
+        return 0
+
+    lab.kprobe("lookup_fast", pre=stop_once)
+    r = lab.run(max_insns=50_000_000)
+    assert r.exit_code == 0
+    assert lab.stdout == (FIRMWARE / "expected" / arch / "callpath.ftrace.out").read_bytes()
+    lines = out.getvalue().splitlines()
+    assert stopped and len(lines) == stopped[0] and tracer.returns < tracer.entries
+    # graphed before the probe on the same site stopped the tracer: its return is not seen
+    assert lines[-1].endswith("lookup_fast() {") and lines[-2].endswith("walk_component() {")

@@ -158,7 +158,10 @@ class FunctionGraphTracer:
                                  "matches")
 
     def stop(self) -> None:
+        """unregister_ftrace_graph: no more entries; calls still pending return through
+        the trampoline to their callers, unrecorded."""
         self.ftrace.unregister_ftrace_function(self.ops)
+        self.rp.handler = None
         self.printer.flush()
 
     # --- entry and return -------------------------------------------------------------------
