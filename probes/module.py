@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from emu.machine import Machine
 from emu.module import Module, Modules, ModuleState, modules_of
+from probes.ftrace import FtraceSite, ftrace_of
 from probes.kprobes import KPROBE_FLAG_GONE, Kprobe, Kprobes, kprobes_of
+from probes.reserved_text import TextUse
 
 KPROBES_NB_PRIORITY = 0
 
@@ -51,7 +53,53 @@ def kill_kprobe(kp: Kprobes, p: Kprobe) -> None:
     kp.arch.remove(p)                   # arch_remove_kprobe: the slot goes back
 
 
+class FtraceModuleNotifier:
+    """ftrace_module_init/_enable and ftrace_release_mod: a module built with patch sites
+    (-pg -mfentry -mnop-mcount -mrecord-mcount / -fpatchable-function-entry=2) brings its
+    sites, which the ops already registered get as it comes (first in the chain); they go
+    after everything else has let go of them (last)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.sites: dict[str, list[int]] = {}
+        mods = modules_of(machine)
+        mods.register_module_notifier(self._coming, FTRACE_COMING_PRIORITY)
+        mods.register_module_notifier(self._going, -FTRACE_COMING_PRIORITY)
+
+    def _coming(self, _mods: Modules, state: ModuleState, mod: Module) -> None:
+        if state != ModuleState.COMING:
+            return
+        ft = ftrace_of(self.m)
+        nop = ft.arch.ftrace_nop
+        added = self.sites[mod.name] = []
+        for addr in mod.image.address_table(ft.arch.ftrace_section):
+            sym = self.m.symbols.find(addr)
+            if (sym is None or addr in ft.sites or not mod.within_module_text(addr)
+                    or self.m.original_text(addr, len(nop)) != nop):
+                continue
+            ft.sites[addr] = site = FtraceSite(addr, sym.name)
+            ft.reserved.reserve(addr, ft.arch.ftrace_patch_size, TextUse.FTRACE, site)
+            added.append(addr)
+            for ops in ft.ops:
+                if ops.wants(site.func):
+                    ft.attach_to_site(site, ops)
+
+    def _going(self, _mods: Modules, state: ModuleState, mod: Module) -> None:
+        if state != ModuleState.GOING:
+            return
+        ft = ftrace_of(self.m)
+        for addr in self.sites.pop(mod.name, []):
+            site = ft.sites.pop(addr)
+            for ops in list(site.ops):
+                ft.detach_from_site(site, ops)       # the nop back, the text released
+            ft.reserved.release_owner(site, TextUse.FTRACE)
+
+
+FTRACE_COMING_PRIORITY = 1 << 30
+
+
 def module_notifier_of(machine: Machine) -> KprobesModuleNotifier:
+    machine.layer("ftrace-module-nb", FtraceModuleNotifier)
     nb: KprobesModuleNotifier = machine.layer("kprobes-module-nb", KprobesModuleNotifier)
     return nb
 

@@ -146,14 +146,13 @@ class FunctionGraphTracer:
         self.graph_depth: int | None = None     # TRACE_GRAPH_BIT's depth, inside a filtered func
         self.entries = self.returns = self.overrun = 0
         self.ftrace = ftrace_of(machine)
-        self.names = {s.addr: s.func for s in self.ftrace.sites.values()}
         self._check_filter()
         self.ops = FtraceOps(self._graph_entry, wants_parent=False)
         self.enabled_sites = self.ftrace.register_ftrace_function(self.ops)
 
     def _check_filter(self) -> None:
         for pattern in self.graph_filter:
-            if not any(fnmatch.fnmatchcase(f, pattern) for f in self.names.values()):
+            if not any(fnmatch.fnmatchcase(s.func, pattern) for s in self.ftrace.sites.values()):
                 raise UsageError(f"--graph-filter {pattern}: no function with an ftrace site "
                                  "matches")
 
@@ -183,7 +182,7 @@ class FunctionGraphTracer:
         return True
 
     def _graph_entry(self, ip: int, _parent: int, _ops: FtraceOps, regs: PtRegs) -> None:
-        func = self.names[ip]
+        func = self.ftrace.sites[ip].func
         depth = self._depth(regs.sp)
         if self.graph_depth is not None and depth <= self.graph_depth:
             self.graph_depth = None                 # that call was left without a return
@@ -208,8 +207,14 @@ class FunctionGraphTracer:
         if self.graph_depth == depth:
             self.graph_depth = None                 # ftrace_graph_addr_finish
         self.returns += 1
-        self.printer.ret(GraphRet(self.names[ip], depth, calltime, self.m.clock.monotonic_ns()))
+        site = self.ftrace.sites.get(ip)             # gone with its module: by address
+        name = site.func if site else self._name(ip)
+        self.printer.ret(GraphRet(name, depth, calltime, self.m.clock.monotonic_ns()))
         return 0
+
+    def _name(self, addr: int) -> str:
+        sym = self.m.symbols.find(addr)
+        return sym.name if sym else f"{addr:#x}"
 
     def stats(self) -> dict[str, Any]:
         return {"sites": self.enabled_sites, "entries": self.entries, "returns": self.returns,
