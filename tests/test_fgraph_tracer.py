@@ -230,3 +230,19 @@ def test_stop_mid_run_leaves_pending_calls_returning(arch):
     assert stopped and len(lines) == stopped[0] and tracer.returns < tracer.entries
     # graphed before the probe on the same site stopped the tracer: its return is not seen
     assert lines[-1].endswith("lookup_fast() {") and lines[-2].endswith("walk_component() {")
+
+
+def test_graph_and_events_share_the_trace_file(arch, tmp_path):
+    out = tmp_path / "trace.txt"
+    r = run_emu("run", "--graph-filter", "vfs_open", "--event", "p:grp/open do_sys_open",
+                "--trace-out", str(out), str(firmware_elf(arch, "callpath.ftrace")))
+    assert r.rc == 0, r.stderr
+    lines = out.read_text().splitlines()
+    events = [line for line in lines if "open: (do_sys_open" in line]
+    graph_lines = [line for line in lines if line.endswith("vfs_open();")]
+    assert lines[:4] == HEADER.splitlines() and events and len(graph_lines) <= len(events)
+
+
+def test_emu_trace_refuses_json_with_the_graph(arch):
+    r = run_emu("trace", "--json", "--function-graph", str(firmware_elf(arch, "callpath.ftrace")))
+    assert r.rc == 2 and "drop --json" in r.stderr.decode()

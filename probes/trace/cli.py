@@ -180,9 +180,10 @@ def attach_from_args(session, args) -> None:
     if (getattr(args, "event", None) or getattr(args, "filter", None)
             or getattr(args, "trigger", None)):
         events = EventReport(m, setup_events(m, args), args)
-        session.attach(events)
-    if graph.wanted(args):
+    if graph.wanted(args):           # reports (flushes) before the events close the file
         session.attach(GraphOut(m, args, events))
+    if events is not None:
+        session.attach(events)
 
 
 class GraphOut:
