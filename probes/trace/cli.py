@@ -195,7 +195,12 @@ class GraphOut:
         path = getattr(args, "trace_out", None)
         self.own = open(path, "w") if path and events is None else None
         out = self.own or (events.out if events else getattr(args, "stderr", None) or sys.stderr)
-        self.graph = GraphReport(machine, args, out)
+        try:
+            self.graph = GraphReport(machine, args, out)
+        except UsageError:
+            if self.own is not None:
+                self.own.close()
+            raise
 
     def report(self, out: IO[str]) -> None:
         self.graph.report(out)
