@@ -71,6 +71,7 @@ class SymbolTable:
         self._ifunc_slot: dict[str, int | None] = {}     # IFUNC name -> its IRELATIVE slot
         self._resolved: dict[int, int] = {}              # slot -> implementation the guest chose
         self._cxx: dict[str, list[Symbol]] | None = None  # demangled and plain names, on demand
+        self._modules: dict[str, dict[str, Symbol]] = {}  # module name -> its symbols (MOD:SYM)
         syms = []
         for s in symbols or ():
             sym = Symbol(s.name, s.addr, s.size, s.kind)
@@ -91,6 +92,36 @@ class SymbolTable:
         self._cxx = None
         return sym
 
+    def remove(self, sym: Symbol) -> None:
+        """Forget one symbol added with `add` (a module's, at unload)."""
+        same = self._by_name.get(sym.linkage_name, [])
+        if sym in same:
+            same.remove(sym)
+            if not same:
+                del self._by_name[sym.linkage_name]
+        i = bisect.bisect_left(self._starts, sym.addr)
+        while i < len(self._sorted) and self._starts[i] == sym.addr:
+            if self._sorted[i] is sym:
+                del self._sorted[i], self._starts[i]
+                break
+            i += 1
+        self._cxx = None
+
+    def add_namespace(self, module: str, symbols: dict[str, Symbol]) -> None:
+        """A module's symbols, found as `MODULE:NAME` (kallsyms' module lookup)."""
+        self._modules[module] = symbols
+
+    def drop_namespace(self, module: str) -> None:
+        self._modules.pop(module, None)
+
+    def _qualified(self, name: str) -> list[Symbol] | None:
+        """`MOD:SYM` searches that module only; None when `name` is not qualified."""
+        mod, sep, sym = name.partition(":")
+        if not sep or not mod or not sym:
+            return None
+        found = self._modules.get(mod, {}).get(sym)
+        return [found] if found is not None else []
+
     def __len__(self) -> int:
         return len(self._sorted)
 
@@ -98,12 +129,16 @@ class SymbolTable:
         return iter(self._sorted)
 
     def lookup_all(self, name: str) -> list[Symbol]:
-        return list(self._by_name.get(name, ()))
+        qualified = self._qualified(name) if self._modules else None
+        return list(self._by_name.get(name, ())) if qualified is None else qualified
 
     def lookup(self, name: str) -> Symbol | None:
         """The symbol called `name` (kallsyms_lookup_name); functions win over data. A C++
         name may be given mangled, demangled, or plain when it names one address; an IFUNC
         name means the implementation once the guest has resolved it."""
+        qualified = self._qualified(name) if self._modules else None
+        if qualified is not None:
+            return qualified[0] if qualified else None
         cands = [s for s in self._by_name.get(name, ()) if s.kind != "ifunc"]
         if not cands:
             if name in self._ifunc_slot:

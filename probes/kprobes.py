@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Self
 
 from emu.clock import HANDLER, STEP, TRAP
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
+from emu.module import module_text_address
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
 from probes.arch import ArchKprobes, arch_probes_of
@@ -266,7 +267,8 @@ class Kprobes:
         text = region is not None and region.prot & 4 and not self.arch.owns(addr)
         image = self.m.image
         if text and image is not None and image.section_ranges:
-            text = any(x and a <= addr < a + n for _name, a, n, x in image.section_ranges)
+            text = any(x and a <= addr < a + n for _name, a, n, x in image.section_ranges) \
+                or module_text_address(self.m, addr) is not None     # is_module_text_address
         if not text:
             raise KprobeError(errno.EINVAL, f"address {addr:#x} is not in guest text", _where(p))
         reason = self.blacklist.reason(addr)

@@ -28,7 +28,7 @@ class TraceOptionProvider(Protocol):
 
 
 TRACE_OPTION_PROVIDERS: list[TraceOptionProvider] = []
-PROVIDER_MODULES = ("probes.trace.bpf_cli",)
+PROVIDER_MODULES = ("probes.trace.bpf_cli", "probes.trace.trace_functions_graph")
 
 
 def _load_providers() -> None:
@@ -78,8 +78,11 @@ def add_subcommand(sub) -> None:
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    """`emu run --event/--filter`: the trace goes to --trace-out (default stderr)."""
+    """`emu run --event/--filter` and --function-graph: the trace goes to --trace-out
+    (default stderr)."""
+    from probes.trace import trace_functions_graph as graph
     _add_event_options(p)
+    graph.add_options(p)
 
 
 # --- setting up events ---------------------------------------------------------------------------
@@ -179,11 +182,41 @@ def cmd_trace(args) -> int:
 
 # --- emu run --event ------------------------------------------------------------------------------
 def attach_from_args(session, args) -> None:
-    if not (getattr(args, "event", None) or getattr(args, "filter", None)
+    from probes.trace import trace_functions_graph as graph
+    m, events = session.machine, None
+    if (getattr(args, "event", None) or getattr(args, "filter", None)
             or getattr(args, "trigger", None)):
-        return
-    m = session.machine
-    session.attach(EventReport(m, setup_events(m, args), args))
+        events = EventReport(m, setup_events(m, args), args)
+    if graph.wanted(args):           # reports (flushes) before the events close the file
+        session.attach(GraphOut(m, args, events))
+    if events is not None:
+        session.attach(events)
+
+
+class GraphOut:
+    """`emu run --function-graph`: its lines share --trace-out with the events (one open
+    file), else go to their own --trace-out, else to stderr."""
+
+    def __init__(self, machine, args, events: "EventReport | None") -> None:
+        from probes.trace.trace_functions_graph import GraphReport
+        path = getattr(args, "trace_out", None)
+        self.own = open(path, "w") if path and events is None else None
+        out = self.own or (events.out if events else getattr(args, "stderr", None) or sys.stderr)
+        try:
+            self.graph = GraphReport(machine, args, out)
+        except UsageError:
+            if self.own is not None:
+                self.own.close()
+            raise
+
+    def report(self, out: IO[str]) -> None:
+        self.graph.report(out)
+        if self.own is not None:
+            self.own.close()
+            self.own = None
+
+    def stats(self) -> dict[str, Any]:
+        return self.graph.stats()
 
 
 class EventReport:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from probes.errors import KprobeError
-from probes.kprobes import KPROBE_FLAG_DISABLED, Kprobe, kprobes_of
+from probes.kprobes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, kprobes_of
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF
 from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
 from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
@@ -76,7 +76,8 @@ class TraceKprobe:
         else:
             where = self.symbol
         args = "".join(f" {a.name}={a.comm}" for a in self.args)
-        return f"{head}:{self.group}/{self.event} {where}{args}"
+        gone = " [GONE]" if self.probe.flags & KPROBE_FLAG_GONE else ""   # its module went
+        return f"{head}:{self.group}/{self.event} {where}{args}{gone}"
 
     def same_probe(self, other: "TraceKprobe") -> bool:
         return (self.symbol, self.offset, self.addr) == (other.symbol, other.offset, other.addr) \
