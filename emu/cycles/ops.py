@@ -21,6 +21,7 @@ CLASS_FALLBACK = {
     "string": "load", "system": "alu", "nop": "alu", "load_pair": "load",
     "store_pair": "store", "load_ext": "load", "store_ext": "store", "xchg": "alu",
     "call": "branch", "ret": "branch", "div64": "div", "idiv64": "div64",
+    "div_w": "div",
 }
 
 
