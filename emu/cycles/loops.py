@@ -17,6 +17,7 @@ from fractions import Fraction
 
 import keystone
 
+from emu.arch import get_arch
 from emu.cycles.mca import run_mca
 from emu.cycles.profile import Profile, load_profile, profile_names
 
@@ -90,11 +91,8 @@ ORACLE_DISAGREES = {("skylake", "div64-independent"): "notes.div64"}
 
 
 def assemble(arch: str, body: str, addr: int = CODE) -> bytes:
-    if arch == "arm64":
-        ks = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)
-    else:
-        ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-    enc, _ = ks.asm(f"loop: {body}; {_LOOP_TAIL[arch]}", addr)
+    a = get_arch(arch)
+    enc, _ = keystone.Ks(a.ks_arch, a.ks_mode).asm(f"loop: {body}; {_LOOP_TAIL[arch]}", addr)
     return bytes(enc)
 
 
