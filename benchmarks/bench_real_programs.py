@@ -11,9 +11,14 @@ carry (fetched with `pip download --no-binary :all: --no-deps`, cached under --c
   script that fills a table, indexes it and aggregates;
 * `zstd`: the single-file zstd library of the `zstandard` sdist with a small driver that
   compresses stdin, decompresses it and checks the round trip;
-* `lz4`: lz4frame + lz4hc from the `lz4` sdist, the same kind of driver.
+* `lz4`: lz4frame + lz4hc from the `lz4` sdist, the same kind of driver;
+* `interp`: a small tree-walking interpreter (its source is below, no sdist) running a
+  recursive fib: call-, branch- and stack-heavy, the shape of a scripting language's hot loop.
 
-"Start-up excluded" is the time inside `Machine.run` (measured in-process, the guest's whole
+Every row also times qemu-user on the same binary (x86-64 too), for the emu/qemu-user ratio;
+bench_machine.py `--interp` compares the Machine with bare Unicorn on the interpreter.
+
+Times are CPU seconds (user + system), best of R. "Start-up excluded" is the time inside `Machine.run` (measured in-process, the guest's whole
 life from its first instruction) against the reference's wall time, whose own start-up is a
 few milliseconds. Every emulated run's stdout is compared with the reference's."""
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
 REFERENCE = {"x86_64": [], "arm64": ["qemu-aarch64"]}       # this host is x86-64
+QEMU = {"x86_64": ["qemu-x86_64"], "arm64": ["qemu-aarch64"]}
 SDISTS = {"sqlean.py": "3.50.4.5", "zstandard": "0.25.0", "lz4": "4.4.5"}
 
 ZSTD_DRIVER = r"""
@@ -58,6 +65,44 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < c; i++) h = h * 33 + (unsigned char)out[i];
     printf("zstd in %zu out %zu level %d hash %08lx\n", n, c, level, h & 0xffffffffUL);
     return 0;
+}
+"""
+
+INTERP_SOURCE = r"""
+/* A tree-walking interpreter running recursive fib. The AST is static data, so run_fib()
+   makes no system call: bare Unicorn can run it too (bench_machine.py --interp). */
+#include <stdio.h>
+#include <stdlib.h>
+enum op { NUM, ARG, ADD, SUB, LT, IF, CALL };
+struct node { enum op op; long v; const struct node *a, *b, *c; };
+static const struct node one = {NUM, 1, 0, 0, 0}, two = {NUM, 2, 0, 0, 0}, arg = {ARG, 0, 0, 0, 0};
+static const struct node lt = {LT, 0, &arg, &two, 0};
+static const struct node m1 = {SUB, 0, &arg, &one, 0}, m2 = {SUB, 0, &arg, &two, 0};
+static const struct node c1 = {CALL, 0, &m1, 0, 0}, c2 = {CALL, 0, &m2, 0, 0};
+static const struct node sum = {ADD, 0, &c1, &c2, 0};
+static const struct node body = {IF, 0, &lt, &arg, &sum};
+
+static long eval(const struct node *n, long x)
+{
+	switch (n->op) {
+	case NUM: return n->v;
+	case ARG: return x;
+	case ADD: return eval(n->a, x) + eval(n->b, x);
+	case SUB: return eval(n->a, x) - eval(n->b, x);
+	case LT: return eval(n->a, x) < eval(n->b, x);
+	case IF: return eval(n->a, x) ? eval(n->b, x) : eval(n->c, x);
+	case CALL: return eval(&body, eval(n->a, x));
+	}
+	abort();
+}
+
+__attribute__((noinline)) long run_fib(long n) { return eval(&body, n); }
+
+int main(int argc, char **argv)
+{
+	long n = argc > 1 ? atol(argv[1]) : 25;
+	printf("fib(%ld) = %ld\n", n, run_fib(n));
+	return 0;
 }
 """
 
@@ -127,6 +172,7 @@ WORKLOADS = [
     Workload("sqlite3", "sqlean.py", [":memory:"], SQL_SCRIPT.encode()),
     Workload("zstd", "zstandard", ["3"], text_corpus(1 << 20)),
     Workload("lz4", "lz4", ["9"], text_corpus(1 << 20)),
+    Workload("interp", "", ["30"], b""),
 ]
 
 
@@ -154,6 +200,10 @@ def fetch_sdist(cache: Path, name: str) -> Path:
 
 def sources(cache: Path, w: Workload) -> tuple[list[str], list[str]]:
     """(C files, extra flags) of a workload."""
+    if not w.sdist:
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"{w.name}.c").write_text(INTERP_SOURCE)
+        return [str(cache / f"{w.name}.c")], []
     src = fetch_sdist(cache, w.sdist)
     if w.name == "sqlite3":
         d = src / "sqlite"
@@ -194,25 +244,31 @@ from emu.loader import GuestConfig, load_guest
 out = io.BytesIO()
 g = load_guest(GuestConfig(sys.argv[1], argv=sys.argv[2:]), stdin=sys.stdin.buffer, stdout=out,
                stderr=io.BytesIO())
-t = time.perf_counter()
+t = time.process_time()
 r = g.machine.run()
-run_s = time.perf_counter() - t
+run_s = time.process_time() - t
 sys.stdout.buffer.write(out.getvalue())
 sys.stderr.write(f"\nRUN {run_s} EXIT {r.exit_code}\n")
 """
 
 
 def timed(argv: list[str], stdin: bytes, env: dict | None = None) -> tuple[float, bytes, str]:
-    t = time.perf_counter()
+    """CPU seconds (user + system) of the child: other load on a shared host counts less."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, input=stdin, capture_output=True, env=env, cwd=ROOT, timeout=1800)
-    return time.perf_counter() - t, proc.stdout, proc.stderr.decode(errors="replace")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, proc.stdout, proc.stderr.decode(errors="replace")
 
 
 def measure(path: Path, arch: str, w: Workload, repeat: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    ref_t, emu_t, run_t = [], [], []
+    ref_t, emu_t, run_t, qemu_t = [], [], [], []
     for _ in range(repeat):
+        if shutil.which(QEMU[arch][0]):
+            t, qemu_out, _ = timed([*QEMU[arch], str(path), *w.args], w.stdin)
+            qemu_t.append(t)
         t, ref_out, _ = timed([*REFERENCE[arch], str(path), *w.args], w.stdin)
         ref_t.append(t)
         t, out, err = timed([sys.executable, "-m", "emu.cli", "run", str(path), "--", *w.args],
@@ -225,16 +281,19 @@ def measure(path: Path, arch: str, w: Workload, repeat: int) -> dict:
     ref, emu, run = min(ref_t), min(emu_t), min(run_t)
     return {"workload": w.name, "arch": arch, "reference": "native" if not REFERENCE[arch] else "qemu-user",
             "ref_s": ref, "emu_s": emu, "emu_run_s": run, "startup_s": emu - run,
-            "ratio_incl": emu / ref, "ratio_excl": run / ref}
+            "ratio_incl": emu / ref, "ratio_excl": run / ref,
+            "qemu_s": min(qemu_t) if qemu_t else None,
+            "ratio_qemu_excl": run / min(qemu_t) if qemu_t else None}
 
 
 def print_table(rows: list[dict]) -> None:
     print("| workload | arch | reference | reference s | emu s (with start-up) | ratio | "
-          "emu s (run only) | ratio |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          "emu s (run only) | ratio | qemu-user s | emu run / qemu-user |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        q = (f"{r['qemu_s']:.3f} | {r['ratio_qemu_excl']:.1f}x" if r.get("qemu_s") else "- | -")
         print(f"| {r['workload']} | {r['arch']} | {r['reference']} | {r['ref_s']:.3f} | "
-              f"{r['emu_s']:.3f} | {r['ratio_incl']:.1f}x | {r['emu_run_s']:.3f} | {r['ratio_excl']:.1f}x |")
+              f"{r['emu_s']:.3f} | {r['ratio_incl']:.1f}x | {r['emu_run_s']:.3f} | {r['ratio_excl']:.1f}x | {q} |")
 
 
 def main(argv: list[str] | None = None) -> int:

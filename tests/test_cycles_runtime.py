@@ -74,7 +74,9 @@ def test_instruction_count_matches_a_code_hook(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_loop_cost_is_block_cost_plus_taken_branch(arch):
+def test_loop_cost_is_block_cost_plus_loop_back(arch):
+    """A one-block loop that fits the loop buffer pays `loop_back` on its back edge, not
+    `branch_taken` (profiles: notes.loop_back)."""
     lab = ProbeLab.load(firmware_elf(arch, "hotloop"))
     model = lab.machine.enable_cycle_model()
     acc = lab.machine.clock.acc
@@ -87,9 +89,14 @@ def test_loop_cost_is_block_cost_plus_taken_branch(arch):
     f100, f101, f200 = fp_of(100), fp_of(101), fp_of(200)
     per_iter = f101 - f100
     assert f200 - f100 == 100 * per_iter
-    taken = model.profile.branch_taken << FP_SHIFT
-    loop = [b for b in model.blocks.values() if b.cost.cost + taken == per_iter]
-    assert loop and loop[0].cost.cond, "one iteration = the loop block + its taken back edge"
+    prof = model.profile
+    assert prof.loop_back < prof.branch_taken
+    back = prof.loop_back << FP_SHIFT
+    loop = [(a, b) for (a, _s), b in model.blocks.items() if b.cost.cost + back == per_iter
+            and b.cost.cond and b.cost.n <= prof.loop_buffer]
+    assert loop, "one iteration = the loop block + its loop-back edge"
+    sym = lab.machine.symbols.lookup("hot_loop")
+    assert any(sym.addr <= a < sym.addr + sym.size for a, _b in loop)
 
 
 def test_mispredicts_with_a_one_bit_predictor():

@@ -4,7 +4,9 @@ A block's cost is computed the first time it runs (decode with capstone, then
 blockcost) and kept in a process-wide cache keyed by (profile, address, bytes), so a block
 re-translated after a text_poke with the same bytes is not recomputed. The hook itself is
 native (native.c) when gcc is available: one hash lookup and a few adds per block. Taken
-branches (next block ≠ previous fall-through) add `branch_taken`; with
+branches (next block ≠ previous fall-through) add `branch_taken`, or `loop_back` when the
+branch goes back to the start of the same block of at most `loop_buffer` instructions (a
+small loop the loop buffer / uop cache streams); with
 `mispredict_rate` 1, a 1-bit predictor per block-ending conditional branch adds
 `branch_mispredict` on each change of direction.
 
@@ -119,6 +121,7 @@ class CycleModel:
         if lib is not None:
             st = self.state = native.CmState()
             st.taken_cost = p.branch_taken << FP_SHIFT
+            st.loop_cost, st.loop_max = p.loop_back << FP_SHIFT, p.loop_buffer
             st.mispredict_cost = (p.branch_mispredict << FP_SHIFT) if p.mispredict_rate else 0
             self._miss_cb = native.MISS_CB(self._on_miss)
             st.miss = self._miss_cb
@@ -209,8 +212,10 @@ class CycleModel:
                 acc.fp += p.branch_mispredict << FP_SHIFT
                 c["mispredict_fp"] += p.branch_mispredict << FP_SHIFT
         if prev_end and prev_end != addr:
-            acc.fp += p.branch_taken << FP_SHIFT
-            c["taken_fp"] += p.branch_taken << FP_SHIFT
+            loop = self._py_prev is b and b.cost.n <= p.loop_buffer
+            cost = (p.loop_back if loop else p.branch_taken) << FP_SHIFT
+            acc.fp += cost
+            c["taken_fp"] += cost
         cost = b.cost.cost
         acc.fp = min(acc.fp + cost, FP_MAX)
         c["code_fp"] += cost
@@ -248,7 +253,7 @@ class CycleModel:
             out = (ctypes.c_uint64 * 4)()
             lib.cm_totals(ctypes.byref(st), out)
             c = {"code_fp": out[0], "layer_fp": out[1], "insns": out[2], "blocks": out[3],
-                 "taken_fp": st.taken * st.taken_cost,
+                 "taken_fp": st.taken * st.taken_cost + st.loops * st.loop_cost,
                  "mispredict_fp": st.mispredicts * st.mispredict_cost}
         else:
             c = dict(self._py)

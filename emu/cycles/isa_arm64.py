@@ -73,8 +73,8 @@ def _mem(insn):
 def _class(m: str, insn, vec: bool) -> str:
     if m in MUL:
         return "mul"
-    if m in DIV:
-        return "div"
+    if m in DIV:        # the W form iterates over half the bits
+        return "div_w" if insn.reg_name(insn.operands[0].reg).startswith("w") else "div"
     if vec or m.startswith("f") or insn.group(A.ARM64_GRP_FPARMV8):
         return "vec" if vec and not m.startswith("f") else "fp"
     shifted = any(op.type == _REG and (op.shift.type != 0 or op.ext != 0) for op in insn.operands)

@@ -84,8 +84,9 @@ def _base_class(m: str, insn, vec: bool) -> str:
         return "shift"
     if m in MUL:
         return "mul_wide" if len(insn.operands) == 1 else "mul"
-    if m in DIV:
-        return "div"
+    if m in DIV:        # 64-bit dividers are far slower than narrower ones on x86 cores
+        wide = insn.operands and insn.operands[0].size == 8
+        return ("idiv64" if m == "idiv" else "div64") if wide else "div"
     if m in BITSCAN:
         return "bitscan"
     if m.startswith(CMOV_SET):

@@ -58,6 +58,9 @@ typedef struct {
 	uint64_t limit_hit;         /* set when the limit stopped the run */
 	uint64_t byte_cost;         /* work clock: 1/256 cycles per executed code byte */
 	uint64_t bytes;             /* work clock: code bytes executed */
+	uint64_t loop_cost;         /* loop_back: a taken branch back into the same small block */
+	uint64_t loop_max;          /* loop_buffer: most instructions such a loop may have */
+	uint64_t loops;             /* taken branches charged as loop-backs */
 } cm_state;
 
 static inline uint64_t cm_sat_add(uint64_t a, uint64_t b)
@@ -207,8 +210,13 @@ static inline void cm_on_block_tail(cm_state *st, void *uc, cm_entry *e, uint64_
 {
 	uint64_t fp = st->fp;
 	if (st->prev_end != addr) {
-		fp = cm_sat_add(fp, st->taken_cost);
-		st->taken++;
+		if (e && st->cur == e && e->n <= st->loop_max) {
+			fp = cm_sat_add(fp, st->loop_cost);
+			st->loops++;
+		} else {
+			fp = cm_sat_add(fp, st->taken_cost);
+			st->taken++;
+		}
 	}
 	st->prev_end = addr + size;
 	st->cur = e;

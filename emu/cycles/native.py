@@ -41,6 +41,9 @@ class CmState(ctypes.Structure):
     limit_hit: int
     byte_cost: int
     bytes: int
+    loop_cost: int
+    loop_max: int
+    loops: int
     table: int | None
     cur: Any
     miss: Any
@@ -50,7 +53,8 @@ class CmState(ctypes.Structure):
         ("gone", ctypes.c_uint64 * 4), ("table", ctypes.c_void_p),
         ("cur", ctypes.POINTER(CmEntry)), ("miss", MISS_CB),
         ("limit_fp", ctypes.c_uint64), ("stop", ctypes.c_void_p), ("limit_hit", ctypes.c_uint64),
-        ("byte_cost", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+        ("byte_cost", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+        ("loop_cost", ctypes.c_uint64), ("loop_max", ctypes.c_uint64), ("loops", ctypes.c_uint64)]
 
 
 def address_of(fn: Any) -> int:

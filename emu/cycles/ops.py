@@ -20,7 +20,8 @@ CLASS_FALLBACK = {
     "idiom": "nop", "vec": "fp", "vec_load": "load", "vec_store": "store", "fp": "alu",
     "string": "load", "system": "alu", "nop": "alu", "load_pair": "load",
     "store_pair": "store", "load_ext": "load", "store_ext": "store", "xchg": "alu",
-    "call": "branch", "ret": "branch",
+    "call": "branch", "ret": "branch", "div64": "div", "idiv64": "div64",
+    "div_w": "div",
 }
 
 

@@ -30,7 +30,7 @@ DEFAULT_PROFILE = {name: get_arch(name).cpu_profile for name in ARCH_NAMES}
 _PARAMS = ("freq_hz", "counter_hz", "in_order", "inorder_writeback", "width", "branch_taken", "branch_mispredict",
            "mispredict_rate", "exc_entry", "exc_return", "single_step", "syscall_entry_exit",
            "mitigation_extra", "mitigations", "counter_read", "handler", "detour", "bpf_insn",
-           "bpf_entry")
+           "bpf_entry", "loop_back", "loop_buffer")
 
 
 class ProfileError(UsageError):
@@ -86,6 +86,11 @@ class Profile:
     classes: dict[str, ClassCost]
     forwarding: dict[tuple[str, str], int]
     overrides: dict[str, Override]
+    # A taken branch back to the start of the block just run (a one-block loop) of at most
+    # `loop_buffer` instructions costs `loop_back` instead of `branch_taken`: the loop
+    # stream detector / loop buffer / uop cache hides the redirect (profile basis notes).
+    loop_back: int = 0
+    loop_buffer: int = 0
     basis: dict[str, str] = field(default_factory=dict)      # "params.width" -> basis name
     path: str = ""
 
@@ -175,6 +180,7 @@ def parse_profile(data: dict, path: str = "") -> Profile:
         counter_read=int(params["counter_read"]), handler=int(params["handler"]),
         detour=int(params["detour"]),
         bpf_insn=int(params["bpf_insn"]), bpf_entry=int(params["bpf_entry"]),
+        loop_back=int(params["loop_back"]), loop_buffer=int(params["loop_buffer"]),
         ports=ports, classes=classes, forwarding=forwarding, overrides=overrides,
         basis=basis, path=path)
 
