@@ -15,11 +15,14 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
+from emu.linux.tasks import Deadlock, Scheduler
 from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
-from emu.uaccess import UserFault, access_ok, copy_from_user, copy_to_user, strncpy_from_user
+from emu.linux import futex
+from emu.uaccess import (UserFault, access_ok, copy_from_user, copy_to_user, put_user,
+                         strncpy_from_user)
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
             7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
@@ -76,6 +79,8 @@ class SyscallDispatcher:
         self.ret_id = m.arch.reg_id(m.arch.syscall_ret)
         self.counts: dict[str, int] = {}
         m.syscall_handler = self
+        proc.dispatcher = self
+        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed)
 
     def __call__(self) -> None:
         regs = self.m.regs
@@ -114,6 +119,18 @@ class SyscallDispatcher:
             self._strace(name, args, ret)
         if not self.m.stopping:
             regs.write(self.ret_id, ret)
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Switch tasks if the call blocked, yielded or used up the quantum."""
+        sched = self.proc.sched
+        sched.tick()
+        if not sched.need_resched:
+            return
+        try:
+            sched.schedule()
+        except Deadlock as e:
+            stop_as_limit(self.m, f"deadlock: {e} (at pc {self.m.describe(self.m.pc)})")
 
     def _strace(self, name: str, args: list[int], ret: int) -> None:
         """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
@@ -293,13 +310,13 @@ def base_dir(p: LinuxProcess, dirfd: int) -> str | None:
 
 
 # --- process and identity ------------------------------------------------------------------
-@syscall("exit", "exit_group")
+@syscall("exit_group")
 def sys_exit_group(p, code, *_):
     p.machine.request_exit(code & 0xFF)
     return 0
 
 
-@syscall("getpid", "gettid", "getpgrp", "set_tid_address")
+@syscall("getpid", "getpgrp")
 def sys_getpid(p, *_):
     return p.creds.pid
 
@@ -309,7 +326,7 @@ def sys_getpgid(p, *_):
     return p.creds.pid
 
 
-@syscall("setpgid", "sched_yield", "madvise", "fsync", "set_robust_list")
+@syscall("setpgid", "madvise", "fsync")
 def sys_ok(p, *_):
     return 0
 
@@ -334,8 +351,8 @@ def sys_unsupported(p, *_):
     return -E.ENOSYS
 
 
-_NOT_YET = {"clone": "threads", "clone3": "threads", "fork": "processes", "vfork": "processes",
-            "execve": "processes", "execveat": "processes"}
+_NOT_YET = {"fork": "processes", "vfork": "processes", "execve": "processes",
+            "execveat": "processes"}
 
 
 @syscall(*_NOT_YET)
@@ -409,14 +426,6 @@ def sys_getrandom(p, buf, n, flags, *_):
     n = min(n, 1 << 20)
     wr(p, buf, p.rng.randbytes(n))
     return n
-
-
-@syscall("sched_getaffinity")
-def sys_sched_getaffinity(p, pid, size, mask, *_):
-    if size < 8:
-        return -E.EINVAL
-    wr(p, mask, struct.pack("<Q", 1))
-    return 8
 
 
 @syscall("sysinfo")
@@ -514,23 +523,172 @@ def _signal_self(p, sig: int) -> int:
     return 0
 
 
-FUTEX_PRIVATE_FLAG = 128
+# --- threads (emu/linux/tasks.py schedules them) --------------------------------------------
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_VFORK, CLONE_THREAD, CLONE_SETTLS = 0x4000, 0x10000, 0x80000
+CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
+_THREAD_FLAGS = CLONE_VM | CLONE_SIGHAND | CLONE_THREAD
+# clone's argument order after newsp: x86-64 (ptid, ctid, tls); arm64, CONFIG_CLONE_BACKWARDS
+# (ptid, tls, ctid). Indices into (ptid, a3, a4).
+_CLONE_TLS_CTID = {"x86_64": (2, 1), "arm64": (1, 2)}
+MAX_THREADS = 256                   # RLIMIT_NPROC-like cap: each task holds a CPU context
+
+
+@syscall("clone")
+def sys_clone(p, flags, newsp, ptid, a3, a4, *_):
+    tls_i, ctid_i = _CLONE_TLS_CTID[p.machine.arch.name]
+    rest = (ptid, a3, a4)
+    return do_clone(p, flags, newsp, ptid, rest[ctid_i], rest[tls_i])
+
+
+@syscall("clone3")
+def sys_clone3(p, uargs, size, *_):
+    if size < 64 or size > PAGE:
+        return -E.EINVAL
+    flags, _pidfd, ctid, ptid, _exit_sig, stack, stack_size, tls = struct.unpack(
+        "<8Q", rd(p, uargs, 64))
+    if (stack == 0) != (stack_size == 0):
+        return -E.EINVAL
+    return do_clone(p, flags, stack + stack_size if stack else 0, ptid, ctid, tls)
+
+
+def do_clone(p, flags: int, newsp: int, ptid: int, ctid: int, tls: int) -> int:
+    """A new thread of this process (pthread_create's flags). A new process (fork, vfork,
+    posix_spawn) is refused with ENOSYS and a one-time note."""
+    if flags & _THREAD_FLAGS != _THREAD_FLAGS or flags & CLONE_VFORK:
+        warn_once(p, "fork", "emu: clone: new processes (fork, vfork) are not supported yet\n")
+        return -E.ENOSYS
+    sched = p.sched
+    if len(sched.live()) >= MAX_THREADS:
+        return -E.EAGAIN
+    m, arch = p.machine, p.machine.arch
+    mem = m.memory
+    tid = sched.next_tid
+    if flags & CLONE_PARENT_SETTID:
+        put_user(mem, ptid, tid, 4)
+    if flags & CLONE_CHILD_SETTID:
+        put_user(mem, ctid, tid, 4)
+    parent = m.uc.context_save()
+    m.regs.write(p.dispatcher.ret_id, 0)
+    if newsp:
+        m.sp = newsp
+    if flags & CLONE_SETTLS:
+        arch.set_tls(m, tls)
+    child = sched.new_task(m.uc.context_save())
+    m.uc.context_restore(parent)
+    if flags & CLONE_CHILD_CLEARTID:
+        child.clear_child_tid = ctid
+    return child.tid
+
+
+@syscall("gettid")
+def sys_gettid(p, *_):
+    return p.sched.current.tid
+
+
+@syscall("set_tid_address")
+def sys_set_tid_address(p, addr, *_):
+    p.sched.current.clear_child_tid = addr
+    return p.sched.current.tid
+
+
+@syscall("set_robust_list")
+def sys_set_robust_list(p, head, length, *_):
+    if length != 24:                    # sizeof(struct robust_list_head)
+        return -E.EINVAL
+    cur = p.sched.current
+    cur.robust_list, cur.robust_len = head, length
+    return 0
+
+
+@syscall("get_robust_list")
+def sys_get_robust_list(p, tid, head_ptr, len_ptr, *_):
+    sched = p.sched
+    task = sched.current if tid == 0 else sched.tasks.get(s32(tid))
+    if task is None:
+        return -E.ESRCH
+    put_user(p.machine.memory, head_ptr, task.robust_list)
+    put_user(p.machine.memory, len_ptr, task.robust_len)
+    return 0
+
+
+@syscall("exit")
+def sys_exit(p, code, *_):
+    """One thread ends: its clear_child_tid word is zeroed and woken (pthread_join waits
+    on it); the last thread's exit ends the process with its code."""
+    sched = p.sched
+    cur = sched.current
+    if cur.clear_child_tid:
+        try:
+            put_user(p.machine.memory, cur.clear_child_tid, 0, 4)
+            futex.futex_wake(sched, cur.clear_child_tid, 1)
+        except UserFault:
+            pass
+    sched.exit_current()
+    if not sched.live():
+        p.machine.request_exit(code & 0xFF)
+        sched.need_resched = False
+    return 0
+
+
+@syscall("sched_yield")
+def sys_sched_yield(p, *_):
+    p.sched.need_resched = True
+    return 0
+
+
+@syscall("sched_getaffinity")
+def sys_sched_getaffinity(p, pid, size, mask, *_):
+    if size < 8 or size & 7:
+        return -E.EINVAL
+    if pid and s32(pid) not in p.sched.tasks:
+        return -E.ESRCH
+    wr(p, mask, struct.pack("<Q", 1))        # one CPU
+    return 8
 
 
 @syscall("futex")
-def sys_futex(p, uaddr, op, val, *_):
+def sys_futex(p, uaddr, op, val, utime, uaddr2, val3, *_):
     cmd = op & 0x7F
+    mem, sched = p.machine.memory, p.sched
     if uaddr & 3:
         return -E.EINVAL
-    if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
-        # get_futex_key: a shared futex must be a mapped page, a private one only in range
-        if uaddr >= p.machine.memory.task_size or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
-            return -E.EFAULT
-        return 0
-    if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
-        (cur,) = struct.unpack("<I", rd(p, uaddr, 4))
-        return -E.EAGAIN if cur != val & 0xFFFFFFFF else -E.EDEADLK
+    # get_futex_key: a shared futex must be a mapped page, a private one only in range
+    if uaddr >= mem.task_size or not (op & futex.FUTEX_PRIVATE_FLAG or access_ok(mem, uaddr, 4)):
+        return -E.EFAULT
+    if op & futex.FUTEX_CLOCK_REALTIME and cmd not in (futex.FUTEX_WAIT, futex.FUTEX_WAIT_BITSET):
+        return -E.ENOSYS
+    if cmd in (futex.FUTEX_WAIT, futex.FUTEX_WAIT_BITSET):
+        bitset = val3 & 0xFFFFFFFF if cmd == futex.FUTEX_WAIT_BITSET else futex.FUTEX_BITSET_MATCH_ANY
+        due = _futex_deadline(p, utime, absolute=cmd == futex.FUTEX_WAIT_BITSET,
+                              realtime=bool(op & futex.FUTEX_CLOCK_REALTIME))
+        return due if isinstance(due, int) and due < 0 else \
+            futex.futex_wait(sched, mem, uaddr, val, due, bitset)
+    if cmd in (futex.FUTEX_WAKE, futex.FUTEX_WAKE_BITSET):
+        bitset = val3 & 0xFFFFFFFF if cmd == futex.FUTEX_WAKE_BITSET else futex.FUTEX_BITSET_MATCH_ANY
+        return futex.futex_wake(sched, uaddr, s32(val), bitset)
+    if cmd in (futex.FUTEX_REQUEUE, futex.FUTEX_CMP_REQUEUE):
+        return futex.futex_requeue(sched, mem, uaddr, uaddr2, s32(val), s32(utime),
+                                   val3 if cmd == futex.FUTEX_CMP_REQUEUE else None)
+    if cmd == futex.FUTEX_WAKE_OP:
+        return futex.futex_wake_op(sched, mem, uaddr, uaddr2, s32(val), s32(utime), val3)
     return -E.ENOSYS
+
+
+def _futex_deadline(p, utime: int, absolute: bool, realtime: bool) -> int | None:
+    """The wait's deadline in modelled monotonic ns, None for no timeout, or -errno."""
+    if not utime:
+        return None
+    secs, nsec = struct.unpack("<qq", rd(p, utime, 16))
+    if secs < 0 or not 0 <= nsec < 1_000_000_000:
+        return -E.EINVAL
+    ns = min(secs * 1_000_000_000 + nsec, 1 << 80)
+    now = p.machine.clock.monotonic_ns()
+    if not absolute:
+        return now + ns
+    if realtime:
+        return max(0, now + ns - p.machine.clock.realtime_ns())
+    return ns
 
 
 # --- time -----------------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+"""Tasks (threads of the one guest process) and the deterministic scheduler that runs them,
+one at a time, on the machine's single Unicorn CPU.
+
+A task not running keeps its whole CPU state as a Unicorn context (registers, FP/SIMD,
+TLS). Switches happen only inside a syscall hook, where every task not running was saved:
+the x86 hook sees RIP on the `syscall` (the CPU adds its length afterwards) and arm64's
+sees PC past the `svc`, so a restored context resumes right after its own syscall. The
+schedule depends only on the guest's syscalls and the seed, never on host time."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Callable
+
+from emu.machine import Machine
+
+ETIMEDOUT = 110
+
+
+class TaskState(StrEnum):
+    RUNNING = "running"
+    RUNNABLE = "runnable"
+    BLOCKED = "blocked"          # in a futex wait (or another wait with a wake-up condition)
+    EXITED = "exited"
+
+
+@dataclass
+class FutexWait:
+    """What a blocked task waits for: a futex word (the key: one process, one address
+    space), the bitset of FUTEX_WAIT_BITSET, and a deadline in modelled ns (or None)."""
+    key: int
+    bitset: int = 0xFFFFFFFF
+    deadline_ns: int | None = None
+
+
+@dataclass
+class Task:
+    tid: int
+    cpu: int = 0                            # the vCPU it runs on (one CPU for now)
+    state: TaskState = TaskState.RUNNABLE
+    context: Any = None                     # Unicorn context while not running
+    clear_child_tid: int = 0                # CLONE_CHILD_CLEARTID / set_tid_address
+    robust_list: int = 0                    # set_robust_list head and length
+    robust_len: int = 0
+    sigmask: int = 0                        # blocked signals
+    pending: list[int] = field(default_factory=list)    # signals sent to this thread
+    wait: FutexWait | None = None
+    wake_result: int | None = None          # the syscall's return value when it resumes
+    seq: int = 0                            # order of arrival in a wait queue (FIFO wake)
+
+
+class Deadlock(Exception):
+    """Every task is blocked and none has a timeout: nothing can ever run again."""
+
+
+@dataclass
+class Scheduler:
+    """Round robin over the tasks in tid order. `need_resched` is set by a syscall that
+    blocks or yields; the dispatcher calls `schedule()` after writing the return value."""
+    machine: Machine
+    ret_reg: int
+    pid: int
+    seed: int = 0
+    tasks: dict[int, Task] = field(default_factory=dict)
+    current: Task = field(init=False)
+    need_resched: bool = False
+    switches: int = 0
+    next_tid: int = 0
+    _seq: int = 0
+    on_exit: list[Callable[[Task], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.current = Task(self.pid, state=TaskState.RUNNING)
+        self.tasks[self.pid] = self.current
+        self.next_tid = self.pid + 1
+        # The quantum (syscalls between forced switches) is a pure function of the seed.
+        self.quantum = 16 + random.Random(self.seed ^ 0x7A5C).randrange(16)
+        self._budget = self.quantum
+
+    # --- tasks ---------------------------------------------------------------------------
+    def live(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.state != TaskState.EXITED]
+
+    def new_task(self, context: Any) -> Task:
+        task = Task(self.next_tid, context=context, sigmask=self.current.sigmask)
+        self.next_tid += 1
+        self.tasks[task.tid] = task
+        return task
+
+    def block(self, wait: FutexWait) -> None:
+        cur = self.current
+        cur.state, cur.wait, cur.wake_result = TaskState.BLOCKED, wait, None
+        self._seq += 1
+        cur.seq = self._seq
+        self.need_resched = True
+
+    def wake(self, task: Task, result: int = 0) -> None:
+        task.state, task.wait, task.wake_result = TaskState.RUNNABLE, None, result
+
+    def waiters(self, key: int, bitset: int = 0xFFFFFFFF) -> list[Task]:
+        """Tasks blocked on futex `key` whose bitset meets `bitset`, first come first."""
+        found = [t for t in self.tasks.values() if t.state == TaskState.BLOCKED and t.wait
+                 and t.wait.key == key and t.wait.bitset & bitset]
+        return sorted(found, key=lambda t: t.seq)
+
+    def exit_current(self) -> None:
+        self.current.state = TaskState.EXITED
+        self.current.context = None
+        for hook in self.on_exit:
+            hook(self.current)
+        self.need_resched = True
+
+    def tick(self) -> None:
+        """One syscall of the running task: past its quantum, it yields."""
+        self._budget -= 1
+        if self._budget <= 0 and len(self.tasks) > 1:
+            self.need_resched = True
+
+    # --- switching -----------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Pick the next task to run and switch to it (inside the syscall hook). Raises
+        Deadlock when nothing can run."""
+        self.need_resched = False
+        self._budget = self.quantum
+        nxt = self._pick()
+        if nxt is None:
+            nxt = self._wake_first_timeout()
+        if nxt is self.current:
+            nxt.state = TaskState.RUNNING
+            self._resume(nxt)
+            return
+        self._switch(nxt)
+
+    def _pick(self) -> Task | None:
+        """The first runnable task after the current one in tid order (round robin);
+        the current one last."""
+        self._expire_timeouts()
+        tids = sorted(self.tasks)
+        start = tids.index(self.current.tid) + 1
+        for tid in tids[start:] + tids[:start]:
+            t = self.tasks[tid]
+            if t.state in (TaskState.RUNNABLE, TaskState.RUNNING):
+                return t
+        return None
+
+    def _expire_timeouts(self) -> None:
+        now = self.machine.clock.monotonic_ns()
+        for t in self.tasks.values():
+            if t.state == TaskState.BLOCKED and t.wait and t.wait.deadline_ns is not None \
+                    and t.wait.deadline_ns <= now:
+                self.wake(t, -ETIMEDOUT)
+
+    def _wake_first_timeout(self) -> Task:
+        """All blocked: model time jumps to the earliest timeout, whose task then runs."""
+        timed = [t for t in self.tasks.values() if t.state == TaskState.BLOCKED and t.wait
+                 and t.wait.deadline_ns is not None]
+        if not timed:
+            raise Deadlock(f"all {len(self.live())} threads blocked for ever in futex waits")
+        first = min(timed, key=lambda t: (t.wait.deadline_ns, t.tid))   # type: ignore[union-attr]
+        clock = self.machine.clock
+        gap = first.wait.deadline_ns - clock.monotonic_ns()      # type: ignore[union-attr]
+        clock.advance(max(0, -(-gap * clock.freq_hz // 1_000_000_000)), "sleep")
+        self.wake(first, -ETIMEDOUT)
+        return first
+
+    def _switch(self, nxt: Task) -> None:
+        uc = self.machine.uc
+        cur = self.current
+        if cur.state != TaskState.EXITED:
+            cur.context = uc.context_save()
+            if cur.state == TaskState.RUNNING:
+                cur.state = TaskState.RUNNABLE
+        uc.context_restore(nxt.context)
+        nxt.context = None
+        nxt.state = TaskState.RUNNING
+        self.current = nxt
+        self.switches += 1
+        self._resume(nxt)
+
+    def _resume(self, task: Task) -> None:
+        if task.wake_result is not None:
+            self.machine.regs.write(self.ret_reg, task.wake_result & (1 << 64) - 1)
+            task.wake_result = None
