@@ -124,7 +124,6 @@ class SyscallDispatcher:
     def _reschedule(self) -> None:
         """Switch tasks if the call blocked, yielded or used up the quantum."""
         sched = self.proc.sched
-        sched.tick()
         if not sched.need_resched:
             return
         try:
@@ -574,7 +573,7 @@ def do_clone(p, flags: int, newsp: int, ptid: int, ctid: int, tls: int) -> int:
         m.sp = newsp
     if flags & CLONE_SETTLS:
         arch.set_tls(m, tls)
-    child = sched.new_task(m.uc.context_save())
+    child = sched.new_task(m.uc.context_save(), m.pc + sched.step)
     m.uc.context_restore(parent)
     if flags & CLONE_CHILD_CLEARTID:
         child.clear_child_tid = ctid

@@ -14,8 +14,15 @@ from enum import StrEnum
 from typing import Any, Callable
 
 from emu.machine import Machine
+from emu.memory import PROT_EXEC
 
 ETIMEDOUT = 110
+# How far the CPU moves the pc after a syscall hook returns: Unicorn's x86 hook runs with RIP
+# on the 2-byte `syscall` and adds its length afterwards; arm64's runs with PC past the `svc`.
+SYSCALL_PC_STEP = {"x86_64": 2, "arm64": 0}
+# The quantum: code bytes a task runs before it is preempted (about 4 bytes an instruction),
+# QUANTUM_BYTES plus a seed-chosen part of it, so that --seed varies the interleaving.
+QUANTUM_BYTES = 64 << 10
 
 
 class TaskState(StrEnum):
@@ -40,6 +47,7 @@ class Task:
     cpu: int = 0                            # the vCPU it runs on (one CPU for now)
     state: TaskState = TaskState.RUNNABLE
     context: Any = None                     # Unicorn context while not running
+    resume_pc: int = 0                      # where it continues when switched back in
     clear_child_tid: int = 0                # CLONE_CHILD_CLEARTID / set_tid_address
     robust_list: int = 0                    # set_robust_list head and length
     robust_len: int = 0
@@ -69,23 +77,30 @@ class Scheduler:
     next_tid: int = 0
     _seq: int = 0
     on_exit: list[Callable[[Task], None]] = field(default_factory=list)
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.current = Task(self.pid, state=TaskState.RUNNING)
         self.tasks[self.pid] = self.current
         self.next_tid = self.pid + 1
-        # The quantum (syscalls between forced switches) is a pure function of the seed.
-        self.quantum = 16 + random.Random(self.seed ^ 0x7A5C).randrange(16)
+        self.step = SYSCALL_PC_STEP[self.machine.arch.name]
+        # The quantum is a pure function of the seed: same seed, same interleaving.
+        rng = random.Random(self.seed ^ 0x7A5C)
+        self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
         self._budget = self.quantum
+        self._hook: int | None = None
 
     # --- tasks ---------------------------------------------------------------------------
     def live(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.state != TaskState.EXITED]
 
-    def new_task(self, context: Any) -> Task:
-        task = Task(self.next_tid, context=context, sigmask=self.current.sigmask)
+    def new_task(self, context: Any, resume_pc: int) -> Task:
+        """A task created inside a syscall hook from `context` (clone's child)."""
+        task = Task(self.next_tid, context=context, resume_pc=resume_pc,
+                    sigmask=self.current.sigmask)
         self.next_tid += 1
         self.tasks[task.tid] = task
+        self._arm_preemption()
         return task
 
     def block(self, wait: FutexWait) -> None:
@@ -111,11 +126,36 @@ class Scheduler:
             hook(self.current)
         self.need_resched = True
 
-    def tick(self) -> None:
-        """One syscall of the running task: past its quantum, it yields."""
-        self._budget -= 1
-        if self._budget <= 0 and len(self.tasks) > 1:
-            self.need_resched = True
+    # --- preemption ------------------------------------------------------------------------
+    def _arm_preemption(self) -> None:
+        """A block hook counts the code each task runs while more than one task lives (a
+        single-threaded guest pays nothing). Hooks added in a callback miss cached blocks
+        (unicorn-notes rule 3): drop the cached code of executable regions."""
+        if self._hook is not None:
+            return
+        m = self.machine
+        self._hook = m.hooks.block(self._on_block)
+        for r in m.memory.regions:
+            if r.prot & PROT_EXEC:
+                m.uc.ctl_remove_cache(r.start, r.end)
+
+    def _disarm_preemption(self) -> None:
+        if self._hook is not None:
+            self.machine.hooks.delete(self._hook)
+            self._hook = None
+
+    def _on_block(self, addr: int, size: int) -> None:
+        self._budget -= size
+        if self._budget > 0 or self.machine.stopping:
+            return
+        if self.machine.owners.find(addr) is not None:   # never in a probe slot or trampoline
+            return
+        self._budget = self.quantum
+        nxt = self._pick()
+        if nxt is None or nxt is self.current:
+            return
+        self.preemptions += 1
+        self._switch(nxt, in_syscall=False, here=addr)
 
     # --- switching -----------------------------------------------------------------------
     def schedule(self) -> None:
@@ -130,7 +170,7 @@ class Scheduler:
             nxt.state = TaskState.RUNNING
             self._resume(nxt)
             return
-        self._switch(nxt)
+        self._switch(nxt, in_syscall=True, here=self.machine.pc + self.step)
 
     def _pick(self) -> Task | None:
         """The first runnable task after the current one in tid order (round robin);
@@ -164,19 +204,25 @@ class Scheduler:
         self.wake(first, -ETIMEDOUT)
         return first
 
-    def _switch(self, nxt: Task) -> None:
-        uc = self.machine.uc
+    def _switch(self, nxt: Task, in_syscall: bool, here: int) -> None:
+        """Save the running task (to resume at `here`) and load `nxt`. In a syscall hook
+        the CPU still adds its step to the pc afterwards; in a block hook a pc write makes
+        Unicorn leave the block before it runs."""
+        m = self.machine
         cur = self.current
         if cur.state != TaskState.EXITED:
-            cur.context = uc.context_save()
+            cur.context, cur.resume_pc = m.uc.context_save(), here
             if cur.state == TaskState.RUNNING:
                 cur.state = TaskState.RUNNABLE
-        uc.context_restore(nxt.context)
+        m.uc.context_restore(nxt.context)
+        m.pc = nxt.resume_pc - (self.step if in_syscall else 0)
         nxt.context = None
         nxt.state = TaskState.RUNNING
         self.current = nxt
         self.switches += 1
         self._resume(nxt)
+        if len(self.live()) < 2:
+            self._disarm_preemption()
 
     def _resume(self, task: Task) -> None:
         if task.wake_result is not None:
