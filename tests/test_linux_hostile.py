@@ -306,7 +306,7 @@ def test_fork_clone_execve_say_once_and_fail(arch, hostile):
     assert r.rc == 0
     assert r.out == ("fork=-1 Function not implemented\nfork-again=-1\nclone=-38\nexecve=-38\n")
     lines = r.err.splitlines()
-    assert lines.count("emu: clone: threads are not supported yet") == 1       # glibc fork: clone
+    assert lines.count("emu: clone: new processes (fork, vfork) are not supported yet") == 1
     assert "emu: execve: processes are not supported yet" in lines
     assert len(lines) == len(set(lines)) == 2, r.err
 

@@ -15,7 +15,7 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
-from emu.linux.tasks import Deadlock, Scheduler
+from emu.linux.tasks import Deadlock, FutexWait, Scheduler
 from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
@@ -770,6 +770,9 @@ def do_clock_nanosleep(p, clk: int, flags: int, req: int) -> int:
         ns = max(0, ns - _clock_ns(p, clk))
     c = p.machine.clock
     cycles = min(ns * c.freq_hz // 1_000_000_000, max(0, CLOCK_CEILING - c.cycles))
+    if len(p.sched.live()) > 1:         # other threads run meanwhile; time jumps if none can
+        p.sched.block(FutexWait(-1, 0, c.monotonic_ns() + cycles * 1_000_000_000 // c.freq_hz, 0))
+        return 0
     c.advance(cycles, "sleep")
     return 0
 

@@ -39,6 +39,7 @@ class FutexWait:
     key: int
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None
+    timeout_result: int = -ETIMEDOUT        # a sleep (key -1, no waker) returns 0
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Scheduler:
         for t in self.tasks.values():
             if t.state == TaskState.BLOCKED and t.wait and t.wait.deadline_ns is not None \
                     and t.wait.deadline_ns <= now:
-                self.wake(t, -ETIMEDOUT)
+                self.wake(t, t.wait.timeout_result)
 
     def _wake_first_timeout(self) -> Task:
         """All blocked: model time jumps to the earliest timeout, whose task then runs."""
@@ -201,7 +202,7 @@ class Scheduler:
         clock = self.machine.clock
         gap = first.wait.deadline_ns - clock.monotonic_ns()      # type: ignore[union-attr]
         clock.advance(max(0, -(-gap * clock.freq_hz // 1_000_000_000)), "sleep")
-        self.wake(first, -ETIMEDOUT)
+        self.wake(first, first.wait.timeout_result)      # type: ignore[union-attr]
         return first
 
     def _switch(self, nxt: Task, in_syscall: bool, here: int) -> None:

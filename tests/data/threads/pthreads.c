@@ -16,6 +16,12 @@ static int ready, arrived;
 static __thread int tls_value;
 static long tids_distinct[8];
 
+/* A function every thread runs ROUNDS times: kprobe hits must count exactly. */
+__attribute__((noinline)) void bump_counter(void) {
+    counter++;
+    __asm__ volatile("" ::: "memory");
+}
+
 static void *worker(void *arg) {
     long id = (long)arg;
     tls_value = (int)id * 10;
@@ -28,7 +34,7 @@ static void *worker(void *arg) {
     pthread_mutex_unlock(&lock);
     for (int i = 0; i < ROUNDS; i++) {
         pthread_mutex_lock(&lock);
-        counter++;
+        bump_counter();
         if (i % 97 == 0)
             sched_yield();
         pthread_mutex_unlock(&lock);
