@@ -56,6 +56,7 @@ class LinuxProcess:
     warned: set[str] = field(default_factory=set)    # one-time "not supported" notes given
     sched: Any = None                # the tasks and their scheduler (emu/linux/tasks.py)
     dispatcher: Any = None           # the SyscallDispatcher serving this process
+    signals: Any = None              # dispositions, pending signals, timers (emu/linux/signal.py)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)

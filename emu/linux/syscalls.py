@@ -21,6 +21,7 @@ from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, 
                                stop_as_limit)
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
 from emu.linux import futex
+from emu.linux import signal as sigact
 from emu.uaccess import (UserFault, access_ok, copy_from_user, copy_to_user, put_user,
                          strncpy_from_user)
 
@@ -81,6 +82,7 @@ class SyscallDispatcher:
         m.syscall_handler = self
         proc.dispatcher = self
         proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed)
+        proc.signals = sigact.Signals(proc)
 
     def __call__(self) -> None:
         regs = self.m.regs
@@ -124,12 +126,15 @@ class SyscallDispatcher:
     def _reschedule(self) -> None:
         """Switch tasks if the call blocked, yielded or used up the quantum."""
         sched = self.proc.sched
-        if not sched.need_resched:
-            return
-        try:
-            sched.schedule()
-        except Deadlock as e:
-            stop_as_limit(self.m, f"deadlock: {e} (at pc {self.m.describe(self.m.pc)})")
+        sched.poll_timers()
+        if sched.need_resched:
+            try:
+                sched.schedule()
+            except Deadlock as e:
+                stop_as_limit(self.m, f"deadlock: {e} (at pc {self.m.describe(self.m.pc)})")
+                return
+        if sched.current.pending or self.proc.signals.shared:
+            self.proc.signals.deliver(in_syscall=True)
 
     def _strace(self, name: str, args: list[int], ret: int) -> None:
         """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
@@ -448,77 +453,279 @@ def sys_umask(p, mask, *_):
     return old
 
 
-# --- signals (recorded; delivery is not modelled) ------------------------------------------
+# --- signals (emu/linux/signal.py delivers them) --------------------------------------------
 @syscall("rt_sigaction")
 def sys_rt_sigaction(p, sig, act, oldact, sigsetsize, *_):
-    if not 1 <= sig <= 64 or sig in (9, 19):
+    if not 1 <= sig <= 64 or sigsetsize != 8:
         return -E.EINVAL
+    if act and sig in (SIGKILL, SIGSTOP):
+        return -E.EINVAL
+    sigs = p.signals
+    new = sigact.SigAction.unpack(rd(p, act, 32)) if act else None
     if oldact:
-        wr(p, oldact, p.sigactions.get(sig, bytes(32)))
-    if act:
-        p.sigactions[sig] = rd(p, act, 32)
+        wr(p, oldact, sigs.action(sig).pack())
+    if new is not None:
+        new.mask &= ~sigact.UNBLOCKABLE
+        sigs.actions[sig] = new
+        p.sigactions[sig] = new.pack()
+        if sigs.ignored(sig):                    # pending ones are discarded (POSIX)
+            for t in p.sched.tasks.values():
+                t.pending = [(s_, i) for s_, i in t.pending if s_ != sig]
+            sigs.shared = [(s_, i) for s_, i in sigs.shared if s_ != sig]
     return 0
 
 
 @syscall("rt_sigprocmask")
-def sys_rt_sigprocmask(p, how, nset, oset, *_):
+def sys_rt_sigprocmask(p, how, nset, oset, sigsetsize, *_):
+    if sigsetsize != 8:
+        return -E.EINVAL
+    task = p.sched.current
+    mask = struct.unpack("<Q", rd(p, nset, 8))[0] if nset else None
+    if mask is not None and how not in (0, 1, 2):
+        return -E.EINVAL
     if oset:
-        wr(p, oset, struct.pack("<Q", p.sigmask))
-    if nset:
-        (mask,) = struct.unpack("<Q", rd(p, nset, 8))
-        p.sigmask = {0: p.sigmask | mask, 1: p.sigmask & ~mask, 2: mask}.get(how, p.sigmask)
+        wr(p, oset, struct.pack("<Q", task.sigmask))
+    if mask is not None:
+        task.sigmask = {0: task.sigmask | mask, 1: task.sigmask & ~mask, 2: mask}[how]
+        task.sigmask &= ~sigact.UNBLOCKABLE
+    p.sigmask = task.sigmask
+    return 0
+
+
+@syscall("rt_sigpending")
+def sys_rt_sigpending(p, uset, sigsetsize, *_):
+    if sigsetsize > 8:
+        return -E.EINVAL
+    pend = 0
+    for s_, _i in [*p.sched.current.pending, *p.signals.shared]:
+        pend |= sigact.sigbit(s_)
+    wr(p, uset, struct.pack("<Q", pend & p.sched.current.sigmask)[:sigsetsize])
     return 0
 
 
 @syscall("sigaltstack")
 def sys_sigaltstack(p, ss, old, *_):
+    task = p.sched.current
+    cur = task.altstack or sigact.AltStack()
+    on = cur.on(p.machine.sp)
     if old:
-        wr(p, old, struct.pack("<QiiQ", 0, 2, 0, 0))       # SS_DISABLE
+        wr(p, old, struct.pack("<QiiQ", cur.sp, cur.flags | (sigact.SS_ONSTACK if on else 0), 0,
+                               cur.size))
+    if ss:
+        sp, flags, _pad, size = struct.unpack("<QiiQ", rd(p, ss, 24))
+        if on:
+            return -E.EPERM
+        if flags not in (0, sigact.SS_ONSTACK, sigact.SS_DISABLE):
+            return -E.EINVAL
+        if flags == sigact.SS_DISABLE:
+            task.altstack = sigact.AltStack()
+        elif size < sigact.MINSIGSTKSZ:
+            return -E.ENOMEM
+        else:
+            task.altstack = sigact.AltStack(sp, size, 0)
     return 0
 
 
-@syscall("kill", "tkill")
+@syscall("kill")
 def sys_kill(p, pid, sig, *_):
-    return _signal_self(p, sig) if s32(pid) in (0, -1, p.creds.pid) else -E.ESRCH
+    if s32(pid) not in (0, -1, p.creds.pid):
+        return -E.ESRCH
+    return _send(p, sig, sigact.SI_USER, None)
+
+
+@syscall("tkill")
+def sys_tkill(p, tid, sig, *_):
+    return _send_thread(p, s32(tid), sig)
 
 
 @syscall("tgkill")
 def sys_tgkill(p, tgid, tid, sig, *_):
-    return _signal_self(p, sig) if tid == p.creds.pid else -E.ESRCH
+    if s32(tgid) != p.creds.pid:
+        return -E.ESRCH
+    return _send_thread(p, s32(tid), sig)
+
+
+def _send_thread(p, tid: int, sig: int) -> int:
+    task = p.sched.tasks.get(tid)
+    if tid <= 0:
+        return -E.EINVAL
+    if task is None or task.state == "exited":
+        return -E.ESRCH
+    return _send(p, sig, sigact.SI_TKILL, task)
+
+
+def _send(p, sig: int, code: int, task) -> int:
+    if not 0 <= sig <= 64:
+        return -E.EINVAL
+    if sig:
+        p.signals.send(sig, sigact.siginfo(sig, code, p.creds.pid, p.creds.uid), task)
+    return 0
+
+
+@syscall("rt_sigreturn")
+def sys_rt_sigreturn(p, *_):
+    try:
+        return p.signals.sigreturn()
+    except UserFault:                   # a bad frame: SIGSEGV, as Linux forces
+        p.signals.default_action(SIGSEGV, sigact.siginfo(SIGSEGV, sigact.SI_KERNEL))
+        return 0
+
+
+@syscall("pause")
+def sys_pause(p, *_):
+    p.sched.block(FutexWait(-1, 0))
+    return -E.EINTR
+
+
+@syscall("rt_sigsuspend")
+def sys_rt_sigsuspend(p, uset, sigsetsize, *_):
+    if sigsetsize != 8:
+        return -E.EINVAL
+    task = p.sched.current
+    (mask,) = struct.unpack("<Q", rd(p, uset, 8))
+    task.saved_mask, task.sigmask = task.sigmask, mask & ~sigact.UNBLOCKABLE
+    if not p.signals.deliverable(task):
+        p.sched.block(FutexWait(-1, 0))
+    return -E.EINTR
 
 
 SIG_DFL, SIG_IGN = 0, 1
-SIGKILL, SIGSTOP, SIGPIPE = 9, 19, 13
-_SIG_DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
-_SIG_DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
-_SIG_REPORTED = {4, 7, 8, 11}                   # SIGILL, SIGBUS, SIGFPE, SIGSEGV: as faults
+SIGKILL, SIGSTOP, SIGPIPE, SIGSEGV = 9, 19, 13, 11
 
 
 def _signal_self(p, sig: int) -> int:
-    """A signal sent to ourselves. Delivery to handlers is not modelled yet: an ignored
-    signal is dropped, a handled one reported once and dropped; a stop signal is dropped
-    (nobody could continue us); any other default action ends the guest with 128+sig."""
-    if sig == 0:
-        return 0
-    if not 1 <= sig <= 64:
+    """A signal the kernel sends the running thread (SIGPIPE on a write with no reader)."""
+    return _send(p, sig, sigact.SI_KERNEL, p.sched.current)
+
+
+# --- timers: alarm, setitimer, timer_create on the modelled clock -------------------------
+ITIMER_REAL, SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 0, 1, 4
+ALARM_ID = -1                   # ITIMER_REAL and alarm share one timer
+MAX_TIMERS = 64
+
+
+def _set_timer(p, timer_id: int, value_ns: int, interval_ns: int, absolute: bool = False) -> tuple[int, int]:
+    """Arm (value > 0) or disarm a timer; returns the old (remaining, interval) in ns."""
+    sigs, now = p.signals, p.machine.clock.monotonic_ns()
+    t = sigs.timers[timer_id]
+    old = (max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0, t.interval_ns)
+    if value_ns:
+        t.deadline_ns = value_ns if absolute else now + value_ns
+    else:
+        t.deadline_ns = None
+    t.interval_ns = interval_ns
+    p.sched.timers_changed()
+    return old
+
+
+def _alarm_timer(p):
+    return p.signals.timers.setdefault(ALARM_ID, sigact.Timer(ALARM_ID, sigact.SIGALRM))
+
+
+@syscall("alarm")
+def sys_alarm(p, secs, *_):
+    _alarm_timer(p)
+    left, _iv = _set_timer(p, ALARM_ID, (secs & 0xFFFFFFFF) * 1_000_000_000, 0)
+    return -(-left // 1_000_000_000) if left else 0
+
+
+def _timeval_ns(raw: bytes) -> tuple[int, int]:
+    isec, iusec, vsec, vusec = struct.unpack("<qqqq", raw)
+    if min(isec, iusec, vsec, vusec) < 0 or max(iusec, vusec) >= 1_000_000:
+        raise FsError(E.EINVAL)
+    return vsec * 1_000_000_000 + vusec * 1000, isec * 1_000_000_000 + iusec * 1000
+
+
+def _timeval(value_ns: int, interval_ns: int) -> bytes:
+    def tv(ns: int) -> tuple[int, int]:
+        us = -(-ns // 1000)
+        return us // 1_000_000, us % 1_000_000
+    return struct.pack("<qqqq", *tv(interval_ns), *tv(value_ns))
+
+
+@syscall("setitimer")
+def sys_setitimer(p, which, new, old, *_):
+    if which != ITIMER_REAL:
+        return -E.EINVAL             # the CPU-time timers are not modelled
+    _alarm_timer(p)
+    value, interval = _timeval_ns(rd(p, new, 32)) if new else (0, 0)
+    left, iv = _set_timer(p, ALARM_ID, value, interval)
+    if old:
+        wr(p, old, _timeval(left, iv))
+    return 0
+
+
+@syscall("getitimer")
+def sys_getitimer(p, which, cur, *_):
+    if which != ITIMER_REAL:
         return -E.EINVAL
-    action = p.sigactions.get(sig, bytes(8))
-    handler = int.from_bytes(action[:8], "little")
-    if sig not in (SIGKILL, SIGSTOP):
-        if handler == SIG_IGN or handler == SIG_DFL and sig in _SIG_DEFAULT_IGNORE | _SIG_DEFAULT_STOP:
-            return 0
-        if handler != SIG_DFL:
-            warn_once(p, f"signal {sig}", f"emu: signal {SIGNAMES.get(sig, sig)} has a handler; "
-                                          f"signal delivery is not supported yet (dropped)\n")
-            return 0
-    elif sig == SIGSTOP:
-        return 0
-    p.killed_by = sig
-    if sig in _SIG_REPORTED:
-        m = p.machine
-        m.stderr.write(f"emu: guest killed by {SIGNAMES[sig]} it sent itself, at pc "
-                       f"{m.describe(m.pc)}\n".encode())
-    p.machine.request_exit(128 + sig)
+    t, now = _alarm_timer(p), p.machine.clock.monotonic_ns()
+    wr(p, cur, _timeval(max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0,
+                        t.interval_ns))
+    return 0
+
+
+@syscall("timer_create")
+def sys_timer_create(p, clk, sevp, tid_out, *_):
+    if s32(clk) not in _CLOCKS:
+        return -E.EINVAL
+    sigs = p.signals
+    if len(sigs.timers) >= MAX_TIMERS:
+        return -E.EAGAIN
+    value, sig, notify, target = 0, sigact.SIGALRM, SIGEV_SIGNAL, 0
+    if sevp:
+        value, sig, notify, target = struct.unpack("<Qiii", rd(p, sevp, 20))
+    if notify not in (SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID) or \
+            notify != SIGEV_NONE and not 1 <= sig <= 64:
+        return -E.EINVAL
+    if notify == SIGEV_THREAD_ID and target not in p.sched.tasks:
+        return -E.EINVAL
+    timer_id = next(i for i in range(MAX_TIMERS) if i not in sigs.timers)
+    sigs.timers[timer_id] = sigact.Timer(timer_id, 0 if notify == SIGEV_NONE else sig,
+                                         value=value, tid=target if notify == SIGEV_THREAD_ID else 0)
+    wr(p, tid_out, struct.pack("<i", timer_id))
+    return 0
+
+
+def _user_timer(p, timer_id: int):
+    t = p.signals.timers.get(s32(timer_id))
+    if t is None or t.id < 0:
+        raise FsError(E.EINVAL)
+    return t
+
+
+@syscall("timer_settime")
+def sys_timer_settime(p, timer_id, flags, new, old, *_):
+    t = _user_timer(p, timer_id)
+    isec, insec, vsec, vnsec = struct.unpack("<qqqq", rd(p, new, 32))
+    if min(isec, insec, vsec, vnsec) < 0 or max(insec, vnsec) >= 1_000_000_000:
+        return -E.EINVAL
+    left, iv = _set_timer(p, t.id, vsec * 1_000_000_000 + vnsec, isec * 1_000_000_000 + insec,
+                          absolute=bool(flags & TIMER_ABSTIME))
+    if old:
+        wr(p, old, _timespec(iv) + _timespec(left))
+    return 0
+
+
+@syscall("timer_gettime")
+def sys_timer_gettime(p, timer_id, cur, *_):
+    t, now = _user_timer(p, timer_id), p.machine.clock.monotonic_ns()
+    left = max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0
+    wr(p, cur, _timespec(t.interval_ns) + _timespec(left))
+    return 0
+
+
+@syscall("timer_getoverrun")
+def sys_timer_getoverrun(p, timer_id, *_):
+    _user_timer(p, timer_id)
+    return 0
+
+
+@syscall("timer_delete")
+def sys_timer_delete(p, timer_id, *_):
+    t = _user_timer(p, timer_id)
+    del p.signals.timers[t.id]
+    p.sched.timers_changed()
     return 0
 
 

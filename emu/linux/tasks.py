@@ -53,7 +53,9 @@ class Task:
     robust_list: int = 0                    # set_robust_list head and length
     robust_len: int = 0
     sigmask: int = 0                        # blocked signals
-    pending: list[int] = field(default_factory=list)    # signals sent to this thread
+    pending: list[tuple[int, bytes]] = field(default_factory=list)   # (signal, siginfo)
+    saved_mask: int | None = None           # sigsuspend's mask to restore after the handler
+    altstack: Any = None                    # sigaltstack (emu/linux/signal.py AltStack)
     wait: FutexWait | None = None
     wake_result: int | None = None          # the syscall's return value when it resumes
     seq: int = 0                            # order of arrival in a wait queue (FIFO wake)
@@ -79,6 +81,8 @@ class Scheduler:
     _seq: int = 0
     on_exit: list[Callable[[Task], None]] = field(default_factory=list)
     preemptions: int = 0
+    timers: Any = None                      # the process's Signals: timers and delivery
+    timer_due: int | None = None            # the earliest armed timer, modelled ns
 
     def __post_init__(self) -> None:
         self.current = Task(self.pid, state=TaskState.RUNNING)
@@ -147,9 +151,19 @@ class Scheduler:
 
     def _on_block(self, addr: int, size: int) -> None:
         self._budget -= size
-        if self._budget > 0 or self.machine.stopping:
+        m = self.machine
+        due = self.timer_due is not None and m.clock.monotonic_ns() >= self.timer_due
+        if (self._budget > 0 and not due) or m.stopping:
             return
-        if self.machine.owners.find(addr) is not None:   # never in a probe slot or trampoline
+        if m.owners.find(addr) is not None:      # never in a probe slot or trampoline
+            return
+        if due:
+            self.poll_timers()
+            if self.timers.deliverable(self.current):
+                m.pc = addr
+                self.timers.deliver(in_syscall=False)
+                return
+        if self._budget > 0:
             return
         self._budget = self.quantum
         nxt = self._pick()
@@ -157,6 +171,8 @@ class Scheduler:
             return
         self.preemptions += 1
         self._switch(nxt, in_syscall=False, here=addr)
+        if self.timers is not None:
+            self.timers.deliver(in_syscall=False)
 
     # --- switching -----------------------------------------------------------------------
     def schedule(self) -> None:
@@ -187,23 +203,43 @@ class Scheduler:
 
     def _expire_timeouts(self) -> None:
         now = self.machine.clock.monotonic_ns()
+        self.poll_timers(now)
         for t in self.tasks.values():
             if t.state == TaskState.BLOCKED and t.wait and t.wait.deadline_ns is not None \
                     and t.wait.deadline_ns <= now:
                 self.wake(t, t.wait.timeout_result)
 
+    def poll_timers(self, now: int | None = None) -> None:
+        """Fire the signal timers that are due (a syscall exit, a block, a switch)."""
+        if self.timer_due is None:
+            return
+        now = self.machine.clock.monotonic_ns() if now is None else now
+        if now >= self.timer_due:
+            self.timers.expire(now)
+            self.timers_changed()
+
+    def timers_changed(self) -> None:
+        self.timer_due = self.timers.next_deadline() if self.timers else None
+        if self.timer_due is not None:
+            self._arm_preemption()
+
     def _wake_first_timeout(self) -> Task:
-        """All blocked: model time jumps to the earliest timeout, whose task then runs."""
-        timed = [t for t in self.tasks.values() if t.state == TaskState.BLOCKED and t.wait
-                 and t.wait.deadline_ns is not None]
-        if not timed:
-            raise Deadlock(f"all {len(self.live())} threads blocked for ever in futex waits")
-        first = min(timed, key=lambda t: (t.wait.deadline_ns, t.tid))   # type: ignore[union-attr]
+        """All blocked: model time jumps to the earliest timeout or timer, until a task
+        can run."""
         clock = self.machine.clock
-        gap = first.wait.deadline_ns - clock.monotonic_ns()      # type: ignore[union-attr]
-        clock.advance(max(0, -(-gap * clock.freq_hz // 1_000_000_000)), "sleep")
-        self.wake(first, first.wait.timeout_result)      # type: ignore[union-attr]
-        return first
+        while True:
+            due = [t.wait.deadline_ns for t in self.tasks.values() if t.state == TaskState.BLOCKED
+                   and t.wait and t.wait.deadline_ns is not None]
+            if self.timer_due is not None:
+                due.append(self.timer_due)
+            if not due:
+                raise Deadlock(f"all {len(self.live())} threads blocked for ever, "
+                               f"no timer armed")
+            gap = min(due) - clock.monotonic_ns()
+            clock.advance(max(0, -(-gap * clock.freq_hz // 1_000_000_000)), "sleep")
+            nxt = self._pick()
+            if nxt is not None:
+                return nxt
 
     def _switch(self, nxt: Task, in_syscall: bool, here: int) -> None:
         """Save the running task (to resume at `here`) and load `nxt`. In a syscall hook
@@ -222,7 +258,7 @@ class Scheduler:
         self.current = nxt
         self.switches += 1
         self._resume(nxt)
-        if len(self.live()) < 2:
+        if len(self.live()) < 2 and self.timer_due is None:
             self._disarm_preemption()
 
     def _resume(self, task: Task) -> None:
