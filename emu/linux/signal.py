@@ -90,14 +90,14 @@ class X86Frame:
     UC, MCTX, MASK, INFO, SIZE = 8, 48, 304, 312, 440
 
     def push(self, m, sp, sig, info, act, oldmask, alt, pc, tramp):
-        fp = (sp - 128 - 512) & ~63                  # below the red zone
+        fp = (sp - (0 if sp != m.sp else 128) - 512) & ~63     # below the red zone
         copy_to_user(_mem(m), fp, self._fxsave(m))
         frame = ((fp - self.SIZE) & ~15) - 8
         vals = [m.reg(r) for r in self.GREGS]
         vals[16] = pc
         greg = struct.pack("<18Q", *vals) + struct.pack("<HHHH", 0x33, 0, 0, 0x2B)
         greg += struct.pack("<4Q", 0, 0, oldmask, 0) + struct.pack("<Q", fp) + bytes(64)
-        uc = struct.pack("<QQQi4xQ", 0, 0, alt.sp, alt.flags | (SS_ONSTACK if alt.on(sp) else 0),
+        uc = struct.pack("<QQQi4xQ", 0, 0, alt.sp, alt.flags | (SS_ONSTACK if alt.on(m.sp) else 0),
                          alt.size) + greg + struct.pack("<Q", oldmask)
         copy_to_user(_mem(m), frame, struct.pack("<Q", act.restorer or tramp) + uc + info)
         return frame, {"rdi": sig, "rsi": frame + self.INFO, "rdx": frame + self.UC, "rax": 0,
@@ -147,11 +147,11 @@ class Arm64Frame:
         frame = (sp - self.SIZE - 16) & ~15
         regs = [m.reg(f"x{i}") for i in range(29)] + [m.reg("x29"), m.reg("x30")]
         sc = struct.pack("<Q", 0) + struct.pack("<31Q", *regs)
-        sc += struct.pack("<QQQ", sp, pc, m.uc.reg_read(A.UC_ARM64_REG_PSTATE)) + bytes(8)
+        sc += struct.pack("<QQQ", m.sp, pc, m.uc.reg_read(A.UC_ARM64_REG_PSTATE)) + bytes(8)
         fpsimd = struct.pack("<IIII", self.FPSIMD_MAGIC, self.FPSIMD_SIZE,
                              m.uc.reg_read(A.UC_ARM64_REG_FPSR), m.uc.reg_read(A.UC_ARM64_REG_FPCR))
         fpsimd += b"".join(m.uc.reg_read(A.UC_ARM64_REG_Q0 + i).to_bytes(16, "little") for i in range(32))
-        uc = struct.pack("<QQQi4xQQ", 0, 0, alt.sp, alt.flags | (SS_ONSTACK if alt.on(sp) else 0),
+        uc = struct.pack("<QQQi4xQQ", 0, 0, alt.sp, alt.flags | (SS_ONSTACK if alt.on(m.sp) else 0),
                          alt.size, oldmask).ljust(self.MCTX - self.UC, b"\0")
         body = info + uc + sc + fpsimd + bytes(8)      # the null header ends __reserved
         copy_to_user(_mem(m), frame, body)

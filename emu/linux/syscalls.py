@@ -1598,7 +1598,10 @@ def sys_sendfile(p, out_fd, in_fd, off_addr, count, *_):
 
 
 @syscall("poll", "ppoll")
-def sys_poll(p, fds_addr, nfds, *_):
+def sys_poll(p, fds_addr, nfds, timeout, *_):
+    if nfds == 0 and (timeout == 0 if p.dispatcher_name == "ppoll" else s32(timeout) < 0):
+        p.sched.block(FutexWait(-1, 0))      # pause() on arm64: wait for a signal
+        return -E.EINTR
     ready = 0
     for i in range(min(nfds, 1024)):
         fd, events, _rev = struct.unpack("<ihh", rd(p, fds_addr + 8 * i, 8))

@@ -8,11 +8,15 @@ sees PC past the `svc`, so a restored context resumes right after its own syscal
 schedule depends only on the guest's syscalls and the seed, never on host time."""
 from __future__ import annotations
 
+import ctypes
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Callable
 
+from emu.clock import FP_SHIFT
+from emu.cycles.native import address_of
+from emu.linux import preempt
 from emu.machine import Machine
 from emu.memory import PROT_EXEC
 
@@ -94,6 +98,8 @@ class Scheduler:
         self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
         self._budget = self.quantum
         self._hook: int | None = None
+        self._native: preempt.PreState | None = None
+        self._slow: Any = None
 
     # --- tasks ---------------------------------------------------------------------------
     def live(self) -> list[Task]:
@@ -133,21 +139,58 @@ class Scheduler:
 
     # --- preemption ------------------------------------------------------------------------
     def _arm_preemption(self) -> None:
-        """A block hook counts the code each task runs while more than one task lives (a
-        single-threaded guest pays nothing). Hooks added in a callback miss cached blocks
-        (unicorn-notes rule 3): drop the cached code of executable regions."""
+        """A block hook counts the code each task runs while more than one task lives or a
+        timer is armed (a single-threaded guest pays nothing): native when a C compiler is
+        there (emu/linux/preempt.c), else Python. Hooks added in a callback miss cached
+        blocks (unicorn-notes rule 3): drop the cached code of executable regions."""
         if self._hook is not None:
+            self._sync_native()
             return
         m = self.machine
-        self._hook = m.hooks.block(self._on_block)
+        lib = preempt.load()
+        if lib is None:
+            self._hook = m.hooks.block(self._on_block)
+        else:
+            st = self._native = preempt.PreState()
+            self._slow = preempt.SLOW_CB(self._on_native)
+            st.slow = self._slow
+            self._sync_native()
+            self._hook = m.hooks.native_block(address_of(lib.pre_on_block),
+                                              ctypes.addressof(st))
         for r in m.memory.regions:
             if r.prot & PROT_EXEC:
                 m.uc.ctl_remove_cache(r.start, r.end)
+
+    def _sync_native(self) -> None:
+        """Give the native hook the budget left, the clock's counter and the next timer."""
+        st = self._native
+        if st is None:
+            return
+        clock = self.machine.clock
+        st.budget = self._budget
+        st.clock_fp = preempt.clock_fp_address(clock)
+        if self.timer_due is None:
+            st.due_fp = preempt.NO_TIMER
+        else:
+            cycles = -(-self.timer_due * clock.freq_hz // 1_000_000_000)
+            st.due_fp = min(cycles << FP_SHIFT, preempt.NO_TIMER)
+
+    def _on_native(self, _uc, addr: int, size: int, _ud) -> None:
+        m = self.machine
+        try:
+            self._budget = self._native.budget + size       # _on_block subtracts it again
+            self._on_block(addr, size)
+            self._sync_native()
+        except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+            if not m.hooks.errors:
+                m.hooks.errors.append(exc)
+            m.uc.emu_stop()
 
     def _disarm_preemption(self) -> None:
         if self._hook is not None:
             self.machine.hooks.delete(self._hook)
             self._hook = None
+            self._native = None
 
     def _on_block(self, addr: int, size: int) -> None:
         self._budget -= size
@@ -180,6 +223,7 @@ class Scheduler:
         Deadlock when nothing can run."""
         self.need_resched = False
         self._budget = self.quantum
+        self._sync_native()
         nxt = self._pick()
         if nxt is None:
             nxt = self._wake_first_timeout()
@@ -219,9 +263,11 @@ class Scheduler:
             self.timers_changed()
 
     def timers_changed(self) -> None:
+        self.machine.clock.now()        # time moves with the code from here (work clock)
         self.timer_due = self.timers.next_deadline() if self.timers else None
         if self.timer_due is not None:
             self._arm_preemption()
+        self._sync_native()
 
     def _wake_first_timeout(self) -> Task:
         """All blocked: model time jumps to the earliest timeout or timer, until a task
