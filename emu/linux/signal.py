@@ -14,7 +14,7 @@ from unicorn import x86_const as X
 
 from emu.machine import Machine
 from emu.memory import PROT_EXEC, PROT_READ
-from emu.uaccess import copy_from_user, copy_to_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
 
 SA_SIGINFO, SA_ONSTACK, SA_RESTART = 0x4, 0x08000000, 0x10000000
 SA_NODEFER, SA_RESETHAND, SA_RESTORER = 0x40000000, 0x80000000, 0x04000000
@@ -182,6 +182,20 @@ class Arm64Frame:
         return pc, mask
 
 
+def _fault_signal(fault) -> tuple[int, int]:
+    """The signal and si_code Linux sends for a fault the machine reports."""
+    kind = fault.kind
+    if "divide" in kind:
+        return 8, 1                                      # SIGFPE, FPE_INTDIV
+    if fault.signal == 11:
+        return 11, 1 if "unmapped" in kind else 2        # SEGV_MAPERR / SEGV_ACCERR
+    if fault.signal == 4:
+        return 4, 5 if "privileged" in kind else 1       # ILL_PRVOPC / ILL_ILLOPC
+    if fault.signal == 5:
+        return 5, 1                                      # TRAP_BRKPT
+    return fault.signal, SI_KERNEL
+
+
 FRAMES: dict[str, FrameLayout] = {"x86_64": X86Frame(), "arm64": Arm64Frame()}
 
 
@@ -225,6 +239,7 @@ class Signals:
         self.shared: list[tuple[int, bytes]] = []       # process-directed, not yet taken
         self.timers: dict[int, Timer] = {}
         self.sched.timers = self
+        self.m.fault_handler = self.on_fault
 
     def action(self, sig: int) -> SigAction:
         return self.actions.setdefault(sig, SigAction())
@@ -331,6 +346,27 @@ class Signals:
             m.stderr.write(f"emu: guest killed by {SIGNAMES[sig]} it sent itself, at pc "
                            f"{m.describe(m.pc)}\n".encode())
         m.request_exit(128 + sig)
+
+    # --- synchronous signals -------------------------------------------------------------
+    def on_fault(self, fault) -> bool:
+        """A guest fault as Linux's trap handlers see it: the signal goes to the faulting
+        thread's handler, which starts at once with the faulting pc saved (returning
+        re-runs the instruction). No handler, or the signal blocked or ignored: False,
+        and the machine reports the fault as before."""
+        sig, code = _fault_signal(fault)
+        act = self.actions.get(sig, SigAction())
+        task = self.sched.current
+        if act.handler in (0, 1) or task.sigmask & sigbit(sig):
+            return False
+        m = self.m
+        m.pc = fault.pc
+        info = siginfo(sig, code, addr=fault.addr if fault.addr is not None else fault.pc)
+        task.pending.insert(0, (sig, info))
+        try:
+            self.deliver(in_syscall=False)
+        except UserFault:              # no room for the frame: Linux kills with SIGSEGV
+            return False
+        return not m.stopping
 
     # --- timers (the scheduler asks) ----------------------------------------------------
     def next_deadline(self) -> int | None:
