@@ -87,3 +87,19 @@ def test_signal_runs_are_deterministic(prog, arch):
     b = run_emu("run", "--seed", "3", "--strace", str(p))
     assert (a.rc, a.out, a.err) == (b.rc, b.out, b.err)
     assert "rt_sigreturn(" in a.err
+
+
+@pytest.mark.parametrize("name, expected", [("signals", SIGNALS_OUT), ("faults", FAULTS_OUT)])
+def test_musl_signals_match_native(tmp_path, name, expected):
+    """musl's sigaction always sets SA_RESTORER (its __restore_rt); glibc's arm64 build
+    leaves the trampoline to the kernel (here the [sigpage])."""
+    cc = shutil.which("musl-gcc")
+    if cc is None:
+        pytest.skip("musl-gcc not installed (Debian musl-tools)")
+    out = tmp_path / name
+    subprocess.run([cc, "-static", "-O1", "-pthread", "-o", str(out), str(DATA / f"{name}.c")],
+                   check=True, capture_output=True)
+    ref = run_reference("x86_64", [str(out)])
+    assert (ref.rc, ref.out) == (0, expected)
+    r = run_emu("run", "--timeout", "120", str(out))
+    assert (r.rc, r.out, r.err) == (0, expected, "")
