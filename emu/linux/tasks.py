@@ -302,6 +302,7 @@ class Scheduler:
         nxt.context = None
         nxt.state = TaskState.RUNNING
         self.current = nxt
+        m.task = (m.task[0], nxt.tid)           # traces and per-task probe state follow it
         self.switches += 1
         self._resume(nxt)
         if len(self.live()) < 2 and self.timer_due is None:
