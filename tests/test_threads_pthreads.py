@@ -121,3 +121,20 @@ def test_kretprobes_keep_per_task_instances(thread_prog, arch, tmp_path):
     assert r.rc == 0 and "counter=16000 atomic=16000 sum=288" in r.out, r.err
     hits = {p["symbol"]: (p["hits"], p["nmissed"]) for p in json.loads(stats.read_text())["probes"]}
     assert hits == {"bump_counter": (16000, 0), "worker": (8, 0)}
+
+
+MISC_OUT = ("affinity: rc=0 cpus=1 cpu0=1\n"
+            "tid==pid: 1\n"
+            "robust: rc=0 len=24 set=1\n"
+            "sched_yield: 0\n"
+            "fork: -1 Function not implemented\n"
+            "clone3: new_tid=1 parent_settid=1 cleared=1\n")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_affinity_tids_robust_list_fork_and_raw_clone3(thread_prog, arch):
+    """One CPU in the affinity mask; fork refused with one note; a raw clone3 thread sets
+    the parent's tid word, and its exit clears and wakes the CHILD_CLEARTID word."""
+    r = run_emu("run", "--timeout", "60", str(thread_prog(arch, "misc")))
+    assert (r.rc, r.out) == (0, MISC_OUT)
+    assert r.err == "emu: clone: new processes (fork, vfork) are not supported yet\n"
