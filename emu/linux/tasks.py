@@ -176,9 +176,10 @@ class Scheduler:
             st.due_fp = min(cycles << FP_SHIFT, preempt.NO_TIMER)
 
     def _on_native(self, _uc, addr: int, size: int, _ud) -> None:
-        m = self.machine
+        m, st = self.machine, self._native
         try:
-            self._budget = self._native.budget + size       # _on_block subtracts it again
+            if st is not None:
+                self._budget = st.budget + size       # _on_block subtracts it again
             self._on_block(addr, size)
             self._sync_native()
         except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
