@@ -5,7 +5,15 @@ A task not running keeps its whole CPU state as a Unicorn context (registers, FP
 TLS). Switches happen only inside a syscall hook, where every task not running was saved:
 the x86 hook sees RIP on the `syscall` (the CPU adds its length afterwards) and arm64's
 sees PC past the `svc`, so a restored context resumes right after its own syscall. The
-schedule depends only on the guest's syscalls and the seed, never on host time."""
+schedule depends only on the guest's code, its syscalls and the seed, never on host time:
+a task runs until it blocks (futex, sleep, pause), yields, or has run its quantum of code
+bytes (QUANTUM_BYTES plus a part the seed picks), counted by a block hook that exists only
+while two tasks live or a signal timer is armed.
+
+When every task is blocked, model time jumps to the earliest futex timeout, sleep or
+timer; with none, nothing can ever run again: the run ends as a limit (exit 124, one
+`emu: deadlock: ...` line), as a guest blocked for ever on a pipe does. One vCPU for now:
+Task.cpu is there for the N-vCPU scheduler."""
 from __future__ import annotations
 
 import ctypes
