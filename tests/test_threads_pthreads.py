@@ -109,6 +109,7 @@ def test_same_seed_is_byte_identical(thread_prog, arch, tmp_path):
         runs.append((r.out, r.err, stats.read_text()))
     assert runs[0] == runs[1]
     assert "clone" in runs[0][1] and "futex(" in runs[0][1]
+    assert "[pid  1001] " in runs[0][1] and "[pid  1003] exit(0) = ?" in runs[0][1]   # strace -f
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -149,7 +149,9 @@ class SyscallDispatcher:
             res = f"-1 {E.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})"
         else:
             res = f"{ret:#x}" if ret > 0xFFFF else str(ret)
-        self.m.stderr.write(f"{name}({shown}) = {res}\n".encode())
+        sched = self.proc.sched
+        who = f"[pid {sched.current.tid:5d}] " if len(sched.tasks) > 1 else ""   # strace -f
+        self.m.stderr.write(f"{who}{name}({shown}) = {res}\n".encode())
 
     def _strace_arg(self, kind: str, value: int, ret: int) -> str:
         decode = _STRACE_DECODERS.get(kind)
