@@ -103,3 +103,14 @@ def test_musl_signals_match_native(tmp_path, name, expected):
     assert (ref.rc, ref.out) == (0, expected)
     r = run_emu("run", "--timeout", "120", str(out))
     assert (r.rc, r.out, r.err) == (0, expected, "")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_no_room_for_the_frame_kills_with_sigsegv(prog, arch):
+    p = prog(arch, "badstack")
+    ref = run_reference(arch, [str(p)])
+    assert (ref.rc, ref.out) == (139, "")
+    r = run_emu("run", "--timeout", "60", str(p))
+    assert (r.rc, r.out) == (139, "")
+    assert r.err == ("emu: guest killed by SIGSEGV: cannot write the signal frame for signal "
+                     "10 below sp 0x10\n")

@@ -212,6 +212,7 @@ SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
 DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
 EINTR = 4
+MAX_PENDING = 1024                         # queued signals per task (RLIMIT_SIGPENDING-like)
 
 
 @dataclass
@@ -259,12 +260,13 @@ class Signals:
         if task is None:
             takers = [t for t in self._order() if not t.sigmask & sigbit(sig)]
             if not takers:
-                if all(s != sig for s, _ in self.shared) or sig >= 32:
+                if (all(s != sig for s, _ in self.shared) or sig >= 32) \
+                        and len(self.shared) < MAX_PENDING:
                     self.shared.append((sig, info))
                 return
             task = takers[0]
-        if sig < 32 and any(s == sig for s, _ in task.pending):
-            return                                   # standard signals do not queue
+        if sig < 32 and any(s == sig for s, _ in task.pending) or len(task.pending) >= MAX_PENDING:
+            return                      # standard signals do not queue; RLIMIT_SIGPENDING
         task.pending.append((sig, info))
         if task.state == "blocked" and not task.sigmask & sigbit(sig):
             self.sched.wake(task, -EINTR)
@@ -303,7 +305,14 @@ class Signals:
             if act.handler == 0 or sig in (SIGKILL, SIGSTOP):
                 self.default_action(sig, info)
                 return
-            self._enter_handler(task, sig, info, act, in_syscall)
+            try:
+                self._enter_handler(task, sig, info, act, in_syscall)
+            except UserFault:          # no room for the frame: force_sigsegv, as Linux
+                m = self.m
+                m.stderr.write(f"emu: guest killed by SIGSEGV: cannot write the signal frame "
+                               f"for signal {sig} below sp {m.sp:#x}\n".encode())
+                self.proc.killed_by = 11
+                m.request_exit(128 + 11)
             return
 
     def _enter_handler(self, task, sig: int, info: bytes, act: SigAction, in_syscall: bool) -> None:
@@ -362,10 +371,7 @@ class Signals:
         m.pc = fault.pc
         info = siginfo(sig, code, addr=fault.addr if fault.addr is not None else fault.pc)
         task.pending.insert(0, (sig, info))
-        try:
-            self.deliver(in_syscall=False)
-        except UserFault:              # no room for the frame: Linux kills with SIGSEGV
-            return False
+        self.deliver(in_syscall=False)
         return not m.stopping
 
     # --- timers (the scheduler asks) ----------------------------------------------------
