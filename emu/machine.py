@@ -113,6 +113,8 @@ class Machine:
         self.live_patches: dict[int, int] = {}            # addr -> original byte under a patch
         self.owners = RegionOwners()     # pages a layer maps for itself (emu/owners.py)
         self.syscall_handler: Callable[[], None] | None = None
+        # The OS layer's synchronous signals: fault -> True when a guest handler takes it.
+        self.fault_handler: Callable[[Fault], bool] | None = None
         self.patches: list[Patch] = []
         self.text_listeners: list[Callable[[int, int], None]] = []   # (addr, size) of changed text
         self.stop_listeners: list[Callable[[], None]] = []   # after every emu_start returns
@@ -375,7 +377,27 @@ class Machine:
         """Run from `begin` (default: the current pc) until exit, fault, halt, a limit, or
         reaching `until`. A run started from inside a hook (a handler calling into the
         guest) is nested: it must give `until`, and ignores limits (Unicorn stops the
-        outer run when a nested one counts instructions or times out)."""
+        outer run when a nested one counts instructions or times out). A fault the OS
+        layer turns into a signal handler (`fault_handler` returns True) resumes the run
+        with what is left of the limits."""
+        t0, retired0 = time.monotonic(), self._retired() if max_insns else 0
+        result = self._run_once(begin, max_insns, timeout, until)
+        while result.fault is not None and self._depth == 0 and self.fault_handler is not None:
+            self._stop = None
+            if not self.fault_handler(result.fault):
+                self._stop = result
+                break
+            left = timeout - (time.monotonic() - t0) if timeout else 0.0
+            count = max_insns - (self._retired() - retired0) if max_insns else 0
+            if (timeout and left <= 0) or (max_insns and count <= 0):
+                return RunResult(StopReason.LIMIT, 124, self.timeout_message() if timeout and left <= 0
+                                 else f"instruction limit of {max_insns} reached at pc "
+                                      f"{self.describe(self.pc)}")
+            result = self._run_once(None, count, left, until)
+        return result
+
+    def _run_once(self, begin: int | None, max_insns: int, timeout: float,
+                  until: int | None) -> RunResult:
         start = self.pc if begin is None else begin
         nested = self._depth > 0
         if nested:

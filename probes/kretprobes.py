@@ -67,11 +67,16 @@ class Kretprobes:
         self.m = machine
         self.kprobes: Kprobes = kprobes_of(machine)
         self.arch: ArchKretprobes = arch_probes_of(machine).kretprobes
-        self.instances: list[KretprobeInstance] = []          # the task's LIFO
+        self.by_task: dict[int, list[KretprobeInstance]] = {}  # tid -> that task's LIFO
         self.registered: list[Kretprobe] = []
         self.frame_warnings = 0
         self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
+
+    @property
+    def instances(self) -> list[KretprobeInstance]:
+        """The running task's LIFO (current->kretprobe_instances; machine.task names it)."""
+        return self.by_task.setdefault(self.m.task[1], [])
 
     # --- registration -----------------------------------------------------------------------
     def register_kretprobe(self, rp: Kretprobe) -> None:
@@ -118,7 +123,7 @@ class Kretprobes:
         # Pending instances keep their hijacked return addresses: the trampoline still
         # resumes the guest correctly, it just runs no handler for them any more, even if
         # rp is registered again meanwhile (they do not return to its new pool either).
-        for ri in self.instances:
+        for ri in (ri for lifo in self.by_task.values() for ri in lifo):
             if ri.rp is rp:
                 ri.rp = None
 

@@ -6,6 +6,7 @@ import os
 import random
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from unicorn import UcError
 
@@ -53,6 +54,9 @@ class LinuxProcess:
     killed_by: int = 0
     deadline: float | None = None    # --timeout as time.monotonic(), until Machine keeps one
     warned: set[str] = field(default_factory=set)    # one-time "not supported" notes given
+    sched: Any = None                # the tasks and their scheduler (emu/linux/tasks.py)
+    dispatcher: Any = None           # the SyscallDispatcher serving this process
+    signals: Any = None              # dispositions, pending signals, timers (emu/linux/signal.py)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)

@@ -15,11 +15,15 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
+from emu.linux.tasks import Deadlock, FutexWait, Scheduler
 from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
-from emu.uaccess import UserFault, access_ok, copy_from_user, copy_to_user, strncpy_from_user
+from emu.linux import futex
+from emu.linux import signal as sigact
+from emu.uaccess import (UserFault, access_ok, copy_from_user, copy_to_user, put_user,
+                         strncpy_from_user)
 
 SIGNAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
             7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
@@ -76,6 +80,9 @@ class SyscallDispatcher:
         self.ret_id = m.arch.reg_id(m.arch.syscall_ret)
         self.counts: dict[str, int] = {}
         m.syscall_handler = self
+        proc.dispatcher = self
+        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed)
+        proc.signals = sigact.Signals(proc)
 
     def __call__(self) -> None:
         regs = self.m.regs
@@ -114,6 +121,20 @@ class SyscallDispatcher:
             self._strace(name, args, ret)
         if not self.m.stopping:
             regs.write(self.ret_id, ret)
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Switch tasks if the call blocked, yielded or used up the quantum."""
+        sched = self.proc.sched
+        sched.poll_timers()
+        if sched.need_resched:
+            try:
+                sched.schedule()
+            except Deadlock as e:
+                stop_as_limit(self.m, f"deadlock: {e} (at pc {self.m.describe(self.m.pc)})")
+                return
+        if sched.current.pending or self.proc.signals.shared:
+            self.proc.signals.deliver(in_syscall=True)
 
     def _strace(self, name: str, args: list[int], ret: int) -> None:
         """One line per call as strace prints it: `openat(AT_FDCWD, "/etc/x", 0) = -1 ENOENT
@@ -128,7 +149,9 @@ class SyscallDispatcher:
             res = f"-1 {E.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})"
         else:
             res = f"{ret:#x}" if ret > 0xFFFF else str(ret)
-        self.m.stderr.write(f"{name}({shown}) = {res}\n".encode())
+        sched = self.proc.sched
+        who = f"[pid {sched.current.tid:5d}] " if len(sched.tasks) > 1 else ""   # strace -f
+        self.m.stderr.write(f"{who}{name}({shown}) = {res}\n".encode())
 
     def _strace_arg(self, kind: str, value: int, ret: int) -> str:
         decode = _STRACE_DECODERS.get(kind)
@@ -293,13 +316,13 @@ def base_dir(p: LinuxProcess, dirfd: int) -> str | None:
 
 
 # --- process and identity ------------------------------------------------------------------
-@syscall("exit", "exit_group")
+@syscall("exit_group")
 def sys_exit_group(p, code, *_):
     p.machine.request_exit(code & 0xFF)
     return 0
 
 
-@syscall("getpid", "gettid", "getpgrp", "set_tid_address")
+@syscall("getpid", "getpgrp")
 def sys_getpid(p, *_):
     return p.creds.pid
 
@@ -309,7 +332,7 @@ def sys_getpgid(p, *_):
     return p.creds.pid
 
 
-@syscall("setpgid", "sched_yield", "madvise", "fsync", "set_robust_list")
+@syscall("setpgid", "madvise", "fsync")
 def sys_ok(p, *_):
     return 0
 
@@ -334,8 +357,8 @@ def sys_unsupported(p, *_):
     return -E.ENOSYS
 
 
-_NOT_YET = {"clone": "threads", "clone3": "threads", "fork": "processes", "vfork": "processes",
-            "execve": "processes", "execveat": "processes"}
+_NOT_YET = {"fork": "processes", "vfork": "processes", "execve": "processes",
+            "execveat": "processes"}
 
 
 @syscall(*_NOT_YET)
@@ -411,14 +434,6 @@ def sys_getrandom(p, buf, n, flags, *_):
     return n
 
 
-@syscall("sched_getaffinity")
-def sys_sched_getaffinity(p, pid, size, mask, *_):
-    if size < 8:
-        return -E.EINVAL
-    wr(p, mask, struct.pack("<Q", 1))
-    return 8
-
-
 @syscall("sysinfo")
 def sys_sysinfo(p, buf, *_):
     up = p.machine.clock.monotonic_ns() // 1_000_000_000
@@ -440,97 +455,448 @@ def sys_umask(p, mask, *_):
     return old
 
 
-# --- signals (recorded; delivery is not modelled) ------------------------------------------
+# --- signals (emu/linux/signal.py delivers them) --------------------------------------------
 @syscall("rt_sigaction")
 def sys_rt_sigaction(p, sig, act, oldact, sigsetsize, *_):
-    if not 1 <= sig <= 64 or sig in (9, 19):
+    if not 1 <= sig <= 64 or sigsetsize != 8:
         return -E.EINVAL
+    if act and sig in (SIGKILL, SIGSTOP):
+        return -E.EINVAL
+    sigs = p.signals
+    new = sigact.SigAction.unpack(rd(p, act, 32)) if act else None
     if oldact:
-        wr(p, oldact, p.sigactions.get(sig, bytes(32)))
-    if act:
-        p.sigactions[sig] = rd(p, act, 32)
+        wr(p, oldact, sigs.action(sig).pack())
+    if new is not None:
+        new.mask &= ~sigact.UNBLOCKABLE
+        sigs.actions[sig] = new
+        p.sigactions[sig] = new.pack()
+        if sigs.ignored(sig):                    # pending ones are discarded (POSIX)
+            for t in p.sched.tasks.values():
+                t.pending = [(s_, i) for s_, i in t.pending if s_ != sig]
+            sigs.shared = [(s_, i) for s_, i in sigs.shared if s_ != sig]
     return 0
 
 
 @syscall("rt_sigprocmask")
-def sys_rt_sigprocmask(p, how, nset, oset, *_):
+def sys_rt_sigprocmask(p, how, nset, oset, sigsetsize, *_):
+    if sigsetsize != 8:
+        return -E.EINVAL
+    task = p.sched.current
+    mask = struct.unpack("<Q", rd(p, nset, 8))[0] if nset else None
+    if mask is not None and how not in (0, 1, 2):
+        return -E.EINVAL
     if oset:
-        wr(p, oset, struct.pack("<Q", p.sigmask))
-    if nset:
-        (mask,) = struct.unpack("<Q", rd(p, nset, 8))
-        p.sigmask = {0: p.sigmask | mask, 1: p.sigmask & ~mask, 2: mask}.get(how, p.sigmask)
+        wr(p, oset, struct.pack("<Q", task.sigmask))
+    if mask is not None:
+        task.sigmask = {0: task.sigmask | mask, 1: task.sigmask & ~mask, 2: mask}[how]
+        task.sigmask &= ~sigact.UNBLOCKABLE
+    p.sigmask = task.sigmask
+    return 0
+
+
+@syscall("rt_sigpending")
+def sys_rt_sigpending(p, uset, sigsetsize, *_):
+    if sigsetsize > 8:
+        return -E.EINVAL
+    pend = 0
+    for s_, _i in [*p.sched.current.pending, *p.signals.shared]:
+        pend |= sigact.sigbit(s_)
+    wr(p, uset, struct.pack("<Q", pend & p.sched.current.sigmask)[:sigsetsize])
     return 0
 
 
 @syscall("sigaltstack")
 def sys_sigaltstack(p, ss, old, *_):
+    task = p.sched.current
+    cur = task.altstack or sigact.AltStack()
+    on = cur.on(p.machine.sp)
     if old:
-        wr(p, old, struct.pack("<QiiQ", 0, 2, 0, 0))       # SS_DISABLE
+        wr(p, old, struct.pack("<QiiQ", cur.sp, cur.flags | (sigact.SS_ONSTACK if on else 0), 0,
+                               cur.size))
+    if ss:
+        sp, flags, _pad, size = struct.unpack("<QiiQ", rd(p, ss, 24))
+        if on:
+            return -E.EPERM
+        if flags not in (0, sigact.SS_ONSTACK, sigact.SS_DISABLE):
+            return -E.EINVAL
+        if flags == sigact.SS_DISABLE:
+            task.altstack = sigact.AltStack()
+        elif size < sigact.MINSIGSTKSZ:
+            return -E.ENOMEM
+        else:
+            task.altstack = sigact.AltStack(sp, size, 0)
     return 0
 
 
-@syscall("kill", "tkill")
+@syscall("kill")
 def sys_kill(p, pid, sig, *_):
-    return _signal_self(p, sig) if s32(pid) in (0, -1, p.creds.pid) else -E.ESRCH
+    if s32(pid) not in (0, -1, p.creds.pid):
+        return -E.ESRCH
+    return _send(p, sig, sigact.SI_USER, None)
+
+
+@syscall("tkill")
+def sys_tkill(p, tid, sig, *_):
+    return _send_thread(p, s32(tid), sig)
 
 
 @syscall("tgkill")
 def sys_tgkill(p, tgid, tid, sig, *_):
-    return _signal_self(p, sig) if tid == p.creds.pid else -E.ESRCH
+    if s32(tgid) != p.creds.pid:
+        return -E.ESRCH
+    return _send_thread(p, s32(tid), sig)
 
 
-SIG_DFL, SIG_IGN = 0, 1
-SIGKILL, SIGSTOP, SIGPIPE = 9, 19, 13
-_SIG_DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
-_SIG_DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
-_SIG_REPORTED = {4, 7, 8, 11}                   # SIGILL, SIGBUS, SIGFPE, SIGSEGV: as faults
-
-
-def _signal_self(p, sig: int) -> int:
-    """A signal sent to ourselves. Delivery to handlers is not modelled yet: an ignored
-    signal is dropped, a handled one reported once and dropped; a stop signal is dropped
-    (nobody could continue us); any other default action ends the guest with 128+sig."""
-    if sig == 0:
-        return 0
-    if not 1 <= sig <= 64:
+def _send_thread(p, tid: int, sig: int) -> int:
+    task = p.sched.tasks.get(tid)
+    if tid <= 0:
         return -E.EINVAL
-    action = p.sigactions.get(sig, bytes(8))
-    handler = int.from_bytes(action[:8], "little")
-    if sig not in (SIGKILL, SIGSTOP):
-        if handler == SIG_IGN or handler == SIG_DFL and sig in _SIG_DEFAULT_IGNORE | _SIG_DEFAULT_STOP:
-            return 0
-        if handler != SIG_DFL:
-            warn_once(p, f"signal {sig}", f"emu: signal {SIGNAMES.get(sig, sig)} has a handler; "
-                                          f"signal delivery is not supported yet (dropped)\n")
-            return 0
-    elif sig == SIGSTOP:
-        return 0
-    p.killed_by = sig
-    if sig in _SIG_REPORTED:
-        m = p.machine
-        m.stderr.write(f"emu: guest killed by {SIGNAMES[sig]} it sent itself, at pc "
-                       f"{m.describe(m.pc)}\n".encode())
-    p.machine.request_exit(128 + sig)
+    if task is None or task.state == "exited":
+        return -E.ESRCH
+    return _send(p, sig, sigact.SI_TKILL, task)
+
+
+def _send(p, sig: int, code: int, task) -> int:
+    if not 0 <= sig <= 64:
+        return -E.EINVAL
+    if sig:
+        p.signals.send(sig, sigact.siginfo(sig, code, p.creds.pid, p.creds.uid), task)
     return 0
 
 
-FUTEX_PRIVATE_FLAG = 128
+@syscall("rt_sigreturn")
+def sys_rt_sigreturn(p, *_):
+    try:
+        return p.signals.sigreturn()
+    except UserFault:                   # a bad frame: SIGSEGV, as Linux forces
+        p.signals.default_action(SIGSEGV, sigact.siginfo(SIGSEGV, sigact.SI_KERNEL))
+        return 0
+
+
+@syscall("pause")
+def sys_pause(p, *_):
+    p.sched.block(FutexWait(-1, 0))
+    return -E.EINTR
+
+
+@syscall("rt_sigsuspend")
+def sys_rt_sigsuspend(p, uset, sigsetsize, *_):
+    if sigsetsize != 8:
+        return -E.EINVAL
+    task = p.sched.current
+    (mask,) = struct.unpack("<Q", rd(p, uset, 8))
+    task.saved_mask, task.sigmask = task.sigmask, mask & ~sigact.UNBLOCKABLE
+    if not p.signals.deliverable(task):
+        p.sched.block(FutexWait(-1, 0))
+    return -E.EINTR
+
+
+SIG_DFL, SIG_IGN = 0, 1
+SIGKILL, SIGSTOP, SIGPIPE, SIGSEGV = 9, 19, 13, 11
+
+
+def _signal_self(p, sig: int) -> int:
+    """A signal the kernel sends the running thread (SIGPIPE on a write with no reader)."""
+    return _send(p, sig, sigact.SI_KERNEL, p.sched.current)
+
+
+# --- timers: alarm, setitimer, timer_create on the modelled clock -------------------------
+ITIMER_REAL, SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 0, 1, 4
+ALARM_ID = -1                   # ITIMER_REAL and alarm share one timer
+MAX_TIMERS = 64
+
+
+def _set_timer(p, timer_id: int, value_ns: int, interval_ns: int, absolute: bool = False) -> tuple[int, int]:
+    """Arm (value > 0) or disarm a timer; returns the old (remaining, interval) in ns."""
+    sigs, now = p.signals, p.machine.clock.monotonic_ns()
+    t = sigs.timers[timer_id]
+    old = (max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0, t.interval_ns)
+    if value_ns:
+        t.deadline_ns = value_ns if absolute else now + value_ns
+    else:
+        t.deadline_ns = None
+    t.interval_ns = interval_ns
+    p.sched.timers_changed()
+    return old
+
+
+def _alarm_timer(p):
+    return p.signals.timers.setdefault(ALARM_ID, sigact.Timer(ALARM_ID, sigact.SIGALRM))
+
+
+@syscall("alarm")
+def sys_alarm(p, secs, *_):
+    _alarm_timer(p)
+    left, _iv = _set_timer(p, ALARM_ID, (secs & 0xFFFFFFFF) * 1_000_000_000, 0)
+    return -(-left // 1_000_000_000) if left else 0
+
+
+def _timeval_ns(raw: bytes) -> tuple[int, int]:
+    isec, iusec, vsec, vusec = struct.unpack("<qqqq", raw)
+    if min(isec, iusec, vsec, vusec) < 0 or max(iusec, vusec) >= 1_000_000:
+        raise FsError(E.EINVAL)
+    return vsec * 1_000_000_000 + vusec * 1000, isec * 1_000_000_000 + iusec * 1000
+
+
+def _timeval(value_ns: int, interval_ns: int) -> bytes:
+    def tv(ns: int) -> tuple[int, int]:
+        us = -(-ns // 1000)
+        return us // 1_000_000, us % 1_000_000
+    return struct.pack("<qqqq", *tv(interval_ns), *tv(value_ns))
+
+
+@syscall("setitimer")
+def sys_setitimer(p, which, new, old, *_):
+    if which != ITIMER_REAL:
+        return -E.EINVAL             # the CPU-time timers are not modelled
+    _alarm_timer(p)
+    value, interval = _timeval_ns(rd(p, new, 32)) if new else (0, 0)
+    left, iv = _set_timer(p, ALARM_ID, value, interval)
+    if old:
+        wr(p, old, _timeval(left, iv))
+    return 0
+
+
+@syscall("getitimer")
+def sys_getitimer(p, which, cur, *_):
+    if which != ITIMER_REAL:
+        return -E.EINVAL
+    t, now = _alarm_timer(p), p.machine.clock.monotonic_ns()
+    wr(p, cur, _timeval(max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0,
+                        t.interval_ns))
+    return 0
+
+
+@syscall("timer_create")
+def sys_timer_create(p, clk, sevp, tid_out, *_):
+    if s32(clk) not in _CLOCKS:
+        return -E.EINVAL
+    sigs = p.signals
+    if len(sigs.timers) >= MAX_TIMERS:
+        return -E.EAGAIN
+    value, sig, notify, target = 0, sigact.SIGALRM, SIGEV_SIGNAL, 0
+    if sevp:
+        value, sig, notify, target = struct.unpack("<Qiii", rd(p, sevp, 20))
+    if notify not in (SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID) or \
+            notify != SIGEV_NONE and not 1 <= sig <= 64:
+        return -E.EINVAL
+    if notify == SIGEV_THREAD_ID and target not in p.sched.tasks:
+        return -E.EINVAL
+    timer_id = next(i for i in range(MAX_TIMERS) if i not in sigs.timers)
+    sigs.timers[timer_id] = sigact.Timer(timer_id, 0 if notify == SIGEV_NONE else sig,
+                                         value=value, tid=target if notify == SIGEV_THREAD_ID else 0)
+    wr(p, tid_out, struct.pack("<i", timer_id))
+    return 0
+
+
+def _user_timer(p, timer_id: int):
+    t = p.signals.timers.get(s32(timer_id))
+    if t is None or t.id < 0:
+        raise FsError(E.EINVAL)
+    return t
+
+
+@syscall("timer_settime")
+def sys_timer_settime(p, timer_id, flags, new, old, *_):
+    t = _user_timer(p, timer_id)
+    isec, insec, vsec, vnsec = struct.unpack("<qqqq", rd(p, new, 32))
+    if min(isec, insec, vsec, vnsec) < 0 or max(insec, vnsec) >= 1_000_000_000:
+        return -E.EINVAL
+    left, iv = _set_timer(p, t.id, vsec * 1_000_000_000 + vnsec, isec * 1_000_000_000 + insec,
+                          absolute=bool(flags & TIMER_ABSTIME))
+    if old:
+        wr(p, old, _timespec(iv) + _timespec(left))
+    return 0
+
+
+@syscall("timer_gettime")
+def sys_timer_gettime(p, timer_id, cur, *_):
+    t, now = _user_timer(p, timer_id), p.machine.clock.monotonic_ns()
+    left = max(0, t.deadline_ns - now) if t.deadline_ns is not None else 0
+    wr(p, cur, _timespec(t.interval_ns) + _timespec(left))
+    return 0
+
+
+@syscall("timer_getoverrun")
+def sys_timer_getoverrun(p, timer_id, *_):
+    _user_timer(p, timer_id)
+    return 0
+
+
+@syscall("timer_delete")
+def sys_timer_delete(p, timer_id, *_):
+    t = _user_timer(p, timer_id)
+    del p.signals.timers[t.id]
+    p.sched.timers_changed()
+    return 0
+
+
+# --- threads (emu/linux/tasks.py schedules them) --------------------------------------------
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_VFORK, CLONE_THREAD, CLONE_SETTLS = 0x4000, 0x10000, 0x80000
+CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
+_THREAD_FLAGS = CLONE_VM | CLONE_SIGHAND | CLONE_THREAD
+# clone's argument order after newsp: x86-64 (ptid, ctid, tls); arm64, CONFIG_CLONE_BACKWARDS
+# (ptid, tls, ctid). Indices into (ptid, a3, a4).
+_CLONE_TLS_CTID = {"x86_64": (2, 1), "arm64": (1, 2)}
+MAX_THREADS = 256                   # RLIMIT_NPROC-like cap: each task holds a CPU context
+
+
+@syscall("clone")
+def sys_clone(p, flags, newsp, ptid, a3, a4, *_):
+    tls_i, ctid_i = _CLONE_TLS_CTID[p.machine.arch.name]
+    rest = (ptid, a3, a4)
+    return do_clone(p, flags, newsp, ptid, rest[ctid_i], rest[tls_i])
+
+
+@syscall("clone3")
+def sys_clone3(p, uargs, size, *_):
+    if size < 64 or size > PAGE:
+        return -E.EINVAL
+    flags, _pidfd, ctid, ptid, _exit_sig, stack, stack_size, tls = struct.unpack(
+        "<8Q", rd(p, uargs, 64))
+    if (stack == 0) != (stack_size == 0):
+        return -E.EINVAL
+    return do_clone(p, flags, stack + stack_size if stack else 0, ptid, ctid, tls)
+
+
+def do_clone(p, flags: int, newsp: int, ptid: int, ctid: int, tls: int) -> int:
+    """A new thread of this process (pthread_create's flags). A new process (fork, vfork,
+    posix_spawn) is refused with ENOSYS and a one-time note."""
+    if flags & _THREAD_FLAGS != _THREAD_FLAGS or flags & CLONE_VFORK:
+        warn_once(p, "fork", "emu: clone: new processes (fork, vfork) are not supported yet\n")
+        return -E.ENOSYS
+    sched = p.sched
+    if len(sched.live()) >= MAX_THREADS:
+        return -E.EAGAIN
+    m, arch = p.machine, p.machine.arch
+    mem = m.memory
+    tid = sched.next_tid
+    if flags & CLONE_PARENT_SETTID:
+        put_user(mem, ptid, tid, 4)
+    if flags & CLONE_CHILD_SETTID:
+        put_user(mem, ctid, tid, 4)
+    parent = m.uc.context_save()
+    m.regs.write(p.dispatcher.ret_id, 0)
+    if newsp:
+        m.sp = newsp
+    if flags & CLONE_SETTLS:
+        arch.set_tls(m, tls)
+    child = sched.new_task(m.uc.context_save(), m.pc + sched.step)
+    m.uc.context_restore(parent)
+    if flags & CLONE_CHILD_CLEARTID:
+        child.clear_child_tid = ctid
+    return child.tid
+
+
+@syscall("gettid")
+def sys_gettid(p, *_):
+    return p.sched.current.tid
+
+
+@syscall("set_tid_address")
+def sys_set_tid_address(p, addr, *_):
+    p.sched.current.clear_child_tid = addr
+    return p.sched.current.tid
+
+
+@syscall("set_robust_list")
+def sys_set_robust_list(p, head, length, *_):
+    if length != 24:                    # sizeof(struct robust_list_head)
+        return -E.EINVAL
+    cur = p.sched.current
+    cur.robust_list, cur.robust_len = head, length
+    return 0
+
+
+@syscall("get_robust_list")
+def sys_get_robust_list(p, tid, head_ptr, len_ptr, *_):
+    sched = p.sched
+    task = sched.current if tid == 0 else sched.tasks.get(s32(tid))
+    if task is None:
+        return -E.ESRCH
+    put_user(p.machine.memory, head_ptr, task.robust_list)
+    put_user(p.machine.memory, len_ptr, task.robust_len)
+    return 0
+
+
+@syscall("exit")
+def sys_exit(p, code, *_):
+    """One thread ends: its clear_child_tid word is zeroed and woken (pthread_join waits
+    on it); the last thread's exit ends the process with its code."""
+    sched = p.sched
+    cur = sched.current
+    if cur.clear_child_tid:
+        try:
+            put_user(p.machine.memory, cur.clear_child_tid, 0, 4)
+            futex.futex_wake(sched, cur.clear_child_tid, 1)
+        except UserFault:
+            pass
+    sched.exit_current()
+    if not sched.live():
+        p.machine.request_exit(code & 0xFF)
+        sched.need_resched = False
+    return 0
+
+
+@syscall("sched_yield")
+def sys_sched_yield(p, *_):
+    p.sched.need_resched = True
+    return 0
+
+
+@syscall("sched_getaffinity")
+def sys_sched_getaffinity(p, pid, size, mask, *_):
+    if size < 8 or size & 7:
+        return -E.EINVAL
+    if pid and s32(pid) not in p.sched.tasks:
+        return -E.ESRCH
+    wr(p, mask, struct.pack("<Q", 1))        # one CPU
+    return 8
 
 
 @syscall("futex")
-def sys_futex(p, uaddr, op, val, *_):
+def sys_futex(p, uaddr, op, val, utime, uaddr2, val3, *_):
     cmd = op & 0x7F
+    mem, sched = p.machine.memory, p.sched
     if uaddr & 3:
         return -E.EINVAL
-    if cmd == 1:                                 # FUTEX_WAKE: nobody else is waiting
-        # get_futex_key: a shared futex must be a mapped page, a private one only in range
-        if uaddr >= p.machine.memory.task_size or not (op & FUTEX_PRIVATE_FLAG or access_ok(p.machine.memory, uaddr, 4)):
-            return -E.EFAULT
-        return 0
-    if cmd == 0:                                 # FUTEX_WAIT: would sleep forever
-        (cur,) = struct.unpack("<I", rd(p, uaddr, 4))
-        return -E.EAGAIN if cur != val & 0xFFFFFFFF else -E.EDEADLK
+    # get_futex_key: a shared futex must be a mapped page, a private one only in range
+    if uaddr >= mem.task_size or not (op & futex.FUTEX_PRIVATE_FLAG or access_ok(mem, uaddr, 4)):
+        return -E.EFAULT
+    if op & futex.FUTEX_CLOCK_REALTIME and cmd not in (futex.FUTEX_WAIT, futex.FUTEX_WAIT_BITSET):
+        return -E.ENOSYS
+    if cmd in (futex.FUTEX_WAIT, futex.FUTEX_WAIT_BITSET):
+        bitset = val3 & 0xFFFFFFFF if cmd == futex.FUTEX_WAIT_BITSET else futex.FUTEX_BITSET_MATCH_ANY
+        due = _futex_deadline(p, utime, absolute=cmd == futex.FUTEX_WAIT_BITSET,
+                              realtime=bool(op & futex.FUTEX_CLOCK_REALTIME))
+        return due if isinstance(due, int) and due < 0 else \
+            futex.futex_wait(sched, mem, uaddr, val, due, bitset)
+    if cmd in (futex.FUTEX_WAKE, futex.FUTEX_WAKE_BITSET):
+        bitset = val3 & 0xFFFFFFFF if cmd == futex.FUTEX_WAKE_BITSET else futex.FUTEX_BITSET_MATCH_ANY
+        return futex.futex_wake(sched, uaddr, s32(val), bitset)
+    if cmd in (futex.FUTEX_REQUEUE, futex.FUTEX_CMP_REQUEUE):
+        return futex.futex_requeue(sched, mem, uaddr, uaddr2, s32(val), s32(utime),
+                                   val3 if cmd == futex.FUTEX_CMP_REQUEUE else None)
+    if cmd == futex.FUTEX_WAKE_OP:
+        return futex.futex_wake_op(sched, mem, uaddr, uaddr2, s32(val), s32(utime), val3)
     return -E.ENOSYS
+
+
+def _futex_deadline(p, utime: int, absolute: bool, realtime: bool) -> int | None:
+    """The wait's deadline in modelled monotonic ns, None for no timeout, or -errno."""
+    if not utime:
+        return None
+    secs, nsec = struct.unpack("<qq", rd(p, utime, 16))
+    if secs < 0 or not 0 <= nsec < 1_000_000_000:
+        return -E.EINVAL
+    ns = min(secs * 1_000_000_000 + nsec, 1 << 80)
+    now = p.machine.clock.monotonic_ns()
+    if not absolute:
+        return now + ns
+    if realtime:
+        return max(0, now + ns - p.machine.clock.realtime_ns())
+    return ns
 
 
 # --- time -----------------------------------------------------------------------------------
@@ -613,6 +979,9 @@ def do_clock_nanosleep(p, clk: int, flags: int, req: int) -> int:
         ns = max(0, ns - _clock_ns(p, clk))
     c = p.machine.clock
     cycles = min(ns * c.freq_hz // 1_000_000_000, max(0, CLOCK_CEILING - c.cycles))
+    if len(p.sched.live()) > 1:         # other threads run meanwhile; time jumps if none can
+        p.sched.block(FutexWait(-1, 0, c.monotonic_ns() + cycles * 1_000_000_000 // c.freq_hz, 0))
+        return 0
     c.advance(cycles, "sleep")
     return 0
 
@@ -1231,7 +1600,10 @@ def sys_sendfile(p, out_fd, in_fd, off_addr, count, *_):
 
 
 @syscall("poll", "ppoll")
-def sys_poll(p, fds_addr, nfds, *_):
+def sys_poll(p, fds_addr, nfds, timeout, *_):
+    if nfds == 0 and (timeout == 0 if p.dispatcher_name == "ppoll" else s32(timeout) < 0):
+        p.sched.block(FutexWait(-1, 0))      # pause() on arm64: wait for a signal
+        return -E.EINTR
     ready = 0
     for i in range(min(nfds, 1024)):
         fd, events, _rev = struct.unpack("<ihh", rd(p, fds_addr + 8 * i, 8))

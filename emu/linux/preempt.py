@@ -1,0 +1,79 @@
+"""The native side of preemption (preempt.c): built with the host C compiler into the
+cache directory the cycle model's library uses, loaded with ctypes; None without a
+compiler (the scheduler then uses a Python block hook, ~100x slower per block)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from emu.cycles.native import cache_dir
+
+SOURCE = Path(__file__).with_name("preempt.c")
+SLOW_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+NO_TIMER = (1 << 64) - 1
+
+
+class PreState(ctypes.Structure):
+    budget: int
+    clock_fp: Any
+    due_fp: int
+    slow: Any
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("budget", ctypes.c_int64), ("clock_fp", ctypes.c_void_p), ("due_fp", ctypes.c_uint64),
+        ("slow", SLOW_CB)]
+
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def load() -> ctypes.CDLL | None:
+    global _LIB, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("KPROBE_EMU_NO_NATIVE"):
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    path = cache_dir() / f"preempt-{digest}.so"
+    try:
+        if not path.exists() and not _build(path):
+            return None
+        _LIB = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    return _LIB
+
+
+def _build(path: Path) -> bool:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def clock_fp_address(clock) -> int | None:
+    """The address of the clock's native accumulator (the work clock's or the cycle
+    model's counter), or None while time moves only with syscalls and traps."""
+    acc = clock.acc
+    if isinstance(acc, ctypes.Structure):
+        return ctypes.addressof(acc) + type(acc).fp.offset
+    return None
