@@ -22,6 +22,8 @@ class Arm64Kprobes(BreakpointKprobes):
 
     slot_size = SLOT_SIZE
     ss_break = BRK64_OPCODE_KPROBES_SS.to_bytes(4, "little")
+    trap_intno = 7                  # EXCP_BKPT: the exception a BRK raises (the C hit path)
+    trap_pc_adjust = 0              # ... reported with pc at the BRK
 
     def decode(self, addr: int, sym: Symbol | None) -> ArchSpecificInsn:
         if addr & 3:

@@ -1,0 +1,242 @@
+"""The kprobe hit path in C (kprobe_native.c, issue 14): built with the system cc into the
+per-user cache at first use (as emu/cycles/native.py builds the block counter), loaded with
+ctypes. The machine's Python INTR hook keeps its Unicorn handle; its callback is swapped
+for the C dispatcher, which calls the Python one for every trap it does not own. So a
+snapshot's hook bookkeeping is unchanged, and a machine without probes pays one C call per
+trap. `KPROBE_EMU_NATIVE=0` (or no C compiler) keeps the whole hit path in Python, with the
+same results."""
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from emu.clock import STEP, TRAP, Accumulator, Clock, Reason
+from emu.cycles.native import build, cache_dir
+from emu.ucfast import INTR_CB, lib_symbol
+from unicorn import unicorn_const as UC
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+    from probes.kprobes import Kprobe
+
+SOURCE = Path(__file__).with_name("kprobe_native.c")
+KN_BOOSTED, KN_PY_SS = 1, 2
+HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bool, begin, end, callback
+
+
+class KnState(ctypes.Structure):
+    """struct kn_state of kprobe_native.c, field for field."""
+    current: int
+    trap_fp: int
+    step_fp: int
+    trap_cycles: int
+    step_cycles: int
+    fp: Any
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("fp", ctypes.c_void_p), ("trap_fp", ctypes.c_uint64), ("step_fp", ctypes.c_uint64),
+        ("trap_cycles", ctypes.c_uint64), ("step_cycles", ctypes.c_uint64),
+        ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
+        ("fallback", ctypes.c_void_p), ("fallback_data", ctypes.c_void_p),
+        ("pc_reg", ctypes.c_int32), ("pc_adjust", ctypes.c_int32), ("brk_intno", ctypes.c_uint32),
+        ("current", ctypes.c_int32), ("mask", ctypes.c_uint32), ("nprobes", ctypes.c_uint32),
+        ("table", ctypes.c_void_p), ("probes", ctypes.c_void_p),
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p)]
+
+
+class KnProbe(ctypes.Structure):
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
+        ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class NativeAcc(ctypes.Structure):
+    """The clock's counter where C can reach it (duck-types emu.clock.Accumulator)."""
+    fp: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [("fp", ctypes.c_uint64)]
+
+
+def enabled() -> bool:
+    return os.environ.get("KPROBE_EMU_NATIVE", "1") != "0"
+
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, built first if needed; None when disabled or not buildable."""
+    global _LIB, _TRIED
+    if not enabled():
+        return None
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    import hashlib
+    import platform
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    path = cache_dir() / f"kprobe-native-{platform.machine()}-{digest}.so"
+    try:
+        if not path.exists() and not _build(path):
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.kn_set_table.argtypes = [ctypes.POINTER(KnState), ctypes.POINTER(ctypes.c_uint64),
+                                 ctypes.c_uint32]
+    lib.kn_set_table.restype = ctypes.c_int
+    lib.kn_free.argtypes = [ctypes.POINTER(KnState)]
+    lib.kn_free.restype = None
+    _LIB = lib
+    return lib
+
+
+def _build(path: Path) -> bool:
+    import emu.cycles.native as cn
+    saved = cn.SOURCE
+    cn.SOURCE = SOURCE           # the block counter's builder, pointed at this source
+    try:
+        return build(path)
+    finally:
+        cn.SOURCE = saved
+
+
+class NativeClock(Clock):
+    """The machine's Clock once native probes are on: its counter lives in C-reachable
+    memory wherever it is moved to (the cycle model and snapshots replace `acc`), TRAP and
+    STEP costs are mirrored into C, and the cycles C charged are folded into `by_reason`
+    whenever it is read."""
+
+    native: "NativeDispatch"
+
+    @property  # type: ignore[override]
+    def acc(self) -> Any:
+        return self.__dict__["_acc"]
+
+    @acc.setter
+    def acc(self, value: Any) -> None:
+        if not isinstance(value, ctypes.Structure):
+            value = NativeAcc(value.fp)
+        self.__dict__["_acc"] = value
+        self.native.st.fp = ctypes.addressof(value) + type(value).fp.offset
+
+    @property  # type: ignore[override]
+    def by_reason(self) -> dict[str, int]:
+        by: dict[str, int] = self.__dict__["_by_reason"]
+        st = self.native.st
+        if st.trap_cycles or st.step_cycles:
+            if st.trap_cycles:
+                by[TRAP] = by.get(TRAP, 0) + st.trap_cycles
+            if st.step_cycles:
+                by[STEP] = by.get(STEP, 0) + st.step_cycles
+            st.trap_cycles = st.step_cycles = 0
+        return by
+
+    @by_reason.setter
+    def by_reason(self, value: dict[str, int]) -> None:
+        st = self.native.st
+        st.trap_cycles = st.step_cycles = 0     # a restore: what C charged is gone with it
+        self.__dict__["_by_reason"] = value
+
+    def set_costs(self, costs: Any, trap_parts: Any = None) -> None:
+        super().set_costs(costs, trap_parts)
+        native = self.__dict__.get("native")
+        if native is not None:
+            native.mirror_costs()
+
+
+@dataclass(eq=False)
+class NativeDispatch:
+    """The C dispatcher of one machine (kept for the machine's life: the swapped hook
+    points at `st`). `probes[i]` is the Kprobe of row i of the C table."""
+    m: "Machine"
+    lib: ctypes.CDLL
+    st: KnState = field(default_factory=KnState)
+    probes: list["Kprobe"] = field(default_factory=list)
+
+    def mirror_costs(self) -> None:
+        costs = self.m.clock.costs
+        self.st.trap_fp, self.st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
+
+    def set_table(self, rows: list[tuple["Kprobe", int]]) -> None:
+        """Replace the owned probes: (probe, flags) pairs; counters are folded first."""
+        self.fold_counts()
+        flat = (ctypes.c_uint64 * max(1, 5 * len(rows)))()
+        for i, (p, flags) in enumerate(rows):
+            a = p.ainsn
+            flat[5 * i:5 * i + 5] = [p.addr, a.slot, p.addr + a.length, a.ss_trap, flags]
+        if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
+            raise MemoryError("kprobe native table")
+        self.probes = [p for p, _ in rows]
+
+    def fold_counts(self) -> None:
+        """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
+        if not self.probes or not self.st.probes:
+            return
+        rows = ctypes.cast(self.st.probes, ctypes.POINTER(KnProbe))
+        for i, p in enumerate(self.probes):
+            r = rows[i]
+            if r.hits or r.nmissed:
+                p.hits += r.hits
+                p.nmissed += r.nmissed
+                r.hits = r.nmissed = 0
+
+    def take_current(self) -> "Kprobe | None":
+        """The probe C is stepping (its slot runs), handed over to Python; None if none."""
+        cur = self.st.current
+        if cur < 0:
+            return None
+        self.st.current = -1
+        return self.probes[cur]
+
+
+_DISPATCH: "weakref.WeakKeyDictionary[Machine, NativeDispatch]" = weakref.WeakKeyDictionary()
+
+
+def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int) -> NativeDispatch | None:
+    """The machine's C dispatcher, installed on first use; None on the Python path."""
+    d = _DISPATCH.get(m)
+    if d is not None or not enabled():
+        return d
+    lib = load()
+    if lib is None:
+        return None
+    handle = _python_intr_hook(m)
+    if handle is None:
+        return None
+    d = NativeDispatch(m, lib)
+    st = d.st
+    st.current = -1
+    st.reg_read, st.reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+    slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+    st.fallback, st.fallback_data = slots[0], slots[1]
+    st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno
+    clock = m.clock
+    acc, by = clock.acc, clock.by_reason
+    clock.__class__ = NativeClock
+    clock.__dict__["native"] = d
+    clock.acc, clock.__dict__["_by_reason"] = acc, by
+    clock.__dict__.pop("by_reason", None)
+    clock.__dict__.pop("acc", None)
+    d.mirror_costs()
+    slots[1] = ctypes.addressof(st)
+    slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
+    m.stop_listeners.append(d.fold_counts)
+    _DISPATCH[m] = d
+    return d
+
+
+def _python_intr_hook(m: "Machine") -> int | None:
+    """The Unicorn handle (a struct hook *) of the machine's one INTR hook, checked against
+    the callbacks RawHooks keeps, or None if the layout is not the one we know."""
+    intr = [h for h, (t, b, e) in m.hooks.installed.items() if t == UC.UC_HOOK_INTR]
+    if len(intr) != 1:
+        return None
+    handle = intr[0]
+    known = {ctypes.cast(c, ctypes.c_void_p).value for c in m.hooks._keep if isinstance(c, INTR_CB)}
+    callback = ctypes.c_void_p.from_address(handle + HOOK_CALLBACK_OFFSET).value
+    head = (ctypes.c_int * 1).from_address(handle)[0]
+    return handle if callback in known and head == UC.UC_HOOK_INTR else None

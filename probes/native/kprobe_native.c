@@ -1,0 +1,138 @@
+/* The host side of a kprobe trap in C (issue 14): a Unicorn INTR hook that owns the
+ * breakpoints of armed probes with no Python handler. A hit counts, sends pc to the
+ * out-of-line slot (or, boosted, lets the slot jump back by itself); the slot's step trap
+ * sends pc to the next instruction. Cycle charges go straight into the clock's counter.
+ * Anything this table does not own (or a state it does not model: reentry, the first
+ * step of a boostable probe) goes to the Python hook, unchanged. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int (*reg_fn)(void *uc, int regid, void *value);
+typedef void (*intr_cb)(void *uc, uint32_t intno, void *user_data);
+
+enum { KN_PROBE = 1, KN_SS = 2 };
+enum { KN_BOOSTED = 1, KN_PY_SS = 2 };     /* slot jumps back; step trap goes to Python */
+
+struct kn_probe {
+    uint64_t addr, slot, resume, ss_trap;
+    uint64_t hits, nmissed;                 /* since Python last took them */
+    uint32_t flags, pad;
+};
+
+struct kn_slotent { uint64_t addr; uint32_t kind, idx; };
+
+struct kn_state {
+    uint64_t *fp;                           /* the clock's counter, 1/256 cycles */
+    uint64_t trap_fp, step_fp;              /* cost of one event, 1/256 cycles */
+    uint64_t trap_cycles, step_cycles;      /* charged since Python last folded them */
+    reg_fn reg_read, reg_write;
+    intr_cb fallback;                       /* the machine's Python INTR hook */
+    void *fallback_data;
+    int32_t pc_reg;
+    int32_t pc_adjust;                      /* x86: the CPU reports the byte after int3 */
+    uint32_t brk_intno;
+    int32_t current;                        /* probe being stepped, -1 if none */
+    uint32_t mask;                          /* hash table size - 1 */
+    uint32_t nprobes;
+    struct kn_slotent *table;
+    struct kn_probe *probes;
+    uint64_t handled, deferred;
+    uint32_t *stopping;                     /* nonzero: the run ended, defer everything */
+};
+
+static void charge(struct kn_state *s, uint64_t n_fp, uint64_t *acc)
+{
+    uint64_t fp = *s->fp + n_fp;
+    *s->fp = fp < *s->fp ? UINT64_MAX : fp;  /* saturate as the Python clock does */
+    *acc += n_fp >> 8;
+}
+
+static struct kn_slotent *lookup(struct kn_state *s, uint64_t addr)
+{
+    if (!s->table)
+        return NULL;
+    uint32_t i = (uint32_t)((addr * 0x9E3779B97F4A7C15ull) >> 40) & s->mask;
+    for (;;) {
+        struct kn_slotent *e = &s->table[i];
+        if (e->kind == 0)
+            return NULL;
+        if (e->addr == addr)
+            return e;
+        i = (i + 1) & s->mask;
+    }
+}
+
+void kn_hook(void *uc, uint32_t intno, void *user_data)
+{
+    struct kn_state *s = user_data;
+    if (intno == s->brk_intno && !(s->stopping && *s->stopping)) {
+        uint64_t pc;
+        s->reg_read(uc, s->pc_reg, &pc);
+        uint64_t addr = pc + (int64_t)s->pc_adjust;
+        struct kn_slotent *e = lookup(s, addr);
+        if (e && e->kind == KN_PROBE && s->current < 0) {
+            struct kn_probe *p = &s->probes[e->idx];
+            p->hits++;
+            charge(s, s->trap_fp, &s->trap_cycles);
+            if (!(p->flags & KN_BOOSTED))
+                s->current = (int32_t)e->idx;
+            s->reg_write(uc, s->pc_reg, &p->slot);
+            s->handled++;
+            return;
+        }
+        if (e && e->kind == KN_SS && s->current == (int32_t)e->idx
+                && !(s->probes[e->idx].flags & KN_PY_SS)) {
+            struct kn_probe *p = &s->probes[e->idx];
+            charge(s, s->step_fp, &s->step_cycles);
+            s->current = -1;
+            s->reg_write(uc, s->pc_reg, &p->resume);
+            s->handled++;
+            return;
+        }
+    }
+    s->deferred++;
+    s->fallback(uc, intno, s->fallback_data);
+}
+
+/* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags). Counters
+ * of the old table must have been taken first; `current` is reset. Returns 0 or -1. */
+int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
+{
+    uint32_t size = 16;
+    while (size < 4 * (n + 1))
+        size <<= 1;
+    struct kn_slotent *table = calloc(size, sizeof *table);
+    struct kn_probe *probes = calloc(n ? n : 1, sizeof *probes);
+    if (!table || !probes) {
+        free(table);
+        free(probes);
+        return -1;
+    }
+    free(s->table);
+    free(s->probes);
+    s->table = table, s->probes = probes, s->mask = size - 1, s->nprobes = n;
+    for (uint32_t k = 0; k < n; k++) {
+        const uint64_t *r = rows + 5 * k;
+        struct kn_probe *p = &probes[k];
+        p->addr = r[0], p->slot = r[1], p->resume = r[2], p->ss_trap = r[3];
+        p->flags = (uint32_t)r[4];
+        uint64_t keys[2] = { p->addr, p->ss_trap };
+        for (int j = 0; j < 2; j++) {
+            if (j == 1 && (p->flags & KN_BOOSTED))
+                break;
+            uint32_t i = (uint32_t)((keys[j] * 0x9E3779B97F4A7C15ull) >> 40) & s->mask;
+            while (table[i].kind)
+                i = (i + 1) & s->mask;
+            table[i].addr = keys[j], table[i].kind = j ? KN_SS : KN_PROBE, table[i].idx = k;
+        }
+    }
+    return 0;
+}
+
+void kn_free(struct kn_state *s)
+{
+    free(s->table);
+    free(s->probes);
+    s->table = NULL, s->probes = NULL, s->nprobes = 0, s->mask = 0;
+}
