@@ -25,7 +25,8 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import KN_BOOSTED, KN_PY_SS, NativeDispatch, dispatch_of
+from probes.native import (KN_BOOSTED, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
+                           dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
@@ -149,7 +150,9 @@ class Kprobes:
         self.native: NativeDispatch | None = None
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
-            self.native = dispatch_of(machine, trap, getattr(self.arch, "trap_pc_adjust", 0))
+            sim_regs = getattr(self.arch, "native_sim_regs", None)
+            self.native = dispatch_of(machine, trap, getattr(self.arch, "trap_pc_adjust", 0),
+                                      sim_regs() if sim_regs is not None else None)
             if self.native is not None:
                 self.native.set_table([])       # a new layer: forget an old one's probes
 
@@ -429,19 +432,26 @@ class Kprobes:
                 self._arm(p)
 
     # --- the C hit path (probes/native) -----------------------------------------------------
-    def native_flags(self, p: Kprobe) -> int | None:
-        """How C serves probe `p` (KN_* flags), or None if its hits need Python: a handler,
-        an aggregator, a simulation, an optimized or ftrace probe, a disarmed one."""
+    def native_row(self, p: Kprobe) -> tuple[Kprobe, int, NativeSim] | None:
+        """How C serves probe `p` (KN_* flags and the simulation), or None if its hits need
+        Python: a handler, an aggregator, an optimized or ftrace probe, a disarmed one, an
+        instruction C does not simulate (x86 emulation, arm64 literal loads)."""
         a = p.ainsn
         if (p.is_aggr or p.pre_handler or p.post_handler or p.fault_handler or p.disabled()
                 or p.flags & KPROBE_FLAG_OPTIMIZED or a is None or not a.armed or a.ftrace
-                or a.optimized or a.handler is not None or a.slot is None):
+                or a.optimized):
+            return None
+        if a.handler is not None:
+            native_sim = getattr(self.arch, "native_sim", None)
+            sim = native_sim(p) if native_sim is not None else None
+            return None if sim is None else (p, 0, sim)
+        if a.slot is None:
             return None
         if a.boosted:
-            return KN_BOOSTED
+            return p, KN_BOOSTED, NO_SIM
         if self.arch.boost_supported and a.boostable and not self.preemptible:
-            return KN_PY_SS                     # the first step boosts: Python does that
-        return 0
+            return p, KN_PY_SS, NO_SIM          # the first step boosts: Python does that
+        return p, 0, NO_SIM
 
     def sync_native(self) -> None:
         """Hand C the probes it can serve (after any change of the table or a probe)."""
@@ -449,7 +459,7 @@ class Kprobes:
         if native is None:
             return
         self._take_native_current()
-        rows = [(p, f) for p in self.table.values() if (f := self.native_flags(p)) is not None]
+        rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
         native.set_table(rows)
 
     def _take_native_current(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from enum import IntEnum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,6 +26,24 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("kprobe_native.c")
 KN_BOOSTED, KN_PY_SS = 1, 2
+ROW = 8                        # uint64 per row of kn_set_table
+
+
+class Sim(IntEnum):
+    """arm64 simulations C runs (enum SIM_* of kprobe_native.c); `aux` packs the register
+    (bits 0-7), the condition (8-11), the tested bit (16-21) and the AUX_* flags."""
+    NONE = 0
+    B = 1
+    BL = 2
+    BCOND = 3
+    CBZ = 4
+    TBZ = 5
+    ADR = 6
+    BR = 7
+
+
+AUX_X64, AUX_NZ, AUX_LINK = 1 << 24, 1 << 25, 1 << 26
+NativeSim = tuple[Sim, int, int]        # (kind, imm: target or value, aux)
 HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bool, begin, end, callback
 
 
@@ -44,13 +63,15 @@ class KnState(ctypes.Structure):
         ("pc_reg", ctypes.c_int32), ("pc_adjust", ctypes.c_int32), ("brk_intno", ctypes.c_uint32),
         ("current", ctypes.c_int32), ("mask", ctypes.c_uint32), ("nprobes", ctypes.c_uint32),
         ("table", ctypes.c_void_p), ("probes", ctypes.c_void_p),
-        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p)]
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p),
+        ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32)]
 
 
 class KnProbe(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
-        ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+        ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
+        ("aux", ctypes.c_uint64)]
 
 
 class NativeAcc(ctypes.Structure):
@@ -161,16 +182,18 @@ class NativeDispatch:
         costs = self.m.clock.costs
         self.st.trap_fp, self.st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
 
-    def set_table(self, rows: list[tuple["Kprobe", int]]) -> None:
-        """Replace the owned probes: (probe, flags) pairs; counters are folded first."""
+    def set_table(self, rows: list[tuple["Kprobe", int, NativeSim]]) -> None:
+        """Replace the owned probes: (probe, KN_* flags, simulation) rows; counters are
+        folded first. An out-of-line probe has Sim.NONE and a slot; a simulated one none."""
         self.fold_counts()
-        flat = (ctypes.c_uint64 * max(1, 5 * len(rows)))()
-        for i, (p, flags) in enumerate(rows):
+        flat = (ctypes.c_uint64 * max(1, ROW * len(rows)))()
+        for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
             a = p.ainsn
-            flat[5 * i:5 * i + 5] = [p.addr, a.slot, p.addr + a.length, a.ss_trap, flags]
+            flat[ROW * i:ROW * i + ROW] = [p.addr, a.slot or 0, p.addr + a.length, a.ss_trap or 0,
+                                           flags, sim, imm & (2**64 - 1), aux]
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
-        self.probes = [p for p, _ in rows]
+        self.probes = [p for p, _f, _s in rows]
 
     def fold_counts(self) -> None:
         """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
@@ -196,8 +219,10 @@ class NativeDispatch:
 _DISPATCH: "weakref.WeakKeyDictionary[Machine, NativeDispatch]" = weakref.WeakKeyDictionary()
 
 
-def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int) -> NativeDispatch | None:
-    """The machine's C dispatcher, installed on first use; None on the Python path."""
+def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
+                sim_regs: tuple[list[int], int] | None = None) -> NativeDispatch | None:
+    """The machine's C dispatcher, installed on first use; None on the Python path.
+    `sim_regs`: the Unicorn ids of x0..x30 and NZCV where the arch simulates (arm64)."""
     d = _DISPATCH.get(m)
     if d is not None or not enabled():
         return d
@@ -214,6 +239,9 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int) -> NativeDispatch
     slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
     st.fallback, st.fallback_data = slots[0], slots[1]
     st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno
+    if sim_regs is not None:
+        xregs, st.nzcv_reg = sim_regs
+        st.xregs[:len(xregs)] = xregs
     clock = m.clock
     acc, by = clock.acc, clock.by_reason
     clock.__class__ = NativeClock
@@ -240,3 +268,6 @@ def _python_intr_hook(m: "Machine") -> int | None:
     callback = ctypes.c_void_p.from_address(handle + HOOK_CALLBACK_OFFSET).value
     head = (ctypes.c_int * 1).from_address(handle)[0]
     return handle if callback in known and head == UC.UC_HOOK_INTR else None
+
+
+NO_SIM: NativeSim = (Sim.NONE, 0, 0)

@@ -14,10 +14,23 @@ typedef void (*intr_cb)(void *uc, uint32_t intno, void *user_data);
 enum { KN_PROBE = 1, KN_SS = 2 };
 enum { KN_BOOSTED = 1, KN_PY_SS = 2 };     /* slot jumps back; step trap goes to Python */
 
+/* arm64 simulation (simulate-insn.c) from operands decoded at registration. aux packs the
+ * register (bits 0-7), the condition (8-11), the tested bit (16-21) and flags (24-26). */
+enum { SIM_NONE, SIM_B, SIM_BL, SIM_BCOND, SIM_CBZ, SIM_TBZ, SIM_ADR, SIM_BR };
+#define AUX_REG(a) ((a) & 0xff)
+#define AUX_COND(a) (((a) >> 8) & 0xf)
+#define AUX_BIT(a) (((a) >> 16) & 0x3f)
+#define AUX_X64 (1u << 24)                  /* cbz/cbnz on an X register */
+#define AUX_NZ (1u << 25)                   /* cbnz/tbnz: taken when non-zero / set */
+#define AUX_LINK (1u << 26)                 /* blr: x30 = addr + 4 */
+#define ROW 8                               /* uint64 per row of kn_set_table */
+
 struct kn_probe {
     uint64_t addr, slot, resume, ss_trap;
     uint64_t hits, nmissed;                 /* since Python last took them */
-    uint32_t flags, pad;
+    uint32_t flags, sim;
+    uint64_t imm;                           /* branch target / ADR(P) value */
+    uint64_t aux;
 };
 
 struct kn_slotent { uint64_t addr; uint32_t kind, idx; };
@@ -39,7 +52,74 @@ struct kn_state {
     struct kn_probe *probes;
     uint64_t handled, deferred;
     uint32_t *stopping;                     /* nonzero: the run ended, defer everything */
+    int32_t xregs[32];                      /* Unicorn ids of x0..x30 (arm64) */
+    int32_t nzcv_reg;
 };
+
+static uint64_t get_x(struct kn_state *s, void *uc, uint32_t n)
+{
+    uint64_t v = 0;
+    if (n != 31)
+        s->reg_read(uc, s->xregs[n], &v);
+    return v;
+}
+
+static void set_x(struct kn_state *s, void *uc, uint32_t n, uint64_t v)
+{
+    if (n != 31)
+        s->reg_write(uc, s->xregs[n], &v);
+}
+
+static int condition_holds(uint32_t cond, uint64_t nzcv)
+{
+    int n = (nzcv >> 31) & 1, z = (nzcv >> 30) & 1, c = (nzcv >> 29) & 1, v = (nzcv >> 28) & 1;
+    int base;
+    switch (cond >> 1) {
+    case 0: base = z; break;
+    case 1: base = c; break;
+    case 2: base = n; break;
+    case 3: base = v; break;
+    case 4: base = c && !z; break;
+    case 5: base = n == v; break;
+    case 6: base = !z && n == v; break;
+    default: return 1;                      /* AL, NV */
+    }
+    return (cond & 1) ? !base : base;
+}
+
+/* The simulated instruction's effect; returns the next pc. */
+static uint64_t simulate(struct kn_state *s, void *uc, const struct kn_probe *p)
+{
+    uint32_t aux = (uint32_t)p->aux, r = AUX_REG(aux);
+    uint64_t next = p->addr + 4, v, nzcv = 0;
+    switch (p->sim) {
+    case SIM_BL:
+        set_x(s, uc, 30, next);
+        /* fall through */
+    case SIM_B:
+        return p->imm;
+    case SIM_BCOND:
+        s->reg_read(uc, s->nzcv_reg, &nzcv);
+        return condition_holds(AUX_COND(aux), nzcv) ? p->imm : next;
+    case SIM_CBZ:
+        v = get_x(s, uc, r);
+        if (!(aux & AUX_X64))
+            v &= 0xffffffffu;
+        return ((v != 0) == !!(aux & AUX_NZ)) ? p->imm : next;
+    case SIM_TBZ:
+        v = (get_x(s, uc, r) >> AUX_BIT(aux)) & 1;
+        return (v == !!(aux & AUX_NZ)) ? p->imm : next;
+    case SIM_ADR:
+        set_x(s, uc, r, p->imm);
+        return next;
+    case SIM_BR:
+        v = get_x(s, uc, r);                /* read before BLR writes x30 */
+        if (aux & AUX_LINK)
+            set_x(s, uc, 30, next);
+        return v;
+    }
+    return next;
+}
 
 static void charge(struct kn_state *s, uint64_t n_fp, uint64_t *acc)
 {
@@ -75,6 +155,12 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
             struct kn_probe *p = &s->probes[e->idx];
             p->hits++;
             charge(s, s->trap_fp, &s->trap_cycles);
+            if (p->sim != SIM_NONE) {       /* simulated: done right here, no slot */
+                uint64_t next = simulate(s, uc, p);
+                s->reg_write(uc, s->pc_reg, &next);
+                s->handled++;
+                return;
+            }
             if (!(p->flags & KN_BOOSTED))
                 s->current = (int32_t)e->idx;
             s->reg_write(uc, s->pc_reg, &p->slot);
@@ -95,7 +181,8 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
     s->fallback(uc, intno, s->fallback_data);
 }
 
-/* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags). Counters
+/* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags, sim, imm,
+ * aux). Counters
  * of the old table must have been taken first; `current` is reset. Returns 0 or -1. */
 int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
 {
@@ -113,13 +200,13 @@ int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
     free(s->probes);
     s->table = table, s->probes = probes, s->mask = size - 1, s->nprobes = n;
     for (uint32_t k = 0; k < n; k++) {
-        const uint64_t *r = rows + 5 * k;
+        const uint64_t *r = rows + ROW * k;
         struct kn_probe *p = &probes[k];
         p->addr = r[0], p->slot = r[1], p->resume = r[2], p->ss_trap = r[3];
-        p->flags = (uint32_t)r[4];
+        p->flags = (uint32_t)r[4], p->sim = (uint32_t)r[5], p->imm = r[6], p->aux = r[7];
         uint64_t keys[2] = { p->addr, p->ss_trap };
         for (int j = 0; j < 2; j++) {
-            if (j == 1 && (p->flags & KN_BOOSTED))
+            if (j == 1 && ((p->flags & KN_BOOSTED) || p->sim != SIM_NONE))
                 break;
             uint32_t i = (uint32_t)((keys[j] * 0x9E3779B97F4A7C15ull) >> 40) & s->mask;
             while (table[i].kind)
