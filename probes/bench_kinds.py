@@ -1,6 +1,6 @@
 """The probe kinds of the kernel's overhead table (Documentation/trace/kprobes.rst), as
 `emu bench` places them: k (kprobe), k0 and b0 (k and b with no Python handler: a hit
-counter only, served by the C hit path of probes/native), b (boosted), o (optimized), f (on an ftrace site),
+counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
 r (kretprobe), rb, ro, kr (kprobe + kretprobe on one function).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
@@ -14,7 +14,7 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "k0", "b", "b0", "o", "f", "r", "rb", "ro", "kr")
+KINDS = ("k", "k0", "b", "b0", "o", "o0", "f", "r", "rb", "ro", "kr")
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -26,6 +26,7 @@ KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "b": ("hotloop", "hot_leaf", "hot_call", 2000),
     "b0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "o": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "o0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "f": ("recurse.ftrace", "fib", "fib", 15),
     "r": ("hotloop", "hot_leaf", "hot_call", 2000),
     "rb": ("hotloop", "hot_leaf", "hot_call", 2000),
@@ -129,12 +130,12 @@ def _setup_kind(kind: str, lab, func: str) -> list:
     if kind == "b0":
         _need_boost(lab, kind)
         return [_kprobe(lab, func, handler=False)]
-    if kind == "o":
+    if kind in ("o", "o0"):
         opt = enable_optprobes(kp)
-        p = _kprobe(lab, func)
+        p = _kprobe(lab, func, handler=kind == "o")
         opt.kick_kprobe_optimizer()
         if not p.ainsn.optimized:
-            raise NotImplementedError(f"o: {func} cannot be optimized: {p.ainsn.opt_reason}")
+            raise NotImplementedError(f"{kind}: {func} cannot be optimized: {p.ainsn.opt_reason}")
         return [p]
     if kind == "f":
         p = _kprobe(lab, func)

@@ -461,6 +461,15 @@ class Kprobes:
         self._take_native_current()
         rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
         native.set_table(rows)
+        native.serve_detours([(oi.handle, p, self._detour_counts_only(p))
+                              for p in self.table.values()
+                              if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
+                              and oi.handle is not None])
+
+    @staticmethod
+    def _detour_counts_only(p: Kprobe) -> bool:
+        """optimized_callback has nothing to call for `p`: C counts the hit."""
+        return not (p.is_aggr or p.pre_handler or p.disabled())
 
     def _take_native_current(self) -> None:
         """A probe C is stepping becomes the kcb's current one (Python takes over)."""

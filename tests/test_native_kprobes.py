@@ -158,3 +158,38 @@ def test_kprobe_suites_pass_on_the_python_path():
 
 
 
+
+
+def _optimized_run(arch: str, native: bool, monkeypatch, handler_at: int | None = None) -> dict:
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
+    from probes.optprobes import enable_optprobes
+    lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    lab.machine.enable_cycle_model()
+    opt = enable_optprobes(lab.kprobes)
+    p = Kprobe(symbol_name="hot_leaf")
+    lab.kprobes.register_kprobe(p)
+    opt.kick_kprobe_optimizer()
+    assert p.ainsn.optimized
+    calls = []
+    for i in range(3):
+        if i == handler_at:          # a handler given to an optimized probe mid-way
+            p.pre_handler = lambda kp, regs: calls.append(1) and 0
+        lab.call("hot_call", 50)
+    lab.kprobes.probes()
+    native_state = lab.kprobes.native
+    return {"hits": p.hits, "nmissed": p.nmissed, "calls": len(calls),
+            "cycles": lab.machine.clock.cycles, "breakdown": lab.machine.clock.breakdown(),
+            "handled": native_state.st.handled if native_state is not None else None}
+
+
+@needs_native
+@pytest.mark.parametrize("handler_at", [None, 1])
+def test_optimized_detour_counts_in_c(arch, handler_at, monkeypatch):
+    native = _optimized_run(arch, True, monkeypatch, handler_at)
+    python = _optimized_run(arch, False, monkeypatch, handler_at)
+    handled = native.pop("handled")
+    assert python.pop("handled") is None
+    assert native == python
+    assert native["hits"] == 150 and native["breakdown"]["detour"] > 0
+    assert native["calls"] == (0 if handler_at is None else 100)
+    assert handled == (150 if handler_at is None else 50)   # C counted the handler-less hits

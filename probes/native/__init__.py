@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from emu.clock import STEP, TRAP, Accumulator, Clock, Reason
+from emu.clock import DETOUR, FP_MAX, FP_SHIFT, STEP, TRAP, Clock, Reason
 from emu.cycles.native import build, cache_dir
-from emu.ucfast import INTR_CB, lib_symbol
+from emu.ucfast import CODE_CB, INTR_CB, lib_symbol
 from unicorn import unicorn_const as UC
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ class KnState(ctypes.Structure):
         ("current", ctypes.c_int32), ("mask", ctypes.c_uint32), ("nprobes", ctypes.c_uint32),
         ("table", ctypes.c_void_p), ("probes", ctypes.c_void_p),
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p),
-        ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32)]
+        ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
+        ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64)]
 
 
 class KnProbe(ctypes.Structure):
@@ -72,6 +73,17 @@ class KnProbe(ctypes.Structure):
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
         ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
         ("aux", ctypes.c_uint64)]
+
+
+class KnDetour(ctypes.Structure):
+    """struct kn_detour: one optprobe detour's host entry."""
+    hits: int
+    nmissed: int
+    native: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
+        ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
+        ("native", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class NativeAcc(ctypes.Structure):
@@ -148,19 +160,40 @@ class NativeClock(Clock):
     def by_reason(self) -> dict[str, int]:
         by: dict[str, int] = self.__dict__["_by_reason"]
         st = self.native.st
-        if st.trap_cycles or st.step_cycles:
-            if st.trap_cycles:
-                by[TRAP] = by.get(TRAP, 0) + st.trap_cycles
-            if st.step_cycles:
-                by[STEP] = by.get(STEP, 0) + st.step_cycles
-            st.trap_cycles = st.step_cycles = 0
+        if st.trap_cycles or st.step_cycles or st.detour_cycles:
+            for reason, n in ((TRAP, st.trap_cycles), (STEP, st.step_cycles),
+                              (DETOUR, st.detour_cycles)):
+                if n:
+                    by[reason] = by.get(reason, 0) + n
+            st.trap_cycles = st.step_cycles = st.detour_cycles = 0
         return by
 
     @by_reason.setter
     def by_reason(self, value: dict[str, int]) -> None:
         st = self.native.st
-        st.trap_cycles = st.step_cycles = 0     # a restore: what C charged is gone with it
+        st.trap_cycles = st.step_cycles = st.detour_cycles = 0  # a restore: C's charges go too
         self.__dict__["_by_reason"] = value
+
+    # The hit path's charges, as Clock's, without the folding getters (C's share is added
+    # whenever `by_reason` is read; sums commute).
+    def charge(self, reason: Reason, times: int = 1) -> None:
+        d = self.__dict__
+        n = self.costs[reason] * times
+        acc = d["_acc"]
+        fp = acc.fp + (n << FP_SHIFT)
+        acc.fp = fp if fp < FP_MAX else FP_MAX
+        by = d["_by_reason"]
+        by[reason] = by.get(reason, 0) + n
+
+    def charge2(self, reason1: Reason, reason2: Reason) -> None:
+        d, costs = self.__dict__, self.costs
+        n1, n2 = costs[reason1], costs[reason2]
+        acc = d["_acc"]
+        fp = acc.fp + ((n1 + n2) << FP_SHIFT)
+        acc.fp = fp if fp < FP_MAX else FP_MAX
+        by = d["_by_reason"]
+        by[reason1] = by.get(reason1, 0) + n1
+        by[reason2] = by.get(reason2, 0) + n2
 
     def set_costs(self, costs: Any, trap_parts: Any = None) -> None:
         super().set_costs(costs, trap_parts)
@@ -177,10 +210,53 @@ class NativeDispatch:
     lib: ctypes.CDLL
     st: KnState = field(default_factory=KnState)
     probes: list["Kprobe"] = field(default_factory=list)
+    # optprobe detours: hook handle -> (its record, the probe); records of deleted hooks
+    # stay alive (`gone`) as Unicorn frees a hook only later.
+    detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
+    gone: list[KnDetour] = field(default_factory=list)
 
     def mirror_costs(self) -> None:
-        costs = self.m.clock.costs
-        self.st.trap_fp, self.st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
+        costs, st = self.m.clock.costs, self.st
+        st.trap_fp, st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
+        st.detour_fp = costs[Reason.DETOUR] << 8
+
+    def serve_detours(self, rows: list[tuple[int, "Kprobe", bool]]) -> None:
+        """Optprobe detours: (host entry hook handle, probe, counted in C?). The first time
+        a handle is seen its Python callback is swapped for C's, which calls it back for
+        probes that are not counted in C."""
+        self.fold_detours()
+        live = {h for h, _p, _n in rows}
+        for h in [h for h in self.detours if h not in live]:
+            self.gone.append(self.detours.pop(h)[0])
+        for handle, p, native in rows:
+            entry = self.detours.get(handle)
+            if entry is None:
+                rec = self._swap_detour_hook(handle)
+                if rec is None:
+                    continue
+                entry = self.detours[handle] = (rec, p)
+            entry[0].native = int(native)
+            self.detours[handle] = (entry[0], p)
+
+    def _swap_detour_hook(self, handle: int) -> KnDetour | None:
+        if handle not in self.m.hooks.installed:
+            return None
+        slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+        known = {ctypes.cast(c, ctypes.c_void_p).value for c in self.m.hooks._keep
+                 if isinstance(c, CODE_CB)}
+        if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
+            return None
+        rec = KnDetour(s=ctypes.addressof(self.st), orig=slots[0], orig_data=slots[1])
+        slots[1] = ctypes.addressof(rec)
+        slots[0] = ctypes.cast(self.lib.kn_detour_hook, ctypes.c_void_p).value
+        return rec
+
+    def fold_detours(self) -> None:
+        for rec, p in self.detours.values():
+            if rec.hits or rec.nmissed:
+                p.hits += rec.hits
+                p.nmissed += rec.nmissed
+                rec.hits = rec.nmissed = 0
 
     def set_table(self, rows: list[tuple["Kprobe", int, NativeSim]]) -> None:
         """Replace the owned probes: (probe, KN_* flags, simulation) rows; counters are
@@ -197,6 +273,7 @@ class NativeDispatch:
 
     def fold_counts(self) -> None:
         """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
+        self.fold_detours()
         if not self.probes or not self.st.probes:
             return
         rows = ctypes.cast(self.st.probes, ctypes.POINTER(KnProbe))

@@ -54,6 +54,7 @@ struct kn_state {
     uint32_t *stopping;                     /* nonzero: the run ended, defer everything */
     int32_t xregs[32];                      /* Unicorn ids of x0..x30 (arm64) */
     int32_t nzcv_reg;
+    uint64_t detour_fp, detour_cycles;      /* optprobe detours: cost, charged since fold */
 };
 
 static uint64_t get_x(struct kn_state *s, void *uc, uint32_t n)
@@ -222,4 +223,32 @@ void kn_free(struct kn_state *s)
     free(s->table);
     free(s->probes);
     s->table = NULL, s->probes = NULL, s->nprobes = 0, s->mask = 0;
+}
+
+/* The optprobe detour's host entry (a CODE hook on the detour's first byte): a probe with
+ * no Python handler is counted here; otherwise the Python entry the hook had runs. */
+typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
+
+struct kn_detour {
+    struct kn_state *s;
+    code_cb orig;                           /* the Python host entry */
+    void *orig_data;
+    uint64_t hits, nmissed;                 /* since Python last took them */
+    uint32_t native, pad;                   /* 0: call `orig` */
+};
+
+void kn_detour_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    struct kn_detour *d = user_data;
+    struct kn_state *s = d->s;
+    if (!d->native) {
+        d->orig(uc, addr, size, d->orig_data);
+        return;
+    }
+    charge(s, s->detour_fp, &s->detour_cycles);
+    if (s->current >= 0)                    /* a probe is being stepped: reentry */
+        d->nmissed++;
+    else
+        d->hits++;
+    s->handled++;
 }
