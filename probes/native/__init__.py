@@ -145,7 +145,7 @@ class NativeClock(Clock):
 
     native: "NativeDispatch"
 
-    @property  # type: ignore[override]
+    @property
     def acc(self) -> Any:
         return self.__dict__["_acc"]
 
@@ -156,7 +156,7 @@ class NativeClock(Clock):
         self.__dict__["_acc"] = value
         self.native.st.fp = ctypes.addressof(value) + type(value).fp.offset
 
-    @property  # type: ignore[override]
+    @property
     def by_reason(self) -> dict[str, int]:
         by: dict[str, int] = self.__dict__["_by_reason"]
         st = self.native.st
@@ -264,8 +264,8 @@ class NativeDispatch:
         self.fold_counts()
         flat = (ctypes.c_uint64 * max(1, ROW * len(rows)))()
         for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
-            a = p.ainsn
-            flat[ROW * i:ROW * i + ROW] = [p.addr, a.slot or 0, p.addr + a.length, a.ss_trap or 0,
+            a, addr = p.ainsn, p.addr or 0
+            flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
                                            flags, sim, imm & (2**64 - 1), aux]
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
@@ -312,7 +312,10 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     d = NativeDispatch(m, lib)
     st = d.st
     st.current = -1
-    st.reg_read, st.reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+    reg_read, reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+    if reg_read is None or reg_write is None:
+        return None
+    st.reg_read, st.reg_write = reg_read, reg_write
     slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
     st.fallback, st.fallback_data = slots[0], slots[1]
     st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno
