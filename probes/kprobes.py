@@ -25,7 +25,7 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import (KN_BOOSTED, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
+from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
                            dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
@@ -148,6 +148,7 @@ class Kprobes:
         machine.fault_notifiers.append(self._on_fault)
         # The C hit path (probes/native): owns the traps of probes with no Python handler.
         self.native: NativeDispatch | None = None
+        self._native_gen = 0                    # bumped at every sync_native
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
             sim_regs = getattr(self.arch, "native_sim_regs", None)
@@ -155,6 +156,7 @@ class Kprobes:
                                       sim_regs() if sim_regs is not None else None)
             if self.native is not None:
                 self.native.set_table([])       # a new layer: forget an old one's probes
+                self.native.set_pre_entry(self._native_pre_handler)
 
     # --- registration -----------------------------------------------------------------------
     def register_kprobe(self, p: Kprobe) -> None:
@@ -437,21 +439,42 @@ class Kprobes:
         Python: a handler, an aggregator, an optimized or ftrace probe, a disarmed one, an
         instruction C does not simulate (x86 emulation, arm64 literal loads)."""
         a = p.ainsn
-        if (p.is_aggr or p.pre_handler or p.post_handler or p.fault_handler or p.disabled()
+        if (p.is_aggr or p.post_handler or p.fault_handler or p.disabled()
                 or p.flags & KPROBE_FLAG_OPTIMIZED or a is None or not a.armed or a.ftrace
                 or a.optimized):
             return None
+        pre = KN_PRE if p.pre_handler is not None else 0
         if a.handler is not None:
             native_sim = getattr(self.arch, "native_sim", None)
             sim = native_sim(p) if native_sim is not None else None
-            return None if sim is None else (p, 0, sim)
+            return None if sim is None else (p, pre, sim)
         if a.slot is None:
             return None
         if a.boosted:
-            return p, KN_BOOSTED, NO_SIM
+            return p, pre | KN_BOOSTED, NO_SIM
         if self.arch.boost_supported and a.boostable and not self.preemptible:
-            return p, KN_PY_SS, NO_SIM          # the first step boosts: Python does that
-        return p, 0, NO_SIM
+            return p, pre | KN_PY_SS, NO_SIM    # the first step boosts: Python does that
+        return p, pre, NO_SIM
+
+    def _native_pre_handler(self, row: int) -> int:
+        """C took the trap of a probe whose only handler is a Python pre handler (TRAP and
+        HANDLER charged there): run it as kprobe_handler would; 1 if the hit is complete
+        (the handler set ip, or changed the probe table, so Python finishes the step)."""
+        assert self.native is not None
+        p, kcb, gen = self.native.probes[row], self.kcb, self._native_gen
+        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+        p.hits += 1
+        regs = PtRegs(self.m, _at(p) + self.ip_offset)
+        if p.pre_handler is not None and p.pre_handler(p, regs):
+            regs.flush()
+            kcb.current, kcb.status = None, 0
+            return 1
+        if gen != self._native_gen:             # C's table (and its row) was replaced
+            self._setup_singlestep(p, regs, reenter=False)
+            return 1
+        regs.flush()
+        kcb.current, kcb.status = None, 0
+        return 0
 
     def sync_native(self) -> None:
         """Hand C the probes it can serve (after any change of the table or a probe)."""
@@ -459,6 +482,7 @@ class Kprobes:
         if native is None:
             return
         self._take_native_current()
+        self._native_gen += 1
         rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
         native.set_table(rows)
         native.serve_detours([(oi.handle, p, self._detour_counts_only(p))

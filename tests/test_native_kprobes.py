@@ -50,17 +50,27 @@ def _probe_every_insn(lab: ProbeLab, prefix: str = "") -> list[Kprobe]:
     return done
 
 
-def _summary(arch: str, elf: str, prefix: str, native: bool, monkeypatch) -> dict:
+def _summary(arch: str, elf: str, prefix: str, native: bool, monkeypatch,
+             handlers: bool = False) -> dict:
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
     lab = ProbeLab.load(str(firmware_elf(arch, elf)))
     lab.machine.enable_cycle_model()
     probes = _probe_every_insn(lab, prefix)
+    seen: list[tuple] = []
+    if handlers:                 # every probe records what its pre handler sees
+        def pre(p, regs):
+            seen.append((p.addr, regs.ip, regs.sp, regs.return_value, p.hits,
+                         lab.kprobes.kcb.current is p))
+            return 0
+        for p in probes:
+            p.pre_handler = pre
     res = lab.run(timeout=120)
     kp = lab.kprobes
     kp.probes()                                  # folds the C counters
     out = {"exit": res.exit_code, "stdout": lab.stdout, "cycles": lab.machine.clock.cycles,
            "breakdown": lab.machine.clock.breakdown(),
-           "probes": [(p.addr, p.hits, p.nmissed, p.ainsn.kind, p.ainsn.boosted) for p in probes]}
+           "probes": [(p.addr, p.hits, p.nmissed, p.ainsn.kind, p.ainsn.boosted) for p in probes],
+           "seen": seen}
     native_state = kp.native
     if native:
         assert native_state is not None
@@ -73,15 +83,18 @@ def _summary(arch: str, elf: str, prefix: str, native: bool, monkeypatch) -> dic
 
 
 @needs_native
+@pytest.mark.parametrize("handlers", [False, True], ids=["counters", "pre-handlers"])
 @pytest.mark.parametrize("elf,prefix", [("insns", "t_"), ("recurse", "")])
-def test_native_path_gives_the_python_results(arch, elf, prefix, monkeypatch):
-    native = _summary(arch, elf, prefix, True, monkeypatch)
-    python = _summary(arch, elf, prefix, False, monkeypatch)
+def test_native_path_gives_the_python_results(arch, elf, prefix, handlers, monkeypatch):
+    native = _summary(arch, elf, prefix, True, monkeypatch, handlers)
+    python = _summary(arch, elf, prefix, False, monkeypatch, handlers)
     handled, simulated, c_hits = (native.pop(k) for k in ("handled", "simulated_rows", "c_hits"))
     assert native == python
     hits = sum(h for _a, h, _n, _k, _b in native["probes"])
     assert hits > 100 and native["exit"] == 0
     assert 0 < c_hits <= hits and handled >= c_hits   # those hits all went through C
+    if handlers:
+        assert len(native["seen"]) == hits      # each hit ran its handler once, as in Python
     if arch == "arm64" and elf == "insns":
         assert simulated >= 10          # b, bl, b.cond, cbz, tbz, adr(p), br, blr, ret in C
 
@@ -193,3 +206,42 @@ def test_optimized_detour_counts_in_c(arch, handler_at, monkeypatch):
     assert native["hits"] == 150 and native["breakdown"]["detour"] > 0
     assert native["calls"] == (0 if handler_at is None else 100)
     assert handled == (150 if handler_at is None else 50)   # C counted the handler-less hits
+
+
+def test_pre_handler_that_sets_ip_skips_the_step(arch, hit_path):
+    """A pre handler returning 1 after moving ip: no single-step, execution goes there."""
+    lab = ProbeLab.from_asm(arch, {
+        "f": {"arm64": "mov x0, #1; mov x0, #2; ret", "x86_64": "mov eax, 1; mov eax, 2; ret"}[arch]})
+    p = Kprobe(symbol_name="f")
+    second = {"arm64": 4, "x86_64": 5}[arch]
+
+    def pre(kp, regs):
+        regs.return_value = 7
+        regs.ip = kp.addr + 2 * second            # skip both moves
+        return 1
+    p.pre_handler = pre
+    lab.kprobes.register_kprobe(p)
+    assert lab.call("f") == 7
+    assert p.hits == 1 and lab.kprobes.kcb.current is None
+
+
+def test_handler_unregistering_a_probe_mid_hit(arch, hit_path):
+    """A pre handler that changes the probe table while C holds the hit: Python finishes
+    the step, with the guest's results unchanged."""
+    lab = ProbeLab.load(str(firmware_elf(arch, "recurse")))
+    expected = ProbeLab.load(str(firmware_elf(arch, "recurse")))
+    expected.run()
+    other = Kprobe(symbol_name="sum_rec")
+    lab.kprobes.register_kprobe(other)
+    calls = []
+
+    def pre(kp, regs):
+        calls.append(1)
+        if len(calls) == 100:
+            lab.kprobes.unregister_kprobe(other)
+        return 0
+    p = Kprobe(symbol_name="fib", pre_handler=pre)
+    lab.kprobes.register_kprobe(p)
+    assert lab.run().exit_code == 0
+    assert lab.stdout == expected.stdout
+    assert len(calls) == p.hits > 1000

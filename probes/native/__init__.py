@@ -13,9 +13,9 @@ import weakref
 from enum import IntEnum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from emu.clock import DETOUR, FP_MAX, FP_SHIFT, STEP, TRAP, Clock, Reason
+from emu.clock import DETOUR, FP_MAX, FP_SHIFT, HANDLER, STEP, TRAP, Clock, Reason
 from emu.cycles.native import build, cache_dir
 from emu.ucfast import CODE_CB, INTR_CB, lib_symbol
 from unicorn import unicorn_const as UC
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from probes.kprobes import Kprobe
 
 SOURCE = Path(__file__).with_name("kprobe_native.c")
-KN_BOOSTED, KN_PY_SS = 1, 2
+KN_BOOSTED, KN_PY_SS, KN_PRE = 1, 2, 4
+PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
 ROW = 8                        # uint64 per row of kn_set_table
 
 
@@ -50,6 +51,8 @@ HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bo
 class KnState(ctypes.Structure):
     """struct kn_state of kprobe_native.c, field for field."""
     current: int
+    detour_cycles: int
+    handler_cycles: int
     trap_fp: int
     step_fp: int
     trap_cycles: int
@@ -65,7 +68,9 @@ class KnState(ctypes.Structure):
         ("table", ctypes.c_void_p), ("probes", ctypes.c_void_p),
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p),
         ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
-        ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64)]
+        ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
+        ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
+        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
 class KnProbe(ctypes.Structure):
@@ -160,18 +165,19 @@ class NativeClock(Clock):
     def by_reason(self) -> dict[str, int]:
         by: dict[str, int] = self.__dict__["_by_reason"]
         st = self.native.st
-        if st.trap_cycles or st.step_cycles or st.detour_cycles:
+        if st.trap_cycles or st.step_cycles or st.detour_cycles or st.handler_cycles:
             for reason, n in ((TRAP, st.trap_cycles), (STEP, st.step_cycles),
-                              (DETOUR, st.detour_cycles)):
+                              (DETOUR, st.detour_cycles), (HANDLER, st.handler_cycles)):
                 if n:
                     by[reason] = by.get(reason, 0) + n
-            st.trap_cycles = st.step_cycles = st.detour_cycles = 0
+            st.trap_cycles = st.step_cycles = st.detour_cycles = st.handler_cycles = 0
         return by
 
     @by_reason.setter
     def by_reason(self, value: dict[str, int]) -> None:
         st = self.native.st
-        st.trap_cycles = st.step_cycles = st.detour_cycles = 0  # a restore: C's charges go too
+        # a restore: what C charged goes with the old dict
+        st.trap_cycles = st.step_cycles = st.detour_cycles = st.handler_cycles = 0
         self.__dict__["_by_reason"] = value
 
     # The hit path's charges, as Clock's, without the folding getters (C's share is added
@@ -214,11 +220,18 @@ class NativeDispatch:
     # stay alive (`gone`) as Unicorn frees a hook only later.
     detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
     gone: list[KnDetour] = field(default_factory=list)
+    _pre: Any = None                     # the ctypes callback C calls (kept alive here)
 
     def mirror_costs(self) -> None:
         costs, st = self.m.clock.costs, self.st
         st.trap_fp, st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
-        st.detour_fp = costs[Reason.DETOUR] << 8
+        st.detour_fp, st.handler_fp = costs[Reason.DETOUR] << 8, costs[Reason.HANDLER] << 8
+
+    def set_pre_entry(self, fn: Callable[[int], int]) -> None:
+        """`fn(row)` runs the Python pre handler of a KN_PRE row; 1 if it set pc itself.
+        Its exceptions stop the run and are raised after it, as every hook's are."""
+        self._pre = PRE_CB(self.m.hooks._guard(fn, default=1))
+        self.st.pre = self._pre
 
     def serve_detours(self, rows: list[tuple[int, "Kprobe", bool]]) -> None:
         """Optprobe detours: (host entry hook handle, probe, counted in C?). The first time

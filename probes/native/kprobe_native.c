@@ -12,7 +12,9 @@ typedef int (*reg_fn)(void *uc, int regid, void *value);
 typedef void (*intr_cb)(void *uc, uint32_t intno, void *user_data);
 
 enum { KN_PROBE = 1, KN_SS = 2 };
-enum { KN_BOOSTED = 1, KN_PY_SS = 2 };     /* slot jumps back; step trap goes to Python */
+enum { KN_BOOSTED = 1, KN_PY_SS = 2, KN_PRE = 4 };  /* slot jumps back; step trap goes to
+                                                   * Python; a Python pre handler to call */
+typedef int (*pre_cb)(uint32_t idx);        /* the Python pre handler of row idx: 1 = handled */
 
 /* arm64 simulation (simulate-insn.c) from operands decoded at registration. aux packs the
  * register (bits 0-7), the condition (8-11), the tested bit (16-21) and flags (24-26). */
@@ -55,6 +57,10 @@ struct kn_state {
     int32_t xregs[32];                      /* Unicorn ids of x0..x30 (arm64) */
     int32_t nzcv_reg;
     uint64_t detour_fp, detour_cycles;      /* optprobe detours: cost, charged since fold */
+    pre_cb pre;
+    uint64_t handler_fp, handler_cycles;
+    uint32_t py_busy;                       /* a Python handler runs: every trap is reentry */
+    uint32_t pad2;
 };
 
 static uint64_t get_x(struct kn_state *s, void *uc, uint32_t n)
@@ -152,10 +158,21 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
         s->reg_read(uc, s->pc_reg, &pc);
         uint64_t addr = pc + (int64_t)s->pc_adjust;
         struct kn_slotent *e = lookup(s, addr);
-        if (e && e->kind == KN_PROBE && s->current < 0) {
+        if (e && e->kind == KN_PROBE && s->current < 0 && !s->py_busy) {
             struct kn_probe *p = &s->probes[e->idx];
-            p->hits++;
+            if (!(p->flags & KN_PRE))       /* else Python counts: its handler may look */
+                p->hits++;
             charge(s, s->trap_fp, &s->trap_cycles);
+            if (p->flags & KN_PRE) {
+                charge(s, s->handler_fp, &s->handler_cycles);
+                s->py_busy++;
+                int done = s->pre(e->idx);  /* it set pc itself: no step */
+                s->py_busy--;
+                if (done) {
+                    s->handled++;
+                    return;
+                }
+            }
             if (p->sim != SIM_NONE) {       /* simulated: done right here, no slot */
                 uint64_t next = simulate(s, uc, p);
                 s->reg_write(uc, s->pc_reg, &next);
@@ -168,7 +185,7 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
             s->handled++;
             return;
         }
-        if (e && e->kind == KN_SS && s->current == (int32_t)e->idx
+        if (e && e->kind == KN_SS && s->current == (int32_t)e->idx && !s->py_busy
                 && !(s->probes[e->idx].flags & KN_PY_SS)) {
             struct kn_probe *p = &s->probes[e->idx];
             charge(s, s->step_fp, &s->step_cycles);
