@@ -1,5 +1,5 @@
 """The probe kinds of the kernel's overhead table (Documentation/trace/kprobes.rst), as
-`emu bench` places them: k (kprobe), k0 and b0 (k and b with no Python handler: a hit
+`emu bench` places them: k (kprobe), kp (k with an empty pre handler only), k0 and b0 (k and b with no Python handler: a hit
 counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
 r (kretprobe), rb, ro, kr (kprobe + kretprobe on one function).
 
@@ -14,7 +14,7 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "k0", "b", "b0", "o", "o0", "f", "r", "rb", "ro", "kr")
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "r", "rb", "ro", "kr")
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -22,6 +22,7 @@ ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAME
 # calls hot_leaf n times); for the ftrace variant, fib(n) calls fib fib_calls(n) times.
 KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "k": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "kp": ("hotloop", "hot_leaf", "hot_call", 2000),
     "k0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "b": ("hotloop", "hot_leaf", "hot_call", 2000),
     "b0": ("hotloop", "hot_leaf", "hot_call", 2000),
@@ -120,6 +121,10 @@ def _setup_kind(kind: str, lab, func: str) -> list:
     if kind == "k":
         # A post_handler keeps the probe from being boosted: every hit single-steps.
         return [_kprobe(lab, func, post=True)]
+    if kind == "kp":
+        # An empty Python pre handler only: never boosted, every hit steps.
+        kp.preemptible = True
+        return [_kprobe(lab, func)]
     if kind == "k0":
         # No Python handler (a counter only: the C hit path); never boosted, every hit steps.
         kp.preemptible = True
