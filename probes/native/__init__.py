@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import weakref
 from enum import IntEnum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +220,8 @@ class NativeDispatch:
     detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
     gone: list[KnDetour] = field(default_factory=list)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
+    stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
+    run_returned: Any = None
 
     def mirror_costs(self) -> None:
         costs, st = self.m.clock.costs, self.st
@@ -306,16 +307,25 @@ class NativeDispatch:
         return self.probes[cur]
 
 
-_DISPATCH: "weakref.WeakKeyDictionary[Machine, NativeDispatch]" = weakref.WeakKeyDictionary()
+def _installed(m: "Machine") -> NativeDispatch | None:
+    """The dispatcher installed on `m`: kept among the machine's hook objects, which live
+    as long as its Unicorn (the swapped hooks point into it) and survive snapshot restores,
+    and which hold no reference from outside the machine (so it is collected with it)."""
+    return next((k for k in m.hooks._keep if isinstance(k, NativeDispatch)), None)
 
 
 def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
                 sim_regs: tuple[list[int], int] | None = None) -> NativeDispatch | None:
     """The machine's C dispatcher, installed on first use; None on the Python path.
     `sim_regs`: the Unicorn ids of x0..x30 and NZCV where the arch simulates (arm64)."""
-    d = _DISPATCH.get(m)
-    if d is not None or not enabled():
+    d = _installed(m)
+    if d is not None:
+        for listener in (d.fold_counts, d.run_returned):
+            if listener not in m.stop_listeners:     # a snapshot restore dropped it
+                m.stop_listeners.append(listener)
         return d
+    if not enabled():
+        return None
     lib = load()
     if lib is None:
         return None
@@ -346,8 +356,27 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     slots[1] = ctypes.addressof(st)
     slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
     m.stop_listeners.append(d.fold_counts)
-    _DISPATCH[m] = d
+    _watch_stops(m, d)
+    m.hooks._keep.append(d)
     return d
+
+
+def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
+    """Once a stop is requested (an exit, a fault, a hook's error) C hands every trap to
+    the Python hook, which ignores traps after a stop; cleared when the run returns."""
+    flag = d.stopping
+    d.st.stopping = ctypes.addressof(flag)
+    uc_stop = m.uc.emu_stop
+
+    def emu_stop() -> None:
+        flag.value = 1
+        uc_stop()
+
+    def run_returned() -> None:
+        flag.value = 0
+    m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
+    m.stop_listeners.append(run_returned)
+    d.run_returned = run_returned
 
 
 def _python_intr_hook(m: "Machine") -> int | None:
