@@ -1,5 +1,6 @@
 """The probe kinds of the kernel's overhead table (Documentation/trace/kprobes.rst), as
-`emu bench` places them: k (kprobe), b (boosted), o (optimized), f (on an ftrace site),
+`emu bench` places them: k (kprobe), kp (k with an empty pre handler only), k0 and b0 (k and b with no Python handler: a hit
+counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
 r (kretprobe), rb, ro, kr (kprobe + kretprobe on one function).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
@@ -13,7 +14,7 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "b", "o", "f", "r", "rb", "ro", "kr")
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "r", "rb", "ro", "kr")
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -21,8 +22,12 @@ ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAME
 # calls hot_leaf n times); for the ftrace variant, fib(n) calls fib fib_calls(n) times.
 KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "k": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "kp": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "k0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "b": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "b0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "o": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "o0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "f": ("recurse.ftrace", "fib", "fib", 15),
     "r": ("hotloop", "hot_leaf", "hot_call", 2000),
     "rb": ("hotloop", "hot_leaf", "hot_call", 2000),
@@ -39,8 +44,9 @@ def _empty_post(p, regs, flags) -> None:
     pass
 
 
-def _kprobe(lab, func: str, post: bool = False) -> Kprobe:
-    p = Kprobe(symbol_name=func, pre_handler=_empty_pre, post_handler=_empty_post if post else None)
+def _kprobe(lab, func: str, post: bool = False, handler: bool = True) -> Kprobe:
+    p = Kprobe(symbol_name=func, pre_handler=_empty_pre if handler else None,
+               post_handler=_empty_post if post else None)
     lab.kprobes.register_kprobe(p)
     return p
 
@@ -115,15 +121,26 @@ def _setup_kind(kind: str, lab, func: str) -> list:
     if kind == "k":
         # A post_handler keeps the probe from being boosted: every hit single-steps.
         return [_kprobe(lab, func, post=True)]
+    if kind == "kp":
+        # An empty Python pre handler only: never boosted, every hit steps.
+        kp.preemptible = True
+        return [_kprobe(lab, func)]
+    if kind == "k0":
+        # No Python handler (a counter only: the C hit path); never boosted, every hit steps.
+        kp.preemptible = True
+        return [_kprobe(lab, func, handler=False)]
     if kind == "b":
         _need_boost(lab, kind)
         return [_kprobe(lab, func)]
-    if kind == "o":
+    if kind == "b0":
+        _need_boost(lab, kind)
+        return [_kprobe(lab, func, handler=False)]
+    if kind in ("o", "o0"):
         opt = enable_optprobes(kp)
-        p = _kprobe(lab, func)
+        p = _kprobe(lab, func, handler=kind == "o")
         opt.kick_kprobe_optimizer()
         if not p.ainsn.optimized:
-            raise NotImplementedError(f"o: {func} cannot be optimized: {p.ainsn.opt_reason}")
+            raise NotImplementedError(f"{kind}: {func} cannot be optimized: {p.ainsn.opt_reason}")
         return [p]
     if kind == "f":
         p = _kprobe(lab, func)

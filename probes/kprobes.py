@@ -26,6 +26,8 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
+from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
+                           dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
@@ -99,6 +101,18 @@ class Kprobe:
     def kind(self) -> str:
         return self.ainsn.kind if self.ainsn is not None else "unprepared"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _HANDLERS:
+            # A handler given after registration (a perf event attaching to the probe):
+            # whether C may serve its hits changes.
+            watch = self.__dict__.get("_watch")
+            if watch is not None:
+                watch()
+
+
+_HANDLERS = frozenset({"pre_handler", "post_handler", "fault_handler"})
+
 
 @dataclass
 class KprobeCtlblk:
@@ -133,6 +147,17 @@ class Kprobes:
         self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
         self._ftrace_ops: FtraceOps | None = None  # the one serving FTRACE probes
         machine.fault_notifiers.append(self._on_fault)
+        # The C hit path (probes/native): owns the traps of probes with no Python handler.
+        self.native: NativeDispatch | None = None
+        self._native_gen = 0                    # bumped at every sync_native
+        trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
+        if trap is not None:
+            sim_regs = getattr(self.arch, "native_sim_regs", None)
+            self.native = dispatch_of(machine, trap, getattr(self.arch, "trap_pc_adjust", 0),
+                                      sim_regs() if sim_regs is not None else None)
+            if self.native is not None:
+                self.native.set_table([])       # a new layer: forget an old one's probes
+                self.native.set_pre_entry(self._native_pre_handler)
 
     # --- registration -----------------------------------------------------------------------
     def register_kprobe(self, p: Kprobe) -> None:
@@ -155,6 +180,8 @@ class Kprobes:
             if p.ainsn.ss_trap is not None:
                 self.m.register_break_addr(p.ainsn.ss_trap, self.ss_handler)
             self.table[addr] = p
+            if self.native is not None:
+                p.__dict__["_watch"] = self.sync_native
             if not p.disabled():
                 try:
                     self._arm(p)
@@ -182,6 +209,7 @@ class Kprobes:
             cancel_ifunc_wait(self.m, p)        # or one still waiting for its IFUNC
             return
         self._registered.discard(id(p))
+        p.__dict__.pop("_watch", None)
         if top is p:
             self._remove(top)
             return
@@ -224,6 +252,8 @@ class Kprobes:
 
     def probes(self) -> list[Kprobe]:
         """Every registered user probe (children of aggregators included), by address."""
+        if self.native is not None:
+            self.native.fold_counts()
         out: list[Kprobe] = []
         for addr in sorted(self.table):
             top = self.table[addr]
@@ -298,6 +328,7 @@ class Kprobes:
             if self.optimizer is not None:
                 self.optimizer.unoptimize_kprobe(ap)
         ap.fault_handler = self._aggr_fault_handler if any(c.fault_handler for c in ap.list) else None
+        self.sync_native()
 
     def _aggr_pre_handler(self, ap: Kprobe, regs: PtRegs) -> int:
         """aggr_pre_handler: every enabled child, newest first; the first that returns
@@ -365,6 +396,7 @@ class Kprobes:
         self.arch.arm(p)
         if opt is not None:
             opt.try_to_optimize_kprobe(p)
+        self.sync_native()
 
     def _disarm(self, p: Kprobe) -> None:
         if not p.ainsn.armed:
@@ -380,6 +412,7 @@ class Kprobes:
         self.m.unregister_break_addr(_at(p))
         if self.optimizer is not None:
             self.optimizer.after_remove(_at(p))   # a covering probe may be optimized again
+        self.sync_native()
 
     def _remove(self, top: Kprobe) -> None:
         self._disarm(top)
@@ -391,6 +424,7 @@ class Kprobes:
         del self.table[_at(top)]
         if self.optimizer is not None:
             self.optimizer.after_remove(_at(top))
+        self.sync_native()
 
     def disarm_all(self) -> None:
         for p in self.table.values():
@@ -401,6 +435,75 @@ class Kprobes:
             if not p.disabled():
                 self._arm(p)
 
+    # --- the C hit path (probes/native) -----------------------------------------------------
+    def native_row(self, p: Kprobe) -> tuple[Kprobe, int, NativeSim] | None:
+        """How C serves probe `p` (KN_* flags and the simulation), or None if its hits need
+        Python: a handler, an aggregator, an optimized or ftrace probe, a disarmed one, an
+        instruction C does not simulate (x86 emulation, arm64 literal loads)."""
+        a = p.ainsn
+        if (p.is_aggr or p.post_handler or p.fault_handler or p.disabled()
+                or p.flags & KPROBE_FLAG_OPTIMIZED or a is None or not a.armed or a.ftrace
+                or a.optimized):
+            return None
+        pre = KN_PRE if p.pre_handler is not None else 0
+        if a.handler is not None:
+            native_sim = getattr(self.arch, "native_sim", None)
+            sim = native_sim(p) if native_sim is not None else None
+            return None if sim is None else (p, pre, sim)
+        if a.slot is None:
+            return None
+        if a.boosted:
+            return p, pre | KN_BOOSTED, NO_SIM
+        if self.arch.boost_supported and a.boostable and not self.preemptible:
+            return p, pre | KN_PY_SS, NO_SIM    # the first step boosts: Python does that
+        return p, pre, NO_SIM
+
+    def _native_pre_handler(self, row: int) -> int:
+        """C took the trap of a probe whose only handler is a Python pre handler (TRAP and
+        HANDLER charged there): run it as kprobe_handler would; 1 if the hit is complete
+        (the handler set ip, or changed the probe table, so Python finishes the step)."""
+        assert self.native is not None
+        p, kcb, gen = self.native.probes[row], self.kcb, self._native_gen
+        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+        p.hits += 1
+        regs = PtRegs(self.m, _at(p) + self.ip_offset)
+        if p.pre_handler is not None and p.pre_handler(p, regs):
+            regs.flush()
+            kcb.current, kcb.status = None, 0
+            return 1
+        if gen != self._native_gen:             # C's table (and its row) was replaced
+            self._setup_singlestep(p, regs, reenter=False)
+            return 1
+        regs.flush()
+        kcb.current, kcb.status = None, 0
+        return 0
+
+    def sync_native(self) -> None:
+        """Hand C the probes it can serve (after any change of the table or a probe)."""
+        native = self.native
+        if native is None:
+            return
+        self._take_native_current()
+        self._native_gen += 1
+        rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
+        native.set_table(rows)
+        native.serve_detours([(oi.handle, p, self._detour_counts_only(p))
+                              for p in self.table.values()
+                              if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
+                              and oi.handle is not None])
+
+    @staticmethod
+    def _detour_counts_only(p: Kprobe) -> bool:
+        """optimized_callback has nothing to call for `p`: C counts the hit."""
+        return not (p.is_aggr or p.pre_handler or p.disabled())
+
+    def _take_native_current(self) -> None:
+        """A probe C is stepping becomes the kcb's current one (Python takes over)."""
+        if self.native is not None:
+            p = self.native.take_current()
+            if p is not None:
+                self.kcb.current, self.kcb.status = p, KPROBE_HIT_SS
+
     # --- the hit path -----------------------------------------------------------------------
     def kprobe_handler(self, addr: int) -> bool:
         """The breakpoint at a probe's address trapped (kprobe_handler/kprobe_int3_handler).
@@ -409,6 +512,8 @@ class Kprobes:
         p = self.table.get(addr)
         if p is None:
             return False
+        if self.native is not None:
+            self._take_native_current()
         kcb, clock = self.kcb, self.m.clock
         if kcb.current is not None:
             clock.charge(TRAP)
@@ -502,6 +607,8 @@ class Kprobes:
 
     def ss_handler(self, addr: int) -> bool:
         """The trap that ends an out-of-line slot fired (BRK #6 / the slot's int3)."""
+        if self.native is not None:
+            self._take_native_current()
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER) or p.ainsn.ss_trap != addr:
             return False
@@ -517,7 +624,8 @@ class Kprobes:
             return True
         clock.charge(STEP)
         if kcb.status == KPROBE_HIT_SS and not self.preemptible:
-            self.arch.boost(p)                  # the step worked: later hits may skip it
+            if self.arch.boost(p) and self.native is not None:  # the step worked: later
+                self.sync_native()                             # hits may skip it
         self._post_kprobe(p, None)
         return True
 
@@ -583,6 +691,7 @@ class Kprobes:
     def _on_fault(self, fault: Fault) -> None:
         """A fault while stepping in a slot: report it at the probed instruction and give
         the probe's fault_handler its turn (kprobe_fault_handler)."""
+        self._take_native_current()
         kcb, p = self.kcb, self.kcb.current
         if p is None or kcb.status not in (KPROBE_HIT_SS, KPROBE_REENTER):
             # A boosted slot runs with no kprobe current; its copy faults the same way.

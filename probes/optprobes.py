@@ -72,6 +72,7 @@ class Optimizer:
                     self.arch.arch_optimize_kprobe(p)
                     p.ainsn.optimized = True
                     done += 1
+        self.kprobes.sync_native()          # the C path serves what is left of the queue
         return done
 
     def _reserve_jump(self, p: Kprobe) -> bool:
@@ -192,4 +193,5 @@ def enable_optprobes(kprobes: Kprobes) -> Optimizer:
         for p in list(kprobes.table.values()):
             if p.ainsn.armed:
                 optimizer.try_to_optimize_kprobe(p)
+        kprobes.sync_native()               # queued probes' traps go back to Python
     return kprobes.optimizer

@@ -39,6 +39,8 @@ class X86Kprobes(BreakpointKprobes):
     slot_size = SLOT_SIZE           # MAX_INSN_SIZE + the trailing int3, 16-byte aligned
     handler_ip_offset = 1           # handlers see ip = addr + 1, as after int3
     boost_supported = True
+    trap_intno = 3                  # #BP: the exception int3 raises (the C hit path)
+    trap_pc_adjust = -1             # ... reported with rip after the int3
     ss_break = b"\xcc"
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:

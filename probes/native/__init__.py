@@ -1,0 +1,395 @@
+"""The kprobe hit path in C (kprobe_native.c, issue 14): built with the system cc into the
+per-user cache at first use (as emu/cycles/native.py builds the block counter), loaded with
+ctypes. The machine's Python INTR hook keeps its Unicorn handle; its callback is swapped
+for the C dispatcher, which calls the Python one for every trap it does not own. So a
+snapshot's hook bookkeeping is unchanged, and a machine without probes pays one C call per
+trap. `KPROBE_EMU_NATIVE=0` (or no C compiler) keeps the whole hit path in Python, with the
+same results."""
+from __future__ import annotations
+
+import ctypes
+import os
+from enum import IntEnum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from emu.clock import DETOUR, FP_MAX, FP_SHIFT, HANDLER, STEP, TRAP, Clock, Reason
+from emu.cycles.native import build, cache_dir
+from emu.ucfast import CODE_CB, INTR_CB, lib_symbol
+from unicorn import unicorn_const as UC
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+    from probes.kprobes import Kprobe
+
+SOURCE = Path(__file__).with_name("kprobe_native.c")
+KN_BOOSTED, KN_PY_SS, KN_PRE = 1, 2, 4
+PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
+ROW = 8                        # uint64 per row of kn_set_table
+
+
+class Sim(IntEnum):
+    """arm64 simulations C runs (enum SIM_* of kprobe_native.c); `aux` packs the register
+    (bits 0-7), the condition (8-11), the tested bit (16-21) and the AUX_* flags."""
+    NONE = 0
+    B = 1
+    BL = 2
+    BCOND = 3
+    CBZ = 4
+    TBZ = 5
+    ADR = 6
+    BR = 7
+
+
+AUX_X64, AUX_NZ, AUX_LINK = 1 << 24, 1 << 25, 1 << 26
+NativeSim = tuple[Sim, int, int]        # (kind, imm: target or value, aux)
+HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bool, begin, end, callback
+
+
+class KnState(ctypes.Structure):
+    """struct kn_state of kprobe_native.c, field for field."""
+    current: int
+    detour_cycles: int
+    handler_cycles: int
+    trap_fp: int
+    step_fp: int
+    trap_cycles: int
+    step_cycles: int
+    fp: Any
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("fp", ctypes.c_void_p), ("trap_fp", ctypes.c_uint64), ("step_fp", ctypes.c_uint64),
+        ("trap_cycles", ctypes.c_uint64), ("step_cycles", ctypes.c_uint64),
+        ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
+        ("fallback", ctypes.c_void_p), ("fallback_data", ctypes.c_void_p),
+        ("pc_reg", ctypes.c_int32), ("pc_adjust", ctypes.c_int32), ("brk_intno", ctypes.c_uint32),
+        ("current", ctypes.c_int32), ("mask", ctypes.c_uint32), ("nprobes", ctypes.c_uint32),
+        ("table", ctypes.c_void_p), ("probes", ctypes.c_void_p),
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64), ("stopping", ctypes.c_void_p),
+        ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
+        ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
+        ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
+        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+
+
+class KnProbe(ctypes.Structure):
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
+        ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
+        ("aux", ctypes.c_uint64)]
+
+
+class KnDetour(ctypes.Structure):
+    """struct kn_detour: one optprobe detour's host entry."""
+    hits: int
+    nmissed: int
+    native: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
+        ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
+        ("native", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class NativeAcc(ctypes.Structure):
+    """The clock's counter where C can reach it (duck-types emu.clock.Accumulator)."""
+    fp: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [("fp", ctypes.c_uint64)]
+
+
+def enabled() -> bool:
+    return os.environ.get("KPROBE_EMU_NATIVE", "1") != "0"
+
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, built first if needed; None when disabled or not buildable."""
+    global _LIB, _TRIED
+    if not enabled():
+        return None
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    import hashlib
+    import platform
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    path = cache_dir() / f"kprobe-native-{platform.machine()}-{digest}.so"
+    try:
+        if not path.exists() and not _build(path):
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.kn_set_table.argtypes = [ctypes.POINTER(KnState), ctypes.POINTER(ctypes.c_uint64),
+                                 ctypes.c_uint32]
+    lib.kn_set_table.restype = ctypes.c_int
+    lib.kn_free.argtypes = [ctypes.POINTER(KnState)]
+    lib.kn_free.restype = None
+    _LIB = lib
+    return lib
+
+
+def _build(path: Path) -> bool:
+    import emu.cycles.native as cn
+    saved = cn.SOURCE
+    cn.SOURCE = SOURCE           # the block counter's builder, pointed at this source
+    try:
+        return build(path)
+    finally:
+        cn.SOURCE = saved
+
+
+class NativeClock(Clock):
+    """The machine's Clock once native probes are on: its counter lives in C-reachable
+    memory wherever it is moved to (the cycle model and snapshots replace `acc`), TRAP and
+    STEP costs are mirrored into C, and the cycles C charged are folded into `by_reason`
+    whenever it is read."""
+
+    native: "NativeDispatch"
+
+    @property
+    def acc(self) -> Any:
+        return self.__dict__["_acc"]
+
+    @acc.setter
+    def acc(self, value: Any) -> None:
+        if not isinstance(value, ctypes.Structure):
+            value = NativeAcc(value.fp)
+        self.__dict__["_acc"] = value
+        self.native.st.fp = ctypes.addressof(value) + type(value).fp.offset
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        by: dict[str, int] = self.__dict__["_by_reason"]
+        st = self.native.st
+        if st.trap_cycles or st.step_cycles or st.detour_cycles or st.handler_cycles:
+            for reason, n in ((TRAP, st.trap_cycles), (STEP, st.step_cycles),
+                              (DETOUR, st.detour_cycles), (HANDLER, st.handler_cycles)):
+                if n:
+                    by[reason] = by.get(reason, 0) + n
+            st.trap_cycles = st.step_cycles = st.detour_cycles = st.handler_cycles = 0
+        return by
+
+    @by_reason.setter
+    def by_reason(self, value: dict[str, int]) -> None:
+        st = self.native.st
+        # a restore: what C charged goes with the old dict
+        st.trap_cycles = st.step_cycles = st.detour_cycles = st.handler_cycles = 0
+        self.__dict__["_by_reason"] = value
+
+    # The hit path's charges, as Clock's, without the folding getters (C's share is added
+    # whenever `by_reason` is read; sums commute).
+    def charge(self, reason: Reason, times: int = 1) -> None:
+        d = self.__dict__
+        n = self.costs[reason] * times
+        acc = d["_acc"]
+        fp = acc.fp + (n << FP_SHIFT)
+        acc.fp = fp if fp < FP_MAX else FP_MAX
+        by = d["_by_reason"]
+        by[reason] = by.get(reason, 0) + n
+
+    def charge2(self, reason1: Reason, reason2: Reason) -> None:
+        d, costs = self.__dict__, self.costs
+        n1, n2 = costs[reason1], costs[reason2]
+        acc = d["_acc"]
+        fp = acc.fp + ((n1 + n2) << FP_SHIFT)
+        acc.fp = fp if fp < FP_MAX else FP_MAX
+        by = d["_by_reason"]
+        by[reason1] = by.get(reason1, 0) + n1
+        by[reason2] = by.get(reason2, 0) + n2
+
+    def set_costs(self, costs: Any, trap_parts: Any = None) -> None:
+        super().set_costs(costs, trap_parts)
+        native = self.__dict__.get("native")
+        if native is not None:
+            native.mirror_costs()
+
+
+@dataclass(eq=False)
+class NativeDispatch:
+    """The C dispatcher of one machine (kept for the machine's life: the swapped hook
+    points at `st`). `probes[i]` is the Kprobe of row i of the C table."""
+    m: "Machine"
+    lib: ctypes.CDLL
+    st: KnState = field(default_factory=KnState)
+    probes: list["Kprobe"] = field(default_factory=list)
+    # optprobe detours: hook handle -> (its record, the probe); records of deleted hooks
+    # stay alive (`gone`) as Unicorn frees a hook only later.
+    detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
+    gone: list[KnDetour] = field(default_factory=list)
+    _pre: Any = None                     # the ctypes callback C calls (kept alive here)
+    stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
+    run_returned: Any = None
+
+    def mirror_costs(self) -> None:
+        costs, st = self.m.clock.costs, self.st
+        st.trap_fp, st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
+        st.detour_fp, st.handler_fp = costs[Reason.DETOUR] << 8, costs[Reason.HANDLER] << 8
+
+    def set_pre_entry(self, fn: Callable[[int], int]) -> None:
+        """`fn(row)` runs the Python pre handler of a KN_PRE row; 1 if it set pc itself.
+        Its exceptions stop the run and are raised after it, as every hook's are."""
+        self._pre = PRE_CB(self.m.hooks._guard(fn, default=1))
+        self.st.pre = self._pre
+
+    def serve_detours(self, rows: list[tuple[int, "Kprobe", bool]]) -> None:
+        """Optprobe detours: (host entry hook handle, probe, counted in C?). The first time
+        a handle is seen its Python callback is swapped for C's, which calls it back for
+        probes that are not counted in C."""
+        self.fold_detours()
+        live = {h for h, _p, _n in rows}
+        for h in [h for h in self.detours if h not in live]:
+            self.gone.append(self.detours.pop(h)[0])
+        for handle, p, native in rows:
+            entry = self.detours.get(handle)
+            if entry is None:
+                rec = self._swap_detour_hook(handle)
+                if rec is None:
+                    continue
+                entry = self.detours[handle] = (rec, p)
+            entry[0].native = int(native)
+            self.detours[handle] = (entry[0], p)
+
+    def _swap_detour_hook(self, handle: int) -> KnDetour | None:
+        if handle not in self.m.hooks.installed:
+            return None
+        slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+        known = {ctypes.cast(c, ctypes.c_void_p).value for c in self.m.hooks._keep
+                 if isinstance(c, CODE_CB)}
+        if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
+            return None
+        rec = KnDetour(s=ctypes.addressof(self.st), orig=slots[0], orig_data=slots[1])
+        slots[1] = ctypes.addressof(rec)
+        slots[0] = ctypes.cast(self.lib.kn_detour_hook, ctypes.c_void_p).value
+        return rec
+
+    def fold_detours(self) -> None:
+        for rec, p in self.detours.values():
+            if rec.hits or rec.nmissed:
+                p.hits += rec.hits
+                p.nmissed += rec.nmissed
+                rec.hits = rec.nmissed = 0
+
+    def set_table(self, rows: list[tuple["Kprobe", int, NativeSim]]) -> None:
+        """Replace the owned probes: (probe, KN_* flags, simulation) rows; counters are
+        folded first. An out-of-line probe has Sim.NONE and a slot; a simulated one none."""
+        self.fold_counts()
+        flat = (ctypes.c_uint64 * max(1, ROW * len(rows)))()
+        for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
+            a, addr = p.ainsn, p.addr or 0
+            flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
+                                           flags, sim, imm & (2**64 - 1), aux]
+        if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
+            raise MemoryError("kprobe native table")
+        self.probes = [p for p, _f, _s in rows]
+
+    def fold_counts(self) -> None:
+        """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
+        self.fold_detours()
+        if not self.probes or not self.st.probes:
+            return
+        rows = ctypes.cast(self.st.probes, ctypes.POINTER(KnProbe))
+        for i, p in enumerate(self.probes):
+            r = rows[i]
+            if r.hits or r.nmissed:
+                p.hits += r.hits
+                p.nmissed += r.nmissed
+                r.hits = r.nmissed = 0
+
+    def take_current(self) -> "Kprobe | None":
+        """The probe C is stepping (its slot runs), handed over to Python; None if none."""
+        cur = self.st.current
+        if cur < 0:
+            return None
+        self.st.current = -1
+        return self.probes[cur]
+
+
+def _installed(m: "Machine") -> NativeDispatch | None:
+    """The dispatcher installed on `m`: kept among the machine's hook objects, which live
+    as long as its Unicorn (the swapped hooks point into it) and survive snapshot restores,
+    and which hold no reference from outside the machine (so it is collected with it)."""
+    return next((k for k in m.hooks._keep if isinstance(k, NativeDispatch)), None)
+
+
+def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
+                sim_regs: tuple[list[int], int] | None = None) -> NativeDispatch | None:
+    """The machine's C dispatcher, installed on first use; None on the Python path.
+    `sim_regs`: the Unicorn ids of x0..x30 and NZCV where the arch simulates (arm64)."""
+    d = _installed(m)
+    if d is not None:
+        for listener in (d.fold_counts, d.run_returned):
+            if listener not in m.stop_listeners:     # a snapshot restore dropped it
+                m.stop_listeners.append(listener)
+        return d
+    if not enabled():
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    handle = _python_intr_hook(m)
+    if handle is None:
+        return None
+    d = NativeDispatch(m, lib)
+    st = d.st
+    st.current = -1
+    reg_read, reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+    if reg_read is None or reg_write is None:
+        return None
+    st.reg_read, st.reg_write = reg_read, reg_write
+    slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+    st.fallback, st.fallback_data = slots[0], slots[1]
+    st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno
+    if sim_regs is not None:
+        xregs, st.nzcv_reg = sim_regs
+        st.xregs[:len(xregs)] = xregs
+    clock = m.clock
+    acc, by = clock.acc, clock.by_reason
+    clock.__class__ = NativeClock
+    clock.__dict__["native"] = d
+    clock.acc, clock.__dict__["_by_reason"] = acc, by
+    clock.__dict__.pop("by_reason", None)
+    clock.__dict__.pop("acc", None)
+    d.mirror_costs()
+    slots[1] = ctypes.addressof(st)
+    slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
+    m.stop_listeners.append(d.fold_counts)
+    _watch_stops(m, d)
+    m.hooks._keep.append(d)
+    return d
+
+
+def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
+    """Once a stop is requested (an exit, a fault, a hook's error) C hands every trap to
+    the Python hook, which ignores traps after a stop; cleared when the run returns."""
+    flag = d.stopping
+    d.st.stopping = ctypes.addressof(flag)
+    uc_stop = m.uc.emu_stop
+
+    def emu_stop() -> None:
+        flag.value = 1
+        uc_stop()
+
+    def run_returned() -> None:
+        flag.value = 0
+    m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
+    m.stop_listeners.append(run_returned)
+    d.run_returned = run_returned
+
+
+def _python_intr_hook(m: "Machine") -> int | None:
+    """The Unicorn handle (a struct hook *) of the machine's one INTR hook, checked against
+    the callbacks RawHooks keeps, or None if the layout is not the one we know."""
+    intr = [h for h, (t, b, e) in m.hooks.installed.items() if t == UC.UC_HOOK_INTR]
+    if len(intr) != 1:
+        return None
+    handle = intr[0]
+    known = {ctypes.cast(c, ctypes.c_void_p).value for c in m.hooks._keep if isinstance(c, INTR_CB)}
+    callback = ctypes.c_void_p.from_address(handle + HOOK_CALLBACK_OFFSET).value
+    head = (ctypes.c_int * 1).from_address(handle)[0]
+    return handle if callback in known and head == UC.UC_HOOK_INTR else None
+
+
+NO_SIM: NativeSim = (Sim.NONE, 0, 0)
