@@ -59,6 +59,8 @@ TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
+GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
+GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -281,6 +283,12 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
+def code_size(em: Emitter, pieces: list[Piece]) -> int:
+    """Bytes the pieces take (every piece has a fixed size, wherever it lands)."""
+    return sum(em.branch_size(p) if isinstance(p, Branch) else len(p)
+               for p in pieces if isinstance(p, (Branch, bytes)))
+
+
 def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, dict]:
     """Two passes: label addresses (every piece has a fixed size), then the bytes."""
     labels: dict[Hashable, int] = {}
@@ -350,38 +358,64 @@ class ScratchJit:
     (id(prog) -> JitImage), ``cycles`` (modelled cycles of the last run, with
     ``cycle_profile``)."""
 
-    def __init__(self, arch: str, cycle_profile: str | None = None) -> None:
+    def __init__(self, arch: str, cycle_profile: str | None = None,
+                 machine: "Machine | None" = None) -> None:
         from emu.machine import Machine
         from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 
         self.emitter = get_emitter(arch)
         self.arch = arch
-        self.machine = m = Machine(arch)
+        # in_guest: the images live in the traced machine's own pages and run on its CPU
+        self.in_guest = machine is not None
+        self.machine = m = machine if machine is not None else Machine(arch)
         self.images: dict[int, JitImage] = {}
         self.stubs: dict[Hashable, int] = {}
         self._stub_fns: dict[int, Callable[[int], None]] = {}
-        self._text_end = TEXT_BASE
+        self.stub_base = self._free_span(GUEST_JIT_BASE, 2 * PAGE) if self.in_guest else STUB_BASE
+        self.tcc_addr = self.stub_base + PAGE
+        self._text_end = self.stub_base + 2 * PAGE if self.in_guest else TEXT_BASE
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
+        self._by_vm_key: dict[int, Window] = {}
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
-        m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
-        m.claim_text(STUB_BASE, PAGE, RegionOwner.BPF, "[bpf jit trampolines]")
-        m.memory.map(DATA_BASE, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]")
+        self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
+        self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         self.return_addr = self._stub("return", lambda addr: None)
         self.model = None
         if cycle_profile is not None:      # "default": the arch's default profile
             self.model = m.enable_cycle_model(None if cycle_profile == "default" else cycle_profile)
 
+    def _free_span(self, lo: int, size: int) -> int:
+        """In the traced guest: the first free range at or above ``lo`` (deterministic)."""
+        addr = self.machine.memory.find_free(size, lo, GUEST_JIT_END)
+        if addr is None:
+            raise BpfError(f"no room in the guest's address space for {size:#x} bytes of BPF JIT")
+        return addr
+
+    def _map(self, addr: int, size: int, prot: int, name: str, text: bool) -> None:
+        """Map pages of the JIT's own, claimed as the BPF layer's: a guest cannot unmap
+        or replace them, and probes refuse them (the kernel blacklists BPF images)."""
+        from emu.memory import MemoryLimit
+
+        try:
+            self.machine.memory.map(addr, size, prot, name)
+        except MemoryLimit as e:
+            raise BpfError(f"no room for {name} ({e.mapped} of {e.limit} bytes mapped)") from None
+        except Exception as e:   # Unicorn: the range is taken by the guest
+            raise BpfError(f"{name} at {addr:#x}: the guest already maps it ({e})") from None
+        if text or self.in_guest:
+            self.machine.claim_text(addr, size, RegionOwner.BPF, name)
+
     # -- trampolines --
     def _stub(self, key: Hashable, fn: Callable[[int], None]) -> int:
         addr = self.stubs.get(key)
         if addr is None:
-            addr = STUB_BASE + len(self.stubs) * STUB_SIZE
-            if addr + STUB_SIZE > STUB_BASE + PAGE:
+            addr = self.stub_base + len(self.stubs) * STUB_SIZE
+            if addr + STUB_SIZE > self.stub_base + PAGE:
                 raise BpfError("too many distinct helpers for the JIT's trampoline page")
             self.stubs[key] = addr
             self.machine.text_poke(addr, self.emitter.stub_code)
@@ -399,6 +433,17 @@ class ScratchJit:
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
+        """JIT ``prog`` into this machine (once); see ``_compile``."""
+        image = self.images.get(id(prog))
+        if image is None and self.in_guest:
+            # the layout is done for an address; in a guest that must be a free one
+            pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
+                                  self._inliner(prog) if self.inline_maps else None)
+            size = (code_size(self.emitter, pieces) + PAGE - 1) & ~(PAGE - 1)
+            self._text_end = self._free_span(self._text_end, size or PAGE)
+        return self._compile(prog, probe_mem)
+
+    def _compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
         """JIT ``prog`` into this machine (once). ``probe_mem``: indices of loads the
         kernel's verifier would have turned into BPF_PROBE_MEM (loads through untrusted
         pointers): a fault there zeroes the destination and execution goes on."""
@@ -419,8 +464,7 @@ class ScratchJit:
         base = self._text_end
         size = (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE
         m = self.machine
-        m.memory.map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]")
-        m.claim_text(base, size, RegionOwner.BPF, "[bpf jit]")
+        self._map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]", True)
         m.text_poke(base, code)
         self._text_end = base + size
         name = prog.name or "prog"
@@ -446,7 +490,7 @@ class ScratchJit:
             if fid == 12:          # BPF_FUNC_tail_call: inlined (emit_bpf_tail_call_indirect)
                 c.kind = "tail_call"
                 c.stub = self._stub("tail_call", self._on_tail_call)
-                c.value = TCC_ADDR
+                c.value = self.tcc_addr
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
         elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
@@ -501,7 +545,17 @@ class ScratchJit:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
         m, em = self.machine, self.emitter
         image = self.images[id(prog)]
-        m.memory.write(TCC_ADDR, bytes(4))
+        if self.in_guest:      # the traced CPU runs the image: its state comes back after
+            saved = m.uc.context_save()
+            try:
+                return self._execute(m, em, image, run, r1, r2)
+            finally:
+                m.uc.context_restore(saved)
+        return self._execute(m, em, image, run, r1, r2)
+
+    def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
+                 r1: int, r2: int) -> int:
+        m.memory.write(self.tcc_addr, bytes(4))
         sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
@@ -590,6 +644,8 @@ class ScratchJit:
             if id(w.region) not in live:
                 if w.size:
                     m.memory.unmap(w.gpage, w.size)
+                    if self.in_guest:
+                        m.owners.release(w.gpage, w.size)
                 del self.windows[key]
         have = {id(w.region) for w in self.windows.values()}
         for region in list(run.mem.regions.values()):
@@ -600,7 +656,7 @@ class ScratchJit:
             size = ((start - page) + len(region.data) + PAGE - 1) & ~(PAGE - 1)
             prot = PROT_READ | (PROT_WRITE if region.writable else 0)
             if size:
-                m.memory.map(page, size, prot, f"[bpf {region.name or 'region'}]")
+                self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
         self.sync_out()
@@ -824,32 +880,52 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
 
 
 class ProbeJit:
-    """``--bpf-engine jit`` on probe hits: each program runs JITed to the traced
-    machine's arch in a scratch machine kept for it (made and compiled at the first hit),
-    and its modelled cycles are charged to the traced machine's clock when that runs the
-    cycle model (the JITed code on the same CPU profile). Call as ``runner(prog, ctx,
-    env) -> r0``, the signature of ``BpfProg.run``.
+    """``--bpf-engine jit`` on probe hits: programs are JITed into the traced machine
+    itself (text pages the BPF layer claims, written through text_poke, maps and the
+    pt_regs context in windows it maps), and a hit runs the image on the traced CPU: a
+    nested run from the host side of the hit on the BPF layer's stack, after which the
+    CPU's registers are put back and the probe's handling goes on. With the cycle model on,
+    the profile charges the JITed code as it runs it; ``cycles`` sums them per program.
+    Call as ``runner(prog, ctx, env) -> r0``, the signature of ``BpfProg.run``.
 
-    There is no native host-entry path yet: a hit enters the scratch machine from the
-    host, and helpers leave it through the trap trampolines."""
+    A program the JIT cannot take (``BpfError`` while compiling) runs on the compiled
+    Python path instead; ``fallback`` says which and why."""
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         self.arch = machine.arch.name
-        self.jits: dict[int, ScratchJit] = {}
+        self._jit: ScratchJit | None = None
+        self.cycles: dict[int, int] = {}            # id(prog) -> modelled cycles, all hits
+        self.fallback: dict[int, str] = {}          # id(prog) -> why it is not JITed
+
+    @property
+    def jit(self) -> ScratchJit:
+        if self._jit is None:
+            self._jit = ScratchJit(self.arch, machine=self.machine)
+        return self._jit
+
+    def image_of(self, prog: "BpfProg") -> JitImage | None:
+        return self._jit.images.get(id(prog)) if self._jit is not None else None
 
     def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
         from .memory import CTX_ADDR
 
-        jit = self.jits.get(id(prog))
-        if jit is None:
-            jit = self.jits[id(prog)] = ScratchJit(self.arch, self.machine.clock.profile)
+        if id(prog) in self.fallback:
+            return prog.run(ctx, env, engine="python")
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
-        run = jit.prepare(prog, ctx_buf, env, None)
-        r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        try:
+            run = self.jit.prepare(prog, ctx_buf, env, None)
+        except BpfRuntimeError:
+            raise
+        except BpfError as e:
+            self.fallback[id(prog)] = str(e)
+            return prog.run(ctx, env, engine="python")
+        clock = self.machine.clock
+        c0 = clock.cycles
+        r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        if clock.model_counts is not None:
+            self.cycles[id(prog)] = self.cycles.get(id(prog), 0) + clock.cycles - c0
         run.finish()
-        if jit.model is not None:
-            self.machine.clock.advance(jit.cycles, "bpf jit")
         return r0
 
 
