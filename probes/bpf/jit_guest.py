@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 
@@ -895,8 +896,9 @@ class ProbeJit:
         self.machine = machine
         self.arch = machine.arch.name
         self._jit: ScratchJit | None = None
-        self.cycles: dict[int, int] = {}            # id(prog) -> modelled cycles, all hits
-        self.fallback: dict[int, str] = {}          # id(prog) -> why it is not JITed
+        # program -> modelled cycles of all its hits; program -> why it is not JITed
+        self.cycles: "weakref.WeakKeyDictionary[BpfProg, int]" = weakref.WeakKeyDictionary()
+        self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
 
     @property
     def jit(self) -> ScratchJit:
@@ -910,21 +912,21 @@ class ProbeJit:
     def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
         from .memory import CTX_ADDR
 
-        if id(prog) in self.fallback:
-            return prog.run(ctx, env, engine="python")
+        if prog in self.fallback:
+            return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
         try:
             run = self.jit.prepare(prog, ctx_buf, env, None)
         except BpfRuntimeError:
             raise
         except BpfError as e:
-            self.fallback[id(prog)] = str(e)
-            return prog.run(ctx, env, engine="python")
+            self.fallback[prog] = str(e)
+            return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
         clock = self.machine.clock
         c0 = clock.cycles
         r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
         if clock.model_counts is not None:
-            self.cycles[id(prog)] = self.cycles.get(id(prog), 0) + clock.cycles - c0
+            self.cycles[prog] = self.cycles.get(prog, 0) + clock.cycles - c0
         run.finish()
         return r0
 
