@@ -5,9 +5,11 @@ the image on the traced CPU, putting the guest's registers back after. Probes re
 image; a program the JIT refuses falls back to the compiled Python path and says why."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from conftest import ARCHES, firmware_elf
+from conftest import ARCHES, firmware_elf, run_emu
 from emu.memory import PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
 from probes.bpf.errors import BpfError
@@ -102,3 +104,36 @@ def test_refused_program_falls_back_to_python(arch, bpf_obj, monkeypatch) -> Non
     runner = bpf_trace_of(m).runner
     assert dict(runner.fallback) == {link.prog: "refused for the test" for link in links}
     assert _counts(obj.maps["by_flags"]) == DEMO_FLAGS
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cli_runs_jit_by_default_and_stats_say_so(arch, bpf_obj, tmp_path) -> None:
+    stats = tmp_path / "stats.json"
+    obj = bpf_obj("count_open", arch)
+    exe = str(firmware_elf(arch, "demo"))
+    got = run_emu("run", "--bpf", str(obj), "--stats", str(stats), exe)
+    assert got.rc == 0, got.err
+    progs = {p["name"]: p for p in json.loads(stats.read_text())["bpf"]["programs"]}
+    assert set(progs) == {"count_flags", "count_ret"}
+    for p in progs.values():
+        assert p["engine"] == "jit" and p["jit_image"] > 0 and p["jit_size"] > 0
+        assert p["run_cnt"] == 16
+    python = run_emu("run", "--bpf-engine", "python", "--bpf", str(obj), "--stats",
+                     str(tmp_path / "py.json"), exe)
+    assert python.rc == 0 and python.out == got.out
+    py = json.loads((tmp_path / "py.json").read_text())["bpf"]
+    assert py["maps"] == json.loads(stats.read_text())["bpf"]["maps"]
+    assert all(p["engine"] == "python" for p in py["programs"])
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_inspect_shows_the_image_address(arch, bpf_obj) -> None:
+    obj = bpf_obj("count_open", arch)
+    exe = str(firmware_elf(arch, "demo"))
+    got = run_emu("inspect", "--bpf", str(obj), exe, "do_sys_open")
+    assert got.rc == 0, got.err
+    lines = [ln for ln in got.out.splitlines() if ln.startswith("bpf:")]
+    assert len(lines) == 2 and all(" JITed at 0x" in ln for ln in lines), got.out
+    js = json.loads(run_emu("inspect", "--json", "--bpf", str(obj), exe, "do_sys_open").out)
+    addrs = [p["jit_image"] for p in js[0]["bpf"]]
+    assert [ln.split(" JITed at ")[1].split()[0] for ln in lines] == [hex(a) for a in addrs]

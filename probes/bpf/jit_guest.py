@@ -909,6 +909,22 @@ class ProbeJit:
     def image_of(self, prog: "BpfProg") -> JitImage | None:
         return self._jit.images.get(id(prog)) if self._jit is not None else None
 
+    def load(self, prog: "BpfProg") -> JitImage | None:
+        """JIT ``prog`` now, as the kernel does at BPF_PROG_LOAD, rather than at its first
+        hit: its image (None: it falls back, ``fallback`` says why)."""
+        from probes.trace.bpf_trace import bpf_trace_of
+
+        if prog in self.fallback:
+            return None
+        trace = bpf_trace_of(self.machine)
+        try:
+            self.jit.prepare(prog, bytearray(len(trace.image.image)), trace.env, None)
+        except BpfRuntimeError:
+            raise
+        except BpfError as e:
+            self.fallback[prog] = str(e)
+        return self.image_of(prog)
+
     def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
         from .memory import CTX_ADDR
 
@@ -929,6 +945,34 @@ class ProbeJit:
             self.cycles[prog] = self.cycles.get(prog, 0) + clock.cycles - c0
         run.finish()
         return r0
+
+
+def engine_info(machine: "Machine", prog: "BpfProg") -> dict[str, Any]:
+    """How ``prog`` runs on ``machine``'s hits, for reports: {"engine": "jit" | "python" |
+    "interp"}, and under the JIT the image's address and size, the modelled cycles of its
+    hits (with the cycle model), or why it fell back to the compiled Python path."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    runner = bpf_trace_of(machine).runner
+    if not isinstance(runner, ProbeJit):
+        return {"engine": "python" if runner is None else "interp"}
+    if prog in runner.fallback:
+        return {"engine": "python", "jit_fallback": runner.fallback[prog]}
+    image = runner.image_of(prog)
+    info: dict[str, Any] = {"engine": "jit"}
+    if image is not None:
+        info.update(jit_image=image.addr, jit_size=len(image.code))
+    if prog in runner.cycles:
+        info["jit_cycles"] = runner.cycles[prog]
+    return info
+
+
+def jit_load(machine: "Machine", prog: "BpfProg") -> JitImage | None:
+    """Under ``--bpf-engine jit``: JIT ``prog`` into ``machine`` now (see ProbeJit.load)."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    runner = bpf_trace_of(machine).runner
+    return runner.load(prog) if isinstance(runner, ProbeJit) else None
 
 
 def install_engine(machine: "Machine", engine: str) -> None:
