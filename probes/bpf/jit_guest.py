@@ -42,7 +42,7 @@ from .isa import (
     BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
     lddw_imm64,
 )
-from .memory import MemoryFault, Region, STACK_BASE, VM_BASE
+from .memory import CTX_ADDR, MemoryFault, Region, STACK_BASE, VM_BASE
 from .runtime import BpfRun, GuestFault, ProgramExit
 
 if TYPE_CHECKING:
@@ -385,6 +385,8 @@ class ScratchJit:
         self.cycles = 0
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
+        # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
+        m.symbols.add("bpf_jit_trampolines", self.stub_base, PAGE)
         self.return_addr = self._stub("return", lambda addr: None)
         self.model = None
         if cycle_profile is not None:      # "default": the arch's default profile
@@ -536,10 +538,27 @@ class ScratchJit:
         self.run_state = run
         for p in _reachable(prog):
             run.bind_maps(p)
-        self.sync_windows()
+        self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
         for p in _reachable(prog):
             self._cur = p
             self.compile(p, probe_mem if p is prog else frozenset())
+        return run
+
+    def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
+        """``prepare`` for a program that runs on every hit: the run state is kept and
+        ``rerun`` restarts it, so its windows stay mapped (BpfRun.prepare_reuse's contract,
+        without its BPF stack frame: the JIT's native stack is the program's stack)."""
+        run = self.prepare(prog, ctx, env, None)
+        mem = run.mem
+        run._root, run._ctx_region = prog, mem.regions[CTX_ADDR >> 32]
+        run._static = (dict(mem.regions), dict(mem._by_buffer), mem._next_key)
+        return run
+
+    def rerun(self, run: BpfRun, ctx: bytearray) -> BpfRun:
+        """The next hit of a kept run: what the last one added is dropped, bytes go out."""
+        run.reset(ctx)
+        self.run_state = run
+        self.sync_windows(stack=False)
         return run
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
@@ -633,8 +652,9 @@ class ScratchJit:
             return guest
         return guest - w.gstart + w.region.base
 
-    def sync_windows(self) -> None:
-        """Map new regions of the run into the guest, drop removed ones, copy bytes out."""
+    def sync_windows(self, stack: bool = True) -> None:
+        """Map new regions of the run into the guest, drop removed ones, copy bytes out
+        (of the native stack too if ``stack``: during a run, for helpers' writes)."""
         from emu.memory import PROT_READ, PROT_WRITE
 
         run = self.run_state
@@ -660,7 +680,7 @@ class ScratchJit:
                 self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
-        self.sync_out()
+        self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:
         """The bytes of a window to copy: of the native stack only the live part above
@@ -899,6 +919,7 @@ class ProbeJit:
         # program -> modelled cycles of all its hits; program -> why it is not JITed
         self.cycles: "weakref.WeakKeyDictionary[BpfProg, int]" = weakref.WeakKeyDictionary()
         self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
+        self._runs: "weakref.WeakKeyDictionary[BpfProg, BpfRun]" = weakref.WeakKeyDictionary()
 
     @property
     def jit(self) -> ScratchJit:
@@ -931,13 +952,17 @@ class ProbeJit:
         if prog in self.fallback:
             return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
-        try:
-            run = self.jit.prepare(prog, ctx_buf, env, None)
-        except BpfRuntimeError:
-            raise
-        except BpfError as e:
-            self.fallback[prog] = str(e)
-            return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
+        run = self._runs.get(prog)
+        if run is not None and run.env is env:
+            self.jit.rerun(run, ctx_buf)
+        else:
+            try:
+                run = self._runs[prog] = self.jit.prepare_reuse(prog, ctx_buf, env)
+            except BpfRuntimeError:
+                raise
+            except BpfError as e:
+                self.fallback[prog] = str(e)
+                return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": compiled Python
         clock = self.machine.clock
         c0 = clock.cycles
         r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
