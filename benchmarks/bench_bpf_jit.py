@@ -170,8 +170,10 @@ def print_hits(hits: list[dict]) -> None:
     print(f"{'arch':7} {'kind':4} {'engine':7} {'cycles/hit':>10} {'µs/hit':>8} {'hook µs':>8} "
           f"{'ratio':>7}")
     for h in hits:
-        print(f"{h['arch']:7} {h['kind']:4} {h['engine']:7} {h['cycles_per_hit']:>10.1f} "
-              f"{h['host_us_per_hit']:>8.2f} {h['hook_us_per_hit']:>8.2f} {h['ratio']:>7.1f}")
+        def f(x, nd: int = 2) -> str:
+            return "n/a" if x is None else f"{x:.{nd}f}"
+        print(f"{h['arch']:7} {h['kind']:4} {h['engine']:7} {f(h['cycles_per_hit'], 1):>10} "
+              f"{f(h['host_us_per_hit']):>8} {f(h['hook_us_per_hit']):>8} {f(h['ratio'], 1):>7}")
 
 
 def main() -> None:

@@ -327,6 +327,7 @@ class Window:
     gstart: int          # guest address of region.data[0]
     gpage: int           # first mapped page
     size: int            # mapped bytes
+    shadow: bytes | None = None   # what the guest holds (not for the stack): skip equal writes
 
 
 def _guest_base(region: Region) -> tuple[int, int]:
@@ -575,7 +576,8 @@ class ScratchJit:
 
     def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
                  r1: int, r2: int) -> int:
-        m.memory.write(self.tcc_addr, bytes(4))
+        if "tail_call" in self.stubs:     # only a program with tail calls counts them
+            m.memory.write(self.tcc_addr, bytes(4))
         sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
@@ -675,7 +677,11 @@ class ScratchJit:
             page, start = _guest_base(region)
             # an empty region maps nothing: every access faults, as in the interpreter
             size = ((start - page) + len(region.data) + PAGE - 1) & ~(PAGE - 1)
-            prot = PROT_READ | (PROT_WRITE if region.writable else 0)
+            # In a traced guest every window is writable, as the kernel's pt_regs (on the
+            # stack) and map values are: the verifier already refused writes to read-only
+            # ones, and Unicorn re-protecting a page for each host write costs ~30 µs a hit.
+            writable = region.writable or self.in_guest
+            prot = PROT_READ | (PROT_WRITE if writable else 0)
             if size:
                 self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
@@ -693,18 +699,29 @@ class ScratchJit:
         return low, len(w.region.data)
 
     def sync_out(self, stack: bool = True) -> None:
+        """Host bytes to the guest; a window whose bytes the guest already holds is left
+        alone (a write to guest memory costs microseconds, and most maps rest per hit)."""
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
-            if hi > lo:
-                uc.mem_write(w.gstart + lo, bytes(w.region.data[lo:hi]))
+            if hi <= lo:
+                continue
+            data = bytes(w.region.data[lo:hi])
+            if w.region.base != STACK_BASE:
+                if data == w.shadow:
+                    continue
+                w.shadow = data
+            uc.mem_write(w.gstart + lo, data)
 
     def sync_in(self, stack: bool = True) -> None:
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
             if w.region.writable and hi > lo:
-                w.region.data[lo:hi] = uc.mem_read(w.gstart + lo, hi - lo)
+                got = bytes(uc.mem_read(w.gstart + lo, hi - lo))
+                w.region.data[lo:hi] = got
+                if w.region.base != STACK_BASE:
+                    w.shadow = got
 
     # -- host entries --
     def _helper_trap(self, fid: int) -> Callable[[int], None]:
