@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from emu.errors import UsageError
 from emu.session import Session
@@ -207,7 +207,7 @@ def inspect_attach(machine: Any, args: Any) -> "BpfAttachment | None":
     if not specs:
         return None
     from probes.bpf.jit_guest import install_engine
-    att = BpfAttachment(_MachineOnly(machine), specs, out=getattr(args, "stderr", None))
+    att = BpfAttachment(cast(Any, _MachineOnly(machine)), specs, out=getattr(args, "stderr", None))
     install_engine(machine, "jit")
     att.jit_all()
     return att
