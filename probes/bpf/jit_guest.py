@@ -1,11 +1,18 @@
 """The BPF JIT to the guest ISA (arch/{x86,arm64}/net/bpf_jit_comp.c), common part.
 
 A verified program is translated to arm64 or x86-64 machine code by the arch's emitter
-(``jit_arm64.py``, ``jit_x86_64.py``) and run inside a scratch ``Machine`` of that arch,
-where the cycle model can charge it like any guest code. This module holds what the two
-JITs share: the image builder (labels, fixed-size branches resolved in a second pass,
-the per-instruction address map that ``emu bpf disasm --jited`` and fault reports use,
-the exception table), the helper trampolines, and the runner.
+(``jit_arm64.py``, ``jit_x86_64.py``) and run where the cycle model can charge it like
+any guest code: in a scratch ``Machine`` of that arch (``ScratchJit(arch)``: ``emu bpf run
+--bpf-engine jit``, ``probes.bpf.run(..., engine="jit")``), or inside the traced machine
+itself (``ScratchJit(arch, machine=m)``, used by ``ProbeJit`` on probe hits): there the
+trampolines, the run's data page and the images sit in pages the BPF layer maps and claims
+from GUEST_JIT_BASE up (r-x, written through text_poke, refused as probe targets), the
+windows (see Memory) hold the maps and the pt_regs context, and a hit runs the image on the
+traced CPU in a nested run on the layer's own stack, after which the CPU's registers are
+restored. This module holds what the two JITs share: the image builder (labels,
+fixed-size branches resolved in a second pass, the per-instruction address map that ``emu
+bpf disasm --jited`` and fault reports use, the exception table), the helper trampolines,
+and the runners.
 
 Memory. The machine's regions (context, map values, ring-buffer records; see memory.py)
 sit at non-canonical addresses no CPU can load from, so each region gets a guest window:
@@ -21,8 +28,10 @@ dispatcher hands to ``_on_helper``: the guest pointers in r1-r5 are mapped back 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Left out (see the report in the issue): inlined map lookups (map_gen_lookup), constant
-tail-call patching, the kernel's short-branch passes (every branch has its long form).
+Left out (see the report in the issue): the optprobe detour calling the image directly
+(a hit enters it from the host side, ~50 us of it the nested Unicorn run), maps backed by
+the guest pages themselves (the windows are copied in and out around a run, skipping
+unchanged ones), constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
