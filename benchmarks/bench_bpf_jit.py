@@ -6,6 +6,12 @@ Also the modelled cycles of one run of the JITed code. Numbers only, nothing ass
 
     .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json]
 
+Then, per probe hit (probes/bench.py, the `emu bench` rows): an optimized probe and a
+plain kprobe carrying the array-counting program, run by the compiled Python path and by
+the guest JIT in the traced machine: host µs per hit ÷ one bare Python code-hook callback
+in the same run (issue 17's targets: ≤ 0.5 for the optprobe + array count under the JIT),
+and the modelled cycles per hit.
+
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one
 (bpf_get_prandom_u32 calls between additions).
@@ -145,18 +151,48 @@ def measure_one(name: str, n: int, repeat: int) -> dict:
     return row
 
 
+def per_hit(calls: int, repeat: int) -> list[dict]:
+    """The counting program on hits: `emu bench` rows for kinds o and k, both engines."""
+    from probes import bench
+    out = []
+    for arch in ("arm64", "x86_64"):
+        for kind in ("o", "k"):
+            for engine in ("python", "jit"):
+                r = bench.measure(arch, kind, arg=calls, repeat=repeat, bpf=True, engine=engine)
+                out.append({"arch": arch, "kind": kind, "engine": engine,
+                            "cycles_per_hit": r.cycles_per_hit, "host_us_per_hit": r.host_us_per_hit,
+                            "hook_us_per_hit": r.baseline_us_per_hit, "ratio": r.ratio})
+    return out
+
+
+def print_hits(hits: list[dict]) -> None:
+    print("\nper probe hit, counting into an array map (host µs ÷ one bare Python code hook)")
+    print(f"{'arch':7} {'kind':4} {'engine':7} {'cycles/hit':>10} {'µs/hit':>8} {'hook µs':>8} "
+          f"{'ratio':>7}")
+    for h in hits:
+        def f(x, nd: int = 2) -> str:
+            return "n/a" if x is None else f"{x:.{nd}f}"
+        print(f"{h['arch']:7} {h['kind']:4} {h['engine']:7} {f(h['cycles_per_hit'], 1):>10} "
+              f"{f(h['host_us_per_hit']):>8} {f(h['hook_us_per_hit']):>8} {f(h['ratio'], 1):>7}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--hits-only", action="store_true", help="only the per-hit rows")
     args = ap.parse_args()
     n, repeat = (1000, 3) if args.quick else (4000, 7)
+    hits = per_hit(200 if args.quick else 2000, repeat)
+    if args.hits_only:
+        print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
+        return
     rows = [measure(name, n, repeat) for name in PROGRAMS]
     big = measure_one("alu", 16 * n, repeat)          # the per-run entry spread thinner
     big["program"] = "alu x16"
     rows.append(big)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"programs": rows, "hits": hits}, indent=1))
         return
     print(f"ns per BPF instruction, best of {repeat} ({os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}); jit = steady state, setup = machine + compile")
@@ -177,6 +213,7 @@ def main() -> None:
         print(f"{r['program']:8} {r['jit_arm64_marginal']:>8.2f} "
               f"{r['jit_x86_64_marginal']:>8.2f} {k:>7.3f} {r['jit_arm64_marginal'] / k:>7.1f} "
               f"{r['jit_x86_64_marginal'] / k:>7.1f}")
+    print_hits(hits)
 
 
 if __name__ == "__main__":

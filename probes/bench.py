@@ -47,6 +47,7 @@ class BenchRow:
     ratio: float | None = None
     hits: int = 0
     note: str = ""
+    engine: str = ""             # bpf rows: how the program ran ("python", or "jit": the guest JIT)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,18 +103,21 @@ def _setup(kind: str, lab: ProbeLab, func: str, bpf: bool) -> list:
 
 
 def measure(arch: str, kind: str, profile: str | None = None, bpf: bool = False,
-            arg: int | None = None, repeat: int = 5) -> BenchRow:
+            arg: int | None = None, repeat: int = 5, engine: str = "python") -> BenchRow:
     """One row: `kind` on its KIND_GUESTS function, against the unprobed run."""
     prof = profile_for(arch, profile).name
     elf, func, call, default_arg = bench_kinds.KIND_GUESTS[kind]
     arg = default_arg if arg is None else arg
-    row = BenchRow(arch, kind, bpf, prof)
+    row = BenchRow(arch, kind, bpf, prof, engine=engine if bpf else "")
     probed = _lab(arch, elf, prof)
     try:
         _setup(kind, probed, func, bpf)
     except NotImplementedError as e:
         row.note = str(e) or "not implemented"
         return row
+    if bpf:
+        from probes.bpf.jit_guest import install_engine
+        install_engine(probed.machine, engine)
     hits = _count_calls(arch, elf, func, call, arg)
     plain = _lab(arch, elf, prof)
     hooked = _lab(arch, elf, prof)
@@ -143,9 +147,10 @@ def run_bench(arches: list[str], profile: str | None = None, kinds=bench_kinds.K
         prof = profile if profile and _profile_isa(profile) == arch else None
         for kind in kinds:
             rows.append(measure(arch, kind, prof, False, arg, repeat))
-            bpf_row = measure(arch, kind, prof, True, arg, repeat)
-            if bpf_row.cycles_per_hit is not None:
-                rows.append(bpf_row)
+            for engine in ("python", "jit"):
+                bpf_row = measure(arch, kind, prof, True, arg, repeat, engine)
+                if bpf_row.cycles_per_hit is not None:
+                    rows.append(bpf_row)
     return rows
 
 
@@ -172,7 +177,7 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 def format_table(rows: list[BenchRow], out: IO[str]) -> None:
     out.write("kprobe overhead per hit: modelled cycles (deterministic), host time against one\n"
               "bare Unicorn code-hook callback on the same address (same run), cycles by reason\n\n")
-    out.write(f"{'arch':<7} {'profile':<11} {'kind':<4} {'bpf':<4} {'cycles/hit':>10} "
+    out.write(f"{'arch':<7} {'profile':<11} {'kind':<4} {'bpf':<6} {'cycles/hit':>10} "
               f"{'host µs/hit':>11} {'hook µs':>8} {'ratio':>6}  breakdown (cycles/hit)\n")
     for r in rows:
         if r.cycles_per_hit is None:
@@ -180,7 +185,7 @@ def format_table(rows: list[BenchRow], out: IO[str]) -> None:
         else:
             detail = ", ".join(f"{k} {v:g}" for k, v in sorted(r.breakdown.items(), key=_reason_order)
                                if abs(v) >= 0.5)
-        out.write(f"{r.arch:<7} {r.profile:<11} {r.kind:<4} {'yes' if r.bpf else '-':<4} "
+        out.write(f"{r.arch:<7} {r.profile:<11} {r.kind:<4} {(r.engine or 'yes') if r.bpf else '-':<6} "
                   f"{_fmt(r.cycles_per_hit):>10} {_fmt(r.host_us_per_hit, 2):>11} "
                   f"{_fmt(r.baseline_us_per_hit, 2):>8} {_fmt(r.ratio, 1):>6}  {detail}\n")
 
@@ -201,7 +206,7 @@ def plot(rows: list[BenchRow], path: str) -> None:
     done = [r for r in rows if r.cycles_per_hit is not None]
     if not done:
         raise UsageError("--plot: no row was measured")
-    labels = [f"{r.arch}\n{r.kind}{'+bpf' if r.bpf else ''}" for r in done]
+    labels = [f"{r.arch}\n{r.kind}{'+' + (r.engine or 'bpf') if r.bpf else ''}" for r in done]
     reasons = sorted({k for r in done for k in r.breakdown}, key=lambda k: _reason_order((k, 0)))
     fig, ax = plt.subplots(figsize=(max(6, len(done) * 0.7), 4.5))
     bottom = [0.0] * len(done)

@@ -17,6 +17,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--optimize", action="store_true", help="jump-optimize eligible probes at once")
     p.add_argument("--run", action="store_true",
                    help="run the guest first (its output is discarded) and show the state after")
+    from probes.trace.bpf_cli import add_inspect_options
+    add_inspect_options(p)
     p.add_argument("file")
     p.add_argument("location", nargs="+", metavar="SYM[+OFF]|ADDR")
     p.set_defaults(func=cmd_inspect, args=[])
@@ -44,6 +46,8 @@ def cmd_inspect(args) -> int:
     m = guest.machine
     probes = [kprobe_from_spec(loc) for loc in args.location]
     results = [inspect_kprobe(m, p) for p in probes]        # registers them
+    from probes.trace.bpf_cli import format_programs, inspect_attach, inspect_programs
+    bpf = inspect_attach(m, args)
     if args.optimize:
         from probes.kprobes import kprobes_of
         from probes.optprobes import enable_optprobes
@@ -53,7 +57,9 @@ def cmd_inspect(args) -> int:
     if args.optimize or args.run:
         results = [inspect_kprobe(m, p) if r.verdict != "rejected" else r for p, r in zip(probes, results)]
     if args.json:
-        print(json.dumps([r.to_json() for r in results], indent=2), file=args.stdout)
+        print(json.dumps([r.to_json() | ({"bpf": progs} if (progs := inspect_programs(bpf, r.addr)) else {})
+                          for r in results], indent=2), file=args.stdout)
     else:
-        print("\n\n".join(r.format() for r in results), file=args.stdout)
+        print("\n\n".join("\n".join([r.format(), *format_programs(inspect_programs(bpf, r.addr))])
+                           for r in results), file=args.stdout)
     return 0

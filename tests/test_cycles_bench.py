@@ -86,8 +86,9 @@ def test_bench_json_rows():
                           "--json"])
     assert rc == 0
     rows = json.loads(out)
-    assert len(rows) == 2                      # the kind, then the kind with a BPF program
-    assert rows[1]["bpf"] and rows[1]["kind"] == "k"
+    assert len(rows) == 3      # the kind, then with a BPF program: compiled Python, guest JIT
+    assert rows[1]["bpf"] and rows[1]["kind"] == "k" and rows[1]["engine"] == "python"
+    assert rows[2]["bpf"] and rows[2]["kind"] == "k" and rows[2]["engine"] == "jit"
     r = rows[0]
     assert {"arch", "kind", "bpf", "cycles_per_hit", "host_us_per_hit",
             "baseline_us_per_hit"} <= set(r)

@@ -1,11 +1,18 @@
 """The BPF JIT to the guest ISA (arch/{x86,arm64}/net/bpf_jit_comp.c), common part.
 
 A verified program is translated to arm64 or x86-64 machine code by the arch's emitter
-(``jit_arm64.py``, ``jit_x86_64.py``) and run inside a scratch ``Machine`` of that arch,
-where the cycle model can charge it like any guest code. This module holds what the two
-JITs share: the image builder (labels, fixed-size branches resolved in a second pass,
-the per-instruction address map that ``emu bpf disasm --jited`` and fault reports use,
-the exception table), the helper trampolines, and the runner.
+(``jit_arm64.py``, ``jit_x86_64.py``) and run where the cycle model can charge it like
+any guest code: in a scratch ``Machine`` of that arch (``ScratchJit(arch)``: ``emu bpf run
+--bpf-engine jit``, ``probes.bpf.run(..., engine="jit")``), or inside the traced machine
+itself (``ScratchJit(arch, machine=m)``, used by ``ProbeJit`` on probe hits): there the
+trampolines, the run's data page and the images sit in pages the BPF layer maps and claims
+from GUEST_JIT_BASE up (r-x, written through text_poke, refused as probe targets), the
+windows (see Memory) hold the maps and the pt_regs context, and a hit runs the image on the
+traced CPU in a nested run on the layer's own stack, after which the CPU's registers are
+restored. This module holds what the two JITs share: the image builder (labels,
+fixed-size branches resolved in a second pass, the per-instruction address map that ``emu
+bpf disasm --jited`` and fault reports use, the exception table), the helper trampolines,
+and the runners.
 
 Memory. The machine's regions (context, map values, ring-buffer records; see memory.py)
 sit at non-canonical addresses no CPU can load from, so each region gets a guest window:
@@ -21,13 +28,16 @@ dispatcher hands to ``_on_helper``: the guest pointers in r1-r5 are mapped back 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Left out (see the report in the issue): inlined map lookups (map_gen_lookup), constant
-tail-call patching, the kernel's short-branch passes (every branch has its long form).
+Left out (see the report in the issue): the optprobe detour calling the image directly
+(a hit enters it from the host side, ~50 us of it the nested Unicorn run), maps backed by
+the guest pages themselves (the windows are copied in and out around a run, skipping
+unchanged ones), constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
 import bisect
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 
@@ -41,7 +51,7 @@ from .isa import (
     BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
     lddw_imm64,
 )
-from .memory import MemoryFault, Region, STACK_BASE, VM_BASE
+from .memory import CTX_ADDR, MemoryFault, Region, STACK_BASE, VM_BASE
 from .runtime import BpfRun, GuestFault, ProgramExit
 
 if TYPE_CHECKING:
@@ -59,6 +69,8 @@ TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
+GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
+GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -281,6 +293,12 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
+def code_size(em: Emitter, pieces: list[Piece]) -> int:
+    """Bytes the pieces take (every piece has a fixed size, wherever it lands)."""
+    return sum(em.branch_size(p) if isinstance(p, Branch) else len(p)
+               for p in pieces if isinstance(p, (Branch, bytes)))
+
+
 def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, dict]:
     """Two passes: label addresses (every piece has a fixed size), then the bytes."""
     labels: dict[Hashable, int] = {}
@@ -318,6 +336,7 @@ class Window:
     gstart: int          # guest address of region.data[0]
     gpage: int           # first mapped page
     size: int            # mapped bytes
+    shadow: bytes | None = None   # what the guest holds (not for the stack): skip equal writes
 
 
 def _guest_base(region: Region) -> tuple[int, int]:
@@ -350,38 +369,66 @@ class ScratchJit:
     (id(prog) -> JitImage), ``cycles`` (modelled cycles of the last run, with
     ``cycle_profile``)."""
 
-    def __init__(self, arch: str, cycle_profile: str | None = None) -> None:
+    def __init__(self, arch: str, cycle_profile: str | None = None,
+                 machine: "Machine | None" = None) -> None:
         from emu.machine import Machine
         from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 
         self.emitter = get_emitter(arch)
         self.arch = arch
-        self.machine = m = Machine(arch)
+        # in_guest: the images live in the traced machine's own pages and run on its CPU
+        self.in_guest = machine is not None
+        self.machine = m = machine if machine is not None else Machine(arch)
         self.images: dict[int, JitImage] = {}
         self.stubs: dict[Hashable, int] = {}
         self._stub_fns: dict[int, Callable[[int], None]] = {}
-        self._text_end = TEXT_BASE
+        self.stub_base = self._free_span(GUEST_JIT_BASE, 2 * PAGE) if self.in_guest else STUB_BASE
+        self.tcc_addr = self.stub_base + PAGE
+        self._text_end = self.stub_base + 2 * PAGE if self.in_guest else TEXT_BASE
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
+        self._by_vm_key: dict[int, Window] = {}
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
-        m.memory.map(STUB_BASE, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]")
-        m.claim_text(STUB_BASE, PAGE, RegionOwner.BPF, "[bpf jit trampolines]")
-        m.memory.map(DATA_BASE, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]")
+        self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
+        self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
+        # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
+        m.symbols.add("bpf_jit_trampolines", self.stub_base, PAGE)
         self.return_addr = self._stub("return", lambda addr: None)
         self.model = None
         if cycle_profile is not None:      # "default": the arch's default profile
             self.model = m.enable_cycle_model(None if cycle_profile == "default" else cycle_profile)
 
+    def _free_span(self, lo: int, size: int) -> int:
+        """In the traced guest: the first free range at or above ``lo`` (deterministic)."""
+        addr = self.machine.memory.find_free(size, lo, GUEST_JIT_END)
+        if addr is None:
+            raise BpfError(f"no room in the guest's address space for {size:#x} bytes of BPF JIT")
+        return addr
+
+    def _map(self, addr: int, size: int, prot: int, name: str, text: bool) -> None:
+        """Map pages of the JIT's own, claimed as the BPF layer's: a guest cannot unmap
+        or replace them, and probes refuse them (the kernel blacklists BPF images)."""
+        from emu.memory import MemoryLimit
+
+        try:
+            self.machine.memory.map(addr, size, prot, name)
+        except MemoryLimit as e:
+            raise BpfError(f"no room for {name} ({e.mapped} of {e.limit} bytes mapped)") from None
+        except Exception as e:   # Unicorn: the range is taken by the guest
+            raise BpfError(f"{name} at {addr:#x}: the guest already maps it ({e})") from None
+        if text or self.in_guest:
+            self.machine.claim_text(addr, size, RegionOwner.BPF, name)
+
     # -- trampolines --
     def _stub(self, key: Hashable, fn: Callable[[int], None]) -> int:
         addr = self.stubs.get(key)
         if addr is None:
-            addr = STUB_BASE + len(self.stubs) * STUB_SIZE
-            if addr + STUB_SIZE > STUB_BASE + PAGE:
+            addr = self.stub_base + len(self.stubs) * STUB_SIZE
+            if addr + STUB_SIZE > self.stub_base + PAGE:
                 raise BpfError("too many distinct helpers for the JIT's trampoline page")
             self.stubs[key] = addr
             self.machine.text_poke(addr, self.emitter.stub_code)
@@ -399,6 +446,17 @@ class ScratchJit:
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
+        """JIT ``prog`` into this machine (once); see ``_compile``."""
+        image = self.images.get(id(prog))
+        if image is None and self.in_guest:
+            # the layout is done for an address; in a guest that must be a free one
+            pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
+                                  self._inliner(prog) if self.inline_maps else None)
+            size = (code_size(self.emitter, pieces) + PAGE - 1) & ~(PAGE - 1)
+            self._text_end = self._free_span(self._text_end, size or PAGE)
+        return self._compile(prog, probe_mem)
+
+    def _compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
         """JIT ``prog`` into this machine (once). ``probe_mem``: indices of loads the
         kernel's verifier would have turned into BPF_PROBE_MEM (loads through untrusted
         pointers): a fault there zeroes the destination and execution goes on."""
@@ -419,8 +477,7 @@ class ScratchJit:
         base = self._text_end
         size = (len(code) + PAGE - 1) & ~(PAGE - 1) or PAGE
         m = self.machine
-        m.memory.map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]")
-        m.claim_text(base, size, RegionOwner.BPF, "[bpf jit]")
+        self._map(base, size, PROT_READ | PROT_EXEC, "[bpf jit]", True)
         m.text_poke(base, code)
         self._text_end = base + size
         name = prog.name or "prog"
@@ -446,7 +503,7 @@ class ScratchJit:
             if fid == 12:          # BPF_FUNC_tail_call: inlined (emit_bpf_tail_call_indirect)
                 c.kind = "tail_call"
                 c.stub = self._stub("tail_call", self._on_tail_call)
-                c.value = TCC_ADDR
+                c.value = self.tcc_addr
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
         elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
@@ -491,17 +548,45 @@ class ScratchJit:
         self.run_state = run
         for p in _reachable(prog):
             run.bind_maps(p)
-        self.sync_windows()
+        self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
         for p in _reachable(prog):
             self._cur = p
             self.compile(p, probe_mem if p is prog else frozenset())
+        return run
+
+    def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
+        """``prepare`` for a program that runs on every hit: the run state is kept and
+        ``rerun`` restarts it, so its windows stay mapped (BpfRun.prepare_reuse's contract,
+        without its BPF stack frame: the JIT's native stack is the program's stack)."""
+        run = self.prepare(prog, ctx, env, None)
+        mem = run.mem
+        run._root, run._ctx_region = prog, mem.regions[CTX_ADDR >> 32]
+        run._static = (dict(mem.regions), dict(mem._by_buffer), mem._next_key)
+        return run
+
+    def rerun(self, run: BpfRun, ctx: bytearray) -> BpfRun:
+        """The next hit of a kept run: what the last one added is dropped, bytes go out."""
+        run.reset(ctx)
+        self.run_state = run
+        self.sync_windows(stack=False)
         return run
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
         m, em = self.machine, self.emitter
         image = self.images[id(prog)]
-        m.memory.write(TCC_ADDR, bytes(4))
+        if self.in_guest:      # the traced CPU runs the image: its state comes back after
+            saved = m.uc.context_save()
+            try:
+                return self._execute(m, em, image, run, r1, r2)
+            finally:
+                m.uc.context_restore(saved)
+        return self._execute(m, em, image, run, r1, r2)
+
+    def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
+                 r1: int, r2: int) -> int:
+        if "tail_call" in self.stubs:     # only a program with tail calls counts them
+            m.memory.write(self.tcc_addr, bytes(4))
         sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
@@ -578,8 +663,9 @@ class ScratchJit:
             return guest
         return guest - w.gstart + w.region.base
 
-    def sync_windows(self) -> None:
-        """Map new regions of the run into the guest, drop removed ones, copy bytes out."""
+    def sync_windows(self, stack: bool = True) -> None:
+        """Map new regions of the run into the guest, drop removed ones, copy bytes out
+        (of the native stack too if ``stack``: during a run, for helpers' writes)."""
         from emu.memory import PROT_READ, PROT_WRITE
 
         run = self.run_state
@@ -590,6 +676,8 @@ class ScratchJit:
             if id(w.region) not in live:
                 if w.size:
                     m.memory.unmap(w.gpage, w.size)
+                    if self.in_guest:
+                        m.owners.release(w.gpage, w.size)
                 del self.windows[key]
         have = {id(w.region) for w in self.windows.values()}
         for region in list(run.mem.regions.values()):
@@ -598,12 +686,16 @@ class ScratchJit:
             page, start = _guest_base(region)
             # an empty region maps nothing: every access faults, as in the interpreter
             size = ((start - page) + len(region.data) + PAGE - 1) & ~(PAGE - 1)
-            prot = PROT_READ | (PROT_WRITE if region.writable else 0)
+            # In a traced guest every window is writable, as the kernel's pt_regs (on the
+            # stack) and map values are: the verifier already refused writes to read-only
+            # ones, and Unicorn re-protecting a page for each host write costs ~30 µs a hit.
+            writable = region.writable or self.in_guest
+            prot = PROT_READ | (PROT_WRITE if writable else 0)
             if size:
-                m.memory.map(page, size, prot, f"[bpf {region.name or 'region'}]")
+                self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
-        self.sync_out()
+        self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:
         """The bytes of a window to copy: of the native stack only the live part above
@@ -616,18 +708,29 @@ class ScratchJit:
         return low, len(w.region.data)
 
     def sync_out(self, stack: bool = True) -> None:
+        """Host bytes to the guest; a window whose bytes the guest already holds is left
+        alone (a write to guest memory costs microseconds, and most maps rest per hit)."""
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
-            if hi > lo:
-                uc.mem_write(w.gstart + lo, bytes(w.region.data[lo:hi]))
+            if hi <= lo:
+                continue
+            data = bytes(w.region.data[lo:hi])
+            if w.region.base != STACK_BASE:
+                if data == w.shadow:
+                    continue
+                w.shadow = data
+            uc.mem_write(w.gstart + lo, data)
 
     def sync_in(self, stack: bool = True) -> None:
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
             if w.region.writable and hi > lo:
-                w.region.data[lo:hi] = uc.mem_read(w.gstart + lo, hi - lo)
+                got = bytes(uc.mem_read(w.gstart + lo, hi - lo))
+                w.region.data[lo:hi] = got
+                if w.region.base != STACK_BASE:
+                    w.shadow = got
 
     # -- host entries --
     def _helper_trap(self, fid: int) -> Callable[[int], None]:
@@ -824,33 +927,103 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
 
 
 class ProbeJit:
-    """``--bpf-engine jit`` on probe hits: each program runs JITed to the traced
-    machine's arch in a scratch machine kept for it (made and compiled at the first hit),
-    and its modelled cycles are charged to the traced machine's clock when that runs the
-    cycle model (the JITed code on the same CPU profile). Call as ``runner(prog, ctx,
-    env) -> r0``, the signature of ``BpfProg.run``.
+    """``--bpf-engine jit`` on probe hits: programs are JITed into the traced machine
+    itself (text pages the BPF layer claims, written through text_poke, maps and the
+    pt_regs context in windows it maps), and a hit runs the image on the traced CPU: a
+    nested run from the host side of the hit on the BPF layer's stack, after which the
+    CPU's registers are put back and the probe's handling goes on. With the cycle model on,
+    the profile charges the JITed code as it runs it; ``cycles`` sums them per program.
+    Call as ``runner(prog, ctx, env) -> r0``, the signature of ``BpfProg.run``.
 
-    There is no native host-entry path yet: a hit enters the scratch machine from the
-    host, and helpers leave it through the trap trampolines."""
+    A program the JIT cannot take (``BpfError`` while compiling) runs on the compiled
+    Python path instead; ``fallback`` says which and why."""
 
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         self.arch = machine.arch.name
-        self.jits: dict[int, ScratchJit] = {}
+        self._jit: ScratchJit | None = None
+        # program -> modelled cycles of all its hits; program -> why it is not JITed
+        self.cycles: "weakref.WeakKeyDictionary[BpfProg, int]" = weakref.WeakKeyDictionary()
+        self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
+        self._runs: "weakref.WeakKeyDictionary[BpfProg, BpfRun]" = weakref.WeakKeyDictionary()
+
+    @property
+    def jit(self) -> ScratchJit:
+        if self._jit is None:
+            self._jit = ScratchJit(self.arch, machine=self.machine)
+        return self._jit
+
+    def image_of(self, prog: "BpfProg") -> JitImage | None:
+        return self._jit.images.get(id(prog)) if self._jit is not None else None
+
+    def load(self, prog: "BpfProg") -> JitImage | None:
+        """JIT ``prog`` now, as the kernel does at BPF_PROG_LOAD, rather than at its first
+        hit: its image (None: it falls back, ``fallback`` says why)."""
+        from probes.trace.bpf_trace import bpf_trace_of
+
+        if prog in self.fallback:
+            return None
+        trace = bpf_trace_of(self.machine)
+        try:
+            self.jit.prepare(prog, bytearray(len(trace.image.image)), trace.env, None)
+        except BpfRuntimeError:
+            raise
+        except BpfError as e:
+            self.fallback[prog] = str(e)
+        return self.image_of(prog)
 
     def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
         from .memory import CTX_ADDR
 
-        jit = self.jits.get(id(prog))
-        if jit is None:
-            jit = self.jits[id(prog)] = ScratchJit(self.arch, self.machine.clock.profile)
+        if prog in self.fallback:
+            return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
-        run = jit.prepare(prog, ctx_buf, env, None)
-        r0 = jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        run = self._runs.get(prog)
+        if run is not None and run.env is env:
+            self.jit.rerun(run, ctx_buf)
+        else:
+            try:
+                run = self._runs[prog] = self.jit.prepare_reuse(prog, ctx_buf, env)
+            except BpfRuntimeError:
+                raise
+            except BpfError as e:
+                self.fallback[prog] = str(e)
+                return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": compiled Python
+        clock = self.machine.clock
+        c0 = clock.cycles
+        r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
+        if clock.model_counts is not None:
+            self.cycles[prog] = self.cycles.get(prog, 0) + clock.cycles - c0
         run.finish()
-        if jit.model is not None:
-            self.machine.clock.advance(jit.cycles, "bpf jit")
         return r0
+
+
+def engine_info(machine: "Machine", prog: "BpfProg") -> dict[str, Any]:
+    """How ``prog`` runs on ``machine``'s hits, for reports: {"engine": "jit" | "python" |
+    "interp"}, and under the JIT the image's address and size, the modelled cycles of its
+    hits (with the cycle model), or why it fell back to the compiled Python path."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    runner = bpf_trace_of(machine).runner
+    if not isinstance(runner, ProbeJit):
+        return {"engine": "python" if runner is None else "interp"}
+    if prog in runner.fallback:
+        return {"engine": "python", "jit_fallback": runner.fallback[prog]}
+    image = runner.image_of(prog)
+    info: dict[str, Any] = {"engine": "jit"}
+    if image is not None:
+        info.update(jit_image=image.addr, jit_size=len(image.code))
+    if prog in runner.cycles:
+        info["jit_cycles"] = runner.cycles[prog]
+    return info
+
+
+def jit_load(machine: "Machine", prog: "BpfProg") -> JitImage | None:
+    """Under ``--bpf-engine jit``: JIT ``prog`` into ``machine`` now (see ProbeJit.load)."""
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    runner = bpf_trace_of(machine).runner
+    return runner.load(prog) if isinstance(runner, ProbeJit) else None
 
 
 def install_engine(machine: "Machine", engine: str) -> None:

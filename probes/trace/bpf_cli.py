@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from emu.errors import UsageError
 from emu.session import Session
@@ -30,9 +30,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="print every BPF map at exit (bpftool map dump -j layout)")
     p.add_argument("--bpf-format", choices=("hex", "json"), default="hex",
                    help="ring-buffer records and perf samples as hex lines or JSON objects")
-    p.add_argument("--bpf-engine", choices=("interp", "python", "jit"), default="python",
+    p.add_argument("--bpf-engine", choices=("interp", "python", "jit"), default="jit",
                    help="how programs run on hits: interpreter, compiled Python, or JITed "
-                        "guest code (probes/bpf/jit_guest.py)")
+                        "guest code run on the traced CPU (the default; a program the JIT "
+                        "cannot take runs compiled Python, and a line at exit says why)")
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -49,10 +50,12 @@ def attach_from_args(session: Session, args: Any) -> None:
         if getattr(args, "dump_maps", False):
             raise UsageError("--dump-maps needs --bpf OBJ")
         return
-    session.attach(BpfAttachment(session, specs, getattr(args, "dump_maps", False),
-                                 getattr(args, "bpf_format", "hex"), getattr(args, "stderr", None)))
+    att = BpfAttachment(session, specs, getattr(args, "dump_maps", False),
+                        getattr(args, "bpf_format", "hex"), getattr(args, "stderr", None))
+    session.attach(att)
     from probes.bpf.jit_guest import install_engine
-    install_engine(session.machine, getattr(args, "bpf_engine", "python"))
+    install_engine(session.machine, getattr(args, "bpf_engine", "jit"))
+    att.jit_all()
 
 
 class BpfAttachment:
@@ -68,6 +71,7 @@ class BpfAttachment:
         self.fmt = fmt
         self.out = out
         self.objects: list[Any] = []            # libbpf BpfObjects
+        self.links: list[Any] = []              # their attached programs
         self.records = 0
         trace = bpf_trace_of(self.m)
         trace.printk_sink = self.printk
@@ -76,7 +80,7 @@ class BpfAttachment:
             if not os.path.exists(path):
                 raise UsageError(f"--bpf {spec}: no such file {path!r}")
             obj = BpfObject.open(path).load(self.m)
-            obj.attach_all(self.m, prog)
+            self.links += obj.attach_all(self.m, prog)
             for name, mp in sorted(obj.maps.items()):
                 if isinstance(mp, RingbufMap):
                     trace.ring_buffer(mp, self._record_cb(name, None))
@@ -84,6 +88,12 @@ class BpfAttachment:
                     trace.perf_buffer(mp, lambda cpu, data, name=name:
                                       self._record(name, cpu, data))
             self.objects.append(obj)
+
+    def jit_all(self) -> None:
+        """Under the JIT engine: JIT the attached programs now, as BPF_PROG_LOAD does."""
+        from probes.bpf.jit_guest import jit_load
+        for link in self.links:
+            jit_load(self.m, link.prog)
 
     @property
     def stream(self) -> IO[str]:
@@ -113,11 +123,18 @@ class BpfAttachment:
             self.stream.write(f"bpf {kind} {where}: {data.hex()}\n")
 
     def report(self, out: IO[str]) -> None:
+        from probes.bpf.jit_guest import engine_info
+        for obj in self.objects:
+            for name, prog in sorted(obj.programs.items()):
+                why = engine_info(self.m, prog).get("jit_fallback")
+                if why is not None:
+                    self.stream.write(f"bpf: {name} ran compiled Python, not JITed: {why}\n")
         if self.dump:
             dumps = [d for obj in self.objects for d in obj.dump_maps()]
             out.write(json.dumps(dumps) + "\n")
 
     def stats(self) -> dict[str, Any]:
+        from probes.bpf.jit_guest import engine_info
         from probes.trace.bpf_trace import prog_stats
         progs = []
         for obj in self.objects:
@@ -125,7 +142,7 @@ class BpfAttachment:
                 st = prog_stats(prog)
                 progs.append({"name": name, "section": prog.section, "id": st.id,
                               "run_cnt": st.run_cnt, "run_insns": st.run_insns,
-                              "misses": st.misses})
+                              "misses": st.misses, **engine_info(self.m, prog)})
         return {"bpf": {"programs": progs, "records": self.records,
                         "maps": [d for obj in self.objects for d in obj.dump_maps()]}}
 
@@ -157,7 +174,8 @@ class TraceBpfProvider:
                             out=getattr(args, "stdout", None) or sys.stdout)
         bpf_trace_of(machine).printk_sink = tracefs.trace_bpf_printk
         from probes.bpf.jit_guest import install_engine
-        install_engine(machine, getattr(args, "bpf_engine", "python"))
+        install_engine(machine, getattr(args, "bpf_engine", "jit"))
+        att.jit_all()
         args._bpf_attachment = att
 
     def finish(self, machine, tracefs, args, out: IO[str]) -> None:
@@ -173,3 +191,45 @@ def _register_trace_provider() -> None:
 
 
 _register_trace_provider()
+
+
+# --- emu inspect --bpf -----------------------------------------------------------------------
+
+def add_inspect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bpf", action="append", default=[], metavar="OBJ[:PROG]",
+                   help="attach a clang BPF object's programs (JITed into the guest) and show, "
+                        "for each probe, the programs on it and their image addresses")
+
+
+def inspect_attach(machine: Any, args: Any) -> "BpfAttachment | None":
+    """`emu inspect --bpf`: attach and JIT the programs before the inspection."""
+    specs = getattr(args, "bpf", None) or []
+    if not specs:
+        return None
+    from probes.bpf.jit_guest import install_engine
+    att = BpfAttachment(cast(Any, _MachineOnly(machine)), specs, out=getattr(args, "stderr", None))
+    install_engine(machine, "jit")
+    att.jit_all()
+    return att
+
+
+def inspect_programs(att: "BpfAttachment | None", addr: int | None) -> list[dict[str, Any]]:
+    """The programs attached at `addr`: name, section, and how they run (engine_info)."""
+    if att is None or addr is None:
+        return []
+    from probes.bpf.jit_guest import engine_info
+    return [{"program": link.prog.name, "section": link.prog.section,
+             **engine_info(att.m, link.prog)}
+            for link in att.links if getattr(link.call, "func_ip", None) == addr]
+
+
+def format_programs(progs: list[dict[str, Any]]) -> list[str]:
+    """`bpf:      NAME (SEC) JITed at 0x... (N bytes)` lines for `emu inspect`."""
+    out = []
+    for p in progs:
+        if p.get("jit_image") is not None:
+            how = f"JITed at {p['jit_image']:#x} ({p['jit_size']} bytes)"
+        else:
+            how = f"compiled Python ({p.get('jit_fallback', p['engine'])})"
+        out.append(f"bpf:      {p['program']} ({p['section']}) {how}")
+    return out
