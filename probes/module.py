@@ -98,8 +98,25 @@ class FtraceModuleNotifier:
 FTRACE_COMING_PRIORITY = 1 << 30
 
 
+class TracepointModuleNotifier:
+    """tracepoint_module_notify: a coming module's tracepoints, jump-label sites and raw
+    tracepoints join the machine's; a going module's leave (probes/tracepoint.py)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        modules_of(machine).register_module_notifier(self.tracepoint_module_notify, 0)
+
+    def tracepoint_module_notify(self, _mods: Modules, state: ModuleState, mod: Module) -> None:
+        from probes.tracepoint import tracepoints_from_image, tracepoints_release_module
+        if state == ModuleState.COMING:
+            tracepoints_from_image(self.m, mod.image, mod)
+        elif state == ModuleState.GOING:
+            tracepoints_release_module(self.m, mod)
+
+
 def module_notifier_of(machine: Machine) -> KprobesModuleNotifier:
     machine.layer("ftrace-module-nb", FtraceModuleNotifier)
+    machine.layer("tracepoint-module-nb", TracepointModuleNotifier)
     nb: KprobesModuleNotifier = machine.layer("kprobes-module-nb", KprobesModuleNotifier)
     return nb
 

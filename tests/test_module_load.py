@@ -207,3 +207,28 @@ def test_corrupted_objects_are_refused_cleanly(arch, build):
                 assert "did not return" in str(e)
         assert modules_of(m).modules == [] and m.memory.mapped_bytes == mapped
     assert outcomes["refused"] > 0
+
+
+def test_module_tracepoints_found_and_released(arch, build):
+    """A real ET_REL module with a static tracepoint: insmod makes it findable (tracepoint,
+    raw tracepoint) and callable through its site; rmmod releases both."""
+    from probes.trace.bpf_tracepoint import bpf_raw_tracepoints_of
+    from probes.tracepoint import tracepoints_of
+    compiler = shutil.which(CROSS_CC[arch]) or pytest.skip(f"{CROSS_CC[arch]} not installed")
+    obj = Path(str(build(arch, "counter_mod"))).with_name(f"tp_mod.{arch}.o")
+    subprocess.run([compiler, "-O2", "-c", "-fno-pic", "-fno-common", "-fno-asynchronous-unwind-tables",
+                    "-fno-unwind-tables", "-fno-stack-protector", *MOD_FLAGS[arch],
+                    "-I", str(ROOT / "firmware" / "include"), "-o", str(obj), str(DATA / "tp_mod.c")],
+                   check=True, capture_output=True)
+    lab = ProbeLab.load(str(build(arch, "modhost", module=False)))
+    m = lab.machine
+    mod = load_module(m, str(obj), "tp_mod")
+    tps, raw = tracepoints_of(m), bpf_raw_tracepoints_of(m)
+    tp = tps.lookup("mod_tick")
+    assert tp is not None and tp.module is mod
+    assert raw.bpf_get_raw_tracepoint("mod_tick").tp is tp
+    got: list[tuple[int, ...]] = []
+    assert tps.tracepoint_probe_register(tp, lambda data, args: got.append(args)) == 0
+    assert lab.call(m.symbols.lookup("mod_tick_fire").addr, 41) == 42 and got == [(41,)]
+    unload_module(m, mod)
+    assert tps.lookup("mod_tick") is None and raw.bpf_get_raw_tracepoint("mod_tick") is None

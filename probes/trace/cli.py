@@ -97,9 +97,9 @@ def setup_events(machine, args) -> Tracefs:
     for cmd in getattr(args, "event", None) or []:
         if cmd.startswith("tp:"):               # a guest tracepoint's event
             from probes.trace.trace_tracepoint import tracepoint_event
-            call = tracepoint_event(fs, cmd[3:])
-            if call.full_name not in soft:
-                call.set_enabled(True)
+            tp_call = tracepoint_event(fs, cmd[3:])
+            if tp_call.full_name not in soft:
+                tp_call.set_enabled(True)
             continue
         before = len(fs.error_log)
         ret = fs.write("kprobe_events", cmd, append=True)
