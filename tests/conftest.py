@@ -242,26 +242,34 @@ def _compile_c(cc_name: str, source: Path, out: Path, flags: list[str]) -> Path:
         pytest.skip(f"{cc_name} not installed")
     proc = subprocess.run([cc, "-O2", *flags, "-o", str(out), str(source)], capture_output=True, text=True)
     if proc.returncode:
-        if "cannot find -lc" in proc.stderr or "crt1.o" in proc.stderr:
+        if "cannot find -l" in proc.stderr or "crt1.o" in proc.stderr:
             pytest.skip(f"no static C library for {cc_name}: {proc.stderr.strip()[:200]}")
         raise AssertionError(f"{cc} failed:\n{proc.stderr}")
     return out
 
 
+LINK_FLAGS = {"static": ["-static"], "static-pie": ["-static-pie"], "dynamic": [], "object": ["-c"]}
+
+
 @pytest.fixture(scope="session")
 def c_prog(tmp_path_factory):
-    """c_prog(arch, source, link="static"|"static-pie"|"dynamic") -> Path of the C file
-    `source` compiled for arch (cached for the session; skips if the cross compiler or its
-    libc is missing)."""
+    """c_prog(arch, source, link="static"|"static-pie"|"dynamic"|"object", extra=(), cc=None)
+    -> Path of the C file `source` compiled for arch with `extra` flags after -O2 (cached for
+    the session; skips if the compiler, CROSS_CC[arch] unless `cc` names another, or its libc
+    is missing)."""
     cache = tmp_path_factory.mktemp("c-progs")
-    built: dict[tuple[str, Path, str], Path] = {}
+    built: dict[tuple, Path] = {}
 
-    def build(arch: str, source: Path, link: str = "static") -> Path:
-        key = (arch, Path(source), link)
+    def build(arch: str, source: Path, link: str = "static", extra: tuple[str, ...] = (),
+              cc: str | None = None) -> Path:
+        key = (arch, Path(source), link, tuple(extra), cc)
         if key not in built:
-            flags = {"static": ["-static"], "static-pie": ["-static-pie"], "dynamic": []}[link]
-            out = cache / f"{Path(source).stem}-{len(built)}-{link}.{arch}"
-            built[key] = _compile_c(CROSS_CC[arch], Path(source), out, flags)
+            suffix = ".o" if link == "object" else ""
+            where = cache / str(len(built))            # the file keeps its own name: a
+            where.mkdir()                              # module's name is its file's stem
+            out = where / f"{Path(source).stem}.{arch}{suffix}"
+            built[key] = _compile_c(cc or CROSS_CC[arch], Path(source), out,
+                                    [*LINK_FLAGS[link], *extra])
         return built[key]
 
     return build

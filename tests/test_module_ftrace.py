@@ -6,45 +6,25 @@ sites leave with it."""
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_CC, ROOT, run_emu
+from conftest import run_emu
 from probes.ftrace import ftrace_of
 from probes.kprobes import KPROBE_FLAG_FTRACE, KPROBE_FLAG_GONE, Kprobe
 from probes.module import load_module, unload_module
 from probes.testing import ProbeLab
 from probes.trace.trace_functions_graph import FunctionGraphTracer
+from test_module_load import module_builder
 
-DATA = ROOT / "tests" / "data" / "module"
 FTRACE_FLAGS = {"arm64": ["-mgeneral-regs-only", "-fpatchable-function-entry=2"],
                 "x86_64": ["-mno-sse", "-mno-red-zone", "-pg", "-mfentry", "-mnop-mcount",
                            "-mrecord-mcount"]}
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ftrace-modules")
-
-    def cc(arch: str, name: str, module: bool = True) -> Path:
-        compiler = shutil.which(CROSS_CC[arch])
-        if compiler is None:
-            pytest.skip(f"{CROSS_CC[arch]} not installed")
-        target = out / f"{name}.{arch}{'.o' if module else ''}"
-        if not target.exists():
-            flags = (["-c", "-fno-pic", "-fno-common", "-fno-asynchronous-unwind-tables",
-                      "-fno-unwind-tables", "-fno-stack-protector", *FTRACE_FLAGS[arch]]
-                     if module else ["-static"])
-            proc = subprocess.run([compiler, "-O2", *flags, "-o", str(target),
-                                   str(DATA / f"{name}.c")], capture_output=True, text=True)
-            if proc.returncode and not module and "cannot find -lc" in proc.stderr:
-                pytest.skip(f"no static C library for {arch}")
-            assert proc.returncode == 0, proc.stderr
-        return target
-    return cc
+def build(c_prog):
+    return module_builder(c_prog, FTRACE_FLAGS)
 
 
 def test_emu_run_graphs_module_functions(arch, build, tmp_path):

@@ -6,13 +6,10 @@ slot freed, `[GONE]` listed); the notifier chain's order and states; `emu run --
 refusals (not an object, unknown symbol, failing init)."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_CC, ROOT, run_emu
+from conftest import ROOT, run_emu
 from emu.module import ModuleError, ModuleState, modules_of
 from probes.kprobes import KPROBE_FLAG_GONE, Kprobe
 from probes.module import load_module, unload_module
@@ -25,26 +22,23 @@ MOD_FLAGS = {"arm64": ["-mgeneral-regs-only"], "x86_64": ["-mno-sse", "-mno-red-
 ALL_RUNS = "sum=1080 host_calls=8\n"
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("modules")
+MODULE_FLAGS = ("-fno-pic", "-fno-common", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
+                "-fno-stack-protector")
 
-    def cc(arch: str, name: str, module: bool = True) -> Path:
-        compiler = shutil.which(CROSS_CC[arch])
-        if compiler is None:
-            pytest.skip(f"{CROSS_CC[arch]} not installed")
-        target = out / f"{name}.{arch}{'.o' if module else ''}"
-        if not target.exists():
-            flags = (["-c", "-fno-pic", "-fno-common", "-fno-asynchronous-unwind-tables",
-                      "-fno-unwind-tables", "-fno-stack-protector", *MOD_FLAGS[arch]]
-                     if module else ["-static"])
-            proc = subprocess.run([compiler, "-O2", *flags, "-o", str(target),
-                                   str(DATA / f"{name}.c")], capture_output=True, text=True)
-            if proc.returncode and not module and "cannot find -lc" in proc.stderr:
-                pytest.skip(f"no static C library for {arch}")
-            assert proc.returncode == 0, proc.stderr
-        return target
+
+def module_builder(c_prog, arch_flags: dict[str, list[str]]):
+    """cc(arch, name, module=True, extra=()) -> tests/data/module/<name>.c as a relocatable
+    module object (built as the kernel builds modules), or with module=False a static host."""
+    def cc(arch: str, name: str, module: bool = True, extra: tuple[str, ...] = ()):
+        if not module:
+            return c_prog(arch, DATA / f"{name}.c")
+        return c_prog(arch, DATA / f"{name}.c", "object", (*MODULE_FLAGS, *arch_flags[arch], *extra))
     return cc
+
+
+@pytest.fixture(scope="module")
+def build(c_prog):
+    return module_builder(c_prog, MOD_FLAGS)
 
 
 def test_load_probe_unload_while_running(arch, build):
@@ -214,12 +208,7 @@ def test_module_tracepoints_found_and_released(arch, build):
     raw tracepoint) and callable through its site; rmmod releases both."""
     from probes.trace.bpf_tracepoint import bpf_raw_tracepoints_of
     from probes.tracepoint import tracepoints_of
-    compiler = shutil.which(CROSS_CC[arch]) or pytest.skip(f"{CROSS_CC[arch]} not installed")
-    obj = Path(str(build(arch, "counter_mod"))).with_name(f"tp_mod.{arch}.o")
-    subprocess.run([compiler, "-O2", "-c", "-fno-pic", "-fno-common", "-fno-asynchronous-unwind-tables",
-                    "-fno-unwind-tables", "-fno-stack-protector", *MOD_FLAGS[arch],
-                    "-I", str(ROOT / "firmware" / "include"), "-o", str(obj), str(DATA / "tp_mod.c")],
-                   check=True, capture_output=True)
+    obj = build(arch, "tp_mod", extra=("-I", str(ROOT / "firmware" / "include")))
     lab = ProbeLab.load(str(build(arch, "modhost", module=False)))
     m = lab.machine
     mod = load_module(m, str(obj), "tp_mod")

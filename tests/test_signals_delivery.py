@@ -4,36 +4,18 @@ setitimer and POSIX timers on the modelled clock, and synchronous signals for fa
 each against the native / qemu-user run, on both arches."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_CC, ROOT, run_emu, run_reference
+from conftest import ROOT, run_emu, run_reference
 
 DATA = ROOT / "tests" / "data" / "threads"
 ARCHES = ["x86_64", "arm64"]
 
 
 @pytest.fixture(scope="module")
-def prog(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("signals")
-
-    def build(arch: str, name: str) -> Path:
-        cc = shutil.which(CROSS_CC[arch])
-        if cc is None:
-            pytest.skip(f"{CROSS_CC[arch]} not installed")
-        out = out_dir / f"{name}.{arch}"
-        if not out.exists():
-            proc = subprocess.run([cc, "-static", "-O1", "-pthread", "-o", str(out),
-                                   str(DATA / f"{name}.c")], capture_output=True, text=True)
-            if proc.returncode:
-                if "cannot find" in proc.stderr or "crt1.o" in proc.stderr:
-                    pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
-                raise AssertionError(proc.stderr)
-        return out
-    return build
+def prog(c_prog):
+    return lambda arch, name: c_prog(arch, DATA / f"{name}.c", extra=("-O1", "-pthread"))
 
 
 SIGNALS_OUT = ("raise: sig=10 code=SI_TKILL fp_kept=1\n"
@@ -90,15 +72,10 @@ def test_signal_runs_are_deterministic(prog, arch):
 
 
 @pytest.mark.parametrize("name, expected", [("signals", SIGNALS_OUT), ("faults", FAULTS_OUT)])
-def test_musl_signals_match_native(tmp_path, name, expected):
+def test_musl_signals_match_native(c_prog, name, expected):
     """musl's sigaction always sets SA_RESTORER (its __restore_rt); glibc's arm64 build
     leaves the trampoline to the kernel (here the [sigpage])."""
-    cc = shutil.which("musl-gcc")
-    if cc is None:
-        pytest.skip("musl-gcc not installed (Debian musl-tools)")
-    out = tmp_path / name
-    subprocess.run([cc, "-static", "-O1", "-pthread", "-o", str(out), str(DATA / f"{name}.c")],
-                   check=True, capture_output=True)
+    out = c_prog("x86_64", DATA / f"{name}.c", extra=("-O1", "-pthread"), cc="musl-gcc")
     ref = run_reference("x86_64", [str(out)])
     assert (ref.rc, ref.out) == (0, expected)
     r = run_emu("run", "--timeout", "120", str(out))

@@ -5,37 +5,20 @@ function every thread runs count exactly; the same seed gives byte-identical run
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_CC, ROOT, run_emu, run_reference
+from conftest import ROOT, run_emu, run_reference
 
 DATA = ROOT / "tests" / "data" / "threads"
 ARCHES = ["x86_64", "arm64"]
 
 
 @pytest.fixture(scope="module")
-def thread_prog(tmp_path_factory):
+def thread_prog(c_prog):
     """thread_prog(arch, name, cc=None) -> a static -pthread build of tests/data/threads/<name>.c."""
-    out_dir = tmp_path_factory.mktemp("threads")
-
-    def build(arch: str, name: str, cc: str | None = None) -> Path:
-        compiler = shutil.which(cc or CROSS_CC[arch])
-        if compiler is None:
-            pytest.skip(f"{cc or CROSS_CC[arch]} not installed")
-        out = out_dir / f"{name}.{Path(compiler).name}.{arch}"
-        if not out.exists():
-            proc = subprocess.run([compiler, "-static", "-O2", "-pthread", "-o", str(out),
-                                   str(DATA / f"{name}.c")], capture_output=True, text=True)
-            if proc.returncode:
-                if "cannot find" in proc.stderr or "crt1.o" in proc.stderr:
-                    pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
-                raise AssertionError(proc.stderr)
-        return out
-    return build
+    return lambda arch, name, cc=None: c_prog(arch, DATA / f"{name}.c", extra=("-pthread",), cc=cc)
 
 
 def _same_as_reference(arch: str, prog: Path, *args: str) -> None:
@@ -56,8 +39,6 @@ def test_mutex_condvar_atomics_match_reference(thread_prog, arch, n):
 
 
 def test_musl_threads_match_native(thread_prog):
-    if shutil.which("musl-gcc") is None:
-        pytest.skip("musl-gcc not installed (Debian musl-tools)")
     prog = thread_prog("x86_64", "pthreads", cc="musl-gcc")
     for n in ("2", "8"):
         _same_as_reference("x86_64", prog, n)
