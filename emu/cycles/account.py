@@ -23,6 +23,7 @@ from emu.cycles import native
 from emu.cycles.blockcost import BlockCost, block_cost
 from emu.cycles.ops import decoder_for, disassembler
 from emu.cycles.profile import Profile, profile_for
+from emu.native_lib import address_of, cache_dir
 from emu.owners import RegionOwner
 from emu.ucfast import uc_emu_stop_address
 
@@ -60,7 +61,7 @@ class CycleModel:
         self._mca: McaCostCache | None = None
         if cost_source == "llvm-mca":
             from emu.cycles.mca import McaCostCache
-            self._mca = McaCostCache(profile.isa, profile.llvm_mcpu, native.cache_dir())
+            self._mca = McaCostCache(profile.isa, profile.llvm_mcpu, cache_dir())
         elif cost_source != "model":
             raise ValueError(f"unknown cost source {cost_source!r} (model or llvm-mca)")
         self.blocks: dict[tuple[int, int], Block] = {}
@@ -141,7 +142,7 @@ class CycleModel:
 
     def _add_native_hook(self, lib: ctypes.CDLL, st: native.CmState) -> int:
         hook = lib.cm_on_block_bp if self.profile.mispredict_rate else lib.cm_on_block
-        return self.m.hooks.native_block(native.address_of(hook), ctypes.addressof(st))
+        return self.m.hooks.native_block(address_of(hook), ctypes.addressof(st))
 
     def _native(self) -> tuple[ctypes.CDLL, native.CmState] | None:
         """The library and the counter's state: native mode, once installed."""

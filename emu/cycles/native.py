@@ -7,14 +7,11 @@ library's name carries a hash of the C source, so an edited source is rebuilt.""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
+
+from emu.native_lib import load_library
 
 SOURCE = Path(__file__).with_name("native.c")
 
@@ -57,48 +54,6 @@ class CmState(ctypes.Structure):
         ("loop_cost", ctypes.c_uint64), ("loop_max", ctypes.c_uint64), ("loops", ctypes.c_uint64)]
 
 
-def address_of(fn: Any) -> int:
-    """The address of a function of the loaded library (to register it as a native hook)."""
-    addr = ctypes.cast(fn, ctypes.c_void_p).value
-    if addr is None:
-        raise ValueError("null native function")
-    return addr
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("KPROBE_EMU_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kprobe-emu"
-
-
-def _lib_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"cyclecount-{platform.machine()}-{digest}.so"
-
-
-def build(path: Path) -> bool:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent first uses (pytest -n) never see a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            return False
-        os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
 
@@ -111,12 +66,8 @@ def load() -> ctypes.CDLL | None:
     _TRIED = True
     if os.environ.get("KPROBE_EMU_NO_NATIVE"):
         return None
-    path = _lib_path()
-    try:
-        if not path.exists() and not build(path):
-            return None
-        lib = ctypes.CDLL(str(path))
-    except OSError:
+    lib = load_library(SOURCE, "cyclecount")
+    if lib is None:
         return None
     P = ctypes.POINTER(CmState)
     lib.cm_init.argtypes = [P, ctypes.c_uint64]

@@ -18,6 +18,7 @@ import ctypes
 
 from emu.clock import FP_SHIFT
 from emu.cycles import native
+from emu.native_lib import address_of
 
 BYTES_PER_CYCLE = 4
 LAYER = "work-clock"
@@ -36,7 +37,7 @@ class WorkClock:
         clock.acc = st                  # the clock and the hook share one counter
         clock.model_counts = self.counts
         self.handle: int | None = machine.hooks.native_block(
-            native.address_of(lib.cm_on_block_bytes), ctypes.addressof(st))
+            address_of(lib.cm_on_block_bytes), ctypes.addressof(st))
 
     @classmethod
     def attach(cls, machine) -> "WorkClock | None":

@@ -4,15 +4,11 @@ compiler (the scheduler then uses a Python block hook, ~100x slower per block)."
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
-from emu.cycles.native import cache_dir
+from emu.native_lib import load_library
 
 SOURCE = Path(__file__).with_name("preempt.c")
 SLOW_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
@@ -40,34 +36,8 @@ def load() -> ctypes.CDLL | None:
     _TRIED = True
     if os.environ.get("KPROBE_EMU_NO_NATIVE"):
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    path = cache_dir() / f"preempt-{digest}.so"
-    try:
-        if not path.exists() and not _build(path):
-            return None
-        _LIB = ctypes.CDLL(str(path))
-    except OSError:
-        return None
+    _LIB = load_library(SOURCE, "preempt")
     return _LIB
-
-
-def _build(path: Path) -> bool:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            return False
-        os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def clock_fp_address(clock) -> int | None:

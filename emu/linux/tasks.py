@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any, Callable
 
 from emu.clock import FP_SHIFT
-from emu.cycles.native import address_of
+from emu.native_lib import address_of
 from emu.linux import preempt
 from emu.machine import Machine
 from emu.memory import PROT_EXEC

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from emu.clock import DETOUR, FP_MAX, FP_SHIFT, HANDLER, STEP, TRAP, Clock, Reason
-from emu.cycles.native import build, cache_dir
+from emu.native_lib import load_library
 from emu.ucfast import CODE_CB, INTR_CB, lib_symbol
 from unicorn import unicorn_const as UC
 
@@ -112,15 +112,8 @@ def load() -> ctypes.CDLL | None:
     if _TRIED:
         return _LIB
     _TRIED = True
-    import hashlib
-    import platform
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    path = cache_dir() / f"kprobe-native-{platform.machine()}-{digest}.so"
-    try:
-        if not path.exists() and not _build(path):
-            return None
-        lib = ctypes.CDLL(str(path))
-    except OSError:
+    lib = load_library(SOURCE, "kprobe-native")
+    if lib is None:
         return None
     lib.kn_set_table.argtypes = [ctypes.POINTER(KnState), ctypes.POINTER(ctypes.c_uint64),
                                  ctypes.c_uint32]
@@ -129,16 +122,6 @@ def load() -> ctypes.CDLL | None:
     lib.kn_free.restype = None
     _LIB = lib
     return lib
-
-
-def _build(path: Path) -> bool:
-    import emu.cycles.native as cn
-    saved = cn.SOURCE
-    cn.SOURCE = SOURCE           # the block counter's builder, pointed at this source
-    try:
-        return build(path)
-    finally:
-        cn.SOURCE = saved
 
 
 class NativeClock(Clock):
