@@ -31,6 +31,7 @@ from emu.elf import ElfSymbol
 from emu.machine import Machine, StopReason
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE, page_up
 from emu.symbols import Symbol
+from emu.uaccess import UserFault, put_user
 
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 1, 2, 4
 MODULE_WINDOW = (64 << 20, 120 << 20)   # [lo, hi) past the image's end: in reach of its code
@@ -452,7 +453,11 @@ def call_guest(m: Machine, mod: Module, fn: int) -> int:
         m.set_reg(arch.link, ret_addr)
     else:
         sp -= 8
-        m.memory.write_u64(sp, ret_addr)
+        try:                                # the guest's stack: the checked path
+            put_user(m.memory, sp, ret_addr)
+        except UserFault:
+            raise ModuleError(f"{mod.name}: no stack to call {m.describe(fn)} on "
+                              f"(sp {m.sp:#x})", 14) from None      # EFAULT
     m.sp = sp
     try:
         result = m.run(begin=fn, until=ret_addr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emu.uaccess import get_user
+from emu.uaccess import get_user, put_user
 from probes.arch import arch_probes_of
 from probes.regs import pack_pt_regs_image, unpack_pt_regs_image
 
@@ -69,8 +69,8 @@ def entry_return_address(regs: "PtRegs") -> int:
 
 def set_call_return(m: "Machine", ret: int) -> None:
     """Make the next instruction a callee that returns to `ret` (call's pushed word)."""
+    put_user(m.memory, m.sp - 8, ret)     # raises UserFault before sp moves
     m.sp = m.sp - 8
-    m.memory.write_u64(m.sp, ret)
 
 
 def just_return_func(machine: "Machine") -> int:
