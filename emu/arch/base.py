@@ -124,6 +124,12 @@ class Arch(ABC):
     # TASK_SIZE: the end of the user address space mmap and friends may reach. arm64 keeps
     # the 47-bit space the project has always given it (Linux with VA_BITS 48 allows 2^48).
     task_size: int = 1 << 47
+    # How far Unicorn moves the pc after a syscall hook returns: x86's hook runs with the pc
+    # on the 2-byte `syscall` and adds its length afterwards; arm64's runs past the `svc`.
+    syscall_pc_step: int = 0
+    # clone's argument order after newsp, as indices into (ptid, arg3, arg4) of (tls, ctid):
+    # x86-64 (ptid, ctid, tls); arm64, CONFIG_CLONE_BACKWARDS (ptid, tls, ctid).
+    clone_tls_ctid: tuple[int, int] = (1, 2)
 
     @abstractmethod
     def install_hooks(self, m: CpuHost) -> None:

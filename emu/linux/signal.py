@@ -327,7 +327,7 @@ class Signals:
         tramp = 0 if act.flags & SA_RESTORER else sigtramp(m, self.layout)
         _frame, regs = self.layout.push(m, sp, sig, info, act, oldmask, alt, pc, tramp)
         for name, value in regs.items():
-            if name not in ("rip", "pc"):
+            if name != m.arch.pc:
                 m.set_reg(name, value)
         m.pc = act.handler - step
         task.sigmask |= act.mask | (0 if act.flags & SA_NODEFER else sigbit(sig))

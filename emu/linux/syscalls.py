@@ -736,15 +736,12 @@ CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_VFORK, CLONE_THREAD, CLONE_SETTLS = 0x4000, 0x10000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
 _THREAD_FLAGS = CLONE_VM | CLONE_SIGHAND | CLONE_THREAD
-# clone's argument order after newsp: x86-64 (ptid, ctid, tls); arm64, CONFIG_CLONE_BACKWARDS
-# (ptid, tls, ctid). Indices into (ptid, a3, a4).
-_CLONE_TLS_CTID = {"x86_64": (2, 1), "arm64": (1, 2)}
 MAX_THREADS = 256                   # RLIMIT_NPROC-like cap: each task holds a CPU context
 
 
 @syscall("clone")
 def sys_clone(p, flags, newsp, ptid, a3, a4, *_):
-    tls_i, ctid_i = _CLONE_TLS_CTID[p.machine.arch.name]
+    tls_i, ctid_i = p.machine.arch.clone_tls_ctid      # the arch's clone argument order
     rest = (ptid, a3, a4)
     return do_clone(p, flags, newsp, ptid, rest[ctid_i], rest[tls_i])
 

@@ -29,9 +29,6 @@ from emu.machine import Machine
 from emu.memory import PROT_EXEC
 
 ETIMEDOUT = 110
-# How far the CPU moves the pc after a syscall hook returns: Unicorn's x86 hook runs with RIP
-# on the 2-byte `syscall` and adds its length afterwards; arm64's runs with PC past the `svc`.
-SYSCALL_PC_STEP = {"x86_64": 2, "arm64": 0}
 # The quantum: code bytes a task runs before it is preempted (about 4 bytes an instruction),
 # QUANTUM_BYTES plus a seed-chosen part of it, so that --seed varies the interleaving.
 QUANTUM_BYTES = 64 << 10
@@ -100,7 +97,7 @@ class Scheduler:
         self.current = Task(self.pid, state=TaskState.RUNNING)
         self.tasks[self.pid] = self.current
         self.next_tid = self.pid + 1
-        self.step = SYSCALL_PC_STEP[self.machine.arch.name]
+        self.step = self.machine.arch.syscall_pc_step
         # The quantum is a pure function of the seed: same seed, same interleaving.
         rng = random.Random(self.seed ^ 0x7A5C)
         self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
