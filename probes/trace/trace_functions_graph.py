@@ -144,6 +144,7 @@ class FunctionGraphTracer:
         self.rp.free_instances = [KretprobeInstance(self.rp, data=bytearray(_DATA.size))
                                   for _ in range(FTRACE_RETFUNC_DEPTH)]
         self.graph_depth: int | None = None     # TRACE_GRAPH_BIT's depth, inside a filtered func
+        self._filter_hits: dict[str, bool] = {}
         self.entries = self.returns = self.overrun = 0
         self.ftrace = ftrace_of(machine)
         self._check_filter()
@@ -176,10 +177,18 @@ class FunctionGraphTracer:
             return True
         if not self.graph_filter or (self.graph_depth is not None and depth > self.graph_depth):
             return False
-        if any(fnmatch.fnmatchcase(func, p) for p in self.graph_filter):
+        if self._filtered(func):
             self.graph_depth = depth
             return False
         return True
+
+    def _filtered(self, func: str) -> bool:
+        """func matches a set_graph_function glob: decided once per function, not per call."""
+        hit = self._filter_hits.get(func)
+        if hit is None:
+            hit = self._filter_hits[func] = any(fnmatch.fnmatchcase(func, p)
+                                                 for p in self.graph_filter)
+        return hit
 
     def _graph_entry(self, ip: int, _parent: int, _ops: FtraceOps, regs: PtRegs) -> None:
         func = self.ftrace.sites[ip].func
