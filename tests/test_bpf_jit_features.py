@@ -10,6 +10,7 @@ from probes import bpf
 from probes.bpf.jit_guest import run_prog
 from probes.bpf.maps import BpfMapType
 from probes.bpf.prog_types import BpfProgType
+from test_bpf_runtime import _tail_call_setup as tail_call_chain
 
 ARCHES = ["arm64", "x86_64"]
 
@@ -68,32 +69,10 @@ def test_edge_rules(arch: str, src: str, want: int) -> None:
     assert bpf.run(code, engine="jit", arch=arch) == want
 
 
-def _tail_call_prog() -> tuple[bpf.BpfProg, bpf.BpfMap, bpf.BpfMap]:
-    jt = bpf.create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2)
-    counter = bpf.create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1)
-    prog = bpf.BpfProg(bpf.assemble_insns("""
-        mov r6, r1
-        stw [r10-4], 0
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(4)
-        call 1
-        jeq r0, 0, +2
-        mov r1, 1
-        lock add [r0], r1
-        mov r1, r6
-        lddw r2, map_fd(3)
-        mov r3, 0
-        call 12
-        mov r0, 7
-        exit"""), BpfProgType.BPF_PROG_TYPE_KPROBE, maps={3: jt, 4: counter}, license="GPL")
-    jt.update(0, prog)
-    return prog, jt, counter
-
-
 @pytest.mark.parametrize("arch", ARCHES)
 def test_tail_calls_stop_at_max_tail_call_cnt(arch: str) -> None:
-    prog, jt, counter = _tail_call_prog()
+    prog, counter = tail_call_chain()
+    jt = prog.maps[3]
     assert run_prog(prog, bytes(168), arch=arch)[0] == 7
     assert int.from_bytes(counter.lookup(0), "little") == 34     # first run + 33 tail calls
     jt.delete(0)                                                  # an empty slot: go on

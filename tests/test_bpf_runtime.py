@@ -117,7 +117,7 @@ def test_engines_count_the_same_instructions() -> None:
     assert counts[0] == counts[1] == 2 + 30 * (5 + 3) + 2
 
 
-def _tail_call_setup(limit_test: bool) -> tuple[bpf.BpfProg, bpf.BpfMap]:
+def _tail_call_setup(limit_test: bool = True) -> tuple[bpf.BpfProg, bpf.BpfMap]:
     jt = bpf.create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2)
     counter = bpf.create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1)
     maps = {3: jt, 4: counter}
