@@ -236,6 +236,12 @@ def module_text_address(machine: Machine, addr: int) -> Module | None:
     return modules.module_text_address(addr) if isinstance(modules, Modules) else None
 
 
+def find_module(machine: Machine, name: str) -> Module | None:
+    """find_module by name, without creating the module list."""
+    modules = machine.layers.get("modules")
+    return modules.find_module(name) if isinstance(modules, Modules) else None
+
+
 # --- parsing and layout -----------------------------------------------------------------------
 def parse_module(path: str) -> ModuleImage:
     try:
