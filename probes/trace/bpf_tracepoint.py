@@ -103,6 +103,18 @@ def bpf_raw_tracepoints_of(machine: Machine) -> BpfRawTracepoints:
     return raw
 
 
+def _register_snapshot_layer() -> None:
+    """Snapshots keep the module tables (the core's never changes)."""
+    from emu.snapshot import LayerHooks, register_snapshot_layer
+
+    def restore(_m: Machine, raw: BpfRawTracepoints, mods: list) -> None:
+        raw.modules = list(mods)
+    register_snapshot_layer("bpf_raw_tp", LayerHooks(lambda raw: list(raw.modules), restore))
+
+
+_register_snapshot_layer()
+
+
 @dataclass(eq=False)
 class BpfRawTpLink:
     """struct bpf_raw_tp_link: the program on its tracepoint until `destroy`."""
