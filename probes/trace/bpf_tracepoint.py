@@ -88,6 +88,8 @@ class BpfRawTracepoints:
         self.modules = [(mod, maps) for mod, maps in self.modules if mod is not module]
 
     def bpf_get_raw_tracepoint(self, name: str) -> BpfRawEventMap | None:
+        """The core's first, then the modules' (a lookup: the module reference the kernel
+        takes here is taken by `bpf_raw_tp_get`, which attach uses)."""
         for btp in self.core:
             if btp.tp.name == name:
                 return btp
@@ -96,6 +98,20 @@ class BpfRawTracepoints:
                 if btp.tp.name == name:
                     return btp
         return None
+
+    def bpf_raw_tp_get(self, name: str) -> BpfRawEventMap | None:
+        """bpf_get_raw_tracepoint with its try_module_get: a module's raw tracepoint keeps
+        the module from being unloaded until bpf_put_raw_tracepoint."""
+        btp = self.bpf_get_raw_tracepoint(name)
+        if btp is None or btp.module is None or not hasattr(btp.module, "refcnt"):
+            return btp                   # the core's, or a stand-in image with no count
+        from emu.module import try_module_get
+        return btp if try_module_get(btp.module) else None
+
+    def bpf_put_raw_tracepoint(self, btp: BpfRawEventMap) -> None:
+        if btp.module is not None and hasattr(btp.module, "refcnt"):
+            from emu.module import module_put
+            module_put(btp.module)
 
 
 def bpf_raw_tracepoints_of(machine: Machine) -> BpfRawTracepoints:
@@ -125,6 +141,7 @@ class BpfRawTpLink:
     active: int = 0                  # prog->active (one CPU)
     misses: int = field(default=0)
     _before: bytes = field(default=b"", repr=False)
+    released: bool = False
 
     def run(self, _data: Any, args: tuple[int, ...]) -> None:
         """__bpf_trace_runN: each argument zero-extended from its size into a u64."""
@@ -166,7 +183,12 @@ class BpfRawTpLink:
         return Region(addr, bytearray(data), True, "tp_buffer")
 
     def destroy(self) -> None:
+        """bpf_raw_tp_link_release: off the tracepoint, the module's reference dropped."""
+        if self.released:
+            return
+        self.released = True
         tracepoints_of(self.machine).tracepoint_probe_unregister(self.btp.tp, self.run, self)
+        bpf_raw_tracepoints_of(self.machine).bpf_put_raw_tracepoint(self.btp)
 
 
 def bpf_raw_tp_link_attach(machine: Machine, prog: "BpfProg", name: str,
@@ -178,12 +200,17 @@ def bpf_raw_tp_link_attach(machine: Machine, prog: "BpfProg", name: str,
         raise TracepointError(errno.EINVAL, f"{prog.section}: not a raw tracepoint program")
     if not name or len(name.encode()) >= BPF_OBJ_NAME_LEN:
         raise TracepointError(errno.EINVAL, f"raw tracepoint name {name!r} is empty or too long")
-    btp = bpf_raw_tracepoints_of(machine).bpf_get_raw_tracepoint(name)
+    raw = bpf_raw_tracepoints_of(machine)
+    btp = raw.bpf_raw_tp_get(name)
     if btp is None:
         raise TracepointError(errno.ENOENT, f"no raw tracepoint {name!r}")
-    prog.ensure_loaded()             # the verifier records max_ctx_offset
-    link = BpfRawTpLink(machine, btp, prog, cookie)
-    bpf_probe_register(machine, btp, link)
+    try:
+        prog.ensure_loaded()             # the verifier records max_ctx_offset
+        link = BpfRawTpLink(machine, btp, prog, cookie)
+        bpf_probe_register(machine, btp, link)
+    except BaseException:
+        raw.bpf_put_raw_tracepoint(btp)
+        raise
     return link
 
 
