@@ -97,6 +97,23 @@ def test_enable_event_and_disable_event_flip_a_soft_disabled_event(arch):
     assert fs.read("set_ftrace_filter") == "" and fs.read("events/g/w/enable") == "0\n"
 
 
+def test_snapshot_on_a_function_call(arch):
+    """vfs_statx:snapshot:1: the buffer as it was at the first vfs_statx call is the
+    snapshot; the live buffer holds what came after."""
+    calls = _calls(arch)
+    lab, fs = _lab(arch, "or")
+    fs.write("events/enable", "1")
+    assert fs.write("set_ftrace_filter", "vfs_statx:snapshot:1") == 0
+    assert lab.run().exit_code == 0
+    s_at = calls.index("s")
+    before = [t for t in calls[:s_at] if t in "or"]
+    after = [t for t in calls[s_at:] if t in "or"]
+    tags = [ln.split(": ", 1)[1].split(":")[0] for ln in fs.read("snapshot").splitlines()
+            if not ln.startswith("#")]
+    assert tags == before and _sequence(fs) == after
+    assert fs.read("set_ftrace_filter") == "vfs_statx:snapshot:count=0\n"
+
+
 def test_set_ftrace_filter_commands_refused(arch):
     lab, fs = _lab(arch, "o")
     for bad in ("no_such_function:traceoff", "vfs_read:no_such_command",
