@@ -89,10 +89,15 @@ def test_a_disabled_event_is_registered_unarmed(arch, build):
     assert fs.write("events/grp/mix/enable", "1") == 0
     assert lab.text(addr, len(m.arch.breakpoint)) == m.arch.breakpoint
     unload_module(m, mod)
+    assert mix.probe.flags & KPROBE_FLAG_GONE and fs.read("kprobe_events").endswith("[GONE]\n")
     assert fs.write("events/grp/mix/enable", "0") == 0
     mod = load_module(m, str(obj))                     # back, and the event is off: unarmed
-    assert mix.probe.addr == mod.symbols["mod_mix"].addr and mix.probe.disabled()
-    assert not mix.probe.flags & KPROBE_FLAG_GONE
+    addr = mod.symbols["mod_mix"].addr
+    assert mix.probe.addr == addr and mix.probe.disabled()
+    assert not mix.probe.flags & KPROBE_FLAG_GONE and "[GONE]" not in fs.read("kprobe_events")
+    assert lab.text(addr, len(m.arch.breakpoint)) == lab.original(addr, len(m.arch.breakpoint))
+    assert fs.write("events/grp/mix/enable", "1") == 0    # and on again: armed on the new text
+    assert lab.text(addr, len(m.arch.breakpoint)) == m.arch.breakpoint
 
 
 @pytest.mark.parametrize("command, message", [
