@@ -314,6 +314,14 @@ class Kprobes:
             ap.pre_handler = self._aggr_pre_handler
             self.table[_at(old)] = ap
             old = ap
+        if old.flags & KPROBE_FLAG_GONE:
+            # Its module's text went and came back: a new slot for the new text, disabled
+            # until an enabled child arms it (register_aggr_kprobe)
+            if not self._prepare_ftrace(old):
+                self.arch.prepare(old)
+            if old.ainsn.ss_trap is not None:
+                self.m.register_break_addr(old.ainsn.ss_trap, self.ss_handler)
+            old.flags = (old.flags & ~KPROBE_FLAG_GONE) | KPROBE_FLAG_DISABLED
         p.opcode, p.ainsn = old.opcode, old.ainsn
         old.list.insert(0, p)                   # list_add: newest first, as the kernel
         if not p.disabled() and old.disabled():

@@ -34,7 +34,7 @@ from probes.bpf import BpfRunContext
 from probes.bpf.errors import BpfRuntimeError
 from probes.bpf.isa import BPF_CALL_OP
 from probes.bpf.maps import PerfEventArrayMap, RingbufMap
-from probes.bpf.memory import CTX_ADDR
+from probes.bpf.memory import CTX_ADDR, Region
 from probes.bpf.prog_types import BpfProgType
 from probes.bpf.runtime import BpfRun
 
@@ -410,16 +410,26 @@ class BpfTrace:
         return ret
 
     def run_prog(self, prog: "BpfProg", ctx: bytearray, func_ip: int = 0,
-                 cookie: int = 0) -> int:
+                 cookie: int = 0, buffer: Region | None = None) -> int:
         """One program over a context its caller built (a raw tracepoint's u64 arguments,
         a tracepoint's record), outside the pt_regs path: r0. The caller holds the
-        recursion guard it needs."""
+        recursion guard it needs. `buffer`: guest memory at its guest address that the
+        program may load from and store to directly (a writable raw tracepoint's); the
+        in-guest JIT reaches the guest's pages as they are, the Python engines get it as
+        one more region for this run."""
         env = self._task(func_ip)
         env.attach_cookie, env.override_rc = cookie, None
         run, compiled, st = self._run_state(prog)
         try:
-            if self.runner is None:
-                r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
+            if self.runner is None or (buffer is not None and not self._runner_in_guest()):
+                run.reset(ctx)
+                if buffer is not None:
+                    run.mem.add(buffer)
+                try:
+                    r0 = compiled.execute(run, CTX_ADDR, len(ctx))
+                finally:
+                    if buffer is not None:
+                        run.mem.remove(buffer)
                 run.finish()
             else:
                 r0 = self.runner(prog, ctx, env)
@@ -430,6 +440,10 @@ class BpfTrace:
         self.m.clock.charge_bpf(env.insn_count)
         self._deliver()
         return int(r0)
+
+    def _runner_in_guest(self) -> bool:
+        from probes.bpf.jit_guest import ProbeJit
+        return isinstance(self.runner, ProbeJit)
 
     def _deliver(self) -> None:
         lines = self.env.trace_printk

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from emu.errors import UsageError
 from emu.uaccess import UserFault, copy_from_user, get_user, strncpy_from_user
@@ -664,14 +664,19 @@ def finalize_fetch_insn(prog: _Prog, ftype: FetchType, count: int, tname: str | 
 
 
 # --- probe locations -------------------------------------------------------------------------------
-def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
+def parse_probe_location(text: str, symbols: "SymbolTable",
+                         module_loaded: Callable[[str], bool] | None = None) -> ProbeLocation:
     """`SYM[+offs]|MEMADDR[%return]` as trace_kprobe_create reads argv[1]; errors carry the
-    kernel's code and column (index 1)."""
+    kernel's code and column (index 1). `MOD:SYM` of a module that `module_loaded` says is
+    not there is not checked: the module may come later (validate_probe_symbol)."""
     try:
         loc = parse_location(text, suffix=True)
     except LocationError as e:
         raise TraceProbeError(e.code, 1, e.pos) from None
     if loc.symbol is None:
+        return loc
+    mod, sep, _sym = loc.symbol.partition(":")
+    if sep and module_loaded is not None and not module_loaded(mod):
         return loc
     found = [s for s in symbols.lookup_all(loc.symbol) if s.kind == "func"] \
         or symbols.lookup_all(loc.symbol)
