@@ -946,6 +946,18 @@ class ProbeJit:
         self.cycles: "weakref.WeakKeyDictionary[BpfProg, int]" = weakref.WeakKeyDictionary()
         self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
         self._runs: "weakref.WeakKeyDictionary[BpfProg, BpfRun]" = weakref.WeakKeyDictionary()
+        self._direct_on = False
+
+    def _enable_direct(self) -> None:
+        """Optimized probes may call the images from a thunk (jit_direct.py) once the
+        optimizer exists; asked on host hits until then."""
+        from probes.kprobes import kprobes_of
+
+        from .jit_direct import enable_direct_calls
+
+        if kprobes_of(self.machine).optimizer is not None:
+            enable_direct_calls(self.machine, self)
+            self._direct_on = True
 
     @property
     def jit(self) -> ScratchJit:
@@ -977,6 +989,8 @@ class ProbeJit:
 
         if prog in self.fallback:
             return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
+        if not self._direct_on:
+            self._enable_direct()
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
         run = self._runs.get(prog)
         if run is not None and run.env is env:
