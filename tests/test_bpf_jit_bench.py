@@ -30,7 +30,8 @@ def test_jit_row_charges_the_jited_code(arch, kind) -> None:
         assert jit.breakdown["bpf"] == runs * prof.bpf_entry  # no interpreter-style charge
     # the JITed code runs on the profile: more guest code per hit than the bare probe
     assert jit.breakdown["code"] > plain.breakdown.get("code", 0) + runs * 5
-    assert jit.cycles_per_hit > plain.cycles_per_hit
+    if kind != "o":      # (a bare optprobe's Python handler is charged more than the thunk)
+        assert jit.cycles_per_hit > plain.cycles_per_hit
     again = row(arch, kind, True, "jit")
     assert (again.cycles_per_hit, again.breakdown) == (jit.cycles_per_hit, jit.breakdown)
 
