@@ -123,8 +123,8 @@ class Emitter(Protocol):
     def return_address(self, m: "Machine") -> int: ...
     def push_return(self, m: "Machine", sp: int, ret: int) -> int: ...
     def call_size(self) -> int: ...
-    def prologue(self) -> list[Piece]: ...
-    def epilogue(self) -> list[Piece]: ...
+    def prologue(self, used: frozenset[int] = ...) -> list[Piece]: ...
+    def epilogue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def insn(self, c: "InsnCtx") -> list[Piece]: ...
 
 
@@ -146,6 +146,7 @@ class InsnCtx:
     value: int = 0                 # lddw: the value to load
     stub: int = 0                  # calls: trampoline address
     probe: bool = False            # a BPF_PROBE_MEM load
+    used: frozenset[int] = frozenset(range(6, 10))   # callee-saved BPF regs the function uses
 
     def target(self, off: int) -> tuple[str, int]:
         return ("insn", self.idx + 1 + off)
@@ -236,7 +237,8 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
     starts = function_starts(insns)
     bounds = starts[1:] + [len(insns)]
     for start, end in zip(starts, bounds):
-        out += [Mark(("func", start)), *em.prologue()]
+        used = callee_regs_used(insns[start:end])
+        out += [Mark(("func", start)), *em.prologue(used)]
         i = start
         while i < end:
             insn = insns[i]
@@ -248,12 +250,18 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
                 continue
             probe = insn.cls == 0x01 and (i in probe_mem or (insn.code & 0xE0) in (
                 BPF_PROBE_MEM, BPF_PROBE_MEMSX))
-            c = InsnCtx(i, insn, _kind(insn), start, probe=probe)
+            c = InsnCtx(i, insn, _kind(insn), start, probe=probe, used=used)
             resolve(c)
             out += em.insn(c)
             i += 2 if insn.code == BPF_LDDW else 1
-        out += [Mark(("exit", start)), *em.epilogue()]
+        out += [Mark(("exit", start)), *em.epilogue(used)]
     return out
+
+
+def callee_regs_used(insns: list[Insn]) -> frozenset[int]:
+    """detect_reg_usage (x86 JIT): which of r6-r9 a function names, so its prologue
+    saves only those."""
+    return frozenset(r for insn in insns for r in (insn.dst_reg, insn.src_reg) if 6 <= r <= 9)
 
 
 def _inlined(em: Emitter, idx: int, func: int, seq: list[Insn]) -> list[Piece]:
@@ -353,6 +361,14 @@ def packet_guest_addr(vm_addr: int, size: int) -> int:
     past data_end faults (the context's data/data_end are built with this address)."""
     span = (size + PAGE - 1) & ~(PAGE - 1)
     return (vm_addr & ~(PAGE - 1)) + span - size
+
+
+def _returned() -> Any:
+    from emu.machine import RunResult, StopReason
+    return RunResult(StopReason.HALT, 0, "returned")
+
+
+_RETURNED = _returned()
 
 
 @dataclass
@@ -599,7 +615,7 @@ class ScratchJit:
         m.set_reg(em.budget_reg, run.budget)
         start, cycles0 = image.entry, m.clock.cycles
         while True:
-            result = m.run(begin=start, until=self.return_addr)
+            result = self._run(start)
             resume = self._fixup(result)
             if resume is None:
                 break
@@ -607,6 +623,33 @@ class ScratchJit:
         self.cycles = m.clock.cycles - cycles0
         self.sync_in(stack=False)
         return self._outcome(result, image)
+
+    def _run(self, start: int) -> Any:
+        """Run the image to the return trampoline. In a scratch machine without the cycle
+        model (which settles its accounts when a run stops) this is a bare emu_start: the
+        machine's run loop (limits, stop listeners, the stop message naming the symbol)
+        costs ~10 µs a run, more than a few thousand JITed instructions; the images bound
+        themselves (the budget at backward branches), so no limit is needed."""
+        from unicorn import UcError
+
+        from emu.machine import RunResult, StopReason
+
+        m = self.machine
+        if self.in_guest or m.clock.model_counts is not None:
+            return m.run(begin=start, until=self.return_addr)
+        m.hooks.errors.clear()
+        m._mem_fault = None            # what the machine's invalid-memory hook records
+        try:
+            m.uc.emu_start(start, self.return_addr)
+        except UcError as e:
+            if m.hooks.errors:
+                raise m.hooks.errors[0] from None
+            return m._fault_from_uc(e)
+        if m.hooks.errors:
+            raise m.hooks.errors[0]
+        if m.pc == self.return_addr:
+            return _RETURNED
+        return RunResult(StopReason.LIMIT, 124, f"stopped at {m.pc:#x}")
 
     def _fixup(self, result: Any) -> int | None:
         """A fault at a pc in an exception table: zero the destination, resume after
