@@ -77,7 +77,7 @@ class Optimizer:
             self.queue.remove(p)
             if p.flags & KPROBE_FLAG_OPTIMIZED and p.ainsn.armed and not p.ainsn.optimized:
                 if self._reserve_jump(p):
-                    self.arch.arch_optimize_kprobe(p, self.entries.get(p.addr))
+                    self.arch.arch_optimize_kprobe(p, self.entries.get(p.addr or 0))
                     p.ainsn.optimized = True
                     done += 1
         self.kprobes.sync_native()          # the C path serves what is left of the queue

@@ -149,3 +149,20 @@ def test_direct_hits_cycles_repeat(arch) -> None:
         lab.call("hot_call", 30)
         cycles.append(lab.machine.clock.cycles)
     assert cycles[0] == cycles[1] > 0
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_user_space_map_access_sees_the_guest_bytes(arch) -> None:
+    """The values live in the guest while hits bypass the host: an update from user space
+    reaches the program, and a lookup from a host handler in the middle of a run sees
+    what the program wrote so far."""
+    prog = counting_prog()
+    lab, p, _event = _lab(arch, prog)
+    lab.call("hot_call", 2)
+    counts = prog.maps[3]
+    counts.update(0, (1000).to_bytes(8, "little"))
+    seen = []
+    lab.kprobe("hot_call", pre=lambda kp, regs: seen.append(_u64(prog)))
+    lab.call("hot_call", 5)
+    lab.call("hot_call", 1)
+    assert seen == [1000, 1005] and _u64(prog) == 1006

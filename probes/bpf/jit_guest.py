@@ -403,6 +403,7 @@ class ScratchJit:
         self._text_end = self.stub_base + 2 * PAGE if self.in_guest else TEXT_BASE
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self._by_vm_key: dict[int, Window] = {}
+        self._by_buffer: dict[int, Window] = {}     # id(region bytes) -> window (MapBacking)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -568,7 +569,26 @@ class ScratchJit:
         for p in _reachable(prog):
             self._cur = p
             self.compile(p, probe_mem if p is prog else frozenset())
+            if self.in_guest:       # user-space reads and writes see the guest's bytes
+                for mp in p.maps.values():
+                    if id(getattr(mp, "values", None)) in self._by_buffer:
+                        mp.backing = self
         return run
+
+    # -- MapBacking: an array map's values while their window holds them --
+    def pull(self, m: Any) -> None:
+        w = self._by_buffer.get(id(m.values))
+        if w is not None and w.size:
+            got = bytes(self.machine.uc.mem_read(w.gstart, len(m.values)))
+            m.values[:] = got
+            w.shadow = got
+
+    def push(self, m: Any) -> None:
+        w = self._by_buffer.get(id(m.values))
+        if w is not None and w.size:
+            data = bytes(m.values)
+            self.machine.uc.mem_write(w.gstart, data)
+            w.shadow = data
 
     def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
         """``prepare`` for a program that runs on every hit: the run state is kept and
@@ -738,6 +758,7 @@ class ScratchJit:
                 self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
         self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:
