@@ -46,8 +46,8 @@ def sum_parm1_prog(arch: str) -> BpfProg:
 
 
 def helper_prog() -> BpfProg:
-    """Calls bpf_ktime_get_ns: a helper that is not inlined keeps the host path."""
-    text = "call 5\nmov r0, 0\nexit"
+    """Calls bpf_get_current_pid_tgid: per-hit task state of the host path."""
+    text = "call 14\nmov r0, 0\nexit"
     return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
                               name="clock", license="GPL")
 
@@ -103,11 +103,11 @@ def test_the_frame_is_pt_regs_and_registers_come_back(arch) -> None:
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_program_needing_the_host_keeps_the_host_path(arch) -> None:
     prog = helper_prog()
-    assert "helper call 5" in (direct_eligible(prog) or "")
+    assert "helper call 14" in (direct_eligible(prog) or "")
     lab, p, _event = _lab(arch, prog)
     lab.call("hot_call", 5)
     dc = direct_calls_of(lab.machine)
-    assert dc.thunks == {} and "helper call 5" in dc.refused[p.addr]
+    assert dc.thunks == {} and "helper call 14" in dc.refused[p.addr]
     assert prog_stats(prog).run_cnt == 5 and p.hits == 5
 
 
@@ -166,3 +166,44 @@ def test_user_space_map_access_sees_the_guest_bytes(arch) -> None:
     lab.call("hot_call", 5)
     lab.call("hot_call", 1)
     assert seen == [1000, 1005] and _u64(prog) == 1006
+
+
+def hash_update_prog(arch: str) -> BpfProg:
+    """seen[PARM1 & 7] = PARM1 through bpf_map_update_elem: the helper trampoline."""
+    seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 16, name="seen")
+    text = f"""
+        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        mov r2, r6
+        and r2, 7
+        stxw [r10-4], r2
+        stxdw [r10-16], r6
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -16
+        mov r4, 0
+        lddw r1, map_fd(3)
+        call 2
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="hash_update", license="GPL", maps={3: seen})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_hash_update_through_the_helper_trampoline(arch) -> None:
+    got = {}
+    for engine in ("python", "jit"):
+        prog = hash_update_prog(arch)
+        lab, p, _event = _lab(arch, prog, engine)
+        lab.call("hot_call", 1)
+        lab.call("hot_call", 13)
+        got[engine] = sorted(prog.maps[3].items())
+        if engine == "jit":
+            assert direct_eligible(prog) is None
+            assert p.addr in direct_calls_of(lab.machine).thunks
+            assert prog_stats(prog).run_cnt == 14 and p.hits == 14
+    assert got["jit"] == got["python"]
+    assert len(got["jit"]) == 8
+    assert got["jit"][7] == ((7).to_bytes(4, "little"), (7).to_bytes(8, "little"))

@@ -8,10 +8,11 @@ the bpf_prog_active guard, calls each JITed image with the frame as r1, restores
 register and ends in the detour's relocated copies. The probe's jump then targets the
 thunk (Optimizer.direct), so later hits never leave the guest.
 
-Only programs the thunk can run entirely in guest code qualify: kprobe programs whose
-helper calls are all inlined (array lookups, map_gen_lookup), with no backward branch
-(the budget trampoline), tail call, callx, LD_ABS or exception-table load. Anything else
-keeps the host path. Hits, program run counts and guard misses are counted in guest
+Only programs the thunk can run in the traced run qualify: kprobe programs whose helper
+calls are inlined (array lookups, map_gen_lookup) or in TRAMPOLINE_HELPERS (a trap to the
+host helper inside the same run, no nested run), with no backward branch (the budget
+trampoline), tail call, callx, LD_ABS or exception-table load. Anything else keeps the
+host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
 words and folded into the host's counters whenever a run stops; the map values the images
 wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
 A change of an event's programs sends its probes back to the host path."""
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
 
     from .program import BpfProg
 
+# Helpers a thunk's program may call through the helper trampoline (a trap into the host
+# inside the same run): they return a plain value and read or write only map entries and
+# keys/values on the BPF stack — no per-hit state of the host path (task, func_ip, output
+# to deliver, regions a lookup adds).
+TRAMPOLINE_HELPERS = frozenset({
+    2,      # map_update_elem
+    3,      # map_delete_elem
+    5,      # ktime_get_ns
+    7,      # get_prandom_u32
+    8,      # get_smp_processor_id
+})
 THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
 ACTIVE_OFF = 8                   # bpf_prog_active in the JIT's data page (tcc is at 0)
 COUNTERS_OFF = 64                # then (hits, misses) u64 pairs, one per thunk
@@ -58,8 +70,13 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if off < 0:
                 return f"insn {i}: a backward branch (the budget trampoline)"
         if insn.code == BPF_CALL_OP and insn.src_reg != BPF_PSEUDO_CALL:
-            if insn.src_reg != 0 or insn.imm != 1 or prog.helpers.get(1) is not lookup:
-                return f"insn {i}: helper call {insn.imm}"
+            fid = insn.imm
+            if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
+                return f"insn {i}: helper call {fid}"
+            if fid in TRAMPOLINE_HELPERS:
+                continue
+            if fid != 1 or prog.helpers.get(1) is not lookup:
+                return f"insn {i}: helper call {fid}"
             if type(_map_in_r1(prog, insns, targets, i)) is not ArrayMap:
                 return f"insn {i}: map lookup not inlined"
     return None
@@ -134,10 +151,10 @@ class DirectCalls:
         try:
             if m.arch.name == "x86_64":
                 code = x86_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters, resume,
-                                         m.reg("cs"), m.reg("ss"))
+                                         m.reg("cs"), m.reg("ss"), jit.stack_top)
             else:
                 code = arm64_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters,
-                                           resume, m.reg("pstate"))
+                                           resume, m.reg("pstate"), jit.stack_top)
                 arm64_opt.b_insn(p.addr, at)              # reachable from the probe
         except (OptimizeRefused, Exception) as e:  # out of branch range, or no encoding
             self._free.append(at)

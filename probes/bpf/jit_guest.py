@@ -410,6 +410,11 @@ class ScratchJit:
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
+        self._executing = False         # inside execute (else a trap comes from a thunk)
+        self._direct = False            # serving a thunk's helper call
+        self._pending = _Pending()
+        # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
+        self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
@@ -456,10 +461,36 @@ class ScratchJit:
     def _on_trap(self, addr: int) -> bool:
         # A helper's body is host code: charged as a host handler (a modelling choice).
         self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
-        self._stub_fns[addr](addr)
+        if self._executing:
+            self._stub_fns[addr](addr)
+        else:
+            self._direct_trap(addr)
         if self.emitter.trap_resume:
             self.machine.pc = addr + self.emitter.trap_resume
         return True
+
+    def _direct_trap(self, addr: int) -> None:
+        """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
+        from ``execute``: the calling program's kept run serves it (the thunk runs the
+        image on the same native stack window), and a failure is the program's error,
+        raised as the host path raises it."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        call = self.emitter.return_address(self.machine) - self.emitter.call_size()
+        image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+        run = self.direct_run(image.prog) if image is not None and self.direct_run else None
+        if image is None or run is None:
+            raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
+        saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        self._direct = True
+        try:
+            self._stub_fns[addr](addr)
+        finally:
+            self._direct, self.run_state = False, saved
+        err = self._pending.error
+        if err is not None or self._pending.exit_r0 is not None:
+            reason = str(err) if err is not None else "bpf_exit from a thunk"
+            raise BpfTraceError(image.prog.name or image.prog.section, reason)
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
@@ -575,6 +606,11 @@ class ScratchJit:
                         mp.backing = self
         return run
 
+    @property
+    def stack_top(self) -> int:
+        """Top of the native stack window the images run on."""
+        return (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+
     # -- MapBacking: an array map's values while their window holds them --
     def pull(self, m: Any) -> None:
         w = self._by_buffer.get(id(m.values))
@@ -611,19 +647,23 @@ class ScratchJit:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
         m, em = self.machine, self.emitter
         image = self.images[id(prog)]
-        if self.in_guest:      # the traced CPU runs the image: its state comes back after
-            saved = m.uc.context_save()
-            try:
-                return self._execute(m, em, image, run, r1, r2)
-            finally:
-                m.uc.context_restore(saved)
-        return self._execute(m, em, image, run, r1, r2)
+        self._executing = True
+        try:
+            if self.in_guest:   # the traced CPU runs the image: its state comes back after
+                saved = m.uc.context_save()
+                try:
+                    return self._execute(m, em, image, run, r1, r2)
+                finally:
+                    m.uc.context_restore(saved)
+            return self._execute(m, em, image, run, r1, r2)
+        finally:
+            self._executing = False
 
     def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
                  r1: int, r2: int) -> int:
         if "tail_call" in self.stubs:     # only a program with tail calls counts them
             m.memory.write(self.tcc_addr, bytes(4))
-        sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+        sp = self.stack_top
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
         m.set_reg(regs[2], r2)
@@ -835,7 +875,8 @@ class ScratchJit:
             r0 = proto.impl(run, *args) & U64
         except ProgramExit as e:
             self._pending.exit_r0 = e.r0
-            m.uc.emu_stop()
+            if not self._direct:
+                m.uc.emu_stop()
             return None
         except (MemoryFault, GuestFault) as e:
             return self._fail(addr, str(e))
@@ -861,7 +902,8 @@ class ScratchJit:
 
     def _stop(self, e: BaseException) -> None:
         self._pending.error = e
-        self.machine.uc.emu_stop()
+        if not self._direct:          # a thunk's helper: the caller raises, the run goes on
+            self.machine.uc.emu_stop()
 
     def _on_budget(self, addr: int) -> None:
         run = self.run_state
@@ -1027,6 +1069,7 @@ class ProbeJit:
     def jit(self) -> ScratchJit:
         if self._jit is None:
             self._jit = ScratchJit(self.arch, machine=self.machine)
+            self._jit.direct_run = self._runs.get
         return self._jit
 
     def image_of(self, prog: "BpfProg") -> JitImage | None:

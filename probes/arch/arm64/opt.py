@@ -211,13 +211,14 @@ def _movq(r: str, value: int) -> str:
 
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
-              resume: int, pstate: int) -> bytes:
+              resume: int, pstate: int, stack: int) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
     `pstate`'s other bits, syscallno = -1) is saved on the guest stack; if the
     bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
-    `counters`, and each JITed image in `entries` called with x0 = the frame (x19,
-    callee-saved in the JIT, keeps it); else a miss is counted at `counters + 8`.
+    `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
+    `stack`) with x0 = the frame (x19, callee-saved in the JIT, keeps it); else a miss is
+    counted at `counters + 8`.
     Every register and NZCV come back, then `b resume`. Every register and NZCV
     come back from the frame, then `b resume`."""
     from probes.arch.arm64.ptrace import PT_REGS_SIZE, SYSCALLNO_OFF
@@ -241,7 +242,7 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
             f"str wzr, [sp, #{SYSCALLNO_OFF + 4}]; {tail}"
             f"{_movq('x1', active)}{_movq('x3', counters)}ldr w2, [x1]; cbnz w2, miss; "
             "mov w2, #1; str w2, [x1]; ldr x2, [x3]; add x2, x2, #1; str x2, [x3]; "
-            f"mov x19, sp; {calls}"
+            f"mov x19, sp; {_movq('x16', stack)}mov sp, x16; {calls}mov sp, x19; "
             f"{_movq('x1', active)}str wzr, [x1]; b restore; "
             "miss: ldr x2, [x3, #8]; add x2, x2, #1; str x2, [x3, #8]; "
             "restore: adr x1, table; add x1, x1, x20, lsl #3; cmp x1, x1; br x1; "

@@ -171,12 +171,14 @@ RED_ZONE = 128                       # the SysV user stack below rsp a leaf may 
 
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
-              resume: int, cs: int, ss: int) -> bytes:
+              resume: int, cs: int, ss: int, stack: int) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
     pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) is saved on the guest stack;
     if the bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
-    `counters`, and each JITed image in `entries` called with rdi = the frame (rbx,
-    callee-saved in the JIT, keeps it); else a miss is counted at `counters + 8`. Every register and the flags come back from the
+    `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
+    `stack`, as the kernel runs programs on its own stack, not the probed code's) with
+    rdi = the frame (rbx, callee-saved in the JIT, keeps it); else a miss is counted at
+    `counters + 8`. Every register and the flags come back from the
     frame, then `jmp resume` (the detour's relocated copies)."""
     from probes.arch.x86_64.ptrace import PT_REGS_FIELDS, PT_REGS_SIZE
     from probes.bpf.jit_x86_64 import _KS
@@ -195,7 +197,7 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
             f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "
             f"movabs rax, {active:#x}; movabs rcx, {counters:#x}; "
             "cmp dword ptr [rax], 0; jne miss; mov dword ptr [rax], 1; inc qword ptr [rcx]; "
-            f"mov rbx, rsp; and rsp, -16; {calls}mov rsp, rbx; "
+            f"mov rbx, rsp; movabs rsp, {stack:#x}; {calls}mov rsp, rbx; "
             f"movabs rax, {active:#x}; mov dword ptr [rax], 0; jmp restore; "
             "miss: inc qword ptr [rcx + 8]; "
             f"restore: push qword ptr [rsp + {off['rflags']}]; popfq; "
