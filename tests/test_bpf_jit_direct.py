@@ -207,3 +207,39 @@ def test_hash_update_through_the_helper_trampoline(arch) -> None:
     assert got["jit"] == got["python"]
     assert len(got["jit"]) == 8
     assert got["jit"][7] == ((7).to_bytes(4, "little"), (7).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_array_update_helper_and_inlined_lookup_share_the_bytes(arch) -> None:
+    """counts[0] += 1 through the inlined lookup, counts[1] = PARM1 through
+    bpf_map_update_elem: the helper's write must not undo the guest's increments."""
+    counts = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="counts")
+    text = f"""
+        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +2
+        mov r1, 1
+        lock add [r0], r1
+        stw [r10-4], 1
+        stxdw [r10-16], r6
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -16
+        mov r4, 0
+        lddw r1, map_fd(3)
+        call 2
+        mov r0, 0
+        exit
+    """
+    prog = BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="both", license="GPL", maps={3: counts})
+    lab, p, _event = _lab(arch, prog)
+    lab.call("hot_call", 2)
+    lab.call("hot_call", 9)
+    assert p.addr in direct_calls_of(lab.machine).thunks
+    assert [int.from_bytes(counts.lookup(k), "little") for k in (0, 1)] == [11, 8]

@@ -102,8 +102,7 @@ class Arm64Jit:
     reg_names = REGS
     helper_ret = "x0"
     budget_reg = "x27"
-    trap_resume = 4                      # BRK leaves the pc on itself: resume at the `ret`
-    stub_code = _word(0xD4200100) + _word(0xD65F03C0)     # brk #0x8; ret
+    stub_code = _word(0xD503201F) + _word(0xD65F03C0)     # nop; ret (host entry on the nop)
 
     # -- branches --
     def branch_size(self, b: Branch) -> int:

@@ -23,8 +23,8 @@ The BPF stack is the native stack, as in the kernel's JITs; it is one more regio
 helpers can read keys and buffers on it.
 
 Helpers. There is no native host-entry path yet, so a helper call is a ``call``/``bl`` to
-a two-instruction trampoline (``int3; ret`` / ``brk #8; ret``) whose trap the machine's
-dispatcher hands to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
+a two-instruction trampoline (``nop; ret``) with a host entry on its nop (a code hook,
+cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
@@ -115,8 +115,7 @@ class Emitter(Protocol):
     reg_names: tuple[str, ...]     # machine register of BPF r0..r10, then AX
     helper_ret: str                # where a helper's result comes back (rax / x0)
     budget_reg: str                # counts the run's budget down at backward branches
-    trap_resume: int               # bytes from a stub's trap to where it resumes (0: the CPU does)
-    stub_code: bytes               # trap; ret
+    stub_code: bytes               # nop; ret (a host entry on the nop)
 
     def branch_size(self, b: Branch) -> int: ...
     def encode_branch(self, b: Branch, at: int, target: int) -> bytes: ...
@@ -412,6 +411,7 @@ class ScratchJit:
         self.cycles = 0
         self._executing = False         # inside execute (else a trap comes from a thunk)
         self._direct = False            # serving a thunk's helper call
+        self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
         self._pending = _Pending()
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
@@ -455,19 +455,18 @@ class ScratchJit:
             self.stubs[key] = addr
             self.machine.text_poke(addr, self.emitter.stub_code)
             self._stub_fns[addr] = fn
-            self.machine.register_break_addr(addr, self._on_trap)
+            # a host entry (a code hook on the stub's nop), not a trap: Unicorn takes a
+            # breakpoint through its exception path, several µs more per helper call
+            self.machine.add_host_entry(addr, self._on_trap)
         return addr
 
-    def _on_trap(self, addr: int) -> bool:
+    def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
         self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
         if self._executing:
             self._stub_fns[addr](addr)
         else:
             self._direct_trap(addr)
-        if self.emitter.trap_resume:
-            self.machine.pc = addr + self.emitter.trap_resume
-        return True
 
     def _direct_trap(self, addr: int) -> None:
         """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
@@ -477,7 +476,11 @@ class ScratchJit:
         from probes.trace.bpf_trace import BpfTraceError
 
         call = self.emitter.return_address(self.machine) - self.emitter.call_size()
-        image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+        image = self._call_sites.get(call)
+        if image is None:
+            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+            if image is not None:
+                self._call_sites[call] = image
         run = self.direct_run(image.prog) if image is not None and self.direct_run else None
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
@@ -826,6 +829,14 @@ class ScratchJit:
                 w.shadow = data
             uc.mem_write(w.gstart + lo, data)
 
+    def _stack_in(self) -> None:
+        """The live part of the native stack window into its region (a thunk's helper)."""
+        w = self._by_vm_key.get(STACK_BASE >> 32)
+        if w is not None:
+            lo, hi = self._span(w, True)
+            if hi > lo:
+                w.region.data[lo:hi] = self.machine.uc.mem_read(w.gstart + lo, hi - lo)
+
     def sync_in(self, stack: bool = True) -> None:
         uc = self.machine.uc
         for w in self.windows.values():
@@ -869,7 +880,17 @@ class ScratchJit:
         read, to_vm = m.regs.read, self.to_vm
         args = [to_vm(read(i)) for i in ids]
         args += [0] * (5 - len(args))
-        if touches:
+        backed = None
+        if touches and self._direct:
+            # a thunk's helper (jit_direct.TRAMPOLINE_HELPERS) reads a key and value on the
+            # stack and changes one map: only those bytes move
+            self._stack_in()
+            backed = run.map_at(args[0])
+            if getattr(backed, "backing", None) is not self:
+                backed = None
+            if backed is not None:
+                self.pull(backed)
+        elif touches:
             self.sync_in()
         try:
             r0 = proto.impl(run, *args) & U64
@@ -886,7 +907,9 @@ class ScratchJit:
             return self._stop(e)
         except Exception as e:  # a helper's bug must not take the host down
             return self._fail(addr, unexpected(e))
-        if touches:
+        if backed is not None:
+            self.push(backed)
+        elif touches and not self._direct:
             self.sync_windows()
         if ptr_ret:
             r0 = self.to_guest(r0)

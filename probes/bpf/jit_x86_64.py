@@ -96,8 +96,7 @@ class X86Jit:
     reg_names = REGS
     helper_ret = "rax"
     budget_reg = "r12"
-    trap_resume = 0          # int3 reports the byte after it: the `ret` runs next
-    stub_code = b"\xcc\xc3"  # int3; ret
+    stub_code = b"\x90\xc3"  # nop; ret (a host entry on the nop)
 
     # -- branches --
     def branch_size(self, b: Branch) -> int:
@@ -116,7 +115,7 @@ class X86Jit:
         return 5
 
     def return_address(self, m: "Machine") -> int:
-        return m.memory.read_u64(m.sp)
+        return int.from_bytes(m.uc.mem_read(m.sp, 8), "little")
 
     def push_return(self, m: "Machine", sp: int, ret: int) -> int:
         m.memory.write_u64(sp - 8, ret)
