@@ -115,8 +115,8 @@ class DirectCalls:
             why = "the handler is not one kprobe-PMU event"
         elif not event.prog_array:
             why = "no programs"
-        progs = event.prog_array.progs() if why is None else []
-        images = []
+        progs = event.prog_array.progs() if why is None and event.prog_array else []
+        images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
             if image is None or image.extable:
