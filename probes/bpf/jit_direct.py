@@ -110,12 +110,12 @@ class DirectCalls:
 
         assert p.addr is not None
         event = getattr(p.pre_handler, "__self__", None)
-        why = None
-        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return:
-            why = "the handler is not one kprobe-PMU event"
-        elif not event.prog_array:
-            why = "no programs"
-        progs = event.prog_array.progs() if why is None and event.prog_array else []
+        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
+                or not event.prog_array:
+            self.refused[p.addr] = "the handler is not one kprobe-PMU event with programs"
+            return None
+        why: str | None = None
+        progs = event.prog_array.progs()
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
