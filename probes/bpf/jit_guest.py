@@ -28,10 +28,16 @@ cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Left out (see the report in the issue): the optprobe detour calling the image directly
-(a hit enters it from the host side, ~50 us of it the nested Unicorn run), maps backed by
-the guest pages themselves (the windows are copied in and out around a run, skipping
-unchanged ones), constant tail-call patching, the kernel's short-branch passes.
+Optimized probes call the images from a guest thunk (jit_direct.py) once a first hit has
+JITed them: no nested run, and no host exit at all when every helper is inlined; helper
+calls from a thunk reach ``_direct_trap`` in the same run. While images run that way the
+windows hold the array maps' bytes: user-space lookups and updates go through them
+(``pull``/``push``, the maps' MapBacking) and every run's stop reads them back.
+
+Left out (see the report in the issue): kprobes, kretprobes, ftrace sites and tracepoints
+still run the image in a nested run from the host side of the hit; maps backed by the guest
+pages themselves (the windows are copied in and out around a nested run, skipping unchanged
+ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
