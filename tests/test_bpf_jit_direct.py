@@ -243,3 +243,18 @@ def test_array_update_helper_and_inlined_lookup_share_the_bytes(arch) -> None:
     lab.call("hot_call", 9)
     assert p.addr in direct_calls_of(lab.machine).thunks
     assert [int.from_bytes(counts.lookup(k), "little") for k in (0, 1)] == [11, 8]
+
+
+@pytest.mark.parametrize("arch", ["x86_64"])
+def test_unoptimize_and_reoptimize_keeps_the_counts(arch) -> None:
+    prog = counting_prog()
+    lab, p, _event = _lab(arch, prog)
+    lab.call("hot_call", 3)
+    opt = lab.kprobes.optimizer
+    opt.unoptimize_kprobe(p)                # the breakpoint is back: host hits
+    lab.call("hot_call", 2)
+    assert p.addr not in opt.entries and _u64(prog) == 5
+    opt.try_to_optimize_kprobe(p)
+    opt.kick_kprobe_optimizer()
+    lab.call("hot_call", 4)                 # a host hit builds a new thunk, then direct hits
+    assert p.addr in opt.entries and _u64(prog) == 9 and p.hits == 9

@@ -109,6 +109,8 @@ class DirectCalls:
         from probes.bpf.libbpf import KprobePerfEvent
 
         assert p.addr is not None
+        if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
+            self._drop(p.addr)
         event = getattr(p.pre_handler, "__self__", None)
         if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
                 or not event.prog_array:
@@ -217,14 +219,19 @@ class DirectCalls:
         """The event's programs changed: its probes go back to the host path."""
         from probes.kprobes import kprobes_of
 
-        self.fold()
         opt = kprobes_of(self.m).optimizer
         for addr, t in list(self.thunks.items()):
             if t.event is event:
-                del self.thunks[addr]
-                self._free.append(t.addr)
+                self._drop(addr)
                 if opt is not None:
                     opt.forget_direct(t.probe)
+
+    def _drop(self, addr: int) -> None:
+        """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is
+        reused once the probe's jump no longer targets it."""
+        self.fold()
+        t = self.thunks.pop(addr)
+        self._free.append(t.addr)
 
 
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:
