@@ -258,3 +258,33 @@ def test_unoptimize_and_reoptimize_keeps_the_counts(arch) -> None:
     opt.kick_kprobe_optimizer()
     lab.call("hot_call", 4)                 # a host hit builds a new thunk, then direct hits
     assert p.addr in opt.entries and _u64(prog) == 9 and p.hits == 9
+
+
+# The probe sits between a compare and the branch that reads its flags; the program's own
+# compares (the inlined lookup's bounds check) change them: the thunk must put them back.
+FLAGS_LIVE = {
+    "x86_64": "cmp rdi, 5\nmovabs rax, 0x1122334455667788\njl below\nmov rax, 1\nret\n"
+              "below: mov rax, 2\nret",
+    "arm64": "cmp x0, #5\nmov x1, #7\nb.lt below\nmov x0, #1\nret\nbelow: mov x0, #2\nret",
+}
+PROBE_OFF = {"x86_64": 4, "arm64": 4}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_flags_live_across_the_probe_come_back(arch) -> None:
+    lab = ProbeLab.from_asm(arch, {"flagfn": FLAGS_LIVE[arch]})
+    opt = enable_optprobes(lab.kprobes)
+    p = Kprobe(symbol_name="flagfn", offset=PROBE_OFF[arch])
+    lab.kprobes.register_kprobe(p)
+    opt.kick_kprobe_optimizer()
+    assert p.ainsn.optimized, p.ainsn.opt_reason
+    prog = sum_parm1_prog(arch)
+    call = KprobePerfEvent(lab.machine, "flagfn", offset=PROBE_OFF[arch], kp=p)
+    p.pre_handler = call.kprobe_perf_func
+    assert perf_event_attach_bpf_prog(PerfEvent(call, PerfType.PERF_TYPE_KPROBE,
+                                                EventKind.KPROBE), prog) == 0
+    install_engine(lab.machine, "jit")
+    got = [lab.call("flagfn", x) for x in (3, 9, 2, 5, 4, 100)]
+    assert p.addr in direct_calls_of(lab.machine).thunks
+    assert got == [2, 1, 2, 1, 2, 1]
+    assert _u64(prog) == 3 + 9 + 2 + 5 + 4 + 100
