@@ -189,7 +189,19 @@ def perf_event_attach_bpf_prog(event: PerfEvent, prog: "BpfProg", bpf_cookie: in
     prog_stats(prog)
     event.prog = prog
     call.prog_array = new
+    _programs_changed(call)
     return 0
+
+
+def _programs_changed(call: Any) -> None:
+    """Probes whose thunk calls this call's old programs go back to the host path."""
+    machine = getattr(call, "machine", None)
+    if machine is None:
+        return
+    from probes.bpf.jit_direct import direct_calls_of
+    dc = direct_calls_of(machine)
+    if dc is not None:
+        dc.forget_event(call)
 
 
 def perf_event_detach_bpf_prog(event: PerfEvent) -> None:
@@ -201,6 +213,7 @@ def perf_event_detach_bpf_prog(event: PerfEvent) -> None:
     if not isinstance(new, int):
         call.prog_array = new if len(new) else None
     event.prog = None
+    _programs_changed(call)
 
 
 @dataclass
