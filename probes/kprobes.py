@@ -26,7 +26,7 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
+from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET, NO_SIM, NativeDispatch, NativeSim,
                            dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
@@ -446,6 +446,9 @@ class Kprobes:
                 or a.optimized):
             return None
         pre = KN_PRE if p.pre_handler is not None else 0
+        rp = p.kretprobe
+        if rp is not None and rp.native_row >= 0:
+            pre |= KN_RET                       # C hijacks; else the pre handler does
         if a.handler is not None:
             native_sim = getattr(self.arch, "native_sim", None)
             sim = native_sim(p) if native_sim is not None else None

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from probes.kprobes import Kprobe
 
 SOURCE = Path(__file__).with_name("kprobe_native.c")
-KN_BOOSTED, KN_PY_SS, KN_PRE = 1, 2, 4
+KN_BOOSTED, KN_PY_SS, KN_PRE, KN_RET = 1, 2, 4, 8
 PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
-ROW = 8                        # uint64 per row of kn_set_table
+ROW = 9                        # uint64 per row of kn_set_table
 
 
 class Sim(IntEnum):
@@ -50,6 +50,7 @@ HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bo
 class KnState(ctypes.Structure):
     """struct kn_state of kprobe_native.c, field for field."""
     current: int
+    rh: Any
     detour_cycles: int
     handler_cycles: int
     trap_fp: int
@@ -69,14 +70,14 @@ class KnState(ctypes.Structure):
         ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
         ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
         ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
-        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("rh", ctypes.c_void_p)]
 
 
 class KnProbe(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
         ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
-        ("aux", ctypes.c_uint64)]
+        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64)]
 
 
 class KnDetour(ctypes.Structure):
@@ -262,8 +263,9 @@ class NativeDispatch:
         flat = (ctypes.c_uint64 * max(1, ROW * len(rows)))()
         for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
             a, addr = p.ainsn, p.addr or 0
+            rp = p.kretprobe.native_row if flags & KN_RET else -1
             flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
-                                           flags, sim, imm & (2**64 - 1), aux]
+                                           flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1)]
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
         self.probes = [p for p, _f, _s in rows]
