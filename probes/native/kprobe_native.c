@@ -334,7 +334,7 @@ struct kn_rethook {
  * permissions as emu.memory's regions (Memory.map/protect set both). Returns 1 if the
  * access is allowed, 0 if uaccess would raise UserFault; an executable page is -1 (a write
  * there must drop translated code: Python does it). */
-static int kn_access_ok(struct kn_rethook *h, void *uc, uint64_t addr, uint64_t n, uint32_t prot)
+int kn_access_ok(struct kn_rethook *h, void *uc, uint64_t addr, uint64_t n, uint32_t prot)
 {
     uint64_t end = addr + n;
     if (end < addr || end > h->task_size)
@@ -343,20 +343,20 @@ static int kn_access_ok(struct kn_rethook *h, void *uc, uint64_t addr, uint64_t 
     uint32_t count = 0;
     if (h->mem_regions(uc, &r, &count) != 0)
         return 0;
-    int ok = 1;
-    while (ok == 1 && addr < end) {
+    int ok = 1, exec = 0;
+    while (ok && addr < end) {
         uint32_t i = 0;
         while (i < count && !(r[i].begin <= addr && addr <= r[i].end))
             i++;
-        if (i == count || !(r[i].perms & prot))
+        if (i == count || !(r[i].perms & prot)) {
             ok = 0;
-        else if ((prot & UC_PROT_WRITE) && (r[i].perms & UC_PROT_EXEC))
-            ok = -1;
-        else
+        } else {
+            exec |= (prot & UC_PROT_WRITE) && (r[i].perms & UC_PROT_EXEC);
             addr = r[i].end + 1 ? r[i].end + 1 : end;
+        }
     }
     h->uc_free(r);
-    return ok;
+    return ok && exec ? -1 : ok;
 }
 
 /* arch_uretprobe_is_alive, by context: 0 CALL, 1 CHAIN_CALL, 2 RET (probes.arch.common). */

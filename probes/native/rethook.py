@@ -127,7 +127,7 @@ class NativeRethook:
     def _watch(self, m: Any) -> None:
         """Python takes the LIFO back at the end of every run and at every task switch (the
         LIFO C holds is one task's)."""
-        m.stop_listeners.append(self.pull)
+        m.stop_listeners.append(self.settle)
         uc = m.uc
         restore = uc.context_restore
 
@@ -137,6 +137,13 @@ class NativeRethook:
         uc.context_restore = context_restore
 
     # --- the hand-over ----------------------------------------------------------------------
+    def settle(self) -> None:
+        """After a run: counters fold into the Kretprobes. C keeps serving the next run
+        unless instances are pending (their objects are then Python's to show)."""
+        self.pull()
+        if not self.krp.by_task.get(self.d.m.task[1]):
+            self.push()
+
     def pull(self) -> None:
         """C's records become the Python LIFO of the task they belong to; counters fold."""
         h, krp = self.h, self.krp
@@ -172,8 +179,8 @@ class NativeRethook:
         h, krp, m = self.h, self.krp, self.d.m
         if not h.py_owns or not self.rows:
             return
-        if self.pull not in m.stop_listeners:          # a snapshot restore dropped it
-            m.stop_listeners.append(self.pull)
+        if self.settle not in m.stop_listeners:        # a snapshot restore dropped it
+            m.stop_listeners.append(self.settle)
         tid = m.task[1]
         lifo = krp.by_task.get(tid, [])
         base = self.d.lib.kn_rethook_reserve(ctypes.byref(h), len(lifo))
@@ -209,3 +216,4 @@ class NativeRethook:
         self.rows = list(rows)
         self._rps = (KnRp * max(1, len(rows)))()
         self.h.rps, self.h.nrps = ctypes.addressof(self._rps), len(rows)
+        self.settle()
