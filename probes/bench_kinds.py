@@ -1,7 +1,7 @@
 """The probe kinds of the kernel's overhead table (Documentation/trace/kprobes.rst), as
 `emu bench` places them: k (kprobe), kp (k with an empty pre handler only), k0 and b0 (k and b with no Python handler: a hit
 counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
-r (kretprobe), r0 (r with no Python handler: entry and return in C), rb, ro, kr (kprobe +
+f0 (f with no Python handler: the C ftrace caller), r (kretprobe), r0 (r with no Python handler: entry and return in C), rb, ro, kr (kprobe +
 kretprobe on one function).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
@@ -15,7 +15,7 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "r", "r0", "rb", "ro", "kr")
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr")
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -30,6 +30,7 @@ KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "o": ("hotloop", "hot_leaf", "hot_call", 2000),
     "o0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "f": ("recurse.ftrace", "fib", "fib", 15),
+    "f0": ("recurse.ftrace", "fib", "fib", 15),
     "r": ("hotloop", "hot_leaf", "hot_call", 2000),
     "r0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "rb": ("hotloop", "hot_leaf", "hot_call", 2000),
@@ -144,10 +145,10 @@ def _setup_kind(kind: str, lab, func: str) -> list:
         if not p.ainsn.optimized:
             raise NotImplementedError(f"{kind}: {func} cannot be optimized: {p.ainsn.opt_reason}")
         return [p]
-    if kind == "f":
-        p = _kprobe(lab, func)
+    if kind in ("f", "f0"):
+        p = _kprobe(lab, func, handler=kind == "f")
         if not p.ainsn.ftrace:
-            raise NotImplementedError(f"f: {func} has no ftrace site")
+            raise NotImplementedError(f"{kind}: {func} has no ftrace site")
         return [p]
     if kind == "r":
         kp.preemptible = True             # no boosting: the entry probe single-steps

@@ -26,8 +26,8 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET, NO_SIM, NativeDispatch, NativeSim,
-                           dispatch_of)
+from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET, NO_SIM, FtraceRow,
+                           NativeDispatch, NativeSim, dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
@@ -494,6 +494,30 @@ class Kprobes:
                               for p in self.table.values()
                               if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
                               and oi.handle is not None])
+        if self._ftrace_ops is not None:
+            native.serve_ftrace(self._ftrace_rows())
+
+    def _ftrace_rows(self) -> list[FtraceRow]:
+        """The ftrace sites of FTRACE probes, for the C caller: served in C when the
+        kprobes' ops is the site's only one and the probe has no Python handler."""
+        ftrace, ops, rows = self.ftrace, self._ftrace_ops, []
+        back = getattr(ftrace.arch, "ftrace_key_back", 0)
+        entry_of = getattr(ftrace.arch, "ftrace_native_entry", None)
+        if entry_of is None:
+            return []
+        for p in self.table.values():
+            site = ftrace.sites.get(_at(p)) if p.ainsn is not None and p.ainsn.ftrace else None
+            entry = entry_of(site.addr) if site is not None else None
+            if entry is None:
+                continue
+            native = site.ops == [ops] and self._detour_counts_only(p) and not (
+                p.post_handler or p.fault_handler)
+            rows.append((entry[0], entry[1], back, p, native))
+        return rows
+
+    def _ftrace_site_changed(self, site: FtraceSite) -> None:
+        if site.addr in self.table:
+            self.sync_native()
 
     @staticmethod
     def _detour_counts_only(p: Kprobe) -> bool:
@@ -660,6 +684,8 @@ class Kprobes:
         if self._ftrace_ops is None:
             self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True,
                                          wants_parent=False)
+            if self.native is not None:
+                ftrace.site_listeners.append(self._ftrace_site_changed)
         p.flags |= KPROBE_FLAG_FTRACE
         p.opcode = b""
         p.ainsn = ArchSpecificInsn(kind=StepKind.FTRACE, length=ftrace.site_size,

@@ -91,6 +91,33 @@ class KnDetour(ctypes.Structure):
         ("native", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class KnFsite(ctypes.Structure):
+    """struct kn_fsite: one ftrace site served by a trampoline host entry."""
+    key: int
+    hits: int
+    nmissed: int
+    used: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("key", ctypes.c_uint64), ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
+        ("native", ctypes.c_uint32), ("used", ctypes.c_uint32)]
+
+
+class KnFtrace(ctypes.Structure):
+    """struct kn_ftrace: the C side of one ftrace trampoline host entry."""
+    mask: int
+    sites: Any
+    handled: int
+    deferred: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
+        ("mem_read", ctypes.c_void_p), ("sp_reg", ctypes.c_int32), ("mask", ctypes.c_uint32),
+        ("back", ctypes.c_uint64), ("sites", ctypes.c_void_p),
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
+
+
+FtraceRow = tuple[int, int, int, "Kprobe", bool]   # (host entry hook, key, back, probe, native)
+
+
 class NativeAcc(ctypes.Structure):
     """The clock's counter where C can reach it (duck-types emu.clock.Accumulator)."""
     fp: int
@@ -121,6 +148,12 @@ def load() -> ctypes.CDLL | None:
     lib.kn_set_table.restype = ctypes.c_int
     lib.kn_free.argtypes = [ctypes.POINTER(KnState)]
     lib.kn_free.restype = None
+    lib.kn_ftrace_table.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.kn_ftrace_table.restype = ctypes.c_void_p
+    lib.kn_ftrace_add.argtypes = [ctypes.POINTER(KnFtrace), ctypes.c_uint64, ctypes.c_uint32]
+    lib.kn_ftrace_add.restype = None
+    lib.kn_free_ptr.argtypes = [ctypes.c_void_p]
+    lib.kn_free_ptr.restype = None
     _LIB = lib
     return lib
 
@@ -203,6 +236,8 @@ class NativeDispatch:
     # stay alive (`gone`) as Unicorn frees a hook only later.
     detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
     gone: list[KnDetour] = field(default_factory=list)
+    # ftrace trampoline host entries: hook handle -> (its record, key -> probe)
+    ftrace: dict[int, tuple[KnFtrace, dict[int, "Kprobe"]]] = field(default_factory=dict)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
@@ -237,17 +272,56 @@ class NativeDispatch:
             self.detours[handle] = (entry[0], p)
 
     def _swap_detour_hook(self, handle: int) -> KnDetour | None:
-        if handle not in self.m.hooks.installed:
+        rec = KnDetour(s=ctypes.addressof(self.st))
+        if not swap_code_hook(self.m, handle, self.lib.kn_detour_hook, rec):
             return None
-        slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
-        known = {ctypes.cast(c, ctypes.c_void_p).value for c in self.m.hooks._keep
-                 if isinstance(c, CODE_CB)}
-        if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
-            return None
-        rec = KnDetour(s=ctypes.addressof(self.st), orig=slots[0], orig_data=slots[1])
-        slots[1] = ctypes.addressof(rec)
-        slots[0] = ctypes.cast(self.lib.kn_detour_hook, ctypes.c_void_p).value
         return rec
+
+    def serve_ftrace(self, rows: list[FtraceRow]) -> None:
+        """Ftrace trampoline host entries: each row a site C may serve (`native`: its one
+        ops is the kprobes' one and the kprobe has no Python handler). A hook's Python
+        callback is swapped for C's the first time it is seen; C calls it back for every
+        site it does not serve."""
+        self.fold_ftrace()
+        by_hook: dict[int, list[FtraceRow]] = {}
+        for row in rows:
+            by_hook.setdefault(row[0], []).append(row)
+        for handle, (rec, _probes) in self.ftrace.items():
+            if handle not in by_hook:
+                by_hook[handle] = []             # nothing served there any more
+        for handle, hrows in by_hook.items():
+            entry = self.ftrace.get(handle)
+            if entry is None:
+                if handle not in self.m.hooks.installed:
+                    continue
+                rec = KnFtrace(s=ctypes.addressof(self.st), mem_read=lib_symbol("uc_mem_read"),
+                               sp_reg=self.m.arch.regs[self.m.arch.sp], back=hrows[0][2])
+                if not swap_code_hook(self.m, handle, self.lib.kn_ftrace_hook, rec):
+                    continue
+                entry = self.ftrace[handle] = (rec, {})
+            rec, probes = entry
+            mask = ctypes.c_uint32()
+            table = self.lib.kn_ftrace_table(len(hrows), ctypes.byref(mask))
+            if table is None:
+                raise MemoryError("kprobe native ftrace table")
+            old = rec.sites
+            rec.mask, rec.sites = mask.value, table
+            for _h, key, _b, _p, native in hrows:
+                self.lib.kn_ftrace_add(ctypes.byref(rec), key, int(native))
+            if old:
+                self.lib.kn_free_ptr(old)
+            self.ftrace[handle] = (rec, {key: p for _h, key, _b, p, _n in hrows})
+
+    def fold_ftrace(self) -> None:
+        for rec, probes in self.ftrace.values():
+            if not rec.sites or not (rec.handled or probes):
+                continue
+            for e in (KnFsite * (rec.mask + 1)).from_address(rec.sites):
+                if e.used and (e.hits or e.nmissed):
+                    p = probes[e.key]
+                    p.hits += e.hits
+                    p.nmissed += e.nmissed
+                    e.hits = e.nmissed = 0
 
     def fold_detours(self) -> None:
         for rec, p in self.detours.values():
@@ -273,6 +347,7 @@ class NativeDispatch:
     def fold_counts(self) -> None:
         """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
         self.fold_detours()
+        self.fold_ftrace()
         if not self.probes or not self.st.probes:
             return
         rows = ctypes.cast(self.st.probes, ctypes.POINTER(KnProbe))
@@ -290,6 +365,22 @@ class NativeDispatch:
             return None
         self.st.current = -1
         return self.probes[cur]
+
+
+def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
+    """Point the CODE hook `handle` (one RawHooks made) at C function `fn` with `rec` as
+    its data; `rec.orig`/`rec.orig_data` get the Python callback, which C calls back.
+    False if the handle is not such a hook."""
+    if handle not in m.hooks.installed:
+        return False
+    slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+    known = {ctypes.cast(c, ctypes.c_void_p).value for c in m.hooks._keep if isinstance(c, CODE_CB)}
+    if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
+        return False
+    rec.orig, rec.orig_data = slots[0], slots[1]
+    slots[1] = ctypes.addressof(rec)
+    slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    return True
 
 
 def _installed(m: "Machine") -> NativeDispatch | None:

@@ -549,3 +549,86 @@ void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
     h->deferred++;
     h->orig(uc, addr, size, h->orig_data);
 }
+
+/* The ftrace caller (probes/ftrace.py Ftrace._ftrace_caller) for sites whose only ops is
+ * the kprobes' one, serving a kprobe with no Python handler: charge the detour, count the
+ * hit (or, while a probe is being stepped, the miss). One record per trampoline host
+ * entry: x86's shared trampoline finds its site from the call's return address (`back`
+ * = 5: site = [sp] - 5, read raw as the Python path does; an unreadable stack goes to
+ * Python, whose uaccess read reports the fault); arm64's per-site stubs are keyed by pc. */
+struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; };
+
+struct kn_ftrace {
+    struct kn_state *s;
+    code_cb orig;                           /* the Python host entry */
+    void *orig_data;
+    mem_fn mem_read;
+    int32_t sp_reg;
+    uint32_t mask;                          /* sites: hash table size - 1 */
+    uint64_t back;
+    struct kn_fsite *sites;
+    uint64_t handled, deferred;
+};
+
+static struct kn_fsite *fsite(struct kn_ftrace *f, uint64_t key)
+{
+    if (!f->sites)
+        return NULL;
+    uint32_t i = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 40) & f->mask;
+    for (;; i = (i + 1) & f->mask) {
+        struct kn_fsite *e = &f->sites[i];
+        if (!e->used)
+            return NULL;
+        if (e->key == key)
+            return e;
+    }
+}
+
+void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    struct kn_ftrace *f = user_data;
+    struct kn_state *s = f->s;
+    uint64_t key = addr;
+    if (f->back) {
+        uint64_t sp;
+        s->reg_read(uc, f->sp_reg, &sp);
+        if (f->mem_read(uc, sp, &key, 8) != 0)
+            key = 0;
+        key -= f->back;
+    }
+    struct kn_fsite *e = f->back && !key ? NULL : fsite(f, key);
+    if (e && e->native && !s->py_busy && !(s->stopping && *s->stopping)) {
+        charge(s, s->detour_fp, &s->detour_cycles);
+        if (s->current >= 0)
+            e->nmissed++;
+        else
+            e->hits++;
+        f->handled++;
+        return;
+    }
+    f->deferred++;
+    f->orig(uc, addr, size, f->orig_data);
+}
+
+/* Size the site table for n sites (a power of two, at least 4n); 0 or -1. */
+struct kn_fsite *kn_ftrace_table(uint32_t n, uint32_t *mask)
+{
+    uint32_t size = 16;
+    while (size < 4 * (n + 1))
+        size <<= 1;
+    *mask = size - 1;
+    return calloc(size, sizeof(struct kn_fsite));
+}
+
+void kn_ftrace_add(struct kn_ftrace *f, uint64_t key, uint32_t native)
+{
+    uint32_t i = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 40) & f->mask;
+    while (f->sites[i].used && f->sites[i].key != key)
+        i = (i + 1) & f->mask;
+    f->sites[i].key = key, f->sites[i].used = 1, f->sites[i].native = native;
+}
+
+void kn_free_ptr(void *p)
+{
+    free(p);
+}

@@ -16,9 +16,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from emu.ucfast import CODE_CB, lib_symbol
-from probes.native import HOOK_CALLBACK_OFFSET, NativeDispatch
-from unicorn import unicorn_const as UC
+from emu.ucfast import lib_symbol
+from probes.native import NativeDispatch, swap_code_hook
 
 if TYPE_CHECKING:
     from probes.kretprobes import Kretprobe, KretprobeInstance, Kretprobes
@@ -111,18 +110,7 @@ class NativeRethook:
         return nr
 
     def _swap_tramp_hook(self, handle: int) -> bool:
-        m = self.d.m
-        if handle not in m.hooks.installed:
-            return False
-        slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
-        known = {ctypes.cast(c, ctypes.c_void_p).value for c in m.hooks._keep
-                 if isinstance(c, CODE_CB)}
-        if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
-            return False
-        self.h.orig, self.h.orig_data = slots[0], slots[1]
-        slots[1] = ctypes.addressof(self.h)
-        slots[0] = ctypes.cast(self.d.lib.kn_tramp_hook, ctypes.c_void_p).value
-        return True
+        return swap_code_hook(self.d.m, handle, self.d.lib.kn_tramp_hook, self.h)
 
     def _watch(self, m: Any) -> None:
         """Python takes the LIFO back at the end of every run and at every task switch (the
