@@ -157,7 +157,7 @@ class Kprobes:
                                       sim_regs() if sim_regs is not None else None)
             if self.native is not None:
                 self.native.set_table([])       # a new layer: forget an old one's probes
-                self.native.set_pre_entry(self._native_pre_handler)
+                self.native.set_pre_entry(self._native_pre_entry(), guarded=True)
 
     # --- registration -----------------------------------------------------------------------
     def register_kprobe(self, p: Kprobe) -> None:
@@ -461,25 +461,40 @@ class Kprobes:
             return p, pre | KN_PY_SS, NO_SIM    # the first step boosts: Python does that
         return p, pre, NO_SIM
 
-    def _native_pre_handler(self, row: int) -> int:
+    def _native_pre_entry(self) -> Callable[[int], int]:
         """C took the trap of a probe whose only handler is a Python pre handler (TRAP and
-        HANDLER charged there): run it as kprobe_handler would; 1 if the hit is complete
-        (the handler set ip, or changed the probe table, so Python finishes the step)."""
-        assert self.native is not None
-        p, kcb, gen = self.native.probes[row], self.kcb, self._native_gen
-        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
-        p.hits += 1
-        regs = PtRegs(self.m, _at(p) + self.ip_offset)
-        if p.pre_handler is not None and p.pre_handler(p, regs):
-            regs.flush()
-            kcb.current, kcb.status = None, 0
-            return 1
-        if gen != self._native_gen:             # C's table (and its row) was replaced
-            self._setup_singlestep(p, regs, reenter=False)
-            return 1
-        regs.flush()
-        kcb.current, kcb.status = None, 0
-        return 0
+        HANDLER charged there): the closure `pre(row)` runs it as kprobe_handler would; 1
+        if the hit is complete (the handler set ip, or changed the probe table, so Python
+        finishes the step). One Python frame around the handler, one pt_regs view reused
+        for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
+        native, kcb, m = self.native, self.kcb, self.m
+        assert native is not None
+        regs, ip_offset, errors = PtRegs(m), self.ip_offset, m.hooks.errors
+        reset, flush = regs.reset, regs.flush
+
+        def pre(row: int) -> int:
+            try:
+                p, gen = native.probes[row], self._native_gen
+                kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+                p.hits += 1
+                reset(p.addr + ip_offset)
+                handler = p.pre_handler
+                if handler is not None and handler(p, regs):
+                    flush()
+                    kcb.current, kcb.status = None, 0
+                    return 1
+                if gen != self._native_gen:     # C's table (and its row) was replaced
+                    self._setup_singlestep(p, regs, reenter=False)
+                    return 1
+                flush()
+                kcb.current, kcb.status = None, 0
+                return 0
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                m.uc.emu_stop()
+                return 1
+        return pre
 
     def sync_native(self) -> None:
         """Hand C the probes it can serve (after any change of the table or a probe)."""

@@ -70,7 +70,26 @@ class KnState(ctypes.Structure):
         ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
         ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
         ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
-        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("rh", ctypes.c_void_p)]
+        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("rh", ctypes.c_void_p),
+        ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p)]
+
+
+class KnPyapi(ctypes.Structure):
+    """struct kn_pyapi: CPython's functions C calls a Python entry with."""
+    _fields_: ClassVar[list[tuple[str, Any]]] = [(n, ctypes.c_void_p) for n in (
+        "PyGILState_Ensure", "PyGILState_Release", "PyObject_CallOneArg",
+        "PyLong_FromUnsignedLong", "PyLong_AsLong", "Py_DecRef", "PyErr_WriteUnraisable")]
+
+
+def _pyapi() -> KnPyapi | None:
+    try:
+        return KnPyapi(*(ctypes.cast(getattr(ctypes.pythonapi, n), ctypes.c_void_p).value
+                         for n, _t in KnPyapi._fields_))
+    except AttributeError:                 # not CPython, or an older one: ctypes callbacks
+        return None
+
+
+PYAPI = _pyapi()
 
 
 class KnProbe(ctypes.Structure):
@@ -239,6 +258,7 @@ class NativeDispatch:
     # ftrace trampoline host entries: hook handle -> (its record, key -> probe)
     ftrace: dict[int, tuple[KnFtrace, dict[int, "Kprobe"]]] = field(default_factory=dict)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
+    _pre_obj: Any = None                 # the callable C calls through the C API (alive)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
 
@@ -247,11 +267,17 @@ class NativeDispatch:
         st.trap_fp, st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
         st.detour_fp, st.handler_fp = costs[Reason.DETOUR] << 8, costs[Reason.HANDLER] << 8
 
-    def set_pre_entry(self, fn: Callable[[int], int]) -> None:
+    def set_pre_entry(self, fn: Callable[[int], int], guarded: bool = False) -> None:
         """`fn(row)` runs the Python pre handler of a KN_PRE row; 1 if it set pc itself.
-        Its exceptions stop the run and are raised after it, as every hook's are."""
-        self._pre = PRE_CB(self.m.hooks._guard(fn, default=1))
+        Its exceptions stop the run and are raised after it, as every hook's are
+        (`guarded`: fn does that itself, saving a frame on the hot path)."""
+        self._pre = PRE_CB(fn if guarded else self.m.hooks._guard(fn, default=1))
         self.st.pre = self._pre
+        if guarded and PYAPI is not None:       # C calls fn through the C API
+            self._pre_obj = fn
+            self.st.py, self.st.py_pre = ctypes.addressof(PYAPI), id(fn)
+        else:
+            self.st.py = self.st.py_pre = None
 
     def serve_detours(self, rows: list[tuple[int, "Kprobe", bool]]) -> None:
         """Optprobe detours: (host entry hook handle, probe, counted in C?). The first time

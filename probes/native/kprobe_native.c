@@ -66,7 +66,44 @@ struct kn_state {
     uint32_t py_busy;                       /* a Python handler runs: every trap is reentry */
     uint32_t pad2;
     struct kn_rethook *rh;                  /* kretprobe state, NULL until one is registered */
+    const struct kn_pyapi *py;              /* set: call `py_pre` through the C API */
+    void *py_pre;                           /* the Python pre entry (a callable) */
 };
+
+/* The CPython calls C needs to run a Python callable straight from a hook (Unicorn runs
+ * with the GIL released): cheaper than a ctypes callback, which converts its arguments
+ * and result through ctypes' machinery. Addresses come from ctypes.pythonapi. */
+struct kn_pyapi {
+    int (*gil_ensure)(void);
+    void (*gil_release)(int);
+    void *(*call_one_arg)(void *callable, void *arg);
+    void *(*long_from)(unsigned long v);
+    long (*long_as)(void *o);
+    void (*decref)(void *o);
+    void (*write_unraisable)(void *o);
+};
+
+/* pre(row) in Python: its result, 1 (the hit is complete) if it failed. */
+static int call_pre(struct kn_state *s, uint32_t idx)
+{
+    if (!s->py)
+        return s->pre(idx);
+    const struct kn_pyapi *py = s->py;
+    int gil = py->gil_ensure();
+    int done = 1;
+    void *arg = py->long_from(idx);
+    void *res = arg ? py->call_one_arg(s->py_pre, arg) : NULL;
+    if (res) {
+        done = py->long_as(res) != 0;
+        py->decref(res);
+    } else {
+        py->write_unraisable(s->py_pre);    /* the entry catches its own: not reached */
+    }
+    if (arg)
+        py->decref(arg);
+    py->gil_release(gil);
+    return done;
+}
 
 static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row);
 static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr);
@@ -181,7 +218,7 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
                 int done = 0;
                 if (!ret_native) {
                     s->py_busy++;
-                    done = s->pre(e->idx);  /* it set pc itself: no step */
+                    done = call_pre(s, e->idx);  /* it set pc itself: no step */
                     s->py_busy--;
                 }
                 if (done) {
