@@ -10,6 +10,7 @@ Left out: module text (GONE), jump-label/static-call/BUG sites, the global
 `kprobes/enabled` switch as a sysctl (see `disarm_all`/`arm_all`)."""
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -470,7 +471,7 @@ class Kprobes:
         native, kcb, m = self.native, self.kcb, self.m
         assert native is not None
         regs, ip_offset, errors = PtRegs(m), self.ip_offset, m.hooks.errors
-        reset, flush = regs.reset, regs.flush
+        reset, flush, st = regs.reset, regs.flush, native.st
 
         def pre(row: int) -> int:
             try:
@@ -479,7 +480,14 @@ class Kprobes:
                 p.hits += 1
                 reset(p.addr + ip_offset)
                 handler = p.pre_handler
-                if handler is not None and handler(p, regs):
+                record = p.__dict__.get("native_trace")
+                if record is not None and st.trace_len:      # C built the event's record
+                    body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
+                    if record(p, regs, body):
+                        flush()
+                        kcb.current, kcb.status = None, 0
+                        return 1
+                elif handler is not None and handler(p, regs):
                     flush()
                     kcb.current, kcb.status = None, 0
                     return 1

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("kprobe_native.c")
 KN_BOOSTED, KN_PY_SS, KN_PRE, KN_RET = 1, 2, 4, 8
 PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
-ROW = 9                        # uint64 per row of kn_set_table
+ROW = 10                       # uint64 per row of kn_set_table
 
 
 class Sim(IntEnum):
@@ -71,7 +71,21 @@ class KnState(ctypes.Structure):
         ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
         ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
         ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("rh", ctypes.c_void_p),
-        ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p)]
+        ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p), ("ua", ctypes.c_void_p),
+        ("trace_buf", ctypes.c_void_p), ("trace_len", ctypes.c_uint64),
+        ("trace_cap", ctypes.c_uint64), ("traced", ctypes.c_uint64),
+        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32)]
+
+
+class KnUaccess(ctypes.Structure):
+    """struct kn_uaccess: what kn_access_ok, the C twin of emu/uaccess's check, reads."""
+    task_size: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("task_size", ctypes.c_uint64), ("mem_regions", ctypes.c_void_p),
+        ("uc_free", ctypes.c_void_p), ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p)]
+
+
+UACCESS_SYMBOLS = ("uc_mem_regions", "uc_free", "uc_mem_read", "uc_mem_write")
 
 
 class KnPyapi(ctypes.Structure):
@@ -96,7 +110,7 @@ class KnProbe(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
         ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
-        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64)]
+        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64), ("tprog", ctypes.c_void_p)]
 
 
 class KnDetour(ctypes.Structure):
@@ -259,6 +273,7 @@ class NativeDispatch:
     ftrace: dict[int, tuple[KnFtrace, dict[int, "Kprobe"]]] = field(default_factory=dict)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
     _pre_obj: Any = None                 # the callable C calls through the C API (alive)
+    ua: KnUaccess = field(default_factory=KnUaccess)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
 
@@ -364,8 +379,11 @@ class NativeDispatch:
         for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
             a, addr = p.ainsn, p.addr or 0
             rp = p.kretprobe.native_row if flags & KN_RET else -1
+            tprog = p.__dict__.get("native_tprog") if flags & KN_PRE else None
             flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
-                                           flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1)]
+                                           flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1),
+                                           ctypes.addressof(tprog) if tprog is not None else 0]
+        self.ua.task_size = min(self.m.memory.task_size, 2**64 - 1)
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
         self.probes = [p for p, _f, _s in rows]
@@ -441,6 +459,12 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     if reg_read is None or reg_write is None:
         return None
     st.reg_read, st.reg_write = reg_read, reg_write
+    syms = [lib_symbol(n) for n in UACCESS_SYMBOLS]
+    if None not in syms:                       # trace events' fetches read guest memory
+        ua = d.ua
+        ua.mem_regions, ua.uc_free, ua.mem_read, ua.mem_write = syms
+        ua.task_size = min(m.memory.task_size, 2**64 - 1)
+        st.ua, st.ua_sp_reg = ctypes.addressof(ua), m.arch.regs[m.arch.sp]
     slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
     st.fallback, st.fallback_data = slots[0], slots[1]
     st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno

@@ -26,7 +26,7 @@ enum { SIM_NONE, SIM_B, SIM_BL, SIM_BCOND, SIM_CBZ, SIM_TBZ, SIM_ADR, SIM_BR };
 #define AUX_X64 (1u << 24)                  /* cbz/cbnz on an X register */
 #define AUX_NZ (1u << 25)                   /* cbnz/tbnz: taken when non-zero / set */
 #define AUX_LINK (1u << 26)                 /* blr: x30 = addr + 4 */
-#define ROW 9                               /* uint64 per row of kn_set_table */
+#define ROW 10                              /* uint64 per row of kn_set_table */
 
 struct kn_probe {
     uint64_t addr, slot, resume, ss_trap;
@@ -35,6 +35,7 @@ struct kn_probe {
     uint64_t imm;                           /* branch target / ADR(P) value */
     uint64_t aux;
     int64_t rp;                             /* KN_RET: the kretprobe's row in kn_rethook */
+    const uint64_t *tprog;                  /* a trace event's fetch program, or NULL */
 };
 
 struct kn_rethook;
@@ -68,7 +69,15 @@ struct kn_state {
     struct kn_rethook *rh;                  /* kretprobe state, NULL until one is registered */
     const struct kn_pyapi *py;              /* set: call `py_pre` through the C API */
     void *py_pre;                           /* the Python pre entry (a callable) */
+    struct kn_uaccess *ua;                  /* the checked guest-memory path (kn_access_ok) */
+    uint8_t *trace_buf;                     /* the record a fetch program built for Python */
+    uint64_t trace_len, trace_cap;          /* its length (0: none built), its room */
+    uint64_t traced;                        /* records built */
+    int32_t ua_sp_reg, pad3;                /* sp, for $stackN */
 };
+
+struct kn_uaccess;
+static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p);
 
 /* The CPython calls C needs to run a Python callable straight from a hook (Unicorn runs
  * with the GIL released): cheaper than a ctypes callback, which converts its arguments
@@ -217,6 +226,9 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
                 charge(s, s->handler_fp, &s->handler_cycles);
                 int done = 0;
                 if (!ret_native) {
+                    s->trace_len = 0;
+                    if (p->tprog && eval_tprog(s, uc, p) == 0)
+                        s->traced++;
                     s->py_busy++;
                     done = call_pre(s, e->idx);  /* it set pc itself: no step */
                     s->py_busy--;
@@ -253,7 +265,7 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
 }
 
 /* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags, sim, imm,
- * aux, rp). Counters
+ * aux, rp, tprog). Counters
  * of the old table must have been taken first; `current` is reset. Returns 0 or -1. */
 int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
 {
@@ -276,6 +288,7 @@ int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
         p->addr = r[0], p->slot = r[1], p->resume = r[2], p->ss_trap = r[3];
         p->flags = (uint32_t)r[4], p->sim = (uint32_t)r[5], p->imm = r[6], p->aux = r[7];
         p->rp = (int64_t)r[8];
+        p->tprog = (const uint64_t *)(uintptr_t)r[9];
         uint64_t keys[2] = { p->addr, p->ss_trap };
         for (int j = 0; j < 2; j++) {
             if (j == 1 && ((p->flags & KN_BOOSTED) || p->sim != SIM_NONE))
@@ -346,6 +359,14 @@ typedef int (*free_fn)(void *mem);
 typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 enum { UC_PROT_READ = 1, UC_PROT_WRITE = 2, UC_PROT_EXEC = 4 };
 
+/* The host-side facts kn_access_ok checks against (uaccess.py's Memory and TASK_SIZE). */
+struct kn_uaccess {
+    uint64_t task_size;                     /* TASK_SIZE: access_ok's limit */
+    regions_fn mem_regions;
+    free_fn uc_free;
+    mem_fn mem_read, mem_write;
+};
+
 struct kn_rethook {
     struct kn_state *s;
     uint64_t trampoline;
@@ -357,10 +378,7 @@ struct kn_rethook {
     uint64_t lifo_tid;                      /* whose LIFO `lifo` is (Python's note) */
     uint32_t py_owns, x86;                  /* x86: lr is the word at sp, a DETOUR charge */
     int32_t sp_reg, fp_reg, lr_reg, pad;
-    uint64_t task_size;                     /* TASK_SIZE: access_ok's limit */
-    regions_fn mem_regions;
-    free_fn uc_free;
-    mem_fn mem_read, mem_write;
+    struct kn_uaccess ua;                   /* x86: the return-address slot is checked */
     code_cb orig;                           /* x86: the trampoline's Python host entry */
     void *orig_data;
     uint64_t handled, deferred;
@@ -371,7 +389,7 @@ struct kn_rethook {
  * permissions as emu.memory's regions (Memory.map/protect set both). Returns 1 if the
  * access is allowed, 0 if uaccess would raise UserFault; an executable page is -1 (a write
  * there must drop translated code: Python does it). */
-int kn_access_ok(struct kn_rethook *h, void *uc, uint64_t addr, uint64_t n, uint32_t prot)
+int kn_access_ok(struct kn_uaccess *h, void *uc, uint64_t addr, uint64_t n, uint32_t prot)
 {
     uint64_t end = addr + n;
     if (end < addr || end > h->task_size)
@@ -435,13 +453,13 @@ static int read_ret(struct kn_state *s, void *uc, uint64_t sp, uint64_t *ret)
         *ret = get_x(s, uc, 30);
         return 1;
     }
-    int ok = kn_access_ok(h, uc, sp, 8, UC_PROT_READ);
+    int ok = kn_access_ok(&h->ua, uc, sp, 8, UC_PROT_READ);
     if (ok != 1)
         return ok;
-    ok = kn_access_ok(h, uc, sp, 8, UC_PROT_WRITE);  /* put_user's check, before any change */
+    ok = kn_access_ok(&h->ua, uc, sp, 8, UC_PROT_WRITE);  /* put_user's check first */
     if (ok != 1)
         return ok;
-    return h->mem_read(uc, sp, ret, 8) == 0 ? 1 : -1;
+    return h->ua.mem_read(uc, sp, ret, 8) == 0 ? 1 : -1;
 }
 
 static int lifo_reserve(struct kn_rethook *h, uint64_t n)
@@ -501,7 +519,7 @@ static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row)
     if (!lifo_reserve(h, keep + 1))
         return 0;
     if (h->x86) {
-        if (h->mem_write(uc, sp, &h->trampoline, 8) != 0)
+        if (h->ua.mem_write(uc, sp, &h->trampoline, 8) != 0)
             return 0;
     } else {
         set_x(s, uc, 30, h->trampoline);
@@ -668,4 +686,155 @@ void kn_ftrace_add(struct kn_ftrace *f, uint64_t key, uint32_t native)
 void kn_free_ptr(void *p)
 {
     free(p);
+}
+
+/* A kprobe event's fetch arguments (probes/trace/trace_probe.py FetchArg.fetch and
+ * trace_kprobe.store_trace_args), compiled at sync into a program of two-word ops: the
+ * first word packs the opcode (bits 0-7), a size (8-15), the record offset (16-31) and a
+ * bitfield (width 32-39, shift 40-47, container bits 48-55); the second is the operand.
+ * C builds the record's fixed part and strings in `trace_buf`, reading guest memory
+ * through kn_access_ok as uaccess does, and Python commits it (header, clock, filters,
+ * triggers and the ring buffer stay Python's). A case C does not model (a plain $stackN
+ * that faults: Python raises) leaves no record and Python fetches everything itself. */
+enum { TP_END, TP_REG, TP_SP, TP_IMM, TP_STACK, TP_DEREF, TP_ADD, TP_ST_VAL, TP_ST_MEM,
+       TP_ST_STR, TP_FIXED };
+enum { STACK_FAULTS, STACK_PLAIN, STACK_ZERO };  /* TP_STACK on a fault: faulted, Python, 0 */
+#define TP_OP(w) ((w) & 0xff)
+#define TP_SIZE(w) (((w) >> 8) & 0xff)
+#define TP_OFF(w) (((w) >> 16) & 0xffff)
+#define TP_BFW(w) (((w) >> 32) & 0xff)
+#define TP_BFO(w) (((w) >> 40) & 0xff)
+#define TP_BFC(w) (((w) >> 48) & 0xff)
+#define MAX_STRING 4095                     /* MAX_STRING_SIZE - 1 */
+
+static int user_read(struct kn_uaccess *ua, void *uc, uint64_t addr, void *out, uint64_t n)
+{
+    return kn_access_ok(ua, uc, addr, n, UC_PROT_READ) != 0
+        && ua->mem_read(uc, addr, out, n) == 0;
+}
+
+static int trace_room(struct kn_state *s, uint64_t n)
+{
+    if (n <= s->trace_cap)
+        return 1;
+    uint64_t cap = s->trace_cap ? s->trace_cap : 256;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *b = realloc(s->trace_buf, cap);
+    if (!b)
+        return 0;
+    s->trace_buf = b, s->trace_cap = cap;
+    return 1;
+}
+
+static uint64_t fit(uint64_t w, uint64_t v)
+{
+    uint32_t size = TP_SIZE(w), c = TP_BFC(w);
+    if (size < 8)
+        v &= (1ull << (8 * size)) - 1;
+    if (c) {                                /* Bitfield.extract */
+        uint32_t width = TP_BFW(w), shift = TP_BFO(w);
+        uint64_t mask = c >= 64 ? ~0ull : (1ull << c) - 1;
+        v = (v << (c - width - shift)) & mask;
+        v >>= c - width;
+    }
+    return v;
+}
+
+/* strncpy_from_user into the record: 1 copied, 0 faulted, -1 no memory. */
+static int copy_string(struct kn_state *s, void *uc, uint64_t addr)
+{
+    uint8_t chunk[4096];
+    uint64_t got = 0;
+    while (got < MAX_STRING) {
+        uint64_t cur = addr + got, n = MAX_STRING - got, room = 4096 - (cur & 4095);
+        if (n > room)
+            n = room;
+        if (kn_access_ok(s->ua, uc, cur, 1, UC_PROT_READ) == 0 || s->ua->mem_read(uc, cur, chunk, n))
+            return 0;
+        uint8_t *nul = memchr(chunk, 0, n);
+        uint64_t take = nul ? (uint64_t)(nul - chunk) : n;
+        if (!trace_room(s, s->trace_len + take + 1))
+            return -1;
+        memcpy(s->trace_buf + s->trace_len, chunk, take);
+        s->trace_len += take;
+        got += take;
+        if (nul)
+            break;
+    }
+    s->trace_buf[s->trace_len++] = 0;
+    return 1;
+}
+
+/* Run p's program into trace_buf: 0 built (trace_len set), -1 Python fetches. */
+static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p)
+{
+    const uint64_t *op = p->tprog;
+    uint64_t v = 0, sp = 0;
+    int faulted = 0, have_sp = 0;
+    if (!s->ua || TP_OP(op[0]) != TP_FIXED || !trace_room(s, op[1]))
+        return -1;
+    memset(s->trace_buf, 0, op[1]);
+    s->trace_len = op[1];
+    for (op += 2; TP_OP(op[0]) != TP_END; op += 2) {
+        uint64_t w = op[0], a = op[1];
+        switch (TP_OP(w)) {
+        case TP_REG:
+            s->reg_read(uc, (int)a, &v), faulted = 0;
+            break;
+        case TP_IMM:
+            v = a, faulted = 0;
+            break;
+        case TP_SP:
+        case TP_STACK:
+            if (!have_sp)
+                s->reg_read(uc, s->ua_sp_reg, &sp), have_sp = 1;
+            faulted = 0;
+            if (TP_OP(w) == TP_SP) {
+                v = sp;
+            } else if (!user_read(s->ua, uc, sp + 8 * a, &v, 8)) {
+                if (TP_SIZE(w) == STACK_PLAIN) {
+                    s->trace_len = 0;
+                    return -1;
+                }
+                v = 0, faulted = TP_SIZE(w) == STACK_FAULTS;
+            }
+            break;
+        case TP_DEREF:
+            if (!faulted && !user_read(s->ua, uc, v + a, &v, 8))
+                faulted = 1;
+            break;
+        case TP_ADD:
+            v += a;
+            break;
+        case TP_ST_VAL:
+        case TP_ST_MEM: {
+            uint64_t x = 0;
+            if (TP_OP(w) == TP_ST_VAL)
+                x = fit(w, v);
+            else if (!faulted && user_read(s->ua, uc, v, &x, TP_SIZE(w)))
+                x = fit(w, x);
+            memcpy(s->trace_buf + TP_OFF(w), &x, TP_SIZE(w));
+            break;
+        }
+        case TP_ST_STR: {
+            uint32_t start = (uint32_t)s->trace_len, loc = start;
+            int r = faulted ? 0 : copy_string(s, uc, v);
+            if (r < 0) {
+                s->trace_len = 0;
+                return -1;
+            }
+            if (r > 0)
+                loc |= (uint32_t)(s->trace_len - start) << 16;
+            else
+                s->trace_len = start;
+            memcpy(s->trace_buf + TP_OFF(w), &loc, 4);
+            break;
+        }
+        default:
+            s->trace_len = 0;
+            return -1;
+        }
+    }
+    return 0;
 }
