@@ -17,7 +17,7 @@ from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from emu.uaccess import access_ok
 from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, Kretprobes, kretprobes_of
-from probes.native import load
+from probes.native import KnUaccess, load
 from probes.native.rethook import KnRethook
 from probes.testing import ProbeLab
 
@@ -177,13 +177,13 @@ def test_c_access_check_matches_uaccess(arch, monkeypatch):
     krp = kretprobes_of(m)
     assert krp.native is not None
     lib = krp.native.d.lib
-    h = krp.native.h
-    h.task_size = min(m.memory.task_size, 2**64 - 1)
+    ua = KnUaccess.from_address(ctypes.addressof(krp.native.h) + KnRethook.task_size.offset)
+    ua.task_size = min(m.memory.task_size, 2**64 - 1)     # as a push sets it
     m.memory.map(0x7000_0000, 0x1000, PROT_READ | PROT_WRITE | PROT_EXEC, "rwx")
     m.memory.map(0x7000_2000, 0x1000, PROT_READ, "ro")
     m.memory.map(0x7000_3000, 0x1000, PROT_READ | PROT_WRITE, "rw")
     fn = lib.kn_access_ok
-    fn.argtypes = [ctypes.POINTER(KnRethook), ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+    fn.argtypes = [ctypes.POINTER(KnUaccess), ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
                    ctypes.c_uint32]
     fn.restype = ctypes.c_int
     edges = {m.memory.task_size - 8, m.memory.task_size - 4, 2**64 - 8, 2**64 - 4, 0}
@@ -193,7 +193,7 @@ def test_c_access_check_matches_uaccess(arch, monkeypatch):
     for addr in sorted(a for a in edges if 0 <= a < 2**64):
         for prot, uc_prot in ((PROT_READ, 1), (PROT_WRITE, 2)):
             want = access_ok(m.memory, addr, 8, prot)
-            got = fn(ctypes.byref(h), m.uc._uch, addr, 8, uc_prot)
+            got = fn(ctypes.byref(ua), m.uc._uch, addr, 8, uc_prot)
             region = m.memory.find(addr)
             if got == -1:                          # a write to an executable page: Python's
                 assert prot == PROT_WRITE and want and region and region.prot & PROT_EXEC
