@@ -478,7 +478,7 @@ class Kprobes:
                 p, gen = native.probes[row], self._native_gen
                 kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
                 p.hits += 1
-                reset(p.addr + ip_offset)
+                reset(_at(p) + ip_offset)
                 handler = p.pre_handler
                 record = p.__dict__.get("native_trace")
                 if record is not None and st.trace_len:      # C built the event's record
@@ -531,7 +531,7 @@ class Kprobes:
         for p in self.table.values():
             site = ftrace.sites.get(_at(p)) if p.ainsn is not None and p.ainsn.ftrace else None
             entry = entry_of(site.addr) if site is not None else None
-            if entry is None:
+            if site is None or entry is None:
                 continue
             native = site.ops == [ops] and self._detour_counts_only(p) and not (
                 p.post_handler or p.fault_handler)

@@ -175,16 +175,15 @@ class NativeRethook:
         if base is None and lifo:
             return                                     # no memory: Python keeps it
         rps = self._rps
-        for i, rp in enumerate(self.rows):
-            rps[i].nfree = len(rp.free_instances)
+        for i, row_rp in enumerate(self.rows):
+            rps[i].nfree = len(row_rp.free_instances)
         recs = (KnRi * len(lifo)).from_address(base) if lifo else ()
         lent: list[KretprobeInstance] = []
         for rec, ri in zip(recs, lifo):
-            rp = ri.rp
-            row = rp.native_row if rp is not None else -1
-            if row >= 0:
-                rp.free_instances.append(ri)          # lent to C's record
-                rec.rp, rec.obj = row, -1
+            owner = ri.rp
+            if owner is not None and owner.native_row >= 0:
+                owner.free_instances.append(ri)       # lent to C's record
+                rec.rp, rec.obj = owner.native_row, -1
             else:
                 rec.rp, rec.obj = -1, len(lent)
                 lent.append(ri)
