@@ -150,7 +150,7 @@ class Kprobes:
         machine.fault_notifiers.append(self._on_fault)
         # The C hit path (probes/native): owns the traps of probes with no Python handler.
         self.native: NativeDispatch | None = None
-        self._native_gen = 0                    # bumped at every sync_native
+        self._native_rows: list[tuple[Kprobe, int, Any, Any]] = []   # a new list per sync
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
             sim_regs = getattr(self.arch, "native_sim_regs", None)
@@ -470,17 +470,16 @@ class Kprobes:
         for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
         native, kcb, m = self.native, self.kcb, self.m
         assert native is not None
-        regs, ip_offset, errors = PtRegs(m), self.ip_offset, m.hooks.errors
+        regs, errors = PtRegs(m), m.hooks.errors
         reset, flush, st = regs.reset, regs.flush, native.st
 
         def pre(row: int) -> int:
             try:
-                p, gen = native.probes[row], self._native_gen
+                rows = self._native_rows
+                p, ip, handler, record = rows[row]
                 kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
                 p.hits += 1
-                reset(_at(p) + ip_offset)
-                handler = p.pre_handler
-                record = p.__dict__.get("native_trace")
+                reset(ip)
                 if record is not None and st.trace_len:      # C built the event's record
                     body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
                     if record(p, regs, body):
@@ -491,7 +490,7 @@ class Kprobes:
                     flush()
                     kcb.current, kcb.status = None, 0
                     return 1
-                if gen != self._native_gen:     # C's table (and its row) was replaced
+                if rows is not self._native_rows:   # C's table (and its row) was replaced
                     self._setup_singlestep(p, regs, reenter=False)
                     return 1
                 flush()
@@ -510,9 +509,11 @@ class Kprobes:
         if native is None:
             return
         self._take_native_current()
-        self._native_gen += 1
         rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
         native.set_table(rows)
+        # what the pre entry needs of row i: the probe, its ip, its handler, its recorder
+        self._native_rows = [(p, _at(p) + self.ip_offset, p.pre_handler,
+                              p.__dict__.get("native_trace")) for p, _f, _s in rows]
         native.serve_detours([(oi.handle, p, self._detour_counts_only(p))
                               for p in self.table.values()
                               if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
