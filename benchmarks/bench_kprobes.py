@@ -38,7 +38,10 @@ def best(fn, repeat: int = 3) -> float:
 EVENT3 = "p:b/leaf hot_leaf a=$arg1:u64 b=$arg2:x64 s=+0($stack):x64"   # 3 fetches, C-evaluable
 
 
-def _setup(kind: str, handler: bool, probed: ProbeLab) -> tuple[object, Callable[[], bool], Callable[[], int]]:
+Setup = tuple[object, Callable[[], bool], Callable[[], int]]
+
+
+def _setup(kind: str, handler: bool, probed: ProbeLab) -> Setup:
     """Register one probe of `kind` on hot_leaf: (its Kprobe, "served by C?", hits)."""
     from probes.kprobes import Kprobe
     p = probed.kprobes
@@ -138,7 +141,8 @@ def main() -> None:
           f"{'kprobe µs/hit':>14} {'code hook µs':>13} {'ratio':>6}")
     for r in rows:
         step = r["step"] + (" (boosted)" if r["boosted"] else "")
-        print(f"{r['arch']:<8} {r['kind']:<6} {step:<12} {r['insn']:<30} {r['handler']:<10} {r['path']:<7} "
+        print(f"{r['arch']:<8} {r['kind']:<6} {step:<12} {r['insn']:<30} {r['handler']:<10} "
+              f"{r['path']:<7} "
               f"{r['host_us_per_hit']:>14} {r['baseline_us_per_hit']:>13} {r['ratio']:>6}")
     print()
     print(f"{'arch':<8} {'probes':>6} {'no probes s':>12} {'armed s':>9} {'speed ratio':>12}")

@@ -134,9 +134,10 @@ def main() -> None:
             assert q_hook["hits"] == e_c["hits"] == e_py["hits"] == CALLS
             q = per_hit(q_hook, q_plain)
             rows.append({"arch": arch, "hits": CALLS,
-                         "qiling_plain_s": round(q_plain["s"], 3), "qiling_hook_s": round(q_hook["s"], 3),
-                         "qiling_us_per_hit": q,
-                         "emu_plain_s": round(e_plain["s"], 3), "emu_kprobe_c_s": round(e_c["s"], 3),
+                         "qiling_plain_s": round(q_plain["s"], 3),
+                         "qiling_hook_s": round(q_hook["s"], 3), "qiling_us_per_hit": q,
+                         "emu_plain_s": round(e_plain["s"], 3),
+                         "emu_kprobe_c_s": round(e_c["s"], 3),
                          "emu_kprobe_python_s": round(e_py["s"], 3),
                          "kprobe_c_us_per_hit": per_hit(e_c, e_plain),
                          "kprobe_python_us_per_hit": per_hit(e_py, e_plain)})
@@ -149,7 +150,8 @@ def main() -> None:
     print(f"{'arch':<8} {'hits':>6} {'qiling µs/hit':>14} {'kprobe C µs/hit':>16} {'ratio':>6} "
           f"{'kprobe Python µs/hit':>21} {'ratio':>6}")
     for r in rows:
-        print(f"{r['arch']:<8} {r['hits']:>6} {r['qiling_us_per_hit']:>14} {r['kprobe_c_us_per_hit']:>16} "
+        print(f"{r['arch']:<8} {r['hits']:>6} {r['qiling_us_per_hit']:>14} "
+              f"{r['kprobe_c_us_per_hit']:>16} "
               f"{r['ratio_c']:>6} {r['kprobe_python_us_per_hit']:>21} {r['ratio_python']:>6}")
 
 
