@@ -11,6 +11,7 @@ module going leaves its probes GONE (probes/module.py) until it comes again.
 Left out: BTF args, `%return` on fprobes, hashed %p."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 import re
@@ -27,8 +28,8 @@ from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
 from probes.trace.trace_output import format_value
 from probes.trace.trace_probe import (
     MAX_EVENT_NAME_LEN, MAX_EVENT_SIZE, MAX_TRACE_ARGS, KRETPROBE_MAXACTIVE_MAX, FetchArg,
-    FetchContext, ParseContext, TraceProbeError, is_good_name, is_good_system_name, kstrtoul,
-    parse_probe_location, traceprobe_parse_probe_arg,
+    FetchContext, ParseContext, TraceProbeError, compile_fetch_program, is_good_name,
+    is_good_system_name, kstrtoul, parse_probe_location, traceprobe_parse_probe_arg,
 )
 
 if TYPE_CHECKING:
@@ -422,6 +423,7 @@ class TraceKprobeEvents:
             kretprobes_of(self.m).register_kretprobe(tk.rp)
         else:
             assert tk.kp is not None
+            self._native_fetch(tk, tk.kp)
             kprobes_of(self.m).register_kprobe(tk.kp)
 
     def trace_kprobe_module_callback(self, mod_name: str) -> list[str]:
@@ -516,6 +518,31 @@ class TraceKprobeEvents:
             data = store_trace_args(tk, regs, self._fetch_context(), head) if tk.args else head
             self._commit(call, data, regs, True)
         return ret
+
+    def _native_fetch(self, tk: TraceKprobe, kp: Kprobe) -> None:
+        """Give the C hit path the event's fetch program: C builds the record's fields and
+        strings, `native_record` commits it (probes/native; identical bytes)."""
+        if kprobes_of(self.m).native is None:
+            return
+        call = tk.call
+        fixed_end = call.fields[-1].offset + call.fields[-1].size if call.fields else 8
+        prog = compile_fetch_program(tk.args, self.m.arch, fixed_end)
+        if prog is None:
+            return
+        kp.__dict__["native_tprog"] = (ctypes.c_uint64 * len(prog))(*prog)
+        kp.__dict__["native_trace"] = lambda p, regs, body, t=tk: self.native_record(t, p, regs, body)
+
+    def native_record(self, tk: TraceKprobe, kp: Kprobe, regs: "PtRegs", body: bytes) -> int:
+        """kprobe_dispatcher with the record's fields and strings built by C (`body`, its
+        first 16 bytes left for the header and probe ip)."""
+        call = tk.call
+        if call.prog_array:                    # programs first: Python's whole path
+            return self.kprobe_dispatcher(tk, kp, regs)
+        tk.nhit += 1
+        if call.enabled and not trace_trigger_soft_disabled(call):
+            head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
+            self._commit(call, head + body[16:], regs, True)
+        return 0
 
     def _commit(self, call: TraceEventCall, data: bytes, regs: "PtRegs", at_entry: bool) -> None:
         fs = self.fs
