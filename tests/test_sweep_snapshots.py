@@ -43,7 +43,8 @@ def both(cfg: SweepConfig):
     return fast, slow
 
 
-@pytest.mark.parametrize("mode", ["kprobe", "optprobe", "kretprobe"])
+@pytest.mark.parametrize("mode", ["kprobe", pytest.param("optprobe", marks=pytest.mark.slow),
+                                  "kretprobe"])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_same_verdicts_as_runs_from_start(cold_prog, arch, mode):
     fast, slow = both(SweepConfig(path=cold_prog(arch), funcs=["work", "main"], mode=mode))
@@ -51,7 +52,9 @@ def test_same_verdicts_as_runs_from_start(cold_prog, arch, mode):
     assert fast.mismatches == 0 and fast.checked >= (2 if mode == "kretprobe" else 10)
 
 
-@pytest.mark.parametrize("prog,funcs", [("insns", []), ("demo", ["do_sys_open", "main"])])
+# The whole of insns is a long sweep (twice): slow; demo's two functions are the quick check.
+@pytest.mark.parametrize("prog,funcs", [pytest.param("insns", [], marks=pytest.mark.slow),
+                                        ("demo", ["do_sys_open", "main"])])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_same_verdicts_on_firmware(arch, prog, funcs):
     """insns has the text-reads (arm64 literal pools, t_adr reading its own code)."""
