@@ -12,6 +12,7 @@ from conftest import ARCHES, firmware_elf
 from emu.cycles import enable_cycle_model
 from emu.loader import GuestConfig, load_guest
 from emu.snapshot import SnapshotError
+from test_snapshot_machine import checkpoint_prog, fs_dir  # noqa: F401 - fixtures
 from probes.kprobes import Kprobe, kprobes_of
 
 # (firmware, argv, where the snapshot is taken: the first execution of this function)
@@ -95,3 +96,26 @@ def test_snapshot_before_the_model_cannot_be_restored_after_it(arch):
     enable_cycle_model(g.machine)
     with pytest.raises(SnapshotError, match="cycle model was turned on since"):
         g.machine.restore(snap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHES)
+def test_guest_clock_reads_after_a_restore(checkpoint_prog, fs_dir, arch):
+    """checkpoint.c reads the clock before and after the snapshot point and prints the
+    difference: with the cycle model on, a restored run prints what the straight run does."""
+    from test_snapshot_machine import finish as finish_checkpoint, load as load_checkpoint
+
+    def loaded():
+        m, out, err = load_checkpoint(checkpoint_prog(arch), fs_dir, ["clock"])
+        enable_cycle_model(m)
+        m.run(until=m.symbols.lookup("checkpoint").addr, timeout=30)
+        return m, out, err
+    want = finish_checkpoint(*loaded())
+    assert want[0:2] == ("exit", 3)
+    m, out, err = loaded()
+    snap = m.snapshot()
+    runs = []
+    for _ in range(2):
+        runs.append(finish_checkpoint(m, out, err))
+        m.restore(snap)
+    assert runs == [want] * 2

@@ -301,14 +301,14 @@ class CycleModel:
         """Everything a later restore_state needs for the clock to go on exactly as from here."""
         nat = self._native()
         native_state = None
-        if nat is not None:
-            st = nat[1]
+        if nat is not None and nat[1].table:
+            st, table = nat[1], int(nat[1].table)
             size = (st.mask + 1) * ctypes.sizeof(native.CmEntry)
             cur = -1
             if st.cur:
-                cur = (ctypes.addressof(st.cur.contents) - st.table) // ctypes.sizeof(native.CmEntry)
+                cur = (ctypes.addressof(st.cur.contents) - table) // ctypes.sizeof(native.CmEntry)
             native_state = (ctypes.string_at(ctypes.addressof(st), ctypes.sizeof(st)),
-                            ctypes.string_at(st.table, size), cur)
+                            ctypes.string_at(table, size), cur)
         py = (dict(self._py), self._py_prev_end, self._py_cur, self._py_prev, dict(self._py_dir),
               self._py_limit_hit)
         return CycleState(dict(self.blocks), dict(self._unrun), native_state,
@@ -320,7 +320,8 @@ class CycleModel:
         self._unrun = dict(cs.unrun)
         nat = self._native()
         if nat is not None and cs.native is not None:
-            self._restore_native(*nat, *cs.native)
+            raw, table, cur = cs.native
+            self._restore_native(nat[0], nat[1], raw, table, cur)
         elif cs.py is not None:
             py, self._py_prev_end, self._py_cur, self._py_prev, py_dir, self._py_limit_hit = cs.py
             self._py, self._py_dir = dict(py), dict(py_dir)
@@ -333,6 +334,7 @@ class CycleModel:
             if lib.cm_init(ctypes.byref(st), len(table) // entry):
                 raise MemoryError("cycle model: table allocation failed")
         base = st.table
+        assert base is not None                             # cm_init allocated it
         ctypes.memmove(base, table, len(table))
         ctypes.memmove(ctypes.addressof(st), raw, len(raw))
         st.table = base                                    # the pointers are this table's

@@ -60,7 +60,7 @@ def loop_accuracy(name: str) -> dict:
 
 def _lab(arch: str, elf: str, mode: str):
     from probes.testing import ProbeLab        # the bench calls guest functions
-    lab = ProbeLab.load(ROOT / "firmware" / "bin" / arch / f"{elf}.elf")
+    lab = ProbeLab.load(str(ROOT / "firmware" / "bin" / arch / f"{elf}.elf"))
     if mode != "fast":
         lab.machine.enable_cycle_model(None, use_native=(mode == "native"))
     return lab
@@ -117,7 +117,8 @@ def cycles_cell(inputs: tuple[int], cell) -> dict:
         return {"kind": kind, **accuracy(rest[0])}
     if kind == "loops":
         return {"kind": kind, **loop_accuracy(rest[0])}
-    return {"kind": kind, **speed(*rest, inputs[0])}
+    arch, elf, func, arg = rest
+    return {"kind": kind, **speed(arch, elf, func, arg, inputs[0])}
 
 
 def modelled(row: dict) -> dict:
