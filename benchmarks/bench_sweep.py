@@ -10,7 +10,6 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from probes.sweep import SweepConfig, sweep  # noqa: E402
+from probes.sweep import SweepConfig, hottest_functions, sweep  # noqa: E402
 from probes.sweep_backends import LocalPool, RayBackend  # noqa: E402
 
 PROGRAMS = ("recurse",)
@@ -69,28 +68,6 @@ def firmware(arches: list[str], programs: list[str], skip_ray: bool) -> None:
                       f"{n / dt:>10.1f} {cpu:>7.1f} {per_cpu} {res.mismatches:>8}{same}", flush=True)
 
 
-def hottest(path: str, argv: list[str], stdin: bytes, n: int, max_bytes: int = 2048) -> list[str]:
-    """The n functions the unprobed run spends the most instructions in (block hook on the
-    baseline run only), among those of at most `max_bytes` of code (the inlined 12 KiB
-    compressor core alone would be 2,800 runs)."""
-    from emu.loader import GuestConfig, load_guest
-    from probes.sweep import OutputDigest
-    g = load_guest(GuestConfig(path=path, argv=argv), stdin=io.BytesIO(stdin),
-                   stdout=OutputDigest(), stderr=OutputDigest())
-    m, counts = g.machine, {}
-
-    def block(addr: int, size: int) -> None:
-        counts[addr] = counts.get(addr, 0) + size
-    m.hooks.block(block)
-    m.run(timeout=600)
-    per: dict[str, int] = {}
-    for addr, c in counts.items():
-        s = m.symbols.find(addr)
-        if s is not None and s.kind == "func" and s.size <= max_bytes:
-            per[s.name] = per.get(s.name, 0) + c
-    return [name for name, _ in sorted(per.items(), key=lambda kv: -kv[1])[:n]]
-
-
 def real_program(arches: list[str], cache: Path, n: int) -> None:
     from bench_real_programs import WORKLOADS, build, text_corpus
     w = next(w for w in WORKLOADS if w.name == "lz4")
@@ -102,7 +79,7 @@ def real_program(arches: list[str], cache: Path, n: int) -> None:
         if path is None:
             print(f"{arch}: no cross compiler, skipped")
             continue
-        funcs = hottest(str(path), w.args, stdin, n)
+        funcs = hottest_functions(SweepConfig(path=str(path), argv=w.args, stdin=stdin), n)
         for name, snaps, jobs in (("before, 2 jobs", False, 2), ("snapshots, 2 jobs", True, 2)):
             cfg = SweepConfig(path=str(path), argv=w.args, stdin=stdin, funcs=funcs,
                               snapshots=snaps, timeout=120)
