@@ -1,7 +1,7 @@
 """Sweep throughput: offsets checked per second, before snapshots (every run from _start)
-and with them, on 1 and 2 local worker processes and on Ray with 2 local workers; and a
-sweep of a real program's hottest functions, built from a PyPI sdist's C code (lz4, as
-benchmarks/bench_real_programs.py builds it), which must show 0 mismatches. Prints tables,
+and with them, on 1 and 2 local worker processes and on Ray with 2 local workers; and the
+same for a real program's hottest functions: LZ4's block compressor (its public source in
+tests/data/sweep/lz4, built static here), which must show 0 mismatches. Prints tables,
 asserts nothing.
 
     .venv/bin/python benchmarks/bench_sweep.py [--arch arm64|x86_64]... [--skip-ray]
@@ -10,7 +10,6 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from probes.sweep import SweepConfig, sweep  # noqa: E402
+from probes.sweep import SweepConfig, hottest_functions, sweep  # noqa: E402
 from probes.sweep_backends import LocalPool, RayBackend  # noqa: E402
 
 PROGRAMS = ("recurse",)
@@ -69,46 +68,45 @@ def firmware(arches: list[str], programs: list[str], skip_ray: bool) -> None:
                       f"{n / dt:>10.1f} {cpu:>7.1f} {per_cpu} {res.mismatches:>8}{same}", flush=True)
 
 
-def hottest(path: str, argv: list[str], stdin: bytes, n: int, max_bytes: int = 2048) -> list[str]:
-    """The n functions the unprobed run spends the most instructions in (block hook on the
-    baseline run only), among those of at most `max_bytes` of code (the inlined 12 KiB
-    compressor core alone would be 2,800 runs)."""
-    from emu.loader import GuestConfig, load_guest
-    from probes.sweep import OutputDigest
-    g = load_guest(GuestConfig(path=path, argv=argv), stdin=io.BytesIO(stdin),
-                   stdout=OutputDigest(), stderr=OutputDigest())
-    m, counts = g.machine, {}
-
-    def block(addr: int, size: int) -> None:
-        counts[addr] = counts.get(addr, 0) + size
-    m.hooks.block(block)
-    m.run(timeout=600)
-    per: dict[str, int] = {}
-    for addr, c in counts.items():
-        s = m.symbols.find(addr)
-        if s is not None and s.kind == "func" and s.size <= max_bytes:
-            per[s.name] = per.get(s.name, 0) + c
-    return [name for name, _ in sorted(per.items(), key=lambda kv: -kv[1])[:n]]
+LZ4 = ROOT / "tests" / "data" / "sweep" / "lz4"       # LZ4's public source and our driver
+CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
 
 
-def real_program(arches: list[str], cache: Path, n: int) -> None:
-    from bench_real_programs import WORKLOADS, build, text_corpus
-    w = next(w for w in WORKLOADS if w.name == "lz4")
-    stdin = text_corpus(8 << 10)
-    print(f"\n{'arch':<7} {'program':<6} {'functions (hottest first)':<60} {'setup':<24} {'offsets':>8} "
-          f"{'wall s':>7} {'offsets/s':>10} {'cpu s':>7} {'mismatch':>8}")
+def build_lz4(cache: Path, arch: str) -> Path | None:
+    """tests/data/sweep/lz4 built static (cached); None without the cross compiler."""
+    import shutil
+    import subprocess
+    out = cache / "bin" / f"lz4_sweep.{arch}"
+    if out.exists():
+        return out
+    if shutil.which(CC[arch]) is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([CC[arch], "-static", "-O2", f"-I{LZ4}", "-o", str(out), str(LZ4 / "lz4_sweep.c"),
+                    str(LZ4 / "lz4.c")], check=True)
+    return out
+
+
+def real_program(arches: list[str], cache: Path, n: int, skip_ray: bool) -> None:
+    print(f"\n{'arch':<7} {'program':<6} {'functions (hottest first)':<52} {'setup':<32} {'offsets':>8} "
+          f"{'wall s':>7} {'offsets/s':>10} {'cpu s':>7} {'per cpu s':>10} {'mismatch':>8}")
     for arch in arches:
-        path = build(cache, w, arch)
+        path = build_lz4(cache, arch)
         if path is None:
             print(f"{arch}: no cross compiler, skipped")
             continue
-        funcs = hottest(str(path), w.args, stdin, n)
-        for name, snaps, jobs in (("before, 2 jobs", False, 2), ("snapshots, 2 jobs", True, 2)):
-            cfg = SweepConfig(path=str(path), argv=w.args, stdin=stdin, funcs=funcs,
-                              snapshots=snaps, timeout=120)
-            res, dt, cpu = timed(cfg, LocalPool(jobs))
-            print(f"{arch:<7} {w.name:<6} {', '.join(funcs)[:60]:<60} {name:<24} {len(res.results):>8} "
-                  f"{dt:>7.1f} {len(res.results) / dt:>10.1f} {cpu:>7.1f} {res.mismatches:>8}",
+        funcs = hottest_functions(SweepConfig(path=str(path)), n)
+        ref = None
+        for name, snaps, backend in [("before (no snapshots), 2 jobs", False, LocalPool(2)),
+                                     *setups(skip_ray)[1:]]:
+            cfg = SweepConfig(path=str(path), funcs=funcs, snapshots=snaps, timeout=120)
+            res, dt, cpu = timed(cfg, backend)
+            ref = ref or res.to_json()
+            same = "" if res.to_json() == ref else "  (REPORT DIFFERS)"
+            n_off = len(res.results)
+            per_cpu = f"{n_off / cpu:>10.1f}" if "Ray" not in name else f"{'n/a':>10}"
+            print(f"{arch:<7} {'lz4':<6} {', '.join(funcs)[:52]:<52} {name:<32} {n_off:>8} "
+                  f"{dt:>7.1f} {n_off / dt:>10.1f} {cpu:>7.1f} {per_cpu} {res.mismatches:>8}{same}",
                   flush=True)
 
 
@@ -126,7 +124,7 @@ def main() -> int:
     if not a.skip_firmware:
         firmware(arches, a.program or list(PROGRAMS), a.skip_ray)
     if not a.skip_real:
-        real_program(arches, Path(a.cache), a.hottest)
+        real_program(arches, Path(a.cache), a.hottest, a.skip_ray)
     return 0
 
 

@@ -8,7 +8,9 @@ A snapshot holds:
   contents by 64 KiB chunk, all-zero chunks left out. A restore compares each chunk with
   the live one and writes back only those that differ, dropping translated code for
   executable chunks it rewrites, so code that did not change stays translated;
-- the clock (cycle count, charges by reason, the work clock's counter, whether it started),
+- the clock (cycle count, charges by reason, the work clock's counter, whether it started;
+  with the cycle model on, its costed blocks and counter state: per-block execution
+  counts, taken-branch and predictor state, the current block; emu/cycles/account.py),
   the guest's hardware RNG, the machine's registries (trap handlers, host entries, text
   patches, listeners, layers), the symbol table's IFUNC resolutions;
 - the Linux process: fds (open file descriptions with their sharing, host file offsets,
@@ -20,8 +22,9 @@ A snapshot holds:
 Not kept, by design: the contents of host files under `--fs` (a writable tree is not
 rolled back; the sweep gives each run a scratch copy instead), and probe-layer state,
 except for layers registered with `register_snapshot_layer` (static keys and tracepoints),
-which keep their own. Otherwise snapshots are taken before probes are registered: `snapshot()` refuses a machine with
-probe, trace or cycle-model state (SnapshotError), and `restore()` drops every layer, hook,
+which keep their own, and the cycle model, whose state the clock keeps. Otherwise snapshots
+are taken before probes are registered: `snapshot()` refuses a machine with probe or trace
+state (SnapshotError), and `restore()` drops every layer, hook,
 trap handler, text patch and slot page added since, so probes registered on a restored
 machine start from nothing."""
 from __future__ import annotations
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 16
 _ZERO = bytes(CHUNK)
-ALLOWED_LAYERS = frozenset({"work-clock"})     # layers a snapshot knows how to keep
+ALLOWED_LAYERS = frozenset({"work-clock", "cycles"})     # layers a snapshot knows how to keep
 
 
 @dataclass(frozen=True)
@@ -212,18 +215,22 @@ class ClockState:
     first_read: Any             # the pending on_first_read callback, None once it ran
     work: Any                   # the WorkClock layer, if time had started moving with code
     work_bytes: int
+    model: Any = None           # the cycle model (emu/cycles/account.py), if it was on
+    model_state: Any = None     # its CycleState
 
 
 def take_clock(m: Machine) -> ClockState:
     c = m.clock
     work: Any = m.layers.get("work-clock")
+    model: Any = m.layers.get("cycles")
     return ClockState(c.acc.fp, dict(c.by_reason), c.on_first_read, work,
-                      work.state.bytes if work is not None else 0)
+                      work.state.bytes if work is not None else 0,
+                      model, model.save_state() if model is not None else None)
 
 
 def restore_clock(m: Machine, st: ClockState) -> None:
     c = m.clock
-    if "cycles" in m.layers:
+    if m.layers.get("cycles") is not st.model:
         raise SnapshotError("the cycle model was turned on since the snapshot; it cannot be undone")
     work: Any = m.layers.get("work-clock")
     if work is not st.work:
@@ -507,6 +514,8 @@ def restore(m: Machine, snap: Snapshot) -> None:
     restore_memory(m, snap.memory)
     for name, state in snap.layers.items():     # the same layer objects, their state back
         SNAPSHOT_LAYERS[name].restore(m, m.layers[name], state)
+    if snap.clock.model is not None:            # after the text: its blocks are the snapshot's
+        snap.clock.model.restore_state(snap.clock.model_state)
     m.uc.context_restore(snap.cpu)
     proc = _process_of(m)
     if proc is not None and snap.process is not None:

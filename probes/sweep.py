@@ -813,6 +813,28 @@ def sweep(cfg: SweepConfig, backend=None, journal: Journal | None = None,
     return merge(prepared, results)
 
 
+def hottest_functions(cfg: SweepConfig, n: int, max_bytes: int = 2048) -> list[str]:
+    """The `n` functions the unprobed run (with cfg's inputs) spends the most executed code
+    bytes in, among those of at most `max_bytes` of code: what to sweep first in a real
+    program (a large inlined core alone can be thousands of runs). A block hook on this one
+    run only; ties go by name."""
+    from emu.arch import requested_arch
+    image = load_elf(cfg.path, requested_arch(cfg.arch))
+    counts: dict[int, int] = {}
+
+    def count(m: Machine) -> None:
+        def block(addr: int, size: int) -> None:
+            counts[addr] = counts.get(addr, 0) + size
+        m.hooks.block(block)
+    _out, m = _run(cfg, image, count, observe=False)
+    per: dict[str, int] = {}
+    for addr, c in counts.items():
+        s = m.symbols.find(addr)
+        if s is not None and s.kind == "func" and 0 < s.size <= max_bytes:
+            per[s.name] = per.get(s.name, 0) + c
+    return [name for name, _ in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
 def _in_text(image: ElfImage, sym: Symbol) -> bool:
     return any(s.vaddr <= sym.addr < s.vaddr + s.memsz and s.prot & 4 for s in image.segments)
 

@@ -1,28 +1,35 @@
 """Where the sweep's tasks run: in this process, on a local pool over the cores, or on a
 Ray cluster. Every backend yields (task, results) as tasks finish, in any order; the sweep
-merges them in task order, so all backends give the same report."""
+merges them in task order, so all backends give the same report. The work function is the
+sweep's `check_task` unless the caller names another module-level function of (shared
+input, task) (the bench and cycle matrices, probes/sweep_matrix.py): one pool for all."""
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
-from probes.sweep import OffsetResult, Plan, Task, check_task, result_key
+from probes.sweep import OffsetResult, Plan, check_task, result_key
+
+
+# (shared input, task) -> the task's result; module-level, so Ray ships it by reference.
+Work = Callable[[Any, Any], Any]
 
 
 class Backend(Protocol):
-    def map(self, plan: Plan, tasks: list[Task]) -> Iterator[tuple[Task, list[OffsetResult]]]: ...
+    def map(self, plan: Any, tasks: list[Any], work: Work = check_task) -> Iterator[tuple[Any, Any]]: ...
 
 
-_PLAN: list[Plan] = []          # the plan of a pool worker (inherited through fork)
+_PLAN: list[Any] = []           # the (plan, work) of a pool worker (inherited through fork)
 
 
-def _init(plan: Plan) -> None:
-    _PLAN[:] = [plan]
+def _init(plan: Any, work: Work) -> None:
+    _PLAN[:] = [plan, work]
 
 
-def _work(task: Task) -> tuple[Task, list[OffsetResult]]:
-    return task, check_task(_PLAN[0], task)
+def _work(task: Any) -> tuple[Any, Any]:
+    plan, work = _PLAN
+    return task, work(plan, task)
 
 
 class LocalPool:
@@ -31,13 +38,13 @@ class LocalPool:
     def __init__(self, jobs: int = 1) -> None:
         self.jobs = max(1, jobs)
 
-    def map(self, plan: Plan, tasks: list[Task]) -> Iterator[tuple[Task, list[OffsetResult]]]:
+    def map(self, plan: Any, tasks: list[Any], work: Work = check_task) -> Iterator[tuple[Any, Any]]:
         if self.jobs == 1 or len(tasks) <= 1:
             for t in tasks:
-                yield t, check_task(plan, t)
+                yield t, work(plan, t)
             return
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(self.jobs, len(tasks)), _init, (plan,)) as pool:
+        with ctx.Pool(min(self.jobs, len(tasks)), _init, (plan, work)) as pool:
             # imap hands tasks out in dispatch order, so each worker's snapshots move forward
             yield from pool.imap_unordered(_work, tasks, chunksize=1)
 
@@ -56,8 +63,8 @@ def start_local_ray(cpus: int) -> None:
              runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
-def _ray_check(plan: Plan, task: Task) -> list[OffsetResult]:
-    return check_task(plan, task)
+def _ray_call(work: Work, plan: Any, task: Any) -> Any:
+    return work(plan, task)
 
 
 class RayBackend:
@@ -87,18 +94,18 @@ class RayBackend:
             start_local_ray(self.jobs)
         return ray, True
 
-    def map(self, plan: Plan, tasks: list[Task]) -> Iterator[tuple[Task, list[OffsetResult]]]:
+    def map(self, plan: Any, tasks: list[Any], work: Work = check_task) -> Iterator[tuple[Any, Any]]:
         if not tasks:
             return
         ray, started = self._init()
         try:
-            remote = ray.remote(max_retries=self.retries, num_cpus=1)(_ray_check)
+            remote = ray.remote(max_retries=self.retries, num_cpus=1)(_ray_call)
             plan_ref = ray.put(plan)
-            todo, pending = list(reversed(tasks)), dict[Any, Task]()
+            todo, pending = list(reversed(tasks)), dict[Any, Any]()
             while todo or pending:
                 while todo and len(pending) < self.window:
                     t = todo.pop()
-                    pending[remote.remote(plan_ref, t)] = t
+                    pending[remote.remote(work, plan_ref, t)] = t
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     yield pending.pop(ref), ray.get(ref)
@@ -108,21 +115,22 @@ class RayBackend:
 
 
 # --- the results file -------------------------------------------------------------------------
-class ResultsFile:
-    """Results streamed as JSON lines, one per offset, keyed by (binary sha256, mode,
-    function, offset) and tagged with the sweep's plan key (the binary and every input), so
-    an interrupted sweep resumes where it stopped. A torn last line (the process killed
-    mid-write) is dropped; lines of another sweep make resuming refuse."""
+class JsonLines:
+    """Rows streamed as JSON lines, each tagged with `plan` (a digest of what produced it),
+    so an interrupted run resumes where it stopped. A torn last line (the process killed
+    mid-write) is dropped; a row of another plan makes resuming refuse."""
 
     def __init__(self, path: str, resume: bool = False) -> None:
         self.path, self.resume = path, resume
         self._f: Any = None
 
-    def open(self, plan: Plan) -> dict[tuple, OffsetResult]:
+    def open_rows(self, plan_key: str, what: str) -> list[dict]:
+        """The whole rows of an earlier run of this plan (none unless resuming); the file
+        is then open to append after them."""
         import json
         import os
         from emu.errors import UsageError
-        done: dict[tuple, OffsetResult] = {}
+        rows: list[dict] = []
         good = 0
         if self.resume and os.path.exists(self.path):
             with open(self.path, "rb") as f:
@@ -133,25 +141,19 @@ class ResultsFile:
                         row = None
                     if not isinstance(row, dict):
                         break                   # torn tail: resume from the last whole line
-                    if row.get("plan") != plan.key:
-                        raise UsageError(f"{self.path}: results of another sweep (a different "
-                                         "binary, mode or inputs); not resuming from it")
-                    r = OffsetResult(**row["result"])
-                    done[(row["sha256"], row["mode"], r.function, r.offset)] = r
+                    if row.get("plan") != plan_key:
+                        raise UsageError(f"{self.path}: results of another {what}; not resuming from it")
+                    rows.append(row)
                     good += len(line)
         self._f = open(self.path, "r+b" if self.resume and os.path.exists(self.path) else "wb")
         self._f.truncate(good)
         self._f.seek(good)
-        return done
+        return rows
 
-    def write(self, plan: Plan, results: list[OffsetResult]) -> None:
-        import dataclasses
+    def write_rows(self, rows: list[dict]) -> None:
         import json
         assert self._f is not None
-        for r in results:
-            sha, mode, func, off = result_key(plan, r)
-            row = {"sha256": sha, "mode": mode, "function": func, "offset": off,
-                   "plan": plan.key, "result": dataclasses.asdict(r)}
+        for row in rows:
             self._f.write(json.dumps(row, sort_keys=True).encode() + b"\n")
         self._f.flush()
 
@@ -159,3 +161,24 @@ class ResultsFile:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class ResultsFile(JsonLines):
+    """The sweep's results, one line per offset, keyed by (binary sha256, mode, function,
+    offset) and tagged with the sweep's plan key (the binary and every input)."""
+
+    def open(self, plan: Plan) -> dict[tuple, OffsetResult]:
+        done: dict[tuple, OffsetResult] = {}
+        for row in self.open_rows(plan.key, "sweep (a different binary, mode or inputs)"):
+            r = OffsetResult(**row["result"])
+            done[(row["sha256"], row["mode"], r.function, r.offset)] = r
+        return done
+
+    def write(self, plan: Plan, results: list[OffsetResult]) -> None:
+        import dataclasses
+        rows = []
+        for r in results:
+            sha, mode, func, off = result_key(plan, r)
+            rows.append({"sha256": sha, "mode": mode, "function": func, "offset": off,
+                         "plan": plan.key, "result": dataclasses.asdict(r)})
+        self.write_rows(rows)

@@ -21,13 +21,10 @@ def default_jobs() -> int:
 
 
 def add_subcommand(sub) -> None:
-    from emu.cli_checks import output_file
     s = sub.add_parser("sweep", help="probe every instruction of functions; compare with the unprobed run")
     s.add_argument("--arch", default="auto", choices=["auto", *ARCH_NAMES])
     s.add_argument("--bare", action="store_true")
     s.add_argument("--func", dest="funcs", action="append", default=[], metavar="NAME")
-    s.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="worker processes (default: every core)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--mode", default="kprobe", choices=["kprobe", "optprobe", "kretprobe"],
                    help="probe each instruction (kprobe, optprobe) or each function (kretprobe)")
@@ -38,16 +35,7 @@ def add_subcommand(sub) -> None:
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of getrandom and AT_RANDOM")
-    s.add_argument("--results", metavar="FILE", type=output_file,
-                   help="stream every result to FILE (JSON lines)")
-    s.add_argument("--resume", metavar="FILE", type=output_file,
-                   help="continue the sweep whose results FILE holds (and append to it)")
-    s.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="local process pool, or a Ray cluster (pip install 'kprobe-emu[ray]')")
-    s.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to join (`ray start --head` prints it); default: a local one")
-    s.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"],
-                   help="progress on stderr: a bar on a terminal, plain lines otherwise")
+    add_backend_options(s, "offsets", "sweep")
     s.add_argument("--no-snapshots", dest="snapshots", action="store_false",
                    help="run every offset from _start (the sweep before snapshots)")
     s.add_argument("file")
@@ -55,9 +43,43 @@ def add_subcommand(sub) -> None:
     s.set_defaults(func=cmd_sweep)
 
 
+def add_backend_options(p, unit: str, what: str) -> None:
+    """Where the work runs, its progress and its resumable results file: the options `emu
+    sweep` and the matrices (`emu bench`) share."""
+    from emu.cli_checks import output_file
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes (default: every core)")
+    p.add_argument("--results", metavar="FILE", type=output_file,
+                   help=f"stream every result to FILE (JSON lines, one per {unit[:-1]})")
+    p.add_argument("--resume", metavar="FILE", type=output_file,
+                   help=f"continue the {what} whose results FILE holds (and append to it)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local process pool, or a Ray cluster (pip install 'kprobe-emu[ray]')")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join (`ray start --head` prints it); default: a local one")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"],
+                   help="progress on stderr: a bar on a terminal, plain lines otherwise")
+
+
+def check_backend_args(args) -> None:
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    if args.results and args.resume:
+        raise UsageError("--results and --resume: give one file (--resume appends to it)")
+    if args.address and args.backend != "ray":
+        raise UsageError("--address needs --backend ray")
+
+
+def backend_from_args(args):
+    """The backend of --backend/--address/--jobs (jobs default: every core)."""
+    from probes.sweep_backends import LocalPool, RayBackend
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    return RayBackend(args.address, jobs) if args.backend == "ray" else LocalPool(jobs)
+
+
 def cmd_sweep(args) -> int:
     from probes.sweep import SweepConfig, format_table, sweep
-    from probes.sweep_backends import LocalPool, RayBackend, ResultsFile
+    from probes.sweep_backends import ResultsFile
 
     _check_run_inputs(args)
     jobs = args.jobs if args.jobs is not None else default_jobs()
@@ -66,7 +88,7 @@ def cmd_sweep(args) -> int:
                       mode=args.mode, max_insns=args.max_insns, fs_root=args.fs,
                       fs_writable=args.fs_write, seed=args.seed, snapshots=args.snapshots,
                       stdin=_read_stdin(args.stdin, args.timeout))
-    backend = RayBackend(args.address, jobs) if args.backend == "ray" else LocalPool(jobs)
+    backend = backend_from_args(args)
     path = args.resume or args.results
     journal = ResultsFile(path, resume=args.resume is not None) if path else None
     result = sweep(cfg, backend, journal, make_progress(args.progress, args.stderr))
@@ -81,14 +103,15 @@ def cmd_sweep(args) -> int:
 
 
 # --- progress -------------------------------------------------------------------------------
-def make_progress(kind: str, stream):
-    """A rich bar on a terminal, plain lines elsewhere (a log, CI), or nothing."""
+def make_progress(kind: str, stream, label: str = "sweep", unit: str = "offsets"):
+    """A rich bar on a terminal, plain lines elsewhere (a log, CI), or nothing; `label`
+    names the work (the command) and `unit` what is counted."""
     if kind == "auto":
         kind = "bar" if _isatty(stream) else "plain"
     if kind == "bar":
-        return BarProgress(stream)
+        return BarProgress(stream, label, unit)
     if kind == "plain":
-        return PlainProgress(stream)
+        return PlainProgress(stream, label=label, unit=unit)
     return None
 
 
@@ -102,8 +125,8 @@ def _isatty(stream) -> bool:
 class PlainProgress:
     """One line at most every `every` seconds and one at the end: done/total, rate, ETA."""
 
-    def __init__(self, stream, every: float = 10.0) -> None:
-        self.stream, self.every = stream, every
+    def __init__(self, stream, every: float = 10.0, label: str = "sweep", unit: str = "offsets") -> None:
+        self.stream, self.every, self.label, self.unit = stream, every, label, unit
         self.total = self.done = self.start_done = 0
         self.t0 = self.last = 0.0
 
@@ -126,15 +149,15 @@ class PlainProgress:
         rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         left = self.total - self.done
         eta = f"{left / rate:.0f} s" if rate > 0 and left else "0 s" if not left else "?"
-        print(f"emu: sweep: {self.done}/{self.total} offsets, {rate:.1f}/s, ETA {eta}",
+        print(f"emu: {self.label}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {eta}",
               file=self.stream, flush=True)
 
 
 class BarProgress:
     """rich's progress bar: done/total, rate, ETA."""
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
+    def __init__(self, stream, label: str = "sweep", unit: str = "offsets") -> None:
+        self.stream, self.label, self.unit = stream, label, unit
         self._bar: Any = None
         self._task: Any = None
 
@@ -143,15 +166,17 @@ class BarProgress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                    TextColumn, TimeRemainingColumn)
 
+        unit = self.unit
+
         class Rate(TextColumn):
             def render(self, task):
                 speed = task.finished_speed or task.speed
-                return super().render(task) if speed is None else f"{speed:.1f} offsets/s"
-        self._bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
+                return super().render(task) if speed is None else f"{speed:.1f} {unit}/s"
+        self._bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
                              TaskProgressColumn(), Rate(""), TimeRemainingColumn(),
                              console=Console(file=self.stream), transient=False)
         self._bar.start()
-        self._task = self._bar.add_task("sweep", total=total, completed=done)
+        self._task = self._bar.add_task(self.label, total=total, completed=done)
 
     def advance(self, n: int) -> None:
         if self._bar is not None:
@@ -184,12 +209,7 @@ def _check_run_inputs(args) -> None:
         raise UsageError("--fs-write needs --fs DIR")
     if args.fs is not None and (not args.fs or not os.path.isdir(args.fs)):
         raise UsageError(f"--fs {args.fs!r}: not a directory")
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
-    if args.results and args.resume:
-        raise UsageError("--results and --resume: give one file (--resume appends to it)")
-    if args.address and args.backend != "ray":
-        raise UsageError("--address needs --backend ray")
+    check_backend_args(args)
 
 
 def _read_stdin(stream, timeout: float) -> bytes:

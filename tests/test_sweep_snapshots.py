@@ -43,15 +43,20 @@ def both(cfg: SweepConfig):
     return fast, slow
 
 
-@pytest.mark.parametrize("mode", ["kprobe", "optprobe", "kretprobe"])
-@pytest.mark.parametrize("arch", ARCHES)
+# Every run twice (from snapshots and from _start): x86-64 kprobe and kretprobe are the quick
+# check, the rest is slow.
+@pytest.mark.parametrize("arch,mode", [
+    pytest.param(a, m, marks=() if a == "x86_64" and m != "optprobe" else pytest.mark.slow)
+    for a in ARCHES for m in ("kprobe", "optprobe", "kretprobe")])
 def test_same_verdicts_as_runs_from_start(cold_prog, arch, mode):
     fast, slow = both(SweepConfig(path=cold_prog(arch), funcs=["work", "main"], mode=mode))
     assert fast.to_json() == slow.to_json()
     assert fast.mismatches == 0 and fast.checked >= (2 if mode == "kretprobe" else 10)
 
 
-@pytest.mark.parametrize("prog,funcs", [("insns", []), ("demo", ["do_sys_open", "main"])])
+# The whole of insns is a long sweep (twice): slow; demo's two functions are the quick check.
+@pytest.mark.parametrize("prog,funcs", [pytest.param("insns", [], marks=pytest.mark.slow),
+                                        ("demo", ["do_sys_open", "main"])])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_same_verdicts_on_firmware(arch, prog, funcs):
     """insns has the text-reads (arm64 literal pools, t_adr reading its own code)."""

@@ -47,6 +47,18 @@ class Block:
 _CACHE: dict[tuple[str, int, bytes], Block] = {}
 
 
+@dataclass(frozen=True)
+class CycleState:
+    """The model's run-time state at a snapshot (emu/snapshot.py): the costed blocks, and
+    either the native counter (its struct and table byte for byte: clock, execution counts,
+    taken/loop/mispredict counts, predictor bits, the current block) or the Python twin's
+    fields. Costs are kept with the blocks, so a restore needs no recosting."""
+    blocks: dict[tuple[int, int], Block]
+    unrun: dict[str, int]
+    native: tuple[bytes, bytes, int] | None         # CmState bytes, table bytes, index of cur
+    py: tuple[Any, ...] | None
+
+
 class CycleModel:
     """The cycle model attached to one machine. Get it with `CycleModel.attach(m, profile)`
     (or emu.cycles.enable_cycle_model); `machine.layers["cycles"]` holds it."""
@@ -283,6 +295,52 @@ class CycleModel:
         nat = self._native()
         if nat is not None:
             nat[0].cm_invalidate(ctypes.byref(nat[1]), 0, 2**64 - 1)
+
+    # --- snapshots --------------------------------------------------------------------------
+    def save_state(self) -> CycleState:
+        """Everything a later restore_state needs for the clock to go on exactly as from here."""
+        nat = self._native()
+        native_state = None
+        if nat is not None and nat[1].table:
+            st, table = nat[1], int(nat[1].table)
+            size = (st.mask + 1) * ctypes.sizeof(native.CmEntry)
+            cur = -1
+            if st.cur:
+                cur = (ctypes.addressof(st.cur.contents) - table) // ctypes.sizeof(native.CmEntry)
+            native_state = (ctypes.string_at(ctypes.addressof(st), ctypes.sizeof(st)),
+                            ctypes.string_at(table, size), cur)
+        py = (dict(self._py), self._py_prev_end, self._py_cur, self._py_prev, dict(self._py_dir),
+              self._py_limit_hit)
+        return CycleState(dict(self.blocks), dict(self._unrun), native_state,
+                          None if nat is not None else py)
+
+    def restore_state(self, cs: CycleState) -> None:
+        """Put the model back as save_state found it (between runs)."""
+        self.blocks = dict(cs.blocks)
+        self._unrun = dict(cs.unrun)
+        nat = self._native()
+        if nat is not None and cs.native is not None:
+            raw, table, cur = cs.native
+            self._restore_native(nat[0], nat[1], raw, table, cur)
+        elif cs.py is not None:
+            py, self._py_prev_end, self._py_cur, self._py_prev, py_dir, self._py_limit_hit = cs.py
+            self._py, self._py_dir = dict(py), dict(py_dir)
+
+    def _restore_native(self, lib: ctypes.CDLL, st: native.CmState, raw: bytes, table: bytes,
+                        cur: int) -> None:
+        entry = ctypes.sizeof(native.CmEntry)
+        if (st.mask + 1) * entry != len(table):           # the table grew since: reallocate
+            lib.cm_free(ctypes.byref(st))
+            if lib.cm_init(ctypes.byref(st), len(table) // entry):
+                raise MemoryError("cycle model: table allocation failed")
+        base = st.table
+        assert base is not None                             # cm_init allocated it
+        ctypes.memmove(base, table, len(table))
+        ctypes.memmove(ctypes.addressof(st), raw, len(raw))
+        st.table = base                                    # the pointers are this table's
+        st.cur = ctypes.cast(base + cur * entry, ctypes.POINTER(native.CmEntry)) if cur >= 0 \
+            else ctypes.POINTER(native.CmEntry)()
+        st.miss = self._miss_cb
 
     # --- where are we -----------------------------------------------------------------------
     def current_block(self) -> tuple[int, int]:
