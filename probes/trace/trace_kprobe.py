@@ -306,6 +306,7 @@ def store_trace_args(tk: TraceKprobe, regs: "PtRegs", fctx: FetchContext, head: 
     """The record: trace_entry, the probe fields, each argument; strings after the fixed
     part as __data_loc (len << 16 | offset), len counting the NUL, 0 on a fault."""
     call = tk.call
+    assert call is not None              # set when the event is created
     fixed_end = call.fields[-1].offset + call.fields[-1].size if call.fields else 8
     buf = bytearray(fixed_end)
     buf[0:len(head)] = head
@@ -506,6 +507,7 @@ class TraceKprobeEvents:
         whether the event is recorded), record; 1 if a program moved ip (skip the step)."""
         tk.nhit += 1
         call = tk.call
+        assert call is not None              # set when the event is created
         record, ret = call.enabled, 0
         if call.prog_array:
             from probes.trace.bpf_trace import trace_call_bpf
@@ -525,6 +527,7 @@ class TraceKprobeEvents:
         if kprobes_of(self.m).native is None:
             return
         call = tk.call
+        assert call is not None              # set when the event is created
         fixed_end = call.fields[-1].offset + call.fields[-1].size if call.fields else 8
         prog = compile_fetch_program(tk.args, self.m.arch, fixed_end)
         if prog is None:
@@ -536,6 +539,7 @@ class TraceKprobeEvents:
         """kprobe_dispatcher with the record's fields and strings built by C (`body`, its
         first 16 bytes left for the header and probe ip)."""
         call = tk.call
+        assert call is not None              # set when the event is created
         if call.prog_array:                    # programs first: Python's whole path
             return self.kprobe_dispatcher(tk, kp, regs)
         tk.nhit += 1
@@ -559,6 +563,7 @@ class TraceKprobeEvents:
     def kretprobe_dispatcher(self, tk: TraceKprobe, ri, regs: "PtRegs") -> int:
         tk.nhit += 1
         call = tk.call
+        assert call is not None              # set when the event is created
         record = call.enabled
         if call.prog_array:
             from probes.trace.bpf_trace import trace_call_bpf
