@@ -3,9 +3,6 @@ public source in tests/data/sweep/lz4, built static here for each arch) compress
 decompressing a generated text; runs start from snapshots on a pool of 2 workers."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 from conftest import ARCHES, ROOT
@@ -13,27 +10,12 @@ from probes.sweep import SweepConfig, hottest_functions, sweep
 from probes.sweep_backends import LocalPool
 
 SRC = ROOT / "tests" / "data" / "sweep" / "lz4"
-CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
 
 
 @pytest.fixture(scope="module")
-def lz4_prog(tmp_path_factory):
-    built: dict[str, str] = {}
-    out_dir = tmp_path_factory.mktemp("lz4")
-
+def lz4_prog(c_prog):
     def build(arch: str) -> str:
-        if arch not in built:
-            cc = shutil.which(CC[arch])
-            if cc is None:
-                pytest.skip(f"{CC[arch]} not installed")
-            out = out_dir / f"lz4_sweep.{arch}"
-            proc = subprocess.run([cc, "-static", "-O2", f"-I{SRC}", "-o", str(out),
-                                   str(SRC / "lz4_sweep.c"), str(SRC / "lz4.c")],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
-            built[arch] = str(out)
-        return built[arch]
+        return str(c_prog(arch, SRC / "lz4_sweep.c", extra=(f"-I{SRC}", str(SRC / "lz4.c"))))
     return build
 
 

@@ -3,9 +3,6 @@ _start, on both arches and in every mode; offsets the unprobed run never execute
 are not run; the snapshot point is the function's first execution."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 from conftest import ARCHES, ROOT, firmware_elf
@@ -13,26 +10,12 @@ from probes import sweep as sweep_mod
 from probes.sweep import SweepConfig, sweep
 
 SRC = ROOT / "tests" / "data" / "sweep" / "cold.c"
-CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
 
 
 @pytest.fixture(scope="module")
-def cold_prog(tmp_path_factory):
-    built: dict[str, str] = {}
-    out_dir = tmp_path_factory.mktemp("sweep-progs")
-
+def cold_prog(c_prog):
     def build(arch: str) -> str:
-        if arch not in built:
-            cc = shutil.which(CC[arch])
-            if cc is None:
-                pytest.skip(f"{CC[arch]} not installed")
-            out = out_dir / f"cold.{arch}"
-            proc = subprocess.run([cc, "-O2", "-static", "-o", str(out), str(SRC)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                pytest.skip(f"no static C library for {arch}: {proc.stderr.strip()[:200]}")
-            built[arch] = str(out)
-        return built[arch]
+        return str(c_prog(arch, SRC))
     return build
 
 
