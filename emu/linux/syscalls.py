@@ -81,7 +81,7 @@ class SyscallDispatcher:
         self.counts: dict[str, int] = {}
         m.syscall_handler = self
         proc.dispatcher = self
-        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed)
+        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed, proc.nr_cpus)
         proc.signals = sigact.Signals(proc)
 
     def __call__(self) -> None:
@@ -274,7 +274,7 @@ _STRACE_ARGS = dict(
     clock_nanosleep="Cdxx", nanosleep="xx", rt_sigaction="Sxxu", rt_sigprocmask="Hxxu",
     prctl="dxxxx", kill="dS", tgkill="ddS", tkill="dS", sysinfo="x", getrusage="dx",
     umask="m", poll="xud", ppoll="xuxxu", futex="xXux", madvise="xud", mkdirat="fsm",
-    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
+    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx", getcpu="xxx",
     close_range="uud", clock_getres="Cp", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
     fchownat="fsddA", chown="sdd", fchown="ddd", utimensat="fsxA", pipe="x",
 )
@@ -848,8 +848,17 @@ def sys_sched_getaffinity(p, pid, size, mask, *_):
         return -E.EINVAL
     if pid and s32(pid) not in p.sched.tasks:
         return -E.ESRCH
-    wr(p, mask, struct.pack("<Q", 1))        # one CPU
+    wr(p, mask, struct.pack("<Q", (1 << p.sched.nr_cpus) - 1))    # every CPU (nr_cpu_ids <= 64)
     return 8
+
+
+@syscall("getcpu")
+def sys_getcpu(p, cpu, node, *_):
+    if cpu:
+        wr(p, cpu, struct.pack("<I", p.sched.current.cpu))
+    if node:
+        wr(p, node, struct.pack("<I", 0))
+    return 0
 
 
 @syscall("futex")
