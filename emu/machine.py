@@ -127,6 +127,8 @@ class Machine:
         self.cpu = 0
         self.nr_cpus = 1
         self.cpu_listeners: list[Callable[[int], None]] = []
+        # The CPUs with a task to run (the scheduler answers): who must sync with a text poke.
+        self.busy_cpus: Callable[[], set[int]] = lambda: {self.cpu}
         self.halt_allowed = False   # bare metal: the halt instruction ends the run (else a fault)
         self.user_mode = False      # set by start_thread: the guest runs at CPL3 / EL0
         # time.monotonic() past which the run must stop (run(timeout=...)); blocking host

@@ -111,6 +111,7 @@ class Scheduler:
         self._budget = self._turn()
         self.machine.nr_cpus = self.nr_cpus
         self.last_ran: dict[int, int] = {0: self.pid}   # cpu -> tid it last ran (its rotation)
+        self.machine.busy_cpus = self.busy_cpus
         self._placed = 1
         self._hook: int | None = None
         self._native: preempt.PreState | None = None
@@ -119,6 +120,11 @@ class Scheduler:
     # --- tasks ---------------------------------------------------------------------------
     def live(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.state != TaskState.EXITED]
+
+    def busy_cpus(self) -> set[int]:
+        """The CPUs with a task running or runnable."""
+        return {t.cpu for t in self.tasks.values()
+                if t.state in (TaskState.RUNNABLE, TaskState.RUNNING)}
 
     def new_task(self, context: Any, resume_pc: int) -> Task:
         """A task created inside a syscall hook from `context` (clone's child)."""
