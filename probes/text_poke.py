@@ -69,7 +69,7 @@ class TextPoker:
         self.mode = PokeMode.PROTOCOL
         self.x86 = machine.arch.name == "x86_64"
         self.inflight: list[PokeOp] = []
-        self.pokes = 0                  # live pokes made with other CPUs running
+        self.pokes = 0                  # pokes made while other CPUs ran
         self.emulated = 0               # CPUs that met a poke's int3 and were let through
         self._cpu = machine.cpu
         machine.cpu_listeners.append(self._cpu_switched)
@@ -91,11 +91,11 @@ class TextPoker:
             self.m.text_poke(addr, bytes(data))
             return
         steps, emulate = self.plan(addr, bytes(data))
+        self.pokes += 1
         if len(steps) == 1:
             self._write(steps[0])
             return
         op = PokeOp(addr, bytes(data), steps, self.m.cpu, emulate=emulate)
-        self.pokes += 1
         if emulate:
             op.displaced = self.m.break_addrs.get(addr)
             self.m.register_break_addr(addr, self._poke_int3_handler)
