@@ -34,6 +34,11 @@ from emu.memory import PROT_EXEC
 from emu.smp import CpuTurns
 
 ETIMEDOUT = 110
+EINTR = 4
+# A blocked call's result when it must run again (include/linux/errno.h): ERESTARTSYS when
+# a signal interrupted it (restarted only if the handler has SA_RESTART, else EINTR),
+# ERESTARTNOINTR when what it waited for happened (always run again).
+ERESTARTSYS, ERESTARTNOINTR = 512, 513
 # The quantum: code bytes a task runs before it is preempted (about 4 bytes an instruction),
 # QUANTUM_BYTES plus a seed-chosen part of it, so that --seed varies the interleaving.
 QUANTUM_BYTES = 64 << 10
@@ -54,6 +59,7 @@ class FutexWait:
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None
     timeout_result: int = -ETIMEDOUT        # a sleep (key -1, no waker) returns 0
+    restart: bool = False                   # the call runs again when woken (a pipe read)
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Task:
     wait: FutexWait | None = None
     wake_result: int | None = None          # the syscall's return value when it resumes
     seq: int = 0                            # order of arrival in a wait queue (FIFO wake)
+    orig_ret: int = 0                       # the return register at the blocked call's entry
+    restart: int | None = None              # orig_ret while an interrupted call may restart
 
 
 class Deadlock(Exception):
@@ -348,6 +356,15 @@ class Scheduler:
             self._disarm_preemption()
 
     def _resume(self, task: Task) -> None:
-        if task.wake_result is not None:
-            self.machine.regs.write(self.ret_reg, task.wake_result & (1 << 64) - 1)
-            task.wake_result = None
+        """Give a woken task its call's result; a call to run again gets its return register
+        back and the pc of its syscall instruction (the caller has set the resume pc)."""
+        res, task.wake_result = task.wake_result, None
+        m = self.machine
+        if res == -ERESTARTNOINTR:
+            m.regs.write(self.ret_reg, task.orig_ret)
+            m.pc = m.pc - m.arch.syscall_insn_size
+        elif res == -ERESTARTSYS:          # the signal's delivery decides (SA_RESTART)
+            m.regs.write(self.ret_reg, -EINTR & (1 << 64) - 1)
+            task.restart = task.orig_ret
+        elif res is not None:
+            m.regs.write(self.ret_reg, res & (1 << 64) - 1)
