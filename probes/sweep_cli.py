@@ -38,6 +38,8 @@ def add_subcommand(sub) -> None:
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of getrandom and AT_RANDOM")
+    from emu.linux.cli_options import add_cpus_option
+    add_cpus_option(s)
     s.add_argument("--results", metavar="FILE", type=output_file,
                    help="stream every result to FILE (JSON lines)")
     s.add_argument("--resume", metavar="FILE", type=output_file,
@@ -65,6 +67,7 @@ def cmd_sweep(args) -> int:
                       funcs=args.funcs, jobs=jobs, timeout=args.timeout,
                       mode=args.mode, max_insns=args.max_insns, fs_root=args.fs,
                       fs_writable=args.fs_write, seed=args.seed, snapshots=args.snapshots,
+                      cpus=args.cpus,
                       stdin=_read_stdin(args.stdin, args.timeout))
     backend = RayBackend(args.address, jobs) if args.backend == "ray" else LocalPool(jobs)
     path = args.resume or args.results
