@@ -19,7 +19,7 @@ from emu.machine import Machine
 MAX_CPUS = 64          # one word of sched_getaffinity's mask
 # A CPU's turn: about TURN_BYTES of code (a fourth as many instructions) plus a part the
 # seed draws for each turn, so different seeds interleave the CPUs differently.
-TURN_BYTES = 2 << 10
+TURN_BYTES = 8 << 10
 
 T = TypeVar("T")
 

@@ -48,6 +48,7 @@ class PokeOp:
     """One poke in flight: `steps` left to write, the CPU that patches, the CPUs that
     still have to sync before the next step, and the trap owner the int3 displaced."""
     addr: int
+    old: bytes
     new: bytes
     steps: list[list[Write]]
     patcher: int
@@ -74,6 +75,7 @@ class TextPoker:
         self._cpu = machine.cpu
         machine.cpu_listeners.append(self._cpu_switched)
         machine.stop_listeners.append(self._run_stopped)
+        machine.fault_notifiers.append(self._name_torn_fault)
 
     # --- plans -----------------------------------------------------------------------------
     def plan(self, addr: int, data: bytes) -> tuple[list[list[Write]], bool]:
@@ -95,7 +97,8 @@ class TextPoker:
         if len(steps) == 1:
             self._write(steps[0])
             return
-        op = PokeOp(addr, bytes(data), steps, self.m.cpu, emulate=emulate)
+        op = PokeOp(addr, self.m.memory.read(addr, len(data)), bytes(data), steps, self.m.cpu,
+                    emulate=emulate)
         if emulate:
             op.displaced = self.m.break_addrs.get(addr)
             self.m.register_break_addr(addr, self._poke_int3_handler)
@@ -143,6 +146,14 @@ class TextPoker:
             op.pending &= busy                  # an idle CPU runs nothing stale
             if not op.pending:
                 self._advance(op)
+
+    def _name_torn_fault(self, fault) -> None:
+        """A CPU faulted on bytes a poke is half-way through: say what it executed."""
+        op = next((o for o in self.inflight if o.addr <= fault.pc < o.end), None)
+        if op is not None:
+            now = self.m.memory.read(op.addr, len(op.new))
+            fault.kind += (f" (a torn instruction: {now.hex()} while {op.old.hex()} was being "
+                           f"rewritten to {op.new.hex()})")
 
     def _run_stopped(self) -> None:
         if not self.m.running:

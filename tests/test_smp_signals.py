@@ -18,10 +18,18 @@ def test_sa_restart_runs_an_interrupted_pipe_read_again(c_prog, arch, cpus):
     exe = c_prog(arch, SMP / "sarestart.c", extra=("-pthread",))
     for args, want in (([], "handled=1 read=5 hello\n"),
                        (["norestart"], "handled=1 read=-1 EINTR\nthen read=5 hello\n")):
+        # The reference runs on host time: under load the signal may come before the read
+        # starts (100 ms later), so it gets a second try.
         ref = run_reference(arch, [str(exe), *args])
-        assert (ref.rc, ref.out.decode() if isinstance(ref.out, bytes) else ref.out) == (0, want)
+        if (ref.rc, _text(ref.out)) != (0, want):
+            ref = run_reference(arch, [str(exe), *args])
+        assert (ref.rc, _text(ref.out)) == (0, want), ref
         r = run_emu("run", "--cpus", cpus, str(exe), "--", *args)
-        assert (r.rc, r.out, r.err) == (ref.rc, want, "")
+        assert (r.rc, r.out, r.err) == (0, want, "")
+
+
+def _text(out) -> str:
+    return out.decode() if isinstance(out, bytes) else out
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -29,8 +37,7 @@ def test_handler_without_sa_restorer(c_prog, arch):
     exe = c_prog(arch, SMP / "norestorer.c")
     ref = run_reference(arch, [str(exe)])
     r = run_emu("run", str(exe))
-    out = ref.out.decode() if isinstance(ref.out, bytes) else ref.out
-    assert (r.rc, r.out) == (ref.rc, out)
+    assert (r.rc, r.out) == (ref.rc, _text(ref.out))
     if arch == "x86_64":
         assert (r.rc, r.out) == (139, "installed\n")
         assert r.err == ("emu: guest killed by SIGSEGV: the handler of signal 10 has no "

@@ -29,9 +29,9 @@ static void pause_ms(long ms)
 static void *sender(void *arg)
 {
 	(void)arg;
-	pause_ms(50);
+	pause_ms(100);
 	pthread_kill(main_thread, SIGUSR1);
-	pause_ms(50);
+	pause_ms(100);
 	if (write(fds[1], "hello", 5) != 5)
 		return (void *)1;
 	return NULL;
