@@ -191,3 +191,11 @@ def test_same_seed_same_bytes_other_seed_other_interleaving(prog, arch, tmp_path
         assert r.rc == 0, r.err
     a, b = (json.loads(s.read_text()) for s in stats)
     assert a == b and a["probes"][0]["hits"] == sum(CALLS[:5])
+
+
+def test_rdtscp_names_the_cpu(prog):
+    """x86-64's rdtscp: IA32_TSC_AUX is the CPU, as Linux sets it (node 0)."""
+    r = run_emu("run", "--cpus", "2", str(prog("x86_64", SMP / "tscaux.c")))
+    assert r.rc == 0, r.err
+    assert r.out.splitlines() == [f"thread {i} tsc_aux {c} cpu {c}"
+                                  for i, c in enumerate(_expected_cpus(3, 2))]

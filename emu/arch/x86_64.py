@@ -107,7 +107,7 @@ class X86_64Arch(Arch):
                 regs.write(rax, value & 0xFFFFFFFF)
                 regs.write(rdx, value >> 32)
                 if with_aux:
-                    regs.write(rcx, 0)              # IA32_TSC_AUX: cpu 0
+                    regs.write(rcx, m.cpu)          # IA32_TSC_AUX: the CPU (node 0)
                 return 1
             return read
 
