@@ -7,6 +7,28 @@
 
 Prints a table; asserts nothing. Needs gcc (x86-64) and aarch64-linux-gnu-gcc (arm64).
 
+Measured 2026-12-03 (2 shared cores, nice, four other sessions running: host seconds are
+noisy, switch counts exact), best of 3:
+
+    arch    program      cpus   host s  switches
+    x86_64  pthreads 8      1     0.60       339
+    x86_64  pthreads 8      2     0.78       890
+    x86_64  pthreads 8      4     0.81       859
+    x86_64  spin 4          1     0.32        13
+    x86_64  spin 4          2     0.33        15
+    x86_64  percpu 5        2     0.41        12
+    x86_64  busy 2          1     8.08      7472
+    x86_64  busy 2          2     5.99     61860
+    x86_64  busy 2          4    11.84     61860
+    arm64   pthreads 8      1     0.65       339
+    arm64   pthreads 8      2     1.43      1441
+    arm64   busy 2          1    10.24      6292
+    arm64   busy 2          2    15.32     52102
+    arm64   busy 2          4    15.77     52102
+
+With 2-4 KiB turns (the first version) `busy 2` made 249,000 switches on x86-64 and took 45 s
+against 11 s on one CPU: the turns are 8-16 KiB since.
+
     .venv/bin/python benchmarks/bench_smp.py [--arch all|arm64|x86_64]
 """
 from __future__ import annotations
