@@ -50,15 +50,12 @@ def run_option_providers() -> list[RunOptionProvider]:
     from probes import cli_options as kprobes
     from probes.trace import bpf_cli
     from probes.trace import cli as trace
-    from probes import text_poke_cli
     return [
         RunOptionProvider("linux", linux.add_run_options, linux.apply_from_args),
         RunOptionProvider("cycles", cycles.add_run_options, cycles.attach_from_args),
         RunOptionProvider("kprobes", kprobes.add_run_options, kprobes.attach_from_args),
         RunOptionProvider("trace events", trace.add_run_options, trace.attach_from_args),
         RunOptionProvider("bpf", bpf_cli.add_run_options, bpf_cli.attach_from_args),
-        RunOptionProvider("text poke", text_poke_cli.add_run_options,
-                          text_poke_cli.attach_from_args),
     ]
 
 
