@@ -14,6 +14,7 @@ chain calls higher priorities first, ties in registration order. Callers that ne
 probe layer's module notifier (kprobes GONE) load through probes/module.py."""
 from __future__ import annotations
 
+import errno
 import io
 import struct
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class Module:
     text: tuple[int, int] = (0, 0)              # [start, end) of the core text
     symbols: dict[str, Symbol] = field(default_factory=dict)
     init_ret: int | None = None
+    refcnt: int = 0                             # references taken with try_module_get
 
     def within_module_text(self, addr: int) -> bool:
         return self.text[0] <= addr < self.text[1]
@@ -200,6 +202,9 @@ class Modules:
         """delete_module: GOING, cleanup_module(), the GOING notification, free."""
         if mod not in self.modules or mod.state != ModuleState.LIVE:
             raise ModuleError(f"module {mod.name} is not live", 2)
+        if mod.refcnt:                  # try_stop_module, not forced
+            raise ModuleError(f"module {mod.name} is in use ({mod.refcnt} references)",
+                              errno.EWOULDBLOCK)
         mod.state = ModuleState.GOING
         exit_fn = mod.symbol("cleanup_module")
         try:
@@ -234,6 +239,24 @@ def module_text_address(machine: Machine, addr: int) -> Module | None:
     """is_module_text_address, without creating the module list."""
     modules = machine.layers.get("modules")
     return modules.module_text_address(addr) if isinstance(modules, Modules) else None
+
+
+def try_module_get(mod: Module) -> bool:
+    """A reference that keeps `mod` from being unloaded; none once it is going."""
+    if mod.state == ModuleState.GOING:
+        return False
+    mod.refcnt += 1
+    return True
+
+
+def module_put(mod: Module) -> None:
+    mod.refcnt = max(0, mod.refcnt - 1)
+
+
+def find_module(machine: Machine, name: str) -> Module | None:
+    """find_module by name, without creating the module list."""
+    modules = machine.layers.get("modules")
+    return modules.find_module(name) if isinstance(modules, Modules) else None
 
 
 # --- parsing and layout -----------------------------------------------------------------------

@@ -18,8 +18,9 @@ A snapshot holds:
   non-seekable host stream, such as a terminal, is left as it is).
 
 Not kept, by design: the contents of host files under `--fs` (a writable tree is not
-rolled back; the sweep gives each run a scratch copy instead), and probe-layer state.
-Snapshots are taken before probes are registered: `snapshot()` refuses a machine with
+rolled back; the sweep gives each run a scratch copy instead), and probe-layer state,
+except for layers registered with `register_snapshot_layer` (static keys and tracepoints),
+which keep their own. Otherwise snapshots are taken before probes are registered: `snapshot()` refuses a machine with
 probe, trace or cycle-model state (SnapshotError), and `restore()` drops every layer, hook,
 trap handler, text patch and slot page added since, so probes registered on a restored
 machine start from nothing."""
@@ -31,7 +32,7 @@ import dataclasses
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from unicorn import UcError
 
@@ -48,6 +49,25 @@ if TYPE_CHECKING:
 CHUNK = 1 << 16
 _ZERO = bytes(CHUNK)
 ALLOWED_LAYERS = frozenset({"work-clock"})     # layers a snapshot knows how to keep
+
+
+@dataclass(frozen=True)
+class LayerHooks:
+    """How a layer that may exist at snapshot() keeps its state (register_snapshot_layer):
+    `take(layer)` -> its state (SnapshotError if it cannot be kept now), `restore(machine,
+    layer, state)` after memory and registries are back, `patches(layer)` -> the [start,
+    end) ranges of guest text it may have patched (its live patches do not refuse)."""
+    take: Callable[[Any], Any]
+    restore: Callable[["Machine", Any, Any], None]
+    patches: Callable[[Any], list[tuple[int, int]]] = lambda _layer: []
+
+
+SNAPSHOT_LAYERS: dict[str, LayerHooks] = {}
+
+
+def register_snapshot_layer(name: str, hooks: LayerHooks) -> None:
+    """Let layer `name` exist when a snapshot is taken; its module registers it on import."""
+    SNAPSHOT_LAYERS[name] = hooks
 
 
 class SnapshotError(KprobeEmuError):
@@ -422,6 +442,7 @@ class Snapshot:
     registries: Registries
     process: ProcessState | None
     streams: list[tuple[Any, str, Any]] = field(default_factory=list)
+    layers: dict[str, Any] = field(default_factory=dict)     # SNAPSHOT_LAYERS' states
 
     def __post_init__(self) -> None:
         fds = [h.fd for h in (self.process.hosts.values() if self.process else ())]
@@ -451,11 +472,13 @@ def _process_of(m: Machine):
 def _check_takeable(m: Machine) -> None:
     if m.running:
         raise SnapshotError("cannot snapshot from inside a run")
-    extra = sorted(set(m.layers) - ALLOWED_LAYERS)
+    extra = sorted(set(m.layers) - ALLOWED_LAYERS - set(SNAPSHOT_LAYERS))
     if extra:
         raise SnapshotError(f"take snapshots before probes, traces or the cycle model are set up "
                             f"(the machine has {', '.join(extra)} state)")
-    if m.live_patches:
+    kept = [r for n in m.layers if n in SNAPSHOT_LAYERS
+            for r in SNAPSHOT_LAYERS[n].patches(m.layers[n])]
+    if any(not any(lo <= a < hi for lo, hi in kept) for a in m.live_patches):
         raise SnapshotError("take snapshots before probes are registered (guest text is patched)")
 
 
@@ -468,8 +491,10 @@ def take(m: Machine) -> Snapshot:
         cpu = m.uc.context_save()
     except UcError as e:
         raise SnapshotError(f"CPU context: {e}") from None
+    layers = {n: SNAPSHOT_LAYERS[n].take(layer) for n, layer in m.layers.items()
+              if n in SNAPSHOT_LAYERS}
     return Snapshot(weakref.ref(m), cpu, take_memory(m), take_clock(m), take_registries(m),
-                    take_process(proc) if proc is not None else None, streams)
+                    take_process(proc) if proc is not None else None, streams, layers)
 
 
 def restore(m: Machine, snap: Snapshot) -> None:
@@ -481,6 +506,8 @@ def restore(m: Machine, snap: Snapshot) -> None:
     restore_clock(m, snap.clock)                # before the layers: it stops a work clock
     restore_registries(m, snap.registries)      # drops the hooks of layers made since
     restore_memory(m, snap.memory)
+    for name, state in snap.layers.items():     # the same layer objects, their state back
+        SNAPSHOT_LAYERS[name].restore(m, m.layers[name], state)
     m.uc.context_restore(snap.cpu)
     proc = _process_of(m)
     if proc is not None and snap.process is not None:

@@ -1,7 +1,8 @@
 """The probe kinds of the kernel's overhead table (Documentation/trace/kprobes.rst), as
 `emu bench` places them: k (kprobe), kp (k with an empty pre handler only), k0 and b0 (k and b with no Python handler: a hit
 counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
-r (kretprobe), rb, ro, kr (kprobe + kretprobe on one function).
+f0 (f with no Python handler: the C ftrace caller), r (kretprobe), r0 (r with no Python handler: entry and return in C), rb, ro, kr (kprobe +
+kretprobe on one function).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
 function `func` and returns them; with `bpf`, every probe also runs a small counting BPF
@@ -14,7 +15,7 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "r", "rb", "ro", "kr")
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr")
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -29,7 +30,9 @@ KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "o": ("hotloop", "hot_leaf", "hot_call", 2000),
     "o0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "f": ("recurse.ftrace", "fib", "fib", 15),
+    "f0": ("recurse.ftrace", "fib", "fib", 15),
     "r": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "r0": ("hotloop", "hot_leaf", "hot_call", 2000),
     "rb": ("hotloop", "hot_leaf", "hot_call", 2000),
     "ro": ("hotloop", "hot_leaf", "hot_call", 2000),
     "kr": ("hotloop", "hot_leaf", "hot_call", 2000),
@@ -51,8 +54,8 @@ def _kprobe(lab, func: str, post: bool = False, handler: bool = True) -> Kprobe:
     return p
 
 
-def _kretprobe(lab, func: str) -> Kretprobe:
-    rp = Kretprobe(kp=Kprobe(symbol_name=func), handler=lambda ri, regs: 0)
+def _kretprobe(lab, func: str, handler: bool = True) -> Kretprobe:
+    rp = Kretprobe(kp=Kprobe(symbol_name=func), handler=(lambda ri, regs: 0) if handler else None)
     kretprobes_of(lab.machine).register_kretprobe(rp)
     return rp
 
@@ -142,14 +145,17 @@ def _setup_kind(kind: str, lab, func: str) -> list:
         if not p.ainsn.optimized:
             raise NotImplementedError(f"{kind}: {func} cannot be optimized: {p.ainsn.opt_reason}")
         return [p]
-    if kind == "f":
-        p = _kprobe(lab, func)
+    if kind in ("f", "f0"):
+        p = _kprobe(lab, func, handler=kind == "f")
         if not p.ainsn.ftrace:
-            raise NotImplementedError(f"f: {func} has no ftrace site")
+            raise NotImplementedError(f"{kind}: {func} has no ftrace site")
         return [p]
     if kind == "r":
         kp.preemptible = True             # no boosting: the entry probe single-steps
         return [_kretprobe(lab, func)]
+    if kind == "r0":
+        kp.preemptible = True             # a counter only: entry and return in C
+        return [_kretprobe(lab, func, handler=False)]
     if kind == "rb":
         _need_boost(lab, kind)
         return [_kretprobe(lab, func)]

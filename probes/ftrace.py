@@ -66,6 +66,8 @@ class Ftrace:
         self.reserved: ReservedText = reserved_text_of(machine)
         self.sites: dict[int, FtraceSite] = {}
         self.ops: list[FtraceOps] = []
+        # called with a site whose ops changed (the C caller serves only kprobe-only sites)
+        self.site_listeners: list[Callable[[FtraceSite], None]] = []
         self._discover()
 
     def _discover(self) -> None:
@@ -118,11 +120,15 @@ class Ftrace:
         if len(site.ops) == 1:           # ftrace_make_call: nop -> call of a trampoline
             call = self.arch.ftrace_make_call(site.addr, self._ftrace_caller)
             self.reserved.text_poke(self.m, site.addr, call, site)
+        for listener in self.site_listeners:
+            listener(site)
 
     def _remove(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.remove(ops)
         if not site.ops:                 # ftrace_make_nop
             self.reserved.text_poke(self.m, site.addr, self.arch.ftrace_nop, site)
+        for listener in self.site_listeners:
+            listener(site)
 
     # --- the trampoline's host entry --------------------------------------------------------------
     def _ftrace_caller(self, pc: int) -> None:

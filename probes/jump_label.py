@@ -198,3 +198,59 @@ class JumpLabels:
 def jump_labels_of(machine: Machine) -> JumpLabels:
     labels: JumpLabels = machine.layer("jump_label", JumpLabels)
     return labels
+
+
+# --- snapshots (emu/snapshot.py) ---------------------------------------------------------------
+# A snapshot keeps each key's count and sites with the text, so that after a restore the
+# keys say what the restored site bytes say (and the guest's own `enabled` word, which is
+# memory, agrees with both).
+JumpLabelState = tuple[dict[int, tuple[StaticKey, int, list[JumpEntry]]], list[JumpEntry]]
+
+
+def _take_jump_labels(labels: JumpLabels) -> JumpLabelState:
+    return ({a: (k, k.enabled, list(k.entries)) for a, k in labels.keys.items()},
+            list(labels.entries))
+
+
+def _restore_jump_labels(_m: Machine, labels: JumpLabels, state: JumpLabelState) -> None:
+    keys, entries = state
+    for key, enabled, sites in keys.values():
+        key.enabled, key.entries = enabled, list(sites)
+    labels.keys = {a: k for a, (k, _e, _s) in keys.items()}
+    labels.entries = list(entries)
+
+
+def _sites(labels: JumpLabels) -> list[tuple[int, int]]:
+    size = labels.arch.jump_label_nop_size
+    return [(e.code, e.code + size) for e in labels.entries]
+
+
+def _take_reserved(rt: ReservedText) -> tuple[list[int], list[Any], int]:
+    return list(rt._starts), list(rt._items), rt._longest
+
+
+def _restore_reserved(_m: Machine, rt: ReservedText, state: tuple[list[int], list[Any], int]) -> None:
+    rt._starts, rt._items, rt._longest = list(state[0]), list(state[1]), state[2]
+
+
+def _take_arch_probes(answers: Any) -> None:
+    """The arch's answers hold no state a snapshot must keep until they map slot pages
+    (a kprobe's, which refuses the snapshot anyway)."""
+    if answers.pages.slots.pages or answers.pages.tramps.pages:
+        from emu.snapshot import SnapshotError
+        raise SnapshotError("take snapshots before probes are registered (probe slot pages)")
+
+
+def _drop_arch_probes(m: Machine, _answers: Any, _state: None) -> None:
+    m.layers.pop("arch_probes", None)    # made again on next use: pages mapped since are gone
+
+
+def _register_snapshot_layers() -> None:
+    from emu.snapshot import LayerHooks, register_snapshot_layer
+    register_snapshot_layer("jump_label", LayerHooks(_take_jump_labels, _restore_jump_labels,
+                                                     _sites))
+    register_snapshot_layer("reserved_text", LayerHooks(_take_reserved, _restore_reserved))
+    register_snapshot_layer("arch_probes", LayerHooks(_take_arch_probes, _drop_arch_probes))
+
+
+_register_snapshot_layers()

@@ -10,6 +10,7 @@ Left out: module text (GONE), jump-label/static-call/BUG sites, the global
 `kprobes/enabled` switch as a sysctl (see `disarm_all`/`arm_all`)."""
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,8 +28,8 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, NO_SIM, NativeDispatch, NativeSim,
-                           dispatch_of)
+from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET, NO_SIM, FtraceRow,
+                           NativeDispatch, NativeSim, dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
@@ -152,7 +153,7 @@ class Kprobes:
         machine.fault_notifiers.append(self._on_fault)
         # The C hit path (probes/native): owns the traps of probes with no Python handler.
         self.native: NativeDispatch | None = None
-        self._native_gen = 0                    # bumped at every sync_native
+        self._native_rows: list[tuple[Kprobe, int, Any, Any]] = []   # a new list per sync
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
             sim_regs = getattr(self.arch, "native_sim_regs", None)
@@ -160,7 +161,7 @@ class Kprobes:
                                       sim_regs() if sim_regs is not None else None)
             if self.native is not None:
                 self.native.set_table([])       # a new layer: forget an old one's probes
-                self.native.set_pre_entry(self._native_pre_handler)
+                self.native.set_pre_entry(self._native_pre_entry(), guarded=True)
 
     # --- registration -----------------------------------------------------------------------
 
@@ -320,6 +321,14 @@ class Kprobes:
             ap.pre_handler = self._aggr_pre_handler
             self.table[_at(old)] = ap
             old = ap
+        if old.flags & KPROBE_FLAG_GONE:
+            # Its module's text went and came back: a new slot for the new text, disabled
+            # until an enabled child arms it (register_aggr_kprobe)
+            if not self._prepare_ftrace(old):
+                self.arch.prepare(old)
+            if old.ainsn.ss_trap is not None:
+                self.m.register_break_addr(old.ainsn.ss_trap, self.ss_handler)
+            old.flags = (old.flags & ~KPROBE_FLAG_GONE) | KPROBE_FLAG_DISABLED
         p.opcode, p.ainsn = old.opcode, old.ainsn
         old.list.insert(0, p)                   # list_add: newest first, as the kernel
         if not p.disabled() and old.disabled():
@@ -452,6 +461,9 @@ class Kprobes:
                 or a.optimized):
             return None
         pre = KN_PRE if p.pre_handler is not None else 0
+        rp = p.kretprobe
+        if rp is not None and rp.native_row >= 0:
+            pre |= KN_RET                       # C hijacks; else the pre handler does
         if a.handler is not None:
             native_sim = getattr(self.arch, "native_sim", None)
             sim = native_sim(p) if native_sim is not None else None
@@ -464,25 +476,46 @@ class Kprobes:
             return p, pre | KN_PY_SS, NO_SIM    # the first step boosts: Python does that
         return p, pre, NO_SIM
 
-    def _native_pre_handler(self, row: int) -> int:
+    def _native_pre_entry(self) -> Callable[[int], int]:
         """C took the trap of a probe whose only handler is a Python pre handler (TRAP and
-        HANDLER charged there): run it as kprobe_handler would; 1 if the hit is complete
-        (the handler set ip, or changed the probe table, so Python finishes the step)."""
-        assert self.native is not None
-        p, kcb, gen = self.native.probes[row], self.kcb, self._native_gen
-        kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
-        p.hits += 1
-        regs = PtRegs(self.m, _at(p) + self.ip_offset)
-        if p.pre_handler is not None and p.pre_handler(p, regs):
-            regs.flush()
-            kcb.current, kcb.status = None, 0
-            return 1
-        if gen != self._native_gen:             # C's table (and its row) was replaced
-            self._setup_singlestep(p, regs, reenter=False)
-            return 1
-        regs.flush()
-        kcb.current, kcb.status = None, 0
-        return 0
+        HANDLER charged there): the closure `pre(row)` runs it as kprobe_handler would; 1
+        if the hit is complete (the handler set ip, or changed the probe table, so Python
+        finishes the step). One Python frame around the handler, one pt_regs view reused
+        for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
+        native, kcb, m = self.native, self.kcb, self.m
+        assert native is not None
+        regs, errors = PtRegs(m), m.hooks.errors
+        reset, flush, st = regs.reset, regs.flush, native.st
+
+        def pre(row: int) -> int:
+            try:
+                rows = self._native_rows
+                p, ip, handler, record = rows[row]
+                kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+                p.hits += 1
+                reset(ip)
+                if record is not None and st.trace_len:      # C built the event's record
+                    body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
+                    if record(p, regs, body):
+                        flush()
+                        kcb.current, kcb.status = None, 0
+                        return 1
+                elif handler is not None and handler(p, regs):
+                    flush()
+                    kcb.current, kcb.status = None, 0
+                    return 1
+                if rows is not self._native_rows:   # C's table (and its row) was replaced
+                    self._setup_singlestep(p, regs, reenter=False)
+                    return 1
+                flush()
+                kcb.current, kcb.status = None, 0
+                return 0
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                m.uc.emu_stop()
+                return 1
+        return pre
 
     def sync_native(self) -> None:
         """Hand C the probes it can serve (after any change of the table or a probe)."""
@@ -490,13 +523,39 @@ class Kprobes:
         if native is None:
             return
         self._take_native_current()
-        self._native_gen += 1
         rows = [r for p in self.table.values() if (r := self.native_row(p)) is not None]
         native.set_table(rows)
+        # what the pre entry needs of row i: the probe, its ip, its handler, its recorder
+        self._native_rows = [(p, _at(p) + self.ip_offset, p.pre_handler,
+                              p.__dict__.get("native_trace")) for p, _f, _s in rows]
         native.serve_detours([(oi.handle, p, self._detour_counts_only(p))
                               for p in self.table.values()
                               if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
                               and oi.handle is not None])
+        if self._ftrace_ops is not None:
+            native.serve_ftrace(self._ftrace_rows())
+
+    def _ftrace_rows(self) -> list[FtraceRow]:
+        """The ftrace sites of FTRACE probes, for the C caller: served in C when the
+        kprobes' ops is the site's only one and the probe has no Python handler."""
+        ftrace, ops, rows = self.ftrace, self._ftrace_ops, []
+        back = getattr(ftrace.arch, "ftrace_key_back", 0)
+        entry_of = getattr(ftrace.arch, "ftrace_native_entry", None)
+        if entry_of is None:
+            return []
+        for p in self.table.values():
+            site = ftrace.sites.get(_at(p)) if p.ainsn is not None and p.ainsn.ftrace else None
+            entry = entry_of(site.addr) if site is not None else None
+            if site is None or entry is None:
+                continue
+            native = site.ops == [ops] and self._detour_counts_only(p) and not (
+                p.post_handler or p.fault_handler)
+            rows.append((entry[0], entry[1], back, p, native))
+        return rows
+
+    def _ftrace_site_changed(self, site: FtraceSite) -> None:
+        if site.addr in self.table:
+            self.sync_native()
 
     @staticmethod
     def _detour_counts_only(p: Kprobe) -> bool:
@@ -663,6 +722,8 @@ class Kprobes:
         if self._ftrace_ops is None:
             self._ftrace_ops = FtraceOps(self.kprobe_ftrace_handler, ipmodify=True,
                                          wants_parent=False)
+            if self.native is not None:
+                ftrace.site_listeners.append(self._ftrace_site_changed)
         p.flags |= KPROBE_FLAG_FTRACE
         p.opcode = b""
         p.ainsn = ArchSpecificInsn(kind=StepKind.FTRACE, length=ftrace.site_size,

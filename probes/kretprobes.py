@@ -13,12 +13,17 @@ resumes in a caller) leaves stale instances above live ones. As Linux uretprobes
 are dropped by stack pointer when a new instance is pushed (cleanup_return_instances) and
 when the trampoline is reached (handle_trampoline): the arch says whether an instance's
 frame is still alive (arch_uretprobe_is_alive). Dropped instances run no handler and are
-counted in `Kretprobe.ndropped`, so that entries = returns + ndropped + nmissed + pending."""
+counted in `Kretprobe.ndropped`, so that entries = returns + ndropped + nmissed + pending.
+
+With the C hit path (probes/native/rethook.py) the entry and the return of a kretprobe
+with no Python handler run in C, on the same LIFO: C holds the running task's LIFO between
+Python's turns, and every Python entry point below takes it back first (`_take`) and
+hands it over again when done (`_give`)."""
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from emu.clock import HANDLER
 from emu.machine import SIGILL, Fault, Machine
@@ -27,6 +32,7 @@ from probes.arch import ArchKretprobes, arch_probes_of
 from probes.arch.common import RpCheck
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, Kprobes, kprobes_of
+from probes.native.rethook import NativeRethook
 from probes.regs import PtRegs
 
 KRETPROBE_MAXACTIVE_MAX = 4096
@@ -58,6 +64,14 @@ class Kretprobe:
     hits: int = 0               # returns handled (ours)
     ndropped: int = 0           # instances whose frame was left without a return (ours)
     free_instances: list[KretprobeInstance] = field(default_factory=list)
+    native_row: int = field(default=-1, repr=False)     # C serves it (probes/native/rethook)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("handler", "entry_handler"):      # whether C may serve it changes
+            watch = self.__dict__.get("_watch")
+            if watch is not None:
+                watch()
 
 
 class Kretprobes:
@@ -72,10 +86,33 @@ class Kretprobes:
         self.frame_warnings = 0
         self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
+        self.native: NativeRethook | None = None
+        if self.kprobes.native is not None:
+            self.native = NativeRethook.attach(
+                self.kprobes.native, self, getattr(self.arch, "ret_addr_on_stack", False),
+                getattr(self.arch, "tramp_entry", None))
+
+    def _take(self) -> None:
+        """Python works on the LIFO: C's records come back first."""
+        if self.native is not None:
+            self.native.pull()
+
+    def _give(self) -> None:
+        if self.native is not None:
+            self.native.push()
+
+    def _sync_native(self) -> None:
+        """Hand C the kretprobes it serves: those with no Python handler."""
+        if self.native is None:
+            return
+        self.native.set_rows([rp for rp in self.registered
+                              if rp.handler is None and rp.entry_handler is None])
+        self.kprobes.sync_native()
 
     @property
     def instances(self) -> list[KretprobeInstance]:
         """The running task's LIFO (current->kretprobe_instances; machine.task names it)."""
+        self._take()
         return self.by_task.setdefault(self.m.task[1], [])
 
     # --- registration -----------------------------------------------------------------------
@@ -111,15 +148,21 @@ class Kretprobes:
         rp.free_instances = [KretprobeInstance(rp, data=bytearray(rp.data_size))
                              for _ in range(rp.maxactive)]
         self.registered.append(rp)
+        if self.native is not None:
+            rp.__dict__["_watch"] = self._sync_native
+            self._sync_native()
 
     def _program_entry(self, addr: int) -> bool:
         image = self.m.image
         return image is not None and image.entry == addr
 
     def unregister_kretprobe(self, rp: Kretprobe) -> None:
+        self._take()
+        rp.__dict__.pop("_watch", None)
         self.kprobes.unregister_kprobe(rp.kp)
         if rp in self.registered:
             self.registered.remove(rp)
+        self._sync_native()
         # Pending instances keep their hijacked return addresses: the trampoline still
         # resumes the guest correctly, it just runs no handler for them any more, even if
         # rp is registered again meanwhile (they do not return to its new pool either).
@@ -129,7 +172,13 @@ class Kretprobes:
 
     # --- entry ------------------------------------------------------------------------------
     def _pre_handler_kretprobe(self, p: Kprobe, regs: PtRegs) -> int:
-        rp: Kretprobe = p.kretprobe
+        self._take()
+        try:
+            return self._entry(p.kretprobe, regs)
+        finally:
+            self._give()
+
+    def _entry(self, rp: Kretprobe, regs: PtRegs) -> int:
         if not rp.free_instances:
             rp.nmissed += 1
             return 0
@@ -195,6 +244,13 @@ class Kretprobes:
 
     def trampoline_handler(self, addr: int) -> bool:
         """__kretprobe_trampoline_handler: handle every instance of the returning frame."""
+        self._take()
+        try:
+            return self._trampoline(addr)
+        finally:
+            self._give()
+
+    def _trampoline(self, addr: int) -> bool:
         m, kcb = self.m, self.kprobes.kcb
         batch = self._returning_chain(m.sp)
         if batch is None:

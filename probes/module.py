@@ -5,8 +5,12 @@ layer's notifier block on the machine's module chain first (priority 0, as the k
 kprobe_module_nb). When a module goes, every probe on its text is killed: marked GONE
 (with its aggregated children), disarmed so the text holds its own bytes again, its slot
 and single-step trap freed. The probe stays registered (listed, `[GONE]`), can no longer be
-enabled, and is unregistered as usual."""
+enabled, and is unregistered as usual. When a module comes, kprobe events on its `MOD:SYM`
+(defined before it was loaded, or left GONE by its last unload) are registered again
+(trace_kprobe_module_nb)."""
 from __future__ import annotations
+
+from typing import Any
 
 from emu.machine import Machine
 from emu.module import Module, Modules, ModuleState, modules_of
@@ -114,9 +118,31 @@ class TracepointModuleNotifier:
             tracepoints_release_module(self.m, mod)
 
 
+class TraceKprobeModuleNotifier:
+    """trace_kprobe_module_nb (priority 1): a coming module's `MOD:SYM` kprobe events are
+    registered again (probes/trace/trace_kprobe.py). The kernel's pr_warn for one that
+    fails is kept in `warnings`."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.warnings: list[str] = []
+        modules_of(machine).register_module_notifier(self.trace_kprobe_module_callback,
+                                                     TRACE_KPROBE_NB_PRIORITY)
+
+    def trace_kprobe_module_callback(self, _mods: Modules, state: ModuleState,
+                                     mod: Module) -> None:
+        fs: Any = self.m.layers.get("tracefs")     # the Tracefs, if one was made
+        if state == ModuleState.COMING and fs is not None:
+            self.warnings += fs.kprobes.trace_kprobe_module_callback(mod.name)
+
+
+TRACE_KPROBE_NB_PRIORITY = 1
+
+
 def module_notifier_of(machine: Machine) -> KprobesModuleNotifier:
     machine.layer("ftrace-module-nb", FtraceModuleNotifier)
     machine.layer("tracepoint-module-nb", TracepointModuleNotifier)
+    machine.layer("trace-kprobe-module-nb", TraceKprobeModuleNotifier)
     nb: KprobesModuleNotifier = machine.layer("kprobes-module-nb", KprobesModuleNotifier)
     return nb
 

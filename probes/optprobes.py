@@ -11,6 +11,8 @@ disabled or unregistered, gains a post handler, or another probe is armed inside
 replaced bytes — restores the breakpoint first, as the kernel's forced unoptimize does."""
 from __future__ import annotations
 
+from typing import Callable
+
 from emu.clock import DETOUR, HANDLER
 from emu.machine import Fault
 from probes.arch import ArchOptprobes, arch_probes_of
@@ -35,6 +37,12 @@ class Optimizer:
         self.enabled = True                      # sysctl debug.kprobes-optimization
         self.ip_offset = kprobes.arch.handler_ip_offset  # the ip handlers see: addr (+1 on x86)
         self._regs = PtRegs(self.m)                 # one view reused by every detour hit
+        # A layer that can serve a probe's hits wholly in guest code (the BPF JIT's thunk:
+        # pt_regs saved, the JITed programs called) answers `direct(p)` with the thunk's
+        # address after a host hit; the jump then goes there instead of the detour.
+        self.direct: Callable[[Kprobe], int | None] | None = None
+        self.entries: dict[int, int] = {}            # probe address -> thunk the jump targets
+        self._direct_tried: set[int] = set()
         self.m.fault_notifiers.append(self._on_fault)
 
     @property
@@ -69,7 +77,7 @@ class Optimizer:
             self.queue.remove(p)
             if p.flags & KPROBE_FLAG_OPTIMIZED and p.ainsn.armed and not p.ainsn.optimized:
                 if self._reserve_jump(p):
-                    self.arch.arch_optimize_kprobe(p)
+                    self.arch.arch_optimize_kprobe(p, self.entries.get(p.addr or 0))
                     p.ainsn.optimized = True
                     done += 1
         self.kprobes.sync_native()          # the C path serves what is left of the queue
@@ -103,11 +111,29 @@ class Optimizer:
         """Forced unoptimization: the probe is a breakpoint probe again."""
         if p in self.queue:
             self.queue.remove(p)
+        self.forget_direct(p)
         if p.ainsn is not None and p.ainsn.optimized:
             self.arch.arch_unoptimize_kprobe(p)
             p.ainsn.optimized = False
             self.kprobes.reserved.release_owner(p.ainsn, TextUse.OPTPROBE)
         p.flags &= ~KPROBE_FLAG_OPTIMIZED
+
+    def forget_direct(self, p: Kprobe) -> None:
+        """The probe's jump goes to its detour again (the host entry); whether a thunk can
+        serve it is asked afresh at its next host hit."""
+        assert p.addr is not None
+        self._direct_tried.discard(p.addr)
+        if self.entries.pop(p.addr, None) is not None and p.ainsn is not None \
+                and p.ainsn.optimized:
+            self.arch.arch_optimize_kprobe(p)
+
+    def _try_direct(self, p: Kprobe) -> None:
+        assert p.addr is not None and self.direct is not None
+        self._direct_tried.add(p.addr)
+        target = self.direct(p)
+        if target is not None and p.ainsn.optimized:
+            self.entries[p.addr] = target
+            self.arch.arch_optimize_kprobe(p, target)
 
     def get_optimized_kprobe(self, addr: int) -> Kprobe | None:
         """get_optimized_kprobe(): the nearest probe below `addr` if it has a detour whose
@@ -184,6 +210,8 @@ class Optimizer:
         regs.forget(m.arch.pc)                      # ip changes are ignored here
         regs.flush()
         kcb.current, kcb.status = None, 0
+        if self.direct is not None and addr not in self._direct_tried:
+            self._try_direct(p)
 
 
 def enable_optprobes(kprobes: Kprobes) -> Optimizer:

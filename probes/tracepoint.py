@@ -240,6 +240,33 @@ def tracepoints_of(machine: Machine) -> Tracepoints:
     return tps
 
 
+# --- snapshots (emu/snapshot.py): the registered funcs and hit counts, with the keys
+# (probes/jump_label.py) and the iterator traps (the machine's registries) -----------------
+TracepointsState = tuple[list[Tracepoint], dict[int, Tracepoint],
+                         dict[int, tuple[list[TracepointFunc], int]]]
+
+
+def _take_tracepoints(tps: Tracepoints) -> TracepointsState:
+    return (list(tps.tps), dict(tps._by_iterator),
+            {id(tp): (list(tp.funcs), tp.hits) for tp in tps.tps})
+
+
+def _restore_tracepoints(_m: Machine, tps: Tracepoints, state: TracepointsState) -> None:
+    found, by_iterator, funcs = state
+    tps.tps, tps._by_iterator = list(found), dict(by_iterator)
+    for tp in found:
+        kept, tp.hits = funcs[id(tp)]
+        tp.funcs = list(kept)
+
+
+def _register_snapshot_layer() -> None:
+    from emu.snapshot import LayerHooks, register_snapshot_layer
+    register_snapshot_layer("tracepoints", LayerHooks(_take_tracepoints, _restore_tracepoints))
+
+
+_register_snapshot_layer()
+
+
 def tracepoints_from_image(machine: Machine, image: Any, module: Any = None) -> list[Tracepoint]:
     """MODULE_STATE_COMING for tracepoints: a loaded image's jump-label sites join the
     machine's, its tracepoints become findable (after the core image's), its

@@ -206,7 +206,7 @@ def test_program_hit_counts(arch, prog, mode, probe_lab, kprobe_asserts):
     lab = probe_lab(_elf(arch, prog, bare), argv=list(argv), bare=bare)
     rows = plan(prog, arch, lab, want_out.decode())
     probes = [(where, hits, lab.kprobe(where)) for where, hits in rows]
-    lab.run()
+    lab.run(timeout=600)    # hotloop under load needs more than the default 30 s of wall time
     assert normalize(prog, lab.stdout) == normalize(prog, want_out)
     assert lab.result.exit_code == want_rc, lab.result.message
     assert lab.result.reason.value == "exit"

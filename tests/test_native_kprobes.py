@@ -162,7 +162,8 @@ def test_snapshot_restore_then_probe_again(arch, hit_path):
 def test_kprobe_suites_pass_on_the_python_path():
     """The kprobe test files again with the C path off (the fallback gives the same results)."""
     files = ["tests/test_kprobes_core.py", "tests/test_boost_optprobes.py",
-             "tests/test_kprobes_insn.py"]
+             "tests/test_kprobes_insn.py", "tests/test_kretprobes.py", "tests/test_ftrace.py",
+             "tests/test_trace_fetchargs.py"]
     env = dict(os.environ, KPROBE_EMU_NATIVE="0", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *files], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

@@ -196,4 +196,4 @@ def test_slow_cases_name_existing_tests():
         func, _, params = rest.partition("[")
         source = (ROOT / path).read_text()
         assert re.search(rf"^def {re.escape(func)}\(", source, re.M), case
-        assert params.endswith("]") and params.split("-")[0] in ARCHES, case
+        assert not params or params.endswith("]"), case

@@ -22,6 +22,10 @@
  * bytes.  Define KEMU_CREATE_TRACE_POINTS in exactly one translation unit
  * before including the header (the others only get the trace_name() calls).
  *
+ * TRACE_EVENT_WRITABLE(name, proto, args, print, size) also sets the raw
+ * tracepoint's writable_size: its first argument points to a buffer that
+ * raw_tracepoint.w BPF programs may write.
+ *
  * Define TRACE_SYSTEM (the event group, default kemu) before the include.
  * Build: add -I firmware/include; no other flag is needed (-O1 or higher so
  * the static-branch asm sees constants).
@@ -117,7 +121,7 @@ l_yes:
 	}
 
 #ifdef KEMU_CREATE_TRACE_POINTS
-#define __DEFINE_TRACE(_name, _proto, _args, _print) \
+#define __DEFINE_TRACE(_name, _proto, _args, _print, _size) \
 	asm(".pushsection .text.__traceiter_" #_name ", \"ax\"\n\t" \
 	    ".globl __traceiter_" #_name "\n\t" \
 	    ".type __traceiter_" #_name ", " __KEMU_FUNC_TYPE "\n\t" \
@@ -143,14 +147,34 @@ l_yes:
 		.tp = &__tracepoint_##_name, \
 		.bpf_func = (void *)__traceiter_##_name, \
 		.num_args = __KEMU_NARGS(_args), \
+		.writable_size = (_size), \
 	};
 #else
-#define __DEFINE_TRACE(_name, _proto, _args, _print)
+#define __DEFINE_TRACE(_name, _proto, _args, _print, _size)
 #endif
 
 #define TRACE_EVENT(_name, _proto, _args, _print) \
 	__DECLARE_TRACE(_name, PARAMS(_proto), PARAMS(_args)) \
-	__DEFINE_TRACE(_name, PARAMS(_proto), PARAMS(_args), _print)
+	__DEFINE_TRACE(_name, PARAMS(_proto), PARAMS(_args), _print, 0)
 #define PARAMS(...) __VA_ARGS__
+
+/*
+ * A tracepoint whose first argument points to a buffer of _size bytes that
+ * raw_tracepoint.w programs may write (the kernel's DECLARE_TRACE_WRITABLE,
+ * with a print format so that it is an event too).  _size must be the size of
+ * what the first argument points to, as the kernel insists at build time.
+ */
+#define __KEMU_FIRST_(a, ...) a
+#define __KEMU_FIRST(...) __KEMU_FIRST_(__VA_ARGS__)
+#define TRACE_EVENT_WRITABLE(_name, _proto, _args, _print, _size) \
+	static inline __attribute__((unused)) void __kemu_check_buffer_##_name(_proto) \
+	{ \
+		_Static_assert((_size) == sizeof(*__KEMU_FIRST(_args)), \
+			       "writable size must be the size of what arg 1 points to"); \
+	} \
+	__DECLARE_TRACE(_name, PARAMS(_proto), PARAMS(_args)) \
+	__DEFINE_TRACE(_name, PARAMS(_proto), PARAMS(_args), _print, _size)
+#define DECLARE_TRACE_WRITABLE(_name, _proto, _args, _size) \
+	TRACE_EVENT_WRITABLE(_name, PARAMS(_proto), PARAMS(_args), TP_printk(""), _size)
 
 #endif /* KEMU_TRACEPOINT_H */

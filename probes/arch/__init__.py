@@ -95,7 +95,7 @@ class ArchOptprobes(Protocol):
     def prepare_optimized_kprobe(self, p: "Kprobe",
                                  callback: Callable[[int, int], None]) -> "ArchOptimizedInsn":
         """arch_prepare_optimized_kprobe: build the detour entering `callback(addr, pc)`."""
-    def arch_optimize_kprobe(self, p: "Kprobe") -> None:
+    def arch_optimize_kprobe(self, p: "Kprobe", target: int | None = None) -> None:
         """The jump to the detour goes in."""
     def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
         """The breakpoint comes back in place of the jump."""

@@ -102,8 +102,7 @@ class Arm64Jit:
     reg_names = REGS
     helper_ret = "x0"
     budget_reg = "x27"
-    trap_resume = 4                      # BRK leaves the pc on itself: resume at the `ret`
-    stub_code = _word(0xD4200100) + _word(0xD65F03C0)     # brk #0x8; ret
+    stub_code = _word(0xD503201F) + _word(0xD65F03C0)     # nop; ret (host entry on the nop)
 
     # -- branches --
     def branch_size(self, b: Branch) -> int:
@@ -135,7 +134,7 @@ class Arm64Jit:
         return sp
 
     # -- frame --
-    def prologue(self) -> list[Piece]:
+    def prologue(self, used: frozenset[int] = frozenset()) -> list[Piece]:
         return [asm("stp x29, x30, [sp, #-16]!; mov x29, sp; stp x19, x20, [sp, #-16]!; "
                     "stp x21, x22, [sp, #-16]!; stp x25, x26, [sp, #-16]!; mov x25, sp; "
                     f"sub sp, sp, #{MAX_BPF_STACK}")]
@@ -144,7 +143,7 @@ class Arm64Jit:
         return asm(f"add sp, sp, #{MAX_BPF_STACK}; ldp x25, x26, [sp], #16; "
                    "ldp x21, x22, [sp], #16; ldp x19, x20, [sp], #16; ldp x29, x30, [sp], #16")
 
-    def epilogue(self) -> list[Piece]:
+    def epilogue(self, used: frozenset[int] = frozenset()) -> list[Piece]:
         return [self.teardown() + asm("mov x0, x7; ret")]
 
     # -- instructions --

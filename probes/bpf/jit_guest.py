@@ -23,15 +23,21 @@ The BPF stack is the native stack, as in the kernel's JITs; it is one more regio
 helpers can read keys and buffers on it.
 
 Helpers. There is no native host-entry path yet, so a helper call is a ``call``/``bl`` to
-a two-instruction trampoline (``int3; ret`` / ``brk #8; ret``) whose trap the machine's
-dispatcher hands to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
+a two-instruction trampoline (``nop; ret``) with a host entry on its nop (a code hook,
+cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Left out (see the report in the issue): the optprobe detour calling the image directly
-(a hit enters it from the host side, ~50 us of it the nested Unicorn run), maps backed by
-the guest pages themselves (the windows are copied in and out around a run, skipping
-unchanged ones), constant tail-call patching, the kernel's short-branch passes.
+Optimized probes call the images from a guest thunk (jit_direct.py) once a first hit has
+JITed them: no nested run, and no host exit at all when every helper is inlined; helper
+calls from a thunk reach ``_direct_trap`` in the same run. While images run that way the
+windows hold the array maps' bytes: user-space lookups and updates go through them
+(``pull``/``push``, the maps' MapBacking) and every run's stop reads them back.
+
+Left out (see the report in the issue): kprobes, kretprobes, ftrace sites and tracepoints
+still run the image in a nested run from the host side of the hit; maps backed by the guest
+pages themselves (the windows are copied in and out around a nested run, skipping unchanged
+ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
@@ -115,16 +121,15 @@ class Emitter(Protocol):
     reg_names: tuple[str, ...]     # machine register of BPF r0..r10, then AX
     helper_ret: str                # where a helper's result comes back (rax / x0)
     budget_reg: str                # counts the run's budget down at backward branches
-    trap_resume: int               # bytes from a stub's trap to where it resumes (0: the CPU does)
-    stub_code: bytes               # trap; ret
+    stub_code: bytes               # nop; ret (a host entry on the nop)
 
     def branch_size(self, b: Branch) -> int: ...
     def encode_branch(self, b: Branch, at: int, target: int) -> bytes: ...
     def return_address(self, m: "Machine") -> int: ...
     def push_return(self, m: "Machine", sp: int, ret: int) -> int: ...
     def call_size(self) -> int: ...
-    def prologue(self) -> list[Piece]: ...
-    def epilogue(self) -> list[Piece]: ...
+    def prologue(self, used: frozenset[int] = ...) -> list[Piece]: ...
+    def epilogue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def insn(self, c: "InsnCtx") -> list[Piece]: ...
 
 
@@ -146,6 +151,7 @@ class InsnCtx:
     value: int = 0                 # lddw: the value to load
     stub: int = 0                  # calls: trampoline address
     probe: bool = False            # a BPF_PROBE_MEM load
+    used: frozenset[int] = frozenset(range(6, 10))   # callee-saved BPF regs the function uses
 
     def target(self, off: int) -> tuple[str, int]:
         return ("insn", self.idx + 1 + off)
@@ -236,7 +242,8 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
     starts = function_starts(insns)
     bounds = starts[1:] + [len(insns)]
     for start, end in zip(starts, bounds):
-        out += [Mark(("func", start)), *em.prologue()]
+        used = callee_regs_used(insns[start:end])
+        out += [Mark(("func", start)), *em.prologue(used)]
         i = start
         while i < end:
             insn = insns[i]
@@ -248,12 +255,18 @@ def build_pieces(em: Emitter, prog: "BpfProg", resolve: Callable[[InsnCtx], None
                 continue
             probe = insn.cls == 0x01 and (i in probe_mem or (insn.code & 0xE0) in (
                 BPF_PROBE_MEM, BPF_PROBE_MEMSX))
-            c = InsnCtx(i, insn, _kind(insn), start, probe=probe)
+            c = InsnCtx(i, insn, _kind(insn), start, probe=probe, used=used)
             resolve(c)
             out += em.insn(c)
             i += 2 if insn.code == BPF_LDDW else 1
-        out += [Mark(("exit", start)), *em.epilogue()]
+        out += [Mark(("exit", start)), *em.epilogue(used)]
     return out
+
+
+def callee_regs_used(insns: list[Insn]) -> frozenset[int]:
+    """detect_reg_usage (x86 JIT): which of r6-r9 a function names, so its prologue
+    saves only those."""
+    return frozenset(r for insn in insns for r in (insn.dst_reg, insn.src_reg) if 6 <= r <= 9)
 
 
 def _inlined(em: Emitter, idx: int, func: int, seq: list[Insn]) -> list[Piece]:
@@ -355,6 +368,14 @@ def packet_guest_addr(vm_addr: int, size: int) -> int:
     return (vm_addr & ~(PAGE - 1)) + span - size
 
 
+def _returned() -> Any:
+    from emu.machine import RunResult, StopReason
+    return RunResult(StopReason.HALT, 0, "returned")
+
+
+_RETURNED = _returned()
+
+
 @dataclass
 class _Pending:
     error: BaseException | None = None
@@ -387,12 +408,19 @@ class ScratchJit:
         self._text_end = self.stub_base + 2 * PAGE if self.in_guest else TEXT_BASE
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self._by_vm_key: dict[int, Window] = {}
+        self._by_buffer: dict[int, Window] = {}     # id(region bytes) -> window (MapBacking)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
         self.cycles = 0
+        self._executing = False         # inside execute (else a trap comes from a thunk)
+        self._direct = False            # serving a thunk's helper call
+        self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
+        self._pending = _Pending()
+        # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
+        self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
@@ -433,16 +461,45 @@ class ScratchJit:
             self.stubs[key] = addr
             self.machine.text_poke(addr, self.emitter.stub_code)
             self._stub_fns[addr] = fn
-            self.machine.register_break_addr(addr, self._on_trap)
+            # a host entry (a code hook on the stub's nop), not a trap: Unicorn takes a
+            # breakpoint through its exception path, several µs more per helper call
+            self.machine.add_host_entry(addr, self._on_trap)
         return addr
 
-    def _on_trap(self, addr: int) -> bool:
+    def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
         self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
-        self._stub_fns[addr](addr)
-        if self.emitter.trap_resume:
-            self.machine.pc = addr + self.emitter.trap_resume
-        return True
+        if self._executing:
+            self._stub_fns[addr](addr)
+        else:
+            self._direct_trap(addr)
+
+    def _direct_trap(self, addr: int) -> None:
+        """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
+        from ``execute``: the calling program's kept run serves it (the thunk runs the
+        image on the same native stack window), and a failure is the program's error,
+        raised as the host path raises it."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        call = self.emitter.return_address(self.machine) - self.emitter.call_size()
+        image = self._call_sites.get(call)
+        if image is None:
+            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+            if image is not None:
+                self._call_sites[call] = image
+        run = self.direct_run(image.prog) if image is not None and self.direct_run else None
+        if image is None or run is None:
+            raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
+        saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        self._direct = True
+        try:
+            self._stub_fns[addr](addr)
+        finally:
+            self._direct, self.run_state = False, saved
+        err = self._pending.error
+        if err is not None or self._pending.exit_r0 is not None:
+            reason = str(err) if err is not None else "bpf_exit from a thunk"
+            raise BpfTraceError(image.prog.name or image.prog.section, reason)
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
@@ -552,7 +609,31 @@ class ScratchJit:
         for p in _reachable(prog):
             self._cur = p
             self.compile(p, probe_mem if p is prog else frozenset())
+            if self.in_guest:       # user-space reads and writes see the guest's bytes
+                for mp in p.maps.values():
+                    if id(getattr(mp, "values", None)) in self._by_buffer:
+                        mp.backing = self
         return run
+
+    @property
+    def stack_top(self) -> int:
+        """Top of the native stack window the images run on."""
+        return (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+
+    # -- MapBacking: an array map's values while their window holds them --
+    def pull(self, m: Any) -> None:
+        w = self._by_buffer.get(id(m.values))
+        if w is not None and w.size:
+            got = bytes(self.machine.uc.mem_read(w.gstart, len(m.values)))
+            m.values[:] = got
+            w.shadow = got
+
+    def push(self, m: Any) -> None:
+        w = self._by_buffer.get(id(m.values))
+        if w is not None and w.size:
+            data = bytes(m.values)
+            self.machine.uc.mem_write(w.gstart, data)
+            w.shadow = data
 
     def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
         """``prepare`` for a program that runs on every hit: the run state is kept and
@@ -575,19 +656,23 @@ class ScratchJit:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
         m, em = self.machine, self.emitter
         image = self.images[id(prog)]
-        if self.in_guest:      # the traced CPU runs the image: its state comes back after
-            saved = m.uc.context_save()
-            try:
-                return self._execute(m, em, image, run, r1, r2)
-            finally:
-                m.uc.context_restore(saved)
-        return self._execute(m, em, image, run, r1, r2)
+        self._executing = True
+        try:
+            if self.in_guest:   # the traced CPU runs the image: its state comes back after
+                saved = m.uc.context_save()
+                try:
+                    return self._execute(m, em, image, run, r1, r2)
+                finally:
+                    m.uc.context_restore(saved)
+            return self._execute(m, em, image, run, r1, r2)
+        finally:
+            self._executing = False
 
     def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
                  r1: int, r2: int) -> int:
         if "tail_call" in self.stubs:     # only a program with tail calls counts them
             m.memory.write(self.tcc_addr, bytes(4))
-        sp = (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+        sp = self.stack_top
         regs = em.reg_names
         m.set_reg(regs[1], self.to_guest(r1))
         m.set_reg(regs[2], r2)
@@ -599,7 +684,7 @@ class ScratchJit:
         m.set_reg(em.budget_reg, run.budget)
         start, cycles0 = image.entry, m.clock.cycles
         while True:
-            result = m.run(begin=start, until=self.return_addr)
+            result = self._run(start)
             resume = self._fixup(result)
             if resume is None:
                 break
@@ -607,6 +692,33 @@ class ScratchJit:
         self.cycles = m.clock.cycles - cycles0
         self.sync_in(stack=False)
         return self._outcome(result, image)
+
+    def _run(self, start: int) -> Any:
+        """Run the image to the return trampoline. In a scratch machine without the cycle
+        model (which settles its accounts when a run stops) this is a bare emu_start: the
+        machine's run loop (limits, stop listeners, the stop message naming the symbol)
+        costs ~10 µs a run, more than a few thousand JITed instructions; the images bound
+        themselves (the budget at backward branches), so no limit is needed."""
+        from unicorn import UcError
+
+        from emu.machine import RunResult, StopReason
+
+        m = self.machine
+        if self.in_guest or m.clock.model_counts is not None:
+            return m.run(begin=start, until=self.return_addr)
+        m.hooks.errors.clear()
+        m._mem_fault = None            # what the machine's invalid-memory hook records
+        try:
+            m.uc.emu_start(start, self.return_addr)
+        except UcError as e:
+            if m.hooks.errors:
+                raise m.hooks.errors[0] from None
+            return m._fault_from_uc(e)
+        if m.hooks.errors:
+            raise m.hooks.errors[0]
+        if m.pc == self.return_addr:
+            return _RETURNED
+        return RunResult(StopReason.LIMIT, 124, f"stopped at {m.pc:#x}")
 
     def _fixup(self, result: Any) -> int | None:
         """A fault at a pc in an exception table: zero the destination, resume after
@@ -695,6 +807,7 @@ class ScratchJit:
                 self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
         self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:
@@ -721,6 +834,14 @@ class ScratchJit:
                     continue
                 w.shadow = data
             uc.mem_write(w.gstart + lo, data)
+
+    def _stack_in(self) -> None:
+        """The live part of the native stack window into its region (a thunk's helper)."""
+        w = self._by_vm_key.get(STACK_BASE >> 32)
+        if w is not None:
+            lo, hi = self._span(w, True)
+            if hi > lo:
+                w.region.data[lo:hi] = self.machine.uc.mem_read(w.gstart + lo, hi - lo)
 
     def sync_in(self, stack: bool = True) -> None:
         uc = self.machine.uc
@@ -765,13 +886,24 @@ class ScratchJit:
         read, to_vm = m.regs.read, self.to_vm
         args = [to_vm(read(i)) for i in ids]
         args += [0] * (5 - len(args))
-        if touches:
+        backed = None
+        if touches and self._direct:
+            # a thunk's helper (jit_direct.TRAMPOLINE_HELPERS) reads a key and value on the
+            # stack and changes one map: only those bytes move
+            self._stack_in()
+            backed = run.map_at(args[0])
+            if getattr(backed, "backing", None) is not self:
+                backed = None
+            if backed is not None:
+                self.pull(backed)
+        elif touches:
             self.sync_in()
         try:
             r0 = proto.impl(run, *args) & U64
         except ProgramExit as e:
             self._pending.exit_r0 = e.r0
-            m.uc.emu_stop()
+            if not self._direct:
+                m.uc.emu_stop()
             return None
         except (MemoryFault, GuestFault) as e:
             return self._fail(addr, str(e))
@@ -781,7 +913,9 @@ class ScratchJit:
             return self._stop(e)
         except Exception as e:  # a helper's bug must not take the host down
             return self._fail(addr, unexpected(e))
-        if touches:
+        if backed is not None:
+            self.push(backed)
+        elif touches and not self._direct:
             self.sync_windows()
         if ptr_ret:
             r0 = self.to_guest(r0)
@@ -797,7 +931,8 @@ class ScratchJit:
 
     def _stop(self, e: BaseException) -> None:
         self._pending.error = e
-        self.machine.uc.emu_stop()
+        if not self._direct:          # a thunk's helper: the caller raises, the run goes on
+            self.machine.uc.emu_stop()
 
     def _on_budget(self, addr: int) -> None:
         run = self.run_state
@@ -946,11 +1081,24 @@ class ProbeJit:
         self.cycles: "weakref.WeakKeyDictionary[BpfProg, int]" = weakref.WeakKeyDictionary()
         self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
         self._runs: "weakref.WeakKeyDictionary[BpfProg, BpfRun]" = weakref.WeakKeyDictionary()
+        self._direct_on = False
+
+    def _enable_direct(self) -> None:
+        """Optimized probes may call the images from a thunk (jit_direct.py) once the
+        optimizer exists; asked on host hits until then."""
+        from probes.kprobes import kprobes_of
+
+        from .jit_direct import enable_direct_calls
+
+        if kprobes_of(self.machine).optimizer is not None:
+            enable_direct_calls(self.machine, self)
+            self._direct_on = True
 
     @property
     def jit(self) -> ScratchJit:
         if self._jit is None:
             self._jit = ScratchJit(self.arch, machine=self.machine)
+            self._jit.direct_run = self._runs.get
         return self._jit
 
     def image_of(self, prog: "BpfProg") -> JitImage | None:
@@ -977,6 +1125,8 @@ class ProbeJit:
 
         if prog in self.fallback:
             return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
+        if not self._direct_on:
+            self._enable_direct()
         ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
         run = self._runs.get(prog)
         if run is not None and run.env is env:

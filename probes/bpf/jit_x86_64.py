@@ -3,7 +3,8 @@
 Registers as the kernel maps them: r0 rax, r1-r5 rdi rsi rdx rcx r8 (the SysV argument
 registers, so a helper call needs no moves), r6-r9 rbx r13 r14 r15, the frame pointer
 rbp, AX r10; r11 and r9 are scratch. Prologue ``push rbp; mov rbp, rsp; sub rsp, 512``
-then the callee-saved registers; the epilogue pops them, ``leave; ret``.
+then the callee-saved registers the function uses (detect_reg_usage); the epilogue pops
+them, ``leave; ret``.
 
 Straight instructions go through keystone (exact, cached per text); branches are encoded
 here in their rel32 forms so an instruction's size never depends on where its target is
@@ -35,6 +36,12 @@ if TYPE_CHECKING:
 REGS = ("rax", "rdi", "rsi", "rdx", "rcx", "r8", "rbx", "r13", "r14", "r15", "rbp", "r10")
 AX, TMP, TMP2 = "r10", "r11", "r9"
 CALLEE_SAVED = ("rbx", "r13", "r14", "r15")
+ALL_CALLEE = frozenset(range(6, 10))
+
+
+def _saved(used: frozenset[int]) -> tuple[str, ...]:
+    """The callee-saved machine registers of BPF r6-r9 in ``used`` (detect_reg_usage)."""
+    return tuple(r for bpf, r in zip(range(6, 10), CALLEE_SAVED) if bpf in used)
 _SUB = {  # 64-bit name -> (32, 16, 8)
     "rax": ("eax", "ax", "al"), "rbx": ("ebx", "bx", "bl"), "rcx": ("ecx", "cx", "cl"),
     "rdx": ("edx", "dx", "dl"), "rsi": ("esi", "si", "sil"), "rdi": ("edi", "di", "dil"),
@@ -89,8 +96,7 @@ class X86Jit:
     reg_names = REGS
     helper_ret = "rax"
     budget_reg = "r12"
-    trap_resume = 0          # int3 reports the byte after it: the `ret` runs next
-    stub_code = b"\xcc\xc3"  # int3; ret
+    stub_code = b"\x90\xc3"  # nop; ret (a host entry on the nop)
 
     # -- branches --
     def branch_size(self, b: Branch) -> int:
@@ -109,23 +115,24 @@ class X86Jit:
         return 5
 
     def return_address(self, m: "Machine") -> int:
-        return m.memory.read_u64(m.sp)
+        return int.from_bytes(m.uc.mem_read(m.sp, 8), "little")
 
     def push_return(self, m: "Machine", sp: int, ret: int) -> int:
         m.memory.write_u64(sp - 8, ret)
         return sp - 8
 
     # -- frame --
-    def prologue(self) -> list[Piece]:
-        text = f"push rbp; mov rbp, rsp; sub rsp, {MAX_BPF_STACK}; " + \
-            "; ".join(f"push {r}" for r in CALLEE_SAVED)
+    def prologue(self, used: frozenset[int] = ALL_CALLEE) -> list[Piece]:
+        """push_callee_regs: only the callee-saved registers the function uses."""
+        text = f"push rbp; mov rbp, rsp; sub rsp, {MAX_BPF_STACK}" + \
+            "".join(f"; push {r}" for r in _saved(used))
         return [asm(text)]
 
-    def teardown(self) -> bytes:
-        return asm("; ".join(f"pop {r}" for r in reversed(CALLEE_SAVED)) + "; leave")
+    def teardown(self, used: frozenset[int] = ALL_CALLEE) -> bytes:
+        return asm("".join(f"pop {r}; " for r in reversed(_saved(used))) + "leave")
 
-    def epilogue(self) -> list[Piece]:
-        return [self.teardown() + asm("ret")]
+    def epilogue(self, used: frozenset[int] = ALL_CALLEE) -> list[Piece]:
+        return [self.teardown(used) + asm("ret")]
 
     # -- instructions --
     def insn(self, c: InsnCtx) -> list[Piece]:
@@ -348,7 +355,7 @@ class X86Jit:
         return [asm(f"movabs r11, {c.value}; cmp dword ptr [r11], {MAX_TAIL_CALL_CNT}"),
                 Branch("jcc", skip, "ae"), Branch("call", c.stub),
                 asm("test r10, r10"), Branch("jcc", skip, "e"),
-                asm("add dword ptr [r11], 1") + self.teardown() + asm("jmp r10"), Mark(skip)]
+                asm("add dword ptr [r11], 1") + self.teardown(c.used) + asm("jmp r10"), Mark(skip)]
 
     def _exit(self, c: InsnCtx) -> list[Piece]:
         return [Branch("jmp", c.exit_label)]

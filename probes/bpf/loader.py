@@ -53,6 +53,8 @@ SECTION_DEFS: list[tuple[str, BpfProgType, str]] = [
     ("tp/", P.BPF_PROG_TYPE_TRACEPOINT, "tracepoint"),
     ("raw_tracepoint/", P.BPF_PROG_TYPE_RAW_TRACEPOINT, "raw_tp"),
     ("raw_tp/", P.BPF_PROG_TYPE_RAW_TRACEPOINT, "raw_tp"),
+    ("raw_tracepoint.w/", P.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE, "raw_tp"),
+    ("raw_tp.w/", P.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE, "raw_tp"),
     ("tp_btf/", P.BPF_PROG_TYPE_TRACING, "tp_btf"),
     ("fentry/", P.BPF_PROG_TYPE_TRACING, "fentry"),
     ("fexit/", P.BPF_PROG_TYPE_TRACING, "fexit"),

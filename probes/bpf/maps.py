@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .errors import MapError
 
@@ -80,6 +80,13 @@ def _raise(err: int) -> None:
         raise MapError(-err)
 
 
+class MapBacking(Protocol):
+    """Guest memory that holds a map's values while a JIT runs programs in the guest."""
+
+    def pull(self, m: "BpfMap") -> None: ...     # the guest's bytes -> the map
+    def push(self, m: "BpfMap") -> None: ...     # the map's bytes -> the guest
+
+
 @dataclass(eq=False)
 class BpfMap:
     """struct bpf_map: what every map has. Attributes mirror the kernel's
@@ -129,8 +136,15 @@ class BpfMap:
     def next_key(self, key: bytes | None) -> bytes | int:
         return -errno.EINVAL
 
+    # Where a JIT in a traced guest holds the values (jit_guest's windows): user-space
+    # reads take the guest's bytes first, writes hand theirs over after. A plain class
+    # attribute, not a field: a map's identity and its repr do not change with it.
+    backing = None  # type: MapBacking | None
+
     # -- user-space API --
     def lookup(self, key: bytes | int) -> Any:
+        if self.backing is not None:
+            self.backing.pull(self)
         slot = self.value_slot(self._key(key), 0)
         if slot is None:
             raise MapError(errno.ENOENT)
@@ -138,10 +152,18 @@ class BpfMap:
         return bytes(buf[off:off + self.value_size])
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        if self.backing is not None:
+            self.backing.pull(self)
         _raise(self.update_elem(self._key(key), self._value(value), flags))
+        if self.backing is not None:
+            self.backing.push(self)
 
     def delete(self, key: bytes | int) -> None:
+        if self.backing is not None:
+            self.backing.pull(self)
         _raise(self.delete_elem(self._key(key)))
+        if self.backing is not None:
+            self.backing.push(self)
 
     def get_next_key(self, key: bytes | int | None = None) -> bytes:
         res = self.next_key(None if key is None else self._key(key))

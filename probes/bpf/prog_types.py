@@ -26,6 +26,7 @@ class BpfProgType(IntEnum):
     BPF_PROG_TYPE_XDP = 6
     BPF_PROG_TYPE_PERF_EVENT = 7
     BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+    BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE = 24
     BPF_PROG_TYPE_TRACING = 26
 
 
@@ -64,6 +65,15 @@ PERF_MAX_TRACE_SIZE = 8192      # tp_prog_is_valid_access: [sizeof(void *), this
 MAX_BPF_FUNC_ARGS = 12          # raw_tp_prog_is_valid_access: [0, 12 * sizeof(u64))
 
 
+def raw_tp_writable_prog_is_valid_access(off: int, size: int, write: bool) -> str | None:
+    """A writable raw tracepoint's context is read-only u64 arguments; ctx[0], read
+    whole, is the pointer to the tracepoint's buffer (PTR_TO_TP_BUFFER, the verifier's
+    _ctx_load). The buffer, not the context, is what the program may write."""
+    if off == 0 and (size != 8 or write):
+        return f"invalid bpf_context access off={off} size={size}"
+    return None
+
+
 PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_UNSPEC: ProgTypeInfo(True, None, lenient=True, entry_regs=(1, 2)),
     BpfProgType.BPF_PROG_TYPE_SOCKET_FILTER: ProgTypeInfo(True, NET_HELPERS | {26},
@@ -78,6 +88,9 @@ PROG_TYPES: dict[BpfProgType, ProgTypeInfo] = {
     BpfProgType.BPF_PROG_TYPE_PERF_EVENT: ProgTypeInfo(False, TRACING_HELPERS),
     BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT: ProgTypeInfo(False, TRACING_HELPERS,
                                                           ctx_size=8 * MAX_BPF_FUNC_ARGS),
+    BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE: ProgTypeInfo(
+        False, TRACING_HELPERS, ctx_size=8 * MAX_BPF_FUNC_ARGS,
+        ctx_access=raw_tp_writable_prog_is_valid_access),
     BpfProgType.BPF_PROG_TYPE_TRACING: ProgTypeInfo(False, TRACING_HELPERS),
 }
 

@@ -49,6 +49,7 @@ class BpfProg:
     verifier_log: str = field(default="", repr=False)
     ctx_size: int | None = None   # context bytes for the target arch (kprobe: its pt_regs)
     max_ctx_offset: int = 0       # aux->max_ctx_offset: the verifier's highest ctx byte + 1
+    max_tp_access: int = 0        # aux->max_tp_access: the same for a tracepoint's buffer
     loaded: bool = False
     _compiled: Any = field(default=None, repr=False)
 

@@ -61,6 +61,7 @@ class RegType(StrEnum):
     PTR_TO_MEM = "mem"
     PTR_TO_MEM_OR_NULL = "mem_or_null"               # PTR_TO_MEM | PTR_MAYBE_NULL (ringbuf)
     PTR_TO_FUNC = "func"
+    PTR_TO_TP_BUFFER = "tp_buffer"                   # a writable raw tracepoint's ctx[0]
     UNKNOWN = "unknown"
 
 
@@ -88,7 +89,7 @@ UNKNOWN = Reg(T.UNKNOWN)
 SCALAR = Reg(T.SCALAR_VALUE)
 _POINTERS = set(RegType) - {T.NOT_INIT, T.SCALAR_VALUE, T.UNKNOWN}
 _MEMORY = {T.PTR_TO_CTX, T.PTR_TO_STACK, T.PTR_TO_MAP_VALUE, T.PTR_TO_MEM, T.PTR_TO_PACKET,
-           T.UNKNOWN}
+           T.PTR_TO_TP_BUFFER, T.UNKNOWN}
 
 
 class State(NamedTuple):
@@ -177,6 +178,8 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
         start = ptr.val + off
         if start < 0 or start + size > ptr.ref:
             raise _Refuse(f"invalid access to memory, mem_size={ptr.ref} off={start} size={size}")
+    elif kind == T.PTR_TO_TP_BUFFER:
+        _check_tp_buffer(env, ptr, reg, off, size)
     elif kind == T.PTR_TO_CTX:
         if write and not env.prog.type_info.ctx_writable:
             raise _Refuse("invalid bpf_context access (the context is read-only)")
@@ -197,8 +200,23 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
                 raise _Refuse(f"invalid bpf_context access off={start} size={size}")
 
 
+def _check_tp_buffer(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int) -> None:
+    """check_tp_buffer_access: a constant, non-negative offset; reads and writes both
+    raise aux->max_tp_access, which attach holds against the tracepoint's writable_size."""
+    if ptr.val is None:
+        raise _Refuse(f"R{reg} invalid variable buffer offset: off={off}, var_off=(unknown)")
+    start = ptr.val + off
+    if start < 0:
+        raise _Refuse(f"R{reg} invalid tracepoint buffer access: off={start}, size={size}")
+    env.prog.max_tp_access = max(env.prog.max_tp_access, start + size)
+
+
 def _ctx_load(env: VerifierEnv, ptr: Reg, off: int, size: int) -> Reg:
-    """What a context load yields: packet pointers for xdp_md/__sk_buff."""
+    """What a context load yields: packet pointers for xdp_md/__sk_buff, the tracepoint
+    buffer for a writable raw tracepoint's ctx[0]."""
+    if (env.prog.prog_type == BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE
+            and ptr.val is not None and ptr.val + off == 0):
+        return Reg(T.PTR_TO_TP_BUFFER, 0)
     if env.prog.prog_type in PACKET_TYPES and ptr.val is not None and size == 4:
         field = ptr.val + off
         if env.prog.prog_type == BpfProgType.BPF_PROG_TYPE_XDP:

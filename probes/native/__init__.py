@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from probes.kprobes import Kprobe
 
 SOURCE = Path(__file__).with_name("kprobe_native.c")
-KN_BOOSTED, KN_PY_SS, KN_PRE = 1, 2, 4
+KN_BOOSTED, KN_PY_SS, KN_PRE, KN_RET = 1, 2, 4, 8
 PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
-ROW = 8                        # uint64 per row of kn_set_table
+ROW = 10                       # uint64 per row of kn_set_table
 
 
 class Sim(IntEnum):
@@ -50,6 +50,7 @@ HOOK_CALLBACK_OFFSET = 40      # struct hook (unicorn 2.1 uc_priv.h): 5 ints, bo
 class KnState(ctypes.Structure):
     """struct kn_state of kprobe_native.c, field for field."""
     current: int
+    rh: Any
     detour_cycles: int
     handler_cycles: int
     trap_fp: int
@@ -69,14 +70,47 @@ class KnState(ctypes.Structure):
         ("xregs", ctypes.c_int32 * 32), ("nzcv_reg", ctypes.c_int32),
         ("detour_fp", ctypes.c_uint64), ("detour_cycles", ctypes.c_uint64),
         ("pre", PRE_CB), ("handler_fp", ctypes.c_uint64), ("handler_cycles", ctypes.c_uint64),
-        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+        ("py_busy", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("rh", ctypes.c_void_p),
+        ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p), ("ua", ctypes.c_void_p),
+        ("trace_buf", ctypes.c_void_p), ("trace_len", ctypes.c_uint64),
+        ("trace_cap", ctypes.c_uint64), ("traced", ctypes.c_uint64),
+        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32)]
+
+
+class KnUaccess(ctypes.Structure):
+    """struct kn_uaccess: what kn_access_ok, the C twin of emu/uaccess's check, reads."""
+    task_size: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("task_size", ctypes.c_uint64), ("mem_regions", ctypes.c_void_p),
+        ("uc_free", ctypes.c_void_p), ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p)]
+
+
+UACCESS_SYMBOLS = ("uc_mem_regions", "uc_free", "uc_mem_read", "uc_mem_write")
+
+
+class KnPyapi(ctypes.Structure):
+    """struct kn_pyapi: CPython's functions C calls a Python entry with."""
+    _fields_: ClassVar[list[tuple[str, Any]]] = [(n, ctypes.c_void_p) for n in (
+        "PyGILState_Ensure", "PyGILState_Release", "PyObject_CallOneArg",
+        "PyLong_FromUnsignedLong", "PyLong_AsLong", "Py_DecRef", "PyErr_WriteUnraisable")]
+
+
+def _pyapi() -> KnPyapi | None:
+    try:
+        return KnPyapi(*(ctypes.cast(getattr(ctypes.pythonapi, n), ctypes.c_void_p).value
+                         for n, _t in KnPyapi._fields_))
+    except AttributeError:                 # not CPython, or an older one: ctypes callbacks
+        return None
+
+
+PYAPI = _pyapi()
 
 
 class KnProbe(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
         ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
-        ("aux", ctypes.c_uint64)]
+        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64), ("tprog", ctypes.c_void_p)]
 
 
 class KnDetour(ctypes.Structure):
@@ -88,6 +122,33 @@ class KnDetour(ctypes.Structure):
         ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
         ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
         ("native", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class KnFsite(ctypes.Structure):
+    """struct kn_fsite: one ftrace site served by a trampoline host entry."""
+    key: int
+    hits: int
+    nmissed: int
+    used: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("key", ctypes.c_uint64), ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
+        ("native", ctypes.c_uint32), ("used", ctypes.c_uint32)]
+
+
+class KnFtrace(ctypes.Structure):
+    """struct kn_ftrace: the C side of one ftrace trampoline host entry."""
+    mask: int
+    sites: Any
+    handled: int
+    deferred: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
+        ("mem_read", ctypes.c_void_p), ("sp_reg", ctypes.c_int32), ("mask", ctypes.c_uint32),
+        ("back", ctypes.c_uint64), ("sites", ctypes.c_void_p),
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
+
+
+FtraceRow = tuple[int, int, int, "Kprobe", bool]   # (host entry hook, key, back, probe, native)
 
 
 class NativeAcc(ctypes.Structure):
@@ -120,6 +181,12 @@ def load() -> ctypes.CDLL | None:
     lib.kn_set_table.restype = ctypes.c_int
     lib.kn_free.argtypes = [ctypes.POINTER(KnState)]
     lib.kn_free.restype = None
+    lib.kn_ftrace_table.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.kn_ftrace_table.restype = ctypes.c_void_p
+    lib.kn_ftrace_add.argtypes = [ctypes.POINTER(KnFtrace), ctypes.c_uint64, ctypes.c_uint32]
+    lib.kn_ftrace_add.restype = None
+    lib.kn_free_ptr.argtypes = [ctypes.c_void_p]
+    lib.kn_free_ptr.restype = None
     _LIB = lib
     return lib
 
@@ -202,7 +269,11 @@ class NativeDispatch:
     # stay alive (`gone`) as Unicorn frees a hook only later.
     detours: dict[int, tuple[KnDetour, "Kprobe"]] = field(default_factory=dict)
     gone: list[KnDetour] = field(default_factory=list)
+    # ftrace trampoline host entries: hook handle -> (its record, key -> probe)
+    ftrace: dict[int, tuple[KnFtrace, dict[int, "Kprobe"]]] = field(default_factory=dict)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
+    _pre_obj: Any = None                 # the callable C calls through the C API (alive)
+    ua: KnUaccess = field(default_factory=KnUaccess)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
 
@@ -211,11 +282,17 @@ class NativeDispatch:
         st.trap_fp, st.step_fp = costs[Reason.TRAP] << 8, costs[Reason.STEP] << 8
         st.detour_fp, st.handler_fp = costs[Reason.DETOUR] << 8, costs[Reason.HANDLER] << 8
 
-    def set_pre_entry(self, fn: Callable[[int], int]) -> None:
+    def set_pre_entry(self, fn: Callable[[int], int], guarded: bool = False) -> None:
         """`fn(row)` runs the Python pre handler of a KN_PRE row; 1 if it set pc itself.
-        Its exceptions stop the run and are raised after it, as every hook's are."""
-        self._pre = PRE_CB(self.m.hooks._guard(fn, default=1))
+        Its exceptions stop the run and are raised after it, as every hook's are
+        (`guarded`: fn does that itself, saving a frame on the hot path)."""
+        self._pre = PRE_CB(fn if guarded else self.m.hooks._guard(fn, default=1))
         self.st.pre = self._pre
+        if guarded and PYAPI is not None:       # C calls fn through the C API
+            self._pre_obj = fn
+            self.st.py, self.st.py_pre = ctypes.addressof(PYAPI), id(fn)
+        else:
+            self.st.py = self.st.py_pre = None
 
     def serve_detours(self, rows: list[tuple[int, "Kprobe", bool]]) -> None:
         """Optprobe detours: (host entry hook handle, probe, counted in C?). The first time
@@ -236,17 +313,56 @@ class NativeDispatch:
             self.detours[handle] = (entry[0], p)
 
     def _swap_detour_hook(self, handle: int) -> KnDetour | None:
-        if handle not in self.m.hooks.installed:
+        rec = KnDetour(s=ctypes.addressof(self.st))
+        if not swap_code_hook(self.m, handle, self.lib.kn_detour_hook, rec):
             return None
-        slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
-        known = {ctypes.cast(c, ctypes.c_void_p).value for c in self.m.hooks._keep
-                 if isinstance(c, CODE_CB)}
-        if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
-            return None
-        rec = KnDetour(s=ctypes.addressof(self.st), orig=slots[0], orig_data=slots[1])
-        slots[1] = ctypes.addressof(rec)
-        slots[0] = ctypes.cast(self.lib.kn_detour_hook, ctypes.c_void_p).value
         return rec
+
+    def serve_ftrace(self, rows: list[FtraceRow]) -> None:
+        """Ftrace trampoline host entries: each row a site C may serve (`native`: its one
+        ops is the kprobes' one and the kprobe has no Python handler). A hook's Python
+        callback is swapped for C's the first time it is seen; C calls it back for every
+        site it does not serve."""
+        self.fold_ftrace()
+        by_hook: dict[int, list[FtraceRow]] = {}
+        for row in rows:
+            by_hook.setdefault(row[0], []).append(row)
+        for handle, (rec, _probes) in self.ftrace.items():
+            if handle not in by_hook:
+                by_hook[handle] = []             # nothing served there any more
+        for handle, hrows in by_hook.items():
+            entry = self.ftrace.get(handle)
+            if entry is None:
+                if handle not in self.m.hooks.installed:
+                    continue
+                rec = KnFtrace(s=ctypes.addressof(self.st), mem_read=lib_symbol("uc_mem_read"),
+                               sp_reg=self.m.arch.regs[self.m.arch.sp], back=hrows[0][2])
+                if not swap_code_hook(self.m, handle, self.lib.kn_ftrace_hook, rec):
+                    continue
+                entry = self.ftrace[handle] = (rec, {})
+            rec, probes = entry
+            mask = ctypes.c_uint32()
+            table = self.lib.kn_ftrace_table(len(hrows), ctypes.byref(mask))
+            if table is None:
+                raise MemoryError("kprobe native ftrace table")
+            old = rec.sites
+            rec.mask, rec.sites = mask.value, table
+            for _h, key, _b, _p, native in hrows:
+                self.lib.kn_ftrace_add(ctypes.byref(rec), key, int(native))
+            if old:
+                self.lib.kn_free_ptr(old)
+            self.ftrace[handle] = (rec, {key: p for _h, key, _b, p, _n in hrows})
+
+    def fold_ftrace(self) -> None:
+        for rec, probes in self.ftrace.values():
+            if not rec.sites or not (rec.handled or probes):
+                continue
+            for e in (KnFsite * (rec.mask + 1)).from_address(rec.sites):
+                if e.used and (e.hits or e.nmissed):
+                    p = probes[e.key]
+                    p.hits += e.hits
+                    p.nmissed += e.nmissed
+                    e.hits = e.nmissed = 0
 
     def fold_detours(self) -> None:
         for rec, p in self.detours.values():
@@ -262,8 +378,12 @@ class NativeDispatch:
         flat = (ctypes.c_uint64 * max(1, ROW * len(rows)))()
         for i, (p, flags, (sim, imm, aux)) in enumerate(rows):
             a, addr = p.ainsn, p.addr or 0
+            rp = p.kretprobe.native_row if flags & KN_RET else -1
+            tprog = p.__dict__.get("native_tprog") if flags & KN_PRE else None
             flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
-                                           flags, sim, imm & (2**64 - 1), aux]
+                                           flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1),
+                                           ctypes.addressof(tprog) if tprog is not None else 0]
+        self.ua.task_size = min(self.m.memory.task_size, 2**64 - 1)
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
         self.probes = [p for p, _f, _s in rows]
@@ -271,6 +391,7 @@ class NativeDispatch:
     def fold_counts(self) -> None:
         """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
         self.fold_detours()
+        self.fold_ftrace()
         if not self.probes or not self.st.probes:
             return
         rows = ctypes.cast(self.st.probes, ctypes.POINTER(KnProbe))
@@ -288,6 +409,22 @@ class NativeDispatch:
             return None
         self.st.current = -1
         return self.probes[cur]
+
+
+def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
+    """Point the CODE hook `handle` (one RawHooks made) at C function `fn` with `rec` as
+    its data; `rec.orig`/`rec.orig_data` get the Python callback, which C calls back.
+    False if the handle is not such a hook."""
+    if handle not in m.hooks.installed:
+        return False
+    slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
+    known = {ctypes.cast(c, ctypes.c_void_p).value for c in m.hooks._keep if isinstance(c, CODE_CB)}
+    if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
+        return False
+    rec.orig, rec.orig_data = slots[0], slots[1]
+    slots[1] = ctypes.addressof(rec)
+    slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    return True
 
 
 def _installed(m: "Machine") -> NativeDispatch | None:
@@ -322,6 +459,12 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     if reg_read is None or reg_write is None:
         return None
     st.reg_read, st.reg_write = reg_read, reg_write
+    syms = [lib_symbol(n) for n in UACCESS_SYMBOLS]
+    if None not in syms:                       # trace events' fetches read guest memory
+        ua = d.ua
+        ua.mem_regions, ua.uc_free, ua.mem_read, ua.mem_write = syms
+        ua.task_size = min(m.memory.task_size, 2**64 - 1)
+        st.ua, st.ua_sp_reg = ctypes.addressof(ua), m.arch.regs[m.arch.sp]
     slots = (ctypes.c_void_p * 2).from_address(handle + HOOK_CALLBACK_OFFSET)
     st.fallback, st.fallback_data = slots[0], slots[1]
     st.pc_reg, st.pc_adjust, st.brk_intno = m.arch.regs[m.arch.pc], pc_adjust, trap_intno

@@ -12,8 +12,9 @@ typedef int (*reg_fn)(void *uc, int regid, void *value);
 typedef void (*intr_cb)(void *uc, uint32_t intno, void *user_data);
 
 enum { KN_PROBE = 1, KN_SS = 2 };
-enum { KN_BOOSTED = 1, KN_PY_SS = 2, KN_PRE = 4 };  /* slot jumps back; step trap goes to
-                                                   * Python; a Python pre handler to call */
+enum { KN_BOOSTED = 1, KN_PY_SS = 2, KN_PRE = 4, KN_RET = 8 };
+/* slot jumps back; step trap goes to Python; a Python pre handler to call; the entry of a
+ * kretprobe with no Python handler (C hijacks, else the pre handler does) */
 typedef int (*pre_cb)(uint32_t idx);        /* the Python pre handler of row idx: 1 = handled */
 
 /* arm64 simulation (simulate-insn.c) from operands decoded at registration. aux packs the
@@ -25,7 +26,7 @@ enum { SIM_NONE, SIM_B, SIM_BL, SIM_BCOND, SIM_CBZ, SIM_TBZ, SIM_ADR, SIM_BR };
 #define AUX_X64 (1u << 24)                  /* cbz/cbnz on an X register */
 #define AUX_NZ (1u << 25)                   /* cbnz/tbnz: taken when non-zero / set */
 #define AUX_LINK (1u << 26)                 /* blr: x30 = addr + 4 */
-#define ROW 8                               /* uint64 per row of kn_set_table */
+#define ROW 10                              /* uint64 per row of kn_set_table */
 
 struct kn_probe {
     uint64_t addr, slot, resume, ss_trap;
@@ -33,7 +34,11 @@ struct kn_probe {
     uint32_t flags, sim;
     uint64_t imm;                           /* branch target / ADR(P) value */
     uint64_t aux;
+    int64_t rp;                             /* KN_RET: the kretprobe's row in kn_rethook */
+    const uint64_t *tprog;                  /* a trace event's fetch program, or NULL */
 };
+
+struct kn_rethook;
 
 struct kn_slotent { uint64_t addr; uint32_t kind, idx; };
 
@@ -61,7 +66,56 @@ struct kn_state {
     uint64_t handler_fp, handler_cycles;
     uint32_t py_busy;                       /* a Python handler runs: every trap is reentry */
     uint32_t pad2;
+    struct kn_rethook *rh;                  /* kretprobe state, NULL until one is registered */
+    const struct kn_pyapi *py;              /* set: call `py_pre` through the C API */
+    void *py_pre;                           /* the Python pre entry (a callable) */
+    struct kn_uaccess *ua;                  /* the checked guest-memory path (kn_access_ok) */
+    uint8_t *trace_buf;                     /* the record a fetch program built for Python */
+    uint64_t trace_len, trace_cap;          /* its length (0: none built), its room */
+    uint64_t traced;                        /* records built */
+    int32_t ua_sp_reg, pad3;                /* sp, for $stackN */
 };
+
+struct kn_uaccess;
+static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p);
+
+/* The CPython calls C needs to run a Python callable straight from a hook (Unicorn runs
+ * with the GIL released): cheaper than a ctypes callback, which converts its arguments
+ * and result through ctypes' machinery. Addresses come from ctypes.pythonapi. */
+struct kn_pyapi {
+    int (*gil_ensure)(void);
+    void (*gil_release)(int);
+    void *(*call_one_arg)(void *callable, void *arg);
+    void *(*long_from)(unsigned long v);
+    long (*long_as)(void *o);
+    void (*decref)(void *o);
+    void (*write_unraisable)(void *o);
+};
+
+/* pre(row) in Python: its result, 1 (the hit is complete) if it failed. */
+static int call_pre(struct kn_state *s, uint32_t idx)
+{
+    if (!s->py)
+        return s->pre(idx);
+    const struct kn_pyapi *py = s->py;
+    int gil = py->gil_ensure();
+    int done = 1;
+    void *arg = py->long_from(idx);
+    void *res = arg ? py->call_one_arg(s->py_pre, arg) : NULL;
+    if (res) {
+        done = py->long_as(res) != 0;
+        py->decref(res);
+    } else {
+        py->write_unraisable(s->py_pre);    /* the entry catches its own: not reached */
+    }
+    if (arg)
+        py->decref(arg);
+    py->gil_release(gil);
+    return done;
+}
+
+static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row);
+static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr);
 
 static uint64_t get_x(struct kn_state *s, void *uc, uint32_t n)
 {
@@ -157,17 +211,28 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
         uint64_t pc;
         s->reg_read(uc, s->pc_reg, &pc);
         uint64_t addr = pc + (int64_t)s->pc_adjust;
+        if (s->rh && s->current < 0 && !s->py_busy && kn_rethook_return(s, uc, addr)) {
+            s->handled++;
+            return;
+        }
         struct kn_slotent *e = lookup(s, addr);
         if (e && e->kind == KN_PROBE && s->current < 0 && !s->py_busy) {
             struct kn_probe *p = &s->probes[e->idx];
-            if (!(p->flags & KN_PRE))       /* else Python counts: its handler may look */
-                p->hits++;
+            int ret_native = (p->flags & KN_RET) && kn_rethook_entry(s, uc, p->rp);
+            if (!(p->flags & KN_PRE) || ret_native)     /* else Python counts: its handler */
+                p->hits++;                              /* may look */
             charge(s, s->trap_fp, &s->trap_cycles);
             if (p->flags & KN_PRE) {
                 charge(s, s->handler_fp, &s->handler_cycles);
-                s->py_busy++;
-                int done = s->pre(e->idx);  /* it set pc itself: no step */
-                s->py_busy--;
+                int done = 0;
+                if (!ret_native) {
+                    s->trace_len = 0;
+                    if (p->tprog && eval_tprog(s, uc, p) == 0)
+                        s->traced++;
+                    s->py_busy++;
+                    done = call_pre(s, e->idx);  /* it set pc itself: no step */
+                    s->py_busy--;
+                }
                 if (done) {
                     s->handled++;
                     return;
@@ -200,7 +265,7 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
 }
 
 /* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags, sim, imm,
- * aux). Counters
+ * aux, rp, tprog). Counters
  * of the old table must have been taken first; `current` is reset. Returns 0 or -1. */
 int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
 {
@@ -222,6 +287,8 @@ int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
         struct kn_probe *p = &probes[k];
         p->addr = r[0], p->slot = r[1], p->resume = r[2], p->ss_trap = r[3];
         p->flags = (uint32_t)r[4], p->sim = (uint32_t)r[5], p->imm = r[6], p->aux = r[7];
+        p->rp = (int64_t)r[8];
+        p->tprog = (const uint64_t *)(uintptr_t)r[9];
         uint64_t keys[2] = { p->addr, p->ss_trap };
         for (int j = 0; j < 2; j++) {
             if (j == 1 && ((p->flags & KN_BOOSTED) || p->sim != SIM_NONE))
@@ -268,4 +335,506 @@ void kn_detour_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
     else
         d->hits++;
     s->handled++;
+}
+
+/* Return probes (probes/kretprobes.py; rethook) for kretprobes with no Python handler.
+ * While C holds the running task's instance LIFO (`py_owns` == 0), it takes the entry of
+ * such a kretprobe (an instance from the pool, the return address hijacked, stale frames
+ * dropped, the push) and the trampoline (the returning chain found by sp, counted, pool
+ * refilled, pc and arm64 lr restored). Any case it does not model -- another task runs,
+ * an instance of a kretprobe with a Python handler (or none) to drop or return, a bad
+ * stack, a trampoline with no pending instance -- leaves everything untouched and goes
+ * to Python, which takes the LIFO back (probes/native/rethook.py). */
+struct kn_ri {
+    uint64_t ret_addr, fp, stack;           /* as KretprobeInstance */
+    int64_t rp;                             /* row in `rps`; -1: Python's (obj is its index) */
+    int64_t obj;
+};
+
+struct kn_rp { uint64_t hits, nmissed, ndropped, nfree; };   /* one kretprobe, counting only */
+
+struct uc_region { uint64_t begin, end; uint32_t perms; };  /* uc_mem_region: end inclusive */
+typedef int (*regions_fn)(void *uc, struct uc_region **regions, uint32_t *count);
+typedef int (*free_fn)(void *mem);
+typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
+enum { UC_PROT_READ = 1, UC_PROT_WRITE = 2, UC_PROT_EXEC = 4 };
+
+/* The host-side facts kn_access_ok checks against (uaccess.py's Memory and TASK_SIZE). */
+struct kn_uaccess {
+    uint64_t task_size;                     /* TASK_SIZE: access_ok's limit */
+    regions_fn mem_regions;
+    free_fn uc_free;
+    mem_fn mem_read, mem_write;
+};
+
+struct kn_rethook {
+    struct kn_state *s;
+    uint64_t trampoline;
+    struct kn_ri *lifo;
+    uint64_t n, cap;
+    struct kn_rp *rps;
+    uint64_t nrps;
+    uint64_t ndropped, frame_warnings;      /* since Python last took them */
+    uint64_t lifo_tid;                      /* whose LIFO `lifo` is (Python's note) */
+    uint32_t py_owns, x86;                  /* x86: lr is the word at sp, a DETOUR charge */
+    int32_t sp_reg, fp_reg, lr_reg, pad;
+    struct kn_uaccess ua;                   /* x86: the return-address slot is checked */
+    code_cb orig;                           /* x86: the trampoline's Python host entry */
+    void *orig_data;
+    uint64_t handled, deferred;
+};
+
+/* The native side of the one checked path (emu/uaccess.py _check): [addr, addr+n) lies
+ * below TASK_SIZE and in guest pages with `prot`. Unicorn's mappings carry the same
+ * permissions as emu.memory's regions (Memory.map/protect set both). Returns 1 if the
+ * access is allowed, 0 if uaccess would raise UserFault; an executable page is -1 (a write
+ * there must drop translated code: Python does it). */
+int kn_access_ok(struct kn_uaccess *h, void *uc, uint64_t addr, uint64_t n, uint32_t prot)
+{
+    uint64_t end = addr + n;
+    if (end < addr || end > h->task_size)
+        return 0;
+    struct uc_region *r = NULL;
+    uint32_t count = 0;
+    if (h->mem_regions(uc, &r, &count) != 0)
+        return 0;
+    int ok = 1, exec = 0;
+    while (ok && addr < end) {
+        uint32_t i = 0;
+        while (i < count && !(r[i].begin <= addr && addr <= r[i].end))
+            i++;
+        if (i == count || !(r[i].perms & prot)) {
+            ok = 0;
+        } else {
+            exec |= (prot & UC_PROT_WRITE) && (r[i].perms & UC_PROT_EXEC);
+            addr = r[i].end + 1 ? r[i].end + 1 : end;
+        }
+    }
+    h->uc_free(r);
+    return ok && exec ? -1 : ok;
+}
+
+/* arch_uretprobe_is_alive, by context: 0 CALL, 1 CHAIN_CALL, 2 RET (probes.arch.common). */
+enum { RP_CALL, RP_CHAIN_CALL, RP_RET };
+
+static int rp_alive(const struct kn_rethook *h, const struct kn_ri *ri, int ctx, uint64_t sp)
+{
+    if (h->x86)
+        return ctx == RP_CALL ? sp < ri->stack : sp <= ri->stack;
+    return ctx == RP_CHAIN_CALL ? sp <= ri->stack : sp < ri->stack;
+}
+
+static int rp_ours(const struct kn_rethook *h, const struct kn_ri *ri)
+{
+    return ri->rp >= 0 && (uint64_t)ri->rp < h->nrps;
+}
+
+static void rp_drop(struct kn_rethook *h, const struct kn_ri *ri)
+{
+    struct kn_rp *rp = &h->rps[ri->rp];
+    h->ndropped++;
+    rp->ndropped++;
+    rp->nfree++;
+}
+
+/* May C work on the LIFO now? Python takes it back at every task switch (the LIFO is
+ * per task) and whenever its own code needs it. */
+static int rethook_ready(struct kn_state *s)
+{
+    struct kn_rethook *h = s->rh;
+    return h && !h->py_owns;
+}
+
+/* The return address at the entry (arch_prepare_kretprobe's read); 0 refused, -1 Python. */
+static int read_ret(struct kn_state *s, void *uc, uint64_t sp, uint64_t *ret)
+{
+    struct kn_rethook *h = s->rh;
+    if (!h->x86) {
+        *ret = get_x(s, uc, 30);
+        return 1;
+    }
+    int ok = kn_access_ok(&h->ua, uc, sp, 8, UC_PROT_READ);
+    if (ok != 1)
+        return ok;
+    ok = kn_access_ok(&h->ua, uc, sp, 8, UC_PROT_WRITE);  /* put_user's check first */
+    if (ok != 1)
+        return ok;
+    return h->ua.mem_read(uc, sp, ret, 8) == 0 ? 1 : -1;
+}
+
+static int lifo_reserve(struct kn_rethook *h, uint64_t n)
+{
+    if (n <= h->cap)
+        return 1;
+    uint64_t cap = h->cap ? 2 * h->cap : 64;
+    while (cap < n)
+        cap *= 2;
+    struct kn_ri *l = realloc(h->lifo, cap * sizeof *l);
+    if (!l)
+        return 0;
+    h->lifo = l, h->cap = cap;
+    return 1;
+}
+
+/* Python's LIFO comes in: room for n records. Returns the array or NULL. */
+struct kn_ri *kn_rethook_reserve(struct kn_rethook *h, uint64_t n)
+{
+    return lifo_reserve(h, n) ? h->lifo : NULL;
+}
+
+void kn_rethook_free(struct kn_rethook *h)
+{
+    free(h->lifo);
+    h->lifo = NULL, h->cap = h->n = 0;
+}
+
+/* pre_handler_kretprobe for kretprobe row `row`; 1 if done here, 0 to call Python. */
+static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row)
+{
+    struct kn_rethook *h = s->rh;
+    if (!rethook_ready(s) || row < 0 || (uint64_t)row >= h->nrps)
+        return 0;
+    struct kn_rp *rp = &h->rps[row];
+    if (!rp->nfree) {
+        rp->nmissed++;
+        h->handled++;
+        return 1;
+    }
+    uint64_t sp, ret;
+    s->reg_read(uc, h->sp_reg, &sp);
+    int ok = read_ret(s, uc, sp, &ret);
+    if (ok < 0)
+        return 0;
+    if (ok == 0) {                          /* a hostile sp: no hijack, as uretprobes */
+        rp->nmissed++;
+        h->handled++;
+        return 1;
+    }
+    int chained = ret == h->trampoline;
+    int ctx = chained ? RP_CHAIN_CALL : RP_CALL;
+    uint64_t keep = h->n;                   /* cleanup_return_instances, dry run first */
+    for (; keep && !rp_alive(h, &h->lifo[keep - 1], ctx, sp); keep--)
+        if (!rp_ours(h, &h->lifo[keep - 1]))
+            return 0;                       /* Python drops its own instances */
+    if (!lifo_reserve(h, keep + 1))
+        return 0;
+    if (h->x86) {
+        if (h->ua.mem_write(uc, sp, &h->trampoline, 8) != 0)
+            return 0;
+    } else {
+        set_x(s, uc, 30, h->trampoline);
+    }
+    uint64_t fp = h->x86 ? sp : get_x(s, uc, 29);
+    while (h->n > keep)
+        rp_drop(h, &h->lifo[--h->n]);
+    h->handled++;
+    if (chained && h->n == 0) {             /* the guest put the trampoline there itself */
+        rp->nmissed++;
+        return 1;
+    }
+    rp->nfree--;
+    h->lifo[h->n++] = (struct kn_ri){ ret, fp, sp, row, -1 };
+    return 1;
+}
+
+/* The index of the bottom of the chain under `top` (the first record from the top that
+ * holds a real return address), or -1. */
+static int64_t chain_start(const struct kn_rethook *h, uint64_t top)
+{
+    int64_t i = (int64_t)top - 1;
+    while (i >= 0 && h->lifo[i].ret_addr == h->trampoline)
+        i--;
+    return i;
+}
+
+/* __kretprobe_trampoline_handler at `addr`; 1 if done here, 0 to call Python. */
+static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
+{
+    struct kn_rethook *h = s->rh;
+    if (addr != h->trampoline || !rethook_ready(s))
+        return 0;
+    uint64_t sp, top = h->n;
+    int64_t j;
+    s->reg_read(uc, h->sp_reg, &sp);
+    for (;;) {                              /* the walk of _returning_chain, dry run */
+        j = chain_start(h, top);
+        if (j < 0)
+            return 0;                       /* no pending instance: Python faults */
+        for (uint64_t k = (uint64_t)j; k < top; k++)
+            if (!rp_ours(h, &h->lifo[k]))
+                return 0;
+        if (j == 0 || rp_alive(h, &h->lifo[j - 1], RP_RET, sp))
+            break;
+        top = (uint64_t)j;                  /* frames left by a longjmp: dropped */
+    }
+    while (h->n > top)
+        rp_drop(h, &h->lifo[--h->n]);
+    uint64_t frame = h->x86 ? sp - 8 : get_x(s, uc, 29);
+    int warned = 0;
+    for (int64_t k = (int64_t)top - 1; k >= j; k--) {
+        struct kn_ri *ri = &h->lifo[k];
+        if (!warned && ri->fp != frame) {   /* WARN_ON_ONCE */
+            h->frame_warnings++;
+            warned = 1;
+        }
+        h->rps[ri->rp].hits++;
+        h->rps[ri->rp].nfree++;
+    }
+    uint64_t correct = h->lifo[j].ret_addr;
+    h->n = (uint64_t)j;
+    if (!h->x86)
+        set_x(s, uc, 30, correct);
+    s->reg_write(uc, s->pc_reg, &correct);
+    if (h->x86)
+        charge(s, s->detour_fp, &s->detour_cycles);
+    else
+        charge(s, s->trap_fp, &s->trap_cycles);
+    h->handled++;
+    return 1;
+}
+
+/* x86: the code hook on the trampoline (rethook has no trap), in place of Python's. */
+void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    struct kn_rethook *h = user_data;
+    struct kn_state *s = h->s;
+    if (!(s->stopping && *s->stopping) && s->current < 0 && !s->py_busy
+            && kn_rethook_return(s, uc, addr))
+        return;
+    h->deferred++;
+    h->orig(uc, addr, size, h->orig_data);
+}
+
+/* The ftrace caller (probes/ftrace.py Ftrace._ftrace_caller) for sites whose only ops is
+ * the kprobes' one, serving a kprobe with no Python handler: charge the detour, count the
+ * hit (or, while a probe is being stepped, the miss). One record per trampoline host
+ * entry: x86's shared trampoline finds its site from the call's return address (`back`
+ * = 5: site = [sp] - 5, read raw as the Python path does; an unreadable stack goes to
+ * Python, whose uaccess read reports the fault); arm64's per-site stubs are keyed by pc. */
+struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; };
+
+struct kn_ftrace {
+    struct kn_state *s;
+    code_cb orig;                           /* the Python host entry */
+    void *orig_data;
+    mem_fn mem_read;
+    int32_t sp_reg;
+    uint32_t mask;                          /* sites: hash table size - 1 */
+    uint64_t back;
+    struct kn_fsite *sites;
+    uint64_t handled, deferred;
+};
+
+static struct kn_fsite *fsite(struct kn_ftrace *f, uint64_t key)
+{
+    if (!f->sites)
+        return NULL;
+    uint32_t i = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 40) & f->mask;
+    for (;; i = (i + 1) & f->mask) {
+        struct kn_fsite *e = &f->sites[i];
+        if (!e->used)
+            return NULL;
+        if (e->key == key)
+            return e;
+    }
+}
+
+void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    struct kn_ftrace *f = user_data;
+    struct kn_state *s = f->s;
+    uint64_t key = addr;
+    if (f->back) {
+        uint64_t sp;
+        s->reg_read(uc, f->sp_reg, &sp);
+        if (f->mem_read(uc, sp, &key, 8) != 0)
+            key = 0;
+        key -= f->back;
+    }
+    struct kn_fsite *e = f->back && !key ? NULL : fsite(f, key);
+    if (e && e->native && !s->py_busy && !(s->stopping && *s->stopping)) {
+        charge(s, s->detour_fp, &s->detour_cycles);
+        if (s->current >= 0)
+            e->nmissed++;
+        else
+            e->hits++;
+        f->handled++;
+        return;
+    }
+    f->deferred++;
+    f->orig(uc, addr, size, f->orig_data);
+}
+
+/* Size the site table for n sites (a power of two, at least 4n); 0 or -1. */
+struct kn_fsite *kn_ftrace_table(uint32_t n, uint32_t *mask)
+{
+    uint32_t size = 16;
+    while (size < 4 * (n + 1))
+        size <<= 1;
+    *mask = size - 1;
+    return calloc(size, sizeof(struct kn_fsite));
+}
+
+void kn_ftrace_add(struct kn_ftrace *f, uint64_t key, uint32_t native)
+{
+    uint32_t i = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 40) & f->mask;
+    while (f->sites[i].used && f->sites[i].key != key)
+        i = (i + 1) & f->mask;
+    f->sites[i].key = key, f->sites[i].used = 1, f->sites[i].native = native;
+}
+
+void kn_free_ptr(void *p)
+{
+    free(p);
+}
+
+/* A kprobe event's fetch arguments (probes/trace/trace_probe.py FetchArg.fetch and
+ * trace_kprobe.store_trace_args), compiled at sync into a program of two-word ops: the
+ * first word packs the opcode (bits 0-7), a size (8-15), the record offset (16-31) and a
+ * bitfield (width 32-39, shift 40-47, container bits 48-55); the second is the operand.
+ * C builds the record's fixed part and strings in `trace_buf`, reading guest memory
+ * through kn_access_ok as uaccess does, and Python commits it (header, clock, filters,
+ * triggers and the ring buffer stay Python's). A case C does not model (a plain $stackN
+ * that faults: Python raises) leaves no record and Python fetches everything itself. */
+enum { TP_END, TP_REG, TP_SP, TP_IMM, TP_STACK, TP_DEREF, TP_ADD, TP_ST_VAL, TP_ST_MEM,
+       TP_ST_STR, TP_FIXED };
+enum { STACK_FAULTS, STACK_PLAIN, STACK_ZERO };  /* TP_STACK on a fault: faulted, Python, 0 */
+#define TP_OP(w) ((w) & 0xff)
+#define TP_SIZE(w) (((w) >> 8) & 0xff)
+#define TP_OFF(w) (((w) >> 16) & 0xffff)
+#define TP_BFW(w) (((w) >> 32) & 0xff)
+#define TP_BFO(w) (((w) >> 40) & 0xff)
+#define TP_BFC(w) (((w) >> 48) & 0xff)
+#define MAX_STRING 4095                     /* MAX_STRING_SIZE - 1 */
+
+static int user_read(struct kn_uaccess *ua, void *uc, uint64_t addr, void *out, uint64_t n)
+{
+    return kn_access_ok(ua, uc, addr, n, UC_PROT_READ) != 0
+        && ua->mem_read(uc, addr, out, n) == 0;
+}
+
+static int trace_room(struct kn_state *s, uint64_t n)
+{
+    if (n <= s->trace_cap)
+        return 1;
+    uint64_t cap = s->trace_cap ? s->trace_cap : 256;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *b = realloc(s->trace_buf, cap);
+    if (!b)
+        return 0;
+    s->trace_buf = b, s->trace_cap = cap;
+    return 1;
+}
+
+static uint64_t fit(uint64_t w, uint64_t v)
+{
+    uint32_t size = TP_SIZE(w), c = TP_BFC(w);
+    if (size < 8)
+        v &= (1ull << (8 * size)) - 1;
+    if (c) {                                /* Bitfield.extract */
+        uint32_t width = TP_BFW(w), shift = TP_BFO(w);
+        uint64_t mask = c >= 64 ? ~0ull : (1ull << c) - 1;
+        v = (v << (c - width - shift)) & mask;
+        v >>= c - width;
+    }
+    return v;
+}
+
+/* strncpy_from_user into the record: 1 copied, 0 faulted, -1 no memory. */
+static int copy_string(struct kn_state *s, void *uc, uint64_t addr)
+{
+    uint8_t chunk[4096];
+    uint64_t got = 0;
+    while (got < MAX_STRING) {
+        uint64_t cur = addr + got, n = MAX_STRING - got, room = 4096 - (cur & 4095);
+        if (n > room)
+            n = room;
+        if (kn_access_ok(s->ua, uc, cur, 1, UC_PROT_READ) == 0 || s->ua->mem_read(uc, cur, chunk, n))
+            return 0;
+        uint8_t *nul = memchr(chunk, 0, n);
+        uint64_t take = nul ? (uint64_t)(nul - chunk) : n;
+        if (!trace_room(s, s->trace_len + take + 1))
+            return -1;
+        memcpy(s->trace_buf + s->trace_len, chunk, take);
+        s->trace_len += take;
+        got += take;
+        if (nul)
+            break;
+    }
+    s->trace_buf[s->trace_len++] = 0;
+    return 1;
+}
+
+/* Run p's program into trace_buf: 0 built (trace_len set), -1 Python fetches. */
+static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p)
+{
+    const uint64_t *op = p->tprog;
+    uint64_t v = 0, sp = 0;
+    int faulted = 0, have_sp = 0;
+    if (!s->ua || TP_OP(op[0]) != TP_FIXED || !trace_room(s, op[1]))
+        return -1;
+    memset(s->trace_buf, 0, op[1]);
+    s->trace_len = op[1];
+    for (op += 2; TP_OP(op[0]) != TP_END; op += 2) {
+        uint64_t w = op[0], a = op[1];
+        switch (TP_OP(w)) {
+        case TP_REG:
+            s->reg_read(uc, (int)a, &v), faulted = 0;
+            break;
+        case TP_IMM:
+            v = a, faulted = 0;
+            break;
+        case TP_SP:
+        case TP_STACK:
+            if (!have_sp)
+                s->reg_read(uc, s->ua_sp_reg, &sp), have_sp = 1;
+            faulted = 0;
+            if (TP_OP(w) == TP_SP) {
+                v = sp;
+            } else if (!user_read(s->ua, uc, sp + 8 * a, &v, 8)) {
+                if (TP_SIZE(w) == STACK_PLAIN) {
+                    s->trace_len = 0;
+                    return -1;
+                }
+                v = 0, faulted = TP_SIZE(w) == STACK_FAULTS;
+            }
+            break;
+        case TP_DEREF:
+            if (!faulted && !user_read(s->ua, uc, v + a, &v, 8))
+                faulted = 1;
+            break;
+        case TP_ADD:
+            v += a;
+            break;
+        case TP_ST_VAL:
+        case TP_ST_MEM: {
+            uint64_t x = 0;
+            if (TP_OP(w) == TP_ST_VAL)
+                x = fit(w, v);
+            else if (!faulted && user_read(s->ua, uc, v, &x, TP_SIZE(w)))
+                x = fit(w, x);
+            memcpy(s->trace_buf + TP_OFF(w), &x, TP_SIZE(w));
+            break;
+        }
+        case TP_ST_STR: {
+            uint32_t start = (uint32_t)s->trace_len, loc = start;
+            int r = faulted ? 0 : copy_string(s, uc, v);
+            if (r < 0) {
+                s->trace_len = 0;
+                return -1;
+            }
+            if (r > 0)
+                loc |= (uint32_t)(s->trace_len - start) << 16;
+            else
+                s->trace_len = start;
+            memcpy(s->trace_buf + TP_OFF(w), &loc, 4);
+            break;
+        }
+        default:
+            s->trace_len = 0;
+            return -1;
+        }
+    }
+    return 0;
 }

@@ -34,7 +34,7 @@ from probes.bpf import BpfRunContext
 from probes.bpf.errors import BpfRuntimeError
 from probes.bpf.isa import BPF_CALL_OP
 from probes.bpf.maps import PerfEventArrayMap, RingbufMap
-from probes.bpf.memory import CTX_ADDR
+from probes.bpf.memory import CTX_ADDR, Region
 from probes.bpf.prog_types import BpfProgType
 from probes.bpf.runtime import BpfRun
 
@@ -189,7 +189,19 @@ def perf_event_attach_bpf_prog(event: PerfEvent, prog: "BpfProg", bpf_cookie: in
     prog_stats(prog)
     event.prog = prog
     call.prog_array = new
+    _programs_changed(call)
     return 0
+
+
+def _programs_changed(call: Any) -> None:
+    """Probes whose thunk calls this call's old programs go back to the host path."""
+    machine = getattr(call, "machine", None)
+    if machine is None:
+        return
+    from probes.bpf.jit_direct import direct_calls_of
+    dc = direct_calls_of(machine)
+    if dc is not None:
+        dc.forget_event(call)
 
 
 def perf_event_detach_bpf_prog(event: PerfEvent) -> None:
@@ -201,6 +213,7 @@ def perf_event_detach_bpf_prog(event: PerfEvent) -> None:
     if not isinstance(new, int):
         call.prog_array = new if len(new) else None
     event.prog = None
+    _programs_changed(call)
 
 
 @dataclass
@@ -411,16 +424,26 @@ class BpfTrace:
         return ret
 
     def run_prog(self, prog: "BpfProg", ctx: bytearray, func_ip: int = 0,
-                 cookie: int = 0) -> int:
+                 cookie: int = 0, buffer: Region | None = None) -> int:
         """One program over a context its caller built (a raw tracepoint's u64 arguments,
         a tracepoint's record), outside the pt_regs path: r0. The caller holds the
-        recursion guard it needs."""
+        recursion guard it needs. `buffer`: guest memory at its guest address that the
+        program may load from and store to directly (a writable raw tracepoint's); the
+        in-guest JIT reaches the guest's pages as they are, the Python engines get it as
+        one more region for this run."""
         env = self._task(func_ip)
         env.attach_cookie, env.override_rc = cookie, None
         run, compiled, st = self._run_state(prog)
         try:
-            if self.runner is None:
-                r0 = compiled.execute(run.reset(ctx), CTX_ADDR, len(ctx))
+            if self.runner is None or (buffer is not None and not self._runner_in_guest()):
+                run.reset(ctx)
+                if buffer is not None:
+                    run.mem.add(buffer)
+                try:
+                    r0 = compiled.execute(run, CTX_ADDR, len(ctx))
+                finally:
+                    if buffer is not None:
+                        run.mem.remove(buffer)
                 run.finish()
             else:
                 r0 = self.runner(prog, ctx, env)
@@ -431,6 +454,10 @@ class BpfTrace:
         self.m.clock.charge_bpf(env.insn_count)
         self._deliver()
         return int(r0)
+
+    def _runner_in_guest(self) -> bool:
+        from probes.bpf.jit_guest import ProbeJit
+        return isinstance(self.runner, ProbeJit)
 
     def _deliver(self) -> None:
         lines = self.env.trace_printk

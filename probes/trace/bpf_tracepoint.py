@@ -7,7 +7,11 @@ its own. `bpf_get_raw_tracepoint(name)` looks in the core table first, then in m
 newest first. Attaching a RAW_TRACEPOINT program checks what the verifier recorded
 (max_ctx_offset ≤ num_args·8) and registers `__bpf_trace_run` on the tracepoint: each
 hit gives the program the arguments zero-extended to u64 (args[0] first), under the
-program's own recursion counter (a nested hit counts a miss).
+program's own recursion counter (a nested hit counts a miss). A writable raw tracepoint
+(writable_size > 0, TRACE_EVENT_WRITABLE) passes a buffer in args[0] that
+BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE programs (`raw_tracepoint.w/`) load from and store
+to; the verifier's max_tp_access must fit writable_size at attach, and the guest sees
+the stores when the tracepoint returns.
 Tracepoint programs (SEC("tracepoint/GRP/NAME")) join the event's prog_array through a
 perf event and get the record (common fields first) as context."""
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from emu.machine import Machine
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
+from probes.bpf.memory import Region
 from probes.bpf.prog_types import BpfProgType
 from probes.jump_label import image_section
 from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of,
@@ -82,6 +88,8 @@ class BpfRawTracepoints:
         self.modules = [(mod, maps) for mod, maps in self.modules if mod is not module]
 
     def bpf_get_raw_tracepoint(self, name: str) -> BpfRawEventMap | None:
+        """The core's first, then the modules' (a lookup: the module reference the kernel
+        takes here is taken by `bpf_raw_tp_get`, which attach uses)."""
         for btp in self.core:
             if btp.tp.name == name:
                 return btp
@@ -91,10 +99,36 @@ class BpfRawTracepoints:
                     return btp
         return None
 
+    def bpf_raw_tp_get(self, name: str) -> BpfRawEventMap | None:
+        """bpf_get_raw_tracepoint with its try_module_get: a module's raw tracepoint keeps
+        the module from being unloaded until bpf_put_raw_tracepoint."""
+        btp = self.bpf_get_raw_tracepoint(name)
+        if btp is None or btp.module is None or not hasattr(btp.module, "refcnt"):
+            return btp                   # the core's, or a stand-in image with no count
+        from emu.module import try_module_get
+        return btp if try_module_get(btp.module) else None
+
+    def bpf_put_raw_tracepoint(self, btp: BpfRawEventMap) -> None:
+        if btp.module is not None and hasattr(btp.module, "refcnt"):
+            from emu.module import module_put
+            module_put(btp.module)
+
 
 def bpf_raw_tracepoints_of(machine: Machine) -> BpfRawTracepoints:
     raw: BpfRawTracepoints = machine.layer("bpf_raw_tp", BpfRawTracepoints)
     return raw
+
+
+def _register_snapshot_layer() -> None:
+    """Snapshots keep the module tables (the core's never changes)."""
+    from emu.snapshot import LayerHooks, register_snapshot_layer
+
+    def restore(_m: Machine, raw: BpfRawTracepoints, mods: list) -> None:
+        raw.modules = list(mods)
+    register_snapshot_layer("bpf_raw_tp", LayerHooks(lambda raw: list(raw.modules), restore))
+
+
+_register_snapshot_layer()
 
 
 @dataclass(eq=False)
@@ -106,6 +140,8 @@ class BpfRawTpLink:
     cookie: int = 0
     active: int = 0                  # prog->active (one CPU)
     misses: int = field(default=0)
+    _before: bytes = field(default=b"", repr=False)
+    released: bool = False
 
     def run(self, _data: Any, args: tuple[int, ...]) -> None:
         """__bpf_trace_runN: each argument zero-extended from its size into a u64."""
@@ -119,28 +155,62 @@ class BpfRawTpLink:
             tp = self.btp.tp
             vals = [v & ((1 << (8 * a.size)) - 1) for a, v in zip(tp.args, args)]
             ctx = bytearray(struct.pack(f"<{len(vals)}Q", *vals))
-            bpf_trace_of(self.machine).run_prog(self.prog, ctx, tp.iterator, self.cookie)
+            buffer = self._tp_buffer(vals[0]) if self.writable else None
+            bpf_trace_of(self.machine).run_prog(self.prog, ctx, tp.iterator, self.cookie,
+                                                buffer)
+            if buffer is not None and buffer.data != self._before:
+                copy_to_user(self.machine.memory, buffer.base, bytes(buffer.data))
         finally:
             self.active -= 1
 
+    @property
+    def writable(self) -> bool:
+        return (self.prog.prog_type == BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE
+                and self.btp.writable_size > 0)
+
+    def _tp_buffer(self, addr: int) -> Region | None:
+        """The guest's buffer behind args[0], as a region at its guest address (copied in
+        here, back after the run when the program changed it). An unreadable pointer
+        gives none: the program's first access faults as any bad access does."""
+        size = self.btp.writable_size
+        if (addr >> 32) != ((addr + size - 1) >> 32):
+            return None                  # a region never spans a 4 GiB boundary
+        try:
+            data = copy_from_user(self.machine.memory, addr, size)
+        except UserFault:
+            return None
+        self._before = data
+        return Region(addr, bytearray(data), True, "tp_buffer")
+
     def destroy(self) -> None:
+        """bpf_raw_tp_link_release: off the tracepoint, the module's reference dropped."""
+        if self.released:
+            return
+        self.released = True
         tracepoints_of(self.machine).tracepoint_probe_unregister(self.btp.tp, self.run, self)
+        bpf_raw_tracepoints_of(self.machine).bpf_put_raw_tracepoint(self.btp)
 
 
 def bpf_raw_tp_link_attach(machine: Machine, prog: "BpfProg", name: str,
                            cookie: int = 0) -> BpfRawTpLink:
     """BPF_RAW_TRACEPOINT_OPEN / BPF_LINK_CREATE for a raw tracepoint program."""
     if prog.prog_type not in (BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT,
+                              BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE,
                               BpfProgType.BPF_PROG_TYPE_TRACING):
         raise TracepointError(errno.EINVAL, f"{prog.section}: not a raw tracepoint program")
     if not name or len(name.encode()) >= BPF_OBJ_NAME_LEN:
         raise TracepointError(errno.EINVAL, f"raw tracepoint name {name!r} is empty or too long")
-    btp = bpf_raw_tracepoints_of(machine).bpf_get_raw_tracepoint(name)
+    raw = bpf_raw_tracepoints_of(machine)
+    btp = raw.bpf_raw_tp_get(name)
     if btp is None:
         raise TracepointError(errno.ENOENT, f"no raw tracepoint {name!r}")
-    prog.ensure_loaded()             # the verifier records max_ctx_offset
-    link = BpfRawTpLink(machine, btp, prog, cookie)
-    bpf_probe_register(machine, btp, link)
+    try:
+        prog.ensure_loaded()             # the verifier records max_ctx_offset
+        link = BpfRawTpLink(machine, btp, prog, cookie)
+        bpf_probe_register(machine, btp, link)
+    except BaseException:
+        raw.bpf_put_raw_tracepoint(btp)
+        raise
     return link
 
 
@@ -150,9 +220,10 @@ def bpf_probe_register(machine: Machine, btp: BpfRawEventMap, link: BpfRawTpLink
         raise TracepointError(errno.EINVAL, f"{prog.section}: reads context byte "
                                             f"{prog.max_ctx_offset - 1} of a tracepoint "
                                             f"with {btp.num_args} arguments")
-    if getattr(prog, "max_tp_access", 0) > btp.writable_size:
-        raise TracepointError(errno.EINVAL, f"{prog.section}: writes past the "
-                                            f"{btp.writable_size} writable bytes")
+    if prog.max_tp_access > btp.writable_size:
+        raise TracepointError(errno.EINVAL, f"{prog.section}: accesses byte "
+                                            f"{prog.max_tp_access - 1} of the tracepoint's "
+                                            f"buffer ({btp.writable_size} writable bytes)")
     ret = tracepoints_of(machine).tracepoint_probe_register_prio(
         btp.tp, link.run, link, TRACEPOINT_DEFAULT_PRIO, may_exist=True)
     if ret:

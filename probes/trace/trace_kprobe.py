@@ -5,9 +5,13 @@ event and record the event's fields into the ring buffer.
 
 A hit is modelled as the kernel's breakpoint handler sees it: interrupts masked, so the
 trace_entry flags are IRQS_OFF and the preempt count 0 (`d....`).
-Left out: module symbols (deferred probes), BTF args, `%return` on fprobes, hashed %p."""
+An event on `MOD:SYM` of a module not loaded yet is defined but not registered, and is
+registered (armed if enabled) when the module comes (trace_kprobe_module_callback); a
+module going leaves its probes GONE (probes/module.py) until it comes again.
+Left out: BTF args, `%return` on fprobes, hashed %p."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 import re
@@ -15,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from emu.module import find_module
 from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, kprobes_of
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF
@@ -23,11 +28,12 @@ from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
 from probes.trace.trace_output import format_value
 from probes.trace.trace_probe import (
     MAX_EVENT_NAME_LEN, MAX_EVENT_SIZE, MAX_TRACE_ARGS, KRETPROBE_MAXACTIVE_MAX, FetchArg,
-    FetchContext, ParseContext, TraceProbeError, is_good_name, is_good_system_name, kstrtoul,
-    parse_probe_location, traceprobe_parse_probe_arg,
+    FetchContext, ParseContext, TraceProbeError, compile_fetch_program, is_good_name,
+    is_good_system_name, kstrtoul, parse_probe_location, traceprobe_parse_probe_arg,
 )
 
 if TYPE_CHECKING:
+    from emu.machine import Machine
     from probes.regs import PtRegs
     from probes.trace.tracefs import Tracefs
 
@@ -93,6 +99,19 @@ def compare_arg_type(a: list[FetchArg], b: list[FetchArg]) -> int:
         if (x.name, x.type.name, x.count) != (y.name, y.type.name, y.count):
             return i + 1
     return 0
+
+
+def trace_kprobe_module_exist(m: "Machine", symbol: str | None) -> bool:
+    """trace_kprobe_module_exist: is the module a `MOD:SYM` names loaded? (A plain symbol's
+    is the image, always there.)"""
+    if symbol is None:
+        return False
+    mod, sep, _sym = symbol.partition(":")
+    return not sep or find_module(m, mod) is not None
+
+
+def trace_kprobe_within_module(tk: TraceKprobe, mod_name: str) -> bool:
+    return tk.symbol is not None and tk.symbol.startswith(mod_name + ":")
 
 
 def sanitize_event_name(name: str) -> str:
@@ -175,17 +194,20 @@ def parse_kprobe_command(argv: list[str], tracefs: "Tracefs") -> KprobeCommand:
     word = argv[0]
     is_return = word[0] == "r"
     maxactive = _parse_maxactive(word, is_return)
-    loc = parse_probe_location(argv[1], m.symbols)
+    loc = parse_probe_location(argv[1], m.symbols, lambda mod: find_module(m, mod) is not None)
     is_return = is_return or loc.is_return
     on_entry = False
     if loc.symbol is not None:
+        deferred = False
         try:
             _addr, on_entry = kprobes_of(m)._kprobe_addr(Kprobe(symbol_name=loc.symbol, offset=loc.offset))
         except KprobeError as e:
-            # kprobe_on_func_entry: -ENOENT (an IFUNC not resolved yet) is left to
-            # registration; the symbol is a function, so offset 0 is its entry
-            on_entry = e.errno == errno.ENOENT and loc.offset == 0
-        if is_return and not on_entry:
+            # kprobe_on_func_entry: -ENOENT is left to registration. An IFUNC not resolved
+            # yet is a function, so offset 0 is its entry; a symbol of a module not loaded
+            # is nothing yet (no $argN, as the kernel)
+            deferred = e.errno == errno.ENOENT and not trace_kprobe_module_exist(m, loc.symbol)
+            on_entry = e.errno == errno.ENOENT and loc.offset == 0 and not deferred
+        if is_return and not on_entry and not deferred:
             raise TraceProbeError("BAD_RETPROBE", 1, 0)
     group, event = KPROBE_EVENT_SYSTEM, None
     colon = word.find(":", 1)
@@ -368,25 +390,61 @@ class TraceKprobeEvents:
             self._arm_probe(tk, True)
 
     def _register(self, tk: TraceKprobe) -> None:
-        """__register_trace_kprobe, disabled until the event is enabled; failures are logged
-        against the probe point as the kernel maps them."""
+        """register_trace_kprobe, disabled until the event is enabled; failures are logged
+        against the probe point as the kernel maps them. -ENOENT for a module not loaded
+        is no failure: the probe waits for it (trace_kprobe_module_callback)."""
         kp = Kprobe(symbol_name=tk.symbol, offset=tk.offset, addr=tk.addr, flags=KPROBE_FLAG_DISABLED)
+        if tk.is_return:
+            from probes.kretprobes import Kretprobe
+            rp = Kretprobe(kp=kp, handler=lambda ri, regs, t=tk: self.kretprobe_dispatcher(t, ri, regs),
+                           maxactive=tk.maxactive, data_size=8 * tk.entry_args)
+            if tk.entry_args:
+                rp.entry_handler = lambda ri, regs, t=tk: self._save_entry_args(t, ri, regs)
+            tk.rp = rp
+        else:
+            kp.pre_handler = lambda p, regs, t=tk: self.kprobe_dispatcher(t, p, regs)
+            tk.kp = kp
         try:
-            if tk.is_return:
-                from probes.kretprobes import Kretprobe, kretprobes_of
-                rp = Kretprobe(kp=kp, handler=lambda ri, regs, t=tk: self.kretprobe_dispatcher(t, ri, regs),
-                               maxactive=tk.maxactive, data_size=8 * tk.entry_args)
-                if tk.entry_args:
-                    rp.entry_handler = lambda ri, regs, t=tk: self._save_entry_args(t, ri, regs)
-                kretprobes_of(self.m).register_kretprobe(rp)
-                tk.rp = rp
-            else:
-                kp.pre_handler = lambda p, regs, t=tk: self.kprobe_dispatcher(t, p, regs)
-                kprobes_of(self.m).register_kprobe(kp)
-                tk.kp = kp
+            self._register_probe(tk)
         except KprobeError as e:
+            # "This probe might be able to register after target module is loaded" (only
+            # for a symbol: a raw address is -ENOENT here where the kernel says -EINVAL)
+            if e.errno == errno.ENOENT and tk.symbol is not None \
+                    and not trace_kprobe_module_exist(self.m, tk.symbol):
+                return
             code = {errno.EILSEQ: "BAD_INSN_BNDRY", errno.ENOENT: "BAD_PROBE_ADDR"}.get(e.errno, "FAIL_REG_PROBE")
             raise TraceProbeError(code, 1, 0, e.errno) from None
+
+    def _register_probe(self, tk: TraceKprobe) -> None:
+        """__register_trace_kprobe: the core's register_kprobe / register_kretprobe."""
+        if tk.rp is not None:
+            from probes.kretprobes import Kretprobe, kretprobes_of
+            assert isinstance(tk.rp, Kretprobe)
+            kretprobes_of(self.m).register_kretprobe(tk.rp)
+        else:
+            assert tk.kp is not None
+            self._native_fetch(tk, tk.kp)
+            kprobes_of(self.m).register_kprobe(tk.kp)
+
+    def trace_kprobe_module_callback(self, mod_name: str) -> list[str]:
+        """MODULE_STATE_COMING: every event on the module's `MOD:SYM` is registered again,
+        armed if its event is enabled: one that waited for the module, or one left GONE when
+        it went (its text is new). Returns the kernel's warnings for those that fail."""
+        warnings = []
+        for tk in self.probes:
+            if not trace_kprobe_within_module(tk, mod_name):
+                continue
+            self._unregister(tk)               # __unregister_trace_kprobe
+            p = tk.probe
+            p.addr = None                      # found again by symbol
+            on = tk.call is not None and tk.call.active
+            p.flags = p.flags & ~KPROBE_FLAG_DISABLED if on else p.flags | KPROBE_FLAG_DISABLED
+            try:
+                self._register_probe(tk)
+            except KprobeError as e:
+                warnings.append(f"Failed to re-register probe {tk.event} on {mod_name}: "
+                                f"{-e.errno}")
+        return warnings
 
     def _unregister(self, tk: TraceKprobe) -> None:
         if tk.rp is not None:
@@ -460,6 +518,31 @@ class TraceKprobeEvents:
             data = store_trace_args(tk, regs, self._fetch_context(), head) if tk.args else head
             self._commit(call, data, regs, True)
         return ret
+
+    def _native_fetch(self, tk: TraceKprobe, kp: Kprobe) -> None:
+        """Give the C hit path the event's fetch program: C builds the record's fields and
+        strings, `native_record` commits it (probes/native; identical bytes)."""
+        if kprobes_of(self.m).native is None:
+            return
+        call = tk.call
+        fixed_end = call.fields[-1].offset + call.fields[-1].size if call.fields else 8
+        prog = compile_fetch_program(tk.args, self.m.arch, fixed_end)
+        if prog is None:
+            return
+        kp.__dict__["native_tprog"] = (ctypes.c_uint64 * len(prog))(*prog)
+        kp.__dict__["native_trace"] = lambda p, regs, body, t=tk: self.native_record(t, p, regs, body)
+
+    def native_record(self, tk: TraceKprobe, kp: Kprobe, regs: "PtRegs", body: bytes) -> int:
+        """kprobe_dispatcher with the record's fields and strings built by C (`body`, its
+        first 16 bytes left for the header and probe ip)."""
+        call = tk.call
+        if call.prog_array:                    # programs first: Python's whole path
+            return self.kprobe_dispatcher(tk, kp, regs)
+        tk.nhit += 1
+        if call.enabled and not trace_trigger_soft_disabled(call):
+            head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
+            self._commit(call, head + body[16:], regs, True)
+        return 0
 
     def _commit(self, call: TraceEventCall, data: bytes, regs: "PtRegs", at_entry: bool) -> None:
         fs = self.fs

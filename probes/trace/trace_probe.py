@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from emu.errors import UsageError
 from emu.uaccess import UserFault, copy_from_user, get_user, strncpy_from_user
@@ -664,14 +664,19 @@ def finalize_fetch_insn(prog: _Prog, ftype: FetchType, count: int, tname: str | 
 
 
 # --- probe locations -------------------------------------------------------------------------------
-def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
+def parse_probe_location(text: str, symbols: "SymbolTable",
+                         module_loaded: Callable[[str], bool] | None = None) -> ProbeLocation:
     """`SYM[+offs]|MEMADDR[%return]` as trace_kprobe_create reads argv[1]; errors carry the
-    kernel's code and column (index 1)."""
+    kernel's code and column (index 1). `MOD:SYM` of a module that `module_loaded` says is
+    not there is not checked: the module may come later (validate_probe_symbol)."""
     try:
         loc = parse_location(text, suffix=True)
     except LocationError as e:
         raise TraceProbeError(e.code, 1, e.pos) from None
     if loc.symbol is None:
+        return loc
+    mod, sep, _sym = loc.symbol.partition(":")
+    if sep and module_loaded is not None and not module_loaded(mod):
         return loc
     found = [s for s in symbols.lookup_all(loc.symbol) if s.kind == "func"] \
         or symbols.lookup_all(loc.symbol)
@@ -681,3 +686,72 @@ def parse_probe_location(text: str, symbols: "SymbolTable") -> ProbeLocation:
     if len({s.addr for s in found}) > 1:
         raise TraceProbeError("NON_UNIQ_SYMBOL", 1, 0)
     return loc
+
+
+# --- the native fetch program (probes/native/kprobe_native.c eval_tprog) ------------------------
+TP_END, TP_REG, TP_SP, TP_IMM, TP_STACK, TP_DEREF, TP_ADD, TP_ST_VAL, TP_ST_MEM, TP_ST_STR, \
+    TP_FIXED = range(11)
+STACK_FAULTS, STACK_PLAIN, STACK_ZERO = range(3)
+
+
+def _tp_word(op: int, size: int = 0, offset: int = 0, bf: Bitfield | None = None) -> int:
+    w = op | size << 8 | offset << 16
+    if bf is not None:
+        w |= bf.width << 32 | bf.offset << 40 | bf.container << 48
+    return w
+
+
+def _tp_base(a: FetchArg, arch: "Arch") -> list[tuple[int, int]] | None:
+    """The ops that load an argument's base value, or None if C does not model it."""
+    from probes.regs import regs_facts
+    kind, param = a.base
+    if kind == "reg":
+        name = arch.aliases.get(param, param)
+        if name in regs_facts(arch).zero_regs:
+            return [(TP_IMM, 0)]
+        return [(TP_REG, arch.regs[name])] if name in arch.regs else None
+    if kind in ("imm", "mem", "regconst") and isinstance(param, int):
+        return [(TP_IMM, param & _U64)]
+    if kind == "stackp":
+        return [(TP_SP, 0)]
+    if kind == "stack":
+        return [(_tp_word(TP_STACK, STACK_PLAIN if a.plain else STACK_FAULTS), param)]
+    if kind == "arg":
+        args = arch.args
+        if param <= len(args):
+            name = arch.aliases.get(args[param - 1], args[param - 1])
+            return [(TP_REG, arch.regs[name])] if name in arch.regs else None
+        if not regs_facts(arch).stack_args:
+            return [(TP_IMM, 0)]
+        return [(_tp_word(TP_STACK, STACK_ZERO), param - len(args))]
+    return None                          # $retval, $comm, immediate strings
+
+
+def compile_fetch_program(args: list[FetchArg], arch: "Arch", fixed_end: int,
+                          is_return: bool = False) -> list[int] | None:
+    """The fetch arguments of a kprobe event as the program C's eval_tprog runs (pairs of
+    op word and operand; see kprobe_native.c), or None if one argument needs Python: an
+    array, $comm or an immediate string, symstr, $retval or a return probe's $argN."""
+    if is_return:
+        return None
+    prog = [TP_FIXED, fixed_end]
+    for a in args:
+        if a.count or a.type.name == "symstr" or (a.type.is_string and not a.is_memory):
+            return None
+        base = _tp_base(a, arch)
+        if base is None:
+            return None
+        ops = list(base)
+        for offs, _user in a.derefs[:-1]:
+            ops.append((TP_DEREF, offs & _U64))
+        if a.derefs:
+            ops.append((TP_ADD, a.derefs[-1][0] & _U64))
+        if a.plain:
+            ops.append((_tp_word(TP_ST_VAL, a.type.size, a.offset, a.bitfield), 0))
+        elif a.type.is_string:
+            ops.append((_tp_word(TP_ST_STR, 4, a.offset), 0))
+        else:
+            ops.append((_tp_word(TP_ST_MEM, a.type.size, a.offset, a.bitfield), 0))
+        for op, operand in ops:
+            prog += [op, operand]
+    return prog + [TP_END, 0]

@@ -305,6 +305,9 @@ class Tracefs:
             return self._write_events(path[len("events/"):], text, append)
         if path == "snapshot":
             return self._write_snapshot(text)
+        if path == "set_ftrace_filter":                 # function probe commands
+            from probes.trace.trace_functions import function_probes_of
+            return function_probes_of(self).write(text)
         writer = {"trace": self._clear_trace, "error_log": self._clear_error_log,
                   "tracing_on": self._set_tracing_on, "buffer_size_kb": self._set_size,
                   "options/overwrite": self._set_overwrite}.get(path)
@@ -352,6 +355,9 @@ class Tracefs:
             "buffer_size_kb": lambda: f"{self.buffer.size_kb}\n",
             "options/overwrite": lambda: f"{int(self.buffer.overwrite)}\n",
         }
+        if path == "set_ftrace_filter":
+            from probes.trace.trace_functions import function_probes_of
+            return function_probes_of(self).show()
         if path in simple:
             return simple[path]()
         if path.startswith("events/"):

@@ -22,22 +22,29 @@ class Arm64Ftrace:
     ftrace_section = "__patchable_function_entries"
     ftrace_nop = struct.pack("<I", NOP) * 2
     ftrace_patch_size = 4                          # only the first nop becomes `b`
+    ftrace_key_back = 0                            # the C caller keys a site by its stub
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine
         self.pages = pages
         self._stubs: dict[int, int] = {}           # site -> its trampoline
         self._sites: dict[int, int] = {}           # trampoline -> site
+        self._entries: dict[int, int] = {}         # site -> its stub's host entry
 
     def ftrace_make_call(self, site: int, caller: HostEntry) -> bytes:
         stub = self._stubs.get(site)
         if stub is None:
             stub = self.pages.tramps.get(near=site)
             self.m.text_poke(stub, struct.pack("<II", NOP, b_insn(stub + 4, site + 4)))
-            self.m.add_host_entry(stub, caller)
+            self._entries[site] = self.m.add_host_entry(stub, caller)
             self._stubs[site] = stub
             self._sites[stub] = site
         return struct.pack("<I", b_insn(site, stub)) + self.ftrace_nop[4:]
+
+    def ftrace_native_entry(self, site: int) -> tuple[int, int] | None:
+        """(host entry hook, the C caller's key) of a patched site."""
+        entry = self._entries.get(site)
+        return None if entry is None else (entry, self._stubs[site])
 
     def ftrace_site(self, m: Machine, pc: int, sp: int) -> int:
         return self._sites[pc]                     # each site has its own trampoline

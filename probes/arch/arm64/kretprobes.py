@@ -20,6 +20,8 @@ class Arm64Kretprobes:
     """ArchKretprobes for arm64."""
 
     trampoline_code = BRK64_OPCODE_KRETPROBES.to_bytes(4, "little")
+    ret_addr_on_stack = False                # lr: the C path hijacks x30
+    tramp_entry = None                       # the trampoline traps: no host entry
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine

@@ -177,9 +177,11 @@ class Arm64Optprobes:
         oi.handle = self.m.add_host_entry(detour, callback_at(p.addr, callback))
         return oi
 
-    def arch_optimize_kprobe(self, p: "Kprobe") -> None:
+    def arch_optimize_kprobe(self, p: "Kprobe", target: int | None = None) -> None:
+        """The branch to the detour (or to `target`: a thunk that ends in the detour's copies)."""
         assert p.addr is not None
-        text_poke_live(self.m, p.addr, struct.pack("<I", b_insn(p.addr, p.ainsn.optinsn.detour)))
+        to = p.ainsn.optinsn.detour if target is None else target
+        text_poke_live(self.m, p.addr, struct.pack("<I", b_insn(p.addr, to)))
 
     def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
         assert p.addr is not None
@@ -194,3 +196,63 @@ class Arm64Optprobes:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)
         self.tramps.put(oi.detour)
+
+
+# --- the BPF optprobe thunk ----------------------------------------------------------------
+
+def _movq(r: str, value: int) -> str:
+    """A 64-bit constant as MOVZ + MOVKs (text)."""
+    value &= 2**64 - 1
+    out = f"movz {r}, #{value & 0xFFFF}; "
+    for k in (1, 2, 3):
+        h = (value >> (16 * k)) & 0xFFFF
+        if h:
+            out += f"movk {r}, #{h}, lsl #{16 * k}; "
+    return out
+
+
+def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
+              resume: int, pstate: int, stack: int) -> bytes:
+    """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
+    probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
+    `pstate`'s other bits, syscallno = -1) is saved on the guest stack; if the
+    bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
+    `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
+    `stack`) with x0 = the frame (x19, callee-saved in the JIT, keeps it); else a miss is
+    counted at `counters + 8`.
+    Every register and NZCV come back, then `b resume`. Every register and NZCV
+    come back from the frame, then `b resume`."""
+    from probes.arch.arm64.ptrace import PT_REGS_SIZE, SYSCALLNO_OFF
+    from probes.bpf.jit_arm64 import _KS
+
+    save = "".join(f"stp x{i}, x{i + 1}, [sp, #{8 * i}]; " for i in range(0, 30, 2))
+    load = "".join(f"ldp x{i}, x{i + 1}, [sp, #{8 * i}]; " for i in range(0, 30, 2))
+    calls = "".join(f"mov x0, x19; {_movq('x16', e)}blr x16; " for e in entries)
+    tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8))
+    # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
+    # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
+    # condition sets it back from one of 16 immediates.
+    nzcv = ("cset x0, mi; cset x1, eq; cset x2, hs; cset x3, vs; orr x0, x1, x0, lsl #1; "
+            "orr x0, x2, x0, lsl #1; orr x20, x3, x0, lsl #1; ")
+    table = "".join(f"ccmp xzr, xzr, #{k}, ne; b done; " for k in range(16))
+    text = (f"sub sp, sp, #{PT_REGS_SIZE}; {save}str x30, [sp, #240]; {nzcv}"
+            f"add x0, sp, #{PT_REGS_SIZE}; str x0, [sp, #248]; "
+            f"{_movq('x0', ip)}str x0, [sp, #256]; "
+            f"{_movq('x1', pstate & 0x0FFFFFFF)}orr x0, x1, x20, lsl #28; str x0, [sp, #264]; "
+            f"str xzr, [sp, #272]; movn w0, #0; str w0, [sp, #{SYSCALLNO_OFF}]; "
+            f"str wzr, [sp, #{SYSCALLNO_OFF + 4}]; {tail}"
+            f"{_movq('x1', active)}{_movq('x3', counters)}ldr w2, [x1]; cbnz w2, miss; "
+            "mov w2, #1; str w2, [x1]; ldr x2, [x3]; add x2, x2, #1; str x2, [x3]; "
+            f"mov x19, sp; {_movq('x16', stack)}mov sp, x16; {calls}mov sp, x19; "
+            f"{_movq('x1', active)}str wzr, [x1]; b restore; "
+            "miss: ldr x2, [x3, #8]; add x2, x2, #1; str x2, [x3, #8]; "
+            "restore: adr x1, table; add x1, x1, x20, lsl #3; cmp x1, x1; br x1; "
+            f"table: {table}"
+            f"done: {load}ldr x30, [sp, #240]; add sp, sp, #{PT_REGS_SIZE}; b #{resume:#x}")
+    for _ in range(3):            # keystone's arm64 parser occasionally fails once
+        try:
+            enc, _n = _KS.asm(text, at)
+            return bytes(enc or b"")
+        except Exception:
+            continue
+    raise OptimizeRefused(errno.EINVAL, "the BPF thunk did not assemble")

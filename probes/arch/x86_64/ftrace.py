@@ -21,18 +21,24 @@ class X86Ftrace:
     ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
     ftrace_patch_size = 5                              # MCOUNT_INSN_SIZE
     ftrace_trampoline_code = b"\x90\xc3"
+    ftrace_key_back = 5          # the C caller keys a site by the call's return address - 5
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine
         self.pages = pages
         self._tramp: int | None = None
+        self._entry: int | None = None                  # the trampoline's host entry
 
     def ftrace_make_call(self, site: int, caller: HostEntry) -> bytes:
         if self._tramp is None:
             self._tramp = self.pages.tramps.get(near=site)
             self.m.text_poke(self._tramp, self.ftrace_trampoline_code)
-            self.m.add_host_entry(self._tramp, caller)
+            self._entry = self.m.add_host_entry(self._tramp, caller)
         return b"\xe8" + struct.pack("<i", self._tramp - (site + 5))
+
+    def ftrace_native_entry(self, site: int) -> tuple[int, int] | None:
+        """(host entry hook, the C caller's key) of a patched site."""
+        return None if self._entry is None else (self._entry, site)
 
     # The two stack reads below only pick the site and the parent the handlers see; the
     # guest sees nothing of them. So the hot path reads raw, and only an unmapped stack

@@ -22,15 +22,17 @@ class X86Kretprobes:
     # The rethook trampoline is entered without a trap; its byte is an int3 so that
     # reaching it without the host entry would still stop loudly.
     trampoline_code = b"\xcc"
+    ret_addr_on_stack = True                 # the C path reads and hijacks the word at sp
 
     def __init__(self, machine: Machine, pages: "ProbePages") -> None:
         self.m = machine
         self.pages = pages
+        self.tramp_entry: int | None = None  # the trampoline's host entry (C takes it over)
 
     def map_kretprobe_trampoline(self, handler: BreakHandler) -> int:
         addr = self.pages.tramps.get(near=self.m.entry or self.m.pc)
         self.m.text_poke(addr, self.trampoline_code)
-        self.m.add_host_entry(addr, cast(HostEntry, handler))   # its bool is not needed
+        self.tramp_entry = self.m.add_host_entry(addr, cast(HostEntry, handler))  # bool unused
         return addr
 
     def arch_prepare_kretprobe(self, ri: "KretprobeInstance", regs: "PtRegs",

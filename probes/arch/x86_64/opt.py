@@ -139,10 +139,11 @@ class X86Optprobes:
         oi.handle = self.m.add_host_entry(detour, callback_at(p.addr, callback))
         return oi
 
-    def arch_optimize_kprobe(self, p: "Kprobe") -> None:
+    def arch_optimize_kprobe(self, p: "Kprobe", target: int | None = None) -> None:
+        """The jump to the detour (or to `target`: a thunk that ends in the detour's copies)."""
         assert p.addr is not None
         oi = p.ainsn.optinsn
-        rel = oi.detour - (p.addr + JMP32_INSN_SIZE)
+        rel = (oi.detour if target is None else target) - (p.addr + JMP32_INSN_SIZE)
         text_poke_live(self.m, p.addr, b"\xe9" + struct.pack("<i", rel))
 
     def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
@@ -163,3 +164,45 @@ class X86Optprobes:
         oi = p.ainsn.optinsn
         self.m.remove_host_entry(oi.handle)
         self.tramps.put(oi.detour)
+
+
+# --- the BPF optprobe thunk ----------------------------------------------------------------
+
+RED_ZONE = 128                       # the SysV user stack below rsp a leaf may use
+
+
+def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
+              resume: int, cs: int, ss: int, stack: int) -> bytes:
+    """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
+    pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) is saved on the guest stack;
+    if the bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
+    `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
+    `stack`, as the kernel runs programs on its own stack, not the probed code's) with
+    rdi = the frame (rbx, callee-saved in the JIT, keeps it); else a miss is counted at
+    `counters + 8`. Every register and the flags come back from the
+    frame, then `jmp resume` (the detour's relocated copies)."""
+    from probes.arch.x86_64.ptrace import PT_REGS_FIELDS, PT_REGS_SIZE
+    from probes.bpf.jit_x86_64 import _KS
+
+    off = {n: 8 * i for i, n in enumerate(PT_REGS_FIELDS)}
+    frame = RED_ZONE + PT_REGS_SIZE
+    gprs = [n for n in PT_REGS_FIELDS if n not in ("orig_ax", "rip", "cs", "rflags", "rsp", "ss")]
+    save = "".join(f"mov [rsp + {off[r]}], {r}; " for r in gprs)
+    calls = "".join(f"mov rdi, rbx; movabs rax, {e:#x}; call rax; " for e in entries)
+    text = (f"lea rsp, [rsp - {frame}]; {save}"
+            f"pushfq; pop rax; mov [rsp + {off['rflags']}], rax; "
+            f"mov qword ptr [rsp + {off['orig_ax']}], -1; "
+            f"movabs rax, {ip:#x}; mov [rsp + {off['rip']}], rax; "
+            f"mov qword ptr [rsp + {off['cs']}], {cs:#x}; "
+            f"mov qword ptr [rsp + {off['ss']}], {ss:#x}; "
+            f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "
+            f"movabs rax, {active:#x}; movabs rcx, {counters:#x}; "
+            "cmp dword ptr [rax], 0; jne miss; mov dword ptr [rax], 1; inc qword ptr [rcx]; "
+            f"mov rbx, rsp; movabs rsp, {stack:#x}; {calls}mov rsp, rbx; "
+            f"movabs rax, {active:#x}; mov dword ptr [rax], 0; jmp restore; "
+            "miss: inc qword ptr [rcx + 8]; "
+            f"restore: push qword ptr [rsp + {off['rflags']}]; popfq; "
+            + "".join(f"mov {r}, [rsp + {off[r]}]; " for r in gprs)
+            + f"lea rsp, [rsp + {frame}]; jmp {resume:#x}")
+    enc, _ = _KS.asm(text, at)
+    return bytes(enc or b"")

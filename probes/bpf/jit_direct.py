@@ -1,0 +1,253 @@
+"""Optimized probes whose BPF programs run with no host exit (issue 17).
+
+The kernel's optprobe template saves pt_regs on the stack and calls optimized_callback,
+which reaches kprobe_perf_func -> trace_call_bpf -> the JITed bpf_func. Here, after a
+host hit of an optimized probe has JITed its programs (probes/bpf/jit_guest.ProbeJit), a
+*thunk* is written near the probe: it saves the pt_regs frame on the guest stack, takes
+the bpf_prog_active guard, calls each JITed image with the frame as r1, restores every
+register and ends in the detour's relocated copies. The probe's jump then targets the
+thunk (Optimizer.direct), so later hits never leave the guest.
+
+Only programs the thunk can run in the traced run qualify: kprobe programs whose helper
+calls are inlined (array lookups, map_gen_lookup) or in TRAMPOLINE_HELPERS (a trap to the
+host helper inside the same run, no nested run), with no backward branch (the budget
+trampoline), tail call, callx, LD_ABS or exception-table load. Anything else keeps the
+host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
+words and folded into the host's counters whenever a run stops; the map values the images
+wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
+A change of an event's programs sends its probes back to the host path."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from emu.memory import PAGE, PROT_EXEC, PROT_READ
+from emu.owners import RegionOwner
+
+from .helpers import KERNEL_HELPERS
+from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
+from .jit_guest import ProbeJit, _jump_targets, _map_in_r1, _kind
+
+if TYPE_CHECKING:
+    from emu.machine import Machine
+    from probes.kprobes import Kprobe
+
+    from .program import BpfProg
+
+# Helpers a thunk's program may call through the helper trampoline (a trap into the host
+# inside the same run): they return a plain value and read or write only map entries and
+# keys/values on the BPF stack — no per-hit state of the host path (task, func_ip, output
+# to deliver, regions a lookup adds).
+TRAMPOLINE_HELPERS = frozenset({
+    2,      # map_update_elem
+    3,      # map_delete_elem
+    5,      # ktime_get_ns
+    7,      # get_prandom_u32
+    8,      # get_smp_processor_id
+})
+THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
+ACTIVE_OFF = 8                   # bpf_prog_active in the JIT's data page (tcc is at 0)
+COUNTERS_OFF = 64                # then (hits, misses) u64 pairs, one per thunk
+
+
+def direct_eligible(prog: "BpfProg") -> str | None:
+    """Why ``prog`` cannot run from a thunk, or None if it can."""
+    from .maps import ArrayMap
+    from .prog_types import BpfProgType
+
+    if prog.prog_type != BpfProgType.BPF_PROG_TYPE_KPROBE:
+        return "not a kprobe program"
+    insns = prog.insns
+    targets = _jump_targets(insns)
+    lookup = KERNEL_HELPERS.get(1)
+    for i, insn in enumerate(insns):
+        kind = _kind(insn) if i == 0 or insns[i - 1].code != 0x18 else "lddw2"
+        if kind in ("callx", "ldabs", "ldind"):
+            return f"insn {i}: {kind}"
+        if kind in ("jmp", "jmp32", "ja", "ja32"):
+            off = insn.imm if kind == "ja32" else insn.off
+            if off < 0:
+                return f"insn {i}: a backward branch (the budget trampoline)"
+        if insn.code == BPF_CALL_OP and insn.src_reg != BPF_PSEUDO_CALL:
+            fid = insn.imm
+            if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
+                return f"insn {i}: helper call {fid}"
+            if fid in TRAMPOLINE_HELPERS:
+                continue
+            if fid != 1 or prog.helpers.get(1) is not lookup:
+                return f"insn {i}: helper call {fid}"
+            if type(_map_in_r1(prog, insns, targets, i)) is not ArrayMap:
+                return f"insn {i}: map lookup not inlined"
+    return None
+
+
+@dataclass
+class Thunk:
+    probe: "Kprobe"
+    addr: int
+    counters: int               # guest address of (hits, misses)
+    event: Any                  # the KprobePerfEvent whose programs it calls
+    progs: list["BpfProg"]
+
+
+class DirectCalls:
+    """Per machine: the thunks and their pages; ``__call__(p)`` is Optimizer.direct."""
+
+    def __init__(self, machine: "Machine", runner: ProbeJit) -> None:
+        self.m = machine
+        self.runner = runner
+        self.thunks: dict[int, Thunk] = {}       # probe address -> live thunk
+        self._pages: list[int] = []
+        self._free: list[int] = []
+        self._counters = 0
+        self.refused: dict[int, str] = {}        # probe address -> why it keeps the host path
+        machine.stop_listeners.append(self.fold)
+
+    # -- deciding --
+    def __call__(self, p: "Kprobe") -> int | None:
+        from probes.bpf.libbpf import KprobePerfEvent
+
+        assert p.addr is not None
+        if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
+            self._drop(p.addr)
+        event = getattr(p.pre_handler, "__self__", None)
+        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
+                or not event.prog_array:
+            self.refused[p.addr] = "the handler is not one kprobe-PMU event with programs"
+            return None
+        why: str | None = None
+        progs = event.prog_array.progs()
+        images: list[int] = []
+        for prog in progs:
+            image = self.runner.image_of(prog)
+            if image is None or image.extable:
+                why = f"{prog.name}: not JITed" if image is None else f"{prog.name}: probe loads"
+                break
+            why = direct_eligible(prog)
+            if why is not None:
+                why = f"{prog.name}: {why}"
+                break
+            images.append(image.entry)
+        if why is not None:
+            self.refused[p.addr] = why
+            return None
+        return self._build(p, event, progs, images)
+
+    def _build(self, p: "Kprobe", event: Any, progs: list["BpfProg"],
+               entries: list[int]) -> int | None:
+        from probes.arch.arm64 import opt as arm64_opt
+        from probes.arch.x86_64 import opt as x86_opt
+        from probes.errors import OptimizeRefused
+
+        assert p.addr is not None
+        m, jit = self.m, self.runner.jit
+        data = jit.tcc_addr
+        counters = data + COUNTERS_OFF + 16 * self._counters
+        if counters + 16 > data + PAGE:
+            self.refused[p.addr] = "no room for more thunk counters"
+            return None
+        at = self._slot(p.addr)
+        ip = p.addr + self._ip_offset()
+        resume = p.ainsn.optinsn.resume
+        try:
+            if m.arch.name == "x86_64":
+                code = x86_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters, resume,
+                                         m.reg("cs"), m.reg("ss"), jit.stack_top)
+            else:
+                code = arm64_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters,
+                                           resume, m.reg("pstate"), jit.stack_top)
+                arm64_opt.b_insn(p.addr, at)              # reachable from the probe
+        except (OptimizeRefused, Exception) as e:  # out of branch range, or no encoding
+            self._free.append(at)
+            self.refused[p.addr] = f"thunk: {e}"
+            return None
+        if len(code) > THUNK_SLOT:
+            self._free.append(at)
+            self.refused[p.addr] = "thunk too large"
+            return None
+        self._counters += 1
+        m.text_poke(at, code)
+        m.symbols.add(f"bpf_optprobe_thunk_{p.addr:x}", at, len(code))
+        self.thunks[p.addr] = Thunk(p, at, counters, event, list(progs))
+        self.refused.pop(p.addr, None)
+        return at
+
+    def _ip_offset(self) -> int:
+        from probes.kprobes import kprobes_of
+        return kprobes_of(self.m).arch.handler_ip_offset
+
+    def _slot(self, near: int) -> int:
+        """A thunk slot in a page near the probe (in branch range), owned by the BPF layer."""
+        from probes.insn_slots import place_near
+
+        for i, at in enumerate(self._free):
+            if abs(at - near) < (64 << 20):
+                return self._free.pop(i)
+        page = place_near(self.m, near, PAGE)
+        self.m.memory.map(page, PAGE, PROT_READ | PROT_EXEC, "[bpf optprobe thunks]")
+        self.m.claim_text(page, PAGE, RegionOwner.BPF, "[bpf optprobe thunks]")
+        self._pages.append(page)
+        self._free += list(range(page, page + PAGE, THUNK_SLOT))
+        return self._free.pop(0)
+
+    # -- the host's view --
+    def fold(self) -> None:
+        """Add what the thunks counted to the probes, events and program stats, and read
+        the map values the images wrote back into the maps (a run has stopped)."""
+        if not self.thunks:
+            return
+        from probes.trace.bpf_trace import prog_stats
+
+        uc = self.m.uc
+        for t in self.thunks.values():
+            hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
+            if hits or misses:
+                uc.mem_write(t.counters, bytes(16))
+                if not t.probe.is_aggr:
+                    t.probe.hits += hits + misses
+                t.event.nhit += hits + misses
+                for prog in t.progs:
+                    st = prog_stats(prog)
+                    st.run_cnt += hits
+                    st.misses += misses
+        jit = self.runner._jit
+        if jit is not None and jit.run_state is not None:
+            jit.sync_in(stack=False)
+
+    def forget_event(self, event: Any) -> None:
+        """The event's programs changed: its probes go back to the host path."""
+        from probes.kprobes import kprobes_of
+
+        opt = kprobes_of(self.m).optimizer
+        for addr, t in list(self.thunks.items()):
+            if t.event is event:
+                self._drop(addr)
+                if opt is not None:
+                    opt.forget_direct(t.probe)
+
+    def _drop(self, addr: int) -> None:
+        """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is
+        reused once the probe's jump no longer targets it."""
+        self.fold()
+        t = self.thunks.pop(addr)
+        self._free.append(t.addr)
+
+
+def direct_calls_of(machine: "Machine") -> DirectCalls | None:
+    """The machine's thunks, if the JIT engine made them possible."""
+    dc = machine.layers.get("bpf_direct_calls")
+    return dc if isinstance(dc, DirectCalls) else None
+
+
+def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
+    """Let optimized probes call JITed programs from a thunk (``--bpf-engine jit``)."""
+    from probes.kprobes import kprobes_of
+
+    dc = direct_calls_of(machine)
+    if dc is None:
+        dc = machine.layers["bpf_direct_calls"] = DirectCalls(machine, runner)
+    opt = kprobes_of(machine).optimizer
+    if opt is not None and opt.direct is None:
+        opt.direct = dc
+    return dc
