@@ -482,12 +482,13 @@ class Kprobes:
         if the hit is complete (the handler set ip, or changed the probe table, so Python
         finishes the step). One Python frame around the handler, one pt_regs view reused
         for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
-        native, kcb, m = self.native, self.kcb, self.m
+        native, m = self.native, self.m
         assert native is not None
         regs, errors = PtRegs(m), m.hooks.errors
         reset, flush, st = regs.reset, regs.flush, native.st
 
         def pre(row: int) -> int:
+            kcb = self.kcb                  # this CPU's (per-CPU, swapped on a CPU switch)
             try:
                 rows = self._native_rows
                 p, ip, handler, record = rows[row]
