@@ -205,3 +205,22 @@ def text_poker_of(machine: Machine) -> TextPoker:
 def text_poke_live(machine: Machine, addr: int, data: bytes) -> None:
     """Patch text the guest may be running (see the module docstring)."""
     text_poker_of(machine).poke(addr, data)
+
+
+def _register_snapshot_layer() -> None:
+    """A snapshot may be taken after live pokes (a static key flipped before it): between
+    runs none is in flight, so the mode and the counters are the whole state."""
+    from emu.snapshot import LayerHooks, register_snapshot_layer
+
+    def take(poker: TextPoker) -> tuple[PokeMode, int, int]:
+        return poker.mode, poker.pokes, poker.emulated
+
+    def restore(_m: Machine, poker: TextPoker, state: tuple[PokeMode, int, int]) -> None:
+        poker.inflight.clear()
+        poker.mode, poker.pokes, poker.emulated = state
+        poker._cpu = poker.m.cpu
+
+    register_snapshot_layer("text_poke", LayerHooks(take, restore))
+
+
+_register_snapshot_layer()
