@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 from emu.arch import requested_arch
 from emu.elf import ElfImage, load_elf
-from emu.errors import ElfError
+from emu.errors import ElfError, UsageError
 from emu.firmware import image_fits_ram, setup_bare
 from emu.linux.fs import FileSystem
 from emu.linux.process import LinuxProcess, setup_process
@@ -29,6 +29,7 @@ class GuestConfig:
     fs_writable: bool = False
     seed: int = 0
     strace: bool = False
+    cpus: int = 1                                   # vCPUs (--cpus; Linux user mode)
 
 
 @dataclass
@@ -49,6 +50,8 @@ def load_guest(cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO
         if not image_fits_ram(m, image):
             raise ElfError(f"{cfg.path}: segments lie outside the {image.arch.name} bare-metal RAM "
                            f"({image.arch.bare_base:#x}-{image.arch.bare_base + image.arch.bare_ram_size:#x})")
+        if cfg.cpus != 1:
+            raise UsageError(f"--cpus {cfg.cpus}: bare-metal firmware runs on one CPU")
         setup_bare(m, image)
         return Guest(m, image, None)
     fs = FileSystem(cfg.fs_root, cfg.fs_writable)
@@ -56,7 +59,7 @@ def load_guest(cfg: GuestConfig, stdin: BinaryIO | None = None, stdout: BinaryIO
     argv = [cfg.path, *cfg.argv]
     env = DEFAULT_ENV if cfg.env is None else cfg.env
     proc = setup_process(m, image, argv, env, fs, stdin if stdin is not None else sys.stdin.buffer,
-                         seed=cfg.seed)
+                         seed=cfg.seed, cpus=cfg.cpus)
     proc.strace = cfg.strace
     install(proc)
     return Guest(m, image, proc)

@@ -122,6 +122,13 @@ class Machine:
         self.image = None           # the loaded ElfImage, if any
         self.layers: dict[str, object] = {}   # per-machine state of other layers (probes, ...)
         self.task: tuple[str, int] = ("swapper/0", 0)   # comm and pid traces show
+        # vCPUs (emu/smp.py): the id of the one whose context Unicorn holds now, how many
+        # there are, and the per-CPU state that follows a switch (a kprobe's kcb).
+        self.cpu = 0
+        self.nr_cpus = 1
+        self.cpu_listeners: list[Callable[[int], None]] = []
+        # The CPUs with a task to run (the scheduler answers): who must sync with a text poke.
+        self.busy_cpus: Callable[[], set[int]] = lambda: {self.cpu}
         self.halt_allowed = False   # bare metal: the halt instruction ends the run (else a fault)
         self.user_mode = False      # set by start_thread: the guest runs at CPL3 / EL0
         # time.monotonic() past which the run must stop (run(timeout=...)); blocking host
@@ -160,6 +167,13 @@ class Machine:
             for r in self.memory.regions:
                 if r.prot & PROT_EXEC:
                     self.uc.ctl_remove_cache(r.start, r.end)
+
+    def set_cpu(self, cpu: int) -> None:
+        """Unicorn now holds vCPU `cpu`'s context: per-CPU state follows (smp_processor_id)."""
+        if cpu != self.cpu:
+            self.cpu = cpu
+            for listener in self.cpu_listeners:
+                listener(cpu)
 
     def seed_random(self, seed: int) -> None:
         """Seed the guest's hardware random instructions (--seed, as getrandom)."""

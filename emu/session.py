@@ -56,7 +56,7 @@ class Session:
         """Load the guest of `emu run`, then let each provider act on it, in order."""
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=guest_args,
                           fs_root=args.fs, fs_writable=args.fs_write, seed=args.seed,
-                          strace=args.strace)
+                          strace=args.strace, cpus=getattr(args, "cpus", 1))
         session = cls.load(cfg, stdin, stdout, stderr)
         for provider in providers:
             provider.apply(session, args)

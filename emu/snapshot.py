@@ -248,9 +248,10 @@ def restore_clock(m: Machine, st: ClockState) -> None:
 
 # --- the machine's registries -----------------------------------------------------------------
 _LISTS = ("fault_notifiers", "patches", "text_listeners", "stop_listeners",
-          "limit_checks")
+          "limit_checks", "cpu_listeners")
 _DICTS = ("break_addrs", "live_patches", "layers")
-_SCALARS = ("syscall_handler", "entry", "image", "task", "halt_allowed", "user_mode")
+_SCALARS = ("syscall_handler", "entry", "image", "task", "halt_allowed", "user_mode", "cpu",
+            "nr_cpus", "busy_cpus")
 
 
 @dataclass(frozen=True)

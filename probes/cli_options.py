@@ -21,8 +21,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ftrace-filter", action="append", default=[], metavar="GLOB",
                    help="function tracer on functions matching GLOB (repeatable, or comma-separated)")
     p.add_argument("--trace-out", metavar="FILE", help="write trace lines to FILE (default: stderr)")
-    from probes import module
+    from probes import module, text_poke_cli
     module.add_run_options(p)          # --module: loaded before the probes that name MOD:SYM
+    text_poke_cli.add_run_options(p)   # --text-poke, --flip-static-key
 
 
 def kprobe_from_spec(spec: str) -> Kprobe:
@@ -35,8 +36,9 @@ def kprobe_from_spec(spec: str) -> Kprobe:
 
 
 def attach_from_args(session: Session, args: argparse.Namespace) -> None:
-    from probes import module
+    from probes import module, text_poke_cli
     module.attach_from_args(session, args)
+    text_poke_cli.attach_from_args(session, args)
     specs = getattr(args, "kprobe", None) or []
     rspecs = getattr(args, "kretprobe", None) or []
     filters = [f for spec in getattr(args, "ftrace_filter", None) or [] for f in spec.split(",") if f]

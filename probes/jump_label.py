@@ -20,6 +20,7 @@ from emu.uaccess import UserFault, copy_from_user, get_user, put_user
 from probes.arch import ArchJumpLabel, arch_probes_of
 from probes.errors import KprobeError
 from probes.reserved_text import ReservedText, TextUse, reserved_text_of
+from probes.text_poke import text_poker_of
 
 JUMP_TABLE = "__jump_table"
 JUMP_ENTRY_SIZE = 16
@@ -180,6 +181,7 @@ class JumpLabels:
                 continue
             want = self.arch.arch_jump_label_transform(e.code, e.target, on != e.branch)
             old = self.arch.arch_jump_label_transform(e.code, e.target, on == e.branch)
+            text_poker_of(self.m).settle(e.code, len(want))     # text_mutex: one at a time
             have = self.m.memory.read(e.code, len(want))
             if have == want:
                 continue

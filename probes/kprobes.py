@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Self
 from emu.clock import HANDLER, STEP, TRAP
 from emu.machine import SIGSEGV, SIGTRAP, Fault, Machine
 from emu.module import module_text_address
+from emu.smp import PerCpu
 from emu.symbols import cancel_ifunc_wait, when_ifunc_resolved
 from emu.uaccess import UserFault
 from probes.arch import ArchKprobes, arch_probes_of
@@ -117,7 +118,7 @@ _HANDLERS = frozenset({"pre_handler", "post_handler", "fault_handler"})
 
 @dataclass
 class KprobeCtlblk:
-    """struct kprobe_ctlblk plus current_kprobe (one CPU)."""
+    """struct kprobe_ctlblk plus current_kprobe: one per CPU (Kprobes.kcbs)."""
     current: Kprobe | None = None
     status: int = 0
     prev: list[tuple[Kprobe | None, int]] = field(default_factory=list)
@@ -137,7 +138,9 @@ class Kprobes:
         self.m = machine
         self.arch: ArchKprobes = arch_probes_of(machine).kprobes
         self.table: dict[int, Kprobe] = {}
-        self.kcb = KprobeCtlblk()
+        # DEFINE_PER_CPU(kprobe_ctlblk): `kcb` is this CPU's, swapped when another CPU runs
+        self.kcbs = PerCpu(machine, KprobeCtlblk, self._set_kcb)
+        self.kcb = self.kcbs.this_cpu
         # the probe layer's pages (slots, trampolines) and claimed text (BPF JIT images)
         self.blacklist = Blacklist.from_machine(
             machine, lambda a: self.arch.owns(a) or any(s <= a < e for s, e in machine.owned_text))
@@ -161,6 +164,9 @@ class Kprobes:
                 self.native.set_pre_entry(self._native_pre_entry(), guarded=True)
 
     # --- registration -----------------------------------------------------------------------
+
+    def _set_kcb(self, kcb: KprobeCtlblk) -> None:
+        self.kcb = kcb
     def register_kprobe(self, p: Kprobe) -> None:
         if id(p) in self._registered:
             raise KprobeError(errno.EINVAL, "this kprobe is already registered", _where(p))
@@ -476,12 +482,13 @@ class Kprobes:
         if the hit is complete (the handler set ip, or changed the probe table, so Python
         finishes the step). One Python frame around the handler, one pt_regs view reused
         for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
-        native, kcb, m = self.native, self.kcb, self.m
+        native, m = self.native, self.m
         assert native is not None
         regs, errors = PtRegs(m), m.hooks.errors
         reset, flush, st = regs.reset, regs.flush, native.st
 
         def pre(row: int) -> int:
+            kcb = self.kcb                  # this CPU's (per-CPU, swapped on a CPU switch)
             try:
                 rows = self._native_rows
                 p, ip, handler, record = rows[row]

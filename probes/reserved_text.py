@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from emu.machine import Machine
 from probes.errors import KprobeError
+from probes.text_poke import text_poke_live
 
 
 class TextUse(StrEnum):
@@ -83,7 +84,7 @@ class ReservedText:
             if r.owner is not owner:
                 lo, hi = max(r.start, addr), min(r.end, addr + len(data))
                 buf[lo - addr:hi - addr] = m.memory.read(lo, hi - lo)
-        m.text_poke(addr, bytes(buf))
+        text_poke_live(m, addr, bytes(buf))
 
     def check(self, start: int, size: int, owner: object, what: str = "patch") -> None:
         """Refuse a write of [start, start+size) that touches text reserved by another."""

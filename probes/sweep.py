@@ -50,6 +50,7 @@ class SweepConfig:
     fs_root: str | None = None
     fs_writable: bool = False       # each run writes into its own scratch copy of fs_root
     seed: int = 0
+    cpus: int = 1                   # --cpus: vCPUs of every run
     # How each run is probed: "kprobe" (every instruction), "optprobe" (every instruction,
     # jump-optimized where can_optimize allows) or "kretprobe" (each function entry).
     mode: str = "kprobe"
@@ -259,7 +260,8 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
     out, err = OutputDigest(), OutputDigest()
     with _fs_for_run(cfg) as root:
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                           fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
+                           fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
+                           cpus=cfg.cpus)
         guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err), image=image)
         m = guest.machine
         if setup is not None:
@@ -491,9 +493,10 @@ class Plan:
     @property
     def resumable(self) -> bool:
         """Runs may start from snapshots: not with --fs-write (host files are not rolled
-        back; each run gets a scratch tree) nor --max-insns (a budget counts from _start)."""
+        back; each run gets a scratch tree), --max-insns (a budget counts from _start) nor
+        --cpus (a snapshot keeps no tasks)."""
         c = self.cfg
-        return c.snapshots and not c.fs_writable and not c.max_insns
+        return c.snapshots and not c.fs_writable and not c.max_insns and c.cpus == 1
 
 
 class FreshRunner:
@@ -509,7 +512,8 @@ class FreshRunner:
             return _run(cfg, self.plan.image, setup)[0]
         with _fs_for_run(cfg) as root:
             gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                               fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed)
+                               fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
+                           cpus=cfg.cpus)
             out, err = OutputDigest(), OutputDigest()
             m = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err),
                            image=self.plan.image).machine
@@ -542,7 +546,7 @@ class SnapshotRunner:
     def _load(self) -> Machine:
         cfg = self.plan.cfg
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                           fs_root=cfg.fs_root, seed=cfg.seed)
+                           fs_root=cfg.fs_root, seed=cfg.seed, cpus=cfg.cpus)
         self.out, self.err = OutputDigest(), OutputDigest()
         return load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(self.out), stderr=_stream(self.err),
                           image=self.plan.image).machine

@@ -35,6 +35,8 @@ def add_subcommand(sub) -> None:
     s.add_argument("--fs-write", action="store_true",
                    help="also allow writes, each run into its own scratch copy of DIR")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="seed of getrandom and AT_RANDOM")
+    from emu.linux.cli_options import add_cpus_option
+    add_cpus_option(s)
     add_backend_options(s, "offsets", "sweep")
     s.add_argument("--no-snapshots", dest="snapshots", action="store_false",
                    help="run every offset from _start (the sweep before snapshots)")
@@ -87,6 +89,7 @@ def cmd_sweep(args) -> int:
                       funcs=args.funcs, jobs=jobs, timeout=args.timeout,
                       mode=args.mode, max_insns=args.max_insns, fs_root=args.fs,
                       fs_writable=args.fs_write, seed=args.seed, snapshots=args.snapshots,
+                      cpus=args.cpus,
                       stdin=_read_stdin(args.stdin, args.timeout))
     backend = backend_from_args(args)
     path = args.resume or args.results

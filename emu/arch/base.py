@@ -72,6 +72,8 @@ class CpuHost(Protocol):
     def stopping(self) -> bool: ...
     @property
     def pc(self) -> int: ...
+    @property
+    def cpu(self) -> int: ...           # the vCPU running (rdtscp's TSC_AUX)
     def on_break(self, addr: int, code: int | None = None) -> None: ...
     def on_syscall(self) -> None: ...
     def on_undefined(self, addr: int) -> None: ...
@@ -127,6 +129,9 @@ class Arch(ABC):
     # How far Unicorn moves the pc after a syscall hook returns: x86's hook runs with the pc
     # on the 2-byte `syscall` and adds its length afterwards; arm64's runs past the `svc`.
     syscall_pc_step: int = 0
+    # The length of the syscall instruction (`svc #0`; x86 `syscall` is 2): a restarted
+    # call resumes this far back.
+    syscall_insn_size: int = 4
     # clone's argument order after newsp, as indices into (ptid, arg3, arg4) of (tls, ctid):
     # x86-64 (ptid, ctid, tls); arm64, CONFIG_CLONE_BACKWARDS (ptid, tls, ctid).
     clone_tls_ctid: tuple[int, int] = (1, 2)

@@ -107,7 +107,7 @@ class X86_64Arch(Arch):
                 regs.write(rax, value & 0xFFFFFFFF)
                 regs.write(rdx, value >> 32)
                 if with_aux:
-                    regs.write(rcx, 0)              # IA32_TSC_AUX: cpu 0
+                    regs.write(rcx, m.cpu)          # IA32_TSC_AUX: the CPU (node 0)
                 return 1
             return read
 
@@ -205,7 +205,7 @@ X86_64 = X86_64Arch(
     bare_base=0x0, bare_ram_size=0x0800_0000, bare_stack_top=0x0800_0000,
     flags_reg="rflags", halt_size=1, halt_insn=HLT, halt_asm="hlt", cpu_profile="skylake",
     task_size=GDT_PAGE,     # TASK_SIZE_MAX: 2^47 - 4096
-    syscall_pc_step=2, clone_tls_ctid=(2, 1),
+    syscall_pc_step=2, syscall_insn_size=2, clone_tls_ctid=(2, 1),
     aliases={"ip": "rip", "flags": "rflags", "ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx",
              "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp"},
     exception_names={0: "divide error", 1: "debug trap", 4: "overflow (into)", 5: "bound range",

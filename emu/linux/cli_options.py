@@ -24,7 +24,26 @@ def parse_size(text: str) -> int:
     return size
 
 
+def cpu_count(text: str) -> int:
+    """--cpus N: 1 to MAX_CPUS vCPUs."""
+    from emu.smp import MAX_CPUS
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU count: {text!r}") from None
+    if not 1 <= n <= MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"--cpus {text}: must lie between 1 and {MAX_CPUS}")
+    return n
+
+
+def add_cpus_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=cpu_count, default=1, metavar="N",
+                   help="vCPUs over the one guest memory, threads placed round robin; "
+                        "their interleaving is a function of --seed (default 1)")
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
+    add_cpus_option(p)
     p.add_argument("--max-memory", type=parse_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
                    help="the guest's memory budget: mappings past it fail with ENOMEM "
                         f"(default {DEFAULT_MAX_MEMORY >> 30}G)")

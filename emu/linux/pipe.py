@@ -1,11 +1,11 @@
 """Pipes (the kernel's fs/pipe.c): a bounded buffer with a read end and a write end.
 
-The capacity is the kernel's default, 16 pages (64 KiB). A guest has one thread, so a call
-that would block — a read of an empty pipe whose write end is still open, a write to a full
-pipe whose read end is open — can never be woken: in Linux the process sleeps for ever.
-Here such a call raises `WouldBlockForever`, which the syscall layer ends as a limit (exit
-124, as a `timeout` wrapper would end the hung process) instead of hanging or growing host
-memory. With O_NONBLOCK the same calls return EAGAIN, as in Linux; writes with no reader
+The capacity is the kernel's default, 16 pages (64 KiB). A call that would block raises
+`WouldBlockForever`: a read of an empty pipe whose write end is still open sleeps while
+other threads live (the syscall layer runs it again when a pipe changes); a write to a full
+pipe, or a read with no other thread, can never be woken (in Linux the process sleeps for
+ever) and the syscall layer ends the run as a limit (exit 124, as a `timeout` wrapper would
+end the hung process) instead of hanging or growing host memory. With O_NONBLOCK the same calls return EAGAIN, as in Linux; writes with no reader
 left get EPIPE (and SIGPIPE)."""
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ PIPE_DEF_BUFFERS = 16           # slots of a page: 64 KiB
 
 
 class WouldBlockForever(Exception):
-    """A blocking pipe call no other thread can ever complete. `what` names the call."""
+    """A blocking pipe call that must wait. `what` names the call; `restartable`: it has
+    done nothing yet, so a thread may sleep and run it again (a read; a write that does not
+    fit has committed part of its data)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, restartable: bool = False) -> None:
         super().__init__(what)
         self.what = what
+        self.restartable = restartable
 
 
 class PipeError(Exception):
@@ -52,7 +55,7 @@ class Pipe:
                 return b""                          # EOF
             if nonblock:
                 raise PipeError(errno.EAGAIN)
-            raise WouldBlockForever("read of an empty pipe whose write end is open")
+            raise WouldBlockForever("read of an empty pipe whose write end is open", True)
         out = bytearray()
         while self.slots and len(out) < n:
             head = self.slots[0]

@@ -47,6 +47,7 @@ class LinuxProcess:
     sigactions: dict[int, bytes] = field(default_factory=dict)
     sigmask: int = 0
     seed: int = 0
+    nr_cpus: int = 1                 # --cpus: the vCPUs its tasks run on
     rng: random.Random = field(default_factory=random.Random)
     strace: bool = False
     umask: int = 0o022
@@ -123,11 +124,11 @@ def _symbols(image: ElfImage):
 
 
 def setup_process(m: Machine, image: ElfImage, argv: list[str], envp: list[str],
-                  fs: FileSystem, stdin, seed: int = 0) -> LinuxProcess:
+                  fs: FileSystem, stdin, seed: int = 0, cpus: int = 1) -> LinuxProcess:
     check_user_layout(image)
     m.memory.task_size = m.arch.task_size
     map_image(m, image)
-    proc = LinuxProcess(m, image, fs, seed=seed)
+    proc = LinuxProcess(m, image, fs, seed=seed, nr_cpus=cpus)
     proc.brk_start = proc.brk = page_up(image.high_end)
     proc.comm = os.fsencode(argv[0]).rsplit(b"/", 1)[-1][:15] if argv else b"guest"
     m.task = (proc.comm.decode(errors="replace"), proc.creds.pid)

@@ -46,6 +46,10 @@ class SigAction:
         return struct.pack("<4Q", self.handler, self.flags, self.restorer, self.mask)
 
 
+class NoRestorer(Exception):
+    """An x86-64 handler installed without SA_RESTORER: its frame has no return address."""
+
+
 @dataclass
 class AltStack:
     sp: int = 0
@@ -71,6 +75,7 @@ def siginfo(sig: int, code: int, pid: int = 0, uid: int = 0, addr: int | None = 
 
 class FrameLayout(Protocol):
     trampoline: bytes            # rt_sigreturn, for handlers without SA_RESTORER
+    needs_restorer: bool         # no SA_RESTORER: the frame cannot be set up (SIGSEGV)
 
     def push(self, m: Machine, sp: int, sig: int, info: bytes, act: SigAction, oldmask: int,
              alt: AltStack, pc: int, tramp: int) -> tuple[int, dict[str, int]]: ...
@@ -86,6 +91,7 @@ class X86Frame:
     """rt_sigframe: pretcode, ucontext (flags, link, stack_t, sigcontext, sigmask), siginfo;
     the fxsave area (64-aligned) above it. The handler starts as if called: rsp+8 16-aligned."""
     trampoline = bytes.fromhex("b80f0000000f05")     # mov eax, 15; syscall
+    needs_restorer = True        # "x86-64 should always use SA_RESTORER": no vDSO stub
     GREGS = ("r8 r9 r10 r11 r12 r13 r14 r15 rdi rsi rbp rbx rdx rax rcx rsp rip rflags").split()
     UC, MCTX, MASK, INFO, SIZE = 8, 48, 304, 312, 440
 
@@ -140,6 +146,7 @@ class Arm64Frame:
     fault_address, x0-x30, sp, pc, pstate and __reserved holding an fpsimd_context), then the
     frame record {x29, x30} the handler's x29 points at."""
     trampoline = bytes.fromhex("681180d2010000d4")   # mov x8, #139; svc #0
+    needs_restorer = False       # the vDSO's sigtramp when there is no SA_RESTORER
     UC, MCTX, RESERVED, SIZE = 128, 304, 592, 4688
     FPSIMD_MAGIC, FPSIMD_SIZE = 0x46508001, 528
 
@@ -212,6 +219,7 @@ SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
 DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
 EINTR = 4
+ERESTARTSYS = 512
 MAX_PENDING = 1024                         # queued signals per task (RLIMIT_SIGPENDING-like)
 
 
@@ -269,7 +277,8 @@ class Signals:
             return                      # standard signals do not queue; RLIMIT_SIGPENDING
         task.pending.append((sig, info))
         if task.state == "blocked" and not task.sigmask & sigbit(sig):
-            self.sched.wake(task, -EINTR)
+            restart = task.wait is not None and task.wait.restart
+            self.sched.wake(task, -ERESTARTSYS if restart else -EINTR)
 
     def _order(self):
         """Who takes a process-directed signal: the running thread first, then by tid."""
@@ -305,19 +314,34 @@ class Signals:
             if act.handler == 0 or sig in (SIGKILL, SIGSTOP):
                 self.default_action(sig, info)
                 return
+            m = self.m
             try:
                 self._enter_handler(task, sig, info, act, in_syscall)
             except UserFault:          # no room for the frame: force_sigsegv, as Linux
-                m = self.m
-                m.stderr.write(f"emu: guest killed by SIGSEGV: cannot write the signal frame "
-                               f"for signal {sig} below sp {m.sp:#x}\n".encode())
-                self.proc.killed_by = 11
-                m.request_exit(128 + 11)
+                self._force_sigsegv(f"cannot write the signal frame for signal {sig} below "
+                                    f"sp {m.sp:#x}")
+            except NoRestorer:
+                self._force_sigsegv(f"the handler of signal {sig} has no SA_RESTORER "
+                                    f"(x86-64 signal frames need one)")
             return
+
+    def _force_sigsegv(self, why: str) -> None:
+        """The frame could not be set up: the process dies of SIGSEGV (force_sigsegv; a
+        SIGSEGV handler of its own is not tried)."""
+        self.m.stderr.write(f"emu: guest killed by SIGSEGV: {why}\n".encode())
+        self.proc.killed_by = 11
+        self.m.request_exit(128 + 11)
 
     def _enter_handler(self, task, sig: int, info: bytes, act: SigAction, in_syscall: bool) -> None:
         m, step = self.m, self.sched.step if in_syscall else 0
         pc = m.pc + step
+        if task.restart is not None:        # an interrupted call: -EINTR or run it again
+            if act.flags & SA_RESTART:
+                m.set_reg(m.arch.syscall_ret, task.restart)
+                pc -= m.arch.syscall_insn_size
+            task.restart = None
+        if self.layout.needs_restorer and not act.flags & SA_RESTORER:
+            raise NoRestorer(sig)           # x64_setup_rt_frame fails: force_sigsegv
         sp = m.sp
         alt = task.altstack or AltStack()
         if act.flags & SA_ONSTACK and alt.flags != SS_DISABLE and not alt.on(sp):

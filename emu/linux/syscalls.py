@@ -15,7 +15,7 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
-from emu.linux.tasks import Deadlock, FutexWait, Scheduler
+from emu.linux.tasks import ERESTARTNOINTR, Deadlock, FutexWait, Scheduler, TaskState
 from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
@@ -81,7 +81,7 @@ class SyscallDispatcher:
         self.counts: dict[str, int] = {}
         m.syscall_handler = self
         proc.dispatcher = self
-        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed)
+        proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed, proc.nr_cpus)
         proc.signals = sigact.Signals(proc)
 
     def __call__(self) -> None:
@@ -90,6 +90,8 @@ class SyscallDispatcher:
         args = [regs.read(i) for i in self.arg_ids]
         name, handler = self.table.get(nr, (self.names.get(nr, f"syscall_{nr}"), None))
         self.counts[name] = self.counts.get(name, 0) + 1
+        cur = self.proc.sched.current
+        cur.orig_ret, cur.restart = regs.read(self.ret_id), None
         self.proc.dispatcher_name = name
         if handler is None:
             ret = -E.ENOSYS
@@ -107,13 +109,13 @@ class SyscallDispatcher:
             except OverflowError:       # a register value no host call accepts
                 ret = -E.EINVAL
             except WouldBlockForever as e:
-                ret = -E.EINTR
-                stop_as_limit(self.m, f"guest blocked for ever in {name}: {e.what} "
-                                      f"(at pc {self.m.describe(self.m.pc)})")
+                ret = self._would_block(name, e)
             except ReadPastDeadline:
                 ret = -E.EINTR
                 stop_as_limit(self.m, f"wall-clock limit reached while the guest waited in "
                                       f"{name} at pc {self.m.describe(self.m.pc)}")
+        if name in _PIPE_EVENTS and ret >= 0:
+            self._wake_pipe_waiters()
         if ret == -E.EPIPE and name in _WRITES:
             _signal_self(self.proc, SIGPIPE)    # a write with no reader: SIGPIPE, then EPIPE
         if self.proc.strace:
@@ -122,6 +124,24 @@ class SyscallDispatcher:
         if not self.m.stopping:
             regs.write(self.ret_id, ret)
             self._reschedule()
+
+    def _would_block(self, name: str, e: WouldBlockForever) -> int:
+        """A pipe read that must wait: with other threads alive the task sleeps until a
+        pipe changes, then runs the call again (a signal makes it ERESTARTSYS: SA_RESTART
+        decides); alone, nothing could ever wake it: the run ends as a limit."""
+        sched = self.proc.sched
+        if e.restartable and len(sched.live()) > 1:
+            sched.block(FutexWait(PIPE_WAIT_KEY, 0, restart=True))
+            return -ERESTARTNOINTR
+        stop_as_limit(self.m, f"guest blocked for ever in {name}: {e.what} "
+                              f"(at pc {self.m.describe(self.m.pc)})")
+        return -E.EINTR
+
+    def _wake_pipe_waiters(self) -> None:
+        sched = self.proc.sched
+        for t in [t for t in sched.tasks.values() if t.state == TaskState.BLOCKED and t.wait
+                  and t.wait.key == PIPE_WAIT_KEY]:
+            sched.wake(t, -ERESTARTNOINTR)
 
     def _reschedule(self) -> None:
         """Switch tasks if the call blocked, yielded or used up the quantum."""
@@ -250,6 +270,9 @@ _STRACE_DECODERS = {
 
 
 _WRITES = {"write", "writev", "pwrite64", "pwritev", "sendfile"}
+# Calls after which a pipe may have data, room or no writer left: its sleeping readers retry.
+_PIPE_EVENTS = _WRITES | {"close", "close_range", "dup2", "dup3", "read", "readv"}
+PIPE_WAIT_KEY = -2              # the wait of a pipe reader (futex keys are addresses, >= 0)
 _STRACE_STR = 32                        # strace's default -s
 
 
@@ -274,7 +297,7 @@ _STRACE_ARGS = dict(
     clock_nanosleep="Cdxx", nanosleep="xx", rt_sigaction="Sxxu", rt_sigprocmask="Hxxu",
     prctl="dxxxx", kill="dS", tgkill="ddS", tkill="dS", sysinfo="x", getrusage="dx",
     umask="m", poll="xud", ppoll="xuxxu", futex="xXux", madvise="xud", mkdirat="fsm",
-    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx",
+    unlinkat="fsA", getpgid="d", setpgid="dd", sched_getaffinity="dux", sigaltstack="xx", getcpu="xxx",
     close_range="uud", clock_getres="Cp", time="x", fchmodat="fsm", chmod="sm", fchmod="dm",
     fchownat="fsddA", chown="sdd", fchown="ddd", utimensat="fsxA", pipe="x",
 )
@@ -848,8 +871,17 @@ def sys_sched_getaffinity(p, pid, size, mask, *_):
         return -E.EINVAL
     if pid and s32(pid) not in p.sched.tasks:
         return -E.ESRCH
-    wr(p, mask, struct.pack("<Q", 1))        # one CPU
+    wr(p, mask, struct.pack("<Q", (1 << p.sched.nr_cpus) - 1))    # every CPU (nr_cpu_ids <= 64)
     return 8
+
+
+@syscall("getcpu")
+def sys_getcpu(p, cpu, node, *_):
+    if cpu:
+        wr(p, cpu, struct.pack("<I", p.sched.current.cpu))
+    if node:
+        wr(p, node, struct.pack("<I", 0))
+    return 0
 
 
 @syscall("futex")

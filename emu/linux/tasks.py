@@ -1,5 +1,5 @@
-"""Tasks (threads of the one guest process) and the deterministic scheduler that runs them,
-one at a time, on the machine's single Unicorn CPU.
+"""Tasks (threads of the one guest process) and the deterministic scheduler that runs them
+on the machine's vCPUs (emu/smp.py), one context at a time on its one Unicorn.
 
 A task not running keeps its whole CPU state as a Unicorn context (registers, FP/SIMD,
 TLS). Switches happen only inside a syscall hook, where every task not running was saved:
@@ -12,8 +12,12 @@ while two tasks live or a signal timer is armed.
 
 When every task is blocked, model time jumps to the earliest futex timeout, sleep or
 timer; with none, nothing can ever run again: the run ends as a limit (exit 124, one
-`emu: deadlock: ...` line), as a guest blocked for ever on a pipe does. One vCPU for now:
-Task.cpu is there for the N-vCPU scheduler."""
+`emu: deadlock: ...` line), as a guest blocked for ever on a pipe does.
+
+With N CPUs (`--cpus N`) tasks are placed on CPUs round robin at creation (Task.cpu) and
+each CPU runs its own tasks round robin. The CPUs take turns: a turn ends after a
+seed-drawn length of code (emu/smp.py CpuTurns) or when its task blocks or yields, and the
+next CPU in id order with a runnable task runs next. With one CPU the turn is the quantum."""
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +31,14 @@ from emu.native_lib import address_of
 from emu.linux import preempt
 from emu.machine import Machine
 from emu.memory import PROT_EXEC
+from emu.smp import CpuTurns
 
 ETIMEDOUT = 110
+EINTR = 4
+# A blocked call's result when it must run again (include/linux/errno.h): ERESTARTSYS when
+# a signal interrupted it (restarted only if the handler has SA_RESTART, else EINTR),
+# ERESTARTNOINTR when what it waited for happened (always run again).
+ERESTARTSYS, ERESTARTNOINTR = 512, 513
 # The quantum: code bytes a task runs before it is preempted (about 4 bytes an instruction),
 # QUANTUM_BYTES plus a seed-chosen part of it, so that --seed varies the interleaving.
 QUANTUM_BYTES = 64 << 10
@@ -49,12 +59,13 @@ class FutexWait:
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None
     timeout_result: int = -ETIMEDOUT        # a sleep (key -1, no waker) returns 0
+    restart: bool = False                   # the call runs again when woken (a pipe read)
 
 
 @dataclass
 class Task:
     tid: int
-    cpu: int = 0                            # the vCPU it runs on (one CPU for now)
+    cpu: int = 0                            # the vCPU it is placed on
     state: TaskState = TaskState.RUNNABLE
     context: Any = None                     # Unicorn context while not running
     resume_pc: int = 0                      # where it continues when switched back in
@@ -68,6 +79,8 @@ class Task:
     wait: FutexWait | None = None
     wake_result: int | None = None          # the syscall's return value when it resumes
     seq: int = 0                            # order of arrival in a wait queue (FIFO wake)
+    orig_ret: int = 0                       # the return register at the blocked call's entry
+    restart: int | None = None              # orig_ret while an interrupted call may restart
 
 
 class Deadlock(Exception):
@@ -82,6 +95,7 @@ class Scheduler:
     ret_reg: int
     pid: int
     seed: int = 0
+    nr_cpus: int = 1
     tasks: dict[int, Task] = field(default_factory=dict)
     current: Task = field(init=False)
     need_resched: bool = False
@@ -101,7 +115,12 @@ class Scheduler:
         # The quantum is a pure function of the seed: same seed, same interleaving.
         rng = random.Random(self.seed ^ 0x7A5C)
         self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
-        self._budget = self.quantum
+        self._turns = CpuTurns(self.seed) if self.nr_cpus > 1 else None
+        self._budget = self._turn()
+        self.machine.nr_cpus = self.nr_cpus
+        self.last_ran: dict[int, int] = {0: self.pid}   # cpu -> tid it last ran (its rotation)
+        self.machine.busy_cpus = self.busy_cpus
+        self._placed = 1
         self._hook: int | None = None
         self._native: preempt.PreState | None = None
         self._slow: Any = None
@@ -110,11 +129,17 @@ class Scheduler:
     def live(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.state != TaskState.EXITED]
 
+    def busy_cpus(self) -> set[int]:
+        """The CPUs with a task running or runnable."""
+        return {t.cpu for t in self.tasks.values()
+                if t.state in (TaskState.RUNNABLE, TaskState.RUNNING)}
+
     def new_task(self, context: Any, resume_pc: int) -> Task:
         """A task created inside a syscall hook from `context` (clone's child)."""
-        task = Task(self.next_tid, context=context, resume_pc=resume_pc,
-                    sigmask=self.current.sigmask)
+        task = Task(self.next_tid, cpu=self._placed % self.nr_cpus, context=context,
+                    resume_pc=resume_pc, sigmask=self.current.sigmask)
         self.next_tid += 1
+        self._placed += 1
         self.tasks[task.tid] = task
         self._arm_preemption()
         return task
@@ -214,7 +239,7 @@ class Scheduler:
                 return
         if self._budget > 0:
             return
-        self._budget = self.quantum
+        self._budget = self._turn()
         nxt = self._pick()
         if nxt is None or nxt is self.current:
             return
@@ -228,7 +253,7 @@ class Scheduler:
         """Pick the next task to run and switch to it (inside the syscall hook). Raises
         Deadlock when nothing can run."""
         self.need_resched = False
-        self._budget = self.quantum
+        self._budget = self._turn()
         self._sync_native()
         nxt = self._pick()
         if nxt is None:
@@ -239,12 +264,26 @@ class Scheduler:
             return
         self._switch(nxt, in_syscall=True, here=self.machine.pc + self.step)
 
+    def _turn(self) -> int:
+        """Code bytes until the next switch: the quantum on one CPU, else a CPU's turn."""
+        return self.quantum if self._turns is None else self._turns.next()
+
     def _pick(self) -> Task | None:
-        """The first runnable task after the current one in tid order (round robin);
-        the current one last."""
+        """The next CPU after the current one (in id order, the current one last) that has
+        a runnable task, and on it the first runnable task after the one it ran last (tid
+        order, round robin). On one CPU: the first runnable task after the current one."""
         self._expire_timeouts()
-        tids = sorted(self.tasks)
-        start = tids.index(self.current.tid) + 1
+        here = self.current.cpu
+        for k in range(1, self.nr_cpus + 1):
+            t = self._cpu_pick((here + k) % self.nr_cpus)
+            if t is not None:
+                return t
+        return None
+
+    def _cpu_pick(self, cpu: int) -> Task | None:
+        tids = sorted(tid for tid, t in self.tasks.items() if t.cpu == cpu)
+        last = self.last_ran.get(cpu)
+        start = tids.index(last) + 1 if last in tids else 0
         for tid in tids[start:] + tids[:start]:
             t = self.tasks[tid]
             if t.state in (TaskState.RUNNABLE, TaskState.RUNNING):
@@ -308,13 +347,24 @@ class Scheduler:
         nxt.context = None
         nxt.state = TaskState.RUNNING
         self.current = nxt
+        self.last_ran[nxt.cpu] = nxt.tid
         m.task = (m.task[0], nxt.tid)           # traces and per-task probe state follow it
+        m.set_cpu(nxt.cpu)                      # and per-CPU state (kcb, buffers, maps)
         self.switches += 1
         self._resume(nxt)
         if len(self.live()) < 2 and self.timer_due is None:
             self._disarm_preemption()
 
     def _resume(self, task: Task) -> None:
-        if task.wake_result is not None:
-            self.machine.regs.write(self.ret_reg, task.wake_result & (1 << 64) - 1)
-            task.wake_result = None
+        """Give a woken task its call's result; a call to run again gets its return register
+        back and the pc of its syscall instruction (the caller has set the resume pc)."""
+        res, task.wake_result = task.wake_result, None
+        m = self.machine
+        if res == -ERESTARTNOINTR:
+            m.regs.write(self.ret_reg, task.orig_ret)
+            m.pc = m.pc - m.arch.syscall_insn_size
+        elif res == -ERESTARTSYS:          # the signal's delivery decides (SA_RESTART)
+            m.regs.write(self.ret_reg, -EINTR & (1 << 64) - 1)
+            task.restart = task.orig_ret
+        elif res is not None:
+            m.regs.write(self.ret_reg, res & (1 << 64) - 1)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from emu.machine import Machine
 from probes.errors import KprobeError
+from probes.text_poke import text_poke_live
 
 if TYPE_CHECKING:
     from emu.symbols import Symbol
@@ -125,12 +126,12 @@ class BreakpointKprobes(ABC):
 
     def arm(self, p: "Kprobe") -> None:
         assert p.addr is not None
-        self.m.text_poke(p.addr, self.breakpoint)
+        text_poke_live(self.m, p.addr, self.breakpoint)
         p.ainsn.armed = True
 
     def disarm(self, p: "Kprobe") -> None:
         assert p.addr is not None
-        self.m.text_poke(p.addr, p.opcode)
+        text_poke_live(self.m, p.addr, p.opcode)
         p.ainsn.armed = False
 
     def remove(self, p: "Kprobe") -> None:

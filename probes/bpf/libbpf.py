@@ -158,10 +158,11 @@ class BpfObject:
     machine: "Machine | None" = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "BpfObject":
-        """bpf_object__open: parse and relocate, verify nothing yet."""
+    def open(cls, path: str | Path, nr_cpus: int = 1) -> "BpfObject":
+        """bpf_object__open: parse and relocate, verify nothing yet (per-CPU maps get a
+        value for each of `nr_cpus` CPUs: the machine's)."""
         try:
-            return cls(load_object(path, verify=False))
+            return cls(load_object(path, verify=False, nr_cpus=nr_cpus))
         except BpfError as e:
             raise LibbpfError(e.errno, str(e)) from None
 

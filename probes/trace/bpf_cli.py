@@ -79,7 +79,7 @@ class BpfAttachment:
             path, prog = split_spec(spec)
             if not os.path.exists(path):
                 raise UsageError(f"--bpf {spec}: no such file {path!r}")
-            obj = BpfObject.open(path).load(self.m)
+            obj = BpfObject.open(path, nr_cpus=self.m.nr_cpus).load(self.m)
             self.links += obj.attach_all(self.m, prog)
             for name, mp in sorted(obj.maps.items()):
                 if isinstance(mp, RingbufMap):

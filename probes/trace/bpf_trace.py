@@ -369,6 +369,7 @@ class BpfTrace:
         env = self.env
         comm, pid = self.m.task
         env.pid = env.tgid = pid
+        env.cpu = self.m.cpu
         if comm is not self._comm:
             self._comm, env.comm = comm, comm.encode()[:15]
         env.func_ip = func_ip

@@ -68,6 +68,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--timeout", type=float, default=0.0, metavar="S")
     p.add_argument("--fs", metavar="DIR", help="grant the guest read access to host files under DIR")
     p.add_argument("--seed", type=int, default=0)
+    from emu.linux.cli_options import add_cpus_option
+    add_cpus_option(p)
     _add_event_options(p)
     _load_providers()
     for prov in TRACE_OPTION_PROVIDERS:
@@ -153,7 +155,7 @@ def cmd_trace(args) -> int:
     guest_out = open(args.guest_output, "wb") if args.guest_output else err_bytes
     try:
         cfg = GuestConfig(path=args.file, arch=args.arch, bare=args.bare, argv=args.args,
-                          fs_root=args.fs, seed=args.seed)
+                          fs_root=args.fs, seed=args.seed, cpus=args.cpus)
         stdin = getattr(args, "stdin", None)
         guest = load_guest(cfg, stdout=guest_out, stderr=err_bytes,
                            stdin=getattr(stdin, "buffer", stdin))

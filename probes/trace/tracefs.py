@@ -48,13 +48,13 @@ class Tracefs:
     `kprobes` (TraceKprobeEvents), `error_log` (last 8 entries), `tracing_on`,
     `comms` (pid -> comm, saved_cmdlines), `on_commit` (callbacks after each record)."""
 
-    def __init__(self, machine: Machine, nr_cpus: int = 1) -> None:
+    def __init__(self, machine: Machine, nr_cpus: int | None = None) -> None:
         from probes.trace.trace_kprobe import TraceKprobeEvents
         self.machine = machine
         # Start the work clock now (it starts at its first read): a timestamp must not
         # depend on whether a filter let an earlier event read the clock.
         machine.clock.now()
-        self.buffer = RingBuffer(nr_cpus)
+        self.buffer = RingBuffer(machine.nr_cpus if nr_cpus is None else nr_cpus)
         self.events: dict[str, TraceEventCall] = {}
         self.kprobes = TraceKprobeEvents(self)
         self.error_log: deque[str] = deque(maxlen=ERROR_LOG_MAX)
@@ -93,11 +93,13 @@ class Tracefs:
         return self._by_id.get(event_id)
 
     # --- producers --------------------------------------------------------------------------
-    def commit(self, call: TraceEventCall, data: bytes, cpu: int = 0) -> bool:
+    def commit(self, call: TraceEventCall, data: bytes, cpu: int | None = None) -> bool:
         """trace_event_buffer_commit (event_trigger_unlock_commit): a TRIGGER_COND event's
         triggers see the record first; a soft-disabled event or the filter discards it; it
         goes into the CPU's buffer stamped with the machine clock; post triggers run last."""
         comm, pid = self.machine.task
+        if cpu is None:
+            cpu = self.machine.cpu          # the CPU the event happens on
         ts_state = call.trigger_state
         tt = None
         if ts_state is not None and ts_state.cond:

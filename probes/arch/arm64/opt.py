@@ -18,6 +18,7 @@ from probes.arch.arm64 import decode as d
 from probes.arch.arm64.simulate import sign_extend
 from probes.arch.common import ArchOptimizedInsn, callback_at
 from probes.errors import OptimizeRefused
+from probes.text_poke import text_poke_live
 
 if TYPE_CHECKING:
     from probes.insn_slots import ProbePages
@@ -180,11 +181,11 @@ class Arm64Optprobes:
         """The branch to the detour (or to `target`: a thunk that ends in the detour's copies)."""
         assert p.addr is not None
         to = p.ainsn.optinsn.detour if target is None else target
-        self.m.text_poke(p.addr, struct.pack("<I", b_insn(p.addr, to)))
+        text_poke_live(self.m, p.addr, struct.pack("<I", b_insn(p.addr, to)))
 
     def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
         assert p.addr is not None
-        self.m.text_poke(p.addr, self.breakpoint)
+        text_poke_live(self.m, p.addr, self.breakpoint)
 
     def detour_orig_addr(self, p: "Kprobe", pc: int) -> int | None:
         """Every word after the host entry stands for the one probed instruction (the

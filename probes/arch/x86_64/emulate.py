@@ -162,8 +162,12 @@ def make_syscall() -> InsnHandler:
     def kprobe_emulate_syscall(p: "Kprobe", regs: "PtRegs") -> None:
         regs["rcx"] = _next(p)              # what the CPU does for `syscall` (see emu/arch)
         regs["r11"] = regs.flags
-        regs.ip = _next(p)
+        # The OS layer sees what the syscall hook sees, the pc on the `syscall`, and the
+        # CPU's step past it comes after: a task switch inside saves the right resume pc.
+        m = regs.machine
+        regs.ip = _next(p) - m.arch.syscall_pc_step
         regs.flush()
-        regs.machine.on_syscall()
+        m.on_syscall()
         regs.refresh()
+        regs.ip = regs.ip + m.arch.syscall_pc_step
     return kprobe_emulate_syscall

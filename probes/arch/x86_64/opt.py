@@ -16,6 +16,7 @@ from probes.arch.common import ArchOptimizedInsn, callback_at
 from probes.arch.x86_64.decode import X86Decoder, X86Insn, can_boost, modrm_reg
 from probes.errors import OptimizeRefused
 from probes.reserved_text import ReservedText, TextUse
+from probes.text_poke import text_poke_live
 
 if TYPE_CHECKING:
     from probes.insn_slots import ProbePages
@@ -143,13 +144,13 @@ class X86Optprobes:
         assert p.addr is not None
         oi = p.ainsn.optinsn
         rel = (oi.detour if target is None else target) - (p.addr + JMP32_INSN_SIZE)
-        self.m.text_poke(p.addr, b"\xe9" + struct.pack("<i", rel))
+        text_poke_live(self.m, p.addr, b"\xe9" + struct.pack("<i", rel))
 
     def arch_unoptimize_kprobe(self, p: "Kprobe") -> None:
         assert p.addr is not None
-        # int3 first, then the bytes the jump covered (text_poke_bp order)
-        self.m.text_poke(p.addr, self.breakpoint)
-        self.m.text_poke(p.addr + 1, self.m.original_text(p.addr + 1, JMP32_INSN_SIZE - 1))
+        # int3 and the bytes the jump covered: text_poke_bp writes the int3 first
+        text_poke_live(self.m, p.addr, self.breakpoint +
+                       self.m.original_text(p.addr + 1, JMP32_INSN_SIZE - 1))
 
     def detour_orig_addr(self, p: "Kprobe", pc: int) -> int | None:
         """The original instruction a detour address runs a copy of (copies keep their
