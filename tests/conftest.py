@@ -93,6 +93,13 @@ SLOW_CASES = {
     # case of the same test stays in the fast tier where one exists.
     "tests/test_bpf_jit_conformance.py::test_jit_matches_interpreter[ubpf/tests/errors/err-too-many-instructions.data-x86_64]",
     "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[0-arm64]",
+    "tests/test_bpf_conformance.py::test_conformance[ubpf/tests/errors/err-too-many-instructions.data-jit]",
+    "tests/test_bpf_jit_conformance.py::test_jit_matches_interpreter[ubpf/tests/errors/err-too-many-instructions.data-arm64]",
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[1-x86_64]",
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[2-arm64]",
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[2-x86_64]",
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[3-arm64]",
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[3-x86_64]",
     "tests/test_cli_timeout.py::test_timeout_of_a_spinning_guest[arm64]",
     "tests/test_cli_timeout.py::test_timeout_of_a_spinning_guest[x86_64]",
     "tests/test_native_kprobes.py::test_native_path_gives_the_python_results[arm64-recurse--counters]",
