@@ -167,6 +167,10 @@ def test_percpu_map_and_smp_processor_id(prog, arch, tmp_path):
     assert [int.from_bytes(v, "little") for v in obj.maps["hits"].lookup(0)] == per_cpu
     assert [int.from_bytes(obj.maps["by_cpu"].lookup(c), "little") for c in range(8)] == \
         per_cpu + [0] * 4
+    tgids = {int.from_bytes(k, "little"): int.from_bytes(v, "little")
+             for k, v in obj.maps["tgid_of"].items()}
+    assert len(tgids) == 5                             # five threads ran work()
+    assert set(tgids.values()) == {m.syscall_handler.proc.creds.pid}
 
 
 # --- determinism --------------------------------------------------------------------------

@@ -368,7 +368,9 @@ class BpfTrace:
     def _task(self, func_ip: int) -> BpfRunContext:
         env = self.env
         comm, pid = self.m.task
-        env.pid = env.tgid = pid
+        env.pid = pid                          # the thread; tgid is its process's pid
+        proc = getattr(self.m.syscall_handler, "proc", None)
+        env.tgid = proc.creds.pid if proc is not None else pid
         env.cpu = self.m.cpu
         if comm is not self._comm:
             self._comm, env.comm = comm, comm.encode()[:15]
