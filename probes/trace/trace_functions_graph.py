@@ -136,14 +136,15 @@ class FunctionGraphTracer:
         self.m = machine
         self.graph_filter = list(graph_filter or [])
         self.max_depth = max_depth
-        self.printer = GraphPrinter(out)
+        self.out = out
+        self.printers: dict[int, GraphPrinter] = {}    # per CPU, as the per-CPU buffers
         self.krp: Kretprobes = kretprobes_of(machine)
         self.rp = Kretprobe(kp=Kprobe(symbol_name="function_graph"), handler=self._graph_return,
                             data_size=_DATA.size, maxactive=FTRACE_RETFUNC_DEPTH)
         self.rp.kp.kretprobe = self.rp
         self.rp.free_instances = [KretprobeInstance(self.rp, data=bytearray(_DATA.size))
                                   for _ in range(FTRACE_RETFUNC_DEPTH)]
-        self.graph_depth: int | None = None     # TRACE_GRAPH_BIT's depth, inside a filtered func
+        self.graph_depths: dict[int, int] = {}  # per task: TRACE_GRAPH_BIT's depth, inside a filtered func
         self._filter_hits: dict[str, bool] = {}
         self.entries = self.returns = self.overrun = 0
         self.ftrace = ftrace_of(machine)
@@ -162,7 +163,31 @@ class FunctionGraphTracer:
         the trampoline to their callers, unrecorded."""
         self.ftrace.unregister_ftrace_function(self.ops)
         self.rp.handler = None
-        self.printer.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        for printer in self.printers.values():
+            printer.flush()
+
+    @property
+    def printer(self) -> GraphPrinter:
+        """This CPU's printer: a leaf is decided by the next event on the same CPU."""
+        cpu = self.m.cpu
+        printer = self.printers.get(cpu)
+        if printer is None:
+            printer = self.printers[cpu] = GraphPrinter(self.out, cpu)
+        return printer
+
+    @property
+    def graph_depth(self) -> int | None:
+        return self.graph_depths.get(self.m.task[1])
+
+    @graph_depth.setter
+    def graph_depth(self, depth: int | None) -> None:
+        if depth is None:
+            self.graph_depths.pop(self.m.task[1], None)
+        else:
+            self.graph_depths[self.m.task[1]] = depth
 
     # --- entry and return -------------------------------------------------------------------
     def _depth(self, sp: int) -> int:
@@ -227,7 +252,8 @@ class FunctionGraphTracer:
 
     def stats(self) -> dict[str, Any]:
         return {"sites": self.enabled_sites, "entries": self.entries, "returns": self.returns,
-                "overrun": self.overrun, "lines": self.printer.lines}
+                "overrun": self.overrun,
+                "lines": sum(p.lines for p in self.printers.values())}
 
 
 # --- the CLI: `emu run` and `emu trace` options ------------------------------------------------
@@ -269,7 +295,7 @@ class GraphReport:
         out.write(graph_header())
 
     def report(self, _out: IO[str]) -> None:
-        self.tracer.printer.flush()
+        self.tracer.flush()
         self.out.flush()
 
     def stats(self) -> dict[str, Any]:
