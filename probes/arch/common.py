@@ -67,6 +67,7 @@ class ArchSpecificInsn:
     length: int
     mnemonic: str
     handler: InsnHandler | None = None
+    operands: object = None          # the handler's operands, decoded at prepare (arch data)
     slot: int | None = None
     slot_code: bytes = b""
     armed: bool = False

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from probes.arch.arm64 import simulate as sim
 from probes.arch.arm64.decode import Verdict, arm_probe_decode_insn, in_atomic_sequence, mnemonic
-from probes.arch.arm64.simulate import MASK64, sign_extend
 from probes.arch.common import ArchSpecificInsn, BreakpointKprobes, StepKind, reject
 from probes.native import AUX_LINK, AUX_NZ, AUX_X64, NativeSim, Sim
 
@@ -44,8 +43,11 @@ class Arm64Kprobes(BreakpointKprobes):
         if sym is not None and addr > sym.addr and self._in_atomic_sequence(addr, sym):
             raise reject(errno.EINVAL, f"cannot probe `{text}`: inside an exclusive "
                                        "load/store (LL/SC) sequence", addr)
-        kind = StepKind.SIMULATE if verdict is Verdict.GOOD_NO_SLOT else StepKind.OUT_OF_LINE
-        return ArchSpecificInsn(kind=kind, length=4, mnemonic=text, handler=handler)
+        if verdict is not Verdict.GOOD_NO_SLOT:
+            return ArchSpecificInsn(kind=StepKind.OUT_OF_LINE, length=4, mnemonic=text)
+        assert handler is not None
+        return ArchSpecificInsn(kind=StepKind.SIMULATE, length=4, mnemonic=text, handler=handler,
+                                operands=sim.decode_operands(handler, word, addr))
 
     def _in_atomic_sequence(self, addr: int, sym: Symbol) -> bool:
         start = max(sym.addr, addr - 4 * 32)
@@ -62,26 +64,20 @@ class Arm64Kprobes(BreakpointKprobes):
     def native_sim(self, p: "Kprobe") -> NativeSim | None:
         """The C simulation of a simulated probe, or None where Python must run it (the
         literal loads: guest memory is read through emu/uaccess only)."""
-        op, addr = int.from_bytes(p.opcode, "little"), p.addr
-        assert addr is not None
-        h = p.ainsn.handler
-        imm19 = (addr + sign_extend(((op >> 5) & 0x7FFFF) << 2, 21)) & MASK64
+        h, o = p.ainsn.handler, p.ainsn.operands
+        if not isinstance(o, sim.SimOperands):
+            return None
         if h is sim.simulate_b_bl:
-            target = (addr + sign_extend((op & 0x03FFFFFF) << 2, 28)) & MASK64
-            return (Sim.BL if op >> 31 else Sim.B), target, 0
+            return (Sim.BL if o.link else Sim.B), o.target, 0
         if h is sim.simulate_b_cond:
-            return Sim.BCOND, imm19, (op & 0xF) << 8
+            return Sim.BCOND, o.target, o.cond << 8
+        nz = AUX_NZ if o.nonzero else 0
         if h is sim.simulate_cbz_cbnz:
-            flags = (AUX_X64 if op >> 31 else 0) | (AUX_NZ if op & (1 << 24) else 0)
-            return Sim.CBZ, imm19, (op & 0x1F) | flags
+            return Sim.CBZ, o.target, o.reg | (AUX_X64 if o.x64 else 0) | nz
         if h is sim.simulate_tbz_tbnz:
-            bit = ((op >> 26) & 0x20) | ((op >> 19) & 0x1F)
-            target = (addr + sign_extend(((op >> 5) & 0x3FFF) << 2, 16)) & MASK64
-            return Sim.TBZ, target, (op & 0x1F) | bit << 16 | (AUX_NZ if op & (1 << 24) else 0)
+            return Sim.TBZ, o.target, o.reg | o.bit << 16 | nz
         if h is sim.simulate_adr_adrp:
-            imm = sign_extend((((op >> 5) & 0x7FFFF) << 2) | ((op >> 29) & 3), 21)
-            value = (addr & ~0xFFF) + (imm << 12) if op >> 31 else addr + imm
-            return Sim.ADR, value & MASK64, op & 0x1F
+            return Sim.ADR, o.target, o.reg
         if h is sim.simulate_br_blr_ret:
-            return Sim.BR, 0, ((op >> 5) & 0x1F) | (AUX_LINK if (op >> 21) & 3 == 1 else 0)
+            return Sim.BR, 0, o.reg | (AUX_LINK if o.link else 0)
         return None
