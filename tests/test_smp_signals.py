@@ -28,6 +28,22 @@ def test_sa_restart_runs_an_interrupted_pipe_read_again(c_prog, arch, cpus):
         assert (r.rc, r.out, r.err) == (0, want, "")
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_sa_restart_runs_an_untimed_futex_wait_again(c_prog, arch):
+    """futex_wait: -ERESTARTSYS untimed (SA_RESTART runs it again), -ERESTART_RESTARTBLOCK
+    with a timeout (EINTR whenever a handler runs)."""
+    exe = c_prog(arch, SMP / "futexrestart.c", extra=("-pthread",))
+    for args, want in (([], "handled=1 wait=0\n"),
+                       (["norestart"], "handled=1 wait=-1 EINTR\n"),
+                       (["timeout"], "handled=1 wait=-1 EINTR\n")):
+        ref = run_reference(arch, [str(exe), *args])
+        if (ref.rc, _text(ref.out)) != (0, want):        # host load: a second try
+            ref = run_reference(arch, [str(exe), *args])
+        assert (ref.rc, _text(ref.out)) == (0, want), ref
+        r = run_emu("run", str(exe), "--", *args)
+        assert (r.rc, r.out, r.err) == (0, want, "")
+
+
 def _text(out) -> str:
     return out.decode() if isinstance(out, bytes) else out
 

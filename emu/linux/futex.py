@@ -29,7 +29,9 @@ def futex_wait(sched: Scheduler, mem, uaddr: int, val: int, deadline_ns: int | N
         return -E.EAGAIN
     if deadline_ns is not None and deadline_ns <= sched.machine.clock.monotonic_ns():
         return -E.ETIMEDOUT
-    sched.block(FutexWait(uaddr, bitset, deadline_ns))
+    # Interrupted by a handled signal, an untimed wait is -ERESTARTSYS (run again under
+    # SA_RESTART), a timed one -ERESTART_RESTARTBLOCK, which a handler makes EINTR.
+    sched.block(FutexWait(uaddr, bitset, deadline_ns, restart=deadline_ns is None))
     return 0
 
 

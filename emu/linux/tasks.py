@@ -59,7 +59,7 @@ class FutexWait:
     bitset: int = 0xFFFFFFFF
     deadline_ns: int | None = None
     timeout_result: int = -ETIMEDOUT        # a sleep (key -1, no waker) returns 0
-    restart: bool = False                   # the call runs again when woken (a pipe read)
+    restart: bool = False                   # a signal makes it -ERESTARTSYS (SA_RESTART decides)
 
 
 @dataclass
