@@ -103,6 +103,10 @@ class ArchOptprobes(Protocol):
         """The original instruction a detour address runs a copy of; None if none."""
     def free_optimized_kprobe(self, p: "Kprobe") -> None:
         """arch_remove_optimized_kprobe: the detour is freed."""
+    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+                  counters: int, stack: int) -> bytes:
+        """The optprobe template with trace_call_bpf inlined, placed at `at` (probes/bpf/
+        jit_direct.py); raises OptimizeRefused if `at` cannot be reached from the probe."""
 
 
 class ArchFtrace(Protocol):

@@ -136,9 +136,7 @@ class DirectCalls:
 
     def _build(self, p: "Kprobe", event: Any, progs: list["BpfProg"],
                entries: list[int]) -> int | None:
-        from probes.arch.arm64 import opt as arm64_opt
-        from probes.arch.x86_64 import opt as x86_opt
-        from probes.errors import OptimizeRefused
+        from probes.arch import arch_probes_of
 
         assert p.addr is not None
         m, jit = self.m, self.runner.jit
@@ -149,16 +147,10 @@ class DirectCalls:
             return None
         at = self._slot(p.addr)
         ip = p.addr + self._ip_offset()
-        resume = p.ainsn.optinsn.resume
         try:
-            if m.arch.name == "x86_64":
-                code = x86_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters, resume,
-                                         m.reg("cs"), m.reg("ss"), jit.stack_top)
-            else:
-                code = arm64_opt.bpf_thunk(at, ip, entries, data + ACTIVE_OFF, counters,
-                                           resume, m.reg("pstate"), jit.stack_top)
-                arm64_opt.b_insn(p.addr, at)              # reachable from the probe
-        except (OptimizeRefused, Exception) as e:  # out of branch range, or no encoding
+            code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
+                                                         counters, jit.stack_top)
+        except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             self._free.append(at)
             self.refused[p.addr] = f"thunk: {e}"
             return None

@@ -147,6 +147,13 @@ class Arm64Optprobes:
         self.tramps = pages.tramps
         self.breakpoint = machine.arch.breakpoint
 
+    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+                  counters: int, stack: int) -> bytes:
+        assert p.addr is not None and p.ainsn.optinsn is not None
+        b_insn(p.addr, at)                                  # reachable from the probe
+        return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
+                         self.m.reg("pstate"), stack)
+
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
         return int.from_bytes(self.m.original_text(p.addr, 4), "little")

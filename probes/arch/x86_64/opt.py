@@ -59,6 +59,12 @@ class X86Optprobes:
         self.decoder = decoder
         self.breakpoint = machine.arch.breakpoint
 
+    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+                  counters: int, stack: int) -> bytes:
+        assert p.ainsn.optinsn is not None
+        return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
+                         self.m.reg("cs"), self.m.reg("ss"), stack)
+
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
         out, off = [], 0
