@@ -6,6 +6,8 @@ jump labels patch guest text through. A poke becomes a plan of steps, each step 
 more writes through `Machine.text_poke` (which drops the translated code for the range,
 for every CPU: they share one translation cache):
 
+The arch answers the plan and the emulation (probes/arch/<arch>/text_poke.py):
+
 * x86, more than one byte (text_poke_bp): int3 on the first byte; sync; the tail; sync;
   the first byte; sync. A CPU that hits the int3 meanwhile has the new instruction emulated
   (poke_int3_handler: jmp, call, ret, nop; an int3 goes on to its owner, a kprobe).
@@ -22,17 +24,11 @@ that meets one still in flight on the same bytes first finishes the older one (t
 kernel's text_mutex); so does the end of a run."""
 from __future__ import annotations
 
-import struct
+import importlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from emu.machine import Machine
-from emu.uaccess import UserFault, get_user, put_user
-
-INT3 = 0xCC
-_NOPS = (bytes.fromhex("90"), bytes.fromhex("6690"), bytes.fromhex("0f1f00"),
-         bytes.fromhex("0f1f4000"), bytes.fromhex("0f1f440000"),
-         bytes.fromhex("660f1f440000"), bytes.fromhex("0f1f8000000000"))
 
 
 class PokeMode(StrEnum):
@@ -68,7 +64,8 @@ class TextPoker:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.mode = PokeMode.PROTOCOL
-        self.x86 = machine.arch.name == "x86_64"
+        from probes.arch import IMPLS
+        self.arch = importlib.import_module(f"{IMPLS[machine.arch.name]}.text_poke")
         self.inflight: list[PokeOp] = []
         self.pokes = 0                  # pokes made while other CPUs ran
         self.emulated = 0               # CPUs that met a poke's int3 and were let through
@@ -82,9 +79,7 @@ class TextPoker:
         """The steps of a poke and whether CPUs meeting it need the int3 emulation."""
         if self.mode is PokeMode.NAIVE:
             return [[(addr + i, data[i:i + 1])] for i in range(len(data))], False
-        if self.x86 and len(data) > 1:
-            return [[(addr, bytes((INT3,)))], [(addr + 1, data[1:])], [(addr, data[:1])]], True
-        return [[(addr, data)]], False     # one byte, one aligned insn, or stop_machine
+        return self.arch.poke_steps(addr, data)
 
     # --- poking ----------------------------------------------------------------------------
     def poke(self, addr: int, data: bytes) -> None:
@@ -163,38 +158,11 @@ class TextPoker:
     # --- poke_int3_handler -----------------------------------------------------------------
     def _poke_int3_handler(self, addr: int) -> bool:
         op = next((o for o in self.inflight if o.addr == addr), None)
-        if op is None or op.new[0] == INT3:
+        if op is None or op.new.startswith(self.m.arch.breakpoint):
             owner = op.displaced if op is not None else None
             return bool(owner(addr)) if owner is not None else False   # type: ignore[operator]
         self.emulated += 1
-        return emulate_x86(self.m, addr, op.new)
-
-
-def emulate_x86(m: Machine, addr: int, insn: bytes) -> bool:
-    """int3_emulate_jmp/call/ret/nop of the instruction being written at `addr`."""
-    op = insn[0]
-    if op == 0xE9 and len(insn) >= 5:
-        m.pc = addr + 5 + struct.unpack_from("<i", insn, 1)[0]
-    elif op == 0xEB and len(insn) >= 2:
-        m.pc = addr + 2 + struct.unpack_from("<b", insn, 1)[0]
-    elif op == 0xE8 and len(insn) >= 5:
-        sp = m.sp - 8
-        try:
-            put_user(m.memory, sp, addr + 5, 8)
-        except UserFault:
-            return False                 # the owner-less trap: reported as a fault
-        m.sp, m.pc = sp, addr + 5 + struct.unpack_from("<i", insn, 1)[0]
-    elif op == 0xC3:
-        try:
-            ret = get_user(m.memory, m.sp, 8)
-        except UserFault:
-            return False
-        m.sp, m.pc = m.sp + 8, ret
-    elif insn in _NOPS:
-        m.pc = addr + len(insn)
-    else:
-        return False
-    return True
+        return bool(self.arch.poke_emulate(self.m, addr, op.new))
 
 
 def text_poker_of(machine: Machine) -> TextPoker:

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import ARCHES, ROOT, run_emu
 from emu.machine import Machine
-from probes.text_poke import INT3, PokeMode, TextPoker, emulate_x86
+from probes.arch.x86_64.text_poke import INT3
+from probes.arch.x86_64.text_poke import poke_emulate as emulate_x86
+from probes.text_poke import PokeMode, TextPoker
 
 SMP = ROOT / "tests" / "data" / "smp"
 GOOD = "flips=20 others=0 saw_both=1 runner=ok\n"
