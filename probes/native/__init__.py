@@ -143,7 +143,7 @@ class KnFtrace(ctypes.Structure):
     deferred: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("s", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
-        ("mem_read", ctypes.c_void_p), ("sp_reg", ctypes.c_int32), ("mask", ctypes.c_uint32),
+        ("sp_reg", ctypes.c_int32), ("mask", ctypes.c_uint32),
         ("back", ctypes.c_uint64), ("sites", ctypes.c_void_p),
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
 
@@ -335,7 +335,7 @@ class NativeDispatch:
             if entry is None:
                 if handle not in self.m.hooks.installed:
                     continue
-                rec = KnFtrace(s=ctypes.addressof(self.st), mem_read=lib_symbol("uc_mem_read"),
+                rec = KnFtrace(s=ctypes.addressof(self.st),
                                sp_reg=self.m.arch.regs[self.m.arch.sp], back=hrows[0][2])
                 if not swap_code_hook(self.m, handle, self.lib.kn_ftrace_hook, rec):
                     continue

@@ -609,15 +609,14 @@ void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
  * the kprobes' one, serving a kprobe with no Python handler: charge the detour, count the
  * hit (or, while a probe is being stepped, the miss). One record per trampoline host
  * entry: x86's shared trampoline finds its site from the call's return address (`back`
- * = 5: site = [sp] - 5, read raw as the Python path does; an unreadable stack goes to
- * Python, whose uaccess read reports the fault); arm64's per-site stubs are keyed by pc. */
+ * = 5: site = [sp] - 5, read through kn_access_ok as uaccess reads it; an unreadable
+ * stack goes to Python, which reports the fault); arm64's per-site stubs are keyed by pc. */
 struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; };
 
 struct kn_ftrace {
     struct kn_state *s;
     code_cb orig;                           /* the Python host entry */
     void *orig_data;
-    mem_fn mem_read;
     int32_t sp_reg;
     uint32_t mask;                          /* sites: hash table size - 1 */
     uint64_t back;
@@ -639,6 +638,8 @@ static struct kn_fsite *fsite(struct kn_ftrace *f, uint64_t key)
     }
 }
 
+static int user_read(struct kn_uaccess *ua, void *uc, uint64_t addr, void *out, uint64_t n);
+
 void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
 {
     struct kn_ftrace *f = user_data;
@@ -647,8 +648,8 @@ void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
     if (f->back) {
         uint64_t sp;
         s->reg_read(uc, f->sp_reg, &sp);
-        if (f->mem_read(uc, sp, &key, 8) != 0)
-            key = 0;
+        if (!s->ua || !user_read(s->ua, uc, sp, &key, 8))
+            key = 0;                        /* Python's path reports the fault */
         key -= f->back;
     }
     struct kn_fsite *e = f->back && !key ? NULL : fsite(f, key);

@@ -6,7 +6,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from emu.machine import Machine
-from emu.uaccess import get_user
+from emu.uaccess import UserFault, get_user
 from probes.arch import HostEntry
 from probes.regs import PtRegs
 
@@ -40,19 +40,15 @@ class X86Ftrace:
         """(host entry hook, the C caller's key) of a patched site."""
         return None if self._entry is None else (self._entry, site)
 
-    # The two stack reads below only pick the site and the parent the handlers see; the
-    # guest sees nothing of them. So the hot path reads raw, and only an unmapped stack
-    # (a guest that jumped here itself) goes through uaccess for the fault it reports.
+    # The stack reads go through uaccess like every guest access: a stack the guest made
+    # unreadable is a fault at the site, not a read past its permissions.
     def ftrace_site(self, m: Machine, pc: int, sp: int) -> int:
-        try:
-            return m.regs.read_u64(sp) - 5                # the call's return address - 5
-        except ValueError:
-            return get_user(m.memory, sp) - 5             # raises UserFault
+        return get_user(m.memory, sp) - 5                 # the call's return address - 5
 
     def ftrace_parent(self, m: Machine, sp: int) -> int:
         try:
-            return m.regs.read_u64(sp + 8)                # the function's own return address
-        except ValueError:       # a function jumped to at the top of its stack: no parent
+            return get_user(m.memory, sp + 8)             # the function's own return address
+        except UserFault:        # a function jumped to at the top of its stack: no parent
             return 0
 
     def ftrace_regs(self, m: Machine, site: int, sp: int) -> PtRegs:
