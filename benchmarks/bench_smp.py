@@ -34,18 +34,15 @@ against 11 s on one CPU: the turns are 8-16 KiB since.
 from __future__ import annotations
 
 import argparse
-import io
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CC = {"x86_64": "gcc", "arm64": "aarch64-linux-gnu-gcc"}
+from bench_threads import CC, build, run_emu_timed  # noqa: E402  (benchmarks/ is on the path)
+
 BUSY_C = r"""
 #include <pthread.h>
 #include <stdio.h>
@@ -67,36 +64,10 @@ int main(void) {
 """
 
 
-def build(arch: str, src: Path, out: Path) -> Path | None:
-    cc = shutil.which(CC[arch])
-    if cc is None:
-        return None
-    subprocess.run([cc, "-static", "-O2", "-pthread", "-o", str(out), str(src)], check=True)
-    return out
-
-
 def run(prog: Path, cpus: int, *args: str) -> tuple[float, int]:
     """Host seconds and task switches of one in-process `emu run --cpus N`."""
-    from emu.linux import tasks
-    seen: list = []
-    orig = tasks.Scheduler.__post_init__
-
-    def keep(self) -> None:
-        orig(self)
-        seen.append(self)
-    tasks.Scheduler.__post_init__ = keep              # type: ignore[method-assign]
-    try:
-        from emu.cli import main
-        t0 = time.perf_counter()
-        rc = main(["run", "--cpus", str(cpus), "--timeout", "600", str(prog), "--", *args],
-                  stdout=io.TextIOWrapper(io.BytesIO(), write_through=True),
-                  stderr=io.TextIOWrapper(io.BytesIO(), write_through=True))
-        dt = time.perf_counter() - t0
-    finally:
-        tasks.Scheduler.__post_init__ = orig          # type: ignore[method-assign]
-    if rc != 0:
-        raise SystemExit(f"{prog} {args}: exit {rc}")
-    return dt, seen[-1].switches
+    dt, sched = run_emu_timed(["--cpus", str(cpus)], prog, args)
+    return dt, sched.switches
 
 
 def main() -> None:

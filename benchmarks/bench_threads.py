@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +67,30 @@ def build(arch: str, src: Path, out: Path) -> Path | None:
     return out
 
 
+def run_emu_timed(opts: list[str], prog: Path, args) -> tuple[float, Any]:
+    """Host seconds of one in-process `emu run OPTS PROG -- ARGS`, and its Scheduler."""
+    from emu.linux import tasks
+    seen: list = []
+    orig = tasks.Scheduler.__post_init__
+
+    def keep(self) -> None:
+        orig(self)
+        seen.append(self)
+    tasks.Scheduler.__post_init__ = keep              # type: ignore[method-assign]
+    try:
+        from emu.cli import main
+        t0 = time.perf_counter()
+        rc = main(["run", *opts, "--timeout", "600", str(prog), "--", *args],
+                  stdout=io.TextIOWrapper(io.BytesIO(), write_through=True),
+                  stderr=io.TextIOWrapper(io.BytesIO(), write_through=True))
+        dt = time.perf_counter() - t0
+    finally:
+        tasks.Scheduler.__post_init__ = orig          # type: ignore[method-assign]
+    if rc != 0:
+        raise SystemExit(f"{prog} {args}: exit {rc}")
+    return dt, seen[-1]
+
+
 def run(prog: Path, *args: str, native: bool = True) -> tuple[float, int, int]:
     """Host seconds, switches, preemptions of one in-process `emu run`."""
     env_key = "KPROBE_EMU_NO_NATIVE"
@@ -75,26 +100,9 @@ def run(prog: Path, *args: str, native: bool = True) -> tuple[float, int, int]:
     try:
         import emu.cycles.native as cn
         import emu.linux.preempt as lp
-        from emu.linux import tasks
         for mod in (cn, lp):
             mod._LIB, mod._TRIED = None, False
-        seen: list = []
-        orig = tasks.Scheduler.__post_init__
-
-        def keep(self) -> None:
-            orig(self)
-            seen.append(self)
-        tasks.Scheduler.__post_init__ = keep          # type: ignore[method-assign]
-        from emu.cli import main
-        t0 = time.perf_counter()
-        rc = main(["run", "--timeout", "600", str(prog), "--", *args],
-                  stdout=io.TextIOWrapper(io.BytesIO(), write_through=True),
-                  stderr=io.TextIOWrapper(io.BytesIO(), write_through=True))
-        dt = time.perf_counter() - t0
-        tasks.Scheduler.__post_init__ = orig          # type: ignore[method-assign]
-        if rc != 0:
-            raise SystemExit(f"{prog} {args}: exit {rc}")
-        s = seen[-1]
+        dt, s = run_emu_timed([], prog, args)
         return dt, s.switches, s.preemptions
     finally:
         os.environ.pop(env_key, None)
