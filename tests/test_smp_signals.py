@@ -32,10 +32,10 @@ def test_sa_restart_runs_an_interrupted_pipe_read_again(c_prog, arch, cpus):
 def test_sa_restart_runs_an_untimed_futex_wait_again(c_prog, arch):
     """futex_wait: -ERESTARTSYS untimed (SA_RESTART runs it again), -ERESTART_RESTARTBLOCK
     with a timeout (EINTR whenever a handler runs)."""
-    exe = c_prog(arch, SMP / "futexrestart.c", extra=("-pthread",))
-    for args, want in (([], "handled=1 wait=0\n"),
-                       (["norestart"], "handled=1 wait=-1 EINTR\n"),
-                       (["timeout"], "handled=1 wait=-1 EINTR\n")):
+    exe = c_prog(arch, SMP / "sarestart.c", extra=("-pthread",))
+    for args, want in ((["futex"], "handled=1 wait=0\n"),
+                       (["futex", "norestart"], "handled=1 wait=-1 EINTR\n"),
+                       (["futex", "timeout"], "handled=1 wait=-1 EINTR\n")):
         ref = run_reference(arch, [str(exe), *args])
         if (ref.rc, _text(ref.out)) != (0, want):        # host load: a second try
             ref = run_reference(arch, [str(exe), *args])
