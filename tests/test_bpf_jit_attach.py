@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(CLANG is None, reason="clang is not installed (a
 ENGINES = ("python", "jit")
 
 
-def _count_open(arch: str, obj_path, engine: str, cycles: bool = False):
+def traced(arch: str, obj_path, engine: str = "jit", cycles: bool = False):
+    """The demo firmware with `obj_path`'s programs attached, run by `engine`: (m, obj, links)."""
     guest, _ = _guest(firmware_elf(arch, "demo"))
     m = guest.machine
     if cycles:
@@ -26,6 +27,11 @@ def _count_open(arch: str, obj_path, engine: str, cycles: bool = False):
     obj = BpfObject.open(obj_path).load(m)
     links = obj.attach_all(m)
     install_engine(m, engine)
+    return m, obj, links
+
+
+def _count_open(arch: str, obj_path, engine: str, cycles: bool = False):
+    m, obj, links = traced(arch, obj_path, engine, cycles)
     assert m.run().exit_code == 0
     return (_counts(obj.maps["by_flags"]), _counts(obj.maps["by_ret"], signed=True),
             prog_stats(links[0].prog).run_cnt), m

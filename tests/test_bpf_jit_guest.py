@@ -13,30 +13,19 @@ from conftest import ARCHES, firmware_elf, run_emu
 from emu.memory import PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
 from probes.bpf.errors import BpfError
-from probes.bpf.jit_guest import ScratchJit, install_engine
-from probes.bpf.libbpf import BpfObject
+from probes.bpf.jit_guest import ScratchJit
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe, kprobes_of
 from probes.trace.bpf_trace import bpf_trace_of
+from test_bpf_jit_attach import traced
 from test_bpf_trace_attach import CLANG, DEMO_FLAGS, _counts, _guest, bpf_obj  # noqa: F401
 
 pytestmark = pytest.mark.skipif(CLANG is None, reason="clang is not installed (apt install clang)")
 
 
-def _traced(arch: str, obj_path, cycles: bool = False):
-    guest, _ = _guest(firmware_elf(arch, "demo"))
-    m = guest.machine
-    if cycles:
-        m.enable_cycle_model()
-    obj = BpfObject.open(obj_path).load(m)
-    links = obj.attach_all(m)
-    install_engine(m, "jit")
-    return m, obj, links
-
-
 @pytest.mark.parametrize("arch", ARCHES)
 def test_image_is_in_the_traced_machine(arch, bpf_obj) -> None:
-    m, obj, links = _traced(arch, bpf_obj("count_open", arch))
+    m, obj, links = traced(arch, bpf_obj("count_open", arch))
     assert m.run().exit_code == 0
     runner = bpf_trace_of(m).runner
     prog = links[0].prog
@@ -55,7 +44,7 @@ def test_image_is_in_the_traced_machine(arch, bpf_obj) -> None:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_probe_on_the_image_is_refused(arch, bpf_obj) -> None:
-    m, _obj, links = _traced(arch, bpf_obj("count_open", arch))
+    m, _obj, links = traced(arch, bpf_obj("count_open", arch))
     assert m.run().exit_code == 0
     image = bpf_trace_of(m).runner.image_of(links[0].prog)
     with pytest.raises(KprobeError):
@@ -66,7 +55,7 @@ def test_probe_on_the_image_is_refused(arch, bpf_obj) -> None:
 def test_hit_runs_on_the_traced_cpu_and_restores_it(arch, bpf_obj) -> None:
     """The guest's registers around a hit are what they were (the program clobbers the
     arch's BPF registers on the same CPU); the JITed cycles are charged and repeat."""
-    m, _obj, links = _traced(arch, bpf_obj("count_open", arch), cycles=True)
+    m, _obj, links = traced(arch, bpf_obj("count_open", arch), cycles=True)
     trace = bpf_trace_of(m)
     runner, seen = trace.runner, []
 
@@ -88,7 +77,7 @@ def test_hit_runs_on_the_traced_cpu_and_restores_it(arch, bpf_obj) -> None:
 def test_jit_cycles_repeat_run_to_run(arch, bpf_obj) -> None:
     got = []
     for _ in range(2):
-        m, _obj, links = _traced(arch, bpf_obj("count_open", arch), cycles=True)
+        m, _obj, links = traced(arch, bpf_obj("count_open", arch), cycles=True)
         assert m.run().exit_code == 0
         got.append((bpf_trace_of(m).runner.cycles[links[0].prog], m.clock.cycles))
     assert got[0] == got[1] and got[0][0] > 0
@@ -99,7 +88,7 @@ def test_refused_program_falls_back_to_python(arch, bpf_obj, monkeypatch) -> Non
     def refuse(self, prog, probe_mem=frozenset()):
         raise BpfError("refused for the test")
     monkeypatch.setattr(ScratchJit, "compile", refuse)
-    m, obj, links = _traced(arch, bpf_obj("count_open", arch))
+    m, obj, links = traced(arch, bpf_obj("count_open", arch))
     assert m.run().exit_code == 0
     runner = bpf_trace_of(m).runner
     assert dict(runner.fallback) == {link.prog: "refused for the test" for link in links}
