@@ -328,3 +328,22 @@ def glibc_prog(c_prog):
         return c_prog(arch, MACHINE_DATA / f"{name}.c", link)
 
     return build
+
+
+# --- the probes' two hit paths (probes/native, issue 14) ----------------------------------------
+def _native_off() -> bool:
+    from probes.native import load
+    return os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None
+
+
+needs_native = pytest.mark.skipif(
+    _native_off(), reason="the C hit path is off (KPROBE_EMU_NATIVE=0) or no C compiler to build it")
+
+
+@pytest.fixture(params=["native", "python"])
+def hit_path(request, monkeypatch) -> str:
+    """Runs a test once on each hit path."""
+    if request.param == "native" and _native_off():
+        pytest.skip("the C hit path is off or cannot be built")
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if request.param == "native" else "0")
+    return request.param

@@ -5,19 +5,14 @@ has another ops (the function tracer) or a probe that gains a handler goes back 
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 
-from conftest import firmware_elf
+from conftest import firmware_elf, needs_native
 from probes.ftrace import FunctionTracer
 from probes.kprobes import Kprobe
-from probes.native import load
 from probes.testing import ProbeLab
 
-needs_native = pytest.mark.skipif(
-    os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None,
-    reason="the C hit path is off (KPROBE_EMU_NATIVE=0) or no C compiler to build it")
 
 FUNCS = ("fib", "factorial", "ackermann", "is_even", "is_odd", "sum_rec")
 

@@ -10,26 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import firmware_elf
+from conftest import firmware_elf, needs_native
 from probes.errors import KprobeError
 from probes.kprobes import Kprobe
-from probes.native import Sim, load
+from probes.native import Sim
 from probes.testing import ProbeLab
 
 ROOT = Path(__file__).resolve().parent.parent
-
-needs_native = pytest.mark.skipif(
-    os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None,
-    reason="the C hit path is off (KPROBE_EMU_NATIVE=0) or no C compiler to build it")
-
-
-@pytest.fixture(params=["native", "python"])
-def hit_path(request, monkeypatch) -> str:
-    """Runs a test once on each hit path."""
-    if request.param == "native" and (os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None):
-        pytest.skip("the C hit path is off or cannot be built")
-    monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 def _probe_every_insn(lab: ProbeLab, prefix: str = "") -> list[Kprobe]:
@@ -168,9 +155,6 @@ def test_kprobe_suites_pass_on_the_python_path():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *files], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:]
-
-
-
 
 
 def _optimized_run(arch: str, native: bool, monkeypatch, handler_at: int | None = None) -> dict:

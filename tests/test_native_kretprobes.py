@@ -11,19 +11,16 @@ import os
 
 import pytest
 
-from conftest import firmware_elf, tiny_elf
+from conftest import firmware_elf, needs_native, tiny_elf
 from emu.loader import GuestConfig, load_guest
 from emu.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from emu.uaccess import access_ok
 from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, Kretprobes, kretprobes_of
-from probes.native import KnUaccess, load
+from probes.native import KnUaccess
 from probes.native.rethook import KnRethook
 from probes.testing import ProbeLab
 
-needs_native = pytest.mark.skipif(
-    os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None,
-    reason="the C hit path is off (KPROBE_EMU_NATIVE=0) or no C compiler to build it")
 
 RECURSE = ("fib", "factorial", "ackermann", "is_even", "is_odd", "sum_rec")
 

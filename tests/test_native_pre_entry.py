@@ -4,21 +4,11 @@ run and is raised after it, as on the Python path; registers a handler writes re
 guest; a handler that keeps its regs sees only its own hit's values while it runs."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from probes.kprobes import Kprobe
-from probes.native import PYAPI, load
+from probes.native import PYAPI
 from probes.testing import ProbeLab
-
-
-@pytest.fixture(params=["native", "python"])
-def hit_path(request, monkeypatch) -> str:
-    if request.param == "native" and (os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None):
-        pytest.skip("the C hit path is off or cannot be built")
-    monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 SRC = {"arm64": "mov x0, #3; add x0, x0, #1; ret", "x86_64": "mov eax, 3; add eax, 1; ret"}

@@ -6,20 +6,15 @@ dereferences, bitfields, strings and faulting loads; and C really built them."""
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 
-from conftest import firmware_elf
+from conftest import firmware_elf, needs_native
 from emu.loader import GuestConfig, load_guest
 from probes.kprobes import kprobes_of
-from probes.native import load
 from probes.trace.trace_probe import compile_fetch_program
 from probes.trace.tracefs import tracefs_of
 
-needs_native = pytest.mark.skipif(
-    os.environ.get("KPROBE_EMU_NATIVE") == "0" or load() is None,
-    reason="the C hit path is off (KPROBE_EMU_NATIVE=0) or no C compiler to build it")
 
 A1 = {"x86_64": "%di", "arm64": "%x0"}
 STACK0 = {"x86_64": "$stack0", "arm64": "%lr"}
