@@ -342,6 +342,7 @@ class BpfTrace:
         self._runs: "weakref.WeakKeyDictionary[BpfProg, tuple[BpfRun, Any, BpfProgStats]]" = \
             weakref.WeakKeyDictionary()
         self._comm: str | None = None
+        self._tgid: int | None = None          # the process's pid, once there is a process
         self._entry: dict[int, bool] = {}
         self.runner: Callable[..., int] | None = None   # --bpf-engine: (prog, ctx, env) -> r0
 
@@ -369,8 +370,10 @@ class BpfTrace:
         env = self.env
         comm, pid = self.m.task
         env.pid = pid                          # the thread; tgid is its process's pid
-        proc = getattr(self.m.syscall_handler, "proc", None)
-        env.tgid = proc.creds.pid if proc is not None else pid
+        if self._tgid is None:
+            proc = getattr(self.m.syscall_handler, "proc", None)
+            self._tgid = proc.creds.pid if proc is not None else None
+        env.tgid = pid if self._tgid is None else self._tgid
         env.cpu = self.m.cpu
         if comm is not self._comm:
             self._comm, env.comm = comm, comm.encode()[:15]
