@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("kprobe_native.c")
 KN_BOOSTED, KN_PY_SS, KN_PRE, KN_RET = 1, 2, 4, 8
 PRE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
-ROW = 10                       # uint64 per row of kn_set_table
+ROW = 11                       # uint64 per row of kn_set_table
 
 
 class Sim(IntEnum):
@@ -74,7 +74,7 @@ class KnState(ctypes.Structure):
         ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p), ("ua", ctypes.c_void_p),
         ("trace_buf", ctypes.c_void_p), ("trace_len", ctypes.c_uint64),
         ("trace_cap", ctypes.c_uint64), ("traced", ctypes.c_uint64),
-        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32)]
+        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32), ("ts", ctypes.c_void_p)]
 
 
 class KnUaccess(ctypes.Structure):
@@ -110,7 +110,39 @@ class KnProbe(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         (n, ctypes.c_uint64) for n in ("addr", "slot", "resume", "ss_trap", "hits", "nmissed")] + [
         ("flags", ctypes.c_uint32), ("sim", ctypes.c_uint32), ("imm", ctypes.c_uint64),
-        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64), ("tprog", ctypes.c_void_p)]
+        ("aux", ctypes.c_uint64), ("rp", ctypes.c_int64), ("tprog", ctypes.c_void_p),
+        ("tev", ctypes.c_void_p)]
+
+
+class KnTstate(ctypes.Structure):
+    """struct kn_tstate: what every record C commits shares (the task, the CPU, the clock's
+    rate) and whether Python has checked it since it last ran (`valid`)."""
+    valid: int
+    pid: int
+    cpu: int
+    freq_hz: int
+    committed: int
+    revalidations: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("valid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("pid", ctypes.c_int32),
+        ("cpu", ctypes.c_int32), ("freq_hz", ctypes.c_uint64), ("committed", ctypes.c_uint64),
+        ("revalidations", ctypes.c_uint64), ("revalidate", ctypes.c_void_p)]
+
+
+class KnTevent(ctypes.Structure):
+    """struct kn_tevent: one kprobe event's probe, as C commits its records."""
+    ok: int
+    type: int
+    flags: int
+    tracing_on: int
+    nhit: int
+    rbs: Any
+    nrbs: int
+    filter: Any
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("ok", ctypes.c_uint32), ("type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+        ("tracing_on", ctypes.c_uint32), ("nhit", ctypes.c_uint64), ("rbs", ctypes.c_void_p),
+        ("nrbs", ctypes.c_uint64), ("filter", ctypes.c_void_p)]
 
 
 class KnDetour(ctypes.Structure):
@@ -276,6 +308,9 @@ class NativeDispatch:
     ua: KnUaccess = field(default_factory=KnUaccess)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
+    tstate: KnTstate | None = None       # trace events C commits (trace_state)
+    revalidators: list[Callable[[KnTstate], None]] = field(default_factory=list)
+    _revalidate_obj: Any = None          # the entry C calls (kept alive here)
 
     def mirror_costs(self) -> None:
         costs, st = self.m.clock.costs, self.st
@@ -380,13 +415,58 @@ class NativeDispatch:
             a, addr = p.ainsn, p.addr or 0
             rp = p.kretprobe.native_row if flags & KN_RET else -1
             tprog = p.__dict__.get("native_tprog") if flags & KN_PRE else None
+            tev = p.__dict__.get("native_tev") if tprog is not None else None
             flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
                                            flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1),
-                                           ctypes.addressof(tprog) if tprog is not None else 0]
+                                           ctypes.addressof(tprog) if tprog is not None else 0,
+                                           ctypes.addressof(tev) if tev is not None else 0]
         self.ua.task_size = min(self.m.memory.task_size, 2**64 - 1)
         if self.lib.kn_set_table(ctypes.byref(self.st), flat, len(rows)):
             raise MemoryError("kprobe native table")
         self.probes = [p for p, _f, _s in rows]
+        self.trace_stale()
+
+    # --- trace events committed in C -----------------------------------------------------------
+    def trace_state(self, revalidate: Callable[[KnTstate], None]) -> KnTstate | None:
+        """C commits trace records: `revalidate(ts)` (one per trace layer) sets every
+        event's KnTevent and the shared state whenever C asks (after Python ran). None if C
+        cannot call Python through the C API (records are then Python's)."""
+        if PYAPI is None:
+            return None
+        ts = self.tstate
+        if ts is None:
+            ts = self.tstate = KnTstate()
+            errors, m = self.m.hooks.errors, self.m
+
+            def entry(_arg: int) -> int:
+                try:
+                    for fn in list(self.revalidators):
+                        fn(ts)
+                    ts.valid = 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                    ts.valid = 0
+                    if not errors:
+                        errors.append(exc)
+                    m.uc.emu_stop()
+                return 0
+            self._revalidate_obj = entry
+            ts.revalidate = id(entry)
+            self.st.ts = ctypes.addressof(ts)
+            m.cpu_listeners.append(lambda _cpu: self.trace_stale())
+            uc, restore = m.uc, m.uc.context_restore
+
+            def context_restore(context: Any) -> None:     # a task switch
+                self.trace_stale()
+                restore(context)
+            uc.context_restore = context_restore
+        if revalidate not in self.revalidators:
+            self.revalidators.append(revalidate)
+        return ts
+
+    def trace_stale(self) -> None:
+        """Python may have changed what C's commits depend on: C asks again first."""
+        if self.tstate is not None:
+            self.tstate.valid = 0
 
     def fold_counts(self) -> None:
         """Add the hits and misses C counted to the Kprobes (kprobe_profile reads them)."""
@@ -500,6 +580,7 @@ def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
 
     def run_returned() -> None:
         flag.value = 0
+        d.trace_stale()                          # the host may change anything until the next
     m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
     m.stop_listeners.append(run_returned)
     d.run_returned = run_returned

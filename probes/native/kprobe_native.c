@@ -26,7 +26,9 @@ enum { SIM_NONE, SIM_B, SIM_BL, SIM_BCOND, SIM_CBZ, SIM_TBZ, SIM_ADR, SIM_BR };
 #define AUX_X64 (1u << 24)                  /* cbz/cbnz on an X register */
 #define AUX_NZ (1u << 25)                   /* cbnz/tbnz: taken when non-zero / set */
 #define AUX_LINK (1u << 26)                 /* blr: x30 = addr + 4 */
-#define ROW 10                              /* uint64 per row of kn_set_table */
+#define ROW 11                              /* uint64 per row of kn_set_table */
+
+struct kn_tevent;
 
 struct kn_probe {
     uint64_t addr, slot, resume, ss_trap;
@@ -36,6 +38,7 @@ struct kn_probe {
     uint64_t aux;
     int64_t rp;                             /* KN_RET: the kretprobe's row in kn_rethook */
     const uint64_t *tprog;                  /* a trace event's fetch program, or NULL */
+    struct kn_tevent *tev;                  /* its commit in C (kn_trace_commit), or NULL */
 };
 
 struct kn_rethook;
@@ -74,7 +77,13 @@ struct kn_state {
     uint64_t trace_len, trace_cap;          /* its length (0: none built), its room */
     uint64_t traced;                        /* records built */
     int32_t ua_sp_reg, pad3;                /* sp, for $stackN */
+    struct kn_tstate *ts;                   /* trace events committed in C, or NULL */
 };
+
+/* Python ran (a handler, a trap C handed over, a code hook): whatever it may have changed
+ * of the trace layer (enables, filters, triggers, tracing_on, buffers, the task) is
+ * checked again before C commits the next record (kn_trace_commit). */
+static void kn_trace_stale(struct kn_state *s);
 
 struct kn_uaccess;
 static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p);
@@ -92,27 +101,35 @@ struct kn_pyapi {
     void (*write_unraisable)(void *o);
 };
 
-/* pre(row) in Python: its result, 1 (the hit is complete) if it failed. */
-static int call_pre(struct kn_state *s, uint32_t idx)
+/* fn(arg), a Python callable, through the C API: its result, 1 if it failed. */
+static int call_py(const struct kn_pyapi *py, void *fn, uint32_t idx)
 {
-    if (!s->py)
-        return s->pre(idx);
-    const struct kn_pyapi *py = s->py;
     int gil = py->gil_ensure();
     int done = 1;
     void *arg = py->long_from(idx);
-    void *res = arg ? py->call_one_arg(s->py_pre, arg) : NULL;
+    void *res = arg ? py->call_one_arg(fn, arg) : NULL;
     if (res) {
         done = py->long_as(res) != 0;
         py->decref(res);
     } else {
-        py->write_unraisable(s->py_pre);    /* the entry catches its own: not reached */
+        py->write_unraisable(fn);           /* the entries catch their own: not reached */
     }
     if (arg)
         py->decref(arg);
     py->gil_release(gil);
     return done;
 }
+
+/* pre(row) in Python: its result, 1 (the hit is complete) if it failed. */
+static int call_pre(struct kn_state *s, uint32_t idx)
+{
+    kn_trace_stale(s);
+    if (!s->py)
+        return s->pre(idx);
+    return call_py(s->py, s->py_pre, idx);
+}
+
+static int kn_trace_commit(struct kn_state *s, struct kn_probe *p);
 
 static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row);
 static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr);
@@ -227,11 +244,13 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
                 int done = 0;
                 if (!ret_native) {
                     s->trace_len = 0;
-                    if (p->tprog && eval_tprog(s, uc, p) == 0)
-                        s->traced++;
-                    s->py_busy++;
-                    done = call_pre(s, e->idx);  /* it set pc itself: no step */
-                    s->py_busy--;
+                    int built = p->tprog && eval_tprog(s, uc, p) == 0;
+                    s->traced += built;
+                    if (!(built && p->tev && kn_trace_commit(s, p))) {
+                        s->py_busy++;
+                        done = call_pre(s, e->idx);  /* it set pc itself: no step */
+                        s->py_busy--;
+                    }
                 }
                 if (done) {
                     s->handled++;
@@ -261,11 +280,12 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
         }
     }
     s->deferred++;
+    kn_trace_stale(s);
     s->fallback(uc, intno, s->fallback_data);
 }
 
 /* Replace the probe table: n probes, each (addr, slot, resume, ss_trap, flags, sim, imm,
- * aux, rp, tprog). Counters
+ * aux, rp, tprog, tev). Counters
  * of the old table must have been taken first; `current` is reset. Returns 0 or -1. */
 int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
 {
@@ -289,6 +309,7 @@ int kn_set_table(struct kn_state *s, const uint64_t *rows, uint32_t n)
         p->flags = (uint32_t)r[4], p->sim = (uint32_t)r[5], p->imm = r[6], p->aux = r[7];
         p->rp = (int64_t)r[8];
         p->tprog = (const uint64_t *)(uintptr_t)r[9];
+        p->tev = (struct kn_tevent *)(uintptr_t)r[10];
         uint64_t keys[2] = { p->addr, p->ss_trap };
         for (int j = 0; j < 2; j++) {
             if (j == 1 && ((p->flags & KN_BOOSTED) || p->sim != SIM_NONE))
@@ -326,6 +347,7 @@ void kn_detour_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
     struct kn_detour *d = user_data;
     struct kn_state *s = d->s;
     if (!d->native) {
+        kn_trace_stale(s);
         d->orig(uc, addr, size, d->orig_data);
         return;
     }
@@ -602,6 +624,7 @@ void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
             && kn_rethook_return(s, uc, addr))
         return;
     h->deferred++;
+    kn_trace_stale(s);
     h->orig(uc, addr, size, h->orig_data);
 }
 
@@ -663,6 +686,7 @@ void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
         return;
     }
     f->deferred++;
+    kn_trace_stale(s);
     f->orig(uc, addr, size, f->orig_data);
 }
 
@@ -838,4 +862,208 @@ static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p)
         }
     }
     return 0;
+}
+
+/* The ring buffer's per-CPU ring (probes/trace/ring_buffer.py CpuBuffer, which C and
+ * Python write alike): entries of u32 total, u32 len, u64 ts, data; total 0 marks the
+ * ring's unused end. The budget (`size`, record_cost per record) decides what is kept. */
+struct kn_rb {
+    uint8_t *buf;
+    uint64_t cap, head, tail, fill, last;   /* ring bytes; oldest, next, in use, newest */
+    uint64_t size, used, nentries;          /* budget, its use, records */
+    uint64_t overrun, dropped, written, read;
+    uint32_t overwrite, pad;
+};
+
+#define RB_HEAD 16
+#define RB_EVNT_HDR_SIZE 4
+
+static uint64_t rb_cost(uint64_t n) { return RB_EVNT_HDR_SIZE + (n + 3) / 4 * 4; }
+static uint64_t rb_need(uint64_t n) { return RB_HEAD + (n + 7) / 8 * 8; }
+
+static void rb_pop(struct kn_rb *rb)
+{
+    uint64_t pos = rb->head;
+    uint32_t total, n;
+    memcpy(&total, rb->buf + pos, 4);
+    if (total == 0) {                       /* the unused end: the oldest is at 0 */
+        rb->fill -= rb->cap - pos;
+        pos = 0;
+        memcpy(&total, rb->buf, 4);
+    }
+    memcpy(&n, rb->buf + pos + 4, 4);
+    rb->head = (pos + total) % rb->cap;
+    rb->fill -= total;
+    rb->used -= rb_cost(n);
+    if (--rb->nentries == 0)
+        rb->head = rb->tail = rb->fill = 0;
+}
+
+/* 1 written, 0 refused (counted as dropped), -1 the ring's bytes ran out: Python grows it
+ * and writes (the evictions made here are the ones it would make). */
+static int kn_rb_write(struct kn_rb *rb, uint64_t ts, const uint8_t *data, uint64_t n)
+{
+    uint64_t cost = rb_cost(n), need = rb_need(n);
+    if (cost > rb->size) {
+        rb->dropped++;
+        return 0;
+    }
+    while (rb->used + cost > rb->size) {
+        if (!rb->overwrite) {
+            rb->dropped++;
+            return 0;
+        }
+        rb_pop(rb);
+        rb->overrun++;
+    }
+    uint64_t gap = rb->cap - rb->tail < need ? rb->cap - rb->tail : 0;
+    if (rb->fill + gap + need > rb->cap)
+        return -1;
+    if (gap) {
+        memset(rb->buf + rb->tail, 0, 4);
+        rb->fill += gap;
+        rb->tail = 0;
+    }
+    uint64_t pos = rb->tail;
+    uint32_t head[2] = { (uint32_t)need, (uint32_t)n };
+    memcpy(rb->buf + pos, head, 8);
+    memcpy(rb->buf + pos + 8, &ts, 8);
+    memcpy(rb->buf + pos + RB_HEAD, data, n);
+    rb->tail = (pos + need) % rb->cap;
+    rb->fill += need;
+    rb->last = pos;
+    rb->nentries++;
+    rb->used += cost;
+    rb->written++;
+    return 1;
+}
+
+/* Kprobe events committed in C (trace_kprobe.py kprobe_dispatcher, tracefs commit): when
+ * the event's only consumer is the ring buffer -- enabled, no BPF program, no trigger,
+ * not soft-disabled, no on_commit stream, a filter this evaluator expresses or none, the
+ * clock without a cycle model's pending block -- C stamps the header, filters, reads the
+ * clock and writes the record. Python decides that (`ok`) whenever it may have changed:
+ * `valid` is cleared each time Python runs and the next commit asks it again. */
+struct kn_tstate {
+    uint32_t valid, pad;
+    int32_t pid, cpu;                       /* the running task, the CPU it runs on */
+    uint64_t freq_hz;                       /* cycles -> ns (Clock.monotonic_ns) */
+    uint64_t committed, revalidations;
+    void *revalidate;                       /* the Python entry that sets `valid` */
+};
+
+struct kn_tevent {
+    uint32_t ok, type;                      /* C commits; trace_entry.type (the event id) */
+    uint32_t flags, tracing_on;             /* trace_entry flags | preempt_count << 8 */
+    uint64_t nhit;                          /* hits C took (since Python folded them) */
+    struct kn_rb **rbs;                     /* the live buffer's CPUs */
+    uint64_t nrbs;
+    const uint64_t *filter;                 /* the compiled filter, or NULL */
+};
+
+static void kn_trace_stale(struct kn_state *s)
+{
+    if (s->ts)
+        s->ts->valid = 0;
+}
+
+/* A filter (trace_events_filter.py native_filter) in postfix, two words an op: the first
+ * packs the opcode (0-7), the field's size (8-15), signedness (16), the comparison
+ * (24-31) and the field's offset (32-47); the second is the constant. */
+enum { F_END, F_NUM, F_CPU, F_AND, F_OR, F_NOT };
+enum { CMP_EQ, CMP_NE, CMP_LT, CMP_LE, CMP_GT, CMP_GE, CMP_AND };
+#define FILTER_DEPTH 64
+
+static int compare(uint32_t cmp, int sgn, uint64_t a, uint64_t b)
+{
+    int64_t x = (int64_t)a, y = (int64_t)b;
+    switch (cmp) {
+    case CMP_EQ: return a == b;
+    case CMP_NE: return a != b;
+    case CMP_LT: return sgn ? x < y : a < b;
+    case CMP_LE: return sgn ? x <= y : a <= b;
+    case CMP_GT: return sgn ? x > y : a > b;
+    case CMP_GE: return sgn ? x >= y : a >= b;
+    default: return (a & b) != 0;
+    }
+}
+
+static int filter_match(const uint64_t *op, const uint8_t *rec, uint64_t len, int32_t cpu)
+{
+    uint8_t st[FILTER_DEPTH];
+    int sp = 0;
+    for (; (op[0] & 0xff) != F_END; op += 2) {
+        uint64_t w = op[0], v = 0;
+        uint32_t size = (w >> 8) & 0xff, off = (w >> 32) & 0xffff;
+        int sgn = (w >> 16) & 1;
+        switch (w & 0xff) {
+        case F_NUM:
+            if (off + size > len)
+                return -1;
+            memcpy(&v, rec + off, size);
+            if (sgn && size < 8 && (v >> (8 * size - 1)) & 1)
+                v |= ~0ull << (8 * size);
+            st[sp++] = (uint8_t)compare((w >> 24) & 0xff, sgn, v, op[1]);
+            break;
+        case F_CPU:
+            st[sp++] = (uint8_t)compare((w >> 24) & 0xff, 0, (uint64_t)(uint32_t)cpu, op[1]);
+            break;
+        case F_AND: sp--; st[sp - 1] = st[sp - 1] && st[sp]; break;
+        case F_OR: sp--; st[sp - 1] = st[sp - 1] || st[sp]; break;
+        case F_NOT: st[sp - 1] = !st[sp - 1]; break;
+        default: return -1;
+        }
+        if (sp >= FILTER_DEPTH)
+            return -1;
+    }
+    return sp == 1 ? st[0] : -1;
+}
+
+/* The record trace_buf holds (fields and strings from eval_tprog) committed: 1 done
+ * (counted; written unless tracing is off, the filter refuses it or the buffer drops
+ * it), 0 Python commits it (nothing changed but evictions it would make too). */
+static int kn_trace_commit(struct kn_state *s, struct kn_probe *p)
+{
+    struct kn_tstate *t = s->ts;
+    struct kn_tevent *ev = p->tev;
+    if (!t)
+        return 0;
+    if (!t->valid) {
+        if (!t->revalidate || !s->py)
+            return 0;
+        t->revalidations++;
+        s->py_busy++;
+        call_py(s->py, t->revalidate, 0);
+        s->py_busy--;
+        if (!t->valid)
+            return 0;
+    }
+    if (!ev->ok || t->cpu < 0 || (uint64_t)t->cpu >= ev->nrbs || s->trace_len < 16)
+        return 0;
+    uint8_t *b = s->trace_buf;
+    uint16_t type = (uint16_t)ev->type;
+    memcpy(b, &type, 2);
+    b[2] = (uint8_t)ev->flags, b[3] = (uint8_t)(ev->flags >> 8);
+    memcpy(b + 4, &t->pid, 4);
+    memcpy(b + 8, &p->addr, 8);
+    if (ev->tracing_on) {
+        if (ev->filter) {
+            int m = filter_match(ev->filter, b, s->trace_len, t->cpu);
+            if (m < 0)
+                return 0;
+            if (!m)
+                goto counted;
+        }
+        unsigned __int128 ns = (unsigned __int128)(*s->fp >> 8) * 1000000000u;
+        uint64_t ts = (uint64_t)(ns / t->freq_hz);
+        int r = kn_rb_write(ev->rbs[t->cpu], ts, b, s->trace_len);
+        if (r < 0)
+            return 0;
+        t->committed += (uint64_t)r;
+    }
+counted:
+    p->hits++;
+    ev->nhit++;
+    s->trace_len = 0;
+    return 1;
 }

@@ -10,10 +10,11 @@ fields). Errors carry the kernel's text and the column they point at (`pos`).
 Left out: `.function` / `.hex` field modifiers, cpumask fields, subsystem filters."""
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from emu.errors import UsageError
 
@@ -140,7 +141,8 @@ class _Parser:
         while self.peek().text == "||" and self.peek().kind == "op":
             self.take()
             right, l0 = self.term(), left
-            left = lambda d, c, n, a=l0, b=right: a(d, c, n) or b(d, c, n)
+            left = _native(lambda d, c, n, a=l0, b=right: a(d, c, n) or b(d, c, n),
+                           _postfix(F_OR, l0, right))
         return left
 
     def term(self) -> Pred:
@@ -148,7 +150,8 @@ class _Parser:
         while self.peek().text == "&&" and self.peek().kind == "op":
             self.take()
             right, l0 = self.factor(), left
-            left = lambda d, c, n, a=l0, b=right: a(d, c, n) and b(d, c, n)
+            left = _native(lambda d, c, n, a=l0, b=right: a(d, c, n) and b(d, c, n),
+                           _postfix(F_AND, l0, right))
         return left
 
     def factor(self) -> Pred:
@@ -156,7 +159,7 @@ class _Parser:
         if t.kind == "op" and t.text == "!":
             self.take()
             inner = self.factor()
-            return lambda d, c, n: not inner(d, c, n)
+            return _native(lambda d, c, n: not inner(d, c, n), _postfix(F_NOT, inner))
         if t.kind == "op" and t.text == "(":
             self.take()
             inner = self.expr()
@@ -181,7 +184,11 @@ class _Parser:
         getter, is_string, signed = self.field(ft)
         if is_string:
             return _string_pred(getter, op, val)
-        return _number_pred(getter, op, val, signed)
+        pred = _number_pred(getter, op, val, signed)
+        where = self._native_field(ft.text)
+        if where is not None:
+            pred.native = _num_op(where, signed, op.text, pred.num)  # type: ignore[attr-defined]
+        return pred
 
     def field(self, t: Token):
         name = t.text
@@ -195,6 +202,17 @@ class _Parser:
         if f.count and not f.is_string:
             raise FilterError("INVALID_OP", t.pos)
         return (lambda d, c, n: f.value(d)), f.is_string, f.signed
+
+    def _native_field(self, name: str) -> tuple[int, int] | None:
+        """(offset, size) of a plain integer field for the native evaluator; (-1, 0) for
+        cpu; None if it cannot read it."""
+        if name in ("cpu", "CPU"):
+            return -1, 0
+        f = self.call.find_field(name)
+        if f is None or f.count or f.is_string or f.size not in (1, 2, 4, 8) \
+                or f.ctype.startswith("__data_loc"):
+            return None
+        return f.offset, f.size
 
 
 def _string_pred(getter, op: Token, val: Token) -> Pred:
@@ -224,17 +242,63 @@ def _number_pred(getter, op: Token, val: Token, signed: bool) -> Pred:
     fn = NUM_OPS[op.text]
     if not signed and num < 0:
         num &= (1 << 64) - 1
-    return lambda d, c, n: fn(getter(d, c, n), num)
+    pred = _native(lambda d, c, n: fn(getter(d, c, n), num), None)
+    pred.num = num                          # type: ignore[attr-defined]
+    return pred
+
+
+# --- the native evaluator's form (probes/native kprobe_native.c filter_match) ---------------
+# Postfix, two words an op: opcode | size << 8 | signed << 16 | comparison << 24 |
+# offset << 32, then the constant.
+F_END, F_NUM, F_CPU, F_AND, F_OR, F_NOT = range(6)
+CMP_CODES = {"==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "&": 6}
+NativeOps = list[int] | None
+
+
+def _native(pred: Pred, ops: NativeOps) -> Pred:
+    pred.native = ops                       # type: ignore[attr-defined]
+    return pred
+
+
+def _postfix(op: int, *parts: Pred) -> NativeOps:
+    out: list[int] = []
+    for p in parts:
+        ops = getattr(p, "native", None)
+        if ops is None:
+            return None
+        out += ops
+    return out + [op, 0]
+
+
+def _num_op(where: tuple[int, int], signed: bool, op: str, num: int) -> NativeOps:
+    off, size = where
+    lo, hi = (-(1 << 63), (1 << 63) - 1) if signed and off >= 0 else (0, (1 << 64) - 1)
+    if not lo <= num <= hi or off > 0xFFFF:
+        return None
+    kind = F_CPU if off < 0 else F_NUM
+    word = kind | size << 8 | int(signed and off >= 0) << 16 | CMP_CODES[op] << 24 | max(off, 0) << 32
+    return [word, num & ((1 << 64) - 1)]
 
 
 @dataclass
 class EventFilter:
-    """struct event_filter: the text and the compiled predicate."""
+    """struct event_filter: the text and the compiled predicate; `native()` is its program
+    for the C hit path's evaluator (numeric fields and cpu against constants, &&, ||, !),
+    or None when it uses more (strings, comm)."""
     text: str
     pred: Pred
 
     def match(self, data: bytes, comm: str = "", cpu: int = 0) -> bool:
         return bool(self.pred(data, comm, cpu))
+
+    def native(self) -> Any:
+        """The program as a ctypes array (kept with the filter), or None."""
+        prog = self.__dict__.get("_native", False)
+        if prog is False:
+            ops = getattr(self.pred, "native", None)
+            prog = None if ops is None else (ctypes.c_uint64 * (len(ops) + 2))(*ops, F_END, 0)
+            self.__dict__["_native"] = prog
+        return prog
 
 
 def create_filter(call: "TraceEventCall", text: str) -> EventFilter:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from emu.module import find_module
 from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, kprobes_of
+from probes.native import KnTevent, KnTstate
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF
 from probes.trace.trace_events import FtraceEventField, TraceEventCall, pack_header
 from probes.trace.trace_events_trigger import trace_trigger_soft_disabled
@@ -343,6 +344,11 @@ class TraceKprobeEvents:
         self.m = tracefs.machine
         self.probes: list[TraceKprobe] = []
         self._ctx: FetchContext | None = None
+        # events whose records C may commit: id(tk) -> (tk, its KnTevent)
+        self._native_events: dict[int, tuple[TraceKprobe, KnTevent]] = {}
+        self._rbs: dict[int, tuple[object, object]] = {}      # buffer -> C's CPU pointers
+        self._synced: tuple[int, str, int] | None = None       # pid, comm, commits seen
+        self.m.stop_listeners.append(self._settle)
 
     # --- commands ---------------------------------------------------------------------------
     def create(self, argv: list[str]) -> None:
@@ -462,9 +468,11 @@ class TraceKprobeEvents:
             return -errno.ENOENT
         if call.active:
             return -errno.EBUSY
+        self._settle()
         for tk in list(call.probes):
             self._unregister(tk)
             self.probes.remove(tk)
+            self._native_events.pop(id(tk), None)
         call.probes.clear()
         self.fs.remove_event(call)
         return 0
@@ -534,6 +542,59 @@ class TraceKprobeEvents:
             return
         kp.__dict__["native_tprog"] = (ctypes.c_uint64 * len(prog))(*prog)
         kp.__dict__["native_trace"] = lambda p, regs, body, t=tk: self.native_record(t, p, regs, body)
+        native = kprobes_of(self.m).native
+        assert native is not None
+        if native.trace_state(self._revalidate) is not None:
+            tev = self._native_events.get(id(tk))
+            if tev is None:
+                tev = self._native_events[id(tk)] = (tk, KnTevent())
+            kp.__dict__["native_tev"] = tev[1]
+
+    # --- records committed in C (probes/native kn_trace_commit) ------------------------------
+    def _revalidate(self, ts: KnTstate) -> None:
+        """C asks, after Python ran: may it commit each event's records, and into what?
+        Only when the ring buffer is the record's one consumer, as kprobe_dispatcher and
+        Tracefs.commit would leave it: enabled, no BPF program, no trigger, not
+        soft-disabled, no on_commit stream, a filter C evaluates or none, and a clock
+        whose time C can read (no cycle model's pending block)."""
+        self._settle()
+        m, fs, clock = self.m, self.fs, self.m.clock
+        ts.pid, ts.cpu, ts.freq_hz = m.task[1], m.cpu, clock.freq_hz
+        self._synced = (m.task[1], m.task[0], ts.committed)
+        buf = fs.buffer
+        if self._settle not in buf.before_read:
+            buf.before_read.append(self._settle)
+        rbs = self._rbs.get(id(buf))
+        if rbs is None or rbs[0] is not buf:
+            arr = (ctypes.c_void_p * len(buf.cpus))(*(ctypes.addressof(b.rb) for b in buf.cpus))
+            rbs = self._rbs[id(buf)] = (buf, arr)
+        base = (clock.pending is None and clock.on_first_read is None and clock.freq_hz > 0
+                and not fs.on_commit and 0 <= m.cpu < len(buf.cpus))
+        for tk, ev in self._native_events.values():
+            call = tk.call
+            assert call is not None
+            flt, trig = call.filter, call.trigger_state
+            prog = flt.native() if flt is not None else None
+            ev.ok = int(base and call.enabled and not call.prog_array and not call.soft_disabled
+                        and (trig is None or not (trig.cond or trig.trigger_mode))
+                        and (flt is None or prog is not None))
+            ev.type, ev.flags, ev.tracing_on = call.id, HIT_FLAGS | HIT_PREEMPT_COUNT << 8, int(fs.tracing_on)
+            ev.rbs, ev.nrbs = ctypes.addressof(rbs[1]), len(buf.cpus)
+            ev.filter = ctypes.addressof(prog) if prog is not None else None
+
+    def _settle(self) -> None:
+        """What C's commits owe Python: the events' hit counts, and the comm of the task
+        they recorded (saved_cmdlines, as each commit's `comms[pid] = comm`)."""
+        for tk, ev in self._native_events.values():
+            if ev.nhit:
+                tk.nhit += ev.nhit
+                ev.nhit = 0
+        native = kprobes_of(self.m).native
+        ts = native.tstate if native is not None else None
+        if ts is not None and self._synced is not None and ts.committed != self._synced[2]:
+            pid, comm, _n = self._synced
+            self.fs.comms[pid] = comm
+            self._synced = (pid, comm, ts.committed)
 
     def native_record(self, tk: TraceKprobe, kp: Kprobe, regs: "PtRegs", body: bytes) -> int:
         """kprobe_dispatcher with the record's fields and strings built by C (`body`, its
@@ -584,4 +645,5 @@ class TraceKprobeEvents:
 
     def profile(self) -> str:
         """kprobe_profile: event, hits, misses."""
+        self._settle()
         return "".join(f"  {tk.event:<44} {tk.nhit:>15} {tk.nmissed:>15}\n" for tk in self.probes)
