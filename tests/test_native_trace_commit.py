@@ -28,11 +28,14 @@ def _counters(buf) -> list[tuple[int, ...]]:
     return [(len(b), b.used, b.written, b.overrun, b.dropped, b.read) for b in buf.cpus]
 
 
-def _run(arch: str, native: bool, monkeypatch, setup=None, size_kb: int | None = None) -> dict:
+def _run(arch: str, native: bool, monkeypatch, setup=None, size_kb: int | None = None,
+         cycles: bool = False) -> dict:
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
     out_stream = io.BytesIO()
     g = load_guest(GuestConfig(path=str(firmware_elf(arch, "demo"))), stdout=out_stream)
     m, fs = g.machine, tracefs_of(g.machine)
+    if cycles:
+        m.enable_cycle_model()
     for ev in EVENTS:
         assert fs.write("kprobe_events", ev.format(a1=A1[arch]), append=True) == 0, fs.read("error_log")
     if size_kb is not None:
@@ -46,7 +49,7 @@ def _run(arch: str, native: bool, monkeypatch, setup=None, size_kb: int | None =
     out = {"exit": res.exit_code, "guest": out_stream.getvalue(), "counters": _counters(fs.buffer),
            "trace": fs.read("trace"), "profile": fs.read("kprobe_profile"),
            "snapshot": fs.read("snapshot"), "cycles": m.clock.cycles,
-           "comms": dict(fs.comms)}
+           "comms": dict(fs.comms), "by_reason": dict(m.clock.by_reason)}
     out["pipe"] = fs.read("trace_pipe")
     out["after_pipe"] = _counters(fs.buffer)
     return {"out": out, "committed": ts.committed if ts is not None else 0}
@@ -123,3 +126,13 @@ def test_python_changes_mid_run(arch, monkeypatch):
     out, committed = _both(arch, monkeypatch, setup=_toggler)
     assert committed > 0
     assert "# entries-in-buffer" in out["snapshot"]
+
+
+@needs_native
+def test_with_the_cycle_model(arch, monkeypatch):
+    """Timestamps subtract the running block's cost after the probed instruction, which
+    Python's path learns once per block; cycles and their reasons are the same."""
+    out, committed = _both(arch, monkeypatch, cycles=True)
+    n = out["counters"][0][2]
+    assert n > 20 and 0 < committed < n            # the first hit of each block: Python
+    assert committed >= n - 3 * 4

@@ -123,10 +123,12 @@ class KnTstate(ctypes.Structure):
     freq_hz: int
     committed: int
     revalidations: int
+    cm_cur: Any
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("valid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("pid", ctypes.c_int32),
         ("cpu", ctypes.c_int32), ("freq_hz", ctypes.c_uint64), ("committed", ctypes.c_uint64),
-        ("revalidations", ctypes.c_uint64), ("revalidate", ctypes.c_void_p)]
+        ("revalidations", ctypes.c_uint64), ("revalidate", ctypes.c_void_p),
+        ("cm_cur", ctypes.c_void_p)]
 
 
 class KnTevent(ctypes.Structure):
@@ -139,10 +141,17 @@ class KnTevent(ctypes.Structure):
     rbs: Any
     nrbs: int
     filter: Any
+    pend_entry: int
+    pend_addr: int
+    pend_size: int
+    pend_fp: int
+    pend_valid: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("ok", ctypes.c_uint32), ("type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
         ("tracing_on", ctypes.c_uint32), ("nhit", ctypes.c_uint64), ("rbs", ctypes.c_void_p),
-        ("nrbs", ctypes.c_uint64), ("filter", ctypes.c_void_p)]
+        ("nrbs", ctypes.c_uint64), ("filter", ctypes.c_void_p)] + [
+        (n, ctypes.c_uint64) for n in ("pend_entry", "pend_addr", "pend_size", "pend_fp")] + [
+        ("pend_valid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class KnDetour(ctypes.Structure):
@@ -416,6 +425,8 @@ class NativeDispatch:
             rp = p.kretprobe.native_row if flags & KN_RET else -1
             tprog = p.__dict__.get("native_tprog") if flags & KN_PRE else None
             tev = p.__dict__.get("native_tev") if tprog is not None else None
+            if tev is not None:
+                tev.pend_valid = 0              # text may have changed: blocks are costed anew
             flat[ROW * i:ROW * i + ROW] = [addr, a.slot or 0, addr + a.length, a.ss_trap or 0,
                                            flags, sim, imm & (2**64 - 1), aux, rp & (2**64 - 1),
                                            ctypes.addressof(tprog) if tprog is not None else 0,

@@ -950,6 +950,8 @@ struct kn_tstate {
     uint64_t freq_hz;                       /* cycles -> ns (Clock.monotonic_ns) */
     uint64_t committed, revalidations;
     void *revalidate;                       /* the Python entry that sets `valid` */
+    const uint64_t *const *cm_cur;          /* the cycle model's current block (cm_state.cur:
+                                             * its addr, then size at +24), or NULL */
 };
 
 struct kn_tevent {
@@ -959,6 +961,11 @@ struct kn_tevent {
     struct kn_rb **rbs;                     /* the live buffer's CPUs */
     uint64_t nrbs;
     const uint64_t *filter;                 /* the compiled filter, or NULL */
+    /* With the cycle model the clock reads fp minus the running block's cost after the
+     * probed instruction (Clock.now, pending_fp): Python's path learns it for one block
+     * and C reuses it while that block is the one running the probe. */
+    uint64_t pend_entry, pend_addr, pend_size, pend_fp;
+    uint32_t pend_valid, pad;
 };
 
 static void kn_trace_stale(struct kn_state *s)
@@ -1054,7 +1061,17 @@ static int kn_trace_commit(struct kn_state *s, struct kn_probe *p)
             if (!m)
                 goto counted;
         }
-        unsigned __int128 ns = (unsigned __int128)(*s->fp >> 8) * 1000000000u;
+        uint64_t fp = *s->fp;
+        if (t->cm_cur) {
+            const uint64_t *cur = *t->cm_cur;
+            uint64_t addr = cur ? cur[0] : 0, size = cur ? (uint32_t)cur[3] : 0;
+            if (!ev->pend_valid || ev->pend_entry != (uintptr_t)cur || ev->pend_addr != addr
+                    || ev->pend_size != size)
+                return 0;                   /* Python reads this block's share, once */
+            if (fp != UINT64_MAX)
+                fp -= ev->pend_fp;
+        }
+        unsigned __int128 ns = (unsigned __int128)(fp >> 8) * 1000000000u;
         uint64_t ts = (uint64_t)(ns / t->freq_hz);
         int r = kn_rb_write(ev->rbs[t->cpu], ts, b, s->trace_len);
         if (r < 0)

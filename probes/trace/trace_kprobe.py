@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from emu.cycles.native import CmEntry, CmState
 from emu.module import find_module
 from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, kprobes_of
@@ -89,6 +90,16 @@ class TraceKprobe:
     def same_probe(self, other: "TraceKprobe") -> bool:
         return (self.symbol, self.offset, self.addr) == (other.symbol, other.offset, other.addr) \
             and [a.comm for a in self.args] == [a.comm for a in other.args]
+
+
+def _cycle_model_cur(clock) -> int | None:
+    """Where C finds the native cycle model's running block (cm_state.cur), when the
+    clock's pending share comes from it; None without a cycle model or with a Python one."""
+    pend = clock.pending
+    st = getattr(getattr(pend, "__self__", None), "state", None)
+    if pend is None or getattr(pend, "__name__", "") != "pending_fp" or not isinstance(st, CmState):
+        return None
+    return ctypes.addressof(st) + CmState.cur.offset
 
 
 def compare_arg_type(a: list[FetchArg], b: list[FetchArg]) -> int:
@@ -568,8 +579,9 @@ class TraceKprobeEvents:
         if rbs is None or rbs[0] is not buf:
             arr = (ctypes.c_void_p * len(buf.cpus))(*(ctypes.addressof(b.rb) for b in buf.cpus))
             rbs = self._rbs[id(buf)] = (buf, arr)
-        base = (clock.pending is None and clock.on_first_read is None and clock.freq_hz > 0
-                and not fs.on_commit and 0 <= m.cpu < len(buf.cpus))
+        ts.cm_cur = _cycle_model_cur(clock)
+        base = ((clock.pending is None or ts.cm_cur) and clock.on_first_read is None
+                and clock.freq_hz > 0 and not fs.on_commit and 0 <= m.cpu < len(buf.cpus))
         for tk, ev in self._native_events.values():
             call = tk.call
             assert call is not None
@@ -581,6 +593,24 @@ class TraceKprobeEvents:
             ev.type, ev.flags, ev.tracing_on = call.id, HIT_FLAGS | HIT_PREEMPT_COUNT << 8, int(fs.tracing_on)
             ev.rbs, ev.nrbs = ctypes.addressof(rbs[1]), len(buf.cpus)
             ev.filter = ctypes.addressof(prog) if prog is not None else None
+
+    def _learn_pending(self, tk: TraceKprobe) -> None:
+        """The cycle model's share of the running block after the probed instruction, for C
+        to subtract while the same block runs the probe (Clock.now)."""
+        native = kprobes_of(self.m).native
+        entry = self._native_events.get(id(tk))
+        ts = native.tstate if native is not None else None
+        if entry is None or ts is None or not ts.cm_cur or not entry[1].ok:
+            return
+        ev, clock = entry[1], self.m.clock
+        cur = ctypes.c_void_p.from_address(ts.cm_cur).value
+        addr = size = 0
+        if cur:
+            e = CmEntry.from_address(cur)
+            addr, size = e.addr, e.size
+        assert clock.pending is not None
+        ev.pend_entry, ev.pend_addr, ev.pend_size = cur or 0, addr, size
+        ev.pend_fp, ev.pend_valid = clock.pending(), 1
 
     def _settle(self) -> None:
         """What C's commits owe Python: the events' hit counts, and the comm of the task
@@ -607,6 +637,8 @@ class TraceKprobeEvents:
         if call.enabled and not trace_trigger_soft_disabled(call):
             head = pack_header(call.id, HIT_FLAGS, HIT_PREEMPT_COUNT, self.m.task[1]) + _Q.pack(kp.addr)
             self._commit(call, head + body[16:], regs, True)
+        if self.m.clock.pending is not None:
+            self._learn_pending(tk)
         return 0
 
     def _commit(self, call: TraceEventCall, data: bytes, regs: "PtRegs", at_entry: bool) -> None:
