@@ -153,7 +153,7 @@ class Kprobes:
         machine.fault_notifiers.append(self._on_fault)
         # The C hit path (probes/native): owns the traps of probes with no Python handler.
         self.native: NativeDispatch | None = None
-        self._native_rows: list[tuple[Kprobe, int, Any, Any]] = []   # a new list per sync
+        self._native_rows: list[tuple[Kprobe, int, Any, Any, dict]] = []   # a new list per sync
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
             sim_regs = getattr(self.arch, "native_sim_regs", None)
@@ -485,16 +485,18 @@ class Kprobes:
         native, m = self.native, self.m
         assert native is not None
         regs, errors = PtRegs(m), m.hooks.errors
-        reset, flush, st = regs.reset, regs.flush, native.st
+        flush, st, dirty, pc = regs.flush, native.st, regs._dirty, m.arch.pc
 
         def pre(row: int) -> int:
             kcb = self.kcb                  # this CPU's (per-CPU, swapped on a CPU switch)
             try:
                 rows = self._native_rows
-                p, ip, handler, record = rows[row]
+                p, ip, handler, record, pd = rows[row]
                 kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
-                p.hits += 1
-                reset(ip)
+                pd["hits"] += 1             # not p.hits: Kprobe.__setattr__ watches handlers
+                regs._cache = {pc: ip}      # regs.reset(ip), inlined (hot path)
+                if dirty:
+                    dirty.clear()
                 if record is not None and st.trace_len:      # C built the event's record
                     body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
                     if record(p, regs, body):
@@ -508,7 +510,8 @@ class Kprobes:
                 if rows is not self._native_rows:   # C's table (and its row) was replaced
                     self._setup_singlestep(p, regs, reenter=False)
                     return 1
-                flush()
+                if dirty:
+                    flush()
                 kcb.current, kcb.status = None, 0
                 return 0
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
@@ -528,7 +531,7 @@ class Kprobes:
         native.set_table(rows)
         # what the pre entry needs of row i: the probe, its ip, its handler, its recorder
         self._native_rows = [(p, _at(p) + self.ip_offset, p.pre_handler,
-                              p.__dict__.get("native_trace")) for p, _f, _s in rows]
+                              p.__dict__.get("native_trace"), p.__dict__) for p, _f, _s in rows]
         native.serve_detours([(oi.handle, p, self._detour_counts_only(p))
                               for p in self.table.values()
                               if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
