@@ -28,8 +28,8 @@ from probes.blacklist import Blacklist
 from probes.errors import KprobeError, user_fault
 from probes.ftrace import Ftrace, FtraceOps, FtraceSite, ftrace_of
 from probes.location import ProbeLocation, parse_probe_location
-from probes.native import (KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET, NO_SIM, FtraceRow,
-                           NativeDispatch, NativeSim, dispatch_of)
+from probes.native import (FS_COUNT, FS_PRE, FS_PYTHON, KN_BOOSTED, KN_PRE, KN_PY_SS, KN_RET,
+                           NO_SIM, FtraceRow, NativeDispatch, NativeSim, dispatch_of)
 from probes.regs import PtRegs
 from probes.reserved_text import ReservedText, TextBusy, TextUse, reserved_text_of
 
@@ -154,6 +154,8 @@ class Kprobes:
         # The C hit path (probes/native): owns the traps of probes with no Python handler.
         self.native: NativeDispatch | None = None
         self._native_rows: list[tuple[Kprobe, int, Any, Any, dict]] = []   # a new list per sync
+        self._ftrace_pre_rows: list[tuple[Kprobe, dict, Any, dict]] = []  # FS_PRE sites' rows
+        self._fpre_ok = False
         trap = getattr(self.arch, "trap_intno", None)     # the arch's breakpoint exception
         if trap is not None:
             sim_regs = getattr(self.arch, "native_sim_regs", None)
@@ -162,6 +164,7 @@ class Kprobes:
             if self.native is not None:
                 self.native.set_table([])       # a new layer: forget an old one's probes
                 self.native.set_pre_entry(self._native_pre_entry(), guarded=True)
+                self._fpre_ok = self.native.set_fpre_entry(self._native_ftrace_entry())
 
     # --- registration -----------------------------------------------------------------------
 
@@ -541,10 +544,12 @@ class Kprobes:
 
     def _ftrace_rows(self) -> list[FtraceRow]:
         """The ftrace sites of FTRACE probes, for the C caller: served in C when the
-        kprobes' ops is the site's only one and the probe has no Python handler."""
+        kprobes' ops is the site's only one and the probe has no Python handler (FS_COUNT)
+        or only a pre handler, which C calls (FS_PRE, row i of `_ftrace_pre_rows`)."""
         ftrace, ops, rows = self.ftrace, self._ftrace_ops, []
         back = getattr(ftrace.arch, "ftrace_key_back", 0)
         entry_of = getattr(ftrace.arch, "ftrace_native_entry", None)
+        pre_rows: list[tuple[Kprobe, dict, Any, dict]] = []
         if entry_of is None:
             return []
         for p in self.table.values():
@@ -552,10 +557,60 @@ class Kprobes:
             entry = entry_of(site.addr) if site is not None else None
             if site is None or entry is None:
                 continue
-            native = site.ops == [ops] and self._detour_counts_only(p) and not (
-                p.post_handler or p.fault_handler)
-            rows.append((entry[0], entry[1], back, p, native))
+            alone = site.ops == [ops] and not (p.post_handler or p.fault_handler)
+            how, idx = FS_PYTHON, 0
+            if alone and self._detour_counts_only(p):
+                how = FS_COUNT
+            elif alone and self._fpre_ok and not (p.is_aggr or p.disabled()):
+                how, idx = FS_PRE, len(pre_rows)
+                # the pt_regs ftrace_regs presents (sp as an offset from the hit's sp)
+                shown = dict(ftrace.arch.ftrace_regs(self.m, site.addr, 0)._cache)
+                shown[self.m.arch.pc] = self.arch.handler_ip(p)     # as if a breakpoint hit
+                pre_rows.append((p, shown, p.pre_handler, p.__dict__))
+            rows.append((entry[0], entry[1], back, p, how, idx))
+        self._ftrace_pre_rows = pre_rows
         return rows
+
+    def _native_ftrace_entry(self) -> Callable[[int], int]:
+        """C's ftrace caller took a site whose one ops is ours and whose kprobe has only a
+        Python pre handler (DETOUR and HANDLER charged there): `fpre(row)` is
+        kprobe_ftrace_handler and the end of the caller (_ftrace_caller), with one reused
+        pt_regs view. Returns 0."""
+        m, arch, ftrace = self.m, self.m.arch, self.ftrace
+        regs, errors, st = PtRegs(m), m.hooks.errors, self.native.st if self.native else None
+        dirty, flush, pc, sp = regs._dirty, regs.flush, arch.pc, arch.sp
+
+        def fpre(row: int) -> int:
+            kcb = self.kcb
+            try:
+                p, shown, handler, pd = self._ftrace_pre_rows[row]
+                cache = dict(shown)
+                if sp in cache:
+                    cache[sp] += st.hit_sp
+                regs._cache = cache
+                if dirty:
+                    dirty.clear()
+                kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
+                pd["hits"] += 1
+                if not handler(p, regs):
+                    cache[pc] = p.addr + p.ainsn.length     # "single-step" over the nop
+                    dirty.discard(pc)
+                kcb.current, kcb.status = None, 0
+                dirty.discard(sp)       # ftrace_regs_caller ignores a changed sp
+                if pc in dirty:
+                    new_ip = regs.ip
+                    dirty.discard(pc)
+                    flush()
+                    ftrace.arch.ftrace_return_to(m, new_ip)
+                elif dirty:
+                    flush()
+                return 0
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                m.uc.emu_stop()
+                return 0
+        return fpre
 
     def _ftrace_site_changed(self, site: FtraceSite) -> None:
         if site.addr in self.table:

@@ -71,7 +71,8 @@ def test_site_shared_with_the_function_tracer_stays_in_python(arch, monkeypatch)
 
 @needs_native
 def test_a_handler_given_later_runs_on_every_hit(monkeypatch):
-    """A pre handler set on a served probe after registration: C hands its site back."""
+    """A pre handler set on a served probe after registration: C's caller now calls it
+    (FS_PRE) on every hit, and a post handler hands the site back to Python."""
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "1")
     lab = ProbeLab.load(str(firmware_elf("x86_64", "recurse.ftrace")))
     p = Kprobe(symbol_name="factorial")
@@ -81,4 +82,9 @@ def test_a_handler_given_later_runs_on_every_hit(monkeypatch):
     assert lab.run(timeout=60).exit_code == 0
     lab.kprobes.probes()
     assert p.hits == len(seen) == 39
-    assert sum(rec.handled for rec, _p in lab.kprobes.native.ftrace.values()) == 0
+    assert sum(rec.handled for rec, _p in lab.kprobes.native.ftrace.values()) == 39
+    p.post_handler = lambda kp, regs, flags: None
+    assert lab.call("factorial", 4) == 24
+    lab.kprobes.probes()
+    assert p.hits == len(seen) == 43
+    assert sum(rec.handled for rec, _p in lab.kprobes.native.ftrace.values()) == 39

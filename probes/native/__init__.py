@@ -74,7 +74,8 @@ class KnState(ctypes.Structure):
         ("py", ctypes.c_void_p), ("py_pre", ctypes.c_void_p), ("ua", ctypes.c_void_p),
         ("trace_buf", ctypes.c_void_p), ("trace_len", ctypes.c_uint64),
         ("trace_cap", ctypes.c_uint64), ("traced", ctypes.c_uint64),
-        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32), ("ts", ctypes.c_void_p)]
+        ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32), ("ts", ctypes.c_void_p),
+        ("py_fpre", ctypes.c_void_p), ("hit_sp", ctypes.c_uint64)]
 
 
 class KnUaccess(ctypes.Structure):
@@ -173,7 +174,7 @@ class KnFsite(ctypes.Structure):
     used: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("key", ctypes.c_uint64), ("hits", ctypes.c_uint64), ("nmissed", ctypes.c_uint64),
-        ("native", ctypes.c_uint32), ("used", ctypes.c_uint32)]
+        ("native", ctypes.c_uint32), ("used", ctypes.c_uint32), ("idx", ctypes.c_uint64)]
 
 
 class KnFtrace(ctypes.Structure):
@@ -189,7 +190,9 @@ class KnFtrace(ctypes.Structure):
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
 
 
-FtraceRow = tuple[int, int, int, "Kprobe", bool]   # (host entry hook, key, back, probe, native)
+# (host entry hook, key, back, probe, how C serves it: FS_*, the FS_PRE entry's row)
+FtraceRow = tuple[int, int, int, "Kprobe", int, int]
+FS_PYTHON, FS_COUNT, FS_PRE = 0, 1, 2
 
 
 class NativeAcc(ctypes.Structure):
@@ -224,7 +227,8 @@ def load() -> ctypes.CDLL | None:
     lib.kn_free.restype = None
     lib.kn_ftrace_table.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     lib.kn_ftrace_table.restype = ctypes.c_void_p
-    lib.kn_ftrace_add.argtypes = [ctypes.POINTER(KnFtrace), ctypes.c_uint64, ctypes.c_uint32]
+    lib.kn_ftrace_add.argtypes = [ctypes.POINTER(KnFtrace), ctypes.c_uint64, ctypes.c_uint32,
+                                  ctypes.c_uint64]
     lib.kn_ftrace_add.restype = None
     lib.kn_free_ptr.argtypes = [ctypes.c_void_p]
     lib.kn_free_ptr.restype = None
@@ -314,6 +318,7 @@ class NativeDispatch:
     ftrace: dict[int, tuple[KnFtrace, dict[int, "Kprobe"]]] = field(default_factory=dict)
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
     _pre_obj: Any = None                 # the callable C calls through the C API (alive)
+    _fpre_obj: Any = None                # the ftrace sites' pre entry (alive)
     ua: KnUaccess = field(default_factory=KnUaccess)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
@@ -362,11 +367,20 @@ class NativeDispatch:
             return None
         return rec
 
+    def set_fpre_entry(self, fn: Callable[[int], int]) -> bool:
+        """`fn(row)` runs the Python pre handler of an FS_PRE ftrace site (C charged the
+        detour and the handler); False if C cannot call Python (those sites stay Python's)."""
+        if PYAPI is None or not self.st.py:
+            return False
+        self._fpre_obj = fn
+        self.st.py_fpre = id(fn)
+        return True
+
     def serve_ftrace(self, rows: list[FtraceRow]) -> None:
-        """Ftrace trampoline host entries: each row a site C may serve (`native`: its one
-        ops is the kprobes' one and the kprobe has no Python handler). A hook's Python
-        callback is swapped for C's the first time it is seen; C calls it back for every
-        site it does not serve."""
+        """Ftrace trampoline host entries: each row a site C may serve (FS_COUNT: its one
+        ops is the kprobes' one and the kprobe has no Python handler; FS_PRE: only a
+        Python pre handler, which C calls). A hook's Python callback is swapped for C's
+        the first time it is seen; C calls it back for every site it does not serve."""
         self.fold_ftrace()
         by_hook: dict[int, list[FtraceRow]] = {}
         for row in rows:
@@ -391,11 +405,11 @@ class NativeDispatch:
                 raise MemoryError("kprobe native ftrace table")
             old = rec.sites
             rec.mask, rec.sites = mask.value, table
-            for _h, key, _b, _p, native in hrows:
-                self.lib.kn_ftrace_add(ctypes.byref(rec), key, int(native))
+            for _h, key, _b, _p, native, idx in hrows:
+                self.lib.kn_ftrace_add(ctypes.byref(rec), key, native, idx)
             if old:
                 self.lib.kn_free_ptr(old)
-            self.ftrace[handle] = (rec, {key: p for _h, key, _b, p, _n in hrows})
+            self.ftrace[handle] = (rec, {key: p for _h, key, _b, p, _n, _i in hrows})
 
     def fold_ftrace(self) -> None:
         for rec, probes in self.ftrace.values():

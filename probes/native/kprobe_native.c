@@ -78,6 +78,8 @@ struct kn_state {
     uint64_t traced;                        /* records built */
     int32_t ua_sp_reg, pad3;                /* sp, for $stackN */
     struct kn_tstate *ts;                   /* trace events committed in C, or NULL */
+    void *py_fpre;                          /* the Python entry of ftrace sites' pre handlers */
+    uint64_t hit_sp;                        /* sp at the hit, for that entry */
 };
 
 /* Python ran (a handler, a trap C handed over, a code hook): whatever it may have changed
@@ -634,7 +636,9 @@ void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
  * entry: x86's shared trampoline finds its site from the call's return address (`back`
  * = 5: site = [sp] - 5, read through kn_access_ok as uaccess reads it; an unreadable
  * stack goes to Python, which reports the fault); arm64's per-site stubs are keyed by pc. */
-struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; };
+enum { FS_PYTHON, FS_COUNT, FS_PRE };      /* kn_fsite.native: Python's caller, C counts, C
+                                           * calls the probe's Python pre handler (py_fpre) */
+struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; uint64_t idx; };
 
 struct kn_ftrace {
     struct kn_state *s;
@@ -676,12 +680,22 @@ void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
         key -= f->back;
     }
     struct kn_fsite *e = f->back && !key ? NULL : fsite(f, key);
+    if (e && e->native == FS_PRE && !(s->py && s->py_fpre))
+        e = NULL;
     if (e && e->native && !s->py_busy && !(s->stopping && *s->stopping)) {
         charge(s, s->detour_fp, &s->detour_cycles);
-        if (s->current >= 0)
+        if (s->current >= 0) {
             e->nmissed++;
-        else
+        } else if (e->native == FS_PRE) {   /* kprobe_ftrace_handler's call, from C */
+            charge(s, s->handler_fp, &s->handler_cycles);
+            s->reg_read(uc, f->sp_reg, &s->hit_sp);
+            kn_trace_stale(s);
+            s->py_busy++;
+            call_py(s->py, s->py_fpre, (uint32_t)e->idx);
+            s->py_busy--;
+        } else {
             e->hits++;
+        }
         f->handled++;
         return;
     }
@@ -700,12 +714,13 @@ struct kn_fsite *kn_ftrace_table(uint32_t n, uint32_t *mask)
     return calloc(size, sizeof(struct kn_fsite));
 }
 
-void kn_ftrace_add(struct kn_ftrace *f, uint64_t key, uint32_t native)
+void kn_ftrace_add(struct kn_ftrace *f, uint64_t key, uint32_t native, uint64_t idx)
 {
     uint32_t i = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 40) & f->mask;
     while (f->sites[i].used && f->sites[i].key != key)
         i = (i + 1) & f->mask;
     f->sites[i].key = key, f->sites[i].used = 1, f->sites[i].native = native;
+    f->sites[i].idx = idx;
 }
 
 void kn_free_ptr(void *p)
