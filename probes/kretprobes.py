@@ -102,11 +102,13 @@ class Kretprobes:
             self.native.push()
 
     def _sync_native(self) -> None:
-        """Hand C the kretprobes it serves: those with no Python handler."""
+        """Hand C the kretprobes it serves: those with no Python entry handler (and no
+        per-instance data), whose return handlers C calls."""
         if self.native is None:
             return
-        self.native.set_rows([rp for rp in self.registered
-                              if rp.handler is None and rp.entry_handler is None])
+        calls = self.native.calls_handlers          # return handlers: C calls them
+        self.native.set_rows([rp for rp in self.registered if rp.entry_handler is None and (
+            rp.handler is None or (calls and rp.data_size == 0))])
         self.kprobes.sync_native()
 
     @property

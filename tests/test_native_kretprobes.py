@@ -38,9 +38,10 @@ def _counting_python_entries(monkeypatch) -> list[int]:
 
 
 def _recurse(arch: str, native: bool, monkeypatch, maxactive: int = 0,
-             handled: tuple[str, ...] = (), funcs: tuple[str, ...] = RECURSE) -> dict:
+             handled: tuple[str, ...] = (), funcs: tuple[str, ...] = RECURSE,
+             entry_handled: bool = False) -> dict:
     """Kretprobes on the recursive functions of recurse.c; those in `handled` get a return
-    handler that records what it sees."""
+    handler that records what it sees (and with `entry_handled` an entry handler too)."""
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
     lab = ProbeLab.load(str(firmware_elf(arch, "recurse")))
     lab.machine.enable_cycle_model()
@@ -51,8 +52,12 @@ def _recurse(arch: str, native: bool, monkeypatch, maxactive: int = 0,
         def handler(ri, regs, f=f):
             seen.append((f, regs.return_value, ri.ret_addr, regs.sp))
             return 0
+        def entry(ri, regs, f=f):
+            seen.append((f, "entry", regs.arg(1)))
+            return 0
         rps[f] = Kretprobe(kp=Kprobe(symbol_name=f), maxactive=maxactive,
-                           handler=handler if f in handled else None)
+                           handler=handler if f in handled else None,
+                           entry_handler=entry if f in handled and entry_handled else None)
         krp.register_kretprobe(rps[f])
     res = lab.run(timeout=120)
     out = {"exit": res.exit_code, "stdout": lab.stdout, "cycles": lab.machine.clock.cycles,
@@ -101,13 +106,27 @@ def test_native_kretprobes_give_the_python_results(arch, maxactive, monkeypatch)
 
 @needs_native
 def test_handler_and_counting_kretprobes_share_the_lifo(arch, monkeypatch):
-    """is_even and is_odd call each other: is_odd's instances (a Python return handler)
-    sit between is_even's (counted in C) on one LIFO; the handler sees what it sees on
-    the Python path, and C still takes is_even's entries."""
-    r = _compare(arch, monkeypatch, funcs=("is_even", "is_odd", "fib"), handled=("is_odd",))
-    assert len(r["seen"]) == r["rps"]["is_odd"][1] > 10
+    """is_even and is_odd call each other: is_odd's instances (a Python entry and return
+    handler) sit between is_even's (counted in C) on one LIFO; the handlers see what they
+    see on the Python path, and C still takes is_even's entries."""
+    r = _compare(arch, monkeypatch, funcs=("is_even", "is_odd", "fib"), handled=("is_odd",),
+                 entry_handled=True)
+    returns = [s for s in r["seen"] if s[1] != "entry"]
+    assert len(returns) == r["rps"]["is_odd"][1] > 10
     assert r["python_entries_on_c_path"] == r["rps"]["is_odd"][0]     # only is_odd's
     assert r["c_handled"] > r["rps"]["fib"][0]
+
+
+@needs_native
+def test_return_handlers_called_from_c(arch, monkeypatch):
+    """A return handler only: C takes every entry and return and calls the handler once
+    per returning instance (with the pt_regs view of the Python path: return value,
+    ri.ret_addr, sp), between instances C only counts."""
+    r = _compare(arch, monkeypatch, funcs=("is_even", "is_odd", "fib"), handled=("is_odd", "fib"))
+    assert len(r["seen"]) == r["rps"]["is_odd"][1] + r["rps"]["fib"][1] > 100
+    entries = sum(e for e, _r, _m, _d, _f in r["rps"].values())
+    returns = sum(n for _e, n, _m, _d, _f in r["rps"].values())
+    assert r["python_entries_on_c_path"] == 0 and r["c_handled"] == entries + returns
 
 
 NOSTACK, RO_STACK = 0x10000, 0x400800      # unmapped; the R-X headers page of the text

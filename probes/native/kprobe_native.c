@@ -375,7 +375,9 @@ struct kn_ri {
     int64_t obj;
 };
 
-struct kn_rp { uint64_t hits, nmissed, ndropped, nfree; };   /* one kretprobe, counting only */
+/* one kretprobe C serves: its counters and free count; `py`: a Python return handler,
+ * which C calls (rh_py_ret) for each of its returns */
+struct kn_rp { uint64_t hits, nmissed, ndropped, nfree, py; };
 
 struct uc_region { uint64_t begin, end; uint32_t perms; };  /* uc_mem_region: end inclusive */
 typedef int (*regions_fn)(void *uc, struct uc_region **regions, uint32_t *count);
@@ -406,6 +408,9 @@ struct kn_rethook {
     code_cb orig;                           /* x86: the trampoline's Python host entry */
     void *orig_data;
     uint64_t handled, deferred;
+    void *py_ret;                           /* the Python entry of return handlers */
+    struct kn_ri cur;                       /* the instance whose handler runs */
+    uint64_t correct;                       /* the returning chain's real return address */
 };
 
 /* The native side of the one checked path (emu/uaccess.py _check): [addr, addr+n) lies
@@ -571,6 +576,8 @@ static int64_t chain_start(const struct kn_rethook *h, uint64_t top)
     return i;
 }
 
+#define RET_CHAIN_MAX 64                    /* longer chains with handlers go to Python */
+
 /* __kretprobe_trampoline_handler at `addr`; 1 if done here, 0 to call Python. */
 static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
 {
@@ -591,21 +598,44 @@ static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
             break;
         top = (uint64_t)j;                  /* frames left by a longjmp: dropped */
     }
+    struct kn_ri chain[RET_CHAIN_MAX];      /* handlers may hand the LIFO to Python */
+    uint64_t len = top - (uint64_t)j;
+    int py = 0;
+    for (uint64_t k = (uint64_t)j; k < top; k++)
+        py |= h->rps[h->lifo[k].rp].py != 0;
+    if (py && (!h->py_ret || !s->py || len > RET_CHAIN_MAX))
+        return 0;                           /* a handler C cannot call: Python's */
     while (h->n > top)
         rp_drop(h, &h->lifo[--h->n]);
     uint64_t frame = h->x86 ? sp - 8 : get_x(s, uc, 29);
+    uint64_t correct = h->lifo[j].ret_addr;
+    if (py)
+        memcpy(chain, &h->lifo[j], len * sizeof *chain);
+    const struct kn_ri *base = py ? chain : &h->lifo[j];
+    struct kn_rp *rps = h->rps;
+    h->n = (uint64_t)j;                     /* the chain leaves the LIFO before handlers run */
+    h->correct = correct;
     int warned = 0;
-    for (int64_t k = (int64_t)top - 1; k >= j; k--) {
-        struct kn_ri *ri = &h->lifo[k];
-        if (!warned && ri->fp != frame) {   /* WARN_ON_ONCE */
+    for (int64_t k = (int64_t)len - 1; k >= 0 && h->rps == rps; k--) {
+        const struct kn_ri *ri = &base[k];
+        struct kn_rp *rp = &rps[ri->rp];
+        if (!warned && ri->fp != frame) {   /* WARN_ON_ONCE: no more handlers */
             h->frame_warnings++;
             warned = 1;
         }
-        h->rps[ri->rp].hits++;
-        h->rps[ri->rp].nfree++;
+        if (rp->py && !warned) {            /* the handler, with the reused pt_regs view */
+            charge(s, s->handler_fp, &s->handler_cycles);
+            h->cur = *ri;
+            kn_trace_stale(s);
+            s->py_busy++;
+            call_py(s->py, h->py_ret, (uint32_t)ri->rp);
+            s->py_busy--;
+            if (h->rps != rps)              /* a handler changed the kretprobes: their */
+                break;                      /* rows are new, the rest goes uncounted */
+        }
+        rp->hits++;
+        rp->nfree++;
     }
-    uint64_t correct = h->lifo[j].ret_addr;
-    h->n = (uint64_t)j;
     if (!h->x86)
         set_x(s, uc, 30, correct);
     s->reg_write(uc, s->pc_reg, &correct);

@@ -1,5 +1,6 @@
 """Return probes in C (kprobe_native.c, `struct kn_rethook`): the entry and the trampoline
-of kretprobes with no Python handler, on the C dispatcher of probes/native.
+of kretprobes with no Python entry handler, on the C dispatcher of probes/native; a Python
+return handler is called from C's trampoline (`_ret_entry`), once per returning instance.
 
 Ownership of the instance LIFO moves between the two sides. While C holds the running
 task's LIFO (`py_owns` == 0) it pushes, pops and drops records itself; a record of a
@@ -41,8 +42,9 @@ class KnRp(ctypes.Structure):
     nmissed: int
     ndropped: int
     nfree: int
+    py: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
-        (n, ctypes.c_uint64) for n in ("hits", "nmissed", "ndropped", "nfree")]
+        (n, ctypes.c_uint64) for n in ("hits", "nmissed", "ndropped", "nfree", "py")]
 
 
 class KnRethook(ctypes.Structure):
@@ -53,6 +55,8 @@ class KnRethook(ctypes.Structure):
     frame_warnings: int
     lifo_tid: int
     py_owns: int
+    cur: KnRi
+    correct: int
     handled: int
     deferred: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
@@ -66,7 +70,8 @@ class KnRethook(ctypes.Structure):
         ("mem_regions", ctypes.c_void_p), ("uc_free", ctypes.c_void_p),
         ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p),
         ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
-        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
+        ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64),
+        ("py_ret", ctypes.c_void_p), ("cur", KnRi), ("correct", ctypes.c_uint64)]
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -85,6 +90,51 @@ class NativeRethook:
     rows: list["Kretprobe"] = field(default_factory=list)
     lent: list["KretprobeInstance"] = field(default_factory=list)  # objects of C's records
     _rps: Any = None                          # the ctypes array `h.rps` points into
+    _ret_obj: Any = None                      # the return-handler entry C calls (alive)
+
+    @property
+    def calls_handlers(self) -> bool:
+        """C can call kretprobes' Python return handlers (through the C API)."""
+        return self._ret_obj is not None
+
+    def _ret_entry(self) -> Any:
+        """C took the return of a kretprobe whose Python return handler must run (HANDLER
+        charged there, the chain off the LIFO, `h.cur` the instance, `h.correct` the real
+        return address): `ret(row)` runs it as __kretprobe_trampoline_handler does, with a
+        pool instance filled from C's record and one reused pt_regs view; C then restores
+        the return. Returns 0."""
+        from probes.kretprobes import KretprobeInstance
+        from probes.regs import PtRegs
+        m, krp, h = self.d.m, self.krp, self.h
+        regs, errors, cur = PtRegs(m), m.hooks.errors, self.h.cur
+        dirty, flush, pc = regs._dirty, regs.flush, m.arch.pc
+
+        def ret(row: int) -> int:
+            try:
+                rp = self.rows[row]
+                pool = rp.free_instances
+                ri = pool[-1] if pool else KretprobeInstance(rp)
+                ri.rp, ri.ret_addr, ri.fp, ri.stack = rp, cur.ret_addr, cur.fp, cur.stack
+                regs._cache = {pc: h.correct}
+                if dirty:
+                    dirty.clear()
+                kcb = krp.kprobes.kcb
+                saved = kcb.current, kcb.status
+                kcb.current = rp.kp                # probes hit in here are missed
+                try:
+                    if rp.handler is not None:
+                        rp.handler(ri, regs)
+                finally:
+                    kcb.current, kcb.status = saved
+                dirty.discard(pc)                  # the return goes to `correct` anyway
+                if dirty:
+                    flush()
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                m.uc.emu_stop()
+            return 0
+        return ret
 
     @classmethod
     def attach(cls, d: NativeDispatch, krp: "Kretprobes", x86: bool,
@@ -104,6 +154,9 @@ class NativeRethook:
         if tramp_entry is not None and not nr._swap_tramp_hook(tramp_entry):
             return None
         weakref.finalize(nr, d.lib.kn_rethook_free, ctypes.addressof(h))
+        if d.st.py:                           # C calls return handlers through the C API
+            nr._ret_obj = nr._ret_entry()
+            h.py_ret = id(nr._ret_obj)
         d.st.rh = ctypes.addressof(h)
         m.hooks._keep.append(nr)              # C points into it: it lives as the Unicorn does
         nr._watch(m)
@@ -202,5 +255,7 @@ class NativeRethook:
             rp.native_row = i
         self.rows = list(rows)
         self._rps = (KnRp * max(1, len(rows)))()
+        for i, rp in enumerate(rows):
+            self._rps[i].py = int(rp.handler is not None)
         self.h.rps, self.h.nrps = ctypes.addressof(self._rps), len(rows)
         self.settle()
