@@ -81,6 +81,24 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.kn_rethook_free.restype = None
 
 
+def _live_instance(h: KnRethook) -> "KretprobeInstance":
+    """The kretprobe_instance C's trampoline hands a return handler: ret_addr, fp and stack
+    are read from C's record of the returning instance when the handler asks (valid during
+    the handler, as the kernel's instance is until it goes back to the pool)."""
+    from probes.kretprobes import KretprobeInstance
+    cur = h.cur
+
+    class LiveInstance(KretprobeInstance):
+        ret_addr = property(lambda self: cur.ret_addr)     # type: ignore[assignment]
+        fp = property(lambda self: cur.fp)                 # type: ignore[assignment]
+        stack = property(lambda self: cur.stack)           # type: ignore[assignment]
+
+    ri = object.__new__(LiveInstance)
+    object.__setattr__(ri, "rp", None)
+    object.__setattr__(ri, "data", bytearray())
+    return ri
+
+
 @dataclass(eq=False)
 class NativeRethook:
     """The C side of one Kretprobes layer. `rows[i]` is the kretprobe of C's row i."""
@@ -91,6 +109,7 @@ class NativeRethook:
     lent: list["KretprobeInstance"] = field(default_factory=list)  # objects of C's records
     _rps: Any = None                          # the ctypes array `h.rps` points into
     _ret_obj: Any = None                      # the return-handler entry C calls (alive)
+    _ret_rows: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (rp, handler, kp)
 
     @property
     def calls_handlers(self) -> bool:
@@ -101,33 +120,30 @@ class NativeRethook:
         """C took the return of a kretprobe whose Python return handler must run (HANDLER
         charged there, the chain off the LIFO, `h.cur` the instance, `h.correct` the real
         return address): `ret(row)` runs it as __kretprobe_trampoline_handler does, with a
-        pool instance filled from C's record and one reused pt_regs view; C then restores
+        view of C's record as the instance and one reused pt_regs view; C then restores
         the return. Returns 0."""
-        from probes.kretprobes import KretprobeInstance
         from probes.regs import PtRegs
         m, krp, h = self.d.m, self.krp, self.h
-        regs, errors, cur = PtRegs(m), m.hooks.errors, self.h.cur
+        regs, errors = PtRegs(m), m.hooks.errors
         dirty, flush, pc = regs._dirty, regs.flush, m.arch.pc
+        ri = _live_instance(h)
 
         def ret(row: int) -> int:
             try:
-                rp = self.rows[row]
-                pool = rp.free_instances
-                ri = pool[-1] if pool else KretprobeInstance(rp)
-                ri.rp, ri.ret_addr, ri.fp, ri.stack = rp, cur.ret_addr, cur.fp, cur.stack
+                ri.rp, handler, kp = self._ret_rows[row]
                 regs._cache = {pc: h.correct}
                 if dirty:
                     dirty.clear()
                 kcb = krp.kprobes.kcb
-                saved = kcb.current, kcb.status
-                kcb.current = rp.kp                # probes hit in here are missed
+                cur, status = kcb.current, kcb.status
+                kcb.current = kp                   # probes hit in here are missed
                 try:
-                    if rp.handler is not None:
-                        rp.handler(ri, regs)
+                    if handler is not None:
+                        handler(ri, regs)
                 finally:
-                    kcb.current, kcb.status = saved
-                dirty.discard(pc)                  # the return goes to `correct` anyway
+                    kcb.current, kcb.status = cur, status
                 if dirty:
+                    dirty.discard(pc)              # the return goes to `correct` anyway
                     flush()
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
                 if not errors:
@@ -257,5 +273,6 @@ class NativeRethook:
         self._rps = (KnRp * max(1, len(rows)))()
         for i, rp in enumerate(rows):
             self._rps[i].py = int(rp.handler is not None)
+        self._ret_rows = [(rp, rp.handler, rp.kp) for rp in rows]
         self.h.rps, self.h.nrps = ctypes.addressof(self._rps), len(rows)
         self.settle()
