@@ -88,7 +88,7 @@ struct kn_state {
 static void kn_trace_stale(struct kn_state *s);
 
 struct kn_uaccess;
-static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p);
+static int eval_tprog(struct kn_state *s, void *uc, const uint64_t *prog);
 
 /* The CPython calls C needs to run a Python callable straight from a hook (Unicorn runs
  * with the GIL released): cheaper than a ctypes callback, which converts its arguments
@@ -131,7 +131,9 @@ static int call_pre(struct kn_state *s, uint32_t idx)
     return call_py(s->py, s->py_pre, idx);
 }
 
-static int kn_trace_commit(struct kn_state *s, struct kn_probe *p);
+struct kn_tevent;
+static int kn_trace_commit(struct kn_state *s, struct kn_tevent *ev, const uint64_t *words,
+                           uint32_t nwords);
 
 static int kn_rethook_entry(struct kn_state *s, void *uc, int64_t row);
 static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr);
@@ -246,9 +248,11 @@ void kn_hook(void *uc, uint32_t intno, void *user_data)
                 int done = 0;
                 if (!ret_native) {
                     s->trace_len = 0;
-                    int built = p->tprog && eval_tprog(s, uc, p) == 0;
+                    int built = p->tprog && eval_tprog(s, uc, p->tprog) == 0;
                     s->traced += built;
-                    if (!(built && p->tev && kn_trace_commit(s, p))) {
+                    if (built && p->tev && kn_trace_commit(s, p->tev, &p->addr, 1)) {
+                        p->hits++;
+                    } else {
                         s->py_busy++;
                         done = call_pre(s, e->idx);  /* it set pc itself: no step */
                         s->py_busy--;
@@ -377,7 +381,12 @@ struct kn_ri {
 
 /* one kretprobe C serves: its counters and free count; `py`: a Python return handler,
  * which C calls (rh_py_ret) for each of its returns */
-struct kn_rp { uint64_t hits, nmissed, ndropped, nfree, py; };
+struct kn_rp {
+    uint64_t hits, nmissed, ndropped, nfree, py;
+    const uint64_t *tprog;                  /* a kretprobe event's fetch program, or NULL */
+    struct kn_tevent *tev;                  /* its commit in C */
+    uint64_t func;                          /* __probe_func: the probed function */
+};
 
 struct uc_region { uint64_t begin, end; uint32_t perms; };  /* uc_mem_region: end inclusive */
 typedef int (*regions_fn)(void *uc, struct uc_region **regions, uint32_t *count);
@@ -578,6 +587,17 @@ static int64_t chain_start(const struct kn_rethook *h, uint64_t top)
 
 #define RET_CHAIN_MAX 64                    /* longer chains with handlers go to Python */
 
+/* A kretprobe event's record (kretprobe_dispatcher) fetched and committed in C: 1 done. */
+static int ret_event(struct kn_state *s, void *uc, struct kn_rp *rp, const struct kn_ri *ri)
+{
+    uint64_t words[2] = { rp->func, ri->ret_addr };
+    s->trace_len = 0;
+    if (eval_tprog(s, uc, rp->tprog) != 0)
+        return 0;
+    s->traced++;
+    return kn_trace_commit(s, rp->tev, words, 2);
+}
+
 /* __kretprobe_trampoline_handler at `addr`; 1 if done here, 0 to call Python. */
 static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
 {
@@ -625,6 +645,11 @@ static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
         }
         if (rp->py && !warned) {            /* the handler, with the reused pt_regs view */
             charge(s, s->handler_fp, &s->handler_cycles);
+            if (rp->tprog && rp->tev && ret_event(s, uc, rp, ri)) {
+                rp->hits++;                 /* kretprobe_dispatcher, all in C */
+                rp->nfree++;
+                continue;
+            }
             h->cur = *ri;
             kn_trace_stale(s);
             s->py_busy++;
@@ -836,10 +861,10 @@ static int copy_string(struct kn_state *s, void *uc, uint64_t addr)
     return 1;
 }
 
-/* Run p's program into trace_buf: 0 built (trace_len set), -1 Python fetches. */
-static int eval_tprog(struct kn_state *s, void *uc, const struct kn_probe *p)
+/* Run a fetch program into trace_buf: 0 built (trace_len set), -1 Python fetches. */
+static int eval_tprog(struct kn_state *s, void *uc, const uint64_t *prog)
 {
-    const uint64_t *op = p->tprog;
+    const uint64_t *op = prog;
     uint64_t v = 0, sp = 0;
     int faulted = 0, have_sp = 0;
     if (!s->ua || TP_OP(op[0]) != TP_FIXED || !trace_room(s, op[1]))
@@ -1071,13 +1096,14 @@ static int filter_match(const uint64_t *op, const uint8_t *rec, uint64_t len, in
     return sp == 1 ? st[0] : -1;
 }
 
-/* The record trace_buf holds (fields and strings from eval_tprog) committed: 1 done
- * (counted; written unless tracing is off, the filter refuses it or the buffer drops
- * it), 0 Python commits it (nothing changed but evictions it would make too). */
-static int kn_trace_commit(struct kn_state *s, struct kn_probe *p)
+/* The record trace_buf holds (fields and strings from eval_tprog) committed, the probe's
+ * own fields (`words`: __probe_ip, or __probe_func and __probe_ret_ip) after the header:
+ * 1 done (counted; written unless tracing is off, the filter refuses it or the buffer
+ * drops it), 0 Python commits it (nothing changed but evictions it would make too). */
+static int kn_trace_commit(struct kn_state *s, struct kn_tevent *ev, const uint64_t *words,
+                           uint32_t nwords)
 {
     struct kn_tstate *t = s->ts;
-    struct kn_tevent *ev = p->tev;
     if (!t)
         return 0;
     if (!t->valid) {
@@ -1090,14 +1116,14 @@ static int kn_trace_commit(struct kn_state *s, struct kn_probe *p)
         if (!t->valid)
             return 0;
     }
-    if (!ev->ok || t->cpu < 0 || (uint64_t)t->cpu >= ev->nrbs || s->trace_len < 16)
+    if (!ev->ok || t->cpu < 0 || (uint64_t)t->cpu >= ev->nrbs || s->trace_len < 8 + 8 * nwords)
         return 0;
     uint8_t *b = s->trace_buf;
     uint16_t type = (uint16_t)ev->type;
     memcpy(b, &type, 2);
     b[2] = (uint8_t)ev->flags, b[3] = (uint8_t)(ev->flags >> 8);
     memcpy(b + 4, &t->pid, 4);
-    memcpy(b + 8, &p->addr, 8);
+    memcpy(b + 8, words, 8 * nwords);
     if (ev->tracing_on) {
         if (ev->filter) {
             int m = filter_match(ev->filter, b, s->trace_len, t->cpu);
@@ -1124,7 +1150,6 @@ static int kn_trace_commit(struct kn_state *s, struct kn_probe *p)
         t->committed += (uint64_t)r;
     }
 counted:
-    p->hits++;
     ev->nhit++;
     s->trace_len = 0;
     return 1;

@@ -43,8 +43,12 @@ class KnRp(ctypes.Structure):
     ndropped: int
     nfree: int
     py: int
+    tprog: Any
+    tev: Any
+    func: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
-        (n, ctypes.c_uint64) for n in ("hits", "nmissed", "ndropped", "nfree", "py")]
+        (n, ctypes.c_uint64) for n in ("hits", "nmissed", "ndropped", "nfree", "py")] + [
+        ("tprog", ctypes.c_void_p), ("tev", ctypes.c_void_p), ("func", ctypes.c_uint64)]
 
 
 class KnRethook(ctypes.Structure):
@@ -272,7 +276,12 @@ class NativeRethook:
         self.rows = list(rows)
         self._rps = (KnRp * max(1, len(rows)))()
         for i, rp in enumerate(rows):
-            self._rps[i].py = int(rp.handler is not None)
+            r = self._rps[i]
+            r.py = int(rp.handler is not None)
+            tprog, tev = rp.__dict__.get("native_tprog"), rp.__dict__.get("native_tev")
+            if tprog is not None and tev is not None and rp.kp.addr is not None:
+                r.tprog, r.tev, r.func = ctypes.addressof(tprog), ctypes.addressof(tev), rp.kp.addr
+                tev.pend_valid = 0
         self._ret_rows = [(rp, rp.handler, rp.kp) for rp in rows]
         self.h.rps, self.h.nrps = ctypes.addressof(self._rps), len(rows)
         self.settle()

@@ -438,6 +438,8 @@ class TraceKprobeEvents:
         if tk.rp is not None:
             from probes.kretprobes import Kretprobe, kretprobes_of
             assert isinstance(tk.rp, Kretprobe)
+            if not tk.entry_args:
+                self._native_fetch(tk, tk.rp)
             kretprobes_of(self.m).register_kretprobe(tk.rp)
         else:
             assert tk.kp is not None
@@ -540,19 +542,22 @@ class TraceKprobeEvents:
             self._commit(call, data, regs, True)
         return ret
 
-    def _native_fetch(self, tk: TraceKprobe, kp: Kprobe) -> None:
-        """Give the C hit path the event's fetch program: C builds the record's fields and
-        strings, `native_record` commits it (probes/native; identical bytes)."""
+    def _native_fetch(self, tk: TraceKprobe, kp: object) -> None:
+        """Give the C hit path the event's fetch program (on its Kprobe, or its Kretprobe):
+        C builds the record's fields and strings and commits them when it may
+        (kn_trace_commit), else `native_record` / kretprobe_dispatcher does (identical
+        bytes)."""
         if kprobes_of(self.m).native is None:
             return
         call = tk.call
         assert call is not None              # set when the event is created
         fixed_end = call.fields[-1].offset + call.fields[-1].size if call.fields else 8
-        prog = compile_fetch_program(tk.args, self.m.arch, fixed_end)
+        prog = compile_fetch_program(tk.args, self.m.arch, fixed_end, tk.is_return)
         if prog is None:
             return
         kp.__dict__["native_tprog"] = (ctypes.c_uint64 * len(prog))(*prog)
-        kp.__dict__["native_trace"] = lambda p, regs, body, t=tk: self.native_record(t, p, regs, body)
+        if not tk.is_return:
+            kp.__dict__["native_trace"] = lambda p, regs, body, t=tk: self.native_record(t, p, regs, body)
         native = kprobes_of(self.m).native
         assert native is not None
         if native.trace_state(self._revalidate) is not None:
@@ -669,6 +674,8 @@ class TraceKprobeEvents:
                 struct.pack("<QQ", tk.probe.addr, ri.ret_addr)
             self._commit(call, store_trace_args(tk, regs, self._fetch_context(entry), head), regs,
                          False)
+        if self.m.clock.pending is not None and id(tk) in self._native_events:
+            self._learn_pending(tk)
         return 0
 
     # --- files ------------------------------------------------------------------------------

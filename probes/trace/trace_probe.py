@@ -701,10 +701,16 @@ def _tp_word(op: int, size: int = 0, offset: int = 0, bf: Bitfield | None = None
     return w
 
 
-def _tp_base(a: FetchArg, arch: "Arch") -> list[tuple[int, int]] | None:
-    """The ops that load an argument's base value, or None if C does not model it."""
+def _tp_base(a: FetchArg, arch: "Arch", is_return: bool = False) -> list[tuple[int, int]] | None:
+    """The ops that load an argument's base value, or None if C does not model it. At a
+    return, pt_regs shows ip as the real return address (C's pc is the trampoline's) and
+    $argN are the values saved at entry: Python's."""
     from probes.regs import regs_facts
     kind, param = a.base
+    if is_return and (kind == "arg" or (kind == "reg" and arch.aliases.get(param, param) == arch.pc)):
+        return None
+    if kind == "retval" and is_return:
+        return [(TP_REG, arch.regs[arch.ret])] if arch.ret in arch.regs else None
     if kind == "reg":
         name = arch.aliases.get(param, param)
         if name in regs_facts(arch).zero_regs:
@@ -731,14 +737,12 @@ def compile_fetch_program(args: list[FetchArg], arch: "Arch", fixed_end: int,
                           is_return: bool = False) -> list[int] | None:
     """The fetch arguments of a kprobe event as the program C's eval_tprog runs (pairs of
     op word and operand; see kprobe_native.c), or None if one argument needs Python: an
-    array, $comm or an immediate string, symstr, $retval or a return probe's $argN."""
-    if is_return:
-        return None
+    array, $comm or an immediate string, symstr, or at a return %ip or $argN."""
     prog = [TP_FIXED, fixed_end]
     for a in args:
         if a.count or a.type.name == "symstr" or (a.type.is_string and not a.is_memory):
             return None
-        base = _tp_base(a, arch)
+        base = _tp_base(a, arch, is_return)
         if base is None:
             return None
         ops = list(base)
