@@ -2,8 +2,8 @@
 `emu bench` places them: k (kprobe), kp (k with an empty pre handler only), k0 and b0 (k and b with no Python handler: a hit
 counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
 f0 (f with no Python handler: the C ftrace caller), r (kretprobe), r0 (r with no Python handler: entry and return in C), rb, ro, kr (kprobe +
-kretprobe on one function), e (a kprobe event recording 3 fetch args into the ring buffer:
-with the C hit path, fetched, filtered and committed in C).
+kretprobe on one function), e and re (a kprobe / kretprobe event recording 3 fetch args
+into the ring buffer: with the C hit path, fetched, filtered and committed in C).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
 function `func` and returns them; with `bpf`, every probe also runs a small counting BPF
@@ -16,9 +16,10 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr", "e")
-# the `e` kind's event: three fetch args (two registers, a stack load)
-EVENT_KIND = "p:bench/leaf {func} a=$arg1:u64 b=$arg2:x64 s=+0($stack):x64"
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr", "e", "re")
+# the event kinds: three fetch args each (registers, the stack)
+EVENT_KINDS = {"e": "p:bench/leaf {func} a=$arg1:u64 b=$arg2:x64 s=+0($stack):x64",
+               "re": "r:bench/leaf {func} rv=$retval:u64 st=$stack:x64 s=+0($stack):x64"}
 ALL_ARCHES = "all"              # `--arch all`: every arch of emu.arch.ARCH_NAMES, in its order
 
 # kind -> (firmware ELF name, probed function, function the bench calls, its argument).
@@ -40,6 +41,7 @@ KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "ro": ("hotloop", "hot_leaf", "hot_call", 2000),
     "kr": ("hotloop", "hot_leaf", "hot_call", 2000),
     "e": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "re": ("hotloop", "hot_leaf", "hot_call", 2000),
 }
 
 
@@ -117,7 +119,7 @@ def setup_kind(kind: str, lab, func: str, bpf: bool = False) -> list:
     """Register the probe(s) of `kind` on `func` in `lab` (a probes.testing.ProbeLab),
     with the counting BPF program on each if `bpf`. Boosting happens at the first hit and
     optimization is kicked at once, so a warm-up call puts every kind in its steady state."""
-    if bpf and kind == "e":
+    if bpf and kind in EVENT_KINDS:
         raise NotImplementedError("e: the event's BPF row is the bpf_trace benchmark's")
     probes = _setup_kind(kind, lab, func)
     if bpf:
@@ -173,19 +175,19 @@ def _setup_kind(kind: str, lab, func: str) -> list:
     if kind == "kr":
         kp.preemptible = True
         return [_kprobe(lab, func), _kretprobe(lab, func)]
-    if kind == "e":
-        return [_event(lab, func)]
+    if kind in EVENT_KINDS:
+        if kind == "re":
+            lab.kprobes.preemptible = True    # as r: the entry probe single-steps
+        return [_event(lab, func, EVENT_KINDS[kind])]
     raise ValueError(f"unknown probe kind {kind!r} (one of {', '.join(KINDS)})")
 
 
-def _event(lab, func: str) -> Kprobe:
+def _event(lab, func: str, command: str) -> Kprobe:
     """A kprobe event through tracefs (kprobe_events, then enable): its records go to the
     ring buffer (1408 KiB a CPU: the bench's calls never fill it)."""
     from probes.trace.tracefs import tracefs_of
     fs = tracefs_of(lab.machine)
-    if fs.write("kprobe_events", EVENT_KIND.format(func=func), append=True) != 0:
-        raise RuntimeError(f"e: the event was refused: {fs.read('error_log')}")
+    if fs.write("kprobe_events", command.format(func=func), append=True) != 0:
+        raise RuntimeError(f"the event was refused: {fs.read('error_log')}")
     fs.write("events/bench/leaf/enable", "1")
-    kp = fs.kprobes.probes[-1].kp
-    assert kp is not None
-    return kp
+    return fs.kprobes.probes[-1].probe
