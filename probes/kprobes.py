@@ -577,7 +577,8 @@ class Kprobes:
         kprobe_ftrace_handler and the end of the caller (_ftrace_caller), with one reused
         pt_regs view. Returns 0."""
         m, arch, ftrace = self.m, self.m.arch, self.ftrace
-        regs, errors, st = PtRegs(m), m.hooks.errors, self.native.st if self.native else None
+        assert self.native is not None
+        regs, errors, st = PtRegs(m), m.hooks.errors, self.native.st
         dirty, flush, pc, sp = regs._dirty, regs.flush, arch.pc, arch.sp
 
         def fpre(row: int) -> int:

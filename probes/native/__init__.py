@@ -483,7 +483,7 @@ class NativeDispatch:
             def context_restore(context: Any) -> None:     # a task switch
                 self.trace_stale()
                 restore(context)
-            uc.context_restore = context_restore
+            uc.context_restore = context_restore            # type: ignore[method-assign]
         if revalidate not in self.revalidators:
             self.revalidators.append(revalidate)
         return ts

@@ -93,9 +93,9 @@ def _live_instance(h: KnRethook) -> "KretprobeInstance":
     cur = h.cur
 
     class LiveInstance(KretprobeInstance):
-        ret_addr = property(lambda self: cur.ret_addr)     # type: ignore[assignment]
-        fp = property(lambda self: cur.fp)                 # type: ignore[assignment]
-        stack = property(lambda self: cur.stack)           # type: ignore[assignment]
+        ret_addr = property(lambda self: cur.ret_addr)
+        fp = property(lambda self: cur.fp)
+        stack = property(lambda self: cur.stack)
 
     ri = object.__new__(LiveInstance)
     object.__setattr__(ri, "rp", None)

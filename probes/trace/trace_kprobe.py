@@ -357,7 +357,7 @@ class TraceKprobeEvents:
         self._ctx: FetchContext | None = None
         # events whose records C may commit: id(tk) -> (tk, its KnTevent)
         self._native_events: dict[int, tuple[TraceKprobe, KnTevent]] = {}
-        self._rbs: dict[int, tuple[object, object]] = {}      # buffer -> C's CPU pointers
+        self._rbs: dict[int, tuple[object, ctypes.Array]] = {}  # buffer -> C's CPU pointers
         self._synced: tuple[int, str, int] | None = None       # pid, comm, commits seen
         self.m.stop_listeners.append(self._settle)
 
