@@ -68,6 +68,12 @@ class Ftrace:
         self.ops: list[FtraceOps] = []
         # called with a site whose ops changed (the C caller serves only kprobe-only sites)
         self.site_listeners: list[Callable[[FtraceSite], None]] = []
+        # The C caller (probes/native): it runs the ops of the sites in `native_sites`
+        # (FS_OPS rows) through `_native_entry`; a change of sites is handed to it at the
+        # next hit Python's caller takes.
+        self.native_sites: list[tuple[FtraceSite, dict[str, int]]] = []
+        self._native_kprobes = None
+        self._native_tried = self._native_dirty = False
         self._discover()
 
     def _discover(self) -> None:
@@ -92,12 +98,14 @@ class Ftrace:
     # --- ops ---------------------------------------------------------------------------------
     def register_ftrace_function(self, ops: FtraceOps) -> int:
         """Attach `ops` to every site whose function it wants; returns how many."""
+        self._attach_native()
         self.ops.append(ops)
         count = 0
         for site in self.sites.values():
             if ops.wants(site.func):
                 self._add(site, ops)
                 count += 1
+        self._native_settle()
         return count
 
     def unregister_ftrace_function(self, ops: FtraceOps) -> None:
@@ -108,8 +116,10 @@ class Ftrace:
                 self._remove(site, ops)
 
     def attach_to_site(self, site: FtraceSite, ops: FtraceOps) -> None:
+        self._attach_native()
         if ops not in site.ops:
             self._add(site, ops)
+            self._native_settle()
 
     def detach_from_site(self, site: FtraceSite, ops: FtraceOps) -> None:
         if ops in site.ops:
@@ -122,6 +132,7 @@ class Ftrace:
             self.reserved.text_poke(self.m, site.addr, call, site)
         for listener in self.site_listeners:
             listener(site)
+        self._native_dirty = True
 
     def _remove(self, site: FtraceSite, ops: FtraceOps) -> None:
         site.ops.remove(ops)
@@ -129,20 +140,76 @@ class Ftrace:
             self.reserved.text_poke(self.m, site.addr, self.arch.ftrace_nop, site)
         for listener in self.site_listeners:
             listener(site)
+        self._native_dirty = True
 
-    # --- the trampoline's host entry --------------------------------------------------------------
-    def _ftrace_caller(self, pc: int) -> None:
+    # --- the C caller (probes/native) ---------------------------------------------------------
+    def _attach_native(self) -> None:
+        """Give the C hit path (the kprobes layer's dispatcher) the entry that runs a
+        site's ops, once."""
+        if self._native_tried:
+            return
+        self._native_tried = True
+        from probes.kprobes import kprobes_of
+        kps = kprobes_of(self.m)
+        if kps.native is not None and kps.native.set_fops_entry(self._native_entry()):
+            self._native_kprobes = kps
+            self.m.stop_listeners.append(self._native_settle)
+
+    def _native_settle(self) -> None:
+        """Sites changed: C's caller takes them now (between runs: a hook swapped while a
+        run goes on takes effect only once its code is translated again)."""
+        if self._native_dirty and self._native_kprobes is not None and not self.m.running:
+            self._native_dirty = False
+            self._native_kprobes.sync_ftrace()
+
+    def native_rows(self, served: set[int]) -> list:
+        """FS_OPS rows (probes/native FtraceRow) for the enabled sites the kprobes layer
+        does not serve itself (`served`): C's caller runs their ops through the entry."""
+        from probes.native import FS_OPS
+        entry_of = getattr(self.arch, "ftrace_native_entry", None)
+        back = getattr(self.arch, "ftrace_key_back", 0)
+        self.native_sites, rows = [], []
+        if self._native_kprobes is None or entry_of is None:
+            return rows
+        for site in self.sites.values():
+            entry = entry_of(site.addr) if site.ops and site.addr not in served else None
+            if entry is None:
+                continue
+            shown = dict(self.arch.ftrace_regs(self.m, site.addr, 0)._cache)
+            rows.append((entry[0], entry[1], back, None, FS_OPS, len(self.native_sites)))
+            self.native_sites.append((site, shown))
+        return rows
+
+    def _native_entry(self) -> Callable[[int], int]:
+        """`fops(row)`: _ftrace_caller for an FS_OPS site C took (DETOUR charged, sp of the
+        hit in the dispatcher's `hit_sp`), with one reused pt_regs view."""
+        m, arch = self.m, self.arch
+        regs, errors = PtRegs(m), m.hooks.errors
+        dirty, sp_name = regs._dirty, m.arch.sp
+
+        def fops(row: int) -> int:
+            try:
+                site, shown = self.native_sites[row]
+                kps = self._native_kprobes
+                assert kps is not None and kps.native is not None
+                sp = kps.native.st.hit_sp
+                cache = dict(shown)
+                if sp_name in cache:
+                    cache[sp_name] += sp
+                regs._cache = cache
+                if dirty:
+                    dirty.clear()
+                self._call_ops(site, sp, regs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if not errors:
+                    errors.append(exc)
+                m.uc.emu_stop()
+            return 0
+        return fops
+
+    def _call_ops(self, site: FtraceSite, sp: int, regs: PtRegs) -> None:
+        """Each ops' func, then what ftrace_regs_caller writes back."""
         m = self.m
-        sp = m.sp
-        try:
-            site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
-        except UserFault as e:   # only a guest that jumps here with a bad sp: the
-            m.stop_fault(user_fault(e, pc))           # trampoline's own stack read faults
-            return
-        if site is None:
-            return
-        m.clock.charge(DETOUR)
-        regs = self.arch.ftrace_regs(m, site.addr, sp)
         parent_ip = None
         for ops in list(site.ops):
             if ops.wants_parent and parent_ip is None:
@@ -158,6 +225,23 @@ class Ftrace:
             self.arch.ftrace_return_to(m, new_ip)     # leave the trampoline for new_ip
         else:
             regs.flush()
+
+    # --- the trampoline's host entry --------------------------------------------------------------
+    def _ftrace_caller(self, pc: int) -> None:
+        m = self.m
+        sp = m.sp
+        try:
+            site = self.sites.get(self.arch.ftrace_site(m, pc, sp))
+        except UserFault as e:   # only a guest that jumps here with a bad sp: the
+            m.stop_fault(user_fault(e, pc))           # trampoline's own stack read faults
+            return
+        if site is None:
+            return
+        m.clock.charge(DETOUR)
+        self._call_ops(site, sp, self.arch.ftrace_regs(m, site.addr, sp))
+        if self._native_dirty and self._native_kprobes is not None:
+            self._native_dirty = False          # C's caller takes the changed sites
+            self._native_kprobes.sync_ftrace()
 
 
 def ftrace_of(machine: Machine) -> Ftrace:

@@ -539,8 +539,14 @@ class Kprobes:
                               for p in self.table.values()
                               if p.ainsn is not None and (oi := p.ainsn.optinsn) is not None
                               and oi.handle is not None])
-        if self._ftrace_ops is not None:
-            native.serve_ftrace(self._ftrace_rows())
+        self.sync_ftrace()
+
+    def sync_ftrace(self) -> None:
+        """Hand C's ftrace caller the sites it serves (kprobes' and other ops')."""
+        ftrace = self.m.layers.get("ftrace")          # none made yet: nothing to serve
+        if self.native is not None and ftrace is not None and (
+                self._ftrace_ops is not None or ftrace._native_kprobes is self):
+            self.native.serve_ftrace(self._ftrace_rows())
 
     def _ftrace_rows(self) -> list[FtraceRow]:
         """The ftrace sites of FTRACE probes, for the C caller: served in C when the
@@ -567,9 +573,11 @@ class Kprobes:
                 shown = dict(ftrace.arch.ftrace_regs(self.m, site.addr, 0)._cache)
                 shown[self.m.arch.pc] = self.arch.handler_ip(p)     # as if a breakpoint hit
                 pre_rows.append((p, shown, p.pre_handler, p.__dict__))
-            rows.append((entry[0], entry[1], back, p, how, idx))
+            if how != FS_PYTHON:
+                rows.append((entry[0], entry[1], back, p, how, idx))
         self._ftrace_pre_rows = pre_rows
-        return rows
+        served = {_at(r[3]) for r in rows}
+        return rows + ftrace.native_rows(served)
 
     def _native_ftrace_entry(self) -> Callable[[int], int]:
         """C's ftrace caller took a site whose one ops is ours and whose kprobe has only a

@@ -60,19 +60,39 @@ def test_ftrace_probes_counted_in_c(arch, monkeypatch):
 
 
 @needs_native
-def test_site_shared_with_the_function_tracer_stays_in_python(arch, monkeypatch):
-    """fib's site also runs the function tracer: its hits go through Python (both ops run,
-    in order); the other sites are still C's."""
+def test_site_shared_with_the_function_tracer(arch, monkeypatch):
+    """fib's site also runs the function tracer: C's caller runs both ops' funcs, in order,
+    through the ops entry (FS_OPS); the other sites are counted in C."""
     r = _compare(arch, monkeypatch, tracer=["fib"])
     hits = dict((f, h) for f, h, _n in r["probes"])
     assert r["trace_lines"] >= hits["fib"] == 2155
-    assert r["c_handled"] == sum(hits.values()) - hits["fib"]
+    assert r["c_handled"] == sum(hits.values())
+
+
+@needs_native
+def test_function_tracer_alone_runs_from_c(arch, monkeypatch):
+    """Sites whose only ops is the function tracer: C's caller calls its func on every hit
+    (the sites are handed to C when the tracer registers); the trace is Python's."""
+    def run(native: bool) -> tuple[str, int, int]:
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
+        lab = ProbeLab.load(str(firmware_elf(arch, "recurse.ftrace")))
+        lab.machine.enable_cycle_model()
+        out = io.StringIO()
+        FunctionTracer(lab.machine, ["fib", "is_*"], out)
+        assert lab.run(timeout=120).exit_code == 0
+        d = lab.kprobes.native
+        handled = sum(rec.handled for rec, _p in d.ftrace.values()) if d is not None else 0
+        return out.getvalue(), lab.machine.clock.cycles, handled
+    (c_trace, c_cycles, handled), (py_trace, py_cycles, _) = run(True), run(False)
+    assert c_trace == py_trace and c_cycles == py_cycles
+    lines = len(c_trace.splitlines())
+    assert lines > 2000 and handled == lines
 
 
 @needs_native
 def test_a_handler_given_later_runs_on_every_hit(monkeypatch):
     """A pre handler set on a served probe after registration: C's caller now calls it
-    (FS_PRE) on every hit, and a post handler hands the site back to Python."""
+    (FS_PRE) on every hit; with a post handler too it runs the kprobes' ops (FS_OPS)."""
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "1")
     lab = ProbeLab.load(str(firmware_elf("x86_64", "recurse.ftrace")))
     p = Kprobe(symbol_name="factorial")
@@ -86,5 +106,5 @@ def test_a_handler_given_later_runs_on_every_hit(monkeypatch):
     p.post_handler = lambda kp, regs, flags: None
     assert lab.call("factorial", 4) == 24
     lab.kprobes.probes()
-    assert p.hits == len(seen) == 43
-    assert sum(rec.handled for rec, _p in lab.kprobes.native.ftrace.values()) == 39
+    assert p.hits == len(seen) == 43            # the kprobes' ops func runs, from C's caller
+    assert sum(rec.handled for rec, _p in lab.kprobes.native.ftrace.values()) == 43

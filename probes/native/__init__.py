@@ -75,7 +75,7 @@ class KnState(ctypes.Structure):
         ("trace_buf", ctypes.c_void_p), ("trace_len", ctypes.c_uint64),
         ("trace_cap", ctypes.c_uint64), ("traced", ctypes.c_uint64),
         ("ua_sp_reg", ctypes.c_int32), ("pad3", ctypes.c_int32), ("ts", ctypes.c_void_p),
-        ("py_fpre", ctypes.c_void_p), ("hit_sp", ctypes.c_uint64)]
+        ("py_fpre", ctypes.c_void_p), ("hit_sp", ctypes.c_uint64), ("py_fops", ctypes.c_void_p)]
 
 
 class KnUaccess(ctypes.Structure):
@@ -192,7 +192,7 @@ class KnFtrace(ctypes.Structure):
 
 # (host entry hook, key, back, probe, how C serves it: FS_*, the FS_PRE entry's row)
 FtraceRow = tuple[int, int, int, "Kprobe", int, int]
-FS_PYTHON, FS_COUNT, FS_PRE = 0, 1, 2
+FS_PYTHON, FS_COUNT, FS_PRE, FS_OPS = 0, 1, 2, 3
 
 
 class NativeAcc(ctypes.Structure):
@@ -319,9 +319,11 @@ class NativeDispatch:
     _pre: Any = None                     # the ctypes callback C calls (kept alive here)
     _pre_obj: Any = None                 # the callable C calls through the C API (alive)
     _fpre_obj: Any = None                # the ftrace sites' pre entry (alive)
+    _fops_obj: Any = None                # the ftrace sites' ops entry (alive)
     ua: KnUaccess = field(default_factory=KnUaccess)
     stopping: ctypes.c_uint32 = field(default_factory=ctypes.c_uint32)
     run_returned: Any = None
+    flush_later: list[tuple[int, int]] = field(default_factory=list)  # see swap_code_hook
     tstate: KnTstate | None = None       # trace events C commits (trace_state)
     revalidators: list[Callable[[KnTstate], None]] = field(default_factory=list)
     _revalidate_obj: Any = None          # the entry C calls (kept alive here)
@@ -376,11 +378,21 @@ class NativeDispatch:
         self.st.py_fpre = id(fn)
         return True
 
+    def set_fops_entry(self, fn: Callable[[int], int]) -> bool:
+        """`fn(row)` runs the ops of an FS_OPS ftrace site (C charged the detour); False if
+        C cannot call Python."""
+        if PYAPI is None or not self.st.py:
+            return False
+        self._fops_obj = fn
+        self.st.py_fops = id(fn)
+        return True
+
     def serve_ftrace(self, rows: list[FtraceRow]) -> None:
         """Ftrace trampoline host entries: each row a site C may serve (FS_COUNT: its one
         ops is the kprobes' one and the kprobe has no Python handler; FS_PRE: only a
-        Python pre handler, which C calls). A hook's Python callback is swapped for C's
-        the first time it is seen; C calls it back for every site it does not serve."""
+        Python pre handler, which C calls; FS_OPS: any other ops, whose funcs C's entry
+        runs). A hook's Python callback is swapped for C's the first time it is seen; C
+        calls it back for every site it does not serve."""
         self.fold_ftrace()
         by_hook: dict[int, list[FtraceRow]] = {}
         for row in rows:
@@ -529,6 +541,16 @@ def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
     rec.orig, rec.orig_data = slots[0], slots[1]
     slots[1] = ctypes.addressof(rec)
     slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    # Unicorn 2.1 bakes a one-address code hook's callback into the translated block
+    # (inline hooks): code translated before the swap must go, now or, inside a run
+    # (no flush in a callback), when it returns. Until then it calls the Python
+    # callback, which C calls anyway: the same results, more slowly.
+    _t, begin, end = m.hooks.installed[handle]
+    d = _installed(m)
+    if m.running and d is not None:
+        d.flush_later.append((begin, end))
+    else:
+        m.uc.ctl_remove_cache(begin, end + 1)
     return True
 
 
@@ -606,6 +628,10 @@ def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
     def run_returned() -> None:
         flag.value = 0
         d.trace_stale()                          # the host may change anything until the next
+        if d.flush_later and not m.running:
+            for begin, end in d.flush_later:
+                m.uc.ctl_remove_cache(begin, end + 1)
+            d.flush_later.clear()
     m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
     m.stop_listeners.append(run_returned)
     d.run_returned = run_returned

@@ -79,7 +79,8 @@ struct kn_state {
     int32_t ua_sp_reg, pad3;                /* sp, for $stackN */
     struct kn_tstate *ts;                   /* trace events committed in C, or NULL */
     void *py_fpre;                          /* the Python entry of ftrace sites' pre handlers */
-    uint64_t hit_sp;                        /* sp at the hit, for that entry */
+    uint64_t hit_sp;                        /* sp at the hit, for that entry and py_fops */
+    void *py_fops;                          /* the Python entry that runs a site's ops */
 };
 
 /* Python ran (a handler, a trap C handed over, a code hook): whatever it may have changed
@@ -691,8 +692,9 @@ void kn_tramp_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
  * entry: x86's shared trampoline finds its site from the call's return address (`back`
  * = 5: site = [sp] - 5, read through kn_access_ok as uaccess reads it; an unreadable
  * stack goes to Python, which reports the fault); arm64's per-site stubs are keyed by pc. */
-enum { FS_PYTHON, FS_COUNT, FS_PRE };      /* kn_fsite.native: Python's caller, C counts, C
-                                           * calls the probe's Python pre handler (py_fpre) */
+enum { FS_PYTHON, FS_COUNT, FS_PRE, FS_OPS };  /* kn_fsite.native: Python's caller, C
+                                           * counts, C calls the probe's Python pre handler
+                                           * (py_fpre), C calls the site's ops (py_fops) */
 struct kn_fsite { uint64_t key, hits, nmissed; uint32_t native, used; uint64_t idx; };
 
 struct kn_ftrace {
@@ -736,6 +738,19 @@ void kn_ftrace_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
     }
     struct kn_fsite *e = f->back && !key ? NULL : fsite(f, key);
     if (e && e->native == FS_PRE && !(s->py && s->py_fpre))
+        e = NULL;
+    if (e && e->native == FS_OPS && s->py && s->py_fops && s->current < 0 && !s->py_busy
+            && !(s->stopping && *s->stopping)) {
+        charge(s, s->detour_fp, &s->detour_cycles);     /* _ftrace_caller, from C */
+        s->reg_read(uc, f->sp_reg, &s->hit_sp);
+        kn_trace_stale(s);
+        s->py_busy++;
+        call_py(s->py, s->py_fops, (uint32_t)e->idx);
+        s->py_busy--;
+        f->handled++;
+        return;
+    }
+    if (e && e->native == FS_OPS)
         e = NULL;
     if (e && e->native && !s->py_busy && !(s->stopping && *s->stopping)) {
         charge(s, s->detour_fp, &s->detour_cycles);
