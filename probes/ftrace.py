@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from emu.clock import DETOUR
 from emu.machine import Machine
@@ -72,7 +72,7 @@ class Ftrace:
         # (FS_OPS rows) through `_native_entry`; a change of sites is handed to it at the
         # next hit Python's caller takes.
         self.native_sites: list[tuple[FtraceSite, dict[str, int]]] = []
-        self._native_kprobes = None
+        self._native_kprobes: Any = None       # the Kprobes layer whose dispatcher serves us
         self._native_tried = self._native_dirty = False
         self._discover()
 
@@ -168,7 +168,8 @@ class Ftrace:
         from probes.native import FS_OPS
         entry_of = getattr(self.arch, "ftrace_native_entry", None)
         back = getattr(self.arch, "ftrace_key_back", 0)
-        self.native_sites, rows = [], []
+        rows: list = []
+        self.native_sites = []
         if self._native_kprobes is None or entry_of is None:
             return rows
         for site in self.sites.values():

@@ -543,7 +543,7 @@ class Kprobes:
 
     def sync_ftrace(self) -> None:
         """Hand C's ftrace caller the sites it serves (kprobes' and other ops')."""
-        ftrace = self.m.layers.get("ftrace")          # none made yet: nothing to serve
+        ftrace: Any = self.m.layers.get("ftrace")     # none made yet: nothing to serve
         if self.native is not None and ftrace is not None and (
                 self._ftrace_ops is not None or ftrace._native_kprobes is self):
             self.native.serve_ftrace(self._ftrace_rows())
