@@ -173,6 +173,7 @@ def restore_memory(m: Machine, img: MemoryImage) -> None:
     mem = m.memory
     mem.regions[:] = [dataclasses.replace(r) for r in img.regions]
     mem.mapped_bytes, mem.max_memory = img.mapped_bytes, img.max_memory
+    mem._full_below.clear()             # find_free's memo of full prefixes: the layout changed
 
 
 def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], fresh: bool,
@@ -310,7 +311,9 @@ def restore_registries(m: Machine, r: Registries) -> None:
         d.clear()
         d.update(r.values[n])
     for n in _SCALARS:
-        setattr(m, n, r.values[n])
+        if n != "cpu":
+            setattr(m, n, r.values[n])
+    m.set_cpu(r.values["cpu"])           # per-CPU state kept by layers follows (PerCpu)
     m.break_handlers.clear()
     m.break_handlers.update({k: list(v) for k, v in r.break_handlers.items()})
     m.random.rng.state, m.random.rng.draws = r.rng
@@ -341,7 +344,8 @@ class ProcessState:
     rng: Any
 
 
-_PROC_SKIP = {"machine", "image", "fs", "fds", "rng"}
+# The tasks, their scheduler and signals are the "tasks" layer (emu/linux/task_snapshot.py).
+_PROC_SKIP = {"machine", "image", "fs", "fds", "rng", "sched", "signals", "dispatcher"}
 
 
 def _copy_pipe(p: Pipe | None, memo: dict[int, Any]) -> Pipe | None:
