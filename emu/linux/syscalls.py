@@ -1102,7 +1102,7 @@ def _map_file(mem, f: OpenFile, addr: int, size: int, prot: int, off: int) -> No
         mem.map(addr, backed, prot, f"[mmap {name}]")
     if backed < size:
         try:
-            mem.map(addr + backed, size - backed, 0, f"[mmap {name} past EOF]")
+            mem.map(addr + backed, size - backed, 0, f"[mmap {name}{sigact.PAST_EOF}")
         except UcError:
             mem.unmap(addr, backed)
             raise
