@@ -14,8 +14,12 @@ A snapshot holds:
   the guest's hardware RNG, the machine's registries (trap handlers, host entries, text
   patches, listeners, layers), the symbol table's IFUNC resolutions;
 - the Linux process: fds (open file descriptions with their sharing, host file offsets,
-  pipe buffers, directory positions), brk, creds, cwd, umask, signal state, comm, the RNG
-  of getrandom, syscall counts; guest streams rewound (a stream with `snapshot_state()` /
+  pipe buffers, directory positions), brk, creds, cwd, umask, comm, the RNG of getrandom,
+  syscall counts; its threads through the "tasks" layer (emu/linux/task_snapshot.py: every
+  task's registers, state, futex wait and deadline, robust list, clear-tid address, signal
+  mask, pending signals and altstack, the scheduler's rotation, CPU placement and turn
+  generator, dispositions, process-directed signals and timers), so a threaded guest on
+  any number of CPUs restores too; guest streams rewound (a stream with `snapshot_state()` /
   `restore_state()`, such as the sweep's output digests, or any seekable stream; a
   non-seekable host stream, such as a terminal, is left as it is).
 

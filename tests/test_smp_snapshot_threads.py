@@ -152,3 +152,29 @@ def test_snapshot_sweep_gives_the_verdicts_of_runs_from_the_entry(c_prog, arch, 
     assert snap["mismatches"] == 0 and snap["checked"] >= 2, snap
     assert snap["functions"] == fresh["functions"]
     assert {r["hits"] for r in snap["functions"]["bump_counter"]} == {6000}
+
+
+def _probed_finish(m, out, err) -> tuple:
+    """Finish with a kprobe on note(): which task on which CPU made each call."""
+    from probes.kprobes import Kprobe, kprobes_of
+    seen: list[tuple[int, int]] = []
+    p = Kprobe(symbol_name="note", pre_handler=lambda kp, regs: seen.append((m.cpu, m.task[1])) or 0)
+    kprobes_of(m).register_kprobe(p)
+    return finish(m, out, err), seen, p.hits
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_probes_after_a_restore_see_the_straight_probed_run(prog, arch):
+    """Per-CPU and per-task probe state after a restore: the same hits, in the same order,
+    on the same CPUs and tasks as a probed run that was never snapshotted."""
+    path = prog(arch)
+    m, out, err = load(path, 2)
+    to(m, "checkpoint")
+    want = _probed_finish(m, out, err)
+    assert want[2] > 900 and len({cpu for cpu, _ in want[1]}) == 2
+    m, out, err = load(path, 2)
+    to(m, "checkpoint")
+    snap = m.snapshot()
+    finish(m, out, err)
+    m.restore(snap)
+    assert _probed_finish(m, out, err) == want
