@@ -134,24 +134,24 @@ def test_robust_mutex_owner_died_matches_native(prog):
     assert ref.rc == 0 and ref.out.startswith(HEAD), ref.out[:200]
 
 
-def _sweep(exe, funcs: tuple[str, ...], *extra: str) -> dict:
+def _sweep(exe, funcs: tuple[str, ...], threads: str, *extra: str) -> dict:
     fargs = [a for f in funcs for a in ("--func", f)]
     r = run_emu("sweep", "--cpus", "2", "--jobs", "1", "--json", "--progress", "none", *fargs,
-                *extra, str(exe), "--", "3")
+                *extra, str(exe), "--", threads)
     assert r.rc == 0, r.err
     return json.loads(r.out)
 
 
-@pytest.mark.parametrize("arch,funcs", [
-    ("x86_64", ("bump_counter",)),
-    pytest.param("x86_64", ("worker", "bump_counter"), marks=pytest.mark.slow),
-    pytest.param("arm64", ("worker", "bump_counter"), marks=pytest.mark.slow)])
-def test_snapshot_sweep_gives_the_verdicts_of_runs_from_the_entry(c_prog, arch, funcs):
+@pytest.mark.parametrize("arch,funcs,threads", [
+    ("x86_64", ("bump_counter",), "2"),
+    pytest.param("x86_64", ("worker", "bump_counter"), "3", marks=pytest.mark.slow),
+    pytest.param("arm64", ("worker", "bump_counter"), "3", marks=pytest.mark.slow)])
+def test_snapshot_sweep_gives_the_verdicts_of_runs_from_the_entry(c_prog, arch, funcs, threads):
     exe = c_prog(arch, THREADS / "pthreads.c", extra=("-pthread",))
-    snap, fresh = _sweep(exe, funcs), _sweep(exe, funcs, "--no-snapshots")
+    snap, fresh = _sweep(exe, funcs, threads), _sweep(exe, funcs, threads, "--no-snapshots")
     assert snap["mismatches"] == 0 and snap["checked"] >= 2, snap
     assert snap["functions"] == fresh["functions"]
-    assert {r["hits"] for r in snap["functions"]["bump_counter"]} == {6000}
+    assert {r["hits"] for r in snap["functions"]["bump_counter"]} == {2000 * int(threads)}
 
 
 def _probed_finish(m, out, err) -> tuple:
