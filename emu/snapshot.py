@@ -14,8 +14,12 @@ A snapshot holds:
   the guest's hardware RNG, the machine's registries (trap handlers, host entries, text
   patches, listeners, layers), the symbol table's IFUNC resolutions;
 - the Linux process: fds (open file descriptions with their sharing, host file offsets,
-  pipe buffers, directory positions), brk, creds, cwd, umask, signal state, comm, the RNG
-  of getrandom, syscall counts; guest streams rewound (a stream with `snapshot_state()` /
+  pipe buffers, directory positions), brk, creds, cwd, umask, comm, the RNG of getrandom,
+  syscall counts; its threads through the "tasks" layer (emu/linux/task_snapshot.py: every
+  task's registers, state, futex wait and deadline, robust list, clear-tid address, signal
+  mask, pending signals and altstack, the scheduler's rotation, CPU placement and turn
+  generator, dispositions, process-directed signals and timers), so a threaded guest on
+  any number of CPUs restores too; guest streams rewound (a stream with `snapshot_state()` /
   `restore_state()`, such as the sweep's output digests, or any seekable stream; a
   non-seekable host stream, such as a terminal, is left as it is).
 
@@ -173,6 +177,7 @@ def restore_memory(m: Machine, img: MemoryImage) -> None:
     mem = m.memory
     mem.regions[:] = [dataclasses.replace(r) for r in img.regions]
     mem.mapped_bytes, mem.max_memory = img.mapped_bytes, img.max_memory
+    mem._full_below.clear()             # find_free's memo of full prefixes: the layout changed
 
 
 def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], fresh: bool,
@@ -310,7 +315,9 @@ def restore_registries(m: Machine, r: Registries) -> None:
         d.clear()
         d.update(r.values[n])
     for n in _SCALARS:
-        setattr(m, n, r.values[n])
+        if n != "cpu":
+            setattr(m, n, r.values[n])
+    m.set_cpu(r.values["cpu"])           # per-CPU state kept by layers follows (PerCpu)
     m.break_handlers.clear()
     m.break_handlers.update({k: list(v) for k, v in r.break_handlers.items()})
     m.random.rng.state, m.random.rng.draws = r.rng
@@ -341,7 +348,8 @@ class ProcessState:
     rng: Any
 
 
-_PROC_SKIP = {"machine", "image", "fs", "fds", "rng"}
+# The tasks, their scheduler and signals are the "tasks" layer (emu/linux/task_snapshot.py).
+_PROC_SKIP = {"machine", "image", "fs", "fds", "rng", "sched", "signals", "dispatcher"}
 
 
 def _copy_pipe(p: Pipe | None, memo: dict[int, Any]) -> Pipe | None:

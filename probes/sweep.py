@@ -493,10 +493,11 @@ class Plan:
     @property
     def resumable(self) -> bool:
         """Runs may start from snapshots: not with --fs-write (host files are not rolled
-        back; each run gets a scratch tree), --max-insns (a budget counts from _start) nor
-        --cpus (a snapshot keeps no tasks)."""
+        back; each run gets a scratch tree) nor --max-insns (a budget counts from _start).
+        Threaded guests and --cpus N may: a snapshot keeps the tasks and their scheduler
+        (emu/linux/task_snapshot.py)."""
         c = self.cfg
-        return c.snapshots and not c.fs_writable and not c.max_insns and c.cpus == 1
+        return c.snapshots and not c.fs_writable and not c.max_insns
 
 
 class FreshRunner:

@@ -1,5 +1,5 @@
-"""The probe-everywhere sweep of threaded guests on two CPUs (issue 19): every run starts at
-the entry (a snapshot keeps no tasks) and probing any instruction of the threads' code,
+"""The probe-everywhere sweep of threaded guests on two CPUs (issue 19): runs start from
+snapshots that keep the tasks, and probing any instruction of the threads' code,
 glibc's start_thread included (a probed x86 `syscall` that ends a thread switches tasks),
 changes nothing: 0 mismatches."""
 from __future__ import annotations

@@ -7,7 +7,7 @@ import errno as E
 import struct
 
 from emu.linux.tasks import FutexWait, Scheduler
-from emu.uaccess import copy_from_user, copy_to_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
 
 FUTEX_WAIT, FUTEX_WAKE, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP = 0, 1, 3, 4, 5
 FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
@@ -87,3 +87,46 @@ def _s32(x: int) -> int:
 
 def _sext12(x: int) -> int:
     return x - (1 << 12) if x & (1 << 11) else x
+
+
+# --- robust futexes (kernel/futex/core.c exit_robust_list) ---------------------------------
+FUTEX_WAITERS, FUTEX_OWNER_DIED, FUTEX_TID_MASK = 0x80000000, 0x40000000, 0x3FFFFFFF
+ROBUST_LIST_LIMIT = 2048            # the kernel's bound on a (possibly circular) list
+
+
+def exit_robust_list(sched: Scheduler, mem, task) -> None:
+    """A dying thread's robust list: every futex it still owns gets FUTEX_OWNER_DIED (and
+    one waiter woken), so the next locker sees EOWNERDEAD. The list is the guest's: a bad
+    pointer ends the walk, as in the kernel."""
+    head = task.robust_list
+    if not head:
+        return
+    try:
+        entry, offset, pending = struct.unpack("<QqQ", copy_from_user(mem, head, 24))
+        for _ in range(ROBUST_LIST_LIMIT):
+            if entry & ~1 == head:
+                break
+            nxt = struct.unpack("<Q", copy_from_user(mem, entry & ~1, 8))[0]
+            if entry != pending:
+                _futex_death(sched, mem, (entry & ~1) + offset, task.tid, bool(entry & 1), False)
+            entry = nxt
+        if pending:
+            _futex_death(sched, mem, (pending & ~1) + offset, task.tid, bool(pending & 1), True)
+    except UserFault:
+        return
+
+
+def _futex_death(sched: Scheduler, mem, uaddr: int, tid: int, pi: bool, pending_op: bool) -> None:
+    """handle_futex_death: mark a futex its dead owner held, wake one waiter."""
+    uaddr &= (1 << 64) - 1
+    if uaddr & 3:
+        return
+    uval = get_u32(mem, uaddr)
+    if pending_op and not pi and not uval:      # died between taking and setting it
+        futex_wake(sched, uaddr, 1)
+        return
+    if uval & FUTEX_TID_MASK != tid:
+        return
+    copy_to_user(mem, uaddr, struct.pack("<I", (uval & FUTEX_WAITERS) | FUTEX_OWNER_DIED))
+    if not pi and uval & FUTEX_WAITERS:
+        futex_wake(sched, uaddr, 1)

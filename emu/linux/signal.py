@@ -203,6 +203,17 @@ def _fault_signal(fault) -> tuple[int, int]:
     return fault.signal, SI_KERNEL
 
 
+SIGBUS, BUS_ADRERR = 7, 2
+PAST_EOF = " past EOF]"                # the name's end of file-mapping pages past EOF (mmap)
+
+
+def _past_eof(m: Machine, addr: int | None) -> bool:
+    """A fault on the pages of a file mapping wholly past its end: Linux's SIGBUS."""
+    region = m.memory.find(addr) if addr is not None else None
+    return region is not None and not region.prot and region.name.startswith("[mmap ") \
+        and region.name.endswith(PAST_EOF)
+
+
 FRAMES: dict[str, FrameLayout] = {"x86_64": X86Frame(), "arm64": Arm64Frame()}
 
 
@@ -384,9 +395,12 @@ class Signals:
     def on_fault(self, fault) -> bool:
         """A guest fault as Linux's trap handlers see it: the signal goes to the faulting
         thread's handler, which starts at once with the faulting pc saved (returning
-        re-runs the instruction). No handler, or the signal blocked or ignored: False,
-        and the machine reports the fault as before."""
+        re-runs the instruction). A file mapping's page past EOF gives SIGBUS (BUS_ADRERR).
+        No handler, or the signal blocked or ignored: False, and the machine reports the
+        fault as before."""
         sig, code = _fault_signal(fault)
+        if _past_eof(self.m, fault.addr):
+            sig, code = SIGBUS, BUS_ADRERR
         act = self.actions.get(sig, SigAction())
         task = self.sched.current
         if act.handler in (0, 1) or task.sigmask & sigbit(sig):

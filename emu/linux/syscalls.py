@@ -22,6 +22,7 @@ from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, 
 from emu.memory import PAGE, PROT_READ, PROT_WRITE, page_up
 from emu.linux import futex
 from emu.linux import signal as sigact
+from emu.linux import task_snapshot
 from emu.uaccess import (UserFault, access_ok, copy_from_user, copy_to_user, put_user,
                          strncpy_from_user)
 
@@ -83,6 +84,7 @@ class SyscallDispatcher:
         proc.dispatcher = self
         proc.sched = Scheduler(m, self.ret_id, proc.creds.pid, proc.seed, proc.nr_cpus)
         proc.signals = sigact.Signals(proc)
+        m.layers[task_snapshot.LAYER] = proc.sched      # snapshots keep the tasks
 
     def __call__(self) -> None:
         regs = self.m.regs
@@ -842,10 +844,12 @@ def sys_get_robust_list(p, tid, head_ptr, len_ptr, *_):
 
 @syscall("exit")
 def sys_exit(p, code, *_):
-    """One thread ends: its clear_child_tid word is zeroed and woken (pthread_join waits
-    on it); the last thread's exit ends the process with its code."""
+    """One thread ends: the futexes on its robust list are marked FUTEX_OWNER_DIED, its
+    clear_child_tid word is zeroed and woken (pthread_join waits on it); the last thread's
+    exit ends the process with its code."""
     sched = p.sched
     cur = sched.current
+    futex.exit_robust_list(sched, p.machine.memory, cur)     # before clear_child_tid (mm_release)
     if cur.clear_child_tid:
         try:
             put_user(p.machine.memory, cur.clear_child_tid, 0, 4)
@@ -1098,7 +1102,7 @@ def _map_file(mem, f: OpenFile, addr: int, size: int, prot: int, off: int) -> No
         mem.map(addr, backed, prot, f"[mmap {name}]")
     if backed < size:
         try:
-            mem.map(addr + backed, size - backed, 0, f"[mmap {name} past EOF]")
+            mem.map(addr + backed, size - backed, 0, f"[mmap {name}{sigact.PAST_EOF}")
         except UcError:
             mem.unmap(addr, backed)
             raise

@@ -7,9 +7,16 @@ instead of fighting over the slot. Times come from the modelled clock, so durati
 the same run to run.
 
 The printer follows print_graph_function with the default flags (funcgraph-cpu,
--overhead, -duration on; -proc, -abstime, -tail, -retval off): an entry whose next event
-is its own return prints as a leaf `func();` with its duration; other entries print
-`func() {`, their returns `}` (or `} /* func */` when the entry was not seen)."""
+-overhead, -duration on; -abstime, -tail, -retval off; funcgraph-proc as asked): an entry
+whose next event on its CPU is its own return (same task, same function) prints as a leaf
+`func();` with its duration; other entries print `func() {`, their returns `}` (or
+`} /* func */` when the entry was not seen). When the task on a CPU changes between two
+lines, verif_pid's context-switch block comes first:
+
+ ------------------------------------------
+ 1)   prog-1000    =>    prog-1001
+ ------------------------------------------
+"""
 from __future__ import annotations
 
 import fnmatch
@@ -62,18 +69,32 @@ def print_graph_cpu(cpu: int) -> str:
     return f" {cpu:>{len(str(NR_CPUS - 1))}d}) "
 
 
-def graph_header() -> str:
-    """`cat trace`'s header with the default flags (s_show + __print_graph_headers_flags)."""
+TRACE_GRAPH_PROCINFO_LENGTH = 14
+SWITCH_RULE = " ------------------------------------------\n"
+
+
+def print_graph_proc(comm: str, pid: int) -> str:
+    """`comm-pid` centred in 14 columns, comm cut to 7 characters (print_graph_proc)."""
+    text = f"{comm[:7]}-{pid}"
+    spaces = max(0, TRACE_GRAPH_PROCINFO_LENGTH - len(text))
+    return " " * (spaces // 2) + text + " " * (spaces - spaces // 2)
+
+
+def graph_header(proc: bool = False) -> str:
+    """`cat trace`'s header with the default flags, and funcgraph-proc's TASK/PID column
+    when `proc` (s_show + __print_graph_headers_flags)."""
     return ("# tracer: function_graph\n#\n"
-            "# CPU  DURATION                  FUNCTION CALLS\n"
-            "# |     |   |                     |   |   |   |\n")
+            "# CPU" + ("  TASK/PID       " if proc else "") + "  DURATION                  FUNCTION CALLS\n"
+            "# |  " + ("   |    |        " if proc else "") + "   |   |                     |   |   |   |\n")
 
 
 @dataclass
 class GraphEnt:
-    """struct ftrace_graph_ent."""
+    """struct ftrace_graph_ent, with the task that made it (trace_entry's pid, its comm)."""
     func: str
     depth: int
+    pid: int = 0
+    comm: str = ""
 
 
 @dataclass
@@ -83,6 +104,8 @@ class GraphRet:
     depth: int
     calltime: int
     rettime: int
+    pid: int = 0
+    comm: str = ""
 
 
 @dataclass
@@ -94,11 +117,25 @@ class GraphPrinter:
     pending: GraphEnt | None = None
     enter_funcs: dict[int, str] = field(default_factory=dict)
     lines: int = 0
+    proc: bool = False                      # funcgraph-proc: the TASK/PID column
+    last: tuple[int, str] | None = None     # the task of the last line (verif_pid's last_pid)
+    switches: int = 0
 
-    def _line(self, duration: int | None, depth: int, text: str) -> None:
-        self.out.write(print_graph_cpu(self.cpu) + print_graph_duration(duration)
+    def _line(self, ev: GraphEnt | GraphRet, duration: int | None, depth: int, text: str) -> None:
+        self._verif_pid(ev.pid, ev.comm)
+        task = print_graph_proc(ev.comm, ev.pid) + " | " if self.proc else ""
+        self.out.write(print_graph_cpu(self.cpu) + task + print_graph_duration(duration)
                        + " " * (depth * TRACE_GRAPH_INDENT) + text + "\n")
         self.lines += 1
+
+    def _verif_pid(self, pid: int, comm: str) -> None:
+        """The context-switch block when this CPU's lines move to another task."""
+        prev, self.last = self.last, (pid, comm)
+        if prev is None or prev[0] == pid:
+            return
+        self.switches += 1
+        self.out.write(SWITCH_RULE + print_graph_cpu(self.cpu) + print_graph_proc(prev[1], prev[0])
+                       + " => " + print_graph_proc(comm, pid) + "\n" + SWITCH_RULE + "\n")
 
     def entry(self, ent: GraphEnt) -> None:
         self.flush()
@@ -106,18 +143,19 @@ class GraphPrinter:
 
     def ret(self, ret: GraphRet) -> None:
         ent, self.pending = self.pending, None
-        if ent is not None and ent.func == ret.func:           # print_graph_entry_leaf
-            self.enter_funcs.pop(ent.depth, None)
-            self._line(ret.rettime - ret.calltime, ret.depth, f"{ret.func}();")
+        if ent is not None and ent.func == ret.func and ent.pid == ret.pid:
+            self.enter_funcs.pop(ent.depth, None)              # print_graph_entry_leaf
+            self._line(ent, ret.rettime - ret.calltime, ret.depth, f"{ret.func}();")
             return
         if ent is not None:
             self._nested(ent)
         seen = self.enter_funcs.pop(ret.depth, None) == ret.func
-        self._line(ret.rettime - ret.calltime, ret.depth, "}" if seen else f"}} /* {ret.func} */")
+        self._line(ret, ret.rettime - ret.calltime, ret.depth,
+                   "}" if seen else f"}} /* {ret.func} */")
 
     def _nested(self, ent: GraphEnt) -> None:                  # print_graph_entry_nested
         self.enter_funcs[ent.depth] = ent.func
-        self._line(None, ent.depth, f"{ent.func}() {{")
+        self._line(ent, None, ent.depth, f"{ent.func}() {{")
 
     def flush(self) -> None:
         """No next event yet (end of the buffer): the entry prints as nested."""
@@ -132,8 +170,9 @@ class FunctionGraphTracer:
     `max_depth` is max_graph_depth (0: no limit)."""
 
     def __init__(self, machine: Machine, out: IO[str], graph_filter: list[str] | None = None,
-                 max_depth: int = 0) -> None:
+                 max_depth: int = 0, proc: bool = False) -> None:
         self.m = machine
+        self.proc = proc
         self.graph_filter = list(graph_filter or [])
         self.max_depth = max_depth
         self.out = out
@@ -175,7 +214,7 @@ class FunctionGraphTracer:
         cpu = self.m.cpu
         printer = self.printers.get(cpu)
         if printer is None:
-            printer = self.printers[cpu] = GraphPrinter(self.out, cpu)
+            printer = self.printers[cpu] = GraphPrinter(self.out, cpu, proc=self.proc)
         return printer
 
     @property
@@ -234,7 +273,8 @@ class FunctionGraphTracer:
                 self.graph_depth = None
             return
         self.entries += 1
-        self.printer.entry(GraphEnt(func, depth))
+        comm, pid = self.m.task
+        self.printer.entry(GraphEnt(func, depth, pid, comm))
 
     def _graph_return(self, ri: KretprobeInstance, _regs: PtRegs) -> int:
         ip, calltime, depth = _DATA.unpack(ri.data)
@@ -243,7 +283,8 @@ class FunctionGraphTracer:
         self.returns += 1
         site = self.ftrace.sites.get(ip)             # gone with its module: by address
         name = site.func if site else self._name(ip)
-        self.printer.ret(GraphRet(name, depth, calltime, self.m.clock.monotonic_ns()))
+        comm, pid = self.m.task
+        self.printer.ret(GraphRet(name, depth, calltime, self.m.clock.monotonic_ns(), pid, comm))
         return 0
 
     def _name(self, addr: int) -> str:
@@ -253,7 +294,8 @@ class FunctionGraphTracer:
     def stats(self) -> dict[str, Any]:
         return {"sites": self.enabled_sites, "entries": self.entries, "returns": self.returns,
                 "overrun": self.overrun,
-                "lines": sum(p.lines for p in self.printers.values())}
+                "lines": sum(p.lines for p in self.printers.values()),
+                "switches": sum(p.switches for p in self.printers.values())}
 
 
 # --- the CLI: `emu run` and `emu trace` options ------------------------------------------------
@@ -270,11 +312,13 @@ def add_options(p) -> None:
                         "(repeatable or comma-separated; implies --function-graph)")
     p.add_argument("--max-graph-depth", type=non_negative, default=0, metavar="N",
                    help="max_graph_depth: calls nested deeper than N are not graphed (0: no limit)")
+    p.add_argument("--funcgraph-proc", action="store_true",
+                   help="trace option funcgraph-proc: a TASK/PID (comm-pid) column on every line")
 
 
 def wanted(args) -> bool:
     return bool(getattr(args, "function_graph", False) or getattr(args, "graph_filter", None)
-                or getattr(args, "max_graph_depth", 0))
+                or getattr(args, "max_graph_depth", 0) or getattr(args, "funcgraph_proc", False))
 
 
 class GraphReport:
@@ -288,11 +332,13 @@ class GraphReport:
         filters = [f for spec in getattr(args, "graph_filter", None) or []
                    for f in spec.split(",") if f]
         self.out = out
-        self.tracer = FunctionGraphTracer(machine, out, filters, getattr(args, "max_graph_depth", 0))
+        proc = bool(getattr(args, "funcgraph_proc", False))
+        self.tracer = FunctionGraphTracer(machine, out, filters, getattr(args, "max_graph_depth", 0),
+                                          proc)
         if not self.tracer.enabled_sites:
             raise UsageError("--function-graph: the guest has no ftrace site (build with -pg "
                              "-mfentry -mnop-mcount / -fpatchable-function-entry=2)")
-        out.write(graph_header())
+        out.write(graph_header(proc))
 
     def report(self, _out: IO[str]) -> None:
         self.tracer.flush()
