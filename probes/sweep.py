@@ -749,7 +749,7 @@ def _sha256(path: str) -> str:
 def _plan_key(cfg: SweepConfig, sha: str) -> str:
     """A digest of the binary and every input that changes verdicts (not jobs or paths)."""
     inputs = [sha, cfg.arch, cfg.bare, cfg.argv, hashlib.sha256(cfg.stdin).hexdigest(),
-              cfg.timeout, cfg.max_insns, cfg.fs_root, cfg.fs_writable, cfg.seed, cfg.mode]
+              cfg.timeout, cfg.max_insns, cfg.fs_root, cfg.fs_writable, cfg.seed, cfg.cpus, cfg.mode]
     return hashlib.sha256(repr(inputs).encode()).hexdigest()[:16]
 
 
