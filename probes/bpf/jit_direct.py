@@ -82,6 +82,18 @@ def direct_eligible(prog: "BpfProg") -> str | None:
     return None
 
 
+def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
+    """The pt_regs offsets any of ``progs`` can read (the verifier's record), or None when
+    one of them may read anywhere: the thunk writes only these slots of its frame."""
+    out: set[int] = set()
+    for prog in progs:
+        prog.ensure_loaded()
+        if prog.ctx_reads is None:
+            return None
+        out |= prog.ctx_reads
+    return frozenset(out)
+
+
 @dataclass
 class Thunk:
     probe: "Kprobe"
@@ -149,7 +161,8 @@ class DirectCalls:
         ip = p.addr + self._ip_offset()
         try:
             code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
-                                                         counters, jit.stack_top)
+                                                         counters, jit.stack_top,
+                                                         frame_slots(progs))
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             self._free.append(at)
             self.refused[p.addr] = f"thunk: {e}"
