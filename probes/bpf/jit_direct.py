@@ -15,7 +15,14 @@ trampoline), tail call, callx, LD_ABS or exception-table load. Anything else kee
 host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
 words and folded into the host's counters whenever a run stops; the map values the images
 wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
-A change of an event's programs sends its probes back to the host path."""
+A change of an event's programs sends its probes back to the host path.
+
+The frame holds what the programs can read and what must come back: the slots the verifier
+saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers
+the thunk and the images may change (THUNK_CLOBBERS in the arch's opt.py; the images keep
+the callee-saved ones themselves). The rest of pt_regs is never read, so it is not written:
+each guest store is Unicorn's slow path (its dirty-page tracking is stubbed, so every store
+checks the page for translated code: ~30-50 ns), and stores were most of a hit's cost."""
 from __future__ import annotations
 
 import struct
