@@ -155,3 +155,38 @@ def test_every_register_comes_back_with_helpers_in_the_program(arch) -> None:
     assert p.addr in direct_calls_of(lab.machine).thunks
     assert got == _plain(arch)
     assert counts.lookup(8) is not None
+
+
+# --- what the verifier records (BpfProg.ctx_reads), which sizes the thunk's frame ---
+
+def _ctx_reads(text: str) -> set[int] | None:
+    prog = BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="reads", license="GPL", ctx_size=KPROBE_CTX_SIZE["x86_64"])
+    prog.ensure_loaded()
+    return prog.ctx_reads
+
+
+def test_constant_context_loads_are_recorded_by_slot() -> None:
+    assert _ctx_reads("ldxdw r2, [r1+112]\nldxw r3, [r1+4]\nmov r0, 0\nexit") == {112, 0}
+    assert _ctx_reads("mov r6, r1\nadd r6, 16\nldxdw r2, [r6+8]\nmov r0, 0\nexit") == {24}
+    assert _ctx_reads("mov r0, 0\nexit") == set()
+
+
+def test_a_context_pointer_given_to_a_helper_means_any_slot() -> None:
+    text = "mov r3, r1\nmov r1, r10\nadd r1, -8\nmov r2, 8\ncall 113\nmov r0, 0\nexit"
+    assert _ctx_reads(text) is None
+
+
+def test_a_load_through_a_pointer_of_unknown_kind_means_any_slot() -> None:
+    text = """
+        stdw [r10-8], 0
+        ldxdw r2, [r1+0]
+        mov r3, r10
+        add r3, -8
+        jeq r2, 0, +1
+        mov r3, r1
+        ldxdw r4, [r3+0]
+        mov r0, 0
+        exit
+    """
+    assert _ctx_reads(text) is None
