@@ -104,9 +104,10 @@ class ArchOptprobes(Protocol):
     def free_optimized_kprobe(self, p: "Kprobe") -> None:
         """arch_remove_optimized_kprobe: the detour is freed."""
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int) -> bytes:
+                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
         """The optprobe template with trace_call_bpf inlined, placed at `at` (probes/bpf/
-        jit_direct.py); raises OptimizeRefused if `at` cannot be reached from the probe."""
+        jit_direct.py), writing the frame `slots` its programs read (None: all); raises
+        OptimizeRefused if `at` cannot be reached from the probe."""
 
 
 class ArchFtrace(Protocol):

@@ -2,8 +2,10 @@
 
 Registers as the kernel maps them: r0 x7, r1-r5 x0-x4, r6-r9 x19-x22, the frame pointer
 x25, AX x9; x10-x13 are scratch. Prologue ``stp x29, x30, [sp, #-16]!; mov x29, sp``,
-the callee-saved pairs, ``mov x25, sp; sub sp, sp, #512``; the epilogue undoes it and
-ends ``mov x0, x7; ret``. A helper returns in x0 and the JIT copies it to x7.
+then, as find_used_callee_regs does since Linux 6.12, only the callee-saved registers the
+function uses (x19-x22 for r6-r9, and x25) in pairs, ``mov x25, sp; sub sp, sp, #512``;
+the epilogue undoes it and ends ``mov x0, x7; ret``. (The kernel keeps the tail-call count
+on the stack through x26; here it is a word in the JIT's data page, so x26 is left alone.) A helper returns in x0 and the JIT copies it to x7.
 
 Constants are built with MOVZ/MOVN/MOVK encoded here (emit_a64_mov_i64); the other
 straight instructions go through keystone (exact, cached); branches (B, BL, B.cond,
@@ -33,6 +35,15 @@ if TYPE_CHECKING:
     from emu.machine import Machine
 
 REGS = ("x7", "x0", "x1", "x2", "x3", "x4", "x19", "x20", "x21", "x22", "x25", "x9")
+ALL_CALLEE = frozenset(range(6, 10))
+
+
+def _callee_pairs(used: frozenset[int]) -> list[tuple[str, str]]:
+    """find_used_callee_regs (Linux 6.12+): x19-x22 for the r6-r9 the function names, then
+    the BPF frame pointer x25 (this JIT always sets it up), pushed in pairs, an odd one
+    with xzr to keep sp 16-byte aligned."""
+    regs = [REGS[r] for r in (6, 7, 8, 9) if r in used] + ["x25"]
+    return [(regs[i], regs[i + 1] if i + 1 < len(regs) else "xzr") for i in range(0, len(regs), 2)]
 _COND = {"eq": 0, "ne": 1, "hs": 2, "lo": 3, "mi": 4, "pl": 5, "vs": 6, "vc": 7, "hi": 8,
          "ls": 9, "ge": 10, "lt": 11, "gt": 12, "le": 13}
 _JCC = {BPF_JEQ: "eq", BPF_JNE: "ne", BPF_JGT: "hi", BPF_JGE: "hs", BPF_JLT: "lo",
@@ -134,17 +145,19 @@ class Arm64Jit:
         return sp
 
     # -- frame --
-    def prologue(self, used: frozenset[int] = frozenset()) -> list[Piece]:
-        return [asm("stp x29, x30, [sp, #-16]!; mov x29, sp; stp x19, x20, [sp, #-16]!; "
-                    "stp x21, x22, [sp, #-16]!; stp x25, x26, [sp, #-16]!; mov x25, sp; "
+    def prologue(self, used: frozenset[int] = ALL_CALLEE) -> list[Piece]:
+        """build_prologue with push_callee_regs: the frame record, then only the
+        callee-saved registers the function uses (find_used_callee_regs), in pairs."""
+        pushes = "".join(f"stp {a}, {b}, [sp, #-16]!; " for a, b in _callee_pairs(used))
+        return [asm(f"stp x29, x30, [sp, #-16]!; mov x29, sp; {pushes}mov x25, sp; "
                     f"sub sp, sp, #{MAX_BPF_STACK}")]
 
-    def teardown(self) -> bytes:
-        return asm(f"add sp, sp, #{MAX_BPF_STACK}; ldp x25, x26, [sp], #16; "
-                   "ldp x21, x22, [sp], #16; ldp x19, x20, [sp], #16; ldp x29, x30, [sp], #16")
+    def teardown(self, used: frozenset[int] = ALL_CALLEE) -> bytes:
+        pops = "".join(f"ldp {a}, {b}, [sp], #16; " for a, b in reversed(_callee_pairs(used)))
+        return asm(f"add sp, sp, #{MAX_BPF_STACK}; {pops}ldp x29, x30, [sp], #16")
 
-    def epilogue(self, used: frozenset[int] = frozenset()) -> list[Piece]:
-        return [self.teardown() + asm("mov x0, x7; ret")]
+    def epilogue(self, used: frozenset[int] = ALL_CALLEE) -> list[Piece]:
+        return [self.teardown(used) + asm("mov x0, x7; ret")]
 
     # -- instructions --
     def insn(self, c: InsnCtx) -> list[Piece]:
@@ -349,7 +362,7 @@ class Arm64Jit:
         skip = object()
         return [mov_imm("x10", c.value) + asm(f"ldr w11, [x10]; cmp w11, #{MAX_TAIL_CALL_CNT}"),
                 Branch("jcc", skip, "hs"), Branch("call", c.stub), Branch("cbz", skip, reg="x9"),
-                asm("ldr w11, [x10]; add w11, w11, #1; str w11, [x10]") + self.teardown()
+                asm("ldr w11, [x10]; add w11, w11, #1; str w11, [x10]") + self.teardown(c.used)
                 + asm("br x9"), Mark(skip)]
 
     def _exit(self, c: InsnCtx) -> list[Piece]:

@@ -15,7 +15,14 @@ trampoline), tail call, callx, LD_ABS or exception-table load. Anything else kee
 host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
 words and folded into the host's counters whenever a run stops; the map values the images
 wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
-A change of an event's programs sends its probes back to the host path."""
+A change of an event's programs sends its probes back to the host path.
+
+The frame holds what the programs can read and what must come back: the slots the verifier
+saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers
+the thunk and the images may change (THUNK_CLOBBERS in the arch's opt.py; the images keep
+the callee-saved ones themselves). The rest of pt_regs is never read, so it is not written:
+each guest store is Unicorn's slow path (its dirty-page tracking is stubbed, so every store
+checks the page for translated code: ~30-50 ns), and stores were most of a hit's cost."""
 from __future__ import annotations
 
 import struct
@@ -80,6 +87,18 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if type(_map_in_r1(prog, insns, targets, i)) is not ArrayMap:
                 return f"insn {i}: map lookup not inlined"
     return None
+
+
+def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
+    """The pt_regs offsets any of ``progs`` can read (the verifier's record), or None when
+    one of them may read anywhere: the thunk writes only these slots of its frame."""
+    out: set[int] = set()
+    for prog in progs:
+        prog.ensure_loaded()
+        if prog.ctx_reads is None:
+            return None
+        out |= prog.ctx_reads
+    return frozenset(out)
 
 
 @dataclass
@@ -149,7 +168,8 @@ class DirectCalls:
         ip = p.addr + self._ip_offset()
         try:
             code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
-                                                         counters, jit.stack_top)
+                                                         counters, jit.stack_top,
+                                                         frame_slots(progs))
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             self._free.append(at)
             self.refused[p.addr] = f"thunk: {e}"

@@ -50,6 +50,8 @@ class BpfProg:
     ctx_size: int | None = None   # context bytes for the target arch (kprobe: its pt_regs)
     max_ctx_offset: int = 0       # aux->max_ctx_offset: the verifier's highest ctx byte + 1
     max_tp_access: int = 0        # aux->max_tp_access: the same for a tracepoint's buffer
+    # context byte offsets (8-byte slots) the verifier saw read; None: unknown, any of them
+    ctx_reads: set[int] | None = field(default=None, repr=False)
     loaded: bool = False
     _compiled: Any = field(default=None, repr=False)
 

@@ -158,6 +158,8 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
     kind = ptr.type
     if kind not in _MEMORY:
         raise _Refuse(f"R{reg} invalid mem access '{kind}'")
+    if kind in (T.PTR_TO_CTX, T.UNKNOWN):
+        _note_ctx(env, ptr, off, size)
     if kind == T.PTR_TO_STACK and ptr.val is not None:
         start = ptr.val + off
         if start < -MAX_BPF_STACK or start + size > 0:
@@ -198,6 +200,20 @@ def _check_mem(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int, write:
             start = ptr.val + off     # the type's is_valid_access: in bounds, size-aligned
             if start < info.ctx_min or start + size > limit or (direct and start % size):
                 raise _Refuse(f"invalid bpf_context access off={start} size={size}")
+
+
+def _note_ctx(env: VerifierEnv, ptr: Reg, off: int, size: int) -> None:
+    """Record the 8-byte context slots the program can read (BpfProg.ctx_reads); an
+    access the verifier cannot place (a variable offset, a pointer of unknown kind) means
+    any of them. An optprobe thunk writes only these slots of its pt_regs frame."""
+    reads = env.prog.ctx_reads
+    if reads is None:
+        return
+    if ptr.type != T.PTR_TO_CTX or ptr.val is None:
+        env.prog.ctx_reads = None
+        return
+    start = ptr.val + off
+    reads.update(range(start & ~7, start + size, 8))
 
 
 def _check_tp_buffer(env: VerifierEnv, ptr: Reg, reg: int, off: int, size: int) -> None:
@@ -391,6 +407,8 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
     for idx, kind in enumerate(proto.args):
         reg = idx + 1
         r = _read(st, reg) if kind != A.ARG_DONTCARE else NOT_INIT
+        if r.type in (T.PTR_TO_CTX, T.UNKNOWN):
+            env.prog.ctx_reads = None      # a helper may read the context anywhere
         if kind == A.ARG_CONST_MAP_PTR:
             if r.type == T.CONST_PTR_TO_MAP:
                 the_map = r.ref  # type: ignore[assignment]
@@ -628,6 +646,7 @@ def verify(prog: "BpfProg", log_level: int = 0) -> str:
     if log_level >= 1:
         log.extend(_listing(cfg))
     env = VerifierEnv(prog, cfg, log, lenient)
+    prog.ctx_reads = set()
     try:
         do_check(env)
     except _AtInsn as e:

@@ -148,11 +148,11 @@ class Arm64Optprobes:
         self.breakpoint = machine.arch.breakpoint
 
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int) -> bytes:
+                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
         assert p.addr is not None and p.ainsn.optinsn is not None
         b_insn(p.addr, at)                                  # reachable from the probe
         return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
-                         self.m.reg("pstate"), stack)
+                         self.m.reg("pstate"), stack, slots)
 
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
@@ -218,36 +218,64 @@ def _movq(r: str, value: int) -> str:
     return out
 
 
+# What a thunk and the images it calls may change: the JIT's BPF r0-r5 (x7, x0-x4), AX and
+# scratch (x9-x13), the thunk's own x16 (blr target), x19 (the frame) and x20 (NZCV) and x30
+# (blr). The images keep x19-x28 and x29 themselves (their prologue), as AAPCS64 asks.
+THUNK_CLOBBERS = frozenset({0, 1, 2, 3, 4, 7, 9, 10, 11, 12, 13, 16, 19, 20, 30})
+
+
+def _frame_ops(op: str, regs: list[int]) -> str:
+    """stp/ldp for neighbouring registers, str/ldr for the rest, at their pt_regs slots."""
+    out, k = "", 0
+    while k < len(regs):
+        i = regs[k]
+        if k + 1 < len(regs) and regs[k + 1] == i + 1:
+            out += f"{op}p x{i}, x{i + 1}, [sp, #{8 * i}]; "
+            k += 2
+        else:
+            out += f"{op}r x{i}, [sp, #{8 * i}]; "
+            k += 1
+    return out
+
+
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
-              resume: int, pstate: int, stack: int) -> bytes:
+              resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
-    `pstate`'s other bits, syscallno = -1) is saved on the guest stack; if the
-    bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
-    `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
-    `stack`) with x0 = the frame (x19, callee-saved in the JIT, keeps it); else a miss is
-    counted at `counters + 8`.
-    Every register and NZCV come back, then `b resume`. Every register and NZCV
-    come back from the frame, then `b resume`."""
+    `pstate`'s other bits, syscallno = -1) on the guest stack; if the bpf_prog_active word
+    at `active` is 0 it is taken, the hit counted in the u64 at `counters`, and each JITed
+    image in `entries` called on the BPF layer's stack (top `stack`) with x0 = the frame
+    (x19, callee-saved in the JIT, keeps it); else a miss is counted at `counters + 8`.
+    Every register the thunk and the images may change and NZCV come back, then
+    `b resume`.
+
+    `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
+    those and the registers to restore are written: a guest store is Unicorn's slow path
+    (~30-50 ns each: its dirty-page tracking is stubbed, so every store checks for code),
+    which is most of a hit's cost; a slot no program reads cannot be observed."""
     from probes.arch.arm64.ptrace import PT_REGS_SIZE, SYSCALLNO_OFF
     from probes.bpf.jit_arm64 import _KS
 
-    save = "".join(f"stp x{i}, x{i + 1}, [sp, #{8 * i}]; " for i in range(0, 30, 2))
-    load = "".join(f"ldp x{i}, x{i + 1}, [sp, #{8 * i}]; " for i in range(0, 30, 2))
+    def wanted(off: int) -> bool:
+        return slots is None or any(off <= s < off + 8 for s in slots)
+
+    regs = sorted(THUNK_CLOBBERS | {i for i in range(31) if wanted(8 * i)})
     calls = "".join(f"mov x0, x19; {_movq('x16', e)}blr x16; " for e in entries)
-    tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8))
+    tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8) if wanted(o))
     # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
     # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
     # condition sets it back from one of 16 immediates.
     nzcv = ("cset x0, mi; cset x1, eq; cset x2, hs; cset x3, vs; orr x0, x1, x0, lsl #1; "
             "orr x0, x2, x0, lsl #1; orr x20, x3, x0, lsl #1; ")
     table = "".join(f"ccmp xzr, xzr, #{k}, ne; b done; " for k in range(16))
-    text = (f"sub sp, sp, #{PT_REGS_SIZE}; {save}str x30, [sp, #240]; {nzcv}"
-            f"add x0, sp, #{PT_REGS_SIZE}; str x0, [sp, #248]; "
-            f"{_movq('x0', ip)}str x0, [sp, #256]; "
-            f"{_movq('x1', pstate & 0x0FFFFFFF)}orr x0, x1, x20, lsl #28; str x0, [sp, #264]; "
-            f"str xzr, [sp, #272]; movn w0, #0; str w0, [sp, #{SYSCALLNO_OFF}]; "
-            f"str wzr, [sp, #{SYSCALLNO_OFF + 4}]; {tail}"
+    special = ((f"add x0, sp, #{PT_REGS_SIZE}; str x0, [sp, #248]; " if wanted(248) else "")
+               + (f"{_movq('x0', ip)}str x0, [sp, #256]; " if wanted(256) else "")
+               + (f"{_movq('x1', pstate & 0x0FFFFFFF)}orr x0, x1, x20, lsl #28; "
+                  "str x0, [sp, #264]; " if wanted(264) else "")
+               + ("str xzr, [sp, #272]; " if wanted(272) else "")
+               + (f"movn w0, #0; str w0, [sp, #{SYSCALLNO_OFF}]; "
+                  f"str wzr, [sp, #{SYSCALLNO_OFF + 4}]; " if wanted(SYSCALLNO_OFF) else ""))
+    text = (f"sub sp, sp, #{PT_REGS_SIZE}; {_frame_ops('st', regs)}{nzcv}{special}{tail}"
             f"{_movq('x1', active)}{_movq('x3', counters)}ldr w2, [x1]; cbnz w2, miss; "
             "mov w2, #1; str w2, [x1]; ldr x2, [x3]; add x2, x2, #1; str x2, [x3]; "
             f"mov x19, sp; {_movq('x16', stack)}mov sp, x16; {calls}mov sp, x19; "
@@ -255,7 +283,7 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
             "miss: ldr x2, [x3, #8]; add x2, x2, #1; str x2, [x3, #8]; "
             "restore: adr x1, table; add x1, x1, x20, lsl #3; cmp x1, x1; br x1; "
             f"table: {table}"
-            f"done: {load}ldr x30, [sp, #240]; add sp, sp, #{PT_REGS_SIZE}; b #{resume:#x}")
+            f"done: {_frame_ops('ld', regs)}add sp, sp, #{PT_REGS_SIZE}; b #{resume:#x}")
     for _ in range(3):            # keystone's arm64 parser occasionally fails once
         try:
             enc, _n = _KS.asm(text, at)

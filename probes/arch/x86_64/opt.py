@@ -60,10 +60,10 @@ class X86Optprobes:
         self.breakpoint = machine.arch.breakpoint
 
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int) -> bytes:
+                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
         assert p.ainsn.optinsn is not None
         return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
-                         self.m.reg("cs"), self.m.reg("ss"), stack)
+                         self.m.reg("cs"), self.m.reg("ss"), stack, slots)
 
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
@@ -177,38 +177,55 @@ class X86Optprobes:
 RED_ZONE = 128                       # the SysV user stack below rsp a leaf may use
 
 
+# What a thunk and the images it calls may change: the JIT's BPF r0-r5 (rax, rdi, rsi, rdx,
+# rcx, r8), AX and scratch (r10, r11, r9) and the thunk's rbx (the frame). The images keep
+# rbp, rbx and r12-r15 themselves (their prologue), as the SysV ABI asks.
+THUNK_CLOBBERS = frozenset({"rax", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10", "r11", "rbx"})
+
+
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
-              resume: int, cs: int, ss: int, stack: int) -> bytes:
+              resume: int, cs: int, ss: int, stack: int,
+              slots: frozenset[int] | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
-    pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) is saved on the guest stack;
-    if the bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
+    pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) on the guest stack; if the
+    bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
     `counters`, and each JITed image in `entries` called on the BPF layer's stack (top
     `stack`, as the kernel runs programs on its own stack, not the probed code's) with
     rdi = the frame (rbx, callee-saved in the JIT, keeps it); else a miss is counted at
-    `counters + 8`. Every register and the flags come back from the
-    frame, then `jmp resume` (the detour's relocated copies)."""
+    `counters + 8`. The registers the thunk and the images may change and the flags come
+    back from the frame, then `jmp resume` (the detour's relocated copies).
+
+    `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
+    those and the registers to restore are written: a guest store is Unicorn's slow path
+    (~30-50 ns each: its dirty-page tracking is stubbed, so every store checks for code),
+    which is most of a hit's cost; a slot no program reads cannot be observed. pushfq and
+    popfq move the flags straight to and from their slot."""
     from probes.arch.x86_64.ptrace import PT_REGS_FIELDS, PT_REGS_SIZE
     from probes.bpf.jit_x86_64 import _KS
 
     off = {n: 8 * i for i, n in enumerate(PT_REGS_FIELDS)}
-    frame = RED_ZONE + PT_REGS_SIZE
-    gprs = [n for n in PT_REGS_FIELDS if n not in ("orig_ax", "rip", "cs", "rflags", "rsp", "ss")]
+
+    def wanted(name: str) -> bool:
+        return slots is None or any(off[name] <= s < off[name] + 8 for s in slots)
+
+    frame, fl = RED_ZONE + PT_REGS_SIZE, off["rflags"]
+    gprs = [n for n in PT_REGS_FIELDS if n not in ("orig_ax", "rip", "cs", "rflags", "rsp", "ss")
+            and (n in THUNK_CLOBBERS or wanted(n))]
     save = "".join(f"mov [rsp + {off[r]}], {r}; " for r in gprs)
     calls = "".join(f"mov rdi, rbx; movabs rax, {e:#x}; call rax; " for e in entries)
-    text = (f"lea rsp, [rsp - {frame}]; {save}"
-            f"pushfq; pop rax; mov [rsp + {off['rflags']}], rax; "
-            f"mov qword ptr [rsp + {off['orig_ax']}], -1; "
-            f"movabs rax, {ip:#x}; mov [rsp + {off['rip']}], rax; "
-            f"mov qword ptr [rsp + {off['cs']}], {cs:#x}; "
-            f"mov qword ptr [rsp + {off['ss']}], {ss:#x}; "
-            f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "
+    special = ((f"mov qword ptr [rsp + {off['orig_ax']}], -1; " if wanted("orig_ax") else "")
+               + (f"movabs rax, {ip:#x}; mov [rsp + {off['rip']}], rax; " if wanted("rip") else "")
+               + (f"mov qword ptr [rsp + {off['cs']}], {cs:#x}; " if wanted("cs") else "")
+               + (f"mov qword ptr [rsp + {off['ss']}], {ss:#x}; " if wanted("ss") else "")
+               + (f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "
+                  if wanted("rsp") else ""))
+    text = (f"lea rsp, [rsp - {frame - fl - 8}]; pushfq; lea rsp, [rsp - {fl}]; {save}{special}"
             f"movabs rax, {active:#x}; movabs rcx, {counters:#x}; "
             "cmp dword ptr [rax], 0; jne miss; mov dword ptr [rax], 1; inc qword ptr [rcx]; "
             f"mov rbx, rsp; movabs rsp, {stack:#x}; {calls}mov rsp, rbx; "
             f"movabs rax, {active:#x}; mov dword ptr [rax], 0; jmp restore; "
             "miss: inc qword ptr [rcx + 8]; "
-            f"restore: push qword ptr [rsp + {off['rflags']}]; popfq; "
-            + "".join(f"mov {r}, [rsp + {off[r]}]; " for r in gprs)
-            + f"lea rsp, [rsp + {frame}]; jmp {resume:#x}")
+            + "restore: " + "".join(f"mov {r}, [rsp + {off[r]}]; " for r in gprs)
+            + f"lea rsp, [rsp + {fl}]; popfq; lea rsp, [rsp + {frame - fl - 8}]; jmp {resume:#x}")
     enc, _ = _KS.asm(text, at)
     return bytes(enc or b"")
