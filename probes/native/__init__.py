@@ -422,8 +422,10 @@ def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
     if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
         return False
     rec.orig, rec.orig_data = slots[0], slots[1]
-    slots[1] = ctypes.addressof(rec)
-    slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    for h in m.hooks.handles_of(handle):        # the same hook on every vCPU's Uc
+        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
+        slots[1] = ctypes.addressof(rec)
+        slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
     return True
 
 
@@ -479,8 +481,10 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     clock.__dict__.pop("by_reason", None)
     clock.__dict__.pop("acc", None)
     d.mirror_costs()
-    slots[1] = ctypes.addressof(st)
-    slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
+    for h in m.hooks.handles_of(handle):        # the same hook on every vCPU's Uc
+        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
+        slots[1] = ctypes.addressof(st)
+        slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
     m.stop_listeners.append(d.fold_counts)
     _watch_stops(m, d)
     m.hooks._keep.append(d)
@@ -492,15 +496,18 @@ def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
     the Python hook, which ignores traps after a stop; cleared when the run returns."""
     flag = d.stopping
     d.st.stopping = ctypes.addressof(flag)
-    uc_stop = m.uc.emu_stop
 
-    def emu_stop() -> None:
-        flag.value = 1
-        uc_stop()
+    def watch(uc: Any) -> None:                 # every vCPU's Uc
+        uc_stop = uc.emu_stop
+
+        def emu_stop() -> None:
+            flag.value = 1
+            uc_stop()
+        uc.emu_stop = emu_stop
 
     def run_returned() -> None:
         flag.value = 0
-    m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
+    m.for_each_uc(watch)
     m.stop_listeners.append(run_returned)
     d.run_returned = run_returned
 
