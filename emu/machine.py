@@ -218,9 +218,13 @@ class Machine:
             self.handoffs += 1
             self._handoff = pc_bias if uc is not running and self._syscall_insn else 0
 
-    def flush_code(self, start: int, end: int) -> None:
-        """Drop translated code of [start, end) on every CPU (text_poke_sync's IPI)."""
-        self.memory.remove_cache(start, end)
+    def flush_code(self, start: int, end: int, cpu: int | None = None) -> None:
+        """Drop translated code of [start, end) on every CPU, or on `cpu` only (its part
+        of text_poke_sync: the CPU serialises and runs the text as it is now)."""
+        if cpu is None:
+            self.memory.remove_cache(start, end)
+        else:
+            self.uc_of(cpu).ctl_remove_cache(start, end)
 
     def set_cpu(self, cpu: int) -> None:
         """Unicorn now holds vCPU `cpu`'s context: per-CPU state follows (smp_processor_id)."""
@@ -285,12 +289,14 @@ class Machine:
         return self.reg(self.arch.ret)
 
     # --- text -------------------------------------------------------------------------------
-    def text_poke(self, addr: int, data: bytes) -> bytes:
+    def text_poke(self, addr: int, data: bytes, sync: bool = True) -> bytes:
         """Write guest text and invalidate translated code for the range; returns the old
-        bytes. The only way any layer modifies code (unicorn-notes: TB cache rules 1-2)."""
+        bytes. The only way any layer modifies code (unicorn-notes: TB cache rules 1-2).
+        `sync=False`: only the current CPU drops its translations; the others keep running
+        what they translated until the caller syncs them (probes/text_poke.py)."""
         old = self.memory.read(addr, len(data))
         self.uc.mem_write(addr, bytes(data))
-        self.memory.remove_cache(addr, addr + len(data))
+        self.flush_code(addr, addr + len(data), None if sync else self.cpu)
         self.patches.append(Patch(addr, old, bytes(data)))
         for listener in self.text_listeners:
             listener(addr, len(data))
