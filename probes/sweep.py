@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Iterator, Protocol, cast
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, cast
 
 from emu.elf import ElfImage, load_elf
 from emu.linux.tasks import TurnUnit
@@ -447,10 +447,11 @@ def trace_baseline(cfg: SweepConfig, image: ElfImage, funcs: list[Symbol]) -> Tr
 
         def loaded(_uc, _access, addr, size, _value, _ud) -> None:
             read.update(range(addr, addr + size))
+        def watch_loads(lo: int, hi: int) -> Callable[[Any], object]:
+            return lambda uc: uc.hook_add(UC_HOOK_MEM_READ, loaded, None, lo, hi - 1)
         for lo, hi in ranges:
             m.hooks.code(saw, lo, hi - 1)
-            m.for_each_uc(lambda uc, lo=lo, hi=hi: uc.hook_add(UC_HOOK_MEM_READ, loaded, None,
-                                                               lo, hi - 1))
+            m.for_each_uc(watch_loads(lo, hi))
     _run(cfg, image, setup, observe=False)
     order = {a: i for i, a in enumerate(seen)}
     addrs = sorted(seen)
