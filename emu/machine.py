@@ -100,8 +100,10 @@ class Machine:
         _machines.add(self)
         self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
-        # One Uc per vCPU (set_nr_cpus); `uc` and `regs` are the current CPU's.
+        # One Uc per vCPU (set_nr_cpus), made when the CPU first runs; `uc` and `regs` are
+        # the current CPU's.
         self.ucs: list[Uc] = [self.uc]
+        self._cpu_ucs: dict[int, Uc] = {0: self.uc}
         self._uc_setups: list[Callable[[Uc], object]] = []
         self._handoff: int | None = None     # a run continues on another CPU's Uc (pc bias)
         self._syscall_insn = False           # inside a syscall instruction's hook
@@ -177,12 +179,19 @@ class Machine:
     # --- vCPUs ------------------------------------------------------------------------------
     def set_nr_cpus(self, n: int) -> None:
         """Give the machine `n` vCPUs, each its own Unicorn over the one guest memory (host
-        buffers every Uc maps, emu/memory.py). A new CPU starts as a copy of CPU 0's state
-        and gets every hook installed so far (RawHooks and `for_each_uc`). Call it before
-        layers patch hook internals (probes' native dispatcher): they see the Ucs of then."""
+        buffers every Uc maps, emu/memory.py, from now on). A CPU's Uc is made when the CPU
+        is first used (`uc_of`), so CPUs that never run cost nothing."""
         self.nr_cpus = n
-        while len(self.ucs) < n:
-            uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
+        if n > 1:
+            self.memory.share()
+
+    def uc_of(self, cpu: int) -> Uc:
+        """vCPU `cpu`'s Unicorn. A new one maps the memory, starts as a copy of CPU 0's
+        state and gets every hook installed so far (RawHooks, `for_each_uc`, which is how
+        layers that patch hook internals, the probes' native dispatcher, reach it too)."""
+        uc = self._cpu_ucs.get(cpu if self.nr_cpus > 1 else 0)
+        if uc is None:
+            uc = self._cpu_ucs[cpu] = Uc(self.arch.uc_arch, self.arch.uc_mode)
             uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
             self.memory.share_with(uc)
             uc.context_restore(self.ucs[0].context_save())
@@ -190,6 +199,7 @@ class Machine:
             self.hooks.add_uc(uc)
             for setup in self._uc_setups:
                 setup(uc)
+        return uc
 
     def for_each_uc(self, setup: Callable[[Uc], object]) -> None:
         """Run `setup(uc)` (a binding hook_add, say) on every CPU's Uc, now and on CPUs
@@ -197,9 +207,6 @@ class Machine:
         self._uc_setups.append(setup)
         for uc in self.ucs:
             setup(uc)
-
-    def uc_of(self, cpu: int) -> Uc:
-        return self.ucs[cpu] if len(self.ucs) > 1 else self.ucs[0]
 
     def use_cpu(self, cpu: int, pc_bias: int = 0) -> None:
         """Make vCPU `cpu`'s Uc the machine's (`uc`, `regs`) for a context switch onto it.

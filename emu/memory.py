@@ -167,15 +167,21 @@ class Memory:
             uc.ctl_remove_cache(start, end)
 
     # --- several Ucs over one memory -----------------------------------------------------
+    def share(self) -> None:
+        """From now on every mapping is a host buffer other Ucs can map: the memory the
+        first Uc owns moves into such buffers (contents kept). Not inside a run."""
+        if self._backing is not None:
+            return
+        self._backing = []
+        for begin, last, perms in sorted(self.uc.mem_regions()):
+            data = bytes(self.uc.mem_read(begin, last + 1 - begin))
+            self.uc.mem_unmap(begin, last + 1 - begin)
+            self._map_shared(begin, last + 1, perms, data)
+
     def share_with(self, uc: Uc) -> None:
-        """Map every mapping into another vCPU's `uc` too. The first time, the memory the
-        first Uc owns moves into host buffers (contents kept) that every Uc maps."""
-        if self._backing is None:
-            self._backing = []
-            for begin, last, perms in sorted(self.uc.mem_regions()):
-                data = bytes(self.uc.mem_read(begin, last + 1 - begin))
-                self.uc.mem_unmap(begin, last + 1 - begin)
-                self._map_shared(begin, last + 1, perms, data)
+        """Map every mapping into another vCPU's `uc` too, with its permissions."""
+        self.share()
+        assert self._backing is not None
         for b in self._backing:
             uc.mem_map_ptr(b.start, b.end - b.start, UC.UC_PROT_NONE, b.buf.addr + b.offset)
         for begin, last, perms in self.uc.mem_regions():

@@ -97,6 +97,12 @@ class RawHooks:
         for handle, (htype, fn, ud, begin, end, extra) in self._recipes.items():
             self._more[handle].append(_install(uc, htype, fn, ud, begin, end, extra))
 
+    def replay_as(self, handle: int, fn: int, user_data: int) -> None:
+        """Ucs added from now on get hook `handle` with the native callback `fn` and its
+        `user_data` (for a layer that swapped the callback in place on the Ucs of now)."""
+        htype, _fn, _ud, begin, end, extra = self._recipes[handle]
+        self._recipes[handle] = (htype, fn, user_data, begin, end, extra)
+
     def handles_of(self, handle: int) -> list[int]:
         """The hook's handles on every Uc, the first Uc's first."""
         return [handle, *self._more.get(handle, ())]

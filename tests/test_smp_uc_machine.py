@@ -35,7 +35,8 @@ def test_every_cpu_has_its_own_uc_over_one_memory(arch):
     m.memory.map(CODE, 0x4000, RWX, "text")
     m.memory.write(CODE + 0x3000, b"kept")              # written before the CPUs exist
     m.set_nr_cpus(3)
-    assert len(m.ucs) == 3 and len({id(uc) for uc in m.ucs}) == 3
+    assert len(m.ucs) == 1                              # a CPU's Uc is made when it runs
+    assert len({id(m.uc_of(cpu)) for cpu in range(3)}) == 3 and len(m.ucs) == 3
     assert bytes(m.ucs[2].mem_read(CODE + 0x3000, 4)) == b"kept"
     m.ucs[1].mem_write(CODE + 0x100, b"one")            # a store on one CPU ...
     assert bytes(m.ucs[0].mem_read(CODE + 0x100, 3)) == b"one"   # ... seen by the others
@@ -61,10 +62,11 @@ def test_hooks_are_on_every_cpu_and_a_run_uses_the_current_cpus_uc(arch):
     code = assemble(arch, src.format(v=1), CODE)
     m.memory.write(CODE, code)
     seen: list[tuple[str, int, bool]] = []
-    early = m.hooks.code(lambda a, _s: seen.append(("early", m.cpu, m.uc is m.ucs[m.cpu])),
+    early = m.hooks.code(lambda a, _s: seen.append(("early", m.cpu, m.uc is m.uc_of(m.cpu))),
                          CODE, CODE)
     m.set_nr_cpus(2)
-    m.hooks.block(lambda a, _s: seen.append(("late", m.cpu, m.uc is m.ucs[m.cpu])), CODE, CODE)
+    m.uc_of(1)
+    m.hooks.block(lambda a, _s: seen.append(("late", m.cpu, m.uc is m.uc_of(m.cpu))), CODE, CODE)
     assert len(m.hooks.handles_of(early)) == 2
     for cpu in (1, 0):
         m.use_cpu(cpu)

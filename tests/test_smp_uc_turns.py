@@ -35,7 +35,7 @@ def test_a_hit_runs_on_the_uc_of_the_cpu_that_hit(prog, arch):
     hits: dict[int, set[tuple[int, bool]]] = {}
 
     def pre(_p, _regs):
-        hits.setdefault(m.task[1], set()).add((m.cpu, m.uc is m.ucs[m.cpu]))
+        hits.setdefault(m.task[1], set()).add((m.cpu, m.uc is m.uc_of(m.cpu)))
         return 0
     kprobes_of(m).register_kprobe(Kprobe(symbol_name="work", pre_handler=pre))
     r = m.run(timeout=60)

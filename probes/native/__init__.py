@@ -422,11 +422,16 @@ def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
     if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
         return False
     rec.orig, rec.orig_data = slots[0], slots[1]
-    for h in m.hooks.handles_of(handle):        # the same hook on every vCPU's Uc
-        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
-        slots[1] = ctypes.addressof(rec)
-        slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    _swap_on_every_cpu(m, handle, ctypes.cast(fn, ctypes.c_void_p).value, ctypes.addressof(rec))
     return True
+
+
+def _swap_on_every_cpu(m: "Machine", handle: int, fn: Any, data: int) -> None:
+    """The hook's callback becomes C's on every vCPU's Uc, and on those made later."""
+    for h in m.hooks.handles_of(handle):
+        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
+        slots[1], slots[0] = data, fn
+    m.hooks.replay_as(handle, fn, data)
 
 
 def _installed(m: "Machine") -> NativeDispatch | None:
@@ -481,10 +486,8 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     clock.__dict__.pop("by_reason", None)
     clock.__dict__.pop("acc", None)
     d.mirror_costs()
-    for h in m.hooks.handles_of(handle):        # the same hook on every vCPU's Uc
-        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
-        slots[1] = ctypes.addressof(st)
-        slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
+    _swap_on_every_cpu(m, handle, ctypes.cast(lib.kn_hook, ctypes.c_void_p).value,
+                       ctypes.addressof(st))
     m.stop_listeners.append(d.fold_counts)
     _watch_stops(m, d)
     m.hooks._keep.append(d)
