@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -549,22 +550,22 @@ class Machine:
 
     def _emulate_on_cpus(self, start: int, end: int, timeout: float, count: int) -> None:
         """emu_start on the current CPU's Uc, and on the next one's after each hand-off
-        (use_cpu) with what is left of the limits."""
-        t0, retired0 = time.monotonic(), self._retired() if count else 0
+        (use_cpu) with what is left of the limits. With several CPUs a watchdog thread
+        keeps the timeout: Unicorn's own timer costs a thread per emu_start (~300 µs)."""
+        retired0 = self._retired() if count else 0
         outer, self._handoff = self._handoff, None
+        watchdog = _Watchdog(self, timeout) if timeout and self.nr_cpus > 1 else None
+        uc_timeout = 0 if watchdog else int(timeout * 1e6)
         try:
             while True:
                 uc = self.hooks.uc = self.uc
-                uc.emu_start(start, end, timeout=int(timeout * 1e6), count=count)
+                if watchdog is not None and watchdog.fired:
+                    return
+                uc.emu_start(start, end, timeout=uc_timeout, count=count)
                 bias, self._handoff = self._handoff, None
                 if bias is None or self._stop is not None or self.hooks.errors:
                     return
                 start = self.pc + bias
-                if timeout:
-                    timeout -= time.monotonic() - t0
-                    t0 = time.monotonic()
-                    if timeout <= 0:
-                        return
                 if count:
                     retired = self._retired()
                     count -= max(retired - retired0, 1)
@@ -574,6 +575,8 @@ class Machine:
         finally:
             self._handoff = outer
             self.hooks.uc = self.uc
+            if watchdog is not None:
+                watchdog.cancel()
 
     def _retired(self) -> int:
         """Instructions retired so far, as well as the clock knows (the cycle model counts
@@ -638,3 +641,27 @@ class Machine:
             return RunResult(StopReason.LIMIT, 124, f"instruction limit of {max_insns} reached "
                                                     f"at pc {self.describe(self.pc)}")
         return RunResult(StopReason.HALT, 0, "stopped")
+
+
+class _Watchdog:
+    """--timeout of a run on several CPUs' Ucs: past it, stop whichever Uc runs, again
+    every 10 ms (a stop that meets a Uc between two emu_starts is lost) until cancelled."""
+
+    def __init__(self, m: Machine, seconds: float) -> None:
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(m, seconds), daemon=True)
+        self._thread.start()
+
+    def _watch(self, m: Machine, seconds: float) -> None:
+        if self._done.wait(seconds):
+            return
+        self.fired = True
+        while True:
+            m.hooks.uc.emu_stop()
+            if self._done.wait(0.01):
+                return
+
+    def cancel(self) -> None:
+        self._done.set()
+        self._thread.join()

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_emu
 from emu.linux.tasks import TurnUnit
 from emu.loader import GuestConfig, load_guest
 from probes.kprobes import Kprobe, kprobes_of
@@ -78,3 +78,12 @@ def test_the_schedule_is_a_function_of_the_seed(prog):
     first = _turns(exe, True, TurnUnit.CYCLES, seed=1)
     assert _turns(exe, True, TurnUnit.CYCLES, seed=1) == first       # byte-identical
     assert _turns(exe, True, TurnUnit.CYCLES, seed=2)[1] != first[1]   # interleaves otherwise
+
+
+@pytest.mark.parametrize("cpus", ["2", "1"])
+def test_timeout_ends_a_run_on_several_cpus(prog, cpus):
+    """--timeout holds whether the run hands off between Ucs or not (a watchdog stops the
+    running Uc: Unicorn's own timer would cost a thread per hand-off)."""
+    r = run_emu("run", "--cpus", cpus, "--timeout", "0.5", str(prog("x86_64", TURNS)), "--",
+                "1000000000000")
+    assert r.rc == 124 and "wall-clock limit of 0.5 s reached" in r.err, (r.rc, r.err)
