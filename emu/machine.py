@@ -255,7 +255,7 @@ class Machine:
     def snapshot(self):
         """The whole machine's state now, between runs (emu/snapshot.py says what is kept)."""
         from emu.snapshot import SnapshotError, take
-        if len(self.ucs) > 1:
+        if self.nr_cpus > 1:        # its memory is host buffers several Ucs map
             raise SnapshotError("a machine with several vCPUs (one Unicorn each) cannot be "
                                 "snapshotted yet")
         return take(self)

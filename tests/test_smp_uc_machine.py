@@ -103,3 +103,10 @@ def test_translation_caches_are_per_cpu_until_each_syncs(arch):
     assert run_on(0) == 2
     m.text_poke(CODE, old[:len(old) - 3 * m.arch.insn_align])   # sync=True: every CPU at once
     assert (run_on(0), run_on(1)) == (1, 1)
+
+
+def test_a_machine_with_several_cpus_refuses_a_snapshot():
+    from emu.snapshot import SnapshotError
+    m = _machine("x86_64", 2)
+    with pytest.raises(SnapshotError, match="several vCPUs"):
+        m.snapshot()
