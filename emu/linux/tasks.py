@@ -131,8 +131,8 @@ class Scheduler:
         rng = random.Random(self.seed ^ 0x7A5C)
         self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
         self._turns = CpuTurns(self.seed) if self.nr_cpus > 1 else None
-        self._budget = self._turn()
         self._turn_end: int | None = None      # clock fp at which the CPU's turn ends
+        self._budget = self._turn()
         self.machine.set_nr_cpus(self.nr_cpus)
         self.last_ran: dict[int, int] = {0: self.pid}   # cpu -> tid it last ran (its rotation)
         self.machine.busy_cpus = self.busy_cpus
@@ -287,8 +287,9 @@ class Scheduler:
 
     def _turn(self) -> int:
         """Code bytes until the next switch: the quantum on one CPU. With several, a CPU's
-        turn ends at a clock value (`_turn_end`, modelled cycles); without a counting clock
-        (no C compiler) its cycles are counted as work-clock bytes instead."""
+        turn ends at a clock value (`_turn_end`, modelled cycles); in TurnUnit.CODE, or
+        without a clock that counts code (no C compiler), its cycles are counted as code
+        bytes at the work clock's rate instead."""
         if self._turns is None:
             return self.quantum
         cycles = self._turns.next()
