@@ -64,35 +64,59 @@ int main(void) {
 """
 
 
-def run(prog: Path, cpus: int, *args: str) -> tuple[float, int]:
-    """Host seconds and task switches of one in-process `emu run --cpus N`."""
+SOLO_C = r"""
+#include <stdio.h>
+int main(void) {
+    volatile unsigned long x = 0;
+    for (unsigned long i = 0; i < 20000000UL; i++) x += i ^ (x >> 3);
+    printf("%lu\n", x);
+    return 0;
+}
+"""
+
+
+def run(prog: Path, cpus: int, *args: str) -> tuple[float, int, int]:
+    """Host seconds, task switches and Uc hand-offs of one in-process `emu run --cpus N`."""
     dt, sched = run_emu_timed(["--cpus", str(cpus)], prog, args)
-    return dt, sched.switches
+    return dt, sched.switches, getattr(sched.machine, "handoffs", 0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="all", choices=["all", *CC])
+    ap.add_argument("--only", nargs="*", help="program names to run (default: all)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row (the best is shown)")
     args = ap.parse_args()
     arches = list(CC) if args.arch == "all" else [args.arch]
     with tempfile.TemporaryDirectory() as tmp:
-        busy_src = Path(tmp) / "busy.c"
-        busy_src.write_text(BUSY_C)
-        print(f"{'arch':7} {'program':12} {'cpus':>4} {'host s':>8} {'switches':>9}")
+        srcs = {"busy": BUSY_C, "solo": SOLO_C}
+        for name, text in srcs.items():
+            (Path(tmp) / f"{name}.c").write_text(text)
+        print(f"{'arch':7} {'program':12} {'cpus':>4} {'host s':>8} {'switches':>9} {'handoffs':>9}")
         for arch in arches:
             progs = {"pthreads": ROOT / "tests/data/threads/pthreads.c",
                      "spin": ROOT / "tests/data/threads/spin.c",
-                     "percpu": ROOT / "tests/data/smp/percpu.c", "busy": busy_src}
+                     "percpu": ROOT / "tests/data/smp/percpu.c",
+                     "busy": Path(tmp) / "busy.c", "solo": Path(tmp) / "solo.c"}
             built = {n: build(arch, src, Path(tmp) / f"{n}.{arch}") for n, src in progs.items()}
             if None in built.values():
                 print(f"{arch}: {CC[arch]} missing, skipped")
                 continue
-            for name, argv in (("pthreads", ("8",)), ("spin", ("4",)), ("percpu", ("5",)),
-                               ("busy", ())):
-                for cpus in (1, 2, 4):
-                    dt, sw = min(run(built[name], cpus, *argv) for _ in range(3))
-                    label = f"{name} {' '.join(argv) or '2'}"
-                    print(f"{arch:7} {label:12} {cpus:4d} {dt:8.2f} {sw:9d}", flush=True)
+            rows = (("pthreads", ("8",), (1, 2, 4)), ("spin", ("4",), (1, 2, 4)),
+                    ("percpu", ("5",), (1, 2, 4)), ("busy", (), (1, 2, 4)), ("solo", (), (1,)))
+            for name, argv, cpu_counts in rows:
+                if args.only and name not in args.only:
+                    continue
+                timed = {}
+                for cpus in cpu_counts:
+                    dt, sw, ho = timed[cpus] = min(run(built[name], cpus, *argv)
+                                                   for _ in range(args.repeat))
+                    label = f"{name} {' '.join(argv) or ('2' if name == 'busy' else '1')}"
+                    print(f"{arch:7} {label:12} {cpus:4d} {dt:8.2f} {sw:9d} {ho:9d}", flush=True)
+                if name == "busy":      # what a switch costs: the extra time per extra switch
+                    (t1, s1, _h1), (t2, s2, _h2) = timed[1], timed[2]
+                    print(f"{arch:7} busy: a CPU turn switch costs ~{(t2 - t1) / (s2 - s1) * 1e6:.0f} "
+                          f"µs of host time", flush=True)
 
 
 if __name__ == "__main__":

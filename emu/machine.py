@@ -1,5 +1,5 @@
-"""The machine: one Unicorn CPU, its memory, registers, the run loop and the one trap
-dispatcher every other layer registers with (as the kernel's break hooks).
+"""The machine: its Unicorn CPUs (one per vCPU, over one memory), registers, the run loop
+and the one trap dispatcher every other layer registers with (as the kernel's break hooks).
 
 The machine never imports `probes`: the probe layer registers break handlers keyed by
 the arch's trap code (arm64 BRK immediate; x86 int3) and writes text through
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ class Machine:
         _machines.add(self)
         self.uc = Uc(self.arch.uc_arch, self.arch.uc_mode)
         self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
+        # One Uc per vCPU (set_nr_cpus), made when the CPU first runs; `uc` and `regs` are
+        # the current CPU's.
+        self.ucs: list[Uc] = [self.uc]
+        self._cpu_ucs: dict[int, Uc] = {0: self.uc}
+        self._uc_setups: list[Callable[[Uc], object]] = []
+        self._handoff: int | None = None     # a run continues on another CPU's Uc (pc bias)
+        self._syscall_insn = False           # inside a syscall instruction's hook
+        self.handoffs = 0                    # runs handed from one CPU's Uc to another's
         self.regs = RegAccess(self.uc)
         self.hooks = RawHooks(self.uc)
         self.memory = Memory(self.uc)
@@ -145,7 +154,7 @@ class Machine:
         self._sp_id = self.arch.regs[self.arch.sp]
         self.arch.reset_cpu(self)
         self.arch.install_hooks(self)
-        self.uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid)
+        self.for_each_uc(lambda uc: uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid))
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
         self.clock.on_first_read = self._start_work_clock
         from emu.hwrng import GuestRandom
@@ -166,7 +175,64 @@ class Machine:
         if WorkClock.attach(self) is not None:
             for r in self.memory.regions:
                 if r.prot & PROT_EXEC:
-                    self.uc.ctl_remove_cache(r.start, r.end)
+                    self.memory.remove_cache(r.start, r.end)
+
+    # --- vCPUs ------------------------------------------------------------------------------
+    def set_nr_cpus(self, n: int) -> None:
+        """Give the machine `n` vCPUs, each its own Unicorn over the one guest memory (host
+        buffers every Uc maps, emu/memory.py, from now on). A CPU's Uc is made when the CPU
+        is first used (`uc_of`), so CPUs that never run cost nothing."""
+        self.nr_cpus = n
+        if n > 1:
+            self.memory.share()
+
+    def uc_of(self, cpu: int) -> Uc:
+        """vCPU `cpu`'s Unicorn. A new one maps the memory, starts as a copy of CPU 0's
+        state and gets every hook installed so far (RawHooks, `for_each_uc`, which is how
+        layers that patch hook internals, the probes' native dispatcher, reach it too)."""
+        uc = self._cpu_ucs.get(cpu if self.nr_cpus > 1 else 0)
+        if uc is None:
+            uc = self._cpu_ucs[cpu] = Uc(self.arch.uc_arch, self.arch.uc_mode)
+            uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
+            self.memory.share_with(uc)
+            uc.context_restore(self.ucs[0].context_save())
+            self.ucs.append(uc)
+            self.hooks.add_uc(uc)
+            for setup in self._uc_setups:
+                setup(uc)
+        return uc
+
+    def for_each_uc(self, setup: Callable[[Uc], object]) -> None:
+        """Run `setup(uc)` (a binding hook_add, say) on every CPU's Uc, now and on CPUs
+        added later, so every CPU runs with the same hooks."""
+        self._uc_setups.append(setup)
+        for uc in self.ucs:
+            setup(uc)
+
+    def use_cpu(self, cpu: int, pc_bias: int = 0) -> None:
+        """Make vCPU `cpu`'s Uc the machine's (`uc`, `regs`) for a context switch onto it.
+        Inside a run this is a hand-off: the Uc running now stops (a stop requested in a
+        block or syscall hook takes effect before any further instruction) and the run
+        goes on on this CPU's Uc at its pc + `pc_bias` when inside a syscall instruction's
+        hook (whose pc lags by the syscall's length, which the CPU adds after the hook)."""
+        uc = self.uc_of(cpu)
+        if uc is self.uc:
+            return
+        self.uc = uc
+        self.regs.retarget(uc)
+        if self._depth > 0:
+            running = self.hooks.uc
+            Uc.emu_stop(running)     # not a stop request: layers that wrap emu_stop see none
+            self.handoffs += 1
+            self._handoff = pc_bias if uc is not running and self._syscall_insn else 0
+
+    def flush_code(self, start: int, end: int, cpu: int | None = None) -> None:
+        """Drop translated code of [start, end) on every CPU, or on `cpu` only (its part
+        of text_poke_sync: the CPU serialises and runs the text as it is now)."""
+        if cpu is None:
+            self.memory.remove_cache(start, end)
+        else:
+            self.uc_of(cpu).ctl_remove_cache(start, end)
 
     def set_cpu(self, cpu: int) -> None:
         """Unicorn now holds vCPU `cpu`'s context: per-CPU state follows (smp_processor_id)."""
@@ -189,6 +255,8 @@ class Machine:
     def snapshot(self):
         """The whole machine's state now, between runs (emu/snapshot.py says what is kept)."""
         from emu.snapshot import take
+        for cpu in range(self.nr_cpus if self.nr_cpus > 1 else 0):
+            self.uc_of(cpu)         # every CPU's Uc, so a restore finds no Uc made since
         return take(self)
 
     def restore(self, snap) -> None:
@@ -228,12 +296,14 @@ class Machine:
         return self.reg(self.arch.ret)
 
     # --- text -------------------------------------------------------------------------------
-    def text_poke(self, addr: int, data: bytes) -> bytes:
+    def text_poke(self, addr: int, data: bytes, sync: bool = True) -> bytes:
         """Write guest text and invalidate translated code for the range; returns the old
-        bytes. The only way any layer modifies code (unicorn-notes: TB cache rules 1-2)."""
+        bytes. The only way any layer modifies code (unicorn-notes: TB cache rules 1-2).
+        `sync=False`: only the current CPU drops its translations; the others keep running
+        what they translated until the caller syncs them (probes/text_poke.py)."""
         old = self.memory.read(addr, len(data))
         self.uc.mem_write(addr, bytes(data))
-        self.uc.ctl_remove_cache(addr, addr + len(data))
+        self.flush_code(addr, addr + len(data), None if sync else self.cpu)
         self.patches.append(Patch(addr, old, bytes(data)))
         for listener in self.text_listeners:
             listener(addr, len(data))
@@ -307,7 +377,7 @@ class Machine:
         detour the caller wrote into the guest (never a probed address: probes trap).
         Returns a handle for remove_host_entry."""
         handle = self.hooks.entry(fn, addr)
-        self.uc.ctl_remove_cache(addr, addr + 1)     # a new hook on cached code (notes rule 3)
+        self.memory.remove_cache(addr, addr + 1)     # a new hook on cached code (notes rule 3)
         return handle
 
     def remove_host_entry(self, handle: int) -> None:
@@ -323,12 +393,19 @@ class Machine:
                 return
         self.stop_fault(Fault("breakpoint trap (no handler)", addr, None, SIGTRAP))
 
-    def on_syscall(self) -> None:
+    def on_syscall(self, insn_hook: bool = False) -> None:
+        """A system call. `insn_hook`: called from the syscall instruction's own hook, after
+        which the CPU steps past the instruction itself (a hand-off to another CPU's Uc
+        must then add that step for it; an emulated syscall adds it on its own)."""
         self.clock.charge(SYSCALL)
         if self.syscall_handler is None:
             self.stop_fault(Fault("system call with no OS (bare metal)", self.pc, None, SIGILL))
-        else:
+            return
+        outer, self._syscall_insn = self._syscall_insn, insn_hook
+        try:
             self.syscall_handler()
+        finally:
+            self._syscall_insn = outer
 
     def on_undefined(self, addr: int) -> None:
         self.stop_fault(Fault("undefined instruction", addr, None, SIGILL))
@@ -455,7 +532,7 @@ class Machine:
         left, count, waits = timeout, max_insns, 0
         retired0 = self._retired() if max_insns else 0
         while True:
-            self.uc.emu_start(start, end, timeout=int(left * 1e6), count=count)
+            self._emulate_on_cpus(start, end, left, count)
             if not self._resume_after_wait(end):
                 return
             if max_insns and not waits:
@@ -469,6 +546,36 @@ class Machine:
                 count = max_insns - max(self._retired() - retired0, waits)
                 if count <= 0:
                     return
+
+    def _emulate_on_cpus(self, start: int, end: int, timeout: float, count: int) -> None:
+        """emu_start on the current CPU's Uc, and on the next one's after each hand-off
+        (use_cpu) with what is left of the limits. With several CPUs a watchdog thread
+        keeps the timeout: Unicorn's own timer costs a thread per emu_start (~300 µs)."""
+        retired0 = self._retired() if count else 0
+        outer, self._handoff = self._handoff, None
+        watchdog = _Watchdog(self, timeout) if timeout and self.nr_cpus > 1 else None
+        uc_timeout = 0 if watchdog else int(timeout * 1e6)
+        try:
+            while True:
+                uc = self.hooks.uc = self.uc
+                if watchdog is not None and watchdog.fired:
+                    return
+                uc.emu_start(start, end, timeout=uc_timeout, count=count)
+                bias, self._handoff = self._handoff, None
+                if bias is None or self._stop is not None or self.hooks.errors:
+                    return
+                start = self.pc + bias
+                if count:
+                    retired = self._retired()
+                    count -= max(retired - retired0, 1)
+                    retired0 = retired
+                    if count <= 0:
+                        return
+        finally:
+            self._handoff = outer
+            self.hooks.uc = self.uc
+            if watchdog is not None:
+                watchdog.cancel()
 
     def _retired(self) -> int:
         """Instructions retired so far, as well as the clock knows (the cycle model counts
@@ -489,6 +596,11 @@ class Machine:
     def stopping(self) -> bool:
         """A stop (exit, fault, halt) was requested; the current block may still finish."""
         return self._stop is not None
+
+    @property
+    def nested(self) -> bool:
+        """True inside a run started from a hook of another (it must stay on its CPU)."""
+        return self._depth > 1
 
     @property
     def running(self) -> bool:
@@ -528,3 +640,27 @@ class Machine:
             return RunResult(StopReason.LIMIT, 124, f"instruction limit of {max_insns} reached "
                                                     f"at pc {self.describe(self.pc)}")
         return RunResult(StopReason.HALT, 0, "stopped")
+
+
+class _Watchdog:
+    """--timeout of a run on several CPUs' Ucs: past it, stop whichever Uc runs, again
+    every 10 ms (a stop that meets a Uc between two emu_starts is lost) until cancelled."""
+
+    def __init__(self, m: Machine, seconds: float) -> None:
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(m, seconds), daemon=True)
+        self._thread.start()
+
+    def _watch(self, m: Machine, seconds: float) -> None:
+        if self._done.wait(seconds):
+            return
+        self.fired = True
+        while True:
+            m.hooks.uc.emu_stop()
+            if self._done.wait(0.01):
+                return
+
+    def cancel(self) -> None:
+        self._done.set()
+        self._thread.join()

@@ -7,10 +7,17 @@ counts against one budget, `max_memory` (`emu run --max-memory`, default 4 GiB),
 RLIMIT_AS counts a process's address space: past it `map` raises `MemoryLimit`, which the
 syscalls turn into ENOMEM. Adjacent regions with the same permissions and name merge as
 the kernel merges VMAs, and, as vm.max_map_count, at most 65,530 regions exist, so
-thousands of small mmaps stay cheap."""
+thousands of small mmaps stay cheap.
+
+With several vCPUs (emu/smp.py) every CPU has its own Unicorn over one guest memory: each
+mapping is then a host buffer mapped into every Uc with `mem_map_ptr` (`share_with`), and
+map, unmap and protect apply to all of them. With one CPU, Unicorn owns the memory as
+before."""
 from __future__ import annotations
 
 import bisect
+import ctypes
+import mmap
 from dataclasses import dataclass
 
 from unicorn import UcError
@@ -60,11 +67,37 @@ class Region:
         return self.start <= addr < self.end
 
 
+class HostBuffer:
+    """Host memory behind one mapping when several Ucs share it; `refs` counts the guest
+    ranges still mapped over it (an unmap may split one)."""
+
+    def __init__(self, size: int) -> None:
+        self.mm = mmap.mmap(-1, size)
+        self._view = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(self._view)
+        self.refs = 0
+
+    def release(self) -> None:
+        del self._view
+        self.mm.close()
+
+
+@dataclass
+class Backing:
+    """[start, end) of guest memory lives at `buf.addr + offset`."""
+    start: int
+    end: int
+    buf: HostBuffer
+    offset: int
+
+
 class Memory:
-    """Page-granular guest mappings on one Unicorn instance."""
+    """Page-granular guest mappings on the machine's Unicorn (one per vCPU, sharing it)."""
 
     def __init__(self, uc: Uc, max_memory: int = DEFAULT_MAX_MEMORY) -> None:
-        self.uc = uc
+        self.uc = uc                      # reads and writes: any Uc sees the one memory
+        self.ucs: list[Uc] = [uc]
+        self._backing: list[Backing] | None = None   # host buffers once shared, by start
         self.regions: list[Region] = []   # sorted by start, non-overlapping
         self.max_memory = max_memory
         self.mapped_bytes = 0             # MMIO noted with note_region is not counted
@@ -81,7 +114,10 @@ class Memory:
         start, end = page_down(start), page_up(start + size)
         if self.mapped_bytes + (end - start) > self.max_memory or len(self.regions) >= MAX_MAP_COUNT:
             raise MemoryLimit(end - start, self.mapped_bytes, self.max_memory)
-        self.uc.mem_map(start, end - start, perms_to_uc(prot))
+        if self._backing is None:
+            self.uc.mem_map(start, end - start, perms_to_uc(prot))
+        else:
+            self._map_shared(start, end, perms_to_uc(prot), None)
         self.mapped_bytes += end - start
         self._insert(Region(start, end, prot, name))
 
@@ -106,7 +142,10 @@ class Memory:
         start, end = page_down(start), page_up(start + size)
         for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
-            self.uc.mem_unmap(lo, hi - lo)
+            for uc in self.ucs:
+                uc.mem_unmap(lo, hi - lo)
+            if self._backing is not None:
+                self._unback(lo, hi)
             self.mapped_bytes -= hi - lo
             self._split(r, lo, hi, None)
 
@@ -116,10 +155,81 @@ class Memory:
         start, end = page_down(start), page_up(start + size)
         for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
-            self.uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
+            for uc in self.ucs:
+                uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
             if r.prot & PROT_EXEC and not prot & PROT_EXEC:
-                self.uc.ctl_remove_cache(lo, hi)
+                self.remove_cache(lo, hi)
             self._split(r, lo, hi, prot)
+
+    def map_raw(self, start: int, end: int, perms: int) -> None:
+        """Map [start, end) with Unicorn `perms` on every Uc, zeroed, without touching the
+        named regions or the budget (a snapshot restore puts those back itself)."""
+        if self._backing is None:
+            self.uc.mem_map(start, end - start, perms)
+        else:
+            self._map_shared(start, end, perms, None)
+
+    def unmap_raw(self, start: int, end: int) -> None:
+        """Unmap [start, end) from every Uc (and its host buffer), regions untouched."""
+        for uc in self.ucs:
+            uc.mem_unmap(start, end - start)
+        if self._backing is not None:
+            self._unback(start, end)
+        self.remove_cache(start, end)
+
+    def remove_cache(self, start: int, end: int) -> None:
+        """Drop code translated from [start, end) on every CPU (each Uc has its own cache)."""
+        for uc in self.ucs:
+            uc.ctl_remove_cache(start, end)
+
+    # --- several Ucs over one memory -----------------------------------------------------
+    def share(self) -> None:
+        """From now on every mapping is a host buffer other Ucs can map: the memory the
+        first Uc owns moves into such buffers (contents kept). Not inside a run."""
+        if self._backing is not None:
+            return
+        self._backing = []
+        for begin, last, perms in sorted(self.uc.mem_regions()):
+            data = bytes(self.uc.mem_read(begin, last + 1 - begin))
+            self.uc.mem_unmap(begin, last + 1 - begin)
+            self._map_shared(begin, last + 1, perms, data)
+
+    def share_with(self, uc: Uc) -> None:
+        """Map every mapping into another vCPU's `uc` too, with its permissions."""
+        self.share()
+        assert self._backing is not None
+        for b in self._backing:
+            uc.mem_map_ptr(b.start, b.end - b.start, UC.UC_PROT_NONE, b.buf.addr + b.offset)
+        for begin, last, perms in self.uc.mem_regions():
+            uc.mem_protect(begin, last + 1 - begin, perms)
+        self.ucs.append(uc)
+
+    def _map_shared(self, start: int, end: int, perms: int, data: bytes | None) -> None:
+        assert self._backing is not None
+        buf = HostBuffer(end - start)
+        if data:
+            buf.mm[:len(data)] = data
+        for uc in self.ucs:
+            uc.mem_map_ptr(start, end - start, perms, buf.addr)
+        buf.refs = 1
+        bisect.insort(self._backing, Backing(start, end, buf, 0), key=lambda b: b.start)
+
+    def _unback(self, lo: int, hi: int) -> None:
+        """Forget [lo, hi) of the host buffers; a buffer nothing maps any more is freed."""
+        assert self._backing is not None
+        kept: list[Backing] = []
+        for b in self._backing:
+            if b.end <= lo or hi <= b.start:
+                kept.append(b)
+                continue
+            b.buf.refs -= 1
+            for s, e in ((b.start, lo), (hi, b.end)):
+                if s < e:
+                    kept.append(Backing(s, e, b.buf, b.offset + s - b.start))
+                    b.buf.refs += 1
+            if b.buf.refs == 0:
+                b.buf.release()
+        self._backing = kept
 
     def _split(self, r: Region, lo: int, hi: int, prot: int | None) -> None:
         """Replace r by its parts outside [lo, hi) and, if prot is given, [lo, hi) with prot.

@@ -226,7 +226,7 @@ class Modules:
         self._free(mod)
 
     def _free(self, mod: Module) -> None:
-        self.m.uc.ctl_remove_cache(mod.base, mod.base + mod.size)
+        self.m.flush_code(mod.base, mod.base + mod.size)
         self.m.memory.unmap(mod.base, mod.size)
 
 

@@ -1,12 +1,11 @@
-"""Several vCPUs on one Unicorn: the deterministic CPU turns and per-CPU variables.
+"""Several vCPUs: the deterministic CPU turns and per-CPU variables.
 
-`--cpus N` gives the guest N CPUs over one guest memory. Each CPU is a register context
-(its current task's, emu/linux/tasks.py); Unicorn runs one at a time, so CPUs interleave
-in turns of guest code whose lengths are drawn from the seed: the interleaving is a pure
-function of the inputs and `--seed`. One Unicorn, not one per CPU: every layer (the trap
-dispatcher, the probes' native hit path, the cycle model, the work clock, the preemption
-hook) is bound to the machine's one Uc and its hooks, and one Uc also means one translation
-cache, so a text poke flushed once is flushed for every CPU.
+`--cpus N` gives the guest N CPUs, each its own Unicorn instance over one guest memory
+(host buffers every Uc maps, emu/memory.py) with every hook on every Uc (RawHooks,
+Machine.for_each_uc) and its own translation cache, which a text poke flushes on every CPU
+(Machine.flush_code). The host runs one CPU at a time (Machine.use_cpu hands the run from
+one Uc to the next), so CPUs interleave in turns of modelled cycles whose lengths are drawn
+from the seed: the interleaving is a pure function of the inputs and `--seed`.
 
 `PerCpu` is DEFINE_PER_CPU: one value per CPU, `this_cpu` follows the CPU that runs."""
 from __future__ import annotations
@@ -17,17 +16,18 @@ from typing import Callable, Generic, TypeVar
 from emu.machine import Machine
 
 MAX_CPUS = 64          # one word of sched_getaffinity's mask
-# A CPU's turn: about TURN_BYTES of code (a fourth as many instructions) plus a part the
-# seed draws for each turn, so different seeds interleave the CPUs differently.
-TURN_BYTES = 8 << 10
+# A CPU's turn: TURN_CYCLES of modelled time (about as many instructions; the work clock
+# counts 4 code bytes a cycle) plus a part the seed draws for each turn, so different
+# seeds interleave the CPUs differently.
+TURN_CYCLES = 2 << 10
 
 T = TypeVar("T")
 
 
 class CpuTurns:
-    """The lengths of successive CPU turns, in code bytes: a pure function of the seed."""
+    """The lengths of successive CPU turns, in modelled cycles: a pure function of the seed."""
 
-    def __init__(self, seed: int, base: int = TURN_BYTES) -> None:
+    def __init__(self, seed: int, base: int = TURN_CYCLES) -> None:
         self._rng = random.Random(seed ^ 0x5D1C_0C95)
         self.base = base
 

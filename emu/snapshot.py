@@ -2,7 +2,7 @@
 (`machine.snapshot()` / `machine.restore(snap)`), so many variants run from one point.
 
 A snapshot holds:
-- the CPU: Unicorn's context (every register it models: general, FP/SIMD, flags, segment
+- the CPUs: each vCPU's Unicorn context (every register it models: general, FP/SIMD, flags, segment
   bases, the system registers; uc_context_save copies the whole CPU state);
 - memory: the mappings (Unicorn's and the named regions), their permissions, and their
   contents by 64 KiB chunk, all-zero chunks left out. A restore compares each chunk with
@@ -158,23 +158,21 @@ _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
 
 
 def restore_memory(m: Machine, img: MemoryImage) -> None:
-    uc, now = m.uc, _layout(m)
+    now, mem = _layout(m), m.memory       # mappings go to every vCPU's Uc (emu/memory.py)
     fresh: set[Mapping] = set()
     if now != img.layout:
         keep = set(img.layout)
         for mp in now:
             if mp not in keep:
-                uc.mem_unmap(mp[0], mp[1] - mp[0])
-                uc.ctl_remove_cache(mp[0], mp[1])
+                mem.unmap_raw(mp[0], mp[1])
         have = set(now)
         for mp in img.layout:
             if mp not in have and mp in img.chunks:
-                uc.mem_map(mp[0], mp[1] - mp[0], mp[2])
+                mem.map_raw(mp[0], mp[1], mp[2])
                 fresh.add(mp)
     reader = _Reader(m)
     for mp, chunks in img.chunks.items():
         _restore_chunks(m, mp, chunks, mp in fresh, reader)
-    mem = m.memory
     mem.regions[:] = [dataclasses.replace(r) for r in img.regions]
     mem.mapped_bytes, mem.max_memory = img.mapped_bytes, img.max_memory
     mem._full_below.clear()             # find_free's memo of full prefixes: the layout changed
@@ -191,7 +189,7 @@ def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], f
             if want is not None:
                 uc.mem_write(addr, want)
                 if exec_:
-                    uc.ctl_remove_cache(addr, addr + size)
+                    m.memory.remove_cache(addr, addr + size)
             continue
         reader.read(addr, size)
         if want is None:
@@ -209,7 +207,7 @@ def _drop_code(m: Machine, addr: int, got, want: bytes) -> None:
     step = 64
     for off in range(0, len(want), step):
         if got[off:off + step] != want[off:off + step]:
-            m.uc.ctl_remove_cache(addr + off, addr + off + step)
+            m.memory.remove_cache(addr + off, addr + off + step)
 
 
 # --- clock ----------------------------------------------------------------------------------
@@ -264,7 +262,8 @@ class Registries:
     values: dict[str, Any]
     break_handlers: dict[int, list]
     raw_hooks: frozenset[int]
-    binding_hooks: frozenset[int]
+    binding_hooks: tuple[frozenset[int], ...]    # per vCPU's Uc, in m.ucs order
+    uc_setups: int                               # len(m._uc_setups)
     rng: tuple[int, int]
     symbols: Any
     resolved: dict[int, int]
@@ -296,7 +295,9 @@ def take_registries(m: Machine) -> Registries:
     values["owned"] = list(m.owners.ranges)          # the claims (emu/owners.py; ranges are frozen)
     counts = getattr(m.syscall_handler, "counts", None)
     return Registries(values, {k: list(v) for k, v in m.break_handlers.items()},
-                      frozenset(m.hooks.installed), frozenset(getattr(m.uc, "_callbacks", {})),
+                      frozenset(m.hooks.installed),
+                      tuple(frozenset(getattr(uc, "_callbacks", {})) for uc in m.ucs),
+                      len(m._uc_setups),
                       (m.random.rng.state, m.random.rng.draws), _copy_table(m.symbols),
                       _resolved(m.symbols), len(m.symbols),
                       dict(counts) if counts is not None else None)
@@ -305,8 +306,10 @@ def take_registries(m: Machine) -> Registries:
 def restore_registries(m: Machine, r: Registries) -> None:
     for h in set(m.hooks.installed) - r.raw_hooks:
         m.hooks.delete(h)
-    for h in set(getattr(m.uc, "_callbacks", {})) - r.binding_hooks:
-        m.uc.hook_del(h)
+    for uc, kept in zip(m.ucs, r.binding_hooks):
+        for h in set(getattr(uc, "_callbacks", {})) - kept:
+            uc.hook_del(h)
+    del m._uc_setups[r.uc_setups:]       # no vCPU's Uc is made after a snapshot (Machine.snapshot)
     for n in _LISTS:
         getattr(m, n)[:] = r.values[n]
     m.owners.ranges = list(r.values["owned"])
@@ -451,7 +454,7 @@ class Snapshot:
     """Everything `restore` needs to put a machine back; see the module docstring. It
     holds duplicates of the guest's host file descriptors until `close()` (or collection)."""
     machine: "weakref.ref[Machine]"
-    cpu: Any                                    # unicorn UcContext
+    cpu: tuple[Any, ...]                        # every vCPU's UcContext, in m.ucs order
     memory: MemoryImage
     clock: ClockState
     registries: Registries
@@ -503,7 +506,7 @@ def take(m: Machine) -> Snapshot:
     proc = _process_of(m)
     streams = [(s, *st) for s in _streams(m, proc) if (st := _stream_state(s)) is not None]
     try:
-        cpu = m.uc.context_save()
+        cpu = tuple(uc.context_save() for uc in m.ucs)
     except UcError as e:
         raise SnapshotError(f"CPU context: {e}") from None
     layers = {n: SNAPSHOT_LAYERS[n].take(layer) for n, layer in m.layers.items()
@@ -525,7 +528,9 @@ def restore(m: Machine, snap: Snapshot) -> None:
         SNAPSHOT_LAYERS[name].restore(m, m.layers[name], state)
     if snap.clock.model is not None:            # after the text: its blocks are the snapshot's
         snap.clock.model.restore_state(snap.clock.model_state)
-    m.uc.context_restore(snap.cpu)
+    for uc, ctx in zip(m.ucs, snap.cpu):
+        uc.context_restore(ctx)
+    m.use_cpu(m.cpu)                            # `uc` and `regs` are the running CPU's again
     proc = _process_of(m)
     if proc is not None and snap.process is not None:
         restore_process(proc, snap.process)

@@ -74,7 +74,7 @@ def copy_to_user(mem: Memory, addr: int, data: bytes) -> None:
     end = addr + len(data)
     for r in mem.overlapping(addr, end):
         if r.prot & PROT_EXEC:   # writable and executable: drop stale translations
-            mem.uc.ctl_remove_cache(max(addr, r.start), min(end, r.end))
+            mem.remove_cache(max(addr, r.start), min(end, r.end))
 
 
 def get_user(mem: Memory, addr: int, size: int = 8) -> int:

@@ -55,6 +55,11 @@ class RegAccess:
         self._read = _reg_read
         self._write = _reg_write
 
+    def retarget(self, uc: Uc) -> None:
+        """Read and write `uc`'s registers from now on (the machine's running vCPU): holders
+        of this object or its bound methods follow a CPU switch."""
+        self._uch = uc._uch
+
     def read(self, reg_id: int) -> int:
         self._read(self._uch, reg_id, self._ref)
         return self._buf.value
@@ -71,16 +76,39 @@ class RegAccess:
 
 
 class RawHooks:
-    """Owns raw hooks on one Uc: keeps the ctypes objects alive and funnels exceptions."""
+    """Owns raw hooks on the machine's Ucs (one per vCPU): keeps the ctypes objects alive,
+    funnels exceptions, and puts every hook on every Uc, those added later included. A
+    handle is the hook's handle on the first Uc; `handles_of` gives all of them."""
 
     def __init__(self, uc: Uc) -> None:
-        self.uc = uc
+        self.uc = uc                       # the Uc running now: the one a hook error stops
+        self.ucs: list[Uc] = [uc]
         self.errors: list[BaseException] = []
         self._keep: list[object] = []
         self.installed: dict[int, tuple[int, int, int]] = {}   # handle -> (type, begin, end)
+        # handle -> (type, callback address, user data, begin, end, extra args) to replay
+        # on a Uc added later, and its handles on the other Ucs.
+        self._recipes: dict[int, tuple] = {}
+        self._more: dict[int, list[int]] = {}
+
+    def add_uc(self, uc: Uc) -> None:
+        """Another vCPU's Uc: every hook installed so far goes on it, in the same order."""
+        self.ucs.append(uc)
+        for handle, (htype, fn, ud, begin, end, extra) in self._recipes.items():
+            self._more[handle].append(_install(uc, htype, fn, ud, begin, end, extra))
+
+    def replay_as(self, handle: int, fn: int, user_data: int) -> None:
+        """Ucs added from now on get hook `handle` with the native callback `fn` and its
+        `user_data` (for a layer that swapped the callback in place on the Ucs of now)."""
+        htype, _fn, _ud, begin, end, extra = self._recipes[handle]
+        self._recipes[handle] = (htype, fn, user_data, begin, end, extra)
+
+    def handles_of(self, handle: int) -> list[int]:
+        """The hook's handles on every Uc, the first Uc's first."""
+        return [handle, *self._more.get(handle, ())]
 
     def _guard(self, fn: Callable, default=None) -> Callable:
-        errors, uc = self.errors, self.uc
+        errors = self.errors
 
         def guarded(*args):
             try:
@@ -88,21 +116,24 @@ class RawHooks:
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
                 if not errors:
                     errors.append(exc)
-                uc.emu_stop()
+                self.uc.emu_stop()
                 return default
 
         return guarded
 
     def _add(self, htype: int, cfunc, begin: int, end: int, *extra) -> int:
-        handle = ctypes.c_size_t()
         self._keep.append(cfunc)
-        err = _hook_add_va(self.uc._uch, ctypes.byref(handle), ctypes.c_int(htype),
-                           ctypes.cast(cfunc, ctypes.c_void_p), None,
-                           ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
-        if err:
-            raise RuntimeError(f"uc_hook_add failed: {err}")
-        self.installed[handle.value] = (htype, begin, end)
-        return handle.value
+        return self._add_on_all(htype, ctypes.cast(cfunc, ctypes.c_void_p).value, None,
+                                begin, end, extra)
+
+    def _add_on_all(self, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
+                    extra: tuple) -> int:
+        handle = _install(self.ucs[0], htype, fn, ud, begin, end, extra)
+        self.installed[handle] = (htype, begin, end)
+        self._recipes[handle] = (htype, fn, ud, begin, end, extra)
+        self._more[handle] = [_install(uc, htype, fn, ud, begin, end, extra)
+                              for uc in self.ucs[1:]]
+        return handle
 
     def intr(self, fn: Callable[[int], None]) -> int:
         guarded = self._guard(fn)
@@ -116,7 +147,7 @@ class RawHooks:
     def entry(self, fn: Callable[[int], None], addr: int) -> int:
         """A code hook on exactly `addr` calling fn(addr), with no wrapper frames: the hot
         path of trampolines and detours."""
-        errors, uc = self.errors, self.uc
+        errors = self.errors
 
         def cb(_uc, a, _size, _ud):
             try:
@@ -124,7 +155,7 @@ class RawHooks:
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
                 if not errors:
                     errors.append(exc)
-                uc.emu_stop()
+                self.uc.emu_stop()
         return self._add(UC.UC_HOOK_CODE, CODE_CB(cb), addr, addr)
 
     def block(self, fn: Callable[[int, int], None], begin: int = 1, end: int = 0) -> int:
@@ -147,20 +178,27 @@ class RawHooks:
         """A BLOCK hook on all code whose callback is native: `fn` is the address of a C
         function taking (uc, addr, size, user_data). No Python runs per block; the C code
         reports its own errors (emu/cycles/native.c)."""
-        handle = ctypes.c_size_t()
-        err = _hook_add_va(self.uc._uch, ctypes.byref(handle), ctypes.c_int(UC.UC_HOOK_BLOCK),
-                           ctypes.c_void_p(fn), ctypes.c_void_p(user_data),
-                           ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"uc_hook_add (native block hook) failed: {err}")
-        self.installed[handle.value] = (UC.UC_HOOK_BLOCK, 1, 0)
-        return handle.value
+        return self._add_on_all(UC.UC_HOOK_BLOCK, fn, user_data, 1, 0, ())
 
     def delete(self, handle: int) -> None:
-        uclib.uc_hook_del(self.uc._uch, handle)
+        for uc, h in zip(self.ucs, self.handles_of(handle)):
+            uclib.uc_hook_del(uc._uch, h)
         self.installed.pop(handle, None)
+        self._recipes.pop(handle, None)
+        self._more.pop(handle, None)
 
     def per_instruction(self) -> list[tuple[int, int, int]]:
         """CODE or BLOCK hooks not limited to one address: the ones that slow all code."""
         return [h for h in self.installed.values()
                 if h[0] in (UC.UC_HOOK_CODE, UC.UC_HOOK_BLOCK) and not (h[1] == h[2])]
+
+
+def _install(uc: Uc, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
+             extra: tuple) -> int:
+    """uc_hook_add of a callback by address (every RawHooks hook goes through here)."""
+    handle = ctypes.c_size_t()
+    err = _hook_add_va(uc._uch, ctypes.byref(handle), ctypes.c_int(htype), ctypes.c_void_p(fn),
+                       ctypes.c_void_p(ud), ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
+    if err:
+        raise RuntimeError(f"uc_hook_add failed: {err}")
+    return handle.value

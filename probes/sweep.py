@@ -26,9 +26,10 @@ import tempfile
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Iterator, Protocol, cast
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, cast
 
 from emu.elf import ElfImage, load_elf
+from emu.linux.tasks import TurnUnit
 from emu.loader import GuestConfig, load_guest
 from emu.machine import Machine, RunResult, StopReason
 from emu.symbols import Symbol, SymbolTable
@@ -262,12 +263,20 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
                            fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
                            cpus=cfg.cpus)
-        guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err), image=image)
-        m = guest.machine
+        m = _load(gcfg, cfg, out, err, image)
         if setup is not None:
             setup(m)
         result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
     return (_outcome(m, result, out.summary(), err.summary()) if observe else None), m
+
+
+def _load(gcfg: GuestConfig, cfg: SweepConfig, out: "OutputDigest", err: "OutputDigest",
+          image: ElfImage) -> Machine:
+    guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err),
+                       image=image)
+    if guest.process is not None:    # probed and unprobed runs share one CPU schedule
+        guest.process.sched.turn_unit = TurnUnit.CODE
+    return guest.machine
 
 
 @contextmanager
@@ -438,9 +447,11 @@ def trace_baseline(cfg: SweepConfig, image: ElfImage, funcs: list[Symbol]) -> Tr
 
         def loaded(_uc, _access, addr, size, _value, _ud) -> None:
             read.update(range(addr, addr + size))
+        def watch_loads(lo: int, hi: int) -> Callable[[Any], object]:
+            return lambda uc: uc.hook_add(UC_HOOK_MEM_READ, loaded, None, lo, hi - 1)
         for lo, hi in ranges:
             m.hooks.code(saw, lo, hi - 1)
-            m.uc.hook_add(UC_HOOK_MEM_READ, loaded, None, lo, hi - 1)
+            m.for_each_uc(watch_loads(lo, hi))
     _run(cfg, image, setup, observe=False)
     order = {a: i for i, a in enumerate(seen)}
     addrs = sorted(seen)
@@ -516,8 +527,7 @@ class FreshRunner:
                                fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
                            cpus=cfg.cpus)
             out, err = OutputDigest(), OutputDigest()
-            m = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err),
-                           image=self.plan.image).machine
+            m = _load(gcfg, cfg, out, err, self.plan.image)
             setup(m)
             if skip(m):
                 return None
@@ -549,8 +559,7 @@ class SnapshotRunner:
         gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
                            fs_root=cfg.fs_root, seed=cfg.seed, cpus=cfg.cpus)
         self.out, self.err = OutputDigest(), OutputDigest()
-        return load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(self.out), stderr=_stream(self.err),
-                          image=self.plan.image).machine
+        return _load(gcfg, cfg, self.out, self.err, self.plan.image)
 
     def _reach(self, sym_addr: int) -> bool:
         """Hold a snapshot at the first execution of the function at sym_addr."""
@@ -566,7 +575,7 @@ class SnapshotRunner:
             m = self.m
             m.restore(self.snap)
         self.snap, self.rank = None, -1
-        m.uc.ctl_remove_cache(first, first + 1)      # a cached block must not run past it
+        m.flush_code(first, first + 1)               # a cached block must not run past it
         r = m.run(until=first, timeout=self.plan.cfg.timeout)
         if r.reason is not StopReason.HALT or m.pc != first:
             self.m = None
@@ -663,7 +672,7 @@ def _watch_patched_text(m: Machine, addr: int, seen: list[int]) -> None:
         if a <= hi and a + size > lo:                     # the load overlaps the patch
             seen.append(a)
     # Hook from 16 bytes below: a wide load that starts before the patch covers it too.
-    m.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, max(0, lo - 16), hi)
+    m.for_each_uc(lambda uc: uc.hook_add(UC_HOOK_MEM_READ, on_read, None, max(0, lo - 16), hi))
 
 
 def _step(p: Kprobe) -> str:

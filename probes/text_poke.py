@@ -3,8 +3,10 @@ text_poke_bp, arch/arm64/kernel/patching.c aarch64_insn_patch_text).
 
 `text_poke_live(machine, addr, data)` is the one path kprobes, optprobes, ftrace sites and
 jump labels patch guest text through. A poke becomes a plan of steps, each step one or
-more writes through `Machine.text_poke` (which drops the translated code for the range,
-for every CPU: they share one translation cache):
+more writes through `Machine.text_poke`. Every CPU has its own Unicorn and translation
+cache: a step's write drops the patching CPU's translations of the range only, and each
+other CPU drops its own when it syncs, so until then it may run the text it translated
+before, as a CPU that has not yet serialised runs what it fetched.
 
 The arch answers the plan and the emulation (probes/arch/<arch>/text_poke.py):
 
@@ -17,7 +19,8 @@ The arch answers the plan and the emulation (probes/arch/<arch>/text_poke.py):
   plain memcpy over code another CPU is running amounts to.
 
 A sync is the kernel's text_poke_sync: every other CPU with work passes a serialising
-point. Here a CPU has synced when its turn ends (emu/smp.py), so between two steps every
+point (the IPI), and there drops its translations of the poked range. Here a CPU has
+synced when its turn ends (emu/smp.py), an idle one at once, so between two steps every
 other busy CPU runs one turn and may execute the text as it stands. With one CPU, or when
 the guest is not running, nothing runs between steps and a plan is written at once. A poke
 that meets one still in flight on the same bytes first finishes the older one (the
@@ -69,6 +72,8 @@ class TextPoker:
         self.inflight: list[PokeOp] = []
         self.pokes = 0                  # pokes made while other CPUs ran
         self.emulated = 0               # CPUs that met a poke's int3 and were let through
+        # cpu -> ranges written since it last synced (its translations may be stale)
+        self.stale: dict[int, list[tuple[int, int]]] = {}
         self._cpu = machine.cpu
         machine.cpu_listeners.append(self._cpu_switched)
         machine.stop_listeners.append(self._run_stopped)
@@ -111,17 +116,38 @@ class TextPoker:
         """Other CPUs could run between two steps: several busy CPUs, inside a run."""
         return self.m.running and len(self.m.busy_cpus() - {self.m.cpu}) > 0
 
-    def _write(self, step: list[Write]) -> None:
+    def _write(self, step: list[Write], live: bool = False) -> None:
+        """Write one step: at once for every CPU, or (`live`) for the patching CPU only,
+        the others' translations of it stale until each syncs."""
         for addr, data in step:
-            self.m.text_poke(addr, data)
+            self.m.text_poke(addr, data, sync=not live)
+            if live:
+                for cpu in range(self.m.nr_cpus):
+                    if cpu != self.m.cpu:
+                        self.stale.setdefault(cpu, []).append((addr, addr + len(data)))
+        if not live:
+            self._sync_all()
+
+    def _sync(self, cpu: int) -> None:
+        """CPU `cpu` serialises: its translations of the text poked meanwhile are dropped."""
+        for lo, hi in self.stale.pop(cpu, ()):
+            self.m.flush_code(lo, hi, cpu)
+
+    def _sync_all(self) -> None:
+        for cpu in list(self.stale):
+            self._sync(cpu)
 
     def _advance(self, op: PokeOp) -> None:
-        """Write the next step, then wait for every other busy CPU to sync."""
-        self._write(op.steps.pop(0))
-        if not op.steps:
+        """Write the next step, then wait for every other busy CPU to sync (an idle one
+        does at once); after the last step too, before the int3 handler goes (a CPU may
+        still run its old translation with the int3 until then)."""
+        self._write(op.steps.pop(0), live=True)
+        busy = self.m.busy_cpus()
+        for cpu in [c for c in self.stale if c not in busy]:
+            self._sync(cpu)
+        op.pending = busy - {op.patcher}
+        if not op.pending:
             self._done(op)
-        else:
-            op.pending = self.m.busy_cpus() - {op.patcher}
 
     def _done(self, op: PokeOp) -> None:
         if op in self.inflight:
@@ -136,11 +162,17 @@ class TextPoker:
         """The CPU that ran a turn has passed a serialising point (it synced)."""
         left, self._cpu = self._cpu, cpu
         busy = self.m.busy_cpus()
+        for c in [c for c in self.stale if c == left or c not in busy]:
+            self._sync(c)
         for op in list(self.inflight):
             op.pending.discard(left)
             op.pending &= busy                  # an idle CPU runs nothing stale
-            if not op.pending:
+            if op.pending:
+                continue
+            if op.steps:
                 self._advance(op)
+            else:
+                self._done(op)
 
     def _name_torn_fault(self, fault) -> None:
         """A CPU faulted on bytes a poke is half-way through: say what it executed."""
@@ -154,6 +186,7 @@ class TextPoker:
         if not self.m.running:
             for op in list(self.inflight):
                 self.settle(op.addr, len(op.new))
+            self._sync_all()
 
     # --- poke_int3_handler -----------------------------------------------------------------
     def _poke_int3_handler(self, addr: int) -> bool:
@@ -185,6 +218,7 @@ def _register_snapshot_layer() -> None:
 
     def restore(_m: Machine, poker: TextPoker, state: tuple[PokeMode, int, int]) -> None:
         poker.inflight.clear()
+        poker.stale.clear()
         poker.mode, poker.pokes, poker.emulated = state
         poker._cpu = poker.m.cpu
 

@@ -51,7 +51,7 @@ def straight(path, cpus: int, cycles: bool = False) -> tuple:
 
 def to(m, sym: str) -> None:
     addr = m.symbols.lookup(sym).addr
-    m.uc.ctl_remove_cache(addr, addr + 1)        # a cached block must not run past it
+    m.flush_code(addr, addr + 1)                 # no CPU's cached block may run past it
     r = m.run(until=addr, timeout=60)
     assert r.reason.value == "halt" and m.pc == addr, r
 

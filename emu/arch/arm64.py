@@ -97,7 +97,8 @@ class Arm64Arch(Arch):
                 m.on_cpu_exception(addr, intno)
 
         m.hooks.intr(on_intr)
-        m.uc.hook_add(uc.UC_HOOK_INSN, self._on_mrs, m, 1, 0, A.UC_ARM64_INS_MRS)
+        m.for_each_uc(lambda u: u.hook_add(uc.UC_HOOK_INSN, self._on_mrs, m, 1, 0,
+                                           A.UC_ARM64_INS_MRS))
 
     @staticmethod
     def _on_mrs(_uc, reg, cp, m: CpuHost) -> int:

@@ -97,7 +97,7 @@ class X86_64Arch(Arch):
             # address, R11 = RFLAGS (Linux returns with both clobbered).
             regs.write(rcx, regs.read(rip) + 2)
             regs.write(r11, regs.read(rflags))
-            m.on_syscall()
+            m.on_syscall(insn_hook=True)
 
         m.hooks.insn_syscall(on_syscall, X.UC_X86_INS_SYSCALL)
 

@@ -150,7 +150,8 @@ class CycleModel:
         clock.model_counts = self.counts
         m.text_listeners.append(self.invalidate)
         m.stop_listeners.append(self.settle)
-        m.uc.ctl_flush_tb()          # hooks are not called for already-translated blocks
+        for cpu_uc in m.ucs:         # hooks are not called for already-translated blocks
+            cpu_uc.ctl_flush_tb()
 
     def _add_native_hook(self, lib: ctypes.CDLL, st: native.CmState) -> int:
         hook = lib.cm_on_block_bp if self.profile.mispredict_rate else lib.cm_on_block

@@ -1,10 +1,12 @@
 """Tasks (threads of the one guest process) and the deterministic scheduler that runs them
-on the machine's vCPUs (emu/smp.py), one context at a time on its one Unicorn.
+on the machine's vCPUs (emu/smp.py), each CPU its own Unicorn (one with `--cpus 1`).
 
 A task not running keeps its whole CPU state as a Unicorn context (registers, FP/SIMD,
-TLS). Switches happen only inside a syscall hook, where every task not running was saved:
-the x86 hook sees RIP on the `syscall` (the CPU adds its length afterwards) and arm64's
-sees PC past the `svc`, so a restored context resumes right after its own syscall. The
+TLS). Switches happen inside a syscall hook or a block hook, where every task not running
+was saved: the x86 syscall hook sees RIP on the `syscall` (the CPU adds its length
+afterwards) and arm64's sees PC past the `svc`, so a restored context resumes right after
+its own syscall. A switch loads the next task into its CPU's Uc; when that is another
+CPU's, the running Uc stops and the run goes on on that one (Machine.use_cpu). The
 schedule depends only on the guest's code, its syscalls and the seed, never on host time:
 a task runs until it blocks (futex, sleep, pause), yields, or has run its quantum of code
 bytes (QUANTUM_BYTES plus a part the seed picks), counted by a block hook that exists only
@@ -16,8 +18,11 @@ timer; with none, nothing can ever run again: the run ends as a limit (exit 124,
 
 With N CPUs (`--cpus N`) tasks are placed on CPUs round robin at creation (Task.cpu) and
 each CPU runs its own tasks round robin. The CPUs take turns: a turn ends after a
-seed-drawn length of code (emu/smp.py CpuTurns) or when its task blocks or yields, and the
-next CPU in id order with a runnable task runs next. With one CPU the turn is the quantum."""
+seed-drawn quantum of modelled cycles (emu/smp.py CpuTurns; the cycle model's with
+`--cycles`, else the work clock's, which starts with the second task) or when its task
+blocks or yields, and the next CPU in id order with a runnable task runs next. Everything
+the clock charges during a turn uses it up: the task's code, and the probe layer's slots,
+trampolines, traps and handlers run for it. With one CPU the turn is the quantum."""
 from __future__ import annotations
 
 import ctypes
@@ -27,6 +32,7 @@ from enum import StrEnum
 from typing import Any, Callable
 
 from emu.clock import FP_SHIFT
+from emu.cycles.work import BYTES_PER_CYCLE
 from emu.native_lib import address_of
 from emu.linux import preempt
 from emu.machine import Machine
@@ -42,6 +48,14 @@ ERESTARTSYS, ERESTARTNOINTR = 512, 513
 # The quantum: code bytes a task runs before it is preempted (about 4 bytes an instruction),
 # QUANTUM_BYTES plus a seed-chosen part of it, so that --seed varies the interleaving.
 QUANTUM_BYTES = 64 << 10
+
+
+class TurnUnit(StrEnum):
+    """What a CPU's turn (several CPUs) is measured in."""
+    CYCLES = "cycles"      # modelled time: all the clock charges, probe traps and handlers too
+    # Code bytes executed, whoever's (slots included), blind to what traps and handlers
+    # cost: the sweep compares probed runs with unprobed ones, which needs one schedule.
+    CODE = "code"
 
 
 class TaskState(StrEnum):
@@ -106,6 +120,7 @@ class Scheduler:
     preemptions: int = 0
     timers: Any = None                      # the process's Signals: timers and delivery
     timer_due: int | None = None            # the earliest armed timer, modelled ns
+    turn_unit: TurnUnit = TurnUnit.CYCLES
 
     def __post_init__(self) -> None:
         self.current = Task(self.pid, state=TaskState.RUNNING)
@@ -116,8 +131,9 @@ class Scheduler:
         rng = random.Random(self.seed ^ 0x7A5C)
         self.quantum = QUANTUM_BYTES + rng.randrange(QUANTUM_BYTES)
         self._turns = CpuTurns(self.seed) if self.nr_cpus > 1 else None
+        self._turn_end: int | None = None      # clock fp at which the CPU's turn ends
         self._budget = self._turn()
-        self.machine.nr_cpus = self.nr_cpus
+        self.machine.set_nr_cpus(self.nr_cpus)
         self.last_ran: dict[int, int] = {0: self.pid}   # cpu -> tid it last ran (its rotation)
         self.machine.busy_cpus = self.busy_cpus
         self._placed = 1
@@ -177,6 +193,9 @@ class Scheduler:
             self._sync_native()
             return
         m = self.machine
+        if self._turns is not None:
+            m.clock.now()               # turns in modelled time: start the work clock
+            self._budget = self._turn()
         lib = preempt.load()
         if lib is None:
             self._hook = m.hooks.block(self._on_block)
@@ -189,7 +208,7 @@ class Scheduler:
                                               ctypes.addressof(st))
         for r in m.memory.regions:
             if r.prot & PROT_EXEC:
-                m.uc.ctl_remove_cache(r.start, r.end)
+                m.flush_code(r.start, r.end)
 
     def _sync_native(self) -> None:
         """Give the native hook the budget left, the clock's counter and the next timer."""
@@ -199,11 +218,11 @@ class Scheduler:
         clock = self.machine.clock
         st.budget = self._budget
         st.clock_fp = preempt.clock_fp_address(clock)
-        if self.timer_due is None:
-            st.due_fp = preempt.NO_TIMER
-        else:
+        due = preempt.NO_TIMER if self._turn_end is None else self._turn_end
+        if self.timer_due is not None:
             cycles = -(-self.timer_due * clock.freq_hz // 1_000_000_000)
-            st.due_fp = min(cycles << FP_SHIFT, preempt.NO_TIMER)
+            due = min(cycles << FP_SHIFT, due)
+        st.due_fp = due
 
     def _on_native(self, _uc, addr: int, size: int, _ud) -> None:
         m, st = self.machine, self._native
@@ -227,6 +246,8 @@ class Scheduler:
         self._budget -= size
         m = self.machine
         due = self.timer_due is not None and m.clock.monotonic_ns() >= self.timer_due
+        if self._turn_end is not None and m.clock.acc.fp >= self._turn_end:
+            self._budget = 0
         if (self._budget > 0 and not due) or m.stopping:
             return
         if m.owners.find(addr) is not None:      # never in a probe slot or trampoline
@@ -265,8 +286,19 @@ class Scheduler:
         self._switch(nxt, in_syscall=True, here=self.machine.pc + self.step)
 
     def _turn(self) -> int:
-        """Code bytes until the next switch: the quantum on one CPU, else a CPU's turn."""
-        return self.quantum if self._turns is None else self._turns.next()
+        """Code bytes until the next switch: the quantum on one CPU. With several, a CPU's
+        turn ends at a clock value (`_turn_end`, modelled cycles); in TurnUnit.CODE, or
+        without a clock that counts code (no C compiler), its cycles are counted as code
+        bytes at the work clock's rate instead."""
+        if self._turns is None:
+            return self.quantum
+        cycles = self._turns.next()
+        clock = self.machine.clock
+        if clock.model_counts is None or self.turn_unit is TurnUnit.CODE:
+            self._turn_end = None
+            return cycles * BYTES_PER_CYCLE
+        self._turn_end = min(clock.acc.fp + (cycles << FP_SHIFT), preempt.NO_TIMER)
+        return 1 << 62
 
     def _pick(self) -> Task | None:
         """The next CPU after the current one (in id order, the current one last) that has
@@ -274,6 +306,8 @@ class Scheduler:
         order, round robin). On one CPU: the first runnable task after the current one."""
         self._expire_timeouts()
         here = self.current.cpu
+        if self.machine.nested:                 # a run inside a hook stays on its CPU
+            return self._cpu_pick(here)
         for k in range(1, self.nr_cpus + 1):
             t = self._cpu_pick((here + k) % self.nr_cpus)
             if t is not None:
@@ -338,12 +372,14 @@ class Scheduler:
         Unicorn leave the block before it runs."""
         m = self.machine
         cur = self.current
+        bias = self.step if in_syscall else 0
         if cur.state != TaskState.EXITED:
             cur.context, cur.resume_pc = m.uc.context_save(), here
             if cur.state == TaskState.RUNNING:
                 cur.state = TaskState.RUNNABLE
+        m.use_cpu(nxt.cpu, bias)                # its CPU's Uc (another's: a hand-off)
         m.uc.context_restore(nxt.context)
-        m.pc = nxt.resume_pc - (self.step if in_syscall else 0)
+        m.pc = nxt.resume_pc - bias
         nxt.context = None
         nxt.state = TaskState.RUNNING
         self.current = nxt

@@ -539,19 +539,26 @@ def swap_code_hook(m: "Machine", handle: int, fn: Any, rec: Any) -> bool:
     if (ctypes.c_int * 1).from_address(handle)[0] != UC.UC_HOOK_CODE or slots[0] not in known:
         return False
     rec.orig, rec.orig_data = slots[0], slots[1]
-    slots[1] = ctypes.addressof(rec)
-    slots[0] = ctypes.cast(fn, ctypes.c_void_p).value
+    _swap_on_every_cpu(m, handle, ctypes.cast(fn, ctypes.c_void_p).value, ctypes.addressof(rec))
     # Unicorn 2.1 bakes a one-address code hook's callback into the translated block
-    # (inline hooks): code translated before the swap must go, now or, inside a run
-    # (no flush in a callback), when it returns. Until then it calls the Python
-    # callback, which C calls anyway: the same results, more slowly.
+    # (inline hooks): code translated before the swap must go, on every CPU's Uc, now or,
+    # inside a run (no flush in a callback), when it returns. Until then it calls the
+    # Python callback, which C calls anyway: the same results, more slowly.
     _t, begin, end = m.hooks.installed[handle]
     d = _installed(m)
     if m.running and d is not None:
         d.flush_later.append((begin, end))
     else:
-        m.uc.ctl_remove_cache(begin, end + 1)
+        m.memory.remove_cache(begin, end + 1)
     return True
+
+
+def _swap_on_every_cpu(m: "Machine", handle: int, fn: Any, data: int) -> None:
+    """The hook's callback becomes C's on every vCPU's Uc, and on those made later."""
+    for h in m.hooks.handles_of(handle):
+        slots = (ctypes.c_void_p * 2).from_address(h + HOOK_CALLBACK_OFFSET)
+        slots[1], slots[0] = data, fn
+    m.hooks.replay_as(handle, fn, data)
 
 
 def _installed(m: "Machine") -> NativeDispatch | None:
@@ -606,8 +613,8 @@ def dispatch_of(m: "Machine", trap_intno: int, pc_adjust: int,
     clock.__dict__.pop("by_reason", None)
     clock.__dict__.pop("acc", None)
     d.mirror_costs()
-    slots[1] = ctypes.addressof(st)
-    slots[0] = ctypes.cast(lib.kn_hook, ctypes.c_void_p).value
+    _swap_on_every_cpu(m, handle, ctypes.cast(lib.kn_hook, ctypes.c_void_p).value,
+                       ctypes.addressof(st))
     m.stop_listeners.append(d.fold_counts)
     _watch_stops(m, d)
     m.hooks._keep.append(d)
@@ -619,20 +626,23 @@ def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
     the Python hook, which ignores traps after a stop; cleared when the run returns."""
     flag = d.stopping
     d.st.stopping = ctypes.addressof(flag)
-    uc_stop = m.uc.emu_stop
 
-    def emu_stop() -> None:
-        flag.value = 1
-        uc_stop()
+    def watch(uc: Any) -> None:                 # every vCPU's Uc
+        uc_stop = uc.emu_stop
+
+        def emu_stop() -> None:
+            flag.value = 1
+            uc_stop()
+        uc.emu_stop = emu_stop
 
     def run_returned() -> None:
         flag.value = 0
         d.trace_stale()                          # the host may change anything until the next
         if d.flush_later and not m.running:
             for begin, end in d.flush_later:
-                m.uc.ctl_remove_cache(begin, end + 1)
+                m.memory.remove_cache(begin, end + 1)
             d.flush_later.clear()
-    m.uc.emu_stop = emu_stop                    # type: ignore[method-assign]
+    m.for_each_uc(watch)
     m.stop_listeners.append(run_returned)
     d.run_returned = run_returned
 

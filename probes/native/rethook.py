@@ -189,13 +189,15 @@ class NativeRethook:
         """Python takes the LIFO back at the end of every run and at every task switch (the
         LIFO C holds is one task's)."""
         m.stop_listeners.append(self.settle)
-        uc = m.uc
-        restore = uc.context_restore
 
-        def context_restore(context: Any) -> None:
-            self.pull()
-            restore(context)
-        uc.context_restore = context_restore
+        def watch(uc: Any) -> None:             # a task switch on any vCPU's Uc
+            restore = uc.context_restore
+
+            def context_restore(context: Any) -> None:
+                self.pull()
+                restore(context)
+            uc.context_restore = context_restore
+        m.for_each_uc(watch)
 
     # --- the hand-over ----------------------------------------------------------------------
     def settle(self) -> None:

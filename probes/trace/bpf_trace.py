@@ -281,7 +281,7 @@ class PtRegsImage:
 
     def __init__(self, machine: "Machine", ptrace: ModuleType) -> None:
         self._read = _uc_reg_read_batch()
-        self._uch = machine.uc._uch
+        self._regs = machine.regs          # its handle follows the running vCPU's Uc
         self._template = ptrace.PT_REGS_TEMPLATE
         self.image = bytearray(self._template)
         self._buf = (ctypes.c_char * len(self.image)).from_buffer(self.image)  # reads land in it
@@ -303,7 +303,7 @@ class PtRegsImage:
         context is read-only, and nothing keeps it after the programs ran)."""
         image = self.image
         image[:] = self._template
-        if self._read(self._uch, self._ids, self._ptrs, self._n):
+        if self._read(self._regs._uch, self._ids, self._ptrs, self._n):
             raise RuntimeError("uc_reg_read_batch failed")
         offset = self._offset
         for name, value in regs.shown().items():
