@@ -41,4 +41,5 @@ def test_graph_lines_carry_the_cpu_each_call_ran_on(c_prog, arch, tmp_path):
     assert per_cpu == want
     texts = Counter(m[2] for m in rows if m)
     closes = texts["}"] + texts["} /* work */"]
-    assert texts["work() {"] == closes < 10 < texts["work();"], texts
+    # (turns of a few thousand modelled cycles split a call now and then, not often)
+    assert texts["work() {"] == closes < texts["work();"] // 20, texts
