@@ -235,6 +235,26 @@ class CpuBuffer:
         self.rb.read += 1
         return rec
 
+    def consume_all(self) -> list[RingBufferRecord]:
+        """Every record, oldest first, removed in one pass (as many consume() calls)."""
+        rb, mv = self.rb, self._mv
+        n = rb.nentries
+        if not n:
+            return []
+        assert mv is not None
+        pos, cap, cpu, out = rb.head, rb.cap, self.cpu, []
+        u32, head = _U32.unpack_from, REC_HEAD.unpack_from
+        for _ in range(n):
+            if u32(mv, pos)[0] == 0:              # the ring's unused end: go on at 0
+                pos = 0
+            total, size, ts = head(mv, pos)
+            start = pos + REC_HEAD.size
+            out.append(RingBufferRecord(ts, cpu, bytes(mv[start:start + size])))
+            pos = (pos + total) % cap
+        rb.read += n
+        rb.head = rb.tail = rb.fill = rb.used = rb.nentries = 0
+        return out
+
     def peek_ts(self) -> int | None:
         if not self.rb.nentries:
             return None
@@ -360,13 +380,7 @@ class RingBuffer:
         """Every record, removed, in consume()'s order (oldest head first, ties to the
         lower CPU): a reader's batch, settled once."""
         self._settle()
-        per_cpu = []
-        for b in self.cpus:
-            recs = []
-            while (rec := b.consume()) is not None:
-                recs.append(rec)
-            if recs:
-                per_cpu.append(recs)
+        per_cpu = [recs for b in self.cpus if (recs := b.consume_all())]
         if len(per_cpu) <= 1:
             return per_cpu[0] if per_cpu else []
         return list(heapq.merge(*per_cpu, key=lambda r: (r.ts, r.cpu)))
