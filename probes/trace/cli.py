@@ -105,11 +105,7 @@ def setup_events(machine, args) -> Tracefs:
     soft-disabled until that trigger fires), set each --filter and --trigger; refusals raise
     TraceCommandError with the lines error_log shows."""
     fs = tracefs_of(machine)
-    for option, file in (("--buffer-size-kb", "buffer_size_kb"), ("--buffer-percent", "buffer_percent")):
-        value = getattr(args, option[2:].replace("-", "_"), None)
-        if value is not None and fs.write(file, str(value)):
-            raise TraceCommandError(f"{option} {value}: out of range "
-                                    f"({'1 or more' if file == 'buffer_size_kb' else '0 to 100'})")
+    set_buffer_options(fs, args)
     triggers = getattr(args, "trigger", None) or []
     soft = {t.split(":")[1] + "/" + t.split(":")[2] for _e, t in triggers
             if t.startswith("enable_event:") and t.count(":") >= 2}
@@ -135,6 +131,23 @@ def setup_events(machine, args) -> Tracefs:
             if ret:
                 raise _refusal(fs, before, f"{option} {name} {expr!r}", ret)
     return fs
+
+
+BUFFER_OPTIONS = (("--buffer-size-kb", "buffer_size_kb", "1 or more"),
+                  ("--buffer-percent", "buffer_percent", "0 to 100"))
+
+
+def set_buffer_options(fs: Tracefs, args) -> bool:
+    """--buffer-size-kb and --buffer-percent into their files; True if either was given."""
+    given = False
+    for option, file, valid in BUFFER_OPTIONS:
+        value = getattr(args, file, None)
+        if value is None:
+            continue
+        given = True
+        if fs.write(file, str(value)):
+            raise TraceCommandError(f"{option} {value}: out of range ({valid})")
+    return given
 
 
 def hist_files(fs: Tracefs) -> str:
@@ -208,6 +221,8 @@ def attach_from_args(session, args) -> None:
     if (getattr(args, "event", None) or getattr(args, "filter", None)
             or getattr(args, "trigger", None)):
         events = EventReport(m, setup_events(m, args), args)
+    elif any(getattr(args, file, None) is not None for _o, file, _v in BUFFER_OPTIONS):
+        set_buffer_options(tracefs_of(m), args)     # the function tracer's buffer
     if graph.wanted(args):           # reports (flushes) before the events close the file
         session.attach(GraphOut(m, args, events))
     if events is not None:
