@@ -69,9 +69,11 @@ class Seen:
         self.c_commits = ts.committed if ts is not None else 0
 
 
-def _cli(monkeypatch, argv: list[str], native: bool = True, shared: bool = False):
-    """(rc, stdout, stderr, Seen); `shared`: stdout and stderr are one stream (2>&1)."""
-    monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
+def _cli(monkeypatch, argv: list[str], native: bool | None = None, shared: bool = False):
+    """(rc, stdout, stderr, Seen); `shared`: stdout and stderr are one stream (2>&1);
+    `native` False: the Python hit path (None: as the environment says)."""
+    if native is not None:
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "1" if native else "0")
     seen = Seen(monkeypatch)
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
                 for _ in range(2))
