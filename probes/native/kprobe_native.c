@@ -1038,7 +1038,7 @@ static int kn_rb_full_hit(struct kn_rb *rb, uint64_t n)
 
 /* Kprobe events committed in C (trace_kprobe.py kprobe_dispatcher, tracefs commit): when
  * the event's only consumer is the ring buffer -- enabled, no BPF program, no trigger,
- * not soft-disabled, no on_commit stream, a filter this evaluator expresses or none, the
+ * not soft-disabled, no on_commit subscriber, a filter this evaluator expresses or none, the
  * clock without a cycle model's pending block -- C stamps the header, filters, reads the
  * clock and writes the record. Python decides that (`ok`) whenever it may have changed:
  * `valid` is cleared each time Python runs and the next commit asks it again. */
