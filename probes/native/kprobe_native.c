@@ -951,13 +951,16 @@ static int eval_tprog(struct kn_state *s, void *uc, const uint64_t *prog)
 
 /* The ring buffer's per-CPU ring (probes/trace/ring_buffer.py CpuBuffer, which C and
  * Python write alike): entries of u32 total, u32 len, u64 ts, data; total 0 marks the
- * ring's unused end. The budget (`size`, record_cost per record) decides what is kept. */
+ * ring's unused end. The budget (`size`, record_cost per record) decides what is kept.
+ * A reader waiting for `wake_at` bytes (buffer_percent) is a Python callable, `wake`. */
 struct kn_rb {
     uint8_t *buf;
     uint64_t cap, head, tail, fill, last;   /* ring bytes; oldest, next, in use, newest */
     uint64_t size, used, nentries;          /* budget, its use, records */
     uint64_t overrun, dropped, written, read;
-    uint32_t overwrite, pad;
+    uint32_t overwrite, woken;              /* woken: the waiter was called, has not read */
+    uint64_t wake_at;
+    void *wake;                             /* wake(cpu), or NULL: no waiter */
 };
 
 #define RB_HEAD 16
@@ -1023,9 +1026,19 @@ static int kn_rb_write(struct kn_rb *rb, uint64_t ts, const uint8_t *data, uint6
     return 1;
 }
 
+/* rb_wakeups for a full-waiter (ring_buffer.py RingBuffer.full_hit): once, until the reader
+ * has read, when another record of this cost would pass the mark. */
+static int kn_rb_full_hit(struct kn_rb *rb, uint64_t n)
+{
+    if (!rb->wake || rb->woken || rb->used + rb_cost(n) <= rb->wake_at)
+        return 0;
+    rb->woken = 1;
+    return 1;
+}
+
 /* Kprobe events committed in C (trace_kprobe.py kprobe_dispatcher, tracefs commit): when
  * the event's only consumer is the ring buffer -- enabled, no BPF program, no trigger,
- * not soft-disabled, no on_commit stream, a filter this evaluator expresses or none, the
+ * not soft-disabled, no on_commit subscriber, a filter this evaluator expresses or none, the
  * clock without a cycle model's pending block -- C stamps the header, filters, reads the
  * clock and writes the record. Python decides that (`ok`) whenever it may have changed:
  * `valid` is cleared each time Python runs and the next commit asks it again. */
@@ -1119,6 +1132,7 @@ static int kn_trace_commit(struct kn_state *s, struct kn_tevent *ev, const uint6
                            uint32_t nwords)
 {
     struct kn_tstate *t = s->ts;
+    struct kn_rb *woke = NULL;
     if (!t)
         return 0;
     if (!t->valid) {
@@ -1163,9 +1177,16 @@ static int kn_trace_commit(struct kn_state *s, struct kn_tevent *ev, const uint6
         if (r < 0)
             return 0;
         t->committed += (uint64_t)r;
+        if (r > 0 && kn_rb_full_hit(ev->rbs[t->cpu], s->trace_len))
+            woke = ev->rbs[t->cpu];
     }
 counted:
     ev->nhit++;
     s->trace_len = 0;
+    if (woke && s->py) {                    /* the reader drains: after the counts it settles */
+        s->py_busy++;
+        call_py(s->py, woke->wake, (uint32_t)t->cpu);
+        s->py_busy--;
+    }
     return 1;
 }

@@ -3,6 +3,12 @@ would, streamed while the guest runs; and the `--event`/`--filter` options of `e
 (trace to --trace-out). The guest's own stdout goes to stderr (or --guest-output) so
 stdout carries only the trace; the exit code is the guest's.
 
+The stream is a trace_pipe reader woken in batches (tracefs TracePipeReader), so C commits
+the records of events nothing else consumes; the lines still come out where they did when
+every record was printed as committed: the reader drains before the guest's output, before
+any other writer of the trace's stream (graph lines, BPF records: they get `reader.stream`),
+at `--buffer-percent` of a CPU's buffer and at the end of the run.
+
 Other layers add `emu trace` options here (the BPF layer's --bpf/--dump-maps): a module
 named in PROVIDER_MODULES is imported when the parser is built and appends an object with
 `add_options(parser)`, `setup(machine, tracefs, args)` (after the events exist, before the
@@ -44,7 +50,7 @@ class TraceCommandError(UsageError):
 
 
 def _add_event_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--event", action="append", default=[], metavar="CMD",
+    p.add_argument("-e", "--event", action="append", default=[], metavar="CMD",
                    help="a kprobe_events command, e.g. 'p:grp/ev do_sys_open dfd=$arg1', or "
                         "'tp:GRP/NAME' for a guest tracepoint's event (repeatable)")
     p.add_argument("--filter", action="append", default=[], nargs=2, metavar=("EVENT", "EXPR"),
@@ -53,6 +59,12 @@ def _add_event_options(p: argparse.ArgumentParser) -> None:
                    help="an event trigger for [GRP/]EVENT, as written to its trigger file: "
                         "traceon, traceoff, snapshot, stacktrace, enable_event:G:E, "
                         "disable_event:G:E, hist:keys=... (repeatable); hist files print at exit")
+    p.add_argument("--buffer-size-kb", type=int, metavar="KB",
+                   help="buffer_size_kb: each CPU's ring buffer (default 1408)")
+    p.add_argument("--buffer-percent", type=int, metavar="P",
+                   help="buffer_percent: the streamed trace is read when a CPU's buffer is P %% "
+                        "full (0: at every record, 100: when full; default 50), before the "
+                        "guest's output and at exit")
 
 
 def add_subcommand(sub) -> None:
@@ -93,6 +105,7 @@ def setup_events(machine, args) -> Tracefs:
     soft-disabled until that trigger fires), set each --filter and --trigger; refusals raise
     TraceCommandError with the lines error_log shows."""
     fs = tracefs_of(machine)
+    set_buffer_options(fs, args)
     triggers = getattr(args, "trigger", None) or []
     soft = {t.split(":")[1] + "/" + t.split(":")[2] for _e, t in triggers
             if t.startswith("enable_event:") and t.count(":") >= 2}
@@ -118,6 +131,23 @@ def setup_events(machine, args) -> Tracefs:
             if ret:
                 raise _refusal(fs, before, f"{option} {name} {expr!r}", ret)
     return fs
+
+
+BUFFER_OPTIONS = (("--buffer-size-kb", "buffer_size_kb", "1 or more"),
+                  ("--buffer-percent", "buffer_percent", "0 to 100"))
+
+
+def set_buffer_options(fs: Tracefs, args) -> bool:
+    """--buffer-size-kb and --buffer-percent into their files; True if either was given."""
+    given = False
+    for option, file, valid in BUFFER_OPTIONS:
+        value = getattr(args, file, None)
+        if value is None:
+            continue
+        given = True
+        if fs.write(file, str(value)):
+            raise TraceCommandError(f"{option} {value}: out of range ({valid})")
+    return given
 
 
 def hist_files(fs: Tracefs) -> str:
@@ -164,9 +194,10 @@ def cmd_trace(args) -> int:
             from emu.cycles import enable_cycle_model
             enable_cycle_model(m, args.profile)   # time advances with guest work
         fs = setup_events(m, args)
+        # the providers' lines mid-run (graph, BPF records) read the pipe first
+        args.stdout = fs.stream_to(out, args.json).stream
         for prov in TRACE_OPTION_PROVIDERS:
             prov.setup(m, fs, args)
-        fs.stream_to(out, args.json)
         result = m.run(max_insns=args.max_insns, timeout=args.timeout)
         out.write(fs.read_pipe(args.json))
         out.write(hist_files(fs))
@@ -175,6 +206,7 @@ def cmd_trace(args) -> int:
         for prov in TRACE_OPTION_PROVIDERS:
             prov.finish(m, fs, args, out)
     finally:
+        args.stdout = out
         if args.guest_output:
             guest_out.close()
     if result.reason in (StopReason.FAULT, StopReason.LIMIT):
@@ -189,6 +221,8 @@ def attach_from_args(session, args) -> None:
     if (getattr(args, "event", None) or getattr(args, "filter", None)
             or getattr(args, "trigger", None)):
         events = EventReport(m, setup_events(m, args), args)
+    elif any(getattr(args, file, None) is not None for _o, file, _v in BUFFER_OPTIONS):
+        set_buffer_options(tracefs_of(m), args)     # the function tracer's buffer
     if graph.wanted(args):           # reports (flushes) before the events close the file
         session.attach(GraphOut(m, args, events))
     if events is not None:
@@ -223,17 +257,21 @@ class GraphOut:
 
 class EventReport:
     """Streams the trace of `emu run --event` to --trace-out (or stderr); the events' hit
-    counts in --stats."""
+    counts in --stats. On stderr, the later layers' stderr (BPF output) reads the pipe
+    first (args.stderr becomes the reader's stream)."""
 
     def __init__(self, machine, fs: Tracefs, args) -> None:
         self.m, self.fs = machine, fs
         path = getattr(args, "trace_out", None)
         self.own = None
         stderr = getattr(args, "stderr", None) or sys.stderr
+        self.out: IO[str] = stderr
         if not fs.streaming:
             self.own = open(path, "w") if path else None
-            fs.stream_to(self.own or stderr)
-        self.out = self.own or stderr
+            self.out = fs.stream_to(self.own or stderr).stream
+        reader = fs.reader
+        if reader is not None and reader.out is stderr:
+            args.stderr = reader.stream
 
     def report(self, out: IO[str]) -> None:
         self.fs.flush_stream()

@@ -11,10 +11,17 @@ reserve, evict the oldest (overwrite) or refuse (drop), commit, with the same co
 Records become Python objects only when read. A ring entry is u32 total (its bytes, a
 multiple of 8; 0 marks the unused end of the ring: go on at offset 0), u32 len, u64 ts,
 then the data. The ring grows (Python only: C hands the write back) when its bytes run
-out; the budget, not the ring's size, decides what is kept."""
+out; the budget, not the ring's size, decides what is kept.
+
+A reader that waits for data (trace_pipe streamed by the CLI) is woken as the kernel's
+full-waiters are (rb_wakeups, `buffer_percent`): once, when a commit leaves a CPU's buffer
+unable to take another record of that size without passing the mark (at 100 %: without
+overwriting or dropping), and not again until it has read. C's commits check the mark as
+Python's do (kn_rb_full_hit) and call the waiter only then: no Python per record."""
 from __future__ import annotations
 
 import ctypes
+import heapq
 import struct
 from collections.abc import Iterator
 from typing import Any, Callable, ClassVar
@@ -79,10 +86,15 @@ class KnRb(ctypes.Structure):
     written: int
     read: int
     overwrite: int
+    woken: int
+    wake_at: int
+    wake: int | None
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("buf", ctypes.c_void_p)] + [(n, ctypes.c_uint64) for n in (
             "cap", "head", "tail", "fill", "last", "size", "used", "nentries", "overrun",
-            "dropped", "written", "read")] + [("overwrite", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+            "dropped", "written", "read")] + [
+        ("overwrite", ctypes.c_uint32), ("woken", ctypes.c_uint32),
+        ("wake_at", ctypes.c_uint64), ("wake", ctypes.c_void_p)]
 
 
 class CpuBuffer:
@@ -223,6 +235,26 @@ class CpuBuffer:
         self.rb.read += 1
         return rec
 
+    def consume_all(self) -> list[RingBufferRecord]:
+        """Every record, oldest first, removed in one pass (as many consume() calls)."""
+        rb, mv = self.rb, self._mv
+        n = rb.nentries
+        if not n:
+            return []
+        assert mv is not None
+        pos, cap, cpu, out = rb.head, rb.cap, self.cpu, []
+        u32, head = _U32.unpack_from, REC_HEAD.unpack_from
+        for _ in range(n):
+            if u32(mv, pos)[0] == 0:              # the ring's unused end: go on at 0
+                pos = 0
+            total, size, ts = head(mv, pos)
+            start = pos + REC_HEAD.size
+            out.append(RingBufferRecord(ts, cpu, bytes(mv[start:start + size])))
+            pos = (pos + total) % cap
+        rb.read += n
+        rb.head = rb.tail = rb.fill = rb.used = rb.nentries = 0
+        return out
+
     def peek_ts(self) -> int | None:
         if not self.rb.nentries:
             return None
@@ -264,13 +296,44 @@ class _Entries:
 class RingBuffer:
     """struct trace_buffer: one CpuBuffer per CPU. `size_kb` per CPU, as buffer_size_kb.
     `before_read` callbacks run before any record or counter is read (the C hit path
-    settles what it owes the readers there)."""
+    settles what it owes the readers there). `waiter`: the reader woken at its mark."""
 
     def __init__(self, nr_cpus: int = 1, size_kb: int = 1408, overwrite: bool = True) -> None:
         self.size_kb = size_kb
         self.cpus = [CpuBuffer(size_kb * 1024, i, overwrite) for i in range(nr_cpus)]
         self._overwrite = overwrite
         self.before_read: list[Callable[[], None]] = []
+        self.waiter: Callable[[int], int] | None = None
+        self._wake_percent = 0
+
+    # --- a waiting reader (ring_buffer_wait with `full`, rb_wakeups) ------------------------------
+    def set_waiter(self, wake: Callable[[int], int] | None, percent: int = 0) -> None:
+        """`wake(cpu)` is called (by Python's commits and C's alike; it returns 0 and never
+        raises: C calls it straight from the hit) when a commit takes a CPU's buffer to
+        `percent` of its size; None removes the waiter."""
+        self.waiter, self._wake_percent = wake, percent
+        for b in self.cpus:
+            b.rb.woken = 0
+            b.rb.wake = id(wake) if wake is not None else None   # the object C calls
+            b.rb.wake_at = b.rb.size * percent // 100
+
+    def full_hit(self, cpu: int, n: int) -> bool:
+        """After a commit of n bytes on `cpu` (kn_rb_full_hit): is the waiter due? Once,
+        until it reads (`rearm`): another record of that size would pass the mark."""
+        rb = self.cpus[cpu].rb
+        if not rb.wake or rb.woken or rb.used + RB_EVNT_HDR_SIZE + (n + 3) // 4 * 4 <= rb.wake_at:
+            return False
+        rb.woken = 1
+        return True
+
+    def poll_wake(self, cpu: int, n: int) -> None:
+        if self.waiter is not None and self.full_hit(cpu, n):
+            self.waiter(cpu)
+
+    def rearm(self) -> None:
+        """The reader has read: it waits again."""
+        for b in self.cpus:
+            b.rb.woken = 0
 
     @property
     def overwrite(self) -> bool:
@@ -294,6 +357,7 @@ class RingBuffer:
         for b in self.cpus:
             b.size = size_kb * 1024
             b.evict_to_budget()
+            b.rb.wake_at = b.rb.size * self._wake_percent // 100
 
     def records(self) -> list[RingBufferRecord]:
         """Every record, merged across CPUs by timestamp (the `trace` file's order)."""
@@ -311,6 +375,19 @@ class RingBuffer:
             if ts is not None and (best is None or ts < best_ts):
                 best, best_ts = b, ts
         return best.consume() if best is not None else None
+
+    def consume_all(self) -> list[RingBufferRecord]:
+        """Every record, removed, in consume()'s order (oldest head first, ties to the
+        lower CPU): a reader's batch, settled once."""
+        self._settle()
+        per_cpu = [recs for b in self.cpus if (recs := b.consume_all())]
+        if len(per_cpu) <= 1:
+            return per_cpu[0] if per_cpu else []
+        return list(heapq.merge(*per_cpu, key=lambda r: (r.ts, r.cpu)))
+
+    def pending(self) -> bool:
+        """Any record to read (C's commits count here without settling)."""
+        return any(b.rb.nentries for b in self.cpus)
 
     def reset(self) -> None:
         self._settle()

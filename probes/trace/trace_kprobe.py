@@ -571,8 +571,9 @@ class TraceKprobeEvents:
         """C asks, after Python ran: may it commit each event's records, and into what?
         Only when the ring buffer is the record's one consumer, as kprobe_dispatcher and
         Tracefs.commit would leave it: enabled, no BPF program, no trigger, not
-        soft-disabled, no on_commit stream, a filter C evaluates or none, and a clock
-        whose time C can read (no cycle model's pending block)."""
+        soft-disabled, no on_commit subscriber, a filter C evaluates or none, and a clock
+        whose time C can read (no cycle model's pending block). A streaming reader (the
+        CLI's trace_pipe) is no subscriber: C wakes it at the buffer's mark."""
         self._settle()
         m, fs, clock = self.m, self.fs, self.m.clock
         ts.pid, ts.cpu, ts.freq_hz = m.task[1], m.cpu, clock.freq_hz

@@ -3,17 +3,24 @@ the kernel's file operations do, `read(path)` returns the file's text.
 
 Files: kprobe_events, dynamic_events, events/enable, events/GRP/enable,
 events/GRP/EVENT/{enable,filter,format,id}, trace, trace_pipe, kprobe_profile, error_log,
-tracing_on, buffer_size_kb, options/overwrite. `write(..., append=False)` is `>` (O_TRUNC:
-kprobe_events deletes every event first, trace clears the buffer), `append=True` is `>>`.
-Producers (kprobe events, the function tracer, bpf_trace_printk) commit records through
-`commit`; consumers that stream (the CLI) subscribe to `on_commit` and drain trace_pipe.
-Reading an empty trace_pipe returns "" where the kernel's would block."""
+tracing_on, buffer_size_kb, buffer_percent, options/overwrite. `write(..., append=False)` is
+`>` (O_TRUNC: kprobe_events deletes every event first, trace clears the buffer), `append=True`
+is `>>`. Producers (kprobe events, the function tracer, bpf_trace_printk) commit records
+through `commit` (or C commits them); `on_commit` callbacks see each record Python commits
+(a subscriber sends every record through Python). Reading an empty trace_pipe returns ""
+where the kernel's would block.
+
+The CLI's stream (`stream_to`) is a trace_pipe reader, as `cat trace_pipe` is: never called
+per record, it is woken and drains in batches -- when a commit takes a CPU's buffer to
+`buffer_percent` (C calls it once then, no Python per record), before the guest writes
+output and before anything else writes to the stream (so the lines interleave as records
+and output happened), before the live buffer is swapped or resized, and when a run ends."""
 from __future__ import annotations
 
 import errno
 import struct
 from collections import deque
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from emu.machine import Machine
 from probes.trace.ring_buffer import TRACE_FLAG_IRQS_OFF, RingBuffer, RingBufferRecord
@@ -22,6 +29,7 @@ from probes.trace.trace_output import TRACE_HEADER, print_line, record_json
 from probes.trace.trace_probe import TraceProbeError
 
 ERROR_LOG_MAX = 8
+BUFFER_PERCENT = 50                # tr->buffer_percent's default: wake a reader at half full
 TRACE_FN = 1                       # the function tracer's entry type (kernel/trace/trace.h)
 TRACE_STACK = 4                    # a kernel stack (struct stack_entry: size, caller[])
 FTRACE_STACK_ENTRIES = 8           # callers a stacktrace trigger records, innermost first
@@ -46,7 +54,8 @@ PREFIX = "/sys/kernel/tracing/"
 class Tracefs:
     """Attributes: `machine`, `buffer` (RingBuffer), `events` ("GRP/EVENT" -> call),
     `kprobes` (TraceKprobeEvents), `error_log` (last 8 entries), `tracing_on`,
-    `comms` (pid -> comm, saved_cmdlines), `on_commit` (callbacks after each record)."""
+    `comms` (pid -> comm, saved_cmdlines), `on_commit` (callbacks after each record
+    Python commits), `buffer_percent` (a waiting reader's mark)."""
 
     def __init__(self, machine: Machine, nr_cpus: int | None = None) -> None:
         from probes.trace.trace_kprobe import TraceKprobeEvents
@@ -63,7 +72,8 @@ class Tracefs:
         self.on_commit: list[Callable[[TraceEventCall, RingBufferRecord], None]] = []
         self._next_id = FIRST_DYNAMIC_EVENT_ID
         self._by_id: dict[int, TraceEventCall] = {}
-        self._streamer = None
+        self._streamer: TracePipeReader | None = None
+        self.buffer_percent = BUFFER_PERCENT
         from probes.trace.trace_events_trigger import TriggerCommands
         self.trigger_commands = TriggerCommands(self)
         self.snapshot_buffer: RingBuffer | None = None
@@ -118,12 +128,14 @@ class Tracefs:
             return False
         self.comms[pid] = comm
         ts = self.machine.clock.monotonic_ns()
-        if not self.buffer.write(cpu, ts, data):
+        buf = self.buffer
+        if not buf.write(cpu, ts, data):
             return False
         if self.on_commit:
-            rec = self.buffer.cpus[cpu].entries[-1]
+            rec = buf.cpus[cpu].entries[-1]
             for fn in list(self.on_commit):
                 fn(call, rec)
+        buf.poll_wake(cpu, len(data))
         return True
 
     # --- snapshot and stack traces (the snapshot and stacktrace triggers) ---------------------
@@ -134,10 +146,19 @@ class Tracefs:
             self.snapshot_buffer = RingBuffer(len(b.cpus), b.size_kb, b.overwrite)
 
     def tracing_snapshot(self) -> None:
-        """update_max_tr: swap the live buffer with the snapshot buffer."""
+        """update_max_tr: swap the live buffer with the snapshot buffer (a streaming
+        reader has read the live one first, and goes on waiting on the new one)."""
         self.alloc_snapshot()
         assert self.snapshot_buffer is not None
+        if self._streamer is not None:
+            self._streamer.drain()
+            self._move_waiter(self.buffer, self.snapshot_buffer)
         self.buffer, self.snapshot_buffer = self.snapshot_buffer, self.buffer
+
+    def _move_waiter(self, old: RingBuffer, new: RingBuffer) -> None:
+        wake, old_pct = old.waiter, old._wake_percent
+        old.set_waiter(None)
+        new.set_waiter(wake, old_pct)
 
     def _write_snapshot(self, text: str) -> int:
         """echo 0 (free), 1 (allocate and take a snapshot), other numbers (clear)."""
@@ -247,28 +268,28 @@ class Tracefs:
             call.enabled = True            # bpf_trace_printk enables its event when used
         return call
 
-    def stream_to(self, out: IO[str], as_json: bool = False) -> None:
-        """Print every record as it is committed, as `cat trace_pipe` would (one streamer
-        per tracefs: a second call keeps the first output)."""
-        if self._streamer is not None:
-            return
-
-        def drain(_call, _rec) -> None:
-            out.write(self.read_pipe(as_json))
-
-        self._streamer = (drain, out, as_json)
-        self.on_commit.append(drain)
+    def stream_to(self, out: IO[str], as_json: bool = False) -> "TracePipeReader":
+        """Print the records to `out` as `cat trace_pipe` would, read in batches (the
+        module's docstring says when). One reader per tracefs: a second call returns the
+        first. Whatever else writes to `out` while the guest runs goes through the
+        reader's `stream`."""
+        if self._streamer is None:
+            self._streamer = TracePipeReader(self, out, as_json)
+        return self._streamer
 
     @property
     def streaming(self) -> bool:
         return self._streamer is not None
 
+    @property
+    def reader(self) -> "TracePipeReader | None":
+        return self._streamer
+
     def flush_stream(self) -> None:
-        """Drain what is left into the streamer's output and flush it."""
+        """Drain what is left into the reader's output and flush it."""
         if self._streamer is not None:
-            _fn, out, as_json = self._streamer
-            out.write(self.read_pipe(as_json))
-            out.flush()
+            self._streamer.drain()
+            self._streamer.out.flush()
 
     # --- reading records ----------------------------------------------------------------------
     def format_record(self, rec: RingBufferRecord, as_json: bool = False) -> str:
@@ -281,10 +302,8 @@ class Tracefs:
 
     def read_pipe(self, as_json: bool = False) -> str:
         """Everything in trace_pipe, consumed."""
-        out = []
-        while (rec := self.buffer.consume()) is not None:
-            out.append(self.format_record(rec, as_json) + "\n")
-        return "".join(out)
+        fmt = self.format_record
+        return "".join(fmt(rec, as_json) + "\n" for rec in self.buffer.consume_all())
 
     def _read_trace(self) -> str:
         b = self.buffer
@@ -310,10 +329,13 @@ class Tracefs:
             return function_probes_of(self).write(text)
         writer = {"trace": self._clear_trace, "error_log": self._clear_error_log,
                   "tracing_on": self._set_tracing_on, "buffer_size_kb": self._set_size,
+                  "buffer_percent": self._set_buffer_percent,
                   "options/overwrite": self._set_overwrite}.get(path)
         return writer(text) if writer is not None else -errno.ENOENT
 
     def _clear_trace(self, _text: str) -> int:
+        if self._streamer is not None:
+            self._streamer.drain()       # the reader keeps up: it has what was there
         self.buffer.reset()
         return 0
 
@@ -342,7 +364,22 @@ class Tracefs:
             return -errno.EINVAL
         if kb <= 0:
             return -errno.EINVAL
+        if self._streamer is not None:
+            self._streamer.drain()       # a smaller budget would evict what it has not read
         self.buffer.resize(kb)
+        return 0
+
+    def _set_buffer_percent(self, text: str) -> int:
+        """buffer_percent_write: 0 (wake at any data) to 100 (wake when full)."""
+        try:
+            v = int(text.strip())
+        except ValueError:
+            return -errno.EINVAL
+        if not 0 <= v <= 100:
+            return -errno.EINVAL
+        self.buffer_percent = v
+        if self._streamer is not None:
+            self.buffer.set_waiter(self.buffer.waiter, v)
         return 0
 
     def read(self, path: str) -> str:
@@ -353,6 +390,7 @@ class Tracefs:
             "trace_pipe": self.read_pipe, "error_log": lambda: "".join(self.error_log),
             "tracing_on": lambda: f"{int(self.tracing_on)}\n", "snapshot": self._read_snapshot,
             "buffer_size_kb": lambda: f"{self.buffer.size_kb}\n",
+            "buffer_percent": lambda: f"{self.buffer_percent}\n",
             "options/overwrite": lambda: f"{int(self.buffer.overwrite)}\n",
         }
         if path == "set_ftrace_filter":
@@ -476,3 +514,96 @@ def _bool(text: str) -> bool | None:
 
 def tracefs_of(machine: Machine) -> Tracefs:
     return machine.layer("tracefs", Tracefs)
+
+
+# --- the CLI's trace_pipe reader ------------------------------------------------------------------
+class TracePipeReader:
+    """`cat trace_pipe` into `out` (text or, `as_json`, one JSON object a line), woken rather
+    than called per record: by the buffer's mark (RingBuffer.set_waiter, buffer_percent),
+    by `stream` writes (its other writers), by the guest's output, by a swap, and at the
+    end of each run. Drains inside a run that fail stop the run with the error (the hook
+    convention: re-raised after emu_start) and end the streaming."""
+
+    def __init__(self, fs: Tracefs, out: IO[str], as_json: bool = False) -> None:
+        self.fs, self.out, self.as_json = fs, out, as_json
+        self.m = fs.machine
+        self.failed = False
+        self.stream: IO[str] = DrainFirst(out, self)     # type: ignore[assignment]
+        self._wake_entry = self._wake                     # one object: C holds its address
+        fs.buffer.set_waiter(self._wake_entry, fs.buffer_percent)
+        self.m.stop_listeners.append(self._run_ended)
+        drain_before_guest_output(self.m, self)
+
+    def drain(self) -> None:
+        """Print what the pipe holds (the reader woke)."""
+        if self.failed:
+            return
+        buf = self.fs.buffer
+        if buf.pending():
+            text = self.fs.read_pipe(self.as_json)
+            buf.rearm()
+            try:
+                self.out.write(text)
+            except BaseException:
+                self.failed = True
+                raise
+        else:
+            buf.rearm()
+
+    def drain_in_run(self) -> None:
+        """drain() from inside a hook or a guest's syscall: an error stops the run."""
+        if not self.m.running:
+            self.drain()
+            return
+        try:
+            self.drain()
+        except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+            errors = self.m.hooks.errors
+            if not errors:
+                errors.append(exc)
+            self.m.uc.emu_stop()
+
+    def _wake(self, _cpu: int) -> int:
+        """The waiter C and Python commits call at the mark."""
+        self.drain_in_run()
+        return 0
+
+    def _run_ended(self) -> None:
+        if not self.m.running:           # the outer run, not a handler's nested one
+            self.drain()
+
+
+class DrainFirst:
+    """A stream whose writes read the trace pipe first: the reader's output for its other
+    writers, and the guest's output streams. Everything else is the wrapped stream's."""
+
+    def __init__(self, inner: Any, reader: TracePipeReader) -> None:
+        self.inner, self.reader = inner, reader
+
+    def write(self, data: Any) -> int:
+        self.reader.drain_in_run()
+        return self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def drain_before_guest_output(m: Machine, reader: TracePipeReader) -> None:
+    """Wrap the guest's output streams (the machine's stdout/stderr and the open files
+    over them) so that each write of the guest reads the pipe first."""
+    wrapped: dict[int, DrainFirst] = {}
+
+    def wrap(stream: Any) -> Any:
+        if stream is None or isinstance(stream, DrainFirst):
+            return stream
+        if id(stream) not in wrapped:
+            wrapped[id(stream)] = DrainFirst(stream, reader)
+        return wrapped[id(stream)]
+
+    originals = {id(m.stdout), id(m.stderr)}
+    proc = getattr(m.syscall_handler, "proc", None)
+    if proc is not None:
+        for f in proc.fds.files.values():
+            if f.kind == "stream" and id(f.stream) in originals:
+                f.stream = wrap(f.stream)
+    m.stdout, m.stderr = wrap(m.stdout), wrap(m.stderr)
