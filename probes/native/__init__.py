@@ -490,12 +490,15 @@ class NativeDispatch:
             ts.revalidate = id(entry)
             self.st.ts = ctypes.addressof(ts)
             m.cpu_listeners.append(lambda _cpu: self.trace_stale())
-            uc, restore = m.uc, m.uc.context_restore
 
-            def context_restore(context: Any) -> None:     # a task switch
-                self.trace_stale()
-                restore(context)
-            uc.context_restore = context_restore            # type: ignore[method-assign]
+            def watch(uc: Any) -> None:                 # a task switch on any vCPU's Uc
+                restore = uc.context_restore
+
+                def context_restore(context: Any) -> None:
+                    self.trace_stale()
+                    restore(context)
+                uc.context_restore = context_restore
+            m.for_each_uc(watch)
         if revalidate not in self.revalidators:
             self.revalidators.append(revalidate)
         return ts
