@@ -1239,13 +1239,15 @@ class ProbeJit:
         self._last: tuple[Callable[[], "BpfProg | None"], Any, BpfRun] | None = None
 
     def _enable_direct(self) -> None:
-        """Optimized probes may call the images from a thunk (jit_direct.py) once the
-        optimizer exists; asked on host hits until then."""
+        """Plain kprobes may run the images from a guest stub, optimized probes from a
+        thunk (jit_direct.py), once the optimizer exists; asked on host hits until then."""
+        from .jit_direct import enable_direct_calls
+
         if self._kprobes is None:
             from probes.kprobes import kprobes_of
             self._kprobes = kprobes_of(self.machine)
+            enable_direct_calls(self.machine, self)
         if self._kprobes.optimizer is not None:
-            from .jit_direct import enable_direct_calls
             enable_direct_calls(self.machine, self)
             self._direct_on = True
 
