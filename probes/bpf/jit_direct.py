@@ -1,4 +1,4 @@
-"""Optimized probes whose BPF programs run with no host exit (issue 17).
+"""Optimized probes and plain kprobes whose BPF programs run with no nested run (issue 17).
 
 The kernel's optprobe template saves pt_regs on the stack and calls optimized_callback,
 which reaches kprobe_perf_func -> trace_call_bpf -> the JITed bpf_func. Here, after a
@@ -16,6 +16,14 @@ host path. A hit whose programs use only inlined helpers never leaves the guest.
 words and folded into the host's counters whenever a run stops; the map values the images
 wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
 A change of an event's programs sends its probes back to the host path.
+
+Plain kprobes get a *stub* from the same generator (``kprobe_stub``, Kprobes.bpf_stub):
+the breakpoint still traps, kprobe_handler charges the trap and the handler as before and
+sets pc to the stub instead of running the programs on the host; the stub ends in the
+arch's breakpoint at its slot's last word, whose owner (``Kprobes.bpf_stub_done``) goes on
+with the hit as a pre handler returning 0 lets it: the out-of-line step or the simulation,
+then the post handler. trace_call_bpf's AND of the results only gates a perf sample, which
+a kprobe-PMU event here never records, so the stub drops it as the thunk does.
 
 The frame holds what the programs can read and what must come back: the slots the verifier
 saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers

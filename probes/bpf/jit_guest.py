@@ -28,15 +28,22 @@ cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Optimized probes call the images from a guest thunk (jit_direct.py) once a first hit has
-JITed them: no nested run, and no host exit at all when every helper is inlined; helper
-calls from a thunk reach ``_direct_trap`` in the same run. While images run that way the
-windows hold the array maps' bytes: user-space lookups and updates go through them
-(``pull``/``push``, the maps' MapBacking) and every run's stop reads them back.
+Optimized probes call the images from a guest thunk, plain kprobes from a guest stub the
+hit sends the guest to (jit_direct.py), once a first hit has JITed them: no nested run, and
+no host exit at all when every helper is inlined; helper calls from a thunk reach
+``_direct_trap`` in the same run. While images run that way the windows hold the array
+maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
+MapBacking) and every run's stop reads them back.
 
-Left out (see the report in the issue): kprobes, kretprobes, ftrace sites and tracepoints
-still run the image in a nested run from the host side of the hit; maps backed by the guest
-pages themselves (the windows are copied in and out around a nested run, skipping unchanged
+The nested run (kretprobes, ftrace sites, tracepoints, programs that need the host) is
+kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
+come back), one Unicorn context kept for every hit, raw libunicorn register and memory
+calls, windows re-mapped only when the run's regions changed and copied only when their
+bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
+
+Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
+the image in a nested run from the host side of the hit; maps backed by the guest pages
+themselves (the windows are copied in and out around a nested run, skipping unchanged
 ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
@@ -1216,9 +1223,10 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
 class ProbeJit:
     """``--bpf-engine jit`` on probe hits: programs are JITed into the traced machine
     itself (text pages the BPF layer claims, written through text_poke, maps and the
-    pt_regs context in windows it maps), and a hit runs the image on the traced CPU: a
-    nested run from the host side of the hit on the BPF layer's stack, after which the
-    CPU's registers are put back and the probe's handling goes on. With the cycle model on,
+    pt_regs context in windows it maps), and a host-side hit runs the image on the traced
+    CPU: a nested run on the BPF layer's stack, after which the CPU's registers are put
+    back and the probe's handling goes on (the first hit of a plain kprobe or an optimized
+    probe; later ones call the images from guest code, jit_direct.py). With the cycle model on,
     the profile charges the JITed code as it runs it; ``cycles`` sums them per program.
     Call as ``runner(prog, ctx, env) -> r0``, the signature of ``BpfProg.run``.
 
