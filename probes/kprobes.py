@@ -147,6 +147,9 @@ class Kprobes:
         self.reserved: ReservedText = reserved_text_of(machine)
         self._registered: set[int] = set()        # id() of registered struct kprobes
         self.optimizer: Optimizer | None = None   # set by enable_optprobes
+        # --bpf-engine jit: p -> a guest stub that runs p's JITed programs and traps back
+        # (probes/bpf/jit_direct.py), or None when they need the host
+        self.bpf_stub: Callable[[Kprobe], int | None] | None = None
         self.preemptible = False                  # CONFIG_PREEMPTION: the kernel never boosts then
         self.ip_offset = self.arch.handler_ip_offset  # pre handlers see addr (+1 on x86)
         self._ftrace_ops: FtraceOps | None = None  # the one serving FTRACE probes
@@ -660,6 +663,12 @@ class Kprobes:
             clock.charge(TRAP)
         else:
             clock.charge2(TRAP, HANDLER)
+            stub = self.bpf_stub(p) if self.bpf_stub is not None else None
+            if stub is not None:
+                # The handler's programs run in the guest (no nested run); the stub's trap
+                # resumes this hit in bpf_stub_done with the handler's "0" (kcb stays ACTIVE).
+                self.m.pc = stub
+                return True
             regs = PtRegs(self.m, addr + self.ip_offset)
             if p.pre_handler(p, regs):
                 # The handler set ip itself: no single-step, no post handler.
@@ -673,6 +682,16 @@ class Kprobes:
                 kcb.current, kcb.status = None, 0
                 return True
         self._setup_singlestep(p, regs, reenter=False)
+        return True
+
+    def bpf_stub_done(self, p: Kprobe) -> bool:
+        """The trap at the end of `p`'s BPF stub: the pre handler's work is done (it never
+        changes ip), so the hit goes on as kprobe_handler goes on after one."""
+        kcb = self.kcb
+        if kcb.current is not p or kcb.status != KPROBE_HIT_ACTIVE:
+            return False
+        # not charged: the kernel runs the programs inside the int3/BRK handler, one trap
+        self._setup_singlestep(p, None, reenter=False)
         return True
 
     def _reenter(self, p: Kprobe, regs: PtRegs) -> None:

@@ -104,9 +104,11 @@ class ArchOptprobes(Protocol):
     def free_optimized_kprobe(self, p: "Kprobe") -> None:
         """arch_remove_optimized_kprobe: the detour is freed."""
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
+                  counters: int, stack: int, slots: frozenset[int] | None = None,
+                  resume: int | None = None) -> bytes:
         """The optprobe template with trace_call_bpf inlined, placed at `at` (probes/bpf/
-        jit_direct.py), writing the frame `slots` its programs read (None: all); raises
+        jit_direct.py), writing the frame `slots` its programs read (None: all), ending in
+        a branch to `resume` (default: the detour's relocated copies); raises
         OptimizeRefused if `at` cannot be reached from the probe."""
 
 

@@ -1,4 +1,4 @@
-"""Optimized probes whose BPF programs run with no host exit (issue 17).
+"""Optimized probes and plain kprobes whose BPF programs run with no nested run (issue 17).
 
 The kernel's optprobe template saves pt_regs on the stack and calls optimized_callback,
 which reaches kprobe_perf_func -> trace_call_bpf -> the JITed bpf_func. Here, after a
@@ -16,6 +16,14 @@ host path. A hit whose programs use only inlined helpers never leaves the guest.
 words and folded into the host's counters whenever a run stops; the map values the images
 wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
 A change of an event's programs sends its probes back to the host path.
+
+Plain kprobes get a *stub* from the same generator (``kprobe_stub``, Kprobes.bpf_stub):
+the breakpoint still traps, kprobe_handler charges the trap and the handler as before and
+sets pc to the stub instead of running the programs on the host; the stub ends in the
+arch's breakpoint at its slot's last word, whose owner (``Kprobes.bpf_stub_done``) goes on
+with the hit as a pre handler returning 0 lets it: the out-of-line step or the simulation,
+then the post handler. trace_call_bpf's AND of the results only gates a perf sample, which
+a kprobe-PMU event here never records, so the stub drops it as the thunk does.
 
 The frame holds what the programs can read and what must come back: the slots the verifier
 saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers
@@ -103,11 +111,14 @@ def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
 
 @dataclass
 class Thunk:
+    """A thunk (an optimized probe's jump target) or a stub (a plain kprobe's hit path
+    sends the guest there; ``trap`` is its closing breakpoint)."""
     probe: "Kprobe"
     addr: int
     counters: int               # guest address of (hits, misses)
     event: Any                  # the KprobePerfEvent whose programs it calls
     progs: list["BpfProg"]
+    trap: int | None = None     # a stub's breakpoint, where the hit resumes
 
 
 class DirectCalls:
@@ -121,40 +132,75 @@ class DirectCalls:
         self._free: list[int] = []
         self._counters = 0
         self.refused: dict[int, str] = {}        # probe address -> why it keeps the host path
+        self.stubs: dict[int, Thunk] = {}        # plain kprobes: probe address -> live stub
+        self._stub_refused: dict[int, Any] = {}  # probe address -> the handler refused
         machine.stop_listeners.append(self.fold)
 
     # -- deciding --
     def __call__(self, p: "Kprobe") -> int | None:
-        from probes.bpf.libbpf import KprobePerfEvent
-
+        """Optimizer.direct: the thunk an optimized probe's jump should target, or None."""
         assert p.addr is not None
         if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
             self._drop(p.addr)
-        event = getattr(p.pre_handler, "__self__", None)
-        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
-                or not event.prog_array:
-            self.refused[p.addr] = "the handler is not one kprobe-PMU event with programs"
-            return None
-        why: str | None = None
-        progs = event.prog_array.progs()
-        images: list[int] = []
-        for prog in progs:
-            image = self.runner.image_of(prog)
-            if image is None or image.extable:
-                why = f"{prog.name}: not JITed" if image is None else f"{prog.name}: probe loads"
-                break
-            why = direct_eligible(prog)
-            if why is not None:
-                why = f"{prog.name}: {why}"
-                break
-            images.append(image.entry)
+        event, progs, images, why = self._plan(p)
         if why is not None:
             self.refused[p.addr] = why
             return None
         return self._build(p, event, progs, images)
 
+    def _plan(self, p: "Kprobe") -> tuple[Any, list["BpfProg"], list[int], str | None]:
+        """(event, programs, image entries, None) when ``p``'s handler is one kprobe-PMU
+        event whose programs can all run from guest code; else why not as the last."""
+        from probes.bpf.libbpf import KprobePerfEvent
+
+        event = getattr(p.pre_handler, "__self__", None)
+        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
+                or not event.prog_array:
+            return event, [], [], "the handler is not one kprobe-PMU event with programs"
+        progs = event.prog_array.progs()
+        images: list[int] = []
+        for prog in progs:
+            image = self.runner.image_of(prog)
+            if image is None or image.extable:
+                loads = f"{prog.name}: not JITed" if image is None else f"{prog.name}: probe loads"
+                return event, progs, images, loads
+            why = direct_eligible(prog)
+            if why is not None:
+                return event, progs, images, f"{prog.name}: {why}"
+            images.append(image.entry)
+        return event, progs, images, None
+
+    def kprobe_stub(self, p: "Kprobe") -> int | None:
+        """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: the stub
+        that runs ``p``'s programs in the guest (made once their images exist), or None:
+        the host path runs them (the first hit, which JITs them; programs that need the
+        host; an optimized probe, whose jump has a thunk of its own)."""
+        addr = p.addr
+        assert addr is not None
+        handler = p.pre_handler
+        t = self.stubs.get(addr)
+        if t is not None:
+            if t.probe is p and getattr(handler, "__self__", None) is t.event:
+                return t.addr
+            self._drop_stub(addr)
+        if self._stub_refused.get(addr) is handler:
+            return None
+        event, progs, images, why = self._plan(p)
+        if why is None:
+            stub = self._build(p, event, progs, images, stub=True)
+            if stub is not None:
+                return stub
+        elif not why.endswith("not JITed") or any(pr in self.runner.fallback for pr in progs):
+            self.refused[addr] = why
+        else:
+            return None                  # JITed by this hit's host run: asked again next hit
+        self._stub_refused[addr] = handler
+        return None
+
     def _build(self, p: "Kprobe", event: Any, progs: list["BpfProg"],
-               entries: list[int]) -> int | None:
+               entries: list[int], stub: bool = False) -> int | None:
+        """Write a thunk for ``p`` (``stub``: one that ends in a breakpoint of its own,
+        the last word of its slot, instead of the detour's copies)."""
         from probes.arch import arch_probes_of
 
         assert p.addr is not None
@@ -166,24 +212,38 @@ class DirectCalls:
             return None
         at = self._slot(p.addr)
         ip = p.addr + self._ip_offset()
+        bp = m.arch.breakpoint
+        trap = at + THUNK_SLOT - len(bp) if stub else None
         try:
             code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
                                                          counters, jit.stack_top,
-                                                         frame_slots(progs))
+                                                         frame_slots(progs), resume=trap)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             self._free.append(at)
             self.refused[p.addr] = f"thunk: {e}"
             return None
-        if len(code) > THUNK_SLOT:
+        if len(code) > (THUNK_SLOT - len(bp) if stub else THUNK_SLOT):
             self._free.append(at)
             self.refused[p.addr] = "thunk too large"
             return None
         self._counters += 1
+        t = Thunk(p, at, counters, event, list(progs), trap)
+        if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
+            code += bp * ((trap - at - len(code)) // len(bp)) + bp
+            self._arm_stub_trap(t)
         m.text_poke(at, code)
-        m.symbols.add(f"bpf_optprobe_thunk_{p.addr:x}", at, len(code))
-        self.thunks[p.addr] = Thunk(p, at, counters, event, list(progs))
+        kind = "kprobe_stub" if stub else "optprobe_thunk"
+        m.symbols.add(f"bpf_{kind}_{p.addr:x}", at, len(code))
+        (self.stubs if stub else self.thunks)[p.addr] = t
         self.refused.pop(p.addr, None)
         return at
+
+    def _arm_stub_trap(self, t: Thunk) -> None:
+        from probes.kprobes import kprobes_of
+
+        assert t.trap is not None
+        done, p = kprobes_of(self.m).bpf_stub_done, t.probe
+        self.m.register_break_addr(t.trap, lambda _addr: done(p))
 
     def _ip_offset(self) -> int:
         from probes.kprobes import kprobes_of
@@ -207,16 +267,16 @@ class DirectCalls:
     def fold(self) -> None:
         """Add what the thunks counted to the probes, events and program stats, and read
         the map values the images wrote back into the maps (a run has stopped)."""
-        if not self.thunks:
+        if not self.thunks and not self.stubs:
             return
         from probes.trace.bpf_trace import prog_stats
 
         uc = self.m.uc
-        for t in self.thunks.values():
+        for t in (*self.thunks.values(), *self.stubs.values()):
             hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
             if hits or misses:
                 uc.mem_write(t.counters, bytes(16))
-                if not t.probe.is_aggr:
+                if not t.probe.is_aggr and t.trap is None:   # a stub's hits: kprobe_handler's
                     t.probe.hits += hits + misses
                 t.event.nhit += hits + misses
                 for prog in t.progs:
@@ -237,6 +297,12 @@ class DirectCalls:
                 self._drop(addr)
                 if opt is not None:
                     opt.forget_direct(t.probe)
+        for addr, t in list(self.stubs.items()):
+            if t.event is event:
+                self._drop_stub(addr)
+        for addr, handler in list(self._stub_refused.items()):
+            if getattr(handler, "__self__", None) is event:
+                del self._stub_refused[addr]
 
     def _drop(self, addr: int) -> None:
         """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is
@@ -244,6 +310,18 @@ class DirectCalls:
         self.fold()
         t = self.thunks.pop(addr)
         self._free.append(t.addr)
+
+
+    def _drop_stub(self, addr: int) -> None:
+        """Forget the stub of the kprobe at ``addr`` (counts folded first). Its slot is
+        filled with breakpoints and not reused: a run that stopped inside the stub (a
+        limit) must not resume in another probe's code."""
+        self.fold()
+        t = self.stubs.pop(addr)
+        assert t.trap is not None
+        self.m.unregister_break_addr(t.trap)
+        bp = self.m.arch.breakpoint
+        self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
 
 
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:
@@ -259,7 +337,10 @@ def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
     dc = direct_calls_of(machine)
     if dc is None:
         dc = machine.layers["bpf_direct_calls"] = DirectCalls(machine, runner)
-    opt = kprobes_of(machine).optimizer
+    kp = kprobes_of(machine)
+    if kp.bpf_stub is None:
+        kp.bpf_stub = dc.kprobe_stub
+    opt = kp.optimizer
     if opt is not None and opt.direct is None:
         opt.direct = dc
     return dc

@@ -28,24 +28,34 @@ cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Optimized probes call the images from a guest thunk (jit_direct.py) once a first hit has
-JITed them: no nested run, and no host exit at all when every helper is inlined; helper
-calls from a thunk reach ``_direct_trap`` in the same run. While images run that way the
-windows hold the array maps' bytes: user-space lookups and updates go through them
-(``pull``/``push``, the maps' MapBacking) and every run's stop reads them back.
+Optimized probes call the images from a guest thunk, plain kprobes from a guest stub the
+hit sends the guest to (jit_direct.py), once a first hit has JITed them: no nested run, and
+no host exit at all when every helper is inlined; helper calls from a thunk reach
+``_direct_trap`` in the same run. While images run that way the windows hold the array
+maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
+MapBacking) and every run's stop reads them back.
 
-Left out (see the report in the issue): kprobes, kretprobes, ftrace sites and tracepoints
-still run the image in a nested run from the host side of the hit; maps backed by the guest
-pages themselves (the windows are copied in and out around a nested run, skipping unchanged
+The nested run (kretprobes, ftrace sites, tracepoints, programs that need the host) is
+kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
+come back), one Unicorn context kept for every hit, raw libunicorn register and memory
+calls, windows re-mapped only when the run's regions changed and copied only when their
+bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
+
+Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
+the image in a nested run from the host side of the hit; maps backed by the guest pages
+themselves (the windows are copied in and out around a nested run, skipping unchanged
 ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
 import bisect
+import ctypes
 import importlib
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
+
+from unicorn import UcError
 
 from emu.owners import RegionOwner
 
@@ -382,6 +392,58 @@ class _Pending:
     exit_r0: int | None = None
 
 
+class _UcFast:
+    """Raw libunicorn calls for the per-hit path, where each binding call costs ~1 µs of a
+    hit worth a few: one Unicorn context kept for every hit (the binding's context_save
+    allocates and wraps a new one each time), the image's entry registers (r1, r2, the
+    budget, sp) in one uc_reg_write_batch, and guest memory reads and writes."""
+
+    def __init__(self, uc: Any, entry_ids: list[int]) -> None:
+        from emu.ucfast import uclib
+
+        lib = ctypes.CDLL(uclib._name)
+        self.uc, self._uch = uc, uc._uch
+        self._ctx = uc.context_save()        # allocated once; freed with this object
+        self._raw_ctx = self._ctx.context
+        self._save, self._restore = lib.uc_context_save, lib.uc_context_restore
+        self._read, self._write = lib.uc_mem_read, lib.uc_mem_write
+        self._bufs: dict[int, Any] = {}
+        n = len(entry_ids)
+        self._batch, self._n = lib.uc_reg_write_batch, ctypes.c_int(n)
+        self._ids = (ctypes.c_int * n)(*entry_ids)
+        self._vals = (ctypes.c_uint64 * n)()
+        size = ctypes.sizeof(ctypes.c_uint64)
+        self._ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(self._vals) + i * size
+                                             for i in range(n)])
+
+    def save(self) -> None:
+        if self._save(self._uch, self._raw_ctx):
+            raise BpfError("uc_context_save failed")
+
+    def restore(self) -> None:
+        if self._restore(self._uch, self._raw_ctx):
+            raise BpfError("uc_context_restore failed")
+
+    def write_entry(self, *values: int) -> None:
+        vals = self._vals
+        for i, v in enumerate(values):
+            vals[i] = v & U64
+        if self._batch(self._uch, self._ids, self._ptrs, self._n):
+            raise BpfError("uc_reg_write_batch failed")
+
+    def read(self, addr: int, size: int) -> bytes:
+        buf = self._bufs.get(size)
+        if buf is None:
+            buf = self._bufs[size] = ctypes.create_string_buffer(size)
+        if self._read(self._uch, ctypes.c_uint64(addr), buf, ctypes.c_uint64(size)):
+            return bytes(self.uc.mem_read(addr, size))     # raises the binding's UcError
+        return buf.raw
+
+    def write(self, addr: int, data: bytes) -> None:
+        if self._write(self._uch, ctypes.c_uint64(addr), data, ctypes.c_uint64(len(data))):
+            self.uc.mem_write(addr, data)                  # raises the binding's UcError
+
+
 class ScratchJit:
     """A scratch machine of one arch that holds JIT images and runs them.
 
@@ -409,16 +471,21 @@ class ScratchJit:
         self.windows: dict[int, Window] = {}     # guest key (addr >> 32) -> window
         self._by_vm_key: dict[int, Window] = {}
         self._by_buffer: dict[int, Window] = {}     # id(region bytes) -> window (MapBacking)
+        self._window_regions: set[int] = set()       # id() of each window's region
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
         self._plans: dict[tuple[int, int], tuple[tuple[int, ...], bool, bool]] = {}
         self._ret_id = m.arch.reg_id(self.emitter.helper_ret)
+        names = self.emitter.reg_names
+        self._entry_ids = [m.arch.reg_id(n) for n in (names[1], names[2],
+                                                      self.emitter.budget_reg, m.arch.sp)]
         self.cycles = 0
         self._executing = False         # inside execute (else a trap comes from a thunk)
         self._direct = False            # serving a thunk's helper call
         self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
         self._pending = _Pending()
+        self._fast: _UcFast | None = None
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
@@ -649,8 +716,16 @@ class ScratchJit:
         """The next hit of a kept run: what the last one added is dropped, bytes go out."""
         run.reset(ctx)
         self.run_state = run
-        self.sync_windows(stack=False)
+        if self._windows_match(run):     # the usual hit: the same regions as the last one
+            self.sync_out(stack=False)
+        else:
+            self.sync_windows(stack=False)
         return run
+
+    def _windows_match(self, run: BpfRun) -> bool:
+        """Whether every region of ``run`` has its window and no window is left over."""
+        regions, windows = run.mem.regions, self._window_regions
+        return len(regions) == len(windows) and all(id(r) in windows for r in regions.values())
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
@@ -659,37 +734,51 @@ class ScratchJit:
         self._executing = True
         try:
             if self.in_guest:   # the traced CPU runs the image: its state comes back after
-                saved = m.uc.context_save()
+                cpu = self._cpu_context()
                 try:
                     return self._execute(m, em, image, run, r1, r2)
                 finally:
-                    m.uc.context_restore(saved)
+                    cpu.restore()
             return self._execute(m, em, image, run, r1, r2)
         finally:
             self._executing = False
+
+    @property
+    def _uc(self) -> "_UcFast":
+        """Raw libunicorn access to the CPU the images run on (made again if the machine
+        runs on another Unicorn)."""
+        fast = self._fast
+        if fast is None or fast.uc is not self.machine.uc:
+            fast = self._fast = _UcFast(self.machine.uc, self._entry_ids)
+        return fast
+
+    def _cpu_context(self) -> "_UcFast":
+        """The traced CPU's state, saved into one context kept for every hit (a new
+        UcContext per hit costs an allocation and the binding's wrapper: ~5 µs)."""
+        fast = self._uc
+        fast.save()
+        return fast
 
     def _execute(self, m: "Machine", em: Emitter, image: JitImage, run: BpfRun,
                  r1: int, r2: int) -> int:
         if "tail_call" in self.stubs:     # only a program with tail calls counts them
             m.memory.write(self.tcc_addr, bytes(4))
-        sp = self.stack_top
-        regs = em.reg_names
-        m.set_reg(regs[1], self.to_guest(r1))
-        m.set_reg(regs[2], r2)
-        m.sp = em.push_return(m, sp, self.return_addr)
-        self._pending = _Pending()
         # The budget: every backward branch the JITed code evaluates costs one (a register
         # counts down; see back_edge in the arch JITs). Without backward branches a
         # program ends by itself: no recursion, at most 33 tail calls.
-        m.set_reg(em.budget_reg, run.budget)
-        start, cycles0 = image.entry, m.clock.cycles
+        sp = em.push_return(m, self.stack_top, self.return_addr)
+        self._uc.write_entry(self.to_guest(r1), r2, run.budget, sp)
+        self._pending = _Pending()
+        # in a traced guest ProbeJit counts the cycles per program (a clock read is ~1 µs)
+        start, cycles0 = image.entry, 0 if self.in_guest else m.clock.cycles
         while True:
             result = self._run(start)
-            resume = self._fixup(result)
+            resume = self._fixup(result) if result is not _RETURNED else None
             if resume is None:
                 break
             start = resume
-        self.cycles = m.clock.cycles - cycles0
+        if not self.in_guest:
+            self.cycles = m.clock.cycles - cycles0
         self.sync_in(stack=False)
         return self._outcome(result, image)
 
@@ -704,7 +793,9 @@ class ScratchJit:
         from emu.machine import RunResult, StopReason
 
         m = self.machine
-        if self.in_guest or m.clock.model_counts is not None:
+        if self.in_guest:
+            return self._run_nested(start)
+        if m.clock.model_counts is not None:
             return m.run(begin=start, until=self.return_addr)
         m.hooks.errors.clear()
         m._mem_fault = None            # what the machine's invalid-memory hook records
@@ -719,6 +810,44 @@ class ScratchJit:
         if m.pc == self.return_addr:
             return _RETURNED
         return RunResult(StopReason.LIMIT, 124, f"stopped at {m.pc:#x}")
+
+    def _run_nested(self, start: int) -> Any:
+        """The image on the traced CPU, from inside a hit (a nested emu_start). A run that
+        comes back to the return trampoline with nothing stopped is the whole fast path:
+        Machine.run's nested run costs ~20 µs of Python a hit on top of Unicorn's ~5 (the
+        RNG stream select, every stop listener: the cycle model's settle has nothing to
+        take back at the trampoline, a block boundary; the native dispatcher's counters
+        are folded when the outer run stops). Anything else ends as Machine.run ends a
+        nested run, listeners included."""
+        m = self.machine
+        saved = m._stop, m._mem_fault
+        m._stop = m._mem_fault = None
+        errors = m.hooks.errors
+        m._depth += 1
+        err: UcError | None = None
+        try:
+            m.uc.emu_start(start, self.return_addr)
+        except UcError as e:
+            err = e
+        finally:
+            m._depth -= 1
+        stop = m._stop
+        if err is None and stop is None and not errors \
+                and m.regs.read(m._pc_id) == self.return_addr:
+            m._stop, m._mem_fault = saved
+            return _RETURNED
+        for listener in m.stop_listeners:
+            listener()
+        if err is not None:
+            if errors:
+                raise errors[0] from None
+            if stop is None:
+                stop = m._fault_from_uc(err)
+        if stop is None:
+            stop = _RETURNED if m.pc == self.return_addr else \
+                m._stopped_without_reason(0, 0.0, 0.0)
+        m._stop, m._mem_fault = saved
+        return stop
 
     def _fixup(self, result: Any) -> int | None:
         """A fault at a pc in an exception table: zero the destination, resume after
@@ -735,15 +864,17 @@ class ScratchJit:
         return None
 
     def _outcome(self, result: Any, image: JitImage) -> int:
+        pend = self._pending
+        if result is _RETURNED and pend.exit_r0 is None and pend.error is None:
+            return self.machine.regs.read(self._ret_id) & U64
         from emu.machine import StopReason
 
-        pend = self._pending
         if pend.exit_r0 is not None:
             return pend.exit_r0
         if pend.error is not None:
             raise pend.error
         if result.reason is StopReason.HALT and self.machine.pc == self.return_addr:
-            return self.machine.reg(self.emitter.helper_ret) & U64
+            return self.machine.regs.read(self._ret_id) & U64
         run = self.run_state
         assert run is not None
         f = result.fault
@@ -807,6 +938,7 @@ class ScratchJit:
                 self._map(page, size, prot, f"[bpf {region.name or 'region'}]", False)
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self._window_regions = {id(w.region) for w in self.windows.values()}
         self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
         self.sync_out(stack)
 
@@ -823,6 +955,8 @@ class ScratchJit:
     def sync_out(self, stack: bool = True) -> None:
         """Host bytes to the guest; a window whose bytes the guest already holds is left
         alone (a write to guest memory costs microseconds, and most maps rest per hit)."""
+        if not stack:
+            return self._out_regions()
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
@@ -835,6 +969,16 @@ class ScratchJit:
                 w.shadow = data
             uc.mem_write(w.gstart + lo, data)
 
+    def _out_regions(self) -> None:
+        """sync_out of every window but the stack: the per-hit path (raw uc_mem_write)."""
+        raw = self._uc
+        for w in self.windows.values():
+            data = w.region.data
+            if w.region.base == STACK_BASE or not data or data == w.shadow:
+                continue
+            w.shadow = bytes(data)
+            raw.write(w.gstart, w.shadow)
+
     def _stack_in(self) -> None:
         """The live part of the native stack window into its region (a thunk's helper)."""
         w = self._by_vm_key.get(STACK_BASE >> 32)
@@ -844,6 +988,8 @@ class ScratchJit:
                 w.region.data[lo:hi] = self.machine.uc.mem_read(w.gstart + lo, hi - lo)
 
     def sync_in(self, stack: bool = True) -> None:
+        if not stack:
+            return self._in_regions()
         uc = self.machine.uc
         for w in self.windows.values():
             lo, hi = self._span(w, stack)
@@ -852,6 +998,19 @@ class ScratchJit:
                 w.region.data[lo:hi] = got
                 if w.region.base != STACK_BASE:
                     w.shadow = got
+
+    def _in_regions(self) -> None:
+        """sync_in of the writable windows but the stack: the per-hit path (raw
+        uc_mem_read; a region is written only where the guest changed it)."""
+        read = self._uc.read
+        for w in self.windows.values():
+            region = w.region
+            if not region.writable or region.base == STACK_BASE or not region.data:
+                continue
+            got = read(w.gstart, len(region.data))
+            if got != w.shadow:
+                region.data[:] = got
+                w.shadow = got
 
     # -- host entries --
     def _helper_trap(self, fid: int) -> Callable[[int], None]:
@@ -1064,9 +1223,10 @@ def run_prog(prog: "BpfProg", ctx: bytes | bytearray, env: Any = None, *, arch: 
 class ProbeJit:
     """``--bpf-engine jit`` on probe hits: programs are JITed into the traced machine
     itself (text pages the BPF layer claims, written through text_poke, maps and the
-    pt_regs context in windows it maps), and a hit runs the image on the traced CPU: a
-    nested run from the host side of the hit on the BPF layer's stack, after which the
-    CPU's registers are put back and the probe's handling goes on. With the cycle model on,
+    pt_regs context in windows it maps), and a host-side hit runs the image on the traced
+    CPU: a nested run on the BPF layer's stack, after which the CPU's registers are put
+    back and the probe's handling goes on (the first hit of a plain kprobe or an optimized
+    probe; later ones call the images from guest code, jit_direct.py). With the cycle model on,
     the profile charges the JITed code as it runs it; ``cycles`` sums them per program.
     Call as ``runner(prog, ctx, env) -> r0``, the signature of ``BpfProg.run``.
 
@@ -1082,15 +1242,20 @@ class ProbeJit:
         self.fallback: "weakref.WeakKeyDictionary[BpfProg, str]" = weakref.WeakKeyDictionary()
         self._runs: "weakref.WeakKeyDictionary[BpfProg, BpfRun]" = weakref.WeakKeyDictionary()
         self._direct_on = False
+        self._kprobes: Any = None
+        # (program, env, kept run) of the last hit: the next is most likely the same
+        self._last: tuple[Callable[[], "BpfProg | None"], Any, BpfRun] | None = None
 
     def _enable_direct(self) -> None:
-        """Optimized probes may call the images from a thunk (jit_direct.py) once the
-        optimizer exists; asked on host hits until then."""
-        from probes.kprobes import kprobes_of
-
+        """Plain kprobes may run the images from a guest stub, optimized probes from a
+        thunk (jit_direct.py), once the optimizer exists; asked on host hits until then."""
         from .jit_direct import enable_direct_calls
 
-        if kprobes_of(self.machine).optimizer is not None:
+        if self._kprobes is None:
+            from probes.kprobes import kprobes_of
+            self._kprobes = kprobes_of(self.machine)
+            enable_direct_calls(self.machine, self)
+        if self._kprobes.optimizer is not None:
             enable_direct_calls(self.machine, self)
             self._direct_on = True
 
@@ -1121,13 +1286,17 @@ class ProbeJit:
         return self.image_of(prog)
 
     def __call__(self, prog: "BpfProg", ctx: bytes | bytearray, env: Any) -> int:
-        from .memory import CTX_ADDR
-
+        ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
+        last = self._last
+        if last is not None and last[0]() is prog and last[1] is env:
+            self.jit.rerun(last[2], ctx_buf)    # the usual hit: the last one's program
+            if not self._direct_on:
+                self._enable_direct()
+            return self._execute(prog, last[2], ctx_buf)
         if prog in self.fallback:
             return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": the compiled Python
         if not self._direct_on:
             self._enable_direct()
-        ctx_buf = ctx if type(ctx) is bytearray else bytearray(ctx)
         run = self._runs.get(prog)
         if run is not None and run.env is env:
             self.jit.rerun(run, ctx_buf)
@@ -1139,10 +1308,17 @@ class ProbeJit:
             except BpfError as e:
                 self.fallback[prog] = str(e)
                 return prog.run(ctx, env, engine="jit")   # BpfProg's "jit": compiled Python
+        self._last = (weakref.ref(prog), env, run)
+        return self._execute(prog, run, ctx_buf)
+
+    def _execute(self, prog: "BpfProg", run: BpfRun, ctx: bytearray) -> int:
+        from .memory import CTX_ADDR
+
         clock = self.machine.clock
-        c0 = clock.cycles
-        r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx_buf))
-        if clock.model_counts is not None:
+        model = clock.model_counts is not None
+        c0 = clock.cycles if model else 0
+        r0 = self.jit.execute(prog, run, CTX_ADDR, len(ctx))
+        if model:
             self.cycles[prog] = self.cycles.get(prog, 0) + clock.cycles - c0
         run.finish()
         return r0

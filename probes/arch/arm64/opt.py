@@ -148,10 +148,15 @@ class Arm64Optprobes:
         self.breakpoint = machine.arch.breakpoint
 
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
-        assert p.addr is not None and p.ainsn.optinsn is not None
+                  counters: int, stack: int, slots: frozenset[int] | None = None,
+                  resume: int | None = None) -> bytes:
+        """`resume`: where the thunk ends (default: the detour's relocated copies)."""
+        assert p.addr is not None
         b_insn(p.addr, at)                                  # reachable from the probe
-        return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
+        if resume is None:
+            assert p.ainsn.optinsn is not None
+            resume = p.ainsn.optinsn.resume
+        return bpf_thunk(at, ip, entries, active, counters, resume,
                          self.m.reg("pstate"), stack, slots)
 
     def _word(self, p: "Kprobe") -> int:

@@ -60,9 +60,13 @@ class X86Optprobes:
         self.breakpoint = machine.arch.breakpoint
 
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
-                  counters: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
-        assert p.ainsn.optinsn is not None
-        return bpf_thunk(at, ip, entries, active, counters, p.ainsn.optinsn.resume,
+                  counters: int, stack: int, slots: frozenset[int] | None = None,
+                  resume: int | None = None) -> bytes:
+        """`resume`: where the thunk ends (default: the detour's relocated copies)."""
+        if resume is None:
+            assert p.ainsn.optinsn is not None
+            resume = p.ainsn.optinsn.resume
+        return bpf_thunk(at, ip, entries, active, counters, resume,
                          self.m.reg("cs"), self.m.reg("ss"), stack, slots)
 
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
