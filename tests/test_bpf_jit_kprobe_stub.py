@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARCHES, firmware_elf
+from test_bpf_jit_direct import PARM1_OFF, hash_update_prog
 from probes.bench_kinds import counting_prog
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import ACTIVE_OFF, direct_calls_of
@@ -23,7 +24,6 @@ from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of
                                     perf_event_attach_bpf_prog, perf_event_detach_bpf_prog,
                                     prog_stats)
 
-PARM1_OFF = {"x86_64": 112, "arm64": 0}     # PT_REGS_PARM1 in pt_regs: rdi / x0
 
 
 def sum_parm1_prog(arch: str, ret: int = 0) -> BpfProg:
@@ -44,29 +44,6 @@ def sum_parm1_prog(arch: str, ret: int = 0) -> BpfProg:
     """
     return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
                               name="sum_parm1", license="GPL", maps={3: sums})
-
-
-def hash_prog(arch: str) -> BpfProg:
-    """seen[PARM1 & 7] = PARM1: bpf_map_update_elem through the helper trampoline."""
-    seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 8, name="seen")
-    text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
-        mov r2, r6
-        and r2, 7
-        stxw [r10-4], r2
-        stxdw [r10-16], r6
-        mov r2, r10
-        add r2, -4
-        mov r3, r10
-        add r3, -16
-        mov r4, 0
-        lddw r1, map_fd(3)
-        call 2
-        mov r0, 0
-        exit
-    """
-    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                              name="hash_update", license="GPL", maps={3: seen})
 
 
 def pid_prog() -> BpfProg:
@@ -143,7 +120,7 @@ def test_the_frame_is_pt_regs_and_r0_does_not_matter(arch, hit_path) -> None:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_trampoline_helper_updates_the_hash_map_as_the_python_engine(arch, hit_path) -> None:
-    jp, pp = hash_prog(arch), hash_prog(arch)
+    jp, pp = hash_update_prog(arch), hash_update_prog(arch)
     jit, py = Lab(arch, jp, "jit"), Lab(arch, pp, "python")
     for n in (2, 30):
         assert jit.run(n) == py.run(n)

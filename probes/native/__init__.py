@@ -490,15 +490,7 @@ class NativeDispatch:
             ts.revalidate = id(entry)
             self.st.ts = ctypes.addressof(ts)
             m.cpu_listeners.append(lambda _cpu: self.trace_stale())
-
-            def watch(uc: Any) -> None:                 # a task switch on any vCPU's Uc
-                restore = uc.context_restore
-
-                def context_restore(context: Any) -> None:
-                    self.trace_stale()
-                    restore(context)
-                uc.context_restore = context_restore
-            m.for_each_uc(watch)
+            on_task_switch(m, self.trace_stale)
         if revalidate not in self.revalidators:
             self.revalidators.append(revalidate)
         return ts
@@ -648,6 +640,19 @@ def _watch_stops(m: "Machine", d: NativeDispatch) -> None:
     m.for_each_uc(watch)
     m.stop_listeners.append(run_returned)
     d.run_returned = run_returned
+
+
+def on_task_switch(m: "Machine", fn: Callable[[], None]) -> None:
+    """Call `fn` before every task switch on any vCPU: a switch loads the next task's
+    registers with the Uc's context_restore, which this wraps on every Uc."""
+    def watch(uc: Any) -> None:
+        restore = uc.context_restore
+
+        def context_restore(context: Any) -> None:
+            fn()
+            restore(context)
+        uc.context_restore = context_restore
+    m.for_each_uc(watch)
 
 
 def _python_intr_hook(m: "Machine") -> int | None:

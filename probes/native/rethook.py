@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from emu.ucfast import lib_symbol
-from probes.native import NativeDispatch, swap_code_hook
+from probes.native import NativeDispatch, on_task_switch, swap_code_hook
 
 if TYPE_CHECKING:
     from probes.kretprobes import Kretprobe, KretprobeInstance, Kretprobes
@@ -189,15 +189,7 @@ class NativeRethook:
         """Python takes the LIFO back at the end of every run and at every task switch (the
         LIFO C holds is one task's)."""
         m.stop_listeners.append(self.settle)
-
-        def watch(uc: Any) -> None:             # a task switch on any vCPU's Uc
-            restore = uc.context_restore
-
-            def context_restore(context: Any) -> None:
-                self.pull()
-                restore(context)
-            uc.context_restore = context_restore
-        m.for_each_uc(watch)
+        on_task_switch(m, self.pull)
 
     # --- the hand-over ----------------------------------------------------------------------
     def settle(self) -> None:
