@@ -26,8 +26,8 @@ from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, perf_event_a
 PARM1_OFF = {"x86_64": 112, "arm64": 0}
 
 
-def sum_parm1_prog(arch: str) -> BpfProg:
-    """sums[0] += PT_REGS_PARM1(ctx): reads the frame the thunk saved."""
+def sum_parm1_prog(arch: str, ret: int = 0) -> BpfProg:
+    """sums[0] += PT_REGS_PARM1(ctx): reads the frame the thunk saved; returns `ret`."""
     sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
     text = f"""
         ldxdw r6, [r1+{PARM1_OFF[arch]}]
@@ -38,7 +38,7 @@ def sum_parm1_prog(arch: str) -> BpfProg:
         call 1
         jeq r0, 0, +1
         lock add [r0], r6
-        mov r0, 0
+        mov r0, {ret}
         exit
     """
     return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARCHES, firmware_elf
-from test_bpf_jit_direct import PARM1_OFF, hash_update_prog
+from test_bpf_jit_direct import hash_update_prog, sum_parm1_prog
 from probes.bench_kinds import counting_prog
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import ACTIVE_OFF, direct_calls_of
@@ -23,27 +23,6 @@ from probes.testing import ProbeLab
 from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of,
                                     perf_event_attach_bpf_prog, perf_event_detach_bpf_prog,
                                     prog_stats)
-
-
-
-def sum_parm1_prog(arch: str, ret: int = 0) -> BpfProg:
-    """sums[0] += PT_REGS_PARM1(ctx); returns `ret` (trace_call_bpf's AND ignores it here:
-    a kprobe-PMU event records nothing of its own)."""
-    sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
-    text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
-        stw [r10-4], 0
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(3)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r6
-        mov r0, {ret}
-        exit
-    """
-    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                              name="sum_parm1", license="GPL", maps={3: sums})
 
 
 def pid_prog() -> BpfProg:
