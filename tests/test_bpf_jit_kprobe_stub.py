@@ -12,11 +12,10 @@ import pytest
 from conftest import ARCHES, firmware_elf
 from test_bpf_jit_direct import hash_update_prog, sum_parm1_prog
 from probes.bench_kinds import counting_prog
-from probes.bpf import BpfProgType, assemble, create_map
+from probes.bpf import BpfProgType, assemble
 from probes.bpf.jit_direct import ACTIVE_OFF, direct_calls_of
 from probes.bpf.jit_guest import ScratchJit, install_engine
 from probes.bpf.libbpf import KprobePerfEvent
-from probes.bpf.maps import BpfMapType
 from probes.bpf.program import BpfProg
 from probes.kprobes import Kprobe
 from probes.testing import ProbeLab
