@@ -107,16 +107,19 @@ class RawHooks:
         """The hook's handles on every Uc, the first Uc's first."""
         return [handle, *self._more.get(handle, ())]
 
-    def _guard(self, fn: Callable, default=None) -> Callable:
-        errors = self.errors
+    def fail(self, exc: BaseException) -> None:
+        """A hook's exception: the first is kept, to be re-raised after emu_start, and the
+        running Uc stops (every layer's hook callbacks end this way)."""
+        if not self.errors:
+            self.errors.append(exc)
+        self.uc.emu_stop()
 
+    def _guard(self, fn: Callable, default=None) -> Callable:
         def guarded(*args):
             try:
                 return fn(*args)
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                self.uc.emu_stop()
+                self.fail(exc)
                 return default
 
         return guarded
@@ -147,15 +150,11 @@ class RawHooks:
     def entry(self, fn: Callable[[int], None], addr: int) -> int:
         """A code hook on exactly `addr` calling fn(addr), with no wrapper frames: the hot
         path of trampolines and detours."""
-        errors = self.errors
-
         def cb(_uc, a, _size, _ud):
             try:
                 fn(a)
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                self.uc.emu_stop()
+                self.fail(exc)
         return self._add(UC.UC_HOOK_CODE, CODE_CB(cb), addr, addr)
 
     def block(self, fn: Callable[[int, int], None], begin: int = 1, end: int = 0) -> int:

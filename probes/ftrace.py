@@ -185,7 +185,7 @@ class Ftrace:
         """`fops(row)`: _ftrace_caller for an FS_OPS site C took (DETOUR charged, sp of the
         hit in the dispatcher's `hit_sp`), with one reused pt_regs view."""
         m, arch = self.m, self.arch
-        regs, errors = PtRegs(m), m.hooks.errors
+        regs = PtRegs(m)
         dirty, sp_name = regs._dirty, m.arch.sp
 
         def fops(row: int) -> int:
@@ -202,9 +202,7 @@ class Ftrace:
                     dirty.clear()
                 self._call_ops(site, sp, regs)
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                m.uc.emu_stop()
+                m.hooks.fail(exc)
             return 0
         return fops
 

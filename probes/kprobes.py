@@ -490,7 +490,7 @@ class Kprobes:
         for every hit (as the kernel's per-trap frame), the hook's error handling inlined."""
         native, m = self.native, self.m
         assert native is not None
-        regs, errors = PtRegs(m), m.hooks.errors
+        regs = PtRegs(m)
         flush, st, dirty, pc = regs.flush, native.st, regs._dirty, m.arch.pc
 
         def pre(row: int) -> int:
@@ -521,9 +521,7 @@ class Kprobes:
                 kcb.current, kcb.status = None, 0
                 return 0
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                m.uc.emu_stop()
+                m.hooks.fail(exc)
                 return 1
         return pre
 
@@ -589,7 +587,7 @@ class Kprobes:
         pt_regs view. Returns 0."""
         m, arch, ftrace = self.m, self.m.arch, self.ftrace
         assert self.native is not None
-        regs, errors, st = PtRegs(m), m.hooks.errors, self.native.st
+        regs, st = PtRegs(m), self.native.st
         dirty, flush, pc, sp = regs._dirty, regs.flush, arch.pc, arch.sp
 
         def fpre(row: int) -> int:
@@ -618,9 +616,7 @@ class Kprobes:
                     flush()
                 return 0
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                m.uc.emu_stop()
+                m.hooks.fail(exc)
                 return 0
         return fpre
 

@@ -473,7 +473,7 @@ class NativeDispatch:
         ts = self.tstate
         if ts is None:
             ts = self.tstate = KnTstate()
-            errors, m = self.m.hooks.errors, self.m
+            m = self.m
 
             def entry(_arg: int) -> int:
                 try:
@@ -482,9 +482,7 @@ class NativeDispatch:
                     ts.valid = 1
                 except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
                     ts.valid = 0
-                    if not errors:
-                        errors.append(exc)
-                    m.uc.emu_stop()
+                    m.hooks.fail(exc)
                 return 0
             self._revalidate_obj = entry
             ts.revalidate = id(entry)

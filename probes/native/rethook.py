@@ -128,7 +128,7 @@ class NativeRethook:
         the return. Returns 0."""
         from probes.regs import PtRegs
         m, krp, h = self.d.m, self.krp, self.h
-        regs, errors = PtRegs(m), m.hooks.errors
+        regs = PtRegs(m)
         dirty, flush, pc = regs._dirty, regs.flush, m.arch.pc
         ri = _live_instance(h)
 
@@ -150,9 +150,7 @@ class NativeRethook:
                     dirty.discard(pc)              # the return goes to `correct` anyway
                     flush()
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-                if not errors:
-                    errors.append(exc)
-                m.uc.emu_stop()
+                m.hooks.fail(exc)
             return 0
         return ret
 

@@ -558,10 +558,7 @@ class TracePipeReader:
         try:
             self.drain()
         except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-            errors = self.m.hooks.errors
-            if not errors:
-                errors.append(exc)
-            self.m.uc.emu_stop()
+            self.m.hooks.fail(exc)
 
     def _wake(self, _cpu: int) -> int:
         """The waiter C and Python commits call at the mark."""
