@@ -264,16 +264,15 @@ class IfuncWatch:
             callbacks[:] = [(k, cb) for k, cb in callbacks if k is not key]
         self.ready = [(k, cb) for k, cb in self.ready if k is not key]
 
-    def _guarded(self, uc, fn) -> None:
+    def _guarded(self, fn) -> None:
         try:
             fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised by Machine.run
-            self.m.hooks.errors.append(exc)
-            uc.emu_stop()
+            self.m.hooks.fail(exc)
 
     def _on_write(self, uc, _access, addr, size, value, _data) -> None:
         if addr in self.waiting and size == 8:
-            self._guarded(uc, lambda: self._resolved(uc, addr, value & (1 << 64) - 1))
+            self._guarded(lambda: self._resolved(uc, addr, value & (1 << 64) - 1))
 
     def _resolved(self, uc, slot: int, impl: int) -> None:
         hook, callbacks = self.waiting.pop(slot)
@@ -285,7 +284,7 @@ class IfuncWatch:
             self._block_hook = uc.hook_add(UC_HOOK_BLOCK, self._on_block)
 
     def _on_block(self, uc, addr, size, _data) -> None:
-        self._guarded(uc, lambda: self._arm_ready(uc, addr, size))
+        self._guarded(lambda: self._arm_ready(uc, addr, size))
 
     def _arm_ready(self, uc, addr: int, size: int) -> None:
         if self._block_hook is not None:

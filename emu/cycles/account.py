@@ -209,9 +209,7 @@ class CycleModel:
             if nat is not None:
                 nat[0].cm_insert(ctypes.byref(nat[1]), addr, size, b.cost.cost, b.cost.n, b.flags)
         except BaseException as exc:   # noqa: BLE001 - re-raised after emu_start
-            if not self.m.hooks.errors:
-                self.m.hooks.errors.append(exc)
-            self.m.uc.emu_stop()
+            self.m.hooks.fail(exc)
 
     def _py_block(self, addr: int, size: int) -> None:
         """The Python twin of cm_on_block (no compiler available)."""

@@ -232,9 +232,7 @@ class Scheduler:
             self._on_block(addr, size)
             self._sync_native()
         except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
-            if not m.hooks.errors:
-                m.hooks.errors.append(exc)
-            m.uc.emu_stop()
+            m.hooks.fail(exc)
 
     def _disarm_preemption(self) -> None:
         if self._hook is not None:
