@@ -1251,13 +1251,14 @@ class ProbeJit:
         thunk (jit_direct.py), once the optimizer exists; asked on host hits until then."""
         from .jit_direct import enable_direct_calls
 
-        if self._kprobes is None:
+        first = self._kprobes is None
+        if first:
             from probes.kprobes import kprobes_of
             self._kprobes = kprobes_of(self.machine)
+        optimizer = self._kprobes.optimizer is not None
+        if first or optimizer:
             enable_direct_calls(self.machine, self)
-        if self._kprobes.optimizer is not None:
-            enable_direct_calls(self.machine, self)
-            self._direct_on = True
+        self._direct_on = optimizer
 
     @property
     def jit(self) -> ScratchJit:

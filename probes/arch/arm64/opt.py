@@ -152,8 +152,8 @@ class Arm64Optprobes:
                   resume: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies)."""
         assert p.addr is not None
-        b_insn(p.addr, at)                                  # reachable from the probe
-        if resume is None:
+        if resume is None:                                  # the detour branches to it:
+            b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
