@@ -106,11 +106,11 @@ def test_cli_records_are_committed_by_c_and_none_is_lost(arch, mode, monkeypatch
     fs = seen.fs
     assert fs is not None and fs.buffer.lost == 0 and fs.buffer.written == CALLS
     size = fs.buffer.cpus[0].size
-    assert CALLS * record_cost(bytes(24)) > 20 * size       # the 1 KiB buffer filled 20+ times
+    assert CALLS * record_cost(24) > 20 * size       # the 1 KiB buffer filled 20+ times
     # C wrote the records; Python committed at most the cycle model's first hit of a block
     assert seen.c_commits + seen.py_commits == CALLS and seen.c_commits >= CALLS - 2
     # woken once per half buffer (C called Python only then), not per record
-    marks = CALLS * record_cost(bytes(24)) // (size // 2)
+    marks = CALLS * record_cost(24) // (size // 2)
     assert marks // 2 <= seen.wakes <= marks + 1
 
 

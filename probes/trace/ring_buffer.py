@@ -61,8 +61,9 @@ class RingBufferRecord:
         return TRACE_ENTRY.unpack_from(self.data)
 
 
-def record_cost(data: bytes) -> int:
-    return RB_EVNT_HDR_SIZE + (len(data) + 3) // 4 * 4
+def record_cost(n: int) -> int:
+    """The budget a record of n data bytes uses (the kernel's event header, 4-byte aligned)."""
+    return RB_EVNT_HDR_SIZE + (n + 3) // 4 * 4
 
 
 def ring_need(n: int) -> int:
@@ -159,7 +160,7 @@ class CpuBuffer:
         need = ring_need(len(rec.data))
         rb.head = (pos + need) % rb.cap
         rb.fill -= need
-        rb.used -= record_cost(rec.data)
+        rb.used -= record_cost(len(rec.data))
         rb.nentries -= 1
         if not rb.nentries:
             rb.head = rb.tail = rb.fill = 0
@@ -213,7 +214,7 @@ class CpuBuffer:
     def write(self, ts: int, data: bytes, overwrite: bool) -> bool:
         """rb_reserve_next_event + commit: evict the oldest while the budget is short."""
         rb = self.rb
-        cost = record_cost(data)
+        cost = record_cost(len(data))
         if cost > rb.size:
             rb.dropped += 1
             return False
@@ -237,21 +238,9 @@ class CpuBuffer:
 
     def consume_all(self) -> list[RingBufferRecord]:
         """Every record, oldest first, removed in one pass (as many consume() calls)."""
-        rb, mv = self.rb, self._mv
-        n = rb.nentries
-        if not n:
-            return []
-        assert mv is not None
-        pos, cap, cpu, out = rb.head, rb.cap, self.cpu, []
-        u32, head = _U32.unpack_from, REC_HEAD.unpack_from
-        for _ in range(n):
-            if u32(mv, pos)[0] == 0:              # the ring's unused end: go on at 0
-                pos = 0
-            total, size, ts = head(mv, pos)
-            start = pos + REC_HEAD.size
-            out.append(RingBufferRecord(ts, cpu, bytes(mv[start:start + size])))
-            pos = (pos + total) % cap
-        rb.read += n
+        rb = self.rb
+        out = list(self)
+        rb.read += len(out)
         rb.head = rb.tail = rb.fill = rb.used = rb.nentries = 0
         return out
 
@@ -321,7 +310,7 @@ class RingBuffer:
         """After a commit of n bytes on `cpu` (kn_rb_full_hit): is the waiter due? Once,
         until it reads (`rearm`): another record of that size would pass the mark."""
         rb = self.cpus[cpu].rb
-        if not rb.wake or rb.woken or rb.used + RB_EVNT_HDR_SIZE + (n + 3) // 4 * 4 <= rb.wake_at:
+        if not rb.wake or rb.woken or rb.used + record_cost(n) <= rb.wake_at:
             return False
         rb.woken = 1
         return True
