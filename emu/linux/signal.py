@@ -12,6 +12,7 @@ from typing import Protocol
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
 
+from emu.linux.tasks import ERESTARTSYS
 from emu.machine import Machine
 from emu.memory import PROT_EXEC, PROT_READ
 from emu.uaccess import UserFault, copy_from_user, copy_to_user
@@ -230,7 +231,6 @@ SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 DEFAULT_IGNORE = {17, 18, 23, 28}          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
 DEFAULT_STOP = {19, 20, 21, 22}            # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
 EINTR = 4
-ERESTARTSYS = 512
 MAX_PENDING = 1024                         # queued signals per task (RLIMIT_SIGPENDING-like)
 
 
