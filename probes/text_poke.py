@@ -161,6 +161,8 @@ class TextPoker:
     def _cpu_switched(self, cpu: int) -> None:
         """The CPU that ran a turn has passed a serialising point (it synced)."""
         left, self._cpu = self._cpu, cpu
+        if not self.stale and not self.inflight:  # nothing poked since the last syncs
+            return
         busy = self.m.busy_cpus()
         for c in [c for c in self.stale if c == left or c not in busy]:
             self._sync(c)
