@@ -15,7 +15,7 @@ from emu.clock import FP_SHIFT
 from emu.linux.fs import (AT_FDCWD, O_ACCMODE, O_NONBLOCK, O_RDWR, O_WRONLY, PATH_MAX, FsError,
                           OpenFile, ReadPastDeadline)
 from emu.linux.pipe import Pipe, WouldBlockForever
-from emu.linux.tasks import ERESTARTNOINTR, Deadlock, FutexWait, Scheduler, TaskState
+from emu.linux.tasks import ERESTARTNOINTR, Deadlock, FutexWait, Scheduler
 from emu.linux.unistd_const import SYSCALL_NAMES
 from emu.linux.process import (MMAP_BASE, MMAP_MIN_ADDR, STACK_TOP, STACK_SIZE, LinuxProcess,
                                stop_as_limit)
@@ -133,7 +133,7 @@ class SyscallDispatcher:
         decides); alone, nothing could ever wake it: the run ends as a limit."""
         sched = self.proc.sched
         if e.restartable and len(sched.live()) > 1:
-            sched.block(FutexWait(PIPE_WAIT_KEY, 0, restart=True))
+            sched.block(FutexWait(PIPE_WAIT_KEY, restart=True))
             return -ERESTARTNOINTR
         stop_as_limit(self.m, f"guest blocked for ever in {name}: {e.what} "
                               f"(at pc {self.m.describe(self.m.pc)})")
@@ -141,8 +141,7 @@ class SyscallDispatcher:
 
     def _wake_pipe_waiters(self) -> None:
         sched = self.proc.sched
-        for t in [t for t in sched.tasks.values() if t.state == TaskState.BLOCKED and t.wait
-                  and t.wait.key == PIPE_WAIT_KEY]:
+        for t in sched.waiters(PIPE_WAIT_KEY):      # first come first, as a wait queue
             sched.wake(t, -ERESTARTNOINTR)
 
     def _reschedule(self) -> None:
