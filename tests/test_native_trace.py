@@ -75,4 +75,10 @@ def test_programs_only_for_what_c_models(monkeypatch):
     assert g.machine.run(timeout=60).exit_code == 0
     assert kprobes_of(g.machine).native.st.traced == 0
     assert len(fs.buffer.records()) == 4 * 7
-    assert compile_fetch_program([], g.machine.arch, 16, is_return=True) is not None
+    # at a return, $retval and the stack compile for C; a saved $argN and %ip stay Python's
+    for cmd in ("r:n/rv vfs_read rv=$retval:x64 s=$stack0", "r:n/ra vfs_read a=$arg1",
+                "r:n/ri vfs_read ip=%ip"):
+        assert fs.write("kprobe_events", cmd, append=True) == 0, fs.read("error_log")
+    compiled = {tk.call.name: compile_fetch_program(tk.args, g.machine.arch, 16, tk.is_return)
+                for tk in fs.kprobes.probes if tk.is_return}
+    assert compiled["rv"] is not None and compiled["ra"] is None and compiled["ri"] is None

@@ -74,7 +74,7 @@ def test_c_commits_the_python_records(arch, monkeypatch):
     ropen = out["trace"].count(" ropen: ")
     assert out["exit"] == 0 and n > 20 and ropen > 0 and out["trace"].count(" rread: ") > 0
     assert committed == n - ropen                 # every record but ropen's written by C
-    assert 'fn="/etc/passwd"' in out["trace"] or "fn=" in out["trace"]
+    assert 'fn="/etc/passwd"' in out["trace"]            # a string fetched by C
     assert out["after_pipe"][0][0] == 0 and out["after_pipe"][0][5] == n
 
 
