@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from emu.memory import PAGE, PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
@@ -121,6 +121,17 @@ class Thunk:
     trap: int | None = None     # a stub's breakpoint, where the hit resumes
 
 
+class DirectPlan(NamedTuple):
+    """What DirectCalls._plan found for a probe: its event, programs and image entries,
+    or `why` they cannot run from guest code (`pending`: only because a program is not
+    JITed yet, which the host run of this hit does)."""
+    event: Any
+    progs: list["BpfProg"]
+    images: list[int]
+    why: str | None
+    pending: bool = False
+
+
 class DirectCalls:
     """Per machine: the thunks and their pages; ``__call__(p)`` is Optimizer.direct."""
 
@@ -142,33 +153,34 @@ class DirectCalls:
         assert p.addr is not None
         if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
             self._drop(p.addr)
-        event, progs, images, why = self._plan(p)
-        if why is not None:
-            self.refused[p.addr] = why
+        plan = self._plan(p)
+        if plan.why is not None:
+            self.refused[p.addr] = plan.why
             return None
-        return self._build(p, event, progs, images)
+        return self._build(p, plan.event, plan.progs, plan.images)
 
-    def _plan(self, p: "Kprobe") -> tuple[Any, list["BpfProg"], list[int], str | None]:
-        """(event, programs, image entries, None) when ``p``'s handler is one kprobe-PMU
-        event whose programs can all run from guest code; else why not as the last."""
+    def _plan(self, p: "Kprobe") -> "DirectPlan":
+        """The event, programs and image entries when ``p``'s handler is one kprobe-PMU
+        event whose programs can all run from guest code; else why not."""
         from probes.bpf.libbpf import KprobePerfEvent
 
         event = getattr(p.pre_handler, "__self__", None)
         if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
                 or not event.prog_array:
-            return event, [], [], "the handler is not one kprobe-PMU event with programs"
+            return DirectPlan(event, [], [], "the handler is not one kprobe-PMU event with programs")
         progs = event.prog_array.progs()
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
-            if image is None or image.extable:
-                loads = f"{prog.name}: not JITed" if image is None else f"{prog.name}: probe loads"
-                return event, progs, images, loads
+            if image is None:
+                return DirectPlan(event, progs, images, f"{prog.name}: not JITed", pending=True)
+            if image.extable:
+                return DirectPlan(event, progs, images, f"{prog.name}: probe loads")
             why = direct_eligible(prog)
             if why is not None:
-                return event, progs, images, f"{prog.name}: {why}"
+                return DirectPlan(event, progs, images, f"{prog.name}: {why}")
             images.append(image.entry)
-        return event, progs, images, None
+        return DirectPlan(event, progs, images, None)
 
     def kprobe_stub(self, p: "Kprobe") -> int | None:
         """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: the stub
@@ -185,15 +197,15 @@ class DirectCalls:
             self._drop_stub(addr)
         if self._stub_refused.get(addr) is handler:
             return None
-        event, progs, images, why = self._plan(p)
-        if why is None:
-            stub = self._build(p, event, progs, images, stub=True)
+        plan = self._plan(p)
+        if plan.why is None:
+            stub = self._build(p, plan.event, plan.progs, plan.images, stub=True)
             if stub is not None:
                 return stub
-        elif not why.endswith("not JITed") or any(pr in self.runner.fallback for pr in progs):
-            self.refused[addr] = why
-        else:
+        elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
             return None                  # JITed by this hit's host run: asked again next hit
+        else:
+            self.refused[addr] = plan.why
         self._stub_refused[addr] = handler
         return None
 
