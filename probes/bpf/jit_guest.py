@@ -812,42 +812,10 @@ class ScratchJit:
         return RunResult(StopReason.LIMIT, 124, f"stopped at {m.pc:#x}")
 
     def _run_nested(self, start: int) -> Any:
-        """The image on the traced CPU, from inside a hit (a nested emu_start). A run that
-        comes back to the return trampoline with nothing stopped is the whole fast path:
-        Machine.run's nested run costs ~20 µs of Python a hit on top of Unicorn's ~5 (the
-        RNG stream select, every stop listener: the cycle model's settle has nothing to
-        take back at the trampoline, a block boundary; the native dispatcher's counters
-        are folded when the outer run stops). Anything else ends as Machine.run ends a
-        nested run, listeners included."""
-        m = self.machine
-        saved = m._stop, m._mem_fault
-        m._stop = m._mem_fault = None
-        errors = m.hooks.errors
-        m._depth += 1
-        err: UcError | None = None
-        try:
-            m.uc.emu_start(start, self.return_addr)
-        except UcError as e:
-            err = e
-        finally:
-            m._depth -= 1
-        stop = m._stop
-        if err is None and stop is None and not errors \
-                and m.regs.read(m._pc_id) == self.return_addr:
-            m._stop, m._mem_fault = saved
-            return _RETURNED
-        for listener in m.stop_listeners:
-            listener()
-        if err is not None:
-            if errors:
-                raise errors[0] from None
-            if stop is None:
-                stop = m._fault_from_uc(err)
-        if stop is None:
-            stop = _RETURNED if m.pc == self.return_addr else \
-                m._stopped_without_reason(0, 0.0, 0.0)
-        m._stop, m._mem_fault = saved
-        return stop
+        """The image on the traced CPU, from inside a hit: Machine.call_nested, whose fast
+        path is a run that comes back to the return trampoline with nothing stopped."""
+        stop = self.machine.call_nested(start, self.return_addr)
+        return _RETURNED if stop is None else stop
 
     def _fixup(self, result: Any) -> int | None:
         """A fault at a pc in an exception table: zero the destination, resume after
