@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from emu.machine import Machine
 from emu.uaccess import UserFault, get_user
 from probes.arch import HostEntry
+from probes.arch.x86_64.text_poke import X86_NOPS
 from probes.regs import PtRegs
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ class X86Ftrace:
     """ArchFtrace for x86-64."""
 
     ftrace_section = "__mcount_loc"
-    ftrace_nop = bytes.fromhex("0f1f440000")           # x86_nops[5]
+    ftrace_nop = X86_NOPS[5]
     ftrace_patch_size = 5                              # MCOUNT_INSN_SIZE
     ftrace_trampoline_code = b"\x90\xc3"
     ftrace_key_back = 5          # the C caller keys a site by the call's return address - 5

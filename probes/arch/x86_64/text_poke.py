@@ -8,9 +8,10 @@ from emu.machine import Machine
 from emu.uaccess import UserFault, get_user, put_user
 
 INT3 = 0xCC
-_NOPS = (bytes.fromhex("90"), bytes.fromhex("6690"), bytes.fromhex("0f1f00"),
-         bytes.fromhex("0f1f4000"), bytes.fromhex("0f1f440000"),
-         bytes.fromhex("660f1f440000"), bytes.fromhex("0f1f8000000000"))
+# x86_nops[n]: the n-byte nop the kernel patches in (arch/x86/kernel/alternative.c)
+X86_NOPS = (b"", bytes.fromhex("90"), bytes.fromhex("6690"), bytes.fromhex("0f1f00"),
+            bytes.fromhex("0f1f4000"), bytes.fromhex("0f1f440000"),
+            bytes.fromhex("660f1f440000"), bytes.fromhex("0f1f8000000000"))
 
 Write = tuple[int, bytes]
 
@@ -43,7 +44,7 @@ def poke_emulate(m: Machine, addr: int, insn: bytes) -> bool:
         except UserFault:
             return False
         m.sp, m.pc = m.sp + 8, ret
-    elif insn in _NOPS:
+    elif insn in X86_NOPS[1:]:
         m.pc = addr + len(insn)
     else:
         return False
