@@ -260,18 +260,19 @@ def _run(cfg: SweepConfig, image: ElfImage, setup: Callable[[Machine], None] | N
          observe: bool = True) -> tuple[Outcome | None, Machine]:
     out, err = OutputDigest(), OutputDigest()
     with _fs_for_run(cfg) as root:
-        gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                           fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
-                           cpus=cfg.cpus)
-        m = _load(gcfg, cfg, out, err, image)
+        m = _load(cfg, root, out, err, image)
         if setup is not None:
             setup(m)
         result = m.run(max_insns=cfg.max_insns, timeout=cfg.timeout)
     return (_outcome(m, result, out.summary(), err.summary()) if observe else None), m
 
 
-def _load(gcfg: GuestConfig, cfg: SweepConfig, out: "OutputDigest", err: "OutputDigest",
+def _load(cfg: SweepConfig, fs_root: str | None, out: "OutputDigest", err: "OutputDigest",
           image: ElfImage) -> Machine:
+    """A run's machine, `fs_root` its --fs tree (a scratch copy when runs write it)."""
+    gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
+                       fs_root=fs_root, fs_writable=cfg.fs_writable, seed=cfg.seed,
+                       cpus=cfg.cpus)
     guest = load_guest(gcfg, stdin=io.BytesIO(cfg.stdin), stdout=_stream(out), stderr=_stream(err),
                        image=image)
     if guest.process is not None:    # probed and unprobed runs share one CPU schedule
@@ -523,11 +524,8 @@ class FreshRunner:
         if skip is None:
             return _run(cfg, self.plan.image, setup)[0]
         with _fs_for_run(cfg) as root:
-            gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                               fs_root=root, fs_writable=cfg.fs_writable, seed=cfg.seed,
-                           cpus=cfg.cpus)
             out, err = OutputDigest(), OutputDigest()
-            m = _load(gcfg, cfg, out, err, self.plan.image)
+            m = _load(cfg, root, out, err, self.plan.image)
             setup(m)
             if skip(m):
                 return None
@@ -555,11 +553,9 @@ class SnapshotRunner:
         self.fresh = False
 
     def _load(self) -> Machine:
-        cfg = self.plan.cfg
-        gcfg = GuestConfig(path=cfg.path, arch=cfg.arch, bare=cfg.bare, argv=cfg.argv,
-                           fs_root=cfg.fs_root, seed=cfg.seed, cpus=cfg.cpus)
+        cfg = self.plan.cfg            # (snapshots only where the tree is not written)
         self.out, self.err = OutputDigest(), OutputDigest()
-        return _load(gcfg, cfg, self.out, self.err, self.plan.image)
+        return _load(cfg, cfg.fs_root, self.out, self.err, self.plan.image)
 
     def _reach(self, sym_addr: int) -> bool:
         """Hold a snapshot at the first execution of the function at sym_addr."""
