@@ -348,6 +348,11 @@ class CycleModel:
             return (cur.contents.addr, cur.contents.size) if cur else (0, 0)
         return self._py_cur
 
+    def cur_address(self) -> int | None:
+        """Where C code finds the running block (cm_state.cur) of the native counter; None
+        with the Python twin."""
+        return None if self.state is None else ctypes.addressof(self.state) + native.CmState.cur.offset
+
     def pending_fp(self) -> int:
         """1/256 cycles of the running block after the instruction at pc (charged at block
         entry, not yet reached)."""

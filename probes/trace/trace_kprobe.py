@@ -17,9 +17,8 @@ import importlib
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from emu.cycles.native import CmEntry, CmState
 from emu.module import find_module
 from probes.errors import KprobeError
 from probes.kprobes import KPROBE_FLAG_DISABLED, KPROBE_FLAG_GONE, Kprobe, kprobes_of
@@ -90,16 +89,6 @@ class TraceKprobe:
     def same_probe(self, other: "TraceKprobe") -> bool:
         return (self.symbol, self.offset, self.addr) == (other.symbol, other.offset, other.addr) \
             and [a.comm for a in self.args] == [a.comm for a in other.args]
-
-
-def _cycle_model_cur(clock) -> int | None:
-    """Where C finds the native cycle model's running block (cm_state.cur), when the
-    clock's pending share comes from it; None without a cycle model or with a Python one."""
-    pend = clock.pending
-    st = getattr(getattr(pend, "__self__", None), "state", None)
-    if pend is None or getattr(pend, "__name__", "") != "pending_fp" or not isinstance(st, CmState):
-        return None
-    return ctypes.addressof(st) + CmState.cur.offset
 
 
 def compare_arg_type(a: list[FetchArg], b: list[FetchArg]) -> int:
@@ -585,7 +574,8 @@ class TraceKprobeEvents:
         if rbs is None or rbs[0] is not buf:
             arr = (ctypes.c_void_p * len(buf.cpus))(*(ctypes.addressof(b.rb) for b in buf.cpus))
             rbs = self._rbs[id(buf)] = (buf, arr)
-        ts.cm_cur = _cycle_model_cur(clock)
+        model: Any = m.layers.get("cycles")
+        ts.cm_cur = model.cur_address() if model is not None and clock.pending is not None else None
         base = ((clock.pending is None or ts.cm_cur) and clock.on_first_read is None
                 and clock.freq_hz > 0 and not fs.on_commit and 0 <= m.cpu < len(buf.cpus))
         for tk, ev in self._native_events.values():
@@ -610,10 +600,8 @@ class TraceKprobeEvents:
             return
         ev, clock = entry[1], self.m.clock
         cur = ctypes.c_void_p.from_address(ts.cm_cur).value
-        addr = size = 0
-        if cur:
-            e = CmEntry.from_address(cur)
-            addr, size = e.addr, e.size
+        model: Any = self.m.layers["cycles"]
+        addr, size = model.current_block()
         assert clock.pending is not None
         ev.pend_entry, ev.pend_addr, ev.pend_size = cur or 0, addr, size
         ev.pend_fp, ev.pend_valid = clock.pending(), 1
