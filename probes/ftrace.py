@@ -176,17 +176,21 @@ class Ftrace:
             entry = entry_of(site.addr) if site.ops and site.addr not in served else None
             if entry is None:
                 continue
-            shown = dict(self.arch.ftrace_regs(self.m, site.addr, 0)._cache)
+            shown = self.shown_regs(site.addr)
             rows.append((entry[0], entry[1], back, None, FS_OPS, len(self.native_sites)))
             self.native_sites.append((site, shown))
         return rows
 
+    def shown_regs(self, addr: int) -> dict[str, int]:
+        """The registers ftrace_regs presents at the site at `addr`, sp as an offset from
+        the hit's (PtRegs.reset_at_site adds it): the rows C's ftrace caller serves."""
+        return dict(self.arch.ftrace_regs(self.m, addr, 0)._cache)
+
     def _native_entry(self) -> Callable[[int], int]:
         """`fops(row)`: _ftrace_caller for an FS_OPS site C took (DETOUR charged, sp of the
         hit in the dispatcher's `hit_sp`), with one reused pt_regs view."""
-        m, arch = self.m, self.arch
+        m = self.m
         regs = PtRegs(m)
-        dirty, sp_name = regs._dirty, m.arch.sp
 
         def fops(row: int) -> int:
             try:
@@ -194,12 +198,7 @@ class Ftrace:
                 kps = self._native_kprobes
                 assert kps is not None and kps.native is not None
                 sp = kps.native.st.hit_sp
-                cache = dict(shown)
-                if sp_name in cache:
-                    cache[sp_name] += sp
-                regs._cache = cache
-                if dirty:
-                    dirty.clear()
+                regs.reset_at_site(shown, sp)
                 self._call_ops(site, sp, regs)
             except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
                 m.hooks.fail(exc)

@@ -571,7 +571,7 @@ class Kprobes:
             elif alone and self._fpre_ok and not (p.is_aggr or p.disabled()):
                 how, idx = FS_PRE, len(pre_rows)
                 # the pt_regs ftrace_regs presents (sp as an offset from the hit's sp)
-                shown = dict(ftrace.arch.ftrace_regs(self.m, site.addr, 0)._cache)
+                shown = ftrace.shown_regs(site.addr)
                 shown[self.m.arch.pc] = self.arch.handler_ip(p)     # as if a breakpoint hit
                 pre_rows.append((p, shown, p.pre_handler, p.__dict__))
             if how != FS_PYTHON:
@@ -594,12 +594,7 @@ class Kprobes:
             kcb = self.kcb
             try:
                 p, shown, handler, pd = self._ftrace_pre_rows[row]
-                cache = dict(shown)
-                if sp in cache:
-                    cache[sp] += st.hit_sp
-                regs._cache = cache
-                if dirty:
-                    dirty.clear()
+                cache = regs.reset_at_site(shown, st.hit_sp)
                 kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
                 pd["hits"] += 1
                 if not handler(p, regs):

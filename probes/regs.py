@@ -154,6 +154,18 @@ class PtRegs:
         self._dirty.clear()
         return self
 
+    def reset_at_site(self, shown: dict[str, int], hit_sp: int) -> dict[str, int]:
+        """Reuse this view for a hit at an ftrace site: the registers ftrace_regs presents
+        there (`shown`, sp as an offset from the hit's) with the hit's sp added. Returns
+        the new cache (the hot path's handle on it)."""
+        cache = dict(shown)
+        sp = self._arch.sp
+        if sp in cache:
+            cache[sp] += hit_sp
+        self._cache = cache
+        self._dirty.clear()
+        return cache
+
     def refresh(self) -> None:
         """Forget cached values (after something else wrote the CPU's registers)."""
         self.flush()
