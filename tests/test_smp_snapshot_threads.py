@@ -178,3 +178,19 @@ def test_probes_after_a_restore_see_the_straight_probed_run(prog, arch):
     finish(m, out, err)
     m.restore(snap)
     assert _probed_finish(m, out, err) == want
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_restore_rearming_preemption_keeps_the_turn(prog, arch):
+    """A snapshot taken while the preemption hook was on, restored after the hook ended:
+    arming it again must not draw a new turn from the seed (the restored turn goes on)."""
+    path = prog(arch)
+    want = straight(path, 2, cycles=True)
+    m, out, err = load(path, 2, cycles=True)
+    to(m, "checkpoint")
+    snap = m.snapshot()
+    sched = m.syscall_handler.proc.sched
+    sched._disarm_preemption()                  # as when the guest goes back to one task
+    m.restore(snap)
+    assert sched._hook is not None
+    assert finish(m, out, err) == want

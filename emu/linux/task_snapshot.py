@@ -94,11 +94,14 @@ def _restore_preemption(m: Machine, sched: Any, st: TaskSetState) -> None:
     registries' restore already deleted its hook), made again if it ended since."""
     if sched._hook is not None and sched._hook not in m.hooks.installed:
         sched._hook, sched._native, sched._slow = None, None, None
-    sched._budget = st.budget
     if st.armed and sched._hook is None:
+        # Arming draws a new turn from the seed: keep the restored one and its generator.
+        turns, turn_end = copy.deepcopy(sched._turns), sched._turn_end
         sched._arm_preemption()
+        sched._turns, sched._turn_end = turns, turn_end
     elif not st.armed and sched._hook is not None:
         sched._disarm_preemption()
+    sched._budget = st.budget
     sched._sync_native()
 
 
