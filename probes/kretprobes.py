@@ -86,6 +86,9 @@ class Kretprobes:
         self.frame_warnings = 0
         self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
+        # --bpf-engine jit: return handlers' programs run from a guest stub
+        # (probes/bpf/jit_direct.py DirectCalls: kretprobe_stub, kretprobe_done, wants_return)
+        self.bpf_direct: Any = None
         self.native: NativeRethook | None = None
         if self.kprobes.native is not None:
             self.native = NativeRethook.attach(
@@ -108,8 +111,23 @@ class Kretprobes:
             return
         calls = self.native.calls_handlers          # return handlers: C calls them
         self.native.set_rows([rp for rp in self.registered if rp.entry_handler is None and (
-            rp.handler is None or (calls and rp.data_size == 0))])
+            rp.handler is None or (calls and rp.data_size == 0 and not self._bpf_stubbed(rp)))])
         self.kprobes.sync_native()
+
+    def _bpf_stubbed(self, rp: Kretprobe) -> bool:
+        """Whether `rp`'s returns may go to a BPF stub, which only this trampoline can send
+        the guest to (C's always resumes at the return address): under --bpf-engine jit,
+        a kretprobe-PMU event with programs that were not refused a stub."""
+        if self.bpf_direct is not None:
+            return bool(self.bpf_direct.wants_return(rp))
+        trace = self.m.layers.get("bpf_trace")
+        event = getattr(rp.handler, "__self__", None)
+        return bool(getattr(getattr(trace, "runner", None), "in_guest_stubs", False)
+                    and getattr(event, "is_return", False) and getattr(event, "prog_array", None))
+
+    def bpf_direct_changed(self) -> None:
+        """The engine, an event's programs or a stub's refusal changed: who serves what."""
+        self._sync_native()
 
     @property
     def instances(self) -> list[KretprobeInstance]:
@@ -262,6 +280,9 @@ class Kretprobes:
             return True
         frame: int | None = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
+        if self.bpf_direct is not None and len(batch) == 1 and self._to_bpf_stub(batch[0], frame,
+                                                                                  correct):
+            return True
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)
         for ri in batch:
@@ -278,6 +299,36 @@ class Kretprobes:
             rp.hits += 1
             rp.free_instances.append(ri)
         kcb.current, kcb.status = saved
+        self.arch.kretprobe_fixup_return(regs, correct)
+        regs.flush()
+        m.pc = correct
+        self.arch.charge_kretprobe_return(m)
+        return True
+
+    def _to_bpf_stub(self, ri: KretprobeInstance, frame: int, correct: int) -> bool:
+        """The one returning instance's handler is a kretprobe-PMU event whose programs run
+        from this CPU's stub: the return is handled as below but for the handler, and the
+        guest goes to the stub, whose trap (`bpf_stub_done`) finishes the return."""
+        rp = ri.rp
+        if rp is None or rp.handler is None or ri.fp != frame:
+            return False
+        stub = self.bpf_direct.kretprobe_stub(rp, correct)
+        if stub is None:
+            return False
+        self.m.clock.charge(HANDLER)
+        rp.hits += 1
+        rp.free_instances.append(ri)
+        self.m.pc = stub
+        return True
+
+    def bpf_stub_done(self) -> bool:
+        """The trap at the end of a kretprobe stub: the handler's work is done, so the
+        return goes on as the trampoline goes on after handlers (lr put back on arm64)."""
+        correct = self.bpf_direct.kretprobe_done() if self.bpf_direct is not None else None
+        if correct is None:
+            return False
+        m = self.m
+        regs = PtRegs(m, ip=correct)
         self.arch.kretprobe_fixup_return(regs, correct)
         regs.flush()
         m.pc = correct

@@ -62,8 +62,10 @@ TRAMPOLINE_HELPERS = frozenset({
     8,      # get_smp_processor_id
 })
 THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
-ACTIVE_OFF = 8                   # bpf_prog_active in the JIT's data page (tcc is at 0)
-COUNTERS_OFF = 64                # then (hits, misses) u64 pairs, one per thunk
+ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of the JIT's
+MAX_CPUS = 64                    # data page (the tail-call count is at 0)
+DATA_NAME = "[bpf stub data]"    # rw-: CPU k's return address at 8k, then the counters
+COUNTERS_START = 8 * MAX_CPUS
 
 
 def direct_eligible(prog: "BpfProg") -> str | None:
@@ -111,18 +113,23 @@ def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
 
 @dataclass
 class Thunk:
-    """A thunk (an optimized probe's jump target) or a stub (a plain kprobe's hit path
-    sends the guest there; ``trap`` is its closing breakpoint)."""
+    """A thunk (an optimized probe's jump target) or a stub (a hit's owner sends the guest
+    there; ``trap`` is its closing breakpoint). Stubs are per CPU (``cpu``): each has that
+    CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as the
+    kernel's this_cpu accesses name the running CPU's copy."""
     probe: "Kprobe"
     addr: int
     counters: int               # guest address of (hits, misses)
     event: Any                  # the KprobePerfEvent whose programs it calls
     progs: list["BpfProg"]
     trap: int | None = None     # a stub's breakpoint, where the hit resumes
+    kind: str = "optprobe"      # "optprobe", "kprobe" or "kretprobe"
+    cpu: int = 0
+    reads_ip: bool = False      # a kretprobe stub: its frame's ip word must be written
 
 
 class DirectPlan(NamedTuple):
-    """What DirectCalls._plan found for a probe: its event, programs and image entries,
+    """What DirectCalls._plan found for a handler: its event, programs and image entries,
     or `why` they cannot run from guest code (`pending`: only because a program is not
     JITed yet, which the host run of this hit does)."""
     event: Any
@@ -132,8 +139,13 @@ class DirectPlan(NamedTuple):
     pending: bool = False
 
 
+StubKey = tuple[str, int, int]          # (kind, probe address, cpu)
+
+
 class DirectCalls:
-    """Per machine: the thunks and their pages; ``__call__(p)`` is Optimizer.direct."""
+    """Per machine: the thunks, the stubs and their pages; ``__call__(p)`` is
+    Optimizer.direct, ``kprobe_stub`` Kprobes.bpf_stub, ``kretprobe_stub`` and
+    ``kretprobe_done`` Kretprobes.bpf_direct's."""
 
     def __init__(self, machine: "Machine", runner: ProbeJit) -> None:
         self.m = machine
@@ -141,11 +153,53 @@ class DirectCalls:
         self.thunks: dict[int, Thunk] = {}       # probe address -> live thunk
         self._pages: list[int] = []
         self._free: list[int] = []
-        self._counters = 0
+        self._retired: list[int] = []            # dropped stubs' slots, until no CPU is inside
+        self._data: list[int] = []               # DATA_NAME pages
+        self._free_counters: list[int] = []
         self.refused: dict[int, str] = {}        # probe address -> why it keeps the host path
-        self.stubs: dict[int, Thunk] = {}        # plain kprobes: probe address -> live stub
-        self._stub_refused: dict[int, Any] = {}  # probe address -> the handler refused
+        self.copies: dict[StubKey, Thunk] = {}   # live stubs
+        self._stub_refused: dict[tuple[str, int], Any] = {}   # (kind, addr) -> handler refused
+        self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
         machine.stop_listeners.append(self.fold)
+
+    @property
+    def stubs(self) -> dict[int, Thunk]:
+        """Plain kprobes' stubs by probe address (the lowest CPU's copy)."""
+        return self.stubs_of("kprobe")
+
+    def stubs_of(self, kind: str) -> dict[int, Thunk]:
+        out: dict[int, Thunk] = {}
+        for (k, addr, _cpu), t in sorted(self.copies.items(), reverse=True):
+            if k == kind:
+                out[addr] = t
+        return out
+
+    # -- per-CPU words --
+    def active_addr(self, cpu: int) -> int:
+        """CPU ``cpu``'s bpf_prog_active word."""
+        return self.runner.jit.tcc_addr + ACTIVE_OFF + 8 * cpu
+
+    def _ret_word(self, cpu: int) -> int:
+        return self._data_page(0) + 8 * cpu
+
+    def _data_page(self, i: int) -> int:
+        from emu.memory import PROT_WRITE
+        from probes.insn_slots import place_near
+
+        while len(self._data) <= i:
+            page = place_near(self.m, self.runner.jit.tcc_addr, PAGE)
+            self.m.memory.map(page, PAGE, PROT_READ | PROT_WRITE, DATA_NAME)
+            self.m.claim_text(page, PAGE, RegionOwner.BPF, DATA_NAME)
+            first = COUNTERS_START if not self._data else 0
+            self._free_counters += range(page + PAGE - 16, page + first - 1, -16)
+            self._data.append(page)
+        return self._data[i]
+
+    def _counters(self) -> int:
+        """16 zeroed bytes for a thunk's (hits, misses)."""
+        if not self._free_counters:
+            self._data_page(len(self._data))
+        return self._free_counters.pop()
 
     # -- deciding --
     def __call__(self, p: "Kprobe") -> int | None:
@@ -153,19 +207,25 @@ class DirectCalls:
         assert p.addr is not None
         if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
             self._drop(p.addr)
-        plan = self._plan(p)
+        if self.m.nr_cpus > 1:
+            # The jump is every CPU's, and guest code cannot tell which CPU runs it: the
+            # probe keeps the detour, whose host hit knows (its stubs are per CPU).
+            self.refused[p.addr] = "several CPUs: a thunk cannot name its CPU's bpf_prog_active"
+            return None
+        plan = self._plan(p.pre_handler, is_return=False, aggr=p.is_aggr)
         if plan.why is not None:
             self.refused[p.addr] = plan.why
             return None
-        return self._build(p, plan.event, plan.progs, plan.images)
+        t = self._build(p, plan, "optprobe", 0)
+        return None if t is None else t.addr
 
-    def _plan(self, p: "Kprobe") -> "DirectPlan":
-        """The event, programs and image entries when ``p``'s handler is one kprobe-PMU
-        event whose programs can all run from guest code; else why not."""
+    def _plan(self, handler: Any, is_return: bool, aggr: bool = False) -> "DirectPlan":
+        """The event, programs and image entries when ``handler`` is one kprobe-PMU
+        event's dispatcher whose programs can all run from guest code; else why not."""
         from probes.bpf.libbpf import KprobePerfEvent
 
-        event = getattr(p.pre_handler, "__self__", None)
-        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
+        event = getattr(handler, "__self__", None)
+        if aggr or not isinstance(event, KprobePerfEvent) or event.is_return != is_return \
                 or not event.prog_array:
             return DirectPlan(event, [], [], "the handler is not one kprobe-PMU event with programs")
         progs = event.prog_array.progs()
@@ -183,77 +243,129 @@ class DirectCalls:
         return DirectPlan(event, progs, images, None)
 
     def kprobe_stub(self, p: "Kprobe") -> int | None:
-        """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: the stub
-        that runs ``p``'s programs in the guest (made once their images exist), or None:
-        the host path runs them (the first hit, which JITs them; programs that need the
-        host; an optimized probe, whose jump has a thunk of its own)."""
-        addr = p.addr
-        assert addr is not None
-        handler = p.pre_handler
-        t = self.stubs.get(addr)
+        """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: this CPU's
+        stub that runs ``p``'s programs in the guest (made once their images exist), or
+        None: the host path runs them (the first hit, which JITs them; programs that need
+        the host; an optimized probe, whose jump has a thunk of its own)."""
+        assert p.addr is not None
+        return self._stub("kprobe", p, p.pre_handler, p.is_aggr)
+
+    def kretprobe_stub(self, rp: Any, ret_addr: int) -> int | None:
+        """Kretprobes.bpf_direct: this CPU's stub that runs the programs of ``rp``'s
+        return handler (a kretprobe-PMU event's) with the returning registers and ip =
+        ``ret_addr``, the real return address, which its trap (``kretprobe_done``) goes
+        on to; None: the host path runs them."""
+        addr = self._stub("kretprobe", rp.kp, rp.handler, False)
+        if addr is not None:
+            cpu = self.m.cpu
+            self._ret_addr[cpu] = ret_addr
+            if self.copies[("kretprobe", rp.kp.addr, cpu)].reads_ip:
+                self.m.uc.mem_write(self._ret_word(cpu), struct.pack("<Q", ret_addr))
+        return addr
+
+    def wants_return(self, rp: Any) -> bool:
+        """Whether ``rp``'s returns should reach the Python trampoline (which can send the
+        guest to a stub; C's always resumes at the return address): its handler is a
+        kretprobe-PMU event with programs not refused for a stub."""
+        from probes.bpf.libbpf import KprobePerfEvent
+
+        event = getattr(rp.handler, "__self__", None)
+        if not isinstance(event, KprobePerfEvent) or not event.is_return or not event.prog_array:
+            return False
+        return self._stub_refused.get(("kretprobe", rp.kp.addr)) is not rp.handler
+
+    def kretprobe_done(self) -> int | None:
+        """The return address the kretprobe stub this CPU ran goes on to (None: it ran
+        none)."""
+        return self._ret_addr.pop(self.m.cpu, None)
+
+    def _reads_ip(self, t: Thunk) -> bool:
+        """Whether a program of ``t`` can read the frame's ip (else its word is not kept)."""
+        from probes.arch import arch_ptrace
+
+        slots = frame_slots(t.progs)
+        off = {n: o for o, n in arch_ptrace(self.m.arch.name).PT_REGS_SLOTS}[self.m.arch.pc]
+        return slots is None or any(off <= s < off + 8 for s in slots)
+
+    def _stub(self, kind: str, p: "Kprobe", handler: Any, aggr: bool) -> int | None:
+        assert p.addr is not None
+        key = (kind, p.addr, self.m.cpu)
+        t = self.copies.get(key)
         if t is not None:
             if t.probe is p and getattr(handler, "__self__", None) is t.event:
                 return t.addr
-            self._drop_stub(addr)
-        if self._stub_refused.get(addr) is handler:
+            self._drop_stubs(lambda k, _t: k[:2] == key[:2])
+        if self._stub_refused.get(key[:2]) is handler:
             return None
-        plan = self._plan(p)
+        plan = self._plan(handler, is_return=kind == "kretprobe", aggr=aggr)
         if plan.why is None:
-            stub = self._build(p, plan.event, plan.progs, plan.images, stub=True)
-            if stub is not None:
-                return stub
+            t = self._build(p, plan, kind, self.m.cpu)
+            if t is not None:
+                return t.addr
         elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
             return None                  # JITed by this hit's host run: asked again next hit
         else:
-            self.refused[addr] = plan.why
-        self._stub_refused[addr] = handler
+            self.refused[p.addr] = plan.why
+        self._stub_refused[key[:2]] = handler
+        if kind == "kretprobe":
+            self._kretprobes_changed()
         return None
 
-    def _build(self, p: "Kprobe", event: Any, progs: list["BpfProg"],
-               entries: list[int], stub: bool = False) -> int | None:
-        """Write a thunk for ``p`` (``stub``: one that ends in a breakpoint of its own,
-        the last word of its slot, instead of the detour's copies)."""
+    def _build(self, p: "Kprobe", plan: DirectPlan, kind: str, cpu: int) -> Thunk | None:
+        """Write a thunk for ``p`` (a stub, unless ``kind`` is "optprobe": one that ends
+        in a breakpoint of its own, the last word of its slot, instead of the detour's
+        copies; a kretprobe stub's frame ip is CPU ``cpu``'s return-address word)."""
         from probes.arch import arch_probes_of
 
         assert p.addr is not None
         m, jit = self.m, self.runner.jit
-        data = jit.tcc_addr
-        counters = data + COUNTERS_OFF + 16 * self._counters
-        if counters + 16 > data + PAGE:
-            self.refused[p.addr] = "no room for more thunk counters"
+        if cpu >= MAX_CPUS:
+            self.refused[p.addr] = f"CPU {cpu}: no bpf_prog_active word"
             return None
+        stub = kind != "optprobe"
         at = self._slot(p.addr)
-        ip = p.addr + self._ip_offset()
         bp = m.arch.breakpoint
         trap = at + THUNK_SLOT - len(bp) if stub else None
+        counters = self._counters()
+        ip_word = self._ret_word(cpu) if kind == "kretprobe" else None
         try:
-            code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
-                                                         counters, jit.stack_top,
-                                                         frame_slots(progs), resume=trap)
+            code = arch_probes_of(m).optprobes.bpf_thunk(
+                p, at, p.addr + self._ip_offset(), plan.images, self.active_addr(cpu),
+                counters, jit.stack_top_of(cpu), frame_slots(plan.progs), resume=trap,
+                ip_word=ip_word)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
+            code, why = b"", f"thunk: {e}"
+        else:
+            why = "thunk too large" if len(code) > THUNK_SLOT - (len(bp) if stub else 0) else ""
+        if why:
             self._free.append(at)
-            self.refused[p.addr] = f"thunk: {e}"
+            self._free_counters.append(counters)
+            self.refused[p.addr] = why
             return None
-        if len(code) > (THUNK_SLOT - len(bp) if stub else THUNK_SLOT):
-            self._free.append(at)
-            self.refused[p.addr] = "thunk too large"
-            return None
-        self._counters += 1
-        t = Thunk(p, at, counters, event, list(progs), trap)
+        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu)
+        t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp
             self._arm_stub_trap(t)
         m.text_poke(at, code)
-        kind = "kprobe_stub" if stub else "optprobe_thunk"
-        m.symbols.add(f"bpf_{kind}_{p.addr:x}", at, len(code))
-        (self.stubs if stub else self.thunks)[p.addr] = t
+        name = "optprobe_thunk" if not stub else f"{kind}_stub"
+        m.symbols.add(f"bpf_{name}_{p.addr:x}" + (f"_cpu{cpu}" if cpu else ""), at, len(code))
+        if stub:
+            self.copies[(kind, p.addr, cpu)] = t
+        else:
+            self.thunks[p.addr] = t
         self.refused.pop(p.addr, None)
-        return at
+        return t
 
     def _arm_stub_trap(self, t: Thunk) -> None:
         from probes.kprobes import kprobes_of
 
         assert t.trap is not None
+        if t.kind == "kretprobe":
+            from probes.kretprobes import kretprobes_of
+            ret_done = kretprobes_of(self.m).bpf_stub_done
+            self.m.register_break_addr(t.trap, lambda _addr: ret_done())
+            return
         done, p = kprobes_of(self.m).bpf_stub_done, t.probe
         self.m.register_break_addr(t.trap, lambda _addr: done(p))
 
@@ -262,9 +374,11 @@ class DirectCalls:
         return kprobes_of(self.m).arch.handler_ip_offset
 
     def _slot(self, near: int) -> int:
-        """A thunk slot in a page near the probe (in branch range), owned by the BPF layer."""
+        """A thunk slot in a page near the probe (in branch range), owned by the BPF layer:
+        a free one (a retired stub's once no CPU can be inside it), else a new page's."""
         from probes.insn_slots import place_near
 
+        self._reclaim()
         for i, at in enumerate(self._free):
             if abs(at - near) < (64 << 20):
                 return self._free.pop(i)
@@ -275,20 +389,40 @@ class DirectCalls:
         self._free += list(range(page, page + PAGE, THUNK_SLOT))
         return self._free.pop(0)
 
+    def _reclaim(self) -> None:
+        """Retired stub slots no CPU can be in any more become free: the kernel frees a
+        kprobe's insn slot after synchronize_rcu, once every CPU has passed a quiescent
+        point. Here a CPU is known outside a slot when its pc is not in it and it is not
+        inside a program (its bpf_prog_active is clear; a program returns into the stub
+        that called it); a CPU never made has never run one."""
+        if not self._retired:
+            return
+        m = self.m
+        pc_id = m.arch.reg_id(m.arch.pc)
+        pcs = [uc.reg_read(pc_id) for uc in m.ucs]
+        data = bytes(m.uc.mem_read(self.active_addr(0), 8 * max(m.nr_cpus, 1)))
+        if any(data[i] for i in range(0, len(data), 8)):
+            return                      # some CPU is inside a program: wait
+        keep = []
+        for at in self._retired:
+            (keep if any(at <= pc < at + THUNK_SLOT for pc in pcs) else self._free).append(at)
+        self._retired = keep
+
     # -- the host's view --
     def fold(self) -> None:
         """Add what the thunks counted to the probes, events and program stats, and read
         the map values the images wrote back into the maps (a run has stopped)."""
-        if not self.thunks and not self.stubs:
+        if not self.thunks and not self.copies:
+            self._reclaim()
             return
         from probes.trace.bpf_trace import prog_stats
 
         uc = self.m.uc
-        for t in (*self.thunks.values(), *self.stubs.values()):
+        for t in (*self.thunks.values(), *self.copies.values()):
             hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
             if hits or misses:
                 uc.mem_write(t.counters, bytes(16))
-                if not t.probe.is_aggr and t.trap is None:   # a stub's hits: kprobe_handler's
+                if not t.probe.is_aggr and t.trap is None:   # a stub's hits: its owner's
                     t.probe.hits += hits + misses
                 t.event.nhit += hits + misses
                 for prog in t.progs:
@@ -298,6 +432,7 @@ class DirectCalls:
         jit = self.runner._jit
         if jit is not None and jit.run_state is not None:
             jit.sync_in(stack=False)
+        self._reclaim()
 
     def forget_event(self, event: Any) -> None:
         """The event's programs changed: its probes go back to the host path."""
@@ -309,12 +444,18 @@ class DirectCalls:
                 self._drop(addr)
                 if opt is not None:
                     opt.forget_direct(t.probe)
-        for addr, t in list(self.stubs.items()):
-            if t.event is event:
-                self._drop_stub(addr)
-        for addr, handler in list(self._stub_refused.items()):
+        self._drop_stubs(lambda _k, t: t.event is event)
+        for key, handler in list(self._stub_refused.items()):
             if getattr(handler, "__self__", None) is event:
-                del self._stub_refused[addr]
+                del self._stub_refused[key]
+        if getattr(event, "is_return", False):
+            self._kretprobes_changed()
+
+    def _kretprobes_changed(self) -> None:
+        """Which kretprobes C's trampoline may serve has changed (wants_return)."""
+        krp = self.m.layers.get("kretprobes")
+        if krp is not None:
+            krp.bpf_direct_changed()
 
     def _drop(self, addr: int) -> None:
         """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is
@@ -322,18 +463,26 @@ class DirectCalls:
         self.fold()
         t = self.thunks.pop(addr)
         self._free.append(t.addr)
+        self._free_counters.append(t.counters)
 
-
-    def _drop_stub(self, addr: int) -> None:
-        """Forget the stub of the kprobe at ``addr`` (counts folded first). Its slot is
-        filled with breakpoints and not reused: a run that stopped inside the stub (a
-        limit) must not resume in another probe's code."""
+    def _drop_stubs(self, which: Any) -> None:
+        """Forget the stubs ``which(key, thunk)`` picks (counts folded first). Each slot is
+        filled with breakpoints and retired: a CPU that stopped inside it (a limit, or
+        another CPU's turn) must not go on in another probe's code, so it is reused only
+        once no CPU can be inside (``_reclaim``)."""
+        keys = [k for k, t in self.copies.items() if which(k, t)]
+        if not keys:
+            return
         self.fold()
-        t = self.stubs.pop(addr)
-        assert t.trap is not None
-        self.m.unregister_break_addr(t.trap)
         bp = self.m.arch.breakpoint
-        self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
+        for key in keys:
+            t = self.copies.pop(key)
+            assert t.trap is not None
+            self.m.unregister_break_addr(t.trap)
+            self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
+            self._free_counters.append(t.counters)
+            self._retired.append(t.addr)
+        self._reclaim()
 
 
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:
@@ -343,7 +492,8 @@ def direct_calls_of(machine: "Machine") -> DirectCalls | None:
 
 
 def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
-    """Let optimized probes call JITed programs from a thunk (``--bpf-engine jit``)."""
+    """Let optimized probes call JITed programs from a thunk, and plain kprobes and
+    kretprobes from a stub (``--bpf-engine jit``)."""
     from probes.kprobes import kprobes_of
 
     dc = direct_calls_of(machine)
@@ -352,6 +502,9 @@ def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
     kp = kprobes_of(machine)
     if kp.bpf_stub is None:
         kp.bpf_stub = dc.kprobe_stub
+    krp = machine.layers.get("kretprobes")
+    if krp is not None and krp.bpf_direct is None:
+        krp.bpf_direct = dc
     opt = kp.optimizer
     if opt is not None and opt.direct is None:
         opt.direct = dc

@@ -84,6 +84,7 @@ DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counte
 TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
+PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part of the stack
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
 GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
 GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
@@ -667,7 +668,7 @@ class ScratchJit:
         program and every program it can tail-call compiled (once per machine)."""
         run = BpfRun(prog, ctx, env, packet)
         if self._stack is None:           # one native stack for every run: it stays mapped
-            self._stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
+            self._stack = Region(STACK_BASE, bytearray(self._stack_size()), True, "jit stack")
         run.mem.add(self._stack)
         self.run_state = run
         for p in _reachable(prog):
@@ -682,10 +683,22 @@ class ScratchJit:
                         mp.backing = self
         return run
 
+    def _stack_size(self) -> int:
+        """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
+        each kernel CPU runs its programs on its own stack (two CPUs can be inside
+        programs at once: a turn may end in the middle of one)."""
+        cpus = self.machine.nr_cpus if self.in_guest else 1
+        return max(NATIVE_STACK, PERCPU_STACK * cpus)
+
     @property
     def stack_top(self) -> int:
-        """Top of the native stack window the images run on."""
-        return (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+        """Top of the native stack window the images run on (CPU 0's part)."""
+        size = len(self._stack.data) if self._stack is not None else self._stack_size()
+        return (STACK_BASE & ~VM_BASE) + size
+
+    def stack_top_of(self, cpu: int) -> int:
+        """Top of CPU ``cpu``'s part of the native stack."""
+        return self.stack_top - PERCPU_STACK * cpu
 
     # -- MapBacking: an array map's values while their window holds them --
     def pull(self, m: Any) -> None:
@@ -766,7 +779,8 @@ class ScratchJit:
         # The budget: every backward branch the JITed code evaluates costs one (a register
         # counts down; see back_edge in the arch JITs). Without backward branches a
         # program ends by itself: no recursion, at most 33 tail calls.
-        sp = em.push_return(m, self.stack_top, self.return_addr)
+        sp = em.push_return(m, self.stack_top_of(m.cpu) if self.in_guest else self.stack_top,
+                            self.return_addr)
         self._uc.write_entry(self.to_guest(r1), r2, run.budget, sp)
         self._pending = _Pending()
         # in a traced guest ProbeJit counts the cycles per program (a clock read is ~1 µs)
@@ -1201,6 +1215,8 @@ class ProbeJit:
     A program the JIT cannot take (``BpfError`` while compiling) runs on the compiled
     Python path instead; ``fallback`` says which and why."""
 
+    in_guest_stubs = True       # hits may be sent to guest stubs (Kretprobes asks)
+
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         self.arch = machine.arch.name
@@ -1333,6 +1349,9 @@ def install_engine(machine: "Machine", engine: str) -> None:
         trace.runner = lambda prog, ctx, env: prog.run(ctx, env, engine="interp")
     else:
         trace.runner = None
+    krp = machine.layers.get("kretprobes")
+    if krp is not None:                  # return programs may now go to stubs, or not
+        krp.bpf_direct_changed()
 
 
 def jited_listing(prog: "BpfProg", arch: str) -> str:
