@@ -43,6 +43,7 @@ from emu.owners import RegionOwner
 from .helpers import KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
 from .jit_guest import ProbeJit, _jump_targets, _map_in_r1, _kind
+from .prog_types import BpfProgType
 
 if TYPE_CHECKING:
     from emu.machine import Machine
@@ -61,6 +62,10 @@ TRAMPOLINE_HELPERS = frozenset({
     7,      # get_prandom_u32
     8,      # get_smp_processor_id
 })
+STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_PROG_TYPE_TRACEPOINT,
+                             BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
+CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
+CTX_SIZE = 64                    # the largest: an 8-byte header and six 8-byte arguments
 THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
 ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of the JIT's
 MAX_CPUS = 64                    # data page (the tail-call count is at 0)
@@ -71,10 +76,9 @@ COUNTERS_START = 8 * MAX_CPUS
 def direct_eligible(prog: "BpfProg") -> str | None:
     """Why ``prog`` cannot run from a thunk, or None if it can."""
     from .maps import ArrayMap
-    from .prog_types import BpfProgType
 
-    if prog.prog_type != BpfProgType.BPF_PROG_TYPE_KPROBE:
-        return "not a kprobe program"
+    if prog.prog_type not in STUB_PROG_TYPES:
+        return "not a kprobe, tracepoint or raw tracepoint program"
     insns = prog.insns
     targets = _jump_targets(insns)
     lookup = KERNEL_HELPERS.get(1)
@@ -117,7 +121,7 @@ class Thunk:
     there; ``trap`` is its closing breakpoint). Stubs are per CPU (``cpu``): each has that
     CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as the
     kernel's this_cpu accesses name the running CPU's copy."""
-    probe: "Kprobe"
+    probe: "Kprobe | None"      # None: a tracepoint's stub
     addr: int
     counters: int               # guest address of (hits, misses)
     event: Any                  # the KprobePerfEvent whose programs it calls
@@ -126,6 +130,7 @@ class Thunk:
     kind: str = "optprobe"      # "optprobe", "kprobe" or "kretprobe"
     cpu: int = 0
     reads_ip: bool = False      # a kretprobe stub: its frame's ip word must be written
+    guard: int = 0              # a raw tracepoint stub's prog->active word (else 0)
 
 
 class DirectPlan(NamedTuple):
@@ -160,6 +165,7 @@ class DirectCalls:
         self.copies: dict[StubKey, Thunk] = {}   # live stubs
         self._stub_refused: dict[tuple[str, int], Any] = {}   # (kind, addr) -> handler refused
         self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
+        self._ctx_page: int | None = None        # CTX_NAME
         machine.stop_listeners.append(self.fold)
 
     @property
@@ -228,7 +234,10 @@ class DirectCalls:
         if aggr or not isinstance(event, KprobePerfEvent) or event.is_return != is_return \
                 or not event.prog_array:
             return DirectPlan(event, [], [], "the handler is not one kprobe-PMU event with programs")
-        progs = event.prog_array.progs()
+        return self._images(event, event.prog_array.progs())
+
+    def _images(self, event: Any, progs: list["BpfProg"]) -> "DirectPlan":
+        """The plan for ``progs``: their image entries, or why they need the host."""
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
@@ -298,69 +307,150 @@ class DirectCalls:
         if self._stub_refused.get(key[:2]) is handler:
             return None
         plan = self._plan(handler, is_return=kind == "kretprobe", aggr=aggr)
-        if plan.why is None:
-            t = self._build(p, plan, kind, self.m.cpu)
-            if t is not None:
-                return t.addr
-        elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
-            return None                  # JITed by this hit's host run: asked again next hit
-        else:
-            self.refused[p.addr] = plan.why
-        self._stub_refused[key[:2]] = handler
-        if kind == "kretprobe":
+        if self._decided(key, plan, handler, lambda: self._build(p, plan, kind, self.m.cpu)):
+            return self.copies[key].addr
+        if kind == "kretprobe" and self._stub_refused.get(key[:2]) is handler:
             self._kretprobes_changed()
         return None
 
-    def _build(self, p: "Kprobe", plan: DirectPlan, kind: str, cpu: int) -> Thunk | None:
+    def _decided(self, key: StubKey, plan: DirectPlan, handler: Any, build: Any) -> bool:
+        """Build the stub ``plan`` allows (True), or note why not: nothing while its
+        programs are JITed by this hit's host run (asked again next hit), else refused
+        for good for ``handler``."""
+        if plan.why is None:
+            if build() is not None:
+                return True
+        elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
+            return False
+        else:
+            self.refused[key[1]] = plan.why
+        self._stub_refused[key[:2]] = handler
+        return False
+
+    def tracepoint_stub(self, tp: Any, func: Any, data: Any, args: tuple[int, ...]) -> int | None:
+        """Tracepoints.bpf_stub, asked for each function on a tracepoint's hit: this CPU's
+        stub that runs the function's programs (a raw tracepoint link's, or a tracepoint
+        event's perf programs) with their context written to this CPU's context buffer,
+        after the host did the rest of the function's work (the event's record); None:
+        the function runs on the host (other functions, the first hit, which JITs them,
+        programs that need the host)."""
+        kind, progs, ctx = self._tp_kind(func, data, args)
+        if kind is None:
+            return None
+        cpu = self.m.cpu
+        key = (kind, id(data), cpu)
+        t = self.copies.get(key)
+        if t is None or t.event is not data or t.progs != progs:
+            if t is not None:
+                self._drop_stubs(lambda k, _t: k[:2] == key[:2])
+            if self._stub_refused.get(key[:2]) is func:
+                return None
+            plan = self._images(data, progs)
+            if not self._decided(key, plan, func,
+                                 lambda: self._build(None, plan, kind, cpu, tp.iterator)):
+                return None
+            t = self.copies[key]
+        if kind == "tp":
+            ctx = self._tp_record(func, data, args)
+        self.m.uc.mem_write(self._ctx_buf(cpu), ctx)
+        return t.addr
+
+    def _tp_kind(self, func: Any, data: Any, args: tuple[int, ...]) -> tuple[Any, list, bytes]:
+        """("raw_tp", [prog], raw args) for a raw tracepoint link that is not writable,
+        ("tp", programs, b"") for a tracepoint event with perf programs, else None."""
+        from probes.trace.bpf_tracepoint import BpfRawTpLink
+
+        if isinstance(data, BpfRawTpLink) and getattr(func, "__self__", None) is data:
+            if data.writable:
+                return None, [], b""
+            tp = data.btp.tp
+            vals = [v & ((1 << (8 * a.size)) - 1) for a, v in zip(tp.args, args)]
+            return "raw_tp", [data.prog], struct.pack(f"<{len(vals)}Q", *vals)
+        from probes.trace.trace_tracepoint import TraceTracepointEvents
+
+        if getattr(func, "__func__", None) is TraceTracepointEvents.trace_event_raw_event \
+                and data.prog_array:
+            return "tp", data.prog_array.progs(), b""
+        return None, [], b""
+
+    def _tp_record(self, func: Any, data: Any, args: tuple[int, ...]) -> bytes:
+        """The tracepoint event's work but its programs (the record committed when the
+        event is enabled); the record, the programs' context."""
+        return bytes(func.__self__.raw_event_without_bpf(data, args))
+
+    def _ctx_buf(self, cpu: int) -> int:
+        from emu.memory import PROT_WRITE
+        from probes.insn_slots import place_near
+
+        if self._ctx_page is None:
+            page = place_near(self.m, self.runner.jit.tcc_addr, PAGE)
+            self.m.memory.map(page, PAGE, PROT_READ | PROT_WRITE, CTX_NAME)
+            self.m.claim_text(page, PAGE, RegionOwner.BPF, CTX_NAME)
+            self._ctx_page = page
+        return self._ctx_page + CTX_SIZE * cpu
+
+    def _build(self, p: "Kprobe | None", plan: DirectPlan, kind: str, cpu: int,
+               near: int | None = None) -> Thunk | None:
         """Write a thunk for ``p`` (a stub, unless ``kind`` is "optprobe": one that ends
         in a breakpoint of its own, the last word of its slot, instead of the detour's
-        copies; a kretprobe stub's frame ip is CPU ``cpu``'s return-address word)."""
+        copies; a kretprobe stub's frame ip is CPU ``cpu``'s return-address word; a
+        tracepoint's stub (``p`` None, placed ``near`` its iterator) passes CPU ``cpu``'s
+        context buffer instead of a frame)."""
         from probes.arch import arch_probes_of
 
-        assert p.addr is not None
         m, jit = self.m, self.runner.jit
+        site = near if p is None else p.addr
+        assert site is not None
         if cpu >= MAX_CPUS:
-            self.refused[p.addr] = f"CPU {cpu}: no bpf_prog_active word"
+            self.refused[site] = f"CPU {cpu}: no bpf_prog_active word"
             return None
         stub = kind != "optprobe"
-        at = self._slot(p.addr)
+        at = self._slot(site)
         bp = m.arch.breakpoint
         trap = at + THUNK_SLOT - len(bp) if stub else None
         counters = self._counters()
-        ip_word = self._ret_word(cpu) if kind == "kretprobe" else None
+        guard = self._counters() if kind == "raw_tp" else 0     # prog->active, not bpf_prog_active
+        tp = p is None
         try:
             code = arch_probes_of(m).optprobes.bpf_thunk(
-                p, at, p.addr + self._ip_offset(), plan.images, self.active_addr(cpu),
-                counters, jit.stack_top_of(cpu), frame_slots(plan.progs), resume=trap,
-                ip_word=ip_word)
+                p, at, site + (0 if tp else self._ip_offset()), plan.images,
+                guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
+                frozenset() if tp else frame_slots(plan.progs), resume=trap,
+                ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
+                ctx=self._ctx_buf(cpu) if tp else None)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             code, why = b"", f"thunk: {e}"
         else:
             why = "thunk too large" if len(code) > THUNK_SLOT - (len(bp) if stub else 0) else ""
         if why:
             self._free.append(at)
-            self._free_counters.append(counters)
-            self.refused[p.addr] = why
+            self._free_counters += [c for c in (counters, guard) if c]
+            self.refused[site] = why
             return None
-        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu)
+        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard)
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp
             self._arm_stub_trap(t)
         m.text_poke(at, code)
         name = "optprobe_thunk" if not stub else f"{kind}_stub"
-        m.symbols.add(f"bpf_{name}_{p.addr:x}" + (f"_cpu{cpu}" if cpu else ""), at, len(code))
-        if stub:
-            self.copies[(kind, p.addr, cpu)] = t
+        m.symbols.add(f"bpf_{name}_{site:x}" + (f"_cpu{cpu}" if cpu else ""), at, len(code))
+        if not stub:
+            self.thunks[site] = t
         else:
-            self.thunks[p.addr] = t
-        self.refused.pop(p.addr, None)
+            self.copies[(kind, id(plan.event) if tp else site, cpu)] = t
+        self.refused.pop(site, None)
         return t
 
     def _arm_stub_trap(self, t: Thunk) -> None:
         from probes.kprobes import kprobes_of
 
         assert t.trap is not None
+        if t.probe is None:
+            from probes.tracepoint import tracepoints_of
+            tp_done = tracepoints_of(self.m).bpf_stub_done
+            self.m.register_break_addr(t.trap, lambda _addr: tp_done())
+            return
         if t.kind == "kretprobe":
             from probes.kretprobes import kretprobes_of
             ret_done = kretprobes_of(self.m).bpf_stub_done
@@ -422,9 +512,12 @@ class DirectCalls:
             hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
             if hits or misses:
                 uc.mem_write(t.counters, bytes(16))
-                if not t.probe.is_aggr and t.trap is None:   # a stub's hits: its owner's
+                if t.trap is None and not t.probe.is_aggr:   # a stub's hits: its owner's
                     t.probe.hits += hits + misses
-                t.event.nhit += hits + misses
+                if t.kind == "raw_tp":
+                    t.event.misses += misses             # the link's own count
+                elif t.kind != "tp":
+                    t.event.nhit += hits + misses
                 for prog in t.progs:
                     st = prog_stats(prog)
                     st.run_cnt += hits
@@ -480,7 +573,7 @@ class DirectCalls:
             assert t.trap is not None
             self.m.unregister_break_addr(t.trap)
             self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
-            self._free_counters.append(t.counters)
+            self._free_counters += [c for c in (t.counters, t.guard) if c]
             self._retired.append(t.addr)
         self._reclaim()
 
@@ -505,6 +598,9 @@ def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
     krp = machine.layers.get("kretprobes")
     if krp is not None and krp.bpf_direct is None:
         krp.bpf_direct = dc
+    tps = machine.layers.get("tracepoints")
+    if tps is not None and tps.bpf_stub is None:
+        tps.bpf_stub = dc.tracepoint_stub
     opt = kp.optimizer
     if opt is not None and opt.direct is None:
         opt.direct = dc

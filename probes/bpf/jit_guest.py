@@ -559,6 +559,7 @@ class ScratchJit:
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        run.env.cpu = self.machine.cpu  # a stub runs on the CPU that hit, not the last host hit's
         self._direct = True
         try:
             self._stub_fns[addr](addr)

@@ -149,16 +149,18 @@ class Arm64Optprobes:
 
     def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
-                  resume: int | None = None, ip_word: int | None = None) -> bytes:
+                  resume: int | None = None, ip_word: int | None = None,
+                  ctx: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies);
-        `ip_word`: where the frame's pc is read from (a return's address), not `ip`."""
-        assert p.addr is not None
+        `ip_word`: where the frame's pc is read from (a return's address), not `ip`;
+        `ctx`: the programs' context (a tracepoint's record), not the frame."""
         if resume is None:                                  # the detour branches to it:
+            assert p.addr is not None
             b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("pstate"), stack, slots, ip_word)
+                         self.m.reg("pstate"), stack, slots, ip_word, ctx)
 
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
@@ -246,7 +248,7 @@ def _frame_ops(op: str, regs: list[int]) -> str:
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None,
-              ip_word: int | None = None) -> bytes:
+              ip_word: int | None = None, ctx: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
     `pstate`'s other bits, syscallno = -1) on the guest stack; if the bpf_prog_active word
@@ -255,7 +257,8 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     (x19, callee-saved in the JIT, keeps it); else a miss is counted at `counters + 8`.
     Every register the thunk and the images may change and NZCV come back, then
     `b resume`. With `ip_word` the frame's pc is the u64 there (a kretprobe stub's
-    return address, which changes from hit to hit), not `ip`.
+    return address, which changes from hit to hit), not `ip`. With `ctx` the images get
+    x0 = `ctx` (a tracepoint's record or raw arguments) instead of the frame.
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written: a guest store is Unicorn's slow path
@@ -268,7 +271,8 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
         return slots is None or any(off <= s < off + 8 for s in slots)
 
     regs = sorted(THUNK_CLOBBERS | {i for i in range(31) if wanted(8 * i)})
-    calls = "".join(f"mov x0, x19; {_movq('x16', e)}blr x16; " for e in entries)
+    arg = "mov x0, x19; " if ctx is None else _movq("x0", ctx)
+    calls = "".join(f"{arg}{_movq('x16', e)}blr x16; " for e in entries)
     tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8) if wanted(o))
     # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
     # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
