@@ -95,6 +95,10 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
                 return f"insn {i}: helper call {fid}"
             if fid in TRAMPOLINE_HELPERS:
+                if fid in (2, 3) and prog.ctx_reads is None:
+                    # the verifier saw a context pointer reach a helper: the host helper
+                    # could not read the stub's frame or context buffer through it
+                    return f"insn {i}: helper call {fid} may get a context pointer"
                 continue
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
