@@ -503,6 +503,10 @@ class Kprobes:
                 regs._cache = {pc: ip}      # regs.reset(ip), inlined (hot path)
                 if dirty:
                     dirty.clear()
+                stub = self.bpf_stub(p) if self.bpf_stub is not None else None
+                if stub is not None:        # the programs run in the guest: kcb stays
+                    m.pc = stub             # ACTIVE, bpf_stub_done steps (Python's)
+                    return 1
                 if record is not None and st.trace_len:      # C built the event's record
                     body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
                     if record(p, regs, body):
