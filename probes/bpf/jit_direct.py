@@ -71,6 +71,7 @@ ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of
 MAX_CPUS = 64                    # data page (the tail-call count is at 0)
 DATA_NAME = "[bpf stub data]"    # rw-: CPU k's return address at 8k, then the counters
 COUNTERS_START = 8 * MAX_CPUS
+STUB_HOST_ENTRY = True
 
 
 def direct_eligible(prog: "BpfProg") -> str | None:
@@ -135,6 +136,7 @@ class Thunk:
     cpu: int = 0
     reads_ip: bool = False      # a kretprobe stub: its frame's ip word must be written
     guard: int = 0              # a raw tracepoint stub's prog->active word (else 0)
+    entry: int | None = None    # the host entry on `trap`
 
 
 class DirectPlan(NamedTuple):
@@ -447,21 +449,26 @@ class DirectCalls:
         return t
 
     def _arm_stub_trap(self, t: Thunk) -> None:
+        """The owner of the stub's last word: a host entry there (a code hook on the BPF
+        layer's own text, ~0.3 µs, where a breakpoint goes through Unicorn's exception
+        path), with the breakpoint under it as the backstop; both finish the hit."""
         from probes.kprobes import kprobes_of
 
         assert t.trap is not None
         if t.probe is None:
             from probes.tracepoint import tracepoints_of
             tp_done = tracepoints_of(self.m).bpf_stub_done
-            self.m.register_break_addr(t.trap, lambda _addr: tp_done())
-            return
-        if t.kind == "kretprobe":
+            done: Any = lambda _addr: tp_done()
+        elif t.kind == "kretprobe":
             from probes.kretprobes import kretprobes_of
             ret_done = kretprobes_of(self.m).bpf_stub_done
-            self.m.register_break_addr(t.trap, lambda _addr: ret_done())
-            return
-        done, p = kprobes_of(self.m).bpf_stub_done, t.probe
-        self.m.register_break_addr(t.trap, lambda _addr: done(p))
+            done = lambda _addr: ret_done()
+        else:
+            kp_done, p = kprobes_of(self.m).bpf_stub_done, t.probe
+            done = lambda _addr: kp_done(p)
+        self.m.register_break_addr(t.trap, done)
+        if STUB_HOST_ENTRY:
+            t.entry = self.m.add_host_entry(t.trap, done)
 
     def _ip_offset(self) -> int:
         from probes.kprobes import kprobes_of
@@ -576,6 +583,8 @@ class DirectCalls:
             t = self.copies.pop(key)
             assert t.trap is not None
             self.m.unregister_break_addr(t.trap)
+            if t.entry is not None:
+                self.m.remove_host_entry(t.entry)
             self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
             self._free_counters += [c for c in (t.counters, t.guard) if c]
             self._retired.append(t.addr)
