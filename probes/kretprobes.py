@@ -87,8 +87,9 @@ class Kretprobes:
         self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
         # --bpf-engine jit: return handlers' programs run from a guest stub
-        # (probes/bpf/jit_direct.py DirectCalls: kretprobe_stub, kretprobe_done, wants_return)
+        # (probes/bpf/jit_direct.py DirectCalls: kretprobe_stub, kretprobe_done)
         self.bpf_direct: Any = None
+        self._charged: dict[int, bool] = {}    # cpu -> C charged the stub's return already
         self.native: NativeRethook | None = None
         if self.kprobes.native is not None:
             self.native = NativeRethook.attach(
@@ -111,23 +112,19 @@ class Kretprobes:
             return
         calls = self.native.calls_handlers          # return handlers: C calls them
         self.native.set_rows([rp for rp in self.registered if rp.entry_handler is None and (
-            rp.handler is None or (calls and rp.data_size == 0 and not self._bpf_stubbed(rp)))])
+            rp.handler is None or (calls and rp.data_size == 0))])
         self.kprobes.sync_native()
 
-    def _bpf_stubbed(self, rp: Kretprobe) -> bool:
-        """Whether `rp`'s returns may go to a BPF stub, which only this trampoline can send
-        the guest to (C's always resumes at the return address): under --bpf-engine jit,
-        a kretprobe-PMU event with programs that were not refused a stub."""
-        if self.bpf_direct is not None:
-            return bool(self.bpf_direct.wants_return(rp))
-        trace = self.m.layers.get("bpf_trace")
-        event = getattr(rp.handler, "__self__", None)
-        return bool(getattr(getattr(trace, "runner", None), "in_guest_stubs", False)
-                    and getattr(event, "is_return", False) and getattr(event, "prog_array", None))
-
-    def bpf_direct_changed(self) -> None:
-        """The engine, an event's programs or a stub's refusal changed: who serves what."""
-        self._sync_native()
+    def native_bpf_stub(self, rp: Kretprobe | None, correct: int) -> int | None:
+        """C's trampoline asks before it calls `rp`'s return handler: the stub its
+        programs run from (C then resumes there, not at `correct`, and leaves lr to the
+        stub's end; the return is charged already), or None."""
+        if self.bpf_direct is None or rp is None or rp.handler is None:
+            return None
+        stub = self.bpf_direct.kretprobe_stub(rp, correct)
+        if stub is not None:
+            self._charged[self.m.cpu] = True
+        return stub
 
     @property
     def instances(self) -> list[KretprobeInstance]:
@@ -332,7 +329,8 @@ class Kretprobes:
         self.arch.kretprobe_fixup_return(regs, correct)
         regs.flush()
         m.pc = correct
-        self.arch.charge_kretprobe_return(m)
+        if not self._charged.pop(m.cpu, False):
+            self.arch.charge_kretprobe_return(m)
         return True
 
     def live_instances(self) -> list[KretprobeInstance]:

@@ -156,7 +156,7 @@ StubKey = tuple[str, int, int]          # (kind, probe address, cpu)
 class DirectCalls:
     """Per machine: the thunks, the stubs and their pages; ``__call__(p)`` is
     Optimizer.direct, ``kprobe_stub`` Kprobes.bpf_stub, ``kretprobe_stub`` and
-    ``kretprobe_done`` Kretprobes.bpf_direct's."""
+    ``kretprobe_done`` Kretprobes.bpf_direct's, ``tracepoint_stub`` Tracepoints.bpf_stub."""
 
     def __init__(self, machine: "Machine", runner: ProbeJit) -> None:
         self.m = machine
@@ -278,17 +278,6 @@ class DirectCalls:
                 self.m.uc.mem_write(self._ret_word(cpu), struct.pack("<Q", ret_addr))
         return addr
 
-    def wants_return(self, rp: Any) -> bool:
-        """Whether ``rp``'s returns should reach the Python trampoline (which can send the
-        guest to a stub; C's always resumes at the return address): its handler is a
-        kretprobe-PMU event with programs not refused for a stub."""
-        from probes.bpf.libbpf import KprobePerfEvent
-
-        event = getattr(rp.handler, "__self__", None)
-        if not isinstance(event, KprobePerfEvent) or not event.is_return or not event.prog_array:
-            return False
-        return self._stub_refused.get(("kretprobe", rp.kp.addr)) is not rp.handler
-
     def kretprobe_done(self) -> int | None:
         """The return address the kretprobe stub this CPU ran goes on to (None: it ran
         none)."""
@@ -315,8 +304,6 @@ class DirectCalls:
         plan = self._plan(handler, is_return=kind == "kretprobe", aggr=aggr)
         if self._decided(key, plan, handler, lambda: self._build(p, plan, kind, self.m.cpu)):
             return self.copies[key].addr
-        if kind == "kretprobe" and self._stub_refused.get(key[:2]) is handler:
-            self._kretprobes_changed()
         return None
 
     def _decided(self, key: StubKey, plan: DirectPlan, handler: Any, build: Any) -> bool:
@@ -552,14 +539,7 @@ class DirectCalls:
         for key, handler in list(self._stub_refused.items()):
             if getattr(handler, "__self__", None) is event:
                 del self._stub_refused[key]
-        if getattr(event, "is_return", False):
-            self._kretprobes_changed()
 
-    def _kretprobes_changed(self) -> None:
-        """Which kretprobes C's trampoline may serve has changed (wants_return)."""
-        krp = self.m.layers.get("kretprobes")
-        if krp is not None:
-            krp.bpf_direct_changed()
 
     def _drop(self, addr: int) -> None:
         """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is

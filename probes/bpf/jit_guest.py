@@ -1216,8 +1216,6 @@ class ProbeJit:
     A program the JIT cannot take (``BpfError`` while compiling) runs on the compiled
     Python path instead; ``fallback`` says which and why."""
 
-    in_guest_stubs = True       # hits may be sent to guest stubs (Kretprobes asks)
-
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         self.arch = machine.arch.name
@@ -1350,9 +1348,6 @@ def install_engine(machine: "Machine", engine: str) -> None:
         trace.runner = lambda prog, ctx, env: prog.run(ctx, env, engine="interp")
     else:
         trace.runner = None
-    krp = machine.layers.get("kretprobes")
-    if krp is not None:                  # return programs may now go to stubs, or not
-        krp.bpf_direct_changed()
 
 
 def jited_listing(prog: "BpfProg", arch: str) -> str:

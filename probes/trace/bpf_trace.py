@@ -202,9 +202,6 @@ def _programs_changed(call: Any) -> None:
     dc = direct_calls_of(machine)
     if dc is not None:
         dc.forget_event(call)
-    krp = machine.layers.get("kretprobes")
-    if krp is not None and getattr(call, "is_return", False):
-        krp.bpf_direct_changed()         # C's trampoline cannot send a return to a stub
 
 
 def perf_event_detach_bpf_prog(event: PerfEvent) -> None:
