@@ -126,3 +126,28 @@ def test_destroying_the_link_drops_the_stub(arch) -> None:
     for i in range(3):
         lab.lab.call("work_step", i)
     assert _sums(prog)[1] == 4 and prog_stats(prog).run_cnt == 4
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_two_functions_on_one_tracepoint(arch, monkeypatch) -> None:
+    """A raw tracepoint link and a tracepoint event's program on tp_work: the first
+    function's stub traps back to run the next, the last one's returns from the iterator."""
+    progs = {e: (sums_prog("raw_tp"), sums_prog("tp")) for e in ("jit", "python")}
+    labs = {}
+    for engine, (raw, rec) in progs.items():
+        lab = TpLab(arch, "raw_tp", raw, engine, 9)
+        attach_tracepoint_prog(lab.m, rec, "tpdemo", "tp_work")
+        labs[engine] = lab
+    nested: list[int] = []
+    execute = ScratchJit.execute
+    monkeypatch.setattr(ScratchJit, "execute",
+                        lambda self, *a: nested.append(1) or execute(self, *a))
+    assert labs["jit"].run() == labs["python"].run()
+    assert len(nested) == 2                          # each program's first hit JITed it
+    want = [sum(3 * i - 7 for i in range(9)), 9]
+    for k in range(2):
+        assert _sums(progs["jit"][k]) == _sums(progs["python"][k]) == want
+    stubs = {k[0]: t for k, t in direct_calls_of(labs["jit"].m).copies.items()}
+    assert set(stubs) == {"raw_tp", "tp"}
+    iterator_ret = [t.resume_to for t in stubs.values()]
+    assert iterator_ret.count(None) == 1             # the first traps back, the last returns

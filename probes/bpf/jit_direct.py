@@ -137,6 +137,7 @@ class Thunk:
     reads_ip: bool = False      # a kretprobe stub: its frame's ip word must be written
     guard: int = 0              # a raw tracepoint stub's prog->active word (else 0)
     entry: int | None = None    # the host entry on `trap`
+    resume_to: int | None = None    # where a tracepoint's stub goes instead of its trap
 
 
 class DirectPlan(NamedTuple):
@@ -320,27 +321,30 @@ class DirectCalls:
         self._stub_refused[key[:2]] = handler
         return False
 
-    def tracepoint_stub(self, tp: Any, func: Any, data: Any, args: tuple[int, ...]) -> int | None:
+    def tracepoint_stub(self, tp: Any, func: Any, data: Any, args: tuple[int, ...],
+                        ret: int | None) -> int | None:
         """Tracepoints.bpf_stub, asked for each function on a tracepoint's hit: this CPU's
         stub that runs the function's programs (a raw tracepoint link's, or a tracepoint
         event's perf programs) with their context written to this CPU's context buffer,
         after the host did the rest of the function's work (the event's record); None:
         the function runs on the host (other functions, the first hit, which JITs them,
-        programs that need the host)."""
+        programs that need the host). ``ret``: the function is the last one, and the stub
+        goes straight to the iterator's return there (else its trap goes on with the next
+        function)."""
         kind, progs, ctx = self._tp_kind(func, data, args)
         if kind is None:
             return None
         cpu = self.m.cpu
         key = (kind, id(data), cpu)
         t = self.copies.get(key)
-        if t is None or t.event is not data or t.progs != progs:
+        if t is None or t.event is not data or t.progs != progs or t.resume_to != ret:
             if t is not None:
                 self._drop_stubs(lambda k, _t: k[:2] == key[:2])
             if self._stub_refused.get(key[:2]) is func:
                 return None
             plan = self._images(data, progs)
             if not self._decided(key, plan, func,
-                                 lambda: self._build(None, plan, kind, cpu, tp.iterator)):
+                                 lambda: self._build(None, plan, kind, cpu, tp.iterator, ret)):
                 return None
             t = self.copies[key]
         if kind == "tp":
@@ -383,12 +387,13 @@ class DirectCalls:
         return self._ctx_page + CTX_SIZE * cpu
 
     def _build(self, p: "Kprobe | None", plan: DirectPlan, kind: str, cpu: int,
-               near: int | None = None) -> Thunk | None:
+               near: int | None = None, resume_to: int | None = None) -> Thunk | None:
         """Write a thunk for ``p`` (a stub, unless ``kind`` is "optprobe": one that ends
         in a breakpoint of its own, the last word of its slot, instead of the detour's
         copies; a kretprobe stub's frame ip is CPU ``cpu``'s return-address word; a
         tracepoint's stub (``p`` None, placed ``near`` its iterator) passes CPU ``cpu``'s
-        context buffer instead of a frame)."""
+        context buffer instead of a frame; ``resume_to``: where it goes when done, not its
+        trap)."""
         from probes.arch import arch_probes_of
 
         m, jit = self.m, self.runner.jit
@@ -408,7 +413,7 @@ class DirectCalls:
             code = arch_probes_of(m).optprobes.bpf_thunk(
                 p, at, site + (0 if tp else self._ip_offset()), plan.images,
                 guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
-                frozenset() if tp else frame_slots(plan.progs), resume=trap,
+                frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
                 ctx=self._ctx_buf(cpu) if tp else None)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
@@ -420,7 +425,8 @@ class DirectCalls:
             self._free_counters += [c for c in (counters, guard) if c]
             self.refused[site] = why
             return None
-        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard)
+        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
+                  resume_to=resume_to)
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp

@@ -88,6 +88,7 @@ PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part o
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
 GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
 GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
+MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from 0x3000_xxxx_xxxx
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -473,6 +474,11 @@ class ScratchJit:
         self._by_vm_key: dict[int, Window] = {}
         self._by_buffer: dict[int, Window] = {}     # id(region bytes) -> window (MapBacking)
         self._window_regions: set[int] = set()       # id() of each window's region
+        # in a guest: one region (and window) per array map for every run, so that the
+        # images of every program, called from stubs with no host sync, each reach their
+        # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
+        self._map_regions: dict[int, tuple[bytearray, Region]] = {}
+        self._persistent: set[int] = set()           # id() of those regions
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -672,6 +678,8 @@ class ScratchJit:
             self._stack = Region(STACK_BASE, bytearray(self._stack_size()), True, "jit stack")
         run.mem.add(self._stack)
         self.run_state = run
+        if self.in_guest:
+            self._seed_maps(run, prog)
         for p in _reachable(prog):
             run.bind_maps(p)
         self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
@@ -683,6 +691,29 @@ class ScratchJit:
                     if id(getattr(mp, "values", None)) in self._by_buffer:
                         mp.backing = self
         return run
+
+    def _seed_maps(self, run: BpfRun, prog: "BpfProg") -> None:
+        """Give the run this machine's one region per array map (bind_maps then finds
+        them): keys per run would put two programs' maps at one window address, and
+        the images called from stubs would reach whichever run was synced last."""
+        from .maps import ArrayMap
+
+        for p in _reachable(prog):
+            for fd in sorted(p.maps):
+                mp = p.maps[fd]
+                if type(mp) is not ArrayMap:
+                    continue
+                got = self._map_regions.get(id(mp.values))
+                if got is None or got[0] is not mp.values:
+                    key = MAP_KEY_BASE + len(self._map_regions)
+                    region = Region(key << 32, mp.values, mp.prog_writable, mp.name)
+                    got = self._map_regions[id(mp.values)] = (mp.values, region)
+                    self._persistent.add(id(region))
+                old = run.mem._by_buffer.get(id(mp.values))
+                if old is not None and old is not got[1]:
+                    run.mem.remove(old)       # bound already (BpfRun binds its program's)
+                run.mem.add(got[1])
+                run.mem._by_buffer[id(mp.values)] = got[1]
 
     def _stack_size(self) -> int:
         """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
@@ -739,7 +770,11 @@ class ScratchJit:
     def _windows_match(self, run: BpfRun) -> bool:
         """Whether every region of ``run`` has its window and no window is left over."""
         regions, windows = run.mem.regions, self._window_regions
-        return len(regions) == len(windows) and all(id(r) in windows for r in regions.values())
+        if not all(id(r) in windows for r in regions.values()):
+            return False
+        others = sum(1 for w in self.windows.values() if id(w.region) in self._persistent
+                     and regions.get(w.region.base >> 32) is not w.region)
+        return len(regions) + others == len(windows)
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
@@ -899,7 +934,7 @@ class ScratchJit:
         m = self.machine
         live = {id(r) for r in run.mem.regions.values()}
         for key, w in list(self.windows.items()):
-            if id(w.region) not in live:
+            if id(w.region) not in live and id(w.region) not in self._persistent:
                 if w.size:
                     m.memory.unmap(w.gpage, w.size)
                     if self.in_guest:
