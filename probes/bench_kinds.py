@@ -115,6 +115,8 @@ def _tracepoint(lab, kind: str, bpf: bool) -> list:
     if not bpf:
         tps = tracepoints_of(m)
         tp = tps.lookup("tp_work")
+        if tp is None:
+            raise NotImplementedError(f"{kind}: the guest has no tracepoint tp_work")
         tps.tracepoint_probe_register(tp, lambda data, args: None)
         return [tp]
     if kind == "tp":

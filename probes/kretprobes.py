@@ -277,8 +277,8 @@ class Kretprobes:
             return True
         frame: int | None = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
-        if self.bpf_direct is not None and len(batch) == 1 and self._to_bpf_stub(batch[0], frame,
-                                                                                  correct):
+        if self.bpf_direct is not None and len(batch) == 1 and frame is not None \
+                and self._to_bpf_stub(batch[0], frame, correct):
             return True
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)

@@ -358,11 +358,11 @@ class DirectCalls:
         from probes.trace.bpf_tracepoint import BpfRawTpLink
 
         if isinstance(data, BpfRawTpLink) and getattr(func, "__self__", None) is data:
-            if data.writable:
+            link: Any = data
+            if link.writable:
                 return None, [], b""
-            tp = data.btp.tp
-            vals = [v & ((1 << (8 * a.size)) - 1) for a, v in zip(tp.args, args)]
-            return "raw_tp", [data.prog], struct.pack(f"<{len(vals)}Q", *vals)
+            vals = [v & ((1 << (8 * a.size)) - 1) for a, v in zip(link.btp.tp.args, args)]
+            return "raw_tp", [link.prog], struct.pack(f"<{len(vals)}Q", *vals)
         from probes.trace.trace_tracepoint import TraceTracepointEvents
 
         if getattr(func, "__func__", None) is TraceTracepointEvents.trace_event_raw_event \
@@ -497,7 +497,7 @@ class DirectCalls:
         data = bytes(m.uc.mem_read(self.active_addr(0), 8 * max(m.nr_cpus, 1)))
         if any(data[i] for i in range(0, len(data), 8)):
             return                      # some CPU is inside a program: wait
-        keep = []
+        keep: list[int] = []
         for at in self._retired:
             (keep if any(at <= pc < at + THUNK_SLOT for pc in pcs) else self._free).append(at)
         self._retired = keep
@@ -516,8 +516,8 @@ class DirectCalls:
             hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
             if hits or misses:
                 uc.mem_write(t.counters, bytes(16))
-                if t.trap is None and not t.probe.is_aggr:   # a stub's hits: its owner's
-                    t.probe.hits += hits + misses
+                if t.trap is None and t.probe is not None and not t.probe.is_aggr:
+                    t.probe.hits += hits + misses        # (a stub's hits: its owner's)
                 if t.kind == "raw_tp":
                     t.event.misses += misses             # the link's own count
                 elif t.kind != "tp":
@@ -539,7 +539,7 @@ class DirectCalls:
         for addr, t in list(self.thunks.items()):
             if t.event is event:
                 self._drop(addr)
-                if opt is not None:
+                if opt is not None and t.probe is not None:
                     opt.forget_direct(t.probe)
         self._drop_stubs(lambda _k, t: t.event is event)
         for key, handler in list(self._stub_refused.items()):
@@ -594,10 +594,10 @@ def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
     kp = kprobes_of(machine)
     if kp.bpf_stub is None:
         kp.bpf_stub = dc.kprobe_stub
-    krp = machine.layers.get("kretprobes")
+    krp: Any = machine.layers.get("kretprobes")
     if krp is not None and krp.bpf_direct is None:
         krp.bpf_direct = dc
-    tps = machine.layers.get("tracepoints")
+    tps: Any = machine.layers.get("tracepoints")
     if tps is not None and tps.bpf_stub is None:
         tps.bpf_stub = dc.tracepoint_stub
     opt = kp.optimizer

@@ -147,7 +147,7 @@ class Arm64Optprobes:
         self.tramps = pages.tramps
         self.breakpoint = machine.arch.breakpoint
 
-    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+    def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
                   ctx: int | None = None) -> bytes:
@@ -155,7 +155,7 @@ class Arm64Optprobes:
         `ip_word`: where the frame's pc is read from (a return's address), not `ip`;
         `ctx`: the programs' context (a tracepoint's record), not the frame."""
         if resume is None:                                  # the detour branches to it:
-            assert p.addr is not None
+            assert p is not None and p.addr is not None
             b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume

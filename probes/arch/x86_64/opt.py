@@ -59,7 +59,7 @@ class X86Optprobes:
         self.decoder = decoder
         self.breakpoint = machine.arch.breakpoint
 
-    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+    def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
                   ctx: int | None = None) -> bytes:
@@ -67,7 +67,7 @@ class X86Optprobes:
         `ip_word`: where the frame's ip is read from (a return's address), not `ip`;
         `ctx`: the programs' context (a tracepoint's record), not the frame."""
         if resume is None:
-            assert p.ainsn.optinsn is not None
+            assert p is not None and p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
                          self.m.reg("cs"), self.m.reg("ss"), stack, slots, ip_word, ctx)
