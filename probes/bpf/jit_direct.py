@@ -1,4 +1,5 @@
-"""Optimized probes and plain kprobes whose BPF programs run with no nested run (issue 17).
+"""BPF programs entered from guest code, with no nested run (issue 17): optprobe thunks and
+the per-CPU stubs of plain kprobes, kprobes on ftrace sites, kretprobes and tracepoints.
 
 The kernel's optprobe template saves pt_regs on the stack and calls optimized_callback,
 which reaches kprobe_perf_func -> trace_call_bpf -> the JITed bpf_func. Here, after a
@@ -6,24 +7,53 @@ host hit of an optimized probe has JITed its programs (probes/bpf/jit_guest.Prob
 *thunk* is written near the probe: it saves the pt_regs frame on the guest stack, takes
 the bpf_prog_active guard, calls each JITed image with the frame as r1, restores every
 register and ends in the detour's relocated copies. The probe's jump then targets the
-thunk (Optimizer.direct), so later hits never leave the guest.
+thunk (Optimizer.direct), so later hits never leave the guest. The jump is every CPU's and
+guest code cannot tell which CPU runs it, so with several CPUs optimized probes keep the
+detour (whose host hit knows the CPU, and sends nothing to a stub).
 
-Only programs the thunk can run in the traced run qualify: kprobe programs whose helper
-calls are inlined (array lookups, map_gen_lookup) or in TRAMPOLINE_HELPERS (a trap to the
-host helper inside the same run, no nested run), with no backward branch (the budget
-trampoline), tail call, callx, LD_ABS or exception-table load. Anything else keeps the
-host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
-words and folded into the host's counters whenever a run stops; the map values the images
-wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
-A change of an event's programs sends its probes back to the host path.
+Every other attach point gets a *stub* from the same generator, one copy per CPU (each
+with that CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as
+the kernel's this_cpu accesses name the running CPU's copy). The hit's owner takes the
+trap or the call as before, charges it and its handler, and sets pc to this CPU's stub
+instead of running the programs on the host; the stub ends at its slot's last word, where
+a host entry (the breakpoint under it is the backstop) hands the hit back to its owner:
 
-Plain kprobes get a *stub* from the same generator (``kprobe_stub``, Kprobes.bpf_stub):
-the breakpoint still traps, kprobe_handler charges the trap and the handler as before and
-sets pc to the stub instead of running the programs on the host; the stub ends in the
-arch's breakpoint at its slot's last word, whose owner (``Kprobes.bpf_stub_done``) goes on
-with the hit as a pre handler returning 0 lets it: the out-of-line step or the simulation,
-then the post handler. trace_call_bpf's AND of the results only gates a perf sample, which
-a kprobe-PMU event here never records, so the stub drops it as the thunk does.
+* a plain kprobe (``kprobe_stub``, Kprobes.bpf_stub, from kprobe_handler or C's pre
+  entry): Kprobes.bpf_stub_done goes on as after a pre handler returning 0 (the
+  out-of-line step or the simulation, then the post handler);
+* a kprobe on an ftrace site (the same stub, from kprobe_ftrace_handler or C's ftrace
+  pre entry, which leave the trampoline for it as an IPMODIFY handler does): done, the
+  hit steps over the nop and runs the post handler;
+* a kretprobe (``kretprobe_stub``, from the Python trampoline or from C's, whose return
+  handler asks it to resume at the stub): the return is handled as always but for the
+  handler; the frame is the returning registers with ip = the real return address (this
+  CPU's return word, the stub loads it), and the stub's end (Kretprobes.bpf_stub_done)
+  puts lr back (arm64) and resumes at the caller;
+* a tracepoint event's perf programs or a raw tracepoint link (``tracepoint_stub``, from
+  the iterator's trap): the host does the rest of the function's work (the event's
+  record) and writes the programs' context, the record or the raw u64 arguments, to this
+  CPU's context buffer; the stub passes it as r1 (no frame) and either traps back for the
+  next function or, for the last one, returns from the iterator itself. A raw tracepoint's
+  guard is the program's own (prog->active, one word per link and CPU), not bpf_prog_active.
+
+trace_call_bpf's AND of the results only gates a perf sample, which these events never
+record, so the stubs drop it as the thunk does.
+
+Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
+programs whose helper calls are inlined (array lookups, map_gen_lookup) or in
+TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
+backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
+and no context pointer handed to a helper (the host helper could not read the frame).
+Anything else keeps the host path. Hits, program run counts and guard misses are counted
+in guest words and folded into the host's counters whenever a run stops; the map values
+the images wrote are read back into the maps then too (the windows of jit_guest hold
+them meanwhile). A change of an event's programs sends its probes back to the host path.
+
+A dropped stub's slot is filled with breakpoints and *retired*; it is reused once no CPU
+can be inside it (``_reclaim``, at the next allocation and whenever a run stops): every
+CPU's pc outside it and no CPU inside a program (its bpf_prog_active clear: an image
+returns into the stub that called it), as the kernel frees insn slots after
+synchronize_rcu. Attach/detach loops therefore do not grow guest memory.
 
 The frame holds what the programs can read and what must come back: the slots the verifier
 saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers

@@ -28,23 +28,24 @@ cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Optimized probes call the images from a guest thunk, plain kprobes from a guest stub the
-hit sends the guest to (jit_direct.py), once a first hit has JITed them: no nested run, and
-no host exit at all when every helper is inlined; helper calls from a thunk reach
-``_direct_trap`` in the same run. While images run that way the windows hold the array
+Optimized probes call the images from a guest thunk; plain kprobes, kprobes on ftrace
+sites, kretprobes and tracepoints from a per-CPU guest stub the hit sends the guest to
+(jit_direct.py), once a first hit has JITed them: no nested run, and for a thunk no host
+exit at all when every helper is inlined; helper calls from a thunk or stub reach
+``_direct_trap`` in the same run. In a guest each array map has one region and window for
+every run (``_seed_maps``), so every program's image reaches its own maps whichever run the
+host synced last; with several CPUs each CPU has its own part of the native stack. While images run that way the windows hold the array
 maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
 MapBacking) and every run's stop reads them back.
 
-The nested run (kretprobes, ftrace sites, tracepoints, programs that need the host) is
-kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
+The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
 calls, windows re-mapped only when the run's regions changed and copied only when their
 bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 
-Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
-the image in a nested run from the host side of the hit; maps backed by the guest pages
-themselves (the windows are copied in and out around a nested run, skipping unchanged
-ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
+Left out (see the report in the issue): maps backed by the guest pages themselves (the
+windows are copied in and out around a nested run, skipping unchanged ones); native
+helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
@@ -717,8 +718,8 @@ class ScratchJit:
 
     def _stack_size(self) -> int:
         """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
-        each kernel CPU runs its programs on its own stack (two CPUs can be inside
-        programs at once: a turn may end in the middle of one)."""
+        each kernel CPU runs its programs on its own stack (the scheduler ends no turn
+        inside probe-layer text today, so this is the kernel's layout, not yet a need)."""
         cpus = self.machine.nr_cpus if self.in_guest else 1
         return max(NATIVE_STACK, PERCPU_STACK * cpus)
 
