@@ -7,14 +7,15 @@ Also the modelled cycles of one run of the JITed code. Numbers only, nothing ass
     .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json]
 
 Then, per probe hit (probes/bench.py, the `emu bench` rows): an optimized probe, a plain
-kprobe, a kretprobe and a kprobe on an ftrace site carrying the array-counting program,
+kprobe, a kretprobe, a kprobe on an ftrace site, a tracepoint event and a raw tracepoint
+carrying the array-counting program,
 run by the compiled Python path and by the guest JIT in the traced machine: host µs per
 hit ÷ one bare Python code-hook callback in the same run (issue 17's targets: ≤ 0.5 for
 the optprobe + array count under the JIT; every JIT row no slower than its Python row),
 and the modelled cycles per hit; and the optimized probe with a hash-map update
-(bpf_map_update_elem through the helper trampoline; target ≤ 1.5). The optprobe and the
-plain kprobe call the images from guest code (a thunk, a stub); the kretprobe and the
-ftrace site run them in a nested run from the host side of the hit.
+(bpf_map_update_elem through the helper trampoline; target ≤ 1.5). The optprobe calls
+the images from a guest thunk, every other kind from a per-CPU guest stub the hit sends
+the guest to (jit_direct.py): no nested run.
 
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one
@@ -160,7 +161,7 @@ def per_hit(calls: int, repeat: int) -> list[dict]:
     from probes import bench
     out = []
     for arch in ("arm64", "x86_64"):
-        for kind in ("o", "k", "r", "f"):
+        for kind in ("o", "k", "r", "f", "tp", "rt"):
             for engine in ("python", "jit"):
                 r = bench.measure(arch, kind, arg=calls, repeat=repeat, bpf=True, engine=engine)
                 out.append({"arch": arch, "kind": kind, "engine": engine, "program": "array count",

@@ -3,7 +3,9 @@
 counter only, served by the C hit path of probes/native), o0 (o likewise), b (boosted), o (optimized), f (on an ftrace site),
 f0 (f with no Python handler: the C ftrace caller), r (kretprobe), r0 (r with no Python handler: entry and return in C), rb, ro, kr (kprobe +
 kretprobe on one function), e and re (a kprobe / kretprobe event recording 3 fetch args
-into the ring buffer: with the C hit path, fetched, filtered and committed in C).
+into the ring buffer: with the C hit path, fetched, filtered and committed in C), tp and rt
+(tpdemo's tp_work tracepoint: an empty function; with BPF, a tracepoint event's perf
+program or a raw tracepoint link).
 
 `setup_kind(kind, lab, func, bpf=False)` registers the probe(s) of one kind on guest
 function `func` and returns them; with `bpf`, every probe also runs a small counting BPF
@@ -16,7 +18,11 @@ from probes.kprobes import Kprobe
 from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 
-KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr", "e", "re")
+KINDS = ("k", "kp", "k0", "b", "b0", "o", "o0", "f", "f0", "r", "r0", "rb", "ro", "kr", "e", "re",
+         "tp", "rt")
+# the tracepoint kinds: tpdemo's tp_work (fired by work_step) with an empty function, or with
+# the counting program as a tracepoint event's perf program (tp) / a raw tracepoint link (rt)
+TP_KINDS = ("tp", "rt")
 # the event kinds: three fetch args each (registers, the stack)
 EVENT_KINDS = {"e": "p:bench/leaf {func} a=$arg1:u64 b=$arg2:x64 s=+0($stack):x64",
                "re": "r:bench/leaf {func} rv=$retval:u64 st=$stack:x64 s=+0($stack):x64"}
@@ -42,6 +48,8 @@ KIND_GUESTS: dict[str, tuple[str, str, str, int]] = {
     "kr": ("hotloop", "hot_leaf", "hot_call", 2000),
     "e": ("hotloop", "hot_leaf", "hot_call", 2000),
     "re": ("hotloop", "hot_leaf", "hot_call", 2000),
+    "tp": ("tpdemo", "work_step", "work_loop", 2000),
+    "rt": ("tpdemo", "work_step", "work_loop", 2000),
 }
 
 
@@ -87,14 +95,35 @@ COUNTER_ASM = """
 """
 
 
-def counting_prog():
-    """A KPROBE program and its one-slot array map (the map is `prog.maps[3]`)."""
+def counting_prog(prog_type=None):
+    """A KPROBE program (or of `prog_type`) and its one-slot array map (`prog.maps[3]`)."""
     from probes.bpf import BpfProgType, assemble, create_map
     from probes.bpf.maps import BpfMapType
     from probes.bpf.program import BpfProg
     counts = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="counts")
-    return BpfProg.from_bytes(assemble(COUNTER_ASM), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+    return BpfProg.from_bytes(assemble(COUNTER_ASM),
+                              prog_type=prog_type or BpfProgType.BPF_PROG_TYPE_KPROBE,
                               name="count", license="GPL", maps={3: counts})
+
+
+def _tracepoint(lab, kind: str, bpf: bool) -> list:
+    """tp_work with an empty function, or the counting program on it (see TP_KINDS)."""
+    from probes.bpf import BpfProgType
+    from probes.trace.bpf_tracepoint import attach_tracepoint_prog, bpf_raw_tp_link_attach
+    from probes.tracepoint import tracepoints_of
+    m = lab.machine
+    if not bpf:
+        tps = tracepoints_of(m)
+        tp = tps.lookup("tp_work")
+        if tp is None:
+            raise NotImplementedError(f"{kind}: the guest has no tracepoint tp_work")
+        tps.tracepoint_probe_register(tp, lambda data, args: None)
+        return [tp]
+    if kind == "tp":
+        return [attach_tracepoint_prog(
+            m, counting_prog(BpfProgType.BPF_PROG_TYPE_TRACEPOINT), "tpdemo", "tp_work")]
+    return [bpf_raw_tp_link_attach(m, counting_prog(BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT),
+                                   "tp_work")]
 
 
 def attach_counter(lab, func: str, probes: list) -> None:
@@ -121,6 +150,8 @@ def setup_kind(kind: str, lab, func: str, bpf: bool = False) -> list:
     optimization is kicked at once, so a warm-up call puts every kind in its steady state."""
     if bpf and kind in EVENT_KINDS:
         raise NotImplementedError("e: the event's BPF row is the bpf_trace benchmark's")
+    if kind in TP_KINDS:
+        return _tracepoint(lab, kind, bpf)
     probes = _setup_kind(kind, lab, func)
     if bpf:
         attach_counter(lab, func, probes)

@@ -503,6 +503,10 @@ class Kprobes:
                 regs._cache = {pc: ip}      # regs.reset(ip), inlined (hot path)
                 if dirty:
                     dirty.clear()
+                stub = self.bpf_stub(p) if self.bpf_stub is not None else None
+                if stub is not None:        # the programs run in the guest: kcb stays
+                    m.pc = stub             # ACTIVE, bpf_stub_done steps (Python's)
+                    return 1
                 if record is not None and st.trace_len:      # C built the event's record
                     body, st.trace_len = ctypes.string_at(st.trace_buf, st.trace_len), 0
                     if record(p, regs, body):
@@ -597,6 +601,10 @@ class Kprobes:
                 cache = regs.reset_at_site(shown, st.hit_sp)
                 kcb.current, kcb.status = p, KPROBE_HIT_ACTIVE
                 pd["hits"] += 1
+                stub = self.bpf_stub(p) if self.bpf_stub is not None else None
+                if stub is not None:        # kcb stays ACTIVE: bpf_stub_done ends the hit
+                    ftrace.arch.ftrace_return_to(m, stub)
+                    return 0
                 if not handler(p, regs):
                     cache[pc] = p.addr + p.ainsn.length     # "single-step" over the nop
                     dirty.discard(pc)
@@ -682,6 +690,14 @@ class Kprobes:
         if kcb.current is not p or kcb.status != KPROBE_HIT_ACTIVE:
             return False
         # not charged: the kernel runs the programs inside the int3/BRK handler, one trap
+        if p.ainsn.ftrace:      # kprobe_ftrace_handler after the pre handler: over the nop
+            self.m.pc = p.addr + p.ainsn.length
+            if p.post_handler is not None:
+                kcb.status = KPROBE_HIT_SSDONE
+                self.m.clock.charge(HANDLER)
+                p.post_handler(p, PtRegs(self.m), 0)
+            kcb.current, kcb.status = None, 0
+            return True
         self._setup_singlestep(p, None, reenter=False)
         return True
 
@@ -824,6 +840,12 @@ class Kprobes:
             p.hits += 1
         if p.pre_handler is not None:
             m.clock.charge(HANDLER)
+            stub = self.bpf_stub(p) if self.bpf_stub is not None else None
+            if stub is not None:
+                # The programs run in the guest: the trampoline is left for the stub (kcb
+                # stays ACTIVE) and the stub's trap ends the hit in bpf_stub_done.
+                regs[pc] = stub
+                return
         if p.pre_handler is None or not p.pre_handler(p, regs):
             regs.present(pc, p.addr + p.ainsn.length)    # "single-step" over the nop
             if p.post_handler is not None:

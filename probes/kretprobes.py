@@ -86,6 +86,10 @@ class Kretprobes:
         self.frame_warnings = 0
         self.ndropped = 0                                     # stale instances dropped
         self.trampoline = self.arch.map_kretprobe_trampoline(self.trampoline_handler)
+        # --bpf-engine jit: return handlers' programs run from a guest stub
+        # (probes/bpf/jit_direct.py DirectCalls: kretprobe_stub, kretprobe_done)
+        self.bpf_direct: Any = None
+        self._charged: dict[int, bool] = {}    # cpu -> C charged the stub's return already
         self.native: NativeRethook | None = None
         if self.kprobes.native is not None:
             self.native = NativeRethook.attach(
@@ -110,6 +114,17 @@ class Kretprobes:
         self.native.set_rows([rp for rp in self.registered if rp.entry_handler is None and (
             rp.handler is None or (calls and rp.data_size == 0))])
         self.kprobes.sync_native()
+
+    def native_bpf_stub(self, rp: Kretprobe | None, correct: int) -> int | None:
+        """C's trampoline asks before it calls `rp`'s return handler: the stub its
+        programs run from (C then resumes there, not at `correct`, and leaves lr to the
+        stub's end; the return is charged already), or None."""
+        if self.bpf_direct is None or rp is None or rp.handler is None:
+            return None
+        stub = self.bpf_direct.kretprobe_stub(rp, correct)
+        if stub is not None:
+            self._charged[self.m.cpu] = True
+        return stub
 
     @property
     def instances(self) -> list[KretprobeInstance]:
@@ -262,6 +277,9 @@ class Kretprobes:
             return True
         frame: int | None = self.arch.kretprobe_frame(m)
         correct = batch[-1].ret_addr
+        if self.bpf_direct is not None and len(batch) == 1 and frame is not None \
+                and self._to_bpf_stub(batch[0], frame, correct):
+            return True
         regs = PtRegs(m, ip=correct)
         saved = (kcb.current, kcb.status)
         for ri in batch:
@@ -282,6 +300,37 @@ class Kretprobes:
         regs.flush()
         m.pc = correct
         self.arch.charge_kretprobe_return(m)
+        return True
+
+    def _to_bpf_stub(self, ri: KretprobeInstance, frame: int, correct: int) -> bool:
+        """The one returning instance's handler is a kretprobe-PMU event whose programs run
+        from this CPU's stub: the return is handled as below but for the handler, and the
+        guest goes to the stub, whose trap (`bpf_stub_done`) finishes the return."""
+        rp = ri.rp
+        if rp is None or rp.handler is None or ri.fp != frame:
+            return False
+        stub = self.bpf_direct.kretprobe_stub(rp, correct)
+        if stub is None:
+            return False
+        self.m.clock.charge(HANDLER)
+        rp.hits += 1
+        rp.free_instances.append(ri)
+        self.m.pc = stub
+        return True
+
+    def bpf_stub_done(self) -> bool:
+        """The trap at the end of a kretprobe stub: the handler's work is done, so the
+        return goes on as the trampoline goes on after handlers (lr put back on arm64)."""
+        correct = self.bpf_direct.kretprobe_done() if self.bpf_direct is not None else None
+        if correct is None:
+            return False
+        m = self.m
+        regs = PtRegs(m, ip=correct)
+        self.arch.kretprobe_fixup_return(regs, correct)
+        regs.flush()
+        m.pc = correct
+        if not self._charged.pop(m.cpu, False):
+            self.arch.charge_kretprobe_return(m)
         return True
 
     def live_instances(self) -> list[KretprobeInstance]:

@@ -131,6 +131,12 @@ class Tracepoints:
         arch = machine.arch
         self._arg_ids = [arch.reg_id(n) for n in arch.args[:MAX_TP_ARGS]]
         self._pc_id = arch.reg_id(arch.pc)
+        # --bpf-engine jit: (tp, func, data, args, ret) -> a guest stub running the
+        # function's BPF programs, which traps back to bpf_stub_done, or (the last function:
+        # `ret`, the iterator's return) goes there itself (probes/bpf/jit_direct.py)
+        self.bpf_stub: Callable[[Tracepoint, Any, Any, tuple[int, ...], int | None],
+                                int | None] | None = None
+        self._in_stub: dict[int, tuple[Tracepoint, list[TracepointFunc], int, tuple[int, ...], int]] = {}
         if machine.image is not None:
             self.add_image(machine.image)
 
@@ -228,10 +234,33 @@ class Tracepoints:
         clock.charge(TRAP)
         args = tuple([a.value(read(r)) for a, r in zip(tp.args, self._arg_ids)])
         tp.hits += 1
-        for f in tp.funcs[:]:             # the array as it was when the call began
+        self._call_funcs(tp, tp.funcs[:], 0, args, addr)   # the array as the call began
+        return True
+
+    def _call_funcs(self, tp: Tracepoint, funcs: list[TracepointFunc], i: int,
+                    args: tuple[int, ...], addr: int) -> None:
+        """Call funcs[i:], then return from the iterator; a function whose programs run
+        from a guest stub sends the guest there, and the stub's trap goes on here."""
+        clock, stub, ret = self.m.clock, self.bpf_stub, addr + self.trap_size
+        for k in range(i, len(funcs)):
+            f = funcs[k]
             clock.charge(HANDLER)
+            last = k == len(funcs) - 1
+            to = stub(tp, f.func, f.data, args, ret if last else None) if stub is not None else None
+            if to is not None:
+                if not last:
+                    self._in_stub[self.m.cpu] = (tp, funcs, k + 1, args, addr)
+                self.m.regs.write(self._pc_id, to)
+                return
             f.func(f.data, args)
-        m.regs.write(self._pc_id, addr + self.trap_size)   # the iterator's `ret` follows
+        self.m.regs.write(self._pc_id, ret)     # the iterator's `ret` follows the trap
+
+    def bpf_stub_done(self) -> bool:
+        """The trap at the end of a tracepoint function's BPF stub: the next function."""
+        state = self._in_stub.pop(self.m.cpu, None)
+        if state is None:
+            return False
+        self._call_funcs(*state)
         return True
 
 

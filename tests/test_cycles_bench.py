@@ -12,7 +12,7 @@ from conftest import ARCHES
 from emu.cycles import profile_for
 from probes import bench, bench_cli, bench_kinds
 
-CALLS = {"hotloop": 300, "recurse.ftrace": 10}       # small runs: cycles per hit are exact
+CALLS = {"hotloop": 300, "recurse.ftrace": 10, "tpdemo": 300}   # small runs: cycles per hit are exact
 
 
 def row(arch: str, kind: str, **kw) -> bench.BenchRow:

@@ -103,9 +103,10 @@ class ArchOptprobes(Protocol):
         """The original instruction a detour address runs a copy of; None if none."""
     def free_optimized_kprobe(self, p: "Kprobe") -> None:
         """arch_remove_optimized_kprobe: the detour is freed."""
-    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+    def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
-                  resume: int | None = None) -> bytes:
+                  resume: int | None = None, ip_word: int | None = None,
+                  ctx: int | None = None) -> bytes:
         """The optprobe template with trace_call_bpf inlined, placed at `at` (probes/bpf/
         jit_direct.py), writing the frame `slots` its programs read (None: all), ending in
         a branch to `resume` (default: the detour's relocated copies); raises

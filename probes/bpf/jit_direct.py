@@ -1,4 +1,5 @@
-"""Optimized probes and plain kprobes whose BPF programs run with no nested run (issue 17).
+"""BPF programs entered from guest code, with no nested run (issue 17): optprobe thunks and
+the per-CPU stubs of plain kprobes, kprobes on ftrace sites, kretprobes and tracepoints.
 
 The kernel's optprobe template saves pt_regs on the stack and calls optimized_callback,
 which reaches kprobe_perf_func -> trace_call_bpf -> the JITed bpf_func. Here, after a
@@ -6,24 +7,53 @@ host hit of an optimized probe has JITed its programs (probes/bpf/jit_guest.Prob
 *thunk* is written near the probe: it saves the pt_regs frame on the guest stack, takes
 the bpf_prog_active guard, calls each JITed image with the frame as r1, restores every
 register and ends in the detour's relocated copies. The probe's jump then targets the
-thunk (Optimizer.direct), so later hits never leave the guest.
+thunk (Optimizer.direct), so later hits never leave the guest. The jump is every CPU's and
+guest code cannot tell which CPU runs it, so with several CPUs optimized probes keep the
+detour (whose host hit knows the CPU, and sends nothing to a stub).
 
-Only programs the thunk can run in the traced run qualify: kprobe programs whose helper
-calls are inlined (array lookups, map_gen_lookup) or in TRAMPOLINE_HELPERS (a trap to the
-host helper inside the same run, no nested run), with no backward branch (the budget
-trampoline), tail call, callx, LD_ABS or exception-table load. Anything else keeps the
-host path. A hit whose programs use only inlined helpers never leaves the guest. Hits, program run counts and guard misses are counted in guest
-words and folded into the host's counters whenever a run stops; the map values the images
-wrote are read back into the maps then too (the windows of jit_guest hold them meanwhile).
-A change of an event's programs sends its probes back to the host path.
+Every other attach point gets a *stub* from the same generator, one copy per CPU (each
+with that CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as
+the kernel's this_cpu accesses name the running CPU's copy). The hit's owner takes the
+trap or the call as before, charges it and its handler, and sets pc to this CPU's stub
+instead of running the programs on the host; the stub ends at its slot's last word, where
+a host entry (the breakpoint under it is the backstop) hands the hit back to its owner:
 
-Plain kprobes get a *stub* from the same generator (``kprobe_stub``, Kprobes.bpf_stub):
-the breakpoint still traps, kprobe_handler charges the trap and the handler as before and
-sets pc to the stub instead of running the programs on the host; the stub ends in the
-arch's breakpoint at its slot's last word, whose owner (``Kprobes.bpf_stub_done``) goes on
-with the hit as a pre handler returning 0 lets it: the out-of-line step or the simulation,
-then the post handler. trace_call_bpf's AND of the results only gates a perf sample, which
-a kprobe-PMU event here never records, so the stub drops it as the thunk does.
+* a plain kprobe (``kprobe_stub``, Kprobes.bpf_stub, from kprobe_handler or C's pre
+  entry): Kprobes.bpf_stub_done goes on as after a pre handler returning 0 (the
+  out-of-line step or the simulation, then the post handler);
+* a kprobe on an ftrace site (the same stub, from kprobe_ftrace_handler or C's ftrace
+  pre entry, which leave the trampoline for it as an IPMODIFY handler does): done, the
+  hit steps over the nop and runs the post handler;
+* a kretprobe (``kretprobe_stub``, from the Python trampoline or from C's, whose return
+  handler asks it to resume at the stub): the return is handled as always but for the
+  handler; the frame is the returning registers with ip = the real return address (this
+  CPU's return word, the stub loads it), and the stub's end (Kretprobes.bpf_stub_done)
+  puts lr back (arm64) and resumes at the caller;
+* a tracepoint event's perf programs or a raw tracepoint link (``tracepoint_stub``, from
+  the iterator's trap): the host does the rest of the function's work (the event's
+  record) and writes the programs' context, the record or the raw u64 arguments, to this
+  CPU's context buffer; the stub passes it as r1 (no frame) and either traps back for the
+  next function or, for the last one, returns from the iterator itself. A raw tracepoint's
+  guard is the program's own (prog->active, one word per link and CPU), not bpf_prog_active.
+
+trace_call_bpf's AND of the results only gates a perf sample, which these events never
+record, so the stubs drop it as the thunk does.
+
+Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
+programs whose helper calls are inlined (array lookups, map_gen_lookup) or in
+TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
+backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
+and no context pointer handed to a helper (the host helper could not read the frame).
+Anything else keeps the host path. Hits, program run counts and guard misses are counted
+in guest words and folded into the host's counters whenever a run stops; the map values
+the images wrote are read back into the maps then too (the windows of jit_guest hold
+them meanwhile). A change of an event's programs sends its probes back to the host path.
+
+A dropped stub's slot is filled with breakpoints and *retired*; it is reused once no CPU
+can be inside it (``_reclaim``, at the next allocation and whenever a run stops): every
+CPU's pc outside it and no CPU inside a program (its bpf_prog_active clear: an image
+returns into the stub that called it), as the kernel frees insn slots after
+synchronize_rcu. Attach/detach loops therefore do not grow guest memory.
 
 The frame holds what the programs can read and what must come back: the slots the verifier
 saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers
@@ -43,6 +73,7 @@ from emu.owners import RegionOwner
 from .helpers import KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
 from .jit_guest import ProbeJit, _jump_targets, _map_in_r1, _kind
+from .prog_types import BpfProgType
 
 if TYPE_CHECKING:
     from emu.machine import Machine
@@ -61,18 +92,24 @@ TRAMPOLINE_HELPERS = frozenset({
     7,      # get_prandom_u32
     8,      # get_smp_processor_id
 })
+STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_PROG_TYPE_TRACEPOINT,
+                             BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
+CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
+CTX_SIZE = 64                    # the largest: an 8-byte header and six 8-byte arguments
 THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
-ACTIVE_OFF = 8                   # bpf_prog_active in the JIT's data page (tcc is at 0)
-COUNTERS_OFF = 64                # then (hits, misses) u64 pairs, one per thunk
+ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of the JIT's
+MAX_CPUS = 64                    # data page (the tail-call count is at 0)
+DATA_NAME = "[bpf stub data]"    # rw-: CPU k's return address at 8k, then the counters
+COUNTERS_START = 8 * MAX_CPUS
+STUB_HOST_ENTRY = True
 
 
 def direct_eligible(prog: "BpfProg") -> str | None:
     """Why ``prog`` cannot run from a thunk, or None if it can."""
     from .maps import ArrayMap
-    from .prog_types import BpfProgType
 
-    if prog.prog_type != BpfProgType.BPF_PROG_TYPE_KPROBE:
-        return "not a kprobe program"
+    if prog.prog_type not in STUB_PROG_TYPES:
+        return "not a kprobe, tracepoint or raw tracepoint program"
     insns = prog.insns
     targets = _jump_targets(insns)
     lookup = KERNEL_HELPERS.get(1)
@@ -89,6 +126,10 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
                 return f"insn {i}: helper call {fid}"
             if fid in TRAMPOLINE_HELPERS:
+                if fid in (2, 3) and prog.ctx_reads is None:
+                    # the verifier saw a context pointer reach a helper: the host helper
+                    # could not read the stub's frame or context buffer through it
+                    return f"insn {i}: helper call {fid} may get a context pointer"
                 continue
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
@@ -111,18 +152,26 @@ def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
 
 @dataclass
 class Thunk:
-    """A thunk (an optimized probe's jump target) or a stub (a plain kprobe's hit path
-    sends the guest there; ``trap`` is its closing breakpoint)."""
-    probe: "Kprobe"
+    """A thunk (an optimized probe's jump target) or a stub (a hit's owner sends the guest
+    there; ``trap`` is its closing breakpoint). Stubs are per CPU (``cpu``): each has that
+    CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as the
+    kernel's this_cpu accesses name the running CPU's copy."""
+    probe: "Kprobe | None"      # None: a tracepoint's stub
     addr: int
     counters: int               # guest address of (hits, misses)
     event: Any                  # the KprobePerfEvent whose programs it calls
     progs: list["BpfProg"]
     trap: int | None = None     # a stub's breakpoint, where the hit resumes
+    kind: str = "optprobe"      # "optprobe", "kprobe" or "kretprobe"
+    cpu: int = 0
+    reads_ip: bool = False      # a kretprobe stub: its frame's ip word must be written
+    guard: int = 0              # a raw tracepoint stub's prog->active word (else 0)
+    entry: int | None = None    # the host entry on `trap`
+    resume_to: int | None = None    # where a tracepoint's stub goes instead of its trap
 
 
 class DirectPlan(NamedTuple):
-    """What DirectCalls._plan found for a probe: its event, programs and image entries,
+    """What DirectCalls._plan found for a handler: its event, programs and image entries,
     or `why` they cannot run from guest code (`pending`: only because a program is not
     JITed yet, which the host run of this hit does)."""
     event: Any
@@ -132,8 +181,13 @@ class DirectPlan(NamedTuple):
     pending: bool = False
 
 
+StubKey = tuple[str, int, int]          # (kind, probe address, cpu)
+
+
 class DirectCalls:
-    """Per machine: the thunks and their pages; ``__call__(p)`` is Optimizer.direct."""
+    """Per machine: the thunks, the stubs and their pages; ``__call__(p)`` is
+    Optimizer.direct, ``kprobe_stub`` Kprobes.bpf_stub, ``kretprobe_stub`` and
+    ``kretprobe_done`` Kretprobes.bpf_direct's, ``tracepoint_stub`` Tracepoints.bpf_stub."""
 
     def __init__(self, machine: "Machine", runner: ProbeJit) -> None:
         self.m = machine
@@ -141,11 +195,54 @@ class DirectCalls:
         self.thunks: dict[int, Thunk] = {}       # probe address -> live thunk
         self._pages: list[int] = []
         self._free: list[int] = []
-        self._counters = 0
+        self._retired: list[int] = []            # dropped stubs' slots, until no CPU is inside
+        self._data: list[int] = []               # DATA_NAME pages
+        self._free_counters: list[int] = []
         self.refused: dict[int, str] = {}        # probe address -> why it keeps the host path
-        self.stubs: dict[int, Thunk] = {}        # plain kprobes: probe address -> live stub
-        self._stub_refused: dict[int, Any] = {}  # probe address -> the handler refused
+        self.copies: dict[StubKey, Thunk] = {}   # live stubs
+        self._stub_refused: dict[tuple[str, int], Any] = {}   # (kind, addr) -> handler refused
+        self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
+        self._ctx_page: int | None = None        # CTX_NAME
         machine.stop_listeners.append(self.fold)
+
+    @property
+    def stubs(self) -> dict[int, Thunk]:
+        """Plain kprobes' stubs by probe address (the lowest CPU's copy)."""
+        return self.stubs_of("kprobe")
+
+    def stubs_of(self, kind: str) -> dict[int, Thunk]:
+        out: dict[int, Thunk] = {}
+        for (k, addr, _cpu), t in sorted(self.copies.items(), reverse=True):
+            if k == kind:
+                out[addr] = t
+        return out
+
+    # -- per-CPU words --
+    def active_addr(self, cpu: int) -> int:
+        """CPU ``cpu``'s bpf_prog_active word."""
+        return self.runner.jit.tcc_addr + ACTIVE_OFF + 8 * cpu
+
+    def _ret_word(self, cpu: int) -> int:
+        return self._data_page(0) + 8 * cpu
+
+    def _data_page(self, i: int) -> int:
+        from emu.memory import PROT_WRITE
+        from probes.insn_slots import place_near
+
+        while len(self._data) <= i:
+            page = place_near(self.m, self.runner.jit.tcc_addr, PAGE)
+            self.m.memory.map(page, PAGE, PROT_READ | PROT_WRITE, DATA_NAME)
+            self.m.claim_text(page, PAGE, RegionOwner.BPF, DATA_NAME)
+            first = COUNTERS_START if not self._data else 0
+            self._free_counters += range(page + PAGE - 16, page + first - 1, -16)
+            self._data.append(page)
+        return self._data[i]
+
+    def _counters(self) -> int:
+        """16 zeroed bytes for a thunk's (hits, misses)."""
+        if not self._free_counters:
+            self._data_page(len(self._data))
+        return self._free_counters.pop()
 
     # -- deciding --
     def __call__(self, p: "Kprobe") -> int | None:
@@ -153,22 +250,31 @@ class DirectCalls:
         assert p.addr is not None
         if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
             self._drop(p.addr)
-        plan = self._plan(p)
+        if self.m.nr_cpus > 1:
+            # The jump is every CPU's, and guest code cannot tell which CPU runs it: the
+            # probe keeps the detour, whose host hit knows (its stubs are per CPU).
+            self.refused[p.addr] = "several CPUs: a thunk cannot name its CPU's bpf_prog_active"
+            return None
+        plan = self._plan(p.pre_handler, is_return=False, aggr=p.is_aggr)
         if plan.why is not None:
             self.refused[p.addr] = plan.why
             return None
-        return self._build(p, plan.event, plan.progs, plan.images)
+        t = self._build(p, plan, "optprobe", 0)
+        return None if t is None else t.addr
 
-    def _plan(self, p: "Kprobe") -> "DirectPlan":
-        """The event, programs and image entries when ``p``'s handler is one kprobe-PMU
-        event whose programs can all run from guest code; else why not."""
+    def _plan(self, handler: Any, is_return: bool, aggr: bool = False) -> "DirectPlan":
+        """The event, programs and image entries when ``handler`` is one kprobe-PMU
+        event's dispatcher whose programs can all run from guest code; else why not."""
         from probes.bpf.libbpf import KprobePerfEvent
 
-        event = getattr(p.pre_handler, "__self__", None)
-        if p.is_aggr or not isinstance(event, KprobePerfEvent) or event.is_return \
+        event = getattr(handler, "__self__", None)
+        if aggr or not isinstance(event, KprobePerfEvent) or event.is_return != is_return \
                 or not event.prog_array:
             return DirectPlan(event, [], [], "the handler is not one kprobe-PMU event with programs")
-        progs = event.prog_array.progs()
+        return self._images(event, event.prog_array.progs())
+
+    def _images(self, event: Any, progs: list["BpfProg"]) -> "DirectPlan":
+        """The plan for ``progs``: their image entries, or why they need the host."""
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
@@ -183,88 +289,220 @@ class DirectCalls:
         return DirectPlan(event, progs, images, None)
 
     def kprobe_stub(self, p: "Kprobe") -> int | None:
-        """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: the stub
-        that runs ``p``'s programs in the guest (made once their images exist), or None:
-        the host path runs them (the first hit, which JITs them; programs that need the
-        host; an optimized probe, whose jump has a thunk of its own)."""
-        addr = p.addr
-        assert addr is not None
-        handler = p.pre_handler
-        t = self.stubs.get(addr)
+        """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: this CPU's
+        stub that runs ``p``'s programs in the guest (made once their images exist), or
+        None: the host path runs them (the first hit, which JITs them; programs that need
+        the host; an optimized probe, whose jump has a thunk of its own)."""
+        assert p.addr is not None
+        return self._stub("kprobe", p, p.pre_handler, p.is_aggr)
+
+    def kretprobe_stub(self, rp: Any, ret_addr: int) -> int | None:
+        """Kretprobes.bpf_direct: this CPU's stub that runs the programs of ``rp``'s
+        return handler (a kretprobe-PMU event's) with the returning registers and ip =
+        ``ret_addr``, the real return address, which its trap (``kretprobe_done``) goes
+        on to; None: the host path runs them."""
+        addr = self._stub("kretprobe", rp.kp, rp.handler, False)
+        if addr is not None:
+            cpu = self.m.cpu
+            self._ret_addr[cpu] = ret_addr
+            if self.copies[("kretprobe", rp.kp.addr, cpu)].reads_ip:
+                self.m.uc.mem_write(self._ret_word(cpu), struct.pack("<Q", ret_addr))
+        return addr
+
+    def kretprobe_done(self) -> int | None:
+        """The return address the kretprobe stub this CPU ran goes on to (None: it ran
+        none)."""
+        return self._ret_addr.pop(self.m.cpu, None)
+
+    def _reads_ip(self, t: Thunk) -> bool:
+        """Whether a program of ``t`` can read the frame's ip (else its word is not kept)."""
+        from probes.arch import arch_ptrace
+
+        slots = frame_slots(t.progs)
+        off = {n: o for o, n in arch_ptrace(self.m.arch.name).PT_REGS_SLOTS}[self.m.arch.pc]
+        return slots is None or any(off <= s < off + 8 for s in slots)
+
+    def _stub(self, kind: str, p: "Kprobe", handler: Any, aggr: bool) -> int | None:
+        assert p.addr is not None
+        key = (kind, p.addr, self.m.cpu)
+        t = self.copies.get(key)
         if t is not None:
             if t.probe is p and getattr(handler, "__self__", None) is t.event:
                 return t.addr
-            self._drop_stub(addr)
-        if self._stub_refused.get(addr) is handler:
+            self._drop_stubs(lambda k, _t: k[:2] == key[:2])
+        if self._stub_refused.get(key[:2]) is handler:
             return None
-        plan = self._plan(p)
-        if plan.why is None:
-            stub = self._build(p, plan.event, plan.progs, plan.images, stub=True)
-            if stub is not None:
-                return stub
-        elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
-            return None                  # JITed by this hit's host run: asked again next hit
-        else:
-            self.refused[addr] = plan.why
-        self._stub_refused[addr] = handler
+        plan = self._plan(handler, is_return=kind == "kretprobe", aggr=aggr)
+        if self._decided(key, plan, handler, lambda: self._build(p, plan, kind, self.m.cpu)):
+            return self.copies[key].addr
         return None
 
-    def _build(self, p: "Kprobe", event: Any, progs: list["BpfProg"],
-               entries: list[int], stub: bool = False) -> int | None:
-        """Write a thunk for ``p`` (``stub``: one that ends in a breakpoint of its own,
-        the last word of its slot, instead of the detour's copies)."""
+    def _decided(self, key: StubKey, plan: DirectPlan, handler: Any, build: Any) -> bool:
+        """Build the stub ``plan`` allows (True), or note why not: nothing while its
+        programs are JITed by this hit's host run (asked again next hit), else refused
+        for good for ``handler``."""
+        if plan.why is None:
+            if build() is not None:
+                return True
+        elif plan.pending and not any(pr in self.runner.fallback for pr in plan.progs):
+            return False
+        else:
+            self.refused[key[1]] = plan.why
+        self._stub_refused[key[:2]] = handler
+        return False
+
+    def tracepoint_stub(self, tp: Any, func: Any, data: Any, args: tuple[int, ...],
+                        ret: int | None) -> int | None:
+        """Tracepoints.bpf_stub, asked for each function on a tracepoint's hit: this CPU's
+        stub that runs the function's programs (a raw tracepoint link's, or a tracepoint
+        event's perf programs) with their context written to this CPU's context buffer,
+        after the host did the rest of the function's work (the event's record); None:
+        the function runs on the host (other functions, the first hit, which JITs them,
+        programs that need the host). ``ret``: the function is the last one, and the stub
+        goes straight to the iterator's return there (else its trap goes on with the next
+        function)."""
+        kind, progs, ctx = self._tp_kind(func, data, args)
+        if kind is None:
+            return None
+        cpu = self.m.cpu
+        key = (kind, id(data), cpu)
+        t = self.copies.get(key)
+        if t is None or t.event is not data or t.progs != progs or t.resume_to != ret:
+            if t is not None:
+                self._drop_stubs(lambda k, _t: k[:2] == key[:2])
+            if self._stub_refused.get(key[:2]) is func:
+                return None
+            plan = self._images(data, progs)
+            if not self._decided(key, plan, func,
+                                 lambda: self._build(None, plan, kind, cpu, tp.iterator, ret)):
+                return None
+            t = self.copies[key]
+        if kind == "tp":
+            ctx = self._tp_record(func, data, args)
+        self.m.uc.mem_write(self._ctx_buf(cpu), ctx)
+        return t.addr
+
+    def _tp_kind(self, func: Any, data: Any, args: tuple[int, ...]) -> tuple[Any, list, bytes]:
+        """("raw_tp", [prog], raw args) for a raw tracepoint link that is not writable,
+        ("tp", programs, b"") for a tracepoint event with perf programs, else None."""
+        from probes.trace.bpf_tracepoint import BpfRawTpLink
+
+        if isinstance(data, BpfRawTpLink) and getattr(func, "__self__", None) is data:
+            link: Any = data
+            if link.writable:
+                return None, [], b""
+            vals = [v & ((1 << (8 * a.size)) - 1) for a, v in zip(link.btp.tp.args, args)]
+            return "raw_tp", [link.prog], struct.pack(f"<{len(vals)}Q", *vals)
+        from probes.trace.trace_tracepoint import TraceTracepointEvents
+
+        if getattr(func, "__func__", None) is TraceTracepointEvents.trace_event_raw_event \
+                and data.prog_array:
+            return "tp", data.prog_array.progs(), b""
+        return None, [], b""
+
+    def _tp_record(self, func: Any, data: Any, args: tuple[int, ...]) -> bytes:
+        """The tracepoint event's work but its programs (the record committed when the
+        event is enabled); the record, the programs' context."""
+        return bytes(func.__self__.raw_event_without_bpf(data, args))
+
+    def _ctx_buf(self, cpu: int) -> int:
+        from emu.memory import PROT_WRITE
+        from probes.insn_slots import place_near
+
+        if self._ctx_page is None:
+            page = place_near(self.m, self.runner.jit.tcc_addr, PAGE)
+            self.m.memory.map(page, PAGE, PROT_READ | PROT_WRITE, CTX_NAME)
+            self.m.claim_text(page, PAGE, RegionOwner.BPF, CTX_NAME)
+            self._ctx_page = page
+        return self._ctx_page + CTX_SIZE * cpu
+
+    def _build(self, p: "Kprobe | None", plan: DirectPlan, kind: str, cpu: int,
+               near: int | None = None, resume_to: int | None = None) -> Thunk | None:
+        """Write a thunk for ``p`` (a stub, unless ``kind`` is "optprobe": one that ends
+        in a breakpoint of its own, the last word of its slot, instead of the detour's
+        copies; a kretprobe stub's frame ip is CPU ``cpu``'s return-address word; a
+        tracepoint's stub (``p`` None, placed ``near`` its iterator) passes CPU ``cpu``'s
+        context buffer instead of a frame; ``resume_to``: where it goes when done, not its
+        trap)."""
         from probes.arch import arch_probes_of
 
-        assert p.addr is not None
         m, jit = self.m, self.runner.jit
-        data = jit.tcc_addr
-        counters = data + COUNTERS_OFF + 16 * self._counters
-        if counters + 16 > data + PAGE:
-            self.refused[p.addr] = "no room for more thunk counters"
+        site = near if p is None else p.addr
+        assert site is not None
+        if cpu >= MAX_CPUS:
+            self.refused[site] = f"CPU {cpu}: no bpf_prog_active word"
             return None
-        at = self._slot(p.addr)
-        ip = p.addr + self._ip_offset()
+        stub = kind != "optprobe"
+        at = self._slot(site)
         bp = m.arch.breakpoint
         trap = at + THUNK_SLOT - len(bp) if stub else None
+        counters = self._counters()
+        guard = self._counters() if kind == "raw_tp" else 0     # prog->active, not bpf_prog_active
+        tp = p is None
         try:
-            code = arch_probes_of(m).optprobes.bpf_thunk(p, at, ip, entries, data + ACTIVE_OFF,
-                                                         counters, jit.stack_top,
-                                                         frame_slots(progs), resume=trap)
+            code = arch_probes_of(m).optprobes.bpf_thunk(
+                p, at, site + (0 if tp else self._ip_offset()), plan.images,
+                guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
+                frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
+                ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
+                ctx=self._ctx_buf(cpu) if tp else None)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
+            code, why = b"", f"thunk: {e}"
+        else:
+            why = "thunk too large" if len(code) > THUNK_SLOT - (len(bp) if stub else 0) else ""
+        if why:
             self._free.append(at)
-            self.refused[p.addr] = f"thunk: {e}"
+            self._free_counters += [c for c in (counters, guard) if c]
+            self.refused[site] = why
             return None
-        if len(code) > (THUNK_SLOT - len(bp) if stub else THUNK_SLOT):
-            self._free.append(at)
-            self.refused[p.addr] = "thunk too large"
-            return None
-        self._counters += 1
-        t = Thunk(p, at, counters, event, list(progs), trap)
+        t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
+                  resume_to=resume_to)
+        t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp
             self._arm_stub_trap(t)
         m.text_poke(at, code)
-        kind = "kprobe_stub" if stub else "optprobe_thunk"
-        m.symbols.add(f"bpf_{kind}_{p.addr:x}", at, len(code))
-        (self.stubs if stub else self.thunks)[p.addr] = t
-        self.refused.pop(p.addr, None)
-        return at
+        name = "optprobe_thunk" if not stub else f"{kind}_stub"
+        m.symbols.add(f"bpf_{name}_{site:x}" + (f"_cpu{cpu}" if cpu else ""), at, len(code))
+        if not stub:
+            self.thunks[site] = t
+        else:
+            self.copies[(kind, id(plan.event) if tp else site, cpu)] = t
+        self.refused.pop(site, None)
+        return t
 
     def _arm_stub_trap(self, t: Thunk) -> None:
+        """The owner of the stub's last word: a host entry there (a code hook on the BPF
+        layer's own text, ~0.3 µs, where a breakpoint goes through Unicorn's exception
+        path), with the breakpoint under it as the backstop; both finish the hit."""
         from probes.kprobes import kprobes_of
 
         assert t.trap is not None
-        done, p = kprobes_of(self.m).bpf_stub_done, t.probe
-        self.m.register_break_addr(t.trap, lambda _addr: done(p))
+        if t.probe is None:
+            from probes.tracepoint import tracepoints_of
+            tp_done = tracepoints_of(self.m).bpf_stub_done
+            done: Any = lambda _addr: tp_done()
+        elif t.kind == "kretprobe":
+            from probes.kretprobes import kretprobes_of
+            ret_done = kretprobes_of(self.m).bpf_stub_done
+            done = lambda _addr: ret_done()
+        else:
+            kp_done, p = kprobes_of(self.m).bpf_stub_done, t.probe
+            done = lambda _addr: kp_done(p)
+        self.m.register_break_addr(t.trap, done)
+        if STUB_HOST_ENTRY:
+            t.entry = self.m.add_host_entry(t.trap, done)
 
     def _ip_offset(self) -> int:
         from probes.kprobes import kprobes_of
         return kprobes_of(self.m).arch.handler_ip_offset
 
     def _slot(self, near: int) -> int:
-        """A thunk slot in a page near the probe (in branch range), owned by the BPF layer."""
+        """A thunk slot in a page near the probe (in branch range), owned by the BPF layer:
+        a free one (a retired stub's once no CPU can be inside it), else a new page's."""
         from probes.insn_slots import place_near
 
+        self._reclaim()
         for i, at in enumerate(self._free):
             if abs(at - near) < (64 << 20):
                 return self._free.pop(i)
@@ -275,22 +513,45 @@ class DirectCalls:
         self._free += list(range(page, page + PAGE, THUNK_SLOT))
         return self._free.pop(0)
 
+    def _reclaim(self) -> None:
+        """Retired stub slots no CPU can be in any more become free: the kernel frees a
+        kprobe's insn slot after synchronize_rcu, once every CPU has passed a quiescent
+        point. Here a CPU is known outside a slot when its pc is not in it and it is not
+        inside a program (its bpf_prog_active is clear; a program returns into the stub
+        that called it); a CPU never made has never run one."""
+        if not self._retired:
+            return
+        m = self.m
+        pc_id = m.arch.reg_id(m.arch.pc)
+        pcs = [uc.reg_read(pc_id) for uc in m.ucs]
+        data = bytes(m.uc.mem_read(self.active_addr(0), 8 * max(m.nr_cpus, 1)))
+        if any(data[i] for i in range(0, len(data), 8)):
+            return                      # some CPU is inside a program: wait
+        keep: list[int] = []
+        for at in self._retired:
+            (keep if any(at <= pc < at + THUNK_SLOT for pc in pcs) else self._free).append(at)
+        self._retired = keep
+
     # -- the host's view --
     def fold(self) -> None:
         """Add what the thunks counted to the probes, events and program stats, and read
         the map values the images wrote back into the maps (a run has stopped)."""
-        if not self.thunks and not self.stubs:
+        if not self.thunks and not self.copies:
+            self._reclaim()
             return
         from probes.trace.bpf_trace import prog_stats
 
         uc = self.m.uc
-        for t in (*self.thunks.values(), *self.stubs.values()):
+        for t in (*self.thunks.values(), *self.copies.values()):
             hits, misses = struct.unpack("<QQ", bytes(uc.mem_read(t.counters, 16)))
             if hits or misses:
                 uc.mem_write(t.counters, bytes(16))
-                if not t.probe.is_aggr and t.trap is None:   # a stub's hits: kprobe_handler's
-                    t.probe.hits += hits + misses
-                t.event.nhit += hits + misses
+                if t.trap is None and t.probe is not None and not t.probe.is_aggr:
+                    t.probe.hits += hits + misses        # (a stub's hits: its owner's)
+                if t.kind == "raw_tp":
+                    t.event.misses += misses             # the link's own count
+                elif t.kind != "tp":
+                    t.event.nhit += hits + misses
                 for prog in t.progs:
                     st = prog_stats(prog)
                     st.run_cnt += hits
@@ -298,6 +559,7 @@ class DirectCalls:
         jit = self.runner._jit
         if jit is not None and jit.run_state is not None:
             jit.sync_in(stack=False)
+        self._reclaim()
 
     def forget_event(self, event: Any) -> None:
         """The event's programs changed: its probes go back to the host path."""
@@ -307,14 +569,13 @@ class DirectCalls:
         for addr, t in list(self.thunks.items()):
             if t.event is event:
                 self._drop(addr)
-                if opt is not None:
+                if opt is not None and t.probe is not None:
                     opt.forget_direct(t.probe)
-        for addr, t in list(self.stubs.items()):
-            if t.event is event:
-                self._drop_stub(addr)
-        for addr, handler in list(self._stub_refused.items()):
+        self._drop_stubs(lambda _k, t: t.event is event)
+        for key, handler in list(self._stub_refused.items()):
             if getattr(handler, "__self__", None) is event:
-                del self._stub_refused[addr]
+                del self._stub_refused[key]
+
 
     def _drop(self, addr: int) -> None:
         """Forget the thunk of the probe at ``addr`` (its counts folded first); its slot is
@@ -322,18 +583,28 @@ class DirectCalls:
         self.fold()
         t = self.thunks.pop(addr)
         self._free.append(t.addr)
+        self._free_counters.append(t.counters)
 
-
-    def _drop_stub(self, addr: int) -> None:
-        """Forget the stub of the kprobe at ``addr`` (counts folded first). Its slot is
-        filled with breakpoints and not reused: a run that stopped inside the stub (a
-        limit) must not resume in another probe's code."""
+    def _drop_stubs(self, which: Any) -> None:
+        """Forget the stubs ``which(key, thunk)`` picks (counts folded first). Each slot is
+        filled with breakpoints and retired: a CPU that stopped inside it (a limit, or
+        another CPU's turn) must not go on in another probe's code, so it is reused only
+        once no CPU can be inside (``_reclaim``)."""
+        keys = [k for k, t in self.copies.items() if which(k, t)]
+        if not keys:
+            return
         self.fold()
-        t = self.stubs.pop(addr)
-        assert t.trap is not None
-        self.m.unregister_break_addr(t.trap)
         bp = self.m.arch.breakpoint
-        self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
+        for key in keys:
+            t = self.copies.pop(key)
+            assert t.trap is not None
+            self.m.unregister_break_addr(t.trap)
+            if t.entry is not None:
+                self.m.remove_host_entry(t.entry)
+            self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
+            self._free_counters += [c for c in (t.counters, t.guard) if c]
+            self._retired.append(t.addr)
+        self._reclaim()
 
 
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:
@@ -343,7 +614,8 @@ def direct_calls_of(machine: "Machine") -> DirectCalls | None:
 
 
 def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
-    """Let optimized probes call JITed programs from a thunk (``--bpf-engine jit``)."""
+    """Let optimized probes call JITed programs from a thunk, and plain kprobes and
+    kretprobes from a stub (``--bpf-engine jit``)."""
     from probes.kprobes import kprobes_of
 
     dc = direct_calls_of(machine)
@@ -352,6 +624,12 @@ def enable_direct_calls(machine: "Machine", runner: ProbeJit) -> DirectCalls:
     kp = kprobes_of(machine)
     if kp.bpf_stub is None:
         kp.bpf_stub = dc.kprobe_stub
+    krp: Any = machine.layers.get("kretprobes")
+    if krp is not None and krp.bpf_direct is None:
+        krp.bpf_direct = dc
+    tps: Any = machine.layers.get("tracepoints")
+    if tps is not None and tps.bpf_stub is None:
+        tps.bpf_stub = dc.tracepoint_stub
     opt = kp.optimizer
     if opt is not None and opt.direct is None:
         opt.direct = dc

@@ -28,23 +28,24 @@ cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the 
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
-Optimized probes call the images from a guest thunk, plain kprobes from a guest stub the
-hit sends the guest to (jit_direct.py), once a first hit has JITed them: no nested run, and
-no host exit at all when every helper is inlined; helper calls from a thunk reach
-``_direct_trap`` in the same run. While images run that way the windows hold the array
+Optimized probes call the images from a guest thunk; plain kprobes, kprobes on ftrace
+sites, kretprobes and tracepoints from a per-CPU guest stub the hit sends the guest to
+(jit_direct.py), once a first hit has JITed them: no nested run, and for a thunk no host
+exit at all when every helper is inlined; helper calls from a thunk or stub reach
+``_direct_trap`` in the same run. In a guest each array map has one region and window for
+every run (``_seed_maps``), so every program's image reaches its own maps whichever run the
+host synced last; with several CPUs each CPU has its own part of the native stack. While images run that way the windows hold the array
 maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
 MapBacking) and every run's stop reads them back.
 
-The nested run (kretprobes, ftrace sites, tracepoints, programs that need the host) is
-kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
+The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
 calls, windows re-mapped only when the run's regions changed and copied only when their
 bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 
-Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
-the image in a nested run from the host side of the hit; maps backed by the guest pages
-themselves (the windows are copied in and out around a nested run, skipping unchanged
-ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
+Left out (see the report in the issue): maps backed by the guest pages themselves (the
+windows are copied in and out around a nested run, skipping unchanged ones); native
+helpers; constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counte
 TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
+PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part of the stack
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
 GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
 GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
+MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from 0x3000_xxxx_xxxx
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -472,6 +475,11 @@ class ScratchJit:
         self._by_vm_key: dict[int, Window] = {}
         self._by_buffer: dict[int, Window] = {}     # id(region bytes) -> window (MapBacking)
         self._window_regions: set[int] = set()       # id() of each window's region
+        # in a guest: one region (and window) per array map for every run, so that the
+        # images of every program, called from stubs with no host sync, each reach their
+        # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
+        self._map_regions: dict[int, tuple[bytearray, Region]] = {}
+        self._persistent: set[int] = set()           # id() of those regions
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -558,6 +566,7 @@ class ScratchJit:
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        run.env.cpu = self.machine.cpu  # a stub runs on the CPU that hit, not the last host hit's
         self._direct = True
         try:
             self._stub_fns[addr](addr)
@@ -667,9 +676,11 @@ class ScratchJit:
         program and every program it can tail-call compiled (once per machine)."""
         run = BpfRun(prog, ctx, env, packet)
         if self._stack is None:           # one native stack for every run: it stays mapped
-            self._stack = Region(STACK_BASE, bytearray(NATIVE_STACK), True, "jit stack")
+            self._stack = Region(STACK_BASE, bytearray(self._stack_size()), True, "jit stack")
         run.mem.add(self._stack)
         self.run_state = run
+        if self.in_guest:
+            self._seed_maps(run, prog)
         for p in _reachable(prog):
             run.bind_maps(p)
         self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
@@ -682,10 +693,45 @@ class ScratchJit:
                         mp.backing = self
         return run
 
+    def _seed_maps(self, run: BpfRun, prog: "BpfProg") -> None:
+        """Give the run this machine's one region per array map (bind_maps then finds
+        them): keys per run would put two programs' maps at one window address, and
+        the images called from stubs would reach whichever run was synced last."""
+        from .maps import ArrayMap
+
+        for p in _reachable(prog):
+            for fd in sorted(p.maps):
+                mp = p.maps[fd]
+                if type(mp) is not ArrayMap:
+                    continue
+                got = self._map_regions.get(id(mp.values))
+                if got is None or got[0] is not mp.values:
+                    key = MAP_KEY_BASE + len(self._map_regions)
+                    region = Region(key << 32, mp.values, mp.prog_writable, mp.name)
+                    got = self._map_regions[id(mp.values)] = (mp.values, region)
+                    self._persistent.add(id(region))
+                old = run.mem._by_buffer.get(id(mp.values))
+                if old is not None and old is not got[1]:
+                    run.mem.remove(old)       # bound already (BpfRun binds its program's)
+                run.mem.add(got[1])
+                run.mem._by_buffer[id(mp.values)] = got[1]
+
+    def _stack_size(self) -> int:
+        """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
+        each kernel CPU runs its programs on its own stack (the scheduler ends no turn
+        inside probe-layer text today, so this is the kernel's layout, not yet a need)."""
+        cpus = self.machine.nr_cpus if self.in_guest else 1
+        return max(NATIVE_STACK, PERCPU_STACK * cpus)
+
     @property
     def stack_top(self) -> int:
-        """Top of the native stack window the images run on."""
-        return (STACK_BASE & ~VM_BASE) + NATIVE_STACK
+        """Top of the native stack window the images run on (CPU 0's part)."""
+        size = len(self._stack.data) if self._stack is not None else self._stack_size()
+        return (STACK_BASE & ~VM_BASE) + size
+
+    def stack_top_of(self, cpu: int) -> int:
+        """Top of CPU ``cpu``'s part of the native stack."""
+        return self.stack_top - PERCPU_STACK * cpu
 
     # -- MapBacking: an array map's values while their window holds them --
     def pull(self, m: Any) -> None:
@@ -725,7 +771,11 @@ class ScratchJit:
     def _windows_match(self, run: BpfRun) -> bool:
         """Whether every region of ``run`` has its window and no window is left over."""
         regions, windows = run.mem.regions, self._window_regions
-        return len(regions) == len(windows) and all(id(r) in windows for r in regions.values())
+        if not all(id(r) in windows for r in regions.values()):
+            return False
+        others = sum(1 for w in self.windows.values() if id(w.region) in self._persistent
+                     and regions.get(w.region.base >> 32) is not w.region)
+        return len(regions) + others == len(windows)
 
     def execute(self, prog: "BpfProg", run: BpfRun, r1: int, r2: int) -> int:
         """Call the image as the kernel's bpf_prog_run does: r1 = ctx, r2 = its length."""
@@ -766,7 +816,8 @@ class ScratchJit:
         # The budget: every backward branch the JITed code evaluates costs one (a register
         # counts down; see back_edge in the arch JITs). Without backward branches a
         # program ends by itself: no recursion, at most 33 tail calls.
-        sp = em.push_return(m, self.stack_top, self.return_addr)
+        sp = em.push_return(m, self.stack_top_of(m.cpu) if self.in_guest else self.stack_top,
+                            self.return_addr)
         self._uc.write_entry(self.to_guest(r1), r2, run.budget, sp)
         self._pending = _Pending()
         # in a traced guest ProbeJit counts the cycles per program (a clock read is ~1 µs)
@@ -884,7 +935,7 @@ class ScratchJit:
         m = self.machine
         live = {id(r) for r in run.mem.regions.values()}
         for key, w in list(self.windows.items()):
-            if id(w.region) not in live:
+            if id(w.region) not in live and id(w.region) not in self._persistent:
                 if w.size:
                     m.memory.unmap(w.gpage, w.size)
                     if self.in_guest:

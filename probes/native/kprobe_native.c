@@ -421,6 +421,7 @@ struct kn_rethook {
     void *py_ret;                           /* the Python entry of return handlers */
     struct kn_ri cur;                       /* the instance whose handler runs */
     uint64_t correct;                       /* the returning chain's real return address */
+    uint64_t resume;                        /* set by a handler: go there (a BPF stub) */
 };
 
 /* The native side of the one checked path (emu/uaccess.py _check): [addr, addr+n) lies
@@ -662,9 +663,11 @@ static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
         rp->hits++;
         rp->nfree++;
     }
-    if (!h->x86)
+    uint64_t to = h->resume ? h->resume : correct;   /* the stub restores lr itself */
+    h->resume = 0;
+    if (!h->x86 && to == correct)
         set_x(s, uc, 30, correct);
-    s->reg_write(uc, s->pc_reg, &correct);
+    s->reg_write(uc, s->pc_reg, &to);
     if (h->x86)
         charge(s, s->detour_fp, &s->detour_cycles);
     else

@@ -75,7 +75,8 @@ class KnRethook(ctypes.Structure):
         ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p),
         ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64),
-        ("py_ret", ctypes.c_void_p), ("cur", KnRi), ("correct", ctypes.c_uint64)]
+        ("py_ret", ctypes.c_void_p), ("cur", KnRi), ("correct", ctypes.c_uint64),
+        ("resume", ctypes.c_uint64)]
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -116,6 +117,11 @@ class NativeRethook:
     _ret_rows: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (rp, handler, kp)
 
     @property
+    def redirects(self) -> bool:
+        """C resumes where a return handler asked (`resume`: a BPF stub, jit_direct.py)."""
+        return self._ret_obj is not None
+
+    @property
     def calls_handlers(self) -> bool:
         """C can call kretprobes' Python return handlers (through the C API)."""
         return self._ret_obj is not None
@@ -135,6 +141,11 @@ class NativeRethook:
         def ret(row: int) -> int:
             try:
                 ri.rp, handler, kp = self._ret_rows[row]
+                if not h.resume:            # its programs may run from a guest stub instead
+                    to = krp.native_bpf_stub(ri.rp, h.correct)
+                    if to is not None:
+                        h.resume = to
+                        return 0
                 regs._cache = {pc: h.correct}
                 if dirty:
                     dirty.clear()

@@ -320,7 +320,7 @@ PerfConsumer = Callable[[int, bytes], None]
 
 
 class BpfTrace:
-    """Per machine (one CPU): the bpf_prog_active counter, the reused run environment,
+    """Per machine: the per-CPU bpf_prog_active counters, the reused run environment,
     the trace_printk sink and the user-space consumers of ring buffers and perf buffers.
 
     `printk_sink(text)` receives each bpf_trace_printk message; the default appends to
@@ -330,7 +330,7 @@ class BpfTrace:
         self.m = machine
         self.ptrace = arch_ptrace(machine)
         self.image = PtRegsImage(machine, self.ptrace)
-        self.bpf_prog_active = 0
+        self._prog_active: dict[int, int] = {}      # cpu -> its bpf_prog_active count
         self.printk_lines: list[str] = []
         self.printk_sink: PrintkSink = self.printk_lines.append
         self.ringbufs: list[tuple[RingbufMap, Consumer]] = []
@@ -345,6 +345,16 @@ class BpfTrace:
         self._tgid: int | None = None          # the process's pid, once there is a process
         self._entry: dict[int, bool] = {}
         self.runner: Callable[..., int] | None = None   # --bpf-engine: (prog, ctx, env) -> r0
+
+    @property
+    def bpf_prog_active(self) -> int:
+        """DEFINE_PER_CPU(int, bpf_prog_active): the running CPU's count (a hit on one CPU
+        does not see another CPU's program)."""
+        return self._prog_active.get(self.m.cpu, 0)
+
+    @bpf_prog_active.setter
+    def bpf_prog_active(self, value: int) -> None:
+        self._prog_active[self.m.cpu] = value
 
     # -- consumers --
     def ring_buffer(self, m: RingbufMap, callback: Consumer) -> None:

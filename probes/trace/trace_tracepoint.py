@@ -126,6 +126,16 @@ class TraceTracepointEvents:
         if call.prog_array:
             from probes.trace.bpf_tracepoint import perf_trace_run_bpf
             perf_trace_run_bpf(self.m, call, data)
+        self._commit(call, data)
+
+    def raw_event_without_bpf(self, call: TraceEventCall, args: tuple[int, ...]) -> bytes:
+        """The probe's work but the programs, which a guest stub runs (jit_direct.py)
+        with the record this returns as their context."""
+        data = self._packers[call.id](call.id, self.m.task[1], args)
+        self._commit(call, data)
+        return data
+
+    def _commit(self, call: TraceEventCall, data: bytes) -> None:
         if not call.enabled or trace_trigger_soft_disabled(call):
             return
         fs = self.fs

@@ -147,17 +147,20 @@ class Arm64Optprobes:
         self.tramps = pages.tramps
         self.breakpoint = machine.arch.breakpoint
 
-    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+    def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
-                  resume: int | None = None) -> bytes:
-        """`resume`: where the thunk ends (default: the detour's relocated copies)."""
-        assert p.addr is not None
+                  resume: int | None = None, ip_word: int | None = None,
+                  ctx: int | None = None) -> bytes:
+        """`resume`: where the thunk ends (default: the detour's relocated copies);
+        `ip_word`: where the frame's pc is read from (a return's address), not `ip`;
+        `ctx`: the programs' context (a tracepoint's record), not the frame."""
         if resume is None:                                  # the detour branches to it:
+            assert p is not None and p.addr is not None
             b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("pstate"), stack, slots)
+                         self.m.reg("pstate"), stack, slots, ip_word, ctx)
 
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
@@ -244,7 +247,8 @@ def _frame_ops(op: str, regs: list[int]) -> str:
 
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
-              resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None) -> bytes:
+              resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None,
+              ip_word: int | None = None, ctx: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
     `pstate`'s other bits, syscallno = -1) on the guest stack; if the bpf_prog_active word
@@ -252,7 +256,9 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     image in `entries` called on the BPF layer's stack (top `stack`) with x0 = the frame
     (x19, callee-saved in the JIT, keeps it); else a miss is counted at `counters + 8`.
     Every register the thunk and the images may change and NZCV come back, then
-    `b resume`.
+    `b resume`. With `ip_word` the frame's pc is the u64 there (a kretprobe stub's
+    return address, which changes from hit to hit), not `ip`. With `ctx` the images get
+    x0 = `ctx` (a tracepoint's record or raw arguments) instead of the frame.
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written: a guest store is Unicorn's slow path
@@ -265,7 +271,8 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
         return slots is None or any(off <= s < off + 8 for s in slots)
 
     regs = sorted(THUNK_CLOBBERS | {i for i in range(31) if wanted(8 * i)})
-    calls = "".join(f"mov x0, x19; {_movq('x16', e)}blr x16; " for e in entries)
+    arg = "mov x0, x19; " if ctx is None else _movq("x0", ctx)
+    calls = "".join(f"{arg}{_movq('x16', e)}blr x16; " for e in entries)
     tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8) if wanted(o))
     # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
     # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
@@ -274,7 +281,8 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
             "orr x0, x2, x0, lsl #1; orr x20, x3, x0, lsl #1; ")
     table = "".join(f"ccmp xzr, xzr, #{k}, ne; b done; " for k in range(16))
     special = ((f"add x0, sp, #{PT_REGS_SIZE}; str x0, [sp, #248]; " if wanted(248) else "")
-               + (f"{_movq('x0', ip)}str x0, [sp, #256]; " if wanted(256) else "")
+               + ((f"{_movq('x0', ip)}" if ip_word is None else f"{_movq('x0', ip_word)}ldr x0, [x0]; ")
+                  + "str x0, [sp, #256]; " if wanted(256) else "")
                + (f"{_movq('x1', pstate & 0x0FFFFFFF)}orr x0, x1, x20, lsl #28; "
                   "str x0, [sp, #264]; " if wanted(264) else "")
                + ("str xzr, [sp, #272]; " if wanted(272) else "")

@@ -59,15 +59,18 @@ class X86Optprobes:
         self.decoder = decoder
         self.breakpoint = machine.arch.breakpoint
 
-    def bpf_thunk(self, p: "Kprobe", at: int, ip: int, entries: list[int], active: int,
+    def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
-                  resume: int | None = None) -> bytes:
-        """`resume`: where the thunk ends (default: the detour's relocated copies)."""
+                  resume: int | None = None, ip_word: int | None = None,
+                  ctx: int | None = None) -> bytes:
+        """`resume`: where the thunk ends (default: the detour's relocated copies);
+        `ip_word`: where the frame's ip is read from (a return's address), not `ip`;
+        `ctx`: the programs' context (a tracepoint's record), not the frame."""
         if resume is None:
-            assert p.ainsn.optinsn is not None
+            assert p is not None and p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("cs"), self.m.reg("ss"), stack, slots)
+                         self.m.reg("cs"), self.m.reg("ss"), stack, slots, ip_word, ctx)
 
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
@@ -189,7 +192,8 @@ THUNK_CLOBBERS = frozenset({"rax", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10"
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, cs: int, ss: int, stack: int,
-              slots: frozenset[int] | None = None) -> bytes:
+              slots: frozenset[int] | None = None, ip_word: int | None = None,
+              ctx: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
     pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) on the guest stack; if the
     bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
@@ -197,7 +201,9 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     `stack`, as the kernel runs programs on its own stack, not the probed code's) with
     rdi = the frame (rbx, callee-saved in the JIT, keeps it); else a miss is counted at
     `counters + 8`. The registers the thunk and the images may change and the flags come
-    back from the frame, then `jmp resume` (the detour's relocated copies).
+    back from the frame, then `jmp resume` (the detour's relocated copies). With `ip_word`
+    the frame's ip is the u64 there (a kretprobe stub's return address), not `ip`. With
+    `ctx` the images get rdi = `ctx` (a tracepoint's record or raw arguments), not the frame.
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written: a guest store is Unicorn's slow path
@@ -216,9 +222,12 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     gprs = [n for n in PT_REGS_FIELDS if n not in ("orig_ax", "rip", "cs", "rflags", "rsp", "ss")
             and (n in THUNK_CLOBBERS or wanted(n))]
     save = "".join(f"mov [rsp + {off[r]}], {r}; " for r in gprs)
-    calls = "".join(f"mov rdi, rbx; movabs rax, {e:#x}; call rax; " for e in entries)
+    arg = "mov rdi, rbx; " if ctx is None else f"movabs rdi, {ctx:#x}; "
+    calls = "".join(f"{arg}movabs rax, {e:#x}; call rax; " for e in entries)
     special = ((f"mov qword ptr [rsp + {off['orig_ax']}], -1; " if wanted("orig_ax") else "")
-               + (f"movabs rax, {ip:#x}; mov [rsp + {off['rip']}], rax; " if wanted("rip") else "")
+               + ((f"movabs rax, {ip:#x}; " if ip_word is None
+                   else f"movabs rax, {ip_word:#x}; mov rax, [rax]; ")
+                  + f"mov [rsp + {off['rip']}], rax; " if wanted("rip") else "")
                + (f"mov qword ptr [rsp + {off['cs']}], {cs:#x}; " if wanted("cs") else "")
                + (f"mov qword ptr [rsp + {off['ss']}], {ss:#x}; " if wanted("ss") else "")
                + (f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "

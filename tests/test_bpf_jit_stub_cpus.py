@@ -1,0 +1,135 @@
+"""Stubs with several CPUs (issue 17): each CPU gets its own copy of a probe's stub, with
+its own bpf_prog_active word (DEFINE_PER_CPU, so a hit on CPU 1 does not see CPU 0's
+guard), counters and part of the BPF stack; bpf_get_smp_processor_id from a stub names
+the CPU that hit. Maps, counts and misses equal the compiled Python engine's, and two runs
+give the same modelled cycles. The guest is tests/data/smp/percpu.c: thread i calls work()
+300 + 100 i times, threads placed on CPUs round robin."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from conftest import ARCHES, ROOT
+from emu.loader import GuestConfig, load_guest
+from probes.bpf import BpfProgType, assemble, create_map
+from probes.bpf.jit_direct import direct_calls_of
+from probes.bpf.jit_guest import install_engine
+from probes.bpf.libbpf import KprobePerfEvent
+from probes.bpf.maps import BpfMapType
+from probes.bpf.program import BpfProg
+from probes.kprobes import Kprobe, kprobes_of
+from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of,
+                                    perf_event_attach_bpf_prog, prog_stats)
+
+SMP = ROOT / "tests" / "data" / "smp"
+CALLS = [300, 400, 500]                 # three threads: CPU 1, CPU 0, CPU 1 on two CPUs
+PER_CPU = [400, 800]
+
+
+def by_cpu_prog() -> BpfProg:
+    """by_cpu[bpf_get_smp_processor_id()] += 1 (a trampoline helper and an inlined lookup)."""
+    by_cpu = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 4, name="by_cpu")
+    text = """
+        call 8
+        stxw [r10-4], r0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +2
+        mov r1, 1
+        lock add [r0], r1
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="by_cpu", license="GPL", maps={3: by_cpu})
+
+
+@pytest.fixture(scope="module")
+def percpu(c_prog):
+    return lambda arch: c_prog(arch, SMP / "percpu.c", extra=("-pthread",))
+
+
+class CpuLab:
+    def __init__(self, exe, engine: str, prog: BpfProg, cycles: bool = False) -> None:
+        self.out = io.BytesIO()
+        self.m = load_guest(GuestConfig(path=str(exe), argv=["3"], cpus=2, seed=3),
+                            stdout=self.out).machine
+        if cycles:
+            self.m.enable_cycle_model()
+        self.p = Kprobe(symbol_name="work")
+        kprobes_of(self.m).register_kprobe(self.p)
+        self.call = KprobePerfEvent(self.m, "work", kp=self.p)
+        self.p.pre_handler = self.call.kprobe_perf_func
+        assert perf_event_attach_bpf_prog(
+            PerfEvent(self.call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE), prog) == 0
+        install_engine(self.m, engine)
+
+    def run(self) -> bytes:
+        assert self.m.run().exit_code == 0
+        return self.out.getvalue()
+
+
+def _counts(prog: BpfProg) -> list[int]:
+    return [int.from_bytes(prog.maps[3].lookup(c)[:8], "little") for c in range(2)]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_each_cpu_runs_its_own_stub(percpu, arch, hit_path) -> None:
+    jp, pp = by_cpu_prog(), by_cpu_prog()
+    jit, py = CpuLab(percpu(arch), "jit", jp), CpuLab(percpu(arch), "python", pp)
+    assert jit.run() == py.run()
+    assert _counts(jp) == _counts(pp) == PER_CPU
+    dc = direct_calls_of(jit.m)
+    assert dc is not None and sorted(k for k in dc.copies) == \
+        [("kprobe", jit.p.addr, 0), ("kprobe", jit.p.addr, 1)]
+    stubs = {k[2]: t for k, t in dc.copies.items()}
+    assert stubs[0].addr != stubs[1].addr
+    assert jit.p.hits == py.p.hits == sum(CALLS) and jit.p.nmissed == 0
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == sum(CALLS)
+    assert prog_stats(jp).misses == prog_stats(pp).misses == 0
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_guard_held_on_cpu0_does_not_stop_cpu1(percpu, arch) -> None:
+    jp, pp = by_cpu_prog(), by_cpu_prog()
+    jit, py = CpuLab(percpu(arch), "jit", jp), CpuLab(percpu(arch), "python", pp)
+    runner = bpf_trace_of(jit.m).runner
+    runner.jit                                   # its data page, where the words live
+    from probes.bpf.jit_direct import enable_direct_calls
+    dc = enable_direct_calls(jit.m, runner)
+    jit.m.memory.write(dc.active_addr(0), (1).to_bytes(4, "little"))   # CPU 0's word
+    for lab in (jit, py):                        # and the host path's count for CPU 0
+        bpf_trace_of(lab.m)._prog_active[0] = 1
+    assert jit.run() == py.run()
+    assert _counts(jp) == _counts(pp) == [0, PER_CPU[1]]
+    assert prog_stats(jp).misses == prog_stats(pp).misses == PER_CPU[0]
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == PER_CPU[1]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_optprobe_thunks_stay_off_with_several_cpus(percpu, arch) -> None:
+    """The optprobe jump is every CPU's and guest code cannot tell its CPU: the thunk is
+    refused, the probe keeps its detour (whose host hit knows the CPU)."""
+    from probes.optprobes import enable_optprobes
+    prog = by_cpu_prog()
+    lab = CpuLab(percpu(arch), "jit", prog)
+    opt = enable_optprobes(kprobes_of(lab.m))
+    opt.kick_kprobe_optimizer()
+    lab.run()
+    dc = direct_calls_of(lab.m)
+    assert dc is not None and dc.thunks == {}
+    assert _counts(prog) == PER_CPU
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_modelled_cycles_repeat_run_to_run(percpu, arch) -> None:
+    got = []
+    for _ in range(2):
+        prog = by_cpu_prog()
+        lab = CpuLab(percpu(arch), "jit", prog, cycles=True)
+        out = lab.run()
+        got.append((out, lab.m.clock.cycles, dict(lab.m.clock.breakdown()), _counts(prog)))
+    assert got[0] == got[1]
