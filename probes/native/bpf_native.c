@@ -1,0 +1,309 @@
+/* The BPF hash map family's storage and the helper trampoline's host entry in C (issue 17).
+ *
+ * A hash map is preallocated as kernel/bpf/hashtab.c preallocates its elements: a pool of
+ * max_entries slots (key, then one value per CPU), a bucket array of chains, a free list,
+ * and a doubly linked list in insertion order (get_next_key walks it; LRU maps move an
+ * element to its end when it is used and evict its head when full). Python's map API
+ * (probes/bpf/maps.py) calls these functions and reads keys and values in the pool
+ * directly, so Python, C and a program see the same bytes.
+ *
+ * bn_helper_hook is the UC_HOOK_CODE callback of one helper trampoline (jit_guest.py):
+ * for a call from a JITed image run by an optprobe thunk or a kprobe stub it reads r1-r5
+ * from the arch's argument registers, runs map_update_elem / map_delete_elem on a hash
+ * map served here and writes r0, with no Python. Anything else goes to the Python host
+ * entry it replaced, unchanged. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NIL 0xffffffffu
+enum { E2BIG_ = 7, ENOENT_ = 2, EEXIST_ = 17, EINVAL_ = 22 };
+enum { BPF_ANY_ = 0, BPF_NOEXIST_ = 1, BPF_EXIST_ = 2, BPF_F_LOCK_ = 4 };
+
+struct bn_htab {
+    uint32_t key_size, value_size, vstride, ncpus;  /* vstride: value_size rounded to 8 */
+    uint32_t max_entries, nbuckets, count, lru;
+    uint32_t head, tail, free_head, pad;            /* insertion order; free slots */
+    uint32_t *bucket, *chain, *onext, *oprev;       /* chain: bucket (or free) successor */
+    uint8_t *keys, *values;                         /* slot s: keys + s * key_size,
+                                                       values + (s * ncpus + cpu) * vstride */
+};
+
+static uint32_t hash_key(const uint8_t *k, uint32_t n)
+{
+    uint32_t h = 2166136261u;                       /* FNV-1a: deterministic, no seed */
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ k[i]) * 16777619u;
+    return h;
+}
+
+void bn_htab_free(struct bn_htab *h)
+{
+    if (!h)
+        return;
+    free(h->bucket);
+    free(h->chain);
+    free(h->onext);
+    free(h->oprev);
+    free(h->keys);
+    free(h->values);
+    free(h);
+}
+
+struct bn_htab *bn_htab_new(uint32_t key_size, uint32_t value_size, uint32_t max_entries,
+                            uint32_t ncpus, uint32_t lru)
+{
+    struct bn_htab *h = calloc(1, sizeof(*h));
+    if (!h || !max_entries || !ncpus)
+        return (bn_htab_free(h), NULL);
+    uint32_t nb = 1;
+    while (nb < max_entries && nb < 0x80000000u)
+        nb <<= 1;
+    h->key_size = key_size;
+    h->value_size = value_size;
+    h->vstride = (value_size + 7) & ~7u;
+    h->ncpus = ncpus;
+    h->max_entries = max_entries;
+    h->nbuckets = nb;
+    h->lru = lru;
+    h->bucket = malloc(sizeof(uint32_t) * nb);
+    h->chain = malloc(sizeof(uint32_t) * max_entries);
+    h->onext = malloc(sizeof(uint32_t) * max_entries);
+    h->oprev = malloc(sizeof(uint32_t) * max_entries);
+    h->keys = calloc(max_entries, key_size ? key_size : 1);
+    h->values = calloc((uint64_t)max_entries * ncpus, h->vstride ? h->vstride : 8);
+    if (!h->bucket || !h->chain || !h->onext || !h->oprev || !h->keys || !h->values)
+        return (bn_htab_free(h), NULL);
+    memset(h->bucket, 0xff, sizeof(uint32_t) * nb);
+    for (uint32_t s = 0; s < max_entries; s++)      /* free list: slot 0 first */
+        h->chain[s] = s + 1 < max_entries ? s + 1 : NIL;
+    h->free_head = 0;
+    h->head = h->tail = NIL;
+    return h;
+}
+
+static uint32_t find(const struct bn_htab *h, const uint8_t *key, uint32_t *bucket)
+{
+    uint32_t b = hash_key(key, h->key_size) & (h->nbuckets - 1);
+    if (bucket)
+        *bucket = b;
+    for (uint32_t s = h->bucket[b]; s != NIL; s = h->chain[s])
+        if (!memcmp(h->keys + (uint64_t)s * h->key_size, key, h->key_size))
+            return s;
+    return NIL;
+}
+
+static void order_unlink(struct bn_htab *h, uint32_t s)
+{
+    uint32_t p = h->oprev[s], n = h->onext[s];
+    if (p != NIL) h->onext[p] = n; else h->head = n;
+    if (n != NIL) h->oprev[n] = p; else h->tail = p;
+}
+
+static void order_append(struct bn_htab *h, uint32_t s)
+{
+    h->oprev[s] = h->tail;
+    h->onext[s] = NIL;
+    if (h->tail != NIL) h->onext[h->tail] = s; else h->head = s;
+    h->tail = s;
+}
+
+static void remove_slot(struct bn_htab *h, uint32_t s)
+{
+    uint32_t b = hash_key(h->keys + (uint64_t)s * h->key_size, h->key_size) & (h->nbuckets - 1);
+    uint32_t *link = &h->bucket[b];
+    while (*link != s)
+        link = &h->chain[*link];
+    *link = h->chain[s];
+    order_unlink(h, s);
+    h->chain[s] = h->free_head;
+    h->free_head = s;
+    h->count--;
+}
+
+static uint8_t *value_at(const struct bn_htab *h, uint32_t s, uint32_t cpu)
+{
+    return h->values + ((uint64_t)s * h->ncpus + cpu) * h->vstride;
+}
+
+/* The slot of `key`, or -1; `touch`: an LRU map's use (the element moves to the end). */
+int64_t bn_htab_find(struct bn_htab *h, const uint8_t *key, uint32_t touch)
+{
+    uint32_t s = find(h, key, NULL);
+    if (s == NIL)
+        return -1;
+    if (touch && h->lru) {
+        order_unlink(h, s);
+        order_append(h, s);
+    }
+    return s;
+}
+
+/* htab_map_update_elem: 0 or -errno. cpu < 0: the value on every CPU, else on that one. */
+int64_t bn_htab_update(struct bn_htab *h, const uint8_t *key, const uint8_t *value,
+                       uint64_t flags, int64_t cpu)
+{
+    if ((flags & ~(uint64_t)BPF_F_LOCK_) > BPF_EXIST_)
+        return -EINVAL_;
+    flags &= ~(uint64_t)BPF_F_LOCK_;
+    uint32_t b, s = find(h, key, &b);
+    if (s != NIL && flags == BPF_NOEXIST_)
+        return -EEXIST_;
+    if (s == NIL && flags == BPF_EXIST_)
+        return -ENOENT_;
+    if (s == NIL) {
+        if (h->count >= h->max_entries) {
+            if (!h->lru)
+                return -E2BIG_;
+            remove_slot(h, h->head);            /* the least recently used goes */
+            find(h, key, &b);
+        }
+        s = h->free_head;
+        h->free_head = h->chain[s];
+        memcpy(h->keys + (uint64_t)s * h->key_size, key, h->key_size);
+        memset(value_at(h, s, 0), 0, (uint64_t)h->ncpus * h->vstride);
+        h->chain[s] = h->bucket[b];
+        h->bucket[b] = s;
+        order_append(h, s);
+        h->count++;
+    } else if (h->lru) {
+        order_unlink(h, s);
+        order_append(h, s);
+    }
+    for (uint32_t c = 0; c < h->ncpus; c++)
+        if (cpu < 0 || (uint64_t)cpu == c)
+            memcpy(value_at(h, s, c), value, h->value_size);
+    return 0;
+}
+
+int64_t bn_htab_delete(struct bn_htab *h, const uint8_t *key)
+{
+    uint32_t s = find(h, key, NULL);
+    if (s == NIL)
+        return -ENOENT_;
+    remove_slot(h, s);
+    return 0;
+}
+
+/* get_next_key: the slot of the key after `key` in insertion order (the first key when
+ * `key` is NULL or absent, as the kernel restarts), or -ENOENT. */
+int64_t bn_htab_next(struct bn_htab *h, const uint8_t *key)
+{
+    uint32_t s = key ? find(h, key, NULL) : NIL;
+    uint32_t n = s == NIL ? h->head : h->onext[s];
+    return n == NIL ? -ENOENT_ : (int64_t)n;
+}
+
+/* --- the helper trampoline's host entry ------------------------------------------------- */
+
+typedef int (*reg_fn)(void *uc, int regid, void *value);
+typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
+typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
+
+enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3 };
+#define BN_MAX_ARG 512                              /* keys and values on the BPF stack */
+
+struct bn_map { uint64_t handle; struct bn_htab *htab; };   /* a run's map handle */
+struct bn_image { uint64_t start, end; struct bn_map *maps; uint64_t nmaps; };
+
+struct bn_jit {                                     /* one ScratchJit in a traced guest */
+    reg_fn reg_read, reg_write;
+    mem_fn mem_read;
+    uint64_t **fp;                                  /* where the clock's counter is */
+    const uint64_t *handler_fp;                     /* one host-handler charge, 1/256 cycles */
+    uint64_t helper_cycles;                         /* charged since Python folded them */
+    int32_t args[5], ret_reg;                       /* Unicorn ids of r1-r5, r0 */
+    int32_t link_reg, sp_reg;                       /* link_reg < 0: return address at [sp] */
+    uint32_t call_size, executing;                  /* executing: a nested run (Python's) */
+    uint64_t stack_lo, stack_hi;                    /* the native stack window */
+    struct bn_image *images;
+    uint64_t nimages;
+    uint64_t served, deferred;
+};
+
+struct bn_stub {                                    /* one trampoline's hook data */
+    struct bn_jit *j;
+    code_cb orig;                                   /* the Python host entry */
+    void *orig_data;
+    uint64_t fid;
+};
+
+static struct bn_htab *htab_of(const struct bn_image *img, uint64_t handle)
+{
+    for (uint64_t i = 0; i < img->nmaps; i++)
+        if (img->maps[i].handle == handle)
+            return img->maps[i].htab;
+    return NULL;
+}
+
+static const struct bn_image *caller(struct bn_jit *j, void *uc)
+{
+    uint64_t ret = 0, sp;
+    if (j->link_reg >= 0) {
+        j->reg_read(uc, j->link_reg, &ret);
+    } else {
+        j->reg_read(uc, j->sp_reg, &sp);
+        if (j->mem_read(uc, sp, &ret, 8))
+            return NULL;
+    }
+    uint64_t call = ret - j->call_size;
+    for (uint64_t i = 0; i < j->nimages; i++)
+        if (j->images[i].start <= call && call < j->images[i].end)
+            return &j->images[i];
+    return NULL;
+}
+
+/* n bytes at guest address a, if they lie on the live native stack (where Python's
+ * helper would read them after copying that window in). */
+static int stack_arg(struct bn_jit *j, void *uc, uint64_t a, uint32_t n, uint8_t *out)
+{
+    uint64_t sp = 0;
+    j->reg_read(uc, j->sp_reg, &sp);
+    if (n > BN_MAX_ARG || a < sp || a < j->stack_lo || a > j->stack_hi || j->stack_hi - a < n)
+        return -1;
+    return j->mem_read(uc, a, out, n) ? -1 : 0;
+}
+
+/* The helper in C: 1 if served (r0 written), 0 to hand it to Python untouched. */
+static int serve(struct bn_jit *j, void *uc, uint64_t fid)
+{
+    const struct bn_image *img = caller(j, uc);
+    uint64_t r[5] = {0}, r0;
+    uint8_t key[BN_MAX_ARG], value[BN_MAX_ARG];
+    if (!img)
+        return 0;
+    j->reg_read(uc, j->args[0], &r[0]);
+    struct bn_htab *h = htab_of(img, r[0]);
+    if (!h)
+        return 0;
+    if (fid == BPF_FUNC_map_update_elem) {
+        for (int i = 1; i < 4; i++)
+            j->reg_read(uc, j->args[i], &r[i]);
+        if (stack_arg(j, uc, r[1], h->key_size, key) || stack_arg(j, uc, r[2], h->value_size, value))
+            return 0;
+        r0 = (uint64_t)bn_htab_update(h, key, value, r[3], -1);
+    } else if (fid == BPF_FUNC_map_delete_elem) {
+        j->reg_read(uc, j->args[1], &r[1]);
+        if (stack_arg(j, uc, r[1], h->key_size, key))
+            return 0;
+        r0 = (uint64_t)bn_htab_delete(h, key);
+    } else {
+        return 0;
+    }
+    uint64_t fp = **j->fp + *j->handler_fp;         /* the host handler's charge, as Python's */
+    **j->fp = fp < **j->fp ? UINT64_MAX : fp;
+    j->helper_cycles += *j->handler_fp >> 8;
+    j->reg_write(uc, j->ret_reg, &r0);
+    j->served++;
+    return 1;
+}
+
+void bn_helper_hook(void *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    struct bn_stub *st = user_data;
+    struct bn_jit *j = st->j;
+    if (j->executing || !serve(j, uc, st->fid)) {
+        j->deferred++;
+        st->orig(uc, addr, size, st->orig_data);
+    }
+}
