@@ -464,6 +464,7 @@ class ScratchJit:
         self.machine = m = machine if machine is not None else Machine(arch)
         self.images: dict[int, JitImage] = {}
         self.stubs: dict[Hashable, int] = {}
+        self._native: Any = False        # NativeHelpers, None (Python's), False (not asked yet)
         self._stub_fns: dict[int, Callable[[int], None]] = {}
         self.stub_base = self._free_span(GUEST_JIT_BASE, 2 * PAGE) if self.in_guest else STUB_BASE
         self.tcc_addr = self.stub_base + PAGE
@@ -530,8 +531,39 @@ class ScratchJit:
             self._stub_fns[addr] = fn
             # a host entry (a code hook on the stub's nop), not a trap: Unicorn takes a
             # breakpoint through its exception path, several µs more per helper call
-            self.machine.add_host_entry(addr, self._on_trap)
+            handle = self.machine.add_host_entry(addr, self._on_trap)
+            if isinstance(key, tuple) and key[0] == "helper":
+                native = self._native_helpers()
+                if native is not None:
+                    native.serve(handle, key[1])
         return addr
+
+    def _native_helpers(self) -> Any:
+        """The C entries of this JIT's helper trampolines (probes/native/bpf_native.py),
+        made once; None in a scratch machine, without the C library or a native clock."""
+        if not self.in_guest:
+            return None
+        if self._native is False:
+            from probes.native.bpf_native import NativeHelpers
+
+            m, em = self.machine, self.emitter
+            top = self.stack_top
+            self._native = NativeHelpers.create(
+                m, [m.arch.reg_id(r) for r in em.reg_names[1:6]], self._ret_id,
+                em.call_size(), (top - NATIVE_STACK, top))
+        return self._native
+
+    @property
+    def _executing(self) -> bool:
+        """Inside ``execute`` (a nested run: Python serves every helper there)."""
+        return self._in_execute
+
+    @_executing.setter
+    def _executing(self, on: bool) -> None:
+        self._in_execute = on
+        native = self.__dict__.get("_native")
+        if native:
+            native.set_executing(on)
 
     def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
@@ -557,6 +589,9 @@ class ScratchJit:
         run = self.direct_run(image.prog) if image is not None and self.direct_run else None
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
+        if self._native:            # later calls from this image: C's (bpf_native.c)
+            self._native.fold()
+            self._native.register(image, run)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
         self._direct = True
         try:

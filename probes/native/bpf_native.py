@@ -153,3 +153,99 @@ class NativeHtab:
     def next(self, key: bytes | None) -> int:
         """The slot of the key after ``key`` (the first: None or absent), or -ENOENT."""
         return int(self.lib.bn_htab_next(self.ptr, key))
+
+
+# Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
+NATIVE_HELPERS = frozenset({2, 3})      # map_update_elem, map_delete_elem
+_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH (per-CPU
+                                        # maps need the hit's CPU: Python's)
+
+
+class NativeHelpers:
+    """The C entries of one ScratchJit's helper trampolines in a traced guest. A trampoline
+    of a helper in NATIVE_HELPERS gets bn_helper_hook in place of its Python host entry;
+    C serves a call from an image registered here (``register``: the image's range and its
+    run's map handles) on a hash map it owns, with its key and value on the live native
+    stack, outside a nested run (``executing``); it hands anything else to the Python
+    entry. The host-handler charge goes into the clock's counter at once and into
+    ``by_reason["bpf helper"]`` when ``fold`` runs (a run's stop, or Python's entry).
+    Attributes: ``jit`` (the struct bn_jit: ``served``, ``deferred``)."""
+
+    def __init__(self, lib: ctypes.CDLL, machine: Any, st_fp: int, st_handler_fp: int,
+                 arg_ids: list[int], ret_id: int, call_size: int, stack: tuple[int, int]) -> None:
+        from emu.ucfast import lib_symbol
+
+        self.lib, self.m = lib, machine
+        j = self.jit = BnJit()
+        j.reg_read, j.reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+        j.mem_read = lib_symbol("uc_mem_read")
+        j.fp, j.handler_fp = st_fp, st_handler_fp
+        j.args[:] = arg_ids[:5]
+        arch = machine.arch
+        j.ret_reg, j.sp_reg = ret_id, arch.reg_id(arch.sp)
+        j.link_reg = arch.reg_id(arch.link) if arch.link else -1
+        j.call_size = call_size
+        j.stack_lo, j.stack_hi = stack
+        self._stubs: list[BnStub] = []
+        self._images: dict[int, tuple[Any, list[Any]]] = {}   # image addr -> (BnMap array, maps)
+        self._table: Any = None
+        machine.stop_listeners.append(self.fold)
+
+    @classmethod
+    def create(cls, machine: Any, arg_ids: list[int], ret_id: int, call_size: int,
+               stack: tuple[int, int]) -> "NativeHelpers | None":
+        """For ``machine``'s JIT, or None: no library, or no clock C can charge (the
+        kprobe dispatcher's NativeClock keeps the counter where C reaches it)."""
+        from emu.ucfast import lib_symbol
+
+        from . import KnState
+
+        lib = load()
+        native = getattr(machine.clock, "native", None)
+        st = getattr(native, "st", None)
+        if lib is None or not isinstance(st, KnState) or None in (
+                lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write"), lib_symbol("uc_mem_read")):
+            return None
+        base = ctypes.addressof(st)
+        return cls(lib, machine, base + KnState.fp.offset, base + KnState.handler_fp.offset,
+                   arg_ids, ret_id, call_size, stack)
+
+    def serve(self, handle: int, fid: int) -> bool:
+        """Swap the Python host entry ``handle`` of helper ``fid``'s trampoline for C's."""
+        from . import swap_code_hook
+
+        if fid not in NATIVE_HELPERS:
+            return False
+        rec = BnStub(j=ctypes.addressof(self.jit), fid=fid)
+        if not swap_code_hook(self.m, handle, self.lib.bn_helper_hook, rec):
+            return False
+        self._stubs.append(rec)
+        return True
+
+    def register(self, image: Any, run: Any) -> None:
+        """C may serve calls from ``image`` with ``run``'s map handles (its kept run)."""
+        from probes.bpf.maps import HashMap
+
+        if image.addr in self._images:
+            return
+        maps = [(h, mp) for h, mp in sorted(run._maps_at.items())
+                if isinstance(mp, HashMap) and mp.native is not None and mp.map_type in _SERVED]
+        arr = (BnMap * max(1, len(maps)))(*[BnMap(h, mp.native.ptr) for h, mp in maps])
+        self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps])
+        rows = sorted(self._images.items())
+        table = (BnImage * len(rows))(*[BnImage(info[0], info[1], ctypes.addressof(a), len(info[2]))
+                                        for _addr, (a, info) in rows])
+        self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
+        self._table = table              # the old table is freed only after C points past it
+
+    def set_executing(self, on: bool) -> None:
+        self.jit.executing = int(on)
+
+    def fold(self) -> None:
+        """The cycles C charged as host handlers, into the clock's reasons."""
+        n = self.jit.helper_cycles
+        if n:
+            self.jit.helper_cycles = 0
+            by = self.m.clock.by_reason
+            by["bpf helper"] = by.get("bpf helper", 0) + n
+

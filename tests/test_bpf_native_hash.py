@@ -1,0 +1,245 @@
+"""The hash map family in C and the helper trampoline's C entry (issue 17,
+probes/native/bpf_native.c): the preallocated storage gives exactly the Python storage's
+results (return codes, values, iteration order, LRU eviction) for random operation
+sequences; programs updating and deleting hash-map entries on thousands of optprobe and
+plain-kprobe hits leave the same maps under the JIT with C helpers, the compiled Python
+engine and the interpreter; C really serves the calls, and KPROBE_EMU_NATIVE=0 gives the
+same maps and the same modelled cycles."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import ARCHES, firmware_elf
+from probes.bpf import BpfProgType, assemble, create_map
+from probes.bpf.errors import MapError
+from probes.bpf.jit_direct import direct_calls_of
+from probes.bpf.jit_guest import install_engine
+from probes.bpf.libbpf import KprobePerfEvent
+from probes.bpf.maps import BPF_F_NO_PREALLOC, BpfMapType as T
+from probes.bpf.program import BpfProg
+from probes.kprobes import Kprobe
+from probes.native import bpf_native
+from probes.optprobes import enable_optprobes
+from probes.testing import ProbeLab
+from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, bpf_trace_of, \
+    perf_event_attach_bpf_prog
+
+HASHES = (T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH, T.BPF_MAP_TYPE_PERCPU_HASH,
+          T.BPF_MAP_TYPE_LRU_PERCPU_HASH)
+PARM1_OFF = {"x86_64": 112, "arm64": 0}
+
+
+@pytest.fixture
+def native():
+    if bpf_native.load() is None:
+        pytest.skip("no C compiler for probes/native/bpf_native.c (or KPROBE_EMU_NATIVE=0)")
+
+
+def _ops(map_type: T, nr_cpus: int, seed: int, n: int = 2000) -> tuple[list, object]:
+    """A random sequence of user-space and program-side calls: every result, in order."""
+    rng = random.Random(seed)
+    m = create_map(map_type, 4, 12, 16, nr_cpus=nr_cpus)
+    out: list = []
+    for _ in range(n):
+        k = rng.randrange(24).to_bytes(4, "little")
+        v = rng.randbytes(12)
+        op = rng.choices(range(7), weights=(4, 3, 1, 1, 1, 1, 1))[0]
+        try:
+            if op == 0:
+                m.update(k, v, rng.choice([0, 1, 2, 3, 4, 5, 6, 8]))
+            elif op == 1:
+                out.append(m.update_elem(k, v, rng.choice([0, 1, 2, 3]),
+                                         rng.choice([None, 0, nr_cpus - 1])))
+            elif op == 2:
+                out.append(m.lookup(k))
+            elif op == 3:
+                m.delete(k)
+            elif op == 4:
+                out.append(m.get_next_key(k if rng.random() < 0.8 else None))
+            elif op == 5:                      # a program's lookup, then a write through it
+                slot = m.value_slot(k, rng.randrange(nr_cpus))
+                if slot is not None:
+                    buf, off = slot
+                    buf[off:off + 4] = v[:4]
+                out.append(slot is not None)
+            else:
+                out.append(m.keys())
+            out.append("ok")
+        except MapError as e:
+            out.append(e.errno)
+    out.append(m.items())
+    return out, m
+
+
+@pytest.mark.parametrize("map_type", HASHES, ids=lambda t: t.name[13:].lower())
+@pytest.mark.parametrize("nr_cpus", [1, 3])
+def test_native_storage_equals_python_storage(map_type, nr_cpus, native, monkeypatch) -> None:
+    got, m = _ops(map_type, nr_cpus, seed=nr_cpus * 7 + map_type)
+    assert m.native is not None
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    want, m2 = _ops(map_type, nr_cpus, seed=nr_cpus * 7 + map_type)
+    assert m2.native is None
+    assert got == want
+    errnos = {abs(x) for x in got if type(x) is int}
+    lru = map_type in (T.BPF_MAP_TYPE_LRU_HASH, T.BPF_MAP_TYPE_LRU_PERCPU_HASH)
+    assert errnos >= {2, 17, 22} | (set() if lru else {7})   # ENOENT EEXIST EINVAL (E2BIG)
+
+
+def test_lru_evicts_the_least_recently_used(native) -> None:
+    m = create_map(T.BPF_MAP_TYPE_LRU_HASH, 4, 8, 3)
+    for k in (1, 2, 3):
+        m.update(k, k)
+    m.lookup(1)                                   # 2 is now the oldest
+    m.update(4, 4)
+    assert [int.from_bytes(k, "little") for k in m.keys()] == [3, 1, 4]
+    h = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 3)
+    for k in (1, 2, 3):
+        h.update(k, k)
+    with pytest.raises(MapError) as e:
+        h.update(4, 4)
+    assert e.value.errno == 7                     # E2BIG
+    h.update(1, 9)                                # an existing key keeps its place
+    assert [int.from_bytes(k, "little") for k in h.keys()] == [1, 2, 3]
+
+
+def test_a_value_pointer_is_the_preallocated_element(native) -> None:
+    m = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4)
+    m.update(1, 5)
+    buf, off = m.value_slot((1).to_bytes(4, "little"), 0)
+    buf[off:off + 8] = (77).to_bytes(8, "little")
+    assert m.lookup(1) == (77).to_bytes(8, "little")
+    again, _ = m.value_slot((1).to_bytes(4, "little"), 0)
+    assert again is buf                           # one view per element: one region per run
+
+
+def test_no_prealloc_keeps_the_python_storage(native) -> None:
+    m = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4, map_flags=BPF_F_NO_PREALLOC)
+    big = create_map(T.BPF_MAP_TYPE_HASH, 8, 1 << 20, 1 << 10)     # 1 GiB preallocated: no
+    assert m.native is None and big.native is None
+    m.update(1, 2)
+    big.update(1, bytes(1 << 20))
+    assert m.items() == [((1).to_bytes(4, "little"), (2).to_bytes(8, "little"))]
+
+
+# --- programs on probe hits ------------------------------------------------------------------
+
+def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
+    """From PARM1, mixed: update (flags ANY/NOEXIST/EXIST/3) or delete key & 31 of a
+    16-entry hash map, then count the helper's return code in rcs[-rc & 31]."""
+    seen = create_map(map_type, 4, 8, 16, name="seen")
+    rcs = create_map(T.BPF_MAP_TYPE_ARRAY, 4, 8, 32, name="rcs")
+    text = f"""
+        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        mul r6, 0x5bd1e995
+        mov r7, r6
+        rsh r7, 7
+        and r7, 31
+        stxw [r10-4], r7
+        stxdw [r10-16], r6
+        mov r8, r6
+        rsh r8, 13
+        and r8, 7
+        mov r2, r10
+        add r2, -4
+        jge r8, 6, delete
+        mov r3, r10
+        add r3, -16
+        mov r4, r8
+        and r4, 3
+        lddw r1, map_fd(3)
+        call 2
+        ja record
+    delete:
+        lddw r1, map_fd(3)
+        call 3
+    record:
+        neg r0
+        and r0, 31
+        stxw [r10-20], r0
+        mov r2, r10
+        add r2, -20
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +2
+        mov r1, 1
+        lock add [r0], r1
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="hash_mix", license="GPL", maps={3: seen, 4: rcs})
+
+
+def _run(arch: str, map_type: T, engine: str, optimized: bool, calls: tuple[int, ...]):
+    """hot_leaf probed (optimized: a thunk; else a plain kprobe: a stub) with hash_mix."""
+    prog = hash_mix_prog(arch, map_type)
+    lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    opt = enable_optprobes(lab.kprobes) if optimized else None
+    p = Kprobe(symbol_name="hot_leaf",
+               post_handler=None if optimized else (lambda *_a: None))
+    lab.kprobes.register_kprobe(p)
+    if opt is not None:
+        opt.kick_kprobe_optimizer()
+        assert p.ainsn.optimized, p.ainsn.opt_reason
+    call = KprobePerfEvent(lab.machine, "hot_leaf", kp=p)
+    p.pre_handler = call.kprobe_perf_func
+    assert perf_event_attach_bpf_prog(PerfEvent(call, PerfType.PERF_TYPE_KPROBE,
+                                                EventKind.KPROBE), prog) == 0
+    install_engine(lab.machine, engine)
+    results = [lab.call("hot_call", n) for n in calls]
+    m = lab.machine
+    state = {"results": results, "seen": prog.maps[3].items(), "rcs": prog.maps[4].items(),
+             "hits": p.hits, "cycles": m.clock.cycles,
+             "helper_cycles": m.clock.by_reason.get("bpf helper", 0)}
+    return state, lab, p
+
+
+def _served(lab: ProbeLab) -> tuple[int, int]:
+    native = bpf_trace_of(lab.machine).runner.jit._native
+    return (native.jit.served, native.jit.deferred) if native else (0, 0)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_optprobe_hash_updates_equal_the_python_engine(arch, native) -> None:
+    calls = (3, 200)
+    want, _lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "python", True, calls)
+    got, lab, p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls)
+    assert p.addr in direct_calls_of(lab.machine).thunks
+    for key in ("results", "seen", "rcs", "hits"):
+        assert got[key] == want[key], key
+    served, _deferred = _served(lab)
+    assert served > 150                  # C ran the helper on the thunk's hits
+    assert 8 <= len(got["seen"]) <= 16
+    rcs = {int.from_bytes(k, "little"): int.from_bytes(v, "little") for k, v in got["rcs"]}
+    assert all(rcs[e] for e in (0, 2, 7, 17, 22))   # ok ENOENT E2BIG EEXIST EINVAL
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("map_type", [T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH],
+                         ids=["hash", "lru_hash"])
+@pytest.mark.parametrize("optimized", [True, False], ids=["optprobe", "kprobe"])
+def test_thousands_of_hits_equal_every_engine(arch, map_type, optimized, monkeypatch) -> None:
+    """(Also meaningful under KPROBE_EMU_NATIVE=0: the engines on the Python storage.)"""
+    calls = (1, 2500, 700)
+    got, lab, _p = _run(arch, map_type, "jit", optimized, calls)
+    assert _served(lab)[0] > 3000 or bpf_native.load() is None
+    for engine in ("python", "interp"):
+        want, _l, _p = _run(arch, map_type, engine, optimized, calls)
+        for key in ("results", "seen", "rcs", "hits"):
+            assert got[key] == want[key], (engine, key)
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    py, lab0, _p = _run(arch, map_type, "jit", optimized, calls)
+    assert _served(lab0) == (0, 0)
+    assert py == got                     # maps, order, results and modelled cycles
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_native_helpers_charge_what_python_charges(arch, native, monkeypatch) -> None:
+    calls = (2, 300)
+    got, lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls)
+    assert _served(lab)[0] > 250 and got["helper_cycles"] > 0
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    want, _lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls)
+    assert got == want
