@@ -2,7 +2,8 @@
 probes/native/bpf_native.c): the preallocated storage gives exactly the Python storage's
 results (return codes, values, iteration order, LRU eviction) for random operation
 sequences; programs updating and deleting hash-map entries on thousands of optprobe and
-plain-kprobe hits leave the same maps under the JIT with C helpers, the compiled Python
+plain-kprobe hits (and updates of an array map's guest window) leave the same maps under
+the JIT with C helpers, the compiled Python
 engine and the interpreter; C really serves the calls, and KPROBE_EMU_NATIVE=0 gives the
 same maps and the same modelled cycles."""
 from __future__ import annotations
@@ -127,7 +128,7 @@ def test_no_prealloc_keeps_the_python_storage(native) -> None:
 
 def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
     """From PARM1, mixed: update (flags ANY/NOEXIST/EXIST/3) or delete key & 31 of a
-    16-entry hash map, then count the helper's return code in rcs[-rc & 31]."""
+    16-entry map, then count the helper's return code in rcs[-rc & 31]."""
     seen = create_map(map_type, 4, 8, 16, name="seen")
     rcs = create_map(T.BPF_MAP_TYPE_ARRAY, 4, 8, 32, name="rcs")
     text = f"""
@@ -217,8 +218,8 @@ def test_optprobe_hash_updates_equal_the_python_engine(arch, native) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("map_type", [T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH],
-                         ids=["hash", "lru_hash"])
+@pytest.mark.parametrize("map_type", [T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH,
+                                      T.BPF_MAP_TYPE_ARRAY], ids=["hash", "lru_hash", "array"])
 @pytest.mark.parametrize("optimized", [True, False], ids=["optprobe", "kprobe"])
 def test_thousands_of_hits_equal_every_engine(arch, map_type, optimized, monkeypatch) -> None:
     """(Also meaningful under KPROBE_EMU_NATIVE=0: the engines on the Python storage.)"""

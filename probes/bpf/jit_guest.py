@@ -553,6 +553,11 @@ class ScratchJit:
                 em.call_size(), (top - NATIVE_STACK, top))
         return self._native
 
+    def _array_window(self, m: Any) -> int | None:
+        """Where an array map's values are while images run (its MapBacking window)."""
+        w = self._by_buffer.get(id(m.values))
+        return w.gstart if w is not None and w.size and m.backing is self else None
+
     @property
     def _executing(self) -> bool:
         """Inside ``execute`` (a nested run: Python serves every helper there)."""
@@ -591,7 +596,7 @@ class ScratchJit:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         if self._native:            # later calls from this image: C's (bpf_native.c)
             self._native.fold()
-            self._native.register(image, run)
+            self._native.register(image, run, self._array_window)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
         self._direct = True
         try:
@@ -942,7 +947,11 @@ class ScratchJit:
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
         self._window_regions = {id(w.region) for w in self.windows.values()}
-        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        if self._native and (len(by_buffer) != len(self._by_buffer) or any(
+                self._by_buffer.get(k) is not w for k, w in by_buffer.items())):
+            self._native.invalidate()    # C's array windows moved
+        self._by_buffer = by_buffer
         self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:

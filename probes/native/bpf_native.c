@@ -10,7 +10,7 @@
  * bn_helper_hook is the UC_HOOK_CODE callback of one helper trampoline (jit_guest.py):
  * for a call from a JITed image run by an optprobe thunk or a kprobe stub it reads r1-r5
  * from the arch's argument registers, runs map_update_elem / map_delete_elem on a hash
- * map served here and writes r0, with no Python. Anything else goes to the Python host
+ * map served here or on an array map's guest window and writes r0, with no Python. Anything else goes to the Python host
  * entry it replaced, unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -201,14 +201,21 @@ typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
 
 enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3 };
-#define BN_MAX_ARG 512                              /* keys and values on the BPF stack */
 
-struct bn_map { uint64_t handle; struct bn_htab *htab; };   /* a run's map handle */
+/* A map C serves, by its handle in the calling image's run: a hash map, or an array map
+ * whose values live in its guest window (jit_guest's MapBacking: the window holds them
+ * while images run, and Python reads them back from there). */
+struct bn_map {
+    uint64_t handle;
+    struct bn_htab *htab;                           /* NULL: an array map */
+    uint64_t window;                                /* guest address of element 0 */
+    uint32_t max_entries, elem_size, value_size, pad;
+};
 struct bn_image { uint64_t start, end; struct bn_map *maps; uint64_t nmaps; };
 
 struct bn_jit {                                     /* one ScratchJit in a traced guest */
     reg_fn reg_read, reg_write;
-    mem_fn mem_read;
+    mem_fn mem_read, mem_write;
     uint64_t **fp;                                  /* where the clock's counter is */
     const uint64_t *handler_fp;                     /* one host-handler charge, 1/256 cycles */
     uint64_t helper_cycles;                         /* charged since Python folded them */
@@ -228,24 +235,32 @@ struct bn_stub {                                    /* one trampoline's hook dat
     uint64_t fid;
 };
 
-static struct bn_htab *htab_of(const struct bn_image *img, uint64_t handle)
+static const struct bn_map *map_of(const struct bn_image *img, uint64_t handle)
 {
     for (uint64_t i = 0; i < img->nmaps; i++)
         if (img->maps[i].handle == handle)
-            return img->maps[i].htab;
+            return &img->maps[i];
     return NULL;
 }
 
-static const struct bn_image *caller(struct bn_jit *j, void *uc)
+/* arraymap.c array_map_update_elem on the guest window: 0, -errno, or 1 (not served). */
+static int64_t array_update(struct bn_jit *j, void *uc, const struct bn_map *m,
+                            const uint8_t *key, const uint8_t *value, uint64_t flags)
 {
-    uint64_t ret = 0, sp;
-    if (j->link_reg >= 0) {
-        j->reg_read(uc, j->link_reg, &ret);
-    } else {
-        j->reg_read(uc, j->sp_reg, &sp);
-        if (j->mem_read(uc, sp, &ret, 8))
-            return NULL;
-    }
+    uint32_t idx;
+    if ((flags & ~(uint64_t)BPF_F_LOCK_) > BPF_EXIST_)
+        return -EINVAL_;
+    memcpy(&idx, key, 4);
+    if (idx >= m->max_entries)
+        return -E2BIG_;
+    if ((flags & ~(uint64_t)BPF_F_LOCK_) == BPF_NOEXIST_)
+        return -EEXIST_;                            /* every element of an array exists */
+    return j->mem_write(uc, m->window + (uint64_t)idx * m->elem_size, (void *)value,
+                        m->value_size) ? 1 : 0;
+}
+
+static const struct bn_image *image_at(const struct bn_jit *j, uint64_t ret)
+{
     uint64_t call = ret - j->call_size;
     for (uint64_t i = 0; i < j->nimages; i++)
         if (j->images[i].start <= call && call < j->images[i].end)
@@ -253,43 +268,60 @@ static const struct bn_image *caller(struct bn_jit *j, void *uc)
     return NULL;
 }
 
-/* n bytes at guest address a, if they lie on the live native stack (where Python's
- * helper would read them after copying that window in). */
-static int stack_arg(struct bn_jit *j, void *uc, uint64_t a, uint32_t n, uint8_t *out)
-{
-    uint64_t sp = 0;
-    j->reg_read(uc, j->sp_reg, &sp);
-    if (n > BN_MAX_ARG || a < sp || a < j->stack_lo || a > j->stack_hi || j->stack_hi - a < n)
-        return -1;
-    return j->mem_read(uc, a, out, n) ? -1 : 0;
-}
+/* One read of the live native stack from `lo` (each uc_mem_read is a trip through
+ * Unicorn's memory lookup): the key and the value, and on x86 the return address at sp. */
+#define BN_SPAN 1024
 
-/* The helper in C: 1 if served (r0 written), 0 to hand it to Python untouched. */
+static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+/* The helper in C: 1 if served (r0 written), 0 to hand it to Python untouched. Its
+ * arguments must be where Python's helper finds them: the map one of the calling image's
+ * run, the key and value on the live native stack (the window Python copies in). */
 static int serve(struct bn_jit *j, void *uc, uint64_t fid)
 {
-    const struct bn_image *img = caller(j, uc);
-    uint64_t r[5] = {0}, r0;
-    uint8_t key[BN_MAX_ARG], value[BN_MAX_ARG];
-    if (!img)
+    uint64_t r[5] = {0}, r0, sp = 0, ret = 0, lo, n;
+    uint8_t buf[BN_SPAN];
+    int update = fid == BPF_FUNC_map_update_elem;
+    if (!update && fid != BPF_FUNC_map_delete_elem)
         return 0;
-    j->reg_read(uc, j->args[0], &r[0]);
-    struct bn_htab *h = htab_of(img, r[0]);
-    if (!h)
-        return 0;
-    if (fid == BPF_FUNC_map_update_elem) {
-        for (int i = 1; i < 4; i++)
-            j->reg_read(uc, j->args[i], &r[i]);
-        if (stack_arg(j, uc, r[1], h->key_size, key) || stack_arg(j, uc, r[2], h->value_size, value))
-            return 0;
-        r0 = (uint64_t)bn_htab_update(h, key, value, r[3], -1);
-    } else if (fid == BPF_FUNC_map_delete_elem) {
-        j->reg_read(uc, j->args[1], &r[1]);
-        if (stack_arg(j, uc, r[1], h->key_size, key))
-            return 0;
-        r0 = (uint64_t)bn_htab_delete(h, key);
+    for (int i = 0; i < (update ? 4 : 2); i++)
+        j->reg_read(uc, j->args[i], &r[i]);
+    j->reg_read(uc, j->sp_reg, &sp);
+    if (j->link_reg >= 0) {
+        j->reg_read(uc, j->link_reg, &ret);
+        lo = update ? min64(r[1], r[2]) : r[1];
     } else {
-        return 0;
+        lo = sp;
     }
+    if (lo < sp || lo < j->stack_lo || lo >= j->stack_hi)
+        return 0;
+    n = min64(BN_SPAN, j->stack_hi - lo);
+    if (j->mem_read(uc, lo, buf, n))
+        return 0;
+    if (j->link_reg < 0) {
+        if (n < 8)
+            return 0;
+        memcpy(&ret, buf, 8);
+    }
+    const struct bn_image *img = image_at(j, ret);
+    const struct bn_map *m = img ? map_of(img, r[0]) : NULL;
+    if (!m)
+        return 0;
+    struct bn_htab *h = m->htab;
+    uint32_t ks = h ? h->key_size : 4, vs = h ? h->value_size : m->value_size;
+    if (r[1] < lo || r[1] - lo > n || n - (r[1] - lo) < ks)
+        return 0;
+    if (update && (r[2] < lo || r[2] - lo > n || n - (r[2] - lo) < vs))
+        return 0;
+    const uint8_t *key = buf + (r[1] - lo), *value = buf + (r[2] - lo);
+    int64_t rc;
+    if (h)
+        rc = update ? bn_htab_update(h, key, value, r[3], -1) : bn_htab_delete(h, key);
+    else
+        rc = update ? array_update(j, uc, m, key, value, r[3]) : -EINVAL_;
+    if (rc == 1)
+        return 0;
+    r0 = (uint64_t)rc;
     uint64_t fp = **j->fp + *j->handler_fp;         /* the host handler's charge, as Python's */
     **j->fp = fp < **j->fp ? UINT64_MAX : fp;
     j->helper_cycles += *j->handler_fp >> 8;

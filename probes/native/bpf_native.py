@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from emu.native_lib import load_library
 
@@ -36,8 +36,11 @@ class BnHtab(ctypes.Structure):
 
 
 class BnMap(ctypes.Structure):
-    _fields_: ClassVar[list[tuple[str, Any]]] = [("handle", ctypes.c_uint64),
-                                                 ("htab", ctypes.c_void_p)]
+    """struct bn_map: a hash map (``htab``) or an array map's guest window."""
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("handle", ctypes.c_uint64), ("htab", ctypes.c_void_p), ("window", ctypes.c_uint64),
+        ("max_entries", ctypes.c_uint32), ("elem_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class BnImage(ctypes.Structure):
@@ -54,7 +57,7 @@ class BnJit(ctypes.Structure):
     deferred: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
-        ("mem_read", ctypes.c_void_p), ("fp", ctypes.c_void_p), ("handler_fp", ctypes.c_void_p),
+        ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p), ("fp", ctypes.c_void_p), ("handler_fp", ctypes.c_void_p),
         ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
         ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
         ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
@@ -157,8 +160,21 @@ class NativeHtab:
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
 NATIVE_HELPERS = frozenset({2, 3})      # map_update_elem, map_delete_elem
-_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH (per-CPU
-                                        # maps need the hit's CPU: Python's)
+_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH and
+                                        # BPF_MAP_TYPE_ARRAY (per-CPU maps need the hit's CPU)
+
+
+def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> BnMap | None:
+    """The C row of a map C serves, or None."""
+    from probes.bpf.maps import ArrayMap, HashMap
+
+    if isinstance(mp, HashMap) and mp.native is not None and mp.map_type in _SERVED:
+        return BnMap(handle, mp.native.ptr)
+    if type(mp) is ArrayMap:
+        addr = window(mp)
+        if addr is not None:
+            return BnMap(handle, None, addr, mp.max_entries, mp.elem_size, mp.value_size)
+    return None
 
 
 class NativeHelpers:
@@ -178,7 +194,7 @@ class NativeHelpers:
         self.lib, self.m = lib, machine
         j = self.jit = BnJit()
         j.reg_read, j.reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
-        j.mem_read = lib_symbol("uc_mem_read")
+        j.mem_read, j.mem_write = lib_symbol("uc_mem_read"), lib_symbol("uc_mem_write")
         j.fp, j.handler_fp = st_fp, st_handler_fp
         j.args[:] = arg_ids[:5]
         arch = machine.arch
@@ -204,7 +220,8 @@ class NativeHelpers:
         native = getattr(machine.clock, "native", None)
         st = getattr(native, "st", None)
         if lib is None or not isinstance(st, KnState) or None in (
-                lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write"), lib_symbol("uc_mem_read")):
+                lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write"), lib_symbol("uc_mem_read"),
+                lib_symbol("uc_mem_write")):
             return None
         base = ctypes.addressof(st)
         return cls(lib, machine, base + KnState.fp.offset, base + KnState.handler_fp.offset,
@@ -222,19 +239,31 @@ class NativeHelpers:
         self._stubs.append(rec)
         return True
 
-    def register(self, image: Any, run: Any) -> None:
-        """C may serve calls from ``image`` with ``run``'s map handles (its kept run)."""
-        from probes.bpf.maps import HashMap
-
+    def register(self, image: Any, run: Any, window: Callable[[Any], int | None]) -> None:
+        """C may serve calls from ``image`` with ``run``'s map handles (its kept run):
+        hash maps in C, array maps whose values are at guest address ``window(map)``."""
         if image.addr in self._images:
             return
-        maps = [(h, mp) for h, mp in sorted(run._maps_at.items())
-                if isinstance(mp, HashMap) and mp.native is not None and mp.map_type in _SERVED]
-        arr = (BnMap * max(1, len(maps)))(*[BnMap(h, mp.native.ptr) for h, mp in maps])
+        rows, maps = [], []
+        for handle, mp in sorted(run._maps_at.items()):
+            row = _served_map(handle, mp, window)
+            if row is not None:
+                rows.append(row)
+                maps.append(mp)
+        arr = (BnMap * max(1, len(rows)))(*rows)
         self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps])
+        self._publish()
+
+    def invalidate(self) -> None:
+        """The windows moved (jit_guest.sync_windows): every image registers again."""
+        if self._images:
+            self._images.clear()
+            self._publish()
+
+    def _publish(self) -> None:
         rows = sorted(self._images.items())
-        table = (BnImage * len(rows))(*[BnImage(info[0], info[1], ctypes.addressof(a), len(info[2]))
-                                        for _addr, (a, info) in rows])
+        table = (BnImage * max(1, len(rows)))(*[
+            BnImage(info[0], info[1], ctypes.addressof(a), len(info[2])) for _a, (a, info) in rows])
         self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
         self._table = table              # the old table is freed only after C points past it
 
