@@ -22,9 +22,13 @@ as it does in the interpreter. The packet keeps its address (xdp_md holds it as 
 The BPF stack is the native stack, as in the kernel's JITs; it is one more region so that
 helpers can read keys and buffers on it.
 
-Helpers. There is no native host-entry path yet, so a helper call is a ``call``/``bl`` to
-a two-instruction trampoline (``nop; ret``) with a host entry on its nop (a code hook,
-cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
+Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
+with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
+map_update_elem and map_delete_elem that entry is C's (probes/native/bpf_native.c, through
+``_native_helpers``): a call from an image a thunk or stub runs, on a hash or LRU hash map
+(elements preallocated in C) or an array map's guest window, with its key and value on the
+live native stack, is served there, charged as Python charges it. Everything else reaches
+the Python entry (``_on_trap``): the guest pointers in r1-r5 are mapped back to the
 machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
 back in the arch's return register.
 
@@ -44,7 +48,11 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
 the image in a nested run from the host side of the hit; maps backed by the guest pages
 themselves (the windows are copied in and out around a nested run, skipping unchanged
-ones); native helpers; constant tail-call patching, the kernel's short-branch passes.
+ones); native twins of the helpers other than map update/delete (ktime_get_ns needs the
+cycle model's running block, get_prandom_u32 Python's generator, per-CPU maps the hit's
+CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
+copies its element through a window); constant tail-call patching, the kernel's
+short-branch passes.
 """
 from __future__ import annotations
 
