@@ -129,7 +129,7 @@ def test_no_prealloc_keeps_the_python_storage(native) -> None:
 def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
     """From PARM1, mixed: update (flags ANY/NOEXIST/EXIST/3) or delete key & 31 of a
     16-entry map, then count the helper's return code in rcs[-rc & 31]."""
-    seen = create_map(map_type, 4, 8, 16, name="seen")
+    seen = create_map(map_type, 4, 8, 16, name="seen", nr_cpus=2)
     rcs = create_map(T.BPF_MAP_TYPE_ARRAY, 4, 8, 32, name="rcs")
     text = f"""
         ldxdw r6, [r1+{PARM1_OFF[arch]}]
@@ -219,7 +219,8 @@ def test_optprobe_hash_updates_equal_the_python_engine(arch, native) -> None:
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("map_type", [T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH,
-                                      T.BPF_MAP_TYPE_ARRAY], ids=["hash", "lru_hash", "array"])
+                                      T.BPF_MAP_TYPE_PERCPU_HASH, T.BPF_MAP_TYPE_ARRAY],
+                         ids=["hash", "lru_hash", "percpu_hash", "array"])
 @pytest.mark.parametrize("optimized", [True, False], ids=["optprobe", "kprobe"])
 def test_thousands_of_hits_equal_every_engine(arch, map_type, optimized, monkeypatch) -> None:
     """(Also meaningful under KPROBE_EMU_NATIVE=0: the engines on the Python storage.)"""

@@ -209,7 +209,8 @@ struct bn_map {
     uint64_t handle;
     struct bn_htab *htab;                           /* NULL: an array map */
     uint64_t window;                                /* guest address of element 0 */
-    uint32_t max_entries, elem_size, value_size, pad;
+    uint32_t max_entries, elem_size, value_size;
+    int32_t cpu;                                    /* a per-CPU map's CPU, else -1 (all) */
 };
 struct bn_image { uint64_t start, end; struct bn_map *maps; uint64_t nmaps; };
 
@@ -316,7 +317,7 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     const uint8_t *key = buf + (r[1] - lo), *value = buf + (r[2] - lo);
     int64_t rc;
     if (h)
-        rc = update ? bn_htab_update(h, key, value, r[3], -1) : bn_htab_delete(h, key);
+        rc = update ? bn_htab_update(h, key, value, r[3], m->cpu) : bn_htab_delete(h, key);
     else
         rc = update ? array_update(j, uc, m, key, value, r[3]) : -EINVAL_;
     if (rc == 1)

@@ -40,7 +40,7 @@ class BnMap(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("handle", ctypes.c_uint64), ("htab", ctypes.c_void_p), ("window", ctypes.c_uint64),
         ("max_entries", ctypes.c_uint32), ("elem_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+        ("value_size", ctypes.c_uint32), ("cpu", ctypes.c_int32)]
 
 
 class BnImage(ctypes.Structure):
@@ -160,20 +160,27 @@ class NativeHtab:
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
 NATIVE_HELPERS = frozenset({2, 3})      # map_update_elem, map_delete_elem
-_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH and
-                                        # BPF_MAP_TYPE_ARRAY (per-CPU maps need the hit's CPU)
+_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
+_PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
+                                        # BPF_MAP_TYPE_ARRAY's guest window
 
 
-def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> BnMap | None:
-    """The C row of a map C serves, or None."""
+def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None],
+                one_cpu: bool) -> BnMap | None:
+    """The C row of a map C serves, or None. A per-CPU hash is served only on a machine
+    with one CPU: a program's update writes the hit's CPU (bpf_trace sets env.cpu on host
+    hits only, so with more CPUs C could not tell which one Python's helper would use)."""
     from probes.bpf.maps import ArrayMap, HashMap
 
-    if isinstance(mp, HashMap) and mp.native is not None and mp.map_type in _SERVED:
-        return BnMap(handle, mp.native.ptr)
+    if isinstance(mp, HashMap) and mp.native is not None:
+        if mp.map_type in _SERVED:
+            return BnMap(handle, mp.native.ptr, cpu=-1)
+        if mp.map_type in _PERCPU and one_cpu:
+            return BnMap(handle, mp.native.ptr, cpu=0)
     if type(mp) is ArrayMap:
         addr = window(mp)
         if addr is not None:
-            return BnMap(handle, None, addr, mp.max_entries, mp.elem_size, mp.value_size)
+            return BnMap(handle, None, addr, mp.max_entries, mp.elem_size, mp.value_size, -1)
     return None
 
 
@@ -246,7 +253,7 @@ class NativeHelpers:
             return
         rows, maps = [], []
         for handle, mp in sorted(run._maps_at.items()):
-            row = _served_map(handle, mp, window)
+            row = _served_map(handle, mp, window, self.m.nr_cpus == 1)
             if row is not None:
                 rows.append(row)
                 maps.append(mp)
