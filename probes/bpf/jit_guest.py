@@ -49,8 +49,8 @@ Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints
 the image in a nested run from the host side of the hit; maps backed by the guest pages
 themselves (the windows are copied in and out around a nested run, skipping unchanged
 ones); native twins of the helpers other than map update/delete (ktime_get_ns needs the
-cycle model's running block, get_prandom_u32 Python's generator, per-CPU maps the hit's
-CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
+cycle model's running block, get_prandom_u32 Python's generator, per-CPU arrays and
+per-CPU hashes on several CPUs the hit's CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
 copies its element through a window); constant tail-call patching, the kernel's
 short-branch passes.
 """
