@@ -115,6 +115,20 @@ def test_a_value_pointer_is_the_preallocated_element(native) -> None:
     assert again is buf                           # one view per element: one region per run
 
 
+def test_a_value_view_outlives_its_map(native) -> None:
+    """A run's region or a JIT window may hold a value after the map is gone: its bytes
+    are Python's buffer, which the view keeps alive (C frees only its index)."""
+    import gc
+
+    m = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4)
+    m.update(1, 5)
+    buf, off = m.value_slot((1).to_bytes(4, "little"), 0)
+    del m
+    gc.collect()
+    buf[off:off + 8] = (9).to_bytes(8, "little")
+    assert bytes(buf) == (9).to_bytes(8, "little")
+
+
 def test_no_prealloc_keeps_the_python_storage(native) -> None:
     m = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4, map_flags=BPF_F_NO_PREALLOC)
     big = create_map(T.BPF_MAP_TYPE_HASH, 8, 1 << 20, 1 << 10)     # 1 GiB preallocated: no

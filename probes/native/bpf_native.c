@@ -46,13 +46,13 @@ void bn_htab_free(struct bn_htab *h)
     free(h->chain);
     free(h->onext);
     free(h->oprev);
-    free(h->keys);
-    free(h->values);
     free(h);
 }
 
+/* `keys` and `values` are the caller's (Python's buffers, zeroed, max_entries * key_size
+ * and max_entries * ncpus * vstride bytes): a view of a value outlives the table. */
 struct bn_htab *bn_htab_new(uint32_t key_size, uint32_t value_size, uint32_t max_entries,
-                            uint32_t ncpus, uint32_t lru)
+                            uint32_t ncpus, uint32_t lru, uint8_t *keys, uint8_t *values)
 {
     struct bn_htab *h = calloc(1, sizeof(*h));
     if (!h || !max_entries || !ncpus)
@@ -71,9 +71,9 @@ struct bn_htab *bn_htab_new(uint32_t key_size, uint32_t value_size, uint32_t max
     h->chain = malloc(sizeof(uint32_t) * max_entries);
     h->onext = malloc(sizeof(uint32_t) * max_entries);
     h->oprev = malloc(sizeof(uint32_t) * max_entries);
-    h->keys = calloc(max_entries, key_size ? key_size : 1);
-    h->values = calloc((uint64_t)max_entries * ncpus, h->vstride ? h->vstride : 8);
-    if (!h->bucket || !h->chain || !h->onext || !h->oprev || !h->keys || !h->values)
+    h->keys = keys;
+    h->values = values;
+    if (!h->bucket || !h->chain || !h->onext || !h->oprev || !keys || !values)
         return (bn_htab_free(h), NULL);
     memset(h->bucket, 0xff, sizeof(uint32_t) * nb);
     for (uint32_t s = 0; s < max_entries; s++)      /* free list: slot 0 first */

@@ -89,7 +89,7 @@ def load() -> ctypes.CDLL | None:
         return None
     vp, u8p = ctypes.c_void_p, ctypes.c_char_p
     for name, args, res in (
-            ("bn_htab_new", [ctypes.c_uint32] * 5, vp),
+            ("bn_htab_new", [ctypes.c_uint32] * 5 + [vp, vp], vp),
             ("bn_htab_free", [vp], None),
             ("bn_htab_find", [vp, u8p, ctypes.c_uint32], ctypes.c_int64),
             ("bn_htab_update", [vp, u8p, u8p, ctypes.c_uint64, ctypes.c_int64], ctypes.c_int64),
@@ -107,14 +107,13 @@ class NativeHtab:
     slot and CPU, so a program's region for it stays the same while the slot lives).
     Attributes: ``ptr`` (the struct bn_htab *, for the helper entry), ``lib``."""
 
-    def __init__(self, lib: ctypes.CDLL, ptr: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, ptr: int, keys: Any, values: Any) -> None:
         self.lib, self.ptr = lib, ptr
         self.h = BnHtab.from_address(ptr)
-        h = self.h
-        self._keys = memoryview((ctypes.c_char * (h.max_entries * h.key_size or 1))
-                                .from_address(h.keys)).cast("B")
-        size = h.max_entries * h.ncpus * (h.vstride or 8)
-        self._values = memoryview((ctypes.c_char * size).from_address(h.values)).cast("B")
+        # Python owns the keys and values (C the index): a view of a value that outlives
+        # the map (a run's region, a JIT window) keeps its buffer alive
+        self._keys = memoryview(keys).cast("B")
+        self._values = memoryview(values).cast("B")
         self._views: dict[int, memoryview] = {}
         weakref.finalize(self, lib.bn_htab_free, ptr)
 
@@ -122,11 +121,15 @@ class NativeHtab:
     def new(cls, key_size: int, value_size: int, max_entries: int, ncpus: int,
             lru: bool) -> "NativeHtab | None":
         lib = load()
-        size = max_entries * (key_size + ncpus * ((value_size + 7) & ~7) + 16)
+        vstride = (value_size + 7) & ~7
+        size = max_entries * (key_size + ncpus * vstride + 16)
         if lib is None or size > PREALLOC_LIMIT:
             return None
-        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, int(lru))
-        return cls(lib, ptr) if ptr else None
+        keys = (ctypes.c_char * max(1, max_entries * key_size))()
+        values = (ctypes.c_char * max(1, max_entries * ncpus * vstride))()
+        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, int(lru),
+                              ctypes.addressof(keys), ctypes.addressof(values))
+        return cls(lib, ptr, keys, values) if ptr else None
 
     def __len__(self) -> int:
         return int(self.h.count)
