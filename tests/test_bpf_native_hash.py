@@ -187,9 +187,35 @@ def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
                               name="hash_mix", license="GPL", maps={3: seen, 4: rcs})
 
 
-def _run(arch: str, map_type: T, engine: str, optimized: bool, calls: tuple[int, ...]):
+def cpu_id_prog(arch: str, map_type: T) -> BpfProg:
+    """seen[PARM1 & 7] = bpf_get_smp_processor_id() + 1."""
+    seen = create_map(map_type, 4, 8, 16, name="seen")
+    text = f"""
+        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        call 8
+        add r0, 1
+        stxdw [r10-16], r0
+        and r6, 7
+        stxw [r10-4], r6
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -16
+        mov r4, 0
+        lddw r1, map_fd(3)
+        call 2
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="cpu_id", license="GPL", maps={3: seen, 4: create_map(
+                                  T.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="rcs")})
+
+
+def _run(arch: str, map_type: T, engine: str, optimized: bool, calls: tuple[int, ...],
+         make=hash_mix_prog):
     """hot_leaf probed (optimized: a thunk; else a plain kprobe: a stub) with hash_mix."""
-    prog = hash_mix_prog(arch, map_type)
+    prog = make(arch, map_type)
     lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
     opt = enable_optprobes(lab.kprobes) if optimized else None
     p = Kprobe(symbol_name="hot_leaf",
@@ -259,3 +285,17 @@ def test_native_helpers_charge_what_python_charges(arch, native, monkeypatch) ->
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
     want, _lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls)
     assert got == want
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_get_smp_processor_id_in_c_is_pythons(arch, native, monkeypatch) -> None:
+    calls = (2, 100)
+    got, lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls, cpu_id_prog)
+    assert _served(lab)[0] > 190          # both helpers of ~100 hits
+    want, _l, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "python", True, calls, cpu_id_prog)
+    assert {k: got[k] for k in ("results", "seen", "hits")} == \
+        {k: want[k] for k in ("results", "seen", "hits")}
+    assert {v for _k, v in got["seen"]} == {(1).to_bytes(8, "little")}
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    py, _l, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls, cpu_id_prog)
+    assert py == got

@@ -201,7 +201,8 @@ typedef int (*reg_fn)(void *uc, int regid, void *value);
 typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
 
-enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3 };
+enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
+       BPF_FUNC_get_smp_processor_id = 8 };
 
 /* A map C serves, by its handle in the calling image's run: a hash map, or an array map
  * whose values live in its guest window (jit_guest's MapBacking: the window holds them
@@ -224,6 +225,7 @@ struct bn_jit {                                     /* one ScratchJit in a trace
     int32_t args[5], ret_reg;                       /* Unicorn ids of r1-r5, r0 */
     int32_t link_reg, sp_reg;                       /* link_reg < 0: return address at [sp] */
     uint32_t call_size, executing;                  /* executing: a nested run (Python's) */
+    uint32_t one_cpu, pad;                          /* the machine has one CPU: it is 0 */
     uint64_t stack_lo, stack_hi;                    /* the native stack window */
     struct bn_image *images;
     uint64_t nimages;
@@ -276,6 +278,35 @@ static const struct bn_image *image_at(const struct bn_jit *j, uint64_t ret)
 
 static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
+static void finish(struct bn_jit *j, void *uc, uint64_t r0)
+{
+    uint64_t fp = **j->fp + *j->handler_fp;         /* the host handler's charge, as Python's */
+    **j->fp = fp < **j->fp ? UINT64_MAX : fp;
+    j->helper_cycles += *j->handler_fp >> 8;
+    j->reg_write(uc, j->ret_reg, &r0);
+    j->served++;
+}
+
+/* get_smp_processor_id from a registered image: on a one-CPU machine the CPU Python's
+ * helper names (the last host hit's) is always 0. */
+static int serve_cpu_id(struct bn_jit *j, void *uc)
+{
+    uint64_t ret = 0, sp = 0;
+    if (!j->one_cpu)
+        return 0;
+    if (j->link_reg >= 0) {
+        j->reg_read(uc, j->link_reg, &ret);
+    } else {
+        j->reg_read(uc, j->sp_reg, &sp);
+        if (j->mem_read(uc, sp, &ret, 8))
+            return 0;
+    }
+    if (!image_at(j, ret))
+        return 0;
+    finish(j, uc, 0);
+    return 1;
+}
+
 /* The helper in C: 1 if served (r0 written), 0 to hand it to Python untouched. Its
  * arguments must be where Python's helper finds them: the map one of the calling image's
  * run, the key and value on the live native stack (the window Python copies in). */
@@ -284,6 +315,8 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     uint64_t r[5] = {0}, r0, sp = 0, ret = 0, lo, n;
     uint8_t buf[BN_SPAN];
     int update = fid == BPF_FUNC_map_update_elem;
+    if (fid == BPF_FUNC_get_smp_processor_id)
+        return serve_cpu_id(j, uc);
     if (!update && fid != BPF_FUNC_map_delete_elem)
         return 0;
     for (int i = 0; i < (update ? 4 : 2); i++)
@@ -324,11 +357,7 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     if (rc == 1)
         return 0;
     r0 = (uint64_t)rc;
-    uint64_t fp = **j->fp + *j->handler_fp;         /* the host handler's charge, as Python's */
-    **j->fp = fp < **j->fp ? UINT64_MAX : fp;
-    j->helper_cycles += *j->handler_fp >> 8;
-    j->reg_write(uc, j->ret_reg, &r0);
-    j->served++;
+    finish(j, uc, r0);
     return 1;
 }
 

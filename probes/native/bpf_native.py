@@ -61,6 +61,7 @@ class BnJit(ctypes.Structure):
         ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
         ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
         ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
+        ("one_cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("stack_lo", ctypes.c_uint64), ("stack_hi", ctypes.c_uint64),
         ("images", ctypes.c_void_p), ("nimages", ctypes.c_uint64),
         ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
@@ -162,7 +163,7 @@ class NativeHtab:
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
-NATIVE_HELPERS = frozenset({2, 3})      # map_update_elem, map_delete_elem
+NATIVE_HELPERS = frozenset({2, 3, 8})   # map_update_elem, map_delete_elem, get_smp_processor_id
 _SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
 _PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
                                         # BPF_MAP_TYPE_ARRAY's guest window
@@ -260,6 +261,7 @@ class NativeHelpers:
             if row is not None:
                 rows.append(row)
                 maps.append(mp)
+        self.jit.one_cpu = int(self.m.nr_cpus == 1)
         arr = (BnMap * max(1, len(rows)))(*rows)
         self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps])
         self._publish()
