@@ -24,7 +24,7 @@ helpers can read keys and buffers on it.
 
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
-map_update_elem and map_delete_elem that entry is C's (probes/native/bpf_native.c, through
+map_update_elem, map_delete_elem and get_smp_processor_id that entry is C's (probes/native/bpf_native.c, through
 ``_native_helpers``): a call from an image a thunk or stub runs, on a hash or LRU hash map
 (elements preallocated in C) or an array map's guest window, with its key and value on the
 live native stack, is served there, charged as Python charges it. Everything else reaches
@@ -49,8 +49,8 @@ Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints
 the image in a nested run from the host side of the hit; maps backed by the guest pages
 themselves (the windows are copied in and out around a nested run, skipping unchanged
 ones); native twins of the helpers other than map update/delete (ktime_get_ns needs the
-cycle model's running block, get_prandom_u32 Python's generator, per-CPU arrays and
-per-CPU hashes on several CPUs the hit's CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
+cycle model's running block, get_prandom_u32 Python's generator; per-CPU arrays, per-CPU
+hashes and the CPU id on several CPUs the hit's CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
 copies its element through a window); constant tail-call patching, the kernel's
 short-branch passes.
 """
