@@ -323,13 +323,14 @@ class HashMap(BpfMap):
 
     def value_slot(self, key: bytes, cpu: int) -> tuple[Any, int] | None:
         ncpus = self._cpus()
-        if ncpus > 1 and not 0 <= cpu < ncpus:
+        if ncpus == 1:
+            cpu = 0
+        elif not 0 <= cpu < ncpus:
             return None
-        cpu = cpu if ncpus > 1 else 0
         n = self.native
         if n is not None:
-            slot = n.find(key, self.lru)
-            return None if slot < 0 else (n.value(slot, cpu), 0)
+            view = n.view(key, cpu, self.lru)
+            return None if view is None else (view, 0)
         vals = self.table.get(key)
         if vals is None:
             return None
