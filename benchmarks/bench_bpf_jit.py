@@ -12,10 +12,10 @@ run by the compiled Python path and by the guest JIT in the traced machine: host
 hit ÷ one bare Python code-hook callback in the same run (issue 17's targets: ≤ 0.5 for
 the optprobe + array count under the JIT; every JIT row no slower than its Python row),
 and the modelled cycles per hit; and the optimized probe with a hash-map update
-(bpf_map_update_elem through the helper trampoline, whose C entry serves it: target ≤ 1.5;
-``--hash-only`` adds the same program without the call, the floor of the thunk). The optprobe and the
-plain kprobe call the images from guest code (a thunk, a stub); the kretprobe and the
-ftrace site run them in a nested run from the host side of the hit.
+(bpf_map_update_elem through the helper trampoline, whose C entry serves it: target
+≤ 1.5; ``--hash-only`` adds the same program without the call, the thunk's floor). The
+optprobe and the plain kprobe call the images from guest code (a thunk, a stub); the
+kretprobe and the ftrace site run them in a nested run from the host side of the hit.
 
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one

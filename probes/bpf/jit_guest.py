@@ -24,13 +24,13 @@ helpers can read keys and buffers on it.
 
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
-map_update_elem, map_delete_elem and get_smp_processor_id that entry is C's (probes/native/bpf_native.c, through
-``_native_helpers``): a call from an image a thunk or stub runs, on a hash or LRU hash map
-(elements preallocated in C) or an array map's guest window, with its key and value on the
-live native stack, is served there, charged as Python charges it. Everything else reaches
-the Python entry (``_on_trap``): the guest pointers in r1-r5 are mapped back to the
-machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
-back in the arch's return register.
+map_update_elem, map_delete_elem and get_smp_processor_id that entry is C's
+(probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
+stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
+its key and value on the live native stack, is served there, charged as Python charges it.
+Everything else reaches the Python entry (``_on_trap``): the guest pointers in r1-r5 are
+mapped back to the machine's addresses, the windows are synchronised, the existing helper
+runs, and r0 comes back in the arch's return register.
 
 Optimized probes call the images from a guest thunk, plain kprobes from a guest stub the
 hit sends the guest to (jit_direct.py), once a first hit has JITed them: no nested run, and
@@ -48,11 +48,10 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints still run
 the image in a nested run from the host side of the hit; maps backed by the guest pages
 themselves (the windows are copied in and out around a nested run, skipping unchanged
-ones); native twins of the helpers other than map update/delete (ktime_get_ns needs the
-cycle model's running block, get_prandom_u32 Python's generator; per-CPU arrays, per-CPU
-hashes and the CPU id on several CPUs the hit's CPU); hash values mapped into the guest from C's pool (a lookup in a nested run still
-copies its element through a window); constant tail-call patching, the kernel's
-short-branch passes.
+ones; a hash value a nested run looks up too, though C's pool could be mapped instead);
+native twins of the other helpers (ktime_get_ns needs the cycle model's running block,
+get_prandom_u32 Python's generator; per-CPU arrays, and per-CPU hashes and the CPU id on
+several CPUs, the hit's CPU); constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 

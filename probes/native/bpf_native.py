@@ -57,7 +57,8 @@ class BnJit(ctypes.Structure):
     deferred: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
-        ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p), ("fp", ctypes.c_void_p), ("handler_fp", ctypes.c_void_p),
+        ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p),
+        ("fp", ctypes.c_void_p), ("handler_fp", ctypes.c_void_p),
         ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
         ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
         ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
