@@ -5,7 +5,8 @@ sequences; programs updating and deleting hash-map entries on thousands of optpr
 plain-kprobe hits (and updates of an array map's guest window) leave the same maps under
 the JIT with C helpers, the compiled Python
 engine and the interpreter; C really serves the calls, and KPROBE_EMU_NATIVE=0 gives the
-same maps and the same modelled cycles."""
+same maps and the same modelled cycles; inside a nested run (a kretprobe) Python serves
+every helper."""
 from __future__ import annotations
 
 import random
@@ -299,3 +300,31 @@ def test_get_smp_processor_id_in_c_is_pythons(arch, native, monkeypatch) -> None
     monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
     py, _l, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls, cpu_id_prog)
     assert py == got
+
+
+def _kretprobe_run(arch: str, engine: str, calls: tuple[int, ...]):
+    """hash_mix on a kretprobe of hot_leaf (PARM1 at a return is whatever that register
+    holds then: any value will do): its image runs in a nested run, where Python serves
+    every helper."""
+    from probes.kretprobes import Kretprobe, kretprobes_of
+
+    prog = hash_mix_prog(arch, T.BPF_MAP_TYPE_HASH)
+    lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    rp = Kretprobe(kp=Kprobe(symbol_name="hot_leaf"), handler=lambda ri, regs: 0)
+    kretprobes_of(lab.machine).register_kretprobe(rp)
+    call = KprobePerfEvent(lab.machine, "hot_leaf", is_return=True, rp=rp)
+    rp.handler = call.kretprobe_perf_func
+    assert perf_event_attach_bpf_prog(PerfEvent(call, PerfType.PERF_TYPE_KPROBE,
+                                                EventKind.KPROBE), prog) == 0
+    install_engine(lab.machine, engine)
+    results = [lab.call("hot_call", n) for n in calls]
+    return (results, prog.maps[3].items(), prog.maps[4].items()), lab
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_nested_runs_keep_the_python_entry(arch, native) -> None:
+    got, lab = _kretprobe_run(arch, "jit", (2, 60))
+    want, _lab = _kretprobe_run(arch, "python", (2, 60))
+    assert got == want
+    served, deferred = _served(lab)
+    assert served == 0 and deferred >= 60
