@@ -213,6 +213,30 @@ def cpu_id_prog(arch: str, map_type: T) -> BpfProg:
                                   T.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="rcs")})
 
 
+def prandom_prog(arch: str, map_type: T) -> BpfProg:
+    """seen[PARM1 & 7] = bpf_get_prandom_u32()."""
+    prog = cpu_id_prog(arch, map_type)          # its maps
+    seen = prog.maps[3]
+    src = f"""
+        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        call 7
+        stxdw [r10-16], r0
+        and r6, 7
+        stxw [r10-4], r6
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -16
+        mov r4, 0
+        lddw r1, map_fd(3)
+        call 2
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(src), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="prandom", license="GPL", maps={3: seen, 4: prog.maps[4]})
+
+
 def _run(arch: str, map_type: T, engine: str, optimized: bool, calls: tuple[int, ...],
          make=hash_mix_prog):
     """hot_leaf probed (optimized: a thunk; else a plain kprobe: a stub) with hash_mix."""
@@ -332,3 +356,26 @@ def test_nested_runs_keep_the_python_entry(arch, native) -> None:
     assert got == want
     served, deferred = _served(lab)
     assert served == 0 and deferred >= 60
+
+
+def test_native_random_is_pythons_sequence(native) -> None:
+    """get_prandom_u32's generator in C (bn_mt_next) draws random.Random(seed)'s sequence."""
+    for seed in (0, 1, 12345, 2**70 + 3):
+        py = random.Random(seed)
+        c = bpf_native.NativeRandom(bpf_native.load(), random.Random(seed).getstate())
+        assert [c.getrandbits(32) for _ in range(1500)] == [py.getrandbits(32) for _ in range(1500)]
+        assert [c.getrandbits(k) for k in (1, 7, 33, 64, 100)] == \
+            [py.getrandbits(k) for k in (1, 7, 33, 64, 100)]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_get_prandom_u32_in_c_is_pythons(arch, native, monkeypatch) -> None:
+    calls = (2, 100, 30)
+    got, lab, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls, prandom_prog)
+    assert _served(lab)[0] > 250
+    want, _l, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "python", True, calls, prandom_prog)
+    assert {k: got[k] for k in ("results", "seen", "hits")} == \
+        {k: want[k] for k in ("results", "seen", "hits")}
+    monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    py, _l, _p = _run(arch, T.BPF_MAP_TYPE_HASH, "jit", True, calls, prandom_prog)
+    assert py == got

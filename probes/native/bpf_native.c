@@ -195,6 +195,38 @@ int64_t bn_htab_next(struct bn_htab *h, const uint8_t *key)
     return n == NIL ? -ENOENT_ : (int64_t)n;
 }
 
+/* --- get_prandom_u32: the run environment's Mersenne Twister ------------------------------ */
+
+/* MT19937 as CPython's random module runs it (getrandbits(32) is one output), so C and
+ * Python draw from one state (probes/native/bpf_native.py NativeRandom). */
+enum { MT_N = 624, MT_M = 397 };
+struct bn_mt { uint32_t mt[MT_N]; uint32_t index; };
+
+static uint32_t mt_twist(uint32_t a, uint32_t b, uint32_t m)
+{
+    uint32_t y = (a & 0x80000000u) | (b & 0x7fffffffu);
+    return m ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+
+uint32_t bn_mt_next(struct bn_mt *r)
+{
+    uint32_t *mt = r->mt, y;
+    if (r->index >= MT_N) {
+        int k;
+        for (k = 0; k < MT_N - MT_M; k++)
+            mt[k] = mt_twist(mt[k], mt[k + 1], mt[k + MT_M]);
+        for (; k < MT_N - 1; k++)
+            mt[k] = mt_twist(mt[k], mt[k + 1], mt[k + MT_M - MT_N]);
+        mt[MT_N - 1] = mt_twist(mt[MT_N - 1], mt[0], mt[MT_M - 1]);
+        r->index = 0;
+    }
+    y = mt[r->index++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
 /* --- the helper trampoline's host entry ------------------------------------------------- */
 
 typedef int (*reg_fn)(void *uc, int regid, void *value);
@@ -202,7 +234,7 @@ typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
 
 enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
-       BPF_FUNC_get_smp_processor_id = 8 };
+       BPF_FUNC_get_prandom_u32 = 7, BPF_FUNC_get_smp_processor_id = 8 };
 
 /* A map C serves, by its handle in the calling image's run: a hash map, or an array map
  * whose values live in its guest window (jit_guest's MapBacking: the window holds them
@@ -214,7 +246,12 @@ struct bn_map {
     uint32_t max_entries, elem_size, value_size;
     int32_t cpu;                                    /* a per-CPU map's CPU, else -1 (all) */
 };
-struct bn_image { uint64_t start, end; struct bn_map *maps; uint64_t nmaps; };
+struct bn_image {
+    uint64_t start, end;
+    struct bn_map *maps;
+    uint64_t nmaps;
+    struct bn_mt *rng;                              /* its run's generator, or NULL */
+};
 
 struct bn_jit {                                     /* one ScratchJit in a traced guest */
     reg_fn reg_read, reg_write;
@@ -287,13 +324,12 @@ static void finish(struct bn_jit *j, void *uc, uint64_t r0)
     j->served++;
 }
 
-/* get_smp_processor_id from a registered image: on a one-CPU machine the CPU Python's
- * helper names (the last host hit's) is always 0. */
-static int serve_cpu_id(struct bn_jit *j, void *uc)
+/* Helpers with no arguments, from a registered image: get_smp_processor_id (on a one-CPU
+ * machine the CPU Python's helper names, the last host hit's, is always 0) and
+ * get_prandom_u32 (the run's generator). */
+static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
 {
     uint64_t ret = 0, sp = 0;
-    if (!j->one_cpu)
-        return 0;
     if (j->link_reg >= 0) {
         j->reg_read(uc, j->link_reg, &ret);
     } else {
@@ -301,9 +337,15 @@ static int serve_cpu_id(struct bn_jit *j, void *uc)
         if (j->mem_read(uc, sp, &ret, 8))
             return 0;
     }
-    if (!image_at(j, ret))
+    const struct bn_image *img = image_at(j, ret);
+    if (!img)
         return 0;
-    finish(j, uc, 0);
+    if (fid == BPF_FUNC_get_smp_processor_id && j->one_cpu)
+        finish(j, uc, 0);
+    else if (fid == BPF_FUNC_get_prandom_u32 && img->rng)
+        finish(j, uc, bn_mt_next(img->rng));
+    else
+        return 0;
     return 1;
 }
 
@@ -315,8 +357,8 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     uint64_t r[5] = {0}, r0, sp = 0, ret = 0, lo, n;
     uint8_t buf[BN_SPAN];
     int update = fid == BPF_FUNC_map_update_elem;
-    if (fid == BPF_FUNC_get_smp_processor_id)
-        return serve_cpu_id(j, uc);
+    if (fid == BPF_FUNC_get_smp_processor_id || fid == BPF_FUNC_get_prandom_u32)
+        return serve_noargs(j, uc, fid);
     if (!update && fid != BPF_FUNC_map_delete_elem)
         return 0;
     for (int i = 0; i < (update ? 4 : 2); i++)

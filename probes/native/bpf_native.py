@@ -6,6 +6,7 @@ host entry, with the same results."""
 from __future__ import annotations
 
 import ctypes
+import random
 import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -46,7 +47,38 @@ class BnMap(ctypes.Structure):
 class BnImage(ctypes.Structure):
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("maps", ctypes.c_void_p),
-        ("nmaps", ctypes.c_uint64)]
+        ("nmaps", ctypes.c_uint64), ("rng", ctypes.c_void_p)]
+
+
+class BnMt(ctypes.Structure):
+    """struct bn_mt: MT19937's state as CPython's random keeps it (624 words, the index)."""
+    index: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [("mt", ctypes.c_uint32 * 624),
+                                                 ("index", ctypes.c_uint32)]
+
+
+class NativeRandom(random.Random):
+    """A run environment's generator (BpfRunContext._rng) whose state C holds, so that
+    get_prandom_u32 in C (bn_mt_next) and in Python draw one sequence: the sequence of
+    ``random.Random(seed).getrandbits(32)``, from the state it takes over."""
+
+    def __init__(self, lib: ctypes.CDLL, state: tuple[Any, ...]) -> None:
+        super().__init__(0)
+        self.st = BnMt()
+        words = state[1]
+        self.st.mt[:] = words[:624]
+        self.st.index = words[624]
+        self._next = lib.bn_mt_next
+        self._ptr = ctypes.addressof(self.st)
+
+    def getrandbits(self, k: int) -> int:
+        out, have = 0, 0
+        while have < k:               # CPython: 32-bit words, least significant first
+            word = self._next(self._ptr)
+            take = min(32, k - have)
+            out |= (word >> (32 - take)) << have
+            have += take
+        return out
 
 
 class BnJit(ctypes.Structure):
@@ -96,7 +128,8 @@ def load() -> ctypes.CDLL | None:
             ("bn_htab_find", [vp, u8p, ctypes.c_uint32], ctypes.c_int64),
             ("bn_htab_update", [vp, u8p, u8p, ctypes.c_uint64, ctypes.c_int64], ctypes.c_int64),
             ("bn_htab_delete", [vp, u8p], ctypes.c_int64),
-            ("bn_htab_next", [vp, u8p], ctypes.c_int64)):
+            ("bn_htab_next", [vp, u8p], ctypes.c_int64),
+            ("bn_mt_next", [vp], ctypes.c_uint32)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     _LIB = lib
@@ -192,7 +225,8 @@ class NativeHtab:
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
-NATIVE_HELPERS = frozenset({2, 3, 8})   # map_update_elem, map_delete_elem, get_smp_processor_id
+NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
+                                           # get_prandom_u32, get_smp_processor_id
 _SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
 _PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
                                         # BPF_MAP_TYPE_ARRAY's guest window
@@ -292,8 +326,20 @@ class NativeHelpers:
                 maps.append(mp)
         self.jit.one_cpu = int(self.m.nr_cpus == 1)
         arr = (BnMap * max(1, len(rows)))(*rows)
-        self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps])
+        rng = self._generator(run.env)
+        self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps,
+                                          rng])
         self._publish()
+
+    def _generator(self, env: Any) -> "NativeRandom | None":
+        """The run environment's generator, handed to C (its state carried over)."""
+        if not hasattr(env, "_rng") or not hasattr(env, "prandom_seed"):
+            return None
+        rng: Any = env._rng
+        if not isinstance(rng, NativeRandom):
+            state = (rng if rng is not None else random.Random(env.prandom_seed)).getstate()
+            rng = env._rng = NativeRandom(self.lib, state)
+        return rng
 
     def invalidate(self) -> None:
         """The windows moved (jit_guest.sync_windows): every image registers again."""
@@ -304,7 +350,9 @@ class NativeHelpers:
     def _publish(self) -> None:
         rows = sorted(self._images.items())
         table = (BnImage * max(1, len(rows)))(*[
-            BnImage(info[0], info[1], ctypes.addressof(a), len(info[2])) for _a, (a, info) in rows])
+            BnImage(info[0], info[1], ctypes.addressof(a), len(info[2]),
+                    info[3]._ptr if info[3] is not None else None)
+            for _a, (a, info) in rows])
         self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
         self._table = table              # the old table is freed only after C points past it
 
