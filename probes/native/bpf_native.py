@@ -280,6 +280,9 @@ class NativeHelpers:
         self._images: dict[int, tuple[Any, list[Any]]] = {}   # image addr -> (BnMap array, maps)
         self._table: Any = None
         machine.stop_listeners.append(self.fold)
+        # The swapped hooks point into this object's records: it lives as long as the
+        # machine's Unicorn, among its hook objects (as the kprobe dispatcher does).
+        machine.hooks._keep.append(self)
 
     @classmethod
     def create(cls, machine: Any, arg_ids: list[int], ret_id: int, call_size: int,
