@@ -24,7 +24,7 @@ helpers can read keys and buffers on it.
 
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
-map_update_elem, map_delete_elem and get_smp_processor_id that entry is C's
+map_update_elem, map_delete_elem, get_prandom_u32 and get_smp_processor_id that entry is C's
 (probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
 stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
 its key and value on the live native stack, is served there, charged as Python charges it.
@@ -49,9 +49,9 @@ Left out (see the report in the issue): kretprobes, ftrace sites and tracepoints
 the image in a nested run from the host side of the hit; maps backed by the guest pages
 themselves (the windows are copied in and out around a nested run, skipping unchanged
 ones; a hash value a nested run looks up too, though C's pool could be mapped instead);
-native twins of the other helpers (ktime_get_ns needs the cycle model's running block,
-get_prandom_u32 Python's generator; per-CPU arrays, and per-CPU hashes and the CPU id on
-several CPUs, the hit's CPU); constant tail-call patching, the kernel's short-branch passes.
+native twins of the other helpers (ktime_get_ns needs the cycle model's running block;
+per-CPU arrays, and per-CPU hashes and the CPU id on several CPUs, the hit's CPU);
+constant tail-call patching, the kernel's short-branch passes.
 """
 from __future__ import annotations
 

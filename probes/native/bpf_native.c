@@ -11,7 +11,7 @@
  * for a call from a JITed image run by an optprobe thunk or a kprobe stub it reads r1-r5
  * from the arch's argument registers, runs map_update_elem / map_delete_elem on a hash
  * map served here (per-CPU ones on the CPU Python names) or on an array map's guest
- * window and writes r0, with no Python. Anything else goes to the Python host
+ * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python. Anything else goes to the Python host
  * entry it replaced, unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
