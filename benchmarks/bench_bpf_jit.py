@@ -4,7 +4,7 @@ against the host kernel's own JIT on the same bytecode in the same run
 (BPF_PROG_TEST_RUN, where the host allows it; else the recorded 0.12-0.14 ns/insn).
 Also the modelled cycles of one run of the JITed code. Numbers only, nothing asserted.
 
-    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json]
+    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json] [--hits-only | --hash-only]
 
 Then, per probe hit (probes/bench.py, the `emu bench` rows): an optimized probe, a plain
 kprobe, a kretprobe, a kprobe on an ftrace site, a tracepoint event and a raw tracepoint
@@ -13,9 +13,10 @@ run by the compiled Python path and by the guest JIT in the traced machine: host
 hit ÷ one bare Python code-hook callback in the same run (issue 17's targets: ≤ 0.5 for
 the optprobe + array count under the JIT; every JIT row no slower than its Python row),
 and the modelled cycles per hit; and the optimized probe with a hash-map update
-(bpf_map_update_elem through the helper trampoline; target ≤ 1.5). The optprobe calls
-the images from a guest thunk, every other kind from a per-CPU guest stub the hit sends
-the guest to (jit_direct.py): no nested run.
+(bpf_map_update_elem through the helper trampoline, whose C entry serves it: target
+≤ 1.5; ``--hash-only`` adds the same program without the call, the thunk's floor). The
+optprobe calls the images from a guest thunk, every other kind from a per-CPU guest stub
+the hit sends the guest to (jit_direct.py): no nested run.
 
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one
@@ -188,19 +189,24 @@ HASH_UPDATE_ASM = """
 """
 
 
-def hash_prog(arch: str):
-    """seen[PARM1 & 63] = PARM1: bpf_map_update_elem on a hash map (the helper trampoline)."""
+def hash_prog(arch: str, call: bool = True):
+    """seen[PARM1 & 63] = PARM1: bpf_map_update_elem on a hash map (the helper trampoline).
+    ``call=False``: the same program with the call replaced by ``mov r0, 0`` (the floor:
+    the thunk, the frame and the program's own stores, without the helper)."""
     from probes.bpf import BpfProgType, create_map
     from probes.bpf.maps import BpfMapType
     seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 64, name="seen")
     text = HASH_UPDATE_ASM.format(parm1={"x86_64": 112, "arm64": 0}[arch])
+    if not call:
+        text = text.replace("call 2", "mov r0, 0")
     return bpf.BpfProg.from_bytes(bpf.assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
                                   name="hash_update", license="GPL", maps={3: seen})
 
 
-def hash_hits(calls: int, repeat: int) -> list[dict]:
+def hash_hits(calls: int, repeat: int, floor: bool = False) -> list[dict]:
     """The optimized probe with the hash-update program, both engines (probes/bench.py's
-    method: plain, hooked and probed labs timed interleaved, best CPU time)."""
+    method: plain, hooked and probed labs timed interleaved, best CPU time); ``floor``:
+    also the JIT row of the program without its helper call."""
     from unicorn import UC_HOOK_CODE
 
     from probes import bench, bench_kinds
@@ -211,13 +217,14 @@ def hash_hits(calls: int, repeat: int) -> list[dict]:
     elf, func, call, _arg = bench_kinds.KIND_GUESTS["o"]
     for arch in ("arm64", "x86_64"):
         prof = bench.profile_for(arch, None).name
-        for engine in ("python", "jit"):
+        variants = [("python", True), ("jit", True)] + ([("jit", False)] if floor else [])
+        for engine, with_call in variants:
             probed = bench._lab(arch, elf, prof)
             p = bench_kinds.setup_kind("o", probed, func)[0]
             ev = KprobePerfEvent(probed.machine, func, kp=p)
             p.pre_handler = ev.kprobe_perf_func
             perf_event_attach_bpf_prog(PerfEvent(ev, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE),
-                                       hash_prog(arch))
+                                       hash_prog(arch, with_call))
             install_engine(probed.machine, engine)
             plain, hooked = bench._lab(arch, elf, prof), bench._lab(arch, elf, prof)
             addr = hooked.addr_of(func)
@@ -229,7 +236,8 @@ def hash_hits(calls: int, repeat: int) -> list[dict]:
             t_plain, c_plain, _ = runs["plain"]
             us = (runs["probe"][0] - t_plain) / calls * 1e6
             hook = (runs["hook"][0] - t_plain) / calls * 1e6
-            out.append({"arch": arch, "kind": "o", "engine": engine, "program": "hash update",
+            out.append({"arch": arch, "kind": "o", "engine": engine,
+                        "program": "hash update" if with_call else "hash (floor)",
                         "cycles_per_hit": round((runs["probe"][1] - c_plain) / calls, 2),
                         "host_us_per_hit": us, "hook_us_per_hit": hook,
                         "ratio": us / hook if hook > 0 else None})
@@ -253,8 +261,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--hits-only", action="store_true", help="only the per-hit rows")
+    ap.add_argument("--hash-only", action="store_true",
+                    help="only the hash-update rows, with the program's floor (no helper call)")
     args = ap.parse_args()
     n, repeat = (1000, 3) if args.quick else (4000, 7)
+    if args.hash_only:
+        hits = hash_hits(200 if args.quick else 2000, repeat, floor=True)
+        print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
+        return
     hits = per_hit(200 if args.quick else 2000, repeat)
     hits += hash_hits(200 if args.quick else 2000, repeat)
     if args.hits_only:

@@ -22,11 +22,15 @@ as it does in the interpreter. The packet keeps its address (xdp_md holds it as 
 The BPF stack is the native stack, as in the kernel's JITs; it is one more region so that
 helpers can read keys and buffers on it.
 
-Helpers. There is no native host-entry path yet, so a helper call is a ``call``/``bl`` to
-a two-instruction trampoline (``nop; ret``) with a host entry on its nop (a code hook,
-cheaper in Unicorn than a breakpoint trap) that hands it to ``_on_helper``: the guest pointers in r1-r5 are mapped back to the
-machine's addresses, the windows are synchronised, the existing helper runs, and r0 comes
-back in the arch's return register.
+Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
+with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
+map_update_elem, map_delete_elem, get_prandom_u32 and get_smp_processor_id that entry is C's
+(probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
+stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
+its key and value on the live native stack, is served there, charged as Python charges it.
+Everything else reaches the Python entry (``_on_trap``): the guest pointers in r1-r5 are
+mapped back to the machine's addresses, the windows are synchronised, the existing helper
+runs, and r0 comes back in the arch's return register.
 
 Optimized probes call the images from a guest thunk; plain kprobes, kprobes on ftrace
 sites, kretprobes and tracepoints from a per-CPU guest stub the hit sends the guest to
@@ -44,8 +48,11 @@ calls, windows re-mapped only when the run's regions changed and copied only whe
 bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 
 Left out (see the report in the issue): maps backed by the guest pages themselves (the
-windows are copied in and out around a nested run, skipping unchanged ones); native
-helpers; constant tail-call patching, the kernel's short-branch passes.
+windows are copied in and out around a nested run, skipping unchanged ones; a hash value a
+nested run looks up too, though C's pool could be mapped instead); native twins of the
+other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
+per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
+the kernel's short-branch passes.
 """
 from __future__ import annotations
 
@@ -467,6 +474,7 @@ class ScratchJit:
         self.machine = m = machine if machine is not None else Machine(arch)
         self.images: dict[int, JitImage] = {}
         self.stubs: dict[Hashable, int] = {}
+        self._native: Any = False        # NativeHelpers, None (Python's), False (not asked yet)
         self._stub_fns: dict[int, Callable[[int], None]] = {}
         self.stub_base = self._free_span(GUEST_JIT_BASE, 2 * PAGE) if self.in_guest else STUB_BASE
         self.tcc_addr = self.stub_base + PAGE
@@ -538,8 +546,44 @@ class ScratchJit:
             self._stub_fns[addr] = fn
             # a host entry (a code hook on the stub's nop), not a trap: Unicorn takes a
             # breakpoint through its exception path, several µs more per helper call
-            self.machine.add_host_entry(addr, self._on_trap)
+            handle = self.machine.add_host_entry(addr, self._on_trap)
+            if isinstance(key, tuple) and key[0] == "helper":
+                native = self._native_helpers()
+                if native is not None:
+                    native.serve(handle, key[1])
         return addr
+
+    def _native_helpers(self) -> Any:
+        """The C entries of this JIT's helper trampolines (probes/native/bpf_native.py),
+        made once; None in a scratch machine, without the C library or a native clock."""
+        if not self.in_guest:
+            return None
+        if self._native is False:
+            from probes.native.bpf_native import NativeHelpers
+
+            m, em = self.machine, self.emitter
+            top = self.stack_top
+            self._native = NativeHelpers.create(
+                m, [m.arch.reg_id(r) for r in em.reg_names[1:6]], self._ret_id,
+                em.call_size(), (top - NATIVE_STACK, top))
+        return self._native
+
+    def _array_window(self, m: Any) -> int | None:
+        """Where an array map's values are while images run (its MapBacking window)."""
+        w = self._by_buffer.get(id(m.values))
+        return w.gstart if w is not None and w.size and m.backing is self else None
+
+    @property
+    def _executing(self) -> bool:
+        """Inside ``execute`` (a nested run: Python serves every helper there)."""
+        return self._in_execute
+
+    @_executing.setter
+    def _executing(self, on: bool) -> None:
+        self._in_execute = on
+        native = self.__dict__.get("_native")
+        if native:
+            native.set_executing(on)
 
     def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
@@ -565,6 +609,9 @@ class ScratchJit:
         run = self.direct_run(image.prog) if image is not None and self.direct_run else None
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
+        if self._native:            # later calls from this image: C's (bpf_native.c)
+            self._native.fold()
+            self._native.register(image, run, self._array_window)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
         run.env.cpu = self.machine.cpu  # a stub runs on the CPU that hit, not the last host hit's
         self._direct = True
@@ -958,7 +1005,11 @@ class ScratchJit:
             self.windows[page >> 32] = Window(region, start, page, size)
         self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
         self._window_regions = {id(w.region) for w in self.windows.values()}
-        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        if self._native and (len(by_buffer) != len(self._by_buffer) or any(
+                self._by_buffer.get(k) is not w for k, w in by_buffer.items())):
+            self._native.invalidate()    # C's array windows moved
+        self._by_buffer = by_buffer
         self.sync_out(stack)
 
     def _span(self, w: Window, stack: bool) -> tuple[int, int]:

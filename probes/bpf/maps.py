@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from .errors import MapError
 
@@ -298,25 +298,51 @@ class PercpuArrayMap(ArrayMap):
 class HashMap(BpfMap):
     """BPF_MAP_TYPE_HASH. Iteration (get_next_key) follows insertion order;
     a key that is not present restarts iteration at the first key, as the
-    kernel does."""
+    kernel does.
+
+    The elements are preallocated in C as hashtab.c preallocates them
+    (probes/native/bpf_native.c: ``native``, a NativeHtab): a program's
+    pointer to a value is a view of that pool, and the helper trampoline's
+    C entry updates the same bytes. Without the C library (no compiler,
+    ``KPROBE_EMU_NATIVE=0``), with BPF_F_NO_PREALLOC or for a pool too
+    large to preallocate, ``table`` holds them instead (key -> one
+    bytearray per CPU), with the same results."""
 
     table: "OrderedDict[bytes, list[bytearray]]" = field(default_factory=OrderedDict)
+    lru: ClassVar[bool] = False         # LRU maps: use moves to the end, full evicts the head
+
+    def __post_init__(self) -> None:
+        self.native: Any = None
+        if not self.map_flags & BPF_F_NO_PREALLOC:
+            from probes.native.bpf_native import NativeHtab
+            self.native = NativeHtab.new(self.key_size, self.value_size, self.max_entries,
+                                         self._cpus(), self.lru)
 
     def _cpus(self) -> int:
         return 1
 
-    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
+    def value_slot(self, key: bytes, cpu: int) -> tuple[Any, int] | None:
+        ncpus = self._cpus()
+        if ncpus == 1:
+            cpu = 0
+        elif not 0 <= cpu < ncpus:
+            return None
+        n = self.native
+        if n is not None:
+            view = n.view(key, cpu, self.lru)
+            return None if view is None else (view, 0)
         vals = self.table.get(key)
         if vals is None:
             return None
-        return vals[cpu if len(vals) > 1 else 0], 0
-
-    def _make_room(self) -> bool:
-        return len(self.table) < self.max_entries
+        if self.lru:
+            self.table.move_to_end(key)
+        return vals[cpu], 0
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
         if _check_update_flags(flags):
             return -errno.EINVAL
+        if self.native is not None:
+            return self.native.update(key, value, flags, cpu)
         flags &= ~BPF_F_LOCK
         vals = self.table.get(key)
         if vals is not None and flags == BPF_NOEXIST:
@@ -324,30 +350,45 @@ class HashMap(BpfMap):
         if vals is None and flags == BPF_EXIST:
             return -errno.ENOENT
         if vals is None:
-            if not self._make_room():
-                return -errno.E2BIG
+            if len(self.table) >= self.max_entries:
+                if not self.lru:
+                    return -errno.E2BIG
+                self.table.popitem(last=False)     # bpf_lru_list.c, without its free lists
             vals = [bytearray(self.value_size) for _ in range(self._cpus())]
             self.table[key] = vals
         for c, buf in enumerate(vals):
             if cpu is None or c == cpu:
                 buf[:] = value
-        self._touch(key)
+        if self.lru:
+            self.table.move_to_end(key)
         return 0
 
-    def _touch(self, key: bytes) -> None:
-        """Recency hook for LRU maps."""
-
     def delete_elem(self, key: bytes) -> int:
+        if self.native is not None:
+            return self.native.delete(key)
         if self.table.pop(key, None) is None:
             return -errno.ENOENT
         return 0
 
     def next_key(self, key: bytes | None) -> bytes | int:
+        n = self.native
+        if n is not None:
+            slot = n.next(key)
+            return n.key(slot) if slot >= 0 else slot
         keys = list(self.table)
         if key is None or key not in self.table:
             return keys[0] if keys else -errno.ENOENT
         pos = keys.index(key)
         return keys[pos + 1] if pos + 1 < len(keys) else -errno.ENOENT
+
+    def _values(self, key: bytes) -> list[bytes] | None:
+        """Every CPU's value of ``key`` (no LRU use), or None."""
+        n = self.native
+        if n is not None:
+            slot = n.find(key, False)
+            return None if slot < 0 else [bytes(n.value(slot, c)) for c in range(self._cpus())]
+        vals = self.table.get(key)
+        return None if vals is None else [bytes(v) for v in vals]
 
 
 @dataclass(eq=False)
@@ -358,10 +399,10 @@ class PercpuHashMap(HashMap):
         return self.nr_cpus
 
     def lookup(self, key: bytes | int) -> list[bytes]:
-        vals = self.table.get(self._key(key))
+        vals = self._values(self._key(key))
         if vals is None:
             raise MapError(errno.ENOENT)
-        return [bytes(v) for v in vals]
+        return vals
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         k = self._key(key)
@@ -375,38 +416,20 @@ class PercpuHashMap(HashMap):
             _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
 
 
-class _LruMixin:
-    """Least-recently-used eviction: a full map drops its oldest entry
-    instead of failing with E2BIG (bpf_lru_list.c, without its per-CPU
-    free lists)."""
+@dataclass(eq=False)
+class LruHashMap(HashMap):
+    """BPF_MAP_TYPE_LRU_HASH: a full map drops its least recently used entry
+    instead of failing with E2BIG (bpf_lru_list.c, without its per-CPU free
+    lists); a lookup or an update makes an entry the most recent."""
 
-    table: "OrderedDict[bytes, list[bytearray]]"
-    max_entries: int
-
-    def _make_room(self) -> bool:
-        if len(self.table) >= self.max_entries:
-            self.table.popitem(last=False)
-        return True
-
-    def _touch(self, key: bytes) -> None:
-        self.table.move_to_end(key)
-
-    def value_slot(self, key: bytes, cpu: int) -> tuple[bytearray, int] | None:
-        vals = self.table.get(key)
-        if vals is None:
-            return None
-        self.table.move_to_end(key)
-        return vals[cpu if len(vals) > 1 else 0], 0
+    lru: ClassVar[bool] = True
 
 
 @dataclass(eq=False)
-class LruHashMap(_LruMixin, HashMap):
-    """BPF_MAP_TYPE_LRU_HASH."""
-
-
-@dataclass(eq=False)
-class LruPercpuHashMap(_LruMixin, PercpuHashMap):
+class LruPercpuHashMap(PercpuHashMap):
     """BPF_MAP_TYPE_LRU_PERCPU_HASH."""
+
+    lru: ClassVar[bool] = True
 
 
 # --- fd arrays: program array, perf event array ---------------------------------------

@@ -1,0 +1,372 @@
+"""The BPF hash maps' storage and the helper trampoline's host entry in C (bpf_native.c,
+issue 17), built with the system cc into the per-user cache at first use and loaded with
+ctypes, as probes/native builds kprobe_native.c. ``KPROBE_EMU_NATIVE=0`` or no C compiler:
+``load()`` is None, hash maps keep their Python storage and every helper call its Python
+host entry, with the same results."""
+from __future__ import annotations
+
+import ctypes
+import random
+import weakref
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from emu.native_lib import load_library
+
+from . import enabled
+
+SOURCE = Path(__file__).with_name("bpf_native.c")
+PREALLOC_LIMIT = 64 << 20      # bytes: a larger hash map keeps the Python storage (on demand)
+
+
+class BnHtab(ctypes.Structure):
+    """struct bn_htab, field for field."""
+    key_size: int
+    value_size: int
+    vstride: int
+    ncpus: int
+    max_entries: int
+    count: int
+    keys: int
+    values: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        (n, ctypes.c_uint32) for n in ("key_size", "value_size", "vstride", "ncpus",
+                                       "max_entries", "nbuckets", "count", "lru", "head",
+                                       "tail", "free_head", "pad")] + [
+        (n, ctypes.c_void_p) for n in ("bucket", "chain", "onext", "oprev", "keys", "values")]
+
+
+class BnMap(ctypes.Structure):
+    """struct bn_map: a hash map (``htab``) or an array map's guest window."""
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("handle", ctypes.c_uint64), ("htab", ctypes.c_void_p), ("window", ctypes.c_uint64),
+        ("max_entries", ctypes.c_uint32), ("elem_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32), ("cpu", ctypes.c_int32)]
+
+
+class BnImage(ctypes.Structure):
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("maps", ctypes.c_void_p),
+        ("nmaps", ctypes.c_uint64), ("rng", ctypes.c_void_p)]
+
+
+class BnMt(ctypes.Structure):
+    """struct bn_mt: MT19937's state as CPython's random keeps it (624 words, the index)."""
+    index: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [("mt", ctypes.c_uint32 * 624),
+                                                 ("index", ctypes.c_uint32)]
+
+
+class NativeRandom(random.Random):
+    """A run environment's generator (BpfRunContext._rng) whose state C holds, so that
+    get_prandom_u32 in C (bn_mt_next) and in Python draw one sequence: the sequence of
+    ``random.Random(seed).getrandbits(32)``, from the state it takes over."""
+
+    def __init__(self, lib: ctypes.CDLL, state: tuple[Any, ...]) -> None:
+        super().__init__(0)
+        self.st = BnMt()
+        words = state[1]
+        self.st.mt[:] = words[:624]
+        self.st.index = words[624]
+        self._next = lib.bn_mt_next
+        self._ptr = ctypes.addressof(self.st)
+
+    def getrandbits(self, k: int) -> int:
+        out, have = 0, 0
+        while have < k:               # CPython: 32-bit words, least significant first
+            word = self._next(self._ptr)
+            take = min(32, k - have)
+            out |= (word >> (32 - take)) << have
+            have += take
+        return out
+
+
+class BnJit(ctypes.Structure):
+    """struct bn_jit: one ScratchJit's C side."""
+    helper_cycles: int
+    executing: int
+    served: int
+    deferred: int
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
+        ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p),
+        ("fp", ctypes.c_void_p), ("handler_fp", ctypes.c_void_p),
+        ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
+        ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
+        ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
+        ("one_cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("stack_lo", ctypes.c_uint64), ("stack_hi", ctypes.c_uint64),
+        ("images", ctypes.c_void_p), ("nimages", ctypes.c_uint64),
+        ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
+
+
+class BnStub(ctypes.Structure):
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("j", ctypes.c_void_p), ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
+        ("fid", ctypes.c_uint64)]
+
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, built first if needed; None when disabled or not buildable."""
+    global _LIB, _TRIED
+    if not enabled():
+        return None
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    lib = load_library(SOURCE, "bpf-native")
+    if lib is None:
+        return None
+    vp, u8p = ctypes.c_void_p, ctypes.c_char_p
+    for name, args, res in (
+            ("bn_htab_new", [ctypes.c_uint32] * 5 + [vp, vp], vp),
+            ("bn_htab_free", [vp], None),
+            ("bn_htab_find", [vp, u8p, ctypes.c_uint32], ctypes.c_int64),
+            ("bn_htab_update", [vp, u8p, u8p, ctypes.c_uint64, ctypes.c_int64], ctypes.c_int64),
+            ("bn_htab_delete", [vp, u8p], ctypes.c_int64),
+            ("bn_htab_next", [vp, u8p], ctypes.c_int64),
+            ("bn_mt_next", [vp], ctypes.c_uint32)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    _LIB = lib
+    return lib
+
+
+def _raw(lib: ctypes.CDLL, name: str) -> Any:
+    """A function of ``lib`` returning int64, called without argtypes (a new function
+    object: the library's own keeps its argtypes)."""
+    fn = lib[name]
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+class NativeHtab:
+    """A hash map's elements in C (struct bn_htab): preallocated slots, each a key and one
+    value per CPU; ``value(slot, cpu)`` is a writable view of the pool (one object per
+    slot and CPU, so a program's region for it stays the same while the slot lives).
+    Attributes: ``ptr`` (the struct bn_htab *, for the helper entry), ``lib``."""
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, keys: Any, values: Any) -> None:
+        self.lib, self.ptr = lib, ptr
+        self.h = BnHtab.from_address(ptr)
+        # Python owns the keys and values (C the index): a view of a value that outlives
+        # the map (a run's region, a JIT window) keeps its buffer alive
+        self._keys = memoryview(keys).cast("B")
+        self._values = memoryview(values).cast("B")
+        self._views: dict[int, memoryview] = {}
+        self._ncpus, self._vstride, self._vsize = self.h.ncpus, self.h.vstride, self.h.value_size
+        # the per-lookup call without argtypes: ctypes' conversions cost more than the
+        # lookup (~0.7 against ~0.4 µs a call); every argument is a pointer or a small int
+        self._vp, self._find = ctypes.c_void_p(ptr), _raw(lib, "bn_htab_find")
+        self._update, self._delete = _raw(lib, "bn_htab_update"), _raw(lib, "bn_htab_delete")
+        self._next = _raw(lib, "bn_htab_next")
+        weakref.finalize(self, lib.bn_htab_free, ptr)
+
+    @classmethod
+    def new(cls, key_size: int, value_size: int, max_entries: int, ncpus: int,
+            lru: bool) -> "NativeHtab | None":
+        lib = load()
+        vstride = (value_size + 7) & ~7
+        size = max_entries * (key_size + ncpus * vstride + 16)
+        if lib is None or size > PREALLOC_LIMIT:
+            return None
+        keys = (ctypes.c_char * max(1, max_entries * key_size))()
+        values = (ctypes.c_char * max(1, max_entries * ncpus * vstride))()
+        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, int(lru),
+                              ctypes.addressof(keys), ctypes.addressof(values))
+        return cls(lib, ptr, keys, values) if ptr else None
+
+    def __len__(self) -> int:
+        return int(self.h.count)
+
+    def find(self, key: bytes, touch: bool) -> int:
+        return self._find(self._vp, key, 1 if touch else 0) 
+
+    def view(self, key: bytes, cpu: int, touch: bool) -> memoryview | None:
+        """The value of ``key`` on ``cpu`` (a program's lookup), or None: find + value."""
+        slot = self._find(self._vp, key, 1 if touch else 0)
+        if slot < 0:
+            return None
+        idx = slot * self._ncpus + cpu
+        view = self._views.get(idx)
+        if view is None:
+            off = idx * self._vstride
+            view = self._views[idx] = self._values[off:off + self._vsize]
+        return view
+
+    def key(self, slot: int) -> bytes:
+        ks = self.h.key_size
+        return bytes(self._keys[slot * ks:(slot + 1) * ks])
+
+    def value(self, slot: int, cpu: int) -> memoryview:
+        idx = slot * self.h.ncpus + cpu
+        view = self._views.get(idx)
+        if view is None:
+            off = idx * self.h.vstride
+            view = self._views[idx] = self._values[off:off + self.h.value_size]
+        return view
+
+    def update(self, key: bytes, value: bytes, flags: int, cpu: int | None) -> int:
+        """cpu None: every CPU's value; a CPU out of range writes none (as Python's)."""
+        c = -1 if cpu is None else cpu if cpu >= 0 else 1 << 62
+        return self._update(self._vp, key, value, ctypes.c_uint64(flags & (2**64 - 1)),
+                            ctypes.c_int64(c))
+
+    def delete(self, key: bytes) -> int:
+        return self._delete(self._vp, key) 
+
+    def next(self, key: bytes | None) -> int:
+        """The slot of the key after ``key`` (the first: None or absent), or -ENOENT."""
+        return self._next(self._vp, key) 
+
+
+# Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
+NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
+                                           # get_prandom_u32, get_smp_processor_id
+_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
+_PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
+                                        # BPF_MAP_TYPE_ARRAY's guest window
+
+
+def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None],
+                one_cpu: bool) -> BnMap | None:
+    """The C row of a map C serves, or None. A per-CPU hash is served only on a machine
+    with one CPU: a program's update writes the hit's CPU (bpf_trace sets env.cpu on host
+    hits only, so with more CPUs C could not tell which one Python's helper would use)."""
+    from probes.bpf.maps import ArrayMap, HashMap
+
+    if isinstance(mp, HashMap) and mp.native is not None:
+        if mp.map_type in _SERVED:
+            return BnMap(handle, mp.native.ptr, cpu=-1)
+        if mp.map_type in _PERCPU and one_cpu:
+            return BnMap(handle, mp.native.ptr, cpu=0)
+    if type(mp) is ArrayMap:
+        addr = window(mp)
+        if addr is not None:
+            return BnMap(handle, None, addr, mp.max_entries, mp.elem_size, mp.value_size, -1)
+    return None
+
+
+class NativeHelpers:
+    """The C entries of one ScratchJit's helper trampolines in a traced guest. A trampoline
+    of a helper in NATIVE_HELPERS gets bn_helper_hook in place of its Python host entry;
+    C serves a call from an image registered here (``register``: the image's range and its
+    run's map handles) on a hash map it owns, with its key and value on the live native
+    stack, outside a nested run (``executing``); it hands anything else to the Python
+    entry. The host-handler charge goes into the clock's counter at once and into
+    ``by_reason["bpf helper"]`` when ``fold`` runs (a run's stop, or Python's entry).
+    Attributes: ``jit`` (the struct bn_jit: ``served``, ``deferred``)."""
+
+    def __init__(self, lib: ctypes.CDLL, machine: Any, st_fp: int, st_handler_fp: int,
+                 arg_ids: list[int], ret_id: int, call_size: int, stack: tuple[int, int]) -> None:
+        from emu.ucfast import lib_symbol
+
+        self.lib, self.m = lib, machine
+        j = self.jit = BnJit()
+        j.reg_read, j.reg_write = lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write")
+        j.mem_read, j.mem_write = lib_symbol("uc_mem_read"), lib_symbol("uc_mem_write")
+        j.fp, j.handler_fp = st_fp, st_handler_fp
+        j.args[:] = arg_ids[:5]
+        arch = machine.arch
+        j.ret_reg, j.sp_reg = ret_id, arch.reg_id(arch.sp)
+        j.link_reg = arch.reg_id(arch.link) if arch.link else -1
+        j.call_size = call_size
+        j.stack_lo, j.stack_hi = stack
+        self._stubs: list[BnStub] = []
+        self._images: dict[int, tuple[Any, list[Any]]] = {}   # image addr -> (BnMap array, maps)
+        self._table: Any = None
+        machine.stop_listeners.append(self.fold)
+        # The swapped hooks point into this object's records: it lives as long as the
+        # machine's Unicorn, among its hook objects (as the kprobe dispatcher does).
+        machine.hooks._keep.append(self)
+
+    @classmethod
+    def create(cls, machine: Any, arg_ids: list[int], ret_id: int, call_size: int,
+               stack: tuple[int, int]) -> "NativeHelpers | None":
+        """For ``machine``'s JIT, or None: no library, or no clock C can charge (the
+        kprobe dispatcher's NativeClock keeps the counter where C reaches it)."""
+        from emu.ucfast import lib_symbol
+
+        from . import KnState
+
+        lib = load()
+        native = getattr(machine.clock, "native", None)
+        st = getattr(native, "st", None)
+        if lib is None or not isinstance(st, KnState) or None in (
+                lib_symbol("uc_reg_read"), lib_symbol("uc_reg_write"), lib_symbol("uc_mem_read"),
+                lib_symbol("uc_mem_write")):
+            return None
+        base = ctypes.addressof(st)
+        return cls(lib, machine, base + KnState.fp.offset, base + KnState.handler_fp.offset,
+                   arg_ids, ret_id, call_size, stack)
+
+    def serve(self, handle: int, fid: int) -> bool:
+        """Swap the Python host entry ``handle`` of helper ``fid``'s trampoline for C's."""
+        from . import swap_code_hook
+
+        if fid not in NATIVE_HELPERS:
+            return False
+        rec = BnStub(j=ctypes.addressof(self.jit), fid=fid)
+        if not swap_code_hook(self.m, handle, self.lib.bn_helper_hook, rec):
+            return False
+        self._stubs.append(rec)
+        return True
+
+    def register(self, image: Any, run: Any, window: Callable[[Any], int | None]) -> None:
+        """C may serve calls from ``image`` with ``run``'s map handles (its kept run):
+        hash maps in C, array maps whose values are at guest address ``window(map)``."""
+        if image.addr in self._images:
+            return
+        rows, maps = [], []
+        for handle, mp in sorted(run._maps_at.items()):
+            row = _served_map(handle, mp, window, self.m.nr_cpus == 1)
+            if row is not None:
+                rows.append(row)
+                maps.append(mp)
+        self.jit.one_cpu = int(self.m.nr_cpus == 1)
+        arr = (BnMap * max(1, len(rows)))(*rows)
+        rng = self._generator(run.env)
+        self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps,
+                                          rng])
+        self._publish()
+
+    def _generator(self, env: Any) -> "NativeRandom | None":
+        """The run environment's generator, handed to C (its state carried over)."""
+        if not hasattr(env, "_rng") or not hasattr(env, "prandom_seed"):
+            return None
+        rng: Any = env._rng
+        if not isinstance(rng, NativeRandom):
+            state = (rng if rng is not None else random.Random(env.prandom_seed)).getstate()
+            rng = env._rng = NativeRandom(self.lib, state)
+        return rng
+
+    def invalidate(self) -> None:
+        """The windows moved (jit_guest.sync_windows): every image registers again."""
+        if self._images:
+            self._images.clear()
+            self._publish()
+
+    def _publish(self) -> None:
+        rows = sorted(self._images.items())
+        table = (BnImage * max(1, len(rows)))(*[
+            BnImage(info[0], info[1], ctypes.addressof(a), len(info[2]),
+                    info[3]._ptr if info[3] is not None else None)
+            for _a, (a, info) in rows])
+        self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
+        self._table = table              # the old table is freed only after C points past it
+
+    def set_executing(self, on: bool) -> None:
+        self.jit.executing = int(on)
+
+    def fold(self) -> None:
+        """The cycles C charged as host handlers, into the clock's reasons."""
+        n = self.jit.helper_cycles
+        if n:
+            self.jit.helper_cycles = 0
+            by = self.m.clock.by_reason
+            by["bpf helper"] = by.get("bpf helper", 0) + n
+
