@@ -352,12 +352,14 @@ def _kretprobe_run(arch: str, engine: str, calls: tuple[int, ...]):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_nested_runs_keep_the_python_entry(arch, native) -> None:
+def test_kretprobe_stubs_take_the_c_entry(arch, native) -> None:
+    """A kretprobe's programs run from its guest stub (no nested run), so C serves their
+    helper calls after the first, with the python engine's maps."""
     got, lab = _kretprobe_run(arch, "jit", (2, 60))
     want, _lab = _kretprobe_run(arch, "python", (2, 60))
     assert got == want
-    served, deferred = _served(lab)
-    assert served == 0 and deferred >= 60
+    served, _deferred = _served(lab)
+    assert served >= 59
 
 
 def test_native_random_is_pythons_sequence(native) -> None:
