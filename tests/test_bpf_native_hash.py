@@ -334,8 +334,7 @@ def test_get_smp_processor_id_in_c_is_pythons(arch, native, monkeypatch) -> None
 
 def _kretprobe_run(arch: str, engine: str, calls: tuple[int, ...]):
     """hash_mix on a kretprobe of hot_leaf (PARM1 at a return is whatever that register
-    holds then: any value will do): its image runs in a nested run, where Python serves
-    every helper."""
+    holds then: any value will do), its image run from the kretprobe's guest stub."""
     from probes.kretprobes import Kretprobe, kretprobes_of
 
     prog = hash_mix_prog(arch, T.BPF_MAP_TYPE_HASH)
