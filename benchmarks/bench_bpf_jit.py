@@ -158,13 +158,18 @@ def measure_one(name: str, n: int, repeat: int) -> dict:
 
 
 def per_hit(calls: int, repeat: int) -> list[dict]:
-    """The counting program on hits: `emu bench` rows for kinds o and k, both engines."""
+    """The counting program on hits: `emu bench` rows for every kind with a program, both engines."""
     from probes import bench
+    from probes.bench_kinds import KIND_GUESTS
     out = []
     for arch in ("arm64", "x86_64"):
         for kind in ("o", "k", "r", "f", "tp", "rt"):
+            _elf, probed, called, _arg = KIND_GUESTS[kind]
+            # `calls` counts hits only where the bench calls a loop around the probed
+            # function; the ftrace kind calls the recursive fib itself (its default n).
+            arg = calls if called != probed else None
             for engine in ("python", "jit"):
-                r = bench.measure(arch, kind, arg=calls, repeat=repeat, bpf=True, engine=engine)
+                r = bench.measure(arch, kind, arg=arg, repeat=repeat, bpf=True, engine=engine)
                 out.append({"arch": arch, "kind": kind, "engine": engine, "program": "array count",
                             "cycles_per_hit": r.cycles_per_hit, "host_us_per_hit": r.host_us_per_hit,
                             "hook_us_per_hit": r.baseline_us_per_hit, "ratio": r.ratio})
