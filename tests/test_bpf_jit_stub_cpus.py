@@ -1,12 +1,14 @@
 """Stubs with several CPUs (issue 17): each CPU gets its own copy of a probe's stub, with
 its own bpf_prog_active word (DEFINE_PER_CPU, so a hit on CPU 1 does not see CPU 0's
 guard), counters and part of the BPF stack; bpf_get_smp_processor_id from a stub names
-the CPU that hit. Maps, counts and misses equal the compiled Python engine's, and two runs
+the CPU that hit; an optprobe's one thunk finds the running CPU's guard through the
+this-CPU words. Maps, counts and misses equal the compiled Python engine's, and two runs
 give the same modelled cycles. The guest is tests/data/smp/percpu.c: thread i calls work()
 300 + 100 i times, threads placed on CPUs round robin."""
 from __future__ import annotations
 
 import io
+import struct
 
 import pytest
 
@@ -109,19 +111,37 @@ def test_a_guard_held_on_cpu0_does_not_stop_cpu1(percpu, arch) -> None:
     assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == PER_CPU[1]
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_optprobe_thunks_stay_off_with_several_cpus(percpu, arch) -> None:
-    """The optprobe jump is every CPU's and guest code cannot tell its CPU: the thunk is
-    refused, the probe keeps its detour (whose host hit knows the CPU)."""
+def _optimized(lab: CpuLab) -> CpuLab:
     from probes.optprobes import enable_optprobes
-    prog = by_cpu_prog()
-    lab = CpuLab(percpu(arch), "jit", prog)
-    opt = enable_optprobes(kprobes_of(lab.m))
-    opt.kick_kprobe_optimizer()
-    lab.run()
-    dc = direct_calls_of(lab.m)
-    assert dc is not None and dc.thunks == {}
-    assert _counts(prog) == PER_CPU
+    enable_optprobes(kprobes_of(lab.m)).kick_kprobe_optimizer()
+    return lab
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_optprobe_thunk_finds_its_cpu(percpu, arch) -> None:
+    """Every CPU runs the optprobe's one jump and thunk; the thunk reaches the running
+    CPU's bpf_prog_active and stack through the this-CPU words (kept at each CPU switch):
+    a guard held on CPU 0 stops CPU 0's hits only, as on the host path."""
+    jp, pp = by_cpu_prog(), by_cpu_prog()
+    jit, py = _optimized(CpuLab(percpu(arch), "jit", jp)), _optimized(CpuLab(percpu(arch), "python", pp))
+    from probes.bpf.jit_direct import enable_direct_calls
+    dc = enable_direct_calls(jit.m, bpf_trace_of(jit.m).runner)
+    jit.m.memory.write(dc.active_addr(0), (1).to_bytes(4, "little"))
+    for lab in (jit, py):
+        bpf_trace_of(lab.m)._prog_active[0] = 1
+    in_guest = []                                # (hits, misses) the thunk counted
+
+    def before_fold() -> None:
+        for t in dc.thunks.values():
+            in_guest.append(struct.unpack("<QQ", jit.m.memory.read(t.counters, 16)))
+    jit.m.stop_listeners.insert(0, before_fold)
+    assert jit.run() == py.run()
+    assert list(dc.thunks) == [jit.p.addr]
+    hits, misses = map(sum, zip(*in_guest))
+    assert hits > PER_CPU[1] // 2 and misses > PER_CPU[0] // 2     # both CPUs in the thunk
+    assert _counts(jp) == _counts(pp) == [0, PER_CPU[1]]
+    assert prog_stats(jp).misses == prog_stats(pp).misses == PER_CPU[0]
+    assert jit.p.hits == py.p.hits == sum(CALLS)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

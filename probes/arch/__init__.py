@@ -106,11 +106,12 @@ class ArchOptprobes(Protocol):
     def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
-                  ctx: int | None = None) -> bytes:
+                  ctx: int | None = None, this_cpu: int | None = None) -> bytes:
         """The optprobe template with trace_call_bpf inlined, placed at `at` (probes/bpf/
         jit_direct.py), writing the frame `slots` its programs read (None: all), ending in
-        a branch to `resume` (default: the detour's relocated copies); raises
-        OptimizeRefused if `at` cannot be reached from the probe."""
+        a branch to `resume` (default: the detour's relocated copies); with `this_cpu`, the
+        guard and stack of the CPU that runs it are found through the two u64 there;
+        raises OptimizeRefused if `at` cannot be reached from the probe."""
 
 
 class ArchFtrace(Protocol):

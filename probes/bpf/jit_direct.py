@@ -7,9 +7,10 @@ host hit of an optimized probe has JITed its programs (probes/bpf/jit_guest.Prob
 *thunk* is written near the probe: it saves the pt_regs frame on the guest stack, takes
 the bpf_prog_active guard, calls each JITed image with the frame as r1, restores every
 register and ends in the detour's relocated copies. The probe's jump then targets the
-thunk (Optimizer.direct), so later hits never leave the guest. The jump is every CPU's and
-guest code cannot tell which CPU runs it, so with several CPUs optimized probes keep the
-detour (whose host hit knows the CPU, and sends nothing to a stub).
+thunk (Optimizer.direct), so later hits never leave the guest. The jump and its thunk are
+every CPU's: with several CPUs the thunk loads the running CPU's guard address and stack
+top from two this-CPU words the probe layer rewrites at every CPU switch, as the kernel's
+template reaches per-CPU data through this_cpu_off.
 
 Every other attach point gets a *stub* from the same generator, one copy per CPU (each
 with that CPU's bpf_prog_active word, counters and part of the BPF stack in its code, as
@@ -203,6 +204,7 @@ class DirectCalls:
         self._stub_refused: dict[tuple[str, int], Any] = {}   # (kind, addr) -> handler refused
         self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
         self._ctx_page: int | None = None        # CTX_NAME
+        self._this_cpu_words: int | None = None  # the running CPU's guard and stack top
         machine.stop_listeners.append(self.fold)
 
     @property
@@ -250,10 +252,8 @@ class DirectCalls:
         assert p.addr is not None
         if p.addr in self.thunks:        # re-optimized after an unoptimization: a new thunk
             self._drop(p.addr)
-        if self.m.nr_cpus > 1:
-            # The jump is every CPU's, and guest code cannot tell which CPU runs it: the
-            # probe keeps the detour, whose host hit knows (its stubs are per CPU).
-            self.refused[p.addr] = "several CPUs: a thunk cannot name its CPU's bpf_prog_active"
+        if self.m.nr_cpus > MAX_CPUS:
+            self.refused[p.addr] = f"more than {MAX_CPUS} CPUs: no bpf_prog_active word"
             return None
         plan = self._plan(p.pre_handler, is_return=False, aggr=p.is_aggr)
         if plan.why is not None:
@@ -261,6 +261,23 @@ class DirectCalls:
             return None
         t = self._build(p, plan, "optprobe", 0)
         return None if t is None else t.addr
+
+    def _this_cpu(self) -> int | None:
+        """With several CPUs, the two u64 an optprobe thunk reads its CPU's guard address
+        and stack top from (every CPU runs the one jump; the kernel's template reaches its
+        per-CPU data through this_cpu_off): kept current at every CPU switch."""
+        if self.m.nr_cpus <= 1:
+            return None
+        if self._this_cpu_words is None:
+            self._this_cpu_words = self._counters()
+            self.m.cpu_listeners.append(self._set_this_cpu)
+            self._set_this_cpu(self.m.cpu)
+        return self._this_cpu_words
+
+    def _set_this_cpu(self, cpu: int) -> None:
+        assert self._this_cpu_words is not None
+        self.m.memory.write(self._this_cpu_words, struct.pack(
+                "<QQ", self.active_addr(cpu), self.runner.jit.stack_top_of(cpu)))
 
     def _plan(self, handler: Any, is_return: bool, aggr: bool = False) -> "DirectPlan":
         """The event, programs and image entries when ``handler`` is one kprobe-PMU
@@ -445,7 +462,8 @@ class DirectCalls:
                 guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
                 frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
-                ctx=self._ctx_buf(cpu) if tp else None)
+                ctx=self._ctx_buf(cpu) if tp else None,
+                this_cpu=self._this_cpu() if not stub else None)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             code, why = b"", f"thunk: {e}"
         else:

@@ -150,17 +150,19 @@ class Arm64Optprobes:
     def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
-                  ctx: int | None = None) -> bytes:
+                  ctx: int | None = None, this_cpu: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies);
         `ip_word`: where the frame's pc is read from (a return's address), not `ip`;
-        `ctx`: the programs' context (a tracepoint's record), not the frame."""
+        `ctx`: the programs' context (a tracepoint's record), not the frame; `this_cpu`:
+        the running CPU's guard address and stack top are the two u64 there, not `active`
+        and `stack`."""
         if resume is None:                                  # the detour branches to it:
             assert p is not None and p.addr is not None
             b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("pstate"), stack, slots, ip_word, ctx)
+                         self.m.reg("pstate"), stack, slots, ip_word, ctx, this_cpu)
 
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
@@ -248,7 +250,8 @@ def _frame_ops(op: str, regs: list[int]) -> str:
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None,
-              ip_word: int | None = None, ctx: int | None = None) -> bytes:
+              ip_word: int | None = None, ctx: int | None = None,
+              this_cpu: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
     `pstate`'s other bits, syscallno = -1) on the guest stack; if the bpf_prog_active word
@@ -258,7 +261,9 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     Every register the thunk and the images may change and NZCV come back, then
     `b resume`. With `ip_word` the frame's pc is the u64 there (a kretprobe stub's
     return address, which changes from hit to hit), not `ip`. With `ctx` the images get
-    x0 = `ctx` (a tracepoint's record or raw arguments) instead of the frame.
+    x0 = `ctx` (a tracepoint's record or raw arguments) instead of the frame. With
+    `this_cpu` the guard's address and the stack top are loaded from the two u64 there (the
+    running CPU's, as the kernel reaches per-CPU data through its per-CPU offset).
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written: a guest store is Unicorn's slow path
@@ -288,11 +293,13 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
                + ("str xzr, [sp, #272]; " if wanted(272) else "")
                + (f"movn w0, #0; str w0, [sp, #{SYSCALLNO_OFF}]; "
                   f"str wzr, [sp, #{SYSCALLNO_OFF + 4}]; " if wanted(SYSCALLNO_OFF) else ""))
+    guard = _movq("x1", active) if this_cpu is None else f"{_movq('x1', this_cpu)}ldr x1, [x1]; "
+    top = _movq("x16", stack) if this_cpu is None else f"{_movq('x16', this_cpu)}ldr x16, [x16, #8]; "
     text = (f"sub sp, sp, #{PT_REGS_SIZE}; {_frame_ops('st', regs)}{nzcv}{special}{tail}"
-            f"{_movq('x1', active)}{_movq('x3', counters)}ldr w2, [x1]; cbnz w2, miss; "
+            f"{guard}{_movq('x3', counters)}ldr w2, [x1]; cbnz w2, miss; "
             "mov w2, #1; str w2, [x1]; ldr x2, [x3]; add x2, x2, #1; str x2, [x3]; "
-            f"mov x19, sp; {_movq('x16', stack)}mov sp, x16; {calls}mov sp, x19; "
-            f"{_movq('x1', active)}str wzr, [x1]; b restore; "
+            f"mov x19, sp; {top}mov sp, x16; {calls}mov sp, x19; "
+            f"{guard}str wzr, [x1]; b restore; "
             "miss: ldr x2, [x3, #8]; add x2, x2, #1; str x2, [x3, #8]; "
             "restore: adr x1, table; add x1, x1, x20, lsl #3; cmp x1, x1; br x1; "
             f"table: {table}"

@@ -62,15 +62,18 @@ class X86Optprobes:
     def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
-                  ctx: int | None = None) -> bytes:
+                  ctx: int | None = None, this_cpu: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies);
         `ip_word`: where the frame's ip is read from (a return's address), not `ip`;
-        `ctx`: the programs' context (a tracepoint's record), not the frame."""
+        `ctx`: the programs' context (a tracepoint's record), not the frame; `this_cpu`:
+        the running CPU's guard address and stack top are the two u64 there, not `active`
+        and `stack`."""
         if resume is None:
             assert p is not None and p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("cs"), self.m.reg("ss"), stack, slots, ip_word, ctx)
+                         self.m.reg("cs"), self.m.reg("ss"), stack, slots, ip_word, ctx,
+                         this_cpu)
 
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
@@ -193,7 +196,7 @@ THUNK_CLOBBERS = frozenset({"rax", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10"
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, cs: int, ss: int, stack: int,
               slots: frozenset[int] | None = None, ip_word: int | None = None,
-              ctx: int | None = None) -> bytes:
+              ctx: int | None = None, this_cpu: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
     pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) on the guest stack; if the
     bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
@@ -204,6 +207,8 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     back from the frame, then `jmp resume` (the detour's relocated copies). With `ip_word`
     the frame's ip is the u64 there (a kretprobe stub's return address), not `ip`. With
     `ctx` the images get rdi = `ctx` (a tracepoint's record or raw arguments), not the frame.
+    With `this_cpu` the guard's address and the stack top are loaded from the two u64 there
+    (the running CPU's, as the kernel reaches per-CPU data through this_cpu_off).
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written: a guest store is Unicorn's slow path
@@ -232,11 +237,15 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
                + (f"mov qword ptr [rsp + {off['ss']}], {ss:#x}; " if wanted("ss") else "")
                + (f"lea rax, [rsp + {frame}]; mov [rsp + {off['rsp']}], rax; "
                   if wanted("rsp") else ""))
+    guard = (f"movabs rax, {active:#x}; " if this_cpu is None
+             else f"movabs rax, {this_cpu:#x}; mov rax, [rax]; ")
+    top = (f"movabs rsp, {stack:#x}; " if this_cpu is None
+           else f"movabs rsp, {this_cpu:#x}; mov rsp, [rsp + 8]; ")
     text = (f"lea rsp, [rsp - {frame - fl - 8}]; pushfq; lea rsp, [rsp - {fl}]; {save}{special}"
-            f"movabs rax, {active:#x}; movabs rcx, {counters:#x}; "
+            f"{guard}movabs rcx, {counters:#x}; "
             "cmp dword ptr [rax], 0; jne miss; mov dword ptr [rax], 1; inc qword ptr [rcx]; "
-            f"mov rbx, rsp; movabs rsp, {stack:#x}; {calls}mov rsp, rbx; "
-            f"movabs rax, {active:#x}; mov dword ptr [rax], 0; jmp restore; "
+            f"mov rbx, rsp; {top}{calls}mov rsp, rbx; "
+            f"{guard}mov dword ptr [rax], 0; jmp restore; "
             "miss: inc qword ptr [rcx + 8]; "
             + "restore: " + "".join(f"mov {r}, [rsp + {off[r]}]; " for r in gprs)
             + f"lea rsp, [rsp + {fl}]; popfq; lea rsp, [rsp + {frame - fl - 8}]; jmp {resume:#x}")
