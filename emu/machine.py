@@ -653,7 +653,7 @@ class Machine:
             if access in (UC.UC_MEM_FETCH_UNMAPPED, UC.UC_MEM_FETCH_PROT):
                 pc = addr
             fault = Fault(kind, pc, addr, SIGSEGV)
-            self.tlb.recycle(self.memory.ucs)
+            self.tlb.after_fault(self.memory.ucs)
         elif e.errno == UC.UC_ERR_INSN_INVALID:
             fault = Fault("undefined instruction", pc, None, SIGILL)
         else:

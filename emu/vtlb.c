@@ -13,6 +13,9 @@
  * invalid-memory hook sees the access with its exact page offset; the slot
  * remembers the page and whether it is mapped (read/write/fetch of an unmapped
  * or protected address, as Unicorn's own checks would report it).
+ *
+ * A page here is Unicorn's target page, the granule of a fill: 4 KiB on x86-64,
+ * 1 KiB on arm64 (vaddr comes page-aligned; a slot is 4 KiB apart either way).
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -141,8 +144,8 @@ static uint64_t slot_of(vtlb_state *t, uint64_t tag)
 	for (uint64_t s = 0; s < t->slots_used; s++)
 		if (t->slot_page[s] == tag)
 			return s;
-	/* Past VTLB_SLOTS denials without a flush (vtlb.py flushes at half) a slot is
-	 * reused; a stale translation to it would name the newer page. */
+	/* Past VTLB_SLOTS denials without a flush (each map, protect and fault flushes,
+	 * vtlb.py) a slot is reused; a stale translation to it would name the newer page. */
 	uint64_t s = t->slots_used < VTLB_SLOTS ? t->slots_used++ : t->denials % VTLB_SLOTS;
 	t->slot_page[s] = tag;
 	return s;

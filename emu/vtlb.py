@@ -273,8 +273,10 @@ class Vtlb:
             _uc_ctl(uc._uch, ctypes.c_int(_TLB_FLUSH))
         self.state.slots_used = 0
 
-    def recycle(self, ucs: Iterable[Uc]) -> None:
-        """After a fault: flush once half the window's slots are taken, so a slot is never
-        reused while a translation to it lives."""
-        if self.state.slots_used > SLOTS // 2:
-            self.flush(ucs)
+    def after_fault(self, ucs: Iterable[Uc]) -> None:
+        """A fault came through the window: flush, so the next access to that page fills
+        again. A fill first restores the CPU state at the accessing instruction, which
+        keeps a later fault's pc exact even when a trap hook wrote pc in this run (Unicorn
+        then skips that restore in its memory hooks), and no slot is reused while a
+        translation to it lives."""
+        self.flush(ucs)
