@@ -227,3 +227,18 @@ def test_restore_gives_back_the_snapshots_permissions(tmp_path, fill, arch):
     r = m.run()
     assert r.fault is not None and (r.fault.kind, r.fault.addr) == (
         "fetch from non-executable address", PAGE_ADDR)
+
+
+@pytest.mark.parametrize("arch", ["arm64", "x86_64"])
+def test_a_write_watch_added_later_sees_the_store(tmp_path, fill, arch):
+    """IfuncWatch's one-shot write watch (emu/symbols.py) on a page the guest has already
+    written (a dirty TLB entry, stores inline): the next store to the slot still reaches it."""
+    from emu.symbols import IfuncWatch
+    m, poke = _machine(tmp_path, arch, 3)
+    ctx = m.uc.context_save()
+    assert m.run(begin=poke).reason is StopReason.EXIT       # the page is written: dirty
+    fired: list[bool] = []
+    m.layer("ifunc", IfuncWatch).add(PAGE_ADDR + 0x30, lambda: fired.append(True))
+    m.uc.context_restore(ctx)
+    assert m.run(begin=poke).reason is StopReason.EXIT
+    assert m.symbols._resolved.get(PAGE_ADDR + 0x30) == PAGE_ADDR        # the stored value
