@@ -11,15 +11,17 @@ then use a large n with no hook.
 
 `--interp` times a real workload instead: bench_real_programs.py's tree-walking interpreter
 (static glibc, built here) computing a recursive fib through `run_fib(n)`, on the Machine
-(as `emu run` configures it), on bare Unicorn, and on bare Unicorn with a virtual TLB whose
-data pages are mapped without execute permission, against qemu-user running the whole
-program; CPU seconds, interleaved, best of R. What it shows (README, "Real-program speed"):
-the Machine costs no more than bare Unicorn; both spend about half their time in Unicorn
-2.1.4's store slow path (every TLB entry carries execute permission when the guest has no
-MMU, so each store takes `notdirty_write`), which the virtual TLB avoids. The Machine run is `Machine.run()` from hot_loop's entry
-with the argument register set and the return address pointing at a two-instruction
-exit_group stub, so it pays whatever the Machine installs by default (trap, syscall and
-counter hooks, the invalid-memory hook). The bare run maps the same segments into a fresh
+(as `emu run` configures it: its virtual TLB with the C fill, emu/vtlb.py), on the Machine
+with the Python fill and with Unicorn's CPU TLB (`KPROBE_EMU_VTLB=off`, the machine before
+the virtual TLB), on bare Unicorn, and on bare Unicorn with a virtual TLB whose data pages
+are mapped without execute permission, against qemu-user running the whole program; CPU
+seconds, interleaved, best of R. What it shows (README, "Real-program speed"): with
+Unicorn's CPU TLB about half the time goes to Unicorn 2.1.4's store slow path (every TLB
+entry carries execute permission when the guest has no MMU, so each store takes
+`notdirty_write`), which the virtual TLB avoids. The Machine run is `Machine.run()` from
+hot_loop's entry with the argument register set and the return address pointing at a
+two-instruction exit_group stub, so it pays whatever the Machine installs by default (trap,
+syscall and counter hooks, the TLB fill and its fault window). The bare run maps the same segments into a fresh
 Uc and calls `emu_start(hot_loop, until=return address)`."""
 from __future__ import annotations
 
@@ -65,10 +67,21 @@ def assemble(arch: str, src: str, addr: int) -> bytes:
 
 # --- the Machine ----------------------------------------------------------------------------
 class MachineRunner:
-    def __init__(self, arch: str, elf: Path | None = None, func: str = "hot_loop") -> None:
+    def __init__(self, arch: str, elf: Path | None = None, func: str = "hot_loop",
+                 tlb: str | None = None) -> None:
+        """`tlb`: the machine's TLB mode (emu/vtlb.py: native, python, off), else the default."""
         self.arch = get_arch(arch)
-        guest = load_guest(GuestConfig(str(elf or hotloop_elf(arch))), stdin=io.BytesIO(),
-                           stdout=io.BytesIO(), stderr=io.BytesIO())
+        saved = os.environ.get("KPROBE_EMU_VTLB")
+        if tlb is not None:
+            os.environ["KPROBE_EMU_VTLB"] = tlb
+        try:
+            guest = load_guest(GuestConfig(str(elf or hotloop_elf(arch))), stdin=io.BytesIO(),
+                               stdout=io.BytesIO(), stderr=io.BytesIO())
+        finally:
+            if saved is None:
+                os.environ.pop("KPROBE_EMU_VTLB", None)
+            else:
+                os.environ["KPROBE_EMU_VTLB"] = saved
         self.m = m = guest.machine
         self.func = m.symbols.lookup(func).addr
         m.memory.map(STUB, 0x1000, PROT_READ | PROT_EXEC, "bench-exit-stub")
@@ -181,6 +194,8 @@ def bench_interp(arch: str, n: int, repeat: int, cache: Path) -> dict | None:
     if elf is None:
         return None
     runners = {"machine": MachineRunner(arch, elf, "run_fib"),
+               "machine_pyfill": MachineRunner(arch, elf, "run_fib", tlb="python"),
+               "machine_cputlb": MachineRunner(arch, elf, "run_fib", tlb="off"),
                "bare": BareRunner(arch, elf=elf, func="run_fib"),
                "bare_vtlb": BareRunner(arch, elf=elf, func="run_fib")}
     virtual_tlb(runners["bare_vtlb"], elf)
@@ -202,6 +217,7 @@ def bench_interp(arch: str, n: int, repeat: int, cache: Path) -> dict | None:
     q = best["qemu"] if best["qemu"] != float("inf") else None
     return {"arch": arch, "n": n, **{f"{k}_s": v for k, v in best.items() if k != "qemu"},
             "qemu_s": q, "machine_over_bare": best["machine"] / best["bare"],
+            "machine_over_vtlb": best["machine"] / best["bare_vtlb"],
             "machine_over_qemu": best["machine"] / q if q else None,
             "bare_over_qemu": best["bare"] / q if q else None,
             "vtlb_over_qemu": best["bare_vtlb"] / q if q else None}
@@ -209,12 +225,14 @@ def bench_interp(arch: str, n: int, repeat: int, cache: Path) -> dict | None:
 
 def print_interp(rows: list[dict]) -> None:
     print("interpreter run_fib(n), CPU seconds, best of runs (qemu-user: the whole program)")
-    print(f"{'arch':8} {'n':>3} {'Machine':>8} {'bare Uc':>8} {'bare Uc vTLB':>12} {'qemu-user':>9} "
-          f"{'Machine/bare':>12} {'Machine/qemu':>12} {'vTLB/qemu':>9}")
+    print(f"{'arch':8} {'n':>3} {'Machine':>8} {'M. Py fill':>10} {'M. CPU TLB':>10} {'bare Uc':>8} "
+          f"{'bare Uc vTLB':>12} {'qemu-user':>9} {'Machine/bare vTLB':>17} {'Machine/qemu':>12} "
+          f"{'vTLB/qemu':>9}")
     for r in rows:
         fmt = lambda v: f"{v:.2f}" if v is not None else "-"
-        print(f"{r['arch']:8} {r['n']:>3} {r['machine_s']:>8.2f} {r['bare_s']:>8.2f} "
-              f"{r['bare_vtlb_s']:>12.2f} {fmt(r['qemu_s']):>9} {r['machine_over_bare']:>12.2f} "
+        print(f"{r['arch']:8} {r['n']:>3} {r['machine_s']:>8.2f} {r['machine_pyfill_s']:>10.2f} "
+              f"{r['machine_cputlb_s']:>10.2f} {r['bare_s']:>8.2f} "
+              f"{r['bare_vtlb_s']:>12.2f} {fmt(r['qemu_s']):>9} {r['machine_over_vtlb']:>17.2f} "
               f"{fmt(r['machine_over_qemu']):>12} {fmt(r['vtlb_over_qemu']):>9}")
 
 

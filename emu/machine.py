@@ -26,6 +26,7 @@ from emu.memory import PROT_EXEC, Memory
 from emu.owners import RegionOwner, RegionOwners
 from emu.symbols import SymbolTable
 from emu.ucfast import RawHooks, RegAccess
+from emu.vtlb import Vtlb
 
 # emu_start's `until`: a non-canonical address no guest can reach without faulting first.
 _NEVER = 0xDEAD_0000_0000_0000
@@ -112,6 +113,11 @@ class Machine:
         self.regs = RegAccess(self.uc)
         self.hooks = RawHooks(self.uc)
         self.memory = Memory(self.uc)
+        # Every CPU's TLB fills from the memory's permissions (emu/vtlb.py): data pages
+        # without execute, so guest stores take Unicorn's fast path; faults come back
+        # through the TLB's fault window as (access, address).
+        self.tlb = Vtlb(on_fault=self._on_mem_fault)
+        self.memory.tlb = self.tlb
         self.symbols = SymbolTable()
         self.clock = Clock()
         self.stdout = stdout if stdout is not None else sys.stdout.buffer
@@ -154,7 +160,7 @@ class Machine:
         self._sp_id = self.arch.regs[self.arch.sp]
         self.arch.reset_cpu(self)
         self.arch.install_hooks(self)
-        self.for_each_uc(lambda uc: uc.hook_add(UC.UC_HOOK_MEM_INVALID, self._on_mem_invalid))
+        self.for_each_uc(self.tlb.attach)
         self._cs = capstone.Cs(self.arch.cs_arch, self.arch.cs_mode)
         self.clock.on_first_read = self._start_work_clock
         from emu.hwrng import GuestRandom
@@ -418,9 +424,9 @@ class Machine:
         self.stop_fault(Fault(self.arch.exception_names.get(intno, f"CPU exception {intno}"),
                               addr, None, SIGSEGV))
 
-    def _on_mem_invalid(self, _uc, access, addr, size, value, _ud) -> bool:
+    def _on_mem_fault(self, access: int, addr: int) -> None:
+        """The TLB's report of a denied access (UC_MEM_* kind, guest address)."""
         self._mem_fault = (access, addr)
-        return False
 
     # --- stopping ---------------------------------------------------------------------------
     def request_exit(self, code: int) -> None:
@@ -647,6 +653,7 @@ class Machine:
             if access in (UC.UC_MEM_FETCH_UNMAPPED, UC.UC_MEM_FETCH_PROT):
                 pc = addr
             fault = Fault(kind, pc, addr, SIGSEGV)
+            self.tlb.after_fault(self.memory.ucs)
         elif e.errno == UC.UC_ERR_INSN_INVALID:
             fault = Fault("undefined instruction", pc, None, SIGILL)
         else:

@@ -12,17 +12,24 @@ thousands of small mmaps stay cheap.
 With several vCPUs (emu/smp.py) every CPU has its own Unicorn over one guest memory: each
 mapping is then a host buffer mapped into every Uc with `mem_map_ptr` (`share_with`), and
 map, unmap and protect apply to all of them. With one CPU, Unicorn owns the memory as
-before."""
+before.
+
+A machine's Memory also keeps its TLB's permission table (emu/vtlb.py, `tlb`) current: every
+map, unmap and protect assigns the range its permissions and flushes every Uc's TLB."""
 from __future__ import annotations
 
 import bisect
 import ctypes
 import mmap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from unicorn import UcError
 from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers read the Py2 one)
 from unicorn import unicorn_const as UC
+
+if TYPE_CHECKING:
+    from emu.vtlb import Vtlb
 
 PAGE = 0x1000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -107,6 +114,9 @@ class Memory:
         # find_free's memo, the free-area cache of old Linux: for a `lo`, an address below
         # which [lo, addr) holds no free page; dropped whenever a region goes away.
         self._full_below: dict[int, int] = {}
+        # The TLB whose fills answer from this memory's permissions (the machine's; None
+        # for a Memory of its own, as tests and benchmarks make).
+        self.tlb: Vtlb | None = None
 
     # --- mapping ----------------------------------------------------------------------------
     def map(self, start: int, size: int, prot: int, name: str) -> None:
@@ -118,11 +128,13 @@ class Memory:
             self.uc.mem_map(start, end - start, perms_to_uc(prot))
         else:
             self._map_shared(start, end, perms_to_uc(prot), None)
+        self._tlb_assign(start, end, perms_to_uc(prot))
         self.mapped_bytes += end - start
         self._insert(Region(start, end, prot, name))
 
     def note_region(self, start: int, size: int, name: str) -> None:
         """Record a region mapped elsewhere (MMIO) so faults and listings can name it."""
+        self._tlb_assign(start, start + size, UC.UC_PROT_READ | UC.UC_PROT_WRITE)
         self._insert(Region(start, start + size, PROT_READ | PROT_WRITE, name))
 
     def _insert(self, region: Region) -> None:
@@ -142,23 +154,28 @@ class Memory:
         start, end = page_down(start), page_up(start + size)
         for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
+            if r.prot & PROT_EXEC:
+                self.remove_cache(lo, hi)     # while still executable: see protect
             for uc in self.ucs:
                 uc.mem_unmap(lo, hi - lo)
             if self._backing is not None:
                 self._unback(lo, hi)
+            self._tlb_assign(lo, hi, None)
             self.mapped_bytes -= hi - lo
             self._split(r, lo, hi, None)
 
     def protect(self, start: int, size: int, prot: int) -> None:
         """Change permissions. Unicorn checks fetch permission only when it translates, so
-        code translated while executable would keep running: drop it (NX after mprotect)."""
+        code translated while executable would keep running: drop it (NX after mprotect),
+        before the TLB loses execute (Unicorn finds the code through a fetch translation)."""
         start, end = page_down(start), page_up(start + size)
         for r in self.overlapping(start, end):
             lo, hi = max(r.start, start), min(r.end, end)
-            for uc in self.ucs:
-                uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
             if r.prot & PROT_EXEC and not prot & PROT_EXEC:
                 self.remove_cache(lo, hi)
+            for uc in self.ucs:
+                uc.mem_protect(lo, hi - lo, perms_to_uc(prot))
+            self._tlb_assign(lo, hi, perms_to_uc(prot))
             self._split(r, lo, hi, prot)
 
     def map_raw(self, start: int, end: int, perms: int) -> None:
@@ -168,14 +185,29 @@ class Memory:
             self.uc.mem_map(start, end - start, perms)
         else:
             self._map_shared(start, end, perms, None)
+        self._tlb_assign(start, end, perms)
 
     def unmap_raw(self, start: int, end: int) -> None:
         """Unmap [start, end) from every Uc (and its host buffer), regions untouched."""
+        self.remove_cache(start, end)       # while still executable: see protect
         for uc in self.ucs:
             uc.mem_unmap(start, end - start)
         if self._backing is not None:
             self._unback(start, end)
-        self.remove_cache(start, end)
+        self._tlb_assign(start, end, None)
+
+    def _tlb_assign(self, start: int, end: int, perms: int | None) -> None:
+        """The TLB's table learns [start, end)'s new perms (None: unmapped) and every Uc
+        forgets its translations (Unicorn flushes on map and unmap but not on protect)."""
+        if self.tlb is not None:
+            self.tlb.assign(start, end, perms)
+            self.tlb.flush(self.ucs)
+
+    def tlb_reset(self) -> None:
+        """Rebuild the TLB's table from Unicorn's mappings and flush (a snapshot restore)."""
+        if self.tlb is not None:
+            self.tlb.reset((b, e + 1, p) for b, e, p in self.uc.mem_regions())
+            self.tlb.flush(self.ucs)
 
     def remove_cache(self, start: int, end: int) -> None:
         """Drop code translated from [start, end) on every CPU (each Uc has its own cache)."""
@@ -203,6 +235,8 @@ class Memory:
         for begin, last, perms in self.uc.mem_regions():
             uc.mem_protect(begin, last + 1 - begin, perms)
         self.ucs.append(uc)
+        if self.tlb is not None:
+            self.tlb.flush(self.ucs)
 
     def _map_shared(self, start: int, end: int, perms: int, data: bytes | None) -> None:
         assert self._backing is not None

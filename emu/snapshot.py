@@ -176,6 +176,7 @@ def restore_memory(m: Machine, img: MemoryImage) -> None:
     mem.regions[:] = [dataclasses.replace(r) for r in img.regions]
     mem.mapped_bytes, mem.max_memory = img.mapped_bytes, img.max_memory
     mem._full_below.clear()             # find_free's memo of full prefixes: the layout changed
+    mem.tlb_reset()                     # the TLB's table is Unicorn's layout again; flushed
 
 
 def _restore_chunks(m: Machine, mp: Mapping, chunks: tuple[bytes | None, ...], fresh: bool,

@@ -255,6 +255,8 @@ class IfuncWatch:
         if slot not in self.waiting:
             from unicorn import UC_HOOK_MEM_WRITE
             hook = self.m.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, begin=slot, end=slot + 7)
+            # A dirty TLB entry (emu/vtlb.py) would let the store skip the hook: refill.
+            self.m.tlb.flush(self.m.memory.ucs)
             self.waiting[slot] = (hook, [])
         self.waiting[slot][1].append((key, callback))
 

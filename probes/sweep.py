@@ -623,7 +623,7 @@ def check_offset(plan: Plan, runner, func: str, sym_addr: int, addr: int, insn: 
 
     def setup(m: Machine) -> None:
         probes[:], text_reads[:] = factory(m, addr), []
-        _watch_patched_text(m, addr, text_reads)
+        _watch_patched_text(m, addr, text_reads, trace)
 
     def skip(m: Machine) -> bool:
         owned = m.owned_text                    # slots and trampolines: the probe's own code
@@ -656,13 +656,19 @@ def check_offset(plan: Plan, runner, func: str, sym_addr: int, addr: int, insn: 
     return res
 
 
-def _watch_patched_text(m: Machine, addr: int, seen: list[int]) -> None:
-    """Record guest data loads of the bytes the probe patched at `addr`."""
+def _watch_patched_text(m: Machine, addr: int, seen: list[int], trace: Trace) -> None:
+    """Record guest data loads of the bytes the probe patched at `addr`. Not when the
+    unprobed run, which traced them, never loaded them: the probed run is the same run
+    until it first does. (A load hook slows every load and store Unicorn translates while
+    it exists, and that code stays translated across snapshot restores.)"""
     from unicorn import UC_HOOK_MEM_READ
     patched = [a for a in m.live_patches if addr <= a < addr + 32]
     if not patched:
         return
     lo, hi = min(patched), max(patched)
+    if all(trace._traced(a) for a in range(max(0, lo - 16), hi + 1)) and \
+            not any(a in trace.read for a in range(lo, hi + 1)):
+        return
 
     def on_read(_uc, _access, a, size, _value, _ud) -> None:
         if a <= hi and a + size > lo:                     # the load overlaps the patch

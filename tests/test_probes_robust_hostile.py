@@ -207,10 +207,9 @@ def test_ftrace_trampoline_reached_with_bad_sp(ftrace_jump, arch, probe):
 
 
 # A probe hit that moves pc from Unicorn's interrupt hook leaves Unicorn's
-# skip_sync_pc_on_exit set until the next emu_start: a later memory fault in any
-# translation block is then reported at the block's start, not at the faulting
-# instruction (the unprobed run is exact). The fix belongs to the machine (restart the
-# slice after a trap handler moved pc); this test flips to XPASS when it is fixed.
+# skip_sync_pc_on_exit set until the next emu_start, so Unicorn's memory hooks skip the
+# state restore that gives a later fault's exact pc. The machine's virtual TLB
+# (emu/vtlb.py) sends every faulting access through a TLB fill, which restores it first.
 LATER_FAULT = {
     "x86_64": [("_start", "mov rsp, 0x400800; jmp {sym:victim}"), ("victim", "nop; jmp {sym:other}"),
                ("other", "mov eax, 1; add eax, 2; nop; push rbp; ret")],
@@ -219,8 +218,6 @@ LATER_FAULT = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="Unicorn skip_sync_pc_on_exit after a pc write in a "
-                                       "trap hook: stale fault pc (emu/machine.py)")
 @pytest.mark.parametrize("arch", ["x86_64", "arm64"])
 def test_fault_after_a_probe_hit_is_reported_at_its_instruction(tmp_path, arch):
     path = tmp_path / "later.elf"
