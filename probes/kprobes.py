@@ -698,6 +698,10 @@ class Kprobes:
                 p.post_handler(p, PtRegs(self.m), 0)
             kcb.current, kcb.status = None, 0
             return True
+        if p.flags & KPROBE_FLAG_OPTIMIZED and self.optimizer is not None \
+                and self.optimizer.handle_queued_hit(p):
+            kcb.current, kcb.status = None, 0       # a queued probe: on in its detour
+            return True
         self._setup_singlestep(p, None, reenter=False)
         return True
 

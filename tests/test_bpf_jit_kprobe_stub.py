@@ -158,3 +158,29 @@ def test_modelled_cycles_repeat_run_to_run(arch) -> None:
         lab.run(20)
         got.append((lab.m.clock.cycles, dict(lab.m.clock.breakdown())))
     assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_queued_probe_is_optimized_at_its_stub_hit(arch, hit_path) -> None:
+    """Optprobes enabled once a probe has its stub: the probe is queued (OPTIMIZED, not
+    patched yet), and its next hit, through the stub, kicks the optimizer and goes on in
+    the detour, as kprobe_handler does after a pre handler."""
+    from probes.kprobes import KPROBE_FLAG_OPTIMIZED
+    from probes.optprobes import enable_optprobes
+    lab, prog = ProbeLab.load(str(firmware_elf(arch, "hotloop"))), counting_prog()
+    p = Kprobe(symbol_name="hot_leaf")
+    lab.kprobes.register_kprobe(p)
+    call = KprobePerfEvent(lab.machine, "hot_leaf", kp=p)
+    p.pre_handler = call.kprobe_perf_func
+    assert perf_event_attach_bpf_prog(
+        PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE), prog) == 0
+    install_engine(lab.machine, "jit")
+    lab.call("hot_call", 3)
+    dc = direct_calls_of(lab.machine)
+    assert dc is not None and p.addr in dc.stubs
+    enable_optprobes(lab.kprobes)
+    assert p.flags & KPROBE_FLAG_OPTIMIZED and not p.ainsn.optimized
+    lab.call("hot_call", 3)
+    assert p.ainsn.optimized
+    lab.call("hot_call", 4)
+    assert _u64(prog) == 10 and p.hits == 10
