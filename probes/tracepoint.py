@@ -272,17 +272,20 @@ def tracepoints_of(machine: Machine) -> Tracepoints:
 # --- snapshots (emu/snapshot.py): the registered funcs and hit counts, with the keys
 # (probes/jump_label.py) and the iterator traps (the machine's registries) -----------------
 TracepointsState = tuple[list[Tracepoint], dict[int, Tracepoint],
-                         dict[int, tuple[list[TracepointFunc], int]]]
+                         dict[int, tuple[list[TracepointFunc], int]], Any]
 
 
 def _take_tracepoints(tps: Tracepoints) -> TracepointsState:
     return (list(tps.tps), dict(tps._by_iterator),
-            {id(tp): (list(tp.funcs), tp.hits) for tp in tps.tps})
+            {id(tp): (list(tp.funcs), tp.hits) for tp in tps.tps}, tps.bpf_stub)
 
 
 def _restore_tracepoints(_m: Machine, tps: Tracepoints, state: TracepointsState) -> None:
-    found, by_iterator, funcs = state
+    """The stub giver too: a BPF layer made since is gone with its stubs (a later JIT
+    engine wires its own), and no CPU is inside a stub between runs."""
+    found, by_iterator, funcs, tps.bpf_stub = state
     tps.tps, tps._by_iterator = list(found), dict(by_iterator)
+    tps._in_stub.clear()
     for tp in found:
         kept, tp.hits = funcs[id(tp)]
         tp.funcs = list(kept)

@@ -151,3 +151,26 @@ def test_two_functions_on_one_tracepoint(arch, monkeypatch) -> None:
     assert set(stubs) == {"raw_tp", "tp"}
     iterator_ret = [t.resume_to for t in stubs.values()]
     assert iterator_ret.count(None) == 1             # the first traps back, the last returns
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_restored_machine_wires_the_next_jit_engines_stubs(arch) -> None:
+    """A snapshot taken before any program: after a restore the BPF layer made since is
+    gone, and the next JIT engine's stubs serve the tracepoint (not the dropped one's)."""
+    lab = ProbeLab.load(str(firmware_elf(arch, "tpdemo")), argv=["6"])
+    m = lab.machine
+    tracepoints_of(m)
+    snap = m.snapshot()
+    first = sums_prog("raw_tp")
+    bpf_raw_tp_link_attach(m, first, "tp_work")
+    install_engine(m, "jit")
+    assert lab.run().exit_code == 0
+    m.restore(snap)
+    assert tracepoints_of(m).bpf_stub is None
+    prog = sums_prog("raw_tp")
+    bpf_raw_tp_link_attach(m, prog, "tp_work")
+    install_engine(m, "jit")
+    assert lab.run().exit_code == 0
+    dc = direct_calls_of(m)
+    assert dc is not None and dc.copies
+    assert _sums(prog) == _sums(first)
