@@ -142,3 +142,21 @@ def test_modelled_cycles_repeat_run_to_run(arch) -> None:
         assert lab.stubs
         got.append((lab.m.clock.cycles, dict(lab.m.clock.breakdown())))
     assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_switching_engines_takes_the_stubs_away_and_back(arch) -> None:
+    """install_engine("python") after the JIT: the returns go back to the host path (no
+    stub left, none made); the JIT again: the same JIT wires its stubs at the next hit."""
+    prog = counting_prog()
+    lab = RetLab(arch, prog, "jit")
+    lab.run(3)
+    assert len(lab.stubs) == 1
+    install_engine(lab.m, "python")
+    assert lab.stubs == {}
+    lab.run(5)
+    assert lab.stubs == {} and bpf_trace_of(lab.m).runner is None
+    install_engine(lab.m, "jit")
+    lab.run(4)
+    assert len(lab.stubs) == 1
+    assert lab.rp.hits == 12 and int.from_bytes(prog.maps[3].lookup(0)[:8], "little") == 12

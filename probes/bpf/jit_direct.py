@@ -625,6 +625,34 @@ class DirectCalls:
         self._reclaim()
 
 
+def disable_direct_calls(machine: "Machine") -> None:
+    """Another engine is installed: every probe and tracepoint goes back to the host path
+    (thunks dropped, the jumps to their detours again; stubs dropped; the stub givers
+    unset). The layer stays, with its pages, for the JIT engine if it comes back."""
+    from probes.kprobes import kprobes_of
+
+    dc = direct_calls_of(machine)
+    if dc is None:
+        return
+    kp = kprobes_of(machine)
+    for addr, t in list(dc.thunks.items()):
+        dc._drop(addr)
+        if kp.optimizer is not None and t.probe is not None:
+            kp.optimizer.forget_direct(t.probe)
+    dc._drop_stubs(lambda _k, _t: True)
+    dc._stub_refused.clear()
+    if kp.bpf_stub == dc.kprobe_stub:
+        kp.bpf_stub = None
+    krp: Any = machine.layers.get("kretprobes")
+    if krp is not None and krp.bpf_direct is dc:
+        krp.bpf_direct = None
+    tps: Any = machine.layers.get("tracepoints")
+    if tps is not None and tps.bpf_stub == dc.tracepoint_stub:
+        tps.bpf_stub = None
+    if kp.optimizer is not None and kp.optimizer.direct is dc:
+        kp.optimizer.direct = None
+
+
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:
     """The machine's thunks, if the JIT engine made them possible."""
     dc = machine.layers.get("bpf_direct_calls")

@@ -1428,10 +1428,18 @@ def install_engine(machine: "Machine", engine: str) -> None:
     the default), "interp" or "jit" (probe hits run the JITed guest code)."""
     from probes.trace.bpf_trace import bpf_trace_of
 
+    from .jit_direct import disable_direct_calls
+
     trace = bpf_trace_of(machine)
     if engine == "jit":
-        trace.runner = ProbeJit(machine)
-    elif engine == "interp":
+        # One JIT per machine (its images and stubs live in the guest): kept across
+        # switches to another engine and back.
+        jit: ProbeJit = machine.layer("bpf_probe_jit", ProbeJit)
+        jit._kprobes, jit._direct_on = None, False     # stubs wired again at its next hit
+        trace.runner = jit
+        return
+    disable_direct_calls(machine)
+    if engine == "interp":
         trace.runner = lambda prog, ctx, env: prog.run(ctx, env, engine="interp")
     else:
         trace.runner = None
