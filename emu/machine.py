@@ -116,7 +116,7 @@ class Machine:
         # Every CPU's TLB fills from the memory's permissions (emu/vtlb.py): data pages
         # without execute, so guest stores take Unicorn's fast path; faults come back
         # through the TLB's fault window as (access, address).
-        self.tlb = Vtlb(on_fault=self._on_mem_fault)
+        self.tlb = Vtlb(on_fault=self._on_mem_fault, on_error=self.hooks.fail)
         self.memory.tlb = self.tlb
         self.symbols = SymbolTable()
         self.clock = Clock()
@@ -512,6 +512,7 @@ class Machine:
         try:
             self._emulate(start, _NEVER if until is None else until, max_insns, timeout, t0)
         except UcError as e:
+            self.uc_error_seen()
             if self.hooks.errors:
                 raise self.hooks.errors[0] from None
             if self._stop is None:
@@ -546,6 +547,7 @@ class Machine:
             self.uc.emu_start(begin, until)
         except UcError as e:
             err = e
+            self.uc_error_seen()
         finally:
             self._depth -= 1
         stop, errors = self._stop, self.hooks.errors
@@ -645,6 +647,12 @@ class Machine:
         """True inside a hook of a run (so a new run would be nested)."""
         return self._depth > 0
 
+    def uc_error_seen(self) -> None:
+        """emu_start raised: if an access went to the TLB's fault window, flush (whatever
+        else ended the run), so the next access to that page fills afresh."""
+        if self._mem_fault is not None:
+            self.tlb.after_fault(self.memory.ucs)
+
     def _fault_from_uc(self, e: UcError) -> RunResult:
         pc = self.pc
         if self._mem_fault is not None:
@@ -653,7 +661,6 @@ class Machine:
             if access in (UC.UC_MEM_FETCH_UNMAPPED, UC.UC_MEM_FETCH_PROT):
                 pc = addr
             fault = Fault(kind, pc, addr, SIGSEGV)
-            self.tlb.after_fault(self.memory.ucs)
         elif e.errno == UC.UC_ERR_INSN_INVALID:
             fault = Fault("undefined instruction", pc, None, SIGILL)
         else:

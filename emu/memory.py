@@ -210,9 +210,15 @@ class Memory:
             self.tlb.flush(self.ucs)
 
     def remove_cache(self, start: int, end: int) -> None:
-        """Drop code translated from [start, end) on every CPU (each Uc has its own cache)."""
-        for uc in self.ucs:
-            uc.ctl_remove_cache(start, end)
+        """Drop code translated from [start, end) on every CPU (each Uc has its own cache).
+        Unicorn finds the code through a fetch translation of a range's first page, which
+        the TLB refuses on a page without execute: so each executable part of the regions
+        the range covers goes on its own (a range no region names, as a whole)."""
+        regions = self.overlapping(start, end)
+        parts = [(max(r.start, start), min(r.end, end)) for r in regions if r.prot & PROT_EXEC]
+        for lo, hi in parts if regions else [(start, end)]:
+            for uc in self.ucs:
+                uc.ctl_remove_cache(lo, hi)
 
     # --- several Ucs over one memory -----------------------------------------------------
     def share(self) -> None:

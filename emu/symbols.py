@@ -254,8 +254,13 @@ class IfuncWatch:
     def add(self, slot: int, callback: Callable[[], None], key: object = None) -> None:
         if slot not in self.waiting:
             from unicorn import UC_HOOK_MEM_WRITE
-            hook = self.m.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, begin=slot, end=slot + 7)
-            # A dirty TLB entry (emu/vtlb.py) would let the store skip the hook: refill.
+            # The whole page (to the slot's end): Unicorn marks a page dirty after a store
+            # no hook covers, and code then stores to the page inline, hook or not
+            # (emu/vtlb.py); _on_write picks the slot's own. A dirty entry made before the
+            # hook would skip it too: refill.
+            page = slot & ~0xFFF
+            hook = self.m.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, begin=page,
+                                      end=max(page + 0x1000, slot + 8) - 1)
             self.m.tlb.flush(self.m.memory.ucs)
             self.waiting[slot] = (hook, [])
         self.waiting[slot][1].append((key, callback))

@@ -131,10 +131,14 @@ class Vtlb:
 
     Attributes: `mode`; `state` (the C struct: fills and denials counted, window slots);
     `on_fault(access, addr)`, called from the window's hook with a UC_MEM_*_UNMAPPED or
-    *_PROT access and the guest address, as an invalid-memory hook would be."""
+    *_PROT access and the guest address, as an invalid-memory hook would be; `on_error`
+    takes an exception raised in a Python callback (the machine's RawHooks.fail: kept,
+    re-raised after emu_start), which ctypes would otherwise print and drop."""
 
     def __init__(self, mode: VtlbMode | str | None = None,
-                 on_fault: FaultSink | None = None) -> None:
+                 on_fault: FaultSink | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.on_error = on_error
         self.mode = VtlbMode(mode) if mode is not None else default_mode()
         self._lib = load() if self.mode is VtlbMode.NATIVE else None
         if self.mode is VtlbMode.NATIVE and self._lib is None:
@@ -230,8 +234,8 @@ class Vtlb:
             self._hook(uc, UC.UC_HOOK_TLB_FILL, address_of(self._lib.vtlb_fill),
                        ctypes.addressof(self.state), 1, 0)
         else:
-            cb = FILL_CB(lambda _uc, vaddr, access, entry, _ud:
-                         self._fill_py(vaddr, access, entry.contents))
+            cb = FILL_CB(self._guarded(lambda _uc, vaddr, access, entry, _ud:
+                                       self._fill_py(vaddr, access, entry.contents)))
             self._keep.append(cb)
             self._hook(uc, UC.UC_HOOK_TLB_FILL, address_of(cb), None, 1, 0)
         self._hook(uc, UC.UC_HOOK_MEM_UNMAPPED, self._invalid_cb(self._on_window), None,
@@ -241,9 +245,22 @@ class Vtlb:
         def cb(_uc, access, addr, _size, _value, _ud) -> bool:
             fn(access, addr)
             return False
-        c = INVALID_CB(cb)
+        c = INVALID_CB(self._guarded(cb))
         self._keep.append(c)
         return address_of(c)
+
+    def _guarded(self, fn: Callable[..., bool]) -> Callable[..., bool]:
+        """`fn` with its exception handed to `on_error` (the run then stops and re-raises
+        it) and False returned: the access is refused, never silently granted."""
+        def guarded(*args) -> bool:
+            try:
+                return fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start
+                if self.on_error is None:
+                    raise
+                self.on_error(exc)
+                return False
+        return guarded
 
     @staticmethod
     def _hook(uc: Uc, htype: int, fn: int, ud: int | None, begin: int, end: int) -> None:
@@ -277,6 +294,6 @@ class Vtlb:
         """A fault came through the window: flush, so the next access to that page fills
         again. A fill first restores the CPU state at the accessing instruction, which
         keeps a later fault's pc exact even when a trap hook wrote pc in this run (Unicorn
-        then skips that restore in its memory hooks), and no slot is reused while a
-        translation to it lives."""
+        then skips that restore in its memory hooks), and the page's translation to its
+        window slot is gone before the slot can name another page."""
         self.flush(ucs)

@@ -896,10 +896,11 @@ class ScratchJit:
         if m.clock.model_counts is not None:
             return m.run(begin=start, until=self.return_addr)
         m.hooks.errors.clear()
-        m._mem_fault = None            # what the machine's invalid-memory hook records
+        m._mem_fault = None            # what the machine's TLB fault window records
         try:
             m.uc.emu_start(start, self.return_addr)
         except UcError as e:
+            m.uc_error_seen()
             if m.hooks.errors:
                 raise m.hooks.errors[0] from None
             return m._fault_from_uc(e)
