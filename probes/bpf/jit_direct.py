@@ -169,6 +169,7 @@ class Thunk:
     guard: int = 0              # a raw tracepoint stub's prog->active word (else 0)
     entry: int | None = None    # the host entry on `trap`
     resume_to: int | None = None    # where a tracepoint's stub goes instead of its trap
+    symbol: Any = None              # its name in the symbol table (removed when dropped)
 
 
 class DirectPlan(NamedTuple):
@@ -196,7 +197,9 @@ class DirectCalls:
         self.thunks: dict[int, Thunk] = {}       # probe address -> live thunk
         self._pages: list[int] = []
         self._free: list[int] = []
-        self._retired: list[int] = []            # dropped stubs' slots, until no CPU is inside
+        # dropped thunks' and stubs' (slot, counters, raw_tp guard or 0), until no CPU can
+        # be inside: a CPU stopped there would go on in the slot and store to the words
+        self._retired: list[tuple[int, int, int]] = []
         self._data: list[int] = []               # DATA_NAME pages
         self._free_counters: list[int] = []
         self.refused: dict[int, str] = {}        # probe address -> why it keeps the host path
@@ -481,7 +484,8 @@ class DirectCalls:
             self._arm_stub_trap(t)
         m.text_poke(at, code)
         name = "optprobe_thunk" if not stub else f"{kind}_stub"
-        m.symbols.add(f"bpf_{name}_{site:x}" + (f"_cpu{cpu}" if cpu else ""), at, len(code))
+        t.symbol = m.symbols.add(f"bpf_{name}_{site:x}" + (f"_cpu{cpu}" if cpu else ""), at,
+                                 len(code))
         if not stub:
             self.thunks[site] = t
         else:
@@ -543,11 +547,17 @@ class DirectCalls:
         pc_id = m.arch.reg_id(m.arch.pc)
         pcs = [uc.reg_read(pc_id) for uc in m.ucs]
         data = bytes(m.uc.mem_read(self.active_addr(0), 8 * max(m.nr_cpus, 1)))
-        if any(data[i] for i in range(0, len(data), 8)):
+        guards = [m.memory.read(g, 4) for _at, _c, g in self._retired if g]
+        if any(data[i] for i in range(0, len(data), 8)) or any(any(g) for g in guards):
             return                      # some CPU is inside a program: wait
-        keep: list[int] = []
-        for at in self._retired:
-            (keep if any(at <= pc < at + THUNK_SLOT for pc in pcs) else self._free).append(at)
+        keep: list[tuple[int, int, int]] = []
+        for retired in self._retired:
+            at, counters, guard = retired
+            if any(at <= pc < at + THUNK_SLOT for pc in pcs):
+                keep.append(retired)
+            else:
+                self._free.append(at)
+                self._free_counters += [c for c in (counters, guard) if c]
         self._retired = keep
 
     # -- the host's view --
@@ -600,8 +610,7 @@ class DirectCalls:
         reused once the probe's jump no longer targets it."""
         self.fold()
         t = self.thunks.pop(addr)
-        self._free.append(t.addr)
-        self._free_counters.append(t.counters)
+        self._retire(t)
 
     def _drop_stubs(self, which: Any) -> None:
         """Forget the stubs ``which(key, thunk)`` picks (counts folded first). Each slot is
@@ -620,9 +629,15 @@ class DirectCalls:
             if t.entry is not None:
                 self.m.remove_host_entry(t.entry)
             self.m.text_poke(t.addr, bp * (THUNK_SLOT // len(bp)))
-            self._free_counters += [c for c in (t.counters, t.guard) if c]
-            self._retired.append(t.addr)
+            self._retire(t)
         self._reclaim()
+
+    def _retire(self, t: Thunk) -> None:
+        """The slot and words of a dropped thunk or stub wait for _reclaim; its symbol goes
+        now (a reused slot is named by its new owner only)."""
+        self._retired.append((t.addr, t.counters, t.guard))
+        if t.symbol is not None:
+            self.m.symbols.remove(t.symbol)
 
 
 def disable_direct_calls(machine: "Machine") -> None:
