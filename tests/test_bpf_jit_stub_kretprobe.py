@@ -160,3 +160,42 @@ def test_switching_engines_takes_the_stubs_away_and_back(arch) -> None:
     lab.run(4)
     assert len(lab.stubs) == 1
     assert lab.rp.hits == 12 and int.from_bytes(prog.maps[3].lookup(0)[:8], "little") == 12
+
+
+def _affine_prog(mul: int, add: int, shared) -> BpfProg:
+    """v[0] = v[0] * mul + add: two such programs give a result that names their order."""
+    text = f"""
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +4
+        ldxdw r1, [r0]
+        mul r1, {mul}
+        add r1, {add}
+        stxdw [r0], r1
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name=f"affine{mul}", license="GPL", maps={3: shared})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_chain_of_returns_runs_its_programs_in_the_python_engines_order(arch, hit_path) -> None:
+    """Two kretprobes on one function return as one chain: their programs run in the
+    trampoline handler's order (the stub serves a chain of one only), on both hit paths."""
+    got = []
+    for engine in ("python", "jit"):
+        lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+        shared = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="order")
+        for mul, add in ((2, 1), (3, 0)):
+            call = KprobePerfEvent(lab.machine, "hot_leaf", is_return=True)
+            call.register()
+            event = PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE)
+            assert perf_event_attach_bpf_prog(event, _affine_prog(mul, add, shared)) == 0
+        install_engine(lab.machine, engine)
+        lab.call("hot_call", 4)
+        got.append(int.from_bytes(shared.lookup(0)[:8], "little") % (1 << 64))
+    assert got[0] == got[1] != 0

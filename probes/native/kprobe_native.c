@@ -422,6 +422,7 @@ struct kn_rethook {
     struct kn_ri cur;                       /* the instance whose handler runs */
     uint64_t correct;                       /* the returning chain's real return address */
     uint64_t resume;                        /* set by a handler: go there (a BPF stub) */
+    uint64_t chain_len;                     /* instances of the returning chain */
 };
 
 /* The native side of the one checked path (emu/uaccess.py _check): [addr, addr+n) lies
@@ -637,6 +638,7 @@ static int kn_rethook_return(struct kn_state *s, void *uc, uint64_t addr)
     struct kn_rp *rps = h->rps;
     h->n = (uint64_t)j;                     /* the chain leaves the LIFO before handlers run */
     h->correct = correct;
+    h->chain_len = len;
     int warned = 0;
     for (int64_t k = (int64_t)len - 1; k >= 0 && h->rps == rps; k--) {
         const struct kn_ri *ri = &base[k];

@@ -61,6 +61,8 @@ class KnRethook(ctypes.Structure):
     py_owns: int
     cur: KnRi
     correct: int
+    resume: int
+    chain_len: int
     handled: int
     deferred: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
@@ -76,7 +78,7 @@ class KnRethook(ctypes.Structure):
         ("orig", ctypes.c_void_p), ("orig_data", ctypes.c_void_p),
         ("handled", ctypes.c_uint64), ("deferred", ctypes.c_uint64),
         ("py_ret", ctypes.c_void_p), ("cur", KnRi), ("correct", ctypes.c_uint64),
-        ("resume", ctypes.c_uint64)]
+        ("resume", ctypes.c_uint64), ("chain_len", ctypes.c_uint64)]
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -141,7 +143,9 @@ class NativeRethook:
         def ret(row: int) -> int:
             try:
                 ri.rp, handler, kp = self._ret_rows[row]
-                if not h.resume:            # its programs may run from a guest stub instead
+                # its programs may run from a guest stub instead: a chain of one only, as
+                # Python's trampoline handler offers it (the stub runs after the others)
+                if not h.resume and h.chain_len == 1:
                     to = krp.native_bpf_stub(ri.rp, h.correct)
                     if to is not None:
                         h.resume = to
