@@ -120,7 +120,12 @@ def default_mode() -> VtlbMode:
     """KPROBE_EMU_VTLB if set, Python under KPROBE_EMU_NO_NATIVE, else C when it builds."""
     env = os.environ.get("KPROBE_EMU_VTLB")
     if env:
-        return VtlbMode(env)
+        try:
+            return VtlbMode(env)
+        except ValueError:
+            from emu.errors import UsageError
+            raise UsageError(f"KPROBE_EMU_VTLB={env}: expected one of "
+                             f"{', '.join(m.value for m in VtlbMode)}") from None
     if os.environ.get("KPROBE_EMU_NO_NATIVE") or load() is None:
         return VtlbMode.PYTHON
     return VtlbMode.NATIVE

@@ -139,6 +139,12 @@ def test_optprobe_thunk_finds_its_cpu(percpu, arch) -> None:
     assert list(dc.thunks) == [jit.p.addr]
     hits, misses = map(sum, zip(*in_guest))
     assert hits > PER_CPU[1] // 2 and misses > PER_CPU[0] // 2     # both CPUs in the thunk
+    words = dc._this_cpu_words
+    assert words is not None
+    for cpu in (1, 0):                           # each switch names that CPU's guard and stack
+        jit.m.set_cpu(cpu)
+        assert struct.unpack("<QQ", jit.m.memory.read(words, 16)) == \
+            (dc.active_addr(cpu), dc.runner.jit.stack_top_of(cpu))
     assert _counts(jp) == _counts(pp) == [0, PER_CPU[1]]
     assert prog_stats(jp).misses == prog_stats(pp).misses == PER_CPU[0]
     assert jit.p.hits == py.p.hits == sum(CALLS)
