@@ -59,9 +59,9 @@ synchronize_rcu. Attach/detach loops therefore do not grow guest memory.
 The frame holds what the programs can read and what must come back: the slots the verifier
 saw the programs load (BpfProg.ctx_reads; every slot when it cannot tell) and the registers
 the thunk and the images may change (THUNK_CLOBBERS in the arch's opt.py; the images keep
-the callee-saved ones themselves). The rest of pt_regs is never read, so it is not written:
-each guest store is Unicorn's slow path (its dirty-page tracking is stubbed, so every store
-checks the page for translated code: ~30-50 ns), and stores were most of a hit's cost."""
+the callee-saved ones themselves). The rest of pt_regs is never read, so it is not written
+(each store was Unicorn's slow path, most of a hit's cost, until the machine's virtual TLB,
+emu/vtlb.py, made stores to data pages fast)."""
 from __future__ import annotations
 
 import struct

@@ -266,9 +266,9 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     running CPU's, as the kernel reaches per-CPU data through its per-CPU offset).
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
-    those and the registers to restore are written: a guest store is Unicorn's slow path
-    (~30-50 ns each: its dirty-page tracking is stubbed, so every store checks for code),
-    which is most of a hit's cost; a slot no program reads cannot be observed."""
+    those and the registers to restore are written (a slot no program reads cannot be
+    observed): stores were most of a hit's cost before the machine's virtual TLB made
+    stores to data pages fast (emu/vtlb.py), and fewer still cost less."""
     from probes.arch.arm64.ptrace import PT_REGS_SIZE, SYSCALLNO_OFF
     from probes.bpf.jit_arm64 import _KS
 

@@ -211,10 +211,10 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     (the running CPU's, as the kernel reaches per-CPU data through this_cpu_off).
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
-    those and the registers to restore are written: a guest store is Unicorn's slow path
-    (~30-50 ns each: its dirty-page tracking is stubbed, so every store checks for code),
-    which is most of a hit's cost; a slot no program reads cannot be observed. pushfq and
-    popfq move the flags straight to and from their slot."""
+    those and the registers to restore are written (a slot no program reads cannot be
+    observed): stores were most of a hit's cost before the machine's virtual TLB made
+    stores to data pages fast (emu/vtlb.py), and fewer still cost less. pushfq and popfq
+    move the flags straight to and from their slot."""
     from probes.arch.x86_64.ptrace import PT_REGS_FIELDS, PT_REGS_SIZE
     from probes.bpf.jit_x86_64 import _KS
 
