@@ -152,6 +152,7 @@ class BpfMap:
         return bytes(buf[off:off + self.value_size])
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         if self.backing is not None:
             self.backing.pull(self)
         _raise(self.update_elem(self._key(key), self._value(value), flags))
@@ -185,9 +186,17 @@ class BpfMap:
 
 
 def _check_update_flags(flags: int) -> int:
-    if flags & ~BPF_F_LOCK > BPF_EXIST:
-        return -errno.EINVAL
-    return 0
+    """The map ops' first check (htab_*_update_elem, array_map_update_elem): flags other
+    than ANY/NOEXIST/EXIST, and BPF_F_LOCK (no map here has a bpf_spin_lock), give
+    -EINVAL. An array checks BPF_F_LOCK later (ArrayMap._update_offset)."""
+    return -errno.EINVAL if flags > BPF_EXIST else 0
+
+
+def _check_user_flags(flags: int) -> None:
+    """bpf(BPF_MAP_UPDATE_ELEM) rejects BPF_F_LOCK on a map without a spin lock before
+    the map sees the call (syscall.c map_update_elem)."""
+    if flags & BPF_F_LOCK:
+        raise MapError(errno.EINVAL, "BPF_F_LOCK on a map without a bpf_spin_lock")
 
 
 # --- arrays --------------------------------------------------------------------
@@ -214,14 +223,17 @@ class ArrayMap(BpfMap):
         return self.values, idx * self.elem_size
 
     def _update_offset(self, key: bytes, flags: int) -> int:
-        """Byte offset of the element an update writes, or -errno."""
-        if _check_update_flags(flags):
+        """Byte offset of the element an update writes, or -errno, in
+        array_map_update_elem's order: BPF_F_LOCK is refused last."""
+        if flags & ~BPF_F_LOCK > BPF_EXIST:
             return -errno.EINVAL
         idx = self._index(key)
         if idx >= self.max_entries:
             return -errno.E2BIG
-        if flags & ~BPF_F_LOCK == BPF_NOEXIST:
+        if flags & BPF_NOEXIST:
             return -errno.EEXIST  # every element of an array always exists
+        if flags & BPF_F_LOCK:
+            return -errno.EINVAL  # no bpf_spin_lock in the value
         return idx * self.elem_size
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
@@ -281,6 +293,7 @@ class PercpuArrayMap(ArrayMap):
                 (self.value_slot(k, c) for c in range(self.nr_cpus))]  # type: ignore[misc]
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         k = self._key(key)
         if isinstance(value, (list, tuple)):
             if len(value) != self.nr_cpus:
@@ -343,7 +356,6 @@ class HashMap(BpfMap):
             return -errno.EINVAL
         if self.native is not None:
             return self.native.update(key, value, flags, cpu)
-        flags &= ~BPF_F_LOCK
         vals = self.table.get(key)
         if vals is not None and flags == BPF_NOEXIST:
             return -errno.EEXIST
@@ -381,6 +393,17 @@ class HashMap(BpfMap):
         pos = keys.index(key)
         return keys[pos + 1] if pos + 1 < len(keys) else -errno.ENOENT
 
+    def lookup(self, key: bytes | int) -> Any:
+        """bpf(BPF_MAP_LOOKUP_ELEM): no LRU use (htab_lru_map_lookup_elem_sys), so a
+        dump (get_next_key, then lookup) walks every key; a program's lookup
+        (value_slot) does use the element."""
+        if self.backing is not None:
+            self.backing.pull(self)
+        vals = self._values(self._key(key))
+        if vals is None:
+            raise MapError(errno.ENOENT)
+        return vals[0]
+
     def _values(self, key: bytes) -> list[bytes] | None:
         """Every CPU's value of ``key`` (no LRU use), or None."""
         n = self.native
@@ -405,6 +428,7 @@ class PercpuHashMap(HashMap):
         return vals
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         k = self._key(key)
         if not isinstance(value, (list, tuple)):
             _raise(self.update_elem(k, self._value(value), flags))
@@ -463,6 +487,7 @@ class ProgArrayMap(_FdArrayMap):
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         idx = int.from_bytes(self._key(key), "little")
+        _check_user_flags(flags)
         if _check_update_flags(flags):
             raise MapError(errno.EINVAL)
         if idx >= self.max_entries:

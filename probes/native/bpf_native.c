@@ -140,13 +140,14 @@ int64_t bn_htab_find(struct bn_htab *h, const uint8_t *key, uint32_t touch)
     return s;
 }
 
-/* htab_map_update_elem: 0 or -errno. cpu < 0: the value on every CPU, else on that one. */
+/* htab_map_update_elem: 0 or -errno. cpu < 0: the value on every CPU, else on that one.
+ * Flags past BPF_EXIST are refused, BPF_F_LOCK among them: no value here holds a
+ * bpf_spin_lock (the LRU and per-CPU updates refuse anything past BPF_EXIST anyway). */
 int64_t bn_htab_update(struct bn_htab *h, const uint8_t *key, const uint8_t *value,
                        uint64_t flags, int64_t cpu)
 {
-    if ((flags & ~(uint64_t)BPF_F_LOCK_) > BPF_EXIST_)
+    if (flags > BPF_EXIST_)
         return -EINVAL_;
-    flags &= ~(uint64_t)BPF_F_LOCK_;
     uint32_t b, s = find(h, key, &b);
     if (s != NIL && flags == BPF_NOEXIST_)
         return -EEXIST_;
@@ -284,7 +285,8 @@ static const struct bn_map *map_of(const struct bn_image *img, uint64_t handle)
     return NULL;
 }
 
-/* arraymap.c array_map_update_elem on the guest window: 0, -errno, or 1 (not served). */
+/* arraymap.c array_map_update_elem on the guest window: 0, -errno, or 1 (not served).
+ * Its order: unknown flags, the index, NOEXIST, then BPF_F_LOCK (no bpf_spin_lock). */
 static int64_t array_update(struct bn_jit *j, void *uc, const struct bn_map *m,
                             const uint8_t *key, const uint8_t *value, uint64_t flags)
 {
@@ -294,8 +296,10 @@ static int64_t array_update(struct bn_jit *j, void *uc, const struct bn_map *m,
     memcpy(&idx, key, 4);
     if (idx >= m->max_entries)
         return -E2BIG_;
-    if ((flags & ~(uint64_t)BPF_F_LOCK_) == BPF_NOEXIST_)
+    if (flags & BPF_NOEXIST_)
         return -EEXIST_;                            /* every element of an array exists */
+    if (flags & BPF_F_LOCK_)
+        return -EINVAL_;
     return j->mem_write(uc, m->window + (uint64_t)idx * m->elem_size, (void *)value,
                         m->value_size) ? 1 : 0;
 }
@@ -332,8 +336,10 @@ static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
     uint64_t ret = 0, sp = 0;
     if (j->link_reg >= 0) {
         j->reg_read(uc, j->link_reg, &ret);
-    } else {
+    } else {                                        /* [sp] only inside the native stack */
         j->reg_read(uc, j->sp_reg, &sp);
+        if (sp < j->stack_lo || sp >= j->stack_hi || j->stack_hi - sp < 8)
+            return 0;
         if (j->mem_read(uc, sp, &ret, 8))
             return 0;
     }

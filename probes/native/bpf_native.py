@@ -6,12 +6,14 @@ host entry, with the same results."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import random
 import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from emu.native_lib import load_library
+from probes.bpf.maps import BpfMapType
 
 from . import enabled
 
@@ -183,11 +185,17 @@ class NativeHtab:
     def __len__(self) -> int:
         return int(self.h.count)
 
+    # C copies key_size / value_size bytes from what it is given: a short buffer is
+    # refused here (-EINVAL, or no element) before C could read past it.
     def find(self, key: bytes, touch: bool) -> int:
-        return self._find(self._vp, key, 1 if touch else 0) 
+        if len(key) != self.h.key_size:
+            return -1
+        return self._find(self._vp, key, 1 if touch else 0)
 
     def view(self, key: bytes, cpu: int, touch: bool) -> memoryview | None:
         """The value of ``key`` on ``cpu`` (a program's lookup), or None: find + value."""
+        if len(key) != self.h.key_size:
+            return None
         slot = self._find(self._vp, key, 1 if touch else 0)
         if slot < 0:
             return None
@@ -212,24 +220,32 @@ class NativeHtab:
 
     def update(self, key: bytes, value: bytes, flags: int, cpu: int | None) -> int:
         """cpu None: every CPU's value; a CPU out of range writes none (as Python's)."""
+        if len(key) != self.h.key_size or len(value) != self._vsize:
+            return -errno.EINVAL
         c = -1 if cpu is None else cpu if cpu >= 0 else 1 << 62
         return self._update(self._vp, key, value, ctypes.c_uint64(flags & (2**64 - 1)),
                             ctypes.c_int64(c))
 
     def delete(self, key: bytes) -> int:
-        return self._delete(self._vp, key) 
+        if len(key) != self.h.key_size:
+            return -errno.EINVAL
+        return self._delete(self._vp, key)
 
     def next(self, key: bytes | None) -> int:
         """The slot of the key after ``key`` (the first: None or absent), or -ENOENT."""
-        return self._next(self._vp, key) 
+        if key is not None and len(key) != self.h.key_size:
+            return -errno.EINVAL
+        return self._next(self._vp, key)
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
 NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
                                            # get_prandom_u32, get_smp_processor_id
-_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
-_PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
-                                        # BPF_MAP_TYPE_ARRAY's guest window
+# C serves them on the hash maps, the per-CPU ones on a one-CPU machine, and on
+# BPF_MAP_TYPE_ARRAY's guest window
+_SERVED = frozenset({BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH})
+_PERCPU = frozenset({BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
+                     BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
 
 def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None],
