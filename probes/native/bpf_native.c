@@ -8,11 +8,12 @@
  * directly, so Python, C and a program see the same bytes.
  *
  * bn_helper_hook is the UC_HOOK_CODE callback of one helper trampoline (jit_guest.py):
- * for a call from a JITed image run by an optprobe thunk or a kprobe stub it reads r1-r5
- * from the arch's argument registers, runs map_update_elem / map_delete_elem on a hash
- * map served here (per-CPU ones on the CPU Python names) or on an array map's guest
- * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python. Anything else goes to the Python host
- * entry it replaced, unchanged. */
+ * for a call from a JITed image run from a guest stub of any kind (an optprobe thunk, a
+ * kprobe, kretprobe, ftrace or tracepoint stub) it reads r1-r5 from the arch's argument
+ * registers, runs map_update_elem / map_delete_elem on a hash map served here (per-CPU
+ * ones on the running CPU, a word a cpu_listener keeps) or on an array map's guest
+ * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python.
+ * Anything else goes to the Python host entry it replaced, unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -245,8 +246,9 @@ struct bn_map {
     struct bn_htab *htab;                           /* NULL: an array map */
     uint64_t window;                                /* guest address of element 0 */
     uint32_t max_entries, elem_size, value_size;
-    int32_t cpu;                                    /* a per-CPU map's CPU, else -1 (all) */
+    int32_t cpu;                                    /* BN_THIS_CPU (per-CPU maps), or -1 */
 };
+#define BN_THIS_CPU (-2)                            /* the running CPU's value (bn_jit.cpu) */
 struct bn_image {
     uint64_t start, end;
     struct bn_map *maps;
@@ -263,7 +265,7 @@ struct bn_jit {                                     /* one ScratchJit in a trace
     int32_t args[5], ret_reg;                       /* Unicorn ids of r1-r5, r0 */
     int32_t link_reg, sp_reg;                       /* link_reg < 0: return address at [sp] */
     uint32_t call_size, executing;                  /* executing: a nested run (Python's) */
-    uint32_t one_cpu, pad;                          /* the machine has one CPU: it is 0 */
+    uint32_t cpu, pad;                              /* the running CPU: a cpu_listener's */
     uint64_t stack_lo, stack_hi;                    /* the native stack window */
     struct bn_image *images;
     uint64_t nimages;
@@ -328,8 +330,8 @@ static void finish(struct bn_jit *j, void *uc, uint64_t r0)
     j->served++;
 }
 
-/* Helpers with no arguments, from a registered image: get_smp_processor_id (on a one-CPU
- * machine the CPU Python's helper names, the last host hit's, is always 0) and
+/* Helpers with no arguments, from a registered image: get_smp_processor_id (the running
+ * CPU, which Python's entry names too: it sets the run's CPU to the machine's) and
  * get_prandom_u32 (the run's generator). */
 static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
 {
@@ -346,8 +348,8 @@ static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
     const struct bn_image *img = image_at(j, ret);
     if (!img)
         return 0;
-    if (fid == BPF_FUNC_get_smp_processor_id && j->one_cpu)
-        finish(j, uc, 0);
+    if (fid == BPF_FUNC_get_smp_processor_id)
+        finish(j, uc, j->cpu);
     else if (fid == BPF_FUNC_get_prandom_u32 && img->rng)
         finish(j, uc, bn_mt_next(img->rng));
     else
@@ -399,7 +401,9 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     const uint8_t *key = buf + (r[1] - lo), *value = buf + (r[2] - lo);
     int64_t rc;
     if (h)
-        rc = update ? bn_htab_update(h, key, value, r[3], m->cpu) : bn_htab_delete(h, key);
+        rc = update ? bn_htab_update(h, key, value, r[3],
+                                     m->cpu == BN_THIS_CPU ? (int64_t)j->cpu : m->cpu)
+                    : bn_htab_delete(h, key);
     else
         rc = update ? array_update(j, uc, m, key, value, r[3]) : -EINVAL_;
     if (rc == 1)

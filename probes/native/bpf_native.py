@@ -96,7 +96,7 @@ class BnJit(ctypes.Structure):
         ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
         ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
         ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
-        ("one_cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("stack_lo", ctypes.c_uint64), ("stack_hi", ctypes.c_uint64),
         ("images", ctypes.c_void_p), ("nimages", ctypes.c_uint64),
         ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
@@ -241,25 +241,27 @@ class NativeHtab:
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
 NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
                                            # get_prandom_u32, get_smp_processor_id
-# C serves them on the hash maps, the per-CPU ones on a one-CPU machine, and on
+# C serves them on the hash maps (the per-CPU ones on the running CPU) and on
 # BPF_MAP_TYPE_ARRAY's guest window
 _SERVED = frozenset({BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH})
 _PERCPU = frozenset({BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
                      BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
 
-def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None],
-                one_cpu: bool) -> BnMap | None:
-    """The C row of a map C serves, or None. A per-CPU hash is served only on a machine
-    with one CPU: a program's update writes the hit's CPU (bpf_trace sets env.cpu on host
-    hits only, so with more CPUs C could not tell which one Python's helper would use)."""
+BN_THIS_CPU = -2                        # a row's cpu: the running CPU's value (bn_jit.cpu)
+
+
+def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> BnMap | None:
+    """The C row of a map C serves, or None. A program's update of a per-CPU hash writes
+    the running CPU's value: the one Python's entry writes (jit_guest sets the run's CPU
+    to the machine's), which C reads from bn_jit.cpu, kept by a cpu_listener."""
     from probes.bpf.maps import ArrayMap, HashMap
 
     if isinstance(mp, HashMap) and mp.native is not None:
         if mp.map_type in _SERVED:
             return BnMap(handle, mp.native.ptr, cpu=-1)
-        if mp.map_type in _PERCPU and one_cpu:
-            return BnMap(handle, mp.native.ptr, cpu=0)
+        if mp.map_type in _PERCPU:
+            return BnMap(handle, mp.native.ptr, cpu=BN_THIS_CPU)
     if type(mp) is ArrayMap:
         addr = window(mp)
         if addr is not None:
@@ -296,6 +298,8 @@ class NativeHelpers:
         self._images: dict[int, tuple[Any, list[Any]]] = {}   # image addr -> (BnMap array, maps)
         self._table: Any = None
         machine.stop_listeners.append(self.fold)
+        j.cpu = machine.cpu                 # get_smp_processor_id, per-CPU hash updates
+        machine.cpu_listeners.append(self._cpu_switched)
         # The swapped hooks point into this object's records: it lives as long as the
         # machine's Unicorn, among its hook objects (as the kprobe dispatcher does).
         machine.hooks._keep.append(self)
@@ -339,11 +343,10 @@ class NativeHelpers:
             return
         rows, maps = [], []
         for handle, mp in sorted(run._maps_at.items()):
-            row = _served_map(handle, mp, window, self.m.nr_cpus == 1)
+            row = _served_map(handle, mp, window)
             if row is not None:
                 rows.append(row)
                 maps.append(mp)
-        self.jit.one_cpu = int(self.m.nr_cpus == 1)
         arr = (BnMap * max(1, len(rows)))(*rows)
         rng = self._generator(run.env)
         self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps,
@@ -374,6 +377,9 @@ class NativeHelpers:
             for _a, (a, info) in rows])
         self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
         self._table = table              # the old table is freed only after C points past it
+
+    def _cpu_switched(self, cpu: int) -> None:
+        self.jit.cpu = cpu
 
     def set_executing(self, on: bool) -> None:
         self.jit.executing = int(on)
