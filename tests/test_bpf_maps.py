@@ -61,7 +61,10 @@ SCENARIOS = [
         ("update", (3, 3, BPF_ANY), None),             # evicts 1, not E2BIG
         ("lookup", (1,), errno.ENOENT),
         ("keys", (), [U32(2), U32(3)]),
-        ("update", (2, 9, BPF_NOEXIST), errno.EEXIST),
+        ("update", (3, 9, BPF_EXIST), None),           # full: takes a free element first,
+        ("keys", (), [U32(3)]),                        # which evicts 2 (prealloc_lru_pop)
+        ("update", (3, 9, BPF_NOEXIST), errno.EEXIST),  # room now: nothing evicted
+        ("lookup", (3,), U32(9)),
     ]),
     ("percpu_array", (T.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 4, 2), [
         ("lookup", (0,), [U32(0)] * 3),

@@ -189,6 +189,34 @@ def test_short_keys_and_values_never_reach_c(native) -> None:
     assert len(n) == 1 and m.keys() == [bytes(8)]
 
 
+@pytest.mark.parametrize("storage", ["c", "python"])
+def test_a_full_lru_map_evicts_before_it_looks_the_key_up(storage, native, monkeypatch) -> None:
+    """htab_lru_map_update_elem takes a free element first (prealloc_lru_pop): on a full
+    map even an update of a present key, or one its flags then refuse, evicts the least
+    recently used element; the per-CPU form takes none for BPF_EXIST."""
+    if storage == "python":
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    keys = lambda m: [int.from_bytes(k, "little") for k in m.keys()]   # noqa: E731
+    k = lambda n: n.to_bytes(4, "little")                              # noqa: E731
+    v = bytes(8)
+    m = create_map(T.BPF_MAP_TYPE_LRU_HASH, 4, 8, 3)
+    assert (m.native is not None) == (storage == "c")
+    for n in (1, 2, 3):
+        m.update(n, n)
+    assert m.update_elem(k(3), v, 0) == 0 and keys(m) == [2, 3]          # 1 went
+    m.update(4, 4)
+    assert m.update_elem(k(4), v, 1) == -17 and keys(m) == [3, 4]        # EEXIST, 2 went
+    m.update(5, 5)
+    assert m.update_elem(k(3), v, 2) == -2 and keys(m) == [4, 5]         # 3 itself went
+    p = create_map(T.BPF_MAP_TYPE_LRU_PERCPU_HASH, 4, 8, 2, nr_cpus=2)
+    p.update(1, 1)
+    p.update(2, [2, 3])
+    nine = (9).to_bytes(8, "little")
+    assert p.update_elem(k(1), nine, 2, 0) == 0 and keys(p) == [2, 1]    # EXIST: no pop
+    assert p.update_elem(k(1), nine, 0, 1) == 0 and keys(p) == [1]       # ANY: 2 went first
+    assert p.lookup(1) == [nine, nine]                                   # 1 kept, in place
+
+
 def test_a_value_pointer_is_the_preallocated_element(native) -> None:
     m = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4)
     m.update(1, 5)

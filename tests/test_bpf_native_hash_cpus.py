@@ -27,7 +27,7 @@ PARM2_OFF = {"x86_64": 104, "arm64": 8}           # pt_regs: rsi / x1
 
 def cpu_prog(arch: str, map_type: T) -> BpfProg:
     """pcpu[i & 7] = cpu + 1 on this CPU; by_cpu[cpu] = cpu + 1 (i: work's second argument)."""
-    pcpu = create_map(map_type, 4, 8, 8, name="pcpu", nr_cpus=2)
+    pcpu = create_map(map_type, 4, 8, 16, name="pcpu", nr_cpus=2)   # never full
     by_cpu = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4, name="by_cpu")
     text = f"""
         ldxdw r6, [r1+{PARM2_OFF[arch]}]

@@ -323,13 +323,14 @@ class HashMap(BpfMap):
 
     table: "OrderedDict[bytes, list[bytearray]]" = field(default_factory=OrderedDict)
     lru: ClassVar[bool] = False         # LRU maps: use moves to the end, full evicts the head
+    percpu: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.native: Any = None
         if not self.map_flags & BPF_F_NO_PREALLOC:
             from probes.native.bpf_native import NativeHtab
             self.native = NativeHtab.new(self.key_size, self.value_size, self.max_entries,
-                                         self._cpus(), self.lru)
+                                         self._cpus(), self.lru, self.percpu)
 
     def _cpus(self) -> int:
         return 1
@@ -356,6 +357,9 @@ class HashMap(BpfMap):
             return -errno.EINVAL
         if self.native is not None:
             return self.native.update(key, value, flags, cpu)
+        if self.lru and (not self.percpu or flags != BPF_EXIST) \
+                and len(self.table) >= self.max_entries:
+            self.table.popitem(last=False)     # prealloc_lru_pop, before the key's look-up
         vals = self.table.get(key)
         if vals is not None and flags == BPF_NOEXIST:
             return -errno.EEXIST
@@ -363,9 +367,7 @@ class HashMap(BpfMap):
             return -errno.ENOENT
         if vals is None:
             if len(self.table) >= self.max_entries:
-                if not self.lru:
-                    return -errno.E2BIG
-                self.table.popitem(last=False)     # bpf_lru_list.c, without its free lists
+                return -errno.E2BIG            # (an LRU map made room above)
             vals = [bytearray(self.value_size) for _ in range(self._cpus())]
             self.table[key] = vals
         for c, buf in enumerate(vals):
@@ -418,6 +420,8 @@ class HashMap(BpfMap):
 class PercpuHashMap(HashMap):
     """BPF_MAP_TYPE_PERCPU_HASH: a value per CPU under each key."""
 
+    percpu: ClassVar[bool] = True
+
     def _cpus(self) -> int:
         return self.nr_cpus
 
@@ -436,15 +440,18 @@ class PercpuHashMap(HashMap):
         if len(value) != self.nr_cpus:
             raise MapError(errno.EINVAL, "need one value per CPU")
         _raise(self.update_elem(k, self._value(value[0]), flags))
-        for c, v in enumerate(value):
-            _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
+        for c, v in enumerate(value):   # one update in the kernel: EXIST takes no LRU element
+            _raise(self.update_elem(k, self._value(v), BPF_EXIST, c))
 
 
 @dataclass(eq=False)
 class LruHashMap(HashMap):
     """BPF_MAP_TYPE_LRU_HASH: a full map drops its least recently used entry
-    instead of failing with E2BIG (bpf_lru_list.c, without its per-CPU free
-    lists); a lookup or an update makes an entry the most recent."""
+    instead of failing with E2BIG (bpf_lru_list.c as one strict LRU list,
+    without its per-CPU free lists, batches and reference bits). A program's
+    lookup or an update makes an entry the most recent; bpf(2)'s lookup does
+    not. An update on a full map evicts first, as prealloc_lru_pop does, even
+    when the key is present or the flags then fail."""
 
     lru: ClassVar[bool] = True
 

@@ -19,12 +19,13 @@
 #include <string.h>
 
 #define NIL 0xffffffffu
+enum { BN_LRU = 1, BN_LRU_PERCPU = 2 };             /* bn_htab.lru: 0, or the LRU kind */
 enum { E2BIG_ = 7, ENOENT_ = 2, EEXIST_ = 17, EINVAL_ = 22 };
 enum { BPF_ANY_ = 0, BPF_NOEXIST_ = 1, BPF_EXIST_ = 2, BPF_F_LOCK_ = 4 };
 
 struct bn_htab {
     uint32_t key_size, value_size, vstride, ncpus;  /* vstride: value_size rounded to 8 */
-    uint32_t max_entries, nbuckets, count, lru;
+    uint32_t max_entries, nbuckets, count, lru;     /* lru: 0, BN_LRU, BN_LRU_PERCPU */
     uint32_t head, tail, free_head, pad;            /* insertion order; free slots */
     uint32_t *bucket, *chain, *onext, *oprev;       /* chain: bucket (or free) successor */
     uint8_t *keys, *values;                         /* slot s: keys + s * key_size,
@@ -149,6 +150,12 @@ int64_t bn_htab_update(struct bn_htab *h, const uint8_t *key, const uint8_t *val
 {
     if (flags > BPF_EXIST_)
         return -EINVAL_;
+    /* An LRU update takes a free element before it looks the key up (prealloc_lru_pop;
+     * the per-CPU form not for BPF_EXIST): on a full map that evicts the least recently
+     * used one, even when the key is present or the flags then fail. */
+    if ((h->lru == BN_LRU || (h->lru == BN_LRU_PERCPU && flags != BPF_EXIST_))
+        && h->count >= h->max_entries)
+        remove_slot(h, h->head);
     uint32_t b, s = find(h, key, &b);
     if (s != NIL && flags == BPF_NOEXIST_)
         return -EEXIST_;

@@ -170,7 +170,7 @@ class NativeHtab:
 
     @classmethod
     def new(cls, key_size: int, value_size: int, max_entries: int, ncpus: int,
-            lru: bool) -> "NativeHtab | None":
+            lru: bool, percpu: bool = False) -> "NativeHtab | None":
         lib = load()
         vstride = (value_size + 7) & ~7
         size = max_entries * (key_size + ncpus * vstride + 16)
@@ -178,7 +178,8 @@ class NativeHtab:
             return None
         keys = (ctypes.c_char * max(1, max_entries * key_size))()
         values = (ctypes.c_char * max(1, max_entries * ncpus * vstride))()
-        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, int(lru),
+        kind = (2 if percpu else 1) if lru else 0          # bpf_native.c BN_LRU*
+        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, kind,
                               ctypes.addressof(keys), ctypes.addressof(values))
         return cls(lib, ptr, keys, values) if ptr else None
 
