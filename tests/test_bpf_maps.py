@@ -95,6 +95,8 @@ SCENARIOS = [
         ("lookup", (0,), errno.ENOENT),
         ("update", (0, 99, BPF_ANY), errno.EBADF),      # fd of no program
         ("update", (5, 99, BPF_ANY), errno.E2BIG),
+        ("update", (0, 99, BPF_EXIST), errno.EINVAL),   # an fd array takes BPF_ANY only
+        ("update", (0, 99, BPF_NOEXIST), errno.EINVAL),
         ("delete", (0,), errno.ENOENT),
     ]),
 ]

@@ -9,7 +9,11 @@ Keys and values are bytes; ints are accepted and packed little-endian.
 
 A map owns its value buffers (bytearrays); a program gets a pointer into
 one through the machine's ``VmMemory``, so its writes land in the map.
-Left out: map-in-map, queue/stack, bloom filter, the BPF_F_LOCK spin lock.
+Left out: map-in-map, queue/stack, bloom filter, the BPF_F_LOCK spin lock
+(BPF_F_LOCK gets -EINVAL, as on a map without one). Modelled differently: an
+update of a present key in a hash map writes its element in place, where a
+preallocated htab links in a spare element (extra_elems; an LRU one a fresh
+element) so that a pointer from an earlier lookup keeps the old value.
 """
 from __future__ import annotations
 
@@ -494,13 +498,10 @@ class ProgArrayMap(_FdArrayMap):
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         idx = int.from_bytes(self._key(key), "little")
-        _check_user_flags(flags)
-        if _check_update_flags(flags):
+        if flags != BPF_ANY:                # bpf_fd_array_map_update_elem
             raise MapError(errno.EINVAL)
         if idx >= self.max_entries:
             raise MapError(errno.E2BIG)
-        if flags == BPF_NOEXIST:
-            raise MapError(errno.EEXIST)
         prog = value
         if isinstance(value, (bytes, int)):
             fd = int.from_bytes(value, "little") if isinstance(value, bytes) else value
@@ -537,6 +538,8 @@ class PerfEventArrayMap(_FdArrayMap):
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
         idx = int.from_bytes(key, "little")
+        if flags != BPF_ANY:                # bpf_fd_array_map_update_elem
+            return -errno.EINVAL
         if idx >= self.max_entries:
             return -errno.E2BIG
         self.opened[idx] = int.from_bytes(value, "little")
