@@ -161,6 +161,7 @@ class NativeHtab:
         self._values = memoryview(values).cast("B")
         self._views: dict[int, memoryview] = {}
         self._ncpus, self._vstride, self._vsize = self.h.ncpus, self.h.vstride, self.h.value_size
+        self._ksize = self.h.key_size
         # the per-lookup call without argtypes: ctypes' conversions cost more than the
         # lookup (~0.7 against ~0.4 µs a call); every argument is a pointer or a small int
         self._vp, self._find = ctypes.c_void_p(ptr), _raw(lib, "bn_htab_find")
@@ -189,13 +190,13 @@ class NativeHtab:
     # C copies key_size / value_size bytes from what it is given: a short buffer is
     # refused here (-EINVAL, or no element) before C could read past it.
     def find(self, key: bytes, touch: bool) -> int:
-        if len(key) != self.h.key_size:
+        if len(key) != self._ksize:
             return -1
         return self._find(self._vp, key, 1 if touch else 0)
 
     def view(self, key: bytes, cpu: int, touch: bool) -> memoryview | None:
         """The value of ``key`` on ``cpu`` (a program's lookup), or None: find + value."""
-        if len(key) != self.h.key_size:
+        if len(key) != self._ksize:
             return None
         slot = self._find(self._vp, key, 1 if touch else 0)
         if slot < 0:
@@ -221,20 +222,20 @@ class NativeHtab:
 
     def update(self, key: bytes, value: bytes, flags: int, cpu: int | None) -> int:
         """cpu None: every CPU's value; a CPU out of range writes none (as Python's)."""
-        if len(key) != self.h.key_size or len(value) != self._vsize:
+        if len(key) != self._ksize or len(value) != self._vsize:
             return -errno.EINVAL
         c = -1 if cpu is None else cpu if cpu >= 0 else 1 << 62
         return self._update(self._vp, key, value, ctypes.c_uint64(flags & (2**64 - 1)),
                             ctypes.c_int64(c))
 
     def delete(self, key: bytes) -> int:
-        if len(key) != self.h.key_size:
+        if len(key) != self._ksize:
             return -errno.EINVAL
         return self._delete(self._vp, key)
 
     def next(self, key: bytes | None) -> int:
         """The slot of the key after ``key`` (the first: None or absent), or -ENOENT."""
-        if key is not None and len(key) != self.h.key_size:
+        if key is not None and len(key) != self._ksize:
             return -errno.EINVAL
         return self._next(self._vp, key)
 
