@@ -26,6 +26,7 @@ SCENARIOS = [
         ("update", (1, 6, BPF_NOEXIST), errno.EEXIST),  # every element exists
         ("update", (3, 1, BPF_ANY), errno.E2BIG),       # index past max_entries
         ("update", (0, 1, 7), errno.EINVAL),            # unknown flags
+        ("update", (0, 1, 4), errno.EINVAL),            # BPF_F_LOCK: no bpf_spin_lock
         ("lookup", (3,), errno.ENOENT),
         ("delete", (0,), errno.EINVAL),
         ("next", (None,), U32(0)),
@@ -56,11 +57,14 @@ SCENARIOS = [
     ("lru_hash", (T.BPF_MAP_TYPE_LRU_HASH, 4, 4, 2), [
         ("update", (1, 1, BPF_ANY), None),
         ("update", (2, 2, BPF_ANY), None),
-        ("lookup", (1,), U32(1)),                      # 1 is now the most recent
-        ("update", (3, 3, BPF_ANY), None),             # evicts 2, not E2BIG
-        ("lookup", (2,), errno.ENOENT),
-        ("keys", (), [U32(1), U32(3)]),
-        ("update", (1, 9, BPF_NOEXIST), errno.EEXIST),
+        ("lookup", (1,), U32(1)),                      # bpf(2)'s lookup: no LRU use
+        ("update", (3, 3, BPF_ANY), None),             # evicts 1, not E2BIG
+        ("lookup", (1,), errno.ENOENT),
+        ("keys", (), [U32(2), U32(3)]),
+        ("update", (3, 9, BPF_EXIST), None),           # full: takes a free element first,
+        ("keys", (), [U32(3)]),                        # which evicts 2 (prealloc_lru_pop)
+        ("update", (3, 9, BPF_NOEXIST), errno.EEXIST),  # room now: nothing evicted
+        ("lookup", (3,), U32(9)),
     ]),
     ("percpu_array", (T.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 4, 2), [
         ("lookup", (0,), [U32(0)] * 3),
@@ -91,6 +95,8 @@ SCENARIOS = [
         ("lookup", (0,), errno.ENOENT),
         ("update", (0, 99, BPF_ANY), errno.EBADF),      # fd of no program
         ("update", (5, 99, BPF_ANY), errno.E2BIG),
+        ("update", (0, 99, BPF_EXIST), errno.EINVAL),   # an fd array takes BPF_ANY only
+        ("update", (0, 99, BPF_NOEXIST), errno.EINVAL),
         ("delete", (0,), errno.ENOENT),
     ]),
 ]

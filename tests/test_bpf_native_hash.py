@@ -52,7 +52,7 @@ def _ops(map_type: T, nr_cpus: int, seed: int, n: int = 2000) -> tuple[list, obj
             if op == 0:
                 m.update(k, v, rng.choice([0, 1, 2, 3, 4, 5, 6, 8]))
             elif op == 1:
-                out.append(m.update_elem(k, v, rng.choice([0, 1, 2, 3]),
+                out.append(m.update_elem(k, v, rng.choice([0, 1, 2, 3, 4, 5, 6]),
                                          rng.choice([None, 0, nr_cpus - 1])))
             elif op == 2:
                 out.append(m.lookup(k))
@@ -93,8 +93,8 @@ def test_lru_evicts_the_least_recently_used(native) -> None:
     m = create_map(T.BPF_MAP_TYPE_LRU_HASH, 4, 8, 3)
     for k in (1, 2, 3):
         m.update(k, k)
-    m.lookup(1)                                   # 2 is now the oldest
-    m.update(4, 4)
+    assert m.value_slot((1).to_bytes(4, "little"), 0) is not None   # a program's use:
+    m.update(4, 4)                                # 2 is now the oldest
     assert [int.from_bytes(k, "little") for k in m.keys()] == [3, 1, 4]
     h = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 3)
     for k in (1, 2, 3):
@@ -104,6 +104,117 @@ def test_lru_evicts_the_least_recently_used(native) -> None:
     assert e.value.errno == 7                     # E2BIG
     h.update(1, 9)                                # an existing key keeps its place
     assert [int.from_bytes(k, "little") for k in h.keys()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("map_type", HASHES, ids=lambda t: t.name[13:].lower())
+@pytest.mark.parametrize("storage", ["c", "python"])
+def test_a_dump_of_a_full_map_returns_every_key(map_type, storage, native, monkeypatch) -> None:
+    """bpftool's dump: get_next_key, then lookup. A user-space lookup does not use an LRU
+    element (htab_lru_map_lookup_elem_sys), so the walk sees every key once."""
+    if storage == "python":
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    m = create_map(map_type, 4, 8, 6, nr_cpus=2)
+    assert (m.native is not None) == (storage == "c")
+    for k in (5, 3, 9, 1, 7, 2):
+        m.update(k, k * 10)
+    dumped, key = [], None
+    while True:
+        try:
+            key = m.get_next_key(key)
+        except MapError as e:
+            assert e.errno == 2                   # ENOENT: the end
+            break
+        value = m.lookup(key)
+        v = value[-1] if isinstance(value, list) else value
+        dumped.append((int.from_bytes(key, "little"), int.from_bytes(v, "little")))
+        assert len(dumped) <= 6
+    assert sorted(dumped) == [(k, k * 10) for k in (1, 2, 3, 5, 7, 9)]
+    assert [int.from_bytes(k, "little") for k in m.keys()] == [5, 3, 9, 1, 7, 2]
+
+
+# (flags, program-side errno on a present key, on an absent key); 0 is success. Every
+# flag past BPF_EXIST is -EINVAL: no map here has a bpf_spin_lock (htab_map_update_elem
+# refuses BPF_F_LOCK without one, the LRU and per-CPU updates anything past BPF_EXIST).
+HASH_FLAGS = [(0, 0, 0), (1, 17, 0), (2, 0, 2), (3, 22, 22), (4, 22, 22), (5, 22, 22),
+              (6, 22, 22), (7, 22, 22), (1 << 32, 22, 22)]
+
+
+@pytest.mark.parametrize("map_type", HASHES, ids=lambda t: t.name[13:].lower())
+@pytest.mark.parametrize("storage", ["c", "python"])
+def test_update_flags_are_the_kernels(map_type, storage, native, monkeypatch) -> None:
+    if storage == "python":
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    for flags, present, absent in HASH_FLAGS:
+        m = create_map(map_type, 4, 8, 4, nr_cpus=2)
+        assert (m.native is not None) == (storage == "c")
+        m.update(1, 1)
+        v = (9).to_bytes(8, "little")
+        assert m.update_elem((1).to_bytes(4, "little"), v, flags) == -present, flags
+        assert m.update_elem((2).to_bytes(4, "little"), v, flags) == -absent, flags
+        try:
+            m.update(1, 9, flags)                 # bpf(2): the same answers
+            got = 0
+        except MapError as e:
+            got = e.errno
+        assert got == present, flags
+
+
+def test_array_update_flags_in_array_map_update_elems_order() -> None:
+    """arraymap.c: unknown flags, then the index (E2BIG), then NOEXIST (EEXIST), then
+    BPF_F_LOCK without a spin lock (EINVAL); bpf(2) refuses BPF_F_LOCK first."""
+    m = create_map(T.BPF_MAP_TYPE_ARRAY, 4, 8, 2)
+    v = (9).to_bytes(8, "little")
+    inside, past = (1).to_bytes(4, "little"), (2).to_bytes(4, "little")
+    want = {0: (0, -7), 1: (-17, -7), 2: (0, -7), 3: (-22, -22), 4: (-22, -7),
+            5: (-17, -7), 6: (-22, -7), 7: (-22, -22)}
+    for flags, (at_inside, at_past) in want.items():
+        assert (m.update_elem(inside, v, flags), m.update_elem(past, v, flags)) == \
+            (at_inside, at_past), flags
+    for flags in (4, 5, 6):
+        with pytest.raises(MapError) as e:
+            m.update(5, 9, flags)
+        assert e.value.errno == 22
+
+
+def test_short_keys_and_values_never_reach_c(native) -> None:
+    """NativeHtab refuses a key or value of the wrong length before C copies key_size /
+    value_size bytes from it."""
+    m = create_map(T.BPF_MAP_TYPE_HASH, 8, 16, 4)
+    n = m.native
+    n.update(bytes(8), bytes(16), 0, None)
+    assert n.update(b"\1", bytes(16), 0, None) == -22
+    assert n.update(bytes(8), b"\1", 0, None) == -22
+    assert n.delete(b"\1") == -22 and n.next(b"\1") == -22
+    assert n.find(b"\1", True) == -1 and n.view(b"", 0, False) is None
+    assert len(n) == 1 and m.keys() == [bytes(8)]
+
+
+@pytest.mark.parametrize("storage", ["c", "python"])
+def test_a_full_lru_map_evicts_before_it_looks_the_key_up(storage, native, monkeypatch) -> None:
+    """htab_lru_map_update_elem takes a free element first (prealloc_lru_pop): on a full
+    map even an update of a present key, or one its flags then refuse, evicts the least
+    recently used element; the per-CPU form takes none for BPF_EXIST."""
+    if storage == "python":
+        monkeypatch.setenv("KPROBE_EMU_NATIVE", "0")
+    keys = lambda m: [int.from_bytes(k, "little") for k in m.keys()]   # noqa: E731
+    k = lambda n: n.to_bytes(4, "little")                              # noqa: E731
+    v = bytes(8)
+    m = create_map(T.BPF_MAP_TYPE_LRU_HASH, 4, 8, 3)
+    assert (m.native is not None) == (storage == "c")
+    for n in (1, 2, 3):
+        m.update(n, n)
+    assert m.update_elem(k(3), v, 0) == 0 and keys(m) == [2, 3]          # 1 went
+    m.update(4, 4)
+    assert m.update_elem(k(4), v, 1) == -17 and keys(m) == [3, 4]        # EEXIST, 2 went
+    m.update(5, 5)
+    assert m.update_elem(k(3), v, 2) == -2 and keys(m) == [4, 5]         # 3 itself went
+    p = create_map(T.BPF_MAP_TYPE_LRU_PERCPU_HASH, 4, 8, 2, nr_cpus=2)
+    p.update(1, 1)
+    p.update(2, [2, 3])
+    nine = (9).to_bytes(8, "little")
+    assert p.update_elem(k(1), nine, 2, 0) == 0 and keys(p) == [2, 1]    # EXIST: no pop
+    assert p.update_elem(k(1), nine, 0, 1) == 0 and keys(p) == [1]       # ANY: 2 went first
+    assert p.lookup(1) == [nine, nine]                                   # 1 kept, in place
 
 
 def test_a_value_pointer_is_the_preallocated_element(native) -> None:

@@ -9,7 +9,11 @@ Keys and values are bytes; ints are accepted and packed little-endian.
 
 A map owns its value buffers (bytearrays); a program gets a pointer into
 one through the machine's ``VmMemory``, so its writes land in the map.
-Left out: map-in-map, queue/stack, bloom filter, the BPF_F_LOCK spin lock.
+Left out: map-in-map, queue/stack, bloom filter, the BPF_F_LOCK spin lock
+(BPF_F_LOCK gets -EINVAL, as on a map without one). Modelled differently: an
+update of a present key in a hash map writes its element in place, where a
+preallocated htab links in a spare element (extra_elems; an LRU one a fresh
+element) so that a pointer from an earlier lookup keeps the old value.
 """
 from __future__ import annotations
 
@@ -152,6 +156,7 @@ class BpfMap:
         return bytes(buf[off:off + self.value_size])
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         if self.backing is not None:
             self.backing.pull(self)
         _raise(self.update_elem(self._key(key), self._value(value), flags))
@@ -185,9 +190,17 @@ class BpfMap:
 
 
 def _check_update_flags(flags: int) -> int:
-    if flags & ~BPF_F_LOCK > BPF_EXIST:
-        return -errno.EINVAL
-    return 0
+    """The map ops' first check (htab_*_update_elem, array_map_update_elem): flags other
+    than ANY/NOEXIST/EXIST, and BPF_F_LOCK (no map here has a bpf_spin_lock), give
+    -EINVAL. An array checks BPF_F_LOCK later (ArrayMap._update_offset)."""
+    return -errno.EINVAL if flags > BPF_EXIST else 0
+
+
+def _check_user_flags(flags: int) -> None:
+    """bpf(BPF_MAP_UPDATE_ELEM) rejects BPF_F_LOCK on a map without a spin lock before
+    the map sees the call (syscall.c map_update_elem)."""
+    if flags & BPF_F_LOCK:
+        raise MapError(errno.EINVAL, "BPF_F_LOCK on a map without a bpf_spin_lock")
 
 
 # --- arrays --------------------------------------------------------------------
@@ -214,14 +227,17 @@ class ArrayMap(BpfMap):
         return self.values, idx * self.elem_size
 
     def _update_offset(self, key: bytes, flags: int) -> int:
-        """Byte offset of the element an update writes, or -errno."""
-        if _check_update_flags(flags):
+        """Byte offset of the element an update writes, or -errno, in
+        array_map_update_elem's order: BPF_F_LOCK is refused last."""
+        if flags & ~BPF_F_LOCK > BPF_EXIST:
             return -errno.EINVAL
         idx = self._index(key)
         if idx >= self.max_entries:
             return -errno.E2BIG
-        if flags & ~BPF_F_LOCK == BPF_NOEXIST:
+        if flags & BPF_NOEXIST:
             return -errno.EEXIST  # every element of an array always exists
+        if flags & BPF_F_LOCK:
+            return -errno.EINVAL  # no bpf_spin_lock in the value
         return idx * self.elem_size
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
@@ -281,6 +297,7 @@ class PercpuArrayMap(ArrayMap):
                 (self.value_slot(k, c) for c in range(self.nr_cpus))]  # type: ignore[misc]
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         k = self._key(key)
         if isinstance(value, (list, tuple)):
             if len(value) != self.nr_cpus:
@@ -310,13 +327,14 @@ class HashMap(BpfMap):
 
     table: "OrderedDict[bytes, list[bytearray]]" = field(default_factory=OrderedDict)
     lru: ClassVar[bool] = False         # LRU maps: use moves to the end, full evicts the head
+    percpu: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.native: Any = None
         if not self.map_flags & BPF_F_NO_PREALLOC:
             from probes.native.bpf_native import NativeHtab
             self.native = NativeHtab.new(self.key_size, self.value_size, self.max_entries,
-                                         self._cpus(), self.lru)
+                                         self._cpus(), self.lru, self.percpu)
 
     def _cpus(self) -> int:
         return 1
@@ -343,7 +361,9 @@ class HashMap(BpfMap):
             return -errno.EINVAL
         if self.native is not None:
             return self.native.update(key, value, flags, cpu)
-        flags &= ~BPF_F_LOCK
+        if self.lru and (not self.percpu or flags != BPF_EXIST) \
+                and len(self.table) >= self.max_entries:
+            self.table.popitem(last=False)     # prealloc_lru_pop, before the key's look-up
         vals = self.table.get(key)
         if vals is not None and flags == BPF_NOEXIST:
             return -errno.EEXIST
@@ -351,9 +371,7 @@ class HashMap(BpfMap):
             return -errno.ENOENT
         if vals is None:
             if len(self.table) >= self.max_entries:
-                if not self.lru:
-                    return -errno.E2BIG
-                self.table.popitem(last=False)     # bpf_lru_list.c, without its free lists
+                return -errno.E2BIG            # (an LRU map made room above)
             vals = [bytearray(self.value_size) for _ in range(self._cpus())]
             self.table[key] = vals
         for c, buf in enumerate(vals):
@@ -381,6 +399,17 @@ class HashMap(BpfMap):
         pos = keys.index(key)
         return keys[pos + 1] if pos + 1 < len(keys) else -errno.ENOENT
 
+    def lookup(self, key: bytes | int) -> Any:
+        """bpf(BPF_MAP_LOOKUP_ELEM): no LRU use (htab_lru_map_lookup_elem_sys), so a
+        dump (get_next_key, then lookup) walks every key; a program's lookup
+        (value_slot) does use the element."""
+        if self.backing is not None:
+            self.backing.pull(self)
+        vals = self._values(self._key(key))
+        if vals is None:
+            raise MapError(errno.ENOENT)
+        return vals[0]
+
     def _values(self, key: bytes) -> list[bytes] | None:
         """Every CPU's value of ``key`` (no LRU use), or None."""
         n = self.native
@@ -395,6 +424,8 @@ class HashMap(BpfMap):
 class PercpuHashMap(HashMap):
     """BPF_MAP_TYPE_PERCPU_HASH: a value per CPU under each key."""
 
+    percpu: ClassVar[bool] = True
+
     def _cpus(self) -> int:
         return self.nr_cpus
 
@@ -405,6 +436,7 @@ class PercpuHashMap(HashMap):
         return vals
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
+        _check_user_flags(flags)
         k = self._key(key)
         if not isinstance(value, (list, tuple)):
             _raise(self.update_elem(k, self._value(value), flags))
@@ -412,15 +444,18 @@ class PercpuHashMap(HashMap):
         if len(value) != self.nr_cpus:
             raise MapError(errno.EINVAL, "need one value per CPU")
         _raise(self.update_elem(k, self._value(value[0]), flags))
-        for c, v in enumerate(value):
-            _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
+        for c, v in enumerate(value):   # one update in the kernel: EXIST takes no LRU element
+            _raise(self.update_elem(k, self._value(v), BPF_EXIST, c))
 
 
 @dataclass(eq=False)
 class LruHashMap(HashMap):
     """BPF_MAP_TYPE_LRU_HASH: a full map drops its least recently used entry
-    instead of failing with E2BIG (bpf_lru_list.c, without its per-CPU free
-    lists); a lookup or an update makes an entry the most recent."""
+    instead of failing with E2BIG (bpf_lru_list.c as one strict LRU list,
+    without its per-CPU free lists, batches and reference bits). A program's
+    lookup or an update makes an entry the most recent; bpf(2)'s lookup does
+    not. An update on a full map evicts first, as prealloc_lru_pop does, even
+    when the key is present or the flags then fail."""
 
     lru: ClassVar[bool] = True
 
@@ -463,12 +498,10 @@ class ProgArrayMap(_FdArrayMap):
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         idx = int.from_bytes(self._key(key), "little")
-        if _check_update_flags(flags):
+        if flags != BPF_ANY:                # bpf_fd_array_map_update_elem
             raise MapError(errno.EINVAL)
         if idx >= self.max_entries:
             raise MapError(errno.E2BIG)
-        if flags == BPF_NOEXIST:
-            raise MapError(errno.EEXIST)
         prog = value
         if isinstance(value, (bytes, int)):
             fd = int.from_bytes(value, "little") if isinstance(value, bytes) else value
@@ -505,6 +538,8 @@ class PerfEventArrayMap(_FdArrayMap):
 
     def update_elem(self, key: bytes, value: bytes, flags: int, cpu: int | None = None) -> int:
         idx = int.from_bytes(key, "little")
+        if flags != BPF_ANY:                # bpf_fd_array_map_update_elem
+            return -errno.EINVAL
         if idx >= self.max_entries:
             return -errno.E2BIG
         self.opened[idx] = int.from_bytes(value, "little")

@@ -8,22 +8,24 @@
  * directly, so Python, C and a program see the same bytes.
  *
  * bn_helper_hook is the UC_HOOK_CODE callback of one helper trampoline (jit_guest.py):
- * for a call from a JITed image run by an optprobe thunk or a kprobe stub it reads r1-r5
- * from the arch's argument registers, runs map_update_elem / map_delete_elem on a hash
- * map served here (per-CPU ones on the CPU Python names) or on an array map's guest
- * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python. Anything else goes to the Python host
- * entry it replaced, unchanged. */
+ * for a call from a JITed image run from a guest stub of any kind (an optprobe thunk, a
+ * kprobe, kretprobe, ftrace or tracepoint stub) it reads r1-r5 from the arch's argument
+ * registers, runs map_update_elem / map_delete_elem on a hash map served here (per-CPU
+ * ones on the running CPU, a word a cpu_listener keeps) or on an array map's guest
+ * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python.
+ * Anything else goes to the Python host entry it replaced, unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define NIL 0xffffffffu
+enum { BN_LRU = 1, BN_LRU_PERCPU = 2 };             /* bn_htab.lru: 0, or the LRU kind */
 enum { E2BIG_ = 7, ENOENT_ = 2, EEXIST_ = 17, EINVAL_ = 22 };
 enum { BPF_ANY_ = 0, BPF_NOEXIST_ = 1, BPF_EXIST_ = 2, BPF_F_LOCK_ = 4 };
 
 struct bn_htab {
     uint32_t key_size, value_size, vstride, ncpus;  /* vstride: value_size rounded to 8 */
-    uint32_t max_entries, nbuckets, count, lru;
+    uint32_t max_entries, nbuckets, count, lru;     /* lru: 0, BN_LRU, BN_LRU_PERCPU */
     uint32_t head, tail, free_head, pad;            /* insertion order; free slots */
     uint32_t *bucket, *chain, *onext, *oprev;       /* chain: bucket (or free) successor */
     uint8_t *keys, *values;                         /* slot s: keys + s * key_size,
@@ -140,13 +142,20 @@ int64_t bn_htab_find(struct bn_htab *h, const uint8_t *key, uint32_t touch)
     return s;
 }
 
-/* htab_map_update_elem: 0 or -errno. cpu < 0: the value on every CPU, else on that one. */
+/* htab_map_update_elem: 0 or -errno. cpu < 0: the value on every CPU, else on that one.
+ * Flags past BPF_EXIST are refused, BPF_F_LOCK among them: no value here holds a
+ * bpf_spin_lock (the LRU and per-CPU updates refuse anything past BPF_EXIST anyway). */
 int64_t bn_htab_update(struct bn_htab *h, const uint8_t *key, const uint8_t *value,
                        uint64_t flags, int64_t cpu)
 {
-    if ((flags & ~(uint64_t)BPF_F_LOCK_) > BPF_EXIST_)
+    if (flags > BPF_EXIST_)
         return -EINVAL_;
-    flags &= ~(uint64_t)BPF_F_LOCK_;
+    /* An LRU update takes a free element before it looks the key up (prealloc_lru_pop;
+     * the per-CPU form not for BPF_EXIST): on a full map that evicts the least recently
+     * used one, even when the key is present or the flags then fail. */
+    if ((h->lru == BN_LRU || (h->lru == BN_LRU_PERCPU && flags != BPF_EXIST_))
+        && h->count >= h->max_entries)
+        remove_slot(h, h->head);
     uint32_t b, s = find(h, key, &b);
     if (s != NIL && flags == BPF_NOEXIST_)
         return -EEXIST_;
@@ -244,8 +253,9 @@ struct bn_map {
     struct bn_htab *htab;                           /* NULL: an array map */
     uint64_t window;                                /* guest address of element 0 */
     uint32_t max_entries, elem_size, value_size;
-    int32_t cpu;                                    /* a per-CPU map's CPU, else -1 (all) */
+    int32_t cpu;                                    /* BN_THIS_CPU (per-CPU maps), or -1 */
 };
+#define BN_THIS_CPU (-2)                            /* the running CPU's value (bn_jit.cpu) */
 struct bn_image {
     uint64_t start, end;
     struct bn_map *maps;
@@ -262,7 +272,7 @@ struct bn_jit {                                     /* one ScratchJit in a trace
     int32_t args[5], ret_reg;                       /* Unicorn ids of r1-r5, r0 */
     int32_t link_reg, sp_reg;                       /* link_reg < 0: return address at [sp] */
     uint32_t call_size, executing;                  /* executing: a nested run (Python's) */
-    uint32_t one_cpu, pad;                          /* the machine has one CPU: it is 0 */
+    uint32_t cpu, pad;                              /* the running CPU: a cpu_listener's */
     uint64_t stack_lo, stack_hi;                    /* the native stack window */
     struct bn_image *images;
     uint64_t nimages;
@@ -284,7 +294,8 @@ static const struct bn_map *map_of(const struct bn_image *img, uint64_t handle)
     return NULL;
 }
 
-/* arraymap.c array_map_update_elem on the guest window: 0, -errno, or 1 (not served). */
+/* arraymap.c array_map_update_elem on the guest window: 0, -errno, or 1 (not served).
+ * Its order: unknown flags, the index, NOEXIST, then BPF_F_LOCK (no bpf_spin_lock). */
 static int64_t array_update(struct bn_jit *j, void *uc, const struct bn_map *m,
                             const uint8_t *key, const uint8_t *value, uint64_t flags)
 {
@@ -294,8 +305,10 @@ static int64_t array_update(struct bn_jit *j, void *uc, const struct bn_map *m,
     memcpy(&idx, key, 4);
     if (idx >= m->max_entries)
         return -E2BIG_;
-    if ((flags & ~(uint64_t)BPF_F_LOCK_) == BPF_NOEXIST_)
+    if (flags & BPF_NOEXIST_)
         return -EEXIST_;                            /* every element of an array exists */
+    if (flags & BPF_F_LOCK_)
+        return -EINVAL_;
     return j->mem_write(uc, m->window + (uint64_t)idx * m->elem_size, (void *)value,
                         m->value_size) ? 1 : 0;
 }
@@ -324,24 +337,26 @@ static void finish(struct bn_jit *j, void *uc, uint64_t r0)
     j->served++;
 }
 
-/* Helpers with no arguments, from a registered image: get_smp_processor_id (on a one-CPU
- * machine the CPU Python's helper names, the last host hit's, is always 0) and
+/* Helpers with no arguments, from a registered image: get_smp_processor_id (the running
+ * CPU, which Python's entry names too: it sets the run's CPU to the machine's) and
  * get_prandom_u32 (the run's generator). */
 static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
 {
     uint64_t ret = 0, sp = 0;
     if (j->link_reg >= 0) {
         j->reg_read(uc, j->link_reg, &ret);
-    } else {
+    } else {                                        /* [sp] only inside the native stack */
         j->reg_read(uc, j->sp_reg, &sp);
+        if (sp < j->stack_lo || sp >= j->stack_hi || j->stack_hi - sp < 8)
+            return 0;
         if (j->mem_read(uc, sp, &ret, 8))
             return 0;
     }
     const struct bn_image *img = image_at(j, ret);
     if (!img)
         return 0;
-    if (fid == BPF_FUNC_get_smp_processor_id && j->one_cpu)
-        finish(j, uc, 0);
+    if (fid == BPF_FUNC_get_smp_processor_id)
+        finish(j, uc, j->cpu);
     else if (fid == BPF_FUNC_get_prandom_u32 && img->rng)
         finish(j, uc, bn_mt_next(img->rng));
     else
@@ -393,7 +408,9 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     const uint8_t *key = buf + (r[1] - lo), *value = buf + (r[2] - lo);
     int64_t rc;
     if (h)
-        rc = update ? bn_htab_update(h, key, value, r[3], m->cpu) : bn_htab_delete(h, key);
+        rc = update ? bn_htab_update(h, key, value, r[3],
+                                     m->cpu == BN_THIS_CPU ? (int64_t)j->cpu : m->cpu)
+                    : bn_htab_delete(h, key);
     else
         rc = update ? array_update(j, uc, m, key, value, r[3]) : -EINVAL_;
     if (rc == 1)

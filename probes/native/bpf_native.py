@@ -6,12 +6,14 @@ host entry, with the same results."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import random
 import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from emu.native_lib import load_library
+from probes.bpf.maps import BpfMapType
 
 from . import enabled
 
@@ -94,7 +96,7 @@ class BnJit(ctypes.Structure):
         ("helper_cycles", ctypes.c_uint64), ("args", ctypes.c_int32 * 5),
         ("ret_reg", ctypes.c_int32), ("link_reg", ctypes.c_int32), ("sp_reg", ctypes.c_int32),
         ("call_size", ctypes.c_uint32), ("executing", ctypes.c_uint32),
-        ("one_cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("stack_lo", ctypes.c_uint64), ("stack_hi", ctypes.c_uint64),
         ("images", ctypes.c_void_p), ("nimages", ctypes.c_uint64),
         ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
@@ -159,6 +161,7 @@ class NativeHtab:
         self._values = memoryview(values).cast("B")
         self._views: dict[int, memoryview] = {}
         self._ncpus, self._vstride, self._vsize = self.h.ncpus, self.h.vstride, self.h.value_size
+        self._ksize = self.h.key_size
         # the per-lookup call without argtypes: ctypes' conversions cost more than the
         # lookup (~0.7 against ~0.4 µs a call); every argument is a pointer or a small int
         self._vp, self._find = ctypes.c_void_p(ptr), _raw(lib, "bn_htab_find")
@@ -168,7 +171,7 @@ class NativeHtab:
 
     @classmethod
     def new(cls, key_size: int, value_size: int, max_entries: int, ncpus: int,
-            lru: bool) -> "NativeHtab | None":
+            lru: bool, percpu: bool = False) -> "NativeHtab | None":
         lib = load()
         vstride = (value_size + 7) & ~7
         size = max_entries * (key_size + ncpus * vstride + 16)
@@ -176,18 +179,25 @@ class NativeHtab:
             return None
         keys = (ctypes.c_char * max(1, max_entries * key_size))()
         values = (ctypes.c_char * max(1, max_entries * ncpus * vstride))()
-        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, int(lru),
+        kind = (2 if percpu else 1) if lru else 0          # bpf_native.c BN_LRU*
+        ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, kind,
                               ctypes.addressof(keys), ctypes.addressof(values))
         return cls(lib, ptr, keys, values) if ptr else None
 
     def __len__(self) -> int:
         return int(self.h.count)
 
+    # C copies key_size / value_size bytes from what it is given: a short buffer is
+    # refused here (-EINVAL, or no element) before C could read past it.
     def find(self, key: bytes, touch: bool) -> int:
-        return self._find(self._vp, key, 1 if touch else 0) 
+        if len(key) != self._ksize:
+            return -1
+        return self._find(self._vp, key, 1 if touch else 0)
 
     def view(self, key: bytes, cpu: int, touch: bool) -> memoryview | None:
         """The value of ``key`` on ``cpu`` (a program's lookup), or None: find + value."""
+        if len(key) != self._ksize:
+            return None
         slot = self._find(self._vp, key, 1 if touch else 0)
         if slot < 0:
             return None
@@ -212,38 +222,48 @@ class NativeHtab:
 
     def update(self, key: bytes, value: bytes, flags: int, cpu: int | None) -> int:
         """cpu None: every CPU's value; a CPU out of range writes none (as Python's)."""
+        if len(key) != self._ksize or len(value) != self._vsize:
+            return -errno.EINVAL
         c = -1 if cpu is None else cpu if cpu >= 0 else 1 << 62
         return self._update(self._vp, key, value, ctypes.c_uint64(flags & (2**64 - 1)),
                             ctypes.c_int64(c))
 
     def delete(self, key: bytes) -> int:
-        return self._delete(self._vp, key) 
+        if len(key) != self._ksize:
+            return -errno.EINVAL
+        return self._delete(self._vp, key)
 
     def next(self, key: bytes | None) -> int:
         """The slot of the key after ``key`` (the first: None or absent), or -ENOENT."""
-        return self._next(self._vp, key) 
+        if key is not None and len(key) != self._ksize:
+            return -errno.EINVAL
+        return self._next(self._vp, key)
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
 NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
                                            # get_prandom_u32, get_smp_processor_id
-_SERVED = frozenset({1, 9})             # on BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH,
-_PERCPU = frozenset({5, 10})            # the per-CPU ones on a one-CPU machine, and
-                                        # BPF_MAP_TYPE_ARRAY's guest window
+# C serves them on the hash maps (the per-CPU ones on the running CPU) and on
+# BPF_MAP_TYPE_ARRAY's guest window
+_SERVED = frozenset({BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH})
+_PERCPU = frozenset({BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
+                     BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
 
-def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None],
-                one_cpu: bool) -> BnMap | None:
-    """The C row of a map C serves, or None. A per-CPU hash is served only on a machine
-    with one CPU: a program's update writes the hit's CPU (bpf_trace sets env.cpu on host
-    hits only, so with more CPUs C could not tell which one Python's helper would use)."""
+BN_THIS_CPU = -2                        # a row's cpu: the running CPU's value (bn_jit.cpu)
+
+
+def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> BnMap | None:
+    """The C row of a map C serves, or None. A program's update of a per-CPU hash writes
+    the running CPU's value: the one Python's entry writes (jit_guest sets the run's CPU
+    to the machine's), which C reads from bn_jit.cpu, kept by a cpu_listener."""
     from probes.bpf.maps import ArrayMap, HashMap
 
     if isinstance(mp, HashMap) and mp.native is not None:
         if mp.map_type in _SERVED:
             return BnMap(handle, mp.native.ptr, cpu=-1)
-        if mp.map_type in _PERCPU and one_cpu:
-            return BnMap(handle, mp.native.ptr, cpu=0)
+        if mp.map_type in _PERCPU:
+            return BnMap(handle, mp.native.ptr, cpu=BN_THIS_CPU)
     if type(mp) is ArrayMap:
         addr = window(mp)
         if addr is not None:
@@ -280,6 +300,8 @@ class NativeHelpers:
         self._images: dict[int, tuple[Any, list[Any]]] = {}   # image addr -> (BnMap array, maps)
         self._table: Any = None
         machine.stop_listeners.append(self.fold)
+        j.cpu = machine.cpu                 # get_smp_processor_id, per-CPU hash updates
+        machine.cpu_listeners.append(self._cpu_switched)
         # The swapped hooks point into this object's records: it lives as long as the
         # machine's Unicorn, among its hook objects (as the kprobe dispatcher does).
         machine.hooks._keep.append(self)
@@ -323,11 +345,10 @@ class NativeHelpers:
             return
         rows, maps = [], []
         for handle, mp in sorted(run._maps_at.items()):
-            row = _served_map(handle, mp, window, self.m.nr_cpus == 1)
+            row = _served_map(handle, mp, window)
             if row is not None:
                 rows.append(row)
                 maps.append(mp)
-        self.jit.one_cpu = int(self.m.nr_cpus == 1)
         arr = (BnMap * max(1, len(rows)))(*rows)
         rng = self._generator(run.env)
         self._images[image.addr] = (arr, [image.addr, image.addr + len(image.code), maps,
@@ -358,6 +379,9 @@ class NativeHelpers:
             for _a, (a, info) in rows])
         self.jit.images, self.jit.nimages = ctypes.addressof(table), len(rows)
         self._table = table              # the old table is freed only after C points past it
+
+    def _cpu_switched(self, cpu: int) -> None:
+        self.jit.cpu = cpu
 
     def set_executing(self, on: bool) -> None:
         self.jit.executing = int(on)
