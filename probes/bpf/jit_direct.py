@@ -41,7 +41,9 @@ trace_call_bpf's AND of the results only gates a perf sample, which these events
 record, so the stubs drop it as the thunk does.
 
 Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
-programs whose helper calls are inlined (array lookups, map_gen_lookup) or in
+programs whose helper calls are inlined (array lookups, map_gen_lookup), lookups in a hash
+or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
+returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
 backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
 and no context pointer handed to a helper (the host helper could not read the frame).
@@ -134,9 +136,20 @@ def direct_eligible(prog: "BpfProg") -> str | None:
                 continue
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
-            if type(_map_in_r1(prog, insns, targets, i)) is not ArrayMap:
+            mp = _map_in_r1(prog, insns, targets, i)
+            if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
     return None
+
+
+def guest_mapped_hash(mp: Any) -> bool:
+    """A hash or LRU hash map whose values C holds in pages a traced guest can map
+    (ScratchJit.hash_values): a lookup from guest code returns a guest pointer to them."""
+    from .maps import BpfMapType, HashMap
+
+    return isinstance(mp, HashMap) and mp.map_type in (
+        BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH) and \
+        mp.native is not None and mp.native.values_mm is not None
 
 
 def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
