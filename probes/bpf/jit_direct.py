@@ -311,7 +311,9 @@ class DirectCalls:
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
-            if image is None:
+            if image is None or prog not in self.runner._runs:
+                # JITed at load but never run on the host: no kept run yet to serve the
+                # image's helper calls (ScratchJit.direct_run); the host hit makes one
                 return DirectPlan(event, progs, images, f"{prog.name}: not JITed", pending=True)
             if image.extable:
                 return DirectPlan(event, progs, images, f"{prog.name}: probe loads")
