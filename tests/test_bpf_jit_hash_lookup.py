@@ -24,7 +24,8 @@ PARM1_OFF = {"x86_64": 112, "arm64": 0}      # PT_REGS_PARM1 in pt_regs
 
 
 def count_prog(arch: str, map_type: BpfMapType = BpfMapType.BPF_MAP_TYPE_HASH,
-               keys: int = 256, entries: int = 512, delete_after: bool = False) -> BpfProg:
+               keys: int = 256, entries: int = 512, delete_after: bool = False,
+               arg_off: int | None = None) -> BpfProg:
     """counts[PARM1 % keys] += 1: lookup; if NULL update(key, 1), else lock add 1.
     ``delete_after``: then delete the key and write 100 through the stale pointer."""
     counts = create_map(map_type, 4, 8, entries, name="counts")
@@ -38,7 +39,7 @@ def count_prog(arch: str, map_type: BpfMapType = BpfMapType.BPF_MAP_TYPE_HASH,
     """ if delete_after else ""
     ntail = 7 if delete_after else 0
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        ldxdw r6, [r1+{PARM1_OFF[arch] if arg_off is None else arg_off}]
         mod r6, {keys}
         stxw [r10-4], r6
         mov r2, r10
@@ -182,3 +183,73 @@ def test_python_entry_returns_the_same_guest_pointer_without_c(arch, monkeypatch
         pytest.skip("the C library cannot be built: hash maps keep Python storage")
     assert _direct(lab, p, True) and nres[-1] == 0
     assert no_c == with_c and nres[:-1] == cres[:-1] and len(no_c) == 256
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_map_host_is_every_cpus_and_survives_sharing(arch) -> None:
+    """Memory.map_host: the caller's pages in every Uc, before and after the memory is
+    shared with another vCPU's Uc (share() must not copy them), the TLB table told."""
+    import ctypes
+    import mmap
+
+    from unicorn import Uc, unicorn_const as UC
+
+    from emu.memory import PAGE, PROT_READ, PROT_WRITE, Memory
+
+    mode = (UC.UC_ARCH_X86, UC.UC_MODE_64) if arch == "x86_64" else (UC.UC_ARCH_ARM64,
+                                                                     UC.UC_MODE_ARM)
+    mem = Memory(Uc(*mode))
+    mem.map(0x10000, PAGE, PROT_READ | PROT_WRITE, "plain")
+    mm = mmap.mmap(-1, 2 * PAGE)
+    host = ctypes.c_char.from_buffer(mm)
+    mem.map_host(0x40000, 2 * PAGE, PROT_READ | PROT_WRITE, "[host]", ctypes.addressof(host))
+    mem.write(0x40010, b"guest")
+    assert mm[0x10:0x15] == b"guest"
+    other = Uc(*mode)
+    mem.share_with(other)
+    mm[PAGE:PAGE + 4] = b"host"
+    assert bytes(other.mem_read(0x40000 + PAGE, 4)) == b"host"
+    other.mem_write(0x40020, b"cpu1")
+    assert mm[0x20:0x24] == b"cpu1" and mem.read(0x40020, 4) == b"cpu1"
+    assert mem.find(0x40000).name == "[host]"
+    mem.unmap(0x40000, 2 * PAGE)
+    assert not mem.is_mapped(0x40000) and mm[0x20:0x24] == b"cpu1"   # the caller's still
+    del host
+    mm.close()
+
+
+PARM2_OFF = {"x86_64": 104, "arm64": 8}      # rsi, x1
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_two_cpus_count_into_one_mapped_hash(arch, c_prog, hit_path) -> None:
+    """tests/data/smp/percpu.c: three threads on two CPUs call work(id, i); the stubs of
+    both CPUs look up counts[i % 256] in the one mapped value pool (every CPU's Uc)."""
+    import io
+
+    from conftest import ROOT
+    from emu.loader import GuestConfig, load_guest
+
+    exe = c_prog(arch, ROOT / "tests" / "data" / "smp" / "percpu.c", extra=("-pthread",))
+    got = {}
+    for engine in ("jit", "python"):
+        prog = count_prog(arch, arg_off=PARM2_OFF[arch])
+        out = io.BytesIO()
+        m = load_guest(GuestConfig(path=str(exe), argv=["3"], cpus=2, seed=3),
+                       stdout=out).machine
+        p = Kprobe(symbol_name="work")
+        from probes.kprobes import kprobes_of
+        kprobes_of(m).register_kprobe(p)
+        call = KprobePerfEvent(m, "work", kp=p)
+        p.pre_handler = call.kprobe_perf_func
+        assert perf_event_attach_bpf_prog(
+            PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE), prog) == 0
+        install_engine(m, engine)
+        assert m.run().exit_code == 0
+        got[engine] = (out.getvalue(), sorted(prog.maps[3].items()))
+        if engine == "jit" and hit_path == "native":
+            dc = direct_calls_of(m)
+            assert dc is not None and {k[2] for k in dc.copies} == {0, 1}
+    assert got["jit"] == got["python"]
+    # i runs 0..299, 0..399, 0..499: key k counts one per thread whose range has it
+    assert sum(int.from_bytes(v, "little") for _k, v in got["jit"][1]) == 1200
