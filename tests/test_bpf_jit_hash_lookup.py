@@ -25,10 +25,10 @@ PARM1_OFF = {"x86_64": 112, "arm64": 0}      # PT_REGS_PARM1 in pt_regs
 
 def count_prog(arch: str, map_type: BpfMapType = BpfMapType.BPF_MAP_TYPE_HASH,
                keys: int = 256, entries: int = 512, delete_after: bool = False,
-               arg_off: int | None = None) -> BpfProg:
+               arg_off: int | None = None, nr_cpus: int = 1) -> BpfProg:
     """counts[PARM1 % keys] += 1: lookup; if NULL update(key, 1), else lock add 1.
     ``delete_after``: then delete the key and write 100 through the stale pointer."""
-    counts = create_map(map_type, 4, 8, entries, name="counts")
+    counts = create_map(map_type, 4, 8, entries, name="counts", nr_cpus=nr_cpus)
     tail = """
         mov r7, r0
         mov r2, r10
@@ -130,6 +130,20 @@ def test_counting_lookups_run_in_the_guest_as_the_other_engines(arch, optimize, 
     assert int.from_bytes(jprog.maps[3].lookup(key), "little") == 1001
 
 
+@pytest.mark.parametrize("map_type", [BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
+                                      BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH],
+                         ids=["percpu", "lru_percpu"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_percpu_lookups_as_the_python_engine(arch, map_type, hit_path, monkeypatch) -> None:
+    kw = dict(map_type=map_type, keys=96, entries=64)
+    calls = [2, 500]
+    jit, jres, jprog, lab, p = _run(arch, "jit", True, calls, monkeypatch, **kw)
+    py, pres, *_ = _run(arch, "python", True, calls, **kw)
+    assert jit == py and jres[:-1] == pres[:-1] and len(jit) == 64
+    if hit_path == "native":
+        assert _direct(lab, p, True) and jres[-1] == 0
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_lru_lookup_marks_the_element_used_as_the_python_engine(arch, hit_path) -> None:
     # 64 entries, 96 keys: evictions follow the order lookups leave
@@ -221,8 +235,11 @@ def test_map_host_is_every_cpus_and_survives_sharing(arch) -> None:
 PARM2_OFF = {"x86_64": 104, "arm64": 8}      # rsi, x1
 
 
+@pytest.mark.parametrize("map_type", [BpfMapType.BPF_MAP_TYPE_HASH,
+                                      BpfMapType.BPF_MAP_TYPE_PERCPU_HASH],
+                         ids=["hash", "percpu"])
 @pytest.mark.parametrize("arch", ARCHES)
-def test_two_cpus_count_into_one_mapped_hash(arch, c_prog, hit_path) -> None:
+def test_two_cpus_count_into_one_mapped_hash(arch, map_type, c_prog, hit_path) -> None:
     """tests/data/smp/percpu.c: three threads on two CPUs call work(id, i); the stubs of
     both CPUs look up counts[i % 256] in the one mapped value pool (every CPU's Uc)."""
     import io
@@ -233,7 +250,7 @@ def test_two_cpus_count_into_one_mapped_hash(arch, c_prog, hit_path) -> None:
     exe = c_prog(arch, ROOT / "tests" / "data" / "smp" / "percpu.c", extra=("-pthread",))
     got = {}
     for engine in ("jit", "python"):
-        prog = count_prog(arch, arg_off=PARM2_OFF[arch])
+        prog = count_prog(arch, map_type=map_type, arg_off=PARM2_OFF[arch], nr_cpus=2)
         out = io.BytesIO()
         m = load_guest(GuestConfig(path=str(exe), argv=["3"], cpus=2, seed=3),
                        stdout=out).machine
@@ -252,4 +269,7 @@ def test_two_cpus_count_into_one_mapped_hash(arch, c_prog, hit_path) -> None:
             assert dc is not None and {k[2] for k in dc.copies} == {0, 1}
     assert got["jit"] == got["python"]
     # i runs 0..299, 0..399, 0..499: key k counts one per thread whose range has it
-    assert sum(int.from_bytes(v, "little") for _k, v in got["jit"][1]) == 1200
+    per_value = [v if isinstance(v, list) else [v] for _k, v in got["jit"][1]]
+    assert sum(int.from_bytes(x, "little") for vs in per_value for x in vs) == 1200
+    if map_type == BpfMapType.BPF_MAP_TYPE_PERCPU_HASH:      # both CPUs counted
+        assert all(any(int.from_bytes(vs[c], "little") for vs in per_value) for c in (0, 1))

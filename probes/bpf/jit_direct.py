@@ -143,13 +143,12 @@ def direct_eligible(prog: "BpfProg") -> str | None:
 
 
 def guest_mapped_hash(mp: Any) -> bool:
-    """A hash or LRU hash map whose values C holds in pages a traced guest can map
-    (ScratchJit.hash_values): a lookup from guest code returns a guest pointer to them."""
-    from .maps import BpfMapType, HashMap
+    """A hash map (any of the family) whose values C holds in pages a traced guest can map
+    (ScratchJit.hash_values): a lookup from guest code returns a guest pointer to them (a
+    per-CPU map's: the running CPU's value; C answers on one CPU, Python on several)."""
+    from .maps import HashMap
 
-    return isinstance(mp, HashMap) and mp.map_type in (
-        BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH) and \
-        mp.native is not None and mp.native.values_mm is not None
+    return isinstance(mp, HashMap) and mp.native is not None and mp.native.values_mm is not None
 
 
 def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
