@@ -24,7 +24,9 @@ helpers can read keys and buffers on it.
 
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
-map_update_elem, map_delete_elem, get_prandom_u32 and get_smp_processor_id that entry is C's
+map_lookup_elem (a hash map whose values the guest maps, ``hash_values``: r0 is the
+value's guest address), map_update_elem, map_delete_elem, get_prandom_u32 and
+get_smp_processor_id that entry is C's
 (probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
 stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
 its key and value on the live native stack, is served there, charged as Python charges it.
@@ -49,7 +51,7 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 
 Left out (see the report in the issue): maps backed by the guest pages themselves (the
 windows are copied in and out around a nested run, skipping unchanged ones; a hash value a
-nested run looks up too, though C's pool could be mapped instead); native twins of the
+nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
 other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
 per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
 the kernel's short-branch passes.
