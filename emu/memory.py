@@ -89,6 +89,16 @@ class HostBuffer:
         self.mm.close()
 
 
+class _ExternalBuffer(HostBuffer):
+    """A host buffer map_host maps but does not own: releasing it frees nothing."""
+
+    def __init__(self, addr: int) -> None:
+        self.addr, self.refs = addr, 0
+
+    def release(self) -> None:
+        pass
+
+
 @dataclass
 class Backing:
     """[start, end) of guest memory lives at `buf.addr + offset`."""
@@ -117,6 +127,7 @@ class Memory:
         # The TLB whose fills answer from this memory's permissions (the machine's; None
         # for a Memory of its own, as tests and benchmarks make).
         self.tlb: Vtlb | None = None
+        self._external: dict[int, Backing] = {}   # map_host's mappings, by start
 
     # --- mapping ----------------------------------------------------------------------------
     def map(self, start: int, size: int, prot: int, name: str) -> None:
@@ -131,6 +142,25 @@ class Memory:
         self._tlb_assign(start, end, perms_to_uc(prot))
         self.mapped_bytes += end - start
         self._insert(Region(start, end, prot, name))
+
+    def map_host(self, start: int, size: int, prot: int, name: str, host_addr: int) -> None:
+        """Map page-aligned host memory the caller owns (and keeps alive while mapped) at
+        ``start`` on every Uc: the guest and the host then share those bytes (BPF hash
+        values). Counted in the budget like any mapping; never copied, moved or freed here."""
+        if start % PAGE or size % PAGE or host_addr % PAGE or not size:
+            raise ValueError("map_host: page-aligned start, size and host address only")
+        if self.mapped_bytes + size > self.max_memory or len(self.regions) >= MAX_MAP_COUNT:
+            raise MemoryLimit(size, self.mapped_bytes, self.max_memory)
+        for uc in self.ucs:
+            uc.mem_map_ptr(start, size, perms_to_uc(prot), host_addr)
+        buf = _ExternalBuffer(host_addr)
+        self._external[start] = Backing(start, start + size, buf, 0)
+        if self._backing is not None:
+            buf.refs = 1
+            bisect.insort(self._backing, self._external[start], key=lambda b: b.start)
+        self._tlb_assign(start, start + size, perms_to_uc(prot))
+        self.mapped_bytes += size
+        self._insert(Region(start, start + size, prot, name))
 
     def note_region(self, start: int, size: int, name: str) -> None:
         """Record a region mapped elsewhere (MMIO) so faults and listings can name it."""
@@ -160,6 +190,8 @@ class Memory:
                 uc.mem_unmap(lo, hi - lo)
             if self._backing is not None:
                 self._unback(lo, hi)
+            for k in [k for k in self._external if lo <= k < hi]:
+                del self._external[k]
             self._tlb_assign(lo, hi, None)
             self.mapped_bytes -= hi - lo
             self._split(r, lo, hi, None)
@@ -228,6 +260,11 @@ class Memory:
             return
         self._backing = []
         for begin, last, perms in sorted(self.uc.mem_regions()):
+            ext = self._external.get(begin)
+            if ext is not None:             # the caller's memory: stays where it is
+                ext.buf.refs = 1
+                self._backing.append(ext)
+                continue
             data = bytes(self.uc.mem_read(begin, last + 1 - begin))
             self.uc.mem_unmap(begin, last + 1 - begin)
             self._map_shared(begin, last + 1, perms, data)

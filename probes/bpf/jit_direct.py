@@ -41,7 +41,9 @@ trace_call_bpf's AND of the results only gates a perf sample, which these events
 record, so the stubs drop it as the thunk does.
 
 Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
-programs whose helper calls are inlined (array lookups, map_gen_lookup) or in
+programs whose helper calls are inlined (array lookups, map_gen_lookup), lookups in a hash
+or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
+returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
 backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
 and no context pointer handed to a helper (the host helper could not read the frame).
@@ -134,9 +136,19 @@ def direct_eligible(prog: "BpfProg") -> str | None:
                 continue
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
-            if type(_map_in_r1(prog, insns, targets, i)) is not ArrayMap:
+            mp = _map_in_r1(prog, insns, targets, i)
+            if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
     return None
+
+
+def guest_mapped_hash(mp: Any) -> bool:
+    """A hash map (any of the family) whose values C holds in pages a traced guest can map
+    (ScratchJit.hash_values): a lookup from guest code returns a guest pointer to them (a
+    per-CPU map's: the running CPU's value; C answers on one CPU, Python on several)."""
+    from .maps import HashMap
+
+    return isinstance(mp, HashMap) and mp.native is not None and mp.native.values_mm is not None
 
 
 def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
@@ -298,7 +310,9 @@ class DirectCalls:
         images: list[int] = []
         for prog in progs:
             image = self.runner.image_of(prog)
-            if image is None:
+            if image is None or prog not in self.runner._runs:
+                # JITed at load but never run on the host: no kept run yet to serve the
+                # image's helper calls (ScratchJit.direct_run); the host hit makes one
                 return DirectPlan(event, progs, images, f"{prog.name}: not JITed", pending=True)
             if image.extable:
                 return DirectPlan(event, progs, images, f"{prog.name}: probe loads")

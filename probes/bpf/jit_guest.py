@@ -24,7 +24,9 @@ helpers can read keys and buffers on it.
 
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
-map_update_elem, map_delete_elem, get_prandom_u32 and get_smp_processor_id that entry is C's
+map_lookup_elem (a hash map whose values the guest maps, ``hash_values``: r0 is the
+value's guest address), map_update_elem, map_delete_elem, get_prandom_u32 and
+get_smp_processor_id that entry is C's
 (probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
 stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
 its key and value on the live native stack, is served there, charged as Python charges it.
@@ -49,7 +51,7 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 
 Left out (see the report in the issue): maps backed by the guest pages themselves (the
 windows are copied in and out around a nested run, skipping unchanged ones; a hash value a
-nested run looks up too, though C's pool could be mapped instead); native twins of the
+nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
 other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
 per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
 the kernel's short-branch passes.
@@ -500,6 +502,7 @@ class ScratchJit:
         self._executing = False         # inside execute (else a trap comes from a thunk)
         self._direct = False            # serving a thunk's helper call
         self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
+        self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
@@ -573,6 +576,54 @@ class ScratchJit:
         w = self._by_buffer.get(id(m.values))
         return w.gstart if w is not None and w.size and m.backing is self else None
 
+    def _value_base(self, m: Any) -> int | None:
+        """Guest address of a map's values for C's helpers: an array map's window, or a
+        C-held hash map's values (mapped on first use, ``hash_values``)."""
+        from .maps import HashMap
+
+        if isinstance(m, HashMap):
+            return self.hash_values(m)
+        return self._array_window(m)
+
+    def hash_values(self, m: Any) -> int | None:
+        """In a traced guest: the guest address of a C-held hash map's values, whose pages
+        are mapped here (rw-, claimed as the BPF layer's) on first use and stay mapped
+        with the map kept alive; element slot s, CPU c is at base + (s*ncpus + c)*vstride.
+        None: not in a guest, or the map keeps Python storage."""
+        from emu.memory import PROT_READ, PROT_WRITE
+
+        native = getattr(m, "native", None)
+        if not self.in_guest or native is None or native.values_mm is None:
+            return None
+        got = self._hash_bases.get(id(m))
+        if got is None:
+            size = len(native.values_mm)
+            addr = self._free_span(self.stub_base, size)
+            self.machine.memory.map_host(addr, size, PROT_READ | PROT_WRITE, "[bpf htab values]",
+                                         native.values_addr)
+            self.machine.claim_text(addr, size, RegionOwner.BPF, "[bpf htab values]")
+            got = self._hash_bases[id(m)] = (m, addr)
+        return got[1]
+
+    def _direct_lookup(self, run: Any, args: list[int]) -> int | None:
+        """map_lookup_elem from a thunk or stub on a hash map the guest maps: the guest
+        address of the value (C declined: no C entry, or the key is not on the stack), or
+        None for the generic helper."""
+        from .maps import BpfMapType
+
+        mp = run.map_at(args[0])
+        base = self.hash_values(mp) if mp is not None else None
+        if base is None:
+            return None
+        key = run.mem.read(args[1], mp.key_size)
+        ncpus, cpu = mp._cpus(), run.env.cpu
+        if mp.map_type in (BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
+                           BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH) and not 0 <= cpu < ncpus:
+            return 0                    # BpfRun.map_value_ptr: no value for this CPU
+        slot = mp.native.find(key, mp.lru)
+        cpu = 0 if ncpus == 1 else cpu
+        return 0 if slot < 0 else base + (slot * ncpus + cpu) * mp.native.h.vstride
+
     @property
     def _executing(self) -> bool:
         """Inside ``execute`` (a nested run: Python serves every helper there)."""
@@ -611,7 +662,7 @@ class ScratchJit:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         if self._native:            # later calls from this image: C's (bpf_native.c)
             self._native.fold()
-            self._native.register(image, run, self._array_window)
+            self._native.register(image, run, self._value_base)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
         run.env.cpu = self.machine.cpu  # a stub runs on the CPU that hit, not the last host hit's
         self._direct = True
@@ -1129,6 +1180,11 @@ class ScratchJit:
         elif touches:
             self.sync_in()
         try:
+            got = self._direct_lookup(run, args) if self._direct and fid == 1 and \
+                proto is KERNEL_HELPERS.get(1) else None
+            if got is not None:
+                m.regs.write(self._ret_id, got)
+                return None
             r0 = proto.impl(run, *args) & U64
         except ProgramExit as e:
             self._pending.exit_r0 = e.r0

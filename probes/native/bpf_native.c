@@ -242,7 +242,7 @@ typedef int (*reg_fn)(void *uc, int regid, void *value);
 typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
 
-enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
+enum { BPF_FUNC_map_lookup_elem = 1, BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
        BPF_FUNC_get_prandom_u32 = 7, BPF_FUNC_get_smp_processor_id = 8 };
 
 /* A map C serves, by its handle in the calling image's run: a hash map, or an array map
@@ -251,7 +251,8 @@ enum { BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
 struct bn_map {
     uint64_t handle;
     struct bn_htab *htab;                           /* NULL: an array map */
-    uint64_t window;                                /* guest address of element 0 */
+    uint64_t window;                                /* guest address of element 0's
+                                                     * value (a hash map: 0, unmapped) */
     uint32_t max_entries, elem_size, value_size;
     int32_t cpu;                                    /* BN_THIS_CPU (per-CPU maps), or -1 */
 };
@@ -364,6 +365,17 @@ static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
     return 1;
 }
 
+/* htab_map_lookup_elem from a program (an LRU element is marked used): r0 = the guest
+ * address of the value the guest maps at m->window, or 0. */
+static int serve_lookup(struct bn_jit *j, void *uc, const struct bn_map *m, const uint8_t *key)
+{
+    const struct bn_htab *h = m->htab;
+    int64_t s = bn_htab_find(m->htab, key, 1);
+    uint64_t cpu = m->cpu == BN_THIS_CPU ? j->cpu : m->cpu < 0 ? 0 : (uint64_t)m->cpu;
+    finish(j, uc, s < 0 ? 0 : m->window + ((uint64_t)s * h->ncpus + cpu) * h->vstride);
+    return 1;
+}
+
 /* The helper in C: 1 if served (r0 written), 0 to hand it to Python untouched. Its
  * arguments must be where Python's helper finds them: the map one of the calling image's
  * run, the key and value on the live native stack (the window Python copies in). */
@@ -371,10 +383,10 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
 {
     uint64_t r[5] = {0}, r0, sp = 0, ret = 0, lo, n;
     uint8_t buf[BN_SPAN];
-    int update = fid == BPF_FUNC_map_update_elem;
+    int update = fid == BPF_FUNC_map_update_elem, lookup = fid == BPF_FUNC_map_lookup_elem;
     if (fid == BPF_FUNC_get_smp_processor_id || fid == BPF_FUNC_get_prandom_u32)
         return serve_noargs(j, uc, fid);
-    if (!update && fid != BPF_FUNC_map_delete_elem)
+    if (!update && !lookup && fid != BPF_FUNC_map_delete_elem)
         return 0;
     for (int i = 0; i < (update ? 4 : 2); i++)
         j->reg_read(uc, j->args[i], &r[i]);
@@ -407,6 +419,8 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
         return 0;
     const uint8_t *key = buf + (r[1] - lo), *value = buf + (r[2] - lo);
     int64_t rc;
+    if (lookup)
+        return h && m->window ? serve_lookup(j, uc, m, key) : 0;
     if (h)
         rc = update ? bn_htab_update(h, key, value, r[3],
                                      m->cpu == BN_THIS_CPU ? (int64_t)j->cpu : m->cpu)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import random
 import weakref
 from pathlib import Path
@@ -160,6 +161,7 @@ class NativeHtab:
         self._keys = memoryview(keys).cast("B")
         self._values = memoryview(values).cast("B")
         self._views: dict[int, memoryview] = {}
+        self.values_mm: mmap.mmap | None = None
         self._ncpus, self._vstride, self._vsize = self.h.ncpus, self.h.vstride, self.h.value_size
         self._ksize = self.h.key_size
         # the per-lookup call without argtypes: ctypes' conversions cost more than the
@@ -178,11 +180,25 @@ class NativeHtab:
         if lib is None or size > PREALLOC_LIMIT:
             return None
         keys = (ctypes.c_char * max(1, max_entries * key_size))()
-        values = (ctypes.c_char * max(1, max_entries * ncpus * vstride))()
+        # the values in whole pages of their own (mmap): a traced guest maps them
+        # (map_host) so JITed code dereferences a lookup's pointer, as htab values are
+        # kernel memory the kernel's JIT reads directly
+        nbytes = max(1, max_entries * ncpus * vstride)
+        mm = mmap.mmap(-1, (nbytes + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1))
+        values = (ctypes.c_char * nbytes).from_buffer(mm)
         kind = (2 if percpu else 1) if lru else 0          # bpf_native.c BN_LRU*
         ptr = lib.bn_htab_new(key_size, value_size, max_entries, ncpus, kind,
                               ctypes.addressof(keys), ctypes.addressof(values))
-        return cls(lib, ptr, keys, values) if ptr else None
+        if not ptr:
+            return None
+        out = cls(lib, ptr, keys, values)
+        out.values_mm = mm
+        return out
+
+    @property
+    def values_addr(self) -> int:
+        """Host address of the values (page-aligned; ``len(values_mm)`` bytes)."""
+        return int(self.h.values)
 
     def __len__(self) -> int:
         return int(self.h.count)
@@ -241,8 +257,10 @@ class NativeHtab:
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
-NATIVE_HELPERS = frozenset({2, 3, 7, 8})   # map_update_elem, map_delete_elem,
-                                           # get_prandom_u32, get_smp_processor_id
+NATIVE_HELPERS = frozenset({1, 2, 3, 7, 8})   # map_lookup_elem (a hash map whose values
+                                              # the guest maps), map_update_elem,
+                                              # map_delete_elem, get_prandom_u32,
+                                              # get_smp_processor_id
 # C serves them on the hash maps (the per-CPU ones on the running CPU) and on
 # BPF_MAP_TYPE_ARRAY's guest window
 _SERVED = frozenset({BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH})
@@ -260,10 +278,12 @@ def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> Bn
     from probes.bpf.maps import ArrayMap, HashMap
 
     if isinstance(mp, HashMap) and mp.native is not None:
+        # a hash map's `window`: the guest address of its values (0: not mapped, and C
+        # leaves its lookups to Python)
         if mp.map_type in _SERVED:
-            return BnMap(handle, mp.native.ptr, cpu=-1)
+            return BnMap(handle, mp.native.ptr, window(mp) or 0, cpu=-1)
         if mp.map_type in _PERCPU:
-            return BnMap(handle, mp.native.ptr, cpu=BN_THIS_CPU)
+            return BnMap(handle, mp.native.ptr, window(mp) or 0, cpu=BN_THIS_CPU)
     if type(mp) is ArrayMap:
         addr = window(mp)
         if addr is not None:
