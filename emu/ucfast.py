@@ -18,6 +18,7 @@ uclib = _ucmod.uclib
 # Second handles on libunicorn without the binding's argtypes: UC_HOOK_INSN takes a variadic
 # instruction id after `end`, and argtype conversion doubles the cost of a register access.
 _raw = ctypes.CDLL(uclib._name)
+raw_lib = _raw                  # for other modules' raw calls (one handle, no argtypes)
 _hook_add_va = _raw.uc_hook_add
 _hook_add_va.restype = ctypes.c_int
 _reg_read, _reg_write = _raw.uc_reg_read, _raw.uc_reg_write
@@ -95,7 +96,7 @@ class RawHooks:
         """Another vCPU's Uc: every hook installed so far goes on it, in the same order."""
         self.ucs.append(uc)
         for handle, (htype, fn, ud, begin, end, extra) in self._recipes.items():
-            self._more[handle].append(_install(uc, htype, fn, ud, begin, end, extra))
+            self._more[handle].append(hook_add_at(uc, htype, fn, ud, begin, end, extra))
 
     def replay_as(self, handle: int, fn: int, user_data: int) -> None:
         """Ucs added from now on get hook `handle` with the native callback `fn` and its
@@ -131,10 +132,10 @@ class RawHooks:
 
     def _add_on_all(self, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
                     extra: tuple) -> int:
-        handle = _install(self.ucs[0], htype, fn, ud, begin, end, extra)
+        handle = hook_add_at(self.ucs[0], htype, fn, ud, begin, end, extra)
         self.installed[handle] = (htype, begin, end)
         self._recipes[handle] = (htype, fn, ud, begin, end, extra)
-        self._more[handle] = [_install(uc, htype, fn, ud, begin, end, extra)
+        self._more[handle] = [hook_add_at(uc, htype, fn, ud, begin, end, extra)
                               for uc in self.ucs[1:]]
         return handle
 
@@ -192,12 +193,22 @@ class RawHooks:
                 if h[0] in (UC.UC_HOOK_CODE, UC.UC_HOOK_BLOCK) and not (h[1] == h[2])]
 
 
-def _install(uc: Uc, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
-             extra: tuple) -> int:
-    """uc_hook_add of a callback by address (every RawHooks hook goes through here)."""
+def hook_add_at(uc: Uc, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
+                extra: tuple = ()) -> int:
+    """uc_hook_add of a callback by address (every RawHooks hook goes through here, and
+    hooks a layer keeps outside RawHooks: the TLB's)."""
     handle = ctypes.c_size_t()
     err = _hook_add_va(uc._uch, ctypes.byref(handle), ctypes.c_int(htype), ctypes.c_void_p(fn),
                        ctypes.c_void_p(ud), ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
     if err:
         raise RuntimeError(f"uc_hook_add failed: {err}")
     return handle.value
+
+
+_TLB_FLUSH = (1 << 30) | UC.UC_CTL_TLB_FLUSH          # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
+
+
+def tlb_flush(uc: Uc) -> None:
+    """uc_ctl(UC_CTL_TLB_FLUSH) without the binding's wrapping (a flush follows every map,
+    unmap and protect)."""
+    _raw.uc_ctl(uc._uch, ctypes.c_int(_TLB_FLUSH))

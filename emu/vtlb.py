@@ -40,7 +40,7 @@ from unicorn import unicorn_const as UC
 from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers read the Py2 one)
 
 from emu.native_lib import address_of, load_library
-from emu.ucfast import uclib
+from emu.ucfast import hook_add_at, tlb_flush
 
 SOURCE = Path(__file__).with_name("vtlb.c")
 PAGE = 0x1000
@@ -49,7 +49,6 @@ MAPPED = 1                          # slot_page's low bit: the denied page is ma
 # Physical address of the fault window: above every guest address (x86-64 canonical user
 # space, arm64's 48-bit VA, the bare-metal RAM), never mapped.
 WINDOW = 0x00F0_0000_0000_0000
-_TLB_FLUSH = (1 << 30) | UC.UC_CTL_TLB_FLUSH          # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 _NEED = {UC.UC_MEM_READ: UC.UC_PROT_READ, UC.UC_MEM_WRITE: UC.UC_PROT_WRITE,
          UC.UC_MEM_FETCH: UC.UC_PROT_EXEC}
 # The window is unmapped: Unicorn reports *_UNMAPPED; a mapped page's denial is a PROT.
@@ -90,9 +89,6 @@ FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctyp
                            ctypes.POINTER(UcTlbEntry), ctypes.c_void_p)
 INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
                               ctypes.c_int, ctypes.c_int64, ctypes.c_void_p)
-_raw = ctypes.CDLL(uclib._name)
-_hook_add, _uc_ctl = _raw.uc_hook_add, _raw.uc_ctl
-
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
 
@@ -232,19 +228,20 @@ class Vtlb:
     def attach(self, uc: Uc) -> None:
         """Run `uc` on this TLB: virtual mode, the fill, and the fault window's hook."""
         if self.mode is VtlbMode.OFF:
-            self._hook(uc, UC.UC_HOOK_MEM_INVALID, self._invalid_cb(self._on_invalid), None, 1, 0)
+            hook_add_at(uc, UC.UC_HOOK_MEM_INVALID, self._invalid_cb(self._on_invalid),
+                        None, 1, 0)
             return
         uc.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
         if self._lib is not None:
-            self._hook(uc, UC.UC_HOOK_TLB_FILL, address_of(self._lib.vtlb_fill),
-                       ctypes.addressof(self.state), 1, 0)
+            hook_add_at(uc, UC.UC_HOOK_TLB_FILL, address_of(self._lib.vtlb_fill),
+                        ctypes.addressof(self.state), 1, 0)
         else:
             cb = FILL_CB(self._guarded(lambda _uc, vaddr, access, entry, _ud:
                                        self._fill_py(vaddr, access, entry.contents)))
             self._keep.append(cb)
-            self._hook(uc, UC.UC_HOOK_TLB_FILL, address_of(cb), None, 1, 0)
-        self._hook(uc, UC.UC_HOOK_MEM_UNMAPPED, self._invalid_cb(self._on_window), None,
-                   WINDOW, WINDOW + SLOTS * PAGE - 1)
+            hook_add_at(uc, UC.UC_HOOK_TLB_FILL, address_of(cb), None, 1, 0)
+        hook_add_at(uc, UC.UC_HOOK_MEM_UNMAPPED, self._invalid_cb(self._on_window), None,
+                    WINDOW, WINDOW + SLOTS * PAGE - 1)
 
     def _invalid_cb(self, fn: Callable[[int, int], None]) -> int:
         def cb(_uc, access, addr, _size, _value, _ud) -> bool:
@@ -267,14 +264,6 @@ class Vtlb:
                 return False
         return guarded
 
-    @staticmethod
-    def _hook(uc: Uc, htype: int, fn: int, ud: int | None, begin: int, end: int) -> None:
-        handle = ctypes.c_size_t()
-        err = _hook_add(uc._uch, ctypes.byref(handle), ctypes.c_int(htype), ctypes.c_void_p(fn),
-                        ctypes.c_void_p(ud), ctypes.c_uint64(begin), ctypes.c_uint64(end))
-        if err:
-            raise RuntimeError(f"uc_hook_add failed: {err}")
-
     def _on_invalid(self, access: int, addr: int) -> None:
         if self.on_fault is not None:
             self.on_fault(access, addr)
@@ -292,7 +281,7 @@ class Vtlb:
         if self.mode is VtlbMode.OFF:
             return
         for uc in ucs:
-            _uc_ctl(uc._uch, ctypes.c_int(_TLB_FLUSH))
+            tlb_flush(uc)
         self.state.slots_used = 0
 
     def after_fault(self, ucs: Iterable[Uc]) -> None:

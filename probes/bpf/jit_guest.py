@@ -411,9 +411,8 @@ class _UcFast:
     budget, sp) in one uc_reg_write_batch, and guest memory reads and writes."""
 
     def __init__(self, uc: Any, entry_ids: list[int]) -> None:
-        from emu.ucfast import uclib
+        from emu.ucfast import raw_lib as lib
 
-        lib = ctypes.CDLL(uclib._name)
         self.uc, self._uch = uc, uc._uch
         self._ctx = uc.context_save()        # allocated once; freed with this object
         self._raw_ctx = self._ctx.context
