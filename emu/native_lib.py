@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def cache_dir() -> Path:
@@ -69,3 +69,22 @@ def load_library(source: Path, stem: str) -> ctypes.CDLL | None:
         return ctypes.CDLL(str(path))
     except OSError:
         return None
+
+
+def cached_library(source: Path, stem: str, declare: Callable[[ctypes.CDLL], None] | None = None,
+                   enabled: Callable[[], bool] | None = None) -> Callable[[], ctypes.CDLL | None]:
+    """A layer's `load()`: its library built and loaded at the first call, once per process
+    (`declare` gives its functions their argtypes), the same object afterwards; None while
+    `enabled()` says no, and for good when it cannot be built."""
+    loaded: list[ctypes.CDLL | None] = []
+
+    def load() -> ctypes.CDLL | None:
+        if enabled is not None and not enabled():
+            return None
+        if not loaded:
+            lib = load_library(source, stem)
+            if lib is not None and declare is not None:
+                declare(lib)
+            loaded.append(lib)
+        return loaded[0]
+    return load

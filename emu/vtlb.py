@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Iterable
 from unicorn import unicorn_const as UC
 from unicorn.unicorn_py3.unicorn import Uc   # (not `unicorn.Uc`: type checkers read the Py2 one)
 
-from emu.native_lib import address_of, load_library
+from emu.native_lib import address_of, cached_library
 from emu.ucfast import hook_add_at, tlb_flush
 
 SOURCE = Path(__file__).with_name("vtlb.c")
@@ -89,27 +89,18 @@ FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctyp
                            ctypes.POINTER(UcTlbEntry), ctypes.c_void_p)
 INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
                               ctypes.c_int, ctypes.c_int64, ctypes.c_void_p)
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
+def _declare(lib: ctypes.CDLL) -> None:
+    P = ctypes.POINTER(VtlbState)
+    lib.vtlb_assign.argtypes = [P, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+    lib.vtlb_lookup.argtypes = [P, ctypes.c_uint64]
+    lib.vtlb_fill.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                              ctypes.POINTER(UcTlbEntry), P]
+    lib.vtlb_fill.restype = ctypes.c_bool
+    for fn in (lib.vtlb_clear, lib.vtlb_free):
+        fn.argtypes, fn.restype = [P], None
 
 
-def load() -> ctypes.CDLL | None:
-    """vtlb.c built and loaded (None without a compiler)."""
-    global _LIB, _TRIED
-    if not _TRIED:
-        _TRIED = True
-        lib = load_library(SOURCE, "vtlb")
-        if lib is not None:
-            P = ctypes.POINTER(VtlbState)
-            lib.vtlb_assign.argtypes = [P, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
-            lib.vtlb_lookup.argtypes = [P, ctypes.c_uint64]
-            lib.vtlb_fill.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                                      ctypes.POINTER(UcTlbEntry), P]
-            lib.vtlb_fill.restype = ctypes.c_bool
-            for fn in (lib.vtlb_clear, lib.vtlb_free):
-                fn.argtypes, fn.restype = [P], None
-        _LIB = lib
-    return _LIB
+load = cached_library(SOURCE, "vtlb", _declare)        # vtlb.c (None without a compiler)
 
 
 def default_mode() -> VtlbMode:

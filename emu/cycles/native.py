@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from emu.native_lib import load_library
+from emu.native_lib import cached_library
 
 SOURCE = Path(__file__).with_name("native.c")
 
@@ -54,21 +54,7 @@ class CmState(ctypes.Structure):
         ("loop_cost", ctypes.c_uint64), ("loop_max", ctypes.c_uint64), ("loops", ctypes.c_uint64)]
 
 
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The loaded library, building it first if needed; None if that is not possible."""
-    global _LIB, _TRIED
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    if os.environ.get("KPROBE_EMU_NO_NATIVE"):
-        return None
-    lib = load_library(SOURCE, "cyclecount")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     P = ctypes.POINTER(CmState)
     lib.cm_init.argtypes = [P, ctypes.c_uint64]
     lib.cm_free.argtypes = [P]
@@ -80,5 +66,8 @@ def load() -> ctypes.CDLL | None:
     for fn in (lib.cm_init, lib.cm_insert, lib.cm_invalidate):
         fn.restype = ctypes.c_int
     lib.cm_free.restype = None
-    _LIB = lib
-    return lib
+
+
+# the block counter, built first if needed; None under KPROBE_EMU_NO_NATIVE or not buildable
+load = cached_library(SOURCE, "cyclecount", _declare,
+                      lambda: not os.environ.get("KPROBE_EMU_NO_NATIVE"))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from emu.native_lib import load_library
+from emu.native_lib import cached_library
 
 SOURCE = Path(__file__).with_name("preempt.c")
 SLOW_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
@@ -25,19 +25,9 @@ class PreState(ctypes.Structure):
         ("slow", SLOW_CB)]
 
 
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
-
-
-def load() -> ctypes.CDLL | None:
-    global _LIB, _TRIED
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    if os.environ.get("KPROBE_EMU_NO_NATIVE"):
-        return None
-    _LIB = load_library(SOURCE, "preempt")
-    return _LIB
+# the preemption hook, built first if needed; None under KPROBE_EMU_NO_NATIVE or not buildable
+load = cached_library(SOURCE, "preempt",
+                      enabled=lambda: not os.environ.get("KPROBE_EMU_NO_NATIVE"))
 
 
 def clock_fp_address(clock) -> int | None:

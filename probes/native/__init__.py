@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from emu.clock import DETOUR, FP_MAX, FP_SHIFT, HANDLER, STEP, TRAP, Clock, Reason
-from emu.native_lib import load_library
+from emu.native_lib import cached_library
 from emu.ucfast import CODE_CB, INTR_CB, lib_symbol
 from unicorn import unicorn_const as UC
 
@@ -205,21 +205,7 @@ def enabled() -> bool:
     return os.environ.get("KPROBE_EMU_NATIVE", "1") != "0"
 
 
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The library, built first if needed; None when disabled or not buildable."""
-    global _LIB, _TRIED
-    if not enabled():
-        return None
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    lib = load_library(SOURCE, "kprobe-native")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     lib.kn_set_table.argtypes = [ctypes.POINTER(KnState), ctypes.POINTER(ctypes.c_uint64),
                                  ctypes.c_uint32]
     lib.kn_set_table.restype = ctypes.c_int
@@ -232,8 +218,10 @@ def load() -> ctypes.CDLL | None:
     lib.kn_ftrace_add.restype = None
     lib.kn_free_ptr.argtypes = [ctypes.c_void_p]
     lib.kn_free_ptr.restype = None
-    _LIB = lib
-    return lib
+
+
+# kprobe_native.c, built first if needed; None when disabled or not buildable
+load = cached_library(SOURCE, "kprobe-native", _declare, enabled)
 
 
 class NativeClock(Clock):

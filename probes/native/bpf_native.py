@@ -13,7 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from emu.native_lib import load_library
+from emu.native_lib import cached_library
 from probes.bpf.maps import BpfMapType
 
 from . import enabled
@@ -109,21 +109,7 @@ class BnStub(ctypes.Structure):
         ("fid", ctypes.c_uint64)]
 
 
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The library, built first if needed; None when disabled or not buildable."""
-    global _LIB, _TRIED
-    if not enabled():
-        return None
-    if _TRIED:
-        return _LIB
-    _TRIED = True
-    lib = load_library(SOURCE, "bpf-native")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     vp, u8p = ctypes.c_void_p, ctypes.c_char_p
     for name, args, res in (
             ("bn_htab_new", [ctypes.c_uint32] * 5 + [vp, vp], vp),
@@ -135,8 +121,10 @@ def load() -> ctypes.CDLL | None:
             ("bn_mt_next", [vp], ctypes.c_uint32)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
-    _LIB = lib
-    return lib
+
+
+# bpf_native.c, built first if needed; None when disabled (KPROBE_EMU_NATIVE=0) or not buildable
+load = cached_library(SOURCE, "bpf-native", _declare, enabled)
 
 
 def _raw(lib: ctypes.CDLL, name: str) -> Any:
