@@ -200,8 +200,9 @@ def hash_prog(arch: str, call: bool = True):
     the thunk, the frame and the program's own stores, without the helper)."""
     from probes.bpf import BpfProgType, create_map
     from probes.bpf.maps import BpfMapType
+    from probes.bench_kinds import parm_offset
     seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 64, name="seen")
-    text = HASH_UPDATE_ASM.format(parm1={"x86_64": 112, "arm64": 0}[arch])
+    text = HASH_UPDATE_ASM.format(parm1=parm_offset(arch))
     if not call:
         text = text.replace("call 2", "mov r0, 0")
     return bpf.BpfProg.from_bytes(bpf.assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,

@@ -20,41 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_bpf_jit import print_hits  # noqa: E402
 
-LOOKUP_ASM = """
-    ldxdw r6, [r1+{parm1}]
-    and r6, 63
-    stxw [r10-4], r6
-    mov r2, r10
-    add r2, -4
-    lddw r1, map_fd(3)
-    call 1
-    jne r0, 0, +10
-    stdw [r10-16], 1
-    mov r2, r10
-    add r2, -4
-    mov r3, r10
-    add r3, -16
-    mov r4, 0
-    lddw r1, map_fd(3)
-    call 2
-    ja +2
-    mov r1, 1
-    lock add [r0], r1
-    mov r0, 0
-    exit
-"""
-
-
-def lookup_prog(arch: str):
-    from probes import bpf
-    from probes.bpf import BpfProgType, create_map
-    from probes.bpf.maps import BpfMapType
-    counts = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 64, name="counts")
-    text = LOOKUP_ASM.format(parm1={"x86_64": 112, "arm64": 0}[arch])
-    return bpf.BpfProg.from_bytes(bpf.assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                                  name="count_keys", license="GPL", maps={3: counts})
-
-
 def lookup_hits(calls: int, repeat: int) -> list[dict]:
     from unicorn import UC_HOOK_CODE
 
@@ -73,7 +38,8 @@ def lookup_hits(calls: int, repeat: int) -> list[dict]:
                 ev = KprobePerfEvent(probed.machine, func, kp=p)
                 p.pre_handler = ev.kprobe_perf_func
                 perf_event_attach_bpf_prog(
-                    PerfEvent(ev, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE), lookup_prog(arch))
+                    PerfEvent(ev, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE),
+                    bench_kinds.key_counting_prog(arch, keys=64, entries=64))
                 install_engine(probed.machine, engine)
                 plain, hooked = bench._lab(arch, elf, prof), bench._lab(arch, elf, prof)
                 addr = hooked.addr_of(func)

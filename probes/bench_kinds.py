@@ -106,6 +106,37 @@ def counting_prog(prog_type=None):
                               name="count", license="GPL", maps={3: counts})
 
 
+def parm_offset(arch: str, n: int = 1) -> int:
+    """PT_REGS_PARMn: where a kprobe program finds argument register n in the arch's
+    pt_regs (x86-64 rdi at 112, arm64 x0 at 0)."""
+    from emu.arch import get_arch
+    from probes.arch import arch_ptrace
+    return 8 * arch_ptrace(arch).PT_REGS_FIELDS.index(get_arch(arch).args[n - 1])
+
+
+def key_counting_prog(arch: str, map_type=None, keys: int = 256, entries: int = 512,
+                      arg: int = 1, nr_cpus: int = 1, then_delete: bool = False):
+    """counts[PARMarg % keys] += 1 on a hash map (`prog.maps[3]`, or of `map_type`), the
+    common BPF pattern: lookup; if NULL update(key, 1), else lock add 1. `then_delete`:
+    then delete the key and write 100 through the pointer the lookup gave."""
+    from probes.bpf import BpfProgType, assemble, create_map
+    from probes.bpf.maps import BpfMapType
+    from probes.bpf.program import BpfProg
+    counts = create_map(map_type or BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, entries, name="counts",
+                        nr_cpus=nr_cpus)
+    tail = ["mov r7, r0", "mov r2, r10", "add r2, -4", "lddw r1, map_fd(3)", "call 3",
+            "stdw [r7+0], 100"] if then_delete else []
+    text = "\n".join([
+        f"ldxdw r6, [r1+{parm_offset(arch, arg)}]", f"mod r6, {keys}", "stxw [r10-4], r6",
+        "mov r2, r10", "add r2, -4", "lddw r1, map_fd(3)", "call 1", "jne r0, 0, +10",
+        "stdw [r10-16], 1", "mov r2, r10", "add r2, -4", "mov r3, r10", "add r3, -16",
+        "mov r4, 0", "lddw r1, map_fd(3)", "call 2",
+        f"ja +{3 + len(tail) + ('lddw r1, map_fd(3)' in tail)}",     # lddw: two slots
+        "mov r1, 1", "lock add [r0], r1", *tail, "mov r0, 0", "exit"])
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="count_keys", license="GPL", maps={3: counts})
+
+
 def _tracepoint(lab, kind: str, bpf: bool) -> list:
     """tp_work with an empty function, or the counting program on it (see TP_KINDS)."""
     from probes.bpf import BpfProgType

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARCHES, firmware_elf
-from probes.bench_kinds import counting_prog
+from probes.bench_kinds import counting_prog, parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import direct_calls_of, direct_eligible
 from probes.bpf.jit_guest import install_engine
@@ -23,14 +23,13 @@ from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, perf_event_a
                                     perf_event_detach_bpf_prog, prog_stats)
 
 # PT_REGS_PARM1 in the pt_regs frame: rdi (x86-64), x0 (arm64)
-PARM1_OFF = {"x86_64": 112, "arm64": 0}
 
 
 def sum_parm1_prog(arch: str, ret: int = 0) -> BpfProg:
     """sums[0] += PT_REGS_PARM1(ctx): reads the frame the thunk saved; returns `ret`."""
     sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        ldxdw r6, [r1+{parm_offset(arch)}]
         stw [r10-4], 0
         mov r2, r10
         add r2, -4
@@ -172,7 +171,7 @@ def hash_update_prog(arch: str) -> BpfProg:
     """seen[PARM1 & 7] = PARM1 through bpf_map_update_elem: the helper trampoline."""
     seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 8, 16, name="seen")
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        ldxdw r6, [r1+{parm_offset(arch)}]
         mov r2, r6
         and r2, 7
         stxw [r10-4], r2
@@ -215,7 +214,7 @@ def test_array_update_helper_and_inlined_lookup_share_the_bytes(arch) -> None:
     bpf_map_update_elem: the helper's write must not undo the guest's increments."""
     counts = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="counts")
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        ldxdw r6, [r1+{parm_offset(arch)}]
         stw [r10-4], 0
         mov r2, r10
         add r2, -4

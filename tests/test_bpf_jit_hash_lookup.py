@@ -9,61 +9,20 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARCHES, firmware_elf
-from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import direct_calls_of, direct_eligible
 from probes.bpf.jit_guest import ScratchJit, install_engine
 from probes.bpf.libbpf import KprobePerfEvent
 from probes.bpf.maps import BpfMapType
+from probes.bench_kinds import key_counting_prog
 from probes.bpf.program import BpfProg
 from probes.kprobes import Kprobe
 from probes.optprobes import enable_optprobes
 from probes.testing import ProbeLab
 from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, perf_event_attach_bpf_prog
 
-PARM1_OFF = {"x86_64": 112, "arm64": 0}      # PT_REGS_PARM1 in pt_regs
-
-
-def count_prog(arch: str, map_type: BpfMapType = BpfMapType.BPF_MAP_TYPE_HASH,
-               keys: int = 256, entries: int = 512, delete_after: bool = False,
-               arg_off: int | None = None, nr_cpus: int = 1) -> BpfProg:
-    """counts[PARM1 % keys] += 1: lookup; if NULL update(key, 1), else lock add 1.
-    ``delete_after``: then delete the key and write 100 through the stale pointer."""
-    counts = create_map(map_type, 4, 8, entries, name="counts", nr_cpus=nr_cpus)
-    tail = """
-        mov r7, r0
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(3)
-        call 3
-        stdw [r7+0], 100
-    """ if delete_after else ""
-    ntail = 7 if delete_after else 0
-    text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch] if arg_off is None else arg_off}]
-        mod r6, {keys}
-        stxw [r10-4], r6
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(3)
-        call 1
-        jne r0, 0, +10
-        stdw [r10-16], 1
-        mov r2, r10
-        add r2, -4
-        mov r3, r10
-        add r3, -16
-        mov r4, 0
-        lddw r1, map_fd(3)
-        call 2
-        ja +{3 + ntail}
-        mov r1, 1
-        lock add [r0], r1
-        {tail}
-        mov r0, 0
-        exit
-    """
-    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                              name="count_keys", license="GPL", maps={3: counts})
+# counts[PARM1 % keys] += 1: lookup; if NULL update(key, 1), else lock add 1
+# (then_delete: then delete the key and write 100 through the stale pointer)
+count_prog = key_counting_prog
 
 
 def _lab(arch: str, prog: BpfProg, engine: str, optimize: bool) -> tuple[ProbeLab, Kprobe]:
@@ -158,8 +117,8 @@ def test_lru_lookup_marks_the_element_used_as_the_python_engine(arch, hit_path) 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_deleted_element_is_free_though_its_pointer_was_written(arch, hit_path) -> None:
     calls = [2, 40]
-    jit, jres, _prog, lab, p = _run(arch, "jit", True, calls, delete_after=True, keys=8)
-    py, pres, *_ = _run(arch, "python", True, calls, delete_after=True, keys=8)
+    jit, jres, _prog, lab, p = _run(arch, "jit", True, calls, then_delete=True, keys=8)
+    py, pres, *_ = _run(arch, "python", True, calls, then_delete=True, keys=8)
     assert jit == py and jres[:-1] == pres[:-1]
     # every hit that found its key deleted it: at most the keys of single hits remain,
     # and a write through the stale pointer did not bring an element back
@@ -232,7 +191,6 @@ def test_map_host_is_every_cpus_and_survives_sharing(arch) -> None:
     mm.close()
 
 
-PARM2_OFF = {"x86_64": 104, "arm64": 8}      # rsi, x1
 
 
 @pytest.mark.parametrize("map_type", [BpfMapType.BPF_MAP_TYPE_HASH,
@@ -250,7 +208,7 @@ def test_two_cpus_count_into_one_mapped_hash(arch, map_type, c_prog, hit_path) -
     exe = c_prog(arch, ROOT / "tests" / "data" / "smp" / "percpu.c", extra=("-pthread",))
     got = {}
     for engine in ("jit", "python"):
-        prog = count_prog(arch, map_type=map_type, arg_off=PARM2_OFF[arch], nr_cpus=2)
+        prog = count_prog(arch, map_type=map_type, arg=2, nr_cpus=2)
         out = io.BytesIO()
         m = load_guest(GuestConfig(path=str(exe), argv=["3"], cpus=2, seed=3),
                        stdout=out).machine

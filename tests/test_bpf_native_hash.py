@@ -14,6 +14,7 @@ import random
 import pytest
 
 from conftest import ARCHES, firmware_elf
+from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.errors import MapError
 from probes.bpf.jit_direct import direct_calls_of
@@ -30,7 +31,6 @@ from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, bpf_trace_of,
 
 HASHES = (T.BPF_MAP_TYPE_HASH, T.BPF_MAP_TYPE_LRU_HASH, T.BPF_MAP_TYPE_PERCPU_HASH,
           T.BPF_MAP_TYPE_LRU_PERCPU_HASH)
-PARM1_OFF = {"x86_64": 112, "arm64": 0}
 
 
 @pytest.fixture
@@ -258,7 +258,7 @@ def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
     seen = create_map(map_type, 4, 8, 16, name="seen", nr_cpus=2)
     rcs = create_map(T.BPF_MAP_TYPE_ARRAY, 4, 8, 32, name="rcs")
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
+        ldxdw r6, [r1+{parm_offset(arch)}]
         mul r6, 0x5bd1e995
         mov r7, r6
         rsh r7, 7
@@ -299,13 +299,12 @@ def hash_mix_prog(arch: str, map_type: T) -> BpfProg:
                               name="hash_mix", license="GPL", maps={3: seen, 4: rcs})
 
 
-def cpu_id_prog(arch: str, map_type: T) -> BpfProg:
-    """seen[PARM1 & 7] = bpf_get_smp_processor_id() + 1."""
+def helper_value_prog(arch: str, map_type: T, value: str, name: str) -> BpfProg:
+    """seen[PARM1 & 7] = the r0 the `value` instructions leave (a helper call)."""
     seen = create_map(map_type, 4, 8, 16, name="seen")
     text = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
-        call 8
-        add r0, 1
+        ldxdw r6, [r1+{parm_offset(arch)}]
+        {value}
         stxdw [r10-16], r0
         and r6, 7
         stxw [r10-4], r6
@@ -320,32 +319,18 @@ def cpu_id_prog(arch: str, map_type: T) -> BpfProg:
         exit
     """
     return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                              name="cpu_id", license="GPL", maps={3: seen, 4: create_map(
+                              name=name, license="GPL", maps={3: seen, 4: create_map(
                                   T.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="rcs")})
+
+
+def cpu_id_prog(arch: str, map_type: T) -> BpfProg:
+    """seen[PARM1 & 7] = bpf_get_smp_processor_id() + 1."""
+    return helper_value_prog(arch, map_type, "call 8\n        add r0, 1", "cpu_id")
 
 
 def prandom_prog(arch: str, map_type: T) -> BpfProg:
     """seen[PARM1 & 7] = bpf_get_prandom_u32()."""
-    prog = cpu_id_prog(arch, map_type)          # its maps
-    seen = prog.maps[3]
-    src = f"""
-        ldxdw r6, [r1+{PARM1_OFF[arch]}]
-        call 7
-        stxdw [r10-16], r0
-        and r6, 7
-        stxw [r10-4], r6
-        mov r2, r10
-        add r2, -4
-        mov r3, r10
-        add r3, -16
-        mov r4, 0
-        lddw r1, map_fd(3)
-        call 2
-        mov r0, 0
-        exit
-    """
-    return BpfProg.from_bytes(assemble(src), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
-                              name="prandom", license="GPL", maps={3: seen, 4: prog.maps[4]})
+    return helper_value_prog(arch, map_type, "call 7", "prandom")
 
 
 def _run(arch: str, map_type: T, engine: str, optimized: bool, calls: tuple[int, ...],

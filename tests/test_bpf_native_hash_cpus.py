@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ARCHES, ROOT
 from emu.loader import GuestConfig, load_guest
+from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_guest import install_engine
 from probes.bpf.libbpf import KprobePerfEvent
@@ -22,7 +23,6 @@ from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, bpf_trace_of,
     perf_event_attach_bpf_prog
 
 SMP = ROOT / "tests" / "data" / "smp"
-PARM2_OFF = {"x86_64": 104, "arm64": 8}           # pt_regs: rsi / x1
 
 
 def cpu_prog(arch: str, map_type: T) -> BpfProg:
@@ -30,7 +30,7 @@ def cpu_prog(arch: str, map_type: T) -> BpfProg:
     pcpu = create_map(map_type, 4, 8, 16, name="pcpu", nr_cpus=2)   # never full
     by_cpu = create_map(T.BPF_MAP_TYPE_HASH, 4, 8, 4, name="by_cpu")
     text = f"""
-        ldxdw r6, [r1+{PARM2_OFF[arch]}]
+        ldxdw r6, [r1+{parm_offset(arch, 2)}]
         call 8
         mov r7, r0
         add r0, 1
