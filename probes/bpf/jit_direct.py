@@ -605,18 +605,43 @@ class DirectCalls:
 
     def forget_event(self, event: Any) -> None:
         """The event's programs changed: its probes go back to the host path."""
+        self._forget(lambda t: t.event is event)
+        for key, handler in list(self._stub_refused.items()):
+            if getattr(handler, "__self__", None) is event:
+                del self._stub_refused[key]
+
+    def detach(self) -> None:
+        """Another engine is installed: every probe and tracepoint goes back to the host
+        path and the stub givers this layer set are unset. The layer stays, with its
+        pages, for the JIT engine if it comes back (enable_direct_calls wires it again)."""
+        from probes.kprobes import kprobes_of
+
+        self._forget(lambda _t: True)
+        self._stub_refused.clear()
+        kp, m = kprobes_of(self.m), self.m
+        if kp.bpf_stub == self.kprobe_stub:
+            kp.bpf_stub = None
+        krp: Any = m.layers.get("kretprobes")
+        if krp is not None and krp.bpf_direct is self:
+            krp.bpf_direct = None
+        tps: Any = m.layers.get("tracepoints")
+        if tps is not None and tps.bpf_stub == self.tracepoint_stub:
+            tps.bpf_stub = None
+        if kp.optimizer is not None and kp.optimizer.direct is self:
+            kp.optimizer.direct = None
+
+    def _forget(self, which: Any) -> None:
+        """Drop the thunks and stubs ``which(thunk)`` picks: an optimized probe's jump goes
+        to its detour again, the stubs' owners take the host path."""
         from probes.kprobes import kprobes_of
 
         opt = kprobes_of(self.m).optimizer
         for addr, t in list(self.thunks.items()):
-            if t.event is event:
+            if which(t):
                 self._drop(addr)
                 if opt is not None and t.probe is not None:
                     opt.forget_direct(t.probe)
-        self._drop_stubs(lambda _k, t: t.event is event)
-        for key, handler in list(self._stub_refused.items()):
-            if getattr(handler, "__self__", None) is event:
-                del self._stub_refused[key]
+        self._drop_stubs(lambda _k, t: which(t))
 
 
     def _drop(self, addr: int) -> None:
@@ -655,31 +680,10 @@ class DirectCalls:
 
 
 def disable_direct_calls(machine: "Machine") -> None:
-    """Another engine is installed: every probe and tracepoint goes back to the host path
-    (thunks dropped, the jumps to their detours again; stubs dropped; the stub givers
-    unset). The layer stays, with its pages, for the JIT engine if it comes back."""
-    from probes.kprobes import kprobes_of
-
+    """Another engine is installed: the JIT's thunks and stubs go (DirectCalls.detach)."""
     dc = direct_calls_of(machine)
-    if dc is None:
-        return
-    kp = kprobes_of(machine)
-    for addr, t in list(dc.thunks.items()):
-        dc._drop(addr)
-        if kp.optimizer is not None and t.probe is not None:
-            kp.optimizer.forget_direct(t.probe)
-    dc._drop_stubs(lambda _k, _t: True)
-    dc._stub_refused.clear()
-    if kp.bpf_stub == dc.kprobe_stub:
-        kp.bpf_stub = None
-    krp: Any = machine.layers.get("kretprobes")
-    if krp is not None and krp.bpf_direct is dc:
-        krp.bpf_direct = None
-    tps: Any = machine.layers.get("tracepoints")
-    if tps is not None and tps.bpf_stub == dc.tracepoint_stub:
-        tps.bpf_stub = None
-    if kp.optimizer is not None and kp.optimizer.direct is dc:
-        kp.optimizer.direct = None
+    if dc is not None:
+        dc.detach()
 
 
 def direct_calls_of(machine: "Machine") -> DirectCalls | None:

@@ -1372,6 +1372,10 @@ class ProbeJit:
         # (program, env, kept run) of the last hit: the next is most likely the same
         self._last: tuple[Callable[[], "BpfProg | None"], Any, BpfRun] | None = None
 
+    def rewire(self) -> None:
+        """Installed (again): its thunks and stubs are wired at its next host hit."""
+        self._kprobes, self._direct_on = None, False
+
     def _enable_direct(self) -> None:
         """Plain kprobes may run the images from a guest stub, optimized probes from a
         thunk (jit_direct.py), once the optimizer exists; asked on host hits until then."""
@@ -1491,7 +1495,7 @@ def install_engine(machine: "Machine", engine: str) -> None:
         # One JIT per machine (its images and stubs live in the guest): kept across
         # switches to another engine and back.
         jit: ProbeJit = machine.layer("bpf_probe_jit", ProbeJit)
-        jit._kprobes, jit._direct_on = None, False     # stubs wired again at its next hit
+        jit.rewire()
         trace.runner = jit
         return
     disable_direct_calls(machine)
