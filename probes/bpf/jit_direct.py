@@ -84,17 +84,44 @@ if TYPE_CHECKING:
 
     from .program import BpfProg
 
-# Helpers a thunk's program may call through the helper trampoline (a trap into the host
-# inside the same run): they return a plain value and read or write only map entries and
-# keys/values on the BPF stack — no per-hit state of the host path (task, func_ip, output
-# to deliver, regions a lookup adds).
+# Helpers a thunk's or stub's program may call through the helper trampoline (a trap into
+# the host inside the same run, ScratchJit._direct_trap): map updates and deletes, the
+# clocks and the random generator; ``current``'s pid/tgid, uid/gid, comm and task, which
+# the trap reads from the CPU that hit (BpfTrace.current_task); the probe reads, into the
+# BPF stack or a map value the program holds (ScratchJit._direct_helper moves exactly those
+# bytes); and the output helpers, whose lines and records go out at the call
+# (BpfTrace.deliver_direct). Left out: what needs the hit's own state (func_ip, the attach
+# cookie, the registers of a stack walk, override_return), or adds a region the image
+# would have to reach (ringbuf_reserve).
 TRAMPOLINE_HELPERS = frozenset({
     2,      # map_update_elem
     3,      # map_delete_elem
+    4,      # probe_read
     5,      # ktime_get_ns
+    6,      # trace_printk
     7,      # get_prandom_u32
     8,      # get_smp_processor_id
+    14,     # get_current_pid_tgid
+    15,     # get_current_uid_gid
+    16,     # get_current_comm
+    25,     # perf_event_output (the ctx in r1 is not read)
+    35,     # get_current_task
+    42,     # get_numa_node_id
+    45,     # probe_read_str
+    112,    # probe_read_user
+    113,    # probe_read_kernel
+    114,    # probe_read_user_str
+    115,    # probe_read_kernel_str
+    118,    # jiffies64
+    125,    # ktime_get_boot_ns
+    130,    # ringbuf_output
+    160,    # ktime_get_coarse_ns
+    208,    # ktime_get_tai_ns
 })
+# Output helpers: a record (perf, ring buffer) ahead of a trace_printk in one hit would
+# come out ahead of the line, which the host path delivers first (lines, then records)
+RECORD_HELPERS = frozenset({25, 130})
+TRACE_PRINTK = 6
 STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_PROG_TYPE_TRACEPOINT,
                              BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
 CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
@@ -139,6 +166,28 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             mp = _map_in_r1(prog, insns, targets, i)
             if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
+    return output_order([prog])
+
+
+def output_order(progs: list["BpfProg"]) -> str | None:
+    """Why the output of ``progs`` (run in this order on a hit) would come out in another
+    order from guest code, or None: a record before a trace_printk (the host path
+    delivers a hit's lines first, then its records; guest code delivers at each call)."""
+    record: str | None = None
+    for prog in progs:
+        calls = [(i, insn.imm, insn.src_reg) for i, insn in enumerate(prog.insns)
+                 if insn.code == BPF_CALL_OP]
+        if any(src == BPF_PSEUDO_CALL for _i, _f, src in calls):
+            # a subprogram's helpers run when it is called, not in instruction order
+            calls.sort(key=lambda c: c[1] not in RECORD_HELPERS)
+        for i, fid, src in calls:
+            if src != 0:
+                continue
+            if fid in RECORD_HELPERS and record is None:
+                record = f"{prog.name or prog.section} insn {i}"
+            elif fid == TRACE_PRINTK and record is not None:
+                return (f"insn {i}: trace_printk after a record ({record}): the host path "
+                        "delivers the lines first")
     return None
 
 
@@ -320,7 +369,8 @@ class DirectCalls:
             if why is not None:
                 return DirectPlan(event, progs, images, f"{prog.name}: {why}")
             images.append(image.entry)
-        return DirectPlan(event, progs, images, None)
+        why = output_order(progs) if len(progs) > 1 else None
+        return DirectPlan(event, progs, images, why)
 
     def kprobe_stub(self, p: "Kprobe") -> int | None:
         """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: this CPU's

@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 from unicorn import UcError
 
 from emu.owners import RegionOwner
+from emu.uaccess import UserFault, copy_to_user
 
 from .disasm import format_insn
 from .errors import BpfError, BpfRuntimeError
@@ -104,6 +105,8 @@ BPF_PROBE_MEMSX = 0x40
 
 _TRACE_PRINTK = 6
 _POINTER_RETS = {BpfRetType.RET_PTR_TO_MAP_VALUE_OR_NULL, BpfRetType.RET_PTR_TO_RINGBUF_MEM_OR_NULL}
+_MAP_HELPERS = frozenset({1, 2, 3})     # a thunk's map helpers: key and value on the stack
+_MEMORY_ARGS = frozenset({BpfArgType.ARG_PTR_TO_MEM, BpfArgType.ARG_PTR_TO_UNINIT_MEM})
 _NO_MEMORY_ARGS = {BpfArgType.ARG_ANYTHING, BpfArgType.ARG_DONTCARE, BpfArgType.ARG_CONST_SIZE,
                    BpfArgType.ARG_CONST_SIZE_OR_ZERO, BpfArgType.ARG_CONST_ALLOC_SIZE_OR_ZERO}
 
@@ -504,6 +507,8 @@ class ScratchJit:
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
+        self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
+        self._records: tuple[dict, frozenset[int]] = ({}, frozenset())
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
@@ -663,16 +668,33 @@ class ScratchJit:
             self._native.fold()
             self._native.register(image, run, self._value_base)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
-        run.env.cpu = self.machine.cpu  # a stub runs on the CPU that hit, not the last host hit's
+        # current is the task on the CPU that hit, not the last host hit's
+        trace = self._trace
+        if trace is None:
+            from probes.trace.bpf_trace import bpf_trace_of
+            trace = self._trace = bpf_trace_of(self.machine)
+        trace.current_task(run.env)
         self._direct = True
         try:
             self._stub_fns[addr](addr)
         finally:
             self._direct, self.run_state = False, saved
+        if run.env.trace_printk or addr in self._record_stubs():
+            trace.deliver_direct()
         err = self._pending.error
         if err is not None or self._pending.exit_r0 is not None:
             reason = str(err) if err is not None else "bpf_exit from a thunk"
             raise BpfTraceError(image.prog.name or image.prog.section, reason)
+
+    def _record_stubs(self) -> frozenset[int]:
+        """The trampolines of the helpers that write records (perf, ring buffer)."""
+        from .jit_direct import RECORD_HELPERS
+
+        if len(self._records[0]) != len(self.stubs):
+            self._records = (dict(self.stubs), frozenset(
+                a for k, a in self.stubs.items()
+                if isinstance(k, tuple) and k[0] == "helper" and k[1] in RECORD_HELPERS))
+        return self._records[1]
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
@@ -1163,6 +1185,8 @@ class ScratchJit:
         if proto is None:
             return self._fail(addr, f"invalid func unknown#{fid}")
         ids, touches, ptr_ret = self._plan(proto, fid)
+        if touches and self._direct and fid not in _MAP_HELPERS:
+            return self._direct_helper(proto, addr, ids)
         read, to_vm = m.regs.read, self.to_vm
         args = [to_vm(read(i)) for i in ids]
         args += [0] * (5 - len(args))
@@ -1205,6 +1229,94 @@ class ScratchJit:
         if ptr_ret:
             r0 = self.to_guest(r0)
         m.regs.write(self._ret_id, r0)
+        return None
+
+    def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...]) -> None:
+        """A helper that reads or writes memory, called from a thunk's or stub's image
+        (jit_direct.TRAMPOLINE_HELPERS): the live BPF stack and the map windows its
+        pointers reach are read in first; a memory argument outside the windows (a hash
+        value in C's pages, the stub's pt_regs frame or context buffer) is handed over in a
+        bounce region, through the uaccess path; the bytes a helper may write (its
+        ARG_PTR_TO_UNINIT_MEM) go back to where the program holds them."""
+        m, run = self.machine, self.run_state
+        assert run is not None
+        raw = [m.regs.read(i) for i in ids] + [0] * (5 - len(ids))
+        args = [self.to_vm(a) for a in raw]
+        self._stack_in()
+        for a, v in zip(raw, args):
+            if a != v:
+                self._window_in(a)
+        bounced: list[tuple[int, Region, bool]] = []
+        next_key = run.mem._next_key
+        try:
+            for i, kind in enumerate(proto.args):
+                if kind in _MEMORY_ARGS and args[i] == raw[i] and i + 1 < len(args) and args[i + 1]:
+                    region = self._bounce(run, raw[i], args[i + 1])
+                    bounced.append((raw[i], region, kind is BpfArgType.ARG_PTR_TO_UNINIT_MEM))
+                    args[i] = region.base
+            r0 = self._direct_impl(proto, addr, run, args)
+            if r0 is None:
+                return None
+            for i, kind in enumerate(proto.args):
+                if kind is BpfArgType.ARG_PTR_TO_UNINIT_MEM and args[i] != raw[i] and \
+                        not any(r.base == args[i] for _a, r, _w in bounced):
+                    self._write_back(raw[i], args[i], args[i + 1])
+            for at, region, writes in bounced:
+                if writes:
+                    copy_to_user(m.memory, at, bytes(region.data))
+        except UserFault as e:      # the verifier let no such pointer through
+            return self._fail(addr, f"helper memory {e}")
+        finally:
+            for _a, region, _w in bounced:
+                run.mem.remove(region)
+            run.mem._next_key = next_key     # the next call's bounce gets the same keys
+        m.regs.write(self._ret_id, r0)
+        return None
+
+    def _window_in(self, guest: int) -> None:
+        """The bytes of the map window ``guest`` points into, into its region (a thunk's
+        image may have changed them since the last stop)."""
+        w = self.windows.get(guest >> 32)
+        if w is None or w.region.base == STACK_BASE or not w.size:
+            return
+        got = bytes(self._uc.read(w.gstart, len(w.region.data)))
+        if got != w.shadow:
+            w.region.data[:] = got
+            w.shadow = got
+
+    def _write_back(self, guest: int, vm: int, size: int) -> None:
+        """What a helper wrote at ``vm`` (a window's region) to the program's ``guest``."""
+        w = self.windows.get(guest >> 32)
+        if w is None or not size:
+            return
+        off = vm - w.region.base
+        data = bytes(w.region.data[off:off + size])
+        self._uc.write(guest, data)
+        if w.region.base != STACK_BASE:
+            w.shadow = bytes(w.region.data)
+
+    def _bounce(self, run: BpfRun, guest: int, size: int) -> Region:
+        """A region holding ``size`` bytes of guest memory at ``guest`` for one helper."""
+        from emu.uaccess import copy_from_user
+
+        data = bytearray(copy_from_user(self.machine.memory, guest, size))
+        return run.mem.map_buffer(data, True, "helper arg")
+
+    def _direct_impl(self, proto: BpfFuncProto, addr: int, run: BpfRun,
+                     args: list[int]) -> int | None:
+        """The helper's r0, or None when it failed (the program's error is pending)."""
+        try:
+            return proto.impl(run, *args) & U64
+        except ProgramExit as e:
+            self._pending.exit_r0 = e.r0
+        except (MemoryFault, GuestFault) as e:
+            self._fail(addr, str(e))
+        except BpfRuntimeError as e:
+            self._fail(addr, e.reason) if e.pc is None else self._stop(e)
+        except BpfError as e:
+            self._stop(e)
+        except Exception as e:  # a helper's bug must not take the host down
+            self._fail(addr, unexpected(e))
         return None
 
     def _fail(self, addr: int, reason: str) -> None:

@@ -342,6 +342,7 @@ class BpfTrace:
         self._runs: "weakref.WeakKeyDictionary[BpfProg, tuple[BpfRun, Any, BpfProgStats]]" = \
             weakref.WeakKeyDictionary()
         self._comm: str | None = None
+        self._comm_bytes: bytes | None = None
         self._tgid: int | None = None          # the process's pid, once there is a process
         self._entry: dict[int, bool] = {}
         self.runner: Callable[..., int] | None = None   # --bpf-engine: (prog, ctx, env) -> r0
@@ -377,7 +378,15 @@ class BpfTrace:
 
     # -- a hit --
     def _task(self, func_ip: int) -> BpfRunContext:
-        env = self.env
+        env = self.current_task(self.env)
+        env.func_ip = func_ip
+        return env
+
+    def current_task(self, env: BpfRunContext) -> BpfRunContext:
+        """``current`` as the helpers see it: the pid, tgid, comm and CPU of the task on
+        the CPU that hit (asked at every host hit, and by a program called from guest code
+        at each helper call that reads them: the last host hit's may be another thread's
+        or CPU's)."""
         comm, pid = self.m.task
         env.pid = pid                          # the thread; tgid is its process's pid
         if self._tgid is None:
@@ -385,9 +394,9 @@ class BpfTrace:
             self._tgid = proc.creds.pid if proc is not None else None
         env.tgid = pid if self._tgid is None else self._tgid
         env.cpu = self.m.cpu
-        if comm is not self._comm:
+        if comm is not self._comm or env.comm is not self._comm_bytes:
             self._comm, env.comm = comm, comm.encode()[:15]
-        env.func_ip = func_ip
+            self._comm_bytes = env.comm
         return env
 
     def _run_state(self, prog: BpfProg) -> tuple[BpfRun, Any, BpfProgStats]:
@@ -473,6 +482,13 @@ class BpfTrace:
     def _runner_in_guest(self) -> bool:
         from probes.bpf.jit_guest import ProbeJit
         return isinstance(self.runner, ProbeJit)
+
+    def deliver_direct(self) -> None:
+        """Output of a helper called from guest code (a thunk's or stub's program): its
+        printk lines and records go out at once, as the kernel's land in the trace and
+        ring buffers at the call, so they stay in order with the trace events around the
+        hit (the programs' stubs leave no host step after them to wait for)."""
+        self._deliver()
 
     def _deliver(self) -> None:
         lines = self.env.trace_printk
