@@ -75,7 +75,7 @@ from emu.owners import RegionOwner
 
 from .helpers import KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
-from .jit_guest import ProbeJit, _jump_targets, _map_in_r1, _kind
+from .jit_guest import ProbeJit, _jump_targets, _kind, _map_in_r1, function_starts
 from .prog_types import BpfProgType
 
 if TYPE_CHECKING:
@@ -118,10 +118,9 @@ TRAMPOLINE_HELPERS = frozenset({
     160,    # ktime_get_coarse_ns
     208,    # ktime_get_tai_ns
 })
-# Output helpers: a record (perf, ring buffer) ahead of a trace_printk in one hit would
-# come out ahead of the line, which the host path delivers first (lines, then records)
+# Output helpers, in the order the host path delivers a hit's output (output_order)
+OUTPUT_RANK = {6: 0, 130: 1, 25: 2}     # trace_printk, ringbuf_output, perf_event_output
 RECORD_HELPERS = frozenset({25, 130})
-TRACE_PRINTK = 6
 STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_PROG_TYPE_TRACEPOINT,
                              BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
 CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
@@ -171,24 +170,44 @@ def direct_eligible(prog: "BpfProg") -> str | None:
 
 def output_order(progs: list["BpfProg"]) -> str | None:
     """Why the output of ``progs`` (run in this order on a hit) would come out in another
-    order from guest code, or None: a record before a trace_printk (the host path
-    delivers a hit's lines first, then its records; guest code delivers at each call)."""
-    record: str | None = None
+    order from guest code, or None. Guest code delivers each line or record at its call;
+    the host path delivers a hit's printk lines, then its ring-buffer records, then its
+    perf samples, map by map (BpfTrace.poll): the same order when the calls come in it."""
+    from .maps import PerfEventArrayMap, RingbufMap
+
+    last, seen = 0, ""
     for prog in progs:
-        calls = [(i, insn.imm, insn.src_reg) for i, insn in enumerate(prog.insns)
-                 if insn.code == BPF_CALL_OP]
-        if any(src == BPF_PSEUDO_CALL for _i, _f, src in calls):
-            # a subprogram's helpers run when it is called, not in instruction order
-            calls.sort(key=lambda c: c[1] not in RECORD_HELPERS)
-        for i, fid, src in calls:
-            if src != 0:
+        for i, fid in helper_sequence(prog.insns):
+            rank = OUTPUT_RANK.get(fid)
+            if rank is None:
                 continue
-            if fid in RECORD_HELPERS and record is None:
-                record = f"{prog.name or prog.section} insn {i}"
-            elif fid == TRACE_PRINTK and record is not None:
-                return (f"insn {i}: trace_printk after a record ({record}): the host path "
-                        "delivers the lines first")
+            if rank < last:
+                return (f"insn {i}: helper call {fid} after {seen}: the host path delivers "
+                        "printk lines, then ring-buffer records, then perf samples")
+            last, seen = rank, f"{prog.name or prog.section} insn {i}"
+    for kind in (RingbufMap, PerfEventArrayMap):
+        maps = {id(mp) for prog in progs for mp in prog.maps.values() if isinstance(mp, kind)}
+        if len(maps) > 1:
+            return f"records to {len(maps)} maps of a kind: the host path delivers map by map"
     return None
+
+
+def helper_sequence(insns: list, start: int = 0, depth: int = 0) -> list[tuple[int, int]]:
+    """(insn, helper id) of the helper calls of the function at ``start``, its
+    bpf-to-bpf callees' in place: with no backward branch, the calls any run makes come
+    in this order."""
+    out: list[tuple[int, int]] = []
+    ends = [f for f in function_starts(insns) if f > start]
+    end = ends[0] if ends else len(insns)
+    for i in range(start, end):
+        insn = insns[i]
+        if insn.code != BPF_CALL_OP:
+            continue
+        if insn.src_reg == BPF_PSEUDO_CALL and depth < 8:
+            out += helper_sequence(insns, i + insn.imm + 1, depth + 1)
+        elif insn.src_reg == 0:
+            out.append((i, insn.imm))
+    return out
 
 
 def guest_mapped_hash(mp: Any) -> bool:
