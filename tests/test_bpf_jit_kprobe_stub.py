@@ -25,8 +25,9 @@ from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of
 
 
 def pid_prog() -> BpfProg:
-    """bpf_get_current_pid_tgid: per-hit task state only the host path has."""
-    return BpfProg.from_bytes(assemble("call 14\nmov r0, 0\nexit"),
+    """bpf_get_stack: a stack walk from the hit's registers, which only the host path has."""
+    return BpfProg.from_bytes(assemble("mov r2, r10\nadd r2, -64\nmov r3, 64\nmov r4, 0\n"
+                                       "call 67\nmov r0, 0\nexit"),
                               prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE, name="pid",
                               license="GPL")
 
@@ -127,7 +128,7 @@ def test_a_program_needing_the_host_keeps_the_nested_run(arch) -> None:
     lab = Lab(arch, pid_prog(), "jit")
     lab.run(4)
     assert lab.stubs == {}
-    assert "helper call 14" in direct_calls_of(lab.m).refused[lab.p.addr]
+    assert "helper call 67" in direct_calls_of(lab.m).refused[lab.p.addr]
     assert lab.p.hits == 4 and len(lab.posts) == 4
 
 

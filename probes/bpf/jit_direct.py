@@ -176,6 +176,7 @@ def output_order(progs: list["BpfProg"]) -> str | None:
     from .maps import PerfEventArrayMap, RingbufMap
 
     last, seen = 0, ""
+    calls: dict[int, list["BpfProg"]] = {}
     for prog in progs:
         for i, fid in helper_sequence(prog.insns):
             rank = OUTPUT_RANK.get(fid)
@@ -185,9 +186,11 @@ def output_order(progs: list["BpfProg"]) -> str | None:
                 return (f"insn {i}: helper call {fid} after {seen}: the host path delivers "
                         "printk lines, then ring-buffer records, then perf samples")
             last, seen = rank, f"{prog.name or prog.section} insn {i}"
-    for kind in (RingbufMap, PerfEventArrayMap):
-        maps = {id(mp) for prog in progs for mp in prog.maps.values() if isinstance(mp, kind)}
-        if len(maps) > 1:
+            calls.setdefault(fid, []).append(prog)
+    for fid, kind in ((130, RingbufMap), (25, PerfEventArrayMap)):
+        writers = calls.get(fid, [])
+        maps = {id(mp) for prog in writers for mp in prog.maps.values() if isinstance(mp, kind)}
+        if len(writers) > 1 and len(maps) > 1:
             return f"records to {len(maps)} maps of a kind: the host path delivers map by map"
     return None
 

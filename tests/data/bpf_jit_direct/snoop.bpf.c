@@ -3,7 +3,8 @@
  * (victim.c), current's pid/tgid, uid/gid, comm and CPU, the path argument read with
  * bpf_probe_read_user_str into the stack and into a map value, a read of an unmapped
  * address (-EFAULT, zeroed), a bpf_printk of a string on the stack and one in the map
- * value, then the event as a perf sample (ctx in r1) and as a ring-buffer record. */
+ * value, then the event as a ring-buffer record and as a perf sample (ctx in r1): in the
+ * order the host path delivers a hit's output (jit_direct.output_order). */
 #include "common.h"
 
 struct event {
@@ -60,8 +61,8 @@ static int snoop(struct pt_regs *ctx, const char *path, __u32 arg)
 		bpf_printk("map %s %d", v->name, v->len);
 	}
 	bpf_printk("open %s comm %s arg %x", e.name, e.comm, arg);
-	bpf_perf_event_output(ctx, &samples, BPF_F_CURRENT_CPU, &e, sizeof(e));
 	bpf_ringbuf_output(&events, &e, sizeof(e), 0);
+	bpf_perf_event_output(ctx, &samples, BPF_F_CURRENT_CPU, &e, sizeof(e));
 	return 0;
 }
 
