@@ -107,6 +107,8 @@ _TRACE_PRINTK = 6
 _POINTER_RETS = {BpfRetType.RET_PTR_TO_MAP_VALUE_OR_NULL, BpfRetType.RET_PTR_TO_RINGBUF_MEM_OR_NULL}
 _MAP_HELPERS = frozenset({1, 2, 3})     # a thunk's map helpers: key and value on the stack
 _MEMORY_ARGS = frozenset({BpfArgType.ARG_PTR_TO_MEM, BpfArgType.ARG_PTR_TO_UNINIT_MEM})
+_PROBE_READS = frozenset({4, 45, 112, 113, 114, 115})   # r3: the source, r2 bytes
+_STRING_MAX = 1024             # a %s of trace_printk read off the BPF stack
 _NO_MEMORY_ARGS = {BpfArgType.ARG_ANYTHING, BpfArgType.ARG_DONTCARE, BpfArgType.ARG_CONST_SIZE,
                    BpfArgType.ARG_CONST_SIZE_OR_ZERO, BpfArgType.ARG_CONST_ALLOC_SIZE_OR_ZERO}
 
@@ -509,6 +511,7 @@ class ScratchJit:
         self._fast: _UcFast | None = None
         self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
         self._records: tuple[dict, frozenset[int]] = ({}, frozenset())
+        self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
@@ -653,8 +656,6 @@ class ScratchJit:
         from ``execute``: the calling program's kept run serves it (the thunk runs the
         image on the same native stack window), and a failure is the program's error,
         raised as the host path raises it."""
-        from probes.trace.bpf_trace import BpfTraceError
-
         call = self.emitter.return_address(self.machine) - self.emitter.call_size()
         image = self._call_sites.get(call)
         if image is None:
@@ -663,6 +664,7 @@ class ScratchJit:
                 self._call_sites[call] = image
         run = self.direct_run(image.prog) if image is not None and self.direct_run else None
         if image is None or run is None:
+            from probes.trace.bpf_trace import BpfTraceError
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         if self._native:            # later calls from this image: C's (bpf_native.c)
             self._native.fold()
@@ -683,6 +685,7 @@ class ScratchJit:
             trace.deliver_direct()
         err = self._pending.error
         if err is not None or self._pending.exit_r0 is not None:
+            from probes.trace.bpf_trace import BpfTraceError
             reason = str(err) if err is not None else "bpf_exit from a thunk"
             raise BpfTraceError(image.prog.name or image.prog.section, reason)
 
@@ -1233,45 +1236,75 @@ class ScratchJit:
 
     def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...]) -> None:
         """A helper that reads or writes memory, called from a thunk's or stub's image
-        (jit_direct.TRAMPOLINE_HELPERS): the live BPF stack and the map windows its
-        pointers reach are read in first; a memory argument outside the windows (a hash
-        value in C's pages, the stub's pt_regs frame or context buffer) is handed over in a
-        bounce region, through the uaccess path; the bytes a helper may write (its
-        ARG_PTR_TO_UNINIT_MEM) go back to where the program holds them."""
+        (jit_direct.TRAMPOLINE_HELPERS). Only the bytes it can touch move
+        (``_memory_plan``): those of the BPF stack and the whole map values window its
+        pointers reach are read in first; a sized memory argument outside the windows (a
+        hash value in C's pages, the stub's pt_regs frame or context buffer) is handed over
+        in a bounce region, through the uaccess path; what it may write
+        (ARG_PTR_TO_UNINIT_MEM) goes back to where the program holds it."""
         m, run = self.machine, self.run_state
         assert run is not None
         raw = [m.regs.read(i) for i in ids] + [0] * (5 - len(ids))
         args = [self.to_vm(a) for a in raw]
-        self._stack_in()
-        for a, v in zip(raw, args):
-            if a != v:
-                self._window_in(a)
+        writes: list[tuple[int, int, int]] = []         # (guest, vm, size) to write back
         bounced: list[tuple[int, Region, bool]] = []
         next_key = run.mem._next_key
         try:
-            for i, kind in enumerate(proto.args):
-                if kind in _MEMORY_ARGS and args[i] == raw[i] and i + 1 < len(args) and args[i + 1]:
-                    region = self._bounce(run, raw[i], args[i + 1])
-                    bounced.append((raw[i], region, kind is BpfArgType.ARG_PTR_TO_UNINIT_MEM))
+            for i, size_arg, typed, out in self._memory_plan(proto):
+                size = args[size_arg] if size_arg >= 0 else -1
+                if raw[i] != args[i]:
+                    self._arg_in(raw[i], args[i], size)
+                    if out:
+                        writes.append((raw[i], args[i], size))
+                elif typed and size > 0:
+                    region = self._bounce(run, raw[i], size)
+                    bounced.append((raw[i], region, out))
                     args[i] = region.base
             r0 = self._direct_impl(proto, addr, run, args)
             if r0 is None:
                 return None
-            for i, kind in enumerate(proto.args):
-                if kind is BpfArgType.ARG_PTR_TO_UNINIT_MEM and args[i] != raw[i] and \
-                        not any(r.base == args[i] for _a, r, _w in bounced):
-                    self._write_back(raw[i], args[i], args[i + 1])
-            for at, region, writes in bounced:
-                if writes:
-                    copy_to_user(m.memory, at, bytes(region.data))
+            for guest, vm, size in writes:
+                self._write_back(guest, vm, size)
+            for guest, region, out in bounced:
+                if out:
+                    copy_to_user(m.memory, guest, bytes(region.data))
         except UserFault as e:      # the verifier let no such pointer through
             return self._fail(addr, f"helper memory {e}")
         finally:
-            for _a, region, _w in bounced:
+            for _g, region, _o in bounced:
                 run.mem.remove(region)
             run.mem._next_key = next_key     # the next call's bounce gets the same keys
         m.regs.write(self._ret_id, r0)
         return None
+
+    def _memory_plan(self, proto: BpfFuncProto) -> tuple[tuple[int, int, bool, bool], ...]:
+        """(argument, its size's argument or -1 for a string, sized memory the verifier
+        typed, written) for each pointer a kernel helper may follow: its ARG_PTR_TO_MEM and
+        ARG_PTR_TO_UNINIT_MEM, a probe read's source, trace_printk's %s arguments."""
+        plan = self._mem_plans.get(id(proto))
+        if plan is None:
+            rows = [(i, i + 1, True, kind is BpfArgType.ARG_PTR_TO_UNINIT_MEM)
+                    for i, kind in enumerate(proto.args) if kind in _MEMORY_ARGS]
+            if proto.func_id in _PROBE_READS:
+                rows.append((2, 1, False, False))
+            if proto.func_id == _TRACE_PRINTK:
+                rows += [(i, -1, False, False) for i in (2, 3, 4)]
+            plan = self._mem_plans[id(proto)] = tuple(rows)
+        return plan
+
+    def _arg_in(self, guest: int, vm: int, size: int) -> None:
+        """The bytes a helper may read at ``vm`` (a window's region), from the guest: on
+        the BPF stack ``size`` of them (a string: up to the window's end, at most
+        _STRING_MAX), of a map window all (the windows hold the values while images run)."""
+        w = self.windows.get(guest >> 32)
+        if w is None or not w.size:
+            return
+        if w.region.base != STACK_BASE:
+            return self._window_in(guest)
+        off = vm - w.region.base
+        n = min(size if size >= 0 else _STRING_MAX, len(w.region.data) - off)
+        if off >= 0 and n > 0:
+            w.region.data[off:off + n] = self._uc.read(guest, n)
 
     def _window_in(self, guest: int) -> None:
         """The bytes of the map window ``guest`` points into, into its region (a thunk's
