@@ -344,3 +344,138 @@ def test_a_refused_order_runs_nested_and_still_matches(arch, nested) -> None:
     assert out["jit"] == out["python"]
     assert out["jit"][:2] == [("printk", "hi!"), ("rb", b"hi!\0\0\0\0\0")]
     assert len(nested) == 3
+
+
+# --- kretprobe, tracepoint and raw tracepoint stubs; a hash value as the destination -------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_kretprobe_stub_sends_perf_samples(arch, snoop_obj, hit_path, nested) -> None:
+    """snoop_ret: perf_event_output(ctx, &samples, BPF_F_CURRENT_CPU, &rc, 8)."""
+    got = {}
+    for engine in ("jit", "python"):
+        m = load_guest(GuestConfig(path=str(firmware_elf(arch, "demo"))),
+                       stdout=io.BytesIO()).machine
+        obj = BpfObject.open(snoop_obj(arch)).load(m)
+        obj.attach(m, "snoop_ret")
+        samples: list = []
+        obj.perf_buffer(m, "samples", lambda cpu, data: samples.append((cpu, data)))
+        install_engine(m, engine)
+        assert m.run().exit_code == 0
+        got[engine] = samples
+        if engine == "jit" and hit_path == "native":    # (Python's trampoline: no stub
+            assert direct_calls_of(m).stubs_of("kretprobe") and len(nested) == 1   # on x86)
+    assert got["jit"] == got["python"] and len(got["jit"]) == 16
+    rets = [struct.unpack("<q", data)[0] for _cpu, data in got["jit"]]
+    assert -2 in rets and 3 in rets                # -ENOENT, fd 3 (the demo's opens)
+
+
+def tp_prog(kind: str) -> BpfProg:
+    """pid_tgid and comm on the stack, a printk of "%s %d" (comm, the context's second
+    word: tp_work's v), and the pid_tgid out to a ring buffer."""
+    from test_bpf_jit_stub_tracepoint import TYPE, V_OFF
+    rb = create_map(BpfMapType.BPF_MAP_TYPE_RINGBUF, 0, 0, 4096, name="rb")
+    text = f"""
+        ldxdw r6, [r1+{V_OFF[kind]}]
+        call 14
+        stxdw [r10-8], r0
+        mov r1, r10
+        add r1, -24
+        mov r2, 16
+        call 16
+        stw [r10-32], 0x25207325
+        stw [r10-28], 0x0064
+        mov r1, r10
+        add r1, -32
+        mov r2, 6
+        mov r3, r10
+        add r3, -24
+        mov r4, r6
+        call 6
+        lddw r1, map_fd(3)
+        mov r2, r10
+        add r2, -8
+        mov r3, 8
+        mov r4, 0
+        call 130
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=TYPE[kind], name=f"tp_{kind}",
+                              license="GPL", maps={3: rb})
+
+
+@pytest.mark.parametrize("kind", ["tp", "raw_tp"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tracepoint_stub_helpers_match_the_python_engine(arch, kind, hit_path, nested) -> None:
+    from test_bpf_jit_stub_tracepoint import TpLab
+    got = {}
+    for engine in ("jit", "python"):
+        prog = tp_prog(kind)
+        lab = TpLab(arch, kind, prog, engine, 12)
+        out: list = []
+        trace = bpf_trace_of(lab.m)
+        trace.printk_sink = lambda text: out.append(text)
+        trace.ring_buffer(prog.maps[3], lambda data: out.append(data))
+        got[engine] = (lab.run(), out)
+        if engine == "jit":
+            assert lab.stubs(kind) and len(nested) == 1
+    assert got["jit"] == got["python"]
+    lines = got["jit"][1]
+    assert len(lines) == 24 and lines[0].startswith("tpdemo.elf ")
+    assert isinstance(lines[1], bytes) and len(lines[1]) == 8
+
+
+def hash_dst_prog(arch: str) -> BpfProg:
+    """A C-held hash map's value (guest-mapped pages) as probe_read's and comm's buffer."""
+    seen = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 4, 32, 4, name="seen")
+    text = f"""
+        mov r6, r1
+        stw [r10-4], 7
+        stdw [r10-40], 0
+        stdw [r10-32], 0
+        stdw [r10-24], 0
+        stdw [r10-16], 0
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -40
+        mov r4, 0
+        lddw r1, map_fd(3)
+        call 2
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +9
+        mov r7, r0
+        mov r1, r7
+        mov r2, 16
+        call 16
+        mov r1, r7
+        add r1, 16
+        mov r2, 16
+        ldxdw r3, [r6+{parm_offset(arch)}]
+        call 112
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="hash_dst", license="GPL", maps={3: seen})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_hash_value_in_c_pages_is_a_helper_buffer(arch, nested) -> None:
+    from conftest import _native_off
+    if _native_off():
+        pytest.skip("the C hit path is off: hash values are not guest-mapped")
+    jp, pp = hash_dst_prog(arch), hash_dst_prog(arch)
+    jp.ensure_loaded()                       # (the verifier's context record)
+    assert direct_eligible(jp) is None
+    jit, py = Lab(arch, jp, "jit"), Lab(arch, pp, "python")
+    for n in (2, 5):
+        assert jit.run(n) == py.run(n)
+    assert jit.p.addr in jit.stubs and len(nested) == 1
+    key = (7).to_bytes(4, "little")
+    assert bytes(jp.maps[3].lookup(key)) == bytes(pp.maps[3].lookup(key))
+    value = bytes(jp.maps[3].lookup(key))
+    assert value[:16].rstrip(b"\0") == b"hotloop.elf" and value[16:] == bytes(16)   # -EFAULT
