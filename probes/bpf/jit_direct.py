@@ -44,9 +44,20 @@ Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepo
 programs whose helper calls are inlined (array lookups, map_gen_lookup), lookups in a hash
 or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
 returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
-TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
-backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
-and no context pointer handed to a helper (the host helper could not read the frame).
+TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run): map
+updates and deletes, the clocks, current's pid/tgid, uid/gid, comm and task (read from the
+task and CPU that hit at each call, BpfTrace.current_task), the probe reads (into the BPF
+stack, an array map's window or a C-held hash value: jit_guest moves exactly the bytes the
+helper can touch, and a faulting read returns -EFAULT with the buffer zeroed, never a guest
+fault), trace_printk, ringbuf_output and perf_event_output (ctx in r1: it is not read).
+Output goes out at the call (BpfTrace.deliver_direct), so it stays in order with the
+trace events around the hit; the host path delivers a hit's lines, then its ring-buffer
+records, then its perf samples, so programs whose calls come in another order
+(``output_order``) keep the host path. Also refused: a backward branch (the budget
+trampoline), tail call, callx, LD_ABS or exception-table load; a context pointer handed to
+a map helper (C's entry could not read the frame); the helpers that need the hit's own
+state (get_func_ip, get_attach_cookie, get_stack/get_stackid's register walk,
+override_return) or add a region the image would have to reach (ringbuf_reserve).
 Anything else keeps the host path. Hits, program run counts and guard misses are counted
 in guest words and folded into the host's counters whenever a run stops; the map values
 the images wrote are read back into the maps then too (the windows of jit_guest hold

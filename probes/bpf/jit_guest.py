@@ -32,7 +32,10 @@ stub runs, on a hash map (elements preallocated in C) or an array map's guest wi
 its key and value on the live native stack, is served there, charged as Python charges it.
 Everything else reaches the Python entry (``_on_trap``): the guest pointers in r1-r5 are
 mapped back to the machine's addresses, the windows are synchronised, the existing helper
-runs, and r0 comes back in the arch's return register.
+runs, and r0 comes back in the arch's return register. A call from a thunk or stub
+(``_direct_trap``) first sets current from the CPU that hit; a helper that follows
+pointers moves only the bytes it can touch (``_direct_helper``, ``_memory_plan``), and its
+printk lines and records are delivered at once.
 
 Optimized probes call the images from a guest thunk; plain kprobes, kprobes on ftrace
 sites, kretprobes and tracepoints from a per-CPU guest stub the hit sends the guest to
