@@ -513,7 +513,7 @@ class ScratchJit:
         self._pending = _Pending()
         self._fast: _UcFast | None = None
         self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
-        self._records: tuple[dict, frozenset[int]] = ({}, frozenset())
+        self._records: tuple[int, frozenset[int]] = (0, frozenset())   # (stubs, record ones)
         self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
@@ -694,10 +694,10 @@ class ScratchJit:
 
     def _record_stubs(self) -> frozenset[int]:
         """The trampolines of the helpers that write records (perf, ring buffer)."""
-        from .jit_direct import RECORD_HELPERS
+        if self._records[0] != len(self.stubs):
+            from .jit_direct import RECORD_HELPERS
 
-        if len(self._records[0]) != len(self.stubs):
-            self._records = (dict(self.stubs), frozenset(
+            self._records = (len(self.stubs), frozenset(
                 a for k, a in self.stubs.items()
                 if isinstance(k, tuple) and k[0] == "helper" and k[1] in RECORD_HELPERS))
         return self._records[1]
