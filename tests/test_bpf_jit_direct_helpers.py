@@ -479,3 +479,92 @@ def test_a_hash_value_in_c_pages_is_a_helper_buffer(arch, nested) -> None:
     assert bytes(jp.maps[3].lookup(key)) == bytes(pp.maps[3].lookup(key))
     value = bytes(jp.maps[3].lookup(key))
     assert value[:16].rstrip(b"\0") == b"hotloop.elf" and value[16:] == bytes(16)   # -EFAULT
+
+
+# --- get_func_ip and get_attach_cookie --------------------------------------------------------
+
+def site_prog() -> BpfProg:
+    """vals[0] = {bpf_get_func_ip(ctx), bpf_get_attach_cookie(ctx)}."""
+    vals = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 16, 1, name="site")
+    text = """
+        mov r6, r1
+        call 173
+        mov r7, r0
+        mov r1, r6
+        call 174
+        mov r8, r0
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +2
+        stxdw [r0+0], r7
+        stxdw [r0+8], r8
+        mov r0, 0
+        exit
+    """
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="site", license="GPL", maps={3: vals})
+
+
+def _site_lab(arch: str, prog: BpfProg, engine: str, funcs: tuple[str, ...],
+              optimized: bool = False):
+    from probes.kprobes import Kprobe
+    from probes.testing import ProbeLab
+    from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType,
+                                        perf_event_attach_bpf_prog)
+    from probes.bpf.libbpf import KprobePerfEvent
+    lab = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    if optimized:
+        from probes.optprobes import enable_optprobes
+        enable_optprobes(lab.kprobes)
+    probes = []
+    for n, func in enumerate(funcs):
+        p = Kprobe(symbol_name=func)
+        lab.kprobes.register_kprobe(p)
+        call = KprobePerfEvent(lab.machine, func, kp=p)
+        p.pre_handler = call.kprobe_perf_func
+        event = PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE)
+        assert perf_event_attach_bpf_prog(event, prog, bpf_cookie=0xC00C1E + n) == 0
+        probes.append(p)
+    if optimized:
+        lab.kprobes.optimizer.kick_kprobe_optimizer()
+    install_engine(lab.machine, engine)
+    return lab, probes
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_func_ip_and_cookie_of_the_event(arch, optimized, nested) -> None:
+    got = {}
+    for engine in ("jit", "python"):
+        prog = site_prog()
+        lab, (p,) = _site_lab(arch, prog, engine, ("hot_leaf",), optimized)
+        for n in (2, 6):
+            lab.call("hot_call", n)
+        got[engine] = bytes(prog.maps[3].lookup(0))
+        if engine == "jit":
+            dc = direct_calls_of(lab.machine)
+            assert p.addr in (dc.thunks if optimized else dc.stubs) and len(nested) == 1
+    assert got["jit"] == got["python"]
+    assert struct.unpack("<QQ", got["jit"]) == (p.addr, 0xC00C1E)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_func_ip_for_a_second_event_keeps_the_host_path(arch) -> None:
+    got = {}
+    for engine in ("jit", "python"):
+        prog = site_prog()
+        lab, (leaf, caller) = _site_lab(arch, prog, engine, ("hot_leaf", "hot_call"))
+        seen = []
+        for n in (3, 4):
+            lab.call("hot_call", n)
+            seen.append(struct.unpack("<QQ", bytes(prog.maps[3].lookup(0))))
+        got[engine] = seen
+        if engine == "jit":
+            dc = direct_calls_of(lab.machine)
+            assert leaf.addr in dc.stubs and caller.addr not in dc.stubs
+            assert "second event" in dc.refused[caller.addr]
+    assert got["jit"] == got["python"]
+    assert got["jit"][-1] == (got["jit"][-1][0], 0xC00C1E)       # the last hit: hot_leaf's

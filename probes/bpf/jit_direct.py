@@ -53,11 +53,13 @@ fault), trace_printk, ringbuf_output and perf_event_output (ctx in r1: it is not
 Output goes out at the call (BpfTrace.deliver_direct), so it stays in order with the
 trace events around the hit; the host path delivers a hit's lines, then its ring-buffer
 records, then its perf samples, so programs whose calls come in another order
-(``output_order``) keep the host path. Also refused: a backward branch (the budget
+(``output_order``) keep the host path. get_func_ip and get_attach_cookie answer for the
+one event whose thunk or stubs run the program (``site_of``): a program that calls them
+runs from guest code for one event only. Also refused: a backward branch (the budget
 trampoline), tail call, callx, LD_ABS or exception-table load; a context pointer handed to
-a map helper (C's entry could not read the frame); the helpers that need the hit's own
-state (get_func_ip, get_attach_cookie, get_stack/get_stackid's register walk,
-override_return) or add a region the image would have to reach (ringbuf_reserve).
+a map helper (C's entry could not read the frame); the helpers that need the hit's
+registers (get_stack/get_stackid's walk, override_return) or add a region the image
+would have to reach (ringbuf_reserve).
 Anything else keeps the host path. Hits, program run counts and guard misses are counted
 in guest words and folded into the host's counters whenever a run stops; the map values
 the images wrote are read back into the maps then too (the windows of jit_guest hold
@@ -127,8 +129,11 @@ TRAMPOLINE_HELPERS = frozenset({
     125,    # ktime_get_boot_ns
     130,    # ringbuf_output
     160,    # ktime_get_coarse_ns
+    173,    # get_func_ip (of the one event the program runs for from guest code)
+    174,    # get_attach_cookie (the same)
     208,    # ktime_get_tai_ns
 })
+SITE_HELPERS = frozenset({173, 174})    # answered from the program's event (DirectCalls.site_of)
 # Output helpers, in the order the host path delivers a hit's output (output_order)
 OUTPUT_RANK = {6: 0, 130: 1, 25: 2}     # trace_printk, ringbuf_output, perf_event_output
 RECORD_HELPERS = frozenset({25, 130})
@@ -222,6 +227,17 @@ def helper_sequence(insns: list, start: int = 0, depth: int = 0) -> list[tuple[i
         elif insn.src_reg == 0:
             out.append((i, insn.imm))
     return out
+
+
+def event_site(event: Any, kind: str, prog: "BpfProg") -> tuple[int, int]:
+    """bpf_get_func_ip and bpf_get_attach_cookie for ``prog`` on ``event``: a kprobe-PMU
+    event's func_ip (bpf_trace._func_ip), a raw tracepoint link's iterator and cookie
+    (bpf_tracepoint's run), 0 and the item's cookie for a tracepoint event's perf program."""
+    if kind == "raw_tp":
+        return event.btp.tp.iterator, event.cookie
+    cookie = next((it.bpf_cookie for it in event.prog_array.items if it.prog is prog), 0) \
+        if event.prog_array else 0
+    return (0 if kind == "tp" else event.func_ip), cookie
 
 
 def guest_mapped_hash(mp: Any) -> bool:
@@ -403,7 +419,27 @@ class DirectCalls:
                 return DirectPlan(event, progs, images, f"{prog.name}: {why}")
             images.append(image.entry)
         why = output_order(progs) if len(progs) > 1 else None
-        return DirectPlan(event, progs, images, why)
+        return DirectPlan(event, progs, images, why or self._site_taken(event, progs))
+
+    def _site_taken(self, event: Any, progs: list["BpfProg"]) -> str | None:
+        """Why ``progs`` cannot run from guest code for ``event``: one that asks for its
+        func_ip or attach cookie already runs there for another event (a helper call from
+        its image names the program, not the thunk or stub that called it)."""
+        for prog in progs:
+            if not any(f in SITE_HELPERS for _i, f in helper_sequence(prog.insns)):
+                continue
+            for t in (*self.thunks.values(), *self.copies.values()):
+                if t.event is not event and any(pr is prog for pr in t.progs):
+                    return f"{prog.name}: get_func_ip/get_attach_cookie for a second event"
+        return None
+
+    def site_of(self, prog: "BpfProg") -> tuple[int, int] | None:
+        """(func_ip, attach cookie) of the event whose thunk or stubs run ``prog``, as the
+        host path's trace_call_bpf / bpf_trace_run would give them; None if none does."""
+        for t in (*self.thunks.values(), *self.copies.values()):
+            if any(pr is prog for pr in t.progs):
+                return event_site(t.event, t.kind, prog)
+        return None
 
     def kprobe_stub(self, p: "Kprobe") -> int | None:
         """Kprobes.bpf_stub, asked on every hit of a probe with a pre handler: this CPU's

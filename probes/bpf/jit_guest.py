@@ -513,7 +513,7 @@ class ScratchJit:
         self._pending = _Pending()
         self._fast: _UcFast | None = None
         self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
-        self._records: tuple[int, frozenset[int]] = (0, frozenset())   # (stubs, record ones)
+        self._stub_sets: dict[str, tuple[int, frozenset[int]]] = {}   # _helper_stubs
         self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
@@ -679,6 +679,8 @@ class ScratchJit:
             from probes.trace.bpf_trace import bpf_trace_of
             trace = self._trace = bpf_trace_of(self.machine)
         trace.current_task(run.env)
+        if addr in self._helper_stubs("site"):
+            self._direct_site(run, image.prog)
         self._direct = True
         try:
             self._stub_fns[addr](addr)
@@ -694,13 +696,29 @@ class ScratchJit:
 
     def _record_stubs(self) -> frozenset[int]:
         """The trampolines of the helpers that write records (perf, ring buffer)."""
-        if self._records[0] != len(self.stubs):
-            from .jit_direct import RECORD_HELPERS
+        return self._helper_stubs("record")
 
-            self._records = (len(self.stubs), frozenset(
+    def _helper_stubs(self, which: str) -> frozenset[int]:
+        """The trampolines of jit_direct's RECORD_HELPERS ("record") or SITE_HELPERS
+        ("site"), worked out again only when a trampoline was added."""
+        got = self._stub_sets.get(which)
+        if got is None or got[0] != len(self.stubs):
+            from . import jit_direct
+
+            fids = jit_direct.RECORD_HELPERS if which == "record" else jit_direct.SITE_HELPERS
+            got = self._stub_sets[which] = (len(self.stubs), frozenset(
                 a for k, a in self.stubs.items()
-                if isinstance(k, tuple) and k[0] == "helper" and k[1] in RECORD_HELPERS))
-        return self._records[1]
+                if isinstance(k, tuple) and k[0] == "helper" and k[1] in fids))
+        return got[1]
+
+    def _direct_site(self, run: BpfRun, prog: "BpfProg") -> None:
+        """func_ip and the attach cookie of the event whose thunk or stub called ``prog``."""
+        from .jit_direct import direct_calls_of
+
+        dc = direct_calls_of(self.machine)
+        site = dc.site_of(prog) if dc is not None else None
+        if site is not None:
+            run.env.func_ip, run.env.attach_cookie = site
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
