@@ -568,3 +568,23 @@ def test_func_ip_for_a_second_event_keeps_the_host_path(arch) -> None:
             assert "second event" in dc.refused[caller.addr]
     assert got["jit"] == got["python"]
     assert got["jit"][-1] == (got["jit"][-1][0], 0xC00C1E)       # the last hit: hot_leaf's
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_emu_trace_printk_lines_keep_their_place_among_kprobe_events(arch, snoop_obj,
+                                                                    nested) -> None:
+    """`emu trace --bpf`: the program's printk lines are trace events; from its stub they
+    land between the kprobe events of getname (before the hit) and build_open_flags
+    (after), as on the host path."""
+    runs = {}
+    for engine in ("jit", "python"):
+        r = run_emu("trace", "--bpf", f"{snoop_obj(arch)}:snoop_open", "--bpf-engine", engine,
+                    "--event", "p:t/getname getname", "--event", "p:t/bof build_open_flags",
+                    str(firmware_elf(arch, "demo")))
+        assert r.rc == 0, r.err
+        runs[engine] = [ln for ln in _norm(r.stdout).decode().splitlines()
+                        if "bpf_trace_printk" in ln or ": (" in ln]
+    assert runs["jit"] == runs["python"] and len(nested) == 1     # one JIT run: the first
+    kinds = ["printk" if "bpf_trace_printk" in ln else ln.split(":")[-2].split()[-1]
+             for ln in runs["jit"]]
+    assert kinds[:4] == ["printk", "printk", "bof", "getname"], runs["jit"][:4]
