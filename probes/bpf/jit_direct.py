@@ -109,7 +109,7 @@ STUB_HOST_ENTRY = True
 
 def direct_eligible(prog: "BpfProg") -> str | None:
     """Why ``prog`` cannot run from a thunk, or None if it can."""
-    from .maps import ArrayMap
+    from .maps import ArrayMap, PercpuArrayMap
 
     if prog.prog_type not in STUB_PROG_TYPES:
         return "not a kprobe, tracepoint or raw tracepoint program"
@@ -137,7 +137,7 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
             mp = _map_in_r1(prog, insns, targets, i)
-            if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
+            if type(mp) not in (ArrayMap, PercpuArrayMap) and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
     return None
 

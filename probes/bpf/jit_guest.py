@@ -99,6 +99,14 @@ TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in
 GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
 GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
 MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from 0x3000_xxxx_xxxx
+# In a guest, per-CPU array maps (see _seed_percpu): map i's copy for CPU c in the window of
+# key PCPU_KEY_BASE + c * PCPU_KEYS + i, so every map's CPU-c copy is its CPU-0 copy plus
+# one offset, (c * PCPU_KEYS) << 32, as the kernel's __per_cpu_offset[c] is every per-CPU
+# variable's; the running CPU's offset is the u64 at PERCPU_OFF_AT in the JIT's data page.
+PCPU_KEY_BASE = (VM_BASE >> 32) + 0x4000
+PCPU_KEYS = 0x40                 # per-CPU array maps a machine's JIT can hold
+PCPU_MAX_CPUS = 64
+PERCPU_OFF_AT = 0x800            # this_cpu_off (after the tail-call count and the guards)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -323,6 +331,36 @@ def array_map_gen_lookup(base: int, max_entries: int, elem_size: int) -> list[In
             Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
 
 
+def percpu_array_map_gen_lookup(base: int, max_entries: int, elem_size: int,
+                                this_cpu_off: int) -> list[Insn]:
+    """kernel/bpf/arraymap.c percpu_array_map_gen_lookup: array_map_gen_lookup's bounds
+    check and scaling on CPU 0's copy (``base``; the elements are contiguous, so the
+    kernel's load of pptrs[index] is the scaling), then BPF_MOV64_PERCPU_REG: add the
+    running CPU's offset, which the JITs read from this_cpu_off (here the u64 at
+    ``this_cpu_off``, rewritten at every CPU switch)."""
+    from .isa import BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LSH, BPF_LDX, BPF_MEM, BPF_MUL
+
+    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
+             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
+    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
+            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
+            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 7, max_entries),           # past the end: NULL
+            scale,
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
+            Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),                 # r1 = this_cpu_off
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_JMP | 0x00, 0, 0, 1),
+            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+
+
+def _value_buffers(m: Any) -> list[bytearray]:
+    """An array map's value bytes: a per-CPU array's one copy per CPU."""
+    from .maps import PercpuArrayMap
+
+    return m.percpu if isinstance(m, PercpuArrayMap) else [m.values]
+
+
 def _s32(v: int) -> int:
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v & 0x80000000 else v
@@ -489,6 +527,9 @@ class ScratchJit:
         # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
         self._map_regions: dict[int, tuple[bytearray, Region]] = {}
         self._persistent: set[int] = set()           # id() of those regions
+        # per-CPU array maps: id(map) -> (its per-CPU buffers, one region for each CPU)
+        self._percpu_regions: dict[int, tuple[list[bytearray], list[Region]]] = {}
+        self._percpu_off_kept = False     # this_cpu_off written at every CPU switch
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -748,8 +789,9 @@ class ScratchJit:
 
     def _inliner(self, prog: "BpfProg") -> Inliner:
         """map_lookup_elem on a plain array map whose lddw reaches the call in a straight
-        line becomes array_map_gen_lookup (the values are in guest memory already)."""
-        from .maps import ArrayMap
+        line becomes array_map_gen_lookup (the values are in guest memory already), on
+        a per-CPU array percpu_array_map_gen_lookup."""
+        from .maps import ArrayMap, PercpuArrayMap
 
         insns = prog.insns
         targets = _jump_targets(insns)
@@ -759,11 +801,24 @@ class ScratchJit:
             if insn.src_reg != 0 or insn.imm != 1 or prog.helpers.get(1) is not lookup:
                 return None
             m = _map_in_r1(prog, insns, targets, idx)
+            if type(m) is PercpuArrayMap:
+                return self._percpu_lookup(m)
             if type(m) is not ArrayMap or self.run_state is None:
                 return None
             base = self.to_guest(self.run_state.global_data_ptr(m, 0))
             return array_map_gen_lookup(base, m.max_entries, m.elem_size)
         return inline
+
+    def _percpu_lookup(self, m: Any) -> list[Insn] | None:
+        """percpu_array_map_gen_lookup for a per-CPU array whose copies _seed_percpu
+        placed (one for every CPU the machine has; else the helper answers, NULL on a CPU
+        the map has no value for)."""
+        got = self._percpu_regions.get(id(m))
+        if got is None or len(got[1]) < max(self.machine.nr_cpus, 1):
+            return None
+        base = self.to_guest(got[1][0].base)
+        return percpu_array_map_gen_lookup(base, m.max_entries, m.elem_size,
+                                           self.percpu_off_addr)
 
     # -- the run --
     def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
@@ -794,11 +849,13 @@ class ScratchJit:
         """Give the run this machine's one region per array map (bind_maps then finds
         them): keys per run would put two programs' maps at one window address, and
         the images called from stubs would reach whichever run was synced last."""
-        from .maps import ArrayMap
+        from .maps import ArrayMap, PercpuArrayMap
 
         for p in _reachable(prog):
             for fd in sorted(p.maps):
                 mp = p.maps[fd]
+                if type(mp) is PercpuArrayMap:
+                    self._seed_percpu(run, mp)
                 if type(mp) is not ArrayMap:
                     continue
                 got = self._map_regions.get(id(mp.values))
@@ -812,6 +869,44 @@ class ScratchJit:
                     run.mem.remove(old)       # bound already (BpfRun binds its program's)
                 run.mem.add(got[1])
                 run.mem._by_buffer[id(mp.values)] = got[1]
+
+    def _seed_percpu(self, run: BpfRun, mp: Any) -> None:
+        """A per-CPU array's copies, CPU c's in the window of key PCPU_KEY_BASE +
+        c * PCPU_KEYS + i (map i of this machine): the same offset from CPU 0's copy for
+        every map, as the kernel's per-CPU areas. Given to every run, so the helper's
+        map_value_ptr names the same bytes the inlined lookup reaches."""
+        got = self._percpu_regions.get(id(mp))
+        if got is None or got[0] is not mp.percpu:
+            i = len(self._percpu_regions)
+            if i >= PCPU_KEYS or len(mp.percpu) > PCPU_MAX_CPUS:
+                raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
+                               f"guest ({PCPU_KEYS} maps of {PCPU_MAX_CPUS} CPUs at most)")
+            regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
+                              mp.name) for c, buf in enumerate(mp.percpu)]
+            got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
+            self._persistent.update(id(r) for r in regions)
+            self._keep_percpu_off()
+        for region in got[1]:
+            old = run.mem._by_buffer.get(id(region.data))
+            if old is not None and old is not region:
+                run.mem.remove(old)
+            run.mem.add(region)
+            run.mem._by_buffer[id(region.data)] = region
+
+    @property
+    def percpu_off_addr(self) -> int:
+        """The u64 this_cpu_off: the running CPU's per-CPU offset (see _seed_percpu)."""
+        return self.tcc_addr + PERCPU_OFF_AT
+
+    def _keep_percpu_off(self) -> None:
+        if not self._percpu_off_kept:
+            self._percpu_off_kept = True
+            self.machine.cpu_listeners.append(self._set_percpu_off)
+            self._set_percpu_off(self.machine.cpu)
+
+    def _set_percpu_off(self, cpu: int) -> None:
+        self.machine.memory.write(self.percpu_off_addr,
+                                  ((cpu * PCPU_KEYS) << 32).to_bytes(8, "little"))
 
     def _stack_size(self) -> int:
         """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
@@ -832,18 +927,20 @@ class ScratchJit:
 
     # -- MapBacking: an array map's values while their window holds them --
     def pull(self, m: Any) -> None:
-        w = self._by_buffer.get(id(m.values))
-        if w is not None and w.size:
-            got = bytes(self.machine.uc.mem_read(w.gstart, len(m.values)))
-            m.values[:] = got
-            w.shadow = got
+        for buf in _value_buffers(m):
+            w = self._by_buffer.get(id(buf))
+            if w is not None and w.size:
+                got = bytes(self.machine.uc.mem_read(w.gstart, len(buf)))
+                buf[:] = got
+                w.shadow = got
 
     def push(self, m: Any) -> None:
-        w = self._by_buffer.get(id(m.values))
-        if w is not None and w.size:
-            data = bytes(m.values)
-            self.machine.uc.mem_write(w.gstart, data)
-            w.shadow = data
+        for buf in _value_buffers(m):
+            w = self._by_buffer.get(id(buf))
+            if w is not None and w.size:
+                data = bytes(buf)
+                self.machine.uc.mem_write(w.gstart, data)
+                w.shadow = data
 
     def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
         """``prepare`` for a program that runs on every hit: the run state is kept and
