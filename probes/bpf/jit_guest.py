@@ -547,6 +547,9 @@ class ScratchJit:
         self._fast: _UcFast | None = None
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
+        # whether the machine still has this JIT's pages (False after a snapshot restore
+        # past it; set by ProbeJit)
+        self.is_current: Callable[[], bool] = lambda: True
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
@@ -926,7 +929,18 @@ class ScratchJit:
         return self.stack_top - PERCPU_STACK * cpu
 
     # -- MapBacking: an array map's values while their window holds them --
+    def _gone(self, m: Any) -> bool:
+        """A snapshot restore took the machine back past this JIT (its windows are
+        unmapped, their addresses maybe another JIT's): the map keeps its host bytes,
+        which every run's stop brought up to date, and no longer has this backing."""
+        if self.is_current():
+            return False
+        m.backing = None
+        return True
+
     def pull(self, m: Any) -> None:
+        if self._gone(m):
+            return
         for buf in _value_buffers(m):
             w = self._by_buffer.get(id(buf))
             if w is not None and w.size:
@@ -935,6 +949,8 @@ class ScratchJit:
                 w.shadow = got
 
     def push(self, m: Any) -> None:
+        if self._gone(m):
+            return
         for buf in _value_buffers(m):
             w = self._by_buffer.get(id(buf))
             if w is not None and w.size:
@@ -1492,6 +1508,8 @@ class ProbeJit:
         if self._jit is None:
             self._jit = ScratchJit(self.arch, machine=self.machine)
             self._jit.direct_run = self._runs.get
+            layers = self.machine.layers
+            self._jit.is_current = lambda: layers.get("bpf_probe_jit") is self
         return self._jit
 
     def image_of(self, prog: "BpfProg") -> JitImage | None:
