@@ -10,11 +10,15 @@ thread i calls work() 300 + 100 i times, threads placed on CPUs round robin."""
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import ARCHES, ROOT, firmware_elf
+from conftest import ARCHES, ROOT, firmware_elf, run_emu
 from emu.loader import GuestConfig, load_guest
 from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
@@ -260,3 +264,55 @@ def test_user_space_reads_and_writes_between_hits(arch, optimize, hit_path) -> N
                 is not None
     assert got["jit"] == got["python"]
     assert got["jit"][-1][1] == 1000 and got["jit"][-1][2] == 7
+
+
+# -- a clang object through the CLI: `emu run --cpus 2 --bpf OBJ --dump-maps` --
+
+CLANG = shutil.which("clang")
+BPF_TARGET = {"x86_64": ("-D__TARGET_ARCH_x86", "/usr/include/x86_64-linux-gnu"),
+              "arm64": ("-D__TARGET_ARCH_arm64", "/usr/aarch64-linux-gnu/include")}
+
+
+def _bpf_obj(arch: str, out: Path) -> Path:
+    if CLANG is None:
+        pytest.skip("clang is not installed (apt install clang)")
+    define, inc = BPF_TARGET[arch]
+    if not Path(inc, "asm", "ptrace.h").exists():
+        pytest.skip(f"no {arch} asm/ptrace.h under {inc}")
+    obj = out / f"count-{arch}.o"
+    subprocess.run([CLANG, "-O2", "-g", "-target", "bpf", define, "-I", inc, "-c",
+                    str(ROOT / "tests" / "data" / "bpf_jit_percpu" / "count.bpf.c"),
+                    "-o", str(obj)], check=True, capture_output=True)
+    return obj
+
+
+def _dumped(out: str) -> dict[str, list]:
+    """The --dump-maps line (on stderr): map name -> [(key, [per-CPU value ints])]."""
+    dump = json.loads(next(line for line in out.splitlines() if line.startswith('[{"name"')))
+    return {m["name"]: [(int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"),
+                         [int.from_bytes(bytes(int(b, 16) for b in v["value"]), "little")
+                          for v in e["values"]]) for e in m["elements"]] for m in dump}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path) -> None:
+    """The clang-built counter (two per-CPU arrays and a per-CPU hash keyed by the CPU id)
+    from `emu run --cpus 2`: the JIT's map dump and the guest's output equal the compiled
+    Python engine's, and the counts are the calls each CPU made."""
+    obj, exe = _bpf_obj(arch, tmp_path), percpu(arch)
+    runs = {e: run_emu("run", "--cpus", "2", "--seed", "3", "--bpf", str(obj), "--bpf-engine", e,
+                       "--dump-maps", str(exe), "--", "3") for e in ("jit", "python")}
+    assert runs["jit"].rc == runs["python"].rc == 0, runs["jit"].err
+    assert runs["jit"].out == runs["python"].out           # the guest's output
+    maps = _dumped(runs["jit"].err)                        # the dump goes with the table
+    assert maps == _dumped(runs["python"].err)
+    place = [1, 0, 1]                   # thread -> CPU (the guest prints it)
+    assert "thread 0 cpu 1 1" in runs["jit"].out and "thread 1 cpu 0 0" in runs["jit"].out
+    want = [[0, 0] for _ in range(4)]
+    for tid, n in enumerate(CALLS):
+        for i in range(n):
+            want[i % 4][place[tid]] += 1
+    # a value is (count, sum of i) as one 16-byte integer: the count is its low half
+    assert [[v & (2**64 - 1) for v in vals] for _k, vals in maps["counts"]] == want
+    assert sorted(maps["by_cpu"]) == [(0, [PER_CPU[0], 0]), (1, [0, PER_CPU[1]])]
+    assert maps["scratch"] == [(0, [CALLS[1] - 1, CALLS[2] - 1])]   # each CPU's last i
