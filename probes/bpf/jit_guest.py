@@ -42,7 +42,11 @@ exit at all when every helper is inlined; helper calls from a thunk or stub reac
 every run (``_seed_maps``), so every program's image reaches its own maps whichever run the
 host synced last; with several CPUs each CPU has its own part of the native stack. While images run that way the windows hold the array
 maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
-MapBacking) and every run's stop reads them back.
+MapBacking) and every run's stop reads them back. A per-CPU array has one window per CPU,
+CPU c's at CPU 0's plus one offset for every such map (``_seed_percpu``), and its lookup is
+inlined as the kernel's percpu_array_map_gen_lookup: the image adds this_cpu_off, a word the
+JIT rewrites at every CPU switch. A snapshot restore past the JIT drops all of it; a map it
+backed keeps its host bytes (``is_current``).
 
 The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
@@ -52,8 +56,8 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 Left out (see the report in the issue): maps backed by the guest pages themselves (the
 windows are copied in and out around a nested run, skipping unchanged ones; a hash value a
 nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
-other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
-per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
+other helpers (ktime_get_ns needs the cycle model's running block; a per-CPU array's
+update, which Python serves on the hit's CPU); constant tail-call patching,
 the kernel's short-branch passes.
 """
 from __future__ import annotations
