@@ -337,3 +337,24 @@ def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path) -> N
     assert [[v & (2**64 - 1) for v in vals] for _k, vals in maps["counts"]] == want
     assert sorted(maps["by_cpu"]) == [(0, [PER_CPU[0], 0]), (1, [0, PER_CPU[1]])]
     assert maps["scratch"] == [(0, [CALLS[1] - 1, CALLS[2] - 1])]   # each CPU's last i
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_switching_engines_keeps_the_counts(arch, hit_path) -> None:
+    """jit -> python -> jit with a user update between: the python engine's counts are
+    not overwritten by the JIT's windows, and the JIT goes on from them."""
+    got = []
+    for first in ("jit", "python"):
+        prog = _hot_counter(arch)
+        lab = _hot_lab(arch, prog, first, True)
+        lab.call("hot_call", 10)
+        install_engine(lab.machine, "python")
+        lab.call("hot_call", 10)
+        seen = [_counts(prog)]
+        prog.maps[3].update(0, (100).to_bytes(8, "little"))
+        install_engine(lab.machine, "jit")
+        for _ in range(2):
+            lab.call("hot_call", 10)
+            seen.append(_counts(prog))
+        got.append(seen)
+    assert got[0] == got[1] == [[6, 6, 4, 4], [103, 9, 6, 6], [106, 12, 8, 8]]

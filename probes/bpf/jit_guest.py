@@ -551,9 +551,10 @@ class ScratchJit:
         self._fast: _UcFast | None = None
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
-        # whether the machine still has this JIT's pages (False after a snapshot restore
-        # past it; set by ProbeJit)
+        # whether the windows hold the maps' values now (the JIT engine runs the programs),
+        # and whether a snapshot restore took the machine back past this JIT (set by ProbeJit)
         self.is_current: Callable[[], bool] = lambda: True
+        self.is_dropped: Callable[[], bool] = lambda: False
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
@@ -934,12 +935,15 @@ class ScratchJit:
 
     # -- MapBacking: an array map's values while their window holds them --
     def _gone(self, m: Any) -> bool:
-        """A snapshot restore took the machine back past this JIT (its windows are
-        unmapped, their addresses maybe another JIT's): the map keeps its host bytes,
-        which every run's stop brought up to date, and no longer has this backing."""
+        """Whether the map's host bytes are the ones to use: another engine runs the
+        programs (its helpers write the host bytes, which the next hit under the JIT copies
+        out), or a snapshot restore took the machine back past this JIT (its windows are
+        unmapped, their addresses maybe another JIT's: the map drops this backing). Every
+        run's stop brought the host bytes up to date."""
         if self.is_current():
             return False
-        m.backing = None
+        if self.is_dropped():
+            m.backing = None
         return True
 
     def pull(self, m: Any) -> None:
@@ -1512,8 +1516,12 @@ class ProbeJit:
         if self._jit is None:
             self._jit = ScratchJit(self.arch, machine=self.machine)
             self._jit.direct_run = self._runs.get
-            layers = self.machine.layers
-            self._jit.is_current = lambda: layers.get("bpf_probe_jit") is self
+            from probes.trace.bpf_trace import bpf_trace_of
+
+            layers, trace = self.machine.layers, bpf_trace_of(self.machine)
+            self._jit.is_dropped = lambda: layers.get("bpf_probe_jit") is not self
+            self._jit.is_current = lambda: layers.get("bpf_probe_jit") is self and \
+                trace.runner is self
         return self._jit
 
     def image_of(self, prog: "BpfProg") -> JitImage | None:
