@@ -358,3 +358,29 @@ def test_switching_engines_keeps_the_counts(arch, hit_path) -> None:
             seen.append(_counts(prog))
         got.append(seen)
     assert got[0] == got[1] == [[6, 6, 4, 4], [103, 9, 6, 6], [106, 12, 8, 8]]
+
+
+def percpu_updater(arch: str) -> BpfProg:
+    """last[PARM2 % 4] = PARM2 through bpf_map_update_elem on a per-CPU array of two CPUs
+    (the running CPU's value, array_map_update_elem's this_cpu_ptr): the helper behind the
+    trampoline, on the CPU that hit."""
+    last = create_map(BpfMapType.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 4, name="last", nr_cpus=2)
+    text = "\n".join([f"ldxdw r6, [r1+{parm_offset(arch, 2)}]", "stxdw [r10-16], r6",
+                      "mod r6, 4", "stxw [r10-4], r6", "mov r2, r10", "add r2, -4",
+                      "mov r3, r10", "add r3, -16", "mov r4, 0", "lddw r1, map_fd(3)",
+                      "call 2", "mov r0, 0", "exit"])
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="pcpu_update", license="GPL", maps={3: last})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_percpu_update_from_a_stub_writes_the_running_cpus_value(percpu, arch, hit_path) -> None:
+    jp, pp = percpu_updater(arch), percpu_updater(arch)
+    jit, py = CpuLab(percpu(arch), "jit", jp, 2), CpuLab(percpu(arch), "python", pp, 2)
+    assert jit.run() == py.run()
+    got = [[int.from_bytes(v, "little") for v in jp.maps[3].lookup(k)] for k in range(4)]
+    assert got == [[int.from_bytes(v, "little") for v in pp.maps[3].lookup(k)] for k in range(4)]
+    # CPU 0 ran thread 1 (i < 400), CPU 1 threads 0 and 2 (the last, i < 500, ends there)
+    assert got == [[396, 496], [397, 497], [398, 498], [399, 499]]
+    dc = direct_calls_of(jit.m)
+    assert dc is not None and dc.refused == {} and len(dc.copies) == 2
