@@ -42,8 +42,9 @@ record, so the stubs drop it as the thunk does.
 
 Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
 programs whose helper calls are inlined (array and per-CPU array lookups, map_gen_lookup),
-lookups in a hash or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
-returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
+lookups in a hash or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's
+trampoline entry returns the value's guest address, as htab_map_lookup_elem returns kernel
+memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
 backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
 and no context pointer handed to a helper (the host helper could not read the frame).

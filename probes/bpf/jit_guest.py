@@ -342,7 +342,8 @@ def percpu_array_map_gen_lookup(base: int, max_entries: int, elem_size: int,
     kernel's load of pptrs[index] is the scaling), then BPF_MOV64_PERCPU_REG: add the
     running CPU's offset, which the JITs read from this_cpu_off (here the u64 at
     ``this_cpu_off``, rewritten at every CPU switch)."""
-    from .isa import BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LSH, BPF_LDX, BPF_MEM, BPF_MUL
+    from .isa import (BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LDX, BPF_LSH,
+                      BPF_MEM, BPF_MUL)
 
     scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
              if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
