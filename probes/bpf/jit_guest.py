@@ -535,6 +535,7 @@ class ScratchJit:
         # per-CPU array maps: id(map) -> (its per-CPU buffers, one region for each CPU)
         self._percpu_regions: dict[int, tuple[list[bytearray], list[Region]]] = {}
         self._percpu_off_kept = False     # this_cpu_off written at every CPU switch
+        self._percpu_next = 0             # the next per-CPU array's index (its keys)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -886,13 +887,14 @@ class ScratchJit:
         map_value_ptr names the same bytes the inlined lookup reaches."""
         got = self._percpu_regions.get(id(mp))
         if got is None or got[0] is not mp.percpu:
-            i = len(self._percpu_regions)
+            i = self._percpu_next          # (a dead map's copies keep their keys)
             if i >= PCPU_KEYS or len(mp.percpu) > PCPU_MAX_CPUS:
                 raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
                                f"guest ({PCPU_KEYS} maps of {PCPU_MAX_CPUS} CPUs at most)")
             regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
                               mp.name) for c, buf in enumerate(mp.percpu)]
             got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
+            self._percpu_next += 1
             self._persistent.update(id(r) for r in regions)
             self._keep_percpu_off()
         for region in got[1]:
