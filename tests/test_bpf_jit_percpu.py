@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARCHES, ROOT, firmware_elf, run_emu
+from conftest import ARCHES, ROOT, _native_off, firmware_elf, run_emu
 from emu.loader import GuestConfig, load_guest
 from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
@@ -144,7 +144,7 @@ def test_percpu_counter_runs_in_the_guest_as_the_python_engine(percpu, arch, cpu
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_percpu_counter_from_an_optprobe_thunk(percpu, arch, hit_path) -> None:
+def test_percpu_counter_from_an_optprobe_thunk(percpu, arch) -> None:
     """One thunk for both CPUs: each hit adds to the running CPU's copy."""
     jp, pp = percpu_counter(arch, 2), percpu_counter(arch, 2)
     jit = CpuLab(percpu(arch), "jit", jp, 2, optimize=True)
@@ -156,9 +156,11 @@ def test_percpu_counter_from_an_optprobe_thunk(percpu, arch, hit_path) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_percpu_hash_and_cpu_id_on_two_cpus(percpu, arch, hit_path) -> None:
+def test_percpu_hash_and_cpu_id_on_two_cpus(percpu, arch) -> None:
     """A per-CPU hash keyed by bpf_get_smp_processor_id beside the array: each CPU's
-    value under its own key (C's BN_THIS_CPU on the native path)."""
+    value under its own key (C's BN_THIS_CPU on the native path; the suite's
+    KPROBE_EMU_NATIVE=0 run takes the Python one)."""
+    hit_path = "python" if _native_off() else "native"
     jp, pp = (percpu_counter(arch, 2, cpu_hash=True) for _ in range(2))
     jit, py = CpuLab(percpu(arch), "jit", jp, 2), CpuLab(percpu(arch), "python", pp, 2)
     assert jit.run() == py.run()
@@ -185,7 +187,7 @@ def test_percpu_lookup_in_a_bpf_to_bpf_callee(percpu, arch) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_a_map_with_fewer_cpus_than_the_machine(percpu, arch, hit_path) -> None:
+def test_a_map_with_fewer_cpus_than_the_machine(percpu, arch) -> None:
     """A per-CPU array made for one CPU on a machine of two (only through the Python API:
     the loader gives maps the machine's CPUs): not inlined, the helper answers from the
     same windows and gives NULL on CPU 1, as the python engine does."""
@@ -315,6 +317,7 @@ def _dumped(out: str) -> dict[str, list]:
                           for v in e["values"]]) for e in m["elements"]] for m in dump}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path) -> None:
     """The clang-built counter (two per-CPU arrays and a per-CPU hash keyed by the CPU id)
@@ -340,7 +343,7 @@ def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path) -> N
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_switching_engines_keeps_the_counts(arch, hit_path) -> None:
+def test_switching_engines_keeps_the_counts(arch) -> None:
     """jit -> python -> jit with a user update between: the python engine's counts are
     not overwritten by the JIT's windows, and the JIT goes on from them."""
     got = []
@@ -374,7 +377,7 @@ def percpu_updater(arch: str) -> BpfProg:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_percpu_update_from_a_stub_writes_the_running_cpus_value(percpu, arch, hit_path) -> None:
+def test_percpu_update_from_a_stub_writes_the_running_cpus_value(percpu, arch) -> None:
     jp, pp = percpu_updater(arch), percpu_updater(arch)
     jit, py = CpuLab(percpu(arch), "jit", jp, 2), CpuLab(percpu(arch), "python", pp, 2)
     assert jit.run() == py.run()
