@@ -4,7 +4,8 @@ against the host kernel's own JIT on the same bytecode in the same run
 (BPF_PROG_TEST_RUN, where the host allows it; else the recorded 0.12-0.14 ns/insn).
 Also the modelled cycles of one run of the JITed code. Numbers only, nothing asserted.
 
-    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json] [--hits-only | --hash-only]
+    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json]
+        [--hits-only | --hash-only | --percpu-only]
 
 Then, per probe hit (probes/bench.py, the `emu bench` rows): an optimized probe, a plain
 kprobe, a kretprobe, a kprobe on an ftrace site, a tracepoint event and a raw tracepoint
@@ -14,7 +15,9 @@ hit ÷ one bare Python code-hook callback in the same run (issue 17's targets: �
 the optprobe + array count under the JIT; every JIT row no slower than its Python row),
 and the modelled cycles per hit; and the optimized probe with a hash-map update
 (bpf_map_update_elem through the helper trampoline, whose C entry serves it: target
-≤ 1.5; ``--hash-only`` adds the same program without the call, the thunk's floor). The
+≤ 1.5; ``--hash-only`` adds the same program without the call, the thunk's floor); and
+the per-CPU array counter (the tracing counter: its lookup inlined as the kernel's
+percpu_array_map_gen_lookup) on an optimized probe and a plain kprobe. The
 optprobe calls the images from a guest thunk, every other kind from a per-CPU guest stub
 the hit sends the guest to (jit_direct.py): no nested run.
 
@@ -209,10 +212,53 @@ def hash_prog(arch: str, call: bool = True):
                                   name="hash_update", license="GPL", maps={3: seen})
 
 
+PERCPU_COUNT_ASM = """
+    ldxdw r6, [r1+{parm1}]
+    and r6, 7
+    stxw [r10-4], r6
+    mov r2, r10
+    add r2, -4
+    lddw r1, map_fd(3)
+    call 1
+    jeq r0, 0, +2
+    mov r1, 1
+    lock add [r0], r1
+    mov r0, 0
+    exit
+"""
+
+
+def percpu_prog(arch: str):
+    """counts[PARM1 & 7] += 1 on this CPU's copy of a per-CPU array (the usual tracing
+    counter: the lookup is inlined as percpu_array_map_gen_lookup under the JIT)."""
+    from probes.bpf import BpfProgType, create_map
+    from probes.bpf.maps import BpfMapType
+    from probes.bench_kinds import parm_offset
+    counts = create_map(BpfMapType.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8, name="counts")
+    text = PERCPU_COUNT_ASM.format(parm1=parm_offset(arch))
+    return bpf.BpfProg.from_bytes(bpf.assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                                  name="percpu_count", license="GPL", maps={3: counts})
+
+
 def hash_hits(calls: int, repeat: int, floor: bool = False) -> list[dict]:
     """The optimized probe with the hash-update program, both engines (probes/bench.py's
     method: plain, hooked and probed labs timed interleaved, best CPU time); ``floor``:
     also the JIT row of the program without its helper call."""
+    variants = [("python", True), ("jit", True)] + ([("jit", False)] if floor else [])
+    return program_hits(calls, repeat, "o", [
+        (engine, "hash update" if with_call else "hash (floor)",
+         lambda arch, c=with_call: hash_prog(arch, c)) for engine, with_call in variants])
+
+
+def percpu_hits(calls: int, repeat: int) -> list[dict]:
+    """The per-CPU array counter on an optimized probe and a plain kprobe, both engines."""
+    return [row for kind in ("o", "k") for row in program_hits(
+        calls, repeat, kind, [(e, "percpu count", percpu_prog) for e in ("python", "jit")])]
+
+
+def program_hits(calls: int, repeat: int, kind: str, variants: list) -> list[dict]:
+    """Per hit of probe kind ``kind`` ("o" or "k") with each (engine, label, program
+    maker) of ``variants`` attached."""
     from unicorn import UC_HOOK_CODE
 
     from probes import bench, bench_kinds
@@ -220,17 +266,16 @@ def hash_hits(calls: int, repeat: int, floor: bool = False) -> list[dict]:
     from probes.bpf.libbpf import KprobePerfEvent
     from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, perf_event_attach_bpf_prog
     out = []
-    elf, func, call, _arg = bench_kinds.KIND_GUESTS["o"]
+    elf, func, call, _arg = bench_kinds.KIND_GUESTS[kind]
     for arch in ("arm64", "x86_64"):
         prof = bench.profile_for(arch, None).name
-        variants = [("python", True), ("jit", True)] + ([("jit", False)] if floor else [])
-        for engine, with_call in variants:
+        for engine, label, make in variants:
             probed = bench._lab(arch, elf, prof)
-            p = bench_kinds.setup_kind("o", probed, func)[0]
+            p = bench_kinds.setup_kind(kind, probed, func)[0]
             ev = KprobePerfEvent(probed.machine, func, kp=p)
             p.pre_handler = ev.kprobe_perf_func
             perf_event_attach_bpf_prog(PerfEvent(ev, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE),
-                                       hash_prog(arch, with_call))
+                                       make(arch))
             install_engine(probed.machine, engine)
             plain, hooked = bench._lab(arch, elf, prof), bench._lab(arch, elf, prof)
             addr = hooked.addr_of(func)
@@ -242,8 +287,7 @@ def hash_hits(calls: int, repeat: int, floor: bool = False) -> list[dict]:
             t_plain, c_plain, _ = runs["plain"]
             us = (runs["probe"][0] - t_plain) / calls * 1e6
             hook = (runs["hook"][0] - t_plain) / calls * 1e6
-            out.append({"arch": arch, "kind": "o", "engine": engine,
-                        "program": "hash update" if with_call else "hash (floor)",
+            out.append({"arch": arch, "kind": kind, "engine": engine, "program": label,
                         "cycles_per_hit": round((runs["probe"][1] - c_plain) / calls, 2),
                         "host_us_per_hit": us, "hook_us_per_hit": hook,
                         "ratio": us / hook if hook > 0 else None})
@@ -269,14 +313,21 @@ def main() -> None:
     ap.add_argument("--hits-only", action="store_true", help="only the per-hit rows")
     ap.add_argument("--hash-only", action="store_true",
                     help="only the hash-update rows, with the program's floor (no helper call)")
+    ap.add_argument("--percpu-only", action="store_true",
+                    help="only the per-CPU array counter rows (optprobe and kprobe)")
     args = ap.parse_args()
     n, repeat = (1000, 3) if args.quick else (4000, 7)
+    if args.percpu_only:
+        hits = percpu_hits(200 if args.quick else 2000, repeat)
+        print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
+        return
     if args.hash_only:
         hits = hash_hits(200 if args.quick else 2000, repeat, floor=True)
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return
     hits = per_hit(200 if args.quick else 2000, repeat)
     hits += hash_hits(200 if args.quick else 2000, repeat)
+    hits += percpu_hits(200 if args.quick else 2000, repeat)
     if args.hits_only:
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return

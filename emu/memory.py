@@ -226,6 +226,8 @@ class Memory:
             uc.mem_unmap(start, end - start)
         if self._backing is not None:
             self._unback(start, end)
+        for k in [k for k in self._external if start <= k < end]:
+            del self._external[k]           # a restore unmapped a map_host mapping
         self._tlb_assign(start, end, None)
 
     def _tlb_assign(self, start: int, end: int, perms: int | None) -> None:

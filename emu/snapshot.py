@@ -305,8 +305,10 @@ def take_registries(m: Machine) -> Registries:
 
 
 def restore_registries(m: Machine, r: Registries) -> None:
-    for h in set(m.hooks.installed) - r.raw_hooks:
+    since = set(m.hooks.installed) - r.raw_hooks
+    for h in since:
         m.hooks.delete(h)
+    m.hooks.release(since)               # their callbacks: not kept restore after restore
     for uc, kept in zip(m.ucs, r.binding_hooks):
         for h in set(getattr(uc, "_callbacks", {})) - kept:
             uc.hook_del(h)

@@ -7,7 +7,7 @@ let the machine re-raise it after `emu_start` (ctypes would otherwise print and 
 from __future__ import annotations
 
 import ctypes
-from typing import Callable
+from typing import Callable, Iterable
 
 # The Python 3 binding by its module: type checkers read `unicorn.Uc` as the Python 2 one.
 from unicorn.unicorn_py3.unicorn import Uc
@@ -86,6 +86,9 @@ class RawHooks:
         self.ucs: list[Uc] = [uc]
         self.errors: list[BaseException] = []
         self._keep: list[object] = []
+        # handle -> its ctypes callback and the objects held with it (`hold`): let go by
+        # `release` once the hook is deleted (a snapshot restore), not kept for ever
+        self._held: dict[int, list[object]] = {}
         self.installed: dict[int, tuple[int, int, int]] = {}   # handle -> (type, begin, end)
         # handle -> (type, callback address, user data, begin, end, extra args) to replay
         # on a Uc added later, and its handles on the other Ucs.
@@ -127,8 +130,23 @@ class RawHooks:
 
     def _add(self, htype: int, cfunc, begin: int, end: int, *extra) -> int:
         self._keep.append(cfunc)
-        return self._add_on_all(htype, ctypes.cast(cfunc, ctypes.c_void_p).value, None,
-                                begin, end, extra)
+        handle = self._add_on_all(htype, ctypes.cast(cfunc, ctypes.c_void_p).value, None,
+                                  begin, end, extra)
+        self._held[handle] = [cfunc]
+        return handle
+
+    def hold(self, handle: int, obj: object) -> None:
+        """Keep `obj` alive while hook `handle` is installed (C data its callback uses)."""
+        self._held.setdefault(handle, []).append(obj)
+        self._keep.append(obj)
+
+    def release(self, handles: Iterable[int]) -> None:
+        """Let go of the callbacks and held objects of hooks deleted already: only outside
+        a run (a callback deleted inside one may still be on the stack)."""
+        gone = {id(o) for h in handles if h not in self.installed for o in self._held.pop(h, ())}
+        if gone:
+            gone -= {id(o) for objs in self._held.values() for o in objs}
+            self._keep[:] = [o for o in self._keep if id(o) not in gone]
 
     def _add_on_all(self, htype: int, fn: int | None, ud: int | None, begin: int, end: int,
                     extra: tuple) -> int:

@@ -41,7 +41,7 @@ trace_call_bpf's AND of the results only gates a perf sample, which these events
 record, so the stubs drop it as the thunk does.
 
 Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
-programs whose helper calls are inlined (array lookups, map_gen_lookup), lookups in a hash
+programs whose helper calls are inlined (array and per-CPU array lookups, map_gen_lookup), lookups in a hash
 or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
 returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run): map
@@ -151,7 +151,7 @@ STUB_HOST_ENTRY = True
 
 def direct_eligible(prog: "BpfProg") -> str | None:
     """Why ``prog`` cannot run from a thunk, or None if it can."""
-    from .maps import ArrayMap
+    from .maps import ArrayMap, PercpuArrayMap
 
     if prog.prog_type not in STUB_PROG_TYPES:
         return "not a kprobe, tracepoint or raw tracepoint program"
@@ -179,7 +179,7 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if fid != 1 or prog.helpers.get(1) is not lookup:
                 return f"insn {i}: helper call {fid}"
             mp = _map_in_r1(prog, insns, targets, i)
-            if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
+            if type(mp) not in (ArrayMap, PercpuArrayMap) and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
     return output_order([prog])
 

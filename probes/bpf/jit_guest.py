@@ -45,7 +45,11 @@ exit at all when every helper is inlined; helper calls from a thunk or stub reac
 every run (``_seed_maps``), so every program's image reaches its own maps whichever run the
 host synced last; with several CPUs each CPU has its own part of the native stack. While images run that way the windows hold the array
 maps' bytes: user-space lookups and updates go through them (``pull``/``push``, the maps'
-MapBacking) and every run's stop reads them back.
+MapBacking) and every run's stop reads them back. A per-CPU array has one window per CPU,
+CPU c's at CPU 0's plus one offset for every such map (``_seed_percpu``), and its lookup is
+inlined as the kernel's percpu_array_map_gen_lookup: the image adds this_cpu_off, a word the
+JIT rewrites at every CPU switch. A snapshot restore past the JIT drops all of it; a map it
+backed keeps its host bytes (``is_current``).
 
 The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
@@ -55,8 +59,8 @@ bytes did (``_UcFast``; ~4 µs of Python a hit beside Unicorn's ~5).
 Left out (see the report in the issue): maps backed by the guest pages themselves (the
 windows are copied in and out around a nested run, skipping unchanged ones; a hash value a
 nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
-other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
-per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
+other helpers (ktime_get_ns needs the cycle model's running block; a per-CPU array's
+update, which Python serves on the hit's CPU); constant tail-call patching,
 the kernel's short-branch passes.
 """
 from __future__ import annotations
@@ -103,6 +107,14 @@ TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in
 GUEST_JIT_BASE = 0x0800_0000_0000   # in a traced guest: trampolines, data, images from here
 GUEST_JIT_END = 0x1000_0000_0000    # (below the map windows at 0x1000_xxxx_xxxx)
 MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from 0x3000_xxxx_xxxx
+# In a guest, per-CPU array maps (see _seed_percpu): map i's copy for CPU c in the window of
+# key PCPU_KEY_BASE + c * PCPU_KEYS + i, so every map's CPU-c copy is its CPU-0 copy plus
+# one offset, (c * PCPU_KEYS) << 32, as the kernel's __per_cpu_offset[c] is every per-CPU
+# variable's; the running CPU's offset is the u64 at PERCPU_OFF_AT in the JIT's data page.
+PCPU_KEY_BASE = (VM_BASE >> 32) + 0x4000
+PCPU_KEYS = 0x40                 # per-CPU array maps a machine's JIT can hold
+PCPU_MAX_CPUS = 64
+PERCPU_OFF_AT = 0x800            # this_cpu_off (after the tail-call count and the guards)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
 
@@ -331,6 +343,37 @@ def array_map_gen_lookup(base: int, max_entries: int, elem_size: int) -> list[In
             Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
 
 
+def percpu_array_map_gen_lookup(base: int, max_entries: int, elem_size: int,
+                                this_cpu_off: int) -> list[Insn]:
+    """kernel/bpf/arraymap.c percpu_array_map_gen_lookup: array_map_gen_lookup's bounds
+    check and scaling on CPU 0's copy (``base``; the elements are contiguous, so the
+    kernel's load of pptrs[index] is the scaling), then BPF_MOV64_PERCPU_REG: add the
+    running CPU's offset, which the JITs read from this_cpu_off (here the u64 at
+    ``this_cpu_off``, rewritten at every CPU switch)."""
+    from .isa import (BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LDX, BPF_LSH,
+                      BPF_MEM, BPF_MUL)
+
+    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
+             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
+    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
+            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
+            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 7, max_entries),           # past the end: NULL
+            scale,
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
+            Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),                 # r1 = this_cpu_off
+            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
+            Insn(BPF_JMP | 0x00, 0, 0, 1),
+            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+
+
+def _value_buffers(m: Any) -> list[bytearray]:
+    """An array map's value bytes: a per-CPU array's one copy per CPU."""
+    from .maps import PercpuArrayMap
+
+    return m.percpu if isinstance(m, PercpuArrayMap) else [m.values]
+
+
 def _s32(v: int) -> int:
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v & 0x80000000 else v
@@ -497,6 +540,10 @@ class ScratchJit:
         # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
         self._map_regions: dict[int, tuple[bytearray, Region]] = {}
         self._persistent: set[int] = set()           # id() of those regions
+        # per-CPU array maps: id(map) -> (its per-CPU buffers, one region for each CPU)
+        self._percpu_regions: dict[int, tuple[list[bytearray], list[Region]]] = {}
+        self._percpu_off_kept = False     # this_cpu_off written at every CPU switch
+        self._percpu_next = 0             # the next per-CPU array's index (its keys)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -517,6 +564,10 @@ class ScratchJit:
         self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
+        # whether the windows hold the maps' values now (the JIT engine runs the programs),
+        # and whether a snapshot restore took the machine back past this JIT (set by ProbeJit)
+        self.is_current: Callable[[], bool] = lambda: True
+        self.is_dropped: Callable[[], bool] = lambda: False
         self._map(self.stub_base, PAGE, PROT_READ | PROT_EXEC, "[bpf jit trampolines]", True)
         self._map(self.tcc_addr, PAGE, PROT_READ | PROT_WRITE, "[bpf jit data]", False)
         # named as kallsyms names BPF trampolines (a run's end is described by its symbol)
@@ -794,8 +845,9 @@ class ScratchJit:
 
     def _inliner(self, prog: "BpfProg") -> Inliner:
         """map_lookup_elem on a plain array map whose lddw reaches the call in a straight
-        line becomes array_map_gen_lookup (the values are in guest memory already)."""
-        from .maps import ArrayMap
+        line becomes array_map_gen_lookup (the values are in guest memory already), on
+        a per-CPU array percpu_array_map_gen_lookup."""
+        from .maps import ArrayMap, PercpuArrayMap
 
         insns = prog.insns
         targets = _jump_targets(insns)
@@ -805,11 +857,24 @@ class ScratchJit:
             if insn.src_reg != 0 or insn.imm != 1 or prog.helpers.get(1) is not lookup:
                 return None
             m = _map_in_r1(prog, insns, targets, idx)
+            if type(m) is PercpuArrayMap:
+                return self._percpu_lookup(m)
             if type(m) is not ArrayMap or self.run_state is None:
                 return None
             base = self.to_guest(self.run_state.global_data_ptr(m, 0))
             return array_map_gen_lookup(base, m.max_entries, m.elem_size)
         return inline
+
+    def _percpu_lookup(self, m: Any) -> list[Insn] | None:
+        """percpu_array_map_gen_lookup for a per-CPU array whose copies _seed_percpu
+        placed (one for every CPU the machine has; else the helper answers, NULL on a CPU
+        the map has no value for)."""
+        got = self._percpu_regions.get(id(m))
+        if got is None or len(got[1]) < max(self.machine.nr_cpus, 1):
+            return None
+        base = self.to_guest(got[1][0].base)
+        return percpu_array_map_gen_lookup(base, m.max_entries, m.elem_size,
+                                           self.percpu_off_addr)
 
     # -- the run --
     def prepare(self, prog: "BpfProg", ctx: bytearray, env: Any,
@@ -840,11 +905,13 @@ class ScratchJit:
         """Give the run this machine's one region per array map (bind_maps then finds
         them): keys per run would put two programs' maps at one window address, and
         the images called from stubs would reach whichever run was synced last."""
-        from .maps import ArrayMap
+        from .maps import ArrayMap, PercpuArrayMap
 
         for p in _reachable(prog):
             for fd in sorted(p.maps):
                 mp = p.maps[fd]
+                if type(mp) is PercpuArrayMap:
+                    self._seed_percpu(run, mp)
                 if type(mp) is not ArrayMap:
                     continue
                 got = self._map_regions.get(id(mp.values))
@@ -858,6 +925,45 @@ class ScratchJit:
                     run.mem.remove(old)       # bound already (BpfRun binds its program's)
                 run.mem.add(got[1])
                 run.mem._by_buffer[id(mp.values)] = got[1]
+
+    def _seed_percpu(self, run: BpfRun, mp: Any) -> None:
+        """A per-CPU array's copies, CPU c's in the window of key PCPU_KEY_BASE +
+        c * PCPU_KEYS + i (map i of this machine): the same offset from CPU 0's copy for
+        every map, as the kernel's per-CPU areas. Given to every run, so the helper's
+        map_value_ptr names the same bytes the inlined lookup reaches."""
+        got = self._percpu_regions.get(id(mp))
+        if got is None or got[0] is not mp.percpu:
+            i = self._percpu_next          # (a dead map's copies keep their keys)
+            if i >= PCPU_KEYS or len(mp.percpu) > PCPU_MAX_CPUS:
+                raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
+                               f"guest ({PCPU_KEYS} maps of {PCPU_MAX_CPUS} CPUs at most)")
+            regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
+                              mp.name) for c, buf in enumerate(mp.percpu)]
+            got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
+            self._percpu_next += 1
+            self._persistent.update(id(r) for r in regions)
+            self._keep_percpu_off()
+        for region in got[1]:
+            old = run.mem._by_buffer.get(id(region.data))
+            if old is not None and old is not region:
+                run.mem.remove(old)
+            run.mem.add(region)
+            run.mem._by_buffer[id(region.data)] = region
+
+    @property
+    def percpu_off_addr(self) -> int:
+        """The u64 this_cpu_off: the running CPU's per-CPU offset (see _seed_percpu)."""
+        return self.tcc_addr + PERCPU_OFF_AT
+
+    def _keep_percpu_off(self) -> None:
+        if not self._percpu_off_kept:
+            self._percpu_off_kept = True
+            self.machine.cpu_listeners.append(self._set_percpu_off)
+            self._set_percpu_off(self.machine.cpu)
+
+    def _set_percpu_off(self, cpu: int) -> None:
+        self.machine.memory.write(self.percpu_off_addr,
+                                  ((cpu * PCPU_KEYS) << 32).to_bytes(8, "little"))
 
     def _stack_size(self) -> int:
         """The native stack: with several CPUs each has its own PERCPU_STACK of it, as
@@ -877,19 +983,37 @@ class ScratchJit:
         return self.stack_top - PERCPU_STACK * cpu
 
     # -- MapBacking: an array map's values while their window holds them --
+    def _gone(self, m: Any) -> bool:
+        """Whether the map's host bytes are the ones to use: another engine runs the
+        programs (its helpers write the host bytes, which the next hit under the JIT copies
+        out), or a snapshot restore took the machine back past this JIT (its windows are
+        unmapped, their addresses maybe another JIT's: the map drops this backing). Every
+        run's stop brought the host bytes up to date."""
+        if self.is_current():
+            return False
+        if self.is_dropped():
+            m.backing = None
+        return True
+
     def pull(self, m: Any) -> None:
-        w = self._by_buffer.get(id(m.values))
-        if w is not None and w.size:
-            got = bytes(self.machine.uc.mem_read(w.gstart, len(m.values)))
-            m.values[:] = got
-            w.shadow = got
+        if self._gone(m):
+            return
+        for buf in _value_buffers(m):
+            w = self._by_buffer.get(id(buf))
+            if w is not None and w.size:
+                got = bytes(self.machine.uc.mem_read(w.gstart, len(buf)))
+                buf[:] = got
+                w.shadow = got
 
     def push(self, m: Any) -> None:
-        w = self._by_buffer.get(id(m.values))
-        if w is not None and w.size:
-            data = bytes(m.values)
-            self.machine.uc.mem_write(w.gstart, data)
-            w.shadow = data
+        if self._gone(m):
+            return
+        for buf in _value_buffers(m):
+            w = self._by_buffer.get(id(buf))
+            if w is not None and w.size:
+                data = bytes(buf)
+                self.machine.uc.mem_write(w.gstart, data)
+                w.shadow = data
 
     def prepare_reuse(self, prog: "BpfProg", ctx: bytearray, env: Any) -> BpfRun:
         """``prepare`` for a program that runs on every hit: the run state is kept and
@@ -1561,6 +1685,12 @@ class ProbeJit:
         if self._jit is None:
             self._jit = ScratchJit(self.arch, machine=self.machine)
             self._jit.direct_run = self._runs.get
+            from probes.trace.bpf_trace import bpf_trace_of
+
+            layers, trace = self.machine.layers, bpf_trace_of(self.machine)
+            self._jit.is_dropped = lambda: layers.get("bpf_probe_jit") is not self
+            self._jit.is_current = lambda: layers.get("bpf_probe_jit") is self and \
+                trace.runner is self
         return self._jit
 
     def image_of(self, prog: "BpfProg") -> JitImage | None:

@@ -293,20 +293,28 @@ class PercpuArrayMap(ArrayMap):
         k = self._key(key)
         if self._index(k) >= self.max_entries:
             raise MapError(errno.ENOENT)
+        if self.backing is not None:
+            self.backing.pull(self)
         return [bytes(b[o:o + self.value_size]) for b, o in
                 (self.value_slot(k, c) for c in range(self.nr_cpus))]  # type: ignore[misc]
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         _check_user_flags(flags)
         k = self._key(key)
-        if isinstance(value, (list, tuple)):
-            if len(value) != self.nr_cpus:
-                raise MapError(errno.EINVAL, "need one value per CPU")
-            _raise(self.update_elem(k, self._value(value[0]), flags))
-            for c, v in enumerate(value):
-                _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
-        else:
-            _raise(self.update_elem(k, self._value(value), flags))
+        if self.backing is not None:
+            self.backing.pull(self)
+        try:
+            if isinstance(value, (list, tuple)):
+                if len(value) != self.nr_cpus:
+                    raise MapError(errno.EINVAL, "need one value per CPU")
+                _raise(self.update_elem(k, self._value(value[0]), flags))
+                for c, v in enumerate(value):
+                    _raise(self.update_elem(k, self._value(v), BPF_ANY, c))
+            else:
+                _raise(self.update_elem(k, self._value(value), flags))
+        finally:
+            if self.backing is not None:
+                self.backing.push(self)
 
 
 # --- hashes ----------------------------------------------------------------------

@@ -310,9 +310,8 @@ class NativeHelpers:
         machine.stop_listeners.append(self.fold)
         j.cpu = machine.cpu                 # get_smp_processor_id, per-CPU hash updates
         machine.cpu_listeners.append(self._cpu_switched)
-        # The swapped hooks point into this object's records: it lives as long as the
-        # machine's Unicorn, among its hook objects (as the kprobe dispatcher does).
-        machine.hooks._keep.append(self)
+        # The swapped hooks point into this object's records: it lives as long as one of
+        # them is installed (RawHooks.hold in `serve`; a snapshot restore lets it go).
 
     @classmethod
     def create(cls, machine: Any, arg_ids: list[int], ret_id: int, call_size: int,
@@ -344,6 +343,7 @@ class NativeHelpers:
         if not swap_code_hook(self.m, handle, self.lib.bn_helper_hook, rec):
             return False
         self._stubs.append(rec)
+        self.m.hooks.hold(handle, self)
         return True
 
     def register(self, image: Any, run: Any, window: Callable[[Any], int | None]) -> None:
