@@ -67,13 +67,13 @@ emu/vtlb.py, made stores to data pages fast)."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from emu.memory import PAGE, PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
 
-from .helpers import KERNEL_HELPERS
+from .helpers import BPF_FUNC_tail_call, KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
 from .jit_guest import ProbeJit, _jump_targets, _map_in_r1, _kind
 from .prog_types import BpfProgType
@@ -108,7 +108,18 @@ STUB_HOST_ENTRY = True
 
 
 def direct_eligible(prog: "BpfProg") -> str | None:
-    """Why ``prog`` cannot run from a thunk, or None if it can."""
+    """Why ``prog`` cannot run from a thunk, or None if it can: it and every program its
+    prog arrays hold now (a tail call's target runs in the same stub call)."""
+    from .jit_guest import _reachable
+
+    for target in _reachable(prog):
+        why = _eligible_one(target)
+        if why is not None:
+            return why if target is prog else f"tail call target {target.name}: {why}"
+    return None
+
+
+def _eligible_one(prog: "BpfProg") -> str | None:
     from .maps import ArrayMap
 
     if prog.prog_type not in STUB_PROG_TYPES:
@@ -119,15 +130,15 @@ def direct_eligible(prog: "BpfProg") -> str | None:
     for i, insn in enumerate(insns):
         kind = _kind(insn) if i == 0 or insns[i - 1].code != 0x18 else "lddw2"
         if kind in ("callx", "ldabs", "ldind"):
-            return f"insn {i}: {kind}"
-        if kind in ("jmp", "jmp32", "ja", "ja32"):
-            off = insn.imm if kind == "ja32" else insn.off
-            if off < 0:
-                return f"insn {i}: a backward branch (the budget trampoline)"
+            # the verifier refuses both in these types (unknown opcode 8d; LD_ABS/IND
+            # "not allowed for this program type"): only a lenient one could get here
+            return f"insn {i}: {kind} (the verifier refuses it in these program types)"
         if insn.code == BPF_CALL_OP and insn.src_reg != BPF_PSEUDO_CALL:
             fid = insn.imm
             if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
                 return f"insn {i}: helper call {fid}"
+            if fid == BPF_FUNC_tail_call:
+                continue                # inlined: the trampoline only looks the target up
             if fid in TRAMPOLINE_HELPERS:
                 if fid in (2, 3) and prog.ctx_reads is None:
                     # the verifier saw a context pointer reach a helper: the host helper
@@ -140,6 +151,22 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             if type(mp) is not ArrayMap and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
     return None
+
+
+def back_edges(prog: "BpfProg") -> bool:
+    """Whether ``prog`` has a backward branch (its image charges the budget register)."""
+    for i, insn in enumerate(prog.insns):
+        kind = _kind(insn) if i == 0 or prog.insns[i - 1].code != 0x18 else "lddw2"
+        if kind in ("jmp", "jmp32", "ja", "ja32"):
+            if (insn.imm if kind == "ja32" else insn.off) < 0:
+                return True
+    return False
+
+
+def tail_calls(prog: "BpfProg") -> bool:
+    """Whether ``prog`` calls bpf_tail_call (its image counts in the JIT's TCC word)."""
+    return any(insn.code == BPF_CALL_OP and insn.src_reg == 0 and insn.imm == BPF_FUNC_tail_call
+               for insn in prog.insns)
 
 
 def guest_mapped_hash(mp: Any) -> bool:
@@ -157,7 +184,9 @@ def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
     out: set[int] = set()
     for prog in progs:
         prog.ensure_loaded()
-        if prog.ctx_reads is None:
+        if prog.ctx_reads is None or tail_calls(prog):
+            # a tail call's target (whatever the prog array holds at that hit) reads the
+            # same frame: every slot
             return None
         out |= prog.ctx_reads
     return frozenset(out)
@@ -182,6 +211,8 @@ class Thunk:
     entry: int | None = None    # the host entry on `trap`
     resume_to: int | None = None    # where a tracepoint's stub goes instead of its trap
     symbol: Any = None              # its name in the symbol table (removed when dropped)
+    budget: int | None = None       # the budget each image starts with (back edges)
+    calls: dict[int, "BpfProg"] = field(default_factory=dict)   # return address -> program
 
 
 class DirectPlan(NamedTuple):
@@ -480,7 +511,8 @@ class DirectCalls:
                 frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
                 ctx=self._ctx_buf(cpu) if tp else None,
-                this_cpu=self._this_cpu() if not stub else None)
+                this_cpu=self._this_cpu() if not stub else None,
+                **self._entry_state(plan.progs))
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             code, why = b"", f"thunk: {e}"
         else:
@@ -491,7 +523,9 @@ class DirectCalls:
             self.refused[site] = why
             return None
         t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
-                  resume_to=resume_to)
+                  resume_to=resume_to, budget=self._entry_state(plan.progs).get("budget"))
+        if t.budget is not None:        # the budget trampoline names the program from these
+            t.calls = dict(zip(_call_returns(m, at, code), plan.progs))
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp
@@ -506,6 +540,37 @@ class DirectCalls:
             self.copies[(kind, id(plan.event) if tp else site, cpu)] = t
         self.refused.pop(site, None)
         return t
+
+    def _entry_state(self, progs: list["BpfProg"]) -> dict[str, int]:
+        """What the nested run's entry sets and a thunk must set before each image: the
+        budget register (programs with backward branches: the run's instruction budget,
+        counted down at each one) and the tail-call count (programs with tail calls, or
+        their targets: zeroed as the kernel's prologue zeroes it). One TCC word serves
+        every CPU: no CPU's turn ends inside BPF-layer text (tasks._on_block), so a
+        program and its tail calls run to their end on the CPU that entered them."""
+        from .jit_guest import _reachable
+
+        out: dict[str, int] = {}
+        reach = [t for prog in progs for t in _reachable(prog)]
+        if any(back_edges(t) for t in reach):
+            run = self.runner._runs.get(progs[0])
+            out["budget"] = run.env.insn_budget if run is not None else 1_000_000
+        if any(tail_calls(t) for t in reach):
+            out["tcc"] = self.runner.jit.tcc_addr
+        return out
+
+    def program_at(self, ret: int) -> tuple[Thunk, "BpfProg"] | None:
+        """The thunk or stub whose image call returns to ``ret``, and that image's program."""
+        for t in (*self.thunks.values(), *self.copies.values()):
+            prog = t.calls.get(ret)
+            if prog is not None:
+                return t, prog
+        return None
+
+    def release(self, t: Thunk) -> None:
+        """``t``'s program ended without coming back (its budget ran out): the guard it
+        took is this CPU's again, as trace_call_bpf's exit path drops bpf_prog_active."""
+        self.m.memory.write(t.guard or self.active_addr(self.m.cpu), bytes(4))
 
     def _arm_stub_trap(self, t: Thunk) -> None:
         """The owner of the stub's last word: a host entry there (a code hook on the BPF
@@ -677,6 +742,15 @@ class DirectCalls:
         self._retired.append((t.addr, t.counters, t.guard))
         if t.symbol is not None:
             self.m.symbols.remove(t.symbol)
+
+
+def _call_returns(m: "Machine", at: int, code: bytes) -> list[int]:
+    """The return addresses of a thunk's image calls (``call rax`` / ``blr x16``), in order."""
+    import capstone
+
+    cs = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
+    return [i.address + i.size for i in cs.disasm(code, at)
+            if i.mnemonic in ("call", "blr")]
 
 
 def disable_direct_calls(machine: "Machine") -> None:

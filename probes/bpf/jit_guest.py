@@ -501,6 +501,7 @@ class ScratchJit:
         self._executing = False         # inside execute (else a trap comes from a thunk)
         self._direct = False            # serving a thunk's helper call
         self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
+        self._tail_root: dict[int, "BpfProg"] = {}   # id(tail call target) -> JITed under
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
@@ -638,7 +639,7 @@ class ScratchJit:
     def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
         self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
-        if self._executing:
+        if self._executing or addr == self.stubs.get("budget"):   # (a jump there: no caller)
             self._stub_fns[addr](addr)
         else:
             self._direct_trap(addr)
@@ -656,7 +657,7 @@ class ScratchJit:
             image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
             if image is not None:
                 self._call_sites[call] = image
-        run = self.direct_run(image.prog) if image is not None and self.direct_run else None
+        run = self._direct_run_of(image.prog) if image is not None else None
         if image is None or run is None:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         if self._native:            # later calls from this image: C's (bpf_native.c)
@@ -673,6 +674,16 @@ class ScratchJit:
         if err is not None or self._pending.exit_r0 is not None:
             reason = str(err) if err is not None else "bpf_exit from a thunk"
             raise BpfTraceError(image.prog.name or image.prog.section, reason)
+
+    def _direct_run_of(self, prog: "BpfProg") -> BpfRun | None:
+        """The kept run that serves ``prog``'s helper calls from a thunk: its own, or for a
+        tail call's target the run of the program it was JITed under (whose map handles
+        its image holds), as a tail call goes on in its caller's run."""
+        if self.direct_run is None:
+            return None
+        run = self.direct_run(prog)
+        root = self._tail_root.get(id(prog))
+        return run if run is not None or root is None else self.direct_run(root)
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
@@ -783,6 +794,8 @@ class ScratchJit:
         self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
         for p in _reachable(prog):
             self._cur = p
+            if p is not prog and id(p) not in self.images:
+                self._tail_root[id(p)] = prog       # its helpers' run on the direct path
             self.compile(p, probe_mem if p is prog else frozenset())
             if self.in_guest:       # user-space reads and writes see the guest's bytes
                 for mp in p.maps.values():
@@ -1220,10 +1233,34 @@ class ScratchJit:
             self.machine.uc.emu_stop()
 
     def _on_budget(self, addr: int) -> None:
+        """A backward branch found the budget register at zero: the program ends with the
+        error the nested run and a thunk's call both report (the host path raises it)."""
+        if not self._executing:
+            return self._direct_budget()
         run = self.run_state
         assert run is not None
-        self._stop(BpfRuntimeError(f"instruction budget of {run.budget} exhausted "
-                                   "(JIT: backward branches)", None, "", run.prog.name))
+        self._stop(BpfRuntimeError(_budget_text(run.budget), None, "", run.prog.name))
+
+    def _direct_budget(self) -> None:
+        """The budget ran out in an image a thunk or stub called (jit_direct.py): the program
+        is the one whose call left its return address at the top of this CPU's BPF stack
+        (x86 ``call``, arm64's prologue stores x30 there; a tail call keeps it). Its guard
+        is dropped and the hit ends the run as the host path's error does."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        from .jit_direct import direct_calls_of
+
+        m = self.machine
+        top = self.stack_top_of(m.cpu) if self.in_guest else self.stack_top
+        ret = int.from_bytes(m.uc.mem_read(top - 8, 8), "little")
+        dc = direct_calls_of(m)
+        found = dc.program_at(ret) if dc is not None else None
+        if found is None:
+            raise BpfTraceError("?", "budget trampoline reached outside a run")
+        thunk, prog = found
+        dc.release(thunk)                       # type: ignore[union-attr]
+        err = BpfRuntimeError(_budget_text(thunk.budget or 0), None, "", prog.name)
+        raise BpfTraceError(prog.name or prog.section, str(err))
 
     def _on_callx(self, addr: int) -> None:
         run = self.run_state
@@ -1233,7 +1270,10 @@ class ScratchJit:
 
     def _on_tail_call(self, addr: int) -> None:
         """Index bounds and the NULL check of emit_bpf_tail_call_indirect; the count check
-        and increment are inline. Leaves the target's entry (or 0) in AX."""
+        and increment are inline. Leaves the target's entry (or 0) in AX. The prog array
+        is read at each call, as the kernel's is: a target put there after its caller was
+        JITed is JITed now. From a thunk (``_direct``) the kept run is only borrowed: it
+        is not switched to the target."""
         from .maps import ProgArrayMap
 
         m, regs, run = self.machine, self.emitter.reg_names, self.run_state
@@ -1244,10 +1284,45 @@ class ScratchJit:
         if isinstance(mp, ProgArrayMap) and index < mp.max_entries:
             target = mp.get_prog(index)
         image = self.images.get(id(target)) if target is not None else None
-        if image is not None:
+        if image is None and target is not None:
+            image = self._tail_image(run, target)
+        if image is not None and not self._direct:
             run.tail_calls += 1
             run.prog = image.prog
         m.set_reg(regs[11], image.entry if image is not None else 0)
+
+    def _tail_image(self, run: BpfRun, target: "BpfProg") -> JitImage | None:
+        """JIT a tail call's target the prog array got after its caller's run was prepared
+        (in the kernel every program is JITed at its load): its maps bound in ``run``, the
+        run it is JITed under. None: it cannot be JITed, and the program fails with why."""
+        from .maps import ProgArrayMap
+
+        saved = self._cur if hasattr(self, "_cur") else None
+        try:
+            target.ensure_loaded()
+            if self.in_guest:
+                self._seed_maps(run, target)
+            for p in _reachable(target):
+                run.bind_maps(p)
+            self.sync_windows(stack=False)
+            root = getattr(run, "_root", None) or run.prog
+            for p in _reachable(target):
+                if id(p) not in self.images:
+                    self._tail_root[id(p)] = self._tail_root.get(id(root), root)
+                    self._cur = p
+                    self.compile(p)
+                if self.in_guest:
+                    for mp in p.maps.values():
+                        if not isinstance(mp, ProgArrayMap) and \
+                                id(getattr(mp, "values", None)) in self._by_buffer:
+                            mp.backing = self
+        except BpfError as e:
+            self._stop(BpfRuntimeError(f"tail call target {target.name}: {e}"))
+            return None
+        finally:
+            if saved is not None:
+                self._cur = saved
+        return self.images.get(id(target))
 
     def _ld_abs_trap(self, size: int) -> Callable[[int], None]:
         def on_ld_abs(addr: int) -> None:
@@ -1262,6 +1337,10 @@ class ScratchJit:
             m.set_reg(regs[0], value)
             m.set_reg(regs[11], ok)
         return on_ld_abs
+
+
+def _budget_text(budget: int) -> str:
+    return f"instruction budget of {budget} exhausted (JIT: backward branches)"
 
 
 def _jump_targets(insns: list[Insn]) -> set[int]:
