@@ -251,6 +251,20 @@ def _frame_ops(op: str, regs: list[int]) -> str:
     return out
 
 
+def _zero_slots(offs: list[int]) -> str:
+    """Zero the frame's u64 at ``offs``: stp xzr, xzr for neighbours (a full frame with a
+    budget and a tail-call count must fit its slot), str xzr for the rest."""
+    out, k = "", 0
+    while k < len(offs):
+        if k + 1 < len(offs) and offs[k + 1] == offs[k] + 8:
+            out += f"stp xzr, xzr, [sp, #{offs[k]}]; "
+            k += 2
+        else:
+            out += f"str xzr, [sp, #{offs[k]}]; "
+            k += 1
+    return out
+
+
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None,
               ip_word: int | None = None, ctx: int | None = None,
@@ -290,7 +304,7 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     entry = ((f"{_movq('x16', tcc)}str wzr, [x16]; " if tcc is not None else "")
              + (_movq(f"x{BUDGET_REG}", budget) if budget is not None else ""))
     calls = "".join(f"{arg}{entry}{_movq('x16', e)}blr x16; " for e in entries)
-    tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8) if wanted(o))
+    tail = _zero_slots([o for o in range(288, PT_REGS_SIZE, 8) if wanted(o)])
     # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
     # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
     # condition sets it back from one of 16 immediates.
