@@ -1,0 +1,322 @@
+"""Bounded loops and tail calls on the direct path (issue 17, probes/bpf/jit_direct.py): a
+program with a backward branch or a bpf_tail_call runs from the plain kprobe's stub or the
+optimized probe's thunk, with no nested run, and gives the compiled Python engine's
+results (r0 through the guest, maps, run counts, hits). The stub sets the budget register
+(and keeps the guest's) and zeroes the tail-call count before each image; a run out of
+budget ends the run as the host path ends it; the prog array is read at every tail call;
+bpf-to-bpf calls with loops inside callees; several CPUs."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import ARCHES, firmware_elf
+from test_bpf_jit_direct import _lab as opt_lab
+from test_bpf_jit_kprobe_stub import Lab
+from probes.bench_kinds import parm_offset
+from probes.bpf import BpfProgType, assemble, create_map
+from probes.bpf.jit_direct import direct_calls_of, direct_eligible
+from probes.bpf.jit_guest import ScratchJit
+from probes.bpf.maps import BpfMapType
+from probes.bpf.program import BpfProg
+from probes.testing import ProbeLab
+from probes.trace.bpf_trace import BpfTraceError, bpf_trace_of, prog_stats
+
+
+def kprobe_prog(text: str, name: str, maps: dict) -> BpfProg:
+    return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name=name, license="GPL", maps=maps)
+
+
+ADD_R8_TO_SLOT0 = """
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 0
+        exit"""
+
+
+def loop_prog(arch: str) -> BpfProg:
+    """sums[0] += sum(range(PARM1 & 63)): a for loop over a bound the verifier cannot
+    unroll (a backward branch per iteration)."""
+    sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
+    text = f"""
+        ldxdw r6, [r1+{parm_offset(arch)}]
+        and r6, 63
+        mov r7, 0
+        mov r8, 0
+    loop:
+        jge r7, r6, done
+        add r8, r7
+        add r7, 1
+        ja loop
+    done:""" + ADD_R8_TO_SLOT0
+    return kprobe_prog(text, "loop", {3: sums})
+
+
+def callee_loop_prog(arch: str) -> BpfProg:
+    """The same sum, from a bpf-to-bpf callee that loops (its frame, the caller's r6-r9
+    kept), called twice: sums[0] += 2 * sum(range(PARM1 & 31))."""
+    sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
+    text = f"""
+        ldxdw r1, [r1+{parm_offset(arch)}]
+        and r1, 31
+        mov r6, r1
+        call local sum
+        mov r8, r0
+        mov r1, r6
+        call local sum
+        add r8, r0
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 0
+        exit
+    sum:
+        mov r0, 0
+        mov r2, 0
+    again:
+        jge r2, r1, out
+        add r0, r2
+        add r2, 1
+        ja again
+    out:
+        exit"""
+    return kprobe_prog(text, "callee_loop", {3: sums})
+
+
+def spin_prog(arch: str, at: int) -> BpfProg:
+    """Counts hits, but spins for ever when PARM1 == ``at`` (the budget ends it)."""
+    sums = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="sums")
+    text = f"""
+        ldxdw r6, [r1+{parm_offset(arch)}]
+        mov r8, 1
+        jne r6, {at}, done
+    spin:
+        add r8, 1
+        jne r6, -1, spin
+    done:""" + ADD_R8_TO_SLOT0
+    return kprobe_prog(text, "spin", {3: sums})
+
+
+def _u64(mp, key: int = 0) -> int:
+    return int.from_bytes(mp.lookup(key)[:8], "little")
+
+
+def _no_nested(monkeypatch) -> list[int]:
+    nested: list[int] = []
+    execute = ScratchJit.execute
+    monkeypatch.setattr(ScratchJit, "execute",
+                        lambda self, *a: nested.append(1) or execute(self, *a))
+    return nested
+
+
+# -- loops ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_loop_runs_from_the_stub_as_the_python_engine(arch, hit_path, monkeypatch) -> None:
+    jp, pp = loop_prog(arch), loop_prog(arch)
+    assert direct_eligible(jp) is None
+    jit, py = Lab(arch, jp, "jit"), Lab(arch, pp, "python")
+    assert jit.run(3) == py.run(3)
+    assert list(jit.stubs) == [jit.p.addr]
+    nested = _no_nested(monkeypatch)
+    assert jit.run(70) == py.run(70)          # PARM1 & 63: up to 63 iterations a hit
+    assert nested == []
+    want = sum(sum(range(i)) for i in range(3)) + sum(sum(range(i & 63)) for i in range(70))
+    assert _u64(jp.maps[3]) == _u64(pp.maps[3]) == want
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == 73
+    assert jit.p.hits == py.p.hits == 73 and jit.posts == py.posts
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_guests_budget_register_comes_back(arch) -> None:
+    """x27 / r12 are callee-saved in the guest's ABI; the images count down in them, so
+    the thunk keeps them: hot_call's result (which lives across the probed calls in
+    callee-saved registers) matches the unprobed run's."""
+    prog = loop_prog(arch)
+    lab, p, _event = opt_lab(arch, prog)
+    plain = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    for n in (2, 64, 9):
+        assert lab.call("hot_call", n) == plain.call("hot_call", n)
+    dc = direct_calls_of(lab.machine)
+    assert p.addr in dc.thunks and dc.thunks[p.addr].budget == 1_000_000
+    assert _u64(prog.maps[3]) == sum(sum(range(i & 63)) for n in (2, 64, 9) for i in range(n))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_loops_inside_bpf_to_bpf_callees(arch, monkeypatch) -> None:
+    jp, pp = callee_loop_prog(arch), callee_loop_prog(arch)
+    assert direct_eligible(jp) is None
+    jit, py = Lab(arch, jp, "jit"), Lab(arch, pp, "python")
+    assert jit.run(2) == py.run(2)
+    nested = _no_nested(monkeypatch)
+    assert jit.run(40) == py.run(40)
+    assert nested == [] and list(jit.stubs) == [jit.p.addr]
+    want = 2 * sum(sum(range(i & 31)) for n in (2, 40) for i in range(n))
+    assert _u64(jp.maps[3]) == _u64(pp.maps[3]) == want
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_spent_budget_ends_the_run_as_the_host_path_does(arch) -> None:
+    """Hit 7 spins: on the stub (the JIT), the nested run (the JIT's first hit) and the
+    compiled Python engine alike the run ends with the program's error (exit 2), naming the
+    program and the budget; the guard is dropped, so the probe's later hits are not
+    counted as recursion misses."""
+    errors = {}
+    for engine, first in (("jit", 3), ("python", 3), ("jit-nested", 0)):
+        prog = spin_prog(arch, 7 if first else 0)
+        lab = Lab(arch, prog, engine.split("-")[0])
+        bpf_trace_of(lab.m).env.insn_budget = 5000
+        if first:
+            lab.run(first)                      # the stub is made (JIT)
+        with pytest.raises(BpfTraceError) as e:
+            lab.run(10)
+        errors[engine] = e.value
+        if engine == "jit":
+            assert list(lab.stubs) == [lab.p.addr]
+            dc = direct_calls_of(lab.m)
+            assert lab.m.memory.read(dc.active_addr(0), 4) == bytes(4)
+    for err in errors.values():
+        assert err.prog == "spin" and err.exit_code == 2
+        assert "instruction budget of 5000 exhausted" in err.reason
+    assert errors["jit"].reason == errors["jit-nested"].reason
+
+
+# -- tail calls ----------------------------------------------------------------------------
+
+def chain(arch: str, first: bool = True) -> tuple[BpfProg, dict]:
+    """root: bpf_tail_call(ctx, jt, PARM1 & 1) then r0 = 9. jt[0] = selfloop (counts in
+    cnt[0] and tail-calls jt[0] again: a chain of 33), jt[1] = target (counts in cnt[1],
+    puts PARM1 in a hash map through the helper trampoline, r0 = 3)."""
+    jt = create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 2, name="jt")
+    cnt = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="cnt")
+    h = create_map(BpfMapType.BPF_MAP_TYPE_HASH, 8, 8, 64, name="h")
+    selfloop = kprobe_prog("""
+        mov r6, r1
+        stw [r10-4], 0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +2
+        mov r1, 1
+        lock add [r0], r1
+        mov r1, r6
+        lddw r2, map_fd(3)
+        mov r3, 0
+        call 12
+        mov r0, 7
+        exit""", "selfloop", {3: jt, 4: cnt})
+    target = kprobe_prog(f"""
+        ldxdw r6, [r1+{parm_offset(arch)}]
+        stxdw [r10-8], r6
+        stxdw [r10-16], r6
+        mov r2, r10
+        add r2, -8
+        mov r3, r10
+        add r3, -16
+        lddw r1, map_fd(5)
+        mov r4, 0
+        call 2
+        stw [r10-4], 1
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +2
+        mov r1, 1
+        lock add [r0], r1
+        mov r0, 3
+        exit""", "target", {4: cnt, 5: h})
+    root = kprobe_prog(f"""
+        ldxdw r3, [r1+{parm_offset(arch)}]
+        and r3, 1
+        lddw r2, map_fd(3)
+        call 12
+        mov r0, 9
+        exit""", "root", {3: jt})
+    jt.update(0, selfloop)
+    if first:
+        jt.update(1, target)
+    return root, dict(jt=jt, cnt=cnt, h=h, selfloop=selfloop, target=target)
+
+
+def _state(root: BpfProg, parts: dict, lab: Lab) -> tuple:
+    keys = sorted(int.from_bytes(k, "little") for k in parts["h"].keys())
+    return ([_u64(parts["cnt"], i) for i in range(2)], keys, prog_stats(root).run_cnt,
+            lab.p.hits)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tail_call_chains_from_the_stub(arch, monkeypatch) -> None:
+    """Chains of length 0 (a missing entry falls through to r0 = 9), 1 (the target,
+    whose helper call is served in the same run) and 33 (selfloop, stopped by the
+    count the stub zeroes before each program), as the Python engine runs them."""
+    (jroot, jparts), (proot, pparts) = chain(arch), chain(arch)
+    assert direct_eligible(jroot) is None
+    jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
+    assert jit.run(3) == py.run(3)
+    assert list(jit.stubs) == [jit.p.addr]
+    nested = _no_nested(monkeypatch)
+    assert jit.run(10) == py.run(10)
+    for parts in (jparts, pparts):
+        parts["jt"].delete(1)                   # chains of length 0 on odd PARM1
+    assert jit.run(5) == py.run(5)
+    assert nested == []
+    assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+    evens = 2 + 5 + 3
+    assert _u64(jparts["cnt"], 0) == 33 * evens     # the root's call is the first of 33
+    assert _u64(jparts["cnt"], 1) == 1 + 5
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_prog_array_update_after_the_stub_exists_takes_effect(arch, monkeypatch) -> None:
+    """jt[1] is empty when the stub is made, then gets a program never JITed (JITed at its
+    first call, its helpers served by the root's run), is emptied and filled again."""
+    (jroot, jparts), (proot, pparts) = chain(arch, first=False), chain(arch, first=False)
+    jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
+    assert jit.run(4) == py.run(4)
+    assert list(jit.stubs) == [jit.p.addr]
+    nested = _no_nested(monkeypatch)
+    for n, fill in ((6, True), (3, False), (4, True)):
+        for parts in (jparts, pparts):
+            if fill:
+                parts["jt"].update(1, parts["target"])
+            else:
+                parts["jt"].delete(1)
+        assert jit.run(n) == py.run(n)
+        assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+    assert nested == [] and list(jit.stubs) == [jit.p.addr]
+    assert _u64(jparts["cnt"], 1) == 3 + 2
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tail_calls_from_an_optprobe_thunk(arch) -> None:
+    root, parts = chain(arch)
+    lab, p, _event = opt_lab(arch, root)
+    plain = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
+    for n in (3, 12):
+        assert lab.call("hot_call", n) == plain.call("hot_call", n)
+    assert p.addr in direct_calls_of(lab.machine).thunks
+    assert _u64(parts["cnt"], 0) == 33 * (2 + 6) and _u64(parts["cnt"], 1) == 1 + 6
+    assert sorted(int.from_bytes(k, "little") for k in parts["h"].keys()) == [1, 3, 5, 7, 9, 11]
+
+
+# -- the verifier's side -----------------------------------------------------------------
+
+def test_callx_and_ld_abs_cannot_reach_a_stub() -> None:
+    """The verifier refuses callx (unknown opcode 8d) and LD_ABS/LD_IND (not allowed for
+    this program type) in kprobe programs: they stay refused with that reason."""
+    from probes.bpf.errors import VerifierError
+
+    for text in ("mov r6, r1\nldabsw 0\nexit", "mov r2, 0\ncallx r2\nmov r0, 0\nexit"):
+        with pytest.raises(VerifierError):
+            kprobe_prog(text, "x", {}).load()
