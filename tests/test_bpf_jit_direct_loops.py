@@ -320,3 +320,55 @@ def test_callx_and_ld_abs_cannot_reach_a_stub() -> None:
     for text in ("mov r6, r1\nldabsw 0\nexit", "mov r2, 0\ncallx r2\nmov r0, 0\nexit"):
         with pytest.raises(VerifierError):
             kprobe_prog(text, "x", {}).load()
+
+
+# -- several CPUs ------------------------------------------------------------------------
+
+def cpu_chain() -> BpfProg:
+    """root tail-calls jt[0], which loops 4 times and adds 4 to by_cpu[this CPU]: the
+    budget and the tail-call count of each CPU's stub."""
+    from test_bpf_jit_stub_cpus import by_cpu_prog
+
+    by_cpu = by_cpu_prog().maps[3]
+    jt = create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, name="jt")
+    target = kprobe_prog("""
+        mov r8, 0
+        mov r7, 0
+    loop:
+        add r8, 1
+        add r7, 1
+        jlt r7, 4, loop
+        call 8
+        stxw [r10-4], r0
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 0
+        exit""", "per_cpu", {3: by_cpu})
+    jt.update(0, target)
+    return kprobe_prog("""
+        lddw r2, map_fd(4)
+        mov r3, 0
+        call 12
+        mov r0, 1
+        exit""", "root", {3: by_cpu, 4: jt})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_loops_and_tail_calls_on_each_cpus_stub(c_prog, arch) -> None:
+    from test_bpf_jit_stub_cpus import CALLS, PER_CPU, SMP, CpuLab
+
+    exe = c_prog(arch, SMP / "percpu.c", extra=("-pthread",))
+    jp, pp = cpu_chain(), cpu_chain()
+    jit, py = CpuLab(exe, "jit", jp), CpuLab(exe, "python", pp)
+    assert jit.run() == py.run()
+    counts = [[_u64(p.maps[3], c) for c in range(2)] for p in (jp, pp)]
+    assert counts[0] == counts[1] == [4 * n for n in PER_CPU]
+    dc = direct_calls_of(jit.m)
+    assert sorted(k[2] for k in dc.copies) == [0, 1]
+    assert all(t.budget == 1_000_000 for t in dc.copies.values())
+    assert jit.p.hits == py.p.hits == sum(CALLS)
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == sum(CALLS)
