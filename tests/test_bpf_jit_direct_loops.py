@@ -298,6 +298,46 @@ def test_a_prog_array_update_after_the_stub_exists_takes_effect(arch, monkeypatc
     assert _u64(jparts["cnt"], 1) == 3 + 2
 
 
+def pid_target(parts: dict) -> BpfProg:
+    """cnt[1] += bpf_get_current_pid_tgid() >> 32: a helper only the host path serves."""
+    return kprobe_prog("""
+        call 14
+        rsh r0, 32
+        mov r8, r0
+        stw [r10-4], 1
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 5
+        exit""", "pid", {4: parts["cnt"]})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_target_needing_the_host_sends_the_stub_back(arch) -> None:
+    """An update that puts a program the guest code cannot run (a host-only helper) in
+    the prog array drops the stubs that reach it: the next hits take the host path, with
+    the Python engine's results; putting the old target back lets the stub come again."""
+    (jroot, jparts), (proot, pparts) = chain(arch), chain(arch)
+    jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
+    assert jit.run(4) == py.run(4) and list(jit.stubs) == [jit.p.addr]
+    for parts in (jparts, pparts):
+        parts["jt"].update(1, pid_target(parts))
+    assert jit.stubs == {}
+    assert jit.run(6) == py.run(6)
+    assert "tail call target pid: insn 0: helper call 14" in \
+        direct_calls_of(jit.m).refused[jit.p.addr]
+    assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+    assert _u64(jparts["cnt"], 1) > 1 << 10              # pids were added
+    for parts in (jparts, pparts):
+        parts["jt"].update(1, parts["target"])
+    assert jit.run(5) == py.run(5)
+    assert list(jit.stubs) == [jit.p.addr]
+    assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_tail_calls_from_an_optprobe_thunk(arch) -> None:
     root, parts = chain(arch)

@@ -539,7 +539,33 @@ class DirectCalls:
         else:
             self.copies[(kind, id(plan.event) if tp else site, cpu)] = t
         self.refused.pop(site, None)
+        self._watch(plan.progs)
         return t
+
+    def _watch(self, progs: list["BpfProg"]) -> None:
+        """Be told of updates to the prog arrays ``progs`` can tail-call through."""
+        from .jit_guest import _reachable
+        from .maps import ProgArrayMap
+
+        for prog in progs:
+            for p in _reachable(prog):
+                for mp in p.maps.values():
+                    if isinstance(mp, ProgArrayMap) and \
+                            self._prog_array_changed not in mp.listeners:
+                        mp.listeners.append(self._prog_array_changed)
+
+    def _prog_array_changed(self, mp: Any) -> None:
+        """A prog array got a program (from user space, between runs: no CPU is inside a
+        stub). Stubs whose tail calls now reach a program the guest code cannot run go
+        back to the host path (a target that can is JITed at its first call, in the
+        guest); the refusals are asked again at the next hits."""
+        from .jit_guest import _reachable
+
+        def reaches(t: Thunk) -> bool:
+            return any(mp in p.maps.values() for prog in t.progs for p in _reachable(prog))
+
+        self._forget(lambda t: reaches(t) and any(direct_eligible(p) for p in t.progs))
+        self._stub_refused.clear()
 
     def _entry_state(self, progs: list["BpfProg"]) -> dict[str, int]:
         """What the nested run's entry sets and a thunk must set before each image: the
