@@ -412,3 +412,85 @@ def test_loops_and_tail_calls_on_each_cpus_stub(c_prog, arch) -> None:
     assert all(t.budget == 1_000_000 for t in dc.copies.values())
     assert jit.p.hits == py.p.hits == sum(CALLS)
     assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == sum(CALLS)
+
+
+# -- every attach point's stub -------------------------------------------------------------
+
+def loop_and_tail(prog_type: BpfProgType, off: int) -> BpfProg:
+    """slot 0 += sum(range(ctx[off] & 15)) (a loop), then a tail call to a program of the
+    same type that adds 3 to slot 1 in a loop of its own."""
+    cnt = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="cnt")
+    jt = create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, name="jt")
+    add = """
+        stw [r10-4], {key}
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(3)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8"""
+
+    def prog(text: str, name: str, maps: dict) -> BpfProg:
+        return BpfProg.from_bytes(assemble(text), prog_type=prog_type, name=name,
+                                  license="GPL", maps=maps)
+
+    jt.update(0, prog("""
+        mov r8, 0
+        mov r7, 0
+    again:
+        add r8, 1
+        add r7, 1
+        jlt r7, 3, again""" + add.format(key=1) + "\nmov r0, 1\nexit", "leaf", {3: cnt}))
+    return prog(f"""
+        mov r9, r1
+        ldxdw r6, [r1+{off}]
+        and r6, 15
+        mov r7, 0
+        mov r8, 0
+    loop:
+        jge r7, r6, done
+        add r8, r7
+        add r7, 1
+        ja loop
+    done:""" + add.format(key=0) + """
+        mov r1, r9
+        lddw r2, map_fd(4)
+        mov r3, 0
+        call 12
+        mov r0, 1
+        exit""", "loop_tail", {3: cnt, 4: jt})
+
+
+def _attach_lab(kind: str, arch: str, engine: str) -> tuple[BpfProg, object, callable]:
+    """(program, lab, run) for `kind`: run() runs the guest (or its calls) once."""
+    if kind in ("tp", "raw_tp"):
+        from test_bpf_jit_stub_tracepoint import TYPE, V_OFF, TpLab
+        prog = loop_and_tail(TYPE[kind], V_OFF[kind])
+        lab = TpLab(arch, kind, prog, engine, 12)
+        return prog, lab, lambda: (lab.run(), lab.stubs(kind))
+    kprobe = BpfProgType.BPF_PROG_TYPE_KPROBE
+    if kind == "kretprobe":
+        from test_bpf_jit_stub_kretprobe import RC_OFF, RetLab
+        prog = loop_and_tail(kprobe, RC_OFF[arch])
+        lab = RetLab(arch, prog, engine)
+        return prog, lab, lambda: (lab.run(3), lab.run(30), list(lab.stubs))
+    from test_bpf_jit_stub_ftrace import FtraceLab
+    prog = loop_and_tail(kprobe, parm_offset(arch))
+    lab = FtraceLab(arch, prog, engine, post=False)
+    return prog, lab, lambda: (lab.run(), list(lab.stubs))
+
+
+@pytest.mark.parametrize("kind", ["kretprobe", "ftrace", "tp", "raw_tp"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_stub_runs_loops_and_tail_calls(arch, kind, monkeypatch) -> None:
+    nested = _no_nested(monkeypatch)
+    jp, _jlab, jrun = _attach_lab(kind, arch, "jit")
+    pp, _plab, prun = _attach_lab(kind, arch, "python")
+    jout, pout = jrun(), prun()
+    assert jout[:-1] == pout[:-1]                # the guest's results
+    assert len(jout[-1]) == 1                    # the stub exists
+    assert nested == [1]                         # the first hit only (it JITed the programs)
+    got = [_u64(jp.maps[3], k) for k in range(2)]
+    assert got == [_u64(pp.maps[3], k) for k in range(2)]
+    assert got[1] > 0 and got[1] % 3 == 0
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == got[1] // 3

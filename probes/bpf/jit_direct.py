@@ -178,15 +178,24 @@ def guest_mapped_hash(mp: Any) -> bool:
     return isinstance(mp, HashMap) and mp.native is not None and mp.native.values_mm is not None
 
 
+def reach(progs: list["BpfProg"]) -> list["BpfProg"]:
+    """``progs`` and every program their prog arrays hold now (a tail call's target runs
+    on the same frame, in the same stub call)."""
+    from .jit_guest import _reachable
+
+    out: list["BpfProg"] = []
+    for prog in progs:
+        out += [p for p in _reachable(prog) if all(p is not q for q in out)]
+    return out
+
+
 def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
     """The pt_regs offsets any of ``progs`` can read (the verifier's record), or None when
     one of them may read anywhere: the thunk writes only these slots of its frame."""
     out: set[int] = set()
     for prog in progs:
         prog.ensure_loaded()
-        if prog.ctx_reads is None or tail_calls(prog):
-            # a tail call's target (whatever the prog array holds at that hit) reads the
-            # same frame: every slot
+        if prog.ctx_reads is None:
             return None
         out |= prog.ctx_reads
     return frozenset(out)
@@ -213,6 +222,7 @@ class Thunk:
     symbol: Any = None              # its name in the symbol table (removed when dropped)
     budget: int | None = None       # the budget each image starts with (back edges)
     calls: dict[int, "BpfProg"] = field(default_factory=dict)   # return address -> program
+    slots: frozenset[int] | None = None     # the frame slots it writes (None: all)
 
 
 class DirectPlan(NamedTuple):
@@ -383,7 +393,7 @@ class DirectCalls:
         """Whether a program of ``t`` can read the frame's ip (else its word is not kept)."""
         from probes.arch import arch_ptrace
 
-        slots = frame_slots(t.progs)
+        slots = frame_slots(reach(t.progs))
         off = {n: o for o, n in arch_ptrace(self.m.arch.name).PT_REGS_SLOTS}[self.m.arch.pc]
         return slots is None or any(off <= s < off + 8 for s in slots)
 
@@ -508,7 +518,7 @@ class DirectCalls:
             code = arch_probes_of(m).optprobes.bpf_thunk(
                 p, at, site + (0 if tp else self._ip_offset()), plan.images,
                 guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
-                frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
+                frozenset() if tp else frame_slots(reach(plan.progs)), resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
                 ctx=self._ctx_buf(cpu) if tp else None,
                 this_cpu=self._this_cpu() if not stub else None,
@@ -523,7 +533,8 @@ class DirectCalls:
             self.refused[site] = why
             return None
         t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
-                  resume_to=resume_to, budget=self._entry_state(plan.progs).get("budget"))
+                  resume_to=resume_to, budget=self._entry_state(plan.progs).get("budget"),
+                  slots=frozenset() if tp else frame_slots(reach(plan.progs)))
         if t.budget is not None:        # the budget trampoline names the program from these
             t.calls = dict(zip(_call_returns(m, at, code), plan.progs))
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
@@ -556,15 +567,24 @@ class DirectCalls:
 
     def _prog_array_changed(self, mp: Any) -> None:
         """A prog array got a program (from user space, between runs: no CPU is inside a
-        stub). Stubs whose tail calls now reach a program the guest code cannot run go
-        back to the host path (a target that can is JITed at its first call, in the
-        guest); the refusals are asked again at the next hits."""
-        from .jit_guest import _reachable
+        stub). Stubs whose tail calls now reach a program the guest code cannot run, or
+        one that reads a frame slot they do not write, go back to the host path and are
+        planned again at their next hit (a target that fits is JITed at its first call,
+        in the guest)."""
+        def stale(t: Thunk) -> bool:
+            progs = reach(t.progs)
+            if not any(mp in p.maps.values() for p in progs):
+                return False
+            if any(direct_eligible(p) for p in t.progs):
+                return True
+            if t.budget is None and any(back_edges(p) for p in progs):
+                return True                 # it does not set (nor keep) the budget register
+            if t.probe is None:             # a tracepoint's: its context, not a frame
+                return False
+            now = frame_slots(progs)
+            return t.slots is not None and (now is None or not now <= t.slots)
 
-        def reaches(t: Thunk) -> bool:
-            return any(mp in p.maps.values() for prog in t.progs for p in _reachable(prog))
-
-        self._forget(lambda t: reaches(t) and any(direct_eligible(p) for p in t.progs))
+        self._forget(stale)
         self._stub_refused.clear()
 
     def _entry_state(self, progs: list["BpfProg"]) -> dict[str, int]:
@@ -574,14 +594,12 @@ class DirectCalls:
         their targets: zeroed as the kernel's prologue zeroes it). One TCC word serves
         every CPU: no CPU's turn ends inside BPF-layer text (tasks._on_block), so a
         program and its tail calls run to their end on the CPU that entered them."""
-        from .jit_guest import _reachable
-
         out: dict[str, int] = {}
-        reach = [t for prog in progs for t in _reachable(prog)]
-        if any(back_edges(t) for t in reach):
+        progs_now = reach(progs)
+        if any(back_edges(t) for t in progs_now):
             run = self.runner._runs.get(progs[0])
             out["budget"] = run.env.insn_budget if run is not None else 1_000_000
-        if any(tail_calls(t) for t in reach):
+        if any(tail_calls(t) for t in progs_now):
             out["tcc"] = self.runner.jit.tcc_addr
         return out
 

@@ -77,6 +77,7 @@ from .isa import (
     BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
     lddw_imm64,
 )
+from .maps import ProgArrayMap
 from .memory import CTX_ADDR, MemoryFault, Region, STACK_BASE, VM_BASE
 from .runtime import BpfRun, GuestFault, ProgramExit
 
@@ -502,6 +503,9 @@ class ScratchJit:
         self._direct = False            # serving a thunk's helper call
         self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
         self._tail_root: dict[int, "BpfProg"] = {}   # id(tail call target) -> JITed under
+        # trampolines with an entry of their own from a thunk (the budget, tail calls)
+        self._direct_fns: dict[int, Callable[[int], None]] = {}
+        self._tail_ids: tuple[int, ...] | None = None   # r2, r3, AX
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
@@ -639,10 +643,10 @@ class ScratchJit:
     def _on_trap(self, addr: int) -> None:
         # A helper's body is host code: charged as a host handler (a modelling choice).
         self.machine.clock.advance(self.machine.clock.handler_cost, "bpf helper")
-        if self._executing or addr == self.stubs.get("budget"):   # (a jump there: no caller)
+        if self._executing:
             self._stub_fns[addr](addr)
         else:
-            self._direct_trap(addr)
+            self._direct_fns.get(addr, self._direct_trap)(addr)
 
     def _direct_trap(self, addr: int) -> None:
         """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
@@ -745,12 +749,14 @@ class ScratchJit:
                 c.kind = "tail_call"
                 c.stub = self._stub("tail_call", self._on_tail_call)
                 c.value = self.tcc_addr
+                self._direct_fns[c.stub] = self._direct_tail_call
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
         elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
             off = c.insn.imm if c.kind == "ja32" else c.insn.off
             if off < 0:
                 c.stub = self._stub("budget", self._on_budget)
+                self._direct_fns[c.stub] = self._on_budget
         elif c.kind == "callx":
             c.stub = self._stub("callx", self._on_callx)
         elif c.kind in ("ldabs", "ldind"):
@@ -1290,6 +1296,47 @@ class ScratchJit:
             run.tail_calls += 1
             run.prog = image.prog
         m.set_reg(regs[11], image.entry if image is not None else 0)
+
+    def _direct_tail_call(self, addr: int) -> None:
+        """``_on_tail_call`` from a thunk or stub, on its own entry (the hot path of a tail
+        call from guest code: no helper to serve, so none of _direct_trap's set-up): the
+        calling image's run reads the prog array, as the kernel's JITed code reads
+        array->ptrs[index] at each call."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        m, em = self.machine, self.emitter
+        call = em.return_address(m) - em.call_size()
+        image = self._call_sites.get(call)
+        if image is None:
+            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+            if image is not None:
+                self._call_sites[call] = image
+        run = self._direct_run_of(image.prog) if image is not None else None
+        if image is None or run is None:
+            raise BpfTraceError("?", f"tail call trampoline {addr:#x} reached outside a run")
+        ids = self._tail_ids
+        if ids is None:
+            ids = self._tail_ids = tuple(m.arch.reg_id(em.reg_names[i]) for i in (2, 3, 11))
+        read = m.regs.read
+        mp = run.map_at(read(ids[0]))
+        index = read(ids[1]) & 0xFFFFFFFF
+        target = mp.get_prog(index) if type(mp) is ProgArrayMap and index < mp.max_entries \
+            else None
+        entry = 0
+        if target is not None:
+            found = self.images.get(id(target))
+            if found is None:
+                saved, self.run_state, self._pending = self.run_state, run, _Pending()
+                self._direct = True
+                try:
+                    found = self._tail_image(run, target)
+                finally:
+                    self._direct, self.run_state = False, saved
+                if self._pending.error is not None:
+                    raise BpfTraceError(image.prog.name or image.prog.section,
+                                        str(self._pending.error))
+            entry = found.entry if found is not None else 0
+        m.regs.write(ids[2], entry)
 
     def _tail_image(self, run: BpfRun, target: "BpfProg") -> JitImage | None:
         """JIT a tail call's target the prog array got after its caller's run was prepared
