@@ -338,6 +338,45 @@ def test_a_target_needing_the_host_sends_the_stub_back(arch) -> None:
     assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
 
 
+def other_slot_target(arch: str, parts: dict) -> BpfProg:
+    """cnt[1] += a callee-saved register's pt_regs slot (rbp / x29), which neither the
+    root reads nor the stub keeps for itself."""
+    from probes.arch import arch_ptrace
+
+    off = 8 * arch_ptrace(arch).PT_REGS_FIELDS.index({"x86_64": "rbp", "arm64": "x29"}[arch])
+    return kprobe_prog(f"""
+        ldxdw r8, [r1+{off}]
+        stw [r10-4], 1
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 5
+        exit""", "other_slot", {4: parts["cnt"]})
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_target_reading_more_of_the_frame_rebuilds_the_stub(arch, monkeypatch) -> None:
+    """The stub's frame holds the slots its programs read; a target put in later that
+    reads another one sends the stub back, and the next hit builds one with that slot."""
+    (jroot, jparts), (proot, pparts) = chain(arch, first=False), chain(arch, first=False)
+    jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
+    assert jit.run(4) == py.run(4) and list(jit.stubs) == [jit.p.addr]
+    narrow = direct_calls_of(jit.m).stubs[jit.p.addr].slots
+    for parts in (jparts, pparts):
+        parts["jt"].update(1, other_slot_target(arch, parts))
+    assert jit.stubs == {}
+    nested = _no_nested(monkeypatch)
+    assert jit.run(7) == py.run(7)
+    assert nested == [] and list(jit.stubs) == [jit.p.addr]
+    wide = direct_calls_of(jit.m).stubs[jit.p.addr].slots
+    assert narrow is not None and wide is not None and narrow < wide
+    assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+    assert _u64(jparts["cnt"], 1) != 0
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_tail_calls_from_an_optprobe_thunk(arch) -> None:
     root, parts = chain(arch)
