@@ -45,9 +45,25 @@ programs whose helper calls are inlined (array lookups, map_gen_lookup), lookups
 or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
 returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run), with no
-backward branch (the budget trampoline), tail call, callx, LD_ABS or exception-table load,
-and no context pointer handed to a helper (the host helper could not read the frame).
-Anything else keeps the host path. Hits, program run counts and guard misses are counted
+exception-table load and no context pointer handed to a helper (the host helper could not
+read the frame); callx and LD_ABS/LD_IND never get here (the verifier refuses both in
+these program types). Anything else keeps the host path.
+
+Loops and tail calls run as the kernel's JITed code runs them. The thunk enters each image
+as the nested run's entry does: the budget register (x27 / r12, callee-saved in the
+guest's ABI, so the frame keeps the guest's) holds the run's instruction budget, which the
+image counts down at each backward branch, and the u32 tail-call count in the JIT's data
+page is zeroed, as the kernel's prologue starts each program's count. One count serves
+every CPU: no CPU's turn ends inside BPF-layer text, so a program and its tail calls run to
+their end on the CPU that entered them. A spent budget reaches the budget trampoline by a
+jump: its entry finds the program from the return address at the top of this CPU's BPF
+stack, drops the guard and ends the run with the host path's error (BpfTraceError,
+exit 2). A tail call traps to the host once (ScratchJit._direct_tail_call), which reads the
+prog array then, as the kernel's code reads array->ptrs[index]: a target put there later
+is JITed at its first call and served by the run it was JITed under. The programs a stub's
+programs can reach now must all qualify, and its frame holds every slot they read; an
+update of a prog array that breaks either (or brings the first backward branch) sends the
+stubs that reach it back to the host path, to be planned again at their next hit. Hits, program run counts and guard misses are counted
 in guest words and folded into the host's counters whenever a run stops; the map values
 the images wrote are read back into the maps then too (the windows of jit_guest hold
 them meanwhile). A change of an event's programs sends its probes back to the host path.

@@ -54,7 +54,9 @@ windows are copied in and out around a nested run, skipping unchanged ones; a ha
 nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
 other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
 per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
-the kernel's short-branch passes.
+the kernel's short-branch passes; a tail call from guest code still leaves the guest once
+(the prog array is read on the host: ``_direct_tail_call``) where the kernel's code reads
+array->ptrs[index] itself.
 """
 from __future__ import annotations
 
