@@ -170,7 +170,7 @@ def test_a_spent_budget_ends_the_run_as_the_host_path_does(arch) -> None:
     compiled Python engine alike the run ends with the program's error (exit 2), naming the
     program and the budget; the guard is dropped, so the probe's later hits are not
     counted as recursion misses."""
-    errors = {}
+    errors, runs = {}, {}
     for engine, first in (("jit", 3), ("python", 3), ("jit-nested", 0)):
         prog = spin_prog(arch, 7 if first else 0)
         lab = Lab(arch, prog, engine.split("-")[0])
@@ -180,6 +180,7 @@ def test_a_spent_budget_ends_the_run_as_the_host_path_does(arch) -> None:
         with pytest.raises(BpfTraceError) as e:
             lab.run(10)
         errors[engine] = e.value
+        runs[engine] = (prog_stats(prog).run_cnt, lab.p.hits, _u64(prog.maps[3]))
         if engine == "jit":
             assert list(lab.stubs) == [lab.p.addr]
             dc = direct_calls_of(lab.m)
@@ -188,6 +189,7 @@ def test_a_spent_budget_ends_the_run_as_the_host_path_does(arch) -> None:
         assert err.prog == "spin" and err.exit_code == 2
         assert "instruction budget of 5000 exhausted" in err.reason
     assert errors["jit"].reason == errors["jit-nested"].reason
+    assert runs["jit"] == runs["python"] == (3 + 7, 3 + 8, 3 + 7)   # hit 8 did not complete
 
 
 # -- tail calls ----------------------------------------------------------------------------

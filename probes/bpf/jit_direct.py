@@ -627,10 +627,17 @@ class DirectCalls:
                 return t, prog
         return None
 
-    def release(self, t: Thunk) -> None:
-        """``t``'s program ended without coming back (its budget ran out): the guard it
-        took is this CPU's again, as trace_call_bpf's exit path drops bpf_prog_active."""
+    def release(self, t: Thunk, prog: "BpfProg") -> None:
+        """``t``'s call of ``prog`` ended without coming back (its budget ran out): the
+        guard it took is this CPU's again, as trace_call_bpf's exit path drops
+        bpf_prog_active, and the hit's counts are the host path's (the programs from
+        ``prog`` on did not complete a run: no run counted for them)."""
+        from probes.trace.bpf_trace import prog_stats
+
         self.m.memory.write(t.guard or self.active_addr(self.m.cpu), bytes(4))
+        self.fold()
+        for p in t.progs[t.progs.index(prog):]:
+            prog_stats(p).run_cnt -= 1
 
     def _arm_stub_trap(self, t: Thunk) -> None:
         """The owner of the stub's last word: a host entry there (a code hook on the BPF

@@ -1266,7 +1266,7 @@ class ScratchJit:
         if found is None:
             raise BpfTraceError("?", "budget trampoline reached outside a run")
         thunk, prog = found
-        dc.release(thunk)                       # type: ignore[union-attr]
+        dc.release(thunk, prog)                 # type: ignore[union-attr]
         err = BpfRuntimeError(_budget_text(thunk.budget or 0), None, "", prog.name)
         raise BpfTraceError(prog.name or prog.section, str(err))
 
