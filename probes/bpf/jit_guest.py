@@ -1282,8 +1282,6 @@ class ScratchJit:
         is read at each call, as the kernel's is: a target put there after its caller was
         JITed is JITed now. From a thunk (``_direct``) the kept run is only borrowed: it
         is not switched to the target."""
-        from .maps import ProgArrayMap
-
         m, regs, run = self.machine, self.emitter.reg_names, self.run_state
         assert run is not None
         mp = run.map_at(m.reg(regs[2]))
@@ -1344,8 +1342,6 @@ class ScratchJit:
         """JIT a tail call's target the prog array got after its caller's run was prepared
         (in the kernel every program is JITed at its load): its maps bound in ``run``, the
         run it is JITed under. None: it cannot be JITed, and the program fails with why."""
-        from .maps import ProgArrayMap
-
         saved = self._cur if hasattr(self, "_cur") else None
         try:
             target.ensure_loaded()
