@@ -251,6 +251,16 @@ def chain(arch: str, first: bool = True) -> tuple[BpfProg, dict]:
     return root, dict(jt=jt, cnt=cnt, h=h, selfloop=selfloop, target=target)
 
 
+def _host_tail_calls(lab: Lab) -> list[int]:
+    """Tail calls the host serves from now on (a target its routine's table lacks)."""
+    jit = bpf_trace_of(lab.m).runner.jit
+    addr = jit.stubs["tail_call"]
+    calls: list[int] = []
+    served = jit._direct_fns[addr]
+    jit._direct_fns[addr] = lambda a: calls.append(a) or served(a)
+    return calls
+
+
 def _state(root: BpfProg, parts: dict, lab: Lab) -> tuple:
     keys = sorted(int.from_bytes(k, "little") for k in parts["h"].keys())
     return ([_u64(parts["cnt"], i) for i in range(2)], keys, prog_stats(root).run_cnt,
@@ -267,12 +277,12 @@ def test_tail_call_chains_from_the_stub(arch, monkeypatch) -> None:
     jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
     assert jit.run(3) == py.run(3)
     assert list(jit.stubs) == [jit.p.addr]
-    nested = _no_nested(monkeypatch)
+    nested, host = _no_nested(monkeypatch), _host_tail_calls(jit)
     assert jit.run(10) == py.run(10)
     for parts in (jparts, pparts):
         parts["jt"].delete(1)                   # chains of length 0 on odd PARM1
     assert jit.run(5) == py.run(5)
-    assert nested == []
+    assert nested == [] and host == []          # the guest's lookup routine served them
     assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
     evens = 2 + 5 + 3
     assert _u64(jparts["cnt"], 0) == 33 * evens     # the root's call is the first of 33
@@ -287,7 +297,7 @@ def test_a_prog_array_update_after_the_stub_exists_takes_effect(arch, monkeypatc
     jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
     assert jit.run(4) == py.run(4)
     assert list(jit.stubs) == [jit.p.addr]
-    nested = _no_nested(monkeypatch)
+    nested, host = _no_nested(monkeypatch), _host_tail_calls(jit)
     for n, fill in ((6, True), (3, False), (4, True)):
         for parts in (jparts, pparts):
             if fill:
@@ -297,6 +307,7 @@ def test_a_prog_array_update_after_the_stub_exists_takes_effect(arch, monkeypatc
         assert jit.run(n) == py.run(n)
         assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
     assert nested == [] and list(jit.stubs) == [jit.p.addr]
+    assert len(host) == 1                       # the new target's first call JITed it
     assert _u64(jparts["cnt"], 1) == 3 + 2
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import importlib
+import struct
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
@@ -96,6 +97,7 @@ STUB_BASE = 0x0010_0000        # helper trampolines (r-x)
 DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counter
 TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
+LOOKUP_SLOT = 64               # a prog array's tail-call lookup routine (in a guest)
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part of the stack
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
@@ -508,6 +510,10 @@ class ScratchJit:
         # trampolines with an entry of their own from a thunk (the budget, tail calls)
         self._direct_fns: dict[int, Callable[[int], None]] = {}
         self._tail_ids: tuple[int, ...] | None = None   # r2, r3, AX
+        # in a guest: id(prog array) -> (map, its lookup routine, its table of entries)
+        self._tail_tables: dict[int, tuple[ProgArrayMap, int, int]] = {}
+        self._lookup_free: list[int] = []
+        self._table_space: tuple[int, int] = (0, 0)     # next free table byte, end
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
@@ -749,9 +755,8 @@ class ScratchJit:
             fid = c.insn.imm
             if fid == 12:          # BPF_FUNC_tail_call: inlined (emit_bpf_tail_call_indirect)
                 c.kind = "tail_call"
-                c.stub = self._stub("tail_call", self._on_tail_call)
+                c.stub = self._tail_stub(c)
                 c.value = self.tcc_addr
-                self._direct_fns[c.stub] = self._direct_tail_call
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
         elif c.kind in ("jmp", "jmp32", "ja", "ja32"):
@@ -1292,10 +1297,78 @@ class ScratchJit:
         image = self.images.get(id(target)) if target is not None else None
         if image is None and target is not None:
             image = self._tail_image(run, target)
+        self._tail_filled(mp)            # its routine sent it here: the table was behind
         if image is not None and not self._direct:
             run.tail_calls += 1
             run.prog = image.prog
         m.set_reg(regs[11], image.entry if image is not None else 0)
+
+    def _tail_stub(self, c: InsnCtx) -> int:
+        """What a tail call at ``c`` calls: in a guest, when the verifier's view names its
+        prog array (an lddw into r2 on the straight path), that array's lookup routine, the
+        guest code reading array->ptrs[index] as the kernel's JITed code does, with the
+        host trampoline (``_on_tail_call``) behind it for a program not JITed yet;
+        else the host trampoline itself."""
+        host = self._stub("tail_call", self._on_tail_call)
+        self._direct_fns[host] = self._direct_tail_call
+        if not self.in_guest:
+            return host
+        insns = self._cur.insns
+        mp = _map_in_reg(self._cur, insns, _jump_targets(insns), c.idx, 2)
+        if type(mp) is not ProgArrayMap or mp.max_entries >= 1 << 31:
+            return host
+        got = self._tail_tables.get(id(mp))
+        if got is None:
+            got = self._tail_tables[id(mp)] = (mp, self._lookup_slot(), self._table(mp))
+            code, _labels, _extable = layout(
+                self.emitter, self.emitter.tail_lookup(got[2], mp.max_entries, host), got[1])
+            assert len(code) <= LOOKUP_SLOT, "tail call lookup routine too large"
+            self.machine.text_poke(got[1], code)
+            mp.listeners.append(self._fill_table)
+            self._fill_table(mp)
+        return got[1]
+
+    def _lookup_slot(self) -> int:
+        from emu.memory import PROT_EXEC, PROT_READ
+
+        if not self._lookup_free:
+            page = self._free_span(self.stub_base, PAGE)
+            self._map(page, PAGE, PROT_READ | PROT_EXEC, "[bpf jit tail calls]", True)
+            self._lookup_free = list(range(page + PAGE - LOOKUP_SLOT, page - 1, -LOOKUP_SLOT))
+        return self._lookup_free.pop()
+
+    def _table(self, mp: ProgArrayMap) -> int:
+        """Room for a prog array's entries (u64 each) in the BPF layer's data pages."""
+        from emu.memory import PROT_READ, PROT_WRITE
+
+        size = 8 * mp.max_entries
+        at, end = self._table_space
+        if at + size > end:
+            span = (size + PAGE - 1) & ~(PAGE - 1)
+            at = self._free_span(self.stub_base, span)
+            self._map(at, span, PROT_READ | PROT_WRITE, "[bpf prog arrays]", False)
+            end = at + span
+        self._table_space = (at + size, end)
+        return at
+
+    def _fill_table(self, mp: ProgArrayMap) -> None:
+        """The guest's copy of a prog array (ProgArrayMap.listeners, after each update or
+        delete): per entry the target's image entry, 0 for none, or 1 for a program not
+        JITed yet (the lookup routine then asks the host, which JITs it)."""
+        got = self._tail_tables.get(id(mp))
+        if got is None or got[0] is not mp:
+            return
+        words = []
+        for i in range(mp.max_entries):
+            prog = mp.get_prog(i)
+            image = self.images.get(id(prog)) if prog is not None else None
+            words.append(0 if prog is None else image.entry if image is not None else 1)
+        self.machine.memory.write(got[2], struct.pack(f"<{len(words)}Q", *words))
+
+    def _tail_filled(self, mp: Any) -> None:
+        """A tail call the host served found the target's image: the guest's table gets it."""
+        if self._tail_tables and type(mp) is ProgArrayMap:
+            self._fill_table(mp)
 
     def _direct_tail_call(self, addr: int) -> None:
         """``_on_tail_call`` from a thunk or stub, on its own entry (the hot path of a tail
@@ -1336,6 +1409,7 @@ class ScratchJit:
                     raise BpfTraceError(image.prog.name or image.prog.section,
                                         str(self._pending.error))
             entry = found.entry if found is not None else 0
+        self._tail_filled(mp)            # its routine sent it here: the table was behind
         m.regs.write(ids[2], entry)
 
     def _tail_image(self, run: BpfRun, target: "BpfProg") -> JitImage | None:
@@ -1400,6 +1474,12 @@ def _jump_targets(insns: list[Insn]) -> set[int]:
 def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) -> Any:
     """The map an lddw put in r1 on the straight path into the call at ``idx`` (what the
     verifier's insn_aux map_ptr_state says), or None."""
+    return _map_in_reg(prog, insns, targets, idx, 1)
+
+
+def _map_in_reg(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int,
+                reg: int) -> Any:
+    """The map an lddw put in ``reg`` on the straight path into the call at ``idx``."""
     from .isa import BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX
 
     i = idx - 1
@@ -1409,17 +1489,17 @@ def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) 
         insn = insns[i]
         if i > 0 and insns[i - 1].code == BPF_LDDW:
             insn, i = insns[i - 1], i - 1
-        if insn.code == BPF_LDDW and insn.dst_reg == 1:
+        if insn.code == BPF_LDDW and insn.dst_reg == reg:
             ok = insn.src_reg in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX)
             return prog.map_for(insn) if ok else None
         kind = OPCODES.get(insn.code)
         if kind is None or kind.kind in ("call", "callx", "exit", "ja", "ja32", "jmp", "jmp32",
                                          "ldabs", "ldind"):
             return None
-        if insn.dst_reg == 1 and kind.kind not in ("st", "stx") and not (
+        if insn.dst_reg == reg and kind.kind not in ("st", "stx") and not (
                 kind.kind == "atomic"):
-            return None              # r1 written by something else
-        if kind.kind == "atomic" and insn.src_reg == 1 and insn.imm & 0x01:
+            return None              # the register written by something else
+        if kind.kind == "atomic" and insn.src_reg == reg and insn.imm & 0x01:
             return None              # a fetch writes its source register
         i -= 1
     return None
