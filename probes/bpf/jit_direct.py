@@ -58,9 +58,11 @@ every CPU: no CPU's turn ends inside BPF-layer text, so a program and its tail c
 their end on the CPU that entered them. A spent budget reaches the budget trampoline by a
 jump: its entry finds the program from the return address at the top of this CPU's BPF
 stack, drops the guard and ends the run with the host path's error (BpfTraceError,
-exit 2). A tail call traps to the host once (ScratchJit._direct_tail_call), which reads the
-prog array then, as the kernel's code reads array->ptrs[index]: a target put there later
-is JITed at its first call and served by the run it was JITed under. The programs a stub's
+exit 2). A tail call reads the prog array in guest code, as the kernel's code reads
+array->ptrs[index]: each array's lookup routine loads the target's image entry from a
+table the BPF layer rewrites at every update and delete of the array (ScratchJit._tail_stub);
+a target put there later is JITed at its first call, which goes to the host once
+(ScratchJit._direct_tail_call), and its helpers are served by the run it was JITed under. The programs a stub's
 programs can reach now must all qualify, and its frame holds every slot they read; an
 update of a prog array that breaks either (or brings the first backward branch) sends the
 stubs that reach it back to the host path, to be planned again at their next hit. Hits, program run counts and guard misses are counted
@@ -83,6 +85,7 @@ emu/vtlb.py, made stores to data pages fast)."""
 from __future__ import annotations
 
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -277,6 +280,7 @@ class DirectCalls:
         self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
         self._ctx_page: int | None = None        # CTX_NAME
         self._this_cpu_words: int | None = None  # the running CPU's guard and stack top
+        self._watched: "weakref.WeakSet[Any]" = weakref.WeakSet()   # prog arrays it listens to
         machine.stop_listeners.append(self.fold)
 
     @property
@@ -571,15 +575,14 @@ class DirectCalls:
 
     def _watch(self, progs: list["BpfProg"]) -> None:
         """Be told of updates to the prog arrays ``progs`` can tail-call through."""
-        from .jit_guest import _reachable
+        from .jit_guest import listen_weakly
         from .maps import ProgArrayMap
 
-        for prog in progs:
-            for p in _reachable(prog):
-                for mp in p.maps.values():
-                    if isinstance(mp, ProgArrayMap) and \
-                            self._prog_array_changed not in mp.listeners:
-                        mp.listeners.append(self._prog_array_changed)
+        for p in reach(progs):
+            for mp in p.maps.values():
+                if isinstance(mp, ProgArrayMap) and mp not in self._watched:
+                    self._watched.add(mp)
+                    listen_weakly(mp, self._prog_array_changed)
 
     def _prog_array_changed(self, mp: Any) -> None:
         """A prog array got a program (from user space, between runs: no CPU is inside a

@@ -54,9 +54,9 @@ windows are copied in and out around a nested run, skipping unchanged ones; a ha
 nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
 other helpers (ktime_get_ns needs the cycle model's running block; per-CPU arrays, and
 per-CPU hashes and the CPU id on several CPUs, the hit's CPU); constant tail-call patching,
-the kernel's short-branch passes; a tail call from guest code still leaves the guest once
-(the prog array is read on the host: ``_direct_tail_call``) where the kernel's code reads
-array->ptrs[index] itself.
+the kernel's short-branch passes. Tail calls read a guest copy of the prog array (one
+lookup routine and u64 table per array, ``_tail_stub``), so in a nested run the run's
+``prog`` stays the one the hit entered (the interpreter's names the target).
 """
 from __future__ import annotations
 
@@ -158,6 +158,7 @@ class Emitter(Protocol):
     def prologue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def epilogue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def insn(self, c: "InsnCtx") -> list[Piece]: ...
+    def tail_lookup(self, table: int, entries: int, slow: int) -> list[Piece]: ...
 
 
 def get_emitter(arch: str) -> Emitter:
@@ -1324,7 +1325,7 @@ class ScratchJit:
                 self.emitter, self.emitter.tail_lookup(got[2], mp.max_entries, host), got[1])
             assert len(code) <= LOOKUP_SLOT, "tail call lookup routine too large"
             self.machine.text_poke(got[1], code)
-            mp.listeners.append(self._fill_table)
+            listen_weakly(mp, self._fill_table)
             self._fill_table(mp)
         return got[1]
 
@@ -1456,6 +1457,17 @@ class ScratchJit:
             m.set_reg(regs[0], value)
             m.set_reg(regs[11], ok)
         return on_ld_abs
+
+
+def listen_weakly(mp: ProgArrayMap, method: Callable[[Any], None]) -> None:
+    """Tell ``method`` of ``mp``'s updates without the map keeping its machine alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(m: Any) -> None:
+        fn = ref()
+        if fn is not None:
+            fn(m)
+    mp.listeners.append(call)
 
 
 def _budget_text(budget: int) -> str:
