@@ -391,6 +391,27 @@ def test_a_target_reading_more_of_the_frame_rebuilds_the_stub(arch, monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+def test_a_tail_called_program_spending_the_budget_names_the_root(arch) -> None:
+    """The budget trampoline finds the stub's call from the return address a tail call
+    keeps at the top of the BPF stack: the error names the program the hit entered."""
+    for engine in ("jit", "python"):
+        spin = spin_prog(arch, 7)
+        jt = create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, name="jt")
+        jt.update(0, spin)
+        root = kprobe_prog("lddw r2, map_fd(4)\nmov r3, 0\ncall 12\nmov r0, 0\nexit",
+                           "tail_root", {4: jt})
+        lab = Lab(arch, root, engine)
+        bpf_trace_of(lab.m).env.insn_budget = 3000
+        lab.run(4)
+        if engine == "jit":
+            assert list(lab.stubs) == [lab.p.addr]
+        with pytest.raises(BpfTraceError) as e:
+            lab.run(9)
+        assert e.value.prog == "tail_root" and "budget of 3000 exhausted" in e.value.reason
+        assert _u64(spin.maps[3]) == 4 + 7 and prog_stats(root).run_cnt == 4 + 7
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 def test_the_nested_run_reads_the_prog_array_at_each_call_too(arch) -> None:
     """A root the stub cannot take (a host-only helper) runs nested on every hit; a target
     put in its prog array after its first hit is JITed at its first call there too."""
