@@ -151,6 +151,41 @@ def test_the_guests_budget_register_comes_back(arch) -> None:
     assert _u64(prog.maps[3]) == sum(sum(range(i & 63)) for n in (2, 64, 9) for i in range(n))
 
 
+# f() puts a value in the budget register (callee-saved in both ABIs), calls g(9), the
+# probed function, and returns the register: the stub must hand it back untouched
+BUDGET_REG_GUEST = {
+    "arm64": ("stp x29, x30, [sp, #-16]!; mov x27, #0x1234; mov x0, #9; bl g; mov x0, x27; "
+              "ldp x29, x30, [sp], #16; ret; g: add x0, x0, #1; ret",
+              bytes.fromhex("00040091")),               # g's first word: add x0, x0, #1
+    "x86_64": ("push rbx; mov r12, 0x1234; mov edi, 9; call g; mov rax, r12; pop rbx; ret; "
+               "g: lea rax, [rdi + 1]; ret", bytes.fromhex("488d4701")),   # lea rax, [rdi+1]
+}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_stub_keeps_the_guests_budget_register(arch) -> None:
+    from probes.bpf.libbpf import KprobePerfEvent
+    from probes.bpf.jit_guest import install_engine
+    from probes.kprobes import Kprobe
+    from probes.trace.bpf_trace import EventKind, PerfEvent, PerfType, perf_event_attach_bpf_prog
+
+    src, first = BUDGET_REG_GUEST[arch]
+    lab = ProbeLab.from_asm(arch, {"f": src})
+    f = lab.addr_of("f")
+    g = f + lab.machine.memory.read(f, 64).find(first)
+    p = Kprobe(addr=g, post_handler=lambda p, regs, flags: None)
+    lab.kprobes.register_kprobe(p)
+    call = KprobePerfEvent(lab.machine, "g", kp=p)
+    p.pre_handler = call.kprobe_perf_func
+    prog = loop_prog(arch)                      # PARM1 = 9: nine backward branches a hit
+    assert perf_event_attach_bpf_prog(
+        PerfEvent(call, PerfType.PERF_TYPE_KPROBE, EventKind.KPROBE), prog) == 0
+    install_engine(lab.machine, "jit")
+    assert [lab.call("f") for _ in range(3)] == [0x1234] * 3
+    assert list(direct_calls_of(lab.machine).stubs) == [g] and p.hits == 3
+    assert _u64(prog.maps[3]) == 3 * sum(range(9))
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_loops_inside_bpf_to_bpf_callees(arch, monkeypatch) -> None:
     jp, pp = callee_loop_prog(arch), callee_loop_prog(arch)
