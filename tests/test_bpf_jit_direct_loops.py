@@ -122,18 +122,19 @@ def _no_nested(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_loop_runs_from_the_stub_as_the_python_engine(arch, hit_path, monkeypatch) -> None:
-    jp, pp = loop_prog(arch), loop_prog(arch)
+    """Against the compiled Python engine and the interpreter."""
+    jp, pp, ip = loop_prog(arch), loop_prog(arch), loop_prog(arch)
     assert direct_eligible(jp) is None
-    jit, py = Lab(arch, jp, "jit"), Lab(arch, pp, "python")
-    assert jit.run(3) == py.run(3)
+    jit, py, it = Lab(arch, jp, "jit"), Lab(arch, pp, "python"), Lab(arch, ip, "interp")
+    assert jit.run(3) == py.run(3) == it.run(3)
     assert list(jit.stubs) == [jit.p.addr]
     nested = _no_nested(monkeypatch)
-    assert jit.run(70) == py.run(70)          # PARM1 & 63: up to 63 iterations a hit
+    assert jit.run(70) == py.run(70) == it.run(70)    # PARM1 & 63: up to 63 iterations a hit
     assert nested == []
     want = sum(sum(range(i)) for i in range(3)) + sum(sum(range(i & 63)) for i in range(70))
-    assert _u64(jp.maps[3]) == _u64(pp.maps[3]) == want
-    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == 73
-    assert jit.p.hits == py.p.hits == 73 and jit.posts == py.posts
+    assert _u64(jp.maps[3]) == _u64(pp.maps[3]) == _u64(ip.maps[3]) == want
+    assert prog_stats(jp).run_cnt == prog_stats(pp).run_cnt == prog_stats(ip).run_cnt == 73
+    assert jit.p.hits == py.p.hits == it.p.hits == 73 and jit.posts == py.posts == it.posts
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -307,18 +308,18 @@ def test_tail_call_chains_from_the_stub(arch, monkeypatch) -> None:
     """Chains of length 0 (a missing entry falls through to r0 = 9), 1 (the target,
     whose helper call is served in the same run) and 33 (selfloop, stopped by the
     count the stub zeroes before each program), as the Python engine runs them."""
-    (jroot, jparts), (proot, pparts) = chain(arch), chain(arch)
+    (jroot, jparts), (proot, pparts), (iroot, iparts) = chain(arch), chain(arch), chain(arch)
     assert direct_eligible(jroot) is None
-    jit, py = Lab(arch, jroot, "jit"), Lab(arch, proot, "python")
-    assert jit.run(3) == py.run(3)
+    jit, py, it = Lab(arch, jroot, "jit"), Lab(arch, proot, "python"), Lab(arch, iroot, "interp")
+    assert jit.run(3) == py.run(3) == it.run(3)
     assert list(jit.stubs) == [jit.p.addr]
     nested, host = _no_nested(monkeypatch), _host_tail_calls(jit)
-    assert jit.run(10) == py.run(10)
-    for parts in (jparts, pparts):
+    assert jit.run(10) == py.run(10) == it.run(10)
+    for parts in (jparts, pparts, iparts):
         parts["jt"].delete(1)                   # chains of length 0 on odd PARM1
-    assert jit.run(5) == py.run(5)
+    assert jit.run(5) == py.run(5) == it.run(5)
     assert nested == [] and host == []          # the guest's lookup routine served them
-    assert _state(jroot, jparts, jit) == _state(proot, pparts, py)
+    assert _state(jroot, jparts, jit) == _state(proot, pparts, py) == _state(iroot, iparts, it)
     evens = 2 + 5 + 3
     assert _u64(jparts["cnt"], 0) == 33 * evens     # the root's call is the first of 33
     assert _u64(jparts["cnt"], 1) == 1 + 5
