@@ -138,10 +138,9 @@ def test_a_loop_runs_from_the_stub_as_the_python_engine(arch, hit_path, monkeypa
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_the_guests_budget_register_comes_back(arch) -> None:
-    """x27 / r12 are callee-saved in the guest's ABI; the images count down in them, so
-    the thunk keeps them: hot_call's result (which lives across the probed calls in
-    callee-saved registers) matches the unprobed run's."""
+def test_a_loop_from_an_optprobe_thunk(arch) -> None:
+    """The thunk enters the image with the run's budget (kept on the Thunk) and the guest
+    goes on as unprobed."""
     prog = loop_prog(arch)
     lab, p, _event = opt_lab(arch, prog)
     plain = ProbeLab.load(str(firmware_elf(arch, "hotloop")))
