@@ -54,21 +54,24 @@ as the nested run's entry does: the budget register (x27 / r12, callee-saved in 
 guest's ABI, so the frame keeps the guest's) holds the run's instruction budget, which the
 image counts down at each backward branch, and the u32 tail-call count in the JIT's data
 page is zeroed, as the kernel's prologue starts each program's count. One count serves
-every CPU: no CPU's turn ends inside BPF-layer text, so a program and its tail calls run to
-their end on the CPU that entered them. A spent budget reaches the budget trampoline by a
-jump: its entry finds the program from the return address at the top of this CPU's BPF
-stack, drops the guard and ends the run with the host path's error (BpfTraceError,
-exit 2). A tail call reads the prog array in guest code, as the kernel's code reads
+every CPU: no CPU's turn ends inside BPF-layer text, so a program and its tail calls run
+to their end on the CPU that entered them. A spent budget reaches the budget trampoline by
+a jump: its entry finds the program from the return address at the top of this CPU's BPF
+stack, drops the guard and ends the run with the host path's error (BpfTraceError, exit
+2). A tail call reads the prog array in guest code, as the kernel's code reads
 array->ptrs[index]: each array's lookup routine loads the target's image entry from a
-table the BPF layer rewrites at every update and delete of the array (ScratchJit._tail_stub);
-a target put there later is JITed at its first call, which goes to the host once
-(ScratchJit._direct_tail_call), and its helpers are served by the run it was JITed under. The programs a stub's
-programs can reach now must all qualify, and its frame holds every slot they read; an
-update of a prog array that breaks either (or brings the first backward branch) sends the
-stubs that reach it back to the host path, to be planned again at their next hit. Hits, program run counts and guard misses are counted
-in guest words and folded into the host's counters whenever a run stops; the map values
-the images wrote are read back into the maps then too (the windows of jit_guest hold
-them meanwhile). A change of an event's programs sends its probes back to the host path.
+table the BPF layer rewrites at every update and delete of the array
+(ScratchJit._tail_stub); a target put there later is JITed at its first call, which goes
+to the host once (ScratchJit._direct_tail_call), and its helpers are served by the run it
+was JITed under. The programs a stub's programs can reach now must all qualify, and its
+frame holds every slot they read; an update of a prog array that breaks either (or brings
+the first backward branch) sends the stubs that reach it back to the host path, to be
+planned again at their next hit.
+
+Hits, program run counts and guard misses are counted in guest words and folded into the
+host's counters whenever a run stops; the map values the images wrote are read back into
+the maps then too (the windows of jit_guest hold them meanwhile). A change of an event's
+programs sends its probes back to the host path.
 
 A dropped stub's slot is filled with breakpoints and *retired*; it is reused once no CPU
 can be inside it (``_reclaim``, at the next allocation and whenever a run stops): every
