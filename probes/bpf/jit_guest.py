@@ -98,6 +98,7 @@ DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counte
 TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
 LOOKUP_SLOT = 64               # a prog array's tail-call lookup routine (in a guest)
+MAX_TABLE_ENTRIES = 1 << 16    # larger prog arrays are read on the host (512 KiB of table)
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part of the stack
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
@@ -1316,7 +1317,7 @@ class ScratchJit:
             return host
         insns = self._cur.insns
         mp = _map_in_reg(self._cur, insns, _jump_targets(insns), c.idx, 2)
-        if type(mp) is not ProgArrayMap or mp.max_entries >= 1 << 31:
+        if type(mp) is not ProgArrayMap or mp.max_entries > MAX_TABLE_ENTRIES:
             return host
         got = self._tail_tables.get(id(mp))
         if got is None:
