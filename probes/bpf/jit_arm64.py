@@ -365,6 +365,19 @@ class Arm64Jit:
                 asm("ldr w11, [x10]; add w11, w11, #1; str w11, [x10]") + self.teardown(c.used)
                 + asm("br x9"), Mark(skip)]
 
+    @staticmethod
+    def tail_lookup(table: int, entries: int, slow: int) -> list[Piece]:
+        """A prog array's lookup for emit_bpf_tail_call, called with r2 (x1) = the array
+        (the call site names it), r3 (w2) = the index: AX (x9) = the entry's image, 0
+        past the end or for none (the u64 table at `table`); an entry of 1 (not JITed
+        yet) goes to the host trampoline `slow` (B: B.cond reaches 1 MiB only). Clobbers
+        x3 (r4), as a call may."""
+        miss, fast = object(), object()
+        return [mov_imm("x3", entries, False) + asm("cmp w2, w3"), Branch("jcc", miss, "hs"),
+                mov_imm("x3", table) + asm("ldr x9, [x3, w2, uxtw #3]; cmp x9, #1"),
+                Branch("jcc", fast, "ne"), Branch("jmp", slow), Mark(fast), asm("ret"),
+                Mark(miss), asm("mov x9, #0; ret")]
+
     def _exit(self, c: InsnCtx) -> list[Piece]:
         return [Branch("jmp", c.exit_label)]
 

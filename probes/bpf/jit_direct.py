@@ -55,12 +55,33 @@ trace events around the hit; the host path delivers a hit's lines, then its ring
 records, then its perf samples, so programs whose calls come in another order
 (``output_order``) keep the host path. get_func_ip and get_attach_cookie answer for the
 one event whose thunk or stubs run the program (``site_of``): a program that calls them
-runs from guest code for one event only. Also refused: a backward branch (the budget
-trampoline), tail call, callx, LD_ABS or exception-table load; a context pointer handed to
-a map helper (C's entry could not read the frame); the helpers that need the hit's
+runs from guest code for one event only. Also refused: an exception-table load (callx and
+LD_ABS/LD_IND never get here: the verifier refuses both in these program types); a context
+pointer handed to a map helper (C's entry could not read the frame); the helpers that need the hit's
 registers (get_stack/get_stackid's walk, override_return) or add a region the image
 would have to reach (ringbuf_reserve).
-Anything else keeps the host path. Hits, program run counts and guard misses are counted
+Anything else keeps the host path.
+
+Loops and tail calls run as the kernel's JITed code runs them. The thunk enters each image
+as the nested run's entry does: the budget register (x27 / r12, callee-saved in the
+guest's ABI, so the frame keeps the guest's) holds the run's instruction budget, which the
+image counts down at each backward branch, and the u32 tail-call count in the JIT's data
+page is zeroed, as the kernel's prologue starts each program's count. One count serves
+every CPU: no CPU's turn ends inside BPF-layer text, so a program and its tail calls run
+to their end on the CPU that entered them. A spent budget reaches the budget trampoline by
+a jump: its entry finds the program from the return address at the top of this CPU's BPF
+stack, drops the guard and ends the run with the host path's error (BpfTraceError, exit
+2). A tail call reads the prog array in guest code, as the kernel's code reads
+array->ptrs[index]: each array's lookup routine loads the target's image entry from a
+table the BPF layer rewrites at every update and delete of the array
+(ScratchJit._tail_stub); a target put there later is JITed at its first call, which goes
+to the host once (ScratchJit._direct_tail_call), and its helpers are served by the run it
+was JITed under. The programs a stub's programs can reach now must all qualify, and its
+frame holds every slot they read; an update of a prog array that breaks either (or brings
+the first backward branch) sends the stubs that reach it back to the host path, to be
+planned again at their next hit.
+
+Hits, program run counts and guard misses are counted
 in guest words and folded into the host's counters whenever a run stops; the map values
 the images wrote are read back into the maps then too (the windows of jit_guest hold
 them meanwhile). A change of an event's programs sends its probes back to the host path.
@@ -80,13 +101,14 @@ emu/vtlb.py, made stores to data pages fast)."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from emu.memory import PAGE, PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
 
-from .helpers import KERNEL_HELPERS
+from .helpers import BPF_FUNC_tail_call, KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
 from .jit_guest import ProbeJit, _jump_targets, _kind, _map_in_r1, function_starts
 from .prog_types import BpfProgType
@@ -150,7 +172,37 @@ STUB_HOST_ENTRY = True
 
 
 def direct_eligible(prog: "BpfProg") -> str | None:
-    """Why ``prog`` cannot run from a thunk, or None if it can."""
+    """Why ``prog`` cannot run from a thunk, or None if it can: it and every program its
+    prog arrays hold now (a tail call's target runs in the same stub call)."""
+    from .jit_guest import _reachable
+
+    reach = _reachable(prog)
+    for target in reach:
+        why = _eligible_one(target)
+        if why is not None:
+            return why if target is prog else f"tail call target {target.name}: {why}"
+    return repeated_output(reach) or output_order([prog])
+
+
+def repeated_output(progs: list["BpfProg"]) -> str | None:
+    """Why the output of ``progs`` (a program and its tail calls' targets) could come out
+    in another order than the host path's when a loop repeats the calls or a tail call
+    follows them (``helper_sequence`` orders straight-line calls only), or None: output of
+    one kind, to one map at most, keeps its order."""
+    from .maps import PerfEventArrayMap, RingbufMap
+
+    if len(progs) == 1 and not back_edges(progs[0]):
+        return None
+    fids = {fid for p in progs for _i, fid in helper_sequence(p.insns) if fid in OUTPUT_RANK}
+    maps = {id(mp) for p in progs for mp in p.maps.values()
+            if isinstance(mp, (RingbufMap, PerfEventArrayMap))}
+    if len(fids) > 1 or (fids & RECORD_HELPERS and len(maps) > 1):
+        return ("output of several kinds or maps from a loop or tail calls: the host path "
+                "delivers printk lines, then ring-buffer records, then perf samples, map by map")
+    return None
+
+
+def _eligible_one(prog: "BpfProg") -> str | None:
     from .maps import ArrayMap, PercpuArrayMap
 
     if prog.prog_type not in STUB_PROG_TYPES:
@@ -161,15 +213,15 @@ def direct_eligible(prog: "BpfProg") -> str | None:
     for i, insn in enumerate(insns):
         kind = _kind(insn) if i == 0 or insns[i - 1].code != 0x18 else "lddw2"
         if kind in ("callx", "ldabs", "ldind"):
-            return f"insn {i}: {kind}"
-        if kind in ("jmp", "jmp32", "ja", "ja32"):
-            off = insn.imm if kind == "ja32" else insn.off
-            if off < 0:
-                return f"insn {i}: a backward branch (the budget trampoline)"
+            # the verifier refuses both in these types (unknown opcode 8d; LD_ABS/IND
+            # "not allowed for this program type"): only a lenient one could get here
+            return f"insn {i}: {kind} (the verifier refuses it in these program types)"
         if insn.code == BPF_CALL_OP and insn.src_reg != BPF_PSEUDO_CALL:
             fid = insn.imm
             if insn.src_reg != 0 or prog.helpers.get(fid) is not KERNEL_HELPERS.get(fid):
                 return f"insn {i}: helper call {fid}"
+            if fid == BPF_FUNC_tail_call:
+                continue                # inlined: the trampoline only looks the target up
             if fid in TRAMPOLINE_HELPERS:
                 if fid in (2, 3) and prog.ctx_reads is None:
                     # the verifier saw a context pointer reach a helper: the host helper
@@ -181,7 +233,7 @@ def direct_eligible(prog: "BpfProg") -> str | None:
             mp = _map_in_r1(prog, insns, targets, i)
             if type(mp) not in (ArrayMap, PercpuArrayMap) and not guest_mapped_hash(mp):
                 return f"insn {i}: map lookup not inlined"
-    return output_order([prog])
+    return None
 
 
 def output_order(progs: list["BpfProg"]) -> str | None:
@@ -240,6 +292,22 @@ def event_site(event: Any, kind: str, prog: "BpfProg") -> tuple[int, int]:
     return (0 if kind == "tp" else event.func_ip), cookie
 
 
+def back_edges(prog: "BpfProg") -> bool:
+    """Whether ``prog`` has a backward branch (its image charges the budget register)."""
+    for i, insn in enumerate(prog.insns):
+        kind = _kind(insn) if i == 0 or prog.insns[i - 1].code != 0x18 else "lddw2"
+        if kind in ("jmp", "jmp32", "ja", "ja32"):
+            if (insn.imm if kind == "ja32" else insn.off) < 0:
+                return True
+    return False
+
+
+def tail_calls(prog: "BpfProg") -> bool:
+    """Whether ``prog`` calls bpf_tail_call (its image counts in the JIT's TCC word)."""
+    return any(insn.code == BPF_CALL_OP and insn.src_reg == 0 and insn.imm == BPF_FUNC_tail_call
+               for insn in prog.insns)
+
+
 def guest_mapped_hash(mp: Any) -> bool:
     """A hash map (any of the family) whose values C holds in pages a traced guest can map
     (ScratchJit.hash_values): a lookup from guest code returns a guest pointer to them (a
@@ -247,6 +315,17 @@ def guest_mapped_hash(mp: Any) -> bool:
     from .maps import HashMap
 
     return isinstance(mp, HashMap) and mp.native is not None and mp.native.values_mm is not None
+
+
+def reach(progs: list["BpfProg"]) -> list["BpfProg"]:
+    """``progs`` and every program their prog arrays hold now (a tail call's target runs
+    on the same frame, in the same stub call)."""
+    from .jit_guest import _reachable
+
+    out: list["BpfProg"] = []
+    for prog in progs:
+        out += [p for p in _reachable(prog) if all(p is not q for q in out)]
+    return out
 
 
 def frame_slots(progs: list["BpfProg"]) -> frozenset[int] | None:
@@ -280,6 +359,9 @@ class Thunk:
     entry: int | None = None    # the host entry on `trap`
     resume_to: int | None = None    # where a tracepoint's stub goes instead of its trap
     symbol: Any = None              # its name in the symbol table (removed when dropped)
+    budget: int | None = None       # the budget each image starts with (back edges)
+    calls: dict[int, "BpfProg"] = field(default_factory=dict)   # return address -> program
+    slots: frozenset[int] | None = None     # the frame slots it writes (None: all)
 
 
 class DirectPlan(NamedTuple):
@@ -318,6 +400,7 @@ class DirectCalls:
         self._ret_addr: dict[int, int] = {}      # cpu -> the return its kretprobe stub handles
         self._ctx_page: int | None = None        # CTX_NAME
         self._this_cpu_words: int | None = None  # the running CPU's guard and stack top
+        self._watched: "weakref.WeakSet[Any]" = weakref.WeakSet()   # prog arrays it listens to
         machine.stop_listeners.append(self.fold)
 
     @property
@@ -471,7 +554,7 @@ class DirectCalls:
         """Whether a program of ``t`` can read the frame's ip (else its word is not kept)."""
         from probes.arch import arch_ptrace
 
-        slots = frame_slots(t.progs)
+        slots = frame_slots(reach(t.progs))
         off = {n: o for o, n in arch_ptrace(self.m.arch.name).PT_REGS_SLOTS}[self.m.arch.pc]
         return slots is None or any(off <= s < off + 8 for s in slots)
 
@@ -596,10 +679,11 @@ class DirectCalls:
             code = arch_probes_of(m).optprobes.bpf_thunk(
                 p, at, site + (0 if tp else self._ip_offset()), plan.images,
                 guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
-                frozenset() if tp else frame_slots(plan.progs), resume=resume_to or trap,
+                frozenset() if tp else frame_slots(reach(plan.progs)), resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
                 ctx=self._ctx_buf(cpu) if tp else None,
-                this_cpu=self._this_cpu() if not stub else None)
+                this_cpu=self._this_cpu() if not stub else None,
+                **self._entry_state(plan.progs))
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             code, why = b"", f"thunk: {e}"
         else:
@@ -610,7 +694,10 @@ class DirectCalls:
             self.refused[site] = why
             return None
         t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
-                  resume_to=resume_to)
+                  resume_to=resume_to, budget=self._entry_state(plan.progs).get("budget"),
+                  slots=frozenset() if tp else frame_slots(reach(plan.progs)))
+        if t.budget is not None:        # the budget trampoline names the program from these
+            t.calls = dict(zip(_call_returns(m, at, code), plan.progs))
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
         if trap is not None:            # breakpoints up to the stub's own, which resumes the hit
             code += bp * ((trap - at - len(code)) // len(bp)) + bp
@@ -624,7 +711,77 @@ class DirectCalls:
         else:
             self.copies[(kind, id(plan.event) if tp else site, cpu)] = t
         self.refused.pop(site, None)
+        self._watch(plan.progs)
         return t
+
+    def _watch(self, progs: list["BpfProg"]) -> None:
+        """Be told of updates to the prog arrays ``progs`` can tail-call through."""
+        from .jit_guest import listen_weakly
+        from .maps import ProgArrayMap
+
+        for p in reach(progs):
+            for mp in p.maps.values():
+                if isinstance(mp, ProgArrayMap) and mp not in self._watched:
+                    self._watched.add(mp)
+                    listen_weakly(mp, self._prog_array_changed)
+
+    def _prog_array_changed(self, mp: Any) -> None:
+        """A prog array got a program (from user space, between runs: no CPU is inside a
+        stub). Stubs whose tail calls now reach a program the guest code cannot run, or
+        one that reads a frame slot they do not write, go back to the host path and are
+        planned again at their next hit (a target that fits is JITed at its first call,
+        in the guest)."""
+        def stale(t: Thunk) -> bool:
+            progs = reach(t.progs)
+            if not any(mp in p.maps.values() for p in progs):
+                return False
+            if any(direct_eligible(p) for p in t.progs):
+                return True
+            if t.budget is None and any(back_edges(p) for p in progs):
+                return True                 # it does not set (nor keep) the budget register
+            if t.probe is None:             # a tracepoint's: its context, not a frame
+                return False
+            now = frame_slots(progs)
+            return t.slots is not None and (now is None or not now <= t.slots)
+
+        self._forget(stale)
+        self._stub_refused.clear()
+
+    def _entry_state(self, progs: list["BpfProg"]) -> dict[str, int]:
+        """What the nested run's entry sets and a thunk must set before each image: the
+        budget register (programs with backward branches: the run's instruction budget,
+        counted down at each one) and the tail-call count (programs with tail calls, or
+        their targets: zeroed as the kernel's prologue zeroes it). One TCC word serves
+        every CPU: no CPU's turn ends inside BPF-layer text (tasks._on_block), so a
+        program and its tail calls run to their end on the CPU that entered them."""
+        out: dict[str, int] = {}
+        progs_now = reach(progs)
+        if any(back_edges(t) for t in progs_now):
+            run = self.runner._runs.get(progs[0])
+            out["budget"] = run.env.insn_budget if run is not None else 1_000_000
+        if any(tail_calls(t) for t in progs_now):
+            out["tcc"] = self.runner.jit.tcc_addr
+        return out
+
+    def program_at(self, ret: int) -> tuple[Thunk, "BpfProg"] | None:
+        """The thunk or stub whose image call returns to ``ret``, and that image's program."""
+        for t in (*self.thunks.values(), *self.copies.values()):
+            prog = t.calls.get(ret)
+            if prog is not None:
+                return t, prog
+        return None
+
+    def release(self, t: Thunk, prog: "BpfProg") -> None:
+        """``t``'s call of ``prog`` ended without coming back (its budget ran out): the
+        guard it took is this CPU's again, as trace_call_bpf's exit path drops
+        bpf_prog_active, and the hit's counts are the host path's (the programs from
+        ``prog`` on did not complete a run: no run counted for them)."""
+        from probes.trace.bpf_trace import prog_stats
+
+        self.m.memory.write(t.guard or self.active_addr(self.m.cpu), bytes(4))
+        self.fold()
+        for p in t.progs[t.progs.index(prog):]:
+            prog_stats(p).run_cnt -= 1
 
     def _arm_stub_trap(self, t: Thunk) -> None:
         """The owner of the stub's last word: a host entry there (a code hook on the BPF
@@ -796,6 +953,15 @@ class DirectCalls:
         self._retired.append((t.addr, t.counters, t.guard))
         if t.symbol is not None:
             self.m.symbols.remove(t.symbol)
+
+
+def _call_returns(m: "Machine", at: int, code: bytes) -> list[int]:
+    """The return addresses of a thunk's image calls (``call rax`` / ``blr x16``), in order."""
+    import capstone
+
+    cs = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
+    return [i.address + i.size for i in cs.disasm(code, at)
+            if i.mnemonic in ("call", "blr")]
 
 
 def disable_direct_calls(machine: "Machine") -> None:

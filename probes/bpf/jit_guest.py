@@ -61,13 +61,16 @@ windows are copied in and out around a nested run, skipping unchanged ones; a ha
 nested run looks up too, though thunks and stubs use C's pool mapped into the guest); native twins of the
 other helpers (ktime_get_ns needs the cycle model's running block; a per-CPU array's
 update, which Python serves on the hit's CPU); constant tail-call patching,
-the kernel's short-branch passes.
+the kernel's short-branch passes. Tail calls read a guest copy of the prog array (one
+lookup routine and u64 table per array, ``_tail_stub``), so in a nested run the run's
+``prog`` stays the one the hit entered (the interpreter's names the target).
 """
 from __future__ import annotations
 
 import bisect
 import ctypes
 import importlib
+import struct
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
@@ -85,6 +88,7 @@ from .isa import (
     BPF_CALL_OP, BPF_LDDW, BPF_PSEUDO_CALL, MAX_TAIL_CALL_CNT, OPCODES, U64, Insn,
     lddw_imm64,
 )
+from .maps import ProgArrayMap
 from .memory import CTX_ADDR, MemoryFault, Region, STACK_BASE, VM_BASE
 from .runtime import BpfRun, GuestFault, ProgramExit
 
@@ -101,6 +105,8 @@ STUB_BASE = 0x0010_0000        # helper trampolines (r-x)
 DATA_BASE = 0x0011_0000        # the run's data page (rw-): the tail-call counter
 TEXT_BASE = 0x0020_0000        # JIT images (r-x), one after another
 STUB_SIZE = 16
+LOOKUP_SLOT = 64               # a prog array's tail-call lookup routine (in a guest)
+MAX_TABLE_ENTRIES = 1 << 16    # larger prog arrays are read on the host (512 KiB of table)
 NATIVE_STACK = 0x10000         # 64 KiB: 8 frames of 512 bytes plus saved registers
 PERCPU_STACK = 0x4000          # in a guest with several CPUs: each CPU's part of the stack
 TCC_ADDR = DATA_BASE           # u32 tail-call count of the run (see Tailcall in the arch JITs)
@@ -173,6 +179,7 @@ class Emitter(Protocol):
     def prologue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def epilogue(self, used: frozenset[int] = ...) -> list[Piece]: ...
     def insn(self, c: "InsnCtx") -> list[Piece]: ...
+    def tail_lookup(self, table: int, entries: int, slow: int) -> list[Piece]: ...
 
 
 def get_emitter(arch: str) -> Emitter:
@@ -556,6 +563,14 @@ class ScratchJit:
         self._executing = False         # inside execute (else a trap comes from a thunk)
         self._direct = False            # serving a thunk's helper call
         self._call_sites: dict[int, JitImage] = {}   # helper call pc -> its image
+        self._tail_root: dict[int, "BpfProg"] = {}   # id(tail call target) -> JITed under
+        # trampolines with an entry of their own from a thunk (the budget, tail calls)
+        self._direct_fns: dict[int, Callable[[int], None]] = {}
+        self._tail_ids: tuple[int, ...] | None = None   # r2, r3, AX
+        # in a guest: id(prog array) -> (map, its lookup routine, its table of entries)
+        self._tail_tables: dict[int, tuple[ProgArrayMap, int, int]] = {}
+        self._lookup_free: list[int] = []
+        self._table_space: tuple[int, int] = (0, 0)     # next free table byte, end
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
         self._pending = _Pending()
         self._fast: _UcFast | None = None
@@ -703,7 +718,7 @@ class ScratchJit:
         if self._executing:
             self._stub_fns[addr](addr)
         else:
-            self._direct_trap(addr)
+            self._direct_fns.get(addr, self._direct_trap)(addr)
 
     def _direct_trap(self, addr: int) -> None:
         """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
@@ -716,7 +731,7 @@ class ScratchJit:
             image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
             if image is not None:
                 self._call_sites[call] = image
-        run = self.direct_run(image.prog) if image is not None and self.direct_run else None
+        run = self._direct_run_of(image.prog) if image is not None else None
         if image is None or run is None:
             from probes.trace.bpf_trace import BpfTraceError
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
@@ -770,6 +785,16 @@ class ScratchJit:
         site = dc.site_of(prog) if dc is not None else None
         if site is not None:
             run.env.func_ip, run.env.attach_cookie = site
+
+    def _direct_run_of(self, prog: "BpfProg") -> BpfRun | None:
+        """The kept run that serves ``prog``'s helper calls from a thunk: its own, or for a
+        tail call's target the run of the program it was JITed under (whose map handles
+        its image holds), as a tail call goes on in its caller's run."""
+        if self.direct_run is None:
+            return None
+        run = self.direct_run(prog)
+        root = self._tail_root.get(id(prog))
+        return run if run is not None or root is None else self.direct_run(root)
 
     # -- compiling --
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
@@ -829,7 +854,7 @@ class ScratchJit:
             fid = c.insn.imm
             if fid == 12:          # BPF_FUNC_tail_call: inlined (emit_bpf_tail_call_indirect)
                 c.kind = "tail_call"
-                c.stub = self._stub("tail_call", self._on_tail_call)
+                c.stub = self._tail_stub(c)
                 c.value = self.tcc_addr
             else:
                 c.stub = self._stub(("helper", fid), self._helper_trap(fid))
@@ -837,6 +862,7 @@ class ScratchJit:
             off = c.insn.imm if c.kind == "ja32" else c.insn.off
             if off < 0:
                 c.stub = self._stub("budget", self._on_budget)
+                self._direct_fns[c.stub] = self._on_budget
         elif c.kind == "callx":
             c.stub = self._stub("callx", self._on_callx)
         elif c.kind in ("ldabs", "ldind"):
@@ -894,6 +920,8 @@ class ScratchJit:
         self.sync_windows(stack=not self.in_guest)   # in a guest, sp is the guest's yet
         for p in _reachable(prog):
             self._cur = p
+            if p is not prog and id(p) not in self.images:
+                self._tail_root[id(p)] = prog       # its helpers' run on the direct path
             self.compile(p, probe_mem if p is prog else frozenset())
             if self.in_guest:       # user-space reads and writes see the guest's bytes
                 for mp in p.maps.values():
@@ -1510,10 +1538,34 @@ class ScratchJit:
             self.machine.uc.emu_stop()
 
     def _on_budget(self, addr: int) -> None:
+        """A backward branch found the budget register at zero: the program ends with the
+        error the nested run and a thunk's call both report (the host path raises it)."""
+        if not self._executing:
+            return self._direct_budget()
         run = self.run_state
         assert run is not None
-        self._stop(BpfRuntimeError(f"instruction budget of {run.budget} exhausted "
-                                   "(JIT: backward branches)", None, "", run.prog.name))
+        self._stop(BpfRuntimeError(_budget_text(run.budget), None, "", run.prog.name))
+
+    def _direct_budget(self) -> None:
+        """The budget ran out in an image a thunk or stub called (jit_direct.py): the program
+        is the one whose call left its return address at the top of this CPU's BPF stack
+        (x86 ``call``, arm64's prologue stores x30 there; a tail call keeps it). Its guard
+        is dropped and the hit ends the run as the host path's error does."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        from .jit_direct import direct_calls_of
+
+        m = self.machine
+        top = self.stack_top_of(m.cpu) if self.in_guest else self.stack_top
+        ret = int.from_bytes(m.uc.mem_read(top - 8, 8), "little")
+        dc = direct_calls_of(m)
+        found = dc.program_at(ret) if dc is not None else None
+        if found is None:
+            raise BpfTraceError("?", "budget trampoline reached outside a run")
+        thunk, prog = found
+        dc.release(thunk, prog)                 # type: ignore[union-attr]
+        err = BpfRuntimeError(_budget_text(thunk.budget or 0), None, "", prog.name)
+        raise BpfTraceError(prog.name or prog.section, str(err))
 
     def _on_callx(self, addr: int) -> None:
         run = self.run_state
@@ -1523,9 +1575,10 @@ class ScratchJit:
 
     def _on_tail_call(self, addr: int) -> None:
         """Index bounds and the NULL check of emit_bpf_tail_call_indirect; the count check
-        and increment are inline. Leaves the target's entry (or 0) in AX."""
-        from .maps import ProgArrayMap
-
+        and increment are inline. Leaves the target's entry (or 0) in AX. The prog array
+        is read at each call, as the kernel's is: a target put there after its caller was
+        JITed is JITed now. From a thunk (``_direct``) the kept run is only borrowed: it
+        is not switched to the target."""
         m, regs, run = self.machine, self.emitter.reg_names, self.run_state
         assert run is not None
         mp = run.map_at(m.reg(regs[2]))
@@ -1534,10 +1587,153 @@ class ScratchJit:
         if isinstance(mp, ProgArrayMap) and index < mp.max_entries:
             target = mp.get_prog(index)
         image = self.images.get(id(target)) if target is not None else None
-        if image is not None:
+        if image is None and target is not None:
+            image = self._tail_image(run, target)
+        self._tail_filled(mp)            # its routine sent it here: the table was behind
+        if image is not None and not self._direct:
             run.tail_calls += 1
             run.prog = image.prog
         m.set_reg(regs[11], image.entry if image is not None else 0)
+
+    def _tail_stub(self, c: InsnCtx) -> int:
+        """What a tail call at ``c`` calls: in a guest, when the verifier's view names its
+        prog array (an lddw into r2 on the straight path), that array's lookup routine, the
+        guest code reading array->ptrs[index] as the kernel's JITed code does, with the
+        host trampoline (``_on_tail_call``) behind it for a program not JITed yet;
+        else the host trampoline itself."""
+        host = self._stub("tail_call", self._on_tail_call)
+        self._direct_fns[host] = self._direct_tail_call
+        if not self.in_guest:
+            return host
+        insns = self._cur.insns
+        mp = _map_in_reg(self._cur, insns, _jump_targets(insns), c.idx, 2)
+        if type(mp) is not ProgArrayMap or mp.max_entries > MAX_TABLE_ENTRIES:
+            return host
+        got = self._tail_tables.get(id(mp))
+        if got is None:
+            got = self._tail_tables[id(mp)] = (mp, self._lookup_slot(), self._table(mp))
+            code, _labels, _extable = layout(
+                self.emitter, self.emitter.tail_lookup(got[2], mp.max_entries, host), got[1])
+            assert len(code) <= LOOKUP_SLOT, "tail call lookup routine too large"
+            self.machine.text_poke(got[1], code)
+            listen_weakly(mp, self._fill_table)
+            self._fill_table(mp)
+        return got[1]
+
+    def _lookup_slot(self) -> int:
+        from emu.memory import PROT_EXEC, PROT_READ
+
+        if not self._lookup_free:
+            page = self._free_span(self.stub_base, PAGE)
+            self._map(page, PAGE, PROT_READ | PROT_EXEC, "[bpf jit tail calls]", True)
+            self._lookup_free = list(range(page + PAGE - LOOKUP_SLOT, page - 1, -LOOKUP_SLOT))
+        return self._lookup_free.pop()
+
+    def _table(self, mp: ProgArrayMap) -> int:
+        """Room for a prog array's entries (u64 each) in the BPF layer's data pages."""
+        from emu.memory import PROT_READ, PROT_WRITE
+
+        size = 8 * mp.max_entries
+        at, end = self._table_space
+        if at + size > end:
+            span = (size + PAGE - 1) & ~(PAGE - 1)
+            at = self._free_span(self.stub_base, span)
+            self._map(at, span, PROT_READ | PROT_WRITE, "[bpf prog arrays]", False)
+            end = at + span
+        self._table_space = (at + size, end)
+        return at
+
+    def _fill_table(self, mp: ProgArrayMap) -> None:
+        """The guest's copy of a prog array (ProgArrayMap.listeners, after each update or
+        delete): per entry the target's image entry, 0 for none, or 1 for a program not
+        JITed yet (the lookup routine then asks the host, which JITs it)."""
+        got = self._tail_tables.get(id(mp))
+        if got is None or got[0] is not mp:
+            return
+        words = []
+        for i in range(mp.max_entries):
+            prog = mp.get_prog(i)
+            image = self.images.get(id(prog)) if prog is not None else None
+            words.append(0 if prog is None else image.entry if image is not None else 1)
+        self.machine.memory.write(got[2], struct.pack(f"<{len(words)}Q", *words))
+
+    def _tail_filled(self, mp: Any) -> None:
+        """A tail call the host served found the target's image: the guest's table gets it."""
+        if self._tail_tables and type(mp) is ProgArrayMap:
+            self._fill_table(mp)
+
+    def _direct_tail_call(self, addr: int) -> None:
+        """``_on_tail_call`` from a thunk or stub, on its own entry (the hot path of a tail
+        call from guest code: no helper to serve, so none of _direct_trap's set-up): the
+        calling image's run reads the prog array, as the kernel's JITed code reads
+        array->ptrs[index] at each call."""
+        from probes.trace.bpf_trace import BpfTraceError
+
+        m, em = self.machine, self.emitter
+        call = em.return_address(m) - em.call_size()
+        image = self._call_sites.get(call)
+        if image is None:
+            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+            if image is not None:
+                self._call_sites[call] = image
+        run = self._direct_run_of(image.prog) if image is not None else None
+        if image is None or run is None:
+            raise BpfTraceError("?", f"tail call trampoline {addr:#x} reached outside a run")
+        ids = self._tail_ids
+        if ids is None:
+            ids = self._tail_ids = tuple(m.arch.reg_id(em.reg_names[i]) for i in (2, 3, 11))
+        read = m.regs.read
+        mp = run.map_at(read(ids[0]))
+        index = read(ids[1]) & 0xFFFFFFFF
+        target = mp.get_prog(index) if type(mp) is ProgArrayMap and index < mp.max_entries \
+            else None
+        entry = 0
+        if target is not None:
+            found = self.images.get(id(target))
+            if found is None:
+                saved, self.run_state, self._pending = self.run_state, run, _Pending()
+                self._direct = True
+                try:
+                    found = self._tail_image(run, target)
+                finally:
+                    self._direct, self.run_state = False, saved
+                if self._pending.error is not None:
+                    raise BpfTraceError(image.prog.name or image.prog.section,
+                                        str(self._pending.error))
+            entry = found.entry if found is not None else 0
+        self._tail_filled(mp)            # its routine sent it here: the table was behind
+        m.regs.write(ids[2], entry)
+
+    def _tail_image(self, run: BpfRun, target: "BpfProg") -> JitImage | None:
+        """JIT a tail call's target the prog array got after its caller's run was prepared
+        (in the kernel every program is JITed at its load): its maps bound in ``run``, the
+        run it is JITed under. None: it cannot be JITed, and the program fails with why."""
+        saved = self._cur if hasattr(self, "_cur") else None
+        try:
+            target.ensure_loaded()
+            if self.in_guest:
+                self._seed_maps(run, target)
+            for p in _reachable(target):
+                run.bind_maps(p)
+            self.sync_windows(stack=False)
+            root = getattr(run, "_root", None) or run.prog
+            for p in _reachable(target):
+                if id(p) not in self.images:
+                    self._tail_root[id(p)] = self._tail_root.get(id(root), root)
+                    self._cur = p
+                    self.compile(p)
+                if self.in_guest:
+                    for mp in p.maps.values():
+                        if not isinstance(mp, ProgArrayMap) and \
+                                id(getattr(mp, "values", None)) in self._by_buffer:
+                            mp.backing = self
+        except BpfError as e:
+            self._stop(BpfRuntimeError(f"tail call target {target.name}: {e}"))
+            return None
+        finally:
+            if saved is not None:
+                self._cur = saved
+        return self.images.get(id(target))
 
     def _ld_abs_trap(self, size: int) -> Callable[[int], None]:
         def on_ld_abs(addr: int) -> None:
@@ -1554,6 +1750,21 @@ class ScratchJit:
         return on_ld_abs
 
 
+def listen_weakly(mp: ProgArrayMap, method: Callable[[Any], None]) -> None:
+    """Tell ``method`` of ``mp``'s updates without the map keeping its machine alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(m: Any) -> None:
+        fn = ref()
+        if fn is not None:
+            fn(m)
+    mp.listeners.append(call)
+
+
+def _budget_text(budget: int) -> str:
+    return f"instruction budget of {budget} exhausted (JIT: backward branches)"
+
+
 def _jump_targets(insns: list[Insn]) -> set[int]:
     out = set(function_starts(insns))
     for i, insn in enumerate(insns):
@@ -1566,6 +1777,12 @@ def _jump_targets(insns: list[Insn]) -> set[int]:
 def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) -> Any:
     """The map an lddw put in r1 on the straight path into the call at ``idx`` (what the
     verifier's insn_aux map_ptr_state says), or None."""
+    return _map_in_reg(prog, insns, targets, idx, 1)
+
+
+def _map_in_reg(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int,
+                reg: int) -> Any:
+    """The map an lddw put in ``reg`` on the straight path into the call at ``idx``."""
     from .isa import BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX
 
     i = idx - 1
@@ -1575,17 +1792,17 @@ def _map_in_r1(prog: "BpfProg", insns: list[Insn], targets: set[int], idx: int) 
         insn = insns[i]
         if i > 0 and insns[i - 1].code == BPF_LDDW:
             insn, i = insns[i - 1], i - 1
-        if insn.code == BPF_LDDW and insn.dst_reg == 1:
+        if insn.code == BPF_LDDW and insn.dst_reg == reg:
             ok = insn.src_reg in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX)
             return prog.map_for(insn) if ok else None
         kind = OPCODES.get(insn.code)
         if kind is None or kind.kind in ("call", "callx", "exit", "ja", "ja32", "jmp", "jmp32",
                                          "ldabs", "ldind"):
             return None
-        if insn.dst_reg == 1 and kind.kind not in ("st", "stx") and not (
+        if insn.dst_reg == reg and kind.kind not in ("st", "stx") and not (
                 kind.kind == "atomic"):
-            return None              # r1 written by something else
-        if kind.kind == "atomic" and insn.src_reg == 1 and insn.imm & 0x01:
+            return None              # the register written by something else
+        if kind.kind == "atomic" and insn.src_reg == reg and insn.imm & 0x01:
             return None              # a fetch writes its source register
         i -= 1
     return None

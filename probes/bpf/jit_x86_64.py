@@ -357,6 +357,18 @@ class X86Jit:
                 asm("test r10, r10"), Branch("jcc", skip, "e"),
                 asm("add dword ptr [r11], 1") + self.teardown(c.used) + asm("jmp r10"), Mark(skip)]
 
+    @staticmethod
+    def tail_lookup(table: int, entries: int, slow: int) -> list[Piece]:
+        """A prog array's lookup for emit_bpf_tail_call_indirect, called with r2 = the
+        array (the call site names it), r3 = the index: AX = the entry's image, 0 past
+        the end or for none (the u64 table at `table`); an entry of 1 (not JITed yet)
+        jumps to the host trampoline `slow`. Clobbers r0 and r3, as a call may."""
+        miss = object()
+        return [asm(f"cmp edx, {entries}"), Branch("jcc", miss, "ae"),
+                asm(f"mov edx, edx; movabs rax, {table:#x}; mov r10, qword ptr [rax + rdx*8]; "
+                    "cmp r10, 1"),
+                Branch("jcc", slow, "e"), asm("ret"), Mark(miss), asm("xor r10d, r10d; ret")]
+
     def _exit(self, c: InsnCtx) -> list[Piece]:
         return [Branch("jmp", c.exit_label)]
 

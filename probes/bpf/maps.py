@@ -503,6 +503,9 @@ class ProgArrayMap(_FdArrayMap):
 
     progs: dict[int, Any] = field(default_factory=dict)
     prog_resolver: Callable[[int], Any] | None = None
+    # told of every update and delete (the guest JIT's copy of the entries; its stubs
+    # whose tail calls reach this array re-check it)
+    listeners: list[Callable[[Any], None]] = field(default_factory=list)
 
     def update(self, key: bytes | int, value: Any, flags: int = BPF_ANY) -> None:
         idx = int.from_bytes(self._key(key), "little")
@@ -518,6 +521,16 @@ class ProgArrayMap(_FdArrayMap):
                 raise MapError(errno.EBADF, f"no program with fd {fd}")
         prog.ensure_loaded()  # only loaded (verified) programs have fds to store
         self.progs[idx] = prog
+        self._changed()
+
+    def delete_elem(self, key: bytes) -> int:
+        err = super().delete_elem(key)
+        self._changed()
+        return err
+
+    def _changed(self) -> None:
+        for fn in list(self.listeners):
+            fn(self)
 
     def lookup(self, key: bytes | int) -> Any:
         prog = self.progs.get(int.from_bytes(self._key(key), "little"))

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 from .cfg import Cfg, check_structure, successors
 from .disasm import format_insn_llvm
 from .errors import VerifierError
-from .helpers import GPL_COMPATIBLE, BpfArgType as A, BpfFuncProto, BpfRetType as R
+from .helpers import (
+    BPF_FUNC_tail_call, GPL_COMPATIBLE, BpfArgType as A, BpfFuncProto, BpfRetType as R,
+)
 from .interpreter import alu
 from .isa import (
     BPF_ADD, BPF_ALU64, BPF_CMPXCHG, BPF_COMPLEXITY_LIMIT_INSNS, BPF_FETCH, BPF_JEQ,
@@ -407,8 +409,10 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
     for idx, kind in enumerate(proto.args):
         reg = idx + 1
         r = _read(st, reg) if kind != A.ARG_DONTCARE else NOT_INIT
-        if r.type in (T.PTR_TO_CTX, T.UNKNOWN):
-            env.prog.ctx_reads = None      # a helper may read the context anywhere
+        if r.type in (T.PTR_TO_CTX, T.UNKNOWN) and not (
+                r.type == T.PTR_TO_CTX and proto.func_id == BPF_FUNC_tail_call):
+            # a helper may read the context anywhere (a tail call's target records its own)
+            env.prog.ctx_reads = None
         if kind == A.ARG_CONST_MAP_PTR:
             if r.type == T.CONST_PTR_TO_MAP:
                 the_map = r.ref  # type: ignore[assignment]

@@ -150,19 +150,21 @@ class Arm64Optprobes:
     def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
-                  ctx: int | None = None, this_cpu: int | None = None) -> bytes:
+                  ctx: int | None = None, this_cpu: int | None = None,
+                  budget: int | None = None, tcc: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies);
         `ip_word`: where the frame's pc is read from (a return's address), not `ip`;
         `ctx`: the programs' context (a tracepoint's record), not the frame; `this_cpu`:
         the running CPU's guard address and stack top are the two u64 there, not `active`
-        and `stack`."""
+        and `stack`; `budget`, `tcc`: see bpf_thunk."""
         if resume is None:                                  # the detour branches to it:
             assert p is not None and p.addr is not None
             b_insn(p.addr, at)                              # reachable from the probe
             assert p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
-                         self.m.reg("pstate"), stack, slots, ip_word, ctx, this_cpu)
+                         self.m.reg("pstate"), stack, slots, ip_word, ctx, this_cpu,
+                         budget, tcc)
 
     def _word(self, p: "Kprobe") -> int:
         assert p.addr is not None
@@ -232,6 +234,7 @@ def _movq(r: str, value: int) -> str:
 # scratch (x9-x13), the thunk's own x16 (blr target), x19 (the frame) and x20 (NZCV) and x30
 # (blr). The images keep x19-x28 and x29 themselves (their prologue), as AAPCS64 asks.
 THUNK_CLOBBERS = frozenset({0, 1, 2, 3, 4, 7, 9, 10, 11, 12, 13, 16, 19, 20, 30})
+BUDGET_REG = 27     # the JIT's budget register (jit_arm64 budget_reg): images change it
 
 
 def _frame_ops(op: str, regs: list[int]) -> str:
@@ -248,10 +251,25 @@ def _frame_ops(op: str, regs: list[int]) -> str:
     return out
 
 
+def _zero_slots(offs: list[int]) -> str:
+    """Zero the frame's u64 at ``offs``: stp xzr, xzr for neighbours (a full frame with a
+    budget and a tail-call count must fit its slot), str xzr for the rest."""
+    out, k = "", 0
+    while k < len(offs):
+        if k + 1 < len(offs) and offs[k + 1] == offs[k] + 8:
+            out += f"stp xzr, xzr, [sp, #{offs[k]}]; "
+            k += 2
+        else:
+            out += f"str xzr, [sp, #{offs[k]}]; "
+            k += 1
+    return out
+
+
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, pstate: int, stack: int, slots: frozenset[int] | None = None,
               ip_word: int | None = None, ctx: int | None = None,
-              this_cpu: int | None = None) -> bytes:
+              this_cpu: int | None = None, budget: int | None = None,
+              tcc: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at` (within B range of the
     probe and of `resume`): a pt_regs frame (x0-x30, sp, pc = `ip`, pstate = NZCV |
     `pstate`'s other bits, syscallno = -1) on the guest stack; if the bpf_prog_active word
@@ -264,6 +282,11 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     x0 = `ctx` (a tracepoint's record or raw arguments) instead of the frame. With
     `this_cpu` the guard's address and the stack top are loaded from the two u64 there (the
     running CPU's, as the kernel reaches per-CPU data through its per-CPU offset).
+    With `budget` (programs with backward branches) each image is entered with the run's
+    budget in x27 (BUDGET_REG, the register the JIT counts backward branches down in, as
+    the nested run's entry sets it); x27 is the guest's (callee-saved), so it is kept in the
+    frame and comes back. With `tcc` (programs with tail calls) the u32 tail-call count
+    there is zeroed before each image, as the kernel's prologue starts each program's count.
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written (a slot no program reads cannot be
@@ -275,10 +298,13 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     def wanted(off: int) -> bool:
         return slots is None or any(off <= s < off + 8 for s in slots)
 
-    regs = sorted(THUNK_CLOBBERS | {i for i in range(31) if wanted(8 * i)})
+    kept = THUNK_CLOBBERS | ({BUDGET_REG} if budget is not None else set())
+    regs = sorted(kept | {i for i in range(31) if wanted(8 * i)})
     arg = "mov x0, x19; " if ctx is None else _movq("x0", ctx)
-    calls = "".join(f"{arg}{_movq('x16', e)}blr x16; " for e in entries)
-    tail = "".join(f"str xzr, [sp, #{o}]; " for o in range(288, PT_REGS_SIZE, 8) if wanted(o))
+    entry = ((f"{_movq('x16', tcc)}str wzr, [x16]; " if tcc is not None else "")
+             + (_movq(f"x{BUDGET_REG}", budget) if budget is not None else ""))
+    calls = "".join(f"{arg}{entry}{_movq('x16', e)}blr x16; " for e in entries)
+    tail = _zero_slots([o for o in range(288, PT_REGS_SIZE, 8) if wanted(o)])
     # NZCV without MRS/MSR (each is a host exit here: the machine hooks system registers):
     # four CSETs make it, kept in x20 (callee-saved in the JIT); CCMP with a false
     # condition sets it back from one of 16 immediates.

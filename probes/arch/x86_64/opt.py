@@ -62,18 +62,19 @@ class X86Optprobes:
     def bpf_thunk(self, p: "Kprobe | None", at: int, ip: int, entries: list[int], active: int,
                   counters: int, stack: int, slots: frozenset[int] | None = None,
                   resume: int | None = None, ip_word: int | None = None,
-                  ctx: int | None = None, this_cpu: int | None = None) -> bytes:
+                  ctx: int | None = None, this_cpu: int | None = None,
+                  budget: int | None = None, tcc: int | None = None) -> bytes:
         """`resume`: where the thunk ends (default: the detour's relocated copies);
         `ip_word`: where the frame's ip is read from (a return's address), not `ip`;
         `ctx`: the programs' context (a tracepoint's record), not the frame; `this_cpu`:
         the running CPU's guard address and stack top are the two u64 there, not `active`
-        and `stack`."""
+        and `stack`; `budget`, `tcc`: see bpf_thunk."""
         if resume is None:
             assert p is not None and p.ainsn.optinsn is not None
             resume = p.ainsn.optinsn.resume
         return bpf_thunk(at, ip, entries, active, counters, resume,
                          self.m.reg("cs"), self.m.reg("ss"), stack, slots, ip_word, ctx,
-                         this_cpu)
+                         this_cpu, budget, tcc)
 
     def _function_insns(self, sym: Symbol) -> list[X86Insn] | None:
         code = self.m.original_text(sym.addr, sym.size)
@@ -191,12 +192,14 @@ RED_ZONE = 128                       # the SysV user stack below rsp a leaf may 
 # rcx, r8), AX and scratch (r10, r11, r9) and the thunk's rbx (the frame). The images keep
 # rbp, rbx and r12-r15 themselves (their prologue), as the SysV ABI asks.
 THUNK_CLOBBERS = frozenset({"rax", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10", "r11", "rbx"})
+BUDGET_REG = "r12"  # the JIT's budget register (jit_x86_64 budget_reg): images change it
 
 
 def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
               resume: int, cs: int, ss: int, stack: int,
               slots: frozenset[int] | None = None, ip_word: int | None = None,
-              ctx: int | None = None, this_cpu: int | None = None) -> bytes:
+              ctx: int | None = None, this_cpu: int | None = None,
+              budget: int | None = None, tcc: int | None = None) -> bytes:
     """The optprobe template with trace_call_bpf inlined, at `at`: past the red zone a
     pt_regs frame (kernel field order, ip = `ip`, orig_ax = -1) on the guest stack; if the
     bpf_prog_active word at `active` is 0 it is taken, the hit counted in the u64 at
@@ -209,6 +212,11 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
     `ctx` the images get rdi = `ctx` (a tracepoint's record or raw arguments), not the frame.
     With `this_cpu` the guard's address and the stack top are loaded from the two u64 there
     (the running CPU's, as the kernel reaches per-CPU data through this_cpu_off).
+    With `budget` (programs with backward branches) each image is entered with the run's
+    budget in r12 (BUDGET_REG, where the JIT counts backward branches down, as the nested
+    run's entry sets it); r12 is the guest's (callee-saved), so it is kept in the frame
+    and comes back. With `tcc` (programs with tail calls) the u32 tail-call count there is
+    zeroed before each image, as the kernel's prologue starts each program's count.
 
     `slots`: the frame offsets the programs can read (BpfProg.ctx_reads; None: all). Only
     those and the registers to restore are written (a slot no program reads cannot be
@@ -225,10 +233,12 @@ def bpf_thunk(at: int, ip: int, entries: list[int], active: int, counters: int,
 
     frame, fl = RED_ZONE + PT_REGS_SIZE, off["rflags"]
     gprs = [n for n in PT_REGS_FIELDS if n not in ("orig_ax", "rip", "cs", "rflags", "rsp", "ss")
-            and (n in THUNK_CLOBBERS or wanted(n))]
+            and (n in THUNK_CLOBBERS or wanted(n) or (n == BUDGET_REG and budget is not None))]
     save = "".join(f"mov [rsp + {off[r]}], {r}; " for r in gprs)
     arg = "mov rdi, rbx; " if ctx is None else f"movabs rdi, {ctx:#x}; "
-    calls = "".join(f"{arg}movabs rax, {e:#x}; call rax; " for e in entries)
+    entry = ((f"movabs rax, {tcc:#x}; mov dword ptr [rax], 0; " if tcc is not None else "")
+             + (f"movabs {BUDGET_REG}, {budget:#x}; " if budget is not None else ""))
+    calls = "".join(f"{arg}{entry}movabs rax, {e:#x}; call rax; " for e in entries)
     special = ((f"mov qword ptr [rsp + {off['orig_ax']}], -1; " if wanted("orig_ax") else "")
                + ((f"movabs rax, {ip:#x}; " if ip_word is None
                    else f"movabs rax, {ip_word:#x}; mov rax, [rax]; ")
