@@ -267,6 +267,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--hits-only", action="store_true", help="only the per-hit rows")
+    ap.add_argument("--programs-only", action="store_true",
+                    help="only the straight-line program rows (ns per BPF instruction)")
     ap.add_argument("--hash-only", action="store_true",
                     help="only the hash-update rows, with the program's floor (no helper call)")
     args = ap.parse_args()
@@ -275,8 +277,8 @@ def main() -> None:
         hits = hash_hits(200 if args.quick else 2000, repeat, floor=True)
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return
-    hits = per_hit(200 if args.quick else 2000, repeat)
-    hits += hash_hits(200 if args.quick else 2000, repeat)
+    hits = [] if args.programs_only else per_hit(200 if args.quick else 2000, repeat)
+    hits += [] if args.programs_only else hash_hits(200 if args.quick else 2000, repeat)
     if args.hits_only:
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return
@@ -306,7 +308,8 @@ def main() -> None:
         print(f"{r['program']:8} {r['jit_arm64_marginal']:>8.2f} "
               f"{r['jit_x86_64_marginal']:>8.2f} {k:>7.3f} {r['jit_arm64_marginal'] / k:>7.1f} "
               f"{r['jit_x86_64_marginal'] / k:>7.1f}")
-    print_hits(hits)
+    if hits:
+        print_hits(hits)
 
 
 if __name__ == "__main__":

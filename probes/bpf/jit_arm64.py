@@ -7,6 +7,13 @@ function uses (x19-x22 for r6-r9, and x25) in pairs, ``mov x25, sp; sub sp, sp, 
 the epilogue undoes it and ends ``mov x0, x7; ret``. (The kernel keeps the tail-call count
 on the stack through x26; here it is a word in the JIT's data page, so x26 is left alone.) A helper returns in x0 and the JIT copies it to x7.
 
+Loads and stores are the kernel's: one LDR/STR (unsigned scaled offset) when
+is_lsi_offset reaches the offset, stack slots from sp with off + the stack size (the frame
+pointer is sp + 512 throughout a function body), else the offset in a temporary and the
+register-offset form. Every guest load or store costs Unicorn a TLB check and a call of its
+exit-request helper (~4-5 ns, against ~0.1-0.5 ns for an ALU instruction), so the number of
+instructions around an access matters little; the number of accesses is the program's.
+
 Constants are built with MOVZ/MOVN/MOVK encoded here (emit_a64_mov_i64); the other
 straight instructions go through keystone (exact, cached); branches (B, BL, B.cond,
 CBZ/CBNZ) are encoded here. Atomics are the kernel's LL/SC forms (emit_ll_sc_atomic, the
@@ -52,11 +59,10 @@ _JCC = {BPF_JEQ: "eq", BPF_JNE: "ne", BPF_JGT: "hi", BPF_JGE: "hs", BPF_JLT: "lo
 _ALU = {BPF_ADD: "add", BPF_SUB: "sub", BPF_OR: "orr", BPF_AND: "and", BPF_XOR: "eor",
         BPF_MUL: "mul", BPF_LSH: "lsl", BPF_RSH: "lsr", BPF_ARSH: "asr"}
 _LD = {1: "ldrb", 2: "ldrh", 4: "ldr", 8: "ldr"}
-_LDU = {1: "ldurb", 2: "ldurh", 4: "ldur", 8: "ldur"}
 _ST = {1: "strb", 2: "strh", 4: "str", 8: "str"}
-_STU = {1: "sturb", 2: "sturh", 4: "stur", 8: "stur"}
 _LDSX = {1: "ldrsb", 2: "ldrsh", 4: "ldrsw"}
-_LDSXU = {1: "ldursb", 2: "ldursh", 4: "ldursw"}
+_SCALE = {1: 0, 2: 1, 4: 2, 8: 3}      # log2 of the access size: LDR/STR's offset unit
+BPF_REG_FP = 10
 _SFX = {1: "b", 2: "h", 4: "", 8: ""}
 
 _KS = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)
@@ -84,6 +90,11 @@ def _word(v: int) -> bytes:
 
 def _rnum(r: str) -> int:
     return int(r[1:])
+
+
+def is_lsi_offset(off: int, scale: int) -> bool:
+    """is_lsi_offset: LDR/STR (unsigned offset) encodes ``off`` (imm12 << scale, aligned)."""
+    return 0 <= off <= 0xFFF << scale and not off & ((1 << scale) - 1)
 
 
 def mov_imm(r: str, value: int, is64: bool = True) -> bytes:
@@ -221,28 +232,27 @@ class Arm64Jit:
                  32: asm(f"rev {w(d)}, {w(d)}"), 64: asm(f"rev {d}, {d}")}[i.imm]]
 
     @staticmethod
-    def _addr(base: str, off: int, size: int, fixed: dict, unscaled: dict, reg: str) -> str:
-        """`op reg, [base, #off]` (LDUR range) or through x11 = off."""
-        if -256 <= off < 256:
-            return f"{unscaled[size]} {reg}, [{base}, #{off}]"
-        return f"{fixed[size]} {reg}, [{base}, x11]"
-
-    def _mem(self, base: str, off: int, size: int, fixed: dict, unscaled: dict,
-             reg: str) -> bytes:
-        pre = b"" if -256 <= off < 256 else mov_imm("x11", off)
-        return pre + asm(self._addr(base, off, size, fixed, unscaled, reg))
+    def _mem(op: str, rt: str, base: int, off: int, size: int, tmp: str) -> bytes:
+        """A load or store as the kernel's build_insn emits it: from the BPF frame pointer
+        through sp with off + the stack size (the frame's bottom is sp), else from the
+        register; one LDR/STR (unsigned offset) when is_lsi_offset reaches it, else ``tmp``
+        = off and the register-offset form from the register itself."""
+        reg = REGS[base]
+        adj_base, adj = ("sp", off + MAX_BPF_STACK) if base == BPF_REG_FP else (reg, off)
+        if is_lsi_offset(adj, _SCALE[size]):
+            return asm(f"{op} {rt}, [{adj_base}, #{adj}]")
+        return mov_imm(tmp, off) + asm(f"{op} {rt}, [{reg}, {tmp}]")
 
     def _ldx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
-        d, s = REGS[i.dst_reg], REGS[i.src_reg]
-        reg = d if size == 8 else w(d)
-        code = self._mem(s, i.off, size, _LD, _LDU, reg)
+        d = REGS[i.dst_reg]
+        code = self._mem(_LD[size], d if size == 8 else w(d), i.src_reg, i.off, size, "x10")
         return self._probe(c, d, code)
 
     def _ldxsx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
-        d, s = REGS[i.dst_reg], REGS[i.src_reg]
-        return self._probe(c, d, self._mem(s, i.off, size, _LDSX, _LDSXU, d))
+        d = REGS[i.dst_reg]
+        return self._probe(c, d, self._mem(_LDSX[size], d, i.src_reg, i.off, size, "x10"))
 
     @staticmethod
     def _probe(c: InsnCtx, d: str, code: bytes) -> list[Piece]:
@@ -251,14 +261,15 @@ class Arm64Jit:
         return [code[:-4], Probe(d), code[-4:]]      # the load is the last word
 
     def _st(self, c: InsnCtx) -> list[Piece]:
+        """The immediate in x10 (emit_a64_mov_i), the offset if needed in x11."""
         i, size = c.insn, SIZE_BYTES[c.insn.size]
         reg = "x10" if size == 8 else "w10"
-        return [mov_imm("x10", i.imm) + self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, reg)]
+        return [mov_imm("x10", i.imm) + self._mem(_ST[size], reg, i.dst_reg, i.off, size, "x11")]
 
     def _stx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
         s = REGS[i.src_reg]
-        return [self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, s if size == 8 else w(s))]
+        return [self._mem(_ST[size], s if size == 8 else w(s), i.dst_reg, i.off, size, "x10")]
 
     def _ea(self, base: str, off: int) -> bytes:
         """x10 = base + off (the atomics and acquire/release take no offset)."""
