@@ -188,3 +188,60 @@ def test_traced_guest_pages_are_never_writable_and_executable(arch) -> None:
     assert any(r.prot == PROT_READ | PROT_EXEC for r in owned)       # images, trampolines
     assert any(r.prot == PROT_READ | PROT_WRITE for r in owned)      # stack, windows, values
     assert not any(t & MEM_HOOKS for t, _b, _e in m.hooks.installed.values())
+
+
+# --- immediates: the kernel's one-instruction forms, and the values they give ------------
+
+IMMS = [0, 1, 0xFFF, 0x1000, 0x5000, 0xFFF000, 0x1000000, 0x1001, 0x7FFFFFFF, -1, -2, -0xFFF,
+        -0x1000, -0x1001, -0xFFF000, -0x80000000, 0x55555555, 0x0F0F0F0F, 0x7FFF0000,
+        -0x10, 0xFFFF, -0x10000, 0x12345]
+LDDW = [0, 1, 0xFFFF1234, 0xFFFFFFFF, 0x1_0000_0000, 0xFFFF_FFFF_0000_0000, 0x8000_0000_0000_0000,
+        0x1234_5678_9ABC_DEF0, 0xFFFF_FFFF_FFFF_1234, 0x0000_FFFF_0000_FFFF, (1 << 64) - 1,
+        0xFFFF_0000_FFFF_FFFF, 0x3000_0000_1000]
+
+
+def imm_program() -> str:
+    """Every immediate through the K forms of ALU64, ALU32 and both jump classes, folded
+    into r0 (a wrong value or flag changes the result)."""
+    lines = ["mov r0, 0", "lddw r6, 0x0123456789abcdef"]
+    for imm in IMMS:
+        for sfx in ("", "32"):
+            for op in ("add", "sub", "and", "or", "xor"):
+                lines += [f"mov{sfx} r2, r6", f"{op}{sfx} r2, {imm}", "add r0, r2", "rsh r6, 1",
+                          "xor r6, r0"]
+            for j in ("jeq", "jne", "jgt", "jsgt", "jslt", "jle", "jset"):
+                lines += [f"{j}{sfx} r6, {imm}, +1", "add r0, 3", "lsh r0, 1"]
+                lines += [f"{j}{sfx} r0, {imm}, +1", "add r0, 5"]
+        lines += [f"mov r3, {imm}", "add r0, r3", f"mov32 r3, {imm}", "xor r0, r3"]
+    for v in LDDW:
+        lines += [f"lddw r4, {v:#x}", "add r0, r4", "rol_placeholder"]
+    text = "\n".join(lines + ["exit"])
+    return text.replace("\nrol_placeholder", "\nmov r5, r0\nrsh r5, 7\nxor r0, r5")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_immediates_match_interpreter(arch) -> None:
+    code = bpf.assemble(imm_program())
+    assert bpf.run(code, engine="jit", arch=arch) == bpf.run(code, engine="interp")
+
+
+def test_arm64_immediate_forms_are_one_instruction() -> None:
+    """build_insn's BPF_K cases: ADD/SUB imm12 (shifted too, or negated into the other op),
+    AND/ORR/EOR/TST with a logical immediate, CMP/CMN: one instruction; the rest a MOVZ/MOVN
+    (+ MOVK) into x10 first; constants as emit_a64_mov_i64 builds them."""
+    cases = [("add r1, 0x5000", 1), ("add r1, -0xfff", 1), ("sub r1, -0x3000", 1),
+             ("add r1, 0x1001", 2), ("and r1, 0xff00ff00", 3), ("and r1, 0xff", 1), ("and32 r1, 0xff00ff00", 1),
+             ("or r1, 0x55555555", 3), ("or32 r1, 0x55555555", 1), ("xor r1, 0x12345", 3), ("and r1, -16", 1),
+             ("jeq r1, 0x7000, +0", 2), ("jeq r1, -0x3000, +0", 2), ("jeq r1, 0x1234567, +0", 4),
+             ("jset r1, 0x8000, +0", 2), ("jset r1, 0x12345, +0", 4),
+             ("mov r1, -1", 1), ("mov r1, 0x7fff0000", 2), ("mov r1, 0x12345", 2),
+             ("lddw r1, 0xffff1234", 1), ("lddw r1, 0xffffffffffff1234", 1),
+             ("lddw r1, 0x300000001000", 2), ("lddw r1, 0x123456789abcdef0", 4)]
+    text = "\n".join(["mov r0, 0", "mov r1, 1"] + [c for c, _ in cases] + ["exit"])
+    j, image, prog = jit(text, "arm64")
+    idx = 2
+    for line, n in cases:
+        got = insns_of(j, image, idx)
+        # a conditional jump's own B.cond is the last instruction of its code
+        assert len(got) == n, (line, [f"{i.mnemonic} {i.op_str}" for i in got])
+        idx += 2 if line.startswith("lddw") else 1
