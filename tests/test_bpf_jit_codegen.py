@@ -245,3 +245,45 @@ def test_arm64_immediate_forms_are_one_instruction() -> None:
         # a conditional jump's own B.cond is the last instruction of its code
         assert len(got) == n, (line, [f"{i.mnemonic} {i.op_str}" for i in got])
         idx += 2 if line.startswith("lddw") else 1
+
+
+# --- x86-64 division and shifts: the registers the instructions fix ----------------------
+
+DIV_OPS = ["div", "mod", "sdiv", "smod", "lsh", "rsh", "arsh"]
+INITS = [[0x7654_3210_0000_0009, -7, 3, 0, -0x8000_0000_0000_0000, 0xFFFF_FFFF_0000_0011],
+         [-0x8000_0000_0000_0000, -1, 0, 0x1_0000_0005, -0x7FFF_FFFF_FFFF_FFFD, 0xFFFF_FFF0]]
+
+
+def regs_program(init: list[int]) -> str:
+    """Each op on every (dst, src) pair of r0-r5 (on x86-64: rax, rdi, rsi, rdx, rcx, r8:
+    the dividend, remainder and shift-count registers among them), 64- and 32-bit, with
+    zero, -1 and INT_MIN divisors, every result folded into r9."""
+    lines = ["mov r9, 0"]
+    for op in DIV_OPS:
+        for sfx in ("", "32"):
+            for d in range(6):
+                for s in range(6):
+                    lines += [f"lddw r{k}, {v & ((1 << 64) - 1):#x}" for k, v in enumerate(init)]
+                    lines += [f"{op}{sfx} r{d}, r{s}", f"add r9, r{d}", "mov r6, r9",
+                              "rsh r6, 13", "xor r9, r6"]
+                    lines += [f"add r9, r{(d + 1) % 6}"]       # the registers the op saved
+    return "\n".join(lines + ["mov r0, r9", "exit"])
+
+
+@pytest.mark.parametrize("init", range(len(INITS)))
+@pytest.mark.parametrize("arch", ARCHES)
+def test_division_and_shift_registers_match_interpreter(arch, init) -> None:
+    code = bpf.assemble(regs_program(INITS[init]))
+    assert bpf.run(code, engine="jit", arch=arch) == bpf.run(code, engine="interp")
+
+
+def test_x86_shift_by_register_is_one_instruction() -> None:
+    """SHLX/SHRX/SARX as the kernel emits them with BMI2, except by rcx (BPF r4): the
+    shift count needs no cl and rcx is not saved around it."""
+    text = "\n".join(["mov r0, 0", "mov r2, 5", "mov r3, 1", "mov r4, 2",
+                      "lsh r2, r3", "rsh32 r2, r3", "arsh r3, r2", "lsh r2, r4", "exit"])
+    j, image, _prog = jit(text, "x86_64")
+    for idx, mnemonic in ((4, "shlx"), (5, "shrx"), (6, "sarx")):
+        got = insns_of(j, image, idx)
+        assert [i.mnemonic for i in got] == [mnemonic]
+    assert [i.mnemonic for i in insns_of(j, image, 7)] == ["shl"]
