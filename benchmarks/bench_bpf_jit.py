@@ -22,6 +22,15 @@ the hit sends the guest to (jit_direct.py): no nested run.
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one
 (bpf_get_prandom_u32 calls between additions).
+
+What bounds the memory row is Unicorn, the same on both arches: every guest load or store
+is a TLB check plus a call of Unicorn 2.1.4's exit-request helper (tcg_gen_qemu_ld/st end
+in check_exit_request), ~4-5 ns in a bare Unicorn loop against ~0.1-0.5 ns for an ALU
+instruction, and a straight-line program runs that host code once per run, so past a few
+thousand accesses the host's caches miss (~11-19 ns an access; ``--sizes`` shows the
+growth). The JITs emit one guest instruction per BPF stack access, as the kernel's do
+(tests/test_bpf_jit_codegen.py); the data pages are rw- and no memory hook is installed, so
+no store takes the notdirty slow path (emu/vtlb.py).
 """
 from __future__ import annotations
 
@@ -172,11 +181,24 @@ def size_sweep(repeat: int, sizes: tuple[int, ...] = (250, 1000, 4000, 16000)) -
 
 
 def print_sizes(rows: list[dict]) -> None:
-    print("\nmemory program by length, ns per BPF instruction (per run, entry included)")
-    print(f"{'insns':>6} {'jit a64':>8} {'jit x86':>8} {'kernel':>7} {'a64/k':>6} {'x86/k':>6}")
+    """Per run, and between one length and the next (the entry cancels out: what each
+    added instruction costs at that length)."""
+    print("\nmemory program by length, ns per BPF instruction: per run (entry included) | "
+          "added from the previous length")
+    print(f"{'insns':>6} {'jit a64':>8} {'jit x86':>8} {'kernel':>7} {'a64/k':>6} {'x86/k':>6} | "
+          f"{'a64':>6} {'x86':>6} {'kernel':>7}")
+    prev = None
     for r in rows:
-        print(f"{r['insns']:>6} {r['jit_arm64']:>8.2f} {r['jit_x86_64']:>8.2f} {r['kernel']:>7.3f} "
-              f"{r['jit_arm64'] / r['kernel']:>6.0f} {r['jit_x86_64'] / r['kernel']:>6.0f}")
+        line = (f"{r['insns']:>6} {r['jit_arm64']:>8.2f} {r['jit_x86_64']:>8.2f} "
+                f"{r['kernel']:>7.3f} {r['jit_arm64'] / r['kernel']:>6.0f} "
+                f"{r['jit_x86_64'] / r['kernel']:>6.0f} |")
+        if prev is not None:
+            n = r["insns"] - prev["insns"]
+            added = [(r[k] * r["insns"] - prev[k] * prev["insns"]) / n
+                     for k in ("jit_arm64", "jit_x86_64", "kernel")]
+            line += f" {added[0]:>6.2f} {added[1]:>6.2f} {added[2]:>7.3f}"
+        print(line)
+        prev = r
 
 
 def per_hit(calls: int, repeat: int) -> list[dict]:
