@@ -4,8 +4,8 @@ against the host kernel's own JIT on the same bytecode in the same run
 (BPF_PROG_TEST_RUN, where the host allows it; else the recorded 0.12-0.14 ns/insn).
 Also the modelled cycles of one run of the JITed code. Numbers only, nothing asserted.
 
-    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json]
-        [--hits-only | --hash-only | --percpu-only]
+    .venv/bin/python benchmarks/bench_bpf_jit.py [--quick] [--json] [--sizes]
+        [--programs-only | --hits-only | --hash-only | --percpu-only]
 
 Then, per probe hit (probes/bench.py, the `emu bench` rows): an optimized probe, a plain
 kprobe, a kretprobe, a kprobe on an ftrace site, a tracepoint event and a raw tracepoint
@@ -24,6 +24,15 @@ the hit sends the guest to (jit_direct.py): no nested run.
 Three straight-line programs (no loops, so the kernel's verifier takes them whole):
 an ALU one (registers only), a memory one (stack stores and loads) and a helper one
 (bpf_get_prandom_u32 calls between additions).
+
+What bounds the memory row is Unicorn, the same on both arches: every guest load or store
+is a TLB check plus a call of Unicorn 2.1.4's exit-request helper (tcg_gen_qemu_ld/st end
+in check_exit_request), ~4-5 ns in a bare Unicorn loop against ~0.1-0.5 ns for an ALU
+instruction, and a straight-line program runs that host code once per run, so past a few
+thousand accesses the host's caches miss (~11-19 ns an access; ``--sizes`` shows the
+growth). The JITs emit one guest instruction per BPF stack access, as the kernel's do
+(tests/test_bpf_jit_codegen.py); the data pages are rw- and no memory hook is installed, so
+no store takes the notdirty slow path (emu/vtlb.py).
 """
 from __future__ import annotations
 
@@ -138,14 +147,14 @@ def measure(name: str, n: int, repeat: int) -> dict:
     return row
 
 
-def measure_one(name: str, n: int, repeat: int) -> dict:
+def measure_one(name: str, n: int, repeat: int, host_engines: bool = True) -> dict:
     code = bpf.assemble(PROGRAMS[name](n))
     insns = len(code) // 8
     prog = bpf.BpfProg.from_bytes(code)
     prog.load()
     row: dict = {"program": name, "insns": insns}
     row["interp"] = row["python"] = float("nan")
-    if insns <= 20000:        # longer functions the compiled path interprets anyway
+    if insns <= 20000 and host_engines:   # longer functions the compiled path interprets
         row["interp"] = best(lambda: prog.run(b"", engine="interp"), max(1, repeat // 4)) / insns * 1e9
         prog.run(b"")                                   # compile once
         row["python"] = best(lambda: prog.run(b""), repeat) / insns * 1e9
@@ -158,6 +167,40 @@ def measure_one(name: str, n: int, repeat: int) -> dict:
     row["kernel"] = k / insns if k else RECORDED_KERNEL_NS
     row["kernel_source"] = "bpf_prog_test_run" if k else "recorded"
     return row
+
+
+def size_sweep(repeat: int, sizes: tuple[int, ...] = (250, 1000, 4000, 16000)) -> list[dict]:
+    """The memory program at several lengths: ns per BPF instruction of each JIT and of the
+    host kernel's. Unicorn's code for a guest load or store is large (a TLB check, the slow
+    path, a call of its exit-request helper), and a straight-line program runs it once per
+    run: past a few thousand accesses it no longer fits the host's caches."""
+    out = []
+    for n in sizes:
+        row = measure_one("memory", n, repeat, host_engines=False)
+        out.append({k: row[k] for k in ("insns", "jit_arm64", "jit_x86_64", "kernel",
+                                        "cycles_arm64", "cycles_x86_64")})
+    return out
+
+
+def print_sizes(rows: list[dict]) -> None:
+    """Per run, and between one length and the next (the entry cancels out: what each
+    added instruction costs at that length)."""
+    print("\nmemory program by length, ns per BPF instruction: per run (entry included) | "
+          "added from the previous length")
+    print(f"{'insns':>6} {'jit a64':>8} {'jit x86':>8} {'kernel':>7} {'a64/k':>6} {'x86/k':>6} | "
+          f"{'a64':>6} {'x86':>6} {'kernel':>7}")
+    prev = None
+    for r in rows:
+        line = (f"{r['insns']:>6} {r['jit_arm64']:>8.2f} {r['jit_x86_64']:>8.2f} "
+                f"{r['kernel']:>7.3f} {r['jit_arm64'] / r['kernel']:>6.0f} "
+                f"{r['jit_x86_64'] / r['kernel']:>6.0f} |")
+        if prev is not None:
+            n = r["insns"] - prev["insns"]
+            added = [(r[k] * r["insns"] - prev[k] * prev["insns"]) / n
+                     for k in ("jit_arm64", "jit_x86_64", "kernel")]
+            line += f" {added[0]:>6.2f} {added[1]:>6.2f} {added[2]:>7.3f}"
+        print(line)
+        prev = r
 
 
 def per_hit(calls: int, repeat: int) -> list[dict]:
@@ -311,6 +354,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--hits-only", action="store_true", help="only the per-hit rows")
+    ap.add_argument("--programs-only", action="store_true",
+                    help="only the straight-line program rows (ns per BPF instruction)")
+    ap.add_argument("--sizes", action="store_true",
+                    help="also the memory program at 250 to 16,000 instructions")
     ap.add_argument("--hash-only", action="store_true",
                     help="only the hash-update rows, with the program's floor (no helper call)")
     ap.add_argument("--percpu-only", action="store_true",
@@ -325,9 +372,9 @@ def main() -> None:
         hits = hash_hits(200 if args.quick else 2000, repeat, floor=True)
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return
-    hits = per_hit(200 if args.quick else 2000, repeat)
-    hits += hash_hits(200 if args.quick else 2000, repeat)
-    hits += percpu_hits(200 if args.quick else 2000, repeat)
+    hits = [] if args.programs_only else per_hit(200 if args.quick else 2000, repeat)
+    hits += [] if args.programs_only else hash_hits(200 if args.quick else 2000, repeat)
+    hits += [] if args.programs_only else percpu_hits(200 if args.quick else 2000, repeat)
     if args.hits_only:
         print(json.dumps(hits, indent=1)) if args.json else print_hits(hits)
         return
@@ -335,8 +382,9 @@ def main() -> None:
     big = measure_one("alu", 16 * n, repeat)          # the per-run entry spread thinner
     big["program"] = "alu x16"
     rows.append(big)
+    sizes = size_sweep(repeat) if args.sizes else []
     if args.json:
-        print(json.dumps({"programs": rows, "hits": hits}, indent=1))
+        print(json.dumps({"programs": rows, "hits": hits, "memory_sizes": sizes}, indent=1))
         return
     print(f"ns per BPF instruction, best of {repeat} ({os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}); jit = steady state, setup = machine + compile")
@@ -357,7 +405,10 @@ def main() -> None:
         print(f"{r['program']:8} {r['jit_arm64_marginal']:>8.2f} "
               f"{r['jit_x86_64_marginal']:>8.2f} {k:>7.3f} {r['jit_arm64_marginal'] / k:>7.1f} "
               f"{r['jit_x86_64_marginal'] / k:>7.1f}")
-    print_hits(hits)
+    if sizes:
+        print_sizes(sizes)
+    if hits:
+        print_hits(hits)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,18 @@ function uses (x19-x22 for r6-r9, and x25) in pairs, ``mov x25, sp; sub sp, sp, 
 the epilogue undoes it and ends ``mov x0, x7; ret``. (The kernel keeps the tail-call count
 on the stack through x26; here it is a word in the JIT's data page, so x26 is left alone.) A helper returns in x0 and the JIT copies it to x7.
 
-Constants are built with MOVZ/MOVN/MOVK encoded here (emit_a64_mov_i64); the other
-straight instructions go through keystone (exact, cached); branches (B, BL, B.cond,
-CBZ/CBNZ) are encoded here. Atomics are the kernel's LL/SC forms (emit_ll_sc_atomic, the
+Loads and stores are the kernel's: one LDR/STR (unsigned scaled offset) when
+is_lsi_offset reaches the offset, stack slots from sp with off + the stack size (the frame
+pointer is sp + 512 throughout a function body), else the offset in a temporary and the
+register-offset form. Every guest load or store costs Unicorn a TLB check and a call of its
+exit-request helper (~4-5 ns, against ~0.1-0.5 ns for an ALU instruction), so the number of
+instructions around an access matters little; the number of accesses is the program's.
+
+Constants are built with MOVZ/MOVN/MOVK encoded here, as emit_a64_mov_i (32-bit
+immediates) and emit_a64_mov_i64 (lddw) build them; an ALU or jump immediate is the instruction's own
+when the kernel's forms take it (is_addsub_imm, logical immediates), else it goes to x10
+first. The other straight instructions go through keystone (exact, cached); branches (B,
+BL, B.cond, CBZ/CBNZ) are encoded here. Atomics are the kernel's LL/SC forms (emit_ll_sc_atomic, the
 path for CPUs without LSE such as the Cortex-A72 Unicorn models): LDXR/STLXR loops, with
 ``dmb ish`` after the fetching ones. Division needs no guards: UDIV/SDIV give 0 for a zero
 divisor and INT_MIN for INT_MIN / -1, and MSUB then yields the BPF remainders.
@@ -27,7 +36,7 @@ from .isa import (
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
     BPF_JSLE, BPF_JSLT, BPF_LOAD_ACQ, BPF_LSH, BPF_MOD, BPF_MOV, BPF_MUL, BPF_OR, BPF_RSH,
     BPF_STORE_REL, BPF_SUB, BPF_TO_BE, BPF_XCHG, BPF_XOR, MAX_BPF_STACK, MAX_TAIL_CALL_CNT,
-    SIZE_BYTES,
+    SIZE_BYTES, U64,
 )
 from .jit_guest import Branch, InsnCtx, Mark, Piece, Probe
 
@@ -52,11 +61,10 @@ _JCC = {BPF_JEQ: "eq", BPF_JNE: "ne", BPF_JGT: "hi", BPF_JGE: "hs", BPF_JLT: "lo
 _ALU = {BPF_ADD: "add", BPF_SUB: "sub", BPF_OR: "orr", BPF_AND: "and", BPF_XOR: "eor",
         BPF_MUL: "mul", BPF_LSH: "lsl", BPF_RSH: "lsr", BPF_ARSH: "asr"}
 _LD = {1: "ldrb", 2: "ldrh", 4: "ldr", 8: "ldr"}
-_LDU = {1: "ldurb", 2: "ldurh", 4: "ldur", 8: "ldur"}
 _ST = {1: "strb", 2: "strh", 4: "str", 8: "str"}
-_STU = {1: "sturb", 2: "sturh", 4: "stur", 8: "stur"}
 _LDSX = {1: "ldrsb", 2: "ldrsh", 4: "ldrsw"}
-_LDSXU = {1: "ldursb", 2: "ldursh", 4: "ldursw"}
+_SCALE = {1: 0, 2: 1, 4: 2, 8: 3}      # log2 of the access size: LDR/STR's offset unit
+BPF_REG_FP = 10
 _SFX = {1: "b", 2: "h", 4: "", 8: ""}
 
 _KS = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)
@@ -86,26 +94,77 @@ def _rnum(r: str) -> int:
     return int(r[1:])
 
 
-def mov_imm(r: str, value: int, is64: bool = True) -> bytes:
-    """emit_a64_mov_i64 / emit_a64_mov_i: MOVZ or MOVN then MOVKs for the rest."""
-    bits = 64 if is64 else 32
-    value &= (1 << bits) - 1
-    halves = [(value >> (16 * k)) & 0xFFFF for k in range(bits // 16)]
-    sf = 1 << 31 if is64 else 0
-    rd = _rnum(r)
-    inverted = sum(h == 0xFFFF for h in halves) > sum(h == 0 for h in halves)
-    fill = 0xFFFF if inverted else 0
-    keep = [k for k, h in enumerate(halves) if h != fill] or [0]
-    out = bytearray()
-    for n, k in enumerate(keep):
-        h = halves[k]
-        if n == 0:
-            op = 0x12800000 if inverted else 0x52800000        # MOVN / MOVZ
-            imm = (~h & 0xFFFF) if inverted else h
-        else:
-            op, imm = 0x72800000, h                           # MOVK
-        out += _word(sf | op | k << 21 | imm << 5 | rd)
-    return bytes(out)
+def is_lsi_offset(off: int, scale: int) -> bool:
+    """is_lsi_offset: LDR/STR (unsigned offset) encodes ``off`` (imm12 << scale, aligned)."""
+    return 0 <= off <= 0xFFF << scale and not off & ((1 << scale) - 1)
+
+
+_MOVZ, _MOVN, _MOVK = 0x52800000, 0x12800000, 0x72800000
+
+
+def _movw(op: int, is64: bool, r: str, imm: int, shift: int) -> bytes:
+    return _word((1 << 31 if is64 else 0) | op | (shift // 16) << 21 | (imm & 0xFFFF) << 5
+                 | _rnum(r))
+
+
+def mov_i(r: str, imm: int, is64: bool = True) -> bytes:
+    """emit_a64_mov_i: a 32-bit immediate (sign-extended when ``is64``) in one or two of
+    MOVZ/MOVN, MOVK."""
+    hi, lo = (imm >> 16) & 0xFFFF, imm & 0xFFFF
+    if hi & 0x8000:
+        if hi == 0xFFFF:
+            return _movw(_MOVN, is64, r, ~lo, 0)
+        return _movw(_MOVN, is64, r, ~hi, 16) + (_movw(_MOVK, is64, r, lo, 0)
+                                                  if lo != 0xFFFF else b"")
+    return _movw(_MOVZ, is64, r, lo, 0) + (_movw(_MOVK, is64, r, hi, 16) if hi else b"")
+
+
+def mov_i64(r: str, value: int) -> bytes:
+    """emit_a64_mov_i64: a value of 32 bits as emit_a64_mov_i's 32-bit form (the upper
+    half zeroed), else MOVZ or MOVN (whichever leaves fewer halves to patch) at the
+    highest half, then MOVK downwards for each half that differs from the fill."""
+    value &= U64
+    if not value >> 32:
+        return mov_i(r, value if value < 1 << 31 else value - (1 << 32), False)
+    fill = 0xFFFF if _halves(value, 0xFFFF) < _halves(value, 0) else 0
+    top = (~value & U64) if fill else value
+    shift = max((top.bit_length() - 1) // 16 * 16, 0)
+    out = _movw(_MOVN if fill else _MOVZ, True, r, ~value >> shift if fill else value >> shift,
+                shift)
+    for s in range(shift - 16, -1, -16):
+        if (value >> s) & 0xFFFF != fill:
+            out += _movw(_MOVK, True, r, value >> s, s)
+    return out
+
+
+def _halves(value: int, fill: int) -> int:
+    """i64_i16_blocks: the 16-bit halves of ``value`` that are not ``fill``."""
+    return sum((value >> s) & 0xFFFF != fill for s in (0, 16, 32, 48))
+
+
+def is_addsub_imm(imm: int) -> bool:
+    """is_addsub_imm: ADD/SUB (immediate) takes imm12, or imm12 shifted left 12."""
+    imm &= 0xFFFFFFFF
+    return not imm & ~0xFFF or not imm & ~0xFFF000
+
+
+def is_logical_imm(value: int, bits: int) -> bool:
+    """Whether AND/ORR/EOR/TST (immediate) encode ``value`` (A64_AND_I etc. return
+    AARCH64_BREAK_FAULT otherwise): a run of ones, rotated, repeated across the register in
+    elements of 2 to ``bits`` bits; never all zeros or all ones."""
+    mask = (1 << bits) - 1
+    value &= mask
+    if value in (0, mask):
+        return False
+    size = bits
+    while size > 2:
+        half = size // 2
+        low = value & ((1 << half) - 1)
+        if value >> half != low:
+            break
+        value, size = low, half
+    rotated = (value >> 1) | ((value & 1) << (size - 1))
+    return bin(value ^ rotated).count("1") == 2      # one run: two edges, circularly
 
 
 class Arm64Jit:
@@ -172,14 +231,11 @@ class Arm64Jit:
             src, pre = r(REGS[i.src_reg]), b""
         else:
             if i.op == BPF_MOV:
-                return [mov_imm(REGS[i.dst_reg], i.imm, is64)]
-            if i.op in (BPF_LSH, BPF_RSH, BPF_ARSH):
-                n = i.imm & (63 if is64 else 31)
-                return [asm(f"{_ALU[i.op]} {dst}, {dst}, #{n}" if n else f"mov {dst}, {dst}")]
-            if i.op in (BPF_ADD, BPF_SUB) and -4096 < i.imm < 4096:      # A64_ADD_I / SUB_I
-                neg = (i.op == BPF_ADD) != (i.imm >= 0)
-                return [asm(f"{'sub' if neg else 'add'} {dst}, {dst}, #{abs(i.imm)}")]
-            src, pre = r("x10"), mov_imm("x10", i.imm, is64)
+                return [mov_i(REGS[i.dst_reg], i.imm, is64)]
+            short = self._alu_imm(i.op, dst, i.imm, is64)
+            if short is not None:
+                return [short]
+            src, pre = r("x10"), mov_i("x10", i.imm, is64)
         op = i.op
         if op == BPF_MOV:
             return [pre + asm(self._mov(i, is64, dst, src))]
@@ -190,6 +246,26 @@ class Arm64Jit:
             return [pre + asm(f"{'sdiv' if i.off else 'udiv'} {t}, {dst}, {src}; "
                               f"msub {dst}, {t}, {src}, {dst}")]
         return [pre + asm(f"{_ALU[op]} {dst}, {dst}, {src}")]
+
+    @staticmethod
+    def _alu_imm(op: int, dst: str, imm: int, is64: bool) -> bytes | None:
+        """The one-instruction forms of build_insn's BPF_K cases: shifts, ADD/SUB with an
+        imm12 (shifted or not, negated into the other op: emit_a64_add_i), AND/ORR/EOR
+        with a logical immediate (A64_AND_I etc.); None: the immediate goes to x10 first."""
+        if op in (BPF_LSH, BPF_RSH, BPF_ARSH):
+            n = imm & (63 if is64 else 31)
+            return asm(f"{_ALU[op]} {dst}, {dst}, #{n}" if n else f"mov {dst}, {dst}")
+        if op in (BPF_ADD, BPF_SUB):
+            other = "sub" if op == BPF_ADD else "add"
+            if is_addsub_imm(imm):
+                return asm(f"{_ALU[op]} {dst}, {dst}, #{imm & 0xFFFFFFFF:#x}")
+            if is_addsub_imm(-imm):
+                return asm(f"{other} {dst}, {dst}, #{-imm & 0xFFFFFFFF:#x}")
+        if op in (BPF_AND, BPF_OR, BPF_XOR):
+            bits = 64 if is64 else 32
+            if is_logical_imm(imm, bits):
+                return asm(f"{_ALU[op]} {dst}, {dst}, #{imm & ((1 << bits) - 1):#x}")
+        return None
 
     _alu64 = _alu
 
@@ -221,28 +297,27 @@ class Arm64Jit:
                  32: asm(f"rev {w(d)}, {w(d)}"), 64: asm(f"rev {d}, {d}")}[i.imm]]
 
     @staticmethod
-    def _addr(base: str, off: int, size: int, fixed: dict, unscaled: dict, reg: str) -> str:
-        """`op reg, [base, #off]` (LDUR range) or through x11 = off."""
-        if -256 <= off < 256:
-            return f"{unscaled[size]} {reg}, [{base}, #{off}]"
-        return f"{fixed[size]} {reg}, [{base}, x11]"
-
-    def _mem(self, base: str, off: int, size: int, fixed: dict, unscaled: dict,
-             reg: str) -> bytes:
-        pre = b"" if -256 <= off < 256 else mov_imm("x11", off)
-        return pre + asm(self._addr(base, off, size, fixed, unscaled, reg))
+    def _mem(op: str, rt: str, base: int, off: int, size: int, tmp: str) -> bytes:
+        """A load or store as the kernel's build_insn emits it: from the BPF frame pointer
+        through sp with off + the stack size (the frame's bottom is sp), else from the
+        register; one LDR/STR (unsigned offset) when is_lsi_offset reaches it, else ``tmp``
+        = off and the register-offset form from the register itself."""
+        reg = REGS[base]
+        adj_base, adj = ("sp", off + MAX_BPF_STACK) if base == BPF_REG_FP else (reg, off)
+        if is_lsi_offset(adj, _SCALE[size]):
+            return asm(f"{op} {rt}, [{adj_base}, #{adj}]")
+        return mov_i(tmp, off) + asm(f"{op} {rt}, [{reg}, {tmp}]")
 
     def _ldx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
-        d, s = REGS[i.dst_reg], REGS[i.src_reg]
-        reg = d if size == 8 else w(d)
-        code = self._mem(s, i.off, size, _LD, _LDU, reg)
+        d = REGS[i.dst_reg]
+        code = self._mem(_LD[size], d if size == 8 else w(d), i.src_reg, i.off, size, "x10")
         return self._probe(c, d, code)
 
     def _ldxsx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
-        d, s = REGS[i.dst_reg], REGS[i.src_reg]
-        return self._probe(c, d, self._mem(s, i.off, size, _LDSX, _LDSXU, d))
+        d = REGS[i.dst_reg]
+        return self._probe(c, d, self._mem(_LDSX[size], d, i.src_reg, i.off, size, "x10"))
 
     @staticmethod
     def _probe(c: InsnCtx, d: str, code: bytes) -> list[Piece]:
@@ -251,14 +326,15 @@ class Arm64Jit:
         return [code[:-4], Probe(d), code[-4:]]      # the load is the last word
 
     def _st(self, c: InsnCtx) -> list[Piece]:
+        """The immediate in x10 (emit_a64_mov_i), the offset if needed in x11."""
         i, size = c.insn, SIZE_BYTES[c.insn.size]
         reg = "x10" if size == 8 else "w10"
-        return [mov_imm("x10", i.imm) + self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, reg)]
+        return [mov_i("x10", i.imm) + self._mem(_ST[size], reg, i.dst_reg, i.off, size, "x11")]
 
     def _stx(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
         s = REGS[i.src_reg]
-        return [self._mem(REGS[i.dst_reg], i.off, size, _ST, _STU, s if size == 8 else w(s))]
+        return [self._mem(_ST[size], s if size == 8 else w(s), i.dst_reg, i.off, size, "x10")]
 
     def _ea(self, base: str, off: int) -> bytes:
         """x10 = base + off (the atomics and acquire/release take no offset)."""
@@ -266,7 +342,7 @@ class Arm64Jit:
             return asm(f"add x10, {base}, #{off}")
         if -4096 < off < 0:
             return asm(f"sub x10, {base}, #{-off}")
-        return mov_imm("x10", off) + asm(f"add x10, {base}, x10")
+        return mov_i("x10", off) + asm(f"add x10, {base}, x10")
 
     def _atomic(self, c: InsnCtx) -> list[Piece]:
         i, size = c.insn, SIZE_BYTES[c.insn.size]
@@ -301,12 +377,12 @@ class Arm64Jit:
         return body
 
     def _lddw(self, c: InsnCtx) -> list[Piece]:
-        return [mov_imm(REGS[c.insn.dst_reg], c.value)]
+        return [mov_i64(REGS[c.insn.dst_reg], c.value)]
 
     def _ld_packet(self, c: InsnCtx) -> list[Piece]:
         i = c.insn
-        load = mov_imm("x9", i.imm, False) if c.kind == "ldabs" else \
-            mov_imm("x10", i.imm, False) + asm(f"add w9, {w(REGS[i.src_reg])}, w10")
+        load = mov_i("x9", i.imm, False) if c.kind == "ldabs" else \
+            mov_i("x10", i.imm, False) + asm(f"add w9, {w(REGS[i.src_reg])}, w10")
         ok = object()
         return [load, Branch("call", c.stub), Branch("cbnz", ok, reg="x9"),
                 asm("mov x7, #0"), Branch("jmp", c.exit_label), Mark(ok)]
@@ -325,18 +401,24 @@ class Arm64Jit:
                 Mark(go_on)]
 
     def _jmp(self, c: InsnCtx) -> list[Piece]:
+        """CMP (or CMN with the negated immediate) / TST as build_insn emits them: the
+        immediate forms when is_addsub_imm / a logical immediate take it."""
         i = c.insn
-        r = (lambda x: x) if i.cls != BPF_JMP32 else w
+        is64 = i.cls != BPF_JMP32
+        r = (lambda x: x) if is64 else w
         dst = r(REGS[i.dst_reg])
         cmp = "tst" if i.op == BPF_JSET else "cmp"
+        bits = 64 if is64 else 32
         if i.is_reg_src:
             code = asm(f"{cmp} {dst}, {r(REGS[i.src_reg])}")
-        elif cmp == "cmp" and 0 <= i.imm < 4096:
-            code = asm(f"cmp {dst}, #{i.imm}")
-        elif cmp == "cmp" and -4096 < i.imm < 0:
-            code = asm(f"cmn {dst}, #{-i.imm}")
+        elif cmp == "cmp" and is_addsub_imm(i.imm):
+            code = asm(f"cmp {dst}, #{i.imm & 0xFFFFFFFF:#x}")
+        elif cmp == "cmp" and is_addsub_imm(-i.imm):
+            code = asm(f"cmn {dst}, #{-i.imm & 0xFFFFFFFF:#x}")
+        elif cmp == "tst" and is_logical_imm(i.imm, bits):
+            code = asm(f"tst {dst}, #{i.imm & ((1 << bits) - 1):#x}")
         else:
-            code = mov_imm("x10", i.imm, i.cls != BPF_JMP32) + asm(f"{cmp} {dst}, {r('x10')}")
+            code = mov_i("x10", i.imm, is64) + asm(f"{cmp} {dst}, {r('x10')}")
         return self.back_edge(c) + [code, Branch("jcc", c.target(i.off), _JCC[i.op])]
 
     _jmp32 = _jmp
@@ -360,7 +442,7 @@ class Arm64Jit:
         """emit_bpf_tail_call: count < MAX_TAIL_CALL_CNT, the target looked up (bounds,
         NULL) by the trampoline into x9, count++, drop this frame, branch."""
         skip = object()
-        return [mov_imm("x10", c.value) + asm(f"ldr w11, [x10]; cmp w11, #{MAX_TAIL_CALL_CNT}"),
+        return [mov_i64("x10", c.value) + asm(f"ldr w11, [x10]; cmp w11, #{MAX_TAIL_CALL_CNT}"),
                 Branch("jcc", skip, "hs"), Branch("call", c.stub), Branch("cbz", skip, reg="x9"),
                 asm("ldr w11, [x10]; add w11, w11, #1; str w11, [x10]") + self.teardown(c.used)
                 + asm("br x9"), Mark(skip)]

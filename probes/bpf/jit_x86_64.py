@@ -4,7 +4,9 @@ Registers as the kernel maps them: r0 rax, r1-r5 rdi rsi rdx rcx r8 (the SysV ar
 registers, so a helper call needs no moves), r6-r9 rbx r13 r14 r15, the frame pointer
 rbp, AX r10; r11 and r9 are scratch. Prologue ``push rbp; mov rbp, rsp; sub rsp, 512``
 then the callee-saved registers the function uses (detect_reg_usage); the epilogue pops
-them, ``leave; ret``.
+them, ``leave; ret``. Loads and stores are one ``mov`` with the BPF offset as the
+displacement (stack slots from rbp); division saves only the rax and rdx it does not
+write, and shifts by a register are SHLX/SHRX/SARX, as the kernel emits them with BMI2.
 
 Straight instructions go through keystone (exact, cached per text); branches are encoded
 here in their rel32 forms so an instruction's size never depends on where its target is
@@ -56,6 +58,7 @@ _CC = {"o": 0, "no": 1, "b": 2, "ae": 3, "e": 4, "ne": 5, "be": 6, "a": 7, "s": 
        "p": 10, "np": 11, "l": 12, "ge": 13, "le": 14, "g": 15}
 _ALU = {BPF_ADD: "add", BPF_SUB: "sub", BPF_OR: "or", BPF_AND: "and", BPF_XOR: "xor"}
 _SHIFT = {BPF_LSH: "shl", BPF_RSH: "shr", BPF_ARSH: "sar"}
+_SHIFTX = {"shl": "shlx", "shr": "shrx", "sar": "sarx"}
 
 _KS = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
 
@@ -175,18 +178,19 @@ class X86Jit:
         return f"mov {d}, {s}"
 
     def _shift(self, mn: str, is64: bool, dst: str, src: str | None, imm: int) -> list[Piece]:
+        """Shifts as the kernel's JIT emits them on a CPU with BMI2 (the modelled ones
+        have it): SHLX/SHRX/SARX by a register other than rcx, which needs neither cl nor
+        a saved rcx; by rcx itself, the classic form on cl."""
         w = (lambda r: r) if is64 else r32
         if src is None:
             n = imm & (63 if is64 else 31)
             return [asm(f"{mn} {w(dst)}, {n}" if n else f"mov {w(dst)}, {w(dst)}")]
+        if src != "rcx":
+            return [asm(f"{_SHIFTX[mn]} {w(dst)}, {w(dst)}, {w(src)}")]
         zext = "" if is64 else f"; mov {w(dst)}, {w(dst)}"
-        if src == "rcx":
-            if dst == "rcx":
-                return [asm(f"mov r11, rcx; {mn} {w('r11')}, cl; mov rcx, r11{zext}")]
-            return [asm(f"{mn} {w(dst)}, cl{zext}")]
-        if dst == "rcx":       # the count must be in cl: shift a copy of rcx
-            return [asm(f"mov r11, rcx; mov rcx, {src}; {mn} {w('r11')}, cl; mov rcx, r11{zext}")]
-        return [asm(f"mov r11, rcx; mov rcx, {src}; {mn} {w(dst)}, cl; mov rcx, r11{zext}")]
+        if dst == "rcx":
+            return [asm(f"mov r11, rcx; {mn} {w('r11')}, cl; mov rcx, r11{zext}")]
+        return [asm(f"{mn} {w(dst)}, cl{zext}")]
 
     def _divmod(self, c: InsnCtx, is64: bool, dst: str, src: str | None) -> list[Piece]:
         i = c.insn
@@ -202,26 +206,41 @@ class X86Jit:
                 return zero
             if signed and i.imm == -1:
                 return minus1
-            load = [asm(f"mov r11, {imm}" if is64 or imm < 1 << 31 else f"mov r11d, {imm}")]
-            return load + self._divide(w, dst, is_div, signed, is64)
+            return self._divide(w, dst, None, imm, is_div, signed, is64)
         done, z, m1 = object(), object(), object()
         out: list[Piece] = [asm(f"test {w(src)}, {w(src)}"), Branch("jcc", z, "e")]
         if signed:
             out += [asm(f"cmp {w(src)}, -1"), Branch("jcc", m1, "e")]
-        out += [asm(f"mov {w('r11')}, {w(src)}")] + self._divide(w, dst, is_div, signed, is64)
+        out += self._divide(w, dst, src, 0, is_div, signed, is64)
         out += [Branch("jmp", done), Mark(z), *zero, Branch("jmp", done)]
         if signed:
             out += [Mark(m1), *minus1]
         return out + [Mark(done)]
 
     @staticmethod
-    def _divide(w, dst: str, is_div: bool, signed: bool, is64: bool) -> list[Piece]:
-        """rdx:rax / r11, the dividend and remainder registers saved around it."""
-        ext = ("cqo" if is64 else "cdq") if signed else "xor edx, edx"
+    def _divide(w, dst: str, src: str | None, imm: int, is_div: bool, signed: bool,
+                is64: bool) -> list[Piece]:
+        """rdx:rax / src as the kernel's JIT divides: rax and rdx saved around it unless
+        they are the destination, the divisor in r11 when it is an immediate or one of
+        them, the quotient (rax) or remainder (rdx) moved to the destination."""
+        seq = [] if dst == "rax" else ["push rax"]
+        seq += [] if dst == "rdx" else ["push rdx"]
+        if src is None:
+            seq.append(f"mov r11, {imm}" if is64 or imm < 1 << 31 else f"mov r11d, {imm}")
+            src = "r11"
+        elif src in ("rax", "rdx"):
+            seq.append(f"mov r11, {src}")
+            src = "r11"
+        if dst != "rax":
+            seq.append(f"mov {w('rax')}, {w(dst)}")
+        seq.append(("cqo" if is64 else "cdq") if signed else "xor edx, edx")
+        seq.append(f"{'idiv' if signed else 'div'} {w(src)}")
         res = "rax" if is_div else "rdx"
-        return [asm(f"push rax; push rdx; mov {w('rax')}, {w(dst)}; {ext}; "
-                    f"{'idiv' if signed else 'div'} {w('r11')}; mov {w('r11')}, {w(res)}; "
-                    f"pop rdx; pop rax; mov {w(dst)}, {w('r11')}")]
+        if dst != res:
+            seq.append(f"mov {w(dst)}, {w(res)}")
+        seq += [] if dst == "rdx" else ["pop rdx"]
+        seq += [] if dst == "rax" else ["pop rax"]
+        return [asm("; ".join(seq))]
 
     def _neg(self, c: InsnCtx) -> list[Piece]:
         return [asm(f"neg {r32(REGS[c.insn.dst_reg])}")]
