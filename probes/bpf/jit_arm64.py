@@ -455,8 +455,8 @@ class Arm64Jit:
         yet) goes to the host trampoline `slow` (B: B.cond reaches 1 MiB only). Clobbers
         x3 (r4), as a call may."""
         miss, fast = object(), object()
-        return [mov_imm("x3", entries, False) + asm("cmp w2, w3"), Branch("jcc", miss, "hs"),
-                mov_imm("x3", table) + asm("ldr x9, [x3, w2, uxtw #3]; cmp x9, #1"),
+        return [mov_i64("x3", entries) + asm("cmp w2, w3"), Branch("jcc", miss, "hs"),
+                mov_i64("x3", table) + asm("ldr x9, [x3, w2, uxtw #3]; cmp x9, #1"),
                 Branch("jcc", fast, "ne"), Branch("jmp", slow), Mark(fast), asm("ret"),
                 Mark(miss), asm("mov x9, #0; ret")]
 
