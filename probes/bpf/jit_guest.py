@@ -1024,14 +1024,17 @@ class ScratchJit:
         return True
 
     def pull(self, m: Any) -> None:
+        """The guest's bytes of ``m`` into the map, where an image wrote them since the last
+        sync (else the map's own are newer: another engine's runs, a user update)."""
         if self._gone(m):
             return
         for buf in _value_buffers(m):
             w = self._by_buffer.get(id(buf))
             if w is not None and w.size:
                 got = bytes(self.machine.uc.mem_read(w.gstart, len(buf)))
-                buf[:] = got
-                w.shadow = got
+                if got != w.shadow:
+                    buf[:] = got
+                    w.shadow = got
 
     def push(self, m: Any) -> None:
         if self._gone(m):
@@ -1366,12 +1369,16 @@ class ScratchJit:
         read, to_vm = m.regs.read, self.to_vm
         args = [to_vm(read(i)) for i in ids]
         args += [0] * (5 - len(args))
-        backed = None
+        backed, bounced = None, []
         if touches and self._direct:
-            # a thunk's helper (jit_direct.TRAMPOLINE_HELPERS) reads a key and value on the
-            # stack and changes one map: only those bytes move
+            # a thunk's map helper reads a key and value and changes one map: only those
+            # bytes move
             self._stack_in()
-            backed = run.map_at(args[0])
+            backed, next_key = run.map_at(args[0]), run.mem._next_key
+            try:
+                bounced = self._map_args_in(run, backed, fid, ids, args)
+            except UserFault as e:
+                return self._fail(addr, f"helper memory {e}")
             if getattr(backed, "backing", None) is not self:
                 backed = None
             if backed is not None:
@@ -1398,6 +1405,11 @@ class ScratchJit:
             return self._stop(e)
         except Exception as e:  # a helper's bug must not take the host down
             return self._fail(addr, unexpected(e))
+        finally:
+            if bounced:
+                for region in bounced:
+                    run.mem.remove(region)
+                run.mem._next_key = next_key     # the next call's bounce gets the same keys
         if backed is not None:
             self.push(backed)
         elif touches and not self._direct:
@@ -1406,6 +1418,28 @@ class ScratchJit:
             r0 = self.to_guest(r0)
         m.regs.write(self._ret_id, r0)
         return None
+
+    def _map_args_in(self, run: BpfRun, mp: Any, fid: int, ids: tuple[int, ...],
+                     args: list[int]) -> list[Region]:
+        """A map helper's key (and an update's value) where the program holds them, called
+        from a thunk or stub: a map window's bytes read in (an image may have changed them
+        since the last stop); anything but a window (a C-held hash value the program looked
+        up) bounced through the uaccess path. The stack was read in already."""
+        if mp is None:
+            return []
+        bounced: list[Region] = []
+        sizes = ((1, mp.key_size), (2, mp.value_size)) if fid == 2 else ((1, mp.key_size),)
+        for i, size in sizes:
+            if i >= len(ids):
+                break
+            raw = self.machine.regs.read(ids[i])
+            if raw != args[i]:
+                self._window_in(raw)
+            elif size > 0:
+                region = self._bounce(run, raw, size)
+                bounced.append(region)
+                args[i] = region.base
+        return bounced
 
     def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...]) -> None:
         """A helper that reads or writes memory, called from a thunk's or stub's image
