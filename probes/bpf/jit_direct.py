@@ -100,6 +100,7 @@ the callee-saved ones themselves). The rest of pt_regs is never read, so it is n
 emu/vtlb.py, made stores to data pages fast)."""
 from __future__ import annotations
 
+import bisect
 import struct
 import weakref
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ def repeated_output(progs: list["BpfProg"]) -> str | None:
 
     if len(progs) == 1 and not back_edges(progs[0]):
         return None
-    fids = {fid for p in progs for _i, fid in helper_sequence(p.insns) if fid in OUTPUT_RANK}
+    fids = {fid for p in progs for fid in helper_ids(p.insns) if fid in OUTPUT_RANK}
     maps = {id(mp) for p in progs for mp in p.maps.values()
             if isinstance(mp, (RingbufMap, PerfEventArrayMap))}
     if len(fids) > 1 or (fids & RECORD_HELPERS and len(maps) > 1):
@@ -246,7 +247,12 @@ def output_order(progs: list["BpfProg"]) -> str | None:
     last, seen = 0, ""
     calls: dict[int, list["BpfProg"]] = {}
     for prog in progs:
-        for i, fid in helper_sequence(prog.insns):
+        seq = helper_sequence(prog.insns)
+        if seq is None:
+            if helper_ids(prog.insns) & OUTPUT_RANK.keys():
+                return f"{prog.name}: more than {SEQUENCE_MAX} helper calls to put in order"
+            continue
+        for i, fid in seq:
             rank = OUTPUT_RANK.get(fid)
             if rank is None:
                 continue
@@ -263,22 +269,45 @@ def output_order(progs: list["BpfProg"]) -> str | None:
     return None
 
 
-def helper_sequence(insns: list, start: int = 0, depth: int = 0) -> list[tuple[int, int]]:
+SEQUENCE_MAX = 256      # helper calls helper_sequence follows before it gives up
+
+
+def helper_sequence(insns: list, start: int = 0) -> list[tuple[int, int]] | None:
     """(insn, helper id) of the helper calls of the function at ``start``, its
     bpf-to-bpf callees' in place: with no backward branch, the calls any run makes come
-    in this order."""
-    out: list[tuple[int, int]] = []
-    ends = [f for f in function_starts(insns) if f > start]
-    end = ends[0] if ends else len(insns)
-    for i in range(start, end):
-        insn = insns[i]
-        if insn.code != BPF_CALL_OP:
-            continue
-        if insn.src_reg == BPF_PSEUDO_CALL and depth < 8:
-            out += helper_sequence(insns, i + insn.imm + 1, depth + 1)
-        elif insn.src_reg == 0:
-            out.append((i, insn.imm))
-    return out
+    in this order. None past SEQUENCE_MAX calls: a callee called from several places
+    repeats, and a call tree can be exponential in the program's size (each function is
+    walked once)."""
+    starts = sorted(function_starts(insns))
+    memo: dict[int, list[tuple[int, int]] | None] = {}
+
+    def walk(begin: int, depth: int) -> list[tuple[int, int]] | None:
+        if begin in memo:
+            return memo[begin]
+        memo[begin] = None                # (a call back into a function on the way)
+        k = bisect.bisect_right(starts, begin)
+        end = starts[k] if k < len(starts) else len(insns)
+        out: list[tuple[int, int]] | None = []
+        for i in range(begin, end):
+            insn = insns[i]
+            if insn.code != BPF_CALL_OP:
+                continue
+            if insn.src_reg == BPF_PSEUDO_CALL and depth < 8:
+                sub = walk(i + insn.imm + 1, depth + 1)
+                out = None if sub is None else out + sub
+            elif insn.src_reg == 0:
+                out.append((i, insn.imm))
+            if out is None or len(out) > SEQUENCE_MAX:
+                out = None
+                break
+        memo[begin] = out
+        return out
+    return walk(start, 0)
+
+
+def helper_ids(insns: list) -> frozenset[int]:
+    """Every helper id the program (all its functions) calls."""
+    return frozenset(insn.imm for insn in insns if insn.code == BPF_CALL_OP and insn.src_reg == 0)
 
 
 def event_site(event: Any, kind: str, prog: "BpfProg") -> tuple[int, int]:
@@ -509,7 +538,7 @@ class DirectCalls:
         func_ip or attach cookie already runs there for another event (a helper call from
         its image names the program, not the thunk or stub that called it)."""
         for prog in progs:
-            if not any(f in SITE_HELPERS for _i, f in helper_sequence(prog.insns)):
+            if not helper_ids(prog.insns) & SITE_HELPERS:
                 continue
             for t in (*self.thunks.values(), *self.copies.values()):
                 if t.event is not event and any(pr is prog for pr in t.progs):
@@ -609,6 +638,8 @@ class DirectCalls:
             if self._stub_refused.get(key[:2]) is func:
                 return None
             plan = self._images(data, progs)
+            if kind == "tp" and plan.why is None:
+                plan = self._record_first(data, progs, plan)
             if not self._decided(key, plan, func,
                                  lambda: self._build(None, plan, kind, cpu, tp.iterator, ret)):
                 return None
@@ -617,6 +648,19 @@ class DirectCalls:
             ctx = self._tp_record(func, data, args)
         self.m.uc.mem_write(self._ctx_buf(cpu), ctx)
         return t.addr
+
+    def _record_first(self, event: Any, progs: list["BpfProg"], plan: "DirectPlan") -> "DirectPlan":
+        """A tracepoint event's stub runs its programs after the host committed the event's
+        record, but the host path runs them first (trace_event_raw_event): programs with
+        output (printk lines, records) keep the host path, so their output and the
+        event's triggers stay in that order."""
+        from .jit_guest import _reachable
+
+        for prog in progs:
+            if any(helper_ids(p.insns) & OUTPUT_RANK.keys() for p in _reachable(prog)):
+                return DirectPlan(event, progs, plan.images, f"{prog.name}: output on a "
+                                  "tracepoint event (the host path writes it before the record)")
+        return plan
 
     def _tp_kind(self, func: Any, data: Any, args: tuple[int, ...]) -> tuple[Any, list, bytes]:
         """("raw_tp", [prog], raw args) for a raw tracepoint link that is not writable,
