@@ -613,6 +613,7 @@ class DirectCalls:
             return False
         else:
             self.refused[key[1]] = plan.why
+            self._watch(plan.progs)     # a prog array update may let them run here
         self._stub_refused[key[:2]] = handler
         return False
 
@@ -790,6 +791,8 @@ class DirectCalls:
 
         self._forget(stale)
         self._stub_refused.clear()
+        for t in (*self.thunks.values(), *self.copies.values()):
+            self._watch(t.progs)        # arrays the survivors reach through new targets
 
     def _entry_state(self, progs: list["BpfProg"]) -> dict[str, int]:
         """What the nested run's entry sets and a thunk must set before each image: the

@@ -1595,6 +1595,8 @@ class ScratchJit:
         dc = direct_calls_of(m)
         found = dc.program_at(ret) if dc is not None else None
         if found is None:
+            if dc is not None:          # trace_call_bpf's exit path drops the guard
+                m.memory.write(dc.active_addr(m.cpu), bytes(4))
             raise BpfTraceError("?", "budget trampoline reached outside a run")
         thunk, prog = found
         dc.release(thunk, prog)                 # type: ignore[union-attr]

@@ -410,8 +410,9 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
         reg = idx + 1
         r = _read(st, reg) if kind != A.ARG_DONTCARE else NOT_INIT
         if r.type in (T.PTR_TO_CTX, T.UNKNOWN) and not (
-                r.type == T.PTR_TO_CTX and proto.func_id == BPF_FUNC_tail_call):
-            # a helper may read the context anywhere (a tail call's target records its own)
+                r.type == T.PTR_TO_CTX and r.val == 0 and proto.func_id == BPF_FUNC_tail_call):
+            # a helper may read the context anywhere (a tail call's target records its own
+            # reads, from the context's start: an unknown offset moves them)
             env.prog.ctx_reads = None
         if kind == A.ARG_CONST_MAP_PTR:
             if r.type == T.CONST_PTR_TO_MAP:
