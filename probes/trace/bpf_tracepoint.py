@@ -236,6 +236,7 @@ class TracepointPerfLink:
     """A perf event on a tracepoint event with a TRACEPOINT program (PERF_EVENT_IOC_SET_BPF)."""
     event: PerfEvent
     call: "TraceEventCall"
+    prog: "BpfProg"
 
     def destroy(self) -> None:
         perf_event_detach_bpf_prog(self.event)
@@ -257,7 +258,7 @@ def attach_tracepoint_prog(machine: Machine, prog: "BpfProg", group: str, name: 
     if err:
         raise TracepointError(-err, f"{prog.section}: attach to {group}/{name}")
     call.perf_register()
-    return TracepointPerfLink(event, call)
+    return TracepointPerfLink(event, call, prog)
 
 
 def perf_trace_run_bpf(machine: Machine, call: "TraceEventCall", record: bytes) -> int:
