@@ -569,6 +569,7 @@ class ScratchJit:
         self._tail_ids: tuple[int, ...] | None = None   # r2, r3, AX
         # in a guest: id(prog array) -> (map, its lookup routine, its table of entries)
         self._tail_tables: dict[int, tuple[ProgArrayMap, int, int]] = {}
+        self._tail_words: dict[int, tuple[ProgArrayMap, dict[int, int]]] = {}   # as written
         self._lookup_free: list[int] = []
         self._table_space: tuple[int, int] = (0, 0)     # next free table byte, end
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
@@ -1686,12 +1687,19 @@ class ScratchJit:
         got = self._tail_tables.get(id(mp))
         if got is None or got[0] is not mp:
             return
-        words = []
-        for i in range(mp.max_entries):
-            prog = mp.get_prog(i)
-            image = self.images.get(id(prog)) if prog is not None else None
-            words.append(0 if prog is None else image.entry if image is not None else 1)
-        self.machine.memory.write(got[2], struct.pack(f"<{len(words)}Q", *words))
+        now = {}
+        for i, prog in mp.progs.items():
+            image = self.images.get(id(prog))
+            now[i] = image.entry if image is not None else 1
+        was = self._tail_words.get(id(mp))
+        if was is None or was[0] is not mp:         # a new table: every entry
+            words = [now.get(i, 0) for i in range(mp.max_entries)]
+            self.machine.memory.write(got[2], struct.pack(f"<{len(words)}Q", *words))
+        else:                                       # an update: the entries that changed
+            for i in sorted(was[1].keys() | now.keys()):
+                if was[1].get(i, 0) != now.get(i, 0):
+                    self.machine.memory.write(got[2] + 8 * i, struct.pack("<Q", now.get(i, 0)))
+        self._tail_words[id(mp)] = (mp, now)
 
     def _tail_filled(self, mp: Any) -> None:
         """A tail call the host served found the target's image: the guest's table gets it."""
@@ -1857,11 +1865,8 @@ def _reachable(prog: "BpfProg") -> list["BpfProg"]:
         out.append(p)
         for fd in sorted(p.maps):
             mp = p.maps[fd]
-            if isinstance(mp, ProgArrayMap):
-                for i in range(mp.max_entries):
-                    t = mp.get_prog(i)
-                    if t is not None:
-                        todo.append(t)
+            if isinstance(mp, ProgArrayMap):      # the occupied slots, in index order
+                todo += [t for _i, t in sorted(mp.progs.items(), key=lambda it: it[0])]
     return out
 
 
