@@ -11,7 +11,7 @@ from conftest import ARCHES
 from test_bpf_jit_percpu import _counts, _hot_counter, _hot_lab
 from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
-from probes.bpf.jit_direct import direct_calls_of
+from probes.bpf.jit_direct import direct_calls_of, direct_eligible
 from probes.bpf.jit_guest import install_engine
 from probes.bpf.maps import BpfMapType
 from probes.bpf.program import BpfProg
@@ -76,3 +76,34 @@ def test_a_user_read_right_after_the_jit_comes_back_keeps_the_other_engines_coun
         lab.call("hot_call", 10)
         seen[first] = (after_switch, _counts(prog))
     assert seen["jit"] == seen["python"] == ([6, 6, 4, 4], [9, 9, 6, 6])
+
+
+def test_perf_output_of_ctx_beside_a_map_update_keeps_the_frame_exact() -> None:
+    """perf_event_output(ctx, ...) reads none of ctx: a program that also updates a map
+    still runs from guest code, with only the slots it reads in the frame."""
+    counts = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 1, name="h")
+    events = create_map(BpfMapType.BPF_MAP_TYPE_PERF_EVENT_ARRAY, 4, 4, 2, name="pe")
+    text = """
+        mov r6, r1
+        stw [r10-4], 0
+        stdw [r10-16], 1
+        lddw r1, map_fd(3)
+        mov r2, r10
+        add r2, -4
+        mov r3, r10
+        add r3, -16
+        mov r4, 0
+        call 2
+        mov r1, r6
+        lddw r2, map_fd(4)
+        lddw r3, 0xffffffff
+        mov r4, r10
+        add r4, -16
+        mov r5, 8
+        call 25
+        mov r0, 0
+        exit"""
+    prog = BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
+                              name="u", license="GPL", maps={3: counts, 4: events})
+    prog.ensure_loaded()
+    assert prog.ctx_reads == set() and direct_eligible(prog) is None

@@ -403,6 +403,12 @@ def _size_arg(st: State, reg: int, kind: A) -> int | None:
     return r.val
 
 
+# Helpers whose context argument reads none of it (perf_event_output takes the sample's
+# registers from the hit, not through ctx) or whose reads are recorded elsewhere (a tail
+# call's target): the program's ctx_reads stay exact.
+_CTX_UNREAD = frozenset({BPF_FUNC_tail_call, 25})
+
+
 def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfMap | int | None:
     """Check r1.. against the proto; returns the map argument (or alloc size)."""
     the_map: BpfMap | int | None = None
@@ -410,7 +416,7 @@ def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfM
         reg = idx + 1
         r = _read(st, reg) if kind != A.ARG_DONTCARE else NOT_INIT
         if r.type in (T.PTR_TO_CTX, T.UNKNOWN) and not (
-                r.type == T.PTR_TO_CTX and r.val == 0 and proto.func_id == BPF_FUNC_tail_call):
+                r.type == T.PTR_TO_CTX and r.val == 0 and proto.func_id in _CTX_UNREAD):
             # a helper may read the context anywhere (a tail call's target records its own
             # reads, from the context's start: an unknown offset moves them)
             env.prog.ctx_reads = None
