@@ -126,9 +126,9 @@ if TYPE_CHECKING:
 # the trap reads from the CPU that hit (BpfTrace.current_task); the probe reads, into the
 # BPF stack or a map value the program holds (ScratchJit._direct_helper moves exactly those
 # bytes); and the output helpers, whose lines and records go out at the call
-# (BpfTrace.deliver_direct). Left out: what needs the hit's own state (func_ip, the attach
-# cookie, the registers of a stack walk, override_return), or adds a region the image
-# would have to reach (ringbuf_reserve).
+# (BpfTrace.deliver_direct); func_ip and the attach cookie, of the one event whose thunk or
+# stubs run the program (SITE_HELPERS). Left out: what needs the hit's registers (a stack
+# walk, override_return) or adds a region the image would have to reach (ringbuf_reserve).
 TRAMPOLINE_HELPERS = frozenset({
     2,      # map_update_elem
     3,      # map_delete_elem
