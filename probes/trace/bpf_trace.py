@@ -422,6 +422,14 @@ class BpfTrace:
         """The body of trace_call_bpf once the guard is taken: AND of the u32 results."""
         env = self._task(func_ip)
         self.regs, self.at_entry = regs, at_entry
+        try:
+            ret = self._run_items(array, regs, env)
+        finally:
+            self.regs = None          # a later program outside a hit walks no stale regs
+        self._deliver()
+        return ret
+
+    def _run_items(self, array: BpfProgArray, regs: "PtRegs", env: BpfRunContext) -> int:
         ctx = self.image.fill(regs)
         clock, ret = self.m.clock, 1
         for item in array.items:
@@ -443,8 +451,6 @@ class BpfTrace:
                 regs.return_value = env.override_rc
                 self.ptrace.override_function_with_return(regs)
                 ctx = self.image.fill(regs)
-        self.regs = None
-        self._deliver()
         return ret
 
     def run_prog(self, prog: "BpfProg", ctx: bytearray, func_ip: int = 0,
@@ -501,8 +507,13 @@ class BpfTrace:
 
     # -- stacks --
     def _stack_trace(self, user: bool) -> list[int]:
-        regs = self.regs
-        return [] if regs is None else perf_callchain(self.m, regs, self.at_entry)
+        """bpf_get_stack / get_stackid's walk (get_perf_callchain(regs)): from the pt_regs
+        the hit saved, the image the programs get as ctx, never from the CPU's registers:
+        while a JITed program runs nested they are the image's own (its lr, sp and frame
+        pointer would add its frames to the walk)."""
+        if self.regs is None:
+            return []
+        return perf_callchain(self.m, saved_regs(self.m, self.image.image), self.at_entry)
 
 
 def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
@@ -528,6 +539,16 @@ def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
     except UserFault:
         pass
     return ips[:max_depth]
+
+
+def saved_regs(machine: "Machine", image: bytes | bytearray) -> "PtRegs":
+    """A register view that answers every read from a pt_regs image (what the probe
+    saved) and none from the CPU."""
+    from probes.regs import PtRegs
+    view = PtRegs(machine)
+    for off, name in arch_ptrace(machine).PT_REGS_SLOTS:
+        view.present(name, struct.unpack_from("<Q", image, off)[0])
+    return view
 
 
 def symbolize_stack(machine: "Machine", ips: list[int]) -> list[str]:
