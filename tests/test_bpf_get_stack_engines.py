@@ -3,7 +3,7 @@ interpreter, the compiled Python path and the JIT (whose programs that walk the 
 nested on the traced CPU) all walk from the pt_regs the probe saved, as the kernel's
 get_perf_callchain does, never from the CPU's live registers. A kprobe at a function's
 entry, one on a call site inside a function, a kretprobe and an optimized probe, on both
-arches and both hit paths: the frames are compared with the call chain of the compiled
+arches and both hit paths, also with the callers kretprobed: the frames are compared with the call chain of the compiled
 program (each return address follows a call to the frame below it) and the stack-id map
 with the frames get_stack returned."""
 from __future__ import annotations
@@ -21,6 +21,8 @@ from probes.bpf.jit_guest import install_engine
 from probes.bpf.libbpf import KprobePerfEvent
 from probes.bpf.maps import BpfMapType
 from probes.bpf.program import BpfProg
+from probes.kprobes import Kprobe
+from probes.kretprobes import Kretprobe, kretprobes_of
 from probes.optprobes import enable_optprobes
 from probes.testing import ProbeLab
 from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of,
@@ -92,6 +94,16 @@ def _calls(lab: ProbeLab, func: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def _hijack(lab: ProbeLab) -> list[Kretprobe]:
+    """kretprobes on middle and outer: their return addresses on the stack become the
+    trampoline's while they run, and the walk must show the real ones."""
+    rps = [Kretprobe(kp=Kprobe(symbol_name=f), handler=lambda ri, regs: 0)
+           for f in ("middle", "outer")]
+    for rp in rps:
+        kretprobes_of(lab.machine).register_kretprobe(rp)
+    return rps
+
+
 def _attach(lab: ProbeLab, kind: str) -> KprobePerfEvent:
     m = lab.machine
     if kind == "kretprobe":
@@ -110,8 +122,9 @@ def _attach(lab: ProbeLab, kind: str) -> KprobePerfEvent:
     return call
 
 
-def walks(exe: Path, kind: str, engine: str) -> Walks:
+def walks(exe: Path, kind: str, engine: str, hijacked: bool = False) -> Walks:
     lab = ProbeLab.load(str(exe))
+    rps = _hijack(lab) if hijacked else []
     prog = stack_prog()
     call = _attach(lab, kind)
     assert perf_event_attach_bpf_prog(
@@ -121,6 +134,7 @@ def walks(exe: Path, kind: str, engine: str) -> Walks:
     bpf_trace_of(lab.machine).ring_buffer(prog.maps[4], raw.append)
     res = lab.run()
     assert res.exit_code == 0, res
+    assert [rp.hits for rp in rps] == [3] * len(rps)      # every return handled
     recs = [(n, sid, tuple(ips)) for n, sid, *ips in map(REC.unpack, raw)]
     return Walks(lab, recs, dict(prog.maps[5].buckets))
 
@@ -159,8 +173,8 @@ KINDS = ("entry", "callsite", "kretprobe", "optprobe")
 HITS = {"entry": 6, "callsite": 3, "kretprobe": 6, "optprobe": 6}
 
 
-def _same_everywhere(exe: Path, kind: str) -> None:
-    runs = {engine: walks(exe, kind, engine) for engine in ENGINES}
+def _same_everywhere(exe: Path, kind: str, hijacked: bool = False) -> None:
+    runs = {engine: walks(exe, kind, engine, hijacked) for engine in ENGINES}
     ref = runs["python"]
     assert len(ref.recs) == HITS[kind]
     # one id per distinct chain (main's calls of outer are three sites once unrolled)
@@ -174,6 +188,14 @@ def _same_everywhere(exe: Path, kind: str) -> None:
 @pytest.mark.parametrize("arch", ARCHES)
 def test_frames_on_every_engine(arch, kind, chain, hit_path) -> None:
     _same_everywhere(chain(arch), kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHES)
+def test_return_addresses_kretprobes_hijacked(arch, kind, chain, hit_path) -> None:
+    """With middle and outer kretprobed, the walk shows where they really return (the
+    kernel's unwinders recover the trampoline's slots with kretprobe_find_ret_addr)."""
+    _same_everywhere(chain(arch), kind, hijacked=True)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -521,15 +521,19 @@ def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
     """A frame-pointer walk, innermost first: ip, then (at a function's first instruction,
     before its prologue) the arch's entry return address, then the return address of each
     frame record [fp] = caller's fp, [fp + 8] = return address (the same on both arches).
-    Stops at a zero or unreadable frame, or one that does not move up the stack."""
+    A return address a kretprobe hijacked is shown as the real one, as the kernel's
+    unwinders recover it (kretprobe_find_ret_addr). Stops at a zero or unreadable frame,
+    one that does not move up the stack, or a trampoline with no pending instance."""
     ptrace, mem = arch_ptrace(machine), machine.memory
     ips = [regs.ip]
+    recover = KretprobeUnwind.of(machine)
     try:
-        if at_entry:
-            ips.append(ptrace.entry_return_address(regs))
         fp = regs[ptrace.FRAME_POINTER]
-        while fp and len(ips) < max_depth:
+        if at_entry:
+            ips.append(recover(ptrace.entry_return_address(regs), regs.sp, fp))
+        while fp and ips[-1] and len(ips) < max_depth:
             next_fp, ret = get_user(mem, fp), get_user(mem, fp + 8)
+            ret = recover(ret, fp + 8, next_fp)
             if not ret:
                 break
             ips.append(ret)
@@ -538,7 +542,40 @@ def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
             fp = next_fp
     except UserFault:
         pass
+    if not ips[-1]:
+        ips.pop()
     return ips[:max_depth]
+
+
+@dataclass
+class KretprobeUnwind:
+    """kretprobe_find_ret_addr over one walk: a return address that is the kretprobe
+    trampoline becomes the real one of the next pending instance (top first) whose frame
+    key matches: the hijacked slot where the arch keeps the return address on the stack
+    (x86), else the caller's frame pointer the instance saved (arm64). 0 when none does
+    (the kernel's unwinders stop there)."""
+    trampoline: int
+    lifo: list[Any]
+    by_slot: bool
+    cur: int = 0
+
+    @classmethod
+    def of(cls, machine: "Machine") -> Callable[[int, int, int], int]:
+        kr: Any = machine.layers.get("kretprobes")     # none made if no kretprobe was
+        if kr is None:
+            return lambda ret, slot, frame: ret
+        return cls(kr.trampoline, kr.pending(), getattr(kr.arch, "ret_addr_on_stack", False))
+
+    def __call__(self, ret: int, slot: int, frame: int) -> int:
+        if ret != self.trampoline:
+            return ret
+        key = slot if self.by_slot else frame
+        while self.cur < len(self.lifo):
+            ri = self.lifo[self.cur]
+            self.cur += 1
+            if ri.ret_addr != self.trampoline and ri.fp == key:
+                return int(ri.ret_addr)
+        return 0
 
 
 def saved_regs(machine: "Machine", image: bytes | bytearray) -> "PtRegs":
