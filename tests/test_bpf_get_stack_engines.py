@@ -139,19 +139,23 @@ def walks(exe: Path, kind: str, engine: str, hijacked: bool = False) -> Walks:
     return Walks(lab, recs, dict(prog.maps[5].buckets))
 
 
-def _chain_of(kind: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _chain_of(arch: str, kind: str) -> tuple[list[str], list[tuple[str, str]]]:
     """The expected innermost names and, for each frame after the first, the caller whose
-    call (to the frame below) it must return past. At a function's entry the return
-    address (x86: the word at sp, arm64: lr) is the second frame; a kretprobe's first is
-    where leaf returns to (the trampoline handler sets the regs' ip to it)."""
+    call (to the frame below) it must return past. At a function's entry x86's unwinder
+    (ORC) finds the return address at sp, so the caller is the second frame; arm64's walks
+    frame records from x29 and never reads lr, so it has no frame for the caller. A
+    kretprobe's first frame is where leaf returns to (the trampoline handler sets the
+    regs' ip to it)."""
     if kind in ("callsite", "kretprobe"):
         return ["middle", "outer", "main"], [("outer", "middle"), ("main", "outer")]
+    if arch == "arm64":
+        return ["leaf", "outer", "main"], [("outer", "middle"), ("main", "outer")]
     return (["leaf", "middle", "outer", "main"],
             [("middle", "leaf"), ("outer", "middle"), ("main", "outer")])
 
 
 def check_chain(w: Walks, kind: str) -> None:
-    names, links = _chain_of(kind)
+    names, links = _chain_of(w.lab.machine.arch.name, kind)
     lab = w.lab
     for n, sid, ips in w.recs:
         assert n > 0 and n % 8 == 0

@@ -510,10 +510,12 @@ class BpfTrace:
         """bpf_get_stack / get_stackid's walk (get_perf_callchain(regs)): from the pt_regs
         the hit saved, the image the programs get as ctx, never from the CPU's registers:
         while a JITed program runs nested they are the image's own (its lr, sp and frame
-        pointer would add its frames to the walk)."""
+        pointer would add its frames to the walk). At a function's entry the return
+        address is a frame only where the arch's unwinder finds it (x86 ORC, not arm64)."""
         if self.regs is None:
             return []
-        return perf_callchain(self.m, saved_regs(self.m, self.image.image), self.at_entry)
+        at_entry = self.at_entry and self.ptrace.CALLCHAIN_ENTRY_RETURN
+        return perf_callchain(self.m, saved_regs(self.m, self.image.image), at_entry)
 
 
 def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
