@@ -555,10 +555,11 @@ class KretprobeUnwind:
     trampoline becomes the real one of the next pending instance (top first) whose frame
     key matches: the hijacked slot where the arch keeps the return address on the stack
     (x86), else the caller's frame pointer the instance saved (arm64). 0 when none does
-    (the kernel's unwinders stop there)."""
-    trampoline: int
-    lifo: list[Any]
+    (the kernel's unwinders stop there). The task's instances are read at the first
+    trampoline met (with the C hit path that takes C's LIFO back and forth)."""
+    kretprobes: Any
     by_slot: bool
+    lifo: list[Any] | None = None
     cur: int = 0
 
     @classmethod
@@ -566,16 +567,19 @@ class KretprobeUnwind:
         kr: Any = machine.layers.get("kretprobes")     # none made if no kretprobe was
         if kr is None:
             return lambda ret, slot, frame: ret
-        return cls(kr.trampoline, kr.pending(), getattr(kr.arch, "ret_addr_on_stack", False))
+        return cls(kr, getattr(kr.arch, "ret_addr_on_stack", False))
 
     def __call__(self, ret: int, slot: int, frame: int) -> int:
-        if ret != self.trampoline:
+        trampoline = self.kretprobes.trampoline
+        if ret != trampoline:
             return ret
+        if self.lifo is None:
+            self.lifo = self.kretprobes.pending()
         key = slot if self.by_slot else frame
         while self.cur < len(self.lifo):
             ri = self.lifo[self.cur]
             self.cur += 1
-            if ri.ret_addr != self.trampoline and ri.fp == key:
+            if ri.ret_addr != trampoline and ri.fp == key:
                 return int(ri.ret_addr)
         return 0
 
