@@ -132,6 +132,15 @@ class Kretprobes:
         self._take()
         return self.by_task.setdefault(self.m.task[1], [])
 
+    def pending(self) -> list[KretprobeInstance]:
+        """The running task's pending instances, top first, for an unwinder
+        (kretprobe_find_ret_addr); C keeps the LIFO if it held it."""
+        owned = self.native is None or self.native.h.py_owns
+        lifo = self.instances[::-1]
+        if not owned:
+            self._give()
+        return lifo
+
     # --- registration -----------------------------------------------------------------------
     def register_kretprobe(self, rp: Kretprobe) -> None:
         kp = rp.kp

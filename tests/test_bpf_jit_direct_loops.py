@@ -452,27 +452,33 @@ def test_a_tail_called_program_spending_the_budget_names_the_root(arch) -> None:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_the_nested_run_reads_the_prog_array_at_each_call_too(arch) -> None:
-    """A root the stub cannot take (a host-only helper) runs nested on every hit; a target
-    put in its prog array after its first hit is JITed at its first call there too."""
+    """A root the stub cannot take (a host-only helper: bpf_get_stack walks the hit's
+    saved registers) runs nested on every hit; a target put in its prog array after its
+    first hit is JITed at its first call there too. Both walks see the hit's frames."""
     results = {}
     for engine in ("jit", "python"):
         cnt = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="cnt")
         jt = create_map(BpfMapType.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, 1, name="jt")
         root = kprobe_prog("""
             mov r6, r1
-            call 14
+            mov r2, r10
+            add r2, -64
+            mov r3, 64
+            mov r4, 0
+            call 67
             mov r1, r6
             lddw r2, map_fd(3)
             mov r3, 0
             call 12
             mov r0, 2
-            exit""", "pid_root", {3: jt})
+            exit""", "stack_root", {3: jt})
         lab = Lab(arch, root, engine)
         out = [lab.run(3)]
         jt.update(0, stack_target({"cnt": cnt}))
         out += [lab.run(4), _u64(cnt, 1), prog_stats(root).run_cnt]
         if engine == "jit":
-            assert "helper call 14" in direct_calls_of(lab.m).refused[lab.p.addr]
+            assert direct_calls_of(lab.m).refused[lab.p.addr].startswith(
+                "stack_root: insn 5: helper call 67")
         results[engine] = out
     assert results["jit"] == results["python"] and results["jit"][2] != 0
 

@@ -422,6 +422,14 @@ class BpfTrace:
         """The body of trace_call_bpf once the guard is taken: AND of the u32 results."""
         env = self._task(func_ip)
         self.regs, self.at_entry = regs, at_entry
+        try:
+            ret = self._run_items(array, regs, env)
+        finally:
+            self.regs = None          # a later program outside a hit walks no stale regs
+        self._deliver()
+        return ret
+
+    def _run_items(self, array: BpfProgArray, regs: "PtRegs", env: BpfRunContext) -> int:
         ctx = self.image.fill(regs)
         clock, ret = self.m.clock, 1
         for item in array.items:
@@ -443,8 +451,6 @@ class BpfTrace:
                 regs.return_value = env.override_rc
                 self.ptrace.override_function_with_return(regs)
                 ctx = self.image.fill(regs)
-        self.regs = None
-        self._deliver()
         return ret
 
     def run_prog(self, prog: "BpfProg", ctx: bytearray, func_ip: int = 0,
@@ -501,8 +507,15 @@ class BpfTrace:
 
     # -- stacks --
     def _stack_trace(self, user: bool) -> list[int]:
-        regs = self.regs
-        return [] if regs is None else perf_callchain(self.m, regs, self.at_entry)
+        """bpf_get_stack / get_stackid's walk (get_perf_callchain(regs)): from the pt_regs
+        the hit saved, the image the programs get as ctx, never from the CPU's registers:
+        while a JITed program runs nested they are the image's own (its lr, sp and frame
+        pointer would add its frames to the walk). At a function's entry the return
+        address is a frame only where the arch's unwinder finds it (x86 ORC, not arm64)."""
+        if self.regs is None:
+            return []
+        at_entry = self.at_entry and self.ptrace.CALLCHAIN_ENTRY_RETURN
+        return perf_callchain(self.m, saved_regs(self.m, self.image.image), at_entry)
 
 
 def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
@@ -510,15 +523,19 @@ def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
     """A frame-pointer walk, innermost first: ip, then (at a function's first instruction,
     before its prologue) the arch's entry return address, then the return address of each
     frame record [fp] = caller's fp, [fp + 8] = return address (the same on both arches).
-    Stops at a zero or unreadable frame, or one that does not move up the stack."""
+    A return address a kretprobe hijacked is shown as the real one, as the kernel's
+    unwinders recover it (kretprobe_find_ret_addr). Stops at a zero or unreadable frame,
+    one that does not move up the stack, or a trampoline with no pending instance."""
     ptrace, mem = arch_ptrace(machine), machine.memory
     ips = [regs.ip]
+    recover = KretprobeUnwind.of(machine)
     try:
-        if at_entry:
-            ips.append(ptrace.entry_return_address(regs))
         fp = regs[ptrace.FRAME_POINTER]
-        while fp and len(ips) < max_depth:
+        if at_entry:
+            ips.append(recover(ptrace.entry_return_address(regs), regs.sp, fp))
+        while fp and ips[-1] and len(ips) < max_depth:
             next_fp, ret = get_user(mem, fp), get_user(mem, fp + 8)
+            ret = recover(ret, fp + 8, next_fp)
             if not ret:
                 break
             ips.append(ret)
@@ -527,7 +544,54 @@ def perf_callchain(machine: "Machine", regs: "PtRegs", at_entry: bool,
             fp = next_fp
     except UserFault:
         pass
+    if not ips[-1]:
+        ips.pop()
     return ips[:max_depth]
+
+
+@dataclass
+class KretprobeUnwind:
+    """kretprobe_find_ret_addr over one walk: a return address that is the kretprobe
+    trampoline becomes the real one of the next pending instance (top first) whose frame
+    key matches: the hijacked slot where the arch keeps the return address on the stack
+    (x86), else the caller's frame pointer the instance saved (arm64). 0 when none does
+    (the kernel's unwinders stop there). The task's instances are read at the first
+    trampoline met (with the C hit path that takes C's LIFO back and forth)."""
+    kretprobes: Any
+    by_slot: bool
+    lifo: list[Any] | None = None
+    cur: int = 0
+
+    @classmethod
+    def of(cls, machine: "Machine") -> Callable[[int, int, int], int]:
+        kr: Any = machine.layers.get("kretprobes")     # none made if no kretprobe was
+        if kr is None:
+            return lambda ret, slot, frame: ret
+        return cls(kr, getattr(kr.arch, "ret_addr_on_stack", False))
+
+    def __call__(self, ret: int, slot: int, frame: int) -> int:
+        trampoline = self.kretprobes.trampoline
+        if ret != trampoline:
+            return ret
+        if self.lifo is None:
+            self.lifo = self.kretprobes.pending()
+        key = slot if self.by_slot else frame
+        while self.cur < len(self.lifo):
+            ri = self.lifo[self.cur]
+            self.cur += 1
+            if ri.ret_addr != trampoline and ri.fp == key:
+                return int(ri.ret_addr)
+        return 0
+
+
+def saved_regs(machine: "Machine", image: bytes | bytearray) -> "PtRegs":
+    """A register view that answers every read from a pt_regs image (what the probe
+    saved) and none from the CPU."""
+    from probes.regs import PtRegs
+    view = PtRegs(machine)
+    for off, name in arch_ptrace(machine).PT_REGS_SLOTS:
+        view.present(name, struct.unpack_from("<Q", image, off)[0])
+    return view
 
 
 def symbolize_stack(machine: "Machine", ips: list[int]) -> list[str]:

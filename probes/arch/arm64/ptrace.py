@@ -33,6 +33,10 @@ REGS_OFFSET_NAMES: dict[str, str] = {
 PT_REGS_CONST: dict[str, int] = {}
 
 FRAME_POINTER = "x29"           # frame records: [x29] = caller's x29, [x29 + 8] = lr
+# get_perf_callchain(regs) (bpf_get_stack/get_stackid): the frame-record unwinder starts
+# from pc and x29 (kunwind_init_from_regs) and never reads lr, so at a function's first
+# instruction its caller is not in the chain.
+CALLCHAIN_ENTRY_RETURN = False
 SYSCALL_PREFIX = "__arm64_sys_"
 
 # The register view's facts (probes/regs.py): XZR reads as 0 and drops writes; an argument

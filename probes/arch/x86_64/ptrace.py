@@ -40,6 +40,10 @@ REGS_OFFSET_NAMES: dict[str, str] = {
 PT_REGS_CONST: dict[str, int] = {"orig_ax": 0xFFFFFFFFFFFFFFFF}
 
 FRAME_POINTER = "rbp"         # the frame pointer the kernel's FP unwinder follows
+# get_perf_callchain(regs) (bpf_get_stack/get_stackid): the ORC unwinder (x86-64's
+# default) finds the return address at sp at a function's first instruction, so the
+# caller is in the chain.
+CALLCHAIN_ENTRY_RETURN = True
 SYSCALL_PREFIX = "__x64_sys_"  # SYSCALL_DEFINE wrappers, as libbpf's ksyscall resolves them
 
 # The register view's facts (probes/regs.py): no zero register; arguments beyond the six
