@@ -48,8 +48,9 @@ maps' bytes: user-space lookups and updates go through them (``pull``/``push``, 
 MapBacking) and every run's stop reads them back. A per-CPU array has one window per CPU,
 CPU c's at CPU 0's plus one offset for every such map (``_seed_percpu``), and its lookup is
 inlined as the kernel's percpu_array_map_gen_lookup: the image adds this_cpu_off, a word the
-JIT rewrites at every CPU switch. A snapshot restore past the JIT drops all of it; a map it
-backed keeps its host bytes (``is_current``).
+JIT rewrites at every CPU switch (a per-CPU array made for fewer CPUs than the machine has
+is looked up through the helper). A snapshot restore past the JIT drops all of it; a map it
+backed keeps its host bytes (``_gone``: ``is_dropped``).
 
 The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
@@ -78,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 from unicorn import UcError
 
 from emu.owners import RegionOwner
+from emu.smp import MAX_CPUS
 from emu.uaccess import UserFault, copy_to_user
 
 from .disasm import format_insn
@@ -119,7 +121,6 @@ MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from
 # variable's; the running CPU's offset is the u64 at PERCPU_OFF_AT in the JIT's data page.
 PCPU_KEY_BASE = (VM_BASE >> 32) + 0x4000
 PCPU_KEYS = 0x40                 # per-CPU array maps a machine's JIT can hold
-PCPU_MAX_CPUS = 64
 PERCPU_OFF_AT = 0x800            # this_cpu_off (after the tail-call count and the guards)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
@@ -356,22 +357,18 @@ def percpu_array_map_gen_lookup(base: int, max_entries: int, elem_size: int,
     check and scaling on CPU 0's copy (``base``; the elements are contiguous, so the
     kernel's load of pptrs[index] is the scaling), then BPF_MOV64_PERCPU_REG: add the
     running CPU's offset, which the JITs read from this_cpu_off (here the u64 at
-    ``this_cpu_off``, rewritten at every CPU switch)."""
-    from .isa import (BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LDX, BPF_LSH,
-                      BPF_MEM, BPF_MUL)
+    ``this_cpu_off``, rewritten at every CPU switch), spliced in after ``r0 += r1``."""
+    from .isa import BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP32, BPF_LDX, BPF_MEM
 
-    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
-             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
-    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
-            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
-            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 7, max_entries),           # past the end: NULL
-            scale,
-            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
-            Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
-            Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),                 # r1 = this_cpu_off
-            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
-            Insn(BPF_JMP | 0x00, 0, 0, 1),
-            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+    seq = array_map_gen_lookup(base, max_entries, elem_size)
+    add_cpu = [Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
+               Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),              # r1 = this_cpu_off
+               Insn(BPF_ALU64 | 0x08, 0, 1)]                           # r0 += r1
+    bound = next(i for i, x in enumerate(seq) if x.code == BPF_JMP32 | BPF_JGE)
+    at = bound + 3                      # after the scaling and r0 += r1: the ja over NULL
+    jge = seq[bound]
+    seq[bound] = Insn(jge.code, jge.dst_reg, jge.src_reg, jge.off + len(add_cpu), jge.imm)
+    return seq[:at] + add_cpu + seq[at:]
 
 
 def _value_buffers(m: Any) -> list[bytearray]:
@@ -948,11 +945,7 @@ class ScratchJit:
                     region = Region(key << 32, mp.values, mp.prog_writable, mp.name)
                     got = self._map_regions[id(mp.values)] = (mp.values, region)
                     self._persistent.add(id(region))
-                old = run.mem._by_buffer.get(id(mp.values))
-                if old is not None and old is not got[1]:
-                    run.mem.remove(old)       # bound already (BpfRun binds its program's)
-                run.mem.add(got[1])
-                run.mem._by_buffer[id(mp.values)] = got[1]
+                _give_region(run, got[1])
 
     def _seed_percpu(self, run: BpfRun, mp: Any) -> None:
         """A per-CPU array's copies, CPU c's in the window of key PCPU_KEY_BASE +
@@ -962,9 +955,9 @@ class ScratchJit:
         got = self._percpu_regions.get(id(mp))
         if got is None or got[0] is not mp.percpu:
             i = self._percpu_next          # (a dead map's copies keep their keys)
-            if i >= PCPU_KEYS or len(mp.percpu) > PCPU_MAX_CPUS:
+            if i >= PCPU_KEYS or len(mp.percpu) > MAX_CPUS:
                 raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
-                               f"guest ({PCPU_KEYS} maps of {PCPU_MAX_CPUS} CPUs at most)")
+                               f"guest ({PCPU_KEYS} maps of {MAX_CPUS} CPUs at most)")
             regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
                               mp.name) for c, buf in enumerate(mp.percpu)]
             got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
@@ -972,11 +965,7 @@ class ScratchJit:
             self._persistent.update(id(r) for r in regions)
             self._keep_percpu_off()
         for region in got[1]:
-            old = run.mem._by_buffer.get(id(region.data))
-            if old is not None and old is not region:
-                run.mem.remove(old)
-            run.mem.add(region)
-            run.mem._by_buffer[id(region.data)] = region
+            _give_region(run, region)
 
     @property
     def percpu_off_addr(self) -> int:
@@ -1748,6 +1737,16 @@ class ScratchJit:
             m.set_reg(regs[0], value)
             m.set_reg(regs[11], ok)
         return on_ld_abs
+
+
+def _give_region(run: BpfRun, region: Region) -> None:
+    """Give ``run`` the machine's one region for a map's bytes, in place of the one
+    bind_maps made for them (BpfRun binds its program's maps already)."""
+    old = run.mem._by_buffer.get(id(region.data))
+    if old is not None and old is not region:
+        run.mem.remove(old)
+    run.mem.add(region)
+    run.mem._by_buffer[id(region.data)] = region
 
 
 def listen_weakly(mp: ProgArrayMap, method: Callable[[Any], None]) -> None:
