@@ -215,11 +215,12 @@ class InsnCtx:
 
 @dataclass
 class JitImage:
-    """A JITed program (struct bpf_prog's bpf_func and jited_linfo). Attributes: ``addr``,
-    ``code``, ``insn_addr`` (BPF instruction index -> start of its code), ``funcs``
-    (BPF function start -> entry address), ``extable`` (faulting pc -> (resume pc,
-    register to zero))."""
-    prog: "BpfProg"
+    """A JITed program (struct bpf_prog's bpf_func and jited_linfo). Attributes: ``prog``
+    (held weakly: as the kernel's bpf_jit_free, the image goes with its program),
+    ``addr``, ``code``, ``insn_addr`` (BPF instruction index -> start of its code),
+    ``funcs`` (BPF function start -> entry address), ``extable`` (faulting pc -> (resume
+    pc, register to zero))."""
+    prog_ref: "weakref.ref[BpfProg]"
     arch: str
     addr: int
     code: bytes
@@ -227,6 +228,13 @@ class JitImage:
     funcs: dict[int, int]
     extable: dict[int, tuple[int, str]] = field(default_factory=dict)
     _starts: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def prog(self) -> "BpfProg":
+        prog = self.prog_ref()
+        if prog is None:
+            raise BpfError(f"the program JITed at {self.addr:#x} was freed")
+        return prog
 
     @property
     def entry(self) -> int:
@@ -250,6 +258,27 @@ class JitImage:
         return start, self.code[start - self.addr:end - self.addr]
 
     _exits: list[int] = field(default_factory=list, repr=False)
+
+
+class ImageTable(dict[int, JitImage]):
+    """id(program) -> its image. An entry whose program died is not found (its id may be
+    another program's now) until ScratchJit._free_images frees it."""
+
+    def get(self, key: int, default: Any = None) -> Any:
+        image = super().get(key)
+        return image if image is not None and image.prog_ref() is not None else default
+
+    def __getitem__(self, key: int) -> JitImage:
+        image = self.get(key)
+        if image is None:
+            raise KeyError(key)
+        return image
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and self.get(key) is not None
+
+    def dead(self) -> list[tuple[int, JitImage]]:
+        return [(k, i) for k, i in super().items() if i.prog_ref() is None]
 
 
 def function_starts(insns: list[Insn]) -> list[int]:
@@ -421,6 +450,20 @@ def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, di
 # --- guest windows over the machine's regions -----------------------------------------------
 
 @dataclass
+class PercpuSlot:
+    """A per-CPU array's place in a traced guest (see ScratchJit._seed_percpu): ``index``
+    (its keys), ``map`` (weakly, so a dead map's slot can be reclaimed), ``regions`` (one
+    per CPU, over the map's per-CPU buffers)."""
+    index: int
+    map: "weakref.ref[Any]"
+    regions: list[Region]
+
+    def of(self, mp: Any) -> bool:
+        """Whether this is ``mp``'s slot (not a dead map's whose id ``mp`` now has)."""
+        return self.map() is mp
+
+
+@dataclass
 class Window:
     region: Region
     gstart: int          # guest address of region.data[0]
@@ -528,7 +571,8 @@ class ScratchJit:
         # in_guest: the images live in the traced machine's own pages and run on its CPU
         self.in_guest = machine is not None
         self.machine = m = machine if machine is not None else Machine(arch)
-        self.images: dict[int, JitImage] = {}
+        self.images = ImageTable()
+        self._image_text: dict[int, tuple[int, Any]] = {}   # image addr -> (mapped size, symbol)
         self.stubs: dict[Hashable, int] = {}
         self._native: Any = False        # NativeHelpers, None (Python's), False (not asked yet)
         self._stub_fns: dict[int, Callable[[int], None]] = {}
@@ -544,10 +588,11 @@ class ScratchJit:
         # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
         self._map_regions: dict[int, tuple[bytearray, Region]] = {}
         self._persistent: set[int] = set()           # id() of those regions
-        # per-CPU array maps: id(map) -> (its per-CPU buffers, one region for each CPU)
-        self._percpu_regions: dict[int, tuple[list[bytearray], list[Region]]] = {}
+        # per-CPU array maps: their slots by index (the map weakly, a region per CPU), and
+        # id(map) -> its slot (an entry of a dead map whose id was reused: not its slot)
+        self._percpu_slots: dict[int, PercpuSlot] = {}
+        self._percpu_regions: dict[int, PercpuSlot] = {}
         self._percpu_off_kept = False     # this_cpu_off written at every CPU switch
-        self._percpu_next = 0             # the next per-CPU array's index (its keys)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -797,6 +842,8 @@ class ScratchJit:
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
         """JIT ``prog`` into this machine (once); see ``_compile``."""
         image = self.images.get(id(prog))
+        if image is None:
+            self._free_images()
         if image is None and self.in_guest:
             # the layout is done for an address; in a guest that must be a free one
             pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
@@ -830,13 +877,33 @@ class ScratchJit:
         m.text_poke(base, code)
         self._text_end = base + size
         name = prog.name or "prog"
-        m.symbols.add(f"bpf_prog_{name}", base, len(code))   # as kallsyms names BPF images
+        sym = m.symbols.add(f"bpf_prog_{name}", base, len(code))   # as kallsyms names BPF images
+        self._image_text[base] = (size, sym)
         named = {k: v for k, v in labels.items() if isinstance(k, tuple)}
-        image = JitImage(prog, self.arch, base, code,
+        image = JitImage(weakref.ref(prog), self.arch, base, code,
                          {k[1]: v for k, v in named.items() if k[0] == "insn"},
                          {k[1]: v for k, v in named.items() if k[0] == "func"}, extable)
         image._exits = [v for k, v in named.items() if k[0] == "exit"]
         return image
+
+    def _free_images(self) -> None:
+        """bpf_jit_free for the images whose programs died, at the next compile (never from
+        a finalizer in the middle of a run): text unmapped, symbol dropped. Their addresses
+        are not handed out again, so a pc cached anywhere finds no other program's code."""
+        dead = self.images.dead()
+        if not dead:
+            return
+        m = self.machine
+        for key, image in dead:
+            dict.__delitem__(self.images, key)
+            size, sym = self._image_text.pop(image.addr)
+            m.memory.unmap(image.addr, size)
+            m.owners.release(image.addr, size)
+            m.symbols.remove(sym)
+        gone = {id(image) for _k, image in dead}
+        self._call_sites = {pc: i for pc, i in self._call_sites.items() if id(i) not in gone}
+        if self._native:
+            self._native.invalidate()     # C's registrations name the freed images' maps
 
     def _resolve(self, c: InsnCtx) -> None:
         """Constants and trampolines an instruction needs, as the kernel's JIT resolves
@@ -892,10 +959,10 @@ class ScratchJit:
         """percpu_array_map_gen_lookup for a per-CPU array whose copies _seed_percpu
         placed (one for every CPU the machine has; else the helper answers, NULL on a CPU
         the map has no value for)."""
-        got = self._percpu_regions.get(id(m))
-        if got is None or len(got[1]) < max(self.machine.nr_cpus, 1):
+        slot = self._percpu_regions.get(id(m))
+        if slot is None or not slot.of(m) or len(slot.regions) < max(self.machine.nr_cpus, 1):
             return None
-        base = self.to_guest(got[1][0].base)
+        base = self.to_guest(slot.regions[0].base)
         return percpu_array_map_gen_lookup(base, m.max_entries, m.elem_size,
                                            self.percpu_off_addr)
 
@@ -949,23 +1016,68 @@ class ScratchJit:
 
     def _seed_percpu(self, run: BpfRun, mp: Any) -> None:
         """A per-CPU array's copies, CPU c's in the window of key PCPU_KEY_BASE +
-        c * PCPU_KEYS + i (map i of this machine): the same offset from CPU 0's copy for
-        every map, as the kernel's per-CPU areas. Given to every run, so the helper's
+        c * PCPU_KEYS + i (its slot i on this machine): the same offset from CPU 0's copy
+        for every map, as the kernel's per-CPU areas. Given to every run, so the helper's
         map_value_ptr names the same bytes the inlined lookup reaches."""
-        got = self._percpu_regions.get(id(mp))
-        if got is None or got[0] is not mp.percpu:
-            i = self._percpu_next          # (a dead map's copies keep their keys)
-            if i >= PCPU_KEYS or len(mp.percpu) > MAX_CPUS:
-                raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
-                               f"guest ({PCPU_KEYS} maps of {MAX_CPUS} CPUs at most)")
-            regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
-                              mp.name) for c, buf in enumerate(mp.percpu)]
-            got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
-            self._percpu_next += 1
-            self._persistent.update(id(r) for r in regions)
-            self._keep_percpu_off()
-        for region in got[1]:
+        slot = self._percpu_regions.get(id(mp))
+        if slot is None or not slot.of(mp):
+            slot = self._percpu_slot(mp)
+        for region in slot.regions:
             _give_region(run, region)
+
+    def _percpu_slot(self, mp: Any) -> "PercpuSlot":
+        """A new slot for ``mp``: the lowest free index; when every index is taken, the
+        slots of maps that died are reclaimed first (here, at allocation, after a garbage
+        collection, so that which slots are free does not hang on when the collector ran;
+        never from a finalizer in the middle of a run)."""
+        if len(mp.percpu) > MAX_CPUS:
+            raise BpfError(f"per-CPU array {mp.name!r}: {len(mp.percpu)} CPUs, the JIT's "
+                           f"per-CPU windows hold {MAX_CPUS} at most")
+        if len(self._percpu_slots) >= PCPU_KEYS:
+            self._reclaim_percpu()
+        i = next((k for k in range(PCPU_KEYS) if k not in self._percpu_slots), None)
+        if i is None:
+            raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the guest "
+                           f"({PCPU_KEYS} live per-CPU arrays at most)")
+        regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
+                          mp.name) for c, buf in enumerate(mp.percpu)]
+        slot = self._percpu_slots[i] = self._percpu_regions[id(mp)] = \
+            PercpuSlot(i, weakref.ref(mp), regions)
+        self._persistent.update(id(r) for r in regions)
+        self._keep_percpu_off()
+        return slot
+
+    def _reclaim_percpu(self) -> None:
+        """Free the slots of per-CPU arrays that died (the kernel frees a map's per-CPU
+        areas with it): their windows unmapped, their regions no longer kept."""
+        import gc
+
+        gc.collect()                    # maps in reference cycles (a program's verifier state)
+        dead = [i for i, slot in self._percpu_slots.items() if slot.map() is None]
+        gone: set[int] = set()
+        for i in dead:
+            gone.update(id(r) for r in self._percpu_slots.pop(i).regions)
+        self._percpu_regions = {k: slot for k, slot in self._percpu_regions.items()
+                                if slot.map() is not None}
+        if gone:
+            self._drop_windows(gone)
+            self._persistent -= gone
+
+    def _drop_windows(self, regions: set[int]) -> None:
+        """Unmap the windows over these regions (id()s) and forget them; C's array windows
+        are looked up again."""
+        m = self.machine
+        for key, w in list(self.windows.items()):
+            if id(w.region) in regions:
+                if w.size:
+                    m.memory.unmap(w.gpage, w.size)
+                    m.owners.release(w.gpage, w.size)
+                del self.windows[key]
+        self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self._window_regions = {id(w.region) for w in self.windows.values()}
+        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        if self._native:
+            self._native.invalidate()
 
     @property
     def percpu_off_addr(self) -> int:
