@@ -896,6 +896,7 @@ class ScratchJit:
         m = self.machine
         for key, image in dead:
             dict.__delitem__(self.images, key)
+            self._tail_root.pop(key, None)      # (its id may be another program's next)
             size, sym = self._image_text.pop(image.addr)
             m.memory.unmap(image.addr, size)
             m.owners.release(image.addr, size)
