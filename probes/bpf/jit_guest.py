@@ -121,6 +121,7 @@ MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from
 # variable's; the running CPU's offset is the u64 at PERCPU_OFF_AT in the JIT's data page.
 PCPU_KEY_BASE = (VM_BASE >> 32) + 0x4000
 PCPU_KEYS = 0x40                 # per-CPU array maps a machine's JIT can hold
+RECLAIM_EVERY = 64               # new images between two reclaims of dead programs' images
 PERCPU_OFF_AT = 0x800            # this_cpu_off (after the tail-call count and the guards)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
@@ -277,8 +278,18 @@ class ImageTable(dict[int, JitImage]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, int) and self.get(key) is not None
 
-    def dead(self) -> list[tuple[int, JitImage]]:
-        return [(k, i) for k, i in super().items() if i.prog_ref() is None]
+    def __setitem__(self, key: int, image: JitImage) -> None:
+        old = super().get(key)
+        if old is not None and old.prog_ref() is None:   # a dead program's id, reused
+            self.__dict__.setdefault("_orphans", []).append((key, old))
+        super().__setitem__(key, image)
+
+    def take_dead(self) -> list[tuple[int, JitImage]]:
+        """Remove and return the images whose programs died."""
+        dead = [(k, i) for k, i in super().items() if i.prog_ref() is None]
+        for k, _i in dead:
+            super().__delitem__(k)
+        return self.__dict__.pop("_orphans", []) + dead
 
 
 def function_starts(insns: list[Insn]) -> list[int]:
@@ -572,6 +583,7 @@ class ScratchJit:
         self.in_guest = machine is not None
         self.machine = m = machine if machine is not None else Machine(arch)
         self.images = ImageTable()
+        self._new_images = 0             # images made: every RECLAIM_EVERY-th reclaims first
         self._image_text: dict[int, tuple[int, Any]] = {}   # image addr -> (mapped size, symbol)
         self.stubs: dict[Hashable, int] = {}
         self._native: Any = False        # NativeHelpers, None (Python's), False (not asked yet)
@@ -843,7 +855,9 @@ class ScratchJit:
         """JIT ``prog`` into this machine (once); see ``_compile``."""
         image = self.images.get(id(prog))
         if image is None:
-            self._free_images()
+            self._new_images += 1
+            if self._new_images % RECLAIM_EVERY == 0:
+                self._reclaim()
         if image is None and self.in_guest:
             # the layout is done for an address; in a guest that must be a free one
             pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
@@ -886,17 +900,29 @@ class ScratchJit:
         image._exits = [v for k, v in named.items() if k[0] == "exit"]
         return image
 
+    def _reclaim(self) -> None:
+        """Give back what dead programs and maps held: their images and per-CPU slots. Done
+        at allocation (every RECLAIM_EVERY-th new image, or with every per-CPU slot taken),
+        never from a finalizer in the middle of a run, and after a garbage collection
+        (programs sit in reference cycles: their verifier state), so what is freed, and
+        which addresses are free after it, does not hang on when the collector last ran."""
+        import gc
+
+        gc.collect()
+        self._free_images()
+        self._reclaim_percpu()
+
     def _free_images(self) -> None:
-        """bpf_jit_free for the images whose programs died, at the next compile (never from
-        a finalizer in the middle of a run): text unmapped, symbol dropped. Their addresses
-        are not handed out again, so a pc cached anywhere finds no other program's code."""
-        dead = self.images.dead()
+        """bpf_jit_free for the images whose programs died: text unmapped, symbol dropped.
+        Their addresses are not handed out again, so a pc cached anywhere finds no other
+        program's code."""
+        dead = self.images.take_dead()
         if not dead:
             return
         m = self.machine
         for key, image in dead:
-            dict.__delitem__(self.images, key)
-            self._tail_root.pop(key, None)      # (its id may be another program's next)
+            if key not in self.images:          # (its id may be another program's next)
+                self._tail_root.pop(key, None)
             size, sym = self._image_text.pop(image.addr)
             m.memory.unmap(image.addr, size)
             m.owners.release(image.addr, size)
@@ -1028,14 +1054,12 @@ class ScratchJit:
 
     def _percpu_slot(self, mp: Any) -> "PercpuSlot":
         """A new slot for ``mp``: the lowest free index; when every index is taken, the
-        slots of maps that died are reclaimed first (here, at allocation, after a garbage
-        collection, so that which slots are free does not hang on when the collector ran;
-        never from a finalizer in the middle of a run)."""
+        slots of maps that died are reclaimed first (``_reclaim``)."""
         if len(mp.percpu) > MAX_CPUS:
             raise BpfError(f"per-CPU array {mp.name!r}: {len(mp.percpu)} CPUs, the JIT's "
                            f"per-CPU windows hold {MAX_CPUS} at most")
         if len(self._percpu_slots) >= PCPU_KEYS:
-            self._reclaim_percpu()
+            self._reclaim()
         i = next((k for k in range(PCPU_KEYS) if k not in self._percpu_slots), None)
         if i is None:
             raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the guest "
@@ -1051,9 +1075,6 @@ class ScratchJit:
     def _reclaim_percpu(self) -> None:
         """Free the slots of per-CPU arrays that died (the kernel frees a map's per-CPU
         areas with it): their windows unmapped, their regions no longer kept."""
-        import gc
-
-        gc.collect()                    # maps in reference cycles (a program's verifier state)
         dead = [i for i, slot in self._percpu_slots.items() if slot.map() is None]
         gone: set[int] = set()
         for i in dead:
