@@ -49,8 +49,9 @@ MapBacking) and every run's stop reads them back. A per-CPU array has one window
 CPU c's at CPU 0's plus one offset for every such map (``_seed_percpu``), and its lookup is
 inlined as the kernel's percpu_array_map_gen_lookup: the image adds this_cpu_off, a word the
 JIT rewrites at every CPU switch (a per-CPU array made for fewer CPUs than the machine has
-is looked up through the helper). A snapshot restore past the JIT drops all of it; a map it
-backed keeps its host bytes (``_gone``: ``is_dropped``).
+is looked up through the helper). Slots, windows and images of programs and maps that died
+are given back at allocation (``_reclaim``). A snapshot restore past the JIT drops all of
+it; a map it backed keeps its host bytes (``_gone``: ``is_dropped``).
 
 The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
@@ -265,6 +266,10 @@ class ImageTable(dict[int, JitImage]):
     """id(program) -> its image. An entry whose program died is not found (its id may be
     another program's now) until ScratchJit._free_images frees it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._orphans: list[tuple[int, JitImage]] = []   # dead entries a new one replaced
+
     def get(self, key: int, default: Any = None) -> Any:
         image = super().get(key)
         return image if image is not None and image.prog_ref() is not None else default
@@ -281,7 +286,7 @@ class ImageTable(dict[int, JitImage]):
     def __setitem__(self, key: int, image: JitImage) -> None:
         old = super().get(key)
         if old is not None and old.prog_ref() is None:   # a dead program's id, reused
-            self.__dict__.setdefault("_orphans", []).append((key, old))
+            self._orphans.append((key, old))
         super().__setitem__(key, image)
 
     def take_dead(self) -> list[tuple[int, JitImage]]:
@@ -289,7 +294,8 @@ class ImageTable(dict[int, JitImage]):
         dead = [(k, i) for k, i in super().items() if i.prog_ref() is None]
         for k, _i in dead:
             super().__delitem__(k)
-        return self.__dict__.pop("_orphans", []) + dead
+        orphans, self._orphans = self._orphans, []
+        return orphans + dead
 
 
 def function_starts(insns: list[Insn]) -> list[int]:
