@@ -23,7 +23,7 @@ from emu.loader import GuestConfig, load_guest
 from probes.bench_kinds import parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import direct_calls_of, direct_eligible
-from probes.bpf.jit_guest import PCPU_KEYS, ScratchJit, install_engine
+from probes.bpf.jit_guest import PCPU_KEYS, ProbeJit, ScratchJit, install_engine
 from probes.bpf.libbpf import KprobePerfEvent
 from probes.bpf.maps import BpfMapType
 from probes.bpf.program import BpfProg
@@ -319,13 +319,22 @@ def _dumped(out: str) -> dict[str, list]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
-def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path) -> None:
+def test_a_clang_object_on_two_cpus_through_the_cli(percpu, arch, tmp_path, monkeypatch) -> None:
     """The clang-built counter (two per-CPU arrays and a per-CPU hash keyed by the CPU id)
     from `emu run --cpus 2`: the JIT's map dump and the guest's output equal the compiled
-    Python engine's, and the counts are the calls each CPU made."""
+    Python engine's, and the counts are the calls each CPU made. On the native hit path
+    every hit after each CPU's first runs from that CPU's stub (no program refused)."""
     obj, exe = _bpf_obj(arch, tmp_path), percpu(arch)
+    made: list[ProbeJit] = []           # the CLI's machine, reached through its JIT
+    init = ProbeJit.__init__
+    monkeypatch.setattr(ProbeJit, "__init__", lambda self, m: made.append(self) or init(self, m))
     runs = {e: run_emu("run", "--cpus", "2", "--seed", "3", "--bpf", str(obj), "--bpf-engine", e,
                        "--dump-maps", str(exe), "--", "3") for e in ("jit", "python")}
+    assert len(made) == 1
+    dc = direct_calls_of(made[0].machine)
+    assert dc is not None
+    if not _native_off():               # (without C the per-CPU hash keeps Python storage)
+        assert dc.refused == {} and sorted(k[2] for k in dc.copies) == [0, 1]
     assert runs["jit"].rc == runs["python"].rc == 0, runs["jit"].err
     assert runs["jit"].out == runs["python"].out           # the guest's output
     maps = _dumped(runs["jit"].err)                        # the dump goes with the table

@@ -41,7 +41,9 @@ trace_call_bpf's AND of the results only gates a perf sample, which these events
 record, so the stubs drop it as the thunk does.
 
 Only programs the guest code can run qualify: kprobe, tracepoint and raw tracepoint
-programs whose helper calls are inlined (array and per-CPU array lookups, map_gen_lookup), lookups in a hash
+programs whose helper calls are inlined (array and per-CPU array lookups, map_gen_lookup;
+a per-CPU array made for fewer CPUs than the machine's is looked up behind the trampoline,
+in Python, as TRAMPOLINE_HELPERS are), lookups in a hash
 or LRU hash map whose values the guest maps (``guest_mapped_hash``: C's trampoline entry
 returns the value's guest address, as htab_map_lookup_elem returns kernel memory) or in
 TRAMPOLINE_HELPERS (a trap to the host helper inside the same run, no nested run): map
@@ -108,6 +110,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from emu.memory import PAGE, PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
+from emu.smp import MAX_CPUS
 
 from .helpers import BPF_FUNC_tail_call, KERNEL_HELPERS
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
@@ -166,7 +169,7 @@ CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or ra
 CTX_SIZE = 64                    # the largest: an 8-byte header and six 8-byte arguments
 THUNK_SLOT = 512                 # bytes per thunk (x86 ~330, arm64 ~360)
 ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of the JIT's
-MAX_CPUS = 64                    # data page (the tail-call count is at 0)
+                                 # data page (the tail-call count is at 0), k < MAX_CPUS
 DATA_NAME = "[bpf stub data]"    # rw-: CPU k's return address at 8k, then the counters
 COUNTERS_START = 8 * MAX_CPUS
 STUB_HOST_ENTRY = True

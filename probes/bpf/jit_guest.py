@@ -48,8 +48,10 @@ maps' bytes: user-space lookups and updates go through them (``pull``/``push``, 
 MapBacking) and every run's stop reads them back. A per-CPU array has one window per CPU,
 CPU c's at CPU 0's plus one offset for every such map (``_seed_percpu``), and its lookup is
 inlined as the kernel's percpu_array_map_gen_lookup: the image adds this_cpu_off, a word the
-JIT rewrites at every CPU switch. A snapshot restore past the JIT drops all of it; a map it
-backed keeps its host bytes (``is_current``).
+JIT rewrites at every CPU switch (a per-CPU array made for fewer CPUs than the machine has
+is looked up through the helper). Slots, windows and images of programs and maps that died
+are given back at allocation (``_reclaim``). A snapshot restore past the JIT drops all of
+it; a map it backed keeps its host bytes (``_gone``: ``is_dropped``).
 
 The nested run (first hits, programs that need the host, aggregated probes) is kept lean: a bare nested emu_start (Machine.run's stop handling only when the image did not
 come back), one Unicorn context kept for every hit, raw libunicorn register and memory
@@ -78,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 from unicorn import UcError
 
 from emu.owners import RegionOwner
+from emu.smp import MAX_CPUS
 from emu.uaccess import UserFault, copy_to_user
 
 from .disasm import format_insn
@@ -119,7 +122,7 @@ MAP_KEY_BASE = (VM_BASE >> 32) + 0x3000   # in a guest: array maps' windows from
 # variable's; the running CPU's offset is the u64 at PERCPU_OFF_AT in the JIT's data page.
 PCPU_KEY_BASE = (VM_BASE >> 32) + 0x4000
 PCPU_KEYS = 0x40                 # per-CPU array maps a machine's JIT can hold
-PCPU_MAX_CPUS = 64
+RECLAIM_EVERY = 64               # new images between two reclaims of dead programs' images
 PERCPU_OFF_AT = 0x800            # this_cpu_off (after the tail-call count and the guards)
 BPF_PROBE_MEM = 0x20           # internal load modes the kernel's verifier rewrites to
 BPF_PROBE_MEMSX = 0x40
@@ -214,11 +217,12 @@ class InsnCtx:
 
 @dataclass
 class JitImage:
-    """A JITed program (struct bpf_prog's bpf_func and jited_linfo). Attributes: ``addr``,
-    ``code``, ``insn_addr`` (BPF instruction index -> start of its code), ``funcs``
-    (BPF function start -> entry address), ``extable`` (faulting pc -> (resume pc,
-    register to zero))."""
-    prog: "BpfProg"
+    """A JITed program (struct bpf_prog's bpf_func and jited_linfo). Attributes: ``prog``
+    (held weakly: as the kernel's bpf_jit_free, the image goes with its program),
+    ``addr``, ``code``, ``insn_addr`` (BPF instruction index -> start of its code),
+    ``funcs`` (BPF function start -> entry address), ``extable`` (faulting pc -> (resume
+    pc, register to zero))."""
+    prog_ref: "weakref.ref[BpfProg]"
     arch: str
     addr: int
     code: bytes
@@ -226,6 +230,13 @@ class JitImage:
     funcs: dict[int, int]
     extable: dict[int, tuple[int, str]] = field(default_factory=dict)
     _starts: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def prog(self) -> "BpfProg":
+        prog = self.prog_ref()
+        if prog is None:
+            raise BpfError(f"the program JITed at {self.addr:#x} was freed")
+        return prog
 
     @property
     def entry(self) -> int:
@@ -249,6 +260,42 @@ class JitImage:
         return start, self.code[start - self.addr:end - self.addr]
 
     _exits: list[int] = field(default_factory=list, repr=False)
+
+
+class ImageTable(dict[int, JitImage]):
+    """id(program) -> its image. An entry whose program died is not found (its id may be
+    another program's now) until ScratchJit._free_images frees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._orphans: list[tuple[int, JitImage]] = []   # dead entries a new one replaced
+
+    def get(self, key: int, default: Any = None) -> Any:
+        image = super().get(key)
+        return image if image is not None and image.prog_ref() is not None else default
+
+    def __getitem__(self, key: int) -> JitImage:
+        image = self.get(key)
+        if image is None:
+            raise KeyError(key)
+        return image
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and self.get(key) is not None
+
+    def __setitem__(self, key: int, image: JitImage) -> None:
+        old = super().get(key)
+        if old is not None and old.prog_ref() is None:   # a dead program's id, reused
+            self._orphans.append((key, old))
+        super().__setitem__(key, image)
+
+    def take_dead(self) -> list[tuple[int, JitImage]]:
+        """Remove and return the images whose programs died."""
+        dead = [(k, i) for k, i in super().items() if i.prog_ref() is None]
+        for k, _i in dead:
+            super().__delitem__(k)
+        orphans, self._orphans = self._orphans, []
+        return orphans + dead
 
 
 def function_starts(insns: list[Insn]) -> list[int]:
@@ -356,22 +403,18 @@ def percpu_array_map_gen_lookup(base: int, max_entries: int, elem_size: int,
     check and scaling on CPU 0's copy (``base``; the elements are contiguous, so the
     kernel's load of pptrs[index] is the scaling), then BPF_MOV64_PERCPU_REG: add the
     running CPU's offset, which the JITs read from this_cpu_off (here the u64 at
-    ``this_cpu_off``, rewritten at every CPU switch)."""
-    from .isa import (BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP, BPF_JMP32, BPF_LDX, BPF_LSH,
-                      BPF_MEM, BPF_MUL)
+    ``this_cpu_off``, rewritten at every CPU switch), spliced in after ``r0 += r1``."""
+    from .isa import BPF_ALU64, BPF_DW, BPF_JGE, BPF_JMP32, BPF_LDX, BPF_MEM
 
-    scale = (Insn(BPF_ALU64 | BPF_LSH, 0, 0, 0, elem_size.bit_length() - 1)
-             if elem_size & (elem_size - 1) == 0 else Insn(BPF_ALU64 | BPF_MUL, 0, 0, 0, elem_size))
-    return [Insn(BPF_LDDW, 1, 0, 0, _s32(base)), Insn(0, 0, 0, 0, _s32(base >> 32)),
-            Insn(BPF_LDX | BPF_MEM | 0x00, 0, 2, 0),                   # r0 = *(u32 *)r2
-            Insn(BPF_JMP32 | BPF_JGE, 0, 0, 7, max_entries),           # past the end: NULL
-            scale,
-            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
-            Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
-            Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),                 # r1 = this_cpu_off
-            Insn(BPF_ALU64 | 0x08, 0, 1),                              # r0 += r1
-            Insn(BPF_JMP | 0x00, 0, 0, 1),
-            Insn(BPF_ALU64 | 0xB0, 0, 0, 0, 0)]                        # r0 = 0
+    seq = array_map_gen_lookup(base, max_entries, elem_size)
+    add_cpu = [Insn(BPF_LDDW, 1, 0, 0, _s32(this_cpu_off)), Insn(0, 0, 0, 0, _s32(this_cpu_off >> 32)),
+               Insn(BPF_LDX | BPF_MEM | BPF_DW, 1, 1, 0),              # r1 = this_cpu_off
+               Insn(BPF_ALU64 | 0x08, 0, 1)]                           # r0 += r1
+    bound = next(i for i, x in enumerate(seq) if x.code == BPF_JMP32 | BPF_JGE)
+    at = bound + 3                      # after the scaling and r0 += r1: the ja over NULL
+    jge = seq[bound]
+    seq[bound] = Insn(jge.code, jge.dst_reg, jge.src_reg, jge.off + len(add_cpu), jge.imm)
+    return seq[:at] + add_cpu + seq[at:]
 
 
 def _value_buffers(m: Any) -> list[bytearray]:
@@ -422,6 +465,20 @@ def layout(em: Emitter, pieces: list[Piece], base: int) -> tuple[bytes, dict, di
 
 
 # --- guest windows over the machine's regions -----------------------------------------------
+
+@dataclass
+class PercpuSlot:
+    """A per-CPU array's place in a traced guest (see ScratchJit._seed_percpu): ``index``
+    (its keys), ``map`` (weakly, so a dead map's slot can be reclaimed), ``regions`` (one
+    per CPU, over the map's per-CPU buffers)."""
+    index: int
+    map: "weakref.ref[Any]"
+    regions: list[Region]
+
+    def of(self, mp: Any) -> bool:
+        """Whether this is ``mp``'s slot (not a dead map's whose id ``mp`` now has)."""
+        return self.map() is mp
+
 
 @dataclass
 class Window:
@@ -531,7 +588,9 @@ class ScratchJit:
         # in_guest: the images live in the traced machine's own pages and run on its CPU
         self.in_guest = machine is not None
         self.machine = m = machine if machine is not None else Machine(arch)
-        self.images: dict[int, JitImage] = {}
+        self.images = ImageTable()
+        self._new_images = 0             # images made: every RECLAIM_EVERY-th reclaims first
+        self._image_text: dict[int, tuple[int, Any]] = {}   # image addr -> (mapped size, symbol)
         self.stubs: dict[Hashable, int] = {}
         self._native: Any = False        # NativeHelpers, None (Python's), False (not asked yet)
         self._stub_fns: dict[int, Callable[[int], None]] = {}
@@ -547,10 +606,11 @@ class ScratchJit:
         # own maps (id(values) -> (values, region); the keys after MAP_KEY_BASE)
         self._map_regions: dict[int, tuple[bytearray, Region]] = {}
         self._persistent: set[int] = set()           # id() of those regions
-        # per-CPU array maps: id(map) -> (its per-CPU buffers, one region for each CPU)
-        self._percpu_regions: dict[int, tuple[list[bytearray], list[Region]]] = {}
+        # per-CPU array maps: their slots by index (the map weakly, a region per CPU), and
+        # id(map) -> its slot (an entry of a dead map whose id was reused: not its slot)
+        self._percpu_slots: dict[int, PercpuSlot] = {}
+        self._percpu_regions: dict[int, PercpuSlot] = {}
         self._percpu_off_kept = False     # this_cpu_off written at every CPU switch
-        self._percpu_next = 0             # the next per-CPU array's index (its keys)
         self.run_state: BpfRun | None = None
         self._stack: Region | None = None
         self.inline_maps = True          # array lookups as map_gen_lookup (False: helper)
@@ -801,6 +861,10 @@ class ScratchJit:
     def compile(self, prog: "BpfProg", probe_mem: frozenset[int] = frozenset()) -> JitImage:
         """JIT ``prog`` into this machine (once); see ``_compile``."""
         image = self.images.get(id(prog))
+        if image is None:
+            self._new_images += 1
+            if self._new_images % RECLAIM_EVERY == 0:
+                self._reclaim()
         if image is None and self.in_guest:
             # the layout is done for an address; in a guest that must be a free one
             pieces = build_pieces(self.emitter, prog, self._resolve, probe_mem,
@@ -834,13 +898,46 @@ class ScratchJit:
         m.text_poke(base, code)
         self._text_end = base + size
         name = prog.name or "prog"
-        m.symbols.add(f"bpf_prog_{name}", base, len(code))   # as kallsyms names BPF images
+        sym = m.symbols.add(f"bpf_prog_{name}", base, len(code))   # as kallsyms names BPF images
+        self._image_text[base] = (size, sym)
         named = {k: v for k, v in labels.items() if isinstance(k, tuple)}
-        image = JitImage(prog, self.arch, base, code,
+        image = JitImage(weakref.ref(prog), self.arch, base, code,
                          {k[1]: v for k, v in named.items() if k[0] == "insn"},
                          {k[1]: v for k, v in named.items() if k[0] == "func"}, extable)
         image._exits = [v for k, v in named.items() if k[0] == "exit"]
         return image
+
+    def _reclaim(self) -> None:
+        """Give back what dead programs and maps held: their images and per-CPU slots. Done
+        at allocation (every RECLAIM_EVERY-th new image, or with every per-CPU slot taken),
+        never from a finalizer in the middle of a run, and after a garbage collection
+        (programs sit in reference cycles: their verifier state), so what is freed, and
+        which addresses are free after it, does not hang on when the collector last ran."""
+        import gc
+
+        gc.collect()
+        self._free_images()
+        self._reclaim_percpu()
+
+    def _free_images(self) -> None:
+        """bpf_jit_free for the images whose programs died: text unmapped, symbol dropped.
+        Their addresses are not handed out again, so a pc cached anywhere finds no other
+        program's code."""
+        dead = self.images.take_dead()
+        if not dead:
+            return
+        m = self.machine
+        for key, image in dead:
+            if key not in self.images:          # (its id may be another program's next)
+                self._tail_root.pop(key, None)
+            size, sym = self._image_text.pop(image.addr)
+            m.memory.unmap(image.addr, size)
+            m.owners.release(image.addr, size)
+            m.symbols.remove(sym)
+        gone = {id(image) for _k, image in dead}
+        self._call_sites = {pc: i for pc, i in self._call_sites.items() if id(i) not in gone}
+        if self._native:
+            self._native.invalidate()     # C's registrations name the freed images' maps
 
     def _resolve(self, c: InsnCtx) -> None:
         """Constants and trampolines an instruction needs, as the kernel's JIT resolves
@@ -896,10 +993,10 @@ class ScratchJit:
         """percpu_array_map_gen_lookup for a per-CPU array whose copies _seed_percpu
         placed (one for every CPU the machine has; else the helper answers, NULL on a CPU
         the map has no value for)."""
-        got = self._percpu_regions.get(id(m))
-        if got is None or len(got[1]) < max(self.machine.nr_cpus, 1):
+        slot = self._percpu_regions.get(id(m))
+        if slot is None or not slot.of(m) or len(slot.regions) < max(self.machine.nr_cpus, 1):
             return None
-        base = self.to_guest(got[1][0].base)
+        base = self.to_guest(slot.regions[0].base)
         return percpu_array_map_gen_lookup(base, m.max_entries, m.elem_size,
                                            self.percpu_off_addr)
 
@@ -949,35 +1046,67 @@ class ScratchJit:
                     region = Region(key << 32, mp.values, mp.prog_writable, mp.name)
                     got = self._map_regions[id(mp.values)] = (mp.values, region)
                     self._persistent.add(id(region))
-                old = run.mem._by_buffer.get(id(mp.values))
-                if old is not None and old is not got[1]:
-                    run.mem.remove(old)       # bound already (BpfRun binds its program's)
-                run.mem.add(got[1])
-                run.mem._by_buffer[id(mp.values)] = got[1]
+                _give_region(run, got[1])
 
     def _seed_percpu(self, run: BpfRun, mp: Any) -> None:
         """A per-CPU array's copies, CPU c's in the window of key PCPU_KEY_BASE +
-        c * PCPU_KEYS + i (map i of this machine): the same offset from CPU 0's copy for
-        every map, as the kernel's per-CPU areas. Given to every run, so the helper's
+        c * PCPU_KEYS + i (its slot i on this machine): the same offset from CPU 0's copy
+        for every map, as the kernel's per-CPU areas. Given to every run, so the helper's
         map_value_ptr names the same bytes the inlined lookup reaches."""
-        got = self._percpu_regions.get(id(mp))
-        if got is None or got[0] is not mp.percpu:
-            i = self._percpu_next          # (a dead map's copies keep their keys)
-            if i >= PCPU_KEYS or len(mp.percpu) > PCPU_MAX_CPUS:
-                raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the "
-                               f"guest ({PCPU_KEYS} maps of {PCPU_MAX_CPUS} CPUs at most)")
-            regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
-                              mp.name) for c, buf in enumerate(mp.percpu)]
-            got = self._percpu_regions[id(mp)] = (mp.percpu, regions)
-            self._percpu_next += 1
-            self._persistent.update(id(r) for r in regions)
-            self._keep_percpu_off()
-        for region in got[1]:
-            old = run.mem._by_buffer.get(id(region.data))
-            if old is not None and old is not region:
-                run.mem.remove(old)
-            run.mem.add(region)
-            run.mem._by_buffer[id(region.data)] = region
+        slot = self._percpu_regions.get(id(mp))
+        if slot is None or not slot.of(mp):
+            slot = self._percpu_slot(mp)
+        for region in slot.regions:
+            _give_region(run, region)
+
+    def _percpu_slot(self, mp: Any) -> "PercpuSlot":
+        """A new slot for ``mp``: the lowest free index; when every index is taken, the
+        slots of maps that died are reclaimed first (``_reclaim``)."""
+        if len(mp.percpu) > MAX_CPUS:
+            raise BpfError(f"per-CPU array {mp.name!r}: {len(mp.percpu)} CPUs, the JIT's "
+                           f"per-CPU windows hold {MAX_CPUS} at most")
+        if len(self._percpu_slots) >= PCPU_KEYS:
+            self._reclaim()
+        i = next((k for k in range(PCPU_KEYS) if k not in self._percpu_slots), None)
+        if i is None:
+            raise BpfError(f"per-CPU array {mp.name!r}: no room for its copies in the guest "
+                           f"({PCPU_KEYS} live per-CPU arrays at most)")
+        regions = [Region((PCPU_KEY_BASE + c * PCPU_KEYS + i) << 32, buf, mp.prog_writable,
+                          mp.name) for c, buf in enumerate(mp.percpu)]
+        slot = self._percpu_slots[i] = self._percpu_regions[id(mp)] = \
+            PercpuSlot(i, weakref.ref(mp), regions)
+        self._persistent.update(id(r) for r in regions)
+        self._keep_percpu_off()
+        return slot
+
+    def _reclaim_percpu(self) -> None:
+        """Free the slots of per-CPU arrays that died (the kernel frees a map's per-CPU
+        areas with it): their windows unmapped, their regions no longer kept."""
+        dead = [i for i, slot in self._percpu_slots.items() if slot.map() is None]
+        gone: set[int] = set()
+        for i in dead:
+            gone.update(id(r) for r in self._percpu_slots.pop(i).regions)
+        self._percpu_regions = {k: slot for k, slot in self._percpu_regions.items()
+                                if slot.map() is not None}
+        if gone:
+            self._drop_windows(gone)
+            self._persistent -= gone
+
+    def _drop_windows(self, regions: set[int]) -> None:
+        """Unmap the windows over these regions (id()s) and forget them; C's array windows
+        are looked up again."""
+        m = self.machine
+        for key, w in list(self.windows.items()):
+            if id(w.region) in regions:
+                if w.size:
+                    m.memory.unmap(w.gpage, w.size)
+                    m.owners.release(w.gpage, w.size)
+                del self.windows[key]
+        self._by_vm_key = {w.region.base >> 32: w for w in self.windows.values()}
+        self._window_regions = {id(w.region) for w in self.windows.values()}
+        self._by_buffer = {id(w.region.data): w for w in self.windows.values()}
+        if self._native:
+            self._native.invalidate()
 
     @property
     def percpu_off_addr(self) -> int:
@@ -1792,6 +1921,16 @@ class ScratchJit:
             m.set_reg(regs[0], value)
             m.set_reg(regs[11], ok)
         return on_ld_abs
+
+
+def _give_region(run: BpfRun, region: Region) -> None:
+    """Give ``run`` the machine's one region for a map's bytes, in place of the one
+    bind_maps made for them (BpfRun binds its program's maps already)."""
+    old = run.mem._by_buffer.get(id(region.data))
+    if old is not None and old is not region:
+        run.mem.remove(old)
+    run.mem.add(region)
+    run.mem._by_buffer[id(region.data)] = region
 
 
 def listen_weakly(mp: ProgArrayMap, method: Callable[[Any], None]) -> None:

@@ -1,7 +1,9 @@
 /* The usual per-CPU tracing counter, on a kprobe at tests/data/smp/percpu.c's work(id, i):
  * a per-CPU array counts the calls of each i % 4 and sums i without atomics (each CPU
  * writes its own copy), a per-CPU scratch slot holds the last i, and a per-CPU hash counts
- * the hits of each CPU under its own id. Every lookup can run from the guest stub. */
+ * the hits of each CPU under its own id. On the native hit path every lookup runs from the
+ * guest stub (the hash's values are C's, mapped into the guest); without it the per-CPU
+ * hash keeps Python storage and the program takes nested runs. */
 #include "../bpf_trace/common.h"
 
 struct {
