@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import importlib
 import struct
 import weakref
@@ -745,6 +746,8 @@ class ScratchJit:
             from probes.trace.bpf_trace import bpf_trace_of
             trace = self._trace = bpf_trace_of(self.machine)
         trace.current_task(run.env)
+        if self._native and not self._native.jit.task_valid:
+            self._direct_task_words(trace, run.env)
         if addr in self._helper_stubs("site"):
             self._direct_site(run, image.prog)
         self._direct = True
@@ -759,6 +762,14 @@ class ScratchJit:
             from probes.trace.bpf_trace import BpfTraceError
             reason = str(err) if err is not None else "bpf_exit from a thunk"
             raise BpfTraceError(image.prog.name or image.prog.section, reason)
+
+    def _direct_task_words(self, trace: Any, env: Any) -> None:
+        """current's words for C's get_current_* (bpf_native.c), from the environment
+        ``trace.current_task`` has just set, and kept at every CPU switch from then on."""
+        native = self._native
+        native.set_task(env)
+        if native.task_source is None:
+            native.task_source = functools.partial(trace.current_task, env)
 
     def _record_stubs(self) -> frozenset[int]:
         """The trampolines of the helpers that write records (perf, ring buffer)."""
