@@ -725,10 +725,46 @@ class ScratchJit:
         """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
         from ``execute``: the calling program's kept run serves it (the thunk runs the
         image on the same native stack window), and a failure is the program's error,
-        raised as the host path raises it."""
-        call = self.emitter.return_address(self.machine) - self.emitter.call_size()
+        raised as the host path raises it. The hot path of every helper C does not serve:
+        what depends only on the trampoline or the call site is worked out once."""
+        image, run = self._direct_caller(addr)
+        native = self._native
+        if native:                  # later calls from this image: C's (bpf_native.c)
+            native.fold()
+            native.register(image, run, self._value_base)
+        saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        # current is the task on the CPU that hit, not the last host hit's
+        trace = self._trace
+        if trace is None:
+            from probes.trace.bpf_trace import bpf_trace_of
+            trace = self._trace = bpf_trace_of(self.machine)
+        env = trace.current_task(run.env)
+        if native and not native.jit.task_valid:
+            self._direct_task_words(trace, env)
+        fid, site, record = self._direct_kind(addr)
+        if site:
+            self._direct_site(run, image.prog)
+        self._direct = True
+        try:
+            self._direct_call(fid, addr, run)
+        finally:
+            self._direct, self.run_state = False, saved
+        if env.trace_printk or record:
+            trace.deliver_direct()
+        pending = self._pending
+        if pending.error is not None or pending.exit_r0 is not None:
+            from probes.trace.bpf_trace import BpfTraceError
+            err = pending.error
+            reason = str(err) if err is not None else "bpf_exit from a thunk"
+            raise BpfTraceError(image.prog.name or image.prog.section, reason)
+
+    def _direct_caller(self, addr: int) -> tuple[JitImage, BpfRun]:
+        """The image whose call reached a trampoline (by its call site, remembered) and
+        the kept run that serves it."""
+        ret = self._direct_return()
+        call = ret - self.emitter.call_size() if ret is not None else -1
         image = self._call_sites.get(call)
-        if image is None:
+        if image is None and ret is not None:
             image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
             if image is not None:
                 self._call_sites[call] = image
@@ -736,32 +772,47 @@ class ScratchJit:
         if image is None or run is None:
             from probes.trace.bpf_trace import BpfTraceError
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
-        if self._native:            # later calls from this image: C's (bpf_native.c)
-            self._native.fold()
-            self._native.register(image, run, self._value_base)
-        saved, self.run_state, self._pending = self.run_state, run, _Pending()
-        # current is the task on the CPU that hit, not the last host hit's
-        trace = self._trace
-        if trace is None:
-            from probes.trace.bpf_trace import bpf_trace_of
-            trace = self._trace = bpf_trace_of(self.machine)
-        trace.current_task(run.env)
-        if self._native and not self._native.jit.task_valid:
-            self._direct_task_words(trace, run.env)
-        if addr in self._helper_stubs("site"):
-            self._direct_site(run, image.prog)
-        self._direct = True
+        return image, run
+
+    def _direct_return(self) -> int | None:
+        """The helper call's return address: the link register, or the word at sp (raw
+        register and memory reads: the binding's cost several µs a call)."""
+        regs = self.machine.regs
+        ids = self.__dict__.get("_ret_ids")
+        if ids is None:
+            arch = self.machine.arch
+            ids = self._ret_ids = (arch.reg_id(arch.link) if arch.link else -1,
+                                   arch.reg_id(arch.sp))
+        if ids[0] >= 0:
+            return int(regs.read(ids[0]))
         try:
-            self._stub_fns[addr](addr)
-        finally:
-            self._direct, self.run_state = False, saved
-        if run.env.trace_printk or addr in self._record_stubs():
-            trace.deliver_direct()
-        err = self._pending.error
-        if err is not None or self._pending.exit_r0 is not None:
-            from probes.trace.bpf_trace import BpfTraceError
-            reason = str(err) if err is not None else "bpf_exit from a thunk"
-            raise BpfTraceError(image.prog.name or image.prog.section, reason)
+            return int(regs.read_u64(regs.read(ids[1])))
+        except ValueError:
+            return None
+
+    def _direct_kind(self, addr: int) -> tuple[int | None, bool, bool]:
+        """A trampoline's helper id (None: not a helper's), whether it is one of
+        jit_direct's SITE_HELPERS and of its RECORD_HELPERS; worked out again only when a
+        trampoline was added."""
+        kinds = self.__dict__.get("_kinds")
+        if kinds is None or kinds[0] != len(self.stubs):
+            from . import jit_direct
+
+            rows = {a: (k[1], k[1] in jit_direct.SITE_HELPERS, k[1] in jit_direct.RECORD_HELPERS)
+                    for k, a in self.stubs.items() if isinstance(k, tuple) and k[0] == "helper"}
+            kinds = self._kinds = (len(self.stubs), rows)
+        return kinds[1].get(addr, (None, False, False))
+
+    def _direct_call(self, fid: int | None, addr: int, run: BpfRun) -> None:
+        """The trampoline's host function; a helper that follows pointers straight to
+        ``_direct_helper`` (what ``_call_helper`` would decide, without its way there)."""
+        proto = run.prog.helpers.get(fid) if fid is not None else None
+        if proto is not None:
+            ids, touches, _ptr = self._plan(proto, fid)          # type: ignore[arg-type]
+            if touches and fid not in _MAP_HELPERS:
+                return self._direct_helper(proto, addr, ids)
+        self._stub_fns[addr](addr)
+        return None
 
     def _direct_task_words(self, trace: Any, env: Any) -> None:
         """current's words for C's get_current_* (bpf_native.c), from the environment
