@@ -79,7 +79,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Union
 from unicorn import UcError
 
 from emu.owners import RegionOwner
-from emu.uaccess import UserFault, copy_to_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
 
 from .disasm import format_insn
 from .errors import BpfError, BpfRuntimeError
@@ -1476,13 +1476,17 @@ class ScratchJit:
         pointers reach are read in first; a sized memory argument outside the windows (a
         hash value in C's pages, the stub's pt_regs frame or context buffer) is handed over
         in a bounce region, through the uaccess path; what it may write
-        (ARG_PTR_TO_UNINIT_MEM) goes back to where the program holds it."""
+        (ARG_PTR_TO_UNINIT_MEM) goes back to where the program holds it. (Locals and no
+        list or region made unless needed: this runs on every such call.)"""
         m, run = self.machine, self.run_state
         assert run is not None
-        raw = [m.regs.read(i) for i in ids] + [0] * (5 - len(ids))
-        args = [self.to_vm(a) for a in raw]
-        writes: list[tuple[int, int, int]] = []         # (guest, vm, size) to write back
-        bounced: list[tuple[int, Region, bool]] = []
+        read, to_vm = m.regs.read, self.to_vm
+        raw = [read(i) for i in ids]
+        if len(raw) < 5:
+            raw += [0] * (5 - len(raw))
+        args = [to_vm(a) for a in raw]
+        writes: list[tuple[int, int, int]] | None = None     # (guest, vm, size) to write back
+        bounced: list[tuple[int, Region, bool]] | None = None
         next_key = run.mem._next_key
         try:
             for i, size_arg, typed, out in self._memory_plan(proto):
@@ -1490,23 +1494,25 @@ class ScratchJit:
                 if raw[i] != args[i]:
                     self._arg_in(raw[i], args[i], size)
                     if out:
+                        writes = writes or []
                         writes.append((raw[i], args[i], size))
                 elif typed and size > 0:
                     region = self._bounce(run, raw[i], size)
+                    bounced = bounced or []
                     bounced.append((raw[i], region, out))
                     args[i] = region.base
             r0 = self._direct_impl(proto, addr, run, args)
             if r0 is None:
                 return None
-            for guest, vm, size in writes:
+            for guest, vm, size in writes or ():
                 self._write_back(guest, vm, size)
-            for guest, region, out in bounced:
+            for guest, region, out in bounced or ():
                 if out:
                     copy_to_user(m.memory, guest, bytes(region.data))
         except UserFault as e:      # the verifier let no such pointer through
             return self._fail(addr, f"helper memory {e}")
         finally:
-            for _g, region, _o in bounced:
+            for _g, region, _o in bounced or ():
                 run.mem.remove(region)
             run.mem._next_key = next_key     # the next call's bounce gets the same keys
         m.regs.write(self._ret_id, r0)
@@ -1565,8 +1571,6 @@ class ScratchJit:
 
     def _bounce(self, run: BpfRun, guest: int, size: int) -> Region:
         """A region holding ``size`` bytes of guest memory at ``guest`` for one helper."""
-        from emu.uaccess import copy_from_user
-
         data = bytearray(copy_from_user(self.machine.memory, guest, size))
         return run.mem.map_buffer(data, True, "helper arg")
 
