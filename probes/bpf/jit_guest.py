@@ -514,6 +514,27 @@ class _UcFast:
             self.uc.mem_write(addr, data)                  # raises the binding's UcError
 
 
+class _RegBatch:
+    """Registers read in one raw uc_reg_read_batch (a binding or ctypes call per register
+    costs ~0.4 µs): a helper trap from guest code reads the return address and r1-r5."""
+
+    def __init__(self, uc: Any, ids: list[int]) -> None:
+        from emu.ucfast import raw_lib as lib
+
+        n = len(ids)
+        self.uc, self._uch, self._fn = uc, uc._uch, lib.uc_reg_read_batch
+        self._ids, self._n = (ctypes.c_int * n)(*ids), ctypes.c_int(n)
+        self._vals = (ctypes.c_uint64 * n)()
+        size = ctypes.sizeof(ctypes.c_uint64)
+        self._ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(self._vals) + i * size
+                                             for i in range(n)])
+
+    def read(self) -> list[int]:
+        if self._fn(self._uch, self._ids, self._ptrs, self._n):
+            raise BpfError("uc_reg_read_batch failed")
+        return self._vals[:]
+
+
 class ScratchJit:
     """A scratch machine of one arch that holds JIT images and runs them.
 
@@ -727,7 +748,8 @@ class ScratchJit:
         image on the same native stack window), and a failure is the program's error,
         raised as the host path raises it. The hot path of every helper C does not serve:
         what depends only on the trampoline or the call site is worked out once."""
-        image, run = self._direct_caller(addr)
+        regs = self._direct_regs().read()
+        image, run = self._direct_caller(addr, regs[0])
         native = self._native
         if native:                  # later calls from this image: C's (bpf_native.c)
             native.fold()
@@ -746,7 +768,7 @@ class ScratchJit:
             self._direct_site(run, image.prog)
         self._direct = True
         try:
-            self._direct_call(fid, addr, run)
+            self._direct_call(fid, addr, run, regs)
         finally:
             self._direct, self.run_state = False, saved
         if env.trace_printk or record:
@@ -758,10 +780,16 @@ class ScratchJit:
             reason = str(err) if err is not None else "bpf_exit from a thunk"
             raise BpfTraceError(image.prog.name or image.prog.section, reason)
 
-    def _direct_caller(self, addr: int) -> tuple[JitImage, BpfRun]:
+    def _direct_caller(self, addr: int, word: int) -> tuple[JitImage, BpfRun]:
         """The image whose call reached a trampoline (by its call site, remembered) and
-        the kept run that serves it."""
-        ret = self._direct_return()
+        the kept run that serves it; ``word``: the link register, or without one sp (the
+        return address is the word there)."""
+        ret: int | None = word
+        if not self.machine.arch.link:
+            try:
+                ret = int(self.machine.regs.read_u64(word))
+            except ValueError:
+                ret = None
         call = ret - self.emitter.call_size() if ret is not None else -1
         image = self._call_sites.get(call)
         if image is None and ret is not None:
@@ -774,21 +802,16 @@ class ScratchJit:
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         return image, run
 
-    def _direct_return(self) -> int | None:
-        """The helper call's return address: the link register, or the word at sp (raw
-        register and memory reads: the binding's cost several µs a call)."""
-        regs = self.machine.regs
-        ids = self.__dict__.get("_ret_ids")
-        if ids is None:
-            arch = self.machine.arch
-            ids = self._ret_ids = (arch.reg_id(arch.link) if arch.link else -1,
-                                   arch.reg_id(arch.sp))
-        if ids[0] >= 0:
-            return int(regs.read(ids[0]))
-        try:
-            return int(regs.read_u64(regs.read(ids[1])))
-        except ValueError:
-            return None
+    def _direct_regs(self) -> "_RegBatch":
+        """One raw uc_reg_read_batch of the link register (sp without one) and r1-r5 on
+        the running CPU, made again when the machine runs on another Unicorn."""
+        batch = self.__dict__.get("_reg_batch")
+        m = self.machine
+        if batch is None or batch.uc is not m.uc:
+            arch, names = m.arch, self.emitter.reg_names
+            ids = [arch.reg_id(arch.link or arch.sp)] + [arch.reg_id(r) for r in names[1:6]]
+            batch = self._reg_batch = _RegBatch(m.uc, ids)
+        return batch
 
     def _direct_kind(self, addr: int) -> tuple[int | None, bool, bool]:
         """A trampoline's helper id (None: not a helper's), whether it is one of
@@ -803,14 +826,15 @@ class ScratchJit:
             kinds = self._kinds = (len(self.stubs), rows)
         return kinds[1].get(addr, (None, False, False))
 
-    def _direct_call(self, fid: int | None, addr: int, run: BpfRun) -> None:
+    def _direct_call(self, fid: int | None, addr: int, run: BpfRun, regs: list[int]) -> None:
         """The trampoline's host function; a helper that follows pointers straight to
-        ``_direct_helper`` (what ``_call_helper`` would decide, without its way there)."""
+        ``_direct_helper`` with r1-r5 as read (what ``_call_helper`` would decide, without
+        its way there)."""
         proto = run.prog.helpers.get(fid) if fid is not None else None
         if proto is not None:
             ids, touches, _ptr = self._plan(proto, fid)          # type: ignore[arg-type]
             if touches and fid not in _MAP_HELPERS:
-                return self._direct_helper(proto, addr, ids)
+                return self._direct_helper(proto, addr, ids, regs[1:1 + len(ids)])
         self._stub_fns[addr](addr)
         return None
 
@@ -1469,7 +1493,8 @@ class ScratchJit:
         m.regs.write(self._ret_id, r0)
         return None
 
-    def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...]) -> None:
+    def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...],
+                       raw: list[int] | None = None) -> None:
         """A helper that reads or writes memory, called from a thunk's or stub's image
         (jit_direct.TRAMPOLINE_HELPERS). Only the bytes it can touch move
         (``_memory_plan``): those of the BPF stack and the whole map values window its
@@ -1480,8 +1505,10 @@ class ScratchJit:
         list or region made unless needed: this runs on every such call.)"""
         m, run = self.machine, self.run_state
         assert run is not None
-        read, to_vm = m.regs.read, self.to_vm
-        raw = [read(i) for i in ids]
+        to_vm = self.to_vm
+        if raw is None:                 # (``raw``: the registers ``ids`` names, read)
+            read = m.regs.read
+            raw = [read(i) for i in ids]
         if len(raw) < 5:
             raw += [0] * (5 - len(raw))
         args = [to_vm(a) for a in raw]
