@@ -752,7 +752,6 @@ class ScratchJit:
         image, run = self._direct_caller(addr, regs[0])
         native = self._native
         if native:                  # later calls from this image: C's (bpf_native.c)
-            native.fold()
             native.register(image, run, self._value_base)
         saved, self.run_state, self._pending = self.run_state, run, _Pending()
         # current is the task on the CPU that hit, not the last host hit's

@@ -293,7 +293,7 @@ class NativeHelpers:
     run's map handles) on a hash map it owns, with its key and value on the live native
     stack, outside a nested run (``executing``); it hands anything else to the Python
     entry. The host-handler charge goes into the clock's counter at once and into
-    ``by_reason["bpf helper"]`` when ``fold`` runs (a run's stop, or Python's entry).
+    ``by_reason["bpf helper"]`` when ``fold`` runs (at a run's stop).
     Attributes: ``jit`` (the struct bn_jit: ``served``, ``deferred``)."""
 
     def __init__(self, lib: ctypes.CDLL, machine: Any, st_fp: int, st_handler_fp: int,
