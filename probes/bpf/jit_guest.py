@@ -1510,7 +1510,8 @@ class ScratchJit:
             raw = [read(i) for i in ids]
         if len(raw) < 5:
             raw += [0] * (5 - len(raw))
-        args = [to_vm(a) for a in raw]
+        windows = self.windows          # (most arguments are in no window: no call)
+        args = [to_vm(a) if a >> 32 in windows else a for a in raw]
         writes: list[tuple[int, int, int]] | None = None     # (guest, vm, size) to write back
         bounced: list[tuple[int, Region, bool]] | None = None
         next_key = run.mem._next_key
