@@ -25,8 +25,9 @@ helpers can read keys and buffers on it.
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
 map_lookup_elem (a hash map whose values the guest maps, ``hash_values``: r0 is the
-value's guest address), map_update_elem, map_delete_elem, get_prandom_u32 and
-get_smp_processor_id that entry is C's
+value's guest address), map_update_elem, map_delete_elem, get_prandom_u32,
+get_smp_processor_id and current's get_current_pid_tgid, _uid_gid, _task and _comm (into
+the BPF stack; from words ``_direct_task_words`` keeps) that entry is C's
 (probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
 stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
 its key and value on the live native stack, is served there, charged as Python charges it.

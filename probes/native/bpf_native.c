@@ -12,8 +12,10 @@
  * kprobe, kretprobe, ftrace or tracepoint stub) it reads r1-r5 from the arch's argument
  * registers, runs map_update_elem / map_delete_elem on a hash map served here (per-CPU
  * ones on the running CPU, a word a cpu_listener keeps) or on an array map's guest
- * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python.
- * Anything else goes to the Python host entry it replaced, unchanged. */
+ * window, or get_prandom_u32 / get_smp_processor_id, or current's get_current_pid_tgid /
+ * _uid_gid / _task / _comm (into the BPF stack, from words Python keeps: bn_jit.task_valid),
+ * and writes r0, with no Python. Anything else goes to the Python host entry it replaced,
+ * unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
