@@ -182,3 +182,21 @@ def test_comm_sizes_as_strscpy_pad(arch, hit_path) -> None:
     assert got["jit"] == got["python"]
     assert got["jit"][:32] == b"hot\0" + b"\xff" * 4 + b"hotloop.elf".ljust(24, b"\0")
     assert got["jit"][32:] == bytes(16)
+
+
+def test_task_words_follow_the_environment_whole() -> None:
+    """set_task writes what the Python helpers return; a shorter comm leaves none of the
+    old one's bytes behind (C copies up to 15 of them)."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from probes.native.bpf_native import BnJit, NativeHelpers
+    helpers = SimpleNamespace(jit=BnJit())
+    env = SimpleNamespace(pid=1001, tgid=1000, uid=7, gid=8, task=0x1234, comm=b"hotloop.elf")
+    NativeHelpers.set_task(helpers, env)                   # type: ignore[arg-type]
+    env.pid, env.comm = 1002, b"ab"
+    NativeHelpers.set_task(helpers, env)                   # type: ignore[arg-type]
+    j = helpers.jit
+    assert (j.pid_tgid, j.uid_gid, j.task, j.task_valid) == ((1000 << 32) | 1002, (8 << 32) | 7,
+                                                             0x1234, 1)
+    assert ctypes.string_at(ctypes.addressof(j) + BnJit.comm.offset, 16) == b"ab" + bytes(14)

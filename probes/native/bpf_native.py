@@ -415,7 +415,9 @@ class NativeHelpers:
         j.pid_tgid = ((env.tgid & 0xFFFFFFFF) << 32) | (env.pid & 0xFFFFFFFF)
         j.uid_gid = ((env.gid & 0xFFFFFFFF) << 32) | (env.uid & 0xFFFFFFFF)
         j.task = env.task & 0xFFFFFFFFFFFFFFFF
-        j.comm = env.comm[:15]
+        # all 16 bytes: a c_char field's setter stops at the first NUL, leaving old bytes
+        ctypes.memmove(ctypes.addressof(j) + BnJit.comm.offset,
+                       bytes(env.comm[:15]).ljust(16, b"\0"), 16)
         j.task_valid = 1
 
     def set_executing(self, on: bool) -> None:
