@@ -286,6 +286,29 @@ def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> Bn
     return None
 
 
+class _TaskSwitches:
+    """Clears the task words of a machine's current NativeHelpers before every task switch:
+    one per machine (the wrapper it puts on Unicorn's context_restore outlives snapshot
+    restores, so it holds the helpers weakly and never more than one is installed)."""
+    _of: "weakref.WeakKeyDictionary[Any, _TaskSwitches]" = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.target: "weakref.ref[NativeHelpers] | None" = None
+
+    @classmethod
+    def of(cls, machine: Any) -> "_TaskSwitches":
+        got = cls._of.get(machine)
+        if got is None:
+            got = cls._of[machine] = cls()
+            on_task_switch(machine, got.switched)
+        return got
+
+    def switched(self) -> None:
+        helpers = self.target() if self.target is not None else None
+        if helpers is not None:
+            helpers.jit.task_valid = 0
+
+
 class NativeHelpers:
     """The C entries of one ScratchJit's helper trampolines in a traced guest. A trampoline
     of a helper in NATIVE_HELPERS gets bn_helper_hook in place of its Python host entry;
@@ -320,7 +343,7 @@ class NativeHelpers:
         # current's words: stale at every task switch; ``task_source`` (set by the JIT:
         # BpfTrace.current_task on the run environment) rewrites them at a CPU switch
         self.task_source: Callable[[], Any] | None = None
-        on_task_switch(machine, self._task_switched)
+        _TaskSwitches.of(machine).target = weakref.ref(self)
         # The swapped hooks point into this object's records: it lives as long as one of
         # them is installed (RawHooks.hold in `serve`; a snapshot restore lets it go).
 
@@ -404,9 +427,6 @@ class NativeHelpers:
         self.jit.task_valid = 0
         if self.task_source is not None:     # the scheduler has named the task already
             self.set_task(self.task_source())
-
-    def _task_switched(self) -> None:
-        self.jit.task_valid = 0
 
     def set_task(self, env: Any) -> None:
         """current's words for C from a run environment BpfTrace.current_task has just
