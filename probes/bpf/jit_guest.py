@@ -598,7 +598,6 @@ class ScratchJit:
         self._pending = _Pending()
         self._fast: _UcFast | None = None
         self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
-        self._stub_sets: dict[str, tuple[int, frozenset[int]]] = {}   # _helper_stubs
         self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
@@ -845,23 +844,6 @@ class ScratchJit:
         native.set_task(env)
         if native.task_source is None:
             native.task_source = functools.partial(trace.current_task, env)
-
-    def _record_stubs(self) -> frozenset[int]:
-        """The trampolines of the helpers that write records (perf, ring buffer)."""
-        return self._helper_stubs("record")
-
-    def _helper_stubs(self, which: str) -> frozenset[int]:
-        """The trampolines of jit_direct's RECORD_HELPERS ("record") or SITE_HELPERS
-        ("site"), worked out again only when a trampoline was added."""
-        got = self._stub_sets.get(which)
-        if got is None or got[0] != len(self.stubs):
-            from . import jit_direct
-
-            fids = jit_direct.RECORD_HELPERS if which == "record" else jit_direct.SITE_HELPERS
-            got = self._stub_sets[which] = (len(self.stubs), frozenset(
-                a for k, a in self.stubs.items()
-                if isinstance(k, tuple) and k[0] == "helper" and k[1] in fids))
-        return got[1]
 
     def _direct_site(self, run: BpfRun, prog: "BpfProg") -> None:
         """func_ip and the attach cookie of the event whose thunk or stub called ``prog``."""
