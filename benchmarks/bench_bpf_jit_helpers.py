@@ -7,7 +7,10 @@ jit_direct.TRAMPOLINE_HELPERS).
 Rows, per arch and per kind (o: an optimized probe, whose thunk calls the program; k: a
 plain kprobe, whose per-CPU stub does): the compiled Python engine; the JIT with the
 helper set of before (``nested``: the program is refused the guest path, each hit is a
-nested run); the JIT now (``direct``: helpers trap to the host inside the same run).
+nested run); the JIT with current's helpers (pid_tgid, comm) trapping to Python as
+before their C twins (``pytask``); the JIT now (``direct``: get_current_pid_tgid and
+get_current_comm served in C on the helper trampolines, probe_read_user_str and the
+output helper trapping to Python inside the same run).
 probes/bench.py's method: plain and probed labs timed interleaved, best CPU time of
 ``repeat``, the plain lab's time taken off. Numbers only, nothing asserted.
 
@@ -23,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BEFORE = frozenset({2, 3, 5, 7, 8})     # TRAMPOLINE_HELPERS before the output/task helpers
+NO_TASK_TWINS = frozenset({1, 2, 3, 7, 8})   # bpf_native.NATIVE_HELPERS before the task twins
 
 # struct event {u32 tgid, pid; char comm[16]; s64 len; char name[32]} at r10-64
 SNOOP_ASM = """
@@ -84,6 +88,7 @@ def measure(arch: str, kind: str, output: str, variant: str, calls: int, repeat:
     from probes.bpf.jit_direct import direct_calls_of
     from probes.bpf.jit_guest import install_engine
     from probes.bpf.libbpf import KprobePerfEvent
+    from probes.native import bpf_native
     from probes.trace.bpf_trace import (EventKind, PerfEvent, PerfType, bpf_trace_of,
                                         perf_event_attach_bpf_prog)
 
@@ -100,16 +105,18 @@ def measure(arch: str, kind: str, output: str, variant: str, calls: int, repeat:
     trace.ring_buffer(prog.maps[3], lambda data: records.__setitem__(0, records[0] + 1))
     trace.perf_buffer(prog.maps[4], lambda cpu, data: records.__setitem__(0, records[0] + 1))
     install_engine(probed.machine, "python" if variant == "python" else "jit")
-    saved = jit_direct.TRAMPOLINE_HELPERS
+    saved, saved_c = jit_direct.TRAMPOLINE_HELPERS, bpf_native.NATIVE_HELPERS
     if variant == "nested":
         jit_direct.TRAMPOLINE_HELPERS = BEFORE
+    if variant == "pytask":
+        bpf_native.NATIVE_HELPERS = NO_TASK_TWINS
     try:
         plain = bench._lab(arch, elf, prof)
         for lab in (plain, probed):
             lab.call(call, calls, timeout=600)
         runs = bench._timed({"plain": plain, "probe": probed}, call, calls, repeat)
     finally:
-        jit_direct.TRAMPOLINE_HELPERS = saved
+        jit_direct.TRAMPOLINE_HELPERS, bpf_native.NATIVE_HELPERS = saved, saved_c
     dc = direct_calls_of(probed.machine)
     on_guest = dc is not None and (p.addr in dc.thunks or p.addr in dc.stubs)
     us = (runs["probe"][0] - runs["plain"][0]) / calls * 1e6
@@ -126,7 +133,8 @@ def main() -> None:
     calls, repeat = (200, 3) if args.quick else (1000, 5)
     rows = [measure(arch, kind, output, variant, calls, repeat)
             for arch in ("arm64", "x86_64") for kind in ("o", "k")
-            for output in ("ringbuf", "perf") for variant in ("python", "nested", "direct")]
+            for output in ("ringbuf", "perf")
+            for variant in ("python", "nested", "pytask", "direct")]
     if args.json:
         print(json.dumps(rows, indent=1))
         return

@@ -25,8 +25,9 @@ helpers can read keys and buffers on it.
 Helpers. A helper call is a ``call``/``bl`` to a two-instruction trampoline (``nop; ret``)
 with a host entry on its nop (a code hook, cheaper in Unicorn than a breakpoint trap). For
 map_lookup_elem (a hash map whose values the guest maps, ``hash_values``: r0 is the
-value's guest address), map_update_elem, map_delete_elem, get_prandom_u32 and
-get_smp_processor_id that entry is C's
+value's guest address), map_update_elem, map_delete_elem, get_prandom_u32,
+get_smp_processor_id and current's get_current_pid_tgid, _uid_gid, _task and _comm (into
+the BPF stack; from words ``_direct_task_words`` keeps) that entry is C's
 (probes/native/bpf_native.c, through ``_native_helpers``): a call from an image a thunk or
 stub runs, on a hash map (elements preallocated in C) or an array map's guest window, with
 its key and value on the live native stack, is served there, charged as Python charges it.
@@ -71,6 +72,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import importlib
 import struct
 import weakref
@@ -81,7 +83,7 @@ from unicorn import UcError
 
 from emu.owners import RegionOwner
 from emu.smp import MAX_CPUS
-from emu.uaccess import UserFault, copy_to_user
+from emu.uaccess import UserFault, copy_from_user, copy_to_user
 
 from .disasm import format_insn
 from .errors import BpfError, BpfRuntimeError
@@ -570,6 +572,27 @@ class _UcFast:
             self.uc.mem_write(addr, data)                  # raises the binding's UcError
 
 
+class _RegBatch:
+    """Registers read in one raw uc_reg_read_batch (a binding or ctypes call per register
+    costs ~0.4 µs): a helper trap from guest code reads the return address and r1-r5."""
+
+    def __init__(self, uc: Any, ids: list[int]) -> None:
+        from emu.ucfast import raw_lib as lib
+
+        n = len(ids)
+        self.uc, self._uch, self._fn = uc, uc._uch, lib.uc_reg_read_batch
+        self._ids, self._n = (ctypes.c_int * n)(*ids), ctypes.c_int(n)
+        self._vals = (ctypes.c_uint64 * n)()
+        size = ctypes.sizeof(ctypes.c_uint64)
+        self._ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(self._vals) + i * size
+                                             for i in range(n)])
+
+    def read(self) -> list[int]:
+        if self._fn(self._uch, self._ids, self._ptrs, self._n):
+            raise BpfError("uc_reg_read_batch failed")
+        return self._vals[:]
+
+
 class ScratchJit:
     """A scratch machine of one arch that holds JIT images and runs them.
 
@@ -636,7 +659,6 @@ class ScratchJit:
         self._pending = _Pending()
         self._fast: _UcFast | None = None
         self._trace: Any = None          # the machine's BpfTrace (a direct helper call's task)
-        self._stub_sets: dict[str, tuple[int, frozenset[int]]] = {}   # _helper_stubs
         self._mem_plans: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
         # program -> its kept run, for helper calls from optprobe thunks (set by ProbeJit)
         self.direct_run: Callable[["BpfProg"], BpfRun | None] | None = None
@@ -785,10 +807,52 @@ class ScratchJit:
         """A helper trampoline reached from an optprobe thunk's call (jit_direct.py), not
         from ``execute``: the calling program's kept run serves it (the thunk runs the
         image on the same native stack window), and a failure is the program's error,
-        raised as the host path raises it."""
-        call = self.emitter.return_address(self.machine) - self.emitter.call_size()
+        raised as the host path raises it. The hot path of every helper C does not serve:
+        what depends only on the trampoline or the call site is worked out once."""
+        regs = self._direct_regs().read()
+        image, run = self._direct_caller(addr, regs[0])
+        native = self._native
+        if native:                  # later calls from this image: C's (bpf_native.c)
+            native.register(image, run, self._value_base)
+        saved, self.run_state, self._pending = self.run_state, run, _Pending()
+        # current is the task on the CPU that hit, not the last host hit's
+        trace = self._trace
+        if trace is None:
+            from probes.trace.bpf_trace import bpf_trace_of
+            trace = self._trace = bpf_trace_of(self.machine)
+        env = trace.current_task(run.env)
+        if native and not native.jit.task_valid:
+            self._direct_task_words(trace, env)
+        fid, site, record = self._direct_kind(addr)
+        if site:
+            self._direct_site(run, image.prog)
+        self._direct = True
+        try:
+            self._direct_call(fid, addr, run, regs)
+        finally:
+            self._direct, self.run_state = False, saved
+        if env.trace_printk or record:
+            trace.deliver_direct()
+        pending = self._pending
+        if pending.error is not None or pending.exit_r0 is not None:
+            from probes.trace.bpf_trace import BpfTraceError
+            err = pending.error
+            reason = str(err) if err is not None else "bpf_exit from a thunk"
+            raise BpfTraceError(image.prog.name or image.prog.section, reason)
+
+    def _direct_caller(self, addr: int, word: int) -> tuple[JitImage, BpfRun]:
+        """The image whose call reached a trampoline (by its call site, remembered) and
+        the kept run that serves it; ``word``: the link register, or without one sp (the
+        return address is the word there)."""
+        ret: int | None = word
+        if not self.machine.arch.link:
+            try:
+                ret = int(self.machine.regs.read_u64(word))
+            except ValueError:
+                ret = None
+        call = ret - self.emitter.call_size() if ret is not None else -1
         image = self._call_sites.get(call)
-        if image is None:
+        if image is None and ret is not None:
             image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
             if image is not None:
                 self._call_sites[call] = image
@@ -796,47 +860,51 @@ class ScratchJit:
         if image is None or run is None:
             from probes.trace.bpf_trace import BpfTraceError
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
-        if self._native:            # later calls from this image: C's (bpf_native.c)
-            self._native.fold()
-            self._native.register(image, run, self._value_base)
-        saved, self.run_state, self._pending = self.run_state, run, _Pending()
-        # current is the task on the CPU that hit, not the last host hit's
-        trace = self._trace
-        if trace is None:
-            from probes.trace.bpf_trace import bpf_trace_of
-            trace = self._trace = bpf_trace_of(self.machine)
-        trace.current_task(run.env)
-        if addr in self._helper_stubs("site"):
-            self._direct_site(run, image.prog)
-        self._direct = True
-        try:
-            self._stub_fns[addr](addr)
-        finally:
-            self._direct, self.run_state = False, saved
-        if run.env.trace_printk or addr in self._record_stubs():
-            trace.deliver_direct()
-        err = self._pending.error
-        if err is not None or self._pending.exit_r0 is not None:
-            from probes.trace.bpf_trace import BpfTraceError
-            reason = str(err) if err is not None else "bpf_exit from a thunk"
-            raise BpfTraceError(image.prog.name or image.prog.section, reason)
+        return image, run
 
-    def _record_stubs(self) -> frozenset[int]:
-        """The trampolines of the helpers that write records (perf, ring buffer)."""
-        return self._helper_stubs("record")
+    def _direct_regs(self) -> "_RegBatch":
+        """One raw uc_reg_read_batch of the link register (sp without one) and r1-r5 on
+        the running CPU, made again when the machine runs on another Unicorn."""
+        batch = self.__dict__.get("_reg_batch")
+        m = self.machine
+        if batch is None or batch.uc is not m.uc:
+            arch, names = m.arch, self.emitter.reg_names
+            ids = [arch.reg_id(arch.link or arch.sp)] + [arch.reg_id(r) for r in names[1:6]]
+            batch = self._reg_batch = _RegBatch(m.uc, ids)
+        return batch
 
-    def _helper_stubs(self, which: str) -> frozenset[int]:
-        """The trampolines of jit_direct's RECORD_HELPERS ("record") or SITE_HELPERS
-        ("site"), worked out again only when a trampoline was added."""
-        got = self._stub_sets.get(which)
-        if got is None or got[0] != len(self.stubs):
+    def _direct_kind(self, addr: int) -> tuple[int | None, bool, bool]:
+        """A trampoline's helper id (None: not a helper's), whether it is one of
+        jit_direct's SITE_HELPERS and of its RECORD_HELPERS; worked out again only when a
+        trampoline was added."""
+        kinds = self.__dict__.get("_kinds")
+        if kinds is None or kinds[0] != len(self.stubs):
             from . import jit_direct
 
-            fids = jit_direct.RECORD_HELPERS if which == "record" else jit_direct.SITE_HELPERS
-            got = self._stub_sets[which] = (len(self.stubs), frozenset(
-                a for k, a in self.stubs.items()
-                if isinstance(k, tuple) and k[0] == "helper" and k[1] in fids))
-        return got[1]
+            rows = {a: (k[1], k[1] in jit_direct.SITE_HELPERS, k[1] in jit_direct.RECORD_HELPERS)
+                    for k, a in self.stubs.items() if isinstance(k, tuple) and k[0] == "helper"}
+            kinds = self._kinds = (len(self.stubs), rows)
+        return kinds[1].get(addr, (None, False, False))
+
+    def _direct_call(self, fid: int | None, addr: int, run: BpfRun, regs: list[int]) -> None:
+        """The trampoline's host function; a helper that follows pointers straight to
+        ``_direct_helper`` with r1-r5 as read (what ``_call_helper`` would decide, without
+        its way there)."""
+        proto = run.prog.helpers.get(fid) if fid is not None else None
+        if proto is not None:
+            ids, touches, _ptr = self._plan(proto, fid)          # type: ignore[arg-type]
+            if touches and fid not in _MAP_HELPERS:
+                return self._direct_helper(proto, addr, ids, regs[1:1 + len(ids)])
+        self._stub_fns[addr](addr)
+        return None
+
+    def _direct_task_words(self, trace: Any, env: Any) -> None:
+        """current's words for C's get_current_* (bpf_native.c), from the environment
+        ``trace.current_task`` has just set, and kept at every CPU switch from then on."""
+        native = self._native
+        native.set_task(env)
+        if native.task_source is None:
+            native.task_source = functools.partial(trace.current_task, env)
 
     def _direct_site(self, run: BpfRun, prog: "BpfProg") -> None:
         """func_ip and the attach cookie of the event whose thunk or stub called ``prog``."""
@@ -1571,20 +1639,28 @@ class ScratchJit:
                 args[i] = region.base
         return bounced
 
-    def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...]) -> None:
+    def _direct_helper(self, proto: BpfFuncProto, addr: int, ids: tuple[int, ...],
+                       raw: list[int] | None = None) -> None:
         """A helper that reads or writes memory, called from a thunk's or stub's image
         (jit_direct.TRAMPOLINE_HELPERS). Only the bytes it can touch move
         (``_memory_plan``): those of the BPF stack and the whole map values window its
         pointers reach are read in first; a sized memory argument outside the windows (a
         hash value in C's pages, the stub's pt_regs frame or context buffer) is handed over
         in a bounce region, through the uaccess path; what it may write
-        (ARG_PTR_TO_UNINIT_MEM) goes back to where the program holds it."""
+        (ARG_PTR_TO_UNINIT_MEM) goes back to where the program holds it. (Locals and no
+        list or region made unless needed: this runs on every such call.)"""
         m, run = self.machine, self.run_state
         assert run is not None
-        raw = [m.regs.read(i) for i in ids] + [0] * (5 - len(ids))
-        args = [self.to_vm(a) for a in raw]
-        writes: list[tuple[int, int, int]] = []         # (guest, vm, size) to write back
-        bounced: list[tuple[int, Region, bool]] = []
+        to_vm = self.to_vm
+        if raw is None:                 # (``raw``: the registers ``ids`` names, read)
+            read = m.regs.read
+            raw = [read(i) for i in ids]
+        if len(raw) < 5:
+            raw += [0] * (5 - len(raw))
+        windows = self.windows          # (most arguments are in no window: no call)
+        args = [to_vm(a) if a >> 32 in windows else a for a in raw]
+        writes: list[tuple[int, int, int]] | None = None     # (guest, vm, size) to write back
+        bounced: list[tuple[int, Region, bool]] | None = None
         next_key = run.mem._next_key
         try:
             for i, size_arg, typed, out in self._memory_plan(proto):
@@ -1592,23 +1668,25 @@ class ScratchJit:
                 if raw[i] != args[i]:
                     self._arg_in(raw[i], args[i], size)
                     if out:
+                        writes = writes or []
                         writes.append((raw[i], args[i], size))
                 elif typed and size > 0:
                     region = self._bounce(run, raw[i], size)
+                    bounced = bounced or []
                     bounced.append((raw[i], region, out))
                     args[i] = region.base
             r0 = self._direct_impl(proto, addr, run, args)
             if r0 is None:
                 return None
-            for guest, vm, size in writes:
+            for guest, vm, size in writes or ():
                 self._write_back(guest, vm, size)
-            for guest, region, out in bounced:
+            for guest, region, out in bounced or ():
                 if out:
                     copy_to_user(m.memory, guest, bytes(region.data))
         except UserFault as e:      # the verifier let no such pointer through
             return self._fail(addr, f"helper memory {e}")
         finally:
-            for _g, region, _o in bounced:
+            for _g, region, _o in bounced or ():
                 run.mem.remove(region)
             run.mem._next_key = next_key     # the next call's bounce gets the same keys
         m.regs.write(self._ret_id, r0)
@@ -1667,8 +1745,6 @@ class ScratchJit:
 
     def _bounce(self, run: BpfRun, guest: int, size: int) -> Region:
         """A region holding ``size`` bytes of guest memory at ``guest`` for one helper."""
-        from emu.uaccess import copy_from_user
-
         data = bytearray(copy_from_user(self.machine.memory, guest, size))
         return run.mem.map_buffer(data, True, "helper arg")
 

@@ -12,8 +12,10 @@
  * kprobe, kretprobe, ftrace or tracepoint stub) it reads r1-r5 from the arch's argument
  * registers, runs map_update_elem / map_delete_elem on a hash map served here (per-CPU
  * ones on the running CPU, a word a cpu_listener keeps) or on an array map's guest
- * window, or get_prandom_u32 / get_smp_processor_id, and writes r0, with no Python.
- * Anything else goes to the Python host entry it replaced, unchanged. */
+ * window, or get_prandom_u32 / get_smp_processor_id, or current's get_current_pid_tgid /
+ * _uid_gid / _task / _comm (into the BPF stack, from words Python keeps: bn_jit.task_valid),
+ * and writes r0, with no Python. Anything else goes to the Python host entry it replaced,
+ * unchanged. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -243,7 +245,10 @@ typedef int (*mem_fn)(void *uc, uint64_t addr, void *bytes, uint64_t size);
 typedef void (*code_cb)(void *uc, uint64_t addr, uint32_t size, void *user_data);
 
 enum { BPF_FUNC_map_lookup_elem = 1, BPF_FUNC_map_update_elem = 2, BPF_FUNC_map_delete_elem = 3,
-       BPF_FUNC_get_prandom_u32 = 7, BPF_FUNC_get_smp_processor_id = 8 };
+       BPF_FUNC_get_prandom_u32 = 7, BPF_FUNC_get_smp_processor_id = 8,
+       BPF_FUNC_get_current_pid_tgid = 14, BPF_FUNC_get_current_uid_gid = 15,
+       BPF_FUNC_get_current_comm = 16, BPF_FUNC_get_current_task = 35 };
+#define TASK_COMM_LEN 16
 
 /* A map C serves, by its handle in the calling image's run: a hash map, or an array map
  * whose values live in its guest window (jit_guest's MapBacking: the window holds them
@@ -278,6 +283,12 @@ struct bn_jit {                                     /* one ScratchJit in a trace
     struct bn_image *images;
     uint64_t nimages;
     uint64_t served, deferred;
+    /* current as BpfTrace.current_task computes it for the task on the running CPU:
+     * Python writes it and sets task_valid; a task switch clears it (the next call goes
+     * to Python, which writes it again), a CPU switch writes it at once. */
+    uint32_t task_valid, pad2;
+    uint64_t pid_tgid, uid_gid, task;
+    uint8_t comm[TASK_COMM_LEN];                    /* NUL-padded, at most 15 bytes */
 };
 
 struct bn_stub {                                    /* one trampoline's hook data */
@@ -338,10 +349,9 @@ static void finish(struct bn_jit *j, void *uc, uint64_t r0)
     j->served++;
 }
 
-/* Helpers with no arguments, from a registered image: get_smp_processor_id (the running
- * CPU, which Python's entry names too: it sets the run's CPU to the machine's) and
- * get_prandom_u32 (the run's generator). */
-static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
+/* The image whose call reached the trampoline (its return address: the link register,
+ * or on x86 the word at sp inside the native stack), or NULL. */
+static const struct bn_image *caller(struct bn_jit *j, void *uc)
 {
     uint64_t ret = 0, sp = 0;
     if (j->link_reg >= 0) {
@@ -349,19 +359,64 @@ static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
     } else {                                        /* [sp] only inside the native stack */
         j->reg_read(uc, j->sp_reg, &sp);
         if (sp < j->stack_lo || sp >= j->stack_hi || j->stack_hi - sp < 8)
-            return 0;
+            return NULL;
         if (j->mem_read(uc, sp, &ret, 8))
-            return 0;
+            return NULL;
     }
-    const struct bn_image *img = image_at(j, ret);
+    return image_at(j, ret);
+}
+
+/* Helpers with no arguments, from a registered image: get_smp_processor_id (the running
+ * CPU, which Python's entry names too: it sets the run's CPU to the machine's),
+ * get_prandom_u32 (the run's generator) and current's pid/tgid, uid/gid and task. */
+static int serve_noargs(struct bn_jit *j, void *uc, uint64_t fid)
+{
+    int task = fid == BPF_FUNC_get_current_pid_tgid || fid == BPF_FUNC_get_current_uid_gid
+               || fid == BPF_FUNC_get_current_task;
+    if (task && !j->task_valid)
+        return 0;
+    const struct bn_image *img = caller(j, uc);
     if (!img)
         return 0;
     if (fid == BPF_FUNC_get_smp_processor_id)
         finish(j, uc, j->cpu);
     else if (fid == BPF_FUNC_get_prandom_u32 && img->rng)
         finish(j, uc, bn_mt_next(img->rng));
+    else if (fid == BPF_FUNC_get_current_pid_tgid)
+        finish(j, uc, j->pid_tgid);
+    else if (fid == BPF_FUNC_get_current_uid_gid)
+        finish(j, uc, j->uid_gid);
+    else if (fid == BPF_FUNC_get_current_task)
+        finish(j, uc, j->task);
     else
         return 0;
+    return 1;
+}
+
+/* bpf_get_current_comm(buf, size) with buf on the live native stack: strscpy_pad of
+ * current->comm, i.e. at most size - 1 bytes of it and NULs to size, and r0 = 0 (the
+ * kernel's -EINVAL is for no task, which never happens here). A buffer elsewhere (a map
+ * value) or a zero size goes to Python. */
+static int serve_comm(struct bn_jit *j, void *uc)
+{
+    uint64_t buf = 0, size = 0, sp = 0;
+    uint8_t out[BN_SPAN];
+    if (!j->task_valid)
+        return 0;
+    j->reg_read(uc, j->args[0], &buf);
+    j->reg_read(uc, j->args[1], &size);
+    j->reg_read(uc, j->sp_reg, &sp);
+    if (!size || size > BN_SPAN || buf < sp || buf < j->stack_lo || buf >= j->stack_hi
+        || j->stack_hi - buf < size)
+        return 0;
+    if (!caller(j, uc))
+        return 0;
+    uint64_t n = min64(size - 1, TASK_COMM_LEN - 1);
+    memset(out, 0, size);
+    memcpy(out, j->comm, n);
+    if (j->mem_write(uc, buf, out, size))
+        return 0;
+    finish(j, uc, 0);
     return 1;
 }
 
@@ -384,10 +439,11 @@ static int serve(struct bn_jit *j, void *uc, uint64_t fid)
     uint64_t r[5] = {0}, r0, sp = 0, ret = 0, lo, n;
     uint8_t buf[BN_SPAN];
     int update = fid == BPF_FUNC_map_update_elem, lookup = fid == BPF_FUNC_map_lookup_elem;
-    if (fid == BPF_FUNC_get_smp_processor_id || fid == BPF_FUNC_get_prandom_u32)
+    if (fid == BPF_FUNC_get_current_comm)
+        return serve_comm(j, uc);
+    if (fid != BPF_FUNC_map_lookup_elem && fid != BPF_FUNC_map_update_elem
+        && fid != BPF_FUNC_map_delete_elem)
         return serve_noargs(j, uc, fid);
-    if (!update && !lookup && fid != BPF_FUNC_map_delete_elem)
-        return 0;
     for (int i = 0; i < (update ? 4 : 2); i++)
         j->reg_read(uc, j->args[i], &r[i]);
     j->reg_read(uc, j->sp_reg, &sp);

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 from emu.native_lib import cached_library
 from probes.bpf.maps import BpfMapType
 
-from . import enabled
+from . import enabled, on_task_switch
 
 SOURCE = Path(__file__).with_name("bpf_native.c")
 PREALLOC_LIMIT = 64 << 20      # bytes: a larger hash map keeps the Python storage (on demand)
@@ -90,6 +90,10 @@ class BnJit(ctypes.Structure):
     executing: int
     served: int
     deferred: int
+    task_valid: int
+    pid_tgid: int
+    uid_gid: int
+    task: int
     _fields_: ClassVar[list[tuple[str, Any]]] = [
         ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
         ("mem_read", ctypes.c_void_p), ("mem_write", ctypes.c_void_p),
@@ -100,7 +104,10 @@ class BnJit(ctypes.Structure):
         ("cpu", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("stack_lo", ctypes.c_uint64), ("stack_hi", ctypes.c_uint64),
         ("images", ctypes.c_void_p), ("nimages", ctypes.c_uint64),
-        ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64)]
+        ("served", ctypes.c_uint64), ("deferred", ctypes.c_uint64),
+        ("task_valid", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
+        ("pid_tgid", ctypes.c_uint64), ("uid_gid", ctypes.c_uint64), ("task", ctypes.c_uint64),
+        ("comm", ctypes.c_char * 16)]
 
 
 class BnStub(ctypes.Structure):
@@ -245,10 +252,10 @@ class NativeHtab:
 
 
 # Helpers the trampoline's C entry serves (bn_helper_hook): the rest stay Python's.
-NATIVE_HELPERS = frozenset({1, 2, 3, 7, 8})   # map_lookup_elem (a hash map whose values
-                                              # the guest maps), map_update_elem,
-                                              # map_delete_elem, get_prandom_u32,
-                                              # get_smp_processor_id
+NATIVE_HELPERS = frozenset({1, 2, 3, 7, 8, 14, 15, 16, 35})
+# map_lookup_elem (a hash map whose values the guest maps), map_update_elem,
+# map_delete_elem, get_prandom_u32, get_smp_processor_id; current's pid_tgid, uid_gid,
+# comm (into the BPF stack) and task, from the words ``set_task`` writes
 # C serves them on the hash maps (the per-CPU ones on the running CPU) and on
 # BPF_MAP_TYPE_ARRAY's guest window
 _SERVED = frozenset({BpfMapType.BPF_MAP_TYPE_HASH, BpfMapType.BPF_MAP_TYPE_LRU_HASH})
@@ -279,6 +286,29 @@ def _served_map(handle: int, mp: Any, window: Callable[[Any], int | None]) -> Bn
     return None
 
 
+class _TaskSwitches:
+    """Clears the task words of a machine's current NativeHelpers before every task switch:
+    one per machine (the wrapper it puts on Unicorn's context_restore outlives snapshot
+    restores, so it holds the helpers weakly and never more than one is installed)."""
+    _of: "weakref.WeakKeyDictionary[Any, _TaskSwitches]" = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.target: "weakref.ref[NativeHelpers] | None" = None
+
+    @classmethod
+    def of(cls, machine: Any) -> "_TaskSwitches":
+        got = cls._of.get(machine)
+        if got is None:
+            got = cls._of[machine] = cls()
+            on_task_switch(machine, got.switched)
+        return got
+
+    def switched(self) -> None:
+        helpers = self.target() if self.target is not None else None
+        if helpers is not None:
+            helpers.jit.task_valid = 0
+
+
 class NativeHelpers:
     """The C entries of one ScratchJit's helper trampolines in a traced guest. A trampoline
     of a helper in NATIVE_HELPERS gets bn_helper_hook in place of its Python host entry;
@@ -286,7 +316,7 @@ class NativeHelpers:
     run's map handles) on a hash map it owns, with its key and value on the live native
     stack, outside a nested run (``executing``); it hands anything else to the Python
     entry. The host-handler charge goes into the clock's counter at once and into
-    ``by_reason["bpf helper"]`` when ``fold`` runs (a run's stop, or Python's entry).
+    ``by_reason["bpf helper"]`` when ``fold`` runs (at a run's stop).
     Attributes: ``jit`` (the struct bn_jit: ``served``, ``deferred``)."""
 
     def __init__(self, lib: ctypes.CDLL, machine: Any, st_fp: int, st_handler_fp: int,
@@ -310,6 +340,10 @@ class NativeHelpers:
         machine.stop_listeners.append(self.fold)
         j.cpu = machine.cpu                 # get_smp_processor_id, per-CPU hash updates
         machine.cpu_listeners.append(self._cpu_switched)
+        # current's words: stale at every task switch; ``task_source`` (set by the JIT:
+        # BpfTrace.current_task on the run environment) rewrites them at a CPU switch
+        self.task_source: Callable[[], Any] | None = None
+        _TaskSwitches.of(machine).target = weakref.ref(self)
         # The swapped hooks point into this object's records: it lives as long as one of
         # them is installed (RawHooks.hold in `serve`; a snapshot restore lets it go).
 
@@ -390,6 +424,21 @@ class NativeHelpers:
 
     def _cpu_switched(self, cpu: int) -> None:
         self.jit.cpu = cpu
+        self.jit.task_valid = 0
+        if self.task_source is not None:     # the scheduler has named the task already
+            self.set_task(self.task_source())
+
+    def set_task(self, env: Any) -> None:
+        """current's words for C from a run environment BpfTrace.current_task has just
+        set: what get_current_pid_tgid, _uid_gid, _comm and _task return from it."""
+        j = self.jit
+        j.pid_tgid = ((env.tgid & 0xFFFFFFFF) << 32) | (env.pid & 0xFFFFFFFF)
+        j.uid_gid = ((env.gid & 0xFFFFFFFF) << 32) | (env.uid & 0xFFFFFFFF)
+        j.task = env.task & 0xFFFFFFFFFFFFFFFF
+        # all 16 bytes: a c_char field's setter stops at the first NUL, leaving old bytes
+        ctypes.memmove(ctypes.addressof(j) + BnJit.comm.offset,
+                       bytes(env.comm[:15]).ljust(16, b"\0"), 16)
+        j.task_valid = 1
 
     def set_executing(self, on: bool) -> None:
         self.jit.executing = int(on)
