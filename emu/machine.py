@@ -25,7 +25,7 @@ from emu.clock import SYSCALL, Clock
 from emu.memory import PROT_EXEC, Memory
 from emu.owners import RegionOwner, RegionOwners
 from emu.symbols import SymbolTable
-from emu.ucfast import RawHooks, RegAccess
+from emu.ucfast import RawHooks, RegAccess, emu_start_nested
 from emu.vtlb import Vtlb
 
 # emu_start's `until`: a non-canonical address no guest can reach without faulting first.
@@ -544,7 +544,7 @@ class Machine:
         err: UcError | None = None
         self._depth += 1
         try:
-            self.uc.emu_start(begin, until)
+            emu_start_nested(self.uc, begin, until)
         except UcError as e:
             err = e
             self.uc_error_seen()
@@ -600,7 +600,10 @@ class Machine:
                 uc = self.hooks.uc = self.uc
                 if watchdog is not None and watchdog.fired:
                     return
-                uc.emu_start(start, end, timeout=uc_timeout, count=count)
+                if self._depth > 1:     # from a hook: keep the outer run's count (ucfast)
+                    emu_start_nested(uc, start, end)
+                else:
+                    uc.emu_start(start, end, timeout=uc_timeout, count=count)
                 bias, self._handoff = self._handoff, None
                 if bias is None or self._stop is not None or self.hooks.errors:
                     return
