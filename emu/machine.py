@@ -25,7 +25,7 @@ from emu.clock import SYSCALL, Clock
 from emu.memory import PROT_EXEC, Memory
 from emu.owners import RegionOwner, RegionOwners
 from emu.symbols import SymbolTable
-from emu.ucfast import RawHooks, RegAccess
+from emu.ucfast import RawHooks, RegAccess, emu_start_nested
 from emu.vtlb import Vtlb
 
 # emu_start's `until`: a non-canonical address no guest can reach without faulting first.
@@ -544,7 +544,7 @@ class Machine:
         err: UcError | None = None
         self._depth += 1
         try:
-            self.uc.emu_start(begin, until)
+            self._start_nested(begin, until)
         except UcError as e:
             err = e
             self.uc_error_seen()
@@ -565,6 +565,22 @@ class Machine:
             stop = self._stopped_without_reason(0, 0.0, 0.0)
         self._stop, self._mem_fault = saved
         return stop
+
+    def _start_nested(self, begin: int, until: int) -> None:
+        """The nested emu_start of call_nested. --timeout's stop (Unicorn's timer or the
+        watchdog: one uc_emu_stop) may land in it, or just before it in the hook, where the
+        nested start clears it: either way the outer run would never see it. So past the
+        deadline the nested code is run on to `until` (a hit's work is whole, as host work
+        is) and the stop is made again for the outer run."""
+        uc = self.uc
+        emu_start_nested(uc, begin, until)
+        if not self.past_deadline():
+            return
+        pc = self.regs.read(self._pc_id)
+        while pc != until and self._stop is None and not self.hooks.errors:
+            emu_start_nested(uc, pc, until)
+            pc = self.regs.read(self._pc_id)
+        uc.emu_stop()
 
     def _emulate(self, start: int, end: int, max_insns: int, timeout: float, t0: float) -> None:
         """emu_start, resumed after each wait-for-interrupt with what is left of the limits
@@ -600,7 +616,10 @@ class Machine:
                 uc = self.hooks.uc = self.uc
                 if watchdog is not None and watchdog.fired:
                     return
-                uc.emu_start(start, end, timeout=uc_timeout, count=count)
+                if self._depth > 1:     # from a hook: keep the outer run's count (ucfast)
+                    emu_start_nested(uc, start, end)
+                else:
+                    uc.emu_start(start, end, timeout=uc_timeout, count=count)
                 bias, self._handoff = self._handoff, None
                 if bias is None or self._stop is not None or self.hooks.errors:
                     return

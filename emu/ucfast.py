@@ -230,3 +230,86 @@ def tlb_flush(uc: Uc) -> None:
     """uc_ctl(UC_CTL_TLB_FLUSH) without the binding's wrapping (a flush follows every map,
     unmap and protect)."""
     _raw.uc_ctl(uc._uch, ctypes.c_int(_TLB_FLUSH))
+
+
+# --- instruction limits across nested runs --------------------------------------------------
+# uc_emu_start keeps its `count` in the Uc, not in the call: every start sets uc->emu_count,
+# zeroes uc->emu_counter, and a start with count 0 deletes the count hook and flushes every
+# translated block (Unicorn 2.1.4 uc.c). So a run started from a hook of a counted run would
+# end the outer run's --max-insns and throw its code away. `emu_start_nested` keeps both:
+# it starts a counted nested run (the hook stays, nothing is flushed), then puts the outer
+# limit back and adds the nested run's instructions to the outer counter: the limit counts
+# every instruction the CPU retires, as the cycle model's `instructions` does (JITed BPF
+# code included, wherever it runs). A nested run is never cut by the limit (the hook's work
+# is whole); past the limit the outer run stops at its next instruction. The two fields
+# have no API: their offsets are found once by running a known count on a scratch Uc
+# (`_count_fields`); if that fails the plain start is kept.
+_NESTED_COUNT = 1 << 62          # a nested run's own count: never reached
+_SCAN_BYTES = 2048               # uc_struct is larger; the fields sit at ~1.4 KB in 2.1.4
+_count_offsets: tuple[int, int] | None = None
+_calibrated = False
+
+
+def _count_fields() -> tuple[int, int] | None:
+    """(offset of uc->emu_counter, offset of uc->emu_count) in uc_struct, or None."""
+    global _count_offsets, _calibrated
+    if not _calibrated:
+        _count_offsets, _calibrated = _calibrate_count_fields(), True
+    return _count_offsets
+
+
+def _uc_address(uc: Uc) -> int:
+    """The uc_struct behind a Uc (the binding keeps it as a c_void_p)."""
+    return int(uc._uch.value or 0)
+
+
+def _calibrate_count_fields() -> tuple[int, int] | None:
+    """Two runs of a `jmp $` loop with different counts K: the word pairs that read
+    (K + 1, K) after both are (emu_counter, emu_count); a unique adjacent pair or None."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, b"\xeb\xfe")
+    words = (ctypes.c_size_t * (_SCAN_BYTES // 8)).from_address(_uc_address(uc))
+    found: set[int] | None = None
+    for k in (0x1357, 0x2468):
+        uc.emu_start(0x1000, 0x2000, count=k)
+        pairs = {8 * i for i in range(len(words) - 1) if (words[i], words[i + 1]) == (k + 1, k)}
+        found = pairs if found is None else found & pairs
+    if not found or len(found) != 1:
+        return None
+    off = found.pop()
+    return off, off + 8
+
+
+# uc_struct address -> its (emu_counter, emu_count) views: building them costs ~1 µs a hit
+_count_views: dict[int, tuple[ctypes.c_size_t, ctypes.c_size_t]] = {}
+
+
+def _counts_of(uc: Uc, offs: tuple[int, int]) -> tuple[ctypes.c_size_t, ctypes.c_size_t]:
+    base = _uc_address(uc)
+    views = _count_views.get(base)
+    if views is None:
+        if len(_count_views) >= 64:     # Ucs come and go (a freed one's address is reused)
+            _count_views.clear()
+        views = _count_views[base] = (ctypes.c_size_t.from_address(base + offs[0]),
+                                      ctypes.c_size_t.from_address(base + offs[1]))
+    return views
+
+
+def emu_start_nested(uc: Uc, begin: int, until: int) -> None:
+    """emu_start from inside a hook of a run on the same `uc`, keeping the outer run's
+    instruction limit, its count now including the nested run's (see above)."""
+    offs = _count_fields()
+    if offs is None:
+        uc.emu_start(begin, until)
+        return
+    counter, count = _counts_of(uc, offs)
+    saved = counter.value, count.value
+    if not saved[1]:                    # the outer run has no count hook: nothing to keep
+        uc.emu_start(begin, until)
+        return
+    try:                                # (the start zeroes the counter)
+        uc.emu_start(begin, until, count=_NESTED_COUNT)
+    finally:
+        counter.value, count.value = saved[0] + counter.value, saved[1]

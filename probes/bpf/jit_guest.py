@@ -1361,7 +1361,9 @@ class ScratchJit:
 
     def _run_nested(self, start: int) -> Any:
         """The image on the traced CPU, from inside a hit: Machine.call_nested, whose fast
-        path is a run that comes back to the return trampoline with nothing stopped."""
+        path is a run that comes back to the return trampoline with nothing stopped. It
+        keeps the outer run's limits: its instructions count toward --max-insns (as the
+        stubs' do), and a --timeout stop that meets it ends the outer run, not the image."""
         stop = self.machine.call_nested(start, self.return_addr)
         return _RETURNED if stop is None else stop
 
