@@ -107,3 +107,28 @@ def test_perf_output_of_ctx_beside_a_map_update_keeps_the_frame_exact() -> None:
                               name="u", license="GPL", maps={3: counts, 4: events})
     prog.ensure_loaded()
     assert prog.ctx_reads == set() and direct_eligible(prog) is None
+
+
+def _printing_values_prog() -> BpfProg:
+    """trace_printk("%llx") of two values whose high halves name window keys (the context's
+    and the BPF stack's): values, not pointers."""
+    lines = []
+    for value in (0x1_0000_0010, 0x10_0000_0020):
+        lines += ["stw [r10-8], 0x786c6c25", "stw [r10-4], 0", "mov r1, r10", "add r1, -8",
+                  "mov r2, 5", f"lddw r3, {value:#x}", "call 6"]
+    return BpfProg.from_bytes(assemble("\n".join(lines + ["mov r0, 0", "exit"])),
+                              prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE, name="pk",
+                              license="GPL")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_printk_values_are_not_taken_for_window_pointers(arch) -> None:
+    from test_bpf_jit_kprobe_stub import Lab
+    from probes.trace.bpf_trace import bpf_trace_of
+
+    got = {}
+    for engine in ("jit", "python"):
+        lab = Lab(arch, _printing_values_prog(), engine)
+        lab.run(3)                  # the first hit's nested run, then the stub's
+        got[engine] = list(bpf_trace_of(lab.m).printk_lines)
+    assert got["jit"] == got["python"] == ["100000010", "1000000020"] * 3

@@ -653,6 +653,7 @@ class ScratchJit:
         # in a guest: id(prog array) -> (map, its lookup routine, its table of entries)
         self._tail_tables: dict[int, tuple[ProgArrayMap, int, int]] = {}
         self._tail_words: dict[int, tuple[ProgArrayMap, dict[int, int]]] = {}   # as written
+        self._ptr_masks: dict[int, tuple[bool, ...]] = {}     # _pointer_args, per proto
         self._lookup_free: list[int] = []
         self._table_space: tuple[int, int] = (0, 0)     # next free table byte, end
         self._hash_bases: dict[int, tuple[Any, int]] = {}   # id(map) -> (map, values' address)
@@ -1558,6 +1559,21 @@ class ScratchJit:
             plan = self._plans[(id(proto), fid)] = (ids, touches, proto.ret in _POINTER_RETS)
         return plan
 
+    def _pointer_args(self, proto: BpfFuncProto) -> tuple[bool, ...]:
+        """Which of r1-r5 a helper takes as a pointer, to be mapped back from a window: a
+        kernel helper's typed ones (a probe read's source and trace_printk's %s arguments
+        are plain values, read where they point, in guest memory, which holds the windows);
+        any of a caller's helper's."""
+        got = self._ptr_masks.get(id(proto))
+        if got is None:
+            if proto is KERNEL_HELPERS.get(proto.func_id):
+                got = tuple(i < len(proto.args) and proto.args[i] not in _NO_MEMORY_ARGS
+                            for i in range(5))
+            else:
+                got = (True,) * 5
+            self._ptr_masks[id(proto)] = got
+        return got
+
     def _call_helper(self, proto: BpfFuncProto | None, fid: int, addr: int) -> None:
         m, run = self.machine, self.run_state
         assert run is not None
@@ -1567,7 +1583,7 @@ class ScratchJit:
         if touches and self._direct and fid not in _MAP_HELPERS:
             return self._direct_helper(proto, addr, ids)
         read, to_vm = m.regs.read, self.to_vm
-        args = [to_vm(read(i)) for i in ids]
+        args = [to_vm(read(i)) if p else read(i) for i, p in zip(ids, self._pointer_args(proto))]
         args += [0] * (5 - len(args))
         backed, bounced = None, []
         if touches and self._direct:
@@ -1660,7 +1676,8 @@ class ScratchJit:
         if len(raw) < 5:
             raw += [0] * (5 - len(raw))
         windows = self.windows          # (most arguments are in no window: no call)
-        args = [to_vm(a) if a >> 32 in windows else a for a in raw]
+        args = [to_vm(a) if p and a >> 32 in windows else a
+                for a, p in zip(raw, self._pointer_args(proto))]
         writes: list[tuple[int, int, int]] | None = None     # (guest, vm, size) to write back
         bounced: list[tuple[int, Region, bool]] | None = None
         next_key = run.mem._next_key
