@@ -290,19 +290,20 @@ def helper_sequence(insns: list, start: int = 0) -> list[tuple[int, int]] | None
         memo[begin] = None                # (a call back into a function on the way)
         k = bisect.bisect_right(starts, begin)
         end = starts[k] if k < len(starts) else len(insns)
-        out: list[tuple[int, int]] | None = []
+        out: list[tuple[int, int]] = []
         for i in range(begin, end):
             insn = insns[i]
             if insn.code != BPF_CALL_OP:
                 continue
             if insn.src_reg == BPF_PSEUDO_CALL and depth < 8:
                 sub = walk(i + insn.imm + 1, depth + 1)
-                out = None if sub is None else out + sub
+                if sub is None:
+                    return None
+                out += sub
             elif insn.src_reg == 0:
                 out.append((i, insn.imm))
-            if out is None or len(out) > SEQUENCE_MAX:
-                out = None
-                break
+            if len(out) > SEQUENCE_MAX:
+                return None
         memo[begin] = out
         return out
     return walk(start, 0)
