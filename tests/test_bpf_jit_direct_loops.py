@@ -27,6 +27,18 @@ def kprobe_prog(text: str, name: str, maps: dict) -> BpfProg:
                               name=name, license="GPL", maps=maps)
 
 
+# cnt[1] += r8 (cnt at fd 4), r0 = 5: the end of the prog-array targets below
+ADD_R8_TO_CNT1 = """
+        stw [r10-4], 1
+        mov r2, r10
+        add r2, -4
+        lddw r1, map_fd(4)
+        call 1
+        jeq r0, 0, +1
+        lock add [r0], r8
+        mov r0, 5
+        exit"""
+
 ADD_R8_TO_SLOT0 = """
         stw [r10-4], 0
         mov r2, r10
@@ -355,16 +367,7 @@ def stack_target(parts: dict) -> BpfProg:
         mov r3, 64
         mov r4, 0
         call 67
-        mov r8, r0
-        stw [r10-4], 1
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(4)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r8
-        mov r0, 5
-        exit""", "stack", {4: parts["cnt"]})
+        mov r8, r0""" + ADD_R8_TO_CNT1, "stack", {4: parts["cnt"]})
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -397,16 +400,7 @@ def other_slot_target(arch: str, parts: dict) -> BpfProg:
 
     off = 8 * arch_ptrace(arch).PT_REGS_FIELDS.index({"x86_64": "rbp", "arm64": "x29"}[arch])
     return kprobe_prog(f"""
-        ldxdw r8, [r1+{off}]
-        stw [r10-4], 1
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(4)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r8
-        mov r0, 5
-        exit""", "other_slot", {4: parts["cnt"]})
+        ldxdw r8, [r1+{off}]""" + ADD_R8_TO_CNT1, "other_slot", {4: parts["cnt"]})
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import ARCHES
-from test_bpf_jit_direct_loops import _u64, chain, kprobe_prog, other_slot_target, stack_target
+from test_bpf_jit_direct_loops import (
+    ADD_R8_TO_CNT1, _u64, chain, kprobe_prog, other_slot_target, stack_target,
+)
 from test_bpf_jit_kprobe_stub import Lab
 from probes.bench_kinds import parm_offset
 from probes.bpf import create_map
@@ -22,16 +24,7 @@ LOOP_INTO_CNT1 = """
     again:
         add r8, 1
         add r7, 1
-        jlt r7, 5, again
-        stw [r10-4], 1
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(4)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r8
-        mov r0, 5
-        exit"""
+        jlt r7, 5, again""" + ADD_R8_TO_CNT1
 
 
 def _two_levels(arch: str, engine: str, last: str) -> list:
