@@ -164,12 +164,35 @@ SLOW_CASES = {
     "tests/test_bpf_native_hash_cpus.py::test_percpu_hash_updates_on_the_running_cpu[kprobe-lru_percpu_hash-x86_64]",
     "tests/test_bpf_native_hash_cpus.py::test_percpu_hash_updates_on_the_running_cpu[optprobe-lru_percpu_hash-arm64]",
     "tests/test_bpf_jit_stub_cpus.py::test_modelled_cycles_repeat_run_to_run[x86_64]",
+    # Session 8: the slowest fast-tier cases whose other variants stay fast.
+    "tests/test_bpf_jit_fuzz.py::test_valid_random_programs[1-arm64]",
+    "tests/test_signals_delivery.py::test_musl_signals_match_native[signals-raise: sig=10 code=SI_TKILL fp_kept=1\\nblocked: got=0 pending=1\\nunblocked: got=10 code=SI_USER\\naltstack: sig=12 on_alt=1\\npthread_kill: got=10 in_main_thread=0\\nalarm+pause: ticks=1\\nsetitimer: ticks>=6=1\\ntimer_create: got=10 code=SI_TIMER\\n]",
+    "tests/test_bpf_conformance.py::test_conformance[ubpf/tests/errors/err-too-many-instructions.data-interp]",
+    "tests/test_bpf_clang.py::test_maps[interp-v1]",
 }
+
+
+# Files whose tests' python-hit-path runs are in the slow tier only (the fast tier keeps
+# their C hit path; `make test` runs both): session 8's direct-path suites.
+SLOW_PYTHON_HIT_PATH = {
+    "tests/test_bpf_jit_direct_helpers.py", "tests/test_bpf_jit_percpu.py",
+    "tests/test_bpf_get_stack_engines.py", "tests/test_bpf_native_task_helpers.py",
+    "tests/test_bpf_jit_direct_loops.py", "tests/test_bpf_jit_kprobe_stub.py",
+    "tests/test_bpf_jit_hash_lookup.py", "tests/test_bpf_jit_stub_cpus.py",
+}
+
+
+def _slow(item) -> bool:
+    if item.nodeid in SLOW_CASES:
+        return True
+    file = item.nodeid.split("::")[0]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("hit_path") == "python" and file in SLOW_PYTHON_HIT_PATH
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if item.nodeid in SLOW_CASES:
+        if _slow(item):
             item.add_marker(pytest.mark.slow)
     # On a whole-suite collection a renamed test would silently move back into the fast
     # tier: name the stale entries instead.
