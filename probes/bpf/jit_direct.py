@@ -167,7 +167,7 @@ STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_P
                              BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
 CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
 CTX_SIZE = 64                    # the largest: an 8-byte header and six 8-byte arguments
-THUNK_SLOT = 512                 # bytes per thunk (one program with budget and tail-call count: x86 ~245, arm64 ~395)
+THUNK_SLOT = 512                 # bytes per thunk (with budget and TCC: x86 ~245, arm64 ~395)
 ACTIVE_OFF = 8                   # CPU k's bpf_prog_active at ACTIVE_OFF + 8k of the JIT's
                                  # data page (the tail-call count is at 0), k < MAX_CPUS
 DATA_NAME = "[bpf stub data]"    # rw-: CPU k's return address at 8k, then the counters
