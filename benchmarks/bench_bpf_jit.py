@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes import bpf  # noqa: E402
+from probes import bench_kinds, bpf  # noqa: E402
 from probes.bpf.jit_guest import ScratchJit  # noqa: E402
 from probes.bpf.memory import CTX_ADDR  # noqa: E402
 
@@ -258,17 +258,7 @@ def hash_prog(arch: str, call: bool = True):
 PERCPU_COUNT_ASM = """
     ldxdw r6, [r1+{parm1}]
     and r6, 7
-    stxw [r10-4], r6
-    mov r2, r10
-    add r2, -4
-    lddw r1, map_fd(3)
-    call 1
-    jeq r0, 0, +2
-    mov r1, 1
-    lock add [r0], r1
-    mov r0, 0
-    exit
-"""
+    stxw [r10-4], r6""" + bench_kinds.COUNT_AT_STACK_KEY
 
 
 def percpu_prog(arch: str):

@@ -81,8 +81,9 @@ def _need_boost(lab, kind: str) -> None:
 
 
 # The counting program of the bpf rows: counts[0] += 1 (11 instructions per run).
-COUNTER_ASM = """
-    stw [r10-4], 0
+# counts[*(u32 *)(r10 - 4)] += 1 on the array at map_fd(3), r0 = 0: the counting programs'
+# lookup and add, after each one's own key store
+COUNT_AT_STACK_KEY = """
     mov r2, r10
     add r2, -4
     lddw r1, map_fd(3)
@@ -93,6 +94,22 @@ COUNTER_ASM = """
     mov r0, 0
     exit
 """
+COUNTER_ASM = "\n    stw [r10-4], 0" + COUNT_AT_STACK_KEY
+
+
+def add_reg_asm(slot: int = 0, fd: int = 3, r0: int = 0, reg: str = "r8") -> str:
+    """BPF asm that ends a program: counts[slot] += ``reg`` on the array at map_fd(fd),
+    then returns ``r0``."""
+    return f"""
+    stw [r10-4], {slot}
+    mov r2, r10
+    add r2, -4
+    lddw r1, map_fd({fd})
+    call 1
+    jeq r0, 0, +1
+    lock add [r0], {reg}
+    mov r0, {r0}
+    exit"""
 
 
 def counting_prog(prog_type=None):

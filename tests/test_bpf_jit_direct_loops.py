@@ -12,7 +12,7 @@ import pytest
 from conftest import ARCHES, firmware_elf
 from test_bpf_jit_direct import _lab as opt_lab
 from test_bpf_jit_kprobe_stub import Lab
-from probes.bench_kinds import parm_offset
+from probes.bench_kinds import add_reg_asm, parm_offset
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import direct_calls_of, direct_eligible
 from probes.bpf.jit_guest import ScratchJit
@@ -28,27 +28,8 @@ def kprobe_prog(text: str, name: str, maps: dict) -> BpfProg:
 
 
 # cnt[1] += r8 (cnt at fd 4), r0 = 5: the end of the prog-array targets below
-ADD_R8_TO_CNT1 = """
-        stw [r10-4], 1
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(4)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r8
-        mov r0, 5
-        exit"""
-
-ADD_R8_TO_SLOT0 = """
-        stw [r10-4], 0
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(3)
-        call 1
-        jeq r0, 0, +1
-        lock add [r0], r8
-        mov r0, 0
-        exit"""
+ADD_R8_TO_CNT1 = add_reg_asm(slot=1, fd=4, r0=5)
+ADD_R8_TO_SLOT0 = add_reg_asm()
 
 
 def loop_prog(arch: str) -> BpfProg:

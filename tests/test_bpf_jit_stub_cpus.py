@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ARCHES, ROOT
 from emu.loader import GuestConfig, load_guest
+from probes.bench_kinds import COUNT_AT_STACK_KEY
 from probes.bpf import BpfProgType, assemble, create_map
 from probes.bpf.jit_direct import direct_calls_of
 from probes.bpf.jit_guest import install_engine
@@ -32,19 +33,7 @@ PER_CPU = [400, 800]
 def by_cpu_prog() -> BpfProg:
     """by_cpu[bpf_get_smp_processor_id()] += 1 (a trampoline helper and an inlined lookup)."""
     by_cpu = create_map(BpfMapType.BPF_MAP_TYPE_ARRAY, 4, 8, 4, name="by_cpu")
-    text = """
-        call 8
-        stxw [r10-4], r0
-        mov r2, r10
-        add r2, -4
-        lddw r1, map_fd(3)
-        call 1
-        jeq r0, 0, +2
-        mov r1, 1
-        lock add [r0], r1
-        mov r0, 0
-        exit
-    """
+    text = "call 8\nstxw [r10-4], r0" + COUNT_AT_STACK_KEY
     return BpfProg.from_bytes(assemble(text), prog_type=BpfProgType.BPF_PROG_TYPE_KPROBE,
                               name="by_cpu", license="GPL", maps={3: by_cpu})
 
