@@ -52,7 +52,7 @@ task and CPU that hit at each call, BpfTrace.current_task), the probe reads (int
 stack, an array map's window or a C-held hash value: jit_guest moves exactly the bytes the
 helper can touch, and a faulting read returns -EFAULT with the buffer zeroed, never a guest
 fault), trace_printk, ringbuf_output and perf_event_output (ctx in r1: it is not read).
-Output goes out at the call (BpfTrace.deliver_direct), so it stays in order with the
+Output goes out at the call (BpfTrace.deliver), so it stays in order with the
 trace events around the hit; the host path delivers a hit's lines, then its ring-buffer
 records, then its perf samples, so programs whose calls come in another order
 (``output_order``) keep the host path. get_func_ip and get_attach_cookie answer for the
@@ -129,7 +129,7 @@ if TYPE_CHECKING:
 # the trap reads from the CPU that hit (BpfTrace.current_task); the probe reads, into the
 # BPF stack or a map value the program holds (ScratchJit._direct_helper moves exactly those
 # bytes); and the output helpers, whose lines and records go out at the call
-# (BpfTrace.deliver_direct); func_ip and the attach cookie, of the one event whose thunk or
+# (BpfTrace.deliver); func_ip and the attach cookie, of the one event whose thunk or
 # stubs run the program (SITE_HELPERS). Left out: what needs the hit's registers (a stack
 # walk, override_return) or adds a region the image would have to reach (ringbuf_reserve).
 TRAMPOLINE_HELPERS = frozenset({
@@ -337,8 +337,7 @@ def back_edges(prog: "BpfProg") -> bool:
 
 def tail_calls(prog: "BpfProg") -> bool:
     """Whether ``prog`` calls bpf_tail_call (its image counts in the JIT's TCC word)."""
-    return any(insn.code == BPF_CALL_OP and insn.src_reg == 0 and insn.imm == BPF_FUNC_tail_call
-               for insn in prog.insns)
+    return BPF_FUNC_tail_call in helper_ids(prog.insns)
 
 
 def guest_mapped_hash(mp: Any) -> bool:
@@ -587,7 +586,7 @@ class DirectCalls:
         """Whether a program of ``t`` can read the frame's ip (else its word is not kept)."""
         from probes.arch import arch_ptrace
 
-        slots = frame_slots(reach(t.progs))
+        slots = t.slots
         off = {n: o for o, n in arch_ptrace(self.m.arch.name).PT_REGS_SLOTS}[self.m.arch.pc]
         return slots is None or any(off <= s < off + 8 for s in slots)
 
@@ -659,10 +658,8 @@ class DirectCalls:
         record, but the host path runs them first (trace_event_raw_event): programs with
         output (printk lines, records) keep the host path, so their output and the
         event's triggers stay in that order."""
-        from .jit_guest import _reachable
-
         for prog in progs:
-            if any(helper_ids(p.insns) & OUTPUT_RANK.keys() for p in _reachable(prog)):
+            if any(helper_ids(p.insns) & OUTPUT_RANK.keys() for p in reach([prog])):
                 return DirectPlan(event, progs, plan.images, f"{prog.name}: output on a "
                                   "tracepoint event (the host path writes it before the record)")
         return plan
@@ -724,15 +721,16 @@ class DirectCalls:
         counters = self._counters()
         guard = self._counters() if kind == "raw_tp" else 0     # prog->active, not bpf_prog_active
         tp = p is None
+        slots = frozenset() if tp else frame_slots(reach(plan.progs))
+        entry = self._entry_state(plan.progs)
         try:
             code = arch_probes_of(m).optprobes.bpf_thunk(
                 p, at, site + (0 if tp else self._ip_offset()), plan.images,
                 guard or self.active_addr(cpu), counters, jit.stack_top_of(cpu),
-                frozenset() if tp else frame_slots(reach(plan.progs)), resume=resume_to or trap,
+                slots, resume=resume_to or trap,
                 ip_word=self._ret_word(cpu) if kind == "kretprobe" else None,
                 ctx=self._ctx_buf(cpu) if tp else None,
-                this_cpu=self._this_cpu() if not stub else None,
-                **self._entry_state(plan.progs))
+                this_cpu=self._this_cpu() if not stub else None, **entry)
         except Exception as e:          # OptimizeRefused (out of branch range), or no encoding
             code, why = b"", f"thunk: {e}"
         else:
@@ -743,8 +741,7 @@ class DirectCalls:
             self.refused[site] = why
             return None
         t = Thunk(p, at, counters, plan.event, list(plan.progs), trap, kind, cpu, guard=guard,
-                  resume_to=resume_to, budget=self._entry_state(plan.progs).get("budget"),
-                  slots=frozenset() if tp else frame_slots(reach(plan.progs)))
+                  resume_to=resume_to, budget=entry.get("budget"), slots=slots)
         if t.budget is not None:        # the budget trampoline names the program from these
             t.calls = dict(zip(_call_returns(m, at, code), plan.progs))
         t.reads_ip = kind == "kretprobe" and self._reads_ip(t)
@@ -805,11 +802,14 @@ class DirectCalls:
         their targets: zeroed as the kernel's prologue zeroes it). One TCC word serves
         every CPU: no CPU's turn ends inside BPF-layer text (tasks._on_block), so a
         program and its tail calls run to their end on the CPU that entered them."""
+        from .context import BpfRunContext
+
         out: dict[str, int] = {}
         progs_now = reach(progs)
         if any(back_edges(t) for t in progs_now):
             run = self.runner._runs.get(progs[0])
-            out["budget"] = run.env.insn_budget if run is not None else 1_000_000
+            out["budget"] = run.env.insn_budget if run is not None else \
+                BpfRunContext.insn_budget
         if any(tail_calls(t) for t in progs_now):
             out["tcc"] = self.runner.jit.tcc_addr
         return out

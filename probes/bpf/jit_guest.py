@@ -833,7 +833,7 @@ class ScratchJit:
         finally:
             self._direct, self.run_state = False, saved
         if env.trace_printk or record:
-            trace.deliver_direct()
+            trace.deliver()
         pending = self._pending
         if pending.error is not None or pending.exit_r0 is not None:
             from probes.trace.bpf_trace import BpfTraceError

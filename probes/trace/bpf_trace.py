@@ -426,7 +426,7 @@ class BpfTrace:
             ret = self._run_items(array, regs, env)
         finally:
             self.regs = None          # a later program outside a hit walks no stale regs
-        self._deliver()
+        self.deliver()
         return ret
 
     def _run_items(self, array: BpfProgArray, regs: "PtRegs", env: BpfRunContext) -> int:
@@ -482,21 +482,18 @@ class BpfTrace:
         st.run_cnt += 1
         st.run_insns += env.insn_count
         self.m.clock.charge_bpf(env.insn_count)
-        self._deliver()
+        self.deliver()
         return int(r0)
 
     def _runner_in_guest(self) -> bool:
         from probes.bpf.jit_guest import ProbeJit
         return isinstance(self.runner, ProbeJit)
 
-    def deliver_direct(self) -> None:
-        """Output of a helper called from guest code (a thunk's or stub's program): its
-        printk lines and records go out at once, as the kernel's land in the trace and
-        ring buffers at the call, so they stay in order with the trace events around the
-        hit (the programs' stubs leave no host step after them to wait for)."""
-        self._deliver()
-
-    def _deliver(self) -> None:
+    def deliver(self) -> None:
+        """The programs' printk lines and records to their consumers: after each host run,
+        and at the call for a helper called from guest code (a thunk's or stub's program),
+        as the kernel's land in the trace and ring buffers at the call, so they stay in
+        order with the trace events around the hit."""
         lines = self.env.trace_printk
         if lines:
             for text in lines:
