@@ -97,11 +97,7 @@ def run(prog: Path, *args: str, native: bool = True) -> tuple[float, int, int]:
     saved = os.environ.pop(env_key, None)
     if not native:
         os.environ[env_key] = "1"
-    try:
-        import emu.cycles.native as cn
-        import emu.linux.preempt as lp
-        for mod in (cn, lp):
-            mod._LIB, mod._TRIED = None, False
+    try:                    # (the C libraries' loaders re-read the variable at each load)
         dt, s = run_emu_timed([], prog, args)
         return dt, s.switches, s.preemptions
     finally:

@@ -35,7 +35,8 @@ from .isa import (
     BPF_ADD, BPF_ALU64, BPF_AND, BPF_ARSH, BPF_CMPXCHG, BPF_DIV, BPF_FETCH, BPF_JEQ,
     BPF_JGE, BPF_JGT, BPF_JLE, BPF_JLT, BPF_JMP32, BPF_JNE, BPF_JSET, BPF_JSGE, BPF_JSGT,
     BPF_JSLE, BPF_JSLT, BPF_LOAD_ACQ, BPF_LSH, BPF_MOD, BPF_MOV, BPF_MUL, BPF_OR, BPF_RSH,
-    BPF_STORE_REL, BPF_SUB, BPF_TO_BE, BPF_XCHG, BPF_XOR, MAX_BPF_STACK, MAX_TAIL_CALL_CNT,
+    BPF_REG_FP, BPF_STORE_REL, BPF_SUB, BPF_TO_BE, BPF_XCHG, BPF_XOR, MAX_BPF_STACK,
+    MAX_TAIL_CALL_CNT,
     SIZE_BYTES, U64,
 )
 from .jit_guest import Branch, InsnCtx, Mark, Piece, Probe
@@ -64,7 +65,6 @@ _LD = {1: "ldrb", 2: "ldrh", 4: "ldr", 8: "ldr"}
 _ST = {1: "strb", 2: "strh", 4: "str", 8: "str"}
 _LDSX = {1: "ldrsb", 2: "ldrsh", 4: "ldrsw"}
 _SCALE = {1: 0, 2: 1, 4: 2, 8: 3}      # log2 of the access size: LDR/STR's offset unit
-BPF_REG_FP = 10
 _SFX = {1: "b", 2: "h", 4: "", 8: ""}
 
 _KS = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)

@@ -851,17 +851,21 @@ class ScratchJit:
                 ret = int(self.machine.regs.read_u64(word))
             except ValueError:
                 ret = None
-        call = ret - self.emitter.call_size() if ret is not None else -1
-        image = self._call_sites.get(call)
-        if image is None and ret is not None:
-            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
-            if image is not None:
-                self._call_sites[call] = image
+        image = self._image_at(ret - self.emitter.call_size()) if ret is not None else None
         run = self._direct_run_of(image.prog) if image is not None else None
         if image is None or run is None:
             from probes.trace.bpf_trace import BpfTraceError
             raise BpfTraceError("?", f"helper trampoline {addr:#x} reached outside a run")
         return image, run
+
+    def _image_at(self, call: int) -> JitImage | None:
+        """The image whose code holds the call at ``call`` (remembered per call site)."""
+        image = self._call_sites.get(call)
+        if image is None:
+            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
+            if image is not None:
+                self._call_sites[call] = image
+        return image
 
     def _direct_regs(self) -> "_RegBatch":
         """One raw uc_reg_read_batch of the link register (sp without one) and r1-r5 on
@@ -1786,10 +1790,9 @@ class ScratchJit:
 
     def _fail(self, addr: int, reason: str) -> None:
         call = self.emitter.return_address(self.machine) - self.emitter.call_size()
-        for img in self.images.values():
-            if img.insn_at(call) is not None:
-                return self._stop(self._fault(img, call, reason))
-        return self._stop(BpfRuntimeError(reason))
+        img = self._image_at(call)
+        return self._stop(self._fault(img, call, reason) if img is not None
+                          else BpfRuntimeError(reason))
 
     def _stop(self, e: BaseException) -> None:
         self._pending.error = e
@@ -1938,12 +1941,7 @@ class ScratchJit:
         from probes.trace.bpf_trace import BpfTraceError
 
         m, em = self.machine, self.emitter
-        call = em.return_address(m) - em.call_size()
-        image = self._call_sites.get(call)
-        if image is None:
-            image = next((i for i in self.images.values() if i.insn_at(call) is not None), None)
-            if image is not None:
-                self._call_sites[call] = image
+        image = self._image_at(em.return_address(m) - em.call_size())
         run = self._direct_run_of(image.prog) if image is not None else None
         if image is None or run is None:
             raise BpfTraceError("?", f"tail call trampoline {addr:#x} reached outside a run")
