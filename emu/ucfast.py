@@ -7,6 +7,7 @@ let the machine re-raise it after `emu_start` (ctypes would otherwise print and 
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Callable, Iterable
 
 # The Python 3 binding by its module: type checkers read `unicorn.Uc` as the Python 2 one.
@@ -243,29 +244,19 @@ def tlb_flush(uc: Uc) -> None:
 # code included, wherever it runs). A nested run is never cut by the limit (the hook's work
 # is whole); past the limit the outer run stops at its next instruction. The two fields
 # have no API: their offsets are found once by running a known count on a scratch Uc
-# (`_count_fields`); if that fails the plain start is kept.
+# (`_count_fields`, once per process); if that fails the plain start is kept.
 _NESTED_COUNT = 1 << 62          # a nested run's own count: never reached
 _SCAN_BYTES = 2048               # uc_struct is larger; the fields sit at ~1.4 KB in 2.1.4
-_count_offsets: tuple[int, int] | None = None
-_calibrated = False
-
-
-def _count_fields() -> tuple[int, int] | None:
-    """(offset of uc->emu_counter, offset of uc->emu_count) in uc_struct, or None."""
-    global _count_offsets, _calibrated
-    if not _calibrated:
-        _count_offsets, _calibrated = _calibrate_count_fields(), True
-    return _count_offsets
-
-
 def _uc_address(uc: Uc) -> int:
     """The uc_struct behind a Uc (the binding keeps it as a c_void_p)."""
     return int(uc._uch.value or 0)
 
 
-def _calibrate_count_fields() -> tuple[int, int] | None:
-    """Two runs of a `jmp $` loop with different counts K: the word pairs that read
-    (K + 1, K) after both are (emu_counter, emu_count); a unique adjacent pair or None."""
+@functools.cache
+def _count_fields() -> tuple[int, int] | None:
+    """(offset of uc->emu_counter, offset of uc->emu_count) in uc_struct, or None, found
+    once per process: two runs of a `jmp $` loop with different counts K; the word pairs
+    that read (K + 1, K) after both are (emu_counter, emu_count): a unique adjacent pair."""
     from unicorn import UC_ARCH_X86, UC_MODE_64
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0x1000, 0x1000)

@@ -1233,11 +1233,8 @@ class ScratchJit:
             return
         for buf in _value_buffers(m):
             w = self._by_buffer.get(id(buf))
-            if w is not None and w.size:
-                got = bytes(self.machine.uc.mem_read(w.gstart, len(buf)))
-                if got != w.shadow:
-                    buf[:] = got
-                    w.shadow = got
+            if w is not None:
+                self._window_in(w.gstart)
 
     def push(self, m: Any) -> None:
         if self._gone(m):
