@@ -1007,12 +1007,13 @@ class DirectCalls:
 
 
 def _call_returns(m: "Machine", at: int, code: bytes) -> list[int]:
-    """The return addresses of a thunk's image calls (``call rax`` / ``blr x16``), in order."""
+    """The return addresses of a thunk's image calls, in order (capstone's call group:
+    no arch's mnemonics here)."""
     import capstone
 
     cs = capstone.Cs(m.arch.cs_arch, m.arch.cs_mode)
-    return [i.address + i.size for i in cs.disasm(code, at)
-            if i.mnemonic in ("call", "blr")]
+    cs.detail = True
+    return [i.address + i.size for i in cs.disasm(code, at) if i.group(capstone.CS_GRP_CALL)]
 
 
 def disable_direct_calls(machine: "Machine") -> None:
