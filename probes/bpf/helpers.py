@@ -392,7 +392,10 @@ _PROTOS = [
 
 KERNEL_HELPERS: dict[int, BpfFuncProto] = {p.func_id: p for p in _PROTOS}
 HELPER_NAMES: dict[int, str] = {p.func_id: p.name for p in _PROTOS}
+BPF_FUNC_trace_printk = 6
 BPF_FUNC_tail_call = 12
+BPF_FUNC_perf_event_output = 25
+BPF_FUNC_ringbuf_output = 130
 
 GPL_COMPATIBLE = frozenset({"GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL",
                             "Dual MIT/GPL", "Dual MPL/GPL"})

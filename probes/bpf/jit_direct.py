@@ -112,7 +112,10 @@ from emu.memory import PAGE, PROT_EXEC, PROT_READ
 from emu.owners import RegionOwner
 from emu.smp import MAX_CPUS
 
-from .helpers import BPF_FUNC_tail_call, KERNEL_HELPERS
+from .helpers import (
+    BPF_FUNC_perf_event_output, BPF_FUNC_ringbuf_output, BPF_FUNC_tail_call, BPF_FUNC_trace_printk,
+    KERNEL_HELPERS,
+)
 from .isa import BPF_CALL_OP, BPF_PSEUDO_CALL
 from .jit_guest import ProbeJit, _jump_targets, _kind, _map_in_r1, function_starts
 from .prog_types import BpfProgType
@@ -161,8 +164,8 @@ TRAMPOLINE_HELPERS = frozenset({
 })
 SITE_HELPERS = frozenset({173, 174})    # answered from the program's event (DirectCalls.site_of)
 # Output helpers, in the order the host path delivers a hit's output (output_order)
-OUTPUT_RANK = {6: 0, 130: 1, 25: 2}     # trace_printk, ringbuf_output, perf_event_output
-RECORD_HELPERS = frozenset({25, 130})
+OUTPUT_RANK = {BPF_FUNC_trace_printk: 0, BPF_FUNC_ringbuf_output: 1, BPF_FUNC_perf_event_output: 2}
+RECORD_HELPERS = frozenset({BPF_FUNC_perf_event_output, BPF_FUNC_ringbuf_output})
 STUB_PROG_TYPES = frozenset({BpfProgType.BPF_PROG_TYPE_KPROBE, BpfProgType.BPF_PROG_TYPE_TRACEPOINT,
                              BpfProgType.BPF_PROG_TYPE_RAW_TRACEPOINT})
 CTX_NAME = "[bpf stub ctx]"      # rw-: CPU k's tracepoint context (record or raw args) at 64k
@@ -264,7 +267,8 @@ def output_order(progs: list["BpfProg"]) -> str | None:
                         "printk lines, then ring-buffer records, then perf samples")
             last, seen = rank, f"{prog.name or prog.section} insn {i}"
             calls.setdefault(fid, []).append(prog)
-    for fid, kind in ((130, RingbufMap), (25, PerfEventArrayMap)):
+    for fid, kind in ((BPF_FUNC_ringbuf_output, RingbufMap),
+                      (BPF_FUNC_perf_event_output, PerfEventArrayMap)):
         writers = calls.get(fid, [])
         maps = {id(mp) for prog in writers for mp in prog.maps.values() if isinstance(mp, kind)}
         if len(writers) > 1 and len(maps) > 1:

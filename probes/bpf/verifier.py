@@ -31,7 +31,8 @@ from .cfg import Cfg, check_structure, successors
 from .disasm import format_insn_llvm
 from .errors import VerifierError
 from .helpers import (
-    BPF_FUNC_tail_call, GPL_COMPATIBLE, BpfArgType as A, BpfFuncProto, BpfRetType as R,
+    BPF_FUNC_perf_event_output, BPF_FUNC_tail_call, GPL_COMPATIBLE, BpfArgType as A,
+    BpfFuncProto, BpfRetType as R,
 )
 from .interpreter import alu
 from .isa import (
@@ -406,7 +407,7 @@ def _size_arg(st: State, reg: int, kind: A) -> int | None:
 # Helpers whose context argument reads none of it (perf_event_output takes the sample's
 # registers from the hit, not through ctx) or whose reads are recorded elsewhere (a tail
 # call's target): the program's ctx_reads stay exact.
-_CTX_UNREAD = frozenset({BPF_FUNC_tail_call, 25})
+_CTX_UNREAD = frozenset({BPF_FUNC_tail_call, BPF_FUNC_perf_event_output})
 
 
 def _check_helper_args(env: VerifierEnv, st: State, proto: BpfFuncProto) -> BpfMap | int | None:
