@@ -186,13 +186,7 @@ class Memory:
             lo, hi = max(r.start, start), min(r.end, end)
             if r.prot & PROT_EXEC:
                 self.remove_cache(lo, hi)     # while still executable: see protect
-            for uc in self.ucs:
-                uc.mem_unmap(lo, hi - lo)
-            if self._backing is not None:
-                self._unback(lo, hi)
-            for k in [k for k in self._external if lo <= k < hi]:
-                del self._external[k]
-            self._tlb_assign(lo, hi, None)
+            self._unmap_pages(lo, hi)
             self.mapped_bytes -= hi - lo
             self._split(r, lo, hi, None)
 
@@ -222,12 +216,16 @@ class Memory:
     def unmap_raw(self, start: int, end: int) -> None:
         """Unmap [start, end) from every Uc (and its host buffer), regions untouched."""
         self.remove_cache(start, end)       # while still executable: see protect
+        self._unmap_pages(start, end)
+
+    def _unmap_pages(self, start: int, end: int) -> None:
+        """[start, end) off every Uc, its host buffer (shared or map_host's) and the TLB."""
         for uc in self.ucs:
             uc.mem_unmap(start, end - start)
         if self._backing is not None:
             self._unback(start, end)
         for k in [k for k in self._external if start <= k < end]:
-            del self._external[k]           # a restore unmapped a map_host mapping
+            del self._external[k]
         self._tlb_assign(start, end, None)
 
     def _tlb_assign(self, start: int, end: int, perms: int | None) -> None:
