@@ -651,8 +651,8 @@ class ScratchJit:
         self._direct_fns: dict[int, Callable[[int], None]] = {}
         self._tail_ids: tuple[int, ...] | None = None   # r2, r3, AX
         # in a guest: id(prog array) -> (map, its lookup routine, its table of entries)
-        self._tail_tables: dict[int, tuple[ProgArrayMap, int, int]] = {}
-        self._tail_words: dict[int, tuple[ProgArrayMap, dict[int, int]]] = {}   # as written
+        # prog array id -> (the array, its lookup routine, its table, the entries written)
+        self._tail_tables: dict[int, tuple[ProgArrayMap, int, int, dict[int, int]]] = {}
         self._ptr_masks: dict[int, tuple[bool, ...]] = {}     # _pointer_args, per proto
         self._lookup_free: list[int] = []
         self._table_space: tuple[int, int] = (0, 0)     # next free table byte, end
@@ -1872,7 +1872,7 @@ class ScratchJit:
             return host
         got = self._tail_tables.get(id(mp))
         if got is None:
-            got = self._tail_tables[id(mp)] = (mp, self._lookup_slot(), self._table(mp))
+            got = self._tail_tables[id(mp)] = (mp, self._lookup_slot(), self._table(mp), {})
             code, _labels, _extable = layout(
                 self.emitter, self.emitter.tail_lookup(got[2], mp.max_entries, host), got[1])
             assert len(code) <= LOOKUP_SLOT, "tail call lookup routine too large"
@@ -1915,15 +1915,12 @@ class ScratchJit:
         for i, prog in mp.progs.items():
             image = self.images.get(id(prog))
             now[i] = image.entry if image is not None else 1
-        was = self._tail_words.get(id(mp))
-        if was is None or was[0] is not mp:         # a new table: every entry
-            words = [now.get(i, 0) for i in range(mp.max_entries)]
-            self.machine.memory.write(got[2], struct.pack(f"<{len(words)}Q", *words))
-        else:                                       # an update: the entries that changed
-            for i in sorted(was[1].keys() | now.keys()):
-                if was[1].get(i, 0) != now.get(i, 0):
-                    self.machine.memory.write(got[2] + 8 * i, struct.pack("<Q", now.get(i, 0)))
-        self._tail_words[id(mp)] = (mp, now)
+        written = got[3]            # (the table's pages were mapped zeroed, never reused)
+        for i in sorted(written.keys() | now.keys()):
+            if written.get(i, 0) != now.get(i, 0):
+                self.machine.memory.write(got[2] + 8 * i, struct.pack("<Q", now.get(i, 0)))
+        written.clear()
+        written.update(now)
 
     def _tail_filled(self, mp: Any) -> None:
         """A tail call the host served found the target's image: the guest's table gets it."""
