@@ -769,16 +769,13 @@ class ScratchJit:
         """map_lookup_elem from a thunk or stub on a hash map the guest maps: the guest
         address of the value (C declined: no C entry, or the key is not on the stack), or
         None for the generic helper."""
-        from .maps import BpfMapType
-
         mp = run.map_at(args[0])
         base = self.hash_values(mp) if mp is not None else None
         if base is None:
             return None
         key = run.mem.read(args[1], mp.key_size)
         ncpus, cpu = mp._cpus(), run.env.cpu
-        if mp.map_type in (BpfMapType.BPF_MAP_TYPE_PERCPU_HASH,
-                           BpfMapType.BPF_MAP_TYPE_LRU_PERCPU_HASH) and not 0 <= cpu < ncpus:
+        if mp.percpu and not 0 <= cpu < ncpus:
             return 0                    # BpfRun.map_value_ptr: no value for this CPU
         slot = mp.native.find(key, mp.lru)
         cpu = 0 if ncpus == 1 else cpu
